@@ -25,6 +25,13 @@ use crate::reject::{RejectReason, Rejection};
 
 /// Encodes an event in the native shape. The quantity is written as a string to keep it exact.
 pub fn encode(event: &UsageEvent) -> Vec<u8> {
+    let mut out = Vec::with_capacity(192);
+    encode_into(event, &mut out);
+    out
+}
+
+/// Appends the native encoding of `event` to `out` (reuse one buffer on hot paths).
+pub fn encode_into(event: &UsageEvent, out: &mut Vec<u8>) {
     #[derive(Serialize)]
     struct Native<'a> {
         id: &'a str,
@@ -47,7 +54,7 @@ pub fn encode(event: &UsageEvent) -> Vec<u8> {
         dimensions: &event.dimensions,
     };
     // Serializing plain strings, a decimal and a timestamp into a Vec cannot fail.
-    serde_json::to_vec(&native).unwrap_or_default()
+    let _ = serde_json::to_writer(out, &native);
 }
 
 /// Decodes and validates one event. `now` is the receiver's clock (future-timestamp rule).

@@ -1,0 +1,290 @@
+//! The application-facing handle: `emit`, `emit_durable`, `flush`, `shutdown`.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use chrono::Utc;
+use crossbeam_channel::{Sender, TrySendError};
+use rdkafka::error::KafkaError;
+use tally_core::config::KafkaConfig;
+use tally_core::{wire, Rejection, UsageEvent};
+use tokio::sync::oneshot;
+
+use crate::config::{EmitterConfig, OverflowPolicy};
+use crate::publisher::Publisher;
+use crate::spool::Spool;
+use crate::telemetry::{EmitterStats, Stats};
+
+/// Where a durable event is when `emit_durable` returns.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Durability {
+    /// The broker acknowledged it (acks=all).
+    Published,
+    /// It is in the spool and fsynced; it will be replayed when the broker is reachable.
+    Spooled,
+}
+
+/// Why `emit` did not accept an event.
+#[derive(Debug, thiserror::Error)]
+pub enum EmitError {
+    /// The event breaks a rule of the event contract; fix the event, do not retry it.
+    #[error("event refused ({}): {}", .0.reason.code(), .0.detail)]
+    Invalid(#[from] Rejection),
+    /// Queue and spool are full: Kafka has been unreachable, or slower than the event rate,
+    /// for longer than the spool can absorb. Retry later, shed load, or raise
+    /// `emitter.spool.max_bytes`.
+    #[error("emitter overloaded: in-memory queue and disk spool are full; retry later or raise emitter.spool.max_bytes")]
+    Overloaded,
+    /// The emitter was shut down.
+    #[error("the emitter has shut down")]
+    Closed,
+}
+
+/// Why the emitter could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("invalid emitter setting: {0}")]
+    Config(String),
+    #[error("cannot create the Kafka producer: {0}; check kafka.brokers and kafka.options")]
+    Kafka(#[from] KafkaError),
+    #[error("cannot open the spool directory {dir}: {source}; check emitter.spool.dir")]
+    Spool { dir: String, source: std::io::Error },
+}
+
+/// `flush` ran out of time.
+#[derive(Debug, thiserror::Error)]
+#[error("flush timed out: {pending} events are neither acknowledged by Kafka nor in the spool")]
+pub struct FlushTimeout {
+    pub pending: u64,
+}
+
+/// An event on its way from `emit` to the publisher thread.
+pub(crate) struct Queued {
+    pub(crate) event: UsageEvent,
+    pub(crate) emitted_at: Instant,
+    pub(crate) durable: Option<oneshot::Sender<Durability>>,
+}
+
+/// State shared by the handle, the publisher thread and the delivery callback.
+pub(crate) struct Shared {
+    pub(crate) stats: Stats,
+    /// False from a delivery failure or "all brokers down" until the next acknowledgement.
+    pub(crate) healthy: AtomicBool,
+    /// Events accepted by `emit` that are neither acknowledged nor in the spool yet.
+    pub(crate) unresolved: AtomicU64,
+    pub(crate) spool: Spool,
+    /// Set by `shutdown`: the publisher drains, hands back what is in flight, and exits.
+    pub(crate) stopping: AtomicBool,
+}
+
+/// Reports usage to Kafka without ever blocking the caller.
+///
+/// Cheap to share: wrap it in an `Arc` and call [`Emitter::emit`] from any thread.
+pub struct Emitter {
+    shared: Arc<Shared>,
+    queue: Sender<Queued>,
+    overflow: OverflowPolicy,
+    closed: AtomicBool,
+    publisher: Mutex<Option<JoinHandle<()>>>,
+}
+
+impl Emitter {
+    /// Opens the spool (replaying whatever a previous process left in it) and starts the
+    /// publisher thread. Needs `kafka.brokers`; does not wait for the broker to answer.
+    pub fn start(kafka: &KafkaConfig, config: &EmitterConfig) -> Result<Emitter, StartError> {
+        config.validate().map_err(StartError::Config)?;
+        if kafka.brokers.trim().is_empty() {
+            return Err(StartError::Config(
+                "kafka.brokers is not set; set TALLY_KAFKA_BROKERS, --kafka-brokers or [kafka] brokers in tally.toml".into(),
+            ));
+        }
+        let spool = Spool::open(
+            &config.spool.dir,
+            config.spool.max_bytes,
+            config.spool.segment_bytes,
+        )
+        .map_err(|source| StartError::Spool {
+            dir: config.spool.dir.display().to_string(),
+            source,
+        })?;
+        let shared = Arc::new(Shared {
+            stats: Stats::default(),
+            healthy: AtomicBool::new(true),
+            unresolved: AtomicU64::new(0),
+            spool,
+            stopping: AtomicBool::new(false),
+        });
+        let (queue_tx, queue_rx) = crossbeam_channel::bounded(config.queue_capacity);
+        let publisher = Publisher::new(kafka, config, Arc::clone(&shared), queue_rx)?;
+        let handle = std::thread::Builder::new()
+            .name("tally-emitter".into())
+            .spawn(move || publisher.run())
+            .map_err(|source| StartError::Spool {
+                dir: config.spool.dir.display().to_string(),
+                source,
+            })?;
+        Ok(Emitter {
+            shared,
+            queue: queue_tx,
+            overflow: config.overflow,
+            closed: AtomicBool::new(false),
+            publisher: Mutex::new(Some(handle)),
+        })
+    }
+
+    /// Validates the event, assigns a UUIDv7 id if it has none, and queues it. Never blocks on
+    /// the network; when the queue is full the event is written to the spool instead.
+    ///
+    /// Durability: a queued event lives in memory until the broker acknowledges it or it is
+    /// spooled and fsynced, so a process crash can lose the last moments of events. Use
+    /// [`Emitter::emit_durable`] where that is not acceptable.
+    pub fn emit(&self, event: UsageEvent) -> Result<(), EmitError> {
+        self.submit(event, None)
+    }
+
+    /// Like [`Emitter::emit`], but resolves only once the broker has acknowledged the event or
+    /// it is fsynced in the spool.
+    pub async fn emit_durable(&self, event: UsageEvent) -> Result<Durability, EmitError> {
+        let (tx, rx) = oneshot::channel();
+        self.submit(event, Some(tx))?;
+        rx.await.map_err(|_| EmitError::Closed)
+    }
+
+    fn submit(
+        &self,
+        mut event: UsageEvent,
+        durable: Option<oneshot::Sender<Durability>>,
+    ) -> Result<(), EmitError> {
+        if self.closed.load(Ordering::Acquire) {
+            return Err(EmitError::Closed);
+        }
+        if event.id.is_empty() {
+            let mut buf = uuid::Uuid::encode_buffer();
+            event.id = uuid::Uuid::now_v7()
+                .hyphenated()
+                .encode_lower(&mut buf)
+                .to_owned();
+        }
+        if let Err(rejection) = event.validate(Utc::now()) {
+            self.shared.stats.reject(rejection.reason);
+            return Err(EmitError::Invalid(rejection));
+        }
+        self.shared.unresolved.fetch_add(1, Ordering::AcqRel);
+        let queued = Queued {
+            event,
+            emitted_at: Instant::now(),
+            durable,
+        };
+        match self.queue.try_send(queued) {
+            Ok(()) => {
+                Stats::add(&self.shared.stats.emitted, 1);
+                Ok(())
+            }
+            Err(TrySendError::Full(queued)) => self.spill(queued),
+            Err(TrySendError::Disconnected(_)) => {
+                self.shared.unresolved.fetch_sub(1, Ordering::AcqRel);
+                Err(EmitError::Closed)
+            }
+        }
+    }
+
+    /// The queue is full: write the event to the spool on the caller's thread (a buffered
+    /// file append, no network).
+    fn spill(&self, queued: Queued) -> Result<(), EmitError> {
+        let stats = &self.shared.stats;
+        let payload = wire::encode(&queued.event);
+        let appended = self
+            .shared
+            .spool
+            .append(queued.event.customer.as_bytes(), &payload);
+        self.shared.unresolved.fetch_sub(1, Ordering::AcqRel);
+        match appended {
+            Ok(()) => {
+                Stats::add(&stats.emitted, 1);
+                Stats::add(&stats.spooled, 1);
+                if let Some(durable) = queued.durable {
+                    if let Err(error) = self.shared.spool.sync() {
+                        tracing::error!(%error, "spool fsync failed; a durable event may not survive a crash");
+                    }
+                    let _ = durable.send(Durability::Spooled);
+                }
+                Ok(())
+            }
+            Err(error) => {
+                tracing::warn!(%error, "event not accepted: queue and spool are full");
+                if self.overflow == OverflowPolicy::DropNewest && queued.durable.is_none() {
+                    Stats::add(&stats.dropped, 1);
+                    Ok(())
+                } else {
+                    Stats::add(&stats.overloaded, 1);
+                    Err(EmitError::Overloaded)
+                }
+            }
+        }
+    }
+
+    /// Waits until every event accepted so far is acknowledged by the broker or fsynced in the
+    /// spool. Blocks the calling thread (call it from `spawn_blocking` in async code).
+    pub fn flush(&self, timeout: Duration) -> Result<(), FlushTimeout> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let pending = self.shared.unresolved.load(Ordering::Acquire);
+            if pending == 0 {
+                if let Err(error) = self.shared.spool.sync() {
+                    tracing::error!(%error, "spool fsync failed during flush");
+                }
+                return Ok(());
+            }
+            if Instant::now() >= deadline {
+                return Err(FlushTimeout { pending });
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+
+    /// Stops accepting events, flushes for up to `grace`, then spools whatever the broker has
+    /// not acknowledged and stops the publisher. Spooled events are replayed by the next
+    /// emitter that opens the same spool directory.
+    pub fn shutdown(&self, grace: Duration) {
+        self.closed.store(true, Ordering::Release);
+        let handle = self
+            .publisher
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
+        let Some(handle) = handle else { return };
+        if let Err(timeout) = self.flush(grace) {
+            tracing::warn!(
+                pending = timeout.pending,
+                "shutdown grace ran out; spooling the rest"
+            );
+        }
+        self.shared.stopping.store(true, Ordering::Release);
+        if handle.join().is_err() {
+            tracing::error!("the emitter's publisher thread panicked; unsent events may be lost");
+        }
+    }
+
+    /// Counts since start.
+    pub fn stats(&self) -> EmitterStats {
+        self.shared.stats.snapshot()
+    }
+
+    /// Events in the in-memory queue.
+    pub fn queue_depth(&self) -> usize {
+        self.queue.len()
+    }
+
+    /// Bytes waiting in the spool for replay.
+    pub fn spool_bytes(&self) -> u64 {
+        self.shared.spool.bytes()
+    }
+}
+
+impl Drop for Emitter {
+    fn drop(&mut self) {
+        self.shutdown(Duration::from_secs(5));
+    }
+}

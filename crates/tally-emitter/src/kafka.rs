@@ -1,0 +1,140 @@
+//! The Kafka producer and its delivery callback.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Instant;
+
+use crossbeam_channel::Sender;
+use metrics::Histogram;
+use rdkafka::config::ClientConfig;
+use rdkafka::error::KafkaError;
+use rdkafka::message::Message;
+use rdkafka::producer::{DeliveryResult, ProducerContext, ThreadedProducer};
+use rdkafka::types::RDKafkaErrorCode;
+use rdkafka::ClientContext;
+use tally_core::config::KafkaConfig;
+use tokio::sync::oneshot;
+
+use crate::config::EmitterConfig;
+use crate::emitter::{Durability, Shared};
+use crate::telemetry::Stats;
+
+pub(crate) type Producer = ThreadedProducer<DeliveryContext>;
+
+/// Travels with each message through librdkafka and comes back in the delivery callback.
+pub(crate) struct Delivery {
+    pub(crate) origin: Origin,
+    pub(crate) emitted_at: Instant,
+    pub(crate) durable: Option<oneshot::Sender<Durability>>,
+}
+
+pub(crate) enum Origin {
+    /// Straight from the in-memory queue; counted in `Shared::unresolved`.
+    Direct,
+    /// Replayed from a spool segment.
+    Replay(Arc<crate::publisher::SegmentProgress>),
+}
+
+/// A delivery that failed; the publisher writes it back to the spool.
+pub(crate) struct Failed {
+    pub(crate) key: Vec<u8>,
+    pub(crate) payload: Vec<u8>,
+    pub(crate) delivery: Box<Delivery>,
+}
+
+pub(crate) struct DeliveryContext {
+    shared: Arc<Shared>,
+    failed: Sender<Failed>,
+    latency: Histogram,
+}
+
+impl ClientContext for DeliveryContext {
+    fn error(&self, error: KafkaError, reason: &str) {
+        if error.rdkafka_error_code() == Some(RDKafkaErrorCode::AllBrokersDown) {
+            // New events go to the spool at once instead of piling up in librdkafka's memory.
+            self.shared.healthy.store(false, Ordering::Release);
+            tracing::warn!(%reason, "all Kafka brokers are down; spooling events to disk");
+        } else {
+            tracing::warn!(%error, %reason, "Kafka client error");
+        }
+    }
+}
+
+impl ProducerContext for DeliveryContext {
+    type DeliveryOpaque = Box<Delivery>;
+
+    fn delivery(&self, result: &DeliveryResult<'_>, delivery: Box<Delivery>) {
+        match result {
+            Ok(_) => {
+                self.shared.healthy.store(true, Ordering::Release);
+                match &delivery.origin {
+                    Origin::Direct => {
+                        self.latency
+                            .record(delivery.emitted_at.elapsed().as_secs_f64());
+                        Stats::add(&self.shared.stats.published, 1);
+                        self.shared.unresolved.fetch_sub(1, Ordering::AcqRel);
+                    }
+                    Origin::Replay(progress) => {
+                        Stats::add(&self.shared.stats.replayed, 1);
+                        progress.outstanding.fetch_sub(1, Ordering::AcqRel);
+                    }
+                }
+                if let Some(durable) = delivery.durable {
+                    let _ = durable.send(Durability::Published);
+                }
+            }
+            Err((error, message)) => {
+                self.shared.healthy.store(false, Ordering::Release);
+                Stats::add(&self.shared.stats.delivery_failures, 1);
+                tracing::debug!(%error, "delivery failed; the event goes back to the spool");
+                let failed = Failed {
+                    key: message.key().unwrap_or_default().to_vec(),
+                    payload: message.payload().unwrap_or_default().to_vec(),
+                    delivery,
+                };
+                // Bounded by the messages in flight; blocks (never drops) if the publisher lags.
+                if self.failed.send(failed).is_err() {
+                    tracing::error!(
+                        "a failed delivery arrived after the emitter stopped; that event was not spooled"
+                    );
+                }
+            }
+        }
+    }
+}
+
+pub(crate) fn producer(
+    kafka: &KafkaConfig,
+    config: &EmitterConfig,
+    shared: Arc<Shared>,
+    failed: Sender<Failed>,
+) -> Result<Producer, KafkaError> {
+    let mut client = ClientConfig::new();
+    client
+        .set("bootstrap.servers", &kafka.brokers)
+        // Idempotence implies acks=all and ordered, de-duplicated retries within a session.
+        .set("enable.idempotence", "true")
+        .set("acks", "all")
+        .set("compression.type", &config.compression)
+        .set("linger.ms", config.linger.as_millis().to_string())
+        .set(
+            "message.timeout.ms",
+            config.delivery_timeout.as_millis().to_string(),
+        )
+        .set(
+            "queue.buffering.max.messages",
+            config.producer_queue_messages.to_string(),
+        )
+        .set("batch.num.messages", "10000")
+        // Same key → same partition as the Java client, so any producer of a customer agrees.
+        .set("partitioner", "murmur2_random");
+    for (key, value) in &kafka.options {
+        client.set(key, value);
+    }
+    let context = DeliveryContext {
+        shared,
+        failed,
+        latency: crate::telemetry::publish_latency(),
+    };
+    client.create_with_context(context)
+}

@@ -1,0 +1,387 @@
+//! The publisher thread: the one place that decides where an event goes.
+//!
+//! ```text
+//! queue ──► healthy and spool empty? ──yes──► producer ──ack──► done
+//!                    │ no                        │ full / delivery failed
+//!                    ▼                           ▼
+//!                  spool ◄───────────────────────┘
+//!                    │ replay, oldest segment first (one probe at a time while unhealthy)
+//!                    ▼
+//!                 producer ──ack──► segment deleted once every record is acked or re-spooled
+//! ```
+//!
+//! While anything waits in the spool, new events go behind it, so the spool drains in order.
+//! A delivery that fails goes back into the spool; nothing leaves tally's hands without the
+//! broker's acknowledgement.
+
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{Receiver, RecvTimeoutError};
+use rdkafka::producer::{BaseRecord, Producer as _, PurgeConfig};
+use tally_core::config::KafkaConfig;
+use tally_core::wire;
+use tokio::sync::oneshot;
+
+use crate::config::EmitterConfig;
+use crate::emitter::{Durability, Queued, Shared, StartError};
+use crate::kafka::{self, Delivery, Failed, Origin, Producer};
+use crate::spool::{AppendError, Read, Segment, SegmentReader};
+use crate::telemetry::{Exporter, Stats};
+
+/// How often the thread wakes without work: replay progress, fsync, metrics.
+const TICK: Duration = Duration::from_millis(5);
+/// Events taken from the queue per wake-up.
+const BATCH: usize = 4096;
+/// How long shutdown waits for replayed records in flight before handing them back.
+const REPLAY_GRACE: Duration = Duration::from_secs(2);
+
+/// Replayed records of one segment still awaiting the broker's answer.
+#[derive(Default)]
+pub(crate) struct SegmentProgress {
+    pub(crate) outstanding: AtomicU64,
+}
+
+/// A segment being replayed; `reader` is `None` once every record has been sent.
+struct Replaying {
+    segment: Segment,
+    reader: Option<SegmentReader>,
+    progress: Arc<SegmentProgress>,
+}
+
+pub(crate) struct Publisher {
+    shared: Arc<Shared>,
+    queue: Receiver<Queued>,
+    failed: Receiver<Failed>,
+    producer: Producer,
+    topic: String,
+    fsync_interval: Duration,
+    replay_window: u64,
+    exporter: Exporter,
+    /// Oldest first; only the last one can still be reading.
+    replaying: VecDeque<Replaying>,
+    /// Events the spool refused (full); retried before anything new is taken.
+    held: VecDeque<Failed>,
+    /// Durable callers waiting for the next fsync.
+    awaiting_sync: Vec<oneshot::Sender<Durability>>,
+    last_sync: Instant,
+    encoded: Vec<u8>,
+}
+
+impl Publisher {
+    pub(crate) fn new(
+        kafka: &KafkaConfig,
+        config: &EmitterConfig,
+        shared: Arc<Shared>,
+        queue: Receiver<Queued>,
+    ) -> Result<Publisher, StartError> {
+        // Every message in flight can fail at most once, so this bound never blocks for long.
+        let (failed_tx, failed_rx) = crossbeam_channel::bounded(
+            config.producer_queue_messages as usize + config.replay_window,
+        );
+        let producer = kafka::producer(kafka, config, Arc::clone(&shared), failed_tx)?;
+        Ok(Publisher {
+            shared,
+            queue,
+            failed: failed_rx,
+            producer,
+            topic: kafka.topic.clone(),
+            fsync_interval: config.spool.fsync_interval,
+            replay_window: config.replay_window as u64,
+            exporter: Exporter::new(),
+            replaying: VecDeque::new(),
+            held: VecDeque::new(),
+            awaiting_sync: Vec::new(),
+            last_sync: Instant::now(),
+            encoded: Vec::with_capacity(256),
+        })
+    }
+
+    pub(crate) fn run(mut self) {
+        loop {
+            self.retry_held();
+            if self.held.is_empty() {
+                self.take_from_queue();
+            } else {
+                // The spool is full: stop taking events so the queue fills and `emit` reports
+                // Overloaded, rather than holding an unbounded amount here.
+                self.wait_for_failure(TICK);
+            }
+            while let Ok(failed) = self.failed.try_recv() {
+                self.spool_or_hold(failed);
+            }
+            self.replay_step();
+            self.sync_if_due();
+            if self.shared.stopping.load(Ordering::Acquire) && self.queue.is_empty() {
+                break;
+            }
+        }
+        self.finish();
+    }
+
+    fn take_from_queue(&mut self) {
+        crossbeam_channel::select! {
+            recv(self.queue) -> queued => {
+                let Ok(queued) = queued else { return };
+                self.route(queued);
+                for _ in 0..BATCH {
+                    let Ok(queued) = self.queue.try_recv() else { break };
+                    self.route(queued);
+                }
+            }
+            recv(self.failed) -> failed => {
+                if let Ok(failed) = failed {
+                    self.spool_or_hold(failed);
+                }
+            }
+            default(TICK) => {}
+        }
+    }
+
+    fn wait_for_failure(&mut self, timeout: Duration) {
+        match self.failed.recv_timeout(timeout) {
+            Ok(failed) => self.spool_or_hold(failed),
+            Err(RecvTimeoutError::Timeout | RecvTimeoutError::Disconnected) => {}
+        }
+    }
+
+    fn has_backlog(&self) -> bool {
+        self.shared.spool.bytes() > 0 || !self.replaying.is_empty() || !self.held.is_empty()
+    }
+
+    /// Sends one queued event to Kafka, or to the spool when Kafka is down or the spool is
+    /// not empty.
+    fn route(&mut self, queued: Queued) {
+        self.encoded.clear();
+        wire::encode_into(&queued.event, &mut self.encoded);
+        let delivery = Box::new(Delivery {
+            origin: Origin::Direct,
+            emitted_at: queued.emitted_at,
+            durable: queued.durable,
+        });
+        let key = queued.event.customer.as_bytes();
+        if !self.shared.healthy.load(Ordering::Acquire) || self.has_backlog() {
+            let failed = Failed {
+                key: key.to_vec(),
+                payload: self.encoded.clone(),
+                delivery,
+            };
+            self.spool_or_hold(failed);
+            return;
+        }
+        let record = BaseRecord::with_opaque_to(&self.topic, delivery)
+            .key(key)
+            .payload(&self.encoded);
+        if let Err((error, record)) = self.producer.send(record) {
+            tracing::debug!(%error, "producer refused the event; spooling it");
+            let failed = Failed {
+                key: key.to_vec(),
+                payload: self.encoded.clone(),
+                delivery: record.delivery_opaque,
+            };
+            self.spool_or_hold(failed);
+        }
+    }
+
+    /// Writes an undelivered event to the spool; holds it if the spool is full.
+    fn spool_or_hold(&mut self, failed: Failed) {
+        match self.shared.spool.append(&failed.key, &failed.payload) {
+            Ok(()) => {
+                Stats::add(&self.shared.stats.spooled, 1);
+                self.resolve(failed.delivery);
+            }
+            Err(error) => {
+                if let AppendError::Io(io) = &error {
+                    tracing::error!(error = %io, "cannot write the spool; holding events in memory");
+                }
+                self.held.push_back(failed);
+            }
+        }
+    }
+
+    /// The event is in the spool: it no longer counts as unresolved (or in flight).
+    fn resolve(&mut self, delivery: Box<Delivery>) {
+        match &delivery.origin {
+            Origin::Direct => {
+                self.shared.unresolved.fetch_sub(1, Ordering::AcqRel);
+            }
+            Origin::Replay(progress) => {
+                progress.outstanding.fetch_sub(1, Ordering::AcqRel);
+            }
+        }
+        if let Some(durable) = delivery.durable {
+            self.awaiting_sync.push(durable);
+        }
+    }
+
+    fn retry_held(&mut self) {
+        while let Some(failed) = self.held.pop_front() {
+            match self.shared.spool.append(&failed.key, &failed.payload) {
+                Ok(()) => {
+                    Stats::add(&self.shared.stats.spooled, 1);
+                    self.resolve(failed.delivery);
+                }
+                Err(_) => {
+                    self.held.push_front(failed);
+                    return;
+                }
+            }
+        }
+    }
+
+    fn replay_in_flight(&self) -> u64 {
+        self.replaying
+            .iter()
+            .map(|r| r.progress.outstanding.load(Ordering::Acquire))
+            .sum()
+    }
+
+    /// Sends spooled records while the window allows, then deletes finished segments.
+    fn replay_step(&mut self) {
+        let window = if self.shared.healthy.load(Ordering::Acquire) {
+            self.replay_window
+        } else {
+            // Broker down: one probe at a time; its acknowledgement reopens the window.
+            1
+        };
+        let mut in_flight = self.replay_in_flight();
+        while in_flight < window {
+            if !self.replaying.back().is_some_and(|r| r.reader.is_some()) && !self.open_next() {
+                break;
+            }
+            let Some(current) = self.replaying.back_mut() else {
+                break;
+            };
+            let Some(reader) = current.reader.as_mut() else {
+                break;
+            };
+            let mark = reader.position();
+            match reader.next_record() {
+                Read::Record(record) => {
+                    let delivery = Box::new(Delivery {
+                        origin: Origin::Replay(Arc::clone(&current.progress)),
+                        emitted_at: Instant::now(),
+                        durable: None,
+                    });
+                    current.progress.outstanding.fetch_add(1, Ordering::AcqRel);
+                    let sent = self.producer.send(
+                        BaseRecord::with_opaque_to(&self.topic, delivery)
+                            .key(record.key)
+                            .payload(record.payload),
+                    );
+                    if let Err((error, _)) = sent {
+                        current.progress.outstanding.fetch_sub(1, Ordering::AcqRel);
+                        reader.seek(mark);
+                        tracing::debug!(%error, "producer refused a replayed record; retrying later");
+                        break;
+                    }
+                    in_flight += 1;
+                }
+                Read::Torn => {
+                    Stats::add(&self.shared.stats.torn_records, 1);
+                    tracing::warn!(
+                        segment = %current.segment.path.display(),
+                        "torn or corrupt spool record (a crash mid-write); skipping the rest of the segment"
+                    );
+                    current.reader = None;
+                }
+                Read::End => current.reader = None,
+            }
+        }
+        self.remove_finished();
+    }
+
+    /// Starts reading the oldest spooled segment; false when the spool is empty.
+    fn open_next(&mut self) -> bool {
+        let segment = match self.shared.spool.take_oldest() {
+            Ok(Some(segment)) => segment,
+            Ok(None) => return false,
+            Err(error) => {
+                tracing::error!(%error, "cannot seal the spool segment for replay");
+                return false;
+            }
+        };
+        match SegmentReader::open(&segment.path) {
+            Ok(reader) => {
+                self.replaying.push_back(Replaying {
+                    segment,
+                    reader: Some(reader),
+                    progress: Arc::default(),
+                });
+                true
+            }
+            Err(error) => {
+                // Keep the file for an operator; it stays counted in the spool's bytes.
+                tracing::error!(%error, segment = %segment.path.display(), "cannot read spool segment; leaving it in place");
+                false
+            }
+        }
+    }
+
+    fn remove_finished(&mut self) {
+        while self.replaying.front().is_some_and(|r| {
+            r.reader.is_none() && r.progress.outstanding.load(Ordering::Acquire) == 0
+        }) {
+            // Records of this segment that failed were spooled again: make them durable before
+            // the segment that also holds them disappears.
+            self.sync();
+            let Some(done) = self.replaying.pop_front() else {
+                break;
+            };
+            if let Err(error) = self.shared.spool.remove(&done.segment) {
+                tracing::error!(%error, segment = %done.segment.path.display(), "cannot delete replayed spool segment; its events may be replayed again (the aggregator dedupes them)");
+            }
+        }
+    }
+
+    fn sync_if_due(&mut self) {
+        if !self.awaiting_sync.is_empty() || self.last_sync.elapsed() >= self.fsync_interval {
+            self.sync();
+        }
+    }
+
+    fn sync(&mut self) {
+        if let Err(error) = self.shared.spool.sync() {
+            tracing::error!(%error, "spool fsync failed; spooled events may not survive a crash");
+        }
+        for durable in self.awaiting_sync.drain(..) {
+            let _ = durable.send(Durability::Spooled);
+        }
+        self.last_sync = Instant::now();
+        self.exporter.export(
+            &self.shared.stats,
+            self.queue.len(),
+            self.shared.spool.bytes(),
+        );
+    }
+
+    /// Shutdown: give replayed records a moment, hand back everything still in the producer
+    /// (it returns as failed deliveries), spool it, fsync.
+    fn finish(mut self) {
+        let deadline = Instant::now() + REPLAY_GRACE;
+        while self.replay_in_flight() > 0 && Instant::now() < deadline {
+            self.wait_for_failure(TICK);
+            self.remove_finished();
+        }
+        self.producer
+            .purge(PurgeConfig::default().queue().inflight());
+        let deadline = Instant::now() + REPLAY_GRACE;
+        while (self.shared.unresolved.load(Ordering::Acquire) > 0 || self.replay_in_flight() > 0)
+            && Instant::now() < deadline
+        {
+            self.retry_held();
+            self.wait_for_failure(TICK);
+        }
+        self.remove_finished();
+        self.sync();
+        let lost = self.held.len() + self.shared.unresolved.load(Ordering::Acquire) as usize;
+        if lost > 0 {
+            tracing::error!(
+                events = lost,
+                "emitter stopped with events neither acknowledged nor spooled (spool full); they are lost"
+            );
+        }
+    }
+}
