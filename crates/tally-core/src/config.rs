@@ -12,6 +12,36 @@ use serde::{Deserialize, Serialize};
 /// Environment variables with the `TALLY_` prefix that are not settings.
 pub const RESERVED_ENV: [&str; 2] = ["TALLY_CONFIG", "TALLY_LOG"];
 
+/// A secret setting (database URL with password, API keys): never shown by `Debug` or logs.
+#[derive(Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(value: impl Into<String>) -> Self {
+        Secret(value.into())
+    }
+
+    /// The secret itself, for the one place that needs it.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(if self.0.is_empty() {
+            "\"\""
+        } else {
+            "\"<redacted>\""
+        })
+    }
+}
+
 /// Kafka settings shared by every stage.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -203,7 +233,7 @@ mod tests {
     use super::*;
     use std::time::Duration;
 
-    #[derive(Debug, Serialize, Deserialize, PartialEq)]
+    #[derive(Debug, Default, Serialize, Deserialize, PartialEq)]
     #[serde(deny_unknown_fields, default)]
     struct Sample {
         kafka: KafkaConfig,
@@ -234,16 +264,6 @@ mod tests {
     #[serde(deny_unknown_fields, default)]
     struct Database {
         url: Option<String>,
-    }
-
-    impl Default for Sample {
-        fn default() -> Self {
-            Sample {
-                kafka: KafkaConfig::default(),
-                queue: Queue::default(),
-                database: Database::default(),
-            }
-        }
     }
 
     fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
@@ -345,6 +365,13 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.starts_with("t.toml is not valid TOML"), "{err}");
+    }
+
+    #[test]
+    fn secrets_do_not_print() {
+        let secret = Secret::new("postgres://u:hunter2@db/tally");
+        assert!(!format!("{secret:?}").contains("hunter2"));
+        assert_eq!(secret.expose(), "postgres://u:hunter2@db/tally");
     }
 
     #[test]

@@ -1,12 +1,12 @@
 //! The application-facing handle: `emit`, `emit_durable`, `flush`, `shutdown`.
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use chrono::Utc;
-use crossbeam_channel::{Sender, TrySendError};
+use chrono::{DateTime, Utc};
+use crossbeam_queue::ArrayQueue;
 use rdkafka::error::KafkaError;
 use tally_core::config::KafkaConfig;
 use tally_core::{wire, Rejection, UsageEvent};
@@ -63,7 +63,8 @@ pub struct FlushTimeout {
 /// An event on its way from `emit` to the publisher thread.
 pub(crate) struct Queued {
     pub(crate) event: UsageEvent,
-    pub(crate) emitted_at: Instant,
+    /// The clock reading `emit` already took, reused for the publish-latency metric.
+    pub(crate) emitted_at: DateTime<Utc>,
     pub(crate) durable: Option<oneshot::Sender<Durability>>,
 }
 
@@ -72,11 +73,29 @@ pub(crate) struct Shared {
     pub(crate) stats: Stats,
     /// False from a delivery failure or "all brokers down" until the next acknowledgement.
     pub(crate) healthy: AtomicBool,
-    /// Events accepted by `emit` that are neither acknowledged nor in the spool yet.
-    pub(crate) unresolved: AtomicU64,
+    /// `emit` → publisher. Polled, not awaited: a wake-up syscall per event would cost more
+    /// than the whole `emit` budget.
+    pub(crate) queue: ArrayQueue<Queued>,
     pub(crate) spool: Spool,
     /// Set by `shutdown`: the publisher drains, hands back what is in flight, and exits.
     pub(crate) stopping: AtomicBool,
+}
+
+impl Shared {
+    /// Events accepted by `emit` that are neither acknowledged nor in the spool yet.
+    pub(crate) fn pending(&self) -> u64 {
+        // Read `resolved` first: `emitted` can only have grown since, so this never underflows.
+        let resolved = self.stats.resolved.load(Ordering::Acquire);
+        self.stats
+            .emitted
+            .load(Ordering::Acquire)
+            .saturating_sub(resolved)
+    }
+
+    /// One accepted event reached the broker or the spool.
+    pub(crate) fn resolve_one(&self) {
+        self.stats.resolved.fetch_add(1, Ordering::AcqRel);
+    }
 }
 
 /// Reports usage to Kafka without ever blocking the caller.
@@ -84,7 +103,6 @@ pub(crate) struct Shared {
 /// Cheap to share: wrap it in an `Arc` and call [`Emitter::emit`] from any thread.
 pub struct Emitter {
     shared: Arc<Shared>,
-    queue: Sender<Queued>,
     overflow: OverflowPolicy,
     closed: AtomicBool,
     publisher: Mutex<Option<JoinHandle<()>>>,
@@ -112,12 +130,11 @@ impl Emitter {
         let shared = Arc::new(Shared {
             stats: Stats::default(),
             healthy: AtomicBool::new(true),
-            unresolved: AtomicU64::new(0),
+            queue: ArrayQueue::new(config.queue_capacity),
             spool,
             stopping: AtomicBool::new(false),
         });
-        let (queue_tx, queue_rx) = crossbeam_channel::bounded(config.queue_capacity);
-        let publisher = Publisher::new(kafka, config, Arc::clone(&shared), queue_rx)?;
+        let publisher = Publisher::new(kafka, config, Arc::clone(&shared))?;
         let handle = std::thread::Builder::new()
             .name("tally-emitter".into())
             .spawn(move || publisher.run())
@@ -127,7 +144,6 @@ impl Emitter {
             })?;
         Ok(Emitter {
             shared,
-            queue: queue_tx,
             overflow: config.overflow,
             closed: AtomicBool::new(false),
             publisher: Mutex::new(Some(handle)),
@@ -160,33 +176,24 @@ impl Emitter {
         if self.closed.load(Ordering::Acquire) {
             return Err(EmitError::Closed);
         }
+        let now = Utc::now();
         if event.id.is_empty() {
-            let mut buf = uuid::Uuid::encode_buffer();
-            event.id = uuid::Uuid::now_v7()
-                .hyphenated()
-                .encode_lower(&mut buf)
-                .to_owned();
+            event.id = new_event_id(now);
         }
-        if let Err(rejection) = event.validate(Utc::now()) {
+        if let Err(rejection) = event.validate(now) {
             self.shared.stats.reject(rejection.reason);
             return Err(EmitError::Invalid(rejection));
         }
-        self.shared.unresolved.fetch_add(1, Ordering::AcqRel);
+        // Counted before the push, so the publisher can never resolve more than was emitted.
+        Stats::add(&self.shared.stats.emitted, 1);
         let queued = Queued {
             event,
-            emitted_at: Instant::now(),
+            emitted_at: now,
             durable,
         };
-        match self.queue.try_send(queued) {
-            Ok(()) => {
-                Stats::add(&self.shared.stats.emitted, 1);
-                Ok(())
-            }
-            Err(TrySendError::Full(queued)) => self.spill(queued),
-            Err(TrySendError::Disconnected(_)) => {
-                self.shared.unresolved.fetch_sub(1, Ordering::AcqRel);
-                Err(EmitError::Closed)
-            }
+        match self.shared.queue.push(queued) {
+            Ok(()) => Ok(()),
+            Err(queued) => self.spill(queued),
         }
     }
 
@@ -199,11 +206,10 @@ impl Emitter {
             .shared
             .spool
             .append(queued.event.customer.as_bytes(), &payload);
-        self.shared.unresolved.fetch_sub(1, Ordering::AcqRel);
         match appended {
             Ok(()) => {
-                Stats::add(&stats.emitted, 1);
                 Stats::add(&stats.spooled, 1);
+                self.shared.resolve_one();
                 if let Some(durable) = queued.durable {
                     if let Err(error) = self.shared.spool.sync() {
                         tracing::error!(%error, "spool fsync failed; a durable event may not survive a crash");
@@ -213,6 +219,7 @@ impl Emitter {
                 Ok(())
             }
             Err(error) => {
+                stats.emitted.fetch_sub(1, Ordering::AcqRel);
                 tracing::warn!(%error, "event not accepted: queue and spool are full");
                 if self.overflow == OverflowPolicy::DropNewest && queued.durable.is_none() {
                     Stats::add(&stats.dropped, 1);
@@ -230,7 +237,7 @@ impl Emitter {
     pub fn flush(&self, timeout: Duration) -> Result<(), FlushTimeout> {
         let deadline = Instant::now() + timeout;
         loop {
-            let pending = self.shared.unresolved.load(Ordering::Acquire);
+            let pending = self.shared.pending();
             if pending == 0 {
                 if let Err(error) = self.shared.spool.sync() {
                     tracing::error!(%error, "spool fsync failed during flush");
@@ -274,13 +281,28 @@ impl Emitter {
 
     /// Events in the in-memory queue.
     pub fn queue_depth(&self) -> usize {
-        self.queue.len()
+        self.shared.queue.len()
     }
 
     /// Bytes waiting in the spool for replay.
     pub fn spool_bytes(&self) -> u64 {
         self.shared.spool.bytes()
     }
+}
+
+/// A UUIDv7 from the clock reading `emit` already made, with thread-local randomness: no lock
+/// and no syscall, unlike `Uuid::now_v7()`. Uniqueness rests on its 74 random bits.
+fn new_event_id(now: DateTime<Utc>) -> String {
+    let timestamp = uuid::Timestamp::from_unix(
+        uuid::NoContext,
+        now.timestamp() as u64,
+        now.timestamp_subsec_nanos(),
+    );
+    let mut buf = uuid::Uuid::encode_buffer();
+    uuid::Uuid::new_v7(timestamp)
+        .hyphenated()
+        .encode_lower(&mut buf)
+        .to_owned()
 }
 
 impl Drop for Emitter {

@@ -1,8 +1,8 @@
 //! The Kafka producer and its delivery callback.
 
+use chrono::{DateTime, Utc};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::Instant;
 
 use crossbeam_channel::Sender;
 use metrics::Histogram;
@@ -24,12 +24,12 @@ pub(crate) type Producer = ThreadedProducer<DeliveryContext>;
 /// Travels with each message through librdkafka and comes back in the delivery callback.
 pub(crate) struct Delivery {
     pub(crate) origin: Origin,
-    pub(crate) emitted_at: Instant,
+    pub(crate) emitted_at: DateTime<Utc>,
     pub(crate) durable: Option<oneshot::Sender<Durability>>,
 }
 
 pub(crate) enum Origin {
-    /// Straight from the in-memory queue; counted in `Shared::unresolved`.
+    /// Straight from the in-memory queue; counted in `Shared::pending` until resolved.
     Direct,
     /// Replayed from a spool segment.
     Replay(Arc<crate::publisher::SegmentProgress>),
@@ -69,10 +69,10 @@ impl ProducerContext for DeliveryContext {
                 self.shared.healthy.store(true, Ordering::Release);
                 match &delivery.origin {
                     Origin::Direct => {
-                        self.latency
-                            .record(delivery.emitted_at.elapsed().as_secs_f64());
+                        let latency = Utc::now() - delivery.emitted_at;
+                        self.latency.record(latency.as_seconds_f64().max(0.0));
                         Stats::add(&self.shared.stats.published, 1);
-                        self.shared.unresolved.fetch_sub(1, Ordering::AcqRel);
+                        self.shared.resolve_one();
                     }
                     Origin::Replay(progress) => {
                         Stats::add(&self.shared.stats.replayed, 1);

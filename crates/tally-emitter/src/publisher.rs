@@ -31,8 +31,9 @@ use crate::kafka::{self, Delivery, Failed, Origin, Producer};
 use crate::spool::{AppendError, Read, Segment, SegmentReader};
 use crate::telemetry::{Exporter, Stats};
 
-/// How often the thread wakes without work: replay progress, fsync, metrics.
-const TICK: Duration = Duration::from_millis(5);
+/// How long the thread sleeps when it finds no work. The queue is polled rather than awaited
+/// (see `Shared::queue`); 1 ms is small next to the producer's 5 ms linger.
+const TICK: Duration = Duration::from_millis(1);
 /// Events taken from the queue per wake-up.
 const BATCH: usize = 4096;
 /// How long shutdown waits for replayed records in flight before handing them back.
@@ -53,7 +54,6 @@ struct Replaying {
 
 pub(crate) struct Publisher {
     shared: Arc<Shared>,
-    queue: Receiver<Queued>,
     failed: Receiver<Failed>,
     producer: Producer,
     topic: String,
@@ -75,7 +75,6 @@ impl Publisher {
         kafka: &KafkaConfig,
         config: &EmitterConfig,
         shared: Arc<Shared>,
-        queue: Receiver<Queued>,
     ) -> Result<Publisher, StartError> {
         // Every message in flight can fail at most once, so this bound never blocks for long.
         let (failed_tx, failed_rx) = crossbeam_channel::bounded(
@@ -84,7 +83,6 @@ impl Publisher {
         let producer = kafka::producer(kafka, config, Arc::clone(&shared), failed_tx)?;
         Ok(Publisher {
             shared,
-            queue,
             failed: failed_rx,
             producer,
             topic: kafka.topic.clone(),
@@ -102,42 +100,32 @@ impl Publisher {
     pub(crate) fn run(mut self) {
         loop {
             self.retry_held();
+            let mut worked = false;
+            // While the spool is full, take nothing: the queue fills and `emit` reports
+            // Overloaded, rather than this thread holding an unbounded amount.
             if self.held.is_empty() {
-                self.take_from_queue();
-            } else {
-                // The spool is full: stop taking events so the queue fills and `emit` reports
-                // Overloaded, rather than holding an unbounded amount here.
-                self.wait_for_failure(TICK);
+                for _ in 0..BATCH {
+                    let Some(queued) = self.shared.queue.pop() else {
+                        break;
+                    };
+                    self.route(queued);
+                    worked = true;
+                }
             }
             while let Ok(failed) = self.failed.try_recv() {
                 self.spool_or_hold(failed);
+                worked = true;
             }
             self.replay_step();
             self.sync_if_due();
-            if self.shared.stopping.load(Ordering::Acquire) && self.queue.is_empty() {
+            if self.shared.stopping.load(Ordering::Acquire) && self.shared.queue.is_empty() {
                 break;
+            }
+            if !worked {
+                self.wait_for_failure(TICK);
             }
         }
         self.finish();
-    }
-
-    fn take_from_queue(&mut self) {
-        crossbeam_channel::select! {
-            recv(self.queue) -> queued => {
-                let Ok(queued) = queued else { return };
-                self.route(queued);
-                for _ in 0..BATCH {
-                    let Ok(queued) = self.queue.try_recv() else { break };
-                    self.route(queued);
-                }
-            }
-            recv(self.failed) -> failed => {
-                if let Ok(failed) = failed {
-                    self.spool_or_hold(failed);
-                }
-            }
-            default(TICK) => {}
-        }
     }
 
     fn wait_for_failure(&mut self, timeout: Duration) {
@@ -190,7 +178,7 @@ impl Publisher {
         match self.shared.spool.append(&failed.key, &failed.payload) {
             Ok(()) => {
                 Stats::add(&self.shared.stats.spooled, 1);
-                self.resolve(failed.delivery);
+                self.resolve(*failed.delivery);
             }
             Err(error) => {
                 if let AppendError::Io(io) = &error {
@@ -202,11 +190,9 @@ impl Publisher {
     }
 
     /// The event is in the spool: it no longer counts as unresolved (or in flight).
-    fn resolve(&mut self, delivery: Box<Delivery>) {
+    fn resolve(&mut self, delivery: Delivery) {
         match &delivery.origin {
-            Origin::Direct => {
-                self.shared.unresolved.fetch_sub(1, Ordering::AcqRel);
-            }
+            Origin::Direct => self.shared.resolve_one(),
             Origin::Replay(progress) => {
                 progress.outstanding.fetch_sub(1, Ordering::AcqRel);
             }
@@ -221,7 +207,7 @@ impl Publisher {
             match self.shared.spool.append(&failed.key, &failed.payload) {
                 Ok(()) => {
                     Stats::add(&self.shared.stats.spooled, 1);
-                    self.resolve(failed.delivery);
+                    self.resolve(*failed.delivery);
                 }
                 Err(_) => {
                     self.held.push_front(failed);
@@ -248,7 +234,7 @@ impl Publisher {
         };
         let mut in_flight = self.replay_in_flight();
         while in_flight < window {
-            if !self.replaying.back().is_some_and(|r| r.reader.is_some()) && !self.open_next() {
+            if self.replaying.back().is_none_or(|r| r.reader.is_none()) && !self.open_next() {
                 break;
             }
             let Some(current) = self.replaying.back_mut() else {
@@ -262,7 +248,7 @@ impl Publisher {
                 Read::Record(record) => {
                     let delivery = Box::new(Delivery {
                         origin: Origin::Replay(Arc::clone(&current.progress)),
-                        emitted_at: Instant::now(),
+                        emitted_at: chrono::Utc::now(),
                         durable: None,
                     });
                     current.progress.outstanding.fetch_add(1, Ordering::AcqRel);
@@ -352,7 +338,7 @@ impl Publisher {
         self.last_sync = Instant::now();
         self.exporter.export(
             &self.shared.stats,
-            self.queue.len(),
+            self.shared.queue.len(),
             self.shared.spool.bytes(),
         );
     }
@@ -368,7 +354,7 @@ impl Publisher {
         self.producer
             .purge(PurgeConfig::default().queue().inflight());
         let deadline = Instant::now() + REPLAY_GRACE;
-        while (self.shared.unresolved.load(Ordering::Acquire) > 0 || self.replay_in_flight() > 0)
+        while (self.shared.pending() > 0 || self.replay_in_flight() > 0)
             && Instant::now() < deadline
         {
             self.retry_held();
@@ -376,7 +362,7 @@ impl Publisher {
         }
         self.remove_finished();
         self.sync();
-        let lost = self.held.len() + self.shared.unresolved.load(Ordering::Acquire) as usize;
+        let lost = self.shared.pending();
         if lost > 0 {
             tracing::error!(
                 events = lost,

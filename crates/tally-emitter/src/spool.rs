@@ -264,7 +264,7 @@ impl SegmentReader {
         }
         let body_len = u32::from_le_bytes([rest[0], rest[1], rest[2], rest[3]]) as usize;
         let crc = u32::from_le_bytes([rest[4], rest[5], rest[6], rest[7]]);
-        if body_len < 2 || body_len > MAX_BODY || rest.len() < HEADER + body_len {
+        if !(2..=MAX_BODY).contains(&body_len) || rest.len() < HEADER + body_len {
             self.pos = self.data.len();
             return Read::Torn;
         }
@@ -286,7 +286,10 @@ impl SegmentReader {
 mod tests {
     use super::*;
 
-    fn read_all(path: &Path) -> (Vec<(Vec<u8>, Vec<u8>)>, usize) {
+    /// (key, payload) pairs in order.
+    type Records = Vec<(Vec<u8>, Vec<u8>)>;
+
+    fn read_all(path: &Path) -> (Records, usize) {
         let mut reader = SegmentReader::open(path).unwrap();
         let (mut records, mut torn) = (Vec::new(), 0);
         loop {

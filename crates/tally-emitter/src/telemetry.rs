@@ -5,6 +5,7 @@
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
+use crossbeam_utils::CachePadded;
 use metrics::{counter, gauge, histogram, Counter, Gauge, Histogram};
 use tally_core::RejectReason;
 
@@ -24,7 +25,11 @@ pub(crate) const PUBLISH_LATENCY: &str = "tally_emitter_publish_latency_seconds"
 /// Counts since the emitter started. Read them with [`crate::Emitter::stats`].
 #[derive(Debug, Default)]
 pub(crate) struct Stats {
-    pub(crate) emitted: AtomicU64,
+    /// Written by every `emit` caller; on its own cache line so that the delivery thread's
+    /// counters do not bounce it between cores.
+    pub(crate) emitted: CachePadded<AtomicU64>,
+    /// Accepted events that reached the broker or the spool (see `Shared::pending`).
+    pub(crate) resolved: CachePadded<AtomicU64>,
     pub(crate) published: AtomicU64,
     pub(crate) spooled: AtomicU64,
     pub(crate) replayed: AtomicU64,

@@ -44,7 +44,7 @@ fn event(i: usize) -> UsageEvent {
         Decimal::from(i % 7 + 1),
     )
     .with_id(format!("evt-{i}"))
-    .with_dimension("region", if i % 2 == 0 { "eu" } else { "us" })
+    .with_dimension("region", if i.is_multiple_of(2) { "eu" } else { "us" })
 }
 
 /// Reads the topic from the beginning until `want` distinct ids arrived or the deadline passed.

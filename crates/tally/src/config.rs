@@ -1,0 +1,130 @@
+//! `tally.toml`: the one configuration file. Layers: defaults, the file, `TALLY_*` environment
+//! variables (plus `DATABASE_URL`), then command-line flags.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context};
+use serde::{Deserialize, Serialize};
+use tally_core::config::{KafkaConfig, Secret};
+use tally_core::{MeterDefinition, Meters};
+use tally_emitter::EmitterConfig;
+
+/// The whole configuration. Unknown keys are errors.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub(crate) struct TallyConfig {
+    pub(crate) database: DatabaseConfig,
+    pub(crate) kafka: KafkaConfig,
+    pub(crate) emitter: EmitterConfig,
+    /// `[[meters]]`: the meters events may report.
+    pub(crate) meters: Vec<MeterDefinition>,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub(crate) struct DatabaseConfig {
+    /// Postgres URL, e.g. `postgres://tally@localhost/tally`. Also read from `DATABASE_URL`.
+    pub(crate) url: Secret,
+}
+
+/// Settings given as flags; they win over everything else.
+#[derive(Debug, Default)]
+pub(crate) struct Overrides {
+    pub(crate) kafka_brokers: Option<String>,
+    pub(crate) database_url: Option<String>,
+}
+
+/// Where the file comes from: `--config`/`TALLY_CONFIG`, else `./tally.toml` if present.
+pub(crate) fn load(path: Option<&Path>, overrides: Overrides) -> anyhow::Result<TallyConfig> {
+    let path: Option<PathBuf> = match path {
+        Some(path) => Some(path.to_owned()),
+        None => Some(PathBuf::from("tally.toml")).filter(|p| p.is_file()),
+    };
+    let text = match &path {
+        Some(path) => Some(std::fs::read_to_string(path).with_context(|| {
+            format!(
+                "cannot read configuration file {}; pass --config with the path of a readable tally.toml (see tally.example.toml)",
+                path.display()
+            )
+        })?),
+        None => None,
+    };
+    let name = path.as_ref().map(|p| p.display().to_string());
+    let file = name.as_deref().zip(text.as_deref());
+    let mut config: TallyConfig =
+        tally_core::config::load(file, std::env::vars(), &[("DATABASE_URL", "database.url")])?;
+    if let Some(brokers) = overrides.kafka_brokers {
+        config.kafka.brokers = brokers;
+    }
+    if let Some(url) = overrides.database_url {
+        config.database.url = Secret::new(url);
+    }
+    config.validate()?;
+    Ok(config)
+}
+
+impl TallyConfig {
+    fn validate(&self) -> anyhow::Result<()> {
+        Meters::new(&self.meters).map_err(|problem| anyhow::anyhow!("[[meters]]: {problem}"))?;
+        self.emitter
+            .validate()
+            .map_err(|problem| anyhow::anyhow!("{problem}"))?;
+        if self.kafka.topic.is_empty() {
+            bail!("kafka.topic must not be empty; the contract topic is \"usage-events\"");
+        }
+        Ok(())
+    }
+
+    /// The configured meters, or the demo's own when the file defines none.
+    pub(crate) fn meters_or_demo(&self) -> Vec<MeterDefinition> {
+        if self.meters.is_empty() {
+            toml::from_str::<TallyConfig>(crate::demo::DEMO_METERS)
+                .map(|c| c.meters)
+                .unwrap_or_default()
+        } else {
+            self.meters.clone()
+        }
+    }
+
+    /// `kafka.brokers`, or a message that says how to set it.
+    pub(crate) fn require_brokers(&self) -> anyhow::Result<&str> {
+        if self.kafka.brokers.trim().is_empty() {
+            bail!("kafka.brokers is not set; pass --kafka-brokers host:9092, set TALLY_KAFKA_BROKERS, or set brokers under [kafka] in tally.toml");
+        }
+        Ok(&self.kafka.brokers)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_example_file_is_valid_and_complete() {
+        let text = include_str!("../../../tally.example.toml");
+        let config: TallyConfig =
+            tally_core::config::load(Some(("tally.example.toml", text)), Vec::new(), &[]).unwrap();
+        config.validate().unwrap();
+        assert!(config.meters.len() >= 3);
+        // Every default is spelled out in the example, so the example documents them all.
+        let defaults = toml::to_string(&TallyConfig::default()).unwrap();
+        for line in defaults
+            .lines()
+            .filter(|l| l.contains(" = ") && !l.ends_with("= []"))
+        {
+            let key = line.split(" = ").next().unwrap();
+            assert!(
+                text.contains(&format!("{key} =")),
+                "tally.example.toml lacks `{key}`"
+            );
+        }
+    }
+
+    #[test]
+    fn demo_meters_parse() {
+        let config = TallyConfig::default();
+        let meters = config.meters_or_demo();
+        assert!(Meters::new(&meters).is_ok());
+        assert!(meters.len() >= 3);
+    }
+}

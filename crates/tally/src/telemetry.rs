@@ -1,0 +1,19 @@
+//! Logs: human-readable on a terminal, JSON lines otherwise (for journald and log shippers).
+//! Filter with `TALLY_LOG` (e.g. `TALLY_LOG=debug`, `TALLY_LOG=tally_emitter=trace`).
+
+use std::io::IsTerminal;
+
+use tracing_subscriber::EnvFilter;
+
+pub(crate) fn init_logging() {
+    let filter = EnvFilter::try_from_env("TALLY_LOG")
+        .unwrap_or_else(|_| EnvFilter::new("info,librdkafka=warn,rdkafka=warn"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    if std::io::stderr().is_terminal() {
+        builder.init();
+    } else {
+        builder.json().init();
+    }
+}

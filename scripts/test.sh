@@ -1,0 +1,10 @@
+#!/usr/bin/env bash
+# Runs every test of the workspace. Brings up what the tests need:
+#   PostgreSQL: DATABASE_URL, else 127.0.0.1:5432, else a throwaway local cluster (scripts/lib/postgres.sh);
+#   Kafka: nothing to start, tests run librdkafka's in-process mock cluster.
+# Extra arguments go to `cargo test` (e.g. scripts/test.sh -p tally-emitter).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+source scripts/lib/postgres.sh
+ensure_postgres
+cargo test --workspace "$@"
