@@ -142,10 +142,17 @@ where
             .map_or(file_origin, |(_, var)| {
                 format!("environment variable {var}")
             });
+        // toml repeats the key path on a line of its own ("in `a.b`"); we already name it.
+        let message = e.into_inner().to_string();
+        let message = message
+            .lines()
+            .filter(|line| !line.starts_with("in `") && !line.trim().is_empty())
+            .collect::<Vec<_>>()
+            .join(" ");
         ConfigError::Invalid {
             key,
             origin,
-            message: e.into_inner().to_string(),
+            message,
         }
     })
 }

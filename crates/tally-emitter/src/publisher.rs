@@ -118,7 +118,11 @@ impl Publisher {
             }
             self.replay_step();
             self.sync_if_due();
-            if self.shared.stopping.load(Ordering::Acquire) && self.shared.queue.is_empty() {
+            // Stop once the queue is drained, or at once if the spool is full: nothing more can
+            // be made durable then, and `finish` reports what is lost.
+            if self.shared.stopping.load(Ordering::Acquire)
+                && (self.shared.queue.is_empty() || !self.held.is_empty())
+            {
                 break;
             }
             if !worked {

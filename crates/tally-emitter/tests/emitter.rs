@@ -3,6 +3,7 @@
 use std::collections::HashMap;
 use std::path::Path;
 use std::process::Command;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use rdkafka::consumer::{BaseConsumer, Consumer};
@@ -13,7 +14,7 @@ use rdkafka::{ClientConfig, Offset, TopicPartitionList};
 use rust_decimal::Decimal;
 use tally_core::config::KafkaConfig;
 use tally_core::{wire, UsageEvent};
-use tally_emitter::{Durability, EmitError, Emitter, EmitterConfig};
+use tally_emitter::{Durability, EmitError, Emitter, EmitterConfig, OverflowPolicy};
 
 const PARTITIONS: i32 = 3;
 
@@ -85,6 +86,15 @@ fn consume(kafka: &KafkaConfig, want: usize, deadline: Duration) -> HashMap<Stri
         *seen.entry(decoded.id).or_default() += 1;
     }
     seen
+}
+
+/// Polls `condition` until it holds; fails the test with `what` after `timeout`.
+fn eventually(what: &str, timeout: Duration, mut condition: impl FnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while !condition() {
+        assert!(Instant::now() < deadline, "timed out waiting: {what}");
+        std::thread::sleep(Duration::from_millis(1));
+    }
 }
 
 fn assert_all_arrived(seen: &HashMap<String, usize>, ids: impl Iterator<Item = usize>) {
@@ -242,11 +252,11 @@ fn crash_mid_spool_replays_on_restart() {
         })
         .collect();
     assert!(unexpected.is_empty(), "{unexpected:?}");
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while emitter.stats().torn_records == 0 {
-        assert!(Instant::now() < deadline, "the torn tail was not detected");
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    eventually(
+        "the torn tail is detected and counted",
+        Duration::from_secs(10),
+        || emitter.stats().torn_records == 1,
+    );
 }
 
 #[tokio::test]
@@ -274,19 +284,25 @@ async fn emit_durable_waits_for_the_broker_or_the_spool() {
     assert!(emitter.spool_bytes() > 0);
 }
 
-#[test]
-fn overload_is_an_explicit_error_and_nothing_vanishes() {
+/// An emitter whose broker refuses connections and whose queue and spool are tiny.
+fn overloadable(spool: &Path, overflow: OverflowPolicy) -> Arc<Emitter> {
     let dead = KafkaConfig {
         brokers: "127.0.0.1:1".into(),
         ..KafkaConfig::default()
     };
-    let spool = tempfile::tempdir().unwrap();
-    let mut config = config(spool.path());
+    let mut config = config(spool);
+    config.overflow = overflow;
     config.queue_capacity = 16;
     config.spool.max_bytes = 64 * 1024;
     config.spool.segment_bytes = 16 * 1024;
     config.delivery_timeout = Duration::from_millis(500);
-    let emitter = Emitter::start(&dead, &config).unwrap();
+    Arc::new(Emitter::start(&dead, &config).unwrap())
+}
+
+#[test]
+fn overload_is_an_explicit_error_and_nothing_vanishes() {
+    let spool = tempfile::tempdir().unwrap();
+    let emitter = overloadable(spool.path(), OverflowPolicy::Error);
     let (mut accepted, mut overloaded) = (0u64, 0u64);
     let deadline = Instant::now() + Duration::from_secs(30);
     while overloaded == 0 {
@@ -307,4 +323,43 @@ fn overload_is_an_explicit_error_and_nothing_vanishes() {
     let invalid = emitter.emit(UsageEvent::new("", "api_calls", Decimal::ONE));
     assert!(matches!(invalid, Err(EmitError::Invalid(r)) if r.reason.code() == "invalid_customer"));
     assert_eq!(emitter.stats().rejected, 1);
+    shutdown_returns_with_a_full_spool(emitter);
+}
+
+/// Shutdown must return even when the spool is full and events are still queued. It runs on
+/// its own thread so that a hang fails this test instead of stalling the whole run.
+fn shutdown_returns_with_a_full_spool(emitter: Arc<Emitter>) {
+    let (done_tx, done_rx) = std::sync::mpsc::channel();
+    let stopping = Arc::clone(&emitter);
+    std::thread::spawn(move || {
+        stopping.shutdown(Duration::from_millis(200));
+        let _ = done_tx.send(());
+    });
+    done_rx
+        .recv_timeout(Duration::from_secs(15))
+        .expect("shutdown hung with a full spool");
+    assert!(matches!(emitter.emit(event(0)), Err(EmitError::Closed)));
+}
+
+#[test]
+fn drop_newest_accepts_and_counts_what_it_drops() {
+    let spool = tempfile::tempdir().unwrap();
+    let emitter = overloadable(spool.path(), OverflowPolicy::DropNewest);
+    let mut i = 0;
+    eventually(
+        "the emitter drops under drop_newest",
+        Duration::from_secs(30),
+        || {
+            emitter.emit(event(i)).expect("drop_newest never refuses");
+            i += 1;
+            emitter.stats().dropped > 0
+        },
+    );
+    let stats = emitter.stats();
+    assert_eq!(stats.overloaded, 0);
+    assert_eq!(
+        stats.emitted + stats.dropped,
+        i as u64,
+        "every call is either kept or counted as dropped"
+    );
 }

@@ -143,7 +143,10 @@ pub(crate) fn run(config: &TallyConfig, args: &DemoArgs) -> anyhow::Result<()> {
 fn sample_event(i: usize, meter: &MeterDefinition, customers: usize) -> UsageEvent {
     // Deterministic spread over customers; a quarter of the quantities have a fraction.
     let customer = format!("cus-{:04}", (i * 7919) % customers);
-    let quantity = Decimal::new((i % 40 + 1) as i64 * 25, if i.is_multiple_of(4) { 2 } else { 0 });
+    let quantity = Decimal::new(
+        (i % 40 + 1) as i64 * 25,
+        if i.is_multiple_of(4) { 2 } else { 0 },
+    );
     let mut event = UsageEvent::new(customer, &meter.name, quantity).with_source("tally-demo");
     for key in &meter.group_by {
         event = event.with_dimension(key, ["small", "large"][i % 2]);
