@@ -35,8 +35,9 @@ pub(crate) enum Origin {
     Replay(Arc<crate::publisher::SegmentProgress>),
 }
 
-/// A delivery that failed; the publisher writes it back to the spool.
-pub(crate) struct Failed {
+/// An event the broker does not have (delivery failed, or routed to the spool); the publisher
+/// writes it to the spool.
+pub(crate) struct Unsent {
     pub(crate) key: Vec<u8>,
     pub(crate) payload: Vec<u8>,
     pub(crate) delivery: Box<Delivery>,
@@ -44,7 +45,7 @@ pub(crate) struct Failed {
 
 pub(crate) struct DeliveryContext {
     shared: Arc<Shared>,
-    failed: Sender<Failed>,
+    failed: Sender<Unsent>,
     latency: Histogram,
 }
 
@@ -87,7 +88,7 @@ impl ProducerContext for DeliveryContext {
                 self.shared.healthy.store(false, Ordering::Release);
                 Stats::add(&self.shared.stats.delivery_failures, 1);
                 tracing::debug!(%error, "delivery failed; the event goes back to the spool");
-                let failed = Failed {
+                let failed = Unsent {
                     key: message.key().unwrap_or_default().to_vec(),
                     payload: message.payload().unwrap_or_default().to_vec(),
                     delivery,
@@ -107,7 +108,7 @@ pub(crate) fn producer(
     kafka: &KafkaConfig,
     config: &EmitterConfig,
     shared: Arc<Shared>,
-    failed: Sender<Failed>,
+    failed: Sender<Unsent>,
 ) -> Result<Producer, KafkaError> {
     let mut client = ClientConfig::new();
     client

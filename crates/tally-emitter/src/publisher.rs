@@ -27,7 +27,7 @@ use tokio::sync::oneshot;
 
 use crate::config::EmitterConfig;
 use crate::emitter::{Durability, Queued, Shared, StartError};
-use crate::kafka::{self, Delivery, Failed, Origin, Producer};
+use crate::kafka::{self, Delivery, Origin, Producer, Unsent};
 use crate::spool::{AppendError, Read, Segment, SegmentReader};
 use crate::telemetry::{Exporter, Stats};
 
@@ -54,7 +54,7 @@ struct Replaying {
 
 pub(crate) struct Publisher {
     shared: Arc<Shared>,
-    failed: Receiver<Failed>,
+    failed: Receiver<Unsent>,
     producer: Producer,
     topic: String,
     fsync_interval: Duration,
@@ -63,7 +63,7 @@ pub(crate) struct Publisher {
     /// Oldest first; only the last one can still be reading.
     replaying: VecDeque<Replaying>,
     /// Events the spool refused (full); retried before anything new is taken.
-    held: VecDeque<Failed>,
+    held: VecDeque<Unsent>,
     /// Durable callers waiting for the next fsync.
     awaiting_sync: Vec<oneshot::Sender<Durability>>,
     last_sync: Instant,
@@ -77,10 +77,10 @@ impl Publisher {
         shared: Arc<Shared>,
     ) -> Result<Publisher, StartError> {
         // Every message in flight can fail at most once, so this bound never blocks for long.
-        let (failed_tx, failed_rx) = crossbeam_channel::bounded(
+        let (unsent_tx, failed_rx) = crossbeam_channel::bounded(
             config.producer_queue_messages as usize + config.replay_window,
         );
-        let producer = kafka::producer(kafka, config, Arc::clone(&shared), failed_tx)?;
+        let producer = kafka::producer(kafka, config, Arc::clone(&shared), unsent_tx)?;
         Ok(Publisher {
             shared,
             failed: failed_rx,
@@ -155,7 +155,7 @@ impl Publisher {
         });
         let key = queued.event.customer.as_bytes();
         if !self.shared.healthy.load(Ordering::Acquire) || self.has_backlog() {
-            let failed = Failed {
+            let failed = Unsent {
                 key: key.to_vec(),
                 payload: self.encoded.clone(),
                 delivery,
@@ -168,7 +168,7 @@ impl Publisher {
             .payload(&self.encoded);
         if let Err((error, record)) = self.producer.send(record) {
             tracing::debug!(%error, "producer refused the event; spooling it");
-            let failed = Failed {
+            let failed = Unsent {
                 key: key.to_vec(),
                 payload: self.encoded.clone(),
                 delivery: record.delivery_opaque,
@@ -177,20 +177,10 @@ impl Publisher {
         }
     }
 
-    /// Writes an undelivered event to the spool; holds it if the spool is full.
-    fn spool_or_hold(&mut self, failed: Failed) {
-        match self.shared.spool.append(&failed.key, &failed.payload) {
-            Ok(()) => {
-                Stats::add(&self.shared.stats.spooled, 1);
-                self.resolve(*failed.delivery);
-            }
-            Err(error) => {
-                if let AppendError::Io(io) = &error {
-                    tracing::error!(error = %io, "cannot write the spool; holding events in memory");
-                }
-                self.held.push_back(failed);
-            }
-        }
+    /// Writes an undelivered event to the spool, behind any it already holds.
+    fn spool_or_hold(&mut self, unsent: Unsent) {
+        self.held.push_back(unsent);
+        self.retry_held();
     }
 
     /// The event is in the spool: it no longer counts as unresolved (or in flight).
@@ -206,18 +196,18 @@ impl Publisher {
         }
     }
 
+    /// Spools held events in order; stops at the first the spool refuses (full).
     fn retry_held(&mut self) {
-        while let Some(failed) = self.held.pop_front() {
-            match self.shared.spool.append(&failed.key, &failed.payload) {
-                Ok(()) => {
-                    Stats::add(&self.shared.stats.spooled, 1);
-                    self.resolve(*failed.delivery);
+        while let Some(unsent) = self.held.pop_front() {
+            if let Err(error) = self.shared.spool.append(&unsent.key, &unsent.payload) {
+                if let AppendError::Io(io) = &error {
+                    tracing::error!(error = %io, "cannot write the spool; holding events in memory");
                 }
-                Err(_) => {
-                    self.held.push_front(failed);
-                    return;
-                }
+                self.held.push_front(unsent);
+                return;
             }
+            Stats::add(&self.shared.stats.spooled, 1);
+            self.resolve(*unsent.delivery);
         }
     }
 
