@@ -1,0 +1,87 @@
+//! `[aggregator]` settings.
+
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+/// How the aggregator batches and how long it remembers.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AggregatorConfig {
+    /// Kafka consumer group (contract: `tally-aggregator`). Processes in one group split the
+    /// topic's partitions.
+    pub group_id: String,
+    /// A batch closes at this many events...
+    pub batch_max_events: usize,
+    /// ...or at this many bytes of raw events (bounds memory: events are up to 64 KiB)...
+    pub batch_max_bytes: usize,
+    /// ...or when its first event has waited this long (bounds freshness).
+    #[serde(with = "humantime_serde")]
+    pub batch_max_wait: Duration,
+    /// Events whose timestamp is older than this are refused as `too_late`.
+    #[serde(with = "humantime_serde")]
+    pub lateness_horizon: Duration,
+    /// How long an event id is remembered for dedup; at least `lateness_horizon`.
+    #[serde(with = "humantime_serde")]
+    pub dedup_retention: Duration,
+}
+
+impl Default for AggregatorConfig {
+    fn default() -> Self {
+        AggregatorConfig {
+            group_id: "tally-aggregator".into(),
+            // Tuned by scripts/bench-aggregate.sh: large enough that a backlog drains in big
+            // transactions, while batch_max_wait keeps a live stream fresh.
+            batch_max_events: 100_000,
+            batch_max_bytes: 64 * 1024 * 1024,
+            batch_max_wait: Duration::from_millis(200),
+            lateness_horizon: Duration::from_secs(35 * 86_400),
+            dedup_retention: Duration::from_secs(35 * 86_400),
+        }
+    }
+}
+
+impl AggregatorConfig {
+    /// Checks the settings; the error says what to change.
+    pub fn validate(&self) -> Result<(), String> {
+        if self.group_id.is_empty() {
+            return Err(
+                "aggregator.group_id must not be empty (contract: \"tally-aggregator\")".into(),
+            );
+        }
+        if self.batch_max_events == 0 || self.batch_max_bytes == 0 {
+            return Err(
+                "aggregator.batch_max_events and batch_max_bytes must be at least 1".into(),
+            );
+        }
+        if self.batch_max_wait.is_zero() {
+            return Err("aggregator.batch_max_wait must be more than 0, e.g. \"200ms\"".into());
+        }
+        if self.lateness_horizon < Duration::from_secs(3600) {
+            return Err("aggregator.lateness_horizon must be at least 1h".into());
+        }
+        if self.dedup_retention < self.lateness_horizon {
+            return Err(format!(
+                "aggregator.dedup_retention ({}) is shorter than aggregator.lateness_horizon ({}): a late re-send could be counted twice; make dedup_retention at least the horizon",
+                humantime::format_duration(self.dedup_retention),
+                humantime::format_duration(self.lateness_horizon)
+            ));
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_are_valid_and_retention_covers_the_horizon() {
+        AggregatorConfig::default().validate().unwrap();
+        let config = AggregatorConfig {
+            dedup_retention: Duration::from_secs(86_400),
+            ..AggregatorConfig::default()
+        };
+        assert!(config.validate().unwrap_err().contains("counted twice"));
+    }
+}

@@ -1,0 +1,651 @@
+//! The aggregator's Postgres queries. [`commit_batch`] is the one transaction per batch that
+//! invariants 1 and 2 rest on: claim ids, add windows, update the daily rollup, record rejects,
+//! advance the stored offsets, all or nothing.
+
+use std::collections::{BTreeSet, HashMap, HashSet};
+use std::time::Instant;
+
+use chrono::{DateTime, NaiveDate, Utc};
+use rust_decimal::Decimal;
+use sqlx::{PgConnection, PgPool, Postgres, Transaction};
+use tally_core::{Aggregation, MeterDefinition, RejectReason};
+
+use crate::batch::{conflict, fold, Batch, Candidate, Granularity, Reject, WindowDelta};
+use crate::telemetry::BatchReport;
+
+/// A store error, tagged with whether running the same batch again can succeed.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// Another aggregator took one of the batch's partitions (a rebalance); nothing was written.
+    #[error("partition {partition} of {topic} now belongs to another aggregator; the batch was rolled back")]
+    Fenced { topic: String, partition: i32 },
+    #[error("Postgres: {0}")]
+    Retryable(sqlx::Error),
+    #[error("Postgres: {0}")]
+    Permanent(sqlx::Error),
+    #[error("{0}")]
+    MeterChanged(String),
+}
+
+impl From<sqlx::Error> for StoreError {
+    fn from(error: sqlx::Error) -> Self {
+        if tally_db::is_retryable(&error) {
+            StoreError::Retryable(error)
+        } else {
+            StoreError::Permanent(error)
+        }
+    }
+}
+
+/// Which partitions this aggregator owns, and the epoch it took each one at.
+pub(crate) type Epochs = HashMap<i32, i64>;
+
+/// Takes partitions for `owner`: bumps each one's epoch (fencing whoever held it before) and
+/// returns where to resume, `None` for a partition never consumed by this group.
+pub(crate) async fn take_partitions(
+    pool: &PgPool,
+    group: &str,
+    topic: &str,
+    partitions: &[i32],
+    owner: &str,
+) -> Result<Vec<(i32, Option<i64>, i64)>, StoreError> {
+    let mut sorted = partitions.to_vec();
+    sorted.sort_unstable();
+    let rows: Vec<(i32, Option<i64>, i64)> = sqlx::query_as(
+        "INSERT INTO kafka_offsets AS o (consumer_group, topic, partition, owner, owner_epoch)
+         SELECT $1, $2, p, $4, 1 FROM unnest($3::int[]) AS p
+         ON CONFLICT (consumer_group, topic, partition) DO UPDATE
+            SET owner = excluded.owner, owner_epoch = o.owner_epoch + 1, updated_at = now()
+         RETURNING partition, next_offset, owner_epoch",
+    )
+    .bind(group)
+    .bind(topic)
+    .bind(&sorted)
+    .bind(owner)
+    .fetch_all(pool)
+    .await?;
+    Ok(rows)
+}
+
+/// The stored next offsets of `partitions` (for rewinding after a rolled-back batch).
+pub(crate) async fn stored_offsets(
+    pool: &PgPool,
+    group: &str,
+    topic: &str,
+    partitions: &[i32],
+) -> Result<HashMap<i32, Option<i64>>, StoreError> {
+    let rows: Vec<(i32, Option<i64>)> = sqlx::query_as(
+        "SELECT partition, next_offset FROM kafka_offsets
+         WHERE consumer_group = $1 AND topic = $2 AND partition = ANY($3)",
+    )
+    .bind(group)
+    .bind(topic)
+    .bind(partitions)
+    .fetch_all(pool)
+    .await?;
+    Ok(rows.into_iter().collect())
+}
+
+/// Where a batch came from and who may commit it.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Ownership<'a> {
+    pub(crate) group: &'a str,
+    pub(crate) topic: &'a str,
+    pub(crate) epochs: &'a Epochs,
+}
+
+/// The batch's one transaction. Returns what it did; on any error nothing is written.
+pub(crate) async fn commit_batch(
+    pool: &PgPool,
+    batch: &Batch,
+    ownership: Ownership<'_>,
+) -> Result<BatchReport, StoreError> {
+    let started = Instant::now();
+    let mut tx = pool.begin().await?;
+
+    let claimed = claim_ids(&mut tx, &batch.candidates).await?;
+    let conflicts = find_conflicts(&mut tx, &batch.candidates, &claimed).await?;
+    let counted: Vec<&Candidate> = batch
+        .candidates
+        .iter()
+        .zip(&claimed)
+        .filter_map(|(candidate, &new)| new.then_some(candidate))
+        .collect();
+    let minutes = fold(counted.iter().copied(), Granularity::Minute);
+    let days = fold(counted.iter().copied(), Granularity::Day);
+    upsert_windows(&mut tx, Granularity::Minute, minutes.clone()).await?;
+    upsert_windows(&mut tx, Granularity::Day, days).await?;
+
+    let mut rejects = batch.rejects.clone();
+    rejects.extend(conflicts);
+    insert_rejects(&mut tx, ownership.topic, &rejects).await?;
+    advance_offsets(&mut tx, batch, ownership).await?;
+    tx.commit().await?;
+
+    let duplicates = batch.duplicates + (batch.candidates.len() - counted.len()) as u64
+        - (rejects.len() - batch.rejects.len()) as u64;
+    let report = BatchReport {
+        consumed: batch.consumed,
+        counted: counted.len() as u64,
+        duplicates,
+        rejected: count_by_reason(&rejects),
+        windows: minutes.len() as u64,
+        oldest_append_ms: batch.timestamps_ms.iter().min().copied(),
+        newest_append_ms: batch.timestamps_ms.iter().max().copied(),
+        transaction: started.elapsed(),
+    };
+    Ok(report)
+}
+
+fn count_by_reason(rejects: &[Reject]) -> Vec<(RejectReason, u64)> {
+    let mut counts: Vec<(RejectReason, u64)> = Vec::new();
+    for reject in rejects {
+        match counts
+            .iter_mut()
+            .find(|(r, _)| *r == reject.rejection.reason)
+        {
+            Some((_, n)) => *n += 1,
+            None => counts.push((reject.rejection.reason, 1)),
+        }
+    }
+    counts.sort();
+    counts
+}
+
+/// Inserts every candidate id; returns, aligned with `candidates`, whether it was new (claimed
+/// by this batch). A concurrent claim of the same id by another aggregator waits for that
+/// transaction and then counts as already claimed.
+async fn claim_ids(
+    tx: &mut PgConnection,
+    candidates: &[Candidate],
+) -> Result<Vec<bool>, StoreError> {
+    if candidates.is_empty() {
+        return Ok(Vec::new());
+    }
+    // Sorted, so that concurrent claimers lock index entries in the same order.
+    let mut order: Vec<usize> = (0..candidates.len()).collect();
+    order.sort_unstable_by(|&a, &b| {
+        let (a, b) = (&candidates[a], &candidates[b]);
+        (&a.event.id, a.day).cmp(&(&b.event.id, b.day))
+    });
+    let ids: Vec<&str> = order
+        .iter()
+        .map(|&i| candidates[i].event.id.as_str())
+        .collect();
+    let days: Vec<NaiveDate> = order.iter().map(|&i| candidates[i].day).collect();
+    let hashes: Vec<i64> = order.iter().map(|&i| candidates[i].payload_hash).collect();
+    let inserted: Vec<(String, NaiveDate)> = sqlx::query_as(
+        "INSERT INTO event_ids (id, event_day, payload_hash)
+         SELECT * FROM unnest($1::text[], $2::date[], $3::bigint[])
+         ON CONFLICT (id, event_day) DO NOTHING
+         RETURNING id, event_day",
+    )
+    .bind(&ids)
+    .bind(&days)
+    .bind(&hashes)
+    .fetch_all(&mut *tx)
+    .await?;
+    let inserted: HashSet<(&str, NaiveDate)> = inserted
+        .iter()
+        .map(|(id, day)| (id.as_str(), *day))
+        .collect();
+    Ok(candidates
+        .iter()
+        .map(|c| inserted.contains(&(c.event.id.as_str(), c.day)))
+        .collect())
+}
+
+/// Of the ids that were already claimed, those claimed with a different payload.
+async fn find_conflicts(
+    tx: &mut PgConnection,
+    candidates: &[Candidate],
+    claimed: &[bool],
+) -> Result<Vec<Reject>, StoreError> {
+    let seen: Vec<&Candidate> = candidates
+        .iter()
+        .zip(claimed)
+        .filter_map(|(c, &new)| (!new).then_some(c))
+        .collect();
+    if seen.is_empty() {
+        return Ok(Vec::new());
+    }
+    let ids: Vec<&str> = seen.iter().map(|c| c.event.id.as_str()).collect();
+    let days: Vec<NaiveDate> = seen.iter().map(|c| c.day).collect();
+    let stored: Vec<(String, NaiveDate, i64)> = sqlx::query_as(
+        "SELECT e.id, e.event_day, e.payload_hash
+         FROM unnest($1::text[], $2::date[]) AS s(id, event_day)
+         JOIN event_ids e ON e.id = s.id AND e.event_day = s.event_day",
+    )
+    .bind(&ids)
+    .bind(&days)
+    .fetch_all(&mut *tx)
+    .await?;
+    let stored: HashMap<(&str, NaiveDate), i64> = stored
+        .iter()
+        .map(|(id, day, hash)| ((id.as_str(), *day), *hash))
+        .collect();
+    Ok(seen
+        .into_iter()
+        .filter(|c| stored.get(&(c.event.id.as_str(), c.day)) != Some(&c.payload_hash))
+        .map(|c| Reject::of(c, conflict(&c.event.id)))
+        .collect())
+}
+
+/// The tables and the value merge rule for one granularity and aggregation.
+fn upsert_sql(granularity: Granularity, aggregation: Aggregation) -> String {
+    let (table, time_column, time_type) = match granularity {
+        Granularity::Minute => ("usage_minute", "window_start", "timestamptz"),
+        Granularity::Day => ("usage_daily", "day", "date"),
+    };
+    let (value, latest) = match aggregation {
+        Aggregation::Sum | Aggregation::Count | Aggregation::UniqueCount => {
+            ("w.value + excluded.value", "")
+        }
+        Aggregation::Max => ("GREATEST(w.value, excluded.value)", ""),
+        Aggregation::Latest => (
+            "CASE WHEN newer THEN excluded.value ELSE w.value END",
+            ", latest_at = CASE WHEN newer THEN excluded.latest_at ELSE w.latest_at END,
+               latest_id = CASE WHEN newer THEN excluded.latest_id ELSE w.latest_id END",
+        ),
+    };
+    let newer = "(excluded.latest_at, excluded.latest_id) > (w.latest_at, w.latest_id)";
+    format!(
+        "INSERT INTO {table} AS w (customer_id, meter, {time_column}, group_key, value, event_count,
+                                   latest_at, latest_id, first_updated, last_updated)
+         SELECT c, m, t, g, v, n, la, li, now(), now()
+         FROM unnest($1::text[], $2::text[], $3::{time_type}[], $4::text[], $5::numeric[],
+                     $6::bigint[], $7::timestamptz[], $8::text[]) AS u(c, m, t, g, v, n, la, li)
+         ON CONFLICT (customer_id, meter, {time_column}, group_key) DO UPDATE
+            SET value = {value}, event_count = w.event_count + excluded.event_count,
+                last_updated = excluded.last_updated{latest}"
+    )
+    .replace("newer", newer)
+}
+
+/// Upserts the deltas of one granularity: one statement per aggregation present (and, in the
+/// rare case a sum needed several partials, one more per extra partial).
+async fn upsert_windows(
+    tx: &mut PgConnection,
+    granularity: Granularity,
+    mut deltas: Vec<WindowDelta>,
+) -> Result<(), StoreError> {
+    add_new_unique_values(tx, granularity, &mut deltas).await?;
+    for aggregation in [
+        Aggregation::Sum,
+        Aggregation::Count,
+        Aggregation::Max,
+        Aggregation::Latest,
+        Aggregation::UniqueCount,
+    ] {
+        let mut rows: Vec<&WindowDelta> = deltas
+            .iter()
+            .filter(|d| d.aggregation == aggregation)
+            .collect();
+        let mut layer = 0;
+        while !rows.is_empty() {
+            upsert_rows(tx, granularity, aggregation, &rows, layer).await?;
+            layer += 1;
+            rows.retain(|d| d.partials.len() > layer);
+        }
+    }
+    Ok(())
+}
+
+async fn upsert_rows(
+    tx: &mut PgConnection,
+    granularity: Granularity,
+    aggregation: Aggregation,
+    rows: &[&WindowDelta],
+    layer: usize,
+) -> Result<(), StoreError> {
+    let customers: Vec<&str> = rows.iter().map(|d| d.key.customer.as_str()).collect();
+    let meters: Vec<&str> = rows.iter().map(|d| d.key.meter.as_str()).collect();
+    let groups: Vec<&str> = rows.iter().map(|d| d.key.group_key.as_str()).collect();
+    let values: Vec<Decimal> = rows
+        .iter()
+        .map(|d| d.partials.get(layer).copied().unwrap_or(Decimal::ZERO))
+        .collect();
+    // Later layers carry only a value; the event count was added with the first.
+    let counts: Vec<i64> = rows
+        .iter()
+        .map(|d| if layer == 0 { d.events } else { 0 })
+        .collect();
+    let latest_at: Vec<Option<DateTime<Utc>>> = rows
+        .iter()
+        .map(|d| d.latest.as_ref().map(|l| l.0))
+        .collect();
+    let latest_id: Vec<Option<&str>> = rows
+        .iter()
+        .map(|d| d.latest.as_ref().map(|l| l.1.as_str()))
+        .collect();
+    let sql = upsert_sql(granularity, aggregation);
+    let query = sqlx::query(&sql).bind(&customers).bind(&meters);
+    let query = match granularity {
+        Granularity::Minute => query.bind(rows.iter().map(|d| d.key.start).collect::<Vec<_>>()),
+        Granularity::Day => query.bind(
+            rows.iter()
+                .map(|d| d.key.start.date_naive())
+                .collect::<Vec<_>>(),
+        ),
+    };
+    query
+        .bind(&groups)
+        .bind(&values)
+        .bind(&counts)
+        .bind(&latest_at)
+        .bind(&latest_id)
+        .execute(&mut *tx)
+        .await?;
+    Ok(())
+}
+
+/// For `unique_count` deltas: records the batch's values and sets each delta's value to the
+/// number that were new to its window, so counts stay exact across batches.
+async fn add_new_unique_values(
+    tx: &mut PgConnection,
+    granularity: Granularity,
+    deltas: &mut [WindowDelta],
+) -> Result<(), StoreError> {
+    let mut customers = Vec::new();
+    let mut meters = Vec::new();
+    let mut starts = Vec::new();
+    let mut groups = Vec::new();
+    let mut values = Vec::new();
+    for delta in deltas
+        .iter()
+        .filter(|d| d.aggregation == Aggregation::UniqueCount)
+    {
+        for value in &delta.unique_values {
+            customers.push(delta.key.customer.as_str());
+            meters.push(delta.key.meter.as_str());
+            starts.push(delta.key.start);
+            groups.push(delta.key.group_key.as_str());
+            values.push(value.as_str());
+        }
+    }
+    if values.is_empty() {
+        return Ok(());
+    }
+    let sql = match granularity {
+        Granularity::Minute => {
+            "INSERT INTO usage_minute_values (customer_id, meter, window_start, group_key, value)
+             SELECT * FROM unnest($1::text[], $2::text[], $3::timestamptz[], $4::text[], $5::text[])
+             ON CONFLICT DO NOTHING
+             RETURNING customer_id, meter, window_start, group_key"
+        }
+        Granularity::Day => {
+            "INSERT INTO usage_daily_values (customer_id, meter, day, group_key, value)
+             SELECT c, m, (t AT TIME ZONE 'UTC')::date, g, v
+             FROM unnest($1::text[], $2::text[], $3::timestamptz[], $4::text[], $5::text[])
+                  AS u(c, m, t, g, v)
+             ON CONFLICT DO NOTHING
+             RETURNING customer_id, meter, day::timestamp AT TIME ZONE 'UTC', group_key"
+        }
+    };
+    let new: Vec<(String, String, DateTime<Utc>, String)> = sqlx::query_as(sql)
+        .bind(&customers)
+        .bind(&meters)
+        .bind(&starts)
+        .bind(&groups)
+        .bind(&values)
+        .fetch_all(&mut *tx)
+        .await?;
+    let mut new_per_window: HashMap<(String, String, DateTime<Utc>, String), i64> = HashMap::new();
+    for key in new {
+        *new_per_window.entry(key).or_default() += 1;
+    }
+    for delta in deltas
+        .iter_mut()
+        .filter(|d| d.aggregation == Aggregation::UniqueCount)
+    {
+        let key = (
+            delta.key.customer.clone(),
+            delta.key.meter.clone(),
+            delta.key.start,
+            delta.key.group_key.clone(),
+        );
+        let new = new_per_window.get(&key).copied().unwrap_or(0);
+        delta.partials = vec![Decimal::from(new)];
+    }
+    Ok(())
+}
+
+async fn insert_rejects(
+    tx: &mut PgConnection,
+    topic: &str,
+    rejects: &[Reject],
+) -> Result<(), StoreError> {
+    if rejects.is_empty() {
+        return Ok(());
+    }
+    let reasons: Vec<&str> = rejects.iter().map(|r| r.rejection.reason.code()).collect();
+    let details: Vec<&str> = rejects
+        .iter()
+        .map(|r| r.rejection.detail.as_str())
+        .collect();
+    let partitions: Vec<i32> = rejects.iter().map(|r| r.origin.partition).collect();
+    let offsets: Vec<i64> = rejects.iter().map(|r| r.origin.offset).collect();
+    let ids: Vec<Option<&str>> = rejects.iter().map(|r| r.event_id.as_deref()).collect();
+    let customers: Vec<Option<&str>> = rejects.iter().map(|r| r.customer.as_deref()).collect();
+    let meters: Vec<Option<&str>> = rejects.iter().map(|r| r.meter.as_deref()).collect();
+    let raws: Vec<&[u8]> = rejects.iter().map(|r| r.origin.raw.as_slice()).collect();
+    let keys: Vec<Option<&[u8]>> = rejects.iter().map(|r| r.origin.key.as_deref()).collect();
+    sqlx::query(
+        "INSERT INTO rejected_events
+            (reason, detail, topic, partition, \"offset\", event_id, customer_id, meter, raw,
+             kafka_key)
+         SELECT r, d, $10, p, o, i, c, m, b, k
+         FROM unnest($1::text[], $2::text[], $3::int[], $4::bigint[], $5::text[], $6::text[],
+                     $7::text[], $8::bytea[], $9::bytea[]) AS u(r, d, p, o, i, c, m, b, k)",
+    )
+    .bind(&reasons)
+    .bind(&details)
+    .bind(&partitions)
+    .bind(&offsets)
+    .bind(&ids)
+    .bind(&customers)
+    .bind(&meters)
+    .bind(&raws)
+    .bind(&keys)
+    .bind(topic)
+    .execute(&mut *tx)
+    .await?;
+    Ok(())
+}
+
+/// Stores the batch's next offsets, only where this aggregator's epoch is still current.
+async fn advance_offsets(
+    tx: &mut Transaction<'_, Postgres>,
+    batch: &Batch,
+    ownership: Ownership<'_>,
+) -> Result<(), StoreError> {
+    let mut partitions = Vec::new();
+    let mut offsets = Vec::new();
+    let mut epochs = Vec::new();
+    for (&partition, &next) in &batch.next_offsets {
+        let Some(&epoch) = ownership.epochs.get(&partition) else {
+            return Err(StoreError::Fenced {
+                topic: ownership.topic.into(),
+                partition,
+            });
+        };
+        partitions.push(partition);
+        offsets.push(next);
+        epochs.push(epoch);
+    }
+    let advanced: Vec<i32> = sqlx::query_scalar(
+        "UPDATE kafka_offsets o SET next_offset = u.next, updated_at = now()
+         FROM unnest($3::int[], $4::bigint[], $5::bigint[]) AS u(partition, next, epoch)
+         WHERE o.consumer_group = $1 AND o.topic = $2 AND o.partition = u.partition
+           AND o.owner_epoch = u.epoch
+         RETURNING o.partition",
+    )
+    .bind(ownership.group)
+    .bind(ownership.topic)
+    .bind(&partitions)
+    .bind(&offsets)
+    .bind(&epochs)
+    .fetch_all(&mut **tx)
+    .await?;
+    if let Some(&lost) = partitions.iter().find(|p| !advanced.contains(p)) {
+        return Err(StoreError::Fenced {
+            topic: ownership.topic.into(),
+            partition: lost,
+        });
+    }
+    Ok(())
+}
+
+/// Creates the `event_ids` day partitions a batch needs. Idempotent and safe to race: an
+/// advisory lock serializes aggregators doing this at once.
+pub(crate) async fn ensure_day_partitions(
+    pool: &PgPool,
+    days: &BTreeSet<NaiveDate>,
+) -> Result<(), StoreError> {
+    let mut tx = pool.begin().await?;
+    sqlx::query("SELECT pg_advisory_xact_lock(hashtext('tally.event_ids.partitions'))")
+        .execute(&mut *tx)
+        .await?;
+    for day in days {
+        let next = day.succ_opt().unwrap_or(*day);
+        let sql = format!(
+            "CREATE TABLE IF NOT EXISTS {} PARTITION OF event_ids FOR VALUES FROM ('{day}') TO ('{next}')",
+            partition_name(*day)
+        );
+        sqlx::query(&sql).execute(&mut *tx).await?;
+    }
+    tx.commit().await?;
+    Ok(())
+}
+
+fn partition_name(day: NaiveDate) -> String {
+    format!("event_ids_{}", day.format("%Y%m%d"))
+}
+
+/// Drops `event_ids` partitions of days before `keep_from` (older than the dedup retention)
+/// and minute unique-values past the lateness horizon. Returns the partitions dropped.
+pub(crate) async fn drop_expired(
+    pool: &PgPool,
+    keep_from: NaiveDate,
+    values_before: DateTime<Utc>,
+) -> Result<Vec<String>, StoreError> {
+    let partitions: Vec<String> = sqlx::query_scalar(
+        "SELECT c.relname::text FROM pg_inherits i
+         JOIN pg_class c ON c.oid = i.inhrelid
+         JOIN pg_class p ON p.oid = i.inhparent
+         WHERE p.relname = 'event_ids'",
+    )
+    .fetch_all(pool)
+    .await?;
+    let mut dropped = Vec::new();
+    for name in partitions {
+        let day = name
+            .strip_prefix("event_ids_")
+            .and_then(|d| NaiveDate::parse_from_str(d, "%Y%m%d").ok());
+        if day.is_some_and(|day| day < keep_from) {
+            sqlx::query(&format!("DROP TABLE IF EXISTS {name}"))
+                .execute(pool)
+                .await?;
+            dropped.push(name);
+        }
+    }
+    sqlx::query("DELETE FROM usage_minute_values WHERE window_start < $1")
+        .bind(values_before)
+        .execute(pool)
+        .await?;
+    Ok(dropped)
+}
+
+/// Records the configured meters. A meter whose aggregation, group_by or unique dimension
+/// differs from what its windows were built with is refused: mixing rules would corrupt them.
+pub(crate) async fn sync_meters(
+    pool: &PgPool,
+    meters: &[MeterDefinition],
+) -> Result<(), StoreError> {
+    let mut tx = pool.begin().await?;
+    for meter in meters {
+        let aggregation = aggregation_name(meter.aggregation);
+        let stored: Option<(String, Vec<String>, Option<String>)> = sqlx::query_as(
+            "SELECT aggregation, group_by, unique_dimension FROM meters WHERE name = $1 FOR UPDATE",
+        )
+        .bind(&meter.name)
+        .fetch_optional(&mut *tx)
+        .await?;
+        if let Some((stored_aggregation, group_by, unique_dimension)) = stored {
+            if stored_aggregation != aggregation
+                || group_by != meter.group_by
+                || unique_dimension != meter.unique_dimension
+            {
+                return Err(StoreError::MeterChanged(format!(
+                    "meter {:?} was recorded with aggregation={stored_aggregation}, group_by={group_by:?}, unique_dimension={unique_dimension:?}, but tally.toml now says aggregation={aggregation}, group_by={:?}, unique_dimension={:?}; its existing windows were built with the old rules, so define a new meter name instead of changing this one",
+                    meter.name, meter.group_by, meter.unique_dimension
+                )));
+            }
+        }
+        sqlx::query(
+            "INSERT INTO meters (name, aggregation, group_by, unique_dimension, stripe_event_name)
+             VALUES ($1, $2, $3, $4, $5)
+             ON CONFLICT (name) DO UPDATE
+                SET stripe_event_name = excluded.stripe_event_name, updated_at = now()",
+        )
+        .bind(&meter.name)
+        .bind(aggregation)
+        .bind(&meter.group_by)
+        .bind(&meter.unique_dimension)
+        .bind(meter.stripe_event_name())
+        .execute(&mut *tx)
+        .await?;
+    }
+    tx.commit().await?;
+    Ok(())
+}
+
+fn aggregation_name(aggregation: Aggregation) -> &'static str {
+    match aggregation {
+        Aggregation::Sum => "sum",
+        Aggregation::Count => "count",
+        Aggregation::Max => "max",
+        Aggregation::Latest => "latest",
+        Aggregation::UniqueCount => "unique_count",
+    }
+}
+
+/// A rejected event whose DLQ copy is not yet acknowledged.
+#[derive(Debug, sqlx::FromRow)]
+pub(crate) struct PendingDlq {
+    pub(crate) rejection_id: i64,
+    pub(crate) reason: String,
+    pub(crate) detail: String,
+    pub(crate) topic: String,
+    pub(crate) partition: i32,
+    pub(crate) offset: i64,
+    pub(crate) raw: Vec<u8>,
+    pub(crate) kafka_key: Option<Vec<u8>>,
+}
+
+/// Locks up to `limit` rejected events not yet on the DLQ topic (skipping rows another
+/// aggregator is publishing). Publish them, then [`mark_dlq_published`] in the same transaction.
+pub(crate) async fn lock_pending_dlq(
+    tx: &mut PgConnection,
+    limit: i64,
+) -> Result<Vec<PendingDlq>, StoreError> {
+    Ok(sqlx::query_as(
+        "SELECT rejection_id, reason, detail, topic, partition, \"offset\", raw, kafka_key
+         FROM rejected_events WHERE dlq_published_at IS NULL
+         ORDER BY rejection_id LIMIT $1 FOR UPDATE SKIP LOCKED",
+    )
+    .bind(limit)
+    .fetch_all(&mut *tx)
+    .await?)
+}
+
+pub(crate) async fn mark_dlq_published(
+    tx: &mut PgConnection,
+    rejection_ids: &[i64],
+) -> Result<(), StoreError> {
+    sqlx::query("UPDATE rejected_events SET dlq_published_at = now() WHERE rejection_id = ANY($1)")
+        .bind(rejection_ids)
+        .execute(&mut *tx)
+        .await?;
+    Ok(())
+}

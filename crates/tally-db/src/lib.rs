@@ -1,0 +1,74 @@
+//! Postgres for tally. Every stage connects through [`connect`], so an unreachable or
+//! misconfigured database gives the same clear error everywhere, and the schema lives in one
+//! place: the versioned SQL files in the top-level `migrations/`, embedded here.
+
+use std::time::Duration;
+
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use sqlx::PgPool;
+
+pub mod testing;
+
+/// The schema, from `migrations/`. Applied by `tally migrate` (and by stages when asked).
+pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../../migrations");
+
+/// Why tally could not use the database. Each message names the cause and the fix.
+#[derive(Debug, thiserror::Error)]
+pub enum DbError {
+    #[error("database.url is not set; pass --database-url, set DATABASE_URL, or set url under [database] in tally.toml")]
+    NotConfigured,
+    #[error("database.url is not a valid Postgres URL ({0}); expected postgres://user:password@host:5432/dbname")]
+    BadUrl(sqlx::Error),
+    #[error("cannot reach Postgres at {target}: {source}; check that the server is running and that database.url is right")]
+    Unreachable { target: String, source: sqlx::Error },
+    #[error("the database schema is not up to date ({0}); run `tally migrate`")]
+    Migration(#[from] sqlx::migrate::MigrateError),
+}
+
+/// Connects a pool of up to `max_connections`, failing within `timeout` with a clear error.
+pub async fn connect(
+    url: &str,
+    max_connections: u32,
+    timeout: Duration,
+) -> Result<PgPool, DbError> {
+    if url.trim().is_empty() {
+        return Err(DbError::NotConfigured);
+    }
+    let options: PgConnectOptions = url.parse().map_err(DbError::BadUrl)?;
+    let target = format!(
+        "{}:{}/{}",
+        options.get_host(),
+        options.get_port(),
+        options.get_database().unwrap_or("(default database)")
+    );
+    PgPoolOptions::new()
+        .max_connections(max_connections)
+        .acquire_timeout(timeout)
+        .connect_with(options)
+        .await
+        .map_err(|source| DbError::Unreachable { target, source })
+}
+
+/// Applies every pending migration.
+pub async fn migrate(pool: &PgPool) -> Result<(), DbError> {
+    MIGRATOR.run(pool).await?;
+    Ok(())
+}
+
+/// True when the error means "try again" (connection lost, serialization failure, deadlock,
+/// a concurrent insert of the same key) rather than a bug or a bad schema.
+pub fn is_retryable(error: &sqlx::Error) -> bool {
+    match error {
+        sqlx::Error::Io(_)
+        | sqlx::Error::PoolTimedOut
+        | sqlx::Error::PoolClosed
+        | sqlx::Error::WorkerCrashed => true,
+        sqlx::Error::Database(db) => matches!(
+            db.code().as_deref(),
+            // serialization_failure, deadlock_detected, unique_violation (a concurrent claim),
+            // admin_shutdown / crash_shutdown / cannot_connect_now (server restarting).
+            Some("40001" | "40P01" | "23505" | "57P01" | "57P02" | "57P03")
+        ),
+        _ => false,
+    }
+}
