@@ -25,7 +25,7 @@ use tokio_util::sync::CancellationToken;
 use crate::batch::{Batch, Message, Rules};
 use crate::config::AggregatorConfig;
 use crate::kafka::{self, AggregatorContext};
-use crate::store::{self, Ownership, StoreError};
+use crate::store::{self, Epochs, Ownership, StoreError};
 use crate::telemetry::{self, BatchReport};
 
 /// How long Kafka may take to answer the start-up metadata request.
@@ -172,26 +172,29 @@ impl Aggregator {
         tracing::info!(group = %self.config.group_id, topic = %self.kafka.topic, owner = %self.owner, ?mode, "aggregator started");
 
         let started = Instant::now();
-        let mut summary = RunSummary::default();
-        let mut batch = Batch::default();
-        // Per owned partition: the next offset to accept (older messages are stale).
-        let mut positions: HashMap<i32, i64> = HashMap::new();
-        // --once: per partition, the end offset seen when it was assigned.
-        let mut targets: HashMap<i32, i64> = HashMap::new();
+        let lanes = self.config.parallel_commits;
+        let mut run = RunState {
+            lanes: (0..lanes).map(|_| Lane::default()).collect(),
+            positions: HashMap::new(),
+            targets: HashMap::new(),
+            summary: RunSummary::default(),
+        };
         let mut assigned_once = false;
         let mut last_maintenance = Instant::now();
 
         while !stop.is_cancelled() {
-            let wait = batch.opened.map_or(self.config.batch_max_wait, |opened| {
-                self.config.batch_max_wait.saturating_sub(opened.elapsed())
-            });
-            let polled = consumer.poll(wait.min(Duration::from_millis(100)));
+            let polled = consumer.poll(self.poll_wait(&run));
             let context = consumer.context();
             if context.take_rebalanced() {
-                // Eager protocol: everything in the batch belonged to the revoked assignment.
-                batch = Batch::default();
+                // Commits in flight finish (or are fenced: the new assignment bumped every
+                // epoch). Eager protocol: everything being built belonged to the revoked
+                // assignment, so it is dropped and consumed again from the stored offsets.
+                self.settle(&consumer, &dlq, &mut run, mode, stop)?;
+                for lane in &mut run.lanes {
+                    lane.building = Batch::default();
+                }
                 assigned_once = true;
-                positions = self.start_positions(&consumer, mode, &mut targets);
+                run.positions = self.start_positions(&consumer, mode, &mut run.targets);
                 if let Some(failure) = context.take_failure() {
                     return Err(failure.into());
                 }
@@ -200,11 +203,12 @@ impl Aggregator {
                 match message {
                     Ok(m) => {
                         let partition = m.partition();
-                        let fresh = positions
+                        let fresh = run
+                            .positions
                             .get(&partition)
                             .is_some_and(|&next| m.offset() >= next);
                         if fresh {
-                            positions.insert(partition, m.offset() + 1);
+                            run.positions.insert(partition, m.offset() + 1);
                             let message = Message {
                                 partition,
                                 offset: m.offset(),
@@ -212,27 +216,18 @@ impl Aggregator {
                                 payload: m.payload(),
                                 timestamp_ms: m.timestamp().to_millis(),
                             };
-                            batch.push(message, &self.rules, Utc::now());
+                            run.lanes[lane_of(partition, lanes)].building.push(
+                                message,
+                                &self.rules,
+                                Utc::now(),
+                            );
                         }
                     }
                     Err(e) => tracing::warn!(error = %e, "Kafka consumer error"),
                 }
             }
-            let full = batch.consumed as usize >= self.config.batch_max_events
-                || batch.bytes >= self.config.batch_max_bytes;
-            let due = batch
-                .opened
-                .is_some_and(|opened| opened.elapsed() >= self.config.batch_max_wait);
-            if full || due {
-                self.commit(
-                    &consumer,
-                    &dlq,
-                    std::mem::take(&mut batch),
-                    mode,
-                    stop,
-                    &mut summary,
-                    &mut positions,
-                )?;
+            for lane in 0..lanes {
+                self.advance(lane, false, &consumer, &dlq, &mut run, mode, stop)?;
             }
             if last_maintenance.elapsed() >= MAINTENANCE_INTERVAL {
                 self.maintain()?;
@@ -243,72 +238,176 @@ impl Aggregator {
                     return Err(AggregatorError::NoAssignment(ASSIGNMENT_TIMEOUT));
                 }
                 let drained = assigned_once
-                    && positions
+                    && run
+                        .positions
                         .iter()
-                        .all(|(p, next)| targets.get(p).is_none_or(|end| next >= end));
+                        .all(|(p, next)| run.targets.get(p).is_none_or(|end| next >= end));
                 if drained {
                     break;
                 }
             }
         }
-        if !batch.is_empty() {
-            self.commit(
-                &consumer,
-                &dlq,
-                batch,
-                mode,
-                stop,
-                &mut summary,
-                &mut positions,
-            )?;
+        // Finish: commit what is being built, and wait for every commit.
+        for lane in 0..lanes {
+            self.advance(lane, true, &consumer, &dlq, &mut run, mode, stop)?;
         }
+        self.settle(&consumer, &dlq, &mut run, mode, stop)?;
+        // Leave the group now (serving the revoke), so the others take over at once rather
+        // than after the session timeout.
         consumer.unsubscribe();
-        tracing::info!(?summary, "aggregator stopped");
-        Ok(summary)
+        let leaving = Instant::now();
+        while leaving.elapsed() < Duration::from_secs(2) && !consumer.context().take_rebalanced() {
+            let _ = consumer.poll(Duration::from_millis(50));
+        }
+        tracing::info!(summary = ?run.summary, "aggregator stopped");
+        Ok(run.summary)
     }
 
-    /// Commits one batch, retrying what can be retried. A fenced batch is dropped and the
-    /// consumer rewound to the stored offsets.
+    /// How long `poll` may wait: until the oldest batch being built is due, at most 100 ms.
+    fn poll_wait(&self, run: &RunState) -> Duration {
+        let oldest = run.lanes.iter().filter_map(|l| l.building.opened).min();
+        let wait = oldest.map_or(self.config.batch_max_wait, |opened| {
+            self.config.batch_max_wait.saturating_sub(opened.elapsed())
+        });
+        wait.min(Duration::from_millis(100))
+    }
+
+    /// Moves one lane along: takes in a finished commit, and launches the batch being built
+    /// once it is full or due (`finish`: now), waiting for the lane's previous commit first.
     #[allow(clippy::too_many_arguments)]
-    fn commit(
+    fn advance(
+        &self,
+        lane: usize,
+        finish: bool,
+        consumer: &BaseConsumer<AggregatorContext>,
+        dlq: &FutureProducer,
+        run: &mut RunState,
+        mode: Mode,
+        stop: &CancellationToken,
+    ) -> Result<(), AggregatorError> {
+        self.reap(lane, false, consumer, dlq, run, mode, stop)?;
+        let batch = &run.lanes[lane].building;
+        if batch.is_empty() {
+            return Ok(());
+        }
+        let full = batch.consumed as usize >= self.config.batch_max_events
+            || batch.bytes >= self.config.batch_max_bytes;
+        let due = batch
+            .opened
+            .is_some_and(|opened| opened.elapsed() >= self.config.batch_max_wait);
+        if !(full || due || finish) {
+            return Ok(());
+        }
+        if run.lanes[lane].in_flight.is_some() {
+            if !(full || finish) {
+                // Keep filling while the previous batch commits: bigger batches catch up.
+                return Ok(());
+            }
+            // Backpressure: a full batch waits for its lane.
+            self.reap(lane, true, consumer, dlq, run, mode, stop)?;
+            if run.lanes[lane].building.is_empty() {
+                return Ok(()); // dropped by a fenced commit
+            }
+        }
+        let batch = std::mem::take(&mut run.lanes[lane].building);
+        self.ensure_partitions(&batch.days())?;
+        self.step(Step::BeforeCommit);
+        // The batch is bound to the epochs its messages were consumed under: if a rebalance
+        // bumps them before it commits, it is fenced rather than applied late.
+        let epochs = consumer.context().epochs();
+        run.lanes[lane].in_flight = Some(self.launch(batch, epochs, 0));
+        Ok(())
+    }
+
+    /// Starts a batch's transaction on the runtime, after a backoff when it is a retry.
+    fn launch(&self, batch: Batch, epochs: Epochs, attempt: u32) -> InFlight {
+        let pool = self.pool.clone();
+        let group = self.config.group_id.clone();
+        let topic = self.kafka.topic.clone();
+        let task_epochs = epochs.clone();
+        let backoff = if attempt == 0 {
+            Duration::ZERO
+        } else {
+            (Duration::from_millis(100) * 2u32.pow(attempt.min(7))).min(Duration::from_secs(10))
+        };
+        let task = self.runtime.spawn(async move {
+            tokio::time::sleep(backoff).await;
+            let ownership = Ownership {
+                group: &group,
+                topic: &topic,
+                epochs: &task_epochs,
+            };
+            let result = store::commit_batch(&pool, &batch, ownership).await;
+            (batch, result)
+        });
+        InFlight {
+            task,
+            epochs,
+            attempt,
+        }
+    }
+
+    /// Waits for every lane's commit.
+    fn settle(
         &self,
         consumer: &BaseConsumer<AggregatorContext>,
         dlq: &FutureProducer,
-        batch: Batch,
+        run: &mut RunState,
         mode: Mode,
         stop: &CancellationToken,
-        summary: &mut RunSummary,
-        positions: &mut HashMap<i32, i64>,
     ) -> Result<(), AggregatorError> {
-        self.ensure_partitions(&batch.days())?;
-        self.step(Step::BeforeCommit);
-        let epochs = consumer.context().epochs();
-        let ownership = Ownership {
-            group: &self.config.group_id,
-            topic: &self.kafka.topic,
-            epochs: &epochs,
-        };
-        let mut attempt = 0;
-        let mut backoff = Duration::from_millis(100);
-        let report = loop {
-            match self
+        for lane in 0..run.lanes.len() {
+            self.reap(lane, true, consumer, dlq, run, mode, stop)?;
+        }
+        Ok(())
+    }
+
+    /// Takes in a lane's commit if it finished (or, with `block`, once it finishes): notifies
+    /// on success, retries what can be retried, and on fencing drops the lane's work and
+    /// rewinds its partitions to the stored offsets.
+    #[allow(clippy::too_many_arguments)]
+    fn reap(
+        &self,
+        lane: usize,
+        block: bool,
+        consumer: &BaseConsumer<AggregatorContext>,
+        dlq: &FutureProducer,
+        run: &mut RunState,
+        mode: Mode,
+        stop: &CancellationToken,
+    ) -> Result<(), AggregatorError> {
+        loop {
+            let Some(in_flight) = run.lanes[lane].in_flight.take() else {
+                return Ok(());
+            };
+            if !block && !in_flight.task.is_finished() {
+                run.lanes[lane].in_flight = Some(in_flight);
+                return Ok(());
+            }
+            let (batch, result) = self
                 .runtime
-                .block_on(store::commit_batch(&self.pool, &batch, ownership))
-            {
-                Ok(report) => break report,
+                .block_on(in_flight.task)
+                .map_err(|e| AggregatorError::Config(format!("batch commit task failed: {e}")))?;
+            match result {
+                Ok(report) => {
+                    self.notify(consumer, dlq, &batch, &report, &mut run.summary);
+                    return Ok(());
+                }
                 Err(StoreError::Fenced { topic, partition }) => {
                     tracing::warn!(%topic, partition, "batch fenced: another aggregator took the partition; rolled back");
                     telemetry::record_fenced();
-                    summary.fenced += 1;
+                    run.summary.fenced += 1;
                     consumer.context().disown(partition);
-                    positions.remove(&partition);
-                    self.rewind(consumer, positions)?;
+                    run.positions.remove(&partition);
+                    run.lanes[lane].building = Batch::default();
+                    let lanes = run.lanes.len();
+                    self.rewind(consumer, &mut run.positions, |p| lane_of(p, lanes) == lane)?;
                     return Ok(());
                 }
                 Err(StoreError::Retryable(e)) => {
-                    attempt += 1;
+                    let attempt = in_flight.attempt + 1;
                     if stop.is_cancelled() {
-                        // The batch is not lost: nothing was stored, Kafka still has it.
+                        // Not lost: nothing was stored, and Kafka still has the events.
                         tracing::warn!(error = %e, "stopping with an uncommitted batch; it will be consumed again");
                         return Ok(());
                     }
@@ -317,15 +416,26 @@ impl Aggregator {
                     }
                     tracing::warn!(error = %e, attempt, "batch commit failed; retrying");
                     telemetry::record_retry();
-                    std::thread::sleep(backoff);
-                    backoff = (backoff * 2).min(Duration::from_secs(10));
+                    run.lanes[lane].in_flight = Some(self.launch(batch, in_flight.epochs, attempt));
+                    if !block {
+                        return Ok(());
+                    }
                 }
                 Err(e) => return Err(e.into()),
             }
-        };
-        self.step(Step::AfterCommit);
+        }
+    }
 
-        // Informational: lets standard Kafka lag tools see the group's progress.
+    /// After a commit: tell Kafka (for lag tools), copy rejects to the DLQ, record metrics.
+    fn notify(
+        &self,
+        consumer: &BaseConsumer<AggregatorContext>,
+        dlq: &FutureProducer,
+        batch: &Batch,
+        report: &BatchReport,
+        summary: &mut RunSummary,
+    ) {
+        self.step(Step::AfterCommit);
         let mut committed = TopicPartitionList::new();
         for (&partition, &next) in &batch.next_offsets {
             let _ =
@@ -338,11 +448,9 @@ impl Aggregator {
             self.publish_dlq(dlq);
         }
         self.step(Step::AfterNotify);
-
-        let now_ms = Utc::now().timestamp_millis();
-        telemetry::record_batch(&report, &batch.timestamps_ms, now_ms);
+        telemetry::record_batch(report, &batch.timestamps_ms, Utc::now().timestamp_millis());
         if let Some(on_commit) = &self.hooks.on_commit {
-            on_commit(&report, &batch.timestamps_ms);
+            on_commit(report, &batch.timestamps_ms);
         }
         summary.batches += 1;
         summary.consumed += report.consumed;
@@ -358,7 +466,6 @@ impl Aggregator {
             transaction_ms = report.transaction.as_millis() as u64,
             "batch committed"
         );
-        Ok(())
     }
 
     /// After a rebalance: where each owned partition resumes, and (for `--once`) where it ends.
@@ -394,13 +501,20 @@ impl Aggregator {
         positions
     }
 
-    /// Seeks every owned partition back to its stored offset (after a rolled-back batch).
+    /// Seeks the owned partitions `which` selects back to their stored offsets (after a
+    /// rolled-back batch).
     fn rewind(
         &self,
         consumer: &BaseConsumer<AggregatorContext>,
         positions: &mut HashMap<i32, i64>,
+        which: impl Fn(i32) -> bool,
     ) -> Result<(), AggregatorError> {
-        let owned: Vec<i32> = consumer.context().epochs().into_keys().collect();
+        let owned: Vec<i32> = consumer
+            .context()
+            .epochs()
+            .into_keys()
+            .filter(|&p| which(p))
+            .collect();
         let stored = self.runtime.block_on(store::stored_offsets(
             &self.pool,
             &self.config.group_id,
@@ -497,6 +611,35 @@ impl Aggregator {
             on_step(step);
         }
     }
+}
+
+/// The state of one `run`.
+struct RunState {
+    lanes: Vec<Lane>,
+    /// Per owned partition: the next offset to accept (older messages are stale).
+    positions: HashMap<i32, i64>,
+    /// `--once`: per partition, the end offset seen when it was assigned.
+    targets: HashMap<i32, i64>,
+    summary: RunSummary,
+}
+
+/// The partitions with `partition % lanes == lane`. A lane commits its batches one at a time,
+/// in order (so each partition's stored offset only moves forward), while the other lanes
+/// commit theirs at the same time on other connections: Postgres gets more than one core.
+#[derive(Default)]
+struct Lane {
+    building: Batch,
+    in_flight: Option<InFlight>,
+}
+
+struct InFlight {
+    task: tokio::task::JoinHandle<(Batch, Result<BatchReport, StoreError>)>,
+    epochs: Epochs,
+    attempt: u32,
+}
+
+fn lane_of(partition: i32, lanes: usize) -> usize {
+    partition.unsigned_abs() as usize % lanes
 }
 
 fn hostname() -> String {

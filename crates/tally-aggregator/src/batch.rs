@@ -383,18 +383,28 @@ pub(crate) fn fold<'a>(
     claimed: impl IntoIterator<Item = &'a Candidate>,
     granularity: Granularity,
 ) -> Vec<WindowDelta> {
-    let mut windows: HashMap<WindowKey, WindowDelta> = HashMap::new();
+    // Keyed by borrowed strings: the owned key is built once per window, not per event.
+    let mut windows: HashMap<(&str, &str, DateTime<Utc>, &str), WindowDelta> = HashMap::new();
     for candidate in claimed {
         let event = &candidate.event;
-        let key = WindowKey {
-            customer: event.customer.clone(),
-            meter: event.meter.clone(),
-            start: granularity.start(event.timestamp),
-            group_key: candidate.group_key.clone(),
-        };
+        let start = granularity.start(event.timestamp);
+        let key = (
+            event.customer.as_str(),
+            event.meter.as_str(),
+            start,
+            candidate.group_key.as_str(),
+        );
         windows
             .entry(key)
-            .or_insert_with_key(|key| WindowDelta::new(key.clone(), candidate.aggregation))
+            .or_insert_with(|| {
+                let key = WindowKey {
+                    customer: event.customer.clone(),
+                    meter: event.meter.clone(),
+                    start,
+                    group_key: candidate.group_key.clone(),
+                };
+                WindowDelta::new(key, candidate.aggregation)
+            })
             .add(candidate);
     }
     let mut deltas: Vec<WindowDelta> = windows.into_values().collect();

@@ -18,6 +18,9 @@ pub struct AggregatorConfig {
     /// ...or when its first event has waited this long (bounds freshness).
     #[serde(with = "humantime_serde")]
     pub batch_max_wait: Duration,
+    /// Batches committed at once, each over its own share of the partitions (its lane), on
+    /// its own Postgres connection.
+    pub parallel_commits: usize,
     /// Events whose timestamp is older than this are refused as `too_late`.
     #[serde(with = "humantime_serde")]
     pub lateness_horizon: Duration,
@@ -35,6 +38,7 @@ impl Default for AggregatorConfig {
             batch_max_events: 100_000,
             batch_max_bytes: 64 * 1024 * 1024,
             batch_max_wait: Duration::from_millis(200),
+            parallel_commits: 2,
             lateness_horizon: Duration::from_secs(35 * 86_400),
             dedup_retention: Duration::from_secs(35 * 86_400),
         }
@@ -53,6 +57,9 @@ impl AggregatorConfig {
             return Err(
                 "aggregator.batch_max_events and batch_max_bytes must be at least 1".into(),
             );
+        }
+        if self.parallel_commits == 0 || self.parallel_commits > 16 {
+            return Err("aggregator.parallel_commits must be 1 to 16".into());
         }
         if self.batch_max_wait.is_zero() {
             return Err("aggregator.batch_max_wait must be more than 0, e.g. \"200ms\"".into());

@@ -2,7 +2,7 @@
 //! invariants 1 and 2 rest on: claim ids, add windows, update the daily rollup, record rejects,
 //! advance the stored offsets, all or nothing.
 
-use std::collections::{BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeSet, HashMap};
 use std::time::Instant;
 
 use chrono::{DateTime, NaiveDate, Utc};
@@ -103,8 +103,7 @@ pub(crate) async fn commit_batch(
     let started = Instant::now();
     let mut tx = pool.begin().await?;
 
-    let claimed = claim_ids(&mut tx, &batch.candidates).await?;
-    let conflicts = find_conflicts(&mut tx, &batch.candidates, &claimed).await?;
+    let (claimed, conflicts) = claim_ids(&mut tx, &batch.candidates).await?;
     let counted: Vec<&Candidate> = batch
         .candidates
         .iter()
@@ -113,7 +112,8 @@ pub(crate) async fn commit_batch(
         .collect();
     let minutes = fold(counted.iter().copied(), Granularity::Minute);
     let days = fold(counted.iter().copied(), Granularity::Day);
-    upsert_windows(&mut tx, Granularity::Minute, minutes.clone()).await?;
+    let windows = minutes.len() as u64;
+    upsert_windows(&mut tx, Granularity::Minute, minutes).await?;
     upsert_windows(&mut tx, Granularity::Day, days).await?;
 
     let mut rejects = batch.rejects.clone();
@@ -129,7 +129,7 @@ pub(crate) async fn commit_batch(
         counted: counted.len() as u64,
         duplicates,
         rejected: count_by_reason(&rejects),
-        windows: minutes.len() as u64,
+        windows,
         oldest_append_ms: batch.timestamps_ms.iter().min().copied(),
         newest_append_ms: batch.timestamps_ms.iter().max().copied(),
         transaction: started.elapsed(),
@@ -152,17 +152,22 @@ fn count_by_reason(rejects: &[Reject]) -> Vec<(RejectReason, u64)> {
     counts
 }
 
-/// Inserts every candidate id; returns, aligned with `candidates`, whether it was new (claimed
-/// by this batch). A concurrent claim of the same id by another aggregator waits for that
-/// transaction and then counts as already claimed.
+/// Claims the candidates' ids. Returns, aligned with `candidates`, whether each was new (and
+/// is now claimed by this transaction), plus the rejects for ids already claimed with another
+/// payload.
+///
+/// Looking the ids up first and then inserting only the new ones is about twice as fast as
+/// `INSERT .. ON CONFLICT DO NOTHING RETURNING`. If another aggregator claims one of the same
+/// ids in between (only possible while a rebalance hands a partition over), the insert fails
+/// with a unique violation, the transaction rolls back, and the batch is retried.
 async fn claim_ids(
     tx: &mut PgConnection,
     candidates: &[Candidate],
-) -> Result<Vec<bool>, StoreError> {
+) -> Result<(Vec<bool>, Vec<Reject>), StoreError> {
     if candidates.is_empty() {
-        return Ok(Vec::new());
+        return Ok((Vec::new(), Vec::new()));
     }
-    // Sorted, so that concurrent claimers lock index entries in the same order.
+    // Sorted, so that the index is probed and extended in order.
     let mut order: Vec<usize> = (0..candidates.len()).collect();
     order.sort_unstable_by(|&a, &b| {
         let (a, b) = (&candidates[a], &candidates[b]);
@@ -173,62 +178,55 @@ async fn claim_ids(
         .map(|&i| candidates[i].event.id.as_str())
         .collect();
     let days: Vec<NaiveDate> = order.iter().map(|&i| candidates[i].day).collect();
-    let hashes: Vec<i64> = order.iter().map(|&i| candidates[i].payload_hash).collect();
-    let inserted: Vec<(String, NaiveDate)> = sqlx::query_as(
-        "INSERT INTO event_ids (id, event_day, payload_hash)
-         SELECT * FROM unnest($1::text[], $2::date[], $3::bigint[])
-         ON CONFLICT (id, event_day) DO NOTHING
-         RETURNING id, event_day",
-    )
-    .bind(&ids)
-    .bind(&days)
-    .bind(&hashes)
-    .fetch_all(&mut *tx)
-    .await?;
-    let inserted: HashSet<(&str, NaiveDate)> = inserted
+    let distinct_days: Vec<NaiveDate> = candidates
         .iter()
-        .map(|(id, day)| (id.as_str(), *day))
+        .map(|c| c.day)
+        .collect::<BTreeSet<_>>()
+        .into_iter()
         .collect();
-    Ok(candidates
-        .iter()
-        .map(|c| inserted.contains(&(c.event.id.as_str(), c.day)))
-        .collect())
-}
-
-/// Of the ids that were already claimed, those claimed with a different payload.
-async fn find_conflicts(
-    tx: &mut PgConnection,
-    candidates: &[Candidate],
-    claimed: &[bool],
-) -> Result<Vec<Reject>, StoreError> {
-    let seen: Vec<&Candidate> = candidates
-        .iter()
-        .zip(claimed)
-        .filter_map(|(c, &new)| (!new).then_some(c))
-        .collect();
-    if seen.is_empty() {
-        return Ok(Vec::new());
-    }
-    let ids: Vec<&str> = seen.iter().map(|c| c.event.id.as_str()).collect();
-    let days: Vec<NaiveDate> = seen.iter().map(|c| c.day).collect();
+    // `event_day = ANY` prunes to the batch's day partitions; exact (id, day) pairs are matched
+    // below.
     let stored: Vec<(String, NaiveDate, i64)> = sqlx::query_as(
-        "SELECT e.id, e.event_day, e.payload_hash
-         FROM unnest($1::text[], $2::date[]) AS s(id, event_day)
-         JOIN event_ids e ON e.id = s.id AND e.event_day = s.event_day",
+        "SELECT id, event_day, payload_hash FROM event_ids
+         WHERE event_day = ANY($2) AND id = ANY($1)",
     )
     .bind(&ids)
-    .bind(&days)
+    .bind(&distinct_days)
     .fetch_all(&mut *tx)
     .await?;
     let stored: HashMap<(&str, NaiveDate), i64> = stored
         .iter()
         .map(|(id, day, hash)| ((id.as_str(), *day), *hash))
         .collect();
-    Ok(seen
-        .into_iter()
-        .filter(|c| stored.get(&(c.event.id.as_str(), c.day)) != Some(&c.payload_hash))
-        .map(|c| Reject::of(c, conflict(&c.event.id)))
-        .collect())
+
+    let mut new = vec![false; candidates.len()];
+    let mut conflicts = Vec::new();
+    let (mut new_ids, mut new_days, mut new_hashes) = (Vec::new(), Vec::new(), Vec::new());
+    for (position, &i) in order.iter().enumerate() {
+        let candidate = &candidates[i];
+        match stored.get(&(ids[position], days[position])) {
+            None => {
+                new[i] = true;
+                new_ids.push(ids[position]);
+                new_days.push(days[position]);
+                new_hashes.push(candidate.payload_hash);
+            }
+            Some(&hash) if hash == candidate.payload_hash => {}
+            Some(_) => conflicts.push(Reject::of(candidate, conflict(&candidate.event.id))),
+        }
+    }
+    if !new_ids.is_empty() {
+        sqlx::query(
+            "INSERT INTO event_ids (id, event_day, payload_hash)
+             SELECT * FROM unnest($1::text[], $2::date[], $3::bigint[])",
+        )
+        .bind(&new_ids)
+        .bind(&new_days)
+        .bind(&new_hashes)
+        .execute(&mut *tx)
+        .await?;
+    }
+    Ok((new, conflicts))
 }
 
 /// The tables and the value merge rule for one granularity and aggregation.

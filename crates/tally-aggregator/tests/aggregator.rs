@@ -169,11 +169,15 @@ fn event(id: &str, customer: &str, meter: &str, quantity: &str, at: DateTime<Utc
         .at(at)
 }
 
+/// A window's key (customer, meter, minute, group key) and its (value, event count).
+type WindowKey = (String, String, DateTime<Utc>, String);
+type Windows = BTreeMap<WindowKey, (Decimal, i64)>;
+
 /// What the windows must hold: per (customer, meter, minute, group key), the sum of quantities
 /// and the event count, computed from the events alone.
 #[derive(Default)]
 struct Expected {
-    windows: BTreeMap<(String, String, DateTime<Utc>, String), (Decimal, i64)>,
+    windows: Windows,
 }
 
 impl Expected {
@@ -197,10 +201,7 @@ impl Expected {
 
 type WindowRow = (String, String, DateTime<Utc>, String, Decimal, i64);
 
-fn windows(
-    h: &Harness,
-    meter_filter: &str,
-) -> BTreeMap<(String, String, DateTime<Utc>, String), (Decimal, i64)> {
+fn windows(h: &Harness, meter_filter: &str) -> Windows {
     let rows: Vec<WindowRow> = h.query(&format!(
         "SELECT customer_id, meter, window_start, group_key, value, event_count FROM usage_minute
          WHERE meter IN ({meter_filter})"
@@ -210,9 +211,7 @@ fn windows(
         .collect()
 }
 
-fn normalized(
-    expected: &Expected,
-) -> BTreeMap<(String, String, DateTime<Utc>, String), (Decimal, i64)> {
+fn normalized(expected: &Expected) -> Windows {
     expected
         .windows
         .iter()
@@ -449,6 +448,7 @@ fn late_events_land_in_their_own_minute_and_bump_last_updated() {
     ));
     h.flush();
     h.run_once();
+    #[allow(clippy::type_complexity)]
     let after: Vec<(DateTime<Utc>, Decimal, DateTime<Utc>, DateTime<Utc>)> = h.query(
         "SELECT window_start, value, first_updated, last_updated FROM usage_minute ORDER BY window_start",
     );
@@ -657,7 +657,7 @@ fn crash_child() {
         x ^= x >> 7;
         x ^= x << 17;
         state.store(x, Ordering::Relaxed);
-        if x % 12 == 0 {
+        if x.is_multiple_of(12) {
             std::process::abort();
         }
     };

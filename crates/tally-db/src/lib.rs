@@ -19,10 +19,12 @@ pub enum DbError {
     NotConfigured,
     #[error("database.url is not a valid Postgres URL ({0}); expected postgres://user:password@host:5432/dbname")]
     BadUrl(sqlx::Error),
-    #[error("cannot reach Postgres at {target}: {source}; check that the server is running and that database.url is right")]
-    Unreachable { target: String, source: sqlx::Error },
-    #[error("the database schema is not up to date ({0}); run `tally migrate`")]
+    #[error("cannot reach Postgres at {target} ({reason}); check that the server is running and that database.url is right")]
+    Unreachable { target: String, reason: sqlx::Error },
+    #[error("applying migrations failed: {0}")]
     Migration(#[from] sqlx::migrate::MigrateError),
+    #[error("the database schema is behind this tally (migrations {0:?} not applied); run `tally migrate`, or pass --migrate")]
+    SchemaBehind(Vec<i64>),
 }
 
 /// Connects a pool of up to `max_connections`, failing within `timeout` with a clear error.
@@ -46,7 +48,7 @@ pub async fn connect(
         .acquire_timeout(timeout)
         .connect_with(options)
         .await
-        .map_err(|source| DbError::Unreachable { target, source })
+        .map_err(|reason| DbError::Unreachable { target, reason })
 }
 
 /// Applies every pending migration.
@@ -70,5 +72,24 @@ pub fn is_retryable(error: &sqlx::Error) -> bool {
             Some("40001" | "40P01" | "23505" | "57P01" | "57P02" | "57P03")
         ),
         _ => false,
+    }
+}
+
+/// Fails with "run `tally migrate`" unless every embedded migration has been applied.
+pub async fn check_schema(pool: &PgPool) -> Result<(), DbError> {
+    let applied: Vec<i64> =
+        sqlx::query_scalar("SELECT version FROM _sqlx_migrations WHERE success ORDER BY version")
+            .fetch_all(pool)
+            .await
+            .unwrap_or_default();
+    let missing: Vec<i64> = MIGRATOR
+        .iter()
+        .map(|m| m.version)
+        .filter(|v| !applied.contains(v))
+        .collect();
+    if missing.is_empty() {
+        Ok(())
+    } else {
+        Err(DbError::SchemaBehind(missing))
     }
 }

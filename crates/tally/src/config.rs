@@ -5,6 +5,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context};
 use serde::{Deserialize, Serialize};
+use tally_aggregator::AggregatorConfig;
 use tally_core::config::{KafkaConfig, Secret};
 use tally_core::{MeterDefinition, Meters};
 use tally_emitter::EmitterConfig;
@@ -16,6 +17,7 @@ pub(crate) struct TallyConfig {
     pub(crate) database: DatabaseConfig,
     pub(crate) kafka: KafkaConfig,
     pub(crate) emitter: EmitterConfig,
+    pub(crate) aggregator: AggregatorConfig,
     /// `[[meters]]`: the meters events may report.
     pub(crate) meters: Vec<MeterDefinition>,
 }
@@ -69,6 +71,9 @@ impl TallyConfig {
         self.emitter
             .validate()
             .map_err(|problem| anyhow::anyhow!("{problem}"))?;
+        self.aggregator
+            .validate()
+            .map_err(|problem| anyhow::anyhow!("{problem}"))?;
         if self.kafka.topic.is_empty() {
             bail!("kafka.topic must not be empty; the contract topic is \"usage-events\"");
         }
@@ -84,6 +89,14 @@ impl TallyConfig {
         } else {
             self.meters.clone()
         }
+    }
+
+    /// `[[meters]]`, or a message that says why a stage cannot run without them.
+    pub(crate) fn require_meters(&self) -> anyhow::Result<&[MeterDefinition]> {
+        if self.meters.is_empty() {
+            bail!("no [[meters]] are defined, so every event would be rejected as unknown_meter; define the meters in tally.toml (see tally.example.toml)");
+        }
+        Ok(&self.meters)
     }
 
     /// `kafka.brokers`, or a message that says how to set it.

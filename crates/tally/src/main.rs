@@ -6,6 +6,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+mod aggregate;
 mod config;
 mod demo;
 mod emit;
@@ -49,6 +50,15 @@ enum Command {
     /// For scripts and smoke tests. Needs kafka.brokers. If Kafka is unreachable the event is
     /// kept in emitter.spool.dir and sent by the next emitter that uses that directory.
     Emit(emit::EmitArgs),
+    /// Roll usage events from Kafka into exact one-minute windows in Postgres
+    ///
+    /// Consumes kafka.topic in consumer group aggregator.group_id and commits one Postgres
+    /// transaction per batch: event ids (dedup), windows, daily rollups, rejects and Kafka
+    /// offsets together. Runs until SIGTERM/SIGINT (finishing the current batch), or with
+    /// --once drains what is there and exits. Needs kafka.brokers, database.url and [[meters]].
+    Aggregate(aggregate::AggregateArgs),
+    /// Apply the database migrations (idempotent)
+    Migrate,
     /// Check the configuration and print the effective settings (secrets hidden)
     Config,
 }
@@ -70,6 +80,8 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Demo(args) => demo::run(&config, &args),
         Command::Emit(args) => emit::run(&config, &args),
+        Command::Aggregate(args) => aggregate::run(&config, &args),
+        Command::Migrate => aggregate::migrate(&config),
         Command::Config => print_config(&config),
     };
     match result {

@@ -1,0 +1,119 @@
+//! `tally aggregate` and `tally migrate`.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use anyhow::Context;
+use tally_aggregator::{Aggregator, Mode};
+use tokio_util::sync::CancellationToken;
+
+use crate::config::TallyConfig;
+
+#[derive(Debug, clap::Args)]
+pub(crate) struct AggregateArgs {
+    /// Drain up to the end offsets seen at start, commit, and exit 0 (for cron)
+    #[arg(long)]
+    once: bool,
+    /// Apply pending database migrations before starting
+    #[arg(long)]
+    migrate: bool,
+    /// Serve Prometheus metrics on this address, e.g. 0.0.0.0:9187
+    #[arg(long, value_name = "HOST:PORT")]
+    metrics_listen: Option<SocketAddr>,
+}
+
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")
+}
+
+async fn connect(config: &TallyConfig) -> anyhow::Result<sqlx::PgPool> {
+    // One connection per commit lane, plus one for rebalances and one for DLQ bookkeeping.
+    let connections = config.aggregator.parallel_commits as u32 + 2;
+    Ok(tally_db::connect(
+        config.database.url.expose(),
+        connections,
+        Duration::from_secs(10),
+    )
+    .await?)
+}
+
+pub(crate) fn migrate(config: &TallyConfig) -> anyhow::Result<()> {
+    runtime()?.block_on(async {
+        let pool = connect(config).await?;
+        tally_db::migrate(&pool).await?;
+        let count = tally_db::MIGRATOR.iter().count();
+        println!("database schema is up to date ({count} migrations)");
+        Ok(())
+    })
+}
+
+pub(crate) fn run(config: &TallyConfig, args: &AggregateArgs) -> anyhow::Result<()> {
+    config.require_brokers()?;
+    let meters = config.require_meters()?.to_vec();
+    let runtime = runtime()?;
+    let pool = runtime.block_on(async {
+        let pool = connect(config).await?;
+        if args.migrate {
+            tally_db::migrate(&pool).await?;
+        } else {
+            tally_db::check_schema(&pool).await?;
+        }
+        anyhow::Ok(pool)
+    })?;
+    if let Some(listen) = args.metrics_listen {
+        let _guard = runtime.enter();
+        metrics_exporter_prometheus::PrometheusBuilder::new()
+            .with_http_listener(listen)
+            .install()
+            .with_context(|| {
+                format!("cannot serve metrics on {listen}; pick a free --metrics-listen address")
+            })?;
+    }
+    let stop = CancellationToken::new();
+    runtime.spawn(cancel_on_signal(stop.clone()));
+    let mode = if args.once { Mode::Once } else { Mode::Daemon };
+    let aggregator = Aggregator::new(
+        config.aggregator.clone(),
+        config.kafka.clone(),
+        meters,
+        pool,
+        runtime.handle().clone(),
+    )?;
+    // The loop blocks; it runs here, on the main thread, not on a runtime worker.
+    let summary = aggregator.run(mode, &stop)?;
+    if args.once {
+        println!(
+            "aggregated {} events in {} batches: {} counted, {} duplicates, {} rejected",
+            summary.consumed,
+            summary.batches,
+            summary.counted,
+            summary.duplicates,
+            summary.rejected
+        );
+    }
+    Ok(())
+}
+
+/// SIGINT or SIGTERM: finish the batch in progress, commit it, exit.
+async fn cancel_on_signal(stop: CancellationToken) {
+    let mut terminate =
+        tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
+    let terminated = async {
+        match terminate.as_mut() {
+            Some(signal) => {
+                signal.recv().await;
+            }
+            None => std::future::pending().await,
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = terminated => {}
+    }
+    tracing::info!("stop requested; finishing the current batch");
+    stop.cancel();
+}
