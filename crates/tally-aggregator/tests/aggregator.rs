@@ -312,6 +312,18 @@ fn counts_every_aggregation_exactly_and_refuses_each_reason_once() {
         .as_bytes(),
     );
     h.send(&event("users-no-dim", "acme", "active_users", "1", minute));
+    // The contract's own reasons, decided while decoding.
+    let t = minute.to_rfc3339();
+    for raw in [
+        format!(r#"{{"id":"mf","customer":"acme","meter":"tokens","timestamp":"{t}"}}"#),
+        format!(r#"{{"id":"","customer":"acme","meter":"tokens","quantity":"1","timestamp":"{t}"}}"#),
+        format!(r#"{{"id":"ic","customer":"","meter":"tokens","quantity":"1","timestamp":"{t}"}}"#),
+        format!(r#"{{"id":"im","customer":"acme","meter":"API","quantity":"1","timestamp":"{t}"}}"#),
+        r#"{"id":"it","customer":"acme","meter":"tokens","quantity":"1","timestamp":"yesterday"}"#.to_string(),
+        format!(r#"{{"id":"os","customer":"{}","meter":"tokens","quantity":"1","timestamp":"{t}"}}"#, "x".repeat(70_000)),
+    ] {
+        h.send_raw("acme", raw.as_bytes());
+    }
     h.flush();
     let first = h.run_once();
     assert_eq!(first.counted, 600 + 3 + 2 + 3);
@@ -359,9 +371,15 @@ fn counts_every_aggregation_exactly_and_refuses_each_reason_once() {
         BTreeMap::from([
             ("conflicting_duplicate".into(), 1),
             ("future_timestamp".into(), 1),
+            ("invalid_customer".into(), 1),
             ("invalid_dimensions".into(), 1),
+            ("invalid_id".into(), 1),
+            ("invalid_meter".into(), 1),
             ("invalid_quantity".into(), 1),
+            ("invalid_timestamp".into(), 1),
             ("malformed".into(), 1),
+            ("missing_field".into(), 1),
+            ("oversize".into(), 1),
             ("too_late".into(), 1),
             ("unknown_meter".into(), 1),
         ])
@@ -372,8 +390,10 @@ fn counts_every_aggregation_exactly_and_refuses_each_reason_once() {
     assert_eq!(raw[0], (b"{not json".to_vec(), true));
 
     // Every reject was copied to the DLQ topic, with its reason in a header.
-    let dlq = consume_all(&h.kafka, &h.kafka.dlq_topic, 7);
-    assert_eq!(dlq.len(), 7);
+    // Every reason the contract defines was exercised.
+    assert_eq!(reasons(&h).len(), tally_core::RejectReason::ALL.len());
+    let dlq = consume_all(&h.kafka, &h.kafka.dlq_topic, 13);
+    assert_eq!(dlq.len(), 13);
     assert!(dlq
         .iter()
         .any(|(reason, payload)| reason == "malformed" && payload == b"{not json"));
