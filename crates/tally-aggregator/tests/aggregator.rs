@@ -316,11 +316,19 @@ fn counts_every_aggregation_exactly_and_refuses_each_reason_once() {
     let t = minute.to_rfc3339();
     for raw in [
         format!(r#"{{"id":"mf","customer":"acme","meter":"tokens","timestamp":"{t}"}}"#),
-        format!(r#"{{"id":"","customer":"acme","meter":"tokens","quantity":"1","timestamp":"{t}"}}"#),
+        format!(
+            r#"{{"id":"","customer":"acme","meter":"tokens","quantity":"1","timestamp":"{t}"}}"#
+        ),
         format!(r#"{{"id":"ic","customer":"","meter":"tokens","quantity":"1","timestamp":"{t}"}}"#),
-        format!(r#"{{"id":"im","customer":"acme","meter":"API","quantity":"1","timestamp":"{t}"}}"#),
-        r#"{"id":"it","customer":"acme","meter":"tokens","quantity":"1","timestamp":"yesterday"}"#.to_string(),
-        format!(r#"{{"id":"os","customer":"{}","meter":"tokens","quantity":"1","timestamp":"{t}"}}"#, "x".repeat(70_000)),
+        format!(
+            r#"{{"id":"im","customer":"acme","meter":"API","quantity":"1","timestamp":"{t}"}}"#
+        ),
+        r#"{"id":"it","customer":"acme","meter":"tokens","quantity":"1","timestamp":"yesterday"}"#
+            .to_string(),
+        format!(
+            r#"{{"id":"os","customer":"{}","meter":"tokens","quantity":"1","timestamp":"{t}"}}"#,
+            "x".repeat(70_000)
+        ),
     ] {
         h.send_raw("acme", raw.as_bytes());
     }
