@@ -55,11 +55,7 @@ fn config() -> AggregatorConfig {
 }
 
 fn meters() -> Vec<MeterDefinition> {
-    #[derive(serde::Deserialize)]
-    struct File {
-        meters: Vec<MeterDefinition>,
-    }
-    toml::from_str::<File>(
+    tally_core::meter::meters_from_toml(
         r#"
         [[meters]]
         name = "api_calls"
@@ -73,7 +69,6 @@ fn meters() -> Vec<MeterDefinition> {
         "#,
     )
     .unwrap()
-    .meters
 }
 
 /// Event `i`: customer, meter and quantity spread evenly; timestamps 10 µs apart, as if the

@@ -93,6 +93,8 @@ pub enum AggregatorError {
     NoAssignment(Duration),
     #[error("{0}")]
     Config(String),
+    #[error("a batch commit task failed: {0}; this is a bug, please report it")]
+    CommitTask(String),
     #[error(transparent)]
     Store(#[from] StoreError),
 }
@@ -171,6 +173,12 @@ impl Aggregator {
             .map_err(|e| self.unreachable(e))?;
         tracing::info!(group = %self.config.group_id, topic = %self.kafka.topic, owner = %self.owner, ?mode, "aggregator started");
 
+        let session = Session {
+            consumer: &consumer,
+            dlq: &dlq,
+            mode,
+            stop,
+        };
         let started = Instant::now();
         let lanes = self.config.parallel_commits;
         let mut run = RunState {
@@ -189,7 +197,7 @@ impl Aggregator {
                 // Commits in flight finish (or are fenced: the new assignment bumped every
                 // epoch). Eager protocol: everything being built belonged to the revoked
                 // assignment, so it is dropped and consumed again from the stored offsets.
-                self.settle(&consumer, &dlq, &mut run, mode, stop)?;
+                self.settle(&session, &mut run)?;
                 for lane in &mut run.lanes {
                     lane.building = Batch::default();
                 }
@@ -227,7 +235,7 @@ impl Aggregator {
                 }
             }
             for lane in 0..lanes {
-                self.advance(lane, false, &consumer, &dlq, &mut run, mode, stop)?;
+                self.advance(lane, false, &session, &mut run)?;
             }
             if last_maintenance.elapsed() >= MAINTENANCE_INTERVAL {
                 self.maintain()?;
@@ -249,9 +257,9 @@ impl Aggregator {
         }
         // Finish: commit what is being built, and wait for every commit.
         for lane in 0..lanes {
-            self.advance(lane, true, &consumer, &dlq, &mut run, mode, stop)?;
+            self.advance(lane, true, &session, &mut run)?;
         }
-        self.settle(&consumer, &dlq, &mut run, mode, stop)?;
+        self.settle(&session, &mut run)?;
         // Leave the group now (serving the revoke), so the others take over at once rather
         // than after the session timeout.
         consumer.unsubscribe();
@@ -274,18 +282,14 @@ impl Aggregator {
 
     /// Moves one lane along: takes in a finished commit, and launches the batch being built
     /// once it is full or due (`finish`: now), waiting for the lane's previous commit first.
-    #[allow(clippy::too_many_arguments)]
     fn advance(
         &self,
         lane: usize,
         finish: bool,
-        consumer: &BaseConsumer<AggregatorContext>,
-        dlq: &FutureProducer,
+        session: &Session<'_>,
         run: &mut RunState,
-        mode: Mode,
-        stop: &CancellationToken,
     ) -> Result<(), AggregatorError> {
-        self.reap(lane, false, consumer, dlq, run, mode, stop)?;
+        self.reap(lane, false, session, run)?;
         let batch = &run.lanes[lane].building;
         if batch.is_empty() {
             return Ok(());
@@ -304,7 +308,7 @@ impl Aggregator {
                 return Ok(());
             }
             // Backpressure: a full batch waits for its lane.
-            self.reap(lane, true, consumer, dlq, run, mode, stop)?;
+            self.reap(lane, true, session, run)?;
             if run.lanes[lane].building.is_empty() {
                 return Ok(()); // dropped by a fenced commit
             }
@@ -314,7 +318,7 @@ impl Aggregator {
         self.step(Step::BeforeCommit);
         // The batch is bound to the epochs its messages were consumed under: if a rebalance
         // bumps them before it commits, it is fenced rather than applied late.
-        let epochs = consumer.context().epochs();
+        let epochs = session.consumer.context().epochs();
         run.lanes[lane].in_flight = Some(self.launch(batch, epochs, 0));
         Ok(())
     }
@@ -348,16 +352,9 @@ impl Aggregator {
     }
 
     /// Waits for every lane's commit.
-    fn settle(
-        &self,
-        consumer: &BaseConsumer<AggregatorContext>,
-        dlq: &FutureProducer,
-        run: &mut RunState,
-        mode: Mode,
-        stop: &CancellationToken,
-    ) -> Result<(), AggregatorError> {
+    fn settle(&self, session: &Session<'_>, run: &mut RunState) -> Result<(), AggregatorError> {
         for lane in 0..run.lanes.len() {
-            self.reap(lane, true, consumer, dlq, run, mode, stop)?;
+            self.reap(lane, true, session, run)?;
         }
         Ok(())
     }
@@ -365,17 +362,14 @@ impl Aggregator {
     /// Takes in a lane's commit if it finished (or, with `block`, once it finishes): notifies
     /// on success, retries what can be retried, and on fencing drops the lane's work and
     /// rewinds its partitions to the stored offsets.
-    #[allow(clippy::too_many_arguments)]
     fn reap(
         &self,
         lane: usize,
         block: bool,
-        consumer: &BaseConsumer<AggregatorContext>,
-        dlq: &FutureProducer,
+        session: &Session<'_>,
         run: &mut RunState,
-        mode: Mode,
-        stop: &CancellationToken,
     ) -> Result<(), AggregatorError> {
+        let consumer = session.consumer;
         loop {
             let Some(in_flight) = run.lanes[lane].in_flight.take() else {
                 return Ok(());
@@ -387,10 +381,10 @@ impl Aggregator {
             let (batch, result) = self
                 .runtime
                 .block_on(in_flight.task)
-                .map_err(|e| AggregatorError::Config(format!("batch commit task failed: {e}")))?;
+                .map_err(|e| AggregatorError::CommitTask(e.to_string()))?;
             match result {
                 Ok(report) => {
-                    self.notify(consumer, dlq, &batch, &report, &mut run.summary);
+                    self.notify(session, &batch, &report, &mut run.summary);
                     return Ok(());
                 }
                 Err(StoreError::Fenced { topic, partition }) => {
@@ -406,12 +400,12 @@ impl Aggregator {
                 }
                 Err(StoreError::Retryable(e)) => {
                     let attempt = in_flight.attempt + 1;
-                    if stop.is_cancelled() {
+                    if session.stop.is_cancelled() {
                         // Not lost: nothing was stored, and Kafka still has the events.
                         tracing::warn!(error = %e, "stopping with an uncommitted batch; it will be consumed again");
                         return Ok(());
                     }
-                    if mode == Mode::Once && attempt >= ONCE_ATTEMPTS {
+                    if session.mode == Mode::Once && attempt >= ONCE_ATTEMPTS {
                         return Err(StoreError::Retryable(e).into());
                     }
                     tracing::warn!(error = %e, attempt, "batch commit failed; retrying");
@@ -429,8 +423,7 @@ impl Aggregator {
     /// After a commit: tell Kafka (for lag tools), copy rejects to the DLQ, record metrics.
     fn notify(
         &self,
-        consumer: &BaseConsumer<AggregatorContext>,
-        dlq: &FutureProducer,
+        session: &Session<'_>,
         batch: &Batch,
         report: &BatchReport,
         summary: &mut RunSummary,
@@ -441,11 +434,11 @@ impl Aggregator {
             let _ =
                 committed.add_partition_offset(&self.kafka.topic, partition, Offset::Offset(next));
         }
-        if let Err(e) = consumer.commit(&committed, CommitMode::Async) {
+        if let Err(e) = session.consumer.commit(&committed, CommitMode::Async) {
             tracing::debug!(error = %e, "offset commit to Kafka failed (informational only)");
         }
         if report.rejected_total() > 0 {
-            self.publish_dlq(dlq);
+            self.publish_dlq(session.dlq);
         }
         self.step(Step::AfterNotify);
         telemetry::record_batch(report, &batch.timestamps_ms, Utc::now().timestamp_millis());
@@ -611,6 +604,14 @@ impl Aggregator {
             on_step(step);
         }
     }
+}
+
+/// What every step of one `run` works with.
+struct Session<'a> {
+    consumer: &'a BaseConsumer<AggregatorContext>,
+    dlq: &'a FutureProducer,
+    mode: Mode,
+    stop: &'a CancellationToken,
 }
 
 /// The state of one `run`.

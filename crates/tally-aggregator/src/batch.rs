@@ -420,29 +420,25 @@ mod tests {
 
     fn meters() -> Meters {
         let toml = r#"
-            [[m]]
+            [[meters]]
             name = "api_calls"
             aggregation = "count"
-            [[m]]
+            [[meters]]
             name = "tokens"
             aggregation = "sum"
             group_by = ["model"]
-            [[m]]
+            [[meters]]
             name = "seats"
             aggregation = "latest"
-            [[m]]
+            [[meters]]
             name = "peak"
             aggregation = "max"
-            [[m]]
+            [[meters]]
             name = "users"
             aggregation = "unique_count"
             unique_dimension = "user"
         "#;
-        #[derive(serde::Deserialize)]
-        struct File {
-            m: Vec<MeterDefinition>,
-        }
-        Meters::new(&toml::from_str::<File>(toml).unwrap().m).unwrap()
+        Meters::new(&tally_core::meter::meters_from_toml(toml).unwrap()).unwrap()
     }
 
     fn rules() -> Rules {

@@ -116,28 +116,25 @@ pub(crate) async fn commit_batch(
     upsert_windows(&mut tx, Granularity::Minute, minutes).await?;
     upsert_windows(&mut tx, Granularity::Day, days).await?;
 
-    let mut rejects = batch.rejects.clone();
-    rejects.extend(conflicts);
+    let rejects: Vec<&Reject> = batch.rejects.iter().chain(&conflicts).collect();
     insert_rejects(&mut tx, ownership.topic, &rejects).await?;
     advance_offsets(&mut tx, batch, ownership).await?;
     tx.commit().await?;
 
-    let duplicates = batch.duplicates + (batch.candidates.len() - counted.len()) as u64
-        - (rejects.len() - batch.rejects.len()) as u64;
+    // Candidates not counted were claimed before: same payload (duplicate) or a conflict.
+    let earlier_duplicates = batch.candidates.len() - counted.len() - conflicts.len();
     let report = BatchReport {
         consumed: batch.consumed,
         counted: counted.len() as u64,
-        duplicates,
+        duplicates: batch.duplicates + earlier_duplicates as u64,
         rejected: count_by_reason(&rejects),
         windows,
-        oldest_append_ms: batch.timestamps_ms.iter().min().copied(),
-        newest_append_ms: batch.timestamps_ms.iter().max().copied(),
         transaction: started.elapsed(),
     };
     Ok(report)
 }
 
-fn count_by_reason(rejects: &[Reject]) -> Vec<(RejectReason, u64)> {
+fn count_by_reason(rejects: &[&Reject]) -> Vec<(RejectReason, u64)> {
     let mut counts: Vec<(RejectReason, u64)> = Vec::new();
     for reject in rejects {
         match counts
@@ -411,7 +408,7 @@ async fn add_new_unique_values(
 async fn insert_rejects(
     tx: &mut PgConnection,
     topic: &str,
-    rejects: &[Reject],
+    rejects: &[&Reject],
 ) -> Result<(), StoreError> {
     if rejects.is_empty() {
         return Ok(());

@@ -31,9 +31,6 @@ pub struct BatchReport {
     pub rejected: Vec<(RejectReason, u64)>,
     /// Minute windows written.
     pub windows: u64,
-    /// Kafka append (message) time of the oldest and newest event, Unix milliseconds.
-    pub oldest_append_ms: Option<i64>,
-    pub newest_append_ms: Option<i64>,
     /// How long the Postgres transaction took.
     pub transaction: Duration,
 }

@@ -26,10 +26,6 @@ use tokio_util::sync::CancellationToken;
 const PARTITIONS: i32 = 6;
 
 fn meters() -> Vec<MeterDefinition> {
-    #[derive(serde::Deserialize)]
-    struct File {
-        meters: Vec<MeterDefinition>,
-    }
     let text = r#"
         [[meters]]
         name = "api_calls"
@@ -49,7 +45,7 @@ fn meters() -> Vec<MeterDefinition> {
         aggregation = "unique_count"
         unique_dimension = "user"
     "#;
-    toml::from_str::<File>(text).unwrap().meters
+    tally_core::meter::meters_from_toml(text).unwrap()
 }
 
 fn runtime() -> tokio::runtime::Runtime {

@@ -81,6 +81,19 @@ impl MeterDefinition {
     }
 }
 
+/// Reads the `[[meters]]` entries of a TOML text (for built-in meter sets: the demo's, tests',
+/// benchmarks'). The configuration file itself is read by `config::load`.
+pub fn meters_from_toml(text: &str) -> Result<Vec<MeterDefinition>, String> {
+    #[derive(Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct File {
+        meters: Vec<MeterDefinition>,
+    }
+    toml::from_str::<File>(text)
+        .map(|file| file.meters)
+        .map_err(|e| e.to_string())
+}
+
 /// The configured meters, looked up by name.
 #[derive(Debug, Clone, Default)]
 pub struct Meters {

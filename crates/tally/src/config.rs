@@ -83,9 +83,7 @@ impl TallyConfig {
     /// The configured meters, or the demo's own when the file defines none.
     pub(crate) fn meters_or_demo(&self) -> Vec<MeterDefinition> {
         if self.meters.is_empty() {
-            toml::from_str::<TallyConfig>(crate::demo::DEMO_METERS)
-                .map(|c| c.meters)
-                .unwrap_or_default()
+            tally_core::meter::meters_from_toml(crate::demo::DEMO_METERS).unwrap_or_default()
         } else {
             self.meters.clone()
         }
