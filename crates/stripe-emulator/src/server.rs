@@ -1,0 +1,499 @@
+//! The listener and the request pipeline. Every `/v1/` call goes through the same steps, in
+//! Stripe's order: authenticate, account rate limit, idempotency key, route (validate, take the
+//! customer+meter lock, injected faults, commit), then the injected dropped connection.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::Incoming;
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper::{Method, Request, Response};
+use hyper_util::rt::TokioIo;
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use serde_json::json;
+use tokio::net::TcpListener;
+use tokio::sync::Notify;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::{EmulatorConfig, Faults};
+use crate::idempotency::{Begin, IdempotencyKeys};
+use crate::limits::{PairLocks, RateWindow};
+use crate::reply::Reply;
+use crate::store::{Form, MeterTotal, Stats, Store};
+
+const MAX_BODY_BYTES: usize = 1 << 20;
+
+#[derive(Debug, thiserror::Error)]
+pub enum EmulatorError {
+    #[error("cannot listen on {addr}: {source}; pick a free port (or 0 for any)")]
+    Bind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("invalid faults: {0}")]
+    Faults(String),
+}
+
+struct Shared {
+    test_rate: u32,
+    live_rate: u32,
+    faults: Mutex<Faults>,
+    rng: Mutex<StdRng>,
+    store: Mutex<Store>,
+    stats: Mutex<Stats>,
+    rate_window: Mutex<RateWindow>,
+    pair_locks: PairLocks,
+    idempotency: IdempotencyKeys,
+    /// Seconds added to the wall clock, so tests can step past the 24 h and 35 day rules.
+    clock_offset: Mutex<i64>,
+}
+
+/// A running emulator. Dropping it leaves the server running until `shutdown`.
+pub struct Emulator {
+    addr: SocketAddr,
+    shared: Arc<Shared>,
+    stop: CancellationToken,
+    task: JoinHandle<()>,
+}
+
+impl Emulator {
+    /// Listens on `addr` (port 0 picks a free one) and serves until `shutdown`.
+    pub async fn start(
+        addr: SocketAddr,
+        config: EmulatorConfig,
+    ) -> Result<Emulator, EmulatorError> {
+        config.faults.validate().map_err(EmulatorError::Faults)?;
+        let listener = TcpListener::bind(addr)
+            .await
+            .map_err(|source| EmulatorError::Bind { addr, source })?;
+        let addr = listener
+            .local_addr()
+            .map_err(|source| EmulatorError::Bind { addr, source })?;
+        let shared = Arc::new(Shared {
+            test_rate: config.test_rate_per_second,
+            live_rate: config.live_rate_per_second,
+            faults: Mutex::new(config.faults),
+            rng: Mutex::new(StdRng::seed_from_u64(config.seed)),
+            store: Mutex::new(Store::default()),
+            stats: Mutex::new(Stats::default()),
+            rate_window: Mutex::new(RateWindow::default()),
+            pair_locks: PairLocks::default(),
+            idempotency: IdempotencyKeys::default(),
+            clock_offset: Mutex::new(0),
+        });
+        let stop = CancellationToken::new();
+        let task = tokio::spawn(accept_loop(listener, shared.clone(), stop.clone()));
+        Ok(Emulator {
+            addr,
+            shared,
+            stop,
+            task,
+        })
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// The API base for a Stripe client: `http://127.0.0.1:PORT/` (async-stripe appends `v1/…`).
+    pub fn url(&self) -> String {
+        format!("http://{}/", self.addr)
+    }
+
+    pub fn set_faults(&self, faults: Faults) -> Result<(), EmulatorError> {
+        faults.validate().map_err(EmulatorError::Faults)?;
+        *self.shared.faults.lock().expect("faults lock poisoned") = faults;
+        Ok(())
+    }
+
+    pub fn stats(&self) -> Stats {
+        self.shared
+            .stats
+            .lock()
+            .expect("stats lock poisoned")
+            .clone()
+    }
+
+    /// What Stripe holds, per customer and event name.
+    pub fn totals(&self) -> Vec<MeterTotal> {
+        self.shared
+            .store
+            .lock()
+            .expect("store lock poisoned")
+            .totals()
+    }
+
+    /// Moves the emulator's clock forward (for the 24 h cancel and 35 day timestamp rules).
+    pub fn advance_clock(&self, by: Duration) {
+        *self
+            .shared
+            .clock_offset
+            .lock()
+            .expect("clock lock poisoned") += by.as_secs() as i64;
+    }
+
+    pub async fn shutdown(self) {
+        self.stop.cancel();
+        let _ = self.task.await;
+    }
+}
+
+async fn accept_loop(listener: TcpListener, shared: Arc<Shared>, stop: CancellationToken) {
+    loop {
+        let stream = tokio::select! {
+            _ = stop.cancelled() => return,
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => stream,
+                Err(error) => {
+                    tracing::warn!(%error, "stripe-emulator: accept failed");
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                    continue;
+                }
+            },
+        };
+        let _ = stream.set_nodelay(true);
+        let shared = shared.clone();
+        let stop = stop.clone();
+        tokio::spawn(async move {
+            // Set by a handler that wants the connection closed without a response.
+            let drop_connection = Arc::new(Notify::new());
+            let service = {
+                let drop_connection = drop_connection.clone();
+                service_fn(move |request| {
+                    let shared = shared.clone();
+                    let drop_connection = drop_connection.clone();
+                    async move { Ok::<_, Infallible>(handle(&shared, &drop_connection, request).await) }
+                })
+            };
+            let connection = http1::Builder::new().serve_connection(TokioIo::new(stream), service);
+            tokio::select! {
+                _ = connection => {}
+                _ = drop_connection.notified() => {}
+                _ = stop.cancelled() => {}
+            }
+        });
+    }
+}
+
+impl Shared {
+    fn now(&self) -> i64 {
+        let wall = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .expect("clock after 1970")
+            .as_secs() as i64;
+        wall + *self.clock_offset.lock().expect("clock lock poisoned")
+    }
+
+    fn count(&self, bump: impl FnOnce(&mut Stats)) {
+        bump(&mut self.stats.lock().expect("stats lock poisoned"));
+    }
+
+    fn roll(&self, probability: f64) -> bool {
+        probability > 0.0
+            && self
+                .rng
+                .lock()
+                .expect("rng lock poisoned")
+                .random_bool(probability.min(1.0))
+    }
+}
+
+/// What a route decided besides its reply.
+struct Outcome {
+    reply: Reply,
+    /// Close the connection instead of answering (the reply is still stored for its key).
+    drop_connection: bool,
+}
+
+impl From<Reply> for Outcome {
+    fn from(reply: Reply) -> Outcome {
+        Outcome {
+            reply,
+            drop_connection: false,
+        }
+    }
+}
+
+async fn handle(
+    shared: &Shared,
+    drop_connection: &Notify,
+    request: Request<Incoming>,
+) -> Response<Full<Bytes>> {
+    let (parts, body) = request.into_parts();
+    let body = match Limited::new(body, MAX_BODY_BYTES).collect().await {
+        Ok(collected) => collected.to_bytes(),
+        Err(_) => {
+            return Reply::invalid("Request body too large or unreadable.", None).into_response()
+        }
+    };
+    let path = parts.uri.path().to_owned();
+    let query = Form::parse(parts.uri.query().unwrap_or("").as_bytes());
+    if let Some(control) = path.strip_prefix("/_emulator/") {
+        return control_api(shared, &parts.method, control, &body).into_response();
+    }
+    shared.count(|s| s.requests += 1);
+
+    let api_key = match parts
+        .headers
+        .get("authorization")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+    {
+        Some(key) if key.starts_with("sk_test_") || key.starts_with("sk_live_") => key.to_owned(),
+        Some(key) => {
+            let shown: String = key.chars().take(8).collect();
+            return Reply::error(401, "invalid_request_error", None, format!("Invalid API Key provided: {shown}…"), None)
+                .into_response();
+        }
+        None => {
+            return Reply::error(401, "invalid_request_error", None, "You did not provide an API key. You need to provide your API key in the Authorization header, using Bearer auth (e.g. 'Authorization: Bearer YOUR_SECRET_KEY').", None)
+                .into_response()
+        }
+    };
+    let livemode = api_key.starts_with("sk_live_");
+
+    let rate = if livemode {
+        shared.live_rate
+    } else {
+        shared.test_rate
+    };
+    let admitted = shared
+        .rate_window
+        .lock()
+        .expect("rate lock poisoned")
+        .admit(&api_key, rate, Instant::now());
+    if !admitted {
+        shared.count(|s| s.rate_limited += 1);
+        return Reply::rate_limited("Request rate limit exceeded. You can learn more about rate limits here https://stripe.com/docs/rate-limits.").into_response();
+    }
+
+    let idempotency_key = match (&parts.method, parts.headers.get("idempotency-key")) {
+        (&Method::POST, Some(value)) => value.to_str().ok().map(str::to_owned),
+        _ => None,
+    };
+    let key_guard = match &idempotency_key {
+        None => None,
+        Some(key) => {
+            let fingerprint = request_fingerprint(&path, &body);
+            match shared
+                .idempotency
+                .begin(&api_key, key, fingerprint, shared.now())
+            {
+                Begin::New(guard) => Some(guard),
+                Begin::Replay(reply) => {
+                    shared.count(|s| s.idempotent_replays += 1);
+                    return reply.into_response();
+                }
+                Begin::Conflict(reply) => return reply.into_response(),
+            }
+        }
+    };
+
+    let form = Form::parse(&body);
+    let outcome = route(shared, &parts.method, &path, &query, &form, livemode).await;
+    if let Some(guard) = key_guard {
+        guard.finish(&outcome.reply, shared.now());
+    }
+    if outcome.drop_connection {
+        shared.count(|s| s.dropped_after_commit += 1);
+        drop_connection.notify_one();
+        std::future::pending::<()>().await;
+    }
+    outcome.reply.into_response()
+}
+
+/// A stable fingerprint of a request's parameters, to spot a key reused with others.
+fn request_fingerprint(path: &str, body: &[u8]) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut hasher = std::collections::hash_map::DefaultHasher::new();
+    path.hash(&mut hasher);
+    body.hash(&mut hasher);
+    hasher.finish()
+}
+
+async fn route(
+    shared: &Shared,
+    method: &Method,
+    path: &str,
+    query: &Form,
+    form: &Form,
+    livemode: bool,
+) -> Outcome {
+    let segments: Vec<&str> = path.trim_matches('/').split('/').collect();
+    match (method, segments.as_slice()) {
+        (&Method::POST, ["v1", "billing", "meter_events"]) => {
+            meter_event(shared, form, livemode).await
+        }
+        (&Method::POST, ["v1", "billing", "meter_event_adjustments"]) => {
+            write(shared, |store, now| store.adjust(form, livemode, now)).await
+        }
+        (&Method::POST, ["v1", "customers"]) => {
+            write(shared, |store, now| store.create_customer(form, livemode, now)).await
+        }
+        (&Method::POST, ["v1", "billing", "meters"]) => {
+            write(shared, |store, now| store.create_meter(form, livemode, now)).await
+        }
+        (&Method::GET, ["v1", "customers", id]) => {
+            read(shared, |store| store.get_customer(id)).await
+        }
+        (&Method::GET, ["v1", "billing", "meters"]) => {
+            read(shared, |store| store.list_meters(query)).await
+        }
+        (&Method::GET, ["v1", "billing", "meters", id, "event_summaries"]) => {
+            read(shared, |store| store.summaries(id, query)).await
+        }
+        _ => Reply::not_found(
+            format!("Unrecognized request URL ({method}: {path}). Please see https://stripe.com/docs or we can help at https://support.stripe.com/."),
+            None,
+        )
+        .into(),
+    }
+}
+
+/// The injected delay and 5xx, decided before the call does anything.
+async fn injected_failure(shared: &Shared) -> Option<Reply> {
+    let faults = shared.faults.lock().expect("faults lock poisoned").clone();
+    if shared.roll(faults.delay) {
+        shared.count(|s| s.delayed += 1);
+        tokio::time::sleep(Duration::from_millis(faults.delay_ms)).await;
+    }
+    if shared.roll(faults.error_500) {
+        shared.count(|s| s.injected_500 += 1);
+        return Some(Reply::error(
+            500,
+            "api_error",
+            None,
+            "An unknown error occurred (injected by stripe-emulator).",
+            None,
+        ));
+    }
+    if shared.roll(faults.error_503) {
+        shared.count(|s| s.injected_503 += 1);
+        return Some(Reply::error(
+            503,
+            "api_error",
+            None,
+            "Service unavailable (injected by stripe-emulator).",
+            None,
+        ));
+    }
+    None
+}
+
+fn dropped_after_commit(shared: &Shared) -> bool {
+    let probability = shared
+        .faults
+        .lock()
+        .expect("faults lock poisoned")
+        .drop_after_commit;
+    shared.roll(probability)
+}
+
+async fn read(shared: &Shared, answer: impl FnOnce(&Store) -> Reply) -> Outcome {
+    if let Some(failure) = injected_failure(shared).await {
+        return failure.into();
+    }
+    answer(&shared.store.lock().expect("store lock poisoned")).into()
+}
+
+async fn write(shared: &Shared, commit: impl FnOnce(&mut Store, i64) -> Reply) -> Outcome {
+    if let Some(failure) = injected_failure(shared).await {
+        return failure.into();
+    }
+    let reply = commit(
+        &mut shared.store.lock().expect("store lock poisoned"),
+        shared.now(),
+    );
+    let drop_connection = reply.status == 200 && dropped_after_commit(shared);
+    Outcome {
+        reply,
+        drop_connection,
+    }
+}
+
+async fn meter_event(shared: &Shared, form: &Form, livemode: bool) -> Outcome {
+    let now = shared.now();
+    let validated = shared
+        .store
+        .lock()
+        .expect("store lock poisoned")
+        .validate_meter_event(form, now);
+    let event = match validated {
+        Ok(event) => event,
+        Err(reply) => return reply.into(),
+    };
+    let event_name = form.get("event_name").unwrap_or_default();
+    // Held until the reply is built (and across the injected delay), so a second concurrent
+    // call for the same customer and meter sees the 429 Stripe would send.
+    let Some(_pair) = shared.pair_locks.try_lock(&event.customer, event_name) else {
+        shared.count(|s| s.concurrency_limited += 1);
+        return Reply::rate_limited(&format!(
+            "Too many concurrent requests for customer {} and meter event {event_name}: send one at a time.",
+            event.customer
+        ))
+        .into();
+    };
+    if let Some(failure) = injected_failure(shared).await {
+        return failure.into();
+    }
+    let (reply, created) = shared
+        .store
+        .lock()
+        .expect("store lock poisoned")
+        .commit_meter_event(event, livemode, shared.now());
+    shared.count(|s| {
+        if created {
+            s.meter_events_created += 1;
+        } else {
+            s.duplicate_identifiers += 1;
+        }
+    });
+    let drop_connection = created && dropped_after_commit(shared);
+    Outcome {
+        reply,
+        drop_connection,
+    }
+}
+
+/// `/_emulator/…`: state for tests and operators, fault switches, the clock.
+fn control_api(shared: &Shared, method: &Method, path: &str, body: &[u8]) -> Reply {
+    match (method, path) {
+        (&Method::GET, "state") => {
+            let stats = shared.stats.lock().expect("stats lock poisoned").clone();
+            let faults = shared.faults.lock().expect("faults lock poisoned").clone();
+            let totals = shared.store.lock().expect("store lock poisoned").totals();
+            Reply::json(200, &json!({ "stats": stats, "faults": faults, "totals": totals, "now": shared.now() }))
+        }
+        (&Method::POST, "faults") => match serde_json::from_slice::<Faults>(body) {
+            Ok(faults) => match faults.validate() {
+                Ok(()) => {
+                    *shared.faults.lock().expect("faults lock poisoned") = faults.clone();
+                    Reply::json(200, &json!({ "faults": faults }))
+                }
+                Err(message) => Reply::invalid(message, None),
+            },
+            Err(error) => Reply::invalid(format!("faults: {error}"), None),
+        },
+        (&Method::POST, "clock") => {
+            #[derive(serde::Deserialize)]
+            struct Advance {
+                advance_seconds: i64,
+            }
+            match serde_json::from_slice::<Advance>(body) {
+                Ok(advance) => {
+                    *shared.clock_offset.lock().expect("clock lock poisoned") += advance.advance_seconds;
+                    Reply::json(200, &json!({ "now": shared.now() }))
+                }
+                Err(error) => Reply::invalid(format!("clock: {error}; send {{\"advance_seconds\": N}}"), None),
+            }
+        }
+        _ => Reply::not_found(format!("no emulator control endpoint {method} /_emulator/{path}; try GET state, POST faults, POST clock"), None),
+    }
+}
