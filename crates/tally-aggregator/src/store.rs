@@ -8,6 +8,7 @@ use std::time::Instant;
 use chrono::{DateTime, NaiveDate, Utc};
 use rust_decimal::Decimal;
 use sqlx::{PgConnection, PgPool, Postgres, Transaction};
+use tally_core::window::slot_start;
 use tally_core::{Aggregation, MeterDefinition, RejectReason};
 
 use crate::batch::{conflict, fold, Batch, Candidate, Granularity, Reject, WindowDelta};
@@ -113,6 +114,7 @@ pub(crate) async fn commit_batch(
     let minutes = fold(counted.iter().copied(), Granularity::Minute);
     let days = fold(counted.iter().copied(), Granularity::Day);
     let windows = minutes.len() as u64;
+    record_slot_changes(&mut tx, &minutes).await?;
     upsert_windows(&mut tx, Granularity::Minute, minutes).await?;
     upsert_windows(&mut tx, Granularity::Day, days).await?;
 
@@ -255,6 +257,41 @@ fn upsert_sql(granularity: Granularity, aggregation: Aggregation) -> String {
                 last_updated = excluded.last_updated{latest}"
     )
     .replace("newer", newer)
+}
+
+/// Tells the sink which 5-minute billing slots this batch changed. `unique_count` meters are
+/// not billed (Stripe meters cannot count distinct values), so they are left out.
+async fn record_slot_changes(
+    tx: &mut PgConnection,
+    minutes: &[WindowDelta],
+) -> Result<(), StoreError> {
+    let slots: BTreeSet<(&str, &str, DateTime<Utc>)> = minutes
+        .iter()
+        .filter(|d| d.aggregation != Aggregation::UniqueCount)
+        .map(|d| {
+            (
+                d.key.customer.as_str(),
+                d.key.meter.as_str(),
+                slot_start(d.key.start),
+            )
+        })
+        .collect();
+    if slots.is_empty() {
+        return Ok(());
+    }
+    let customers: Vec<&str> = slots.iter().map(|s| s.0).collect();
+    let meters: Vec<&str> = slots.iter().map(|s| s.1).collect();
+    let starts: Vec<DateTime<Utc>> = slots.iter().map(|s| s.2).collect();
+    sqlx::query(
+        "INSERT INTO usage_slot_changes (customer_id, meter, slot_start)
+         SELECT * FROM UNNEST($1::text[], $2::text[], $3::timestamptz[])",
+    )
+    .bind(&customers)
+    .bind(&meters)
+    .bind(&starts)
+    .execute(&mut *tx)
+    .await?;
+    Ok(())
 }
 
 /// Upserts the deltas of one granularity: one statement per aggregation present (and, in the

@@ -1,0 +1,24 @@
+//! The sink: bills closed five-minute slots to Stripe Billing meter events, exactly once.
+//!
+//! - `config.rs`: `[sink]` and `[stripe]`.
+//! - `plan.rs`: what a slot still owes Stripe (pure arithmetic, identifiers).
+//! - `store.rs`: the Postgres side (accounting transaction, outbox leases, outcomes).
+//! - `stripe.rs`: the Stripe client and its error classification.
+//! - `limiter.rs`: the token bucket under the account's rate.
+//! - `sink.rs`: the pass loop (account, then send).
+//! - `reconcile.rs`: tally's windows vs the outbox vs Stripe's event summaries.
+//! - `telemetry.rs`: metric names.
+
+mod config;
+mod limiter;
+pub mod plan;
+mod reconcile;
+mod sink;
+pub mod store;
+mod stripe;
+pub mod telemetry;
+
+pub use config::{SinkConfig, StripeConfig};
+pub use reconcile::{reconcile, render_table, ReconcileRow, Verdict};
+pub use sink::{Mode, Sink, SinkError, SinkSummary};
+pub use stripe::{StripeCallError, StripeHttp};

@@ -1,0 +1,294 @@
+//! What Stripe is still owed for one slot: pure arithmetic, no I/O.
+//!
+//! `sum` and `count` meters bill deltas (Stripe `sum`). Per customer and meter the sink keeps
+//! the exact usage it has accounted for and the whole units it has submitted; a slot's new
+//! usage is added to the first, and what is owed is `floor(accounted) - submitted`. So the
+//! fraction Stripe cannot take is carried forward, never rounded away, and the whole units
+//! submitted always equal the floor of the exact usage.
+//!
+//! `max` and `latest` meters bill values (Stripe `last`): when a slot's value changes, the new
+//! value is sent as a new revision. A fractional value is rounded up: a started unit of
+//! storage or a seat counts.
+
+use chrono::{DateTime, TimeDelta, Utc};
+use rust_decimal::Decimal;
+use tally_core::Aggregation;
+
+/// How a meter is billed in Stripe.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BillingKind {
+    /// Whole units to add (Stripe `sum`).
+    Delta,
+    /// The slot's value (Stripe `last`).
+    Last,
+}
+
+impl BillingKind {
+    /// `None` for `unique_count`: Stripe meters cannot count distinct values.
+    pub fn of(aggregation: Aggregation) -> Option<BillingKind> {
+        match aggregation {
+            Aggregation::Sum | Aggregation::Count => Some(BillingKind::Delta),
+            Aggregation::Max | Aggregation::Latest => Some(BillingKind::Last),
+            Aggregation::UniqueCount => None,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            BillingKind::Delta => "delta",
+            BillingKind::Last => "last",
+        }
+    }
+}
+
+/// What the sink accounted for a slot so far (`billing_slots`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct SlotState {
+    pub accounted: Decimal,
+    pub revision: i32,
+}
+
+/// Per customer and meter (`billing_balances`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Balance {
+    pub accounted: Decimal,
+    pub submitted: Decimal,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SlotPlan {
+    pub slot: SlotState,
+    pub balance: Balance,
+    /// Whole units (delta) or the value (last) to send, under `slot.revision`.
+    pub submission: Option<Decimal>,
+    /// Units billed above what the windows now hold (usage went down): for finance.
+    pub overbilled: Option<Decimal>,
+}
+
+/// Plans one slot whose window total is now `total`. `None`: nothing changed.
+pub fn plan_slot(
+    kind: BillingKind,
+    total: Decimal,
+    slot: SlotState,
+    balance: Balance,
+) -> Option<SlotPlan> {
+    match kind {
+        BillingKind::Delta => {
+            if total == slot.accounted {
+                return None;
+            }
+            let mut balance = balance;
+            balance.accounted += total - slot.accounted;
+            let owed = balance.accounted.floor() - balance.submitted;
+            let (submission, overbilled) = if owed.is_sign_positive() && !owed.is_zero() {
+                (Some(owed), None)
+            } else if owed.is_sign_negative() {
+                (None, Some(-owed))
+            } else {
+                (None, None)
+            };
+            balance.submitted += submission.unwrap_or_default() - overbilled.unwrap_or_default();
+            let revision = slot.revision + i32::from(submission.is_some());
+            Some(SlotPlan {
+                slot: SlotState {
+                    accounted: total,
+                    revision,
+                },
+                balance,
+                submission,
+                overbilled,
+            })
+        }
+        BillingKind::Last if slot.revision > 0 && total == slot.accounted => None,
+        BillingKind::Last => Some(SlotPlan {
+            slot: SlotState {
+                accounted: total,
+                revision: slot.revision + 1,
+            },
+            balance,
+            submission: Some(total.ceil()),
+            overbilled: None,
+        }),
+    }
+}
+
+/// The meter event identifier of a slot's revision: the same on every retry, unique per
+/// (customer, meter, slot, revision), at most 100 characters (Stripe's limit). Readable when it
+/// fits: meter names hold no ':', and the slot and revision are the last two fields, so the
+/// parts cannot be confused; long customer ids are hashed.
+pub fn identifier(customer: &str, meter: &str, slot_start: DateTime<Utc>, revision: i32) -> String {
+    let slot = slot_start.timestamp();
+    let readable = format!("tally:{meter}:{customer}:{slot}:{revision}");
+    if readable.len() <= 100 {
+        return readable;
+    }
+    let hash = xxhash_rust::xxh3::xxh3_128(format!("{meter}\u{0}{customer}").as_bytes());
+    format!("tally:h:{hash:032x}:{slot}:{revision}")
+}
+
+/// The meter event timestamp of a slot: its start, unless that is older than Stripe accepts
+/// (35 days); then the oldest time Stripe accepts, with an hour's margin.
+pub fn event_timestamp(slot_start: DateTime<Utc>, now: DateTime<Utc>) -> DateTime<Utc> {
+    let oldest = now - TimeDelta::days(35) + TimeDelta::hours(1);
+    slot_start.max(oldest)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn d(text: &str) -> Decimal {
+        text.parse().unwrap()
+    }
+
+    #[test]
+    fn fractions_carry_forward() {
+        let first = plan_slot(
+            BillingKind::Delta,
+            d("2.6"),
+            SlotState::default(),
+            Balance::default(),
+        )
+        .unwrap();
+        assert_eq!(first.submission, Some(d("2")));
+        assert_eq!(
+            first.balance,
+            Balance {
+                accounted: d("2.6"),
+                submitted: d("2")
+            }
+        );
+        let second = plan_slot(
+            BillingKind::Delta,
+            d("0.5"),
+            SlotState::default(),
+            first.balance,
+        )
+        .unwrap();
+        assert_eq!(
+            second.submission,
+            Some(d("1")),
+            "0.6 + 0.5 makes a whole unit"
+        );
+        let third = plan_slot(
+            BillingKind::Delta,
+            d("0.2"),
+            SlotState::default(),
+            second.balance,
+        )
+        .unwrap();
+        assert_eq!(third.submission, None);
+        assert_eq!(
+            third.slot,
+            SlotState {
+                accounted: d("0.2"),
+                revision: 0
+            }
+        );
+    }
+
+    #[test]
+    fn a_late_event_makes_a_new_revision_with_the_delta() {
+        let first = plan_slot(
+            BillingKind::Delta,
+            d("10"),
+            SlotState::default(),
+            Balance::default(),
+        )
+        .unwrap();
+        assert_eq!((first.submission, first.slot.revision), (Some(d("10")), 1));
+        assert_eq!(
+            plan_slot(BillingKind::Delta, d("10"), first.slot, first.balance),
+            None
+        );
+        let late = plan_slot(BillingKind::Delta, d("13"), first.slot, first.balance).unwrap();
+        assert_eq!((late.submission, late.slot.revision), (Some(d("3")), 2));
+    }
+
+    #[test]
+    fn usage_that_goes_down_is_recorded_not_dropped() {
+        let first = plan_slot(
+            BillingKind::Delta,
+            d("10"),
+            SlotState::default(),
+            Balance::default(),
+        )
+        .unwrap();
+        let lower = plan_slot(BillingKind::Delta, d("7"), first.slot, first.balance).unwrap();
+        assert_eq!((lower.submission, lower.overbilled), (None, Some(d("3"))));
+        assert_eq!(
+            lower.balance,
+            Balance {
+                accounted: d("7"),
+                submitted: d("7")
+            }
+        );
+    }
+
+    #[test]
+    fn last_meters_send_the_value_rounded_up() {
+        let first = plan_slot(
+            BillingKind::Last,
+            d("4.2"),
+            SlotState::default(),
+            Balance::default(),
+        )
+        .unwrap();
+        assert_eq!((first.submission, first.slot.revision), (Some(d("5")), 1));
+        let lower = plan_slot(BillingKind::Last, d("3"), first.slot, first.balance).unwrap();
+        assert_eq!((lower.submission, lower.slot.revision), (Some(d("3")), 2));
+        let zero = plan_slot(
+            BillingKind::Last,
+            d("0"),
+            SlotState::default(),
+            Balance::default(),
+        );
+        assert!(zero.is_some(), "a first value of 0 is still sent");
+    }
+
+    #[test]
+    fn identifiers_are_deterministic_short_and_distinct() {
+        let slot = DateTime::from_timestamp(1_700_000_100, 0).unwrap();
+        assert_eq!(
+            identifier("acme", "api_calls", slot, 1),
+            "tally:api_calls:acme:1700000100:1"
+        );
+        let long = "c".repeat(200);
+        let hashed = identifier(&long, "api_calls", slot, 1);
+        assert!(hashed.len() <= 100);
+        assert_eq!(hashed, identifier(&long, "api_calls", slot, 1));
+        assert_ne!(hashed, identifier(&long, "api_calls", slot, 2));
+        assert_ne!(
+            identifier("a:1", "m", slot, 1),
+            identifier("a", "m", slot, 1)
+        );
+    }
+
+    proptest! {
+        /// Whatever order and size the slot updates come in, the units submitted equal the
+        /// floor of the exact usage, and no submission is negative.
+        #[test]
+        fn submitted_is_the_floor_of_usage(updates in prop::collection::vec((0usize..4, 0u32..5000), 1..40)) {
+            let mut slots = [SlotState::default(); 4];
+            let mut balance = Balance::default();
+            let mut totals = [Decimal::ZERO; 4];
+            let mut sent = Decimal::ZERO;
+            for (slot, hundredths) in updates {
+                totals[slot] += Decimal::new(i64::from(hundredths), 2);
+                if let Some(plan) = plan_slot(BillingKind::Delta, totals[slot], slots[slot], balance) {
+                    if let Some(units) = plan.submission {
+                        prop_assert!(units > Decimal::ZERO);
+                        sent += units;
+                    }
+                    prop_assert!(plan.overbilled.is_none());
+                    slots[slot] = plan.slot;
+                    balance = plan.balance;
+                }
+            }
+            let usage: Decimal = totals.iter().sum();
+            prop_assert_eq!(sent, usage.floor());
+            prop_assert_eq!(balance.submitted, sent);
+        }
+    }
+}

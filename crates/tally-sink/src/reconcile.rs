@@ -1,0 +1,279 @@
+//! `tally reconcile`: per customer and meter over a time range, tally's windows vs what the
+//! outbox sent vs what Stripe reports (meter event summaries).
+
+use std::collections::{BTreeMap, HashMap};
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use rust_decimal::prelude::FromPrimitive;
+use rust_decimal::Decimal;
+use sqlx::PgPool;
+use stripe_billing::billing_meter::ListBillingMeter;
+use stripe_billing::billing_meter_event_summary::ListIdBillingMeterEventSummary;
+
+use crate::limiter::RateLimiter;
+use crate::plan::BillingKind;
+use crate::sink::SinkError;
+use crate::store::{self, StoreError};
+use crate::stripe::{StripeCallError, StripeHttp};
+
+/// How a row compares.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verdict {
+    /// Windows, outbox and Stripe agree (within the fraction carried forward).
+    Ok,
+    /// Stripe agrees with what was sent, but not all usage is sent yet (unsettled slots,
+    /// pending or failed outbox rows).
+    Unbilled,
+    /// The customer has no Stripe customer id; its usage waits.
+    Unmapped,
+    /// Stripe holds something other than what the outbox sent, or has no meter for it.
+    Drift,
+}
+
+impl Verdict {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Verdict::Ok => "ok",
+            Verdict::Unbilled => "UNBILLED",
+            Verdict::Unmapped => "UNMAPPED",
+            Verdict::Drift => "DRIFT",
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReconcileRow {
+    pub customer: String,
+    pub meter: String,
+    pub kind: BillingKind,
+    /// Sum of the windows (delta meters), or the value of the last slot (last meters).
+    pub windows: Decimal,
+    /// Units Stripe accepted per the outbox (delta), or the last value sent (last).
+    pub sent: Decimal,
+    pub pending: Decimal,
+    pub failed: Decimal,
+    /// What Stripe's event summary reports; `None` when unmapped or Stripe has no such meter.
+    pub stripe: Option<Decimal>,
+    pub verdict: Verdict,
+}
+
+/// Compares windows, outbox and Stripe over `[from, to)` (minute-aligned, as Stripe requires).
+pub async fn reconcile(
+    pool: &PgPool,
+    stripe: &StripeHttp,
+    requests_per_second: u32,
+    from: DateTime<Utc>,
+    to: DateTime<Utc>,
+) -> Result<Vec<ReconcileRow>, SinkError> {
+    if from.timestamp() % 60 != 0 || to.timestamp() % 60 != 0 || to <= from {
+        return Err(SinkError::Config(format!(
+            "--from {from} and --to {to} must be whole minutes with --from before --to (Stripe summarizes minute-aligned ranges)"
+        )));
+    }
+    let meters = store::billed_meters(pool).await?;
+    let mut rows: BTreeMap<(String, String), ReconcileRow> = BTreeMap::new();
+    let windows: Vec<(String, String, String, Decimal)> = sqlx::query_as(
+        "WITH billed AS (SELECT name, aggregation FROM meters WHERE aggregation <> 'unique_count'),
+              sums AS (
+                SELECT u.customer_id, u.meter, 'delta' AS kind, sum(u.value) AS value
+                FROM usage_minute u JOIN billed b ON b.name = u.meter AND b.aggregation IN ('sum', 'count')
+                WHERE u.window_start >= $1 AND u.window_start < $2
+                GROUP BY u.customer_id, u.meter),
+              last_slot AS (
+                SELECT u.customer_id, u.meter, b.aggregation,
+                       date_bin('5 minutes', max(u.window_start), timestamptz 'epoch') AS slot
+                FROM usage_minute u JOIN billed b ON b.name = u.meter AND b.aggregation IN ('max', 'latest')
+                WHERE u.window_start >= $1 AND u.window_start < $2
+                GROUP BY u.customer_id, u.meter, b.aggregation),
+              lasts AS (
+                SELECT u.customer_id, u.meter, 'last' AS kind,
+                       ceil(CASE WHEN min(l.aggregation) = 'max' THEN max(u.value)
+                            ELSE (array_agg(u.value ORDER BY u.latest_at DESC NULLS LAST, u.latest_id DESC))[1] END) AS value
+                FROM usage_minute u
+                JOIN last_slot l ON l.customer_id = u.customer_id AND l.meter = u.meter
+                 AND u.window_start >= l.slot AND u.window_start < l.slot + interval '5 minutes'
+                GROUP BY u.customer_id, u.meter)
+         SELECT * FROM sums UNION ALL SELECT * FROM lasts",
+    )
+    .bind(from)
+    .bind(to)
+    .fetch_all(pool)
+    .await
+    .map_err(StoreError::from)?;
+    for (customer, meter, kind, value) in windows {
+        row(&mut rows, customer, meter, kind_of(&kind)).windows = value;
+    }
+
+    let submitted: Vec<(String, String, String, Option<Decimal>, Option<Decimal>, Option<Decimal>, Option<Decimal>)> = sqlx::query_as(
+        "SELECT customer_id, meter, kind,
+                sum(value) FILTER (WHERE status = 'sent'),
+                sum(value) FILTER (WHERE status = 'pending'),
+                sum(value) FILTER (WHERE status = 'failed'),
+                (array_agg(value ORDER BY event_timestamp DESC, submission_id DESC) FILTER (WHERE status = 'sent'))[1]
+         FROM stripe_submissions
+         WHERE event_timestamp >= $1 AND event_timestamp < $2
+         GROUP BY customer_id, meter, kind",
+    )
+    .bind(from)
+    .bind(to)
+    .fetch_all(pool)
+    .await
+    .map_err(StoreError::from)?;
+    for (customer, meter, kind, sent, pending, failed, last_sent) in submitted {
+        let kind = kind_of(&kind);
+        let entry = row(&mut rows, customer, meter, kind);
+        entry.sent = match kind {
+            BillingKind::Delta => sent.unwrap_or_default(),
+            BillingKind::Last => last_sent.unwrap_or_default(),
+        };
+        entry.pending = pending.unwrap_or_default();
+        entry.failed = failed.unwrap_or_default();
+    }
+
+    let mapping: HashMap<String, String> =
+        sqlx::query_as("SELECT customer_id, stripe_customer_id FROM stripe_customers")
+            .fetch_all(pool)
+            .await
+            .map_err(StoreError::from)?
+            .into_iter()
+            .collect();
+    let limiter = RateLimiter::new(requests_per_second);
+    let stripe_meters = stripe_meter_ids(stripe, &limiter).await?;
+
+    for row in rows.values_mut() {
+        let Some(stripe_customer) = mapping.get(&row.customer) else {
+            row.verdict = Verdict::Unmapped;
+            continue;
+        };
+        let event_name = meters
+            .get(&row.meter)
+            .map_or(row.meter.as_str(), |m| m.event_name.as_str());
+        let Some(meter_id) = stripe_meters.get(event_name) else {
+            row.verdict = Verdict::Drift;
+            continue;
+        };
+        let request = ListIdBillingMeterEventSummary::new(
+            meter_id.as_str(),
+            stripe_customer.as_str(),
+            to.timestamp(),
+            from.timestamp(),
+        );
+        let summaries = call(&limiter, || request.send(stripe)).await?;
+        let total: f64 = summaries.data.iter().map(|s| s.aggregated_value).sum();
+        let stripe_value = Decimal::from_f64(total).unwrap_or_default();
+        row.stripe = Some(stripe_value);
+        row.verdict = if stripe_value != row.sent {
+            Verdict::Drift
+        } else if (row.windows - row.sent).abs() >= Decimal::ONE
+            || !row.pending.is_zero()
+            || !row.failed.is_zero()
+        {
+            Verdict::Unbilled
+        } else {
+            Verdict::Ok
+        };
+    }
+    Ok(rows.into_values().collect())
+}
+
+fn row(
+    rows: &mut BTreeMap<(String, String), ReconcileRow>,
+    customer: String,
+    meter: String,
+    kind: BillingKind,
+) -> &mut ReconcileRow {
+    rows.entry((customer.clone(), meter.clone()))
+        .or_insert(ReconcileRow {
+            customer,
+            meter,
+            kind,
+            windows: Decimal::ZERO,
+            sent: Decimal::ZERO,
+            pending: Decimal::ZERO,
+            failed: Decimal::ZERO,
+            stripe: None,
+            verdict: Verdict::Ok,
+        })
+}
+
+fn kind_of(text: &str) -> BillingKind {
+    if text == "last" {
+        BillingKind::Last
+    } else {
+        BillingKind::Delta
+    }
+}
+
+/// Stripe meter id per event name (all pages).
+async fn stripe_meter_ids(
+    stripe: &StripeHttp,
+    limiter: &RateLimiter,
+) -> Result<HashMap<String, String>, SinkError> {
+    let mut ids = HashMap::new();
+    let mut after: Option<String> = None;
+    loop {
+        let mut request = ListBillingMeter::new().limit(100);
+        if let Some(after) = &after {
+            request = request.starting_after(after.as_str());
+        }
+        let page = call(limiter, || request.send(stripe)).await?;
+        for meter in &page.data {
+            ids.insert(meter.event_name.clone(), meter.id.to_string());
+        }
+        match (page.has_more, page.data.last()) {
+            (true, Some(last)) => after = Some(last.id.to_string()),
+            _ => return Ok(ids),
+        }
+    }
+}
+
+/// One Stripe read, under the rate, retried while Stripe says it may succeed.
+async fn call<T, F, Fut>(limiter: &RateLimiter, mut send: F) -> Result<T, SinkError>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, StripeCallError>>,
+{
+    let mut attempt = 0u32;
+    loop {
+        limiter.acquire().await;
+        match send().await {
+            Ok(value) => return Ok(value),
+            Err(error) if error.is_retryable() && attempt < 8 => {
+                attempt += 1;
+                tokio::time::sleep(Duration::from_millis(50 << attempt.min(6))).await;
+            }
+            Err(error) => {
+                return Err(SinkError::Config(format!(
+                    "cannot read from Stripe: {error}"
+                )))
+            }
+        }
+    }
+}
+
+/// The comparison as a plain-text table, one row per customer and meter.
+pub fn render_table(rows: &[ReconcileRow]) -> String {
+    let mut out = format!(
+        "{:<24} {:<16} {:>5} {:>14} {:>14} {:>10} {:>8} {:>14}  {}\n",
+        "customer", "meter", "kind", "windows", "sent", "pending", "failed", "stripe", "verdict"
+    );
+    for row in rows {
+        let stripe = row
+            .stripe
+            .map_or("-".to_owned(), |s| s.normalize().to_string());
+        out.push_str(&format!(
+            "{:<24} {:<16} {:>5} {:>14} {:>14} {:>10} {:>8} {:>14}  {}\n",
+            row.customer,
+            row.meter,
+            row.kind.as_str(),
+            row.windows.normalize().to_string(),
+            row.sent.normalize().to_string(),
+            row.pending.normalize().to_string(),
+            row.failed.normalize().to_string(),
+            stripe,
+            row.verdict.as_str()
+        ));
+    }
+    out
+}

@@ -1,0 +1,433 @@
+//! The billing loop. A pass has two halves:
+//! 1. account: each changed slot that has settled becomes, in one Postgres transaction with
+//!    its bookkeeping, an outbox row with a deterministic identifier;
+//! 2. send: pending outbox rows are leased, sent to Stripe (one call at a time per customer and
+//!    meter, under the account's rate), and marked sent, retried later, or failed.
+//!
+//! A crash anywhere leaves either no outbox row (the slot is accounted again) or an outbox row
+//! that is sent again with the same identifier; Stripe answers "already exists" for one it
+//! has, which counts as sent. So Stripe holds each submission exactly once.
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use chrono::{TimeDelta, Utc};
+use rand::Rng;
+use sqlx::PgPool;
+use stripe_billing::billing_meter_event::CreateBillingMeterEvent;
+use tally_core::window::SLOT;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::{SinkConfig, StripeConfig};
+use crate::limiter::RateLimiter;
+use crate::store::{self, Leased, Outcome, PlanReport, StoreError};
+use crate::stripe::StripeHttp;
+use crate::telemetry as t;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// A pass every `sink.interval` until stopped.
+    Daemon,
+    /// One pass, then exit (cron).
+    Once,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SinkError {
+    #[error("{0}")]
+    Config(String),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("a send task failed: {0}")]
+    Task(String),
+}
+
+/// What passes did.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct SinkSummary {
+    pub passes: u64,
+    pub accounted: PlanReport,
+    pub sent: u64,
+    /// Attempts that failed retryably (each retried, in this pass or a later one).
+    pub retried: u64,
+    pub rate_limited: u64,
+    pub failed: u64,
+    /// Outbox rows still pending after the last pass (waiting for a retry).
+    pub pending: i64,
+    /// Changed slots waiting for a customer mapping.
+    pub unmapped_slots: i64,
+}
+
+pub struct Sink {
+    config: SinkConfig,
+    pool: PgPool,
+    stripe: StripeHttp,
+    limiter: Arc<RateLimiter>,
+}
+
+impl Sink {
+    pub fn new(config: SinkConfig, stripe: &StripeConfig, pool: PgPool) -> Result<Sink, SinkError> {
+        config.validate().map_err(SinkError::Config)?;
+        let client = StripeHttp::new(stripe).map_err(SinkError::Config)?;
+        t::describe();
+        Ok(Sink {
+            limiter: Arc::new(RateLimiter::new(stripe.requests_per_second())),
+            config,
+            pool,
+            stripe: client,
+        })
+    }
+
+    /// Runs passes until `stop` (daemon) or once. A pass interrupted by `stop` records what it
+    /// sent and frees the rest.
+    pub async fn run(
+        &self,
+        mode: Mode,
+        stop: &CancellationToken,
+    ) -> Result<SinkSummary, SinkError> {
+        let mut total = SinkSummary::default();
+        loop {
+            let pass = self.pass(stop).await?;
+            total.passes += 1;
+            total.accounted.changes += pass.accounted.changes;
+            total.accounted.slots += pass.accounted.slots;
+            total.accounted.submissions += pass.accounted.submissions;
+            total.accounted.corrections += pass.accounted.corrections;
+            total.sent += pass.sent;
+            total.retried += pass.retried;
+            total.rate_limited += pass.rate_limited;
+            total.failed += pass.failed;
+            total.pending = pass.pending;
+            total.unmapped_slots = pass.unmapped_slots;
+            if mode == Mode::Once || stop.is_cancelled() {
+                return Ok(total);
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(self.config.interval) => {}
+                _ = stop.cancelled() => return Ok(total),
+            }
+        }
+    }
+
+    /// One pass: account for every settled change, then send the outbox.
+    pub async fn pass(&self, stop: &CancellationToken) -> Result<SinkSummary, SinkError> {
+        let started = Instant::now();
+        let mut summary = SinkSummary::default();
+        let meters = store::billed_meters(&self.pool).await?;
+        let settle = TimeDelta::from_std(self.config.settle_delay).unwrap_or(TimeDelta::MAX);
+        let settled_before = Utc::now() - settle - SLOT;
+        while !stop.is_cancelled() {
+            let report = self
+                .with_retries(|| {
+                    store::account_slots(
+                        &self.pool,
+                        &meters,
+                        settled_before,
+                        self.config.slots_per_transaction,
+                    )
+                })
+                .await?;
+            summary.accounted.changes += report.changes;
+            summary.accounted.slots += report.slots;
+            summary.accounted.submissions += report.submissions;
+            summary.accounted.corrections += report.corrections;
+            metrics::counter!(t::SLOTS_ACCOUNTED).increment(report.slots);
+            metrics::counter!(t::SUBMISSIONS_PLANNED).increment(report.submissions);
+            metrics::counter!(t::CORRECTIONS).increment(report.corrections);
+            if (report.changes as usize) < self.config.slots_per_transaction {
+                break;
+            }
+        }
+        self.send_outbox(stop, &mut summary).await?;
+        let (pending, oldest, unmapped) = store::backlog(&self.pool).await?;
+        metrics::gauge!(t::OUTBOX_PENDING).set(pending as f64);
+        metrics::gauge!(t::OUTBOX_OLDEST_SECONDS).set(oldest);
+        metrics::gauge!(t::UNMAPPED_SLOTS).set(unmapped as f64);
+        metrics::histogram!(t::PASS_SECONDS).record(started.elapsed().as_secs_f64());
+        summary.pending = pending;
+        summary.unmapped_slots = unmapped;
+        if unmapped > 0 {
+            tracing::warn!(unmapped_slots = unmapped, "usage of customers without a Stripe customer id is waiting; see the view stripe_unmapped_usage and map them with `tally customers map`");
+        }
+        tracing::info!(
+            slots = summary.accounted.slots,
+            planned = summary.accounted.submissions,
+            sent = summary.sent,
+            retried = summary.retried,
+            failed = summary.failed,
+            pending,
+            seconds = started.elapsed().as_secs_f64(),
+            "billing pass done"
+        );
+        Ok(summary)
+    }
+
+    /// Retries a Postgres step that failed for a passing reason (connection lost, serialization).
+    async fn with_retries<T, F, Fut>(&self, mut step: F) -> Result<T, StoreError>
+    where
+        F: FnMut() -> Fut,
+        Fut: std::future::Future<Output = Result<T, StoreError>>,
+    {
+        let mut attempt = 0;
+        loop {
+            match step().await {
+                Err(StoreError::Postgres(error))
+                    if attempt < 5 && tally_db::is_retryable(&error) =>
+                {
+                    attempt += 1;
+                    tracing::warn!(%error, attempt, "Postgres step failed; retrying");
+                    tokio::time::sleep(Duration::from_millis(100 << attempt)).await;
+                }
+                other => return other,
+            }
+        }
+    }
+
+    /// Sends due outbox rows until none are left, `concurrency` customer+meter pairs at a
+    /// time, recording outcomes in batches.
+    async fn send_outbox(
+        &self,
+        stop: &CancellationToken,
+        summary: &mut SinkSummary,
+    ) -> Result<(), SinkError> {
+        let lease_batch = (self.config.concurrency * 16).max(256);
+        let mut queue: VecDeque<Vec<Leased>> = VecDeque::new();
+        let mut tasks: JoinSet<GroupResult> = JoinSet::new();
+        let mut outcomes: Vec<(i64, u32, Outcome)> = Vec::new();
+        let mut last_flush = Instant::now();
+        let context = Arc::new(SendContext {
+            stripe: self.stripe.clone(),
+            limiter: self.limiter.clone(),
+            config: self.config.clone(),
+            stop: stop.clone(),
+        });
+        loop {
+            if queue.len() < self.config.concurrency && !stop.is_cancelled() {
+                let rows = self
+                    .with_retries(|| {
+                        store::lease_pending(&self.pool, lease_batch, self.config.lease)
+                    })
+                    .await?;
+                if rows.is_empty() && tasks.is_empty() && queue.is_empty() {
+                    if outcomes.is_empty() {
+                        break;
+                    }
+                } else {
+                    queue.extend(group_by_pair(rows));
+                }
+            }
+            while tasks.len() < self.config.concurrency {
+                let Some(group) = queue.pop_front() else {
+                    break;
+                };
+                if stop.is_cancelled() {
+                    outcomes.extend(
+                        group
+                            .iter()
+                            .map(|row| (row.submission_id, 0, Outcome::Released)),
+                    );
+                    continue;
+                }
+                tasks.spawn(send_group(group, context.clone()));
+            }
+            if let Some(joined) = tasks.join_next().await {
+                let group = joined.map_err(|e| SinkError::Task(e.to_string()))?;
+                summary.retried += group.retried;
+                summary.rate_limited += group.rate_limited;
+                outcomes.extend(group.outcomes);
+            }
+            if !outcomes.is_empty()
+                && (tasks.is_empty()
+                    || outcomes.len() >= 256
+                    || last_flush.elapsed() >= Duration::from_millis(200))
+            {
+                self.flush(&mut outcomes, summary).await?;
+                last_flush = Instant::now();
+            }
+            if stop.is_cancelled() && tasks.is_empty() && queue.is_empty() {
+                break;
+            }
+        }
+        self.flush(&mut outcomes, summary).await
+    }
+
+    async fn flush(
+        &self,
+        outcomes: &mut Vec<(i64, u32, Outcome)>,
+        summary: &mut SinkSummary,
+    ) -> Result<(), SinkError> {
+        self.with_retries(|| store::record_outcomes(&self.pool, outcomes))
+            .await?;
+        for (_, _, outcome) in outcomes.iter() {
+            match outcome {
+                Outcome::Sent => summary.sent += 1,
+                Outcome::Failed { .. } => summary.failed += 1,
+                Outcome::Retry { .. } | Outcome::Released => {}
+            }
+        }
+        outcomes.clear();
+        Ok(())
+    }
+}
+
+/// What every send task needs.
+struct SendContext {
+    stripe: StripeHttp,
+    limiter: Arc<RateLimiter>,
+    config: SinkConfig,
+    stop: CancellationToken,
+}
+
+/// What one customer+meter pair's rows came to.
+#[derive(Default)]
+struct GroupResult {
+    outcomes: Vec<(i64, u32, Outcome)>,
+    retried: u64,
+    rate_limited: u64,
+}
+
+/// Leased rows grouped per customer and meter, each group in submission order.
+fn group_by_pair(rows: Vec<Leased>) -> Vec<Vec<Leased>> {
+    let mut groups: Vec<Vec<Leased>> = Vec::new();
+    let mut index: std::collections::HashMap<(String, String), usize> =
+        std::collections::HashMap::new();
+    for row in rows {
+        let key = (row.customer_id.clone(), row.meter.clone());
+        match index.get(&key) {
+            Some(&i) => groups[i].push(row),
+            None => {
+                index.insert(key, groups.len());
+                groups.push(vec![row]);
+            }
+        }
+    }
+    groups
+}
+
+/// Sends one pair's rows in order, one call at a time. Once a row is not sent, the rest wait:
+/// a later revision must not overtake an earlier one.
+async fn send_group(rows: Vec<Leased>, context: Arc<SendContext>) -> GroupResult {
+    let mut result = GroupResult::default();
+    let mut blocked = false;
+    for row in rows {
+        if blocked || context.stop.is_cancelled() {
+            result
+                .outcomes
+                .push((row.submission_id, 0, Outcome::Released));
+            continue;
+        }
+        let (attempts, outcome) = send_one(&row, &context, &mut result).await;
+        blocked = outcome != Outcome::Sent;
+        result.outcomes.push((row.submission_id, attempts, outcome));
+    }
+    result
+}
+
+/// Sends one row, retrying within the pass; returns the attempts made and the outcome.
+async fn send_one(row: &Leased, context: &SendContext, result: &mut GroupResult) -> (u32, Outcome) {
+    let payload = std::collections::HashMap::from([
+        (
+            "stripe_customer_id".to_owned(),
+            row.stripe_customer_id.clone(),
+        ),
+        (
+            "value".to_owned(),
+            row.value.trunc().normalize().to_string(),
+        ),
+    ]);
+    let request = CreateBillingMeterEvent::new(row.event_name.as_str(), payload)
+        .identifier(row.identifier.as_str())
+        .timestamp(row.event_timestamp.timestamp());
+    let config = &context.config;
+    let mut attempt: u32 = 0;
+    loop {
+        context.limiter.acquire().await;
+        attempt += 1;
+        let started = Instant::now();
+        let answer = request.send(&context.stripe).await;
+        metrics::histogram!(t::STRIPE_REQUEST_SECONDS).record(started.elapsed().as_secs_f64());
+        let error = match answer {
+            Ok(_) => {
+                metrics::counter!(t::SUBMISSIONS_SENT).increment(1);
+                return (attempt, Outcome::Sent);
+            }
+            // Stripe holds an event with this identifier, and only this row uses it: an
+            // earlier attempt (whose answer was lost) or another sink process sent it.
+            Err(error) if error.is_duplicate_identifier() => {
+                metrics::counter!(t::SUBMISSIONS_SENT).increment(1);
+                return (attempt, Outcome::Sent);
+            }
+            Err(error) => error,
+        };
+        if error.is_rate_limit() {
+            result.rate_limited += 1;
+            metrics::counter!(t::STRIPE_RATE_LIMITED).increment(1);
+        }
+        if !error.is_retryable() {
+            metrics::counter!(t::SUBMISSIONS_FAILED, "reason" => error.reason()).increment(1);
+            tracing::error!(identifier = row.identifier, customer = row.customer_id, meter = row.meter, %error, "Stripe refused a submission; it is marked failed in stripe_submissions");
+            return (
+                attempt,
+                Outcome::Failed {
+                    error: error.to_string(),
+                },
+            );
+        }
+        result.retried += 1;
+        metrics::counter!(t::SUBMISSIONS_RETRIED, "reason" => error.reason()).increment(1);
+        let total_attempts = row.attempts as u32 + attempt;
+        if attempt >= config.attempts_per_pass {
+            let wait = backoff(config, total_attempts);
+            tracing::warn!(identifier = row.identifier, %error, retry_in = ?wait, "Stripe call failed; will retry");
+            let retry_at = Utc::now() + TimeDelta::from_std(wait).unwrap_or(TimeDelta::MAX);
+            return (
+                attempt,
+                Outcome::Retry {
+                    error: error.to_string(),
+                    retry_at,
+                },
+            );
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(backoff(config, attempt)) => {}
+            _ = context.stop.cancelled() => {
+                return (attempt, Outcome::Retry { error: error.to_string(), retry_at: Utc::now() });
+            }
+        }
+    }
+}
+
+/// Exponential backoff with jitter: a random delay between half and all of
+/// `backoff_initial * 2^(attempt-1)`, capped at `backoff_max`.
+fn backoff(config: &SinkConfig, attempt: u32) -> Duration {
+    let exponent = attempt.saturating_sub(1).min(20);
+    let ceiling = config
+        .backoff_initial
+        .saturating_mul(1 << exponent)
+        .min(config.backoff_max);
+    let fraction = rand::rng().random_range(0.5..=1.0);
+    ceiling.mul_f64(fraction)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_grows_with_jitter_and_stops_at_the_cap() {
+        let config = SinkConfig::default();
+        for attempt in 1..30 {
+            let wait = backoff(&config, attempt);
+            let ceiling = config
+                .backoff_initial
+                .saturating_mul(1 << (attempt - 1).min(20))
+                .min(config.backoff_max);
+            assert!(
+                wait <= ceiling && wait >= ceiling / 2,
+                "attempt {attempt}: {wait:?}"
+            );
+        }
+    }
+}

@@ -1,0 +1,220 @@
+//! Calls to Stripe: async-stripe's typed requests, sent by our own `StripeClient`.
+//!
+//! async-stripe's bundled client folds the response into `StripeError` and drops the
+//! `Stripe-Should-Retry` header, which Stripe says overrides the status-code guess; it also
+//! opens a new connection per request. This client keeps connections alive, sends one attempt
+//! per call (the sink's loop retries with the same identifier), and reports status, header and
+//! Stripe's error body so the loop can tell retry from give up.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper::header::{HeaderValue, AUTHORIZATION, CONTENT_TYPE, USER_AGENT};
+use hyper_rustls::HttpsConnector;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+use stripe_client_core::{CustomizedStripeRequest, StripeClient, StripeClientErr, StripeMethod};
+
+use crate::config::StripeConfig;
+
+/// Why a call did not succeed, with what the loop needs to decide.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("{}", self.describe())]
+pub struct StripeCallError {
+    /// HTTP status; `None` when no response arrived (connection, timeout) or it was unreadable.
+    pub status: Option<u16>,
+    /// `Stripe-Should-Retry`, when Stripe sent it.
+    pub should_retry: Option<bool>,
+    /// `error.type` and `error.code` from Stripe's body.
+    pub kind: Option<String>,
+    pub code: Option<String>,
+    pub message: String,
+}
+
+impl StripeCallError {
+    fn transport(message: impl Into<String>) -> StripeCallError {
+        StripeCallError {
+            status: None,
+            should_retry: None,
+            kind: None,
+            code: None,
+            message: message.into(),
+        }
+    }
+
+    fn describe(&self) -> String {
+        match self.status {
+            Some(status) => format!(
+                "Stripe answered {status} {}{}: {}",
+                self.kind.as_deref().unwrap_or("error"),
+                self.code
+                    .as_deref()
+                    .map(|c| format!(" ({c})"))
+                    .unwrap_or_default(),
+                self.message
+            ),
+            None => format!("no answer from Stripe: {}", self.message),
+        }
+    }
+
+    /// Stripe already holds an event with this identifier: on a retry, that is our event.
+    pub fn is_duplicate_identifier(&self) -> bool {
+        self.status == Some(400)
+            && self
+                .message
+                .starts_with("An event already exists with identifier")
+    }
+
+    pub fn is_rate_limit(&self) -> bool {
+        self.status == Some(429)
+    }
+
+    /// Whether sending the same call again may succeed. `Stripe-Should-Retry` decides when
+    /// present; otherwise 409, 429, 5xx and no answer at all are retried.
+    pub fn is_retryable(&self) -> bool {
+        if let Some(retry) = self.should_retry {
+            return retry;
+        }
+        match self.status {
+            None => true,
+            Some(status) => status == 409 || status == 429 || status >= 500,
+        }
+    }
+
+    /// A bounded label for metrics.
+    pub fn reason(&self) -> &'static str {
+        match self.status {
+            None => "network",
+            Some(429) => "rate_limit",
+            Some(409) => "conflict",
+            Some(400) => "invalid_request",
+            Some(401 | 403) => "authentication",
+            Some(404) => "not_found",
+            Some(s) if s >= 500 => "server_error",
+            Some(_) => "other",
+        }
+    }
+}
+
+impl StripeClientErr for StripeCallError {
+    fn deserialize_err(message: impl std::fmt::Display) -> Self {
+        StripeCallError::transport(format!("unreadable response: {message}"))
+    }
+}
+
+/// A Stripe API client over a pooled HTTP/1.1 connection (https, or http for the emulator).
+#[derive(Clone)]
+pub struct StripeHttp {
+    client: Client<HttpsConnector<HttpConnector>, Full<Bytes>>,
+    api_base: String,
+    authorization: HeaderValue,
+    timeout: Duration,
+}
+
+impl std::fmt::Debug for StripeHttp {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StripeHttp")
+            .field("api_base", &self.api_base)
+            .finish_non_exhaustive()
+    }
+}
+
+impl StripeHttp {
+    pub fn new(config: &StripeConfig) -> Result<StripeHttp, String> {
+        config.validate()?;
+        let connector = hyper_rustls::HttpsConnectorBuilder::new()
+            .with_webpki_roots()
+            .https_or_http()
+            .enable_http1()
+            .build();
+        let client = Client::builder(TokioExecutor::new())
+            .pool_idle_timeout(Duration::from_secs(60))
+            .build(connector);
+        let mut authorization =
+            HeaderValue::from_str(&format!("Bearer {}", config.secret_key.expose())).map_err(
+                |_| "the Stripe secret key holds characters a header cannot carry".to_owned(),
+            )?;
+        authorization.set_sensitive(true);
+        Ok(StripeHttp {
+            client,
+            api_base: config.api_base.clone(),
+            authorization,
+            timeout: config.request_timeout,
+        })
+    }
+
+    async fn attempt(
+        &self,
+        request: hyper::Request<Full<Bytes>>,
+    ) -> Result<Bytes, StripeCallError> {
+        let response = self
+            .client
+            .request(request)
+            .await
+            .map_err(|e| StripeCallError::transport(format!("{e}")))?;
+        let status = response.status().as_u16();
+        let should_retry = response
+            .headers()
+            .get("stripe-should-retry")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse().ok());
+        let body = response
+            .into_body()
+            .collect()
+            .await
+            .map_err(|e| StripeCallError::transport(format!("response cut off: {e}")))?
+            .to_bytes();
+        if (200..300).contains(&status) {
+            return Ok(body);
+        }
+        let error: serde_json::Value = serde_json::from_slice(&body).unwrap_or_default();
+        let field = |name: &str| error["error"][name].as_str().map(str::to_owned);
+        Err(StripeCallError {
+            status: Some(status),
+            should_retry,
+            kind: field("type"),
+            code: field("code"),
+            message: field("message")
+                .unwrap_or_else(|| String::from_utf8_lossy(&body).into_owned()),
+        })
+    }
+}
+
+impl StripeClient for StripeHttp {
+    type Err = StripeCallError;
+
+    async fn execute(&self, request: CustomizedStripeRequest) -> Result<Bytes, StripeCallError> {
+        let (request, _config) = request.into_pieces();
+        let mut uri = format!("{}v1{}", self.api_base, request.path);
+        if let Some(query) = &request.query {
+            uri.push('?');
+            uri.push_str(query);
+        }
+        let method = match request.method {
+            StripeMethod::Get => hyper::Method::GET,
+            StripeMethod::Post => hyper::Method::POST,
+            StripeMethod::Delete => hyper::Method::DELETE,
+        };
+        let mut builder = hyper::Request::builder()
+            .method(method)
+            .uri(uri)
+            .header(AUTHORIZATION, self.authorization.clone())
+            .header(USER_AGENT, concat!("tally/", env!("CARGO_PKG_VERSION")))
+            .header("stripe-version", stripe_shared::version::VERSION.as_str());
+        if request.body.is_some() {
+            builder = builder.header(CONTENT_TYPE, "application/x-www-form-urlencoded");
+        }
+        let http_request = builder
+            .body(Full::new(Bytes::from(request.body.unwrap_or_default())))
+            .map_err(|e| StripeCallError::transport(format!("bad request: {e}")))?;
+        match tokio::time::timeout(self.timeout, self.attempt(http_request)).await {
+            Ok(result) => result,
+            Err(_) => Err(StripeCallError::transport(format!(
+                "no response within {:?} (stripe.request_timeout)",
+                self.timeout
+            ))),
+        }
+    }
+}
