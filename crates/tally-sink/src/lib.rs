@@ -6,6 +6,7 @@
 //! - `stripe.rs`: the Stripe client and its error classification.
 //! - `limiter.rs`: the token bucket under the account's rate.
 //! - `sink.rs`: the pass loop (account, then send).
+//! - `stripe_meters.rs`: the Stripe meters tally bills under (check, create).
 //! - `reconcile.rs`: tally's windows vs the outbox vs Stripe's event summaries.
 //! - `telemetry.rs`: metric names.
 
@@ -16,9 +17,11 @@ mod reconcile;
 mod sink;
 pub mod store;
 mod stripe;
+mod stripe_meters;
 pub mod telemetry;
 
 pub use config::{SinkConfig, StripeConfig};
 pub use reconcile::{reconcile, render_table, ReconcileRow, Verdict};
 pub use sink::{Mode, Sink, SinkError, SinkSummary};
 pub use stripe::{StripeCallError, StripeHttp};
+pub use stripe_meters::{create_stripe_meters, missing_stripe_meters};

@@ -8,7 +8,6 @@ use chrono::{DateTime, Utc};
 use rust_decimal::prelude::FromPrimitive;
 use rust_decimal::Decimal;
 use sqlx::PgPool;
-use stripe_billing::billing_meter::ListBillingMeter;
 use stripe_billing::billing_meter_event_summary::ListIdBillingMeterEventSummary;
 
 use crate::limiter::RateLimiter;
@@ -139,7 +138,7 @@ pub async fn reconcile(
             .into_iter()
             .collect();
     let limiter = RateLimiter::new(requests_per_second);
-    let stripe_meters = stripe_meter_ids(stripe, &limiter).await?;
+    let stripe_meters = crate::stripe_meters::stripe_meter_ids(stripe, &limiter).await?;
 
     for row in rows.values_mut() {
         let Some(stripe_customer) = mapping.get(&row.customer) else {
@@ -205,31 +204,8 @@ fn kind_of(text: &str) -> BillingKind {
     }
 }
 
-/// Stripe meter id per event name (all pages).
-async fn stripe_meter_ids(
-    stripe: &StripeHttp,
-    limiter: &RateLimiter,
-) -> Result<HashMap<String, String>, SinkError> {
-    let mut ids = HashMap::new();
-    let mut after: Option<String> = None;
-    loop {
-        let mut request = ListBillingMeter::new().limit(100);
-        if let Some(after) = &after {
-            request = request.starting_after(after.as_str());
-        }
-        let page = call(limiter, || request.send(stripe)).await?;
-        for meter in &page.data {
-            ids.insert(meter.event_name.clone(), meter.id.to_string());
-        }
-        match (page.has_more, page.data.last()) {
-            (true, Some(last)) => after = Some(last.id.to_string()),
-            _ => return Ok(ids),
-        }
-    }
-}
-
 /// One Stripe read, under the rate, retried while Stripe says it may succeed.
-async fn call<T, F, Fut>(limiter: &RateLimiter, mut send: F) -> Result<T, SinkError>
+pub(crate) async fn call<T, F, Fut>(limiter: &RateLimiter, mut send: F) -> Result<T, SinkError>
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = Result<T, StripeCallError>>,

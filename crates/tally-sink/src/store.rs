@@ -22,15 +22,13 @@ pub enum StoreError {
 
 /// How a meter is billed, from the `meters` table.
 #[derive(Debug, Clone)]
-pub(crate) struct BilledMeter {
-    pub(crate) aggregation: Aggregation,
-    pub(crate) kind: Option<BillingKind>,
-    pub(crate) event_name: String,
+pub struct BilledMeter {
+    pub aggregation: Aggregation,
+    pub kind: Option<BillingKind>,
+    pub event_name: String,
 }
 
-pub(crate) async fn billed_meters(
-    pool: &PgPool,
-) -> Result<HashMap<String, BilledMeter>, StoreError> {
+pub async fn billed_meters(pool: &PgPool) -> Result<HashMap<String, BilledMeter>, StoreError> {
     let rows: Vec<(String, String, String)> =
         sqlx::query_as("SELECT name, aggregation, stripe_event_name FROM meters")
             .fetch_all(pool)

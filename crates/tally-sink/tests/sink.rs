@@ -1,0 +1,342 @@
+//! The sink against the Stripe emulator over real HTTP.
+
+mod common;
+
+use std::time::Duration;
+
+use chrono::{TimeDelta, Utc};
+use common::*;
+use rand::{Rng, SeedableRng};
+use rust_decimal::Decimal;
+use stripe_emulator::{EmulatorConfig, Faults};
+use tally_core::window::slot_start;
+use tally_sink::{Mode, Verdict};
+use tokio_util::sync::CancellationToken;
+
+fn d(text: &str) -> Decimal {
+    text.parse().unwrap()
+}
+
+#[tokio::test]
+async fn bills_each_slot_once_carrying_fractions_and_revising_late_slots() {
+    let setup = setup(EmulatorConfig::default()).await;
+    let pool = &setup.db.pool;
+    let base = slot_start(Utc::now() - TimeDelta::hours(3));
+    let minute = |slot: i64, m: i64| base + TimeDelta::minutes(5 * slot + m);
+    let customers: Vec<String> = (0..20).map(|i| format!("c{i:02}")).collect();
+    map_all(pool, &customers).await;
+    for (i, customer) in customers.iter().enumerate() {
+        for slot in 0..3 {
+            add_usage(
+                pool,
+                customer,
+                "api_calls",
+                minute(slot, 1),
+                d("2.5"),
+                minute(slot, 1),
+            )
+            .await;
+            add_usage(
+                pool,
+                customer,
+                "api_calls",
+                minute(slot, 3),
+                Decimal::from(i),
+                minute(slot, 3),
+            )
+            .await;
+            add_usage(
+                pool,
+                customer,
+                "storage_gb",
+                minute(slot, 0),
+                d("3.2"),
+                minute(slot, 0),
+            )
+            .await;
+            add_usage(
+                pool,
+                customer,
+                "storage_gb",
+                minute(slot, 4),
+                d("1"),
+                minute(slot, 4),
+            )
+            .await;
+            add_usage(
+                pool,
+                customer,
+                "seats",
+                minute(slot, 2),
+                Decimal::from(10 + slot),
+                minute(slot, 2),
+            )
+            .await;
+        }
+    }
+    let sink = sink(&setup, sink_config());
+    let stop = CancellationToken::new();
+    let summary = sink.run(Mode::Once, &stop).await.unwrap();
+    assert_eq!(summary.failed, 0);
+    assert_eq!(summary.pending, 0);
+    for (i, customer) in customers.iter().enumerate() {
+        let stripe_customer = format!("cus_{customer}");
+        // 3 slots × (2.5 + i): the half units carry from slot to slot.
+        let exact = d("7.5") + Decimal::from(3 * i);
+        assert_eq!(
+            Decimal::from(stripe_sum(&setup.emulator, &stripe_customer, "api_calls")),
+            exact.floor()
+        );
+        assert_eq!(
+            stripe_last(&setup.emulator, &stripe_customer, "storage_gb"),
+            Some(4),
+            "max 3.2 rounds up"
+        );
+        assert_eq!(
+            stripe_last(&setup.emulator, &stripe_customer, "seats"),
+            Some(12)
+        );
+    }
+    assert_eq!(
+        stripe_sum(&setup.emulator, "cus_c00", "active_users"),
+        0,
+        "unique_count is not billed"
+    );
+
+    // Nothing changed: a second pass sends nothing.
+    let before = setup.emulator.stats().meter_events_created;
+    let again = sink.run(Mode::Once, &stop).await.unwrap();
+    assert_eq!((again.accounted.submissions, again.sent), (0, 0));
+    assert_eq!(setup.emulator.stats().meter_events_created, before);
+
+    // A late event in a billed slot: a new revision carrying the delta.
+    add_usage(pool, "c05", "api_calls", minute(0, 2), d("4"), minute(0, 2)).await;
+    add_usage(pool, "c05", "seats", minute(2, 4), d("3"), minute(2, 4)).await;
+    let late = sink.run(Mode::Once, &stop).await.unwrap();
+    assert_eq!((late.accounted.submissions, late.sent), (2, 2));
+    assert_eq!(stripe_sum(&setup.emulator, "cus_c05", "api_calls"), 26);
+    assert_eq!(stripe_last(&setup.emulator, "cus_c05", "seats"), Some(3));
+    let revisions: Vec<String> = sqlx::query_scalar("SELECT identifier FROM stripe_submissions WHERE customer_id = 'c05' AND meter = 'api_calls' ORDER BY submission_id")
+        .fetch_all(pool)
+        .await
+        .unwrap();
+    assert_eq!(revisions.len(), 4);
+    assert_eq!(
+        revisions[3],
+        format!("tally:api_calls:c05:{}:2", base.timestamp())
+    );
+
+    // Reconcile over the three slots: every row agrees.
+    let rows = tally_sink::reconcile(
+        pool,
+        &tally_sink::StripeHttp::new(&setup.stripe).unwrap(),
+        900,
+        base,
+        base + TimeDelta::minutes(15),
+    )
+    .await
+    .unwrap();
+    assert_eq!(rows.len(), 20 * 3);
+    for row in &rows {
+        assert_eq!(row.verdict, Verdict::Ok, "{row:?}");
+    }
+}
+
+#[tokio::test]
+async fn unmapped_customers_wait_and_are_billed_once_mapped() {
+    let setup = setup(EmulatorConfig::default()).await;
+    let pool = &setup.db.pool;
+    let base = slot_start(Utc::now() - TimeDelta::hours(1));
+    add_usage(pool, "mapped", "api_calls", base, d("5"), base).await;
+    add_usage(pool, "newcomer", "api_calls", base, d("7"), base).await;
+    map_all(pool, &["mapped".to_owned()]).await;
+    let sink = sink(&setup, sink_config());
+    let stop = CancellationToken::new();
+    let first = sink.run(Mode::Once, &stop).await.unwrap();
+    assert_eq!((first.sent, first.unmapped_slots), (1, 1));
+    let waiting: (String, i64) =
+        sqlx::query_as("SELECT customer_id, slots FROM stripe_unmapped_usage")
+            .fetch_one(pool)
+            .await
+            .unwrap();
+    assert_eq!(waiting, ("newcomer".to_owned(), 1));
+    let rows = tally_sink::reconcile(
+        pool,
+        &tally_sink::StripeHttp::new(&setup.stripe).unwrap(),
+        900,
+        base,
+        base + TimeDelta::minutes(5),
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        rows.iter().map(|r| r.verdict).collect::<Vec<_>>(),
+        vec![Verdict::Ok, Verdict::Unmapped]
+    );
+
+    map_all(pool, &["newcomer".to_owned()]).await;
+    let second = sink.run(Mode::Once, &stop).await.unwrap();
+    assert_eq!((second.sent, second.unmapped_slots), (1, 0));
+    assert_eq!(stripe_sum(&setup.emulator, "cus_newcomer", "api_calls"), 7);
+}
+
+#[tokio::test]
+async fn refused_submissions_are_marked_failed_with_stripes_error() {
+    let setup = setup(EmulatorConfig::default()).await;
+    let pool = &setup.db.pool;
+    let base = slot_start(Utc::now() - TimeDelta::hours(1));
+    add_usage(pool, "c1", "api_calls", base, d("5"), base).await;
+    map_all(pool, &["c1".to_owned()]).await;
+    // Stripe's clock is 40 days ahead: the event's timestamp is too old for it.
+    setup
+        .emulator
+        .advance_clock(Duration::from_secs(40 * 24 * 3600));
+    let summary = sink(&setup, sink_config())
+        .run(Mode::Once, &CancellationToken::new())
+        .await
+        .unwrap();
+    assert_eq!((summary.sent, summary.failed), (0, 1));
+    let (status, error): (String, String) =
+        sqlx::query_as("SELECT status, last_error FROM stripe_submissions")
+            .fetch_one(pool)
+            .await
+            .unwrap();
+    assert_eq!(status, "failed");
+    assert!(
+        error.contains("Stripe answered 400") && error.contains("Timestamp"),
+        "{error}"
+    );
+}
+
+#[tokio::test]
+async fn usage_that_goes_down_is_recorded_for_finance() {
+    let setup = setup(EmulatorConfig::default()).await;
+    let pool = &setup.db.pool;
+    let base = slot_start(Utc::now() - TimeDelta::hours(1));
+    add_usage(pool, "c1", "api_calls", base, d("10"), base).await;
+    map_all(pool, &["c1".to_owned()]).await;
+    let sink = sink(&setup, sink_config());
+    let stop = CancellationToken::new();
+    sink.run(Mode::Once, &stop).await.unwrap();
+    // Someone corrects the window by hand.
+    sqlx::query("UPDATE usage_minute SET value = 6")
+        .execute(pool)
+        .await
+        .unwrap();
+    sqlx::query("INSERT INTO usage_slot_changes (customer_id, meter, slot_start) VALUES ('c1', 'api_calls', $1)")
+        .bind(base)
+        .execute(pool)
+        .await
+        .unwrap();
+    let summary = sink.run(Mode::Once, &stop).await.unwrap();
+    assert_eq!(summary.accounted.corrections, 1);
+    let overbilled: Decimal = sqlx::query_scalar("SELECT overbilled FROM billing_corrections")
+        .fetch_one(pool)
+        .await
+        .unwrap();
+    assert_eq!(overbilled, d("4"));
+    // Later usage is billed normally, not swallowed by the correction.
+    add_usage(
+        pool,
+        "c1",
+        "api_calls",
+        base + TimeDelta::minutes(5),
+        d("3"),
+        base,
+    )
+    .await;
+    sink.run(Mode::Once, &stop).await.unwrap();
+    assert_eq!(stripe_sum(&setup.emulator, "cus_c1", "api_calls"), 13);
+}
+
+/// Stripe failing in every way it can (5xx, committed-then-dropped, delays, 429s from an
+/// account limit of 300/s below the sink's 900/s) while the sink is killed at random moments: Stripe
+/// ends up holding exactly the windows.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn exactly_once_through_faults_and_kills() {
+    let faults = Faults {
+        error_500: 0.05,
+        error_503: 0.02,
+        drop_after_commit: 0.02,
+        delay: 0.05,
+        delay_ms: 30,
+    };
+    let setup = setup(EmulatorConfig {
+        live_rate_per_second: 300,
+        faults,
+        ..EmulatorConfig::default()
+    })
+    .await;
+    let pool = &setup.db.pool;
+    let base = slot_start(Utc::now() - TimeDelta::hours(2));
+    let customers: Vec<String> = (0..60).map(|i| format!("k{i:02}")).collect();
+    map_all(pool, &customers).await;
+    let mut rng = rand::rngs::StdRng::seed_from_u64(7);
+    let mut expected = std::collections::BTreeMap::new();
+    for round in 0..3 {
+        for customer in &customers {
+            for slot in 0..4 {
+                let value = Decimal::new(rng.random_range(0..2000), 1);
+                let minute = base + TimeDelta::minutes(5 * slot + round);
+                add_usage(pool, customer, "api_calls", minute, value, minute).await;
+                *expected.entry(customer.clone()).or_insert(Decimal::ZERO) += value;
+            }
+        }
+        // Kill the sink at random moments while it works through this round.
+        for _ in 0..4 {
+            let mut config = sink_config();
+            config.concurrency = 16;
+            let sink = sink(&setup, config);
+            let task =
+                tokio::spawn(
+                    async move { sink.run(Mode::Daemon, &CancellationToken::new()).await },
+                );
+            tokio::time::sleep(Duration::from_millis(rng.random_range(50..400))).await;
+            task.abort();
+            let _ = task.await;
+        }
+    }
+    // Then let one run finish the work.
+    let deadline = std::time::Instant::now() + Duration::from_secs(90);
+    let sink = sink(&setup, sink_config());
+    loop {
+        tokio::time::sleep(Duration::from_millis(1100)).await; // leases of killed runs expire
+        sink.run(Mode::Once, &CancellationToken::new())
+            .await
+            .unwrap();
+        let (pending, _, failed) = outbox_counts(pool).await;
+        assert_eq!(failed, 0);
+        if pending == 0 && changes_left(pool).await == 0 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "outbox not drained: {pending} pending"
+        );
+    }
+    for (customer, exact) in &expected {
+        assert_eq!(
+            Decimal::from(stripe_sum(
+                &setup.emulator,
+                &format!("cus_{customer}"),
+                "api_calls"
+            )),
+            exact.floor(),
+            "customer {customer}"
+        );
+    }
+    let stats = setup.emulator.stats();
+    assert!(
+        stats.injected_500 > 0 && stats.dropped_after_commit > 0,
+        "{stats:?}"
+    );
+    assert!(
+        stats.rate_limited + stats.concurrency_limited > 0,
+        "the sink met 429s: {stats:?}"
+    );
+    eprintln!("emulator: {stats:?}");
+    assert!(
+        stats.duplicate_identifiers > 0,
+        "a dropped response was retried and found: {stats:?}"
+    );
+}
