@@ -590,10 +590,7 @@ pub(crate) async fn drop_expired(
 
 /// Records the configured meters. A meter whose aggregation, group_by or unique dimension
 /// differs from what its windows were built with is refused: mixing rules would corrupt them.
-pub(crate) async fn sync_meters(
-    pool: &PgPool,
-    meters: &[MeterDefinition],
-) -> Result<(), StoreError> {
+pub async fn sync_meters(pool: &PgPool, meters: &[MeterDefinition]) -> Result<(), StoreError> {
     let mut tx = pool.begin().await?;
     for meter in meters {
         let aggregation = aggregation_name(meter.aggregation);

@@ -145,6 +145,15 @@ impl StripeHttp {
         })
     }
 
+    /// Creates a Stripe customer and returns its id (`cus_…`): for the demo and tests.
+    pub async fn create_customer(&self, name: &str) -> Result<String, StripeCallError> {
+        let customer = stripe_core::customer::CreateCustomer::new()
+            .name(name)
+            .send(self)
+            .await?;
+        Ok(customer.id.to_string())
+    }
+
     async fn attempt(
         &self,
         request: hyper::Request<Full<Bytes>>,

@@ -1,13 +1,12 @@
 //! `tally aggregate` and `tally migrate`.
 
 use std::net::SocketAddr;
-use std::time::Duration;
 
-use anyhow::Context;
 use tally_aggregator::{Aggregator, Mode};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::TallyConfig;
+use crate::process::{cancel_on_signal, connect, runtime, serve_metrics};
 
 #[derive(Debug, clap::Args)]
 pub(crate) struct AggregateArgs {
@@ -22,28 +21,9 @@ pub(crate) struct AggregateArgs {
     metrics_listen: Option<SocketAddr>,
 }
 
-fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .context("cannot start the async runtime")
-}
-
-async fn connect(config: &TallyConfig) -> anyhow::Result<sqlx::PgPool> {
-    // One connection per commit lane, plus one for rebalances and one for DLQ bookkeeping.
-    let connections = config.aggregator.parallel_commits as u32 + 2;
-    Ok(tally_db::connect(
-        config.database.url.expose(),
-        connections,
-        Duration::from_secs(10),
-    )
-    .await?)
-}
-
 pub(crate) fn migrate(config: &TallyConfig) -> anyhow::Result<()> {
     runtime()?.block_on(async {
-        let pool = connect(config).await?;
+        let pool = connect(config, 2).await?;
         tally_db::migrate(&pool).await?;
         let count = tally_db::MIGRATOR.iter().count();
         println!("database schema is up to date ({count} migrations)");
@@ -55,8 +35,10 @@ pub(crate) fn run(config: &TallyConfig, args: &AggregateArgs) -> anyhow::Result<
     config.require_brokers()?;
     let meters = config.require_meters()?.to_vec();
     let runtime = runtime()?;
+    // One connection per commit lane, plus one for rebalances and one for DLQ bookkeeping.
+    let connections = config.aggregator.parallel_commits as u32 + 2;
     let pool = runtime.block_on(async {
-        let pool = connect(config).await?;
+        let pool = connect(config, connections).await?;
         if args.migrate {
             tally_db::migrate(&pool).await?;
         } else {
@@ -65,13 +47,7 @@ pub(crate) fn run(config: &TallyConfig, args: &AggregateArgs) -> anyhow::Result<
         anyhow::Ok(pool)
     })?;
     if let Some(listen) = args.metrics_listen {
-        let _guard = runtime.enter();
-        metrics_exporter_prometheus::PrometheusBuilder::new()
-            .with_http_listener(listen)
-            .install()
-            .with_context(|| {
-                format!("cannot serve metrics on {listen}; pick a free --metrics-listen address")
-            })?;
+        serve_metrics(&runtime, listen)?;
     }
     let stop = CancellationToken::new();
     runtime.spawn(cancel_on_signal(stop.clone()));
@@ -96,24 +72,4 @@ pub(crate) fn run(config: &TallyConfig, args: &AggregateArgs) -> anyhow::Result<
         );
     }
     Ok(())
-}
-
-/// SIGINT or SIGTERM: finish the batch in progress, commit it, exit.
-async fn cancel_on_signal(stop: CancellationToken) {
-    let mut terminate =
-        tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
-    let terminated = async {
-        match terminate.as_mut() {
-            Some(signal) => {
-                signal.recv().await;
-            }
-            None => std::future::pending().await,
-        }
-    };
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = terminated => {}
-    }
-    tracing::info!("stop requested; finishing the current batch");
-    stop.cancel();
 }

@@ -9,6 +9,7 @@ use tally_aggregator::AggregatorConfig;
 use tally_core::config::{KafkaConfig, Secret};
 use tally_core::{MeterDefinition, Meters};
 use tally_emitter::EmitterConfig;
+use tally_sink::{SinkConfig, StripeConfig};
 
 /// The whole configuration. Unknown keys are errors.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -18,6 +19,8 @@ pub(crate) struct TallyConfig {
     pub(crate) kafka: KafkaConfig,
     pub(crate) emitter: EmitterConfig,
     pub(crate) aggregator: AggregatorConfig,
+    pub(crate) sink: SinkConfig,
+    pub(crate) stripe: StripeConfig,
     /// `[[meters]]`: the meters events may report.
     pub(crate) meters: Vec<MeterDefinition>,
 }
@@ -53,8 +56,14 @@ pub(crate) fn load(path: Option<&Path>, overrides: Overrides) -> anyhow::Result<
     };
     let name = path.as_ref().map(|p| p.display().to_string());
     let file = name.as_deref().zip(text.as_deref());
-    let mut config: TallyConfig =
-        tally_core::config::load(file, std::env::vars(), &[("DATABASE_URL", "database.url")])?;
+    let mut config: TallyConfig = tally_core::config::load(
+        file,
+        std::env::vars(),
+        &[
+            ("DATABASE_URL", "database.url"),
+            ("STRIPE_SECRET_KEY", "stripe.secret_key"),
+        ],
+    )?;
     if let Some(brokers) = overrides.kafka_brokers {
         config.kafka.brokers = brokers;
     }
@@ -72,6 +81,9 @@ impl TallyConfig {
             .validate()
             .map_err(|problem| anyhow::anyhow!("{problem}"))?;
         self.aggregator
+            .validate()
+            .map_err(|problem| anyhow::anyhow!("{problem}"))?;
+        self.sink
             .validate()
             .map_err(|problem| anyhow::anyhow!("{problem}"))?;
         if self.kafka.topic.is_empty() {

@@ -1,21 +1,35 @@
-//! `tally demo`: the whole path so far on embedded defaults. Emits sample usage through the
-//! emitter into an in-process Kafka (librdkafka's mock cluster, real protocol), reads every
-//! message back and checks that what arrived is exactly what was emitted.
+//! `tally demo`: the whole pipeline on embedded defaults.
+//!
+//! Emitters report usage for a few hundred customers into an in-process Kafka (librdkafka's
+//! mock cluster, real protocol); the aggregator rolls it into one-minute windows in Postgres;
+//! the sink bills closed slots to an in-process Stripe emulator every second; some events
+//! arrive late, into slots already billed, and are billed as new revisions. The demo ends with
+//! the reconciliation: emitted = windows = Stripe, for every customer and meter.
 
-use std::collections::{BTreeMap, HashSet};
+mod postgres;
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
-use rdkafka::consumer::{BaseConsumer, Consumer};
-use rdkafka::message::Message;
+use chrono::{DateTime, TimeDelta, Utc};
 use rdkafka::mocking::MockCluster;
-use rdkafka::{ClientConfig, Offset, TopicPartitionList};
 use rust_decimal::Decimal;
-use tally_core::config::KafkaConfig;
-use tally_core::{wire, MeterDefinition, UsageEvent};
+use stripe_emulator::{Emulator, EmulatorConfig};
+use tally_aggregator::{Aggregator, Hooks, Mode as AggregatorMode};
+use tally_core::config::{KafkaConfig, Secret};
+use tally_core::window::slot_start;
+use tally_core::{Aggregation, MeterDefinition, UsageEvent};
 use tally_emitter::{EmitError, Emitter};
+use tally_sink::{
+    Mode as SinkMode, ReconcileRow, Sink, SinkConfig, StripeConfig, StripeHttp, Verdict,
+};
+use tokio_util::sync::CancellationToken;
 
 use crate::config::TallyConfig;
+use crate::process::runtime;
 
 /// The meters the demo uses when tally.toml defines none.
 pub(crate) const DEMO_METERS: &str = r#"
@@ -34,6 +48,10 @@ aggregation = "max"
 "#;
 
 const PARTITIONS: i32 = 6;
+const DEMO_KEY: &str = "sk_test_tally_demo";
+/// Events are dated over this many minutes before the demo starts, so their slots have closed
+/// and the sink bills them while the demo runs.
+const SPREAD_MINUTES: i64 = 40;
 
 #[derive(Debug, clap::Args)]
 pub(crate) struct DemoArgs {
@@ -43,12 +61,12 @@ pub(crate) struct DemoArgs {
     /// Distinct customers the events are spread over
     #[arg(long, default_value_t = 300)]
     customers: usize,
-}
-
-#[derive(Debug, Default, Clone, PartialEq)]
-struct Totals {
-    events: u64,
-    quantity: Decimal,
+    /// Keep the demo's database (tally_demo_…) to explore it afterwards
+    #[arg(long)]
+    keep_database: bool,
+    /// Print the reconciliation row of every customer and meter
+    #[arg(long)]
+    all_rows: bool,
 }
 
 pub(crate) fn run(config: &TallyConfig, args: &DemoArgs) -> anyhow::Result<()> {
@@ -56,34 +74,127 @@ pub(crate) fn run(config: &TallyConfig, args: &DemoArgs) -> anyhow::Result<()> {
         bail!("--events and --customers must be at least 1");
     }
     let meters = config.meters_or_demo();
+    let runtime = runtime()?;
     println!(
-        "tally demo: embedded Kafka (librdkafka mock cluster, 3 brokers), topic {:?}, {} customers, {} meters, {} events",
-        config.kafka.topic,
+        "tally demo: {} events from {} customers on {} meters, through Kafka, Postgres and Stripe (all embedded)",
+        args.events,
         args.customers,
-        meters.len(),
-        args.events
+        meters.len()
+    );
+
+    // Postgres, Kafka, Stripe.
+    let database = runtime.block_on(postgres::DemoDatabase::open(config.database.url.expose()))?;
+    println!(
+        "  postgres: database {} on {}",
+        database.name,
+        redact(&database.server_url)
     );
     let cluster = MockCluster::new(3).context("starting the embedded Kafka cluster")?;
     cluster
         .create_topic(&config.kafka.topic, PARTITIONS, 3)
         .context("creating the usage topic")?;
+    cluster
+        .create_topic(&config.kafka.dlq_topic, 1, 3)
+        .context("creating the DLQ topic")?;
     let kafka = KafkaConfig {
         brokers: cluster.bootstrap_servers(),
         ..config.kafka.clone()
     };
+    println!(
+        "  kafka: librdkafka mock cluster, 3 brokers, topic {:?} with {PARTITIONS} partitions",
+        kafka.topic
+    );
+    let emulator = runtime.block_on(Emulator::start(
+        "127.0.0.1:0".parse().expect("valid address"),
+        EmulatorConfig {
+            test_rate_per_second: 1000,
+            ..EmulatorConfig::default()
+        },
+    ))?;
+    let stripe = StripeConfig {
+        api_base: emulator.url(),
+        secret_key: Secret::new(DEMO_KEY),
+        max_requests_per_second: 900,
+        ..StripeConfig::default()
+    };
+    println!("  stripe: emulator at {}", emulator.url());
+
+    let pool = database.pool.clone();
+    let customers: Vec<String> = (0..args.customers).map(|i| format!("cus-{i:04}")).collect();
+    runtime.block_on(prepare_billing(&pool, &stripe, &meters, &customers))?;
+    println!(
+        "  created {} Stripe customers and the Stripe meters, mapped every customer",
+        customers.len()
+    );
+
+    // The aggregator (its loop blocks: a thread of its own) and the sink (a task).
+    let stop = CancellationToken::new();
+    let counted = Arc::new(AtomicU64::new(0));
+    let aggregator = {
+        let counted = counted.clone();
+        let mut aggregator_config = config.aggregator.clone();
+        aggregator_config.group_id = "tally-demo".into();
+        Aggregator::new(
+            aggregator_config,
+            kafka.clone(),
+            meters.clone(),
+            pool.clone(),
+            runtime.handle().clone(),
+        )?
+        .with_hooks(Hooks {
+            on_commit: Some(Arc::new(move |report, _| {
+                counted.fetch_add(report.counted, Ordering::Relaxed);
+            })),
+            ..Hooks::default()
+        })
+    };
+    let aggregator_thread = {
+        let stop = stop.clone();
+        std::thread::spawn(move || aggregator.run(AggregatorMode::Daemon, &stop))
+    };
+    let sink = Sink::new(
+        SinkConfig {
+            interval: Duration::from_secs(1),
+            settle_delay: Duration::ZERO,
+            ..config.sink.clone()
+        },
+        &stripe,
+        pool.clone(),
+    )?;
+    let sink_task = {
+        let stop = stop.clone();
+        runtime.spawn(async move { sink.run(SinkMode::Daemon, &stop).await })
+    };
+
+    // Emit: most events first, then a late wave into slots the sink has already billed.
     let spool = tempfile::tempdir().context("creating a spool directory")?;
     let mut emitter_config = config.emitter.clone();
     emitter_config.spool.dir = spool.path().to_owned();
     let emitter = Emitter::start(&kafka, &emitter_config)?;
-
     let started = Instant::now();
-    let mut emitted: BTreeMap<String, Totals> = BTreeMap::new();
+    let now = Utc::now();
+    let mut emitted = Emitted::default();
+    let on_time = args.events * 4 / 5;
+    let progress = Progress::new(&pool, &emulator, &counted, args.events as u64);
     for i in 0..args.events {
+        if i == on_time {
+            emitter
+                .flush(Duration::from_secs(120))
+                .context("waiting for Kafka")?;
+            // Let the sink bill what is there, so the rest arrives late.
+            runtime.block_on(progress.wait_until_billed(
+                i as u64,
+                &stop,
+                Duration::from_secs(120),
+            ))?;
+            println!(
+                "  late wave: {} more events dated into slots already billed",
+                args.events - on_time
+            );
+        }
         let meter = &meters[i % meters.len()];
-        let event = sample_event(i, meter, args.customers);
-        let totals = emitted.entry(meter.name.clone()).or_default();
-        totals.events += 1;
-        totals.quantity += event.quantity;
+        let event = sample_event(i, meter, &customers, now);
+        emitted.add(&event, meter.aggregation);
         loop {
             match emitter.emit(event.clone()) {
                 Ok(()) => break,
@@ -92,62 +203,103 @@ pub(crate) fn run(config: &TallyConfig, args: &DemoArgs) -> anyhow::Result<()> {
                 Err(other) => return Err(other.into()),
             }
         }
-        if (i + 1) % (args.events / 4).max(1) == 0 {
-            println!("  emitted {:>8} events", i + 1);
+        if i % 2000 == 0 {
+            runtime.block_on(progress.print(i as u64));
         }
     }
     emitter
         .flush(Duration::from_secs(120))
         .context("waiting for Kafka to acknowledge the demo events")?;
-    let emit_seconds = started.elapsed().as_secs_f64();
+    runtime.block_on(progress.wait_until_billed(
+        args.events as u64,
+        &stop,
+        Duration::from_secs(300),
+    ))?;
+    let elapsed = started.elapsed();
+    stop.cancel();
+    emitter.shutdown(Duration::from_secs(5));
+    aggregator_thread
+        .join()
+        .map_err(|_| anyhow::anyhow!("the aggregator thread panicked"))??;
+    let sink_summary = runtime.block_on(sink_task)??;
     println!(
-        "  all {} events acknowledged by Kafka in {emit_seconds:.2}s ({:.0} events/s)",
-        args.events,
-        args.events as f64 / emit_seconds
+        "  done in {:.1}s: {} events counted; {} slots billed in {} submissions ({} retried)",
+        elapsed.as_secs_f64(),
+        counted.load(Ordering::Relaxed),
+        sink_summary.accounted.slots,
+        sink_summary.sent,
+        sink_summary.retried
     );
 
-    let consumed = consume(&kafka, args.events)?;
-    println!();
-    println!(
-        "{:<14} {:>10} {:>16} {:>10} {:>16}  check",
-        "meter", "emitted", "quantity", "in kafka", "quantity"
-    );
-    let mut all_match = true;
-    for (meter, sent) in &emitted {
-        let got = consumed.get(meter).cloned().unwrap_or_default();
-        let ok = *sent == got;
-        all_match &= ok;
+    // Reconcile: emitted vs windows vs outbox vs Stripe, per customer and meter.
+    let from = slot_start(now - TimeDelta::minutes(SPREAD_MINUTES + 5));
+    let to = slot_start(now) + TimeDelta::minutes(5);
+    let client = StripeHttp::new(&stripe).map_err(anyhow::Error::msg)?;
+    let rows = runtime.block_on(tally_sink::reconcile(&pool, &client, 900, from, to))?;
+    let agrees = print_reconciliation(&rows, &emitted, &meters, args.all_rows);
+    let kept = redact(&tally_db::testing::with_database(
+        &database.server_url,
+        &database.name,
+    ));
+    runtime.block_on(async {
+        emulator.shutdown().await;
+        database.close(args.keep_database).await
+    })?;
+    if args.keep_database {
         println!(
-            "{:<14} {:>10} {:>16} {:>10} {:>16}  {}",
-            meter,
-            sent.events,
-            sent.quantity,
-            got.events,
-            got.quantity,
-            if ok { "ok" } else { "MISMATCH" }
+            "\nthe demo's database is kept: {kept} (a throwaway server is gone with the demo)"
         );
     }
-    let stats = emitter.stats();
-    println!(
-        "\nemitter: {} emitted, {} published, {} spooled, {} replayed, {} rejected",
-        stats.emitted, stats.published, stats.spooled, stats.replayed, stats.rejected
-    );
-    emitter.shutdown(Duration::from_secs(5));
-    if !all_match {
-        bail!("what arrived in Kafka differs from what was emitted");
+    if !agrees {
+        bail!("emitted, windows and Stripe disagree (see the rows marked above)");
     }
-    println!("emitted = in Kafka, for every meter, to the unit.");
+    println!("\nemitted = windows = Stripe, for every customer and meter, to the unit.");
     Ok(())
 }
 
-fn sample_event(i: usize, meter: &MeterDefinition, customers: usize) -> UsageEvent {
-    // Deterministic spread over customers; a quarter of the quantities have a fraction.
-    let customer = format!("cus-{:04}", (i * 7919) % customers);
-    let quantity = Decimal::new(
-        (i % 40 + 1) as i64 * 25,
-        if i.is_multiple_of(4) { 2 } else { 0 },
-    );
-    let mut event = UsageEvent::new(customer, &meter.name, quantity).with_source("tally-demo");
+fn redact(url: &str) -> String {
+    match (url.find("://"), url.find('@')) {
+        (Some(scheme), Some(at)) if at > scheme => format!("{}://…{}", &url[..scheme], &url[at..]),
+        _ => url.to_owned(),
+    }
+}
+
+/// Stripe customers for the demo's customers, the mapping, and the Stripe meters.
+async fn prepare_billing(
+    pool: &sqlx::PgPool,
+    stripe: &StripeConfig,
+    meters: &[MeterDefinition],
+    customers: &[String],
+) -> anyhow::Result<()> {
+    tally_aggregator::sync_meters(pool, meters).await?;
+    let client = StripeHttp::new(stripe).map_err(anyhow::Error::msg)?;
+    let mut mappings = Vec::with_capacity(customers.len());
+    for customer in customers {
+        let stripe_id = client
+            .create_customer(customer)
+            .await
+            .with_context(|| format!("creating the Stripe customer for {customer}"))?;
+        mappings.push((customer.clone(), stripe_id));
+    }
+    tally_sink::store::map_customers(pool, &mappings).await?;
+    tally_sink::create_stripe_meters(pool, &client).await?;
+    Ok(())
+}
+
+fn sample_event(
+    i: usize,
+    meter: &MeterDefinition,
+    customers: &[String],
+    now: DateTime<Utc>,
+) -> UsageEvent {
+    // Deterministic spread over customers and over the last SPREAD_MINUTES (ending 6 minutes
+    // ago, so every slot has closed); a quarter of the quantities have a fraction.
+    let customer = &customers[(i / 3 * 7919) % customers.len()];
+    let quantity = Decimal::new((i % 40 + 1) as i64 * 25, if i % 4 == 0 { 2 } else { 0 });
+    let seconds_ago = 360 + (i * 104_729) as i64 % ((SPREAD_MINUTES - 6) * 60);
+    let mut event =
+        UsageEvent::new(customer.as_str(), &meter.name, quantity).with_source("tally-demo");
+    event.timestamp = now - TimeDelta::seconds(seconds_ago);
     for key in &meter.group_by {
         event = event.with_dimension(key, ["small", "large"][i % 2]);
     }
@@ -157,41 +309,184 @@ fn sample_event(i: usize, meter: &MeterDefinition, customers: usize) -> UsageEve
     event
 }
 
-/// Reads the topic from the beginning until `expected` distinct events arrived.
-fn consume(kafka: &KafkaConfig, expected: usize) -> anyhow::Result<BTreeMap<String, Totals>> {
-    let consumer: BaseConsumer = ClientConfig::new()
-        .set("bootstrap.servers", &kafka.brokers)
-        .set("group.id", "tally-demo-reader")
-        .set("enable.auto.commit", "false")
-        .create()
-        .context("creating the demo consumer")?;
-    let mut assignment = TopicPartitionList::new();
-    for partition in 0..PARTITIONS {
-        assignment.add_partition_offset(&kafka.topic, partition, Offset::Beginning)?;
+/// What the demo emitted, per customer and meter, computed independently of tally: the exact
+/// sum for sum/count meters; for max/latest meters, the value of the last slot with usage.
+#[derive(Default)]
+struct Emitted {
+    sums: BTreeMap<(String, String), Decimal>,
+    last_slot: BTreeMap<(String, String), (DateTime<Utc>, Decimal, DateTime<Utc>)>,
+}
+
+impl Emitted {
+    fn add(&mut self, event: &UsageEvent, aggregation: Aggregation) {
+        let key = (event.customer.clone(), event.meter.clone());
+        match aggregation {
+            Aggregation::Sum => *self.sums.entry(key).or_default() += event.quantity,
+            Aggregation::Count => *self.sums.entry(key).or_default() += Decimal::ONE,
+            Aggregation::Max | Aggregation::Latest => {
+                let slot = slot_start(event.timestamp);
+                let entry =
+                    self.last_slot
+                        .entry(key)
+                        .or_insert((slot, event.quantity, event.timestamp));
+                if slot > entry.0 {
+                    *entry = (slot, event.quantity, event.timestamp);
+                } else if slot == entry.0 {
+                    let newer = event.timestamp >= entry.2;
+                    if aggregation == Aggregation::Max && event.quantity > entry.1
+                        || aggregation == Aggregation::Latest && newer
+                    {
+                        entry.1 = event.quantity;
+                    }
+                    entry.2 = entry.2.max(event.timestamp);
+                }
+            }
+            Aggregation::UniqueCount => {}
+        }
     }
-    consumer.assign(&assignment)?;
-    let mut totals: BTreeMap<String, Totals> = BTreeMap::new();
-    let mut ids = HashSet::with_capacity(expected);
-    let deadline = Instant::now() + Duration::from_secs(120);
-    while ids.len() < expected {
-        if Instant::now() > deadline {
-            bail!(
-                "only {} of {expected} events arrived within 120s",
-                ids.len()
+
+    /// The exact usage emitted: the sum, or the last slot's value.
+    fn exact(&self, customer: &str, meter: &str) -> Option<Decimal> {
+        let key = (customer.to_owned(), meter.to_owned());
+        self.sums
+            .get(&key)
+            .copied()
+            .or_else(|| self.last_slot.get(&key).map(|(_, value, _)| *value))
+    }
+
+    /// What Stripe should hold: whole units (the fraction is carried forward), or the last
+    /// slot's value rounded up.
+    fn expected(&self, customer: &str, meter: &str) -> Option<Decimal> {
+        let key = (customer.to_owned(), meter.to_owned());
+        self.sums
+            .get(&key)
+            .map(|sum| sum.floor())
+            .or_else(|| self.last_slot.get(&key).map(|(_, value, _)| value.ceil()))
+    }
+}
+
+fn print_reconciliation(
+    rows: &[ReconcileRow],
+    emitted: &Emitted,
+    meters: &[MeterDefinition],
+    all_rows: bool,
+) -> bool {
+    println!();
+    println!(
+        "{:<12} {:<12} {:>14} {:>14} {:>12} {:>12}  check",
+        "customer", "meter", "emitted", "windows", "sent", "stripe"
+    );
+    let mut per_meter: BTreeMap<&str, (usize, usize)> = BTreeMap::new();
+    let mut agrees = true;
+    let mut shown = 0;
+    for row in rows {
+        let exact = emitted.exact(&row.customer, &row.meter);
+        let expected = emitted.expected(&row.customer, &row.meter);
+        let windows_match = match row.kind {
+            tally_sink::plan::BillingKind::Delta => exact == Some(row.windows),
+            tally_sink::plan::BillingKind::Last => expected == Some(row.windows),
+        };
+        let ok = row.verdict == Verdict::Ok && windows_match && expected == row.stripe;
+        agrees &= ok;
+        let counts = per_meter
+            .entry(
+                meters
+                    .iter()
+                    .find(|m| m.name == row.meter)
+                    .map_or("?", |m| m.name.as_str()),
+            )
+            .or_default();
+        counts.0 += 1;
+        counts.1 += usize::from(ok);
+        if all_rows || !ok || shown < 8 {
+            shown += 1;
+            println!(
+                "{:<12} {:<12} {:>14} {:>14} {:>12} {:>12}  {}",
+                row.customer,
+                row.meter,
+                exact.map_or("-".into(), |e| e.normalize().to_string()),
+                row.windows.normalize().to_string(),
+                row.sent.normalize().to_string(),
+                row.stripe.map_or("-".into(), |s| s.normalize().to_string()),
+                if ok { "ok" } else { row.verdict.as_str() }
             );
         }
-        let Some(message) = consumer.poll(Duration::from_millis(100)) else {
-            continue;
-        };
-        let message = message.context("reading the usage topic")?;
-        let event = wire::decode(message.payload().unwrap_or_default(), chrono::Utc::now())
-            .context("an event in the topic does not decode")?;
-        // The same id twice is a redelivery; count it once, as the aggregator will.
-        if ids.insert(event.id.clone()) {
-            let t = totals.entry(event.meter).or_default();
-            t.events += 1;
-            t.quantity += event.quantity;
+    }
+    if !all_rows && rows.len() > shown {
+        println!(
+            "… {} more rows (--all-rows prints them all)",
+            rows.len() - shown
+        );
+    }
+    println!();
+    for (meter, (pairs, ok)) in per_meter {
+        println!("{meter:<12} {ok} of {pairs} customers: emitted = windows = Stripe");
+    }
+    println!("(sum meters: Stripe holds whole units, the fraction is carried forward; max meters: the last slot's value, rounded up)");
+    agrees && !rows.is_empty()
+}
+
+/// Progress lines while the pipeline runs, and the wait for it to finish.
+struct Progress<'a> {
+    pool: &'a sqlx::PgPool,
+    emulator: &'a Emulator,
+    counted: &'a AtomicU64,
+    total: u64,
+}
+
+impl<'a> Progress<'a> {
+    fn new(
+        pool: &'a sqlx::PgPool,
+        emulator: &'a Emulator,
+        counted: &'a AtomicU64,
+        total: u64,
+    ) -> Self {
+        Progress {
+            pool,
+            emulator,
+            counted,
+            total,
         }
     }
-    Ok(totals)
+
+    async fn billing_state(&self) -> anyhow::Result<(i64, i64, i64)> {
+        Ok(sqlx::query_as(
+            "SELECT (SELECT count(*) FROM usage_slot_changes),
+                    (SELECT count(*) FROM stripe_submissions WHERE status = 'pending'),
+                    (SELECT count(*) FROM stripe_submissions WHERE status = 'sent')",
+        )
+        .fetch_one(self.pool)
+        .await?)
+    }
+
+    async fn print(&self, emitted: u64) {
+        let (changed, pending, sent) = self.billing_state().await.unwrap_or_default();
+        println!(
+            "  emitted {emitted:>7}/{} | aggregated {:>7} | slots to bill {changed:>5} | outbox: {sent:>6} sent, {pending:>5} pending | stripe events {:>6}",
+            self.total,
+            self.counted.load(Ordering::Relaxed),
+            self.emulator.stats().meter_events_created
+        );
+    }
+
+    /// Waits until `emitted` events are counted and every changed slot is billed and sent.
+    async fn wait_until_billed(
+        &self,
+        emitted: u64,
+        stop: &CancellationToken,
+        limit: Duration,
+    ) -> anyhow::Result<()> {
+        let deadline = Instant::now() + limit;
+        loop {
+            self.print(emitted).await;
+            let (changed, pending, _) = self.billing_state().await?;
+            if self.counted.load(Ordering::Relaxed) >= emitted && changed == 0 && pending == 0 {
+                return Ok(());
+            }
+            if Instant::now() > deadline || stop.is_cancelled() {
+                bail!("the pipeline did not finish within {limit:?}");
+            }
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
+    }
 }

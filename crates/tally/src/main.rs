@@ -10,6 +10,9 @@ mod aggregate;
 mod config;
 mod demo;
 mod emit;
+mod process;
+mod sink;
+mod stripe_emulator;
 mod telemetry;
 
 #[derive(Debug, Parser)]
@@ -57,6 +60,20 @@ enum Command {
     /// offsets together. Runs until SIGTERM/SIGINT (finishing the current batch), or with
     /// --once drains what is there and exits. Needs kafka.brokers, database.url and [[meters]].
     Aggregate(aggregate::AggregateArgs),
+    /// Bill closed five-minute slots to Stripe meter events, exactly once
+    ///
+    /// Every sink.interval (or once, with --once): accounts for each slot that changed and has
+    /// settled, writing what Stripe is owed to the stripe_submissions outbox with a deterministic
+    /// identifier, then sends the outbox under Stripe's rate limits, retrying with the same
+    /// identifier. Needs database.url, stripe.secret_key (or STRIPE_SECRET_KEY) and customer
+    /// mappings (`tally customers map`).
+    Sink(sink::SinkArgs),
+    /// Map tally customers to Stripe customers, and list those whose usage waits for a mapping
+    Customers(sink::CustomersArgs),
+    /// Compare tally's windows, what the sink sent, and what Stripe reports; exit 1 on drift
+    Reconcile(sink::ReconcileArgs),
+    /// Run a local Stripe Billing API (meter events, adjustments, summaries) with fault switches
+    StripeEmulator(stripe_emulator::EmulatorArgs),
     /// Apply the database migrations (idempotent)
     Migrate,
     /// Check the configuration and print the effective settings (secrets hidden)
@@ -65,7 +82,8 @@ enum Command {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    telemetry::init_logging();
+    let quiet = matches!(cli.command, Command::Demo(_));
+    telemetry::init_logging(if quiet { "warn" } else { "info" });
     let overrides = config::Overrides {
         kafka_brokers: cli.kafka_brokers,
         database_url: cli.database_url,
@@ -81,6 +99,10 @@ fn main() -> ExitCode {
         Command::Demo(args) => demo::run(&config, &args),
         Command::Emit(args) => emit::run(&config, &args),
         Command::Aggregate(args) => aggregate::run(&config, &args),
+        Command::Sink(args) => sink::run(&config, &args),
+        Command::Customers(args) => sink::customers(&config, &args),
+        Command::Reconcile(args) => sink::reconcile(&config, &args),
+        Command::StripeEmulator(args) => stripe_emulator::run(&args),
         Command::Migrate => aggregate::migrate(&config),
         Command::Config => print_config(&config),
     };
@@ -97,6 +119,9 @@ fn print_config(config: &config::TallyConfig) -> anyhow::Result<()> {
     let mut shown = config.clone();
     if !shown.database.url.is_empty() {
         shown.database.url = tally_core::config::Secret::new("<redacted>");
+    }
+    if !shown.stripe.secret_key.is_empty() {
+        shown.stripe.secret_key = tally_core::config::Secret::new("<redacted>");
     }
     print!("{}", toml::to_string(&shown)?);
     Ok(())

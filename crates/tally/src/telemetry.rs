@@ -5,9 +5,12 @@ use std::io::IsTerminal;
 
 use tracing_subscriber::EnvFilter;
 
-pub(crate) fn init_logging() {
-    let filter = EnvFilter::try_from_env("TALLY_LOG")
-        .unwrap_or_else(|_| EnvFilter::new("info,librdkafka=warn,rdkafka=warn"));
+/// `default_level` applies when `TALLY_LOG` is unset: `info` for the stages, `warn` for the
+/// demo, whose own progress lines say what happens.
+pub(crate) fn init_logging(default_level: &str) {
+    let filter = EnvFilter::try_from_env("TALLY_LOG").unwrap_or_else(|_| {
+        EnvFilter::new(format!("{default_level},librdkafka=warn,rdkafka=warn"))
+    });
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);
