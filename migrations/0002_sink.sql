@@ -68,7 +68,8 @@ CREATE TABLE stripe_submissions (
     sent_at            timestamptz,
     UNIQUE (customer_id, meter, slot_start, revision)
 );
-CREATE INDEX stripe_submissions_pending ON stripe_submissions (next_attempt_at) WHERE status = 'pending';
+-- The pending rows per customer and meter, oldest first: the sink leases a pair's head.
+CREATE INDEX stripe_submissions_pending ON stripe_submissions (customer_id, meter, submission_id) WHERE status = 'pending';
 
 -- Usage that went down after it was billed (Stripe cannot take negative usage): finance
 -- credits it. Never dropped silently.

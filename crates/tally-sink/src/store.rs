@@ -418,27 +418,34 @@ pub struct Leased {
     pub attempts: i32,
 }
 
-/// Leases up to `limit` due outbox rows, skipping rows other sinks hold and pairs with a row
-/// leased elsewhere (one call at a time per customer and meter, and revisions in order).
+/// Leases the pending rows of up to `limit` customer+meter pairs whose oldest pending row is
+/// due and free. Taking whole pairs, head first, keeps a pair's revisions in order (a later
+/// `last` value must not overtake an earlier one, even when the earlier waits for a retry) and
+/// one sink per pair at a time (Stripe allows one call per customer and meter).
 pub(crate) async fn lease_pending(
     pool: &PgPool,
     limit: usize,
     lease: Duration,
 ) -> Result<Vec<Leased>, StoreError> {
     let rows = sqlx::query_as::<_, Leased>(
-        "UPDATE stripe_submissions s
+        "WITH heads AS (
+             SELECT DISTINCT ON (customer_id, meter)
+                    submission_id, customer_id, meter, next_attempt_at, leased_until
+             FROM stripe_submissions
+             WHERE status = 'pending'
+             ORDER BY customer_id, meter, submission_id),
+         due AS (
+             SELECT customer_id, meter FROM heads
+             WHERE next_attempt_at <= now() AND (leased_until IS NULL OR leased_until < now())
+             ORDER BY submission_id
+             LIMIT $1)
+         UPDATE stripe_submissions s
             SET leased_until = now() + $2::interval
          WHERE s.submission_id IN (
              SELECT p.submission_id FROM stripe_submissions p
-             WHERE p.status = 'pending' AND p.next_attempt_at <= now()
-               AND (p.leased_until IS NULL OR p.leased_until < now())
-               AND NOT EXISTS (
-                   SELECT 1 FROM stripe_submissions o
-                   WHERE o.customer_id = p.customer_id AND o.meter = p.meter
-                     AND o.status = 'pending' AND o.leased_until >= now())
-             ORDER BY p.submission_id
-             LIMIT $1
-             FOR UPDATE SKIP LOCKED)
+             JOIN due ON due.customer_id = p.customer_id AND due.meter = p.meter
+             WHERE p.status = 'pending' AND (p.leased_until IS NULL OR p.leased_until < now())
+             FOR UPDATE OF p SKIP LOCKED)
          RETURNING s.submission_id, s.identifier, s.customer_id, s.meter, s.stripe_customer_id,
                    s.event_name, s.kind, s.value, s.event_timestamp, s.attempts",
     )
@@ -446,6 +453,8 @@ pub(crate) async fn lease_pending(
     .bind(lease)
     .fetch_all(pool)
     .await?;
+    let mut rows = rows;
+    rows.sort_by_key(|row| row.submission_id);
     Ok(rows)
 }
 
