@@ -80,7 +80,7 @@ pub struct StripeConfig {
     /// Secret key (`sk_live_…` or `sk_test_…`). Also read from `STRIPE_SECRET_KEY`.
     pub secret_key: Secret,
     /// Calls per second this sink process makes. 0 picks a rate under the account's limit:
-    /// 20/s for `sk_test_` keys (Stripe allows 25) and 900/s for `sk_live_` keys (1,000).
+    /// 20/s for `sk_test_` keys (Stripe allows 25) and 950/s for `sk_live_` keys (1,000).
     /// Several sink processes share the account's limit: divide it between them.
     pub max_requests_per_second: u32,
     /// Time limit of one call.
@@ -103,7 +103,7 @@ impl StripeConfig {
     /// The rate to use: the configured one, else the default for the key's mode.
     pub fn requests_per_second(&self) -> u32 {
         match self.max_requests_per_second {
-            0 if self.secret_key.expose().starts_with("sk_live_") => 900,
+            0 if self.secret_key.expose().starts_with("sk_live_") => 950,
             0 => 20,
             rate => rate,
         }

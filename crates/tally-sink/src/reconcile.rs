@@ -104,12 +104,13 @@ pub async fn reconcile(
         row(&mut rows, customer, meter, kind_of(&kind)).windows = value;
     }
 
-    let submitted: Vec<(String, String, String, Option<Decimal>, Option<Decimal>, Option<Decimal>, Option<Decimal>)> = sqlx::query_as(
+    let submitted: Vec<SubmittedRow> = sqlx::query_as(
         "SELECT customer_id, meter, kind,
-                sum(value) FILTER (WHERE status = 'sent'),
-                sum(value) FILTER (WHERE status = 'pending'),
-                sum(value) FILTER (WHERE status = 'failed'),
-                (array_agg(value ORDER BY event_timestamp DESC, submission_id DESC) FILTER (WHERE status = 'sent'))[1]
+                sum(value) FILTER (WHERE status = 'sent') AS sent,
+                sum(value) FILTER (WHERE status = 'pending') AS pending,
+                sum(value) FILTER (WHERE status = 'failed') AS failed,
+                (array_agg(value ORDER BY event_timestamp DESC, submission_id DESC)
+                    FILTER (WHERE status = 'sent'))[1] AS last_sent
          FROM stripe_submissions
          WHERE event_timestamp >= $1 AND event_timestamp < $2
          GROUP BY customer_id, meter, kind",
@@ -119,15 +120,15 @@ pub async fn reconcile(
     .fetch_all(pool)
     .await
     .map_err(StoreError::from)?;
-    for (customer, meter, kind, sent, pending, failed, last_sent) in submitted {
-        let kind = kind_of(&kind);
-        let entry = row(&mut rows, customer, meter, kind);
+    for submitted in submitted {
+        let kind = kind_of(&submitted.kind);
+        let entry = row(&mut rows, submitted.customer_id, submitted.meter, kind);
         entry.sent = match kind {
-            BillingKind::Delta => sent.unwrap_or_default(),
-            BillingKind::Last => last_sent.unwrap_or_default(),
+            BillingKind::Delta => submitted.sent.unwrap_or_default(),
+            BillingKind::Last => submitted.last_sent.unwrap_or_default(),
         };
-        entry.pending = pending.unwrap_or_default();
-        entry.failed = failed.unwrap_or_default();
+        entry.pending = submitted.pending.unwrap_or_default();
+        entry.failed = submitted.failed.unwrap_or_default();
     }
 
     let mapping: HashMap<String, String> =
@@ -174,6 +175,18 @@ pub async fn reconcile(
         };
     }
     Ok(rows.into_values().collect())
+}
+
+/// The outbox's figures for one customer and meter.
+#[derive(sqlx::FromRow)]
+struct SubmittedRow {
+    customer_id: String,
+    meter: String,
+    kind: String,
+    sent: Option<Decimal>,
+    pending: Option<Decimal>,
+    failed: Option<Decimal>,
+    last_sent: Option<Decimal>,
 }
 
 fn row(

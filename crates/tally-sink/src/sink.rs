@@ -8,7 +8,6 @@
 //! that is sent again with the same identifier; Stripe answers "already exists" for one it
 //! has, which counts as sent. So Stripe holds each submission exactly once.
 
-use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -58,6 +57,9 @@ pub struct SinkSummary {
     pub pending: i64,
     /// Changed slots waiting for a customer mapping.
     pub unmapped_slots: i64,
+    /// Time spent accounting (Postgres) and sending (Stripe).
+    pub accounting: Duration,
+    pub sending: Duration,
 }
 
 pub struct Sink {
@@ -99,6 +101,8 @@ impl Sink {
             total.retried += pass.retried;
             total.rate_limited += pass.rate_limited;
             total.failed += pass.failed;
+            total.accounting += pass.accounting;
+            total.sending += pass.sending;
             total.pending = pass.pending;
             total.unmapped_slots = pass.unmapped_slots;
             if mode == Mode::Once || stop.is_cancelled() {
@@ -119,16 +123,15 @@ impl Sink {
         let settle = TimeDelta::from_std(self.config.settle_delay).unwrap_or(TimeDelta::MAX);
         let settled_before = Utc::now() - settle - SLOT;
         while !stop.is_cancelled() {
-            let report = self
-                .with_retries(|| {
-                    store::account_slots(
-                        &self.pool,
-                        &meters,
-                        settled_before,
-                        self.config.slots_per_transaction,
-                    )
-                })
-                .await?;
+            let report = retry_postgres(|| {
+                store::account_slots(
+                    &self.pool,
+                    &meters,
+                    settled_before,
+                    self.config.slots_per_transaction,
+                )
+            })
+            .await?;
             summary.accounted.changes += report.changes;
             summary.accounted.slots += report.slots;
             summary.accounted.submissions += report.submissions;
@@ -140,7 +143,10 @@ impl Sink {
                 break;
             }
         }
+        summary.accounting = started.elapsed();
+        let sending = Instant::now();
         self.send_outbox(stop, &mut summary).await?;
+        summary.sending = sending.elapsed();
         let (pending, oldest, unmapped) = store::backlog(&self.pool).await?;
         metrics::gauge!(t::OUTBOX_PENDING).set(pending as f64);
         metrics::gauge!(t::OUTBOX_OLDEST_SECONDS).set(oldest);
@@ -164,111 +170,153 @@ impl Sink {
         Ok(summary)
     }
 
-    /// Retries a Postgres step that failed for a passing reason (connection lost, serialization).
-    async fn with_retries<T, F, Fut>(&self, mut step: F) -> Result<T, StoreError>
-    where
-        F: FnMut() -> Fut,
-        Fut: std::future::Future<Output = Result<T, StoreError>>,
-    {
-        let mut attempt = 0;
-        loop {
-            match step().await {
-                Err(StoreError::Postgres(error))
-                    if attempt < 5 && tally_db::is_retryable(&error) =>
-                {
-                    attempt += 1;
-                    tracing::warn!(%error, attempt, "Postgres step failed; retrying");
-                    tokio::time::sleep(Duration::from_millis(100 << attempt)).await;
-                }
-                other => return other,
-            }
-        }
-    }
-
-    /// Sends due outbox rows until none are left, `concurrency` customer+meter pairs at a
-    /// time, recording outcomes in batches.
+    /// Sends due outbox rows until none are left. Three stages run at once, so that neither
+    /// Postgres round trip stalls the calls to Stripe: a leaser (whole customer+meter pairs,
+    /// into a bounded channel), senders (`concurrency` pairs at a time), and a recorder that
+    /// writes outcomes in batches.
     async fn send_outbox(
         &self,
         stop: &CancellationToken,
         summary: &mut SinkSummary,
     ) -> Result<(), SinkError> {
-        let lease_batch = (self.config.concurrency * 16).max(256);
-        let mut queue: VecDeque<Vec<Leased>> = VecDeque::new();
-        let mut tasks: JoinSet<GroupResult> = JoinSet::new();
-        let mut outcomes: Vec<(i64, u32, Outcome)> = Vec::new();
-        let mut last_flush = Instant::now();
+        let concurrency = self.config.concurrency;
+        let (groups_tx, mut groups_rx) = tokio::sync::mpsc::channel::<Vec<Leased>>(concurrency * 8);
+        let (results_tx, results_rx) = tokio::sync::mpsc::channel::<GroupResult>(concurrency * 2);
+
+        let leaser = {
+            let pool = self.pool.clone();
+            let lease = self.config.lease;
+            let stop = stop.clone();
+            let batch = (concurrency * 32).max(512);
+            tokio::spawn(async move {
+                while !stop.is_cancelled() {
+                    let rows = store::lease_pending(&pool, batch, lease).await?;
+                    if rows.is_empty() {
+                        break;
+                    }
+                    for group in group_by_pair(rows) {
+                        if groups_tx.send(group).await.is_err() {
+                            break;
+                        }
+                    }
+                }
+                Ok::<(), StoreError>(())
+            })
+        };
+        let recorder = {
+            let pool = self.pool.clone();
+            tokio::spawn(record_results(pool, results_rx))
+        };
+
         let context = Arc::new(SendContext {
             stripe: self.stripe.clone(),
             limiter: self.limiter.clone(),
             config: self.config.clone(),
             stop: stop.clone(),
         });
-        loop {
-            if queue.len() < self.config.concurrency && !stop.is_cancelled() {
-                let rows = self
-                    .with_retries(|| {
-                        store::lease_pending(&self.pool, lease_batch, self.config.lease)
-                    })
-                    .await?;
-                if rows.is_empty() && tasks.is_empty() && queue.is_empty() {
-                    if outcomes.is_empty() {
+        let slots = Arc::new(tokio::sync::Semaphore::new(concurrency));
+        let mut senders = JoinSet::new();
+        while let Some(group) = groups_rx.recv().await {
+            let permit = slots
+                .clone()
+                .acquire_owned()
+                .await
+                .expect("semaphore is never closed");
+            let context = context.clone();
+            let results = results_tx.clone();
+            senders.spawn(async move {
+                let result = send_group(group, context).await;
+                let _ = results.send(result).await;
+                drop(permit);
+            });
+            // Reap finished senders so the set stays small.
+            while senders.try_join_next().is_some() {}
+        }
+        while let Some(joined) = senders.join_next().await {
+            joined.map_err(|e| SinkError::Task(e.to_string()))?;
+        }
+        drop(results_tx);
+        let leased = leaser.await.map_err(|e| SinkError::Task(e.to_string()));
+        let recorded = recorder
+            .await
+            .map_err(|e| SinkError::Task(e.to_string()))??;
+        leased??;
+        summary.sent += recorded.sent;
+        summary.failed += recorded.failed;
+        summary.retried += recorded.retried;
+        summary.rate_limited += recorded.rate_limited;
+        Ok(())
+    }
+}
+
+/// What the recorder wrote.
+#[derive(Default)]
+struct Recorded {
+    sent: u64,
+    failed: u64,
+    retried: u64,
+    rate_limited: u64,
+}
+
+/// Writes outcomes as they come, in batches of up to 500 rows or every 100 ms.
+async fn record_results(
+    pool: PgPool,
+    mut results: tokio::sync::mpsc::Receiver<GroupResult>,
+) -> Result<Recorded, SinkError> {
+    let mut recorded = Recorded::default();
+    let mut batch: Vec<(i64, u32, Outcome)> = Vec::new();
+    let mut open = true;
+    while open {
+        let deadline = tokio::time::sleep(Duration::from_millis(100));
+        tokio::pin!(deadline);
+        while batch.len() < 500 {
+            tokio::select! {
+                result = results.recv() => match result {
+                    Some(result) => {
+                        recorded.retried += result.retried;
+                        recorded.rate_limited += result.rate_limited;
+                        batch.extend(result.outcomes);
+                    }
+                    None => {
+                        open = false;
                         break;
                     }
-                } else {
-                    queue.extend(group_by_pair(rows));
-                }
-            }
-            while tasks.len() < self.config.concurrency {
-                let Some(group) = queue.pop_front() else {
-                    break;
-                };
-                if stop.is_cancelled() {
-                    outcomes.extend(
-                        group
-                            .iter()
-                            .map(|row| (row.submission_id, 0, Outcome::Released)),
-                    );
-                    continue;
-                }
-                tasks.spawn(send_group(group, context.clone()));
-            }
-            if let Some(joined) = tasks.join_next().await {
-                let group = joined.map_err(|e| SinkError::Task(e.to_string()))?;
-                summary.retried += group.retried;
-                summary.rate_limited += group.rate_limited;
-                outcomes.extend(group.outcomes);
-            }
-            if !outcomes.is_empty()
-                && (tasks.is_empty()
-                    || outcomes.len() >= 256
-                    || last_flush.elapsed() >= Duration::from_millis(200))
-            {
-                self.flush(&mut outcomes, summary).await?;
-                last_flush = Instant::now();
-            }
-            if stop.is_cancelled() && tasks.is_empty() && queue.is_empty() {
-                break;
+                },
+                _ = &mut deadline => break,
             }
         }
-        self.flush(&mut outcomes, summary).await
-    }
-
-    async fn flush(
-        &self,
-        outcomes: &mut Vec<(i64, u32, Outcome)>,
-        summary: &mut SinkSummary,
-    ) -> Result<(), SinkError> {
-        self.with_retries(|| store::record_outcomes(&self.pool, outcomes))
-            .await?;
-        for (_, _, outcome) in outcomes.iter() {
+        if batch.is_empty() {
+            continue;
+        }
+        retry_postgres(|| store::record_outcomes(&pool, &batch)).await?;
+        for (_, _, outcome) in &batch {
             match outcome {
-                Outcome::Sent => summary.sent += 1,
-                Outcome::Failed { .. } => summary.failed += 1,
+                Outcome::Sent => recorded.sent += 1,
+                Outcome::Failed { .. } => recorded.failed += 1,
                 Outcome::Retry { .. } | Outcome::Released => {}
             }
         }
-        outcomes.clear();
-        Ok(())
+        batch.clear();
+    }
+    Ok(recorded)
+}
+
+/// Retries a Postgres step that failed for a passing reason (connection lost, serialization).
+async fn retry_postgres<T, F, Fut>(mut step: F) -> Result<T, StoreError>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, StoreError>>,
+{
+    let mut attempt = 0;
+    loop {
+        match step().await {
+            Err(StoreError::Postgres(error)) if attempt < 5 && tally_db::is_retryable(&error) => {
+                attempt += 1;
+                tracing::warn!(%error, attempt, "Postgres step failed; retrying");
+                tokio::time::sleep(Duration::from_millis(100 << attempt)).await;
+            }
+            other => return other,
+        }
     }
 }
 

@@ -213,6 +213,16 @@ struct SlotTotals {
     latest: Decimal,
 }
 
+#[derive(sqlx::FromRow)]
+struct SlotTotalsRow {
+    customer_id: String,
+    meter: String,
+    slot_start: DateTime<Utc>,
+    sum: Decimal,
+    max: Option<Decimal>,
+    latest: Option<Decimal>,
+}
+
 async fn slot_totals(
     tx: &mut PgConnection,
     slots: &BTreeSet<SlotKey>,
@@ -220,18 +230,11 @@ async fn slot_totals(
     let customers: Vec<&str> = slots.iter().map(|s| s.0.as_str()).collect();
     let meters: Vec<&str> = slots.iter().map(|s| s.1.as_str()).collect();
     let starts: Vec<DateTime<Utc>> = slots.iter().map(|s| s.2).collect();
-    let rows: Vec<(
-        String,
-        String,
-        DateTime<Utc>,
-        Decimal,
-        Option<Decimal>,
-        Option<Decimal>,
-    )> = sqlx::query_as(
-        "SELECT s.c, s.m, s.s,
-                coalesce(sum(u.value), 0),
-                max(u.value),
-                (array_agg(u.value ORDER BY u.latest_at DESC NULLS LAST, u.latest_id DESC))[1]
+    let rows: Vec<SlotTotalsRow> = sqlx::query_as(
+        "SELECT s.c AS customer_id, s.m AS meter, s.s AS slot_start,
+                coalesce(sum(u.value), 0) AS sum,
+                max(u.value) AS max,
+                (array_agg(u.value ORDER BY u.latest_at DESC NULLS LAST, u.latest_id DESC))[1] AS latest
          FROM unnest($1::text[], $2::text[], $3::timestamptz[]) AS s(c, m, s)
          LEFT JOIN usage_minute u
            ON u.customer_id = s.c AND u.meter = s.m
@@ -246,13 +249,13 @@ async fn slot_totals(
     .await?;
     Ok(rows
         .into_iter()
-        .map(|(c, m, s, sum, max, latest)| {
+        .map(|row| {
             let totals = SlotTotals {
-                sum,
-                max: max.unwrap_or_default(),
-                latest: latest.unwrap_or_default(),
+                sum: row.sum,
+                max: row.max.unwrap_or_default(),
+                latest: row.latest.unwrap_or_default(),
             };
-            ((c, m, s), totals)
+            ((row.customer_id, row.meter, row.slot_start), totals)
         })
         .collect())
 }

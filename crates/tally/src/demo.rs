@@ -295,7 +295,10 @@ fn sample_event(
     // Deterministic spread over customers and over the last SPREAD_MINUTES (ending 6 minutes
     // ago, so every slot has closed); a quarter of the quantities have a fraction.
     let customer = &customers[(i / 3 * 7919) % customers.len()];
-    let quantity = Decimal::new((i % 40 + 1) as i64 * 25, if i % 4 == 0 { 2 } else { 0 });
+    let quantity = Decimal::new(
+        (i % 40 + 1) as i64 * 25,
+        if i.is_multiple_of(4) { 2 } else { 0 },
+    );
     let seconds_ago = 360 + (i * 104_729) as i64 % ((SPREAD_MINUTES - 6) * 60);
     let mut event =
         UsageEvent::new(customer.as_str(), &meter.name, quantity).with_source("tally-demo");
@@ -309,12 +312,15 @@ fn sample_event(
     event
 }
 
+/// For max/latest meters: (the latest slot with usage, its value, the latest event time in it).
+type LastSlot = (DateTime<Utc>, Decimal, DateTime<Utc>);
+
 /// What the demo emitted, per customer and meter, computed independently of tally: the exact
 /// sum for sum/count meters; for max/latest meters, the value of the last slot with usage.
 #[derive(Default)]
 struct Emitted {
     sums: BTreeMap<(String, String), Decimal>,
-    last_slot: BTreeMap<(String, String), (DateTime<Utc>, Decimal, DateTime<Utc>)>,
+    last_slot: BTreeMap<(String, String), LastSlot>,
 }
 
 impl Emitted {
