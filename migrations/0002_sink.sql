@@ -54,8 +54,10 @@ CREATE TABLE stripe_submissions (
     stripe_customer_id text COLLATE "C" NOT NULL,
     event_name         text COLLATE "C" NOT NULL,
     -- 'delta': whole units to add (sum/count meters, Stripe `sum`);
-    -- 'last': the slot's value (max/latest meters, Stripe `last`).
-    kind               text NOT NULL CHECK (kind IN ('delta', 'last')),
+    -- 'last': the slot's value (max/latest meters, Stripe `last`);
+    -- 'cancel': withdraw the event `cancels` (a meter event adjustment), `value` its units.
+    kind               text NOT NULL CHECK (kind IN ('delta', 'last', 'cancel')),
+    cancels            text COLLATE "C" CHECK ((kind = 'cancel') = (cancels IS NOT NULL)),
     value              numeric NOT NULL CHECK (value = trunc(value)),
     event_timestamp    timestamptz NOT NULL,
     status             text NOT NULL DEFAULT 'pending' CHECK (status IN ('pending', 'sent', 'failed')),
@@ -71,8 +73,8 @@ CREATE TABLE stripe_submissions (
 -- The pending rows per customer and meter, oldest first: the sink leases a pair's head.
 CREATE INDEX stripe_submissions_pending ON stripe_submissions (customer_id, meter, submission_id) WHERE status = 'pending';
 
--- Usage that went down after it was billed (Stripe cannot take negative usage): finance
--- credits it. Never dropped silently.
+-- Usage that went down after it was billed and could not be corrected at Stripe (a revision
+-- sent more than 23 hours ago cannot be canceled): finance credits it. Never dropped silently.
 CREATE TABLE billing_corrections (
     correction_id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
     customer_id   text COLLATE "C" NOT NULL,

@@ -332,7 +332,11 @@ async fn route(
             meter_event(shared, form, livemode).await
         }
         (&Method::POST, ["v1", "billing", "meter_event_adjustments"]) => {
-            write(shared, |store, now| store.adjust(form, livemode, now)).await
+            let outcome = write(shared, |store, now| store.adjust(form, livemode, now)).await;
+            if outcome.reply.status == 200 {
+                shared.count(|s| s.adjustments += 1);
+            }
+            outcome
         }
         (&Method::POST, ["v1", "customers"]) => {
             write(shared, |store, now| store.create_customer(form, livemode, now)).await

@@ -112,6 +112,25 @@ pub fn plan_slot(
     }
 }
 
+/// Replans an overbilled `Delta` slot whose sent revisions, `canceled` units in all, are
+/// withdrawn at Stripe: what is owed is then sent again as one new revision, and only what
+/// cancelling cannot undo (units carried in from other slots) is left over for finance.
+/// The balance needs no change: submitted stays `floor(accounted)` either way.
+pub fn after_cancel(plan: &SlotPlan, canceled: Decimal) -> SlotPlan {
+    let owed = canceled - plan.overbilled.unwrap_or_default();
+    let (submission, overbilled) = if owed.is_sign_negative() && !owed.is_zero() {
+        (None, Some(-owed))
+    } else {
+        (Some(owed).filter(|o| !o.is_zero()), None)
+    };
+    SlotPlan {
+        slot: plan.slot,
+        balance: plan.balance,
+        submission,
+        overbilled,
+    }
+}
+
 /// The meter event identifier of a slot's revision: the same on every retry, unique per
 /// (customer, meter, slot, revision), at most 100 characters (Stripe's limit). Readable when it
 /// fits: meter names hold no ':', and the slot and revision are the last two fields, so the
@@ -224,6 +243,35 @@ mod tests {
                 submitted: d("7")
             }
         );
+    }
+
+    #[test]
+    fn cancelling_the_slot_resends_what_is_owed() {
+        let first = plan_slot(
+            BillingKind::Delta,
+            d("10"),
+            SlotState::default(),
+            Balance::default(),
+        )
+        .unwrap();
+        let lower = plan_slot(BillingKind::Delta, d("7"), first.slot, first.balance).unwrap();
+        let replanned = after_cancel(&lower, d("10"));
+        assert_eq!(
+            (replanned.submission, replanned.overbilled),
+            (Some(d("7")), None)
+        );
+        assert_eq!(
+            replanned.balance,
+            Balance {
+                accounted: d("7"),
+                submitted: d("7")
+            }
+        );
+        let to_zero = after_cancel(
+            &plan_slot(BillingKind::Delta, d("0"), first.slot, first.balance).unwrap(),
+            d("10"),
+        );
+        assert_eq!((to_zero.submission, to_zero.overbilled), (None, None));
     }
 
     #[test]

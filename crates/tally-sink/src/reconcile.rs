@@ -48,7 +48,8 @@ pub struct ReconcileRow {
     pub kind: BillingKind,
     /// Sum of the windows (delta meters), or the value of the last slot (last meters).
     pub windows: Decimal,
-    /// Units Stripe accepted per the outbox (delta), or the last value sent (last).
+    /// Units Stripe accepted per the outbox, less the units of canceled events (delta), or the
+    /// last value sent (last).
     pub sent: Decimal,
     pub pending: Decimal,
     pub failed: Decimal,
@@ -105,15 +106,15 @@ pub async fn reconcile(
     }
 
     let submitted: Vec<SubmittedRow> = sqlx::query_as(
-        "SELECT customer_id, meter, kind,
-                sum(value) FILTER (WHERE status = 'sent') AS sent,
-                sum(value) FILTER (WHERE status = 'pending') AS pending,
-                sum(value) FILTER (WHERE status = 'failed') AS failed,
+        "SELECT customer_id, meter, CASE kind WHEN 'cancel' THEN 'delta' ELSE kind END AS kind,
+                sum(CASE kind WHEN 'cancel' THEN -value ELSE value END) FILTER (WHERE status = 'sent') AS sent,
+                sum(CASE kind WHEN 'cancel' THEN -value ELSE value END) FILTER (WHERE status = 'pending') AS pending,
+                sum(CASE kind WHEN 'cancel' THEN -value ELSE value END) FILTER (WHERE status = 'failed') AS failed,
                 (array_agg(value ORDER BY event_timestamp DESC, submission_id DESC)
-                    FILTER (WHERE status = 'sent'))[1] AS last_sent
+                    FILTER (WHERE status = 'sent' AND kind = 'last'))[1] AS last_sent
          FROM stripe_submissions
          WHERE event_timestamp >= $1 AND event_timestamp < $2
-         GROUP BY customer_id, meter, kind",
+         GROUP BY 1, 2, 3",
     )
     .bind(from)
     .bind(to)

@@ -15,6 +15,10 @@ use chrono::{TimeDelta, Utc};
 use rand::Rng;
 use sqlx::PgPool;
 use stripe_billing::billing_meter_event::CreateBillingMeterEvent;
+use stripe_billing::billing_meter_event_adjustment::{
+    CreateBillingMeterEventAdjustment, CreateBillingMeterEventAdjustmentCancel,
+};
+use stripe_billing::BillingMeterEventAdjustmentType;
 use tally_core::window::SLOT;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
@@ -22,7 +26,7 @@ use tokio_util::sync::CancellationToken;
 use crate::config::{SinkConfig, StripeConfig};
 use crate::limiter::RateLimiter;
 use crate::store::{self, Leased, Outcome, PlanReport, StoreError};
-use crate::stripe::StripeHttp;
+use crate::stripe::{StripeCallError, StripeHttp};
 use crate::telemetry as t;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -375,35 +379,24 @@ async fn send_group(rows: Vec<Leased>, context: Arc<SendContext>) -> GroupResult
 
 /// Sends one row, retrying within the pass; returns the attempts made and the outcome.
 async fn send_one(row: &Leased, context: &SendContext, result: &mut GroupResult) -> (u32, Outcome) {
-    let payload = std::collections::HashMap::from([
-        (
-            "stripe_customer_id".to_owned(),
-            row.stripe_customer_id.clone(),
-        ),
-        (
-            "value".to_owned(),
-            row.value.trunc().normalize().to_string(),
-        ),
-    ]);
-    let request = CreateBillingMeterEvent::new(row.event_name.as_str(), payload)
-        .identifier(row.identifier.as_str())
-        .timestamp(row.event_timestamp.timestamp());
+    let call = Call::of(row);
     let config = &context.config;
     let mut attempt: u32 = 0;
     loop {
         context.limiter.acquire().await;
         attempt += 1;
         let started = Instant::now();
-        let answer = request.send(&context.stripe).await;
+        let answer = call.send(&context.stripe).await;
         metrics::histogram!(t::STRIPE_REQUEST_SECONDS).record(started.elapsed().as_secs_f64());
         let error = match answer {
             Ok(_) => {
                 metrics::counter!(t::SUBMISSIONS_SENT).increment(1);
                 return (attempt, Outcome::Sent);
             }
-            // Stripe holds an event with this identifier, and only this row uses it: an
-            // earlier attempt (whose answer was lost) or another sink process sent it.
-            Err(error) if error.is_duplicate_identifier() => {
+            // Stripe holds an event with this identifier (or has canceled the event), and only
+            // this row does that: an earlier attempt (whose answer was lost) or another sink
+            // process sent it.
+            Err(error) if error.is_duplicate_identifier() || error.is_already_canceled() => {
                 metrics::counter!(t::SUBMISSIONS_SENT).increment(1);
                 return (attempt, Outcome::Sent);
             }
@@ -443,6 +436,51 @@ async fn send_one(row: &Leased, context: &SendContext, result: &mut GroupResult)
             _ = context.stop.cancelled() => {
                 return (attempt, Outcome::Retry { error: error.to_string(), retry_at: Utc::now() });
             }
+        }
+    }
+}
+
+/// One outbox row as a Stripe call.
+enum Call {
+    Event(CreateBillingMeterEvent),
+    Cancel(CreateBillingMeterEventAdjustment),
+}
+
+impl Call {
+    fn of(row: &Leased) -> Call {
+        if let Some(target) = &row.cancels {
+            let cancel = CreateBillingMeterEventAdjustmentCancel {
+                identifier: Some(target.clone()),
+            };
+            return Call::Cancel(
+                CreateBillingMeterEventAdjustment::new(
+                    row.event_name.as_str(),
+                    BillingMeterEventAdjustmentType::Cancel,
+                )
+                .cancel(cancel),
+            );
+        }
+        let payload = std::collections::HashMap::from([
+            (
+                "stripe_customer_id".to_owned(),
+                row.stripe_customer_id.clone(),
+            ),
+            (
+                "value".to_owned(),
+                row.value.trunc().normalize().to_string(),
+            ),
+        ]);
+        Call::Event(
+            CreateBillingMeterEvent::new(row.event_name.as_str(), payload)
+                .identifier(row.identifier.as_str())
+                .timestamp(row.event_timestamp.timestamp()),
+        )
+    }
+
+    async fn send(&self, stripe: &StripeHttp) -> Result<(), StripeCallError> {
+        match self {
+            Call::Event(request) => request.send(stripe).await.map(drop),
+            Call::Cancel(request) => request.send(stripe).await.map(drop),
         }
     }
 }

@@ -10,7 +10,9 @@ use sqlx::{PgConnection, PgPool};
 use tally_core::window::SLOT;
 use tally_core::Aggregation;
 
-use crate::plan::{event_timestamp, identifier, plan_slot, Balance, BillingKind, SlotState};
+use crate::plan::{
+    after_cancel, event_timestamp, identifier, plan_slot, Balance, BillingKind, SlotState,
+};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -126,25 +128,61 @@ pub(crate) async fn account_slots(
             .get_mut(&(customer.clone(), meter.clone()))
             .expect("balance locked above");
         let state = states.get(key).copied().unwrap_or_default();
-        let Some(plan) = plan_slot(kind, total, state, *balance) else {
+        let Some(mut plan) = plan_slot(kind, total, state, *balance) else {
             continue;
         };
+        let stripe_customer_id = &stripe_customer[customer];
+        let submission = |identifier: String,
+                          revision: i32,
+                          kind: &'static str,
+                          value: Decimal,
+                          cancels: Option<String>| Submission {
+            identifier,
+            key: key.clone(),
+            revision,
+            stripe_customer_id: stripe_customer_id.clone(),
+            event_name: billed.event_name.clone(),
+            kind,
+            value,
+            cancels,
+            timestamp: event_timestamp(*slot_start, now),
+        };
+        // Usage went down: withdraw the slot's revisions at Stripe and send what is owed again,
+        // if every revision is young enough to cancel (Stripe: 24 h after receipt).
+        if plan.overbilled.is_some() {
+            if let Some(revisions) = cancelable_revisions(&mut tx, key).await? {
+                let mut revision = plan.slot.revision;
+                let mut canceled = Decimal::ZERO;
+                for (target, units) in revisions {
+                    revision += 1;
+                    canceled += units;
+                    let id = identifier(customer, meter, *slot_start, revision);
+                    writes.submissions.push(submission(
+                        id,
+                        revision,
+                        "cancel",
+                        units,
+                        Some(target),
+                    ));
+                }
+                plan = after_cancel(&plan, canceled);
+                plan.slot.revision = revision + i32::from(plan.submission.is_some());
+            }
+        }
         *balance = plan.balance;
         writes.slots.push((key.clone(), plan.slot));
         if let Some(value) = plan.submission {
-            writes.submissions.push(Submission {
-                identifier: identifier(customer, meter, *slot_start, plan.slot.revision),
-                key: key.clone(),
-                revision: plan.slot.revision,
-                stripe_customer_id: stripe_customer[customer].clone(),
-                event_name: billed.event_name.clone(),
-                kind,
+            let id = identifier(customer, meter, *slot_start, plan.slot.revision);
+            writes.submissions.push(submission(
+                id,
+                plan.slot.revision,
+                kind.as_str(),
                 value,
-                timestamp: event_timestamp(*slot_start, now),
-            });
+                None,
+            ));
         }
         if let Some(overbilled) = plan.overbilled {
-            tracing::error!(customer, meter, %slot_start, %overbilled, "usage went down after it was billed; recorded in billing_corrections for finance");
+            tracing::error!(customer, meter, %slot_start, %overbilled, "usage went down after it was billed, too late to cancel at Stripe; recorded in billing_corrections for finance");
             writes.corrections.push((key.clone(), overbilled));
         }
     }
@@ -161,6 +199,41 @@ pub(crate) async fn account_slots(
         .await?;
     tx.commit().await?;
     Ok(report)
+}
+
+/// The slot's sent `delta` revisions not yet canceled, as (identifier, units), when all of
+/// them can still be canceled: sent less than 23 hours ago (an hour's margin on Stripe's 24),
+/// and nothing of the slot pending or failed. `None`: cancelling is not possible.
+async fn cancelable_revisions(
+    tx: &mut PgConnection,
+    (customer, meter, slot_start): &SlotKey,
+) -> Result<Option<Vec<(String, Decimal)>>, StoreError> {
+    let rows: Vec<(String, String, Decimal, String, bool, bool)> = sqlx::query_as(
+        "SELECT s.identifier, s.kind, s.value, s.status,
+                coalesce(s.sent_at > now() - interval '23 hours', false),
+                EXISTS (SELECT 1 FROM stripe_submissions c WHERE c.cancels = s.identifier)
+         FROM stripe_submissions s
+         WHERE s.customer_id = $1 AND s.meter = $2 AND s.slot_start = $3
+         ORDER BY s.revision",
+    )
+    .bind(customer)
+    .bind(meter)
+    .bind(slot_start)
+    .fetch_all(&mut *tx)
+    .await?;
+    let mut revisions = Vec::new();
+    for (identifier, kind, value, status, fresh, canceled) in rows {
+        if status != "sent" {
+            return Ok(None);
+        }
+        if kind == "delta" && !canceled {
+            if !fresh {
+                return Ok(None);
+            }
+            revisions.push((identifier, value));
+        }
+    }
+    Ok(Some(revisions).filter(|r| !r.is_empty()))
 }
 
 /// Locks (creating when new) the balances of the pairs, in key order so that two sinks
@@ -298,8 +371,9 @@ struct Submission {
     revision: i32,
     stripe_customer_id: String,
     event_name: String,
-    kind: BillingKind,
+    kind: &'static str,
     value: Decimal,
+    cancels: Option<String>,
     timestamp: DateTime<Utc>,
 }
 
@@ -365,15 +439,17 @@ impl Writes {
             let stripe_customers: Vec<&str> =
                 s.iter().map(|x| x.stripe_customer_id.as_str()).collect();
             let event_names: Vec<&str> = s.iter().map(|x| x.event_name.as_str()).collect();
-            let kinds: Vec<&str> = s.iter().map(|x| x.kind.as_str()).collect();
+            let kinds: Vec<&str> = s.iter().map(|x| x.kind).collect();
+            let cancels: Vec<Option<&str>> = s.iter().map(|x| x.cancels.as_deref()).collect();
             let values: Vec<Decimal> = s.iter().map(|x| x.value).collect();
             let timestamps: Vec<DateTime<Utc>> = s.iter().map(|x| x.timestamp).collect();
             sqlx::query(
                 "INSERT INTO stripe_submissions
                     (identifier, customer_id, meter, slot_start, revision, stripe_customer_id,
-                     event_name, kind, value, event_timestamp)
+                     event_name, kind, value, event_timestamp, cancels)
                  SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::timestamptz[], $5::int[],
-                                      $6::text[], $7::text[], $8::text[], $9::numeric[], $10::timestamptz[])",
+                                      $6::text[], $7::text[], $8::text[], $9::numeric[], $10::timestamptz[],
+                                      $11::text[])",
             )
             .bind(&identifiers)
             .bind(&customers)
@@ -385,6 +461,7 @@ impl Writes {
             .bind(&kinds)
             .bind(&values)
             .bind(&timestamps)
+            .bind(&cancels)
             .execute(&mut *tx)
             .await?;
         }
@@ -419,6 +496,8 @@ pub struct Leased {
     pub value: Decimal,
     pub event_timestamp: DateTime<Utc>,
     pub attempts: i32,
+    /// For a `cancel` row: the identifier of the event to withdraw.
+    pub cancels: Option<String>,
 }
 
 /// Leases the pending rows of up to `limit` customer+meter pairs whose oldest pending row is
@@ -450,7 +529,7 @@ pub(crate) async fn lease_pending(
              WHERE p.status = 'pending' AND (p.leased_until IS NULL OR p.leased_until < now())
              FOR UPDATE OF p SKIP LOCKED)
          RETURNING s.submission_id, s.identifier, s.customer_id, s.meter, s.stripe_customer_id,
-                   s.event_name, s.kind, s.value, s.event_timestamp, s.attempts",
+                   s.event_name, s.kind, s.value, s.event_timestamp, s.attempts, s.cancels",
     )
     .bind(limit as i64)
     .bind(lease)

@@ -67,6 +67,11 @@ impl StripeCallError {
                 .starts_with("An event already exists with identifier")
     }
 
+    /// The event to cancel is canceled already: on a retry, by our earlier attempt.
+    pub fn is_already_canceled(&self) -> bool {
+        self.status == Some(400) && self.message.contains("has already been canceled")
+    }
+
     pub fn is_rate_limit(&self) -> bool {
         self.status == Some(429)
     }

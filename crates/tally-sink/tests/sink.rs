@@ -209,7 +209,7 @@ async fn refused_submissions_are_marked_failed_with_stripes_error() {
 }
 
 #[tokio::test]
-async fn usage_that_goes_down_is_recorded_for_finance() {
+async fn usage_that_goes_down_is_canceled_and_resent_within_a_day_else_recorded() {
     let setup = setup(EmulatorConfig::default()).await;
     let pool = &setup.db.pool;
     let base = slot_start(Utc::now() - TimeDelta::hours(1));
@@ -218,23 +218,76 @@ async fn usage_that_goes_down_is_recorded_for_finance() {
     let sink = sink(&setup, sink_config());
     let stop = CancellationToken::new();
     sink.run(Mode::Once, &stop).await.unwrap();
-    // Someone corrects the window by hand.
-    sqlx::query("UPDATE usage_minute SET value = 6")
-        .execute(pool)
-        .await
-        .unwrap();
-    sqlx::query("INSERT INTO usage_slot_changes (customer_id, meter, slot_start) VALUES ('c1', 'api_calls', $1)")
-        .bind(base)
-        .execute(pool)
-        .await
-        .unwrap();
+    add_usage(
+        pool,
+        "c1",
+        "api_calls",
+        base + TimeDelta::minutes(1),
+        d("5"),
+        base,
+    )
+    .await;
+    sink.run(Mode::Once, &stop).await.unwrap();
+    assert_eq!(stripe_sum(&setup.emulator, "cus_c1", "api_calls"), 15);
+
+    // Someone corrects the windows by hand, within a day: both revisions are canceled at
+    // Stripe and the slot's new total is sent as one new revision.
+    let lower_to = |value: &'static str| async move {
+        sqlx::query("UPDATE usage_minute SET value = 0")
+            .execute(pool)
+            .await
+            .unwrap();
+        add_usage(pool, "c1", "api_calls", base, d(value), base).await;
+    };
+    lower_to("12").await;
     let summary = sink.run(Mode::Once, &stop).await.unwrap();
-    assert_eq!(summary.accounted.corrections, 1);
+    assert_eq!(
+        (
+            summary.accounted.submissions,
+            summary.sent,
+            summary.accounted.corrections
+        ),
+        (3, 3, 0)
+    );
+    assert_eq!(setup.emulator.stats().adjustments, 2);
+    assert_eq!(stripe_sum(&setup.emulator, "cus_c1", "api_calls"), 12);
+    let kinds: Vec<String> =
+        sqlx::query_scalar("SELECT kind FROM stripe_submissions ORDER BY revision")
+            .fetch_all(pool)
+            .await
+            .unwrap();
+    assert_eq!(kinds, ["delta", "delta", "cancel", "cancel", "delta"]);
+    let rows = tally_sink::reconcile(
+        pool,
+        &tally_sink::StripeHttp::new(&setup.stripe).unwrap(),
+        900,
+        base,
+        base + TimeDelta::minutes(5),
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        (rows[0].sent, rows[0].stripe, rows[0].verdict),
+        (d("12"), Some(d("12")), Verdict::Ok)
+    );
+
+    // A day later, Stripe no longer takes cancels: the difference is recorded for finance.
+    sqlx::query("UPDATE stripe_submissions SET sent_at = now() - interval '2 days'")
+        .execute(pool)
+        .await
+        .unwrap();
+    lower_to("9").await;
+    let summary = sink.run(Mode::Once, &stop).await.unwrap();
+    assert_eq!(
+        (summary.accounted.submissions, summary.accounted.corrections),
+        (0, 1)
+    );
     let overbilled: Decimal = sqlx::query_scalar("SELECT overbilled FROM billing_corrections")
         .fetch_one(pool)
         .await
         .unwrap();
-    assert_eq!(overbilled, d("4"));
+    assert_eq!(overbilled, d("3"));
+    assert_eq!(stripe_sum(&setup.emulator, "cus_c1", "api_calls"), 12);
     // Later usage is billed normally, not swallowed by the correction.
     add_usage(
         pool,
@@ -246,7 +299,7 @@ async fn usage_that_goes_down_is_recorded_for_finance() {
     )
     .await;
     sink.run(Mode::Once, &stop).await.unwrap();
-    assert_eq!(stripe_sum(&setup.emulator, "cus_c1", "api_calls"), 13);
+    assert_eq!(stripe_sum(&setup.emulator, "cus_c1", "api_calls"), 15);
 }
 
 /// Stripe failing in every way it can (5xx, committed-then-dropped, delays, 429s from an
