@@ -225,8 +225,7 @@ mod tests {
         assert_eq!((late.submission, late.slot.revision), (Some(d("3")), 2));
     }
 
-    #[test]
-    fn usage_that_goes_down_is_recorded_not_dropped() {
+    fn billed_10_then_lowered_to(total: Decimal) -> SlotPlan {
         let first = plan_slot(
             BillingKind::Delta,
             d("10"),
@@ -234,7 +233,12 @@ mod tests {
             Balance::default(),
         )
         .unwrap();
-        let lower = plan_slot(BillingKind::Delta, d("7"), first.slot, first.balance).unwrap();
+        plan_slot(BillingKind::Delta, total, first.slot, first.balance).unwrap()
+    }
+
+    #[test]
+    fn usage_that_goes_down_is_recorded_not_dropped() {
+        let lower = billed_10_then_lowered_to(d("7"));
         assert_eq!((lower.submission, lower.overbilled), (None, Some(d("3"))));
         assert_eq!(
             lower.balance,
@@ -247,14 +251,7 @@ mod tests {
 
     #[test]
     fn cancelling_the_slot_resends_what_is_owed() {
-        let first = plan_slot(
-            BillingKind::Delta,
-            d("10"),
-            SlotState::default(),
-            Balance::default(),
-        )
-        .unwrap();
-        let lower = plan_slot(BillingKind::Delta, d("7"), first.slot, first.balance).unwrap();
+        let lower = billed_10_then_lowered_to(d("7"));
         let replanned = after_cancel(&lower, d("10"));
         assert_eq!(
             (replanned.submission, replanned.overbilled),
@@ -267,10 +264,7 @@ mod tests {
                 submitted: d("7")
             }
         );
-        let to_zero = after_cancel(
-            &plan_slot(BillingKind::Delta, d("0"), first.slot, first.balance).unwrap(),
-            d("10"),
-        );
+        let to_zero = after_cancel(&billed_10_then_lowered_to(d("0")), d("10"));
         assert_eq!((to_zero.submission, to_zero.overbilled), (None, None));
     }
 

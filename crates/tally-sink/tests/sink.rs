@@ -160,15 +160,7 @@ async fn unmapped_customers_wait_and_are_billed_once_mapped() {
             .await
             .unwrap();
     assert_eq!(waiting, ("newcomer".to_owned(), 1));
-    let rows = tally_sink::reconcile(
-        pool,
-        &tally_sink::StripeHttp::new(&setup.stripe).unwrap(),
-        900,
-        base,
-        base + TimeDelta::minutes(5),
-    )
-    .await
-    .unwrap();
+    let rows = reconcile_one_slot(&setup, base).await;
     assert_eq!(
         rows.iter().map(|r| r.verdict).collect::<Vec<_>>(),
         vec![Verdict::Ok, Verdict::Unmapped]
@@ -257,15 +249,7 @@ async fn usage_that_goes_down_is_canceled_and_resent_within_a_day_else_recorded(
             .await
             .unwrap();
     assert_eq!(kinds, ["delta", "delta", "cancel", "cancel", "delta"]);
-    let rows = tally_sink::reconcile(
-        pool,
-        &tally_sink::StripeHttp::new(&setup.stripe).unwrap(),
-        900,
-        base,
-        base + TimeDelta::minutes(5),
-    )
-    .await
-    .unwrap();
+    let rows = reconcile_one_slot(&setup, base).await;
     assert_eq!(
         (rows[0].sent, rows[0].stripe, rows[0].verdict),
         (d("12"), Some(d("12")), Verdict::Ok)

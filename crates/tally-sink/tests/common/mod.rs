@@ -167,3 +167,20 @@ pub(crate) async fn changes_left(pool: &PgPool) -> i64 {
         .await
         .unwrap()
 }
+
+/// `tally reconcile` over the one slot starting at `slot`.
+pub(crate) async fn reconcile_one_slot(
+    setup: &Setup,
+    slot: DateTime<Utc>,
+) -> Vec<tally_sink::ReconcileRow> {
+    let stripe = tally_sink::StripeHttp::new(&setup.stripe).unwrap();
+    tally_sink::reconcile(
+        &setup.db.pool,
+        &stripe,
+        900,
+        slot,
+        slot + chrono::TimeDelta::minutes(5),
+    )
+    .await
+    .unwrap()
+}
