@@ -9,6 +9,7 @@ use tally_aggregator::AggregatorConfig;
 use tally_core::config::{KafkaConfig, Secret};
 use tally_core::{MeterDefinition, Meters};
 use tally_emitter::EmitterConfig;
+use tally_quota::PlanDefinition;
 use tally_sink::{SinkConfig, StripeConfig};
 
 /// The whole configuration. Unknown keys are errors.
@@ -23,6 +24,8 @@ pub(crate) struct TallyConfig {
     pub(crate) stripe: StripeConfig,
     /// `[[meters]]`: the meters events may report.
     pub(crate) meters: Vec<MeterDefinition>,
+    /// `[[plans]]`: what each plan grants (applied with `tally plans apply`).
+    pub(crate) plans: Vec<PlanDefinition>,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -77,6 +80,9 @@ pub(crate) fn load(path: Option<&Path>, overrides: Overrides) -> anyhow::Result<
 impl TallyConfig {
     fn validate(&self) -> anyhow::Result<()> {
         Meters::new(&self.meters).map_err(|problem| anyhow::anyhow!("[[meters]]: {problem}"))?;
+        let meter_names: Vec<String> = self.meters.iter().map(|m| m.name.clone()).collect();
+        tally_quota::plan::validate_plans(&self.plans, &meter_names)
+            .map_err(|problem| anyhow::anyhow!("[[plans]]: {problem}"))?;
         self.emitter
             .validate()
             .map_err(|problem| anyhow::anyhow!("{problem}"))?;
@@ -129,6 +135,8 @@ mod tests {
             tally_core::config::load(Some(("tally.example.toml", text)), Vec::new(), &[]).unwrap();
         config.validate().unwrap();
         assert!(config.meters.len() >= 3);
+        let plans: Vec<&str> = config.plans.iter().map(|p| p.name.as_str()).collect();
+        assert_eq!(plans, ["FREE", "PRO", "ENTERPRISE"]);
         // Every default is spelled out in the example, so the example documents them all.
         let defaults = toml::to_string(&TallyConfig::default()).unwrap();
         for line in defaults

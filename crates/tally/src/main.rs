@@ -10,6 +10,7 @@ mod aggregate;
 mod config;
 mod demo;
 mod emit;
+mod plans;
 mod process;
 mod sink;
 mod stripe_emulator;
@@ -72,6 +73,8 @@ enum Command {
     Customers(sink::CustomersArgs),
     /// Compare tally's windows, what the sink sent, and what Stripe reports; exit 1 on drift
     Reconcile(sink::ReconcileArgs),
+    /// Apply [[plans]] from tally.toml to Postgres (audited), or list them
+    Plans(plans::PlansArgs),
     /// Run a local Stripe Billing API (meter events, adjustments, summaries) with fault switches
     StripeEmulator(stripe_emulator::EmulatorArgs),
     /// Apply the database migrations (idempotent)
@@ -103,6 +106,7 @@ fn main() -> ExitCode {
         Command::Customers(args) => sink::customers(&config, &args),
         Command::Reconcile(args) => sink::reconcile(&config, &args),
         Command::StripeEmulator(args) => stripe_emulator::run(&args),
+        Command::Plans(args) => plans::run(&config, &args),
         Command::Migrate => aggregate::migrate(&config),
         Command::Config => print_config(&config),
     };

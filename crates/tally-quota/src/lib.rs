@@ -1,0 +1,11 @@
+//! Plans, subscriptions and entitlements (and, next, the quota check).
+//!
+//! - `plan.rs`: plan definitions from `tally.toml`, per-customer overrides, and resolving the
+//!   two into a customer's entitlements (pure).
+//! - `store.rs`: plans, subscriptions and overrides in Postgres, every change audited.
+
+pub mod plan;
+pub mod store;
+
+pub use plan::{Enforcement, Entitlements, LimitDefinition, Override, Period, PlanDefinition};
+pub use store::{apply_plans, PlanChange, QuotaStoreError, Subscription};

@@ -1,0 +1,316 @@
+//! Plans, subscriptions and overrides in Postgres. Every change writes an `entitlement_audit`
+//! row in the same transaction.
+
+use chrono::{DateTime, Utc};
+use serde_json::Value;
+use sqlx::{PgConnection, PgPool};
+
+use crate::plan::{Entitlements, Override, PlanDefinition};
+
+#[derive(Debug, thiserror::Error)]
+pub enum QuotaStoreError {
+    #[error("Postgres: {0}")]
+    Postgres(#[from] sqlx::Error),
+    #[error("plan {plan:?} is no longer in tally.toml but {subscriptions} subscription(s) are on it; move them to another plan first, or keep the plan in [[plans]]")]
+    PlanInUse { plan: String, subscriptions: i64 },
+    #[error("customer {customer:?} already has an active or trialing subscription; cancel it first (one per customer)")]
+    SecondLiveSubscription { customer: String },
+    #[error("no plan {0:?}; run `tally plans apply` after adding it to [[plans]] in tally.toml")]
+    UnknownPlan(String),
+    #[error("stored data does not decode: {0}")]
+    Corrupt(String),
+}
+
+/// What `apply_plans` did to one plan.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PlanChange {
+    Created(String),
+    Updated(String),
+    Unchanged(String),
+    Deleted(String),
+}
+
+/// One `entitlement_audit` row.
+struct Audit<'a> {
+    entity: &'a str,
+    key: &'a str,
+    action: &'a str,
+    before: Option<&'a Value>,
+    after: Option<&'a Value>,
+    actor: &'a str,
+    reason: Option<&'a str>,
+}
+
+impl Audit<'_> {
+    async fn write(self, tx: &mut PgConnection) -> Result<(), QuotaStoreError> {
+        sqlx::query(
+            "INSERT INTO entitlement_audit (entity, entity_key, action, before, after, actor, reason)
+             VALUES ($1, $2, $3, $4, $5, $6, $7)",
+        )
+        .bind(self.entity)
+        .bind(self.key)
+        .bind(self.action)
+        .bind(self.before)
+        .bind(self.after)
+        .bind(self.actor)
+        .bind(self.reason)
+        .execute(&mut *tx)
+        .await?;
+        Ok(())
+    }
+}
+
+/// Makes the `plans` table equal to `plans` (from tally.toml): creates, updates and deletes,
+/// each audited. A plan that still has subscriptions is not deleted: the whole apply fails.
+pub async fn apply_plans(
+    pool: &PgPool,
+    plans: &[PlanDefinition],
+    actor: &str,
+) -> Result<Vec<PlanChange>, QuotaStoreError> {
+    let mut tx = pool.begin().await?;
+    // One apply at a time: two concurrent applies would each audit the other's changes wrongly.
+    sqlx::query("LOCK TABLE plans IN SHARE ROW EXCLUSIVE MODE")
+        .execute(&mut *tx)
+        .await?;
+    let stored: Vec<(String, Value)> = sqlx::query_as("SELECT name, definition FROM plans")
+        .fetch_all(&mut *tx)
+        .await?;
+    let mut stored: std::collections::BTreeMap<String, Value> = stored.into_iter().collect();
+    let mut changes = Vec::new();
+    for plan in plans {
+        let definition =
+            serde_json::to_value(plan).map_err(|e| QuotaStoreError::Corrupt(e.to_string()))?;
+        match stored.remove(&plan.name) {
+            Some(before) if before == definition => {
+                changes.push(PlanChange::Unchanged(plan.name.clone()))
+            }
+            Some(before) => {
+                sqlx::query("UPDATE plans SET definition = $2, updated_at = now() WHERE name = $1")
+                    .bind(&plan.name)
+                    .bind(&definition)
+                    .execute(&mut *tx)
+                    .await?;
+                Audit {
+                    entity: "plan",
+                    key: &plan.name,
+                    action: "update",
+                    before: Some(&before),
+                    after: Some(&definition),
+                    actor,
+                    reason: None,
+                }
+                .write(&mut tx)
+                .await?;
+                changes.push(PlanChange::Updated(plan.name.clone()));
+            }
+            None => {
+                sqlx::query("INSERT INTO plans (name, definition) VALUES ($1, $2)")
+                    .bind(&plan.name)
+                    .bind(&definition)
+                    .execute(&mut *tx)
+                    .await?;
+                Audit {
+                    entity: "plan",
+                    key: &plan.name,
+                    action: "create",
+                    before: None,
+                    after: Some(&definition),
+                    actor,
+                    reason: None,
+                }
+                .write(&mut tx)
+                .await?;
+                changes.push(PlanChange::Created(plan.name.clone()));
+            }
+        }
+    }
+    for (name, before) in stored {
+        let subscriptions: i64 =
+            sqlx::query_scalar("SELECT count(*) FROM subscriptions WHERE plan = $1")
+                .bind(&name)
+                .fetch_one(&mut *tx)
+                .await?;
+        if subscriptions > 0 {
+            return Err(QuotaStoreError::PlanInUse {
+                plan: name,
+                subscriptions,
+            });
+        }
+        sqlx::query("DELETE FROM plans WHERE name = $1")
+            .bind(&name)
+            .execute(&mut *tx)
+            .await?;
+        Audit {
+            entity: "plan",
+            key: &name,
+            action: "delete",
+            before: Some(&before),
+            after: None,
+            actor,
+            reason: None,
+        }
+        .write(&mut tx)
+        .await?;
+        changes.push(PlanChange::Deleted(name));
+    }
+    tx.commit().await?;
+    Ok(changes)
+}
+
+/// A subscription as tally holds it.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, sqlx::FromRow)]
+pub struct Subscription {
+    pub customer_id: String,
+    pub plan: String,
+    pub status: String,
+    pub current_period_start: DateTime<Utc>,
+    pub current_period_end: DateTime<Utc>,
+    pub cancel_at_period_end: bool,
+}
+
+/// Starts a subscription. A second active or trialing one for the customer is refused by the
+/// database (a unique index), and reported as such.
+pub async fn create_subscription(
+    pool: &PgPool,
+    subscription: &Subscription,
+    actor: &str,
+) -> Result<i64, QuotaStoreError> {
+    let mut tx = pool.begin().await?;
+    let inserted = sqlx::query_scalar::<_, i64>(
+        "INSERT INTO subscriptions (customer_id, plan, status, current_period_start, current_period_end, cancel_at_period_end)
+         VALUES ($1, $2, $3, $4, $5, $6) RETURNING subscription_id",
+    )
+    .bind(&subscription.customer_id)
+    .bind(&subscription.plan)
+    .bind(&subscription.status)
+    .bind(subscription.current_period_start)
+    .bind(subscription.current_period_end)
+    .bind(subscription.cancel_at_period_end)
+    .fetch_one(&mut *tx)
+    .await;
+    let id = match inserted {
+        Ok(id) => id,
+        Err(sqlx::Error::Database(e))
+            if e.constraint() == Some("subscriptions_one_live_per_customer") =>
+        {
+            return Err(QuotaStoreError::SecondLiveSubscription {
+                customer: subscription.customer_id.clone(),
+            })
+        }
+        Err(sqlx::Error::Database(e)) if e.constraint() == Some("subscriptions_plan_fkey") => {
+            return Err(QuotaStoreError::UnknownPlan(subscription.plan.clone()))
+        }
+        Err(e) => return Err(e.into()),
+    };
+    let after =
+        serde_json::to_value(subscription).map_err(|e| QuotaStoreError::Corrupt(e.to_string()))?;
+    Audit {
+        entity: "subscription",
+        key: &subscription.customer_id,
+        action: "create",
+        before: None,
+        after: Some(&after),
+        actor,
+        reason: None,
+    }
+    .write(&mut tx)
+    .await?;
+    tx.commit().await?;
+    Ok(id)
+}
+
+/// Sets (replaces) a customer's override, with the reason and who set it.
+pub async fn set_override(
+    pool: &PgPool,
+    customer: &str,
+    overrides: &Override,
+    reason: &str,
+    set_by: &str,
+) -> Result<(), QuotaStoreError> {
+    let mut tx = pool.begin().await?;
+    let before: Option<Value> = sqlx::query_scalar(
+        "SELECT overrides FROM customer_overrides WHERE customer_id = $1 FOR UPDATE",
+    )
+    .bind(customer)
+    .fetch_optional(&mut *tx)
+    .await?;
+    let after =
+        serde_json::to_value(overrides).map_err(|e| QuotaStoreError::Corrupt(e.to_string()))?;
+    sqlx::query(
+        "INSERT INTO customer_overrides (customer_id, overrides, reason, set_by) VALUES ($1, $2, $3, $4)
+         ON CONFLICT (customer_id) DO UPDATE
+            SET overrides = excluded.overrides, reason = excluded.reason, set_by = excluded.set_by, updated_at = now()",
+    )
+    .bind(customer)
+    .bind(&after)
+    .bind(reason)
+    .bind(set_by)
+    .execute(&mut *tx)
+    .await?;
+    let action = if before.is_some() { "update" } else { "create" };
+    Audit {
+        entity: "override",
+        key: customer,
+        action,
+        before: before.as_ref(),
+        after: Some(&after),
+        actor: set_by,
+        reason: Some(reason),
+    }
+    .write(&mut tx)
+    .await?;
+    tx.commit().await?;
+    Ok(())
+}
+
+#[derive(sqlx::FromRow)]
+struct LiveSubscriptionRow {
+    customer_id: String,
+    plan: String,
+    status: String,
+    current_period_start: DateTime<Utc>,
+    current_period_end: DateTime<Utc>,
+    cancel_at_period_end: bool,
+    definition: Value,
+    overrides: Option<Value>,
+}
+
+/// A customer's live subscription and resolved entitlements; `None` when the customer has no
+/// active or trialing subscription (fail secure: no implicit free plan).
+pub async fn entitlements(
+    pool: &PgPool,
+    customer: &str,
+) -> Result<Option<(Subscription, Entitlements)>, QuotaStoreError> {
+    let row: Option<LiveSubscriptionRow> = sqlx::query_as(
+        "SELECT s.customer_id, s.plan, s.status, s.current_period_start, s.current_period_end,
+                s.cancel_at_period_end, p.definition, o.overrides
+         FROM subscriptions s
+         JOIN plans p ON p.name = s.plan
+         LEFT JOIN customer_overrides o ON o.customer_id = s.customer_id
+         WHERE s.customer_id = $1 AND s.status IN ('active', 'trialing')",
+    )
+    .bind(customer)
+    .fetch_optional(pool)
+    .await?;
+    let Some(row) = row else {
+        return Ok(None);
+    };
+    let corrupt = |e: serde_json::Error| QuotaStoreError::Corrupt(e.to_string());
+    let definition: PlanDefinition = serde_json::from_value(row.definition).map_err(corrupt)?;
+    let overrides: Option<Override> = row
+        .overrides
+        .map(serde_json::from_value)
+        .transpose()
+        .map_err(corrupt)?;
+    let entitlements =
+        Entitlements::resolve(&definition, overrides.as_ref()).map_err(QuotaStoreError::Corrupt)?;
+    let subscription = Subscription {
+        customer_id: row.customer_id,
+        plan: row.plan,
+        status: row.status,
+        current_period_start: row.current_period_start,
+        current_period_end: row.current_period_end,
+        cancel_at_period_end: row.cancel_at_period_end,
+    };
+    Ok(Some((subscription, entitlements)))
+}

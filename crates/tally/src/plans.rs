@@ -1,0 +1,60 @@
+//! `tally plans`: apply `[[plans]]` from tally.toml to Postgres, list what is there.
+
+use anyhow::bail;
+use tally_quota::PlanChange;
+
+use crate::config::TallyConfig;
+use crate::process::{connect, runtime};
+
+#[derive(Debug, clap::Args)]
+pub(crate) struct PlansArgs {
+    #[command(subcommand)]
+    command: PlansCommand,
+}
+
+#[derive(Debug, clap::Subcommand)]
+enum PlansCommand {
+    /// Make the plans in Postgres equal to [[plans]] in tally.toml (every change audited)
+    ///
+    /// Creates new plans, updates changed ones and deletes removed ones; refuses (changing
+    /// nothing) when a removed plan still has subscriptions.
+    Apply {
+        /// Who applies, for the audit trail [default: $USER]
+        #[arg(long, env = "USER", default_value = "unknown")]
+        actor: String,
+    },
+    /// List the plans in Postgres
+    List,
+}
+
+pub(crate) fn run(config: &TallyConfig, args: &PlansArgs) -> anyhow::Result<()> {
+    runtime()?.block_on(async {
+        let pool = connect(config, 2).await?;
+        tally_db::check_schema(&pool).await?;
+        match &args.command {
+            PlansCommand::Apply { actor } => {
+                if config.plans.is_empty() {
+                    bail!("no [[plans]] in the configuration; define them in tally.toml (see tally.example.toml) before applying, or every plan in Postgres would be deleted");
+                }
+                for change in tally_quota::apply_plans(&pool, &config.plans, actor).await? {
+                    match change {
+                        PlanChange::Created(name) => println!("created   {name}"),
+                        PlanChange::Updated(name) => println!("updated   {name}"),
+                        PlanChange::Unchanged(name) => println!("unchanged {name}"),
+                        PlanChange::Deleted(name) => println!("deleted   {name}"),
+                    }
+                }
+            }
+            PlansCommand::List => {
+                let rows: Vec<(String, serde_json::Value)> =
+                    sqlx::query_as("SELECT name, definition FROM plans ORDER BY name")
+                        .fetch_all(&pool)
+                        .await?;
+                for (name, definition) in rows {
+                    println!("{name}: {definition}");
+                }
+            }
+        }
+        Ok(())
+    })
+}
