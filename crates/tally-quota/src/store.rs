@@ -80,49 +80,34 @@ pub async fn apply_plans(
     for plan in plans {
         let definition =
             serde_json::to_value(plan).map_err(|e| QuotaStoreError::Corrupt(e.to_string()))?;
-        match stored.remove(&plan.name) {
-            Some(before) if before == definition => {
-                changes.push(PlanChange::Unchanged(plan.name.clone()))
-            }
-            Some(before) => {
-                sqlx::query("UPDATE plans SET definition = $2, updated_at = now() WHERE name = $1")
-                    .bind(&plan.name)
-                    .bind(&definition)
-                    .execute(&mut *tx)
-                    .await?;
-                Audit {
-                    entity: "plan",
-                    key: &plan.name,
-                    action: "update",
-                    before: Some(&before),
-                    after: Some(&definition),
-                    actor,
-                    reason: None,
-                }
-                .write(&mut tx)
-                .await?;
-                changes.push(PlanChange::Updated(plan.name.clone()));
-            }
-            None => {
-                sqlx::query("INSERT INTO plans (name, definition) VALUES ($1, $2)")
-                    .bind(&plan.name)
-                    .bind(&definition)
-                    .execute(&mut *tx)
-                    .await?;
-                Audit {
-                    entity: "plan",
-                    key: &plan.name,
-                    action: "create",
-                    before: None,
-                    after: Some(&definition),
-                    actor,
-                    reason: None,
-                }
-                .write(&mut tx)
-                .await?;
-                changes.push(PlanChange::Created(plan.name.clone()));
-            }
+        let before = stored.remove(&plan.name);
+        if before.as_ref() == Some(&definition) {
+            changes.push(PlanChange::Unchanged(plan.name.clone()));
+            continue;
         }
+        sqlx::query(
+            "INSERT INTO plans (name, definition) VALUES ($1, $2)
+             ON CONFLICT (name) DO UPDATE SET definition = excluded.definition, updated_at = now()",
+        )
+        .bind(&plan.name)
+        .bind(&definition)
+        .execute(&mut *tx)
+        .await?;
+        Audit {
+            entity: "plan",
+            key: &plan.name,
+            action: if before.is_some() { "update" } else { "create" },
+            before: before.as_ref(),
+            after: Some(&definition),
+            actor,
+            reason: None,
+        }
+        .write(&mut tx)
+        .await?;
+        changes.push(match before {
+            Some(_) => PlanChange::Updated(plan.name.clone()),
+            None => PlanChange::Created(plan.name.clone()),
+        });
     }
     for (name, before) in stored {
         let subscriptions: i64 =
