@@ -1,0 +1,443 @@
+//! The quota check services call in their request path.
+//!
+//! A customer's subscription, entitlements and current-period usage are loaded once and kept
+//! in a local cache for `refresh` (default 1 s). A check on a cached customer is a map lookup
+//! and a few decimal operations. Usage this process allowed since the last refresh is added
+//! locally, so a burst through one process cannot overshoot a hard limit by more than what it
+//! allowed that the aggregator has not yet committed when the cache refreshes: about one
+//! refresh interval plus the aggregator's lag (under 2 s at the defaults) worth of usage.
+//! Several processes each add only their own; their combined overshoot is bounded the same way,
+//! per process.
+//!
+//! Period usage comes from `usage_daily`, which the aggregator updates in the same transaction as
+//! the minute windows: a check never reads minute windows. Billing periods are counted by whole
+//! UTC days, from the day the period starts.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
+
+use chrono::{DateTime, Datelike, NaiveDate, TimeDelta, Utc};
+use rust_decimal::Decimal;
+use sqlx::PgPool;
+
+use crate::plan::{Enforcement, Entitlements, LimitDefinition, Period};
+use crate::store::{self, QuotaStoreError, Subscription};
+
+/// The answer to "may this customer use `quantity` more of `meter`?".
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Decision {
+    /// Within the limit (or no limit: `limit` is `None`).
+    Allow {
+        used: Decimal,
+        limit: Option<Decimal>,
+        remaining: Option<Decimal>,
+        resets_at: Option<DateTime<Utc>>,
+    },
+    /// Allowed, but above the limit (`soft`), or within the grace (`grace`).
+    Warn {
+        used: Decimal,
+        limit: Decimal,
+        resets_at: Option<DateTime<Utc>>,
+        enforcement: Enforcement,
+    },
+    /// Denied: above a `hard` limit or beyond the grace.
+    Deny {
+        used: Decimal,
+        limit: Decimal,
+        resets_at: Option<DateTime<Utc>>,
+    },
+}
+
+/// Why a check has no decision. Each has a stable code for APIs.
+#[derive(Debug, thiserror::Error)]
+pub enum QuotaError {
+    #[error("customer {0:?} has no active or trialing subscription")]
+    NoActiveSubscription(String),
+    #[error("feature {feature:?} is not enabled for customer {customer:?}")]
+    FeatureDisabled { customer: String, feature: String },
+    #[error("unknown meter {0:?}; it is not in [[meters]]")]
+    UnknownMeter(String),
+    #[error("quota on unique_count meter {0:?} is not supported yet")]
+    Unsupported(String),
+    #[error(transparent)]
+    Store(#[from] QuotaStoreError),
+}
+
+impl QuotaError {
+    /// A stable code for API errors.
+    pub fn code(&self) -> &'static str {
+        match self {
+            QuotaError::NoActiveSubscription(_) => "NO_ACTIVE_SUBSCRIPTION",
+            QuotaError::FeatureDisabled { .. } => "FEATURE_DISABLED",
+            QuotaError::UnknownMeter(_) => "UNKNOWN_METER",
+            QuotaError::Unsupported(_) => "UNSUPPORTED",
+            QuotaError::Store(_) => "INTERNAL",
+        }
+    }
+}
+
+/// One customer's cached state.
+struct Cached {
+    loaded: Instant,
+    /// `None`: no live subscription (cached too, so a flood of checks for such a customer does
+    /// not reach Postgres).
+    live: Option<Live>,
+}
+
+struct Live {
+    subscription: Subscription,
+    entitlements: Entitlements,
+    /// Per limited meter: usage in its current period, when that period ends, and what this
+    /// process has allowed since loading.
+    meters: HashMap<String, MeterUsage>,
+}
+
+struct MeterUsage {
+    committed: Decimal,
+    resets_at: Option<DateTime<Utc>>,
+    allowed_locally: Mutex<Decimal>,
+}
+
+/// Quota checks with a local cache. Cheap to share (`Arc`).
+pub struct Quota {
+    pool: PgPool,
+    refresh: Duration,
+    aggregations: HashMap<String, String>,
+    cache: RwLock<HashMap<String, Arc<Cached>>>,
+}
+
+impl Quota {
+    /// Loads the meters; entitlements and usage are loaded per customer on first use.
+    pub async fn new(pool: PgPool, refresh: Duration) -> Result<Quota, QuotaError> {
+        let aggregations: Vec<(String, String)> =
+            sqlx::query_as("SELECT name, aggregation FROM meters")
+                .fetch_all(&pool)
+                .await
+                .map_err(QuotaStoreError::from)?;
+        Ok(Quota {
+            pool,
+            refresh,
+            aggregations: aggregations.into_iter().collect(),
+            cache: RwLock::new(HashMap::new()),
+        })
+    }
+
+    /// May `customer` use `quantity` more of `meter`? An allowed quantity counts against the
+    /// customer's quota in this process until the next refresh.
+    pub async fn check(
+        &self,
+        customer: &str,
+        meter: &str,
+        quantity: Decimal,
+    ) -> Result<Decision, QuotaError> {
+        if !self.aggregations.contains_key(meter) {
+            return Err(QuotaError::UnknownMeter(meter.to_owned()));
+        }
+        let cached = self.cached(customer).await?;
+        let live = cached
+            .live
+            .as_ref()
+            .ok_or_else(|| QuotaError::NoActiveSubscription(customer.to_owned()))?;
+        let (Some(limit), Some(usage)) =
+            (live.entitlements.limits.get(meter), live.meters.get(meter))
+        else {
+            return Ok(Decision::Allow {
+                used: Decimal::ZERO,
+                limit: None,
+                remaining: None,
+                resets_at: None,
+            });
+        };
+        let mut allowed = usage.allowed_locally.lock().expect("quota lock poisoned");
+        let used = usage.committed + *allowed;
+        let decision = decide(limit, used, quantity, usage.resets_at);
+        if !matches!(decision, Decision::Deny { .. }) {
+            *allowed += quantity;
+        }
+        Ok(decision)
+    }
+
+    /// `Ok` when `feature` is enabled for the customer's plan (with overrides).
+    pub async fn require_feature(&self, customer: &str, feature: &str) -> Result<(), QuotaError> {
+        let cached = self.cached(customer).await?;
+        let live = cached
+            .live
+            .as_ref()
+            .ok_or_else(|| QuotaError::NoActiveSubscription(customer.to_owned()))?;
+        if live.entitlements.feature(feature) {
+            Ok(())
+        } else {
+            Err(QuotaError::FeatureDisabled {
+                customer: customer.to_owned(),
+                feature: feature.to_owned(),
+            })
+        }
+    }
+
+    /// The customer's subscription and entitlements, as the checks see them.
+    pub async fn entitlements(
+        &self,
+        customer: &str,
+    ) -> Result<(Subscription, Entitlements), QuotaError> {
+        let cached = self.cached(customer).await?;
+        let live = cached
+            .live
+            .as_ref()
+            .ok_or_else(|| QuotaError::NoActiveSubscription(customer.to_owned()))?;
+        Ok((live.subscription.clone(), live.entitlements.clone()))
+    }
+
+    /// Drops a customer's cached state (after a subscription or override change).
+    pub fn invalidate(&self, customer: &str) {
+        self.cache
+            .write()
+            .expect("quota cache poisoned")
+            .remove(customer);
+    }
+
+    async fn cached(&self, customer: &str) -> Result<Arc<Cached>, QuotaError> {
+        let now = Instant::now();
+        if let Some(cached) = self
+            .cache
+            .read()
+            .expect("quota cache poisoned")
+            .get(customer)
+        {
+            let expired = now.duration_since(cached.loaded) >= self.refresh
+                || cached
+                    .live
+                    .as_ref()
+                    .is_some_and(|live| live.period_ended(Utc::now()));
+            if !expired {
+                return Ok(cached.clone());
+            }
+        }
+        let loaded = Arc::new(self.load(customer).await?);
+        self.cache
+            .write()
+            .expect("quota cache poisoned")
+            .insert(customer.to_owned(), loaded.clone());
+        Ok(loaded)
+    }
+
+    async fn load(&self, customer: &str) -> Result<Cached, QuotaError> {
+        let loaded = Instant::now();
+        let Some((subscription, entitlements)) = store::entitlements(&self.pool, customer).await?
+        else {
+            return Ok(Cached { loaded, live: None });
+        };
+        let now = Utc::now();
+        let mut meters = HashMap::new();
+        for (meter, limit) in &entitlements.limits {
+            let aggregation = self
+                .aggregations
+                .get(meter)
+                .map(String::as_str)
+                .unwrap_or("sum");
+            if aggregation == "unique_count" {
+                return Err(QuotaError::Unsupported(meter.clone()));
+            }
+            let (start, resets_at) = period_bounds(limit.period, &subscription, now);
+            let committed = period_usage(&self.pool, customer, meter, aggregation, start).await?;
+            meters.insert(
+                meter.clone(),
+                MeterUsage {
+                    committed,
+                    resets_at: Some(resets_at),
+                    allowed_locally: Mutex::new(Decimal::ZERO),
+                },
+            );
+        }
+        Ok(Cached {
+            loaded,
+            live: Some(Live {
+                subscription,
+                entitlements,
+                meters,
+            }),
+        })
+    }
+}
+
+impl Live {
+    fn period_ended(&self, now: DateTime<Utc>) -> bool {
+        self.meters
+            .values()
+            .any(|m| m.resets_at.is_some_and(|at| now >= at))
+    }
+}
+
+/// The decision for `quantity` more on top of `used`.
+pub fn decide(
+    limit: &LimitDefinition,
+    used: Decimal,
+    quantity: Decimal,
+    resets_at: Option<DateTime<Utc>>,
+) -> Decision {
+    if limit.is_unlimited() {
+        return Decision::Allow {
+            used,
+            limit: None,
+            remaining: None,
+            resets_at,
+        };
+    }
+    let projected = used + quantity;
+    if projected <= limit.limit {
+        return Decision::Allow {
+            used,
+            limit: Some(limit.limit),
+            remaining: Some(limit.limit - projected),
+            resets_at,
+        };
+    }
+    match limit.deny_above() {
+        Some(ceiling) if projected > ceiling => Decision::Deny {
+            used,
+            limit: limit.limit,
+            resets_at,
+        },
+        _ => Decision::Warn {
+            used,
+            limit: limit.limit,
+            resets_at,
+            enforcement: limit.enforcement,
+        },
+    }
+}
+
+/// The first UTC day counted and when the period resets.
+fn period_bounds(
+    period: Period,
+    subscription: &Subscription,
+    now: DateTime<Utc>,
+) -> (NaiveDate, DateTime<Utc>) {
+    let today = now.date_naive();
+    match period {
+        Period::Day => (
+            today,
+            (today + TimeDelta::days(1))
+                .and_hms_opt(0, 0, 0)
+                .expect("midnight")
+                .and_utc(),
+        ),
+        Period::Month => {
+            let first = today.with_day(1).expect("day 1 exists");
+            let next = first
+                .checked_add_months(chrono::Months::new(1))
+                .expect("a next month");
+            (
+                first,
+                next.and_hms_opt(0, 0, 0).expect("midnight").and_utc(),
+            )
+        }
+        Period::BillingPeriod => (
+            subscription.current_period_start.date_naive(),
+            subscription.current_period_end,
+        ),
+    }
+}
+
+/// Usage of `meter` since `start` (whole UTC days), merged by the meter's aggregation.
+async fn period_usage(
+    pool: &PgPool,
+    customer: &str,
+    meter: &str,
+    aggregation: &str,
+    start: NaiveDate,
+) -> Result<Decimal, QuotaError> {
+    let merge = match aggregation {
+        "max" => "max(value)",
+        "latest" => "(array_agg(value ORDER BY latest_at DESC NULLS LAST, latest_id DESC))[1]",
+        _ => "sum(value)",
+    };
+    let value: Option<Decimal> = sqlx::query_scalar(&format!(
+        "SELECT {merge} FROM usage_daily WHERE customer_id = $1 AND meter = $2 AND day >= $3"
+    ))
+    .bind(customer)
+    .bind(meter)
+    .bind(start)
+    .fetch_one(pool)
+    .await
+    .map_err(QuotaStoreError::from)?;
+    Ok(value.unwrap_or_default())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn limit(value: i64, enforcement: Enforcement, grace: i64) -> LimitDefinition {
+        LimitDefinition {
+            limit: Decimal::from(value),
+            period: Period::Day,
+            enforcement,
+            grace_percent: Decimal::from(grace),
+            unit_price: None,
+        }
+    }
+
+    fn kind(decision: &Decision) -> &'static str {
+        match decision {
+            Decision::Allow { .. } => "allow",
+            Decision::Warn { .. } => "warn",
+            Decision::Deny { .. } => "deny",
+        }
+    }
+
+    #[test]
+    fn every_mode_below_at_and_above_its_limit() {
+        let n = Decimal::from;
+        let cases = [
+            (
+                limit(100, Enforcement::Hard, 0),
+                [("allow", 98), ("allow", 99), ("deny", 100)],
+            ),
+            (
+                limit(100, Enforcement::Soft, 0),
+                [("allow", 98), ("allow", 99), ("warn", 100)],
+            ),
+            (
+                limit(100, Enforcement::Grace, 10),
+                [("allow", 99), ("warn", 105), ("deny", 110)],
+            ),
+        ];
+        for (limit, checks) in cases {
+            for (expected, used) in checks {
+                let decision = decide(&limit, n(used), n(1), None);
+                assert_eq!(
+                    kind(&decision),
+                    expected,
+                    "{:?} used {used}",
+                    limit.enforcement
+                );
+            }
+        }
+        let at_limit = decide(&limit(100, Enforcement::Hard, 0), n(99), n(1), None);
+        assert_eq!(
+            at_limit,
+            Decision::Allow {
+                used: n(99),
+                limit: Some(n(100)),
+                remaining: Some(n(0)),
+                resets_at: None
+            }
+        );
+        let grace_edge = decide(&limit(100, Enforcement::Grace, 10), n(109), n(1), None);
+        assert_eq!(
+            kind(&grace_edge),
+            "warn",
+            "exactly limit × 1.1 is still within the grace"
+        );
+        assert_eq!(
+            kind(&decide(
+                &limit(-1, Enforcement::Hard, 0),
+                n(1_000_000),
+                n(1),
+                None
+            )),
+            "allow"
+        );
+    }
+}
