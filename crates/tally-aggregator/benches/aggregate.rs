@@ -116,11 +116,7 @@ fn send(
 fn main() {
     let events = env("TALLY_BENCH_EVENTS", 1_000_000);
     let naive_sample = env("TALLY_BENCH_NAIVE_EVENTS", 20_000);
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
+    let runtime = tally_db::testing::runtime();
     let db = runtime.block_on(tally_db::testing::fresh_database());
     let cluster = MockCluster::new(1).unwrap();
     let kafka = KafkaConfig {

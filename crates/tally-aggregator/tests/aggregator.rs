@@ -48,13 +48,7 @@ fn meters() -> Vec<MeterDefinition> {
     tally_core::meter::meters_from_toml(text).unwrap()
 }
 
-fn runtime() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap()
-}
+use tally_db::testing::runtime;
 
 /// A mock cluster with a fresh topic (and its DLQ), plus a fresh database.
 struct Harness {

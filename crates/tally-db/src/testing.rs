@@ -83,6 +83,16 @@ pub fn with_database(url: &str, database: &str) -> String {
     out
 }
 
+/// The runtime tests and benchmarks drive tally with: two workers, as on the 2-core machines
+/// tally is sized for (and as the `tally` commands run).
+pub fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("a tokio runtime starts")
+}
+
 #[cfg(test)]
 mod tests {
     use super::with_database;

@@ -15,11 +15,7 @@ use tally_quota::{apply_plans, PlanDefinition, Quota, Subscription};
 const CUSTOMERS: usize = 1000;
 
 fn main() {
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
+    let runtime = tally_db::testing::runtime();
     let db = runtime.block_on(tally_db::testing::fresh_database());
     runtime.block_on(async {
         sqlx::query("INSERT INTO meters (name, aggregation, stripe_event_name) VALUES ('api_calls', 'sum', 'api_calls')")

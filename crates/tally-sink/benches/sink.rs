@@ -106,11 +106,7 @@ async fn run(
 }
 
 fn main() {
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
+    let runtime = tally_db::testing::runtime();
     let pairs = env_usize("TALLY_BENCH_PAIRS", 100_000);
     let baseline_pairs = env_usize("TALLY_BENCH_BASELINE_PAIRS", 2_000);
     runtime.block_on(async {

@@ -37,11 +37,7 @@ fn meters() -> Vec<MeterDefinition> {
 
 #[test]
 fn stripe_holds_exactly_the_windows_through_faults_and_sink_kills() {
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
+    let runtime = tally_db::testing::runtime();
     let faults = Faults {
         error_500: 0.05,
         drop_after_commit: 0.02,
