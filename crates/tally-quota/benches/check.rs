@@ -9,8 +9,8 @@ use std::time::{Duration, Instant};
 use chrono::{TimeDelta, Utc};
 use hdrhistogram::Histogram;
 use rust_decimal::Decimal;
-use tally_quota::store::create_subscription;
-use tally_quota::{apply_plans, PlanDefinition, Quota, Subscription};
+use tally_quota::testing::subscribe;
+use tally_quota::{apply_plans, PlanDefinition, Quota};
 
 const CUSTOMERS: usize = 1000;
 
@@ -28,21 +28,7 @@ fn main() {
         .unwrap();
         apply_plans(&db.pool, &[plan], "bench").await.unwrap();
         for i in 0..CUSTOMERS {
-            let now = Utc::now();
-            create_subscription(
-                &db.pool,
-                &Subscription {
-                    customer_id: format!("c{i}"),
-                    plan: "PRO".into(),
-                    status: "active".into(),
-                    current_period_start: now - TimeDelta::days(1),
-                    current_period_end: now + TimeDelta::days(29),
-                    cancel_at_period_end: false,
-                },
-                "bench",
-            )
-            .await
-            .unwrap();
+            subscribe(&db.pool, &format!("c{i}"), "PRO", Utc::now() - TimeDelta::days(1)).await;
         }
     });
     let quota = Arc::new(

@@ -8,6 +8,7 @@
 mod check;
 pub mod plan;
 pub mod store;
+pub mod testing;
 
 pub use check::{decide, Decision, Quota, QuotaError};
 pub use plan::{Enforcement, Entitlements, LimitDefinition, Override, Period, PlanDefinition};

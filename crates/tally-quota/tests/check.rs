@@ -7,10 +7,9 @@ use chrono::{TimeDelta, Utc};
 use rust_decimal::Decimal;
 use sqlx::PgPool;
 use tally_db::testing::fresh_database;
-use tally_quota::store::{create_subscription, set_override};
-use tally_quota::{
-    apply_plans, Decision, Override, PlanDefinition, Quota, QuotaError, Subscription,
-};
+use tally_quota::store::set_override;
+use tally_quota::testing::subscribe;
+use tally_quota::{apply_plans, Decision, Override, PlanDefinition, Quota, QuotaError};
 
 const PLANS: &str = r#"
     [[plans]]
@@ -47,21 +46,7 @@ async fn setup() -> (tally_db::testing::TestDatabase, Quota) {
     )
     .await
     .unwrap();
-    let now = Utc::now();
-    create_subscription(
-        &db.pool,
-        &Subscription {
-            customer_id: "acme".into(),
-            plan: "FREE".into(),
-            status: "active".into(),
-            current_period_start: now - TimeDelta::days(2),
-            current_period_end: now + TimeDelta::days(28),
-            cancel_at_period_end: false,
-        },
-        "test",
-    )
-    .await
-    .unwrap();
+    subscribe(&db.pool, "acme", "FREE", Utc::now() - TimeDelta::days(2)).await;
     let quota = Quota::new(db.pool.clone(), Duration::from_secs(60))
         .await
         .unwrap();

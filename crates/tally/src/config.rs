@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context};
 use serde::{Deserialize, Serialize};
 use tally_aggregator::AggregatorConfig;
+use tally_api::ServeConfig;
 use tally_core::config::{KafkaConfig, Secret};
 use tally_core::{MeterDefinition, Meters};
 use tally_emitter::EmitterConfig;
@@ -22,6 +23,7 @@ pub(crate) struct TallyConfig {
     pub(crate) aggregator: AggregatorConfig,
     pub(crate) sink: SinkConfig,
     pub(crate) stripe: StripeConfig,
+    pub(crate) serve: ServeConfig,
     /// `[[meters]]`: the meters events may report.
     pub(crate) meters: Vec<MeterDefinition>,
     /// `[[plans]]`: what each plan grants (applied with `tally plans apply`).
@@ -90,6 +92,9 @@ impl TallyConfig {
             .validate()
             .map_err(|problem| anyhow::anyhow!("{problem}"))?;
         self.sink
+            .validate()
+            .map_err(|problem| anyhow::anyhow!("{problem}"))?;
+        self.serve
             .validate()
             .map_err(|problem| anyhow::anyhow!("{problem}"))?;
         if self.kafka.topic.is_empty() {

@@ -12,6 +12,7 @@ mod demo;
 mod emit;
 mod plans;
 mod process;
+mod serve;
 mod sink;
 mod stripe_emulator;
 mod telemetry;
@@ -75,6 +76,10 @@ enum Command {
     Reconcile(sink::ReconcileArgs),
     /// Apply [[plans]] from tally.toml to Postgres (audited), or list them
     Plans(plans::PlansArgs),
+    /// Serve the HTTP API: quota checks, entitlements, /healthz, /readyz, /metrics
+    ///
+    /// Needs database.url and [[serve.tokens]]. SIGTERM/SIGINT lets requests in flight finish.
+    Serve,
     /// Run a local Stripe Billing API (meter events, adjustments, summaries) with fault switches
     StripeEmulator(stripe_emulator::EmulatorArgs),
     /// Apply the database migrations (idempotent)
@@ -107,6 +112,7 @@ fn main() -> ExitCode {
         Command::Reconcile(args) => sink::reconcile(&config, &args),
         Command::StripeEmulator(args) => stripe_emulator::run(&args),
         Command::Plans(args) => plans::run(&config, &args),
+        Command::Serve => serve::run(&config),
         Command::Migrate => aggregate::migrate(&config),
         Command::Config => print_config(&config),
     };
@@ -126,6 +132,9 @@ fn print_config(config: &config::TallyConfig) -> anyhow::Result<()> {
     }
     if !shown.stripe.secret_key.is_empty() {
         shown.stripe.secret_key = tally_core::config::Secret::new("<redacted>");
+    }
+    for token in &mut shown.serve.tokens {
+        token.token = tally_core::config::Secret::new("<redacted>");
     }
     print!("{}", toml::to_string(&shown)?);
     Ok(())

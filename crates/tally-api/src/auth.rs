@@ -1,0 +1,68 @@
+//! Bearer tokens: admin tokens read everything, customer tokens only their own customer.
+//! Every configured token is compared, in constant time, on every request, so the time taken
+//! says nothing about which token (or how much of one) matched.
+
+use axum::http::{HeaderMap, StatusCode};
+use subtle::ConstantTimeEq;
+
+use crate::config::ApiToken;
+use crate::error::ApiError;
+
+/// Who is calling.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Caller {
+    Admin,
+    Customer(String),
+}
+
+impl Caller {
+    /// Refuses a customer token reading another customer.
+    pub fn may_read(&self, customer: &str) -> Result<(), ApiError> {
+        match self {
+            Caller::Admin => Ok(()),
+            Caller::Customer(own) if own == customer => Ok(()),
+            Caller::Customer(_) => Err(ApiError::new(
+                StatusCode::FORBIDDEN,
+                "FORBIDDEN",
+                "this token may only read its own customer",
+            )),
+        }
+    }
+}
+
+pub(crate) fn authenticate(headers: &HeaderMap, tokens: &[ApiToken]) -> Result<Caller, ApiError> {
+    let presented = headers
+        .get("authorization")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .ok_or_else(|| {
+            ApiError::new(
+                StatusCode::UNAUTHORIZED,
+                "UNAUTHORIZED",
+                "send an API token as `Authorization: Bearer <token>`",
+            )
+        })?;
+    let mut found: Option<&ApiToken> = None;
+    for token in tokens {
+        let matches: bool = token
+            .token
+            .expose()
+            .as_bytes()
+            .ct_eq(presented.as_bytes())
+            .into();
+        if matches {
+            found = Some(token);
+        }
+    }
+    match found {
+        Some(token) => Ok(match &token.customer {
+            Some(customer) => Caller::Customer(customer.clone()),
+            None => Caller::Admin,
+        }),
+        None => Err(ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            "UNAUTHORIZED",
+            "unknown API token",
+        )),
+    }
+}

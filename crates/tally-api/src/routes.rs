@@ -1,0 +1,171 @@
+//! The handlers.
+
+use std::sync::Arc;
+
+use axum::extract::{Path, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use rust_decimal::Decimal;
+use serde::Deserialize;
+use serde_json::json;
+use tally_quota::Decision;
+
+use crate::auth::authenticate;
+use crate::error::ApiError;
+use crate::ApiState;
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct CheckRequest {
+    customer: String,
+    meter: String,
+    /// A decimal, as a JSON number or string; defaults to 1.
+    #[serde(default)]
+    quantity: Option<serde_json::Value>,
+    /// Also require this feature.
+    #[serde(default)]
+    feature: Option<String>,
+}
+
+/// `POST /v1/quota/check`: 200 allow/warn; 429 `LIMIT_EXCEEDED`; 403 `FEATURE_DISABLED`;
+/// 404 `NO_ACTIVE_SUBSCRIPTION`.
+pub(crate) async fn quota_check(
+    State(state): State<Arc<ApiState>>,
+    headers: HeaderMap,
+    body: Result<Json<CheckRequest>, axum::extract::rejection::JsonRejection>,
+) -> Result<Response, ApiError> {
+    let caller = authenticate(&headers, &state.tokens)?;
+    let Json(request) = body.map_err(|rejection| match rejection.status() {
+        StatusCode::PAYLOAD_TOO_LARGE => ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "PAYLOAD_TOO_LARGE",
+            "the request body is larger than serve.max_body_bytes",
+        ),
+        _ => ApiError::invalid(rejection.body_text()),
+    })?;
+    caller.may_read(&request.customer)?;
+    let quantity = match &request.quantity {
+        None => Decimal::ONE,
+        Some(value) => decimal(value)?,
+    };
+    if let Some(feature) = &request.feature {
+        state
+            .quota
+            .require_feature(&request.customer, feature)
+            .await?;
+    }
+    let decision = state
+        .quota
+        .check(&request.customer, &request.meter, quantity)
+        .await?;
+    Ok(match decision {
+        Decision::Allow {
+            used,
+            limit,
+            remaining,
+            resets_at,
+        } => Json(json!({
+            "decision": "allow", "metric": request.meter, "current": used, "limit": limit,
+            "remaining": remaining, "resets_at": resets_at,
+        }))
+        .into_response(),
+        Decision::Warn {
+            used,
+            limit,
+            resets_at,
+            enforcement,
+        } => Json(json!({
+            "decision": "warn", "metric": request.meter, "current": used, "limit": limit,
+            "resets_at": resets_at, "enforcement": enforcement,
+        }))
+        .into_response(),
+        Decision::Deny {
+            used,
+            limit,
+            resets_at,
+        } => (
+            StatusCode::TOO_MANY_REQUESTS,
+            Json(json!({
+                "code": "LIMIT_EXCEEDED", "metric": request.meter, "limit": limit,
+                "current": used, "resets_at": resets_at, "upgrade_hint": true,
+            })),
+        )
+            .into_response(),
+    })
+}
+
+/// An exact, non-negative decimal from a JSON number or string (never through f64).
+fn decimal(value: &serde_json::Value) -> Result<Decimal, ApiError> {
+    let text = match value {
+        serde_json::Value::Number(number) => number.to_string(),
+        serde_json::Value::String(text) => text.clone(),
+        _ => {
+            return Err(ApiError::invalid(
+                "quantity must be a number or a decimal string",
+            ))
+        }
+    };
+    let quantity: Decimal = text
+        .parse()
+        .or_else(|_| Decimal::from_scientific(&text))
+        .map_err(|_| {
+            ApiError::invalid(format!(
+                "quantity {text} is not a decimal of at most 28 digits"
+            ))
+        })?;
+    if quantity.is_sign_negative() && !quantity.is_zero() {
+        return Err(ApiError::invalid("quantity must not be negative"));
+    }
+    Ok(quantity)
+}
+
+/// `GET /v1/customers/{id}/entitlements`.
+pub(crate) async fn entitlements(
+    State(state): State<Arc<ApiState>>,
+    headers: HeaderMap,
+    Path(customer): Path<String>,
+) -> Result<Response, ApiError> {
+    authenticate(&headers, &state.tokens)?.may_read(&customer)?;
+    let (subscription, entitlements) = state.quota.entitlements(&customer).await?;
+    Ok(Json(json!({
+        "customer": customer,
+        "plan": entitlements.plan,
+        "status": subscription.status,
+        "current_period_start": subscription.current_period_start,
+        "current_period_end": subscription.current_period_end,
+        "cancel_at_period_end": subscription.cancel_at_period_end,
+        "features": entitlements.features,
+        "limits": entitlements.limits,
+    }))
+    .into_response())
+}
+
+pub(crate) async fn healthz() -> &'static str {
+    "ok"
+}
+
+/// Ready when Postgres answers.
+pub(crate) async fn readyz(State(state): State<Arc<ApiState>>) -> Response {
+    match sqlx::query("SELECT 1").execute(&state.pool).await {
+        Ok(_) => "ready".into_response(),
+        Err(error) => ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "NOT_READY",
+            format!("Postgres: {error}"),
+        )
+        .into_response(),
+    }
+}
+
+pub(crate) async fn metrics(State(state): State<Arc<ApiState>>) -> Response {
+    match &state.metrics {
+        Some(handle) => handle.render().into_response(),
+        None => ApiError::new(
+            StatusCode::NOT_FOUND,
+            "NO_METRICS",
+            "metrics are not enabled in this process",
+        )
+        .into_response(),
+    }
+}

@@ -1,0 +1,254 @@
+//! The HTTP API, driven in process through the router.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::body::Body;
+use axum::http::{Request, StatusCode};
+use chrono::{TimeDelta, Utc};
+use http_body_util::BodyExt;
+use serde_json::{json, Value};
+use tally_api::{router, ApiState, ApiToken};
+use tally_core::config::Secret;
+use tally_quota::testing::subscribe;
+use tally_quota::{apply_plans, PlanDefinition, Quota};
+use tower::ServiceExt;
+
+const ADMIN: &str = "admin-token-0123456789abcdef";
+const ACME: &str = "acme-token-0123456789abcdef0";
+
+async fn app() -> (tally_db::testing::TestDatabase, axum::Router) {
+    let db = tally_db::testing::fresh_database().await;
+    sqlx::query("INSERT INTO meters (name, aggregation, stripe_event_name) VALUES ('api_calls', 'sum', 'api_calls')")
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    let plan: PlanDefinition = serde_json::from_value(json!({
+        "name": "FREE", "features": { "api": true },
+        "limits": { "api_calls": { "limit": "100", "period": "day" } }
+    }))
+    .unwrap();
+    apply_plans(&db.pool, &[plan], "test").await.unwrap();
+    subscribe(&db.pool, "acme", "FREE", Utc::now() - TimeDelta::days(1)).await;
+    sqlx::query(
+        "INSERT INTO usage_daily (customer_id, meter, day, group_key, value, event_count, first_updated, last_updated)
+         VALUES ('acme', 'api_calls', (now() AT TIME ZONE 'UTC')::date, '', 95, 95, now(), now())",
+    )
+    .execute(&db.pool)
+    .await
+    .unwrap();
+    let state = ApiState {
+        quota: Quota::new(db.pool.clone(), Duration::from_secs(60))
+            .await
+            .unwrap(),
+        pool: db.pool.clone(),
+        tokens: vec![
+            ApiToken {
+                name: "ops".into(),
+                token: Secret::new(ADMIN),
+                customer: None,
+            },
+            ApiToken {
+                name: "acme".into(),
+                token: Secret::new(ACME),
+                customer: Some("acme".into()),
+            },
+        ],
+        metrics: None,
+    };
+    let app = router(Arc::new(state), 4096);
+    (db, app)
+}
+
+async fn call(
+    app: &axum::Router,
+    method: &str,
+    path: &str,
+    token: Option<&str>,
+    body: Option<String>,
+) -> (StatusCode, Value) {
+    let mut request = Request::builder()
+        .method(method)
+        .uri(path)
+        .header("content-type", "application/json");
+    if let Some(token) = token {
+        request = request.header("authorization", format!("Bearer {token}"));
+    }
+    let response = app
+        .clone()
+        .oneshot(
+            request
+                .body(body.map_or_else(Body::empty, Body::from))
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    let status = response.status();
+    let bytes = response.into_body().collect().await.unwrap().to_bytes();
+    (
+        status,
+        serde_json::from_slice(&bytes)
+            .unwrap_or(Value::String(String::from_utf8_lossy(&bytes).into_owned())),
+    )
+}
+
+fn check(customer: &str, quantity: i64) -> Option<String> {
+    Some(json!({ "customer": customer, "meter": "api_calls", "quantity": quantity }).to_string())
+}
+
+#[tokio::test]
+async fn quota_check_answers_allow_limit_exceeded_and_stable_errors() {
+    let (_db, app) = app().await;
+    let (status, body) = call(
+        &app,
+        "POST",
+        "/v1/quota/check",
+        Some(ACME),
+        check("acme", 5),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(
+        (body["decision"].as_str(), body["remaining"].as_str()),
+        (Some("allow"), Some("0"))
+    );
+
+    let (status, body) = call(
+        &app,
+        "POST",
+        "/v1/quota/check",
+        Some(ADMIN),
+        check("acme", 1),
+    )
+    .await;
+    assert_eq!(status, StatusCode::TOO_MANY_REQUESTS);
+    assert_eq!(body["code"], "LIMIT_EXCEEDED");
+    assert_eq!(
+        (
+            body["metric"].as_str(),
+            body["limit"].as_str(),
+            body["current"].as_str()
+        ),
+        (Some("api_calls"), Some("100"), Some("100"))
+    );
+    assert_eq!(body["upgrade_hint"], true);
+    assert!(body["resets_at"].is_string());
+
+    let feature = Some(
+        json!({ "customer": "acme", "meter": "api_calls", "quantity": 0, "feature": "sso" })
+            .to_string(),
+    );
+    let (status, body) = call(&app, "POST", "/v1/quota/check", Some(ADMIN), feature).await;
+    assert_eq!(
+        (status, body["code"].as_str()),
+        (StatusCode::FORBIDDEN, Some("FEATURE_DISABLED"))
+    );
+
+    let (status, body) = call(
+        &app,
+        "POST",
+        "/v1/quota/check",
+        Some(ADMIN),
+        check("nobody", 1),
+    )
+    .await;
+    assert_eq!(
+        (status, body["code"].as_str()),
+        (StatusCode::NOT_FOUND, Some("NO_ACTIVE_SUBSCRIPTION"))
+    );
+
+    let unknown = Some(json!({ "customer": "acme", "meter": "nope" }).to_string());
+    let (status, body) = call(&app, "POST", "/v1/quota/check", Some(ADMIN), unknown).await;
+    assert_eq!(
+        (status, body["code"].as_str()),
+        (StatusCode::BAD_REQUEST, Some("UNKNOWN_METER"))
+    );
+
+    let (status, body) = call(
+        &app,
+        "POST",
+        "/v1/quota/check",
+        Some(ADMIN),
+        Some("{\"customer\": 1}".into()),
+    )
+    .await;
+    assert_eq!(
+        (status, body["code"].as_str()),
+        (StatusCode::BAD_REQUEST, Some("INVALID_REQUEST"))
+    );
+
+    let (status, _) = call(
+        &app,
+        "POST",
+        "/v1/quota/check",
+        Some(ADMIN),
+        Some(format!("{{\"customer\": \"{}\"}}", "x".repeat(5000))),
+    )
+    .await;
+    assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE);
+}
+
+#[tokio::test]
+async fn tokens_are_required_and_customer_tokens_read_only_their_customer() {
+    let (_db, app) = app().await;
+    let (status, body) = call(&app, "POST", "/v1/quota/check", None, check("acme", 1)).await;
+    assert_eq!(
+        (status, body["code"].as_str()),
+        (StatusCode::UNAUTHORIZED, Some("UNAUTHORIZED"))
+    );
+    let (status, _) = call(
+        &app,
+        "POST",
+        "/v1/quota/check",
+        Some("acme-token-0123456789abcdef1"),
+        check("acme", 1),
+    )
+    .await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+    let (status, body) = call(
+        &app,
+        "POST",
+        "/v1/quota/check",
+        Some(ACME),
+        check("zeta", 1),
+    )
+    .await;
+    assert_eq!(
+        (status, body["code"].as_str()),
+        (StatusCode::FORBIDDEN, Some("FORBIDDEN"))
+    );
+
+    let (status, body) = call(
+        &app,
+        "GET",
+        "/v1/customers/acme/entitlements",
+        Some(ACME),
+        None,
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(
+        (body["plan"].as_str(), body["status"].as_str()),
+        (Some("FREE"), Some("active"))
+    );
+    assert_eq!(body["limits"]["api_calls"]["limit"], "100");
+    assert_eq!(body["features"]["api"], true);
+    let (status, _) = call(
+        &app,
+        "GET",
+        "/v1/customers/zeta/entitlements",
+        Some(ACME),
+        None,
+    )
+    .await;
+    assert_eq!(status, StatusCode::FORBIDDEN);
+
+    assert_eq!(
+        call(&app, "GET", "/healthz", None, None).await.0,
+        StatusCode::OK
+    );
+    assert_eq!(
+        call(&app, "GET", "/readyz", None, None).await.0,
+        StatusCode::OK
+    );
+}
