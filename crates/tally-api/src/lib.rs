@@ -2,13 +2,15 @@
 //!
 //! - `config.rs`: `[serve]`.
 //! - `auth.rs`: bearer tokens (admin, customer-scoped), compared in constant time.
-//! - `routes.rs`: the handlers.
+//! - `routes.rs`: quota check, entitlements, health, metrics.
+//! - `usage.rs`: usage series and the invoice preview.
 //! - `error.rs`: JSON errors with a stable `code`.
 
 mod auth;
 mod config;
 mod error;
 mod routes;
+mod usage;
 
 use std::sync::Arc;
 
@@ -36,6 +38,11 @@ pub fn router(state: Arc<ApiState>, max_body_bytes: usize) -> Router {
     Router::new()
         .route("/v1/quota/check", post(routes::quota_check))
         .route("/v1/customers/{id}/entitlements", get(routes::entitlements))
+        .route("/v1/customers/{id}/usage", get(usage::usage))
+        .route(
+            "/v1/customers/{id}/invoice-preview",
+            get(usage::invoice_preview),
+        )
         .route("/healthz", get(routes::healthz))
         .route("/readyz", get(routes::readyz))
         .route("/metrics", get(routes::metrics))

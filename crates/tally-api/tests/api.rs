@@ -19,13 +19,16 @@ const ACME: &str = "acme-token-0123456789abcdef0";
 
 async fn app() -> (tally_db::testing::TestDatabase, axum::Router) {
     let db = tally_db::testing::fresh_database().await;
-    sqlx::query("INSERT INTO meters (name, aggregation, stripe_event_name) VALUES ('api_calls', 'sum', 'api_calls')")
+    sqlx::query("INSERT INTO meters (name, aggregation, stripe_event_name) VALUES ('api_calls', 'sum', 'api_calls'), ('tokens', 'sum', 'tokens')")
         .execute(&db.pool)
         .await
         .unwrap();
     let plan: PlanDefinition = serde_json::from_value(json!({
         "name": "FREE", "features": { "api": true },
-        "limits": { "api_calls": { "limit": "100", "period": "day" } }
+        "limits": {
+            "api_calls": { "limit": "100", "period": "day" },
+            "tokens": { "limit": "-1", "period": "billing_period", "unit_price": "0.002" }
+        }
     }))
     .unwrap();
     apply_plans(&db.pool, &[plan], "test").await.unwrap();
@@ -250,5 +253,89 @@ async fn tokens_are_required_and_customer_tokens_read_only_their_customer() {
     assert_eq!(
         call(&app, "GET", "/readyz", None, None).await.0,
         StatusCode::OK
+    );
+}
+
+#[tokio::test]
+async fn usage_series_and_invoice_preview() {
+    let (db, app) = app().await;
+    let hour = (Utc::now() - TimeDelta::hours(3))
+        .date_naive()
+        .and_hms_opt(0, 0, 0)
+        .unwrap()
+        .and_utc()
+        + TimeDelta::hours(1);
+    for (minute, model, value) in [(0, "small", 10), (1, "large", 5), (61, "small", 7)] {
+        sqlx::query(
+            "INSERT INTO usage_minute (customer_id, meter, window_start, group_key, value, event_count, first_updated, last_updated)
+             VALUES ('acme', 'tokens', $1, $2, $3, 1, now(), now())",
+        )
+        .bind(hour + TimeDelta::minutes(minute))
+        .bind(format!("{{\"model\":\"{model}\"}}"))
+        .bind(rust_decimal::Decimal::from(value))
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    }
+    let range = format!(
+        "from={}&to={}",
+        (hour).to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+        (hour + TimeDelta::hours(2)).to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
+    );
+    let (status, body) = call(
+        &app,
+        "GET",
+        &format!("/v1/customers/acme/usage?meter=tokens&granularity=hour&{range}"),
+        Some(ACME),
+        None,
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let points = &body["series"][0]["points"];
+    assert_eq!(
+        (points[0]["value"].as_str(), points[1]["value"].as_str()),
+        (Some("15"), Some("7"))
+    );
+    let (_, grouped) = call(
+        &app,
+        "GET",
+        &format!("/v1/customers/acme/usage?meter=tokens&granularity=minute&group_by=true&{range}"),
+        Some(ACME),
+        None,
+    )
+    .await;
+    assert_eq!(grouped["series"].as_array().unwrap().len(), 2, "{grouped}");
+    let (status, body) = call(
+        &app,
+        "GET",
+        &format!("/v1/customers/acme/usage?meter=tokens&granularity=week&{range}"),
+        Some(ACME),
+        None,
+    )
+    .await;
+    assert_eq!(
+        (status, body["code"].as_str()),
+        (StatusCode::BAD_REQUEST, Some("INVALID_REQUEST"))
+    );
+
+    sqlx::query(
+        "INSERT INTO usage_daily (customer_id, meter, day, group_key, value, event_count, first_updated, last_updated)
+         VALUES ('acme', 'tokens', (now() AT TIME ZONE 'UTC')::date, '', 5000, 1, now(), now())",
+    )
+    .execute(&db.pool)
+    .await
+    .unwrap();
+    let (status, body) = call(
+        &app,
+        "GET",
+        "/v1/customers/acme/invoice-preview",
+        Some(ACME),
+        None,
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(
+        (body["lines"][0]["meter"].as_str(), body["total"].as_str()),
+        (Some("tokens"), Some("10.000"))
     );
 }

@@ -1,0 +1,180 @@
+//! Reading usage: `GET /v1/customers/{id}/usage` and `GET /v1/customers/{id}/invoice-preview`.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use axum::extract::{Path, Query, State};
+use axum::http::HeaderMap;
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use chrono::{DateTime, Utc};
+use rust_decimal::Decimal;
+use serde::Deserialize;
+use serde_json::json;
+
+use crate::auth::authenticate;
+use crate::error::ApiError;
+use crate::ApiState;
+
+/// Most buckets one usage request may return.
+const MAX_BUCKETS: i64 = 10_000;
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct UsageQuery {
+    meter: String,
+    from: DateTime<Utc>,
+    to: DateTime<Utc>,
+    /// `minute`, `hour` (default) or `day`.
+    #[serde(default)]
+    granularity: Option<String>,
+    /// `true`: one series per group key (e.g. per model); default: summed.
+    #[serde(default)]
+    group_by: Option<bool>,
+}
+
+/// `GET /v1/customers/{id}/usage?meter&from&to&granularity&group_by`: the customer's usage of
+/// one meter in buckets, merged by the meter's aggregation.
+pub(crate) async fn usage(
+    State(state): State<Arc<ApiState>>,
+    headers: HeaderMap,
+    Path(customer): Path<String>,
+    query: Result<Query<UsageQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<Response, ApiError> {
+    authenticate(&headers, &state.tokens)?.may_read(&customer)?;
+    let Query(query) = query.map_err(|e| ApiError::invalid(e.body_text()))?;
+    let aggregation: Option<String> =
+        sqlx::query_scalar("SELECT aggregation FROM meters WHERE name = $1")
+            .bind(&query.meter)
+            .fetch_optional(&state.pool)
+            .await
+            .map_err(internal)?;
+    let Some(aggregation) = aggregation else {
+        return Err(ApiError::new(
+            axum::http::StatusCode::BAD_REQUEST,
+            "UNKNOWN_METER",
+            format!("unknown meter {:?}", query.meter),
+        ));
+    };
+    let granularity = query.granularity.as_deref().unwrap_or("hour");
+    let bucket_seconds = match granularity {
+        "minute" => 60,
+        "hour" => 3600,
+        "day" => 86_400,
+        other => {
+            return Err(ApiError::invalid(format!(
+                "granularity {other:?}: use minute, hour or day"
+            )))
+        }
+    };
+    if query.to <= query.from {
+        return Err(ApiError::invalid("`to` must be after `from`"));
+    }
+    let buckets = (query.to - query.from).num_seconds() / bucket_seconds + 1;
+    if buckets > MAX_BUCKETS {
+        return Err(ApiError::invalid(format!(
+            "{buckets} {granularity} buckets requested; at most {MAX_BUCKETS}: narrow the range or use a coarser granularity"
+        )));
+    }
+    let grouped = query.group_by.unwrap_or(false);
+    // Minute and hour buckets read the minute windows, day buckets the daily rollup. A distinct
+    // count cannot be added up, so unique_count recounts the stored distinct values instead.
+    let day = "(day::timestamp AT TIME ZONE 'UTC')";
+    let (table, time) = match (aggregation == "unique_count", granularity) {
+        (false, "day") => ("usage_daily", day),
+        (false, _) => ("usage_minute", "window_start"),
+        (true, "day") => ("usage_daily_values", day),
+        (true, _) => ("usage_minute_values", "window_start"),
+    };
+    let merge = match aggregation.as_str() {
+        "max" => "max(value)",
+        "latest" => "(array_agg(value ORDER BY latest_at DESC NULLS LAST, latest_id DESC))[1]",
+        "unique_count" => "count(DISTINCT value)::numeric",
+        _ => "sum(value)",
+    };
+    let bucket = if granularity == "hour" {
+        format!("date_bin('1 hour', {time}, timestamptz '2000-01-01 00:00:00+00')")
+    } else {
+        time.to_owned()
+    };
+    let group = if grouped { "group_key" } else { "''" };
+    let sql = format!(
+        "SELECT {bucket} AS bucket, {group}::text AS group_key, {merge} AS value
+         FROM {table}
+         WHERE customer_id = $1 AND meter = $2 AND {time} >= $3 AND {time} < $4
+         GROUP BY 1, 2 ORDER BY 2, 1"
+    );
+    let rows: Vec<(DateTime<Utc>, String, Option<Decimal>)> = sqlx::query_as(&sql)
+        .bind(&customer)
+        .bind(&query.meter)
+        .bind(query.from)
+        .bind(query.to)
+        .fetch_all(&state.pool)
+        .await
+        .map_err(internal)?;
+    let mut series: BTreeMap<String, Vec<serde_json::Value>> = BTreeMap::new();
+    for (bucket, group_key, value) in rows {
+        series
+            .entry(group_key)
+            .or_default()
+            .push(json!({ "start": bucket, "value": value.unwrap_or_default() }));
+    }
+    let series: Vec<serde_json::Value> = series
+        .into_iter()
+        .map(|(group_key, points)| json!({ "group_key": group_key, "points": points }))
+        .collect();
+    Ok(Json(json!({
+        "customer": customer, "meter": query.meter, "aggregation": aggregation,
+        "granularity": granularity, "from": query.from, "to": query.to, "series": series,
+    }))
+    .into_response())
+}
+
+/// `GET /v1/customers/{id}/invoice-preview`: usage in the current billing period × the plan's
+/// unit prices (sum and count meters with a `unit_price`).
+pub(crate) async fn invoice_preview(
+    State(state): State<Arc<ApiState>>,
+    headers: HeaderMap,
+    Path(customer): Path<String>,
+) -> Result<Response, ApiError> {
+    authenticate(&headers, &state.tokens)?.may_read(&customer)?;
+    let (subscription, entitlements) = state.quota.entitlements(&customer).await?;
+    let mut lines = Vec::new();
+    let mut total = Decimal::ZERO;
+    for (meter, limit) in &entitlements.limits {
+        let Some(unit_price) = limit.unit_price else {
+            continue;
+        };
+        let quantity: Option<Decimal> = sqlx::query_scalar(
+            "SELECT sum(d.value) FROM usage_daily d JOIN meters m ON m.name = d.meter
+             WHERE d.customer_id = $1 AND d.meter = $2 AND d.day >= $3::date AND d.day < $4::date
+               AND m.aggregation IN ('sum', 'count')",
+        )
+        .bind(&customer)
+        .bind(meter)
+        .bind(subscription.current_period_start.date_naive())
+        .bind(subscription.current_period_end.date_naive())
+        .fetch_one(&state.pool)
+        .await
+        .map_err(internal)?;
+        let quantity = quantity.unwrap_or_default();
+        let amount = quantity * unit_price;
+        total += amount;
+        lines.push(json!({ "meter": meter, "quantity": quantity, "unit_price": unit_price, "amount": amount }));
+    }
+    Ok(Json(json!({
+        "customer": customer, "plan": entitlements.plan,
+        "period_start": subscription.current_period_start, "period_end": subscription.current_period_end,
+        "lines": lines, "total": total,
+    }))
+    .into_response())
+}
+
+fn internal(error: sqlx::Error) -> ApiError {
+    tracing::error!(%error, "usage query failed");
+    ApiError::new(
+        axum::http::StatusCode::SERVICE_UNAVAILABLE,
+        "INTERNAL",
+        "the usage store is unavailable; retry",
+    )
+}
