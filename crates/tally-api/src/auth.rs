@@ -2,11 +2,16 @@
 //! Every configured token is compared, in constant time, on every request, so the time taken
 //! says nothing about which token (or how much of one) matched.
 
+use std::sync::Arc;
+
+use axum::extract::{FromRequestParts, Path};
+use axum::http::request::Parts;
 use axum::http::{HeaderMap, StatusCode};
 use subtle::ConstantTimeEq;
 
 use crate::config::ApiToken;
 use crate::error::ApiError;
+use crate::ApiState;
 
 /// Who is calling.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -64,5 +69,24 @@ pub(crate) fn authenticate(headers: &HeaderMap, tokens: &[ApiToken]) -> Result<C
             "UNAUTHORIZED",
             "unknown API token",
         )),
+    }
+}
+
+/// The `{id}` of a `/v1/customers/{id}/…` route, once the caller is known to be allowed to
+/// read that customer.
+pub(crate) struct ReadableCustomer(pub(crate) String);
+
+impl FromRequestParts<Arc<ApiState>> for ReadableCustomer {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(
+        parts: &mut Parts,
+        state: &Arc<ApiState>,
+    ) -> Result<Self, ApiError> {
+        let Path(customer) = Path::<String>::from_request_parts(parts, state)
+            .await
+            .map_err(|e| ApiError::invalid(e.body_text()))?;
+        authenticate(&parts.headers, &state.tokens)?.may_read(&customer)?;
+        Ok(ReadableCustomer(customer))
     }
 }

@@ -2,7 +2,7 @@
 
 use std::sync::Arc;
 
-use axum::extract::{Path, State};
+use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
@@ -11,7 +11,7 @@ use serde::Deserialize;
 use serde_json::json;
 use tally_quota::Decision;
 
-use crate::auth::authenticate;
+use crate::auth::{authenticate, ReadableCustomer};
 use crate::error::ApiError;
 use crate::ApiState;
 
@@ -123,10 +123,8 @@ fn decimal(value: &serde_json::Value) -> Result<Decimal, ApiError> {
 /// `GET /v1/customers/{id}/entitlements`.
 pub(crate) async fn entitlements(
     State(state): State<Arc<ApiState>>,
-    headers: HeaderMap,
-    Path(customer): Path<String>,
+    ReadableCustomer(customer): ReadableCustomer,
 ) -> Result<Response, ApiError> {
-    authenticate(&headers, &state.tokens)?.may_read(&customer)?;
     let (subscription, entitlements) = state.quota.entitlements(&customer).await?;
     Ok(Json(json!({
         "customer": customer,

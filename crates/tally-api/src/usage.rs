@@ -3,8 +3,7 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use axum::extract::{Path, Query, State};
-use axum::http::HeaderMap;
+use axum::extract::{Query, State};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use chrono::{DateTime, Utc};
@@ -12,7 +11,7 @@ use rust_decimal::Decimal;
 use serde::Deserialize;
 use serde_json::json;
 
-use crate::auth::authenticate;
+use crate::auth::ReadableCustomer;
 use crate::error::ApiError;
 use crate::ApiState;
 
@@ -37,11 +36,9 @@ pub(crate) struct UsageQuery {
 /// one meter in buckets, merged by the meter's aggregation.
 pub(crate) async fn usage(
     State(state): State<Arc<ApiState>>,
-    headers: HeaderMap,
-    Path(customer): Path<String>,
+    ReadableCustomer(customer): ReadableCustomer,
     query: Result<Query<UsageQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Response, ApiError> {
-    authenticate(&headers, &state.tokens)?.may_read(&customer)?;
     let Query(query) = query.map_err(|e| ApiError::invalid(e.body_text()))?;
     let aggregation: Option<String> =
         sqlx::query_scalar("SELECT aggregation FROM meters WHERE name = $1")
@@ -134,10 +131,8 @@ pub(crate) async fn usage(
 /// unit prices (sum and count meters with a `unit_price`).
 pub(crate) async fn invoice_preview(
     State(state): State<Arc<ApiState>>,
-    headers: HeaderMap,
-    Path(customer): Path<String>,
+    ReadableCustomer(customer): ReadableCustomer,
 ) -> Result<Response, ApiError> {
-    authenticate(&headers, &state.tokens)?.may_read(&customer)?;
     let (subscription, entitlements) = state.quota.entitlements(&customer).await?;
     let mut lines = Vec::new();
     let mut total = Decimal::ZERO;
