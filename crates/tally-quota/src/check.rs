@@ -1,7 +1,8 @@
 //! The quota check services call in their request path.
 //!
 //! A customer's subscription, entitlements and current-period usage are loaded once and kept
-//! in a local cache for `refresh` (default 1 s). A check on a cached customer is a map lookup
+//! in a local cache, reloaded in the background every `refresh` (default 1 s) while checks go on
+//! answering from the cached state. A check on a cached customer is a map lookup
 //! and a few decimal operations. Usage this process allowed since the last refresh is added
 //! locally, so a burst through one process cannot overshoot a hard limit by more than what it
 //! allowed that the aggregator has not yet committed when the cache refreshes: about one
@@ -14,6 +15,7 @@
 //! UTC days, from the day the period starts.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
@@ -80,6 +82,8 @@ impl QuotaError {
 /// One customer's cached state.
 struct Cached {
     loaded: Instant,
+    /// A background reload is under way (only one per customer at a time).
+    reloading: AtomicBool,
     /// `None`: no live subscription (cached too, so a flood of checks for such a customer does
     /// not reach Postgres).
     live: Option<Live>,
@@ -101,8 +105,13 @@ struct MeterUsage {
 
 /// Quota checks with a local cache. Cheap to share (`Arc`).
 pub struct Quota {
-    pool: PgPool,
+    shared: Arc<Shared>,
     refresh: Duration,
+}
+
+/// What background reloads share with the checks.
+struct Shared {
+    pool: PgPool,
     aggregations: HashMap<String, String>,
     cache: RwLock<HashMap<String, Arc<Cached>>>,
 }
@@ -115,11 +124,14 @@ impl Quota {
                 .fetch_all(&pool)
                 .await
                 .map_err(QuotaStoreError::from)?;
-        Ok(Quota {
+        let shared = Shared {
             pool,
-            refresh,
             aggregations: aggregations.into_iter().collect(),
             cache: RwLock::new(HashMap::new()),
+        };
+        Ok(Quota {
+            shared: Arc::new(shared),
+            refresh,
         })
     }
 
@@ -131,7 +143,7 @@ impl Quota {
         meter: &str,
         quantity: Decimal,
     ) -> Result<Decision, QuotaError> {
-        if !self.aggregations.contains_key(meter) {
+        if !self.shared.aggregations.contains_key(meter) {
             return Err(QuotaError::UnknownMeter(meter.to_owned()));
         }
         let cached = self.cached(customer).await?;
@@ -190,42 +202,71 @@ impl Quota {
 
     /// Drops a customer's cached state (after a subscription or override change).
     pub fn invalidate(&self, customer: &str) {
-        self.cache
+        self.shared
+            .cache
             .write()
             .expect("quota cache poisoned")
             .remove(customer);
     }
 
+    /// The customer's cached state. A stale entry is still answered from while one background
+    /// task reloads it, so a check waits for Postgres only on a customer's first use or when a
+    /// period has ended (the usage must then be reloaded before answering).
     async fn cached(&self, customer: &str) -> Result<Arc<Cached>, QuotaError> {
-        let now = Instant::now();
-        if let Some(cached) = self
+        let current = self
+            .shared
             .cache
             .read()
             .expect("quota cache poisoned")
             .get(customer)
-        {
-            let expired = now.duration_since(cached.loaded) >= self.refresh
-                || cached
-                    .live
-                    .as_ref()
-                    .is_some_and(|live| live.period_ended(Utc::now()));
-            if !expired {
-                return Ok(cached.clone());
+            .cloned();
+        if let Some(cached) = current {
+            let period_ended = cached
+                .live
+                .as_ref()
+                .is_some_and(|live| live.period_ended(Utc::now()));
+            if !period_ended {
+                let stale = cached.loaded.elapsed() >= self.refresh;
+                if stale && !cached.reloading.swap(true, Ordering::AcqRel) {
+                    let shared = self.shared.clone();
+                    let customer = customer.to_owned();
+                    let stale_entry = cached.clone();
+                    tokio::spawn(async move {
+                        match shared.load(&customer).await {
+                            Ok(fresh) => shared.store(&customer, Arc::new(fresh)),
+                            Err(error) => {
+                                tracing::warn!(customer, %error, "quota cache reload failed; answering from the cached state");
+                                stale_entry.reloading.store(false, Ordering::Release);
+                            }
+                        }
+                    });
+                }
+                return Ok(cached);
             }
         }
-        let loaded = Arc::new(self.load(customer).await?);
+        let loaded = Arc::new(self.shared.load(customer).await?);
+        self.shared.store(customer, loaded.clone());
+        Ok(loaded)
+    }
+}
+
+impl Shared {
+    fn store(&self, customer: &str, cached: Arc<Cached>) {
         self.cache
             .write()
             .expect("quota cache poisoned")
-            .insert(customer.to_owned(), loaded.clone());
-        Ok(loaded)
+            .insert(customer.to_owned(), cached);
     }
 
     async fn load(&self, customer: &str) -> Result<Cached, QuotaError> {
         let loaded = Instant::now();
         let Some((subscription, entitlements)) = store::entitlements(&self.pool, customer).await?
         else {
-            return Ok(Cached { loaded, live: None });
+            return Ok(Cached {
+                loaded,
+                reloading: AtomicBool::new(false),
+                live: None,
+            });
         };
         let now = Utc::now();
         let mut meters = HashMap::new();
@@ -251,6 +292,7 @@ impl Quota {
         }
         Ok(Cached {
             loaded,
+            reloading: AtomicBool::new(false),
             live: Some(Live {
                 subscription,
                 entitlements,

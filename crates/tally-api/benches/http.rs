@@ -1,0 +1,182 @@
+//! `POST /v1/quota/check` over HTTP on loopback: an open-loop load generator offers a fixed
+//! rate (default 10,000 checks/s, `TALLY_BENCH_RATE`) for `TALLY_BENCH_SECONDS` (default 5)
+//! over keep-alive connections, and measures each request's latency from the moment it was
+//! scheduled (so a stalled server cannot hide queueing). Server and load generator share the
+//! machine's 2 cores. Baseline in the same run: the same check in process, without HTTP.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use chrono::{TimeDelta, Utc};
+use hdrhistogram::Histogram;
+use http_body_util::{BodyExt, Full};
+use rust_decimal::Decimal;
+use tally_api::{router, ApiState, ApiToken};
+use tally_core::config::Secret;
+use tally_quota::testing::subscribe;
+use tally_quota::{apply_plans, PlanDefinition, Quota};
+use tokio_util::sync::CancellationToken;
+
+const TOKEN: &str = "bench-token-0123456789abcdef";
+const CUSTOMERS: usize = 1000;
+
+fn env(name: &str, default: u64) -> u64 {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+fn main() {
+    let rate = env("TALLY_BENCH_RATE", 10_000);
+    let seconds = env("TALLY_BENCH_SECONDS", 5);
+    let server_runtime = tally_db::testing::runtime();
+    let db = server_runtime.block_on(tally_db::testing::fresh_database());
+    let (addr, stop, quota_baseline) = server_runtime.block_on(async {
+        sqlx::query("INSERT INTO meters (name, aggregation, stripe_event_name) VALUES ('api_calls', 'sum', 'api_calls')")
+            .execute(&db.pool)
+            .await
+            .unwrap();
+        let plan: PlanDefinition = serde_json::from_value(serde_json::json!({
+            "name": "PRO", "limits": { "api_calls": { "limit": "1000000000", "period": "day" } }
+        }))
+        .unwrap();
+        apply_plans(&db.pool, &[plan], "bench").await.unwrap();
+        for i in 0..CUSTOMERS {
+            subscribe(&db.pool, &format!("c{i}"), "PRO", Utc::now() - TimeDelta::days(1)).await;
+        }
+        let state = Arc::new(ApiState {
+            quota: Quota::new(db.pool.clone(), Duration::from_millis(env("TALLY_BENCH_REFRESH_MS", 1000))).await.unwrap(),
+            pool: db.pool.clone(),
+            tokens: vec![ApiToken { name: "bench".into(), token: Secret::new(TOKEN), customer: None }],
+            metrics: None,
+        });
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let stop = CancellationToken::new();
+        tokio::spawn(tally_api::serve(listener, router(state, 1 << 20), stop.clone()));
+        let baseline = Quota::new(db.pool.clone(), Duration::from_secs(1)).await.unwrap();
+        (addr, stop, baseline)
+    });
+
+    let client_runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    // Warm-up (connections open, caches filled), then the measured run.
+    client_runtime.block_on(load(addr, rate, 1));
+    let (latency, service, errors, elapsed) = client_runtime.block_on(load(addr, rate, seconds));
+    println!(
+        "HTTP quota checks offered at {rate}/s for {seconds}s: {} answered in {:.2}s ({:.0}/s), {errors} errors",
+        latency.len(),
+        elapsed.as_secs_f64(),
+        latency.len() as f64 / elapsed.as_secs_f64()
+    );
+    println!(
+        "latency from schedule: p50 {:.2} ms, p99 {:.2} ms, p99.9 {:.2} ms, max {:.2} ms",
+        latency.value_at_quantile(0.5) as f64 / 1000.0,
+        latency.value_at_quantile(0.99) as f64 / 1000.0,
+        latency.value_at_quantile(0.999) as f64 / 1000.0,
+        latency.max() as f64 / 1000.0
+    );
+    println!(
+        "latency from send (without the load generator's 1 ms timer lateness): p50 {:.2} ms, p99 {:.2} ms, p99.9 {:.2} ms",
+        service.value_at_quantile(0.5) as f64 / 1000.0,
+        service.value_at_quantile(0.99) as f64 / 1000.0,
+        service.value_at_quantile(0.999) as f64 / 1000.0
+    );
+    stop.cancel();
+    let in_process = server_runtime.block_on(async {
+        quota_baseline
+            .check("c1", "api_calls", Decimal::ONE)
+            .await
+            .unwrap();
+        let started = Instant::now();
+        for i in 0..100_000 {
+            quota_baseline
+                .check(&format!("c{}", i % 1), "api_calls", Decimal::ONE)
+                .await
+                .unwrap();
+        }
+        started.elapsed()
+    });
+    println!(
+        "baseline, the same check in process: {:.2} µs each",
+        in_process.as_secs_f64() * 10.0
+    );
+}
+
+/// Keep-alive connections, each taking the next scheduled request when its previous one is
+/// answered (as wrk2 does). Latency counts from the schedule, so queueing is not hidden.
+const CONNECTIONS: u64 = 64;
+
+async fn load(
+    addr: std::net::SocketAddr,
+    rate: u64,
+    seconds: u64,
+) -> (Histogram<u64>, Histogram<u64>, u64, Duration) {
+    let total = rate * seconds;
+    let interval = Duration::from_secs_f64(1.0 / rate as f64);
+    let start = Instant::now() + Duration::from_millis(100);
+    let next = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let mut workers = tokio::task::JoinSet::new();
+    for _ in 0..CONNECTIONS {
+        let next = next.clone();
+        workers.spawn(async move {
+            let stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+            stream.set_nodelay(true).unwrap();
+            let (mut sender, connection) =
+                hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+                    .await
+                    .unwrap();
+            tokio::spawn(connection);
+            let mut latency = Histogram::<u64>::new(3).unwrap();
+            let mut service = Histogram::<u64>::new(3).unwrap();
+            let mut errors = 0u64;
+            loop {
+                let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                if i >= total {
+                    break;
+                }
+                let scheduled = start + interval.mul_f64(i as f64);
+                tokio::time::sleep_until(scheduled.into()).await;
+                let body = format!(
+                    r#"{{"customer":"c{}","meter":"api_calls","quantity":1}}"#,
+                    i as usize % CUSTOMERS
+                );
+                let request = hyper::Request::post("/v1/quota/check")
+                    .header("host", "bench")
+                    .header("authorization", format!("Bearer {TOKEN}"))
+                    .header("content-type", "application/json")
+                    .body(Full::new(Bytes::from(body)))
+                    .unwrap();
+                let sent = Instant::now();
+                match sender.send_request(request).await {
+                    Ok(response) if response.status() == 200 => {
+                        let _ = response.into_body().collect().await;
+                        latency
+                            .record((scheduled.elapsed().as_micros() as u64).max(1))
+                            .unwrap();
+                        service
+                            .record((sent.elapsed().as_micros() as u64).max(1))
+                            .unwrap();
+                    }
+                    _ => errors += 1,
+                }
+            }
+            (latency, service, errors)
+        });
+    }
+    let mut latency = Histogram::<u64>::new(3).unwrap();
+    let mut service = Histogram::<u64>::new(3).unwrap();
+    let mut errors = 0;
+    while let Some(done) = workers.join_next().await {
+        let (worker_latency, worker_service, worker_errors) = done.unwrap();
+        latency.add(worker_latency).unwrap();
+        service.add(worker_service).unwrap();
+        errors += worker_errors;
+    }
+    (latency, service, errors, start.elapsed())
+}
