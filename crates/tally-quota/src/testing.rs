@@ -19,3 +19,26 @@ pub async fn subscribe(pool: &PgPool, customer: &str, plan: &str, period_start: 
         .await
         .expect("the subscription is created");
 }
+
+/// For benchmarks: meter `api_calls`, plan `PRO` allowing a billion calls a day, and customers
+/// `c0`…`c{count-1}` subscribed to it. Returns the customer ids.
+pub async fn unlimited_customers(pool: &PgPool, count: usize) -> Vec<String> {
+    sqlx::query(
+        "INSERT INTO meters (name, aggregation, stripe_event_name) VALUES ('api_calls', 'sum', 'api_calls')",
+    )
+    .execute(pool)
+    .await
+    .expect("the meter is recorded");
+    let plan: crate::PlanDefinition = serde_json::from_value(serde_json::json!({
+        "name": "PRO", "limits": { "api_calls": { "limit": "1000000000", "period": "day" } }
+    }))
+    .expect("a valid plan");
+    crate::apply_plans(pool, &[plan], "bench")
+        .await
+        .expect("the plan is applied");
+    let customers: Vec<String> = (0..count).map(|i| format!("c{i}")).collect();
+    for customer in &customers {
+        subscribe(pool, customer, "PRO", Utc::now() - TimeDelta::days(1)).await;
+    }
+    customers
+}
