@@ -5,10 +5,12 @@
 //! - `routes.rs`: quota check, entitlements, health, metrics.
 //! - `usage.rs`: usage series and the invoice preview.
 //! - `error.rs`: JSON errors with a stable `code`.
+//! - `openapi.rs`: the OpenAPI document served at `/openapi.json`.
 
 mod auth;
 mod config;
 mod error;
+pub mod openapi;
 mod routes;
 mod usage;
 
@@ -46,6 +48,10 @@ pub fn router(state: Arc<ApiState>, max_body_bytes: usize) -> Router {
         .route("/healthz", get(routes::healthz))
         .route("/readyz", get(routes::readyz))
         .route("/metrics", get(routes::metrics))
+        .route(
+            "/openapi.json",
+            get(|| async { axum::Json(openapi::document()) }),
+        )
         .layer(DefaultBodyLimit::max(max_body_bytes))
         .with_state(state)
 }

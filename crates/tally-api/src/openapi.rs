@@ -1,0 +1,89 @@
+//! `GET /openapi.json`: the API described in OpenAPI 3.1, written by hand next to the routes
+//! (a test checks that every route is in it).
+
+use serde_json::{json, Value};
+
+/// The paths this document describes; the router serves exactly these (tested).
+pub const PATHS: [&str; 7] = [
+    "/v1/quota/check",
+    "/v1/customers/{id}/entitlements",
+    "/v1/customers/{id}/usage",
+    "/v1/customers/{id}/invoice-preview",
+    "/healthz",
+    "/readyz",
+    "/metrics",
+];
+
+fn error_response(description: &str) -> Value {
+    json!({ "description": description, "content": { "application/json": { "schema": { "$ref": "#/components/schemas/Error" } } } })
+}
+
+fn customer_parameter() -> Value {
+    json!({ "name": "id", "in": "path", "required": true, "schema": { "type": "string" }, "description": "The customer id events carry" })
+}
+
+pub fn document() -> Value {
+    let decimal = json!({ "type": "string", "description": "An exact decimal, e.g. \"12.5\"" });
+    json!({
+        "openapi": "3.1.0",
+        "info": { "title": "tally", "version": env!("CARGO_PKG_VERSION"),
+                  "description": "Usage metering: quota checks, entitlements and usage. Errors are JSON with a stable `code`." },
+        "security": [{ "bearer": [] }],
+        "components": {
+            "securitySchemes": { "bearer": { "type": "http", "scheme": "bearer",
+                "description": "An admin token, or a customer token that reads only its own customer ([[serve.tokens]])" } },
+            "schemas": {
+                "Error": { "type": "object", "required": ["code", "message"], "properties": {
+                    "code": { "type": "string", "enum": ["UNAUTHORIZED", "FORBIDDEN", "INVALID_REQUEST", "UNKNOWN_METER",
+                        "UNSUPPORTED", "NO_ACTIVE_SUBSCRIPTION", "FEATURE_DISABLED", "PAYLOAD_TOO_LARGE", "NOT_READY", "INTERNAL"] },
+                    "message": { "type": "string" } } },
+                "LimitExceeded": { "type": "object", "properties": {
+                    "code": { "const": "LIMIT_EXCEEDED" }, "metric": { "type": "string" }, "limit": decimal,
+                    "current": decimal, "resets_at": { "type": ["string", "null"], "format": "date-time" },
+                    "upgrade_hint": { "type": "boolean" } } },
+                "CheckRequest": { "type": "object", "required": ["customer", "meter"], "properties": {
+                    "customer": { "type": "string" }, "meter": { "type": "string" },
+                    "quantity": { "description": "Decimal number or string; default 1" },
+                    "feature": { "type": "string", "description": "Also require this feature" } } },
+                "CheckAnswer": { "type": "object", "properties": {
+                    "decision": { "enum": ["allow", "warn"] }, "metric": { "type": "string" },
+                    "current": decimal, "limit": { "type": ["string", "null"] }, "remaining": { "type": ["string", "null"] },
+                    "resets_at": { "type": ["string", "null"], "format": "date-time" },
+                    "enforcement": { "enum": ["soft", "grace"] } } }
+            }
+        },
+        "paths": {
+            "/v1/quota/check": { "post": {
+                "summary": "May the customer use `quantity` more of `meter`?",
+                "requestBody": { "required": true, "content": { "application/json": { "schema": { "$ref": "#/components/schemas/CheckRequest" } } } },
+                "responses": {
+                    "200": { "description": "Allowed (or allowed with a warning)", "content": { "application/json": { "schema": { "$ref": "#/components/schemas/CheckAnswer" } } } },
+                    "429": { "description": "Limit exceeded", "content": { "application/json": { "schema": { "$ref": "#/components/schemas/LimitExceeded" } } } },
+                    "400": error_response("INVALID_REQUEST or UNKNOWN_METER"),
+                    "401": error_response("UNAUTHORIZED"),
+                    "403": error_response("FEATURE_DISABLED, or FORBIDDEN for another customer's token"),
+                    "404": error_response("NO_ACTIVE_SUBSCRIPTION"),
+                    "413": error_response("PAYLOAD_TOO_LARGE") } } },
+            "/v1/customers/{id}/entitlements": { "get": {
+                "summary": "The customer's plan, subscription, features and limits (overrides merged in)",
+                "parameters": [customer_parameter()],
+                "responses": { "200": { "description": "Entitlements" }, "404": error_response("NO_ACTIVE_SUBSCRIPTION") } } },
+            "/v1/customers/{id}/usage": { "get": {
+                "summary": "Usage of one meter in minute, hour or day buckets",
+                "parameters": [customer_parameter(),
+                    { "name": "meter", "in": "query", "required": true, "schema": { "type": "string" } },
+                    { "name": "from", "in": "query", "required": true, "schema": { "type": "string", "format": "date-time" } },
+                    { "name": "to", "in": "query", "required": true, "schema": { "type": "string", "format": "date-time" } },
+                    { "name": "granularity", "in": "query", "schema": { "enum": ["minute", "hour", "day"], "default": "hour" } },
+                    { "name": "group_by", "in": "query", "schema": { "type": "boolean", "default": false } }],
+                "responses": { "200": { "description": "Series of buckets per group key" }, "400": error_response("INVALID_REQUEST or UNKNOWN_METER") } } },
+            "/v1/customers/{id}/invoice-preview": { "get": {
+                "summary": "Usage in the current billing period × the plan's unit prices",
+                "parameters": [customer_parameter()],
+                "responses": { "200": { "description": "Lines and total" }, "404": error_response("NO_ACTIVE_SUBSCRIPTION") } } },
+            "/healthz": { "get": { "summary": "The process is up", "security": [], "responses": { "200": { "description": "ok" } } } },
+            "/readyz": { "get": { "summary": "Postgres answers", "security": [], "responses": { "200": { "description": "ready" }, "503": error_response("NOT_READY") } } },
+            "/metrics": { "get": { "summary": "Prometheus metrics", "security": [], "responses": { "200": { "description": "text exposition format" } } } }
+        }
+    })
+}
