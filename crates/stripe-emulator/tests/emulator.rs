@@ -101,6 +101,23 @@ fn event_form(
     ]
 }
 
+/// `POST /v1/billing/meter_events` with a test key.
+async fn post_event(
+    emulator: &Emulator,
+    form: &[(&str, String)],
+    idempotency_key: Option<&str>,
+) -> Result<Answer, String> {
+    call(
+        emulator,
+        "POST",
+        "/v1/billing/meter_events",
+        Some(TEST_KEY),
+        form,
+        idempotency_key,
+    )
+    .await
+}
+
 async fn send_event(
     emulator: &Emulator,
     customer: &str,
@@ -108,11 +125,8 @@ async fn send_event(
     identifier: &str,
     timestamp: i64,
 ) -> Answer {
-    call(
+    post_event(
         emulator,
-        "POST",
-        "/v1/billing/meter_events",
-        Some(TEST_KEY),
         &event_form(customer, value, identifier, timestamp),
         None,
     )
@@ -312,42 +326,15 @@ async fn timestamps_values_and_keys_are_validated() {
 async fn idempotency_keys_replay_refuse_other_parameters_and_lock_in_flight() {
     let emulator = start(EmulatorConfig::default()).await;
     let form = event_form("cus_1", "5", "idem-1", now());
-    let first = call(
-        &emulator,
-        "POST",
-        "/v1/billing/meter_events",
-        Some(TEST_KEY),
-        &form,
-        Some("key-1"),
-    )
-    .await
-    .unwrap();
-    let replay = call(
-        &emulator,
-        "POST",
-        "/v1/billing/meter_events",
-        Some(TEST_KEY),
-        &form,
-        Some("key-1"),
-    )
-    .await
-    .unwrap();
+    let first = post_event(&emulator, &form, Some("key-1")).await.unwrap();
+    let replay = post_event(&emulator, &form, Some("key-1")).await.unwrap();
     assert_eq!((first.status, replay.status), (200, 200));
     assert_eq!(first.body, replay.body);
     assert_eq!(replay.headers["idempotent-replayed"], "true");
     assert!(first.headers.get("idempotent-replayed").is_none());
 
     let other = event_form("cus_1", "6", "idem-1", now());
-    let mismatch = call(
-        &emulator,
-        "POST",
-        "/v1/billing/meter_events",
-        Some(TEST_KEY),
-        &other,
-        Some("key-1"),
-    )
-    .await
-    .unwrap();
+    let mismatch = post_event(&emulator, &other, Some("key-1")).await.unwrap();
     assert_eq!(
         (mismatch.status, mismatch.body["error"]["type"].as_str()),
         (400, Some("idempotency_error"))
@@ -360,22 +347,16 @@ async fn idempotency_keys_replay_refuse_other_parameters_and_lock_in_flight() {
             ..Faults::default()
         })
         .unwrap();
-    let failed = call(
+    let failed = post_event(
         &emulator,
-        "POST",
-        "/v1/billing/meter_events",
-        Some(TEST_KEY),
         &event_form("cus_1", "1", "idem-2", now()),
         Some("key-2"),
     )
     .await
     .unwrap();
     emulator.set_faults(Faults::default()).unwrap();
-    let replayed = call(
+    let replayed = post_event(
         &emulator,
-        "POST",
-        "/v1/billing/meter_events",
-        Some(TEST_KEY),
         &event_form("cus_1", "1", "idem-2", now()),
         Some("key-2"),
     )
@@ -387,26 +368,8 @@ async fn idempotency_keys_replay_refuse_other_parameters_and_lock_in_flight() {
     // Validation failures are not stored: the same key works once the request is fixed... with
     // the same parameters only, so a 400 followed by the same 400 is answered afresh.
     let bad = event_form("cus_1", "x", "idem-3", now());
-    let first_bad = call(
-        &emulator,
-        "POST",
-        "/v1/billing/meter_events",
-        Some(TEST_KEY),
-        &bad,
-        Some("key-3"),
-    )
-    .await
-    .unwrap();
-    let second_bad = call(
-        &emulator,
-        "POST",
-        "/v1/billing/meter_events",
-        Some(TEST_KEY),
-        &bad,
-        Some("key-3"),
-    )
-    .await
-    .unwrap();
+    let first_bad = post_event(&emulator, &bad, Some("key-3")).await.unwrap();
+    let second_bad = post_event(&emulator, &bad, Some("key-3")).await.unwrap();
     assert_eq!((first_bad.status, second_bad.status), (400, 400));
     assert!(second_bad.headers.get("idempotent-replayed").is_none());
 
@@ -418,28 +381,10 @@ async fn idempotency_keys_replay_refuse_other_parameters_and_lock_in_flight() {
         })
         .unwrap();
     let slow_form = event_form("cus_2", "1", "idem-4", now());
-    let (a, b) = tokio::join!(
-        call(
-            &emulator,
-            "POST",
-            "/v1/billing/meter_events",
-            Some(TEST_KEY),
-            &slow_form,
-            Some("key-4")
-        ),
-        async {
-            tokio::time::sleep(Duration::from_millis(100)).await;
-            call(
-                &emulator,
-                "POST",
-                "/v1/billing/meter_events",
-                Some(TEST_KEY),
-                &slow_form,
-                Some("key-4"),
-            )
-            .await
-        }
-    );
+    let (a, b) = tokio::join!(post_event(&emulator, &slow_form, Some("key-4")), async {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        post_event(&emulator, &slow_form, Some("key-4")).await
+    });
     let (a, b) = (a.unwrap(), b.unwrap());
     assert_eq!((a.status, b.status), (200, 409));
     assert_eq!(b.body["error"]["code"], "idempotency_key_in_use");
@@ -529,15 +474,7 @@ async fn committed_then_dropped_keeps_the_event_and_a_retry_finds_it() {
         ..EmulatorConfig::default()
     })
     .await;
-    let lost = call(
-        &emulator,
-        "POST",
-        "/v1/billing/meter_events",
-        Some(TEST_KEY),
-        &event_form("cus_1", "7", "drop-1", now()),
-        None,
-    )
-    .await;
+    let lost = post_event(&emulator, &event_form("cus_1", "7", "drop-1", now()), None).await;
     assert!(lost.is_err(), "the connection closes without a response");
     assert_eq!(emulator.totals()[0].sum, 7, "but Stripe has the event");
     emulator.set_faults(Faults::default()).unwrap();
@@ -708,17 +645,7 @@ async fn last_and_count_meters_and_the_control_api() {
             let mut form = event_form("cus_1", value, &format!("{meter}-{i}"), ts);
             form[0].1 = meter.to_owned();
             assert_eq!(
-                call(
-                    &emulator,
-                    "POST",
-                    "/v1/billing/meter_events",
-                    Some(TEST_KEY),
-                    &form,
-                    None
-                )
-                .await
-                .unwrap()
-                .status,
+                post_event(&emulator, &form, None).await.unwrap().status,
                 200
             );
         }

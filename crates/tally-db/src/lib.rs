@@ -37,18 +37,29 @@ pub async fn connect(
         return Err(DbError::NotConfigured);
     }
     let options: PgConnectOptions = url.parse().map_err(DbError::BadUrl)?;
-    let target = format!(
-        "{}:{}/{}",
-        options.get_host(),
-        options.get_port(),
-        options.get_database().unwrap_or("(default database)")
-    );
+    let target = describe(&options);
     PgPoolOptions::new()
         .max_connections(max_connections)
         .acquire_timeout(timeout)
         .connect_with(options)
         .await
         .map_err(|reason| DbError::Unreachable { target, reason })
+}
+
+/// `host:port/database` of a Postgres URL, without its credentials: for messages and logs.
+/// An unparsable URL is described as such, never echoed (it may hold a password).
+pub fn describe_url(url: &str) -> String {
+    url.parse::<PgConnectOptions>()
+        .map_or_else(|_| "(an invalid Postgres URL)".to_owned(), |o| describe(&o))
+}
+
+fn describe(options: &PgConnectOptions) -> String {
+    format!(
+        "{}:{}/{}",
+        options.get_host(),
+        options.get_port(),
+        options.get_database().unwrap_or("(default database)")
+    )
 }
 
 /// Applies every pending migration.

@@ -163,13 +163,7 @@ mod tests {
 
     #[test]
     fn fractions_carry_forward() {
-        let first = plan_slot(
-            BillingKind::Delta,
-            d("2.6"),
-            SlotState::default(),
-            Balance::default(),
-        )
-        .unwrap();
+        let first = first_plan(BillingKind::Delta, d("2.6"));
         assert_eq!(first.submission, Some(d("2")));
         assert_eq!(
             first.balance,
@@ -209,13 +203,7 @@ mod tests {
 
     #[test]
     fn a_late_event_makes_a_new_revision_with_the_delta() {
-        let first = plan_slot(
-            BillingKind::Delta,
-            d("10"),
-            SlotState::default(),
-            Balance::default(),
-        )
-        .unwrap();
+        let first = first_plan(BillingKind::Delta, d("10"));
         assert_eq!((first.submission, first.slot.revision), (Some(d("10")), 1));
         assert_eq!(
             plan_slot(BillingKind::Delta, d("10"), first.slot, first.balance),
@@ -225,14 +213,13 @@ mod tests {
         assert_eq!((late.submission, late.slot.revision), (Some(d("3")), 2));
     }
 
+    /// The plan of a slot seen for the first time, with nothing billed before.
+    fn first_plan(kind: BillingKind, total: Decimal) -> SlotPlan {
+        plan_slot(kind, total, SlotState::default(), Balance::default()).unwrap()
+    }
+
     fn billed_10_then_lowered_to(total: Decimal) -> SlotPlan {
-        let first = plan_slot(
-            BillingKind::Delta,
-            d("10"),
-            SlotState::default(),
-            Balance::default(),
-        )
-        .unwrap();
+        let first = first_plan(BillingKind::Delta, d("10"));
         plan_slot(BillingKind::Delta, total, first.slot, first.balance).unwrap()
     }
 
@@ -270,13 +257,7 @@ mod tests {
 
     #[test]
     fn last_meters_send_the_value_rounded_up() {
-        let first = plan_slot(
-            BillingKind::Last,
-            d("4.2"),
-            SlotState::default(),
-            Balance::default(),
-        )
-        .unwrap();
+        let first = first_plan(BillingKind::Last, d("4.2"));
         assert_eq!((first.submission, first.slot.revision), (Some(d("5")), 1));
         let lower = plan_slot(BillingKind::Last, d("3"), first.slot, first.balance).unwrap();
         assert_eq!((lower.submission, lower.slot.revision), (Some(d("3")), 2));

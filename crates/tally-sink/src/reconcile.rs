@@ -2,7 +2,6 @@
 //! outbox sent vs what Stripe reports (meter event summaries).
 
 use std::collections::{BTreeMap, HashMap};
-use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use rust_decimal::prelude::FromPrimitive;
@@ -14,7 +13,7 @@ use crate::limiter::RateLimiter;
 use crate::plan::BillingKind;
 use crate::sink::SinkError;
 use crate::store::{self, StoreError};
-use crate::stripe::{StripeCallError, StripeHttp};
+use crate::stripe::{with_retries, StripeHttp};
 
 /// How a row compares.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -160,7 +159,7 @@ pub async fn reconcile(
             to.timestamp(),
             from.timestamp(),
         );
-        let summaries = call(&limiter, || request.send(stripe)).await?;
+        let summaries = with_retries(&limiter, || request.send(stripe)).await?;
         let total: f64 = summaries.data.iter().map(|s| s.aggregated_value).sum();
         let stripe_value = Decimal::from_f64(total).unwrap_or_default();
         row.stripe = Some(stripe_value);
@@ -215,30 +214,6 @@ fn kind_of(text: &str) -> BillingKind {
         BillingKind::Last
     } else {
         BillingKind::Delta
-    }
-}
-
-/// One Stripe read, under the rate, retried while Stripe says it may succeed.
-pub(crate) async fn call<T, F, Fut>(limiter: &RateLimiter, mut send: F) -> Result<T, SinkError>
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = Result<T, StripeCallError>>,
-{
-    let mut attempt = 0u32;
-    loop {
-        limiter.acquire().await;
-        match send().await {
-            Ok(value) => return Ok(value),
-            Err(error) if error.is_retryable() && attempt < 8 => {
-                attempt += 1;
-                tokio::time::sleep(Duration::from_millis(50 << attempt.min(6))).await;
-            }
-            Err(error) => {
-                return Err(SinkError::Config(format!(
-                    "cannot read from Stripe: {error}"
-                )))
-            }
-        }
     }
 }
 

@@ -45,6 +45,8 @@ pub enum SinkError {
     Store(#[from] StoreError),
     #[error("a send task failed: {0}")]
     Task(String),
+    #[error("cannot call Stripe: {0}")]
+    Stripe(#[from] StripeCallError),
 }
 
 /// What passes did.
@@ -97,10 +99,7 @@ impl Sink {
         loop {
             let pass = self.pass(stop).await?;
             total.passes += 1;
-            total.accounted.changes += pass.accounted.changes;
-            total.accounted.slots += pass.accounted.slots;
-            total.accounted.submissions += pass.accounted.submissions;
-            total.accounted.corrections += pass.accounted.corrections;
+            total.accounted.add(pass.accounted);
             total.sent += pass.sent;
             total.retried += pass.retried;
             total.rate_limited += pass.rate_limited;
@@ -136,10 +135,7 @@ impl Sink {
                 )
             })
             .await?;
-            summary.accounted.changes += report.changes;
-            summary.accounted.slots += report.slots;
-            summary.accounted.submissions += report.submissions;
-            summary.accounted.corrections += report.corrections;
+            summary.accounted.add(report);
             metrics::counter!(t::SLOTS_ACCOUNTED).increment(report.slots);
             metrics::counter!(t::SUBMISSIONS_PLANNED).increment(report.submissions);
             metrics::counter!(t::CORRECTIONS).increment(report.corrections);

@@ -66,6 +66,15 @@ pub struct PlanReport {
     pub corrections: u64,
 }
 
+impl PlanReport {
+    pub fn add(&mut self, other: PlanReport) {
+        self.changes += other.changes;
+        self.slots += other.slots;
+        self.submissions += other.submissions;
+        self.corrections += other.corrections;
+    }
+}
+
 type SlotKey = (String, String, DateTime<Utc>);
 
 /// Accounts for up to `limit` changed slots that ended before `settled_before`, in one

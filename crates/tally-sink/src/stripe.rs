@@ -18,6 +18,7 @@ use hyper_util::rt::TokioExecutor;
 use stripe_client_core::{CustomizedStripeRequest, StripeClient, StripeClientErr, StripeMethod};
 
 use crate::config::StripeConfig;
+use crate::limiter::RateLimiter;
 
 /// Why a call did not succeed, with what the loop needs to decide.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -229,6 +230,29 @@ impl StripeClient for StripeHttp {
                 "no response within {:?} (stripe.request_timeout)",
                 self.timeout
             ))),
+        }
+    }
+}
+
+/// One Stripe call outside the outbox (listing meters, reading summaries, creating a meter),
+/// under the rate and retried while Stripe says it may succeed.
+pub(crate) async fn with_retries<T, F, Fut>(
+    limiter: &RateLimiter,
+    mut send: F,
+) -> Result<T, StripeCallError>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, StripeCallError>>,
+{
+    let mut attempt = 0u32;
+    loop {
+        limiter.acquire().await;
+        match send().await {
+            Err(error) if error.is_retryable() && attempt < 8 => {
+                attempt += 1;
+                tokio::time::sleep(Duration::from_millis(50 << attempt.min(6))).await;
+            }
+            answer => return answer,
         }
     }
 }

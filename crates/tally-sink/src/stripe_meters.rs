@@ -11,10 +11,9 @@ use stripe_billing::billing_meter::{
 
 use crate::limiter::RateLimiter;
 use crate::plan::BillingKind;
-use crate::reconcile::call;
 use crate::sink::SinkError;
 use crate::store;
-use crate::stripe::StripeHttp;
+use crate::stripe::{with_retries, StripeHttp};
 
 /// Stripe meter id per event name (all pages).
 pub(crate) async fn stripe_meter_ids(
@@ -28,7 +27,7 @@ pub(crate) async fn stripe_meter_ids(
         if let Some(after) = &after {
             request = request.starting_after(after.as_str());
         }
-        let page = call(limiter, || request.send(stripe)).await?;
+        let page = with_retries(limiter, || request.send(stripe)).await?;
         for meter in &page.data {
             ids.insert(meter.event_name.clone(), meter.id.to_string());
         }
@@ -39,21 +38,29 @@ pub(crate) async fn stripe_meter_ids(
     }
 }
 
+/// The billed tally meters (by name, in name order) whose event name Stripe has no meter for.
+async fn meters_missing_at_stripe(
+    pool: &sqlx::PgPool,
+    stripe: &StripeHttp,
+    limiter: &RateLimiter,
+) -> Result<Vec<(String, store::BilledMeter)>, SinkError> {
+    let existing = stripe_meter_ids(stripe, limiter).await?;
+    let mut missing: Vec<(String, store::BilledMeter)> = store::billed_meters(pool)
+        .await?
+        .into_iter()
+        .filter(|(_, m)| m.kind.is_some() && !existing.contains_key(&m.event_name))
+        .collect();
+    missing.sort_by(|a, b| a.0.cmp(&b.0));
+    Ok(missing)
+}
+
 /// Event names of billed tally meters that Stripe has no meter for.
 pub async fn missing_stripe_meters(
     pool: &sqlx::PgPool,
     stripe: &StripeHttp,
 ) -> Result<Vec<String>, SinkError> {
-    let limiter = RateLimiter::new(5);
-    let existing = stripe_meter_ids(stripe, &limiter).await?;
-    let mut missing: Vec<String> = store::billed_meters(pool)
-        .await?
-        .into_values()
-        .filter(|m| m.kind.is_some() && !existing.contains_key(&m.event_name))
-        .map(|m| m.event_name)
-        .collect();
-    missing.sort();
-    Ok(missing)
+    let missing = meters_missing_at_stripe(pool, stripe, &RateLimiter::new(5)).await?;
+    Ok(missing.into_iter().map(|(_, m)| m.event_name).collect())
 }
 
 /// Creates the Stripe meters that are missing: `sum` for sum/count meters, `last` for
@@ -63,26 +70,19 @@ pub async fn create_stripe_meters(
     stripe: &StripeHttp,
 ) -> Result<Vec<String>, SinkError> {
     let limiter = RateLimiter::new(5);
-    let existing = stripe_meter_ids(stripe, &limiter).await?;
     let mut created = Vec::new();
-    let mut meters: Vec<(String, store::BilledMeter)> =
-        store::billed_meters(pool).await?.into_iter().collect();
-    meters.sort_by(|a, b| a.0.cmp(&b.0));
-    for (name, meter) in meters {
-        let Some(kind) = meter.kind else { continue };
-        if existing.contains_key(&meter.event_name) {
-            continue;
-        }
-        let formula = match kind {
-            BillingKind::Delta => CreateBillingMeterDefaultAggregationFormula::Sum,
-            BillingKind::Last => CreateBillingMeterDefaultAggregationFormula::Last,
+    for (name, meter) in meters_missing_at_stripe(pool, stripe, &limiter).await? {
+        let formula = match meter.kind {
+            Some(BillingKind::Delta) => CreateBillingMeterDefaultAggregationFormula::Sum,
+            Some(BillingKind::Last) => CreateBillingMeterDefaultAggregationFormula::Last,
+            None => continue,
         };
         let request = CreateBillingMeter::new(
             CreateBillingMeterDefaultAggregation::new(formula),
             format!("tally {name}"),
             meter.event_name.as_str(),
         );
-        call(&limiter, || request.send(stripe)).await?;
+        with_retries(&limiter, || request.send(stripe)).await?;
         created.push(meter.event_name);
     }
     Ok(created)

@@ -87,7 +87,7 @@ pub(crate) fn run(config: &TallyConfig, args: &DemoArgs) -> anyhow::Result<()> {
     println!(
         "  postgres: database {} on {}",
         database.name,
-        redact(&database.server_url)
+        tally_db::describe_url(&database.server_url)
     );
     let cluster = MockCluster::new(3).context("starting the embedded Kafka cluster")?;
     cluster
@@ -237,7 +237,7 @@ pub(crate) fn run(config: &TallyConfig, args: &DemoArgs) -> anyhow::Result<()> {
     let client = StripeHttp::new(&stripe).map_err(anyhow::Error::msg)?;
     let rows = runtime.block_on(tally_sink::reconcile(&pool, &client, 900, from, to))?;
     let agrees = print_reconciliation(&rows, &emitted, &meters, args.all_rows);
-    let kept = redact(&tally_db::testing::with_database(
+    let kept = tally_db::describe_url(&tally_db::testing::with_database(
         &database.server_url,
         &database.name,
     ));
@@ -255,13 +255,6 @@ pub(crate) fn run(config: &TallyConfig, args: &DemoArgs) -> anyhow::Result<()> {
     }
     println!("\nemitted = windows = Stripe, for every customer and meter, to the unit.");
     Ok(())
-}
-
-fn redact(url: &str) -> String {
-    match (url.find("://"), url.find('@')) {
-        (Some(scheme), Some(at)) if at > scheme => format!("{}://…{}", &url[..scheme], &url[at..]),
-        _ => url.to_owned(),
-    }
 }
 
 /// Stripe customers for the demo's customers, the mapping, and the Stripe meters.
