@@ -7,20 +7,32 @@
 //! be told to fail: 500s, 503s, delays, and the ambiguous failure where the event is committed
 //! and the connection is dropped before the response.
 //!
+//! It also holds prices and subscriptions (`POST /v1/prices`, `/v1/subscriptions`), invoices
+//! their periods, and sends the signed `customer.subscription.*` and `invoice.*` events to the
+//! URLs registered with `POST /v1/webhook_endpoints`, so tally's webhook endpoint is tested end
+//! to end.
+//!
 //! - `config.rs`: rates and fault probabilities.
 //! - `server.rs`: the listener, the request pipeline (auth, limits, idempotency, faults), routes.
 //! - `store.rs`: customers, meters, meter events and their summaries.
 //! - `limits.rs`: the per-account rate window and the per-customer-and-meter lock.
 //! - `idempotency.rs`: `Idempotency-Key` replay, mismatch and in-flight rules.
 //! - `reply.rs`: responses and Stripe's error JSON.
+//! - `billing.rs`: prices, subscriptions, invoices, and the events their changes produce.
+//! - `webhooks.rs`: webhook endpoints, Stripe's signature, delivery with retries.
+//! - `testing.rs`: plain HTTP calls for tests.
 
+mod billing;
 mod config;
 mod idempotency;
 mod limits;
 mod reply;
 mod server;
 mod store;
+pub mod testing;
+mod webhooks;
 
 pub use config::{EmulatorConfig, Faults};
 pub use server::{Emulator, EmulatorError};
 pub use store::{MeterTotal, Stats};
+pub use webhooks::{signature_header, EventRecord};

@@ -22,11 +22,13 @@ use tokio::sync::Notify;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
+use crate::billing::{Billing, Change};
 use crate::config::{EmulatorConfig, Faults};
 use crate::idempotency::{Begin, IdempotencyKeys};
 use crate::limits::{PairLocks, RateWindow};
 use crate::reply::Reply;
 use crate::store::{Form, MeterTotal, Stats, Store};
+use crate::webhooks::{events_json, EventRecord, Webhooks};
 
 const MAX_BODY_BYTES: usize = 1 << 20;
 
@@ -47,6 +49,8 @@ struct Shared {
     faults: Mutex<Faults>,
     rng: Mutex<StdRng>,
     store: Mutex<Store>,
+    billing: Mutex<Billing>,
+    webhooks: Arc<Webhooks>,
     stats: Mutex<Stats>,
     rate_window: Mutex<RateWindow>,
     pair_locks: PairLocks,
@@ -82,6 +86,8 @@ impl Emulator {
             faults: Mutex::new(config.faults),
             rng: Mutex::new(StdRng::seed_from_u64(config.seed)),
             store: Mutex::new(Store::default()),
+            billing: Mutex::new(Billing::default()),
+            webhooks: Webhooks::start(),
             stats: Mutex::new(Stats::default()),
             rate_window: Mutex::new(RateWindow::default()),
             pair_locks: PairLocks::default(),
@@ -128,6 +134,11 @@ impl Emulator {
             .lock()
             .expect("store lock poisoned")
             .totals()
+    }
+
+    /// Every webhook event so far, with its delivery state.
+    pub fn events(&self) -> Vec<EventRecord> {
+        self.shared.webhooks.events()
     }
 
     /// Moves the emulator's clock forward (for the 24 h cancel and 35 day timestamp rules).
@@ -344,6 +355,28 @@ async fn route(
         (&Method::POST, ["v1", "billing", "meters"]) => {
             write(shared, |store, now| store.create_meter(form, livemode, now)).await
         }
+        (&Method::POST, ["v1", "prices"]) => {
+            billing(shared, |billing, _, now| {
+                Ok((billing.create_price(form, livemode, now), Vec::new()))
+            })
+        }
+        (&Method::POST, ["v1", "subscriptions"]) => billing(shared, |billing, store, now| {
+            let customer = form.get("customer").unwrap_or_default();
+            billing.create_subscription(form, store.has_customer(customer), livemode, now)
+        }),
+        (&Method::POST, ["v1", "subscriptions", id]) => {
+            billing(shared, |billing, _, _| billing.update_subscription(id, form))
+        }
+        (&Method::DELETE, ["v1", "subscriptions", id]) => {
+            billing(shared, |billing, _, now| billing.cancel_subscription(id, now))
+        }
+        (&Method::GET, ["v1", "subscriptions", id]) => billing(shared, |billing, _, _| {
+            Ok((billing.get_subscription(id), Vec::new()))
+        }),
+        (&Method::POST, ["v1", "webhook_endpoints"]) => shared
+            .webhooks
+            .create_endpoint(form, livemode, shared.now())
+            .into(),
         (&Method::GET, ["v1", "customers", id]) => {
             read(shared, |store| store.get_customer(id)).await
         }
@@ -358,6 +391,30 @@ async fn route(
             None,
         )
         .into(),
+    }
+}
+
+/// A prices, subscriptions or invoices call: no injected faults (they exist for the sink's
+/// calls); the events the change produced are published for delivery.
+fn billing(
+    shared: &Shared,
+    change: impl FnOnce(&mut Billing, &Store, i64) -> Result<(Reply, Vec<Change>), Reply>,
+) -> Outcome {
+    let now = shared.now();
+    let changed = {
+        let store = shared.store.lock().expect("store lock poisoned");
+        change(
+            &mut shared.billing.lock().expect("billing lock poisoned"),
+            &store,
+            now,
+        )
+    };
+    match changed {
+        Ok((reply, changes)) => {
+            shared.webhooks.publish(changes, now);
+            reply.into()
+        }
+        Err(reply) => reply.into(),
     }
 }
 
@@ -468,6 +525,18 @@ async fn meter_event(shared: &Shared, form: &Form, livemode: bool) -> Outcome {
 
 /// `/_emulator/…`: state for tests and operators, fault switches, the clock.
 fn control_api(shared: &Shared, method: &Method, path: &str, body: &[u8]) -> Reply {
+    let segments: Vec<&str> = path.trim_matches('/').split('/').collect();
+    match (method, segments.as_slice()) {
+        (&Method::GET, ["events"]) => Reply::json(200, &events_json(&shared.webhooks.events())),
+        (&Method::POST, ["events", id, "resend"]) => shared.webhooks.resend(id),
+        (&Method::POST, ["subscriptions", id, "advance_period"]) => {
+            billing(shared, |billing, _, _| billing.advance_period(id)).reply
+        }
+        _ => control_settings(shared, method, path, body),
+    }
+}
+
+fn control_settings(shared: &Shared, method: &Method, path: &str, body: &[u8]) -> Reply {
     match (method, path) {
         (&Method::GET, "state") => {
             let stats = shared.stats.lock().expect("stats lock poisoned").clone();
@@ -498,6 +567,6 @@ fn control_api(shared: &Shared, method: &Method, path: &str, body: &[u8]) -> Rep
                 Err(error) => Reply::invalid(format!("clock: {error}; send {{\"advance_seconds\": N}}"), None),
             }
         }
-        _ => Reply::not_found(format!("no emulator control endpoint {method} /_emulator/{path}; try GET state, POST faults, POST clock"), None),
+        _ => Reply::not_found(format!("no emulator control endpoint {method} /_emulator/{path}; try GET state, POST faults, POST clock, GET events, POST events/{{id}}/resend, POST subscriptions/{{id}}/advance_period"), None),
     }
 }

@@ -31,6 +31,14 @@ impl Form {
             .map(|(_, v)| v.as_str())
     }
 
+    /// Every value of a repeated key (`enabled_events[]=a&enabled_events[]=b`).
+    pub(crate) fn all<'a>(&'a self, key: &'a str) -> impl Iterator<Item = String> + 'a {
+        self.0
+            .iter()
+            .filter(move |(k, _)| k == key)
+            .map(|(_, v)| v.clone())
+    }
+
     /// The entries `prefix[key]=value`, as `key → value`.
     pub(crate) fn nested(&self, prefix: &str) -> BTreeMap<String, String> {
         self.0
@@ -139,6 +147,10 @@ impl Store {
         });
         self.customers.insert(id, customer.clone());
         Reply::json(200, &customer)
+    }
+
+    pub(crate) fn has_customer(&self, id: &str) -> bool {
+        self.customers.contains_key(id)
     }
 
     pub(crate) fn get_customer(&self, id: &str) -> Reply {

@@ -4,11 +4,6 @@
 use std::collections::HashMap;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use bytes::Bytes;
-use http_body_util::{BodyExt, Full};
-use hyper_util::client::legacy::Client;
-use hyper_util::rt::TokioExecutor;
-use serde_json::Value;
 use stripe_billing::billing_meter::{
     CreateBillingMeter, CreateBillingMeterDefaultAggregation,
     CreateBillingMeterDefaultAggregationFormula, ListBillingMeter,
@@ -20,6 +15,7 @@ use stripe_billing::billing_meter_event_adjustment::{
 use stripe_billing::billing_meter_event_summary::ListIdBillingMeterEventSummary;
 use stripe_billing::BillingMeterEventAdjustmentType;
 use stripe_core::customer::{CreateCustomer, RetrieveCustomer};
+use stripe_emulator::testing::Answer;
 use stripe_emulator::{Emulator, EmulatorConfig, Faults};
 
 const TEST_KEY: &str = "sk_test_emulator";
@@ -38,12 +34,6 @@ fn now() -> i64 {
         .as_secs() as i64
 }
 
-struct Answer {
-    status: u16,
-    headers: hyper::HeaderMap,
-    body: Value,
-}
-
 /// A plain HTTP call, for what the typed client hides (status codes, headers).
 async fn call(
     emulator: &Emulator,
@@ -53,37 +43,7 @@ async fn call(
     form: &[(&str, String)],
     idempotency_key: Option<&str>,
 ) -> Result<Answer, String> {
-    let client: Client<_, Full<Bytes>> = Client::builder(TokioExecutor::new()).build_http();
-    let body = form_urlencoded::Serializer::new(String::new())
-        .extend_pairs(form.iter().map(|(k, v)| (*k, v.as_str())))
-        .finish();
-    let mut request = hyper::Request::builder()
-        .method(method)
-        .uri(format!("http://{}{path}", emulator.addr()))
-        .header("content-type", "application/x-www-form-urlencoded");
-    if let Some(key) = key {
-        request = request.header("authorization", format!("Bearer {key}"));
-    }
-    if let Some(idempotency_key) = idempotency_key {
-        request = request.header("idempotency-key", idempotency_key);
-    }
-    let response = client
-        .request(request.body(Full::new(Bytes::from(body))).unwrap())
-        .await
-        .map_err(|e| format!("{e:?}"))?;
-    let status = response.status().as_u16();
-    let headers = response.headers().clone();
-    let bytes = response
-        .into_body()
-        .collect()
-        .await
-        .map_err(|e| format!("{e:?}"))?
-        .to_bytes();
-    Ok(Answer {
-        status,
-        headers,
-        body: serde_json::from_slice(&bytes).unwrap_or(Value::Null),
-    })
+    stripe_emulator::testing::call(emulator.addr(), method, path, key, form, idempotency_key).await
 }
 
 fn event_form(

@@ -223,7 +223,6 @@ pub(crate) async fn publish_dlq(
         }
         let mut deliveries = Vec::with_capacity(pending.len());
         for row in &pending {
-            let source = format!("{}/{}/{}", row.topic, row.partition, row.offset);
             let headers = OwnedHeaders::new()
                 .insert(Header {
                     key: "tally-reason",
@@ -235,7 +234,7 @@ pub(crate) async fn publish_dlq(
                 })
                 .insert(Header {
                     key: "tally-source",
-                    value: Some(source.as_str()),
+                    value: Some(row.source.as_str()),
                 });
             let mut record: FutureRecord<'_, [u8], [u8]> = FutureRecord::to(dlq_topic)
                 .payload(row.raw.as_slice())

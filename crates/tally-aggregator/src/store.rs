@@ -645,9 +645,9 @@ pub(crate) struct PendingDlq {
     pub(crate) rejection_id: i64,
     pub(crate) reason: String,
     pub(crate) detail: String,
-    pub(crate) topic: String,
-    pub(crate) partition: i32,
-    pub(crate) offset: i64,
+    /// `topic/partition/offset` for events consumed from Kafka, `http` for events refused by
+    /// `POST /v1/events`.
+    pub(crate) source: String,
     pub(crate) raw: Vec<u8>,
     pub(crate) kafka_key: Option<Vec<u8>>,
 }
@@ -659,7 +659,9 @@ pub(crate) async fn lock_pending_dlq(
     limit: i64,
 ) -> Result<Vec<PendingDlq>, StoreError> {
     Ok(sqlx::query_as(
-        "SELECT rejection_id, reason, detail, topic, partition, \"offset\", raw, kafka_key
+        "SELECT rejection_id, reason, detail,
+                COALESCE(topic || '/' || partition || '/' || \"offset\", received_via) AS source,
+                raw, kafka_key
          FROM rejected_events WHERE dlq_published_at IS NULL
          ORDER BY rejection_id LIMIT $1 FOR UPDATE SKIP LOCKED",
     )

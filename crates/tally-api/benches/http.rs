@@ -48,6 +48,8 @@ fn main() {
                 customer: None,
             }],
             metrics: None,
+            emitter: None,
+            stripe_webhook_secret: None,
         });
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();

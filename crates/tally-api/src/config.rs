@@ -17,6 +17,9 @@ pub struct ServeConfig {
     pub max_body_bytes: usize,
     /// API tokens (`[[serve.tokens]]`). A token without `customer` is an admin token.
     pub tokens: Vec<ApiToken>,
+    /// Signing secret (`whsec_…`) of the Stripe webhook endpoint `/v1/webhooks/stripe`. Also
+    /// read from `STRIPE_WEBHOOK_SECRET`. Empty: the endpoint answers 503.
+    pub stripe_webhook_secret: Secret,
 }
 
 impl Default for ServeConfig {
@@ -26,6 +29,7 @@ impl Default for ServeConfig {
             refresh: Duration::from_secs(1),
             max_body_bytes: 1 << 20,
             tokens: Vec::new(),
+            stripe_webhook_secret: Secret::default(),
         }
     }
 }

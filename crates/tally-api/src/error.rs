@@ -1,5 +1,6 @@
 //! API errors: JSON `{"code", "message"}` with a stable `code`, and the status that goes with it.
 
+use axum::extract::rejection::JsonRejection;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
@@ -25,6 +26,18 @@ impl ApiError {
     pub fn invalid(message: impl Into<String>) -> ApiError {
         ApiError::new(StatusCode::BAD_REQUEST, "INVALID_REQUEST", message)
     }
+}
+
+/// A JSON body, or the error that says what is wrong with it.
+pub(crate) fn json_body<T>(body: Result<Json<T>, JsonRejection>) -> Result<Json<T>, ApiError> {
+    body.map_err(|rejection| match rejection.status() {
+        StatusCode::PAYLOAD_TOO_LARGE => ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "PAYLOAD_TOO_LARGE",
+            "the request body is larger than serve.max_body_bytes",
+        ),
+        _ => ApiError::invalid(rejection.body_text()),
+    })
 }
 
 impl From<QuotaError> for ApiError {

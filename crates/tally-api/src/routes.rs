@@ -12,7 +12,8 @@ use serde_json::json;
 use tally_quota::Decision;
 
 use crate::auth::{authenticate, ReadableCustomer};
-use crate::error::ApiError;
+use crate::error::{json_body, ApiError};
+use crate::telemetry;
 use crate::ApiState;
 
 #[derive(Debug, Deserialize)]
@@ -36,14 +37,7 @@ pub(crate) async fn quota_check(
     body: Result<Json<CheckRequest>, axum::extract::rejection::JsonRejection>,
 ) -> Result<Response, ApiError> {
     let caller = authenticate(&headers, &state.tokens)?;
-    let Json(request) = body.map_err(|rejection| match rejection.status() {
-        StatusCode::PAYLOAD_TOO_LARGE => ApiError::new(
-            StatusCode::PAYLOAD_TOO_LARGE,
-            "PAYLOAD_TOO_LARGE",
-            "the request body is larger than serve.max_body_bytes",
-        ),
-        _ => ApiError::invalid(rejection.body_text()),
-    })?;
+    let Json(request) = json_body(body)?;
     caller.may_read(&request.customer)?;
     let quantity = match &request.quantity {
         None => Decimal::ONE,
@@ -59,6 +53,11 @@ pub(crate) async fn quota_check(
         .quota
         .check(&request.customer, &request.meter, quantity)
         .await?;
+    telemetry::quota_decision(match &decision {
+        Decision::Allow { .. } => "allow",
+        Decision::Warn { .. } => "warn",
+        Decision::Deny { .. } => "deny",
+    });
     Ok(match decision {
         Decision::Allow {
             used,

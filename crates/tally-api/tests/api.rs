@@ -58,6 +58,8 @@ async fn app() -> (tally_db::testing::TestDatabase, axum::Router) {
             },
         ],
         metrics: None,
+        emitter: None,
+        stripe_webhook_secret: None,
     };
     let app = router(Arc::new(state), 4096);
     (db, app)

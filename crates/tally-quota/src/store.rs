@@ -31,18 +31,18 @@ pub enum PlanChange {
 }
 
 /// One `entitlement_audit` row.
-struct Audit<'a> {
-    entity: &'a str,
-    key: &'a str,
-    action: &'a str,
-    before: Option<&'a Value>,
-    after: Option<&'a Value>,
-    actor: &'a str,
-    reason: Option<&'a str>,
+pub(crate) struct Audit<'a> {
+    pub(crate) entity: &'a str,
+    pub(crate) key: &'a str,
+    pub(crate) action: &'a str,
+    pub(crate) before: Option<&'a Value>,
+    pub(crate) after: Option<&'a Value>,
+    pub(crate) actor: &'a str,
+    pub(crate) reason: Option<&'a str>,
 }
 
 impl Audit<'_> {
-    async fn write(self, tx: &mut PgConnection) -> Result<(), QuotaStoreError> {
+    pub(crate) async fn write(self, tx: &mut PgConnection) -> Result<(), QuotaStoreError> {
         sqlx::query(
             "INSERT INTO entitlement_audit (entity, entity_key, action, before, after, actor, reason)
              VALUES ($1, $2, $3, $4, $5, $6, $7)",

@@ -67,6 +67,7 @@ pub(crate) fn load(path: Option<&Path>, overrides: Overrides) -> anyhow::Result<
         &[
             ("DATABASE_URL", "database.url"),
             ("STRIPE_SECRET_KEY", "stripe.secret_key"),
+            ("STRIPE_WEBHOOK_SECRET", "serve.stripe_webhook_secret"),
         ],
     )?;
     if let Some(brokers) = overrides.kafka_brokers {

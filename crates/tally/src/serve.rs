@@ -4,6 +4,7 @@ use std::sync::Arc;
 
 use anyhow::{bail, Context};
 use tally_api::ApiState;
+use tally_emitter::Emitter;
 use tally_quota::Quota;
 use tokio_util::sync::CancellationToken;
 
@@ -22,12 +23,26 @@ pub(crate) fn run(config: &TallyConfig) -> anyhow::Result<()> {
         let metrics = metrics_exporter_prometheus::PrometheusBuilder::new()
             .install_recorder()
             .context("installing the metrics recorder")?;
+        tally_api::telemetry::describe();
         let quota = Quota::new(pool.clone(), serve.refresh).await?;
+        // POST /v1/events needs Kafka; without brokers the rest of the API still serves.
+        let emitter = if config.kafka.brokers.trim().is_empty() {
+            tracing::warn!("kafka.brokers is not set: POST /v1/events answers 503 INGEST_DISABLED");
+            None
+        } else {
+            Some(Arc::new(Emitter::start(&config.kafka, &config.emitter)?))
+        };
+        let webhook_secret = &serve.stripe_webhook_secret;
+        if webhook_secret.is_empty() {
+            tracing::warn!("STRIPE_WEBHOOK_SECRET is not set: POST /v1/webhooks/stripe answers 503 WEBHOOKS_DISABLED");
+        }
         let state = Arc::new(ApiState {
             quota,
             pool,
             tokens: serve.tokens.clone(),
             metrics: Some(metrics),
+            emitter: emitter.clone(),
+            stripe_webhook_secret: (!webhook_secret.is_empty()).then(|| webhook_secret.clone()),
         });
         let listener = tokio::net::TcpListener::bind(&serve.listen)
             .await
@@ -46,6 +61,12 @@ pub(crate) fn run(config: &TallyConfig) -> anyhow::Result<()> {
             stop,
         )
         .await?;
+        // Events accepted by POST /v1/events are acknowledged or spooled already; this only
+        // waits for what is in flight for requests that were cut off.
+        if let Some(emitter) = emitter {
+            tokio::task::spawn_blocking(move || emitter.shutdown(std::time::Duration::from_secs(5)))
+                .await?;
+        }
         Ok(())
     })
 }

@@ -1,0 +1,256 @@
+//! Webhook endpoints and event delivery, signed the way Stripe signs: header
+//! `Stripe-Signature: t=<unix>,v1=<hex HMAC-SHA256 of "<t>.<body>" with the endpoint secret>`.
+//!
+//! Events are delivered one at a time, in the order they happened, each retried with backoff
+//! until the endpoint answers 2xx or the attempts run out (Stripe keeps trying for three days;
+//! the emulator for `DELIVERY_ATTEMPTS`). `resend` delivers an event again, which is how tests
+//! produce replays and out-of-order deliveries.
+
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use hmac::{KeyInit, Mac};
+use http_body_util::Full;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+use serde::Serialize;
+use serde_json::{json, Value};
+use tokio::sync::mpsc;
+
+use crate::billing::Change;
+use crate::reply::Reply;
+use crate::store::Form;
+
+/// Delivery attempts per event before the emulator gives up on it.
+const DELIVERY_ATTEMPTS: u32 = 8;
+/// The API version the event objects are rendered in.
+const API_VERSION: &str = "2026-09-30.endive";
+
+struct Endpoint {
+    url: String,
+    secret: String,
+    enabled_events: Vec<String>,
+}
+
+impl Endpoint {
+    fn wants(&self, event_type: &str) -> bool {
+        self.enabled_events
+            .iter()
+            .any(|e| e == "*" || e == event_type)
+    }
+}
+
+/// One event and what became of its deliveries.
+#[derive(Debug, Clone, Serialize)]
+pub struct EventRecord {
+    pub id: String,
+    #[serde(rename = "type")]
+    pub event_type: String,
+    pub created: i64,
+    /// The body as sent.
+    #[serde(skip)]
+    pub body: String,
+    pub attempts: u32,
+    /// The last HTTP status the endpoint answered (0: no answer).
+    pub last_status: u16,
+    pub delivered: bool,
+}
+
+#[derive(Default)]
+struct State {
+    endpoints: Vec<Endpoint>,
+    events: Vec<EventRecord>,
+    next_id: u64,
+}
+
+/// Endpoints, the event log, and the queue the delivery task reads.
+pub(crate) struct Webhooks {
+    state: Mutex<State>,
+    queue: mpsc::UnboundedSender<usize>,
+}
+
+impl Webhooks {
+    /// Starts the delivery task.
+    pub(crate) fn start() -> Arc<Webhooks> {
+        let (queue, deliveries) = mpsc::unbounded_channel();
+        let webhooks = Arc::new(Webhooks {
+            state: Mutex::new(State::default()),
+            queue,
+        });
+        tokio::spawn(deliver(Arc::downgrade(&webhooks), deliveries));
+        webhooks
+    }
+
+    fn state(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().expect("webhook lock poisoned")
+    }
+
+    /// `POST /v1/webhook_endpoints`: `url`, `enabled_events[]` (default every event). The
+    /// answer carries the signing `secret`, as Stripe's does on creation only.
+    pub(crate) fn create_endpoint(&self, form: &Form, livemode: bool, now: i64) -> Reply {
+        let Some(url) = form.get("url") else {
+            return Reply::missing("url");
+        };
+        if !(url.starts_with("http://") || url.starts_with("https://")) {
+            return Reply::invalid(format!("Invalid URL: {url}"), Some("url"));
+        }
+        let mut enabled_events: Vec<String> = form
+            .all("enabled_events[]")
+            .chain(form.nested("enabled_events").into_values())
+            .collect();
+        if enabled_events.is_empty() {
+            enabled_events.push("*".into());
+        }
+        let mut state = self.state();
+        state.next_id += 1;
+        let id = format!("we_emw{:010}", state.next_id);
+        let secret = format!("whsec_{}", random_hex(32));
+        let reply = Reply::json(
+            200,
+            &json!({
+                "id": id, "object": "webhook_endpoint", "url": url, "secret": secret,
+                "enabled_events": enabled_events, "status": "enabled", "livemode": livemode,
+                "created": now, "api_version": API_VERSION, "metadata": {},
+            }),
+        );
+        state.endpoints.push(Endpoint {
+            url: url.to_owned(),
+            secret,
+            enabled_events,
+        });
+        reply
+    }
+
+    /// Records the events of a change and queues their delivery.
+    pub(crate) fn publish(&self, changes: Vec<Change>, created: i64) {
+        let mut state = self.state();
+        for change in changes {
+            let livemode = change.object["livemode"].as_bool().unwrap_or(false);
+            state.next_id += 1;
+            let id = format!("evt_emw{:010}", state.next_id);
+            let mut data = json!({ "object": change.object });
+            if let Some(previous) = change.previous_attributes {
+                data["previous_attributes"] = previous;
+            }
+            let body = json!({
+                "id": id, "object": "event", "api_version": API_VERSION, "created": created,
+                "livemode": livemode, "pending_webhooks": state.endpoints.len(),
+                "request": { "id": null, "idempotency_key": null },
+                "type": change.event_type, "data": data,
+            })
+            .to_string();
+            state.events.push(EventRecord {
+                id,
+                event_type: change.event_type.to_owned(),
+                created,
+                body,
+                attempts: 0,
+                last_status: 0,
+                delivered: false,
+            });
+            let _ = self.queue.send(state.events.len() - 1);
+        }
+    }
+
+    /// Delivers an event again (a replay, or an old event after newer ones).
+    pub(crate) fn resend(&self, event_id: &str) -> Reply {
+        let state = self.state();
+        match state.events.iter().position(|e| e.id == event_id) {
+            Some(index) => {
+                let _ = self.queue.send(index);
+                Reply::json(200, &json!({ "queued": event_id }))
+            }
+            None => Reply::not_found(format!("No such event: '{event_id}'"), Some("id")),
+        }
+    }
+
+    pub(crate) fn events(&self) -> Vec<EventRecord> {
+        self.state().events.clone()
+    }
+}
+
+/// `t=<unix>,v1=<hex>` for `body`, as Stripe computes it.
+pub fn signature_header(secret: &str, timestamp: i64, body: &str) -> String {
+    let mut mac =
+        hmac::Hmac::<sha2::Sha256>::new_from_slice(secret.as_bytes()).expect("any key length");
+    mac.update(format!("{timestamp}.{body}").as_bytes());
+    format!(
+        "t={timestamp},v1={}",
+        hex::encode(mac.finalize().into_bytes())
+    )
+}
+
+fn random_hex(bytes: usize) -> String {
+    let random: Vec<u8> = (0..bytes).map(|_| rand::random::<u8>()).collect();
+    hex::encode(random)
+}
+
+/// The delivery task: one event at a time, to every endpoint that wants it.
+async fn deliver(
+    webhooks: std::sync::Weak<Webhooks>,
+    mut deliveries: mpsc::UnboundedReceiver<usize>,
+) {
+    let client: Client<_, Full<Bytes>> = Client::builder(TokioExecutor::new()).build_http();
+    while let Some(index) = deliveries.recv().await {
+        let Some(webhooks) = webhooks.upgrade() else {
+            return;
+        };
+        let (event, targets) = {
+            let state = webhooks.state();
+            let event = state.events[index].clone();
+            let targets: Vec<(String, String)> = state
+                .endpoints
+                .iter()
+                .filter(|e| e.wants(&event.event_type))
+                .map(|e| (e.url.clone(), e.secret.clone()))
+                .collect();
+            (event, targets)
+        };
+        for (url, secret) in targets {
+            let mut backoff = Duration::from_millis(200);
+            for _ in 0..DELIVERY_ATTEMPTS {
+                // Signed with the real clock, as Stripe signs at sending time.
+                let now = SystemTime::now()
+                    .duration_since(UNIX_EPOCH)
+                    .map_or(0, |d| d.as_secs() as i64);
+                let request = hyper::Request::post(&url)
+                    .header("content-type", "application/json; charset=utf-8")
+                    .header(
+                        "user-agent",
+                        "Stripe/1.0 (+https://stripe.com/docs/webhooks)",
+                    )
+                    .header(
+                        "stripe-signature",
+                        signature_header(&secret, now, &event.body),
+                    )
+                    .body(Full::new(Bytes::from(event.body.clone())));
+                let status = match request {
+                    Ok(request) => match client.request(request).await {
+                        Ok(response) => response.status().as_u16(),
+                        Err(_) => 0,
+                    },
+                    Err(_) => 0,
+                };
+                let delivered = (200..300).contains(&status);
+                {
+                    let mut state = webhooks.state();
+                    let record = &mut state.events[index];
+                    record.attempts += 1;
+                    record.last_status = status;
+                    record.delivered |= delivered;
+                }
+                if delivered {
+                    break;
+                }
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(3));
+            }
+        }
+    }
+}
+
+/// The events as `GET /_emulator/events` shows them.
+pub(crate) fn events_json(events: &[EventRecord]) -> Value {
+    json!({ "events": events })
+}

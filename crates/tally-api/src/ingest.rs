@@ -1,0 +1,251 @@
+//! `POST /v1/events`: usage from services not written in Rust, through the same emitter.
+//!
+//! A batch's life: each event is decoded and checked by the wire rules the aggregator uses
+//! (native or CloudEvents; `id` and `timestamp` may be left out and are then assigned here);
+//! refused events are stored in `rejected_events` (`received_via = 'http'`) before anything
+//! else happens; the rest go to the emitter, and the answer waits until each is acknowledged by
+//! Kafka or fsynced in the spool. So "accepted" means durable, and a failed request emitted
+//! nothing unless it says otherwise.
+//!
+//! The meter is checked by the aggregator, against its `[[meters]]`: an unknown meter ends up
+//! in `rejected_events` there.
+//!
+//! Answers: 200 when every event is accepted, 207 when some are not (read each result; retry
+//! only `unavailable` ones, with the same ids), 400 for a body that is not a batch, 403 for a
+//! customer-scoped token, 503 when ingest is not configured or the rejects cannot be stored.
+
+use std::sync::Arc;
+
+use axum::extract::rejection::JsonRejection;
+use axum::extract::State;
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use chrono::Utc;
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+use tally_core::{wire, Rejection};
+use tally_emitter::{Durability, EmitError};
+
+use crate::auth::{authenticate, Caller};
+use crate::error::{json_body, ApiError};
+use crate::{telemetry, ApiState};
+
+/// Most events in one request.
+pub const MAX_BATCH: usize = 1_000;
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct IngestRequest {
+    events: Vec<Map<String, Value>>,
+}
+
+/// One event's result, in request order.
+#[derive(Debug, Serialize)]
+struct EventResult {
+    index: usize,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    id: Option<String>,
+    /// accepted | rejected (fix the event; it is in rejected_events) | unavailable (retry it
+    /// later with the same id).
+    status: &'static str,
+    /// published (acknowledged by Kafka) | spooled (fsynced on this server's disk).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    durability: Option<&'static str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    code: Option<&'static str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    message: Option<String>,
+}
+
+pub(crate) async fn ingest(
+    State(state): State<Arc<ApiState>>,
+    headers: HeaderMap,
+    body: Result<Json<IngestRequest>, JsonRejection>,
+) -> Result<Response, ApiError> {
+    if authenticate(&headers, &state.tokens)? != Caller::Admin {
+        return Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            "FORBIDDEN",
+            "reporting usage needs an admin token; customer tokens may only read",
+        ));
+    }
+    let Some(emitter) = &state.emitter else {
+        return Err(ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "INGEST_DISABLED",
+            "this server has no Kafka to send events to; set kafka.brokers (TALLY_KAFKA_BROKERS) for `tally serve`",
+        ));
+    };
+    let Json(request) = json_body(body)?;
+    if request.events.len() > MAX_BATCH {
+        return Err(ApiError::invalid(format!(
+            "{} events in one request; send at most {MAX_BATCH}",
+            request.events.len()
+        )));
+    }
+
+    let now = Utc::now();
+    let mut rejects = Vec::new();
+    let mut valid = Vec::new();
+    for (index, fields) in request.events.into_iter().enumerate() {
+        let raw = serde_json::to_vec(&fields).unwrap_or_default();
+        let field = |names: &[&str]| {
+            names
+                .iter()
+                .find_map(|name| fields.get(*name).and_then(Value::as_str))
+                .map(str::to_owned)
+        };
+        let (id, customer, meter) = (
+            field(&["id"]),
+            field(&["customer", "subject"]),
+            field(&["meter", "type"]),
+        );
+        match decode(fields, now) {
+            Ok(event) => valid.push((index, event)),
+            Err(rejection) => rejects.push(Reject {
+                index,
+                raw,
+                id,
+                customer,
+                meter,
+                rejection,
+            }),
+        }
+    }
+    // Stored before anything is emitted: if this fails, the request changed nothing.
+    store_rejects(&state.pool, &rejects).await?;
+
+    let emitted = futures_util::future::join_all(valid.into_iter().map(|(index, event)| {
+        let id = event.id.clone();
+        async move { (index, id, emitter.emit_durable(event).await) }
+    }))
+    .await;
+
+    let mut results: Vec<EventResult> = rejects
+        .into_iter()
+        .map(|reject| EventResult {
+            index: reject.index,
+            id: reject.id,
+            status: "rejected",
+            durability: None,
+            code: Some(reject.rejection.reason.code()),
+            message: Some(reject.rejection.detail),
+        })
+        .collect();
+    for (index, id, outcome) in emitted {
+        let (status, durability, code, message) = match outcome {
+            Ok(Durability::Published) => ("accepted", Some("published"), None, None),
+            Ok(Durability::Spooled) => ("accepted", Some("spooled"), None, None),
+            Err(EmitError::Invalid(rejection)) => (
+                "rejected",
+                None,
+                Some(rejection.reason.code()),
+                Some(rejection.detail),
+            ),
+            Err(error @ (EmitError::Overloaded | EmitError::Closed)) => (
+                "unavailable",
+                None,
+                Some(if matches!(error, EmitError::Overloaded) {
+                    "EMITTER_OVERLOADED"
+                } else {
+                    "SHUTTING_DOWN"
+                }),
+                Some(error.to_string()),
+            ),
+        };
+        results.push(EventResult {
+            index,
+            id: Some(id),
+            status,
+            durability,
+            code,
+            message,
+        });
+    }
+    results.sort_by_key(|r| r.index);
+
+    let count = |status| results.iter().filter(|r| r.status == status).count();
+    let (accepted, rejected, unavailable) =
+        (count("accepted"), count("rejected"), count("unavailable"));
+    telemetry::ingested("accepted", accepted as u64);
+    telemetry::ingested("rejected", rejected as u64);
+    telemetry::ingested("unavailable", unavailable as u64);
+    let status = if accepted == results.len() {
+        StatusCode::OK
+    } else {
+        StatusCode::MULTI_STATUS
+    };
+    let body = Json(serde_json::json!({
+        "accepted": accepted, "rejected": rejected, "unavailable": unavailable,
+        "results": results,
+    }));
+    Ok((status, body).into_response())
+}
+
+/// A refused event, bound for `rejected_events`.
+struct Reject {
+    index: usize,
+    /// The event as received.
+    raw: Vec<u8>,
+    id: Option<String>,
+    customer: Option<String>,
+    meter: Option<String>,
+    rejection: Rejection,
+}
+
+/// Decodes one event by the wire rules, first filling in an omitted native `id` (a UUIDv7) or
+/// `timestamp` (now). CloudEvents carry both by their own spec.
+fn decode(
+    mut fields: Map<String, Value>,
+    now: chrono::DateTime<Utc>,
+) -> Result<tally_core::UsageEvent, Rejection> {
+    if !fields.contains_key("specversion") {
+        fields
+            .entry("id")
+            .or_insert_with(|| Value::String(uuid::Uuid::now_v7().to_string()));
+        fields
+            .entry("timestamp")
+            .or_insert_with(|| Value::String(now.to_rfc3339()));
+    }
+    let bytes = serde_json::to_vec(&fields).unwrap_or_default();
+    wire::decode(&bytes, now)
+}
+
+async fn store_rejects(pool: &sqlx::PgPool, rejects: &[Reject]) -> Result<(), ApiError> {
+    if rejects.is_empty() {
+        return Ok(());
+    }
+    let reasons: Vec<&str> = rejects.iter().map(|r| r.rejection.reason.code()).collect();
+    let details: Vec<&str> = rejects
+        .iter()
+        .map(|r| r.rejection.detail.as_str())
+        .collect();
+    let ids: Vec<Option<&str>> = rejects.iter().map(|r| r.id.as_deref()).collect();
+    let customers: Vec<Option<&str>> = rejects.iter().map(|r| r.customer.as_deref()).collect();
+    let meters: Vec<Option<&str>> = rejects.iter().map(|r| r.meter.as_deref()).collect();
+    let raws: Vec<&[u8]> = rejects.iter().map(|r| r.raw.as_slice()).collect();
+    sqlx::query(
+        "INSERT INTO rejected_events (reason, detail, event_id, customer_id, meter, raw, received_via)
+         SELECT r, d, i, c, m, b, 'http'
+         FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::bytea[])
+              AS u(r, d, i, c, m, b)",
+    )
+    .bind(&reasons)
+    .bind(&details)
+    .bind(&ids)
+    .bind(&customers)
+    .bind(&meters)
+    .bind(&raws)
+    .execute(pool)
+    .await
+    .map_err(|error| {
+        tracing::error!(%error, "cannot store rejected events; the batch was not emitted");
+        ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "STORE_UNAVAILABLE",
+            format!("cannot store the refused events, so nothing was emitted; retry the request ({error})"),
+        )
+    })?;
+    Ok(())
+}

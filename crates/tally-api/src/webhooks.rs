@@ -1,0 +1,187 @@
+//! `POST /v1/webhooks/stripe`: Stripe's signed events.
+//!
+//! The signature (`Stripe-Signature: t=…,v1=…`, HMAC-SHA256 over `"{t}.{raw body}"`, 300 s
+//! tolerance, constant-time comparison) and Stripe's object shapes are checked by
+//! async-stripe-webhook; `tally_quota::stripe` stores each event id once and applies it.
+//!
+//! Answers: 200 when the event is handled (applied, stale, ignored or a replay); 400 for a
+//! forged, stale or unparseable event (Stripe shows it as failing); 422 when tally cannot apply
+//! it yet (an unmapped customer or price): nothing is stored, so Stripe's retries apply it once
+//! the mapping is fixed; 503 when no secret is configured or Postgres is down.
+
+use std::sync::Arc;
+
+use axum::body::Bytes;
+use axum::extract::State;
+use axum::http::{HeaderMap, StatusCode};
+use axum::Json;
+use chrono::{DateTime, Utc};
+use serde_json::{json, Value};
+use stripe_webhook::{EventObject, Webhook, WebhookError as SignatureError};
+use tally_quota::stripe::{
+    apply_webhook, StripeEvent, StripeInvoice, StripePrice, StripeSubscription, WebhookEffect,
+    WebhookError,
+};
+
+use crate::error::ApiError;
+use crate::telemetry;
+use crate::ApiState;
+
+pub(crate) async fn stripe_webhook(
+    State(state): State<Arc<ApiState>>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Json<Value>, ApiError> {
+    let Some(secret) = &state.stripe_webhook_secret else {
+        return Err(ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "WEBHOOKS_DISABLED",
+            "no webhook signing secret: set STRIPE_WEBHOOK_SECRET (or serve.stripe_webhook_secret) to the endpoint's whsec_… secret",
+        ));
+    };
+    let verified = verify(&headers, &body, secret.expose());
+    let (event, effect) = verified.inspect_err(|error| {
+        telemetry::webhook("unverified", "refused");
+        tracing::warn!(code = error.code, message = %error.message, "Stripe webhook refused");
+    })?;
+    match apply_webhook(&state.pool, &event, &effect).await {
+        Ok(outcome) => {
+            if let tally_quota::stripe::WebhookOutcome::Applied {
+                customer: Some(customer),
+            } = &outcome
+            {
+                state.quota.invalidate(customer);
+            }
+            telemetry::webhook(&event.event_type, outcome.as_str());
+            tracing::info!(event = %event.id, r#type = %event.event_type, outcome = outcome.as_str(), "Stripe webhook");
+            Ok(Json(
+                json!({ "received": true, "event": event.id, "outcome": outcome.as_str() }),
+            ))
+        }
+        Err(error) => {
+            let status = match &error {
+                WebhookError::Store(tally_quota::QuotaStoreError::Postgres(_)) => {
+                    StatusCode::SERVICE_UNAVAILABLE
+                }
+                _ => StatusCode::UNPROCESSABLE_ENTITY,
+            };
+            telemetry::webhook(&event.event_type, "failed");
+            tracing::error!(event = %event.id, r#type = %event.event_type, %error, "Stripe webhook not applied; Stripe will retry it");
+            Err(ApiError::new(status, error.code(), error.to_string()))
+        }
+    }
+}
+
+/// Checks the signature and reads what tally needs from the event.
+fn verify(
+    headers: &HeaderMap,
+    body: &[u8],
+    secret: &str,
+) -> Result<(StripeEvent, WebhookEffect), ApiError> {
+    let refuse = |code, message: String| ApiError::new(StatusCode::BAD_REQUEST, code, message);
+    let signature = headers
+        .get("stripe-signature")
+        .and_then(|v| v.to_str().ok())
+        .ok_or_else(|| {
+            refuse(
+                "MISSING_SIGNATURE",
+                "no Stripe-Signature header; only Stripe may call this endpoint".into(),
+            )
+        })?;
+    let text = std::str::from_utf8(body)
+        .map_err(|_| refuse("MALFORMED_EVENT", "the body is not UTF-8".into()))?;
+    let event = Webhook::construct_event(text, signature, secret).map_err(|error| match error {
+        SignatureError::BadTimestamp(t) => refuse(
+            "STALE_SIGNATURE",
+            format!("the signature's time {t} is more than 300 s from this server's clock; check the clock, or this is a replayed request"),
+        ),
+        SignatureError::BadParse(detail) => refuse(
+            "MALFORMED_EVENT",
+            format!("the signature is valid but the event does not parse: {detail}"),
+        ),
+        SignatureError::BadKey | SignatureError::BadHeader(_) | SignatureError::BadSignature => {
+            refuse(
+                "BAD_SIGNATURE",
+                "the Stripe-Signature does not match; check STRIPE_WEBHOOK_SECRET is this endpoint's signing secret".into(),
+            )
+        }
+    })?;
+    // The raw event, stored for audit; it parsed above, so it is JSON.
+    let payload: Value = serde_json::from_slice(body).unwrap_or(Value::Null);
+    let stored = StripeEvent {
+        id: event.id.as_str().to_owned(),
+        event_type: event.type_.as_str().to_owned(),
+        created: timestamp(event.created),
+        livemode: event.livemode,
+        payload,
+    };
+    let effect = match event.data.object {
+        EventObject::CustomerSubscriptionCreated(s)
+        | EventObject::CustomerSubscriptionUpdated(s) => {
+            WebhookEffect::Subscription(subscription(&s, false))
+        }
+        EventObject::CustomerSubscriptionDeleted(s) => {
+            WebhookEffect::Subscription(subscription(&s, true))
+        }
+        EventObject::InvoiceCreated(i)
+        | EventObject::InvoiceFinalized(i)
+        | EventObject::InvoicePaid(i)
+        | EventObject::InvoicePaymentFailed(i) => match invoice(&i) {
+            Some(invoice) => WebhookEffect::Invoice(invoice),
+            None => WebhookEffect::Ignored,
+        },
+        _ => WebhookEffect::Ignored,
+    };
+    Ok((stored, effect))
+}
+
+fn timestamp(seconds: i64) -> DateTime<Utc> {
+    DateTime::from_timestamp(seconds, 0).unwrap_or_default()
+}
+
+fn subscription(s: &stripe_shared::Subscription, deleted: bool) -> StripeSubscription {
+    // Since API 2025-03-31 the period is on each item; a subscription's items share it.
+    let items = &s.items.data;
+    let start = items.iter().map(|i| i.current_period_start).min();
+    let end = items.iter().map(|i| i.current_period_end).max();
+    StripeSubscription {
+        id: s.id.as_str().to_owned(),
+        stripe_customer: s.customer.id().as_str().to_owned(),
+        status: s.status.as_str().to_owned(),
+        current_period_start: timestamp(start.unwrap_or(s.start_date)),
+        current_period_end: timestamp(end.unwrap_or(s.start_date + 1)),
+        cancel_at_period_end: s.cancel_at_period_end,
+        prices: items
+            .iter()
+            .map(|item| StripePrice {
+                id: item.price.id.as_str().to_owned(),
+                tally_plan: item.price.metadata.get("tally_plan").cloned(),
+            })
+            .collect(),
+        deleted,
+    }
+}
+
+/// `None` for an invoice without an id (the upcoming invoice preview).
+fn invoice(i: &stripe_shared::Invoice) -> Option<StripeInvoice> {
+    let subscription = i
+        .parent
+        .as_ref()
+        .and_then(|p| p.subscription_details.as_ref())
+        .map(|d| d.subscription.id().as_str().to_owned());
+    Some(StripeInvoice {
+        id: i.id.as_ref()?.as_str().to_owned(),
+        stripe_customer: i.customer.as_ref().map(|c| c.id().as_str().to_owned()),
+        stripe_subscription: subscription,
+        number: i.number.clone(),
+        status: i.status.as_ref().map(|s| s.as_str().to_owned()),
+        currency: i.currency.to_string(),
+        amount_due: i.amount_due,
+        amount_paid: i.amount_paid,
+        amount_remaining: i.amount_remaining,
+        total: i.total,
+        period_start: timestamp(i.period_start),
+        period_end: timestamp(i.period_end),
+        attempt_count: i64::try_from(i.attempt_count).unwrap_or(i64::MAX),
+    })
+}

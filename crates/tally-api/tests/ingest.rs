@@ -1,0 +1,219 @@
+//! `POST /v1/events` through the real path: HTTP → emitter → Kafka (mock cluster) →
+//! aggregator → windows, and the quota check sees the usage once committed. Refused events are
+//! in `rejected_events`, never lost.
+
+mod common;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::body::Body;
+use axum::http::{Request, StatusCode};
+use chrono::{TimeDelta, Utc};
+use http_body_util::BodyExt;
+use rust_decimal::Decimal;
+use serde_json::{json, Value};
+use tally_api::{router, ApiState, ApiToken};
+use tally_core::config::Secret;
+use tally_quota::testing::subscribe;
+use tally_quota::{apply_plans, Decision, PlanDefinition, Quota};
+use tower::ServiceExt;
+
+const ADMIN: &str = "admin-token-0123456789abcdef";
+const ACME: &str = "acme-token-0123456789abcdef0";
+
+async fn post(state: &Arc<ApiState>, token: &str, body: Value) -> (StatusCode, Value) {
+    let request = Request::post("/v1/events")
+        .header("content-type", "application/json")
+        .header("authorization", format!("Bearer {token}"))
+        .body(Body::from(body.to_string()))
+        .unwrap();
+    let response = router(state.clone(), 1 << 20)
+        .oneshot(request)
+        .await
+        .unwrap();
+    let status = response.status();
+    let bytes = response.into_body().collect().await.unwrap().to_bytes();
+    (
+        status,
+        serde_json::from_slice(&bytes).unwrap_or(Value::Null),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn posted_events_reach_the_windows_and_refused_ones_are_stored() {
+    let pipeline = common::Pipeline::start(Duration::from_millis(50)).await;
+    let pool = pipeline.db.pool.clone();
+    let plan: PlanDefinition = serde_json::from_value(json!({
+        "name": "FREE", "limits": { "api_calls": { "limit": "100", "period": "day" } }
+    }))
+    .unwrap();
+    apply_plans(&pool, &[plan], "test").await.unwrap();
+    subscribe(&pool, "acme", "FREE", Utc::now() - TimeDelta::days(1)).await;
+    let state = Arc::new(ApiState {
+        quota: Quota::new(pool.clone(), Duration::from_millis(100))
+            .await
+            .unwrap(),
+        pool: pool.clone(),
+        tokens: vec![
+            ApiToken {
+                name: "ops".into(),
+                token: Secret::new(ADMIN),
+                customer: None,
+            },
+            ApiToken {
+                name: "acme".into(),
+                token: Secret::new(ACME),
+                customer: Some("acme".into()),
+            },
+        ],
+        metrics: None,
+        emitter: Some(pipeline.emitter.clone()),
+        stripe_webhook_secret: None,
+    });
+
+    let now = Utc::now();
+    let batch = json!({ "events": [
+        { "customer": "acme", "meter": "api_calls", "quantity": 10 },
+        { "id": "e-2", "customer": "acme", "meter": "api_calls", "quantity": "2.5",
+          "timestamp": (now - TimeDelta::minutes(3)).to_rfc3339(), "dimensions": { "region": "eu" } },
+        { "specversion": "1.0", "id": "ce-1", "source": "billing-svc", "type": "api_calls",
+          "subject": "acme", "time": now.to_rfc3339(), "data": { "value": 7 } },
+        { "id": "bad-1", "customer": "acme", "meter": "api_calls", "quantity": -1 },
+        { "id": "bad-2", "customer": "acme", "meter": "API Calls", "quantity": 1 },
+        { "id": "unknown-1", "customer": "acme", "meter": "gpu_seconds", "quantity": 1 },
+    ]});
+    let (status, body) = post(&state, ADMIN, batch.clone()).await;
+    assert_eq!(status, StatusCode::MULTI_STATUS, "{body}");
+    assert_eq!(
+        (body["accepted"].as_u64(), body["rejected"].as_u64()),
+        (Some(4), Some(2))
+    );
+    let results = body["results"].as_array().unwrap();
+    let statuses: Vec<&str> = results
+        .iter()
+        .map(|r| r["status"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        statuses,
+        ["accepted", "accepted", "accepted", "rejected", "rejected", "accepted"]
+    );
+    assert_eq!(results[0]["durability"], "published");
+    assert!(
+        results[0]["id"].as_str().unwrap().len() == 36,
+        "an id was assigned"
+    );
+    assert_eq!(results[3]["code"], "invalid_quantity");
+    assert_eq!(results[4]["code"], "invalid_meter");
+
+    // Refused at the API: stored, with the event as sent.
+    let http_rejects: Vec<(String, Option<String>, String)> = sqlx::query_as(
+        "SELECT reason, event_id, convert_from(raw, 'UTF8') FROM rejected_events
+         WHERE received_via = 'http' ORDER BY event_id",
+    )
+    .fetch_all(&pool)
+    .await
+    .unwrap();
+    assert_eq!(http_rejects.len(), 2);
+    assert_eq!(http_rejects[0].0, "invalid_quantity");
+    assert_eq!(http_rejects[0].1.as_deref(), Some("bad-1"));
+    assert!(http_rejects[1].2.contains("API Calls"));
+
+    // Through Kafka and the aggregator: 10 + 2.5 + 7 in the windows; the unknown meter is
+    // refused there, into the same table.
+    let mut total = Decimal::ZERO;
+    for _ in 0..400 {
+        total = sqlx::query_scalar(
+            "SELECT COALESCE(sum(value), 0) FROM usage_minute WHERE customer_id = 'acme'",
+        )
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+        if total == Decimal::new(195, 1) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    assert_eq!(total, Decimal::new(195, 1));
+    let unknown: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM rejected_events WHERE received_via = 'kafka' AND reason = 'unknown_meter'",
+    )
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    assert_eq!(unknown, 1);
+
+    // The quota check sees the committed usage after its refresh.
+    tokio::time::sleep(Duration::from_millis(250)).await;
+    let _ = state.quota.check("acme", "api_calls", Decimal::ZERO).await;
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    match state
+        .quota
+        .check("acme", "api_calls", Decimal::ZERO)
+        .await
+        .unwrap()
+    {
+        Decision::Allow { used, .. } => assert_eq!(used, Decimal::new(195, 1)),
+        other => panic!("{other:?}"),
+    }
+
+    // Sending the same ids again counts nothing twice.
+    let (status, _) = post(
+        &state,
+        ADMIN,
+        json!({ "events": [batch["events"][1], batch["events"][2]] }),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let total: Decimal =
+        sqlx::query_scalar("SELECT sum(value) FROM usage_minute WHERE customer_id = 'acme'")
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+    assert_eq!(total, Decimal::new(195, 1));
+
+    // Customer tokens may not report usage; a batch has at most 1,000 events.
+    let (status, body) = post(&state, ACME, json!({ "events": [] })).await;
+    assert_eq!(
+        (status, body["code"].as_str()),
+        (StatusCode::FORBIDDEN, Some("FORBIDDEN"))
+    );
+    let many: Vec<Value> = (0..1001)
+        .map(|i| json!({ "customer": "acme", "meter": "api_calls", "quantity": i }))
+        .collect();
+    let (status, body) = post(&state, ADMIN, json!({ "events": many })).await;
+    assert_eq!(
+        (status, body["code"].as_str()),
+        (StatusCode::BAD_REQUEST, Some("INVALID_REQUEST"))
+    );
+    let (status, body) = post(&state, ADMIN, json!({ "event": [] })).await;
+    assert_eq!(
+        (status, body["code"].as_str()),
+        (StatusCode::BAD_REQUEST, Some("INVALID_REQUEST"))
+    );
+}
+
+#[tokio::test]
+async fn without_kafka_ingest_answers_503() {
+    let db = tally_db::testing::fresh_database().await;
+    let state = Arc::new(ApiState {
+        quota: Quota::new(db.pool.clone(), Duration::from_secs(1))
+            .await
+            .unwrap(),
+        pool: db.pool.clone(),
+        tokens: vec![ApiToken {
+            name: "ops".into(),
+            token: Secret::new(ADMIN),
+            customer: None,
+        }],
+        metrics: None,
+        emitter: None,
+        stripe_webhook_secret: None,
+    });
+    let (status, body) = post(&state, ADMIN, json!({ "events": [] })).await;
+    assert_eq!(
+        (status, body["code"].as_str()),
+        (StatusCode::SERVICE_UNAVAILABLE, Some("INGEST_DISABLED"))
+    );
+}

@@ -1,0 +1,466 @@
+//! Stripe webhooks, once verified: subscriptions follow Stripe, invoices are recorded for
+//! finance. Each event id is stored once (a replay changes nothing) and an event older than the
+//! one that last changed an object never overwrites it (Stripe does not deliver in order).
+//!
+//! The HTTP side (signature, parsing Stripe's objects) is in `tally-api`; this module takes
+//! the few fields tally needs, so it does not depend on Stripe's types.
+
+use chrono::{DateTime, Utc};
+use serde_json::{json, Value};
+use sqlx::{PgConnection, PgPool};
+
+use crate::store::{Audit, QuotaStoreError};
+
+/// A verified webhook event, as stored in `stripe_webhook_events`.
+#[derive(Debug, Clone)]
+pub struct StripeEvent {
+    pub id: String,
+    pub event_type: String,
+    pub created: DateTime<Utc>,
+    pub livemode: bool,
+    /// The raw event, kept for audit and replay by hand.
+    pub payload: Value,
+}
+
+/// What a `customer.subscription.*` event says about the subscription.
+#[derive(Debug, Clone)]
+pub struct StripeSubscription {
+    pub id: String,
+    pub stripe_customer: String,
+    /// Stripe's status: active, trialing, past_due, unpaid, incomplete, incomplete_expired,
+    /// paused or canceled.
+    pub status: String,
+    pub current_period_start: DateTime<Utc>,
+    pub current_period_end: DateTime<Utc>,
+    pub cancel_at_period_end: bool,
+    pub prices: Vec<StripePrice>,
+    /// `customer.subscription.deleted`: the subscription has ended.
+    pub deleted: bool,
+}
+
+/// A price on a subscription item; `metadata.tally_plan` names the plan directly.
+#[derive(Debug, Clone)]
+pub struct StripePrice {
+    pub id: String,
+    pub tally_plan: Option<String>,
+}
+
+/// What an `invoice.*` event says about the invoice.
+#[derive(Debug, Clone)]
+pub struct StripeInvoice {
+    pub id: String,
+    pub stripe_customer: Option<String>,
+    pub stripe_subscription: Option<String>,
+    pub number: Option<String>,
+    pub status: Option<String>,
+    pub currency: String,
+    pub amount_due: i64,
+    pub amount_paid: i64,
+    pub amount_remaining: i64,
+    pub total: i64,
+    pub period_start: DateTime<Utc>,
+    pub period_end: DateTime<Utc>,
+    pub attempt_count: i64,
+}
+
+/// The part of an event tally acts on.
+#[derive(Debug, Clone)]
+pub enum WebhookEffect {
+    Subscription(StripeSubscription),
+    Invoice(StripeInvoice),
+    /// A type tally does not act on; stored so a replay is recognised.
+    Ignored,
+}
+
+/// What handling the event did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum WebhookOutcome {
+    /// tally changed; `customer` is the tally customer whose entitlements may have changed.
+    Applied {
+        customer: Option<String>,
+    },
+    /// Older than the event that last changed the object: stored, not applied.
+    Stale,
+    Ignored,
+    /// The event id was handled before: nothing changed.
+    Replay,
+}
+
+impl WebhookOutcome {
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            WebhookOutcome::Applied { .. } => "applied",
+            WebhookOutcome::Stale => "stale",
+            WebhookOutcome::Ignored => "ignored",
+            WebhookOutcome::Replay => "replay",
+        }
+    }
+}
+
+/// Why an event could not be applied. Nothing is stored, so Stripe's retries (for up to three
+/// days) apply it once the cause is fixed.
+#[derive(Debug, thiserror::Error)]
+pub enum WebhookError {
+    #[error("Stripe customer {0:?} is not mapped to a tally customer; run `tally customers map <customer> {0}`")]
+    UnmappedCustomer(String),
+    #[error("Stripe customer {stripe_customer:?} is mapped to several tally customers ({customers}); keep one mapping")]
+    AmbiguousCustomer {
+        stripe_customer: String,
+        customers: String,
+    },
+    #[error("no plan for Stripe price(s) {0}; add the price to a plan's stripe_prices in tally.toml and run `tally plans apply`, or set metadata.tally_plan on the price")]
+    UnknownPrice(String),
+    #[error(
+        "the subscription's prices select several plans ({0}); a subscription must select one"
+    )]
+    AmbiguousPlan(String),
+    #[error(transparent)]
+    Store(#[from] QuotaStoreError),
+}
+
+impl WebhookError {
+    /// Stable code for API errors.
+    pub fn code(&self) -> &'static str {
+        match self {
+            WebhookError::UnmappedCustomer(_) => "UNMAPPED_STRIPE_CUSTOMER",
+            WebhookError::AmbiguousCustomer { .. } => "AMBIGUOUS_STRIPE_CUSTOMER",
+            WebhookError::UnknownPrice(_) => "UNKNOWN_STRIPE_PRICE",
+            WebhookError::AmbiguousPlan(_) => "AMBIGUOUS_PLAN",
+            WebhookError::Store(QuotaStoreError::SecondLiveSubscription { .. }) => {
+                "SECOND_LIVE_SUBSCRIPTION"
+            }
+            WebhookError::Store(QuotaStoreError::UnknownPlan(_)) => "UNKNOWN_PLAN",
+            WebhookError::Store(_) => "INTERNAL",
+        }
+    }
+}
+
+impl From<sqlx::Error> for WebhookError {
+    fn from(error: sqlx::Error) -> Self {
+        WebhookError::Store(error.into())
+    }
+}
+
+/// Applies one verified event in one transaction, with its `stripe_webhook_events` row.
+pub async fn apply_webhook(
+    pool: &PgPool,
+    event: &StripeEvent,
+    effect: &WebhookEffect,
+) -> Result<WebhookOutcome, WebhookError> {
+    let mut tx = pool.begin().await?;
+    // Claim the id first: a concurrent delivery of the same event waits here, then finds it.
+    let claimed = sqlx::query(
+        "INSERT INTO stripe_webhook_events (event_id, type, created, livemode, outcome, payload)
+         VALUES ($1, $2, $3, $4, 'ignored', $5) ON CONFLICT (event_id) DO NOTHING",
+    )
+    .bind(&event.id)
+    .bind(&event.event_type)
+    .bind(event.created)
+    .bind(event.livemode)
+    .bind(&event.payload)
+    .execute(&mut *tx)
+    .await?
+    .rows_affected();
+    if claimed == 0 {
+        return Ok(WebhookOutcome::Replay);
+    }
+    let (object_id, outcome) = match effect {
+        WebhookEffect::Subscription(subscription) => (
+            Some(subscription.id.as_str()),
+            apply_subscription(&mut tx, event, subscription).await?,
+        ),
+        WebhookEffect::Invoice(invoice) => (
+            Some(invoice.id.as_str()),
+            record_invoice(&mut tx, event, invoice).await?,
+        ),
+        WebhookEffect::Ignored => (None, WebhookOutcome::Ignored),
+    };
+    sqlx::query(
+        "UPDATE stripe_webhook_events SET outcome = $2, object_id = $3 WHERE event_id = $1",
+    )
+    .bind(&event.id)
+    .bind(outcome.as_str())
+    .bind(object_id)
+    .execute(&mut *tx)
+    .await?;
+    tx.commit().await?;
+    Ok(outcome)
+}
+
+/// tally's status for Stripe's: only `active` and `trialing` grant entitlements.
+fn tally_status(stripe_status: &str, deleted: bool) -> &'static str {
+    match stripe_status {
+        _ if deleted => "canceled",
+        "active" => "active",
+        "trialing" => "trialing",
+        "canceled" | "incomplete_expired" => "canceled",
+        // past_due, unpaid, incomplete, paused and anything new: no entitlements, not ended.
+        _ => "past_due",
+    }
+}
+
+async fn tally_customer(
+    tx: &mut PgConnection,
+    stripe_customer: &str,
+) -> Result<Option<String>, WebhookError> {
+    let customers: Vec<String> = sqlx::query_scalar(
+        "SELECT customer_id FROM stripe_customers WHERE stripe_customer_id = $1 ORDER BY 1",
+    )
+    .bind(stripe_customer)
+    .fetch_all(&mut *tx)
+    .await?;
+    match customers.as_slice() {
+        [] => Ok(None),
+        [one] => Ok(Some(one.clone())),
+        many => Err(WebhookError::AmbiguousCustomer {
+            stripe_customer: stripe_customer.to_owned(),
+            customers: many.join(", "),
+        }),
+    }
+}
+
+/// The plan the prices select: `metadata.tally_plan`, else the plan listing the price in its
+/// `stripe_prices`. Prices that select no plan (a metered usage price, say) are fine as long
+/// as one price selects exactly one plan.
+async fn resolve_plan(
+    tx: &mut PgConnection,
+    prices: &[StripePrice],
+) -> Result<String, WebhookError> {
+    let mut plans = std::collections::BTreeSet::new();
+    for price in prices {
+        let plan = match &price.tally_plan {
+            Some(plan) => Some(plan.clone()),
+            None => {
+                sqlx::query_scalar::<_, String>(
+                    "SELECT name FROM plans WHERE definition -> 'stripe_prices' ? $1",
+                )
+                .bind(&price.id)
+                .fetch_optional(&mut *tx)
+                .await?
+            }
+        };
+        plans.extend(plan);
+    }
+    let mut plans = plans.into_iter();
+    match (plans.next(), plans.next()) {
+        (Some(plan), None) => Ok(plan),
+        (None, _) => Err(WebhookError::UnknownPrice(
+            prices
+                .iter()
+                .map(|p| p.id.as_str())
+                .collect::<Vec<_>>()
+                .join(", "),
+        )),
+        (Some(first), Some(second)) => Err(WebhookError::AmbiguousPlan(
+            [first, second]
+                .into_iter()
+                .chain(plans)
+                .collect::<Vec<_>>()
+                .join(", "),
+        )),
+    }
+}
+
+#[derive(sqlx::FromRow)]
+struct StoredSubscription {
+    subscription_id: i64,
+    customer_id: String,
+    plan: String,
+    status: String,
+    stripe_status: Option<String>,
+    current_period_start: DateTime<Utc>,
+    current_period_end: DateTime<Utc>,
+    cancel_at_period_end: bool,
+    stripe_event_created: Option<DateTime<Utc>>,
+}
+
+impl StoredSubscription {
+    fn audit_value(&self) -> Value {
+        json!({
+            "customer_id": self.customer_id, "plan": self.plan, "status": self.status,
+            "stripe_status": self.stripe_status,
+            "current_period_start": self.current_period_start,
+            "current_period_end": self.current_period_end,
+            "cancel_at_period_end": self.cancel_at_period_end,
+        })
+    }
+}
+
+async fn apply_subscription(
+    tx: &mut PgConnection,
+    event: &StripeEvent,
+    subscription: &StripeSubscription,
+) -> Result<WebhookOutcome, WebhookError> {
+    let stored: Option<StoredSubscription> = sqlx::query_as(
+        "SELECT subscription_id, customer_id, plan, status, stripe_status, current_period_start,
+                current_period_end, cancel_at_period_end, stripe_event_created
+         FROM subscriptions WHERE stripe_subscription_id = $1 FOR UPDATE",
+    )
+    .bind(&subscription.id)
+    .fetch_optional(&mut *tx)
+    .await?;
+    // Equal times cannot be ordered (Stripe's clock has whole seconds): the later delivery wins.
+    if let Some(stored) = &stored {
+        if stored
+            .stripe_event_created
+            .is_some_and(|last| last > event.created)
+        {
+            return Ok(WebhookOutcome::Stale);
+        }
+    }
+    let customer = match &stored {
+        Some(stored) => stored.customer_id.clone(),
+        None => tally_customer(tx, &subscription.stripe_customer)
+            .await?
+            .ok_or_else(|| WebhookError::UnmappedCustomer(subscription.stripe_customer.clone()))?,
+    };
+    let plan = match (&stored, resolve_plan(tx, &subscription.prices).await) {
+        (_, Ok(plan)) => plan,
+        // An ending subscription keeps its plan even if the price has since been unmapped.
+        (Some(stored), Err(_)) if subscription.deleted => stored.plan.clone(),
+        (_, Err(error)) => return Err(error),
+    };
+    let status = tally_status(&subscription.status, subscription.deleted);
+    let after = StoredSubscription {
+        subscription_id: stored.as_ref().map_or(0, |s| s.subscription_id),
+        customer_id: customer.clone(),
+        plan,
+        status: status.to_owned(),
+        stripe_status: Some(subscription.status.clone()),
+        current_period_start: subscription.current_period_start,
+        current_period_end: subscription.current_period_end,
+        cancel_at_period_end: subscription.cancel_at_period_end,
+        stripe_event_created: Some(event.created),
+    };
+    let written = match &stored {
+        Some(stored) => sqlx::query(
+            "UPDATE subscriptions SET plan = $2, status = $3, stripe_status = $4,
+                        current_period_start = $5, current_period_end = $6,
+                        cancel_at_period_end = $7, stripe_event_created = $8, updated_at = now()
+                 WHERE subscription_id = $1 AND stripe_subscription_id = $9",
+        )
+        .bind(stored.subscription_id),
+        None => sqlx::query(
+            "INSERT INTO subscriptions (customer_id, plan, status, stripe_status,
+                    current_period_start, current_period_end, cancel_at_period_end,
+                    stripe_event_created, stripe_subscription_id)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
+        )
+        .bind(&customer),
+    }
+    .bind(&after.plan)
+    .bind(status)
+    .bind(&subscription.status)
+    .bind(subscription.current_period_start)
+    .bind(subscription.current_period_end)
+    .bind(subscription.cancel_at_period_end)
+    .bind(event.created)
+    .bind(&subscription.id)
+    .execute(&mut *tx)
+    .await;
+    match written {
+        Ok(_) => {}
+        Err(sqlx::Error::Database(e))
+            if e.constraint() == Some("subscriptions_one_live_per_customer") =>
+        {
+            return Err(QuotaStoreError::SecondLiveSubscription { customer }.into())
+        }
+        Err(sqlx::Error::Database(e)) if e.constraint() == Some("subscriptions_plan_fkey") => {
+            return Err(QuotaStoreError::UnknownPlan(after.plan).into())
+        }
+        Err(e) => return Err(e.into()),
+    }
+    let before = stored.as_ref().map(StoredSubscription::audit_value);
+    let actor = format!("stripe:{}", event.id);
+    Audit {
+        entity: "subscription",
+        key: &customer,
+        action: if stored.is_some() { "update" } else { "create" },
+        before: before.as_ref(),
+        after: Some(&after.audit_value()),
+        actor: &actor,
+        reason: Some(&event.event_type),
+    }
+    .write(tx)
+    .await?;
+    Ok(WebhookOutcome::Applied {
+        customer: Some(customer),
+    })
+}
+
+async fn record_invoice(
+    tx: &mut PgConnection,
+    event: &StripeEvent,
+    invoice: &StripeInvoice,
+) -> Result<WebhookOutcome, WebhookError> {
+    let customer = match &invoice.stripe_customer {
+        Some(stripe_customer) => tally_customer(tx, stripe_customer).await?,
+        None => None,
+    };
+    // The WHERE keeps a newer description: an older event updates nothing.
+    let written = sqlx::query(
+        "INSERT INTO stripe_invoices (invoice_id, stripe_customer_id, customer_id,
+                stripe_subscription_id, number, status, currency, amount_due, amount_paid,
+                amount_remaining, total, period_start, period_end, attempt_count,
+                last_event_type, last_event_created)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16)
+         ON CONFLICT (invoice_id) DO UPDATE SET
+                stripe_customer_id = EXCLUDED.stripe_customer_id,
+                customer_id = EXCLUDED.customer_id,
+                stripe_subscription_id = EXCLUDED.stripe_subscription_id,
+                number = EXCLUDED.number, status = EXCLUDED.status,
+                currency = EXCLUDED.currency, amount_due = EXCLUDED.amount_due,
+                amount_paid = EXCLUDED.amount_paid, amount_remaining = EXCLUDED.amount_remaining,
+                total = EXCLUDED.total, period_start = EXCLUDED.period_start,
+                period_end = EXCLUDED.period_end, attempt_count = EXCLUDED.attempt_count,
+                last_event_type = EXCLUDED.last_event_type,
+                last_event_created = EXCLUDED.last_event_created, updated_at = now()
+         WHERE stripe_invoices.last_event_created <= EXCLUDED.last_event_created",
+    )
+    .bind(&invoice.id)
+    .bind(&invoice.stripe_customer)
+    .bind(&customer)
+    .bind(&invoice.stripe_subscription)
+    .bind(&invoice.number)
+    .bind(&invoice.status)
+    .bind(&invoice.currency)
+    .bind(invoice.amount_due)
+    .bind(invoice.amount_paid)
+    .bind(invoice.amount_remaining)
+    .bind(invoice.total)
+    .bind(invoice.period_start)
+    .bind(invoice.period_end)
+    .bind(invoice.attempt_count)
+    .bind(&event.event_type)
+    .bind(event.created)
+    .execute(&mut *tx)
+    .await?
+    .rows_affected();
+    Ok(if written == 0 {
+        WebhookOutcome::Stale
+    } else {
+        WebhookOutcome::Applied { customer }
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::tally_status;
+
+    #[test]
+    fn only_active_and_trialing_are_live() {
+        assert_eq!(tally_status("active", false), "active");
+        assert_eq!(tally_status("trialing", false), "trialing");
+        assert_eq!(tally_status("active", true), "canceled");
+        for status in [
+            "past_due",
+            "unpaid",
+            "incomplete",
+            "paused",
+            "something_new",
+        ] {
+            assert_eq!(tally_status(status, false), "past_due", "{status}");
+        }
+        assert_eq!(tally_status("incomplete_expired", false), "canceled");
+    }
+}
