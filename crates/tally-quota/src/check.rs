@@ -2,7 +2,9 @@
 //!
 //! A customer's subscription, entitlements and current-period usage are loaded once and kept
 //! in a local cache, reloaded in the background every `refresh` (default 1 s) while checks go on
-//! answering from the cached state. A check on a cached customer is a map lookup
+//! answering from the cached state. One refresher task reloads every customer that became stale
+//! in a batch of two queries, so a thousand active customers cost a few queries per refresh,
+//! not a thousand. A check on a cached customer is a map lookup
 //! and a few decimal operations. Usage this process allowed since the last refresh is added
 //! locally, so a burst through one process cannot overshoot a hard limit by more than what it
 //! allowed that the aggregator has not yet committed when the cache refreshes: about one
@@ -109,11 +111,15 @@ pub struct Quota {
     refresh: Duration,
 }
 
-/// What background reloads share with the checks.
+/// What the background refresher shares with the checks.
 struct Shared {
     pool: PgPool,
     aggregations: HashMap<String, String>,
     cache: RwLock<HashMap<String, Arc<Cached>>>,
+    /// Customers whose cached state is stale, for the refresher's next batch.
+    due: Mutex<Vec<String>>,
+    /// Wakes the refresher (also on drop, to let it end).
+    wake: Arc<tokio::sync::Notify>,
 }
 
 impl Quota {
@@ -124,15 +130,16 @@ impl Quota {
                 .fetch_all(&pool)
                 .await
                 .map_err(QuotaStoreError::from)?;
-        let shared = Shared {
+        let wake = Arc::new(tokio::sync::Notify::new());
+        let shared = Arc::new(Shared {
             pool,
             aggregations: aggregations.into_iter().collect(),
             cache: RwLock::new(HashMap::new()),
-        };
-        Ok(Quota {
-            shared: Arc::new(shared),
-            refresh,
-        })
+            due: Mutex::new(Vec::new()),
+            wake: wake.clone(),
+        });
+        tokio::spawn(refresher(Arc::downgrade(&shared), wake));
+        Ok(Quota { shared, refresh })
     }
 
     /// May `customer` use `quantity` more of `meter`? An allowed quantity counts against the
@@ -228,25 +235,67 @@ impl Quota {
             if !period_ended {
                 let stale = cached.loaded.elapsed() >= self.refresh;
                 if stale && !cached.reloading.swap(true, Ordering::AcqRel) {
-                    let shared = self.shared.clone();
-                    let customer = customer.to_owned();
-                    let stale_entry = cached.clone();
-                    tokio::spawn(async move {
-                        match shared.load(&customer).await {
-                            Ok(fresh) => shared.store(&customer, Arc::new(fresh)),
-                            Err(error) => {
-                                tracing::warn!(customer, %error, "quota cache reload failed; answering from the cached state");
-                                stale_entry.reloading.store(false, Ordering::Release);
-                            }
-                        }
-                    });
+                    self.shared
+                        .due
+                        .lock()
+                        .expect("quota due list poisoned")
+                        .push(customer.to_owned());
+                    self.shared.wake.notify_one();
                 }
                 return Ok(cached);
             }
         }
-        let loaded = Arc::new(self.shared.load(customer).await?);
+        let (_, loaded) = self
+            .shared
+            .load(vec![customer.to_owned()])
+            .await?
+            .pop()
+            .expect("one result per customer");
+        let loaded = Arc::new(loaded?);
         self.shared.store(customer, loaded.clone());
         Ok(loaded)
+    }
+}
+
+impl Drop for Quota {
+    fn drop(&mut self) {
+        // The refresher holds only a weak reference: woken now, it finds the cache gone.
+        self.shared.wake.notify_one();
+    }
+}
+
+/// Reloads stale customers in batches: whatever became due while the last batch loaded is
+/// loaded together, in two queries, so the cost of keeping N active customers fresh grows with
+/// the batches per second, not with N.
+async fn refresher(shared: std::sync::Weak<Shared>, wake: Arc<tokio::sync::Notify>) {
+    loop {
+        wake.notified().await;
+        let Some(shared) = shared.upgrade() else {
+            return;
+        };
+        let due = std::mem::take(&mut *shared.due.lock().expect("quota due list poisoned"));
+        if due.is_empty() {
+            continue;
+        }
+        match shared.load(due.clone()).await {
+            Ok(loaded) => {
+                for (customer, result) in loaded {
+                    match result {
+                        Ok(fresh) => shared.store(&customer, Arc::new(fresh)),
+                        Err(error) => {
+                            tracing::warn!(customer, %error, "quota cache reload failed; answering from the cached state");
+                            shared.reloading_done(&customer);
+                        }
+                    }
+                }
+            }
+            Err(error) => {
+                tracing::warn!(customers = due.len(), %error, "quota cache reload failed; answering from the cached state");
+                for customer in &due {
+                    shared.reloading_done(customer);
+                }
+            }
+        }
     }
 }
 
@@ -258,47 +307,90 @@ impl Shared {
             .insert(customer.to_owned(), cached);
     }
 
-    async fn load(&self, customer: &str) -> Result<Cached, QuotaError> {
-        let loaded = Instant::now();
-        let Some((subscription, entitlements)) = store::entitlements(&self.pool, customer).await?
-        else {
-            return Ok(Cached {
-                loaded,
-                reloading: AtomicBool::new(false),
-                live: None,
-            });
-        };
-        let now = Utc::now();
-        let mut meters = HashMap::new();
-        for (meter, limit) in &entitlements.limits {
-            let aggregation = self
-                .aggregations
-                .get(meter)
-                .map(String::as_str)
-                .unwrap_or("sum");
-            if aggregation == "unique_count" {
-                return Err(QuotaError::Unsupported(meter.clone()));
-            }
-            let (start, resets_at) = period_bounds(limit.period, &subscription, now);
-            let committed = period_usage(&self.pool, customer, meter, aggregation, start).await?;
-            meters.insert(
-                meter.clone(),
-                MeterUsage {
-                    committed,
-                    resets_at: Some(resets_at),
-                    allowed_locally: Mutex::new(Decimal::ZERO),
-                },
-            );
+    /// A failed reload: the next stale check queues the customer again.
+    fn reloading_done(&self, customer: &str) {
+        if let Some(cached) = self
+            .cache
+            .read()
+            .expect("quota cache poisoned")
+            .get(customer)
+        {
+            cached.reloading.store(false, Ordering::Release);
         }
-        Ok(Cached {
-            loaded,
-            reloading: AtomicBool::new(false),
-            live: Some(Live {
-                subscription,
-                entitlements,
-                meters,
-            }),
-        })
+    }
+
+    /// Loads customers' subscriptions, entitlements and period usage, in two queries whatever
+    /// their number. A customer whose plan cannot be checked gets its own error.
+    async fn load(
+        &self,
+        customers: Vec<String>,
+    ) -> Result<Vec<(String, Result<Cached, QuotaError>)>, QuotaError> {
+        let loaded = Instant::now();
+        let now = Utc::now();
+        let mut live = store::live_entitlements(&self.pool, &customers).await?;
+        // One usage request per (customer, limited meter): the period's first day and merge.
+        let mut requests = UsageRequests::default();
+        let mut results = Vec::with_capacity(customers.len());
+        for customer in customers {
+            let Some((subscription, entitlements)) = live.remove(&customer) else {
+                let cached = Cached {
+                    loaded,
+                    reloading: AtomicBool::new(false),
+                    live: None,
+                };
+                results.push((customer, Ok(cached), Vec::new()));
+                continue;
+            };
+            let mut wanted = Vec::new();
+            let mut unsupported = None;
+            for (meter, limit) in &entitlements.limits {
+                let aggregation = self
+                    .aggregations
+                    .get(meter)
+                    .map(String::as_str)
+                    .unwrap_or("sum");
+                if aggregation == "unique_count" {
+                    unsupported = Some(meter.clone());
+                    break;
+                }
+                let (start, resets_at) = period_bounds(limit.period, &subscription, now);
+                let index = requests.push(&customer, meter, start, aggregation);
+                wanted.push((meter.clone(), resets_at, index));
+            }
+            let cached = match unsupported {
+                Some(meter) => Err(QuotaError::Unsupported(meter)),
+                None => Ok(Cached {
+                    loaded,
+                    reloading: AtomicBool::new(false),
+                    live: Some(Live {
+                        subscription,
+                        entitlements,
+                        meters: HashMap::new(),
+                    }),
+                }),
+            };
+            results.push((customer, cached, wanted));
+        }
+        let usage = requests.fetch(&self.pool).await?;
+        Ok(results
+            .into_iter()
+            .map(|(customer, cached, wanted)| {
+                let cached = cached.map(|mut cached| {
+                    if let Some(live) = cached.live.as_mut() {
+                        for (meter, resets_at, index) in wanted {
+                            let usage = MeterUsage {
+                                committed: usage.get(&index).copied().unwrap_or_default(),
+                                resets_at: Some(resets_at),
+                                allowed_locally: Mutex::new(Decimal::ZERO),
+                            };
+                            live.meters.insert(meter, usage);
+                        }
+                    }
+                    cached
+                });
+                (customer, cached)
+            })
+            .collect())
     }
 }
 
@@ -381,29 +473,55 @@ fn period_bounds(
     }
 }
 
-/// Usage of `meter` since `start` (whole UTC days), merged by the meter's aggregation.
-async fn period_usage(
-    pool: &PgPool,
-    customer: &str,
-    meter: &str,
-    aggregation: &str,
-    start: NaiveDate,
-) -> Result<Decimal, QuotaError> {
-    let merge = match aggregation {
-        "max" => "max(value)",
-        "latest" => "(array_agg(value ORDER BY latest_at DESC NULLS LAST, latest_id DESC))[1]",
-        _ => "sum(value)",
-    };
-    let value: Option<Decimal> = sqlx::query_scalar(&format!(
-        "SELECT {merge} FROM usage_daily WHERE customer_id = $1 AND meter = $2 AND day >= $3"
-    ))
-    .bind(customer)
-    .bind(meter)
-    .bind(start)
-    .fetch_one(pool)
-    .await
-    .map_err(QuotaStoreError::from)?;
-    Ok(value.unwrap_or_default())
+/// Period usage wanted for a batch of customers: each is a customer's `meter` since `start`
+/// (whole UTC days), merged by the meter's aggregation.
+#[derive(Default)]
+struct UsageRequests {
+    customers: Vec<String>,
+    meters: Vec<String>,
+    starts: Vec<NaiveDate>,
+    aggregations: Vec<String>,
+}
+
+impl UsageRequests {
+    fn push(&mut self, customer: &str, meter: &str, start: NaiveDate, aggregation: &str) -> i32 {
+        self.customers.push(customer.to_owned());
+        self.meters.push(meter.to_owned());
+        self.starts.push(start);
+        self.aggregations.push(aggregation.to_owned());
+        (self.customers.len() - 1) as i32
+    }
+
+    /// Usage by request index, in one query (`usage_daily`, never minute windows).
+    async fn fetch(&self, pool: &PgPool) -> Result<HashMap<i32, Decimal>, QuotaError> {
+        if self.customers.is_empty() {
+            return Ok(HashMap::new());
+        }
+        let rows: Vec<(i32, Option<Decimal>)> = sqlx::query_as(
+            "SELECT (u.i - 1)::int4, CASE u.a
+                WHEN 'max' THEN (SELECT max(d.value) FROM usage_daily d
+                    WHERE d.customer_id = u.c AND d.meter = u.m AND d.day >= u.s)
+                WHEN 'latest' THEN (SELECT d.value FROM usage_daily d
+                    WHERE d.customer_id = u.c AND d.meter = u.m AND d.day >= u.s
+                    ORDER BY d.latest_at DESC NULLS LAST, d.latest_id DESC LIMIT 1)
+                ELSE (SELECT sum(d.value) FROM usage_daily d
+                    WHERE d.customer_id = u.c AND d.meter = u.m AND d.day >= u.s)
+                END
+             FROM unnest($1::text[], $2::text[], $3::date[], $4::text[])
+                  WITH ORDINALITY AS u(c, m, s, a, i)",
+        )
+        .bind(&self.customers)
+        .bind(&self.meters)
+        .bind(&self.starts)
+        .bind(&self.aggregations)
+        .fetch_all(pool)
+        .await
+        .map_err(QuotaStoreError::from)?;
+        Ok(rows
+            .into_iter()
+            .map(|(index, value)| (index, value.unwrap_or_default()))
+            .collect())
+    }
 }
 
 #[cfg(test)]

@@ -1,6 +1,8 @@
 //! Plans, subscriptions and overrides in Postgres. Every change writes an `entitlement_audit`
 //! row in the same transaction.
 
+use std::collections::HashMap;
+
 use chrono::{DateTime, Utc};
 use serde_json::Value;
 use sqlx::{PgConnection, PgPool};
@@ -266,36 +268,50 @@ pub async fn entitlements(
     pool: &PgPool,
     customer: &str,
 ) -> Result<Option<(Subscription, Entitlements)>, QuotaStoreError> {
-    let row: Option<LiveSubscriptionRow> = sqlx::query_as(
+    let mut found = live_entitlements(pool, &[customer.to_owned()]).await?;
+    Ok(found.remove(customer))
+}
+
+/// [`entitlements`] for many customers in one query; customers without a live subscription
+/// are absent from the map.
+pub async fn live_entitlements(
+    pool: &PgPool,
+    customers: &[String],
+) -> Result<HashMap<String, (Subscription, Entitlements)>, QuotaStoreError> {
+    let rows: Vec<LiveSubscriptionRow> = sqlx::query_as(
         "SELECT s.customer_id, s.plan, s.status, s.current_period_start, s.current_period_end,
                 s.cancel_at_period_end, p.definition, o.overrides
          FROM subscriptions s
          JOIN plans p ON p.name = s.plan
          LEFT JOIN customer_overrides o ON o.customer_id = s.customer_id
-         WHERE s.customer_id = $1 AND s.status IN ('active', 'trialing')",
+         WHERE s.customer_id = ANY($1) AND s.status IN ('active', 'trialing')",
     )
-    .bind(customer)
-    .fetch_optional(pool)
+    .bind(customers)
+    .fetch_all(pool)
     .await?;
-    let Some(row) = row else {
-        return Ok(None);
-    };
     let corrupt = |e: serde_json::Error| QuotaStoreError::Corrupt(e.to_string());
-    let definition: PlanDefinition = serde_json::from_value(row.definition).map_err(corrupt)?;
-    let overrides: Option<Override> = row
-        .overrides
-        .map(serde_json::from_value)
-        .transpose()
-        .map_err(corrupt)?;
-    let entitlements =
-        Entitlements::resolve(&definition, overrides.as_ref()).map_err(QuotaStoreError::Corrupt)?;
-    let subscription = Subscription {
-        customer_id: row.customer_id,
-        plan: row.plan,
-        status: row.status,
-        current_period_start: row.current_period_start,
-        current_period_end: row.current_period_end,
-        cancel_at_period_end: row.cancel_at_period_end,
-    };
-    Ok(Some((subscription, entitlements)))
+    let mut found = HashMap::with_capacity(rows.len());
+    for row in rows {
+        let definition: PlanDefinition = serde_json::from_value(row.definition).map_err(corrupt)?;
+        let overrides: Option<Override> = row
+            .overrides
+            .map(serde_json::from_value)
+            .transpose()
+            .map_err(corrupt)?;
+        let entitlements = Entitlements::resolve(&definition, overrides.as_ref())
+            .map_err(QuotaStoreError::Corrupt)?;
+        let subscription = Subscription {
+            customer_id: row.customer_id,
+            plan: row.plan,
+            status: row.status,
+            current_period_start: row.current_period_start,
+            current_period_end: row.current_period_end,
+            cancel_at_period_end: row.cancel_at_period_end,
+        };
+        found.insert(
+            subscription.customer_id.clone(),
+            (subscription, entitlements),
+        );
+    }
+    Ok(found)
 }
