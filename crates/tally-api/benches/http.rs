@@ -37,7 +37,7 @@ fn main() {
         let state = Arc::new(ApiState {
             quota: Quota::new(
                 db.pool.clone(),
-                Duration::from_millis(env("TALLY_BENCH_REFRESH_MS", 1000)),
+                Duration::from_millis(env("TALLY_BENCH_REFRESH_MS", 250)),
             )
             .await
             .unwrap(),

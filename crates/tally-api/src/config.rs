@@ -26,7 +26,7 @@ impl Default for ServeConfig {
     fn default() -> Self {
         ServeConfig {
             listen: "127.0.0.1:8080".into(),
-            refresh: Duration::from_secs(1),
+            refresh: Duration::from_millis(250),
             max_body_bytes: 1 << 20,
             tokens: Vec::new(),
             stripe_webhook_secret: Secret::default(),

@@ -4,8 +4,10 @@
 use serde_json::{json, Value};
 
 /// The paths this document describes; the router serves exactly these (tested).
-pub const PATHS: [&str; 7] = [
+pub const PATHS: [&str; 9] = [
     "/v1/quota/check",
+    "/v1/events",
+    "/v1/webhooks/stripe",
     "/v1/customers/{id}/entitlements",
     "/v1/customers/{id}/usage",
     "/v1/customers/{id}/invoice-preview",
@@ -27,7 +29,7 @@ pub fn document() -> Value {
     json!({
         "openapi": "3.1.0",
         "info": { "title": "tally", "version": env!("CARGO_PKG_VERSION"),
-                  "description": "Usage metering: quota checks, entitlements and usage. Errors are JSON with a stable `code`." },
+                  "description": "Usage metering: quota checks, entitlements, usage, event ingest and Stripe webhooks. Errors are JSON with a stable `code`." },
         "security": [{ "bearer": [] }],
         "components": {
             "securitySchemes": { "bearer": { "type": "http", "scheme": "bearer",
@@ -35,7 +37,10 @@ pub fn document() -> Value {
             "schemas": {
                 "Error": { "type": "object", "required": ["code", "message"], "properties": {
                     "code": { "type": "string", "enum": ["UNAUTHORIZED", "FORBIDDEN", "INVALID_REQUEST", "UNKNOWN_METER",
-                        "UNSUPPORTED", "NO_ACTIVE_SUBSCRIPTION", "FEATURE_DISABLED", "PAYLOAD_TOO_LARGE", "NOT_READY", "INTERNAL"] },
+                        "UNSUPPORTED", "NO_ACTIVE_SUBSCRIPTION", "FEATURE_DISABLED", "PAYLOAD_TOO_LARGE", "NOT_READY", "INTERNAL",
+                        "INGEST_DISABLED", "STORE_UNAVAILABLE", "WEBHOOKS_DISABLED", "MISSING_SIGNATURE", "BAD_SIGNATURE",
+                        "STALE_SIGNATURE", "MALFORMED_EVENT", "UNMAPPED_STRIPE_CUSTOMER", "AMBIGUOUS_STRIPE_CUSTOMER",
+                        "UNKNOWN_STRIPE_PRICE", "AMBIGUOUS_PLAN", "SECOND_LIVE_SUBSCRIPTION", "UNKNOWN_PLAN"] },
                     "message": { "type": "string" } } },
                 "LimitExceeded": { "type": "object", "properties": {
                     "code": { "const": "LIMIT_EXCEEDED" }, "metric": { "type": "string" }, "limit": decimal,
@@ -64,6 +69,27 @@ pub fn document() -> Value {
                     "403": error_response("FEATURE_DISABLED, or FORBIDDEN for another customer's token"),
                     "404": error_response("NO_ACTIVE_SUBSCRIPTION"),
                     "413": error_response("PAYLOAD_TOO_LARGE") } } },
+            "/v1/events": { "post": {
+                "summary": "Report usage: up to 1,000 events (native or CloudEvents 1.0), each answered on its own; admin tokens only",
+                "requestBody": { "required": true, "content": { "application/json": { "schema": {
+                    "type": "object", "required": ["events"], "properties": { "events": { "type": "array", "maxItems": 1000, "items": { "type": "object" } } } } } } },
+                "responses": {
+                    "200": { "description": "Every event accepted (durable: acknowledged by Kafka or fsynced in the spool)" },
+                    "207": { "description": "Some events rejected (stored in rejected_events) or unavailable (retry with the same id); see `results`" },
+                    "400": error_response("INVALID_REQUEST (not a batch, or more than 1,000 events)"),
+                    "401": error_response("UNAUTHORIZED"),
+                    "403": error_response("FORBIDDEN: a customer token"),
+                    "413": error_response("PAYLOAD_TOO_LARGE"),
+                    "503": error_response("INGEST_DISABLED or STORE_UNAVAILABLE: nothing was emitted") } } },
+            "/v1/webhooks/stripe": { "post": {
+                "summary": "Stripe's signed events (Stripe-Signature); subscriptions and invoices",
+                "security": [],
+                "parameters": [{ "name": "Stripe-Signature", "in": "header", "required": true, "schema": { "type": "string" } }],
+                "responses": {
+                    "200": { "description": "Handled: outcome applied, stale, ignored or replay" },
+                    "400": error_response("MISSING_SIGNATURE, BAD_SIGNATURE, STALE_SIGNATURE or MALFORMED_EVENT"),
+                    "422": error_response("Not applicable yet (UNMAPPED_STRIPE_CUSTOMER, UNKNOWN_STRIPE_PRICE, ...): nothing stored, Stripe retries"),
+                    "503": error_response("WEBHOOKS_DISABLED, or Postgres unavailable") } } },
             "/v1/customers/{id}/entitlements": { "get": {
                 "summary": "The customer's plan, subscription, features and limits (overrides merged in)",
                 "parameters": [customer_parameter()],

@@ -24,7 +24,8 @@ pub async fn subscribe(pool: &PgPool, customer: &str, plan: &str, period_start: 
 /// `c0`…`c{count-1}` subscribed to it. Returns the customer ids.
 pub async fn unlimited_customers(pool: &PgPool, count: usize) -> Vec<String> {
     sqlx::query(
-        "INSERT INTO meters (name, aggregation, stripe_event_name) VALUES ('api_calls', 'sum', 'api_calls')",
+        "INSERT INTO meters (name, aggregation, stripe_event_name) VALUES ('api_calls', 'sum', 'api_calls')
+         ON CONFLICT (name) DO NOTHING",
     )
     .execute(pool)
     .await
