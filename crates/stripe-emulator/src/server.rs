@@ -28,7 +28,7 @@ use crate::idempotency::{Begin, IdempotencyKeys};
 use crate::limits::{PairLocks, RateWindow};
 use crate::reply::Reply;
 use crate::store::{Form, MeterTotal, Stats, Store};
-use crate::webhooks::{events_json, EventRecord, Webhooks};
+use crate::webhooks::{EventRecord, Webhooks};
 
 const MAX_BODY_BYTES: usize = 1 << 20;
 
@@ -527,7 +527,9 @@ async fn meter_event(shared: &Shared, form: &Form, livemode: bool) -> Outcome {
 fn control_api(shared: &Shared, method: &Method, path: &str, body: &[u8]) -> Reply {
     let segments: Vec<&str> = path.trim_matches('/').split('/').collect();
     match (method, segments.as_slice()) {
-        (&Method::GET, ["events"]) => Reply::json(200, &events_json(&shared.webhooks.events())),
+        (&Method::GET, ["events"]) => {
+            Reply::json(200, &json!({ "events": shared.webhooks.events() }))
+        }
         (&Method::POST, ["events", id, "resend"]) => shared.webhooks.resend(id),
         (&Method::POST, ["subscriptions", id, "advance_period"]) => {
             billing(shared, |billing, _, _| billing.advance_period(id)).reply

@@ -15,7 +15,7 @@ use http_body_util::Full;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 use serde::Serialize;
-use serde_json::{json, Value};
+use serde_json::json;
 use tokio::sync::mpsc;
 
 use crate::billing::Change;
@@ -248,9 +248,4 @@ async fn deliver(
             }
         }
     }
-}
-
-/// The events as `GET /_emulator/events` shows them.
-pub(crate) fn events_json(events: &[EventRecord]) -> Value {
-    json!({ "events": events })
 }

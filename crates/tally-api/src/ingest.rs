@@ -89,28 +89,9 @@ pub(crate) async fn ingest(
     let mut rejects = Vec::new();
     let mut valid = Vec::new();
     for (index, fields) in request.events.into_iter().enumerate() {
-        let raw = serde_json::to_vec(&fields).unwrap_or_default();
-        let field = |names: &[&str]| {
-            names
-                .iter()
-                .find_map(|name| fields.get(*name).and_then(Value::as_str))
-                .map(str::to_owned)
-        };
-        let (id, customer, meter) = (
-            field(&["id"]),
-            field(&["customer", "subject"]),
-            field(&["meter", "type"]),
-        );
-        match decode(fields, now) {
+        match decode(&fields, now) {
             Ok(event) => valid.push((index, event)),
-            Err(rejection) => rejects.push(Reject {
-                index,
-                raw,
-                id,
-                customer,
-                meter,
-                rejection,
-            }),
+            Err(rejection) => rejects.push(Reject::new(index, &fields, rejection)),
         }
     }
     // Stored before anything is emitted: if this fails, the request changed nothing.
@@ -143,14 +124,16 @@ pub(crate) async fn ingest(
                 Some(rejection.reason.code()),
                 Some(rejection.detail),
             ),
-            Err(error @ (EmitError::Overloaded | EmitError::Closed)) => (
+            Err(error @ EmitError::Overloaded) => (
                 "unavailable",
                 None,
-                Some(if matches!(error, EmitError::Overloaded) {
-                    "EMITTER_OVERLOADED"
-                } else {
-                    "SHUTTING_DOWN"
-                }),
+                Some("EMITTER_OVERLOADED"),
+                Some(error.to_string()),
+            ),
+            Err(error @ EmitError::Closed) => (
+                "unavailable",
+                None,
+                Some("SHUTTING_DOWN"),
                 Some(error.to_string()),
             ),
         };
@@ -194,22 +177,46 @@ struct Reject {
     rejection: Rejection,
 }
 
+impl Reject {
+    /// Keeps the event as received, and what can be read of it.
+    fn new(index: usize, fields: &Map<String, Value>, rejection: Rejection) -> Reject {
+        let field = |names: &[&str]| {
+            names
+                .iter()
+                .find_map(|name| fields.get(*name).and_then(Value::as_str))
+                .map(str::to_owned)
+        };
+        Reject {
+            index,
+            raw: serde_json::to_vec(fields).unwrap_or_default(),
+            id: field(&["id"]),
+            customer: field(&["customer", "subject"]),
+            meter: field(&["meter", "type"]),
+            rejection,
+        }
+    }
+}
+
 /// Decodes one event by the wire rules, first filling in an omitted native `id` (a UUIDv7) or
 /// `timestamp` (now). CloudEvents carry both by their own spec.
 fn decode(
-    mut fields: Map<String, Value>,
+    fields: &Map<String, Value>,
     now: chrono::DateTime<Utc>,
 ) -> Result<tally_core::UsageEvent, Rejection> {
-    if !fields.contains_key("specversion") {
-        fields
+    let native = !fields.contains_key("specversion");
+    let bytes = if native && !(fields.contains_key("id") && fields.contains_key("timestamp")) {
+        let mut filled = fields.clone();
+        filled
             .entry("id")
             .or_insert_with(|| Value::String(uuid::Uuid::now_v7().to_string()));
-        fields
+        filled
             .entry("timestamp")
             .or_insert_with(|| Value::String(now.to_rfc3339()));
-    }
-    let bytes = serde_json::to_vec(&fields).unwrap_or_default();
-    wire::decode(&bytes, now)
+        serde_json::to_vec(&filled)
+    } else {
+        serde_json::to_vec(fields)
+    };
+    wire::decode(&bytes.unwrap_or_default(), now)
 }
 
 async fn store_rejects(pool: &sqlx::PgPool, rejects: &[Reject]) -> Result<(), ApiError> {

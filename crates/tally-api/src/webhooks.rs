@@ -106,14 +106,12 @@ fn verify(
             )
         }
     })?;
-    // The raw event, stored for audit; it parsed above, so it is JSON.
-    let payload: Value = serde_json::from_slice(body).unwrap_or(Value::Null);
     let stored = StripeEvent {
         id: event.id.as_str().to_owned(),
         event_type: event.type_.as_str().to_owned(),
         created: timestamp(event.created),
         livemode: event.livemode,
-        payload,
+        payload: text.to_owned(),
     };
     let effect = match event.data.object {
         EventObject::CustomerSubscriptionCreated(s)

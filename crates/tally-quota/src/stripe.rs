@@ -18,8 +18,8 @@ pub struct StripeEvent {
     pub event_type: String,
     pub created: DateTime<Utc>,
     pub livemode: bool,
-    /// The raw event, kept for audit and replay by hand.
-    pub payload: Value,
+    /// The raw event as received (JSON text), kept for audit and replay by hand.
+    pub payload: String,
 }
 
 /// What a `customer.subscription.*` event says about the subscription.
@@ -151,7 +151,7 @@ pub async fn apply_webhook(
     // Claim the id first: a concurrent delivery of the same event waits here, then finds it.
     let claimed = sqlx::query(
         "INSERT INTO stripe_webhook_events (event_id, type, created, livemode, outcome, payload)
-         VALUES ($1, $2, $3, $4, 'ignored', $5) ON CONFLICT (event_id) DO NOTHING",
+         VALUES ($1, $2, $3, $4, 'ignored', $5::jsonb) ON CONFLICT (event_id) DO NOTHING",
     )
     .bind(&event.id)
     .bind(&event.event_type)
