@@ -4,37 +4,55 @@
 //! the batch is full or old enough, [`store::commit_batch`] claims its ids, adds the new ones to
 //! the minute windows and daily rollup, records rejects and advances the stored offsets, in one
 //! transaction. Only then is anything told: Kafka's committed offsets (for lag tools), the DLQ
-//! topic, metrics. A crash at any point leaves Postgres either before or after the whole batch,
-//! and the consumer resumes from the offsets Postgres holds.
+//! publisher, metrics. A crash at any point leaves Postgres either before or after the whole
+//! batch, and the consumer resumes from the offsets Postgres holds.
+//!
+//! What the world throws at it:
+//! - an event Postgres refuses although the contract let it through fails the batch with a data
+//!   error; the batch is split until that event is found, which becomes an `unprocessable`
+//!   reject, and the rest is committed ([`store::isolate_unprocessable`]);
+//! - Postgres away: commits are retried with capped backoff; a lane whose next batch is full
+//!   pauses its partitions, and the loop keeps polling, so the consumer stays in its group;
+//!   partitions assigned meanwhile wait, paused, until they can be taken in Postgres;
+//! - Kafka away: librdkafka reconnects; the loop keeps polling;
+//! - the DLQ copies and the expiry of old dedup claims run as supervised background tasks, so
+//!   neither can hold up (or stop) the batches.
 
-use std::collections::{BTreeSet, HashMap};
-use std::sync::atomic::AtomicBool;
-use std::sync::{Arc, Mutex};
+use std::collections::HashMap;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use chrono::{NaiveDate, TimeDelta, Utc};
+use chrono::{TimeDelta, Utc};
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
 use rdkafka::message::Message as _;
-use rdkafka::producer::FutureProducer;
 use rdkafka::{Offset, TopicPartitionList};
 use sqlx::PgPool;
 use tally_core::config::KafkaConfig;
 use tally_core::{MeterDefinition, Meters};
+use tally_runtime::{Backoff, Dependency};
+use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 use crate::batch::{Batch, Message, Rules};
-use crate::config::AggregatorConfig;
-use crate::kafka::{self, AggregatorContext};
+use crate::config::{hostname, AggregatorConfig};
+use crate::kafka::{self, AggregatorContext, Group};
 use crate::store::{self, Epochs, Ownership, StoreError};
 use crate::telemetry::{self, BatchReport};
 
-/// How long Kafka may take to answer the start-up metadata request.
+/// How long Kafka may take to answer a metadata or watermark request.
 const KAFKA_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long one attempt to take assigned partitions in Postgres may take.
+const TAKE_TIMEOUT: Duration = Duration::from_secs(5);
+/// After a fenced batch, how long before the partitions are taken again (a rebalance that
+/// moved them elsewhere arrives in the meantime).
+const RETAKE_DELAY: Duration = Duration::from_secs(5);
 /// How long `--once` waits for the group to hand it partitions.
 const ASSIGNMENT_TIMEOUT: Duration = Duration::from_secs(60);
-/// How often expired dedup partitions are dropped.
+/// How often expired dedup claims are deleted.
 const MAINTENANCE_INTERVAL: Duration = Duration::from_secs(3600);
-/// `--once` gives up on Postgres after this many failed attempts at one batch.
+/// How often the DLQ publisher looks for rejects when no batch wakes it.
+const DLQ_INTERVAL: Duration = Duration::from_secs(10);
+/// `--once` gives up on Postgres (or Kafka) after this many failed attempts at one step.
 const ONCE_ATTEMPTS: u32 = 5;
 
 /// Run until stopped, or drain what is there and exit.
@@ -93,6 +111,8 @@ pub enum AggregatorError {
     NoAssignment(Duration),
     #[error("{0}")]
     Config(String),
+    #[error("Postgres unreachable: {0}; `--once` gave up after {ONCE_ATTEMPTS} attempts (the daemon would wait)")]
+    PostgresUnreachable(StoreError),
     #[error("a batch commit task failed: {0}; this is a bug, please report it")]
     CommitTask(String),
     #[error(transparent)]
@@ -107,9 +127,9 @@ pub struct Aggregator {
     rules: Rules,
     pool: PgPool,
     runtime: tokio::runtime::Handle,
-    owner: String,
+    group: Group,
     hooks: Hooks,
-    known_days: Mutex<BTreeSet<NaiveDate>>,
+    postgres: &'static Dependency,
 }
 
 impl Aggregator {
@@ -128,6 +148,12 @@ impl Aggregator {
             lateness_horizon: TimeDelta::from_std(config.lateness_horizon)
                 .map_err(|e| AggregatorError::Config(e.to_string()))?,
         };
+        let group = Group {
+            id: config.group_id.clone(),
+            owner: format!("{}-{}", hostname(), uuid::Uuid::now_v7().simple()),
+            instance_id: Some(config.instance_id()),
+            session_timeout: config.session_timeout,
+        };
         Ok(Aggregator {
             config,
             kafka,
@@ -135,9 +161,9 @@ impl Aggregator {
             rules,
             pool,
             runtime,
-            owner: format!("{}-{}", hostname(), uuid::Uuid::now_v7().simple()),
+            group,
             hooks: Hooks::default(),
-            known_days: Mutex::new(BTreeSet::new()),
+            postgres: tally_runtime::dependency("postgres"),
         })
     }
 
@@ -150,32 +176,37 @@ impl Aggregator {
     /// ([`Mode::Once`]). Either way the batch in progress is committed before returning.
     pub fn run(&self, mode: Mode, stop: &CancellationToken) -> Result<RunSummary, AggregatorError> {
         telemetry::describe();
-        self.runtime
-            .block_on(store::sync_meters(&self.pool, &self.meters))?;
-        self.maintain()?;
-        let context = AggregatorContext {
-            pool: self.pool.clone(),
-            runtime: self.runtime.clone(),
-            group: self.config.group_id.clone(),
-            topic: self.kafka.topic.clone(),
-            owner: self.owner.clone(),
-            epochs: Mutex::default(),
-            starts: Mutex::default(),
-            rebalanced: AtomicBool::new(false),
-            failure: Mutex::default(),
-        };
-        let consumer = kafka::consumer(&self.kafka, context).map_err(|e| self.unreachable(e))?;
-        self.check_topic(&consumer)?;
+        // The meters are recorded before anything is counted under them.
+        let recorded =
+            self.wait_for_postgres(mode, stop, || store::sync_meters(&self.pool, &self.meters))?;
+        if recorded.is_none() {
+            return Ok(RunSummary::default());
+        }
+        let background = stop.child_token();
+        let _stop_background = background.clone().drop_guard();
+        self.spawn_maintenance(background.clone());
         let dlq = kafka::dlq_producer(&self.kafka).map_err(|e| self.unreachable(e))?;
-        self.publish_dlq(&dlq);
+        let dlq_wake = Arc::new(Notify::new());
+        self.spawn_dlq_publisher(dlq.clone(), dlq_wake.clone(), background.clone());
+
+        let context = AggregatorContext::new(&self.kafka.topic);
+        let mut group = self.group.clone();
+        if mode == Mode::Once {
+            group.instance_id = None;
+        }
+        let consumer =
+            kafka::consumer(&self.kafka, &group, context).map_err(|e| self.unreachable(e))?;
+        if !self.wait_for_topic(&consumer, mode, stop)? {
+            return Ok(RunSummary::default());
+        }
         consumer
             .subscribe(&[&self.kafka.topic])
             .map_err(|e| self.unreachable(e))?;
-        tracing::info!(group = %self.config.group_id, topic = %self.kafka.topic, owner = %self.owner, ?mode, "aggregator started");
+        tracing::info!(group = %group.id, instance = ?group.instance_id, topic = %self.kafka.topic, owner = %self.group.owner, ?mode, "aggregator started");
 
         let session = Session {
             consumer: &consumer,
-            dlq: &dlq,
+            dlq_wake: &dlq_wake,
             mode,
             stop,
         };
@@ -183,29 +214,23 @@ impl Aggregator {
         let lanes = self.config.parallel_commits;
         let mut run = RunState {
             lanes: (0..lanes).map(|_| Lane::default()).collect(),
+            epochs: Epochs::new(),
             positions: HashMap::new(),
             targets: HashMap::new(),
+            pending: Vec::new(),
+            next_take: Instant::now(),
+            take_backoff: Backoff::new(Duration::from_millis(200), Duration::from_secs(10)),
+            taken_once: false,
             summary: RunSummary::default(),
         };
-        let mut assigned_once = false;
-        let mut last_maintenance = Instant::now();
 
         while !stop.is_cancelled() {
             let polled = consumer.poll(self.poll_wait(&run));
-            let context = consumer.context();
-            if context.take_rebalanced() {
-                // Commits in flight finish (or are fenced: the new assignment bumped every
-                // epoch). Eager protocol: everything being built belonged to the revoked
-                // assignment, so it is dropped and consumed again from the stored offsets.
-                self.settle(&session, &mut run)?;
-                for lane in &mut run.lanes {
-                    lane.building = Batch::default();
-                }
-                assigned_once = true;
-                run.positions = self.start_positions(&consumer, mode, &mut run.targets);
-                if let Some(failure) = context.take_failure() {
-                    return Err(failure.into());
-                }
+            if consumer.context().take_rebalanced() {
+                self.restart_assignment(&session, &mut run, Instant::now());
+            }
+            if !run.pending.is_empty() && Instant::now() >= run.next_take {
+                self.take(&session, &mut run)?;
             }
             if let Some(message) = polled {
                 match message {
@@ -231,21 +256,27 @@ impl Aggregator {
                             );
                         }
                     }
-                    Err(e) => tracing::warn!(error = %e, "Kafka consumer error"),
+                    Err(e)
+                        if e.rdkafka_error_code()
+                            == Some(rdkafka::types::RDKafkaErrorCode::FencedInstanceId) =>
+                    {
+                        return Err(AggregatorError::Config(format!(
+                            "another aggregator joined group {} as instance {:?}: each aggregator needs its own aggregator.instance_id (TALLY_AGGREGATOR_INSTANCE_ID), e.g. the systemd instance name ({e})",
+                            group.id, group.instance_id
+                        )));
+                    }
+                    Err(e) => tracing::debug!(error = %e, "Kafka consumer error"),
                 }
             }
             for lane in 0..lanes {
                 self.advance(lane, false, &session, &mut run)?;
             }
-            if last_maintenance.elapsed() >= MAINTENANCE_INTERVAL {
-                self.maintain()?;
-                last_maintenance = Instant::now();
-            }
             if mode == Mode::Once {
-                if !assigned_once && started.elapsed() > ASSIGNMENT_TIMEOUT {
+                if !run.taken_once && started.elapsed() > ASSIGNMENT_TIMEOUT {
                     return Err(AggregatorError::NoAssignment(ASSIGNMENT_TIMEOUT));
                 }
-                let drained = assigned_once
+                let drained = run.taken_once
+                    && run.pending.is_empty()
                     && run
                         .positions
                         .iter()
@@ -260,6 +291,10 @@ impl Aggregator {
             self.advance(lane, true, &session, &mut run)?;
         }
         self.settle(&session, &mut run)?;
+        if mode == Mode::Once {
+            // The background publisher stops with the run: copy this run's rejects now.
+            self.publish_dlq_now(&dlq);
+        }
         // Leave the group now (serving the revoke), so the others take over at once rather
         // than after the session timeout.
         consumer.unsubscribe();
@@ -271,6 +306,88 @@ impl Aggregator {
         Ok(run.summary)
     }
 
+    /// Runs a Postgres step until it succeeds: waits out an outage (daemon: until `stop`;
+    /// `--once`: [`ONCE_ATTEMPTS`] attempts). `Ok(None)`: stopped while waiting. A permanent
+    /// error (a changed meter, a bad schema) ends the run.
+    fn wait_for_postgres<T, F, Fut>(
+        &self,
+        mode: Mode,
+        stop: &CancellationToken,
+        mut step: F,
+    ) -> Result<Option<T>, AggregatorError>
+    where
+        F: FnMut() -> Fut,
+        Fut: std::future::Future<Output = Result<T, StoreError>>,
+    {
+        let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(30));
+        let mut attempts = 0;
+        loop {
+            match self.runtime.block_on(step()) {
+                Ok(value) => {
+                    self.postgres.up();
+                    return Ok(Some(value));
+                }
+                Err(StoreError::Retryable(error)) => {
+                    attempts += 1;
+                    self.postgres.down(&error);
+                    if mode == Mode::Once && attempts >= ONCE_ATTEMPTS {
+                        return Err(AggregatorError::PostgresUnreachable(StoreError::Retryable(
+                            error,
+                        )));
+                    }
+                    let wait = backoff.next_wait();
+                    let stopped = self.runtime.block_on(async {
+                        tokio::select! {
+                            _ = tokio::time::sleep(wait) => false,
+                            _ = stop.cancelled() => true,
+                        }
+                    });
+                    if stopped {
+                        return Ok(None);
+                    }
+                }
+                Err(other) => return Err(other.into()),
+            }
+        }
+    }
+
+    /// Waits until Kafka answers and has the topic. `--once` gives up after
+    /// [`ONCE_ATTEMPTS`]; the daemon waits until `stop` (`Ok(false)`).
+    fn wait_for_topic(
+        &self,
+        consumer: &BaseConsumer<AggregatorContext>,
+        mode: Mode,
+        stop: &CancellationToken,
+    ) -> Result<bool, AggregatorError> {
+        let kafka = tally_runtime::dependency("kafka");
+        let mut backoff = Backoff::new(Duration::from_millis(500), Duration::from_secs(30));
+        let mut attempts = 0;
+        loop {
+            let error = match self.check_topic(consumer) {
+                Ok(()) => {
+                    kafka.up();
+                    return Ok(true);
+                }
+                Err(error) => error,
+            };
+            attempts += 1;
+            if mode == Mode::Once && attempts >= ONCE_ATTEMPTS.min(2) {
+                return Err(error);
+            }
+            kafka.down(&error);
+            let wait = backoff.next_wait();
+            let stopped = self.runtime.block_on(async {
+                tokio::select! {
+                    _ = tokio::time::sleep(wait) => false,
+                    _ = stop.cancelled() => true,
+                }
+            });
+            if stopped {
+                return Ok(false);
+            }
+        }
+    }
+
     /// How long `poll` may wait: until the oldest batch being built is due, at most 100 ms.
     fn poll_wait(&self, run: &RunState) -> Duration {
         let oldest = run.lanes.iter().filter_map(|l| l.building.opened).min();
@@ -280,8 +397,109 @@ impl Aggregator {
         wait.min(Duration::from_millis(100))
     }
 
+    /// After a rebalance (or a fenced batch): settles the commits in flight, drops what was
+    /// being built, and queues the assigned partitions to be taken in Postgres at `take_at`.
+    ///
+    /// A commit on its first attempt is waited for (it is quick, or fails and is dropped); one
+    /// already retrying (Postgres away) is abandoned. Either way nothing is lost: an uncommitted
+    /// batch's events are still in Kafka, and the partitions' next owner resumes from the
+    /// offsets Postgres holds. (If an abandoned commit lands after all, the take waits for its
+    /// row locks and resumes after it; if it lands after the take, its epoch is stale and it
+    /// rolls back.)
+    fn restart_assignment(&self, session: &Session<'_>, run: &mut RunState, take_at: Instant) {
+        for lane in 0..run.lanes.len() {
+            if let Some(in_flight) = run.lanes[lane].in_flight.take() {
+                if in_flight.attempt > 0 {
+                    in_flight.task.abort();
+                } else if let Ok((batch, Ok(report))) = self.runtime.block_on(in_flight.task) {
+                    self.notify(session, &batch, &report, &mut run.summary);
+                }
+            }
+            run.lanes[lane] = Lane::default();
+        }
+        run.epochs.clear();
+        run.positions.clear();
+        run.pending = session.consumer.context().assigned();
+        run.next_take = take_at;
+        run.take_backoff.reset();
+    }
+
+    /// Takes the pending partitions in Postgres (bumping their epochs, which fences whoever
+    /// held them) and starts each at its stored offset. While Postgres is away they stay
+    /// paused, and this is tried again after a backoff.
+    fn take(&self, session: &Session<'_>, run: &mut RunState) -> Result<(), AggregatorError> {
+        let partitions = run.pending.clone();
+        let attempt = self.runtime.block_on(async {
+            tokio::time::timeout(
+                TAKE_TIMEOUT,
+                store::take_partitions(
+                    &self.pool,
+                    &self.group.id,
+                    &self.kafka.topic,
+                    &partitions,
+                    &self.group.owner,
+                ),
+            )
+            .await
+        });
+        let rows = match attempt {
+            Ok(Ok(rows)) => rows,
+            Ok(Err(StoreError::Retryable(error))) => {
+                self.postgres.down(&error);
+                run.next_take = Instant::now() + run.take_backoff.next_wait();
+                return Ok(());
+            }
+            Ok(Err(other)) => return Err(other.into()),
+            Err(_) => {
+                self.postgres
+                    .down(&format!("taking partitions took over {TAKE_TIMEOUT:?}"));
+                run.next_take = Instant::now() + run.take_backoff.next_wait();
+                return Ok(());
+            }
+        };
+        self.postgres.up();
+        let consumer = session.consumer;
+        let mut assignment = TopicPartitionList::new();
+        for (partition, next, epoch) in rows {
+            let start = next.map_or(Offset::Beginning, Offset::Offset);
+            if let Err(e) = assignment.add_partition_offset(&self.kafka.topic, partition, start) {
+                tracing::error!(partition, error = %e, "cannot set a start offset");
+                continue;
+            }
+            run.epochs.insert(partition, epoch);
+            run.positions.insert(partition, next.unwrap_or(0));
+            if session.mode == Mode::Once {
+                match consumer.fetch_watermarks(&self.kafka.topic, partition, KAFKA_TIMEOUT) {
+                    Ok((_, high)) => {
+                        run.targets.entry(partition).or_insert(high);
+                    }
+                    Err(e) => tracing::warn!(partition, error = %e, "cannot read the end offset"),
+                }
+            }
+        }
+        // Replaces the paused assignment the rebalance made with one that starts at the
+        // offsets Postgres holds (not Kafka's informational ones).
+        if let Err(e) = consumer.assign(&assignment) {
+            tracing::warn!(error = %e, "assigning the taken partitions failed; retrying");
+            run.epochs.clear();
+            run.positions.clear();
+            run.next_take = Instant::now() + run.take_backoff.next_wait();
+            return Ok(());
+        }
+        if let Err(e) = consumer.resume(&assignment) {
+            tracing::warn!(error = %e, "resuming the taken partitions failed");
+        }
+        tracing::info!(partitions = ?partitions, "partitions taken; resuming at the offsets stored in Postgres");
+        run.pending.clear();
+        run.take_backoff.reset();
+        run.taken_once = true;
+        Ok(())
+    }
+
     /// Moves one lane along: takes in a finished commit, and launches the batch being built
-    /// once it is full or due (`finish`: now), waiting for the lane's previous commit first.
+    /// once it is full or due (`finish`: now, waiting for the lane's previous commit first).
+    /// A full batch whose lane is still committing pauses the lane's partitions instead of
+    /// blocking the loop, which goes on polling (and so stays in its group).
     fn advance(
         &self,
         lane: usize,
@@ -303,27 +521,56 @@ impl Aggregator {
             return Ok(());
         }
         if run.lanes[lane].in_flight.is_some() {
-            if !(full || finish) {
-                // Keep filling while the previous batch commits: bigger batches catch up.
+            if finish {
+                self.reap(lane, true, session, run)?;
+                if run.lanes[lane].in_flight.is_some() {
+                    return Ok(()); // stopping with a commit that could not be made
+                }
+            } else {
+                if full && !run.lanes[lane].paused {
+                    // Backpressure: the lane waits for its commit, without blocking the loop.
+                    self.pause_lane(session, run, lane, true);
+                }
+                // Otherwise keep filling while the previous batch commits: bigger batches
+                // catch up.
                 return Ok(());
             }
-            // Backpressure: a full batch waits for its lane.
-            self.reap(lane, true, session, run)?;
-            if run.lanes[lane].building.is_empty() {
-                return Ok(()); // dropped by a fenced commit
-            }
+        }
+        if run.lanes[lane].building.is_empty() {
+            return Ok(()); // dropped by a fenced commit
+        }
+        if run.lanes[lane].paused {
+            self.pause_lane(session, run, lane, false);
         }
         let batch = std::mem::take(&mut run.lanes[lane].building);
-        self.ensure_partitions(&batch.days())?;
         self.step(Step::BeforeCommit);
         // The batch is bound to the epochs its messages were consumed under: if a rebalance
         // bumps them before it commits, it is fenced rather than applied late.
-        let epochs = session.consumer.context().epochs();
-        run.lanes[lane].in_flight = Some(self.launch(batch, epochs, 0));
+        run.lanes[lane].in_flight = Some(self.launch(batch, run.epochs.clone(), 0));
         Ok(())
     }
 
-    /// Starts a batch's transaction on the runtime, after a backoff when it is a retry.
+    /// Pauses (or resumes) the partitions of one lane.
+    fn pause_lane(&self, session: &Session<'_>, run: &mut RunState, lane: usize, pause: bool) {
+        let lanes = run.lanes.len();
+        let mut partitions = TopicPartitionList::new();
+        for &partition in run.epochs.keys().filter(|&&p| lane_of(p, lanes) == lane) {
+            partitions.add_partition(&self.kafka.topic, partition);
+        }
+        let result = if pause {
+            session.consumer.pause(&partitions)
+        } else {
+            session.consumer.resume(&partitions)
+        };
+        if let Err(e) = result {
+            tracing::warn!(lane, pause, error = %e, "pausing or resuming a lane failed");
+        }
+        run.lanes[lane].paused = pause;
+    }
+
+    /// Starts a batch's transaction on the runtime, after a backoff when it is a retry. A
+    /// batch that fails with a data error is searched for the events Postgres refuses, which
+    /// become rejects, and committed without them.
     fn launch(&self, batch: Batch, epochs: Epochs, attempt: u32) -> InFlight {
         let pool = self.pool.clone();
         let group = self.config.group_id.clone();
@@ -336,12 +583,24 @@ impl Aggregator {
         };
         let task = self.runtime.spawn(async move {
             tokio::time::sleep(backoff).await;
+            let mut batch = batch;
             let ownership = Ownership {
                 group: &group,
                 topic: &topic,
                 epochs: &task_epochs,
             };
-            let result = store::commit_batch(&pool, &batch, ownership).await;
+            let mut result = store::commit_batch(&pool, &batch, ownership).await;
+            if let Err(StoreError::Data(error)) = &result {
+                tracing::error!(%error, "a batch failed with a data error; looking for the events Postgres refuses");
+                result = match store::isolate_unprocessable(&pool, &topic, &mut batch).await {
+                    Ok(0) => result,
+                    Ok(found) => {
+                        tracing::error!(events = found, "events Postgres refuses were set aside as `unprocessable` rejects; committing the rest");
+                        store::commit_batch(&pool, &batch, ownership).await
+                    }
+                    Err(search) => Err(search),
+                };
+            }
             (batch, result)
         });
         InFlight {
@@ -360,8 +619,8 @@ impl Aggregator {
     }
 
     /// Takes in a lane's commit if it finished (or, with `block`, once it finishes): notifies
-    /// on success, retries what can be retried, and on fencing drops the lane's work and
-    /// rewinds its partitions to the stored offsets.
+    /// on success, retries what can be retried, and on fencing drops the work in progress and
+    /// takes the partitions again after a delay.
     fn reap(
         &self,
         lane: usize,
@@ -369,7 +628,6 @@ impl Aggregator {
         session: &Session<'_>,
         run: &mut RunState,
     ) -> Result<(), AggregatorError> {
-        let consumer = session.consumer;
         loop {
             let Some(in_flight) = run.lanes[lane].in_flight.take() else {
                 return Ok(());
@@ -384,31 +642,32 @@ impl Aggregator {
                 .map_err(|e| AggregatorError::CommitTask(e.to_string()))?;
             match result {
                 Ok(report) => {
+                    self.postgres.up();
                     self.notify(session, &batch, &report, &mut run.summary);
                     return Ok(());
                 }
                 Err(StoreError::Fenced { topic, partition }) => {
-                    tracing::warn!(%topic, partition, "batch fenced: another aggregator took the partition; rolled back");
+                    tracing::warn!(%topic, partition, "batch fenced: another aggregator took the partition; rolled back, taking the partitions again shortly");
                     telemetry::record_fenced();
                     run.summary.fenced += 1;
-                    consumer.context().disown(partition);
-                    run.positions.remove(&partition);
-                    run.lanes[lane].building = Batch::default();
-                    let lanes = run.lanes.len();
-                    self.rewind(consumer, &mut run.positions, |p| lane_of(p, lanes) == lane)?;
+                    self.restart_assignment(session, run, Instant::now() + RETAKE_DELAY);
                     return Ok(());
                 }
-                Err(StoreError::Retryable(e)) => {
+                Err(error @ (StoreError::Retryable(_) | StoreError::Data(_))) => {
                     let attempt = in_flight.attempt + 1;
+                    if let StoreError::Retryable(e) = &error {
+                        self.postgres.down(e);
+                    } else {
+                        tracing::error!(%error, attempt, "batch refused by Postgres and no single event is to blame; retrying");
+                    }
                     if session.stop.is_cancelled() {
                         // Not lost: nothing was stored, and Kafka still has the events.
-                        tracing::warn!(error = %e, "stopping with an uncommitted batch; it will be consumed again");
+                        tracing::warn!(%error, "stopping with an uncommitted batch; it will be consumed again");
                         return Ok(());
                     }
                     if session.mode == Mode::Once && attempt >= ONCE_ATTEMPTS {
-                        return Err(StoreError::Retryable(e).into());
+                        return Err(AggregatorError::PostgresUnreachable(error));
                     }
-                    tracing::warn!(error = %e, attempt, "batch commit failed; retrying");
                     telemetry::record_retry();
                     run.lanes[lane].in_flight = Some(self.launch(batch, in_flight.epochs, attempt));
                     if !block {
@@ -420,7 +679,7 @@ impl Aggregator {
         }
     }
 
-    /// After a commit: tell Kafka (for lag tools), copy rejects to the DLQ, record metrics.
+    /// After a commit: tell Kafka (for lag tools), wake the DLQ publisher, record metrics.
     fn notify(
         &self,
         session: &Session<'_>,
@@ -438,7 +697,7 @@ impl Aggregator {
             tracing::debug!(error = %e, "offset commit to Kafka failed (informational only)");
         }
         if report.rejected_total() > 0 {
-            self.publish_dlq(session.dlq);
+            session.dlq_wake.notify_one();
         }
         self.step(Step::AfterNotify);
         telemetry::record_batch(report, &batch.timestamps_ms, Utc::now().timestamp_millis());
@@ -461,115 +720,113 @@ impl Aggregator {
         );
     }
 
-    /// After a rebalance: where each owned partition resumes, and (for `--once`) where it ends.
-    fn start_positions(
-        &self,
-        consumer: &BaseConsumer<AggregatorContext>,
-        mode: Mode,
-        targets: &mut HashMap<i32, i64>,
-    ) -> HashMap<i32, i64> {
-        let starts = consumer
-            .context()
-            .starts
-            .lock()
-            .map(|s| s.clone())
-            .unwrap_or_default();
-        let mut positions = HashMap::new();
-        for (partition, stored) in starts {
-            let watermarks = if stored.is_none() || mode == Mode::Once {
-                consumer
-                    .fetch_watermarks(&self.kafka.topic, partition, KAFKA_TIMEOUT)
-                    .ok()
-            } else {
-                None
-            };
-            let start = stored.or(watermarks.map(|(low, _)| low)).unwrap_or(0);
-            positions.insert(partition, start);
-            if mode == Mode::Once {
-                if let Some((_, high)) = watermarks {
-                    targets.entry(partition).or_insert(high);
-                }
-            }
-        }
-        positions
-    }
-
-    /// Seeks the owned partitions `which` selects back to their stored offsets (after a
-    /// rolled-back batch).
-    fn rewind(
-        &self,
-        consumer: &BaseConsumer<AggregatorContext>,
-        positions: &mut HashMap<i32, i64>,
-        which: impl Fn(i32) -> bool,
-    ) -> Result<(), AggregatorError> {
-        let owned: Vec<i32> = consumer
-            .context()
-            .epochs()
-            .into_keys()
-            .filter(|&p| which(p))
-            .collect();
-        let stored = self.runtime.block_on(store::stored_offsets(
-            &self.pool,
-            &self.config.group_id,
-            &self.kafka.topic,
-            &owned,
-        ))?;
-        for partition in owned {
-            let offset = stored.get(&partition).copied().flatten();
-            let target = offset.map_or(Offset::Beginning, Offset::Offset);
-            if let Err(e) = consumer.seek(&self.kafka.topic, partition, target, KAFKA_TIMEOUT) {
-                tracing::warn!(partition, error = %e, "seek after a rolled-back batch failed");
-            }
-            positions.insert(partition, offset.unwrap_or(0));
-        }
-        Ok(())
-    }
-
-    fn ensure_partitions(&self, days: &BTreeSet<NaiveDate>) -> Result<(), AggregatorError> {
-        let mut known = self.known_days.lock().unwrap_or_else(|p| p.into_inner());
-        let missing: BTreeSet<NaiveDate> = days.difference(&known).copied().collect();
-        if !missing.is_empty() {
-            self.runtime
-                .block_on(store::ensure_day_partitions(&self.pool, &missing))?;
-            known.extend(missing);
-        }
-        Ok(())
-    }
-
-    /// Creates today's and tomorrow's dedup partitions and drops expired ones.
-    fn maintain(&self) -> Result<(), AggregatorError> {
-        let today = Utc::now().date_naive();
-        let days: BTreeSet<NaiveDate> = [today, today + TimeDelta::days(1)].into();
-        self.ensure_partitions(&days)?;
+    /// Deletes expired dedup claims every [`MAINTENANCE_INTERVAL`], in the background (a
+    /// failure is retried a minute later; batches never wait for it).
+    fn spawn_maintenance(&self, stop: CancellationToken) {
+        let pool = self.pool.clone();
         let retention = TimeDelta::from_std(self.config.dedup_retention).unwrap_or(TimeDelta::MAX);
         let horizon = TimeDelta::from_std(self.config.lateness_horizon).unwrap_or(TimeDelta::MAX);
-        // One spare day: an event exactly at the horizon still finds its partition.
-        let keep_from = today - retention - TimeDelta::days(1);
-        let values_before = Utc::now() - horizon - TimeDelta::days(1);
-        let dropped =
-            self.runtime
-                .block_on(store::drop_expired(&self.pool, keep_from, values_before))?;
-        if !dropped.is_empty() {
-            self.known_days
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .retain(|day| *day >= keep_from);
-            tracing::info!(?dropped, "dropped expired dedup partitions");
-        }
-        Ok(())
+        let task_stop = stop.clone();
+        let _runtime = self.runtime.enter();
+        tally_runtime::supervise("dedup_expiry", stop, move || {
+            let (pool, stop) = (pool.clone(), task_stop.clone());
+            async move {
+                loop {
+                    let today = Utc::now().date_naive();
+                    // One spare day: a same-payload copy of an expiring id is `too_late` by then.
+                    let claimed_before = today - retention - TimeDelta::days(1);
+                    let values_before = Utc::now() - horizon - TimeDelta::days(1);
+                    let wait = match store::delete_expired(&pool, claimed_before, values_before)
+                        .await
+                    {
+                        Ok(deleted) => {
+                            if deleted > 0 {
+                                tracing::info!(deleted, "deleted expired dedup claims");
+                            }
+                            MAINTENANCE_INTERVAL
+                        }
+                        Err(error) => {
+                            tracing::warn!(%error, "deleting expired dedup claims failed; trying again in a minute");
+                            Duration::from_secs(60)
+                        }
+                    };
+                    tokio::select! {
+                        _ = tokio::time::sleep(wait) => {}
+                        _ = stop.cancelled() => return Ok(()),
+                    }
+                }
+            }
+        });
     }
 
-    fn publish_dlq(&self, dlq: &FutureProducer) {
+    /// Copies rejected events to the DLQ topic in the background: woken after each batch with
+    /// rejects, and every [`DLQ_INTERVAL`] anyway. The table is the record; a copy that cannot
+    /// be made yet (Kafka or Postgres away) is made later.
+    fn spawn_dlq_publisher(
+        &self,
+        producer: rdkafka::producer::FutureProducer,
+        wake: Arc<Notify>,
+        stop: CancellationToken,
+    ) {
+        let pool = self.pool.clone();
+        let topic = self.kafka.dlq_topic.clone();
+        let task_stop = stop.clone();
+        let _runtime = self.runtime.enter();
+        tally_runtime::supervise("dlq_publisher", stop, move || {
+            let (pool, producer, topic, wake, stop) = (
+                pool.clone(),
+                producer.clone(),
+                topic.clone(),
+                wake.clone(),
+                task_stop.clone(),
+            );
+            async move {
+                let mut failing = false;
+                loop {
+                    match kafka::publish_dlq(&pool, &producer, &topic).await {
+                        Ok(published) => {
+                            if failing {
+                                tracing::info!(%topic, "rejected events are copied to the DLQ topic again");
+                            }
+                            failing = false;
+                            if published > 0 {
+                                tracing::debug!(
+                                    published,
+                                    "rejected events copied to the DLQ topic"
+                                );
+                            }
+                        }
+                        Err(error) => {
+                            if !failing {
+                                tracing::warn!(%error, %topic, "cannot copy rejected events to the DLQ topic yet; they are safe in rejected_events and will be copied later");
+                            }
+                            failing = true;
+                        }
+                    }
+                    tokio::select! {
+                        _ = wake.notified() => {}
+                        _ = tokio::time::sleep(DLQ_INTERVAL) => {}
+                        _ = stop.cancelled() => return Ok(()),
+                    }
+                }
+            }
+        });
+    }
+
+    /// One DLQ pass now, for `--once` (whose background publisher ends with the run).
+    fn publish_dlq_now(&self, producer: &rdkafka::producer::FutureProducer) {
+        let publish = kafka::publish_dlq(&self.pool, producer, &self.kafka.dlq_topic);
         match self
             .runtime
-            .block_on(kafka::publish_dlq(&self.pool, dlq, &self.kafka.dlq_topic))
+            .block_on(async { tokio::time::timeout(KAFKA_TIMEOUT * 3, publish).await })
         {
-            Ok(0) => {}
-            Ok(n) => tracing::debug!(published = n, "rejected events copied to the DLQ topic"),
-            // The events are safe in rejected_events; the copy is retried after the next batch.
-            Err(e) => {
-                tracing::warn!(error = %e, topic = %self.kafka.dlq_topic, "cannot publish rejected events to the DLQ topic yet")
+            Ok(Ok(_)) => {}
+            Ok(Err(error)) => {
+                tracing::warn!(%error, "cannot copy rejected events to the DLQ topic yet; the next run will")
             }
+            Err(_) => tracing::warn!(
+                "copying rejected events to the DLQ topic timed out; the next run will"
+            ),
         }
     }
 
@@ -609,7 +866,7 @@ impl Aggregator {
 /// What every step of one `run` works with.
 struct Session<'a> {
     consumer: &'a BaseConsumer<AggregatorContext>,
-    dlq: &'a FutureProducer,
+    dlq_wake: &'a Notify,
     mode: Mode,
     stop: &'a CancellationToken,
 }
@@ -617,10 +874,17 @@ struct Session<'a> {
 /// The state of one `run`.
 struct RunState {
     lanes: Vec<Lane>,
-    /// Per owned partition: the next offset to accept (older messages are stale).
+    /// The partitions taken in Postgres, with the epoch each was taken at.
+    epochs: Epochs,
+    /// Per taken partition: the next offset to accept (older messages are stale).
     positions: HashMap<i32, i64>,
-    /// `--once`: per partition, the end offset seen when it was assigned.
+    /// `--once`: per partition, the end offset seen when it was taken.
     targets: HashMap<i32, i64>,
+    /// Partitions Kafka assigned that are not taken in Postgres yet (paused until they are).
+    pending: Vec<i32>,
+    next_take: Instant,
+    take_backoff: Backoff,
+    taken_once: bool,
     summary: RunSummary,
 }
 
@@ -631,6 +895,8 @@ struct RunState {
 struct Lane {
     building: Batch,
     in_flight: Option<InFlight>,
+    /// The lane's partitions are paused: its next batch is full and waits for the commit.
+    paused: bool,
 }
 
 struct InFlight {
@@ -641,12 +907,4 @@ struct InFlight {
 
 fn lane_of(partition: i32, lanes: usize) -> usize {
     partition.unsigned_abs() as usize % lanes
-}
-
-fn hostname() -> String {
-    std::fs::read_to_string("/etc/hostname")
-        .ok()
-        .map(|h| h.trim().to_owned())
-        .filter(|h| !h.is_empty())
-        .unwrap_or_else(|| "host".into())
 }

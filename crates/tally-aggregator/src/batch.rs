@@ -6,7 +6,7 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::time::Instant;
 
-use chrono::{DateTime, NaiveDate, TimeDelta, Utc};
+use chrono::{DateTime, TimeDelta, Utc};
 use rust_decimal::Decimal;
 use tally_core::window::minute_start;
 use tally_core::{wire, Aggregation, MeterDefinition, Meters, RejectReason, Rejection, UsageEvent};
@@ -27,8 +27,6 @@ pub(crate) struct Message<'a> {
 pub(crate) struct Candidate {
     pub(crate) event: UsageEvent,
     pub(crate) aggregation: Aggregation,
-    /// The dedup partition: the event's UTC day.
-    pub(crate) day: NaiveDate,
     pub(crate) payload_hash: i64,
     pub(crate) group_key: String,
     /// For `unique_count`: the value of the counted dimension.
@@ -156,11 +154,6 @@ impl Batch {
             }
         }
     }
-
-    /// The distinct dedup days of the candidates (the `event_ids` partitions the batch needs).
-    pub(crate) fn days(&self) -> BTreeSet<NaiveDate> {
-        self.candidates.iter().map(|c| c.day).collect()
-    }
 }
 
 /// The rejection for a re-sent id whose payload differs from the counted one.
@@ -217,7 +210,6 @@ fn check(
     };
     Ok(Candidate {
         aggregation: meter.aggregation,
-        day: event.timestamp.date_naive(),
         payload_hash: payload_hash(&event),
         group_key: group_key(meter, &event),
         unique_value,

@@ -11,6 +11,15 @@ pub struct AggregatorConfig {
     /// Kafka consumer group (contract: `tally-aggregator`). Processes in one group split the
     /// topic's partitions.
     pub group_id: String,
+    /// This process's stable name in the group (Kafka static membership, `group.instance.id`):
+    /// restarted under the same name, it gets its partitions back at once rather than after
+    /// `session_timeout`. Unset: `tally-aggregator-<hostname>`. Two aggregators on one host
+    /// need different names (e.g. `TALLY_AGGREGATOR_INSTANCE_ID=%i` in a systemd template).
+    pub instance_id: Option<String>,
+    /// How long the group waits for a silent member before giving its partitions to others
+    /// (`session.timeout.ms`; brokers allow 6s to 30m by default).
+    #[serde(with = "humantime_serde")]
+    pub session_timeout: Duration,
     /// A batch closes at this many events...
     pub batch_max_events: usize,
     /// ...or at this many bytes of raw events (bounds memory: events are up to 64 KiB)...
@@ -33,6 +42,8 @@ impl Default for AggregatorConfig {
     fn default() -> Self {
         AggregatorConfig {
             group_id: "tally-aggregator".into(),
+            instance_id: None,
+            session_timeout: Duration::from_secs(10),
             // Tuned by scripts/bench-aggregate.sh: large enough that a backlog drains in big
             // transactions, while batch_max_wait keeps a live stream fresh.
             batch_max_events: 100_000,
@@ -46,12 +57,28 @@ impl Default for AggregatorConfig {
 }
 
 impl AggregatorConfig {
+    /// `instance_id`, or the default derived from the host name.
+    pub fn instance_id(&self) -> String {
+        self.instance_id
+            .clone()
+            .unwrap_or_else(|| format!("tally-aggregator-{}", hostname()))
+    }
+
     /// Checks the settings; the error says what to change.
     pub fn validate(&self) -> Result<(), String> {
         if self.group_id.is_empty() {
             return Err(
                 "aggregator.group_id must not be empty (contract: \"tally-aggregator\")".into(),
             );
+        }
+        if self.instance_id.as_deref().is_some_and(str::is_empty) {
+            return Err(
+                "aggregator.instance_id must not be empty; leave it out to use the host name"
+                    .into(),
+            );
+        }
+        if self.session_timeout < Duration::from_secs(1) {
+            return Err("aggregator.session_timeout must be at least 1s (brokers usually require 6s or more)".into());
         }
         if self.batch_max_events == 0 || self.batch_max_bytes == 0 {
             return Err(
@@ -91,4 +118,14 @@ mod tests {
         };
         assert!(config.validate().unwrap_err().contains("counted twice"));
     }
+}
+
+/// The machine's name, for default identities.
+pub(crate) fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .or_else(|_| std::fs::read_to_string("/etc/hostname"))
+        .ok()
+        .map(|h| h.trim().to_owned())
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "host".into())
 }

@@ -1,7 +1,6 @@
 //! The Kafka side: a group consumer whose partition assignments start at the offsets stored in
 //! Postgres (not Kafka's committed ones), and the DLQ producer.
 
-use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
 use std::time::Duration;
@@ -12,50 +11,59 @@ use rdkafka::error::KafkaResult;
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::types::RDKafkaRespErr;
-use rdkafka::{ClientContext, Offset, TopicPartitionList};
+use rdkafka::{ClientContext, TopicPartitionList};
 use sqlx::PgPool;
 use tally_core::config::KafkaConfig;
 
-use crate::store::{self, Epochs, StoreError};
+use crate::store;
 use crate::telemetry;
 
-/// How long a rebalance may wait for Postgres before giving the assignment up.
-const TAKE_PARTITIONS_TIMEOUT: Duration = Duration::from_secs(30);
+/// Who this consumer is in its group.
+#[derive(Debug, Clone)]
+pub(crate) struct Group {
+    pub(crate) id: String,
+    /// Unique per process and run: recorded as the partitions' owner in Postgres.
+    pub(crate) owner: String,
+    /// Stable across restarts of the same process (static membership); `None` for `--once`,
+    /// which leaves the group when it is done (a static member does not leave, so its
+    /// partitions would wait out the session timeout before others got them).
+    pub(crate) instance_id: Option<String>,
+    pub(crate) session_timeout: Duration,
+}
 
 /// Rebalance handling. librdkafka calls [`ConsumerContext::rebalance`] from inside `poll`, on
 /// the aggregator's own thread, so a rebalance never races a batch: the loop sees it as a flag
 /// after `poll` returns and throws away the batch it was building (all of it belonged to the
 /// revoked assignment, because the protocol is eager).
+///
+/// The callback never touches Postgres: it assigns the partitions paused and records them.
+/// The loop then takes them in Postgres (fencing their previous owner) and starts each at the
+/// offset stored there. So a Postgres outage during a rebalance leaves the partitions paused,
+/// not the consumer stuck in the callback, and the consumer stays in its group.
 pub(crate) struct AggregatorContext {
-    pub(crate) pool: PgPool,
-    pub(crate) runtime: tokio::runtime::Handle,
-    pub(crate) group: String,
     pub(crate) topic: String,
-    pub(crate) owner: String,
-    /// Partitions owned now, with the epoch each was taken at (see `kafka_offsets`).
-    pub(crate) epochs: Mutex<Epochs>,
-    /// Where each newly assigned partition starts (`None`: from the beginning).
-    pub(crate) starts: Mutex<HashMap<i32, Option<i64>>>,
-    pub(crate) rebalanced: AtomicBool,
-    pub(crate) failure: Mutex<Option<StoreError>>,
+    /// The partitions of the latest assignment.
+    assigned: Mutex<Vec<i32>>,
+    rebalanced: AtomicBool,
 }
 
 impl AggregatorContext {
+    pub(crate) fn new(topic: &str) -> Self {
+        AggregatorContext {
+            topic: topic.to_owned(),
+            assigned: Mutex::default(),
+            rebalanced: AtomicBool::new(false),
+        }
+    }
+
     /// True once per rebalance since the last call.
     pub(crate) fn take_rebalanced(&self) -> bool {
         self.rebalanced.swap(false, Ordering::AcqRel)
     }
 
-    pub(crate) fn take_failure(&self) -> Option<StoreError> {
-        lock(&self.failure).take()
-    }
-
-    pub(crate) fn epochs(&self) -> Epochs {
-        lock(&self.epochs).clone()
-    }
-
-    pub(crate) fn disown(&self, partition: i32) {
-        lock(&self.epochs).remove(&partition);
+    /// The partitions Kafka assigned this consumer last.
+    pub(crate) fn assigned(&self) -> Vec<i32> {
+        lock(&self.assigned).clone()
     }
 
     fn assign(&self, consumer: &BaseConsumer<Self>, tpl: &TopicPartitionList) {
@@ -64,54 +72,16 @@ impl AggregatorContext {
             .iter()
             .map(|e| e.partition())
             .collect();
-        let taken = self.runtime.block_on(async {
-            let deadline = tokio::time::Instant::now() + TAKE_PARTITIONS_TIMEOUT;
-            let mut backoff = Duration::from_millis(100);
-            loop {
-                let attempt = store::take_partitions(
-                    &self.pool,
-                    &self.group,
-                    &self.topic,
-                    &partitions,
-                    &self.owner,
-                )
-                .await;
-                match attempt {
-                    Err(StoreError::Retryable(e)) if tokio::time::Instant::now() < deadline => {
-                        tracing::warn!(error = %e, "cannot read stored offsets yet; retrying");
-                        tokio::time::sleep(backoff).await;
-                        backoff = (backoff * 2).min(Duration::from_secs(5));
-                    }
-                    other => return other,
-                }
-            }
-        });
-        let mut assignment = TopicPartitionList::new();
-        let mut epochs = lock(&self.epochs);
-        let mut starts = lock(&self.starts);
-        epochs.clear();
-        starts.clear();
-        match taken {
-            Ok(rows) => {
-                for (partition, next, epoch) in rows {
-                    let offset = next.map_or(Offset::Beginning, Offset::Offset);
-                    if let Err(e) = assignment.add_partition_offset(&self.topic, partition, offset)
-                    {
-                        tracing::error!(partition, error = %e, "cannot set a start offset");
-                        continue;
-                    }
-                    epochs.insert(partition, epoch);
-                    starts.insert(partition, next);
-                }
-                tracing::info!(partitions = ?partitions, "partitions assigned; resuming at the offsets stored in Postgres");
-            }
-            Err(e) => {
-                tracing::error!(error = %e, "cannot take the assigned partitions; consuming nothing");
-                *lock(&self.failure) = Some(e);
-            }
-        }
-        if let Err(e) = consumer.assign(&assignment) {
+        tracing::info!(
+            ?partitions,
+            "partitions assigned; taking them in Postgres before consuming"
+        );
+        *lock(&self.assigned) = partitions;
+        if let Err(e) = consumer.assign(tpl) {
             tracing::error!(error = %e, "assign failed");
+        }
+        if let Err(e) = consumer.pause(tpl) {
+            tracing::warn!(error = %e, "pausing newly assigned partitions failed");
         }
     }
 }
@@ -123,7 +93,8 @@ fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 impl ClientContext for AggregatorContext {
-    /// librdkafka's statistics (every `statistics.interval.ms`) carry each partition's lag.
+    /// librdkafka's statistics (every `statistics.interval.ms`) carry each partition's lag and
+    /// whether any broker is connected.
     fn stats(&self, statistics: rdkafka::Statistics) {
         if let Some(topic) = statistics.topics.get(&self.topic) {
             for (&partition, stats) in &topic.partitions {
@@ -131,6 +102,24 @@ impl ClientContext for AggregatorContext {
                     telemetry::record_lag(partition, stats.consumer_lag);
                 }
             }
+        }
+        let kafka = tally_runtime::dependency("kafka");
+        let connected = statistics
+            .brokers
+            .values()
+            .any(|b| b.nodeid >= 0 && b.state == "UP");
+        if connected {
+            kafka.up();
+        } else {
+            kafka.down(&"no broker connected");
+        }
+    }
+
+    fn error(&self, error: rdkafka::error::KafkaError, reason: &str) {
+        if error.rdkafka_error_code() == Some(rdkafka::types::RDKafkaErrorCode::AllBrokersDown) {
+            tally_runtime::dependency("kafka").down(&reason);
+        } else {
+            tracing::debug!(%error, reason, "librdkafka error");
         }
     }
 }
@@ -149,8 +138,7 @@ impl ConsumerContext for AggregatorContext {
                 if other != RDKafkaRespErr::RD_KAFKA_RESP_ERR__REVOKE_PARTITIONS {
                     tracing::error!(error = ?other, "rebalance error; dropping the assignment");
                 }
-                lock(&self.epochs).clear();
-                lock(&self.starts).clear();
+                lock(&self.assigned).clear();
                 if let Err(e) = consumer.unassign() {
                     tracing::error!(error = %e, "unassign failed");
                 }
@@ -169,16 +157,22 @@ impl ConsumerContext for AggregatorContext {
 /// The group consumer. Correctness settings are applied after the user's `kafka.options`.
 pub(crate) fn consumer(
     kafka: &KafkaConfig,
+    group: &Group,
     context: AggregatorContext,
 ) -> KafkaResult<BaseConsumer<AggregatorContext>> {
     let mut config = ClientConfig::new();
+    // A default the user's `kafka.options` may override; the settings after them may not be.
+    config.set(
+        "session.timeout.ms",
+        group.session_timeout.as_millis().to_string(),
+    );
     for (key, value) in &kafka.options {
         config.set(key, value);
     }
     config
         .set("bootstrap.servers", &kafka.brokers)
-        .set("group.id", &context.group)
-        .set("client.id", format!("tally-aggregator-{}", context.owner))
+        .set("group.id", &group.id)
+        .set("client.id", format!("tally-aggregator-{}", group.owner))
         // Offsets live in Postgres; Kafka gets an informational commit after each batch.
         .set("enable.auto.commit", "false")
         .set("enable.auto.offset.store", "false")
@@ -187,6 +181,11 @@ pub(crate) fn consumer(
         // The rebalance handler assigns explicit offsets, which needs the eager protocol.
         .set("partition.assignment.strategy", "range,roundrobin")
         .set("statistics.interval.ms", "5000");
+    // Static membership (KIP-345): a restarted process with the same instance id gets its
+    // partitions back at once instead of after the old session times out.
+    if let Some(instance_id) = &group.instance_id {
+        config.set("group.instance.id", instance_id);
+    }
     config.create_with_context(context)
 }
 

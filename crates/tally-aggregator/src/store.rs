@@ -9,7 +9,7 @@ use chrono::{DateTime, NaiveDate, Utc};
 use rust_decimal::Decimal;
 use sqlx::{PgConnection, PgPool, Postgres, Transaction};
 use tally_core::window::slot_start;
-use tally_core::{Aggregation, MeterDefinition, RejectReason};
+use tally_core::{Aggregation, MeterDefinition, RejectReason, Rejection};
 
 use crate::batch::{conflict, fold, Batch, Candidate, Granularity, Reject, WindowDelta};
 use crate::telemetry::BatchReport;
@@ -22,6 +22,11 @@ pub enum StoreError {
     Fenced { topic: String, partition: i32 },
     #[error("Postgres: {0}")]
     Retryable(sqlx::Error),
+    /// Postgres refused the data itself (SQLSTATE class 22 data exception, 23 integrity
+    /// violation other than the dedup race, 54 program limit such as an index row too large):
+    /// some event in the batch is to blame, and [`isolate_unprocessable`] finds it.
+    #[error("Postgres refused the batch's data: {0}")]
+    Data(sqlx::Error),
     #[error("Postgres: {0}")]
     Permanent(sqlx::Error),
     #[error("{0}")]
@@ -32,6 +37,8 @@ impl From<sqlx::Error> for StoreError {
     fn from(error: sqlx::Error) -> Self {
         if tally_db::is_retryable(&error) {
             StoreError::Retryable(error)
+        } else if tally_db::is_data_error(&error) {
+            StoreError::Data(error)
         } else {
             StoreError::Permanent(error)
         }
@@ -68,25 +75,6 @@ pub(crate) async fn take_partitions(
     Ok(rows)
 }
 
-/// The stored next offsets of `partitions` (for rewinding after a rolled-back batch).
-pub(crate) async fn stored_offsets(
-    pool: &PgPool,
-    group: &str,
-    topic: &str,
-    partitions: &[i32],
-) -> Result<HashMap<i32, Option<i64>>, StoreError> {
-    let rows: Vec<(i32, Option<i64>)> = sqlx::query_as(
-        "SELECT partition, next_offset FROM kafka_offsets
-         WHERE consumer_group = $1 AND topic = $2 AND partition = ANY($3)",
-    )
-    .bind(group)
-    .bind(topic)
-    .bind(partitions)
-    .fetch_all(pool)
-    .await?;
-    Ok(rows.into_iter().collect())
-}
-
 /// Where a batch came from and who may commit it.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Ownership<'a> {
@@ -103,37 +91,147 @@ pub(crate) async fn commit_batch(
 ) -> Result<BatchReport, StoreError> {
     let started = Instant::now();
     let mut tx = pool.begin().await?;
-
-    let (claimed, conflicts) = claim_ids(&mut tx, &batch.candidates).await?;
-    let counted: Vec<&Candidate> = batch
-        .candidates
-        .iter()
-        .zip(&claimed)
-        .filter_map(|(candidate, &new)| new.then_some(candidate))
-        .collect();
-    let minutes = fold(counted.iter().copied(), Granularity::Minute);
-    let days = fold(counted.iter().copied(), Granularity::Day);
-    let windows = minutes.len() as u64;
-    record_slot_changes(&mut tx, &minutes).await?;
-    upsert_windows(&mut tx, Granularity::Minute, minutes).await?;
-    upsert_windows(&mut tx, Granularity::Day, days).await?;
-
-    let rejects: Vec<&Reject> = batch.rejects.iter().chain(&conflicts).collect();
-    insert_rejects(&mut tx, ownership.topic, &rejects).await?;
+    let candidates: Vec<&Candidate> = batch.candidates.iter().collect();
+    let rejects: Vec<&Reject> = batch.rejects.iter().collect();
+    let applied = apply(&mut tx, ownership.topic, &candidates, &rejects).await?;
     advance_offsets(&mut tx, batch, ownership).await?;
     tx.commit().await?;
 
     // Candidates not counted were claimed before: same payload (duplicate) or a conflict.
-    let earlier_duplicates = batch.candidates.len() - counted.len() - conflicts.len();
+    let earlier_duplicates = batch.candidates.len() - applied.counted - applied.conflicts.len();
+    let all_rejects: Vec<&Reject> = batch.rejects.iter().chain(&applied.conflicts).collect();
     let report = BatchReport {
         consumed: batch.consumed,
-        counted: counted.len() as u64,
+        counted: applied.counted as u64,
         duplicates: batch.duplicates + earlier_duplicates as u64,
-        rejected: count_by_reason(&rejects),
-        windows,
+        rejected: count_by_reason(&all_rejects),
+        windows: applied.windows,
         transaction: started.elapsed(),
     };
     Ok(report)
+}
+
+/// What [`apply`] wrote.
+struct Applied {
+    counted: usize,
+    conflicts: Vec<Reject>,
+    windows: u64,
+}
+
+/// Everything a batch writes but its offsets: claims the ids, adds the new events to the
+/// windows, the daily rollup and the changed billing slots, records the rejects.
+async fn apply(
+    tx: &mut PgConnection,
+    topic: &str,
+    candidates: &[&Candidate],
+    rejects: &[&Reject],
+) -> Result<Applied, StoreError> {
+    let (claimed, conflicts) = claim_ids(tx, candidates).await?;
+    let counted: Vec<&Candidate> = candidates
+        .iter()
+        .zip(&claimed)
+        .filter_map(|(candidate, &new)| new.then_some(*candidate))
+        .collect();
+    let minutes = fold(counted.iter().copied(), Granularity::Minute);
+    let days = fold(counted.iter().copied(), Granularity::Day);
+    let windows = minutes.len() as u64;
+    record_slot_changes(tx, &minutes).await?;
+    upsert_windows(tx, Granularity::Minute, minutes).await?;
+    upsert_windows(tx, Granularity::Day, days).await?;
+    let all_rejects: Vec<&Reject> = rejects.iter().copied().chain(&conflicts).collect();
+    insert_rejects(tx, topic, &all_rejects).await?;
+    Ok(Applied {
+        counted: counted.len(),
+        conflicts,
+        windows,
+    })
+}
+
+/// Runs [`apply`] on a part of a batch in a transaction that is always rolled back: does
+/// Postgres take this part?
+async fn probe(
+    pool: &PgPool,
+    topic: &str,
+    candidates: &[&Candidate],
+    rejects: &[&Reject],
+) -> Result<(), StoreError> {
+    let mut tx = pool.begin().await?;
+    let result = apply(&mut tx, topic, candidates, rejects).await.map(drop);
+    tx.rollback().await?;
+    result
+}
+
+/// After a batch failed with a data error (see [`StoreError::Data`]): finds, by halving it in
+/// transactions that are rolled back, each event Postgres refuses on its own, and turns it into
+/// an `unprocessable` reject holding the database's message (its text fields left out, since
+/// they may be what Postgres refused; the raw bytes are kept). Everything else in the batch is
+/// then committed as usual. Returns how many were found; none means the failure is not one
+/// event's, and the batch is retried as it is.
+pub(crate) async fn isolate_unprocessable(
+    pool: &PgPool,
+    topic: &str,
+    batch: &mut Batch,
+) -> Result<usize, StoreError> {
+    let candidates: Vec<&Candidate> = batch.candidates.iter().collect();
+    let bad_candidates = bisect(candidates.len(), |range| {
+        probe(pool, topic, &candidates[range], &[])
+    })
+    .await?;
+    let rejects: Vec<&Reject> = batch.rejects.iter().collect();
+    let bad_rejects = bisect(rejects.len(), |range| {
+        probe(pool, topic, &[], &rejects[range])
+    })
+    .await?;
+    let found = bad_candidates.len() + bad_rejects.len();
+
+    let unprocessable = |origin, error: &sqlx::Error| Reject {
+        rejection: Rejection::new(
+            RejectReason::Unprocessable,
+            format!("valid by the event contract, but Postgres refused to store it: {error}"),
+        ),
+        event_id: None,
+        customer: None,
+        meter: None,
+        origin,
+    };
+    for (index, error) in bad_rejects.iter().rev() {
+        let origin = batch.rejects[*index].origin.clone();
+        batch.rejects[*index] = unprocessable(origin, error);
+    }
+    for (index, error) in bad_candidates.iter().rev() {
+        let candidate = batch.candidates.remove(*index);
+        batch.rejects.push(unprocessable(candidate.origin, error));
+    }
+    Ok(found)
+}
+
+/// The items among `0..len` that fail on their own, with their errors: halves every failing
+/// range until single items are left. Only data errors count as failing; any other error ends
+/// the search.
+async fn bisect<F, Fut>(len: usize, mut probe: F) -> Result<Vec<(usize, sqlx::Error)>, StoreError>
+where
+    F: FnMut(std::ops::Range<usize>) -> Fut,
+    Fut: std::future::Future<Output = Result<(), StoreError>>,
+{
+    let mut failing = Vec::new();
+    let mut ranges = vec![0..len];
+    while let Some(range) = ranges.pop() {
+        if range.is_empty() {
+            continue;
+        }
+        match probe(range.clone()).await {
+            Ok(()) => {}
+            Err(StoreError::Data(error)) if range.len() == 1 => failing.push((range.start, error)),
+            Err(StoreError::Data(_)) => {
+                let middle = range.start + range.len() / 2;
+                ranges.push(middle..range.end);
+                ranges.push(range.start..middle);
+            }
+            Err(other) => return Err(other),
+        }
+    }
+    failing.sort_by_key(|(index, _)| *index);
+    Ok(failing)
 }
 
 fn count_by_reason(rejects: &[&Reject]) -> Vec<(RejectReason, u64)> {
@@ -153,7 +251,7 @@ fn count_by_reason(rejects: &[&Reject]) -> Vec<(RejectReason, u64)> {
 
 /// Claims the candidates' ids. Returns, aligned with `candidates`, whether each was new (and
 /// is now claimed by this transaction), plus the rejects for ids already claimed with another
-/// payload.
+/// payload. An id is claimed once, whatever the timestamp of the copy that brings it.
 ///
 /// Looking the ids up first and then inserting only the new ones is about twice as fast as
 /// `INSERT .. ON CONFLICT DO NOTHING RETURNING`. If another aggregator claims one of the same
@@ -161,53 +259,37 @@ fn count_by_reason(rejects: &[&Reject]) -> Vec<(RejectReason, u64)> {
 /// with a unique violation, the transaction rolls back, and the batch is retried.
 async fn claim_ids(
     tx: &mut PgConnection,
-    candidates: &[Candidate],
+    candidates: &[&Candidate],
 ) -> Result<(Vec<bool>, Vec<Reject>), StoreError> {
     if candidates.is_empty() {
         return Ok((Vec::new(), Vec::new()));
     }
     // Sorted, so that the index is probed and extended in order.
     let mut order: Vec<usize> = (0..candidates.len()).collect();
-    order.sort_unstable_by(|&a, &b| {
-        let (a, b) = (&candidates[a], &candidates[b]);
-        (&a.event.id, a.day).cmp(&(&b.event.id, b.day))
-    });
+    order.sort_unstable_by(|&a, &b| candidates[a].event.id.cmp(&candidates[b].event.id));
     let ids: Vec<&str> = order
         .iter()
         .map(|&i| candidates[i].event.id.as_str())
         .collect();
-    let days: Vec<NaiveDate> = order.iter().map(|&i| candidates[i].day).collect();
-    let distinct_days: Vec<NaiveDate> = candidates
+    let stored: Vec<(String, i64)> =
+        sqlx::query_as("SELECT id, payload_hash FROM event_ids WHERE id = ANY($1)")
+            .bind(&ids)
+            .fetch_all(&mut *tx)
+            .await?;
+    let stored: HashMap<&str, i64> = stored
         .iter()
-        .map(|c| c.day)
-        .collect::<BTreeSet<_>>()
-        .into_iter()
-        .collect();
-    // `event_day = ANY` prunes to the batch's day partitions; exact (id, day) pairs are matched
-    // below.
-    let stored: Vec<(String, NaiveDate, i64)> = sqlx::query_as(
-        "SELECT id, event_day, payload_hash FROM event_ids
-         WHERE event_day = ANY($2) AND id = ANY($1)",
-    )
-    .bind(&ids)
-    .bind(&distinct_days)
-    .fetch_all(&mut *tx)
-    .await?;
-    let stored: HashMap<(&str, NaiveDate), i64> = stored
-        .iter()
-        .map(|(id, day, hash)| ((id.as_str(), *day), *hash))
+        .map(|(id, hash)| (id.as_str(), *hash))
         .collect();
 
     let mut new = vec![false; candidates.len()];
     let mut conflicts = Vec::new();
-    let (mut new_ids, mut new_days, mut new_hashes) = (Vec::new(), Vec::new(), Vec::new());
+    let (mut new_ids, mut new_hashes) = (Vec::new(), Vec::new());
     for (position, &i) in order.iter().enumerate() {
-        let candidate = &candidates[i];
-        match stored.get(&(ids[position], days[position])) {
+        let candidate = candidates[i];
+        match stored.get(ids[position]) {
             None => {
                 new[i] = true;
                 new_ids.push(ids[position]);
-                new_days.push(days[position]);
                 new_hashes.push(candidate.payload_hash);
             }
             Some(&hash) if hash == candidate.payload_hash => {}
@@ -216,11 +298,11 @@ async fn claim_ids(
     }
     if !new_ids.is_empty() {
         sqlx::query(
-            "INSERT INTO event_ids (id, event_day, payload_hash)
-             SELECT * FROM unnest($1::text[], $2::date[], $3::bigint[])",
+            "INSERT INTO event_ids (id, claimed_on, payload_hash)
+             SELECT i, (now() AT TIME ZONE 'UTC')::date, h
+             FROM unnest($1::text[], $2::bigint[]) AS u(i, h)",
         )
         .bind(&new_ids)
-        .bind(&new_days)
         .bind(&new_hashes)
         .execute(&mut *tx)
         .await?;
@@ -528,64 +610,36 @@ async fn advance_offsets(
     Ok(())
 }
 
-/// Creates the `event_ids` day partitions a batch needs. Idempotent and safe to race: an
-/// advisory lock serializes aggregators doing this at once.
-pub(crate) async fn ensure_day_partitions(
+/// Deletes dedup claims made before `claimed_before` (older than the retention), in chunks of
+/// short transactions so that neither locks nor WAL pile up, and minute unique-values past the
+/// lateness horizon. Returns how many claims were deleted.
+pub(crate) async fn delete_expired(
     pool: &PgPool,
-    days: &BTreeSet<NaiveDate>,
-) -> Result<(), StoreError> {
-    let mut tx = pool.begin().await?;
-    sqlx::query("SELECT pg_advisory_xact_lock(hashtext('tally.event_ids.partitions'))")
-        .execute(&mut *tx)
-        .await?;
-    for day in days {
-        let next = day.succ_opt().unwrap_or(*day);
-        let sql = format!(
-            "CREATE TABLE IF NOT EXISTS {} PARTITION OF event_ids FOR VALUES FROM ('{day}') TO ('{next}')",
-            partition_name(*day)
-        );
-        sqlx::query(&sql).execute(&mut *tx).await?;
-    }
-    tx.commit().await?;
-    Ok(())
-}
-
-fn partition_name(day: NaiveDate) -> String {
-    format!("event_ids_{}", day.format("%Y%m%d"))
-}
-
-/// Drops `event_ids` partitions of days before `keep_from` (older than the dedup retention)
-/// and minute unique-values past the lateness horizon. Returns the partitions dropped.
-pub(crate) async fn drop_expired(
-    pool: &PgPool,
-    keep_from: NaiveDate,
+    claimed_before: NaiveDate,
     values_before: DateTime<Utc>,
-) -> Result<Vec<String>, StoreError> {
-    let partitions: Vec<String> = sqlx::query_scalar(
-        "SELECT c.relname::text FROM pg_inherits i
-         JOIN pg_class c ON c.oid = i.inhrelid
-         JOIN pg_class p ON p.oid = i.inhparent
-         WHERE p.relname = 'event_ids'",
-    )
-    .fetch_all(pool)
-    .await?;
-    let mut dropped = Vec::new();
-    for name in partitions {
-        let day = name
-            .strip_prefix("event_ids_")
-            .and_then(|d| NaiveDate::parse_from_str(d, "%Y%m%d").ok());
-        if day.is_some_and(|day| day < keep_from) {
-            sqlx::query(&format!("DROP TABLE IF EXISTS {name}"))
-                .execute(pool)
-                .await?;
-            dropped.push(name);
+) -> Result<u64, StoreError> {
+    const CHUNK: i64 = 20_000;
+    let mut deleted = 0;
+    loop {
+        let chunk = sqlx::query(
+            "DELETE FROM event_ids WHERE ctid = ANY(ARRAY(
+                SELECT ctid FROM event_ids WHERE claimed_on < $1 LIMIT $2))",
+        )
+        .bind(claimed_before)
+        .bind(CHUNK)
+        .execute(pool)
+        .await?
+        .rows_affected();
+        deleted += chunk;
+        if chunk < CHUNK as u64 {
+            break;
         }
     }
     sqlx::query("DELETE FROM usage_minute_values WHERE window_start < $1")
         .bind(values_before)
         .execute(pool)
         .await?;
-    Ok(dropped)
+    Ok(deleted)
 }
 
 /// Records the configured meters. A meter whose aggregation, group_by or unique dimension

@@ -126,6 +126,10 @@ impl Harness {
     }
 
     fn run_once(&self) -> RunSummary {
+        let _ = tracing_subscriber::fmt()
+            .with_test_writer()
+            .with_env_filter("tally_aggregator=debug,tally_runtime=debug")
+            .try_init();
         self.aggregator(fast())
             .run(Mode::Once, &CancellationToken::new())
             .unwrap()
@@ -145,10 +149,12 @@ impl Harness {
     }
 }
 
+/// Small batches; each aggregator its own static-membership name, as on separate hosts.
 fn fast() -> AggregatorConfig {
     AggregatorConfig {
         batch_max_events: 500,
         batch_max_wait: Duration::from_millis(50),
+        instance_id: Some(format!("test-{}", uuid::Uuid::now_v7().simple())),
         ..AggregatorConfig::default()
     }
 }
@@ -319,9 +325,26 @@ fn counts_every_aggregation_exactly_and_refuses_each_reason_once() {
             r#"{{"id":"os","customer":"{}","meter":"tokens","quantity":"1","timestamp":"{t}"}}"#,
             "x".repeat(70_000)
         ),
+        format!(
+            r#"{{"id":"qr","customer":"acme","meter":"tokens","quantity":1e16,"timestamp":"{t}"}}"#
+        ),
+        format!(
+            r#"{{"id":"is","customer":"acme","meter":"tokens","quantity":"1","timestamp":"{t}","source":"a\u0000b"}}"#
+        ),
     ] {
         h.send_raw("acme", raw.as_bytes());
     }
+    // Valid by the contract, but refused by Postgres (a constraint planted for the test): the
+    // batch is split until this event is found; everything else commits.
+    h.runtime.block_on(async {
+        sqlx::query(
+            "ALTER TABLE usage_minute ADD CONSTRAINT planted CHECK (customer_id <> 'poison')",
+        )
+        .execute(h.pool())
+        .await
+        .unwrap();
+    });
+    h.send(&event("poison-1", "poison", "tokens", "1", minute));
     h.flush();
     let first = h.run_once();
     assert_eq!(first.counted, 600 + 3 + 2 + 3);
@@ -374,14 +397,21 @@ fn counts_every_aggregation_exactly_and_refuses_each_reason_once() {
             ("invalid_id".into(), 1),
             ("invalid_meter".into(), 1),
             ("invalid_quantity".into(), 1),
+            ("invalid_source".into(), 1),
             ("invalid_timestamp".into(), 1),
             ("malformed".into(), 1),
             ("missing_field".into(), 1),
             ("oversize".into(), 1),
+            ("quantity_out_of_range".into(), 1),
             ("too_late".into(), 1),
             ("unknown_meter".into(), 1),
+            ("unprocessable".into(), 1),
         ])
     );
+    let unprocessable: Vec<(String, Vec<u8>)> =
+        h.query("SELECT detail, raw FROM rejected_events WHERE reason = 'unprocessable'");
+    assert!(unprocessable[0].0.contains("planted"), "{unprocessable:?}");
+    assert!(String::from_utf8_lossy(&unprocessable[0].1).contains("poison-1"));
     let raw: Vec<(Vec<u8>, bool)> = h.query(
         "SELECT raw, dlq_published_at IS NOT NULL FROM rejected_events WHERE reason = 'malformed'",
     );
@@ -390,8 +420,8 @@ fn counts_every_aggregation_exactly_and_refuses_each_reason_once() {
     // Every reject was copied to the DLQ topic, with its reason in a header.
     // Every reason the contract defines was exercised.
     assert_eq!(reasons(&h).len(), tally_core::RejectReason::ALL.len());
-    let dlq = consume_all(&h.kafka, &h.kafka.dlq_topic, 13);
-    assert_eq!(dlq.len(), 13);
+    let dlq = consume_all(&h.kafka, &h.kafka.dlq_topic, 16);
+    assert_eq!(dlq.len(), 16);
     assert!(dlq
         .iter()
         .any(|(reason, payload)| reason == "malformed" && payload == b"{not json"));

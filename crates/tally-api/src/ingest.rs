@@ -23,7 +23,9 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 use chrono::Utc;
 use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
 use serde_json::{Map, Value};
+use tally_core::reject::printable;
 use tally_core::{wire, Rejection};
 use tally_emitter::{Durability, EmitError};
 
@@ -37,7 +39,9 @@ pub const MAX_BATCH: usize = 1_000;
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct IngestRequest {
-    events: Vec<Map<String, Value>>,
+    /// Kept as the JSON text received: quantities are read from their digits by the wire
+    /// rules, never through `f64`, and a refused event is stored byte for byte.
+    events: Vec<Box<RawValue>>,
 }
 
 /// One event's result, in request order.
@@ -88,10 +92,11 @@ pub(crate) async fn ingest(
     let now = Utc::now();
     let mut rejects = Vec::new();
     let mut valid = Vec::new();
-    for (index, fields) in request.events.into_iter().enumerate() {
-        match decode(&fields, now) {
+    let mut new_id = || uuid::Uuid::now_v7().to_string();
+    for (index, raw) in request.events.iter().enumerate() {
+        match wire::decode_filling(raw.get().as_bytes(), now, &mut new_id) {
             Ok(event) => valid.push((index, event)),
-            Err(rejection) => rejects.push(Reject::new(index, &fields, rejection)),
+            Err(rejection) => rejects.push(Reject::new(index, raw, rejection)),
         }
     }
     // Stored before anything is emitted: if this fails, the request changed nothing.
@@ -178,45 +183,25 @@ struct Reject {
 }
 
 impl Reject {
-    /// Keeps the event as received, and what can be read of it.
-    fn new(index: usize, fields: &Map<String, Value>, rejection: Rejection) -> Reject {
+    /// Keeps the event as received, byte for byte, and what can be read of it (made printable:
+    /// a refused event may carry a NUL, which Postgres `text` cannot hold).
+    fn new(index: usize, raw: &RawValue, rejection: Rejection) -> Reject {
+        let fields: Map<String, Value> = serde_json::from_str(raw.get()).unwrap_or_default();
         let field = |names: &[&str]| {
             names
                 .iter()
                 .find_map(|name| fields.get(*name).and_then(Value::as_str))
-                .map(str::to_owned)
+                .map(|text| printable(text.to_owned()))
         };
         Reject {
             index,
-            raw: serde_json::to_vec(fields).unwrap_or_default(),
+            raw: raw.get().as_bytes().to_vec(),
             id: field(&["id"]),
             customer: field(&["customer", "subject"]),
             meter: field(&["meter", "type"]),
             rejection,
         }
     }
-}
-
-/// Decodes one event by the wire rules, first filling in an omitted native `id` (a UUIDv7) or
-/// `timestamp` (now). CloudEvents carry both by their own spec.
-fn decode(
-    fields: &Map<String, Value>,
-    now: chrono::DateTime<Utc>,
-) -> Result<tally_core::UsageEvent, Rejection> {
-    let native = !fields.contains_key("specversion");
-    let bytes = if native && !(fields.contains_key("id") && fields.contains_key("timestamp")) {
-        let mut filled = fields.clone();
-        filled
-            .entry("id")
-            .or_insert_with(|| Value::String(uuid::Uuid::now_v7().to_string()));
-        filled
-            .entry("timestamp")
-            .or_insert_with(|| Value::String(now.to_rfc3339()));
-        serde_json::to_vec(&filled)
-    } else {
-        serde_json::to_vec(fields)
-    };
-    wire::decode(&bytes.unwrap_or_default(), now)
 }
 
 async fn store_rejects(pool: &sqlx::PgPool, rejects: &[Reject]) -> Result<(), ApiError> {

@@ -25,6 +25,20 @@ pub const MAX_DIMENSION_VALUE_CHARS: usize = 256;
 pub const MAX_EVENT_BYTES: usize = 64 * 1024;
 /// How far ahead of the receiver's clock a timestamp may be (clock skew allowance).
 pub const FUTURE_TOLERANCE: TimeDelta = TimeDelta::minutes(5);
+/// Largest quantity of one event: 10^15 (a petabyte in bytes, a quadrillion tokens).
+pub const MAX_QUANTITY: Decimal = Decimal::from_parts(2_764_472_320, 232_830, 0, false, 0);
+/// Most fraction digits of a quantity (trailing zeros do not count): nano-units.
+///
+/// Why these bounds: tally adds quantities exactly in Postgres and reads the sums back into
+/// 96-bit decimals (28 digits). With at most 9 fraction digits a sum keeps at most 9, so sums
+/// read back exactly up to 7.9 × 10^19: at least 79,000 events of the largest quantity in one
+/// window, day or period, and far more than any real usage. Beyond that a sum is an error for
+/// that one customer, never a crash.
+pub const MAX_QUANTITY_SCALE: u32 = 9;
+/// Most bytes of a window key: the customer plus the JSON of all the event's dimensions
+/// (any of them may be a `group_by` or a `unique_count` dimension). Keeps every index entry of
+/// the windows under Postgres's b-tree limit (about 2,700 bytes) whatever the meters group by.
+pub const MAX_KEY_BYTES: usize = 1_200;
 
 /// One usage report: "customer `customer` used `quantity` of `meter` at `timestamp`".
 ///
@@ -84,6 +98,12 @@ impl UsageEvent {
                 format!("id must be 1 to {MAX_ID_CHARS} characters"),
             ));
         }
+        if has_control(&self.id) {
+            return Err(Rejection::new(
+                RejectReason::InvalidId,
+                "id must not contain control characters (U+0000-U+001F, U+007F-U+009F)",
+            ));
+        }
         validate_customer(&self.customer)?;
         validate_meter_name(&self.meter)
             .map_err(|detail| Rejection::new(RejectReason::InvalidMeter, detail))?;
@@ -99,14 +119,24 @@ impl UsageEvent {
             ));
         }
         if let Some(source) = &self.source {
-            if exceeds_chars(source, MAX_SOURCE_CHARS) {
+            if exceeds_chars(source, MAX_SOURCE_CHARS) || has_control(source) {
                 return Err(Rejection::new(
-                    RejectReason::Malformed,
-                    format!("source is longer than {MAX_SOURCE_CHARS} characters"),
+                    RejectReason::InvalidSource,
+                    format!("source must be at most {MAX_SOURCE_CHARS} characters, without control characters"),
                 ));
             }
         }
-        validate_dimensions(&self.dimensions)
+        validate_dimensions(&self.dimensions)?;
+        let key_bytes = self.customer.len() + dimensions_json_len(&self.dimensions);
+        if key_bytes > MAX_KEY_BYTES {
+            return Err(Rejection::new(
+                RejectReason::InvalidDimensions,
+                format!(
+                    "customer and dimensions take {key_bytes} bytes (customer plus the dimensions as JSON); at most {MAX_KEY_BYTES} fit a window key: send shorter dimension values or fewer dimensions"
+                ),
+            ));
+        }
+        Ok(())
     }
 }
 
@@ -117,8 +147,9 @@ fn validate_customer(customer: &str) -> Result<(), Rejection> {
             format!("customer must be 1 to {MAX_CUSTOMER_CHARS} characters"),
         ));
     }
-    // Control characters would corrupt logs, CSV exports and terminal tables downstream.
-    if customer.chars().any(char::is_control) {
+    // Control characters would corrupt logs, CSV exports and terminal tables downstream, and
+    // Postgres `text` cannot hold U+0000.
+    if has_control(customer) {
         return Err(Rejection::new(
             RejectReason::InvalidCustomer,
             "customer must not contain control characters",
@@ -143,11 +174,21 @@ pub fn validate_meter_name(meter: &str) -> Result<(), String> {
     }
 }
 
-fn validate_quantity(quantity: Decimal) -> Result<(), Rejection> {
+/// Checks a quantity against tally's domain: not negative, at most [`MAX_QUANTITY`], at most
+/// [`MAX_QUANTITY_SCALE`] fraction digits (trailing zeros do not count).
+pub fn validate_quantity(quantity: Decimal) -> Result<(), Rejection> {
     if quantity.is_sign_negative() && !quantity.is_zero() {
         return Err(Rejection::new(
             RejectReason::InvalidQuantity,
             format!("quantity {quantity} is negative; usage only grows"),
+        ));
+    }
+    if quantity > MAX_QUANTITY || quantity.normalize().scale() > MAX_QUANTITY_SCALE {
+        return Err(Rejection::new(
+            RejectReason::QuantityOutOfRange,
+            format!(
+                "quantity {quantity} is outside tally's domain: at most {MAX_QUANTITY} with at most {MAX_QUANTITY_SCALE} fraction digits"
+            ),
         ));
     }
     Ok(())
@@ -176,8 +217,29 @@ fn validate_dimensions(dimensions: &BTreeMap<String, String>) -> Result<(), Reje
                 format!("dimension {key:?} is longer than {MAX_DIMENSION_VALUE_CHARS} characters"),
             ));
         }
+        if has_control(key) || has_control(value) {
+            return Err(Rejection::new(
+                RejectReason::InvalidDimensions,
+                format!("dimension {key:?} must not contain control characters"),
+            ));
+        }
     }
     Ok(())
+}
+
+/// Length of `{"k":"v",...}` for the dimensions: an upper bound on any group key built from
+/// them (group keys escape no control characters, which are refused, so only `"` and `\`
+/// take two bytes).
+fn dimensions_json_len(dimensions: &BTreeMap<String, String>) -> usize {
+    let quoted = |s: &str| 2 + s.len() + s.bytes().filter(|b| matches!(b, b'"' | b'\\')).count();
+    2 + dimensions
+        .iter()
+        .map(|(k, v)| quoted(k) + 1 + quoted(v) + 1)
+        .sum::<usize>()
+}
+
+fn has_control(text: &str) -> bool {
+    text.chars().any(char::is_control)
 }
 
 /// True when `s` has more than `max` characters; counts only when the byte length allows it.
@@ -236,5 +298,82 @@ mod tests {
         assert_eq!(reason(&e), Some(RejectReason::InvalidDimensions));
         let e = event().with_dimension("", "v");
         assert_eq!(reason(&e), Some(RejectReason::InvalidDimensions));
+    }
+
+    /// Postgres `text` cannot hold U+0000: a NUL anywhere must be refused at the contract, or
+    /// it fails the aggregator's batch transaction.
+    #[test]
+    fn control_characters_are_refused_in_every_string_field() {
+        for bad in ["a\u{0}b", "a\u{1f}", "\u{7f}", "x\u{9b}", "tab\there"] {
+            assert_eq!(reason(&event().with_id(bad)), Some(RejectReason::InvalidId));
+            let mut e = event();
+            e.customer = bad.into();
+            assert_eq!(reason(&e), Some(RejectReason::InvalidCustomer));
+            assert_eq!(
+                reason(&event().with_source(bad)),
+                Some(RejectReason::InvalidSource)
+            );
+            assert_eq!(
+                reason(&event().with_dimension("k", bad)),
+                Some(RejectReason::InvalidDimensions)
+            );
+            assert_eq!(
+                reason(&event().with_dimension(bad, "v")),
+                Some(RejectReason::InvalidDimensions)
+            );
+        }
+        // Printable characters of any width are fine, 4-byte ones included.
+        let e = event()
+            .with_id("𝄞é")
+            .with_source("😀")
+            .with_dimension("k", "𝄞");
+        assert_eq!(reason(&e), None);
+    }
+
+    #[test]
+    fn quantities_have_a_domain() {
+        let with = |q: &str| {
+            let mut e = event();
+            e.quantity = q.parse().unwrap();
+            reason(&e)
+        };
+        assert_eq!(with("1000000000000000"), None);
+        assert_eq!(with("999999999999999.999999999"), None);
+        assert_eq!(with("0.000000001"), None);
+        assert_eq!(
+            with("1.5000000000000000"),
+            None,
+            "trailing zeros do not count"
+        );
+        assert_eq!(
+            with("1000000000000000.000000001"),
+            Some(RejectReason::QuantityOutOfRange)
+        );
+        assert_eq!(with("0.0000000001"), Some(RejectReason::QuantityOutOfRange));
+        assert_eq!(
+            with("79228162514264337593543950335"),
+            Some(RejectReason::QuantityOutOfRange)
+        );
+        assert_eq!(MAX_QUANTITY, Decimal::from(1_000_000_000_000_000i64));
+    }
+
+    #[test]
+    fn customer_and_dimensions_must_fit_a_window_key() {
+        // 256 four-byte characters: the longest customer, 1,024 bytes.
+        let mut e = event();
+        e.customer = "𝄞".repeat(256);
+        assert_eq!(reason(&e), None);
+        let e = e.with_dimension("model", "x".repeat(200));
+        assert_eq!(reason(&e), Some(RejectReason::InvalidDimensions));
+        let mut e = event();
+        for i in 0..16 {
+            e = e.with_dimension(format!("k{i}"), "v".repeat(70));
+        }
+        assert_eq!(reason(&e), Some(RejectReason::InvalidDimensions));
+        let mut e = event();
+        for i in 0..16 {
+            e = e.with_dimension(format!("k{i}"), "v".repeat(50));
+        }
+        assert_eq!(reason(&e), None);
     }
 }

@@ -7,7 +7,10 @@ use std::time::Duration;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::PgPool;
 
+mod numeric;
 pub mod testing;
+
+pub use numeric::ExactDecimal;
 
 /// The schema, from `migrations/`. Applied by `tally migrate` (and by stages when asked).
 pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../../migrations");
@@ -68,20 +71,47 @@ pub async fn migrate(pool: &PgPool) -> Result<(), DbError> {
     Ok(())
 }
 
-/// True when the error means "try again" (connection lost, serialization failure, deadlock,
-/// a concurrent insert of the same key) rather than a bug or a bad schema.
+/// True when the error means "try again": the server is away or busy (connection lost or
+/// refused, restarting, out of disk or connections, an I/O error), the transaction lost a race
+/// (serialization failure, deadlock, a concurrent insert of the same key), or a statement was
+/// canceled. Not retryable: a bug, a bad schema, or data Postgres refuses ([`is_data_error`]).
 pub fn is_retryable(error: &sqlx::Error) -> bool {
     match error {
         sqlx::Error::Io(_)
+        | sqlx::Error::Tls(_)
+        | sqlx::Error::Protocol(_)
         | sqlx::Error::PoolTimedOut
         | sqlx::Error::PoolClosed
         | sqlx::Error::WorkerCrashed => true,
-        sqlx::Error::Database(db) => matches!(
-            db.code().as_deref(),
-            // serialization_failure, deadlock_detected, unique_violation (a concurrent claim),
-            // admin_shutdown / crash_shutdown / cannot_connect_now (server restarting).
-            Some("40001" | "40P01" | "23505" | "57P01" | "57P02" | "57P03")
-        ),
+        sqlx::Error::Database(db) => {
+            let code = db.code();
+            let code = code.as_deref().unwrap_or("");
+            // 23505 unique_violation: a concurrent claim of the same id.
+            code == "23505"
+                // 08 connection exception, 40 transaction rollback, 53 insufficient resources
+                // (disk full, too many connections), 57 operator intervention (shutdown,
+                // restart, cancel), 58 system error (I/O).
+                || ["08", "40", "53", "57", "58"].iter().any(|class| code.starts_with(class))
+        }
+        _ => false,
+    }
+}
+
+/// True when Postgres refused the data itself: SQLSTATE class 22 (data exception, such as a
+/// NUL in text or a numeric overflow), 23 (integrity violation, but not 23505, the dedup race)
+/// or 54 (program limit exceeded, such as an index row larger than a b-tree page allows).
+/// Running the same statement again fails the same way: the caller must find the offending
+/// row and set it aside.
+pub fn is_data_error(error: &sqlx::Error) -> bool {
+    match error {
+        sqlx::Error::Database(db) => {
+            let code = db.code();
+            let code = code.as_deref().unwrap_or("");
+            (code.starts_with("22") || code.starts_with("23") || code.starts_with("54"))
+                && code != "23505"
+        }
+        // A value read back that does not fit Rust's type (a sum beyond a decimal's range).
+        sqlx::Error::ColumnDecode { .. } | sqlx::Error::Decode(_) => true,
         _ => false,
     }
 }

@@ -1,0 +1,19 @@
+//! What every long-running tally process shares, so that an outage is handled the same way in
+//! each of them (ARCHITECTURE.md, invariant 8: outages are waited out):
+//!
+//! - `health.rs`: each dependency (Postgres, Kafka, Stripe) as this process sees it: one log
+//!   line when it goes away and one when it is back, `tally_dependency_up`, and the readiness
+//!   that `/readyz` reports.
+//! - `backoff.rs`: capped exponential backoff with jitter, for waiting one out.
+//! - `supervise.rs`: background tasks that are restarted (and counted) when they fail, never
+//!   silently gone.
+//! - `telemetry.rs`: metric names.
+
+mod backoff;
+pub mod health;
+mod supervise;
+pub mod telemetry;
+
+pub use backoff::Backoff;
+pub use health::{dependency, Dependency, DependencyStatus};
+pub use supervise::supervise;
