@@ -647,7 +647,7 @@ pub(crate) async fn delete_expired(
 pub async fn sync_meters(pool: &PgPool, meters: &[MeterDefinition]) -> Result<(), StoreError> {
     let mut tx = pool.begin().await?;
     for meter in meters {
-        let aggregation = aggregation_name(meter.aggregation);
+        let aggregation = meter.aggregation.as_str();
         let stored: Option<(String, Vec<String>, Option<String>)> = sqlx::query_as(
             "SELECT aggregation, group_by, unique_dimension FROM meters WHERE name = $1 FOR UPDATE",
         )
@@ -681,16 +681,6 @@ pub async fn sync_meters(pool: &PgPool, meters: &[MeterDefinition]) -> Result<()
     }
     tx.commit().await?;
     Ok(())
-}
-
-fn aggregation_name(aggregation: Aggregation) -> &'static str {
-    match aggregation {
-        Aggregation::Sum => "sum",
-        Aggregation::Count => "count",
-        Aggregation::Max => "max",
-        Aggregation::Latest => "latest",
-        Aggregation::UniqueCount => "unique_count",
-    }
 }
 
 /// A rejected event whose DLQ copy is not yet acknowledged.

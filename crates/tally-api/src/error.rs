@@ -45,7 +45,9 @@ impl From<QuotaError> for ApiError {
         let status = match &error {
             QuotaError::NoActiveSubscription(_) => StatusCode::NOT_FOUND,
             QuotaError::FeatureDisabled { .. } => StatusCode::FORBIDDEN,
-            QuotaError::UnknownMeter(_) | QuotaError::Unsupported(_) => StatusCode::BAD_REQUEST,
+            QuotaError::UnknownMeter(_)
+            | QuotaError::Unsupported(_)
+            | QuotaError::OutOfRange { .. } => StatusCode::BAD_REQUEST,
             QuotaError::Store(_) => StatusCode::SERVICE_UNAVAILABLE,
         };
         if status == StatusCode::SERVICE_UNAVAILABLE {

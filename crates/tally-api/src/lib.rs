@@ -36,6 +36,7 @@ pub use auth::Caller;
 pub use config::{ApiToken, ServeConfig};
 pub use error::ApiError;
 pub use ingest::MAX_BATCH;
+pub use routes::readiness;
 
 /// What the handlers share.
 pub struct ApiState {

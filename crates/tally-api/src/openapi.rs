@@ -108,7 +108,7 @@ pub fn document() -> Value {
                 "parameters": [customer_parameter()],
                 "responses": { "200": { "description": "Lines and total" }, "404": error_response("NO_ACTIVE_SUBSCRIPTION") } } },
             "/healthz": { "get": { "summary": "The process is up", "security": [], "responses": { "200": { "description": "ok" } } } },
-            "/readyz": { "get": { "summary": "Postgres answers", "security": [], "responses": { "200": { "description": "ready" }, "503": error_response("NOT_READY") } } },
+            "/readyz": { "get": { "summary": "Postgres answers and every dependency of this process is reachable", "security": [], "responses": { "200": { "description": "ready: {ready, dependencies: [{name, up, down_seconds, error}]}" }, "503": { "description": "not ready: the same body, naming the dependency that is away" } } } },
             "/metrics": { "get": { "summary": "Prometheus metrics", "security": [], "responses": { "200": { "description": "text exposition format" } } } }
         }
     })

@@ -142,17 +142,37 @@ pub(crate) async fn healthz() -> &'static str {
     "ok"
 }
 
-/// Ready when Postgres answers.
+/// Ready when Postgres answers (asked now) and every other dependency this process uses is
+/// reachable; the answer lists each, and since when one is away.
 pub(crate) async fn readyz(State(state): State<Arc<ApiState>>) -> Response {
+    let postgres = tally_runtime::dependency("postgres");
     match sqlx::query("SELECT 1").execute(&state.pool).await {
-        Ok(_) => "ready".into_response(),
-        Err(error) => ApiError::new(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "NOT_READY",
-            format!("Postgres: {error}"),
-        )
-        .into_response(),
+        Ok(_) => postgres.up(),
+        Err(error) => postgres.down(&error),
     }
+    readiness().await
+}
+
+/// 200 when every dependency this process uses is reachable, else 503; the body lists each
+/// (`/readyz` here, and on the admin listener of `tally aggregate` and `tally sink`).
+pub async fn readiness() -> Response {
+    let dependencies: Vec<serde_json::Value> = tally_runtime::health::readiness()
+        .into_iter()
+        .map(|d| {
+            serde_json::json!({
+                "name": d.name, "up": d.up,
+                "down_seconds": d.down_for.map(|t| t.as_secs_f64()), "error": d.error,
+            })
+        })
+        .collect();
+    let ready = dependencies.iter().all(|d| d["up"] == true);
+    let status = if ready {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    let body = serde_json::json!({ "ready": ready, "dependencies": dependencies });
+    (status, axum::Json(body)).into_response()
 }
 
 pub(crate) async fn metrics(State(state): State<Arc<ApiState>>) -> Response {

@@ -10,6 +10,7 @@ use chrono::{DateTime, Utc};
 use rust_decimal::Decimal;
 use serde::Deserialize;
 use serde_json::json;
+use tally_db::ExactDecimal;
 
 use crate::auth::ReadableCustomer;
 use crate::error::ApiError;
@@ -101,7 +102,7 @@ pub(crate) async fn usage(
          WHERE customer_id = $1 AND meter = $2 AND {time} >= $3 AND {time} < $4
          GROUP BY 1, 2 ORDER BY 2, 1"
     );
-    let rows: Vec<(DateTime<Utc>, String, Option<Decimal>)> = sqlx::query_as(&sql)
+    let rows: Vec<(DateTime<Utc>, String, Option<ExactDecimal>)> = sqlx::query_as(&sql)
         .bind(&customer)
         .bind(&query.meter)
         .bind(query.from)
@@ -114,7 +115,7 @@ pub(crate) async fn usage(
         series
             .entry(group_key)
             .or_default()
-            .push(json!({ "start": bucket, "value": value.unwrap_or_default() }));
+            .push(json!({ "start": bucket, "value": value.unwrap_or_default().0 }));
     }
     let series: Vec<serde_json::Value> = series
         .into_iter()
@@ -140,7 +141,7 @@ pub(crate) async fn invoice_preview(
         let Some(unit_price) = limit.unit_price else {
             continue;
         };
-        let quantity: Option<Decimal> = sqlx::query_scalar(
+        let quantity: Option<ExactDecimal> = sqlx::query_scalar(
             "SELECT sum(d.value) FROM usage_daily d JOIN meters m ON m.name = d.meter
              WHERE d.customer_id = $1 AND d.meter = $2 AND d.day >= $3::date AND d.day < $4::date
                AND m.aggregation IN ('sum', 'count')",
@@ -152,9 +153,16 @@ pub(crate) async fn invoice_preview(
         .fetch_one(&state.pool)
         .await
         .map_err(internal)?;
-        let quantity = quantity.unwrap_or_default();
-        let amount = quantity * unit_price;
-        total += amount;
+        let quantity = quantity.unwrap_or_default().0;
+        let out_of_range = || {
+            ApiError::new(
+                axum::http::StatusCode::UNPROCESSABLE_ENTITY,
+                "USAGE_OUT_OF_RANGE",
+                format!("the usage of {meter} times its unit price is beyond what a 28-digit decimal holds; the preview cannot be computed exactly"),
+            )
+        };
+        let amount = quantity.checked_mul(unit_price).ok_or_else(out_of_range)?;
+        total = total.checked_add(amount).ok_or_else(out_of_range)?;
         lines.push(json!({ "meter": meter, "quantity": quantity, "unit_price": unit_price, "amount": amount }));
     }
     Ok(Json(json!({
@@ -166,6 +174,14 @@ pub(crate) async fn invoice_preview(
 }
 
 fn internal(error: sqlx::Error) -> ApiError {
+    if tally_db::is_data_error(&error) {
+        tracing::error!(%error, "stored usage cannot be read exactly");
+        return ApiError::new(
+            axum::http::StatusCode::UNPROCESSABLE_ENTITY,
+            "USAGE_OUT_OF_RANGE",
+            "this customer's usage is beyond what a 28-digit decimal holds and cannot be shown exactly",
+        );
+    }
     tracing::error!(%error, "usage query failed");
     ApiError::new(
         axum::http::StatusCode::SERVICE_UNAVAILABLE,

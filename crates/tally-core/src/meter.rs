@@ -22,6 +22,40 @@ pub enum Aggregation {
     UniqueCount,
 }
 
+impl Aggregation {
+    /// The name used in `tally.toml` and in the `meters` table.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Aggregation::Sum => "sum",
+            Aggregation::Count => "count",
+            Aggregation::Max => "max",
+            Aggregation::Latest => "latest",
+            Aggregation::UniqueCount => "unique_count",
+        }
+    }
+}
+
+impl std::str::FromStr for Aggregation {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Self, String> {
+        [
+            Aggregation::Sum,
+            Aggregation::Count,
+            Aggregation::Max,
+            Aggregation::Latest,
+            Aggregation::UniqueCount,
+        ]
+        .into_iter()
+        .find(|a| a.as_str() == text)
+        .ok_or_else(|| {
+            format!(
+                "unknown aggregation {text:?}; expected sum, count, max, latest or unique_count"
+            )
+        })
+    }
+}
+
 /// One `[[meters]]` entry of `tally.toml`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]

@@ -49,6 +49,20 @@ pub async fn connect(
         .map_err(|reason| DbError::Unreachable { target, reason })
 }
 
+/// A pool of up to `max_connections` that connects on first use, for daemons: one started
+/// while Postgres is away comes up, and waits for it (each acquire gives up after `timeout`).
+/// Only a malformed URL is an error here.
+pub fn connect_lazy(url: &str, max_connections: u32, timeout: Duration) -> Result<PgPool, DbError> {
+    if url.trim().is_empty() {
+        return Err(DbError::NotConfigured);
+    }
+    let options: PgConnectOptions = url.parse().map_err(DbError::BadUrl)?;
+    Ok(PgPoolOptions::new()
+        .max_connections(max_connections)
+        .acquire_timeout(timeout)
+        .connect_lazy_with(options))
+}
+
 /// `host:port/database` of a Postgres URL, without its credentials: for messages and logs.
 /// An unparsable URL is described as such, never echoed (it may hold a password).
 pub fn describe_url(url: &str) -> String {
@@ -116,13 +130,35 @@ pub fn is_data_error(error: &sqlx::Error) -> bool {
     }
 }
 
+impl DbError {
+    /// Postgres is away or busy: the same call may succeed later.
+    pub fn is_retryable(&self) -> bool {
+        match self {
+            DbError::Unreachable { reason, .. } => is_retryable(reason),
+            DbError::Migration(sqlx::migrate::MigrateError::Execute(e)) => is_retryable(e),
+            _ => false,
+        }
+    }
+}
+
 /// Fails with "run `tally migrate`" unless every embedded migration has been applied.
 pub async fn check_schema(pool: &PgPool) -> Result<(), DbError> {
-    let applied: Vec<i64> =
-        sqlx::query_scalar("SELECT version FROM _sqlx_migrations WHERE success ORDER BY version")
-            .fetch_all(pool)
-            .await
-            .unwrap_or_default();
+    let applied: Vec<i64> = match sqlx::query_scalar(
+        "SELECT version FROM _sqlx_migrations WHERE success ORDER BY version",
+    )
+    .fetch_all(pool)
+    .await
+    {
+        Ok(applied) => applied,
+        Err(reason) if is_retryable(&reason) => {
+            return Err(DbError::Unreachable {
+                target: describe(&pool.connect_options()),
+                reason,
+            })
+        }
+        // No migrations table: nothing is applied.
+        Err(_) => Vec::new(),
+    };
     let missing: Vec<i64> = MIGRATOR
         .iter()
         .map(|m| m.version)

@@ -24,6 +24,8 @@ use std::time::{Duration, Instant};
 use chrono::{DateTime, Datelike, NaiveDate, TimeDelta, Utc};
 use rust_decimal::Decimal;
 use sqlx::PgPool;
+use tally_db::ExactDecimal;
+use tokio_util::sync::CancellationToken;
 
 use crate::plan::{Enforcement, Entitlements, LimitDefinition, Period};
 use crate::store::{self, QuotaStoreError, Subscription};
@@ -64,6 +66,9 @@ pub enum QuotaError {
     UnknownMeter(String),
     #[error("quota on unique_count meter {0:?} is not supported yet")]
     Unsupported(String),
+    /// The quantity, or the usage plus the quantity, is beyond what a 28-digit decimal holds.
+    #[error("quantity {quantity} on top of the customer's usage is beyond a 28-digit decimal; send a quantity within tally's domain (at most 10^15)")]
+    OutOfRange { quantity: Decimal },
     #[error(transparent)]
     Store(#[from] QuotaStoreError),
 }
@@ -76,6 +81,7 @@ impl QuotaError {
             QuotaError::FeatureDisabled { .. } => "FEATURE_DISABLED",
             QuotaError::UnknownMeter(_) => "UNKNOWN_METER",
             QuotaError::Unsupported(_) => "UNSUPPORTED",
+            QuotaError::OutOfRange { .. } => "INVALID_QUANTITY",
             QuotaError::Store(_) => "INTERNAL",
         }
     }
@@ -105,16 +111,30 @@ struct MeterUsage {
     allowed_locally: Mutex<Decimal>,
 }
 
+/// How often the meter list may be reloaded because a check named an unknown meter.
+const METERS_RELOAD: Duration = Duration::from_secs(5);
+
+#[derive(Default)]
+struct Aggregations {
+    by_meter: HashMap<String, String>,
+    loaded: Option<Instant>,
+}
+
 /// Quota checks with a local cache. Cheap to share (`Arc`).
 pub struct Quota {
     shared: Arc<Shared>,
     refresh: Duration,
+    /// Ends the supervised refresher when the `Quota` is dropped.
+    stop: CancellationToken,
 }
 
 /// What the background refresher shares with the checks.
 struct Shared {
     pool: PgPool,
-    aggregations: HashMap<String, String>,
+    /// Meter → aggregation, from the `meters` table (every command records tally.toml's
+    /// meters there as it starts). Loaded on first use and again when a check names a meter
+    /// it does not hold, at most every [`METERS_RELOAD`].
+    aggregations: RwLock<Aggregations>,
     cache: RwLock<HashMap<String, Arc<Cached>>>,
     /// Customers whose cached state is stale, for the refresher's next batch.
     due: Mutex<Vec<String>>,
@@ -123,23 +143,66 @@ struct Shared {
 }
 
 impl Quota {
-    /// Loads the meters; entitlements and usage are loaded per customer on first use.
+    /// Starts the background refresher. Touches no database: meters, entitlements and usage
+    /// are loaded on first use, so a server can start while Postgres is away.
     pub async fn new(pool: PgPool, refresh: Duration) -> Result<Quota, QuotaError> {
-        let aggregations: Vec<(String, String)> =
-            sqlx::query_as("SELECT name, aggregation FROM meters")
-                .fetch_all(&pool)
-                .await
-                .map_err(QuotaStoreError::from)?;
         let wake = Arc::new(tokio::sync::Notify::new());
         let shared = Arc::new(Shared {
             pool,
-            aggregations: aggregations.into_iter().collect(),
+            aggregations: RwLock::default(),
             cache: RwLock::new(HashMap::new()),
             due: Mutex::new(Vec::new()),
             wake: wake.clone(),
         });
-        tokio::spawn(refresher(Arc::downgrade(&shared), wake));
-        Ok(Quota { shared, refresh })
+        let stop = CancellationToken::new();
+        let weak = Arc::downgrade(&shared);
+        tally_runtime::supervise("quota_refresher", stop.clone(), move || {
+            let (weak, wake) = (weak.clone(), wake.clone());
+            async move {
+                // A refresher that died mid-batch left its customers marked as reloading.
+                if let Some(shared) = weak.upgrade() {
+                    shared.reset_reloading();
+                }
+                refresher(weak, wake).await;
+                Ok(())
+            }
+        });
+        Ok(Quota {
+            shared,
+            refresh,
+            stop,
+        })
+    }
+
+    /// The aggregation of `meter`, reloading the meter list when it is not known (yet).
+    async fn aggregation(&self, meter: &str) -> Result<String, QuotaError> {
+        let known = |aggregations: &Aggregations| aggregations.by_meter.get(meter).cloned();
+        let (found, loaded) = {
+            let aggregations = self
+                .shared
+                .aggregations
+                .read()
+                .unwrap_or_else(|e| e.into_inner());
+            (known(&aggregations), aggregations.loaded)
+        };
+        if let Some(aggregation) = found {
+            return Ok(aggregation);
+        }
+        if loaded.is_some_and(|at| at.elapsed() < METERS_RELOAD) {
+            return Err(QuotaError::UnknownMeter(meter.to_owned()));
+        }
+        let rows: Vec<(String, String)> = sqlx::query_as("SELECT name, aggregation FROM meters")
+            .fetch_all(&self.shared.pool)
+            .await
+            .map_err(QuotaStoreError::from)?;
+        let mut aggregations = self
+            .shared
+            .aggregations
+            .write()
+            .unwrap_or_else(|e| e.into_inner());
+        aggregations.by_meter = rows.into_iter().collect();
+        aggregations.loaded = Some(Instant::now());
+        known(&aggregations).ok_or_else(|| QuotaError::UnknownMeter(meter.to_owned()))
     }
 
     /// May `customer` use `quantity` more of `meter`? An allowed quantity counts against the
@@ -150,9 +213,7 @@ impl Quota {
         meter: &str,
         quantity: Decimal,
     ) -> Result<Decision, QuotaError> {
-        if !self.shared.aggregations.contains_key(meter) {
-            return Err(QuotaError::UnknownMeter(meter.to_owned()));
-        }
+        self.aggregation(meter).await?;
         let cached = self.cached(customer).await?;
         let live = cached
             .live
@@ -168,11 +229,18 @@ impl Quota {
                 resets_at: None,
             });
         };
-        let mut allowed = usage.allowed_locally.lock().expect("quota lock poisoned");
-        let used = usage.committed + *allowed;
-        let decision = decide(limit, used, quantity, usage.resets_at);
+        let out_of_range = || QuotaError::OutOfRange { quantity };
+        let mut allowed = usage
+            .allowed_locally
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        let used = usage
+            .committed
+            .checked_add(*allowed)
+            .ok_or_else(out_of_range)?;
+        let decision = decide(limit, used, quantity, usage.resets_at).ok_or_else(out_of_range)?;
         if !matches!(decision, Decision::Deny { .. }) {
-            *allowed += quantity;
+            *allowed = allowed.checked_add(quantity).ok_or_else(out_of_range)?;
         }
         Ok(decision)
     }
@@ -260,6 +328,7 @@ impl Quota {
 impl Drop for Quota {
     fn drop(&mut self) {
         // The refresher holds only a weak reference: woken now, it finds the cache gone.
+        self.stop.cancel();
         self.shared.wake.notify_one();
     }
 }
@@ -277,7 +346,24 @@ async fn refresher(shared: std::sync::Weak<Shared>, wake: Arc<tokio::sync::Notif
         if due.is_empty() {
             continue;
         }
-        match shared.load(due.clone()).await {
+        let loaded = match shared.load(due.clone()).await {
+            // One customer's data failed the batch (a usage sum beyond a decimal): load each
+            // on its own, so the others stay fresh.
+            Err(QuotaError::Store(QuotaStoreError::Postgres(error)))
+                if due.len() > 1 && tally_db::is_data_error(&error) =>
+            {
+                let mut one_by_one = Vec::with_capacity(due.len());
+                for customer in &due {
+                    match shared.load(vec![customer.clone()]).await {
+                        Ok(mut loaded) => one_by_one.append(&mut loaded),
+                        Err(error) => one_by_one.push((customer.clone(), Err(error))),
+                    }
+                }
+                Ok(one_by_one)
+            }
+            other => other,
+        };
+        match loaded {
             Ok(loaded) => {
                 for (customer, result) in loaded {
                     match result {
@@ -300,6 +386,18 @@ async fn refresher(shared: std::sync::Weak<Shared>, wake: Arc<tokio::sync::Notif
 }
 
 impl Shared {
+    /// Clears every "reload under way" mark, so stale customers are queued again.
+    fn reset_reloading(&self) {
+        for cached in self
+            .cache
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .values()
+        {
+            cached.reloading.store(false, Ordering::Release);
+        }
+    }
+
     fn store(&self, customer: &str, cached: Arc<Cached>) {
         self.cache
             .write()
@@ -346,9 +444,13 @@ impl Shared {
             for (meter, limit) in &entitlements.limits {
                 let aggregation = self
                     .aggregations
+                    .read()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .by_meter
                     .get(meter)
-                    .map(String::as_str)
-                    .unwrap_or("sum");
+                    .cloned()
+                    .unwrap_or_else(|| "sum".to_owned());
+                let aggregation = aggregation.as_str();
                 if aggregation == "unique_count" {
                     unsupported = Some(meter.clone());
                     break;
@@ -402,31 +504,32 @@ impl Live {
     }
 }
 
-/// The decision for `quantity` more on top of `used`.
+/// The decision for `quantity` more on top of `used`; `None` when `used + quantity` is beyond
+/// a decimal's range.
 pub fn decide(
     limit: &LimitDefinition,
     used: Decimal,
     quantity: Decimal,
     resets_at: Option<DateTime<Utc>>,
-) -> Decision {
+) -> Option<Decision> {
     if limit.is_unlimited() {
-        return Decision::Allow {
+        return Some(Decision::Allow {
             used,
             limit: None,
             remaining: None,
             resets_at,
-        };
+        });
     }
-    let projected = used + quantity;
+    let projected = used.checked_add(quantity)?;
     if projected <= limit.limit {
-        return Decision::Allow {
+        return Some(Decision::Allow {
             used,
             limit: Some(limit.limit),
-            remaining: Some(limit.limit - projected),
+            remaining: Some(limit.limit.checked_sub(projected)?),
             resets_at,
-        };
+        });
     }
-    match limit.deny_above() {
+    Some(match limit.deny_above() {
         Some(ceiling) if projected > ceiling => Decision::Deny {
             used,
             limit: limit.limit,
@@ -438,7 +541,7 @@ pub fn decide(
             resets_at,
             enforcement: limit.enforcement,
         },
-    }
+    })
 }
 
 /// The first UTC day counted and when the period resets.
@@ -497,7 +600,7 @@ impl UsageRequests {
         if self.customers.is_empty() {
             return Ok(HashMap::new());
         }
-        let rows: Vec<(i32, Option<Decimal>)> = sqlx::query_as(
+        let rows: Vec<(i32, Option<ExactDecimal>)> = sqlx::query_as(
             "SELECT (u.i - 1)::int4, CASE u.a
                 WHEN 'max' THEN (SELECT max(d.value) FROM usage_daily d
                     WHERE d.customer_id = u.c AND d.meter = u.m AND d.day >= u.s)
@@ -519,7 +622,7 @@ impl UsageRequests {
         .map_err(QuotaStoreError::from)?;
         Ok(rows
             .into_iter()
-            .map(|(index, value)| (index, value.unwrap_or_default()))
+            .map(|(index, value)| (index, value.unwrap_or_default().0))
             .collect())
     }
 }
@@ -565,7 +668,7 @@ mod tests {
         ];
         for (limit, checks) in cases {
             for (expected, used) in checks {
-                let decision = decide(&limit, n(used), n(1), None);
+                let decision = decide(&limit, n(used), n(1), None).unwrap();
                 assert_eq!(
                     kind(&decision),
                     expected,
@@ -574,7 +677,7 @@ mod tests {
                 );
             }
         }
-        let at_limit = decide(&limit(100, Enforcement::Hard, 0), n(99), n(1), None);
+        let at_limit = decide(&limit(100, Enforcement::Hard, 0), n(99), n(1), None).unwrap();
         assert_eq!(
             at_limit,
             Decision::Allow {
@@ -584,20 +687,27 @@ mod tests {
                 resets_at: None
             }
         );
-        let grace_edge = decide(&limit(100, Enforcement::Grace, 10), n(109), n(1), None);
+        let grace_edge = decide(&limit(100, Enforcement::Grace, 10), n(109), n(1), None).unwrap();
         assert_eq!(
             kind(&grace_edge),
             "warn",
             "exactly limit × 1.1 is still within the grace"
         );
         assert_eq!(
-            kind(&decide(
-                &limit(-1, Enforcement::Hard, 0),
-                n(1_000_000),
-                n(1),
-                None
-            )),
+            kind(&decide(&limit(-1, Enforcement::Hard, 0), n(1_000_000), n(1), None).unwrap()),
             "allow"
         );
+    }
+
+    #[test]
+    fn usage_beyond_a_decimal_is_no_decision_not_a_panic() {
+        let hard = limit(100, Enforcement::Hard, 0);
+        assert_eq!(decide(&hard, Decimal::MAX, Decimal::ONE, None), None);
+        let huge_grace = LimitDefinition {
+            limit: Decimal::MAX,
+            grace_percent: Decimal::from(50),
+            ..limit(0, Enforcement::Grace, 0)
+        };
+        assert_eq!(huge_grace.deny_above(), None);
     }
 }

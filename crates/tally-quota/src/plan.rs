@@ -56,7 +56,8 @@ impl LimitDefinition {
     }
 
     /// Usage above which a check is denied: the limit, or for `grace` the limit plus its grace;
-    /// `None` when nothing is ever denied (unlimited, or `soft`).
+    /// `None` when nothing is ever denied (unlimited, or `soft`, or a grace beyond a decimal's
+    /// range, which nothing can reach).
     pub fn deny_above(&self) -> Option<Decimal> {
         if self.is_unlimited() {
             return None;
@@ -64,9 +65,11 @@ impl LimitDefinition {
         match self.enforcement {
             Enforcement::Hard => Some(self.limit),
             Enforcement::Soft => None,
-            Enforcement::Grace => {
-                Some(self.limit + self.limit * self.grace_percent / Decimal::ONE_HUNDRED)
-            }
+            Enforcement::Grace => self
+                .limit
+                .checked_mul(self.grace_percent)
+                .and_then(|grace| grace.checked_div(Decimal::ONE_HUNDRED))
+                .and_then(|grace| self.limit.checked_add(grace)),
         }
     }
 

@@ -65,21 +65,53 @@ pub struct SlotPlan {
     pub overbilled: Option<Decimal>,
 }
 
+/// A customer's usage of a meter went beyond what a 28-digit decimal holds: that pair cannot
+/// be billed exactly and is quarantined (never a panic, never rounded).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("the usage is beyond what a 28-digit decimal holds")]
+pub struct Overflow;
+
+fn add(a: Decimal, b: Decimal) -> Result<Decimal, Overflow> {
+    a.checked_add(b).ok_or(Overflow)
+}
+
+fn sub(a: Decimal, b: Decimal) -> Result<Decimal, Overflow> {
+    a.checked_sub(b).ok_or(Overflow)
+}
+
+/// The largest whole number at most `x`, without overflowing.
+fn floor(x: Decimal) -> Result<Decimal, Overflow> {
+    if x.is_sign_negative() && !x.fract().is_zero() {
+        sub(x.trunc(), Decimal::ONE)
+    } else {
+        Ok(x.trunc())
+    }
+}
+
+/// The smallest whole number at least `x`, without overflowing.
+fn ceil(x: Decimal) -> Result<Decimal, Overflow> {
+    if x.is_sign_positive() && !x.fract().is_zero() {
+        add(x.trunc(), Decimal::ONE)
+    } else {
+        Ok(x.trunc())
+    }
+}
+
 /// Plans one slot whose window total is now `total`. `None`: nothing changed.
 pub fn plan_slot(
     kind: BillingKind,
     total: Decimal,
     slot: SlotState,
     balance: Balance,
-) -> Option<SlotPlan> {
+) -> Result<Option<SlotPlan>, Overflow> {
     match kind {
         BillingKind::Delta => {
             if total == slot.accounted {
-                return None;
+                return Ok(None);
             }
             let mut balance = balance;
-            balance.accounted += total - slot.accounted;
-            let owed = balance.accounted.floor() - balance.submitted;
+            balance.accounted = add(balance.accounted, sub(total, slot.accounted)?)?;
+            let owed = sub(floor(balance.accounted)?, balance.submitted)?;
             let (submission, overbilled) = if owed.is_sign_positive() && !owed.is_zero() {
                 (Some(owed), None)
             } else if owed.is_sign_negative() {
@@ -87,9 +119,12 @@ pub fn plan_slot(
             } else {
                 (None, None)
             };
-            balance.submitted += submission.unwrap_or_default() - overbilled.unwrap_or_default();
+            balance.submitted = sub(
+                add(balance.submitted, submission.unwrap_or_default())?,
+                overbilled.unwrap_or_default(),
+            )?;
             let revision = slot.revision + i32::from(submission.is_some());
-            Some(SlotPlan {
+            Ok(Some(SlotPlan {
                 slot: SlotState {
                     accounted: total,
                     revision,
@@ -97,18 +132,18 @@ pub fn plan_slot(
                 balance,
                 submission,
                 overbilled,
-            })
+            }))
         }
-        BillingKind::Last if slot.revision > 0 && total == slot.accounted => None,
-        BillingKind::Last => Some(SlotPlan {
+        BillingKind::Last if slot.revision > 0 && total == slot.accounted => Ok(None),
+        BillingKind::Last => Ok(Some(SlotPlan {
             slot: SlotState {
                 accounted: total,
                 revision: slot.revision + 1,
             },
             balance,
-            submission: Some(total.ceil()),
+            submission: Some(ceil(total)?),
             overbilled: None,
-        }),
+        })),
     }
 }
 
@@ -116,19 +151,19 @@ pub fn plan_slot(
 /// withdrawn at Stripe: what is owed is then sent again as one new revision, and only what
 /// cancelling cannot undo (units carried in from other slots) is left over for finance.
 /// The balance needs no change: submitted stays `floor(accounted)` either way.
-pub fn after_cancel(plan: &SlotPlan, canceled: Decimal) -> SlotPlan {
-    let owed = canceled - plan.overbilled.unwrap_or_default();
+pub fn after_cancel(plan: &SlotPlan, canceled: Decimal) -> Result<SlotPlan, Overflow> {
+    let owed = sub(canceled, plan.overbilled.unwrap_or_default())?;
     let (submission, overbilled) = if owed.is_sign_negative() && !owed.is_zero() {
         (None, Some(-owed))
     } else {
         (Some(owed).filter(|o| !o.is_zero()), None)
     };
-    SlotPlan {
+    Ok(SlotPlan {
         slot: plan.slot,
         balance: plan.balance,
         submission,
         overbilled,
-    }
+    })
 }
 
 /// The meter event identifier of a slot's revision: the same on every retry, unique per
@@ -178,6 +213,7 @@ mod tests {
             SlotState::default(),
             first.balance,
         )
+        .unwrap()
         .unwrap();
         assert_eq!(
             second.submission,
@@ -190,6 +226,7 @@ mod tests {
             SlotState::default(),
             second.balance,
         )
+        .unwrap()
         .unwrap();
         assert_eq!(third.submission, None);
         assert_eq!(
@@ -207,20 +244,26 @@ mod tests {
         assert_eq!((first.submission, first.slot.revision), (Some(d("10")), 1));
         assert_eq!(
             plan_slot(BillingKind::Delta, d("10"), first.slot, first.balance),
-            None
+            Ok(None)
         );
-        let late = plan_slot(BillingKind::Delta, d("13"), first.slot, first.balance).unwrap();
+        let late = plan_slot(BillingKind::Delta, d("13"), first.slot, first.balance)
+            .unwrap()
+            .unwrap();
         assert_eq!((late.submission, late.slot.revision), (Some(d("3")), 2));
     }
 
     /// The plan of a slot seen for the first time, with nothing billed before.
     fn first_plan(kind: BillingKind, total: Decimal) -> SlotPlan {
-        plan_slot(kind, total, SlotState::default(), Balance::default()).unwrap()
+        plan_slot(kind, total, SlotState::default(), Balance::default())
+            .unwrap()
+            .unwrap()
     }
 
     fn billed_10_then_lowered_to(total: Decimal) -> SlotPlan {
         let first = first_plan(BillingKind::Delta, d("10"));
-        plan_slot(BillingKind::Delta, total, first.slot, first.balance).unwrap()
+        plan_slot(BillingKind::Delta, total, first.slot, first.balance)
+            .unwrap()
+            .unwrap()
     }
 
     #[test]
@@ -239,7 +282,7 @@ mod tests {
     #[test]
     fn cancelling_the_slot_resends_what_is_owed() {
         let lower = billed_10_then_lowered_to(d("7"));
-        let replanned = after_cancel(&lower, d("10"));
+        let replanned = after_cancel(&lower, d("10")).unwrap();
         assert_eq!(
             (replanned.submission, replanned.overbilled),
             (Some(d("7")), None)
@@ -251,7 +294,7 @@ mod tests {
                 submitted: d("7")
             }
         );
-        let to_zero = after_cancel(&billed_10_then_lowered_to(d("0")), d("10"));
+        let to_zero = after_cancel(&billed_10_then_lowered_to(d("0")), d("10")).unwrap();
         assert_eq!((to_zero.submission, to_zero.overbilled), (None, None));
     }
 
@@ -259,7 +302,9 @@ mod tests {
     fn last_meters_send_the_value_rounded_up() {
         let first = first_plan(BillingKind::Last, d("4.2"));
         assert_eq!((first.submission, first.slot.revision), (Some(d("5")), 1));
-        let lower = plan_slot(BillingKind::Last, d("3"), first.slot, first.balance).unwrap();
+        let lower = plan_slot(BillingKind::Last, d("3"), first.slot, first.balance)
+            .unwrap()
+            .unwrap();
         assert_eq!((lower.submission, lower.slot.revision), (Some(d("3")), 2));
         let zero = plan_slot(
             BillingKind::Last,
@@ -267,7 +312,21 @@ mod tests {
             SlotState::default(),
             Balance::default(),
         );
-        assert!(zero.is_some(), "a first value of 0 is still sent");
+        assert!(zero.unwrap().is_some(), "a first value of 0 is still sent");
+    }
+
+    #[test]
+    fn sums_beyond_a_decimal_are_an_error_not_a_panic() {
+        let huge = Decimal::MAX;
+        let first = first_plan(BillingKind::Delta, huge);
+        assert_eq!(first.submission, Some(huge));
+        let more = plan_slot(
+            BillingKind::Delta,
+            d("1"),
+            SlotState::default(),
+            first.balance,
+        );
+        assert_eq!(more, Err(Overflow));
     }
 
     #[test]
@@ -299,7 +358,7 @@ mod tests {
             let mut sent = Decimal::ZERO;
             for (slot, hundredths) in updates {
                 totals[slot] += Decimal::new(i64::from(hundredths), 2);
-                if let Some(plan) = plan_slot(BillingKind::Delta, totals[slot], slots[slot], balance) {
+                if let Some(plan) = plan_slot(BillingKind::Delta, totals[slot], slots[slot], balance).unwrap() {
                     if let Some(units) = plan.submission {
                         prop_assert!(units > Decimal::ZERO);
                         sent += units;

@@ -8,6 +8,8 @@ use rust_decimal::prelude::FromPrimitive;
 use rust_decimal::Decimal;
 use sqlx::PgPool;
 use stripe_billing::billing_meter_event_summary::ListIdBillingMeterEventSummary;
+use tally_core::reject::printable;
+use tally_db::ExactDecimal;
 
 use crate::limiter::RateLimiter;
 use crate::plan::BillingKind;
@@ -27,6 +29,10 @@ pub enum Verdict {
     Unmapped,
     /// Stripe holds something other than what the outbox sent, or has no meter for it.
     Drift,
+    /// The pair is set aside in `billing_quarantine`: its usage waits for an operator.
+    Quarantined,
+    /// Submissions are parked as `needs_review`: an operator must check Stripe for them.
+    Review,
 }
 
 impl Verdict {
@@ -36,6 +42,8 @@ impl Verdict {
             Verdict::Unbilled => "UNBILLED",
             Verdict::Unmapped => "UNMAPPED",
             Verdict::Drift => "DRIFT",
+            Verdict::Quarantined => "QUARANTINED",
+            Verdict::Review => "REVIEW",
         }
     }
 }
@@ -52,6 +60,10 @@ pub struct ReconcileRow {
     pub sent: Decimal,
     pub pending: Decimal,
     pub failed: Decimal,
+    /// Units parked as `needs_review`.
+    pub review: Decimal,
+    /// Why the pair is quarantined, when it is.
+    pub quarantined: Option<String>,
     /// What Stripe's event summary reports; `None` when unmapped or Stripe has no such meter.
     pub stripe: Option<Decimal>,
     pub verdict: Verdict,
@@ -72,7 +84,7 @@ pub async fn reconcile(
     }
     let meters = store::billed_meters(pool).await?;
     let mut rows: BTreeMap<(String, String), ReconcileRow> = BTreeMap::new();
-    let windows: Vec<(String, String, String, Decimal)> = sqlx::query_as(
+    let windows: Vec<(String, String, String, ExactDecimal)> = sqlx::query_as(
         "WITH billed AS (SELECT name, aggregation FROM meters WHERE aggregation <> 'unique_count'),
               sums AS (
                 SELECT u.customer_id, u.meter, 'delta' AS kind, sum(u.value) AS value
@@ -101,7 +113,7 @@ pub async fn reconcile(
     .await
     .map_err(StoreError::from)?;
     for (customer, meter, kind, value) in windows {
-        row(&mut rows, customer, meter, kind_of(&kind)).windows = value;
+        row(&mut rows, customer, meter, kind_of(&kind)).windows = value.0;
     }
 
     let submitted: Vec<SubmittedRow> = sqlx::query_as(
@@ -109,6 +121,7 @@ pub async fn reconcile(
                 sum(CASE kind WHEN 'cancel' THEN -value ELSE value END) FILTER (WHERE status = 'sent') AS sent,
                 sum(CASE kind WHEN 'cancel' THEN -value ELSE value END) FILTER (WHERE status = 'pending') AS pending,
                 sum(CASE kind WHEN 'cancel' THEN -value ELSE value END) FILTER (WHERE status = 'failed') AS failed,
+                sum(CASE kind WHEN 'cancel' THEN -value ELSE value END) FILTER (WHERE status = 'needs_review') AS review,
                 (array_agg(value ORDER BY event_timestamp DESC, submission_id DESC)
                     FILTER (WHERE status = 'sent' AND kind = 'last'))[1] AS last_sent
          FROM stripe_submissions
@@ -124,11 +137,20 @@ pub async fn reconcile(
         let kind = kind_of(&submitted.kind);
         let entry = row(&mut rows, submitted.customer_id, submitted.meter, kind);
         entry.sent = match kind {
-            BillingKind::Delta => submitted.sent.unwrap_or_default(),
-            BillingKind::Last => submitted.last_sent.unwrap_or_default(),
+            BillingKind::Delta => submitted.sent.unwrap_or_default().0,
+            BillingKind::Last => submitted.last_sent.unwrap_or_default().0,
         };
-        entry.pending = submitted.pending.unwrap_or_default();
-        entry.failed = submitted.failed.unwrap_or_default();
+        entry.pending = submitted.pending.unwrap_or_default().0;
+        entry.failed = submitted.failed.unwrap_or_default().0;
+        entry.review = submitted.review.unwrap_or_default().0;
+    }
+    for pair in store::quarantined_pairs(pool).await? {
+        let kind = meters
+            .get(&pair.meter)
+            .and_then(|m| m.kind)
+            .unwrap_or(BillingKind::Delta);
+        row(&mut rows, pair.customer_id, pair.meter, kind).quarantined =
+            Some(format!("{}: {}", pair.reason, pair.detail));
     }
 
     let mapping: HashMap<String, String> =
@@ -165,6 +187,10 @@ pub async fn reconcile(
         row.stripe = Some(stripe_value);
         row.verdict = if stripe_value != row.sent {
             Verdict::Drift
+        } else if row.quarantined.is_some() {
+            Verdict::Quarantined
+        } else if !row.review.is_zero() {
+            Verdict::Review
         } else if (row.windows - row.sent).abs() >= Decimal::ONE
             || !row.pending.is_zero()
             || !row.failed.is_zero()
@@ -183,10 +209,11 @@ struct SubmittedRow {
     customer_id: String,
     meter: String,
     kind: String,
-    sent: Option<Decimal>,
-    pending: Option<Decimal>,
-    failed: Option<Decimal>,
-    last_sent: Option<Decimal>,
+    sent: Option<ExactDecimal>,
+    pending: Option<ExactDecimal>,
+    failed: Option<ExactDecimal>,
+    review: Option<ExactDecimal>,
+    last_sent: Option<ExactDecimal>,
 }
 
 fn row(
@@ -204,6 +231,8 @@ fn row(
             sent: Decimal::ZERO,
             pending: Decimal::ZERO,
             failed: Decimal::ZERO,
+            review: Decimal::ZERO,
+            quarantined: None,
             stripe: None,
             verdict: Verdict::Ok,
         })
@@ -220,25 +249,38 @@ fn kind_of(text: &str) -> BillingKind {
 /// The comparison as a plain-text table, one row per customer and meter.
 pub fn render_table(rows: &[ReconcileRow]) -> String {
     let mut out = format!(
-        "{:<24} {:<16} {:>5} {:>14} {:>14} {:>10} {:>8} {:>14}  {}\n",
-        "customer", "meter", "kind", "windows", "sent", "pending", "failed", "stripe", "verdict"
+        "{:<24} {:<16} {:>5} {:>14} {:>14} {:>10} {:>8} {:>8} {:>14}  {}\n",
+        "customer",
+        "meter",
+        "kind",
+        "windows",
+        "sent",
+        "pending",
+        "failed",
+        "review",
+        "stripe",
+        "verdict"
     );
     for row in rows {
         let stripe = row
             .stripe
             .map_or("-".to_owned(), |s| s.normalize().to_string());
         out.push_str(&format!(
-            "{:<24} {:<16} {:>5} {:>14} {:>14} {:>10} {:>8} {:>14}  {}\n",
-            row.customer,
+            "{:<24} {:<16} {:>5} {:>14} {:>14} {:>10} {:>8} {:>8} {:>14}  {}\n",
+            printable(row.customer.clone()),
             row.meter,
             row.kind.as_str(),
             row.windows.normalize().to_string(),
             row.sent.normalize().to_string(),
             row.pending.normalize().to_string(),
             row.failed.normalize().to_string(),
+            row.review.normalize().to_string(),
             stripe,
             row.verdict.as_str()
         ));
+        if let Some(why) = &row.quarantined {
+            out.push_str(&format!("    quarantined: {why}\n"));
+        }
     }
     out
 }

@@ -6,8 +6,17 @@
 //!
 //! A crash anywhere leaves either no outbox row (the slot is accounted again) or an outbox row
 //! that is sent again with the same identifier; Stripe answers "already exists" for one it
-//! has, which counts as sent. So Stripe holds each submission exactly once.
+//! has, which counts as sent. So Stripe holds each submission exactly once. Stripe recognises
+//! an identifier for about 24 hours only: a row whose earlier attempt may have reached Stripe
+//! more than 23 hours ago is parked as `needs_review` instead of being sent again.
+//!
+//! One bad pair stays one bad pair: when an accounting transaction fails because of the data
+//! (a sum beyond a decimal, a meter nobody knows, a value Postgres refuses), the work is redone
+//! pair by pair and the pairs that fail on their own are quarantined (`billing_quarantine`);
+//! a send task that panics quarantines its pair too. Postgres or Stripe away: the daemon waits,
+//! retrying with capped backoff, and says so once (`tally_dependency_up`).
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -20,12 +29,13 @@ use stripe_billing::billing_meter_event_adjustment::{
 };
 use stripe_billing::BillingMeterEventAdjustmentType;
 use tally_core::window::SLOT;
+use tally_runtime::{Backoff, Dependency};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{SinkConfig, StripeConfig};
 use crate::limiter::RateLimiter;
-use crate::store::{self, Leased, Outcome, PlanReport, StoreError};
+use crate::store::{self, Accounting, Leased, Outcome, PlanReport, StoreError};
 use crate::stripe::{StripeCallError, StripeHttp};
 use crate::telemetry as t;
 
@@ -49,6 +59,17 @@ pub enum SinkError {
     Stripe(#[from] StripeCallError),
 }
 
+impl SinkError {
+    /// A configuration error: the daemon cannot go on and says what to fix.
+    pub fn is_config(&self) -> bool {
+        matches!(self, SinkError::Config(_))
+    }
+}
+
+/// Rows whose earlier attempt may have reached Stripe this long ago are not resent blindly:
+/// Stripe recognises an identifier for about 24 hours, and this keeps an hour's margin.
+const IDENTIFIER_MEMORY: TimeDelta = TimeDelta::hours(23);
+
 /// What passes did.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct SinkSummary {
@@ -61,8 +82,14 @@ pub struct SinkSummary {
     pub failed: u64,
     /// Outbox rows still pending after the last pass (waiting for a retry).
     pub pending: i64,
+    /// Outbox rows parked for an operator (see [`IDENTIFIER_MEMORY`]).
+    pub needs_review: i64,
     /// Changed slots waiting for a customer mapping.
     pub unmapped_slots: i64,
+    /// Customer+meter pairs set aside (`billing_quarantine`).
+    pub quarantined_pairs: i64,
+    /// Passes that failed (Postgres or Stripe away) and were tried again.
+    pub failed_passes: u64,
     /// Time spent accounting (Postgres) and sending (Stripe).
     pub accounting: Duration,
     pub sending: Duration,
@@ -73,6 +100,7 @@ pub struct Sink {
     pool: PgPool,
     stripe: StripeHttp,
     limiter: Arc<RateLimiter>,
+    postgres: &'static Dependency,
 }
 
 impl Sink {
@@ -85,19 +113,44 @@ impl Sink {
             config,
             pool,
             stripe: client,
+            postgres: tally_runtime::dependency("postgres"),
         })
     }
 
     /// Runs passes until `stop` (daemon) or once. A pass interrupted by `stop` records what it
-    /// sent and frees the rest.
+    /// sent and frees the rest. The daemon waits out a pass that fails (Postgres or Stripe
+    /// away): it tries again after a capped backoff, and returns only on `stop` or for a
+    /// configuration error.
     pub async fn run(
         &self,
         mode: Mode,
         stop: &CancellationToken,
     ) -> Result<SinkSummary, SinkError> {
         let mut total = SinkSummary::default();
+        let mut backoff = Backoff::new(
+            Duration::from_secs(1),
+            self.config.interval.max(Duration::from_secs(1)),
+        );
         loop {
-            let pass = self.pass(stop).await?;
+            let pass = match self.pass(stop).await {
+                Ok(pass) => {
+                    backoff.reset();
+                    pass
+                }
+                Err(error) if mode == Mode::Once || error.is_config() => return Err(error),
+                Err(error) => {
+                    total.failed_passes += 1;
+                    match &error {
+                        SinkError::Store(e) if e.is_retryable() => self.postgres.down(e),
+                        _ => tracing::error!(%error, "billing pass failed; trying again"),
+                    }
+                    tokio::select! {
+                        _ = tokio::time::sleep(backoff.next_wait()) => continue,
+                        _ = stop.cancelled() => return Ok(total),
+                    }
+                }
+            };
+            self.postgres.up();
             total.passes += 1;
             total.accounted.add(pass.accounted);
             total.sent += pass.sent;
@@ -107,7 +160,9 @@ impl Sink {
             total.accounting += pass.accounting;
             total.sending += pass.sending;
             total.pending = pass.pending;
+            total.needs_review = pass.needs_review;
             total.unmapped_slots = pass.unmapped_slots;
+            total.quarantined_pairs = pass.quarantined_pairs;
             if mode == Mode::Once || stop.is_cancelled() {
                 return Ok(total);
             }
@@ -122,23 +177,28 @@ impl Sink {
     pub async fn pass(&self, stop: &CancellationToken) -> Result<SinkSummary, SinkError> {
         let started = Instant::now();
         let mut summary = SinkSummary::default();
-        let meters = store::billed_meters(&self.pool).await?;
+        let meters = retry_postgres(|| store::billed_meters(&self.pool)).await?;
         let settle = TimeDelta::from_std(self.config.settle_delay).unwrap_or(TimeDelta::MAX);
         let settled_before = Utc::now() - settle - SLOT;
+        let all = Accounting {
+            settled_before,
+            limit: self.config.slots_per_transaction,
+            pair: None,
+        };
         while !stop.is_cancelled() {
-            let report = retry_postgres(|| {
-                store::account_slots(
-                    &self.pool,
-                    &meters,
-                    settled_before,
-                    self.config.slots_per_transaction,
-                )
-            })
-            .await?;
-            summary.accounted.add(report);
-            metrics::counter!(t::SLOTS_ACCOUNTED).increment(report.slots);
-            metrics::counter!(t::SUBMISSIONS_PLANNED).increment(report.submissions);
-            metrics::counter!(t::CORRECTIONS).increment(report.corrections);
+            let report = match retry_postgres(|| store::account_slots(&self.pool, &meters, all))
+                .await
+            {
+                Ok(report) => report,
+                Err(error) if error.is_data() => {
+                    tracing::error!(%error, "an accounting transaction failed because of its data; accounting pair by pair to find the pairs at fault");
+                    self.account_pair_by_pair(&meters, settled_before, &mut summary)
+                        .await?;
+                    continue;
+                }
+                Err(error) => return Err(error.into()),
+            };
+            record_accounted(&mut summary, report);
             if (report.changes as usize) < self.config.slots_per_transaction {
                 break;
             }
@@ -147,15 +207,22 @@ impl Sink {
         let sending = Instant::now();
         self.send_outbox(stop, &mut summary).await?;
         summary.sending = sending.elapsed();
-        let (pending, oldest, unmapped) = store::backlog(&self.pool).await?;
-        metrics::gauge!(t::OUTBOX_PENDING).set(pending as f64);
-        metrics::gauge!(t::OUTBOX_OLDEST_SECONDS).set(oldest);
-        metrics::gauge!(t::UNMAPPED_SLOTS).set(unmapped as f64);
+        let backlog = retry_postgres(|| store::backlog(&self.pool)).await?;
+        metrics::gauge!(t::OUTBOX_PENDING).set(backlog.pending as f64);
+        metrics::gauge!(t::OUTBOX_OLDEST_SECONDS).set(backlog.oldest_pending_seconds);
+        metrics::gauge!(t::OUTBOX_NEEDS_REVIEW).set(backlog.needs_review as f64);
+        metrics::gauge!(t::UNMAPPED_SLOTS).set(backlog.unmapped_slots as f64);
+        metrics::gauge!(t::QUARANTINED_PAIRS).set(backlog.quarantined_pairs as f64);
         metrics::histogram!(t::PASS_SECONDS).record(started.elapsed().as_secs_f64());
-        summary.pending = pending;
-        summary.unmapped_slots = unmapped;
-        if unmapped > 0 {
-            tracing::warn!(unmapped_slots = unmapped, "usage of customers without a Stripe customer id is waiting; see the view stripe_unmapped_usage and map them with `tally customers map`");
+        summary.pending = backlog.pending;
+        summary.needs_review = backlog.needs_review;
+        summary.unmapped_slots = backlog.unmapped_slots;
+        summary.quarantined_pairs = backlog.quarantined_pairs;
+        if backlog.unmapped_slots > 0 {
+            tracing::warn!(unmapped_slots = backlog.unmapped_slots, "usage of customers without a Stripe customer id is waiting; see the view stripe_unmapped_usage and map them with `tally customers map`");
+        }
+        if backlog.needs_review > 0 {
+            tracing::error!(submissions = backlog.needs_review, "submissions wait for an operator: an earlier attempt may have reached Stripe more than 23 hours ago; see `tally submissions review`");
         }
         tracing::info!(
             slots = summary.accounted.slots,
@@ -163,11 +230,54 @@ impl Sink {
             sent = summary.sent,
             retried = summary.retried,
             failed = summary.failed,
-            pending,
+            pending = backlog.pending,
+            quarantined_pairs = backlog.quarantined_pairs,
             seconds = started.elapsed().as_secs_f64(),
             "billing pass done"
         );
         Ok(summary)
+    }
+
+    /// After an accounting transaction failed because of its data: accounts each pair with
+    /// settled changes in its own transactions, and quarantines the pairs that fail on their
+    /// own, so that every other pair is billed.
+    async fn account_pair_by_pair(
+        &self,
+        meters: &HashMap<String, store::BilledMeter>,
+        settled_before: chrono::DateTime<Utc>,
+        summary: &mut SinkSummary,
+    ) -> Result<(), SinkError> {
+        let pairs = retry_postgres(|| {
+            store::pairs_with_changes(&self.pool, settled_before, PAIRS_PER_SPLIT)
+        })
+        .await?;
+        for (customer, meter) in &pairs {
+            let one = Accounting {
+                settled_before,
+                limit: self.config.slots_per_transaction,
+                pair: Some((customer, meter)),
+            };
+            loop {
+                match retry_postgres(|| store::account_slots(&self.pool, meters, one)).await {
+                    Ok(report) => {
+                        record_accounted(summary, report);
+                        if (report.changes as usize) < self.config.slots_per_transaction {
+                            break;
+                        }
+                    }
+                    Err(error) if error.is_data() => {
+                        let reason = match &error {
+                            StoreError::Unbillable { .. } => "unbillable",
+                            StoreError::Postgres(_) => "postgres_refused",
+                        };
+                        quarantine(&self.pool, customer, meter, reason, &error.to_string()).await?;
+                        break;
+                    }
+                    Err(error) => return Err(error.into()),
+                }
+            }
+        }
+        Ok(())
     }
 
     /// Sends due outbox rows until none are left. Three stages run at once, so that neither
@@ -213,27 +323,35 @@ impl Sink {
             limiter: self.limiter.clone(),
             config: self.config.clone(),
             stop: stop.clone(),
+            pool: self.pool.clone(),
+            dependency: tally_runtime::dependency("stripe"),
         });
         let slots = Arc::new(tokio::sync::Semaphore::new(concurrency));
         let mut senders = JoinSet::new();
+        // Which pair each send task holds, to set it aside if the task panics.
+        let mut pairs: HashMap<tokio::task::Id, Vec<Leased>> = HashMap::new();
         while let Some(group) = groups_rx.recv().await {
             let permit = slots
                 .clone()
                 .acquire_owned()
                 .await
-                .expect("semaphore is never closed");
+                .map_err(|e| SinkError::Task(e.to_string()))?;
             let context = context.clone();
             let results = results_tx.clone();
-            senders.spawn(async move {
+            let rows = group.clone();
+            let task = senders.spawn(async move {
                 let result = send_group(group, context).await;
                 let _ = results.send(result).await;
                 drop(permit);
             });
+            pairs.insert(task.id(), rows);
             // Reap finished senders so the set stays small.
-            while senders.try_join_next().is_some() {}
+            while let Some(joined) = senders.try_join_next_with_id() {
+                self.reaped(joined, &mut pairs, &results_tx).await?;
+            }
         }
-        while let Some(joined) = senders.join_next().await {
-            joined.map_err(|e| SinkError::Task(e.to_string()))?;
+        while let Some(joined) = senders.join_next_with_id().await {
+            self.reaped(joined, &mut pairs, &results_tx).await?;
         }
         drop(results_tx);
         let leased = leaser.await.map_err(|e| SinkError::Task(e.to_string()));
@@ -247,6 +365,67 @@ impl Sink {
         summary.rate_limited += recorded.rate_limited;
         Ok(())
     }
+
+    /// A finished send task: a panic quarantines its pair and releases its rows (the panic is
+    /// not Stripe's answer, so nothing is marked sent or failed).
+    async fn reaped(
+        &self,
+        joined: Result<(tokio::task::Id, ()), tokio::task::JoinError>,
+        pairs: &mut HashMap<tokio::task::Id, Vec<Leased>>,
+        results: &tokio::sync::mpsc::Sender<GroupResult>,
+    ) -> Result<(), SinkError> {
+        let (id, error) = match joined {
+            Ok((id, ())) => (id, None),
+            Err(error) => (error.id(), Some(error)),
+        };
+        let rows = pairs.remove(&id).unwrap_or_default();
+        let (Some(error), Some(first)) = (error, rows.first()) else {
+            return Ok(());
+        };
+        let detail = format!("sending its submissions failed: {error}");
+        quarantine(
+            &self.pool,
+            &first.customer_id,
+            &first.meter,
+            "send_failed",
+            &detail,
+        )
+        .await?;
+        let released = GroupResult {
+            outcomes: rows
+                .iter()
+                .map(|row| (row.submission_id, 0, Outcome::Released))
+                .collect(),
+            ..GroupResult::default()
+        };
+        let _ = results.send(released).await;
+        Ok(())
+    }
+}
+
+/// How many pairs one split of a failed accounting transaction takes on.
+const PAIRS_PER_SPLIT: usize = 10_000;
+
+fn record_accounted(summary: &mut SinkSummary, report: PlanReport) {
+    summary.accounted.add(report);
+    metrics::counter!(t::SLOTS_ACCOUNTED).increment(report.slots);
+    metrics::counter!(t::SUBMISSIONS_PLANNED).increment(report.submissions);
+    metrics::counter!(t::CORRECTIONS).increment(report.corrections);
+}
+
+/// Sets a pair aside: one ERROR line and a metric, then every other pair goes on.
+async fn quarantine(
+    pool: &PgPool,
+    customer: &str,
+    meter: &str,
+    reason: &str,
+    detail: &str,
+) -> Result<(), StoreError> {
+    if retry_postgres(|| store::quarantine(pool, customer, meter, reason, detail)).await? {
+        metrics::counter!(t::PAIRS_QUARANTINED, "reason" => reason.to_owned()).increment(1);
+        tracing::error!(customer, meter, reason, detail, "customer+meter pair quarantined: its usage waits while every other pair is billed; fix the cause, then `tally quarantine release {customer} {meter}`");
+    }
+    Ok(())
 }
 
 /// What the recorder wrote.
@@ -293,7 +472,7 @@ async fn record_results(
             match outcome {
                 Outcome::Sent => recorded.sent += 1,
                 Outcome::Failed { .. } => recorded.failed += 1,
-                Outcome::Retry { .. } | Outcome::Released => {}
+                Outcome::Retry { .. } | Outcome::NeedsReview { .. } | Outcome::Released => {}
             }
         }
         batch.clear();
@@ -326,6 +505,8 @@ struct SendContext {
     limiter: Arc<RateLimiter>,
     config: SinkConfig,
     stop: CancellationToken,
+    pool: PgPool,
+    dependency: &'static Dependency,
 }
 
 /// What one customer+meter pair's rows came to.
@@ -354,9 +535,27 @@ fn group_by_pair(rows: Vec<Leased>) -> Vec<Vec<Leased>> {
     groups
 }
 
-/// Sends one pair's rows in order, one call at a time. Once a row is not sent, the rest wait:
-/// a later revision must not overtake an earlier one.
+/// Sends one pair's rows in order, one call at a time, renewing their leases meanwhile (a pair
+/// whose calls are slow must not be leased by another sink). Once a row is not sent, the rest
+/// wait: a later revision must not overtake an earlier one.
 async fn send_group(rows: Vec<Leased>, context: Arc<SendContext>) -> GroupResult {
+    let ids: Vec<i64> = rows.iter().map(|row| row.submission_id).collect();
+    let lease = context.config.lease;
+    let renew = async {
+        loop {
+            tokio::time::sleep(lease / 3).await;
+            if let Err(error) = store::renew_leases(&context.pool, &ids, lease).await {
+                tracing::warn!(%error, "cannot renew the leases of a pair being sent");
+            }
+        }
+    };
+    tokio::select! {
+        result = send_rows(rows, &context) => result,
+        () = renew => unreachable!("renewing never ends"),
+    }
+}
+
+async fn send_rows(rows: Vec<Leased>, context: &SendContext) -> GroupResult {
     let mut result = GroupResult::default();
     let mut blocked = false;
     for row in rows {
@@ -366,7 +565,7 @@ async fn send_group(rows: Vec<Leased>, context: Arc<SendContext>) -> GroupResult
                 .push((row.submission_id, 0, Outcome::Released));
             continue;
         }
-        let (attempts, outcome) = send_one(&row, &context, &mut result).await;
+        let (attempts, outcome) = send_one(&row, context, &mut result).await;
         blocked = outcome != Outcome::Sent;
         result.outcomes.push((row.submission_id, attempts, outcome));
     }
@@ -375,17 +574,36 @@ async fn send_group(rows: Vec<Leased>, context: Arc<SendContext>) -> GroupResult
 
 /// Sends one row, retrying within the pass; returns the attempts made and the outcome.
 async fn send_one(row: &Leased, context: &SendContext, result: &mut GroupResult) -> (u32, Outcome) {
+    if let Some(since) = row.first_uncertain_at {
+        if Utc::now() - since > IDENTIFIER_MEMORY {
+            metrics::counter!(t::SUBMISSIONS_NEEDS_REVIEW).increment(1);
+            let error = format!(
+                "an attempt at {since} may have reached Stripe, and Stripe recognises an identifier for only about 24 hours, so sending it again could bill twice; check Stripe for identifier {:?}, then `tally submissions resolve {} --sent` or `--resend`",
+                row.identifier, row.identifier
+            );
+            tracing::error!(
+                identifier = row.identifier,
+                customer = row.customer_id,
+                meter = row.meter,
+                "{error}"
+            );
+            return (0, Outcome::NeedsReview { error });
+        }
+    }
     let call = Call::of(row);
     let config = &context.config;
     let mut attempt: u32 = 0;
+    let mut uncertain_at = None;
     loop {
         context.limiter.acquire().await;
         attempt += 1;
         let started = Instant::now();
+        let sent_at = Utc::now();
         let answer = call.send(&context.stripe).await;
         metrics::histogram!(t::STRIPE_REQUEST_SECONDS).record(started.elapsed().as_secs_f64());
         let error = match answer {
             Ok(_) => {
+                context.dependency.up();
                 metrics::counter!(t::SUBMISSIONS_SENT).increment(1);
                 return (attempt, Outcome::Sent);
             }
@@ -393,16 +611,21 @@ async fn send_one(row: &Leased, context: &SendContext, result: &mut GroupResult)
             // this row does that: an earlier attempt (whose answer was lost) or another sink
             // process sent it.
             Err(error) if error.is_duplicate_identifier() || error.is_already_canceled() => {
+                context.dependency.up();
                 metrics::counter!(t::SUBMISSIONS_SENT).increment(1);
                 return (attempt, Outcome::Sent);
             }
             Err(error) => error,
         };
+        if error.may_have_reached_stripe() {
+            uncertain_at.get_or_insert(sent_at);
+        }
         if error.is_rate_limit() {
             result.rate_limited += 1;
             metrics::counter!(t::STRIPE_RATE_LIMITED).increment(1);
         }
         if !error.is_retryable() {
+            context.dependency.up();
             metrics::counter!(t::SUBMISSIONS_FAILED, "reason" => error.reason()).increment(1);
             tracing::error!(identifier = row.identifier, customer = row.customer_id, meter = row.meter, %error, "Stripe refused a submission; it is marked failed in stripe_submissions");
             return (
@@ -412,25 +635,29 @@ async fn send_one(row: &Leased, context: &SendContext, result: &mut GroupResult)
                 },
             );
         }
+        if error.status.is_none() || error.status.is_some_and(|s| s >= 500) {
+            context.dependency.down(&error);
+        }
         result.retried += 1;
         metrics::counter!(t::SUBMISSIONS_RETRIED, "reason" => error.reason()).increment(1);
         let total_attempts = row.attempts as u32 + attempt;
         if attempt >= config.attempts_per_pass {
             let wait = backoff(config, total_attempts);
-            tracing::warn!(identifier = row.identifier, %error, retry_in = ?wait, "Stripe call failed; will retry");
+            tracing::debug!(identifier = row.identifier, %error, retry_in = ?wait, "Stripe call failed; will retry");
             let retry_at = Utc::now() + TimeDelta::from_std(wait).unwrap_or(TimeDelta::MAX);
             return (
                 attempt,
                 Outcome::Retry {
                     error: error.to_string(),
                     retry_at,
+                    uncertain_at,
                 },
             );
         }
         tokio::select! {
             _ = tokio::time::sleep(backoff(config, attempt)) => {}
             _ = context.stop.cancelled() => {
-                return (attempt, Outcome::Retry { error: error.to_string(), retry_at: Utc::now() });
+                return (attempt, Outcome::Retry { error: error.to_string(), retry_at: Utc::now(), uncertain_at });
             }
         }
     }

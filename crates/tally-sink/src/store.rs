@@ -7,8 +7,10 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 use rust_decimal::Decimal;
 use sqlx::{PgConnection, PgPool};
+use tally_core::reject::printable;
 use tally_core::window::SLOT;
 use tally_core::Aggregation;
+use tally_db::ExactDecimal;
 
 use crate::plan::{
     after_cancel, event_timestamp, identifier, plan_slot, Balance, BillingKind, SlotState,
@@ -18,8 +20,30 @@ use crate::plan::{
 pub enum StoreError {
     #[error("Postgres: {0}")]
     Postgres(#[from] sqlx::Error),
-    #[error("meter {0:?} has usage but is not in the meters table; run `tally aggregate` with it in tally.toml")]
-    UnknownMeter(String),
+    /// One customer+meter pair's data cannot be billed exactly: it is quarantined, and every
+    /// other pair is billed.
+    #[error("{customer:?} / {meter:?} cannot be billed: {detail}")]
+    Unbillable {
+        customer: String,
+        meter: String,
+        detail: String,
+    },
+}
+
+impl StoreError {
+    /// Postgres is away or busy: try the same again later.
+    pub fn is_retryable(&self) -> bool {
+        matches!(self, StoreError::Postgres(e) if tally_db::is_retryable(e))
+    }
+
+    /// The data being processed is to blame (a value Postgres or a decimal cannot take), not
+    /// Postgres: the work is split until the customer+meter pair at fault is found.
+    pub fn is_data(&self) -> bool {
+        match self {
+            StoreError::Postgres(e) => tally_db::is_data_error(e),
+            StoreError::Unbillable { .. } => true,
+        }
+    }
 }
 
 /// How a meter is billed, from the `meters` table.
@@ -30,31 +54,31 @@ pub struct BilledMeter {
     pub event_name: String,
 }
 
+/// The meters as recorded in the `meters` table: every meter of tally.toml (each command
+/// records them as it starts), and earlier meters whose usage may still be billed.
 pub async fn billed_meters(pool: &PgPool) -> Result<HashMap<String, BilledMeter>, StoreError> {
     let rows: Vec<(String, String, String)> =
         sqlx::query_as("SELECT name, aggregation, stripe_event_name FROM meters")
             .fetch_all(pool)
             .await?;
-    Ok(rows
-        .into_iter()
-        .map(|(name, aggregation, event_name)| {
-            let aggregation = match aggregation.as_str() {
-                "sum" => Aggregation::Sum,
-                "count" => Aggregation::Count,
-                "max" => Aggregation::Max,
-                "latest" => Aggregation::Latest,
-                _ => Aggregation::UniqueCount,
-            };
-            (
-                name,
-                BilledMeter {
+    let mut meters = HashMap::new();
+    for (name, aggregation, event_name) in rows {
+        match aggregation.parse::<Aggregation>() {
+            Ok(aggregation) => {
+                let meter = BilledMeter {
                     aggregation,
                     kind: BillingKind::of(aggregation),
                     event_name,
-                },
-            )
-        })
-        .collect())
+                };
+                meters.insert(name, meter);
+            }
+            // Its usage is quarantined when met, with this reason; other meters are billed.
+            Err(error) => {
+                tracing::error!(meter = name, %error, "the meters table holds a meter tally cannot read")
+            }
+        }
+    }
+    Ok(meters)
 }
 
 /// What one accounting transaction did.
@@ -77,28 +101,66 @@ impl PlanReport {
 
 type SlotKey = (String, String, DateTime<Utc>);
 
+/// Which changes one accounting transaction takes.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Accounting<'a> {
+    pub(crate) settled_before: DateTime<Utc>,
+    pub(crate) limit: usize,
+    /// Only this customer+meter pair's changes (when a failed transaction is split by pair).
+    pub(crate) pair: Option<(&'a str, &'a str)>,
+}
+
+/// The customer+meter pairs that have settled changes waiting (mapped, not quarantined), at
+/// most `limit`: what a failed accounting transaction is split into.
+pub(crate) async fn pairs_with_changes(
+    pool: &PgPool,
+    settled_before: DateTime<Utc>,
+    limit: usize,
+) -> Result<Vec<(String, String)>, StoreError> {
+    Ok(sqlx::query_as(
+        "SELECT DISTINCT c.customer_id, c.meter
+         FROM usage_slot_changes c
+         JOIN stripe_customers m ON m.customer_id = c.customer_id
+         WHERE c.slot_start < $1
+           AND NOT EXISTS (SELECT 1 FROM billing_quarantine q
+                           WHERE q.customer_id = c.customer_id AND q.meter = c.meter)
+         ORDER BY 1, 2
+         LIMIT $2",
+    )
+    .bind(settled_before)
+    .bind(limit as i64)
+    .fetch_all(pool)
+    .await?)
+}
+
 /// Accounts for up to `limit` changed slots that ended before `settled_before`, in one
 /// transaction: lock the customer+meter balances (so concurrent sinks serialize per pair), read
 /// the slots' window totals, plan, write slot states, balances, outbox rows and corrections,
-/// and delete the change rows it handled. Changes of unmapped customers are left waiting.
+/// and delete the change rows it handled. Changes of unmapped customers wait; those of
+/// quarantined pairs are left alone.
 pub(crate) async fn account_slots(
     pool: &PgPool,
     meters: &HashMap<String, BilledMeter>,
-    settled_before: DateTime<Utc>,
-    limit: usize,
+    what: Accounting<'_>,
 ) -> Result<PlanReport, StoreError> {
     let mut tx = pool.begin().await?;
+    let (pair_customer, pair_meter) = what.pair.unzip();
     let changes: Vec<(i64, String, String, DateTime<Utc>, String)> = sqlx::query_as(
         "SELECT c.change_id, c.customer_id, c.meter, c.slot_start, m.stripe_customer_id
          FROM usage_slot_changes c
          JOIN stripe_customers m ON m.customer_id = c.customer_id
          WHERE c.slot_start < $1
+           AND ($3::text IS NULL OR (c.customer_id = $3 AND c.meter = $4))
+           AND NOT EXISTS (SELECT 1 FROM billing_quarantine q
+                           WHERE q.customer_id = c.customer_id AND q.meter = c.meter)
          ORDER BY c.change_id
          LIMIT $2
          FOR UPDATE OF c SKIP LOCKED",
     )
-    .bind(settled_before)
-    .bind(limit as i64)
+    .bind(what.settled_before)
+    .bind(what.limit as i64)
+    .bind(pair_customer)
+    .bind(pair_meter)
     .fetch_all(&mut *tx)
     .await?;
     if changes.is_empty() {
@@ -124,9 +186,14 @@ pub(crate) async fn account_slots(
     let mut writes = Writes::default();
     for (key, totals) in &totals {
         let (customer, meter, slot_start) = key;
-        let billed = meters
-            .get(meter)
-            .ok_or_else(|| StoreError::UnknownMeter(meter.clone()))?;
+        let unbillable = |detail: String| StoreError::Unbillable {
+            customer: customer.clone(),
+            meter: meter.clone(),
+            detail,
+        };
+        let billed = meters.get(meter).ok_or_else(|| {
+            unbillable(format!("meter {meter:?} has usage but is in neither tally.toml's [[meters]] nor the meters table; add it to [[meters]]"))
+        })?;
         let Some(kind) = billed.kind else { continue };
         let total = match billed.aggregation {
             Aggregation::Max => totals.max,
@@ -135,12 +202,16 @@ pub(crate) async fn account_slots(
         };
         let balance = balances
             .get_mut(&(customer.clone(), meter.clone()))
-            .expect("balance locked above");
+            .ok_or_else(|| unbillable("its balance row could not be locked".into()))?;
         let state = states.get(key).copied().unwrap_or_default();
-        let Some(mut plan) = plan_slot(kind, total, state, *balance) else {
+        let planned = plan_slot(kind, total, state, *balance)
+            .map_err(|overflow| unbillable(format!("{overflow} (slot {slot_start})")))?;
+        let Some(mut plan) = planned else {
             continue;
         };
-        let stripe_customer_id = &stripe_customer[customer];
+        let stripe_customer_id = stripe_customer
+            .get(customer)
+            .ok_or_else(|| unbillable("its Stripe customer id went missing".into()))?;
         let submission = |identifier: String,
                           revision: i32,
                           kind: &'static str,
@@ -164,7 +235,9 @@ pub(crate) async fn account_slots(
                 let mut canceled = Decimal::ZERO;
                 for (target, units) in revisions {
                     revision += 1;
-                    canceled += units;
+                    canceled = canceled
+                        .checked_add(units)
+                        .ok_or_else(|| unbillable("canceled units overflow a decimal".into()))?;
                     let id = identifier(customer, meter, *slot_start, revision);
                     writes.submissions.push(submission(
                         id,
@@ -174,7 +247,8 @@ pub(crate) async fn account_slots(
                         Some(target),
                     ));
                 }
-                plan = after_cancel(&plan, canceled);
+                plan = after_cancel(&plan, canceled)
+                    .map_err(|overflow| unbillable(overflow.to_string()))?;
                 plan.slot.revision = revision + i32::from(plan.submission.is_some());
             }
         }
@@ -217,7 +291,7 @@ async fn cancelable_revisions(
     tx: &mut PgConnection,
     (customer, meter, slot_start): &SlotKey,
 ) -> Result<Option<Vec<(String, Decimal)>>, StoreError> {
-    let rows: Vec<(String, String, Decimal, String, bool, bool)> = sqlx::query_as(
+    let rows: Vec<(String, String, ExactDecimal, String, bool, bool)> = sqlx::query_as(
         "SELECT s.identifier, s.kind, s.value, s.status,
                 coalesce(s.sent_at > now() - interval '23 hours', false),
                 EXISTS (SELECT 1 FROM stripe_submissions c WHERE c.cancels = s.identifier)
@@ -239,7 +313,7 @@ async fn cancelable_revisions(
             if !fresh {
                 return Ok(None);
             }
-            revisions.push((identifier, value));
+            revisions.push((identifier, value.0));
         }
     }
     Ok(Some(revisions).filter(|r| !r.is_empty()))
@@ -262,7 +336,7 @@ async fn lock_balances(
     .bind(&meters)
     .execute(&mut *tx)
     .await?;
-    let rows: Vec<(String, String, Decimal, Decimal)> = sqlx::query_as(
+    let rows: Vec<(String, String, ExactDecimal, ExactDecimal)> = sqlx::query_as(
         "SELECT b.customer_id, b.meter, b.accounted, b.submitted
          FROM billing_balances b
          JOIN unnest($1::text[], $2::text[]) AS p(c, m) ON b.customer_id = p.c AND b.meter = p.m
@@ -279,8 +353,8 @@ async fn lock_balances(
             (
                 (c, m),
                 Balance {
-                    accounted,
-                    submitted,
+                    accounted: accounted.0,
+                    submitted: submitted.0,
                 },
             )
         })
@@ -300,9 +374,9 @@ struct SlotTotalsRow {
     customer_id: String,
     meter: String,
     slot_start: DateTime<Utc>,
-    sum: Decimal,
-    max: Option<Decimal>,
-    latest: Option<Decimal>,
+    sum: ExactDecimal,
+    max: Option<ExactDecimal>,
+    latest: Option<ExactDecimal>,
 }
 
 async fn slot_totals(
@@ -333,9 +407,9 @@ async fn slot_totals(
         .into_iter()
         .map(|row| {
             let totals = SlotTotals {
-                sum: row.sum,
-                max: row.max.unwrap_or_default(),
-                latest: row.latest.unwrap_or_default(),
+                sum: row.sum.0,
+                max: row.max.unwrap_or_default().0,
+                latest: row.latest.unwrap_or_default().0,
             };
             ((row.customer_id, row.meter, row.slot_start), totals)
         })
@@ -349,7 +423,7 @@ async fn slot_states(
     let customers: Vec<&str> = slots.iter().map(|s| s.0.as_str()).collect();
     let meters: Vec<&str> = slots.iter().map(|s| s.1.as_str()).collect();
     let starts: Vec<DateTime<Utc>> = slots.iter().map(|s| s.2).collect();
-    let rows: Vec<(String, String, DateTime<Utc>, Decimal, i32)> = sqlx::query_as(
+    let rows: Vec<(String, String, DateTime<Utc>, ExactDecimal, i32)> = sqlx::query_as(
         "SELECT b.customer_id, b.meter, b.slot_start, b.accounted, b.revision
          FROM billing_slots b
          JOIN unnest($1::text[], $2::text[], $3::timestamptz[]) AS s(c, m, s)
@@ -366,7 +440,7 @@ async fn slot_states(
             (
                 (c, m, s),
                 SlotState {
-                    accounted,
+                    accounted: accounted.0,
                     revision,
                 },
             )
@@ -502,11 +576,15 @@ pub struct Leased {
     pub stripe_customer_id: String,
     pub event_name: String,
     pub kind: String,
+    #[sqlx(try_from = "ExactDecimal")]
     pub value: Decimal,
     pub event_timestamp: DateTime<Utc>,
     pub attempts: i32,
     /// For a `cancel` row: the identifier of the event to withdraw.
     pub cancels: Option<String>,
+    /// When an attempt whose outcome is unknown (no answer, a 5xx) was first made: Stripe may
+    /// hold the event, and remembers its identifier only for about 24 hours after that.
+    pub first_uncertain_at: Option<DateTime<Utc>>,
 }
 
 /// Leases the pending rows of up to `limit` customer+meter pairs whose oldest pending row is
@@ -522,8 +600,10 @@ pub(crate) async fn lease_pending(
         "WITH heads AS (
              SELECT DISTINCT ON (customer_id, meter)
                     submission_id, customer_id, meter, next_attempt_at, leased_until
-             FROM stripe_submissions
+             FROM stripe_submissions p
              WHERE status = 'pending'
+               AND NOT EXISTS (SELECT 1 FROM billing_quarantine q
+                               WHERE q.customer_id = p.customer_id AND q.meter = p.meter)
              ORDER BY customer_id, meter, submission_id),
          due AS (
              SELECT customer_id, meter FROM heads
@@ -531,14 +611,20 @@ pub(crate) async fn lease_pending(
              ORDER BY submission_id
              LIMIT $1)
          UPDATE stripe_submissions s
-            SET leased_until = now() + $2::interval
+            SET leased_until = now() + $2::interval,
+                leased_at = now(),
+                -- An earlier lease that expired unrecorded: its sink died, perhaps mid-call.
+                first_uncertain_at = CASE WHEN s.leased_until IS NOT NULL
+                                          THEN coalesce(s.first_uncertain_at, s.leased_at)
+                                          ELSE s.first_uncertain_at END
          WHERE s.submission_id IN (
              SELECT p.submission_id FROM stripe_submissions p
              JOIN due ON due.customer_id = p.customer_id AND due.meter = p.meter
              WHERE p.status = 'pending' AND (p.leased_until IS NULL OR p.leased_until < now())
              FOR UPDATE OF p SKIP LOCKED)
          RETURNING s.submission_id, s.identifier, s.customer_id, s.meter, s.stripe_customer_id,
-                   s.event_name, s.kind, s.value, s.event_timestamp, s.attempts, s.cancels",
+                   s.event_name, s.kind, s.value, s.event_timestamp, s.attempts, s.cancels,
+                   s.first_uncertain_at",
     )
     .bind(limit as i64)
     .bind(lease)
@@ -549,17 +635,43 @@ pub(crate) async fn lease_pending(
     Ok(rows)
 }
 
+/// Extends the leases of rows this process is still sending, so that a slow pair (retries,
+/// timeouts) is not leased by another sink meanwhile. Rows already recorded are not touched.
+pub(crate) async fn renew_leases(
+    pool: &PgPool,
+    submission_ids: &[i64],
+    lease: Duration,
+) -> Result<(), StoreError> {
+    sqlx::query(
+        "UPDATE stripe_submissions SET leased_until = now() + $2::interval
+         WHERE submission_id = ANY($1) AND status = 'pending'",
+    )
+    .bind(submission_ids)
+    .bind(lease)
+    .execute(pool)
+    .await?;
+    Ok(())
+}
+
 /// What became of a leased row.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Outcome {
     Sent,
-    /// Try again at `retry_at`.
+    /// Try again at `retry_at`. `uncertain_at`: an attempt whose outcome is unknown (Stripe
+    /// may have recorded it) was made then.
     Retry {
         error: String,
         retry_at: DateTime<Utc>,
+        uncertain_at: Option<DateTime<Utc>>,
     },
     /// Stripe refused it for good; an operator must look.
     Failed {
+        error: String,
+    },
+    /// Stripe may hold the event from an attempt more than 23 hours ago, and no longer promises
+    /// to recognise its identifier: sending it again could bill twice. An operator checks
+    /// Stripe and resolves it (`tally submissions resolve`).
+    NeedsReview {
         error: String,
     },
     /// Not attempted (shutdown, or an earlier revision of its pair is not sent yet).
@@ -577,22 +689,28 @@ pub(crate) async fn record_outcomes(
     let mut ids = Vec::new();
     let mut attempts = Vec::new();
     let mut statuses = Vec::new();
-    let mut errors: Vec<Option<&str>> = Vec::new();
+    let mut errors: Vec<Option<String>> = Vec::new();
     let mut retry_at: Vec<Option<DateTime<Utc>>> = Vec::new();
+    let mut uncertain_at: Vec<Option<DateTime<Utc>>> = Vec::new();
     for (id, tries, outcome) in outcomes {
         ids.push(*id);
         attempts.push(*tries as i32);
-        let (status, error, at) = match outcome {
-            Outcome::Sent => ("sent", None, None),
-            Outcome::Retry { error, retry_at } => {
-                ("pending", Some(error.as_str()), Some(*retry_at))
-            }
-            Outcome::Failed { error } => ("failed", Some(error.as_str()), None),
-            Outcome::Released => ("pending", None, None),
+        let (status, error, at, uncertain) = match outcome {
+            Outcome::Sent => ("sent", None, None, None),
+            Outcome::Retry {
+                error,
+                retry_at,
+                uncertain_at,
+            } => ("pending", Some(error), Some(*retry_at), *uncertain_at),
+            Outcome::Failed { error } => ("failed", Some(error), None, None),
+            Outcome::NeedsReview { error } => ("needs_review", Some(error), None, None),
+            Outcome::Released => ("pending", None, None, None),
         };
         statuses.push(status);
-        errors.push(error);
+        // Stripe's messages (and ours quoting them) go into `text`: made printable.
+        errors.push(error.map(|e| printable(e.clone())));
         retry_at.push(at);
+        uncertain_at.push(uncertain);
     }
     sqlx::query(
         "UPDATE stripe_submissions s
@@ -600,10 +718,12 @@ pub(crate) async fn record_outcomes(
                 attempts = s.attempts + u.attempts,
                 last_error = coalesce(u.error, s.last_error),
                 next_attempt_at = coalesce(u.retry_at, s.next_attempt_at),
+                first_uncertain_at = coalesce(s.first_uncertain_at, u.uncertain),
                 sent_at = CASE WHEN u.status = 'sent' THEN now() ELSE s.sent_at END,
                 leased_until = NULL
-         FROM unnest($1::bigint[], $2::int[], $3::text[], $4::text[], $5::timestamptz[])
-              AS u(id, attempts, status, error, retry_at)
+         FROM unnest($1::bigint[], $2::int[], $3::text[], $4::text[], $5::timestamptz[],
+                     $6::timestamptz[])
+              AS u(id, attempts, status, error, retry_at, uncertain)
          WHERE s.submission_id = u.id AND s.status = 'pending'",
     )
     .bind(&ids)
@@ -611,25 +731,165 @@ pub(crate) async fn record_outcomes(
     .bind(&statuses)
     .bind(&errors)
     .bind(&retry_at)
+    .bind(&uncertain_at)
     .execute(pool)
     .await?;
     Ok(())
 }
 
-/// Backlog figures for the metrics: pending rows and the age of the oldest, and slots waiting
-/// for a customer mapping.
-pub(crate) async fn backlog(pool: &PgPool) -> Result<(i64, f64, i64), StoreError> {
-    let (pending, oldest): (i64, Option<f64>) = sqlx::query_as(
-        "SELECT count(*), extract(epoch FROM now() - min(created_at))::float8
-         FROM stripe_submissions WHERE status = 'pending'",
+/// Backlog figures for the metrics.
+#[derive(Debug, Default, Clone, Copy, PartialEq)]
+pub(crate) struct Backlog {
+    pub(crate) pending: i64,
+    pub(crate) oldest_pending_seconds: f64,
+    pub(crate) needs_review: i64,
+    pub(crate) unmapped_slots: i64,
+    pub(crate) quarantined_pairs: i64,
+}
+
+pub(crate) async fn backlog(pool: &PgPool) -> Result<Backlog, StoreError> {
+    let (pending, oldest, needs_review): (i64, Option<f64>, i64) = sqlx::query_as(
+        "SELECT count(*) FILTER (WHERE status = 'pending'),
+                extract(epoch FROM now() - min(created_at) FILTER (WHERE status = 'pending'))::float8,
+                count(*) FILTER (WHERE status = 'needs_review')
+         FROM stripe_submissions WHERE status IN ('pending', 'needs_review')",
     )
     .fetch_one(pool)
     .await?;
-    let unmapped: (Option<i64>,) =
-        sqlx::query_as("SELECT sum(slots)::bigint FROM stripe_unmapped_usage")
+    let unmapped: Option<i64> =
+        sqlx::query_scalar("SELECT sum(slots)::bigint FROM stripe_unmapped_usage")
             .fetch_one(pool)
             .await?;
-    Ok((pending, oldest.unwrap_or(0.0), unmapped.0.unwrap_or(0)))
+    let quarantined: i64 = sqlx::query_scalar("SELECT count(*) FROM billing_quarantine")
+        .fetch_one(pool)
+        .await?;
+    Ok(Backlog {
+        pending,
+        oldest_pending_seconds: oldest.unwrap_or(0.0),
+        needs_review,
+        unmapped_slots: unmapped.unwrap_or(0),
+        quarantined_pairs: quarantined,
+    })
+}
+
+/// A customer+meter pair set aside (`billing_quarantine`).
+#[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
+pub struct QuarantinedPair {
+    pub customer_id: String,
+    pub meter: String,
+    pub reason: String,
+    pub detail: String,
+    pub since: DateTime<Utc>,
+}
+
+/// Sets a pair aside: its changes wait (and its outbox rows are not sent) until an operator
+/// releases it. Returns false when it already was.
+pub(crate) async fn quarantine(
+    pool: &PgPool,
+    customer: &str,
+    meter: &str,
+    reason: &str,
+    detail: &str,
+) -> Result<bool, StoreError> {
+    let inserted = sqlx::query(
+        "INSERT INTO billing_quarantine (customer_id, meter, reason, detail)
+         VALUES ($1, $2, $3, $4) ON CONFLICT DO NOTHING",
+    )
+    .bind(customer)
+    .bind(meter)
+    .bind(reason)
+    .bind(printable(detail.to_owned()))
+    .execute(pool)
+    .await?
+    .rows_affected();
+    Ok(inserted > 0)
+}
+
+/// Every quarantined pair, oldest first.
+pub async fn quarantined_pairs(pool: &PgPool) -> Result<Vec<QuarantinedPair>, StoreError> {
+    Ok(sqlx::query_as(
+        "SELECT customer_id, meter, reason, detail, since FROM billing_quarantine ORDER BY since",
+    )
+    .fetch_all(pool)
+    .await?)
+}
+
+/// `tally quarantine release`: bills the pair again from the next pass. Returns false when it
+/// was not quarantined.
+pub async fn release_quarantine(
+    pool: &PgPool,
+    customer: &str,
+    meter: &str,
+) -> Result<bool, StoreError> {
+    let deleted =
+        sqlx::query("DELETE FROM billing_quarantine WHERE customer_id = $1 AND meter = $2")
+            .bind(customer)
+            .bind(meter)
+            .execute(pool)
+            .await?
+            .rows_affected();
+    Ok(deleted > 0)
+}
+
+/// A submission parked as `needs_review`.
+#[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
+pub struct ReviewRow {
+    pub identifier: String,
+    pub customer_id: String,
+    pub meter: String,
+    pub slot_start: DateTime<Utc>,
+    pub kind: String,
+    #[sqlx(try_from = "ExactDecimal")]
+    pub value: Decimal,
+    pub first_uncertain_at: Option<DateTime<Utc>>,
+    pub last_error: Option<String>,
+}
+
+/// Submissions waiting for an operator's decision.
+pub async fn needs_review(pool: &PgPool) -> Result<Vec<ReviewRow>, StoreError> {
+    Ok(sqlx::query_as(
+        "SELECT identifier, customer_id, meter, slot_start, kind, value, first_uncertain_at,
+                last_error
+         FROM stripe_submissions WHERE status = 'needs_review' ORDER BY submission_id",
+    )
+    .fetch_all(pool)
+    .await?)
+}
+
+/// How an operator resolves a `needs_review` submission after looking at Stripe.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Resolution {
+    /// Stripe has the event: record it as sent.
+    Sent,
+    /// Stripe does not have it: send it again (a new attempt with the same identifier).
+    Resend,
+}
+
+/// Resolves one `needs_review` submission. Returns false when there is none by that identifier.
+pub async fn resolve_review(
+    pool: &PgPool,
+    identifier: &str,
+    resolution: Resolution,
+) -> Result<bool, StoreError> {
+    let sql = match resolution {
+        Resolution::Sent => {
+            "UPDATE stripe_submissions SET status = 'sent', sent_at = now(),
+                    last_error = 'resolved by an operator: Stripe has it'
+             WHERE identifier = $1 AND status = 'needs_review'"
+        }
+        Resolution::Resend => {
+            "UPDATE stripe_submissions SET status = 'pending', next_attempt_at = now(),
+                    first_uncertain_at = NULL,
+                    last_error = 'resolved by an operator: Stripe does not have it; resending'
+             WHERE identifier = $1 AND status = 'needs_review'"
+        }
+    };
+    let updated = sqlx::query(sql)
+        .bind(identifier)
+        .execute(pool)
+        .await?
+        .rows_affected();
+    Ok(updated > 0)
 }
 
 /// `tally customers map`: sets (or changes) a customer's Stripe customer id.

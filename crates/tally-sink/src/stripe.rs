@@ -73,6 +73,12 @@ impl StripeCallError {
         self.status == Some(400) && self.message.contains("has already been canceled")
     }
 
+    /// Stripe may have recorded the call although it did not say so: no answer arrived (a
+    /// timeout, a dropped connection), or it answered with a server error.
+    pub fn may_have_reached_stripe(&self) -> bool {
+        self.status.is_none_or(|status| status >= 500)
+    }
+
     pub fn is_rate_limit(&self) -> bool {
         self.status == Some(429)
     }

@@ -20,6 +20,12 @@ pub const OUTBOX_PENDING: &str = "tally_sink_outbox_pending";
 pub const OUTBOX_OLDEST_SECONDS: &str = "tally_sink_outbox_oldest_pending_seconds";
 /// Changed slots waiting because their customer has no Stripe customer id.
 pub const UNMAPPED_SLOTS: &str = "tally_sink_unmapped_slots";
+/// Outbox rows parked for an operator (an uncertain attempt over 23 hours ago).
+pub const OUTBOX_NEEDS_REVIEW: &str = "tally_sink_outbox_needs_review";
+pub const SUBMISSIONS_NEEDS_REVIEW: &str = "tally_sink_submissions_needs_review_total";
+/// Customer+meter pairs set aside, now and in all (by reason).
+pub const QUARANTINED_PAIRS: &str = "tally_sink_quarantined_pairs";
+pub const PAIRS_QUARANTINED: &str = "tally_sink_pairs_quarantined_total";
 /// Duration of one billing pass.
 pub const PASS_SECONDS: &str = "tally_sink_pass_seconds";
 
@@ -54,4 +60,20 @@ pub fn describe() {
         "Changed slots waiting for a Stripe customer mapping"
     );
     describe_histogram!(PASS_SECONDS, Unit::Seconds, "Duration of one billing pass");
+    describe_gauge!(
+        OUTBOX_NEEDS_REVIEW,
+        "Outbox rows parked for an operator: an attempt that may have reached Stripe is over 23 hours old"
+    );
+    describe_counter!(
+        SUBMISSIONS_NEEDS_REVIEW,
+        "Outbox rows parked for an operator"
+    );
+    describe_gauge!(
+        QUARANTINED_PAIRS,
+        "Customer+meter pairs set aside in billing_quarantine"
+    );
+    describe_counter!(
+        PAIRS_QUARANTINED,
+        "Customer+meter pairs quarantined, by reason"
+    );
 }

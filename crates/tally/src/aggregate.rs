@@ -6,7 +6,9 @@ use tally_aggregator::{Aggregator, Mode};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::TallyConfig;
-use crate::process::{cancel_on_signal, connect, runtime, serve_metrics};
+use crate::process::{
+    cancel_on_signal, connect, lazy_pool, prepare_database, runtime, serve_admin, Patience,
+};
 
 #[derive(Debug, clap::Args)]
 pub(crate) struct AggregateArgs {
@@ -16,17 +18,21 @@ pub(crate) struct AggregateArgs {
     /// Apply pending database migrations before starting
     #[arg(long)]
     migrate: bool,
-    /// Serve Prometheus metrics on this address, e.g. 0.0.0.0:9187
+    /// Serve /metrics (Prometheus), /healthz and /readyz on this address, e.g. 0.0.0.0:9187
     #[arg(long, value_name = "HOST:PORT")]
     metrics_listen: Option<SocketAddr>,
 }
 
+/// Applies the migrations and records tally.toml's meters.
 pub(crate) fn migrate(config: &TallyConfig) -> anyhow::Result<()> {
     runtime()?.block_on(async {
         let pool = connect(config, 2).await?;
-        tally_db::migrate(&pool).await?;
+        prepare_database(&pool, config, true, Patience::Attempts(3)).await?;
         let count = tally_db::MIGRATOR.iter().count();
-        println!("database schema is up to date ({count} migrations)");
+        println!(
+            "database schema is up to date ({count} migrations); {} meter(s) recorded",
+            config.meters.len()
+        );
         Ok(())
     })
 }
@@ -37,20 +43,20 @@ pub(crate) fn run(config: &TallyConfig, args: &AggregateArgs) -> anyhow::Result<
     let runtime = runtime()?;
     // One connection per commit lane, plus one for rebalances and one for DLQ bookkeeping.
     let connections = config.aggregator.parallel_commits as u32 + 2;
-    let pool = runtime.block_on(async {
-        let pool = connect(config, connections).await?;
-        if args.migrate {
-            tally_db::migrate(&pool).await?;
-        } else {
-            tally_db::check_schema(&pool).await?;
-        }
-        anyhow::Ok(pool)
-    })?;
+    let pool = lazy_pool(config, connections)?;
     if let Some(listen) = args.metrics_listen {
-        serve_metrics(&runtime, listen)?;
+        serve_admin(&runtime, listen)?;
     }
     let stop = CancellationToken::new();
     runtime.spawn(cancel_on_signal(stop.clone()));
+    let patience = if args.once {
+        Patience::Attempts(5)
+    } else {
+        Patience::UntilStopped(stop.clone())
+    };
+    if !runtime.block_on(prepare_database(&pool, config, args.migrate, patience))? {
+        return Ok(()); // stopped while waiting for Postgres
+    }
     let mode = if args.once { Mode::Once } else { Mode::Daemon };
     let aggregator = Aggregator::new(
         config.aggregator.clone(),

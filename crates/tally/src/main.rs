@@ -74,6 +74,10 @@ enum Command {
     Customers(sink::CustomersArgs),
     /// Compare tally's windows, what the sink sent, and what Stripe reports; exit 1 on drift
     Reconcile(sink::ReconcileArgs),
+    /// List or release the customer+meter pairs the sink set aside (quarantined)
+    Quarantine(sink::QuarantineArgs),
+    /// Review and resolve outbox submissions parked for an operator (needs_review)
+    Submissions(sink::SubmissionsArgs),
     /// Apply [[plans]] from tally.toml to Postgres (audited), or list them
     Plans(plans::PlansArgs),
     /// Serve the HTTP API: quota checks, entitlements, /healthz, /readyz, /metrics
@@ -110,6 +114,8 @@ fn main() -> ExitCode {
         Command::Sink(args) => sink::run(&config, &args),
         Command::Customers(args) => sink::customers(&config, &args),
         Command::Reconcile(args) => sink::reconcile(&config, &args),
+        Command::Quarantine(args) => sink::quarantine(&config, &args),
+        Command::Submissions(args) => sink::submissions(&config, &args),
         Command::StripeEmulator(args) => stripe_emulator::run(&args),
         Command::Plans(args) => plans::run(&config, &args),
         Command::Serve => serve::run(&config),

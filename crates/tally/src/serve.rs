@@ -9,7 +9,7 @@ use tally_quota::Quota;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::TallyConfig;
-use crate::process::{cancel_on_signal, connect, runtime};
+use crate::process::{cancel_on_signal, lazy_pool, prepare_database, runtime, Patience};
 
 pub(crate) fn run(config: &TallyConfig) -> anyhow::Result<()> {
     let serve = &config.serve;
@@ -18,8 +18,23 @@ pub(crate) fn run(config: &TallyConfig) -> anyhow::Result<()> {
     }
     let runtime = runtime()?;
     runtime.block_on(async {
-        let pool = connect(config, 8).await?;
-        tally_db::check_schema(&pool).await?;
+        // The server starts while Postgres is away: requests that need it answer 503, /readyz
+        // says what is missing, and the schema check and meter recording wait in the
+        // background.
+        let pool = lazy_pool(config, 8)?;
+        let stop = CancellationToken::new();
+        tokio::spawn(cancel_on_signal(stop.clone()));
+        let prepared = {
+            let (pool, config, stop) = (pool.clone(), config.clone(), stop.clone());
+            tokio::spawn(async move {
+                let patience = Patience::UntilStopped(stop.clone());
+                let prepared = prepare_database(&pool, &config, false, patience).await;
+                if prepared.is_err() {
+                    stop.cancel(); // a schema that is behind or a changed meter: stop serving
+                }
+                prepared
+            })
+        };
         let metrics = metrics_exporter_prometheus::PrometheusBuilder::new()
             .install_recorder()
             .context("installing the metrics recorder")?;
@@ -53,8 +68,6 @@ pub(crate) fn run(config: &TallyConfig) -> anyhow::Result<()> {
                 )
             })?;
         tracing::info!(listen = %serve.listen, tokens = serve.tokens.len(), "serving the HTTP API");
-        let stop = CancellationToken::new();
-        tokio::spawn(cancel_on_signal(stop.clone()));
         tally_api::serve(
             listener,
             tally_api::router(state, serve.max_body_bytes),
@@ -66,6 +79,9 @@ pub(crate) fn run(config: &TallyConfig) -> anyhow::Result<()> {
         if let Some(emitter) = emitter {
             tokio::task::spawn_blocking(move || emitter.shutdown(std::time::Duration::from_secs(5)))
                 .await?;
+        }
+        if prepared.is_finished() {
+            prepared.await??;
         }
         Ok(())
     })

@@ -2,13 +2,18 @@
 
 use std::net::SocketAddr;
 
-use anyhow::{bail, Context};
+use anyhow::bail;
 use chrono::{DateTime, NaiveDate, Utc};
-use tally_sink::{Mode, Sink, StripeHttp, Verdict};
+use std::time::Duration;
+
+use tally_runtime::Backoff;
+use tally_sink::{Mode, Sink, SinkError, StripeHttp, Verdict};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::TallyConfig;
-use crate::process::{cancel_on_signal, connect, runtime, serve_metrics};
+use crate::process::{
+    cancel_on_signal, connect, lazy_pool, prepare_database, runtime, serve_admin, Patience,
+};
 
 #[derive(Debug, clap::Args)]
 pub(crate) struct SinkArgs {
@@ -21,7 +26,7 @@ pub(crate) struct SinkArgs {
     /// Create the Stripe meters that tally's meters bill under, where missing
     #[arg(long)]
     create_stripe_meters: bool,
-    /// Serve Prometheus metrics on this address, e.g. 0.0.0.0:9188
+    /// Serve /metrics (Prometheus), /healthz and /readyz on this address, e.g. 0.0.0.0:9188
     #[arg(long, value_name = "HOST:PORT")]
     metrics_listen: Option<SocketAddr>,
 }
@@ -30,38 +35,30 @@ pub(crate) fn run(config: &TallyConfig, args: &SinkArgs) -> anyhow::Result<()> {
     config.stripe.validate().map_err(anyhow::Error::msg)?;
     let runtime = runtime()?;
     if let Some(listen) = args.metrics_listen {
-        serve_metrics(&runtime, listen)?;
+        serve_admin(&runtime, listen)?;
     }
+    let stop = CancellationToken::new();
+    runtime.spawn(cancel_on_signal(stop.clone()));
     runtime.block_on(async {
-        let pool = connect(config, 4).await?;
-        if args.migrate {
-            tally_db::migrate(&pool).await?;
+        let pool = lazy_pool(config, 4)?;
+        let patience = if args.once {
+            Patience::Attempts(5)
         } else {
-            tally_db::check_schema(&pool).await?;
+            Patience::UntilStopped(stop.clone())
+        };
+        if !prepare_database(&pool, config, args.migrate, patience).await? {
+            return Ok(()); // stopped while waiting for Postgres
         }
         let stripe = StripeHttp::new(&config.stripe).map_err(anyhow::Error::msg)?;
-        if args.create_stripe_meters {
-            for event_name in tally_sink::create_stripe_meters(&pool, &stripe).await? {
-                println!("created Stripe meter {event_name:?}");
-            }
+        if !check_stripe_meters(&pool, &stripe, args, &stop).await? {
+            return Ok(()); // stopped while waiting for Stripe
         }
-        let missing = tally_sink::missing_stripe_meters(&pool, &stripe)
-            .await
-            .context("cannot list the Stripe meters; check stripe.api_base and the secret key")?;
-        if !missing.is_empty() {
-            bail!(
-                "Stripe has no meter for event name(s) {}; Stripe would accept those events and never bill them. Create the meters in the Stripe dashboard, or run `tally sink --create-stripe-meters`",
-                missing.join(", ")
-            );
-        }
-        let stop = CancellationToken::new();
-        tokio::spawn(cancel_on_signal(stop.clone()));
         let sink = Sink::new(config.sink.clone(), &config.stripe, pool)?;
         let mode = if args.once { Mode::Once } else { Mode::Daemon };
         let summary = sink.run(mode, &stop).await?;
         if args.once {
             println!(
-                "billed {} slots: {} submissions written, {} sent, {} retries ({} rate limited), {} refused, {} pending, {} slots waiting for a customer mapping",
+                "billed {} slots: {} submissions written, {} sent, {} retries ({} rate limited), {} refused, {} pending, {} waiting for review, {} slots waiting for a customer mapping, {} pairs quarantined",
                 summary.accounted.slots,
                 summary.accounted.submissions,
                 summary.sent,
@@ -69,7 +66,9 @@ pub(crate) fn run(config: &TallyConfig, args: &SinkArgs) -> anyhow::Result<()> {
                 summary.rate_limited,
                 summary.failed,
                 summary.pending,
-                summary.unmapped_slots
+                summary.needs_review,
+                summary.unmapped_slots,
+                summary.quarantined_pairs
             );
         }
         if summary.failed > 0 {
@@ -77,6 +76,180 @@ pub(crate) fn run(config: &TallyConfig, args: &SinkArgs) -> anyhow::Result<()> {
                 "Stripe refused {} submission(s); see `SELECT * FROM stripe_submissions WHERE status = 'failed'`, fix the cause, then set their status back to 'pending'",
                 summary.failed
             );
+        }
+        Ok(())
+    })
+}
+
+/// Before anything is sent, whatever ran before: every meter tally bills (tally.toml's, just
+/// recorded) has a Stripe meter, creating the missing ones with `--create-stripe-meters`.
+/// Stripe would accept events for a missing meter and never bill them, so a missing meter
+/// stops the sink. Stripe unreachable: the daemon waits (`Ok(false)`: stopped meanwhile);
+/// `--once` fails.
+async fn check_stripe_meters(
+    pool: &sqlx::PgPool,
+    stripe: &StripeHttp,
+    args: &SinkArgs,
+    stop: &CancellationToken,
+) -> anyhow::Result<bool> {
+    let dependency = tally_runtime::dependency("stripe");
+    let mut backoff = Backoff::new(Duration::from_secs(1), Duration::from_secs(60));
+    loop {
+        let attempt = async {
+            let created = if args.create_stripe_meters {
+                tally_sink::create_stripe_meters(pool, stripe).await?
+            } else {
+                Vec::new()
+            };
+            let missing = tally_sink::missing_stripe_meters(pool, stripe).await?;
+            Ok::<_, SinkError>((created, missing))
+        }
+        .await;
+        let error = match attempt {
+            Ok((created, missing)) => {
+                dependency.up();
+                for event_name in created {
+                    println!("created Stripe meter {event_name:?}");
+                }
+                if !missing.is_empty() {
+                    bail!(
+                        "Stripe has no meter for event name(s) {}; Stripe would accept those events and never bill them. Create the meters in the Stripe dashboard, or run `tally sink --create-stripe-meters`",
+                        missing.join(", ")
+                    );
+                }
+                return Ok(true);
+            }
+            Err(error) => error,
+        };
+        let transient = match &error {
+            SinkError::Stripe(e) => e.is_retryable(),
+            SinkError::Store(e) => e.is_retryable(),
+            _ => false,
+        };
+        if args.once || !transient {
+            return Err(anyhow::Error::new(error).context(
+                "cannot check the Stripe meters; check stripe.api_base and the secret key",
+            ));
+        }
+        dependency.down(&error);
+        tokio::select! {
+            _ = tokio::time::sleep(backoff.next_wait()) => {}
+            _ = stop.cancelled() => return Ok(false),
+        }
+    }
+}
+
+#[derive(Debug, clap::Args)]
+pub(crate) struct QuarantineArgs {
+    #[command(subcommand)]
+    command: QuarantineCommand,
+}
+
+#[derive(Debug, clap::Subcommand)]
+enum QuarantineCommand {
+    /// The customer+meter pairs the sink has set aside, and why
+    List,
+    /// Bill a quarantined pair again from the next pass (fix the cause first)
+    Release {
+        /// The customer id events carry
+        customer: String,
+        /// The meter name
+        meter: String,
+    },
+}
+
+/// `tally quarantine`: pairs the sink set aside so that everybody else is billed.
+pub(crate) fn quarantine(config: &TallyConfig, args: &QuarantineArgs) -> anyhow::Result<()> {
+    runtime()?.block_on(async {
+        let pool = connect(config, 2).await?;
+        tally_db::check_schema(&pool).await?;
+        match &args.command {
+            QuarantineCommand::List => {
+                let pairs = tally_sink::store::quarantined_pairs(&pool).await?;
+                for pair in &pairs {
+                    println!(
+                        "{:<32} {:<16} since {}  {}: {}",
+                        tally_core::reject::printable(pair.customer_id.clone()),
+                        pair.meter,
+                        pair.since.to_rfc3339(),
+                        pair.reason,
+                        pair.detail
+                    );
+                }
+                println!("{} pair(s) quarantined", pairs.len());
+            }
+            QuarantineCommand::Release { customer, meter } => {
+                if !tally_sink::store::release_quarantine(&pool, customer, meter).await? {
+                    bail!("{customer} / {meter} is not quarantined; see `tally quarantine list`");
+                }
+                println!("{customer} / {meter} is billed again from the next sink pass");
+            }
+        }
+        Ok(())
+    })
+}
+
+#[derive(Debug, clap::Args)]
+pub(crate) struct SubmissionsArgs {
+    #[command(subcommand)]
+    command: SubmissionsCommand,
+}
+
+#[derive(Debug, clap::Subcommand)]
+enum SubmissionsCommand {
+    /// Submissions parked because an earlier attempt may have reached Stripe over 23 hours ago
+    Review,
+    /// Resolve a parked submission after checking Stripe for its identifier
+    Resolve {
+        /// The submission's identifier (`tally:…`)
+        identifier: String,
+        /// Stripe has the event: record it as sent
+        #[arg(long, conflicts_with = "resend", required_unless_present = "resend")]
+        sent: bool,
+        /// Stripe does not have the event: send it again
+        #[arg(long)]
+        resend: bool,
+    },
+}
+
+/// `tally submissions`: the outbox rows an operator must decide on.
+pub(crate) fn submissions(config: &TallyConfig, args: &SubmissionsArgs) -> anyhow::Result<()> {
+    runtime()?.block_on(async {
+        let pool = connect(config, 2).await?;
+        tally_db::check_schema(&pool).await?;
+        match &args.command {
+            SubmissionsCommand::Review => {
+                let rows = tally_sink::store::needs_review(&pool).await?;
+                for row in &rows {
+                    println!(
+                        "{}  {} {} slot {} {} {}  first uncertain attempt {}",
+                        row.identifier,
+                        tally_core::reject::printable(row.customer_id.clone()),
+                        row.meter,
+                        row.slot_start.to_rfc3339(),
+                        row.kind,
+                        row.value,
+                        row.first_uncertain_at
+                            .map_or("-".to_owned(), |t| t.to_rfc3339())
+                    );
+                }
+                println!("{} submission(s) wait for review: look each identifier up in Stripe (Billing > Meters > the meter's events), then `tally submissions resolve IDENTIFIER --sent` or `--resend`", rows.len());
+            }
+            SubmissionsCommand::Resolve {
+                identifier,
+                sent,
+                resend: _,
+            } => {
+                let resolution = if *sent {
+                    tally_sink::store::Resolution::Sent
+                } else {
+                    tally_sink::store::Resolution::Resend
+                };
+                if !tally_sink::store::resolve_review(&pool, identifier, resolution).await? {
+                    bail!("no submission {identifier:?} waits for review; see `tally submissions review`");
+                }
+                println!("{identifier} resolved");
+            }
         }
         Ok(())
     })
@@ -184,18 +357,29 @@ pub(crate) fn reconcile(config: &TallyConfig, args: &ReconcileArgs) -> anyhow::R
 /// One line per kind of disagreement; an error (exit 1) on drift.
 pub(crate) fn report_verdicts(rows: &[tally_sink::ReconcileRow]) -> anyhow::Result<()> {
     let count = |verdict| rows.iter().filter(|r| r.verdict == verdict).count();
-    let (ok, unbilled, unmapped, drift) = (
+    let (ok, unbilled, unmapped, drift, quarantined, review) = (
         count(Verdict::Ok),
         count(Verdict::Unbilled),
         count(Verdict::Unmapped),
         count(Verdict::Drift),
+        count(Verdict::Quarantined),
+        count(Verdict::Review),
     );
-    println!("{ok} ok, {unbilled} not yet billed, {unmapped} unmapped, {drift} drift");
+    println!("{ok} ok, {unbilled} not yet billed, {unmapped} unmapped, {drift} drift, {quarantined} quarantined, {review} waiting for review");
     if unbilled > 0 {
         println!("not yet billed: slots that have not settled, or outbox rows pending or failed; run `tally sink --once` and look at stripe_submissions");
     }
+    if quarantined > 0 {
+        println!("quarantined: the sink set these pairs aside (see the reason under each); fix the cause, then `tally quarantine release CUSTOMER METER`");
+    }
+    if review > 0 {
+        println!("waiting for review: an earlier attempt may have reached Stripe over 23 hours ago; `tally submissions review`");
+    }
     if drift > 0 {
         bail!("Stripe disagrees with what tally sent for {drift} customer-meter pair(s) (or has no meter for them)");
+    }
+    if quarantined + review > 0 {
+        bail!("{quarantined} pair(s) quarantined and {review} pair(s) with submissions waiting for review: an operator must act");
     }
     Ok(())
 }
