@@ -84,7 +84,8 @@ pub async fn reconcile(
     }
     let meters = store::billed_meters(pool).await?;
     let mut rows: BTreeMap<(String, String), ReconcileRow> = BTreeMap::new();
-    let windows: Vec<(String, String, String, ExactDecimal)> = sqlx::query_as(
+    // As text, so that one customer's sum beyond a decimal spoils only its own row.
+    let windows: Vec<(String, String, String, String)> = sqlx::query_as(
         "WITH billed AS (SELECT name, aggregation FROM meters WHERE aggregation <> 'unique_count'),
               sums AS (
                 SELECT u.customer_id, u.meter, 'delta' AS kind, sum(u.value) AS value
@@ -105,7 +106,8 @@ pub async fn reconcile(
                 JOIN last_slot l ON l.customer_id = u.customer_id AND l.meter = u.meter
                  AND u.window_start >= l.slot AND u.window_start < l.slot + interval '5 minutes'
                 GROUP BY u.customer_id, u.meter)
-         SELECT * FROM sums UNION ALL SELECT * FROM lasts",
+         SELECT customer_id, meter, kind, value::text FROM sums
+         UNION ALL SELECT customer_id, meter, kind, value::text FROM lasts",
     )
     .bind(from)
     .bind(to)
@@ -113,7 +115,15 @@ pub async fn reconcile(
     .await
     .map_err(StoreError::from)?;
     for (customer, meter, kind, value) in windows {
-        row(&mut rows, customer, meter, kind_of(&kind)).windows = value.0;
+        let entry = row(&mut rows, customer, meter, kind_of(&kind));
+        match Decimal::from_str_exact(&value) {
+            Ok(value) => entry.windows = value,
+            Err(_) => {
+                entry.quarantined = Some(format!(
+                    "the windows sum to {value}, beyond what a 28-digit decimal holds"
+                ))
+            }
+        }
     }
 
     let submitted: Vec<SubmittedRow> = sqlx::query_as(
@@ -153,6 +163,7 @@ pub async fn reconcile(
             Some(format!("{}: {}", pair.reason, pair.detail));
     }
 
+
     let mapping: HashMap<String, String> =
         sqlx::query_as("SELECT customer_id, stripe_customer_id FROM stripe_customers")
             .fetch_all(pool)
@@ -185,7 +196,11 @@ pub async fn reconcile(
         let total: f64 = summaries.data.iter().map(|s| s.aggregated_value).sum();
         let stripe_value = Decimal::from_f64(total).unwrap_or_default();
         row.stripe = Some(stripe_value);
-        row.verdict = if stripe_value != row.sent {
+        // Submissions under review may or may not be in Stripe: either agrees.
+        let agrees = stripe_value == row.sent
+            || (!row.review.is_zero()
+                && row.sent.checked_add(row.review) == Some(stripe_value));
+        row.verdict = if !agrees {
             Verdict::Drift
         } else if row.quarantined.is_some() {
             Verdict::Quarantined
