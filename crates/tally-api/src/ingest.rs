@@ -35,6 +35,9 @@ use crate::{telemetry, ApiState};
 
 /// Most events in one request.
 pub const MAX_BATCH: usize = 1_000;
+/// How long a request waits for its events to be acknowledged by Kafka or fsynced in the
+/// spool; longer, and they are answered `unavailable` (retry with the same ids).
+const DURABLE_DEADLINE: std::time::Duration = std::time::Duration::from_secs(10);
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -104,7 +107,13 @@ pub(crate) async fn ingest(
 
     let emitted = futures_util::future::join_all(valid.into_iter().map(|(index, event)| {
         let id = event.id.clone();
-        async move { (index, id, emitter.emit_durable(event).await) }
+        async move {
+            (
+                index,
+                id,
+                emitter.emit_durable(event, DURABLE_DEADLINE).await,
+            )
+        }
     }))
     .await;
 
@@ -139,6 +148,18 @@ pub(crate) async fn ingest(
                 "unavailable",
                 None,
                 Some("SHUTTING_DOWN"),
+                Some(error.to_string()),
+            ),
+            Err(error @ EmitError::NotDurable(_)) => (
+                "unavailable",
+                None,
+                Some("SPOOL_FAILED"),
+                Some(error.to_string()),
+            ),
+            Err(error @ EmitError::Timeout(_)) => (
+                "unavailable",
+                None,
+                Some("DURABILITY_TIMEOUT"),
                 Some(error.to_string()),
             ),
         };

@@ -14,7 +14,7 @@ use tokio::sync::oneshot;
 
 use crate::config::{EmitterConfig, OverflowPolicy};
 use crate::publisher::Publisher;
-use crate::spool::Spool;
+use crate::spool::{AppendError, Spool};
 use crate::telemetry::{EmitterStats, Stats};
 
 /// Where a durable event is when `emit_durable` returns.
@@ -40,6 +40,15 @@ pub enum EmitError {
     /// The emitter was shut down.
     #[error("the emitter has shut down")]
     Closed,
+    /// `emit_durable`: the event could not be made durable, because writing or fsyncing the
+    /// spool failed (a full or failing disk). It may still reach Kafka; retry with the same id
+    /// (a copy counts once).
+    #[error("the event could not be made durable: {0}; retry with the same id")]
+    NotDurable(String),
+    /// `emit_durable`: neither the broker nor the spool had it within the deadline. It may
+    /// still get there; retry with the same id (a copy counts once).
+    #[error("the event was not durable within {0:?}; retry with the same id")]
+    Timeout(Duration),
 }
 
 /// Why the emitter could not start.
@@ -60,12 +69,15 @@ pub struct FlushTimeout {
     pub pending: u64,
 }
 
+/// Where `emit_durable` hears where its event ended up.
+pub(crate) type DurableReply = oneshot::Sender<Result<Durability, EmitError>>;
+
 /// An event on its way from `emit` to the publisher thread.
 pub(crate) struct Queued {
     pub(crate) event: UsageEvent,
     /// The clock reading `emit` already took, reused for the publish-latency metric.
     pub(crate) emitted_at: DateTime<Utc>,
-    pub(crate) durable: Option<oneshot::Sender<Durability>>,
+    pub(crate) durable: Option<DurableReply>,
 }
 
 /// State shared by the handle, the publisher thread and the delivery callback.
@@ -161,17 +173,26 @@ impl Emitter {
     }
 
     /// Like [`Emitter::emit`], but resolves only once the broker has acknowledged the event or
-    /// it is fsynced in the spool.
-    pub async fn emit_durable(&self, event: UsageEvent) -> Result<Durability, EmitError> {
+    /// it is fsynced in the spool, or with [`EmitError::Timeout`] after `deadline`, or with
+    /// [`EmitError::NotDurable`] when the spool cannot take it. Only `Ok` means durable.
+    pub async fn emit_durable(
+        &self,
+        event: UsageEvent,
+        deadline: Duration,
+    ) -> Result<Durability, EmitError> {
         let (tx, rx) = oneshot::channel();
         self.submit(event, Some(tx))?;
-        rx.await.map_err(|_| EmitError::Closed)
+        match tokio::time::timeout(deadline, rx).await {
+            Ok(Ok(answer)) => answer,
+            Ok(Err(_)) => Err(EmitError::Closed),
+            Err(_) => Err(EmitError::Timeout(deadline)),
+        }
     }
 
     fn submit(
         &self,
         mut event: UsageEvent,
-        durable: Option<oneshot::Sender<Durability>>,
+        durable: Option<DurableReply>,
     ) -> Result<(), EmitError> {
         if self.closed.load(Ordering::Acquire) {
             return Err(EmitError::Closed);
@@ -211,16 +232,28 @@ impl Emitter {
                 Stats::add(&stats.spooled, 1);
                 self.shared.resolve_one();
                 if let Some(durable) = queued.durable {
-                    if let Err(error) = self.shared.spool.sync() {
-                        tracing::error!(%error, "spool fsync failed; a durable event may not survive a crash");
-                    }
-                    let _ = durable.send(Durability::Spooled);
+                    let answer = match self.shared.spool.sync() {
+                        Ok(()) => Ok(Durability::Spooled),
+                        Err(error) => {
+                            Stats::add(&stats.spool_errors, 1);
+                            tracing::error!(%error, "spool fsync failed; the event is not known to be durable");
+                            Err(EmitError::NotDurable(format!(
+                                "spool fsync failed: {error}"
+                            )))
+                        }
+                    };
+                    let _ = durable.send(answer);
                 }
                 Ok(())
             }
             Err(error) => {
                 stats.emitted.fetch_sub(1, Ordering::AcqRel);
-                tracing::warn!(%error, "event not accepted: queue and spool are full");
+                if let AppendError::Io(io) = &error {
+                    Stats::add(&stats.spool_errors, 1);
+                    tracing::error!(error = %io, "cannot write the spool (is the disk full?); event not accepted");
+                } else {
+                    tracing::warn!(%error, "event not accepted: queue and spool are full");
+                }
                 if self.overflow == OverflowPolicy::DropNewest && queued.durable.is_none() {
                     Stats::add(&stats.dropped, 1);
                     Ok(())

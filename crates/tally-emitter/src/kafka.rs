@@ -13,10 +13,9 @@ use rdkafka::producer::{DeliveryResult, ProducerContext, ThreadedProducer};
 use rdkafka::types::RDKafkaErrorCode;
 use rdkafka::ClientContext;
 use tally_core::config::KafkaConfig;
-use tokio::sync::oneshot;
 
 use crate::config::EmitterConfig;
-use crate::emitter::{Durability, Shared};
+use crate::emitter::{Durability, DurableReply, Shared};
 use crate::telemetry::Stats;
 
 pub(crate) type Producer = ThreadedProducer<DeliveryContext>;
@@ -25,7 +24,7 @@ pub(crate) type Producer = ThreadedProducer<DeliveryContext>;
 pub(crate) struct Delivery {
     pub(crate) origin: Origin,
     pub(crate) emitted_at: DateTime<Utc>,
-    pub(crate) durable: Option<oneshot::Sender<Durability>>,
+    pub(crate) durable: Option<DurableReply>,
 }
 
 pub(crate) enum Origin {
@@ -81,7 +80,7 @@ impl ProducerContext for DeliveryContext {
                     }
                 }
                 if let Some(durable) = delivery.durable {
-                    let _ = durable.send(Durability::Published);
+                    let _ = durable.send(Ok(Durability::Published));
                 }
             }
             Err((error, message)) => {

@@ -23,10 +23,9 @@ use crossbeam_channel::{Receiver, RecvTimeoutError};
 use rdkafka::producer::{BaseRecord, Producer as _, PurgeConfig};
 use tally_core::config::KafkaConfig;
 use tally_core::wire;
-use tokio::sync::oneshot;
 
 use crate::config::EmitterConfig;
-use crate::emitter::{Durability, Queued, Shared, StartError};
+use crate::emitter::{Durability, DurableReply, EmitError, Queued, Shared, StartError};
 use crate::kafka::{self, Delivery, Origin, Producer, Unsent};
 use crate::spool::{AppendError, Read, Segment, SegmentReader};
 use crate::telemetry::{Exporter, Stats};
@@ -65,7 +64,9 @@ pub(crate) struct Publisher {
     /// Events the spool refused (full); retried before anything new is taken.
     held: VecDeque<Unsent>,
     /// Durable callers waiting for the next fsync.
-    awaiting_sync: Vec<oneshot::Sender<Durability>>,
+    awaiting_sync: Vec<DurableReply>,
+    /// The spool refused a write (I/O): logged once until it takes one again.
+    spool_failing: bool,
     last_sync: Instant,
     encoded: Vec<u8>,
 }
@@ -92,6 +93,7 @@ impl Publisher {
             replaying: VecDeque::new(),
             held: VecDeque::new(),
             awaiting_sync: Vec::new(),
+            spool_failing: false,
             last_sync: Instant::now(),
             encoded: Vec::with_capacity(256),
         })
@@ -196,15 +198,24 @@ impl Publisher {
         }
     }
 
-    /// Spools held events in order; stops at the first the spool refuses (full).
+    /// Spools held events in order; stops at the first the spool refuses (full, or a write
+    /// that failed and was cut off: the event stays held and is tried again).
     fn retry_held(&mut self) {
         while let Some(unsent) = self.held.pop_front() {
             if let Err(error) = self.shared.spool.append(&unsent.key, &unsent.payload) {
                 if let AppendError::Io(io) = &error {
-                    tracing::error!(error = %io, "cannot write the spool; holding events in memory");
+                    Stats::add(&self.shared.stats.spool_errors, 1);
+                    if !self.spool_failing {
+                        tracing::error!(error = %io, "cannot write the spool (is the disk full?); holding events in memory and retrying");
+                    }
+                    self.spool_failing = true;
                 }
                 self.held.push_front(unsent);
                 return;
+            }
+            if self.spool_failing {
+                tracing::info!("the spool takes events again");
+                self.spool_failing = false;
             }
             Stats::add(&self.shared.stats.spooled, 1);
             self.resolve(*unsent.delivery);
@@ -305,8 +316,10 @@ impl Publisher {
             r.reader.is_none() && r.progress.outstanding.load(Ordering::Acquire) == 0
         }) {
             // Records of this segment that failed were spooled again: make them durable before
-            // the segment that also holds them disappears.
-            self.sync();
+            // the segment that also holds them disappears (and keep it while fsync fails).
+            if !self.sync() {
+                return;
+            }
             let Some(done) = self.replaying.pop_front() else {
                 break;
             };
@@ -318,16 +331,25 @@ impl Publisher {
 
     fn sync_if_due(&mut self) {
         if !self.awaiting_sync.is_empty() || self.last_sync.elapsed() >= self.fsync_interval {
-            self.sync();
+            let _ = self.sync();
         }
     }
 
-    fn sync(&mut self) {
-        if let Err(error) = self.shared.spool.sync() {
-            tracing::error!(%error, "spool fsync failed; spooled events may not survive a crash");
+    /// Fsyncs the spool; durable callers hear `Spooled` only when that succeeded.
+    fn sync(&mut self) -> bool {
+        let synced = self.shared.spool.sync();
+        if let Err(error) = &synced {
+            Stats::add(&self.shared.stats.spool_errors, 1);
+            tracing::error!(%error, "spool fsync failed; events spooled since the last sync may not survive a crash");
         }
         for durable in self.awaiting_sync.drain(..) {
-            let _ = durable.send(Durability::Spooled);
+            let answer = match &synced {
+                Ok(()) => Ok(Durability::Spooled),
+                Err(error) => Err(EmitError::NotDurable(format!(
+                    "spool fsync failed: {error}"
+                ))),
+            };
+            let _ = durable.send(answer);
         }
         self.last_sync = Instant::now();
         self.exporter.export(
@@ -335,6 +357,7 @@ impl Publisher {
             self.shared.queue.len(),
             self.shared.spool.bytes(),
         );
+        synced.is_ok()
     }
 
     /// Shutdown: give replayed records a moment, hand back everything still in the producer
@@ -355,7 +378,7 @@ impl Publisher {
             self.wait_for_failure(TICK);
         }
         self.remove_finished();
-        self.sync();
+        let _ = self.sync();
         let lost = self.shared.pending();
         if lost > 0 {
             tracing::error!(

@@ -2,16 +2,24 @@
 //!
 //! A directory of append-only segment files `spool-<seq>.seg`, replayed oldest first. Each record
 //! is `[u32 body length][u32 crc32c of body][body]`, body = `[u16 key length][key][payload]`,
-//! little-endian. A crash can leave a torn last record; the reader detects it by length or
-//! checksum, counts it and skips the rest of that segment. Appends go through a buffer that is
-//! written and fsynced by [`Spool::sync`], which the publisher calls every `fsync_interval`.
+//! little-endian.
 //!
-//! A `LOCK` file, held with an OS lock for the spool's lifetime, keeps two emitters from
-//! sharing one directory.
+//! A record is written whole or not at all: it goes to the file in one write, and a write that
+//! fails part way (a full disk, a file size limit) is cut back off the file before the error is
+//! returned, so the records after it are never hidden behind a torn one. What the spool counts
+//! ([`Spool::bytes`]) is exactly the records it holds. [`Spool::sync`] fsyncs; a caller is told
+//! an event is spooled only after a sync that succeeded. A crash can still leave a torn last
+//! record (the process died mid-write); the reader detects it by length or checksum, counts it
+//! and skips the rest of that segment.
+//!
+//! The directory is private to the emitter's user (0700, files 0600): it holds usage data. A
+//! `LOCK` file, held with an OS lock for the spool's lifetime, keeps two emitters from sharing
+//! one directory.
 
 use std::collections::VecDeque;
 use std::fs::{self, File, OpenOptions};
-use std::io::{self, BufWriter, Write};
+use std::io::{self, Write};
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
@@ -34,40 +42,64 @@ pub(crate) struct Spool {
     dir: PathBuf,
     max_bytes: u64,
     segment_bytes: u64,
-    /// Bytes of records in segment files not yet deleted; zero means nothing waits.
+    /// Bytes of whole records in segment files not yet deleted; zero means nothing waits.
     bytes: AtomicU64,
     writer: Mutex<Writer>,
+    #[cfg(test)]
+    faults: Mutex<Faults>,
     _lock: File,
+}
+
+/// Injected failures, for the tests of what a full disk or a failing fsync does.
+#[cfg(test)]
+#[derive(Debug, Default)]
+pub(crate) struct Faults {
+    /// Bytes that can still be written; a write beyond it writes what fits, then fails.
+    pub(crate) write_budget: Option<usize>,
+    pub(crate) fail_sync: bool,
 }
 
 struct Writer {
     next_seq: u64,
     active: Option<Active>,
-    /// Sealed segments not yet handed to the replayer, oldest first.
-    sealed: VecDeque<u64>,
+    /// Sealed segments not yet handed to the replayer, oldest first, with their record bytes.
+    sealed: VecDeque<(u64, u64)>,
     dirty: bool,
 }
 
 struct Active {
     seq: u64,
-    file: BufWriter<File>,
+    file: File,
+    /// Bytes of whole records written: the file's length, but for a tail a failed write left
+    /// behind when it could not even be cut off.
     bytes: u64,
 }
 
 /// A sealed segment handed to the replayer.
 pub(crate) struct Segment {
     pub(crate) path: PathBuf,
+    /// Bytes of whole records in it (what [`Spool::bytes`] counts for it).
+    bytes: u64,
 }
 
 impl Spool {
     /// Opens (creating if needed) the spool in `dir`; segments left by a previous process
     /// become the replay backlog.
     pub(crate) fn open(dir: &Path, max_bytes: u64, segment_bytes: u64) -> io::Result<Spool> {
-        fs::create_dir_all(dir)?;
+        fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)?;
+        let permissions = fs::metadata(dir)?.permissions();
+        if permissions.mode() & 0o077 != 0 {
+            // Created by hand or by an older version: usage data is not for other users.
+            fs::set_permissions(dir, fs::Permissions::from_mode(0o700))?;
+        }
         let lock = OpenOptions::new()
             .create(true)
             .truncate(false)
             .write(true)
+            .mode(0o600)
             .open(dir.join("LOCK"))?;
         lock.try_lock().map_err(|_| {
             io::Error::new(
@@ -83,12 +115,13 @@ impl Spool {
         for entry in fs::read_dir(dir)? {
             let entry = entry?;
             if let Some(seq) = segment_seq(&entry.file_name().to_string_lossy()) {
-                bytes += entry.metadata()?.len();
-                existing.push(seq);
+                let len = entry.metadata()?.len();
+                bytes += len;
+                existing.push((seq, len));
             }
         }
         existing.sort_unstable();
-        let next_seq = existing.last().map_or(0, |s| s + 1);
+        let next_seq = existing.last().map_or(0, |(s, _)| s + 1);
         Ok(Spool {
             dir: dir.to_owned(),
             max_bytes,
@@ -100,19 +133,33 @@ impl Spool {
                 sealed: existing.into(),
                 dirty: false,
             }),
+            #[cfg(test)]
+            faults: Mutex::default(),
             _lock: lock,
         })
     }
 
-    /// Bytes waiting on disk (or in the write buffer) to be replayed.
+    /// Bytes of records waiting on disk to be replayed.
     pub(crate) fn bytes(&self) -> u64 {
         self.bytes.load(Ordering::Acquire)
     }
 
-    /// Appends one record to the active segment (buffered; durable after [`Spool::sync`]).
+    /// Appends one record to the active segment, whole or not at all. Durable after the next
+    /// successful [`Spool::sync`].
     pub(crate) fn append(&self, key: &[u8], payload: &[u8]) -> Result<(), AppendError> {
+        let key_len = u16::try_from(key.len())
+            .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "key over 64 KiB"))?;
         let body_len = 2 + key.len() + payload.len();
-        let record_len = (HEADER + body_len) as u64;
+        let mut record = Vec::with_capacity(HEADER + body_len);
+        record.extend_from_slice(&(body_len as u32).to_le_bytes());
+        record.extend_from_slice(&[0; 4]); // the checksum, filled in below
+        record.extend_from_slice(&key_len.to_le_bytes());
+        record.extend_from_slice(key);
+        record.extend_from_slice(payload);
+        let crc = crc32c::crc32c(&record[HEADER..]);
+        record[4..8].copy_from_slice(&crc.to_le_bytes());
+        let record_len = record.len() as u64;
+
         let mut writer = self.lock();
         if self.bytes() + record_len > self.max_bytes {
             return Err(AppendError::Full {
@@ -125,27 +172,27 @@ impl Spool {
             let file = OpenOptions::new()
                 .create_new(true)
                 .append(true)
+                .mode(0o600)
                 .open(self.segment_path(seq))?;
             writer.active = Some(Active {
                 seq,
-                file: BufWriter::with_capacity(64 * 1024, file),
+                file,
                 bytes: 0,
             });
         }
-        let key_len = u16::try_from(key.len())
-            .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "key over 64 KiB"))?;
-        let mut crc = crc32c::crc32c(&key_len.to_le_bytes());
-        crc = crc32c::crc32c_append(crc, key);
-        crc = crc32c::crc32c_append(crc, payload);
         let active = writer
             .active
             .as_mut()
             .expect("active segment was just ensured");
-        active.file.write_all(&(body_len as u32).to_le_bytes())?;
-        active.file.write_all(&crc.to_le_bytes())?;
-        active.file.write_all(&key_len.to_le_bytes())?;
-        active.file.write_all(key)?;
-        active.file.write_all(payload)?;
+        if let Err(error) = self.write(&mut active.file, &record) {
+            // Cut the partial record off, so the next one follows the last whole one. If even
+            // that fails, start a new segment: the tail left here is torn and ends this
+            // segment's replay, after every record that was acknowledged.
+            if active.file.set_len(active.bytes).is_err() {
+                self.seal(&mut writer)?;
+            }
+            return Err(error.into());
+        }
         active.bytes += record_len;
         let full = active.bytes >= self.segment_bytes;
         writer.dirty = true;
@@ -156,17 +203,55 @@ impl Spool {
         Ok(())
     }
 
-    /// Writes buffered records and fsyncs them; after this they survive a crash.
+    fn write(&self, file: &mut File, record: &[u8]) -> io::Result<()> {
+        #[cfg(test)]
+        {
+            let mut faults = self.faults.lock().unwrap_or_else(|e| e.into_inner());
+            if let Some(budget) = faults.write_budget.as_mut() {
+                if record.len() > *budget {
+                    let fits = *budget;
+                    *budget = 0;
+                    file.write_all(&record[..fits])?;
+                    return Err(io::Error::new(
+                        io::ErrorKind::StorageFull,
+                        "no space left on device (injected)",
+                    ));
+                }
+                *budget -= record.len();
+            }
+        }
+        file.write_all(record)
+    }
+
+    /// Fsyncs what was appended; after this it survives a crash. An error means the records
+    /// appended since the last successful sync may not.
     pub(crate) fn sync(&self) -> io::Result<()> {
         let mut writer = self.lock();
         if writer.dirty {
             if let Some(active) = writer.active.as_mut() {
-                active.file.flush()?;
-                active.file.get_ref().sync_data()?;
+                self.fsync(&active.file)?;
             }
             writer.dirty = false;
         }
         Ok(())
+    }
+
+    fn fsync(&self, file: &File) -> io::Result<()> {
+        #[cfg(test)]
+        if self
+            .faults
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .fail_sync
+        {
+            return Err(io::Error::other("fsync failed (injected)"));
+        }
+        file.sync_data()
+    }
+
+    #[cfg(test)]
+    pub(crate) fn inject(&self, faults: Faults) {
+        *self.faults.lock().unwrap_or_else(|e| e.into_inner()) = faults;
     }
 
     /// The oldest segment to replay. Seals the active segment when nothing older waits, so the
@@ -176,24 +261,29 @@ impl Spool {
         if writer.sealed.is_empty() && writer.active.as_ref().is_some_and(|a| a.bytes > 0) {
             self.seal(&mut writer)?;
         }
-        Ok(writer.sealed.pop_front().map(|seq| Segment {
+        Ok(writer.sealed.pop_front().map(|(seq, bytes)| Segment {
             path: self.segment_path(seq),
+            bytes,
         }))
     }
 
     /// Deletes a segment whose every record is in Kafka or spooled again (and synced).
     pub(crate) fn remove(&self, segment: &Segment) -> io::Result<()> {
-        let len = fs::metadata(&segment.path)?.len();
         fs::remove_file(&segment.path)?;
-        self.bytes.fetch_sub(len, Ordering::AcqRel);
+        // Exactly what was counted for it; never below zero.
+        let _ = self
+            .bytes
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |bytes| {
+                Some(bytes.saturating_sub(segment.bytes))
+            });
         Ok(())
     }
 
     fn seal(&self, writer: &mut Writer) -> io::Result<()> {
-        if let Some(mut active) = writer.active.take() {
-            active.file.flush()?;
-            active.file.get_ref().sync_data()?;
-            writer.sealed.push_back(active.seq);
+        if let Some(active) = writer.active.take() {
+            let synced = self.fsync(&active.file);
+            writer.sealed.push_back((active.seq, active.bytes));
+            synced?;
         }
         Ok(())
     }
@@ -320,6 +410,71 @@ mod tests {
         }
         assert_eq!(seen, (0..10).collect::<Vec<u8>>());
         assert_eq!(spool.bytes(), 0);
+    }
+
+    /// A full disk mid-record: the partial record is cut off, the caller gets the error, and
+    /// the records before and after it read back whole, with the count exact.
+    #[test]
+    fn a_failed_write_leaves_no_torn_record_behind() {
+        let dir = tempfile::tempdir().unwrap();
+        let spool = Spool::open(dir.path(), 1 << 20, 1 << 20).unwrap();
+        spool.append(b"k", &[1; 20]).unwrap();
+        let before = spool.bytes();
+        spool.inject(Faults {
+            write_budget: Some(10),
+            fail_sync: false,
+        });
+        assert!(matches!(
+            spool.append(b"k", &[2; 20]),
+            Err(AppendError::Io(e)) if e.kind() == io::ErrorKind::StorageFull
+        ));
+        assert_eq!(
+            spool.bytes(),
+            before,
+            "nothing counted for the refused record"
+        );
+        spool.inject(Faults::default());
+        spool.append(b"k", &[3; 20]).unwrap();
+        spool.sync().unwrap();
+        let segment = spool.take_oldest().unwrap().unwrap();
+        let (records, torn) = read_all(&segment.path);
+        assert_eq!(torn, 0, "no torn record hides the one after it");
+        let firsts: Vec<u8> = records.iter().map(|(_, p)| p[0]).collect();
+        assert_eq!(firsts, [1, 3]);
+        assert_eq!(fs::metadata(&segment.path).unwrap().len(), spool.bytes());
+        spool.remove(&segment).unwrap();
+        assert_eq!(spool.bytes(), 0);
+    }
+
+    #[test]
+    fn a_failed_fsync_is_reported() {
+        let dir = tempfile::tempdir().unwrap();
+        let spool = Spool::open(dir.path(), 1 << 20, 1 << 20).unwrap();
+        spool.append(b"k", b"event").unwrap();
+        spool.inject(Faults {
+            write_budget: None,
+            fail_sync: true,
+        });
+        assert!(spool.sync().is_err());
+        spool.inject(Faults::default());
+        spool.sync().expect("the next sync makes it durable");
+    }
+
+    #[test]
+    fn the_directory_and_files_are_private() {
+        let parent = tempfile::tempdir().unwrap();
+        let dir = parent.path().join("spool");
+        let spool = Spool::open(&dir, 1 << 20, 1 << 20).unwrap();
+        spool.append(b"k", b"event").unwrap();
+        let mode = |p: &Path| fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode(&dir), 0o700);
+        let segment = spool.take_oldest().unwrap().unwrap();
+        assert_eq!(mode(&segment.path), 0o600);
+        assert_eq!(mode(&dir.join("LOCK")), 0o600);
+        drop(spool);
+        fs::set_permissions(&dir, fs::Permissions::from_mode(0o755)).unwrap();
+        let _reopened = Spool::open(&dir, 1 << 20, 1 << 20).unwrap();
+        assert_eq!(mode(&dir), 0o700, "an existing directory is made private");
     }
 
     #[test]

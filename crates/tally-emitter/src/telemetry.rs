@@ -18,6 +18,8 @@ pub(crate) const EVENTS_DROPPED: &str = "tally_emitter_events_dropped_total";
 pub(crate) const OVERLOADED: &str = "tally_emitter_overloaded_total";
 pub(crate) const DELIVERY_FAILURES: &str = "tally_emitter_delivery_failures_total";
 pub(crate) const SPOOL_TORN_RECORDS: &str = "tally_emitter_spool_torn_records_total";
+/// Spool writes or fsyncs that failed (a full or failing disk).
+pub(crate) const SPOOL_ERRORS: &str = "tally_emitter_spool_errors_total";
 pub(crate) const QUEUE_DEPTH: &str = "tally_emitter_queue_depth";
 pub(crate) const SPOOL_BYTES: &str = "tally_emitter_spool_bytes";
 pub(crate) const PUBLISH_LATENCY: &str = "tally_emitter_publish_latency_seconds";
@@ -38,6 +40,7 @@ pub(crate) struct Stats {
     pub(crate) overloaded: AtomicU64,
     pub(crate) delivery_failures: AtomicU64,
     pub(crate) torn_records: AtomicU64,
+    pub(crate) spool_errors: AtomicU64,
 }
 
 /// A snapshot of the emitter's counters.
@@ -61,6 +64,8 @@ pub struct EmitterStats {
     pub delivery_failures: u64,
     /// Torn or corrupt spool records skipped on replay.
     pub torn_records: u64,
+    /// Spool writes or fsyncs that failed (a full or failing disk).
+    pub spool_errors: u64,
 }
 
 impl Stats {
@@ -88,6 +93,7 @@ impl Stats {
             overloaded: get(&self.overloaded),
             delivery_failures: get(&self.delivery_failures),
             torn_records: get(&self.torn_records),
+            spool_errors: get(&self.spool_errors),
         }
     }
 }
@@ -103,6 +109,7 @@ pub(crate) struct Exporter {
     overloaded: Counter,
     delivery_failures: Counter,
     torn_records: Counter,
+    spool_errors: Counter,
     queue_depth: Gauge,
     spool_bytes: Gauge,
 }
@@ -122,6 +129,7 @@ impl Exporter {
             overloaded: counter!(OVERLOADED),
             delivery_failures: counter!(DELIVERY_FAILURES),
             torn_records: counter!(SPOOL_TORN_RECORDS),
+            spool_errors: counter!(SPOOL_ERRORS),
             queue_depth: gauge!(QUEUE_DEPTH),
             spool_bytes: gauge!(SPOOL_BYTES),
         }
@@ -141,6 +149,7 @@ impl Exporter {
         self.delivery_failures
             .absolute(get(&stats.delivery_failures));
         self.torn_records.absolute(get(&stats.torn_records));
+        self.spool_errors.absolute(get(&stats.spool_errors));
         self.queue_depth.set(queue_depth as f64);
         self.spool_bytes.set(spool_bytes as f64);
     }

@@ -163,7 +163,6 @@ pub async fn reconcile(
             Some(format!("{}: {}", pair.reason, pair.detail));
     }
 
-
     let mapping: HashMap<String, String> =
         sqlx::query_as("SELECT customer_id, stripe_customer_id FROM stripe_customers")
             .fetch_all(pool)
@@ -198,8 +197,7 @@ pub async fn reconcile(
         row.stripe = Some(stripe_value);
         // Submissions under review may or may not be in Stripe: either agrees.
         let agrees = stripe_value == row.sent
-            || (!row.review.is_zero()
-                && row.sent.checked_add(row.review) == Some(stripe_value));
+            || (!row.review.is_zero() && row.sent.checked_add(row.review) == Some(stripe_value));
         row.verdict = if !agrees {
             Verdict::Drift
         } else if row.quarantined.is_some() {

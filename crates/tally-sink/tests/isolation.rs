@@ -81,13 +81,30 @@ async fn a_pair_that_cannot_be_billed_is_quarantined_while_everyone_else_is_bill
         .iter()
         .map(|q| (q.customer_id.as_str(), q.meter.as_str(), q.reason.as_str()))
         .collect();
-    assert!(pairs.contains(&("huge", "api_calls", "postgres_refused")), "{quarantined:?}");
-    assert!(pairs.contains(&("c0", "ghost", "unbillable")), "{quarantined:?}");
-    let huge = quarantined.iter().find(|q| q.customer_id == "huge").unwrap();
+    assert!(
+        pairs.contains(&("huge", "api_calls", "postgres_refused")),
+        "{quarantined:?}"
+    );
+    assert!(
+        pairs.contains(&("c0", "ghost", "unbillable")),
+        "{quarantined:?}"
+    );
+    let huge = quarantined
+        .iter()
+        .find(|q| q.customer_id == "huge")
+        .unwrap();
     assert!(huge.detail.contains("does not fit"), "{}", huge.detail);
 
     // Later passes go on for everybody else and leave the pair alone.
-    add_usage(pool, "c1", "api_calls", base + TimeDelta::minutes(5), d("1"), base).await;
+    add_usage(
+        pool,
+        "c1",
+        "api_calls",
+        base + TimeDelta::minutes(5),
+        d("1"),
+        base,
+    )
+    .await;
     let summary = sink
         .run(Mode::Once, &CancellationToken::new())
         .await
@@ -96,7 +113,11 @@ async fn a_pair_that_cannot_be_billed_is_quarantined_while_everyone_else_is_bill
     let rows = reconcile_one_slot(&setup, base).await;
     let huge_row = rows.iter().find(|r| r.customer == "huge").unwrap();
     assert_eq!(huge_row.verdict, Verdict::Quarantined);
-    assert!(huge_row.quarantined.as_deref().unwrap().contains("postgres_refused"));
+    assert!(huge_row
+        .quarantined
+        .as_deref()
+        .unwrap()
+        .contains("postgres_refused"));
 
     // The operator fixes the data and releases the pair: it is billed from the next pass.
     sqlx::query("UPDATE usage_minute SET value = 4 WHERE customer_id = 'huge'")
@@ -175,18 +196,31 @@ async fn an_uncertain_attempt_over_23_hours_old_is_parked_not_resent() {
         .await
         .unwrap();
     assert_eq!((summary.sent, summary.needs_review), (0, 2), "{summary:?}");
-    assert_eq!(setup.emulator.stats().meter_events_created, 2, "nothing resent");
+    assert_eq!(
+        setup.emulator.stats().meter_events_created,
+        2,
+        "nothing resent"
+    );
     let parked = needs_review(pool).await.unwrap();
     assert_eq!(parked.len(), 2);
-    assert!(parked[0].last_error.as_deref().unwrap().contains("could bill twice"));
+    assert!(parked[0]
+        .last_error
+        .as_deref()
+        .unwrap()
+        .contains("could bill twice"));
     let rows = reconcile_one_slot(&setup, base).await;
-    assert!(rows.iter().all(|r| r.verdict == Verdict::Review), "{rows:?}");
+    assert!(
+        rows.iter().all(|r| r.verdict == Verdict::Review),
+        "{rows:?}"
+    );
 
     // The operator finds both in Stripe and resolves them as sent.
     for row in &parked {
-        assert!(resolve_review(pool, &row.identifier, tally_sink::store::Resolution::Sent)
-            .await
-            .unwrap());
+        assert!(
+            resolve_review(pool, &row.identifier, tally_sink::store::Resolution::Sent)
+                .await
+                .unwrap()
+        );
     }
     let rows = reconcile_one_slot(&setup, base).await;
     assert!(rows.iter().all(|r| r.verdict == Verdict::Ok), "{rows:?}");
@@ -240,7 +274,10 @@ async fn leases_are_renewed_while_a_slow_pair_is_sent() {
         "{stats:?}"
     );
     for customer in &customers {
-        assert_eq!(stripe_sum(&setup.emulator, &format!("cus_{customer}"), "api_calls"), 6);
+        assert_eq!(
+            stripe_sum(&setup.emulator, &format!("cus_{customer}"), "api_calls"),
+            6
+        );
     }
 }
 
@@ -273,7 +310,10 @@ async fn a_stripe_outage_is_waited_out() {
     setup.emulator.set_faults(Faults::default()).unwrap();
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
     while stripe_sum(&setup.emulator, "cus_c1", "api_calls") < 9 {
-        assert!(std::time::Instant::now() < deadline, "not billed after the outage");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "not billed after the outage"
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     stop.cancel();

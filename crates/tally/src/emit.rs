@@ -66,8 +66,12 @@ pub(crate) fn run(config: &TallyConfig, args: &EmitArgs) -> anyhow::Result<()> {
         ..config.kafka.clone()
     };
     let emitter = Emitter::start(&kafka, &config.emitter)?;
-    let runtime = tokio::runtime::Builder::new_current_thread().build()?;
-    let durability = runtime.block_on(emitter.emit_durable(event))?;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_time()
+        .build()?;
+    // Kafka gets `delivery_timeout`; the spool (with its fsync) is quick after that.
+    let deadline = config.emitter.delivery_timeout + std::time::Duration::from_secs(30);
+    let durability = runtime.block_on(emitter.emit_durable(event, deadline))?;
     emitter.shutdown(std::time::Duration::from_secs(5));
     match durability {
         Durability::Published => println!("published to {}", kafka.topic),
