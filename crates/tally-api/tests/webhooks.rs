@@ -453,3 +453,145 @@ async fn an_unmapped_customer_is_refused_until_mapped_then_stripe_retries_apply_
     assert!(h.emulator.events()[0].attempts >= 2);
     h.emulator.shutdown().await;
 }
+
+/// Sends `event` (an emulator event's JSON) under a new id with `changes` applied, signed.
+async fn variant(h: &Harness, event: &Value, id: &str, changes: &[(&str, &str)]) -> Value {
+    let mut copy = event.clone();
+    copy["id"] = json!(id);
+    for (pointer, value) in changes {
+        *copy.pointer_mut(pointer).unwrap() = json!(value);
+    }
+    let (status, answer) = webhook(h, &copy.to_string(), None).await;
+    assert_eq!(status, StatusCode::OK, "{answer}");
+    answer
+}
+
+/// Before: of two events created in the same second, the one delivered last won, so an
+/// `invoice.finalized` arriving after `invoice.paid` set a paid invoice back to open, and a
+/// `subscription.created` (incomplete) after `.updated` (active) took a paying customer's
+/// entitlements away. Now a same-second event never moves the status backwards, in either
+/// delivery order.
+#[tokio::test]
+async fn same_second_events_never_move_state_backwards() {
+    let h = Harness::start().await;
+    h.map_customer().await;
+    h.subscribe(&h.free_price).await;
+    h.delivered().await;
+    let events = h.emulator.events();
+    let body = |kind: &str| -> Value {
+        let event = events.iter().find(|e| e.event_type == kind).unwrap();
+        serde_json::from_str(&event.body).unwrap()
+    };
+    let created = body("customer.subscription.created");
+    let paid = body("invoice.paid");
+    let pool = h.db.pool.clone();
+    let invoice_status = || {
+        let pool = pool.clone();
+        async move {
+            sqlx::query_scalar::<_, String>("SELECT status FROM stripe_invoices")
+                .fetch_one(&pool)
+                .await
+                .unwrap()
+        }
+    };
+
+    // Subscription, same second: active delivered first, then the incomplete creation.
+    let later = created["created"].as_i64().unwrap() + 100;
+    let at = |event: &Value| {
+        let mut event = event.clone();
+        event["created"] = json!(later);
+        event
+    };
+    let active = at(&created);
+    variant(
+        &h,
+        &active,
+        "evt_sub_active",
+        &[
+            ("/type", "customer.subscription.updated"),
+            ("/data/object/status", "active"),
+        ],
+    )
+    .await;
+    let answer = variant(
+        &h,
+        &active,
+        "evt_sub_incomplete",
+        &[("/data/object/status", "incomplete")],
+    )
+    .await;
+    assert_eq!(answer["outcome"], "stale");
+    h.state.quota.invalidate("acme");
+    assert_eq!(h.plan().await.unwrap(), ("FREE".into(), "active".into()));
+    // The other order, a second later: incomplete, then active; active wins.
+    let next = {
+        let mut event = created.clone();
+        event["created"] = json!(later + 1);
+        event
+    };
+    variant(
+        &h,
+        &next,
+        "evt_sub_incomplete_2",
+        &[("/data/object/status", "incomplete")],
+    )
+    .await;
+    let answer = variant(
+        &h,
+        &next,
+        "evt_sub_active_2",
+        &[
+            ("/type", "customer.subscription.updated"),
+            ("/data/object/status", "active"),
+        ],
+    )
+    .await;
+    assert_eq!(answer["outcome"], "applied");
+    h.state.quota.invalidate("acme");
+    assert_eq!(h.plan().await.unwrap(), ("FREE".into(), "active".into()));
+
+    // Invoice, same second: paid, then finalized (open): it stays paid.
+    let invoice_at = paid["created"].as_i64().unwrap() + 100;
+    let mut paid_now = paid.clone();
+    paid_now["created"] = json!(invoice_at);
+    variant(
+        &h,
+        &paid_now,
+        "evt_inv_paid",
+        &[("/data/object/status", "paid")],
+    )
+    .await;
+    let answer = variant(
+        &h,
+        &paid_now,
+        "evt_inv_finalized",
+        &[
+            ("/type", "invoice.finalized"),
+            ("/data/object/status", "open"),
+        ],
+    )
+    .await;
+    assert_eq!(answer["outcome"], "stale");
+    assert_eq!(invoice_status().await, "paid");
+    // The other order, a second later: finalized then paid ends paid.
+    paid_now["created"] = json!(invoice_at + 1);
+    variant(
+        &h,
+        &paid_now,
+        "evt_inv_finalized_2",
+        &[
+            ("/type", "invoice.finalized"),
+            ("/data/object/status", "open"),
+        ],
+    )
+    .await;
+    variant(
+        &h,
+        &paid_now,
+        "evt_inv_paid_2",
+        &[("/data/object/status", "paid")],
+    )
+    .await;
+    assert_eq!(invoice_status().await, "paid");
+    h.emulator.shutdown().await;
+}

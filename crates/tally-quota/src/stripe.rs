@@ -187,6 +187,26 @@ pub async fn apply_webhook(
     Ok(outcome)
 }
 
+/// Where a Stripe subscription status sits in its usual life, for ordering events of the same
+/// second: a subscription starts `incomplete`, becomes `trialing` or `active`, may fall behind
+/// on payment, and ends.
+fn subscription_rank(status: &str) -> u8 {
+    match status {
+        "incomplete" => 0,
+        "trialing" => 1,
+        "active" => 2,
+        "past_due" | "paused" => 3,
+        "unpaid" => 4,
+        "incomplete_expired" | "canceled" => 5,
+        _ => 0,
+    }
+}
+
+/// The same for invoices, in SQL: `draft` → `open` → `uncollectible` → `paid` or `void`. An
+/// invoice event of the same second as the stored one applies only if it does not go back.
+const INVOICE_RANK: &str = "CASE {} WHEN 'draft' THEN 0 WHEN 'open' THEN 1 \
+    WHEN 'uncollectible' THEN 2 WHEN 'paid' THEN 3 WHEN 'void' THEN 3 ELSE 0 END";
+
 /// tally's status for Stripe's: only `active` and `trialing` grant entitlements.
 fn tally_status(stripe_status: &str, deleted: bool) -> &'static str {
     match stripe_status {
@@ -299,13 +319,25 @@ async fn apply_subscription(
     .bind(&subscription.id)
     .fetch_optional(&mut *tx)
     .await?;
-    // Equal times cannot be ordered (Stripe's clock has whole seconds): the later delivery wins.
+    // Stripe does not deliver in order. An older event never wins; an event of the same
+    // second (Stripe's clock has whole seconds) wins only if it does not move the status
+    // backwards (`incomplete` after `active`, say).
     if let Some(stored) = &stored {
-        if stored
-            .stripe_event_created
-            .is_some_and(|last| last > event.created)
-        {
-            return Ok(WebhookOutcome::Stale);
+        let new_status = if subscription.deleted {
+            "canceled"
+        } else {
+            subscription.status.as_str()
+        };
+        let stored_status = stored.stripe_status.as_deref().unwrap_or("incomplete");
+        match stored.stripe_event_created {
+            Some(last) if last > event.created => return Ok(WebhookOutcome::Stale),
+            Some(last)
+                if last == event.created
+                    && subscription_rank(new_status) < subscription_rank(stored_status) =>
+            {
+                return Ok(WebhookOutcome::Stale)
+            }
+            _ => {}
         }
     }
     let customer = match &stored {
@@ -397,8 +429,10 @@ async fn record_invoice(
         Some(stripe_customer) => tally_customer(tx, stripe_customer).await?,
         None => None,
     };
-    // The WHERE keeps a newer description: an older event updates nothing.
-    let written = sqlx::query(
+    // The WHERE keeps a newer description: an older event updates nothing, and one of the
+    // same second only when its status does not go back.
+    let rank = |column: &str| INVOICE_RANK.replace("{}", column);
+    let sql = format!(
         "INSERT INTO stripe_invoices (invoice_id, stripe_customer_id, customer_id,
                 stripe_subscription_id, number, status, currency, amount_due, amount_paid,
                 amount_remaining, total, period_start, period_end, attempt_count,
@@ -415,27 +449,32 @@ async fn record_invoice(
                 period_end = EXCLUDED.period_end, attempt_count = EXCLUDED.attempt_count,
                 last_event_type = EXCLUDED.last_event_type,
                 last_event_created = EXCLUDED.last_event_created, updated_at = now()
-         WHERE stripe_invoices.last_event_created <= EXCLUDED.last_event_created",
-    )
-    .bind(&invoice.id)
-    .bind(&invoice.stripe_customer)
-    .bind(&customer)
-    .bind(&invoice.stripe_subscription)
-    .bind(&invoice.number)
-    .bind(&invoice.status)
-    .bind(&invoice.currency)
-    .bind(invoice.amount_due)
-    .bind(invoice.amount_paid)
-    .bind(invoice.amount_remaining)
-    .bind(invoice.total)
-    .bind(invoice.period_start)
-    .bind(invoice.period_end)
-    .bind(invoice.attempt_count)
-    .bind(&event.event_type)
-    .bind(event.created)
-    .execute(&mut *tx)
-    .await?
-    .rows_affected();
+         WHERE stripe_invoices.last_event_created < EXCLUDED.last_event_created
+            OR (stripe_invoices.last_event_created = EXCLUDED.last_event_created
+                AND {} >= {})",
+        rank("EXCLUDED.status"),
+        rank("stripe_invoices.status")
+    );
+    let written = sqlx::query(&sql)
+        .bind(&invoice.id)
+        .bind(&invoice.stripe_customer)
+        .bind(&customer)
+        .bind(&invoice.stripe_subscription)
+        .bind(&invoice.number)
+        .bind(&invoice.status)
+        .bind(&invoice.currency)
+        .bind(invoice.amount_due)
+        .bind(invoice.amount_paid)
+        .bind(invoice.amount_remaining)
+        .bind(invoice.total)
+        .bind(invoice.period_start)
+        .bind(invoice.period_end)
+        .bind(invoice.attempt_count)
+        .bind(&event.event_type)
+        .bind(event.created)
+        .execute(&mut *tx)
+        .await?
+        .rows_affected();
     Ok(if written == 0 {
         WebhookOutcome::Stale
     } else {
@@ -445,7 +484,25 @@ async fn record_invoice(
 
 #[cfg(test)]
 mod tests {
-    use super::tally_status;
+    use super::{subscription_rank, tally_status};
+
+    #[test]
+    fn a_subscription_moves_forward_through_its_statuses() {
+        let life = [
+            "incomplete",
+            "trialing",
+            "active",
+            "past_due",
+            "unpaid",
+            "canceled",
+        ];
+        for pair in life.windows(2) {
+            assert!(
+                subscription_rank(pair[0]) < subscription_rank(pair[1]),
+                "{pair:?}"
+            );
+        }
+    }
 
     #[test]
     fn only_active_and_trialing_are_live() {
