@@ -255,7 +255,7 @@ async fn handle(
         .headers
         .get("authorization")
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
+        .and_then(api_key_of)
     {
         Some(key) if key.starts_with("sk_test_") || key.starts_with("sk_live_") => key.to_owned(),
         Some(key) => {
@@ -318,6 +318,22 @@ async fn handle(
         std::future::pending::<()>().await;
     }
     outcome.reply.into_response()
+}
+
+/// The secret key of an `Authorization` header, as Stripe takes it: `Bearer <key>`, or HTTP
+/// Basic with the key as the user name and no password (`curl -u sk_test_…:`).
+fn api_key_of(authorization: &str) -> Option<String> {
+    if let Some(key) = authorization.strip_prefix("Bearer ") {
+        return Some(key.to_owned());
+    }
+    use base64::Engine as _;
+    let encoded = authorization.strip_prefix("Basic ")?;
+    let decoded = base64::engine::general_purpose::STANDARD
+        .decode(encoded.trim())
+        .ok()?;
+    let credentials = String::from_utf8(decoded).ok()?;
+    let (user, _password) = credentials.split_once(':').unwrap_or((&credentials, ""));
+    Some(user.to_owned())
 }
 
 /// A stable fingerprint of a request's parameters, to spot a key reused with others.
@@ -383,6 +399,7 @@ async fn route(
         (&Method::GET, ["v1", "billing", "meters"]) => {
             read(shared, |store| store.list_meters(query)).await
         }
+        (&Method::GET, ["v2", "core", "events", id]) => shared.webhooks.thin_event(id).into(),
         (&Method::GET, ["v1", "billing", "meters", id, "event_summaries"]) => {
             read(shared, |store| store.summaries(id, query)).await
         }
@@ -504,11 +521,19 @@ async fn meter_event(shared: &Shared, form: &Form, livemode: bool) -> Outcome {
     if let Some(failure) = injected_failure(shared).await {
         return failure.into();
     }
-    let (reply, created) = shared
-        .store
-        .lock()
-        .expect("store lock poisoned")
-        .commit_meter_event(event, livemode, shared.now());
+    let identifier = event.identifier.clone();
+    let (reply, created, has_meter) = {
+        let mut store = shared.store.lock().expect("store lock poisoned");
+        let has_meter = store.has_meter(event_name);
+        let (reply, created) = store.commit_meter_event(event, livemode, shared.now());
+        (reply, created, has_meter)
+    };
+    if created && !has_meter {
+        // Stripe accepts the event and reports, asynchronously, that no meter takes it.
+        shared
+            .webhooks
+            .report_no_meter(event_name, identifier.as_deref(), livemode, shared.now());
+    }
     shared.count(|s| {
         if created {
             s.meter_events_created += 1;

@@ -78,7 +78,7 @@ struct MeterEvent {
 
 /// A meter event that passed validation and may be committed.
 pub(crate) struct NewEvent {
-    identifier: Option<String>,
+    pub(crate) identifier: Option<String>,
     event_name: String,
     pub(crate) customer: String,
     value: i64,
@@ -147,6 +147,10 @@ impl Store {
         });
         self.customers.insert(id, customer.clone());
         Reply::json(200, &customer)
+    }
+
+    pub(crate) fn has_meter(&self, event_name: &str) -> bool {
+        self.meters.iter().any(|m| m.event_name == event_name)
     }
 
     pub(crate) fn has_customer(&self, id: &str) -> bool {

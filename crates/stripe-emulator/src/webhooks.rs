@@ -61,6 +61,8 @@ pub struct EventRecord {
 struct State {
     endpoints: Vec<Endpoint>,
     events: Vec<EventRecord>,
+    /// Thin (v2) events in full, as `GET /v2/core/events/{id}` answers them.
+    thin: std::collections::HashMap<String, serde_json::Value>,
     next_id: u64,
 }
 
@@ -150,6 +152,67 @@ impl Webhooks {
                 delivered: false,
             });
             let _ = self.queue.send(state.events.len() - 1);
+        }
+    }
+
+    /// A meter event was accepted for an event name no meter takes. Stripe reports that
+    /// asynchronously with the thin event `v1.billing.meter.no_meter_found`: endpoints receive
+    /// `{id, object: "v2.core.event", type, created, …}` and fetch the details from
+    /// `GET /v2/core/events/{id}`.
+    pub(crate) fn report_no_meter(
+        &self,
+        event_name: &str,
+        identifier: Option<&str>,
+        livemode: bool,
+        now: i64,
+    ) {
+        let created = chrono::DateTime::from_timestamp(now, 0)
+            .unwrap_or_default()
+            .to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
+        let message = format!("No active meter was found for event_name `{event_name}`.");
+        let mut state = self.state();
+        state.next_id += 1;
+        let id = format!("evt_emt{:010}", state.next_id);
+        let thin = json!({
+            "id": id, "object": "v2.core.event", "type": "v1.billing.meter.no_meter_found",
+            "created": created, "livemode": livemode, "context": null, "reason": null,
+            "related_object": null,
+        });
+        let mut full = thin.clone();
+        full["data"] = json!({
+            "developer_message_summary": message,
+            "reason": {
+                "error_count": 1,
+                "error_types": [{
+                    "code": "no_meter",
+                    "error_count": 1,
+                    "sample_errors": [{
+                        "error_message": message,
+                        "request": { "identifier": identifier },
+                    }],
+                }],
+            },
+            "validation_start": created,
+            "validation_end": created,
+        });
+        state.thin.insert(id.clone(), full);
+        state.events.push(EventRecord {
+            id,
+            event_type: "v1.billing.meter.no_meter_found".into(),
+            created: now,
+            body: thin.to_string(),
+            attempts: 0,
+            last_status: 0,
+            delivered: false,
+        });
+        let _ = self.queue.send(state.events.len() - 1);
+    }
+
+    /// `GET /v2/core/events/{id}`: a thin event with its data.
+    pub(crate) fn thin_event(&self, id: &str) -> Reply {
+        match self.state().thin.get(id) {
+            Some(event) => Reply::json(200, event),
+            None => Reply::not_found(format!("No such event: '{id}'"), Some("id")),
         }
     }
 

@@ -90,7 +90,20 @@ fn verify(
         })?;
     let text = std::str::from_utf8(body)
         .map_err(|_| refuse("MALFORMED_EVENT", "the body is not UTF-8".into()))?;
-    let event = Webhook::construct_event(text, signature, secret).map_err(|error| match error {
+    let event = match Webhook::construct_event(text, signature, secret) {
+        // The signature held, but this is no snapshot event: Stripe's thin (v2) events, such
+        // as the asynchronous meter event error reports, carry no object.
+        Err(SignatureError::BadParse(detail)) => {
+            return thin_event(text).ok_or_else(|| {
+                refuse(
+                    "MALFORMED_EVENT",
+                    format!("the signature is valid but the event does not parse: {detail}"),
+                )
+            })
+        }
+        other => other,
+    };
+    let event = event.map_err(|error| match error {
         SignatureError::BadTimestamp(t) => refuse(
             "STALE_SIGNATURE",
             format!("the signature's time {t} is more than 300 s from this server's clock; check the clock, or this is a replayed request"),
@@ -131,6 +144,38 @@ fn verify(
         _ => WebhookEffect::Ignored,
     };
     Ok((stored, effect))
+}
+
+/// A thin event (`"object": "v2.core.event"`): id, type, RFC 3339 `created`, `livemode`.
+/// `v1.billing.meter.*` reports are recorded; other thin events are ignored.
+fn thin_event(text: &str) -> Option<(StripeEvent, WebhookEffect)> {
+    #[derive(serde::Deserialize)]
+    struct Thin {
+        id: String,
+        object: String,
+        #[serde(rename = "type")]
+        event_type: String,
+        created: DateTime<Utc>,
+        #[serde(default)]
+        livemode: bool,
+    }
+    let thin: Thin = serde_json::from_str(text).ok()?;
+    if thin.object != "v2.core.event" {
+        return None;
+    }
+    let effect = if thin.event_type.starts_with("v1.billing.meter.") {
+        WebhookEffect::MeterErrorReport
+    } else {
+        WebhookEffect::Ignored
+    };
+    let event = StripeEvent {
+        id: thin.id,
+        event_type: thin.event_type,
+        created: thin.created,
+        livemode: thin.livemode,
+        payload: text.to_owned(),
+    };
+    Some((event, effect))
 }
 
 fn timestamp(seconds: i64) -> DateTime<Utc> {

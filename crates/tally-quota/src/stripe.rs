@@ -68,6 +68,9 @@ pub struct StripeInvoice {
 pub enum WebhookEffect {
     Subscription(StripeSubscription),
     Invoice(StripeInvoice),
+    /// A thin event `v1.billing.meter.*`: Stripe accepted meter events it will not bill.
+    /// Recorded; `tally reconcile` fetches and shows the details.
+    MeterErrorReport,
     /// A type tally does not act on; stored so a replay is recognised.
     Ignored,
 }
@@ -173,6 +176,19 @@ pub async fn apply_webhook(
             Some(invoice.id.as_str()),
             record_invoice(&mut tx, event, invoice).await?,
         ),
+        WebhookEffect::MeterErrorReport => {
+            sqlx::query(
+                "INSERT INTO stripe_meter_error_reports (event_id, type, created, livemode)
+                 VALUES ($1, $2, $3, $4) ON CONFLICT DO NOTHING",
+            )
+            .bind(&event.id)
+            .bind(&event.event_type)
+            .bind(event.created)
+            .bind(event.livemode)
+            .execute(&mut *tx)
+            .await?;
+            (None, WebhookOutcome::Applied { customer: None })
+        }
         WebhookEffect::Ignored => (None, WebhookOutcome::Ignored),
     };
     sqlx::query(

@@ -21,7 +21,9 @@ mod stripe_meters;
 pub mod telemetry;
 
 pub use config::{SinkConfig, StripeConfig};
-pub use reconcile::{reconcile, render_table, ReconcileRow, Verdict};
+pub use reconcile::{
+    meter_error_reports, reconcile, render_table, MeterErrorReport, ReconcileRow, Verdict,
+};
 pub use sink::{Mode, Sink, SinkError, SinkSummary};
 pub use stripe::{StripeCallError, StripeHttp};
 pub use stripe_meters::{create_stripe_meters, missing_stripe_meters};

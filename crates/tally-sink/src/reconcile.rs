@@ -297,3 +297,77 @@ pub fn render_table(rows: &[ReconcileRow]) -> String {
     }
     out
 }
+
+/// A meter event error report Stripe sent (a thin event recorded by the webhook endpoint),
+/// with the details fetched from Stripe.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MeterErrorReport {
+    pub event_id: String,
+    pub event_type: String,
+    pub created: DateTime<Utc>,
+    /// Stripe's summary, or why the details could not be fetched.
+    pub summary: String,
+    /// `(code, error count)` per kind of error.
+    pub errors: Vec<(String, i64)>,
+    /// Identifiers of sample meter events Stripe refused.
+    pub identifiers: Vec<String>,
+}
+
+/// The meter event error reports Stripe sent about `[from, to)`, with their details.
+pub async fn meter_error_reports(
+    pool: &PgPool,
+    stripe: &StripeHttp,
+    from: DateTime<Utc>,
+    to: DateTime<Utc>,
+) -> Result<Vec<MeterErrorReport>, SinkError> {
+    let recorded: Vec<(String, String, DateTime<Utc>)> = sqlx::query_as(
+        "SELECT event_id, type, created FROM stripe_meter_error_reports
+         WHERE created >= $1 AND created < $2 ORDER BY created, event_id",
+    )
+    .bind(from)
+    .bind(to)
+    .fetch_all(pool)
+    .await
+    .map_err(StoreError::from)?;
+    let mut reports = Vec::with_capacity(recorded.len());
+    for (event_id, event_type, created) in recorded {
+        let mut report = MeterErrorReport {
+            event_id,
+            event_type,
+            created,
+            summary: String::new(),
+            errors: Vec::new(),
+            identifiers: Vec::new(),
+        };
+        match stripe
+            .get_json(&format!("v2/core/events/{}", report.event_id))
+            .await
+        {
+            Ok(event) => {
+                let data = &event["data"];
+                report.summary = data["developer_message_summary"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .to_owned();
+                for kind in data["reason"]["error_types"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                {
+                    let code = kind["code"].as_str().unwrap_or("unknown").to_owned();
+                    report
+                        .errors
+                        .push((code, kind["error_count"].as_i64().unwrap_or(0)));
+                    for sample in kind["sample_errors"].as_array().into_iter().flatten() {
+                        if let Some(identifier) = sample["request"]["identifier"].as_str() {
+                            report.identifiers.push(identifier.to_owned());
+                        }
+                    }
+                }
+            }
+            Err(error) => report.summary = format!("(details not available from Stripe: {error})"),
+        }
+        reports.push(report);
+    }
+    Ok(reports)
+}

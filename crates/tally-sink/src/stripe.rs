@@ -166,6 +166,28 @@ impl StripeHttp {
         Ok(customer.id.to_string())
     }
 
+    /// `GET {api_base}{path}` as JSON, for the endpoints async-stripe has no request type for
+    /// (the v2 events that carry meter event error reports).
+    pub async fn get_json(&self, path: &str) -> Result<serde_json::Value, StripeCallError> {
+        let request = hyper::Request::get(format!("{}{path}", self.api_base))
+            .header(AUTHORIZATION, self.authorization.clone())
+            .header(USER_AGENT, concat!("tally/", env!("CARGO_PKG_VERSION")))
+            .header("stripe-version", stripe_shared::version::VERSION.as_str())
+            .body(Full::new(Bytes::new()))
+            .map_err(|e| StripeCallError::transport(format!("bad request: {e}")))?;
+        let body = match tokio::time::timeout(self.timeout, self.attempt(request)).await {
+            Ok(result) => result?,
+            Err(_) => {
+                return Err(StripeCallError::transport(format!(
+                    "no response within {:?} (stripe.request_timeout)",
+                    self.timeout
+                )))
+            }
+        };
+        serde_json::from_slice(&body)
+            .map_err(|e| StripeCallError::transport(format!("unreadable response: {e}")))
+    }
+
     async fn attempt(
         &self,
         request: hyper::Request<Full<Bytes>>,

@@ -350,7 +350,31 @@ pub(crate) fn reconcile(config: &TallyConfig, args: &ReconcileArgs) -> anyhow::R
         )
         .await?;
         print!("{}", tally_sink::render_table(&rows));
-        report_verdicts(&rows)
+        let reports =
+            tally_sink::meter_error_reports(&pool, &stripe, args.from, args.to).await?;
+        for report in &reports {
+            let errors: Vec<String> = report
+                .errors
+                .iter()
+                .map(|(code, n)| format!("{code} ×{n}"))
+                .collect();
+            println!(
+                "Stripe reported {} at {}: {} [{}] identifiers: {}",
+                report.event_type,
+                report.created.to_rfc3339(),
+                report.summary,
+                errors.join(", "),
+                report.identifiers.join(", ")
+            );
+        }
+        let verdicts = report_verdicts(&rows);
+        if !reports.is_empty() {
+            bail!(
+                "Stripe reported {} meter event error report(s) in this range: it accepted those events and will not bill them; fix the cause (a missing meter: `tally sink --create-stripe-meters`), then resend the usage",
+                reports.len()
+            );
+        }
+        verdicts
     })
 }
 
