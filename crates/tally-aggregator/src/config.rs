@@ -105,6 +105,16 @@ impl AggregatorConfig {
     }
 }
 
+/// The machine's name, for default identities.
+pub(crate) fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .or_else(|_| std::fs::read_to_string("/etc/hostname"))
+        .ok()
+        .map(|h| h.trim().to_owned())
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "host".into())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -118,14 +128,4 @@ mod tests {
         };
         assert!(config.validate().unwrap_err().contains("counted twice"));
     }
-}
-
-/// The machine's name, for default identities.
-pub(crate) fn hostname() -> String {
-    std::fs::read_to_string("/proc/sys/kernel/hostname")
-        .or_else(|_| std::fs::read_to_string("/etc/hostname"))
-        .ok()
-        .map(|h| h.trim().to_owned())
-        .filter(|h| !h.is_empty())
-        .unwrap_or_else(|| "host".into())
 }

@@ -214,7 +214,8 @@ where
     Fut: std::future::Future<Output = Result<(), StoreError>>,
 {
     let mut failing = Vec::new();
-    let mut ranges = vec![0..len];
+    let mut ranges = Vec::new();
+    ranges.push(0..len);
     while let Some(range) = ranges.pop() {
         if range.is_empty() {
             continue;

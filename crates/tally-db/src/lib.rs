@@ -9,6 +9,7 @@ use sqlx::PgPool;
 
 mod numeric;
 pub mod testing;
+pub mod throwaway;
 
 pub use numeric::ExactDecimal;
 

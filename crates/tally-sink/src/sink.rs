@@ -480,19 +480,27 @@ async fn record_results(
     Ok(recorded)
 }
 
-/// Retries a Postgres step that failed for a passing reason (connection lost, serialization).
+/// Retries a Postgres step that failed for a passing reason (connection lost, serialization)
+/// a few times; the daemon's loop waits out a longer outage. The outage is reported once, as
+/// the state of the `postgres` dependency.
 async fn retry_postgres<T, F, Fut>(mut step: F) -> Result<T, StoreError>
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = Result<T, StoreError>>,
 {
+    let postgres = tally_runtime::dependency("postgres");
     let mut attempt = 0;
     loop {
         match step().await {
             Err(StoreError::Postgres(error)) if attempt < 5 && tally_db::is_retryable(&error) => {
                 attempt += 1;
-                tracing::warn!(%error, attempt, "Postgres step failed; retrying");
+                postgres.down(&error);
+                tracing::debug!(%error, attempt, "Postgres step failed; retrying");
                 tokio::time::sleep(Duration::from_millis(100 << attempt)).await;
+            }
+            Ok(value) => {
+                postgres.up();
+                return Ok(value);
             }
             other => return other,
         }

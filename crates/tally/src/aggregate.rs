@@ -43,7 +43,10 @@ pub(crate) fn run(config: &TallyConfig, args: &AggregateArgs) -> anyhow::Result<
     let runtime = runtime()?;
     // One connection per commit lane, plus one for rebalances and one for DLQ bookkeeping.
     let connections = config.aggregator.parallel_commits as u32 + 2;
-    let pool = lazy_pool(config, connections)?;
+    let pool = {
+        let _runtime = runtime.enter(); // the lazy pool's maintenance task needs a runtime
+        lazy_pool(config, connections)?
+    };
     if let Some(listen) = args.metrics_listen {
         serve_admin(&runtime, listen)?;
     }

@@ -1,0 +1,275 @@
+//! The one harness of the tests that span stages (ARCHITECTURE.md: "real processes, killed
+//! and restarted"): a Kafka-protocol broker (librdkafka's mock cluster, reached over TCP by
+//! the processes too), a fresh database, the Stripe emulator, a `tally.toml`, and the built
+//! `tally` binary run as separate processes.
+
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use rdkafka::mocking::MockCluster;
+use rdkafka::producer::DefaultProducerContext;
+use stripe_emulator::{Emulator, EmulatorConfig};
+use tally_core::config::KafkaConfig;
+
+/// The Stripe key every test uses (live mode: the emulator allows 1,000 calls/s).
+pub const STRIPE_KEY: &str = "sk_live_tally_tests";
+/// Partitions of the test topic.
+pub const PARTITIONS: i32 = 4;
+
+/// The meters of every cross-stage test, as tally.toml holds them.
+pub const METERS: &str = r#"
+[[meters]]
+name = "api_calls"
+aggregation = "sum"
+
+[[meters]]
+name = "tokens"
+aggregation = "sum"
+group_by = ["model"]
+stripe_event_name = "llm_tokens"
+
+[[meters]]
+name = "storage_gb"
+aggregation = "max"
+"#;
+
+/// The built `tally` binary. `cargo test --workspace` builds it (the `tally` package has
+/// integration tests); a test run on this package alone needs `cargo build -p tally` first.
+pub fn tally_binary() -> PathBuf {
+    let exe = std::env::current_exe().expect("the test's own path");
+    // target/<profile>/deps/<test> → target/<profile>/tally
+    let binary = exe
+        .parent()
+        .and_then(Path::parent)
+        .map(|dir| dir.join("tally"))
+        .expect("a target directory");
+    assert!(
+        binary.is_file(),
+        "{} is not built: run `cargo build -p tally` (scripts/test.sh builds it)",
+        binary.display()
+    );
+    binary
+}
+
+/// A broker with a fresh topic and DLQ topic.
+pub struct Broker {
+    pub cluster: MockCluster<'static, DefaultProducerContext>,
+    pub kafka: KafkaConfig,
+}
+
+impl Broker {
+    pub fn start() -> Broker {
+        let cluster = MockCluster::new(3).expect("mock cluster");
+        let suffix = uuid::Uuid::now_v7().simple().to_string();
+        let kafka = KafkaConfig {
+            brokers: cluster.bootstrap_servers(),
+            topic: format!("usage-events-{suffix}"),
+            dlq_topic: format!("usage-events-dlq-{suffix}"),
+            ..KafkaConfig::default()
+        };
+        cluster
+            .create_topic(&kafka.topic, PARTITIONS, 3)
+            .expect("topic");
+        cluster
+            .create_topic(&kafka.dlq_topic, 1, 3)
+            .expect("dlq topic");
+        Broker { cluster, kafka }
+    }
+
+    /// Every broker down (`true`) or up again.
+    pub fn all_down(&self, down: bool) {
+        for broker in 1..=3 {
+            if down {
+                self.cluster.broker_down(broker).expect("broker down");
+            } else {
+                self.cluster.broker_up(broker).expect("broker up");
+            }
+        }
+    }
+}
+
+/// The Stripe emulator on a free port.
+pub async fn emulator() -> Emulator {
+    Emulator::start("127.0.0.1:0".parse().unwrap(), EmulatorConfig::default())
+        .await
+        .expect("emulator")
+}
+
+/// A working directory with a `tally.toml` for the processes of one test.
+pub struct Workdir {
+    pub dir: tempfile::TempDir,
+}
+
+impl Workdir {
+    /// `tally.toml` with the test meters, the broker's topics and `extra` appended.
+    pub fn new(kafka: &KafkaConfig, stripe_api_base: &str, extra: &str) -> Workdir {
+        let dir = tempfile::tempdir().unwrap();
+        let toml = format!(
+            "[kafka]\nbrokers = \"{}\"\ntopic = \"{}\"\ndlq_topic = \"{}\"\n\n\
+             [stripe]\napi_base = \"{stripe_api_base}\"\n\n{extra}\n{METERS}",
+            kafka.brokers, kafka.topic, kafka.dlq_topic
+        );
+        std::fs::write(dir.path().join("tally.toml"), toml).unwrap();
+        Workdir { dir }
+    }
+
+    pub fn config(&self) -> PathBuf {
+        self.dir.path().join("tally.toml")
+    }
+
+    /// `tally <args>` as a child process, its output in `<name>.log`.
+    pub fn spawn(&self, name: &str, database_url: &str, args: &[&str]) -> Child {
+        let log = std::fs::File::create(self.dir.path().join(format!("{name}.log"))).unwrap();
+        self.command(database_url, args)
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .expect("tally starts")
+    }
+
+    /// `tally <args>` to completion: (success, stdout + stderr).
+    pub fn run(&self, database_url: &str, args: &[&str]) -> (bool, String) {
+        let output = self
+            .command(database_url, args)
+            .stdin(Stdio::null())
+            .output()
+            .expect("tally runs");
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr)
+        );
+        (output.status.success(), text)
+    }
+
+    /// What a child wrote so far.
+    pub fn log(&self, name: &str) -> String {
+        std::fs::read_to_string(self.dir.path().join(format!("{name}.log"))).unwrap_or_default()
+    }
+
+    fn command(&self, database_url: &str, args: &[&str]) -> Command {
+        let mut command = Command::new(tally_binary());
+        command
+            .current_dir(self.dir.path())
+            .arg("--config")
+            .arg(self.config())
+            .args(["--database-url", database_url])
+            .args(args)
+            .env("STRIPE_SECRET_KEY", STRIPE_KEY)
+            .env("TALLY_LOG", "info")
+            .env_remove("DATABASE_URL");
+        command
+    }
+}
+
+impl Drop for Workdir {
+    /// A failing test shows what every process wrote.
+    fn drop(&mut self) {
+        if !std::thread::panicking() {
+            return;
+        }
+        let Ok(entries) = std::fs::read_dir(self.dir.path()) else {
+            return;
+        };
+        for entry in entries.flatten() {
+            let path = entry.path();
+            if path.extension().is_some_and(|e| e == "log") {
+                let text = std::fs::read_to_string(&path).unwrap_or_default();
+                let tail: Vec<&str> = text.lines().rev().take(60).collect();
+                eprintln!("==== {} (last lines)", path.display());
+                for line in tail.into_iter().rev() {
+                    eprintln!("{line}");
+                }
+            }
+        }
+    }
+}
+
+/// Kills a child (SIGKILL) and reaps it.
+pub fn kill(child: &mut Child) {
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
+/// True while the child has not exited.
+pub fn alive(child: &mut Child) -> bool {
+    matches!(child.try_wait(), Ok(None))
+}
+
+/// Polls `condition` every 100 ms until it holds; panics with `what` after `timeout`.
+pub fn wait_until(what: &str, timeout: Duration, mut condition: impl FnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while !condition() {
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {timeout:?}: {what}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// A plain HTTP/1.1 request (no client library between the test and the wire): returns the
+/// status and the body.
+pub fn http(
+    address: &str,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &str,
+) -> std::io::Result<(u16, String)> {
+    let mut stream = std::net::TcpStream::connect(address)?;
+    stream.set_read_timeout(Some(Duration::from_secs(30)))?;
+    let mut request = format!(
+        "{method} {path} HTTP/1.1\r\nHost: {address}\r\nConnection: close\r\nContent-Length: {}\r\n",
+        body.len()
+    );
+    for (name, value) in headers {
+        request.push_str(&format!("{name}: {value}\r\n"));
+    }
+    request.push_str("\r\n");
+    request.push_str(body);
+    stream.write_all(request.as_bytes())?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response)?;
+    let status = response
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    let body = response
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_owned())
+        .unwrap_or_default();
+    Ok((status, body))
+}
+
+/// A free TCP port on 127.0.0.1.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Maps customers to Stripe customers (`cus_<customer>`), as `tally customers map` does.
+pub async fn map_customers(pool: &sqlx::PgPool, customers: &[String]) {
+    let mappings: Vec<(String, String)> = customers
+        .iter()
+        .enumerate()
+        .map(|(i, c)| (c.clone(), format!("cus_t{i:05}")))
+        .collect();
+    tally_sink::store::map_customers(pool, &mappings)
+        .await
+        .unwrap();
+}
+
+/// The runtime tests drive async code with (two workers, as on tally's machines).
+pub fn runtime() -> tokio::runtime::Runtime {
+    tally_db::testing::runtime()
+}
+
+/// `EmulatorConfig` re-exported for tests that tune the emulator.
+pub use stripe_emulator::EmulatorConfig as StripeEmulatorConfig;
