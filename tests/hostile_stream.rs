@@ -96,7 +96,8 @@ fn good_event(rng: &mut StdRng, customers: &[String], n: usize, now: DateTime<Ut
     let customer = &customers[rng.random_range(0..customers.len())];
     let meter = ["api_calls", "tokens", "storage_gb"][rng.random_range(0..3)];
     let quantity = d(QUANTITIES[rng.random_range(0..QUANTITIES.len())]);
-    let at = now - TimeDelta::seconds(rng.random_range(60..1800));
+    // Older than a slot (5 minutes): billed without waiting for its slot to end.
+    let at = now - TimeDelta::seconds(rng.random_range(360..1800));
     let id = match n % 4 {
         0 => format!("𝄞-{n}-{}", "é".repeat(40)),
         1 => format!("{n:0>128}"), // the longest id
