@@ -272,11 +272,15 @@ async fn claim_ids(
         .iter()
         .map(|&i| candidates[i].event.id.as_str())
         .collect();
-    let stored: Vec<(String, i64)> =
-        sqlx::query_as("SELECT id, payload_hash FROM event_ids WHERE id = ANY($1)")
-            .bind(&ids)
-            .fetch_all(&mut *tx)
-            .await?;
+    // `ARRAY(SELECT unnest($1))` hides the array's length from the planner, which otherwise
+    // sees tens of thousands of values and picks a (parallel) scan of the whole table over
+    // the index probes: a second instead of a tenth of one, once the table holds weeks of ids.
+    let stored: Vec<(String, i64)> = sqlx::query_as(
+        "SELECT id, payload_hash FROM event_ids WHERE id = ANY(ARRAY(SELECT unnest($1::text[])))",
+    )
+    .bind(&ids)
+    .fetch_all(&mut *tx)
+    .await?;
     let stored: HashMap<&str, i64> = stored
         .iter()
         .map(|(id, hash)| (id.as_str(), *hash))
