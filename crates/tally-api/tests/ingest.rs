@@ -23,10 +23,15 @@ const ADMIN: &str = "admin-token-0123456789abcdef";
 const ACME: &str = "acme-token-0123456789abcdef0";
 
 async fn post(state: &Arc<ApiState>, token: &str, body: Value) -> (StatusCode, Value) {
+    post_text(state, token, body.to_string()).await
+}
+
+/// Posts a body as written (a `Value` would pass numbers through `f64` on the way).
+async fn post_text(state: &Arc<ApiState>, token: &str, body: String) -> (StatusCode, Value) {
     let request = Request::post("/v1/events")
         .header("content-type", "application/json")
         .header("authorization", format!("Bearer {token}"))
-        .body(Body::from(body.to_string()))
+        .body(Body::from(body))
         .unwrap();
     let response = router(state.clone(), 1 << 20)
         .oneshot(request)
@@ -172,6 +177,49 @@ async fn posted_events_reach_the_windows_and_refused_ones_are_stored() {
             .await
             .unwrap();
     assert_eq!(total, Decimal::new(195, 1));
+
+    // Before: the API parsed events into `serde_json::Value`, so a number went through `f64`
+    // (12345678901234567890.123 arrived changed), and a NUL in an id was answered 200 and then
+    // stopped the aggregator. Now quantities arrive exactly as written, and the NUL is refused
+    // here, stored printable.
+    let t = (Utc::now() - TimeDelta::minutes(2)).to_rfc3339();
+    let raw = format!(
+        r#"{{"events":[
+            {{"id":"exact-1","customer":"exact","meter":"api_calls","quantity":123456789012345.123456789,"timestamp":"{t}"}},
+            {{"id":"exact-2","customer":"exact","meter":"api_calls","quantity":12345678901234567890.123,"timestamp":"{t}"}},
+            {{"id":"nul\u0000id","customer":"acme","meter":"api_calls","quantity":1}}
+        ]}}"#
+    );
+    let (status, body) = post_text(&state, ADMIN, raw).await;
+    assert_eq!(status, StatusCode::MULTI_STATUS, "{body}");
+    let codes: Vec<&str> = body["results"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["code"].as_str().unwrap_or("accepted"))
+        .collect();
+    assert_eq!(codes, ["accepted", "quantity_out_of_range", "invalid_id"]);
+    let stored_id: String = sqlx::query_scalar(
+        "SELECT event_id FROM rejected_events WHERE reason = 'invalid_id' AND received_via = 'http'",
+    )
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    assert_eq!(stored_id, "nul\\u{0}id");
+    let mut exact = Decimal::ZERO;
+    for _ in 0..400 {
+        exact = sqlx::query_scalar(
+            "SELECT COALESCE(sum(value), 0) FROM usage_minute WHERE customer_id = 'exact'",
+        )
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+        if !exact.is_zero() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    assert_eq!(exact.to_string(), "123456789012345.123456789");
 
     // Customer tokens may not report usage; a batch has at most 1,000 events.
     let (status, body) = post(&state, ACME, json!({ "events": [] })).await;
