@@ -232,12 +232,7 @@ fn outages_of_postgres_and_kafka_are_waited_out_by_running_processes() {
         || settled(&wave),
     );
 
-    let from = (chrono::Utc::now() - chrono::TimeDelta::hours(1))
-        .format("%Y-%m-%dT%H:00:00Z")
-        .to_string();
-    let to = (chrono::Utc::now() + chrono::TimeDelta::hours(1))
-        .format("%Y-%m-%dT%H:00:00Z")
-        .to_string();
+    let (from, to) = reconcile_range();
     let (ok, output) = work.run(&url, &["reconcile", "--from", &from, "--to", &to]);
     assert!(ok, "tally reconcile found drift:\n{output}");
     let duplicates: i64 = runtime

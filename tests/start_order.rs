@@ -131,12 +131,7 @@ fn meters_are_one_truth_whatever_starts_first() {
             .unwrap()
             == 1
     });
-    let from = (chrono::Utc::now() - chrono::TimeDelta::hours(1))
-        .format("%Y-%m-%dT%H:00:00Z")
-        .to_string();
-    let to = (chrono::Utc::now() + chrono::TimeDelta::hours(1))
-        .format("%Y-%m-%dT%H:00:00Z")
-        .to_string();
+    let (from, to) = reconcile_range();
     let (ok, output) = work.run(&db.url, &["reconcile", "--from", &from, "--to", &to]);
     assert!(!ok, "a report makes reconcile fail: {output}");
     assert!(

@@ -245,6 +245,16 @@ pub fn http(
     Ok((status, body))
 }
 
+/// `--from` and `--to` for `tally reconcile`: the whole hours around now.
+pub fn reconcile_range() -> (String, String) {
+    let hour = |t: chrono::DateTime<chrono::Utc>| t.format("%Y-%m-%dT%H:00:00Z").to_string();
+    let now = chrono::Utc::now();
+    (
+        hour(now - chrono::TimeDelta::hours(1)),
+        hour(now + chrono::TimeDelta::hours(1)),
+    )
+}
+
 /// A free TCP port on 127.0.0.1.
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")

@@ -29,7 +29,7 @@ use rdkafka::{Offset, TopicPartitionList};
 use sqlx::PgPool;
 use tally_core::config::KafkaConfig;
 use tally_core::{MeterDefinition, Meters};
-use tally_runtime::{Backoff, Dependency};
+use tally_runtime::{sleep_unless_stopped, Backoff, Dependency};
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
@@ -336,13 +336,7 @@ impl Aggregator {
                         )));
                     }
                     let wait = backoff.next_wait();
-                    let stopped = self.runtime.block_on(async {
-                        tokio::select! {
-                            _ = tokio::time::sleep(wait) => false,
-                            _ = stop.cancelled() => true,
-                        }
-                    });
-                    if stopped {
+                    if self.runtime.block_on(sleep_unless_stopped(wait, stop)) {
                         return Ok(None);
                     }
                 }
@@ -376,13 +370,7 @@ impl Aggregator {
             }
             kafka.down(&error);
             let wait = backoff.next_wait();
-            let stopped = self.runtime.block_on(async {
-                tokio::select! {
-                    _ = tokio::time::sleep(wait) => false,
-                    _ = stop.cancelled() => true,
-                }
-            });
-            if stopped {
+            if self.runtime.block_on(sleep_unless_stopped(wait, stop)) {
                 return Ok(false);
             }
         }
@@ -750,9 +738,8 @@ impl Aggregator {
                             Duration::from_secs(60)
                         }
                     };
-                    tokio::select! {
-                        _ = tokio::time::sleep(wait) => {}
-                        _ = stop.cancelled() => return Ok(()),
+                    if sleep_unless_stopped(wait, &stop).await {
+                        return Ok(());
                     }
                 }
             }

@@ -3,6 +3,7 @@
 use std::time::Duration;
 
 use rand::Rng;
+use tokio_util::sync::CancellationToken;
 
 /// Waits that double from `initial` up to `max`, each a random point between half and all of
 /// the current step (so that processes waiting out the same outage do not retry in step).
@@ -32,6 +33,14 @@ impl Backoff {
     /// After a success: the next wait starts small again.
     pub fn reset(&mut self) {
         self.step = self.initial;
+    }
+}
+
+/// Sleeps for `wait` unless `stop` comes first; true when it did (the caller should stop).
+pub async fn sleep_unless_stopped(wait: Duration, stop: &CancellationToken) -> bool {
+    tokio::select! {
+        _ = tokio::time::sleep(wait) => false,
+        _ = stop.cancelled() => true,
     }
 }
 

@@ -14,6 +14,6 @@ pub mod health;
 mod supervise;
 pub mod telemetry;
 
-pub use backoff::Backoff;
+pub use backoff::{sleep_unless_stopped, Backoff};
 pub use health::{dependency, Dependency, DependencyStatus};
 pub use supervise::supervise;

@@ -7,7 +7,7 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use crate::telemetry::TASK_RESTARTS;
-use crate::Backoff;
+use crate::{sleep_unless_stopped, Backoff};
 
 /// Runs the task `start()` returns until `stop` is cancelled. When the task returns an error
 /// or panics, it is counted (`tally_task_restarts_total{task}`), logged at ERROR, and started
@@ -47,9 +47,8 @@ where
             let wait = backoff.next_wait();
             metrics::counter!(TASK_RESTARTS, "task" => name).increment(1);
             tracing::error!(task = name, error = %failure, restart_in = ?wait, "background task failed; restarting it");
-            tokio::select! {
-                _ = tokio::time::sleep(wait) => {}
-                _ = stop.cancelled() => return,
+            if sleep_unless_stopped(wait, &stop).await {
+                return;
             }
         }
     })

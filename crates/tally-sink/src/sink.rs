@@ -144,10 +144,10 @@ impl Sink {
                         SinkError::Store(e) if e.is_retryable() => self.postgres.down(e),
                         _ => tracing::error!(%error, "billing pass failed; trying again"),
                     }
-                    tokio::select! {
-                        _ = tokio::time::sleep(backoff.next_wait()) => continue,
-                        _ = stop.cancelled() => return Ok(total),
+                    if tally_runtime::sleep_unless_stopped(backoff.next_wait(), stop).await {
+                        return Ok(total);
                     }
+                    continue;
                 }
             };
             self.postgres.up();

@@ -101,9 +101,8 @@ pub(crate) async fn prepare_database(
             }
             Patience::Attempts(_) => tokio::time::sleep(wait).await,
             Patience::UntilStopped(stop) => {
-                tokio::select! {
-                    _ = tokio::time::sleep(wait) => {}
-                    _ = stop.cancelled() => return Ok(false),
+                if tally_runtime::sleep_unless_stopped(wait, stop).await {
+                    return Ok(false);
                 }
             }
         }

@@ -132,9 +132,8 @@ async fn check_stripe_meters(
             ));
         }
         dependency.down(&error);
-        tokio::select! {
-            _ = tokio::time::sleep(backoff.next_wait()) => {}
-            _ = stop.cancelled() => return Ok(false),
+        if tally_runtime::sleep_unless_stopped(backoff.next_wait(), stop).await {
+            return Ok(false);
         }
     }
 }
