@@ -410,6 +410,14 @@ impl Aggregator {
         run.pending = session.consumer.context().assigned();
         run.next_take = take_at;
         run.take_backoff.reset();
+        // Nothing is consumed until they are taken again (a rebalance paused them already).
+        let mut paused = TopicPartitionList::new();
+        for &partition in &run.pending {
+            paused.add_partition(&self.kafka.topic, partition);
+        }
+        if let Err(e) = session.consumer.pause(&paused) {
+            tracing::debug!(error = %e, "pausing partitions to take again failed");
+        }
     }
 
     /// Takes the pending partitions in Postgres (bumping their epochs, which fences whoever
@@ -635,10 +643,16 @@ impl Aggregator {
                     return Ok(());
                 }
                 Err(StoreError::Fenced { topic, partition }) => {
-                    tracing::warn!(%topic, partition, "batch fenced: another aggregator took the partition; rolled back, taking the partitions again shortly");
+                    tracing::warn!(%topic, partition, "batch fenced: another aggregator took the partition; rolled back");
                     telemetry::record_fenced();
                     run.summary.fenced += 1;
                     self.restart_assignment(session, run, Instant::now() + RETAKE_DELAY);
+                    if session.mode == Mode::Once {
+                        // The partitions belong to another aggregator now: this run leaves
+                        // them to it and ends with what it committed (the next run goes on).
+                        run.pending.clear();
+                        run.targets.clear();
+                    }
                     return Ok(());
                 }
                 Err(error @ (StoreError::Retryable(_) | StoreError::Data(_))) => {
