@@ -64,7 +64,7 @@ pub fn document() -> Value {
                 "responses": {
                     "200": { "description": "Allowed (or allowed with a warning)", "content": { "application/json": { "schema": { "$ref": "#/components/schemas/CheckAnswer" } } } },
                     "429": { "description": "Limit exceeded", "content": { "application/json": { "schema": { "$ref": "#/components/schemas/LimitExceeded" } } } },
-                    "400": error_response("INVALID_REQUEST or UNKNOWN_METER"),
+                    "400": error_response("INVALID_REQUEST, UNKNOWN_METER, or INVALID_QUANTITY (usage plus quantity beyond a 28-digit decimal)"),
                     "401": error_response("UNAUTHORIZED"),
                     "403": error_response("FEATURE_DISABLED, or FORBIDDEN for another customer's token"),
                     "404": error_response("NO_ACTIVE_SUBSCRIPTION"),
@@ -75,7 +75,7 @@ pub fn document() -> Value {
                     "type": "object", "required": ["events"], "properties": { "events": { "type": "array", "maxItems": 1000, "items": { "type": "object" } } } } } } },
                 "responses": {
                     "200": { "description": "Every event accepted (durable: acknowledged by Kafka or fsynced in the spool)" },
-                    "207": { "description": "Some events rejected (stored in rejected_events) or unavailable (retry with the same id); see `results`" },
+                    "207": { "description": "Some events rejected (stored in rejected_events, with the event-contract code) or unavailable (EMITTER_OVERLOADED, SPOOL_FAILED, DURABILITY_TIMEOUT or SHUTTING_DOWN: retry with the same id); see `results`" },
                     "400": error_response("INVALID_REQUEST (not a batch, or more than 1,000 events)"),
                     "401": error_response("UNAUTHORIZED"),
                     "403": error_response("FORBIDDEN: a customer token"),
@@ -106,7 +106,7 @@ pub fn document() -> Value {
             "/v1/customers/{id}/invoice-preview": { "get": {
                 "summary": "Usage in the current billing period × the plan's unit prices",
                 "parameters": [customer_parameter()],
-                "responses": { "200": { "description": "Lines and total" }, "404": error_response("NO_ACTIVE_SUBSCRIPTION") } } },
+                "responses": { "200": { "description": "Lines and total" }, "404": error_response("NO_ACTIVE_SUBSCRIPTION"), "422": error_response("USAGE_OUT_OF_RANGE: usage × price beyond a 28-digit decimal") } } },
             "/healthz": { "get": { "summary": "The process is up", "security": [], "responses": { "200": { "description": "ok" } } } },
             "/readyz": { "get": { "summary": "Postgres answers and every dependency of this process is reachable", "security": [], "responses": { "200": { "description": "ready: {ready, dependencies: [{name, up, down_seconds, error}]}" }, "503": { "description": "not ready: the same body, naming the dependency that is away" } } } },
             "/metrics": { "get": { "summary": "Prometheus metrics", "security": [], "responses": { "200": { "description": "text exposition format" } } } }
