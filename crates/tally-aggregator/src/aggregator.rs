@@ -220,6 +220,7 @@ impl Aggregator {
             pending: Vec::new(),
             next_take: Instant::now(),
             take_backoff: Backoff::new(Duration::from_millis(200), Duration::from_secs(10)),
+            take_failures: 0,
             taken_once: false,
             summary: RunSummary::default(),
         };
@@ -388,20 +389,15 @@ impl Aggregator {
     /// After a rebalance (or a fenced batch): settles the commits in flight, drops what was
     /// being built, and queues the assigned partitions to be taken in Postgres at `take_at`.
     ///
-    /// A commit on its first attempt is waited for (it is quick, or fails and is dropped); one
-    /// already retrying (Postgres away) is abandoned. Either way nothing is lost: an uncommitted
-    /// batch's events are still in Kafka, and the partitions' next owner resumes from the
-    /// offsets Postgres holds. (If an abandoned commit lands after all, the take waits for its
-    /// row locks and resumes after it; if it lands after the take, its epoch is stale and it
-    /// rolls back.)
+    /// Commits in flight are abandoned, never waited for (a wait could outlast the group's
+    /// poll interval). Nothing is lost: an uncommitted batch's events are still in Kafka, and
+    /// the partitions' owner resumes from the offsets Postgres holds. (A commit that lands
+    /// after all either finished before the take, which waits for its row locks and resumes
+    /// after it, or carries an epoch the take made stale, and rolls back.)
     fn restart_assignment(&self, session: &Session<'_>, run: &mut RunState, take_at: Instant) {
         for lane in 0..run.lanes.len() {
             if let Some(in_flight) = run.lanes[lane].in_flight.take() {
-                if in_flight.attempt > 0 {
-                    in_flight.task.abort();
-                } else if let Ok((batch, Ok(report))) = self.runtime.block_on(in_flight.task) {
-                    self.notify(session, &batch, &report, &mut run.summary);
-                }
+                in_flight.task.abort();
             }
             run.lanes[lane] = Lane::default();
         }
@@ -438,21 +434,25 @@ impl Aggregator {
             )
             .await
         });
-        let rows = match attempt {
-            Ok(Ok(rows)) => rows,
-            Ok(Err(StoreError::Retryable(error))) => {
-                self.postgres.down(&error);
-                run.next_take = Instant::now() + run.take_backoff.next_wait();
-                return Ok(());
-            }
+        let taken = match attempt {
+            Ok(Ok(rows)) => Ok(rows),
+            Ok(Err(StoreError::Retryable(error))) => Err(StoreError::Retryable(error)),
             Ok(Err(other)) => return Err(other.into()),
-            Err(_) => {
-                self.postgres
-                    .down(&format!("taking partitions took over {TAKE_TIMEOUT:?}"));
+            Err(_) => Err(StoreError::Retryable(sqlx::Error::PoolTimedOut)),
+        };
+        let rows = match taken {
+            Ok(rows) => rows,
+            Err(error) => {
+                self.postgres.down(&error);
+                run.take_failures += 1;
+                if session.mode == Mode::Once && run.take_failures >= ONCE_ATTEMPTS {
+                    return Err(AggregatorError::PostgresUnreachable(error));
+                }
                 run.next_take = Instant::now() + run.take_backoff.next_wait();
                 return Ok(());
             }
         };
+        run.take_failures = 0;
         self.postgres.up();
         let consumer = session.consumer;
         let mut assignment = TopicPartitionList::new();
@@ -504,6 +504,10 @@ impl Aggregator {
         run: &mut RunState,
     ) -> Result<(), AggregatorError> {
         self.reap(lane, false, session, run)?;
+        if run.lanes[lane].abandoned {
+            run.lanes[lane].building = Batch::default();
+            return Ok(());
+        }
         let batch = &run.lanes[lane].building;
         if batch.is_empty() {
             return Ok(());
@@ -663,8 +667,11 @@ impl Aggregator {
                         tracing::error!(%error, attempt, "batch refused by Postgres and no single event is to blame; retrying");
                     }
                     if session.stop.is_cancelled() {
-                        // Not lost: nothing was stored, and Kafka still has the events.
+                        // Not lost: nothing was stored, and Kafka still has the events. No later
+                        // batch of this lane may commit now: its offsets would pass this one's.
                         tracing::warn!(%error, "stopping with an uncommitted batch; it will be consumed again");
+                        run.lanes[lane].abandoned = true;
+                        run.lanes[lane].building = Batch::default();
                         return Ok(());
                     }
                     if session.mode == Mode::Once && attempt >= ONCE_ATTEMPTS {
@@ -885,6 +892,8 @@ struct RunState {
     pending: Vec<i32>,
     next_take: Instant,
     take_backoff: Backoff,
+    /// Takes that failed in a row (`--once` gives up after [`ONCE_ATTEMPTS`]).
+    take_failures: u32,
     taken_once: bool,
     summary: RunSummary,
 }
@@ -898,6 +907,8 @@ struct Lane {
     in_flight: Option<InFlight>,
     /// The lane's partitions are paused: its next batch is full and waits for the commit.
     paused: bool,
+    /// A batch of this lane could not be committed before stopping: nothing after it may be.
+    abandoned: bool,
 }
 
 struct InFlight {

@@ -203,9 +203,15 @@ pub(crate) fn dlq_producer(kafka: &KafkaConfig) -> KafkaResult<FutureProducer> {
     config.create()
 }
 
+/// The largest payload a DLQ copy carries; a larger raw event (HTTP ingest takes up to 1 MiB)
+/// is cut to this, with header `tally-truncated` giving its length. The full bytes stay in
+/// `rejected_events`.
+const DLQ_MAX_PAYLOAD: usize = 512 * 1024;
+
 /// Copies rejected events to the DLQ topic: pending rows are locked, sent, acknowledged, then
-/// marked, so each reaches the topic at least once however the process dies. Returns how many
-/// were published; a failure leaves them pending for the next call.
+/// marked, so each reaches the topic at least once however the process dies. A row the broker
+/// does not take stays pending for the next call, without holding back the others. Returns
+/// how many were published; an error when none of a batch could be.
 pub(crate) async fn publish_dlq(
     pool: &PgPool,
     producer: &FutureProducer,
@@ -221,8 +227,11 @@ pub(crate) async fn publish_dlq(
             return Ok(published);
         }
         let mut deliveries = Vec::with_capacity(pending.len());
+        let mut refused = None;
         for row in &pending {
-            let headers = OwnedHeaders::new()
+            let length = row.raw.len().to_string();
+            let truncated = row.raw.len() > DLQ_MAX_PAYLOAD;
+            let mut headers = OwnedHeaders::new()
                 .insert(Header {
                     key: "tally-reason",
                     value: Some(row.reason.as_str()),
@@ -235,30 +244,51 @@ pub(crate) async fn publish_dlq(
                     key: "tally-source",
                     value: Some(row.source.as_str()),
                 });
+            if truncated {
+                headers = headers.insert(Header {
+                    key: "tally-truncated",
+                    value: Some(length.as_str()),
+                });
+            }
+            let payload = &row.raw[..row.raw.len().min(DLQ_MAX_PAYLOAD)];
             let mut record: FutureRecord<'_, [u8], [u8]> = FutureRecord::to(dlq_topic)
-                .payload(row.raw.as_slice())
+                .payload(payload)
                 .headers(headers);
             if let Some(key) = &row.kafka_key {
                 record = record.key(key.as_slice());
             }
-            deliveries.push(
-                producer
-                    .send_result(record)
-                    .map_err(|(e, _)| e.to_string())?,
-            );
-        }
-        for delivery in deliveries {
-            match delivery.await {
-                Ok(Ok(_)) => {}
-                Ok(Err((e, _))) => return Err(e.to_string()),
-                Err(_) => return Err("DLQ producer closed".into()),
+            match producer.send_result(record) {
+                Ok(delivery) => deliveries.push((row.rejection_id, delivery)),
+                Err((e, _)) => {
+                    refused.get_or_insert(e.to_string());
+                }
             }
         }
-        let ids: Vec<i64> = pending.iter().map(|row| row.rejection_id).collect();
+        let mut ids: Vec<i64> = Vec::with_capacity(deliveries.len());
+        for (rejection_id, delivery) in deliveries {
+            match delivery.await {
+                Ok(Ok(_)) => ids.push(rejection_id),
+                Ok(Err((e, _))) => {
+                    refused.get_or_insert(e.to_string());
+                }
+                Err(_) => {
+                    refused.get_or_insert("DLQ producer closed".into());
+                }
+            }
+        }
         store::mark_dlq_published(&mut tx, &ids)
             .await
             .map_err(|e| e.to_string())?;
         tx.commit().await.map_err(|e| e.to_string())?;
         published += ids.len() as u64;
+        if let Some(error) = refused {
+            // The rest waits for the next call (the broker away, or a row it refuses).
+            return if ids.is_empty() {
+                Err(error)
+            } else {
+                tracing::warn!(%error, "some rejected events could not be copied to the DLQ topic yet");
+                Ok(published)
+            };
+        }
     }
 }

@@ -198,11 +198,53 @@ impl Publisher {
         }
     }
 
-    /// Spools held events in order; stops at the first the spool refuses (full, or a write
-    /// that failed and was cut off: the event stays held and is tried again).
+    /// Spools held events: replayed records whose delivery failed first (they go back over the
+    /// spool's limit, or their old segment could never be deleted to make room), then new
+    /// events in order, stopping at the first the spool refuses (full, or a write that failed
+    /// and was cut off: it stays held and is tried again).
     fn retry_held(&mut self) {
-        while let Some(unsent) = self.held.pop_front() {
-            if let Err(error) = self.shared.spool.append(&unsent.key, &unsent.payload) {
+        let (replayed, direct): (VecDeque<Unsent>, VecDeque<Unsent>) = self
+            .held
+            .drain(..)
+            .partition(|u| matches!(u.delivery.origin, Origin::Replay(_)));
+        let mut still_held = VecDeque::new();
+        for unsent in replayed {
+            if self.spool_one(&unsent, true) {
+                self.resolve(*unsent.delivery);
+            } else {
+                still_held.push_back(unsent);
+            }
+        }
+        let mut direct = direct.into_iter();
+        while let Some(unsent) = direct.next() {
+            if self.spool_one(&unsent, false) {
+                self.resolve(*unsent.delivery);
+            } else {
+                still_held.push_back(unsent);
+                still_held.extend(direct);
+                break;
+            }
+        }
+        self.held = still_held;
+    }
+
+    /// Appends one held event to the spool; false when the spool refused it.
+    fn spool_one(&mut self, unsent: &Unsent, again: bool) -> bool {
+        let appended = if again {
+            self.shared.spool.append_again(&unsent.key, &unsent.payload)
+        } else {
+            self.shared.spool.append(&unsent.key, &unsent.payload)
+        };
+        match appended {
+            Ok(()) => {
+                if self.spool_failing {
+                    tracing::info!("the spool takes events again");
+                    self.spool_failing = false;
+                }
+                Stats::add(&self.shared.stats.spooled, 1);
+                true
+            }
+            Err(error) => {
                 if let AppendError::Io(io) = &error {
                     Stats::add(&self.shared.stats.spool_errors, 1);
                     if !self.spool_failing {
@@ -210,15 +252,8 @@ impl Publisher {
                     }
                     self.spool_failing = true;
                 }
-                self.held.push_front(unsent);
-                return;
+                false
             }
-            if self.spool_failing {
-                tracing::info!("the spool takes events again");
-                self.spool_failing = false;
-            }
-            Stats::add(&self.shared.stats.spooled, 1);
-            self.resolve(*unsent.delivery);
         }
     }
 

@@ -64,6 +64,8 @@ struct Writer {
     active: Option<Active>,
     /// Sealed segments not yet handed to the replayer, oldest first, with their record bytes.
     sealed: VecDeque<(u64, u64)>,
+    /// Sealed segments whose fsync failed: the next [`Spool::sync`] must fsync them too.
+    unsynced: Vec<File>,
     dirty: bool,
 }
 
@@ -131,6 +133,7 @@ impl Spool {
                 next_seq,
                 active: None,
                 sealed: existing.into(),
+                unsynced: Vec::new(),
                 dirty: false,
             }),
             #[cfg(test)]
@@ -147,6 +150,22 @@ impl Spool {
     /// Appends one record to the active segment, whole or not at all. Durable after the next
     /// successful [`Spool::sync`].
     pub(crate) fn append(&self, key: &[u8], payload: &[u8]) -> Result<(), AppendError> {
+        self.append_record(key, payload, true)
+    }
+
+    /// Appends a replayed record whose delivery failed, over `max_bytes` if need be: its
+    /// bytes are counted twice only until its old segment is deleted, and refusing it would
+    /// keep that segment (and the spool's count) from ever going down.
+    pub(crate) fn append_again(&self, key: &[u8], payload: &[u8]) -> Result<(), AppendError> {
+        self.append_record(key, payload, false)
+    }
+
+    fn append_record(
+        &self,
+        key: &[u8],
+        payload: &[u8],
+        within_limit: bool,
+    ) -> Result<(), AppendError> {
         let key_len = u16::try_from(key.len())
             .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "key over 64 KiB"))?;
         let body_len = 2 + key.len() + payload.len();
@@ -161,7 +180,7 @@ impl Spool {
         let record_len = record.len() as u64;
 
         let mut writer = self.lock();
-        if self.bytes() + record_len > self.max_bytes {
+        if within_limit && self.bytes() + record_len > self.max_bytes {
             return Err(AppendError::Full {
                 max_bytes: self.max_bytes,
             });
@@ -198,7 +217,9 @@ impl Spool {
         writer.dirty = true;
         self.bytes.fetch_add(record_len, Ordering::AcqRel);
         if full {
-            self.seal(&mut writer)?;
+            // The record is written; a failed fsync of the sealed segment is owed to the next
+            // sync, which reports it.
+            let _ = self.seal(&mut writer);
         }
         Ok(())
     }
@@ -228,6 +249,10 @@ impl Spool {
     pub(crate) fn sync(&self) -> io::Result<()> {
         let mut writer = self.lock();
         if writer.dirty {
+            for sealed in &writer.unsynced {
+                self.fsync(sealed)?;
+            }
+            writer.unsynced.clear();
             if let Some(active) = writer.active.as_mut() {
                 self.fsync(&active.file)?;
             }
@@ -279,10 +304,17 @@ impl Spool {
         Ok(())
     }
 
+    /// Closes the active segment for appends and hands it to the replayer. Its fsync is done
+    /// here; if that fails, the next [`Spool::sync`] tries again (and fails until it works),
+    /// so nobody is told its event is spooled while the segment is not durable.
     fn seal(&self, writer: &mut Writer) -> io::Result<()> {
         if let Some(active) = writer.active.take() {
             let synced = self.fsync(&active.file);
             writer.sealed.push_back((active.seq, active.bytes));
+            if synced.is_err() {
+                writer.unsynced.push(active.file);
+                writer.dirty = true;
+            }
             synced?;
         }
         Ok(())
@@ -460,6 +492,32 @@ mod tests {
         spool.sync().expect("the next sync makes it durable");
     }
 
+    /// A segment sealed while fsync fails stays owed an fsync: the next sync does not report
+    /// success until it has made it durable.
+    #[test]
+    fn a_segment_sealed_without_fsync_is_fsynced_before_any_success() {
+        let dir = tempfile::tempdir().unwrap();
+        let spool = Spool::open(dir.path(), 1 << 20, 40).unwrap();
+        spool.inject(Faults {
+            write_budget: None,
+            fail_sync: true,
+        });
+        // 49 bytes fill the 40-byte segment: it is sealed, and its fsync fails.
+        spool.append(b"k", &[1; 38]).unwrap();
+        assert!(
+            spool.sync().is_err(),
+            "the sealed segment is still owed an fsync"
+        );
+        spool.inject(Faults::default());
+        spool.sync().unwrap();
+        let segment = spool.take_oldest().unwrap().unwrap();
+        assert_eq!(
+            read_all(&segment.path).0.len(),
+            1,
+            "the record is there, whole"
+        );
+    }
+
     #[test]
     fn the_directory_and_files_are_private() {
         let parent = tempfile::tempdir().unwrap();
@@ -486,6 +544,8 @@ mod tests {
             spool.append(b"k", &[0; 50]),
             Err(AppendError::Full { .. })
         ));
+        // A replayed record that failed again still goes back in.
+        spool.append_again(b"k", &[0; 50]).unwrap();
     }
 
     #[test]

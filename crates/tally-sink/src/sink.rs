@@ -283,7 +283,9 @@ impl Sink {
     /// Sends due outbox rows until none are left. Three stages run at once, so that neither
     /// Postgres round trip stalls the calls to Stripe: a leaser (whole customer+meter pairs,
     /// into a bounded channel), senders (`concurrency` pairs at a time), and a recorder that
-    /// writes outcomes in batches.
+    /// writes outcomes in batches. A fourth renews the leases of every row leased and not yet
+    /// recorded, from the moment it is leased: a row waiting its turn, or a slow pair, is
+    /// never leased by another sink meanwhile.
     async fn send_outbox(
         &self,
         stop: &CancellationToken,
@@ -292,21 +294,42 @@ impl Sink {
         let concurrency = self.config.concurrency;
         let (groups_tx, mut groups_rx) = tokio::sync::mpsc::channel::<Vec<Leased>>(concurrency * 8);
         let (results_tx, results_rx) = tokio::sync::mpsc::channel::<GroupResult>(concurrency * 2);
+        let held: Held = Arc::default();
+        // In a JoinSet, so that it ends with this pass however the pass ends (a sink killed
+        // mid-pass must let its leases expire).
+        let mut renewer = JoinSet::new();
+        {
+            let (pool, held, lease) = (self.pool.clone(), held.clone(), self.config.lease);
+            renewer.spawn(async move {
+                loop {
+                    tokio::time::sleep(lease / 3).await;
+                    let ids: Vec<i64> = lock(&held).iter().copied().collect();
+                    if ids.is_empty() {
+                        continue;
+                    }
+                    if let Err(error) = store::renew_leases(&pool, &ids, lease).await {
+                        tracing::warn!(%error, "cannot renew the leases of rows being sent");
+                    }
+                }
+            });
+        }
 
         let leaser = {
             let pool = self.pool.clone();
             let lease = self.config.lease;
             let stop = stop.clone();
             let batch = (concurrency * 32).max(512);
+            let held = held.clone();
             tokio::spawn(async move {
                 while !stop.is_cancelled() {
                     let rows = store::lease_pending(&pool, batch, lease).await?;
                     if rows.is_empty() {
                         break;
                     }
+                    lock(&held).extend(rows.iter().map(|row| row.submission_id));
                     for group in group_by_pair(rows) {
                         if groups_tx.send(group).await.is_err() {
-                            break;
+                            return Ok(()); // the pass is gone (stopped or killed)
                         }
                     }
                 }
@@ -315,7 +338,7 @@ impl Sink {
         };
         let recorder = {
             let pool = self.pool.clone();
-            tokio::spawn(record_results(pool, results_rx))
+            tokio::spawn(record_results(pool, results_rx, held.clone()))
         };
 
         let context = Arc::new(SendContext {
@@ -323,7 +346,6 @@ impl Sink {
             limiter: self.limiter.clone(),
             config: self.config.clone(),
             stop: stop.clone(),
-            pool: self.pool.clone(),
             dependency: tally_runtime::dependency("stripe"),
         });
         let slots = Arc::new(tokio::sync::Semaphore::new(concurrency));
@@ -355,9 +377,9 @@ impl Sink {
         }
         drop(results_tx);
         let leased = leaser.await.map_err(|e| SinkError::Task(e.to_string()));
-        let recorded = recorder
-            .await
-            .map_err(|e| SinkError::Task(e.to_string()))??;
+        let recorded = recorder.await.map_err(|e| SinkError::Task(e.to_string()));
+        renewer.abort_all();
+        let recorded = recorded??;
         leased??;
         summary.sent += recorded.sent;
         summary.failed += recorded.failed;
@@ -391,10 +413,20 @@ impl Sink {
             &detail,
         )
         .await?;
+        // Some rows may have reached Stripe before the panic: from now on they count as
+        // attempted with an unknown outcome (see IDENTIFIER_MEMORY).
+        let now = Utc::now();
         let released = GroupResult {
             outcomes: rows
                 .iter()
-                .map(|row| (row.submission_id, 0, Outcome::Released))
+                .map(|row| {
+                    let outcome = Outcome::Retry {
+                        error: detail.clone(),
+                        retry_at: now,
+                        uncertain_at: Some(now),
+                    };
+                    (row.submission_id, 0, outcome)
+                })
                 .collect(),
             ..GroupResult::default()
         };
@@ -428,6 +460,13 @@ async fn quarantine(
     Ok(())
 }
 
+/// Outbox rows this process has leased and not yet recorded: their leases are renewed.
+type Held = Arc<std::sync::Mutex<std::collections::HashSet<i64>>>;
+
+fn lock<T>(mutex: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 /// What the recorder wrote.
 #[derive(Default)]
 struct Recorded {
@@ -441,6 +480,7 @@ struct Recorded {
 async fn record_results(
     pool: PgPool,
     mut results: tokio::sync::mpsc::Receiver<GroupResult>,
+    held: Held,
 ) -> Result<Recorded, SinkError> {
     let mut recorded = Recorded::default();
     let mut batch: Vec<(i64, u32, Outcome)> = Vec::new();
@@ -468,6 +508,12 @@ async fn record_results(
             continue;
         }
         retry_postgres(|| store::record_outcomes(&pool, &batch)).await?;
+        {
+            let mut held = lock(&held);
+            for (id, _, _) in &batch {
+                held.remove(id);
+            }
+        }
         for (_, _, outcome) in &batch {
             match outcome {
                 Outcome::Sent => recorded.sent += 1,
@@ -513,7 +559,6 @@ struct SendContext {
     limiter: Arc<RateLimiter>,
     config: SinkConfig,
     stop: CancellationToken,
-    pool: PgPool,
     dependency: &'static Dependency,
 }
 
@@ -543,24 +588,10 @@ fn group_by_pair(rows: Vec<Leased>) -> Vec<Vec<Leased>> {
     groups
 }
 
-/// Sends one pair's rows in order, one call at a time, renewing their leases meanwhile (a pair
-/// whose calls are slow must not be leased by another sink). Once a row is not sent, the rest
-/// wait: a later revision must not overtake an earlier one.
+/// Sends one pair's rows in order, one call at a time. Once a row is not sent, the rest wait:
+/// a later revision must not overtake an earlier one.
 async fn send_group(rows: Vec<Leased>, context: Arc<SendContext>) -> GroupResult {
-    let ids: Vec<i64> = rows.iter().map(|row| row.submission_id).collect();
-    let lease = context.config.lease;
-    let renew = async {
-        loop {
-            tokio::time::sleep(lease / 3).await;
-            if let Err(error) = store::renew_leases(&context.pool, &ids, lease).await {
-                tracing::warn!(%error, "cannot renew the leases of a pair being sent");
-            }
-        }
-    };
-    tokio::select! {
-        result = send_rows(rows, &context) => result,
-        () = renew => unreachable!("renewing never ends"),
-    }
+    send_rows(rows, &context).await
 }
 
 async fn send_rows(rows: Vec<Leased>, context: &SendContext) -> GroupResult {

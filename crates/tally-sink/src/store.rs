@@ -285,15 +285,16 @@ pub(crate) async fn account_slots(
 }
 
 /// The slot's sent `delta` revisions not yet canceled, as (identifier, units), when all of
-/// them can still be canceled: sent less than 23 hours ago (an hour's margin on Stripe's 24),
-/// and nothing of the slot pending or failed. `None`: cancelling is not possible.
+/// them can still be canceled: first attempted less than 23 hours ago (an hour's margin on
+/// Stripe's 24; an attempt with a lost answer may have reached Stripe before `sent_at`), and
+/// nothing of the slot pending or failed. `None`: cancelling is not possible.
 async fn cancelable_revisions(
     tx: &mut PgConnection,
     (customer, meter, slot_start): &SlotKey,
 ) -> Result<Option<Vec<(String, Decimal)>>, StoreError> {
     let rows: Vec<(String, String, ExactDecimal, String, bool, bool)> = sqlx::query_as(
         "SELECT s.identifier, s.kind, s.value, s.status,
-                coalesce(s.sent_at > now() - interval '23 hours', false),
+                coalesce(least(s.first_uncertain_at, s.sent_at) > now() - interval '23 hours', false),
                 EXISTS (SELECT 1 FROM stripe_submissions c WHERE c.cancels = s.identifier)
          FROM stripe_submissions s
          WHERE s.customer_id = $1 AND s.meter = $2 AND s.slot_start = $3
