@@ -10,6 +10,7 @@ mod aggregate;
 mod config;
 mod demo;
 mod emit;
+mod kafka;
 mod plans;
 mod process;
 mod serve;
@@ -86,6 +87,12 @@ enum Command {
     Serve,
     /// Run a local Stripe Billing API (meter events, adjustments, summaries) with fault switches
     StripeEmulator(stripe_emulator::EmulatorArgs),
+    /// Run an in-memory Kafka (librdkafka's mock cluster) for development and tests
+    ///
+    /// Serves kafka.topic and kafka.dlq_topic on 127.0.0.1:--port until SIGINT/SIGTERM, so that
+    /// `tally aggregate`, `tally sink`, `tally serve` and `tally emit` run as separate processes
+    /// with nothing else installed. It keeps everything in memory: not for production.
+    Kafka(kafka::KafkaArgs),
     /// Apply the database migrations (idempotent)
     Migrate,
     /// Check the configuration and print the effective settings (secrets hidden)
@@ -117,6 +124,7 @@ fn main() -> ExitCode {
         Command::Quarantine(args) => sink::quarantine(&config, &args),
         Command::Submissions(args) => sink::submissions(&config, &args),
         Command::StripeEmulator(args) => stripe_emulator::run(&args),
+        Command::Kafka(args) => kafka::run(&config, &args),
         Command::Plans(args) => plans::run(&config, &args),
         Command::Serve => serve::run(&config),
         Command::Migrate => aggregate::migrate(&config),

@@ -1,0 +1,228 @@
+//! The pipeline as users run it: every part a separate `tally` process (issue 12). `tally
+//! kafka` (the broker), `tally stripe-emulator`, `tally aggregate` and `tally sink`, against
+//! a Postgres server. While events flow, the aggregator and the sink are killed with SIGKILL
+//! at random moments and restarted the way systemd's `Restart=always` would. At the end
+//! emitted = windows = Stripe for every customer and meter, and `tally reconcile` exits 0.
+//!
+//! `TALLY_SOAK_SECONDS` makes it a soak (`scripts/soak.sh --duration …`): it then runs that
+//! long, at a steady 2,000 events/s, and prints events/s, kills survived and the drift.
+
+use std::collections::BTreeMap;
+use std::process::Child;
+use std::time::{Duration, Instant};
+
+use rand::{Rng, SeedableRng};
+use rust_decimal::Decimal;
+use tally_core::config::KafkaConfig;
+use tally_core::UsageEvent;
+use tally_emitter::{Emitter, EmitterConfig};
+use tally_tests::*;
+
+/// A daemon that systemd would restart: killed, it comes back after `RESTART_DELAY`.
+struct Supervised {
+    name: &'static str,
+    args: Vec<String>,
+    child: Child,
+    starts: u32,
+}
+
+const RESTART_DELAY: Duration = Duration::from_millis(300);
+
+impl Supervised {
+    fn start(work: &Workdir, url: &str, name: &'static str, args: &[&str]) -> Supervised {
+        let args: Vec<String> = args.iter().map(|a| (*a).to_owned()).collect();
+        let child = work.spawn(&format!("{name}-1"), url, &refs(&args));
+        Supervised {
+            name,
+            args,
+            child,
+            starts: 1,
+        }
+    }
+
+    fn kill_and_restart(&mut self, work: &Workdir, url: &str) {
+        kill(&mut self.child);
+        std::thread::sleep(RESTART_DELAY);
+        self.starts += 1;
+        self.child = work.spawn(
+            &format!("{}-{}", self.name, self.starts),
+            url,
+            &refs(&self.args),
+        );
+    }
+}
+
+fn refs(args: &[String]) -> Vec<&str> {
+    args.iter().map(String::as_str).collect()
+}
+
+#[test]
+fn the_pipeline_as_separate_processes_survives_kill_9_and_bills_exactly() {
+    let soak = std::env::var("TALLY_SOAK_SECONDS")
+        .ok()
+        .and_then(|s| s.parse::<u64>().ok());
+    let duration = Duration::from_secs(soak.unwrap_or(20));
+    let runtime = runtime();
+    let db = runtime.block_on(tally_db::testing::fresh_database());
+    let (kafka_port, stripe_port) = (free_port(), free_port());
+    let suffix = uuid::Uuid::now_v7().simple().to_string();
+    let kafka = KafkaConfig {
+        brokers: format!("127.0.0.1:{kafka_port}"),
+        topic: format!("usage-events-{suffix}"),
+        dlq_topic: format!("usage-events-dlq-{suffix}"),
+        ..KafkaConfig::default()
+    };
+    let work = Workdir::new(
+        &kafka,
+        &format!("http://127.0.0.1:{stripe_port}/"),
+        "[aggregator]\nsession_timeout = \"6s\"\nbatch_max_wait = \"100ms\"\n\n\
+         [sink]\ninterval = \"1s\"\nsettle_delay = \"0s\"\nlease = \"5s\"\n",
+    );
+    let mut broker = work.spawn(
+        "kafka",
+        &db.url,
+        &["kafka", "--port", &kafka_port.to_string()],
+    );
+    let mut stripe = work.spawn(
+        "stripe",
+        &db.url,
+        &["stripe-emulator", "--port", &stripe_port.to_string()],
+    );
+    wait_until(
+        "the broker and the emulator listen",
+        Duration::from_secs(30),
+        || {
+            std::net::TcpStream::connect(("127.0.0.1", kafka_port)).is_ok()
+                && std::net::TcpStream::connect(("127.0.0.1", stripe_port)).is_ok()
+        },
+    );
+    let (ok, output) = work.run(&db.url, &["migrate"]);
+    assert!(ok, "{output}");
+    let customers: Vec<String> = (0..50).map(|i| format!("p{i:02}")).collect();
+    runtime.block_on(map_customers(&db.pool, &customers));
+    let mut aggregate = Supervised::start(&work, &db.url, "aggregate", &["aggregate"]);
+    let mut sink = Supervised::start(&work, &db.url, "sink", &["sink", "--create-stripe-meters"]);
+
+    // Events flow for `duration` while the daemons are killed at random moments.
+    let spool = tempfile::tempdir().unwrap();
+    let mut config = EmitterConfig::default();
+    config.spool.dir = spool.path().to_owned();
+    let emitter = Emitter::start(&kafka, &config).unwrap();
+    let mut rng = rand::rngs::StdRng::seed_from_u64(soak.unwrap_or(12));
+    let mut expected: BTreeMap<String, Decimal> = BTreeMap::new();
+    let mut emitted = 0u64;
+    let started = Instant::now();
+    // A soak emits at a steady 2,000 events/s and kills every 5 to 20 s, so the backlog stays
+    // within what the in-memory broker keeps (about 100k messages a partition: older ones are
+    // dropped, which a real broker's retention would not do). The CI run is denser.
+    let (pause, kill_every) = if soak.is_some() {
+        (Duration::from_millis(100), 5_000..20_000)
+    } else {
+        (Duration::from_millis(20), 1_000..4_000)
+    };
+    let mut next_kill = started + Duration::from_millis(rng.random_range(kill_every.clone()));
+    let mut kills = 0u32;
+    while started.elapsed() < duration {
+        for _ in 0..200 {
+            let customer = &customers[rng.random_range(0..customers.len())];
+            let quantity = Decimal::new(rng.random_range(1..1_000), 1);
+            // Older than a slot, so the sink bills it without waiting for its slot to end.
+            let at =
+                chrono::Utc::now() - chrono::TimeDelta::seconds(400 + rng.random_range(0..1_200));
+            let event = UsageEvent::new(customer.clone(), "api_calls", quantity)
+                .with_id(format!("proc-{emitted}"))
+                .at(at);
+            *expected.entry(customer.clone()).or_default() += quantity;
+            emitter.emit(event).unwrap();
+            emitted += 1;
+        }
+        std::thread::sleep(pause);
+        if Instant::now() >= next_kill {
+            if rng.random_bool(0.5) {
+                aggregate.kill_and_restart(&work, &db.url);
+            } else {
+                sink.kill_and_restart(&work, &db.url);
+            }
+            kills += 1;
+            next_kill =
+                Instant::now() + Duration::from_millis(rng.random_range(kill_every.clone()));
+        }
+    }
+    emitter.flush(Duration::from_secs(60)).unwrap();
+    let events_per_second = emitted as f64 / started.elapsed().as_secs_f64();
+
+    // Everything counted once and billed once, to the unit.
+    let pool = db.pool.clone();
+    let counted = || -> BTreeMap<String, Decimal> {
+        runtime
+            .block_on(
+                sqlx::query_as::<_, (String, Decimal)>(
+                    "SELECT customer_id, sum(value) FROM usage_minute GROUP BY 1",
+                )
+                .fetch_all(&pool),
+            )
+            .unwrap()
+            .into_iter()
+            .collect()
+    };
+    let stripe_address = format!("127.0.0.1:{stripe_port}");
+    let billed = || -> BTreeMap<String, i64> {
+        let Ok((200, body)) = http(&stripe_address, "GET", "/_emulator/state", &[], "") else {
+            return BTreeMap::new();
+        };
+        let state: serde_json::Value = serde_json::from_str(&body).unwrap_or_default();
+        let mut sums = BTreeMap::new();
+        for total in state["totals"].as_array().into_iter().flatten() {
+            let customer = total["customer"].as_str().unwrap_or_default().to_owned();
+            *sums.entry(customer).or_default() += total["sum"].as_i64().unwrap_or(0);
+        }
+        sums
+    };
+    let mapping: BTreeMap<String, String> = customers
+        .iter()
+        .enumerate()
+        .map(|(i, c)| (c.clone(), format!("cus_t{i:05}")))
+        .collect();
+    let drift = || -> Decimal {
+        let billed = billed();
+        expected
+            .iter()
+            .map(|(customer, exact)| {
+                let stripe = Decimal::from(*billed.get(&mapping[customer]).unwrap_or(&0));
+                (exact.floor() - stripe).abs()
+            })
+            .sum()
+    };
+    wait_until("every event counted once", Duration::from_secs(120), || {
+        counted() == expected
+    });
+    wait_until(
+        "Stripe holds the floor of every customer's usage",
+        Duration::from_secs(120),
+        || drift().is_zero(),
+    );
+    let (from, to) = reconcile_range();
+    let (ok, output) = work.run(&db.url, &["reconcile", "--from", &from, "--to", &to]);
+    assert!(ok, "tally reconcile:\n{output}");
+    println!("events/s emitted: {events_per_second:.0}");
+    println!("events: {emitted}");
+    println!(
+        "kills survived: {kills} (aggregator restarts {}, sink restarts {})",
+        aggregate.starts - 1,
+        sink.starts - 1
+    );
+    println!("drift: {}", drift());
+    assert!(
+        kills >= 3 || soak.is_some(),
+        "the test killed something: {kills}"
+    );
+    for child in [
+        &mut aggregate.child,
+        &mut sink.child,
+        &mut broker,
+        &mut stripe,
+    ] {
+        kill(child);
+    }
+    emitter.shutdown(Duration::from_secs(5));
+}
