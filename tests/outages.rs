@@ -107,7 +107,7 @@ fn outages_of_postgres_and_kafka_are_waited_out_by_running_processes() {
     let spool = tempfile::tempdir().unwrap();
     let mut config = EmitterConfig::default();
     config.spool.dir = spool.path().to_owned();
-    config.delivery_timeout = std::time::Duration::from_secs(2);
+    config.delivery_timeout = Duration::from_secs(2);
     let emitter = Emitter::start(&broker.kafka, &config).unwrap();
     let mut wave = Wave {
         expected: BTreeMap::new(),

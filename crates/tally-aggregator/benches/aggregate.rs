@@ -1,5 +1,5 @@
 //! Aggregator throughput and freshness, with the naive baseline measured in the same run.
-//! Run with `scripts/bench-aggregate.sh` (it provides Postgres). Prints one figure per line.
+//! Run with `scripts/bench.sh aggregate` (it provides Postgres). Prints one figure per line.
 //!
 //! 1. Pre-produce N events (10k customers, 3 meters, 10% re-sent ids) into the mock cluster,
 //!    then drain them with `--once` semantics: sustained events/s into Postgres, exact dedup.

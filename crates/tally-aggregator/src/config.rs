@@ -44,7 +44,7 @@ impl Default for AggregatorConfig {
             group_id: "tally-aggregator".into(),
             instance_id: None,
             session_timeout: Duration::from_secs(10),
-            // Tuned by scripts/bench-aggregate.sh: large enough that a backlog drains in big
+            // Tuned by scripts/bench.sh aggregate: large enough that a backlog drains in big
             // transactions, while batch_max_wait keeps a live stream fresh.
             batch_max_events: 100_000,
             batch_max_bytes: 64 * 1024 * 1024,

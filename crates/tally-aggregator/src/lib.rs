@@ -7,8 +7,8 @@
 //! Postgres, and each partition carries an owner epoch so that a batch from an aggregator that
 //! lost the partition in a rebalance is rolled back rather than applied.
 //!
-//! Layout: [`batch`](crate::batch) (decode, check, fold; pure), `store` (the Postgres queries),
-//! `kafka` (consumer and rebalance handling, DLQ), [`aggregator`](crate::aggregator) (the loop).
+//! Layout: `batch` (decode, check, fold; pure), `store` (the Postgres queries),
+//! `kafka` (consumer and rebalance handling, DLQ), `aggregator` (the loop).
 
 mod aggregator;
 mod batch;

@@ -24,7 +24,7 @@ pub enum StoreError {
     Retryable(sqlx::Error),
     /// Postgres refused the data itself (SQLSTATE class 22 data exception, 23 integrity
     /// violation other than the dedup race, 54 program limit such as an index row too large):
-    /// some event in the batch is to blame, and [`isolate_unprocessable`] finds it.
+    /// some event in the batch is to blame, and `isolate_unprocessable` finds it.
     #[error("Postgres refused the batch's data: {0}")]
     Data(sqlx::Error),
     #[error("Postgres: {0}")]

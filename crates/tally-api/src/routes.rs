@@ -172,7 +172,7 @@ pub async fn readiness() -> Response {
         StatusCode::SERVICE_UNAVAILABLE
     };
     let body = serde_json::json!({ "ready": ready, "dependencies": dependencies });
-    (status, axum::Json(body)).into_response()
+    (status, Json(body)).into_response()
 }
 
 pub(crate) async fn metrics(State(state): State<Arc<ApiState>>) -> Response {

@@ -157,7 +157,7 @@ async fn post(emulator: &Emulator, path: &str, form: &[(&str, String)]) -> Value
 async fn control(emulator: &Emulator, path: &str, body: Value) {
     let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
         .build_http::<http_body_util::Full<bytes::Bytes>>();
-    let request = hyper::Request::post(format!("http://{}/_emulator/{path}", emulator.addr()))
+    let request = Request::post(format!("http://{}/_emulator/{path}", emulator.addr()))
         .body(http_body_util::Full::new(bytes::Bytes::from(
             body.to_string(),
         )))

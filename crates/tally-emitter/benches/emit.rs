@@ -1,6 +1,6 @@
 //! `emit()` cost and publish throughput into librdkafka's mock cluster.
 //!
-//! Run: `scripts/bench-emitter.sh` (or `cargo bench -p tally-emitter --bench emit`).
+//! Run: `scripts/bench.sh emitter` (or `cargo bench -p tally-emitter --bench emit`).
 //! Prints one figure a line after criterion's own report:
 //! - p50/p99/p99.9 of a single `emit()` call at a sustained offered rate, from 1 and 2 threads;
 //! - events/s acknowledged by the broker with callers emitting as fast as the queue takes them;

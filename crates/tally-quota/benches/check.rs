@@ -1,7 +1,7 @@
 //! In-process quota checks: checks/s on a cache hit (1 and 2 threads), the latency of a hit
 //! and of a miss (load from Postgres). Baseline in the same run: a check that reads Postgres
 //! every time (what a service without the cache would do). Needs DATABASE_URL
-//! (scripts/bench-quota.sh sets it).
+//! (scripts/bench.sh quota sets it).
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};

@@ -6,7 +6,7 @@
 //! - baseline, same run: the same sink without its rate limiter (as fast as it can), to show
 //!   what the limiter prevents.
 //!
-//! Needs DATABASE_URL (scripts/bench-sink.sh sets it). Pairs: TALLY_BENCH_PAIRS.
+//! Needs DATABASE_URL (scripts/bench.sh sink sets it). Pairs: TALLY_BENCH_PAIRS.
 
 use std::time::{Duration, Instant};
 

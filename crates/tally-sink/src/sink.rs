@@ -82,7 +82,7 @@ pub struct SinkSummary {
     pub failed: u64,
     /// Outbox rows still pending after the last pass (waiting for a retry).
     pub pending: i64,
-    /// Outbox rows parked for an operator (see [`IDENTIFIER_MEMORY`]).
+    /// Outbox rows parked for an operator (their outcome unknown for longer than Stripe remembers an identifier, 23 h).
     pub needs_review: i64,
     /// Changed slots waiting for a customer mapping.
     pub unmapped_slots: i64,
@@ -573,8 +573,8 @@ struct GroupResult {
 /// Leased rows grouped per customer and meter, each group in submission order.
 fn group_by_pair(rows: Vec<Leased>) -> Vec<Vec<Leased>> {
     let mut groups: Vec<Vec<Leased>> = Vec::new();
-    let mut index: std::collections::HashMap<(String, String), usize> =
-        std::collections::HashMap::new();
+    let mut index: HashMap<(String, String), usize> =
+        HashMap::new();
     for row in rows {
         let key = (row.customer_id.clone(), row.meter.clone());
         match index.get(&key) {
@@ -722,7 +722,7 @@ impl Call {
                 .cancel(cancel),
             );
         }
-        let payload = std::collections::HashMap::from([
+        let payload = HashMap::from([
             (
                 "stripe_customer_id".to_owned(),
                 row.stripe_customer_id.clone(),

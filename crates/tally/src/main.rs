@@ -61,7 +61,7 @@ enum Command {
     /// Consumes kafka.topic in consumer group aggregator.group_id and commits one Postgres
     /// transaction per batch: event ids (dedup), windows, daily rollups, rejects and Kafka
     /// offsets together. Runs until SIGTERM/SIGINT (finishing the current batch), or with
-    /// --once drains what is there and exits. Needs kafka.brokers, database.url and [[meters]].
+    /// --once drains what is there and exits. Needs kafka.brokers, database.url and `[[meters]]`.
     Aggregate(aggregate::AggregateArgs),
     /// Bill closed five-minute slots to Stripe meter events, exactly once
     ///
@@ -79,11 +79,11 @@ enum Command {
     Quarantine(sink::QuarantineArgs),
     /// Review and resolve outbox submissions parked for an operator (needs_review)
     Submissions(sink::SubmissionsArgs),
-    /// Apply [[plans]] from tally.toml to Postgres (audited), or list them
+    /// Apply `[[plans]]` from tally.toml to Postgres (audited), or list them
     Plans(plans::PlansArgs),
     /// Serve the HTTP API: quota checks, entitlements, /healthz, /readyz, /metrics
     ///
-    /// Needs database.url and [[serve.tokens]]. SIGTERM/SIGINT lets requests in flight finish.
+    /// Needs database.url and `[[serve.tokens]]`. SIGTERM/SIGINT lets requests in flight finish.
     Serve,
     /// Run a local Stripe Billing API (meter events, adjustments, summaries) with fault switches
     StripeEmulator(stripe_emulator::EmulatorArgs),

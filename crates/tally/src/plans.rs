@@ -14,7 +14,7 @@ pub(crate) struct PlansArgs {
 
 #[derive(Debug, clap::Subcommand)]
 enum PlansCommand {
-    /// Make the plans in Postgres equal to [[plans]] in tally.toml (every change audited)
+    /// Make the plans in Postgres equal to `[[plans]]` in tally.toml (every change audited)
     ///
     /// Creates new plans, updates changed ones and deletes removed ones; refuses (changing
     /// nothing) when a removed plan still has subscriptions.

@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# Runs one benchmark by name; each prints one figure a line (name value), compared against a
+# baseline measured in the same run. Extra arguments go to the benchmark.
+#
+#   scripts/bench.sh emitter     emit() latency and publish throughput into the mock Kafka cluster
+#   scripts/bench.sh aggregate   sustained events/s into Postgres (exact dedup), append-to-commit
+#                                latency (TALLY_BENCH_EVENTS, TALLY_BENCH_LIVE_RATE)
+#   scripts/bench.sh sink        submissions/s against the emulator's live limits, time to bill
+#                                TALLY_BENCH_PAIRS customer-meter pairs
+#   scripts/bench.sh quota       in-process checks/s and latency, cache hit and miss
+#   scripts/bench.sh http        POST /v1/quota/check latency at TALLY_BENCH_RATE checks/s offered
+#   scripts/bench.sh freshness   emit → aggregator commit → quota check sees it, p50/p99
+#
+# Postgres comes from DATABASE_URL, else 127.0.0.1:5432, else a throwaway local cluster.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+name="${1:-}"
+case "$name" in
+  emitter)   target=(-p tally-emitter --bench emit) ;;
+  aggregate) target=(-p tally-aggregator --bench aggregate) ;;
+  sink)      target=(-p tally-sink --bench sink) ;;
+  quota)     target=(-p tally-quota --bench check) ;;
+  http)      target=(-p tally-api --bench http) ;;
+  freshness) target=(-p tally-tests --bench freshness) ;;
+  *)
+    echo "usage: scripts/bench.sh emitter|aggregate|sink|quota|http|freshness [ARGS...]" >&2
+    exit 2
+    ;;
+esac
+shift
+source scripts/lib/postgres.sh
+ensure_postgres
+cargo bench "${target[@]}" -- "$@"
