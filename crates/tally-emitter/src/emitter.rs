@@ -7,108 +7,16 @@ use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
 use crossbeam_queue::ArrayQueue;
-use rdkafka::error::KafkaError;
 use tally_core::config::KafkaConfig;
-use tally_core::{wire, Rejection, UsageEvent};
+use tally_core::{wire, UsageEvent};
 use tokio::sync::oneshot;
 
 use crate::config::{EmitterConfig, OverflowPolicy};
+use crate::error::{Durability, EmitError, FlushTimeout, StartError};
 use crate::publisher::Publisher;
+use crate::shared::{DurableReply, Queued, Shared};
 use crate::spool::{AppendError, Spool};
 use crate::telemetry::{EmitterStats, Stats};
-
-/// Where a durable event is when `emit_durable` returns.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Durability {
-    /// The broker acknowledged it (acks=all).
-    Published,
-    /// It is in the spool and fsynced; it will be replayed when the broker is reachable.
-    Spooled,
-}
-
-/// Why `emit` did not accept an event.
-#[derive(Debug, thiserror::Error)]
-pub enum EmitError {
-    /// The event breaks a rule of the event contract; fix the event, do not retry it.
-    #[error("event refused ({}): {}", .0.reason.code(), .0.detail)]
-    Invalid(#[from] Rejection),
-    /// Queue and spool are full: Kafka has been unreachable, or slower than the event rate,
-    /// for longer than the spool can absorb. Retry later, shed load, or raise
-    /// `emitter.spool.max_bytes`.
-    #[error("emitter overloaded: in-memory queue and disk spool are full; retry later or raise emitter.spool.max_bytes")]
-    Overloaded,
-    /// The emitter was shut down.
-    #[error("the emitter has shut down")]
-    Closed,
-    /// `emit_durable`: the event could not be made durable, because writing or fsyncing the
-    /// spool failed (a full or failing disk). It may still reach Kafka; retry with the same id
-    /// (a copy counts once).
-    #[error("the event could not be made durable: {0}; retry with the same id")]
-    NotDurable(String),
-    /// `emit_durable`: neither the broker nor the spool had it within the deadline. It may
-    /// still get there; retry with the same id (a copy counts once).
-    #[error("the event was not durable within {0:?}; retry with the same id")]
-    Timeout(Duration),
-}
-
-/// Why the emitter could not start.
-#[derive(Debug, thiserror::Error)]
-pub enum StartError {
-    #[error("invalid emitter setting: {0}")]
-    Config(String),
-    #[error("cannot create the Kafka producer: {0}; check kafka.brokers and kafka.options")]
-    Kafka(#[from] KafkaError),
-    #[error("cannot open the spool directory {dir}: {source}; check emitter.spool.dir")]
-    Spool { dir: String, source: std::io::Error },
-}
-
-/// `flush` ran out of time.
-#[derive(Debug, thiserror::Error)]
-#[error("flush timed out: {pending} events are neither acknowledged by Kafka nor in the spool")]
-pub struct FlushTimeout {
-    pub pending: u64,
-}
-
-/// Where `emit_durable` hears where its event ended up.
-pub(crate) type DurableReply = oneshot::Sender<Result<Durability, EmitError>>;
-
-/// An event on its way from `emit` to the publisher thread.
-pub(crate) struct Queued {
-    pub(crate) event: UsageEvent,
-    /// The clock reading `emit` already took, reused for the publish-latency metric.
-    pub(crate) emitted_at: DateTime<Utc>,
-    pub(crate) durable: Option<DurableReply>,
-}
-
-/// State shared by the handle, the publisher thread and the delivery callback.
-pub(crate) struct Shared {
-    pub(crate) stats: Stats,
-    /// False from a delivery failure or "all brokers down" until the next acknowledgement.
-    pub(crate) healthy: AtomicBool,
-    /// `emit` → publisher. Polled, not awaited: a wake-up syscall per event would cost more
-    /// than the whole `emit` budget.
-    pub(crate) queue: ArrayQueue<Queued>,
-    pub(crate) spool: Spool,
-    /// Set by `shutdown`: the publisher drains, hands back what is in flight, and exits.
-    pub(crate) stopping: AtomicBool,
-}
-
-impl Shared {
-    /// Events accepted by `emit` that are neither acknowledged nor in the spool yet.
-    pub(crate) fn pending(&self) -> u64 {
-        // Read `resolved` first: `emitted` can only have grown since, so this never underflows.
-        let resolved = self.stats.resolved.load(Ordering::Acquire);
-        self.stats
-            .emitted
-            .load(Ordering::Acquire)
-            .saturating_sub(resolved)
-    }
-
-    /// One accepted event reached the broker or the spool.
-    pub(crate) fn resolve_one(&self) {
-        self.stats.resolved.fetch_add(1, Ordering::AcqRel);
-    }
-}
 
 /// Reports usage to Kafka without ever blocking the caller.
 ///

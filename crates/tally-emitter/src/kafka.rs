@@ -15,7 +15,8 @@ use rdkafka::ClientContext;
 use tally_core::config::KafkaConfig;
 
 use crate::config::EmitterConfig;
-use crate::emitter::{Durability, DurableReply, Shared};
+use crate::error::Durability;
+use crate::shared::{DurableReply, SegmentProgress, Shared};
 use crate::telemetry::Stats;
 
 pub(crate) type Producer = ThreadedProducer<DeliveryContext>;
@@ -31,7 +32,7 @@ pub(crate) enum Origin {
     /// Straight from the in-memory queue; counted in `Shared::pending` until resolved.
     Direct,
     /// Replayed from a spool segment.
-    Replay(Arc<crate::publisher::SegmentProgress>),
+    Replay(Arc<SegmentProgress>),
 }
 
 /// An event the broker does not have (delivery failed, or routed to the spool); the publisher

@@ -29,11 +29,14 @@
 
 mod config;
 mod emitter;
+mod error;
 mod kafka;
 mod publisher;
+mod shared;
 mod spool;
 mod telemetry;
 
 pub use config::{EmitterConfig, OverflowPolicy, SpoolConfig};
-pub use emitter::{Durability, EmitError, Emitter, FlushTimeout, StartError};
+pub use emitter::Emitter;
+pub use error::{Durability, EmitError, FlushTimeout, StartError};
 pub use telemetry::EmitterStats;

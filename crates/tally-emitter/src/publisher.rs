@@ -15,7 +15,7 @@
 //! broker's acknowledgement.
 
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -25,7 +25,8 @@ use tally_core::config::KafkaConfig;
 use tally_core::wire;
 
 use crate::config::EmitterConfig;
-use crate::emitter::{Durability, DurableReply, EmitError, Queued, Shared, StartError};
+use crate::error::{Durability, EmitError, StartError};
+use crate::shared::{DurableReply, Queued, SegmentProgress, Shared};
 use crate::kafka::{self, Delivery, Origin, Producer, Unsent};
 use crate::spool::{AppendError, Read, Segment, SegmentReader};
 use crate::telemetry::{Exporter, Stats};
@@ -37,12 +38,6 @@ const TICK: Duration = Duration::from_millis(1);
 const BATCH: usize = 4096;
 /// How long shutdown waits for replayed records in flight before handing them back.
 const REPLAY_GRACE: Duration = Duration::from_secs(2);
-
-/// Replayed records of one segment still awaiting the broker's answer.
-#[derive(Default)]
-pub(crate) struct SegmentProgress {
-    pub(crate) outstanding: AtomicU64,
-}
 
 /// A segment being replayed; `reader` is `None` once every record has been sent.
 struct Replaying {

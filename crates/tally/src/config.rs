@@ -104,15 +104,6 @@ impl TallyConfig {
         Ok(())
     }
 
-    /// The configured meters, or the demo's own when the file defines none.
-    pub(crate) fn meters_or_demo(&self) -> Vec<MeterDefinition> {
-        if self.meters.is_empty() {
-            tally_core::meter::meters_from_toml(crate::demo::DEMO_METERS).unwrap_or_default()
-        } else {
-            self.meters.clone()
-        }
-    }
-
     /// `[[meters]]`, or a message that says why a stage cannot run without them.
     pub(crate) fn require_meters(&self) -> anyhow::Result<&[MeterDefinition]> {
         if self.meters.is_empty() {
@@ -155,13 +146,5 @@ mod tests {
                 "tally.example.toml lacks `{key}`"
             );
         }
-    }
-
-    #[test]
-    fn demo_meters_parse() {
-        let config = TallyConfig::default();
-        let meters = config.meters_or_demo();
-        assert!(Meters::new(&meters).is_ok());
-        assert!(meters.len() >= 3);
     }
 }

@@ -47,6 +47,15 @@ name = "storage_gb"
 aggregation = "max"
 "#;
 
+/// The configured meters, or the demo's own when the file defines none.
+fn meters_or_demo(config: &TallyConfig) -> Vec<MeterDefinition> {
+    if config.meters.is_empty() {
+        tally_core::meter::meters_from_toml(DEMO_METERS).unwrap_or_default()
+    } else {
+        config.meters.clone()
+    }
+}
+
 const PARTITIONS: i32 = 6;
 const DEMO_KEY: &str = "sk_test_tally_demo";
 /// Events are dated over this many minutes before the demo starts, so their slots have closed
@@ -73,7 +82,7 @@ pub(crate) fn run(config: &TallyConfig, args: &DemoArgs) -> anyhow::Result<()> {
     if args.events == 0 || args.customers == 0 {
         bail!("--events and --customers must be at least 1");
     }
-    let meters = config.meters_or_demo();
+    let meters = meters_or_demo(config);
     let runtime = runtime()?;
     println!(
         "tally demo: {} events from {} customers on {} meters, through Kafka, Postgres and Stripe (all embedded)",
@@ -487,5 +496,17 @@ impl<'a> Progress<'a> {
             }
             tokio::time::sleep(Duration::from_secs(1)).await;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn demo_meters_parse() {
+        let meters = meters_or_demo(&TallyConfig::default());
+        assert!(tally_core::Meters::new(&meters).is_ok());
+        assert!(meters.len() >= 3);
     }
 }
