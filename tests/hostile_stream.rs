@@ -8,7 +8,6 @@
 
 use std::collections::BTreeMap;
 use std::str::FromStr;
-use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::{DateTime, TimeDelta, Utc};
@@ -17,11 +16,9 @@ use rand::{Rng, SeedableRng};
 use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
 use rdkafka::ClientConfig;
 use rust_decimal::Decimal;
-use tally_aggregator::{Aggregator, AggregatorConfig, Mode};
-use tally_core::meter::meters_from_toml;
+use tally_aggregator::AggregatorConfig;
 use tally_core::UsageEvent;
-use tally_emitter::{Emitter, EmitterConfig};
-use tally_sink::{Sink, SinkConfig, StripeConfig, StripeHttp};
+use tally_sink::{Sink, SinkConfig};
 use tally_tests::*;
 use tokio_util::sync::CancellationToken;
 
@@ -160,42 +157,28 @@ fn a_hostile_stream_never_stops_the_pipeline_and_good_events_are_billed_exactly(
     let db = runtime.block_on(tally_db::testing::fresh_database());
     let pool = db.pool.clone();
     let emulator = runtime.block_on(emulator());
-    let meters = meters_from_toml(METERS).unwrap();
-    let stripe = StripeConfig {
-        api_base: emulator.url(),
-        secret_key: tally_core::config::Secret::new(STRIPE_KEY),
-        ..StripeConfig::default()
-    };
+    let meters = meters();
+    let stripe = stripe_config(&emulator);
     let customers = customers();
     runtime.block_on(async {
-        tally_aggregator::sync_meters(&pool, &meters).await.unwrap();
-        let client = StripeHttp::new(&stripe).unwrap();
-        tally_sink::create_stripe_meters(&pool, &client)
-            .await
-            .unwrap();
+        record_meters(&pool, &meters, &stripe).await;
         map_customers(&pool, &customers).await;
     });
 
     // The pipeline's daemons, as `tally aggregate` and `tally sink` run them.
     let stop = CancellationToken::new();
-    let aggregator = {
-        let config = AggregatorConfig {
+    let aggregator = AggregatorThread::start(
+        AggregatorConfig {
             batch_max_events: 500,
             batch_max_wait: Duration::from_millis(100),
             instance_id: Some("hostile-test".into()),
             ..AggregatorConfig::default()
-        };
-        let aggregator = Aggregator::new(
-            config,
-            broker.kafka.clone(),
-            meters.clone(),
-            pool.clone(),
-            runtime.handle().clone(),
-        )
-        .unwrap();
-        let stop = stop.clone();
-        std::thread::spawn(move || aggregator.run(Mode::Daemon, &stop))
-    };
+        },
+        &broker.kafka,
+        &meters,
+        &pool,
+        runtime.handle().clone(),
+    );
     let sink = {
         let config = SinkConfig {
             interval: Duration::from_millis(500),
@@ -208,10 +191,7 @@ fn a_hostile_stream_never_stops_the_pipeline_and_good_events_are_billed_exactly(
     };
 
     // Good events through the emitter, with same-payload re-sends and conflicting copies.
-    let spool = tempfile::tempdir().unwrap();
-    let mut emitter_config = EmitterConfig::default();
-    emitter_config.spool.dir = spool.path().to_owned();
-    let emitter = Arc::new(Emitter::start(&broker.kafka, &emitter_config).unwrap());
+    let emitter = TestEmitter::start(&broker.kafka);
     let now = Utc::now();
     let mut rng = StdRng::seed_from_u64(11);
     let mut expected = Expected::default();
@@ -338,7 +318,7 @@ fn a_hostile_stream_never_stops_the_pipeline_and_good_events_are_billed_exactly(
     );
 
     // Still running: nothing the stream held stopped a stage.
-    assert!(!aggregator.is_finished(), "the aggregator stopped");
+    assert!(aggregator.running(), "the aggregator stopped");
     assert!(!sink.is_finished(), "the sink stopped");
     let (quarantined, failed): (i64, i64) = runtime.block_on(async {
         sqlx::query_as(
@@ -351,7 +331,7 @@ fn a_hostile_stream_never_stops_the_pipeline_and_good_events_are_billed_exactly(
     });
     assert_eq!((quarantined, failed), (0, 0));
     stop.cancel();
-    aggregator.join().unwrap().unwrap();
+    aggregator.stop();
     runtime.block_on(sink).unwrap().unwrap();
     emitter.shutdown(Duration::from_secs(5));
 }

@@ -15,7 +15,6 @@ use rand::{Rng, SeedableRng};
 use rust_decimal::Decimal;
 use tally_core::config::KafkaConfig;
 use tally_core::UsageEvent;
-use tally_emitter::{Emitter, EmitterConfig};
 use tally_tests::*;
 
 /// A daemon that systemd would restart: killed, it comes back after `RESTART_DELAY`.
@@ -104,10 +103,7 @@ fn the_pipeline_as_separate_processes_survives_kill_9_and_bills_exactly() {
     let mut sink = Supervised::start(&work, &db.url, "sink", &["sink", "--create-stripe-meters"]);
 
     // Events flow for `duration` while the daemons are killed at random moments.
-    let spool = tempfile::tempdir().unwrap();
-    let mut config = EmitterConfig::default();
-    config.spool.dir = spool.path().to_owned();
-    let emitter = Emitter::start(&kafka, &config).unwrap();
+    let emitter = TestEmitter::start(&kafka);
     let mut rng = rand::rngs::StdRng::seed_from_u64(soak.unwrap_or(12));
     let mut expected: BTreeMap<String, Decimal> = BTreeMap::new();
     let mut emitted = 0u64;

@@ -11,7 +11,12 @@ use std::time::{Duration, Instant};
 use rdkafka::mocking::MockCluster;
 use rdkafka::producer::DefaultProducerContext;
 use stripe_emulator::{Emulator, EmulatorConfig};
-use tally_core::config::KafkaConfig;
+use tally_aggregator::{Aggregator, AggregatorConfig, AggregatorError, RunSummary};
+use tally_core::config::{KafkaConfig, Secret};
+use tally_core::MeterDefinition;
+use tally_emitter::{Emitter, EmitterConfig};
+use tally_sink::StripeConfig;
+use tokio_util::sync::CancellationToken;
 
 /// The Stripe key every test uses (live mode: the emulator allows 1,000 calls/s).
 pub const STRIPE_KEY: &str = "sk_live_tally_tests";
@@ -92,9 +97,123 @@ impl Broker {
 
 /// The Stripe emulator on a free port.
 pub async fn emulator() -> Emulator {
-    Emulator::start("127.0.0.1:0".parse().unwrap(), EmulatorConfig::default())
+    emulator_with(EmulatorConfig::default()).await
+}
+
+/// The Stripe emulator on a free port, with limits and faults of the test's choosing.
+pub async fn emulator_with(config: EmulatorConfig) -> Emulator {
+    Emulator::start("127.0.0.1:0".parse().unwrap(), config)
         .await
         .expect("emulator")
+}
+
+/// How the sink reaches `emulator` with the tests' key.
+pub fn stripe_config(emulator: &Emulator) -> StripeConfig {
+    StripeConfig {
+        api_base: emulator.url(),
+        secret_key: Secret::new(STRIPE_KEY),
+        ..StripeConfig::default()
+    }
+}
+
+/// Records `meters` and creates their Stripe meters in the emulator, as `tally aggregate`
+/// and `tally sink --create-stripe-meters` do at start-up.
+pub async fn record_meters(pool: &sqlx::PgPool, meters: &[MeterDefinition], stripe: &StripeConfig) {
+    tally_aggregator::sync_meters(pool, meters).await.unwrap();
+    let client = tally_sink::StripeHttp::new(stripe).unwrap();
+    tally_sink::create_stripe_meters(pool, &client)
+        .await
+        .unwrap();
+}
+
+/// The test meters (`METERS`) as definitions.
+pub fn meters() -> Vec<MeterDefinition> {
+    tally_core::meter::meters_from_toml(METERS).unwrap()
+}
+
+/// An aggregator on a thread of its own, as `tally aggregate` runs it. Dropped, it is stopped.
+pub struct AggregatorThread {
+    stop: CancellationToken,
+    thread: Option<std::thread::JoinHandle<Result<RunSummary, AggregatorError>>>,
+}
+
+impl AggregatorThread {
+    /// Runs the aggregator as a daemon; its database work runs on `runtime`.
+    pub fn start(
+        config: AggregatorConfig,
+        kafka: &KafkaConfig,
+        meters: &[MeterDefinition],
+        pool: &sqlx::PgPool,
+        runtime: tokio::runtime::Handle,
+    ) -> AggregatorThread {
+        let aggregator = Aggregator::new(
+            config,
+            kafka.clone(),
+            meters.to_vec(),
+            pool.clone(),
+            runtime,
+        )
+        .expect("aggregator");
+        let stop = CancellationToken::new();
+        let thread = {
+            let stop = stop.clone();
+            std::thread::spawn(move || aggregator.run(tally_aggregator::Mode::Daemon, &stop))
+        };
+        AggregatorThread {
+            stop,
+            thread: Some(thread),
+        }
+    }
+
+    /// True while the aggregator runs (it never stops on its own).
+    pub fn running(&self) -> bool {
+        self.thread.as_ref().is_some_and(|t| !t.is_finished())
+    }
+
+    /// Stops it and fails the test if it had failed.
+    pub fn stop(mut self) {
+        self.stop.cancel();
+        if let Some(thread) = self.thread.take() {
+            thread
+                .join()
+                .expect("aggregator thread")
+                .expect("aggregator run");
+        }
+    }
+}
+
+impl Drop for AggregatorThread {
+    fn drop(&mut self) {
+        self.stop.cancel();
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+/// An emitter with a spool of its own (removed with it).
+pub struct TestEmitter {
+    pub emitter: std::sync::Arc<Emitter>,
+    _spool: tempfile::TempDir,
+}
+
+impl TestEmitter {
+    pub fn start(kafka: &KafkaConfig) -> TestEmitter {
+        let spool = tempfile::tempdir().unwrap();
+        let mut config = EmitterConfig::default();
+        config.spool.dir = spool.path().to_owned();
+        TestEmitter {
+            emitter: std::sync::Arc::new(Emitter::start(kafka, &config).expect("emitter")),
+            _spool: spool,
+        }
+    }
+}
+
+impl std::ops::Deref for TestEmitter {
+    type Target = Emitter;
+    fn deref(&self) -> &Emitter {
+        &self.emitter
+    }
 }
 
 /// A working directory with a `tally.toml` for the processes of one test.
@@ -270,8 +389,12 @@ pub fn free_port() -> u16 {
         .port()
 }
 
-/// Maps customers to Stripe customers (`cus_<customer>`), as `tally customers map` does.
-pub async fn map_customers(pool: &sqlx::PgPool, customers: &[String]) {
+/// Maps customers to Stripe customers (`cus_t00000`, `cus_t00001`, … in order), as
+/// `tally customers map` does, and returns the mapping.
+pub async fn map_customers(
+    pool: &sqlx::PgPool,
+    customers: &[String],
+) -> std::collections::BTreeMap<String, String> {
     let mappings: Vec<(String, String)> = customers
         .iter()
         .enumerate()
@@ -280,6 +403,26 @@ pub async fn map_customers(pool: &sqlx::PgPool, customers: &[String]) {
     tally_sink::store::map_customers(pool, &mappings)
         .await
         .unwrap();
+    mappings.into_iter().collect()
+}
+
+/// Stripe's sum for a Stripe customer and event name, read from the emulator.
+pub fn stripe_sum(emulator: &Emulator, stripe_customer: &str, event_name: &str) -> i64 {
+    emulator
+        .totals()
+        .iter()
+        .filter(|t| t.customer == stripe_customer && t.event_name == event_name)
+        .map(|t| t.sum)
+        .sum()
+}
+
+/// The last value Stripe holds for a Stripe customer and event name (`max`/`latest` meters).
+pub fn stripe_last(emulator: &Emulator, stripe_customer: &str, event_name: &str) -> Option<i64> {
+    emulator
+        .totals()
+        .iter()
+        .find(|t| t.customer == stripe_customer && t.event_name == event_name)
+        .and_then(|t| t.last)
 }
 
 /// The runtime tests drive async code with (two workers, as on tally's machines).
@@ -289,3 +432,41 @@ pub fn runtime() -> tokio::runtime::Runtime {
 
 /// `EmulatorConfig` re-exported for tests that tune the emulator.
 pub use stripe_emulator::EmulatorConfig as StripeEmulatorConfig;
+
+/// The ingest side of the pipeline in one process: a fresh database with the test meters, a
+/// broker, an aggregator on its own thread and an emitter. Fields drop in order: the
+/// aggregator stops before the broker and the database go.
+pub struct IngestPipeline {
+    pub aggregator: AggregatorThread,
+    pub emitter: TestEmitter,
+    pub broker: Broker,
+    pub db: tally_db::testing::TestDatabase,
+}
+
+impl IngestPipeline {
+    /// Must run inside a multi-threaded tokio runtime (the aggregator uses its handle).
+    pub async fn start(batch_max_wait: Duration) -> IngestPipeline {
+        let db = tally_db::testing::fresh_database().await;
+        tally_aggregator::sync_meters(&db.pool, &meters())
+            .await
+            .unwrap();
+        let broker = Broker::start();
+        let aggregator = AggregatorThread::start(
+            AggregatorConfig {
+                batch_max_wait,
+                ..AggregatorConfig::default()
+            },
+            &broker.kafka,
+            &meters(),
+            &db.pool,
+            tokio::runtime::Handle::current(),
+        );
+        let emitter = TestEmitter::start(&broker.kafka);
+        IngestPipeline {
+            aggregator,
+            emitter,
+            broker,
+            db,
+        }
+    }
+}

@@ -373,3 +373,20 @@ async fn the_openapi_document_describes_every_route() {
         assert!(!unrouted, "{method} {concrete} is not routed");
     }
 }
+
+#[tokio::test]
+async fn without_kafka_ingest_answers_503() {
+    let (_db, app) = app().await;
+    let (status, body) = call(
+        &app,
+        "POST",
+        "/v1/events",
+        Some(ADMIN),
+        Some(json!({ "events": [] }).to_string()),
+    )
+    .await;
+    assert_eq!(
+        (status, body["code"].as_str()),
+        (StatusCode::SERVICE_UNAVAILABLE, Some("INGEST_DISABLED"))
+    );
+}

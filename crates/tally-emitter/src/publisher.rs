@@ -26,8 +26,8 @@ use tally_core::wire;
 
 use crate::config::EmitterConfig;
 use crate::error::{Durability, EmitError, StartError};
-use crate::shared::{DurableReply, Queued, SegmentProgress, Shared};
 use crate::kafka::{self, Delivery, Origin, Producer, Unsent};
+use crate::shared::{DurableReply, Queued, SegmentProgress, Shared};
 use crate::spool::{AppendError, Read, Segment, SegmentReader};
 use crate::telemetry::{Exporter, Stats};
 

@@ -573,8 +573,7 @@ struct GroupResult {
 /// Leased rows grouped per customer and meter, each group in submission order.
 fn group_by_pair(rows: Vec<Leased>) -> Vec<Vec<Leased>> {
     let mut groups: Vec<Vec<Leased>> = Vec::new();
-    let mut index: HashMap<(String, String), usize> =
-        HashMap::new();
+    let mut index: HashMap<(String, String), usize> = HashMap::new();
     for row in rows {
         let key = (row.customer_id.clone(), row.meter.clone());
         match index.get(&key) {

@@ -5,9 +5,6 @@
 //! (`TALLY_BENCH_REFRESH_MS`, comma-separated; default 1000,250). Background load:
 //! `TALLY_BENCH_RATE` events/s (default 1,000) for other customers. Everything shares 2 cores.
 
-#[path = "../tests/common/mod.rs"]
-mod common;
-
 use std::time::{Duration, Instant};
 
 use hdrhistogram::Histogram;
@@ -15,6 +12,7 @@ use rust_decimal::Decimal;
 use tally_core::UsageEvent;
 use tally_quota::testing::unlimited_customers;
 use tally_quota::{Decision, Quota};
+use tally_tests::IngestPipeline;
 
 const SAMPLES: usize = 200;
 
@@ -30,12 +28,12 @@ fn main() {
         .collect();
     let runtime = tally_db::testing::runtime();
     runtime.block_on(async {
-        let pipeline = common::Pipeline::start(Duration::from_millis(200)).await;
+        let pipeline = IngestPipeline::start(Duration::from_millis(200)).await;
         let customers = unlimited_customers(&pipeline.db.pool, 101).await;
         let (probe, others) = customers.split_first().unwrap();
 
         // Background load on the other customers, from a thread of its own.
-        let emitter = pipeline.emitter.clone();
+        let emitter = pipeline.emitter.emitter.clone();
         let others = others.to_vec();
         let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
         let load = {

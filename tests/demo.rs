@@ -2,9 +2,11 @@
 
 use std::process::Command;
 
+use tally_tests::tally_binary;
+
 #[test]
 fn demo_runs_end_to_end_and_reconciles() {
-    let mut command = Command::new(env!("CARGO_BIN_EXE_tally"));
+    let mut command = Command::new(tally_binary());
     command.args(["demo", "--customers", "25", "--events", "3000"]);
     if let Ok(url) = std::env::var("DATABASE_URL") {
         command.args(["--database-url", &url]);

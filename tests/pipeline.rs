@@ -1,38 +1,33 @@
-//! The whole pipeline: emitter → Kafka (mock cluster) → aggregator → sink → Stripe emulator,
-//! with Stripe injecting 5% 500s, 2% committed-then-dropped responses and 429s (an account
-//! limit below the sink's rate), and the sink killed at random moments. Stripe's totals must
-//! equal the windows exactly, and the windows what was emitted.
+//! The whole pipeline in one process: emitter → Kafka (mock cluster) → aggregator → sink →
+//! Stripe emulator, with Stripe injecting 5% 500s, 2% committed-then-dropped responses and
+//! 429s (an account limit below the sink's rate), and the sink killed at random moments.
+//! Stripe's totals must equal the windows exactly, and the windows what was emitted.
 
-mod common;
-
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use chrono::{TimeDelta, Utc};
-use common::*;
 use rand::{Rng, SeedableRng};
-use rdkafka::mocking::MockCluster;
 use rust_decimal::Decimal;
-use stripe_emulator::{EmulatorConfig, Faults};
-use tally_aggregator::{Aggregator, AggregatorConfig, Mode as AggregatorMode};
-use tally_core::config::KafkaConfig;
-use tally_core::{MeterDefinition, UsageEvent};
-use tally_emitter::{EmitError, Emitter, EmitterConfig};
-use tally_sink::Mode;
+use stripe_emulator::Faults;
+use tally_aggregator::AggregatorConfig;
+use tally_core::UsageEvent;
+use tally_emitter::EmitError;
+use tally_sink::{Mode, Sink, SinkConfig};
+use tally_tests::*;
 use tokio_util::sync::CancellationToken;
 
-fn meters() -> Vec<MeterDefinition> {
-    tally_core::meter::meters_from_toml(
-        r#"
-        [[meters]]
-        name = "api_calls"
-        aggregation = "sum"
-        [[meters]]
-        name = "storage_gb"
-        aggregation = "max"
-        "#,
-    )
-    .unwrap()
+/// Sink settings for this test: bill slots as soon as they end, retry fast, and let a killed
+/// sink's leases expire within a second.
+fn sink_config() -> SinkConfig {
+    SinkConfig {
+        interval: Duration::from_millis(200),
+        settle_delay: Duration::ZERO,
+        lease: Duration::from_secs(1),
+        backoff_initial: Duration::from_millis(5),
+        backoff_max: Duration::from_millis(200),
+        ..SinkConfig::default()
+    }
 }
 
 #[test]
@@ -43,62 +38,36 @@ fn stripe_holds_exactly_the_windows_through_faults_and_sink_kills() {
         drop_after_commit: 0.02,
         ..Faults::default()
     };
-    let setup = runtime.block_on(setup(EmulatorConfig {
+    let emulator = runtime.block_on(emulator_with(StripeEmulatorConfig {
         live_rate_per_second: 400,
         faults,
-        ..EmulatorConfig::default()
+        ..StripeEmulatorConfig::default()
     }));
-    let pool = setup.db.pool.clone();
+    let stripe = stripe_config(&emulator);
+    let broker = Broker::start();
+    let db = runtime.block_on(tally_db::testing::fresh_database());
+    let pool = db.pool.clone();
     let customers: Vec<String> = (0..50).map(|i| format!("p{i:02}")).collect();
-    runtime.block_on(map_all(&pool, &customers));
-
-    let cluster = MockCluster::new(1).unwrap();
-    let topic = format!("usage-{}", uuid_like());
-    cluster.create_topic(&topic, 4, 1).unwrap();
-    cluster.create_topic(&format!("{topic}-dlq"), 1, 1).unwrap();
-    let kafka = KafkaConfig {
-        brokers: cluster.bootstrap_servers(),
-        topic: topic.clone(),
-        dlq_topic: format!("{topic}-dlq"),
-        options: BTreeMap::from([
-            ("session.timeout.ms".into(), "6000".into()),
-            ("heartbeat.interval.ms".into(), "500".into()),
-        ]),
-    };
+    let mapping = runtime.block_on(async {
+        record_meters(&pool, &meters(), &stripe).await;
+        map_customers(&pool, &customers).await
+    });
 
     // The aggregator runs throughout, on a thread of its own.
-    let stop = CancellationToken::new();
-    let aggregator = Aggregator::new(
+    let aggregator = AggregatorThread::start(
         AggregatorConfig {
-            group_id: format!("agg-{topic}"),
             batch_max_wait: Duration::from_millis(50),
             ..AggregatorConfig::default()
         },
-        kafka.clone(),
-        meters(),
-        pool.clone(),
+        &broker.kafka,
+        &meters(),
+        &pool,
         runtime.handle().clone(),
-    )
-    .unwrap();
-    let aggregator_thread = {
-        let stop = stop.clone();
-        std::thread::spawn(move || aggregator.run(AggregatorMode::Daemon, &stop))
-    };
+    );
 
     // Events dated over the last hour (slots closed), emitted in three waves; between waves
     // the sink runs and is killed at random moments.
-    let spool = tempfile::tempdir().unwrap();
-    let emitter = Emitter::start(
-        &kafka,
-        &EmitterConfig {
-            spool: tally_emitter::SpoolConfig {
-                dir: spool.path().to_owned(),
-                ..Default::default()
-            },
-            ..Default::default()
-        },
-    )
-    .unwrap();
+    let emitter = TestEmitter::start(&broker.kafka);
     let mut rng = rand::rngs::StdRng::seed_from_u64(11);
     let now = Utc::now();
     let mut sums: HashMap<String, Decimal> = HashMap::new();
@@ -125,7 +94,7 @@ fn stripe_holds_exactly_the_windows_through_faults_and_sink_kills() {
         }
         emitter.flush(Duration::from_secs(60)).unwrap();
         for _ in 0..3 {
-            let sink = sink(&setup, sink_config());
+            let sink = Sink::new(sink_config(), &stripe, pool.clone()).unwrap();
             let task = runtime
                 .spawn(async move { sink.run(Mode::Daemon, &CancellationToken::new()).await });
             std::thread::sleep(Duration::from_millis(rng.random_range(100..600)));
@@ -151,15 +120,22 @@ fn stripe_holds_exactly_the_windows_through_faults_and_sink_kills() {
             );
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
-        let sink = sink(&setup, sink_config());
+        let sink = Sink::new(sink_config(), &stripe, pool.clone()).unwrap();
         loop {
             tokio::time::sleep(Duration::from_millis(1100)).await; // leases of killed sinks expire
             sink.run(Mode::Once, &CancellationToken::new())
                 .await
                 .unwrap();
-            let (pending, _, failed) = outbox_counts(&pool).await;
+            let (pending, failed, changes): (i64, i64, i64) = sqlx::query_as(
+                "SELECT count(*) FILTER (WHERE status = 'pending'), count(*) FILTER (WHERE status = 'failed'),
+                        (SELECT count(*) FROM usage_slot_changes)
+                 FROM stripe_submissions",
+            )
+            .fetch_one(&pool)
+            .await
+            .unwrap();
             assert_eq!(failed, 0);
-            if pending == 0 && changes_left(&pool).await == 0 {
+            if pending == 0 && changes == 0 {
                 break;
             }
             assert!(
@@ -168,8 +144,7 @@ fn stripe_holds_exactly_the_windows_through_faults_and_sink_kills() {
             );
         }
     });
-    stop.cancel();
-    aggregator_thread.join().unwrap().unwrap();
+    aggregator.stop();
 
     // Windows = emitted, Stripe = windows (whole units; the fraction is carried forward).
     let windows: Vec<(String, Decimal)> = runtime.block_on(
@@ -180,7 +155,7 @@ fn stripe_holds_exactly_the_windows_through_faults_and_sink_kills() {
     assert_eq!(windows.len(), sums.len());
     for (customer, window_sum) in &windows {
         assert_eq!(*window_sum, sums[customer], "windows of {customer}");
-        let stripe = stripe_sum(&setup.emulator, &format!("cus_{customer}"), "api_calls");
+        let stripe = stripe_sum(&emulator, &mapping[customer], "api_calls");
         assert_eq!(
             Decimal::from(stripe),
             window_sum.floor(),
@@ -198,26 +173,18 @@ fn stripe_holds_exactly_the_windows_through_faults_and_sink_kills() {
     )
     .unwrap();
     for (customer, value) in &last_slots {
-        let stripe = stripe_last(&setup.emulator, &format!("cus_{customer}"), "storage_gb");
+        let stripe = stripe_last(&emulator, &mapping[customer], "storage_gb");
         assert_eq!(
             stripe.map(Decimal::from),
             Some(*value),
             "storage_gb of {customer}"
         );
     }
-    let stats = setup.emulator.stats();
+    let stats = emulator.stats();
     eprintln!("emulator: {stats:?}");
     assert!(
         stats.injected_500 > 0 && stats.dropped_after_commit > 0 && stats.rate_limited > 0,
         "{stats:?}"
     );
     emitter.shutdown(Duration::from_secs(5));
-}
-
-fn uuid_like() -> String {
-    format!(
-        "{:x}{:x}",
-        std::process::id(),
-        Utc::now().timestamp_micros()
-    )
 }
