@@ -1,8 +1,8 @@
 //! The quota check services call in their request path.
 //!
 //! A customer's subscription, entitlements and current-period usage are loaded once and kept
-//! in a local cache, reloaded in the background every `refresh` (default 1 s) while checks go on
-//! answering from the cached state. One refresher task reloads every customer that became stale
+//! in a local cache, reloaded in the background every `refresh` (`serve.refresh`, 250 ms by
+//! default) while checks go on answering from the cached state. One refresher task reloads every customer that became stale
 //! in a batch of two queries, so a thousand active customers cost a few queries per refresh,
 //! not a thousand. A check on a cached customer is a map lookup
 //! and a few decimal operations. Usage this process allowed since the last refresh is added

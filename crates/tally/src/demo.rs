@@ -6,6 +6,7 @@
 //! arrive late, into slots already billed, and are billed as new revisions. The demo ends with
 //! the reconciliation: emitted = windows = Stripe, for every customer and meter.
 
+mod keep_running;
 mod postgres;
 
 use std::collections::BTreeMap;
@@ -76,6 +77,11 @@ pub(crate) struct DemoArgs {
     /// Print the reconciliation row of every customer and meter
     #[arg(long)]
     all_rows: bool,
+    /// After the verdict, leave the stack up (broker, database, Stripe emulator, aggregator,
+    /// sink, and the HTTP API with an admin token) and print how to reach each part; Ctrl-C
+    /// stops it
+    #[arg(long)]
+    keep_running: bool,
 }
 
 pub(crate) fn run(config: &TallyConfig, args: &DemoArgs) -> anyhow::Result<()> {
@@ -246,23 +252,37 @@ pub(crate) fn run(config: &TallyConfig, args: &DemoArgs) -> anyhow::Result<()> {
     let client = StripeHttp::new(&stripe).map_err(anyhow::Error::msg)?;
     let rows = runtime.block_on(tally_sink::reconcile(&pool, &client, 900, from, to))?;
     let agrees = print_reconciliation(&rows, &emitted, &meters, args.all_rows);
-    let kept = tally_db::describe_url(&tally_db::testing::with_database(
-        &database.server_url,
-        &database.name,
-    ));
+    if agrees {
+        println!("\nemitted = windows = Stripe, for every customer and meter, to the unit.");
+    }
+    let database_url = tally_db::testing::with_database(&database.server_url, &database.name);
+    if args.keep_running {
+        let stack = keep_running::Stack {
+            config,
+            kafka: &kafka,
+            meters: &meters,
+            pool: &pool,
+            database_url: &database_url,
+            stripe: &stripe,
+            from,
+            to,
+            customer: &customers[0],
+        };
+        keep_running::serve_until_stopped(&runtime, &stack)?;
+    }
     runtime.block_on(async {
         emulator.shutdown().await;
         database.close(args.keep_database).await
     })?;
     if args.keep_database {
         println!(
-            "\nthe demo's database is kept: {kept} (a throwaway server is gone with the demo)"
+            "\nthe demo's database is kept: {} (a throwaway server is gone with the demo)",
+            tally_db::describe_url(&database_url)
         );
     }
     if !agrees {
         bail!("emitted, windows and Stripe disagree (see the rows marked above)");
     }
-    println!("\nemitted = windows = Stripe, for every customer and meter, to the unit.");
     Ok(())
 }
 

@@ -45,11 +45,14 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
-    /// Run tally on embedded defaults: an in-process Kafka, sample customers and meters
+    /// Run the whole pipeline on embedded parts and reconcile: emitted = windows = Stripe
     ///
-    /// Starts librdkafka's mock cluster (a real Kafka-protocol broker inside this process),
-    /// emits sample usage through the emitter, reads every event back from the topic and prints
-    /// per-meter counts, checking that what was emitted is exactly what arrived.
+    /// Starts librdkafka's mock cluster (a real Kafka-protocol broker inside this process), a
+    /// Postgres database of its own (on database.url's server, else 127.0.0.1:5432, else a
+    /// throwaway server) and the Stripe emulator; emits sample usage for --customers customers,
+    /// with a late wave into slots already billed; runs the aggregator and the sink; and prints
+    /// the reconciliation of every customer and meter. --keep-running leaves it all up, with the
+    /// HTTP API, and prints how to reach each part.
     Demo(demo::DemoArgs),
     /// Report one usage event to Kafka and wait until the broker (or the spool) has it
     ///
@@ -81,11 +84,20 @@ enum Command {
     Submissions(sink::SubmissionsArgs),
     /// Apply `[[plans]]` from tally.toml to Postgres (audited), or list them
     Plans(plans::PlansArgs),
-    /// Serve the HTTP API: quota checks, entitlements, /healthz, /readyz, /metrics
+    /// Serve the HTTP API: quota checks, entitlements, usage, invoice preview, event ingest,
+    /// Stripe webhooks, /healthz, /readyz, /metrics
     ///
-    /// Needs database.url and `[[serve.tokens]]`. SIGTERM/SIGINT lets requests in flight finish.
+    /// Listens on serve.listen. POST /v1/events needs kafka.brokers (it emits like the
+    /// emitter); POST /v1/webhooks/stripe needs STRIPE_WEBHOOK_SECRET. Needs database.url and
+    /// `[[serve.tokens]]`. SIGTERM/SIGINT lets requests in flight finish.
     Serve,
-    /// Run a local Stripe Billing API (meter events, adjustments, summaries) with fault switches
+    /// Run a local Stripe Billing API for development and tests, with fault switches
+    ///
+    /// Customers, billing meters, meter events (identifier dedup for 24 h, live/test rate
+    /// limits), adjustments (cancel), summaries, v2 meter error reports, prices, subscriptions,
+    /// invoices and signed webhooks, in memory. Faults (500s, responses dropped after commit,
+    /// 429s, latency) are switched on through flags or POST /_emulator/faults;
+    /// GET /_emulator/state shows the totals. Not for production.
     StripeEmulator(stripe_emulator::EmulatorArgs),
     /// Run an in-memory Kafka (librdkafka's mock cluster) for development and tests
     ///

@@ -1,0 +1,182 @@
+//! `tally demo --keep-running`: after the verdict the demo's stack stays up (the broker, the
+//! database, the Stripe emulator), the aggregator and the sink run again, and the HTTP API
+//! serves with a fresh admin token, until SIGINT or SIGTERM. The demo prints how to reach each
+//! part, so a newcomer can try `tally emit`, `tally reconcile` and the API against real data.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use chrono::{DateTime, Utc};
+use tally_aggregator::{Aggregator, Mode as AggregatorMode};
+use tally_api::{ApiState, ApiToken};
+use tally_core::config::{KafkaConfig, Secret};
+use tally_core::MeterDefinition;
+use tally_emitter::Emitter;
+use tally_quota::Quota;
+use tally_sink::{Mode as SinkMode, Sink, SinkConfig, StripeConfig};
+use tokio_util::sync::CancellationToken;
+
+use crate::config::TallyConfig;
+use crate::process::cancel_on_signal;
+
+/// The parts of the demo that stay up.
+pub(super) struct Stack<'a> {
+    pub(super) config: &'a TallyConfig,
+    pub(super) kafka: &'a KafkaConfig,
+    pub(super) meters: &'a [MeterDefinition],
+    pub(super) pool: &'a sqlx::PgPool,
+    pub(super) database_url: &'a str,
+    pub(super) stripe: &'a StripeConfig,
+    /// The range the demo's events fall in, for the `tally reconcile` it suggests.
+    pub(super) from: DateTime<Utc>,
+    pub(super) to: DateTime<Utc>,
+    /// A customer with usage, for the example API call.
+    pub(super) customer: &'a str,
+}
+
+/// Runs the aggregator, the sink and the API over the demo's stack until a signal arrives.
+pub(super) fn serve_until_stopped(
+    runtime: &tokio::runtime::Runtime,
+    stack: &Stack<'_>,
+) -> anyhow::Result<()> {
+    let token = format!("demo_{}", uuid::Uuid::new_v4().simple());
+    runtime.block_on(async {
+        let stop = CancellationToken::new();
+        tokio::spawn(cancel_on_signal(stop.clone()));
+
+        let mut aggregator_config = stack.config.aggregator.clone();
+        aggregator_config.group_id = "tally-demo".into();
+        let aggregator = Aggregator::new(
+            aggregator_config,
+            stack.kafka.clone(),
+            stack.meters.to_vec(),
+            stack.pool.clone(),
+            tokio::runtime::Handle::current(),
+        )?;
+        let aggregator_thread = {
+            let stop = stop.clone();
+            std::thread::spawn(move || aggregator.run(AggregatorMode::Daemon, &stop))
+        };
+        let sink = Sink::new(
+            SinkConfig {
+                interval: Duration::from_secs(1),
+                settle_delay: Duration::ZERO,
+                ..stack.config.sink.clone()
+            },
+            stack.stripe,
+            stack.pool.clone(),
+        )?;
+        let sink_task = {
+            let stop = stop.clone();
+            tokio::spawn(async move { sink.run(SinkMode::Daemon, &stop).await })
+        };
+
+        // The API, with POST /v1/events through an emitter of its own.
+        let spool = tempfile::tempdir().context("creating a spool directory")?;
+        let mut emitter_config = stack.config.emitter.clone();
+        emitter_config.spool.dir = spool.path().to_owned();
+        let emitter = Arc::new(Emitter::start(stack.kafka, &emitter_config)?);
+        let state = Arc::new(ApiState {
+            quota: Quota::new(stack.pool.clone(), stack.config.serve.refresh).await?,
+            pool: stack.pool.clone(),
+            tokens: vec![ApiToken {
+                name: "demo".into(),
+                token: Secret::new(&token),
+                customer: None,
+            }],
+            metrics: None,
+            emitter: Some(emitter.clone()),
+            stripe_webhook_secret: None,
+        });
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .context("listening for the demo's API")?;
+        let api = format!("http://{}", listener.local_addr()?);
+        let server = tokio::spawn(tally_api::serve(
+            listener,
+            tally_api::router(state, stack.config.serve.max_body_bytes),
+            stop.clone(),
+        ));
+        print_access(stack, &api, &token);
+
+        stop.cancelled().await;
+        println!("stopping the demo");
+        server.await??;
+        tokio::task::spawn_blocking(move || emitter.shutdown(Duration::from_secs(5))).await?;
+        sink_task.await??;
+        tokio::task::spawn_blocking(move || aggregator_thread.join())
+            .await?
+            .map_err(|_| anyhow::anyhow!("the aggregator thread panicked"))??;
+        Ok(())
+    })
+}
+
+fn print_access(stack: &Stack<'_>, api: &str, token: &str) {
+    let stripe_key = stack.stripe.secret_key.expose();
+    let database = without_password(stack.database_url);
+    let (from, to) = (
+        stack.from.format("%Y-%m-%dT%H:%M:%SZ"),
+        stack.to.format("%Y-%m-%dT%H:%M:%SZ"),
+    );
+    println!(
+        "
+the demo keeps running: the aggregator and the sink work on, and the HTTP API serves.
+  kafka      {brokers}  topic {topic}  (librdkafka's mock cluster: in memory, gone with the demo)
+  postgres   {database}
+  api        {api}  admin token {token}
+  stripe     {stripe}  (the emulator; key {stripe_key})
+
+In another terminal:
+  export TALLY_DATABASE_URL='{database}' TALLY_KAFKA_BROKERS={brokers} \\
+         TALLY_KAFKA_TOPIC={topic} TALLY_STRIPE_API_BASE={stripe} STRIPE_SECRET_KEY={stripe_key}
+  tally reconcile --from {from} --to {to}
+  tally emit --customer {customer} --meter {meter} --quantity 3
+  curl -s -H 'Authorization: Bearer {token}' '{api}/v1/customers/{customer}/usage?meter={meter}&from={from}&to={to}'
+  curl -s {stripe}_emulator/state
+
+Ctrl-C stops it and drops the demo's database (unless --keep-database).",
+        brokers = stack.kafka.brokers,
+        topic = stack.kafka.topic,
+        stripe = stack.stripe.api_base,
+        customer = stack.customer,
+        meter = stack
+            .meters
+            .first()
+            .map_or("api_calls", |m| m.name.as_str()),
+    );
+}
+
+/// The URL with any password replaced by `****`: the demo prints it, and a password never is.
+fn without_password(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_owned();
+    };
+    let authority_end = rest.find('/').unwrap_or(rest.len());
+    match rest[..authority_end].rsplit_once('@') {
+        Some((userinfo, host)) => match userinfo.split_once(':') {
+            Some((user, _password)) => {
+                format!("{scheme}://{user}:****@{host}{}", &rest[authority_end..])
+            }
+            None => url.to_owned(),
+        },
+        None => url.to_owned(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::without_password;
+
+    #[test]
+    fn passwords_are_never_printed() {
+        assert_eq!(
+            without_password("postgres://tally:s3cret@db:5432/tally_demo_1"),
+            "postgres://tally:****@db:5432/tally_demo_1"
+        );
+        assert_eq!(
+            without_password("postgres://postgres@127.0.0.1:5432/tally_demo_1"),
+            "postgres://postgres@127.0.0.1:5432/tally_demo_1"
+        );
+    }
+}
