@@ -119,7 +119,7 @@ pub fn stripe_config(emulator: &Emulator) -> StripeConfig {
 /// Records `meters` and creates their Stripe meters in the emulator, as `tally aggregate`
 /// and `tally sink --create-stripe-meters` do at start-up.
 pub async fn record_meters(pool: &sqlx::PgPool, meters: &[MeterDefinition], stripe: &StripeConfig) {
-    tally_aggregator::sync_meters(pool, meters).await.unwrap();
+    tally_db::meters::record(pool, meters).await.unwrap();
     let client = tally_sink::StripeHttp::new(stripe).unwrap();
     tally_sink::create_stripe_meters(pool, &client)
         .await
@@ -447,9 +447,7 @@ impl IngestPipeline {
     /// Must run inside a multi-threaded tokio runtime (the aggregator uses its handle).
     pub async fn start(batch_max_wait: Duration) -> IngestPipeline {
         let db = tally_db::testing::fresh_database().await;
-        tally_aggregator::sync_meters(&db.pool, &meters())
-            .await
-            .unwrap();
+        tally_db::meters::record(&db.pool, &meters()).await.unwrap();
         let broker = Broker::start();
         let aggregator = AggregatorThread::start(
             AggregatorConfig {

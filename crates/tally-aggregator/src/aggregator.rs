@@ -177,8 +177,9 @@ impl Aggregator {
     pub fn run(&self, mode: Mode, stop: &CancellationToken) -> Result<RunSummary, AggregatorError> {
         telemetry::describe();
         // The meters are recorded before anything is counted under them.
-        let recorded =
-            self.wait_for_postgres(mode, stop, || store::sync_meters(&self.pool, &self.meters))?;
+        let recorded = self.wait_for_postgres(mode, stop, || async {
+            Ok(tally_db::meters::record(&self.pool, &self.meters).await?)
+        })?;
         if recorded.is_none() {
             return Ok(RunSummary::default());
         }

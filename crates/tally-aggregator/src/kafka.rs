@@ -15,7 +15,6 @@ use rdkafka::{ClientContext, TopicPartitionList};
 use sqlx::PgPool;
 use tally_core::config::KafkaConfig;
 
-use crate::store;
 use crate::telemetry;
 
 /// Who this consumer is in its group.
@@ -220,7 +219,7 @@ pub(crate) async fn publish_dlq(
     let mut published = 0;
     loop {
         let mut tx = pool.begin().await.map_err(|e| e.to_string())?;
-        let pending = store::lock_pending_dlq(&mut tx, 5_000)
+        let pending = tally_db::rejects::lock_pending_dlq(&mut tx, 5_000)
             .await
             .map_err(|e| e.to_string())?;
         if pending.is_empty() {
@@ -276,7 +275,7 @@ pub(crate) async fn publish_dlq(
                 }
             }
         }
-        store::mark_dlq_published(&mut tx, &ids)
+        tally_db::rejects::mark_dlq_published(&mut tx, &ids)
             .await
             .map_err(|e| e.to_string())?;
         tx.commit().await.map_err(|e| e.to_string())?;

@@ -19,5 +19,5 @@ mod telemetry;
 
 pub use aggregator::{Aggregator, AggregatorError, Hooks, Mode, RunSummary, Step};
 pub use config::AggregatorConfig;
-pub use store::{sync_meters, StoreError};
+pub use store::StoreError;
 pub use telemetry::BatchReport;

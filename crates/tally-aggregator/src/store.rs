@@ -9,10 +9,11 @@ use chrono::{DateTime, NaiveDate, Utc};
 use rust_decimal::Decimal;
 use sqlx::{PgConnection, PgPool, Postgres, Transaction};
 use tally_core::window::slot_start;
-use tally_core::{Aggregation, MeterDefinition, RejectReason, Rejection};
+use tally_core::{Aggregation, RejectReason, Rejection};
 
 use crate::batch::{conflict, fold, Batch, Candidate, Granularity, Reject, WindowDelta};
 use crate::telemetry::BatchReport;
+use tally_db::rejects::{Received, Rejected};
 
 /// A store error, tagged with whether running the same batch again can succeed.
 #[derive(Debug, thiserror::Error)]
@@ -41,6 +42,15 @@ impl From<sqlx::Error> for StoreError {
             StoreError::Data(error)
         } else {
             StoreError::Permanent(error)
+        }
+    }
+}
+
+impl From<tally_db::meters::CatalogError> for StoreError {
+    fn from(error: tally_db::meters::CatalogError) -> Self {
+        match error {
+            tally_db::meters::CatalogError::Postgres(error) => error.into(),
+            changed => StoreError::MeterChanged(changed.to_string()),
         }
     }
 }
@@ -534,41 +544,24 @@ async fn insert_rejects(
     topic: &str,
     rejects: &[&Reject],
 ) -> Result<(), StoreError> {
-    if rejects.is_empty() {
-        return Ok(());
-    }
-    let reasons: Vec<&str> = rejects.iter().map(|r| r.rejection.reason.code()).collect();
-    let details: Vec<&str> = rejects
+    let rows: Vec<Rejected<'_>> = rejects
         .iter()
-        .map(|r| r.rejection.detail.as_str())
+        .map(|r| Rejected {
+            reason: r.rejection.reason.code(),
+            detail: &r.rejection.detail,
+            event_id: r.event_id.as_deref(),
+            customer: r.customer.as_deref(),
+            meter: r.meter.as_deref(),
+            raw: &r.origin.raw,
+            received: Received::Kafka {
+                topic,
+                partition: r.origin.partition,
+                offset: r.origin.offset,
+                key: r.origin.key.as_deref(),
+            },
+        })
         .collect();
-    let partitions: Vec<i32> = rejects.iter().map(|r| r.origin.partition).collect();
-    let offsets: Vec<i64> = rejects.iter().map(|r| r.origin.offset).collect();
-    let ids: Vec<Option<&str>> = rejects.iter().map(|r| r.event_id.as_deref()).collect();
-    let customers: Vec<Option<&str>> = rejects.iter().map(|r| r.customer.as_deref()).collect();
-    let meters: Vec<Option<&str>> = rejects.iter().map(|r| r.meter.as_deref()).collect();
-    let raws: Vec<&[u8]> = rejects.iter().map(|r| r.origin.raw.as_slice()).collect();
-    let keys: Vec<Option<&[u8]>> = rejects.iter().map(|r| r.origin.key.as_deref()).collect();
-    sqlx::query(
-        "INSERT INTO rejected_events
-            (reason, detail, topic, partition, \"offset\", event_id, customer_id, meter, raw,
-             kafka_key)
-         SELECT r, d, $10, p, o, i, c, m, b, k
-         FROM unnest($1::text[], $2::text[], $3::int[], $4::bigint[], $5::text[], $6::text[],
-                     $7::text[], $8::bytea[], $9::bytea[]) AS u(r, d, p, o, i, c, m, b, k)",
-    )
-    .bind(&reasons)
-    .bind(&details)
-    .bind(&partitions)
-    .bind(&offsets)
-    .bind(&ids)
-    .bind(&customers)
-    .bind(&meters)
-    .bind(&raws)
-    .bind(&keys)
-    .bind(topic)
-    .execute(&mut *tx)
-    .await?;
+    tally_db::rejects::insert(tx, &rows).await?;
     Ok(())
 }
 
@@ -645,87 +638,4 @@ pub(crate) async fn delete_expired(
         .execute(pool)
         .await?;
     Ok(deleted)
-}
-
-/// Records the configured meters. A meter whose aggregation, group_by or unique dimension
-/// differs from what its windows were built with is refused: mixing rules would corrupt them.
-pub async fn sync_meters(pool: &PgPool, meters: &[MeterDefinition]) -> Result<(), StoreError> {
-    let mut tx = pool.begin().await?;
-    for meter in meters {
-        let aggregation = meter.aggregation.as_str();
-        let stored: Option<(String, Vec<String>, Option<String>)> = sqlx::query_as(
-            "SELECT aggregation, group_by, unique_dimension FROM meters WHERE name = $1 FOR UPDATE",
-        )
-        .bind(&meter.name)
-        .fetch_optional(&mut *tx)
-        .await?;
-        if let Some((stored_aggregation, group_by, unique_dimension)) = stored {
-            if stored_aggregation != aggregation
-                || group_by != meter.group_by
-                || unique_dimension != meter.unique_dimension
-            {
-                return Err(StoreError::MeterChanged(format!(
-                    "meter {:?} was recorded with aggregation={stored_aggregation}, group_by={group_by:?}, unique_dimension={unique_dimension:?}, but tally.toml now says aggregation={aggregation}, group_by={:?}, unique_dimension={:?}; its existing windows were built with the old rules, so define a new meter name instead of changing this one",
-                    meter.name, meter.group_by, meter.unique_dimension
-                )));
-            }
-        }
-        sqlx::query(
-            "INSERT INTO meters (name, aggregation, group_by, unique_dimension, stripe_event_name)
-             VALUES ($1, $2, $3, $4, $5)
-             ON CONFLICT (name) DO UPDATE
-                SET stripe_event_name = excluded.stripe_event_name, updated_at = now()",
-        )
-        .bind(&meter.name)
-        .bind(aggregation)
-        .bind(&meter.group_by)
-        .bind(&meter.unique_dimension)
-        .bind(meter.stripe_event_name())
-        .execute(&mut *tx)
-        .await?;
-    }
-    tx.commit().await?;
-    Ok(())
-}
-
-/// A rejected event whose DLQ copy is not yet acknowledged.
-#[derive(Debug, sqlx::FromRow)]
-pub(crate) struct PendingDlq {
-    pub(crate) rejection_id: i64,
-    pub(crate) reason: String,
-    pub(crate) detail: String,
-    /// `topic/partition/offset` for events consumed from Kafka, `http` for events refused by
-    /// `POST /v1/events`.
-    pub(crate) source: String,
-    pub(crate) raw: Vec<u8>,
-    pub(crate) kafka_key: Option<Vec<u8>>,
-}
-
-/// Locks up to `limit` rejected events not yet on the DLQ topic (skipping rows another
-/// aggregator is publishing). Publish them, then [`mark_dlq_published`] in the same transaction.
-pub(crate) async fn lock_pending_dlq(
-    tx: &mut PgConnection,
-    limit: i64,
-) -> Result<Vec<PendingDlq>, StoreError> {
-    Ok(sqlx::query_as(
-        "SELECT rejection_id, reason, detail,
-                COALESCE(topic || '/' || partition || '/' || \"offset\", received_via) AS source,
-                raw, kafka_key
-         FROM rejected_events WHERE dlq_published_at IS NULL
-         ORDER BY rejection_id LIMIT $1 FOR UPDATE SKIP LOCKED",
-    )
-    .bind(limit)
-    .fetch_all(&mut *tx)
-    .await?)
-}
-
-pub(crate) async fn mark_dlq_published(
-    tx: &mut PgConnection,
-    rejection_ids: &[i64],
-) -> Result<(), StoreError> {
-    sqlx::query("UPDATE rejected_events SET dlq_published_at = now() WHERE rejection_id = ANY($1)")
-        .bind(rejection_ids)
-        .execute(&mut *tx)
-        .await?;
-    Ok(())
 }

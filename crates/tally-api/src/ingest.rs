@@ -27,6 +27,7 @@ use serde_json::value::RawValue;
 use serde_json::{Map, Value};
 use tally_core::reject::printable;
 use tally_core::{wire, Rejection};
+use tally_db::rejects::{Received, Rejected};
 use tally_emitter::{Durability, EmitError};
 
 use crate::auth::{authenticate, Caller};
@@ -229,29 +230,23 @@ async fn store_rejects(pool: &sqlx::PgPool, rejects: &[Reject]) -> Result<(), Ap
     if rejects.is_empty() {
         return Ok(());
     }
-    let reasons: Vec<&str> = rejects.iter().map(|r| r.rejection.reason.code()).collect();
-    let details: Vec<&str> = rejects
+    let rows: Vec<Rejected<'_>> = rejects
         .iter()
-        .map(|r| r.rejection.detail.as_str())
+        .map(|r| Rejected {
+            reason: r.rejection.reason.code(),
+            detail: &r.rejection.detail,
+            event_id: r.id.as_deref(),
+            customer: r.customer.as_deref(),
+            meter: r.meter.as_deref(),
+            raw: &r.raw,
+            received: Received::Http,
+        })
         .collect();
-    let ids: Vec<Option<&str>> = rejects.iter().map(|r| r.id.as_deref()).collect();
-    let customers: Vec<Option<&str>> = rejects.iter().map(|r| r.customer.as_deref()).collect();
-    let meters: Vec<Option<&str>> = rejects.iter().map(|r| r.meter.as_deref()).collect();
-    let raws: Vec<&[u8]> = rejects.iter().map(|r| r.raw.as_slice()).collect();
-    sqlx::query(
-        "INSERT INTO rejected_events (reason, detail, event_id, customer_id, meter, raw, received_via)
-         SELECT r, d, i, c, m, b, 'http'
-         FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::bytea[])
-              AS u(r, d, i, c, m, b)",
-    )
-    .bind(&reasons)
-    .bind(&details)
-    .bind(&ids)
-    .bind(&customers)
-    .bind(&meters)
-    .bind(&raws)
-    .execute(pool)
-    .await
+    let stored = match pool.acquire().await {
+        Ok(mut conn) => tally_db::rejects::insert(&mut conn, &rows).await,
+        Err(error) => Err(error),
+    };
+    stored
     .map_err(|error| {
         tracing::error!(%error, "cannot store rejected events; the batch was not emitted");
         ApiError::new(

@@ -10,6 +10,7 @@ use chrono::{DateTime, Utc};
 use rust_decimal::Decimal;
 use serde::Deserialize;
 use serde_json::json;
+use tally_core::Aggregation;
 use tally_db::ExactDecimal;
 
 use crate::auth::ReadableCustomer;
@@ -41,12 +42,9 @@ pub(crate) async fn usage(
     query: Result<Query<UsageQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Response, ApiError> {
     let Query(query) = query.map_err(|e| ApiError::invalid(e.body_text()))?;
-    let aggregation: Option<String> =
-        sqlx::query_scalar("SELECT aggregation FROM meters WHERE name = $1")
-            .bind(&query.meter)
-            .fetch_optional(&state.pool)
-            .await
-            .map_err(internal)?;
+    let aggregation = tally_db::meters::aggregation_of(&state.pool, &query.meter)
+        .await
+        .map_err(internal)?;
     let Some(aggregation) = aggregation else {
         return Err(ApiError::new(
             axum::http::StatusCode::BAD_REQUEST,
@@ -78,17 +76,19 @@ pub(crate) async fn usage(
     // Minute and hour buckets read the minute windows, day buckets the daily rollup. A distinct
     // count cannot be added up, so unique_count recounts the stored distinct values instead.
     let day = "(day::timestamp AT TIME ZONE 'UTC')";
-    let (table, time) = match (aggregation == "unique_count", granularity) {
+    let (table, time) = match (aggregation == Aggregation::UniqueCount, granularity) {
         (false, "day") => ("usage_daily", day),
         (false, _) => ("usage_minute", "window_start"),
         (true, "day") => ("usage_daily_values", day),
         (true, _) => ("usage_minute_values", "window_start"),
     };
-    let merge = match aggregation.as_str() {
-        "max" => "max(value)",
-        "latest" => "(array_agg(value ORDER BY latest_at DESC NULLS LAST, latest_id DESC))[1]",
-        "unique_count" => "count(DISTINCT value)::numeric",
-        _ => "sum(value)",
+    let merge = match aggregation {
+        Aggregation::Max => "max(value)",
+        Aggregation::Latest => {
+            "(array_agg(value ORDER BY latest_at DESC NULLS LAST, latest_id DESC))[1]"
+        }
+        Aggregation::UniqueCount => "count(DISTINCT value)::numeric",
+        Aggregation::Sum | Aggregation::Count => "sum(value)",
     };
     let bucket = if granularity == "hour" {
         format!("date_bin('1 hour', {time}, timestamptz '2000-01-01 00:00:00+00')")

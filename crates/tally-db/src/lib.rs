@@ -7,7 +7,9 @@ use std::time::Duration;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::PgPool;
 
+pub mod meters;
 mod numeric;
+pub mod rejects;
 pub mod testing;
 pub mod throwaway;
 

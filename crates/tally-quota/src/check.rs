@@ -24,6 +24,7 @@ use std::time::{Duration, Instant};
 use chrono::{DateTime, Datelike, NaiveDate, TimeDelta, Utc};
 use rust_decimal::Decimal;
 use sqlx::PgPool;
+use tally_core::Aggregation;
 use tally_db::ExactDecimal;
 use tokio_util::sync::CancellationToken;
 
@@ -116,7 +117,7 @@ const METERS_RELOAD: Duration = Duration::from_secs(5);
 
 #[derive(Default)]
 struct Aggregations {
-    by_meter: HashMap<String, String>,
+    by_meter: HashMap<String, Aggregation>,
     loaded: Option<Instant>,
 }
 
@@ -175,8 +176,8 @@ impl Quota {
     }
 
     /// The aggregation of `meter`, reloading the meter list when it is not known (yet).
-    async fn aggregation(&self, meter: &str) -> Result<String, QuotaError> {
-        let known = |aggregations: &Aggregations| aggregations.by_meter.get(meter).cloned();
+    async fn aggregation(&self, meter: &str) -> Result<Aggregation, QuotaError> {
+        let known = |aggregations: &Aggregations| aggregations.by_meter.get(meter).copied();
         let (found, loaded) = {
             let aggregations = self
                 .shared
@@ -191,8 +192,7 @@ impl Quota {
         if loaded.is_some_and(|at| at.elapsed() < METERS_RELOAD) {
             return Err(QuotaError::UnknownMeter(meter.to_owned()));
         }
-        let rows: Vec<(String, String)> = sqlx::query_as("SELECT name, aggregation FROM meters")
-            .fetch_all(&self.shared.pool)
+        let recorded = tally_db::meters::all(&self.shared.pool)
             .await
             .map_err(QuotaStoreError::from)?;
         let mut aggregations = self
@@ -200,7 +200,10 @@ impl Quota {
             .aggregations
             .write()
             .unwrap_or_else(|e| e.into_inner());
-        aggregations.by_meter = rows.into_iter().collect();
+        aggregations.by_meter = recorded
+            .into_iter()
+            .map(|meter| (meter.name, meter.aggregation))
+            .collect();
         aggregations.loaded = Some(Instant::now());
         known(&aggregations).ok_or_else(|| QuotaError::UnknownMeter(meter.to_owned()))
     }
@@ -448,10 +451,11 @@ impl Shared {
                     .unwrap_or_else(|e| e.into_inner())
                     .by_meter
                     .get(meter)
-                    .cloned()
-                    .unwrap_or_else(|| "sum".to_owned());
-                let aggregation = aggregation.as_str();
-                if aggregation == "unique_count" {
+                    .copied()
+                    // A meter the catalog does not know (yet) has no windows: every merge of
+                    // no rows is zero usage.
+                    .unwrap_or(Aggregation::Sum);
+                if aggregation == Aggregation::UniqueCount {
                     unsupported = Some(meter.clone());
                     break;
                 }
@@ -587,11 +591,17 @@ struct UsageRequests {
 }
 
 impl UsageRequests {
-    fn push(&mut self, customer: &str, meter: &str, start: NaiveDate, aggregation: &str) -> i32 {
+    fn push(
+        &mut self,
+        customer: &str,
+        meter: &str,
+        start: NaiveDate,
+        aggregation: Aggregation,
+    ) -> i32 {
         self.customers.push(customer.to_owned());
         self.meters.push(meter.to_owned());
         self.starts.push(start);
-        self.aggregations.push(aggregation.to_owned());
+        self.aggregations.push(aggregation.as_str().to_owned());
         (self.customers.len() - 1) as i32
     }
 

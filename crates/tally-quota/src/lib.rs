@@ -14,4 +14,4 @@ pub mod testing;
 
 pub use check::{decide, Decision, Quota, QuotaError};
 pub use plan::{Enforcement, Entitlements, LimitDefinition, Override, Period, PlanDefinition};
-pub use store::{apply_plans, PlanChange, QuotaStoreError, Subscription};
+pub use store::{apply_plans, list_plans, PlanChange, QuotaStoreError, Subscription};

@@ -62,6 +62,17 @@ impl Audit<'_> {
     }
 }
 
+/// The plans in Postgres, by name, each with its definition as stored.
+pub async fn list_plans(
+    pool: &PgPool,
+) -> Result<Vec<(String, Value)>, QuotaStoreError> {
+    Ok(
+        sqlx::query_as("SELECT name, definition FROM plans ORDER BY name")
+            .fetch_all(pool)
+            .await?,
+    )
+}
+
 /// Makes the `plans` table equal to `plans` (from tally.toml): creates, updates and deletes,
 /// each audited. A plan that still has subscriptions is not deleted: the whole apply fails.
 pub async fn apply_plans(

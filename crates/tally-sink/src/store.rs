@@ -57,28 +57,18 @@ pub struct BilledMeter {
 /// The meters as recorded in the `meters` table: every meter of tally.toml (each command
 /// records them as it starts), and earlier meters whose usage may still be billed.
 pub async fn billed_meters(pool: &PgPool) -> Result<HashMap<String, BilledMeter>, StoreError> {
-    let rows: Vec<(String, String, String)> =
-        sqlx::query_as("SELECT name, aggregation, stripe_event_name FROM meters")
-            .fetch_all(pool)
-            .await?;
-    let mut meters = HashMap::new();
-    for (name, aggregation, event_name) in rows {
-        match aggregation.parse::<Aggregation>() {
-            Ok(aggregation) => {
-                let meter = BilledMeter {
-                    aggregation,
-                    kind: BillingKind::of(aggregation),
-                    event_name,
-                };
-                meters.insert(name, meter);
-            }
-            // Its usage is quarantined when met, with this reason; other meters are billed.
-            Err(error) => {
-                tracing::error!(meter = name, %error, "the meters table holds a meter tally cannot read")
-            }
-        }
-    }
-    Ok(meters)
+    Ok(tally_db::meters::all(pool)
+        .await?
+        .into_iter()
+        .map(|meter| {
+            let billed = BilledMeter {
+                aggregation: meter.aggregation,
+                kind: BillingKind::of(meter.aggregation),
+                event_name: meter.stripe_event_name,
+            };
+            (meter.name, billed)
+        })
+        .collect())
 }
 
 /// What one accounting transaction did.
@@ -924,4 +914,38 @@ pub async fn map_customers(pool: &PgPool, mappings: &[(String, String)]) -> Resu
     .execute(pool)
     .await?;
     Ok(())
+}
+
+/// A tally customer and the Stripe customer its usage is billed to.
+#[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
+pub struct CustomerMapping {
+    pub customer_id: String,
+    pub stripe_customer_id: String,
+}
+
+/// Every mapping, by customer.
+pub async fn customer_mappings(pool: &PgPool) -> Result<Vec<CustomerMapping>, StoreError> {
+    Ok(sqlx::query_as(
+        "SELECT customer_id, stripe_customer_id FROM stripe_customers ORDER BY customer_id",
+    )
+    .fetch_all(pool)
+    .await?)
+}
+
+/// Usage of a customer with no Stripe mapping yet: it waits, unbilled, until one is added.
+#[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
+pub struct UnmappedUsage {
+    pub customer_id: String,
+    pub meter: String,
+    /// Slots waiting.
+    pub slots: i64,
+}
+
+/// Every customer and meter whose usage waits for a mapping.
+pub async fn unmapped_usage(pool: &PgPool) -> Result<Vec<UnmappedUsage>, StoreError> {
+    Ok(sqlx::query_as(
+        "SELECT customer_id, meter, slots FROM stripe_unmapped_usage ORDER BY customer_id, meter",
+    )
+    .fetch_all(pool)
+    .await?)
 }

@@ -293,7 +293,7 @@ async fn prepare_billing(
     meters: &[MeterDefinition],
     customers: &[String],
 ) -> anyhow::Result<()> {
-    tally_aggregator::sync_meters(pool, meters).await?;
+    tally_db::meters::record(pool, meters).await?;
     let client = StripeHttp::new(stripe).map_err(anyhow::Error::msg)?;
     let mut mappings = Vec::with_capacity(customers.len());
     for customer in customers {

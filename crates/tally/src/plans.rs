@@ -46,11 +46,7 @@ pub(crate) fn run(config: &TallyConfig, args: &PlansArgs) -> anyhow::Result<()> 
                 }
             }
             PlansCommand::List => {
-                let rows: Vec<(String, serde_json::Value)> =
-                    sqlx::query_as("SELECT name, definition FROM plans ORDER BY name")
-                        .fetch_all(&pool)
-                        .await?;
-                for (name, definition) in rows {
+                for (name, definition) in tally_quota::list_plans(&pool).await? {
                     println!("{name}: {definition}");
                 }
             }

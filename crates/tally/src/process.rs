@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use axum::routing::get;
-use tally_aggregator::StoreError;
+use tally_db::meters::CatalogError;
 use tally_runtime::Backoff;
 use tokio_util::sync::CancellationToken;
 
@@ -81,12 +81,14 @@ pub(crate) async fn prepare_database(
         let error: anyhow::Error = match schema {
             Err(error) if error.is_retryable() => error.into(),
             Err(error) => return Err(error.into()),
-            Ok(()) => match tally_aggregator::sync_meters(pool, &config.meters).await {
+            Ok(()) => match tally_db::meters::record(pool, &config.meters).await {
                 Ok(()) => {
                     postgres.up();
                     return Ok(true);
                 }
-                Err(StoreError::Retryable(error)) => error.into(),
+                Err(CatalogError::Postgres(error)) if tally_db::is_retryable(&error) => {
+                    error.into()
+                }
                 Err(error) => return Err(error.into()),
             },
         };

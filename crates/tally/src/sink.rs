@@ -289,21 +289,15 @@ pub(crate) fn customers(config: &TallyConfig, args: &CustomersArgs) -> anyhow::R
                 println!("{customer} is billed to Stripe customer {stripe_customer_id}");
             }
             CustomersCommand::List => {
-                let mapped: Vec<(String, String)> = sqlx::query_as(
-                    "SELECT customer_id, stripe_customer_id FROM stripe_customers ORDER BY customer_id",
-                )
-                .fetch_all(&pool)
-                .await?;
-                for (customer, stripe_id) in &mapped {
-                    println!("{customer:<32} {stripe_id}");
+                for mapping in tally_sink::store::customer_mappings(&pool).await? {
+                    println!("{:<32} {}", mapping.customer_id, mapping.stripe_customer_id);
                 }
-                let waiting: Vec<(String, String, i64)> = sqlx::query_as(
-                    "SELECT customer_id, meter, slots FROM stripe_unmapped_usage ORDER BY customer_id, meter",
-                )
-                .fetch_all(&pool)
-                .await?;
-                for (customer, meter, slots) in &waiting {
-                    println!("{customer:<32} UNMAPPED: {slots} slot(s) of {meter} wait; run `tally customers map {customer} cus_…`");
+                for waiting in tally_sink::store::unmapped_usage(&pool).await? {
+                    let customer = &waiting.customer_id;
+                    println!(
+                        "{customer:<32} UNMAPPED: {} slot(s) of {} wait; run `tally customers map {customer} cus_…`",
+                        waiting.slots, waiting.meter
+                    );
                 }
             }
         }
