@@ -36,7 +36,7 @@ use tokio_util::sync::CancellationToken;
 use crate::batch::{Batch, Message, Rules};
 use crate::config::{hostname, AggregatorConfig};
 use crate::kafka::{self, AggregatorContext, Group};
-use crate::store::{self, Epochs, Ownership, StoreError};
+use crate::store::{self, AggregatorStoreError, Epochs, Ownership, TakenPartition};
 use crate::telemetry::{self, BatchReport};
 
 /// How long Kafka may take to answer a metadata or watermark request.
@@ -112,11 +112,11 @@ pub enum AggregatorError {
     #[error("{0}")]
     Config(String),
     #[error("Postgres unreachable: {0}; `--once` gave up after {ONCE_ATTEMPTS} attempts (the daemon would wait)")]
-    PostgresUnreachable(StoreError),
+    PostgresUnreachable(AggregatorStoreError),
     #[error("a batch commit task failed: {0}; this is a bug, please report it")]
     CommitTask(String),
     #[error(transparent)]
-    Store(#[from] StoreError),
+    Store(#[from] AggregatorStoreError),
 }
 
 /// One aggregator process's worth of state.
@@ -319,7 +319,7 @@ impl Aggregator {
     ) -> Result<Option<T>, AggregatorError>
     where
         F: FnMut() -> Fut,
-        Fut: std::future::Future<Output = Result<T, StoreError>>,
+        Fut: std::future::Future<Output = Result<T, AggregatorStoreError>>,
     {
         let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(30));
         let mut attempts = 0;
@@ -329,13 +329,13 @@ impl Aggregator {
                     self.postgres.up();
                     return Ok(Some(value));
                 }
-                Err(StoreError::Retryable(error)) => {
+                Err(AggregatorStoreError::Retryable(error)) => {
                     attempts += 1;
                     self.postgres.down(&error);
                     if mode == Mode::Once && attempts >= ONCE_ATTEMPTS {
-                        return Err(AggregatorError::PostgresUnreachable(StoreError::Retryable(
-                            error,
-                        )));
+                        return Err(AggregatorError::PostgresUnreachable(
+                            AggregatorStoreError::Retryable(error),
+                        ));
                     }
                     let wait = backoff.next_wait();
                     if self.runtime.block_on(sleep_unless_stopped(wait, stop)) {
@@ -437,9 +437,11 @@ impl Aggregator {
         });
         let taken = match attempt {
             Ok(Ok(rows)) => Ok(rows),
-            Ok(Err(StoreError::Retryable(error))) => Err(StoreError::Retryable(error)),
+            Ok(Err(AggregatorStoreError::Retryable(error))) => {
+                Err(AggregatorStoreError::Retryable(error))
+            }
             Ok(Err(other)) => return Err(other.into()),
-            Err(_) => Err(StoreError::Retryable(sqlx::Error::PoolTimedOut)),
+            Err(_) => Err(AggregatorStoreError::Retryable(sqlx::Error::PoolTimedOut)),
         };
         let rows = match taken {
             Ok(rows) => rows,
@@ -457,7 +459,12 @@ impl Aggregator {
         self.postgres.up();
         let consumer = session.consumer;
         let mut assignment = TopicPartitionList::new();
-        for (partition, next, epoch) in rows {
+        for TakenPartition {
+            partition,
+            next_offset: next,
+            epoch,
+        } in rows
+        {
             let start = next.map_or(Offset::Beginning, Offset::Offset);
             if let Err(e) = assignment.add_partition_offset(&self.kafka.topic, partition, start) {
                 tracing::error!(partition, error = %e, "cannot set a start offset");
@@ -591,7 +598,7 @@ impl Aggregator {
                 epochs: &task_epochs,
             };
             let mut result = store::commit_batch(&pool, &batch, ownership).await;
-            if let Err(StoreError::Data(error)) = &result {
+            if let Err(AggregatorStoreError::Data(error)) = &result {
                 tracing::error!(%error, "a batch failed with a data error; looking for the events Postgres refuses");
                 result = match store::isolate_unprocessable(&pool, &topic, &mut batch).await {
                     Ok(0) => result,
@@ -647,7 +654,7 @@ impl Aggregator {
                     self.notify(session, &batch, &report, &mut run.summary);
                     return Ok(());
                 }
-                Err(StoreError::Fenced { topic, partition }) => {
+                Err(AggregatorStoreError::Fenced { topic, partition }) => {
                     tracing::warn!(%topic, partition, "batch fenced: another aggregator took the partition; rolled back");
                     telemetry::record_fenced();
                     run.summary.fenced += 1;
@@ -660,9 +667,11 @@ impl Aggregator {
                     }
                     return Ok(());
                 }
-                Err(error @ (StoreError::Retryable(_) | StoreError::Data(_))) => {
+                Err(
+                    error @ (AggregatorStoreError::Retryable(_) | AggregatorStoreError::Data(_)),
+                ) => {
                     let attempt = in_flight.attempt + 1;
-                    if let StoreError::Retryable(e) = &error {
+                    if let AggregatorStoreError::Retryable(e) = &error {
                         self.postgres.down(e);
                     } else {
                         tracing::error!(%error, attempt, "batch refused by Postgres and no single event is to blame; retrying");
@@ -913,7 +922,7 @@ struct Lane {
 }
 
 struct InFlight {
-    task: tokio::task::JoinHandle<(Batch, Result<BatchReport, StoreError>)>,
+    task: tokio::task::JoinHandle<(Batch, Result<BatchReport, AggregatorStoreError>)>,
     epochs: Epochs,
     attempt: u32,
 }

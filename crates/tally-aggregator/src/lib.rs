@@ -7,8 +7,24 @@
 //! Postgres, and each partition carries an owner epoch so that a batch from an aggregator that
 //! lost the partition in a rebalance is rolled back rather than applied.
 //!
-//! Layout: `batch` (decode, check, fold; pure), `store` (the Postgres queries),
-//! `kafka` (consumer and rebalance handling, DLQ), `aggregator` (the loop).
+//! Layout:
+//! - `aggregator.rs`: the loop: poll, build batches per lane, commit, retry, notify; the public
+//!   [`Aggregator`], its [`Mode`], [`Hooks`] and errors.
+//! - `config.rs`: the `[aggregator]` settings, [`AggregatorConfig`], with defaults and checks.
+//! - `kafka.rs`: the group consumer and its rebalance handling, the DLQ producer and publisher.
+//! - `telemetry.rs`: metric names and recording, [`BatchReport`].
+//! - `batch.rs`: a batch of consumed messages, pure (no I/O):
+//!   - `batch/check.rs`: decode and check each message: candidates, in-batch duplicates,
+//!     rejects with their reasons;
+//!   - `batch/fold.rs`: fold accepted events into one delta per window and aggregation;
+//!   - `batch/fixtures.rs`: fixtures shared by the batch unit tests.
+//! - `store.rs`: the Postgres side and [`AggregatorStoreError`]:
+//!   - `store/commit.rs`: the one transaction per batch, and its report;
+//!   - `store/claims.rs`: claiming event ids (dedup across batches);
+//!   - `store/windows.rs`: window upserts, unique values, changed billing slots;
+//!   - `store/ownership.rs`: taking partitions (owner epochs) and advancing stored offsets;
+//!   - `store/unprocessable.rs`: bisecting a batch Postgres refuses to find the events to blame;
+//!   - `store/retention.rs`: deleting expired dedup claims and unique values.
 
 mod aggregator;
 mod batch;
@@ -19,5 +35,5 @@ mod telemetry;
 
 pub use aggregator::{Aggregator, AggregatorError, Hooks, Mode, RunSummary, Step};
 pub use config::AggregatorConfig;
-pub use store::StoreError;
+pub use store::AggregatorStoreError;
 pub use telemetry::BatchReport;

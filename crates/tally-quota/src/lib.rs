@@ -2,9 +2,21 @@
 //!
 //! - `plan.rs`: plan definitions from `tally.toml`, per-customer overrides, and resolving the
 //!   two into a customer's entitlements (pure).
-//! - `store.rs`: plans, subscriptions and overrides in Postgres, every change audited.
+//! - `store.rs`: plans, subscriptions and overrides in Postgres, every change audited; the
+//!   batched read of live subscriptions with their resolved entitlements.
 //! - `stripe.rs`: Stripe webhook events applied to subscriptions and recorded invoices.
-//! - `check.rs`: `Quota::check` and `require_feature`, with the local cache.
+//! - `check.rs`: the `Quota` handle: `check`, `require_feature`, `entitlements`, `invalidate`;
+//!   how the cache and its refresh behave (`serve.refresh`). Its parts, in `check/`:
+//!   - `error.rs`: `QuotaError`, why a check has no decision, with its stable API code.
+//!   - `decision.rs`: `Decision` and `decide`, pure arithmetic on a limit, its grace and the
+//!     usage so far.
+//!   - `cache.rs`: in-memory state: each customer's cached subscription, entitlements and
+//!     usage, the meter → aggregation map, and the `CacheState` the checks share with the
+//!     refresher.
+//!   - `load.rs`: loading a batch of customers from Postgres into cached state, in two queries.
+//!   - `usage.rs`: a limit's period bounds (whole UTC days) and the batched `usage_daily` query.
+//!   - `refresher.rs`: the supervised background task that reloads stale customers in batches.
+//! - `testing.rs`: subscriptions and plans without the ceremony, for tests and benchmarks.
 
 mod check;
 pub mod plan;

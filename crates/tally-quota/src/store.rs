@@ -63,9 +63,7 @@ impl Audit<'_> {
 }
 
 /// The plans in Postgres, by name, each with its definition as stored.
-pub async fn list_plans(
-    pool: &PgPool,
-) -> Result<Vec<(String, Value)>, QuotaStoreError> {
+pub async fn list_plans(pool: &PgPool) -> Result<Vec<(String, Value)>, QuotaStoreError> {
     Ok(
         sqlx::query_as("SELECT name, definition FROM plans ORDER BY name")
             .fetch_all(pool)

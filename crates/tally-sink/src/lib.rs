@@ -1,19 +1,30 @@
 //! The sink: bills closed five-minute slots to Stripe Billing meter events, exactly once.
 //!
 //! - `config.rs`: `[sink]` and `[stripe]`.
-//! - `plan.rs`: what a slot still owes Stripe (pure arithmetic, identifiers).
-//! - `store.rs`: the Postgres side (accounting transaction, outbox leases, outcomes).
+//! - `owed.rs`: what a slot still owes Stripe (pure arithmetic, identifiers).
+//! - `store.rs`: the Postgres side's shared error (`SinkStoreError`) and re-exports; one
+//!   concern a file under `store/`:
+//!   - `meters.rs`: how each meter is billed (`meters` table);
+//!   - `accounting.rs`: the accounting transaction (settled slot changes → outbox rows);
+//!   - `outbox.rs`: leasing outbox rows, renewing leases, recording outcomes;
+//!   - `review.rs`: outbox rows parked as `needs_review`, and their resolution;
+//!   - `quarantine.rs`: customer+meter pairs set aside (`billing_quarantine`);
+//!   - `backlog.rs`: backlog figures for the metrics;
+//!   - `customers.rs`: customer mapping (`stripe_customers`) and usage waiting for one.
+//! - `sink.rs`: the pass loop (`Sink::run`): account, then lease the outbox, hand each
+//!   customer+meter pair to a send task, record the outcomes.
+//! - `send.rs`: sending one pair's rows to Stripe: retries, backoff, what an answer means.
 //! - `stripe.rs`: the Stripe client and its error classification.
 //! - `limiter.rs`: the token bucket under the account's rate.
-//! - `sink.rs`: the pass loop (account, then send).
 //! - `stripe_meters.rs`: the Stripe meters tally bills under (check, create).
 //! - `reconcile.rs`: tally's windows vs the outbox vs Stripe's event summaries.
 //! - `telemetry.rs`: metric names.
 
 mod config;
 mod limiter;
-pub mod plan;
+pub mod owed;
 mod reconcile;
+mod send;
 mod sink;
 pub mod store;
 mod stripe;

@@ -12,9 +12,9 @@ use tally_core::reject::printable;
 use tally_db::ExactDecimal;
 
 use crate::limiter::RateLimiter;
-use crate::plan::BillingKind;
+use crate::owed::BillingKind;
 use crate::sink::SinkError;
-use crate::store::{self, StoreError};
+use crate::store::{self, SinkStoreError};
 use crate::stripe::{with_retries, StripeHttp};
 
 /// How a row compares.
@@ -113,7 +113,7 @@ pub async fn reconcile(
     .bind(to)
     .fetch_all(pool)
     .await
-    .map_err(StoreError::from)?;
+    .map_err(SinkStoreError::from)?;
     for (customer, meter, kind, value) in windows {
         let entry = row(&mut rows, customer, meter, kind_of(&kind));
         match Decimal::from_str_exact(&value) {
@@ -142,7 +142,7 @@ pub async fn reconcile(
     .bind(to)
     .fetch_all(pool)
     .await
-    .map_err(StoreError::from)?;
+    .map_err(SinkStoreError::from)?;
     for submitted in submitted {
         let kind = kind_of(&submitted.kind);
         let entry = row(&mut rows, submitted.customer_id, submitted.meter, kind);
@@ -167,7 +167,7 @@ pub async fn reconcile(
         sqlx::query_as("SELECT customer_id, stripe_customer_id FROM stripe_customers")
             .fetch_all(pool)
             .await
-            .map_err(StoreError::from)?
+            .map_err(SinkStoreError::from)?
             .into_iter()
             .collect();
     let limiter = RateLimiter::new(requests_per_second);
@@ -328,7 +328,7 @@ pub async fn meter_error_reports(
     .bind(to)
     .fetch_all(pool)
     .await
-    .map_err(StoreError::from)?;
+    .map_err(SinkStoreError::from)?;
     let mut reports = Vec::with_capacity(recorded.len());
     for (event_id, event_type, created) in recorded {
         let mut report = MeterErrorReport {

@@ -1,4 +1,4 @@
-//! The billing loop. A pass has two halves:
+//! The billing loop (`Sink::run`) and its pass. A pass has two halves:
 //! 1. account: each changed slot that has settled becomes, in one Postgres transaction with
 //!    its bookkeeping, an outbox row with a deterministic identifier;
 //! 2. send: pending outbox rows are leased, sent to Stripe (one call at a time per customer and
@@ -15,19 +15,17 @@
 //! pair by pair and the pairs that fail on their own are quarantined (`billing_quarantine`);
 //! a send task that panics quarantines its pair too. Postgres or Stripe away: the daemon waits,
 //! retrying with capped backoff, and says so once (`tally_dependency_up`).
+//!
+//! This file runs the pass: it accounts, then leases the outbox, hands each customer+meter
+//! pair to a send task and records the outcomes. Sending one pair's rows to Stripe (retries,
+//! backoff, what an answer means) is `send.rs`.
 
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use chrono::{TimeDelta, Utc};
-use rand::Rng;
 use sqlx::PgPool;
-use stripe_billing::billing_meter_event::CreateBillingMeterEvent;
-use stripe_billing::billing_meter_event_adjustment::{
-    CreateBillingMeterEventAdjustment, CreateBillingMeterEventAdjustmentCancel,
-};
-use stripe_billing::BillingMeterEventAdjustmentType;
 use tally_core::window::SLOT;
 use tally_runtime::{Backoff, Dependency};
 use tokio::task::JoinSet;
@@ -35,7 +33,10 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::{SinkConfig, StripeConfig};
 use crate::limiter::RateLimiter;
-use crate::store::{self, Accounting, Leased, Outcome, PlanReport, StoreError};
+use crate::send::{send_group, GroupResult, SendContext};
+use crate::store::{
+    self, Accounting, AccountingReport, Leased, Outcome, RowOutcome, SinkStoreError,
+};
 use crate::stripe::{StripeCallError, StripeHttp};
 use crate::telemetry as t;
 
@@ -52,7 +53,7 @@ pub enum SinkError {
     #[error("{0}")]
     Config(String),
     #[error(transparent)]
-    Store(#[from] StoreError),
+    Store(#[from] SinkStoreError),
     #[error("a send task failed: {0}")]
     Task(String),
     #[error("cannot call Stripe: {0}")]
@@ -66,15 +67,11 @@ impl SinkError {
     }
 }
 
-/// Rows whose earlier attempt may have reached Stripe this long ago are not resent blindly:
-/// Stripe recognises an identifier for about 24 hours, and this keeps an hour's margin.
-const IDENTIFIER_MEMORY: TimeDelta = TimeDelta::hours(23);
-
 /// What passes did.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct SinkSummary {
     pub passes: u64,
-    pub accounted: PlanReport,
+    pub accounted: AccountingReport,
     pub sent: u64,
     /// Attempts that failed retryably (each retried, in this pass or a later one).
     pub retried: u64,
@@ -267,8 +264,8 @@ impl Sink {
                     }
                     Err(error) if error.is_data() => {
                         let reason = match &error {
-                            StoreError::Unbillable { .. } => "unbillable",
-                            StoreError::Postgres(_) => "postgres_refused",
+                            SinkStoreError::Unbillable { .. } => "unbillable",
+                            SinkStoreError::Postgres(_) => "postgres_refused",
                         };
                         quarantine(&self.pool, customer, meter, reason, &error.to_string()).await?;
                         break;
@@ -333,7 +330,7 @@ impl Sink {
                         }
                     }
                 }
-                Ok::<(), StoreError>(())
+                Ok::<(), SinkStoreError>(())
             })
         };
         let recorder = {
@@ -414,7 +411,7 @@ impl Sink {
         )
         .await?;
         // Some rows may have reached Stripe before the panic: from now on they count as
-        // attempted with an unknown outcome (see IDENTIFIER_MEMORY).
+        // attempted with an unknown outcome (see `send::IDENTIFIER_MEMORY`).
         let now = Utc::now();
         let released = GroupResult {
             outcomes: rows
@@ -425,7 +422,11 @@ impl Sink {
                         retry_at: now,
                         uncertain_at: Some(now),
                     };
-                    (row.submission_id, 0, outcome)
+                    RowOutcome {
+                        submission_id: row.submission_id,
+                        attempts: 0,
+                        outcome,
+                    }
                 })
                 .collect(),
             ..GroupResult::default()
@@ -438,7 +439,7 @@ impl Sink {
 /// How many pairs one split of a failed accounting transaction takes on.
 const PAIRS_PER_SPLIT: usize = 10_000;
 
-fn record_accounted(summary: &mut SinkSummary, report: PlanReport) {
+fn record_accounted(summary: &mut SinkSummary, report: AccountingReport) {
     summary.accounted.add(report);
     metrics::counter!(t::SLOTS_ACCOUNTED).increment(report.slots);
     metrics::counter!(t::SUBMISSIONS_PLANNED).increment(report.submissions);
@@ -452,7 +453,7 @@ async fn quarantine(
     meter: &str,
     reason: &str,
     detail: &str,
-) -> Result<(), StoreError> {
+) -> Result<(), SinkStoreError> {
     if retry_postgres(|| store::quarantine(pool, customer, meter, reason, detail)).await? {
         metrics::counter!(t::PAIRS_QUARANTINED, "reason" => reason.to_owned()).increment(1);
         tracing::error!(customer, meter, reason, detail, "customer+meter pair quarantined: its usage waits while every other pair is billed; fix the cause, then `tally quarantine release {customer} {meter}`");
@@ -465,6 +466,23 @@ type Held = Arc<std::sync::Mutex<std::collections::HashSet<i64>>>;
 
 fn lock<T>(mutex: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     mutex.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Leased rows grouped per customer and meter, each group in submission order.
+fn group_by_pair(rows: Vec<Leased>) -> Vec<Vec<Leased>> {
+    let mut groups: Vec<Vec<Leased>> = Vec::new();
+    let mut index: HashMap<(String, String), usize> = HashMap::new();
+    for row in rows {
+        let key = (row.customer_id.clone(), row.meter.clone());
+        match index.get(&key) {
+            Some(&i) => groups[i].push(row),
+            None => {
+                index.insert(key, groups.len());
+                groups.push(vec![row]);
+            }
+        }
+    }
+    groups
 }
 
 /// What the recorder wrote.
@@ -483,7 +501,7 @@ async fn record_results(
     held: Held,
 ) -> Result<Recorded, SinkError> {
     let mut recorded = Recorded::default();
-    let mut batch: Vec<(i64, u32, Outcome)> = Vec::new();
+    let mut batch: Vec<RowOutcome> = Vec::new();
     let mut open = true;
     while open {
         let deadline = tokio::time::sleep(Duration::from_millis(100));
@@ -510,12 +528,12 @@ async fn record_results(
         retry_postgres(|| store::record_outcomes(&pool, &batch)).await?;
         {
             let mut held = lock(&held);
-            for (id, _, _) in &batch {
-                held.remove(id);
+            for row in &batch {
+                held.remove(&row.submission_id);
             }
         }
-        for (_, _, outcome) in &batch {
-            match outcome {
+        for row in &batch {
+            match row.outcome {
                 Outcome::Sent => recorded.sent += 1,
                 Outcome::Failed { .. } => recorded.failed += 1,
                 Outcome::Retry { .. } | Outcome::NeedsReview { .. } | Outcome::Released => {}
@@ -529,16 +547,18 @@ async fn record_results(
 /// Retries a Postgres step that failed for a passing reason (connection lost, serialization)
 /// a few times; the daemon's loop waits out a longer outage. The outage is reported once, as
 /// the state of the `postgres` dependency.
-async fn retry_postgres<T, F, Fut>(mut step: F) -> Result<T, StoreError>
+async fn retry_postgres<T, F, Fut>(mut step: F) -> Result<T, SinkStoreError>
 where
     F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = Result<T, StoreError>>,
+    Fut: std::future::Future<Output = Result<T, SinkStoreError>>,
 {
     let postgres = tally_runtime::dependency("postgres");
     let mut attempt = 0;
     loop {
         match step().await {
-            Err(StoreError::Postgres(error)) if attempt < 5 && tally_db::is_retryable(&error) => {
+            Err(SinkStoreError::Postgres(error))
+                if attempt < 5 && tally_db::is_retryable(&error) =>
+            {
                 attempt += 1;
                 postgres.down(&error);
                 tracing::debug!(%error, attempt, "Postgres step failed; retrying");
@@ -549,232 +569,6 @@ where
                 return Ok(value);
             }
             other => return other,
-        }
-    }
-}
-
-/// What every send task needs.
-struct SendContext {
-    stripe: StripeHttp,
-    limiter: Arc<RateLimiter>,
-    config: SinkConfig,
-    stop: CancellationToken,
-    dependency: &'static Dependency,
-}
-
-/// What one customer+meter pair's rows came to.
-#[derive(Default)]
-struct GroupResult {
-    outcomes: Vec<(i64, u32, Outcome)>,
-    retried: u64,
-    rate_limited: u64,
-}
-
-/// Leased rows grouped per customer and meter, each group in submission order.
-fn group_by_pair(rows: Vec<Leased>) -> Vec<Vec<Leased>> {
-    let mut groups: Vec<Vec<Leased>> = Vec::new();
-    let mut index: HashMap<(String, String), usize> = HashMap::new();
-    for row in rows {
-        let key = (row.customer_id.clone(), row.meter.clone());
-        match index.get(&key) {
-            Some(&i) => groups[i].push(row),
-            None => {
-                index.insert(key, groups.len());
-                groups.push(vec![row]);
-            }
-        }
-    }
-    groups
-}
-
-/// Sends one pair's rows in order, one call at a time. Once a row is not sent, the rest wait:
-/// a later revision must not overtake an earlier one.
-async fn send_group(rows: Vec<Leased>, context: Arc<SendContext>) -> GroupResult {
-    send_rows(rows, &context).await
-}
-
-async fn send_rows(rows: Vec<Leased>, context: &SendContext) -> GroupResult {
-    let mut result = GroupResult::default();
-    let mut blocked = false;
-    for row in rows {
-        if blocked || context.stop.is_cancelled() {
-            result
-                .outcomes
-                .push((row.submission_id, 0, Outcome::Released));
-            continue;
-        }
-        let (attempts, outcome) = send_one(&row, context, &mut result).await;
-        blocked = outcome != Outcome::Sent;
-        result.outcomes.push((row.submission_id, attempts, outcome));
-    }
-    result
-}
-
-/// Sends one row, retrying within the pass; returns the attempts made and the outcome.
-async fn send_one(row: &Leased, context: &SendContext, result: &mut GroupResult) -> (u32, Outcome) {
-    if let Some(since) = row.first_uncertain_at {
-        if Utc::now() - since > IDENTIFIER_MEMORY {
-            metrics::counter!(t::SUBMISSIONS_NEEDS_REVIEW).increment(1);
-            let error = format!(
-                "an attempt at {since} may have reached Stripe, and Stripe recognises an identifier for only about 24 hours, so sending it again could bill twice; check Stripe for identifier {:?}, then `tally submissions resolve {} --sent` or `--resend`",
-                row.identifier, row.identifier
-            );
-            tracing::error!(
-                identifier = row.identifier,
-                customer = row.customer_id,
-                meter = row.meter,
-                "{error}"
-            );
-            return (0, Outcome::NeedsReview { error });
-        }
-    }
-    let call = Call::of(row);
-    let config = &context.config;
-    let mut attempt: u32 = 0;
-    let mut uncertain_at = None;
-    loop {
-        context.limiter.acquire().await;
-        attempt += 1;
-        let started = Instant::now();
-        let sent_at = Utc::now();
-        let answer = call.send(&context.stripe).await;
-        metrics::histogram!(t::STRIPE_REQUEST_SECONDS).record(started.elapsed().as_secs_f64());
-        let error = match answer {
-            Ok(_) => {
-                context.dependency.up();
-                metrics::counter!(t::SUBMISSIONS_SENT).increment(1);
-                return (attempt, Outcome::Sent);
-            }
-            // Stripe holds an event with this identifier (or has canceled the event), and only
-            // this row does that: an earlier attempt (whose answer was lost) or another sink
-            // process sent it.
-            Err(error) if error.is_duplicate_identifier() || error.is_already_canceled() => {
-                context.dependency.up();
-                metrics::counter!(t::SUBMISSIONS_SENT).increment(1);
-                return (attempt, Outcome::Sent);
-            }
-            Err(error) => error,
-        };
-        if error.may_have_reached_stripe() {
-            uncertain_at.get_or_insert(sent_at);
-        }
-        if error.is_rate_limit() {
-            result.rate_limited += 1;
-            metrics::counter!(t::STRIPE_RATE_LIMITED).increment(1);
-        }
-        if !error.is_retryable() {
-            context.dependency.up();
-            metrics::counter!(t::SUBMISSIONS_FAILED, "reason" => error.reason()).increment(1);
-            tracing::error!(identifier = row.identifier, customer = row.customer_id, meter = row.meter, %error, "Stripe refused a submission; it is marked failed in stripe_submissions");
-            return (
-                attempt,
-                Outcome::Failed {
-                    error: error.to_string(),
-                },
-            );
-        }
-        if error.status.is_none() || error.status.is_some_and(|s| s >= 500) {
-            context.dependency.down(&error);
-        }
-        result.retried += 1;
-        metrics::counter!(t::SUBMISSIONS_RETRIED, "reason" => error.reason()).increment(1);
-        let total_attempts = row.attempts as u32 + attempt;
-        if attempt >= config.attempts_per_pass {
-            let wait = backoff(config, total_attempts);
-            tracing::debug!(identifier = row.identifier, %error, retry_in = ?wait, "Stripe call failed; will retry");
-            let retry_at = Utc::now() + TimeDelta::from_std(wait).unwrap_or(TimeDelta::MAX);
-            return (
-                attempt,
-                Outcome::Retry {
-                    error: error.to_string(),
-                    retry_at,
-                    uncertain_at,
-                },
-            );
-        }
-        tokio::select! {
-            _ = tokio::time::sleep(backoff(config, attempt)) => {}
-            _ = context.stop.cancelled() => {
-                return (attempt, Outcome::Retry { error: error.to_string(), retry_at: Utc::now(), uncertain_at });
-            }
-        }
-    }
-}
-
-/// One outbox row as a Stripe call.
-enum Call {
-    Event(CreateBillingMeterEvent),
-    Cancel(CreateBillingMeterEventAdjustment),
-}
-
-impl Call {
-    fn of(row: &Leased) -> Call {
-        if let Some(target) = &row.cancels {
-            let cancel = CreateBillingMeterEventAdjustmentCancel {
-                identifier: Some(target.clone()),
-            };
-            return Call::Cancel(
-                CreateBillingMeterEventAdjustment::new(
-                    row.event_name.as_str(),
-                    BillingMeterEventAdjustmentType::Cancel,
-                )
-                .cancel(cancel),
-            );
-        }
-        let payload = HashMap::from([
-            (
-                "stripe_customer_id".to_owned(),
-                row.stripe_customer_id.clone(),
-            ),
-            (
-                "value".to_owned(),
-                row.value.trunc().normalize().to_string(),
-            ),
-        ]);
-        Call::Event(
-            CreateBillingMeterEvent::new(row.event_name.as_str(), payload)
-                .identifier(row.identifier.as_str())
-                .timestamp(row.event_timestamp.timestamp()),
-        )
-    }
-
-    async fn send(&self, stripe: &StripeHttp) -> Result<(), StripeCallError> {
-        match self {
-            Call::Event(request) => request.send(stripe).await.map(drop),
-            Call::Cancel(request) => request.send(stripe).await.map(drop),
-        }
-    }
-}
-
-/// Exponential backoff with jitter: a random delay between half and all of
-/// `backoff_initial * 2^(attempt-1)`, capped at `backoff_max`.
-fn backoff(config: &SinkConfig, attempt: u32) -> Duration {
-    let exponent = attempt.saturating_sub(1).min(20);
-    let ceiling = config
-        .backoff_initial
-        .saturating_mul(1 << exponent)
-        .min(config.backoff_max);
-    let fraction = rand::rng().random_range(0.5..=1.0);
-    ceiling.mul_f64(fraction)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn backoff_grows_with_jitter_and_stops_at_the_cap() {
-        let config = SinkConfig::default();
-        for attempt in 1..30 {
-            let wait = backoff(&config, attempt);
-            let ceiling = config
-                .backoff_initial
-                .saturating_mul(1 << (attempt - 1).min(20))
-                .min(config.backoff_max);
-            assert!(
-                wait <= ceiling && wait >= ceiling / 2,
-                "attempt {attempt}: {wait:?}"
-            );
         }
     }
 }

@@ -10,7 +10,7 @@ use stripe_billing::billing_meter::{
 };
 
 use crate::limiter::RateLimiter;
-use crate::plan::BillingKind;
+use crate::owed::BillingKind;
 use crate::sink::SinkError;
 use crate::store;
 use crate::stripe::{with_retries, StripeHttp};

@@ -411,8 +411,8 @@ fn print_reconciliation(
         let exact = emitted.exact(&row.customer, &row.meter);
         let expected = emitted.expected(&row.customer, &row.meter);
         let windows_match = match row.kind {
-            tally_sink::plan::BillingKind::Delta => exact == Some(row.windows),
-            tally_sink::plan::BillingKind::Last => expected == Some(row.windows),
+            tally_sink::owed::BillingKind::Delta => exact == Some(row.windows),
+            tally_sink::owed::BillingKind::Last => expected == Some(row.windows),
         };
         let ok = row.verdict == Verdict::Ok && windows_match && expected == row.stripe;
         agrees &= ok;

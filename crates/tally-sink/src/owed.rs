@@ -55,8 +55,9 @@ pub struct Balance {
     pub submitted: Decimal,
 }
 
+/// What a slot owes Stripe after a change, with the slot state and balance that record it.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct SlotPlan {
+pub struct Owed {
     pub slot: SlotState,
     pub balance: Balance,
     /// Whole units (delta) or the value (last) to send, under `slot.revision`.
@@ -97,13 +98,13 @@ fn ceil(x: Decimal) -> Result<Decimal, Overflow> {
     }
 }
 
-/// Plans one slot whose window total is now `total`. `None`: nothing changed.
-pub fn plan_slot(
+/// What one slot whose window total is now `total` owes. `None`: nothing changed.
+pub fn owed_for(
     kind: BillingKind,
     total: Decimal,
     slot: SlotState,
     balance: Balance,
-) -> Result<Option<SlotPlan>, Overflow> {
+) -> Result<Option<Owed>, Overflow> {
     match kind {
         BillingKind::Delta => {
             if total == slot.accounted {
@@ -124,7 +125,7 @@ pub fn plan_slot(
                 overbilled.unwrap_or_default(),
             )?;
             let revision = slot.revision + i32::from(submission.is_some());
-            Ok(Some(SlotPlan {
+            Ok(Some(Owed {
                 slot: SlotState {
                     accounted: total,
                     revision,
@@ -135,7 +136,7 @@ pub fn plan_slot(
             }))
         }
         BillingKind::Last if slot.revision > 0 && total == slot.accounted => Ok(None),
-        BillingKind::Last => Ok(Some(SlotPlan {
+        BillingKind::Last => Ok(Some(Owed {
             slot: SlotState {
                 accounted: total,
                 revision: slot.revision + 1,
@@ -147,20 +148,20 @@ pub fn plan_slot(
     }
 }
 
-/// Replans an overbilled `Delta` slot whose sent revisions, `canceled` units in all, are
+/// What an overbilled `Delta` slot owes once its sent revisions, `canceled` units in all, are
 /// withdrawn at Stripe: what is owed is then sent again as one new revision, and only what
 /// cancelling cannot undo (units carried in from other slots) is left over for finance.
 /// The balance needs no change: submitted stays `floor(accounted)` either way.
-pub fn after_cancel(plan: &SlotPlan, canceled: Decimal) -> Result<SlotPlan, Overflow> {
-    let owed = sub(canceled, plan.overbilled.unwrap_or_default())?;
+pub fn after_cancel(before: &Owed, canceled: Decimal) -> Result<Owed, Overflow> {
+    let owed = sub(canceled, before.overbilled.unwrap_or_default())?;
     let (submission, overbilled) = if owed.is_sign_negative() && !owed.is_zero() {
         (None, Some(-owed))
     } else {
         (Some(owed).filter(|o| !o.is_zero()), None)
     };
-    Ok(SlotPlan {
-        slot: plan.slot,
-        balance: plan.balance,
+    Ok(Owed {
+        slot: before.slot,
+        balance: before.balance,
         submission,
         overbilled,
     })
@@ -198,7 +199,7 @@ mod tests {
 
     #[test]
     fn fractions_carry_forward() {
-        let first = first_plan(BillingKind::Delta, d("2.6"));
+        let first = first_owed(BillingKind::Delta, d("2.6"));
         assert_eq!(first.submission, Some(d("2")));
         assert_eq!(
             first.balance,
@@ -207,7 +208,7 @@ mod tests {
                 submitted: d("2")
             }
         );
-        let second = plan_slot(
+        let second = owed_for(
             BillingKind::Delta,
             d("0.5"),
             SlotState::default(),
@@ -220,7 +221,7 @@ mod tests {
             Some(d("1")),
             "0.6 + 0.5 makes a whole unit"
         );
-        let third = plan_slot(
+        let third = owed_for(
             BillingKind::Delta,
             d("0.2"),
             SlotState::default(),
@@ -240,28 +241,28 @@ mod tests {
 
     #[test]
     fn a_late_event_makes_a_new_revision_with_the_delta() {
-        let first = first_plan(BillingKind::Delta, d("10"));
+        let first = first_owed(BillingKind::Delta, d("10"));
         assert_eq!((first.submission, first.slot.revision), (Some(d("10")), 1));
         assert_eq!(
-            plan_slot(BillingKind::Delta, d("10"), first.slot, first.balance),
+            owed_for(BillingKind::Delta, d("10"), first.slot, first.balance),
             Ok(None)
         );
-        let late = plan_slot(BillingKind::Delta, d("13"), first.slot, first.balance)
+        let late = owed_for(BillingKind::Delta, d("13"), first.slot, first.balance)
             .unwrap()
             .unwrap();
         assert_eq!((late.submission, late.slot.revision), (Some(d("3")), 2));
     }
 
-    /// The plan of a slot seen for the first time, with nothing billed before.
-    fn first_plan(kind: BillingKind, total: Decimal) -> SlotPlan {
-        plan_slot(kind, total, SlotState::default(), Balance::default())
+    /// What a slot seen for the first time owes, with nothing billed before.
+    fn first_owed(kind: BillingKind, total: Decimal) -> Owed {
+        owed_for(kind, total, SlotState::default(), Balance::default())
             .unwrap()
             .unwrap()
     }
 
-    fn billed_10_then_lowered_to(total: Decimal) -> SlotPlan {
-        let first = first_plan(BillingKind::Delta, d("10"));
-        plan_slot(BillingKind::Delta, total, first.slot, first.balance)
+    fn billed_10_then_lowered_to(total: Decimal) -> Owed {
+        let first = first_owed(BillingKind::Delta, d("10"));
+        owed_for(BillingKind::Delta, total, first.slot, first.balance)
             .unwrap()
             .unwrap()
     }
@@ -282,13 +283,10 @@ mod tests {
     #[test]
     fn cancelling_the_slot_resends_what_is_owed() {
         let lower = billed_10_then_lowered_to(d("7"));
-        let replanned = after_cancel(&lower, d("10")).unwrap();
+        let resent = after_cancel(&lower, d("10")).unwrap();
+        assert_eq!((resent.submission, resent.overbilled), (Some(d("7")), None));
         assert_eq!(
-            (replanned.submission, replanned.overbilled),
-            (Some(d("7")), None)
-        );
-        assert_eq!(
-            replanned.balance,
+            resent.balance,
             Balance {
                 accounted: d("7"),
                 submitted: d("7")
@@ -300,13 +298,13 @@ mod tests {
 
     #[test]
     fn last_meters_send_the_value_rounded_up() {
-        let first = first_plan(BillingKind::Last, d("4.2"));
+        let first = first_owed(BillingKind::Last, d("4.2"));
         assert_eq!((first.submission, first.slot.revision), (Some(d("5")), 1));
-        let lower = plan_slot(BillingKind::Last, d("3"), first.slot, first.balance)
+        let lower = owed_for(BillingKind::Last, d("3"), first.slot, first.balance)
             .unwrap()
             .unwrap();
         assert_eq!((lower.submission, lower.slot.revision), (Some(d("3")), 2));
-        let zero = plan_slot(
+        let zero = owed_for(
             BillingKind::Last,
             d("0"),
             SlotState::default(),
@@ -318,9 +316,9 @@ mod tests {
     #[test]
     fn sums_beyond_a_decimal_are_an_error_not_a_panic() {
         let huge = Decimal::MAX;
-        let first = first_plan(BillingKind::Delta, huge);
+        let first = first_owed(BillingKind::Delta, huge);
         assert_eq!(first.submission, Some(huge));
-        let more = plan_slot(
+        let more = owed_for(
             BillingKind::Delta,
             d("1"),
             SlotState::default(),
@@ -358,14 +356,14 @@ mod tests {
             let mut sent = Decimal::ZERO;
             for (slot, hundredths) in updates {
                 totals[slot] += Decimal::new(i64::from(hundredths), 2);
-                if let Some(plan) = plan_slot(BillingKind::Delta, totals[slot], slots[slot], balance).unwrap() {
-                    if let Some(units) = plan.submission {
+                if let Some(owed) = owed_for(BillingKind::Delta, totals[slot], slots[slot], balance).unwrap() {
+                    if let Some(units) = owed.submission {
                         prop_assert!(units > Decimal::ZERO);
                         sent += units;
                     }
-                    prop_assert!(plan.overbilled.is_none());
-                    slots[slot] = plan.slot;
-                    balance = plan.balance;
+                    prop_assert!(owed.overbilled.is_none());
+                    slots[slot] = owed.slot;
+                    balance = owed.balance;
                 }
             }
             let usage: Decimal = totals.iter().sum();

@@ -1,0 +1,120 @@
+//! The batch transaction: claims the ids, adds the newly claimed events to the windows, records
+//! the rejects and advances the offsets, all or nothing, and reports what it did.
+
+use std::time::Instant;
+
+use sqlx::{PgConnection, PgPool};
+use tally_core::RejectReason;
+use tally_db::rejects::{Received, Rejected};
+
+use super::claims::{claim_ids, Claims};
+use super::ownership::{advance_offsets, Ownership};
+use super::windows::{record_slot_changes, upsert_windows};
+use super::AggregatorStoreError;
+use crate::batch::{fold, Batch, Candidate, Granularity, Reject};
+use crate::telemetry::BatchReport;
+
+/// The batch's one transaction. Returns what it did; on any error nothing is written.
+pub(crate) async fn commit_batch(
+    pool: &PgPool,
+    batch: &Batch,
+    ownership: Ownership<'_>,
+) -> Result<BatchReport, AggregatorStoreError> {
+    let started = Instant::now();
+    let mut tx = pool.begin().await?;
+    let candidates: Vec<&Candidate> = batch.candidates.iter().collect();
+    let rejects: Vec<&Reject> = batch.rejects.iter().collect();
+    let applied = apply(&mut tx, ownership.topic, &candidates, &rejects).await?;
+    advance_offsets(&mut tx, batch, ownership).await?;
+    tx.commit().await?;
+
+    // Candidates not counted were claimed before: same payload (duplicate) or a conflict.
+    let earlier_duplicates = batch.candidates.len() - applied.counted - applied.conflicts.len();
+    let all_rejects: Vec<&Reject> = batch.rejects.iter().chain(&applied.conflicts).collect();
+    let report = BatchReport {
+        consumed: batch.consumed,
+        counted: applied.counted as u64,
+        duplicates: batch.duplicates + earlier_duplicates as u64,
+        rejected: count_by_reason(&all_rejects),
+        windows: applied.windows,
+        transaction: started.elapsed(),
+    };
+    Ok(report)
+}
+
+/// What [`apply`] wrote.
+pub(super) struct Applied {
+    counted: usize,
+    conflicts: Vec<Reject>,
+    windows: u64,
+}
+
+/// Everything a batch writes but its offsets: claims the ids, adds the new events to the
+/// windows, the daily rollup and the changed billing slots, records the rejects.
+pub(super) async fn apply(
+    tx: &mut PgConnection,
+    topic: &str,
+    candidates: &[&Candidate],
+    rejects: &[&Reject],
+) -> Result<Applied, AggregatorStoreError> {
+    let Claims { claimed, conflicts } = claim_ids(tx, candidates).await?;
+    let counted: Vec<&Candidate> = candidates
+        .iter()
+        .zip(&claimed)
+        .filter_map(|(candidate, &new)| new.then_some(*candidate))
+        .collect();
+    let minutes = fold(counted.iter().copied(), Granularity::Minute);
+    let days = fold(counted.iter().copied(), Granularity::Day);
+    let windows = minutes.len() as u64;
+    record_slot_changes(tx, &minutes).await?;
+    upsert_windows(tx, Granularity::Minute, minutes).await?;
+    upsert_windows(tx, Granularity::Day, days).await?;
+    let all_rejects: Vec<&Reject> = rejects.iter().copied().chain(&conflicts).collect();
+    insert_rejects(tx, topic, &all_rejects).await?;
+    Ok(Applied {
+        counted: counted.len(),
+        conflicts,
+        windows,
+    })
+}
+
+fn count_by_reason(rejects: &[&Reject]) -> Vec<(RejectReason, u64)> {
+    let mut counts: Vec<(RejectReason, u64)> = Vec::new();
+    for reject in rejects {
+        match counts
+            .iter_mut()
+            .find(|(r, _)| *r == reject.rejection.reason)
+        {
+            Some((_, n)) => *n += 1,
+            None => counts.push((reject.rejection.reason, 1)),
+        }
+    }
+    counts.sort();
+    counts
+}
+
+async fn insert_rejects(
+    tx: &mut PgConnection,
+    topic: &str,
+    rejects: &[&Reject],
+) -> Result<(), AggregatorStoreError> {
+    let rows: Vec<Rejected<'_>> = rejects
+        .iter()
+        .map(|r| Rejected {
+            reason: r.rejection.reason.code(),
+            detail: &r.rejection.detail,
+            event_id: r.event_id.as_deref(),
+            customer: r.customer.as_deref(),
+            meter: r.meter.as_deref(),
+            raw: &r.message.raw,
+            received: Received::Kafka {
+                topic,
+                partition: r.message.partition,
+                offset: r.message.offset,
+                key: r.message.key.as_deref(),
+            },
+        })
+        .collect();
+    tally_db::rejects::insert(tx, &rows).await?;
+    Ok(())
+}

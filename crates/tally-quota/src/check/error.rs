@@ -1,0 +1,37 @@
+//! Why a check has no decision: [`QuotaError`], with a stable code for APIs.
+
+use rust_decimal::Decimal;
+
+use crate::store::QuotaStoreError;
+
+/// Why a check has no decision. Each has a stable code for APIs.
+#[derive(Debug, thiserror::Error)]
+pub enum QuotaError {
+    #[error("customer {0:?} has no active or trialing subscription")]
+    NoActiveSubscription(String),
+    #[error("feature {feature:?} is not enabled for customer {customer:?}")]
+    FeatureDisabled { customer: String, feature: String },
+    #[error("unknown meter {0:?}; it is not in [[meters]]")]
+    UnknownMeter(String),
+    #[error("quota on unique_count meter {0:?} is not supported yet")]
+    Unsupported(String),
+    /// The quantity, or the usage plus the quantity, is beyond what a 28-digit decimal holds.
+    #[error("quantity {quantity} on top of the customer's usage is beyond a 28-digit decimal; send a quantity within tally's domain (at most 10^15)")]
+    OutOfRange { quantity: Decimal },
+    #[error(transparent)]
+    Store(#[from] QuotaStoreError),
+}
+
+impl QuotaError {
+    /// A stable code for API errors.
+    pub fn code(&self) -> &'static str {
+        match self {
+            QuotaError::NoActiveSubscription(_) => "NO_ACTIVE_SUBSCRIPTION",
+            QuotaError::FeatureDisabled { .. } => "FEATURE_DISABLED",
+            QuotaError::UnknownMeter(_) => "UNKNOWN_METER",
+            QuotaError::Unsupported(_) => "UNSUPPORTED",
+            QuotaError::OutOfRange { .. } => "INVALID_QUANTITY",
+            QuotaError::Store(_) => "INTERNAL",
+        }
+    }
+}

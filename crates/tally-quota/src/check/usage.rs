@@ -1,0 +1,112 @@
+//! A limited meter's usage in its current period: which UTC days the period counts
+//! ([`period_bounds`]) and the one query that reads them for a whole batch of customers
+//! ([`UsageRequests`]). Usage comes from `usage_daily`, never from minute windows.
+
+use std::collections::HashMap;
+
+use chrono::{DateTime, Datelike, NaiveDate, TimeDelta, Utc};
+use rust_decimal::Decimal;
+use sqlx::PgPool;
+use tally_core::Aggregation;
+use tally_db::ExactDecimal;
+
+use super::QuotaError;
+use crate::plan::Period;
+use crate::store::{QuotaStoreError, Subscription};
+
+/// Where a limit's current period starts and when it resets.
+pub(super) struct PeriodBounds {
+    /// The first UTC day counted.
+    pub(super) first_day: NaiveDate,
+    pub(super) resets_at: DateTime<Utc>,
+}
+
+/// The first UTC day counted and when the period resets.
+pub(super) fn period_bounds(
+    period: Period,
+    subscription: &Subscription,
+    now: DateTime<Utc>,
+) -> PeriodBounds {
+    let today = now.date_naive();
+    match period {
+        Period::Day => PeriodBounds {
+            first_day: today,
+            resets_at: (today + TimeDelta::days(1))
+                .and_hms_opt(0, 0, 0)
+                .expect("midnight")
+                .and_utc(),
+        },
+        Period::Month => {
+            let first = today.with_day(1).expect("day 1 exists");
+            let next = first
+                .checked_add_months(chrono::Months::new(1))
+                .expect("a next month");
+            PeriodBounds {
+                first_day: first,
+                resets_at: next.and_hms_opt(0, 0, 0).expect("midnight").and_utc(),
+            }
+        }
+        Period::BillingPeriod => PeriodBounds {
+            first_day: subscription.current_period_start.date_naive(),
+            resets_at: subscription.current_period_end,
+        },
+    }
+}
+
+/// Period usage wanted for a batch of customers: each is a customer's `meter` since `start`
+/// (whole UTC days), merged by the meter's aggregation.
+#[derive(Default)]
+pub(super) struct UsageRequests {
+    customers: Vec<String>,
+    meters: Vec<String>,
+    starts: Vec<NaiveDate>,
+    aggregations: Vec<String>,
+}
+
+impl UsageRequests {
+    /// Adds one request; returns its index, the key of its usage in [`UsageRequests::fetch`].
+    pub(super) fn push(
+        &mut self,
+        customer: &str,
+        meter: &str,
+        start: NaiveDate,
+        aggregation: Aggregation,
+    ) -> i32 {
+        self.customers.push(customer.to_owned());
+        self.meters.push(meter.to_owned());
+        self.starts.push(start);
+        self.aggregations.push(aggregation.as_str().to_owned());
+        (self.customers.len() - 1) as i32
+    }
+
+    /// Usage by request index, in one query (`usage_daily`, never minute windows).
+    pub(super) async fn fetch(&self, pool: &PgPool) -> Result<HashMap<i32, Decimal>, QuotaError> {
+        if self.customers.is_empty() {
+            return Ok(HashMap::new());
+        }
+        let rows: Vec<(i32, Option<ExactDecimal>)> = sqlx::query_as(
+            "SELECT (u.i - 1)::int4, CASE u.a
+                WHEN 'max' THEN (SELECT max(d.value) FROM usage_daily d
+                    WHERE d.customer_id = u.c AND d.meter = u.m AND d.day >= u.s)
+                WHEN 'latest' THEN (SELECT d.value FROM usage_daily d
+                    WHERE d.customer_id = u.c AND d.meter = u.m AND d.day >= u.s
+                    ORDER BY d.latest_at DESC NULLS LAST, d.latest_id DESC LIMIT 1)
+                ELSE (SELECT sum(d.value) FROM usage_daily d
+                    WHERE d.customer_id = u.c AND d.meter = u.m AND d.day >= u.s)
+                END
+             FROM unnest($1::text[], $2::text[], $3::date[], $4::text[])
+                  WITH ORDINALITY AS u(c, m, s, a, i)",
+        )
+        .bind(&self.customers)
+        .bind(&self.meters)
+        .bind(&self.starts)
+        .bind(&self.aggregations)
+        .fetch_all(pool)
+        .await
+        .map_err(QuotaStoreError::from)?;
+        Ok(rows
+            .into_iter()
+            .map(|(index, value)| (index, value.unwrap_or_default().0))
+            .collect())
+    }
+}
