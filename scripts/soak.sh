@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Soak: the pipeline as separate processes (`tally kafka`, `tally stripe-emulator`,
-# `tally aggregate`, `tally sink`) for --duration, with the aggregator and the sink killed by
-# SIGKILL at random moments and restarted as systemd would. Prints events/s, the kills survived
-# and the drift (must be 0). Usage: scripts/soak.sh [--duration 600|10m|1h]
+# `tally aggregate`, `tally sink`, `tally serve`) for --duration, with the aggregator, the sink
+# and the API killed by SIGKILL at random moments and restarted as systemd would. Prints
+# events/s, the kills survived and the drift (must be 0).
+# Usage: scripts/soak.sh [--duration 600|10m|1h]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 duration=600

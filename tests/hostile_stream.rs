@@ -187,7 +187,7 @@ fn a_hostile_stream_never_stops_the_pipeline_and_good_events_are_billed_exactly(
         };
         let sink = Sink::new(config, &stripe, pool.clone()).unwrap();
         let stop = stop.clone();
-        runtime.spawn(async move { sink.run(tally_sink::Mode::Daemon, &stop).await })
+        runtime.spawn(async move { sink.run(tally_sink::RunMode::Daemon, &stop).await })
     };
 
     // Good events through the emitter, with same-payload re-sends and conflicting copies.

@@ -13,7 +13,7 @@ use stripe_emulator::Faults;
 use tally_aggregator::AggregatorConfig;
 use tally_core::UsageEvent;
 use tally_emitter::EmitError;
-use tally_sink::{Mode, Sink, SinkConfig};
+use tally_sink::{RunMode, Sink, SinkConfig};
 use tally_tests::*;
 use tokio_util::sync::CancellationToken;
 
@@ -96,7 +96,7 @@ fn stripe_holds_exactly_the_windows_through_faults_and_sink_kills() {
         for _ in 0..3 {
             let sink = Sink::new(sink_config(), &stripe, pool.clone()).unwrap();
             let task = runtime
-                .spawn(async move { sink.run(Mode::Daemon, &CancellationToken::new()).await });
+                .spawn(async move { sink.run(RunMode::Daemon, &CancellationToken::new()).await });
             std::thread::sleep(Duration::from_millis(rng.random_range(100..600)));
             task.abort();
             let _ = runtime.block_on(task);
@@ -123,7 +123,7 @@ fn stripe_holds_exactly_the_windows_through_faults_and_sink_kills() {
         let sink = Sink::new(sink_config(), &stripe, pool.clone()).unwrap();
         loop {
             tokio::time::sleep(Duration::from_millis(1100)).await; // leases of killed sinks expire
-            sink.run(Mode::Once, &CancellationToken::new())
+            sink.run(RunMode::Once, &CancellationToken::new())
                 .await
                 .unwrap();
             let (pending, failed, changes): (i64, i64, i64) = sqlx::query_as(

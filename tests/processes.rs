@@ -293,9 +293,10 @@ fn the_pipeline_as_separate_processes_survives_kill_9_and_bills_exactly() {
         emitted + posted
     );
     println!(
-        "kills survived: {kills} (aggregator restarts {}, sink restarts {})",
+        "kills survived: {kills} (aggregator {}, sink {}, serve {})",
         aggregate.starts - 1,
-        sink.starts - 1
+        sink.starts - 1,
+        serve.starts - 1
     );
     println!("drift: {}", drift());
     assert!(

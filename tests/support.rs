@@ -157,7 +157,7 @@ impl AggregatorThread {
         let stop = CancellationToken::new();
         let thread = {
             let stop = stop.clone();
-            std::thread::spawn(move || aggregator.run(tally_aggregator::Mode::Daemon, &stop))
+            std::thread::spawn(move || aggregator.run(tally_aggregator::RunMode::Daemon, &stop))
         };
         AggregatorThread {
             stop,

@@ -23,7 +23,7 @@ use rdkafka::mocking::MockCluster;
 use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedProducer};
 use rdkafka::{Offset, TopicPartitionList};
 use rust_decimal::Decimal;
-use tally_aggregator::{Aggregator, AggregatorConfig, Hooks, Mode};
+use tally_aggregator::{Aggregator, AggregatorConfig, Hooks, RunMode};
 use tally_core::config::KafkaConfig;
 use tally_core::{wire, MeterDefinition, UsageEvent};
 use tokio_util::sync::CancellationToken;
@@ -213,7 +213,7 @@ fn main() {
     .with_hooks(hooks);
     let started = Instant::now();
     let summary = aggregator
-        .run(Mode::Once, &CancellationToken::new())
+        .run(RunMode::Once, &CancellationToken::new())
         .unwrap();
     let wall = started.elapsed();
     let sustained = first_batch.lock().unwrap().map_or(wall, |t| t.elapsed());
@@ -430,7 +430,7 @@ fn freshness(
     .with_hooks(hooks);
     let stop = CancellationToken::new();
     let token = stop.clone();
-    let daemon = std::thread::spawn(move || aggregator.run(Mode::Daemon, &token).unwrap());
+    let daemon = std::thread::spawn(move || aggregator.run(RunMode::Daemon, &token).unwrap());
     // Let the group assign partitions (and the backlog, if any, drain) before measuring.
     std::thread::sleep(Duration::from_secs(10));
     latencies.lock().unwrap().reset();

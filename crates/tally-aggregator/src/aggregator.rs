@@ -29,7 +29,7 @@ use rdkafka::{Offset, TopicPartitionList};
 use sqlx::PgPool;
 use tally_core::config::KafkaConfig;
 use tally_core::{MeterDefinition, Meters};
-use tally_runtime::{sleep_unless_stopped, Backoff, Dependency};
+use tally_runtime::{sleep_unless_stopped, Backoff, Dependency, RunMode};
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
@@ -54,16 +54,6 @@ const MAINTENANCE_INTERVAL: Duration = Duration::from_secs(3600);
 const DLQ_INTERVAL: Duration = Duration::from_secs(10);
 /// `--once` gives up on Postgres (or Kafka) after this many failed attempts at one step.
 const ONCE_ATTEMPTS: u32 = 5;
-
-/// Run until stopped, or drain what is there and exit.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Mode {
-    /// Long-running: stop on cancellation, after finishing and committing the current batch.
-    Daemon,
-    /// For cron: consume up to the end offsets seen when each partition was assigned, commit,
-    /// return.
-    Once,
-}
 
 /// Named points of a batch's life, for tests that crash the process there.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -172,9 +162,13 @@ impl Aggregator {
         self
     }
 
-    /// Consumes until `stop` is cancelled ([`Mode::Daemon`]) or the topic is drained
-    /// ([`Mode::Once`]). Either way the batch in progress is committed before returning.
-    pub fn run(&self, mode: Mode, stop: &CancellationToken) -> Result<RunSummary, AggregatorError> {
+    /// Consumes until `stop` is cancelled ([`RunMode::Daemon`]) or the topic is drained
+    /// ([`RunMode::Once`]). Either way the batch in progress is committed before returning.
+    pub fn run(
+        &self,
+        mode: RunMode,
+        stop: &CancellationToken,
+    ) -> Result<RunSummary, AggregatorError> {
         telemetry::describe();
         // The meters are recorded before anything is counted under them.
         let recorded = self.wait_for_postgres(mode, stop, || async {
@@ -192,7 +186,7 @@ impl Aggregator {
 
         let context = AggregatorContext::new(&self.kafka.topic);
         let mut group = self.group.clone();
-        if mode == Mode::Once {
+        if mode == RunMode::Once {
             group.instance_id = None;
         }
         let consumer =
@@ -273,7 +267,7 @@ impl Aggregator {
             for lane in 0..lanes {
                 self.advance(lane, false, &session, &mut run)?;
             }
-            if mode == Mode::Once {
+            if mode == RunMode::Once {
                 if !run.taken_once && started.elapsed() > ASSIGNMENT_TIMEOUT {
                     return Err(AggregatorError::NoAssignment(ASSIGNMENT_TIMEOUT));
                 }
@@ -293,7 +287,7 @@ impl Aggregator {
             self.advance(lane, true, &session, &mut run)?;
         }
         self.settle(&session, &mut run)?;
-        if mode == Mode::Once {
+        if mode == RunMode::Once {
             // The background publisher stops with the run: copy this run's rejects now.
             self.publish_dlq_now(&dlq);
         }
@@ -313,7 +307,7 @@ impl Aggregator {
     /// error (a changed meter, a bad schema) ends the run.
     fn wait_for_postgres<T, F, Fut>(
         &self,
-        mode: Mode,
+        mode: RunMode,
         stop: &CancellationToken,
         mut step: F,
     ) -> Result<Option<T>, AggregatorError>
@@ -332,7 +326,7 @@ impl Aggregator {
                 Err(AggregatorStoreError::Retryable(error)) => {
                     attempts += 1;
                     self.postgres.down(&error);
-                    if mode == Mode::Once && attempts >= ONCE_ATTEMPTS {
+                    if mode == RunMode::Once && attempts >= ONCE_ATTEMPTS {
                         return Err(AggregatorError::PostgresUnreachable(
                             AggregatorStoreError::Retryable(error),
                         ));
@@ -352,7 +346,7 @@ impl Aggregator {
     fn wait_for_topic(
         &self,
         consumer: &BaseConsumer<AggregatorContext>,
-        mode: Mode,
+        mode: RunMode,
         stop: &CancellationToken,
     ) -> Result<bool, AggregatorError> {
         let kafka = tally_runtime::dependency("kafka");
@@ -367,7 +361,7 @@ impl Aggregator {
                 Err(error) => error,
             };
             attempts += 1;
-            if mode == Mode::Once && attempts >= ONCE_ATTEMPTS.min(2) {
+            if mode == RunMode::Once && attempts >= ONCE_ATTEMPTS.min(2) {
                 return Err(error);
             }
             kafka.down(&error);
@@ -448,7 +442,7 @@ impl Aggregator {
             Err(error) => {
                 self.postgres.down(&error);
                 run.take_failures += 1;
-                if session.mode == Mode::Once && run.take_failures >= ONCE_ATTEMPTS {
+                if session.mode == RunMode::Once && run.take_failures >= ONCE_ATTEMPTS {
                     return Err(AggregatorError::PostgresUnreachable(error));
                 }
                 run.next_take = Instant::now() + run.take_backoff.next_wait();
@@ -472,7 +466,7 @@ impl Aggregator {
             }
             run.epochs.insert(partition, epoch);
             run.positions.insert(partition, next.unwrap_or(0));
-            if session.mode == Mode::Once {
+            if session.mode == RunMode::Once {
                 match consumer.fetch_watermarks(&self.kafka.topic, partition, KAFKA_TIMEOUT) {
                     Ok((_, high)) => {
                         run.targets.entry(partition).or_insert(high);
@@ -659,7 +653,7 @@ impl Aggregator {
                     telemetry::record_fenced();
                     run.summary.fenced += 1;
                     self.restart_assignment(session, run, Instant::now() + RETAKE_DELAY);
-                    if session.mode == Mode::Once {
+                    if session.mode == RunMode::Once {
                         // The partitions belong to another aggregator now: this run leaves
                         // them to it and ends with what it committed (the next run goes on).
                         run.pending.clear();
@@ -684,7 +678,7 @@ impl Aggregator {
                         run.lanes[lane].building = Batch::default();
                         return Ok(());
                     }
-                    if session.mode == Mode::Once && attempt >= ONCE_ATTEMPTS {
+                    if session.mode == RunMode::Once && attempt >= ONCE_ATTEMPTS {
                         return Err(AggregatorError::PostgresUnreachable(error));
                     }
                     telemetry::record_retry();
@@ -885,7 +879,7 @@ impl Aggregator {
 struct Session<'a> {
     consumer: &'a BaseConsumer<AggregatorContext>,
     dlq_wake: &'a Notify,
-    mode: Mode,
+    mode: RunMode,
     stop: &'a CancellationToken,
 }
 

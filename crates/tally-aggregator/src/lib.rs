@@ -33,7 +33,8 @@ mod kafka;
 mod store;
 mod telemetry;
 
-pub use aggregator::{Aggregator, AggregatorError, Hooks, Mode, RunSummary, Step};
+pub use aggregator::{Aggregator, AggregatorError, Hooks, RunSummary, Step};
 pub use config::AggregatorConfig;
 pub use store::AggregatorStoreError;
+pub use tally_runtime::RunMode;
 pub use telemetry::BatchReport;

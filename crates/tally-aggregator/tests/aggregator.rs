@@ -16,7 +16,7 @@ use rdkafka::mocking::MockCluster;
 use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedProducer};
 use rust_decimal::Decimal;
 use sqlx::PgPool;
-use tally_aggregator::{Aggregator, AggregatorConfig, Hooks, Mode, RunSummary, Step};
+use tally_aggregator::{Aggregator, AggregatorConfig, Hooks, RunMode, RunSummary, Step};
 use tally_core::config::KafkaConfig;
 use tally_core::window::minute_start;
 use tally_core::{wire, MeterDefinition, UsageEvent};
@@ -131,7 +131,7 @@ impl Harness {
             .with_env_filter("tally_aggregator=debug,tally_runtime=debug")
             .try_init();
         self.aggregator(fast())
-            .run(Mode::Once, &CancellationToken::new())
+            .run(RunMode::Once, &CancellationToken::new())
             .unwrap()
     }
 
@@ -525,7 +525,7 @@ fn once_reports_an_unreachable_kafka_clearly() {
     )
     .unwrap();
     let error = aggregator
-        .run(Mode::Once, &CancellationToken::new())
+        .run(RunMode::Once, &CancellationToken::new())
         .unwrap_err()
         .to_string();
     assert!(
@@ -596,7 +596,7 @@ fn two_aggregators_in_one_group_split_partitions_through_rebalances() {
         let token = stop.clone();
         let handle = std::thread::Builder::new()
             .name(name.into())
-            .spawn(move || aggregator.run(Mode::Daemon, &token).unwrap())
+            .spawn(move || aggregator.run(RunMode::Daemon, &token).unwrap())
             .unwrap();
         (stop, handle)
     };
@@ -660,7 +660,7 @@ fn a_batch_from_a_fenced_aggregator_is_rolled_back() {
         on_commit: None,
     });
     let summary = aggregator
-        .run(Mode::Once, &CancellationToken::new())
+        .run(RunMode::Once, &CancellationToken::new())
         .unwrap();
     assert!(summary.fenced >= 1, "{summary:?}");
     let ids: Vec<(i64,)> = h.query("SELECT count(*) FROM event_ids");
@@ -716,7 +716,7 @@ fn crash_child() {
             on_commit: None,
         });
     aggregator
-        .run(Mode::Daemon, &CancellationToken::new())
+        .run(RunMode::Daemon, &CancellationToken::new())
         .unwrap();
 }
 

@@ -7,13 +7,16 @@
 //! - `backoff.rs`: capped exponential backoff with jitter, for waiting one out.
 //! - `supervise.rs`: background tasks that are restarted (and counted) when they fail, never
 //!   silently gone.
+//! - `mode.rs`: `RunMode`, daemon or once, for the aggregator and the sink.
 //! - `telemetry.rs`: metric names.
 
 mod backoff;
 pub mod health;
+mod mode;
 mod supervise;
 pub mod telemetry;
 
 pub use backoff::{sleep_unless_stopped, Backoff};
 pub use health::{dependency, Dependency, DependencyStatus};
+pub use mode::RunMode;
 pub use supervise::supervise;

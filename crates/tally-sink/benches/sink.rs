@@ -14,7 +14,7 @@ use chrono::{TimeDelta, Utc};
 use stripe_emulator::{Emulator, EmulatorConfig};
 use tally_core::config::Secret;
 use tally_core::window::slot_start;
-use tally_sink::{Mode, Sink, SinkConfig, StripeConfig, StripeHttp};
+use tally_sink::{RunMode, Sink, SinkConfig, StripeConfig, StripeHttp};
 use tokio_util::sync::CancellationToken;
 
 fn env_usize(name: &str, default: usize) -> usize {
@@ -96,7 +96,7 @@ async fn run(
     .unwrap();
     let started = Instant::now();
     let summary = sink
-        .run(Mode::Once, &CancellationToken::new())
+        .run(RunMode::Once, &CancellationToken::new())
         .await
         .unwrap();
     let elapsed = started.elapsed();

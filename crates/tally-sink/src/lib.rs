@@ -35,6 +35,7 @@ pub use config::{SinkConfig, StripeConfig};
 pub use reconcile::{
     meter_error_reports, reconcile, render_table, MeterErrorReport, ReconcileRow, Verdict,
 };
-pub use sink::{Mode, Sink, SinkError, SinkSummary};
+pub use sink::{Sink, SinkError, SinkSummary};
 pub use stripe::{StripeCallError, StripeHttp};
 pub use stripe_meters::{create_stripe_meters, missing_stripe_meters};
+pub use tally_runtime::RunMode;

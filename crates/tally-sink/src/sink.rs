@@ -27,7 +27,7 @@ use std::time::{Duration, Instant};
 use chrono::{TimeDelta, Utc};
 use sqlx::PgPool;
 use tally_core::window::SLOT;
-use tally_runtime::{Backoff, Dependency};
+use tally_runtime::{Backoff, Dependency, RunMode};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
@@ -39,14 +39,6 @@ use crate::store::{
 };
 use crate::stripe::{StripeCallError, StripeHttp};
 use crate::telemetry as t;
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Mode {
-    /// A pass every `sink.interval` until stopped.
-    Daemon,
-    /// One pass, then exit (cron).
-    Once,
-}
 
 #[derive(Debug, thiserror::Error)]
 pub enum SinkError {
@@ -120,7 +112,7 @@ impl Sink {
     /// configuration error.
     pub async fn run(
         &self,
-        mode: Mode,
+        mode: RunMode,
         stop: &CancellationToken,
     ) -> Result<SinkSummary, SinkError> {
         let mut total = SinkSummary::default();
@@ -134,7 +126,7 @@ impl Sink {
                     backoff.reset();
                     pass
                 }
-                Err(error) if mode == Mode::Once || error.is_config() => return Err(error),
+                Err(error) if mode == RunMode::Once || error.is_config() => return Err(error),
                 Err(error) => {
                     total.failed_passes += 1;
                     match &error {
@@ -160,7 +152,7 @@ impl Sink {
             total.needs_review = pass.needs_review;
             total.unmapped_slots = pass.unmapped_slots;
             total.quarantined_pairs = pass.quarantined_pairs;
-            if mode == Mode::Once || stop.is_cancelled() {
+            if mode == RunMode::Once || stop.is_cancelled() {
                 return Ok(total);
             }
             tokio::select! {

@@ -11,7 +11,7 @@ use rust_decimal::Decimal;
 use stripe_emulator::{EmulatorConfig, Faults};
 use tally_core::window::slot_start;
 use tally_sink::store::{needs_review, quarantined_pairs, release_quarantine, resolve_review};
-use tally_sink::{Mode, Verdict};
+use tally_sink::{RunMode, Verdict};
 use tokio_util::sync::CancellationToken;
 
 fn d(text: &str) -> Decimal {
@@ -66,7 +66,7 @@ async fn a_pair_that_cannot_be_billed_is_quarantined_while_everyone_else_is_bill
 
     let sink = sink(&setup, sink_config());
     let summary = sink
-        .run(Mode::Once, &CancellationToken::new())
+        .run(RunMode::Once, &CancellationToken::new())
         .await
         .unwrap();
     assert_eq!(summary.quarantined_pairs, 2, "{summary:?}");
@@ -106,7 +106,7 @@ async fn a_pair_that_cannot_be_billed_is_quarantined_while_everyone_else_is_bill
     )
     .await;
     let summary = sink
-        .run(Mode::Once, &CancellationToken::new())
+        .run(RunMode::Once, &CancellationToken::new())
         .await
         .unwrap();
     assert_eq!((summary.sent, summary.quarantined_pairs), (1, 2));
@@ -127,7 +127,7 @@ async fn a_pair_that_cannot_be_billed_is_quarantined_while_everyone_else_is_bill
     assert!(release_quarantine(pool, "huge", "api_calls").await.unwrap());
     assert!(!release_quarantine(pool, "huge", "api_calls").await.unwrap());
     let summary = sink
-        .run(Mode::Once, &CancellationToken::new())
+        .run(RunMode::Once, &CancellationToken::new())
         .await
         .unwrap();
     assert_eq!(summary.quarantined_pairs, 1);
@@ -157,7 +157,7 @@ async fn an_uncertain_attempt_over_23_hours_old_is_parked_not_resent() {
     let mut config = sink_config();
     config.attempts_per_pass = 1;
     let summary = sink(&setup, config.clone())
-        .run(Mode::Once, &CancellationToken::new())
+        .run(RunMode::Once, &CancellationToken::new())
         .await
         .unwrap();
     assert_eq!((summary.sent, summary.pending), (0, 1));
@@ -178,7 +178,7 @@ async fn an_uncertain_attempt_over_23_hours_old_is_parked_not_resent() {
     // A sink that died mid-call a day ago (its lease expired unrecorded) counts as uncertain too.
     add_usage(pool, "c2", "api_calls", base, d("3"), base).await;
     let sink = sink(&setup, config);
-    sink.run(Mode::Once, &CancellationToken::new())
+    sink.run(RunMode::Once, &CancellationToken::new())
         .await
         .unwrap();
     assert_eq!(stripe_sum(&setup.emulator, "cus_c2", "api_calls"), 3);
@@ -192,7 +192,7 @@ async fn an_uncertain_attempt_over_23_hours_old_is_parked_not_resent() {
     .unwrap();
 
     let summary = sink
-        .run(Mode::Once, &CancellationToken::new())
+        .run(RunMode::Once, &CancellationToken::new())
         .await
         .unwrap();
     assert_eq!((summary.sent, summary.needs_review), (0, 2), "{summary:?}");
@@ -255,14 +255,14 @@ async fn leases_are_renewed_while_a_slow_pair_is_sent() {
     let first = sink(&setup, config.clone());
     let second = sink(&setup, config);
     let stop = CancellationToken::new();
-    let (a, b) = tokio::join!(first.run(Mode::Daemon, &stop), async {
+    let (a, b) = tokio::join!(first.run(RunMode::Daemon, &stop), async {
         // The second sink keeps looking for due rows while the first is sending.
         let stopper = stop.clone();
         tokio::spawn(async move {
             tokio::time::sleep(Duration::from_secs(4)).await;
             stopper.cancel();
         });
-        second.run(Mode::Daemon, &stop).await
+        second.run(RunMode::Daemon, &stop).await
     });
     a.unwrap();
     b.unwrap();
@@ -301,7 +301,7 @@ async fn a_stripe_outage_is_waited_out() {
     let daemon = {
         let sink = sink(&setup, sink_config());
         let stop = stop.clone();
-        tokio::spawn(async move { sink.run(Mode::Daemon, &stop).await })
+        tokio::spawn(async move { sink.run(RunMode::Daemon, &stop).await })
     };
     tokio::time::sleep(Duration::from_secs(2)).await;
     assert!(!daemon.is_finished(), "the daemon waits");

@@ -10,7 +10,7 @@ use rand::{Rng, SeedableRng};
 use rust_decimal::Decimal;
 use stripe_emulator::{EmulatorConfig, Faults};
 use tally_core::window::slot_start;
-use tally_sink::{Mode, Verdict};
+use tally_sink::{RunMode, Verdict};
 use tokio_util::sync::CancellationToken;
 
 fn d(text: &str) -> Decimal {
@@ -76,7 +76,7 @@ async fn bills_each_slot_once_carrying_fractions_and_revising_late_slots() {
     }
     let sink = sink(&setup, sink_config());
     let stop = CancellationToken::new();
-    let summary = sink.run(Mode::Once, &stop).await.unwrap();
+    let summary = sink.run(RunMode::Once, &stop).await.unwrap();
     assert_eq!(summary.failed, 0);
     assert_eq!(summary.pending, 0);
     for (i, customer) in customers.iter().enumerate() {
@@ -105,14 +105,14 @@ async fn bills_each_slot_once_carrying_fractions_and_revising_late_slots() {
 
     // Nothing changed: a second pass sends nothing.
     let before = setup.emulator.stats().meter_events_created;
-    let again = sink.run(Mode::Once, &stop).await.unwrap();
+    let again = sink.run(RunMode::Once, &stop).await.unwrap();
     assert_eq!((again.accounted.submissions, again.sent), (0, 0));
     assert_eq!(setup.emulator.stats().meter_events_created, before);
 
     // A late event in a billed slot: a new revision carrying the delta.
     add_usage(pool, "c05", "api_calls", minute(0, 2), d("4"), minute(0, 2)).await;
     add_usage(pool, "c05", "seats", minute(2, 4), d("3"), minute(2, 4)).await;
-    let late = sink.run(Mode::Once, &stop).await.unwrap();
+    let late = sink.run(RunMode::Once, &stop).await.unwrap();
     assert_eq!((late.accounted.submissions, late.sent), (2, 2));
     assert_eq!(stripe_sum(&setup.emulator, "cus_c05", "api_calls"), 26);
     assert_eq!(stripe_last(&setup.emulator, "cus_c05", "seats"), Some(3));
@@ -152,7 +152,7 @@ async fn unmapped_customers_wait_and_are_billed_once_mapped() {
     map_all(pool, &["mapped".to_owned()]).await;
     let sink = sink(&setup, sink_config());
     let stop = CancellationToken::new();
-    let first = sink.run(Mode::Once, &stop).await.unwrap();
+    let first = sink.run(RunMode::Once, &stop).await.unwrap();
     assert_eq!((first.sent, first.unmapped_slots), (1, 1));
     let waiting: (String, i64) =
         sqlx::query_as("SELECT customer_id, slots FROM stripe_unmapped_usage")
@@ -167,7 +167,7 @@ async fn unmapped_customers_wait_and_are_billed_once_mapped() {
     );
 
     map_all(pool, &["newcomer".to_owned()]).await;
-    let second = sink.run(Mode::Once, &stop).await.unwrap();
+    let second = sink.run(RunMode::Once, &stop).await.unwrap();
     assert_eq!((second.sent, second.unmapped_slots), (1, 0));
     assert_eq!(stripe_sum(&setup.emulator, "cus_newcomer", "api_calls"), 7);
 }
@@ -184,7 +184,7 @@ async fn refused_submissions_are_marked_failed_with_stripes_error() {
         .emulator
         .advance_clock(Duration::from_secs(40 * 24 * 3600));
     let summary = sink(&setup, sink_config())
-        .run(Mode::Once, &CancellationToken::new())
+        .run(RunMode::Once, &CancellationToken::new())
         .await
         .unwrap();
     assert_eq!((summary.sent, summary.failed), (0, 1));
@@ -209,7 +209,7 @@ async fn usage_that_goes_down_is_canceled_and_resent_within_a_day_else_recorded(
     map_all(pool, &["c1".to_owned()]).await;
     let sink = sink(&setup, sink_config());
     let stop = CancellationToken::new();
-    sink.run(Mode::Once, &stop).await.unwrap();
+    sink.run(RunMode::Once, &stop).await.unwrap();
     add_usage(
         pool,
         "c1",
@@ -219,7 +219,7 @@ async fn usage_that_goes_down_is_canceled_and_resent_within_a_day_else_recorded(
         base,
     )
     .await;
-    sink.run(Mode::Once, &stop).await.unwrap();
+    sink.run(RunMode::Once, &stop).await.unwrap();
     assert_eq!(stripe_sum(&setup.emulator, "cus_c1", "api_calls"), 15);
 
     // Someone corrects the windows by hand, within a day: both revisions are canceled at
@@ -232,7 +232,7 @@ async fn usage_that_goes_down_is_canceled_and_resent_within_a_day_else_recorded(
         add_usage(pool, "c1", "api_calls", base, d(value), base).await;
     };
     lower_to("12").await;
-    let summary = sink.run(Mode::Once, &stop).await.unwrap();
+    let summary = sink.run(RunMode::Once, &stop).await.unwrap();
     assert_eq!(
         (
             summary.accounted.submissions,
@@ -261,7 +261,7 @@ async fn usage_that_goes_down_is_canceled_and_resent_within_a_day_else_recorded(
         .await
         .unwrap();
     lower_to("9").await;
-    let summary = sink.run(Mode::Once, &stop).await.unwrap();
+    let summary = sink.run(RunMode::Once, &stop).await.unwrap();
     assert_eq!(
         (summary.accounted.submissions, summary.accounted.corrections),
         (0, 1)
@@ -282,7 +282,7 @@ async fn usage_that_goes_down_is_canceled_and_resent_within_a_day_else_recorded(
         base,
     )
     .await;
-    sink.run(Mode::Once, &stop).await.unwrap();
+    sink.run(RunMode::Once, &stop).await.unwrap();
     assert_eq!(stripe_sum(&setup.emulator, "cus_c1", "api_calls"), 15);
 }
 
@@ -326,7 +326,7 @@ async fn exactly_once_through_faults_and_kills() {
             let sink = sink(&setup, config);
             let task =
                 tokio::spawn(
-                    async move { sink.run(Mode::Daemon, &CancellationToken::new()).await },
+                    async move { sink.run(RunMode::Daemon, &CancellationToken::new()).await },
                 );
             tokio::time::sleep(Duration::from_millis(rng.random_range(50..400))).await;
             task.abort();
@@ -338,7 +338,7 @@ async fn exactly_once_through_faults_and_kills() {
     let sink = sink(&setup, sink_config());
     loop {
         tokio::time::sleep(Duration::from_millis(1100)).await; // leases of killed runs expire
-        sink.run(Mode::Once, &CancellationToken::new())
+        sink.run(RunMode::Once, &CancellationToken::new())
             .await
             .unwrap();
         let (pending, _, failed) = outbox_counts(pool).await;

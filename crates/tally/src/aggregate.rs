@@ -2,7 +2,7 @@
 
 use std::net::SocketAddr;
 
-use tally_aggregator::{Aggregator, Mode};
+use tally_aggregator::{Aggregator, RunMode};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::TallyConfig;
@@ -60,7 +60,11 @@ pub(crate) fn run(config: &TallyConfig, args: &AggregateArgs) -> anyhow::Result<
     if !runtime.block_on(prepare_database(&pool, config, args.migrate, patience))? {
         return Ok(()); // stopped while waiting for Postgres
     }
-    let mode = if args.once { Mode::Once } else { Mode::Daemon };
+    let mode = if args.once {
+        RunMode::Once
+    } else {
+        RunMode::Daemon
+    };
     let aggregator = Aggregator::new(
         config.aggregator.clone(),
         config.kafka.clone(),

@@ -19,14 +19,12 @@ use chrono::{DateTime, TimeDelta, Utc};
 use rdkafka::mocking::MockCluster;
 use rust_decimal::Decimal;
 use stripe_emulator::{Emulator, EmulatorConfig};
-use tally_aggregator::{Aggregator, Hooks, Mode as AggregatorMode};
+use tally_aggregator::{Aggregator, Hooks, RunMode};
 use tally_core::config::{KafkaConfig, Secret};
 use tally_core::window::slot_start;
 use tally_core::{Aggregation, MeterDefinition, UsageEvent};
 use tally_emitter::{EmitError, Emitter};
-use tally_sink::{
-    Mode as SinkMode, ReconcileRow, Sink, SinkConfig, StripeConfig, StripeHttp, Verdict,
-};
+use tally_sink::{ReconcileRow, Sink, SinkConfig, StripeConfig, StripeHttp, Verdict};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::TallyConfig;
@@ -165,7 +163,7 @@ pub(crate) fn run(config: &TallyConfig, args: &DemoArgs) -> anyhow::Result<()> {
     };
     let aggregator_thread = {
         let stop = stop.clone();
-        std::thread::spawn(move || aggregator.run(AggregatorMode::Daemon, &stop))
+        std::thread::spawn(move || aggregator.run(RunMode::Daemon, &stop))
     };
     let sink = Sink::new(
         SinkConfig {
@@ -178,7 +176,7 @@ pub(crate) fn run(config: &TallyConfig, args: &DemoArgs) -> anyhow::Result<()> {
     )?;
     let sink_task = {
         let stop = stop.clone();
-        runtime.spawn(async move { sink.run(SinkMode::Daemon, &stop).await })
+        runtime.spawn(async move { sink.run(RunMode::Daemon, &stop).await })
     };
 
     // Emit: most events first, then a late wave into slots the sink has already billed.

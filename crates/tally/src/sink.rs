@@ -7,7 +7,7 @@ use chrono::{DateTime, NaiveDate, Utc};
 use std::time::Duration;
 
 use tally_runtime::Backoff;
-use tally_sink::{Mode, Sink, SinkError, StripeHttp, Verdict};
+use tally_sink::{RunMode, Sink, SinkError, StripeHttp, Verdict};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::TallyConfig;
@@ -54,7 +54,7 @@ pub(crate) fn run(config: &TallyConfig, args: &SinkArgs) -> anyhow::Result<()> {
             return Ok(()); // stopped while waiting for Stripe
         }
         let sink = Sink::new(config.sink.clone(), &config.stripe, pool)?;
-        let mode = if args.once { Mode::Once } else { Mode::Daemon };
+        let mode = if args.once { RunMode::Once } else { RunMode::Daemon };
         let summary = sink.run(mode, &stop).await?;
         if args.once {
             println!(

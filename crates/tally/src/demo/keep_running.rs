@@ -8,13 +8,13 @@ use std::time::Duration;
 
 use anyhow::Context;
 use chrono::{DateTime, Utc};
-use tally_aggregator::{Aggregator, Mode as AggregatorMode};
+use tally_aggregator::{Aggregator, RunMode};
 use tally_api::{ApiState, ApiToken};
 use tally_core::config::{KafkaConfig, Secret};
 use tally_core::MeterDefinition;
 use tally_emitter::Emitter;
 use tally_quota::Quota;
-use tally_sink::{Mode as SinkMode, Sink, SinkConfig, StripeConfig};
+use tally_sink::{Sink, SinkConfig, StripeConfig};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::TallyConfig;
@@ -56,7 +56,7 @@ pub(super) fn serve_until_stopped(
         )?;
         let aggregator_thread = {
             let stop = stop.clone();
-            std::thread::spawn(move || aggregator.run(AggregatorMode::Daemon, &stop))
+            std::thread::spawn(move || aggregator.run(RunMode::Daemon, &stop))
         };
         let sink = Sink::new(
             SinkConfig {
@@ -69,7 +69,7 @@ pub(super) fn serve_until_stopped(
         )?;
         let sink_task = {
             let stop = stop.clone();
-            tokio::spawn(async move { sink.run(SinkMode::Daemon, &stop).await })
+            tokio::spawn(async move { sink.run(RunMode::Daemon, &stop).await })
         };
 
         // The API, with POST /v1/events through an emitter of its own.
