@@ -43,7 +43,7 @@ pub enum EmulatorError {
     Faults(String),
 }
 
-struct Shared {
+struct EmulatorState {
     test_rate: u32,
     live_rate: u32,
     faults: Mutex<Faults>,
@@ -62,7 +62,7 @@ struct Shared {
 /// A running emulator. Dropping it leaves the server running until `shutdown`.
 pub struct Emulator {
     addr: SocketAddr,
-    shared: Arc<Shared>,
+    shared: Arc<EmulatorState>,
     stop: CancellationToken,
     task: JoinHandle<()>,
 }
@@ -80,7 +80,7 @@ impl Emulator {
         let addr = listener
             .local_addr()
             .map_err(|source| EmulatorError::Bind { addr, source })?;
-        let shared = Arc::new(Shared {
+        let shared = Arc::new(EmulatorState {
             test_rate: config.test_rate_per_second,
             live_rate: config.live_rate_per_second,
             faults: Mutex::new(config.faults),
@@ -156,7 +156,7 @@ impl Emulator {
     }
 }
 
-async fn accept_loop(listener: TcpListener, shared: Arc<Shared>, stop: CancellationToken) {
+async fn accept_loop(listener: TcpListener, shared: Arc<EmulatorState>, stop: CancellationToken) {
     loop {
         let stream = tokio::select! {
             _ = stop.cancelled() => return,
@@ -193,7 +193,7 @@ async fn accept_loop(listener: TcpListener, shared: Arc<Shared>, stop: Cancellat
     }
 }
 
-impl Shared {
+impl EmulatorState {
     fn now(&self) -> i64 {
         let wall = SystemTime::now()
             .duration_since(UNIX_EPOCH)
@@ -233,7 +233,7 @@ impl From<Reply> for Outcome {
 }
 
 async fn handle(
-    shared: &Shared,
+    shared: &EmulatorState,
     drop_connection: &Notify,
     request: Request<Incoming>,
 ) -> Response<Full<Bytes>> {
@@ -346,7 +346,7 @@ fn request_fingerprint(path: &str, body: &[u8]) -> u64 {
 }
 
 async fn route(
-    shared: &Shared,
+    shared: &EmulatorState,
     method: &Method,
     path: &str,
     query: &Form,
@@ -414,7 +414,7 @@ async fn route(
 /// A prices, subscriptions or invoices call: no injected faults (they exist for the sink's
 /// calls); the events the change produced are published for delivery.
 fn billing(
-    shared: &Shared,
+    shared: &EmulatorState,
     change: impl FnOnce(&mut Billing, &Store, i64) -> Result<(Reply, Vec<Change>), Reply>,
 ) -> Outcome {
     let now = shared.now();
@@ -436,7 +436,7 @@ fn billing(
 }
 
 /// The injected delay and 5xx, decided before the call does anything.
-async fn injected_failure(shared: &Shared) -> Option<Reply> {
+async fn injected_failure(shared: &EmulatorState) -> Option<Reply> {
     let faults = shared.faults.lock().expect("faults lock poisoned").clone();
     if shared.roll(faults.delay) {
         shared.count(|s| s.delayed += 1);
@@ -465,7 +465,7 @@ async fn injected_failure(shared: &Shared) -> Option<Reply> {
     None
 }
 
-fn dropped_after_commit(shared: &Shared) -> bool {
+fn dropped_after_commit(shared: &EmulatorState) -> bool {
     let probability = shared
         .faults
         .lock()
@@ -474,14 +474,14 @@ fn dropped_after_commit(shared: &Shared) -> bool {
     shared.roll(probability)
 }
 
-async fn read(shared: &Shared, answer: impl FnOnce(&Store) -> Reply) -> Outcome {
+async fn read(shared: &EmulatorState, answer: impl FnOnce(&Store) -> Reply) -> Outcome {
     if let Some(failure) = injected_failure(shared).await {
         return failure.into();
     }
     answer(&shared.store.lock().expect("store lock poisoned")).into()
 }
 
-async fn write(shared: &Shared, commit: impl FnOnce(&mut Store, i64) -> Reply) -> Outcome {
+async fn write(shared: &EmulatorState, commit: impl FnOnce(&mut Store, i64) -> Reply) -> Outcome {
     if let Some(failure) = injected_failure(shared).await {
         return failure.into();
     }
@@ -496,7 +496,7 @@ async fn write(shared: &Shared, commit: impl FnOnce(&mut Store, i64) -> Reply) -
     }
 }
 
-async fn meter_event(shared: &Shared, form: &Form, livemode: bool) -> Outcome {
+async fn meter_event(shared: &EmulatorState, form: &Form, livemode: bool) -> Outcome {
     let now = shared.now();
     let validated = shared
         .store
@@ -549,7 +549,7 @@ async fn meter_event(shared: &Shared, form: &Form, livemode: bool) -> Outcome {
 }
 
 /// `/_emulator/…`: state for tests and operators, fault switches, the clock.
-fn control_api(shared: &Shared, method: &Method, path: &str, body: &[u8]) -> Reply {
+fn control_api(shared: &EmulatorState, method: &Method, path: &str, body: &[u8]) -> Reply {
     let segments: Vec<&str> = path.trim_matches('/').split('/').collect();
     match (method, segments.as_slice()) {
         (&Method::GET, ["events"]) => {
@@ -563,7 +563,7 @@ fn control_api(shared: &Shared, method: &Method, path: &str, body: &[u8]) -> Rep
     }
 }
 
-fn control_settings(shared: &Shared, method: &Method, path: &str, body: &[u8]) -> Reply {
+fn control_settings(shared: &EmulatorState, method: &Method, path: &str, body: &[u8]) -> Reply {
     match (method, path) {
         (&Method::GET, "state") => {
             let stats = shared.stats.lock().expect("stats lock poisoned").clone();

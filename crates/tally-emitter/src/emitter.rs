@@ -14,15 +14,15 @@ use tokio::sync::oneshot;
 use crate::config::{EmitterConfig, OverflowPolicy};
 use crate::error::{Durability, EmitError, FlushTimeout, StartError};
 use crate::publisher::Publisher;
-use crate::shared::{DurableReply, Queued, Shared};
 use crate::spool::{AppendError, Spool};
+use crate::state::{DurableReply, EmitterState, Queued};
 use crate::telemetry::{EmitterStats, Stats};
 
 /// Reports usage to Kafka without ever blocking the caller.
 ///
 /// Cheap to share: wrap it in an `Arc` and call [`Emitter::emit`] from any thread.
 pub struct Emitter {
-    shared: Arc<Shared>,
+    shared: Arc<EmitterState>,
     overflow: OverflowPolicy,
     closed: AtomicBool,
     publisher: Mutex<Option<JoinHandle<()>>>,
@@ -47,7 +47,7 @@ impl Emitter {
             dir: config.spool.dir.display().to_string(),
             source,
         })?;
-        let shared = Arc::new(Shared {
+        let shared = Arc::new(EmitterState {
             stats: Stats::default(),
             healthy: AtomicBool::new(true),
             queue: ArrayQueue::new(config.queue_capacity),

@@ -16,20 +16,20 @@ use tally_core::config::KafkaConfig;
 
 use crate::config::EmitterConfig;
 use crate::error::Durability;
-use crate::shared::{DurableReply, SegmentProgress, Shared};
+use crate::state::{DurableReply, EmitterState, SegmentProgress};
 use crate::telemetry::Stats;
 
 pub(crate) type Producer = ThreadedProducer<DeliveryContext>;
 
 /// Travels with each message through librdkafka and comes back in the delivery callback.
 pub(crate) struct Delivery {
-    pub(crate) origin: Origin,
+    pub(crate) source: Source,
     pub(crate) emitted_at: DateTime<Utc>,
     pub(crate) durable: Option<DurableReply>,
 }
 
-pub(crate) enum Origin {
-    /// Straight from the in-memory queue; counted in `Shared::pending` until resolved.
+pub(crate) enum Source {
+    /// Straight from the in-memory queue; counted in `EmitterState::pending` until resolved.
     Direct,
     /// Replayed from a spool segment.
     Replay(Arc<SegmentProgress>),
@@ -44,7 +44,7 @@ pub(crate) struct Unsent {
 }
 
 pub(crate) struct DeliveryContext {
-    shared: Arc<Shared>,
+    shared: Arc<EmitterState>,
     failed: Sender<Unsent>,
     latency: Histogram,
 }
@@ -68,14 +68,14 @@ impl ProducerContext for DeliveryContext {
         match result {
             Ok(_) => {
                 self.shared.healthy.store(true, Ordering::Release);
-                match &delivery.origin {
-                    Origin::Direct => {
+                match &delivery.source {
+                    Source::Direct => {
                         let latency = Utc::now() - delivery.emitted_at;
                         self.latency.record(latency.as_seconds_f64().max(0.0));
                         Stats::add(&self.shared.stats.published, 1);
                         self.shared.resolve_one();
                     }
-                    Origin::Replay(progress) => {
+                    Source::Replay(progress) => {
                         Stats::add(&self.shared.stats.replayed, 1);
                         progress.outstanding.fetch_sub(1, Ordering::AcqRel);
                     }
@@ -107,7 +107,7 @@ impl ProducerContext for DeliveryContext {
 pub(crate) fn producer(
     kafka: &KafkaConfig,
     config: &EmitterConfig,
-    shared: Arc<Shared>,
+    shared: Arc<EmitterState>,
     failed: Sender<Unsent>,
 ) -> Result<Producer, KafkaError> {
     let mut client = ClientConfig::new();

@@ -32,8 +32,8 @@ mod emitter;
 mod error;
 mod kafka;
 mod publisher;
-mod shared;
 mod spool;
+mod state;
 mod telemetry;
 
 pub use config::{EmitterConfig, OverflowPolicy, SpoolConfig};

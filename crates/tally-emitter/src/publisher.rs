@@ -26,13 +26,13 @@ use tally_core::wire;
 
 use crate::config::EmitterConfig;
 use crate::error::{Durability, EmitError, StartError};
-use crate::kafka::{self, Delivery, Origin, Producer, Unsent};
-use crate::shared::{DurableReply, Queued, SegmentProgress, Shared};
+use crate::kafka::{self, Delivery, Producer, Source, Unsent};
 use crate::spool::{AppendError, Read, Segment, SegmentReader};
+use crate::state::{DurableReply, EmitterState, Queued, SegmentProgress};
 use crate::telemetry::{Exporter, Stats};
 
 /// How long the thread sleeps when it finds no work. The queue is polled rather than awaited
-/// (see `Shared::queue`); 1 ms is small next to the producer's 5 ms linger.
+/// (see `EmitterState::queue`); 1 ms is small next to the producer's 5 ms linger.
 const TICK: Duration = Duration::from_millis(1);
 /// Events taken from the queue per wake-up.
 const BATCH: usize = 4096;
@@ -47,7 +47,7 @@ struct Replaying {
 }
 
 pub(crate) struct Publisher {
-    shared: Arc<Shared>,
+    shared: Arc<EmitterState>,
     failed: Receiver<Unsent>,
     producer: Producer,
     topic: String,
@@ -70,7 +70,7 @@ impl Publisher {
     pub(crate) fn new(
         kafka: &KafkaConfig,
         config: &EmitterConfig,
-        shared: Arc<Shared>,
+        shared: Arc<EmitterState>,
     ) -> Result<Publisher, StartError> {
         // Every message in flight can fail at most once, so this bound never blocks for long.
         let (unsent_tx, failed_rx) = crossbeam_channel::bounded(
@@ -146,7 +146,7 @@ impl Publisher {
         self.encoded.clear();
         wire::encode_into(&queued.event, &mut self.encoded);
         let delivery = Box::new(Delivery {
-            origin: Origin::Direct,
+            source: Source::Direct,
             emitted_at: queued.emitted_at,
             durable: queued.durable,
         });
@@ -182,9 +182,9 @@ impl Publisher {
 
     /// The event is in the spool: it no longer counts as unresolved (or in flight).
     fn resolve(&mut self, delivery: Delivery) {
-        match &delivery.origin {
-            Origin::Direct => self.shared.resolve_one(),
-            Origin::Replay(progress) => {
+        match &delivery.source {
+            Source::Direct => self.shared.resolve_one(),
+            Source::Replay(progress) => {
                 progress.outstanding.fetch_sub(1, Ordering::AcqRel);
             }
         }
@@ -201,7 +201,7 @@ impl Publisher {
         let (replayed, direct): (VecDeque<Unsent>, VecDeque<Unsent>) = self
             .held
             .drain(..)
-            .partition(|u| matches!(u.delivery.origin, Origin::Replay(_)));
+            .partition(|u| matches!(u.delivery.source, Source::Replay(_)));
         let mut still_held = VecDeque::new();
         for unsent in replayed {
             if self.spool_one(&unsent, true) {
@@ -282,7 +282,7 @@ impl Publisher {
             match reader.next_record() {
                 Read::Record(record) => {
                     let delivery = Box::new(Delivery {
-                        origin: Origin::Replay(Arc::clone(&current.progress)),
+                        source: Source::Replay(Arc::clone(&current.progress)),
                         emitted_at: chrono::Utc::now(),
                         durable: None,
                     });

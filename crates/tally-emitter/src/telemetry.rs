@@ -30,7 +30,7 @@ pub(crate) struct Stats {
     /// Written by every `emit` caller; on its own cache line so that the delivery thread's
     /// counters do not bounce it between cores.
     pub(crate) emitted: CachePadded<AtomicU64>,
-    /// Accepted events that reached the broker or the spool (see `Shared::pending`).
+    /// Accepted events that reached the broker or the spool (see `EmitterState::pending`).
     pub(crate) resolved: CachePadded<AtomicU64>,
     pub(crate) published: AtomicU64,
     pub(crate) spooled: AtomicU64,

@@ -1,4 +1,5 @@
-//! State shared by the `Emitter` handle, the publisher thread and the delivery callback.
+//! The emitter's state, shared by the `Emitter` handle, the publisher thread and the delivery
+//! callback.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
@@ -23,7 +24,7 @@ pub(crate) struct Queued {
 }
 
 /// State shared by the handle, the publisher thread and the delivery callback.
-pub(crate) struct Shared {
+pub(crate) struct EmitterState {
     pub(crate) stats: Stats,
     /// False from a delivery failure or "all brokers down" until the next acknowledgement.
     pub(crate) healthy: AtomicBool,
@@ -35,7 +36,7 @@ pub(crate) struct Shared {
     pub(crate) stopping: AtomicBool,
 }
 
-impl Shared {
+impl EmitterState {
     /// Events accepted by `emit` that are neither acknowledged nor in the spool yet.
     pub(crate) fn pending(&self) -> u64 {
         // Read `resolved` first: `emitted` can only have grown since, so this never underflows.
