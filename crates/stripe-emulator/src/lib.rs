@@ -29,6 +29,7 @@ mod limits;
 mod reply;
 mod server;
 mod store;
+#[cfg(any(test, feature = "testing"))]
 pub mod testing;
 mod webhooks;
 

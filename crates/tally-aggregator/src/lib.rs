@@ -9,7 +9,7 @@
 //!
 //! Layout:
 //! - `aggregator.rs`: the loop: poll, build batches per lane, commit, retry, notify; the public
-//!   [`Aggregator`], its [`Mode`], [`Hooks`] and errors.
+//!   [`Aggregator`], its errors, and (feature `testing`) the `Hooks` tests observe a batch with.
 //! - `config.rs`: the `[aggregator]` settings, [`AggregatorConfig`], with defaults and checks.
 //! - `kafka.rs`: the group consumer and its rebalance handling, the DLQ producer and publisher.
 //! - `telemetry.rs`: metric names and recording, [`BatchReport`].
@@ -33,7 +33,9 @@ mod kafka;
 mod store;
 mod telemetry;
 
-pub use aggregator::{Aggregator, AggregatorError, Hooks, RunSummary, Step};
+#[cfg(feature = "testing")]
+pub use aggregator::Hooks;
+pub use aggregator::{Aggregator, AggregatorError, RunSummary, Step};
 pub use config::AggregatorConfig;
 pub use store::AggregatorStoreError;
 pub use tally_runtime::RunMode;

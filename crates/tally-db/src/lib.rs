@@ -10,6 +10,7 @@ use sqlx::PgPool;
 pub mod meters;
 mod numeric;
 pub mod rejects;
+#[cfg(any(test, feature = "testing"))]
 pub mod testing;
 pub mod throwaway;
 
@@ -172,4 +173,23 @@ pub async fn check_schema(pool: &PgPool) -> Result<(), DbError> {
     } else {
         Err(DbError::SchemaBehind(missing))
     }
+}
+
+/// `url` with its database name replaced by `database`.
+pub fn with_database(url: &str, database: &str) -> String {
+    let (base, query) = match url.split_once('?') {
+        Some((base, query)) => (base, Some(query)),
+        None => (url, None),
+    };
+    let authority_end = base
+        .find("://")
+        .map(|scheme| scheme + 3)
+        .and_then(|start| base[start..].find('/').map(|slash| start + slash))
+        .unwrap_or(base.len());
+    let mut out = format!("{}/{database}", &base[..authority_end]);
+    if let Some(query) = query {
+        out.push('?');
+        out.push_str(query);
+    }
+    out
 }

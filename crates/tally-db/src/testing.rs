@@ -37,7 +37,7 @@ pub async fn fresh_database() -> TestDatabase {
         .execute(&mut admin)
         .await
         .unwrap();
-    let url = with_database(&server, &name);
+    let url = crate::with_database(&server, &name);
     let pool = crate::connect(&url, 8, Duration::from_secs(10))
         .await
         .unwrap();
@@ -64,25 +64,6 @@ async fn drop_stale_databases(admin: &mut PgConnection, now: u64) {
     }
 }
 
-/// `url` with its database name replaced by `database`.
-pub fn with_database(url: &str, database: &str) -> String {
-    let (base, query) = match url.split_once('?') {
-        Some((base, query)) => (base, Some(query)),
-        None => (url, None),
-    };
-    let authority_end = base
-        .find("://")
-        .map(|scheme| scheme + 3)
-        .and_then(|start| base[start..].find('/').map(|slash| start + slash))
-        .unwrap_or(base.len());
-    let mut out = format!("{}/{database}", &base[..authority_end]);
-    if let Some(query) = query {
-        out.push('?');
-        out.push_str(query);
-    }
-    out
-}
-
 /// The runtime tests and benchmarks drive tally with: two workers, as on the 2-core machines
 /// tally is sized for (and as the `tally` commands run).
 pub fn runtime() -> tokio::runtime::Runtime {
@@ -95,7 +76,7 @@ pub fn runtime() -> tokio::runtime::Runtime {
 
 #[cfg(test)]
 mod tests {
-    use super::with_database;
+    use crate::with_database;
 
     #[test]
     fn replaces_or_adds_the_database() {

@@ -22,6 +22,7 @@ mod check;
 pub mod plan;
 pub mod store;
 pub mod stripe;
+#[cfg(any(test, feature = "testing"))]
 pub mod testing;
 
 pub use check::{decide, Decision, Quota, QuotaError};

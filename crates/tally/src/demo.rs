@@ -10,8 +10,6 @@ mod keep_running;
 mod postgres;
 
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
@@ -19,7 +17,7 @@ use chrono::{DateTime, TimeDelta, Utc};
 use rdkafka::mocking::MockCluster;
 use rust_decimal::Decimal;
 use stripe_emulator::{Emulator, EmulatorConfig};
-use tally_aggregator::{Aggregator, Hooks, RunMode};
+use tally_aggregator::{Aggregator, RunMode};
 use tally_core::config::{KafkaConfig, Secret};
 use tally_core::window::slot_start;
 use tally_core::{Aggregation, MeterDefinition, UsageEvent};
@@ -142,9 +140,7 @@ pub(crate) fn run(config: &TallyConfig, args: &DemoArgs) -> anyhow::Result<()> {
 
     // The aggregator (its loop blocks: a thread of its own) and the sink (a task).
     let stop = CancellationToken::new();
-    let counted = Arc::new(AtomicU64::new(0));
     let aggregator = {
-        let counted = counted.clone();
         let mut aggregator_config = config.aggregator.clone();
         aggregator_config.group_id = "tally-demo".into();
         Aggregator::new(
@@ -154,12 +150,6 @@ pub(crate) fn run(config: &TallyConfig, args: &DemoArgs) -> anyhow::Result<()> {
             pool.clone(),
             runtime.handle().clone(),
         )?
-        .with_hooks(Hooks {
-            on_commit: Some(Arc::new(move |report, _| {
-                counted.fetch_add(report.counted, Ordering::Relaxed);
-            })),
-            ..Hooks::default()
-        })
     };
     let aggregator_thread = {
         let stop = stop.clone();
@@ -188,7 +178,7 @@ pub(crate) fn run(config: &TallyConfig, args: &DemoArgs) -> anyhow::Result<()> {
     let now = Utc::now();
     let mut emitted = Emitted::default();
     let on_time = args.events * 4 / 5;
-    let progress = Progress::new(&pool, &emulator, &counted, args.events as u64);
+    let progress = Progress::new(&pool, &emulator, args.events as u64);
     for i in 0..args.events {
         if i == on_time {
             emitter
@@ -235,10 +225,10 @@ pub(crate) fn run(config: &TallyConfig, args: &DemoArgs) -> anyhow::Result<()> {
         .join()
         .map_err(|_| anyhow::anyhow!("the aggregator thread panicked"))??;
     let sink_summary = runtime.block_on(sink_task)??;
+    let (counted, ..) = runtime.block_on(progress.state())?;
     println!(
-        "  done in {:.1}s: {} events counted; {} slots billed in {} submissions ({} retried)",
+        "  done in {:.1}s: {counted} events counted; {} slots billed in {} submissions ({} retried)",
         elapsed.as_secs_f64(),
-        counted.load(Ordering::Relaxed),
         sink_summary.accounted.slots,
         sink_summary.sent,
         sink_summary.retried
@@ -253,7 +243,7 @@ pub(crate) fn run(config: &TallyConfig, args: &DemoArgs) -> anyhow::Result<()> {
     if agrees {
         println!("\nemitted = windows = Stripe, for every customer and meter, to the unit.");
     }
-    let database_url = tally_db::testing::with_database(&database.server_url, &database.name);
+    let database_url = tally_db::with_database(&database.server_url, &database.name);
     if args.keep_running {
         let stack = keep_running::Stack {
             config,
@@ -456,28 +446,24 @@ fn print_reconciliation(
 struct Progress<'a> {
     pool: &'a sqlx::PgPool,
     emulator: &'a Emulator,
-    counted: &'a AtomicU64,
     total: u64,
 }
 
 impl<'a> Progress<'a> {
-    fn new(
-        pool: &'a sqlx::PgPool,
-        emulator: &'a Emulator,
-        counted: &'a AtomicU64,
-        total: u64,
-    ) -> Self {
+    fn new(pool: &'a sqlx::PgPool, emulator: &'a Emulator, total: u64) -> Self {
         Progress {
             pool,
             emulator,
-            counted,
             total,
         }
     }
 
-    async fn billing_state(&self) -> anyhow::Result<(i64, i64, i64)> {
+    /// (events counted, slots to bill, submissions pending, submissions sent), read from the
+    /// database the demo made for itself: each counted event holds one dedup claim.
+    async fn state(&self) -> anyhow::Result<(i64, i64, i64, i64)> {
         Ok(sqlx::query_as(
-            "SELECT (SELECT count(*) FROM usage_slot_changes),
+            "SELECT (SELECT count(*) FROM event_ids),
+                    (SELECT count(*) FROM usage_slot_changes),
                     (SELECT count(*) FROM stripe_submissions WHERE status = 'pending'),
                     (SELECT count(*) FROM stripe_submissions WHERE status = 'sent')",
         )
@@ -486,11 +472,10 @@ impl<'a> Progress<'a> {
     }
 
     async fn print(&self, emitted: u64) {
-        let (changed, pending, sent) = self.billing_state().await.unwrap_or_default();
+        let (counted, changed, pending, sent) = self.state().await.unwrap_or_default();
         println!(
-            "  emitted {emitted:>7}/{} | aggregated {:>7} | slots to bill {changed:>5} | outbox: {sent:>6} sent, {pending:>5} pending | stripe events {:>6}",
+            "  emitted {emitted:>7}/{} | aggregated {counted:>7} | slots to bill {changed:>5} | outbox: {sent:>6} sent, {pending:>5} pending | stripe events {:>6}",
             self.total,
-            self.counted.load(Ordering::Relaxed),
             self.emulator.stats().meter_events_created
         );
     }
@@ -505,8 +490,8 @@ impl<'a> Progress<'a> {
         let deadline = Instant::now() + limit;
         loop {
             self.print(emitted).await;
-            let (changed, pending, _) = self.billing_state().await?;
-            if self.counted.load(Ordering::Relaxed) >= emitted && changed == 0 && pending == 0 {
+            let (counted, changed, pending, _) = self.state().await?;
+            if counted as u64 >= emitted && changed == 0 && pending == 0 {
                 return Ok(());
             }
             if Instant::now() > deadline || stop.is_cancelled() {

@@ -48,7 +48,7 @@ impl DemoDatabase {
                 format!("creating database {name}; the demo's Postgres user needs CREATEDB")
             })?;
         admin.close().await;
-        let url = tally_db::testing::with_database(&server_url, &name);
+        let url = tally_db::with_database(&server_url, &name);
         let pool = tally_db::connect(&url, 12, Duration::from_secs(10)).await?;
         tally_db::migrate(&pool).await?;
         Ok(DemoDatabase {
