@@ -2,12 +2,11 @@
 
 use std::process::Command;
 
-use tally_tests::{http, reconcile_range, runtime, tally_binary};
+use tally_tests::{http, reconcile_range, runtime, tally_command};
 
 #[test]
 fn demo_runs_end_to_end_and_reconciles() {
-    let mut command = Command::new(tally_binary());
-    clean_env(&mut command);
+    let mut command = tally_command();
     command.args(["demo", "--customers", "25", "--events", "3000"]);
     if let Ok(url) = std::env::var("DATABASE_URL") {
         command.args(["--database-url", &url]);
@@ -41,8 +40,7 @@ fn the_demo_keeps_running_and_prints_how_to_reach_each_part() {
     use std::process::Stdio;
     use std::time::{Duration, Instant};
 
-    let mut command = Command::new(tally_binary());
-    clean_env(&mut command);
+    let mut command = tally_command();
     command.args([
         "demo",
         "--customers",
@@ -99,8 +97,7 @@ fn the_demo_keeps_running_and_prints_how_to_reach_each_part() {
         stripe.unwrap_or_else(|| panic!("{}", missing())),
     );
     let tally = |args: &[&str]| {
-        let mut command = Command::new(tally_binary());
-        clean_env(&mut command);
+        let mut command = tally_command();
         let output = command
             .env("TALLY_DATABASE_URL", &database)
             .env("TALLY_KAFKA_BROKERS", &brokers)
@@ -190,13 +187,4 @@ fn the_demo_keeps_running_and_prints_how_to_reach_each_part() {
         std::thread::sleep(Duration::from_millis(100));
     };
     assert!(status.success(), "{status:?}");
-}
-
-/// The child sees no `TALLY_*` variable of the test's environment (tally refuses unknown ones).
-fn clean_env(command: &mut Command) {
-    for (name, _) in std::env::vars() {
-        if name.starts_with("TALLY_") || name == "DATABASE_URL" {
-            command.env_remove(name);
-        }
-    }
 }

@@ -155,7 +155,7 @@ fn stripe_holds_exactly_the_windows_through_faults_and_sink_kills() {
     assert_eq!(windows.len(), sums.len());
     for (customer, window_sum) in &windows {
         assert_eq!(*window_sum, sums[customer], "windows of {customer}");
-        let stripe = stripe_sum(&emulator, &mapping[customer], "api_calls");
+        let stripe = emulator.sum(&mapping[customer], "api_calls");
         assert_eq!(
             Decimal::from(stripe),
             window_sum.floor(),
@@ -173,7 +173,7 @@ fn stripe_holds_exactly_the_windows_through_faults_and_sink_kills() {
     )
     .unwrap();
     for (customer, value) in &last_slots {
-        let stripe = stripe_last(&emulator, &mapping[customer], "storage_gb");
+        let stripe = emulator.last(&mapping[customer], "storage_gb");
         assert_eq!(
             stripe.map(Decimal::from),
             Some(*value),

@@ -58,6 +58,18 @@ pub fn tally_binary() -> PathBuf {
     binary
 }
 
+/// `tally` as a child process sees it: none of the test's `TALLY_*` variables (tally refuses
+/// ones it does not know, and the tests' own knobs are among them) and no `DATABASE_URL`.
+pub fn tally_command() -> Command {
+    let mut command = Command::new(tally_binary());
+    for (name, _) in std::env::vars() {
+        if name.starts_with("TALLY_") || name == "DATABASE_URL" {
+            command.env_remove(name);
+        }
+    }
+    command
+}
+
 /// A broker with a fresh topic and DLQ topic.
 pub struct Broker {
     pub cluster: MockCluster<'static, DefaultProducerContext>,
@@ -269,13 +281,7 @@ impl Workdir {
     }
 
     fn command(&self, database_url: &str, args: &[&str]) -> Command {
-        let mut command = Command::new(tally_binary());
-        // tally refuses TALLY_* variables it does not know: the tests' own knobs stay here.
-        for (name, _) in std::env::vars() {
-            if name.starts_with("TALLY_") {
-                command.env_remove(name);
-            }
-        }
+        let mut command = tally_command();
         command
             .current_dir(self.dir.path())
             .arg("--config")
@@ -404,25 +410,6 @@ pub async fn map_customers(
         .await
         .unwrap();
     mappings.into_iter().collect()
-}
-
-/// Stripe's sum for a Stripe customer and event name, read from the emulator.
-pub fn stripe_sum(emulator: &Emulator, stripe_customer: &str, event_name: &str) -> i64 {
-    emulator
-        .totals()
-        .iter()
-        .filter(|t| t.customer == stripe_customer && t.event_name == event_name)
-        .map(|t| t.sum)
-        .sum()
-}
-
-/// The last value Stripe holds for a Stripe customer and event name (`max`/`latest` meters).
-pub fn stripe_last(emulator: &Emulator, stripe_customer: &str, event_name: &str) -> Option<i64> {
-    emulator
-        .totals()
-        .iter()
-        .find(|t| t.customer == stripe_customer && t.event_name == event_name)
-        .and_then(|t| t.last)
 }
 
 /// The runtime tests drive async code with (two workers, as on tally's machines).

@@ -136,6 +136,23 @@ impl Emulator {
             .totals()
     }
 
+    /// The sum Stripe holds for a customer and event name (0 when it holds nothing).
+    pub fn sum(&self, customer: &str, event_name: &str) -> i64 {
+        self.totals()
+            .iter()
+            .filter(|t| t.customer == customer && t.event_name == event_name)
+            .map(|t| t.sum)
+            .sum()
+    }
+
+    /// The last value Stripe holds for a customer and event name (`last` meters).
+    pub fn last(&self, customer: &str, event_name: &str) -> Option<i64> {
+        self.totals()
+            .iter()
+            .find(|t| t.customer == customer && t.event_name == event_name)
+            .and_then(|t| t.last)
+    }
+
     /// Every webhook event so far, with its delivery state.
     pub fn events(&self) -> Vec<EventRecord> {
         self.shared.webhooks.events()

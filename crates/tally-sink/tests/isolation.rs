@@ -72,7 +72,7 @@ async fn a_pair_that_cannot_be_billed_is_quarantined_while_everyone_else_is_bill
     assert_eq!(summary.quarantined_pairs, 2, "{summary:?}");
     for customer in &customers[..10] {
         assert_eq!(
-            stripe_sum(&setup.emulator, &format!("cus_{customer}"), "api_calls"),
+            setup.emulator.sum(&format!("cus_{customer}"), "api_calls"),
             7
         );
     }
@@ -131,7 +131,7 @@ async fn a_pair_that_cannot_be_billed_is_quarantined_while_everyone_else_is_bill
         .await
         .unwrap();
     assert_eq!(summary.quarantined_pairs, 1);
-    assert_eq!(stripe_sum(&setup.emulator, "cus_huge", "api_calls"), 4);
+    assert_eq!(setup.emulator.sum("cus_huge", "api_calls"), 4);
 }
 
 /// Before: a row whose earlier attempt's answer was lost was sent again whenever it came due,
@@ -161,7 +161,7 @@ async fn an_uncertain_attempt_over_23_hours_old_is_parked_not_resent() {
         .await
         .unwrap();
     assert_eq!((summary.sent, summary.pending), (0, 1));
-    assert_eq!(stripe_sum(&setup.emulator, "cus_c1", "api_calls"), 5);
+    assert_eq!(setup.emulator.sum("cus_c1", "api_calls"), 5);
     let uncertain: Option<chrono::DateTime<Utc>> =
         sqlx::query_scalar("SELECT first_uncertain_at FROM stripe_submissions")
             .fetch_one(pool)
@@ -181,7 +181,7 @@ async fn an_uncertain_attempt_over_23_hours_old_is_parked_not_resent() {
     sink.run(RunMode::Once, &CancellationToken::new())
         .await
         .unwrap();
-    assert_eq!(stripe_sum(&setup.emulator, "cus_c2", "api_calls"), 3);
+    assert_eq!(setup.emulator.sum("cus_c2", "api_calls"), 3);
     sqlx::query(
         "UPDATE stripe_submissions SET status = 'pending', leased_at = now() - interval '25 hours',
                 leased_until = now() - interval '1 second'
@@ -224,7 +224,7 @@ async fn an_uncertain_attempt_over_23_hours_old_is_parked_not_resent() {
     }
     let rows = reconcile_one_slot(&setup, base).await;
     assert!(rows.iter().all(|r| r.verdict == Verdict::Ok), "{rows:?}");
-    assert_eq!(stripe_sum(&setup.emulator, "cus_c1", "api_calls"), 5);
+    assert_eq!(setup.emulator.sum("cus_c1", "api_calls"), 5);
 }
 
 /// Before: a lease (here 1 s) ran out while its sink was still sending a slow pair, and a
@@ -275,7 +275,7 @@ async fn leases_are_renewed_while_a_slow_pair_is_sent() {
     );
     for customer in &customers {
         assert_eq!(
-            stripe_sum(&setup.emulator, &format!("cus_{customer}"), "api_calls"),
+            setup.emulator.sum(&format!("cus_{customer}"), "api_calls"),
             6
         );
     }
@@ -305,11 +305,11 @@ async fn a_stripe_outage_is_waited_out() {
     };
     tokio::time::sleep(Duration::from_secs(2)).await;
     assert!(!daemon.is_finished(), "the daemon waits");
-    assert_eq!(stripe_sum(&setup.emulator, "cus_c1", "api_calls"), 0);
+    assert_eq!(setup.emulator.sum("cus_c1", "api_calls"), 0);
     assert!(!tally_runtime::dependency("stripe").is_up());
     setup.emulator.set_faults(Faults::default()).unwrap();
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    while stripe_sum(&setup.emulator, "cus_c1", "api_calls") < 9 {
+    while setup.emulator.sum("cus_c1", "api_calls") < 9 {
         assert!(
             std::time::Instant::now() < deadline,
             "not billed after the outage"

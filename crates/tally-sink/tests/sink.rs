@@ -84,21 +84,18 @@ async fn bills_each_slot_once_carrying_fractions_and_revising_late_slots() {
         // 3 slots × (2.5 + i): the half units carry from slot to slot.
         let exact = d("7.5") + Decimal::from(3 * i);
         assert_eq!(
-            Decimal::from(stripe_sum(&setup.emulator, &stripe_customer, "api_calls")),
+            Decimal::from(setup.emulator.sum(&stripe_customer, "api_calls")),
             exact.floor()
         );
         assert_eq!(
-            stripe_last(&setup.emulator, &stripe_customer, "storage_gb"),
+            setup.emulator.last(&stripe_customer, "storage_gb"),
             Some(4),
             "max 3.2 rounds up"
         );
-        assert_eq!(
-            stripe_last(&setup.emulator, &stripe_customer, "seats"),
-            Some(12)
-        );
+        assert_eq!(setup.emulator.last(&stripe_customer, "seats"), Some(12));
     }
     assert_eq!(
-        stripe_sum(&setup.emulator, "cus_c00", "active_users"),
+        setup.emulator.sum("cus_c00", "active_users"),
         0,
         "unique_count is not billed"
     );
@@ -114,8 +111,8 @@ async fn bills_each_slot_once_carrying_fractions_and_revising_late_slots() {
     add_usage(pool, "c05", "seats", minute(2, 4), d("3"), minute(2, 4)).await;
     let late = sink.run(RunMode::Once, &stop).await.unwrap();
     assert_eq!((late.accounted.submissions, late.sent), (2, 2));
-    assert_eq!(stripe_sum(&setup.emulator, "cus_c05", "api_calls"), 26);
-    assert_eq!(stripe_last(&setup.emulator, "cus_c05", "seats"), Some(3));
+    assert_eq!(setup.emulator.sum("cus_c05", "api_calls"), 26);
+    assert_eq!(setup.emulator.last("cus_c05", "seats"), Some(3));
     let revisions: Vec<String> = sqlx::query_scalar("SELECT identifier FROM stripe_submissions WHERE customer_id = 'c05' AND meter = 'api_calls' ORDER BY submission_id")
         .fetch_all(pool)
         .await
@@ -169,7 +166,7 @@ async fn unmapped_customers_wait_and_are_billed_once_mapped() {
     map_all(pool, &["newcomer".to_owned()]).await;
     let second = sink.run(RunMode::Once, &stop).await.unwrap();
     assert_eq!((second.sent, second.unmapped_slots), (1, 0));
-    assert_eq!(stripe_sum(&setup.emulator, "cus_newcomer", "api_calls"), 7);
+    assert_eq!(setup.emulator.sum("cus_newcomer", "api_calls"), 7);
 }
 
 #[tokio::test]
@@ -220,7 +217,7 @@ async fn usage_that_goes_down_is_canceled_and_resent_within_a_day_else_recorded(
     )
     .await;
     sink.run(RunMode::Once, &stop).await.unwrap();
-    assert_eq!(stripe_sum(&setup.emulator, "cus_c1", "api_calls"), 15);
+    assert_eq!(setup.emulator.sum("cus_c1", "api_calls"), 15);
 
     // Someone corrects the windows by hand, within a day: both revisions are canceled at
     // Stripe and the slot's new total is sent as one new revision.
@@ -242,7 +239,7 @@ async fn usage_that_goes_down_is_canceled_and_resent_within_a_day_else_recorded(
         (3, 3, 0)
     );
     assert_eq!(setup.emulator.stats().adjustments, 2);
-    assert_eq!(stripe_sum(&setup.emulator, "cus_c1", "api_calls"), 12);
+    assert_eq!(setup.emulator.sum("cus_c1", "api_calls"), 12);
     let kinds: Vec<String> =
         sqlx::query_scalar("SELECT kind FROM stripe_submissions ORDER BY revision")
             .fetch_all(pool)
@@ -271,7 +268,7 @@ async fn usage_that_goes_down_is_canceled_and_resent_within_a_day_else_recorded(
         .await
         .unwrap();
     assert_eq!(overbilled, d("3"));
-    assert_eq!(stripe_sum(&setup.emulator, "cus_c1", "api_calls"), 12);
+    assert_eq!(setup.emulator.sum("cus_c1", "api_calls"), 12);
     // Later usage is billed normally, not swallowed by the correction.
     add_usage(
         pool,
@@ -283,7 +280,7 @@ async fn usage_that_goes_down_is_canceled_and_resent_within_a_day_else_recorded(
     )
     .await;
     sink.run(RunMode::Once, &stop).await.unwrap();
-    assert_eq!(stripe_sum(&setup.emulator, "cus_c1", "api_calls"), 15);
+    assert_eq!(setup.emulator.sum("cus_c1", "api_calls"), 15);
 }
 
 /// Stripe failing in every way it can (5xx, committed-then-dropped, delays, 429s from an
@@ -353,11 +350,7 @@ async fn exactly_once_through_faults_and_kills() {
     }
     for (customer, exact) in &expected {
         assert_eq!(
-            Decimal::from(stripe_sum(
-                &setup.emulator,
-                &format!("cus_{customer}"),
-                "api_calls"
-            )),
+            Decimal::from(setup.emulator.sum(&format!("cus_{customer}"), "api_calls")),
             exact.floor(),
             "customer {customer}"
         );

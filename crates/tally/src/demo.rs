@@ -17,12 +17,14 @@ use chrono::{DateTime, TimeDelta, Utc};
 use rdkafka::mocking::MockCluster;
 use rust_decimal::Decimal;
 use stripe_emulator::{Emulator, EmulatorConfig};
-use tally_aggregator::{Aggregator, RunMode};
+use tally_aggregator::{Aggregator, AggregatorError, RunMode, RunSummary};
 use tally_core::config::{KafkaConfig, Secret};
 use tally_core::window::slot_start;
 use tally_core::{Aggregation, MeterDefinition, UsageEvent};
 use tally_emitter::{EmitError, Emitter};
-use tally_sink::{ReconcileRow, Sink, SinkConfig, StripeConfig, StripeHttp, Verdict};
+use tally_sink::{
+    ReconcileRow, Sink, SinkConfig, SinkError, SinkSummary, StripeConfig, StripeHttp, Verdict,
+};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::TallyConfig;
@@ -138,36 +140,17 @@ pub(crate) fn run(config: &TallyConfig, args: &DemoArgs) -> anyhow::Result<()> {
         customers.len()
     );
 
-    // The aggregator (its loop blocks: a thread of its own) and the sink (a task).
+    // The aggregator and the sink, until `stop`.
     let stop = CancellationToken::new();
-    let aggregator = {
-        let mut aggregator_config = config.aggregator.clone();
-        aggregator_config.group_id = "tally-demo".into();
-        Aggregator::new(
-            aggregator_config,
-            kafka.clone(),
-            meters.clone(),
-            pool.clone(),
-            runtime.handle().clone(),
-        )?
-    };
-    let aggregator_thread = {
-        let stop = stop.clone();
-        std::thread::spawn(move || aggregator.run(RunMode::Daemon, &stop))
-    };
-    let sink = Sink::new(
-        SinkConfig {
-            interval: Duration::from_secs(1),
-            settle_delay: Duration::ZERO,
-            ..config.sink.clone()
-        },
+    let daemons = Daemons::start(
+        config,
+        &kafka,
+        &meters,
+        &pool,
         &stripe,
-        pool.clone(),
+        runtime.handle(),
+        &stop,
     )?;
-    let sink_task = {
-        let stop = stop.clone();
-        runtime.spawn(async move { sink.run(RunMode::Daemon, &stop).await })
-    };
 
     // Emit: most events first, then a late wave into slots the sink has already billed.
     let spool = tempfile::tempdir().context("creating a spool directory")?;
@@ -221,10 +204,7 @@ pub(crate) fn run(config: &TallyConfig, args: &DemoArgs) -> anyhow::Result<()> {
     let elapsed = started.elapsed();
     stop.cancel();
     emitter.shutdown(Duration::from_secs(5));
-    aggregator_thread
-        .join()
-        .map_err(|_| anyhow::anyhow!("the aggregator thread panicked"))??;
-    let sink_summary = runtime.block_on(sink_task)??;
+    let sink_summary = runtime.block_on(daemons.join())?;
     let (counted, ..) = runtime.block_on(progress.state())?;
     println!(
         "  done in {:.1}s: {counted} events counted; {} slots billed in {} submissions ({} retried)",
@@ -272,6 +252,62 @@ pub(crate) fn run(config: &TallyConfig, args: &DemoArgs) -> anyhow::Result<()> {
         bail!("emitted, windows and Stripe disagree (see the rows marked above)");
     }
     Ok(())
+}
+
+/// The demo's aggregator (its loop blocks: a thread of its own) and sink (a task), billing
+/// every second with no settle delay so that the demo's closed slots are billed at once.
+struct Daemons {
+    aggregator: std::thread::JoinHandle<Result<RunSummary, AggregatorError>>,
+    sink: tokio::task::JoinHandle<Result<SinkSummary, SinkError>>,
+}
+
+impl Daemons {
+    fn start(
+        config: &TallyConfig,
+        kafka: &KafkaConfig,
+        meters: &[MeterDefinition],
+        pool: &sqlx::PgPool,
+        stripe: &StripeConfig,
+        runtime: &tokio::runtime::Handle,
+        stop: &CancellationToken,
+    ) -> anyhow::Result<Daemons> {
+        let mut aggregator_config = config.aggregator.clone();
+        aggregator_config.group_id = "tally-demo".into();
+        let aggregator = Aggregator::new(
+            aggregator_config,
+            kafka.clone(),
+            meters.to_vec(),
+            pool.clone(),
+            runtime.clone(),
+        )?;
+        let sink = Sink::new(
+            SinkConfig {
+                interval: Duration::from_secs(1),
+                settle_delay: Duration::ZERO,
+                ..config.sink.clone()
+            },
+            stripe,
+            pool.clone(),
+        )?;
+        let aggregator = {
+            let stop = stop.clone();
+            std::thread::spawn(move || aggregator.run(RunMode::Daemon, &stop))
+        };
+        let sink = {
+            let stop = stop.clone();
+            runtime.spawn(async move { sink.run(RunMode::Daemon, &stop).await })
+        };
+        Ok(Daemons { aggregator, sink })
+    }
+
+    /// Waits for both to stop (cancel their `stop` first); the sink's summary.
+    async fn join(self) -> anyhow::Result<SinkSummary> {
+        let aggregator = self.aggregator;
+        tokio::task::spawn_blocking(move || aggregator.join())
+            .await?
+            .map_err(|_| anyhow::anyhow!("the aggregator thread panicked"))??;
+        Ok(self.sink.await??)
+    }
 }
 
 /// Stripe customers for the demo's customers, the mapping, and the Stripe meters.

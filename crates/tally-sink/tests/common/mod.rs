@@ -130,28 +130,6 @@ pub(crate) async fn map_all(pool: &PgPool, customers: &[String]) {
         .unwrap();
 }
 
-/// Stripe's sum for a Stripe customer and event name.
-pub(crate) fn stripe_sum(emulator: &Emulator, stripe_customer: &str, event_name: &str) -> i64 {
-    emulator
-        .totals()
-        .iter()
-        .filter(|t| t.customer == stripe_customer && t.event_name == event_name)
-        .map(|t| t.sum)
-        .sum()
-}
-
-pub(crate) fn stripe_last(
-    emulator: &Emulator,
-    stripe_customer: &str,
-    event_name: &str,
-) -> Option<i64> {
-    emulator
-        .totals()
-        .iter()
-        .find(|t| t.customer == stripe_customer && t.event_name == event_name)
-        .and_then(|t| t.last)
-}
-
 pub(crate) async fn outbox_counts(pool: &PgPool) -> (i64, i64, i64) {
     sqlx::query_as(
         "SELECT count(*) FILTER (WHERE status = 'pending'), count(*) FILTER (WHERE status = 'sent'), count(*) FILTER (WHERE status = 'failed') FROM stripe_submissions",

@@ -8,15 +8,15 @@ use std::time::Duration;
 
 use anyhow::Context;
 use chrono::{DateTime, Utc};
-use tally_aggregator::{Aggregator, RunMode};
 use tally_api::{ApiState, ApiToken};
 use tally_core::config::{KafkaConfig, Secret};
 use tally_core::MeterDefinition;
 use tally_emitter::Emitter;
 use tally_quota::Quota;
-use tally_sink::{Sink, SinkConfig, StripeConfig};
+use tally_sink::StripeConfig;
 use tokio_util::sync::CancellationToken;
 
+use super::Daemons;
 use crate::config::TallyConfig;
 use crate::process::cancel_on_signal;
 
@@ -45,32 +45,15 @@ pub(super) fn serve_until_stopped(
         let stop = CancellationToken::new();
         tokio::spawn(cancel_on_signal(stop.clone()));
 
-        let mut aggregator_config = stack.config.aggregator.clone();
-        aggregator_config.group_id = "tally-demo".into();
-        let aggregator = Aggregator::new(
-            aggregator_config,
-            stack.kafka.clone(),
-            stack.meters.to_vec(),
-            stack.pool.clone(),
-            tokio::runtime::Handle::current(),
-        )?;
-        let aggregator_thread = {
-            let stop = stop.clone();
-            std::thread::spawn(move || aggregator.run(RunMode::Daemon, &stop))
-        };
-        let sink = Sink::new(
-            SinkConfig {
-                interval: Duration::from_secs(1),
-                settle_delay: Duration::ZERO,
-                ..stack.config.sink.clone()
-            },
+        let daemons = Daemons::start(
+            stack.config,
+            stack.kafka,
+            stack.meters,
+            stack.pool,
             stack.stripe,
-            stack.pool.clone(),
+            &tokio::runtime::Handle::current(),
+            &stop,
         )?;
-        let sink_task = {
-            let stop = stop.clone();
-            tokio::spawn(async move { sink.run(RunMode::Daemon, &stop).await })
-        };
 
         // The API, with POST /v1/events through an emitter of its own.
         let spool = tempfile::tempdir().context("creating a spool directory")?;
@@ -104,10 +87,7 @@ pub(super) fn serve_until_stopped(
         println!("stopping the demo");
         server.await??;
         tokio::task::spawn_blocking(move || emitter.shutdown(Duration::from_secs(5))).await?;
-        sink_task.await??;
-        tokio::task::spawn_blocking(move || aggregator_thread.join())
-            .await?
-            .map_err(|_| anyhow::anyhow!("the aggregator thread panicked"))??;
+        daemons.join().await?;
         Ok(())
     })
 }
