@@ -2,7 +2,7 @@
 
 use std::process::Command;
 
-use tally_tests::{http, reconcile_range, runtime, tally_command};
+use tally_tests::{http, reconcile_range, runtime, tally_command, KillOnDrop};
 
 #[test]
 fn demo_runs_end_to_end_and_reconciles() {
@@ -52,11 +52,13 @@ fn the_demo_keeps_running_and_prints_how_to_reach_each_part() {
     if let Ok(url) = std::env::var("DATABASE_URL") {
         command.args(["--database-url", &url]);
     }
-    let mut demo = command
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("tally runs");
+    let mut demo = KillOnDrop(
+        command
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("tally runs"),
+    );
     let mut lines = BufReader::new(demo.stdout.take().unwrap()).lines();
     let mut printed = String::new();
     let field = |line: &str, prefix: &str, n: usize| -> Option<String> {

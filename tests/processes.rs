@@ -10,7 +10,6 @@
 //! long, at a steady 2,000 events/s, and prints events/s, kills survived and the drift.
 
 use std::collections::BTreeMap;
-use std::process::Child;
 use std::time::{Duration, Instant};
 
 use rand::{Rng, SeedableRng};
@@ -23,7 +22,8 @@ use tally_tests::*;
 struct Supervised {
     name: &'static str,
     args: Vec<String>,
-    child: Child,
+    /// Killed when the test ends, also when it fails.
+    child: KillOnDrop,
     starts: u32,
 }
 
@@ -128,12 +128,21 @@ fn the_pipeline_as_separate_processes_survives_kill_9_and_bills_exactly() {
              [[serve.tokens]]\nname = \"ingest\"\ntoken = \"{API_TOKEN}\"\n"
         ),
     );
-    let mut broker = work.spawn(
+    // librdkafka's mock broker keeps at most 100,000 messages a partition and drops the oldest
+    // beyond that; a long soak spreads its events so that no partition comes near it.
+    let partitions = (duration.as_secs() * 2_000 / 60_000).max(8);
+    let _broker = work.spawn(
         "kafka",
         &db.url,
-        &["kafka", "--port", &kafka_port.to_string()],
+        &[
+            "kafka",
+            "--port",
+            &kafka_port.to_string(),
+            "--partitions",
+            &partitions.to_string(),
+        ],
     );
-    let mut stripe = work.spawn(
+    let _stripe = work.spawn(
         "stripe",
         &db.url,
         &["stripe-emulator", "--port", &stripe_port.to_string()],
@@ -276,9 +285,30 @@ fn the_pipeline_as_separate_processes_survives_kill_9_and_bills_exactly() {
             })
             .sum()
     };
-    wait_until("every event counted once", Duration::from_secs(120), || {
-        counted() == expected_counts
-    });
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let now_counted = counted();
+        if now_counted == expected_counts {
+            break;
+        }
+        if Instant::now() > deadline {
+            let total = |m: &BTreeMap<(String, String), Decimal>| m.values().sum::<Decimal>();
+            let differing: Vec<String> = expected_counts
+                .iter()
+                .filter(|(key, sum)| now_counted.get(*key) != Some(*sum))
+                .take(5)
+                .map(|(key, sum)| {
+                    format!("{key:?}: emitted {sum}, counted {:?}", now_counted.get(key))
+                })
+                .collect();
+            panic!(
+                "not every event counted once after 120 s: emitted {} in total, counted {}; e.g. {differing:#?}",
+                total(&expected_counts),
+                total(&now_counted)
+            );
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    }
     wait_until(
         "Stripe holds the floor of every customer's usage",
         Duration::from_secs(120),
@@ -303,13 +333,5 @@ fn the_pipeline_as_separate_processes_survives_kill_9_and_bills_exactly() {
         kills >= 3 || soak.is_some(),
         "the test killed something: {kills}"
     );
-    for child in [
-        &mut aggregate.child,
-        &mut sink.child,
-        &mut broker,
-        &mut stripe,
-    ] {
-        kill(child);
-    }
     emitter.shutdown(Duration::from_secs(5));
 }

@@ -250,14 +250,16 @@ impl Workdir {
         self.dir.path().join("tally.toml")
     }
 
-    /// `tally <args>` as a child process, its output in `<name>.log`.
-    pub fn spawn(&self, name: &str, database_url: &str, args: &[&str]) -> Child {
+    /// `tally <args>` as a child process, its output in `<name>.log`; killed when dropped.
+    pub fn spawn(&self, name: &str, database_url: &str, args: &[&str]) -> KillOnDrop {
         let log = std::fs::File::create(self.dir.path().join(format!("{name}.log"))).unwrap();
-        self.command(database_url, args)
-            .stdout(log.try_clone().unwrap())
-            .stderr(log)
-            .spawn()
-            .expect("tally starts")
+        KillOnDrop(
+            self.command(database_url, args)
+                .stdout(log.try_clone().unwrap())
+                .stderr(log)
+                .spawn()
+                .expect("tally starts"),
+        )
     }
 
     /// `tally <args>` to completion: (success, stdout + stderr).
@@ -315,6 +317,29 @@ impl Drop for Workdir {
                 }
             }
         }
+    }
+}
+
+/// A child process that is killed (SIGKILL) and reaped when dropped, also when the test
+/// panics: no test leaves a `tally` process behind.
+pub struct KillOnDrop(pub Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        kill(&mut self.0);
+    }
+}
+
+impl std::ops::Deref for KillOnDrop {
+    type Target = Child;
+    fn deref(&self) -> &Child {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for KillOnDrop {
+    fn deref_mut(&mut self) -> &mut Child {
+        &mut self.0
     }
 }
 
