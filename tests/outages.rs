@@ -60,11 +60,14 @@ fn outages_of_postgres_and_kafka_are_waited_out_by_running_processes() {
     let url = postgres.url();
     let emulator = runtime.block_on(emulator());
     let (aggregate_admin, sink_admin, serve_port) = (free_port(), free_port(), free_port());
+    // A request in flight when the mock broker goes down is never answered (a real broker's
+    // connection would close): a 10 s socket timeout, not librdkafka's 60 s, bounds that wait.
     let work = Workdir::new(
         &broker.kafka,
         &emulator.url(),
         &format!(
-            "[aggregator]\ninstance_id = \"aggregator-1\"\nsession_timeout = \"6s\"\n\n\
+            "[kafka.options]\n\"socket.timeout.ms\" = \"10000\"\n\n\
+             [aggregator]\ninstance_id = \"aggregator-1\"\nsession_timeout = \"6s\"\n\n\
              [sink]\ninterval = \"1s\"\nsettle_delay = \"0s\"\nlease = \"5s\"\n\n\
              [serve]\nlisten = \"127.0.0.1:{serve_port}\"\n\n\
              [[serve.tokens]]\nname = \"admin\"\ntoken = \"{TOKEN}\"\n"
