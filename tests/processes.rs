@@ -58,22 +58,12 @@ const API_TOKEN: &str = "ingest-token-0123456789abcdef";
 /// Posts `events` to `tally serve` until every one is accepted. A killed or restarting server
 /// leaves a batch unanswered; the client retries it with the same ids, and each counts once.
 fn post_until_accepted(api_port: u16, events: &[UsageEvent]) {
-    let body = serde_json::json!({
-        "events": events
-            .iter()
-            .map(|event| {
-                serde_json::json!({
-                    "id": event.id,
-                    "customer": event.customer,
-                    "meter": event.meter,
-                    "quantity": event.quantity.to_string(),
-                    "timestamp": event.timestamp.to_rfc3339(),
-                    "dimensions": event.dimensions,
-                })
-            })
-            .collect::<Vec<_>>()
-    })
-    .to_string();
+    // The wire format of the topic is the native format POST /v1/events takes.
+    let encoded: Vec<String> = events
+        .iter()
+        .map(|event| String::from_utf8(tally_core::wire::encode(event)).unwrap())
+        .collect();
+    let body = format!("{{\"events\":[{}]}}", encoded.join(","));
     let address = format!("127.0.0.1:{api_port}");
     let bearer = format!("Bearer {API_TOKEN}");
     let headers = [

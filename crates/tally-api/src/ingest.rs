@@ -242,11 +242,8 @@ async fn store_rejects(pool: &sqlx::PgPool, rejects: &[Reject]) -> Result<(), Ap
             received: Received::Http,
         })
         .collect();
-    let stored = match pool.acquire().await {
-        Ok(mut conn) => tally_db::rejects::insert(&mut conn, &rows).await,
-        Err(error) => Err(error),
-    };
-    stored
+    tally_db::rejects::insert(pool, &rows)
+        .await
     .map_err(|error| {
         tracing::error!(%error, "cannot store rejected events; the batch was not emitted");
         ApiError::new(

@@ -83,17 +83,12 @@ pub async fn all(pool: &PgPool) -> Result<Vec<RecordedMeter>, sqlx::Error> {
     Ok(rows
         .into_iter()
         .filter_map(|(name, aggregation, stripe_event_name)| {
-            match aggregation.parse::<Aggregation>() {
-                Ok(aggregation) => Some(RecordedMeter {
-                    name,
-                    aggregation,
-                    stripe_event_name,
-                }),
-                Err(error) => {
-                    tracing::error!(meter = name, %error, "the meters table holds a meter this tally cannot read");
-                    None
-                }
-            }
+            let aggregation = readable(&name, &aggregation)?;
+            Some(RecordedMeter {
+                name,
+                aggregation,
+                stripe_event_name,
+            })
         })
         .collect())
 }
@@ -105,5 +100,16 @@ pub async fn aggregation_of(pool: &PgPool, name: &str) -> Result<Option<Aggregat
             .bind(name)
             .fetch_optional(pool)
             .await?;
-    Ok(stored.and_then(|text| text.parse().ok()))
+    Ok(stored.and_then(|text| readable(name, &text)))
+}
+
+/// A stored aggregation, or `None` (logged at ERROR) when this tally cannot read it.
+fn readable(meter: &str, stored: &str) -> Option<Aggregation> {
+    match stored.parse() {
+        Ok(aggregation) => Some(aggregation),
+        Err(error) => {
+            tracing::error!(meter, %error, "the meters table holds a meter this tally cannot read");
+            None
+        }
+    }
 }

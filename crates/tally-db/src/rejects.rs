@@ -33,8 +33,11 @@ pub enum Received<'a> {
     Http,
 }
 
-/// Stores refused events, in the caller's transaction.
-pub async fn insert(conn: &mut PgConnection, rows: &[Rejected<'_>]) -> Result<(), sqlx::Error> {
+/// Stores refused events: in the caller's transaction (aggregator) or on a pool (HTTP ingest).
+pub async fn insert<'c>(
+    executor: impl sqlx::PgExecutor<'c>,
+    rows: &[Rejected<'_>],
+) -> Result<(), sqlx::Error> {
     if rows.is_empty() {
         return Ok(());
     }
@@ -62,7 +65,7 @@ pub async fn insert(conn: &mut PgConnection, rows: &[Rejected<'_>]) -> Result<()
     .bind(&columns.partitions)
     .bind(&columns.offsets)
     .bind(&columns.keys)
-    .execute(&mut *conn)
+    .execute(executor)
     .await?;
     Ok(())
 }
