@@ -11,8 +11,7 @@ use chrono::{TimeDelta, Utc};
 use http_body_util::BodyExt;
 use rust_decimal::Decimal;
 use serde_json::{json, Value};
-use tally_api::{router, ApiState, ApiToken};
-use tally_core::config::Secret;
+use tally_api::{router, Access, ApiState, ApiToken, RateLimits, Scope, ServeConfig};
 use tally_quota::testing::subscribe;
 use tally_quota::{apply_plans, Decision, PlanDefinition, Quota};
 use tally_tests::IngestPipeline;
@@ -32,7 +31,7 @@ async fn post_text(state: &Arc<ApiState>, token: &str, body: String) -> (StatusC
         .header("authorization", format!("Bearer {token}"))
         .body(Body::from(body))
         .unwrap();
-    let response = router(state.clone(), 1 << 20)
+    let response = router(state.clone(), &ServeConfig::default())
         .oneshot(request)
         .await
         .unwrap();
@@ -42,6 +41,25 @@ async fn post_text(state: &Arc<ApiState>, token: &str, body: String) -> (StatusC
         status,
         serde_json::from_slice(&bytes).unwrap_or(Value::Null),
     )
+}
+
+fn api_state(pipeline: &IngestPipeline, quota: Quota) -> Arc<ApiState> {
+    let pool = pipeline.db.pool.clone();
+    Arc::new(ApiState {
+        quota,
+        pool: pool.clone(),
+        reader_pool: pool,
+        access: Access::new(
+            &[
+                ApiToken::new("ops", Scope::Admin, None, ADMIN),
+                ApiToken::new("acme", Scope::Customer, Some("acme"), ACME),
+            ],
+            &RateLimits::default(),
+        ),
+        metrics: None,
+        emitter: Some(pipeline.emitter.emitter.clone()),
+        stripe_webhook: None,
+    })
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -54,27 +72,10 @@ async fn posted_events_reach_the_windows_and_refused_ones_are_stored() {
     .unwrap();
     apply_plans(&pool, &[plan], "test").await.unwrap();
     subscribe(&pool, "acme", "FREE", Utc::now() - TimeDelta::days(1)).await;
-    let state = Arc::new(ApiState {
-        quota: Quota::new(pool.clone(), Duration::from_millis(100))
-            .await
-            .unwrap(),
-        pool: pool.clone(),
-        tokens: vec![
-            ApiToken {
-                name: "ops".into(),
-                token: Secret::new(ADMIN),
-                customer: None,
-            },
-            ApiToken {
-                name: "acme".into(),
-                token: Secret::new(ACME),
-                customer: Some("acme".into()),
-            },
-        ],
-        metrics: None,
-        emitter: Some(pipeline.emitter.emitter.clone()),
-        stripe_webhook_secret: None,
-    });
+    let quota = Quota::new(pool.clone(), Duration::from_millis(100))
+        .await
+        .unwrap();
+    let state = api_state(&pipeline, quota);
 
     let now = Utc::now();
     let batch = json!({ "events": [
@@ -238,5 +239,126 @@ async fn posted_events_reach_the_windows_and_refused_ones_are_stored() {
     assert_eq!(
         (status, body["code"].as_str()),
         (StatusCode::BAD_REQUEST, Some("INVALID_REQUEST"))
+    );
+}
+
+/// Hostile values for an event's fields: wrong types, control characters, huge and tiny
+/// numbers, deep nesting, long strings.
+const HOSTILE: [&str; 22] = [
+    "null",
+    "true",
+    "[]",
+    "{}",
+    "\"\"",
+    "\"\\u0000\"",
+    "\"\\u001b[31m\"",
+    "\"\\ud800\"",
+    "-1",
+    "0",
+    "1e308",
+    "-0.0",
+    "1e-30",
+    "123456789012345678901234567890",
+    "0.0000000001",
+    "\"1e5\"",
+    "\"NaN\"",
+    "[[[[[[[[[[1]]]]]]]]]]",
+    "{\"a\":{\"b\":{\"c\":1}}}",
+    "\"2026-13-45T99:99:99Z\"",
+    "\"x\"",
+    "\"é\"",
+];
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fuzzed_events_never_answer_500_and_every_refused_one_is_stored() {
+    let pipeline = IngestPipeline::start(Duration::from_millis(50)).await;
+    let pool = pipeline.db.pool.clone();
+    let quota = Quota::new(pool.clone(), Duration::from_secs(60))
+        .await
+        .unwrap();
+    let state = api_state(&pipeline, quota);
+    let document = tally_api::openapi::document();
+    let fields = [
+        "id",
+        "customer",
+        "meter",
+        "quantity",
+        "timestamp",
+        "dimensions",
+        "source",
+        "specversion",
+        "subject",
+        "type",
+        "data",
+    ];
+    let mut seed: u64 = 0x1234_5678_9abc_def1;
+    let mut next = move |n: usize| {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        (seed % n as u64) as usize
+    };
+    let mut refused_total = 0;
+    for batch in 0..60 {
+        let mut events = Vec::new();
+        for i in 0..1 + next(20) {
+            let mut event = format!(
+                r#"{{"id":"fuzz-{batch}-{i}","customer":"acme","meter":"api_calls","quantity":1"#
+            );
+            for _ in 0..next(4) {
+                let field = fields[next(fields.len())];
+                let value = if next(10) == 0 {
+                    format!("\"{}\"", "y".repeat(next(3000)))
+                } else {
+                    HOSTILE[next(HOSTILE.len())].to_owned()
+                };
+                event.push_str(&format!(",\"{field}\":{value}"));
+            }
+            event.push('}');
+            events.push(event);
+        }
+        let body = format!("{{\"events\":[{}]}}", events.join(","));
+        let (status, answer) = post_text(&state, ADMIN, body.clone()).await;
+        assert!(
+            [
+                StatusCode::OK,
+                StatusCode::MULTI_STATUS,
+                StatusCode::BAD_REQUEST
+            ]
+            .contains(&status),
+            "{body} answered {status}: {answer}"
+        );
+        if let Err(problem) = tally_api::openapi::check_answer(
+            &document,
+            "/v1/events",
+            "POST",
+            status.as_u16(),
+            &answer,
+        ) {
+            panic!("{problem}");
+        }
+        if status != StatusCode::BAD_REQUEST {
+            let results = answer["results"].as_array().unwrap();
+            assert_eq!(
+                results.len(),
+                events.len(),
+                "one result per event: {answer}"
+            );
+            assert_eq!(answer["unavailable"], 0, "{answer}");
+            refused_total += answer["rejected"].as_u64().unwrap();
+        }
+    }
+    let stored: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM rejected_events WHERE received_via = 'http'")
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+    assert_eq!(
+        stored as u64, refused_total,
+        "every refused event is in rejected_events"
+    );
+    assert!(
+        refused_total > 20,
+        "the fuzz refused only {refused_total} events"
     );
 }

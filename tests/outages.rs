@@ -70,7 +70,8 @@ fn outages_of_postgres_and_kafka_are_waited_out_by_running_processes() {
              [aggregator]\ninstance_id = \"aggregator-1\"\nsession_timeout = \"6s\"\n\n\
              [sink]\ninterval = \"1s\"\nsettle_delay = \"0s\"\nlease = \"5s\"\n\n\
              [serve]\nlisten = \"127.0.0.1:{serve_port}\"\n\n\
-             [[serve.tokens]]\nname = \"admin\"\ntoken = \"{TOKEN}\"\n"
+             [[serve.tokens]]\nname = \"admin\"\nscope = \"admin\"\nsha256 = \"{}\"\n",
+            tally_api::token_hash(TOKEN)
         ),
     );
     let (ok, output) = work.run(&url, &["migrate"]);
@@ -98,8 +99,11 @@ fn outages_of_postgres_and_kafka_are_waited_out_by_running_processes() {
         ],
     );
     let mut serve = work.spawn("serve", &url, &["serve"]);
+    // tally serve's public /readyz wants an admin token; the daemons' admin listeners do not.
+    let bearer = format!("Bearer {TOKEN}");
     let ready = |port: u16| {
-        http(&format!("127.0.0.1:{port}"), "GET", "/readyz", &[], "")
+        let headers = [("authorization", bearer.as_str())];
+        http(&format!("127.0.0.1:{port}"), "GET", "/readyz", &headers, "")
             .map(|(status, _)| status)
             .unwrap_or(0)
     };

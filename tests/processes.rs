@@ -115,7 +115,8 @@ fn the_pipeline_as_separate_processes_survives_kill_9_and_bills_exactly() {
             "[aggregator]\nsession_timeout = \"6s\"\nbatch_max_wait = \"100ms\"\n\n\
              [sink]\ninterval = \"1s\"\nsettle_delay = \"0s\"\nlease = \"5s\"\n\n\
              [serve]\nlisten = \"127.0.0.1:{api_port}\"\n\n\
-             [[serve.tokens]]\nname = \"ingest\"\ntoken = \"{API_TOKEN}\"\n"
+             [[serve.tokens]]\nname = \"ingest\"\nscope = \"ingest\"\nsha256 = \"{}\"\n",
+            tally_api::token_hash(API_TOKEN)
         ),
     );
     // librdkafka's mock broker keeps at most 100,000 messages a partition and drops the oldest

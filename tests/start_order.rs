@@ -56,7 +56,8 @@ fn meters_are_one_truth_whatever_starts_first() {
         &emulator.url(),
         &format!(
             "[serve]\nlisten = \"{serve_address}\"\nstripe_webhook_secret = \"{secret}\"\n\n\
-             [[serve.tokens]]\nname = \"admin\"\ntoken = \"{TOKEN}\"\n"
+             [[serve.tokens]]\nname = \"admin\"\nscope = \"admin\"\nsha256 = \"{}\"\n",
+            tally_api::token_hash(TOKEN)
         ),
     );
 

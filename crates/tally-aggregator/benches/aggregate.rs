@@ -10,7 +10,6 @@
 //! 4. Freshness: events produced at a steady 50k/s while a daemon aggregator runs; p50/p99 of
 //!    commit time minus the message's Kafka timestamp.
 
-use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -123,7 +122,7 @@ fn main() {
         brokers: cluster.bootstrap_servers(),
         topic: "usage-events".into(),
         dlq_topic: "usage-events-dlq".into(),
-        options: BTreeMap::from([("session.timeout.ms".into(), "6000".into())]),
+        options: [("session.timeout.ms", "6000")].into_iter().collect(),
     };
     cluster.create_topic(&kafka.topic, PARTITIONS, 1).unwrap();
     cluster.create_topic(&kafka.dlq_topic, 1, 1).unwrap();
@@ -366,7 +365,7 @@ fn kafka_side_cpu(
         brokers: cluster.bootstrap_servers(),
         topic: "kafka-side".into(),
         dlq_topic: String::new(),
-        options: BTreeMap::new(),
+        options: Default::default(),
     };
     cluster.create_topic(&kafka.topic, PARTITIONS, 1).unwrap();
     let total = rate * seconds as usize;

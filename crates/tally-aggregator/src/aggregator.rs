@@ -869,9 +869,16 @@ impl Aggregator {
     }
 
     fn unreachable(&self, error: rdkafka::error::KafkaError) -> AggregatorError {
+        // librdkafka's refusal of an option quotes its value, which may be a password.
+        let reason = self.kafka.options.redact(&error.to_string());
+        if matches!(error, rdkafka::error::KafkaError::ClientConfig(..)) {
+            return AggregatorError::Config(format!(
+                "kafka.options: {reason}; fix or remove that option (see librdkafka's CONFIGURATION.md)"
+            ));
+        }
         AggregatorError::KafkaUnreachable {
             brokers: self.kafka.brokers.clone(),
-            reason: error.to_string(),
+            reason,
         }
     }
 

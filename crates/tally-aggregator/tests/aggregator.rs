@@ -67,12 +67,14 @@ impl Harness {
             brokers: cluster.bootstrap_servers(),
             topic: format!("usage-events-{suffix}"),
             dlq_topic: format!("usage-events-dlq-{suffix}"),
-            options: BTreeMap::from([
+            options: [
                 // Quick group membership changes, so rebalance tests do not wait for timeouts.
                 // The mock broker's minimum; a killed member is noticed after this long.
-                ("session.timeout.ms".into(), "6000".into()),
-                ("heartbeat.interval.ms".into(), "500".into()),
-            ]),
+                ("session.timeout.ms", "6000"),
+                ("heartbeat.interval.ms", "500"),
+            ]
+            .into_iter()
+            .collect(),
         };
         cluster.create_topic(&kafka.topic, PARTITIONS, 1).unwrap();
         cluster.create_topic(&kafka.dlq_topic, 1, 1).unwrap();
@@ -692,10 +694,12 @@ fn crash_child() {
         brokers: brokers.into(),
         topic: topic.into(),
         dlq_topic: format!("{topic}-dlq"),
-        options: BTreeMap::from([
-            ("session.timeout.ms".into(), "6000".into()),
-            ("heartbeat.interval.ms".into(), "500".into()),
-        ]),
+        options: [
+            ("session.timeout.ms", "6000"),
+            ("heartbeat.interval.ms", "500"),
+        ]
+        .into_iter()
+        .collect(),
     };
     // A small xorshift: which step of which batch dies depends on the seed.
     let state = AtomicU64::new(seed | 1);

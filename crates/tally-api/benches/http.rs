@@ -11,8 +11,7 @@ use bytes::Bytes;
 use hdrhistogram::Histogram;
 use http_body_util::{BodyExt, Full};
 use rust_decimal::Decimal;
-use tally_api::{router, ApiState, ApiToken};
-use tally_core::config::Secret;
+use tally_api::{router, Access, ApiState, ApiToken, RateLimits, Scope, ServeConfig};
 use tally_quota::testing::unlimited_customers;
 use tally_quota::Quota;
 use tokio_util::sync::CancellationToken;
@@ -42,21 +41,22 @@ fn main() {
             .await
             .unwrap(),
             pool: db.pool.clone(),
-            tokens: vec![ApiToken {
-                name: "bench".into(),
-                token: Secret::new(TOKEN),
-                customer: None,
-            }],
+            reader_pool: db.pool.clone(),
+            access: Access::new(
+                &[ApiToken::new("bench", Scope::Check, None, TOKEN)],
+                &RateLimits::default(),
+            ),
             metrics: None,
             emitter: None,
-            stripe_webhook_secret: None,
+            stripe_webhook: None,
         });
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let stop = CancellationToken::new();
         tokio::spawn(tally_api::serve(
             listener,
-            router(state, 1 << 20),
+            router(state, &ServeConfig::default()),
+            ServeConfig::default().limits,
             stop.clone(),
         ));
         let baseline = Quota::new(db.pool.clone(), Duration::from_secs(1))

@@ -1,4 +1,5 @@
-//! `[serve]` in `tally.toml`.
+//! `[serve]` in `tally.toml`: where `tally serve` listens, who may call it (hashed tokens with
+//! scopes), and the edge limits that keep it standing when it faces the internet.
 
 use std::time::Duration;
 
@@ -8,56 +9,254 @@ use tally_core::config::Secret;
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ServeConfig {
-    /// Address `tally serve` listens on.
+    /// Address `tally serve` listens on (the public API).
     pub listen: String,
+    /// Address of the admin listener: `/metrics`, the detailed `/readyz` and `/healthz`,
+    /// without a token. Keep it off the internet (e.g. 127.0.0.1:9188 or a private network).
+    /// Unset: no admin listener, and the public `/metrics` and `/readyz` need an admin token.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub admin_listen: Option<String>,
     /// How long the quota check keeps a customer's entitlements and usage before reloading.
     #[serde(with = "humantime_serde")]
     pub refresh: Duration,
-    /// Largest request body accepted, in bytes.
-    pub max_body_bytes: usize,
-    /// API tokens (`[[serve.tokens]]`). A token without `customer` is an admin token.
+    /// Most customers the quota cache holds; beyond, the least recently checked are evicted.
+    pub max_cached_customers: usize,
+    /// API tokens (`[[serve.tokens]]`), stored as SHA-256 hashes: `tally tokens create`.
     pub tokens: Vec<ApiToken>,
     /// Signing secret (`whsec_…`) of the Stripe webhook endpoint `/v1/webhooks/stripe`. Also
     /// read from `STRIPE_WEBHOOK_SECRET`. Empty: the endpoint answers 503.
     pub stripe_webhook_secret: Secret,
+    /// Connection and request limits.
+    pub limits: EdgeLimits,
+    /// Requests per second per token, by scope.
+    pub rate_limits: RateLimits,
 }
 
 impl Default for ServeConfig {
     fn default() -> Self {
         ServeConfig {
             listen: "127.0.0.1:8080".into(),
+            admin_listen: None,
             refresh: Duration::from_millis(250),
-            max_body_bytes: 1 << 20,
+            max_cached_customers: 1_000_000,
             tokens: Vec::new(),
             stripe_webhook_secret: Secret::default(),
+            limits: EdgeLimits::default(),
+            rate_limits: RateLimits::default(),
         }
     }
 }
 
-/// One bearer token and what it may read.
+/// `[serve.limits]`: what one client, or all of them together, may hold of the server.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct EdgeLimits {
+    /// A request's head (request line and headers) must arrive within this. The same clock
+    /// starts when a keep-alive connection falls idle, so it is also the idle timeout: a
+    /// connection that sends nothing for this long is closed.
+    #[serde(with = "humantime_serde")]
+    pub header_read_timeout: Duration,
+    /// A request (its body read and its answer) must be done within this; else 408.
+    #[serde(with = "humantime_serde")]
+    pub request_timeout: Duration,
+    /// Open connections; one more is answered 503 and closed.
+    pub max_connections: usize,
+    /// Requests being handled at once; one more is answered 503 with `Retry-After`.
+    pub max_in_flight: usize,
+    /// On SIGTERM, requests in flight get this long to finish; then connections are cut.
+    #[serde(with = "humantime_serde")]
+    pub shutdown_timeout: Duration,
+    /// Largest body of `POST /v1/events`.
+    pub max_ingest_body_bytes: usize,
+    /// Largest body of `POST /v1/webhooks/stripe` (Stripe's events are a few kB to ~100 kB).
+    pub max_webhook_body_bytes: usize,
+    /// Largest body of every other route (quota checks).
+    pub max_body_bytes: usize,
+}
+
+impl Default for EdgeLimits {
+    fn default() -> Self {
+        EdgeLimits {
+            header_read_timeout: Duration::from_secs(10),
+            request_timeout: Duration::from_secs(30),
+            max_connections: 4096,
+            max_in_flight: 1024,
+            shutdown_timeout: Duration::from_secs(20),
+            max_ingest_body_bytes: 1 << 20,
+            max_webhook_body_bytes: 512 << 10,
+            max_body_bytes: 16 << 10,
+        }
+    }
+}
+
+/// `[serve.rate_limits]`: a token bucket per token, sized by the token's scope.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RateLimits {
+    pub admin: Rate,
+    pub ingest: Rate,
+    pub check: Rate,
+    pub customer: Rate,
+}
+
+impl Default for RateLimits {
+    fn default() -> Self {
+        RateLimits {
+            admin: Rate::new(1_000, 2_000),
+            // A request carries up to 1,000 events.
+            ingest: Rate::new(500, 1_000),
+            // A gateway checks for every request it serves.
+            check: Rate::new(50_000, 100_000),
+            // A customer portal, read by people.
+            customer: Rate::new(20, 60),
+        }
+    }
+}
+
+impl RateLimits {
+    pub fn of(&self, scope: Scope) -> Rate {
+        match scope {
+            Scope::Admin => self.admin,
+            Scope::Ingest => self.ingest,
+            Scope::Check => self.check,
+            Scope::Customer => self.customer,
+        }
+    }
+}
+
+/// A sustained rate and the burst allowed above it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Rate {
+    pub per_second: u32,
+    pub burst: u32,
+}
+
+impl Rate {
+    pub const fn new(per_second: u32, burst: u32) -> Rate {
+        Rate { per_second, burst }
+    }
+}
+
+/// What a token may do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Scope {
+    /// Everything.
+    Admin,
+    /// `POST /v1/events` only.
+    Ingest,
+    /// Quota checks and entitlements for any customer (for gateways).
+    Check,
+    /// One customer's own entitlements, usage and invoice preview, and checks that count
+    /// nothing (they do not change anybody's quota state).
+    Customer,
+}
+
+impl Scope {
+    pub const ALL: [Scope; 4] = [Scope::Admin, Scope::Ingest, Scope::Check, Scope::Customer];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Scope::Admin => "admin",
+            Scope::Ingest => "ingest",
+            Scope::Check => "check",
+            Scope::Customer => "customer",
+        }
+    }
+}
+
+/// One bearer token, as its SHA-256 hash, and what it may do.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ApiToken {
-    /// A name for logs and audit (never the token).
+    /// A name for logs and metrics (never the token).
     pub name: String,
-    pub token: Secret,
-    /// Only this customer's data; absent for an admin token.
+    pub scope: Scope,
+    /// The customer a `customer` token reads; absent for the other scopes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub customer: Option<String>,
+    /// Hex SHA-256 of the token: `printf %s "$TOKEN" | sha256sum`.
+    pub sha256: Secret,
+    /// Tokens are no longer kept in plain text; present only to say so (see `validate`).
+    #[serde(default, skip_serializing)]
+    pub token: Option<Secret>,
+}
+
+impl ApiToken {
+    /// A token entry for `plain` (tests, the demo, `tally tokens create`).
+    pub fn new(name: &str, scope: Scope, customer: Option<&str>, plain: &str) -> ApiToken {
+        ApiToken {
+            name: name.to_owned(),
+            scope,
+            customer: customer.map(str::to_owned),
+            sha256: Secret::new(crate::auth::token_hash(plain)),
+            token: None,
+        }
+    }
 }
 
 impl ServeConfig {
     pub fn validate(&self) -> Result<(), String> {
         for token in &self.tokens {
-            if token.token.expose().len() < 24 {
+            let name = &token.name;
+            if token.token.is_some() {
                 return Err(format!(
-                    "serve.tokens {:?}: a token must be at least 24 characters (e.g. `openssl rand -hex 24`)",
-                    token.name
+                    "serve.tokens {name:?}: plain `token` is no longer accepted; store its hash instead: `sha256 = \"…\"` from `printf %s \"$TOKEN\" | sha256sum`, or make a new one with `tally tokens create`"
+                ));
+            }
+            let hash = token.sha256.expose();
+            if hash.len() != 64 || !hash.bytes().all(|b| b.is_ascii_hexdigit()) {
+                return Err(format!(
+                    "serve.tokens {name:?}: sha256 must be 64 hex digits (`printf %s \"$TOKEN\" | sha256sum`)"
+                ));
+            }
+            match (token.scope, &token.customer) {
+                (Scope::Customer, None) => {
+                    return Err(format!(
+                        "serve.tokens {name:?}: a customer token needs `customer = \"…\"`"
+                    ))
+                }
+                (Scope::Customer, Some(_)) | (_, None) => {}
+                (scope, Some(_)) => {
+                    return Err(format!(
+                    "serve.tokens {name:?}: `customer` is only for scope = \"customer\", not {:?}",
+                    scope.as_str()
+                ))
+                }
+            }
+        }
+        let limits = &self.limits;
+        for (name, value) in [
+            ("max_connections", limits.max_connections),
+            ("max_in_flight", limits.max_in_flight),
+            ("max_ingest_body_bytes", limits.max_ingest_body_bytes),
+            ("max_webhook_body_bytes", limits.max_webhook_body_bytes),
+            ("max_body_bytes", limits.max_body_bytes),
+        ] {
+            if value == 0 {
+                return Err(format!("serve.limits.{name} must be more than 0"));
+            }
+        }
+        for (name, value) in [
+            ("header_read_timeout", limits.header_read_timeout),
+            ("request_timeout", limits.request_timeout),
+        ] {
+            if value.is_zero() {
+                return Err(format!("serve.limits.{name} must be more than 0 s"));
+            }
+        }
+        for scope in Scope::ALL {
+            let rate = self.rate_limits.of(scope);
+            if rate.per_second == 0 || rate.burst == 0 {
+                return Err(format!(
+                    "serve.rate_limits.{}: per_second and burst must be more than 0",
+                    scope.as_str()
                 ));
             }
         }
-        if self.max_body_bytes == 0 {
-            return Err("serve.max_body_bytes must be more than 0".into());
+        if self.max_cached_customers == 0 {
+            return Err("serve.max_cached_customers must be more than 0".into());
         }
         Ok(())
     }

@@ -1,4 +1,7 @@
-//! API errors: JSON `{"code", "message"}` with a stable `code`, and the status that goes with it.
+//! API errors: JSON `{"code", "message", "request_id"}` with a stable `code`, a message written
+//! for the client, and the status that goes with it. What went wrong inside (a Postgres message,
+//! a pool timeout) is never sent: it is logged under the request id the client sees
+//! (`edge::request_id` adds the id and writes the log line).
 
 use axum::extract::rejection::JsonRejection;
 use axum::http::StatusCode;
@@ -11,7 +14,18 @@ use tally_quota::QuotaError;
 pub struct ApiError {
     pub status: StatusCode,
     pub code: &'static str,
+    /// For the client.
     pub message: String,
+    /// For the log only.
+    pub detail: Option<String>,
+}
+
+/// The error a response carries, for `edge::request_id` to add the id and log the detail.
+#[derive(Debug, Clone)]
+pub(crate) struct ErrorReport {
+    pub(crate) code: &'static str,
+    pub(crate) message: String,
+    pub(crate) detail: Option<String>,
 }
 
 impl ApiError {
@@ -20,11 +34,50 @@ impl ApiError {
             status,
             code,
             message: message.into(),
+            detail: None,
         }
+    }
+
+    /// Adds what the log should say and the client must not see.
+    pub fn with_detail(mut self, detail: impl std::fmt::Display) -> ApiError {
+        self.detail = Some(detail.to_string());
+        self
     }
 
     pub fn invalid(message: impl Into<String>) -> ApiError {
         ApiError::new(StatusCode::BAD_REQUEST, "INVALID_REQUEST", message)
+    }
+
+    pub fn invalid_quantity(message: impl Into<String>) -> ApiError {
+        ApiError::new(StatusCode::BAD_REQUEST, "INVALID_QUANTITY", message)
+    }
+
+    /// A dependency this request needs (Postgres) is away: retry later.
+    pub fn unavailable(code: &'static str, detail: impl std::fmt::Display) -> ApiError {
+        ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            code,
+            "a store this request needs is unavailable; retry later",
+        )
+        .with_detail(detail)
+    }
+
+    /// A bug: the client is told only that, and the request id.
+    pub fn internal(what: &str, detail: impl std::fmt::Display) -> ApiError {
+        ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "INTERNAL",
+            "internal error; report the request id",
+        )
+        .with_detail(format!("{what}: {detail}"))
+    }
+
+    pub fn too_large(max_body_bytes: usize) -> ApiError {
+        ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "PAYLOAD_TOO_LARGE",
+            format!("the request body is larger than this route accepts ({max_body_bytes} bytes)"),
+        )
     }
 }
 
@@ -34,7 +87,7 @@ pub(crate) fn json_body<T>(body: Result<Json<T>, JsonRejection>) -> Result<Json<
         StatusCode::PAYLOAD_TOO_LARGE => ApiError::new(
             StatusCode::PAYLOAD_TOO_LARGE,
             "PAYLOAD_TOO_LARGE",
-            "the request body is larger than serve.max_body_bytes",
+            "the request body is larger than this route accepts",
         ),
         _ => ApiError::invalid(rejection.body_text()),
     })
@@ -51,7 +104,7 @@ impl From<QuotaError> for ApiError {
             QuotaError::Store(_) => StatusCode::SERVICE_UNAVAILABLE,
         };
         if status == StatusCode::SERVICE_UNAVAILABLE {
-            tracing::error!(%error, "quota check failed");
+            return ApiError::unavailable("STORE_UNAVAILABLE", &error);
         }
         ApiError::new(status, error.code(), error.to_string())
     }
@@ -59,10 +112,14 @@ impl From<QuotaError> for ApiError {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        (
-            self.status,
-            Json(json!({ "code": self.code, "message": self.message })),
-        )
-            .into_response()
+        let report = ErrorReport {
+            code: self.code,
+            message: self.message,
+            detail: self.detail,
+        };
+        let body = json!({ "code": report.code, "message": report.message });
+        let mut response = (self.status, Json(body)).into_response();
+        response.extensions_mut().insert(report);
+        response
     }
 }

@@ -12,13 +12,13 @@
 //!
 //! Answers: 200 when every event is accepted, 207 when some are not (read each result; retry
 //! only `unavailable` ones, with the same ids), 400 for a body that is not a batch, 403 for a
-//! customer-scoped token, 503 when ingest is not configured or the rejects cannot be stored.
+//! token whose scope is not `ingest` or `admin`, 503 when ingest is not configured or the rejects cannot be stored.
 
 use std::sync::Arc;
 
 use axum::extract::rejection::JsonRejection;
 use axum::extract::State;
-use axum::http::{HeaderMap, StatusCode};
+use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use chrono::Utc;
@@ -30,7 +30,6 @@ use tally_core::{wire, Rejection};
 use tally_db::rejects::{Received, Rejected};
 use tally_emitter::{Durability, EmitError};
 
-use crate::auth::{authenticate, Caller};
 use crate::error::{json_body, ApiError};
 use crate::{telemetry, ApiState};
 
@@ -68,16 +67,8 @@ struct EventResult {
 
 pub(crate) async fn ingest(
     State(state): State<Arc<ApiState>>,
-    headers: HeaderMap,
     body: Result<Json<IngestRequest>, JsonRejection>,
 ) -> Result<Response, ApiError> {
-    if authenticate(&headers, &state.tokens)? != Caller::Admin {
-        return Err(ApiError::new(
-            StatusCode::FORBIDDEN,
-            "FORBIDDEN",
-            "reporting usage needs an admin token; customer tokens may only read",
-        ));
-    }
     let Some(emitter) = &state.emitter else {
         return Err(ApiError::new(
             StatusCode::SERVICE_UNAVAILABLE,
@@ -151,12 +142,16 @@ pub(crate) async fn ingest(
                 Some("SHUTTING_DOWN"),
                 Some(error.to_string()),
             ),
-            Err(error @ EmitError::NotDurable(_)) => (
-                "unavailable",
-                None,
-                Some("SPOOL_FAILED"),
-                Some(error.to_string()),
-            ),
+            Err(error @ EmitError::NotDurable(_)) => {
+                // The disk's own words are for the operator, not the client.
+                tracing::error!(event = %id, %error, "an event posted to /v1/events could not be made durable");
+                (
+                    "unavailable",
+                    None,
+                    Some("SPOOL_FAILED"),
+                    Some("the event could not be made durable on this server; retry with the same id".to_owned()),
+                )
+            }
             Err(error @ EmitError::Timeout(_)) => (
                 "unavailable",
                 None,
@@ -244,13 +239,13 @@ async fn store_rejects(pool: &sqlx::PgPool, rejects: &[Reject]) -> Result<(), Ap
         .collect();
     tally_db::rejects::insert(pool, &rows)
         .await
-    .map_err(|error| {
-        tracing::error!(%error, "cannot store rejected events; the batch was not emitted");
-        ApiError::new(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "STORE_UNAVAILABLE",
-            format!("cannot store the refused events, so nothing was emitted; retry the request ({error})"),
-        )
-    })?;
+        .map_err(|error| {
+            ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "STORE_UNAVAILABLE",
+                "cannot store the refused events, so nothing was emitted; retry the request",
+            )
+            .with_detail(format!("storing rejected events: {error}"))
+        })?;
     Ok(())
 }

@@ -1,21 +1,26 @@
 //! `tally serve`: the HTTP API.
 //!
-//! - `config.rs`: `[serve]`.
-//! - `auth.rs`: bearer tokens (admin, customer-scoped), compared in constant time.
+//! - `config.rs`: `[serve]`: listeners, tokens, edge limits, rate limits.
+//! - `server.rs`: the listener: connection limit, head deadline, bounded graceful shutdown.
+//! - `edge.rs`: request ids, panics, load shedding and the request deadline.
+//! - `auth.rs`: hashed tokens with scopes, rate limits per token, and the gate each route
+//!   passes before its body is read.
 //! - `routes.rs`: quota check, entitlements, health, metrics.
 //! - `usage.rs`: usage series and the invoice preview.
 //! - `ingest.rs`: `POST /v1/events`, batches through the emitter.
 //! - `webhooks.rs`: `POST /v1/webhooks/stripe`, signed Stripe events.
 //! - `telemetry.rs`: metric names and the request-counting layer.
-//! - `error.rs`: JSON errors with a stable `code`.
+//! - `error.rs`: JSON errors with a stable `code` and the request id; details only in the log.
 //! - `openapi.rs`: the OpenAPI document served at `/openapi.json`.
 
 mod auth;
 mod config;
+pub mod edge;
 mod error;
 mod ingest;
 pub mod openapi;
 mod routes;
+mod server;
 pub mod telemetry;
 mod usage;
 mod webhooks;
@@ -23,63 +28,153 @@ mod webhooks;
 use std::sync::Arc;
 
 use axum::extract::DefaultBodyLimit;
-use axum::routing::{get, post};
+use axum::http::StatusCode;
+use axum::middleware::{from_fn, from_fn_with_state};
+use axum::routing::{get, post, MethodRouter};
 use axum::Router;
 use metrics_exporter_prometheus::PrometheusHandle;
 use sqlx::PgPool;
 use tally_core::config::Secret;
 use tally_emitter::Emitter;
 use tally_quota::Quota;
-use tokio_util::sync::CancellationToken;
 
-pub use auth::Caller;
-pub use config::{ApiToken, ServeConfig};
+use auth::Policy;
+pub use auth::{token_hash, Access, Caller};
+pub use config::{ApiToken, EdgeLimits, Rate, RateLimits, Scope, ServeConfig};
 pub use error::ApiError;
 pub use ingest::MAX_BATCH;
 pub use routes::readiness;
+pub use server::serve;
 
 /// What the handlers share.
 pub struct ApiState {
     pub quota: Quota,
+    /// Quota loads, ingest's rejects, webhooks.
     pub pool: PgPool,
-    pub tokens: Vec<ApiToken>,
+    /// Usage series and invoice previews: a pool of their own, with a `statement_timeout`, so
+    /// a heavy reader can never make quota checks wait for a connection.
+    pub reader_pool: PgPool,
+    /// The tokens, their scopes and rate buckets.
+    pub access: Access,
     pub metrics: Option<PrometheusHandle>,
     /// Where `POST /v1/events` sends events; `None` answers 503 INGEST_DISABLED.
     pub emitter: Option<Arc<Emitter>>,
-    /// The webhook endpoint's signing secret (`whsec_…`); `None` answers 503 WEBHOOKS_DISABLED.
-    pub stripe_webhook_secret: Option<Secret>,
+    /// The Stripe webhook endpoint; `None` answers 503 WEBHOOKS_DISABLED.
+    pub stripe_webhook: Option<StripeWebhook>,
 }
 
-pub fn router(state: Arc<ApiState>, max_body_bytes: usize) -> Router {
+/// How Stripe's webhook deliveries are checked.
+pub struct StripeWebhook {
+    /// The endpoint's signing secret (`whsec_…`).
+    pub secret: Secret,
+    /// The mode of the Stripe key this deployment bills with: an event of the other mode is
+    /// refused (a test-mode event must not change a live customer's plan).
+    pub livemode: bool,
+}
+
+/// Who may call which route.
+mod scopes {
+    use crate::config::Scope::{self, Admin, Check, Customer, Ingest};
+
+    pub(crate) const ADMIN: &[Scope] = &[Admin];
+    pub(crate) const INGEST: &[Scope] = &[Admin, Ingest];
+    /// Customer tokens check their own customer, and count nothing.
+    pub(crate) const CHECK: &[Scope] = &[Admin, Check, Customer];
+    pub(crate) const READ_USAGE: &[Scope] = &[Admin, Customer];
+}
+
+/// The public API. Every request passes, outermost first: `edge::request_id` (id, panics,
+/// error bodies), `edge::shed_and_deadline` (in-flight limit, request deadline), request
+/// metrics, then each route's `auth::gate` (token, scope, rate limit, declared body size)
+/// before its handler reads a byte of the body.
+pub fn router(state: Arc<ApiState>, config: &ServeConfig) -> Router {
+    let limits = &config.limits;
+    let gated = |route: MethodRouter<Arc<ApiState>>, scopes, max_body_bytes| {
+        let policy = Policy {
+            scopes,
+            max_body_bytes,
+        };
+        route
+            .route_layer(from_fn_with_state((state.clone(), policy), auth::gate))
+            .layer(DefaultBodyLimit::max(max_body_bytes))
+    };
+    let small = limits.max_body_bytes;
     Router::new()
-        .route("/v1/quota/check", post(routes::quota_check))
-        .route("/v1/customers/{id}/entitlements", get(routes::entitlements))
-        .route("/v1/customers/{id}/usage", get(usage::usage))
+        .route(
+            "/v1/quota/check",
+            gated(post(routes::quota_check), Some(scopes::CHECK), small),
+        )
+        .route(
+            "/v1/customers/{id}/entitlements",
+            gated(get(routes::entitlements), Some(scopes::CHECK), small),
+        )
+        .route(
+            "/v1/customers/{id}/usage",
+            gated(get(usage::usage), Some(scopes::READ_USAGE), small),
+        )
         .route(
             "/v1/customers/{id}/invoice-preview",
-            get(usage::invoice_preview),
+            gated(get(usage::invoice_preview), Some(scopes::READ_USAGE), small),
         )
-        .route("/v1/events", post(ingest::ingest))
-        .route("/v1/webhooks/stripe", post(webhooks::stripe_webhook))
+        .route(
+            "/v1/events",
+            gated(
+                post(ingest::ingest),
+                Some(scopes::INGEST),
+                limits.max_ingest_body_bytes,
+            ),
+        )
+        .route(
+            "/v1/webhooks/stripe",
+            gated(
+                post(webhooks::stripe_webhook),
+                None,
+                limits.max_webhook_body_bytes,
+            ),
+        )
         .route("/healthz", get(routes::healthz))
-        .route("/readyz", get(routes::readyz))
-        .route("/metrics", get(routes::metrics))
+        .route(
+            "/readyz",
+            gated(get(routes::readyz), Some(scopes::ADMIN), small),
+        )
+        .route(
+            "/metrics",
+            gated(get(routes::metrics), Some(scopes::ADMIN), small),
+        )
         .route(
             "/openapi.json",
             get(|| async { axum::Json(openapi::document()) }),
         )
-        .route_layer(axum::middleware::from_fn(telemetry::track))
-        .layer(DefaultBodyLimit::max(max_body_bytes))
+        .fallback(|| async {
+            ApiError::new(
+                StatusCode::NOT_FOUND,
+                "NOT_FOUND",
+                "no such route; see /openapi.json",
+            )
+        })
+        .method_not_allowed_fallback(|| async {
+            ApiError::new(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "METHOD_NOT_ALLOWED",
+                "this route does not take that method; see /openapi.json",
+            )
+        })
+        .route_layer(from_fn(telemetry::track))
+        .layer(from_fn_with_state(
+            edge::InFlight::new(limits.max_in_flight, limits.request_timeout),
+            edge::shed_and_deadline,
+        ))
+        .layer(DefaultBodyLimit::max(small))
+        .layer(from_fn(edge::request_id))
         .with_state(state)
 }
 
-/// Serves until `stop`, then lets requests in flight finish.
-pub async fn serve(
-    listener: tokio::net::TcpListener,
-    router: Router,
-    stop: CancellationToken,
-) -> std::io::Result<()> {
-    axum::serve(listener, router)
-        .with_graceful_shutdown(async move { stop.cancelled().await })
-        .await
+/// The admin listener (`serve.admin_listen`): `/metrics`, the detailed `/readyz` and
+/// `/healthz`, without a token. Keep it off the internet.
+pub fn admin_router(state: Arc<ApiState>) -> Router {
+    Router::new()
+        .route("/healthz", get(routes::healthz))
+        .route("/readyz", get(routes::readyz))
+        .route("/metrics", get(routes::metrics))
+        .with_state(state)
 }

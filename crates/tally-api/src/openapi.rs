@@ -4,7 +4,7 @@
 use serde_json::{json, Value};
 
 /// The paths this document describes; the router serves exactly these (tested).
-pub const PATHS: [&str; 9] = [
+pub const PATHS: [&str; 10] = [
     "/v1/quota/check",
     "/v1/events",
     "/v1/webhooks/stripe",
@@ -14,102 +14,285 @@ pub const PATHS: [&str; 9] = [
     "/healthz",
     "/readyz",
     "/metrics",
+    "/openapi.json",
 ];
 
 fn error_response(description: &str) -> Value {
     json!({ "description": description, "content": { "application/json": { "schema": { "$ref": "#/components/schemas/Error" } } } })
 }
 
+fn json_response(description: &str, schema: &str) -> Value {
+    json!({ "description": description, "content": { "application/json": { "schema": { "$ref": format!("#/components/schemas/{schema}") } } } })
+}
+
 fn customer_parameter() -> Value {
     json!({ "name": "id", "in": "path", "required": true, "schema": { "type": "string" }, "description": "The customer id events carry" })
 }
 
+/// The answers every route behind a token may give besides its own: the gate's and the edge's.
+fn with_gate(mut responses: Value) -> Value {
+    let gate = [
+        ("401", "UNAUTHORIZED: no token, or an unknown one"),
+        ("403", "FORBIDDEN: the token's scope may not call this route, or a customer token names another customer"),
+        ("413", "PAYLOAD_TOO_LARGE: the body (or its Content-Length) is larger than this route accepts; refused before it is read"),
+        ("429", "RATE_LIMITED: this token's requests per second are used up; retry after `Retry-After` seconds"),
+    ];
+    for (status, description) in gate {
+        let entry = &mut responses[status];
+        if entry.is_null() {
+            *entry = error_response(description);
+        }
+    }
+    with_edge(responses)
+}
+
+/// The answers any route may give under load or on a bug.
+fn with_edge(mut responses: Value) -> Value {
+    let edge = [
+        ("408", "REQUEST_TIMEOUT: the request (its body included) took longer than serve.limits.request_timeout"),
+        ("500", "INTERNAL: a bug; report the request id"),
+        ("503", "OVERLOADED: too many requests or connections at once; retry after `Retry-After` seconds"),
+    ];
+    for (status, description) in edge {
+        let entry = &mut responses[status];
+        if entry.is_null() {
+            *entry = error_response(description);
+        }
+    }
+    responses
+}
+
+/// Every error `code` the API answers with.
+pub const ERROR_CODES: [&str; 33] = [
+    "UNAUTHORIZED",
+    "FORBIDDEN",
+    "RATE_LIMITED",
+    "PAYLOAD_TOO_LARGE",
+    "REQUEST_TIMEOUT",
+    "OVERLOADED",
+    "NOT_FOUND",
+    "METHOD_NOT_ALLOWED",
+    "INTERNAL",
+    "INVALID_REQUEST",
+    "INVALID_QUANTITY",
+    "UNKNOWN_METER",
+    "UNSUPPORTED",
+    "NO_ACTIVE_SUBSCRIPTION",
+    "FEATURE_DISABLED",
+    "STORE_UNAVAILABLE",
+    "RESULT_TOO_LARGE",
+    "QUERY_TOO_EXPENSIVE",
+    "USAGE_OUT_OF_RANGE",
+    "NO_METRICS",
+    "INGEST_DISABLED",
+    "WEBHOOKS_DISABLED",
+    "MISSING_SIGNATURE",
+    "BAD_SIGNATURE",
+    "STALE_SIGNATURE",
+    "MALFORMED_EVENT",
+    "WRONG_MODE",
+    "UNMAPPED_STRIPE_CUSTOMER",
+    "AMBIGUOUS_STRIPE_CUSTOMER",
+    "UNKNOWN_STRIPE_PRICE",
+    "AMBIGUOUS_PLAN",
+    "SECOND_LIVE_SUBSCRIPTION",
+    "UNKNOWN_PLAN",
+];
+
 pub fn document() -> Value {
     let decimal = json!({ "type": "string", "description": "An exact decimal, e.g. \"12.5\"" });
+    let nullable_decimal = json!({ "type": ["string", "null"], "description": "An exact decimal, or null when unlimited" });
+    let time = json!({ "type": "string", "format": "date-time" });
+    let nullable_time = json!({ "type": ["string", "null"], "format": "date-time" });
     json!({
         "openapi": "3.1.0",
         "info": { "title": "tally", "version": env!("CARGO_PKG_VERSION"),
-                  "description": "Usage metering: quota checks, entitlements, usage, event ingest and Stripe webhooks. Errors are JSON with a stable `code`." },
+                  "description": "Usage metering: quota checks, entitlements, usage, event ingest and Stripe webhooks. Errors are JSON with a stable `code`, a message for the client and the `request_id` (also in the `x-request-id` header) under which the server logged what happened." },
         "security": [{ "bearer": [] }],
         "components": {
             "securitySchemes": { "bearer": { "type": "http", "scheme": "bearer",
-                "description": "An admin token, or a customer token that reads only its own customer ([[serve.tokens]])" } },
+                "description": "A token from `tally tokens create`, of scope admin (everything), ingest (POST /v1/events), check (quota checks and entitlements for any customer) or customer (one customer's own reads; its checks count nothing)" } },
             "schemas": {
-                "Error": { "type": "object", "required": ["code", "message"], "properties": {
-                    "code": { "type": "string", "enum": ["UNAUTHORIZED", "FORBIDDEN", "INVALID_REQUEST", "UNKNOWN_METER",
-                        "UNSUPPORTED", "NO_ACTIVE_SUBSCRIPTION", "FEATURE_DISABLED", "PAYLOAD_TOO_LARGE", "NOT_READY", "INTERNAL",
-                        "INGEST_DISABLED", "STORE_UNAVAILABLE", "WEBHOOKS_DISABLED", "MISSING_SIGNATURE", "BAD_SIGNATURE",
-                        "STALE_SIGNATURE", "MALFORMED_EVENT", "UNMAPPED_STRIPE_CUSTOMER", "AMBIGUOUS_STRIPE_CUSTOMER",
-                        "UNKNOWN_STRIPE_PRICE", "AMBIGUOUS_PLAN", "SECOND_LIVE_SUBSCRIPTION", "UNKNOWN_PLAN"] },
-                    "message": { "type": "string" } } },
-                "LimitExceeded": { "type": "object", "properties": {
+                "Error": { "type": "object", "required": ["code", "message", "request_id"], "properties": {
+                    "code": { "type": "string", "enum": ERROR_CODES.as_slice() },
+                    "message": { "type": "string" },
+                    "request_id": { "type": "string" } } },
+                "LimitExceeded": { "type": "object", "required": ["code", "metric", "limit", "current"], "properties": {
                     "code": { "const": "LIMIT_EXCEEDED" }, "metric": { "type": "string" }, "limit": decimal,
-                    "current": decimal, "resets_at": { "type": ["string", "null"], "format": "date-time" },
-                    "upgrade_hint": { "type": "boolean" } } },
+                    "current": decimal, "resets_at": nullable_time, "upgrade_hint": { "type": "boolean" } } },
                 "CheckRequest": { "type": "object", "required": ["customer", "meter"], "properties": {
                     "customer": { "type": "string" }, "meter": { "type": "string" },
-                    "quantity": { "description": "Decimal number or string; default 1" },
+                    "quantity": { "description": "Decimal number or string, 0 or more; default 1" },
                     "feature": { "type": "string", "description": "Also require this feature" } } },
-                "CheckAnswer": { "type": "object", "properties": {
+                "CheckAnswer": { "type": "object", "required": ["decision", "metric", "current"], "properties": {
                     "decision": { "enum": ["allow", "warn"] }, "metric": { "type": "string" },
-                    "current": decimal, "limit": { "type": ["string", "null"] }, "remaining": { "type": ["string", "null"] },
-                    "resets_at": { "type": ["string", "null"], "format": "date-time" },
-                    "enforcement": { "enum": ["soft", "grace"] } } }
+                    "current": decimal, "limit": nullable_decimal, "remaining": nullable_decimal,
+                    "resets_at": nullable_time, "enforcement": { "enum": ["soft", "grace"] } } },
+                "IngestAnswer": { "type": "object", "required": ["accepted", "rejected", "unavailable", "results"], "properties": {
+                    "accepted": { "type": "integer" }, "rejected": { "type": "integer" }, "unavailable": { "type": "integer" },
+                    "results": { "type": "array", "items": { "type": "object", "required": ["index", "status"], "properties": {
+                        "index": { "type": "integer" }, "id": { "type": "string" },
+                        "status": { "enum": ["accepted", "rejected", "unavailable"] },
+                        "durability": { "enum": ["published", "spooled"] },
+                        "code": { "type": "string" }, "message": { "type": "string" } } } } } },
+                "WebhookAnswer": { "type": "object", "required": ["received", "event", "outcome"], "properties": {
+                    "received": { "const": true }, "event": { "type": "string" },
+                    "outcome": { "enum": ["applied", "stale", "ignored", "replay", "recorded"] } } },
+                "Entitlements": { "type": "object", "required": ["customer", "plan", "status", "features", "limits"], "properties": {
+                    "customer": { "type": "string" }, "plan": { "type": "string" }, "status": { "type": "string" },
+                    "current_period_start": time, "current_period_end": time,
+                    "cancel_at_period_end": { "type": "boolean" },
+                    "features": { "type": "object", "additionalProperties": { "type": "boolean" } },
+                    "limits": { "type": "object", "additionalProperties": { "type": "object" } } } },
+                "Usage": { "type": "object", "required": ["customer", "meter", "aggregation", "granularity", "from", "to", "series"], "properties": {
+                    "customer": { "type": "string" }, "meter": { "type": "string" }, "aggregation": { "type": "string" },
+                    "granularity": { "enum": ["minute", "hour", "day"] }, "from": time, "to": time,
+                    "series": { "type": "array", "items": { "type": "object", "required": ["group_key", "points"], "properties": {
+                        "group_key": { "type": "string" },
+                        "points": { "type": "array", "items": { "type": "object", "required": ["start", "value"], "properties": {
+                            "start": time, "value": decimal } } } } } } } },
+                "InvoicePreview": { "type": "object", "required": ["customer", "plan", "period_start", "period_end", "lines", "total"], "properties": {
+                    "customer": { "type": "string" }, "plan": { "type": "string" }, "period_start": time, "period_end": time,
+                    "lines": { "type": "array", "items": { "type": "object", "required": ["meter", "quantity", "unit_price", "amount"], "properties": {
+                        "meter": { "type": "string" }, "quantity": decimal, "unit_price": decimal, "amount": decimal } } },
+                    "total": decimal } },
+                "Readiness": { "type": "object", "required": ["ready", "dependencies"], "properties": {
+                    "ready": { "type": "boolean" },
+                    "dependencies": { "type": "array", "items": { "type": "object", "required": ["name", "up"], "properties": {
+                        "name": { "type": "string" }, "up": { "type": "boolean" },
+                        "down_seconds": { "type": ["number", "null"] }, "error": { "type": ["string", "null"] } } } } } }
             }
         },
         "paths": {
             "/v1/quota/check": { "post": {
-                "summary": "May the customer use `quantity` more of `meter`?",
+                "summary": "May the customer use `quantity` more of `meter`? Tokens: admin, check, customer (own customer; counts nothing)",
                 "requestBody": { "required": true, "content": { "application/json": { "schema": { "$ref": "#/components/schemas/CheckRequest" } } } },
-                "responses": {
-                    "200": { "description": "Allowed (or allowed with a warning)", "content": { "application/json": { "schema": { "$ref": "#/components/schemas/CheckAnswer" } } } },
-                    "429": { "description": "Limit exceeded", "content": { "application/json": { "schema": { "$ref": "#/components/schemas/LimitExceeded" } } } },
-                    "400": error_response("INVALID_REQUEST, UNKNOWN_METER, or INVALID_QUANTITY (usage plus quantity beyond a 28-digit decimal)"),
-                    "401": error_response("UNAUTHORIZED"),
-                    "403": error_response("FEATURE_DISABLED, or FORBIDDEN for another customer's token"),
+                "responses": with_gate(json!({
+                    "200": json_response("Allowed (or allowed with a warning)", "CheckAnswer"),
+                    "429": { "description": "LIMIT_EXCEEDED (the customer's quota; LimitExceeded body), or RATE_LIMITED (this token's request rate; Error body, Retry-After)",
+                             "content": { "application/json": { "schema": { "oneOf": [{ "$ref": "#/components/schemas/LimitExceeded" }, { "$ref": "#/components/schemas/Error" }] } } } },
+                    "400": error_response("INVALID_REQUEST, UNKNOWN_METER, UNSUPPORTED, or INVALID_QUANTITY (not a decimal, negative, or usage plus quantity beyond a 28-digit decimal)"),
+                    "403": error_response("FEATURE_DISABLED, or FORBIDDEN (scope, or another customer's token)"),
                     "404": error_response("NO_ACTIVE_SUBSCRIPTION"),
-                    "413": error_response("PAYLOAD_TOO_LARGE") } } },
+                    "503": error_response("STORE_UNAVAILABLE (Postgres unavailable; retry) or OVERLOADED") })) } },
             "/v1/events": { "post": {
-                "summary": "Report usage: up to 1,000 events (native or CloudEvents 1.0), each answered on its own; admin tokens only",
+                "summary": "Report usage: up to 1,000 events (native or CloudEvents 1.0), each answered on its own. Tokens: admin, ingest",
                 "requestBody": { "required": true, "content": { "application/json": { "schema": {
                     "type": "object", "required": ["events"], "properties": { "events": { "type": "array", "maxItems": 1000, "items": { "type": "object" } } } } } } },
-                "responses": {
-                    "200": { "description": "Every event accepted (durable: acknowledged by Kafka or fsynced in the spool)" },
-                    "207": { "description": "Some events rejected (stored in rejected_events, with the event-contract code) or unavailable (EMITTER_OVERLOADED, SPOOL_FAILED, DURABILITY_TIMEOUT or SHUTTING_DOWN: retry with the same id); see `results`" },
+                "responses": with_gate(json!({
+                    "200": json_response("Every event accepted (durable: acknowledged by Kafka or fsynced in the spool)", "IngestAnswer"),
+                    "207": json_response("Some events rejected (stored in rejected_events, with the event-contract code) or unavailable (EMITTER_OVERLOADED, SPOOL_FAILED, DURABILITY_TIMEOUT or SHUTTING_DOWN: retry with the same id); see `results`", "IngestAnswer"),
                     "400": error_response("INVALID_REQUEST (not a batch, or more than 1,000 events)"),
-                    "401": error_response("UNAUTHORIZED"),
-                    "403": error_response("FORBIDDEN: a customer token"),
-                    "413": error_response("PAYLOAD_TOO_LARGE"),
-                    "503": error_response("INGEST_DISABLED or STORE_UNAVAILABLE: nothing was emitted") } } },
+                    "503": error_response("INGEST_DISABLED or STORE_UNAVAILABLE: nothing was emitted; or OVERLOADED") })) } },
             "/v1/webhooks/stripe": { "post": {
-                "summary": "Stripe's signed events (Stripe-Signature); subscriptions and invoices",
+                "summary": "Stripe's signed events (Stripe-Signature); subscriptions and invoices. No token: the signature is the proof",
                 "security": [],
                 "parameters": [{ "name": "Stripe-Signature", "in": "header", "required": true, "schema": { "type": "string" } }],
-                "responses": {
-                    "200": { "description": "Handled: outcome applied, stale, ignored or replay" },
-                    "400": error_response("MISSING_SIGNATURE, BAD_SIGNATURE, STALE_SIGNATURE or MALFORMED_EVENT"),
+                "responses": with_edge(json!({
+                    "200": json_response("Handled: outcome applied, stale, ignored, replay or recorded", "WebhookAnswer"),
+                    "400": error_response("MISSING_SIGNATURE, BAD_SIGNATURE, STALE_SIGNATURE, MALFORMED_EVENT, or WRONG_MODE (a live event at a test deployment or the reverse)"),
+                    "413": error_response("PAYLOAD_TOO_LARGE"),
                     "422": error_response("Not applicable yet (UNMAPPED_STRIPE_CUSTOMER, UNKNOWN_STRIPE_PRICE, ...): nothing stored, Stripe retries"),
-                    "503": error_response("WEBHOOKS_DISABLED, or Postgres unavailable") } } },
+                    "503": error_response("WEBHOOKS_DISABLED, Postgres unavailable, or OVERLOADED") })) } },
             "/v1/customers/{id}/entitlements": { "get": {
-                "summary": "The customer's plan, subscription, features and limits (overrides merged in)",
+                "summary": "The customer's plan, subscription, features and limits (overrides merged in). Tokens: admin, check, customer (own)",
                 "parameters": [customer_parameter()],
-                "responses": { "200": { "description": "Entitlements" }, "404": error_response("NO_ACTIVE_SUBSCRIPTION") } } },
+                "responses": with_gate(json!({
+                    "200": json_response("Entitlements", "Entitlements"),
+                    "404": error_response("NO_ACTIVE_SUBSCRIPTION"),
+                    "503": error_response("STORE_UNAVAILABLE (Postgres unavailable) or OVERLOADED") })) } },
             "/v1/customers/{id}/usage": { "get": {
-                "summary": "Usage of one meter in minute, hour or day buckets",
+                "summary": "Usage of one meter in minute, hour or day buckets (at most 10,000 buckets × group keys). Tokens: admin, customer (own)",
                 "parameters": [customer_parameter(),
                     { "name": "meter", "in": "query", "required": true, "schema": { "type": "string" } },
                     { "name": "from", "in": "query", "required": true, "schema": { "type": "string", "format": "date-time" } },
                     { "name": "to", "in": "query", "required": true, "schema": { "type": "string", "format": "date-time" } },
                     { "name": "granularity", "in": "query", "schema": { "enum": ["minute", "hour", "day"], "default": "hour" } },
                     { "name": "group_by", "in": "query", "schema": { "type": "boolean", "default": false } }],
-                "responses": { "200": { "description": "Series of buckets per group key" }, "400": error_response("INVALID_REQUEST or UNKNOWN_METER") } } },
+                "responses": with_gate(json!({
+                    "200": json_response("Series of buckets per group key", "Usage"),
+                    "400": error_response("INVALID_REQUEST, UNKNOWN_METER, or RESULT_TOO_LARGE (more than 10,000 points)"),
+                    "422": error_response("USAGE_OUT_OF_RANGE: stored usage beyond a 28-digit decimal"),
+                    "503": error_response("STORE_UNAVAILABLE, QUERY_TOO_EXPENSIVE (cut by the server's statement timeout) or OVERLOADED") })) } },
             "/v1/customers/{id}/invoice-preview": { "get": {
-                "summary": "Usage in the current billing period × the plan's unit prices",
+                "summary": "Usage in the current billing period × the plan's unit prices. Tokens: admin, customer (own)",
                 "parameters": [customer_parameter()],
-                "responses": { "200": { "description": "Lines and total" }, "404": error_response("NO_ACTIVE_SUBSCRIPTION"), "422": error_response("USAGE_OUT_OF_RANGE: usage × price beyond a 28-digit decimal") } } },
-            "/healthz": { "get": { "summary": "The process is up", "security": [], "responses": { "200": { "description": "ok" } } } },
-            "/readyz": { "get": { "summary": "Postgres answers and every dependency of this process is reachable", "security": [], "responses": { "200": { "description": "ready: {ready, dependencies: [{name, up, down_seconds, error}]}" }, "503": { "description": "not ready: the same body, naming the dependency that is away" } } } },
-            "/metrics": { "get": { "summary": "Prometheus metrics", "security": [], "responses": { "200": { "description": "text exposition format" } } } }
+                "responses": with_gate(json!({
+                    "200": json_response("Lines and total", "InvoicePreview"),
+                    "404": error_response("NO_ACTIVE_SUBSCRIPTION"),
+                    "422": error_response("USAGE_OUT_OF_RANGE: usage × price beyond a 28-digit decimal"),
+                    "503": error_response("STORE_UNAVAILABLE or OVERLOADED") })) } },
+            "/healthz": { "get": { "summary": "The process is up", "security": [],
+                "responses": with_edge(json!({ "200": { "description": "ok", "content": { "text/plain": { "schema": { "const": "ok" } } } } })) } },
+            "/readyz": { "get": { "summary": "Postgres answers and every dependency of this process is reachable. Admin token (or the admin listener, serve.admin_listen, without one)",
+                "responses": with_gate(json!({
+                    "200": json_response("Ready", "Readiness"),
+                    "503": json_response("Not ready: the same body, naming the dependency that is away (or OVERLOADED: Error)", "Readiness") })) } },
+            "/metrics": { "get": { "summary": "Prometheus metrics. Admin token (or the admin listener, serve.admin_listen, without one)",
+                "responses": with_gate(json!({
+                    "200": { "description": "Prometheus text exposition format", "content": { "text/plain": { "schema": { "type": "string" } } } },
+                    "404": error_response("NO_METRICS: this process has no metrics recorder") })) } },
+            "/openapi.json": { "get": { "summary": "This document", "security": [],
+                "responses": with_edge(json!({ "200": { "description": "OpenAPI 3.1", "content": { "application/json": { "schema": { "type": "object" } } } } })) } }
         }
     })
+}
+
+/// Whether `document` describes this answer of `method template`: its status is listed, and a
+/// JSON body has the required fields of (one of) the schemas given for it, with a documented
+/// error `code`. For tests, and for anyone checking a client against the document.
+pub fn check_answer(
+    document: &Value,
+    template: &str,
+    method: &str,
+    status: u16,
+    body: &Value,
+) -> Result<(), String> {
+    let operation = &document["paths"][template][method.to_lowercase()];
+    if !operation.is_object() {
+        return Err(format!("{method} {template} is not described"));
+    }
+    let response = &operation["responses"][status.to_string()];
+    if !response.is_object() {
+        return Err(format!(
+            "{method} {template} answered {status}, which the document does not describe: {body}"
+        ));
+    }
+    let Some(schema) = response.pointer("/content/application~1json/schema") else {
+        return Ok(());
+    };
+    let resolve = |schema: &Value| -> Option<Value> {
+        match schema["$ref"].as_str() {
+            Some(reference) => document.pointer(&reference.replace("#/", "/")).cloned(),
+            None => Some(schema.clone()),
+        }
+    };
+    let candidates: Vec<Value> = match schema["oneOf"].as_array() {
+        Some(one_of) => one_of.iter().filter_map(resolve).collect(),
+        None => resolve(schema).into_iter().collect(),
+    };
+    let fits = |schema: &Value| {
+        let required = schema["required"].as_array().cloned().unwrap_or_default();
+        let has_fields = required
+            .iter()
+            .all(|field| field.as_str().is_some_and(|name| !body[name].is_null()));
+        let code_ok = match (
+            schema.pointer("/properties/code/enum"),
+            schema.pointer("/properties/code/const"),
+        ) {
+            (Some(codes), _) => codes
+                .as_array()
+                .is_some_and(|codes| codes.contains(&body["code"])),
+            (_, Some(code)) => &body["code"] == code,
+            _ => true,
+        };
+        has_fields && code_ok
+    };
+    if candidates.iter().any(fits) {
+        Ok(())
+    } else {
+        Err(format!(
+            "{method} {template} {status}: the body does not fit what the document describes: {body}"
+        ))
+    }
 }

@@ -3,7 +3,7 @@
 use std::sync::Arc;
 
 use axum::extract::State;
-use axum::http::{HeaderMap, StatusCode};
+use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use rust_decimal::Decimal;
@@ -11,7 +11,7 @@ use serde::Deserialize;
 use serde_json::json;
 use tally_quota::Decision;
 
-use crate::auth::{authenticate, ReadableCustomer};
+use crate::auth::{Caller, ReadableCustomer};
 use crate::error::{json_body, ApiError};
 use crate::telemetry;
 use crate::ApiState;
@@ -30,13 +30,13 @@ pub(crate) struct CheckRequest {
 }
 
 /// `POST /v1/quota/check`: 200 allow/warn; 429 `LIMIT_EXCEEDED`; 403 `FEATURE_DISABLED`;
-/// 404 `NO_ACTIVE_SUBSCRIPTION`.
+/// 404 `NO_ACTIVE_SUBSCRIPTION`. A customer token's check only looks: what it is allowed is not
+/// counted, so it cannot use up (or probe by using up) anybody's quota.
 pub(crate) async fn quota_check(
     State(state): State<Arc<ApiState>>,
-    headers: HeaderMap,
+    caller: Caller,
     body: Result<Json<CheckRequest>, axum::extract::rejection::JsonRejection>,
 ) -> Result<Response, ApiError> {
-    let caller = authenticate(&headers, &state.tokens)?;
     let Json(request) = json_body(body)?;
     caller.may_read(&request.customer)?;
     let quantity = match &request.quantity {
@@ -49,10 +49,17 @@ pub(crate) async fn quota_check(
             .require_feature(&request.customer, feature)
             .await?;
     }
-    let decision = state
-        .quota
-        .check(&request.customer, &request.meter, quantity)
-        .await?;
+    let decision = if caller.counts_usage() {
+        state
+            .quota
+            .check(&request.customer, &request.meter, quantity)
+            .await?
+    } else {
+        state
+            .quota
+            .peek(&request.customer, &request.meter, quantity)
+            .await?
+    };
     telemetry::quota_decision(match &decision {
         Decision::Allow { .. } => "allow",
         Decision::Warn { .. } => "warn",
@@ -100,23 +107,48 @@ fn decimal(value: &serde_json::Value) -> Result<Decimal, ApiError> {
         serde_json::Value::Number(number) => number.to_string(),
         serde_json::Value::String(text) => text.clone(),
         _ => {
-            return Err(ApiError::invalid(
+            return Err(ApiError::invalid_quantity(
                 "quantity must be a number or a decimal string",
             ))
         }
     };
-    let quantity: Decimal = text
-        .parse()
-        .or_else(|_| Decimal::from_scientific(&text))
-        .map_err(|_| {
-            ApiError::invalid(format!(
-                "quantity {text} is not a decimal of at most 28 digits"
-            ))
-        })?;
+    let quantity = parse_decimal(&text).ok_or_else(|| {
+        ApiError::invalid_quantity(format!(
+            "quantity {:?} is not a decimal of at most 28 digits",
+            text.chars().take(64).collect::<String>()
+        ))
+    })?;
     if quantity.is_sign_negative() && !quantity.is_zero() {
-        return Err(ApiError::invalid("quantity must not be negative"));
+        return Err(ApiError::invalid_quantity("quantity must not be negative"));
     }
     Ok(quantity)
+}
+
+/// Plain (`12.5`) or scientific (`1.25e1`) notation. An exponent is read only when it is small
+/// enough to give a 28-digit decimal: the parser's own arithmetic is never asked to go beyond.
+fn parse_decimal(text: &str) -> Option<Decimal> {
+    if text.len() > 64 {
+        return None;
+    }
+    if let Ok(plain) = text.parse::<Decimal>() {
+        return Some(plain);
+    }
+    let (mantissa, exponent) = text.split_once(['e', 'E'])?;
+    let exponent: i32 = exponent.parse().ok()?;
+    if !(-28..=28).contains(&exponent) {
+        return None;
+    }
+    let mantissa: Decimal = mantissa.parse().ok()?;
+    if exponent >= 0 {
+        mantissa.checked_mul(Decimal::from_i128_with_scale(
+            10i128.pow(exponent.unsigned_abs()),
+            0,
+        ))
+    } else {
+        // Exact: more fraction digits, the same digits.
+        let scale = mantissa.scale().checked_add(exponent.unsigned_abs())?;
+        (scale <= 28).then(|| Decimal::from_i128_with_scale(mantissa.mantissa(), scale))
+    }
 }
 
 /// `GET /v1/customers/{id}/entitlements`.

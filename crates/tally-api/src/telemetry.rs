@@ -17,6 +17,12 @@ pub const INGESTED_EVENTS: &str = "tally_api_ingested_events_total";
 /// Stripe webhook events, by `type` and `outcome` (applied, stale, ignored, replay, refused,
 /// failed).
 pub const STRIPE_WEBHOOKS: &str = "tally_api_stripe_webhooks_total";
+/// Requests refused by a token's rate limit (429 `RATE_LIMITED`), by `scope`.
+pub const RATE_LIMITED: &str = "tally_api_rate_limited_total";
+/// Requests and connections shed, by `reason` (in_flight, connections, request_timeout).
+pub const SHED: &str = "tally_api_shed_total";
+/// Connections open on the public listener.
+pub const OPEN_CONNECTIONS: &str = "tally_api_open_connections";
 
 pub fn describe() {
     use metrics::{describe_counter, describe_histogram, Unit};
@@ -32,6 +38,12 @@ pub fn describe() {
         STRIPE_WEBHOOKS,
         "Stripe webhook events, by type and outcome"
     );
+    describe_counter!(
+        RATE_LIMITED,
+        "Requests refused by a token's rate limit, by scope"
+    );
+    describe_counter!(SHED, "Requests and connections shed (503/408), by reason");
+    metrics::describe_gauge!(OPEN_CONNECTIONS, "Connections open on the public listener");
 }
 
 /// Counts and times every request under its route pattern.
@@ -61,4 +73,28 @@ pub(crate) fn ingested(result: &'static str, count: u64) {
 pub(crate) fn webhook(event_type: &str, outcome: &'static str) {
     metrics::counter!(STRIPE_WEBHOOKS, "type" => event_type.to_owned(), "outcome" => outcome)
         .increment(1);
+}
+
+pub(crate) fn rate_limited(scope: crate::config::Scope) {
+    metrics::counter!(RATE_LIMITED, "scope" => scope.as_str()).increment(1);
+}
+
+pub(crate) fn shed(reason: &'static str) {
+    metrics::counter!(SHED, "reason" => reason).increment(1);
+}
+
+/// Counts a connection in [`OPEN_CONNECTIONS`] while it lives.
+pub(crate) struct OpenConnection;
+
+impl OpenConnection {
+    pub(crate) fn new() -> OpenConnection {
+        metrics::gauge!(OPEN_CONNECTIONS).increment(1.0);
+        OpenConnection
+    }
+}
+
+impl Drop for OpenConnection {
+    fn drop(&mut self) {
+        metrics::gauge!(OPEN_CONNECTIONS).decrement(1.0);
+    }
 }

@@ -17,8 +17,11 @@ use crate::auth::ReadableCustomer;
 use crate::error::ApiError;
 use crate::ApiState;
 
-/// Most buckets one usage request may return.
+/// Most buckets one usage request may ask for.
 const MAX_BUCKETS: i64 = 10_000;
+/// Most points (buckets × group keys) one usage request may return: a meter grouped by a
+/// high-cardinality key cannot make one request read and send millions of rows.
+const MAX_POINTS: usize = 10_000;
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -42,7 +45,7 @@ pub(crate) async fn usage(
     query: Result<Query<UsageQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Response, ApiError> {
     let Query(query) = query.map_err(|e| ApiError::invalid(e.body_text()))?;
-    let aggregation = tally_db::meters::aggregation_of(&state.pool, &query.meter)
+    let aggregation = tally_db::meters::aggregation_of(&state.reader_pool, &query.meter)
         .await
         .map_err(internal)?;
     let Some(aggregation) = aggregation else {
@@ -100,16 +103,24 @@ pub(crate) async fn usage(
         "SELECT {bucket} AS bucket, {group}::text AS group_key, {merge} AS value
          FROM {table}
          WHERE customer_id = $1 AND meter = $2 AND {time} >= $3 AND {time} < $4
-         GROUP BY 1, 2 ORDER BY 2, 1"
+         GROUP BY 1, 2 ORDER BY 2, 1 LIMIT {}",
+        MAX_POINTS + 1
     );
     let rows: Vec<(DateTime<Utc>, String, Option<ExactDecimal>)> = sqlx::query_as(&sql)
         .bind(&customer)
         .bind(&query.meter)
         .bind(query.from)
         .bind(query.to)
-        .fetch_all(&state.pool)
+        .fetch_all(&state.reader_pool)
         .await
         .map_err(internal)?;
+    if rows.len() > MAX_POINTS {
+        return Err(ApiError::new(
+            axum::http::StatusCode::BAD_REQUEST,
+            "RESULT_TOO_LARGE",
+            format!("more than {MAX_POINTS} points (buckets × group keys); narrow the range, use a coarser granularity or leave out group_by"),
+        ));
+    }
     let mut series: BTreeMap<String, Vec<serde_json::Value>> = BTreeMap::new();
     for (bucket, group_key, value) in rows {
         series
@@ -150,7 +161,7 @@ pub(crate) async fn invoice_preview(
         .bind(meter)
         .bind(subscription.current_period_start.date_naive())
         .bind(subscription.current_period_end.date_naive())
-        .fetch_one(&state.pool)
+        .fetch_one(&state.reader_pool)
         .await
         .map_err(internal)?;
         let quantity = quantity.unwrap_or_default().0;
@@ -175,17 +186,20 @@ pub(crate) async fn invoice_preview(
 
 fn internal(error: sqlx::Error) -> ApiError {
     if tally_db::is_data_error(&error) {
-        tracing::error!(%error, "stored usage cannot be read exactly");
         return ApiError::new(
             axum::http::StatusCode::UNPROCESSABLE_ENTITY,
             "USAGE_OUT_OF_RANGE",
             "this customer's usage is beyond what a 28-digit decimal holds and cannot be shown exactly",
-        );
+        )
+        .with_detail(format!("reading usage: {error}"));
     }
-    tracing::error!(%error, "usage query failed");
-    ApiError::new(
-        axum::http::StatusCode::SERVICE_UNAVAILABLE,
-        "INTERNAL",
-        "the usage store is unavailable; retry",
-    )
+    if tally_db::is_statement_timeout(&error) {
+        return ApiError::new(
+            axum::http::StatusCode::SERVICE_UNAVAILABLE,
+            "QUERY_TOO_EXPENSIVE",
+            "the usage query ran longer than the server allows; narrow the range or use a coarser granularity",
+        )
+        .with_detail(format!("reading usage: {error}"));
+    }
+    ApiError::unavailable("STORE_UNAVAILABLE", format!("reading usage: {error}"))
 }

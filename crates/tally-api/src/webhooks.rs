@@ -32,14 +32,29 @@ pub(crate) async fn stripe_webhook(
     headers: HeaderMap,
     body: Bytes,
 ) -> Result<Json<Value>, ApiError> {
-    let Some(secret) = &state.stripe_webhook_secret else {
+    let Some(endpoint) = &state.stripe_webhook else {
         return Err(ApiError::new(
             StatusCode::SERVICE_UNAVAILABLE,
             "WEBHOOKS_DISABLED",
             "no webhook signing secret: set STRIPE_WEBHOOK_SECRET (or serve.stripe_webhook_secret) to the endpoint's whsec_… secret",
         ));
     };
-    let verified = verify(&headers, &body, secret.expose());
+    let verified = verify(&headers, &body, endpoint.secret.expose()).and_then(|(event, effect)| {
+        if event.livemode != endpoint.livemode {
+            let mode = |live| if live { "live" } else { "test" };
+            return Err(ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "WRONG_MODE",
+                format!(
+                    "a {}-mode event, but this deployment bills with a {}-mode key; point the {} webhook endpoint at the tally that uses that mode",
+                    mode(event.livemode),
+                    mode(endpoint.livemode),
+                    mode(event.livemode)
+                ),
+            ));
+        }
+        Ok((event, effect))
+    });
     let (event, effect) = verified.inspect_err(|error| {
         telemetry::webhook("unverified", "refused");
         tracing::warn!(code = error.code, message = %error.message, "Stripe webhook refused");
@@ -59,15 +74,25 @@ pub(crate) async fn stripe_webhook(
             ))
         }
         Err(error) => {
-            let status = match &error {
-                WebhookError::Store(tally_quota::QuotaStoreError::Postgres(_)) => {
-                    StatusCode::SERVICE_UNAVAILABLE
-                }
-                _ => StatusCode::UNPROCESSABLE_ENTITY,
-            };
             telemetry::webhook(&event.event_type, "failed");
-            tracing::error!(event = %event.id, r#type = %event.event_type, %error, "Stripe webhook not applied; Stripe will retry it");
-            Err(ApiError::new(status, error.code(), error.to_string()))
+            let detail = format!(
+                "Stripe webhook {} ({}) not applied; Stripe will retry it: {error}",
+                event.id, event.event_type
+            );
+            Err(match &error {
+                WebhookError::Store(tally_quota::QuotaStoreError::Postgres(_)) => {
+                    ApiError::unavailable(error.code(), detail)
+                }
+                _ if error.code() == "INTERNAL" => {
+                    ApiError::internal("applying a Stripe webhook", detail)
+                }
+                _ => ApiError::new(
+                    StatusCode::UNPROCESSABLE_ENTITY,
+                    error.code(),
+                    error.to_string(),
+                )
+                .with_detail(detail),
+            })
         }
     }
 }

@@ -8,8 +8,7 @@ use axum::http::{Request, StatusCode};
 use chrono::{TimeDelta, Utc};
 use http_body_util::BodyExt;
 use serde_json::{json, Value};
-use tally_api::{router, ApiState, ApiToken};
-use tally_core::config::Secret;
+use tally_api::{router, Access, ApiState, ApiToken, RateLimits, Scope, ServeConfig};
 use tally_quota::testing::subscribe;
 use tally_quota::{apply_plans, PlanDefinition, Quota};
 use tower::ServiceExt;
@@ -45,23 +44,19 @@ async fn app() -> (tally_db::testing::TestDatabase, axum::Router) {
             .await
             .unwrap(),
         pool: db.pool.clone(),
-        tokens: vec![
-            ApiToken {
-                name: "ops".into(),
-                token: Secret::new(ADMIN),
-                customer: None,
-            },
-            ApiToken {
-                name: "acme".into(),
-                token: Secret::new(ACME),
-                customer: Some("acme".into()),
-            },
-        ],
+        reader_pool: db.pool.clone(),
+        access: Access::new(
+            &[
+                ApiToken::new("ops", Scope::Admin, None, ADMIN),
+                ApiToken::new("acme", Scope::Customer, Some("acme"), ACME),
+            ],
+            &RateLimits::default(),
+        ),
         metrics: None,
         emitter: None,
-        stripe_webhook_secret: None,
+        stripe_webhook: None,
     };
-    let app = router(Arc::new(state), 4096);
+    let app = router(Arc::new(state), &ServeConfig::default());
     (db, app)
 }
 
@@ -108,7 +103,7 @@ async fn quota_check_answers_allow_limit_exceeded_and_stable_errors() {
         &app,
         "POST",
         "/v1/quota/check",
-        Some(ACME),
+        Some(ADMIN),
         check("acme", 5),
     )
     .await;
@@ -187,7 +182,7 @@ async fn quota_check_answers_allow_limit_exceeded_and_stable_errors() {
         "POST",
         "/v1/quota/check",
         Some(ADMIN),
-        Some(format!("{{\"customer\": \"{}\"}}", "x".repeat(5000))),
+        Some(format!("{{\"customer\": \"{}\"}}", "x".repeat(20_000))),
     )
     .await;
     assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE);
@@ -254,6 +249,10 @@ async fn tokens_are_required_and_customer_tokens_read_only_their_customer() {
     );
     assert_eq!(
         call(&app, "GET", "/readyz", None, None).await.0,
+        StatusCode::UNAUTHORIZED
+    );
+    assert_eq!(
+        call(&app, "GET", "/readyz", Some(ADMIN), None).await.0,
         StatusCode::OK
     );
 }
@@ -368,8 +367,8 @@ async fn the_openapi_document_describes_every_route() {
             "GET"
         };
         let (status, body) = call(&app, method, &concrete, Some(ADMIN), None).await;
-        // An unrouted path is axum's bare 404; a routed handler always answers with content.
-        let unrouted = status == StatusCode::NOT_FOUND && body == Value::String(String::new());
+        // An unrouted path is the fallback's NOT_FOUND.
+        let unrouted = status == StatusCode::NOT_FOUND && body["code"] == "NOT_FOUND";
         assert!(!unrouted, "{method} {concrete} is not routed");
     }
 }

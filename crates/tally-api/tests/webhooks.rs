@@ -10,7 +10,7 @@ use http_body_util::BodyExt;
 use serde_json::{json, Value};
 use stripe_emulator::testing::call;
 use stripe_emulator::{signature_header, Emulator, EmulatorConfig};
-use tally_api::{router, ApiState};
+use tally_api::{router, Access, ApiState, RateLimits, ServeConfig, StripeWebhook};
 use tally_core::config::Secret;
 use tally_quota::{apply_plans, PlanDefinition, Quota, QuotaError};
 use tower::ServiceExt;
@@ -80,12 +80,16 @@ impl Harness {
                 .await
                 .unwrap(),
             pool: db.pool.clone(),
-            tokens: Vec::new(),
+            reader_pool: db.pool.clone(),
+            access: Access::new(&[], &RateLimits::default()),
             metrics: None,
             emitter: None,
-            stripe_webhook_secret: Some(Secret::new(secret)),
+            stripe_webhook: Some(StripeWebhook {
+                secret: Secret::new(secret),
+                livemode: false,
+            }),
         });
-        let app = router(state.clone(), 1 << 20);
+        let app = router(state.clone(), &ServeConfig::default());
         tokio::spawn(async move { axum::serve(listener, app).await });
         Harness {
             db,
@@ -327,7 +331,7 @@ async fn replays_change_nothing_and_an_older_event_never_wins() {
 /// Posts `body` to the webhook endpoint in process, signed with the endpoint's secret at
 /// `timestamp` (now when `None`).
 async fn webhook(h: &Harness, body: &str, timestamp: Option<i64>) -> (StatusCode, Value) {
-    let secret = h.state.stripe_webhook_secret.as_ref().unwrap().expose();
+    let secret = h.state.stripe_webhook.as_ref().unwrap().secret.expose();
     let timestamp = timestamp.unwrap_or_else(|| chrono::Utc::now().timestamp());
     signed(
         h.state.clone(),
@@ -347,7 +351,7 @@ async fn signed(
     if let Some(signature) = signature {
         request = request.header("stripe-signature", signature);
     }
-    let response = router(state, 1 << 20)
+    let response = router(state, &ServeConfig::default())
         .oneshot(request.body(Body::from(body.to_owned())).unwrap())
         .await
         .unwrap();
@@ -360,7 +364,7 @@ async fn signed(
 }
 
 #[tokio::test]
-async fn forged_stale_and_unsigned_events_are_refused_and_not_stored() {
+async fn forged_stale_unsigned_and_wrong_mode_events_are_refused_and_not_stored() {
     let h = Harness::start().await;
     h.map_customer().await;
     h.subscribe(&h.free_price).await;
@@ -383,7 +387,7 @@ async fn forged_stale_and_unsigned_events_are_refused_and_not_stored() {
         (StatusCode::BAD_REQUEST, Some("BAD_SIGNATURE"))
     );
     // A body changed after signing.
-    let secret = h.state.stripe_webhook_secret.as_ref().unwrap().expose();
+    let secret = h.state.stripe_webhook.as_ref().unwrap().secret.expose();
     let tampered = signature_header(secret, now, &body.replace("FREE", "PRO"));
     let (status, answer) = signed(h.state.clone(), &body, Some(tampered)).await;
     assert_eq!(
@@ -402,10 +406,11 @@ async fn forged_stale_and_unsigned_events_are_refused_and_not_stored() {
             .await
             .unwrap(),
         pool: h.db.pool.clone(),
-        tokens: Vec::new(),
+        reader_pool: h.db.pool.clone(),
+        access: Access::new(&[], &RateLimits::default()),
         metrics: None,
         emitter: None,
-        stripe_webhook_secret: None,
+        stripe_webhook: None,
     });
     let (status, answer) = signed(
         unconfigured,
@@ -416,6 +421,21 @@ async fn forged_stale_and_unsigned_events_are_refused_and_not_stored() {
     assert_eq!(
         (status, answer["code"].as_str()),
         (StatusCode::SERVICE_UNAVAILABLE, Some("WEBHOOKS_DISABLED"))
+    );
+
+    // Correctly signed, but a live-mode event at a deployment that bills with a test key.
+    let mut live = fresh.clone();
+    live["livemode"] = json!(true);
+    let live = live.to_string();
+    let (status, answer) = signed(
+        h.state.clone(),
+        &live,
+        Some(signature_header(secret, now, &live)),
+    )
+    .await;
+    assert_eq!(
+        (status, answer["code"].as_str()),
+        (StatusCode::BAD_REQUEST, Some("WRONG_MODE"))
     );
 
     let stored: i64 = sqlx::query_scalar(

@@ -12,9 +12,15 @@ use serde::{Deserialize, Serialize};
 /// Environment variables with the `TALLY_` prefix that are not settings.
 pub const RESERVED_ENV: [&str; 2] = ["TALLY_CONFIG", "TALLY_LOG"];
 
-/// A secret setting (database URL with password, API keys): never shown by `Debug` or logs.
-#[derive(Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
-#[serde(transparent)]
+/// What a hidden value is shown as.
+pub const REDACTED: &str = "<redacted>";
+
+/// A secret setting (database URL with password, API keys, signing secrets). `Debug` and
+/// `Serialize` show it as [`REDACTED`] (an empty one as `""`, so that "not set" stays visible):
+/// tally serializes its configuration only to show it (`tally config`), so no way of showing a
+/// configuration can print a secret. Reading one that is not a string fails without repeating
+/// the value.
+#[derive(Clone, PartialEq, Eq, Default)]
 pub struct Secret(String);
 
 impl Secret {
@@ -30,15 +36,184 @@ impl Secret {
     pub fn is_empty(&self) -> bool {
         self.0.is_empty()
     }
+
+    fn shown(&self) -> &'static str {
+        if self.0.is_empty() {
+            ""
+        } else {
+            REDACTED
+        }
+    }
 }
 
 impl std::fmt::Debug for Secret {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(if self.0.is_empty() {
-            "\"\""
-        } else {
-            "\"<redacted>\""
-        })
+        write!(f, "{:?}", self.shown())
+    }
+}
+
+impl Serialize for Secret {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_str(self.shown())
+    }
+}
+
+impl<'de> Deserialize<'de> for Secret {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        // Through a `Value`: serde's own type errors quote the value ("invalid type: integer
+        // `123`"), which for a secret would print it.
+        match serde_json::Value::deserialize(deserializer)? {
+            serde_json::Value::String(value) => Ok(Secret(value)),
+            _ => Err(serde::de::Error::custom(
+                "expected a string (the value is a secret, so it is not repeated here)",
+            )),
+        }
+    }
+}
+
+/// True when a setting named `name` holds a credential, so that its value is never shown: the
+/// name contains `password`, `secret` or `key` (in any case; this hides a few paths such as
+/// `ssl.key.location` too, which is the safe side), or it is one librdkafka itself treats as
+/// sensitive (`sasl.username`, `sasl.oauthbearer.config`, `ssl.ca.pem`).
+pub fn names_secret(name: &str) -> bool {
+    let name = name.to_ascii_lowercase();
+    ["password", "secret", "key"]
+        .iter()
+        .any(|word| name.contains(word))
+        || ["sasl.username", "sasl.oauthbearer.config", "ssl.ca.pem"].contains(&name.as_str())
+}
+
+/// Raw librdkafka options (`[kafka.options]`), passed through unchanged. The value of every
+/// option whose name [names a secret](names_secret) (`sasl.password`, `ssl.key.password`,
+/// `sasl.oauthbearer.client.secret`, …) is shown as [`REDACTED`] by `Debug` and `Serialize`;
+/// [`KafkaOptions::redact`] hides them in text from librdkafka, which repeats a value it
+/// refuses.
+#[derive(Clone, PartialEq, Eq, Default)]
+pub struct KafkaOptions(BTreeMap<String, String>);
+
+impl KafkaOptions {
+    /// The value of option `name`, for the code that configures the client.
+    pub fn get(&self, name: &str) -> Option<&str> {
+        self.0.get(name).map(String::as_str)
+    }
+
+    pub fn insert(&mut self, name: impl Into<String>, value: impl Into<String>) {
+        self.0.insert(name.into(), value.into());
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    /// Every option with its value, for the code that configures the client.
+    pub fn iter(&self) -> std::collections::btree_map::Iter<'_, String, String> {
+        self.0.iter()
+    }
+
+    /// `text` with the value of every secret option replaced by [`REDACTED`]: for an error or
+    /// log message from librdkafka, which quotes the value of an option it refuses.
+    pub fn redact(&self, text: &str) -> String {
+        let mut text = text.to_owned();
+        for (name, value) in &self.0 {
+            if names_secret(name) && !value.is_empty() {
+                text = text.replace(value.as_str(), REDACTED);
+            }
+        }
+        text
+    }
+
+    /// The options as they may be shown.
+    fn shown(&self) -> BTreeMap<&str, &str> {
+        self.0
+            .iter()
+            .map(|(name, value)| {
+                let shown = if names_secret(name) && !value.is_empty() {
+                    REDACTED
+                } else {
+                    value.as_str()
+                };
+                (name.as_str(), shown)
+            })
+            .collect()
+    }
+}
+
+impl std::fmt::Debug for KafkaOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.shown().fmt(f)
+    }
+}
+
+impl Serialize for KafkaOptions {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        self.shown().serialize(serializer)
+    }
+}
+
+impl<'de> Deserialize<'de> for KafkaOptions {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        use serde::de::Error;
+        // Through a `Value`, so that a refused value is never quoted back (it may be a
+        // password).
+        let serde_json::Value::Object(table) = serde_json::Value::deserialize(deserializer)? else {
+            return Err(D::Error::custom(
+                r#"expected a table of librdkafka options, e.g. { "linger.ms" = "5" } (the value is not repeated here: it may hold a password)"#,
+            ));
+        };
+        table
+            .into_iter()
+            .map(|(name, value)| match value {
+                serde_json::Value::String(value) => Ok((name, value)),
+                // `sasl.password = "…"` unquoted is a table `sasl` holding `password`.
+                serde_json::Value::Object(_) => Err(D::Error::custom(format!(
+                    "`{}` is read as a nested table: quote librdkafka names that hold dots, e.g. \"{}\" = \"…\"",
+                    name,
+                    dotted(name.clone(), &value)
+                ))),
+                _ => Err(D::Error::custom(format!(
+                    "option `{name}` must be a string, e.g. \"{name}\" = \"…\" (the value is not repeated here: it may hold a password)"
+                ))),
+            })
+            .collect()
+    }
+}
+
+/// The dotted name an unquoted TOML key was split from: `sasl` holding `{password: …}` is
+/// `sasl.password`. Names only, never a value.
+fn dotted(mut name: String, mut value: &serde_json::Value) -> String {
+    while let serde_json::Value::Object(table) = value {
+        let Some((key, inner)) = table.iter().next() else {
+            break;
+        };
+        name = format!("{name}.{key}");
+        value = inner;
+    }
+    name
+}
+
+impl From<BTreeMap<String, String>> for KafkaOptions {
+    fn from(options: BTreeMap<String, String>) -> Self {
+        KafkaOptions(options)
+    }
+}
+
+impl<K: Into<String>, V: Into<String>> FromIterator<(K, V)> for KafkaOptions {
+    fn from_iter<I: IntoIterator<Item = (K, V)>>(options: I) -> Self {
+        KafkaOptions(
+            options
+                .into_iter()
+                .map(|(k, v)| (k.into(), v.into()))
+                .collect(),
+        )
+    }
+}
+
+impl<'a> IntoIterator for &'a KafkaOptions {
+    type Item = (&'a String, &'a String);
+    type IntoIter = std::collections::btree_map::Iter<'a, String, String>;
+
+    fn into_iter(self) -> Self::IntoIter {
+        self.0.iter()
     }
 }
 
@@ -53,7 +228,8 @@ pub struct KafkaConfig {
     /// Topic refused events are copied to.
     pub dlq_topic: String,
     /// Raw librdkafka options passed through unchanged (e.g. `"security.protocol" = "ssl"`).
-    pub options: BTreeMap<String, String>,
+    /// The values of secret ones are never shown ([`KafkaOptions`]).
+    pub options: KafkaOptions,
 }
 
 impl Default for KafkaConfig {
@@ -62,7 +238,7 @@ impl Default for KafkaConfig {
             brokers: String::new(),
             topic: "usage-events".into(),
             dlq_topic: "usage-events-dlq".into(),
-            options: BTreeMap::new(),
+            options: KafkaOptions::default(),
         }
     }
 }
@@ -100,7 +276,7 @@ where
             .parse::<toml::Table>()
             .map_err(|e| ConfigError::Syntax {
                 origin: name.to_owned(),
-                message: e.to_string(),
+                message: syntax_message(text, &e),
             })?,
         None => toml::Table::new(),
     };
@@ -155,6 +331,24 @@ where
             message,
         }
     })
+}
+
+/// toml's message with the line and column, but without the line itself, which toml quotes:
+/// it may hold a secret (an unterminated password string, say).
+fn syntax_message(text: &str, error: &toml::de::Error) -> String {
+    let message = error
+        .message()
+        .lines()
+        .map(str::trim)
+        .filter(|line| !line.is_empty())
+        .collect::<Vec<_>>()
+        .join("; ");
+    let Some(before) = error.span().and_then(|span| text.get(..span.start)) else {
+        return message;
+    };
+    let line = before.matches('\n').count() + 1;
+    let column = before.rsplit('\n').next().unwrap_or("").chars().count() + 1;
+    format!("line {line}, column {column}: {message}")
 }
 
 /// The environment variable for a key path: `emitter.spool.dir` → `TALLY_EMITTER_SPOOL_DIR`.
@@ -321,7 +515,7 @@ mod tests {
             &[],
         )
         .unwrap();
-        assert_eq!(cfg.kafka.options["linger.ms"], "5");
+        assert_eq!(cfg.kafka.options.get("linger.ms"), Some("5"));
     }
 
     #[test]
@@ -379,6 +573,121 @@ mod tests {
         let secret = Secret::new("postgres://u:hunter2@db/tally");
         assert!(!format!("{secret:?}").contains("hunter2"));
         assert_eq!(secret.expose(), "postgres://u:hunter2@db/tally");
+    }
+
+    #[derive(Debug, Default, Serialize, Deserialize)]
+    #[serde(deny_unknown_fields, default)]
+    struct WithSecrets {
+        kafka: KafkaConfig,
+        key: Secret,
+    }
+
+    const PLANTED: &str = "hunter2-planted";
+
+    #[test]
+    fn secrets_serialize_hidden_and_empty_ones_stay_empty() {
+        let file = format!(
+            "key = \"{PLANTED}-key\"\n[kafka.options]\n\"sasl.password\" = \"{PLANTED}-sasl\"\n\
+             \"SSL.Keystore.Password\" = \"{PLANTED}-keystore\"\n\
+             \"sasl.oauthbearer.client.secret\" = \"{PLANTED}-oauth\"\n\"linger.ms\" = \"5\"\n"
+        );
+        let cfg: WithSecrets = load(Some(("t.toml", &file)), env(&[]), &[]).unwrap();
+        assert_eq!(cfg.key.expose(), format!("{PLANTED}-key"));
+        assert_eq!(
+            cfg.kafka.options.get("sasl.password"),
+            Some(&*format!("{PLANTED}-sasl"))
+        );
+        for shown in [
+            toml::to_string(&cfg).unwrap(),
+            serde_json::to_string(&cfg).unwrap(),
+            format!("{cfg:?}"),
+            format!("{cfg:#?}"),
+        ] {
+            assert!(!shown.contains(PLANTED), "{shown}");
+            assert!(
+                shown.contains("linger.ms") && shown.contains('5'),
+                "{shown}"
+            );
+            assert!(shown.contains(REDACTED), "{shown}");
+        }
+        let empty = toml::to_string(&WithSecrets::default()).unwrap();
+        assert!(empty.contains("key = \"\""), "{empty}");
+    }
+
+    #[test]
+    fn secret_option_names() {
+        for name in [
+            "sasl.password",
+            "ssl.key.password",
+            "ssl.keystore.password",
+            "sasl.oauthbearer.client.secret",
+            "ssl.key.pem",
+            "ssl.key.location",
+            "sasl.username",
+            "sasl.oauthbearer.config",
+            "Some.API_KEY",
+        ] {
+            assert!(names_secret(name), "{name}");
+        }
+        for name in [
+            "linger.ms",
+            "security.protocol",
+            "sasl.mechanisms",
+            "ssl.ca.location",
+        ] {
+            assert!(!names_secret(name), "{name}");
+        }
+    }
+
+    #[test]
+    fn librdkafka_text_loses_secret_values() {
+        let options: KafkaOptions = [("sasl.password", PLANTED), ("linger.ms", "5")]
+            .into_iter()
+            .collect();
+        let text =
+            format!("Client config error: invalid value \"{PLANTED}\" sasl.password {PLANTED}");
+        let redacted = options.redact(&text);
+        assert!(!redacted.contains(PLANTED), "{redacted}");
+        assert!(redacted.contains("sasl.password"), "{redacted}");
+    }
+
+    #[test]
+    fn refused_secret_values_are_not_repeated() {
+        // A secret that is not a string, an option value that is not a string, options that
+        // are not a table (a malformed TALLY_KAFKA_OPTIONS), dotted names left unquoted, and a
+        // TOML syntax error on a secret's line: each names the setting, never the value.
+        let cases = [
+            (Some("key = 987654321\n"), vec![], "987654321"),
+            (
+                Some("[kafka.options]\n\"sasl.password\" = 987654321\n"),
+                vec![],
+                "987654321",
+            ),
+            (
+                None,
+                vec![(
+                    "TALLY_KAFKA_OPTIONS",
+                    r#"{ "sasl.password" = "hunter2-planted" "#,
+                )],
+                PLANTED,
+            ),
+            (
+                Some("[kafka.options]\nsasl.password = \"hunter2-planted\"\n"),
+                vec![],
+                PLANTED,
+            ),
+            (Some("key = \"hunter2-planted\n"), vec![], PLANTED),
+        ];
+        for (file, vars, planted) in cases {
+            let err = load::<WithSecrets>(file.map(|f| ("t.toml", f)), env(&vars), &[])
+                .unwrap_err()
+                .to_string();
+            assert!(!err.contains(planted), "{err}");
+            assert!(
+                err.contains("key") || err.contains("kafka.options") || err.contains("line"),
+                "{err}"
+            );
+        }
     }
 
     #[test]

@@ -43,7 +43,7 @@ pub async fn connect(
     if url.trim().is_empty() {
         return Err(DbError::NotConfigured);
     }
-    let options: PgConnectOptions = url.parse().map_err(DbError::BadUrl)?;
+    let options = parse(url)?;
     let target = describe(&options);
     PgPoolOptions::new()
         .max_connections(max_connections)
@@ -60,7 +60,26 @@ pub fn connect_lazy(url: &str, max_connections: u32, timeout: Duration) -> Resul
     if url.trim().is_empty() {
         return Err(DbError::NotConfigured);
     }
-    let options: PgConnectOptions = url.parse().map_err(DbError::BadUrl)?;
+    let options = parse(url)?;
+    Ok(PgPoolOptions::new()
+        .max_connections(max_connections)
+        .acquire_timeout(timeout)
+        .connect_lazy_with(options))
+}
+
+/// Like [`connect_lazy`], for readers whose queries the caller shapes (the usage API): every
+/// statement on these connections is cancelled by Postgres after `statement_timeout`.
+pub fn connect_lazy_bounded(
+    url: &str,
+    max_connections: u32,
+    timeout: Duration,
+    statement_timeout: Duration,
+) -> Result<PgPool, DbError> {
+    if url.trim().is_empty() {
+        return Err(DbError::NotConfigured);
+    }
+    let milliseconds = statement_timeout.as_millis().max(1).to_string();
+    let options = parse(url)?.options([("statement_timeout", milliseconds.as_str())]);
     Ok(PgPoolOptions::new()
         .max_connections(max_connections)
         .acquire_timeout(timeout)
@@ -70,8 +89,140 @@ pub fn connect_lazy(url: &str, max_connections: u32, timeout: Duration) -> Resul
 /// `host:port/database` of a Postgres URL, without its credentials: for messages and logs.
 /// An unparsable URL is described as such, never echoed (it may hold a password).
 pub fn describe_url(url: &str) -> String {
-    url.parse::<PgConnectOptions>()
-        .map_or_else(|_| "(an invalid Postgres URL)".to_owned(), |o| describe(&o))
+    parse(url).map_or_else(|_| "(an invalid Postgres URL)".to_owned(), |o| describe(&o))
+}
+
+/// The query parameters sqlx 0.8's Postgres driver reads (`PgConnectOptions::parse_from_url`),
+/// besides `options[…]`.
+const DRIVER_PARAMETERS: [&str; 18] = [
+    "sslmode",
+    "ssl-mode",
+    "sslrootcert",
+    "ssl-root-cert",
+    "ssl-ca",
+    "sslcert",
+    "ssl-cert",
+    "sslkey",
+    "ssl-key",
+    "statement-cache-capacity",
+    "host",
+    "hostaddr",
+    "port",
+    "dbname",
+    "user",
+    "password",
+    "application_name",
+    "options",
+];
+
+/// Parses a Postgres URL. A query parameter the driver does not read (libpq's `sslpassword`,
+/// `connect_timeout`, …) is dropped with a warning that names it: the driver would log its
+/// value, which may be a password.
+fn parse(url: &str) -> Result<PgConnectOptions, DbError> {
+    let Some((base, query)) = url.split_once('?') else {
+        return url.parse().map_err(DbError::BadUrl);
+    };
+    let (query, fragment) = match query.split_once('#') {
+        Some((query, fragment)) => (query, Some(fragment)),
+        None => (query, None),
+    };
+    let kept: Vec<&str> = query
+        .split('&')
+        .filter(|pair| {
+            let name = percent_decode(pair.split_once('=').map_or(*pair, |(name, _)| name));
+            let known = DRIVER_PARAMETERS.contains(&name.as_str())
+                || (name.starts_with("options[") && name.ends_with(']'));
+            if !known && !name.is_empty() {
+                tracing::warn!(
+                    parameter = %name,
+                    "database.url has a parameter tally's Postgres driver does not support; it is ignored"
+                );
+            }
+            known
+        })
+        .collect();
+    let mut cleaned = base.to_owned();
+    if !kept.is_empty() {
+        cleaned.push('?');
+        cleaned.push_str(&kept.join("&"));
+    }
+    if let Some(fragment) = fragment {
+        cleaned.push('#');
+        cleaned.push_str(fragment);
+    }
+    cleaned.parse().map_err(DbError::BadUrl)
+}
+
+/// `%XX` and `+` decoded, as URL query names are.
+fn percent_decode(text: &str) -> String {
+    let bytes = text.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let hex = |at: usize| {
+            bytes
+                .get(at)
+                .and_then(|b| char::from(*b).to_digit(16))
+                .map(|d| d as u8)
+        };
+        match (bytes[i], hex(i + 1), hex(i + 2)) {
+            (b'%', Some(high), Some(low)) => {
+                out.push(high * 16 + low);
+                i += 3;
+            }
+            (b'+', _, _) => {
+                out.push(b' ');
+                i += 1;
+            }
+            (byte, _, _) => {
+                out.push(byte);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// A Postgres URL as it may be shown: the password (in the user info, or a query parameter
+/// whose name [names a secret](tally_core::config::names_secret), such as `password` or
+/// `sslpassword`) replaced by `****`, the rest (user, host, port, database) kept so an
+/// operator can see where tally connects. Text that is not a `scheme://` URL is hidden whole.
+/// An empty URL stays empty.
+pub fn redact_url(url: &str) -> String {
+    if url.is_empty() {
+        return String::new();
+    }
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return "(hidden: not a postgres:// URL)".to_owned();
+    };
+    // The user info ends at the last '@', so a password holding an unencoded '/', '?' or '@'
+    // is still hidden whole (an '@' in a query value may hide more than needed: the safe side).
+    let rest = match rest.rsplit_once('@') {
+        Some((userinfo, host)) => match userinfo.split_once(':') {
+            Some((user, _password)) => format!("{user}:****@{host}"),
+            None => rest.to_owned(),
+        },
+        None => rest.to_owned(),
+    };
+    let (rest, query) = match rest.split_once('?') {
+        Some((rest, query)) => (rest, Some(query)),
+        None => (rest.as_str(), None),
+    };
+    let mut shown = format!("{scheme}://{rest}");
+    if let Some(query) = query {
+        let pairs: Vec<String> = query
+            .split('&')
+            .map(|pair| match pair.split_once('=') {
+                Some((name, _)) if tally_core::config::names_secret(&percent_decode(name)) => {
+                    format!("{name}=****")
+                }
+                _ => pair.to_owned(),
+            })
+            .collect();
+        shown.push('?');
+        shown.push_str(&pairs.join("&"));
+    }
+    shown
 }
 
 fn describe(options: &PgConnectOptions) -> String {
@@ -134,6 +285,11 @@ pub fn is_data_error(error: &sqlx::Error) -> bool {
     }
 }
 
+/// Postgres cancelled the statement: `statement_timeout` ran out (SQLSTATE 57014).
+pub fn is_statement_timeout(error: &sqlx::Error) -> bool {
+    matches!(error, sqlx::Error::Database(db) if db.code().as_deref() == Some("57014"))
+}
+
 impl DbError {
     /// Postgres is away or busy: the same call may succeed later.
     pub fn is_retryable(&self) -> bool {
@@ -192,4 +348,48 @@ pub fn with_database(url: &str, database: &str) -> String {
         out.push_str(query);
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shown_urls_keep_where_but_not_the_password() {
+        for (url, shown) in [
+            ("", ""),
+            (
+                "postgres://tally:hunter2@db.internal:5432/tally",
+                "postgres://tally:****@db.internal:5432/tally",
+            ),
+            (
+                "postgres://tally@db.internal/tally?sslmode=require",
+                "postgres://tally@db.internal/tally?sslmode=require",
+            ),
+            (
+                "postgres://tally:hunter2@db/tally?sslmode=verify-full&sslpassword=hunter2&password=hunter2",
+                "postgres://tally:****@db/tally?sslmode=verify-full&sslpassword=****&password=****",
+            ),
+            ("postgres://db/tally?pass%77ord=hunter2", "postgres://db/tally?pass%77ord=****"),
+            ("postgres://u:hun/ter?2@db/tally", "postgres://u:****@db/tally"),
+            ("postgres://u:hun@ter2@db/tally", "postgres://u:****@db/tally"),
+            ("postgres://db/tally?password=hun@ter2", "postgres://db/tally?password=****"),
+            ("host=db password=hunter2", "(hidden: not a postgres:// URL)"),
+        ] {
+            assert_eq!(redact_url(url), shown, "{url}");
+        }
+    }
+
+    #[test]
+    fn parameters_the_driver_ignores_are_dropped_and_known_ones_kept() {
+        let options =
+            parse("postgres://u:pw@db:5433/tally?sslpassword=hunter2&application_name=x&connect_timeout=3")
+                .unwrap();
+        assert_eq!(describe(&options), "db:5433/tally");
+        assert_eq!(options.get_application_name(), Some("x"));
+        let options = parse("postgres://u@db/tally?pass%77ord=pw&dbname=other").unwrap();
+        assert_eq!(options.get_database(), Some("other"));
+        assert!(parse("postgres://u@db:notaport/tally").is_err());
+        assert_eq!(describe_url("not a url"), "(an invalid Postgres URL)");
+    }
 }

@@ -137,5 +137,23 @@ pub(crate) fn producer(
         failed,
         latency: crate::telemetry::publish_latency(),
     };
-    client.create_with_context(context)
+    client
+        .create_with_context(context)
+        .map_err(|error| redact(error, kafka))
+}
+
+/// `error` without the value of a secret option: librdkafka's refusal of an option (an
+/// unsupported or invalid value) quotes the value, which may be a password.
+fn redact(error: KafkaError, kafka: &KafkaConfig) -> KafkaError {
+    let options = &kafka.options;
+    match error {
+        KafkaError::ClientConfig(code, description, name, value) => KafkaError::ClientConfig(
+            code,
+            options.redact(&description),
+            name,
+            options.redact(&value),
+        ),
+        KafkaError::ClientCreation(message) => KafkaError::ClientCreation(options.redact(&message)),
+        other => other,
+    }
 }

@@ -4,13 +4,38 @@
 //! in a local cache, reloaded in the background every `refresh` (`serve.refresh`, 250 ms by
 //! default) while checks go on answering from the cached state. One refresher task reloads
 //! every customer that became stale in a batch of two queries, so a thousand active customers
-//! cost a few queries per refresh, not a thousand. A check on a cached customer is a map lookup
-//! and a few decimal operations. Usage this process allowed since the last refresh is added
-//! locally, so a burst through one process cannot overshoot a hard limit by more than what it
-//! allowed that the aggregator has not yet committed when the cache refreshes: about one
-//! refresh interval plus the aggregator's lag (under 2 s at the defaults) worth of usage.
-//! Several processes each add only their own; their combined overshoot is bounded the same way,
-//! per process.
+//! cost a few queries per refresh, not a thousand. A check on a cached customer is a read lock
+//! on one shard of the map, a lookup and a few decimal operations (about 400-500 ns). Usage
+//! this process allowed since the last refresh is added locally, so a burst through one
+//! process cannot overshoot a hard limit by more than what it allowed that the aggregator has
+//! not yet committed when the cache refreshes: about one refresh interval plus the
+//! aggregator's lag (under 2 s at the defaults) worth of usage. Several processes each add
+//! only their own; their combined overshoot is bounded the same way, per process.
+//! [`Quota::peek`] answers what a check would without adding anything.
+//!
+//! What checks from the internet (made-up ids, floods, Postgres away) can cost, and why it is
+//! bounded ([`QuotaOptions`]):
+//!
+//! - **Memory.** At most `max_customers` customers are cached (1,000,000 by default): live
+//!   ones, those without a subscription, failed loads. A customer on a plan with three limited
+//!   meters takes about 760 bytes (its plan's entitlements are shared with the plan's other
+//!   customers without an override), so 1,000,000 take about 730 MB (`tests/memory.rs`
+//!   measures it). When a shard is full it evicts a batch: customers without a live
+//!   subscription and failed loads first (all a flood of made-up ids ever creates), then the
+//!   least recently used. A check writes only its second into its own entry.
+//! - **Postgres, on a miss.** A check waits for Postgres only on a customer's first use (or
+//!   after its eviction), once a failed load's TTL has passed, or when a billing period has
+//!   ended. Concurrent checks of one customer then share one load, and at most
+//!   `max_concurrent_loads` such loads run at once, so a flood of unknown ids cannot take
+//!   every connection. The meter list is reloaded by one check at a time too.
+//! - **Postgres, when it fails.** A failed load is cached as such for `failed_load_ttl` (1 s):
+//!   the customer's checks get its error (`Store`: the API answers 503) without asking again.
+//! - **Postgres, at a period's end.** Every day and month period ends at once (midnight UTC,
+//!   the 1st). A check rolls such a period over in place (usage zero in the new period, exact
+//!   at the reset; `Counts::roll_over` says why that is safe for a hard limit) and the real
+//!   figure comes with the refresher's next batch, so no check waits. A billing period ends per
+//!   subscription; at its end the customer is reloaded before answering (whether it renewed is
+//!   only in Postgres), once for every check waiting.
 //!
 //! Period usage comes from `usage_daily`, which the aggregator updates in the same transaction as
 //! the minute windows: a check never reads minute windows. Billing periods are counted by whole
@@ -19,15 +44,18 @@
 //! The parts are in `check/`; the crate doc (`lib.rs`) says what each file holds.
 
 mod cache;
+mod customers;
 mod decision;
 mod error;
+#[cfg(any(test, feature = "testing"))]
+mod hooks;
 mod load;
 mod refresher;
+mod single_flight;
 mod usage;
 
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use chrono::Utc;
 use rust_decimal::Decimal;
@@ -36,30 +64,72 @@ use tokio_util::sync::CancellationToken;
 
 use crate::plan::Entitlements;
 use crate::store::Subscription;
-use cache::{CacheState, Cached};
+use cache::{CacheState, Cached, CustomerState};
 pub use decision::{decide, Decision};
 pub use error::QuotaError;
+
+/// How the quota cache behaves. [`QuotaOptions::new`] gives the defaults for everything but
+/// the refresh interval.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct QuotaOptions {
+    /// How often a customer's cached state is reloaded in the background (`serve.refresh`).
+    pub refresh: Duration,
+    /// Most customers cached: live ones, those without a subscription and failed loads
+    /// together. About 760 bytes each on a plan with three limited meters (`tests/memory.rs`),
+    /// so the default, 1,000,000, is about 730 MB at most. The bound is split among shards,
+    /// which fill unevenly: eviction starts a little before the total is reached (about 98%).
+    pub max_customers: usize,
+    /// Most loads checks wait for running at once (first checks, mostly), each on a Postgres
+    /// connection: keep it below the pool's size, so that a flood of checks for unknown
+    /// customers leaves connections to the refresher, webhooks and ingestion.
+    pub max_concurrent_loads: usize,
+    /// How long a failed load is answered with its error before Postgres is asked again.
+    pub failed_load_ttl: Duration,
+}
+
+impl QuotaOptions {
+    pub const DEFAULT_MAX_CUSTOMERS: usize = 1_000_000;
+    pub const DEFAULT_MAX_CONCURRENT_LOADS: usize = 4;
+    pub const DEFAULT_FAILED_LOAD_TTL: Duration = Duration::from_secs(1);
+
+    /// The defaults, with this refresh interval.
+    pub fn new(refresh: Duration) -> QuotaOptions {
+        QuotaOptions {
+            refresh,
+            max_customers: QuotaOptions::DEFAULT_MAX_CUSTOMERS,
+            max_concurrent_loads: QuotaOptions::DEFAULT_MAX_CONCURRENT_LOADS,
+            failed_load_ttl: QuotaOptions::DEFAULT_FAILED_LOAD_TTL,
+        }
+    }
+}
 
 /// Quota checks with a local cache. Cheap to share (`Arc`).
 pub struct Quota {
     cache: Arc<CacheState>,
-    refresh: Duration,
     /// Ends the supervised refresher when the `Quota` is dropped.
     stop: CancellationToken,
 }
 
+/// Whether an answer counts the quantity against the customer's quota.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Counting {
+    Count,
+    Peek,
+}
+
 impl Quota {
+    /// [`Quota::with_options`] with the defaults ([`QuotaOptions::new`]).
+    pub async fn new(pool: PgPool, refresh: Duration) -> Result<Quota, QuotaError> {
+        Quota::with_options(pool, QuotaOptions::new(refresh)).await
+    }
+
     /// Starts the background refresher. Touches no database: meters, entitlements and usage
     /// are loaded on first use, so a server can start while Postgres is away.
-    pub async fn new(pool: PgPool, refresh: Duration) -> Result<Quota, QuotaError> {
-        let cache = Arc::new(CacheState::new(pool));
+    pub async fn with_options(pool: PgPool, options: QuotaOptions) -> Result<Quota, QuotaError> {
+        let cache = Arc::new(CacheState::new(pool, options));
         let stop = CancellationToken::new();
         refresher::start(&cache, stop.clone());
-        Ok(Quota {
-            cache,
-            refresh,
-            stop,
-        })
+        Ok(Quota { cache, stop })
     }
 
     /// May `customer` use `quantity` more of `meter`? An allowed quantity counts against the
@@ -70,14 +140,32 @@ impl Quota {
         meter: &str,
         quantity: Decimal,
     ) -> Result<Decision, QuotaError> {
+        self.answer(customer, meter, quantity, Counting::Count)
+            .await
+    }
+
+    /// What [`Quota::check`] would answer now, without counting `quantity`: nobody's quota
+    /// changes (for callers that may look but not use, like a customer's own token).
+    pub async fn peek(
+        &self,
+        customer: &str,
+        meter: &str,
+        quantity: Decimal,
+    ) -> Result<Decision, QuotaError> {
+        self.answer(customer, meter, quantity, Counting::Peek).await
+    }
+
+    async fn answer(
+        &self,
+        customer: &str,
+        meter: &str,
+        quantity: Decimal,
+        counting: Counting,
+    ) -> Result<Decision, QuotaError> {
         self.cache.aggregation(meter).await?;
-        let cached = self.cached(customer).await?;
-        let live = cached
-            .live
-            .as_ref()
-            .ok_or_else(|| QuotaError::NoActiveSubscription(customer.to_owned()))?;
-        let (Some(limit), Some(usage)) =
-            (live.entitlements.limits.get(meter), live.meters.get(meter))
+        let cached = self.cached(customer).await;
+        let live = cached.live(customer)?;
+        let (Some(limit), Some(usage)) = (live.entitlements.limits.get(meter), live.meter(meter))
         else {
             return Ok(Decision::Allow {
                 used: Decimal::ZERO,
@@ -87,29 +175,33 @@ impl Quota {
             });
         };
         let out_of_range = || QuotaError::OutOfRange { quantity };
-        let mut allowed = usage
-            .allowed_locally
-            .lock()
-            .unwrap_or_else(|e| e.into_inner());
-        let used = usage
+        let mut counts = usage.lock();
+        if counts.roll_over(limit.period, &live.subscription, Utc::now()) {
+            // The new period's real usage, in the refresher's next batch (see `roll_over`).
+            self.cache.queue_reload(customer, &cached);
+        }
+        let used = counts
             .committed
-            .checked_add(*allowed)
+            .checked_add(counts.allowed_locally)
             .ok_or_else(out_of_range)?;
-        let decision = decide(limit, used, quantity, usage.resets_at).ok_or_else(out_of_range)?;
+        let decision =
+            decide(limit, used, quantity, Some(counts.resets_at)).ok_or_else(out_of_range)?;
         if !matches!(decision, Decision::Deny { .. }) {
-            *allowed = allowed.checked_add(quantity).ok_or_else(out_of_range)?;
+            let allowed = counts
+                .allowed_locally
+                .checked_add(quantity)
+                .ok_or_else(out_of_range)?;
+            if counting == Counting::Count {
+                counts.allowed_locally = allowed;
+            }
         }
         Ok(decision)
     }
 
     /// `Ok` when `feature` is enabled for the customer's plan (with overrides).
     pub async fn require_feature(&self, customer: &str, feature: &str) -> Result<(), QuotaError> {
-        let cached = self.cached(customer).await?;
-        let live = cached
-            .live
-            .as_ref()
-            .ok_or_else(|| QuotaError::NoActiveSubscription(customer.to_owned()))?;
-        if live.entitlements.feature(feature) {
+        let cached = self.cached(customer).await;
+        if cached.live(customer)?.entitlements.feature(feature) {
             Ok(())
         } else {
             Err(QuotaError::FeatureDisabled {
@@ -124,12 +216,9 @@ impl Quota {
         &self,
         customer: &str,
     ) -> Result<(Subscription, Entitlements), QuotaError> {
-        let cached = self.cached(customer).await?;
-        let live = cached
-            .live
-            .as_ref()
-            .ok_or_else(|| QuotaError::NoActiveSubscription(customer.to_owned()))?;
-        Ok((live.subscription.clone(), live.entitlements.clone()))
+        let cached = self.cached(customer).await;
+        let live = cached.live(customer)?;
+        Ok((live.subscription.clone(), (*live.entitlements).clone()))
     }
 
     /// Drops a customer's cached state (after a subscription or override change).
@@ -138,31 +227,31 @@ impl Quota {
     }
 
     /// The customer's cached state. A stale entry is still answered from while one background
-    /// task reloads it, so a check waits for Postgres only on a customer's first use or when a
-    /// period has ended (the usage must then be reloaded before answering).
-    async fn cached(&self, customer: &str) -> Result<Arc<Cached>, QuotaError> {
-        if let Some(cached) = self.cache.get(customer) {
-            let period_ended = cached
-                .live
-                .as_ref()
-                .is_some_and(|live| live.period_ended(Utc::now()));
-            if !period_ended {
-                let stale = cached.loaded.elapsed() >= self.refresh;
-                if stale && !cached.reloading.swap(true, Ordering::AcqRel) {
-                    self.cache.queue_reload(customer);
-                }
-                return Ok(cached);
-            }
+    /// task reloads it, so a check waits for Postgres only on a customer's first use (or after
+    /// eviction), once a failed load's `failed_load_ttl` has passed, or when a billing period
+    /// has ended; and then it shares one load with every other check of the customer
+    /// (`single_flight.rs`).
+    async fn cached(&self, customer: &str) -> Arc<Cached> {
+        let now = Instant::now();
+        let Some(cached) = self.cache.get(customer) else {
+            return self.cache.load_for_check(customer, None).await;
+        };
+        self.cache.touch(&cached, now);
+        let age = now.saturating_duration_since(cached.loaded);
+        let options = &self.cache.options;
+        let must_load = match &cached.state {
+            CustomerState::Live(live) => live.reload_at.is_some_and(|at| Utc::now() >= at),
+            CustomerState::NoSubscription => false,
+            CustomerState::LoadFailed(_) => age >= options.failed_load_ttl,
+        };
+        if must_load {
+            return self.cache.load_for_check(customer, Some(&cached)).await;
         }
-        let loaded = self
-            .cache
-            .load(vec![customer.to_owned()])
-            .await?
-            .pop()
-            .expect("one result per customer");
-        let loaded = Arc::new(loaded.cached?);
-        self.cache.insert(customer, loaded.clone());
-        Ok(loaded)
+        let failed = matches!(cached.state, CustomerState::LoadFailed(_));
+        if age >= options.refresh && !failed {
+            self.cache.queue_reload(customer, &cached);
+        }
+        cached
     }
 }
 

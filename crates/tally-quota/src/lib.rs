@@ -5,17 +5,26 @@
 //! - `store.rs`: plans, subscriptions and overrides in Postgres, every change audited; the
 //!   batched read of live subscriptions with their resolved entitlements.
 //! - `stripe.rs`: Stripe webhook events applied to subscriptions and recorded invoices.
-//! - `check.rs`: the `Quota` handle: `check`, `require_feature`, `entitlements`, `invalidate`;
-//!   how the cache and its refresh behave (`serve.refresh`). Its parts, in `check/`:
+//! - `check.rs`: the `Quota` handle: `check`, `peek`, `require_feature`, `entitlements`,
+//!   `invalidate`; how the cache and its refresh behave (`serve.refresh`) and what bounds it
+//!   (`QuotaOptions`: at most `max_customers` cached, about 760 bytes each with a three-limit
+//!   plan; one load per customer at a time; failed loads cached for a second). Its parts, in
+//!   `check/`:
 //!   - `error.rs`: `QuotaError`, why a check has no decision, with its stable API code.
 //!   - `decision.rs`: `Decision` and `decide`, pure arithmetic on a limit, its grace and the
 //!     usage so far.
 //!   - `cache.rs`: in-memory state: each customer's cached subscription, entitlements and
-//!     usage, the meter → aggregation map, and the `CacheState` the checks share with the
-//!     refresher.
+//!     usage (and its rollover when a day or month period ends), the meter → aggregation map,
+//!     and the `CacheState` the checks share with the refresher.
+//!   - `customers.rs`: the map of cached customers, sharded and bounded, and its eviction (no
+//!     live subscription first, then least recently used).
+//!   - `single_flight.rs`: the loads a check waits for: one per customer at a time, a few at
+//!     once, failures cached.
 //!   - `load.rs`: loading a batch of customers from Postgres into cached state, in two queries.
 //!   - `usage.rs`: a limit's period bounds (whole UTC days) and the batched `usage_daily` query.
 //!   - `refresher.rs`: the supervised background task that reloads stale customers in batches.
+//!   - `hooks.rs`: for tests (the `testing` feature): the cache's counts, a period's end, and
+//!     customers cached without Postgres.
 //! - `testing.rs`: subscriptions and plans without the ceremony, for tests and benchmarks.
 
 mod check;
@@ -25,6 +34,6 @@ pub mod stripe;
 #[cfg(any(test, feature = "testing"))]
 pub mod testing;
 
-pub use check::{decide, Decision, Quota, QuotaError};
+pub use check::{decide, Decision, Quota, QuotaError, QuotaOptions};
 pub use plan::{Enforcement, Entitlements, LimitDefinition, Override, Period, PlanDefinition};
 pub use store::{apply_plans, list_plans, PlanChange, QuotaStoreError, Subscription};

@@ -21,6 +21,10 @@ pub enum QuotaStoreError {
     UnknownPlan(String),
     #[error("stored data does not decode: {0}")]
     Corrupt(String),
+    /// The quota cache's last load of this customer failed moments ago with this Postgres
+    /// error; it asks Postgres again once `failed_load_ttl` has passed.
+    #[error("Postgres failed moments ago ({0}); the quota check asks it again once failed_load_ttl has passed (1 s by default)")]
+    RecentlyFailed(String),
 }
 
 /// What `apply_plans` did to one plan.
@@ -287,6 +291,26 @@ pub async fn live_entitlements(
     pool: &PgPool,
     customers: &[String],
 ) -> Result<HashMap<String, (Subscription, Entitlements)>, QuotaStoreError> {
+    Ok(live_customers(pool, customers)
+        .await?
+        .into_iter()
+        .map(|(customer, live)| (customer, (live.subscription, live.entitlements)))
+        .collect())
+}
+
+/// A customer's live subscription and resolved entitlements, and whether an override changed
+/// them (the quota cache shares one copy of a plan's entitlements among the customers without).
+pub(crate) struct LiveCustomer {
+    pub(crate) subscription: Subscription,
+    pub(crate) entitlements: Entitlements,
+    pub(crate) overridden: bool,
+}
+
+/// [`live_entitlements`], saying which customers have an override.
+pub(crate) async fn live_customers(
+    pool: &PgPool,
+    customers: &[String],
+) -> Result<HashMap<String, LiveCustomer>, QuotaStoreError> {
     let rows: Vec<LiveSubscriptionRow> = sqlx::query_as(
         "SELECT s.customer_id, s.plan, s.status, s.current_period_start, s.current_period_end,
                 s.cancel_at_period_end, p.definition, o.overrides
@@ -302,6 +326,7 @@ pub async fn live_entitlements(
     let mut found = HashMap::with_capacity(rows.len());
     for row in rows {
         let definition: PlanDefinition = serde_json::from_value(row.definition).map_err(corrupt)?;
+        let overridden = row.overrides.is_some();
         let overrides: Option<Override> = row
             .overrides
             .map(serde_json::from_value)
@@ -319,7 +344,11 @@ pub async fn live_entitlements(
         };
         found.insert(
             subscription.customer_id.clone(),
-            (subscription, entitlements),
+            LiveCustomer {
+                subscription,
+                entitlements,
+                overridden,
+            },
         );
     }
     Ok(found)

@@ -5,10 +5,9 @@ use std::time::Duration;
 
 use chrono::{TimeDelta, Utc};
 use rust_decimal::Decimal;
-use sqlx::PgPool;
 use tally_db::testing::fresh_database;
 use tally_quota::store::set_override;
-use tally_quota::testing::subscribe;
+use tally_quota::testing::{daily_usage as daily, subscribe};
 use tally_quota::{apply_plans, Decision, Override, PlanDefinition, Quota, QuotaError};
 
 const PLANS: &str = r#"
@@ -51,21 +50,6 @@ async fn setup() -> (tally_db::testing::TestDatabase, Quota) {
         .await
         .unwrap();
     (db, quota)
-}
-
-/// Usage as the aggregator's daily rollup holds it.
-async fn daily(pool: &PgPool, customer: &str, meter: &str, days_ago: i64, value: i64) {
-    sqlx::query(
-        "INSERT INTO usage_daily (customer_id, meter, day, group_key, value, event_count, first_updated, last_updated)
-         VALUES ($1, $2, (now() AT TIME ZONE 'UTC')::date - $3::int, '', $4, 1, now(), now())",
-    )
-    .bind(customer)
-    .bind(meter)
-    .bind(days_ago as i32)
-    .bind(Decimal::from(value))
-    .execute(pool)
-    .await
-    .unwrap();
 }
 
 fn n(value: i64) -> Decimal {

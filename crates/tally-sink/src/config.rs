@@ -128,6 +128,78 @@ impl StripeConfig {
                 self.api_base
             ));
         }
+        if let Some(rest) = self.api_base.strip_prefix("http://") {
+            if !is_loopback_host(rest) {
+                return Err(format!(
+                    "stripe.api_base {:?} is plain http to a host other than this machine: the secret key and billing data would cross the network unencrypted; use https:// (Stripe is https://api.stripe.com/), or keep http for a local emulator on 127.0.0.1, [::1] or localhost",
+                    self.api_base
+                ));
+            }
+        }
         Ok(())
+    }
+}
+
+/// True when the authority at the start of `rest` (what follows `scheme://`) names this
+/// machine: `localhost`, an address in 127.0.0.0/8, or `[::1]`.
+fn is_loopback_host(rest: &str) -> bool {
+    let authority = rest.split(['/', '?', '#']).next().unwrap_or("");
+    let host_port = authority
+        .rsplit_once('@')
+        .map_or(authority, |(_, host)| host);
+    let host = match host_port.strip_prefix('[') {
+        Some(bracketed) => match bracketed.split_once(']') {
+            Some((host, _port)) => host,
+            None => return false,
+        },
+        None => host_port.split(':').next().unwrap_or(""),
+    };
+    host.eq_ignore_ascii_case("localhost")
+        || host
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn with_base(api_base: &str) -> StripeConfig {
+        StripeConfig {
+            api_base: api_base.into(),
+            secret_key: Secret::new("sk_test_config"),
+            ..StripeConfig::default()
+        }
+    }
+
+    #[test]
+    fn plain_http_only_reaches_this_machine() {
+        for ok in [
+            "https://api.stripe.com/",
+            "https://stripe.internal:8443/",
+            "http://127.0.0.1:12111/",
+            "http://127.1.2.3/",
+            "http://localhost:12111/",
+            "http://LOCALHOST/",
+            "http://[::1]:12111/",
+        ] {
+            assert_eq!(with_base(ok).validate(), Ok(()), "{ok}");
+        }
+        for refused in [
+            "http://api.stripe.com/",
+            "http://10.0.0.5:12111/",
+            "http://0.0.0.0:12111/",
+            "http://localhost.evil.example/",
+            "http://127.0.0.1.evil.example/",
+            "http://127.0.0.1@evil.example/",
+            "http://[::2]/",
+            "http://[::1/",
+        ] {
+            let error = with_base(refused).validate().unwrap_err();
+            assert!(
+                error.contains("stripe.api_base") && error.contains("https://"),
+                "{refused}: {error}"
+            );
+        }
     }
 }

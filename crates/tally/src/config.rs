@@ -34,7 +34,14 @@ pub(crate) struct TallyConfig {
 #[serde(deny_unknown_fields, default)]
 pub(crate) struct DatabaseConfig {
     /// Postgres URL, e.g. `postgres://tally@localhost/tally`. Also read from `DATABASE_URL`.
+    /// Shown (`tally config`) with its password replaced by `****`, so that an operator still
+    /// sees the user, host and database.
+    #[serde(serialize_with = "serialize_url")]
     pub(crate) url: Secret,
+}
+
+fn serialize_url<S: serde::Serializer>(url: &Secret, serializer: S) -> Result<S::Ok, S::Error> {
+    serializer.serialize_str(&tally_db::redact_url(url.expose()))
 }
 
 /// Settings given as flags; they win over everything else.

@@ -17,6 +17,7 @@ mod serve;
 mod sink;
 mod stripe_emulator;
 mod telemetry;
+mod tokens;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -105,6 +106,8 @@ enum Command {
     /// `tally aggregate`, `tally sink`, `tally serve` and `tally emit` run as separate processes
     /// with nothing else installed. It keeps everything in memory: not for production.
     Kafka(kafka::KafkaArgs),
+    /// Make API tokens for `tally serve` (stored in tally.toml as hashes)
+    Tokens(tokens::TokensArgs),
     /// Apply the database migrations (idempotent)
     Migrate,
     /// Check the configuration and print the effective settings (secrets hidden)
@@ -139,6 +142,7 @@ fn main() -> ExitCode {
         Command::Kafka(args) => kafka::run(&config, &args),
         Command::Plans(args) => plans::run(&config, &args),
         Command::Serve => serve::run(&config),
+        Command::Tokens(args) => tokens::run(&args),
         Command::Migrate => aggregate::migrate(&config),
         Command::Config => print_config(&config),
     };
@@ -151,17 +155,11 @@ fn main() -> ExitCode {
     }
 }
 
+/// The effective settings as TOML. Showing a configuration hides its secrets by construction:
+/// every secret setting (`database.url`, `stripe.secret_key`, `serve.stripe_webhook_secret`,
+/// API tokens) is a `Secret`, which serializes as `<redacted>`; `kafka.options` hides the value
+/// of every option whose name names a secret; and `database.url` shows its password as `****`.
 fn print_config(config: &config::TallyConfig) -> anyhow::Result<()> {
-    let mut shown = config.clone();
-    if !shown.database.url.is_empty() {
-        shown.database.url = tally_core::config::Secret::new("<redacted>");
-    }
-    if !shown.stripe.secret_key.is_empty() {
-        shown.stripe.secret_key = tally_core::config::Secret::new("<redacted>");
-    }
-    for token in &mut shown.serve.tokens {
-        token.token = tally_core::config::Secret::new("<redacted>");
-    }
-    print!("{}", toml::to_string(&shown)?);
+    print!("{}", toml::to_string(config)?);
     Ok(())
 }

@@ -3,9 +3,9 @@
 use std::sync::Arc;
 
 use anyhow::{bail, Context};
-use tally_api::ApiState;
+use tally_api::{Access, ApiState, StripeWebhook};
 use tally_emitter::Emitter;
-use tally_quota::Quota;
+use tally_quota::{Quota, QuotaOptions};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::TallyConfig;
@@ -14,7 +14,7 @@ use crate::process::{cancel_on_signal, lazy_pool, prepare_database, runtime, Pat
 pub(crate) fn run(config: &TallyConfig) -> anyhow::Result<()> {
     let serve = &config.serve;
     if serve.tokens.is_empty() {
-        bail!("no API tokens: every request would be refused; add [[serve.tokens]] (name, token, optional customer) to tally.toml");
+        bail!("no API tokens: every request would be refused; make one with `tally tokens create --scope admin` and add the [[serve.tokens]] it prints to tally.toml");
     }
     let runtime = runtime()?;
     runtime.block_on(async {
@@ -22,6 +22,14 @@ pub(crate) fn run(config: &TallyConfig) -> anyhow::Result<()> {
         // says what is missing, and the schema check and meter recording wait in the
         // background.
         let pool = lazy_pool(config, 8)?;
+        // Usage readers get connections of their own, each statement cut after 5 s, so no
+        // usage query can hold the connections quota checks load with.
+        let reader_pool = tally_db::connect_lazy_bounded(
+            config.database.url.expose(),
+            4,
+            std::time::Duration::from_secs(5),
+            std::time::Duration::from_secs(5),
+        )?;
         let stop = CancellationToken::new();
         tokio::spawn(cancel_on_signal(stop.clone()));
         let prepared = {
@@ -39,7 +47,14 @@ pub(crate) fn run(config: &TallyConfig) -> anyhow::Result<()> {
             .install_recorder()
             .context("installing the metrics recorder")?;
         tally_api::telemetry::describe();
-        let quota = Quota::new(pool.clone(), serve.refresh).await?;
+        let quota = Quota::with_options(
+            pool.clone(),
+            QuotaOptions {
+                max_customers: serve.max_cached_customers,
+                ..QuotaOptions::new(serve.refresh)
+            },
+        )
+        .await?;
         // POST /v1/events needs Kafka; without brokers the rest of the API still serves.
         let emitter = if config.kafka.brokers.trim().is_empty() {
             tracing::warn!("kafka.brokers is not set: POST /v1/events answers 503 INGEST_DISABLED");
@@ -51,14 +66,33 @@ pub(crate) fn run(config: &TallyConfig) -> anyhow::Result<()> {
         if webhook_secret.is_empty() {
             tracing::warn!("STRIPE_WEBHOOK_SECRET is not set: POST /v1/webhooks/stripe answers 503 WEBHOOKS_DISABLED");
         }
+        let key = config.stripe.secret_key.expose();
         let state = Arc::new(ApiState {
             quota,
             pool,
-            tokens: serve.tokens.clone(),
+            reader_pool,
+            access: Access::new(&serve.tokens, &serve.rate_limits),
             metrics: Some(metrics),
             emitter: emitter.clone(),
-            stripe_webhook_secret: (!webhook_secret.is_empty()).then(|| webhook_secret.clone()),
+            stripe_webhook: (!webhook_secret.is_empty()).then(|| StripeWebhook {
+                secret: webhook_secret.clone(),
+                livemode: key.starts_with("sk_live_") || key.starts_with("rk_live_"),
+            }),
         });
+        if let Some(admin_listen) = &serve.admin_listen {
+            let listener = tokio::net::TcpListener::bind(admin_listen)
+                .await
+                .with_context(|| {
+                    format!("cannot listen on {admin_listen}; pick a free serve.admin_listen address")
+                })?;
+            let admin = tally_api::admin_router(state.clone());
+            tokio::spawn(async move {
+                if let Err(error) = axum::serve(listener, admin).await {
+                    tracing::error!(%error, "the admin listener stopped");
+                }
+            });
+            tracing::info!(listen = %admin_listen, "serving /metrics, /readyz and /healthz");
+        }
         let listener = tokio::net::TcpListener::bind(&serve.listen)
             .await
             .with_context(|| {
@@ -70,7 +104,8 @@ pub(crate) fn run(config: &TallyConfig) -> anyhow::Result<()> {
         tracing::info!(listen = %serve.listen, tokens = serve.tokens.len(), "serving the HTTP API");
         tally_api::serve(
             listener,
-            tally_api::router(state, serve.max_body_bytes),
+            tally_api::router(state, serve),
+            serve.limits.clone(),
             stop,
         )
         .await?;

@@ -1,10 +1,11 @@
 //! What the checks answer from: each customer's cached state ([`Cached`]), the meter →
 //! aggregation map, and the [`CacheState`] the checks share with the background refresher.
-//! In memory only; loading a customer from Postgres is in `load.rs`.
+//! In memory only; the bounded map of customers is in `customers.rs`, loading a customer from
+//! Postgres in `load.rs`, the loads a check waits for in `single_flight.rs`.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock};
 use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
@@ -13,8 +14,11 @@ use sqlx::PgPool;
 use tally_core::Aggregation;
 use tokio::sync::Notify;
 
-use super::QuotaError;
-use crate::plan::Entitlements;
+use super::customers::Customers;
+use super::single_flight::SingleFlight;
+use super::usage::period_bounds;
+use super::{QuotaError, QuotaOptions};
+use crate::plan::{Entitlements, Period};
 use crate::store::{QuotaStoreError, Subscription};
 
 /// One customer's cached state.
@@ -22,30 +26,151 @@ pub(super) struct Cached {
     pub(super) loaded: Instant,
     /// A background reload is under way (only one per customer at a time).
     pub(super) reloading: AtomicBool,
-    /// `None`: no live subscription (cached too, so a flood of checks for such a customer does
-    /// not reach Postgres).
-    pub(super) live: Option<Live>,
+    /// When a check last used this entry, in whole seconds of the cache's clock
+    /// ([`CacheState::tick`]): eviction drops the least recently used. Coarse on purpose: a
+    /// hot customer's entry is written at most once a second, not by every check.
+    pub(super) last_used: AtomicU32,
+    pub(super) state: CustomerState,
+}
+
+/// What a load found for a customer.
+pub(super) enum CustomerState {
+    Live(Live),
+    /// No active or trialing subscription. Cached too, so a flood of checks for such a customer
+    /// does not reach Postgres; evicted first when the cache is full.
+    NoSubscription,
+    /// The load failed. Checks get this error again, without asking Postgres, until
+    /// `failed_load_ttl` has passed; evicted first when the cache is full.
+    LoadFailed(QuotaError),
+}
+
+impl Cached {
+    pub(super) fn new(state: CustomerState, loaded: Instant, tick: u32) -> Cached {
+        Cached {
+            loaded,
+            reloading: AtomicBool::new(false),
+            last_used: AtomicU32::new(tick),
+            state,
+        }
+    }
+
+    /// The customer's live subscription, or the error a check answers instead.
+    pub(super) fn live(&self, customer: &str) -> Result<&Live, QuotaError> {
+        match &self.state {
+            CustomerState::Live(live) => Ok(live),
+            CustomerState::NoSubscription => {
+                Err(QuotaError::NoActiveSubscription(customer.to_owned()))
+            }
+            CustomerState::LoadFailed(error) => Err(error.again()),
+        }
+    }
+
+    /// Eviction order, lowest first: entries without a live subscription (no subscription, a
+    /// failed load: one query to get back, and all a flood of made-up ids ever creates), then
+    /// live ones, least recently used first.
+    pub(super) fn eviction_rank(&self) -> u64 {
+        let live = matches!(self.state, CustomerState::Live(_));
+        (u64::from(live) << 32) | u64::from(self.last_used.load(Ordering::Relaxed))
+    }
 }
 
 pub(super) struct Live {
     pub(super) subscription: Subscription,
-    pub(super) entitlements: Entitlements,
-    /// Per limited meter: usage in its current period, when that period ends, and what this
-    /// process has allowed since loading.
-    pub(super) meters: HashMap<String, MeterUsage>,
-}
-
-pub(super) struct MeterUsage {
-    pub(super) committed: Decimal,
-    pub(super) resets_at: Option<DateTime<Utc>>,
-    pub(super) allowed_locally: Mutex<Decimal>,
+    /// Shared by the customers of a plan who have no override ([`CacheState::share`]).
+    pub(super) entitlements: Arc<Entitlements>,
+    /// One per limited meter: usage in its current period, and what this process allowed.
+    pub(super) meters: Box<[MeterUsage]>,
+    /// When the billing period ends, if a limit counts usage by it and it had not ended when
+    /// loaded. From then on a check reloads the customer before answering: whether the
+    /// subscription renewed, and until when, is only known to Postgres (Stripe's webhook).
+    pub(super) reload_at: Option<DateTime<Utc>>,
 }
 
 impl Live {
-    pub(super) fn period_ended(&self, now: DateTime<Utc>) -> bool {
-        self.meters
+    pub(super) fn new(
+        subscription: Subscription,
+        entitlements: Arc<Entitlements>,
+        meters: Box<[MeterUsage]>,
+        now: DateTime<Utc>,
+    ) -> Live {
+        let by_billing_period = entitlements
+            .limits
             .values()
-            .any(|m| m.resets_at.is_some_and(|at| now >= at))
+            .any(|limit| limit.period == Period::BillingPeriod);
+        let reload_at =
+            Some(subscription.current_period_end).filter(|end| by_billing_period && *end > now);
+        Live {
+            subscription,
+            entitlements,
+            meters,
+            reload_at,
+        }
+    }
+
+    /// The usage of a limited meter (a plan limits a few meters: a scan beats a hash).
+    pub(super) fn meter(&self, meter: &str) -> Option<&MeterUsage> {
+        self.meters.iter().find(|usage| usage.meter == meter)
+    }
+}
+
+pub(super) struct MeterUsage {
+    pub(super) meter: String,
+    pub(super) counts: Mutex<Counts>,
+}
+
+impl MeterUsage {
+    pub(super) fn new(meter: String, committed: Decimal, resets_at: DateTime<Utc>) -> MeterUsage {
+        MeterUsage {
+            meter,
+            counts: Mutex::new(Counts {
+                committed,
+                allowed_locally: Decimal::ZERO,
+                resets_at,
+            }),
+        }
+    }
+
+    pub(super) fn lock(&self) -> MutexGuard<'_, Counts> {
+        self.counts.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+/// A limited meter's usage in its current period, as a check sees it.
+pub(super) struct Counts {
+    /// Usage Postgres had when loaded (zero after a rollover, see [`Counts::roll_over`]).
+    pub(super) committed: Decimal,
+    /// What this process's checks allowed since (peeks add nothing).
+    pub(super) allowed_locally: Decimal,
+    pub(super) resets_at: DateTime<Utc>,
+}
+
+impl Counts {
+    /// Starts the next period in place once the current one has ended, for a day or month
+    /// limit; returns whether it did. The checks then answer from usage zero in the new period
+    /// while one background reload fetches the real figure, instead of every customer whose
+    /// period ended loading synchronously at once (a storm at midnight and on the 1st, when
+    /// every day and month period ends together).
+    ///
+    /// Exact, and as safe for a hard limit as any answer from the cache: a day or month
+    /// period starts at a UTC midnight, and `usage_daily` counts whole UTC days, so at
+    /// `resets_at` the new period's usage is exactly zero. From then on, what this process
+    /// allows is counted locally, as always; what other processes allowed since `resets_at`
+    /// is missing until the reload lands, just as a stale entry misses what they allowed since
+    /// it was loaded, which is earlier. A billing period is not rolled over here: when it ends
+    /// the subscription may not have renewed (`Quota::cached` reloads it first).
+    pub(super) fn roll_over(
+        &mut self,
+        period: Period,
+        subscription: &Subscription,
+        now: DateTime<Utc>,
+    ) -> bool {
+        if now < self.resets_at || period == Period::BillingPeriod {
+            return false;
+        }
+        self.committed = Decimal::ZERO;
+        self.allowed_locally = Decimal::ZERO;
+        self.resets_at = period_bounds(period, subscription, now).resets_at;
+        true
     }
 }
 
@@ -58,46 +183,105 @@ pub(super) struct Aggregations {
     loaded: Option<Instant>,
 }
 
+/// What the cache did, for tests (the `testing` feature reads them) and, later, metrics.
+#[derive(Default)]
+pub(super) struct Counters {
+    /// Loads a check waited for (one per customer load, however many checks shared it).
+    pub(super) waited_loads: AtomicU64,
+    /// The refresher's batches.
+    pub(super) background_loads: AtomicU64,
+    /// Customers evicted to stay within `max_customers`.
+    pub(super) evicted: AtomicU64,
+    /// The most loads a check waits for that ever ran at once.
+    pub(super) peak_running_loads: AtomicU64,
+}
+
 /// The cache the checks and the background refresher share: cached customers, the customers
 /// due for a reload, and the meter → aggregation map.
 pub(super) struct CacheState {
     pub(super) pool: PgPool,
+    pub(super) options: QuotaOptions,
     /// Meter → aggregation, from the `meters` table (every command records tally.toml's
     /// meters there as it starts). Loaded on first use and again when a check names a meter
     /// it does not hold, at most every [`METERS_RELOAD`].
     pub(super) aggregations: RwLock<Aggregations>,
-    /// Cached state by customer.
-    pub(super) customers: RwLock<HashMap<String, Arc<Cached>>>,
+    meters_reload: tokio::sync::Mutex<()>,
+    /// Cached state by customer, at most `max_customers` entries.
+    pub(super) customers: Customers,
+    /// Each plan's entitlements, shared by its customers who have no override.
+    plans: Mutex<HashMap<String, Arc<Entitlements>>>,
+    /// Loads checks are waiting for, one per customer.
+    pub(super) single_flight: SingleFlight,
     /// Customers whose cached state is stale, for the refresher's next batch.
     pub(super) due: Mutex<Vec<String>>,
     /// Wakes the refresher (also on drop, to let it end).
     pub(super) wake: Arc<Notify>,
+    /// The start of the cache's clock ([`CacheState::tick`]).
+    epoch: Instant,
+    pub(super) counters: Counters,
 }
 
 impl CacheState {
     /// An empty cache. Touches no database.
-    pub(super) fn new(pool: PgPool) -> CacheState {
+    pub(super) fn new(pool: PgPool, options: QuotaOptions) -> CacheState {
         CacheState {
             pool,
             aggregations: RwLock::default(),
-            customers: RwLock::new(HashMap::new()),
+            meters_reload: tokio::sync::Mutex::new(()),
+            customers: Customers::new(options.max_customers),
+            plans: Mutex::default(),
+            single_flight: SingleFlight::new(options.max_concurrent_loads),
             due: Mutex::new(Vec::new()),
             wake: Arc::new(Notify::new()),
+            epoch: Instant::now(),
+            counters: Counters::default(),
+            options,
         }
     }
 
-    /// The aggregation of `meter`, reloading the meter list when it is not known (yet).
-    pub(super) async fn aggregation(&self, meter: &str) -> Result<Aggregation, QuotaError> {
-        let known = |aggregations: &Aggregations| aggregations.by_meter.get(meter).copied();
-        let (found, loaded) = {
-            let aggregations = self.aggregations.read().unwrap_or_else(|e| e.into_inner());
-            (known(&aggregations), aggregations.loaded)
-        };
-        if let Some(aggregation) = found {
-            return Ok(aggregation);
+    /// `at` in whole seconds since the cache started: the clock of [`Cached::last_used`].
+    pub(super) fn tick(&self, at: Instant) -> u32 {
+        u32::try_from(at.saturating_duration_since(self.epoch).as_secs()).unwrap_or(u32::MAX)
+    }
+
+    /// Marks the entry used at `now`, for eviction. Written only when the second changed, so
+    /// checks on a hot customer do not all write one cache line.
+    pub(super) fn touch(&self, cached: &Cached, now: Instant) {
+        let tick = self.tick(now);
+        if cached.last_used.load(Ordering::Relaxed) != tick {
+            cached.last_used.store(tick, Ordering::Relaxed);
         }
-        if loaded.is_some_and(|at| at.elapsed() < METERS_RELOAD) {
-            return Err(QuotaError::UnknownMeter(meter.to_owned()));
+    }
+
+    /// The entitlements to cache for a customer: for one without an override, its plan's
+    /// single shared copy. A copy per customer was two thirds of the cache's memory (2.2 KB
+    /// a customer on a three-limit plan; 760 bytes shared). Bounded by the number of plans.
+    pub(super) fn share(&self, entitlements: Entitlements, overridden: bool) -> Arc<Entitlements> {
+        if overridden {
+            return Arc::new(entitlements);
+        }
+        let mut plans = self.plans.lock().unwrap_or_else(PoisonError::into_inner);
+        match plans.get(&entitlements.plan) {
+            Some(shared) if **shared == entitlements => shared.clone(),
+            // The plan's first customer, or the plan changed since.
+            _ => {
+                let shared = Arc::new(entitlements);
+                plans.insert(shared.plan.clone(), shared.clone());
+                shared
+            }
+        }
+    }
+
+    /// The aggregation of `meter`, reloading the meter list when it is not known (yet). One
+    /// reload at a time: concurrent first checks wait for it instead of each running it.
+    pub(super) async fn aggregation(&self, meter: &str) -> Result<Aggregation, QuotaError> {
+        if let Some(answer) = self.known_aggregation(meter) {
+            return answer;
+        }
+        let _one_reload = self.meters_reload.lock().await;
+        // Reloaded while this check waited?
+        if let Some(answer) = self.known_aggregation(meter) {
+            return answer;
         }
         let recorded = tally_db::meters::all(&self.pool)
             .await
@@ -108,67 +292,82 @@ impl CacheState {
             .map(|meter| (meter.name, meter.aggregation))
             .collect();
         aggregations.loaded = Some(Instant::now());
-        known(&aggregations).ok_or_else(|| QuotaError::UnknownMeter(meter.to_owned()))
+        (aggregations.by_meter.get(meter).copied())
+            .ok_or_else(|| QuotaError::UnknownMeter(meter.to_owned()))
+    }
+
+    /// The answer for `meter` without reloading: its aggregation, or "unknown" when the list
+    /// was reloaded less than [`METERS_RELOAD`] ago; `None` when it should be reloaded.
+    fn known_aggregation(&self, meter: &str) -> Option<Result<Aggregation, QuotaError>> {
+        let aggregations = self.aggregations.read().unwrap_or_else(|e| e.into_inner());
+        if let Some(aggregation) = aggregations.by_meter.get(meter) {
+            return Some(Ok(*aggregation));
+        }
+        aggregations
+            .loaded
+            .is_some_and(|at| at.elapsed() < METERS_RELOAD)
+            .then(|| Err(QuotaError::UnknownMeter(meter.to_owned())))
     }
 
     /// The customer's cached state, fresh or stale.
     pub(super) fn get(&self, customer: &str) -> Option<Arc<Cached>> {
-        self.customers
-            .read()
-            .expect("quota cache poisoned")
-            .get(customer)
-            .cloned()
+        self.customers.get(customer)
     }
 
-    /// Queues the customer for the refresher's next batch and wakes it.
-    pub(super) fn queue_reload(&self, customer: &str) {
+    /// Queues the customer for the refresher's next batch and wakes it, unless a reload of
+    /// this entry is under way already.
+    pub(super) fn queue_reload(&self, customer: &str, cached: &Cached) {
+        if cached.reloading.swap(true, Ordering::AcqRel) {
+            return;
+        }
         self.due
             .lock()
-            .expect("quota due list poisoned")
+            .unwrap_or_else(PoisonError::into_inner)
             .push(customer.to_owned());
         self.wake.notify_one();
     }
 
-    /// Takes the customers queued since the last batch.
-    pub(super) fn take_due(&self) -> Vec<String> {
-        std::mem::take(&mut *self.due.lock().expect("quota due list poisoned"))
+    /// Takes up to `most` of the customers queued since the last batch, oldest first.
+    pub(super) fn take_due(&self, most: usize) -> Vec<String> {
+        let mut due = self.due.lock().unwrap_or_else(PoisonError::into_inner);
+        let taken = due.len().min(most);
+        due.drain(..taken).collect()
     }
 
+    /// Whether customers are still queued after a batch.
+    pub(super) fn more_due(&self) -> bool {
+        !self
+            .due
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .is_empty()
+    }
+
+    /// Caches a customer's state, evicting others if the cache is full.
     pub(super) fn insert(&self, customer: &str, cached: Arc<Cached>) {
-        self.customers
-            .write()
-            .expect("quota cache poisoned")
-            .insert(customer.to_owned(), cached);
+        let evicted = self.customers.insert(customer, cached);
+        if evicted > 0 {
+            self.counters
+                .evicted
+                .fetch_add(evicted as u64, Ordering::Relaxed);
+        }
     }
 
     /// Drops a customer's cached state.
     pub(super) fn remove(&self, customer: &str) {
-        self.customers
-            .write()
-            .expect("quota cache poisoned")
-            .remove(customer);
+        self.customers.remove(customer);
     }
 
     /// Clears every "reload under way" mark, so stale customers are queued again.
     pub(super) fn reset_reloading(&self) {
-        for cached in self
-            .customers
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .values()
-        {
+        self.customers.for_each(|_, cached| {
             cached.reloading.store(false, Ordering::Release);
-        }
+        });
     }
 
     /// A failed reload: the next stale check queues the customer again.
     pub(super) fn reload_failed(&self, customer: &str) {
-        if let Some(cached) = self
-            .customers
-            .read()
-            .expect("quota cache poisoned")
-            .get(customer)
-        {
+        if let Some(cached) = self.get(customer) {
             cached.reloading.store(false, Ordering::Release);
         }
     }

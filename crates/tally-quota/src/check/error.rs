@@ -23,6 +23,48 @@ pub enum QuotaError {
 }
 
 impl QuotaError {
+    /// The same error again, for checks answered from a failed load the cache holds. A
+    /// Postgres error cannot be cloned: it comes back as [`QuotaStoreError::RecentlyFailed`]
+    /// with its message, still a `Store` error (the API answers 503, retry later).
+    pub(super) fn again(&self) -> QuotaError {
+        match self {
+            QuotaError::NoActiveSubscription(customer) => {
+                QuotaError::NoActiveSubscription(customer.clone())
+            }
+            QuotaError::FeatureDisabled { customer, feature } => QuotaError::FeatureDisabled {
+                customer: customer.clone(),
+                feature: feature.clone(),
+            },
+            QuotaError::UnknownMeter(meter) => QuotaError::UnknownMeter(meter.clone()),
+            QuotaError::Unsupported(meter) => QuotaError::Unsupported(meter.clone()),
+            QuotaError::OutOfRange { quantity } => QuotaError::OutOfRange {
+                quantity: *quantity,
+            },
+            QuotaError::Store(error) => QuotaError::Store(match error {
+                QuotaStoreError::Postgres(error) => {
+                    QuotaStoreError::RecentlyFailed(error.to_string())
+                }
+                QuotaStoreError::PlanInUse {
+                    plan,
+                    subscriptions,
+                } => QuotaStoreError::PlanInUse {
+                    plan: plan.clone(),
+                    subscriptions: *subscriptions,
+                },
+                QuotaStoreError::SecondLiveSubscription { customer } => {
+                    QuotaStoreError::SecondLiveSubscription {
+                        customer: customer.clone(),
+                    }
+                }
+                QuotaStoreError::UnknownPlan(plan) => QuotaStoreError::UnknownPlan(plan.clone()),
+                QuotaStoreError::Corrupt(what) => QuotaStoreError::Corrupt(what.clone()),
+                QuotaStoreError::RecentlyFailed(what) => {
+                    QuotaStoreError::RecentlyFailed(what.clone())
+                }
+            }),
+        }
+    }
+
     /// A stable code for API errors.
     pub fn code(&self) -> &'static str {
         match self {

@@ -1,21 +1,19 @@
 //! Loading customers' cached state from Postgres for a batch of customers, in two queries
 //! whatever their number: live subscriptions with entitlements (`store.rs`), then the period
-//! usage of every limited meter (`usage.rs`). Used on a customer's first check and by the
-//! refresher.
+//! usage of every limited meter (`usage.rs`). Used by the loads a check waits for
+//! (`single_flight.rs`, one customer) and by the refresher (a batch).
 
-use std::collections::HashMap;
-use std::sync::atomic::AtomicBool;
-use std::sync::Mutex;
+use std::sync::Arc;
 use std::time::Instant;
 
 use chrono::{DateTime, Utc};
-use rust_decimal::Decimal;
 use tally_core::Aggregation;
 
-use super::cache::{CacheState, Cached, Live, MeterUsage};
+use super::cache::{CacheState, Cached, CustomerState, Live, MeterUsage};
 use super::usage::{period_bounds, UsageRequests};
 use super::QuotaError;
-use crate::store;
+use crate::plan::Entitlements;
+use crate::store::{self, Subscription};
 
 /// One customer of a batch: its freshly loaded state, or why it could not be loaded.
 pub(super) struct LoadedCustomer {
@@ -26,8 +24,14 @@ pub(super) struct LoadedCustomer {
 /// One customer of a batch, loaded but for the usage of its limited meters.
 struct AwaitingUsage {
     customer: String,
-    cached: Result<Cached, QuotaError>,
+    found: Result<Found, QuotaError>,
     wanted: Vec<WantedUsage>,
+}
+
+/// What the subscription query found for a customer.
+enum Found {
+    NoSubscription,
+    Live(Subscription, Arc<Entitlements>),
 }
 
 /// One limited meter's usage in its current period, to be found in the batch's usage answer.
@@ -46,21 +50,22 @@ impl CacheState {
         customers: Vec<String>,
     ) -> Result<Vec<LoadedCustomer>, QuotaError> {
         let loaded = Instant::now();
+        let tick = self.tick(loaded);
         let now = Utc::now();
-        let mut live = store::live_entitlements(&self.pool, &customers).await?;
+        let mut live = store::live_customers(&self.pool, &customers).await?;
         // One usage request per (customer, limited meter): the period's first day and merge.
         let mut requests = UsageRequests::default();
         let mut results = Vec::with_capacity(customers.len());
         for customer in customers {
-            let Some((subscription, entitlements)) = live.remove(&customer) else {
-                let cached = Cached {
-                    loaded,
-                    reloading: AtomicBool::new(false),
-                    live: None,
-                };
+            let Some(store::LiveCustomer {
+                subscription,
+                entitlements,
+                overridden,
+            }) = live.remove(&customer)
+            else {
                 results.push(AwaitingUsage {
                     customer,
-                    cached: Ok(cached),
+                    found: Ok(Found::NoSubscription),
                     wanted: Vec::new(),
                 });
                 continue;
@@ -90,21 +95,16 @@ impl CacheState {
                     request,
                 });
             }
-            let cached = match unsupported {
+            let found = match unsupported {
                 Some(meter) => Err(QuotaError::Unsupported(meter)),
-                None => Ok(Cached {
-                    loaded,
-                    reloading: AtomicBool::new(false),
-                    live: Some(Live {
-                        subscription,
-                        entitlements,
-                        meters: HashMap::new(),
-                    }),
-                }),
+                None => Ok(Found::Live(
+                    subscription,
+                    self.share(entitlements, overridden),
+                )),
             };
             results.push(AwaitingUsage {
                 customer,
-                cached,
+                found,
                 wanted,
             });
         }
@@ -112,22 +112,24 @@ impl CacheState {
         Ok(results
             .into_iter()
             .map(|awaiting| {
-                let cached = awaiting.cached.map(|mut cached| {
-                    if let Some(live) = cached.live.as_mut() {
-                        for wanted in awaiting.wanted {
-                            let usage = MeterUsage {
-                                committed: usage.get(&wanted.request).copied().unwrap_or_default(),
-                                resets_at: Some(wanted.resets_at),
-                                allowed_locally: Mutex::new(Decimal::ZERO),
-                            };
-                            live.meters.insert(wanted.meter, usage);
-                        }
+                let state = awaiting.found.map(|found| match found {
+                    Found::NoSubscription => CustomerState::NoSubscription,
+                    Found::Live(subscription, entitlements) => {
+                        let meters = awaiting
+                            .wanted
+                            .into_iter()
+                            .map(|wanted| {
+                                let committed =
+                                    usage.get(&wanted.request).copied().unwrap_or_default();
+                                MeterUsage::new(wanted.meter, committed, wanted.resets_at)
+                            })
+                            .collect();
+                        CustomerState::Live(Live::new(subscription, entitlements, meters, now))
                     }
-                    cached
                 });
                 LoadedCustomer {
                     customer: awaiting.customer,
-                    cached,
+                    cached: state.map(|state| Cached::new(state, loaded, tick)),
                 }
             })
             .collect())

@@ -1,6 +1,7 @@
 //! The background refresher: one supervised task that reloads stale customers in batches and
 //! puts the fresh state in the cache, while checks go on answering from the stale one.
 
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Weak};
 
 use tokio::sync::Notify;
@@ -29,6 +30,10 @@ pub(super) fn start(cache: &Arc<CacheState>, stop: CancellationToken) {
     });
 }
 
+/// Most customers one batch loads: bounds the size of a query and of its answer when many
+/// customers are due at once (after a period ended, every customer active then is).
+const MAX_BATCH: usize = 5000;
+
 /// Reloads stale customers in batches: whatever became due while the last batch loaded is
 /// loaded together, in two queries, so the cost of keeping N active customers fresh grows with
 /// the batches per second, not with N.
@@ -38,10 +43,17 @@ async fn run(cache: Weak<CacheState>, wake: Arc<Notify>) {
         let Some(cache) = cache.upgrade() else {
             return;
         };
-        let due = cache.take_due();
+        let due = cache.take_due(MAX_BATCH);
+        if cache.more_due() {
+            wake.notify_one(); // the rest in the next batch, right after this one
+        }
         if due.is_empty() {
             continue;
         }
+        cache
+            .counters
+            .background_loads
+            .fetch_add(1, Ordering::Relaxed);
         let loaded = match cache.load(due.clone()).await {
             // One customer's data failed the batch (a usage sum beyond a decimal): load each
             // on its own, so the others stay fresh.

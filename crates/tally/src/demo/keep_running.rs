@@ -8,8 +8,8 @@ use std::time::Duration;
 
 use anyhow::Context;
 use chrono::{DateTime, Utc};
-use tally_api::{ApiState, ApiToken};
-use tally_core::config::{KafkaConfig, Secret};
+use tally_api::{Access, ApiState, ApiToken, Scope};
+use tally_core::config::KafkaConfig;
 use tally_core::MeterDefinition;
 use tally_emitter::Emitter;
 use tally_quota::Quota;
@@ -63,14 +63,14 @@ pub(super) fn serve_until_stopped(
         let state = Arc::new(ApiState {
             quota: Quota::new(stack.pool.clone(), stack.config.serve.refresh).await?,
             pool: stack.pool.clone(),
-            tokens: vec![ApiToken {
-                name: "demo".into(),
-                token: Secret::new(&token),
-                customer: None,
-            }],
+            reader_pool: stack.pool.clone(),
+            access: Access::new(
+                &[ApiToken::new("demo", Scope::Admin, None, &token)],
+                &stack.config.serve.rate_limits,
+            ),
             metrics: None,
             emitter: Some(emitter.clone()),
-            stripe_webhook_secret: None,
+            stripe_webhook: None,
         });
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
@@ -78,7 +78,8 @@ pub(super) fn serve_until_stopped(
         let api = format!("http://{}", listener.local_addr()?);
         let server = tokio::spawn(tally_api::serve(
             listener,
-            tally_api::router(state, stack.config.serve.max_body_bytes),
+            tally_api::router(state, &stack.config.serve),
+            stack.config.serve.limits.clone(),
             stop.clone(),
         ));
         print_access(stack, &api, &token);
