@@ -182,7 +182,13 @@ pub(crate) async fn gate(
     if let Some(scopes) = policy.scopes {
         let caller = match state.access.authenticate(request.headers()) {
             Ok(caller) => caller,
-            Err(error) => return error.into_response(),
+            Err(error) => {
+                let mut response = error.into_response();
+                response
+                    .headers_mut()
+                    .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+                return response;
+            }
         };
         if !scopes.contains(&caller.scope()) {
             return ApiError::new(

@@ -30,31 +30,30 @@ fn customer_parameter() -> Value {
 }
 
 /// The answers every route behind a token may give besides its own: the gate's and the edge's.
-fn with_gate(mut responses: Value) -> Value {
+fn with_gate(responses: Value) -> Value {
     let gate = [
         ("401", "UNAUTHORIZED: no token, or an unknown one"),
         ("403", "FORBIDDEN: the token's scope may not call this route, or a customer token names another customer"),
         ("413", "PAYLOAD_TOO_LARGE: the body (or its Content-Length) is larger than this route accepts; refused before it is read"),
         ("429", "RATE_LIMITED: this token's requests per second are used up; retry after `Retry-After` seconds"),
     ];
-    for (status, description) in gate {
-        let entry = &mut responses[status];
-        if entry.is_null() {
-            *entry = error_response(description);
-        }
-    }
-    with_edge(responses)
+    with_edge(with_errors(responses, &gate))
 }
 
 /// The answers any route may give under load or on a bug.
-fn with_edge(mut responses: Value) -> Value {
+fn with_edge(responses: Value) -> Value {
     let edge = [
         ("408", "REQUEST_TIMEOUT: the request (its body included) took longer than serve.limits.request_timeout"),
         ("500", "INTERNAL: a bug; report the request id"),
         ("503", "OVERLOADED: too many requests or connections at once; retry after `Retry-After` seconds"),
     ];
-    for (status, description) in edge {
-        let entry = &mut responses[status];
+    with_errors(responses, &edge)
+}
+
+/// Adds an error response for each status the route does not describe itself.
+fn with_errors(mut responses: Value, errors: &[(&str, &str)]) -> Value {
+    for (status, description) in errors {
+        let entry = &mut responses[*status];
         if entry.is_null() {
             *entry = error_response(description);
         }

@@ -3,15 +3,13 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::body::Body;
-use axum::http::{Request, StatusCode};
+use axum::http::StatusCode;
 use chrono::{TimeDelta, Utc};
-use http_body_util::BodyExt;
 use serde_json::{json, Value};
 use tally_api::{router, Access, ApiState, ApiToken, RateLimits, Scope, ServeConfig};
 use tally_quota::testing::subscribe;
 use tally_quota::{apply_plans, PlanDefinition, Quota};
-use tower::ServiceExt;
+mod common;
 
 const ADMIN: &str = "admin-token-0123456789abcdef";
 const ACME: &str = "acme-token-0123456789abcdef0";
@@ -67,29 +65,8 @@ async fn call(
     token: Option<&str>,
     body: Option<String>,
 ) -> (StatusCode, Value) {
-    let mut request = Request::builder()
-        .method(method)
-        .uri(path)
-        .header("content-type", "application/json");
-    if let Some(token) = token {
-        request = request.header("authorization", format!("Bearer {token}"));
-    }
-    let response = app
-        .clone()
-        .oneshot(
-            request
-                .body(body.map_or_else(Body::empty, Body::from))
-                .unwrap(),
-        )
-        .await
-        .unwrap();
-    let status = response.status();
-    let bytes = response.into_body().collect().await.unwrap().to_bytes();
-    (
-        status,
-        serde_json::from_slice(&bytes)
-            .unwrap_or(Value::String(String::from_utf8_lossy(&bytes).into_owned())),
-    )
+    let answer = common::call(app, method, path, token, body).await;
+    (answer.status, answer.body)
 }
 
 fn check(customer: &str, quantity: i64) -> Option<String> {

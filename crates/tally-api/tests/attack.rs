@@ -9,7 +9,6 @@ use std::time::{Duration, Instant};
 use axum::body::Body;
 use axum::http::{Request, StatusCode};
 use chrono::{TimeDelta, Utc};
-use http_body_util::BodyExt;
 use serde_json::{json, Value};
 use tally_api::{
     router, Access, ApiState, ApiToken, EdgeLimits, Rate, RateLimits, Scope, ServeConfig,
@@ -22,6 +21,9 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 use tower::ServiceExt;
+
+mod common;
+use common::{call, Answer};
 
 const ADMIN: &str = "tly_admin_0123456789abcdef0123456789";
 const INGEST: &str = "tly_ingest_0123456789abcdef0123456789";
@@ -80,57 +82,6 @@ async fn state(db: &tally_db::testing::TestDatabase, rates: &RateLimits) -> Arc<
             livemode: false,
         }),
     })
-}
-
-struct Answer {
-    status: StatusCode,
-    request_id: Option<String>,
-    retry_after: Option<String>,
-    body: Value,
-}
-
-async fn call(
-    app: &axum::Router,
-    method: &str,
-    path: &str,
-    token: Option<&str>,
-    body: Option<String>,
-) -> Answer {
-    let mut request = Request::builder()
-        .method(method)
-        .uri(path)
-        .header("content-type", "application/json");
-    if let Some(token) = token {
-        request = request.header("authorization", format!("Bearer {token}"));
-    }
-    let response = app
-        .clone()
-        .oneshot(
-            request
-                .body(body.map_or_else(Body::empty, Body::from))
-                .unwrap(),
-        )
-        .await
-        .unwrap();
-    let header = |name: &str| {
-        response
-            .headers()
-            .get(name)
-            .map(|v| v.to_str().unwrap().to_owned())
-    };
-    let (status, request_id, retry_after) = (
-        response.status(),
-        header("x-request-id"),
-        header("retry-after"),
-    );
-    let bytes = response.into_body().collect().await.unwrap().to_bytes();
-    Answer {
-        status,
-        request_id,
-        retry_after,
-        body: serde_json::from_slice(&bytes)
-            .unwrap_or(Value::String(String::from_utf8_lossy(&bytes).into_owned())),
-    }
 }
 
 /// The answer is one `/openapi.json` describes, and an error's request id is the header's.
@@ -237,6 +188,90 @@ async fn every_route_refuses_no_token_a_bad_token_the_wrong_scope_and_another_cu
         checked >= 35,
         "only {checked} route × token pairs were tried"
     );
+}
+
+#[tokio::test]
+async fn usage_reads_are_bounded_in_points() {
+    let db = database().await;
+    // 10,001 group keys in one minute: one bucket, too many points.
+    sqlx::query(
+        "INSERT INTO usage_minute (customer_id, meter, window_start, group_key, value, event_count, first_updated, last_updated)
+         SELECT 'acme', 'api_calls', date_trunc('minute', now()) - interval '5 minutes', 'k' || g, 1, 1, now(), now()
+         FROM generate_series(1, 10001) AS g",
+    )
+    .execute(&db.pool)
+    .await
+    .unwrap();
+    let app = router(
+        state(&db, &RateLimits::default()).await,
+        &ServeConfig::default(),
+    );
+    let (path, _) = example("/v1/customers/{id}/usage");
+    let answer = call(
+        &app,
+        "GET",
+        &format!("{path}&group_by=true"),
+        Some(ADMIN),
+        None,
+    )
+    .await;
+    assert_eq!(
+        (answer.status, answer.body["code"].as_str()),
+        (StatusCode::BAD_REQUEST, Some("RESULT_TOO_LARGE")),
+        "{}",
+        answer.body
+    );
+    assert_described(
+        &tally_api::openapi::document(),
+        "/v1/customers/{id}/usage",
+        "GET",
+        &answer,
+    );
+    // Summed, the same minute is one point.
+    let answer = call(&app, "GET", &path, Some(ADMIN), None).await;
+    assert_eq!(answer.status, StatusCode::OK, "{}", answer.body);
+    assert_eq!(answer.body["series"][0]["points"][0]["value"], "10001");
+}
+
+#[tokio::test]
+async fn a_usage_readers_statements_are_cut_by_postgres() {
+    let db = database().await;
+    let readers = tally_db::connect_lazy_bounded(
+        &db.url,
+        1,
+        Duration::from_secs(5),
+        Duration::from_millis(100),
+    )
+    .unwrap();
+    let started = Instant::now();
+    let error = sqlx::query("SELECT pg_sleep(5)")
+        .execute(&readers)
+        .await
+        .unwrap_err();
+    assert!(tally_db::is_statement_timeout(&error), "{error}");
+    assert!(started.elapsed() < Duration::from_secs(2));
+}
+
+#[tokio::test]
+async fn the_admin_listener_serves_metrics_and_readiness_without_a_token() {
+    let db = database().await;
+    let admin = tally_api::admin_router(state(&db, &RateLimits::default()).await);
+    for path in ["/readyz", "/healthz"] {
+        let answer = call(&admin, "GET", path, None, None).await;
+        assert_eq!(answer.status, StatusCode::OK, "{path}: {}", answer.body);
+    }
+    // This state has no metrics recorder: the route is there and says so.
+    let answer = call(&admin, "GET", "/metrics", None, None).await;
+    assert_eq!(answer.body["code"], "NO_METRICS");
+    // The public listener wants an admin token for the same routes, and says how to send one.
+    let public = router(
+        state(&db, &RateLimits::default()).await,
+        &ServeConfig::default(),
+    );
+    let request = Request::get("/readyz").body(Body::empty()).unwrap();
+    let response = public.oneshot(request).await.unwrap();
+    assert_eq!(response.status(), StatusCode::UNAUTHORIZED);
+    assert_eq!(response.headers()["www-authenticate"], "Bearer");
 }
 
 #[tokio::test]

@@ -95,7 +95,7 @@ pub(super) fn serve_until_stopped(
 
 fn print_access(stack: &Stack<'_>, api: &str, token: &str) {
     let stripe_key = stack.stripe.secret_key.expose();
-    let database = without_password(stack.database_url);
+    let database = tally_db::redact_url(stack.database_url);
     let (from, to) = (
         stack.from.format("%Y-%m-%dT%H:%M:%SZ"),
         stack.to.format("%Y-%m-%dT%H:%M:%SZ"),
@@ -126,38 +126,4 @@ Ctrl-C stops it and drops the demo's database (unless --keep-database).",
             .first()
             .map_or("api_calls", |m| m.name.as_str()),
     );
-}
-
-/// The URL with any password replaced by `****`: the demo prints it, and a password never is.
-fn without_password(url: &str) -> String {
-    let Some((scheme, rest)) = url.split_once("://") else {
-        return url.to_owned();
-    };
-    let authority_end = rest.find('/').unwrap_or(rest.len());
-    match rest[..authority_end].rsplit_once('@') {
-        Some((userinfo, host)) => match userinfo.split_once(':') {
-            Some((user, _password)) => {
-                format!("{scheme}://{user}:****@{host}{}", &rest[authority_end..])
-            }
-            None => url.to_owned(),
-        },
-        None => url.to_owned(),
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::without_password;
-
-    #[test]
-    fn passwords_are_never_printed() {
-        assert_eq!(
-            without_password("postgres://tally:s3cret@db:5432/tally_demo_1"),
-            "postgres://tally:****@db:5432/tally_demo_1"
-        );
-        assert_eq!(
-            without_password("postgres://postgres@127.0.0.1:5432/tally_demo_1"),
-            "postgres://postgres@127.0.0.1:5432/tally_demo_1"
-        );
-    }
 }
