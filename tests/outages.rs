@@ -242,6 +242,33 @@ fn outages_of_postgres_and_kafka_are_waited_out_by_running_processes() {
     let (from, to) = reconcile_range();
     let (ok, output) = work.run(&url, &["reconcile", "--from", &from, "--to", &to]);
     assert!(ok, "tally reconcile found drift:\n{output}");
+    // The same verdicts for Prometheus (node_exporter's textfile collector), as the
+    // deploy/systemd and deploy/cron jobs write them: the last two hours, whole minutes.
+    let metrics = work.dir.path().join("tally_reconcile.prom");
+    let (ok, output) = work.run(
+        &url,
+        &[
+            "reconcile",
+            "--last",
+            "2h",
+            "--metrics-file",
+            metrics.to_str().unwrap(),
+        ],
+    );
+    assert!(ok, "tally reconcile --last:\n{output}");
+    let written = std::fs::read_to_string(&metrics).unwrap();
+    assert!(
+        written.contains("tally_reconcile_pairs{verdict=\"drift\"} 0\n"),
+        "{written}"
+    );
+    assert!(
+        !written.contains("tally_reconcile_pairs{verdict=\"ok\"} 0\n"),
+        "{written}"
+    );
+    assert!(
+        written.contains("tally_reconcile_last_run_timestamp_seconds "),
+        "{written}"
+    );
     let duplicates: i64 = runtime
         .block_on(
             sqlx::query_scalar("SELECT count(*) - count(DISTINCT id) FROM event_ids")

@@ -822,6 +822,9 @@ impl Aggregator {
                             failing = true;
                         }
                     }
+                    if let Ok((pending, oldest)) = tally_db::rejects::dlq_backlog(&pool).await {
+                        telemetry::record_dlq_backlog(pending, oldest);
+                    }
                     tokio::select! {
                         _ = wake.notified() => {}
                         _ = tokio::time::sleep(DLQ_INTERVAL) => {}

@@ -17,6 +17,10 @@ pub(crate) const APPEND_TO_COMMIT_SECONDS: &str = "tally_aggregator_append_to_co
 pub(crate) const BATCHES_FENCED: &str = "tally_aggregator_batches_fenced_total";
 pub(crate) const BATCHES_RETRIED: &str = "tally_aggregator_batches_retried_total";
 pub(crate) const CONSUMER_LAG: &str = "tally_aggregator_consumer_lag_messages";
+/// Rejected events not yet copied to the DLQ topic, and the age of the oldest: a backlog that
+/// only grows means the DLQ publisher is stuck.
+pub(crate) const DLQ_PENDING: &str = "tally_aggregator_dlq_pending";
+pub(crate) const DLQ_OLDEST_PENDING_SECONDS: &str = "tally_aggregator_dlq_oldest_pending_seconds";
 
 /// What one committed batch did.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -55,6 +59,11 @@ pub(crate) fn record_batch(report: &BatchReport, append_ms: &[i64], committed_ms
     for &appended in append_ms {
         append_to_commit.record((committed_ms - appended).max(0) as f64 / 1000.0);
     }
+}
+
+pub(crate) fn record_dlq_backlog(pending: i64, oldest_seconds: f64) {
+    gauge!(DLQ_PENDING).set(pending as f64);
+    gauge!(DLQ_OLDEST_PENDING_SECONDS).set(oldest_seconds);
 }
 
 pub(crate) fn record_fenced() {

@@ -13,9 +13,8 @@ pub struct ServeConfig {
     pub listen: String,
     /// Address of the admin listener: `/metrics`, the detailed `/readyz` and `/healthz`,
     /// without a token. Keep it off the internet (e.g. 127.0.0.1:9188 or a private network).
-    /// Unset: no admin listener, and the public `/metrics` and `/readyz` need an admin token.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub admin_listen: Option<String>,
+    /// Empty: no admin listener, and the public `/metrics` and `/readyz` need an admin token.
+    pub admin_listen: String,
     /// How long the quota check keeps a customer's entitlements and usage before reloading.
     #[serde(with = "humantime_serde")]
     pub refresh: Duration,
@@ -36,7 +35,7 @@ impl Default for ServeConfig {
     fn default() -> Self {
         ServeConfig {
             listen: "127.0.0.1:8080".into(),
-            admin_listen: None,
+            admin_listen: String::new(),
             refresh: Duration::from_millis(250),
             max_cached_customers: 1_000_000,
             tokens: Vec::new(),

@@ -17,6 +17,9 @@ pub const INGESTED_EVENTS: &str = "tally_api_ingested_events_total";
 /// Stripe webhook events, by `type` and `outcome` (applied, stale, ignored, replay, refused,
 /// failed).
 pub const STRIPE_WEBHOOKS: &str = "tally_api_stripe_webhooks_total";
+/// Time from Stripe creating an event to tally receiving it verified: Stripe's delivery delay,
+/// retries included.
+pub const STRIPE_WEBHOOK_DELAY_SECONDS: &str = "tally_api_stripe_webhook_delay_seconds";
 /// Requests refused by a token's rate limit (429 `RATE_LIMITED`), by `scope`.
 pub const RATE_LIMITED: &str = "tally_api_rate_limited_total";
 /// Requests and connections shed, by `reason` (in_flight, connections, request_timeout).
@@ -73,6 +76,11 @@ pub(crate) fn ingested(result: &'static str, count: u64) {
 pub(crate) fn webhook(event_type: &str, outcome: &'static str) {
     metrics::counter!(STRIPE_WEBHOOKS, "type" => event_type.to_owned(), "outcome" => outcome)
         .increment(1);
+}
+
+pub(crate) fn webhook_delay(created: chrono::DateTime<chrono::Utc>) {
+    let delay = (chrono::Utc::now() - created).num_milliseconds().max(0) as f64 / 1000.0;
+    metrics::histogram!(STRIPE_WEBHOOK_DELAY_SECONDS).record(delay);
 }
 
 pub(crate) fn rate_limited(scope: crate::config::Scope) {

@@ -59,6 +59,7 @@ pub(crate) async fn stripe_webhook(
         telemetry::webhook("unverified", "refused");
         tracing::warn!(code = error.code, message = %error.message, "Stripe webhook refused");
     })?;
+    telemetry::webhook_delay(event.created);
     match apply_webhook(&state.pool, &event, &effect).await {
         Ok(outcome) => {
             if let tally_quota::stripe::WebhookOutcome::Applied {

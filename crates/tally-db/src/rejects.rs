@@ -3,7 +3,7 @@
 //! before emitting anything, and the aggregator's DLQ publisher copies every row to the DLQ
 //! topic once. Nothing refused is ever lost.
 
-use sqlx::PgConnection;
+use sqlx::{PgConnection, PgPool};
 
 /// One refused event.
 #[derive(Debug, Clone, Copy)]
@@ -146,6 +146,17 @@ pub async fn lock_pending_dlq(
     )
     .bind(limit)
     .fetch_all(&mut *tx)
+    .await
+}
+
+/// Refused events not yet copied to the DLQ topic: how many, and the age in seconds of the
+/// oldest (0 when none).
+pub async fn dlq_backlog(pool: &PgPool) -> Result<(i64, f64), sqlx::Error> {
+    sqlx::query_as(
+        "SELECT count(*), COALESCE(extract(epoch FROM now() - min(rejected_at))::float8, 0)
+         FROM rejected_events WHERE dlq_published_at IS NULL",
+    )
+    .fetch_one(pool)
     .await
 }
 

@@ -64,6 +64,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::plan::Entitlements;
 use crate::store::Subscription;
+use crate::telemetry::Lookups;
 use cache::{CacheState, Cached, CustomerState};
 pub use decision::{decide, Decision};
 pub use error::QuotaError;
@@ -106,6 +107,7 @@ impl QuotaOptions {
 /// Quota checks with a local cache. Cheap to share (`Arc`).
 pub struct Quota {
     cache: Arc<CacheState>,
+    lookups: Lookups,
     /// Ends the supervised refresher when the `Quota` is dropped.
     stop: CancellationToken,
 }
@@ -129,7 +131,11 @@ impl Quota {
         let cache = Arc::new(CacheState::new(pool, options));
         let stop = CancellationToken::new();
         refresher::start(&cache, stop.clone());
-        Ok(Quota { cache, stop })
+        Ok(Quota {
+            cache,
+            lookups: Lookups::register(),
+            stop,
+        })
     }
 
     /// May `customer` use `quantity` more of `meter`? An allowed quantity counts against the
@@ -234,6 +240,7 @@ impl Quota {
     async fn cached(&self, customer: &str) -> Arc<Cached> {
         let now = Instant::now();
         let Some(cached) = self.cache.get(customer) else {
+            self.lookups.miss.increment(1);
             return self.cache.load_for_check(customer, None).await;
         };
         self.cache.touch(&cached, now);
@@ -245,8 +252,10 @@ impl Quota {
             CustomerState::LoadFailed(_) => age >= options.failed_load_ttl,
         };
         if must_load {
+            self.lookups.miss.increment(1);
             return self.cache.load_for_check(customer, Some(&cached)).await;
         }
+        self.lookups.hit.increment(1);
         let failed = matches!(cached.state, CustomerState::LoadFailed(_));
         if age >= options.refresh && !failed {
             self.cache.queue_reload(customer, &cached);

@@ -25,12 +25,14 @@
 //!   - `refresher.rs`: the supervised background task that reloads stale customers in batches.
 //!   - `hooks.rs`: for tests (the `testing` feature): the cache's counts, a period's end, and
 //!     customers cached without Postgres.
+//! - `telemetry.rs`: the cache's hit and miss counter.
 //! - `testing.rs`: subscriptions and plans without the ceremony, for tests and benchmarks.
 
 mod check;
 pub mod plan;
 pub mod store;
 pub mod stripe;
+pub mod telemetry;
 #[cfg(any(test, feature = "testing"))]
 pub mod testing;
 

@@ -36,6 +36,15 @@ pub enum Verdict {
 }
 
 impl Verdict {
+    pub const ALL: [Verdict; 6] = [
+        Verdict::Ok,
+        Verdict::Unbilled,
+        Verdict::Unmapped,
+        Verdict::Drift,
+        Verdict::Quarantined,
+        Verdict::Review,
+    ];
+
     pub fn as_str(self) -> &'static str {
         match self {
             Verdict::Ok => "ok",

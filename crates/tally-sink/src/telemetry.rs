@@ -26,6 +26,11 @@ pub const SUBMISSIONS_NEEDS_REVIEW: &str = "tally_sink_submissions_needs_review_
 /// Customer+meter pairs set aside, now and in all (by reason).
 pub const QUARANTINED_PAIRS: &str = "tally_sink_quarantined_pairs";
 pub const PAIRS_QUARANTINED: &str = "tally_sink_pairs_quarantined_total";
+/// Written by `tally reconcile --metrics-file` for node_exporter's textfile collector: pairs by
+/// verdict, Stripe's meter event error reports, and when it last ran.
+pub const RECONCILE_PAIRS: &str = "tally_reconcile_pairs";
+pub const RECONCILE_METER_ERROR_REPORTS: &str = "tally_reconcile_meter_error_reports";
+pub const RECONCILE_LAST_RUN: &str = "tally_reconcile_last_run_timestamp_seconds";
 /// Duration of one billing pass.
 pub const PASS_SECONDS: &str = "tally_sink_pass_seconds";
 

@@ -79,7 +79,8 @@ pub(crate) fn run(config: &TallyConfig) -> anyhow::Result<()> {
                 livemode: key.starts_with("sk_live_") || key.starts_with("rk_live_"),
             }),
         });
-        if let Some(admin_listen) = &serve.admin_listen {
+        let admin_listen = &serve.admin_listen;
+        if !admin_listen.is_empty() {
             let listener = tokio::net::TcpListener::bind(admin_listen)
                 .await
                 .with_context(|| {

@@ -2,8 +2,8 @@
 
 use std::net::SocketAddr;
 
-use anyhow::bail;
-use chrono::{DateTime, NaiveDate, Utc};
+use anyhow::{bail, Context};
+use chrono::{DateTime, NaiveDate, TimeDelta, Timelike, Utc};
 use std::time::Duration;
 
 use tally_runtime::Backoff;
@@ -308,11 +308,38 @@ pub(crate) fn customers(config: &TallyConfig, args: &CustomersArgs) -> anyhow::R
 #[derive(Debug, clap::Args)]
 pub(crate) struct ReconcileArgs {
     /// Start of the range: a date (2026-11-01, UTC midnight) or an RFC 3339 time, whole minutes
-    #[arg(long, value_parser = parse_time)]
-    from: DateTime<Utc>,
+    #[arg(long, value_parser = parse_time, requires = "to", conflicts_with = "last")]
+    from: Option<DateTime<Utc>>,
     /// End of the range (exclusive), same forms
-    #[arg(long, value_parser = parse_time)]
-    to: DateTime<Utc>,
+    #[arg(long, value_parser = parse_time, requires = "from")]
+    to: Option<DateTime<Utc>>,
+    /// The range ending now (whole minutes), e.g. --last 48h: for cron and systemd timers
+    #[arg(long, value_parser = humantime::parse_duration, required_unless_present = "from")]
+    last: Option<Duration>,
+    /// Also write the verdicts as Prometheus metrics to this file (written whole, then renamed
+    /// into place), for node_exporter's textfile collector: tally_reconcile_pairs{verdict},
+    /// tally_reconcile_meter_error_reports, tally_reconcile_last_run_timestamp_seconds
+    #[arg(long, value_name = "FILE")]
+    metrics_file: Option<std::path::PathBuf>,
+}
+
+impl ReconcileArgs {
+    /// The range to compare: --from/--to, or the --last whole minutes before now.
+    fn range(&self) -> anyhow::Result<(DateTime<Utc>, DateTime<Utc>)> {
+        match (self.from, self.to, self.last) {
+            (Some(from), Some(to), _) => Ok((from, to)),
+            (_, _, Some(last)) => {
+                let now = Utc::now();
+                let to = now
+                    - TimeDelta::seconds(i64::from(now.second()))
+                    - TimeDelta::nanoseconds(i64::from(now.nanosecond()));
+                let last =
+                    TimeDelta::from_std(last).map_err(|_| anyhow::anyhow!("--last is too long"))?;
+                Ok((to - last, to))
+            }
+            _ => bail!("give the range: --from and --to, or --last (e.g. --last 48h)"),
+        }
+    }
 }
 
 fn parse_time(text: &str) -> Result<DateTime<Utc>, String> {
@@ -334,17 +361,20 @@ pub(crate) fn reconcile(config: &TallyConfig, args: &ReconcileArgs) -> anyhow::R
         let pool = connect(config, 2).await?;
         tally_db::check_schema(&pool).await?;
         let stripe = StripeHttp::new(&config.stripe).map_err(anyhow::Error::msg)?;
+        let (from, to) = args.range()?;
         let rows = tally_sink::reconcile(
             &pool,
             &stripe,
             config.stripe.requests_per_second(),
-            args.from,
-            args.to,
+            from,
+            to,
         )
         .await?;
         print!("{}", tally_sink::render_table(&rows));
-        let reports =
-            tally_sink::meter_error_reports(&pool, &stripe, args.from, args.to).await?;
+        let reports = tally_sink::meter_error_reports(&pool, &stripe, from, to).await?;
+        if let Some(path) = &args.metrics_file {
+            write_reconcile_metrics(path, &rows, reports.len())?;
+        }
         for report in &reports {
             let errors: Vec<String> = report
                 .errors
@@ -372,6 +402,47 @@ pub(crate) fn reconcile(config: &TallyConfig, args: &ReconcileArgs) -> anyhow::R
 }
 
 /// One line per kind of disagreement; an error (exit 1) on drift.
+/// The verdicts in Prometheus's text format, for node_exporter's textfile collector: written to
+/// a temporary file beside `path`, then renamed, so a scrape never reads half a file.
+fn write_reconcile_metrics(
+    path: &std::path::Path,
+    rows: &[tally_sink::ReconcileRow],
+    meter_error_reports: usize,
+) -> anyhow::Result<()> {
+    use tally_sink::telemetry::{
+        RECONCILE_LAST_RUN, RECONCILE_METER_ERROR_REPORTS, RECONCILE_PAIRS,
+    };
+    let mut text = format!(
+        "# HELP {RECONCILE_PAIRS} Customer-meter pairs by verdict at the last tally reconcile.\n\
+         # TYPE {RECONCILE_PAIRS} gauge\n"
+    );
+    for verdict in Verdict::ALL {
+        let count = rows.iter().filter(|r| r.verdict == verdict).count();
+        let verdict = verdict.as_str().to_lowercase();
+        text.push_str(&format!(
+            "{RECONCILE_PAIRS}{{verdict=\"{verdict}\"}} {count}\n"
+        ));
+    }
+    text.push_str(&format!(
+        "# HELP {RECONCILE_METER_ERROR_REPORTS} Stripe meter event error reports in the last reconcile's range.\n\
+         # TYPE {RECONCILE_METER_ERROR_REPORTS} gauge\n\
+         {RECONCILE_METER_ERROR_REPORTS} {meter_error_reports}\n\
+         # HELP {RECONCILE_LAST_RUN} When tally reconcile last compared tally with Stripe.\n\
+         # TYPE {RECONCILE_LAST_RUN} gauge\n\
+         {RECONCILE_LAST_RUN} {}\n",
+        Utc::now().timestamp()
+    ));
+    let partial = path.with_extension("prom.partial");
+    std::fs::write(&partial, text)
+        .and_then(|()| std::fs::rename(&partial, path))
+        .with_context(|| {
+            format!(
+                "cannot write {}; --metrics-file needs a writable directory (node_exporter's --collector.textfile.directory)",
+                path.display()
+            )
+        })
+}
+
 pub(crate) fn report_verdicts(rows: &[tally_sink::ReconcileRow]) -> anyhow::Result<()> {
     let count = |verdict| rows.iter().filter(|r| r.verdict == verdict).count();
     let (ok, unbilled, unmapped, drift, quarantined, review) = (

@@ -93,5 +93,6 @@ async fn run(cache: Weak<CacheState>, wake: Arc<Notify>) {
                 }
             }
         }
+        crate::telemetry::cached_customers(cache.customers.len());
     }
 }

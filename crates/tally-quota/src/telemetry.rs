@@ -1,0 +1,35 @@
+//! The quota check's metrics and their Prometheus names.
+
+use metrics::Counter;
+
+/// Checks answered from the cache (`result="hit"`) or that waited for Postgres (`"miss"`: a
+/// customer's first check, after eviction, or a billing period's end).
+pub const CACHE_LOOKUPS: &str = "tally_quota_cache_lookups_total";
+
+/// Customers in the cache (bounded by `serve.max_cached_customers`), after each refresh batch.
+pub const CACHED_CUSTOMERS: &str = "tally_quota_cached_customers";
+
+pub(crate) fn cached_customers(count: usize) {
+    metrics::gauge!(CACHED_CUSTOMERS).set(count as f64);
+}
+
+/// The counters a check increments, registered once: a check pays one atomic add, not a
+/// registry lookup.
+pub(crate) struct Lookups {
+    pub(crate) hit: Counter,
+    pub(crate) miss: Counter,
+}
+
+impl Lookups {
+    pub(crate) fn register() -> Lookups {
+        metrics::describe_gauge!(CACHED_CUSTOMERS, "Customers in the quota cache");
+        metrics::describe_counter!(
+            CACHE_LOOKUPS,
+            "Quota checks answered from the cache (hit) or after a Postgres load (miss)"
+        );
+        Lookups {
+            hit: metrics::counter!(CACHE_LOOKUPS, "result" => "hit"),
+            miss: metrics::counter!(CACHE_LOOKUPS, "result" => "miss"),
+        }
+    }
+}
