@@ -153,6 +153,15 @@ impl Emulator {
             .and_then(|t| t.last)
     }
 
+    /// Every customer Stripe holds, oldest first, as `GET /v1/customers/{id}` returns them.
+    pub fn customers(&self) -> Vec<serde_json::Value> {
+        self.shared
+            .store
+            .lock()
+            .expect("store lock poisoned")
+            .customers()
+    }
+
     /// Every webhook event so far, with its delivery state.
     pub fn events(&self) -> Vec<EventRecord> {
         self.shared.webhooks.events()
@@ -383,7 +392,11 @@ async fn route(
             outcome
         }
         (&Method::POST, ["v1", "customers"]) => {
-            write(shared, |store, now| store.create_customer(form, livemode, now)).await
+            let outcome = write(shared, |store, now| store.create_customer(form, livemode, now)).await;
+            if outcome.reply.status == 200 {
+                shared.count(|s| s.customers_created += 1);
+            }
+            outcome
         }
         (&Method::POST, ["v1", "billing", "meters"]) => {
             write(shared, |store, now| store.create_meter(form, livemode, now)).await
@@ -410,6 +423,12 @@ async fn route(
             .webhooks
             .create_endpoint(form, livemode, shared.now())
             .into(),
+        (&Method::GET, ["v1", "customers"]) => {
+            read(shared, |store| store.list_customers(query)).await
+        }
+        (&Method::GET, ["v1", "customers", "search"]) => {
+            read(shared, |store| store.search_customers(query)).await
+        }
         (&Method::GET, ["v1", "customers", id]) => {
             read(shared, |store| store.get_customer(id)).await
         }

@@ -112,6 +112,8 @@ pub struct Stats {
     pub delayed: u64,
     pub dropped_after_commit: u64,
     pub idempotent_replays: u64,
+    /// `POST /v1/customers` calls that created a customer (replays not counted).
+    pub customers_created: u64,
 }
 
 #[derive(Default)]
@@ -129,7 +131,12 @@ impl Store {
         format!("{prefix}_emu{:010}", self.next_id)
     }
 
+    /// `POST /v1/customers`: `name`, `email`, `description`, `metadata[…]` (Stripe's metadata
+    /// limits: 50 keys, keys up to 40 characters without brackets, values up to 500).
     pub(crate) fn create_customer(&mut self, form: &Form, livemode: bool, now: i64) -> Reply {
+        if let Err(reply) = check_metadata(&form.nested("metadata")) {
+            return reply;
+        }
         let id = self.new_id("cus");
         let customer = json!({
             "id": id,
@@ -149,8 +156,79 @@ impl Store {
         Reply::json(200, &customer)
     }
 
+    /// `GET /v1/customers`: newest first, as Stripe lists them, with `limit` and
+    /// `starting_after`; `email` filters (exact, case-sensitive, as Stripe's).
+    pub(crate) fn list_customers(&self, query: &Form) -> Reply {
+        let email = query.get("email");
+        let items = self
+            .customers
+            .values()
+            .rev()
+            .filter(|c| email.is_none_or(|e| c["email"] == e))
+            .cloned()
+            .collect();
+        list_page(items, query, "/v1/customers")
+    }
+
+    /// `GET /v1/customers/search?query=…`: Stripe's search query language for the clauses
+    /// tally needs (`metadata['key']:'value'`, `name:'…'`, `email:'…'`, joined by `AND` or by
+    /// `OR`), newest first, paged with `limit` and `page` (the `next_page` of the last answer).
+    /// Unlike Stripe, whose search index lags writes by up to a minute, it sees every customer
+    /// at once.
+    pub(crate) fn search_customers(&self, query: &Form) -> Reply {
+        let Some(text) = query.get("query") else {
+            return Reply::missing("query");
+        };
+        let search = match Search::parse(text) {
+            Ok(search) => search,
+            Err(message) => return Reply::invalid(message, Some("query")),
+        };
+        let limit = match query.get("limit").map(str::parse::<usize>) {
+            None => 10,
+            Some(Ok(limit)) if (1..=100).contains(&limit) => limit,
+            Some(_) => return Reply::invalid("limit must be between 1 and 100.", Some("limit")),
+        };
+        let start = match query.get("page") {
+            None => 0,
+            Some(page) => match page.strip_prefix("page_").and_then(|n| n.parse().ok()) {
+                Some(start) => start,
+                None => {
+                    return Reply::invalid(format!("Invalid page: {page:?}."), Some("page"));
+                }
+            },
+        };
+        let matching: Vec<&Value> = self
+            .customers
+            .values()
+            .rev()
+            .filter(|c| search.matches(c))
+            .collect();
+        let page: Vec<Value> = matching
+            .iter()
+            .skip(start)
+            .take(limit)
+            .map(|c| (*c).clone())
+            .collect();
+        let has_more = start + page.len() < matching.len();
+        let next_page = has_more.then(|| format!("page_{}", start + page.len()));
+        Reply::json(
+            200,
+            &json!({
+                "object": "search_result",
+                "url": "/v1/customers/search",
+                "has_more": has_more,
+                "next_page": next_page,
+                "data": page,
+            }),
+        )
+    }
+
     pub(crate) fn has_meter(&self, event_name: &str) -> bool {
         self.meters.iter().any(|m| m.event_name == event_name)
+    }
+
+    pub(crate) fn customers(&self) -> Vec<Value> {
+        self.customers.values().cloned().collect()
     }
 
     pub(crate) fn has_customer(&self, id: &str) -> bool {
@@ -505,6 +583,132 @@ impl Store {
         }
         totals.into_values().collect()
     }
+}
+
+/// Stripe's metadata rules: at most 50 keys, keys of 1 to 40 characters without square
+/// brackets, values of at most 500 characters.
+fn check_metadata(metadata: &BTreeMap<String, String>) -> Result<(), Reply> {
+    if metadata.len() > 50 {
+        return Err(Reply::invalid(
+            "Invalid metadata: metadata can have up to 50 keys.",
+            Some("metadata"),
+        ));
+    }
+    for (key, value) in metadata {
+        let param = format!("metadata[{key}]");
+        if key.is_empty() || key.chars().count() > 40 || key.contains(['[', ']']) {
+            return Err(Reply::invalid(
+                format!("Invalid metadata: keys must be 1 to 40 characters without square brackets; got {key:?}."),
+                Some(&param),
+            ));
+        }
+        if value.chars().count() > 500 {
+            return Err(Reply::invalid(
+                format!("Invalid metadata[{key}]: values can be up to 500 characters long."),
+                Some(&param),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// A customer search query: clauses joined by one kind of connective.
+struct Search {
+    clauses: Vec<(SearchField, String)>,
+    any: bool,
+}
+
+enum SearchField {
+    Metadata(String),
+    Name,
+    Email,
+}
+
+impl Search {
+    fn parse(text: &str) -> Result<Search, String> {
+        let mut clauses = Vec::new();
+        let mut connectives = Vec::new();
+        let mut rest = text.trim();
+        loop {
+            let (field, after) = if let Some(after) = rest.strip_prefix("metadata[") {
+                let (key, after) = quoted(after)
+                    .ok_or_else(|| format!("Invalid search query {text:?}: metadata keys are quoted, as in metadata['key']:'value'."))?;
+                let after = after.strip_prefix(']').ok_or_else(|| {
+                    format!("Invalid search query {text:?}: expected ] after the metadata key.")
+                })?;
+                (SearchField::Metadata(key), after)
+            } else if let Some(after) = rest.strip_prefix("name") {
+                (SearchField::Name, after)
+            } else if let Some(after) = rest.strip_prefix("email") {
+                (SearchField::Email, after)
+            } else {
+                return Err(format!("Invalid search query {text:?}: the emulator searches customers by metadata['key'], name and email."));
+            };
+            let after = after.strip_prefix(':').ok_or_else(|| {
+                format!("Invalid search query {text:?}: only exact matches (field:'value') are supported.")
+            })?;
+            let (value, after) = quoted(after).ok_or_else(|| {
+                format!("Invalid search query {text:?}: values are quoted, as in name:'acme'.")
+            })?;
+            clauses.push((field, value));
+            rest = after.trim_start();
+            if rest.is_empty() {
+                break;
+            }
+            let (connective, after) = rest.split_once(char::is_whitespace).ok_or_else(|| {
+                format!("Invalid search query {text:?}: expected AND or OR between clauses.")
+            })?;
+            if connective != "AND" && connective != "OR" {
+                return Err(format!("Invalid search query {text:?}: expected AND or OR between clauses, got {connective:?}."));
+            }
+            connectives.push(connective);
+            rest = after.trim_start();
+        }
+        if connectives.windows(2).any(|pair| pair[0] != pair[1]) {
+            return Err(format!(
+                "Invalid search query {text:?}: AND and OR cannot be combined in one query."
+            ));
+        }
+        Ok(Search {
+            clauses,
+            any: connectives.first() == Some(&"OR"),
+        })
+    }
+
+    fn matches(&self, customer: &Value) -> bool {
+        let hit = |(field, value): &(SearchField, String)| match field {
+            SearchField::Metadata(key) => customer["metadata"][key.as_str()] == value.as_str(),
+            SearchField::Name => customer["name"] == value.as_str(),
+            SearchField::Email => customer["email"] == value.as_str(),
+        };
+        if self.any {
+            self.clauses.iter().any(hit)
+        } else {
+            self.clauses.iter().all(hit)
+        }
+    }
+}
+
+/// A string in single or double quotes at the start of `text` (a backslash escapes the next
+/// character), and what follows it.
+fn quoted(text: &str) -> Option<(String, &str)> {
+    let mut chars = text.char_indices();
+    let (_, quote) = chars.next().filter(|(_, c)| *c == '\'' || *c == '"')?;
+    let mut value = String::new();
+    let mut escaped = false;
+    for (at, c) in chars {
+        if escaped {
+            value.push(c);
+            escaped = false;
+        } else if c == '\\' {
+            escaped = true;
+        } else if c == quote {
+            return Some((value, &text[at + c.len_utf8()..]));
+        } else {
+            value.push(c);
+        }
+    }
+    None
 }
 
 fn meter_json(meter: &Meter) -> Value {

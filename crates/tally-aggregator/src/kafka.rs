@@ -188,6 +188,36 @@ pub(crate) fn consumer(
     config.create_with_context(context)
 }
 
+/// The end offset (high watermark) of every partition of `kafka.topic`, for `tally status`'s
+/// lag. Errors are redacted (librdkafka may quote an option's value).
+pub fn end_offsets(
+    kafka: &KafkaConfig,
+    timeout: Duration,
+) -> Result<std::collections::BTreeMap<i32, i64>, String> {
+    let mut config = ClientConfig::new();
+    for (key, value) in &kafka.options {
+        config.set(key, value);
+    }
+    let consumer: BaseConsumer = config
+        .set("bootstrap.servers", &kafka.brokers)
+        .set("client.id", "tally-status")
+        .create()
+        .map_err(|e| kafka.options.redact(&e.to_string()))?;
+    let metadata = consumer
+        .fetch_metadata(Some(&kafka.topic), timeout)
+        .map_err(|e| kafka.options.redact(&e.to_string()))?;
+    let mut ends = std::collections::BTreeMap::new();
+    for topic in metadata.topics() {
+        for partition in topic.partitions() {
+            let (_, high) = consumer
+                .fetch_watermarks(&kafka.topic, partition.id(), timeout)
+                .map_err(|e| kafka.options.redact(&e.to_string()))?;
+            ends.insert(partition.id(), high);
+        }
+    }
+    Ok(ends)
+}
+
 /// The DLQ producer: idempotent, acks from all replicas.
 pub(crate) fn dlq_producer(kafka: &KafkaConfig) -> KafkaResult<FutureProducer> {
     let mut config = ClientConfig::new();

@@ -37,6 +37,7 @@ mod telemetry;
 pub use aggregator::Hooks;
 pub use aggregator::{Aggregator, AggregatorError, RunSummary, Step};
 pub use config::AggregatorConfig;
-pub use store::AggregatorStoreError;
+pub use kafka::end_offsets;
+pub use store::{committed_offsets, AggregatorStoreError, CommittedOffset};
 pub use tally_runtime::RunMode;
 pub use telemetry::BatchReport;

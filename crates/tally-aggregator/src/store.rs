@@ -20,6 +20,7 @@ mod unprocessable;
 mod windows;
 
 pub(crate) use commit::commit_batch;
+pub use ownership::{committed_offsets, CommittedOffset};
 pub(crate) use ownership::{take_partitions, Epochs, Ownership, TakenPartition};
 pub(crate) use retention::delete_expired;
 pub(crate) use unprocessable::isolate_unprocessable;

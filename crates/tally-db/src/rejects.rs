@@ -149,6 +149,20 @@ pub async fn lock_pending_dlq(
     .await
 }
 
+/// Refused events per reason since `since`, most first (for `tally status`).
+pub async fn counts_since(
+    pool: &PgPool,
+    since: chrono::DateTime<chrono::Utc>,
+) -> Result<Vec<(String, i64)>, sqlx::Error> {
+    sqlx::query_as(
+        "SELECT reason, count(*) FROM rejected_events WHERE rejected_at >= $1
+         GROUP BY reason ORDER BY 2 DESC, 1",
+    )
+    .bind(since)
+    .fetch_all(pool)
+    .await
+}
+
 /// Refused events not yet copied to the DLQ topic: how many, and the age in seconds of the
 /// oldest (0 when none).
 pub async fn dlq_backlog(pool: &PgPool) -> Result<(i64, f64), sqlx::Error> {

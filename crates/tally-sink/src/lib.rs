@@ -14,7 +14,8 @@
 //! - `sink.rs`: the pass loop (`Sink::run`): account, then lease the outbox, hand each
 //!   customer+meter pair to a send task, record the outcomes.
 //! - `send.rs`: sending one pair's rows to Stripe: retries, backoff, what an answer means.
-//! - `stripe.rs`: the Stripe client and its error classification.
+//! - `stripe.rs`: the Stripe client and its error classification; Stripe customers listed and
+//!   created for `tally customers sync`.
 //! - `limiter.rs`: the token bucket under the account's rate.
 //! - `stripe_meters.rs`: the Stripe meters tally bills under (check, create).
 //! - `reconcile.rs`: tally's windows vs the outbox vs Stripe's event summaries.
@@ -36,6 +37,9 @@ pub use reconcile::{
     meter_error_reports, reconcile, render_table, MeterErrorReport, ReconcileRow, Verdict,
 };
 pub use sink::{Sink, SinkError, SinkSummary};
-pub use stripe::{StripeCallError, StripeHttp};
+pub use stripe::{
+    customer_idempotency_key, StripeCallError, StripeCustomer, StripeCustomers, StripeHttp,
+    DEFAULT_CUSTOMER_METADATA_KEY,
+};
 pub use stripe_meters::{create_stripe_meters, missing_stripe_meters};
 pub use tally_runtime::RunMode;

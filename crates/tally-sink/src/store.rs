@@ -5,7 +5,9 @@
 //! - `outbox.rs`: leasing outbox rows, renewing leases, recording outcomes.
 //! - `review.rs`: outbox rows parked as `needs_review`, and their resolution by an operator.
 //! - `quarantine.rs`: customer+meter pairs set aside (`billing_quarantine`).
-//! - `backlog.rs`: backlog figures for the metrics.
+//! - `backlog.rs`: backlog figures for the metrics and `tally status`.
+//! - `submissions.rs`: the outbox listed and failed rows retried, for operators.
+//! - `reconcile_runs.rs`: each `tally reconcile` run's verdict counts.
 //! - `customers.rs`: customer mapping (`stripe_customers`) and usage waiting for one.
 //!
 //! The error they share, [`SinkStoreError`], is here.
@@ -16,20 +18,30 @@ mod customers;
 mod meters;
 mod outbox;
 mod quarantine;
+mod reconcile_runs;
 mod review;
+mod submissions;
 
 pub use accounting::AccountingReport;
 pub(crate) use accounting::{account_slots, pairs_with_changes, Accounting};
 pub(crate) use backlog::backlog;
+pub use backlog::{outbox_status, OutboxStatus};
 pub use customers::{
-    customer_mappings, map_customer, map_customers, unmapped_usage, CustomerMapping, UnmappedUsage,
+    customer_mappings, import_mappings, map_customer, map_customers, map_unmapped_customers,
+    unmapped_customers, unmapped_usage, ChangedMapping, CustomerMapping, ImportReport,
+    UnmappedUsage,
 };
 pub use meters::{billed_meters, BilledMeter};
 pub(crate) use outbox::{lease_pending, record_outcomes, renew_leases, RowOutcome};
 pub use outbox::{Leased, Outcome};
 pub(crate) use quarantine::quarantine;
 pub use quarantine::{quarantined_pairs, release_quarantine, QuarantinedPair};
+pub use reconcile_runs::{last_reconcile_run, record_reconcile_run, ReconcileRun};
 pub use review::{needs_review, resolve_review, Resolution, ReviewRow};
+pub use submissions::{
+    failed_identifiers, list_submissions, retry_failed, RetryOutcome, SubmissionFilter,
+    SubmissionRow,
+};
 
 #[derive(Debug, thiserror::Error)]
 pub enum SinkStoreError {

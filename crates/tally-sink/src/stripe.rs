@@ -15,7 +15,10 @@ use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
-use stripe_client_core::{CustomizedStripeRequest, StripeClient, StripeClientErr, StripeMethod};
+use stripe_client_core::{
+    CustomizedStripeRequest, RequestStrategy, StripeClient, StripeClientErr, StripeMethod,
+    StripeRequest,
+};
 
 use crate::config::StripeConfig;
 use crate::limiter::RateLimiter;
@@ -228,8 +231,20 @@ impl StripeHttp {
 impl StripeClient for StripeHttp {
     type Err = StripeCallError;
 
+    /// One attempt. A request customized with `RequestStrategy::Idempotent(key)` carries the
+    /// key as `Idempotency-Key` (retries are the caller's loop, with the same key).
     async fn execute(&self, request: CustomizedStripeRequest) -> Result<Bytes, StripeCallError> {
-        let (request, _config) = request.into_pieces();
+        let (request, config) = request.into_pieces();
+        let idempotency_key = match config.request_strategy {
+            Some(RequestStrategy::Idempotent(key)) => {
+                Some(HeaderValue::from_str(key.as_str()).map_err(|_| {
+                    StripeCallError::transport(
+                        "the idempotency key holds characters a header cannot carry",
+                    )
+                })?)
+            }
+            _ => None,
+        };
         let mut uri = format!("{}v1{}", self.api_base, request.path);
         if let Some(query) = &request.query {
             uri.push('?');
@@ -249,6 +264,9 @@ impl StripeClient for StripeHttp {
         if request.body.is_some() {
             builder = builder.header(CONTENT_TYPE, "application/x-www-form-urlencoded");
         }
+        if let Some(key) = idempotency_key {
+            builder = builder.header("idempotency-key", key);
+        }
         let http_request = builder
             .body(Full::new(Bytes::from(request.body.unwrap_or_default())))
             .map_err(|e| StripeCallError::transport(format!("bad request: {e}")))?;
@@ -259,6 +277,115 @@ impl StripeClient for StripeHttp {
                 self.timeout
             ))),
         }
+    }
+}
+
+/// The metadata key `tally customers sync` reads by default: its value is the tally customer id.
+pub const DEFAULT_CUSTOMER_METADATA_KEY: &str = "tally_customer";
+
+/// A Stripe customer as `tally customers sync` sees it: its id, and the tally customer its
+/// metadata names (under the key the sync reads), if any.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StripeCustomer {
+    pub id: String,
+    pub tally_customer: Option<String>,
+}
+
+/// Stripe's customers for `tally customers sync`: listed and created under the account's rate
+/// (`stripe.requests_per_second()`, the sink's token bucket), each call retried while Stripe
+/// says it may succeed.
+pub struct StripeCustomers<'a> {
+    stripe: &'a StripeHttp,
+    limiter: RateLimiter,
+    metadata_key: String,
+}
+
+impl<'a> StripeCustomers<'a> {
+    /// `metadata_key` is checked against Stripe's rules for metadata keys (1 to 40 characters,
+    /// no square brackets).
+    pub fn new(
+        stripe: &'a StripeHttp,
+        requests_per_second: u32,
+        metadata_key: &str,
+    ) -> Result<StripeCustomers<'a>, String> {
+        if metadata_key.is_empty()
+            || metadata_key.chars().count() > 40
+            || metadata_key.contains(['[', ']'])
+        {
+            return Err(format!(
+                "{metadata_key:?} cannot be a Stripe metadata key: Stripe takes 1 to 40 characters without square brackets"
+            ));
+        }
+        Ok(StripeCustomers {
+            stripe,
+            limiter: RateLimiter::new(requests_per_second),
+            metadata_key: metadata_key.to_owned(),
+        })
+    }
+
+    /// Every customer of the account: `GET /v1/customers`, 100 a page, `starting_after` the
+    /// last of the page before, until `has_more` is false. Returns them and the pages read.
+    pub async fn list(&self) -> Result<(Vec<StripeCustomer>, usize), StripeCallError> {
+        let mut customers = Vec::new();
+        let mut pages = 0;
+        let mut after: Option<String> = None;
+        loop {
+            let mut request = stripe_core::customer::ListCustomer::new().limit(100);
+            if let Some(after) = &after {
+                request = request.starting_after(after.as_str());
+            }
+            let page = with_retries(&self.limiter, || request.send(self.stripe)).await?;
+            pages += 1;
+            customers.extend(page.data.iter().map(|customer| {
+                StripeCustomer {
+                    id: customer.id.as_str().to_owned(),
+                    tally_customer: customer
+                        .metadata
+                        .as_ref()
+                        .and_then(|m| m.get(&self.metadata_key))
+                        .cloned(),
+                }
+            }));
+            match (page.has_more, page.data.last()) {
+                (true, Some(last)) => after = Some(last.id.as_str().to_owned()),
+                _ => return Ok((customers, pages)),
+            }
+        }
+    }
+
+    /// Creates the Stripe customer of tally customer `customer` (`name` and
+    /// `metadata[<key>]` are the id) with an `Idempotency-Key` derived from the id
+    /// ([`customer_idempotency_key`]): a retry, or a sync run again after a crash within
+    /// Stripe's 24 hours, gets the customer the first attempt created. Returns its id.
+    pub async fn create(&self, customer: &str) -> Result<String, StripeCallError> {
+        let key = stripe_client_core::IdempotencyKey::new(customer_idempotency_key(customer))
+            .map_err(|e| StripeCallError::transport(e.to_string()))?;
+        let metadata =
+            std::collections::HashMap::from([(self.metadata_key.clone(), customer.to_owned())]);
+        let request = stripe_core::customer::CreateCustomer::new()
+            .name(customer)
+            .metadata(metadata);
+        let created = with_retries(&self.limiter, || {
+            request
+                .customize()
+                .request_strategy(RequestStrategy::Idempotent(key.clone()))
+                .send(self.stripe)
+        })
+        .await?;
+        Ok(created.id.as_str().to_owned())
+    }
+}
+
+/// `tally-customer-create:<customer>`, or, when the id holds anything but printable ASCII
+/// without spaces (a header could not carry it, or would trim it) or the key would pass
+/// Stripe's 255 characters, `tally-customer-create:xxh3:<128-bit hash of the id>`.
+pub fn customer_idempotency_key(customer: &str) -> String {
+    const PREFIX: &str = "tally-customer-create:";
+    if customer.bytes().all(|b| b.is_ascii_graphic()) && PREFIX.len() + customer.len() <= 255 {
+        format!("{PREFIX}{customer}")
+    } else {
+        let hash = xxhash_rust::xxh3::xxh3_128(customer.as_bytes());
+        format!("{PREFIX}xxh3:{hash:032x}")
     }
 }
 
@@ -282,5 +409,33 @@ where
             }
             answer => return answer,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn customer_idempotency_keys_are_stable_distinct_and_fit_a_header() {
+        assert_eq!(
+            customer_idempotency_key("acme"),
+            "tally-customer-create:acme"
+        );
+        for odd in ["acme ", "ac me", "ácme", &"a".repeat(250)] {
+            let key = customer_idempotency_key(odd);
+            assert!(key.starts_with("tally-customer-create:xxh3:"), "{key}");
+            assert!(key.len() <= 255);
+            assert!(HeaderValue::from_str(&key).is_ok());
+            assert_eq!(key, customer_idempotency_key(odd), "stable");
+        }
+        assert_ne!(
+            customer_idempotency_key("acme "),
+            customer_idempotency_key("acme")
+        );
+        assert_ne!(
+            customer_idempotency_key("ac me"),
+            customer_idempotency_key("ac  me")
+        );
     }
 }

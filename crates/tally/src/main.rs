@@ -8,13 +8,16 @@ use clap::{Parser, Subcommand};
 
 mod aggregate;
 mod config;
+mod customers;
 mod demo;
 mod emit;
+mod finance;
 mod kafka;
 mod plans;
 mod process;
 mod serve;
 mod sink;
+mod status;
 mod stripe_emulator;
 mod telemetry;
 mod tokens;
@@ -76,7 +79,7 @@ enum Command {
     /// mappings (`tally customers map`).
     Sink(sink::SinkArgs),
     /// Map tally customers to Stripe customers, and list those whose usage waits for a mapping
-    Customers(sink::CustomersArgs),
+    Customers(customers::CustomersArgs),
     /// Compare tally's windows, what the sink sent, and what Stripe reports; exit 1 on drift
     Reconcile(sink::ReconcileArgs),
     /// List or release the customer+meter pairs the sink set aside (quarantined)
@@ -106,8 +109,20 @@ enum Command {
     /// `tally aggregate`, `tally sink`, `tally serve` and `tally emit` run as separate processes
     /// with nothing else installed. It keeps everything in memory: not for production.
     Kafka(kafka::KafkaArgs),
+    /// One screen for an operator: partitions (lag, last commit), the outbox, unmapped
+    /// customers, the last hour's rejects, the last reconcile; exit 1 when something needs a person
+    Status(status::StatusArgs),
     /// Make API tokens for `tally serve` (stored in tally.toml as hashes)
     Tokens(tokens::TokensArgs),
+    /// Let a read-only Postgres role read the finance_* views (grant), or take it back (revoke)
+    Finance(finance::FinanceArgs),
+    /// Write a month's usage, units billed to Stripe and corrections, per customer and meter,
+    /// as CSV or JSON (UTC days or the whole month)
+    ///
+    /// Reads the finance_statement_daily or finance_statement_monthly view in one consistent
+    /// snapshot, so a finance role (`tally finance grant`) can run it. Decimals are exact.
+    /// See docs/finance.md for every column.
+    Export(finance::ExportArgs),
     /// Apply the database migrations (idempotent)
     Migrate,
     /// Check the configuration and print the effective settings (secrets hidden)
@@ -134,7 +149,7 @@ fn main() -> ExitCode {
         Command::Emit(args) => emit::run(&config, &args),
         Command::Aggregate(args) => aggregate::run(&config, &args),
         Command::Sink(args) => sink::run(&config, &args),
-        Command::Customers(args) => sink::customers(&config, &args),
+        Command::Customers(args) => customers::run(&config, &args),
         Command::Reconcile(args) => sink::reconcile(&config, &args),
         Command::Quarantine(args) => sink::quarantine(&config, &args),
         Command::Submissions(args) => sink::submissions(&config, &args),
@@ -143,6 +158,9 @@ fn main() -> ExitCode {
         Command::Plans(args) => plans::run(&config, &args),
         Command::Serve => serve::run(&config),
         Command::Tokens(args) => tokens::run(&args),
+        Command::Finance(args) => finance::run(&config, &args),
+        Command::Export(args) => finance::export(&config, &args),
+        Command::Status(args) => status::run(&config, &args),
         Command::Migrate => aggregate::migrate(&config),
         Command::Config => print_config(&config),
     };

@@ -1,4 +1,4 @@
-//! `tally sink`, `tally customers` and `tally reconcile`.
+//! `tally sink`, `tally reconcile`, `tally quarantine` and `tally submissions`.
 
 use std::net::SocketAddr;
 
@@ -196,6 +196,31 @@ pub(crate) struct SubmissionsArgs {
 
 #[derive(Debug, clap::Subcommand)]
 enum SubmissionsCommand {
+    /// The outbox, newest first: what was (or will be) sent to Stripe, and how it went
+    List {
+        /// pending, sent, failed or needs_review
+        #[arg(long, value_parser = ["pending", "sent", "failed", "needs_review"])]
+        status: Option<String>,
+        #[arg(long)]
+        customer: Option<String>,
+        #[arg(long)]
+        meter: Option<String>,
+        /// At most this many rows
+        #[arg(long, default_value_t = 50)]
+        limit: i64,
+    },
+    /// Send failed submissions again (after fixing what Stripe refused), with the same
+    /// identifiers; a submission whose slot has a later revision Stripe already has stays failed
+    Retry {
+        /// The submissions' identifiers (`tally:…`)
+        #[arg(required_unless_present = "all_failed", conflicts_with = "all_failed")]
+        identifiers: Vec<String>,
+        /// Every failed submission (of --customer, if given)
+        #[arg(long)]
+        all_failed: bool,
+        #[arg(long, requires = "all_failed")]
+        customer: Option<String>,
+    },
     /// Submissions parked because an earlier attempt may have reached Stripe over 23 hours ago
     Review,
     /// Resolve a parked submission after checking Stripe for its identifier
@@ -211,12 +236,76 @@ enum SubmissionsCommand {
     },
 }
 
-/// `tally submissions`: the outbox rows an operator must decide on.
+/// `tally submissions`: the outbox as an operator sees it, and the rows they must decide on.
 pub(crate) fn submissions(config: &TallyConfig, args: &SubmissionsArgs) -> anyhow::Result<()> {
     runtime()?.block_on(async {
         let pool = connect(config, 2).await?;
         tally_db::check_schema(&pool).await?;
         match &args.command {
+            SubmissionsCommand::List {
+                status,
+                customer,
+                meter,
+                limit,
+            } => {
+                let filter = tally_sink::store::SubmissionFilter {
+                    status: status.clone(),
+                    customer: customer.clone(),
+                    meter: meter.clone(),
+                    limit: *limit,
+                };
+                let rows = tally_sink::store::list_submissions(&pool, &filter).await?;
+                for row in &rows {
+                    println!(
+                        "{}  {} {} slot {} r{} {} {}  {} after {} attempt(s), created {}{}",
+                        row.identifier,
+                        tally_core::reject::printable(row.customer_id.clone()),
+                        row.meter,
+                        row.slot_start.to_rfc3339(),
+                        row.revision,
+                        row.kind,
+                        row.value,
+                        row.status,
+                        row.attempts,
+                        row.created_at.to_rfc3339(),
+                        row.last_error
+                            .as_deref()
+                            .map_or(String::new(), |e| format!("  last error: {e}")),
+                    );
+                }
+                println!("{} submission(s)", rows.len());
+            }
+            SubmissionsCommand::Retry {
+                identifiers,
+                all_failed,
+                customer,
+            } => {
+                let identifiers = if *all_failed {
+                    tally_sink::store::failed_identifiers(&pool, customer.as_deref()).await?
+                } else {
+                    identifiers.clone()
+                };
+                let outcomes = tally_sink::store::retry_failed(&pool, &identifiers).await?;
+                let mut refused = 0;
+                for (identifier, outcome) in &outcomes {
+                    match outcome {
+                        tally_sink::store::RetryOutcome::Queued => {
+                            println!("{identifier} queued: the sink sends it on its next pass")
+                        }
+                        tally_sink::store::RetryOutcome::NotFailed => {
+                            refused += 1;
+                            println!("{identifier} is not a failed submission; see `tally submissions list --status failed`")
+                        }
+                        tally_sink::store::RetryOutcome::Superseded { by_revision } => {
+                            refused += 1;
+                            println!("{identifier} stays failed: revision {by_revision} of the same slot reached Stripe after it, and sending this older one could undo it")
+                        }
+                    }
+                }
+                if refused > 0 {
+                    bail!("{refused} of {} submission(s) not retried", outcomes.len());
+                }
+            }
             SubmissionsCommand::Review => {
                 let rows = tally_sink::store::needs_review(&pool).await?;
                 for row in &rows {
@@ -248,57 +337,6 @@ pub(crate) fn submissions(config: &TallyConfig, args: &SubmissionsArgs) -> anyho
                     bail!("no submission {identifier:?} waits for review; see `tally submissions review`");
                 }
                 println!("{identifier} resolved");
-            }
-        }
-        Ok(())
-    })
-}
-
-#[derive(Debug, clap::Args)]
-pub(crate) struct CustomersArgs {
-    #[command(subcommand)]
-    command: CustomersCommand,
-}
-
-#[derive(Debug, clap::Subcommand)]
-enum CustomersCommand {
-    /// Bill a tally customer to a Stripe customer (usage that waited is billed on the next pass)
-    Map {
-        /// The customer id events carry
-        customer: String,
-        /// The Stripe customer id, `cus_…`
-        stripe_customer_id: String,
-    },
-    /// List the mappings, and customers whose usage waits for one
-    List,
-}
-
-pub(crate) fn customers(config: &TallyConfig, args: &CustomersArgs) -> anyhow::Result<()> {
-    runtime()?.block_on(async {
-        let pool = connect(config, 2).await?;
-        tally_db::check_schema(&pool).await?;
-        match &args.command {
-            CustomersCommand::Map {
-                customer,
-                stripe_customer_id,
-            } => {
-                if !stripe_customer_id.starts_with("cus_") {
-                    bail!("{stripe_customer_id:?} is not a Stripe customer id; they start with cus_ (see the customer's page in the Stripe dashboard)");
-                }
-                tally_sink::store::map_customer(&pool, customer, stripe_customer_id).await?;
-                println!("{customer} is billed to Stripe customer {stripe_customer_id}");
-            }
-            CustomersCommand::List => {
-                for mapping in tally_sink::store::customer_mappings(&pool).await? {
-                    println!("{:<32} {}", mapping.customer_id, mapping.stripe_customer_id);
-                }
-                for waiting in tally_sink::store::unmapped_usage(&pool).await? {
-                    let customer = &waiting.customer_id;
-                    println!(
-                        "{customer:<32} UNMAPPED: {} slot(s) of {} wait; run `tally customers map {customer} cus_…`",
-                        waiting.slots, waiting.meter
-                    );
-                }
             }
         }
         Ok(())
@@ -372,6 +410,23 @@ pub(crate) fn reconcile(config: &TallyConfig, args: &ReconcileArgs) -> anyhow::R
         .await?;
         print!("{}", tally_sink::render_table(&rows));
         let reports = tally_sink::meter_error_reports(&pool, &stripe, from, to).await?;
+        let count = |verdict| rows.iter().filter(|r| r.verdict == verdict).count() as i32;
+        tally_sink::store::record_reconcile_run(
+            &pool,
+            &tally_sink::store::ReconcileRun {
+                ran_at: Utc::now(),
+                range_from: from,
+                range_to: to,
+                ok: count(Verdict::Ok),
+                unbilled: count(Verdict::Unbilled),
+                unmapped: count(Verdict::Unmapped),
+                drift: count(Verdict::Drift),
+                quarantined: count(Verdict::Quarantined),
+                review: count(Verdict::Review),
+                meter_error_reports: reports.len() as i32,
+            },
+        )
+        .await?;
         if let Some(path) = &args.metrics_file {
             write_reconcile_metrics(path, &rows, reports.len())?;
         }

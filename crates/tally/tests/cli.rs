@@ -43,6 +43,11 @@ fn help_lists_every_command() {
         "kafka",
         "stripe-emulator",
         "tokens",
+        "status",
+        "customers",
+        "submissions",
+        "finance",
+        "export",
         "config",
     ] {
         assert!(

@@ -22,6 +22,33 @@ pub(crate) struct TakenPartition {
     pub(crate) epoch: i64,
 }
 
+/// Where the group stands on one partition, as `kafka_offsets` holds it.
+#[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
+pub struct CommittedOffset {
+    pub partition: i32,
+    /// The next offset to consume; `None` for a partition taken but never committed.
+    pub next_offset: Option<i64>,
+    pub owner: Option<String>,
+    /// When a batch (or a take) last changed the row.
+    pub updated_at: chrono::DateTime<chrono::Utc>,
+}
+
+/// Every partition of `topic` the group has taken, for `tally status`.
+pub async fn committed_offsets(
+    pool: &PgPool,
+    group: &str,
+    topic: &str,
+) -> Result<Vec<CommittedOffset>, AggregatorStoreError> {
+    Ok(sqlx::query_as(
+        "SELECT partition, next_offset, owner, updated_at FROM kafka_offsets
+         WHERE consumer_group = $1 AND topic = $2 ORDER BY partition",
+    )
+    .bind(group)
+    .bind(topic)
+    .fetch_all(pool)
+    .await?)
+}
+
 /// Takes partitions for `owner`: bumps each one's epoch (fencing whoever held it before) and
 /// returns where to resume, `None` for a partition never consumed by this group.
 pub(crate) async fn take_partitions(

@@ -1,5 +1,5 @@
-//! Backlog figures for the metrics: pending and parked outbox rows, unmapped slots,
-//! quarantined pairs.
+//! Backlog figures for the metrics and `tally status`: pending, failed and parked outbox rows,
+//! unmapped slots and customers, quarantined pairs.
 
 use sqlx::PgPool;
 
@@ -37,5 +37,38 @@ pub(crate) async fn backlog(pool: &PgPool) -> Result<Backlog, SinkStoreError> {
         needs_review,
         unmapped_slots: unmapped.unwrap_or(0),
         quarantined_pairs: quarantined,
+    })
+}
+
+/// The outbox and mapping backlog as `tally status` shows it.
+#[derive(Debug, Default, Clone, Copy, PartialEq)]
+pub struct OutboxStatus {
+    pub pending: i64,
+    pub oldest_pending_seconds: f64,
+    pub failed: i64,
+    pub needs_review: i64,
+    pub quarantined_pairs: i64,
+    pub unmapped_slots: i64,
+    pub unmapped_customers: i64,
+}
+
+pub async fn outbox_status(pool: &PgPool) -> Result<OutboxStatus, SinkStoreError> {
+    let backlog = backlog(pool).await?;
+    let failed: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM stripe_submissions WHERE status = 'failed'")
+            .fetch_one(pool)
+            .await?;
+    let unmapped_customers: i64 =
+        sqlx::query_scalar("SELECT count(DISTINCT customer_id) FROM stripe_unmapped_usage")
+            .fetch_one(pool)
+            .await?;
+    Ok(OutboxStatus {
+        pending: backlog.pending,
+        oldest_pending_seconds: backlog.oldest_pending_seconds,
+        failed,
+        needs_review: backlog.needs_review,
+        quarantined_pairs: backlog.quarantined_pairs,
+        unmapped_slots: backlog.unmapped_slots,
+        unmapped_customers,
     })
 }
