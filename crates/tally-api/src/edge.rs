@@ -46,8 +46,9 @@ fn request_id_of(request: &Request) -> String {
 pub(crate) async fn request_id(mut request: Request, next: Next) -> Response {
     let id = request_id_of(&request);
     request.extensions_mut().insert(RequestId(id.clone()));
+    // Kept for the log line of an error; the path is cut short only if one is written.
     let method = request.method().clone();
-    let path: String = request.uri().path().chars().take(200).collect();
+    let uri = request.uri().clone();
     let response = match AssertUnwindSafe(next.run(request)).catch_unwind().await {
         Ok(response) => response,
         Err(panic) => {
@@ -64,6 +65,7 @@ pub(crate) async fn request_id(mut request: Request, next: Next) -> Response {
         Some(report) => {
             let status = response.status();
             let detail = report.detail.as_deref().unwrap_or("");
+            let path: String = uri.path().chars().take(200).collect();
             if status.is_server_error() {
                 tracing::error!(request_id = %id, %method, ?path, %status, code = report.code, detail, "request failed");
             } else if report.detail.is_some() {
