@@ -13,8 +13,7 @@ use std::io::Write;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-use chrono::{DateTime, TimeDelta, Timelike, Utc};
-use rust_decimal::Decimal;
+use chrono::{DateTime, TimeDelta, Utc};
 use stripe_emulator::{Emulator, Faults};
 use tally_core::config::KafkaConfig;
 use tally_db::testing::TestDatabase;
@@ -97,35 +96,15 @@ impl Harness {
         .unwrap()
     }
 
-    /// `value` api_calls for `customer` in the minute an hour ago, written as the aggregator
-    /// writes it: the window and its changed slot.
+    /// `value` api_calls for `customer` in the minute an hour ago, as the aggregator writes it.
     fn usage(&self, customer: &str, value: i64) {
-        let minute = Utc::now() - TimeDelta::hours(1);
-        let minute = minute
-            - TimeDelta::seconds(i64::from(minute.second()))
-            - TimeDelta::nanoseconds(i64::from(minute.nanosecond()));
-        self.sql(async {
-            let mut tx = self.db.pool.begin().await.unwrap();
-            sqlx::query(
-                "INSERT INTO usage_minute (customer_id, meter, window_start, group_key, value, event_count, latest_at, latest_id, first_updated, last_updated)
-                 VALUES ($1, 'api_calls', $2, '', $3, 1, $2, 'e', now(), now())",
-            )
-            .bind(customer)
-            .bind(minute)
-            .bind(Decimal::from(value))
-            .execute(&mut *tx)
-            .await
-            .unwrap();
-            sqlx::query(
-                "INSERT INTO usage_slot_changes (customer_id, meter, slot_start) VALUES ($1, 'api_calls', $2)",
-            )
-            .bind(customer)
-            .bind(tally_core::window::slot_start(minute))
-            .execute(&mut *tx)
-            .await
-            .unwrap();
-            tx.commit().await.unwrap();
-        });
+        self.sql(plant_usage(
+            &self.db.pool,
+            customer,
+            "api_calls",
+            minute_ago(TimeDelta::hours(1)),
+            value,
+        ));
     }
 
     /// Usage for each of `customers` in one statement (for many customers).

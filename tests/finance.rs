@@ -10,13 +10,14 @@ use tally_db::testing::{fresh_database, TestDatabase};
 use tally_tests::{runtime, tally_command};
 
 /// Every finance view (docs/finance.md); the catalog must hold exactly these.
-const FINANCE_VIEWS: [&str; 10] = [
+const FINANCE_VIEWS: [&str; 11] = [
     "finance_billed_daily",
     "finance_billed_monthly",
     "finance_corrections",
     "finance_customers",
     "finance_invoices",
     "finance_meters",
+    "finance_repairs",
     "finance_statement_daily",
     "finance_statement_monthly",
     "finance_usage_daily",
@@ -24,7 +25,7 @@ const FINANCE_VIEWS: [&str; 10] = [
 ];
 
 /// Tables finance must not read directly: raw payloads, event ids, the outbox, the windows.
-const RAW_TABLES: [&str; 12] = [
+const RAW_TABLES: [&str; 13] = [
     "usage_daily",
     "usage_minute",
     "usage_daily_values",
@@ -34,6 +35,7 @@ const RAW_TABLES: [&str; 12] = [
     "stripe_meter_error_reports",
     "event_ids",
     "billing_corrections",
+    "billing_repairs",
     "stripe_invoices",
     "meters",
     "_sqlx_migrations",

@@ -437,6 +437,47 @@ pub async fn map_customers(
     mappings.into_iter().collect()
 }
 
+/// `value` of `meter` for `customer` in the window starting at `minute`, written as the
+/// aggregator writes it: the window and its changed slot, in one transaction.
+pub async fn plant_usage(
+    pool: &sqlx::PgPool,
+    customer: &str,
+    meter: &str,
+    minute: chrono::DateTime<chrono::Utc>,
+    value: i64,
+) {
+    let mut tx = pool.begin().await.unwrap();
+    sqlx::query(
+        "INSERT INTO usage_minute (customer_id, meter, window_start, group_key, value, event_count, latest_at, latest_id, first_updated, last_updated)
+         VALUES ($1, $2, $3, '', $4, 1, $3, 'e', now(), now())",
+    )
+    .bind(customer)
+    .bind(meter)
+    .bind(minute)
+    .bind(rust_decimal::Decimal::from(value))
+    .execute(&mut *tx)
+    .await
+    .unwrap();
+    sqlx::query(
+        "INSERT INTO usage_slot_changes (customer_id, meter, slot_start) VALUES ($1, $2, $3)",
+    )
+    .bind(customer)
+    .bind(meter)
+    .bind(tally_core::window::slot_start(minute))
+    .execute(&mut *tx)
+    .await
+    .unwrap();
+    tx.commit().await.unwrap();
+}
+
+/// The whole minute `ago` before now.
+pub fn minute_ago(ago: chrono::TimeDelta) -> chrono::DateTime<chrono::Utc> {
+    use chrono::Timelike;
+    let at = chrono::Utc::now() - ago;
+    at - chrono::TimeDelta::seconds(i64::from(at.second()))
+        - chrono::TimeDelta::nanoseconds(i64::from(at.nanosecond()))
+}
+
 /// The runtime tests drive async code with (two workers, as on tally's machines).
 pub fn runtime() -> tokio::runtime::Runtime {
     tally_db::testing::runtime()

@@ -19,12 +19,14 @@
 //! - `limiter.rs`: the token bucket under the account's rate.
 //! - `stripe_meters.rs`: the Stripe meters tally bills under (check, create).
 //! - `reconcile.rs`: tally's windows vs the outbox vs Stripe's event summaries.
+//! - `repair.rs`: drift reconcile can prove, sent again through the outbox (`--repair`).
 //! - `telemetry.rs`: metric names.
 
 mod config;
 mod limiter;
 pub mod owed;
 mod reconcile;
+mod repair;
 mod send;
 mod sink;
 pub mod store;
@@ -36,6 +38,7 @@ pub use config::{SinkConfig, StripeConfig};
 pub use reconcile::{
     meter_error_reports, reconcile, render_table, MeterErrorReport, ReconcileRow, Verdict,
 };
+pub use repair::{apply_repair, plan_repairs, Applied, RepairAction, RepairPlan, SETTLE};
 pub use sink::{Sink, SinkError, SinkSummary};
 pub use stripe::{
     customer_idempotency_key, StripeCallError, StripeCustomer, StripeCustomers, StripeHttp,

@@ -71,6 +71,11 @@ pub struct ReconcileRow {
     pub failed: Decimal,
     /// Units parked as `needs_review`.
     pub review: Decimal,
+    /// Units (delta) or the value (last) of repairs queued by `--repair --apply` and not sent
+    /// yet. Sent repairs count nowhere here: each stands in for an event Stripe dropped.
+    pub repairing: Decimal,
+    /// The Stripe customer the pair bills now; `None` when unmapped.
+    pub stripe_customer: Option<String>,
     /// Why the pair is quarantined, when it is.
     pub quarantined: Option<String>,
     /// What Stripe's event summary reports; `None` when unmapped or Stripe has no such meter.
@@ -135,14 +140,21 @@ pub async fn reconcile(
         }
     }
 
+    // Repair rows (`repair_id`) are left out of sent, pending, failed and review: a sent
+    // repair stands in for an event Stripe dropped, so Stripe then holds what the rest say.
     let submitted: Vec<SubmittedRow> = sqlx::query_as(
         "SELECT customer_id, meter, CASE kind WHEN 'cancel' THEN 'delta' ELSE kind END AS kind,
-                sum(CASE kind WHEN 'cancel' THEN -value ELSE value END) FILTER (WHERE status = 'sent') AS sent,
-                sum(CASE kind WHEN 'cancel' THEN -value ELSE value END) FILTER (WHERE status = 'pending') AS pending,
-                sum(CASE kind WHEN 'cancel' THEN -value ELSE value END) FILTER (WHERE status = 'failed') AS failed,
-                sum(CASE kind WHEN 'cancel' THEN -value ELSE value END) FILTER (WHERE status = 'needs_review') AS review,
+                sum(CASE kind WHEN 'cancel' THEN -value ELSE value END) FILTER (WHERE status = 'sent' AND repair_id IS NULL) AS sent,
+                sum(CASE kind WHEN 'cancel' THEN -value ELSE value END) FILTER (WHERE status = 'pending' AND repair_id IS NULL) AS pending,
+                sum(CASE kind WHEN 'cancel' THEN -value ELSE value END) FILTER (WHERE status = 'failed' AND repair_id IS NULL) AS failed,
+                sum(CASE kind WHEN 'cancel' THEN -value ELSE value END) FILTER (WHERE status = 'needs_review' AND repair_id IS NULL) AS review,
                 (array_agg(value ORDER BY event_timestamp DESC, submission_id DESC)
-                    FILTER (WHERE status = 'sent' AND kind = 'last'))[1] AS last_sent
+                    FILTER (WHERE status = 'sent' AND kind = 'last' AND repair_id IS NULL))[1] AS last_sent,
+                CASE WHEN bool_or(kind = 'last')
+                     THEN (array_agg(value ORDER BY submission_id DESC)
+                              FILTER (WHERE status <> 'sent' AND repair_id IS NOT NULL))[1]
+                     ELSE sum(value) FILTER (WHERE status <> 'sent' AND repair_id IS NOT NULL)
+                END AS repairing
          FROM stripe_submissions
          WHERE event_timestamp >= $1 AND event_timestamp < $2
          GROUP BY 1, 2, 3",
@@ -162,6 +174,7 @@ pub async fn reconcile(
         entry.pending = submitted.pending.unwrap_or_default().0;
         entry.failed = submitted.failed.unwrap_or_default().0;
         entry.review = submitted.review.unwrap_or_default().0;
+        entry.repairing = submitted.repairing.unwrap_or_default().0;
     }
     for pair in store::quarantined_pairs(pool).await? {
         let kind = meters
@@ -187,6 +200,7 @@ pub async fn reconcile(
             row.verdict = Verdict::Unmapped;
             continue;
         };
+        row.stripe_customer = Some(stripe_customer.clone());
         let event_name = meters
             .get(&row.meter)
             .map_or(row.meter.as_str(), |m| m.event_name.as_str());
@@ -207,7 +221,15 @@ pub async fn reconcile(
         // Submissions under review may or may not be in Stripe: either agrees.
         let agrees = stripe_value == row.sent
             || (!row.review.is_zero() && row.sent.checked_add(row.review) == Some(stripe_value));
-        row.verdict = if !agrees {
+        // A queued repair that makes the difference good: billed once the sink sends it.
+        let repair_queued = !row.repairing.is_zero()
+            && match row.kind {
+                BillingKind::Delta => stripe_value.checked_add(row.repairing) == Some(row.sent),
+                BillingKind::Last => row.repairing == row.sent,
+            };
+        row.verdict = if repair_queued {
+            Verdict::Unbilled
+        } else if !agrees {
             Verdict::Drift
         } else if row.quarantined.is_some() {
             Verdict::Quarantined
@@ -236,6 +258,7 @@ struct SubmittedRow {
     failed: Option<ExactDecimal>,
     review: Option<ExactDecimal>,
     last_sent: Option<ExactDecimal>,
+    repairing: Option<ExactDecimal>,
 }
 
 fn row(
@@ -254,6 +277,8 @@ fn row(
             pending: Decimal::ZERO,
             failed: Decimal::ZERO,
             review: Decimal::ZERO,
+            repairing: Decimal::ZERO,
+            stripe_customer: None,
             quarantined: None,
             stripe: None,
             verdict: Verdict::Ok,
@@ -302,6 +327,17 @@ pub fn render_table(rows: &[ReconcileRow]) -> String {
         ));
         if let Some(why) = &row.quarantined {
             out.push_str(&format!("    quarantined: {why}\n"));
+        }
+        if !row.repairing.is_zero() {
+            out.push_str(&format!(
+                "    repair queued: {} {} (the sink sends it)\n",
+                row.repairing.normalize(),
+                if row.kind == BillingKind::Delta {
+                    "units"
+                } else {
+                    "as the value"
+                }
+            ));
         }
     }
     out

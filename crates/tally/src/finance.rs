@@ -18,13 +18,14 @@ use crate::process::{connect, runtime};
 
 /// Every finance view, in the order `grant` lists them. A view added to a migration under the
 /// `finance_` prefix belongs here (tests/finance.rs compares this list with the catalog).
-pub(crate) const FINANCE_VIEWS: [&str; 10] = [
+pub(crate) const FINANCE_VIEWS: [&str; 11] = [
     "finance_billed_daily",
     "finance_billed_monthly",
     "finance_corrections",
     "finance_customers",
     "finance_invoices",
     "finance_meters",
+    "finance_repairs",
     "finance_statement_daily",
     "finance_statement_monthly",
     "finance_usage_daily",

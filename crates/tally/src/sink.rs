@@ -359,6 +359,13 @@ pub(crate) struct ReconcileArgs {
     /// tally_reconcile_meter_error_reports, tally_reconcile_last_run_timestamp_seconds
     #[arg(long, value_name = "FILE")]
     metrics_file: Option<std::path::PathBuf>,
+    /// For drift tally can prove (Stripe accepted events it does not bill), show the repair:
+    /// the missing units sent again through the outbox. Writes nothing without --apply
+    #[arg(long)]
+    repair: bool,
+    /// With --repair: queue the proven repairs in the outbox (the sink sends them)
+    #[arg(long, requires = "repair")]
+    apply: bool,
 }
 
 impl ReconcileArgs {
@@ -400,6 +407,7 @@ pub(crate) fn reconcile(config: &TallyConfig, args: &ReconcileArgs) -> anyhow::R
         tally_db::check_schema(&pool).await?;
         let stripe = StripeHttp::new(&config.stripe).map_err(anyhow::Error::msg)?;
         let (from, to) = args.range()?;
+        let stripe_read_at = Utc::now();
         let rows = tally_sink::reconcile(
             &pool,
             &stripe,
@@ -409,6 +417,9 @@ pub(crate) fn reconcile(config: &TallyConfig, args: &ReconcileArgs) -> anyhow::R
         )
         .await?;
         print!("{}", tally_sink::render_table(&rows));
+        if args.repair {
+            repair(&pool, &rows, (from, to), stripe_read_at, args.apply).await?;
+        }
         let reports = tally_sink::meter_error_reports(&pool, &stripe, from, to).await?;
         let count = |verdict| rows.iter().filter(|r| r.verdict == verdict).count() as i32;
         tally_sink::store::record_reconcile_run(
@@ -456,7 +467,80 @@ pub(crate) fn reconcile(config: &TallyConfig, args: &ReconcileArgs) -> anyhow::R
     })
 }
 
-/// One line per kind of disagreement; an error (exit 1) on drift.
+/// `--repair`: what each drifting pair's repair is, or why there is none; with `apply`, the
+/// proven ones queued in the outbox.
+async fn repair(
+    pool: &sqlx::PgPool,
+    rows: &[tally_sink::ReconcileRow],
+    (from, to): (DateTime<Utc>, DateTime<Utc>),
+    stripe_read_at: DateTime<Utc>,
+    apply: bool,
+) -> anyhow::Result<()> {
+    use tally_sink::{Applied, RepairAction};
+    let plans = tally_sink::plan_repairs(pool, rows, from, to, Utc::now()).await?;
+    if plans.is_empty() {
+        println!("repair: no drift, nothing to repair");
+        return Ok(());
+    }
+    let meters = tally_sink::store::billed_meters(pool).await?;
+    let mut proven = 0;
+    for plan in &plans {
+        let pair = format!(
+            "{} / {}",
+            tally_core::reject::printable(plan.customer.clone()),
+            plan.meter
+        );
+        let RepairAction::Send {
+            units,
+            stripe_customer_id,
+            event_timestamp,
+            ..
+        } = &plan.action
+        else {
+            if let RepairAction::Skip(why) = &plan.action {
+                println!("repair {pair}: not repaired: {why}");
+            }
+            continue;
+        };
+        proven += 1;
+        let what = match plan.kind {
+            tally_sink::owed::BillingKind::Delta => format!(
+                "{} units Stripe lacks (Stripe {}, sent {})",
+                units.normalize(),
+                plan.stripe.normalize(),
+                plan.sent.normalize()
+            ),
+            tally_sink::owed::BillingKind::Last => format!(
+                "the value {} again (Stripe holds {})",
+                units.normalize(),
+                plan.stripe.normalize()
+            ),
+        };
+        let target = format!(
+            "to {stripe_customer_id} at {}",
+            event_timestamp.to_rfc3339()
+        );
+        if !apply {
+            println!("repair {pair}: would send {what} {target}");
+            continue;
+        }
+        let Some(meter) = meters.get(&plan.meter) else {
+            println!("repair {pair}: not repaired: the meter is not in the meters table");
+            continue;
+        };
+        match tally_sink::apply_repair(pool, plan, meter, from, to, stripe_read_at).await? {
+            Applied::Queued { identifier } => {
+                println!("repair {pair}: queued {identifier}: {what} {target}; the sink sends it")
+            }
+            Applied::Skipped(why) => println!("repair {pair}: not repaired: {why}"),
+        }
+    }
+    if !apply && proven > 0 {
+        println!("repair: dry run, nothing written; add --apply to queue {proven} repair(s)");
+    }
+    Ok(())
+}
+
 /// The verdicts in Prometheus's text format, for node_exporter's textfile collector: written to
 /// a temporary file beside `path`, then renamed, so a scrape never reads half a file.
 fn write_reconcile_metrics(
@@ -498,6 +582,7 @@ fn write_reconcile_metrics(
         })
 }
 
+/// One line per kind of disagreement; an error (exit 1) on drift.
 pub(crate) fn report_verdicts(rows: &[tally_sink::ReconcileRow]) -> anyhow::Result<()> {
     let count = |verdict| rows.iter().filter(|r| r.verdict == verdict).count();
     let (ok, unbilled, unmapped, drift, quarantined, review) = (
@@ -519,7 +604,7 @@ pub(crate) fn report_verdicts(rows: &[tally_sink::ReconcileRow]) -> anyhow::Resu
         println!("waiting for review: an earlier attempt may have reached Stripe over 23 hours ago; `tally submissions review`");
     }
     if drift > 0 {
-        bail!("Stripe disagrees with what tally sent for {drift} customer-meter pair(s) (or has no meter for them)");
+        bail!("Stripe disagrees with what tally sent for {drift} customer-meter pair(s) (or has no meter for them); `tally reconcile --repair` shows what tally can prove and send again");
     }
     if quarantined + review > 0 {
         bail!("{quarantined} pair(s) quarantined and {review} pair(s) with submissions waiting for review: an operator must act");

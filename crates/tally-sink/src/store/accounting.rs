@@ -248,6 +248,9 @@ async fn cancelable_revisions(
                 EXISTS (SELECT 1 FROM stripe_submissions c WHERE c.cancels = s.identifier)
          FROM stripe_submissions s
          WHERE s.customer_id = $1 AND s.meter = $2 AND s.slot_start = $3
+           -- A repair (tally reconcile --repair) stands in for an event Stripe dropped: it is
+           -- not the slot's usage, so usage going down never withdraws it.
+           AND s.repair_id IS NULL
          ORDER BY s.revision",
     )
     .bind(customer)
