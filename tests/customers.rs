@@ -14,43 +14,22 @@ use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use chrono::{DateTime, TimeDelta, Utc};
-use stripe_emulator::{Emulator, Faults};
-use tally_core::config::KafkaConfig;
-use tally_db::testing::TestDatabase;
+use stripe_emulator::Faults;
 use tally_tests::*;
 
-struct Harness {
-    db: TestDatabase,
-    emulator: Emulator,
-    work: Workdir,
-    // Last: the emulator's server runs on it.
-    runtime: tokio::runtime::Runtime,
+/// The billing harness, with the import and sync helpers below.
+struct Harness(BillingHarness);
+
+impl std::ops::Deref for Harness {
+    type Target = BillingHarness;
+    fn deref(&self) -> &BillingHarness {
+        &self.0
+    }
 }
 
 impl Harness {
     fn start(extra_toml: &str) -> Harness {
-        let runtime = runtime();
-        let (db, emulator) = runtime.block_on(async {
-            let db = tally_db::testing::fresh_database().await;
-            tally_db::meters::record(&db.pool, &meters()).await.unwrap();
-            (db, emulator().await)
-        });
-        // No broker: `tally customers` does not touch Kafka.
-        let kafka = KafkaConfig {
-            brokers: "127.0.0.1:9".into(),
-            ..KafkaConfig::default()
-        };
-        let work = Workdir::new(&kafka, &emulator.url(), extra_toml);
-        Harness {
-            db,
-            emulator,
-            work,
-            runtime,
-        }
-    }
-
-    fn tally(&self, args: &[&str]) -> (bool, String) {
-        self.work.run(&self.db.url, args)
+        Harness(BillingHarness::start(extra_toml))
     }
 
     /// `tally customers import FILE` with `csv` as the file.
@@ -58,10 +37,6 @@ impl Harness {
         let path = self.work.dir.path().join("customers.csv");
         std::fs::write(&path, csv).unwrap();
         self.tally(&["customers", "import", path.to_str().unwrap()])
-    }
-
-    fn sql<T>(&self, query: impl std::future::Future<Output = T>) -> T {
-        self.runtime.block_on(query)
     }
 
     /// Every mapping: customer → (Stripe customer, mapped_at).

@@ -10,47 +10,21 @@
 
 use chrono::{DateTime, TimeDelta, Utc};
 use rust_decimal::Decimal;
-use stripe_emulator::Emulator;
-use tally_core::config::KafkaConfig;
-use tally_db::testing::TestDatabase;
 use tally_tests::*;
 
-struct Harness {
-    db: TestDatabase,
-    emulator: Emulator,
-    work: Workdir,
-    // Last: the emulator's server runs on it.
-    runtime: tokio::runtime::Runtime,
+/// The billing harness, with Stripe-side helpers below.
+struct Harness(BillingHarness);
+
+impl std::ops::Deref for Harness {
+    type Target = BillingHarness;
+    fn deref(&self) -> &BillingHarness {
+        &self.0
+    }
 }
 
 impl Harness {
     fn start() -> Harness {
-        let runtime = runtime();
-        let (db, emulator) = runtime.block_on(async {
-            let db = tally_db::testing::fresh_database().await;
-            tally_db::meters::record(&db.pool, &meters()).await.unwrap();
-            (db, emulator().await)
-        });
-        // No broker: the sink and reconcile do not touch Kafka.
-        let kafka = KafkaConfig {
-            brokers: "127.0.0.1:9".into(),
-            ..KafkaConfig::default()
-        };
-        let work = Workdir::new(&kafka, &emulator.url(), "");
-        Harness {
-            db,
-            emulator,
-            work,
-            runtime,
-        }
-    }
-
-    fn tally(&self, args: &[&str]) -> (bool, String) {
-        self.work.run(&self.db.url, args)
-    }
-
-    fn sql<T>(&self, query: impl std::future::Future<Output = T>) -> T {
-        self.runtime.block_on(query)
+        Harness(BillingHarness::start(""))
     }
 
     fn count(&self, query: &str) -> i64 {

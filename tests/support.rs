@@ -320,6 +320,49 @@ impl Drop for Workdir {
     }
 }
 
+/// The billing side without a broker: a fresh database with the test meters recorded, the
+/// Stripe emulator, and a working directory whose `tally.toml` points at both. For tests of
+/// the sink's and the operator's commands, which do not touch Kafka.
+pub struct BillingHarness {
+    pub db: tally_db::testing::TestDatabase,
+    pub emulator: Emulator,
+    pub work: Workdir,
+    // Last: the emulator's server runs on it.
+    pub runtime: tokio::runtime::Runtime,
+}
+
+impl BillingHarness {
+    /// `extra_toml` is appended to `tally.toml`.
+    pub fn start(extra_toml: &str) -> BillingHarness {
+        let runtime = runtime();
+        let (db, emulator) = runtime.block_on(async {
+            let db = tally_db::testing::fresh_database().await;
+            tally_db::meters::record(&db.pool, &meters()).await.unwrap();
+            (db, emulator().await)
+        });
+        let kafka = KafkaConfig {
+            brokers: "127.0.0.1:9".into(),
+            ..KafkaConfig::default()
+        };
+        let work = Workdir::new(&kafka, &emulator.url(), extra_toml);
+        BillingHarness {
+            db,
+            emulator,
+            work,
+            runtime,
+        }
+    }
+
+    /// `tally <args>` against this database: (success, stdout + stderr).
+    pub fn tally(&self, args: &[&str]) -> (bool, String) {
+        self.work.run(&self.db.url, args)
+    }
+
+    pub fn sql<T>(&self, query: impl std::future::Future<Output = T>) -> T {
+        self.runtime.block_on(query)
+    }
+}
+
 /// A child process that is killed (SIGKILL) and reaped when dropped, also when the test
 /// panics: no test leaves a `tally` process behind.
 pub struct KillOnDrop(pub Child);

@@ -502,11 +502,21 @@ fn explain(error: sqlx::Error, view: &str) -> anyhow::Error {
     anyhow::Error::new(error).context(advice)
 }
 
+/// A text field as RFC 4180 writes it. A field a spreadsheet would run as a formula (it starts
+/// with `=`, `+`, `-`, `@`, a tab or a carriage return: customer ids come from events, so from
+/// anyone) gets a leading `'`, which spreadsheets show as text. A field that starts with `'`
+/// gets one more, so taking the first `'` off always gives the id back.
 fn csv_field(text: &str) -> std::borrow::Cow<'_, str> {
+    let text: std::borrow::Cow<'_, str> =
+        if text.starts_with(['=', '+', '-', '@', '\t', '\r', '\'']) {
+            format!("'{text}").into()
+        } else {
+            text.into()
+        };
     if text.contains([',', '"', '\r', '\n']) {
         format!("\"{}\"", text.replace('"', "\"\"")).into()
     } else {
-        text.into()
+        text
     }
 }
 
@@ -610,5 +620,8 @@ mod tests {
         assert_eq!(csv_field("acme"), "acme");
         assert_eq!(csv_field("a,b"), "\"a,b\"");
         assert_eq!(csv_field("say \"hi\""), "\"say \"\"hi\"\"\"");
+        assert_eq!(csv_field("=HYPERLINK(\"x\")"), "\"'=HYPERLINK(\"\"x\"\")\"");
+        assert_eq!(csv_field("@sum"), "'@sum");
+        assert_eq!(csv_field("'quoted"), "''quoted");
     }
 }
