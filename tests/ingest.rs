@@ -46,6 +46,7 @@ async fn post_text(state: &Arc<ApiState>, token: &str, body: String) -> (StatusC
 fn api_state(pipeline: &IngestPipeline, quota: Quota) -> Arc<ApiState> {
     let pool = pipeline.db.pool.clone();
     Arc::new(ApiState {
+        fallback_plan: None,
         quota,
         pool: pool.clone(),
         reader_pool: pool,

@@ -34,6 +34,7 @@ fn main() {
     let (addr, stop, quota_baseline) = server_runtime.block_on(async {
         unlimited_customers(&db.pool, CUSTOMERS).await;
         let state = Arc::new(ApiState {
+            fallback_plan: None,
             quota: Quota::new(
                 db.pool.clone(),
                 Duration::from_millis(env("TALLY_BENCH_REFRESH_MS", 250)),

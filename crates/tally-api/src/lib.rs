@@ -7,12 +7,15 @@
 //!   passes before its body is read.
 //! - `routes.rs`: quota check, entitlements, health, metrics.
 //! - `usage.rs`: usage series and the invoice preview.
+//! - `admin.rs`: plans, subscriptions, overrides and customers for admin tokens, every change
+//!   audited; its parts are in `admin/`.
 //! - `ingest.rs`: `POST /v1/events`, batches through the emitter.
 //! - `webhooks.rs`: `POST /v1/webhooks/stripe`, signed Stripe events.
 //! - `telemetry.rs`: metric names and the request-counting layer.
 //! - `error.rs`: JSON errors with a stable `code` and the request id; details only in the log.
 //! - `openapi.rs`: the OpenAPI document served at `/openapi.json`.
 
+mod admin;
 mod auth;
 mod config;
 pub mod edge;
@@ -30,7 +33,7 @@ use std::sync::Arc;
 use axum::extract::DefaultBodyLimit;
 use axum::http::StatusCode;
 use axum::middleware::{from_fn, from_fn_with_state};
-use axum::routing::{get, post, MethodRouter};
+use axum::routing::{get, post, put, MethodRouter};
 use axum::Router;
 use metrics_exporter_prometheus::PrometheusHandle;
 use sqlx::PgPool;
@@ -61,6 +64,8 @@ pub struct ApiState {
     pub emitter: Option<Arc<Emitter>>,
     /// The Stripe webhook endpoint; `None` answers 503 WEBHOOKS_DISABLED.
     pub stripe_webhook: Option<StripeWebhook>,
+    /// `[subscriptions] fallback_plan`: where a subscription canceled now leaves its customer.
+    pub fallback_plan: Option<String>,
 }
 
 /// How Stripe's webhook deliveries are checked.
@@ -107,6 +112,82 @@ pub fn router(state: Arc<ApiState>, config: &ServeConfig) -> Router {
         .route(
             "/v1/customers/{id}/entitlements",
             gated(get(routes::entitlements), Some(scopes::CHECK), small),
+        )
+        .route(
+            "/v1/plans",
+            gated(get(admin::plans::list), Some(scopes::CHECK), small),
+        )
+        .route(
+            "/v1/plans/{name}",
+            gated(get(admin::plans::get), Some(scopes::CHECK), small),
+        )
+        .route(
+            "/v1/subscriptions",
+            gated(
+                post(admin::subscriptions::create),
+                Some(scopes::ADMIN),
+                small,
+            ),
+        )
+        .route(
+            "/v1/subscriptions/{id}",
+            gated(get(admin::subscriptions::get), Some(scopes::ADMIN), small),
+        )
+        .route(
+            "/v1/subscriptions/{id}/change",
+            gated(
+                post(admin::subscriptions::change),
+                Some(scopes::ADMIN),
+                small,
+            ),
+        )
+        .route(
+            "/v1/subscriptions/{id}/cancel",
+            gated(
+                post(admin::subscriptions::cancel),
+                Some(scopes::ADMIN),
+                small,
+            ),
+        )
+        .route(
+            "/v1/subscriptions/{id}/reactivate",
+            gated(
+                post(admin::subscriptions::reactivate),
+                Some(scopes::ADMIN),
+                small,
+            ),
+        )
+        .route(
+            "/v1/subscriptions/{id}/payment-method",
+            gated(
+                put(admin::subscriptions::payment_method),
+                Some(scopes::ADMIN),
+                small,
+            ),
+        )
+        .route(
+            "/v1/customers",
+            gated(get(admin::customers::list), Some(scopes::ADMIN), small),
+        )
+        .route(
+            "/v1/customers/{id}",
+            gated(get(admin::customers::get), Some(scopes::READ_USAGE), small),
+        )
+        .route(
+            "/v1/customers/{id}/subscriptions",
+            gated(
+                get(admin::subscriptions::of_customer),
+                Some(scopes::READ_USAGE),
+                small,
+            ),
+        )
+        .route(
+            "/v1/customers/{id}/overrides",
+            gated(
+                put(admin::customers::put_override).delete(admin::customers::delete_override),
+                Some(scopes::ADMIN),
+                small,
+            ),
         )
         .route(
             "/v1/customers/{id}/usage",

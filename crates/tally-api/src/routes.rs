@@ -2,7 +2,8 @@
 
 use std::sync::Arc;
 
-use axum::extract::State;
+use axum::extract::rejection::QueryRejection;
+use axum::extract::{Query, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
@@ -151,11 +152,37 @@ fn parse_decimal(text: &str) -> Option<Decimal> {
     }
 }
 
-/// `GET /v1/customers/{id}/entitlements`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct EntitlementsQuery {
+    /// A plan: what the customer would get on it, with their override merged in.
+    #[serde(default)]
+    preview: Option<String>,
+}
+
+/// `GET /v1/customers/{id}/entitlements[?preview=PLAN]`.
 pub(crate) async fn entitlements(
     State(state): State<Arc<ApiState>>,
     ReadableCustomer(customer): ReadableCustomer,
+    query: Result<Query<EntitlementsQuery>, QueryRejection>,
 ) -> Result<Response, ApiError> {
+    let Query(query) = query.map_err(|e| ApiError::invalid(e.body_text()))?;
+    if let Some(plan) = query.preview {
+        let preview = tally_quota::store::preview_entitlements(&state.pool, &customer, &plan)
+            .await?
+            .map_err(|why| {
+                ApiError::new(
+                    StatusCode::CONFLICT,
+                    "OVERRIDE_CONFLICT",
+                    format!("the customer's override does not fit plan {plan:?}: {why}; change the override with the plan"),
+                )
+            })?;
+        return Ok(Json(json!({
+            "customer": customer, "plan": preview.plan, "preview": true,
+            "features": preview.features, "limits": preview.limits,
+        }))
+        .into_response());
+    }
     let (subscription, entitlements) = state.quota.entitlements(&customer).await?;
     Ok(Json(json!({
         "customer": customer,

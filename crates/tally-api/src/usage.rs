@@ -145,7 +145,15 @@ pub(crate) async fn invoice_preview(
     State(state): State<Arc<ApiState>>,
     ReadableCustomer(customer): ReadableCustomer,
 ) -> Result<Response, ApiError> {
-    let (subscription, entitlements) = state.quota.entitlements(&customer).await?;
+    Ok(Json(invoice_preview_of(&state, &customer).await?).into_response())
+}
+
+/// The invoice preview's body (also part of `GET /v1/customers/{id}`).
+pub(crate) async fn invoice_preview_of(
+    state: &ApiState,
+    customer: &str,
+) -> Result<serde_json::Value, ApiError> {
+    let (subscription, entitlements) = state.quota.entitlements(customer).await?;
     let mut lines = Vec::new();
     let mut total = Decimal::ZERO;
     for (meter, limit) in &entitlements.limits {
@@ -157,7 +165,7 @@ pub(crate) async fn invoice_preview(
              WHERE d.customer_id = $1 AND d.meter = $2 AND d.day >= $3::date AND d.day < $4::date
                AND m.aggregation IN ('sum', 'count')",
         )
-        .bind(&customer)
+        .bind(customer)
         .bind(meter)
         .bind(subscription.current_period_start.date_naive())
         .bind(subscription.current_period_end.date_naive())
@@ -176,12 +184,11 @@ pub(crate) async fn invoice_preview(
         total = total.checked_add(amount).ok_or_else(out_of_range)?;
         lines.push(json!({ "meter": meter, "quantity": quantity, "unit_price": unit_price, "amount": amount }));
     }
-    Ok(Json(json!({
+    Ok(json!({
         "customer": customer, "plan": entitlements.plan,
         "period_start": subscription.current_period_start, "period_end": subscription.current_period_end,
         "lines": lines, "total": total,
     }))
-    .into_response())
 }
 
 fn internal(error: sqlx::Error) -> ApiError {

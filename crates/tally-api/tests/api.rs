@@ -38,6 +38,7 @@ async fn app() -> (tally_db::testing::TestDatabase, axum::Router) {
     .await
     .unwrap();
     let state = ApiState {
+        fallback_plan: None,
         quota: Quota::new(db.pool.clone(), Duration::from_secs(60))
             .await
             .unwrap(),

@@ -69,6 +69,7 @@ async fn database() -> tally_db::testing::TestDatabase {
 
 async fn state(db: &tally_db::testing::TestDatabase, rates: &RateLimits) -> Arc<ApiState> {
     Arc::new(ApiState {
+        fallback_plan: None,
         quota: Quota::new(db.pool.clone(), Duration::from_secs(60))
             .await
             .unwrap(),

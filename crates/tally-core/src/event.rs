@@ -140,7 +140,8 @@ impl UsageEvent {
     }
 }
 
-fn validate_customer(customer: &str) -> Result<(), Rejection> {
+/// Checks a customer id: 1 to [`MAX_CUSTOMER_CHARS`] characters, none of them control characters.
+pub fn validate_customer(customer: &str) -> Result<(), Rejection> {
     if customer.is_empty() || exceeds_chars(customer, MAX_CUSTOMER_CHARS) {
         return Err(Rejection::new(
             RejectReason::InvalidCustomer,

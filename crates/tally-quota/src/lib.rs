@@ -5,6 +5,9 @@
 //! - `store.rs`: plans, subscriptions and overrides in Postgres, every change audited; the
 //!   batched read of live subscriptions with their resolved entitlements.
 //! - `stripe.rs`: Stripe webhook events applied to subscriptions and recorded invoices.
+//! - `subscriptions.rs`: subscriptions tally manages without a payment provider (create,
+//!   change, cancel, reactivate; audited), their periods, and the scheduler that renews them,
+//!   ends trials and terms, and applies the fallback plan. Its parts are in `subscriptions/`.
 //! - `check.rs`: the `Quota` handle: `check`, `peek`, `require_feature`, `entitlements`,
 //!   `invalidate`; how the cache and its refresh behave (`serve.refresh`) and what bounds it
 //!   (`QuotaOptions`: at most `max_customers` cached, about 760 bytes each with a three-limit
@@ -25,17 +28,28 @@
 //!   - `refresher.rs`: the supervised background task that reloads stale customers in batches.
 //!   - `hooks.rs`: for tests (the `testing` feature): the cache's counts, a period's end, and
 //!     customers cached without Postgres.
+//! - `layer.rs` (the `layer` feature): `QuotaLayer`, the tower middleware (works with axum):
+//!   checks the route's meter before the handler (429 `LIMIT_EXCEEDED` with `RateLimit-*`
+//!   headers on deny), emits the usage once per request id after a 2xx. Its parts, in `layer/`:
+//!   `response.rs` (the answers it writes: errors, the deny body, the headers), `usage.rs` (the
+//!   usage event and its id from the request id), `telemetry.rs` (its metrics).
 //! - `telemetry.rs`: the cache's hit and miss counter.
 //! - `testing.rs`: subscriptions and plans without the ceremony, for tests and benchmarks.
 
 mod check;
+#[cfg(feature = "layer")]
+pub mod layer;
 pub mod plan;
 pub mod store;
 pub mod stripe;
+pub mod subscriptions;
 pub mod telemetry;
 #[cfg(any(test, feature = "testing"))]
 pub mod testing;
 
 pub use check::{decide, Decision, Quota, QuotaError, QuotaOptions};
-pub use plan::{Enforcement, Entitlements, LimitDefinition, Override, Period, PlanDefinition};
+pub use plan::{
+    Enforcement, Entitlements, LimitDefinition, Override, Period, PlanDefinition, PlanPrice,
+    PriceInterval,
+};
 pub use store::{apply_plans, list_plans, PlanChange, QuotaStoreError, Subscription};

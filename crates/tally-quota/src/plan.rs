@@ -114,6 +114,33 @@ pub struct PlanDefinition {
     /// Stripe price ids that put a subscription on this plan (for Stripe webhooks).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub stripe_prices: Vec<String>,
+    /// The plan's recurring price, for MRR and ARR (`finance_mrr_daily`); tally takes no
+    /// payments.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub price: Option<PlanPrice>,
+    /// A trial on this plan ends in cancellation, not in an active subscription, unless a
+    /// payment method is on record for the subscription.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub requires_payment_method: bool,
+}
+
+/// `[plans.price]`: what a subscription to the plan costs each month or year.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PlanPrice {
+    /// In the currency's main unit, e.g. "49.00".
+    pub amount: Decimal,
+    /// ISO 4217, lowercase as Stripe writes it, e.g. "usd".
+    pub currency: String,
+    pub interval: PriceInterval,
+}
+
+/// How often a plan's price is charged.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PriceInterval {
+    Month,
+    Year,
 }
 
 impl PlanDefinition {
@@ -130,6 +157,22 @@ impl PlanDefinition {
                 ));
             }
             limit.validate(&self.name, meter)?;
+        }
+        if let Some(price) = &self.price {
+            if price.amount.is_sign_negative() {
+                return Err(format!(
+                    "plan {:?}: price.amount must not be negative",
+                    self.name
+                ));
+            }
+            let currency_ok =
+                price.currency.len() == 3 && price.currency.bytes().all(|b| b.is_ascii_lowercase());
+            if !currency_ok {
+                return Err(format!(
+                    "plan {:?}: price.currency {:?} must be a lowercase ISO 4217 code, e.g. \"usd\"",
+                    self.name, price.currency
+                ));
+            }
         }
         Ok(())
     }

@@ -125,11 +125,12 @@ pub async fn apply_plans(
         });
     }
     for (name, before) in stored {
-        let subscriptions: i64 =
-            sqlx::query_scalar("SELECT count(*) FROM subscriptions WHERE plan = $1")
-                .bind(&name)
-                .fetch_one(&mut *tx)
-                .await?;
+        let subscriptions: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM subscriptions WHERE plan = $1 OR pending_plan = $1",
+        )
+        .bind(&name)
+        .fetch_one(&mut *tx)
+        .await?;
         if subscriptions > 0 {
             return Err(QuotaStoreError::PlanInUse {
                 plan: name,
@@ -177,8 +178,9 @@ pub async fn create_subscription(
 ) -> Result<i64, QuotaStoreError> {
     let mut tx = pool.begin().await?;
     let inserted = sqlx::query_scalar::<_, i64>(
-        "INSERT INTO subscriptions (customer_id, plan, status, current_period_start, current_period_end, cancel_at_period_end)
-         VALUES ($1, $2, $3, $4, $5, $6) RETURNING subscription_id",
+        "INSERT INTO subscriptions (customer_id, plan, status, current_period_start, current_period_end,
+                cancel_at_period_end, billing_anchor, started_at, status_since)
+         VALUES ($1, $2, $3, $4, $5, $6, $4, $4, $4) RETURNING subscription_id",
     )
     .bind(&subscription.customer_id)
     .bind(&subscription.plan)
@@ -261,6 +263,85 @@ pub async fn set_override(
     .await?;
     tx.commit().await?;
     Ok(())
+}
+
+/// Removes a customer's override, with the reason and who removed it; `false` when there was
+/// none.
+pub async fn delete_override(
+    pool: &PgPool,
+    customer: &str,
+    reason: &str,
+    actor: &str,
+) -> Result<bool, QuotaStoreError> {
+    let mut tx = pool.begin().await?;
+    let before: Option<Value> = sqlx::query_scalar(
+        "DELETE FROM customer_overrides WHERE customer_id = $1 RETURNING overrides",
+    )
+    .bind(customer)
+    .fetch_optional(&mut *tx)
+    .await?;
+    let Some(before) = before else {
+        return Ok(false);
+    };
+    Audit {
+        entity: "override",
+        key: customer,
+        action: "delete",
+        before: Some(&before),
+        after: None,
+        actor,
+        reason: Some(reason),
+    }
+    .write(&mut tx)
+    .await?;
+    tx.commit().await?;
+    Ok(true)
+}
+
+/// A customer's override, if they have one.
+pub async fn get_override(
+    pool: &PgPool,
+    customer: &str,
+) -> Result<Option<Override>, QuotaStoreError> {
+    let stored: Option<Value> =
+        sqlx::query_scalar("SELECT overrides FROM customer_overrides WHERE customer_id = $1")
+            .bind(customer)
+            .fetch_optional(pool)
+            .await?;
+    stored
+        .map(serde_json::from_value)
+        .transpose()
+        .map_err(|e| QuotaStoreError::Corrupt(e.to_string()))
+}
+
+/// A plan as `tally plans apply` stored it.
+pub async fn get_plan(
+    pool: &PgPool,
+    plan: &str,
+) -> Result<Option<PlanDefinition>, QuotaStoreError> {
+    let stored: Option<Value> = sqlx::query_scalar("SELECT definition FROM plans WHERE name = $1")
+        .bind(plan)
+        .fetch_optional(pool)
+        .await?;
+    stored
+        .map(serde_json::from_value)
+        .transpose()
+        .map_err(|e| QuotaStoreError::Corrupt(e.to_string()))
+}
+
+/// What the customer would be entitled to on `plan`, with their override merged in (the
+/// entitlements preview of a plan change). `Ok(Err(why))` when their override does not fit
+/// that plan.
+pub async fn preview_entitlements(
+    pool: &PgPool,
+    customer: &str,
+    plan: &str,
+) -> Result<Result<Entitlements, String>, QuotaStoreError> {
+    let definition = get_plan(pool, plan)
+        .await?
+        .ok_or_else(|| QuotaStoreError::UnknownPlan(plan.to_owned()))?;
+    let overrides = get_override(pool, customer).await?;
+    Ok(Entitlements::resolve(&definition, overrides.as_ref()))
 }
 
 #[derive(sqlx::FromRow)]

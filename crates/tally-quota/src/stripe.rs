@@ -369,6 +369,9 @@ async fn apply_subscription(
         (_, Err(error)) => return Err(error),
     };
     let status = tally_status(&subscription.status, subscription.deleted);
+    if matches!(status, "active" | "trialing") {
+        replace_fallback(tx, &customer, event).await?;
+    }
     let after = StoredSubscription {
         subscription_id: stored.as_ref().map_or(0, |s| s.subscription_id),
         customer_id: customer.clone(),
@@ -384,15 +387,19 @@ async fn apply_subscription(
         Some(stored) => sqlx::query(
             "UPDATE subscriptions SET plan = $2, status = $3, stripe_status = $4,
                         current_period_start = $5, current_period_end = $6,
-                        cancel_at_period_end = $7, stripe_event_created = $8, updated_at = now()
+                        cancel_at_period_end = $7, stripe_event_created = $8, updated_at = now(),
+                        status_since = CASE WHEN plan <> $2 OR status <> $3 THEN $8 ELSE status_since END,
+                        ended_at = CASE WHEN $3 = 'canceled' THEN coalesce(ended_at, $8) END
                  WHERE subscription_id = $1 AND stripe_subscription_id = $9",
         )
         .bind(stored.subscription_id),
         None => sqlx::query(
             "INSERT INTO subscriptions (customer_id, plan, status, stripe_status,
                     current_period_start, current_period_end, cancel_at_period_end,
-                    stripe_event_created, stripe_subscription_id)
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
+                    stripe_event_created, stripe_subscription_id, source, billing_anchor,
+                    started_at, status_since, ended_at)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, 'stripe', $5, $5, $8,
+                     CASE WHEN $3 = 'canceled' THEN $8 END)",
         )
         .bind(&customer),
     }
@@ -434,6 +441,42 @@ async fn apply_subscription(
     Ok(WebhookOutcome::Applied {
         customer: Some(customer),
     })
+}
+
+/// A customer who subscribes in Stripe leaves the fallback plan tally put them on.
+async fn replace_fallback(
+    tx: &mut PgConnection,
+    customer: &str,
+    event: &StripeEvent,
+) -> Result<(), WebhookError> {
+    crate::subscriptions::lock_customer(tx, customer).await?;
+    let ended: Vec<(String, Value)> = sqlx::query_as(
+        "UPDATE subscriptions SET status = 'canceled', ended_at = $2, status_since = $2,
+                fallback_checked_at = now(), updated_at = now()
+         WHERE customer_id = $1 AND source = 'fallback' AND status IN ('active', 'trialing')
+         RETURNING plan, to_jsonb(subscriptions.*)",
+    )
+    .bind(customer)
+    .bind(event.created)
+    .fetch_all(&mut *tx)
+    .await?;
+    let actor = format!("stripe:{}", event.id);
+    for (plan, after) in ended {
+        Audit {
+            entity: "subscription",
+            key: customer,
+            action: "replace",
+            before: None,
+            after: Some(&after),
+            actor: &actor,
+            reason: Some(&format!(
+                "the customer subscribed in Stripe; the fallback subscription to {plan} ends"
+            )),
+        }
+        .write(tx)
+        .await?;
+    }
+    Ok(())
 }
 
 async fn record_invoice(

@@ -10,6 +10,7 @@ use tally_api::ServeConfig;
 use tally_core::config::{KafkaConfig, Secret};
 use tally_core::{MeterDefinition, Meters};
 use tally_emitter::EmitterConfig;
+use tally_quota::subscriptions::SubscriptionsConfig;
 use tally_quota::PlanDefinition;
 use tally_sink::{SinkConfig, StripeConfig};
 
@@ -28,6 +29,8 @@ pub(crate) struct TallyConfig {
     pub(crate) meters: Vec<MeterDefinition>,
     /// `[[plans]]`: what each plan grants (applied with `tally plans apply`).
     pub(crate) plans: Vec<PlanDefinition>,
+    /// `[subscriptions]`: the scheduler of tally-managed subscriptions and the fallback plan.
+    pub(crate) subscriptions: SubscriptionsConfig,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -93,6 +96,9 @@ impl TallyConfig {
         let meter_names: Vec<String> = self.meters.iter().map(|m| m.name.clone()).collect();
         tally_quota::plan::validate_plans(&self.plans, &meter_names)
             .map_err(|problem| anyhow::anyhow!("[[plans]]: {problem}"))?;
+        self.subscriptions
+            .validate(&self.plans)
+            .map_err(|problem| anyhow::anyhow!("{problem}"))?;
         self.emitter
             .validate()
             .map_err(|problem| anyhow::anyhow!("{problem}"))?;

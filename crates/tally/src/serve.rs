@@ -68,6 +68,7 @@ pub(crate) fn run(config: &TallyConfig) -> anyhow::Result<()> {
         }
         let key = config.stripe.secret_key.expose();
         let state = Arc::new(ApiState {
+            fallback_plan: config.subscriptions.fallback_plan.clone(),
             quota,
             pool,
             reader_pool,
@@ -79,6 +80,15 @@ pub(crate) fn run(config: &TallyConfig) -> anyhow::Result<()> {
                 livemode: key.starts_with("sk_live_") || key.starts_with("rk_live_"),
             }),
         });
+        // Period ends, trials and the fallback plan of the subscriptions tally manages; with
+        // several replicas, each subscription is advanced by one of them.
+        let scheduler_state = state.clone();
+        tally_quota::subscriptions::start_scheduler(
+            state.pool.clone(),
+            config.subscriptions.clone(),
+            stop.clone(),
+            Arc::new(move |customer: &str| scheduler_state.quota.invalidate(customer)),
+        );
         let admin_listen = &serve.admin_listen;
         if !admin_listen.is_empty() {
             let listener = tokio::net::TcpListener::bind(admin_listen)

@@ -61,6 +61,7 @@ pub(super) fn serve_until_stopped(
         emitter_config.spool.dir = spool.path().to_owned();
         let emitter = Arc::new(Emitter::start(stack.kafka, &emitter_config)?);
         let state = Arc::new(ApiState {
+            fallback_plan: None,
             quota: Quota::new(stack.pool.clone(), stack.config.serve.refresh).await?,
             pool: stack.pool.clone(),
             reader_pool: stack.pool.clone(),

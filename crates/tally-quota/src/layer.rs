@@ -1,0 +1,367 @@
+//! The quota middleware for Rust services: [`QuotaLayer`], a tower `Layer` (works with axum
+//! 0.8's `Router::layer`, `route_layer` and `MethodRouter::layer`).
+//!
+//! For each request, before the handler:
+//!
+//! 1. The customer: by default the `x-customer-id` header ([`QuotaLayer::customer`] to read it
+//!    from elsewhere). None: 401 `UNAUTHORIZED`.
+//! 2. The feature, when the route requires one ([`QuotaLayer::require_feature`]): off is 403
+//!    `FEATURE_DISABLED`.
+//! 3. [`Quota::check`] of the route's meter and quantity: a deny is 429 `LIMIT_EXCEEDED` with
+//!    tally-api's body and `RateLimit-Limit`, `RateLimit-Remaining`, `RateLimit-Reset` and
+//!    `Retry-After` headers. Errors are answered as tally-api answers them
+//!    (`NO_ACTIVE_SUBSCRIPTION` 404, `UNKNOWN_METER` 400, `STORE_UNAVAILABLE` 503, ...),
+//!    `{"code", "message"}`. The handler does not run.
+//!
+//! After the handler, when its response is a success (2xx): the usage is emitted with
+//! [`Emitter::emit`] (never blocks; an error is logged and counted, the response goes out
+//! unchanged), and the `RateLimit-*` headers are added to the response when the meter has a
+//! limit. A response that is not a 2xx emits nothing.
+//!
+//! ```no_run
+//! # use std::sync::Arc;
+//! # use axum::{routing::post, Router, Extension, Json};
+//! # use rust_decimal::Decimal;
+//! # use tally_quota::layer::{QuotaLayer, UsageQuantity};
+//! # fn build(quota: Arc<tally_quota::Quota>, emitter: Arc<tally_emitter::Emitter>) -> Router {
+//! async fn complete() -> (Extension<UsageQuantity>, Json<serde_json::Value>) {
+//!     let tokens = Decimal::from(1234); // what the model used
+//!     (Extension(UsageQuantity(tokens)), Json(serde_json::json!({ "text": "..." })))
+//! }
+//! Router::new().route(
+//!     "/v1/complete",
+//!     post(complete).layer(
+//!         QuotaLayer::new(quota, emitter, "tokens")
+//!             .quantity(Decimal::from(500)) // the estimate the check counts
+//!             .quantity_from_response()
+//!             .require_feature("api"),
+//!     ),
+//! )
+//! # }
+//! ```
+//!
+//! # A retried request counts once
+//!
+//! The event id is derived from the request id (the `x-request-id` header by default,
+//! [`QuotaLayer::request_id_header`]): `{request_id}:{meter}` (hashed when that would not be a
+//! valid event id), so a retry with the same request id is counted once by the aggregator, and
+//! two layers metering one request emit one event each. Without the header the middleware
+//! makes one (a UUIDv7) and sets it on the request, so the handler and inner layers see it;
+//! a retry of such a request is a new request and **counts again**. The quota check itself is
+//! made again for a retry: what it allows counts against the customer in this process until
+//! the next refresh, when the committed usage (with the retry counted once) replaces it.
+//!
+//! # Trust
+//!
+//! The customer and the request id say whom to bill and which requests are the same. Take
+//! both from something the client cannot forge: the default `x-customer-id` header only behind
+//! a gateway that sets it after authentication (or read your authentication's result with
+//! [`QuotaLayer::customer`]); the request id from your gateway or mesh (which keeps it on its
+//! own retries). A client that may choose its request id may send one id with every request
+//! and be counted once. Request ids must also be unique across customers (UUIDs are): the
+//! aggregator deduplicates event ids whoever sent them, so a second customer's request under
+//! an id already used is not counted (it is refused as a `conflicting_duplicate`).
+//!
+//! The event is dated at the start of the current minute (`usage.rs` says why: a retry within
+//! the minute is then an exact copy, dropped silently; a later one a `conflicting_duplicate`
+//! reject, counted once all the same).
+//!
+//! # Quantities
+//!
+//! Exact decimals, never floats. A route emits its fixed [`QuotaLayer::quantity`] (1 by
+//! default), or with [`QuotaLayer::quantity_from_response`] what the handler put in the
+//! response's extensions as [`UsageQuantity`] (tokens used, bytes sent); the check before the
+//! handler then counts the route's quantity, an estimate, and the refresh after the aggregator
+//! commits puts the real figure in its place.
+
+mod response;
+pub mod telemetry;
+mod usage;
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use chrono::Utc;
+use http::header::{HeaderName, HeaderValue};
+use http::request::Parts;
+use http::{Request, Response};
+use rust_decimal::Decimal;
+use tally_emitter::Emitter;
+use tower::{Layer, Service};
+
+use crate::{Decision, Quota};
+use response::{limit_exceeded, no_customer, quota_error, RateLimit};
+pub use response::{RATELIMIT_LIMIT, RATELIMIT_REMAINING, RATELIMIT_RESET};
+use telemetry::Counters;
+
+/// The header the customer is read from by default.
+pub const CUSTOMER_HEADER: HeaderName = HeaderName::from_static("x-customer-id");
+/// The header the request id is read from by default.
+pub const REQUEST_ID_HEADER: HeaderName = HeaderName::from_static("x-request-id");
+
+/// The quantity a handler used, for a [`QuotaLayer::quantity_from_response`] route: put it in
+/// the response's extensions (axum: return `Extension(UsageQuantity(q))` as a response part).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct UsageQuantity(pub Decimal);
+
+/// How the customer of a request is found.
+type CustomerOf = Arc<dyn Fn(&Parts) -> Option<String> + Send + Sync>;
+
+/// Meters the routes it wraps: checks before the handler, emits usage after it (see the
+/// [module](self)). Cheap to clone.
+#[derive(Clone)]
+pub struct QuotaLayer {
+    config: Arc<Config>,
+}
+
+#[derive(Clone)]
+struct Config {
+    quota: Arc<Quota>,
+    emitter: Arc<Emitter>,
+    meter: String,
+    quantity: Decimal,
+    from_response: bool,
+    feature: Option<String>,
+    customer: CustomerOf,
+    request_id_header: HeaderName,
+    counters: Counters,
+}
+
+impl QuotaLayer {
+    /// Meters `meter` with a quantity of 1 per request, for the customer in the
+    /// `x-customer-id` header.
+    ///
+    /// # Panics
+    ///
+    /// When `meter` is not a valid meter name (`[a-z0-9_.-]{1,64}`): a mistake in the code
+    /// that builds the router, like an invalid route path.
+    pub fn new(quota: Arc<Quota>, emitter: Arc<Emitter>, meter: impl Into<String>) -> QuotaLayer {
+        let meter = meter.into();
+        if let Err(rule) = tally_core::event::validate_meter_name(&meter) {
+            panic!("QuotaLayer::new: {rule}");
+        }
+        QuotaLayer {
+            config: Arc::new(Config {
+                quota,
+                emitter,
+                counters: Counters::register(&meter),
+                meter,
+                quantity: Decimal::ONE,
+                from_response: false,
+                feature: None,
+                customer: Arc::new(customer_header),
+                request_id_header: REQUEST_ID_HEADER,
+            }),
+        }
+    }
+
+    /// How to find the customer of a request: from its headers, or from what an
+    /// authentication layer put in its extensions. `None` answers 401 `UNAUTHORIZED`.
+    pub fn customer(
+        mut self,
+        customer: impl Fn(&Parts) -> Option<String> + Send + Sync + 'static,
+    ) -> QuotaLayer {
+        Arc::make_mut(&mut self.config).customer = Arc::new(customer);
+        self
+    }
+
+    /// The quantity each request uses (1 by default); with
+    /// [`QuotaLayer::quantity_from_response`], the estimate the check counts.
+    ///
+    /// # Panics
+    ///
+    /// When `quantity` is outside tally's domain (negative, above 10^15, more than 9 fraction
+    /// digits): every event of the route would be refused.
+    pub fn quantity(mut self, quantity: Decimal) -> QuotaLayer {
+        if let Err(rejection) = tally_core::event::validate_quantity(quantity) {
+            panic!("QuotaLayer::quantity: {}", rejection.detail);
+        }
+        Arc::make_mut(&mut self.config).quantity = quantity;
+        self
+    }
+
+    /// Emits what the handler put in the response as [`UsageQuantity`] instead of the route's
+    /// quantity. A successful response without one emits the route's quantity, logged and
+    /// counted (`tally_quota_layer_missing_quantity_total`): usage is never dropped silently.
+    pub fn quantity_from_response(mut self) -> QuotaLayer {
+        Arc::make_mut(&mut self.config).from_response = true;
+        self
+    }
+
+    /// Also requires `feature` on the customer's plan: off answers 403 `FEATURE_DISABLED`.
+    pub fn require_feature(mut self, feature: impl Into<String>) -> QuotaLayer {
+        Arc::make_mut(&mut self.config).feature = Some(feature.into());
+        self
+    }
+
+    /// The header the request id is read from (`x-request-id` by default), e.g. the one your
+    /// gateway sets.
+    pub fn request_id_header(mut self, header: HeaderName) -> QuotaLayer {
+        Arc::make_mut(&mut self.config).request_id_header = header;
+        self
+    }
+}
+
+/// The default customer: the `x-customer-id` header, when it is set and not empty.
+fn customer_header(parts: &Parts) -> Option<String> {
+    parts
+        .headers
+        .get(&CUSTOMER_HEADER)
+        .and_then(|value| value.to_str().ok())
+        .filter(|customer| !customer.is_empty())
+        .map(str::to_owned)
+}
+
+impl<S> Layer<S> for QuotaLayer {
+    type Service = QuotaService<S>;
+
+    fn layer(&self, inner: S) -> QuotaService<S> {
+        QuotaService {
+            inner,
+            config: Arc::clone(&self.config),
+        }
+    }
+}
+
+/// The service [`QuotaLayer`] wraps around a route.
+#[derive(Clone)]
+pub struct QuotaService<S> {
+    inner: S,
+    config: Arc<Config>,
+}
+
+impl<S, ReqBody, ResBody> Service<Request<ReqBody>> for QuotaService<S>
+where
+    S: Service<Request<ReqBody>, Response = Response<ResBody>> + Clone + Send + 'static,
+    S::Future: Send + 'static,
+    ReqBody: Send + 'static,
+    ResBody: From<String> + Send + 'static,
+{
+    type Response = Response<ResBody>;
+    type Error = S::Error;
+    type Future = Pin<Box<dyn Future<Output = Result<Response<ResBody>, S::Error>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), S::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: Request<ReqBody>) -> Self::Future {
+        // The service that was polled ready goes into the future; a clone stays for the next.
+        let clone = self.inner.clone();
+        let inner = std::mem::replace(&mut self.inner, clone);
+        Box::pin(metered(Arc::clone(&self.config), inner, request))
+    }
+}
+
+/// One request through the middleware.
+async fn metered<S, ReqBody, ResBody>(
+    config: Arc<Config>,
+    mut inner: S,
+    request: Request<ReqBody>,
+) -> Result<Response<ResBody>, S::Error>
+where
+    S: Service<Request<ReqBody>, Response = Response<ResBody>>,
+    ResBody: From<String>,
+{
+    let (mut parts, body) = request.into_parts();
+    let Some(customer) = (config.customer)(&parts) else {
+        config.counters.refused.increment(1);
+        return Ok(no_customer());
+    };
+    let request_id = request_id(&mut parts, &config.request_id_header);
+    if let Some(feature) = &config.feature {
+        if let Err(error) = config.quota.require_feature(&customer, feature).await {
+            config.counters.refused.increment(1);
+            return Ok(quota_error(&error));
+        }
+    }
+    let decision = match config
+        .quota
+        .check(&customer, &config.meter, config.quantity)
+        .await
+    {
+        Ok(decision) => decision,
+        Err(error) => {
+            config.counters.refused.increment(1);
+            return Ok(quota_error(&error));
+        }
+    };
+    match &decision {
+        Decision::Allow { .. } => config.counters.allow.increment(1),
+        Decision::Warn { .. } => config.counters.warn.increment(1),
+        Decision::Deny { .. } => {
+            config.counters.deny.increment(1);
+            return Ok(limit_exceeded(&config.meter, &decision, Utc::now()));
+        }
+    }
+
+    let mut response = inner.call(Request::from_parts(parts, body)).await?;
+    if response.status().is_success() {
+        emit(&config, &customer, &request_id, &response);
+    }
+    if let Some(rate_limit) = RateLimit::of(&decision, Utc::now()) {
+        rate_limit.add_to(response.headers_mut());
+    }
+    Ok(response)
+}
+
+/// The request's id: the configured header when it is set and not empty; otherwise a new
+/// UUIDv7, also set on the request for the handler and inner layers to see.
+fn request_id(parts: &mut Parts, header: &HeaderName) -> HeaderValue {
+    match parts.headers.get(header) {
+        Some(value) if !value.is_empty() => value.clone(),
+        _ => {
+            let generated = HeaderValue::try_from(uuid::Uuid::now_v7().to_string())
+                .expect("a UUID is a valid header value");
+            parts.headers.insert(header.clone(), generated.clone());
+            generated
+        }
+    }
+}
+
+/// Emits the usage of a successful response; a failure is logged and counted, never answered.
+fn emit<ResBody>(
+    config: &Config,
+    customer: &str,
+    request_id: &HeaderValue,
+    response: &Response<ResBody>,
+) {
+    let quantity = if config.from_response {
+        match response.extensions().get::<UsageQuantity>() {
+            Some(UsageQuantity(quantity)) => *quantity,
+            None => {
+                config.counters.missing_quantity.increment(1);
+                tracing::warn!(
+                    meter = %config.meter,
+                    quantity = %config.quantity,
+                    "the handler set no UsageQuantity on its response; the route's quantity is emitted instead"
+                );
+                config.quantity
+            }
+        }
+    } else {
+        config.quantity
+    };
+    let event = usage::usage_event(
+        customer,
+        &config.meter,
+        quantity,
+        request_id.as_bytes(),
+        Utc::now(),
+    );
+    let id = event.id.clone();
+    if let Err(error) = config.emitter.emit(event) {
+        config.counters.emit_failed(&error);
+        // Usage of a request that was served is not counted: data at risk.
+        tracing::error!(
+            meter = %config.meter,
+            customer,
+            event_id = %id,
+            %quantity,
+            %error,
+            "usage of a served request could not be emitted and is not counted"
+        );
+    }
+}

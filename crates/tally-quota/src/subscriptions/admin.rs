@@ -1,0 +1,673 @@
+//! The operations the admin API and `tally subscriptions` offer. Each is one transaction that
+//! writes the subscription and its `entitlement_audit` row (who, why, before, after); the
+//! database keeps `subscription_history`. A Stripe-managed subscription is refused: Stripe owns
+//! it, and its next webhook would undo the edit.
+
+use chrono::{DateTime, TimeDelta, Utc};
+use serde::Serialize;
+use serde_json::Value;
+use sqlx::{PgConnection, PgPool};
+
+use super::period::{period_containing, Interval};
+use super::{Source, Status, SubscriptionRecord, COLUMNS};
+use crate::store::{Audit, QuotaStoreError};
+
+/// Why a subscription operation was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum SubscriptionError {
+    #[error("no subscription {0}; list a customer's with GET /v1/customers/{{id}}/subscriptions or `tally subscriptions list --customer ID`")]
+    NotFound(i64),
+    #[error("subscription {0} is managed by Stripe; change it in Stripe (its webhook brings the change to tally)")]
+    StripeManaged(i64),
+    #[error("subscription {id} has ended ({status}); create a new subscription instead")]
+    Ended { id: i64, status: &'static str },
+    #[error("subscription {0} has no cancellation pending; only a cancellation at period end can be undone")]
+    NothingToReactivate(i64),
+    #[error("subscription {0} is a fixed term and has no next period; change it now, or create a new subscription when the term ends")]
+    NoNextPeriod(i64),
+    #[error("{0}")]
+    Invalid(String),
+    #[error("a reason is required for every change; it is written to the audit trail")]
+    ReasonRequired,
+    #[error(transparent)]
+    Store(#[from] QuotaStoreError),
+}
+
+impl SubscriptionError {
+    /// Stable code for API errors.
+    pub fn code(&self) -> &'static str {
+        match self {
+            SubscriptionError::NotFound(_) => "NO_SUCH_SUBSCRIPTION",
+            SubscriptionError::StripeManaged(_) => "STRIPE_MANAGED",
+            SubscriptionError::Ended { .. } => "SUBSCRIPTION_ENDED",
+            SubscriptionError::NothingToReactivate(_) => "NOTHING_TO_REACTIVATE",
+            SubscriptionError::NoNextPeriod(_) => "NO_NEXT_PERIOD",
+            SubscriptionError::Invalid(_) => "INVALID_SUBSCRIPTION",
+            SubscriptionError::ReasonRequired => "REASON_REQUIRED",
+            SubscriptionError::Store(QuotaStoreError::UnknownPlan(_)) => "UNKNOWN_PLAN",
+            SubscriptionError::Store(QuotaStoreError::SecondLiveSubscription { .. }) => {
+                "SECOND_LIVE_SUBSCRIPTION"
+            }
+            SubscriptionError::Store(_) => "STORE_UNAVAILABLE",
+        }
+    }
+}
+
+impl From<sqlx::Error> for SubscriptionError {
+    fn from(error: sqlx::Error) -> Self {
+        SubscriptionError::Store(error.into())
+    }
+}
+
+/// Who makes a change and why, for the audit trail.
+#[derive(Debug, Clone)]
+pub struct Actor {
+    pub name: String,
+    pub reason: String,
+}
+
+/// Longest reason kept in the audit trail.
+const MAX_REASON_CHARS: usize = 1000;
+
+impl Actor {
+    /// A reason is required: 1 to 1,000 characters, printable.
+    pub fn new(name: impl Into<String>, reason: &str) -> Result<Actor, SubscriptionError> {
+        let reason = reason.trim();
+        if reason.is_empty() {
+            return Err(SubscriptionError::ReasonRequired);
+        }
+        if reason.chars().count() > MAX_REASON_CHARS || reason.chars().any(char::is_control) {
+            return Err(SubscriptionError::Invalid(format!(
+                "reason must be at most {MAX_REASON_CHARS} characters, without control characters"
+            )));
+        }
+        Ok(Actor {
+            name: name.into(),
+            reason: reason.to_owned(),
+        })
+    }
+}
+
+/// How long a new subscription's periods are.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Term {
+    Month,
+    Year,
+    /// One term ending then; the subscription ends with it.
+    Until(DateTime<Utc>),
+}
+
+/// `POST /v1/subscriptions`.
+#[derive(Debug, Clone)]
+pub struct NewSubscription {
+    pub customer: String,
+    pub plan: String,
+    /// Default: now. May be in the past (periods are counted from it), not in the future.
+    pub start: Option<DateTime<Utc>>,
+    /// Trialing until then (in the future); paid periods start at the trial's end.
+    pub trial_end: Option<DateTime<Utc>>,
+    pub term: Term,
+    /// Whether a payment method is on record (a plan with `requires_payment_method` needs one
+    /// for a trial to convert).
+    pub payment_method: bool,
+}
+
+/// When a change takes effect.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum When {
+    Now,
+    PeriodEnd,
+}
+
+/// How far ahead of this server's clock a start may be (the caller's clock may run ahead).
+const START_TOLERANCE: TimeDelta = TimeDelta::minutes(5);
+
+/// Starts a tally-managed subscription. A live fallback subscription is replaced; any other
+/// live subscription is refused (one per customer).
+pub async fn create(
+    pool: &PgPool,
+    new: &NewSubscription,
+    actor: &Actor,
+) -> Result<SubscriptionRecord, SubscriptionError> {
+    let now = Utc::now();
+    tally_core::event::validate_customer(&new.customer)
+        .map_err(|rejection| SubscriptionError::Invalid(rejection.detail))?;
+    let start = new.start.unwrap_or(now);
+    if start > now + START_TOLERANCE {
+        return Err(SubscriptionError::Invalid(format!(
+            "start {start} is in the future; create the subscription when it starts"
+        )));
+    }
+    let (interval, status, period) = match (new.term, new.trial_end) {
+        (Term::Until(_), Some(_)) => return Err(SubscriptionError::Invalid(
+            "a fixed-term subscription cannot have a trial; give trial_end or a term end, not both"
+                .into(),
+        )),
+        (Term::Until(end), None) if end <= now || end <= start => {
+            return Err(SubscriptionError::Invalid(format!(
+                "the term's end {end} must be after its start and in the future"
+            )))
+        }
+        (Term::Until(end), None) => (Interval::Fixed, Status::Active, (start, end)),
+        (_, Some(trial_end)) if trial_end <= now || trial_end <= start => {
+            return Err(SubscriptionError::Invalid(format!(
+                "trial_end {trial_end} must be after the start and in the future"
+            )))
+        }
+        (term, trial_end) => {
+            let interval = if term == Term::Year {
+                Interval::Year
+            } else {
+                Interval::Month
+            };
+            match trial_end {
+                Some(trial_end) => (interval, Status::Trialing, (start, trial_end)),
+                None => {
+                    let period =
+                        period_containing(start, interval, now.max(start)).ok_or_else(|| {
+                            SubscriptionError::Invalid("start is beyond the calendar".into())
+                        })?;
+                    (interval, Status::Active, period)
+                }
+            }
+        }
+    };
+    let mut tx = pool.begin().await?;
+    lock_customer(&mut tx, &new.customer).await?;
+    if let Some(live) = live_for_update(&mut tx, &new.customer).await? {
+        if live.source != Source::Fallback {
+            return Err(QuotaStoreError::SecondLiveSubscription {
+                customer: new.customer.clone(),
+            }
+            .into());
+        }
+        let mut replaced = live.clone();
+        replaced.status = Status::Canceled;
+        replaced.ended_at = Some(now);
+        replaced.status_since = now;
+        let replaced = write(&mut tx, &replaced).await?;
+        mark_fallback_checked(&mut tx, replaced.id).await?;
+        let reason = format!(
+            "replaced by a subscription to {}: {}",
+            new.plan, actor.reason
+        );
+        audit(
+            &mut tx,
+            "replace",
+            Some(&live),
+            Some(&replaced),
+            &actor.name,
+            &reason,
+        )
+        .await?;
+    }
+    let inserted = sqlx::query_as::<_, SubscriptionRecord>(&format!(
+        "INSERT INTO subscriptions (customer_id, plan, status, source, billing_interval,
+                billing_anchor, started_at, trial_end, current_period_start, current_period_end,
+                payment_method, status_since)
+         VALUES ($1, $2, $3, 'tally', $4, $5, $5, $6, $7, $8, $9, $5)
+         RETURNING {COLUMNS}"
+    ))
+    .bind(&new.customer)
+    .bind(&new.plan)
+    .bind(status)
+    .bind(interval)
+    .bind(start)
+    .bind(new.trial_end)
+    .bind(period.0)
+    .bind(period.1)
+    .bind(new.payment_method)
+    .fetch_one(&mut *tx)
+    .await;
+    let created = match inserted {
+        Ok(created) => created,
+        Err(sqlx::Error::Database(e)) if e.constraint() == Some("subscriptions_plan_fkey") => {
+            return Err(QuotaStoreError::UnknownPlan(new.plan.clone()).into())
+        }
+        Err(e) => return Err(e.into()),
+    };
+    audit(
+        &mut tx,
+        "create",
+        None,
+        Some(&created),
+        &actor.name,
+        &actor.reason,
+    )
+    .await?;
+    tx.commit().await?;
+    Ok(created)
+}
+
+/// One subscription.
+pub async fn get(pool: &PgPool, id: i64) -> Result<SubscriptionRecord, SubscriptionError> {
+    sqlx::query_as(&format!(
+        "SELECT {COLUMNS} FROM subscriptions WHERE subscription_id = $1"
+    ))
+    .bind(id)
+    .fetch_optional(pool)
+    .await?
+    .ok_or(SubscriptionError::NotFound(id))
+}
+
+/// The customer's active or trialing subscription, if any.
+pub async fn live_subscription(
+    pool: &PgPool,
+    customer: &str,
+) -> Result<Option<SubscriptionRecord>, SubscriptionError> {
+    Ok(sqlx::query_as(&format!(
+        "SELECT {COLUMNS} FROM subscriptions
+         WHERE customer_id = $1 AND status IN ('active', 'trialing')"
+    ))
+    .bind(customer)
+    .fetch_optional(pool)
+    .await?)
+}
+
+/// A subscription with every plan and status it had.
+#[derive(Debug, Clone, Serialize)]
+pub struct SubscriptionHistory {
+    #[serde(flatten)]
+    pub subscription: SubscriptionRecord,
+    pub history: Vec<HistorySpan>,
+}
+
+/// A plan and status, and when they held (`to` is `None` for the current one).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, sqlx::FromRow)]
+pub struct HistorySpan {
+    #[serde(skip)]
+    pub subscription_id: i64,
+    pub plan: String,
+    pub status: Status,
+    pub from: DateTime<Utc>,
+    pub to: Option<DateTime<Utc>>,
+}
+
+/// Every subscription the customer had, newest first, each with its history.
+pub async fn customer_subscriptions(
+    pool: &PgPool,
+    customer: &str,
+) -> Result<Vec<SubscriptionHistory>, SubscriptionError> {
+    let subscriptions: Vec<SubscriptionRecord> = sqlx::query_as(&format!(
+        "SELECT {COLUMNS} FROM subscriptions WHERE customer_id = $1 ORDER BY subscription_id DESC"
+    ))
+    .bind(customer)
+    .fetch_all(pool)
+    .await?;
+    let ids: Vec<i64> = subscriptions.iter().map(|s| s.id).collect();
+    let spans: Vec<HistorySpan> = sqlx::query_as(
+        "SELECT subscription_id, plan, status, valid_from AS \"from\", valid_to AS \"to\"
+         FROM subscription_history WHERE subscription_id = ANY($1)
+         ORDER BY valid_from, history_id",
+    )
+    .bind(&ids)
+    .fetch_all(pool)
+    .await?;
+    Ok(subscriptions
+        .into_iter()
+        .map(|subscription| SubscriptionHistory {
+            history: spans
+                .iter()
+                .filter(|span| span.subscription_id == subscription.id)
+                .cloned()
+                .collect(),
+            subscription,
+        })
+        .collect())
+}
+
+/// Moves the subscription to `plan`, now or at the end of its period. Asking for the plan it
+/// is on (now) changes nothing; at period end it withdraws a scheduled change.
+pub async fn change_plan(
+    pool: &PgPool,
+    id: i64,
+    plan: &str,
+    when: When,
+    actor: &Actor,
+) -> Result<SubscriptionRecord, SubscriptionError> {
+    let mut tx = pool.begin().await?;
+    let before = editable(&mut tx, id).await?;
+    let known: Option<i32> = sqlx::query_scalar("SELECT 1 FROM plans WHERE name = $1")
+        .bind(plan)
+        .fetch_optional(&mut *tx)
+        .await?;
+    if known.is_none() {
+        return Err(QuotaStoreError::UnknownPlan(plan.to_owned()).into());
+    }
+    let mut after = before.clone();
+    let action = match when {
+        When::Now => {
+            after.plan = plan.to_owned();
+            after.pending_plan = None;
+            if after.plan != before.plan {
+                after.status_since = Utc::now();
+            }
+            "change_plan"
+        }
+        When::PeriodEnd if before.billing_interval == Interval::Fixed => {
+            return Err(SubscriptionError::NoNextPeriod(id))
+        }
+        When::PeriodEnd => {
+            after.pending_plan = (plan != before.plan).then(|| plan.to_owned());
+            "schedule_change"
+        }
+    };
+    finish(tx, action, before, after, actor).await
+}
+
+/// Cancels the subscription now (it ends; with `fallback`, the customer moves to that plan)
+/// or at the end of its period.
+pub async fn cancel(
+    pool: &PgPool,
+    id: i64,
+    when: When,
+    fallback: Option<&str>,
+    actor: &Actor,
+) -> Result<SubscriptionRecord, SubscriptionError> {
+    let mut tx = pool.begin().await?;
+    let before = editable(&mut tx, id).await?;
+    let mut after = before.clone();
+    match when {
+        When::PeriodEnd => {
+            after.cancel_at_period_end = true;
+            finish(tx, "schedule_cancel", before, after, actor).await
+        }
+        When::Now => {
+            let now = Utc::now();
+            after.status = Status::Canceled;
+            after.ended_at = Some(now);
+            after.status_since = now;
+            after.cancel_at_period_end = false;
+            after.pending_plan = None;
+            let after = write(&mut tx, &after).await?;
+            audit(
+                &mut tx,
+                "cancel",
+                Some(&before),
+                Some(&after),
+                &actor.name,
+                &actor.reason,
+            )
+            .await?;
+            if let Some(plan) = fallback {
+                let reason = format!("fallback plan after a cancellation: {}", actor.reason);
+                ensure_fallback(&mut tx, &after, plan, &actor.name, &reason).await?;
+            }
+            tx.commit().await?;
+            Ok(after)
+        }
+    }
+}
+
+/// Withdraws a cancellation scheduled for the period's end.
+pub async fn reactivate(
+    pool: &PgPool,
+    id: i64,
+    actor: &Actor,
+) -> Result<SubscriptionRecord, SubscriptionError> {
+    let mut tx = pool.begin().await?;
+    let before = editable(&mut tx, id).await?;
+    if !before.cancel_at_period_end {
+        return Err(SubscriptionError::NothingToReactivate(id));
+    }
+    let mut after = before.clone();
+    after.cancel_at_period_end = false;
+    finish(tx, "reactivate", before, after, actor).await
+}
+
+/// Records whether a payment method is on record (tally takes no payments; the caller says).
+pub async fn set_payment_method(
+    pool: &PgPool,
+    id: i64,
+    on_record: bool,
+    actor: &Actor,
+) -> Result<SubscriptionRecord, SubscriptionError> {
+    let mut tx = pool.begin().await?;
+    let before = editable(&mut tx, id).await?;
+    let mut after = before.clone();
+    after.payment_method = on_record;
+    finish(tx, "payment_method", before, after, actor).await
+}
+
+/// One customer in [`list_customers`]: their live subscription, else their latest.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, sqlx::FromRow)]
+pub struct CustomerRow {
+    #[sqlx(rename = "customer_id")]
+    pub customer: String,
+    pub subscription_id: i64,
+    pub plan: String,
+    pub status: Status,
+    pub source: Source,
+    pub current_period_end: DateTime<Utc>,
+    pub cancel_at_period_end: bool,
+}
+
+/// A page of customers, and the cursor of the next (`None`: the last page).
+#[derive(Debug, Clone, Serialize)]
+pub struct CustomerPage {
+    pub customers: Vec<CustomerRow>,
+    pub next: Option<String>,
+}
+
+/// Most customers on one page.
+pub const MAX_PAGE: i64 = 500;
+
+/// Customers with a subscription, by id, after the cursor `after`, filtered by the plan and
+/// status of their live (else latest) subscription.
+pub async fn list_customers(
+    pool: &PgPool,
+    plan: Option<&str>,
+    status: Option<Status>,
+    after: Option<&str>,
+    limit: i64,
+) -> Result<CustomerPage, SubscriptionError> {
+    let limit = limit.clamp(1, MAX_PAGE);
+    let customers: Vec<CustomerRow> = sqlx::query_as(
+        "SELECT * FROM (
+            SELECT DISTINCT ON (customer_id) customer_id, subscription_id, plan, status, source,
+                   current_period_end, cancel_at_period_end
+            FROM subscriptions WHERE customer_id > $1
+            ORDER BY customer_id, status IN ('active', 'trialing') DESC, subscription_id DESC
+         ) latest
+         WHERE ($2::text IS NULL OR plan = $2) AND ($3::text IS NULL OR status = $3)
+         ORDER BY customer_id LIMIT $4",
+    )
+    .bind(after.unwrap_or(""))
+    .bind(plan)
+    .bind(status)
+    .bind(limit)
+    .fetch_all(pool)
+    .await?;
+    let next = (customers.len() as i64 == limit)
+        .then(|| customers.last().map(|c| c.customer.clone()))
+        .flatten();
+    Ok(CustomerPage { customers, next })
+}
+
+/// Puts a customer whose subscription `ended` on the fallback plan, monthly from the moment it
+/// ended, unless they have a live subscription again. The caller holds the customer's lock
+/// or the ended row's (`ensure_fallback` takes the customer's).
+pub(crate) async fn ensure_fallback(
+    tx: &mut PgConnection,
+    ended: &SubscriptionRecord,
+    plan: &str,
+    actor: &str,
+    reason: &str,
+) -> Result<Option<SubscriptionRecord>, SubscriptionError> {
+    mark_fallback_checked(tx, ended.id).await?;
+    if ended.source == Source::Fallback {
+        return Ok(None); // canceling the fallback itself leaves the customer without a plan
+    }
+    lock_customer(tx, &ended.customer).await?;
+    if live_for_update(tx, &ended.customer).await?.is_some() {
+        return Ok(None);
+    }
+    let start = ended.ended_at.unwrap_or_else(Utc::now);
+    let (period_start, period_end) =
+        period_containing(start, Interval::Month, Utc::now().max(start)).ok_or_else(|| {
+            SubscriptionError::Invalid("the fallback's period is beyond the calendar".into())
+        })?;
+    let created = sqlx::query_as::<_, SubscriptionRecord>(&format!(
+        "INSERT INTO subscriptions (customer_id, plan, status, source, billing_interval,
+                billing_anchor, started_at, current_period_start, current_period_end, status_since)
+         VALUES ($1, $2, 'active', 'fallback', 'month', $3, $3, $4, $5, $3)
+         RETURNING {COLUMNS}"
+    ))
+    .bind(&ended.customer)
+    .bind(plan)
+    .bind(start)
+    .bind(period_start)
+    .bind(period_end)
+    .fetch_one(&mut *tx)
+    .await;
+    let created = match created {
+        Ok(created) => created,
+        Err(sqlx::Error::Database(e)) if e.constraint() == Some("subscriptions_plan_fkey") => {
+            return Err(QuotaStoreError::UnknownPlan(plan.to_owned()).into())
+        }
+        Err(e) => return Err(e.into()),
+    };
+    audit(tx, "create", None, Some(&created), actor, reason).await?;
+    Ok(Some(created))
+}
+
+async fn mark_fallback_checked(tx: &mut PgConnection, id: i64) -> Result<(), sqlx::Error> {
+    sqlx::query("UPDATE subscriptions SET fallback_checked_at = now() WHERE subscription_id = $1")
+        .bind(id)
+        .execute(&mut *tx)
+        .await?;
+    Ok(())
+}
+
+/// Serializes everything that may give a customer a live subscription (create, the fallback,
+/// a Stripe webhook), so that "has none, so add one" cannot race.
+pub(crate) async fn lock_customer(
+    tx: &mut PgConnection,
+    customer: &str,
+) -> Result<(), sqlx::Error> {
+    sqlx::query("SELECT pg_advisory_xact_lock(hashtextextended('tally.subscriptions:' || $1, 0))")
+        .bind(customer)
+        .execute(&mut *tx)
+        .await?;
+    Ok(())
+}
+
+async fn live_for_update(
+    tx: &mut PgConnection,
+    customer: &str,
+) -> Result<Option<SubscriptionRecord>, sqlx::Error> {
+    sqlx::query_as(&format!(
+        "SELECT {COLUMNS} FROM subscriptions
+         WHERE customer_id = $1 AND status IN ('active', 'trialing') FOR UPDATE"
+    ))
+    .bind(customer)
+    .fetch_optional(&mut *tx)
+    .await
+}
+
+/// The subscription, locked, if the API may change it: tally-managed and live.
+async fn editable(tx: &mut PgConnection, id: i64) -> Result<SubscriptionRecord, SubscriptionError> {
+    let subscription: SubscriptionRecord = sqlx::query_as(&format!(
+        "SELECT {COLUMNS} FROM subscriptions WHERE subscription_id = $1 FOR UPDATE"
+    ))
+    .bind(id)
+    .fetch_optional(&mut *tx)
+    .await?
+    .ok_or(SubscriptionError::NotFound(id))?;
+    if subscription.source == Source::Stripe {
+        return Err(SubscriptionError::StripeManaged(id));
+    }
+    if !subscription.status.is_live() {
+        return Err(SubscriptionError::Ended {
+            id,
+            status: subscription.status.as_str(),
+        });
+    }
+    Ok(subscription)
+}
+
+/// Writes `after` and its audit row, and commits; a change that changes nothing writes neither.
+async fn finish(
+    mut tx: sqlx::Transaction<'_, sqlx::Postgres>,
+    action: &str,
+    before: SubscriptionRecord,
+    after: SubscriptionRecord,
+    actor: &Actor,
+) -> Result<SubscriptionRecord, SubscriptionError> {
+    if after == before {
+        return Ok(before);
+    }
+    let after = write(&mut tx, &after).await?;
+    audit(
+        &mut tx,
+        action,
+        Some(&before),
+        Some(&after),
+        &actor.name,
+        &actor.reason,
+    )
+    .await?;
+    tx.commit().await?;
+    Ok(after)
+}
+
+/// Writes every field an operation or a transition may change.
+pub(crate) async fn write(
+    tx: &mut PgConnection,
+    subscription: &SubscriptionRecord,
+) -> Result<SubscriptionRecord, sqlx::Error> {
+    sqlx::query_as(&format!(
+        "UPDATE subscriptions SET plan = $2, status = $3, billing_anchor = $4,
+                current_period_start = $5, current_period_end = $6, cancel_at_period_end = $7,
+                pending_plan = $8, payment_method = $9, ended_at = $10, status_since = $11,
+                trial_end = $12, updated_at = now()
+         WHERE subscription_id = $1
+         RETURNING {COLUMNS}"
+    ))
+    .bind(subscription.id)
+    .bind(&subscription.plan)
+    .bind(subscription.status)
+    .bind(subscription.billing_anchor)
+    .bind(subscription.current_period_start)
+    .bind(subscription.current_period_end)
+    .bind(subscription.cancel_at_period_end)
+    .bind(&subscription.pending_plan)
+    .bind(subscription.payment_method)
+    .bind(subscription.ended_at)
+    .bind(subscription.status_since)
+    .bind(subscription.trial_end)
+    .fetch_one(&mut *tx)
+    .await
+}
+
+/// The `entitlement_audit` row of a subscription change (keyed by customer, as webhooks write
+/// theirs).
+pub(crate) async fn audit(
+    tx: &mut PgConnection,
+    action: &str,
+    before: Option<&SubscriptionRecord>,
+    after: Option<&SubscriptionRecord>,
+    actor: &str,
+    reason: &str,
+) -> Result<(), SubscriptionError> {
+    let json = |record: Option<&SubscriptionRecord>| -> Result<Option<Value>, SubscriptionError> {
+        record
+            .map(serde_json::to_value)
+            .transpose()
+            .map_err(|e| QuotaStoreError::Corrupt(e.to_string()).into())
+    };
+    let (before_json, after_json) = (json(before)?, json(after)?);
+    let customer = after.or(before).map_or("", |s| s.customer.as_str());
+    Audit {
+        entity: "subscription",
+        key: customer,
+        action,
+        before: before_json.as_ref(),
+        after: after_json.as_ref(),
+        actor,
+        reason: Some(reason),
+    }
+    .write(tx)
+    .await?;
+    Ok(())
+}

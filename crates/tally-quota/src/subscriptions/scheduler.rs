@@ -1,0 +1,275 @@
+//! The scheduler in `tally serve`: applies what is due at period ends to tally-managed
+//! subscriptions ([`super::step`]), then puts customers whose subscription ended on the
+//! fallback plan, if one is configured.
+//!
+//! Safe with several replicas: each subscription is taken with `FOR UPDATE SKIP LOCKED` in a
+//! transaction of its own, and a replica that takes it after another committed finds it no
+//! longer due (Postgres re-checks the condition on the locked row). A subscription that fails
+//! (an error is logged and counted) is left for the next run; the others go on.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use sqlx::PgPool;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+use super::admin::{audit, ensure_fallback, write, SubscriptionError};
+use super::{step, SubscriptionRecord, COLUMNS};
+use crate::plan::PlanDefinition;
+use crate::store::QuotaStoreError;
+use crate::telemetry;
+
+/// `[subscriptions]` in tally.toml.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SubscriptionsConfig {
+    /// The plan a customer moves to when their subscription ends (canceled, a trial that
+    /// expired, a fixed term that ended, or deleted in Stripe). Unset (the default): none, and
+    /// a customer without a subscription is refused with NO_ACTIVE_SUBSCRIPTION (fail secure).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fallback_plan: Option<String>,
+    /// How often `tally serve` applies period ends and the fallback.
+    #[serde(with = "humantime_serde")]
+    pub schedule_every: Duration,
+}
+
+impl Default for SubscriptionsConfig {
+    fn default() -> Self {
+        SubscriptionsConfig {
+            fallback_plan: None,
+            schedule_every: Duration::from_secs(10),
+        }
+    }
+}
+
+impl SubscriptionsConfig {
+    /// The fallback plan must be one of `[[plans]]`; the interval at least a second.
+    pub fn validate(&self, plans: &[PlanDefinition]) -> Result<(), String> {
+        if let Some(fallback) = &self.fallback_plan {
+            if !plans.iter().any(|plan| &plan.name == fallback) {
+                return Err(format!(
+                    "subscriptions.fallback_plan {fallback:?} is not in [[plans]]; define it there or remove the setting"
+                ));
+            }
+        }
+        if self.schedule_every < Duration::from_secs(1) {
+            return Err("subscriptions.schedule_every must be at least 1s".into());
+        }
+        Ok(())
+    }
+}
+
+/// What one run did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SchedulerRun {
+    /// Transitions applied (renewals, trial ends, cancellations, term ends).
+    pub transitions: usize,
+    /// Customers put on the fallback plan.
+    pub fallbacks: usize,
+    /// Subscriptions that failed and are left for the next run.
+    pub failed: usize,
+    /// Customers whose subscription changed (for the quota cache).
+    pub customers: Vec<String>,
+}
+
+/// The actor the scheduler's audit rows name.
+const ACTOR: &str = "scheduler";
+
+/// Applies everything due by `now`, then the fallback. An error here is Postgres away (the
+/// caller tries again next run); a subscription's own failure is counted in the result.
+pub async fn run_due(
+    pool: &PgPool,
+    config: &SubscriptionsConfig,
+    now: DateTime<Utc>,
+) -> Result<SchedulerRun, QuotaStoreError> {
+    let requires_payment_method = plans_requiring_payment_method(pool).await?;
+    let mut run = SchedulerRun::default();
+    let mut failed: Vec<i64> = Vec::new();
+    loop {
+        let mut tx = pool.begin().await?;
+        let due: Option<SubscriptionRecord> = sqlx::query_as(&format!(
+            "SELECT {COLUMNS} FROM subscriptions
+             WHERE status IN ('active', 'trialing') AND source <> 'stripe'
+               AND current_period_end <= $1 AND subscription_id <> ALL($2)
+             ORDER BY current_period_end LIMIT 1 FOR UPDATE SKIP LOCKED"
+        ))
+        .bind(now)
+        .bind(&failed)
+        .fetch_optional(&mut *tx)
+        .await?;
+        let Some(due) = due else { break };
+        let (id, customer) = (due.id, due.customer.clone());
+        let mut applied = Vec::new();
+        let outcome: Result<(), SubscriptionError> = async {
+            let mut current = due;
+            let requires = |plan: &str| requires_payment_method.get(plan).copied().unwrap_or(false);
+            while let Some((transition, next)) = step(&current, requires, now) {
+                let next = write(&mut tx, &next).await?;
+                audit(
+                    &mut tx,
+                    transition.action(),
+                    Some(&current),
+                    Some(&next),
+                    ACTOR,
+                    &transition.reason(),
+                )
+                .await?;
+                applied.push(transition.action());
+                if transition.ends() {
+                    if let Some(plan) = &config.fallback_plan {
+                        let reason = format!("fallback plan: {}", transition.reason());
+                        if ensure_fallback(&mut tx, &next, plan, ACTOR, &reason)
+                            .await?
+                            .is_some()
+                        {
+                            applied.push("fallback");
+                        }
+                    }
+                }
+                current = next;
+            }
+            Ok(())
+        }
+        .await;
+        match outcome.map(|()| tx) {
+            Ok(tx) => match tx.commit().await {
+                Ok(()) => {
+                    for action in &applied {
+                        telemetry::subscription_transition(action);
+                    }
+                    run.fallbacks += applied.iter().filter(|a| **a == "fallback").count();
+                    run.transitions += applied.iter().filter(|a| **a != "fallback").count();
+                    run.customers.push(customer);
+                }
+                Err(error) => return Err(error.into()),
+            },
+            Err(error) => {
+                failed.push(id);
+                run.failed += 1;
+                telemetry::subscription_scheduler_error();
+                tracing::error!(subscription = id, %customer, %error, "could not advance the subscription at its period end; retried next run");
+            }
+        }
+    }
+    if let Some(plan) = &config.fallback_plan {
+        fallback_sweep(pool, plan, &mut run).await?;
+    }
+    Ok(run)
+}
+
+/// Customers whose latest subscription ended elsewhere (canceled in Stripe, by the API
+/// without a fallback configured then, before the setting was on) move to the fallback plan.
+async fn fallback_sweep(
+    pool: &PgPool,
+    plan: &str,
+    run: &mut SchedulerRun,
+) -> Result<(), QuotaStoreError> {
+    let mut failed: Vec<i64> = Vec::new();
+    loop {
+        let mut tx = pool.begin().await?;
+        let ended: Option<SubscriptionRecord> = sqlx::query_as(&format!(
+            "SELECT {COLUMNS} FROM subscriptions s
+             WHERE status = 'canceled' AND fallback_checked_at IS NULL AND source <> 'fallback'
+               AND subscription_id <> ALL($1)
+             ORDER BY subscription_id LIMIT 1 FOR UPDATE SKIP LOCKED"
+        ))
+        .bind(&failed)
+        .fetch_optional(&mut *tx)
+        .await?;
+        let Some(ended) = ended else { return Ok(()) };
+        let (id, customer) = (ended.id, ended.customer.clone());
+        let outcome: Result<bool, SubscriptionError> = async {
+            // Only the customer's latest subscription decides: an old one ended long ago says
+            // nothing about a customer who subscribed since.
+            let latest: i64 = sqlx::query_scalar(
+                "SELECT max(subscription_id) FROM subscriptions WHERE customer_id = $1",
+            )
+            .bind(&ended.customer)
+            .fetch_one(&mut *tx)
+            .await?;
+            if latest != ended.id {
+                sqlx::query("UPDATE subscriptions SET fallback_checked_at = now() WHERE subscription_id = $1")
+                    .bind(ended.id)
+                    .execute(&mut *tx)
+                    .await?;
+                return Ok(false);
+            }
+            let reason = "fallback plan: the customer's subscription ended";
+            Ok(ensure_fallback(&mut tx, &ended, plan, ACTOR, reason).await?.is_some())
+        }
+        .await;
+        match outcome {
+            Ok(created) => {
+                tx.commit().await?;
+                if created {
+                    telemetry::subscription_transition("fallback");
+                    run.fallbacks += 1;
+                    run.customers.push(customer);
+                }
+            }
+            Err(error) => {
+                failed.push(id);
+                run.failed += 1;
+                telemetry::subscription_scheduler_error();
+                tracing::error!(subscription = id, %customer, %error, "could not put the customer on the fallback plan; retried next run");
+            }
+        }
+    }
+}
+
+/// Which plans' trials need a payment method to convert.
+async fn plans_requiring_payment_method(
+    pool: &PgPool,
+) -> Result<HashMap<String, bool>, QuotaStoreError> {
+    let rows: Vec<(String, bool)> = sqlx::query_as(
+        "SELECT name, coalesce((definition ->> 'requires_payment_method')::boolean, false) FROM plans",
+    )
+    .fetch_all(pool)
+    .await?;
+    Ok(rows.into_iter().collect())
+}
+
+/// Runs [`run_due`] every `schedule_every` until `stop`, supervised. `changed` is told each
+/// customer whose subscription changed (to drop them from this process's quota cache).
+pub fn start_scheduler(
+    pool: PgPool,
+    config: SubscriptionsConfig,
+    stop: CancellationToken,
+    changed: Arc<dyn Fn(&str) + Send + Sync>,
+) -> JoinHandle<()> {
+    telemetry::describe_scheduler();
+    tally_runtime::supervise("subscription_scheduler", stop.clone(), move || {
+        let (pool, config, stop, changed) =
+            (pool.clone(), config.clone(), stop.clone(), changed.clone());
+        async move {
+            loop {
+                match run_due(&pool, &config, Utc::now()).await {
+                    Ok(run) => {
+                        for customer in &run.customers {
+                            changed(customer);
+                        }
+                        if run.transitions + run.fallbacks > 0 {
+                            tracing::info!(
+                                transitions = run.transitions,
+                                fallbacks = run.fallbacks,
+                                failed = run.failed,
+                                "subscriptions advanced"
+                            );
+                        }
+                    }
+                    // Postgres away: waited out, the next run catches up.
+                    Err(error) => {
+                        tracing::warn!(%error, "the subscription scheduler could not reach Postgres; trying again next run")
+                    }
+                }
+                if tally_runtime::sleep_unless_stopped(config.schedule_every, &stop).await {
+                    return Ok(());
+                }
+            }
+        }
+    })
+}

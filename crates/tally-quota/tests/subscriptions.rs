@@ -1,0 +1,571 @@
+//! Subscriptions tally manages itself, against Postgres: the operations (audited, validated),
+//! the scheduler (catching up once, with replicas racing), trials, the fallback plan, and the
+//! business figures finance reads.
+
+use chrono::{DateTime, TimeDelta, TimeZone, Utc};
+use rust_decimal::Decimal;
+use sqlx::PgPool;
+use tally_db::testing::fresh_database;
+use tally_quota::subscriptions::{
+    self, run_due, Actor, NewSubscription, Source, Status, SubscriptionError, SubscriptionsConfig,
+    Term, When,
+};
+use tally_quota::{apply_plans, PlanDefinition, QuotaStoreError};
+
+const PLANS: &str = r#"
+    [[plans]]
+    name = "FREE"
+    [plans.limits.api_calls]
+    limit = 100
+    period = "day"
+
+    [[plans]]
+    name = "PRO"
+    requires_payment_method = true
+    price = { amount = "49.00", currency = "usd", interval = "month" }
+    [plans.limits.api_calls]
+    limit = 10000
+    period = "day"
+
+    [[plans]]
+    name = "ENTERPRISE"
+    price = { amount = "1200", currency = "usd", interval = "year" }
+"#;
+
+async fn seed(pool: &PgPool) {
+    #[derive(serde::Deserialize)]
+    struct File {
+        plans: Vec<PlanDefinition>,
+    }
+    sqlx::query("INSERT INTO meters (name, aggregation, stripe_event_name) VALUES ('api_calls', 'sum', 'api_calls')")
+        .execute(pool)
+        .await
+        .unwrap();
+    let plans = toml::from_str::<File>(PLANS).unwrap().plans;
+    apply_plans(pool, &plans, "test").await.unwrap();
+}
+
+fn ops(reason: &str) -> Actor {
+    Actor::new("token:ops", reason).unwrap()
+}
+
+fn monthly(customer: &str, plan: &str) -> NewSubscription {
+    NewSubscription {
+        customer: customer.into(),
+        plan: plan.into(),
+        start: None,
+        trial_end: None,
+        term: Term::Month,
+        payment_method: true,
+    }
+}
+
+fn fallback(plan: Option<&str>) -> SubscriptionsConfig {
+    SubscriptionsConfig {
+        fallback_plan: plan.map(str::to_owned),
+        ..SubscriptionsConfig::default()
+    }
+}
+
+fn at(y: i32, m: u32, d: u32) -> DateTime<Utc> {
+    Utc.with_ymd_and_hms(y, m, d, 0, 0, 0).unwrap()
+}
+
+async fn audit(pool: &PgPool, customer: &str) -> Vec<(String, String, Option<String>)> {
+    sqlx::query_as(
+        "SELECT action, actor, reason FROM entitlement_audit
+         WHERE entity = 'subscription' AND entity_key = $1 ORDER BY audit_id",
+    )
+    .bind(customer)
+    .fetch_all(pool)
+    .await
+    .unwrap()
+}
+
+#[tokio::test]
+async fn create_change_cancel_and_reactivate_each_audited_with_actor_and_reason() {
+    let db = fresh_database().await;
+    let pool = &db.pool;
+    seed(pool).await;
+    let created =
+        subscriptions::create(pool, &monthly("acme", "PRO"), &ops("signed the order form"))
+            .await
+            .unwrap();
+    let now = Utc::now();
+    assert_eq!(
+        (created.status, created.source),
+        (Status::Active, Source::Tally)
+    );
+    assert!(created.current_period_start <= now && now < created.current_period_end);
+
+    let id = created.id;
+    let scheduled = subscriptions::change_plan(
+        pool,
+        id,
+        "ENTERPRISE",
+        When::PeriodEnd,
+        &ops("upgrade next month"),
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        (scheduled.plan.as_str(), scheduled.pending_plan.as_deref()),
+        ("PRO", Some("ENTERPRISE"))
+    );
+    let changed = subscriptions::change_plan(
+        pool,
+        id,
+        "ENTERPRISE",
+        When::Now,
+        &ops("upgrade now after all"),
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        (changed.plan.as_str(), changed.pending_plan.as_deref()),
+        ("ENTERPRISE", None)
+    );
+    let same = subscriptions::change_plan(pool, id, "ENTERPRISE", When::Now, &ops("again"))
+        .await
+        .unwrap();
+    assert_eq!(
+        same, changed,
+        "asking for the plan it is on changes nothing"
+    );
+
+    let canceling = subscriptions::cancel(pool, id, When::PeriodEnd, None, &ops("customer asked"))
+        .await
+        .unwrap();
+    assert!(canceling.cancel_at_period_end && canceling.status == Status::Active);
+    let reactivated = subscriptions::reactivate(pool, id, &ops("customer stays"))
+        .await
+        .unwrap();
+    assert!(!reactivated.cancel_at_period_end);
+    assert!(matches!(
+        subscriptions::reactivate(pool, id, &ops("again")).await,
+        Err(SubscriptionError::NothingToReactivate(_))
+    ));
+    let canceled = subscriptions::cancel(pool, id, When::Now, None, &ops("contract ended"))
+        .await
+        .unwrap();
+    assert_eq!(canceled.status, Status::Canceled);
+    assert!(canceled.ended_at.is_some());
+    let ended = subscriptions::change_plan(pool, id, "PRO", When::Now, &ops("too late")).await;
+    assert!(
+        matches!(ended, Err(SubscriptionError::Ended { .. })),
+        "{ended:?}"
+    );
+
+    assert_eq!(
+        audit(pool, "acme").await,
+        [
+            ("create", "signed the order form"),
+            ("schedule_change", "upgrade next month"),
+            ("change_plan", "upgrade now after all"),
+            ("schedule_cancel", "customer asked"),
+            ("reactivate", "customer stays"),
+            ("cancel", "contract ended"),
+        ]
+        .map(|(action, reason)| (
+            action.to_owned(),
+            "token:ops".to_owned(),
+            Some(reason.to_owned())
+        ))
+    );
+
+    let listed = subscriptions::customer_subscriptions(pool, "acme")
+        .await
+        .unwrap();
+    assert_eq!(listed.len(), 1);
+    let spans: Vec<(&str, Status, bool)> = listed[0]
+        .history
+        .iter()
+        .map(|span| (span.plan.as_str(), span.status, span.to.is_none()))
+        .collect();
+    assert_eq!(
+        spans,
+        [
+            ("PRO", Status::Active, false),
+            ("ENTERPRISE", Status::Active, false),
+            ("ENTERPRISE", Status::Canceled, true)
+        ]
+    );
+}
+
+#[tokio::test]
+async fn what_is_refused_says_why_with_a_stable_code() {
+    let db = fresh_database().await;
+    let pool = &db.pool;
+    seed(pool).await;
+    assert!(matches!(
+        Actor::new("ops", "  "),
+        Err(SubscriptionError::ReasonRequired)
+    ));
+    let reason = ops("test");
+    subscriptions::create(pool, &monthly("acme", "PRO"), &reason)
+        .await
+        .unwrap();
+    let second = subscriptions::create(pool, &monthly("acme", "FREE"), &reason)
+        .await
+        .unwrap_err();
+    assert_eq!(second.code(), "SECOND_LIVE_SUBSCRIPTION");
+    let unknown = subscriptions::create(pool, &monthly("beta", "GOLD"), &reason)
+        .await
+        .unwrap_err();
+    assert!(matches!(
+        unknown,
+        SubscriptionError::Store(QuotaStoreError::UnknownPlan(_))
+    ));
+    assert_eq!(unknown.code(), "UNKNOWN_PLAN");
+
+    let now = Utc::now();
+    let cases = [
+        NewSubscription {
+            start: Some(now + TimeDelta::days(2)),
+            ..monthly("beta", "PRO")
+        },
+        NewSubscription {
+            trial_end: Some(now - TimeDelta::days(1)),
+            ..monthly("beta", "PRO")
+        },
+        NewSubscription {
+            trial_end: Some(now + TimeDelta::days(7)),
+            term: Term::Until(now + TimeDelta::days(30)),
+            ..monthly("beta", "PRO")
+        },
+        NewSubscription {
+            term: Term::Until(now - TimeDelta::days(1)),
+            ..monthly("beta", "PRO")
+        },
+        NewSubscription {
+            customer: String::new(),
+            ..monthly("beta", "PRO")
+        },
+        NewSubscription {
+            customer: "a\u{0}b".into(),
+            ..monthly("beta", "PRO")
+        },
+    ];
+    for case in cases {
+        let error = subscriptions::create(pool, &case, &reason)
+            .await
+            .unwrap_err();
+        assert_eq!(error.code(), "INVALID_SUBSCRIPTION", "{case:?}: {error}");
+    }
+
+    // A subscription that follows Stripe is Stripe's to change.
+    sqlx::query(
+        "INSERT INTO subscriptions (customer_id, plan, status, source, stripe_subscription_id,
+                current_period_start, current_period_end, billing_anchor, started_at)
+         VALUES ('gamma', 'PRO', 'active', 'stripe', 'sub_1', now(), now() + interval '30 days', now(), now())",
+    )
+    .execute(pool)
+    .await
+    .unwrap();
+    let stripe = subscriptions::live_subscription(pool, "gamma")
+        .await
+        .unwrap()
+        .unwrap();
+    for refused in [
+        subscriptions::cancel(pool, stripe.id, When::Now, None, &reason).await,
+        subscriptions::change_plan(pool, stripe.id, "FREE", When::Now, &reason).await,
+    ] {
+        assert_eq!(refused.unwrap_err().code(), "STRIPE_MANAGED");
+    }
+    assert_eq!(
+        subscriptions::get(pool, 999_999).await.unwrap_err().code(),
+        "NO_SUCH_SUBSCRIPTION"
+    );
+    let fixed = subscriptions::create(
+        pool,
+        &NewSubscription {
+            term: Term::Until(now + TimeDelta::days(90)),
+            ..monthly("delta", "PRO")
+        },
+        &reason,
+    )
+    .await
+    .unwrap();
+    let no_next =
+        subscriptions::change_plan(pool, fixed.id, "FREE", When::PeriodEnd, &reason).await;
+    assert_eq!(no_next.unwrap_err().code(), "NO_NEXT_PERIOD");
+}
+
+/// Puts subscription `id` on a literal calendar: anchored at `anchor`, in its first period.
+async fn anchor_at(pool: &PgPool, id: i64, anchor: DateTime<Utc>, first_end: DateTime<Utc>) {
+    sqlx::query(
+        "UPDATE subscriptions SET billing_anchor = $2, started_at = $2, current_period_start = $2,
+                current_period_end = $3
+         WHERE subscription_id = $1",
+    )
+    .bind(id)
+    .bind(anchor)
+    .bind(first_end)
+    .execute(pool)
+    .await
+    .unwrap();
+    sqlx::query("UPDATE subscription_history SET valid_from = $2 WHERE subscription_id = $1")
+        .bind(id)
+        .bind(anchor)
+        .execute(pool)
+        .await
+        .unwrap();
+}
+
+#[tokio::test]
+async fn a_scheduler_that_was_down_catches_up_once_across_month_ends_and_leap_days_with_replicas_racing(
+) {
+    let db = fresh_database().await;
+    let pool = &db.pool;
+    seed(pool).await;
+    let reason = ops("test");
+    let monthly_sub = subscriptions::create(pool, &monthly("acme", "PRO"), &reason)
+        .await
+        .unwrap();
+    anchor_at(pool, monthly_sub.id, at(2024, 1, 31), at(2024, 2, 29)).await;
+    subscriptions::change_plan(pool, monthly_sub.id, "ENTERPRISE", When::PeriodEnd, &reason)
+        .await
+        .unwrap();
+    let yearly = subscriptions::create(
+        pool,
+        &NewSubscription {
+            term: Term::Year,
+            ..monthly("beta", "ENTERPRISE")
+        },
+        &reason,
+    )
+    .await
+    .unwrap();
+    anchor_at(pool, yearly.id, at(2024, 2, 29), at(2025, 2, 28)).await;
+
+    // Down from before February 29, 2024 until May 1, 2028; two replicas wake up at once.
+    let now = at(2028, 5, 1);
+    let config = fallback(None);
+    let (first, second) = tokio::join!(run_due(pool, &config, now), run_due(pool, &config, now));
+    let (first, second) = (first.unwrap(), second.unwrap());
+    // Monthly: Feb 29 2024 … Apr 30 2028 is 51 period ends; yearly: Feb 28 2025, Feb 28 2026,
+    // Feb 28 2027, Feb 29 2028.
+    assert_eq!(first.transitions + second.transitions, 51 + 4);
+    assert_eq!(first.failed + second.failed, 0);
+    let again = run_due(pool, &config, now).await.unwrap();
+    assert_eq!(again.transitions, 0, "caught up once");
+
+    let acme = subscriptions::get(pool, monthly_sub.id).await.unwrap();
+    assert_eq!(
+        (acme.current_period_start, acme.current_period_end),
+        (at(2028, 4, 30), at(2028, 5, 31))
+    );
+    assert_eq!(
+        (acme.plan.as_str(), acme.status_since),
+        ("ENTERPRISE", at(2024, 2, 29))
+    );
+    let beta = subscriptions::get(pool, yearly.id).await.unwrap();
+    assert_eq!(
+        (beta.current_period_start, beta.current_period_end),
+        (at(2028, 2, 29), at(2029, 2, 28))
+    );
+
+    let renewals: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM entitlement_audit WHERE action = 'renew' AND actor = 'scheduler'",
+    )
+    .fetch_one(pool)
+    .await
+    .unwrap();
+    assert_eq!(renewals, 55, "one audit row per period end, none twice");
+    let spans = &subscriptions::customer_subscriptions(pool, "acme")
+        .await
+        .unwrap()[0]
+        .history;
+    assert_eq!(spans.len(), 2);
+    assert_eq!(
+        (spans[1].plan.as_str(), spans[1].from),
+        ("ENTERPRISE", at(2024, 2, 29))
+    );
+}
+
+#[tokio::test]
+async fn trials_convert_or_expire_and_an_ended_customer_moves_to_the_fallback_once() {
+    let db = fresh_database().await;
+    let pool = &db.pool;
+    seed(pool).await;
+    let reason = ops("test");
+    let now = Utc::now();
+    let trial = |customer: &str, payment_method| NewSubscription {
+        trial_end: Some(now + TimeDelta::days(14)),
+        payment_method,
+        ..monthly(customer, "PRO")
+    };
+    let with_card = subscriptions::create(pool, &trial("acme", true), &reason)
+        .await
+        .unwrap();
+    let without = subscriptions::create(pool, &trial("beta", false), &reason)
+        .await
+        .unwrap();
+    assert_eq!(with_card.status, Status::Trialing);
+    assert_eq!(with_card.current_period_end, with_card.trial_end.unwrap());
+
+    let config = fallback(Some("FREE"));
+    let later = now + TimeDelta::days(15);
+    let run = run_due(pool, &config, later).await.unwrap();
+    assert_eq!((run.transitions, run.fallbacks), (2, 1));
+    let acme = subscriptions::get(pool, with_card.id).await.unwrap();
+    assert_eq!(acme.status, Status::Active);
+    assert_eq!(
+        acme.current_period_start,
+        acme.trial_end.unwrap(),
+        "paid periods start at the trial's end"
+    );
+    let beta = subscriptions::get(pool, without.id).await.unwrap();
+    assert_eq!(
+        (beta.status, beta.ended_at),
+        (Status::Canceled, beta.trial_end)
+    );
+    let on_free = subscriptions::live_subscription(pool, "beta")
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        (on_free.plan.as_str(), on_free.source),
+        ("FREE", Source::Fallback)
+    );
+    assert_eq!(
+        on_free.started_at,
+        beta.trial_end.unwrap(),
+        "from the moment the trial ended"
+    );
+    assert_eq!(
+        run_due(pool, &config, later).await.unwrap().fallbacks,
+        0,
+        "once"
+    );
+
+    // Subscribing again replaces the fallback; canceling that leaves FREE again, via the API.
+    let paid = subscriptions::create(pool, &monthly("beta", "PRO"), &reason)
+        .await
+        .unwrap();
+    let replaced = subscriptions::get(pool, on_free.id).await.unwrap();
+    assert_eq!(replaced.status, Status::Canceled);
+    subscriptions::cancel(pool, paid.id, When::Now, Some("FREE"), &reason)
+        .await
+        .unwrap();
+    let back = subscriptions::live_subscription(pool, "beta")
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        (back.plan.as_str(), back.source),
+        ("FREE", Source::Fallback)
+    );
+    // Canceling the fallback itself leaves the customer without a plan, for good.
+    subscriptions::cancel(pool, back.id, When::Now, Some("FREE"), &reason)
+        .await
+        .unwrap();
+    assert_eq!(run_due(pool, &config, later).await.unwrap().fallbacks, 0);
+    assert!(subscriptions::live_subscription(pool, "beta")
+        .await
+        .unwrap()
+        .is_none());
+
+    // A subscription Stripe deleted: the sweep moves its customer, once.
+    sqlx::query(
+        "INSERT INTO subscriptions (customer_id, plan, status, source, stripe_subscription_id,
+                current_period_start, current_period_end, billing_anchor, started_at, ended_at)
+         VALUES ('gamma', 'PRO', 'canceled', 'stripe', 'sub_9', now() - interval '30 days', now(),
+                 now() - interval '30 days', now() - interval '30 days', now())",
+    )
+    .execute(pool)
+    .await
+    .unwrap();
+    assert_eq!(run_due(pool, &config, later).await.unwrap().fallbacks, 1);
+    assert_eq!(run_due(pool, &config, later).await.unwrap().fallbacks, 0);
+    let actions: Vec<String> = audit(pool, "beta")
+        .await
+        .into_iter()
+        .map(|(a, _, _)| a)
+        .collect();
+    assert_eq!(
+        actions,
+        [
+            "create",
+            "trial_expired",
+            "create",
+            "replace",
+            "create",
+            "cancel",
+            "create",
+            "cancel"
+        ]
+    );
+}
+
+#[tokio::test]
+async fn finance_reads_subscriptions_by_plan_trials_cancellations_and_recurring_revenue() {
+    let db = fresh_database().await;
+    let pool = &db.pool;
+    seed(pool).await;
+    let reason = ops("test");
+    for customer in ["a", "b", "c"] {
+        subscriptions::create(pool, &monthly(customer, "PRO"), &reason)
+            .await
+            .unwrap();
+    }
+    subscriptions::create(
+        pool,
+        &NewSubscription {
+            term: Term::Year,
+            ..monthly("d", "ENTERPRISE")
+        },
+        &reason,
+    )
+    .await
+    .unwrap();
+    subscriptions::create(
+        pool,
+        &NewSubscription {
+            trial_end: Some(Utc::now() + TimeDelta::days(7)),
+            ..monthly("e", "PRO")
+        },
+        &reason,
+    )
+    .await
+    .unwrap();
+    let c = subscriptions::live_subscription(pool, "c")
+        .await
+        .unwrap()
+        .unwrap();
+    subscriptions::cancel(pool, c.id, When::Now, None, &reason)
+        .await
+        .unwrap();
+
+    let today: (i64, i64) = sqlx::query_as(
+        "SELECT active, trialing FROM finance_subscriptions_daily
+         WHERE day = (now() AT TIME ZONE 'UTC')::date AND plan = 'PRO'",
+    )
+    .fetch_one(pool)
+    .await
+    .unwrap();
+    assert_eq!(today, (2, 1));
+    let events: (i64, i64, i64) = sqlx::query_as(
+        "SELECT started, trials_started, cancellations FROM finance_subscription_events_daily
+         WHERE day = (now() AT TIME ZONE 'UTC')::date AND plan = 'PRO'",
+    )
+    .fetch_one(pool)
+    .await
+    .unwrap();
+    assert_eq!(events, (4, 1, 1));
+    let revenue: Vec<(String, String, i64, Decimal, Decimal)> = sqlx::query_as(
+        "SELECT plan, currency, paying_subscriptions, mrr, arr FROM finance_mrr_daily
+         WHERE day = (now() AT TIME ZONE 'UTC')::date ORDER BY plan",
+    )
+    .fetch_all(pool)
+    .await
+    .unwrap();
+    let d = |text: &str| text.parse::<Decimal>().unwrap();
+    assert_eq!(
+        revenue,
+        [
+            ("ENTERPRISE".into(), "usd".into(), 1, d("100"), d("1200")),
+            ("PRO".into(), "usd".into(), 2, d("98"), d("1176")),
+        ]
+    );
+}
