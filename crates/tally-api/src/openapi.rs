@@ -4,8 +4,20 @@
 use serde_json::{json, Value};
 
 /// The paths this document describes; the router serves exactly these (tested).
-pub const PATHS: [&str; 10] = [
+pub const PATHS: [&str; 22] = [
     "/v1/quota/check",
+    "/v1/plans",
+    "/v1/plans/{name}",
+    "/v1/subscriptions",
+    "/v1/subscriptions/{id}",
+    "/v1/subscriptions/{id}/change",
+    "/v1/subscriptions/{id}/cancel",
+    "/v1/subscriptions/{id}/reactivate",
+    "/v1/subscriptions/{id}/payment-method",
+    "/v1/customers",
+    "/v1/customers/{id}",
+    "/v1/customers/{id}/subscriptions",
+    "/v1/customers/{id}/overrides",
     "/v1/events",
     "/v1/webhooks/stripe",
     "/v1/customers/{id}/entitlements",
@@ -27,6 +39,29 @@ fn json_response(description: &str, schema: &str) -> Value {
 
 fn customer_parameter() -> Value {
     json!({ "name": "id", "in": "path", "required": true, "schema": { "type": "string" }, "description": "The customer id events carry" })
+}
+
+fn subscription_parameter() -> Value {
+    json!({ "name": "id", "in": "path", "required": true, "schema": { "type": "integer" }, "description": "The subscription id" })
+}
+
+/// A JSON body with these properties and a required `reason` (written to the audit trail).
+fn reason_body(mut properties: Value, required: &[&str]) -> Value {
+    properties["reason"] = json!({ "type": "string", "description": "Why; written to the audit trail with the token's name" });
+    let mut required: Vec<&str> = required.to_vec();
+    required.push("reason");
+    json!({ "required": true, "content": { "application/json": { "schema": {
+        "type": "object", "required": required, "properties": properties } } } })
+}
+
+/// What a change to one subscription may answer.
+fn subscription_change_responses() -> Value {
+    with_gate(json!({
+        "200": json_response("The subscription after the change (unchanged when there was nothing to change)", "Subscription"),
+        "400": error_response("INVALID_REQUEST (the id, `at`) or REASON_REQUIRED"),
+        "404": error_response("NO_SUCH_SUBSCRIPTION, or UNKNOWN_PLAN"),
+        "409": error_response("STRIPE_MANAGED (change it in Stripe), SUBSCRIPTION_ENDED, NOTHING_TO_REACTIVATE, or NO_NEXT_PERIOD (a fixed term)"),
+        "503": error_response("STORE_UNAVAILABLE or OVERLOADED") }))
 }
 
 /// The answers every route behind a token may give besides its own: the gate's and the edge's.
@@ -62,7 +97,7 @@ fn with_errors(mut responses: Value, errors: &[(&str, &str)]) -> Value {
 }
 
 /// Every error `code` the API answers with.
-pub const ERROR_CODES: [&str; 33] = [
+pub const ERROR_CODES: [&str; 44] = [
     "UNAUTHORIZED",
     "FORBIDDEN",
     "RATE_LIMITED",
@@ -96,6 +131,17 @@ pub const ERROR_CODES: [&str; 33] = [
     "AMBIGUOUS_PLAN",
     "SECOND_LIVE_SUBSCRIPTION",
     "UNKNOWN_PLAN",
+    "NO_SUCH_SUBSCRIPTION",
+    "STRIPE_MANAGED",
+    "SUBSCRIPTION_ENDED",
+    "NOTHING_TO_REACTIVATE",
+    "NO_NEXT_PERIOD",
+    "INVALID_SUBSCRIPTION",
+    "REASON_REQUIRED",
+    "INVALID_OVERRIDE",
+    "NO_OVERRIDE",
+    "OVERRIDE_CONFLICT",
+    "NO_SUCH_CUSTOMER",
 ];
 
 pub fn document() -> Value {
@@ -103,10 +149,10 @@ pub fn document() -> Value {
     let nullable_decimal = json!({ "type": ["string", "null"], "description": "An exact decimal, or null when unlimited" });
     let time = json!({ "type": "string", "format": "date-time" });
     let nullable_time = json!({ "type": ["string", "null"], "format": "date-time" });
-    json!({
+    let mut document = json!({
         "openapi": "3.1.0",
         "info": { "title": "tally", "version": env!("CARGO_PKG_VERSION"),
-                  "description": "Usage metering: quota checks, entitlements, usage, event ingest and Stripe webhooks. Errors are JSON with a stable `code`, a message for the client and the `request_id` (also in the `x-request-id` header) under which the server logged what happened." },
+                  "description": "Usage metering: quota checks, entitlements, usage, event ingest, Stripe webhooks, and the admin API for plans, subscriptions, overrides and customers. Errors are JSON with a stable `code`, a message for the client and the `request_id` (also in the `x-request-id` header) under which the server logged what happened." },
         "security": [{ "bearer": [] }],
         "components": {
             "securitySchemes": { "bearer": { "type": "http", "scheme": "bearer",
@@ -194,11 +240,14 @@ pub fn document() -> Value {
                     "422": error_response("Not applicable yet (UNMAPPED_STRIPE_CUSTOMER, UNKNOWN_STRIPE_PRICE, ...): nothing stored, Stripe retries"),
                     "503": error_response("WEBHOOKS_DISABLED, Postgres unavailable, or OVERLOADED") })) } },
             "/v1/customers/{id}/entitlements": { "get": {
-                "summary": "The customer's plan, subscription, features and limits (overrides merged in). Tokens: admin, check, customer (own)",
-                "parameters": [customer_parameter()],
+                "summary": "The customer's plan, subscription, features and limits (overrides merged in); with `preview=PLAN`, what they would get on that plan. Tokens: admin, check, customer (own)",
+                "parameters": [customer_parameter(),
+                    { "name": "preview", "in": "query", "schema": { "type": "string" }, "description": "A plan: its entitlements with the customer's override merged in" }],
                 "responses": with_gate(json!({
-                    "200": json_response("Entitlements", "Entitlements"),
-                    "404": error_response("NO_ACTIVE_SUBSCRIPTION"),
+                    "200": { "description": "Entitlements, or with `preview`, what the customer would get on that plan",
+                             "content": { "application/json": { "schema": { "oneOf": [{ "$ref": "#/components/schemas/Entitlements" }, { "$ref": "#/components/schemas/EntitlementsPreview" }] } } } },
+                    "404": error_response("NO_ACTIVE_SUBSCRIPTION, or UNKNOWN_PLAN (preview)"),
+                    "409": error_response("OVERRIDE_CONFLICT: the customer's override does not fit the previewed plan"),
                     "503": error_response("STORE_UNAVAILABLE (Postgres unavailable) or OVERLOADED") })) } },
             "/v1/customers/{id}/usage": { "get": {
                 "summary": "Usage of one meter in minute, hour or day buckets (at most 10,000 buckets × group keys). Tokens: admin, customer (own)",
@@ -234,6 +283,179 @@ pub fn document() -> Value {
             "/openapi.json": { "get": { "summary": "This document", "security": [],
                 "responses": with_edge(json!({ "200": { "description": "OpenAPI 3.1", "content": { "application/json": { "schema": { "type": "object" } } } } })) } }
         }
+    });
+    for (section, entries) in [
+        ("/components/schemas", admin_schemas()),
+        ("/paths", admin_paths()),
+    ] {
+        if let (Some(section), Value::Object(entries)) = (document.pointer_mut(section), entries) {
+            if let Some(section) = section.as_object_mut() {
+                section.extend(entries);
+            }
+        }
+    }
+    document
+}
+
+/// The admin API's schemas: plans, subscriptions, customers, overrides.
+fn admin_schemas() -> Value {
+    let decimal = json!({ "type": "string", "description": "An exact decimal, e.g. \"12.5\"" });
+    let nullable_decimal = json!({ "type": ["string", "null"], "description": "An exact decimal, or null when unlimited" });
+    let time = json!({ "type": "string", "format": "date-time" });
+    let nullable_time = json!({ "type": ["string", "null"], "format": "date-time" });
+    json!({
+                "Plan": { "type": "object", "required": ["name"], "description": "A [[plans]] entry of tally.toml as `tally plans apply` stored it", "properties": {
+                    "name": { "type": "string" }, "features": { "type": "object", "additionalProperties": { "type": "boolean" } },
+                    "limits": { "type": "object", "additionalProperties": { "type": "object" } },
+                    "stripe_prices": { "type": "array", "items": { "type": "string" } },
+                    "price": { "type": "object", "properties": { "amount": decimal, "currency": { "type": "string" }, "interval": { "enum": ["month", "year"] } } },
+                    "requires_payment_method": { "type": "boolean" } } },
+                "Subscription": { "type": "object", "required": ["id", "customer", "plan", "status", "source", "billing_interval", "current_period_start", "current_period_end"], "properties": {
+                    "id": { "type": "integer" }, "customer": { "type": "string" }, "plan": { "type": "string" },
+                    "status": { "enum": ["trialing", "active", "past_due", "canceled"] },
+                    "source": { "enum": ["tally", "stripe", "fallback"], "description": "stripe: changed only in Stripe; fallback: put there by the scheduler after a cancellation" },
+                    "billing_interval": { "enum": ["month", "year", "fixed"] }, "billing_anchor": time, "started_at": time,
+                    "trial_end": nullable_time, "current_period_start": time, "current_period_end": time,
+                    "cancel_at_period_end": { "type": "boolean" }, "pending_plan": { "type": ["string", "null"] },
+                    "payment_method": { "type": "boolean" }, "ended_at": nullable_time, "status_since": time,
+                    "stripe_subscription_id": { "type": ["string", "null"] }, "stripe_status": { "type": ["string", "null"] },
+                    "created_at": time, "updated_at": time } },
+                "CustomerSubscriptions": { "type": "object", "required": ["customer", "subscriptions"], "properties": {
+                    "customer": { "type": "string" },
+                    "subscriptions": { "type": "array", "items": { "allOf": [{ "$ref": "#/components/schemas/Subscription" }, { "type": "object", "properties": {
+                        "history": { "type": "array", "items": { "type": "object", "required": ["plan", "status", "from"], "properties": {
+                            "plan": { "type": "string" }, "status": { "type": "string" }, "from": time, "to": nullable_time } } } } }] } } } },
+                "CustomerPage": { "type": "object", "required": ["customers"], "properties": {
+                    "customers": { "type": "array", "items": { "type": "object", "required": ["customer", "subscription_id", "plan", "status"], "properties": {
+                        "customer": { "type": "string" }, "subscription_id": { "type": "integer" }, "plan": { "type": "string" },
+                        "status": { "type": "string" }, "source": { "type": "string" }, "current_period_end": time,
+                        "cancel_at_period_end": { "type": "boolean" } } } },
+                    "next": { "type": ["string", "null"], "description": "Pass as `after` for the next page; null on the last" } } },
+                "Customer": { "type": "object", "required": ["customer", "subscription"], "properties": {
+                    "customer": { "type": "string" }, "subscription": { "$ref": "#/components/schemas/Subscription" },
+                    "override": { "type": ["object", "null"] },
+                    "entitlements": { "type": ["object", "null"], "description": "null when the subscription has ended" },
+                    "usage": { "type": "array", "items": { "type": "object", "required": ["meter", "used"], "properties": {
+                        "meter": { "type": "string" }, "used": decimal, "limit": nullable_decimal, "remaining": nullable_decimal,
+                        "period": { "type": "string" }, "enforcement": { "type": "string" }, "resets_at": nullable_time } } },
+                    "invoice_preview": { "oneOf": [{ "$ref": "#/components/schemas/InvoicePreview" }, { "type": "null" }] } } },
+                "EntitlementsPreview": { "type": "object", "required": ["customer", "plan", "preview", "features", "limits"], "properties": {
+                    "customer": { "type": "string" }, "plan": { "type": "string" }, "preview": { "const": true },
+                    "features": { "type": "object", "additionalProperties": { "type": "boolean" } },
+                    "limits": { "type": "object", "additionalProperties": { "type": "object" } } } },
+                "Override": { "type": "object", "required": ["customer", "overrides", "reason", "set_by"], "properties": {
+                    "customer": { "type": "string" }, "overrides": { "type": "object" }, "reason": { "type": "string" }, "set_by": { "type": "string" } } }
+    })
+}
+
+/// The admin API's paths (`admin.rs`): every change audited with the token's name and a reason.
+fn admin_paths() -> Value {
+    let decimal = json!({ "type": "string", "description": "An exact decimal, e.g. \"12.5\"" });
+    let time = json!({ "type": "string", "format": "date-time" });
+    json!({
+            "/v1/plans": { "get": {
+                "summary": "The plans, as `tally plans apply` last wrote them from tally.toml (the one way to change them). Tokens: admin, check, customer",
+                "responses": with_gate(json!({
+                    "200": { "description": "Every plan", "content": { "application/json": { "schema": { "type": "object", "required": ["plans"], "properties": {
+                        "plans": { "type": "array", "items": { "$ref": "#/components/schemas/Plan" } } } } } } },
+                    "503": error_response("STORE_UNAVAILABLE or OVERLOADED") })) } },
+            "/v1/plans/{name}": { "get": {
+                "summary": "One plan. Tokens: admin, check, customer",
+                "parameters": [{ "name": "name", "in": "path", "required": true, "schema": { "type": "string" } }],
+                "responses": with_gate(json!({
+                    "200": json_response("The plan", "Plan"),
+                    "404": error_response("UNKNOWN_PLAN"),
+                    "503": error_response("STORE_UNAVAILABLE or OVERLOADED") })) } },
+            "/v1/subscriptions": { "post": {
+                "summary": "Start a subscription tally manages (no payment provider). Replaces a fallback subscription; refuses a second live one. Audited with the token's name and `reason`. Admin token",
+                "requestBody": { "required": true, "content": { "application/json": { "schema": { "type": "object", "required": ["customer", "plan", "reason"], "properties": {
+                    "customer": { "type": "string" }, "plan": { "type": "string" },
+                    "start": { "type": "string", "format": "date-time", "description": "Default now; may be in the past, not the future" },
+                    "trial_end": { "type": "string", "format": "date-time", "description": "Trialing until then; paid periods start at the trial's end" },
+                    "billing_period": { "description": "\"month\" (default), \"year\", or {\"end\": time}: one fixed term that ends the subscription",
+                        "oneOf": [{ "enum": ["month", "year"] }, { "type": "object", "required": ["end"], "properties": { "end": time } }] },
+                    "payment_method": { "type": "boolean", "description": "A payment method is on record (plans with requires_payment_method need one for a trial to convert)" },
+                    "reason": { "type": "string" } } } } } },
+                "responses": with_gate(json!({
+                    "201": json_response("Created", "Subscription"),
+                    "400": error_response("INVALID_REQUEST, INVALID_SUBSCRIPTION (dates, customer id) or REASON_REQUIRED"),
+                    "404": error_response("UNKNOWN_PLAN"),
+                    "409": error_response("SECOND_LIVE_SUBSCRIPTION: cancel the customer's live subscription first"),
+                    "503": error_response("STORE_UNAVAILABLE or OVERLOADED") })) } },
+            "/v1/subscriptions/{id}": { "get": {
+                "summary": "One subscription (tally- or Stripe-managed). Admin token",
+                "parameters": [subscription_parameter()],
+                "responses": with_gate(json!({
+                    "200": json_response("The subscription", "Subscription"),
+                    "400": error_response("INVALID_REQUEST: the id is not a whole number"),
+                    "404": error_response("NO_SUCH_SUBSCRIPTION"),
+                    "503": error_response("STORE_UNAVAILABLE or OVERLOADED") })) } },
+            "/v1/subscriptions/{id}/change": { "post": {
+                "summary": "Move to another plan now (default) or at the period's end (the same plan at period end withdraws a scheduled change). Admin token",
+                "parameters": [subscription_parameter()],
+                "requestBody": reason_body(json!({ "plan": { "type": "string" }, "at": { "enum": ["now", "period_end"], "default": "now" } }), &["plan"]),
+                "responses": subscription_change_responses() } },
+            "/v1/subscriptions/{id}/cancel": { "post": {
+                "summary": "Cancel at the period's end (default) or now (the customer then moves to [subscriptions] fallback_plan, when set). Admin token",
+                "parameters": [subscription_parameter()],
+                "requestBody": reason_body(json!({ "at": { "enum": ["now", "period_end"], "default": "period_end" } }), &[]),
+                "responses": subscription_change_responses() } },
+            "/v1/subscriptions/{id}/reactivate": { "post": {
+                "summary": "Withdraw a cancellation scheduled for the period's end. Admin token",
+                "parameters": [subscription_parameter()],
+                "requestBody": reason_body(json!({}), &[]),
+                "responses": subscription_change_responses() } },
+            "/v1/subscriptions/{id}/payment-method": { "put": {
+                "summary": "Whether a payment method is on record (tally takes no payments; a trial on a plan with requires_payment_method converts only with one). Admin token",
+                "parameters": [subscription_parameter()],
+                "requestBody": reason_body(json!({ "on_record": { "type": "boolean" } }), &["on_record"]),
+                "responses": subscription_change_responses() } },
+            "/v1/customers": { "get": {
+                "summary": "Customers with a subscription, by id, with their live (else latest) subscription; filtered by its plan and status; paged. Admin token",
+                "parameters": [
+                    { "name": "plan", "in": "query", "schema": { "type": "string" } },
+                    { "name": "status", "in": "query", "schema": { "enum": ["trialing", "active", "past_due", "canceled"] } },
+                    { "name": "after", "in": "query", "schema": { "type": "string" }, "description": "The previous page's `next`" },
+                    { "name": "limit", "in": "query", "schema": { "type": "integer", "minimum": 1, "maximum": 500, "default": 100 } }],
+                "responses": with_gate(json!({
+                    "200": json_response("A page of customers", "CustomerPage"),
+                    "400": error_response("INVALID_REQUEST (status, limit)"),
+                    "503": error_response("STORE_UNAVAILABLE or OVERLOADED") })) } },
+            "/v1/customers/{id}": { "get": {
+                "summary": "One customer: the live (else latest) subscription, the override, entitlements, usage against each limit and the invoice preview. Tokens: admin, customer (own)",
+                "parameters": [customer_parameter()],
+                "responses": with_gate(json!({
+                    "200": json_response("The customer", "Customer"),
+                    "404": error_response("NO_SUCH_CUSTOMER: no subscription was ever recorded"),
+                    "422": error_response("USAGE_OUT_OF_RANGE"),
+                    "503": error_response("STORE_UNAVAILABLE or OVERLOADED") })) } },
+            "/v1/customers/{id}/subscriptions": { "get": {
+                "summary": "Every subscription the customer had, newest first, each with its plan and status history. Tokens: admin, customer (own)",
+                "parameters": [customer_parameter()],
+                "responses": with_gate(json!({
+                    "200": json_response("Subscriptions with history", "CustomerSubscriptions"),
+                    "503": error_response("STORE_UNAVAILABLE or OVERLOADED") })) } },
+            "/v1/customers/{id}/overrides": {
+                "put": {
+                    "summary": "Replace the customer's override (deep-merged over the plan; the override wins). Its limits must name known meters and fit the customer's plan. Audited. Admin token",
+                    "parameters": [customer_parameter()],
+                    "requestBody": reason_body(json!({ "overrides": { "type": "object", "properties": {
+                        "features": { "type": "object", "additionalProperties": { "type": "boolean" } },
+                        "limits": { "type": "object", "additionalProperties": { "type": "object", "properties": {
+                            "limit": decimal, "period": { "enum": ["day", "month", "billing_period"] },
+                            "enforcement": { "enum": ["hard", "soft", "grace"] }, "grace_percent": decimal, "unit_price": decimal } } } } } }), &["overrides"]),
+                    "responses": with_gate(json!({
+                        "200": json_response("The override as stored", "Override"),
+                        "400": error_response("INVALID_REQUEST, INVALID_OVERRIDE (unknown meter, does not fit the plan) or REASON_REQUIRED"),
+                        "503": error_response("STORE_UNAVAILABLE or OVERLOADED") })) },
+                "delete": {
+                    "summary": "Remove the customer's override. Audited (`reason` in the query). Admin token",
+                    "parameters": [customer_parameter(), { "name": "reason", "in": "query", "required": true, "schema": { "type": "string" } }],
+                    "responses": with_gate(json!({
+                        "204": { "description": "Removed" },
+                        "400": error_response("REASON_REQUIRED"),
+                        "404": error_response("NO_OVERRIDE"),
+                        "503": error_response("STORE_UNAVAILABLE or OVERLOADED") })) } }
     })
 }
 
