@@ -399,7 +399,7 @@ async fn apply_subscription(
                     stripe_event_created, stripe_subscription_id, source, billing_anchor,
                     started_at, status_since, ended_at)
              VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, 'stripe', $5, $5, $8,
-                     CASE WHEN $3 = 'canceled' THEN $8 END)",
+                     CASE WHEN $3 = 'canceled' THEN $8::timestamptz END)",
         )
         .bind(&customer),
     }

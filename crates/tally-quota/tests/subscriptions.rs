@@ -569,3 +569,88 @@ async fn finance_reads_subscriptions_by_plan_trials_cancellations_and_recurring_
         ]
     );
 }
+
+#[tokio::test]
+async fn subscribing_in_stripe_replaces_the_fallback_and_a_stripe_deletion_leads_to_it() {
+    use tally_quota::stripe::{
+        apply_webhook, StripeEvent, StripePrice, StripeSubscription, WebhookEffect,
+    };
+    let db = fresh_database().await;
+    let pool = &db.pool;
+    seed(pool).await;
+    sqlx::query(
+        "INSERT INTO stripe_customers (customer_id, stripe_customer_id) VALUES ('acme', 'cus_1')",
+    )
+    .execute(pool)
+    .await
+    .unwrap();
+    let reason = ops("test");
+    let free = subscriptions::create(pool, &monthly("acme", "PRO"), &reason)
+        .await
+        .unwrap();
+    subscriptions::cancel(pool, free.id, When::Now, Some("FREE"), &reason)
+        .await
+        .unwrap();
+    let on_fallback = subscriptions::live_subscription(pool, "acme")
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(on_fallback.source, Source::Fallback);
+
+    // Stripe's clock has whole seconds.
+    let now = DateTime::from_timestamp(Utc::now().timestamp(), 0).unwrap();
+    let event = |id: &str, status: &str, deleted: bool, seconds: i64| {
+        let created = now + TimeDelta::seconds(seconds);
+        (
+            StripeEvent {
+                id: id.into(),
+                event_type: "customer.subscription.updated".into(),
+                created,
+                livemode: false,
+                payload: "{}".into(),
+            },
+            WebhookEffect::Subscription(StripeSubscription {
+                id: "sub_1".into(),
+                stripe_customer: "cus_1".into(),
+                status: status.into(),
+                current_period_start: now,
+                current_period_end: now + TimeDelta::days(30),
+                cancel_at_period_end: false,
+                prices: vec![StripePrice {
+                    id: "price_pro".into(),
+                    tally_plan: Some("PRO".into()),
+                }],
+                deleted,
+            }),
+        )
+    };
+    let (created, effect) = event("evt_1", "active", false, 0);
+    apply_webhook(pool, &created, &effect).await.unwrap();
+    let live = subscriptions::live_subscription(pool, "acme")
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!((live.source, live.plan.as_str()), (Source::Stripe, "PRO"));
+    let replaced = subscriptions::get(pool, on_fallback.id).await.unwrap();
+    assert_eq!(replaced.status, Status::Canceled);
+
+    let (deleted, effect) = event("evt_2", "canceled", true, 10);
+    apply_webhook(pool, &deleted, &effect).await.unwrap();
+    let ended = subscriptions::get(pool, live.id).await.unwrap();
+    assert_eq!(
+        (ended.status, ended.ended_at),
+        (Status::Canceled, Some(deleted.created))
+    );
+    let run = run_due(pool, &fallback(Some("FREE")), Utc::now())
+        .await
+        .unwrap();
+    assert_eq!(run.fallbacks, 1);
+    let back = subscriptions::live_subscription(pool, "acme")
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        (back.source, back.plan.as_str()),
+        (Source::Fallback, "FREE")
+    );
+}
