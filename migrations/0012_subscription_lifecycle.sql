@@ -103,8 +103,8 @@ ALTER TABLE entitlement_audit ADD CONSTRAINT entitlement_audit_action_check
 CREATE VIEW finance_subscriptions_daily AS
 WITH days AS (
     SELECT day::date AS day
-    FROM generate_series((SELECT min(valid_from) FROM subscription_history) AT TIME ZONE 'UTC',
-                         now() AT TIME ZONE 'UTC', interval '1 day') AS day
+    FROM generate_series(((SELECT min(valid_from) FROM subscription_history) AT TIME ZONE 'UTC')::date,
+                         (now() AT TIME ZONE 'UTC')::date, interval '1 day') AS day
 )
 SELECT d.day,
        h.plan,
@@ -118,9 +118,10 @@ JOIN subscription_history h
 WHERE h.status <> 'canceled'
 GROUP BY d.day, h.plan;
 
--- (contract) What happened per UTC day and plan: subscriptions started, trials started,
--- converted (to active) and expired (ended without converting), cancellations of paying
--- subscriptions, and plan changes (counted on the plan changed to).
+-- (contract) What happened per UTC day, under the plan the subscription was on before the
+-- change (for a start, its plan): subscriptions started, trials started, converted (to
+-- active) and expired (ended without converting), cancellations of paying subscriptions, and
+-- plan changes (a move from PRO to ENTERPRISE counts under PRO).
 CREATE VIEW finance_subscription_events_daily AS
 WITH steps AS (
     SELECT h.*,

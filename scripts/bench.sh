@@ -8,6 +8,10 @@
 #   scripts/bench.sh sink        submissions/s against the emulator's live limits, time to bill
 #                                TALLY_BENCH_PAIRS customer-meter pairs
 #   scripts/bench.sh quota       in-process checks/s and latency, cache hit and miss
+#   scripts/bench.sh layer       QuotaLayer's cost per request (allow and deny) against the same
+#                                axum route without it (TALLY_BENCH_REQUESTS)
+#   scripts/bench.sh scheduler   one run_due renewing TALLY_BENCH_SUBSCRIPTIONS subscriptions, 1 and
+#                                2 replicas, against a set-based baseline
 #   scripts/bench.sh http        POST /v1/quota/check latency at TALLY_BENCH_RATE checks/s offered
 #   scripts/bench.sh freshness   emit → aggregator commit → quota check sees it, p50/p99
 #
@@ -20,10 +24,12 @@ case "$name" in
   aggregate) target=(-p tally-aggregator --bench aggregate) ;;
   sink)      target=(-p tally-sink --bench sink) ;;
   quota)     target=(-p tally-quota --bench check) ;;
+  layer)     target=(-p tally-quota --features layer --bench layer) ;;
+  scheduler) target=(-p tally-quota --bench scheduler) ;;
   http)      target=(-p tally-api --bench http) ;;
   freshness) target=(-p tally-tests --bench freshness) ;;
   *)
-    echo "usage: scripts/bench.sh emitter|aggregate|sink|quota|http|freshness [ARGS...]" >&2
+    echo "usage: scripts/bench.sh emitter|aggregate|sink|quota|layer|scheduler|http|freshness [ARGS...]" >&2
     exit 2
     ;;
 esac

@@ -10,22 +10,26 @@ use tally_db::testing::{fresh_database, TestDatabase};
 use tally_tests::{runtime, tally_command};
 
 /// Every finance view (docs/finance.md); the catalog must hold exactly these.
-const FINANCE_VIEWS: [&str; 11] = [
+const FINANCE_VIEWS: [&str; 14] = [
     "finance_billed_daily",
     "finance_billed_monthly",
     "finance_corrections",
     "finance_customers",
     "finance_invoices",
     "finance_meters",
+    "finance_mrr_daily",
     "finance_repairs",
     "finance_statement_daily",
     "finance_statement_monthly",
+    "finance_subscription_events_daily",
+    "finance_subscriptions_daily",
     "finance_usage_daily",
     "finance_usage_monthly",
 ];
 
-/// Tables finance must not read directly: raw payloads, event ids, the outbox, the windows.
-const RAW_TABLES: [&str; 13] = [
+/// Tables finance must not read directly: raw payloads, event ids, the outbox, the windows, and
+/// the subscriptions, their history and the audit trail behind the subscription views.
+const RAW_TABLES: [&str; 17] = [
     "usage_daily",
     "usage_minute",
     "usage_daily_values",
@@ -38,6 +42,10 @@ const RAW_TABLES: [&str; 13] = [
     "billing_repairs",
     "stripe_invoices",
     "meters",
+    "plans",
+    "subscriptions",
+    "subscription_history",
+    "entitlement_audit",
     "_sqlx_migrations",
 ];
 
@@ -522,6 +530,220 @@ fn export_writes_the_month_exactly() {
         )
         .unwrap();
     assert_eq!((units.as_str(), last_sent.as_str()), ("7", "2026-12-03"));
+}
+
+/// Plans as `tally plans apply` writes them: PRO monthly, ENT yearly (a price that does not
+/// divide by 12), FREE without a price.
+async fn priced_plans(pool: &sqlx::PgPool) {
+    let plans: Vec<tally_quota::PlanDefinition> = serde_json::from_value(serde_json::json!([
+        { "name": "FREE" },
+        { "name": "PRO", "price": { "amount": "49.00", "currency": "usd", "interval": "month" } },
+        { "name": "ENT", "price": { "amount": "1000.00", "currency": "usd", "interval": "year" } },
+    ]))
+    .unwrap();
+    tally_quota::apply_plans(pool, &plans, "test")
+        .await
+        .unwrap();
+}
+
+/// A subscription whose plan and status change at the given UTC times (the first is its
+/// start), written as the lifecycle writes them: each step's `status_since` is when it took
+/// effect, and the database keeps `subscription_history`.
+async fn subscription_steps(pool: &sqlx::PgPool, customer: &str, steps: &[(&str, &str, &str)]) {
+    let (plan, status, at) = steps[0];
+    let id: i64 = sqlx::query_scalar(
+        "INSERT INTO subscriptions (customer_id, plan, status, billing_anchor, started_at,
+             current_period_start, current_period_end, status_since)
+         VALUES ($1, $2, $3, $4::timestamptz, $4::timestamptz, $4::timestamptz,
+                 $4::timestamptz + interval '1 month', $4::timestamptz)
+         RETURNING subscription_id",
+    )
+    .bind(customer)
+    .bind(plan)
+    .bind(status)
+    .bind(at)
+    .fetch_one(pool)
+    .await
+    .unwrap();
+    for (plan, status, at) in &steps[1..] {
+        sqlx::query(
+            "UPDATE subscriptions SET plan = $2, status = $3, status_since = $4::timestamptz
+             WHERE subscription_id = $1",
+        )
+        .bind(id)
+        .bind(plan)
+        .bind(status)
+        .bind(at)
+        .execute(pool)
+        .await
+        .unwrap();
+    }
+}
+
+/// Rows of a view for 2026-11-01 to 2026-11-05, every column as text, in `order`.
+async fn early_november(pool: &sqlx::PgPool, view: &str, columns: &str) -> Vec<String> {
+    sqlx::query_scalar(&format!(
+        "SELECT concat_ws(' ', {columns}) FROM {view}
+         WHERE day BETWEEN '2026-11-01' AND '2026-11-05' ORDER BY day, plan"
+    ))
+    .fetch_all(pool)
+    .await
+    .unwrap()
+}
+
+#[test]
+fn subscription_views_count_the_end_of_each_utc_day_and_price_mrr() {
+    let runtime = runtime();
+    let db = runtime.block_on(fresh_database());
+    runtime.block_on(async {
+        priced_plans(&db.pool).await;
+        // a: a PRO trial that converts at midnight, moves to ENT, and is canceled a second
+        //    before the 5th ends.
+        subscription_steps(
+            &db.pool,
+            "a",
+            &[
+                ("PRO", "trialing", "2026-11-01T10:00:00Z"),
+                ("PRO", "active", "2026-11-03T00:00:00Z"),
+                ("ENT", "active", "2026-11-04T12:00:00Z"),
+                ("ENT", "canceled", "2026-11-05T23:59:59Z"),
+            ],
+        )
+        .await;
+        // b: started and canceled the same day: never live at a day's end.
+        subscription_steps(
+            &db.pool,
+            "b",
+            &[
+                ("PRO", "active", "2026-11-02T08:00:00Z"),
+                ("PRO", "canceled", "2026-11-02T20:00:00Z"),
+            ],
+        )
+        .await;
+        // c: ENT, past due from the 4th (Stripe's status).
+        subscription_steps(
+            &db.pool,
+            "c",
+            &[
+                ("ENT", "active", "2026-11-01T00:00:00Z"),
+                ("ENT", "past_due", "2026-11-04T09:00:00Z"),
+            ],
+        )
+        .await;
+        // d: the unpriced FREE plan.
+        subscription_steps(&db.pool, "d", &[("FREE", "active", "2026-11-02T00:00:00Z")]).await;
+        // e: an ENT trial that expires.
+        subscription_steps(
+            &db.pool,
+            "e",
+            &[
+                ("ENT", "trialing", "2026-11-03T05:00:00Z"),
+                ("ENT", "canceled", "2026-11-04T05:00:00Z"),
+            ],
+        )
+        .await;
+        // f: ENT throughout.
+        subscription_steps(&db.pool, "f", &[("ENT", "active", "2026-11-01T06:00:00Z")]).await;
+    });
+
+    // day plan active trialing past_due, at the end of each UTC day.
+    let daily = runtime.block_on(early_november(
+        &db.pool,
+        "finance_subscriptions_daily",
+        "day, plan, active, trialing, past_due",
+    ));
+    assert_eq!(
+        daily,
+        [
+            "2026-11-01 ENT 2 0 0",
+            "2026-11-01 PRO 0 1 0",
+            "2026-11-02 ENT 2 0 0",
+            "2026-11-02 FREE 1 0 0",
+            "2026-11-02 PRO 0 1 0",
+            "2026-11-03 ENT 2 1 0",
+            "2026-11-03 FREE 1 0 0",
+            "2026-11-03 PRO 1 0 0",
+            "2026-11-04 ENT 2 0 1",
+            "2026-11-04 FREE 1 0 0",
+            "2026-11-05 ENT 1 0 1",
+            "2026-11-05 FREE 1 0 0",
+        ]
+    );
+
+    // Each step counted on its UTC day, under the plan the subscription was on before it
+    // (its own plan for the first step): a's move from PRO to ENT is a plan change of PRO's.
+    let events = runtime.block_on(early_november(
+        &db.pool,
+        "finance_subscription_events_daily",
+        "day, plan, started, trials_started, trials_converted, trials_expired, cancellations, plan_changes",
+    ));
+    assert_eq!(
+        events,
+        [
+            "2026-11-01 ENT 2 0 0 0 0 0",
+            "2026-11-01 PRO 1 1 0 0 0 0",
+            "2026-11-02 FREE 1 0 0 0 0 0",
+            "2026-11-02 PRO 1 0 0 0 1 0",
+            "2026-11-03 ENT 1 1 0 0 0 0",
+            "2026-11-03 PRO 0 0 1 0 0 0",
+            "2026-11-04 ENT 0 0 0 1 0 0",
+            "2026-11-04 PRO 0 0 0 0 0 1",
+            "2026-11-05 ENT 0 0 0 0 1 0",
+        ]
+    );
+
+    // Active (not trialing, not past due) × price: monthly exact, yearly ARR exact and MRR the
+    // plan's total / 12 to 6 places (2 × 1000.00 / 12 = 166.666667, not 2 × 83.333333).
+    let columns = "day, plan, currency, paying_subscriptions, mrr, arr";
+    let mrr = runtime.block_on(early_november(&db.pool, "finance_mrr_daily", columns));
+    assert_eq!(
+        mrr,
+        [
+            "2026-11-01 ENT usd 2 166.666667 2000.00",
+            "2026-11-02 ENT usd 2 166.666667 2000.00",
+            "2026-11-03 ENT usd 2 166.666667 2000.00",
+            "2026-11-03 PRO usd 1 49.00 588.00",
+            "2026-11-04 ENT usd 2 166.666667 2000.00",
+            "2026-11-05 ENT usd 1 83.333333 1000.00",
+        ]
+    );
+
+    // The finance role reads the same rows through the views, and not the history behind them.
+    let role = TestRole::create(&db);
+    tally_ok(&db.url, &["finance", "grant", &role.name]);
+    let as_role = runtime.block_on(async {
+        let pool = sqlx::PgPool::connect(&role.url()).await.unwrap();
+        let rows = early_november(&pool, "finance_mrr_daily", columns).await;
+        pool.close().await;
+        rows
+    });
+    assert_eq!(as_role, mrr);
+    for table in ["subscription_history", "subscriptions", "plans"] {
+        assert_eq!(
+            runtime.block_on(sqlstate(
+                &role.url(),
+                &format!("SELECT * FROM {table} LIMIT 1")
+            )),
+            Some("42501".to_owned()),
+            "the role reads {table}"
+        );
+    }
+
+    // Prices are the plans' as last applied: a new price restates every past day.
+    runtime.block_on(async {
+        let plans: Vec<tally_quota::PlanDefinition> = serde_json::from_value(serde_json::json!([
+            { "name": "FREE" },
+            { "name": "PRO", "price": { "amount": "59.00", "currency": "usd", "interval": "month" } },
+            { "name": "ENT", "price": { "amount": "1000.00", "currency": "usd", "interval": "year" } },
+        ]))
+        .unwrap();
+        tally_quota::apply_plans(&db.pool, &plans, "test").await.unwrap();
+    });
+    let repriced = runtime.block_on(early_november(&db.pool, "finance_mrr_daily", columns));
+    assert!(
+        repriced.contains(&"2026-11-03 PRO usd 1 59.00 708.00".to_owned()),
+        "{repriced:?}"
+    );
 }
 
 #[test]

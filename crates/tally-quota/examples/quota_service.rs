@@ -36,13 +36,12 @@ use std::time::Duration;
 use anyhow::Context;
 use axum::routing::{get, post};
 use axum::{Extension, Json, Router};
-use chrono::{TimeDelta, Utc};
 use rust_decimal::Decimal;
 use serde_json::{json, Value};
 use tally_core::config::KafkaConfig;
 use tally_emitter::{Emitter, EmitterConfig};
 use tally_quota::layer::{QuotaLayer, UsageQuantity};
-use tally_quota::store::{create_subscription, Subscription};
+use tally_quota::subscriptions::{self, Actor, NewSubscription, SubscriptionError, Term};
 use tally_quota::{Quota, QuotaStoreError};
 
 /// The customer the example subscribes, and its plan (from tally.example.toml).
@@ -121,19 +120,21 @@ async fn complete(prompt: String) -> (Extension<UsageQuantity>, Json<Value>) {
     )
 }
 
-/// Puts `acme` on `FREE` unless it already has a live subscription.
+/// Puts `acme` on `FREE` unless it already has a live subscription (what `tally subscriptions
+/// create acme FREE --reason …` or `POST /v1/subscriptions` does).
 async fn subscribe_once(pool: &sqlx::PgPool) -> anyhow::Result<()> {
-    let subscription = Subscription {
-        customer_id: CUSTOMER.into(),
+    let new = NewSubscription {
+        customer: CUSTOMER.into(),
         plan: PLAN.into(),
-        status: "active".into(),
-        current_period_start: Utc::now(),
-        current_period_end: Utc::now() + TimeDelta::days(30),
-        cancel_at_period_end: false,
+        start: None,
+        trial_end: None,
+        term: Term::Month,
+        payment_method: false,
     };
-    match create_subscription(pool, &subscription, "quota_service example").await {
+    let actor = Actor::new("quota_service example", "the example's customer")?;
+    match subscriptions::create(pool, &new, &actor).await {
         Ok(_) => tracing::info!(customer = CUSTOMER, plan = PLAN, "subscribed"),
-        Err(QuotaStoreError::SecondLiveSubscription { .. }) => {}
+        Err(SubscriptionError::Store(QuotaStoreError::SecondLiveSubscription { .. })) => {}
         Err(error) => {
             return Err(error)
                 .context("subscribing acme to FREE (did you run `tally plans apply`?)")

@@ -18,16 +18,19 @@ use crate::process::{connect, runtime};
 
 /// Every finance view, in the order `grant` lists them. A view added to a migration under the
 /// `finance_` prefix belongs here (tests/finance.rs compares this list with the catalog).
-pub(crate) const FINANCE_VIEWS: [&str; 11] = [
+pub(crate) const FINANCE_VIEWS: [&str; 14] = [
     "finance_billed_daily",
     "finance_billed_monthly",
     "finance_corrections",
     "finance_customers",
     "finance_invoices",
     "finance_meters",
+    "finance_mrr_daily",
     "finance_repairs",
     "finance_statement_daily",
     "finance_statement_monthly",
+    "finance_subscription_events_daily",
+    "finance_subscriptions_daily",
     "finance_usage_daily",
     "finance_usage_monthly",
 ];

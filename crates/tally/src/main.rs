@@ -19,6 +19,7 @@ mod serve;
 mod sink;
 mod status;
 mod stripe_emulator;
+mod subscriptions;
 mod telemetry;
 mod tokens;
 
@@ -88,6 +89,20 @@ enum Command {
     Submissions(sink::SubmissionsArgs),
     /// Apply `[[plans]]` from tally.toml to Postgres (audited), or list them
     Plans(plans::PlansArgs),
+    /// Create, change, cancel and reactivate the subscriptions tally manages (audited), or
+    /// list them
+    ///
+    /// Writes Postgres directly through the same functions as the admin API (/v1/subscriptions),
+    /// each change in one transaction with its entitlement_audit row (--actor, --reason); needs
+    /// database.url. Period ends (renewals, trial ends, changes and cancellations scheduled for
+    /// the period's end, fixed terms) are applied by the scheduler in `tally serve`. A running
+    /// `tally serve` is not told of a change made here: it answers a customer's quota checks
+    /// from its cache, and the first check at least serve.refresh (250 ms by default) after it
+    /// last loaded the customer reloads them in the background, so that check, and those until
+    /// the reload lands, still get the old answer; a customer nobody checks is not reloaded
+    /// until checked. (A change through the admin API also drops the customer from the cache of
+    /// the `tally serve` that took it.)
+    Subscriptions(subscriptions::SubscriptionsArgs),
     /// Serve the HTTP API: quota checks, entitlements, usage, invoice preview, event ingest,
     /// Stripe webhooks, /healthz, /readyz, /metrics
     ///
@@ -156,6 +171,7 @@ fn main() -> ExitCode {
         Command::StripeEmulator(args) => stripe_emulator::run(&args),
         Command::Kafka(args) => kafka::run(&config, &args),
         Command::Plans(args) => plans::run(&config, &args),
+        Command::Subscriptions(args) => subscriptions::run(&config, &args),
         Command::Serve => serve::run(&config),
         Command::Tokens(args) => tokens::run(&args),
         Command::Finance(args) => finance::run(&config, &args),

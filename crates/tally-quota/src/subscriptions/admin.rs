@@ -181,10 +181,13 @@ pub async fn create(
             }
             .into());
         }
+        // It ends where the new one starts (a backdated start must not leave the customer
+        // counted on two plans), but not before it took effect itself.
+        let end = start.clamp(live.status_since, now);
         let mut replaced = live.clone();
         replaced.status = Status::Canceled;
-        replaced.ended_at = Some(now);
-        replaced.status_since = now;
+        replaced.ended_at = Some(end);
+        replaced.status_since = end;
         let replaced = write(&mut tx, &replaced).await?;
         mark_fallback_checked(&mut tx, replaced.id).await?;
         let reason = format!(
