@@ -194,7 +194,7 @@ fn main() {
         let before = emitter.stats();
 
         for round in 0..ROUNDS {
-            // Each variant goes first, second and third equally often.
+            // Which variant goes first rotates from round to round.
             for k in 0..Variant::ALL.len() {
                 let index = (round + k) % Variant::ALL.len();
                 let variant = Variant::ALL[index];

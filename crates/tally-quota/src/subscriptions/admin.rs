@@ -183,7 +183,7 @@ pub async fn create(
         }
         // It ends where the new one starts (a backdated start must not leave the customer
         // counted on two plans), but not before it took effect itself.
-        let end = start.clamp(live.status_since, now);
+        let end = start.min(now).max(live.status_since);
         let mut replaced = live.clone();
         replaced.status = Status::Canceled;
         replaced.ended_at = Some(end);

@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
-use sqlx::PgPool;
+use sqlx::{PgConnection, PgPool};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
@@ -90,69 +90,58 @@ pub async fn run_due(
     let mut run = SchedulerRun::default();
     let mut failed: Vec<i64> = Vec::new();
     loop {
+        // A batch per transaction (one commit, not one per subscription: at a month's start
+        // every monthly subscription anchored on the 1st is due at once), each subscription in
+        // a savepoint, so one that fails is rolled back alone and the batch goes on.
         let mut tx = pool.begin().await?;
-        let due: Option<SubscriptionRecord> = sqlx::query_as(&format!(
+        let due: Vec<SubscriptionRecord> = sqlx::query_as(&format!(
             "SELECT {COLUMNS} FROM subscriptions
              WHERE status IN ('active', 'trialing') AND source <> 'stripe'
                AND current_period_end <= $1 AND subscription_id <> ALL($2)
-             ORDER BY current_period_end LIMIT 1 FOR UPDATE SKIP LOCKED"
+             ORDER BY current_period_end LIMIT $3 FOR UPDATE SKIP LOCKED"
         ))
         .bind(now)
         .bind(&failed)
-        .fetch_optional(&mut *tx)
+        .bind(BATCH)
+        .fetch_all(&mut *tx)
         .await?;
-        let Some(due) = due else { break };
-        let (id, customer) = (due.id, due.customer.clone());
-        let mut applied = Vec::new();
-        let outcome: Result<(), SubscriptionError> = async {
-            let mut current = due;
-            let requires = |plan: &str| requires_payment_method.get(plan).copied().unwrap_or(false);
-            while let Some((transition, next)) = step(&current, requires, now) {
-                let next = write(&mut tx, &next).await?;
-                audit(
-                    &mut tx,
-                    transition.action(),
-                    Some(&current),
-                    Some(&next),
-                    ACTOR,
-                    &transition.reason(),
-                )
-                .await?;
-                applied.push(transition.action());
-                if transition.ends() {
-                    if let Some(plan) = &config.fallback_plan {
-                        let reason = format!("fallback plan: {}", transition.reason());
-                        if ensure_fallback(&mut tx, &next, plan, ACTOR, &reason)
-                            .await?
-                            .is_some()
-                        {
-                            applied.push("fallback");
-                        }
-                    }
-                }
-                current = next;
-            }
-            Ok(())
+        if due.is_empty() {
+            break;
         }
-        .await;
-        match outcome.map(|()| tx) {
-            Ok(tx) => match tx.commit().await {
-                Ok(()) => {
-                    for action in &applied {
-                        telemetry::subscription_transition(action);
-                    }
-                    run.fallbacks += applied.iter().filter(|a| **a == "fallback").count();
-                    run.transitions += applied.iter().filter(|a| **a != "fallback").count();
-                    run.customers.push(customer);
+        let mut done = Vec::with_capacity(due.len());
+        for subscription in due {
+            let (id, customer) = (subscription.id, subscription.customer.clone());
+            let mut savepoint = sqlx::Connection::begin(&mut *tx).await?;
+            match advance(
+                &mut savepoint,
+                subscription,
+                &requires_payment_method,
+                config,
+                now,
+            )
+            .await
+            {
+                Ok(applied) => {
+                    savepoint.commit().await?;
+                    done.push((customer, applied));
                 }
-                Err(error) => return Err(error.into()),
-            },
-            Err(error) => {
-                failed.push(id);
-                run.failed += 1;
-                telemetry::subscription_scheduler_error();
-                tracing::error!(subscription = id, %customer, %error, "could not advance the subscription at its period end; retried next run");
+                Err(error) => {
+                    savepoint.rollback().await?;
+                    failed.push(id);
+                    run.failed += 1;
+                    telemetry::subscription_scheduler_error();
+                    tracing::error!(subscription = id, %customer, %error, "could not advance the subscription at its period end; retried next run");
+                }
             }
+        }
+        tx.commit().await?;
+        for (customer, applied) in done {
+            for action in &applied {
+                telemetry::subscription_transition(action);
+            }
+            run.fallbacks += applied.iter().filter(|a| **a == "fallback").count();
+            run.transitions += applied.iter().filter(|a| **a != "fallback").count();
+            run.customers.push(customer);
         }
     }
     if let Some(plan) = &config.fallback_plan {
@@ -219,6 +208,48 @@ async fn fallback_sweep(
             }
         }
     }
+}
+
+/// Most subscriptions advanced in one transaction.
+const BATCH: i64 = 200;
+
+/// Every transition due by `now` for one subscription (locked by the caller), each written and
+/// audited, and the fallback after one that ends it; the actions applied.
+async fn advance(
+    tx: &mut PgConnection,
+    due: SubscriptionRecord,
+    requires_payment_method: &HashMap<String, bool>,
+    config: &SubscriptionsConfig,
+    now: DateTime<Utc>,
+) -> Result<Vec<&'static str>, SubscriptionError> {
+    let requires = |plan: &str| requires_payment_method.get(plan).copied().unwrap_or(false);
+    let mut applied = Vec::new();
+    let mut current = due;
+    while let Some((transition, next)) = step(&current, requires, now) {
+        let next = write(tx, &next).await?;
+        let reason = transition.reason();
+        audit(
+            tx,
+            transition.action(),
+            Some(&current),
+            Some(&next),
+            ACTOR,
+            &reason,
+        )
+        .await?;
+        applied.push(transition.action());
+        if let (true, Some(plan)) = (transition.ends(), &config.fallback_plan) {
+            let reason = format!("fallback plan: {reason}");
+            if ensure_fallback(tx, &next, plan, ACTOR, &reason)
+                .await?
+                .is_some()
+            {
+                applied.push("fallback");
+            }
+        }
+        current = next;
+    }
+    Ok(applied)
 }
 
 /// Which plans' trials need a payment method to convert.
