@@ -95,14 +95,8 @@ pub(crate) fn json_body<T>(body: Result<Json<T>, JsonRejection>) -> Result<Json<
 
 impl From<QuotaError> for ApiError {
     fn from(error: QuotaError) -> ApiError {
-        let status = match &error {
-            QuotaError::NoActiveSubscription(_) => StatusCode::NOT_FOUND,
-            QuotaError::FeatureDisabled { .. } => StatusCode::FORBIDDEN,
-            QuotaError::UnknownMeter(_)
-            | QuotaError::Unsupported(_)
-            | QuotaError::OutOfRange { .. } => StatusCode::BAD_REQUEST,
-            QuotaError::Store(_) => StatusCode::SERVICE_UNAVAILABLE,
-        };
+        let status =
+            StatusCode::from_u16(error.http_status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
         if status == StatusCode::SERVICE_UNAVAILABLE {
             return ApiError::unavailable("STORE_UNAVAILABLE", &error);
         }

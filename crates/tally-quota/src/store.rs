@@ -308,6 +308,13 @@ pub async fn get_override(
             .bind(customer)
             .fetch_optional(pool)
             .await?;
+    decode(stored)
+}
+
+/// A stored JSON document as `T`; one that does not decode is reported, never a panic.
+fn decode<T: serde::de::DeserializeOwned>(
+    stored: Option<Value>,
+) -> Result<Option<T>, QuotaStoreError> {
     stored
         .map(serde_json::from_value)
         .transpose()
@@ -323,10 +330,7 @@ pub async fn get_plan(
         .bind(plan)
         .fetch_optional(pool)
         .await?;
-    stored
-        .map(serde_json::from_value)
-        .transpose()
-        .map_err(|e| QuotaStoreError::Corrupt(e.to_string()))
+    decode(stored)
 }
 
 /// What the customer would be entitled to on `plan`, with their override merged in (the

@@ -76,4 +76,17 @@ impl QuotaError {
             QuotaError::Store(_) => "INTERNAL",
         }
     }
+
+    /// The HTTP status an answer with this error carries (the API and the middleware answer
+    /// alike); 503 means the store is away: retry.
+    pub fn http_status(&self) -> u16 {
+        match self {
+            QuotaError::NoActiveSubscription(_) => 404,
+            QuotaError::FeatureDisabled { .. } => 403,
+            QuotaError::UnknownMeter(_)
+            | QuotaError::Unsupported(_)
+            | QuotaError::OutOfRange { .. } => 400,
+            QuotaError::Store(_) => 503,
+        }
+    }
 }

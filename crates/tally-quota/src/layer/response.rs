@@ -123,14 +123,8 @@ pub(super) fn limit_exceeded<B: From<String>>(
 
 /// The answer for a check that has no decision, with tally-api's status and code for it.
 pub(super) fn quota_error<B: From<String>>(error: &QuotaError) -> Response<B> {
-    let status = match error {
-        QuotaError::NoActiveSubscription(_) => StatusCode::NOT_FOUND,
-        QuotaError::FeatureDisabled { .. } => StatusCode::FORBIDDEN,
-        QuotaError::UnknownMeter(_)
-        | QuotaError::Unsupported(_)
-        | QuotaError::OutOfRange { .. } => StatusCode::BAD_REQUEST,
-        QuotaError::Store(_) => StatusCode::SERVICE_UNAVAILABLE,
-    };
+    let status =
+        StatusCode::from_u16(error.http_status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
     if status == StatusCode::SERVICE_UNAVAILABLE {
         // What went wrong inside is for the log, not the client (as in tally-api).
         tracing::error!(%error, "quota check failed: its store is unavailable; answered 503");
