@@ -112,6 +112,17 @@ fn allowed(template: &str) -> &'static [&'static str] {
         "/v1/customers/{id}/usage" | "/v1/customers/{id}/invoice-preview" => &[ADMIN, ACME],
         "/v1/events" => &[ADMIN, INGEST],
         "/readyz" | "/metrics" => &[ADMIN],
+        // Plans are the product's price list: any token may read them.
+        "/v1/plans" | "/v1/plans/{name}" => &[ADMIN, CHECK, ACME, GLOBEX],
+        "/v1/customers/{id}" | "/v1/customers/{id}/subscriptions" => &[ADMIN, ACME],
+        "/v1/subscriptions"
+        | "/v1/subscriptions/{id}"
+        | "/v1/subscriptions/{id}/change"
+        | "/v1/subscriptions/{id}/cancel"
+        | "/v1/subscriptions/{id}/reactivate"
+        | "/v1/subscriptions/{id}/payment-method"
+        | "/v1/customers"
+        | "/v1/customers/{id}/overrides" => &[ADMIN],
         other => panic!("no access rule for {other}: add one to this test"),
     }
 }
