@@ -449,32 +449,17 @@ async fn replace_fallback(
     customer: &str,
     event: &StripeEvent,
 ) -> Result<(), WebhookError> {
-    crate::subscriptions::lock_customer(tx, customer).await?;
-    let ended: Vec<(String, Value)> = sqlx::query_as(
-        "UPDATE subscriptions SET status = 'canceled', ended_at = $2, status_since = $2,
-                fallback_checked_at = now(), updated_at = now()
-         WHERE customer_id = $1 AND source = 'fallback' AND status IN ('active', 'trialing')
-         RETURNING plan, to_jsonb(subscriptions.*)",
-    )
-    .bind(customer)
-    .bind(event.created)
-    .fetch_all(&mut *tx)
-    .await?;
-    let actor = format!("stripe:{}", event.id);
-    for (plan, after) in ended {
-        Audit {
-            entity: "subscription",
-            key: customer,
-            action: "replace",
-            before: None,
-            after: Some(&after),
-            actor: &actor,
-            reason: Some(&format!(
-                "the customer subscribed in Stripe; the fallback subscription to {plan} ends"
-            )),
+    use crate::subscriptions::{end_fallback, live_for_update, lock_customer, Source};
+    lock_customer(tx, customer).await?;
+    if let Some(live) = live_for_update(tx, customer).await? {
+        if live.source == Source::Fallback {
+            let reason = format!(
+                "the customer subscribed in Stripe; the fallback subscription to {} ends",
+                live.plan
+            );
+            let actor = format!("stripe:{}", event.id);
+            end_fallback(tx, &live, event.created, &actor, &reason).await?;
         }
-        .write(tx)
-        .await?;
     }
     Ok(())
 }

@@ -20,13 +20,13 @@ mod scheduler;
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
-pub(crate) use admin::lock_customer;
 pub use admin::HistorySpan;
 pub use admin::{
     cancel, change_plan, create, customer_subscriptions, get, list_customers, live_subscription,
     reactivate, set_payment_method, Actor, CustomerPage, CustomerRow, NewSubscription,
     SubscriptionError, SubscriptionHistory, Term, When, MAX_PAGE,
 };
+pub(crate) use admin::{end_fallback, live_for_update, lock_customer};
 pub use advance::{step, Transition};
 pub use period::Interval;
 pub use scheduler::{run_due, start_scheduler, SchedulerRun, SubscriptionsConfig};

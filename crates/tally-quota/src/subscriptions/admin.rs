@@ -182,27 +182,12 @@ pub async fn create(
             .into());
         }
         // It ends where the new one starts (a backdated start must not leave the customer
-        // counted on two plans), but not before it took effect itself.
-        let end = start.min(now).max(live.status_since);
-        let mut replaced = live.clone();
-        replaced.status = Status::Canceled;
-        replaced.ended_at = Some(end);
-        replaced.status_since = end;
-        let replaced = write(&mut tx, &replaced).await?;
-        mark_fallback_checked(&mut tx, replaced.id).await?;
+        // counted on two plans).
         let reason = format!(
             "replaced by a subscription to {}: {}",
             new.plan, actor.reason
         );
-        audit(
-            &mut tx,
-            "replace",
-            Some(&live),
-            Some(&replaced),
-            &actor.name,
-            &reason,
-        )
-        .await?;
+        end_fallback(&mut tx, &live, start.min(now), &actor.name, &reason).await?;
     }
     let inserted = sqlx::query_as::<_, SubscriptionRecord>(&format!(
         "INSERT INTO subscriptions (customer_id, plan, status, source, billing_interval,
@@ -534,6 +519,25 @@ pub(crate) async fn ensure_fallback(
     Ok(Some(created))
 }
 
+/// Ends a live fallback subscription because the customer got a real one, at `end` but not
+/// before the fallback took effect itself; audited as a `replace`.
+pub(crate) async fn end_fallback(
+    tx: &mut PgConnection,
+    live: &SubscriptionRecord,
+    end: DateTime<Utc>,
+    actor: &str,
+    reason: &str,
+) -> Result<(), QuotaStoreError> {
+    let end = end.max(live.status_since);
+    let mut replaced = live.clone();
+    replaced.status = Status::Canceled;
+    replaced.ended_at = Some(end);
+    replaced.status_since = end;
+    let replaced = write(tx, &replaced).await?;
+    mark_fallback_checked(tx, replaced.id).await?;
+    audit(tx, "replace", Some(live), Some(&replaced), actor, reason).await
+}
+
 async fn mark_fallback_checked(tx: &mut PgConnection, id: i64) -> Result<(), sqlx::Error> {
     sqlx::query("UPDATE subscriptions SET fallback_checked_at = now() WHERE subscription_id = $1")
         .bind(id)
@@ -555,7 +559,7 @@ pub(crate) async fn lock_customer(
     Ok(())
 }
 
-async fn live_for_update(
+pub(crate) async fn live_for_update(
     tx: &mut PgConnection,
     customer: &str,
 ) -> Result<Option<SubscriptionRecord>, sqlx::Error> {
@@ -652,12 +656,12 @@ pub(crate) async fn audit(
     after: Option<&SubscriptionRecord>,
     actor: &str,
     reason: &str,
-) -> Result<(), SubscriptionError> {
-    let json = |record: Option<&SubscriptionRecord>| -> Result<Option<Value>, SubscriptionError> {
+) -> Result<(), QuotaStoreError> {
+    let json = |record: Option<&SubscriptionRecord>| -> Result<Option<Value>, QuotaStoreError> {
         record
             .map(serde_json::to_value)
             .transpose()
-            .map_err(|e| QuotaStoreError::Corrupt(e.to_string()).into())
+            .map_err(|e| QuotaStoreError::Corrupt(e.to_string()))
     };
     let (before_json, after_json) = (json(before)?, json(after)?);
     let customer = after.or(before).map_or("", |s| s.customer.as_str());
