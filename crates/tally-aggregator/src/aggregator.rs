@@ -18,7 +18,7 @@
 //! - the DLQ copies and the expiry of old dedup claims run as supervised background tasks, so
 //!   neither can hold up (or stop) the batches.
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -124,6 +124,9 @@ pub struct Aggregator {
     #[cfg(feature = "testing")]
     hooks: Hooks,
     postgres: &'static Dependency,
+    /// Meters with a credit rate: their newly counted usage is queued for the credit burner
+    /// in the batch's transaction.
+    priced_meters: Arc<BTreeSet<String>>,
 }
 
 impl Aggregator {
@@ -159,7 +162,15 @@ impl Aggregator {
             #[cfg(feature = "testing")]
             hooks: Hooks::default(),
             postgres: tally_runtime::dependency("postgres"),
+            priced_meters: Arc::default(),
         })
+    }
+
+    /// Queues the newly counted usage of these meters for the credit burner (the meters of
+    /// `[[credits.rates]]`), in each batch's transaction.
+    pub fn with_priced_meters(mut self, meters: BTreeSet<String>) -> Self {
+        self.priced_meters = Arc::new(meters);
+        self
     }
 
     #[cfg(feature = "testing")]
@@ -584,6 +595,7 @@ impl Aggregator {
         let group = self.config.group_id.clone();
         let topic = self.kafka.topic.clone();
         let task_epochs = epochs.clone();
+        let priced = self.priced_meters.clone();
         let backoff = if attempt == 0 {
             Duration::ZERO
         } else {
@@ -597,14 +609,16 @@ impl Aggregator {
                 topic: &topic,
                 epochs: &task_epochs,
             };
-            let mut result = store::commit_batch(&pool, &batch, ownership).await;
+            let mut result = store::commit_batch(&pool, &batch, ownership, &priced).await;
             if let Err(AggregatorStoreError::Data(error)) = &result {
                 tracing::error!(%error, "a batch failed with a data error; looking for the events Postgres refuses");
-                result = match store::isolate_unprocessable(&pool, &topic, &mut batch).await {
+                result = match store::isolate_unprocessable(&pool, &topic, &mut batch, &priced)
+                    .await
+                {
                     Ok(0) => result,
                     Ok(found) => {
                         tracing::error!(events = found, "events Postgres refuses were set aside as `unprocessable` rejects; committing the rest");
-                        store::commit_batch(&pool, &batch, ownership).await
+                        store::commit_batch(&pool, &batch, ownership, &priced).await
                     }
                     Err(search) => Err(search),
                 };

@@ -2,6 +2,7 @@
 
 use std::net::SocketAddr;
 
+use anyhow::Context;
 use tally_aggregator::{Aggregator, RunMode};
 use tokio_util::sync::CancellationToken;
 
@@ -37,6 +38,24 @@ pub(crate) fn migrate(config: &TallyConfig) -> anyhow::Result<()> {
     })
 }
 
+/// `--once`: burns everything queued, closes expired grants and makes the plan grants due.
+async fn burn_all(pool: &sqlx::PgPool) -> anyhow::Result<()> {
+    let rates = tally_credits::RateCard::load(pool)
+        .await
+        .context("loading the credit rate card")?;
+    loop {
+        let (_, more) = tally_credits::burn_once(pool, &rates)
+            .await
+            .context("burning credits")?;
+        if !more {
+            tally_credits::settle(pool, chrono::Utc::now())
+                .await
+                .context("closing expired credit grants and granting plan credits")?;
+            return Ok(());
+        }
+    }
+}
+
 pub(crate) fn run(config: &TallyConfig, args: &AggregateArgs) -> anyhow::Result<()> {
     config.require_brokers()?;
     let meters = config.require_meters()?.to_vec();
@@ -65,15 +84,29 @@ pub(crate) fn run(config: &TallyConfig, args: &AggregateArgs) -> anyhow::Result<
     } else {
         RunMode::Daemon
     };
+    let priced_meters = config.credits.rates.iter().map(|r| r.meter.clone()).collect();
     let aggregator = Aggregator::new(
         config.aggregator.clone(),
         config.kafka.clone(),
         meters,
-        pool,
+        pool.clone(),
         runtime.handle().clone(),
-    )?;
+    )?
+    .with_priced_meters(priced_meters);
+    // The credit burner follows the commits: in daemon mode beside the loop, with --once after
+    // it, until what was queued is burned.
+    let burner = (!args.once).then(|| {
+        let _runtime = runtime.enter();
+        tally_credits::start_burner(pool.clone(), config.credits.burn_every, stop.clone())
+    });
     // The loop blocks; it runs here, on the main thread, not on a runtime worker.
     let summary = aggregator.run(mode, &stop)?;
+    stop.cancel();
+    if let Some(burner) = burner {
+        let _ = runtime.block_on(burner);
+    } else {
+        runtime.block_on(burn_all(&pool))?;
+    }
     if args.once {
         println!(
             "aggregated {} events in {} batches: {} counted, {} duplicates, {} rejected",

@@ -9,6 +9,7 @@ use tally_aggregator::AggregatorConfig;
 use tally_api::ServeConfig;
 use tally_core::config::{KafkaConfig, Secret};
 use tally_core::{MeterDefinition, Meters};
+use tally_credits::CreditsConfig;
 use tally_emitter::EmitterConfig;
 use tally_quota::subscriptions::SubscriptionsConfig;
 use tally_quota::PlanDefinition;
@@ -31,6 +32,8 @@ pub(crate) struct TallyConfig {
     pub(crate) plans: Vec<PlanDefinition>,
     /// `[subscriptions]`: the scheduler of tally-managed subscriptions and the fallback plan.
     pub(crate) subscriptions: SubscriptionsConfig,
+    /// `[credits]`: the rate card of prepaid credits and the burner.
+    pub(crate) credits: CreditsConfig,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -98,6 +101,9 @@ impl TallyConfig {
             .map_err(|problem| anyhow::anyhow!("[[plans]]: {problem}"))?;
         self.subscriptions
             .validate(&self.plans)
+            .map_err(|problem| anyhow::anyhow!("{problem}"))?;
+        self.credits
+            .validate(&self.meters)
             .map_err(|problem| anyhow::anyhow!("{problem}"))?;
         self.emitter
             .validate()

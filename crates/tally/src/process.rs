@@ -58,7 +58,7 @@ pub(crate) enum Patience {
 }
 
 /// Applies the migrations (`migrate`) or checks that they are applied, then records
-/// tally.toml's meters in the `meters` table: whichever command starts first (migrate,
+/// tally.toml's meters in the `meters` table and its credit rates in `credit_rates`: whichever command starts first (migrate,
 /// aggregate, sink, serve) makes them the truth every stage reads. Postgres being away is
 /// waited out as `patience` allows; a schema that is behind or a meter whose rules changed ends
 /// the command with what to do. `Ok(false)`: stopped while waiting.
@@ -81,7 +81,7 @@ pub(crate) async fn prepare_database(
         let error: anyhow::Error = match schema {
             Err(error) if error.is_retryable() => error.into(),
             Err(error) => return Err(error.into()),
-            Ok(()) => match tally_db::meters::record(pool, &config.meters).await {
+            Ok(()) => match record_catalog(pool, config).await {
                 Ok(()) => {
                     postgres.up();
                     return Ok(true);
@@ -109,6 +109,13 @@ pub(crate) async fn prepare_database(
             }
         }
     }
+}
+
+/// Records tally.toml's meters and credit rates, the catalog every stage reads.
+async fn record_catalog(pool: &sqlx::PgPool, config: &TallyConfig) -> Result<(), CatalogError> {
+    tally_db::meters::record(pool, &config.meters).await?;
+    tally_credits::rates::record(pool, &config.credits.rates).await?;
+    Ok(())
 }
 
 /// Serves `/metrics` (Prometheus), `/healthz` (the process is up) and `/readyz` (every

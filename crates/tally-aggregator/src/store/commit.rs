@@ -1,6 +1,7 @@
 //! The batch transaction: claims the ids, adds the newly claimed events to the windows, records
 //! the rejects and advances the offsets, all or nothing, and reports what it did.
 
+use std::collections::BTreeSet;
 use std::time::Instant;
 
 use sqlx::{PgConnection, PgPool};
@@ -11,7 +12,9 @@ use super::claims::{claim_ids, Claims};
 use super::ownership::{advance_offsets, Ownership};
 use super::windows::{record_slot_changes, upsert_windows};
 use super::AggregatorStoreError;
-use crate::batch::{fold, Batch, Candidate, Granularity, Reject};
+use crate::batch::{fold, Batch, Candidate, Granularity, Reject, WindowDelta};
+use tally_core::Aggregation;
+use tally_credits::queue::CountedUsage;
 use crate::telemetry::BatchReport;
 
 /// The batch's one transaction. Returns what it did; on any error nothing is written.
@@ -19,12 +22,20 @@ pub(crate) async fn commit_batch(
     pool: &PgPool,
     batch: &Batch,
     ownership: Ownership<'_>,
+    priced_meters: &BTreeSet<String>,
 ) -> Result<BatchReport, AggregatorStoreError> {
     let started = Instant::now();
     let mut tx = pool.begin().await?;
     let candidates: Vec<&Candidate> = batch.candidates.iter().collect();
     let rejects: Vec<&Reject> = batch.rejects.iter().collect();
-    let applied = apply(&mut tx, ownership.topic, &candidates, &rejects).await?;
+    let applied = apply(
+        &mut tx,
+        ownership.topic,
+        &candidates,
+        &rejects,
+        priced_meters,
+    )
+    .await?;
     advance_offsets(&mut tx, batch, ownership).await?;
     tx.commit().await?;
 
@@ -50,12 +61,14 @@ pub(super) struct Applied {
 }
 
 /// Everything a batch writes but its offsets: claims the ids, adds the new events to the
-/// windows, the daily rollup and the changed billing slots, records the rejects.
+/// windows, the daily rollup and the changed billing slots, queues the usage of priced meters
+/// for the credit burner, records the rejects.
 pub(super) async fn apply(
     tx: &mut PgConnection,
     topic: &str,
     candidates: &[&Candidate],
     rejects: &[&Reject],
+    priced_meters: &BTreeSet<String>,
 ) -> Result<Applied, AggregatorStoreError> {
     let Claims { claimed, conflicts } = claim_ids(tx, candidates).await?;
     let counted: Vec<&Candidate> = candidates
@@ -67,6 +80,7 @@ pub(super) async fn apply(
     let days = fold(counted.iter().copied(), Granularity::Day);
     let windows = minutes.len() as u64;
     record_slot_changes(tx, &minutes).await?;
+    queue_priced_usage(tx, &minutes, priced_meters).await?;
     upsert_windows(tx, Granularity::Minute, minutes).await?;
     upsert_windows(tx, Granularity::Day, days).await?;
     let all_rejects: Vec<&Reject> = rejects.iter().copied().chain(&conflicts).collect();
@@ -76,6 +90,34 @@ pub(super) async fn apply(
         conflicts,
         windows,
     })
+}
+
+/// The newly counted usage of meters with a credit rate, for the burner: one row per window
+/// (and partial sum) this batch changed. In this transaction, so only counted events burn, once.
+async fn queue_priced_usage(
+    tx: &mut PgConnection,
+    minutes: &[WindowDelta],
+    priced_meters: &BTreeSet<String>,
+) -> Result<(), AggregatorStoreError> {
+    if priced_meters.is_empty() {
+        return Ok(());
+    }
+    let usage: Vec<CountedUsage<'_>> = minutes
+        .iter()
+        .filter(|d| matches!(d.aggregation, Aggregation::Sum | Aggregation::Count))
+        .filter(|d| priced_meters.contains(&d.key.meter))
+        .flat_map(|d| {
+            d.partials.iter().map(|quantity| CountedUsage {
+                customer: &d.key.customer,
+                meter: &d.key.meter,
+                group_key: &d.key.group_key,
+                window_start: d.key.start,
+                quantity: *quantity,
+            })
+        })
+        .collect();
+    tally_credits::queue::enqueue(tx, &usage).await?;
+    Ok(())
 }
 
 fn count_by_reason(rejects: &[&Reject]) -> Vec<(RejectReason, u64)> {

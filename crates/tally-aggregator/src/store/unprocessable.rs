@@ -2,6 +2,8 @@
 //! transactions that are rolled back until each event Postgres refuses on its own is found;
 //! those become `unprocessable` rejects, so the rest of the batch can be committed.
 
+use std::collections::BTreeSet;
+
 use sqlx::PgPool;
 use tally_core::{RejectReason, Rejection};
 
@@ -23,9 +25,12 @@ async fn probe(
     topic: &str,
     candidates: &[&Candidate],
     rejects: &[&Reject],
+    priced_meters: &BTreeSet<String>,
 ) -> Result<(), AggregatorStoreError> {
     let mut tx = pool.begin().await?;
-    let result = apply(&mut tx, topic, candidates, rejects).await.map(drop);
+    let result = apply(&mut tx, topic, candidates, rejects, priced_meters)
+        .await
+        .map(drop);
     tx.rollback().await?;
     result
 }
@@ -40,15 +45,16 @@ pub(crate) async fn isolate_unprocessable(
     pool: &PgPool,
     topic: &str,
     batch: &mut Batch,
+    priced_meters: &BTreeSet<String>,
 ) -> Result<usize, AggregatorStoreError> {
     let candidates: Vec<&Candidate> = batch.candidates.iter().collect();
     let bad_candidates = bisect(candidates.len(), |range| {
-        probe(pool, topic, &candidates[range], &[])
+        probe(pool, topic, &candidates[range], &[], priced_meters)
     })
     .await?;
     let rejects: Vec<&Reject> = batch.rejects.iter().collect();
     let bad_rejects = bisect(rejects.len(), |range| {
-        probe(pool, topic, &[], &rejects[range])
+        probe(pool, topic, &[], &rejects[range], priced_meters)
     })
     .await?;
     let found = bad_candidates.len() + bad_rejects.len();

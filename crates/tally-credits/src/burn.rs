@@ -1,0 +1,444 @@
+//! The burner: draws committed usage down from grants, exactly once, and closes expired
+//! grants. It runs in `tally aggregate` (every `credits.burn_every`, 250 ms by default).
+//!
+//! Exactly once rests on the queue: the aggregator adds a window's newly counted usage to
+//! `credit_usage_queue` in the batch's own transaction (so a replayed, duplicate or rolled
+//! back event is never queued, and a late one is queued when it is counted), and one burn
+//! deletes the queue rows it takes in the transaction that writes their `consume` entries and
+//! the grants' new `remaining`. A crash before the commit leaves the rows queued; after, they
+//! are gone. Several burners (one per aggregator) take disjoint rows (`SKIP LOCKED`) and
+//! serialize on each customer's advisory lock.
+//!
+//! Expiry: a grant past `expires_at` is closed with an `expire` entry of what is left, once no
+//! usage from before its expiry is still queued for the customer (that usage draws from it
+//! first). Plan grants: each live subscription on a plan with `[plans.credits]` gets its
+//! period's grant (idempotency key `plan:<subscription>:<period start>`), expiring at the
+//! period's end.
+
+mod draw;
+
+use std::collections::{BTreeMap, HashSet};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use chrono::{DateTime, Utc};
+use rust_decimal::Decimal;
+use sqlx::{PgConnection, PgPool};
+use tally_db::ExactDecimal;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+use crate::grants::{grant_in, lock_customer, Actor, GrantKind, NewGrant, DRAW_ORDER};
+use crate::rates::RateCard;
+use crate::telemetry;
+use draw::{draw, OpenGrant, PricedUsage};
+
+/// Queue rows one burn takes at most.
+const BATCH: i64 = 5_000;
+
+/// The actor burns, expiries and plan grants are recorded under.
+pub const ACTOR: &str = "burner";
+
+/// What one pass did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct BurnReport {
+    /// Queue rows taken (one per window and aggregator batch).
+    pub queued: usize,
+    /// `consume` entries written.
+    pub entries: usize,
+    /// Customers whose credits moved.
+    pub customers: Vec<String>,
+    /// Credits drawn from grants.
+    pub consumed: Decimal,
+    /// Credits of usage no grant covered.
+    pub uncovered: Decimal,
+    /// Queue rows that could not be priced (cost beyond a decimal), set aside.
+    pub stuck: usize,
+    /// The oldest row taken had waited this long since its commit.
+    pub oldest_wait: Option<Duration>,
+}
+
+/// Burns what is queued, up to a batch. Returns whether more is queued.
+pub async fn burn_once(pool: &PgPool, rates: &RateCard) -> Result<(BurnReport, bool), sqlx::Error> {
+    let report = burn_queued(pool, rates).await?;
+    let more = report.queued as i64 >= BATCH;
+    Ok((report, more))
+}
+
+/// What a settle did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Settled {
+    /// Grants closed as expired.
+    pub expired: usize,
+    /// Customers given their plan's period credits.
+    pub plan_grants: Vec<String>,
+}
+
+/// Closes expired grants (see `expire`) and makes the plan grants that are due. Run after
+/// the queue was drained, so usage from before an expiry draws from the grant first.
+pub async fn settle(pool: &PgPool, now: DateTime<Utc>) -> Result<Settled, sqlx::Error> {
+    Ok(Settled {
+        expired: expire(pool, now).await?,
+        plan_grants: grant_plan_credits(pool, now).await?,
+    })
+}
+
+/// A queue row, as taken.
+#[derive(sqlx::FromRow)]
+struct Queued {
+    queue_id: i64,
+    customer_id: String,
+    meter: String,
+    group_key: String,
+    window_start: DateTime<Utc>,
+    quantity: ExactDecimal,
+    queued_at: DateTime<Utc>,
+}
+
+async fn burn_queued(pool: &PgPool, rates: &RateCard) -> Result<BurnReport, sqlx::Error> {
+    let mut report = BurnReport::default();
+    let mut tx = pool.begin().await?;
+    let rows: Vec<Queued> = sqlx::query_as(
+        "DELETE FROM credit_usage_queue WHERE queue_id IN (
+             SELECT queue_id FROM credit_usage_queue WHERE stuck IS NULL
+             ORDER BY queue_id LIMIT $1 FOR UPDATE SKIP LOCKED)
+         RETURNING queue_id, customer_id, meter, group_key, window_start, quantity, queued_at",
+    )
+    .bind(BATCH)
+    .fetch_all(&mut *tx)
+    .await?;
+    if rows.is_empty() {
+        return Ok(report);
+    }
+    report.queued = rows.len();
+    let oldest = rows.iter().map(|r| r.queued_at).min();
+    // Per customer (in order: locks are always taken in the same order), one usage per window.
+    let mut by_customer: BTreeMap<String, BTreeMap<(DateTime<Utc>, String, String), (Decimal, Vec<i64>)>> =
+        BTreeMap::new();
+    let mut stuck = Vec::new();
+    for row in &rows {
+        let window = by_customer
+            .entry(row.customer_id.clone())
+            .or_default()
+            .entry((row.window_start, row.meter.clone(), row.group_key.clone()))
+            .or_insert((Decimal::ZERO, Vec::new()));
+        match window.0.checked_add(row.quantity.0) {
+            Some(sum) => window.0 = sum,
+            None => stuck.push(row.queue_id),
+        }
+        window.1.push(row.queue_id);
+    }
+    let mut entries = Entries::default();
+    for (customer, windows) in by_customer {
+        let usage: Vec<PricedUsage> = windows
+            .iter()
+            .filter_map(|((window_start, meter, group_key), (quantity, _))| {
+                Some(PricedUsage {
+                    credits_per_unit: rates.rate_for_window(meter, group_key)?,
+                    meter: meter.clone(),
+                    group_key: group_key.clone(),
+                    window_start: *window_start,
+                    quantity: *quantity,
+                })
+            })
+            .collect();
+        if usage.is_empty() {
+            continue;
+        }
+        lock_customer(&mut tx, &customer).await?;
+        let mut grants = open_grants(&mut tx, &customer).await?;
+        if grants.is_empty() && !has_grants(&mut tx, &customer).await? {
+            // Not a credit customer: nothing to draw from, nothing to account for.
+            continue;
+        }
+        let before: Vec<Decimal> = grants.iter().map(|g| g.remaining).collect();
+        let Some(draws) = draw(&mut grants, &usage) else {
+            // A cost beyond a decimal: this customer's rows are set aside, the rest go on.
+            stuck.extend(windows.values().flat_map(|(_, ids)| ids.iter().copied()));
+            continue;
+        };
+        for draw in &draws {
+            let item = &usage[draw.usage];
+            entries.push(&customer, draw.grant_id, -draw.credits, item, draw.quantity);
+            match draw.grant_id {
+                Some(_) => report.consumed += draw.credits,
+                None => report.uncovered += draw.credits,
+            }
+        }
+        for (grant, before) in grants.iter().zip(before) {
+            if grant.remaining != before {
+                entries.grant_ids.push(grant.grant_id);
+                entries.remaining.push(grant.remaining);
+            }
+        }
+        report.customers.push(customer);
+    }
+    report.entries = entries.customers.len();
+    entries.write(&mut tx).await?;
+    if !stuck.is_empty() {
+        let stuck: HashSet<i64> = stuck.into_iter().collect();
+        let stuck: Vec<&Queued> = rows.iter().filter(|r| stuck.contains(&r.queue_id)).collect();
+        set_aside(&mut tx, &stuck).await?;
+        report.stuck = stuck.len();
+    }
+    tx.commit().await?;
+    report.oldest_wait = oldest.and_then(|at| (Utc::now() - at).to_std().ok());
+    Ok(report)
+}
+
+/// The customer's open grants, locked, in draw order.
+async fn open_grants(tx: &mut PgConnection, customer: &str) -> Result<Vec<OpenGrant>, sqlx::Error> {
+    let rows: Vec<(i64, ExactDecimal, DateTime<Utc>, Option<DateTime<Utc>>)> = sqlx::query_as(&format!(
+        "SELECT grant_id, remaining, effective_at, expires_at FROM credit_grants
+         WHERE customer_id = $1 AND closed_at IS NULL AND remaining > 0
+         ORDER BY {DRAW_ORDER} FOR UPDATE"
+    ))
+    .bind(customer)
+    .fetch_all(&mut *tx)
+    .await?;
+    Ok(rows
+        .into_iter()
+        .map(|(grant_id, remaining, effective_at, expires_at)| OpenGrant {
+            grant_id,
+            remaining: remaining.0,
+            effective_at,
+            expires_at,
+        })
+        .collect())
+}
+
+/// Whether the customer ever had a grant: usage of a customer who never had credits is not
+/// written to the ledger as uncovered (they do not use credits at all).
+async fn has_grants(tx: &mut PgConnection, customer: &str) -> Result<bool, sqlx::Error> {
+    sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM credit_grants WHERE customer_id = $1)")
+        .bind(customer)
+        .fetch_one(&mut *tx)
+        .await
+}
+
+/// The `consume` entries and grant balances of one burn, written in two statements.
+#[derive(Default)]
+struct Entries {
+    customers: Vec<String>,
+    grants: Vec<Option<i64>>,
+    amounts: Vec<Decimal>,
+    meters: Vec<String>,
+    group_keys: Vec<String>,
+    windows: Vec<DateTime<Utc>>,
+    quantities: Vec<Decimal>,
+    rates: Vec<Decimal>,
+    grant_ids: Vec<i64>,
+    remaining: Vec<Decimal>,
+}
+
+impl Entries {
+    fn push(
+        &mut self,
+        customer: &str,
+        grant: Option<i64>,
+        amount: Decimal,
+        usage: &PricedUsage,
+        quantity: Decimal,
+    ) {
+        self.customers.push(customer.to_owned());
+        self.grants.push(grant);
+        self.amounts.push(amount);
+        self.meters.push(usage.meter.clone());
+        self.group_keys.push(usage.group_key.clone());
+        self.windows.push(usage.window_start);
+        self.quantities.push(quantity);
+        self.rates.push(usage.credits_per_unit);
+    }
+
+    async fn write(&self, tx: &mut PgConnection) -> Result<(), sqlx::Error> {
+        if !self.customers.is_empty() {
+            sqlx::query(
+                "INSERT INTO credit_transactions (customer_id, grant_id, kind, amount, meter,
+                        group_key, window_start, quantity, credits_per_unit, actor)
+                 SELECT c, g, 'consume', a, m, k, w, q, r, $9
+                 FROM unnest($1::text[], $2::bigint[], $3::numeric[], $4::text[], $5::text[],
+                             $6::timestamptz[], $7::numeric[], $8::numeric[])
+                      AS u(c, g, a, m, k, w, q, r)",
+            )
+            .bind(&self.customers)
+            .bind(&self.grants)
+            .bind(&self.amounts)
+            .bind(&self.meters)
+            .bind(&self.group_keys)
+            .bind(&self.windows)
+            .bind(&self.quantities)
+            .bind(&self.rates)
+            .bind(ACTOR)
+            .execute(&mut *tx)
+            .await?;
+        }
+        if !self.grant_ids.is_empty() {
+            sqlx::query(
+                "UPDATE credit_grants g SET remaining = u.remaining
+                 FROM unnest($1::bigint[], $2::numeric[]) AS u(grant_id, remaining)
+                 WHERE g.grant_id = u.grant_id",
+            )
+            .bind(&self.grant_ids)
+            .bind(&self.remaining)
+            .execute(&mut *tx)
+            .await?;
+        }
+        Ok(())
+    }
+}
+
+/// Puts rows that cannot be priced back, marked, where no burn takes them again (an operator
+/// looks at `credit_usage_queue WHERE stuck IS NOT NULL`).
+async fn set_aside(tx: &mut PgConnection, rows: &[&Queued]) -> Result<(), sqlx::Error> {
+    tracing::error!(rows = rows.len(), "committed usage whose credit cost is beyond a 28-digit decimal was set aside in credit_usage_queue (stuck); it is not burned");
+    telemetry::stuck(rows.len());
+    sqlx::query(
+        "INSERT INTO credit_usage_queue (customer_id, meter, group_key, window_start, quantity,
+                queued_at, stuck)
+         SELECT c, m, k, w, q, t, 'its credit cost is beyond a 28-digit decimal'
+         FROM unnest($1::text[], $2::text[], $3::text[], $4::timestamptz[], $5::numeric[],
+                     $6::timestamptz[]) AS u(c, m, k, w, q, t)",
+    )
+    .bind(rows.iter().map(|r| r.customer_id.as_str()).collect::<Vec<_>>())
+    .bind(rows.iter().map(|r| r.meter.as_str()).collect::<Vec<_>>())
+    .bind(rows.iter().map(|r| r.group_key.as_str()).collect::<Vec<_>>())
+    .bind(rows.iter().map(|r| r.window_start).collect::<Vec<_>>())
+    .bind(rows.iter().map(|r| r.quantity.0).collect::<Vec<_>>())
+    .bind(rows.iter().map(|r| r.queued_at).collect::<Vec<_>>())
+    .execute(&mut *tx)
+    .await?;
+    Ok(())
+}
+
+/// Closes grants past their expiry with an `expire` entry of what is left, once none of the
+/// customer's usage from before the expiry is still queued. Returns how many it closed.
+async fn expire(pool: &PgPool, now: DateTime<Utc>) -> Result<usize, sqlx::Error> {
+    let closed: Vec<(i64,)> = sqlx::query_as(
+        "WITH due AS (
+             SELECT grant_id, customer_id, remaining FROM credit_grants g
+             WHERE closed_at IS NULL AND expires_at <= $1
+               AND NOT EXISTS (SELECT 1 FROM credit_usage_queue q
+                               WHERE q.customer_id = g.customer_id AND q.window_start < g.expires_at
+                                 AND q.stuck IS NULL)
+             ORDER BY grant_id LIMIT 1000 FOR UPDATE SKIP LOCKED
+         ), closed AS (
+             UPDATE credit_grants g SET remaining = 0, closed_at = $1, closed_as = 'expired'
+             FROM due WHERE g.grant_id = due.grant_id
+             RETURNING g.grant_id
+         ), entries AS (
+             INSERT INTO credit_transactions (customer_id, grant_id, kind, amount, actor, reason)
+             SELECT due.customer_id, due.grant_id, 'expire', -due.remaining, $2, 'the grant expired'
+             FROM due JOIN closed USING (grant_id) WHERE due.remaining > 0
+         )
+         SELECT grant_id FROM closed",
+    )
+    .bind(now)
+    .bind(ACTOR)
+    .fetch_all(pool)
+    .await?;
+    telemetry::expired(closed.len());
+    Ok(closed.len())
+}
+
+/// Grants each live subscription on a plan with `[plans.credits]` its current period's credits,
+/// once (the idempotency key names the subscription and the period). Returns the customers.
+async fn grant_plan_credits(pool: &PgPool, now: DateTime<Utc>) -> Result<Vec<String>, sqlx::Error> {
+    let due: Vec<(i64, String, String, DateTime<Utc>, DateTime<Utc>, ExactDecimal, Option<i32>)> =
+        sqlx::query_as(
+            "SELECT s.subscription_id, s.customer_id, s.plan, s.current_period_start,
+                    s.current_period_end, (p.definition->'credits'->>'amount')::numeric,
+                    (p.definition->'credits'->>'priority')::integer
+             FROM subscriptions s JOIN plans p ON p.name = s.plan
+             WHERE s.status IN ('active', 'trialing') AND p.definition ? 'credits'
+               AND s.current_period_start <= $1 AND s.current_period_end > $1
+               AND NOT EXISTS (
+                   SELECT 1 FROM credit_grants g
+                   WHERE g.customer_id = s.customer_id
+                     AND g.idempotency_key = 'plan:' || s.subscription_id || ':'
+                         || extract(epoch FROM s.current_period_start)::bigint)
+             LIMIT 1000",
+        )
+        .bind(now)
+        .fetch_all(pool)
+        .await?;
+    let mut customers = Vec::new();
+    for (subscription_id, customer, plan, start, end, amount, priority) in due {
+        let new = NewGrant {
+            customer: customer.clone(),
+            kind: GrantKind::Subscription,
+            amount: amount.0,
+            priority,
+            effective_at: Some(start),
+            expires_at: Some(end),
+            idempotency_key: format!("plan:{subscription_id}:{}", start.timestamp()),
+            description: Some(format!("{plan} credits for the period from {start}")),
+        };
+        let actor = Actor {
+            name: ACTOR.into(),
+            reason: format!("plan {plan} grants {} credits each period", amount.0),
+        };
+        let mut tx = pool.begin().await?;
+        match grant_in(&mut tx, &new, Some(subscription_id), &actor, now).await {
+            Ok(granted) => {
+                tx.commit().await?;
+                if granted.created {
+                    customers.push(customer);
+                }
+            }
+            Err(error) => {
+                // One subscription's grant failing (say a plan amount out of range) must not
+                // hold up the others.
+                tracing::error!(%customer, subscription_id, %error, "the plan's period credits could not be granted");
+                telemetry::burn_error();
+            }
+        }
+    }
+    Ok(customers)
+}
+
+/// How often the burner reloads the rate card (another process may have recorded new rates).
+const RATES_RELOAD: Duration = Duration::from_secs(10);
+/// How often the burner closes expired grants and makes plan grants.
+const SETTLE_EVERY: Duration = Duration::from_secs(1);
+
+/// Runs the burner until `stop`: a pass every `every`, at once again while more is queued;
+/// expiry and plan grants about every second. Supervised: a failing pass (Postgres
+/// away) is logged, counted and retried, never the end of the aggregator.
+pub fn start_burner(pool: PgPool, every: Duration, stop: CancellationToken) -> JoinHandle<()> {
+    let pool = Arc::new(pool);
+    tally_runtime::supervise("credit_burner", stop.clone(), move || {
+        let pool = pool.clone();
+        let stop = stop.clone();
+        async move {
+            let mut rates = RateCard::load(&pool).await.map_err(|e| e.to_string())?;
+            let mut rates_loaded = Instant::now();
+            let mut settled: Option<Instant> = None;
+            let failed = |what: &str, e: sqlx::Error| {
+                telemetry::burn_error();
+                format!("{what}: {e}")
+            };
+            loop {
+                if rates_loaded.elapsed() > RATES_RELOAD {
+                    rates = RateCard::load(&pool).await.map_err(|e| e.to_string())?;
+                    rates_loaded = Instant::now();
+                }
+                let (report, more) = burn_once(&pool, &rates)
+                    .await
+                    .map_err(|e| failed("burning credits", e))?;
+                telemetry::record(&report);
+                if more {
+                    continue;
+                }
+                if settled.is_none_or(|at| at.elapsed() >= SETTLE_EVERY) {
+                    settle(&pool, Utc::now())
+                        .await
+                        .map_err(|e| failed("expiring grants and granting plan credits", e))?;
+                    settled = Some(Instant::now());
+                }
+                if tally_runtime::sleep_unless_stopped(every, &stop).await {
+                    return Ok(());
+                }
+            }
+        }
+    })
+}

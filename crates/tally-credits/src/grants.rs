@@ -1,0 +1,665 @@
+//! Credit grants and the ledger: the one owner of `credit_grants` and `credit_transactions`.
+//! Granting, voiding, a customer's balance and ledger. Every movement of credits is a ledger
+//! entry written in the same transaction as the grant's `remaining`, so the two always agree;
+//! the ledger is append-only (a trigger refuses updates and deletes).
+
+use std::collections::HashMap;
+
+use chrono::{DateTime, Utc};
+use rust_decimal::Decimal;
+use serde::{Deserialize, Serialize};
+use sqlx::{PgConnection, PgPool};
+use tally_db::ExactDecimal;
+
+use crate::rates::RateCard;
+
+/// What kind of credits a grant holds; it sets the default order they are drawn in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, sqlx::Type)]
+#[sqlx(type_name = "text", rename_all = "snake_case")]
+#[serde(rename_all = "snake_case")]
+pub enum GrantKind {
+    /// Bought: never expires, drawn first.
+    Purchased,
+    /// Granted by the plan each period; expires at the period's end; drawn second.
+    Subscription,
+    /// Given away, with an expiry date; drawn last.
+    Promotional,
+}
+
+impl GrantKind {
+    /// The priority a grant of this kind has when it names none (lower draws first).
+    pub fn default_priority(self) -> i32 {
+        match self {
+            GrantKind::Purchased => 10,
+            GrantKind::Subscription => 20,
+            GrantKind::Promotional => 30,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            GrantKind::Purchased => "purchased",
+            GrantKind::Subscription => "subscription",
+            GrantKind::Promotional => "promotional",
+        }
+    }
+}
+
+/// The largest grant: far inside a 28-digit decimal however many are summed.
+pub const MAX_GRANT: Decimal = Decimal::from_parts(0x4A51_0000, 0x0DE0_B6B3, 0, false, 0); // 10^18
+
+/// A grant to make.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NewGrant {
+    pub customer: String,
+    pub kind: GrantKind,
+    /// More than 0, at most 10^18, at most 9 decimal places.
+    pub amount: Decimal,
+    /// Lower draws first; default by kind (purchased 10, subscription 20, promotional 30).
+    #[serde(default)]
+    pub priority: Option<i32>,
+    /// From when usage draws from it (default: now).
+    #[serde(default)]
+    pub effective_at: Option<DateTime<Utc>>,
+    /// Required for promotional and subscription grants; purchased credits never expire
+    /// unless given one.
+    #[serde(default)]
+    pub expires_at: Option<DateTime<Utc>>,
+    /// The same key for the same customer is the same grant: sending a top-up twice grants
+    /// once. 1 to 200 printable characters.
+    pub idempotency_key: String,
+    #[serde(default)]
+    pub description: Option<String>,
+}
+
+/// A grant as stored.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Grant {
+    pub grant_id: i64,
+    pub customer: String,
+    pub kind: GrantKind,
+    pub amount: Decimal,
+    pub remaining: Decimal,
+    pub priority: i32,
+    pub effective_at: DateTime<Utc>,
+    pub expires_at: Option<DateTime<Utc>>,
+    pub idempotency_key: String,
+    pub subscription_id: Option<i64>,
+    pub description: Option<String>,
+    pub granted_by: String,
+    pub reason: String,
+    pub created_at: DateTime<Utc>,
+    /// `expired` or `voided` once closed.
+    pub closed_as: Option<String>,
+    pub closed_at: Option<DateTime<Utc>>,
+}
+
+pub(crate) const GRANT_COLUMNS: &str = "grant_id, customer_id, kind, amount, remaining, priority,
+    effective_at, expires_at, idempotency_key, subscription_id, description, granted_by, reason,
+    created_at, closed_as, closed_at";
+
+#[derive(sqlx::FromRow)]
+pub(crate) struct GrantRow {
+    grant_id: i64,
+    customer_id: String,
+    kind: GrantKind,
+    amount: ExactDecimal,
+    remaining: ExactDecimal,
+    priority: Option<i32>,
+    effective_at: DateTime<Utc>,
+    expires_at: Option<DateTime<Utc>>,
+    idempotency_key: String,
+    subscription_id: Option<i64>,
+    description: Option<String>,
+    granted_by: String,
+    reason: String,
+    created_at: DateTime<Utc>,
+    closed_as: Option<String>,
+    closed_at: Option<DateTime<Utc>>,
+}
+
+impl From<GrantRow> for Grant {
+    fn from(row: GrantRow) -> Grant {
+        Grant {
+            grant_id: row.grant_id,
+            customer: row.customer_id,
+            kind: row.kind,
+            amount: row.amount.0,
+            remaining: row.remaining.0,
+            priority: row.priority.unwrap_or(row.kind.default_priority()),
+            effective_at: row.effective_at,
+            expires_at: row.expires_at,
+            idempotency_key: row.idempotency_key,
+            subscription_id: row.subscription_id,
+            description: row.description,
+            granted_by: row.granted_by,
+            reason: row.reason,
+            created_at: row.created_at,
+            closed_as: row.closed_as,
+            closed_at: row.closed_at,
+        }
+    }
+}
+
+/// The order grants are drawn in: priority (the kind's default when none is given), then the
+/// one expiring first, then the oldest.
+pub(crate) const DRAW_ORDER: &str = "coalesce(priority, CASE kind WHEN 'purchased' THEN 10
+    WHEN 'subscription' THEN 20 ELSE 30 END), expires_at NULLS LAST, effective_at, grant_id";
+
+/// Why a credit operation was refused; [`CreditError::code`] is its stable API code.
+#[derive(Debug, thiserror::Error)]
+pub enum CreditError {
+    #[error("{0}")]
+    Invalid(String),
+    #[error("a reason is required for every grant and void; it is written to the ledger")]
+    ReasonRequired,
+    #[error("idempotency key {key:?} was already used for customer {customer:?} with a different grant (grant {grant_id}); use a new key for a new grant")]
+    IdempotencyConflict {
+        customer: String,
+        key: String,
+        grant_id: i64,
+    },
+    #[error("customer {customer:?} has no grant {grant_id}; list them with GET /v1/customers/{{id}}/credits or `tally credits balance`")]
+    NoSuchGrant { customer: String, grant_id: i64 },
+    #[error("grant {grant_id} is already closed ({closed_as}); nothing is left to void")]
+    Closed { grant_id: i64, closed_as: String },
+    #[error("{0}")]
+    Store(#[from] sqlx::Error),
+}
+
+impl CreditError {
+    pub fn code(&self) -> &'static str {
+        match self {
+            CreditError::Invalid(_) => "INVALID_GRANT",
+            CreditError::ReasonRequired => "REASON_REQUIRED",
+            CreditError::IdempotencyConflict { .. } => "IDEMPOTENCY_CONFLICT",
+            CreditError::NoSuchGrant { .. } => "NO_SUCH_GRANT",
+            CreditError::Closed { .. } => "GRANT_CLOSED",
+            CreditError::Store(e) if tally_db::is_data_error(e) => "CREDITS_OUT_OF_RANGE",
+            CreditError::Store(_) => "STORE_UNAVAILABLE",
+        }
+    }
+
+    /// The HTTP status the API answers with.
+    pub fn http_status(&self) -> u16 {
+        match self {
+            CreditError::Invalid(_) | CreditError::ReasonRequired => 422,
+            CreditError::IdempotencyConflict { .. } | CreditError::Closed { .. } => 409,
+            CreditError::NoSuchGrant { .. } => 404,
+            CreditError::Store(e) if tally_db::is_data_error(e) => 422,
+            CreditError::Store(_) => 503,
+        }
+    }
+}
+
+/// Who makes a change and why, for the ledger.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Actor {
+    pub name: String,
+    pub reason: String,
+}
+
+impl Actor {
+    /// Both must be 1 to 1,000 printable characters.
+    pub fn new(name: &str, reason: &str) -> Result<Actor, CreditError> {
+        let reason = reason.trim();
+        if reason.is_empty() {
+            return Err(CreditError::ReasonRequired);
+        }
+        for (field, value) in [("actor", name.trim()), ("reason", reason)] {
+            if value.is_empty() || value.chars().count() > 1000 || value.chars().any(char::is_control) {
+                return Err(CreditError::Invalid(format!(
+                    "{field} must be 1 to 1000 printable characters"
+                )));
+            }
+        }
+        Ok(Actor {
+            name: name.trim().to_owned(),
+            reason: reason.to_owned(),
+        })
+    }
+}
+
+impl NewGrant {
+    fn validate(&self, now: DateTime<Utc>) -> Result<(), CreditError> {
+        let invalid = |m: String| Err(CreditError::Invalid(m));
+        tally_core::event::validate_customer(&self.customer)
+            .map_err(|rejection| CreditError::Invalid(rejection.detail))?;
+        if self.amount <= Decimal::ZERO || self.amount > MAX_GRANT {
+            return invalid(format!(
+                "amount {} must be more than 0 and at most 10^18",
+                self.amount
+            ));
+        }
+        if self.amount.normalize().scale() > 9 {
+            return invalid(format!(
+                "amount {} has more than 9 decimal places",
+                self.amount
+            ));
+        }
+        if self.priority.is_some_and(|p| !(0..=1000).contains(&p)) {
+            return invalid("priority must be 0 to 1000 (lower draws first)".into());
+        }
+        let key = &self.idempotency_key;
+        if key.is_empty() || key.chars().count() > 200 || key.chars().any(char::is_control) {
+            return invalid("idempotency_key must be 1 to 200 printable characters".into());
+        }
+        if self
+            .description
+            .as_ref()
+            .is_some_and(|d| d.chars().count() > 1000 || d.chars().any(char::is_control))
+        {
+            return invalid("description must be at most 1000 printable characters".into());
+        }
+        let effective_at = self.effective_at.unwrap_or(now);
+        match (self.kind, self.expires_at) {
+            (GrantKind::Promotional | GrantKind::Subscription, None) => {
+                return invalid(format!(
+                    "a {} grant needs expires_at (only purchased credits may never expire)",
+                    self.kind.as_str()
+                ))
+            }
+            (_, Some(expires_at)) if expires_at <= effective_at || expires_at <= now => {
+                return invalid(format!(
+                    "expires_at {expires_at} must be in the future and after effective_at {effective_at}"
+                ))
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+
+    /// Whether a stored grant is this one (a repeat of the same request).
+    fn same_as(&self, grant: &Grant) -> bool {
+        grant.kind == self.kind
+            && grant.amount == self.amount
+            && self.priority.is_none_or(|p| p == grant.priority)
+            && self.expires_at.is_none_or(|at| Some(at) == grant.expires_at)
+            && self.effective_at.is_none_or(|at| at == grant.effective_at)
+    }
+}
+
+/// A grant made, or found (the same idempotency key was used before for the same grant).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Granted {
+    pub grant: Grant,
+    /// `false`: the key was used before; nothing new was granted.
+    pub created: bool,
+}
+
+/// Grants credits, once per idempotency key: a repeat with the same key and the same grant
+/// answers the first grant; the same key with a different grant is refused.
+pub async fn grant(pool: &PgPool, new: &NewGrant, actor: &Actor) -> Result<Granted, CreditError> {
+    let mut tx = pool.begin().await?;
+    let granted = grant_in(&mut tx, new, None, actor, Utc::now()).await?;
+    tx.commit().await?;
+    Ok(granted)
+}
+
+/// [`grant`] inside a transaction (the burner's plan grants name their subscription).
+pub(crate) async fn grant_in(
+    tx: &mut PgConnection,
+    new: &NewGrant,
+    subscription_id: Option<i64>,
+    actor: &Actor,
+    now: DateTime<Utc>,
+) -> Result<Granted, CreditError> {
+    new.validate(now)?;
+    lock_customer(tx, &new.customer).await?;
+    if let Some(existing) = find_by_key(tx, &new.customer, &new.idempotency_key).await? {
+        if !new.same_as(&existing) {
+            return Err(CreditError::IdempotencyConflict {
+                customer: new.customer.clone(),
+                key: new.idempotency_key.clone(),
+                grant_id: existing.grant_id,
+            });
+        }
+        return Ok(Granted {
+            grant: existing,
+            created: false,
+        });
+    }
+    let row: GrantRow = sqlx::query_as(&format!(
+        "INSERT INTO credit_grants (customer_id, kind, amount, remaining, priority, effective_at,
+                expires_at, idempotency_key, subscription_id, description, granted_by, reason)
+         VALUES ($1, $2, $3, $3, $4, $5, $6, $7, $8, $9, $10, $11)
+         RETURNING {GRANT_COLUMNS}"
+    ))
+    .bind(&new.customer)
+    .bind(new.kind)
+    .bind(new.amount)
+    .bind(new.priority)
+    .bind(new.effective_at.unwrap_or(now))
+    .bind(new.expires_at)
+    .bind(&new.idempotency_key)
+    .bind(subscription_id)
+    .bind(&new.description)
+    .bind(&actor.name)
+    .bind(&actor.reason)
+    .fetch_one(&mut *tx)
+    .await?;
+    let grant = Grant::from(row);
+    record(
+        tx,
+        &grant.customer,
+        grant.grant_id,
+        "grant",
+        grant.amount,
+        actor,
+    )
+    .await?;
+    Ok(Granted {
+        grant,
+        created: true,
+    })
+}
+
+/// Voids what is left of a grant (a refund, a mistake): a `void` entry of the rest; what was
+/// already consumed stays consumed.
+pub async fn void(
+    pool: &PgPool,
+    customer: &str,
+    grant_id: i64,
+    actor: &Actor,
+) -> Result<Grant, CreditError> {
+    let mut tx = pool.begin().await?;
+    lock_customer(&mut tx, customer).await?;
+    let row: Option<GrantRow> = sqlx::query_as(&format!(
+        "SELECT {GRANT_COLUMNS} FROM credit_grants WHERE grant_id = $1 AND customer_id = $2 FOR UPDATE"
+    ))
+    .bind(grant_id)
+    .bind(customer)
+    .fetch_optional(&mut *tx)
+    .await?;
+    let Some(grant) = row.map(Grant::from) else {
+        return Err(CreditError::NoSuchGrant {
+            customer: customer.to_owned(),
+            grant_id,
+        });
+    };
+    if let Some(closed_as) = grant.closed_as {
+        return Err(CreditError::Closed {
+            grant_id,
+            closed_as,
+        });
+    }
+    let voided: GrantRow = sqlx::query_as(&format!(
+        "UPDATE credit_grants SET remaining = 0, closed_at = now(), closed_as = 'voided'
+         WHERE grant_id = $1 RETURNING {GRANT_COLUMNS}"
+    ))
+    .bind(grant_id)
+    .fetch_one(&mut *tx)
+    .await?;
+    record(
+        &mut tx,
+        customer,
+        grant_id,
+        "void",
+        -grant.remaining,
+        actor,
+    )
+    .await?;
+    tx.commit().await?;
+    Ok(voided.into())
+}
+
+async fn record(
+    tx: &mut PgConnection,
+    customer: &str,
+    grant_id: i64,
+    kind: &str,
+    amount: Decimal,
+    actor: &Actor,
+) -> Result<(), sqlx::Error> {
+    sqlx::query(
+        "INSERT INTO credit_transactions (customer_id, grant_id, kind, amount, actor, reason)
+         VALUES ($1, $2, $3, $4, $5, $6)",
+    )
+    .bind(customer)
+    .bind(grant_id)
+    .bind(kind)
+    .bind(amount)
+    .bind(&actor.name)
+    .bind(&actor.reason)
+    .execute(&mut *tx)
+    .await?;
+    Ok(())
+}
+
+async fn find_by_key(
+    tx: &mut PgConnection,
+    customer: &str,
+    key: &str,
+) -> Result<Option<Grant>, sqlx::Error> {
+    let row: Option<GrantRow> = sqlx::query_as(&format!(
+        "SELECT {GRANT_COLUMNS} FROM credit_grants WHERE customer_id = $1 AND idempotency_key = $2"
+    ))
+    .bind(customer)
+    .bind(key)
+    .fetch_optional(&mut *tx)
+    .await?;
+    Ok(row.map(Grant::from))
+}
+
+/// Serializes everything that moves a customer's credits (grants, voids, the burner), so a
+/// burn never draws from a grant a void is closing.
+pub(crate) async fn lock_customer(tx: &mut PgConnection, customer: &str) -> Result<(), sqlx::Error> {
+    sqlx::query("SELECT pg_advisory_xact_lock(hashtextextended('credits:' || $1, 0))")
+        .bind(customer)
+        .execute(&mut *tx)
+        .await?;
+    Ok(())
+}
+
+/// A customer's credits now.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Balance {
+    pub customer: String,
+    /// What open grants in effect now hold.
+    pub available: Decimal,
+    /// Committed usage not yet burned, priced at the rate card (it will be drawn within
+    /// about a second).
+    pub pending: Decimal,
+    /// `available - pending`: what a check counts on.
+    pub projected: Decimal,
+    /// Usage no grant covered, since the customer's first grant (recorded as `consume`
+    /// entries without a grant).
+    pub uncovered: Decimal,
+    /// Open grants, in the order they are drawn.
+    pub grants: Vec<Grant>,
+}
+
+/// The customer's balance and open grants.
+pub async fn balance(
+    pool: &PgPool,
+    customer: &str,
+    rates: &RateCard,
+    now: DateTime<Utc>,
+) -> Result<Balance, CreditError> {
+    let rows: Vec<GrantRow> = sqlx::query_as(&format!(
+        "SELECT {GRANT_COLUMNS} FROM credit_grants WHERE customer_id = $1 AND closed_at IS NULL
+         ORDER BY {DRAW_ORDER}"
+    ))
+    .bind(customer)
+    .fetch_all(pool)
+    .await?;
+    let grants: Vec<Grant> = rows.into_iter().map(Grant::from).collect();
+    let available = available_now(&grants, now)?;
+    let pending = pending_costs(pool, &[customer], rates)
+        .await?
+        .remove(customer)
+        .unwrap_or_default();
+    let uncovered: Option<ExactDecimal> = sqlx::query_scalar(
+        "SELECT -sum(amount) FROM credit_transactions
+         WHERE customer_id = $1 AND kind = 'consume' AND grant_id IS NULL",
+    )
+    .bind(customer)
+    .fetch_one(pool)
+    .await?;
+    Ok(Balance {
+        customer: customer.to_owned(),
+        available,
+        pending,
+        projected: available - pending,
+        uncovered: uncovered.unwrap_or_default().0,
+        grants,
+    })
+}
+
+fn available_now(grants: &[Grant], now: DateTime<Utc>) -> Result<Decimal, CreditError> {
+    grants
+        .iter()
+        .filter(|g| g.effective_at <= now && g.expires_at.is_none_or(|at| at > now))
+        .try_fold(Decimal::ZERO, |sum, g| sum.checked_add(g.remaining))
+        .ok_or_else(|| CreditError::Invalid("the balance is beyond a 28-digit decimal".into()))
+}
+
+/// For the quota checks, in one query per batch of customers: each customer's projected
+/// balance (open grants in effect now, less committed usage not yet burned). Customers
+/// without any grant are absent.
+pub async fn projected_balances(
+    pool: &PgPool,
+    customers: &[&str],
+    rates: &RateCard,
+    now: DateTime<Utc>,
+) -> Result<HashMap<String, Decimal>, sqlx::Error> {
+    let rows: Vec<(String, Option<ExactDecimal>)> = sqlx::query_as(
+        "SELECT customer_id, sum(remaining) FILTER (WHERE effective_at <= $2
+                    AND (expires_at IS NULL OR expires_at > $2))
+         FROM credit_grants WHERE customer_id = ANY($1) AND closed_at IS NULL
+         GROUP BY customer_id",
+    )
+    .bind(customers)
+    .bind(now)
+    .fetch_all(pool)
+    .await?;
+    let pending = pending_costs(pool, customers, rates).await?;
+    let mut balances: HashMap<String, Decimal> = customers
+        .iter()
+        .map(|c| (c.to_string(), Decimal::ZERO))
+        .collect();
+    for (customer, available) in rows {
+        balances.insert(customer, available.unwrap_or_default().0);
+    }
+    for (customer, cost) in pending {
+        let balance = balances.entry(customer).or_default();
+        *balance = balance.saturating_sub(cost);
+    }
+    Ok(balances)
+}
+
+/// Committed usage still in the queue, priced, per customer.
+async fn pending_costs(
+    pool: &PgPool,
+    customers: &[&str],
+    rates: &RateCard,
+) -> Result<HashMap<String, Decimal>, sqlx::Error> {
+    let rows: Vec<(String, String, String, ExactDecimal)> = sqlx::query_as(
+        "SELECT customer_id, meter, group_key, sum(quantity) FROM credit_usage_queue
+         WHERE customer_id = ANY($1) GROUP BY customer_id, meter, group_key",
+    )
+    .bind(customers)
+    .fetch_all(pool)
+    .await?;
+    let mut costs: HashMap<String, Decimal> = HashMap::new();
+    for (customer, meter, group_key, quantity) in rows {
+        let rate = rates.rate_for_window(&meter, &group_key).unwrap_or_default();
+        let cost = quantity.0.saturating_mul(rate);
+        let total = costs.entry(customer).or_default();
+        *total = total.saturating_add(cost);
+    }
+    Ok(costs)
+}
+
+/// One ledger entry.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct LedgerEntry {
+    pub transaction_id: i64,
+    pub grant_id: Option<i64>,
+    /// `grant`, `consume`, `expire` or `void`.
+    pub kind: String,
+    /// Signed: positive for a grant, negative for the rest.
+    pub amount: Decimal,
+    /// For `consume`: the source window, and the usage of it this entry paid for.
+    pub meter: Option<String>,
+    pub group_key: Option<String>,
+    pub window_start: Option<DateTime<Utc>>,
+    pub quantity: Option<Decimal>,
+    pub credits_per_unit: Option<Decimal>,
+    pub actor: String,
+    pub reason: Option<String>,
+    pub at: DateTime<Utc>,
+}
+
+#[derive(sqlx::FromRow)]
+struct LedgerRow {
+    transaction_id: i64,
+    grant_id: Option<i64>,
+    kind: String,
+    amount: ExactDecimal,
+    meter: Option<String>,
+    group_key: Option<String>,
+    window_start: Option<DateTime<Utc>>,
+    quantity: Option<ExactDecimal>,
+    credits_per_unit: Option<ExactDecimal>,
+    actor: String,
+    reason: Option<String>,
+    at: DateTime<Utc>,
+}
+
+/// Most entries one page of the ledger holds.
+pub const MAX_LEDGER_PAGE: i64 = 1000;
+
+/// A customer's ledger, oldest first, after entry `after` (a page: at most `limit`, capped at
+/// [`MAX_LEDGER_PAGE`]).
+pub async fn ledger(
+    pool: &PgPool,
+    customer: &str,
+    after: Option<i64>,
+    limit: i64,
+) -> Result<Vec<LedgerEntry>, CreditError> {
+    let rows: Vec<LedgerRow> = sqlx::query_as(
+        "SELECT transaction_id, grant_id, kind, amount, meter, group_key, window_start, quantity,
+                credits_per_unit, actor, reason, at
+         FROM credit_transactions WHERE customer_id = $1 AND transaction_id > $2
+         ORDER BY transaction_id LIMIT $3",
+    )
+    .bind(customer)
+    .bind(after.unwrap_or(0))
+    .bind(limit.clamp(1, MAX_LEDGER_PAGE))
+    .fetch_all(pool)
+    .await?;
+    Ok(rows
+        .into_iter()
+        .map(|r| LedgerEntry {
+            transaction_id: r.transaction_id,
+            grant_id: r.grant_id,
+            kind: r.kind,
+            amount: r.amount.0,
+            meter: r.meter,
+            group_key: r.group_key,
+            window_start: r.window_start,
+            quantity: r.quantity.map(|q| q.0),
+            credits_per_unit: r.credits_per_unit.map(|q| q.0),
+            actor: r.actor,
+            reason: r.reason,
+            at: r.at,
+        })
+        .collect())
+}
+
+/// A grant of the customer's, open or closed.
+pub async fn get_grant(pool: &PgPool, customer: &str, grant_id: i64) -> Result<Grant, CreditError> {
+    let row: Option<GrantRow> = sqlx::query_as(&format!(
+        "SELECT {GRANT_COLUMNS} FROM credit_grants WHERE grant_id = $1 AND customer_id = $2"
+    ))
+    .bind(grant_id)
+    .bind(customer)
+    .fetch_optional(pool)
+    .await?;
+    row.map(Grant::from).ok_or_else(|| CreditError::NoSuchGrant {
+        customer: customer.to_owned(),
+        grant_id,
+    })
+}
