@@ -1,5 +1,6 @@
 //! The handlers.
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use axum::extract::rejection::QueryRejection;
@@ -10,7 +11,7 @@ use axum::Json;
 use rust_decimal::Decimal;
 use serde::Deserialize;
 use serde_json::json;
-use tally_quota::Decision;
+use tally_quota::{Decision, QuotaError};
 
 use crate::auth::{Caller, ReadableCustomer};
 use crate::error::{json_body, ApiError};
@@ -28,10 +29,14 @@ pub(crate) struct CheckRequest {
     /// Also require this feature.
     #[serde(default)]
     feature: Option<String>,
+    /// The usage's dimensions (e.g. `{"model": "large"}`), for a meter under `credits`
+    /// enforcement priced per group-by value.
+    #[serde(default)]
+    dimensions: Option<BTreeMap<String, String>>,
 }
 
-/// `POST /v1/quota/check`: 200 allow/warn; 429 `LIMIT_EXCEEDED`; 403 `FEATURE_DISABLED`;
-/// 404 `NO_ACTIVE_SUBSCRIPTION`. A customer token's check only looks: what it is allowed is not
+/// `POST /v1/quota/check`: 200 allow/warn; 429 `LIMIT_EXCEEDED`; 402 `INSUFFICIENT_CREDITS`;
+/// 403 `FEATURE_DISABLED`; 404 `NO_ACTIVE_SUBSCRIPTION`. A customer token's check only looks: what it is allowed is not
 /// counted, so it cannot use up (or probe by using up) anybody's quota.
 pub(crate) async fn quota_check(
     State(state): State<Arc<ApiState>>,
@@ -50,16 +55,34 @@ pub(crate) async fn quota_check(
             .require_feature(&request.customer, feature)
             .await?;
     }
-    let decision = if caller.counts_usage() {
-        state
-            .quota
-            .check(&request.customer, &request.meter, quantity)
-            .await?
-    } else {
-        state
-            .quota
-            .peek(&request.customer, &request.meter, quantity)
-            .await?
+    let no_dimensions = BTreeMap::new();
+    let dimensions = request.dimensions.as_ref().unwrap_or(&no_dimensions);
+    let (customer, meter) = (&request.customer, &request.meter);
+    let answer = match (caller.counts_usage(), request.dimensions.is_some()) {
+        (true, true) => state.quota.check_with(customer, meter, quantity, dimensions).await,
+        (true, false) => state.quota.check(customer, meter, quantity).await,
+        (false, true) => state.quota.peek_with(customer, meter, quantity, dimensions).await,
+        (false, false) => state.quota.peek(customer, meter, quantity).await,
+    };
+    let decision = match answer {
+        Err(QuotaError::InsufficientCredits {
+            customer,
+            meter,
+            balance,
+            required,
+        }) => {
+            telemetry::quota_decision("deny");
+            let message = format!("customer {customer:?} has {balance} credits left; {required} are needed for this {meter} usage; grant or buy more credits");
+            return Ok((
+                StatusCode::PAYMENT_REQUIRED,
+                Json(json!({
+                    "code": "INSUFFICIENT_CREDITS", "message": message, "metric": meter,
+                    "balance": balance, "required": required,
+                })),
+            )
+                .into_response());
+        }
+        answer => answer?,
     };
     telemetry::quota_decision(match &decision {
         Decision::Allow { .. } => "allow",
@@ -72,9 +95,10 @@ pub(crate) async fn quota_check(
             limit,
             remaining,
             resets_at,
+            credits,
         } => Json(json!({
             "decision": "allow", "metric": request.meter, "current": used, "limit": limit,
-            "remaining": remaining, "resets_at": resets_at,
+            "remaining": remaining, "resets_at": resets_at, "credits_remaining": credits,
         }))
         .into_response(),
         Decision::Warn {
@@ -82,9 +106,10 @@ pub(crate) async fn quota_check(
             limit,
             resets_at,
             enforcement,
+            credits,
         } => Json(json!({
             "decision": "warn", "metric": request.meter, "current": used, "limit": limit,
-            "resets_at": resets_at, "enforcement": enforcement,
+            "resets_at": resets_at, "enforcement": enforcement, "credits_remaining": credits,
         }))
         .into_response(),
         Decision::Deny {

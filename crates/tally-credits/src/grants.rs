@@ -3,7 +3,7 @@
 //! entry written in the same transaction as the grant's `remaining`, so the two always agree;
 //! the ledger is append-only (a trigger refuses updates and deletes).
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 
 use chrono::{DateTime, Utc};
 use rust_decimal::Decimal;
@@ -662,4 +662,67 @@ pub async fn get_grant(pool: &PgPool, customer: &str, grant_id: i64) -> Result<G
         customer: customer.to_owned(),
         grant_id,
     })
+}
+
+/// One meter's usage in a period that grants paid for.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct MeterCredits {
+    /// The usage (in the meter's unit) drawn from grants.
+    pub quantity: Decimal,
+    /// The credits drawn for it.
+    pub credits: Decimal,
+}
+
+/// What credits did for usage in a period (for the invoice preview): `consume` entries whose
+/// source window starts in the period.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct PeriodCredits {
+    /// Per meter, the usage grants paid for (uncovered usage is not in it: it is billed).
+    pub per_meter: BTreeMap<String, MeterCredits>,
+    /// Credits drawn from grants.
+    pub applied: Decimal,
+    /// Credits of usage no grant covered.
+    pub uncovered: Decimal,
+}
+
+/// The customer's `consume` entries for windows starting in `[start, end)`, summed. By window,
+/// not by when the burn ran: a late event burned next month still belongs to this period's
+/// usage, as it does on the invoice.
+pub async fn applied_in_period(
+    pool: &PgPool,
+    customer: &str,
+    start: DateTime<Utc>,
+    end: DateTime<Utc>,
+) -> Result<PeriodCredits, CreditError> {
+    let rows: Vec<(Option<String>, bool, Option<ExactDecimal>, Option<ExactDecimal>)> =
+        sqlx::query_as(
+            "SELECT meter, grant_id IS NOT NULL, sum(quantity), -sum(amount)
+             FROM credit_transactions
+             WHERE customer_id = $1 AND kind = 'consume'
+               AND window_start >= $2 AND window_start < $3
+             GROUP BY 1, 2",
+        )
+        .bind(customer)
+        .bind(start)
+        .bind(end)
+        .fetch_all(pool)
+        .await?;
+    let out_of_range =
+        || CreditError::Invalid("the credits of this period are beyond a 28-digit decimal".into());
+    let mut period = PeriodCredits::default();
+    for (meter, covered, quantity, credits) in rows {
+        let quantity = quantity.unwrap_or_default().0;
+        let credits = credits.unwrap_or_default().0;
+        if !covered {
+            period.uncovered = period.uncovered.checked_add(credits).ok_or_else(out_of_range)?;
+            continue;
+        }
+        period.applied = period.applied.checked_add(credits).ok_or_else(out_of_range)?;
+        // Every consume entry names its meter (the burner writes it from the window).
+        let Some(meter) = meter else { continue };
+        let line = period.per_meter.entry(meter).or_default();
+        line.quantity = line.quantity.checked_add(quantity).ok_or_else(out_of_range)?;
+        line.credits = line.credits.checked_add(credits).ok_or_else(out_of_range)?;
+    }
+    Ok(period)
 }

@@ -22,7 +22,7 @@ pub mod telemetry;
 pub use burn::{burn_once, settle, start_burner, BurnReport, Settled};
 pub use config::{CreditsConfig, RateDefinition};
 pub use grants::{
-    balance, get_grant, grant, ledger, projected_balances, void, Actor, Balance, CreditError,
-    Grant, GrantKind, Granted, LedgerEntry, NewGrant,
+    applied_in_period, balance, get_grant, grant, ledger, projected_balances, void, Actor, Balance,
+    CreditError, Grant, GrantKind, Granted, LedgerEntry, MeterCredits, NewGrant, PeriodCredits,
 };
 pub use rates::RateCard;

@@ -54,6 +54,7 @@ mod refresher;
 mod single_flight;
 mod usage;
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -62,7 +63,7 @@ use rust_decimal::Decimal;
 use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
 
-use crate::plan::Entitlements;
+use crate::plan::{Enforcement, Entitlements};
 use crate::store::Subscription;
 use crate::telemetry::Lookups;
 use cache::{CacheState, Cached, CustomerState};
@@ -146,7 +147,21 @@ impl Quota {
         meter: &str,
         quantity: Decimal,
     ) -> Result<Decision, QuotaError> {
-        self.answer(customer, meter, quantity, Counting::Count)
+        self.answer(customer, meter, quantity, None, Counting::Count)
+            .await
+    }
+
+    /// [`Quota::check`] for usage with these dimensions: a meter under `credits` enforcement
+    /// is priced at the rate for them (e.g. per model). Without dimensions it is priced at the
+    /// meter's default rate, or the highest of its rates when it has no default.
+    pub async fn check_with(
+        &self,
+        customer: &str,
+        meter: &str,
+        quantity: Decimal,
+        dimensions: &BTreeMap<String, String>,
+    ) -> Result<Decision, QuotaError> {
+        self.answer(customer, meter, quantity, Some(dimensions), Counting::Count)
             .await
     }
 
@@ -158,7 +173,20 @@ impl Quota {
         meter: &str,
         quantity: Decimal,
     ) -> Result<Decision, QuotaError> {
-        self.answer(customer, meter, quantity, Counting::Peek).await
+        self.answer(customer, meter, quantity, None, Counting::Peek)
+            .await
+    }
+
+    /// [`Quota::peek`] with dimensions, as [`Quota::check_with`].
+    pub async fn peek_with(
+        &self,
+        customer: &str,
+        meter: &str,
+        quantity: Decimal,
+        dimensions: &BTreeMap<String, String>,
+    ) -> Result<Decision, QuotaError> {
+        self.answer(customer, meter, quantity, Some(dimensions), Counting::Peek)
+            .await
     }
 
     async fn answer(
@@ -166,6 +194,7 @@ impl Quota {
         customer: &str,
         meter: &str,
         quantity: Decimal,
+        dimensions: Option<&BTreeMap<String, String>>,
         counting: Counting,
     ) -> Result<Decision, QuotaError> {
         self.cache.aggregation(meter).await?;
@@ -178,6 +207,7 @@ impl Quota {
                 limit: None,
                 remaining: None,
                 resets_at: None,
+                credits: None,
             });
         };
         let out_of_range = || QuotaError::OutOfRange { quantity };
@@ -190,8 +220,13 @@ impl Quota {
             .committed
             .checked_add(counts.allowed_locally)
             .ok_or_else(out_of_range)?;
-        let decision =
+        let mut decision =
             decide(limit, used, quantity, Some(counts.resets_at)).ok_or_else(out_of_range)?;
+        if limit.enforcement == Enforcement::Credits && !matches!(decision, Decision::Deny { .. })
+        {
+            let left = self.spend_credits(customer, meter, quantity, dimensions, live, counting)?;
+            decision = decision.with_credits(left);
+        }
         if !matches!(decision, Decision::Deny { .. }) {
             let allowed = counts
                 .allowed_locally
@@ -202,6 +237,55 @@ impl Quota {
             }
         }
         Ok(decision)
+    }
+
+    /// For a meter under `credits` enforcement: whether the customer's projected balance, less
+    /// what this process allowed since the load, covers `quantity` at the meter's rate; if so
+    /// (and counting) the cost is counted locally, and the balance left is returned. A meter
+    /// without a rate costs nothing.
+    fn spend_credits(
+        &self,
+        customer: &str,
+        meter: &str,
+        quantity: Decimal,
+        dimensions: Option<&BTreeMap<String, String>>,
+        live: &cache::Live,
+        counting: Counting,
+    ) -> Result<Decimal, QuotaError> {
+        let out_of_range = || QuotaError::OutOfRange { quantity };
+        let rate = self
+            .cache
+            .cached_rates()
+            .rate_for_dimensions(meter, dimensions)
+            .unwrap_or_default();
+        let cost = quantity.checked_mul(rate).ok_or_else(out_of_range)?;
+        // Loaded with the customer whenever a meter uses credits; absent only if the plan
+        // changed under the cached state, which the next load fixes: no balance until then.
+        let Some(mut credits) = live.credits() else {
+            return Err(QuotaError::InsufficientCredits {
+                customer: customer.to_owned(),
+                meter: meter.to_owned(),
+                balance: Decimal::ZERO,
+                required: cost,
+            });
+        };
+        let left = credits
+            .projected
+            .checked_sub(credits.spent_locally)
+            .ok_or_else(out_of_range)?;
+        // Nothing to cover (a zero quantity, a free meter) is allowed even when overdrawn.
+        if cost > left && !cost.is_zero() {
+            return Err(QuotaError::InsufficientCredits {
+                customer: customer.to_owned(),
+                meter: meter.to_owned(),
+                balance: left,
+                required: cost,
+            });
+        }
+        if counting == Counting::Count {
+            credits.spent_locally += cost;
+        }
+        Ok(left - cost)
     }
 
     /// `Ok` when `feature` is enabled for the customer's plan (with overrides).

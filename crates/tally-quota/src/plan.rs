@@ -27,11 +27,15 @@ pub enum Enforcement {
     Soft,
     /// Allow up to limit × (1 + grace_percent / 100) with a warning, then deny.
     Grace,
+    /// Allow while the customer's prepaid credits cover the usage (priced by
+    /// `[[credits.rates]]`), then deny with INSUFFICIENT_CREDITS. A `limit`, if given, is also
+    /// a hard ceiling; without one the meter has no limit but the credits.
+    Credits,
 }
 
 /// One meter's limit in a plan (`[plans.limits.<meter>]`).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(try_from = "WrittenLimit")]
 pub struct LimitDefinition {
     /// Usage allowed per period; -1 means unlimited.
     pub limit: Decimal,
@@ -50,6 +54,45 @@ fn hard() -> Enforcement {
     Enforcement::Hard
 }
 
+/// A limit as written: `limit` and `period` may be left out only with `credits` enforcement
+/// (no ceiling but the credits; usage shown per month).
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct WrittenLimit {
+    limit: Option<Decimal>,
+    period: Option<Period>,
+    #[serde(default = "hard")]
+    enforcement: Enforcement,
+    #[serde(default)]
+    grace_percent: Decimal,
+    #[serde(default)]
+    unit_price: Option<Decimal>,
+}
+
+impl TryFrom<WrittenLimit> for LimitDefinition {
+    type Error = String;
+
+    fn try_from(written: WrittenLimit) -> Result<LimitDefinition, String> {
+        let credits = written.enforcement == Enforcement::Credits;
+        let (limit, period) = match (written.limit, written.period) {
+            (Some(limit), Some(period)) => (limit, period),
+            (limit, period) if credits => (
+                limit.unwrap_or(Decimal::NEGATIVE_ONE),
+                period.unwrap_or(Period::Month),
+            ),
+            (None, _) => return Err("missing field `limit`".into()),
+            (_, None) => return Err("missing field `period`".into()),
+        };
+        Ok(LimitDefinition {
+            limit,
+            period,
+            enforcement: written.enforcement,
+            grace_percent: written.grace_percent,
+            unit_price: written.unit_price,
+        })
+    }
+}
+
 impl LimitDefinition {
     pub fn is_unlimited(&self) -> bool {
         self.limit == Decimal::NEGATIVE_ONE
@@ -63,7 +106,7 @@ impl LimitDefinition {
             return None;
         }
         match self.enforcement {
-            Enforcement::Hard => Some(self.limit),
+            Enforcement::Hard | Enforcement::Credits => Some(self.limit),
             Enforcement::Soft => None,
             Enforcement::Grace => self
                 .limit
@@ -118,6 +161,10 @@ pub struct PlanDefinition {
     /// payments.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub price: Option<PlanPrice>,
+    /// `[plans.credits]`: credits granted to each subscription every period, expiring at the
+    /// period's end (the credit burner grants them).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub credits: Option<PlanCredits>,
     /// A trial on this plan ends in cancellation, not in an active subscription, unless a
     /// payment method is on record for the subscription.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
@@ -133,6 +180,18 @@ pub struct PlanPrice {
     /// ISO 4217, lowercase as Stripe writes it, e.g. "usd".
     pub currency: String,
     pub interval: PriceInterval,
+}
+
+/// `[plans.credits]`: the credits a plan grants each billing period.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PlanCredits {
+    /// Credits per period: more than 0, at most 10^18, at most 9 decimal places.
+    pub amount: Decimal,
+    /// Draw order among the customer's grants (lower first); default 20, after purchased
+    /// credits (10) and before promotional ones (30).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub priority: Option<i32>,
 }
 
 /// How often a plan's price is charged.
@@ -157,6 +216,24 @@ impl PlanDefinition {
                 ));
             }
             limit.validate(&self.name, meter)?;
+        }
+        if let Some(credits) = &self.credits {
+            let max = Decimal::from(1_000_000_000_000_000_000i64);
+            if credits.amount <= Decimal::ZERO
+                || credits.amount > max
+                || credits.amount.normalize().scale() > 9
+            {
+                return Err(format!(
+                    "plan {:?}: credits.amount {} must be more than 0, at most 10^18, with at most 9 decimal places",
+                    self.name, credits.amount
+                ));
+            }
+            if credits.priority.is_some_and(|p| !(0..=1000).contains(&p)) {
+                return Err(format!(
+                    "plan {:?}: credits.priority must be 0 to 1000 (lower draws first)",
+                    self.name
+                ));
+            }
         }
         if let Some(price) = &self.price {
             if price.amount.is_sign_negative() {
@@ -255,6 +332,13 @@ impl Entitlements {
                     enforcement: change.enforcement.unwrap_or(base.enforcement),
                     grace_percent: change.grace_percent.unwrap_or(base.grace_percent),
                     unit_price: change.unit_price.or(base.unit_price),
+                },
+                None if change.enforcement == Some(Enforcement::Credits) => LimitDefinition {
+                    limit: change.limit.unwrap_or(Decimal::NEGATIVE_ONE),
+                    period: change.period.unwrap_or(Period::Month),
+                    enforcement: Enforcement::Credits,
+                    grace_percent: change.grace_percent.unwrap_or_default(),
+                    unit_price: change.unit_price,
                 },
                 None => match (change.limit, change.period) {
                     (Some(limit), Some(period)) => LimitDefinition {

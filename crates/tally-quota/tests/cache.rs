@@ -190,6 +190,7 @@ async fn peek_answers_what_check_would_and_counts_nothing() {
         limit: Some(n(100)),
         remaining: Some(n(remaining)),
         resets_at: Some(tomorrow),
+        credits: None,
     };
     for _ in 0..3 {
         assert_eq!(

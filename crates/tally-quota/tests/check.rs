@@ -77,7 +77,8 @@ async fn periods_modes_and_the_local_count() {
             used: n(90),
             limit: Some(n(100)),
             remaining: Some(n(5)),
-            resets_at: Some(tomorrow)
+            resets_at: Some(tomorrow),
+            credits: None,
         }
     );
     // A burst: what this process allowed counts before the aggregator has it.

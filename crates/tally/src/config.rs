@@ -105,6 +105,14 @@ impl TallyConfig {
         self.credits
             .validate(&self.meters)
             .map_err(|problem| anyhow::anyhow!("{problem}"))?;
+        for plan in &self.plans {
+            for (meter, limit) in &plan.limits {
+                let priced = self.credits.rates.iter().any(|rate| &rate.meter == meter);
+                if limit.enforcement == tally_quota::Enforcement::Credits && !priced {
+                    bail!("plan {:?} enforces credits on meter {meter:?}, which has no rate; add a [[credits.rates]] entry for it", plan.name);
+                }
+            }
+        }
         self.emitter
             .validate()
             .map_err(|problem| anyhow::anyhow!("{problem}"))?;

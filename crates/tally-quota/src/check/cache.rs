@@ -12,13 +12,14 @@ use chrono::{DateTime, Utc};
 use rust_decimal::Decimal;
 use sqlx::PgPool;
 use tally_core::Aggregation;
+use tally_credits::RateCard;
 use tokio::sync::Notify;
 
 use super::customers::Customers;
 use super::single_flight::SingleFlight;
 use super::usage::period_bounds;
 use super::{QuotaError, QuotaOptions};
-use crate::plan::{Entitlements, Period};
+use crate::plan::{Enforcement, Entitlements, Period};
 use crate::store::{QuotaStoreError, Subscription};
 
 /// One customer's cached state.
@@ -80,6 +81,9 @@ pub(super) struct Live {
     pub(super) entitlements: Arc<Entitlements>,
     /// One per limited meter: usage in its current period, and what this process allowed.
     pub(super) meters: Box<[MeterUsage]>,
+    /// For a customer with a meter under `credits` enforcement: the projected credit balance
+    /// when loaded, and what this process's checks allowed since.
+    pub(super) credits: Option<Mutex<CreditCounts>>,
     /// When the billing period ends, if a limit counts usage by it and it had not ended when
     /// loaded. From then on a check reloads the customer before answering: whether the
     /// subscription renewed, and until when, is only known to Postgres (Stripe's webhook).
@@ -103,8 +107,23 @@ impl Live {
             subscription,
             entitlements,
             meters,
+            credits: None,
             reload_at,
         }
+    }
+
+    /// Whether a meter of the customer's is under `credits` enforcement.
+    pub(super) fn uses_credits(entitlements: &Entitlements) -> bool {
+        entitlements
+            .limits
+            .values()
+            .any(|limit| limit.enforcement == Enforcement::Credits)
+    }
+
+    pub(super) fn credits(&self) -> Option<MutexGuard<'_, CreditCounts>> {
+        self.credits
+            .as_ref()
+            .map(|c| c.lock().unwrap_or_else(PoisonError::into_inner))
     }
 
     /// The usage of a limited meter (a plan limits a few meters: a scan beats a hash).
@@ -133,6 +152,14 @@ impl MeterUsage {
     pub(super) fn lock(&self) -> MutexGuard<'_, Counts> {
         self.counts.lock().unwrap_or_else(PoisonError::into_inner)
     }
+}
+
+/// A customer's credits, as a check sees them.
+pub(super) struct CreditCounts {
+    /// Open grants in effect less committed usage not yet burned, when loaded.
+    pub(super) projected: Decimal,
+    /// Credits this process's checks allowed since (peeks add nothing).
+    pub(super) spent_locally: Decimal,
 }
 
 /// A limited meter's usage in its current period, as a check sees it.
@@ -174,6 +201,9 @@ impl Counts {
     }
 }
 
+/// How often the credit rate card is reloaded (with the customers' loads that need it).
+const RATES_RELOAD: Duration = Duration::from_secs(10);
+
 /// How often the meter list may be reloaded because a check named an unknown meter.
 const METERS_RELOAD: Duration = Duration::from_secs(5);
 
@@ -206,6 +236,9 @@ pub(super) struct CacheState {
     /// it does not hold, at most every [`METERS_RELOAD`].
     pub(super) aggregations: RwLock<Aggregations>,
     meters_reload: tokio::sync::Mutex<()>,
+    /// The credit rate card (`credit_rates`), reloaded with the customers it prices at most
+    /// every [`RATES_RELOAD`].
+    pub(super) rates: RwLock<(Arc<RateCard>, Option<Instant>)>,
     /// Cached state by customer, at most `max_customers` entries.
     pub(super) customers: Customers,
     /// Each plan's entitlements, shared by its customers who have no override.
@@ -228,6 +261,7 @@ impl CacheState {
             pool,
             aggregations: RwLock::default(),
             meters_reload: tokio::sync::Mutex::new(()),
+            rates: RwLock::new((Arc::default(), None)),
             customers: Customers::new(options.max_customers),
             plans: Mutex::default(),
             single_flight: SingleFlight::new(options.max_concurrent_loads),
@@ -307,6 +341,33 @@ impl CacheState {
             .loaded
             .is_some_and(|at| at.elapsed() < METERS_RELOAD)
             .then(|| Err(QuotaError::UnknownMeter(meter.to_owned())))
+    }
+
+    /// The rate card, reloaded first when it is older than [`RATES_RELOAD`].
+    pub(super) async fn rate_card(&self) -> Result<Arc<RateCard>, QuotaError> {
+        {
+            let rates = self.rates.read().unwrap_or_else(PoisonError::into_inner);
+            if rates.1.is_some_and(|at| at.elapsed() < RATES_RELOAD) {
+                return Ok(rates.0.clone());
+            }
+        }
+        let card = Arc::new(
+            RateCard::load(&self.pool)
+                .await
+                .map_err(QuotaStoreError::from)?,
+        );
+        *self.rates.write().unwrap_or_else(PoisonError::into_inner) =
+            (card.clone(), Some(Instant::now()));
+        Ok(card)
+    }
+
+    /// The rate card as last loaded (loads keep it fresh; a check never waits for it).
+    pub(super) fn cached_rates(&self) -> Arc<RateCard> {
+        self.rates
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .0
+            .clone()
     }
 
     /// The customer's cached state, fresh or stale.

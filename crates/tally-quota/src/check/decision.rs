@@ -15,6 +15,9 @@ pub enum Decision {
         limit: Option<Decimal>,
         remaining: Option<Decimal>,
         resets_at: Option<DateTime<Utc>>,
+        /// For a meter with `credits` enforcement: the projected credit balance left after
+        /// this quantity.
+        credits: Option<Decimal>,
     },
     /// Allowed, but above the limit (`soft`), or within the grace (`grace`).
     Warn {
@@ -22,6 +25,8 @@ pub enum Decision {
         limit: Decimal,
         resets_at: Option<DateTime<Utc>>,
         enforcement: Enforcement,
+        /// As for `Allow`.
+        credits: Option<Decimal>,
     },
     /// Denied: above a `hard` limit or beyond the grace.
     Deny {
@@ -29,6 +34,19 @@ pub enum Decision {
         limit: Decimal,
         resets_at: Option<DateTime<Utc>>,
     },
+}
+
+impl Decision {
+    /// The same decision, saying what credit balance is left.
+    pub(crate) fn with_credits(mut self, left: Decimal) -> Decision {
+        match &mut self {
+            Decision::Allow { credits, .. } | Decision::Warn { credits, .. } => {
+                *credits = Some(left)
+            }
+            Decision::Deny { .. } => {}
+        }
+        self
+    }
 }
 
 /// The decision for `quantity` more on top of `used`; `None` when `used + quantity` is beyond
@@ -45,6 +63,7 @@ pub fn decide(
             limit: None,
             remaining: None,
             resets_at,
+            credits: None,
         });
     }
     let projected = used.checked_add(quantity)?;
@@ -54,6 +73,7 @@ pub fn decide(
             limit: Some(limit.limit),
             remaining: Some(limit.limit.checked_sub(projected)?),
             resets_at,
+            credits: None,
         });
     }
     Some(match limit.deny_above() {
@@ -67,6 +87,7 @@ pub fn decide(
             limit: limit.limit,
             resets_at,
             enforcement: limit.enforcement,
+            credits: None,
         },
     })
 }
@@ -129,7 +150,8 @@ mod tests {
                 used: n(99),
                 limit: Some(n(100)),
                 remaining: Some(n(0)),
-                resets_at: None
+                resets_at: None,
+                credits: None,
             }
         );
         let grace_edge = decide(&limit(100, Enforcement::Grace, 10), n(109), n(1), None).unwrap();

@@ -18,6 +18,15 @@ pub enum QuotaError {
     /// The quantity, or the usage plus the quantity, is beyond what a 28-digit decimal holds.
     #[error("quantity {quantity} on top of the customer's usage is beyond a 28-digit decimal; send a quantity within tally's domain (at most 10^15)")]
     OutOfRange { quantity: Decimal },
+    /// A meter with `credits` enforcement: the customer's projected credit balance cannot
+    /// cover the quantity at the meter's rate.
+    #[error("customer {customer:?} has {balance} credits left; {required} are needed for this {meter} usage; grant or buy more credits (POST /v1/customers/{customer}/credits/grants)")]
+    InsufficientCredits {
+        customer: String,
+        meter: String,
+        balance: Decimal,
+        required: Decimal,
+    },
     #[error(transparent)]
     Store(#[from] QuotaStoreError),
 }
@@ -39,6 +48,17 @@ impl QuotaError {
             QuotaError::Unsupported(meter) => QuotaError::Unsupported(meter.clone()),
             QuotaError::OutOfRange { quantity } => QuotaError::OutOfRange {
                 quantity: *quantity,
+            },
+            QuotaError::InsufficientCredits {
+                customer,
+                meter,
+                balance,
+                required,
+            } => QuotaError::InsufficientCredits {
+                customer: customer.clone(),
+                meter: meter.clone(),
+                balance: *balance,
+                required: *required,
             },
             QuotaError::Store(error) => QuotaError::Store(match error {
                 QuotaStoreError::Postgres(error) => {
@@ -73,6 +93,7 @@ impl QuotaError {
             QuotaError::UnknownMeter(_) => "UNKNOWN_METER",
             QuotaError::Unsupported(_) => "UNSUPPORTED",
             QuotaError::OutOfRange { .. } => "INVALID_QUANTITY",
+            QuotaError::InsufficientCredits { .. } => "INSUFFICIENT_CREDITS",
             QuotaError::Store(_) => "INTERNAL",
         }
     }
@@ -86,6 +107,9 @@ impl QuotaError {
             QuotaError::UnknownMeter(_)
             | QuotaError::Unsupported(_)
             | QuotaError::OutOfRange { .. } => 400,
+            // 402, not 429: retrying does not help until credits are added (a 429 invites
+            // clients to back off and retry).
+            QuotaError::InsufficientCredits { .. } => 402,
             QuotaError::Store(_) => 503,
         }
     }

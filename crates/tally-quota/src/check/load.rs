@@ -3,17 +3,18 @@
 //! usage of every limited meter (`usage.rs`). Used by the loads a check waits for
 //! (`single_flight.rs`, one customer) and by the refresher (a batch).
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use chrono::{DateTime, Utc};
 use tally_core::Aggregation;
 
-use super::cache::{CacheState, Cached, CustomerState, Live, MeterUsage};
+use super::cache::{CacheState, Cached, CreditCounts, CustomerState, Live, MeterUsage};
 use super::usage::{period_bounds, UsageRequests};
 use super::QuotaError;
 use crate::plan::Entitlements;
-use crate::store::{self, Subscription};
+use crate::store::{self, QuotaStoreError, Subscription};
+use rust_decimal::Decimal;
 
 /// One customer of a batch: its freshly loaded state, or why it could not be loaded.
 pub(super) struct LoadedCustomer {
@@ -109,6 +110,20 @@ impl CacheState {
             });
         }
         let usage = requests.fetch(&self.pool).await?;
+        // Credit balances, in one more query pair, for the customers with a `credits` meter.
+        let credit_customers: Vec<&str> = results
+            .iter()
+            .filter(|r| matches!(&r.found, Ok(Found::Live(_, e)) if Live::uses_credits(e)))
+            .map(|r| r.customer.as_str())
+            .collect();
+        let mut balances = if credit_customers.is_empty() {
+            Default::default()
+        } else {
+            let rates = self.rate_card().await?;
+            tally_credits::projected_balances(&self.pool, &credit_customers, &rates, now)
+                .await
+                .map_err(QuotaStoreError::from)?
+        };
         Ok(results
             .into_iter()
             .map(|awaiting| {
@@ -124,7 +139,17 @@ impl CacheState {
                                 MeterUsage::new(wanted.meter, committed, wanted.resets_at)
                             })
                             .collect();
-                        CustomerState::Live(Live::new(subscription, entitlements, meters, now))
+                        let uses_credits = Live::uses_credits(&entitlements);
+                        let mut live = Live::new(subscription, entitlements, meters, now);
+                        if uses_credits {
+                            let projected =
+                                balances.remove(&awaiting.customer).unwrap_or_default();
+                            live.credits = Some(Mutex::new(CreditCounts {
+                                projected,
+                                spent_locally: Decimal::ZERO,
+                            }));
+                        }
+                        CustomerState::Live(live)
                     }
                 });
                 LoadedCustomer {

@@ -188,6 +188,7 @@ mod tests {
             limit: Some(n(100)),
             remaining: Some(n(2)),
             resets_at,
+            credits: None,
         };
         assert_eq!(
             RateLimit::of(&allow, now),
@@ -203,6 +204,7 @@ mod tests {
             limit: None,
             remaining: None,
             resets_at,
+            credits: None,
         };
         assert_eq!(RateLimit::of(&unlimited, now), None);
         let warn = Decision::Warn {
@@ -210,6 +212,7 @@ mod tests {
             limit: n(100),
             resets_at,
             enforcement: crate::Enforcement::Soft,
+            credits: None,
         };
         assert_eq!(RateLimit::of(&warn, now).unwrap().remaining, n(0));
         let deny = Decision::Deny {
