@@ -113,8 +113,10 @@ async fn burn_queued(pool: &PgPool, rates: &RateCard) -> Result<BurnReport, sqlx
     report.queued = rows.len();
     let oldest = rows.iter().map(|r| r.queued_at).min();
     // Per customer (in order: locks are always taken in the same order), one usage per window.
-    let mut by_customer: BTreeMap<String, BTreeMap<(DateTime<Utc>, String, String), (Decimal, Vec<i64>)>> =
-        BTreeMap::new();
+    let mut by_customer: BTreeMap<
+        String,
+        BTreeMap<(DateTime<Utc>, String, String), (Decimal, Vec<i64>)>,
+    > = BTreeMap::new();
     let mut stuck = Vec::new();
     for row in &rows {
         let window = by_customer
@@ -177,7 +179,10 @@ async fn burn_queued(pool: &PgPool, rates: &RateCard) -> Result<BurnReport, sqlx
     entries.write(&mut tx).await?;
     if !stuck.is_empty() {
         let stuck: HashSet<i64> = stuck.into_iter().collect();
-        let stuck: Vec<&Queued> = rows.iter().filter(|r| stuck.contains(&r.queue_id)).collect();
+        let stuck: Vec<&Queued> = rows
+            .iter()
+            .filter(|r| stuck.contains(&r.queue_id))
+            .collect();
         set_aside(&mut tx, &stuck).await?;
         report.stuck = stuck.len();
     }
@@ -188,22 +193,25 @@ async fn burn_queued(pool: &PgPool, rates: &RateCard) -> Result<BurnReport, sqlx
 
 /// The customer's open grants, locked, in draw order.
 async fn open_grants(tx: &mut PgConnection, customer: &str) -> Result<Vec<OpenGrant>, sqlx::Error> {
-    let rows: Vec<(i64, ExactDecimal, DateTime<Utc>, Option<DateTime<Utc>>)> = sqlx::query_as(&format!(
-        "SELECT grant_id, remaining, effective_at, expires_at FROM credit_grants
+    let rows: Vec<(i64, ExactDecimal, DateTime<Utc>, Option<DateTime<Utc>>)> =
+        sqlx::query_as(&format!(
+            "SELECT grant_id, remaining, effective_at, expires_at FROM credit_grants
          WHERE customer_id = $1 AND closed_at IS NULL AND remaining > 0
          ORDER BY {DRAW_ORDER} FOR UPDATE"
-    ))
-    .bind(customer)
-    .fetch_all(&mut *tx)
-    .await?;
+        ))
+        .bind(customer)
+        .fetch_all(&mut *tx)
+        .await?;
     Ok(rows
         .into_iter()
-        .map(|(grant_id, remaining, effective_at, expires_at)| OpenGrant {
-            grant_id,
-            remaining: remaining.0,
-            effective_at,
-            expires_at,
-        })
+        .map(
+            |(grant_id, remaining, effective_at, expires_at)| OpenGrant {
+                grant_id,
+                remaining: remaining.0,
+                effective_at,
+                expires_at,
+            },
+        )
         .collect())
 }
 
@@ -299,9 +307,17 @@ async fn set_aside(tx: &mut PgConnection, rows: &[&Queued]) -> Result<(), sqlx::
          FROM unnest($1::text[], $2::text[], $3::text[], $4::timestamptz[], $5::numeric[],
                      $6::timestamptz[]) AS u(c, m, k, w, q, t)",
     )
-    .bind(rows.iter().map(|r| r.customer_id.as_str()).collect::<Vec<_>>())
+    .bind(
+        rows.iter()
+            .map(|r| r.customer_id.as_str())
+            .collect::<Vec<_>>(),
+    )
     .bind(rows.iter().map(|r| r.meter.as_str()).collect::<Vec<_>>())
-    .bind(rows.iter().map(|r| r.group_key.as_str()).collect::<Vec<_>>())
+    .bind(
+        rows.iter()
+            .map(|r| r.group_key.as_str())
+            .collect::<Vec<_>>(),
+    )
     .bind(rows.iter().map(|r| r.window_start).collect::<Vec<_>>())
     .bind(rows.iter().map(|r| r.quantity.0).collect::<Vec<_>>())
     .bind(rows.iter().map(|r| r.queued_at).collect::<Vec<_>>())
@@ -343,9 +359,16 @@ async fn expire(pool: &PgPool, now: DateTime<Utc>) -> Result<usize, sqlx::Error>
 /// Grants each live subscription on a plan with `[plans.credits]` its current period's credits,
 /// once (the idempotency key names the subscription and the period). Returns the customers.
 async fn grant_plan_credits(pool: &PgPool, now: DateTime<Utc>) -> Result<Vec<String>, sqlx::Error> {
-    let due: Vec<(i64, String, String, DateTime<Utc>, DateTime<Utc>, ExactDecimal, Option<i32>)> =
-        sqlx::query_as(
-            "SELECT s.subscription_id, s.customer_id, s.plan, s.current_period_start,
+    let due: Vec<(
+        i64,
+        String,
+        String,
+        DateTime<Utc>,
+        DateTime<Utc>,
+        ExactDecimal,
+        Option<i32>,
+    )> = sqlx::query_as(
+        "SELECT s.subscription_id, s.customer_id, s.plan, s.current_period_start,
                     s.current_period_end, (p.definition->'credits'->>'amount')::numeric,
                     (p.definition->'credits'->>'priority')::integer
              FROM subscriptions s JOIN plans p ON p.name = s.plan
@@ -357,10 +380,10 @@ async fn grant_plan_credits(pool: &PgPool, now: DateTime<Utc>) -> Result<Vec<Str
                      AND g.idempotency_key = 'plan:' || s.subscription_id || ':'
                          || extract(epoch FROM s.current_period_start)::bigint)
              LIMIT 1000",
-        )
-        .bind(now)
-        .fetch_all(pool)
-        .await?;
+    )
+    .bind(now)
+    .fetch_all(pool)
+    .await?;
     let mut customers = Vec::new();
     for (subscription_id, customer, plan, start, end, amount, priority) in due {
         let new = NewGrant {

@@ -99,7 +99,7 @@ mod tests {
     use super::*;
 
     fn meters() -> Vec<MeterDefinition> {
-        tally_core::meters_from_toml(
+        tally_core::meter::meters_from_toml(
             r#"
             [[meters]]
             name = "tokens"
@@ -132,28 +132,46 @@ mod tests {
         );
         ok.validate(&meters()).unwrap();
         for (text, says) in [
-            (r#"[[rates]]
+            (
+                r#"[[rates]]
                 meter = "nope"
-                credits_per_unit = "1""#, "not in [[meters]]"),
-            (r#"[[rates]]
+                credits_per_unit = "1""#,
+                "not in [[meters]]",
+            ),
+            (
+                r#"[[rates]]
                 meter = "seats"
-                credits_per_unit = "1""#, "only sum and count"),
-            (r#"[[rates]]
+                credits_per_unit = "1""#,
+                "only sum and count",
+            ),
+            (
+                r#"[[rates]]
                 meter = "tokens"
-                credits_per_unit = "-1""#, "0 to 1000000"),
-            (r#"[[rates]]
+                credits_per_unit = "-1""#,
+                "0 to 1000000",
+            ),
+            (
+                r#"[[rates]]
                 meter = "tokens"
-                credits_per_unit = "0.0000000001""#, "9 decimal places"),
-            (r#"[[rates]]
+                credits_per_unit = "0.0000000001""#,
+                "9 decimal places",
+            ),
+            (
+                r#"[[rates]]
                 meter = "tokens"
                 credits_per_unit = "1"
-                dimensions = { region = "eu" }"#, "not in the meter's group_by"),
-            (r#"[[rates]]
+                dimensions = { region = "eu" }"#,
+                "not in the meter's group_by",
+            ),
+            (
+                r#"[[rates]]
                 meter = "tokens"
                 credits_per_unit = "1"
                 [[rates]]
                 meter = "tokens"
-                credits_per_unit = "2""#, "two rates"),
+                credits_per_unit = "2""#,
+                "two rates",
+            ),
         ] {
             let error = config(text).validate(&meters()).unwrap_err();
             assert!(error.contains(says), "{error}");

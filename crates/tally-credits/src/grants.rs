@@ -164,6 +164,9 @@ pub enum CreditError {
     NoSuchGrant { customer: String, grant_id: i64 },
     #[error("grant {grant_id} is already closed ({closed_as}); nothing is left to void")]
     Closed { grant_id: i64, closed_as: String },
+    /// A sum of credits (a balance, a period's credits) beyond what a 28-digit decimal holds.
+    #[error("{0} is beyond what a 28-digit decimal holds and cannot be shown exactly; void or let expire the grants that make it so")]
+    OutOfRange(&'static str),
     #[error("{0}")]
     Store(#[from] sqlx::Error),
 }
@@ -176,6 +179,7 @@ impl CreditError {
             CreditError::IdempotencyConflict { .. } => "IDEMPOTENCY_CONFLICT",
             CreditError::NoSuchGrant { .. } => "NO_SUCH_GRANT",
             CreditError::Closed { .. } => "GRANT_CLOSED",
+            CreditError::OutOfRange(_) => "CREDITS_OUT_OF_RANGE",
             CreditError::Store(e) if tally_db::is_data_error(e) => "CREDITS_OUT_OF_RANGE",
             CreditError::Store(_) => "STORE_UNAVAILABLE",
         }
@@ -187,6 +191,7 @@ impl CreditError {
             CreditError::Invalid(_) | CreditError::ReasonRequired => 422,
             CreditError::IdempotencyConflict { .. } | CreditError::Closed { .. } => 409,
             CreditError::NoSuchGrant { .. } => 404,
+            CreditError::OutOfRange(_) => 422,
             CreditError::Store(e) if tally_db::is_data_error(e) => 422,
             CreditError::Store(_) => 503,
         }
@@ -208,7 +213,10 @@ impl Actor {
             return Err(CreditError::ReasonRequired);
         }
         for (field, value) in [("actor", name.trim()), ("reason", reason)] {
-            if value.is_empty() || value.chars().count() > 1000 || value.chars().any(char::is_control) {
+            if value.is_empty()
+                || value.chars().count() > 1000
+                || value.chars().any(char::is_control)
+            {
                 return Err(CreditError::Invalid(format!(
                     "{field} must be 1 to 1000 printable characters"
                 )));
@@ -272,11 +280,17 @@ impl NewGrant {
 
     /// Whether a stored grant is this one (a repeat of the same request).
     fn same_as(&self, grant: &Grant) -> bool {
+        // Postgres keeps microseconds.
+        let micros = |at: DateTime<Utc>| at.timestamp_micros();
         grant.kind == self.kind
             && grant.amount == self.amount
             && self.priority.is_none_or(|p| p == grant.priority)
-            && self.expires_at.is_none_or(|at| Some(at) == grant.expires_at)
-            && self.effective_at.is_none_or(|at| at == grant.effective_at)
+            && self
+                .expires_at
+                .is_none_or(|at| Some(micros(at)) == grant.expires_at.map(micros))
+            && self
+                .effective_at
+                .is_none_or(|at| micros(at) == micros(grant.effective_at))
     }
 }
 
@@ -391,15 +405,7 @@ pub async fn void(
     .bind(grant_id)
     .fetch_one(&mut *tx)
     .await?;
-    record(
-        &mut tx,
-        customer,
-        grant_id,
-        "void",
-        -grant.remaining,
-        actor,
-    )
-    .await?;
+    record(&mut tx, customer, grant_id, "void", -grant.remaining, actor).await?;
     tx.commit().await?;
     Ok(voided.into())
 }
@@ -444,7 +450,10 @@ async fn find_by_key(
 
 /// Serializes everything that moves a customer's credits (grants, voids, the burner), so a
 /// burn never draws from a grant a void is closing.
-pub(crate) async fn lock_customer(tx: &mut PgConnection, customer: &str) -> Result<(), sqlx::Error> {
+pub(crate) async fn lock_customer(
+    tx: &mut PgConnection,
+    customer: &str,
+) -> Result<(), sqlx::Error> {
     sqlx::query("SELECT pg_advisory_xact_lock(hashtextextended('credits:' || $1, 0))")
         .bind(customer)
         .execute(&mut *tx)
@@ -512,7 +521,7 @@ fn available_now(grants: &[Grant], now: DateTime<Utc>) -> Result<Decimal, Credit
         .iter()
         .filter(|g| g.effective_at <= now && g.expires_at.is_none_or(|at| at > now))
         .try_fold(Decimal::ZERO, |sum, g| sum.checked_add(g.remaining))
-        .ok_or_else(|| CreditError::Invalid("the balance is beyond a 28-digit decimal".into()))
+        .ok_or(CreditError::OutOfRange("the balance"))
 }
 
 /// For the quota checks, in one query per batch of customers: each customer's projected
@@ -564,7 +573,9 @@ async fn pending_costs(
     .await?;
     let mut costs: HashMap<String, Decimal> = HashMap::new();
     for (customer, meter, group_key, quantity) in rows {
-        let rate = rates.rate_for_window(&meter, &group_key).unwrap_or_default();
+        let rate = rates
+            .rate_for_window(&meter, &group_key)
+            .unwrap_or_default();
         let cost = quantity.0.saturating_mul(rate);
         let total = costs.entry(customer).or_default();
         *total = total.saturating_add(cost);
@@ -658,10 +669,11 @@ pub async fn get_grant(pool: &PgPool, customer: &str, grant_id: i64) -> Result<G
     .bind(customer)
     .fetch_optional(pool)
     .await?;
-    row.map(Grant::from).ok_or_else(|| CreditError::NoSuchGrant {
-        customer: customer.to_owned(),
-        grant_id,
-    })
+    row.map(Grant::from)
+        .ok_or_else(|| CreditError::NoSuchGrant {
+            customer: customer.to_owned(),
+            grant_id,
+        })
 }
 
 /// One meter's usage in a period that grants paid for.
@@ -694,34 +706,46 @@ pub async fn applied_in_period(
     start: DateTime<Utc>,
     end: DateTime<Utc>,
 ) -> Result<PeriodCredits, CreditError> {
-    let rows: Vec<(Option<String>, bool, Option<ExactDecimal>, Option<ExactDecimal>)> =
-        sqlx::query_as(
-            "SELECT meter, grant_id IS NOT NULL, sum(quantity), -sum(amount)
+    let rows: Vec<(
+        Option<String>,
+        bool,
+        Option<ExactDecimal>,
+        Option<ExactDecimal>,
+    )> = sqlx::query_as(
+        "SELECT meter, grant_id IS NOT NULL, sum(quantity), -sum(amount)
              FROM credit_transactions
              WHERE customer_id = $1 AND kind = 'consume'
                AND window_start >= $2 AND window_start < $3
              GROUP BY 1, 2",
-        )
-        .bind(customer)
-        .bind(start)
-        .bind(end)
-        .fetch_all(pool)
-        .await?;
-    let out_of_range =
-        || CreditError::Invalid("the credits of this period are beyond a 28-digit decimal".into());
+    )
+    .bind(customer)
+    .bind(start)
+    .bind(end)
+    .fetch_all(pool)
+    .await?;
+    let out_of_range = || CreditError::OutOfRange("the credits of this period");
     let mut period = PeriodCredits::default();
     for (meter, covered, quantity, credits) in rows {
         let quantity = quantity.unwrap_or_default().0;
         let credits = credits.unwrap_or_default().0;
         if !covered {
-            period.uncovered = period.uncovered.checked_add(credits).ok_or_else(out_of_range)?;
+            period.uncovered = period
+                .uncovered
+                .checked_add(credits)
+                .ok_or_else(out_of_range)?;
             continue;
         }
-        period.applied = period.applied.checked_add(credits).ok_or_else(out_of_range)?;
+        period.applied = period
+            .applied
+            .checked_add(credits)
+            .ok_or_else(out_of_range)?;
         // Every consume entry names its meter (the burner writes it from the window).
         let Some(meter) = meter else { continue };
         let line = period.per_meter.entry(meter).or_default();
-        line.quantity = line.quantity.checked_add(quantity).ok_or_else(out_of_range)?;
+        line.quantity = line
+            .quantity
+            .checked_add(quantity)
+            .ok_or_else(out_of_range)?;
         line.credits = line.credits.checked_add(credits).ok_or_else(out_of_range)?;
     }
     Ok(period)

@@ -85,10 +85,13 @@ impl RateCard {
 
     /// The rates as recorded in Postgres.
     pub async fn load(pool: &PgPool) -> Result<RateCard, sqlx::Error> {
-        let rows: Vec<(String, sqlx::types::Json<BTreeMap<String, String>>, ExactDecimal)> =
-            sqlx::query_as("SELECT meter, dimensions, credits_per_unit FROM credit_rates")
-                .fetch_all(pool)
-                .await?;
+        let rows: Vec<(
+            String,
+            sqlx::types::Json<BTreeMap<String, String>>,
+            ExactDecimal,
+        )> = sqlx::query_as("SELECT meter, dimensions, credits_per_unit FROM credit_rates")
+            .fetch_all(pool)
+            .await?;
         let rates: Vec<RateDefinition> = rows
             .into_iter()
             .map(|(meter, dimensions, rate)| RateDefinition {
@@ -157,8 +160,14 @@ mod tests {
         ]);
         let d = |s: &str| Some(s.parse::<Decimal>().unwrap());
         assert_eq!(card.rate_for_window("calls", ""), d("1"));
-        assert_eq!(card.rate_for_window("tokens", r#"{"model":"small"}"#), d("0.001"));
-        assert_eq!(card.rate_for_window("tokens", r#"{"model":"large"}"#), d("0.01"));
+        assert_eq!(
+            card.rate_for_window("tokens", r#"{"model":"small"}"#),
+            d("0.001")
+        );
+        assert_eq!(
+            card.rate_for_window("tokens", r#"{"model":"large"}"#),
+            d("0.01")
+        );
         assert_eq!(
             card.rate_for_window("tokens", r#"{"model":"large","region":"eu"}"#),
             d("0.05")

@@ -130,8 +130,18 @@ mod tests {
         assert_eq!(
             draws,
             vec![
-                Draw { usage: 0, grant_id: Some(1), credits: d("3"), quantity: d("3000") },
-                Draw { usage: 0, grant_id: Some(2), credits: d("2.12"), quantity: d("2120") },
+                Draw {
+                    usage: 0,
+                    grant_id: Some(1),
+                    credits: d("3"),
+                    quantity: d("3000")
+                },
+                Draw {
+                    usage: 0,
+                    grant_id: Some(2),
+                    credits: d("2.12"),
+                    quantity: d("2120")
+                },
             ]
         );
         assert_eq!(grants[0].remaining, d("0"));
@@ -154,17 +164,29 @@ mod tests {
             effective_at: at(10) + TimeDelta::seconds(30),
             ..grant(1, 100, 0, Some(20))
         }];
-        let items = [usage(9, "1", "1"), usage(10, "1", "1"), usage(19, "1", "1"), usage(20, "1", "1")];
+        let items = [
+            usage(9, "1", "1"),
+            usage(10, "1", "1"),
+            usage(19, "1", "1"),
+            usage(20, "1", "1"),
+        ];
         let draws = draw(&mut grants, &items).unwrap();
-        let covered: Vec<(usize, Option<i64>)> = draws.iter().map(|d| (d.usage, d.grant_id)).collect();
-        assert_eq!(covered, vec![(0, None), (1, Some(1)), (2, Some(1)), (3, None)]);
+        let covered: Vec<(usize, Option<i64>)> =
+            draws.iter().map(|d| (d.usage, d.grant_id)).collect();
+        assert_eq!(
+            covered,
+            vec![(0, None), (1, Some(1)), (2, Some(1)), (3, None)]
+        );
     }
 
     #[test]
     fn free_usage_and_cost_overflow() {
         let mut grants = [grant(1, 1, 0, None)];
         assert_eq!(draw(&mut grants, &[usage(1, "5", "0")]).unwrap(), vec![]);
-        let huge = PricedUsage { quantity: Decimal::MAX, ..usage(1, "1", "2") };
+        let huge = PricedUsage {
+            quantity: Decimal::MAX,
+            ..usage(1, "1", "2")
+        };
         assert_eq!(draw(&mut grants, &[huge]), None);
     }
 
