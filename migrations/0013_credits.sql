@@ -69,6 +69,9 @@ CREATE TABLE credit_transactions (
 );
 CREATE INDEX credit_transactions_customer ON credit_transactions (customer_id, transaction_id);
 CREATE INDEX credit_transactions_grant ON credit_transactions (grant_id) WHERE grant_id IS NOT NULL;
+-- The invoice preview's credits applied in a period.
+CREATE INDEX credit_transactions_consumed ON credit_transactions (customer_id, window_start)
+    WHERE kind = 'consume';
 
 CREATE FUNCTION credit_transactions_append_only() RETURNS trigger LANGUAGE plpgsql AS $$
 BEGIN

@@ -9,6 +9,9 @@
 //!    dedup) plus a GROUP BY per minute, on a sample of the same events.
 //! 4. Freshness: events produced at a steady 50k/s while a daemon aggregator runs; p50/p99 of
 //!    commit time minus the message's Kafka timestamp.
+//! 5. Credits: the same backlog again on a topic of its own, every customer holding a grant and
+//!    the two meters that add up priced, drained while the credit burner follows the commits:
+//!    events/s against step 1's, and how long committed usage waited to be burned.
 
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -257,6 +260,155 @@ fn main() {
     );
     let (p50, p99, max, offered) = freshness(&kafka, &db.pool, &runtime, live_rate, 10);
     println!("append-to-commit at {offered:.0} events/s offered: p50 {p50} ms, p99 {p99} ms, max {max} ms");
+
+    // 5. The same drain with credits burning.
+    if env("TALLY_BENCH_CREDITS", 1) == 1 {
+        credits(&cluster, &db.pool, &runtime, events, rate);
+    }
+}
+
+/// Step 5: drains `events` (10% re-sent) with `api_calls` and `tokens` priced and every customer
+/// holding a grant, while a burner (the one `tally aggregate` runs) follows the commits.
+fn credits(
+    cluster: &MockCluster<'static, DefaultProducerContext>,
+    pool: &sqlx::PgPool,
+    runtime: &tokio::runtime::Runtime,
+    events: usize,
+    rate_without: f64,
+) {
+    let kafka = KafkaConfig {
+        brokers: cluster.bootstrap_servers(),
+        topic: "usage-events-credits".into(),
+        dlq_topic: "usage-events-dlq".into(),
+        options: [("session.timeout.ms", "6000")].into_iter().collect(),
+    };
+    cluster.create_topic(&kafka.topic, PARTITIONS, 1).unwrap();
+    let base = Utc::now() - TimeDelta::minutes(30);
+    let producer = producer(&kafka.brokers);
+    let mut sent = 0;
+    let mut i = 40_000_000;
+    while sent < events {
+        let e = event(i, base);
+        let bytes = wire::encode(&e);
+        send(&producer, &kafka.topic, &e.customer, &bytes);
+        sent += 1;
+        if i % 10 == 0 && sent < events {
+            send(&producer, &kafka.topic, &e.customer, &bytes);
+            sent += 1;
+        }
+        i += 1;
+    }
+    producer.flush(Duration::from_secs(120)).unwrap();
+    let rates = [("api_calls", "0.5"), ("tokens", "0.001")].map(|(meter, rate)| {
+        tally_credits::RateDefinition {
+            meter: meter.into(),
+            credits_per_unit: rate.parse().unwrap(),
+            dimensions: Default::default(),
+        }
+    });
+    runtime.block_on(async {
+        tally_credits::rates::record(pool, &rates).await.unwrap();
+        // One purchased grant per customer, written in bulk (the API grants one at a time).
+        sqlx::raw_sql(&format!(
+            "WITH g AS (
+                 INSERT INTO credit_grants (customer_id, kind, amount, remaining, effective_at,
+                        idempotency_key, granted_by, reason)
+                 SELECT format('customer-%s', lpad(n::text, 5, '0')), 'purchased', 1000000000,
+                        1000000000, now() - interval '1 day', 'bench', 'bench', 'bench'
+                 FROM generate_series(0, {}) AS n
+                 RETURNING grant_id, customer_id, amount)
+             INSERT INTO credit_transactions (customer_id, grant_id, kind, amount, actor)
+             SELECT customer_id, grant_id, 'grant', amount, 'bench' FROM g",
+            CUSTOMERS - 1
+        ))
+        .execute(pool)
+        .await
+        .unwrap();
+    });
+    let card = runtime
+        .block_on(tally_credits::RateCard::load(pool))
+        .unwrap();
+    // The burner, as in `tally aggregate`, recording how long the oldest row of each pass
+    // had waited since its batch committed.
+    let stop = CancellationToken::new();
+    let waits = Arc::new(Mutex::new(Histogram::<u64>::new(3).unwrap()));
+    let burner = {
+        let (pool, stop, waits) = (pool.clone(), stop.clone(), waits.clone());
+        runtime.spawn(async move {
+            let mut passes = 0u64;
+            loop {
+                let (report, more) = tally_credits::burn_once(&pool, &card).await.unwrap();
+                if let Some(wait) = report.oldest_wait {
+                    waits
+                        .lock()
+                        .unwrap()
+                        .record(wait.as_millis() as u64)
+                        .unwrap();
+                    passes += 1;
+                }
+                if !more {
+                    if stop.is_cancelled() {
+                        return passes;
+                    }
+                    tokio::time::sleep(Duration::from_millis(250)).await;
+                }
+            }
+        })
+    };
+    let first_batch: Arc<Mutex<Option<Instant>>> = Arc::default();
+    let first = first_batch.clone();
+    let hooks = Hooks {
+        on_step: Some(Arc::new(move |_| {
+            first.lock().unwrap().get_or_insert_with(Instant::now);
+        })),
+        on_commit: None,
+    };
+    let aggregator = Aggregator::new(
+        config(),
+        kafka.clone(),
+        meters(),
+        pool.clone(),
+        runtime.handle().clone(),
+    )
+    .unwrap()
+    .with_priced_meters(["api_calls".to_string(), "tokens".to_string()].into())
+    .with_hooks(hooks);
+    let started = Instant::now();
+    let summary = aggregator
+        .run(RunMode::Once, &CancellationToken::new())
+        .unwrap();
+    let drained = Instant::now();
+    let sustained = first_batch
+        .lock()
+        .unwrap()
+        .map_or(started.elapsed(), |t| t.elapsed());
+    let rate = summary.consumed as f64 / sustained.as_secs_f64();
+    stop.cancel();
+    let passes = runtime.block_on(burner).unwrap();
+    let caught_up = drained.elapsed();
+    let (entries, queued): (i64, i64) = runtime
+        .block_on(
+            sqlx::query_as(
+                "SELECT (SELECT count(*) FROM credit_transactions WHERE kind = 'consume'),
+                        (SELECT count(*) FROM credit_usage_queue)",
+            )
+            .fetch_one(pool),
+        )
+        .unwrap();
+    assert_eq!(queued, 0, "everything burned");
+    let waits = waits.lock().unwrap();
+    println!(
+        "aggregator with credits burning: {} events at {rate:.0} events/s ({:.0}% of the {rate_without:.0} without)",
+        summary.consumed,
+        100.0 * rate / rate_without
+    );
+    println!(
+        "credit burn: {entries} consume entries in {passes} passes; commit-to-burn wait of each pass's oldest row: p50 {} ms, p99 {} ms, max {} ms; burned all {:.2}s after the last commit",
+        waits.value_at_quantile(0.5),
+        waits.value_at_quantile(0.99),
+        waits.max(),
+        caught_up.as_secs_f64()
+    );
 }
 
 fn consume_and_decode(kafka: &KafkaConfig, want: usize) -> usize {

@@ -6,12 +6,16 @@
 //! - `plans.rs`: `GET /v1/plans`, `GET /v1/plans/{name}`.
 //! - `subscriptions.rs`: `/v1/subscriptions…` and `GET /v1/customers/{id}/subscriptions`.
 //! - `customers.rs`: `GET /v1/customers`, `GET /v1/customers/{id}`, overrides.
+//! - `credits.rs`: `/v1/customers/{id}/credits…`: grants, voids, the balance and the ledger
+//!   (written to the credit ledger, `tally_credits`' own audit trail, not `entitlement_audit`).
 
+pub(crate) mod credits;
 pub(crate) mod customers;
 pub(crate) mod plans;
 pub(crate) mod subscriptions;
 
 use axum::http::StatusCode;
+use tally_credits::CreditError;
 use tally_quota::subscriptions::{Actor, SubscriptionError};
 use tally_quota::QuotaStoreError;
 
@@ -37,6 +41,26 @@ impl From<SubscriptionError> for ApiError {
             SubscriptionError::Store(store) => return store_error(store, error.code()),
         };
         ApiError::new(status, error.code(), error.to_string())
+    }
+}
+
+impl From<CreditError> for ApiError {
+    fn from(error: CreditError) -> ApiError {
+        let status =
+            StatusCode::from_u16(error.http_status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+        match &error {
+            // Postgres's own words stay in the log.
+            CreditError::Store(_) if status == StatusCode::SERVICE_UNAVAILABLE => {
+                ApiError::unavailable("STORE_UNAVAILABLE", &error)
+            }
+            CreditError::Store(_) => ApiError::new(
+                status,
+                error.code(),
+                "a credit amount is beyond what a 28-digit decimal holds; it cannot be stored or read exactly",
+            )
+            .with_detail(&error),
+            _ => ApiError::new(status, error.code(), error.to_string()),
+        }
     }
 }
 

@@ -7,8 +7,8 @@
 //!   passes before its body is read.
 //! - `routes.rs`: quota check, entitlements, health, metrics.
 //! - `usage.rs`: usage series and the invoice preview.
-//! - `admin.rs`: plans, subscriptions, overrides and customers for admin tokens, every change
-//!   audited; its parts are in `admin/`.
+//! - `admin.rs`: plans, subscriptions, overrides, customers and their prepaid credits for
+//!   admin tokens, every change audited; its parts are in `admin/`.
 //! - `ingest.rs`: `POST /v1/events`, batches through the emitter.
 //! - `webhooks.rs`: `POST /v1/webhooks/stripe`, signed Stripe events.
 //! - `telemetry.rs`: metric names and the request-counting layer.
@@ -188,6 +188,23 @@ pub fn router(state: Arc<ApiState>, config: &ServeConfig) -> Router {
                 Some(scopes::ADMIN),
                 small,
             ),
+        )
+        .route(
+            "/v1/customers/{id}/credits",
+            // A gateway (check token) may show a customer's balance where it checks them.
+            gated(get(admin::credits::balance), Some(scopes::CHECK), small),
+        )
+        .route(
+            "/v1/customers/{id}/credits/ledger",
+            gated(get(admin::credits::ledger), Some(scopes::READ_USAGE), small),
+        )
+        .route(
+            "/v1/customers/{id}/credits/grants",
+            gated(post(admin::credits::grant), Some(scopes::ADMIN), small),
+        )
+        .route(
+            "/v1/customers/{id}/credits/grants/{grant_id}/void",
+            gated(post(admin::credits::void), Some(scopes::ADMIN), small),
         )
         .route(
             "/v1/customers/{id}/usage",

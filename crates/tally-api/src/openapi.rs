@@ -4,7 +4,7 @@
 use serde_json::{json, Value};
 
 /// The paths this document describes; the router serves exactly these (tested).
-pub const PATHS: [&str; 22] = [
+pub const PATHS: [&str; 26] = [
     "/v1/quota/check",
     "/v1/plans",
     "/v1/plans/{name}",
@@ -23,6 +23,10 @@ pub const PATHS: [&str; 22] = [
     "/v1/customers/{id}/entitlements",
     "/v1/customers/{id}/usage",
     "/v1/customers/{id}/invoice-preview",
+    "/v1/customers/{id}/credits",
+    "/v1/customers/{id}/credits/ledger",
+    "/v1/customers/{id}/credits/grants",
+    "/v1/customers/{id}/credits/grants/{grant_id}/void",
     "/healthz",
     "/readyz",
     "/metrics",
@@ -97,7 +101,7 @@ fn with_errors(mut responses: Value, errors: &[(&str, &str)]) -> Value {
 }
 
 /// Every error `code` the API answers with.
-pub const ERROR_CODES: [&str; 44] = [
+pub const ERROR_CODES: [&str; 50] = [
     "UNAUTHORIZED",
     "FORBIDDEN",
     "RATE_LIMITED",
@@ -142,6 +146,12 @@ pub const ERROR_CODES: [&str; 44] = [
     "NO_OVERRIDE",
     "OVERRIDE_CONFLICT",
     "NO_SUCH_CUSTOMER",
+    "INSUFFICIENT_CREDITS",
+    "INVALID_GRANT",
+    "IDEMPOTENCY_CONFLICT",
+    "NO_SUCH_GRANT",
+    "GRANT_CLOSED",
+    "CREDITS_OUT_OF_RANGE",
 ];
 
 pub fn document() -> Value {
@@ -152,11 +162,11 @@ pub fn document() -> Value {
     let mut document = json!({
         "openapi": "3.1.0",
         "info": { "title": "tally", "version": env!("CARGO_PKG_VERSION"),
-                  "description": "Usage metering: quota checks, entitlements, usage, event ingest, Stripe webhooks, and the admin API for plans, subscriptions, overrides and customers. Errors are JSON with a stable `code`, a message for the client and the `request_id` (also in the `x-request-id` header) under which the server logged what happened." },
+                  "description": "Usage metering: quota checks, entitlements, usage, event ingest, Stripe webhooks, and the admin API for plans, subscriptions, overrides, customers and prepaid credits. Errors are JSON with a stable `code`, a message for the client and the `request_id` (also in the `x-request-id` header) under which the server logged what happened." },
         "security": [{ "bearer": [] }],
         "components": {
             "securitySchemes": { "bearer": { "type": "http", "scheme": "bearer",
-                "description": "A token from `tally tokens create`, of scope admin (everything), ingest (POST /v1/events), check (quota checks and entitlements for any customer) or customer (one customer's own reads; its checks count nothing)" } },
+                "description": "A token from `tally tokens create`, of scope admin (everything), ingest (POST /v1/events), check (quota checks, entitlements and credit balances for any customer) or customer (one customer's own reads; its checks count nothing)" } },
             "schemas": {
                 "Error": { "type": "object", "required": ["code", "message", "request_id"], "properties": {
                     "code": { "type": "string", "enum": ERROR_CODES.as_slice() },
@@ -168,11 +178,13 @@ pub fn document() -> Value {
                 "CheckRequest": { "type": "object", "required": ["customer", "meter"], "properties": {
                     "customer": { "type": "string" }, "meter": { "type": "string" },
                     "quantity": { "description": "Decimal number or string, 0 or more; default 1" },
-                    "feature": { "type": "string", "description": "Also require this feature" } } },
+                    "feature": { "type": "string", "description": "Also require this feature" },
+                    "dimensions": { "type": "object", "additionalProperties": { "type": "string" }, "description": "The usage's dimensions (e.g. {\"model\": \"large\"}), for a meter under `credits` enforcement priced per group-by value" } } },
                 "CheckAnswer": { "type": "object", "required": ["decision", "metric", "current"], "properties": {
                     "decision": { "enum": ["allow", "warn"] }, "metric": { "type": "string" },
                     "current": decimal, "limit": nullable_decimal, "remaining": nullable_decimal,
-                    "resets_at": nullable_time, "enforcement": { "enum": ["soft", "grace"] } } },
+                    "resets_at": nullable_time, "enforcement": { "enum": ["soft", "grace"] },
+                    "credits_remaining": { "type": ["string", "null"], "description": "An exact decimal: for a meter under `credits` enforcement, the projected credit balance left after this quantity; null otherwise" } } },
                 "IngestAnswer": { "type": "object", "required": ["accepted", "rejected", "unavailable", "results"], "properties": {
                     "accepted": { "type": "integer" }, "rejected": { "type": "integer" }, "unavailable": { "type": "integer" },
                     "results": { "type": "array", "items": { "type": "object", "required": ["index", "status"], "properties": {
@@ -196,11 +208,18 @@ pub fn document() -> Value {
                         "group_key": { "type": "string" },
                         "points": { "type": "array", "items": { "type": "object", "required": ["start", "value"], "properties": {
                             "start": time, "value": decimal } } } } } } } },
-                "InvoicePreview": { "type": "object", "required": ["customer", "plan", "period_start", "period_end", "lines", "total"], "properties": {
+                "InvoicePreview": { "type": "object", "required": ["customer", "plan", "period_start", "period_end", "lines", "total", "credits"], "properties": {
                     "customer": { "type": "string" }, "plan": { "type": "string" }, "period_start": time, "period_end": time,
-                    "lines": { "type": "array", "items": { "type": "object", "required": ["meter", "quantity", "unit_price", "amount"], "properties": {
-                        "meter": { "type": "string" }, "quantity": decimal, "unit_price": decimal, "amount": decimal } } },
-                    "total": decimal } },
+                    "lines": { "type": "array", "items": { "type": "object", "required": ["meter", "quantity", "credited_quantity", "unit_price", "amount"], "properties": {
+                        "meter": { "type": "string" }, "quantity": decimal,
+                        "credited_quantity": { "type": "string", "description": "An exact decimal: the part of `quantity` prepaid credits paid for (drawn from grants), not billed" },
+                        "unit_price": decimal,
+                        "amount": { "type": "string", "description": "An exact decimal: (quantity - credited_quantity) × unit_price" } } } },
+                    "total": decimal,
+                    "credits": { "type": "object", "required": ["applied", "uncovered", "balance"], "properties": {
+                        "applied": { "type": "string", "description": "An exact decimal: credits drawn from grants for usage in the period" },
+                        "uncovered": { "type": "string", "description": "An exact decimal: credits of usage in the period no grant covered" },
+                        "balance": { "type": "string", "description": "An exact decimal: the projected balance now (open grants less usage not yet burned)" } } } } },
                 "Readiness": { "type": "object", "required": ["ready", "dependencies"], "properties": {
                     "ready": { "type": "boolean" },
                     "dependencies": { "type": "array", "items": { "type": "object", "required": ["name", "up"], "properties": {
@@ -217,6 +236,8 @@ pub fn document() -> Value {
                     "429": { "description": "LIMIT_EXCEEDED (the customer's quota; LimitExceeded body), or RATE_LIMITED (this token's request rate; Error body, Retry-After)",
                              "content": { "application/json": { "schema": { "oneOf": [{ "$ref": "#/components/schemas/LimitExceeded" }, { "$ref": "#/components/schemas/Error" }] } } } },
                     "400": error_response("INVALID_REQUEST, UNKNOWN_METER, UNSUPPORTED, or INVALID_QUANTITY (not a decimal, negative, or usage plus quantity beyond a 28-digit decimal)"),
+                    "402": { "description": "INSUFFICIENT_CREDITS: the meter has `credits` enforcement and the customer's projected credit balance cannot cover the quantity at the meter's rate; grant credits (POST /v1/customers/{id}/credits/grants). 402, not 429: retrying does not help until credits are added",
+                             "content": { "application/json": { "schema": { "oneOf": [{ "$ref": "#/components/schemas/InsufficientCredits" }, { "$ref": "#/components/schemas/Error" }] } } } },
                     "403": error_response("FEATURE_DISABLED, or FORBIDDEN (scope, or another customer's token)"),
                     "404": error_response("NO_ACTIVE_SUBSCRIPTION"),
                     "503": error_response("STORE_UNAVAILABLE (Postgres unavailable; retry) or OVERLOADED") })) } },
@@ -263,12 +284,12 @@ pub fn document() -> Value {
                     "422": error_response("USAGE_OUT_OF_RANGE: stored usage beyond a 28-digit decimal"),
                     "503": error_response("STORE_UNAVAILABLE, QUERY_TOO_EXPENSIVE (cut by the server's statement timeout) or OVERLOADED") })) } },
             "/v1/customers/{id}/invoice-preview": { "get": {
-                "summary": "Usage in the current billing period × the plan's unit prices. Tokens: admin, customer (own)",
+                "summary": "Usage in the current billing period × the plan's unit prices, less the usage prepaid credits paid for; with the credits applied in the period and the balance. Tokens: admin, customer (own)",
                 "parameters": [customer_parameter()],
                 "responses": with_gate(json!({
                     "200": json_response("Lines and total", "InvoicePreview"),
                     "404": error_response("NO_ACTIVE_SUBSCRIPTION"),
-                    "422": error_response("USAGE_OUT_OF_RANGE: usage × price beyond a 28-digit decimal"),
+                    "422": error_response("USAGE_OUT_OF_RANGE (usage × price beyond a 28-digit decimal) or CREDITS_OUT_OF_RANGE (credits beyond one)"),
                     "503": error_response("STORE_UNAVAILABLE or OVERLOADED") })) } },
             "/healthz": { "get": { "summary": "The process is up", "security": [],
                 "responses": with_edge(json!({ "200": { "description": "ok", "content": { "text/plain": { "schema": { "const": "ok" } } } } })) } },
@@ -286,7 +307,9 @@ pub fn document() -> Value {
     });
     for (section, entries) in [
         ("/components/schemas", admin_schemas()),
+        ("/components/schemas", credit_schemas()),
         ("/paths", admin_paths()),
+        ("/paths", credit_paths()),
     ] {
         if let (Some(section), Value::Object(entries)) = (document.pointer_mut(section), entries) {
             if let Some(section) = section.as_object_mut() {
@@ -427,7 +450,7 @@ fn admin_paths() -> Value {
                 "responses": with_gate(json!({
                     "200": json_response("The customer", "Customer"),
                     "404": error_response("NO_SUCH_CUSTOMER: no subscription was ever recorded"),
-                    "422": error_response("USAGE_OUT_OF_RANGE"),
+                    "422": error_response("USAGE_OUT_OF_RANGE or CREDITS_OUT_OF_RANGE (the invoice preview)"),
                     "503": error_response("STORE_UNAVAILABLE or OVERLOADED") })) } },
             "/v1/customers/{id}/subscriptions": { "get": {
                 "summary": "Every subscription the customer had, newest first, each with its plan and status history. Tokens: admin, customer (own)",
@@ -443,7 +466,7 @@ fn admin_paths() -> Value {
                         "features": { "type": "object", "additionalProperties": { "type": "boolean" } },
                         "limits": { "type": "object", "additionalProperties": { "type": "object", "properties": {
                             "limit": decimal, "period": { "enum": ["day", "month", "billing_period"] },
-                            "enforcement": { "enum": ["hard", "soft", "grace"] }, "grace_percent": decimal, "unit_price": decimal } } } } } }), &["overrides"]),
+                            "enforcement": { "enum": ["hard", "soft", "grace", "credits"] }, "grace_percent": decimal, "unit_price": decimal } } } } } }), &["overrides"]),
                     "responses": with_gate(json!({
                         "200": json_response("The override as stored", "Override"),
                         "400": error_response("INVALID_REQUEST, INVALID_OVERRIDE (unknown meter, does not fit the plan) or REASON_REQUIRED"),
@@ -456,6 +479,106 @@ fn admin_paths() -> Value {
                         "400": error_response("REASON_REQUIRED"),
                         "404": error_response("NO_OVERRIDE"),
                         "503": error_response("STORE_UNAVAILABLE or OVERLOADED") })) } }
+    })
+}
+
+/// Prepaid credits' schemas: a grant, a balance, a page of the ledger.
+fn credit_schemas() -> Value {
+    let decimal = json!({ "type": "string", "description": "An exact decimal, e.g. \"12.5\"" });
+    let time = json!({ "type": "string", "format": "date-time" });
+    let nullable_time = json!({ "type": ["string", "null"], "format": "date-time" });
+    json!({
+        "InsufficientCredits": { "type": "object", "required": ["code", "message", "metric", "balance", "required"], "properties": {
+            "code": { "const": "INSUFFICIENT_CREDITS" }, "message": { "type": "string" }, "metric": { "type": "string" },
+            "balance": { "type": "string", "description": "An exact decimal: the projected credit balance left" },
+            "required": { "type": "string", "description": "An exact decimal: the credits the quantity costs at the meter's rate" } } },
+        "CreditGrant": { "type": "object", "required": ["grant_id", "customer", "kind", "amount", "remaining", "priority", "effective_at", "idempotency_key", "granted_by", "reason", "created_at"], "properties": {
+            "grant_id": { "type": "integer" }, "customer": { "type": "string" },
+            "kind": { "enum": ["purchased", "subscription", "promotional"] },
+            "amount": decimal, "remaining": decimal,
+            "priority": { "type": "integer", "description": "Lower draws first (the kind's default when none was given: purchased 10, subscription 20, promotional 30)" },
+            "effective_at": time, "expires_at": nullable_time, "idempotency_key": { "type": "string" },
+            "subscription_id": { "type": ["integer", "null"], "description": "For a plan's period grant: its subscription" },
+            "description": { "type": ["string", "null"] },
+            "granted_by": { "type": "string", "description": "`token:<name>`, a CLI user, or `burner` for plan grants" },
+            "reason": { "type": "string" }, "created_at": time,
+            "closed_as": { "enum": ["expired", "voided", null] }, "closed_at": nullable_time } },
+        "CreditBalance": { "type": "object", "required": ["customer", "available", "pending", "projected", "uncovered", "grants"], "properties": {
+            "customer": { "type": "string" },
+            "available": { "type": "string", "description": "An exact decimal: what open grants in effect now hold" },
+            "pending": { "type": "string", "description": "An exact decimal: committed usage not yet burned, at the rate card (drawn within about a second)" },
+            "projected": { "type": "string", "description": "An exact decimal: available - pending, what a quota check counts on" },
+            "uncovered": { "type": "string", "description": "An exact decimal: usage no grant covered, since the first grant" },
+            "grants": { "type": "array", "description": "Open grants, in the order they are drawn", "items": { "$ref": "#/components/schemas/CreditGrant" } } } },
+        "CreditLedger": { "type": "object", "required": ["customer", "entries"], "properties": {
+            "customer": { "type": "string" },
+            "entries": { "type": "array", "items": { "type": "object", "required": ["transaction_id", "kind", "amount", "actor", "at"], "properties": {
+                "transaction_id": { "type": "integer" }, "grant_id": { "type": ["integer", "null"], "description": "null for a consume no grant covered" },
+                "kind": { "enum": ["grant", "consume", "expire", "void"] },
+                "amount": { "type": "string", "description": "An exact decimal, signed: positive for a grant, negative for the rest" },
+                "meter": { "type": ["string", "null"] }, "group_key": { "type": ["string", "null"] },
+                "window_start": nullable_time,
+                "quantity": { "type": ["string", "null"], "description": "For a consume: the usage of the window this entry paid for" },
+                "credits_per_unit": { "type": ["string", "null"] },
+                "actor": { "type": "string" }, "reason": { "type": ["string", "null"] }, "at": time } } },
+            "next_after": { "type": ["integer", "null"], "description": "The last entry's id: pass as `after` for the next page (the ledger only grows, so poll with it); null when this page is empty" } } }
+    })
+}
+
+/// Prepaid credits' paths (`admin/credits.rs`): grants and voids written to the credit ledger
+/// with the token's name and a reason.
+fn credit_paths() -> Value {
+    let decimal_or_number = json!({ "type": ["string", "number"], "description": "An exact decimal as a string (\"12.5\") or a plain JSON number (100); more than 0, at most 10^18, at most 9 decimal places" });
+    let time = json!({ "type": "string", "format": "date-time" });
+    let grant_parameter = json!({ "name": "grant_id", "in": "path", "required": true, "schema": { "type": "integer" } });
+    json!({
+        "/v1/customers/{id}/credits/grants": { "post": {
+            "summary": "Grant credits, once per idempotency key: the same key with the same grant answers the first grant (200); with a different grant, 409. Written to the credit ledger with the token's name and `reason`. Admin token",
+            "parameters": [customer_parameter(),
+                { "name": "Idempotency-Key", "in": "header", "schema": { "type": "string" }, "description": "Instead of `idempotency_key` in the body; when both are given they must be equal" }],
+            "requestBody": reason_body(json!({
+                "kind": { "enum": ["purchased", "subscription", "promotional"], "description": "purchased: never expires unless given expires_at, drawn first; subscription: drawn second; promotional: drawn last. subscription and promotional need expires_at" },
+                "amount": decimal_or_number,
+                "priority": { "type": "integer", "minimum": 0, "maximum": 1000, "description": "Lower draws first; default by kind (10, 20, 30)" },
+                "effective_at": { "type": "string", "format": "date-time", "description": "From when usage draws from it; default now" },
+                "expires_at": time,
+                "idempotency_key": { "type": "string", "description": "1 to 200 printable characters; or the Idempotency-Key header. Required (one or the other)" },
+                "description": { "type": "string" } }), &["kind", "amount"]),
+            "responses": with_gate(json!({
+                "201": json_response("Granted", "CreditGrant"),
+                "200": json_response("The key was used before for this same grant: nothing new was granted; the first grant", "CreditGrant"),
+                "400": error_response("INVALID_REQUEST (not JSON, an unknown field or kind, or a customer id events could not carry), INVALID_GRANT (amount, priority, dates, the idempotency key missing or differing from the header) or REASON_REQUIRED"),
+                "409": error_response("IDEMPOTENCY_CONFLICT: the key was used for a different grant; use a new key for a new grant"),
+                "422": error_response("CREDITS_OUT_OF_RANGE"),
+                "503": error_response("STORE_UNAVAILABLE or OVERLOADED") })) } },
+        "/v1/customers/{id}/credits/grants/{grant_id}/void": { "post": {
+            "summary": "Void what is left of a grant (a `void` entry in the ledger; what was consumed stays consumed). Audited with the token's name and `reason`. Admin token",
+            "parameters": [customer_parameter(), grant_parameter],
+            "requestBody": reason_body(json!({}), &[]),
+            "responses": with_gate(json!({
+                "200": json_response("The grant, closed as voided", "CreditGrant"),
+                "400": error_response("INVALID_REQUEST (the grant id is not a whole number, the customer id, or the body) or REASON_REQUIRED"),
+                "404": error_response("NO_SUCH_GRANT: the customer has no such grant"),
+                "409": error_response("GRANT_CLOSED: already voided or expired"),
+                "503": error_response("STORE_UNAVAILABLE or OVERLOADED") })) } },
+        "/v1/customers/{id}/credits": { "get": {
+            "summary": "The customer's credit balance (available, pending usage, projected, uncovered) and open grants in draw order. Tokens: admin, check, customer (own)",
+            "parameters": [customer_parameter()],
+            "responses": with_gate(json!({
+                "200": json_response("The balance", "CreditBalance"),
+                "400": error_response("INVALID_REQUEST: a customer id events could not carry"),
+                "422": error_response("CREDITS_OUT_OF_RANGE: the balance is beyond a 28-digit decimal"),
+                "503": error_response("STORE_UNAVAILABLE or OVERLOADED") })) } },
+        "/v1/customers/{id}/credits/ledger": { "get": {
+            "summary": "Every movement of the customer's credits (grant, consume, expire, void), oldest first, paged. Tokens: admin, customer (own)",
+            "parameters": [customer_parameter(),
+                { "name": "after", "in": "query", "schema": { "type": "integer", "minimum": 0 }, "description": "The previous page's `next_after`" },
+                { "name": "limit", "in": "query", "schema": { "type": "integer", "minimum": 1, "maximum": 1000, "default": 100 } }],
+            "responses": with_gate(json!({
+                "200": json_response("A page of the ledger", "CreditLedger"),
+                "400": error_response("INVALID_REQUEST (after, limit, the customer id)"),
+                "422": error_response("CREDITS_OUT_OF_RANGE: a stored amount beyond a 28-digit decimal"),
+                "503": error_response("STORE_UNAVAILABLE or OVERLOADED") })) } }
     })
 }
 

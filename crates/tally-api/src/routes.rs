@@ -59,9 +59,19 @@ pub(crate) async fn quota_check(
     let dimensions = request.dimensions.as_ref().unwrap_or(&no_dimensions);
     let (customer, meter) = (&request.customer, &request.meter);
     let answer = match (caller.counts_usage(), request.dimensions.is_some()) {
-        (true, true) => state.quota.check_with(customer, meter, quantity, dimensions).await,
+        (true, true) => {
+            state
+                .quota
+                .check_with(customer, meter, quantity, dimensions)
+                .await
+        }
         (true, false) => state.quota.check(customer, meter, quantity).await,
-        (false, true) => state.quota.peek_with(customer, meter, quantity, dimensions).await,
+        (false, true) => {
+            state
+                .quota
+                .peek_with(customer, meter, quantity, dimensions)
+                .await
+        }
         (false, false) => state.quota.peek(customer, meter, quantity).await,
     };
     let decision = match answer {

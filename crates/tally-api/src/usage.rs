@@ -6,11 +6,12 @@ use std::sync::Arc;
 use axum::extract::{Query, State};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
-use chrono::{DateTime, Utc};
+use chrono::{DateTime, NaiveTime, Utc};
 use rust_decimal::Decimal;
 use serde::Deserialize;
 use serde_json::json;
 use tally_core::Aggregation;
+use tally_credits::{CreditError, RateCard};
 use tally_db::ExactDecimal;
 
 use crate::auth::ReadableCustomer;
@@ -140,7 +141,8 @@ pub(crate) async fn usage(
 }
 
 /// `GET /v1/customers/{id}/invoice-preview`: usage in the current billing period × the plan's
-/// unit prices (sum and count meters with a `unit_price`).
+/// unit prices (sum and count meters with a `unit_price`), less the usage prepaid credits paid
+/// for.
 pub(crate) async fn invoice_preview(
     State(state): State<Arc<ApiState>>,
     ReadableCustomer(customer): ReadableCustomer,
@@ -154,6 +156,19 @@ pub(crate) async fn invoice_preview_of(
     customer: &str,
 ) -> Result<serde_json::Value, ApiError> {
     let (subscription, entitlements) = state.quota.entitlements(customer).await?;
+    // Usage is summed over whole UTC days of the period (`usage_daily`); credits are counted
+    // over the same days, so that the credited part of a line is a part of its quantity.
+    let days = |at: DateTime<Utc>| at.date_naive().and_time(NaiveTime::MIN).and_utc();
+    let (days_from, days_to) = (
+        days(subscription.current_period_start),
+        days(subscription.current_period_end),
+    );
+    let credits =
+        tally_credits::applied_in_period(&state.reader_pool, customer, days_from, days_to).await?;
+    let rates = RateCard::load(&state.reader_pool)
+        .await
+        .map_err(CreditError::Store)?;
+    let balance = tally_credits::balance(&state.reader_pool, customer, &rates, Utc::now()).await?;
     let mut lines = Vec::new();
     let mut total = Decimal::ZERO;
     for (meter, limit) in &entitlements.limits {
@@ -167,8 +182,8 @@ pub(crate) async fn invoice_preview_of(
         )
         .bind(customer)
         .bind(meter)
-        .bind(subscription.current_period_start.date_naive())
-        .bind(subscription.current_period_end.date_naive())
+        .bind(days_from.date_naive())
+        .bind(days_to.date_naive())
         .fetch_one(&state.reader_pool)
         .await
         .map_err(internal)?;
@@ -180,14 +195,26 @@ pub(crate) async fn invoice_preview_of(
                 format!("the usage of {meter} times its unit price is beyond what a 28-digit decimal holds; the preview cannot be computed exactly"),
             )
         };
-        let amount = quantity.checked_mul(unit_price).ok_or_else(out_of_range)?;
+        // At most the quantity: whatever the ledger holds, credits never make a line negative.
+        let credited = credits
+            .per_meter
+            .get(meter)
+            .map_or(Decimal::ZERO, |c| c.quantity)
+            .min(quantity);
+        let amount = (quantity - credited)
+            .checked_mul(unit_price)
+            .ok_or_else(out_of_range)?;
         total = total.checked_add(amount).ok_or_else(out_of_range)?;
-        lines.push(json!({ "meter": meter, "quantity": quantity, "unit_price": unit_price, "amount": amount }));
+        lines.push(json!({
+            "meter": meter, "quantity": quantity, "credited_quantity": credited,
+            "unit_price": unit_price, "amount": amount,
+        }));
     }
     Ok(json!({
         "customer": customer, "plan": entitlements.plan,
         "period_start": subscription.current_period_start, "period_end": subscription.current_period_end,
         "lines": lines, "total": total,
+        "credits": { "applied": credits.applied, "uncovered": credits.uncovered, "balance": balance.projected },
     }))
 }
 

@@ -115,6 +115,10 @@ fn allowed(template: &str) -> &'static [&'static str] {
         // Plans are the product's price list: any token may read them.
         "/v1/plans" | "/v1/plans/{name}" => &[ADMIN, CHECK, ACME, GLOBEX],
         "/v1/customers/{id}" | "/v1/customers/{id}/subscriptions" => &[ADMIN, ACME],
+        // A gateway may show a customer's balance where it checks them; the ledger is the
+        // customer's own and the admin's.
+        "/v1/customers/{id}/credits" => &[ADMIN, CHECK, ACME],
+        "/v1/customers/{id}/credits/ledger" => &[ADMIN, ACME],
         "/v1/subscriptions"
         | "/v1/subscriptions/{id}"
         | "/v1/subscriptions/{id}/change"
@@ -122,7 +126,9 @@ fn allowed(template: &str) -> &'static [&'static str] {
         | "/v1/subscriptions/{id}/reactivate"
         | "/v1/subscriptions/{id}/payment-method"
         | "/v1/customers"
-        | "/v1/customers/{id}/overrides" => &[ADMIN],
+        | "/v1/customers/{id}/overrides"
+        | "/v1/customers/{id}/credits/grants"
+        | "/v1/customers/{id}/credits/grants/{grant_id}/void" => &[ADMIN],
         other => panic!("no access rule for {other}: add one to this test"),
     }
 }
@@ -135,7 +141,7 @@ fn example(template: &str) -> (String, Option<String>) {
             (now - TimeDelta::hours(1)).format("%Y-%m-%dT%H:%M:%SZ"),
             now.format("%Y-%m-%dT%H:%M:%SZ")
         ),
-        other => other.replace("{id}", "acme"),
+        other => other.replace("{id}", "acme").replace("{grant_id}", "1"),
     };
     let body = match template {
         "/v1/quota/check" => Some(json!({ "customer": "acme", "meter": "api_calls" }).to_string()),
@@ -143,6 +149,13 @@ fn example(template: &str) -> (String, Option<String>) {
             json!({ "events": [{ "customer": "acme", "meter": "api_calls", "quantity": 1 }] })
                 .to_string(),
         ),
+        "/v1/customers/{id}/credits/grants" => Some(
+            json!({ "kind": "purchased", "amount": "1", "idempotency_key": "attack", "reason": "attack test" })
+                .to_string(),
+        ),
+        "/v1/customers/{id}/credits/grants/{grant_id}/void" => {
+            Some(json!({ "reason": "attack test" }).to_string())
+        }
         _ => None,
     };
     (path, body)
@@ -475,32 +488,42 @@ async fn fuzzed_json_bodies_never_answer_500() {
     let seeds = [
         (
             "/v1/quota/check",
+            "/v1/quota/check",
             ADMIN,
             json!({ "customer": "acme", "meter": "api_calls", "quantity": "1.5", "feature": "api" }),
         ),
         (
+            "/v1/quota/check",
             "/v1/quota/check",
             ACME,
             json!({ "customer": "acme", "meter": "api_calls", "quantity": 2 }),
         ),
         (
             "/v1/events",
+            "/v1/events",
             INGEST,
             json!({ "events": [{ "id": "e1", "customer": "acme", "meter": "api_calls", "quantity": 1, "dimensions": { "model": "m" } }] }),
         ),
         (
             "/v1/webhooks/stripe",
+            "/v1/webhooks/stripe",
             ADMIN,
             json!({ "id": "evt_1", "object": "event", "type": "customer.subscription.updated", "livemode": false, "created": 1, "data": { "object": {} } }),
+        ),
+        (
+            "/v1/customers/{id}/credits/grants",
+            "/v1/customers/acme/credits/grants",
+            ADMIN,
+            json!({ "kind": "promotional", "amount": 12.5, "priority": 5, "expires_at": "2999-01-01T00:00:00Z", "idempotency_key": "fuzz", "description": "d", "reason": "r" }),
         ),
     ];
     let mut random = Random(0x5eed_1234_abcd_ef01);
     let mut tried = 0;
-    for (route, token, seed) in seeds {
+    for (route, path, token, seed) in seeds {
         let seed = seed.to_string();
         for _ in 0..400 {
             let body = mutate(&mut random, &seed);
-            let answer = call(&app, "POST", route, Some(token), Some(body.clone())).await;
+            let answer = call(&app, "POST", path, Some(token), Some(body.clone())).await;
             assert!(
                 !answer.status.is_server_error()
                     || answer.status == StatusCode::SERVICE_UNAVAILABLE,
@@ -512,7 +535,7 @@ async fn fuzzed_json_bodies_never_answer_500() {
             tried += 1;
         }
     }
-    assert_eq!(tried, 1600);
+    assert_eq!(tried, 2000);
 }
 
 #[tokio::test]

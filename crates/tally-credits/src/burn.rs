@@ -17,7 +17,7 @@
 
 mod draw;
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -28,7 +28,7 @@ use tally_db::ExactDecimal;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-use crate::grants::{grant_in, lock_customer, Actor, GrantKind, NewGrant, DRAW_ORDER};
+use crate::grants::{grant_in, lock_customers, Actor, GrantKind, NewGrant, DRAW_ORDER};
 use crate::rates::RateCard;
 use crate::telemetry;
 use draw::{draw, OpenGrant, PricedUsage};
@@ -83,6 +83,21 @@ pub async fn settle(pool: &PgPool, now: DateTime<Utc>) -> Result<Settled, sqlx::
     })
 }
 
+/// A window of a customer's queued usage: its start, meter and group key.
+type WindowKey = (DateTime<Utc>, String, String);
+
+/// A subscription due its period's plan credits: id, customer, plan, period start and end,
+/// amount, priority.
+type DuePlanGrant = (
+    i64,
+    String,
+    String,
+    DateTime<Utc>,
+    DateTime<Utc>,
+    ExactDecimal,
+    Option<i32>,
+);
+
 /// A queue row, as taken.
 #[derive(sqlx::FromRow)]
 struct Queued {
@@ -113,10 +128,8 @@ async fn burn_queued(pool: &PgPool, rates: &RateCard) -> Result<BurnReport, sqlx
     report.queued = rows.len();
     let oldest = rows.iter().map(|r| r.queued_at).min();
     // Per customer (in order: locks are always taken in the same order), one usage per window.
-    let mut by_customer: BTreeMap<
-        String,
-        BTreeMap<(DateTime<Utc>, String, String), (Decimal, Vec<i64>)>,
-    > = BTreeMap::new();
+    let mut by_customer: BTreeMap<String, BTreeMap<WindowKey, (Decimal, Vec<i64>)>> =
+        BTreeMap::new();
     let mut stuck = Vec::new();
     for row in &rows {
         let window = by_customer
@@ -130,38 +143,48 @@ async fn burn_queued(pool: &PgPool, rates: &RateCard) -> Result<BurnReport, sqlx
         }
         window.1.push(row.queue_id);
     }
-    let mut entries = Entries::default();
-    for (customer, windows) in by_customer {
-        let usage: Vec<PricedUsage> = windows
-            .iter()
-            .filter_map(|((window_start, meter, group_key), (quantity, _))| {
-                Some(PricedUsage {
-                    credits_per_unit: rates.rate_for_window(meter, group_key)?,
-                    meter: meter.clone(),
-                    group_key: group_key.clone(),
-                    window_start: *window_start,
-                    quantity: *quantity,
+    // Priced usage per customer; then the customers' locks, open grants and whether they
+    // ever had one, in three queries for the whole pass (not three per customer).
+    let priced: Vec<(&String, Vec<PricedUsage>)> = by_customer
+        .iter()
+        .map(|(customer, windows)| {
+            let usage = windows
+                .iter()
+                .filter_map(|((window_start, meter, group_key), (quantity, _))| {
+                    Some(PricedUsage {
+                        credits_per_unit: rates.rate_for_window(meter, group_key)?,
+                        meter: meter.clone(),
+                        group_key: group_key.clone(),
+                        window_start: *window_start,
+                        quantity: *quantity,
+                    })
                 })
-            })
-            .collect();
-        if usage.is_empty() {
-            continue;
-        }
-        lock_customer(&mut tx, &customer).await?;
-        let mut grants = open_grants(&mut tx, &customer).await?;
-        if grants.is_empty() && !has_grants(&mut tx, &customer).await? {
+                .collect::<Vec<_>>();
+            (customer, usage)
+        })
+        .filter(|(_, usage)| !usage.is_empty())
+        .collect();
+    let customers: Vec<&str> = priced.iter().map(|(c, _)| c.as_str()).collect();
+    lock_customers(&mut tx, &customers).await?;
+    let mut open = open_grants(&mut tx, &customers).await?;
+    let with_grants = customers_with_grants(&mut tx, &customers).await?;
+    let mut entries = Entries::default();
+    for (customer, usage) in priced {
+        if !with_grants.contains(customer) {
             // Not a credit customer: nothing to draw from, nothing to account for.
             continue;
         }
+        let mut grants = open.remove(customer).unwrap_or_default();
         let before: Vec<Decimal> = grants.iter().map(|g| g.remaining).collect();
         let Some(draws) = draw(&mut grants, &usage) else {
             // A cost beyond a decimal: this customer's rows are set aside, the rest go on.
+            let windows = &by_customer[customer];
             stuck.extend(windows.values().flat_map(|(_, ids)| ids.iter().copied()));
             continue;
         };
         for draw in &draws {
             let item = &usage[draw.usage];
-            entries.push(&customer, draw.grant_id, -draw.credits, item, draw.quantity);
+            entries.push(customer, draw.grant_id, -draw.credits, item, draw.quantity);
             match draw.grant_id {
                 Some(_) => report.consumed += draw.credits,
                 None => report.uncovered += draw.credits,
@@ -173,7 +196,7 @@ async fn burn_queued(pool: &PgPool, rates: &RateCard) -> Result<BurnReport, sqlx
                 entries.remaining.push(grant.remaining);
             }
         }
-        report.customers.push(customer);
+        report.customers.push(customer.clone());
     }
     report.entries = entries.customers.len();
     entries.write(&mut tx).await?;
@@ -191,37 +214,51 @@ async fn burn_queued(pool: &PgPool, rates: &RateCard) -> Result<BurnReport, sqlx
     Ok(report)
 }
 
-/// The customer's open grants, locked, in draw order.
-async fn open_grants(tx: &mut PgConnection, customer: &str) -> Result<Vec<OpenGrant>, sqlx::Error> {
-    let rows: Vec<(i64, ExactDecimal, DateTime<Utc>, Option<DateTime<Utc>>)> =
-        sqlx::query_as(&format!(
-            "SELECT grant_id, remaining, effective_at, expires_at FROM credit_grants
-         WHERE customer_id = $1 AND closed_at IS NULL AND remaining > 0
-         ORDER BY {DRAW_ORDER} FOR UPDATE"
-        ))
-        .bind(customer)
-        .fetch_all(&mut *tx)
-        .await?;
-    Ok(rows
-        .into_iter()
-        .map(
-            |(grant_id, remaining, effective_at, expires_at)| OpenGrant {
-                grant_id,
-                remaining: remaining.0,
-                effective_at,
-                expires_at,
-            },
-        )
-        .collect())
+/// The customers' open grants with credits left, locked, each customer's in draw order.
+async fn open_grants(
+    tx: &mut PgConnection,
+    customers: &[&str],
+) -> Result<HashMap<String, Vec<OpenGrant>>, sqlx::Error> {
+    type Row = (
+        String,
+        i64,
+        ExactDecimal,
+        DateTime<Utc>,
+        Option<DateTime<Utc>>,
+    );
+    let rows: Vec<Row> = sqlx::query_as(&format!(
+        "SELECT customer_id, grant_id, remaining, effective_at, expires_at FROM credit_grants
+         WHERE customer_id = ANY($1) AND closed_at IS NULL AND remaining > 0
+         ORDER BY customer_id, {DRAW_ORDER} FOR UPDATE"
+    ))
+    .bind(customers)
+    .fetch_all(&mut *tx)
+    .await?;
+    let mut open: HashMap<String, Vec<OpenGrant>> = HashMap::new();
+    for (customer, grant_id, remaining, effective_at, expires_at) in rows {
+        open.entry(customer).or_default().push(OpenGrant {
+            grant_id,
+            remaining: remaining.0,
+            effective_at,
+            expires_at,
+        });
+    }
+    Ok(open)
 }
 
-/// Whether the customer ever had a grant: usage of a customer who never had credits is not
-/// written to the ledger as uncovered (they do not use credits at all).
-async fn has_grants(tx: &mut PgConnection, customer: &str) -> Result<bool, sqlx::Error> {
-    sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM credit_grants WHERE customer_id = $1)")
-        .bind(customer)
-        .fetch_one(&mut *tx)
-        .await
+/// Those of the customers who ever had a grant: usage of a customer who never had credits is
+/// not written to the ledger as uncovered (they do not use credits at all).
+async fn customers_with_grants(
+    tx: &mut PgConnection,
+    customers: &[&str],
+) -> Result<HashSet<String>, sqlx::Error> {
+    let rows: Vec<String> = sqlx::query_scalar(
+        "SELECT DISTINCT customer_id FROM credit_grants WHERE customer_id = ANY($1)",
+    )
+    .bind(customers)
+    .fetch_all(&mut *tx)
+    .await?;
+    Ok(rows.into_iter().collect())
 }
 
 /// The `consume` entries and grant balances of one burn, written in two statements.
@@ -359,15 +396,7 @@ async fn expire(pool: &PgPool, now: DateTime<Utc>) -> Result<usize, sqlx::Error>
 /// Grants each live subscription on a plan with `[plans.credits]` its current period's credits,
 /// once (the idempotency key names the subscription and the period). Returns the customers.
 async fn grant_plan_credits(pool: &PgPool, now: DateTime<Utc>) -> Result<Vec<String>, sqlx::Error> {
-    let due: Vec<(
-        i64,
-        String,
-        String,
-        DateTime<Utc>,
-        DateTime<Utc>,
-        ExactDecimal,
-        Option<i32>,
-    )> = sqlx::query_as(
+    let due: Vec<DuePlanGrant> = sqlx::query_as(
         "SELECT s.subscription_id, s.customer_id, s.plan, s.current_period_start,
                     s.current_period_end, (p.definition->'credits'->>'amount')::numeric,
                     (p.definition->'credits'->>'priority')::integer

@@ -188,7 +188,8 @@ impl CreditError {
     /// The HTTP status the API answers with.
     pub fn http_status(&self) -> u16 {
         match self {
-            CreditError::Invalid(_) | CreditError::ReasonRequired => 422,
+            // As the subscription routes answer INVALID_SUBSCRIPTION and REASON_REQUIRED.
+            CreditError::Invalid(_) | CreditError::ReasonRequired => 400,
             CreditError::IdempotencyConflict { .. } | CreditError::Closed { .. } => 409,
             CreditError::NoSuchGrant { .. } => 404,
             CreditError::OutOfRange(_) => 422,
@@ -448,6 +449,24 @@ async fn find_by_key(
     Ok(row.map(Grant::from))
 }
 
+/// [`lock_customer`] for several customers at once, in one order (customer id) so that two
+/// burners locking overlapping sets cannot deadlock.
+pub(crate) async fn lock_customers(
+    tx: &mut PgConnection,
+    customers: &[&str],
+) -> Result<(), sqlx::Error> {
+    let mut sorted = customers.to_vec();
+    sorted.sort_unstable();
+    sqlx::query(
+        "SELECT count(pg_advisory_xact_lock(hashtextextended('credits:' || c, 0)))
+         FROM unnest($1::text[]) AS c",
+    )
+    .bind(&sorted)
+    .execute(&mut *tx)
+    .await?;
+    Ok(())
+}
+
 /// Serializes everything that moves a customer's credits (grants, voids, the burner), so a
 /// burn never draws from a grant a void is closing.
 pub(crate) async fn lock_customer(
@@ -697,6 +716,15 @@ pub struct PeriodCredits {
     pub uncovered: Decimal,
 }
 
+/// One meter's `consume` entries of a period, covered by grants or not, summed.
+#[derive(sqlx::FromRow)]
+struct PeriodRow {
+    meter: Option<String>,
+    covered: bool,
+    quantity: Option<ExactDecimal>,
+    credits: Option<ExactDecimal>,
+}
+
 /// The customer's `consume` entries for windows starting in `[start, end)`, summed. By window,
 /// not by when the burn ran: a late event burned next month still belongs to this period's
 /// usage, as it does on the invoice.
@@ -706,17 +734,13 @@ pub async fn applied_in_period(
     start: DateTime<Utc>,
     end: DateTime<Utc>,
 ) -> Result<PeriodCredits, CreditError> {
-    let rows: Vec<(
-        Option<String>,
-        bool,
-        Option<ExactDecimal>,
-        Option<ExactDecimal>,
-    )> = sqlx::query_as(
-        "SELECT meter, grant_id IS NOT NULL, sum(quantity), -sum(amount)
-             FROM credit_transactions
-             WHERE customer_id = $1 AND kind = 'consume'
-               AND window_start >= $2 AND window_start < $3
-             GROUP BY 1, 2",
+    let rows: Vec<PeriodRow> = sqlx::query_as(
+        "SELECT meter, grant_id IS NOT NULL AS covered, sum(quantity) AS quantity,
+                -sum(amount) AS credits
+         FROM credit_transactions
+         WHERE customer_id = $1 AND kind = 'consume'
+           AND window_start >= $2 AND window_start < $3
+         GROUP BY 1, 2",
     )
     .bind(customer)
     .bind(start)
@@ -725,10 +749,10 @@ pub async fn applied_in_period(
     .await?;
     let out_of_range = || CreditError::OutOfRange("the credits of this period");
     let mut period = PeriodCredits::default();
-    for (meter, covered, quantity, credits) in rows {
-        let quantity = quantity.unwrap_or_default().0;
-        let credits = credits.unwrap_or_default().0;
-        if !covered {
+    for row in rows {
+        let quantity = row.quantity.unwrap_or_default().0;
+        let credits = row.credits.unwrap_or_default().0;
+        if !row.covered {
             period.uncovered = period
                 .uncovered
                 .checked_add(credits)
@@ -740,7 +764,7 @@ pub async fn applied_in_period(
             .checked_add(credits)
             .ok_or_else(out_of_range)?;
         // Every consume entry names its meter (the burner writes it from the window).
-        let Some(meter) = meter else { continue };
+        let Some(meter) = row.meter else { continue };
         let line = period.per_meter.entry(meter).or_default();
         line.quantity = line
             .quantity

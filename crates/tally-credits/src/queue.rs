@@ -21,8 +21,11 @@ pub async fn enqueue(tx: &mut PgConnection, usage: &[CountedUsage<'_>]) -> Resul
         return Ok(());
     }
     sqlx::query(
-        "INSERT INTO credit_usage_queue (customer_id, meter, group_key, window_start, quantity)
-         SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::timestamptz[], $5::numeric[])",
+        "INSERT INTO credit_usage_queue (customer_id, meter, group_key, window_start, quantity,
+                queued_at)
+         SELECT c, m, k, w, q, clock_timestamp()
+         FROM unnest($1::text[], $2::text[], $3::text[], $4::timestamptz[], $5::numeric[])
+              AS u(c, m, k, w, q)",
     )
     .bind(usage.iter().map(|u| u.customer).collect::<Vec<_>>())
     .bind(usage.iter().map(|u| u.meter).collect::<Vec<_>>())

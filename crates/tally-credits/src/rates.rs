@@ -10,6 +10,13 @@ use tally_db::ExactDecimal;
 
 use crate::config::RateDefinition;
 
+/// A `credit_rates` row: meter, dimensions, credits per unit.
+type RecordedRate = (
+    String,
+    sqlx::types::Json<BTreeMap<String, String>>,
+    ExactDecimal,
+);
+
 /// The rates of every priced meter.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct RateCard {
@@ -27,7 +34,7 @@ impl RateCard {
                 .push(rate.clone());
         }
         for rates in by_meter.values_mut() {
-            rates.sort_by(|a, b| b.dimensions.len().cmp(&a.dimensions.len()));
+            rates.sort_by_key(|rate| std::cmp::Reverse(rate.dimensions.len()));
         }
         RateCard { by_meter }
     }
@@ -85,13 +92,10 @@ impl RateCard {
 
     /// The rates as recorded in Postgres.
     pub async fn load(pool: &PgPool) -> Result<RateCard, sqlx::Error> {
-        let rows: Vec<(
-            String,
-            sqlx::types::Json<BTreeMap<String, String>>,
-            ExactDecimal,
-        )> = sqlx::query_as("SELECT meter, dimensions, credits_per_unit FROM credit_rates")
-            .fetch_all(pool)
-            .await?;
+        let rows: Vec<RecordedRate> =
+            sqlx::query_as("SELECT meter, dimensions, credits_per_unit FROM credit_rates")
+                .fetch_all(pool)
+                .await?;
         let rates: Vec<RateDefinition> = rows
             .into_iter()
             .map(|(meter, dimensions, rate)| RateDefinition {

@@ -222,8 +222,7 @@ impl Quota {
             .ok_or_else(out_of_range)?;
         let mut decision =
             decide(limit, used, quantity, Some(counts.resets_at)).ok_or_else(out_of_range)?;
-        if limit.enforcement == Enforcement::Credits && !matches!(decision, Decision::Deny { .. })
-        {
+        if limit.enforcement == Enforcement::Credits && !matches!(decision, Decision::Deny { .. }) {
             let left = self.spend_credits(customer, meter, quantity, dimensions, live, counting)?;
             decision = decision.with_credits(left);
         }

@@ -50,7 +50,6 @@ pub mod testing;
 pub use check::{decide, Decision, Quota, QuotaError, QuotaOptions};
 pub use plan::{
     Enforcement, Entitlements, LimitDefinition, Override, Period, PlanCredits, PlanDefinition,
-    PlanPrice,
-    PriceInterval,
+    PlanPrice, PriceInterval,
 };
 pub use store::{apply_plans, list_plans, PlanChange, QuotaStoreError, Subscription};

@@ -84,7 +84,12 @@ pub(crate) fn run(config: &TallyConfig, args: &AggregateArgs) -> anyhow::Result<
     } else {
         RunMode::Daemon
     };
-    let priced_meters = config.credits.rates.iter().map(|r| r.meter.clone()).collect();
+    let priced_meters = config
+        .credits
+        .rates
+        .iter()
+        .map(|r| r.meter.clone())
+        .collect();
     let aggregator = Aggregator::new(
         config.aggregator.clone(),
         config.kafka.clone(),

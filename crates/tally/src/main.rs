@@ -8,6 +8,7 @@ use clap::{Parser, Subcommand};
 
 mod aggregate;
 mod config;
+mod credits;
 mod customers;
 mod demo;
 mod emit;
@@ -103,6 +104,17 @@ enum Command {
     /// until checked. (A change through the admin API also drops the customer from the cache of
     /// the `tally serve` that took it.)
     Subscriptions(subscriptions::SubscriptionsArgs),
+    /// Grant and void prepaid credits (written to the credit ledger), or show a customer's
+    /// balance and ledger
+    ///
+    /// Writes Postgres directly through the same functions as the admin API
+    /// (/v1/customers/{id}/credits…), each grant or void in one transaction with its ledger
+    /// entry (--actor, --reason); needs database.url. Usage is drawn down from grants by the
+    /// burner in `tally aggregate`. A running `tally serve` is not told of a grant or void made
+    /// here: its quota checks see the new balance when they next reload the customer (at
+    /// least serve.refresh after the last load); a grant through the admin API is seen at once
+    /// by the `tally serve` that took it.
+    Credits(credits::CreditsArgs),
     /// Serve the HTTP API: quota checks, entitlements, usage, invoice preview, event ingest,
     /// Stripe webhooks, /healthz, /readyz, /metrics
     ///
@@ -172,6 +184,7 @@ fn main() -> ExitCode {
         Command::Kafka(args) => kafka::run(&config, &args),
         Command::Plans(args) => plans::run(&config, &args),
         Command::Subscriptions(args) => subscriptions::run(&config, &args),
+        Command::Credits(args) => credits::run(&config, &args),
         Command::Serve => serve::run(&config),
         Command::Tokens(args) => tokens::run(&args),
         Command::Finance(args) => finance::run(&config, &args),

@@ -13,9 +13,9 @@ use super::ownership::{advance_offsets, Ownership};
 use super::windows::{record_slot_changes, upsert_windows};
 use super::AggregatorStoreError;
 use crate::batch::{fold, Batch, Candidate, Granularity, Reject, WindowDelta};
+use crate::telemetry::BatchReport;
 use tally_core::Aggregation;
 use tally_credits::queue::CountedUsage;
-use crate::telemetry::BatchReport;
 
 /// The batch's one transaction. Returns what it did; on any error nothing is written.
 pub(crate) async fn commit_batch(
@@ -80,11 +80,14 @@ pub(super) async fn apply(
     let days = fold(counted.iter().copied(), Granularity::Day);
     let windows = minutes.len() as u64;
     record_slot_changes(tx, &minutes).await?;
-    queue_priced_usage(tx, &minutes, priced_meters).await?;
+    let priced_usage = priced_usage(&minutes, priced_meters);
     upsert_windows(tx, Granularity::Minute, minutes).await?;
     upsert_windows(tx, Granularity::Day, days).await?;
     let all_rejects: Vec<&Reject> = rejects.iter().copied().chain(&conflicts).collect();
     insert_rejects(tx, topic, &all_rejects).await?;
+    // Last, so that `queued_at` is close to the commit (the burn's lag is measured from it).
+    let queued: Vec<CountedUsage<'_>> = priced_usage.iter().map(PricedWindow::usage).collect();
+    tally_credits::queue::enqueue(tx, &queued).await?;
     Ok(Applied {
         counted: counted.len(),
         conflicts,
@@ -92,32 +95,47 @@ pub(super) async fn apply(
     })
 }
 
-/// The newly counted usage of meters with a credit rate, for the burner: one row per window
-/// (and partial sum) this batch changed. In this transaction, so only counted events burn, once.
-async fn queue_priced_usage(
-    tx: &mut PgConnection,
-    minutes: &[WindowDelta],
-    priced_meters: &BTreeSet<String>,
-) -> Result<(), AggregatorStoreError> {
-    if priced_meters.is_empty() {
-        return Ok(());
+/// A window's newly counted usage of a meter with a credit rate, for the burner.
+struct PricedWindow {
+    customer: String,
+    meter: String,
+    group_key: String,
+    start: chrono::DateTime<chrono::Utc>,
+    quantity: rust_decimal::Decimal,
+}
+
+impl PricedWindow {
+    fn usage(&self) -> CountedUsage<'_> {
+        CountedUsage {
+            customer: &self.customer,
+            meter: &self.meter,
+            group_key: &self.group_key,
+            window_start: self.start,
+            quantity: self.quantity,
+        }
     }
-    let usage: Vec<CountedUsage<'_>> = minutes
+}
+
+/// The usage the burner draws down: one row per window (and partial sum) of a priced meter
+/// this batch changed. Queued in the batch's transaction, so only counted events burn, once.
+fn priced_usage(minutes: &[WindowDelta], priced_meters: &BTreeSet<String>) -> Vec<PricedWindow> {
+    if priced_meters.is_empty() {
+        return Vec::new();
+    }
+    minutes
         .iter()
         .filter(|d| matches!(d.aggregation, Aggregation::Sum | Aggregation::Count))
         .filter(|d| priced_meters.contains(&d.key.meter))
         .flat_map(|d| {
-            d.partials.iter().map(|quantity| CountedUsage {
-                customer: &d.key.customer,
-                meter: &d.key.meter,
-                group_key: &d.key.group_key,
-                window_start: d.key.start,
+            d.partials.iter().map(|quantity| PricedWindow {
+                customer: d.key.customer.clone(),
+                meter: d.key.meter.clone(),
+                group_key: d.key.group_key.clone(),
+                start: d.key.start,
                 quantity: *quantity,
             })
         })
-        .collect();
-    tally_credits::queue::enqueue(tx, &usage).await?;
-    Ok(())
+        .collect()
 }
 
 fn count_by_reason(rejects: &[&Reject]) -> Vec<(RejectReason, u64)> {

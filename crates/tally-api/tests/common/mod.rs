@@ -24,12 +24,27 @@ pub(crate) async fn call(
     token: Option<&str>,
     body: Option<String>,
 ) -> Answer {
+    call_with_headers(app, method, path, token, &[], body).await
+}
+
+/// [`call`] with more request headers.
+pub(crate) async fn call_with_headers(
+    app: &axum::Router,
+    method: &str,
+    path: &str,
+    token: Option<&str>,
+    headers: &[(&str, &str)],
+    body: Option<String>,
+) -> Answer {
     let mut request = Request::builder()
         .method(method)
         .uri(path)
         .header("content-type", "application/json");
     if let Some(token) = token {
         request = request.header("authorization", format!("Bearer {token}"));
+    }
+    for (name, value) in headers {
+        request = request.header(*name, *value);
     }
     let response = app
         .clone()

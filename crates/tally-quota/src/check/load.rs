@@ -142,8 +142,7 @@ impl CacheState {
                         let uses_credits = Live::uses_credits(&entitlements);
                         let mut live = Live::new(subscription, entitlements, meters, now);
                         if uses_credits {
-                            let projected =
-                                balances.remove(&awaiting.customer).unwrap_or_default();
+                            let projected = balances.remove(&awaiting.customer).unwrap_or_default();
                             live.credits = Some(Mutex::new(CreditCounts {
                                 projected,
                                 spent_locally: Decimal::ZERO,
