@@ -200,6 +200,8 @@ async fn burn_queued(pool: &PgPool, rates: &RateCard) -> Result<BurnReport, sqlx
     }
     report.entries = entries.customers.len();
     entries.write(&mut tx).await?;
+    let moved: Vec<(&str, &str)> = report.customers.iter().map(|c| (c.as_str(), "")).collect();
+    tally_db::changes::record(&mut tx, &moved).await?;
     if !stuck.is_empty() {
         let stuck: HashSet<i64> = stuck.into_iter().collect();
         let stuck: Vec<&Queued> = rows
@@ -377,7 +379,9 @@ async fn expire(pool: &PgPool, now: DateTime<Utc>) -> Result<usize, sqlx::Error>
          ), closed AS (
              UPDATE credit_grants g SET remaining = 0, closed_at = $1, closed_as = 'expired'
              FROM due WHERE g.grant_id = due.grant_id
-             RETURNING g.grant_id
+             RETURNING g.grant_id, g.customer_id
+         ), changes AS (
+             INSERT INTO customer_changes (customer_id, meter) SELECT customer_id, '' FROM closed
          ), entries AS (
              INSERT INTO credit_transactions (customer_id, grant_id, kind, amount, actor, reason)
              SELECT due.customer_id, due.grant_id, 'expire', -due.remaining, $2, 'the grant expired'

@@ -355,6 +355,7 @@ pub(crate) async fn grant_in(
     .fetch_one(&mut *tx)
     .await?;
     let grant = Grant::from(row);
+    tally_db::changes::record(tx, &[(grant.customer.as_str(), "")]).await?;
     record(
         tx,
         &grant.customer,
@@ -406,6 +407,7 @@ pub async fn void(
     .bind(grant_id)
     .fetch_one(&mut *tx)
     .await?;
+    tally_db::changes::record(&mut tx, &[(customer, "")]).await?;
     record(&mut tx, customer, grant_id, "void", -grant.remaining, actor).await?;
     tx.commit().await?;
     Ok(voided.into())

@@ -7,6 +7,7 @@ use std::time::Duration;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::PgPool;
 
+pub mod changes;
 pub mod meters;
 mod numeric;
 pub mod rejects;

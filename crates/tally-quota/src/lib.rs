@@ -47,9 +47,12 @@ pub mod telemetry;
 #[cfg(any(test, feature = "testing"))]
 pub mod testing;
 
-pub use check::{decide, Decision, Quota, QuotaError, QuotaOptions};
+pub use check::{
+    decide, usage_against_limits, CustomerUsage, Decision, MeterPeriodUsage, Quota, QuotaError,
+    QuotaOptions,
+};
 pub use plan::{
-    Enforcement, Entitlements, LimitDefinition, Override, Period, PlanCredits, PlanDefinition,
-    PlanPrice, PriceInterval,
+    AlertRule, Enforcement, Entitlements, LimitDefinition, Override, Period, PlanCredits,
+    PlanDefinition, PlanPrice, PriceInterval,
 };
 pub use store::{apply_plans, list_plans, PlanChange, QuotaStoreError, Subscription};

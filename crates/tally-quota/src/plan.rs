@@ -165,6 +165,10 @@ pub struct PlanDefinition {
     /// period's end (the credit burner grants them).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub credits: Option<PlanCredits>,
+    /// `[[plans.alerts]]`: alerts every subscriber of the plan gets (webhooks to the alert
+    /// endpoints).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub alerts: Vec<AlertRule>,
     /// A trial on this plan ends in cancellation, not in an active subscription, unless a
     /// payment method is on record for the subscription.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
@@ -180,6 +184,52 @@ pub struct PlanPrice {
     /// ISO 4217, lowercase as Stripe writes it, e.g. "usd".
     pub currency: String,
     pub interval: PriceInterval,
+}
+
+/// An alert rule: `meter` + `percent` (usage reaching that share of the meter's limit in its
+/// period; fires once per period) or `credit_balance_below` (the projected credit balance
+/// falling below the amount; fires again only after it was back at or above it).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AlertRule {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub meter: Option<String>,
+    /// Of the limit, more than 0 and at most 1000 (e.g. 80, 100, 120).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub percent: Option<Decimal>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub credit_balance_below: Option<Decimal>,
+}
+
+impl AlertRule {
+    /// A stable name for the rule within its plan (part of its firings' key).
+    pub fn key(&self) -> String {
+        match (&self.meter, self.percent, self.credit_balance_below) {
+            (Some(meter), Some(percent), _) => format!("usage:{meter}:{}", percent.normalize()),
+            (_, _, Some(below)) => format!("credit_balance:{}", below.normalize()),
+            _ => "invalid".into(),
+        }
+    }
+
+    /// One kind, complete; the error says what to change.
+    pub fn validate(&self, meters: &[String]) -> Result<(), String> {
+        match (&self.meter, self.percent, self.credit_balance_below) {
+            (Some(meter), Some(percent), None) => {
+                if !meters.contains(meter) {
+                    return Err(format!("alert on meter {meter:?}, which is not in [[meters]]"));
+                }
+                if percent <= Decimal::ZERO || percent > Decimal::from(1000) {
+                    return Err(format!(
+                        "alert on {meter:?}: percent {percent} must be more than 0 and at most 1000"
+                    ));
+                }
+                Ok(())
+            }
+            (None, None, Some(below)) if below.abs() <= Decimal::from(1_000_000_000_000_000_000i64) => Ok(()),
+            (None, None, Some(below)) => Err(format!("alert: credit_balance_below {below} is beyond 10^18")),
+            _ => Err("an alert is either `meter` + `percent` (usage reaching a share of the meter's limit) or `credit_balance_below`; give one of the two".into()),
+        }
+    }
 }
 
 /// `[plans.credits]`: the credits a plan grants each billing period.
@@ -216,6 +266,19 @@ impl PlanDefinition {
                 ));
             }
             limit.validate(&self.name, meter)?;
+        }
+        for alert in &self.alerts {
+            alert
+                .validate(meters)
+                .map_err(|problem| format!("plan {:?}: {problem}", self.name))?;
+            if let (Some(meter), Some(_)) = (&alert.meter, alert.percent) {
+                if !self.limits.get(meter).is_some_and(|l| !l.is_unlimited()) {
+                    return Err(format!(
+                        "plan {:?}: an alert on {meter:?} needs a limit on it to take a percentage of; add [plans.limits.{meter}] or remove the alert",
+                        self.name
+                    ));
+                }
+            }
         }
         if let Some(credits) = &self.credits {
             let max = Decimal::from(1_000_000_000_000_000_000i64);

@@ -56,6 +56,26 @@ async fn burn_all(pool: &sqlx::PgPool) -> anyhow::Result<()> {
     }
 }
 
+/// `--once`: evaluates every change queued and makes one round of the deliveries due (retries
+/// come due later: the next run sends them).
+async fn alert_all(pool: &sqlx::PgPool, config: &tally_alerts::AlertsConfig) -> anyhow::Result<()> {
+    let rates = tally_credits::RateCard::load(pool)
+        .await
+        .context("loading the credit rate card")?;
+    while tally_alerts::evaluate_once(pool, &rates, chrono::Utc::now())
+        .await
+        .context("evaluating alert rules")?
+        .more
+    {}
+    let sender = tally_alerts::Sender::new(config);
+    while tally_alerts::deliver_due(pool, &sender)
+        .await
+        .context("delivering alerts")?
+        .more
+    {}
+    Ok(())
+}
+
 pub(crate) fn run(config: &TallyConfig, args: &AggregateArgs) -> anyhow::Result<()> {
     config.require_brokers()?;
     let meters = config.require_meters()?.to_vec();
@@ -100,17 +120,32 @@ pub(crate) fn run(config: &TallyConfig, args: &AggregateArgs) -> anyhow::Result<
     .with_priced_meters(priced_meters);
     // The credit burner follows the commits: in daemon mode beside the loop, with --once after
     // it, until what was queued is burned.
-    let burner = (!args.once).then(|| {
+    // The credit burner and the alerts follow the commits: in daemon mode beside the loop,
+    // with --once after it, until what was queued is burned, evaluated and sent.
+    let followers = (!args.once).then(|| {
         let _runtime = runtime.enter();
-        tally_credits::start_burner(pool.clone(), config.credits.burn_every, stop.clone())
+        let mut tasks =
+            tally_alerts::start_alerts(pool.clone(), config.alerts.clone(), stop.clone());
+        tasks.push(tally_credits::start_burner(
+            pool.clone(),
+            config.credits.burn_every,
+            stop.clone(),
+        ));
+        tasks
     });
     // The loop blocks; it runs here, on the main thread, not on a runtime worker.
     let summary = aggregator.run(mode, &stop)?;
     stop.cancel();
-    if let Some(burner) = burner {
-        let _ = runtime.block_on(burner);
-    } else {
-        runtime.block_on(burn_all(&pool))?;
+    match followers {
+        Some(tasks) => {
+            for task in tasks {
+                let _ = runtime.block_on(task);
+            }
+        }
+        None => {
+            runtime.block_on(burn_all(&pool))?;
+            runtime.block_on(alert_all(&pool, &config.alerts))?;
+        }
     }
     if args.once {
         println!(

@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context};
 use serde::{Deserialize, Serialize};
 use tally_aggregator::AggregatorConfig;
+use tally_alerts::AlertsConfig;
 use tally_api::ServeConfig;
 use tally_core::config::{KafkaConfig, Secret};
 use tally_core::{MeterDefinition, Meters};
@@ -34,6 +35,8 @@ pub(crate) struct TallyConfig {
     pub(crate) subscriptions: SubscriptionsConfig,
     /// `[credits]`: the rate card of prepaid credits and the burner.
     pub(crate) credits: CreditsConfig,
+    /// `[alerts]`: how alert rules are evaluated and deliveries tried.
+    pub(crate) alerts: AlertsConfig,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -113,6 +116,9 @@ impl TallyConfig {
                 }
             }
         }
+        self.alerts
+            .validate()
+            .map_err(|problem| anyhow::anyhow!("{problem}"))?;
         self.emitter
             .validate()
             .map_err(|problem| anyhow::anyhow!("{problem}"))?;

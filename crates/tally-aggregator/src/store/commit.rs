@@ -88,6 +88,13 @@ pub(super) async fn apply(
     // Last, so that `queued_at` is close to the commit (the burn's lag is measured from it).
     let queued: Vec<CountedUsage<'_>> = priced_usage.iter().map(PricedWindow::usage).collect();
     tally_credits::queue::enqueue(tx, &queued).await?;
+    // The customers whose usage changed, for the alert evaluator.
+    let changed: BTreeSet<(&str, &str)> = counted
+        .iter()
+        .map(|c| (c.event.customer.as_str(), c.event.meter.as_str()))
+        .collect();
+    let changed: Vec<(&str, &str)> = changed.into_iter().collect();
+    tally_db::changes::record(tx, &changed).await?;
     Ok(Applied {
         counted: counted.len(),
         conflicts,

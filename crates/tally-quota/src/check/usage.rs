@@ -110,3 +110,94 @@ impl UsageRequests {
             .collect())
     }
 }
+
+/// A limited meter's usage in its current period, from Postgres alone (no process's local
+/// count): what alert rules are evaluated against.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MeterPeriodUsage {
+    pub meter: String,
+    pub limit: crate::plan::LimitDefinition,
+    pub used: Decimal,
+    /// The period's start: a UTC midnight, or the billing period's start.
+    pub period_start: DateTime<Utc>,
+    pub resets_at: DateTime<Utc>,
+}
+
+/// A customer with a live subscription, and the usage of each of its limited meters.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CustomerUsage {
+    pub customer: String,
+    pub subscription: Subscription,
+    pub entitlements: crate::plan::Entitlements,
+    pub meters: Vec<MeterPeriodUsage>,
+}
+
+/// For a batch of customers (in three queries whatever their number): those with a live
+/// subscription, their entitlements and the current-period usage of every limited meter that
+/// adds up, is a maximum or a latest value (`unique_count` limits are not supported).
+pub async fn usage_against_limits(
+    pool: &PgPool,
+    customers: &[String],
+    now: DateTime<Utc>,
+) -> Result<Vec<CustomerUsage>, QuotaError> {
+    let aggregations: HashMap<String, Aggregation> = tally_db::meters::all(pool)
+        .await
+        .map_err(QuotaStoreError::from)?
+        .into_iter()
+        .map(|m| (m.name, m.aggregation))
+        .collect();
+    let mut live = crate::store::live_customers(pool, customers).await?;
+    let mut requests = UsageRequests::default();
+    let mut found = Vec::new();
+    for customer in customers {
+        let Some(customer_live) = live.remove(customer) else {
+            continue;
+        };
+        let mut wanted = Vec::new();
+        for (meter, limit) in &customer_live.entitlements.limits {
+            let aggregation = aggregations.get(meter).copied().unwrap_or(Aggregation::Sum);
+            if aggregation == Aggregation::UniqueCount {
+                continue;
+            }
+            let bounds = period_bounds(limit.period, &customer_live.subscription, now);
+            let period_start = match limit.period {
+                Period::BillingPeriod => customer_live.subscription.current_period_start,
+                _ => bounds
+                    .first_day
+                    .and_hms_opt(0, 0, 0)
+                    .expect("midnight")
+                    .and_utc(),
+            };
+            let request = requests.push(customer, meter, bounds.first_day, aggregation);
+            wanted.push((
+                request,
+                meter.clone(),
+                limit.clone(),
+                period_start,
+                bounds.resets_at,
+            ));
+        }
+        found.push((customer.clone(), customer_live, wanted));
+    }
+    let usage = requests.fetch(pool).await?;
+    Ok(found
+        .into_iter()
+        .map(|(customer, live, wanted)| CustomerUsage {
+            customer,
+            meters: wanted
+                .into_iter()
+                .map(
+                    |(request, meter, limit, period_start, resets_at)| MeterPeriodUsage {
+                        meter,
+                        limit,
+                        used: usage.get(&request).copied().unwrap_or_default(),
+                        period_start,
+                        resets_at,
+                    },
+                )
+                .collect(),
+            subscription: live.subscription,
+            entitlements: live.entitlements,
+        })
+        .collect())
+}

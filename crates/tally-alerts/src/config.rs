@@ -1,0 +1,53 @@
+//! `[alerts]` in tally.toml.
+
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+/// `[alerts]`: how often alert rules are evaluated and how deliveries are tried.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AlertsConfig {
+    /// How often `tally aggregate` evaluates the rules of customers whose usage or credits
+    /// changed, and sends the deliveries that are due.
+    #[serde(with = "humantime_serde")]
+    pub evaluate_every: Duration,
+    /// Time limit of one delivery (connect, send, answer).
+    #[serde(with = "humantime_serde")]
+    pub delivery_timeout: Duration,
+    /// A delivery not accepted (2xx) within this long of its first attempt is given up
+    /// (`failed`).
+    #[serde(with = "humantime_serde")]
+    pub retry_for: Duration,
+}
+
+impl Default for AlertsConfig {
+    fn default() -> Self {
+        AlertsConfig {
+            evaluate_every: Duration::from_millis(500),
+            delivery_timeout: Duration::from_secs(10),
+            retry_for: Duration::from_secs(24 * 3600),
+        }
+    }
+}
+
+impl AlertsConfig {
+    pub fn validate(&self) -> Result<(), String> {
+        if self.evaluate_every < Duration::from_millis(10)
+            || self.evaluate_every > Duration::from_secs(60)
+        {
+            return Err("alerts.evaluate_every must be between 10ms and 60s".into());
+        }
+        if self.delivery_timeout < Duration::from_millis(100)
+            || self.delivery_timeout > Duration::from_secs(60)
+        {
+            return Err("alerts.delivery_timeout must be between 100ms and 60s".into());
+        }
+        if self.retry_for < Duration::from_secs(1)
+            || self.retry_for > Duration::from_secs(7 * 24 * 3600)
+        {
+            return Err("alerts.retry_for must be between 1s and 7 days".into());
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,26 @@
+//! Usage alerts: a customer's usage reaching a share of a limit, or its projected credit
+//! balance falling below an amount, delivered once per crossing as a signed webhook.
+//!
+//! - `config.rs`: `[alerts]` in tally.toml.
+//! - `store.rs`: customers' own rules, endpoints (their secret shown once), firings and
+//!   deliveries as the API reads them; the owner of the `alert_*` tables.
+//! - `evaluate.rs`: the evaluator: the customers whose usage or credits changed, their plan's
+//!   (`[[plans.alerts]]`) and own rules, each crossing recorded once per period.
+//! - `deliver.rs`: the sender: signed POSTs, retried with backoff for `alerts.retry_for`.
+//! - `signature.rs`: `Tally-Signature` (as Stripe signs): signing, and verifying as a receiver.
+//! - `run.rs`: both, supervised, in `tally aggregate`.
+//! - `telemetry.rs`: metrics.
+
+mod config;
+pub mod deliver;
+pub mod evaluate;
+mod run;
+pub mod signature;
+pub mod store;
+pub mod telemetry;
+
+pub use config::AlertsConfig;
+pub use deliver::{deliver_due, Sender};
+pub use evaluate::{evaluate_once, Evaluation, BALANCE_BELOW, USAGE_CROSSED};
+pub use run::start_alerts;
+pub use store::{AlertError, CustomerRule, Delivery, Endpoint, Firing};

@@ -1,0 +1,82 @@
+//! The alerts in `tally aggregate`: the evaluator follows the changes every
+//! `alerts.evaluate_every`, and wakes the sender as soon as it records a crossing; the sender
+//! also wakes on its own every `evaluate_every` for retries that came due. Both supervised: a
+//! failing round (Postgres away) is logged, counted and retried.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use chrono::Utc;
+use sqlx::PgPool;
+use tokio::sync::Notify;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::AlertsConfig;
+use crate::deliver::{deliver_due, Sender};
+use crate::evaluate::evaluate_once;
+use crate::telemetry;
+use tally_credits::RateCard;
+
+/// How often the evaluator reloads the credit rate card (for projected balances).
+const RATES_RELOAD: Duration = Duration::from_secs(10);
+
+/// Starts the evaluator and the sender; both end when `stop` is cancelled.
+pub fn start_alerts(
+    pool: PgPool,
+    config: AlertsConfig,
+    stop: CancellationToken,
+) -> Vec<JoinHandle<()>> {
+    let wake = Arc::new(Notify::new());
+    let every = config.evaluate_every;
+    let evaluator = {
+        let (pool, stop, wake) = (pool.clone(), stop.clone(), wake.clone());
+        tally_runtime::supervise("alert_evaluator", stop.clone(), move || {
+            let (pool, stop, wake) = (pool.clone(), stop.clone(), wake.clone());
+            async move {
+                let mut rates = RateCard::load(&pool).await.map_err(|e| e.to_string())?;
+                let mut loaded = Instant::now();
+                loop {
+                    if loaded.elapsed() > RATES_RELOAD {
+                        rates = RateCard::load(&pool).await.map_err(|e| e.to_string())?;
+                        loaded = Instant::now();
+                    }
+                    let evaluation =
+                        evaluate_once(&pool, &rates, Utc::now())
+                            .await
+                            .map_err(|e| {
+                                telemetry::error();
+                                format!("evaluating alert rules: {e}")
+                            })?;
+                    if !evaluation.fired.is_empty() {
+                        wake.notify_one();
+                    }
+                    if !evaluation.more && tally_runtime::sleep_unless_stopped(every, &stop).await {
+                        return Ok(());
+                    }
+                }
+            }
+        })
+    };
+    let sender = Sender::new(&config);
+    let delivery = tally_runtime::supervise("alert_sender", stop.clone(), move || {
+        let (pool, stop, wake, sender) = (pool.clone(), stop.clone(), wake.clone(), sender.clone());
+        async move {
+            loop {
+                let round = deliver_due(&pool, &sender).await.map_err(|e| {
+                    telemetry::error();
+                    format!("delivering alerts: {e}")
+                })?;
+                if round.more {
+                    continue;
+                }
+                tokio::select! {
+                    _ = stop.cancelled() => return Ok(()),
+                    _ = wake.notified() => {}
+                    _ = tokio::time::sleep(every) => {}
+                }
+            }
+        }
+    });
+    vec![evaluator, delivery]
+}

@@ -1,0 +1,390 @@
+//! The alert tables' one owner: customers' rules, endpoints, firings and deliveries, as the
+//! API reads and changes them. (The evaluator and the sender write firings and deliveries in
+//! `evaluate.rs` and `deliver.rs`.)
+
+use chrono::{DateTime, Utc};
+use rust_decimal::Decimal;
+use serde::Serialize;
+use sqlx::PgPool;
+use tally_db::ExactDecimal;
+use tally_quota::AlertRule;
+
+/// Why an alert operation was refused; [`AlertError::code`] is its stable API code.
+#[derive(Debug, thiserror::Error)]
+pub enum AlertError {
+    #[error("{0}")]
+    Invalid(String),
+    #[error("customer {customer:?} has no alert rule {rule_id}; list them with GET /v1/customers/{{id}}/alerts")]
+    NoSuchRule { customer: String, rule_id: i64 },
+    #[error("no alert endpoint {0}; list them with GET /v1/alerts/endpoints")]
+    NoSuchEndpoint(i64),
+    #[error("{0}")]
+    Store(#[from] sqlx::Error),
+    /// What a rule is evaluated against could not be read (usage, plans).
+    #[error("{0}")]
+    Read(String),
+}
+
+impl AlertError {
+    pub fn code(&self) -> &'static str {
+        match self {
+            AlertError::Invalid(_) => "INVALID_ALERT",
+            AlertError::NoSuchRule { .. } => "NO_SUCH_ALERT_RULE",
+            AlertError::NoSuchEndpoint(_) => "NO_SUCH_ENDPOINT",
+            AlertError::Store(_) | AlertError::Read(_) => "STORE_UNAVAILABLE",
+        }
+    }
+
+    pub fn http_status(&self) -> u16 {
+        match self {
+            AlertError::Invalid(_) => 400,
+            AlertError::NoSuchRule { .. } | AlertError::NoSuchEndpoint(_) => 404,
+            AlertError::Store(_) | AlertError::Read(_) => 503,
+        }
+    }
+}
+
+/// A customer's own alert rule.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct CustomerRule {
+    pub rule_id: i64,
+    pub customer: String,
+    #[serde(flatten)]
+    pub rule: AlertRule,
+    pub created_by: String,
+    pub created_at: DateTime<Utc>,
+}
+
+type RuleRow = (
+    i64,
+    String,
+    Option<String>,
+    Option<ExactDecimal>,
+    Option<ExactDecimal>,
+    String,
+    DateTime<Utc>,
+);
+
+fn rule_of(row: RuleRow) -> CustomerRule {
+    let (rule_id, customer, meter, percent, below, created_by, created_at) = row;
+    CustomerRule {
+        rule_id,
+        customer,
+        rule: AlertRule {
+            meter,
+            percent: percent.map(|p| p.0),
+            credit_balance_below: below.map(|b| b.0),
+        },
+        created_by,
+        created_at,
+    }
+}
+
+const RULE_COLUMNS: &str = "rule_id, customer_id, meter, percent, below, created_by, created_at";
+
+/// Adds a rule for one customer. `meters` are the known meters (a usage rule must name one).
+pub async fn create_rule(
+    pool: &PgPool,
+    customer: &str,
+    rule: &AlertRule,
+    meters: &[String],
+    actor: &str,
+) -> Result<CustomerRule, AlertError> {
+    tally_core::event::validate_customer(customer)
+        .map_err(|rejection| AlertError::Invalid(rejection.detail))?;
+    rule.validate(meters).map_err(AlertError::Invalid)?;
+    let kind = if rule.meter.is_some() {
+        "usage"
+    } else {
+        "credit_balance"
+    };
+    let row: RuleRow = sqlx::query_as(&format!(
+        "INSERT INTO alert_rules (customer_id, kind, meter, percent, below, created_by)
+         VALUES ($1, $2, $3, $4, $5, $6) RETURNING {RULE_COLUMNS}"
+    ))
+    .bind(customer)
+    .bind(kind)
+    .bind(&rule.meter)
+    .bind(rule.percent)
+    .bind(rule.credit_balance_below)
+    .bind(actor)
+    .fetch_one(pool)
+    .await?;
+    // Evaluated at once, not at the customer's next usage.
+    let mut tx = pool.begin().await?;
+    tally_db::changes::record(&mut tx, &[(customer, "")]).await?;
+    tx.commit().await?;
+    Ok(rule_of(row))
+}
+
+/// The customer's own rules (not its plan's).
+pub async fn list_rules(pool: &PgPool, customer: &str) -> Result<Vec<CustomerRule>, AlertError> {
+    let rows: Vec<RuleRow> = sqlx::query_as(&format!(
+        "SELECT {RULE_COLUMNS} FROM alert_rules WHERE customer_id = $1 ORDER BY rule_id"
+    ))
+    .bind(customer)
+    .fetch_all(pool)
+    .await?;
+    Ok(rows.into_iter().map(rule_of).collect())
+}
+
+/// The rules of several customers, for the evaluator.
+pub(crate) async fn rules_of(
+    pool: &PgPool,
+    customers: &[String],
+) -> Result<Vec<CustomerRule>, sqlx::Error> {
+    let rows: Vec<RuleRow> = sqlx::query_as(&format!(
+        "SELECT {RULE_COLUMNS} FROM alert_rules WHERE customer_id = ANY($1) ORDER BY rule_id"
+    ))
+    .bind(customers)
+    .fetch_all(pool)
+    .await?;
+    Ok(rows.into_iter().map(rule_of).collect())
+}
+
+pub async fn delete_rule(pool: &PgPool, customer: &str, rule_id: i64) -> Result<(), AlertError> {
+    let deleted = sqlx::query("DELETE FROM alert_rules WHERE customer_id = $1 AND rule_id = $2")
+        .bind(customer)
+        .bind(rule_id)
+        .execute(pool)
+        .await?;
+    if deleted.rows_affected() == 0 {
+        return Err(AlertError::NoSuchRule {
+            customer: customer.to_owned(),
+            rule_id,
+        });
+    }
+    Ok(())
+}
+
+/// Where alerts are delivered.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Endpoint {
+    pub endpoint_id: i64,
+    pub url: String,
+    pub description: Option<String>,
+    pub created_by: String,
+    pub created_at: DateTime<Utc>,
+}
+
+/// Registers an endpoint; the answer holds its signing secret, the only time it is shown.
+pub async fn create_endpoint(
+    pool: &PgPool,
+    url: &str,
+    description: Option<&str>,
+    actor: &str,
+) -> Result<(Endpoint, String), AlertError> {
+    let parsed: http::Uri = url
+        .parse()
+        .map_err(|_| AlertError::Invalid(format!("url {:?} is not a URL", truncate(url))))?;
+    let scheme_ok = matches!(parsed.scheme_str(), Some("http" | "https"));
+    if !scheme_ok || parsed.host().is_none() || url.len() > 2000 {
+        return Err(AlertError::Invalid(format!(
+            "url {:?} must be an http:// or https:// URL with a host, at most 2000 characters",
+            truncate(url)
+        )));
+    }
+    if description.is_some_and(|d| d.chars().count() > 1000 || d.chars().any(char::is_control)) {
+        return Err(AlertError::Invalid(
+            "description must be at most 1000 printable characters".into(),
+        ));
+    }
+    let secret = format!("whsec_{}", hex::encode(rand::random::<[u8; 32]>()));
+    let (endpoint_id, created_at): (i64, DateTime<Utc>) = sqlx::query_as(
+        "INSERT INTO alert_endpoints (url, secret, description, created_by)
+         VALUES ($1, $2, $3, $4) RETURNING endpoint_id, created_at",
+    )
+    .bind(url)
+    .bind(&secret)
+    .bind(description)
+    .bind(actor)
+    .fetch_one(pool)
+    .await?;
+    let endpoint = Endpoint {
+        endpoint_id,
+        url: url.to_owned(),
+        description: description.map(str::to_owned),
+        created_by: actor.to_owned(),
+        created_at,
+    };
+    Ok((endpoint, secret))
+}
+
+fn truncate(text: &str) -> String {
+    text.chars().take(100).collect()
+}
+
+/// The endpoints in use (secrets are never shown again).
+pub async fn list_endpoints(pool: &PgPool) -> Result<Vec<Endpoint>, AlertError> {
+    let rows: Vec<(i64, String, Option<String>, String, DateTime<Utc>)> = sqlx::query_as(
+        "SELECT endpoint_id, url, description, created_by, created_at FROM alert_endpoints
+         WHERE deleted_at IS NULL ORDER BY endpoint_id",
+    )
+    .fetch_all(pool)
+    .await?;
+    Ok(rows
+        .into_iter()
+        .map(
+            |(endpoint_id, url, description, created_by, created_at)| Endpoint {
+                endpoint_id,
+                url,
+                description,
+                created_by,
+                created_at,
+            },
+        )
+        .collect())
+}
+
+/// Stops delivering to an endpoint: its pending deliveries are given up.
+pub async fn delete_endpoint(pool: &PgPool, endpoint_id: i64) -> Result<(), AlertError> {
+    let mut tx = pool.begin().await?;
+    let deleted = sqlx::query(
+        "UPDATE alert_endpoints SET deleted_at = now() WHERE endpoint_id = $1 AND deleted_at IS NULL",
+    )
+    .bind(endpoint_id)
+    .execute(&mut *tx)
+    .await?;
+    if deleted.rows_affected() == 0 {
+        return Err(AlertError::NoSuchEndpoint(endpoint_id));
+    }
+    sqlx::query(
+        "UPDATE alert_deliveries SET status = 'failed', last_error = 'the endpoint was deleted'
+         WHERE endpoint_id = $1 AND status = 'pending'",
+    )
+    .bind(endpoint_id)
+    .execute(&mut *tx)
+    .await?;
+    tx.commit().await?;
+    Ok(())
+}
+
+/// A crossing that fired.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Firing {
+    pub event_id: String,
+    pub event_type: String,
+    pub rule: String,
+    pub customer: String,
+    pub period_start: DateTime<Utc>,
+    pub fired_at: DateTime<Utc>,
+    pub payload: serde_json::Value,
+}
+
+/// The customer's firings, newest first (at most `limit`).
+pub async fn firings(pool: &PgPool, customer: &str, limit: i64) -> Result<Vec<Firing>, AlertError> {
+    let rows: Vec<(
+        String,
+        String,
+        String,
+        String,
+        DateTime<Utc>,
+        DateTime<Utc>,
+        serde_json::Value,
+    )> = sqlx::query_as(
+        "SELECT event_id, event_type, rule_key, customer_id, period_start, fired_at, payload
+             FROM alert_firings WHERE customer_id = $1 ORDER BY firing_id DESC LIMIT $2",
+    )
+    .bind(customer)
+    .bind(limit.clamp(1, 1000))
+    .fetch_all(pool)
+    .await?;
+    Ok(rows
+        .into_iter()
+        .map(
+            |(event_id, event_type, rule, customer, period_start, fired_at, payload)| Firing {
+                event_id,
+                event_type,
+                rule,
+                customer,
+                period_start,
+                fired_at,
+                payload,
+            },
+        )
+        .collect())
+}
+
+/// One delivery of a firing to an endpoint.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Delivery {
+    pub delivery_id: i64,
+    pub event_id: String,
+    pub event_type: String,
+    pub customer: String,
+    pub endpoint_id: i64,
+    /// `pending`, `delivered` or `failed`.
+    pub status: String,
+    pub attempts: i32,
+    pub next_attempt_at: Option<DateTime<Utc>>,
+    pub last_status: Option<i32>,
+    pub last_error: Option<String>,
+    pub created_at: DateTime<Utc>,
+    pub delivered_at: Option<DateTime<Utc>>,
+}
+
+type DeliveryRow = (
+    i64,
+    String,
+    String,
+    String,
+    i64,
+    String,
+    i32,
+    DateTime<Utc>,
+    Option<i32>,
+    Option<String>,
+    DateTime<Utc>,
+    Option<DateTime<Utc>>,
+);
+
+/// Deliveries, newest first, optionally of one status, before delivery id `before`.
+pub async fn deliveries(
+    pool: &PgPool,
+    status: Option<&str>,
+    before: Option<i64>,
+    limit: i64,
+) -> Result<Vec<Delivery>, AlertError> {
+    if status.is_some_and(|s| !matches!(s, "pending" | "delivered" | "failed")) {
+        return Err(AlertError::Invalid(
+            "status must be pending, delivered or failed".into(),
+        ));
+    }
+    let rows: Vec<DeliveryRow> = sqlx::query_as(
+        "SELECT d.delivery_id, f.event_id, f.event_type, f.customer_id, d.endpoint_id, d.status,
+                d.attempts, d.next_attempt_at, d.last_status, d.last_error, d.created_at,
+                d.delivered_at
+         FROM alert_deliveries d JOIN alert_firings f USING (firing_id)
+         WHERE ($1::text IS NULL OR d.status = $1) AND d.delivery_id < $2
+         ORDER BY d.delivery_id DESC LIMIT $3",
+    )
+    .bind(status)
+    .bind(before.unwrap_or(i64::MAX))
+    .bind(limit.clamp(1, 1000))
+    .fetch_all(pool)
+    .await?;
+    Ok(rows
+        .into_iter()
+        .map(|r| Delivery {
+            delivery_id: r.0,
+            event_id: r.1,
+            event_type: r.2,
+            customer: r.3,
+            endpoint_id: r.4,
+            next_attempt_at: (r.5 == "pending").then_some(r.7),
+            status: r.5,
+            attempts: r.6,
+            last_status: r.8,
+            last_error: r.9,
+            created_at: r.10,
+            delivered_at: r.11,
+        })
+        .collect())
+}
+
+/// The usage share a rule fires at, for the payload.
+pub(crate) fn threshold(limit: Decimal, percent: Decimal) -> Option<Decimal> {
+    limit
+        .checked_mul(percent)?
+        .checked_div(Decimal::ONE_HUNDRED)
+}
