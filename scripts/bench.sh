@@ -14,6 +14,8 @@
 #                                2 replicas, against a set-based baseline
 #   scripts/bench.sh http        POST /v1/quota/check latency at TALLY_BENCH_RATE checks/s offered
 #   scripts/bench.sh freshness   emit → aggregator commit → quota check sees it, p50/p99
+#   scripts/bench.sh alerts      aggregator commit → alert delivered to a receiver, p50/p99
+#                                (TALLY_BENCH_EVALUATE_MS, TALLY_BENCH_RATE)
 #
 # Postgres comes from DATABASE_URL, else 127.0.0.1:5432, else a throwaway local cluster.
 set -euo pipefail
@@ -28,8 +30,9 @@ case "$name" in
   scheduler) target=(-p tally-quota --bench scheduler) ;;
   http)      target=(-p tally-api --bench http) ;;
   freshness) target=(-p tally-tests --bench freshness) ;;
+  alerts)    target=(-p tally-tests --bench alert_latency) ;;
   *)
-    echo "usage: scripts/bench.sh emitter|aggregate|sink|quota|layer|scheduler|http|freshness [ARGS...]" >&2
+    echo "usage: scripts/bench.sh emitter|aggregate|sink|quota|layer|scheduler|http|freshness|alerts [ARGS...]" >&2
     exit 2
     ;;
 esac

@@ -564,3 +564,104 @@ impl IngestPipeline {
         }
     }
 }
+
+/// One delivery an [`AlertReceiver`] took.
+#[derive(Debug, Clone)]
+pub struct ReceivedAlert {
+    pub event: serde_json::Value,
+    pub event_id: String,
+    /// Whether `Tally-Signature` verified with the endpoint's secret.
+    pub signed: bool,
+    pub at: Instant,
+    /// Answered 500 (one of the failures asked for), so not taken.
+    pub refused: bool,
+}
+
+/// A webhook receiver, as a customer of tally's alerts would run one: verifies every
+/// delivery's `Tally-Signature` with the endpoint's secret and records it; answers 500 to the
+/// first `fail_first` deliveries (to make tally retry).
+#[derive(Clone)]
+pub struct AlertReceiver {
+    pub url: String,
+    secret: std::sync::Arc<std::sync::Mutex<String>>,
+    received: std::sync::Arc<std::sync::Mutex<Vec<ReceivedAlert>>>,
+    fail_first: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl AlertReceiver {
+    /// Serves on a free port of 127.0.0.1 (on the current tokio runtime).
+    pub async fn start(fail_first: usize) -> AlertReceiver {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let receiver = AlertReceiver {
+            url: format!("http://{}/hooks/tally", listener.local_addr().unwrap()),
+            secret: Default::default(),
+            received: Default::default(),
+            fail_first: std::sync::Arc::new(fail_first.into()),
+        };
+        let state = receiver.clone();
+        let app = axum::Router::new().route(
+            "/hooks/tally",
+            axum::routing::post(
+                move |headers: axum::http::HeaderMap, body: axum::body::Bytes| {
+                    let state = state.clone();
+                    async move { state.take(&headers, &body) }
+                },
+            ),
+        );
+        tokio::spawn(async move {
+            let _ = axum::serve(listener, app).await;
+        });
+        receiver
+    }
+
+    /// The endpoint's secret, once registered.
+    pub fn set_secret(&self, secret: &str) {
+        *self.secret.lock().unwrap() = secret.to_owned();
+    }
+
+    fn take(&self, headers: &axum::http::HeaderMap, body: &[u8]) -> axum::http::StatusCode {
+        let signature = headers
+            .get("tally-signature")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_default();
+        let secret = self.secret.lock().unwrap().clone();
+        let now = chrono::Utc::now().timestamp();
+        let signed = tally_alerts::signature::verify(signature, &secret, body, now, 300).is_ok();
+        let event: serde_json::Value = serde_json::from_slice(body).unwrap_or_default();
+        let refuse = self
+            .fail_first
+            .fetch_update(
+                std::sync::atomic::Ordering::SeqCst,
+                std::sync::atomic::Ordering::SeqCst,
+                |n| n.checked_sub(1),
+            )
+            .is_ok();
+        self.received.lock().unwrap().push(ReceivedAlert {
+            event_id: event["id"].as_str().unwrap_or_default().to_owned(),
+            event,
+            signed,
+            at: Instant::now(),
+            refused: refuse,
+        });
+        if refuse || !signed {
+            axum::http::StatusCode::INTERNAL_SERVER_ERROR
+        } else {
+            axum::http::StatusCode::OK
+        }
+    }
+
+    /// Every delivery so far, refused ones included.
+    pub fn received(&self) -> Vec<ReceivedAlert> {
+        self.received.lock().unwrap().clone()
+    }
+
+    /// The events taken (answered 2xx), each event id once.
+    pub fn taken(&self) -> Vec<serde_json::Value> {
+        let mut seen = std::collections::BTreeSet::new();
+        self.received()
+            .into_iter()
+            .filter(|r| !r.refused && r.signed && seen.insert(r.event_id.clone()))
+            .map(|r| r.event)
+            .collect()
+    }
+}

@@ -104,13 +104,10 @@ mod tests {
             verify("v1=00", "s", body, 0, 300),
             Err(SignatureError::Malformed)
         );
-        // Known answer (also in docs/alerts.md): HMAC-SHA256("secret", "1700000000.{}").
+        // The known answer docs/alerts.md checks in Python.
         assert_eq!(
-            sign("secret", 1_700_000_000, b"{}"),
-            format!(
-                "t=1700000000,v1={}",
-                hex::encode(mac("secret", 1_700_000_000, b"{}"))
-            )
+            sign("whsec_test", 1_700_000_000, br#"{"id":"evt_1"}"#),
+            "t=1700000000,v1=c89214b5b5da833daed6f0b8c5bb6bd58cea9022bd80ccc78230f3942d632925"
         );
     }
 }

@@ -158,7 +158,7 @@ pub async fn delete_rule(pool: &PgPool, customer: &str, rule_id: i64) -> Result<
 }
 
 /// Where alerts are delivered.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, sqlx::FromRow)]
 pub struct Endpoint {
     pub endpoint_id: i64,
     pub url: String,
@@ -177,7 +177,8 @@ pub async fn create_endpoint(
     let parsed: http::Uri = url
         .parse()
         .map_err(|_| AlertError::Invalid(format!("url {:?} is not a URL", truncate(url))))?;
-    let scheme_ok = matches!(parsed.scheme_str(), Some("http" | "https"));
+    // Lowercase as written: the table's check (and receivers' logs) expect it.
+    let scheme_ok = url.starts_with("http://") || url.starts_with("https://");
     if !scheme_ok || parsed.host().is_none() || url.len() > 2000 {
         return Err(AlertError::Invalid(format!(
             "url {:?} must be an http:// or https:// URL with a host, at most 2000 characters",
@@ -216,24 +217,13 @@ fn truncate(text: &str) -> String {
 
 /// The endpoints in use (secrets are never shown again).
 pub async fn list_endpoints(pool: &PgPool) -> Result<Vec<Endpoint>, AlertError> {
-    let rows: Vec<(i64, String, Option<String>, String, DateTime<Utc>)> = sqlx::query_as(
+    let endpoints: Vec<Endpoint> = sqlx::query_as(
         "SELECT endpoint_id, url, description, created_by, created_at FROM alert_endpoints
          WHERE deleted_at IS NULL ORDER BY endpoint_id",
     )
     .fetch_all(pool)
     .await?;
-    Ok(rows
-        .into_iter()
-        .map(
-            |(endpoint_id, url, description, created_by, created_at)| Endpoint {
-                endpoint_id,
-                url,
-                description,
-                created_by,
-                created_at,
-            },
-        )
-        .collect())
+    Ok(endpoints)
 }
 
 /// Stops delivering to an endpoint: its pending deliveries are given up.
@@ -260,7 +250,7 @@ pub async fn delete_endpoint(pool: &PgPool, endpoint_id: i64) -> Result<(), Aler
 }
 
 /// A crossing that fired.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, sqlx::FromRow)]
 pub struct Firing {
     pub event_id: String,
     pub event_type: String,
@@ -273,36 +263,16 @@ pub struct Firing {
 
 /// The customer's firings, newest first (at most `limit`).
 pub async fn firings(pool: &PgPool, customer: &str, limit: i64) -> Result<Vec<Firing>, AlertError> {
-    let rows: Vec<(
-        String,
-        String,
-        String,
-        String,
-        DateTime<Utc>,
-        DateTime<Utc>,
-        serde_json::Value,
-    )> = sqlx::query_as(
-        "SELECT event_id, event_type, rule_key, customer_id, period_start, fired_at, payload
-             FROM alert_firings WHERE customer_id = $1 ORDER BY firing_id DESC LIMIT $2",
+    let firings: Vec<Firing> = sqlx::query_as(
+        "SELECT event_id, event_type, rule_key AS rule, customer_id AS customer, period_start,
+                fired_at, payload
+         FROM alert_firings WHERE customer_id = $1 ORDER BY firing_id DESC LIMIT $2",
     )
     .bind(customer)
     .bind(limit.clamp(1, 1000))
     .fetch_all(pool)
     .await?;
-    Ok(rows
-        .into_iter()
-        .map(
-            |(event_id, event_type, rule, customer, period_start, fired_at, payload)| Firing {
-                event_id,
-                event_type,
-                rule,
-                customer,
-                period_start,
-                fired_at,
-                payload,
-            },
-        )
-        .collect())
+    Ok(firings)
 }
 
 /// One delivery of a firing to an endpoint.

@@ -8,19 +8,50 @@
 //! - `customers.rs`: `GET /v1/customers`, `GET /v1/customers/{id}`, overrides.
 //! - `credits.rs`: `/v1/customers/{id}/credits…`: grants, voids, the balance and the ledger
 //!   (written to the credit ledger, `tally_credits`' own audit trail, not `entitlement_audit`).
+//! - `alerts.rs`: `/v1/customers/{id}/alerts…` (a customer's own and its plan's alert rules,
+//!   what fired) and `/v1/alerts/…` (webhook endpoints, deliveries); `tally_alerts`' tables.
 
+pub(crate) mod alerts;
 pub(crate) mod credits;
 pub(crate) mod customers;
 pub(crate) mod plans;
 pub(crate) mod subscriptions;
 
 use axum::http::StatusCode;
+use rust_decimal::Decimal;
+use serde_json::value::RawValue;
+use tally_alerts::AlertError;
 use tally_credits::CreditError;
 use tally_quota::subscriptions::{Actor, SubscriptionError};
 use tally_quota::QuotaStoreError;
 
 use crate::auth::Caller;
 use crate::error::ApiError;
+
+/// A decimal field of a JSON body as a JSON number (`100`, `12.5`) or a decimal string
+/// (`"12.5"`), exactly: never through f64, and more digits than a decimal holds is refused, not
+/// rounded. The error names the field and how to write it.
+pub(crate) fn exact_decimal(field: &str, raw: &RawValue) -> Result<Decimal, String> {
+    let text = raw.get();
+    let text = if text.starts_with('"') {
+        serde_json::from_str::<String>(text).map_err(|_| format!("{field} is not a string"))?
+    } else {
+        text.to_owned()
+    };
+    Decimal::from_str_exact(&text).map_err(|_| {
+        format!(
+            "{field} {:?} is not a decimal of at most 28 digits; write it plainly, e.g. 100 or \"12.5\"",
+            text.chars().take(64).collect::<String>()
+        )
+    })
+}
+
+/// A customer id events could carry: no grant, balance, ledger or alert rule exists for any
+/// other.
+pub(crate) fn valid_customer(customer: &str) -> Result<(), ApiError> {
+    tally_core::event::validate_customer(customer)
+        .map_err(|rejection| ApiError::invalid(rejection.detail))
+}
 
 /// The audit trail's actor for a request: the token's name.
 pub(crate) fn actor(caller: &Caller, reason: &str) -> Result<Actor, ApiError> {
@@ -61,6 +92,18 @@ impl From<CreditError> for ApiError {
             .with_detail(&error),
             _ => ApiError::new(status, error.code(), error.to_string()),
         }
+    }
+}
+
+impl From<AlertError> for ApiError {
+    fn from(error: AlertError) -> ApiError {
+        let status =
+            StatusCode::from_u16(error.http_status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+        if status == StatusCode::SERVICE_UNAVAILABLE {
+            // Postgres's own words stay in the log.
+            return ApiError::unavailable("STORE_UNAVAILABLE", &error);
+        }
+        ApiError::new(status, error.code(), error.to_string())
     }
 }
 

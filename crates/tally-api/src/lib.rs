@@ -7,8 +7,9 @@
 //!   passes before its body is read.
 //! - `routes.rs`: quota check, entitlements, health, metrics.
 //! - `usage.rs`: usage series and the invoice preview.
-//! - `admin.rs`: plans, subscriptions, overrides, customers and their prepaid credits for
-//!   admin tokens, every change audited; its parts are in `admin/`.
+//! - `admin.rs`: plans, subscriptions, overrides, customers, their prepaid credits and usage
+//!   alerts (rules, webhook endpoints, deliveries) for admin tokens, every change audited; its
+//!   parts are in `admin/`.
 //! - `ingest.rs`: `POST /v1/events`, batches through the emitter.
 //! - `webhooks.rs`: `POST /v1/webhooks/stripe`, signed Stripe events.
 //! - `telemetry.rs`: metric names and the request-counting layer.
@@ -33,7 +34,7 @@ use std::sync::Arc;
 use axum::extract::DefaultBodyLimit;
 use axum::http::StatusCode;
 use axum::middleware::{from_fn, from_fn_with_state};
-use axum::routing::{get, post, put, MethodRouter};
+use axum::routing::{delete, get, post, put, MethodRouter};
 use axum::Router;
 use metrics_exporter_prometheus::PrometheusHandle;
 use sqlx::PgPool;
@@ -205,6 +206,39 @@ pub fn router(state: Arc<ApiState>, config: &ServeConfig) -> Router {
         .route(
             "/v1/customers/{id}/credits/grants/{grant_id}/void",
             gated(post(admin::credits::void), Some(scopes::ADMIN), small),
+        )
+        .route(
+            "/v1/customers/{id}/alerts",
+            // The customer reads its own alerts; only admins add rules.
+            gated(get(admin::alerts::list), Some(scopes::READ_USAGE), small).merge(gated(
+                post(admin::alerts::create),
+                Some(scopes::ADMIN),
+                small,
+            )),
+        )
+        .route(
+            "/v1/customers/{id}/alerts/{rule_id}",
+            gated(delete(admin::alerts::delete), Some(scopes::ADMIN), small),
+        )
+        .route(
+            "/v1/alerts/endpoints",
+            gated(
+                get(admin::alerts::list_endpoints).post(admin::alerts::create_endpoint),
+                Some(scopes::ADMIN),
+                small,
+            ),
+        )
+        .route(
+            "/v1/alerts/endpoints/{endpoint_id}",
+            gated(
+                delete(admin::alerts::delete_endpoint),
+                Some(scopes::ADMIN),
+                small,
+            ),
+        )
+        .route(
+            "/v1/alerts/deliveries",
+            gated(get(admin::alerts::deliveries), Some(scopes::ADMIN), small),
         )
         .route(
             "/v1/customers/{id}/usage",

@@ -4,7 +4,7 @@
 use serde_json::{json, Value};
 
 /// The paths this document describes; the router serves exactly these (tested).
-pub const PATHS: [&str; 26] = [
+pub const PATHS: [&str; 31] = [
     "/v1/quota/check",
     "/v1/plans",
     "/v1/plans/{name}",
@@ -27,6 +27,11 @@ pub const PATHS: [&str; 26] = [
     "/v1/customers/{id}/credits/ledger",
     "/v1/customers/{id}/credits/grants",
     "/v1/customers/{id}/credits/grants/{grant_id}/void",
+    "/v1/customers/{id}/alerts",
+    "/v1/customers/{id}/alerts/{rule_id}",
+    "/v1/alerts/endpoints",
+    "/v1/alerts/endpoints/{endpoint_id}",
+    "/v1/alerts/deliveries",
     "/healthz",
     "/readyz",
     "/metrics",
@@ -101,7 +106,7 @@ fn with_errors(mut responses: Value, errors: &[(&str, &str)]) -> Value {
 }
 
 /// Every error `code` the API answers with.
-pub const ERROR_CODES: [&str; 50] = [
+pub const ERROR_CODES: [&str; 53] = [
     "UNAUTHORIZED",
     "FORBIDDEN",
     "RATE_LIMITED",
@@ -152,6 +157,9 @@ pub const ERROR_CODES: [&str; 50] = [
     "NO_SUCH_GRANT",
     "GRANT_CLOSED",
     "CREDITS_OUT_OF_RANGE",
+    "INVALID_ALERT",
+    "NO_SUCH_ALERT_RULE",
+    "NO_SUCH_ENDPOINT",
 ];
 
 pub fn document() -> Value {
@@ -162,7 +170,7 @@ pub fn document() -> Value {
     let mut document = json!({
         "openapi": "3.1.0",
         "info": { "title": "tally", "version": env!("CARGO_PKG_VERSION"),
-                  "description": "Usage metering: quota checks, entitlements, usage, event ingest, Stripe webhooks, and the admin API for plans, subscriptions, overrides, customers and prepaid credits. Errors are JSON with a stable `code`, a message for the client and the `request_id` (also in the `x-request-id` header) under which the server logged what happened." },
+                  "description": "Usage metering: quota checks, entitlements, usage, event ingest, Stripe webhooks, and the admin API for plans, subscriptions, overrides, customers, prepaid credits and usage alerts (delivered as signed webhooks: see `webhooks.alert` and POST /v1/alerts/endpoints). Errors are JSON with a stable `code`, a message for the client and the `request_id` (also in the `x-request-id` header) under which the server logged what happened." },
         "security": [{ "bearer": [] }],
         "components": {
             "securitySchemes": { "bearer": { "type": "http", "scheme": "bearer",
@@ -310,6 +318,8 @@ pub fn document() -> Value {
         ("/components/schemas", credit_schemas()),
         ("/paths", admin_paths()),
         ("/paths", credit_paths()),
+        ("/components/schemas", alert_schemas()),
+        ("/paths", alert_paths()),
     ] {
         if let (Some(section), Value::Object(entries)) = (document.pointer_mut(section), entries) {
             if let Some(section) = section.as_object_mut() {
@@ -317,6 +327,7 @@ pub fn document() -> Value {
             }
         }
     }
+    document["webhooks"] = alert_webhooks();
     document
 }
 
@@ -579,6 +590,179 @@ fn credit_paths() -> Value {
                 "400": error_response("INVALID_REQUEST (after, limit, the customer id)"),
                 "422": error_response("CREDITS_OUT_OF_RANGE: a stored amount beyond a 28-digit decimal"),
                 "503": error_response("STORE_UNAVAILABLE or OVERLOADED") })) } }
+    })
+}
+
+/// How a delivery to an alert endpoint is signed and identified (also in `webhooks.alert`).
+const ALERT_DELIVERY: &str = "Each alert is POSTed to every endpoint as JSON (an `AlertEvent`: `{id, type, created, customer, data}`, `type` `usage.threshold_crossed` or `credits.balance_below`) with two headers. `Tally-Event-Id`: the event's `id`, stable across retries and restarts (the same rule, customer and period give the same id): dedupe on it. `Tally-Signature: t=<unix seconds>,v1=<hex HMAC-SHA256(secret, \"<t>.<raw body>\")>`, signed the way Stripe signs: compute the HMAC over the timestamp, a dot and the body exactly as received (before parsing it), compare it in constant time with each `v1`, and refuse a `t` more than a few minutes from now (a replay). Any 2xx answer is delivered; anything else (or no answer in time) is retried with backoff for `alerts.retry_for` (a day by default), then the delivery is `failed` (see GET /v1/alerts/deliveries)";
+
+/// Usage alerts' schemas: rules, firings, the event endpoints receive, endpoints, deliveries.
+fn alert_schemas() -> Value {
+    let decimal = json!({ "type": "string", "description": "An exact decimal, e.g. \"12.5\"" });
+    let time = json!({ "type": "string", "format": "date-time" });
+    let nullable_time = json!({ "type": ["string", "null"], "format": "date-time" });
+    let rule_properties = json!({
+        "meter": { "type": "string", "description": "A usage rule: the meter whose usage is compared with its limit" },
+        "percent": { "type": "string", "description": "A usage rule, an exact decimal: fires once per limit period when usage reaches this share of the limit (more than 0, at most 1000)" },
+        "credit_balance_below": { "type": "string", "description": "A balance rule, an exact decimal: fires when the projected credit balance falls below it, and again only after it was back at or above it" } });
+    let mut customer_rule = rule_properties.clone();
+    customer_rule["rule_id"] = json!({ "type": "integer" });
+    customer_rule["customer"] = json!({ "type": "string" });
+    customer_rule["created_by"] = json!({ "type": "string", "description": "`token:<name>`" });
+    customer_rule["created_at"] = time.clone();
+    let mut plan_rule = rule_properties;
+    plan_rule["key"] = json!({ "type": "string", "description": "`plan:<plan>:<rule>`, what this rule's firings name as `rule`" });
+    let endpoint = json!({
+        "endpoint_id": { "type": "integer" }, "url": { "type": "string" },
+        "description": { "type": ["string", "null"] },
+        "created_by": { "type": "string", "description": "`token:<name>`" }, "created_at": time });
+    let mut created_endpoint = endpoint.clone();
+    created_endpoint["secret"] = json!({ "type": "string", "description": "`whsec_…`: the key of every delivery's Tally-Signature. Shown in this answer only: store it now; it cannot be read again (delete the endpoint and create another to change it)" });
+    json!({
+        "CustomerAlertRule": { "type": "object", "required": ["rule_id", "customer", "created_by", "created_at"],
+            "description": "A customer's own rule: `meter` + `percent`, or `credit_balance_below`", "properties": customer_rule },
+        "PlanAlertRule": { "type": "object", "required": ["key"],
+            "description": "A `[[plans.alerts]]` rule of the customer's plan (tally.toml): `meter` + `percent`, or `credit_balance_below`", "properties": plan_rule },
+        "AlertEvent": { "type": "object", "required": ["id", "type", "created", "customer", "data"],
+            "description": ALERT_DELIVERY,
+            "properties": {
+                "id": { "type": "string", "description": "`evt_…`, stable: receivers dedupe on it (also the Tally-Event-Id header)" },
+                "type": { "enum": ["usage.threshold_crossed", "credits.balance_below"] },
+                "created": { "type": "integer", "description": "Unix seconds: when the crossing was recorded" },
+                "customer": { "type": "string" },
+                "data": { "oneOf": [
+                    { "type": "object", "title": "usage.threshold_crossed", "required": ["rule", "meter", "percent", "limit", "threshold", "usage", "period", "period_start", "period_end", "plan"], "properties": {
+                        "rule": { "type": "string", "description": "`plan:<plan>:<rule>` or `customer:<rule_id>`" },
+                        "meter": { "type": "string" }, "percent": decimal, "limit": decimal,
+                        "threshold": { "type": "string", "description": "An exact decimal: limit × percent / 100, the usage that fired the rule" },
+                        "usage": { "type": "string", "description": "An exact decimal: the usage in the period when the crossing was recorded" },
+                        "period": { "enum": ["day", "month", "billing_period"] },
+                        "period_start": time, "period_end": time, "plan": { "type": "string" } } },
+                    { "type": "object", "title": "credits.balance_below", "required": ["rule", "below", "balance"], "properties": {
+                        "rule": { "type": "string", "description": "`plan:<plan>:<rule>` or `customer:<rule_id>`" },
+                        "below": decimal,
+                        "balance": { "type": "string", "description": "An exact decimal: the projected credit balance when the crossing was recorded" } } }] } } },
+        "AlertFiring": { "type": "object", "required": ["event_id", "event_type", "rule", "customer", "period_start", "fired_at", "payload"], "properties": {
+            "event_id": { "type": "string" },
+            "event_type": { "enum": ["usage.threshold_crossed", "credits.balance_below"] },
+            "rule": { "type": "string", "description": "`plan:<plan>:<rule>` (a `plan_rules` key) or `customer:<rule_id>`" },
+            "customer": { "type": "string" },
+            "period_start": { "type": "string", "format": "date-time", "description": "A usage rule's limit period; for a balance rule, when it fired" },
+            "fired_at": time,
+            "payload": { "$ref": "#/components/schemas/AlertEvent" } } },
+        "CustomerAlerts": { "type": "object", "required": ["customer", "rules", "plan_rules", "firings"], "properties": {
+            "customer": { "type": "string" },
+            "plan": { "type": ["string", "null"], "description": "The live subscription's plan; null without one (its rules then do not apply)" },
+            "rules": { "type": "array", "items": { "$ref": "#/components/schemas/CustomerAlertRule" } },
+            "plan_rules": { "type": "array", "items": { "$ref": "#/components/schemas/PlanAlertRule" } },
+            "firings": { "type": "array", "description": "The latest 50, newest first", "items": { "$ref": "#/components/schemas/AlertFiring" } } } },
+        "AlertEndpoint": { "type": "object", "required": ["endpoint_id", "url", "created_by", "created_at"], "properties": endpoint },
+        "AlertEndpointCreated": { "type": "object", "required": ["endpoint_id", "url", "created_by", "created_at", "secret"], "properties": created_endpoint },
+        "AlertDeliveries": { "type": "object", "required": ["deliveries"], "properties": {
+            "deliveries": { "type": "array", "items": { "type": "object", "required": ["delivery_id", "event_id", "event_type", "customer", "endpoint_id", "status", "attempts", "created_at"], "properties": {
+                "delivery_id": { "type": "integer" }, "event_id": { "type": "string" },
+                "event_type": { "enum": ["usage.threshold_crossed", "credits.balance_below"] },
+                "customer": { "type": "string" }, "endpoint_id": { "type": "integer" },
+                "status": { "enum": ["pending", "delivered", "failed"] },
+                "attempts": { "type": "integer" },
+                "next_attempt_at": { "type": ["string", "null"], "format": "date-time", "description": "When a pending delivery is tried next; null otherwise" },
+                "last_status": { "type": ["integer", "null"], "description": "The HTTP status of the last attempt; null when it got no answer" },
+                "last_error": { "type": ["string", "null"] },
+                "created_at": time, "delivered_at": nullable_time } } },
+            "next_before": { "type": ["integer", "null"], "description": "The last delivery's id: pass as `before` for the next (older) page; null when this page is empty" } } }
+    })
+}
+
+/// Usage alerts' paths (`admin/alerts.rs`).
+fn alert_paths() -> Value {
+    let decimal_or_number = json!({ "type": ["string", "number"], "description": "An exact decimal as a string (\"80\") or a plain JSON number (80)" });
+    let rule_parameter = json!({ "name": "rule_id", "in": "path", "required": true, "schema": { "type": "integer" } });
+    let endpoint_parameter = json!({ "name": "endpoint_id", "in": "path", "required": true, "schema": { "type": "integer" } });
+    json!({
+        "/v1/customers/{id}/alerts": {
+            "get": {
+                "summary": "The customer's own alert rules, its plan's (`[[plans.alerts]]` of the live subscription's plan; none without one) and its latest 50 firings. Tokens: admin, customer (own)",
+                "parameters": [customer_parameter()],
+                "responses": with_gate(json!({
+                    "200": json_response("Rules and firings", "CustomerAlerts"),
+                    "400": error_response("INVALID_REQUEST: a customer id events could not carry"),
+                    "503": error_response("STORE_UNAVAILABLE or OVERLOADED") })) },
+            "post": {
+                "summary": "Add an alert rule for the customer: usage of `meter` reaching `percent` of its limit (once per limit period), or the projected credit balance falling below `credit_balance_below` (again only after it was back at or above it). Evaluated at once. Alerts go to every endpoint (POST /v1/alerts/endpoints). Admin token",
+                "parameters": [customer_parameter()],
+                "requestBody": { "required": true, "content": { "application/json": { "schema": {
+                    "type": "object", "description": "Either `meter` + `percent` or `credit_balance_below`",
+                    "properties": {
+                        "meter": { "type": "string", "description": "A meter of [[meters]]" },
+                        "percent": { "type": ["string", "number"], "description": "An exact decimal as a string (\"80\") or a plain JSON number (80): more than 0, at most 1000" },
+                        "credit_balance_below": decimal_or_number } } } } },
+                "responses": with_gate(json!({
+                    "201": json_response("The rule", "CustomerAlertRule"),
+                    "400": error_response("INVALID_REQUEST (not JSON, an unknown field, or a customer id events could not carry) or INVALID_ALERT (neither or both kinds, an unknown meter, percent out of range, a decimal not written plainly)"),
+                    "503": error_response("STORE_UNAVAILABLE or OVERLOADED") })) } },
+        "/v1/customers/{id}/alerts/{rule_id}": { "delete": {
+            "summary": "Remove one of the customer's own rules (a plan's rules change in tally.toml); what it fired stays listed. Admin token",
+            "parameters": [customer_parameter(), rule_parameter],
+            "responses": with_gate(json!({
+                "204": { "description": "Removed" },
+                "400": error_response("INVALID_REQUEST: the rule id is not a whole number, or the customer id"),
+                "404": error_response("NO_SUCH_ALERT_RULE: the customer has no such rule"),
+                "503": error_response("STORE_UNAVAILABLE or OVERLOADED") })) } },
+        "/v1/alerts/endpoints": {
+            "post": {
+                "summary": "Register a URL every alert is delivered to, signed with the secret in this answer: the only time the secret is shown. Admin token",
+                "description": ALERT_DELIVERY,
+                "requestBody": { "required": true, "content": { "application/json": { "schema": {
+                    "type": "object", "required": ["url"], "properties": {
+                        "url": { "type": "string", "description": "http:// or https:// with a host, at most 2000 characters" },
+                        "description": { "type": "string", "description": "At most 1000 printable characters" } } } } } },
+                "responses": with_gate(json!({
+                    "201": json_response("The endpoint and its signing secret (shown this once)", "AlertEndpointCreated"),
+                    "400": error_response("INVALID_REQUEST (not JSON, an unknown field, no url) or INVALID_ALERT (the url's scheme or host, the description)"),
+                    "503": error_response("STORE_UNAVAILABLE or OVERLOADED") })) },
+            "get": {
+                "summary": "The endpoints alerts are delivered to (never their secrets). Admin token",
+                "responses": with_gate(json!({
+                    "200": { "description": "Every endpoint in use", "content": { "application/json": { "schema": { "type": "object", "required": ["endpoints"], "properties": {
+                        "endpoints": { "type": "array", "items": { "$ref": "#/components/schemas/AlertEndpoint" } } } } } } },
+                    "503": error_response("STORE_UNAVAILABLE or OVERLOADED") })) } },
+        "/v1/alerts/endpoints/{endpoint_id}": { "delete": {
+            "summary": "Stop delivering to an endpoint: its pending deliveries become `failed`. Admin token",
+            "parameters": [endpoint_parameter],
+            "responses": with_gate(json!({
+                "204": { "description": "Deleted" },
+                "400": error_response("INVALID_REQUEST: the endpoint id is not a whole number"),
+                "404": error_response("NO_SUCH_ENDPOINT: no such endpoint, or deleted already"),
+                "503": error_response("STORE_UNAVAILABLE or OVERLOADED") })) } },
+        "/v1/alerts/deliveries": { "get": {
+            "summary": "Each alert's delivery to each endpoint (status, attempts, the last answer), newest first, paged. Admin token",
+            "parameters": [
+                { "name": "status", "in": "query", "schema": { "enum": ["pending", "delivered", "failed"] } },
+                { "name": "before", "in": "query", "schema": { "type": "integer", "minimum": 1 }, "description": "The previous page's `next_before`" },
+                { "name": "limit", "in": "query", "schema": { "type": "integer", "minimum": 1, "maximum": 1000, "default": 100 } }],
+            "responses": with_gate(json!({
+                "200": json_response("A page of deliveries", "AlertDeliveries"),
+                "400": error_response("INVALID_REQUEST (status, before, limit, an unknown parameter)"),
+                "503": error_response("STORE_UNAVAILABLE or OVERLOADED") })) } }
+    })
+}
+
+/// What tally sends to alert endpoints (OpenAPI 3.1 `webhooks`).
+fn alert_webhooks() -> Value {
+    json!({
+        "alert": { "post": {
+            "summary": "An alert, delivered to every endpoint registered with POST /v1/alerts/endpoints",
+            "description": ALERT_DELIVERY,
+            "security": [],
+            "parameters": [
+                { "name": "Tally-Signature", "in": "header", "required": true, "schema": { "type": "string" },
+                  "description": "`t=<unix seconds>,v1=<hex HMAC-SHA256(secret, \"<t>.<raw body>\")>`" },
+                { "name": "Tally-Event-Id", "in": "header", "required": true, "schema": { "type": "string" },
+                  "description": "The event's `id`: the same on every retry; dedupe on it" }],
+            "requestBody": { "required": true, "content": { "application/json": { "schema": { "$ref": "#/components/schemas/AlertEvent" } } } },
+            "responses": {
+                "2XX": { "description": "Delivered" },
+                "default": { "description": "Not delivered: retried with backoff for alerts.retry_for" } } } }
     })
 }
 

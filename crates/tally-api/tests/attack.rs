@@ -106,7 +106,13 @@ fn assert_described(document: &Value, template: &str, method: &str, answer: &Ans
 }
 
 /// Who may call what: the contract, written down apart from the code that enforces it.
-fn allowed(template: &str) -> &'static [&'static str] {
+fn allowed(method: &str, template: &str) -> &'static [&'static str] {
+    match (method, template) {
+        // A customer reads its own alerts; only admins add rules.
+        ("GET", "/v1/customers/{id}/alerts") => return &[ADMIN, ACME],
+        ("POST", "/v1/customers/{id}/alerts") => return &[ADMIN],
+        _ => {}
+    }
     match template {
         "/v1/quota/check" | "/v1/customers/{id}/entitlements" => &[ADMIN, CHECK, ACME],
         "/v1/customers/{id}/usage" | "/v1/customers/{id}/invoice-preview" => &[ADMIN, ACME],
@@ -128,7 +134,12 @@ fn allowed(template: &str) -> &'static [&'static str] {
         | "/v1/customers"
         | "/v1/customers/{id}/overrides"
         | "/v1/customers/{id}/credits/grants"
-        | "/v1/customers/{id}/credits/grants/{grant_id}/void" => &[ADMIN],
+        | "/v1/customers/{id}/credits/grants/{grant_id}/void"
+        | "/v1/customers/{id}/alerts/{rule_id}"
+        // Endpoints and deliveries span every customer.
+        | "/v1/alerts/endpoints"
+        | "/v1/alerts/endpoints/{endpoint_id}"
+        | "/v1/alerts/deliveries" => &[ADMIN],
         other => panic!("no access rule for {other}: add one to this test"),
     }
 }
@@ -141,7 +152,11 @@ fn example(template: &str) -> (String, Option<String>) {
             (now - TimeDelta::hours(1)).format("%Y-%m-%dT%H:%M:%SZ"),
             now.format("%Y-%m-%dT%H:%M:%SZ")
         ),
-        other => other.replace("{id}", "acme").replace("{grant_id}", "1"),
+        other => other
+            .replace("{id}", "acme")
+            .replace("{grant_id}", "1")
+            .replace("{rule_id}", "1")
+            .replace("{endpoint_id}", "1"),
     };
     let body = match template {
         "/v1/quota/check" => Some(json!({ "customer": "acme", "meter": "api_calls" }).to_string()),
@@ -155,6 +170,13 @@ fn example(template: &str) -> (String, Option<String>) {
         ),
         "/v1/customers/{id}/credits/grants/{grant_id}/void" => {
             Some(json!({ "reason": "attack test" }).to_string())
+        }
+        // Sent with GET too, where it is not read.
+        "/v1/customers/{id}/alerts" => {
+            Some(json!({ "meter": "api_calls", "percent": 80 }).to_string())
+        }
+        "/v1/alerts/endpoints" => {
+            Some(json!({ "url": "https://example.com/attack" }).to_string())
         }
         _ => None,
     };
@@ -190,7 +212,7 @@ async fn every_route_refuses_no_token_a_bad_token_the_wrong_scope_and_another_cu
                 let answer = call(&app, &method, &path, Some(token), body.clone()).await;
                 assert_described(&document, template, &method, &answer);
                 // GLOBEX is a customer token for another customer: refused wherever ACME is let in.
-                let may = allowed(template).contains(&token);
+                let may = allowed(&method, template).contains(&token);
                 if may {
                     assert!(
                         ![StatusCode::UNAUTHORIZED, StatusCode::FORBIDDEN].contains(&answer.status)
@@ -516,6 +538,18 @@ async fn fuzzed_json_bodies_never_answer_500() {
             ADMIN,
             json!({ "kind": "promotional", "amount": 12.5, "priority": 5, "expires_at": "2999-01-01T00:00:00Z", "idempotency_key": "fuzz", "description": "d", "reason": "r" }),
         ),
+        (
+            "/v1/customers/{id}/alerts",
+            "/v1/customers/acme/alerts",
+            ADMIN,
+            json!({ "meter": "api_calls", "percent": 80.5, "credit_balance_below": null }),
+        ),
+        (
+            "/v1/alerts/endpoints",
+            "/v1/alerts/endpoints",
+            ADMIN,
+            json!({ "url": "https://example.com/hook?customer=acme", "description": "d" }),
+        ),
     ];
     let mut random = Random(0x5eed_1234_abcd_ef01);
     let mut tried = 0;
@@ -535,7 +569,7 @@ async fn fuzzed_json_bodies_never_answer_500() {
             tried += 1;
         }
     }
-    assert_eq!(tried, 2000);
+    assert_eq!(tried, 2800);
 }
 
 #[tokio::test]

@@ -272,7 +272,7 @@ impl PlanDefinition {
                 .validate(meters)
                 .map_err(|problem| format!("plan {:?}: {problem}", self.name))?;
             if let (Some(meter), Some(_)) = (&alert.meter, alert.percent) {
-                if !self.limits.get(meter).is_some_and(|l| !l.is_unlimited()) {
+                if self.limits.get(meter).is_none_or(|l| l.is_unlimited()) {
                     return Err(format!(
                         "plan {:?}: an alert on {meter:?} needs a limit on it to take a percentage of; add [plans.limits.{meter}] or remove the alert",
                         self.name

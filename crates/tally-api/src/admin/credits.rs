@@ -20,6 +20,7 @@ use serde_json::value::RawValue;
 use tally_credits::grants::MAX_LEDGER_PAGE;
 use tally_credits::{Actor, CreditError, GrantKind, NewGrant, RateCard};
 
+use super::{exact_decimal, valid_customer};
 use crate::auth::{Caller, ReadableCustomer};
 use crate::error::{json_body, ApiError};
 use crate::ApiState;
@@ -33,12 +34,6 @@ const DEFAULT_LEDGER_PAGE: i64 = 100;
 /// The ledger's actor for a request: the token's name, as the admin API's audit trail has it.
 fn actor(caller: &Caller, reason: &str) -> Result<Actor, ApiError> {
     Ok(Actor::new(&format!("token:{}", caller.name()), reason)?)
-}
-
-/// A customer id events could carry: no grant, balance or ledger exists for any other.
-fn valid_customer(customer: &str) -> Result<(), ApiError> {
-    tally_core::event::validate_customer(customer)
-        .map_err(|rejection| ApiError::invalid(rejection.detail))
 }
 
 fn invalid_grant(message: impl Into<String>) -> ApiError {
@@ -67,19 +62,7 @@ pub(crate) struct GrantRequest {
 
 /// An amount as a JSON number (`100`, `12.5`) or decimal string (`"12.5"`), exactly.
 fn amount(raw: &RawValue) -> Result<Decimal, ApiError> {
-    let text = raw.get();
-    let text = if text.starts_with('"') {
-        serde_json::from_str::<String>(text).map_err(|_| invalid_grant("amount is not a string"))?
-    } else {
-        text.to_owned()
-    };
-    // Exact: more digits than a decimal holds is refused, not rounded.
-    Decimal::from_str_exact(&text).map_err(|_| {
-        invalid_grant(format!(
-            "amount {:?} is not a decimal of at most 28 digits; write it plainly, e.g. 100 or \"12.5\"",
-            text.chars().take(64).collect::<String>()
-        ))
-    })
+    exact_decimal("amount", raw).map_err(invalid_grant)
 }
 
 /// The key from the body or the `Idempotency-Key` header; both may be given only if they agree.

@@ -1,0 +1,259 @@
+//! Usage alerts: `GET /v1/customers/{id}/alerts` (the customer's own rules, its plan's
+//! `[[plans.alerts]]` and what fired), `POST /v1/customers/{id}/alerts` and `DELETE
+//! /v1/customers/{id}/alerts/{rule_id}` (its own rules), `/v1/alerts/endpoints` (where alerts
+//! are delivered, each endpoint's signing secret shown once) and `GET /v1/alerts/deliveries`
+//! (each delivery's outcome, paged). The functions and the tables are `tally_alerts`'.
+
+use std::sync::Arc;
+
+use axum::extract::rejection::{JsonRejection, PathRejection, QueryRejection};
+use axum::extract::{Path, Query, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+use serde_json::value::RawValue;
+use tally_alerts::{store, AlertError, Endpoint};
+use tally_quota::{AlertRule, QuotaError};
+
+use super::{exact_decimal, valid_customer};
+use crate::auth::{Caller, ReadableCustomer};
+use crate::error::{json_body, ApiError};
+use crate::ApiState;
+
+/// Firings `GET /v1/customers/{id}/alerts` shows, newest first.
+const FIRINGS_SHOWN: i64 = 50;
+
+/// Deliveries on a page when `limit` is not given.
+const DEFAULT_DELIVERIES_PAGE: i64 = 100;
+
+/// The most deliveries on a page.
+const MAX_DELIVERIES_PAGE: i64 = 1000;
+
+/// Who made a rule or an endpoint: the token's name, as the admin API's audit trail has it.
+fn actor(caller: &Caller) -> String {
+    format!("token:{}", caller.name())
+}
+
+fn invalid_alert(message: impl Into<String>) -> ApiError {
+    ApiError::from(AlertError::Invalid(message.into()))
+}
+
+/// A plan's rule as this customer has it: `key` is what its firings' `rule` says.
+#[derive(Debug, Serialize)]
+struct PlanRule {
+    key: String,
+    #[serde(flatten)]
+    rule: AlertRule,
+}
+
+/// `GET /v1/customers/{id}/alerts`: the customer's own rules, its live plan's rules (none
+/// without a live subscription) and its latest firings.
+pub(crate) async fn list(
+    State(state): State<Arc<ApiState>>,
+    ReadableCustomer(customer): ReadableCustomer,
+) -> Result<Response, ApiError> {
+    valid_customer(&customer)?;
+    let plan = match state.quota.entitlements(&customer).await {
+        Ok((_, entitlements)) => Some(entitlements.plan),
+        Err(QuotaError::NoActiveSubscription(_)) => None,
+        Err(error) => return Err(error.into()),
+    };
+    let mut plan_rules = Vec::new();
+    if let Some(plan) = &plan {
+        let definition = tally_quota::store::get_plan(&state.reader_pool, plan).await?;
+        for rule in definition
+            .into_iter()
+            .flat_map(|definition| definition.alerts)
+        {
+            let key = format!("plan:{plan}:{}", rule.key());
+            plan_rules.push(PlanRule { key, rule });
+        }
+    }
+    let rules = store::list_rules(&state.reader_pool, &customer).await?;
+    let firings = store::firings(&state.reader_pool, &customer, FIRINGS_SHOWN).await?;
+    Ok(Json(json!({
+        "customer": customer, "plan": plan, "rules": rules, "plan_rules": plan_rules,
+        "firings": firings,
+    }))
+    .into_response())
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RuleRequest {
+    #[serde(default)]
+    meter: Option<String>,
+    /// Raw, so that a JSON number is read exactly as written, never through f64.
+    #[serde(default)]
+    percent: Option<Box<RawValue>>,
+    #[serde(default)]
+    credit_balance_below: Option<Box<RawValue>>,
+}
+
+/// `POST /v1/customers/{id}/alerts`: 201 with the new rule: usage of `meter` reaching
+/// `percent` of its limit, or the projected credit balance falling below
+/// `credit_balance_below`. Evaluated at once, not at the customer's next usage.
+pub(crate) async fn create(
+    State(state): State<Arc<ApiState>>,
+    caller: Caller,
+    ReadableCustomer(customer): ReadableCustomer,
+    body: Result<Json<RuleRequest>, JsonRejection>,
+) -> Result<Response, ApiError> {
+    valid_customer(&customer)?;
+    let Json(request) = json_body(body)?;
+    let decimal = |field: &str, raw: Option<Box<RawValue>>| {
+        raw.map(|raw| exact_decimal(field, &raw).map_err(invalid_alert))
+            .transpose()
+    };
+    let rule = AlertRule {
+        meter: request.meter,
+        percent: decimal("percent", request.percent)?,
+        credit_balance_below: decimal("credit_balance_below", request.credit_balance_below)?,
+    };
+    let meters: Vec<String> = tally_db::meters::all(&state.pool)
+        .await
+        .map_err(AlertError::Store)?
+        .into_iter()
+        .map(|meter| meter.name)
+        .collect();
+    let created =
+        store::create_rule(&state.pool, &customer, &rule, &meters, &actor(&caller)).await?;
+    Ok((StatusCode::CREATED, Json(created)).into_response())
+}
+
+/// `DELETE /v1/customers/{id}/alerts/{rule_id}`: 204; what the rule fired stays listed.
+pub(crate) async fn delete(
+    State(state): State<Arc<ApiState>>,
+    caller: Caller,
+    path: Result<Path<(String, String)>, PathRejection>,
+) -> Result<Response, ApiError> {
+    let Path((customer, rule_id)) = path.map_err(|e| ApiError::invalid(e.body_text()))?;
+    caller.may_read(&customer)?;
+    valid_customer(&customer)?;
+    let rule_id: i64 = rule_id.parse().map_err(|_| {
+        ApiError::invalid(
+            "an alert rule id is a whole number; list the customer's rules with GET /v1/customers/{id}/alerts",
+        )
+    })?;
+    store::delete_rule(&state.pool, &customer, rule_id).await?;
+    Ok(StatusCode::NO_CONTENT.into_response())
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct EndpointRequest {
+    url: String,
+    #[serde(default)]
+    description: Option<String>,
+}
+
+/// An endpoint as created: the only answer that holds its secret.
+#[derive(Debug, Serialize)]
+struct CreatedEndpoint {
+    #[serde(flatten)]
+    endpoint: Endpoint,
+    secret: String,
+}
+
+/// `POST /v1/alerts/endpoints`: 201 with the endpoint and its signing secret, shown this once.
+pub(crate) async fn create_endpoint(
+    State(state): State<Arc<ApiState>>,
+    caller: Caller,
+    body: Result<Json<EndpointRequest>, JsonRejection>,
+) -> Result<Response, ApiError> {
+    let Json(request) = json_body(body)?;
+    let (endpoint, secret) = store::create_endpoint(
+        &state.pool,
+        &request.url,
+        request.description.as_deref(),
+        &actor(&caller),
+    )
+    .await?;
+    let created = CreatedEndpoint { endpoint, secret };
+    Ok((StatusCode::CREATED, Json(created)).into_response())
+}
+
+/// `GET /v1/alerts/endpoints`: the endpoints alerts are delivered to, without their secrets.
+pub(crate) async fn list_endpoints(
+    State(state): State<Arc<ApiState>>,
+) -> Result<Response, ApiError> {
+    let endpoints = store::list_endpoints(&state.reader_pool).await?;
+    Ok(Json(json!({ "endpoints": endpoints })).into_response())
+}
+
+/// `DELETE /v1/alerts/endpoints/{endpoint_id}`: 204; its pending deliveries are given up.
+pub(crate) async fn delete_endpoint(
+    State(state): State<Arc<ApiState>>,
+    path: Result<Path<String>, PathRejection>,
+) -> Result<Response, ApiError> {
+    let Path(endpoint_id) = path.map_err(|e| ApiError::invalid(e.body_text()))?;
+    let endpoint_id: i64 = endpoint_id.parse().map_err(|_| {
+        ApiError::invalid(
+            "an endpoint id is a whole number; list the endpoints with GET /v1/alerts/endpoints",
+        )
+    })?;
+    store::delete_endpoint(&state.pool, endpoint_id).await?;
+    Ok(StatusCode::NO_CONTENT.into_response())
+}
+
+/// A delivery's state, as `?status=` takes it.
+#[derive(Debug, Clone, Copy, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub(crate) enum DeliveryStatus {
+    Pending,
+    Delivered,
+    Failed,
+}
+
+impl DeliveryStatus {
+    fn as_str(self) -> &'static str {
+        match self {
+            DeliveryStatus::Pending => "pending",
+            DeliveryStatus::Delivered => "delivered",
+            DeliveryStatus::Failed => "failed",
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct DeliveriesQuery {
+    #[serde(default)]
+    status: Option<DeliveryStatus>,
+    /// The `next_before` of the previous page.
+    #[serde(default)]
+    before: Option<i64>,
+    #[serde(default)]
+    limit: Option<i64>,
+}
+
+/// `GET /v1/alerts/deliveries?status&before&limit`: deliveries newest first; `next_before` is
+/// the last one's id (pass it as `before` for the next page), null on an empty page.
+pub(crate) async fn deliveries(
+    State(state): State<Arc<ApiState>>,
+    query: Result<Query<DeliveriesQuery>, QueryRejection>,
+) -> Result<Response, ApiError> {
+    let Query(query) = query.map_err(|e| ApiError::invalid(e.body_text()))?;
+    let limit = query.limit.unwrap_or(DEFAULT_DELIVERIES_PAGE);
+    if !(1..=MAX_DELIVERIES_PAGE).contains(&limit) {
+        return Err(ApiError::invalid(format!(
+            "limit {limit}: between 1 and {MAX_DELIVERIES_PAGE}"
+        )));
+    }
+    if query.before.is_some_and(|before| before < 1) {
+        return Err(ApiError::invalid(
+            "before is the next_before of the previous page: 1 or more",
+        ));
+    }
+    let deliveries = store::deliveries(
+        &state.reader_pool,
+        query.status.map(DeliveryStatus::as_str),
+        query.before,
+        limit,
+    )
+    .await?;
+    let next_before = deliveries.last().map(|delivery| delivery.delivery_id);
+    Ok(Json(json!({ "deliveries": deliveries, "next_before": next_before })).into_response())
+}

@@ -1,0 +1,828 @@
+//! Usage alerts through the API, in process through the router: a customer's own rules (added,
+//! listed, removed) beside its plan's, endpoints whose secret is shown once, the deliveries of
+//! real firings (evaluated by `tally_alerts`, sent to a receiver in this test that verifies
+//! every signature) listed by status in pages, who may call what, and validation. Every answer
+//! is checked against the OpenAPI document.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::body::Bytes;
+use axum::extract::State;
+use axum::http::{HeaderMap, StatusCode};
+use chrono::Utc;
+use rust_decimal::Decimal;
+use serde_json::{json, Value};
+use tally_alerts::{AlertsConfig, Sender};
+use tally_api::{router, Access, ApiState, ApiToken, RateLimits, Scope, ServeConfig};
+use tally_credits::RateCard;
+use tally_quota::testing::subscribe;
+use tally_quota::{apply_plans, PlanDefinition, Quota};
+mod common;
+
+const ADMIN: &str = "admin-token-0123456789abcdef";
+const GATEWAY: &str = "check-token-0123456789abcdef";
+const ACME: &str = "acme-token-0123456789abcdef0";
+const BETA: &str = "beta-token-0123456789abcdef0";
+
+const RULES: &str = "/v1/customers/{id}/alerts";
+const RULE: &str = "/v1/customers/{id}/alerts/{rule_id}";
+const ENDPOINTS: &str = "/v1/alerts/endpoints";
+const ENDPOINT: &str = "/v1/alerts/endpoints/{endpoint_id}";
+const DELIVERIES: &str = "/v1/alerts/deliveries";
+
+struct Api {
+    _db: tally_db::testing::TestDatabase,
+    pool: sqlx::PgPool,
+    app: axum::Router,
+    document: Value,
+}
+
+impl Api {
+    /// Meters `api_calls` and `tokens`; plan PRO limits `api_calls` to 100 a day and alerts at
+    /// 80 % of it and below 10 credits; acme is on PRO, beta has no subscription.
+    async fn start() -> Api {
+        let db = tally_db::testing::fresh_database().await;
+        sqlx::query(
+            "INSERT INTO meters (name, aggregation, stripe_event_name) VALUES
+                ('api_calls', 'sum', 'api_calls'), ('tokens', 'sum', 'tokens')",
+        )
+        .execute(&db.pool)
+        .await
+        .unwrap();
+        let plans: Vec<PlanDefinition> = serde_json::from_value(json!([
+            { "name": "PRO", "limits": { "api_calls": { "limit": "100", "period": "day" } },
+              "alerts": [{ "meter": "api_calls", "percent": "80" }, { "credit_balance_below": "10" }] }
+        ]))
+        .unwrap();
+        apply_plans(&db.pool, &plans, "test").await.unwrap();
+        subscribe(
+            &db.pool,
+            "acme",
+            "PRO",
+            Utc::now() - chrono::TimeDelta::days(1),
+        )
+        .await;
+        let state = ApiState {
+            quota: Quota::new(db.pool.clone(), Duration::from_secs(60))
+                .await
+                .unwrap(),
+            pool: db.pool.clone(),
+            reader_pool: db.pool.clone(),
+            access: Access::new(
+                &[
+                    ApiToken::new("ops", Scope::Admin, None, ADMIN),
+                    ApiToken::new("gateway", Scope::Check, None, GATEWAY),
+                    ApiToken::new("acme", Scope::Customer, Some("acme"), ACME),
+                    ApiToken::new("beta", Scope::Customer, Some("beta"), BETA),
+                ],
+                &RateLimits::default(),
+            ),
+            metrics: None,
+            emitter: None,
+            stripe_webhook: None,
+            fallback_plan: None,
+        };
+        let pool = db.pool.clone();
+        Api {
+            _db: db,
+            pool,
+            app: router(Arc::new(state), &ServeConfig::default()),
+            document: tally_api::openapi::document(),
+        }
+    }
+
+    /// Calls the API and checks the answer against the OpenAPI document.
+    async fn call(
+        &self,
+        method: &str,
+        template: &str,
+        path: &str,
+        token: &str,
+        body: Option<Value>,
+    ) -> (StatusCode, Value) {
+        let answer = common::call(
+            &self.app,
+            method,
+            path,
+            Some(token),
+            body.map(|b| b.to_string()),
+        )
+        .await;
+        tally_api::openapi::check_answer(
+            &self.document,
+            template,
+            method,
+            answer.status.as_u16(),
+            &answer.body,
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+        (answer.status, answer.body)
+    }
+
+    async fn alerts(&self, customer: &str, token: &str) -> (StatusCode, Value) {
+        let path = format!("/v1/customers/{customer}/alerts");
+        self.call("GET", RULES, &path, token, None).await
+    }
+
+    async fn add_rule(&self, customer: &str, body: Value) -> (StatusCode, Value) {
+        let path = format!("/v1/customers/{customer}/alerts");
+        self.call("POST", RULES, &path, ADMIN, Some(body)).await
+    }
+
+    async fn delete_rule(&self, customer: &str, rule_id: &str) -> (StatusCode, Value) {
+        let path = format!("/v1/customers/{customer}/alerts/{rule_id}");
+        self.call("DELETE", RULE, &path, ADMIN, None).await
+    }
+
+    async fn add_endpoint(&self, body: Value) -> (StatusCode, Value) {
+        self.call("POST", ENDPOINTS, ENDPOINTS, ADMIN, Some(body))
+            .await
+    }
+
+    async fn delete_endpoint(&self, endpoint_id: &str) -> (StatusCode, Value) {
+        let path = format!("/v1/alerts/endpoints/{endpoint_id}");
+        self.call("DELETE", ENDPOINT, &path, ADMIN, None).await
+    }
+
+    async fn deliveries(&self, query: &str) -> (StatusCode, Value) {
+        let path = format!("/v1/alerts/deliveries{query}");
+        self.call("GET", DELIVERIES, &path, ADMIN, None).await
+    }
+}
+
+fn decimal(value: &Value) -> Decimal {
+    value
+        .as_str()
+        .unwrap_or_else(|| panic!("{value} is not a decimal string"))
+        .parse()
+        .unwrap()
+}
+
+fn code(answer: &(StatusCode, Value)) -> (StatusCode, Option<&str>) {
+    (answer.0, answer.1["code"].as_str())
+}
+
+fn message(answer: &(StatusCode, Value)) -> &str {
+    answer.1["message"].as_str().unwrap_or_default()
+}
+
+#[tokio::test]
+async fn own_rules_are_added_listed_and_removed_beside_the_plans() {
+    let api = Api::start().await;
+    // Before any rule of its own: the plan's, keyed as their firings will name them.
+    let (status, alerts) = api.alerts("acme", ACME).await;
+    assert_eq!(status, StatusCode::OK, "{alerts}");
+    assert_eq!(alerts["customer"], "acme");
+    assert_eq!(alerts["plan"], "PRO");
+    assert_eq!(alerts["rules"], json!([]));
+    assert_eq!(alerts["firings"], json!([]));
+    assert_eq!(
+        alerts["plan_rules"],
+        json!([
+            { "key": "plan:PRO:usage:api_calls:80", "meter": "api_calls", "percent": "80" },
+            { "key": "plan:PRO:credit_balance:10", "credit_balance_below": "10" }
+        ])
+    );
+
+    // A usage rule with a JSON number, a balance rule with a string, a percent read exactly.
+    let (status, usage) = api
+        .add_rule("acme", json!({ "meter": "api_calls", "percent": 50 }))
+        .await;
+    assert_eq!(status, StatusCode::CREATED, "{usage}");
+    assert_eq!(
+        (
+            usage["customer"].as_str(),
+            usage["meter"].as_str(),
+            usage["created_by"].as_str()
+        ),
+        (Some("acme"), Some("api_calls"), Some("token:ops"))
+    );
+    assert_eq!(decimal(&usage["percent"]), Decimal::from(50));
+    assert!(usage.get("credit_balance_below").is_none(), "{usage}");
+    let (status, balance) = api
+        .add_rule("acme", json!({ "credit_balance_below": "12.5" }))
+        .await;
+    assert_eq!(status, StatusCode::CREATED, "{balance}");
+    assert_eq!(balance["credit_balance_below"], "12.5");
+    assert!(balance.get("meter").is_none(), "{balance}");
+    let (status, exact) = api
+        .add_rule(
+            "acme",
+            json!({ "meter": "tokens", "percent": 99.123456789 }),
+        )
+        .await;
+    assert_eq!(status, StatusCode::CREATED, "{exact}");
+    assert_eq!(exact["percent"], "99.123456789");
+
+    let (_, alerts) = api.alerts("acme", ADMIN).await;
+    let ids: Vec<&Value> = alerts["rules"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| &r["rule_id"])
+        .collect();
+    assert_eq!(
+        ids,
+        [&usage["rule_id"], &balance["rule_id"], &exact["rule_id"]]
+    );
+    assert_eq!(alerts["plan_rules"].as_array().unwrap().len(), 2);
+
+    // A customer without a live subscription has its own rules and no plan's.
+    let (status, beta_rule) = api
+        .add_rule("beta", json!({ "credit_balance_below": 0 }))
+        .await;
+    assert_eq!(status, StatusCode::CREATED, "{beta_rule}");
+    let (status, beta) = api.alerts("beta", BETA).await;
+    assert_eq!(status, StatusCode::OK, "{beta}");
+    assert_eq!(beta["plan"], Value::Null);
+    assert_eq!(beta["plan_rules"], json!([]));
+    assert_eq!(beta["rules"].as_array().unwrap().len(), 1);
+    assert_eq!(beta["rules"][0]["rule_id"], beta_rule["rule_id"]);
+    assert_eq!(beta["rules"][0]["credit_balance_below"], "0");
+
+    // Removed once; a second time, or under another customer, it is not found.
+    let id = usage["rule_id"].as_i64().unwrap().to_string();
+    let (status, _) = api.delete_rule("acme", &id).await;
+    assert_eq!(status, StatusCode::NO_CONTENT);
+    let again = api.delete_rule("acme", &id).await;
+    assert_eq!(
+        code(&again),
+        (StatusCode::NOT_FOUND, Some("NO_SUCH_ALERT_RULE"))
+    );
+    assert!(message(&again).contains("GET /v1/customers/{id}/alerts"));
+    let beta_id = beta_rule["rule_id"].as_i64().unwrap().to_string();
+    let elsewhere = api.delete_rule("acme", &beta_id).await;
+    assert_eq!(
+        code(&elsewhere),
+        (StatusCode::NOT_FOUND, Some("NO_SUCH_ALERT_RULE"))
+    );
+    let not_a_number = api.delete_rule("acme", "abc").await;
+    assert_eq!(
+        code(&not_a_number),
+        (StatusCode::BAD_REQUEST, Some("INVALID_REQUEST"))
+    );
+    let (_, alerts) = api.alerts("acme", ADMIN).await;
+    let ids: Vec<&Value> = alerts["rules"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| &r["rule_id"])
+        .collect();
+    assert_eq!(ids, [&balance["rule_id"], &exact["rule_id"]]);
+    let (_, beta) = api.alerts("beta", ADMIN).await;
+    assert_eq!(beta["rules"].as_array().unwrap().len(), 1);
+}
+
+#[tokio::test]
+async fn invalid_rules_and_endpoints_are_refused_with_stable_codes() {
+    let api = Api::start().await;
+    let refused = StatusCode::BAD_REQUEST;
+    let rules = [
+        (
+            json!({ "meter": "api_calls", "percent": 0 }),
+            "INVALID_ALERT",
+        ),
+        (
+            json!({ "meter": "api_calls", "percent": 1001 }),
+            "INVALID_ALERT",
+        ),
+        (
+            json!({ "meter": "api_calls", "percent": "-5" }),
+            "INVALID_ALERT",
+        ),
+        (
+            json!({ "meter": "api_calls", "percent": "1e3" }),
+            "INVALID_ALERT",
+        ),
+        (
+            json!({ "meter": "api_calls", "percent": true }),
+            "INVALID_ALERT",
+        ),
+        (
+            json!({ "meter": "api_calls", "percent": "79228162514264337593543950336" }),
+            "INVALID_ALERT",
+        ),
+        // Both kinds at once, neither, half of one.
+        (
+            json!({ "meter": "api_calls", "percent": 80, "credit_balance_below": 10 }),
+            "INVALID_ALERT",
+        ),
+        (json!({}), "INVALID_ALERT"),
+        (json!({ "meter": "api_calls" }), "INVALID_ALERT"),
+        (json!({ "percent": 80 }), "INVALID_ALERT"),
+        (json!({ "meter": "nope", "percent": 80 }), "INVALID_ALERT"),
+        (json!({ "credit_balance_below": "ten" }), "INVALID_ALERT"),
+        (
+            json!({ "credit_balance_below": "10000000000000000001" }),
+            "INVALID_ALERT",
+        ),
+        (
+            json!({ "credit_balance_below": 10, "extra": 1 }),
+            "INVALID_REQUEST",
+        ),
+        (json!({ "meter": 5, "percent": 80 }), "INVALID_REQUEST"),
+    ];
+    for (body, expected) in rules {
+        let answer = api.add_rule("acme", body.clone()).await;
+        assert_eq!(code(&answer), (refused, Some(expected)), "{body}");
+    }
+    // The errors name the cause and the fix.
+    let zero = api
+        .add_rule("acme", json!({ "meter": "api_calls", "percent": 0 }))
+        .await;
+    assert!(
+        message(&zero).contains("more than 0 and at most 1000"),
+        "{}",
+        zero.1
+    );
+    let unknown = api
+        .add_rule("acme", json!({ "meter": "nope", "percent": 80 }))
+        .await;
+    assert!(message(&unknown).contains("\"nope\""), "{}", unknown.1);
+    assert!(message(&unknown).contains("[[meters]]"), "{}", unknown.1);
+    let both = api
+        .add_rule(
+            "acme",
+            json!({ "meter": "api_calls", "percent": 80, "credit_balance_below": 1 }),
+        )
+        .await;
+    assert!(message(&both).contains("give one of the two"), "{}", both.1);
+    let not_plain = api
+        .add_rule("acme", json!({ "meter": "api_calls", "percent": "1e3" }))
+        .await;
+    assert!(
+        message(&not_plain).contains("percent \"1e3\""),
+        "{}",
+        not_plain.1
+    );
+    // A customer id events could never carry.
+    let answer = api
+        .call(
+            "POST",
+            RULES,
+            "/v1/customers/a%01b/alerts",
+            ADMIN,
+            Some(json!({ "credit_balance_below": 1 })),
+        )
+        .await;
+    assert_eq!(code(&answer), (refused, Some("INVALID_REQUEST")));
+    let answer = api.alerts("a%01b", ADMIN).await;
+    assert_eq!(code(&answer), (refused, Some("INVALID_REQUEST")));
+
+    let endpoints = [
+        (json!({ "url": "ftp://example.com/hook" }), "INVALID_ALERT"),
+        (json!({ "url": "http://" }), "INVALID_ALERT"),
+        (json!({ "url": "/hook" }), "INVALID_ALERT"),
+        (json!({ "url": "not a url" }), "INVALID_ALERT"),
+        (
+            json!({ "url": format!("https://example.com/{}", "a".repeat(2000)) }),
+            "INVALID_ALERT",
+        ),
+        (
+            json!({ "url": "https://example.com/hook", "description": "x".repeat(1001) }),
+            "INVALID_ALERT",
+        ),
+        (
+            json!({ "url": "https://example.com/hook", "description": "a\u{7}b" }),
+            "INVALID_ALERT",
+        ),
+        (json!({ "description": "no url" }), "INVALID_REQUEST"),
+        (
+            json!({ "url": "https://example.com/hook", "secret": "mine" }),
+            "INVALID_REQUEST",
+        ),
+    ];
+    for (body, expected) in endpoints {
+        let answer = api.add_endpoint(body.clone()).await;
+        assert_eq!(code(&answer), (refused, Some(expected)), "{body}");
+    }
+    let ftp = api
+        .add_endpoint(json!({ "url": "ftp://example.com/hook" }))
+        .await;
+    assert!(
+        message(&ftp).contains("must be an http:// or https:// URL with a host"),
+        "{}",
+        ftp.1
+    );
+    let not_a_number = api.delete_endpoint("abc").await;
+    assert_eq!(code(&not_a_number), (refused, Some("INVALID_REQUEST")));
+
+    // Nothing of it was stored.
+    let (_, alerts) = api.alerts("acme", ADMIN).await;
+    assert_eq!(alerts["rules"], json!([]));
+    let (status, listed) = api.call("GET", ENDPOINTS, ENDPOINTS, ADMIN, None).await;
+    assert_eq!(status, StatusCode::OK, "{listed}");
+    assert_eq!(listed["endpoints"], json!([]));
+}
+
+#[tokio::test]
+async fn an_endpoints_secret_is_shown_once() {
+    let api = Api::start().await;
+    let (status, created) = api
+        .add_endpoint(
+            json!({ "url": "https://hooks.example.com/tally", "description": "ops pager" }),
+        )
+        .await;
+    assert_eq!(status, StatusCode::CREATED, "{created}");
+    let secret = created["secret"].as_str().unwrap().to_owned();
+    let hex = secret.strip_prefix("whsec_").expect("a whsec_ secret");
+    assert!(
+        hex.len() == 64 && hex.chars().all(|c| c.is_ascii_hexdigit()),
+        "{secret}"
+    );
+    assert_eq!(
+        (
+            created["url"].as_str(),
+            created["description"].as_str(),
+            created["created_by"].as_str()
+        ),
+        (
+            Some("https://hooks.example.com/tally"),
+            Some("ops pager"),
+            Some("token:ops")
+        )
+    );
+    // The secret shown is the one deliveries are signed with.
+    let stored: String =
+        sqlx::query_scalar("SELECT secret FROM alert_endpoints WHERE endpoint_id = $1")
+            .bind(created["endpoint_id"].as_i64().unwrap())
+            .fetch_one(&api.pool)
+            .await
+            .unwrap();
+    assert_eq!(stored, secret);
+    let (_, second) = api
+        .add_endpoint(json!({ "url": "http://127.0.0.1:9/hook" }))
+        .await;
+    assert_ne!(second["secret"], created["secret"]);
+    assert_eq!(second["description"], Value::Null);
+
+    // Listed without it, ever.
+    let (status, listed) = api.call("GET", ENDPOINTS, ENDPOINTS, ADMIN, None).await;
+    assert_eq!(status, StatusCode::OK, "{listed}");
+    let endpoints = listed["endpoints"].as_array().unwrap();
+    assert_eq!(endpoints.len(), 2);
+    assert_eq!(endpoints[0]["endpoint_id"], created["endpoint_id"]);
+    assert_eq!(endpoints[0]["url"], "https://hooks.example.com/tally");
+    assert_eq!(endpoints[1]["endpoint_id"], second["endpoint_id"]);
+    for endpoint in endpoints {
+        assert!(endpoint.get("secret").is_none(), "{endpoint}");
+    }
+    let text = listed.to_string();
+    assert!(
+        !text.contains(&secret) && !text.contains("whsec_"),
+        "{text}"
+    );
+
+    // Deleted once; then not found, and no longer listed.
+    let id = created["endpoint_id"].as_i64().unwrap().to_string();
+    let (status, _) = api.delete_endpoint(&id).await;
+    assert_eq!(status, StatusCode::NO_CONTENT);
+    let again = api.delete_endpoint(&id).await;
+    assert_eq!(
+        code(&again),
+        (StatusCode::NOT_FOUND, Some("NO_SUCH_ENDPOINT"))
+    );
+    assert!(message(&again).contains("GET /v1/alerts/endpoints"));
+    let unknown = api.delete_endpoint("999999").await;
+    assert_eq!(
+        code(&unknown),
+        (StatusCode::NOT_FOUND, Some("NO_SUCH_ENDPOINT"))
+    );
+    let (_, listed) = api.call("GET", ENDPOINTS, ENDPOINTS, ADMIN, None).await;
+    let ids: Vec<&Value> = listed["endpoints"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| &e["endpoint_id"])
+        .collect();
+    assert_eq!(ids, [&second["endpoint_id"]]);
+}
+
+/// One request a receiver took: its path, `Tally-Signature`, `Tally-Event-Id` and raw body.
+type Taken = (String, String, String, Bytes);
+
+/// A webhook receiver: `/ok` answers 200, `/down` 500; both keep what they were sent.
+async fn receiver() -> (String, Arc<Mutex<Vec<Taken>>>) {
+    async fn take(
+        State((taken, answer)): State<(Arc<Mutex<Vec<Taken>>>, StatusCode)>,
+        uri: axum::http::Uri,
+        headers: HeaderMap,
+        body: Bytes,
+    ) -> StatusCode {
+        let header = |name: &str| {
+            headers
+                .get(name)
+                .map(|v| v.to_str().unwrap().to_owned())
+                .unwrap_or_default()
+        };
+        taken.lock().unwrap().push((
+            uri.path().to_owned(),
+            header("tally-signature"),
+            header("tally-event-id"),
+            body,
+        ));
+        answer
+    }
+    let taken = Arc::new(Mutex::new(Vec::new()));
+    let app = axum::Router::new()
+        .route(
+            "/ok",
+            axum::routing::post(take).with_state((taken.clone(), StatusCode::OK)),
+        )
+        .route(
+            "/down",
+            axum::routing::post(take)
+                .with_state((taken.clone(), StatusCode::INTERNAL_SERVER_ERROR)),
+        );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let address = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    (format!("http://{address}"), taken)
+}
+
+#[tokio::test]
+async fn deliveries_of_real_firings_are_listed_by_status_in_pages() {
+    let api = Api::start().await;
+    let (base, taken) = receiver().await;
+    let (status, ok) = api
+        .add_endpoint(json!({ "url": format!("{base}/ok") }))
+        .await;
+    assert_eq!(status, StatusCode::CREATED, "{ok}");
+    let (status, down) = api
+        .add_endpoint(json!({ "url": format!("{base}/down") }))
+        .await;
+    assert_eq!(status, StatusCode::CREATED, "{down}");
+    // acme's own rule at 50 %, beside the plan's at 80 % and below 10 credits (it has none).
+    let (status, own) = api
+        .add_rule("acme", json!({ "meter": "api_calls", "percent": 50 }))
+        .await;
+    assert_eq!(status, StatusCode::CREATED, "{own}");
+    let own_key = format!("customer:{}", own["rule_id"]);
+
+    // 85 calls of 100 today, as the aggregator commits them: usage, and the customer changed.
+    let mut tx = api.pool.begin().await.unwrap();
+    sqlx::query(
+        "INSERT INTO usage_daily (customer_id, meter, day, group_key, value, event_count, first_updated, last_updated)
+         VALUES ('acme', 'api_calls', (now() AT TIME ZONE 'UTC')::date, '', 85, 85, now(), now())",
+    )
+    .execute(&mut *tx)
+    .await
+    .unwrap();
+    tally_db::changes::record(&mut tx, &[("acme", "api_calls")])
+        .await
+        .unwrap();
+    tx.commit().await.unwrap();
+    let rates = RateCard::load(&api.pool).await.unwrap();
+    let evaluation = tally_alerts::evaluate_once(&api.pool, &rates, Utc::now())
+        .await
+        .unwrap();
+    assert_eq!(evaluation.fired.len(), 3, "{evaluation:?}");
+    let round = tally_alerts::deliver_due(&api.pool, &Sender::new(&AlertsConfig::default()))
+        .await
+        .unwrap();
+    assert_eq!((round.delivered, round.retrying), (3, 3), "{round:?}");
+
+    // The firings, as the customer reads them.
+    let (status, alerts) = api.alerts("acme", ACME).await;
+    assert_eq!(status, StatusCode::OK, "{alerts}");
+    let firings = alerts["firings"].as_array().unwrap();
+    let mut rules: Vec<&str> = firings
+        .iter()
+        .map(|f| f["rule"].as_str().unwrap())
+        .collect();
+    rules.sort_unstable();
+    let mut expected = vec![
+        own_key.as_str(),
+        "plan:PRO:credit_balance:10",
+        "plan:PRO:usage:api_calls:80",
+    ];
+    expected.sort_unstable();
+    assert_eq!(rules, expected);
+    let mut fired: Vec<&str> = firings
+        .iter()
+        .map(|f| f["event_id"].as_str().unwrap())
+        .collect();
+    fired.sort_unstable();
+    let mut evaluated: Vec<&str> = evaluation.fired.iter().map(String::as_str).collect();
+    evaluated.sort_unstable();
+    assert_eq!(fired, evaluated);
+    let usage = firings
+        .iter()
+        .find(|f| f["rule"] == "plan:PRO:usage:api_calls:80")
+        .unwrap();
+    assert_eq!(usage["event_type"], "usage.threshold_crossed");
+    let data = &usage["payload"]["data"];
+    assert_eq!(
+        (
+            decimal(&data["usage"]),
+            decimal(&data["limit"]),
+            decimal(&data["threshold"])
+        ),
+        (Decimal::from(85), Decimal::from(100), Decimal::from(80))
+    );
+    assert_eq!(usage["payload"]["id"], usage["event_id"]);
+    let below = firings
+        .iter()
+        .find(|f| f["rule"] == "plan:PRO:credit_balance:10")
+        .unwrap();
+    assert_eq!(below["event_type"], "credits.balance_below");
+    assert_eq!(decimal(&below["payload"]["data"]["balance"]), Decimal::ZERO);
+
+    // Every request the receiver took is signed with its endpoint's secret, shown at creation.
+    let requests = taken.lock().unwrap().clone();
+    assert_eq!(requests.len(), 6);
+    for (path, signature, event_id, body) in &requests {
+        let endpoint = if path == "/ok" { &ok } else { &down };
+        let secret = endpoint["secret"].as_str().unwrap();
+        tally_alerts::signature::verify(signature, secret, body, Utc::now().timestamp(), 300)
+            .unwrap_or_else(|e| panic!("{path}: {e}"));
+        let event: Value = serde_json::from_slice(body).unwrap();
+        assert_eq!(&event["id"], event_id.as_str());
+        assert!(evaluation.fired.contains(event_id), "{event_id}");
+    }
+
+    // By status: delivered to /ok, pending for /down (500, to be retried).
+    let (status, delivered) = api.deliveries("?status=delivered").await;
+    assert_eq!(status, StatusCode::OK, "{delivered}");
+    let delivered = delivered["deliveries"].as_array().unwrap().clone();
+    assert_eq!(delivered.len(), 3);
+    for delivery in &delivered {
+        assert_eq!(delivery["endpoint_id"], ok["endpoint_id"]);
+        assert_eq!(
+            (
+                delivery["status"].as_str(),
+                delivery["attempts"].as_i64(),
+                delivery["last_status"].as_i64()
+            ),
+            (Some("delivered"), Some(1), Some(200))
+        );
+        assert!(delivery["delivered_at"].is_string(), "{delivery}");
+        assert_eq!(delivery["next_attempt_at"], Value::Null);
+        assert_eq!(delivery["customer"], "acme");
+    }
+    let (_, pending) = api.deliveries("?status=pending").await;
+    let pending = pending["deliveries"].as_array().unwrap().clone();
+    assert_eq!(pending.len(), 3);
+    for delivery in &pending {
+        assert_eq!(delivery["endpoint_id"], down["endpoint_id"]);
+        assert_eq!(
+            (
+                delivery["attempts"].as_i64(),
+                delivery["last_status"].as_i64()
+            ),
+            (Some(1), Some(500))
+        );
+        assert!(delivery["next_attempt_at"].is_string(), "{delivery}");
+        assert!(
+            delivery["last_error"].as_str().unwrap().contains("500"),
+            "{delivery}"
+        );
+    }
+    let (_, failed) = api.deliveries("?status=failed").await;
+    assert_eq!(failed["deliveries"], json!([]));
+    assert_eq!(failed["next_before"], Value::Null);
+
+    // Deleting /down gives its pending deliveries up.
+    let down_id = down["endpoint_id"].as_i64().unwrap().to_string();
+    let (status, _) = api.delete_endpoint(&down_id).await;
+    assert_eq!(status, StatusCode::NO_CONTENT);
+    let (_, failed) = api.deliveries("?status=failed").await;
+    let failed = failed["deliveries"].as_array().unwrap();
+    assert_eq!(failed.len(), 3);
+    for delivery in failed {
+        assert_eq!(delivery["endpoint_id"], down["endpoint_id"]);
+        assert_eq!(delivery["last_error"], "the endpoint was deleted");
+    }
+    let (_, pending) = api.deliveries("?status=pending").await;
+    assert_eq!(pending["deliveries"], json!([]));
+
+    // Pages, newest first: every delivery once.
+    let mut ids = Vec::new();
+    let mut before: Option<i64> = None;
+    let mut pages = 0;
+    loop {
+        let query = match before {
+            Some(before) => format!("?limit=4&before={before}"),
+            None => "?limit=4".to_owned(),
+        };
+        let (status, page) = api.deliveries(&query).await;
+        assert_eq!(status, StatusCode::OK, "{page}");
+        let deliveries = page["deliveries"].as_array().unwrap();
+        if deliveries.is_empty() {
+            assert_eq!(page["next_before"], Value::Null);
+            break;
+        }
+        assert_eq!(
+            page["next_before"],
+            deliveries.last().unwrap()["delivery_id"]
+        );
+        ids.extend(
+            deliveries
+                .iter()
+                .map(|d| d["delivery_id"].as_i64().unwrap()),
+        );
+        before = page["next_before"].as_i64();
+        pages += 1;
+    }
+    assert_eq!(pages, 2);
+    assert_eq!(ids.len(), 6);
+    assert!(ids.windows(2).all(|w| w[0] > w[1]), "newest first: {ids:?}");
+
+    for query in [
+        "?status=sent",
+        "?limit=0",
+        "?limit=1001",
+        "?before=0",
+        "?before=x",
+        "?page=2",
+    ] {
+        let answer = api.deliveries(query).await;
+        assert_eq!(
+            code(&answer),
+            (StatusCode::BAD_REQUEST, Some("INVALID_REQUEST")),
+            "{query}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn customers_read_their_own_alerts_and_only_admins_change_or_see_delivery() {
+    let api = Api::start().await;
+    let (status, rule) = api
+        .add_rule("acme", json!({ "credit_balance_below": 5 }))
+        .await;
+    assert_eq!(status, StatusCode::CREATED, "{rule}");
+    let (status, endpoint) = api
+        .add_endpoint(json!({ "url": "https://example.com/hook" }))
+        .await;
+    assert_eq!(status, StatusCode::CREATED, "{endpoint}");
+
+    // acme's own token reads acme's alerts, and not beta's; beta's token not acme's.
+    let (status, own) = api.alerts("acme", ACME).await;
+    assert_eq!(status, StatusCode::OK, "{own}");
+    assert_eq!(own["rules"][0]["rule_id"], rule["rule_id"]);
+    for answer in [
+        api.alerts("beta", ACME).await,
+        api.alerts("acme", BETA).await,
+        // A gateway checks quotas; alerts are the customer's and the admin's.
+        api.alerts("acme", GATEWAY).await,
+    ] {
+        assert_eq!(code(&answer), (StatusCode::FORBIDDEN, Some("FORBIDDEN")));
+    }
+
+    // Every other route is the admin's, even for the customer's own rules.
+    let rule_path = format!("/v1/customers/acme/alerts/{}", rule["rule_id"]);
+    let endpoint_path = format!("/v1/alerts/endpoints/{}", endpoint["endpoint_id"]);
+    let admin_only = [
+        (
+            "POST",
+            RULES,
+            "/v1/customers/acme/alerts".to_owned(),
+            Some(json!({ "credit_balance_below": 1 })),
+        ),
+        ("DELETE", RULE, rule_path.clone(), None),
+        (
+            "POST",
+            ENDPOINTS,
+            ENDPOINTS.to_owned(),
+            Some(json!({ "url": "https://attacker.example/hook" })),
+        ),
+        ("GET", ENDPOINTS, ENDPOINTS.to_owned(), None),
+        ("DELETE", ENDPOINT, endpoint_path.clone(), None),
+        ("GET", DELIVERIES, DELIVERIES.to_owned(), None),
+    ];
+    for token in [ACME, GATEWAY] {
+        for (method, template, path, body) in &admin_only {
+            let answer = api.call(method, template, path, token, body.clone()).await;
+            assert_eq!(
+                code(&answer),
+                (StatusCode::FORBIDDEN, Some("FORBIDDEN")),
+                "{method} {path}"
+            );
+        }
+    }
+    for (method, _, path, body) in &admin_only {
+        let answer = common::call(
+            &api.app,
+            method,
+            path,
+            None,
+            body.as_ref().map(Value::to_string),
+        )
+        .await;
+        assert_eq!(answer.status, StatusCode::UNAUTHORIZED, "{method} {path}");
+    }
+    // Nothing the refused calls asked for happened.
+    let (_, own) = api.alerts("acme", ADMIN).await;
+    assert_eq!(own["rules"].as_array().unwrap().len(), 1);
+    let (_, listed) = api.call("GET", ENDPOINTS, ENDPOINTS, ADMIN, None).await;
+    assert_eq!(listed["endpoints"].as_array().unwrap().len(), 1);
+    // The admin may do all of it.
+    let (status, _) = api.call("DELETE", RULE, &rule_path, ADMIN, None).await;
+    assert_eq!(status, StatusCode::NO_CONTENT);
+    let (status, _) = api
+        .call("DELETE", ENDPOINT, &endpoint_path, ADMIN, None)
+        .await;
+    assert_eq!(status, StatusCode::NO_CONTENT);
+}
