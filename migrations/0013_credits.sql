@@ -107,7 +107,7 @@ SELECT g.customer_id,
        coalesce(sum(-t.consumed), 0) AS consumed,
        coalesce(sum(-t.expired), 0) AS expired,
        coalesce(sum(-t.voided), 0) AS voided,
-       sum(g.remaining) FILTER (WHERE g.closed_at IS NULL) AS remaining
+       coalesce(sum(g.remaining) FILTER (WHERE g.closed_at IS NULL), 0) AS remaining
 FROM credit_grants g
 LEFT JOIN LATERAL (
     SELECT sum(amount) FILTER (WHERE kind = 'consume') AS consumed,

@@ -10,10 +10,11 @@ use tally_db::testing::{fresh_database, TestDatabase};
 use tally_tests::{runtime, tally_command};
 
 /// Every finance view (docs/finance.md); the catalog must hold exactly these.
-const FINANCE_VIEWS: [&str; 14] = [
+const FINANCE_VIEWS: [&str; 15] = [
     "finance_billed_daily",
     "finance_billed_monthly",
     "finance_corrections",
+    "finance_credit_balances",
     "finance_customers",
     "finance_invoices",
     "finance_meters",
