@@ -11,7 +11,6 @@ use std::time::{Duration, Instant};
 use chrono::{TimeDelta, Utc};
 use rust_decimal::Decimal;
 use serde_json::Value;
-use tally_core::config::KafkaConfig;
 use tally_core::UsageEvent;
 use tally_credits::{grant, Actor, GrantKind, NewGrant};
 use tally_quota::AlertRule;
@@ -66,33 +65,11 @@ fn events_of(receiver: &AlertReceiver, customer: &str) -> Vec<Value> {
 fn alerts_fire_once_per_crossing_signed_and_retried() {
     let runtime = runtime();
     let db = runtime.block_on(tally_db::testing::fresh_database());
-    let kafka_port = free_port();
-    let suffix = uuid::Uuid::now_v7().simple().to_string();
-    let kafka = KafkaConfig {
-        brokers: format!("127.0.0.1:{kafka_port}"),
-        topic: format!("usage-events-{suffix}"),
-        dlq_topic: format!("usage-events-dlq-{suffix}"),
-        ..KafkaConfig::default()
-    };
-    let work = Workdir::new(
-        &kafka,
-        "http://127.0.0.1:9/",
+    let (work, kafka, _broker) = broker_process(
+        &db.url,
+        2,
         &format!("[aggregator]\nsession_timeout = \"6s\"\nbatch_max_wait = \"100ms\"\n{PLANS}"),
     );
-    let _broker = work.spawn(
-        "kafka",
-        &db.url,
-        &[
-            "kafka",
-            "--port",
-            &kafka_port.to_string(),
-            "--partitions",
-            "2",
-        ],
-    );
-    wait_until("the broker listens", Duration::from_secs(30), || {
-        std::net::TcpStream::connect(("127.0.0.1", kafka_port)).is_ok()
-    });
     for args in [&["migrate"][..], &["plans", "apply"]] {
         let (ok, output) = work.run(&db.url, args);
         assert!(ok, "{args:?}: {output}");

@@ -11,7 +11,6 @@ use std::time::{Duration, Instant};
 use chrono::{TimeDelta, Utc};
 use rand::{Rng, SeedableRng};
 use rust_decimal::Decimal;
-use tally_core::config::KafkaConfig;
 use tally_core::UsageEvent;
 use tally_credits::{grant, Actor, GrantKind, NewGrant};
 use tally_tests::*;
@@ -24,17 +23,9 @@ fn d(text: &str) -> Decimal {
 fn credits_burn_exactly_once_through_kills_and_duplicates() {
     let runtime = runtime();
     let db = runtime.block_on(tally_db::testing::fresh_database());
-    let kafka_port = free_port();
-    let suffix = uuid::Uuid::now_v7().simple().to_string();
-    let kafka = KafkaConfig {
-        brokers: format!("127.0.0.1:{kafka_port}"),
-        topic: format!("usage-events-{suffix}"),
-        dlq_topic: format!("usage-events-dlq-{suffix}"),
-        ..KafkaConfig::default()
-    };
-    let work = Workdir::new(
-        &kafka,
-        "http://127.0.0.1:9/",
+    let (work, kafka, _broker) = broker_process(
+        &db.url,
+        4,
         "[aggregator]\nsession_timeout = \"6s\"\nbatch_max_wait = \"100ms\"\n\n\
          [credits]\nburn_every = \"100ms\"\n\
          [[credits.rates]]\nmeter = \"api_calls\"\ncredits_per_unit = \"0.5\"\n\
@@ -42,20 +33,6 @@ fn credits_burn_exactly_once_through_kills_and_duplicates() {
          [[credits.rates]]\nmeter = \"tokens\"\ncredits_per_unit = \"0.01\"\n\
          dimensions = { model = \"large\" }\n",
     );
-    let _broker = work.spawn(
-        "kafka",
-        &db.url,
-        &[
-            "kafka",
-            "--port",
-            &kafka_port.to_string(),
-            "--partitions",
-            "4",
-        ],
-    );
-    wait_until("the broker listens", Duration::from_secs(30), || {
-        std::net::TcpStream::connect(("127.0.0.1", kafka_port)).is_ok()
-    });
     let (ok, output) = work.run(&db.url, &["migrate"]);
     assert!(ok, "{output}");
 

@@ -665,3 +665,37 @@ impl AlertReceiver {
             .collect()
     }
 }
+
+/// `tally kafka` as a process of its own, on a free port, with topics named for one test, and a
+/// working directory whose `tally.toml` points at it (with `extra` appended), for tests that run
+/// `tally aggregate` as a separate process without Stripe. Returns once the broker listens.
+pub fn broker_process(
+    database_url: &str,
+    partitions: u32,
+    extra: &str,
+) -> (Workdir, KafkaConfig, KillOnDrop) {
+    let port = free_port();
+    let suffix = uuid::Uuid::now_v7().simple().to_string();
+    let kafka = KafkaConfig {
+        brokers: format!("127.0.0.1:{port}"),
+        topic: format!("usage-events-{suffix}"),
+        dlq_topic: format!("usage-events-dlq-{suffix}"),
+        ..KafkaConfig::default()
+    };
+    let work = Workdir::new(&kafka, "http://127.0.0.1:9/", extra);
+    let broker = work.spawn(
+        "kafka",
+        database_url,
+        &[
+            "kafka",
+            "--port",
+            &port.to_string(),
+            "--partitions",
+            &partitions.to_string(),
+        ],
+    );
+    wait_until("the broker listens", Duration::from_secs(30), || {
+        std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
+    });
+    (work, kafka, broker)
+}

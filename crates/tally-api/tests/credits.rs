@@ -3,18 +3,15 @@
 //! preview's credited usage, who may call what, and a check under `credits` enforcement that
 //! sees a grant at once. Every answer is checked against the OpenAPI document.
 
-use std::sync::Arc;
-use std::time::Duration;
-
 use axum::http::StatusCode;
 use chrono::{DurationRound, TimeDelta, Utc};
 use rust_decimal::Decimal;
 use serde_json::{json, Value};
-use tally_api::{router, Access, ApiState, ApiToken, RateLimits, Scope, ServeConfig};
+use tally_api::Scope;
 use tally_credits::queue::CountedUsage;
 use tally_credits::{RateCard, RateDefinition};
 use tally_quota::testing::subscribe;
-use tally_quota::{apply_plans, PlanDefinition, Quota};
+use tally_quota::{apply_plans, PlanDefinition};
 mod common;
 
 const ADMIN: &str = "admin-token-0123456789abcdef";
@@ -30,8 +27,7 @@ const LEDGER: &str = "/v1/customers/{id}/credits/ledger";
 struct Api {
     _db: tally_db::testing::TestDatabase,
     pool: sqlx::PgPool,
-    app: axum::Router,
-    document: Value,
+    api: common::AdminApi,
 }
 
 impl Api {
@@ -67,37 +63,21 @@ impl Api {
         let period_start = Utc::now() - TimeDelta::days(1);
         subscribe(&db.pool, "acme", "PRO", period_start).await;
         subscribe(&db.pool, "gamma", "METERED", period_start).await;
-        let state = ApiState {
-            // A long refresh: what a check sees right after a grant comes from invalidation.
-            quota: Quota::new(db.pool.clone(), Duration::from_secs(3600))
-                .await
-                .unwrap(),
-            pool: db.pool.clone(),
-            reader_pool: db.pool.clone(),
-            access: Access::new(
-                &[
-                    ApiToken::new("ops", Scope::Admin, None, ADMIN),
-                    ApiToken::new("gateway", Scope::Check, None, GATEWAY),
-                    ApiToken::new("acme", Scope::Customer, Some("acme"), ACME),
-                    ApiToken::new("beta", Scope::Customer, Some("beta"), BETA),
-                ],
-                &RateLimits::default(),
-            ),
-            metrics: None,
-            emitter: None,
-            stripe_webhook: None,
-            fallback_plan: None,
-        };
+        let api = common::AdminApi::new(
+            &db.pool,
+            &[
+                ("ops", Scope::Admin, None, ADMIN),
+                ("gateway", Scope::Check, None, GATEWAY),
+                ("acme", Scope::Customer, Some("acme"), ACME),
+                ("beta", Scope::Customer, Some("beta"), BETA),
+            ],
+            None,
+        )
+        .await;
         let pool = db.pool.clone();
-        Api {
-            _db: db,
-            pool,
-            app: router(Arc::new(state), &ServeConfig::default()),
-            document: tally_api::openapi::document(),
-        }
+        Api { _db: db, pool, api }
     }
 
-    /// Calls the API with extra headers and checks the answer against the OpenAPI document.
     async fn call_with(
         &self,
         method: &str,
@@ -107,24 +87,9 @@ impl Api {
         headers: &[(&str, &str)],
         body: Option<Value>,
     ) -> (StatusCode, Value) {
-        let answer = common::call_with_headers(
-            &self.app,
-            method,
-            path,
-            Some(token),
-            headers,
-            body.map(|b| b.to_string()),
-        )
-        .await;
-        tally_api::openapi::check_answer(
-            &self.document,
-            template,
-            method,
-            answer.status.as_u16(),
-            &answer.body,
-        )
-        .unwrap_or_else(|e| panic!("{e}"));
-        (answer.status, answer.body)
+        self.api
+            .call_with(method, template, path, token, headers, body)
+            .await
     }
 
     async fn call(
@@ -135,8 +100,7 @@ impl Api {
         token: &str,
         body: Option<Value>,
     ) -> (StatusCode, Value) {
-        self.call_with(method, template, path, token, &[], body)
-            .await
+        self.api.call(method, template, path, token, body).await
     }
 
     async fn grant(&self, customer: &str, body: Value) -> (StatusCode, Value) {
@@ -556,7 +520,14 @@ async fn admins_grant_and_void_customers_read_their_own_credits() {
             .await;
         assert_eq!(code(&answer), (StatusCode::FORBIDDEN, Some("FORBIDDEN")));
     }
-    let no_token = common::call(&api.app, "GET", "/v1/customers/acme/credits", None, None).await;
+    let no_token = common::call(
+        &api.api.app,
+        "GET",
+        "/v1/customers/acme/credits",
+        None,
+        None,
+    )
+    .await;
     assert_eq!(no_token.status, StatusCode::UNAUTHORIZED);
     let (status, _) = api.grant("acme", body).await;
     assert_eq!(status, StatusCode::CREATED);

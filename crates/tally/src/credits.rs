@@ -5,13 +5,14 @@
 //! answers with).
 
 use anyhow::bail;
-use chrono::{DateTime, SecondsFormat, Utc};
+use chrono::{DateTime, Utc};
 use rust_decimal::Decimal;
 use tally_credits::grants::MAX_LEDGER_PAGE;
 use tally_credits::{
     Actor, Balance, CreditError, Grant, GrantKind, LedgerEntry, NewGrant, RateCard,
 };
 
+use crate::cli::{parse_time, print_json, time, AuditArgs};
 use crate::config::TallyConfig;
 use crate::process::{connect, runtime};
 
@@ -100,24 +101,9 @@ enum CreditsCommand {
     },
 }
 
-/// Who makes a change and why: written to the credit ledger with it.
-#[derive(Debug, clap::Args)]
-struct AuditArgs {
-    /// Who makes the change, for the ledger [default: $USER]
-    #[arg(long, env = "USER", default_value = "unknown")]
-    actor: String,
-    /// Why, for the ledger (1 to 1,000 characters)
-    #[arg(long)]
-    reason: String,
-}
-
-impl AuditArgs {
-    fn actor(&self) -> anyhow::Result<Actor> {
-        if self.actor.trim().is_empty() {
-            bail!("--actor must name who makes the change (it is written to the credit ledger)");
-        }
-        Actor::new(&self.actor, &self.reason).map_err(refused)
-    }
+/// The actor of a change, from `--actor` and `--reason`.
+fn actor(audit: &AuditArgs) -> anyhow::Result<Actor> {
+    Actor::new(audit.actor_name()?, &audit.reason).map_err(refused)
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -135,14 +121,6 @@ impl From<Kind> for GrantKind {
             Kind::Promotional => GrantKind::Promotional,
         }
     }
-}
-
-fn parse_time(text: &str) -> Result<DateTime<Utc>, String> {
-    DateTime::parse_from_rfc3339(text)
-        .map(|time| time.with_timezone(&Utc))
-        .map_err(|error| {
-            format!("{text:?} is not an RFC 3339 time ({error}); write e.g. 2027-01-31T00:00:00Z")
-        })
 }
 
 /// Exactly as written: more digits than a decimal holds is refused, not rounded.
@@ -179,7 +157,7 @@ impl CreditsCommand {
 pub(crate) fn run(config: &TallyConfig, args: &CreditsArgs) -> anyhow::Result<()> {
     // Checked before anything connects: a missing reason or a malformed id needs no database.
     if let Some(audit) = args.command.audit() {
-        audit.actor()?;
+        actor(audit)?;
     }
     let customer = args.command.customer();
     if let Err(rejection) = tally_core::event::validate_customer(customer) {
@@ -214,7 +192,7 @@ pub(crate) fn run(config: &TallyConfig, args: &CreditsArgs) -> anyhow::Result<()
                     idempotency_key: idempotency_key.clone(),
                     description: description.clone(),
                 };
-                let granted = tally_credits::grant(&pool, &new, &audit.actor()?)
+                let granted = tally_credits::grant(&pool, &new, &actor(audit)?)
                     .await
                     .map_err(refused)?;
                 // `exists`: the key was used before for this grant; nothing new was granted.
@@ -226,7 +204,7 @@ pub(crate) fn run(config: &TallyConfig, args: &CreditsArgs) -> anyhow::Result<()
                 grant,
                 audit,
             } => {
-                let voided = tally_credits::void(&pool, customer, *grant, &audit.actor()?)
+                let voided = tally_credits::void(&pool, customer, *grant, &actor(audit)?)
                     .await
                     .map_err(refused)?;
                 out.grant("voided", &voided)
@@ -261,8 +239,7 @@ struct Output {
 
 impl Output {
     fn print(&self, value: &impl serde::Serialize) -> anyhow::Result<()> {
-        println!("{}", serde_json::to_string_pretty(value)?);
-        Ok(())
+        print_json(value)
     }
 
     fn grant(&self, verb: &str, grant: &Grant) -> anyhow::Result<()> {
@@ -325,10 +302,6 @@ impl Output {
         }
         Ok(())
     }
-}
-
-fn time(at: DateTime<Utc>) -> String {
-    at.to_rfc3339_opts(SecondsFormat::Secs, true)
 }
 
 /// One grant on one line: id, customer, kind, what is left of it, priority, when it holds,

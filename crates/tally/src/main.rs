@@ -7,6 +7,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 mod aggregate;
+mod cli;
 mod config;
 mod credits;
 mod customers;

@@ -4,13 +4,13 @@
 //! `--actor` and `--reason`. Text (one line per subscription) by default, `--json` for scripts
 //! (the objects the admin API answers with).
 
-use anyhow::bail;
-use chrono::{DateTime, SecondsFormat, TimeDelta, Utc};
+use chrono::{DateTime, TimeDelta, Utc};
 use tally_quota::subscriptions::{
     self as lifecycle, Actor, CustomerPage, CustomerRow, Interval, NewSubscription, Source, Status,
     SubscriptionError, SubscriptionHistory, SubscriptionRecord, Term, When, MAX_PAGE,
 };
 
+use crate::cli::{parse_time, print_json, time, AuditArgs};
 use crate::config::TallyConfig;
 use crate::process::{connect, runtime};
 
@@ -144,25 +144,9 @@ enum SubscriptionsCommand {
     },
 }
 
-/// Who makes a change and why: written to `entitlement_audit` with it.
-#[derive(Debug, clap::Args)]
-struct AuditArgs {
-    /// Who makes the change, for the audit trail [default: $USER]
-    #[arg(long, env = "USER", default_value = "unknown")]
-    actor: String,
-    /// Why, for the audit trail (1 to 1,000 characters)
-    #[arg(long)]
-    reason: String,
-}
-
-impl AuditArgs {
-    fn actor(&self) -> anyhow::Result<Actor> {
-        let name = self.actor.trim();
-        if name.is_empty() {
-            bail!("--actor must name who makes the change (it is written to the audit trail)");
-        }
-        Actor::new(name, &self.reason).map_err(refused)
-    }
+/// The actor of a change, from `--actor` and `--reason`.
+fn actor(audit: &AuditArgs) -> anyhow::Result<Actor> {
+    Actor::new(audit.actor_name()?, &audit.reason).map_err(refused)
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -184,14 +168,6 @@ impl From<At> for When {
             At::PeriodEnd => When::PeriodEnd,
         }
     }
-}
-
-fn parse_time(text: &str) -> Result<DateTime<Utc>, String> {
-    DateTime::parse_from_rfc3339(text)
-        .map(|time| time.with_timezone(&Utc))
-        .map_err(|error| {
-            format!("{text:?} is not an RFC 3339 time ({error}); write e.g. 2027-01-31T00:00:00Z")
-        })
 }
 
 fn parse_status(text: &str) -> Result<Status, String> {
@@ -220,7 +196,7 @@ impl SubscriptionsCommand {
 pub(crate) fn run(config: &TallyConfig, args: &SubscriptionsArgs) -> anyhow::Result<()> {
     // Checked before anything connects: a missing reason needs no database.
     if let Some(audit) = args.command.audit() {
-        audit.actor()?;
+        actor(audit)?;
     }
     runtime()?.block_on(async {
         let pool = connect(config, 2).await?;
@@ -258,7 +234,7 @@ pub(crate) fn run(config: &TallyConfig, args: &SubscriptionsArgs) -> anyhow::Res
                     term,
                     payment_method: *payment_method,
                 };
-                let created = lifecycle::create(&pool, &new, &audit.actor()?)
+                let created = lifecycle::create(&pool, &new, &actor(audit)?)
                     .await
                     .map_err(refused)?;
                 out.subscription("created", &created)
@@ -300,7 +276,7 @@ pub(crate) fn run(config: &TallyConfig, args: &SubscriptionsArgs) -> anyhow::Res
                 at,
                 audit,
             } => {
-                let actor = audit.actor()?;
+                let actor = actor(audit)?;
                 let before = lifecycle::get(&pool, *id).await.map_err(refused)?;
                 let after = lifecycle::change_plan(&pool, *id, plan, (*at).into(), &actor)
                     .await
@@ -313,7 +289,7 @@ pub(crate) fn run(config: &TallyConfig, args: &SubscriptionsArgs) -> anyhow::Res
                 out.subscription(unless_unchanged(verb, &before, &after), &after)
             }
             SubscriptionsCommand::Cancel { id, at, audit } => {
-                let actor = audit.actor()?;
+                let actor = actor(audit)?;
                 let before = lifecycle::get(&pool, *id).await.map_err(refused)?;
                 let fallback = config.subscriptions.fallback_plan.as_deref();
                 let after = lifecycle::cancel(&pool, *id, (*at).into(), fallback, &actor)
@@ -345,7 +321,7 @@ pub(crate) fn run(config: &TallyConfig, args: &SubscriptionsArgs) -> anyhow::Res
                 Ok(())
             }
             SubscriptionsCommand::Reactivate { id, audit } => {
-                let reactivated = lifecycle::reactivate(&pool, *id, &audit.actor()?)
+                let reactivated = lifecycle::reactivate(&pool, *id, &actor(audit)?)
                     .await
                     .map_err(refused)?;
                 out.subscription("reactivated", &reactivated)
@@ -355,7 +331,7 @@ pub(crate) fn run(config: &TallyConfig, args: &SubscriptionsArgs) -> anyhow::Res
                 on_record,
                 audit,
             } => {
-                let actor = audit.actor()?;
+                let actor = actor(audit)?;
                 let before = lifecycle::get(&pool, *id).await.map_err(refused)?;
                 let after = lifecycle::set_payment_method(&pool, *id, *on_record, &actor)
                     .await
@@ -387,8 +363,7 @@ struct Output {
 
 impl Output {
     fn print(&self, value: &impl serde::Serialize) -> anyhow::Result<()> {
-        println!("{}", serde_json::to_string_pretty(value)?);
-        Ok(())
+        print_json(value)
     }
 
     /// One subscription, after `verb` (empty for `get`).
@@ -440,10 +415,6 @@ impl Output {
         }
         Ok(())
     }
-}
-
-fn time(at: DateTime<Utc>) -> String {
-    at.to_rfc3339_opts(SecondsFormat::Secs, true)
 }
 
 /// One subscription on one line: id, customer, plan, status, its period, then what is pending.

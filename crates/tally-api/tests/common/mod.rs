@@ -75,3 +75,89 @@ pub(crate) async fn call_with_headers(
             .unwrap_or(Value::String(String::from_utf8_lossy(&bytes).into_owned())),
     }
 }
+
+/// The admin API's test harness: the router over a database, with an admin (`ops`), a check
+/// (`gateway`) and customer tokens, answers checked against the OpenAPI document.
+pub(crate) struct AdminApi {
+    pub(crate) app: axum::Router,
+    document: Value,
+}
+
+impl AdminApi {
+    /// `tokens`: (name, scope, customer, token). The quota cache refreshes once an hour, so
+    /// what a check sees right after a change comes from the API's invalidation.
+    pub(crate) async fn new(
+        pool: &sqlx::PgPool,
+        tokens: &[(&str, tally_api::Scope, Option<&str>, &str)],
+        fallback_plan: Option<&str>,
+    ) -> AdminApi {
+        let tokens: Vec<tally_api::ApiToken> = tokens
+            .iter()
+            .map(|(name, scope, customer, token)| {
+                tally_api::ApiToken::new(name, *scope, *customer, token)
+            })
+            .collect();
+        let state = tally_api::ApiState {
+            quota: tally_quota::Quota::new(pool.clone(), std::time::Duration::from_secs(3600))
+                .await
+                .unwrap(),
+            pool: pool.clone(),
+            reader_pool: pool.clone(),
+            access: tally_api::Access::new(&tokens, &tally_api::RateLimits::default()),
+            metrics: None,
+            emitter: None,
+            stripe_webhook: None,
+            fallback_plan: fallback_plan.map(str::to_owned),
+        };
+        AdminApi {
+            app: tally_api::router(
+                std::sync::Arc::new(state),
+                &tally_api::ServeConfig::default(),
+            ),
+            document: tally_api::openapi::document(),
+        }
+    }
+
+    /// Calls `path` (an instance of the OpenAPI `template`) and checks the answer against the
+    /// document.
+    pub(crate) async fn call_with(
+        &self,
+        method: &str,
+        template: &str,
+        path: &str,
+        token: &str,
+        headers: &[(&str, &str)],
+        body: Option<Value>,
+    ) -> (StatusCode, Value) {
+        let answer = call_with_headers(
+            &self.app,
+            method,
+            path,
+            Some(token),
+            headers,
+            body.map(|b| b.to_string()),
+        )
+        .await;
+        tally_api::openapi::check_answer(
+            &self.document,
+            template,
+            method,
+            answer.status.as_u16(),
+            &answer.body,
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+        (answer.status, answer.body)
+    }
+
+    pub(crate) async fn call(
+        &self,
+        method: &str,
+        template: &str,
+        path: &str,
+        token: &str,
+        body: Option<Value>,
+    ) -> (StatusCode, Value) {
+        self.call_with(method, template, path, token, &[], body)
+            .await
+    }
+}
