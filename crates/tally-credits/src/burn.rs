@@ -481,7 +481,7 @@ pub fn start_burner(pool: PgPool, every: Duration, stop: CancellationToken) -> J
                 let (report, more) = burn_once(&pool, &rates)
                     .await
                     .map_err(|e| failed("burning credits", e))?;
-                telemetry::record(&report);
+                telemetry::burned(report.queued, report.oldest_wait);
                 if more {
                     continue;
                 }

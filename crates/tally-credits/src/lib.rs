@@ -5,24 +5,27 @@
 //!   the burner runs.
 //! - `rates.rs`: [`RateCard`], what a unit of each meter costs (per group-by value if asked),
 //!   recorded in `credit_rates` so every process prices alike.
-//! - `grants.rs`: grants (idempotent per key), voids, balances and the ledger: the owner of
-//!   `credit_grants` and `credit_transactions`.
+//! - `grants.rs`: grants (idempotent per key) and voids, each with its ledger entry: the owner
+//!   of `credit_grants` and `credit_transactions` (and their errors, [`CreditError`]).
+//! - `balance.rs`: a customer's balance, and the projected balances quota checks load.
+//! - `ledger.rs`: reading the ledger: pages of entries, credits applied in a period.
 //! - `queue.rs`: what the aggregator calls in its batch transaction to queue counted usage.
 //! - `burn.rs`: the burner in `tally aggregate`: queued usage drawn down from grants in
 //!   precedence order, expiry, plan grants each period; `burn/draw.rs` is the pure draw-down.
 //! - `telemetry.rs`: the burner's metrics.
 
+mod balance;
 pub mod burn;
 mod config;
 pub mod grants;
+pub mod ledger;
 pub mod queue;
 pub mod rates;
 pub mod telemetry;
 
+pub use balance::{balance, projected_balances, Balance};
 pub use burn::{burn_once, settle, start_burner, BurnReport, Settled};
 pub use config::{CreditsConfig, RateDefinition};
-pub use grants::{
-    applied_in_period, balance, get_grant, grant, ledger, projected_balances, void, Actor, Balance,
-    CreditError, Grant, GrantKind, Granted, LedgerEntry, MeterCredits, NewGrant, PeriodCredits,
-};
+pub use grants::{get_grant, grant, void, Actor, CreditError, Grant, GrantKind, Granted, NewGrant};
+pub use ledger::{applied_in_period, ledger, LedgerEntry, MeterCredits, PeriodCredits};
 pub use rates::RateCard;

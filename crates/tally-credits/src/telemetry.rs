@@ -1,12 +1,9 @@
 //! The burner's metrics.
 
-use crate::burn::BurnReport;
+use std::time::Duration;
 
 /// Queue rows (a window's usage from one aggregator batch) burned.
 pub const WINDOWS_BURNED: &str = "tally_credit_windows_burned_total";
-/// `consume` entries written, by `covered` (`true`: drawn from a grant; `false`: no grant
-/// covered the usage).
-pub const CONSUME_ENTRIES: &str = "tally_credit_consume_entries_total";
 /// From the aggregator's commit of usage to its burn, per pass (the oldest row).
 pub const BURN_LAG: &str = "tally_credit_burn_lag_seconds";
 /// Grants closed as expired.
@@ -16,12 +13,12 @@ pub const BURN_ERRORS: &str = "tally_credit_burn_errors_total";
 /// Queue rows set aside because their cost could not be computed.
 pub const STUCK: &str = "tally_credit_usage_stuck_total";
 
-pub(crate) fn record(report: &BurnReport) {
-    metrics::counter!(WINDOWS_BURNED).increment(report.queued as u64);
-    if let Some(wait) = report.oldest_wait {
+/// A burn pass: the queue rows it took, and how long the oldest had waited since its commit.
+pub(crate) fn burned(rows: usize, oldest_wait: Option<Duration>) {
+    metrics::counter!(WINDOWS_BURNED).increment(rows as u64);
+    if let Some(wait) = oldest_wait {
         metrics::histogram!(BURN_LAG).record(wait.as_secs_f64());
     }
-    let _ = CONSUME_ENTRIES;
 }
 
 pub(crate) fn expired(count: usize) {

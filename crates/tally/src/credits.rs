@@ -7,7 +7,7 @@
 use anyhow::bail;
 use chrono::{DateTime, Utc};
 use rust_decimal::Decimal;
-use tally_credits::grants::MAX_LEDGER_PAGE;
+use tally_credits::ledger::MAX_LEDGER_PAGE;
 use tally_credits::{
     Actor, Balance, CreditError, Grant, GrantKind, LedgerEntry, NewGrant, RateCard,
 };

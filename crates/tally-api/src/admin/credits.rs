@@ -17,7 +17,7 @@ use rust_decimal::Decimal;
 use serde::Deserialize;
 use serde_json::json;
 use serde_json::value::RawValue;
-use tally_credits::grants::MAX_LEDGER_PAGE;
+use tally_credits::ledger::MAX_LEDGER_PAGE;
 use tally_credits::{Actor, CreditError, GrantKind, NewGrant, RateCard};
 
 use super::{exact_decimal, valid_customer};

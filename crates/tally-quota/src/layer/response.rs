@@ -280,7 +280,7 @@ mod tests {
 
     #[test]
     fn quota_errors_have_tally_apis_statuses_and_codes() {
-        let cases: [(QuotaError, u16, &str); 5] = [
+        let cases: [(QuotaError, u16, &str); 6] = [
             (
                 QuotaError::NoActiveSubscription("acme".into()),
                 404,
@@ -295,6 +295,16 @@ mod tests {
                 "FEATURE_DISABLED",
             ),
             (QuotaError::UnknownMeter("x".into()), 400, "UNKNOWN_METER"),
+            (
+                QuotaError::InsufficientCredits {
+                    customer: "acme".into(),
+                    meter: "tokens".into(),
+                    balance: n(0),
+                    required: n(1),
+                },
+                402,
+                "INSUFFICIENT_CREDITS",
+            ),
             (
                 QuotaError::OutOfRange { quantity: n(1) },
                 400,
