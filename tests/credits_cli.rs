@@ -14,60 +14,8 @@ use tally_credits::queue::CountedUsage;
 use tally_credits::{RateCard, RateDefinition};
 use tally_tests::{tally_command, BillingHarness};
 
-/// `tally <args>` against the harness's database, as `$USER=ops-tester`.
-fn run(h: &BillingHarness, args: &[&str]) -> Output {
-    tally_command()
-        .current_dir(h.work.dir.path())
-        .arg("--config")
-        .arg(h.work.config())
-        .args(["--database-url", &h.db.url])
-        .args(args)
-        .env("USER", "ops-tester")
-        .stdin(Stdio::null())
-        .output()
-        .expect("tally runs")
-}
-
-fn stdout(output: &Output) -> String {
-    String::from_utf8_lossy(&output.stdout).into_owned()
-}
-
 fn stderr(output: &Output) -> String {
     String::from_utf8_lossy(&output.stderr).into_owned()
-}
-
-/// Runs `tally <args>`, fails the test with its stderr if it fails; its stdout.
-fn ok(h: &BillingHarness, args: &[&str]) -> String {
-    let output = run(h, args);
-    assert!(
-        output.status.success(),
-        "tally {args:?} failed ({:?}):\n{}{}",
-        output.status.code(),
-        stdout(&output),
-        stderr(&output)
-    );
-    stdout(&output)
-}
-
-/// Runs `tally <args> --json` and parses what it prints.
-fn json(h: &BillingHarness, args: &[&str]) -> Value {
-    let mut args = args.to_vec();
-    args.push("--json");
-    let out = ok(h, &args);
-    serde_json::from_str(&out).unwrap_or_else(|e| panic!("{args:?}: {e}:\n{out}"))
-}
-
-/// Runs `tally <args>`, which must exit with `code`; its stderr.
-fn fails(h: &BillingHarness, code: i32, args: &[&str]) -> String {
-    let output = run(h, args);
-    assert_eq!(
-        output.status.code(),
-        Some(code),
-        "tally {args:?}:\n{}{}",
-        stdout(&output),
-        stderr(&output)
-    );
-    stderr(&output)
 }
 
 fn decimal(value: &Value) -> Decimal {
@@ -131,7 +79,7 @@ fn credits_are_granted_once_burned_read_back_and_voided_once() {
         "--reason",
         "paid invoice 1",
     ];
-    let granted = json(&h, &top_up);
+    let granted = h.cli_json(&top_up);
     let purchased = granted["grant_id"].as_i64().expect("a grant id");
     assert_eq!(granted["customer"], "acme");
     assert_eq!(granted["kind"], "purchased");
@@ -141,7 +89,7 @@ fn credits_are_granted_once_burned_read_back_and_voided_once() {
     assert_eq!(granted["reason"], "paid invoice 1");
 
     // The same top-up again: the first grant, nothing new.
-    let again = ok(&h, &top_up);
+    let again = h.cli_ok(&top_up);
     assert!(again.starts_with("exists"), "{again}");
     assert!(
         again.contains(&format!("grant {purchased} ")),
@@ -151,47 +99,44 @@ fn credits_are_granted_once_burned_read_back_and_voided_once() {
     // The same key for another amount is refused, with the code and the fix.
     let mut other = top_up;
     other[5] = "50";
-    let error = fails(&h, 1, &other);
+    let error = h.cli_exits(1, &other);
     assert!(error.contains("IDEMPOTENCY_CONFLICT:"), "{error}");
     assert!(error.contains("use a new key"), "{error}");
 
     // A promotional grant, drawn after the purchased one.
     let expires = (Utc::now() + TimeDelta::days(30)).to_rfc3339();
-    let promo = ok(
-        &h,
-        &[
-            "credits",
-            "grant",
-            "--customer",
-            "acme",
-            "--amount",
-            "20",
-            "--kind",
-            "promotional",
-            "--expires-at",
-            &expires,
-            "--idempotency-key",
-            "promo-1",
-            "--actor",
-            "alice",
-            "--reason",
-            "launch promotion",
-        ],
-    );
+    let promo = h.cli_ok(&[
+        "credits",
+        "grant",
+        "--customer",
+        "acme",
+        "--amount",
+        "20",
+        "--kind",
+        "promotional",
+        "--expires-at",
+        &expires,
+        "--idempotency-key",
+        "promo-1",
+        "--actor",
+        "alice",
+        "--reason",
+        "launch promotion",
+    ]);
     assert!(promo.starts_with("granted"), "{promo}");
     assert!(promo.contains("promotional"), "{promo}");
     assert!(promo.contains("20 left of 20"), "{promo}");
 
     // 10 calls at 0.5: 5 credits drawn from the purchased grant.
     burn(&h, "acme", 10);
-    let balance = json(&h, &["credits", "balance", "--customer", "acme"]);
+    let balance = h.cli_json(&["credits", "balance", "--customer", "acme"]);
     assert_eq!(decimal(&balance["available"]), d("115"));
     assert_eq!(decimal(&balance["pending"]), Decimal::ZERO);
     assert_eq!(decimal(&balance["projected"]), d("115"));
     assert_eq!(balance["grants"][0]["grant_id"], purchased);
     assert_eq!(decimal(&balance["grants"][0]["remaining"]), d("95"));
     assert_eq!(balance["grants"][1]["kind"], "promotional");
-    let text = ok(&h, &["credits", "balance", "--customer", "acme"]);
+    let text = h.cli_ok(&["credits", "balance", "--customer", "acme"]);
     let mut lines = text.lines();
     let first = lines.next().unwrap();
     assert!(first.starts_with("acme: 115"), "{text}");
@@ -200,7 +145,7 @@ fn credits_are_granted_once_burned_read_back_and_voided_once() {
     assert!(lines.next().unwrap().contains("promotional"), "{text}");
 
     // The ledger: two grants and the consume, as JSON; then in pages of two.
-    let ledger = json(&h, &["credits", "ledger", "--customer", "acme"]);
+    let ledger = h.cli_json(&["credits", "ledger", "--customer", "acme"]);
     let entries = ledger["entries"].as_array().unwrap();
     let kinds: Vec<&str> = entries
         .iter()
@@ -215,10 +160,7 @@ fn credits_are_granted_once_burned_read_back_and_voided_once() {
     assert_eq!(decimal(&entries[2]["quantity"]), d("10"));
     assert_eq!(entries[2]["grant_id"], purchased);
     assert_eq!(ledger["next_after"], entries[2]["transaction_id"]);
-    let page = ok(
-        &h,
-        &["credits", "ledger", "--customer", "acme", "--limit", "2"],
-    );
+    let page = h.cli_ok(&["credits", "ledger", "--customer", "acme", "--limit", "2"]);
     let next = page
         .lines()
         .last()
@@ -226,32 +168,25 @@ fn credits_are_granted_once_burned_read_back_and_voided_once() {
         .unwrap_or_else(|| panic!("a full page says how to go on: {page}"))
         .to_owned();
     assert_eq!(page.lines().count(), 3, "{page}");
-    let rest = ok(
-        &h,
-        &["credits", "ledger", "--customer", "acme", "--after", &next],
-    );
+    let rest = h.cli_ok(&["credits", "ledger", "--customer", "acme", "--after", &next]);
     assert_eq!(rest.lines().count(), 1, "{rest}");
     assert!(rest.contains("10 api_calls in"), "{rest}");
 
     // Void the purchased grant: what is left (95) is voided; the 5 consumed stay consumed.
     let id = purchased.to_string();
-    let voided = ok(
-        &h,
-        &[
-            "credits",
-            "void",
-            "--customer",
-            "acme",
-            "--grant",
-            &id,
-            "--reason",
-            "refund",
-        ],
-    );
+    let voided = h.cli_ok(&[
+        "credits",
+        "void",
+        "--customer",
+        "acme",
+        "--grant",
+        &id,
+        "--reason",
+        "refund",
+    ]);
     assert!(voided.starts_with("voided"), "{voided}");
     assert!(voided.contains("0 left of 100"), "{voided}");
-    let error = fails(
-        &h,
+    let error = h.cli_exits(
         1,
         &[
             "credits",
@@ -265,8 +200,7 @@ fn credits_are_granted_once_burned_read_back_and_voided_once() {
         ],
     );
     assert!(error.starts_with("error: GRANT_CLOSED:"), "{error}");
-    let error = fails(
-        &h,
+    let error = h.cli_exits(
         1,
         &[
             "credits",
@@ -281,7 +215,7 @@ fn credits_are_granted_once_burned_read_back_and_voided_once() {
     );
     assert!(error.contains("NO_SUCH_GRANT:"), "{error}");
     assert!(error.contains("tally credits balance"), "the fix: {error}");
-    let ledger = json(&h, &["credits", "ledger", "--customer", "acme"]);
+    let ledger = h.cli_json(&["credits", "ledger", "--customer", "acme"]);
     let last = ledger["entries"]
         .as_array()
         .unwrap()
@@ -297,7 +231,7 @@ fn credits_are_granted_once_burned_read_back_and_voided_once() {
         ),
         (Some("void"), d("-95"), Some("ops-tester"), Some("refund"))
     );
-    let balance = json(&h, &["credits", "balance", "--customer", "acme"]);
+    let balance = h.cli_json(&["credits", "balance", "--customer", "acme"]);
     assert_eq!(decimal(&balance["available"]), d("20"));
 }
 
@@ -319,11 +253,7 @@ fn refusals_name_their_code_and_the_fix() {
         args
     };
     // Only purchased credits may never expire: the library's rule, with its code.
-    let error = fails(
-        &h,
-        1,
-        &grant(&["--kind", "promotional", "--reason", "promo"]),
-    );
+    let error = h.cli_exits(1, &grant(&["--kind", "promotional", "--reason", "promo"]));
     assert!(error.starts_with("error: INVALID_GRANT:"), "{error}");
     assert!(error.contains("needs expires_at"), "{error}");
     // A blank reason is refused before any database is reached.
@@ -343,15 +273,15 @@ fn refusals_name_their_code_and_the_fix() {
         stderr(&output)
     );
     // A missing --reason and an amount written in exponent notation are usage errors (2).
-    let error = fails(&h, 2, &grant(&["--kind", "purchased"]));
+    let error = h.cli_exits(2, &grant(&["--kind", "purchased"]));
     assert!(error.contains("--reason"), "{error}");
     let mut scientific = grant(&["--kind", "purchased", "--reason", "r"]);
     scientific[5] = "1e3";
-    let error = fails(&h, 2, &scientific);
+    let error = h.cli_exits(2, &scientific);
     assert!(error.contains("e.g. 100 or 12.5"), "{error}");
     // Nothing was granted.
-    let text = ok(&h, &["credits", "balance", "--customer", "acme"]);
+    let text = h.cli_ok(&["credits", "balance", "--customer", "acme"]);
     assert!(text.contains("no open grants"), "{text}");
-    let text = ok(&h, &["credits", "ledger", "--customer", "acme"]);
+    let text = h.cli_ok(&["credits", "ledger", "--customer", "acme"]);
     assert_eq!(text.trim(), "acme has no ledger entries");
 }

@@ -6,11 +6,11 @@
 //! fix; a missing `--reason` is a usage error (exit 2); `--json` parses; trials, fixed terms,
 //! the payment method, the customers page and its cursor, and a cancellation without a fallback.
 
-use std::process::{Output, Stdio};
+use std::process::Output;
 
 use chrono::{DateTime, TimeDelta, Utc};
 use serde_json::Value;
-use tally_tests::{tally_command, BillingHarness};
+use tally_tests::BillingHarness;
 
 /// The plans of these tests, and what the test asks of `[subscriptions]`.
 fn plans(subscriptions: &str) -> String {
@@ -40,65 +40,13 @@ price = {{ amount = "12000.00", currency = "usd", interval = "year" }}
 /// A harness whose plans are applied.
 fn start(subscriptions: &str) -> BillingHarness {
     let h = BillingHarness::start(&plans(subscriptions));
-    let out = run(&h, &["plans", "apply"]);
+    let out = h.cli(&["plans", "apply"]);
     assert!(out.status.success(), "{}", stderr(&out));
     h
 }
 
-/// `tally <args>` against the harness's database, as `$USER=ops-tester`.
-fn run(h: &BillingHarness, args: &[&str]) -> Output {
-    tally_command()
-        .current_dir(h.work.dir.path())
-        .arg("--config")
-        .arg(h.work.config())
-        .args(["--database-url", &h.db.url])
-        .args(args)
-        .env("USER", "ops-tester")
-        .stdin(Stdio::null())
-        .output()
-        .expect("tally runs")
-}
-
-fn stdout(output: &Output) -> String {
-    String::from_utf8_lossy(&output.stdout).into_owned()
-}
-
 fn stderr(output: &Output) -> String {
     String::from_utf8_lossy(&output.stderr).into_owned()
-}
-
-/// Runs `tally <args>`, fails the test with its stderr if it fails; its stdout.
-fn ok(h: &BillingHarness, args: &[&str]) -> String {
-    let output = run(h, args);
-    assert!(
-        output.status.success(),
-        "tally {args:?} failed ({:?}):\n{}{}",
-        output.status.code(),
-        stdout(&output),
-        stderr(&output)
-    );
-    stdout(&output)
-}
-
-/// Runs `tally <args> --json` and parses what it prints.
-fn json(h: &BillingHarness, args: &[&str]) -> Value {
-    let mut args = args.to_vec();
-    args.push("--json");
-    let out = ok(h, &args);
-    serde_json::from_str(&out).unwrap_or_else(|e| panic!("{args:?}: {e}:\n{out}"))
-}
-
-/// Runs `tally <args>`, which must be refused with exit status 1; its stderr.
-fn refused(h: &BillingHarness, args: &[&str]) -> String {
-    let output = run(h, args);
-    assert_eq!(
-        output.status.code(),
-        Some(1),
-        "tally {args:?}:\n{}{}",
-        stdout(&output),
-        stderr(&output)
-    );
-    stderr(&output)
 }
 
 /// The customer's subscription audit trail: (action, actor, reason), oldest first.
@@ -136,18 +84,15 @@ fn a_subscription_lives_through_the_cli_audited_and_lands_on_the_fallback() {
     let h = start(r#"fallback_plan = "FREE""#);
 
     // Create (as the default actor, $USER), with --json for the id.
-    let created = json(
-        &h,
-        &[
-            "subscriptions",
-            "create",
-            "acme",
-            "PRO",
-            "--payment-method",
-            "--reason",
-            "signed the order form",
-        ],
-    );
+    let created = h.cli_json(&[
+        "subscriptions",
+        "create",
+        "acme",
+        "PRO",
+        "--payment-method",
+        "--reason",
+        "signed the order form",
+    ]);
     let id = created["id"].as_i64().expect("an id");
     assert_eq!(created["customer"], "acme");
     assert_eq!(created["plan"], "PRO");
@@ -158,7 +103,7 @@ fn a_subscription_lives_through_the_cli_audited_and_lands_on_the_fallback() {
     let id_arg = id_text.as_str();
 
     // List: the customer's subscriptions with their history, as text and as JSON.
-    let listed = ok(&h, &["subscriptions", "list", "--customer", "acme"]);
+    let listed = h.cli_ok(&["subscriptions", "list", "--customer", "acme"]);
     let first = listed.lines().next().unwrap();
     assert!(first.contains(&format!("{id}  acme")), "{listed}");
     assert!(
@@ -167,7 +112,7 @@ fn a_subscription_lives_through_the_cli_audited_and_lands_on_the_fallback() {
     );
     assert!(first.contains("month "), "{listed}");
     assert!(listed.contains("→ now"), "the current span: {listed}");
-    let history = json(&h, &["subscriptions", "list", "--customer", "acme"]);
+    let history = h.cli_json(&["subscriptions", "list", "--customer", "acme"]);
     assert_eq!(history["customer"], "acme");
     assert_eq!(history["subscriptions"][0]["id"], id);
     assert_eq!(
@@ -177,39 +122,33 @@ fn a_subscription_lives_through_the_cli_audited_and_lands_on_the_fallback() {
     assert!(history["subscriptions"][0]["history"][0]["to"].is_null());
 
     // Change at period end: scheduled, the plan stays until then.
-    let out = ok(
-        &h,
-        &[
-            "subscriptions",
-            "change",
-            id_arg,
-            "ENTERPRISE",
-            "--at",
-            "period-end",
-            "--actor",
-            "alice",
-            "--reason",
-            "upgrade from the next period",
-        ],
-    );
+    let out = h.cli_ok(&[
+        "subscriptions",
+        "change",
+        id_arg,
+        "ENTERPRISE",
+        "--at",
+        "period-end",
+        "--actor",
+        "alice",
+        "--reason",
+        "upgrade from the next period",
+    ]);
     assert!(out.starts_with("scheduled"), "{out}");
     assert!(out.contains("→ ENTERPRISE at period end"), "{out}");
     assert_eq!(row(&h, id).0, "PRO");
     assert_eq!(row(&h, id).3.as_deref(), Some("ENTERPRISE"));
 
     // Cancel (at period end by default), then reactivate.
-    let out = ok(
-        &h,
-        &[
-            "subscriptions",
-            "cancel",
-            id_arg,
-            "--actor",
-            "bob",
-            "--reason",
-            "customer asked to leave",
-        ],
-    );
+    let out = h.cli_ok(&[
+        "subscriptions",
+        "cancel",
+        id_arg,
+        "--actor",
+        "bob",
+        "--reason",
+        "customer asked to leave",
+    ]);
     assert!(out.starts_with("scheduled"), "{out}");
     assert!(out.contains("cancels at period end"), "{out}");
     assert_eq!(
@@ -219,42 +158,33 @@ fn a_subscription_lives_through_the_cli_audited_and_lands_on_the_fallback() {
     );
     assert!(row(&h, id).4);
     // Asked again: nothing to do, nothing audited.
-    let again = ok(
-        &h,
-        &["subscriptions", "cancel", id_arg, "--reason", "again"],
-    );
+    let again = h.cli_ok(&["subscriptions", "cancel", id_arg, "--reason", "again"]);
     assert!(again.starts_with("unchanged"), "{again}");
-    let out = ok(
-        &h,
-        &[
-            "subscriptions",
-            "reactivate",
-            id_arg,
-            "--actor",
-            "bob",
-            "--reason",
-            "customer stays",
-        ],
-    );
+    let out = h.cli_ok(&[
+        "subscriptions",
+        "reactivate",
+        id_arg,
+        "--actor",
+        "bob",
+        "--reason",
+        "customer stays",
+    ]);
     assert!(out.starts_with("reactivated"), "{out}");
     assert!(!out.contains("cancels at period end"), "{out}");
     assert!(!row(&h, id).4);
 
     // Cancel now: the subscription ends and the customer lands on the fallback plan.
-    let out = ok(
-        &h,
-        &[
-            "subscriptions",
-            "cancel",
-            id_arg,
-            "--at",
-            "now",
-            "--actor",
-            "carol",
-            "--reason",
-            "chargeback",
-        ],
-    );
+    let out = h.cli_ok(&[
+        "subscriptions",
+        "cancel",
+        id_arg,
+        "--at",
+        "now",
+        "--actor",
+        "carol",
+        "--reason",
+        "chargeback",
+    ]);
     let lines: Vec<&str> = out.lines().collect();
     assert!(lines[0].starts_with("canceled"), "{out}");
     assert!(lines[0].contains("canceled  ended "), "{out}");
@@ -277,7 +207,7 @@ fn a_subscription_lives_through_the_cli_audited_and_lands_on_the_fallback() {
         (&fallback.1[..], &fallback.2[..], &fallback.3[..]),
         ("FREE", "active", "fallback")
     );
-    let shown = ok(&h, &["subscriptions", "get", &fallback.0.to_string()]);
+    let shown = h.cli_ok(&["subscriptions", "get", &fallback.0.to_string()]);
     assert!(
         shown.contains("FREE") && shown.contains("fallback plan"),
         "{shown}"
@@ -301,8 +231,8 @@ fn a_subscription_lives_through_the_cli_audited_and_lands_on_the_fallback() {
     );
 
     // A change to the ended subscription is refused: exit 1, the code, the cause and the fix.
-    let error = refused(
-        &h,
+    let error = h.cli_exits(
+        1,
         &["subscriptions", "change", id_arg, "PRO", "--reason", "oops"],
     );
     assert!(
@@ -314,7 +244,7 @@ fn a_subscription_lives_through_the_cli_audited_and_lands_on_the_fallback() {
     assert_eq!(audit(&h, "acme").len(), 6, "a refusal writes nothing");
 
     // The ended subscription's history: active on PRO, then canceled.
-    let history = json(&h, &["subscriptions", "list", "--customer", "acme"]);
+    let history = h.cli_json(&["subscriptions", "list", "--customer", "acme"]);
     let ended = &history["subscriptions"][1];
     assert_eq!(ended["id"], id);
     let spans: Vec<(&str, &str)> = ended["history"]
@@ -326,17 +256,14 @@ fn a_subscription_lives_through_the_cli_audited_and_lands_on_the_fallback() {
     assert_eq!(spans, [("PRO", "active"), ("PRO", "canceled")]);
 
     // A new subscription replaces the fallback.
-    let out = ok(
-        &h,
-        &[
-            "subscriptions",
-            "create",
-            "acme",
-            "PRO",
-            "--reason",
-            "back again",
-        ],
-    );
+    let out = h.cli_ok(&[
+        "subscriptions",
+        "create",
+        "acme",
+        "PRO",
+        "--reason",
+        "back again",
+    ]);
     assert!(out.starts_with("created"), "{out}");
     assert_eq!(row(&h, fallback.0).1, "canceled");
     assert_eq!(
@@ -370,7 +297,7 @@ fn usage_errors_refusals_trials_terms_and_pages() {
             "true",
         ],
     ] {
-        let output = run(&h, args);
+        let output = h.cli(args);
         assert_eq!(
             output.status.code(),
             Some(2),
@@ -380,57 +307,51 @@ fn usage_errors_refusals_trials_terms_and_pages() {
         assert!(stderr(&output).contains("--reason"), "{}", stderr(&output));
     }
     // The help says when a running `tally serve` sees a change made here.
-    let help = ok(&h, &["subscriptions", "--help"]);
+    let help = h.cli_ok(&["subscriptions", "--help"]);
     assert!(help.contains("serve.refresh"), "{help}");
     // A blank reason is refused by the library's rule, with its code.
-    let error = refused(
-        &h,
+    let error = h.cli_exits(
+        1,
         &["subscriptions", "create", "acme", "PRO", "--reason", "  "],
     );
     assert!(
         error.contains("error: REASON_REQUIRED: a reason is required"),
         "{error}"
     );
-    let output = run(
-        &h,
-        &[
-            "subscriptions",
-            "change",
-            "1",
-            "PRO",
-            "--at",
-            "tomorrow",
-            "--reason",
-            "x",
-        ],
-    );
+    let output = h.cli(&[
+        "subscriptions",
+        "change",
+        "1",
+        "PRO",
+        "--at",
+        "tomorrow",
+        "--reason",
+        "x",
+    ]);
     assert_eq!(output.status.code(), Some(2));
-    let output = run(
-        &h,
-        &[
-            "subscriptions",
-            "create",
-            "acme",
-            "PRO",
-            "--start",
-            "yesterday",
-            "--reason",
-            "x",
-        ],
-    );
+    let output = h.cli(&[
+        "subscriptions",
+        "create",
+        "acme",
+        "PRO",
+        "--start",
+        "yesterday",
+        "--reason",
+        "x",
+    ]);
     assert_eq!(output.status.code(), Some(2));
     assert!(stderr(&output).contains("RFC 3339"), "{}", stderr(&output));
 
     // Refusals name the code and the fix.
-    let error = refused(
-        &h,
+    let error = h.cli_exits(
+        1,
         &["subscriptions", "create", "acme", "GOLD", "--reason", "x"],
     );
     assert!(
         error.contains("error: UNKNOWN_PLAN: no plan \"GOLD\"; run `tally plans apply`"),
         "{error}"
     );
-    let error = refused(&h, &["subscriptions", "get", "999999"]);
+    let error = h.cli_exits(1, &["subscriptions", "get", "999999"]);
     assert!(
         error.contains("error: NO_SUCH_SUBSCRIPTION: no subscription 999999")
             && error.contains("tally subscriptions list --customer ID"),
@@ -438,19 +359,16 @@ fn usage_errors_refusals_trials_terms_and_pages() {
     );
 
     // A trial of 14 days, with a payment method recorded afterwards.
-    let trial = json(
-        &h,
-        &[
-            "subscriptions",
-            "create",
-            "beta",
-            "PRO",
-            "--trial-days",
-            "14",
-            "--reason",
-            "trial",
-        ],
-    );
+    let trial = h.cli_json(&[
+        "subscriptions",
+        "create",
+        "beta",
+        "PRO",
+        "--trial-days",
+        "14",
+        "--reason",
+        "trial",
+    ]);
     assert_eq!(trial["status"], "trialing");
     assert_eq!(trial["payment_method"], false);
     let trial_end: DateTime<Utc> = trial["trial_end"].as_str().unwrap().parse().unwrap();
@@ -460,43 +378,37 @@ fn usage_errors_refusals_trials_terms_and_pages() {
         "{trial_end}"
     );
     let trial_id = trial["id"].as_i64().unwrap().to_string();
-    let text = ok(&h, &["subscriptions", "get", &trial_id]);
+    let text = h.cli_ok(&["subscriptions", "get", &trial_id]);
     assert!(
         text.contains("trialing  trial ") && text.contains(", then monthly"),
         "{text}"
     );
-    let out = ok(
-        &h,
-        &[
-            "subscriptions",
-            "payment-method",
-            &trial_id,
-            "--on-record",
-            "true",
-            "--reason",
-            "card on file",
-        ],
-    );
+    let out = h.cli_ok(&[
+        "subscriptions",
+        "payment-method",
+        &trial_id,
+        "--on-record",
+        "true",
+        "--reason",
+        "card on file",
+    ]);
     assert!(
         out.starts_with("updated") && out.contains("payment method on record"),
         "{out}"
     );
-    let again = json(
-        &h,
-        &[
-            "subscriptions",
-            "payment-method",
-            &trial_id,
-            "--on-record",
-            "true",
-            "--reason",
-            "card on file",
-        ],
-    );
+    let again = h.cli_json(&[
+        "subscriptions",
+        "payment-method",
+        &trial_id,
+        "--on-record",
+        "true",
+        "--reason",
+        "card on file",
+    ]);
     assert_eq!(again["payment_method"], true);
     // A second live subscription for the same customer is refused.
-    let error = refused(
-        &h,
+    let error = h.cli_exits(
+        1,
         &[
             "subscriptions",
             "create",
@@ -513,23 +425,20 @@ fn usage_errors_refusals_trials_terms_and_pages() {
 
     // A fixed term has no next period: a change at period end is refused, one now is not.
     let until = (Utc::now() + TimeDelta::days(90)).to_rfc3339();
-    let term = json(
-        &h,
-        &[
-            "subscriptions",
-            "create",
-            "gamma",
-            "ENTERPRISE",
-            "--until",
-            &until,
-            "--reason",
-            "pilot",
-        ],
-    );
+    let term = h.cli_json(&[
+        "subscriptions",
+        "create",
+        "gamma",
+        "ENTERPRISE",
+        "--until",
+        &until,
+        "--reason",
+        "pilot",
+    ]);
     assert_eq!(term["billing_interval"], "fixed");
     let term_id = term["id"].as_i64().unwrap().to_string();
-    let error = refused(
-        &h,
+    let error = h.cli_exits(
+        1,
         &[
             "subscriptions",
             "change",
@@ -542,90 +451,72 @@ fn usage_errors_refusals_trials_terms_and_pages() {
         ],
     );
     assert!(error.contains("error: NO_NEXT_PERIOD:"), "{error}");
-    let out = ok(
-        &h,
-        &[
-            "subscriptions",
-            "change",
-            &term_id,
-            "PRO",
-            "--reason",
-            "downgrade",
-        ],
-    );
+    let out = h.cli_ok(&[
+        "subscriptions",
+        "change",
+        &term_id,
+        "PRO",
+        "--reason",
+        "downgrade",
+    ]);
     assert!(out.starts_with("changed") && out.contains("PRO"), "{out}");
-    let out = ok(
-        &h,
-        &[
-            "subscriptions",
-            "change",
-            &term_id,
-            "PRO",
-            "--reason",
-            "downgrade",
-        ],
-    );
+    let out = h.cli_ok(&[
+        "subscriptions",
+        "change",
+        &term_id,
+        "PRO",
+        "--reason",
+        "downgrade",
+    ]);
     assert!(out.starts_with("unchanged"), "{out}");
     // Nothing to reactivate.
-    let error = refused(
-        &h,
+    let error = h.cli_exits(
+        1,
         &["subscriptions", "reactivate", &term_id, "--reason", "x"],
     );
     assert!(error.contains("error: NOTHING_TO_REACTIVATE:"), "{error}");
 
     // Cancel now without a fallback plan: the customer is left without a subscription.
-    let out = ok(
-        &h,
-        &[
-            "subscriptions",
-            "cancel",
-            &term_id,
-            "--at",
-            "now",
-            "--reason",
-            "pilot over",
-        ],
-    );
+    let out = h.cli_ok(&[
+        "subscriptions",
+        "cancel",
+        &term_id,
+        "--at",
+        "now",
+        "--reason",
+        "pilot over",
+    ]);
     assert!(
         out.contains("gamma has no subscription now") && out.contains("fallback_plan is not set"),
         "{out}"
     );
 
     // The customers page: one per page, then the cursor.
-    let page = ok(&h, &["subscriptions", "list", "--limit", "1"]);
+    let page = h.cli_ok(&["subscriptions", "list", "--limit", "1"]);
     assert!(page.starts_with("beta "), "{page}");
     assert!(page.ends_with("next: beta\n"), "{page}");
-    let page = json(
-        &h,
-        &["subscriptions", "list", "--limit", "1", "--after", "beta"],
-    );
+    let page = h.cli_json(&["subscriptions", "list", "--limit", "1", "--after", "beta"]);
     assert_eq!(page["customers"][0]["customer"], "gamma");
     assert_eq!(page["customers"][0]["status"], "canceled");
     assert_eq!(page["next"], "gamma");
-    let page = json(
-        &h,
-        &["subscriptions", "list", "--limit", "1", "--after", "gamma"],
-    );
+    let page = h.cli_json(&["subscriptions", "list", "--limit", "1", "--after", "gamma"]);
     assert_eq!(page["customers"], Value::Array(vec![]));
     assert!(page["next"].is_null());
-    let filtered = ok(&h, &["subscriptions", "list", "--status", "trialing"]);
+    let filtered = h.cli_ok(&["subscriptions", "list", "--status", "trialing"]);
     assert_eq!(filtered.lines().count(), 1, "{filtered}");
     assert!(filtered.starts_with("beta "), "{filtered}");
-    let filtered = ok(&h, &["subscriptions", "list", "--plan", "FREE"]);
+    let filtered = h.cli_ok(&["subscriptions", "list", "--plan", "FREE"]);
     assert_eq!(filtered, "no customers with a subscription match\n");
-    let output = run(&h, &["subscriptions", "list", "--status", "live"]);
+    let output = h.cli(&["subscriptions", "list", "--status", "live"]);
     assert_eq!(output.status.code(), Some(2));
-    let output = run(
-        &h,
-        &[
-            "subscriptions",
-            "list",
-            "--customer",
-            "beta",
-            "--plan",
-            "PRO",
-        ],
-    );
+    let output = h.cli(&[
+        "subscriptions",
+        "list",
+        "--customer",
+        "beta",
+        "--plan",
+        "PRO",
+    ]);
     assert_eq!(
         output.status.code(),
         Some(2),

@@ -332,6 +332,54 @@ pub struct BillingHarness {
 }
 
 impl BillingHarness {
+    /// `tally <args>` against the harness's database, as `$USER=ops-tester`.
+    pub fn cli(&self, args: &[&str]) -> std::process::Output {
+        tally_command()
+            .current_dir(self.work.dir.path())
+            .arg("--config")
+            .arg(self.work.config())
+            .args(["--database-url", &self.db.url])
+            .args(args)
+            .env("USER", "ops-tester")
+            .stdin(Stdio::null())
+            .output()
+            .expect("tally runs")
+    }
+
+    /// [`BillingHarness::cli`], which must succeed: its stdout.
+    pub fn cli_ok(&self, args: &[&str]) -> String {
+        let output = self.cli(args);
+        assert!(
+            output.status.success(),
+            "tally {args:?} failed ({:?}):\n{}{}",
+            output.status.code(),
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr)
+        );
+        String::from_utf8_lossy(&output.stdout).into_owned()
+    }
+
+    /// `tally <args> --json`, parsed.
+    pub fn cli_json(&self, args: &[&str]) -> serde_json::Value {
+        let mut args = args.to_vec();
+        args.push("--json");
+        let out = self.cli_ok(&args);
+        serde_json::from_str(&out).unwrap_or_else(|e| panic!("{args:?}: {e}:\n{out}"))
+    }
+
+    /// [`BillingHarness::cli`], which must exit with `code`: its stderr.
+    pub fn cli_exits(&self, code: i32, args: &[&str]) -> String {
+        let output = self.cli(args);
+        assert_eq!(
+            output.status.code(),
+            Some(code),
+            "tally {args:?}:\n{}{}",
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr)
+        );
+        String::from_utf8_lossy(&output.stderr).into_owned()
+    }
+
     /// `extra_toml` is appended to `tally.toml`.
     pub fn start(extra_toml: &str) -> BillingHarness {
         let runtime = runtime();
