@@ -4,13 +4,9 @@
 
 use axum::http::StatusCode;
 use serde_json::{json, Value};
-use tally_api::Scope;
 use tally_quota::{apply_plans, PlanDefinition};
 mod common;
-
-const ADMIN: &str = "admin-token-0123456789abcdef";
-const GATEWAY: &str = "check-token-0123456789abcdef";
-const ACME: &str = "acme-token-0123456789abcdef0";
+use common::{ACME, ADMIN, GATEWAY};
 
 struct Api {
     _db: tally_db::testing::TestDatabase,
@@ -34,16 +30,7 @@ impl Api {
         ]))
         .unwrap();
         apply_plans(&db.pool, &plans, "test").await.unwrap();
-        let api = common::AdminApi::new(
-            &db.pool,
-            &[
-                ("ops", Scope::Admin, None, ADMIN),
-                ("gateway", Scope::Check, None, GATEWAY),
-                ("acme", Scope::Customer, Some("acme"), ACME),
-            ],
-            fallback_plan,
-        )
-        .await;
+        let api = common::AdminApi::new(&db.pool, fallback_plan).await;
         let pool = db.pool.clone();
         Api { _db: db, pool, api }
     }

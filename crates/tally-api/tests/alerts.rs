@@ -13,16 +13,11 @@ use chrono::Utc;
 use rust_decimal::Decimal;
 use serde_json::{json, Value};
 use tally_alerts::{AlertsConfig, Sender};
-use tally_api::Scope;
 use tally_credits::RateCard;
 use tally_quota::testing::subscribe;
 use tally_quota::{apply_plans, PlanDefinition};
 mod common;
-
-const ADMIN: &str = "admin-token-0123456789abcdef";
-const GATEWAY: &str = "check-token-0123456789abcdef";
-const ACME: &str = "acme-token-0123456789abcdef0";
-const BETA: &str = "beta-token-0123456789abcdef0";
+use common::{ACME, ADMIN, BETA, GATEWAY};
 
 const RULES: &str = "/v1/customers/{id}/alerts";
 const RULE: &str = "/v1/customers/{id}/alerts/{rule_id}";
@@ -61,17 +56,7 @@ impl Api {
             Utc::now() - chrono::TimeDelta::days(1),
         )
         .await;
-        let api = common::AdminApi::new(
-            &db.pool,
-            &[
-                ("ops", Scope::Admin, None, ADMIN),
-                ("gateway", Scope::Check, None, GATEWAY),
-                ("acme", Scope::Customer, Some("acme"), ACME),
-                ("beta", Scope::Customer, Some("beta"), BETA),
-            ],
-            None,
-        )
-        .await;
+        let api = common::AdminApi::new(&db.pool, None).await;
         let pool = db.pool.clone();
         Api { _db: db, pool, api }
     }

@@ -7,17 +7,12 @@ use axum::http::StatusCode;
 use chrono::{DurationRound, TimeDelta, Utc};
 use rust_decimal::Decimal;
 use serde_json::{json, Value};
-use tally_api::Scope;
 use tally_credits::queue::CountedUsage;
 use tally_credits::{RateCard, RateDefinition};
 use tally_quota::testing::subscribe;
 use tally_quota::{apply_plans, PlanDefinition};
 mod common;
-
-const ADMIN: &str = "admin-token-0123456789abcdef";
-const GATEWAY: &str = "check-token-0123456789abcdef";
-const ACME: &str = "acme-token-0123456789abcdef0";
-const BETA: &str = "beta-token-0123456789abcdef0";
+use common::{ACME, ADMIN, BETA, GATEWAY};
 
 const GRANTS: &str = "/v1/customers/{id}/credits/grants";
 const VOID: &str = "/v1/customers/{id}/credits/grants/{grant_id}/void";
@@ -63,17 +58,7 @@ impl Api {
         let period_start = Utc::now() - TimeDelta::days(1);
         subscribe(&db.pool, "acme", "PRO", period_start).await;
         subscribe(&db.pool, "gamma", "METERED", period_start).await;
-        let api = common::AdminApi::new(
-            &db.pool,
-            &[
-                ("ops", Scope::Admin, None, ADMIN),
-                ("gateway", Scope::Check, None, GATEWAY),
-                ("acme", Scope::Customer, Some("acme"), ACME),
-                ("beta", Scope::Customer, Some("beta"), BETA),
-            ],
-            None,
-        )
-        .await;
+        let api = common::AdminApi::new(&db.pool, None).await;
         let pool = db.pool.clone();
         Api { _db: db, pool, api }
     }

@@ -76,27 +76,31 @@ pub(crate) async fn call_with_headers(
     }
 }
 
-/// The admin API's test harness: the router over a database, with an admin (`ops`), a check
-/// (`gateway`) and customer tokens, answers checked against the OpenAPI document.
+/// The tokens of [`AdminApi`]: an admin (`ops`), a check token (`gateway`), and the customer
+/// tokens of `acme` and `beta`.
+pub(crate) const ADMIN: &str = "admin-token-0123456789abcdef";
+pub(crate) const GATEWAY: &str = "check-token-0123456789abcdef";
+pub(crate) const ACME: &str = "acme-token-0123456789abcdef0";
+pub(crate) const BETA: &str = "beta-token-0123456789abcdef0";
+
+/// The admin API's test harness: the router over a database, with the tokens above, answers
+/// checked against the OpenAPI document.
 pub(crate) struct AdminApi {
     pub(crate) app: axum::Router,
     document: Value,
 }
 
 impl AdminApi {
-    /// `tokens`: (name, scope, customer, token). The quota cache refreshes once an hour, so
-    /// what a check sees right after a change comes from the API's invalidation.
-    pub(crate) async fn new(
-        pool: &sqlx::PgPool,
-        tokens: &[(&str, tally_api::Scope, Option<&str>, &str)],
-        fallback_plan: Option<&str>,
-    ) -> AdminApi {
-        let tokens: Vec<tally_api::ApiToken> = tokens
-            .iter()
-            .map(|(name, scope, customer, token)| {
-                tally_api::ApiToken::new(name, *scope, *customer, token)
-            })
-            .collect();
+    /// The quota cache refreshes once an hour, so what a check sees right after a change comes
+    /// from the API's invalidation.
+    pub(crate) async fn new(pool: &sqlx::PgPool, fallback_plan: Option<&str>) -> AdminApi {
+        use tally_api::{ApiToken, Scope};
+        let tokens = [
+            ApiToken::new("ops", Scope::Admin, None, ADMIN),
+            ApiToken::new("gateway", Scope::Check, None, GATEWAY),
+            ApiToken::new("acme", Scope::Customer, Some("acme"), ACME),
+            ApiToken::new("beta", Scope::Customer, Some("beta"), BETA),
+        ];
         let state = tally_api::ApiState {
             quota: tally_quota::Quota::new(pool.clone(), std::time::Duration::from_secs(3600))
                 .await
