@@ -4,7 +4,6 @@
 //! failing round (Postgres away) is logged, counted and retried.
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
 
 use chrono::Utc;
 use sqlx::PgPool;
@@ -16,10 +15,7 @@ use crate::config::AlertsConfig;
 use crate::deliver::{deliver_due, Sender};
 use crate::evaluate::evaluate_once;
 use crate::telemetry;
-use tally_credits::RateCard;
-
-/// How often the evaluator reloads the credit rate card (for projected balances).
-const RATES_RELOAD: Duration = Duration::from_secs(10);
+use tally_credits::rates::FreshRates;
 
 /// Starts the evaluator and the sender; both end when `stop` is cancelled.
 pub fn start_alerts(
@@ -34,20 +30,18 @@ pub fn start_alerts(
         tally_runtime::supervise("alert_evaluator", stop.clone(), move || {
             let (pool, stop, wake) = (pool.clone(), stop.clone(), wake.clone());
             async move {
-                let mut rates = RateCard::load(&pool).await.map_err(|e| e.to_string())?;
-                let mut loaded = Instant::now();
+                // The rate card prices the usage not yet burned in projected balances.
+                let mut rates = FreshRates::default();
                 loop {
-                    if loaded.elapsed() > RATES_RELOAD {
-                        rates = RateCard::load(&pool).await.map_err(|e| e.to_string())?;
-                        loaded = Instant::now();
-                    }
+                    let rates = rates.get(&pool).await.map_err(|e| {
+                        telemetry::error();
+                        format!("loading the credit rate card: {e}")
+                    })?;
                     let evaluation =
-                        evaluate_once(&pool, &rates, Utc::now())
-                            .await
-                            .map_err(|e| {
-                                telemetry::error();
-                                format!("evaluating alert rules: {e}")
-                            })?;
+                        evaluate_once(&pool, rates, Utc::now()).await.map_err(|e| {
+                            telemetry::error();
+                            format!("evaluating alert rules: {e}")
+                        })?;
                     if !evaluation.fired.is_empty() {
                         wake.notify_one();
                     }

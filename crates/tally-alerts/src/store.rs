@@ -98,6 +98,7 @@ pub async fn create_rule(
     } else {
         "credit_balance"
     };
+    let mut tx = pool.begin().await?;
     let row: RuleRow = sqlx::query_as(&format!(
         "INSERT INTO alert_rules (customer_id, kind, meter, percent, below, created_by)
          VALUES ($1, $2, $3, $4, $5, $6) RETURNING {RULE_COLUMNS}"
@@ -108,10 +109,9 @@ pub async fn create_rule(
     .bind(rule.percent)
     .bind(rule.credit_balance_below)
     .bind(actor)
-    .fetch_one(pool)
+    .fetch_one(&mut *tx)
     .await?;
     // Evaluated at once, not at the customer's next usage.
-    let mut tx = pool.begin().await?;
     tally_db::changes::record(&mut tx, &[(customer, "")]).await?;
     tx.commit().await?;
     Ok(rule_of(row))

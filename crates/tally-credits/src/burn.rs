@@ -29,7 +29,7 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use crate::grants::{grant_in, lock_customers, Actor, GrantKind, NewGrant, DRAW_ORDER};
-use crate::rates::RateCard;
+use crate::rates::{FreshRates, RateCard};
 use crate::telemetry;
 use draw::{draw, OpenGrant, PricedUsage};
 
@@ -48,12 +48,6 @@ pub struct BurnReport {
     pub entries: usize,
     /// Customers whose credits moved.
     pub customers: Vec<String>,
-    /// Credits drawn from grants.
-    pub consumed: Decimal,
-    /// Credits of usage no grant covered.
-    pub uncovered: Decimal,
-    /// Queue rows that could not be priced (cost beyond a decimal), set aside.
-    pub stuck: usize,
     /// The oldest row taken had waited this long since its commit.
     pub oldest_wait: Option<Duration>,
 }
@@ -185,10 +179,6 @@ async fn burn_queued(pool: &PgPool, rates: &RateCard) -> Result<BurnReport, sqlx
         for draw in &draws {
             let item = &usage[draw.usage];
             entries.push(customer, draw.grant_id, -draw.credits, item, draw.quantity);
-            match draw.grant_id {
-                Some(_) => report.consumed += draw.credits,
-                None => report.uncovered += draw.credits,
-            }
         }
         for (grant, before) in grants.iter().zip(before) {
             if grant.remaining != before {
@@ -209,7 +199,6 @@ async fn burn_queued(pool: &PgPool, rates: &RateCard) -> Result<BurnReport, sqlx
             .filter(|r| stuck.contains(&r.queue_id))
             .collect();
         set_aside(&mut tx, &stuck).await?;
-        report.stuck = stuck.len();
     }
     tx.commit().await?;
     report.oldest_wait = oldest.and_then(|at| (Utc::now() - at).to_std().ok());
@@ -452,8 +441,6 @@ async fn grant_plan_credits(pool: &PgPool, now: DateTime<Utc>) -> Result<Vec<Str
     Ok(customers)
 }
 
-/// How often the burner reloads the rate card (another process may have recorded new rates).
-const RATES_RELOAD: Duration = Duration::from_secs(10);
 /// How often the burner closes expired grants and makes plan grants.
 const SETTLE_EVERY: Duration = Duration::from_secs(1);
 
@@ -466,19 +453,18 @@ pub fn start_burner(pool: PgPool, every: Duration, stop: CancellationToken) -> J
         let pool = pool.clone();
         let stop = stop.clone();
         async move {
-            let mut rates = RateCard::load(&pool).await.map_err(|e| e.to_string())?;
-            let mut rates_loaded = Instant::now();
+            let mut rates = FreshRates::default();
             let mut settled: Option<Instant> = None;
             let failed = |what: &str, e: sqlx::Error| {
                 telemetry::burn_error();
                 format!("{what}: {e}")
             };
             loop {
-                if rates_loaded.elapsed() > RATES_RELOAD {
-                    rates = RateCard::load(&pool).await.map_err(|e| e.to_string())?;
-                    rates_loaded = Instant::now();
-                }
-                let (report, more) = burn_once(&pool, &rates)
+                let rates = rates
+                    .get(&pool)
+                    .await
+                    .map_err(|e| failed("loading the rate card", e))?;
+                let (report, more) = burn_once(&pool, rates)
                     .await
                     .map_err(|e| failed("burning credits", e))?;
                 telemetry::burned(report.queued, report.oldest_wait);

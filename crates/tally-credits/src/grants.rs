@@ -471,11 +471,7 @@ pub(crate) async fn lock_customer(
     tx: &mut PgConnection,
     customer: &str,
 ) -> Result<(), sqlx::Error> {
-    sqlx::query("SELECT pg_advisory_xact_lock(hashtextextended('credits:' || $1, 0))")
-        .bind(customer)
-        .execute(&mut *tx)
-        .await?;
-    Ok(())
+    lock_customers(tx, &[customer]).await
 }
 
 /// A grant of the customer's, open or closed.

@@ -3,6 +3,7 @@
 //! aggregator, the burner and every quota check price usage the same way.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::time::{Duration, Instant};
 
 use rust_decimal::Decimal;
 use sqlx::PgPool;
@@ -105,6 +106,27 @@ impl RateCard {
             })
             .collect();
         Ok(RateCard::new(&rates))
+    }
+}
+
+/// The rate card as a long-running task keeps it: reloaded once it is older than
+/// [`FreshRates::MAX_AGE`], since another process may have recorded new rates.
+#[derive(Debug, Default)]
+pub struct FreshRates {
+    card: RateCard,
+    loaded: Option<Instant>,
+}
+
+impl FreshRates {
+    pub const MAX_AGE: Duration = Duration::from_secs(10);
+
+    /// The card, reloaded first when it is stale (or was never loaded).
+    pub async fn get(&mut self, pool: &PgPool) -> Result<&RateCard, sqlx::Error> {
+        if self.loaded.is_none_or(|at| at.elapsed() > Self::MAX_AGE) {
+            self.card = RateCard::load(pool).await?;
+            self.loaded = Some(Instant::now());
+        }
+        Ok(&self.card)
     }
 }
 

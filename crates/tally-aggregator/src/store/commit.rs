@@ -80,6 +80,14 @@ pub(super) async fn apply(
     let days = fold(counted.iter().copied(), Granularity::Day);
     let windows = minutes.len() as u64;
     record_slot_changes(tx, &minutes).await?;
+    // The customers whose usage changed, for the alert evaluator: one row per customer and
+    // meter, from the folded windows (not from every event).
+    let changed: BTreeSet<(&str, &str)> = minutes
+        .iter()
+        .map(|d| (d.key.customer.as_str(), d.key.meter.as_str()))
+        .collect();
+    let changed: Vec<(&str, &str)> = changed.into_iter().collect();
+    tally_db::changes::record(tx, &changed).await?;
     let priced_usage = priced_usage(&minutes, priced_meters);
     upsert_windows(tx, Granularity::Minute, minutes).await?;
     upsert_windows(tx, Granularity::Day, days).await?;
@@ -88,13 +96,6 @@ pub(super) async fn apply(
     // Last, so that `queued_at` is close to the commit (the burn's lag is measured from it).
     let queued: Vec<CountedUsage<'_>> = priced_usage.iter().map(PricedWindow::usage).collect();
     tally_credits::queue::enqueue(tx, &queued).await?;
-    // The customers whose usage changed, for the alert evaluator.
-    let changed: BTreeSet<(&str, &str)> = counted
-        .iter()
-        .map(|c| (c.event.customer.as_str(), c.event.meter.as_str()))
-        .collect();
-    let changed: Vec<(&str, &str)> = changed.into_iter().collect();
-    tally_db::changes::record(tx, &changed).await?;
     Ok(Applied {
         counted: counted.len(),
         conflicts,

@@ -202,7 +202,7 @@ impl Counts {
 }
 
 /// How often the credit rate card is reloaded (with the customers' loads that need it).
-const RATES_RELOAD: Duration = Duration::from_secs(10);
+const RATES_RELOAD: Duration = tally_credits::rates::FreshRates::MAX_AGE;
 
 /// How often the meter list may be reloaded because a check named an unknown meter.
 const METERS_RELOAD: Duration = Duration::from_secs(5);
