@@ -171,7 +171,6 @@ fn a_hostile_stream_never_stops_the_pipeline_and_good_events_are_billed_exactly(
         AggregatorConfig {
             batch_max_events: 500,
             batch_max_wait: Duration::from_millis(100),
-            instance_id: Some("hostile-test".into()),
             ..AggregatorConfig::default()
         },
         &broker.kafka,

@@ -67,7 +67,7 @@ fn outages_of_postgres_and_kafka_are_waited_out_by_running_processes() {
         &emulator.url(),
         &format!(
             "[kafka.options]\n\"socket.timeout.ms\" = \"10000\"\n\n\
-             [aggregator]\ninstance_id = \"aggregator-1\"\nsession_timeout = \"6s\"\n\n\
+             [aggregator]\nstatic_membership = true\ninstance_id = \"aggregator-1\"\nsession_timeout = \"6s\"\n\n\
              [sink]\ninterval = \"1s\"\nsettle_delay = \"0s\"\nlease = \"5s\"\n\n\
              [serve]\nlisten = \"127.0.0.1:{serve_port}\"\n\n\
              [[serve.tokens]]\nname = \"admin\"\nscope = \"admin\"\nsha256 = \"{}\"\n",

@@ -38,6 +38,7 @@ use crate::config::{hostname, AggregatorConfig};
 use crate::kafka::{self, AggregatorContext, Group};
 use crate::store::{self, AggregatorStoreError, Epochs, Ownership, TakenPartition};
 use crate::telemetry::{self, BatchReport};
+use crate::watchdog::{self, Member, Membership};
 
 /// How long Kafka may take to answer a metadata or watermark request.
 const KAFKA_TIMEOUT: Duration = Duration::from_secs(10);
@@ -46,8 +47,6 @@ const TAKE_TIMEOUT: Duration = Duration::from_secs(5);
 /// After a fenced batch, how long before the partitions are taken again (a rebalance that
 /// moved them elsewhere arrives in the meantime).
 const RETAKE_DELAY: Duration = Duration::from_secs(5);
-/// How long `--once` waits for the group to hand it partitions.
-const ASSIGNMENT_TIMEOUT: Duration = Duration::from_secs(60);
 /// How often expired dedup claims are deleted.
 const MAINTENANCE_INTERVAL: Duration = Duration::from_secs(3600);
 /// How often the DLQ publisher looks for rejects when no batch wakes it.
@@ -91,6 +90,8 @@ pub struct RunSummary {
     pub rejected: u64,
     /// Batches rolled back because another aggregator took a partition.
     pub fenced: u64,
+    /// Times the member left the group and joined again after its watchdog found it stalled.
+    pub rejoins: u64,
 }
 
 /// Why the aggregator stopped with an error. The message names the cause and the fix.
@@ -100,8 +101,8 @@ pub enum AggregatorError {
     KafkaUnreachable { brokers: String, reason: String },
     #[error("Kafka topic {topic:?} does not exist on {brokers}; create it (docker-compose.yml does) or set kafka.topic")]
     TopicMissing { topic: String, brokers: String },
-    #[error("Kafka gave this aggregator no partitions within {0:?}; check that the group's other members are healthy")]
-    NoAssignment(Duration),
+    #[error("consumed nothing for {} s while partitions still have events to read ({behind}); check that the brokers serve fetches for them (aggregator.stall_timeout bounds this wait)", waited.as_secs())]
+    Stalled { waited: Duration, behind: String },
     #[error("{0}")]
     Config(String),
     #[error("Postgres unreachable: {0}; `--once` gave up after {ONCE_ATTEMPTS} attempts (the daemon would wait)")]
@@ -148,7 +149,7 @@ impl Aggregator {
         let group = Group {
             id: config.group_id.clone(),
             owner: format!("{}-{}", hostname(), uuid::Uuid::now_v7().simple()),
-            instance_id: Some(config.instance_id()),
+            instance_id: config.instance_id(),
             session_timeout: config.session_timeout,
         };
         Ok(Aggregator {
@@ -201,28 +202,6 @@ impl Aggregator {
         let dlq_wake = Arc::new(Notify::new());
         self.spawn_dlq_publisher(dlq.clone(), dlq_wake.clone(), background.clone());
 
-        let context = AggregatorContext::new(&self.kafka.topic);
-        let mut group = self.group.clone();
-        if mode == RunMode::Once {
-            group.instance_id = None;
-        }
-        let consumer =
-            kafka::consumer(&self.kafka, &group, context).map_err(|e| self.unreachable(e))?;
-        if !self.wait_for_topic(&consumer, mode, stop)? {
-            return Ok(RunSummary::default());
-        }
-        consumer
-            .subscribe(&[&self.kafka.topic])
-            .map_err(|e| self.unreachable(e))?;
-        tracing::info!(group = %group.id, instance = ?group.instance_id, topic = %self.kafka.topic, owner = %self.group.owner, ?mode, "aggregator started");
-
-        let session = Session {
-            consumer: &consumer,
-            dlq_wake: &dlq_wake,
-            mode,
-            stop,
-        };
-        let started = Instant::now();
         let lanes = self.config.parallel_commits;
         let mut run = RunState {
             lanes: (0..lanes).map(|_| Lane::default()).collect(),
@@ -234,16 +213,111 @@ impl Aggregator {
             take_backoff: Backoff::new(Duration::from_millis(200), Duration::from_secs(10)),
             take_failures: 0,
             taken_once: false,
+            last_progress: Instant::now(),
             summary: RunSummary::default(),
         };
-
-        while !stop.is_cancelled() {
-            let polled = consumer.poll(self.poll_wait(&run));
-            if consumer.context().take_rebalanced() {
+        let membership = Arc::new(Membership::default());
+        let mut group = self.group.clone();
+        if mode == RunMode::Daemon {
+            self.spawn_watchdog(&group, membership.clone(), background.clone());
+        }
+        // A member that joins again after a stall does so with a fresh consumer.
+        loop {
+            let context = AggregatorContext::new(&self.kafka.topic, membership.clone());
+            let consumer =
+                kafka::consumer(&self.kafka, &group, context).map_err(|e| self.unreachable(e))?;
+            let Some(partitions) = self.wait_for_topic(&consumer, mode, stop)? else {
+                return Ok(run.summary);
+            };
+            match mode {
+                // The daemon shares the partitions with the group's other members.
+                RunMode::Daemon => consumer
+                    .subscribe(&[&self.kafka.topic])
+                    .map_err(|e| self.unreachable(e))?,
+                // `--once` does not join the group: it takes every partition in Postgres
+                // (fencing whoever held it) and reads them itself, so no broker's group
+                // coordinator (a stopped static member still holding them, a slow rebalance)
+                // can keep it from draining.
+                RunMode::Once => {
+                    run.pending = partitions;
+                    run.next_take = Instant::now();
+                }
+            }
+            tracing::info!(
+                group = %group.id,
+                instance = group.instance_id.as_deref().unwrap_or("(dynamic member)"),
+                topic = %self.kafka.topic,
+                owner = %self.group.owner,
+                mode = mode.as_str(),
+                "aggregator started"
+            );
+            let session = Session {
+                consumer: &consumer,
+                dlq_wake: &dlq_wake,
+                mode,
+                stop,
+                membership: &membership,
+            };
+            if self.consume(&session, &mut run, &group)? == Consumed::Rejoin {
+                // Nothing is lost: what was not committed is read again from the offsets
+                // Postgres holds, by whoever takes the partitions next.
                 self.restart_assignment(&session, &mut run, Instant::now());
+                run.pending.clear();
+                run.summary.rejoins += 1;
+                telemetry::record_rejoin();
+                if group.instance_id.take().is_some() {
+                    tracing::warn!("joining again as a dynamic member: the broker did not serve this static member (aggregator.static_membership stays off until the process restarts)");
+                }
+                self.leave(&session);
+                continue;
+            }
+            // Finish: commit what is being built, and wait for every commit.
+            for lane in 0..lanes {
+                self.advance(lane, true, &session, &mut run)?;
+            }
+            self.settle(&session, &mut run)?;
+            if mode == RunMode::Once {
+                // The background publisher stops with the run: copy this run's rejects now.
+                self.publish_dlq_now(&dlq);
+            } else {
+                self.leave(&session);
+                let forget = store::forget_member(&self.pool, &self.group.owner);
+                let _ = self
+                    .runtime
+                    .block_on(async { tokio::time::timeout(TAKE_TIMEOUT, forget).await });
+            }
+            let summary = &run.summary;
+            tracing::info!(
+                batches = summary.batches,
+                consumed = summary.consumed,
+                counted = summary.counted,
+                duplicates = summary.duplicates,
+                rejected = summary.rejected,
+                fenced = summary.fenced,
+                rejoins = summary.rejoins,
+                "aggregator stopped"
+            );
+            return Ok(run.summary);
+        }
+    }
+
+    /// Polls and commits until stopped, drained (`--once`), or the watchdog asks the member
+    /// to join the group again.
+    fn consume(
+        &self,
+        session: &Session<'_>,
+        run: &mut RunState,
+        group: &Group,
+    ) -> Result<Consumed, AggregatorError> {
+        let consumer = session.consumer;
+        let lanes = run.lanes.len();
+        while !session.stop.is_cancelled() {
+            let polled = consumer.poll(self.poll_wait(run));
+            if consumer.context().take_rebalanced() {
+                self.restart_assignment(session, run, Instant::now());
             }
             if !run.pending.is_empty() && Instant::now() >= run.next_take {
-                self.take(&session, &mut run)?;
+                self.take(session, run)?;
             }
             if let Some(message) = polled {
                 match message {
@@ -255,6 +329,7 @@ impl Aggregator {
                             .is_some_and(|&next| m.offset() >= next);
                         if fresh {
                             run.positions.insert(partition, m.offset() + 1);
+                            run.last_progress = Instant::now();
                             let message = Message {
                                 partition,
                                 offset: m.offset(),
@@ -274,49 +349,58 @@ impl Aggregator {
                             == Some(rdkafka::types::RDKafkaErrorCode::FencedInstanceId) =>
                     {
                         return Err(AggregatorError::Config(format!(
-                            "another aggregator joined group {} as instance {:?}: each aggregator needs its own aggregator.instance_id (TALLY_AGGREGATOR_INSTANCE_ID), e.g. the systemd instance name ({e})",
-                            group.id, group.instance_id
+                            "another aggregator joined group {} as instance {}: each aggregator needs its own aggregator.instance_id (TALLY_AGGREGATOR_INSTANCE_ID), e.g. the systemd instance name ({e})",
+                            group.id,
+                            group.instance_id.as_deref().unwrap_or("-")
                         )));
                     }
                     Err(e) => tracing::debug!(error = %e, "Kafka consumer error"),
                 }
             }
             for lane in 0..lanes {
-                self.advance(lane, false, &session, &mut run)?;
+                self.advance(lane, false, session, run)?;
             }
-            if mode == RunMode::Once {
-                if !run.taken_once && started.elapsed() > ASSIGNMENT_TIMEOUT {
-                    return Err(AggregatorError::NoAssignment(ASSIGNMENT_TIMEOUT));
-                }
-                let drained = run.taken_once
-                    && run.pending.is_empty()
-                    && run
-                        .positions
-                        .iter()
-                        .all(|(p, next)| run.targets.get(p).is_none_or(|end| next >= end));
-                if drained {
+            if session.membership.take_rejoin() {
+                return Ok(Consumed::Rejoin);
+            }
+            if session.mode == RunMode::Once {
+                let behind: Vec<(i32, i64, i64)> = run
+                    .positions
+                    .iter()
+                    .filter_map(|(&p, &next)| {
+                        let end = *run.targets.get(&p)?;
+                        (next < end).then_some((p, next, end))
+                    })
+                    .collect();
+                if run.taken_once && run.pending.is_empty() && behind.is_empty() {
                     break;
                 }
+                let waited = run.last_progress.elapsed();
+                if waited >= self.config.stall_timeout {
+                    return Err(AggregatorError::Stalled {
+                        waited,
+                        behind: behind
+                            .iter()
+                            .map(|(p, next, end)| format!("{p} at {next} of {end}"))
+                            .collect::<Vec<_>>()
+                            .join(", "),
+                    });
+                }
             }
         }
-        // Finish: commit what is being built, and wait for every commit.
-        for lane in 0..lanes {
-            self.advance(lane, true, &session, &mut run)?;
-        }
-        self.settle(&session, &mut run)?;
-        if mode == RunMode::Once {
-            // The background publisher stops with the run: copy this run's rejects now.
-            self.publish_dlq_now(&dlq);
-        }
-        // Leave the group now (serving the revoke), so the others take over at once rather
-        // than after the session timeout.
+        Ok(Consumed::Stopped)
+    }
+
+    /// Leaves the group now (serving the revoke), so the others take over at once rather
+    /// than after the session timeout. (A static member does not leave: its partitions wait
+    /// for it to come back, for up to the session timeout.)
+    fn leave(&self, session: &Session<'_>) {
+        let consumer = session.consumer;
         consumer.unsubscribe();
         let leaving = Instant::now();
         while leaving.elapsed() < Duration::from_secs(2) && !consumer.context().take_rebalanced() {
             let _ = consumer.poll(Duration::from_millis(50));
         }
-        tracing::info!(summary = ?run.summary, "aggregator stopped");
-        Ok(run.summary)
     }
 
     /// Runs a Postgres step until it succeeds: waits out an outage (daemon: until `stop`;
@@ -358,22 +442,22 @@ impl Aggregator {
         }
     }
 
-    /// Waits until Kafka answers and has the topic. `--once` gives up after
-    /// [`ONCE_ATTEMPTS`]; the daemon waits until `stop` (`Ok(false)`).
+    /// Waits until Kafka answers and has the topic; returns its partitions. `--once` gives up
+    /// after [`ONCE_ATTEMPTS`]; the daemon waits until `stop` (`Ok(None)`).
     fn wait_for_topic(
         &self,
         consumer: &BaseConsumer<AggregatorContext>,
         mode: RunMode,
         stop: &CancellationToken,
-    ) -> Result<bool, AggregatorError> {
+    ) -> Result<Option<Vec<i32>>, AggregatorError> {
         let kafka = tally_runtime::dependency("kafka");
         let mut backoff = Backoff::new(Duration::from_millis(500), Duration::from_secs(30));
         let mut attempts = 0;
         loop {
             let error = match self.check_topic(consumer) {
-                Ok(()) => {
+                Ok(partitions) => {
                     kafka.up();
-                    return Ok(true);
+                    return Ok(Some(partitions));
                 }
                 Err(error) => error,
             };
@@ -384,7 +468,7 @@ impl Aggregator {
             kafka.down(&error);
             let wait = backoff.next_wait();
             if self.runtime.block_on(sleep_unless_stopped(wait, stop)) {
-                return Ok(false);
+                return Ok(None);
             }
         }
     }
@@ -504,10 +588,11 @@ impl Aggregator {
         if let Err(e) = consumer.resume(&assignment) {
             tracing::warn!(error = %e, "resuming the taken partitions failed");
         }
-        tracing::info!(partitions = ?partitions, "partitions taken; resuming at the offsets stored in Postgres");
+        tracing::info!(partitions = %kafka::list(&partitions), "partitions taken; resuming at the offsets stored in Postgres");
         run.pending.clear();
         run.take_backoff.reset();
         run.taken_once = true;
+        run.last_progress = Instant::now();
         Ok(())
     }
 
@@ -849,6 +934,30 @@ impl Aggregator {
         });
     }
 
+    /// Watches this member's progress in the background (`watchdog.rs`).
+    fn spawn_watchdog(&self, group: &Group, membership: Arc<Membership>, stop: CancellationToken) {
+        let pool = self.pool.clone();
+        let kafka = self.kafka.clone();
+        let member = Member {
+            owner: group.owner.clone(),
+            group: group.id.clone(),
+            instance_id: group.instance_id.clone(),
+        };
+        let stall_timeout = self.config.stall_timeout;
+        let task_stop = stop.clone();
+        let _runtime = self.runtime.enter();
+        tally_runtime::supervise("aggregator_watchdog", stop, move || {
+            watchdog::run(
+                pool.clone(),
+                kafka.clone(),
+                member.clone(),
+                membership.clone(),
+                stall_timeout,
+                task_stop.clone(),
+            )
+        });
+    }
+
     /// One DLQ pass now, for `--once` (whose background publisher ends with the run).
     fn publish_dlq_now(&self, producer: &rdkafka::producer::FutureProducer) {
         let publish = kafka::publish_dlq(&self.pool, producer, &self.kafka.dlq_topic);
@@ -866,23 +975,27 @@ impl Aggregator {
         }
     }
 
+    /// The topic's partitions, or why there are none.
     fn check_topic(
         &self,
         consumer: &BaseConsumer<AggregatorContext>,
-    ) -> Result<(), AggregatorError> {
+    ) -> Result<Vec<i32>, AggregatorError> {
         let metadata = consumer
             .fetch_metadata(Some(&self.kafka.topic), KAFKA_TIMEOUT)
             .map_err(|e| self.unreachable(e))?;
-        let present = metadata.topics().iter().any(|t| {
-            t.name() == self.kafka.topic && t.error().is_none() && !t.partitions().is_empty()
-        });
-        if !present {
+        let partitions: Vec<i32> = metadata
+            .topics()
+            .iter()
+            .filter(|t| t.name() == self.kafka.topic && t.error().is_none())
+            .flat_map(|t| t.partitions().iter().map(|p| p.id()))
+            .collect();
+        if partitions.is_empty() {
             return Err(AggregatorError::TopicMissing {
                 topic: self.kafka.topic.clone(),
                 brokers: self.kafka.brokers.clone(),
             });
         }
-        Ok(())
+        Ok(partitions)
     }
 
     fn unreachable(&self, error: rdkafka::error::KafkaError) -> AggregatorError {
@@ -915,6 +1028,16 @@ struct Session<'a> {
     dlq_wake: &'a Notify,
     mode: RunMode,
     stop: &'a CancellationToken,
+    membership: &'a Membership,
+}
+
+/// How a consumer's time in the group ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Consumed {
+    /// Stopped, or (`--once`) drained.
+    Stopped,
+    /// The watchdog found the member stalled: join again with a fresh consumer.
+    Rejoin,
 }
 
 /// The state of one `run`.
@@ -933,6 +1056,9 @@ struct RunState {
     /// Takes that failed in a row (`--once` gives up after [`ONCE_ATTEMPTS`]).
     take_failures: u32,
     taken_once: bool,
+    /// When a message was last consumed or partitions last taken (`--once` gives up after
+    /// `stall_timeout` without).
+    last_progress: Instant,
     summary: RunSummary,
 }
 

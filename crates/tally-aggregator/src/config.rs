@@ -11,15 +11,27 @@ pub struct AggregatorConfig {
     /// Kafka consumer group (contract: `tally-aggregator`). Processes in one group split the
     /// topic's partitions.
     pub group_id: String,
-    /// This process's stable name in the group (Kafka static membership, `group.instance.id`):
-    /// restarted under the same name, it gets its partitions back at once rather than after
-    /// `session_timeout`. Unset: `tally-aggregator-<hostname>`. Two aggregators on one host
-    /// need different names (e.g. `TALLY_AGGREGATOR_INSTANCE_ID=%i` in a systemd template).
+    /// Join the group as a static member (Kafka static membership, KIP-345,
+    /// `group.instance.id`): a process restarted under the same name gets its partitions back
+    /// at once rather than after `session_timeout`. Off by default: brokers implement it
+    /// unevenly (librdkafka's mock cluster not at all; tansu 0.6 loses static members in
+    /// rebalances), and a member the broker does not serve holds its partitions without
+    /// consuming. Turn it on with Apache Kafka 2.4 or later.
+    pub static_membership: bool,
+    /// This process's stable name in the group when `static_membership` is on. Unset:
+    /// `tally-aggregator-<hostname>`. Two aggregators on one host need different names (e.g.
+    /// `TALLY_AGGREGATOR_INSTANCE_ID=%i` in a systemd template).
     pub instance_id: Option<String>,
     /// How long the group waits for a silent member before giving its partitions to others
     /// (`session.timeout.ms`; brokers allow 6s to 30m by default).
     #[serde(with = "humantime_serde")]
     pub session_timeout: Duration,
+    /// A member whose partitions have lag and make no progress for this long (or that holds no
+    /// partition this long while a partition nobody consumes has lag) is stalled: `/readyz`
+    /// says so, and it leaves the group and joins again with a fresh consumer. `--once` gives
+    /// up (exit 1) after consuming nothing for this long while it has not drained.
+    #[serde(with = "humantime_serde")]
+    pub stall_timeout: Duration,
     /// A batch closes at this many events...
     pub batch_max_events: usize,
     /// ...or at this many bytes of raw events (bounds memory: events are up to 64 KiB)...
@@ -42,8 +54,10 @@ impl Default for AggregatorConfig {
     fn default() -> Self {
         AggregatorConfig {
             group_id: "tally-aggregator".into(),
+            static_membership: false,
             instance_id: None,
             session_timeout: Duration::from_secs(10),
+            stall_timeout: Duration::from_secs(60),
             // Tuned by scripts/bench.sh aggregate: large enough that a backlog drains in big
             // transactions, while batch_max_wait keeps a live stream fresh.
             batch_max_events: 100_000,
@@ -57,11 +71,14 @@ impl Default for AggregatorConfig {
 }
 
 impl AggregatorConfig {
-    /// `instance_id`, or the default derived from the host name.
-    pub fn instance_id(&self) -> String {
-        self.instance_id
-            .clone()
-            .unwrap_or_else(|| format!("tally-aggregator-{}", hostname()))
+    /// The name this process joins the group under: `instance_id`, or one derived from the
+    /// host name, when `static_membership` is on; `None` (a dynamic member) when it is off.
+    pub fn instance_id(&self) -> Option<String> {
+        self.static_membership.then(|| {
+            self.instance_id
+                .clone()
+                .unwrap_or_else(|| format!("tally-aggregator-{}", hostname()))
+        })
     }
 
     /// Checks the settings; the error says what to change.
@@ -76,6 +93,14 @@ impl AggregatorConfig {
                 "aggregator.instance_id must not be empty; leave it out to use the host name"
                     .into(),
             );
+        }
+        if self.instance_id.is_some() && !self.static_membership {
+            return Err("aggregator.instance_id names this process for Kafka static membership, which is off: set aggregator.static_membership = true (with a broker that implements it, such as Apache Kafka 2.4 or later) or remove instance_id".into());
+        }
+        if self.stall_timeout < Duration::from_secs(5)
+            || self.stall_timeout > Duration::from_secs(3600)
+        {
+            return Err("aggregator.stall_timeout must be between 5s and 1h, e.g. \"60s\"".into());
         }
         if self.session_timeout < Duration::from_secs(1) {
             return Err("aggregator.session_timeout must be at least 1s (brokers usually require 6s or more)".into());

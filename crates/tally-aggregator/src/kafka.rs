@@ -2,7 +2,7 @@
 //! Postgres (not Kafka's committed ones), and the DLQ producer.
 
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Mutex;
+use std::sync::Arc;
 use std::time::Duration;
 
 use rdkafka::config::ClientConfig;
@@ -11,11 +11,12 @@ use rdkafka::error::KafkaResult;
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::types::RDKafkaRespErr;
-use rdkafka::{ClientContext, TopicPartitionList};
+use rdkafka::{ClientContext, Offset, TopicPartitionList};
 use sqlx::PgPool;
 use tally_core::config::KafkaConfig;
 
 use crate::telemetry;
+use crate::watchdog::Membership;
 
 /// Who this consumer is in its group.
 #[derive(Debug, Clone)]
@@ -23,9 +24,8 @@ pub(crate) struct Group {
     pub(crate) id: String,
     /// Unique per process and run: recorded as the partitions' owner in Postgres.
     pub(crate) owner: String,
-    /// Stable across restarts of the same process (static membership); `None` for `--once`,
-    /// which leaves the group when it is done (a static member does not leave, so its
-    /// partitions would wait out the session timeout before others got them).
+    /// Stable across restarts of the same process, with `aggregator.static_membership`;
+    /// `None` for a dynamic member (the default), which leaves the group when it stops.
     pub(crate) instance_id: Option<String>,
     pub(crate) session_timeout: Duration,
 }
@@ -41,16 +41,18 @@ pub(crate) struct Group {
 /// not the consumer stuck in the callback, and the consumer stays in its group.
 pub(crate) struct AggregatorContext {
     pub(crate) topic: String,
-    /// The partitions of the latest assignment.
-    assigned: Mutex<Vec<i32>>,
+    /// The partitions of the latest assignment, shared with the watchdog (it outlives this
+    /// consumer when the member joins again with a fresh one).
+    membership: Arc<Membership>,
     rebalanced: AtomicBool,
 }
 
 impl AggregatorContext {
-    pub(crate) fn new(topic: &str) -> Self {
+    pub(crate) fn new(topic: &str, membership: Arc<Membership>) -> Self {
+        membership.set_assigned(Vec::new());
         AggregatorContext {
             topic: topic.to_owned(),
-            assigned: Mutex::default(),
+            membership,
             rebalanced: AtomicBool::new(false),
         }
     }
@@ -62,7 +64,7 @@ impl AggregatorContext {
 
     /// The partitions Kafka assigned this consumer last.
     pub(crate) fn assigned(&self) -> Vec<i32> {
-        lock(&self.assigned).clone()
+        self.membership.assigned()
     }
 
     fn assign(&self, consumer: &BaseConsumer<Self>, tpl: &TopicPartitionList) {
@@ -72,10 +74,10 @@ impl AggregatorContext {
             .map(|e| e.partition())
             .collect();
         tracing::info!(
-            ?partitions,
+            partitions = %list(&partitions),
             "partitions assigned; taking them in Postgres before consuming"
         );
-        *lock(&self.assigned) = partitions;
+        self.membership.set_assigned(partitions);
         if let Err(e) = consumer.assign(tpl) {
             tracing::error!(error = %e, "assign failed");
         }
@@ -85,10 +87,10 @@ impl AggregatorContext {
     }
 }
 
-fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    mutex
-        .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner())
+/// Partitions as a log field: `0,1,2`.
+pub(crate) fn list(partitions: &[i32]) -> String {
+    let names: Vec<String> = partitions.iter().map(i32::to_string).collect();
+    names.join(",")
 }
 
 impl ClientContext for AggregatorContext {
@@ -135,9 +137,10 @@ impl ConsumerContext for AggregatorContext {
             RDKafkaRespErr::RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS => self.assign(consumer, tpl),
             other => {
                 if other != RDKafkaRespErr::RD_KAFKA_RESP_ERR__REVOKE_PARTITIONS {
-                    tracing::error!(error = ?other, "rebalance error; dropping the assignment");
+                    let error = rdkafka::error::RDKafkaErrorCode::from(other);
+                    tracing::error!(%error, "rebalance error; dropping the assignment");
                 }
-                lock(&self.assigned).clear();
+                self.membership.set_assigned(Vec::new());
                 if let Err(e) = consumer.unassign() {
                     tracing::error!(error = %e, "unassign failed");
                 }
@@ -194,28 +197,86 @@ pub fn end_offsets(
     kafka: &KafkaConfig,
     timeout: Duration,
 ) -> Result<std::collections::BTreeMap<i32, i64>, String> {
-    let mut config = ClientConfig::new();
-    for (key, value) in &kafka.options {
-        config.set(key, value);
-    }
-    let consumer: BaseConsumer = config
-        .set("bootstrap.servers", &kafka.brokers)
-        .set("client.id", "tally-status")
-        .create()
-        .map_err(|e| kafka.options.redact(&e.to_string()))?;
-    let metadata = consumer
-        .fetch_metadata(Some(&kafka.topic), timeout)
-        .map_err(|e| kafka.options.redact(&e.to_string()))?;
-    let mut ends = std::collections::BTreeMap::new();
-    for topic in metadata.topics() {
-        for partition in topic.partitions() {
-            let (_, high) = consumer
-                .fetch_watermarks(&kafka.topic, partition.id(), timeout)
-                .map_err(|e| kafka.options.redact(&e.to_string()))?;
-            ends.insert(partition.id(), high);
+    let client = Watermarks::new(kafka, "tally-status")?;
+    Ok(client
+        .read(timeout)?
+        .into_iter()
+        .map(|(partition, (_, high))| (partition, high))
+        .collect())
+}
+
+/// A client outside the group that reads where each partition of the topic begins and ends.
+pub(crate) struct Watermarks {
+    consumer: BaseConsumer,
+    kafka: KafkaConfig,
+}
+
+impl Watermarks {
+    pub(crate) fn new(kafka: &KafkaConfig, client_id: &str) -> Result<Watermarks, String> {
+        let mut config = ClientConfig::new();
+        for (key, value) in &kafka.options {
+            config.set(key, value);
         }
+        let consumer: BaseConsumer = config
+            .set("bootstrap.servers", &kafka.brokers)
+            .set("client.id", client_id)
+            .create()
+            .map_err(|e| kafka.options.redact(&e.to_string()))?;
+        Ok(Watermarks {
+            consumer,
+            kafka: kafka.clone(),
+        })
     }
-    Ok(ends)
+
+    /// Each partition's (first, end) offsets: two requests per leader whatever the number of
+    /// partitions, each bounded by `timeout`. Blocks: call it off the runtime's workers.
+    pub(crate) fn read(
+        &self,
+        timeout: Duration,
+    ) -> Result<std::collections::BTreeMap<i32, (i64, i64)>, String> {
+        let redact = |e: rdkafka::error::KafkaError| self.kafka.options.redact(&e.to_string());
+        let topic = &self.kafka.topic;
+        let metadata = self
+            .consumer
+            .fetch_metadata(Some(topic), timeout)
+            .map_err(redact)?;
+        let partitions: Vec<i32> = metadata
+            .topics()
+            .iter()
+            .filter(|t| t.name() == topic)
+            .flat_map(|t| t.partitions().iter().map(|p| p.id()))
+            .collect();
+        // ListOffsets with the special times "earliest" and "latest", for all at once.
+        let ask = |at: Offset| -> Result<TopicPartitionList, String> {
+            let mut list = TopicPartitionList::new();
+            for &partition in &partitions {
+                list.add_partition_offset(topic, partition, at)
+                    .map_err(redact)?;
+            }
+            self.consumer
+                .offsets_for_times(list, timeout)
+                .map_err(redact)
+        };
+        let (first, end) = (ask(Offset::Beginning)?, ask(Offset::End)?);
+        let mut offsets = std::collections::BTreeMap::new();
+        for element in end.elements_for_topic(topic) {
+            let Offset::Offset(high) = element.offset() else {
+                return Err(format!(
+                    "no end offset for partition {} of {topic}",
+                    element.partition()
+                ));
+            };
+            let low = first
+                .find_partition(topic, element.partition())
+                .and_then(|e| match e.offset() {
+                    Offset::Offset(low) => Some(low),
+                    _ => None,
+                })
+                .unwrap_or(0);
+            offsets.insert(element.partition(), (low, high));
+        }
+        Ok(offsets)
+    }
 }
 
 /// The DLQ producer: idempotent, acks from all replicas.

@@ -11,7 +11,11 @@
 //! - `aggregator.rs`: the loop: poll, build batches per lane, commit, retry, notify; the public
 //!   [`Aggregator`], its errors, and (feature `testing`) the `Hooks` tests observe a batch with.
 //! - `config.rs`: the `[aggregator]` settings, [`AggregatorConfig`], with defaults and checks.
-//! - `kafka.rs`: the group consumer and its rebalance handling, the DLQ producer and publisher.
+//! - `kafka.rs`: the group consumer and its rebalance handling, the watermarks client, the DLQ
+//!   producer and publisher.
+//! - `watchdog.rs`: notices a member that holds partitions without consuming them (or none
+//!   while partitions nobody consumes lag), says so in `/readyz`, metrics and
+//!   `aggregator_members`, and has the loop join the group again with a fresh consumer.
 //! - `telemetry.rs`: metric names and recording, [`BatchReport`].
 //! - `batch.rs`: a batch of consumed messages, pure (no I/O):
 //!   - `batch/check.rs`: decode and check each message: candidates, in-batch duplicates,
@@ -32,12 +36,15 @@ mod config;
 mod kafka;
 mod store;
 mod telemetry;
+mod watchdog;
 
 #[cfg(feature = "testing")]
 pub use aggregator::Hooks;
 pub use aggregator::{Aggregator, AggregatorError, RunSummary, Step};
 pub use config::AggregatorConfig;
 pub use kafka::end_offsets;
-pub use store::{committed_offsets, AggregatorStoreError, CommittedOffset};
+pub use store::{
+    committed_offsets, members, AggregatorMember, AggregatorStoreError, CommittedOffset,
+};
 pub use tally_runtime::RunMode;
 pub use telemetry::BatchReport;

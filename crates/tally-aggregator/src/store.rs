@@ -8,18 +8,22 @@
 //!   `unique_count` windows, and the billing slots a batch changed.
 //! - `ownership`: `kafka_offsets`: taking partitions (owner epochs, fencing the previous
 //!   owner) and advancing the stored offsets only under the current epoch.
+//! - `members`: `aggregator_members`, each running aggregator as its watchdog saw it.
 //! - `unprocessable`: after a data error, finding the events Postgres refuses by bisecting the
 //!   batch in rolled-back transactions.
 //! - `retention`: deleting expired dedup claims and unique values.
 
 mod claims;
 mod commit;
+mod members;
 mod ownership;
 mod retention;
 mod unprocessable;
 mod windows;
 
 pub(crate) use commit::commit_batch;
+pub(crate) use members::{forget_member, record_member, MemberRecord};
+pub use members::{members, AggregatorMember};
 pub use ownership::{committed_offsets, CommittedOffset};
 pub(crate) use ownership::{take_partitions, Epochs, Ownership, TakenPartition};
 pub(crate) use retention::delete_expired;

@@ -17,6 +17,13 @@ pub(crate) const APPEND_TO_COMMIT_SECONDS: &str = "tally_aggregator_append_to_co
 pub(crate) const BATCHES_FENCED: &str = "tally_aggregator_batches_fenced_total";
 pub(crate) const BATCHES_RETRIED: &str = "tally_aggregator_batches_retried_total";
 pub(crate) const CONSUMER_LAG: &str = "tally_aggregator_consumer_lag_messages";
+/// Partitions the group assigned this member now.
+pub(crate) const ASSIGNED_PARTITIONS: &str = "tally_aggregator_assigned_partitions";
+/// How long this member has held lagging partitions without progress (or held none while
+/// partitions nobody consumes lag); 0 while it consumes (`watchdog.rs`).
+pub(crate) const STALLED_SECONDS: &str = "tally_aggregator_stalled_seconds";
+/// Times this member left the group and joined again with a fresh consumer after a stall.
+pub(crate) const REJOINS: &str = "tally_aggregator_rejoins_total";
 /// Rejected events not yet copied to the DLQ topic, and the age of the oldest: a backlog that
 /// only grows means the DLQ publisher is stuck.
 pub(crate) const DLQ_PENDING: &str = "tally_aggregator_dlq_pending";
@@ -74,12 +81,26 @@ pub(crate) fn record_retry() {
     counter!(BATCHES_RETRIED).increment(1);
 }
 
+pub(crate) fn record_assigned(partitions: usize) {
+    gauge!(ASSIGNED_PARTITIONS).set(partitions as f64);
+}
+
+pub(crate) fn record_stalled(for_: Duration) {
+    gauge!(STALLED_SECONDS).set(for_.as_secs_f64());
+}
+
+pub(crate) fn record_rejoin() {
+    counter!(REJOINS).increment(1);
+}
+
 pub(crate) fn record_lag(partition: i32, lag: i64) {
     gauge!(CONSUMER_LAG, "partition" => partition.to_string()).set(lag.max(0) as f64);
 }
 
 /// Registers every reason's series at zero, so dashboards see them before the first reject.
 pub(crate) fn describe() {
+    counter!(REJOINS).increment(0);
+    gauge!(STALLED_SECONDS).set(0.0);
     for reason in RejectReason::ALL {
         counter!(EVENTS_REJECTED, "reason" => reason.code()).increment(0);
     }

@@ -52,7 +52,7 @@ use tally_db::testing::runtime;
 
 /// A mock cluster with a fresh topic (and its DLQ), plus a fresh database.
 struct Harness {
-    _cluster: MockCluster<'static, DefaultProducerContext>,
+    cluster: MockCluster<'static, DefaultProducerContext>,
     kafka: KafkaConfig,
     db: TestDatabase,
     runtime: tokio::runtime::Runtime,
@@ -87,7 +87,7 @@ impl Harness {
             .create()
             .unwrap();
         Harness {
-            _cluster: cluster,
+            cluster,
             kafka,
             db,
             runtime,
@@ -151,11 +151,13 @@ impl Harness {
     }
 }
 
-/// Small batches; each aggregator its own static-membership name, as on separate hosts.
+/// Small batches; each aggregator its own static-membership name, as on separate hosts (the
+/// mock cluster does not implement static membership: the name changes nothing there).
 fn fast() -> AggregatorConfig {
     AggregatorConfig {
         batch_max_events: 500,
         batch_max_wait: Duration::from_millis(50),
+        static_membership: true,
         instance_id: Some(format!("test-{}", uuid::Uuid::now_v7().simple())),
         ..AggregatorConfig::default()
     }
@@ -779,4 +781,87 @@ fn exactly_once_when_killed_at_random_points() {
     assert_eq!(windows(&h, "'tokens'"), normalized(&expected));
     let ids: Vec<(i64,)> = h.query("SELECT count(*) FROM event_ids");
     assert_eq!(ids[0].0, produced as i64);
+}
+
+/// `--once` does not depend on the group: a member that holds every partition and never
+/// processes them (as a stopped static member does on brokers that keep it) cannot keep it
+/// from draining them all.
+#[test]
+fn once_drains_every_partition_while_another_member_holds_them() {
+    let h = Harness::new();
+    let mut expected = Expected::default();
+    produce_stream(&h, 0..2_000, &mut expected);
+    h.flush();
+    let squatter: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", &h.kafka.brokers)
+        .set("group.id", &AggregatorConfig::default().group_id)
+        .set("session.timeout.ms", "6000")
+        .create()
+        .unwrap();
+    squatter.subscribe(&[&h.kafka.topic]).unwrap();
+    let started = Instant::now();
+    while squatter.assignment().unwrap().count() < PARTITIONS as usize {
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "the squatter got no assignment"
+        );
+        let _ = squatter.poll(Duration::from_millis(100));
+    }
+    // It keeps its session (librdkafka heartbeats in the background) but never polls again.
+    let started = Instant::now();
+    let summary = h.run_once();
+    assert!(
+        started.elapsed() < Duration::from_secs(30),
+        "{:?}",
+        started.elapsed()
+    );
+    assert_eq!(summary.rejoins, 0);
+    let ids: Vec<(i64,)> = h.query("SELECT count(*) FROM event_ids");
+    assert_eq!(ids[0].0, 2_000);
+    assert_eq!(windows(&h, "'tokens'"), normalized(&expected));
+    drop(squatter);
+}
+
+/// A member whose fetches fail (a broker that assigns partitions but does not serve them)
+/// is reported stalled in `aggregator_members`, joins again with a fresh consumer, and
+/// counts every event exactly once when the broker serves it again.
+#[test]
+fn a_member_that_consumes_nothing_is_reported_and_joins_again() {
+    let h = Harness::new();
+    let mut expected = Expected::default();
+    produce_stream(&h, 0..1_000, &mut expected);
+    h.flush();
+    // Every fetch fails for a while (librdkafka backs off and tries again, without an error
+    // the application sees), while listing offsets still works.
+    h.cluster.request_errors(
+        rdkafka::types::RDKafkaApiKey::Fetch,
+        &[rdkafka::types::RDKafkaRespErr::RD_KAFKA_RESP_ERR_UNKNOWN; 2_000],
+    );
+    let config = AggregatorConfig {
+        stall_timeout: Duration::from_secs(5),
+        ..fast()
+    };
+    let stop = CancellationToken::new();
+    let aggregator = h.aggregator(config);
+    let token = stop.clone();
+    let daemon = std::thread::spawn(move || aggregator.run(RunMode::Daemon, &token).unwrap());
+    wait_for(
+        &h,
+        "SELECT count(*) = 1 FROM aggregator_members
+         WHERE stall LIKE 'assigned partitions % but consumed nothing from them for % s while they have % messages of lag'
+           AND stalled_since IS NOT NULL",
+    );
+    h.cluster
+        .clear_request_errors(rdkafka::types::RDKafkaApiKey::Fetch);
+    wait_for_events(&h, 1_000, Duration::from_secs(60));
+    wait_for(
+        &h,
+        "SELECT count(*) = 1 FROM aggregator_members WHERE stall IS NULL",
+    );
+    stop.cancel();
+    let summary = daemon.join().unwrap();
+    assert!(summary.rejoins >= 1, "{summary:?}");
+    assert_eq!(windows(&h, "'tokens'"), normalized(&expected));
+    let members: Vec<(i64,)> = h.query("SELECT count(*) FROM aggregator_members");
+    assert_eq!(members[0].0, 0, "a stopped aggregator forgets its row");
 }

@@ -6,6 +6,10 @@
 //! error), one INFO when it is back (with how long it was away), however many retries happen
 //! in between. `tally_dependency_up{dependency}` follows the state, and [`readiness`] is what
 //! `/readyz` reports.
+//!
+//! A [`check`] is readiness of the process's own making rather than a dependency's (the
+//! aggregator's `consumption`: consuming, or stalled): it is in `/readyz` alike, but its owner
+//! logs and measures it, so it adds no log lines and no `tally_dependency_up` series.
 
 use std::sync::{Mutex, OnceLock};
 use std::time::{Duration, Instant};
@@ -49,6 +53,15 @@ fn registry() -> &'static Mutex<Vec<&'static Dependency>> {
 
 /// The process-wide handle of dependency `name`, created on first use.
 pub fn dependency(name: &'static str) -> &'static Dependency {
+    registered(name, false)
+}
+
+/// The process-wide handle of check `name` (see the module doc), created on first use.
+pub fn check(name: &'static str) -> &'static Dependency {
+    registered(name, true)
+}
+
+fn registered(name: &'static str, check: bool) -> &'static Dependency {
     let mut registry = registry().lock().unwrap_or_else(|e| e.into_inner());
     if let Some(found) = registry.iter().find(|d| d.name == name) {
         return found;
@@ -58,7 +71,9 @@ pub fn dependency(name: &'static str) -> &'static Dependency {
         name,
         state: Mutex::new(State::Unknown),
     }));
-    metrics::gauge!(DEPENDENCY_UP, "dependency" => name).set(0.0);
+    if !check {
+        metrics::gauge!(DEPENDENCY_UP, "dependency" => name).set(0.0);
+    }
     registry.push(created);
     created
 }
@@ -114,6 +129,25 @@ impl Dependency {
                     since: Instant::now(),
                     error: error.to_string(),
                 };
+            }
+        }
+    }
+
+    /// A check passes (silently).
+    pub fn ok(&self) {
+        *self.lock() = State::Up;
+    }
+
+    /// A check fails, for this reason (silently: its owner logs).
+    pub fn failing(&self, reason: &str) {
+        let mut state = self.lock();
+        match &mut *state {
+            State::Down { error, .. } => *error = reason.to_owned(),
+            _ => {
+                *state = State::Down {
+                    since: Instant::now(),
+                    error: reason.to_owned(),
+                }
             }
         }
     }

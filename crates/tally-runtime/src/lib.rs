@@ -17,6 +17,6 @@ mod supervise;
 pub mod telemetry;
 
 pub use backoff::{sleep_unless_stopped, Backoff};
-pub use health::{dependency, Dependency, DependencyStatus};
+pub use health::{check, dependency, Dependency, DependencyStatus};
 pub use mode::RunMode;
 pub use supervise::supervise;

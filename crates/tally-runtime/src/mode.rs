@@ -9,3 +9,13 @@ pub enum RunMode {
     /// partition; the sink makes one billing pass. Then return.
     Once,
 }
+
+impl RunMode {
+    /// `daemon` or `once`, for logs.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RunMode::Daemon => "daemon",
+            RunMode::Once => "once",
+        }
+    }
+}

@@ -46,7 +46,7 @@ where
             }
             let wait = backoff.next_wait();
             metrics::counter!(TASK_RESTARTS, "task" => name).increment(1);
-            tracing::error!(task = name, error = %failure, restart_in = ?wait, "background task failed; restarting it");
+            tracing::error!(task = name, error = %failure, restart_in_seconds = wait.as_secs_f64(), "background task failed; restarting it");
             if sleep_unless_stopped(wait, &stop).await {
                 return;
             }

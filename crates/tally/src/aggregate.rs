@@ -80,8 +80,10 @@ pub(crate) fn run(config: &TallyConfig, args: &AggregateArgs) -> anyhow::Result<
     config.require_brokers()?;
     let meters = config.require_meters()?.to_vec();
     let runtime = runtime()?;
-    // One connection per commit lane, plus one for rebalances and one for DLQ bookkeeping.
-    let connections = config.aggregator.parallel_commits as u32 + 2;
+    // One connection per commit lane, one for taking partitions, one for DLQ bookkeeping, and
+    // one each for the tasks beside the loop: the credit burner, the alert evaluator, the
+    // alert sender and the watchdog (none of them may wait for the lanes' connections).
+    let connections = config.aggregator.parallel_commits as u32 + 2 + 4;
     let pool = {
         let _runtime = runtime.enter(); // the lazy pool's maintenance task needs a runtime
         lazy_pool(config, connections)?
@@ -118,8 +120,6 @@ pub(crate) fn run(config: &TallyConfig, args: &AggregateArgs) -> anyhow::Result<
         runtime.handle().clone(),
     )?
     .with_priced_meters(priced_meters);
-    // The credit burner follows the commits: in daemon mode beside the loop, with --once after
-    // it, until what was queued is burned.
     // The credit burner and the alerts follow the commits: in daemon mode beside the loop,
     // with --once after it, until what was queued is burned, evaluated and sent.
     let followers = (!args.once).then(|| {

@@ -14,6 +14,8 @@ use crate::process::{connect, runtime};
 const OUTBOX_STALE_SECONDS: f64 = 900.0;
 /// Rejected events waiting longer than this for the DLQ topic (the `TallyDlqStuck` alert's).
 const DLQ_STUCK_SECONDS: f64 = 900.0;
+/// An aggregator's watchdog writes its row every few seconds: one silent this long stopped.
+const MEMBER_SILENT: TimeDelta = TimeDelta::seconds(30);
 /// A reconcile older than this is stale (the `TallyReconcileNotRunning` alert's).
 const RECONCILE_STALE: TimeDelta = TimeDelta::hours(3);
 
@@ -63,6 +65,31 @@ pub(crate) fn run(config: &TallyConfig, args: &StatusArgs) -> anyhow::Result<()>
         }
         if committed.is_empty() {
             println!("  no partition taken yet: is `tally aggregate` running?");
+        }
+        // Each running aggregator, as its watchdog last saw it (every few seconds).
+        let members = tally_aggregator::members(&pool, group, topic).await?;
+        let live: Vec<_> = members
+            .iter()
+            .filter(|m| now - m.seen_at < MEMBER_SILENT)
+            .collect();
+        for member in &live {
+            let partitions: Vec<String> = member.assigned.iter().map(i32::to_string).collect();
+            let assigned = if partitions.is_empty() {
+                "no partition".to_owned()
+            } else {
+                format!("partitions {}", partitions.join(","))
+            };
+            match (&member.stall, member.stalled_since) {
+                (Some(stall), since) => {
+                    let stalled = since.map_or(String::new(), |at| format!(" (stalled {})", ago(now, at)));
+                    println!("  member {}: {assigned}: STALLED{stalled}: {stall}", member.owner);
+                    attention.push(format!(
+                        "aggregator {} is stalled: {stall}; it joins the group again by itself after aggregator.stall_timeout; if that does not help, check the brokers' group coordinator (aggregator.static_membership off?) and restart it",
+                        member.owner
+                    ));
+                }
+                (None, _) => println!("  member {}: {assigned}, consuming (seen {})", member.owner, ago(now, member.seen_at)),
+            }
         }
         match &ends {
             Ok(ends) => {

@@ -1,0 +1,460 @@
+//! The watchdog: notices a member that makes no progress, says so, and has it join again.
+//!
+//! Group membership is where Kafka-protocol brokers differ most (static membership, rebalance
+//! timing), and a member the broker does not serve well can hold partitions it never reads
+//! from, or be left with none while partitions nobody reads pile up, without any error.
+//! Every few seconds ([`look_every`]) the watchdog reads where each partition ends (Kafka) and where the
+//! group stands on it (Postgres's `kafka_offsets`), and keeps, per partition, since when it
+//! has lag without its stored offset moving. Then:
+//!
+//! - a partition this member was assigned that has been stuck for `stall_timeout` (counted
+//!   from the assignment at the earliest): "assigned but not consuming";
+//! - no assignment for `stall_timeout` while a partition has been stuck that long: "assigned
+//!   nothing while partitions nobody consumes have lag".
+//!
+//! Either way `/readyz` says so (check `consumption`), `tally_aggregator_stalled_seconds`
+//! grows, the member's row in `aggregator_members` (what `tally status` shows) carries it,
+//! and the loop is asked to leave the group and join again with a fresh consumer (as a
+//! dynamic member from then on: static membership is what brokers implement worst). A member
+//! that has just joined gets `stall_timeout` again before the next rejoin.
+//!
+//! The watchdog runs beside the loop, never in it: reading the offsets may wait for a slow
+//! broker, and the loop must keep polling.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::{Duration, Instant};
+
+use sqlx::PgPool;
+use tally_core::config::KafkaConfig;
+use tokio_util::sync::CancellationToken;
+
+use crate::kafka::{list, Watermarks};
+use crate::store;
+use crate::telemetry;
+
+/// How often the watchdog looks: every 5 s, or four times per `stall_timeout` when that is
+/// shorter.
+pub(crate) fn look_every(stall_timeout: Duration) -> Duration {
+    (stall_timeout / 4).min(Duration::from_secs(5))
+}
+/// How long one look at Kafka's offsets may take.
+const KAFKA_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// What the consumer and the watchdog share: the member's assignment, and the watchdog's
+/// request that it join again.
+#[derive(Debug)]
+pub(crate) struct Membership {
+    assignment: Mutex<Assignment>,
+    rejoin: AtomicBool,
+}
+
+#[derive(Debug, Clone)]
+struct Assignment {
+    partitions: Vec<i32>,
+    /// When the partitions last changed (to none, too).
+    since: Instant,
+}
+
+impl Default for Membership {
+    fn default() -> Self {
+        Membership {
+            assignment: Mutex::new(Assignment {
+                partitions: Vec::new(),
+                since: Instant::now(),
+            }),
+            rejoin: AtomicBool::new(false),
+        }
+    }
+}
+
+impl Membership {
+    fn lock(&self) -> MutexGuard<'_, Assignment> {
+        self.assignment
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+    }
+
+    pub(crate) fn set_assigned(&self, partitions: Vec<i32>) {
+        let mut assignment = self.lock();
+        assignment.partitions = partitions;
+        assignment.since = Instant::now();
+        telemetry::record_assigned(assignment.partitions.len());
+    }
+
+    pub(crate) fn assigned(&self) -> Vec<i32> {
+        self.lock().partitions.clone()
+    }
+
+    fn snapshot(&self) -> Assignment {
+        self.lock().clone()
+    }
+
+    /// True once after the watchdog asked the member to join again.
+    pub(crate) fn take_rejoin(&self) -> bool {
+        self.rejoin.swap(false, Ordering::AcqRel)
+    }
+}
+
+/// One partition as a look found it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct PartitionView {
+    pub(crate) partition: i32,
+    /// The first offset Kafka still holds, and the end (the next offset to be written).
+    pub(crate) first: i64,
+    pub(crate) end: i64,
+    /// The next offset the group will consume, as stored in Postgres (`None`: never consumed).
+    pub(crate) next: Option<i64>,
+}
+
+impl PartitionView {
+    pub(crate) fn lag(&self) -> i64 {
+        (self.end - self.next.unwrap_or(self.first).max(self.first)).max(0)
+    }
+}
+
+/// The watchdog's verdict on this member.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Verdict {
+    Consuming,
+    Stalled {
+        /// How long it has made no progress.
+        stalled_for: Duration,
+        /// What an operator reads in `/readyz` and `tally status`.
+        detail: String,
+    },
+}
+
+/// Since when each partition has had lag at the same stored offset.
+#[derive(Debug, Default)]
+pub(crate) struct Watch {
+    lagging: HashMap<i32, (Option<i64>, Instant)>,
+}
+
+impl Watch {
+    /// Takes one look's findings and judges the member. Pure, for the unit tests.
+    pub(crate) fn observe(
+        &mut self,
+        now: Instant,
+        partitions: &[PartitionView],
+        assigned: &[i32],
+        assigned_since: Instant,
+        stall_timeout: Duration,
+    ) -> Verdict {
+        let mut stuck: BTreeMap<i32, (Instant, i64)> = BTreeMap::new();
+        for view in partitions {
+            if view.lag() == 0 {
+                self.lagging.remove(&view.partition);
+                continue;
+            }
+            let entry = self
+                .lagging
+                .entry(view.partition)
+                .or_insert((view.next, now));
+            if entry.0 != view.next {
+                *entry = (view.next, now); // it moved: progress
+            }
+            stuck.insert(view.partition, (entry.1, view.lag()));
+        }
+        self.lagging
+            .retain(|p, _| partitions.iter().any(|v| v.partition == *p));
+
+        // Assigned but not consuming: counted from the assignment at the earliest.
+        let mine: Vec<(i32, Duration, i64)> = stuck
+            .iter()
+            .filter(|(p, _)| assigned.contains(p))
+            .map(|(&p, &(since, lag))| (p, now.duration_since(since.max(assigned_since)), lag))
+            .filter(|(_, stalled, _)| *stalled >= stall_timeout)
+            .collect();
+        if !mine.is_empty() {
+            let stalled_for = mine.iter().map(|m| m.1).max().unwrap_or_default();
+            let lag: i64 = mine.iter().map(|m| m.2).sum();
+            let names: Vec<i32> = mine.iter().map(|m| m.0).collect();
+            return Verdict::Stalled {
+                stalled_for,
+                detail: format!(
+                    "assigned partitions {} but consumed nothing from them for {} while they have {lag} messages of lag",
+                    list(&names),
+                    seconds(stalled_for)
+                ),
+            };
+        }
+        // Assigned nothing while partitions nobody consumes have lag.
+        let unassigned_for = now.duration_since(assigned_since);
+        if assigned.is_empty() && unassigned_for >= stall_timeout {
+            let orphaned: Vec<(i32, Duration, i64)> = stuck
+                .iter()
+                .map(|(&p, &(since, lag))| (p, now.duration_since(since), lag))
+                .filter(|(_, stalled, _)| *stalled >= stall_timeout)
+                .collect();
+            if !orphaned.is_empty() {
+                let stalled_for =
+                    unassigned_for.min(orphaned.iter().map(|o| o.1).max().unwrap_or_default());
+                let lag: i64 = orphaned.iter().map(|o| o.2).sum();
+                let names: Vec<i32> = orphaned.iter().map(|o| o.0).collect();
+                return Verdict::Stalled {
+                    stalled_for,
+                    detail: format!(
+                        "assigned no partition for {} while partitions {} have {lag} messages of lag that no aggregator consumes",
+                        seconds(unassigned_for),
+                        list(&names)
+                    ),
+                };
+            }
+        }
+        Verdict::Consuming
+    }
+}
+
+impl Watch {
+    /// Whether a partition that concerns this member (its own; any, when it has none) had lag
+    /// and did not move for `interval` (since the look before last).
+    pub(crate) fn stuck(&self, assigned: &[i32], interval: Duration) -> bool {
+        self.lagging.iter().any(|(p, (_, since))| {
+            (assigned.is_empty() || assigned.contains(p)) && since.elapsed() >= interval
+        })
+    }
+}
+
+fn seconds(duration: Duration) -> String {
+    format!("{} s", duration.as_secs())
+}
+
+/// Who this member is, for its row in `aggregator_members`.
+#[derive(Debug, Clone)]
+pub(crate) struct Member {
+    pub(crate) owner: String,
+    pub(crate) group: String,
+    pub(crate) instance_id: Option<String>,
+}
+
+/// Runs the watchdog until `stop`: a look every [`look_every`]. A look that cannot be made
+/// (Kafka or Postgres away) judges nothing: the dependency checks say that already.
+pub(crate) async fn run(
+    pool: PgPool,
+    kafka: KafkaConfig,
+    member: Member,
+    membership: Arc<Membership>,
+    stall_timeout: Duration,
+    stop: CancellationToken,
+) -> Result<(), String> {
+    let consumption = tally_runtime::check("consumption");
+    let client_id = format!("tally-watchdog-{}", member.owner);
+    let watermarks = {
+        let kafka = kafka.clone();
+        tokio::task::spawn_blocking(move || Watermarks::new(&kafka, &client_id))
+            .await
+            .map_err(|e| e.to_string())??
+    };
+    let watermarks = Arc::new(watermarks);
+    let interval = look_every(stall_timeout);
+    let mut watch = Watch::default();
+    // The stall under way: since when, and what it is.
+    let mut episode: Option<(Instant, String)> = None;
+    // The assignment a rejoin was asked for (once per assignment: the fresh consumer gets its
+    // own stall_timeout).
+    let mut asked_for: Option<Instant> = None;
+    consumption.ok();
+    loop {
+        if tally_runtime::sleep_unless_stopped(interval, &stop).await {
+            return Ok(());
+        }
+        let ends = {
+            let watermarks = watermarks.clone();
+            tokio::task::spawn_blocking(move || watermarks.read(KAFKA_TIMEOUT))
+                .await
+                .map_err(|e| e.to_string())?
+        };
+        let Ok(ends) = ends else {
+            continue;
+        };
+        let Ok(stored) = store::committed_offsets(&pool, &member.group, &kafka.topic).await else {
+            continue;
+        };
+        let views: Vec<PartitionView> = ends
+            .iter()
+            .map(|(&partition, &(first, end))| PartitionView {
+                partition,
+                first,
+                end,
+                next: stored
+                    .iter()
+                    .find(|row| row.partition == partition)
+                    .and_then(|row| row.next_offset),
+            })
+            .collect();
+        let assignment = membership.snapshot();
+        let now = Instant::now();
+        let verdict = watch.observe(
+            now,
+            &views,
+            &assignment.partitions,
+            assignment.since,
+            stall_timeout,
+        );
+        match verdict {
+            Verdict::Stalled {
+                detail,
+                stalled_for,
+            } => {
+                if episode.is_none() {
+                    tracing::error!(%detail, "the aggregator is stalled; leaving the group and joining again with a fresh consumer");
+                }
+                let since = episode
+                    .as_ref()
+                    .map_or_else(|| now.checked_sub(stalled_for).unwrap_or(now), |e| e.0);
+                episode = Some((since, detail));
+                if asked_for != Some(assignment.since) {
+                    asked_for = Some(assignment.since);
+                    membership.rejoin.store(true, Ordering::Release);
+                }
+            }
+            // Within a fresh assignment's grace: the stall lasts until something moves.
+            Verdict::Consuming
+                if episode.is_some() && watch.stuck(&assignment.partitions, interval) => {}
+            Verdict::Consuming => {
+                if episode.take().is_some() {
+                    tracing::info!("the aggregator consumes again");
+                }
+            }
+        }
+        let stall = episode
+            .as_ref()
+            .map(|(since, detail)| (detail.as_str(), now.duration_since(*since)));
+        match stall {
+            Some((detail, stalled_for)) => {
+                telemetry::record_stalled(stalled_for);
+                consumption.failing(&format!("{detail} (stalled for {})", seconds(stalled_for)));
+            }
+            None => {
+                telemetry::record_stalled(Duration::ZERO);
+                consumption.ok();
+            }
+        }
+        let record = store::MemberRecord {
+            owner: &member.owner,
+            group: &member.group,
+            topic: &kafka.topic,
+            instance_id: member.instance_id.as_deref(),
+            assigned: &assignment.partitions,
+            stall,
+        };
+        if let Err(error) = store::record_member(&pool, &record).await {
+            tracing::debug!(%error, "recording this aggregator in aggregator_members failed");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn view(partition: i32, end: i64, next: Option<i64>) -> PartitionView {
+        PartitionView {
+            partition,
+            first: 0,
+            end,
+            next,
+        }
+    }
+
+    const TIMEOUT: Duration = Duration::from_secs(60);
+
+    #[test]
+    fn an_assigned_partition_with_lag_that_never_moves_is_a_stall() {
+        let start = Instant::now();
+        let mut watch = Watch::default();
+        let views = [view(0, 100, Some(10)), view(1, 50, Some(50))];
+        let at = |s: u64| start + Duration::from_secs(s);
+        assert_eq!(
+            watch.observe(at(0), &views, &[0, 1], start, TIMEOUT),
+            Verdict::Consuming
+        );
+        assert_eq!(
+            watch.observe(at(59), &views, &[0, 1], start, TIMEOUT),
+            Verdict::Consuming
+        );
+        match watch.observe(at(61), &views, &[0, 1], start, TIMEOUT) {
+            Verdict::Stalled {
+                stalled_for,
+                detail,
+            } => {
+                assert_eq!(stalled_for, Duration::from_secs(61));
+                assert_eq!(detail, "assigned partitions 0 but consumed nothing from them for 61 s while they have 90 messages of lag");
+            }
+            other => panic!("{other:?}"),
+        }
+        // Progress clears it.
+        let moved = [view(0, 100, Some(20)), view(1, 50, Some(50))];
+        assert_eq!(
+            watch.observe(at(62), &moved, &[0, 1], start, TIMEOUT),
+            Verdict::Consuming
+        );
+        // A fresh assignment gets its own stall_timeout, however long the lag has stood.
+        assert_eq!(
+            watch.observe(at(150), &moved, &[0, 1], at(100), TIMEOUT),
+            Verdict::Consuming
+        );
+        assert!(matches!(
+            watch.observe(at(161), &moved, &[0, 1], at(100), TIMEOUT),
+            Verdict::Stalled { .. }
+        ));
+    }
+
+    #[test]
+    fn caught_up_or_slow_but_moving_is_no_stall() {
+        let start = Instant::now();
+        let mut watch = Watch::default();
+        for s in 0..10 {
+            let views = [view(0, 1000 + s * 100, Some(s * 10)), view(1, 5, Some(5))];
+            let at = start + Duration::from_secs(s as u64 * 30);
+            assert_eq!(
+                watch.observe(at, &views, &[0, 1], start, TIMEOUT),
+                Verdict::Consuming
+            );
+        }
+    }
+
+    #[test]
+    fn no_assignment_while_nobody_consumes_a_lagging_partition_is_a_stall() {
+        let start = Instant::now();
+        let at = |s: u64| start + Duration::from_secs(s);
+        let mut watch = Watch::default();
+        // Never consumed: the lag counts from the first offset Kafka holds.
+        let views = [PartitionView {
+            partition: 3,
+            first: 40,
+            end: 100,
+            next: None,
+        }];
+        assert_eq!(views[0].lag(), 60);
+        assert_eq!(
+            watch.observe(at(0), &views, &[], start, TIMEOUT),
+            Verdict::Consuming
+        );
+        match watch.observe(at(70), &views, &[], start, TIMEOUT) {
+            Verdict::Stalled { detail, .. } => assert_eq!(
+                detail,
+                "assigned no partition for 70 s while partitions 3 have 60 messages of lag that no aggregator consumes"
+            ),
+            other => panic!("{other:?}"),
+        }
+        // Another member holds it and consumes: not this member's stall.
+        let consumed = [PartitionView {
+            partition: 3,
+            first: 40,
+            end: 100,
+            next: Some(50),
+        }];
+        assert_eq!(
+            watch.observe(at(71), &consumed, &[], start, TIMEOUT),
+            Verdict::Consuming
+        );
+        // A member with partitions of its own is not judged on the others'.
+        assert_eq!(
+            watch.observe(at(200), &consumed, &[1], start, TIMEOUT),
+            Verdict::Consuming
+        );
+    }
+}
