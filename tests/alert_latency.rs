@@ -45,13 +45,14 @@ fn main() {
             tally_quota::testing::subscribe(&pool, &format!("other-{i}"), "QUIET", start).await;
         }
         let receiver = AlertReceiver::start(0).await;
-        let (_, secret) = tally_alerts::store::create_endpoint(&pool, &receiver.url, None, "bench")
-            .await
-            .unwrap();
+        let secret = receiver.register(&pool).await;
         receiver.set_secret(&secret);
         let stop = CancellationToken::new();
         let config = AlertsConfig {
             evaluate_every: Duration::from_millis(evaluate_ms),
+            // The receiver listens on 127.0.0.1 over plain HTTP.
+            allow_http: true,
+            allow_private_networks: true,
             ..AlertsConfig::default()
         };
         let tasks = tally_alerts::start_alerts(pool.clone(), config, stop.clone());

@@ -25,6 +25,9 @@ credits_per_unit = "0.001"
 
 [alerts]
 evaluate_every = "100ms"
+# The receivers listen on 127.0.0.1 over plain HTTP.
+allow_http = true
+allow_private_networks = true
 
 [[plans]]
 name = "PRO"
@@ -118,14 +121,7 @@ fn alerts_fire_once_per_crossing_signed_and_retried() {
     let healthy = runtime.block_on(AlertReceiver::start(0));
     let flaky = runtime.block_on(AlertReceiver::start(2));
     for receiver in [&healthy, &flaky] {
-        let (_, secret) = runtime
-            .block_on(tally_alerts::store::create_endpoint(
-                &db.pool,
-                &receiver.url,
-                None,
-                "test",
-            ))
-            .unwrap();
+        let secret = runtime.block_on(receiver.register(&db.pool));
         receiver.set_secret(&secret);
     }
     let mut aggregate = work.spawn("aggregate-1", &db.url, &["aggregate"]);
@@ -321,4 +317,144 @@ fn alerts_fire_once_per_crossing_signed_and_retried() {
     assert_eq!(pending, 0);
     drop(aggregate);
     emitter.shutdown(Duration::from_secs(5));
+}
+
+/// A receiver that answers 500 and then streams a body that never ends, on 127.0.0.1 over
+/// plain HTTP; returns its URL and the bytes it managed to write.
+fn endless_receiver(
+    runtime: &tokio::runtime::Runtime,
+) -> (String, std::sync::Arc<std::sync::atomic::AtomicU64>) {
+    use std::sync::atomic::Ordering;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = runtime
+        .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
+        .unwrap();
+    let url = format!("http://{}/hook", listener.local_addr().unwrap());
+    let written = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let counter = written.clone();
+    runtime.spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            let counter = counter.clone();
+            tokio::spawn(async move {
+                let mut buffer = [0u8; 8192];
+                // The request's headers are all a small POST needs to have arrived.
+                let _ = stream.read(&mut buffer).await;
+                let head =
+                    b"HTTP/1.1 500 Internal Server Error\r\ntransfer-encoding: chunked\r\n\r\n";
+                if stream.write_all(head).await.is_err() {
+                    return;
+                }
+                let chunk = format!("{:x}\r\n{}\r\n", 1 << 20, "x".repeat(1 << 20));
+                while stream.write_all(chunk.as_bytes()).await.is_ok() {
+                    counter.fetch_add(1 << 20, Ordering::Relaxed);
+                }
+            });
+        }
+    });
+    (url, written)
+}
+
+/// Resident memory of a process, in MiB (Linux).
+fn rss_mib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|line| line.strip_prefix("VmRSS:"))
+        .and_then(|kb| kb.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .map_or(0, |kb| kb / 1024)
+}
+
+/// Eight endpoints whose receivers stream an endless answer, 64 deliveries at once, in the
+/// process that also aggregates and burns credits: `tally aggregate` reads a small prefix of
+/// each answer and drops the rest, so its memory stays flat (it grew by the streams' speed
+/// before: gigabytes within the time limit, until the process was killed).
+#[test]
+fn a_receiver_that_streams_forever_cannot_exhaust_tally_aggregate() {
+    let runtime = runtime();
+    let db = runtime.block_on(tally_db::testing::fresh_database());
+    let (work, _kafka, _broker) = broker_process(
+        &db.url,
+        1,
+        "[alerts]\nevaluate_every = \"100ms\"\ndelivery_timeout = \"10s\"\nallow_http = true\nallow_private_networks = true\n",
+    );
+    let (ok, output) = work.run(&db.url, &["migrate"]);
+    assert!(ok, "{output}");
+    let mut streams = Vec::new();
+    for _ in 0..8 {
+        let (url, written) = endless_receiver(&runtime);
+        let receiver_endpoint = runtime.block_on(async {
+            let on_premises = tally_alerts::Destinations {
+                allow_http: true,
+                allow_private_networks: true,
+            };
+            let new = tally_alerts::store::NewEndpoint {
+                url: &url,
+                ..Default::default()
+            };
+            tally_alerts::store::create_endpoint(&db.pool, &on_premises, &new, "test")
+                .await
+                .unwrap()
+                .0
+                .endpoint_id
+        });
+        streams.push((receiver_endpoint, written));
+    }
+    // 8 firings, each delivered to every endpoint: 64 at once.
+    runtime.block_on(async {
+        for i in 0..8 {
+            let firing: i64 = sqlx::query_scalar(
+                "INSERT INTO alert_firings (event_id, rule_key, customer_id, period_start, event_type, payload)
+                 VALUES ($1, 'customer:1', 'acme', now(), 'usage.threshold_crossed', jsonb_build_object('id', $1::text))
+                 RETURNING firing_id",
+            )
+            .bind(format!("evt_stream_{i}"))
+            .fetch_one(&db.pool)
+            .await
+            .unwrap();
+            sqlx::query(
+                "INSERT INTO alert_deliveries (firing_id, endpoint_id) SELECT $1, endpoint_id FROM alert_endpoints",
+            )
+            .bind(firing)
+            .execute(&db.pool)
+            .await
+            .unwrap();
+        }
+    });
+    let mut aggregate = work.spawn("aggregate", &db.url, &["aggregate"]);
+    let pid = aggregate.id();
+    let started = Instant::now();
+    let mut peak = 0;
+    while started.elapsed() < Duration::from_secs(12) {
+        assert!(
+            alive(&mut aggregate),
+            "tally aggregate died:\n{}",
+            work.log("aggregate")
+        );
+        peak = peak.max(rss_mib(pid));
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let streamed: u64 = streams
+        .iter()
+        .map(|(_, w)| w.load(std::sync::atomic::Ordering::Relaxed))
+        .sum();
+    println!(
+        "peak RSS {peak} MiB; the receivers wrote {} MiB",
+        streamed >> 20
+    );
+    let attempted: Vec<(i32, Option<String>)> = runtime
+        .block_on(
+            sqlx::query_as("SELECT attempts, last_error FROM alert_deliveries").fetch_all(&db.pool),
+        )
+        .unwrap();
+    assert_eq!(attempted.len(), 64);
+    for (attempts, error) in &attempted {
+        assert!(*attempts >= 1);
+        let error = error.as_deref().unwrap_or_default();
+        assert!(
+            error.starts_with("the endpoint answered 500: xxx"),
+            "{error:?}"
+        );
+        assert!(error.len() < 2_100, "{}", error.len());
+    }
+    assert!(peak < 250, "tally aggregate grew to {peak} MiB");
 }

@@ -47,6 +47,7 @@ fn api_state(pipeline: &IngestPipeline, quota: Quota) -> Arc<ApiState> {
     let pool = pipeline.db.pool.clone();
     Arc::new(ApiState {
         fallback_plan: None,
+        alert_destinations: Default::default(),
         quota,
         pool: pool.clone(),
         reader_pool: pool,

@@ -19,6 +19,13 @@ pub struct AlertsConfig {
     /// (`failed`).
     #[serde(with = "humantime_serde")]
     pub retry_for: Duration,
+    /// Allow `http://` endpoints (off: deliveries and their signatures would travel in clear).
+    pub allow_http: bool,
+    /// Allow endpoints on addresses that are not public: loopback, private ranges, link-local
+    /// (the cloud's metadata service), internal names. Off: an API caller could otherwise make
+    /// tally post (and report the answers of) services only tally can reach. Turn it on for
+    /// receivers inside your own network.
+    pub allow_private_networks: bool,
 }
 
 impl Default for AlertsConfig {
@@ -27,11 +34,21 @@ impl Default for AlertsConfig {
             evaluate_every: Duration::from_millis(500),
             delivery_timeout: Duration::from_secs(10),
             retry_for: Duration::from_secs(24 * 3600),
+            allow_http: false,
+            allow_private_networks: false,
         }
     }
 }
 
 impl AlertsConfig {
+    /// Where deliveries may go.
+    pub fn destinations(&self) -> crate::Destinations {
+        crate::Destinations {
+            allow_http: self.allow_http,
+            allow_private_networks: self.allow_private_networks,
+        }
+    }
+
     pub fn validate(&self) -> Result<(), String> {
         if self.evaluate_every < Duration::from_millis(10)
             || self.evaluate_every > Duration::from_secs(60)

@@ -221,12 +221,18 @@ async fn fire(
     let Some(firing) = firing else {
         return Ok(None);
     };
+    // One delivery per live endpoint the firing concerns (at most MAX_ENDPOINTS).
     sqlx::query(
         "INSERT INTO alert_deliveries (firing_id, endpoint_id, next_attempt_at)
-         SELECT $1, endpoint_id, $2 FROM alert_endpoints WHERE deleted_at IS NULL",
+         SELECT $1, endpoint_id, greatest($2, open_until) FROM alert_endpoints
+         WHERE deleted_at IS NULL
+           AND (customers IS NULL OR $3 = ANY (customers))
+           AND (event_types IS NULL OR $4 = ANY (event_types))",
     )
     .bind(firing)
     .bind(now)
+    .bind(customer)
+    .bind(event_type)
     .execute(&mut *tx)
     .await?;
     Ok(Some(id))

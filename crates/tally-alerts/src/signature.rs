@@ -17,6 +17,12 @@ pub fn sign(secret: &str, timestamp: i64, body: &[u8]) -> String {
     )
 }
 
+/// `header` with one more `v1` signature, by `secret` (during a secret's rotation the
+/// previous secret signs too, so receivers that still hold it keep verifying, as Stripe does).
+pub fn add_v1(header: &str, secret: &str, timestamp: i64, body: &[u8]) -> String {
+    format!("{header},v1={}", hex::encode(mac(secret, timestamp, body)))
+}
+
 fn mac(secret: &str, timestamp: i64, body: &[u8]) -> Vec<u8> {
     let mut mac = HmacSha256::new_from_slice(secret.as_bytes()).expect("any key length");
     mac.update(timestamp.to_string().as_bytes());
@@ -60,8 +66,9 @@ pub fn verify(
     if signatures.is_empty() {
         return Err(SignatureError::Malformed);
     }
-    if (now - timestamp).abs() > tolerance_seconds {
-        return Err(SignatureError::Stale(now - timestamp));
+    // abs_diff: a `t` of i64::MIN or MAX must not overflow (a panic in the receiver).
+    if now.abs_diff(timestamp) > tolerance_seconds.unsigned_abs() {
+        return Err(SignatureError::Stale(now.saturating_sub(timestamp)));
     }
     for signature in signatures {
         let mut mac = HmacSha256::new_from_slice(secret.as_bytes()).expect("any key length");
@@ -103,6 +110,28 @@ mod tests {
         assert_eq!(
             verify("v1=00", "s", body, 0, 300),
             Err(SignatureError::Malformed)
+        );
+        // Extreme timestamps are stale, never an overflow.
+        for t in [i64::MIN, i64::MAX] {
+            let header = format!("t={t},v1=00");
+            assert!(matches!(
+                verify(&header, "s", body, 1_800_000_000, 300),
+                Err(SignatureError::Stale(_))
+            ));
+            assert!(verify(&header, "s", body, i64::MIN, 300).is_err());
+        }
+        // During a rotation both secrets sign; either verifies.
+        let both = add_v1(
+            &sign("whsec_new", 1_800_000_000, body),
+            "whsec_old",
+            1_800_000_000,
+            body,
+        );
+        assert_eq!(verify(&both, "whsec_new", body, 1_800_000_000, 300), Ok(()));
+        assert_eq!(verify(&both, "whsec_old", body, 1_800_000_000, 300), Ok(()));
+        assert_eq!(
+            verify(&both, "whsec_gone", body, 1_800_000_000, 300),
+            Err(SignatureError::Mismatch)
         );
         // The known answer docs/alerts.md checks in Python.
         assert_eq!(

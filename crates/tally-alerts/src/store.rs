@@ -9,6 +9,9 @@ use sqlx::PgPool;
 use tally_db::ExactDecimal;
 use tally_quota::AlertRule;
 
+use crate::destination::Destinations;
+use crate::evaluate::{BALANCE_BELOW, USAGE_CROSSED};
+
 /// Why an alert operation was refused; [`AlertError::code`] is its stable API code.
 #[derive(Debug, thiserror::Error)]
 pub enum AlertError {
@@ -18,6 +21,8 @@ pub enum AlertError {
     NoSuchRule { customer: String, rule_id: i64 },
     #[error("no alert endpoint {0}; list them with GET /v1/alerts/endpoints")]
     NoSuchEndpoint(i64),
+    #[error("there are {0} alert endpoints already, the most there may be; delete one you no longer use, or limit endpoints to customers and event types instead of adding one per customer")]
+    TooManyEndpoints(i64),
     #[error("{0}")]
     Store(#[from] sqlx::Error),
     /// What a rule is evaluated against could not be read (usage, plans).
@@ -31,6 +36,7 @@ impl AlertError {
             AlertError::Invalid(_) => "INVALID_ALERT",
             AlertError::NoSuchRule { .. } => "NO_SUCH_ALERT_RULE",
             AlertError::NoSuchEndpoint(_) => "NO_SUCH_ENDPOINT",
+            AlertError::TooManyEndpoints(_) => "TOO_MANY_ENDPOINTS",
             AlertError::Store(_) | AlertError::Read(_) => "STORE_UNAVAILABLE",
         }
     }
@@ -39,6 +45,7 @@ impl AlertError {
         match self {
             AlertError::Invalid(_) => 400,
             AlertError::NoSuchRule { .. } | AlertError::NoSuchEndpoint(_) => 404,
+            AlertError::TooManyEndpoints(_) => 409,
             AlertError::Store(_) | AlertError::Read(_) => 503,
         }
     }
@@ -163,51 +170,148 @@ pub struct Endpoint {
     pub endpoint_id: i64,
     pub url: String,
     pub description: Option<String>,
+    /// Only these customers' alerts (`None`: every customer's).
+    pub customers: Option<Vec<String>>,
+    /// Only these event types (`None`: all).
+    pub event_types: Option<Vec<String>>,
+    /// Until when the secret a rotation replaced still signs too.
+    pub previous_secret_expires_at: Option<DateTime<Utc>>,
+    /// Deliveries that failed in a row; at [`crate::deliver::BREAKER_FAILURES`] the endpoint
+    /// is left alone until `open_until`.
+    pub consecutive_failures: i32,
+    pub open_until: Option<DateTime<Utc>>,
     pub created_by: String,
     pub created_at: DateTime<Utc>,
 }
 
+const ENDPOINT_COLUMNS: &str = "endpoint_id, url, description, customers, event_types,
+    previous_secret_expires_at, consecutive_failures, open_until, created_by, created_at";
+
+/// Live endpoints at most: every firing is queued for each endpoint it concerns, so the
+/// number bounds the work one crossing makes.
+pub const MAX_ENDPOINTS: i64 = 50;
+/// Customers one endpoint may be limited to at most.
+pub const MAX_ENDPOINT_CUSTOMERS: usize = 1000;
+
+/// What a new endpoint is.
+#[derive(Debug, Clone, Default)]
+pub struct NewEndpoint<'a> {
+    pub url: &'a str,
+    pub description: Option<&'a str>,
+    pub customers: Option<Vec<String>>,
+    pub event_types: Option<Vec<String>>,
+}
+
 /// Registers an endpoint; the answer holds its signing secret, the only time it is shown.
+/// `destinations` is where deliveries may go (`[alerts]`).
 pub async fn create_endpoint(
     pool: &PgPool,
-    url: &str,
-    description: Option<&str>,
+    destinations: &Destinations,
+    new: &NewEndpoint<'_>,
     actor: &str,
 ) -> Result<(Endpoint, String), AlertError> {
-    let parsed: http::Uri = url
-        .parse()
-        .map_err(|_| AlertError::Invalid(format!("url {:?} is not a URL", truncate(url))))?;
-    // Lowercase as written: the table's check (and receivers' logs) expect it.
-    let scheme_ok = url.starts_with("http://") || url.starts_with("https://");
-    if !scheme_ok || parsed.host().is_none() || url.len() > 2000 {
+    if new.url.len() > 2000 {
         return Err(AlertError::Invalid(format!(
-            "url {:?} must be an http:// or https:// URL with a host, at most 2000 characters",
-            truncate(url)
+            "url {:?} is longer than 2000 characters",
+            truncate(new.url)
         )));
     }
-    if description.is_some_and(|d| d.chars().count() > 1000 || d.chars().any(char::is_control)) {
+    destinations
+        .check_url(new.url)
+        .map_err(AlertError::Invalid)?;
+    if new
+        .description
+        .is_some_and(|d| d.chars().count() > 1000 || d.chars().any(char::is_control))
+    {
         return Err(AlertError::Invalid(
             "description must be at most 1000 printable characters".into(),
         ));
     }
-    let secret = format!("whsec_{}", hex::encode(rand::random::<[u8; 32]>()));
-    let (endpoint_id, created_at): (i64, DateTime<Utc>) = sqlx::query_as(
-        "INSERT INTO alert_endpoints (url, secret, description, created_by)
-         VALUES ($1, $2, $3, $4) RETURNING endpoint_id, created_at",
-    )
-    .bind(url)
+    if let Some(customers) = &new.customers {
+        if customers.is_empty() || customers.len() > MAX_ENDPOINT_CUSTOMERS {
+            return Err(AlertError::Invalid(format!(
+                "customers: 1 to {MAX_ENDPOINT_CUSTOMERS} customer ids, or leave it out for every customer"
+            )));
+        }
+        for customer in customers {
+            tally_core::event::validate_customer(customer).map_err(|rejection| {
+                AlertError::Invalid(format!("customers: {}", rejection.detail))
+            })?;
+        }
+    }
+    if let Some(types) = &new.event_types {
+        if types.is_empty()
+            || types
+                .iter()
+                .any(|t| ![USAGE_CROSSED, BALANCE_BELOW].contains(&t.as_str()))
+        {
+            return Err(AlertError::Invalid(format!(
+                "event_types: one or both of {USAGE_CROSSED} and {BALANCE_BELOW}, or leave it out for both"
+            )));
+        }
+    }
+    let secret = new_secret();
+    let mut tx = pool.begin().await?;
+    // One registration at a time, so the count below is exact.
+    sqlx::query("SELECT pg_advisory_xact_lock(hashtext('tally.alert_endpoints'))")
+        .execute(&mut *tx)
+        .await?;
+    let live: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM alert_endpoints WHERE deleted_at IS NULL")
+            .fetch_one(&mut *tx)
+            .await?;
+    if live >= MAX_ENDPOINTS {
+        return Err(AlertError::TooManyEndpoints(MAX_ENDPOINTS));
+    }
+    let endpoint: Endpoint = sqlx::query_as(&format!(
+        "INSERT INTO alert_endpoints (url, secret, description, customers, event_types, created_by)
+         VALUES ($1, $2, $3, $4, $5, $6) RETURNING {ENDPOINT_COLUMNS}"
+    ))
+    .bind(new.url)
     .bind(&secret)
-    .bind(description)
+    .bind(new.description)
+    .bind(&new.customers)
+    .bind(&new.event_types)
     .bind(actor)
-    .fetch_one(pool)
+    .fetch_one(&mut *tx)
     .await?;
-    let endpoint = Endpoint {
-        endpoint_id,
-        url: url.to_owned(),
-        description: description.map(str::to_owned),
-        created_by: actor.to_owned(),
-        created_at,
-    };
+    tx.commit().await?;
+    Ok((endpoint, secret))
+}
+
+fn new_secret() -> String {
+    format!("whsec_{}", hex::encode(rand::random::<[u8; 32]>()))
+}
+
+/// How long a replaced secret still signs after a rotation, by default.
+pub const ROTATION_OVERLAP: std::time::Duration = std::time::Duration::from_secs(24 * 3600);
+
+/// Gives an endpoint a new secret (returned, the only time it is shown); the old one signs
+/// too until `overlap` has passed, so receivers can switch without missing a delivery.
+pub async fn rotate_secret(
+    pool: &PgPool,
+    endpoint_id: i64,
+    overlap: std::time::Duration,
+) -> Result<(Endpoint, String), AlertError> {
+    if overlap > std::time::Duration::from_secs(7 * 24 * 3600) {
+        return Err(AlertError::Invalid(
+            "the previous secret may keep signing for at most 7 days".into(),
+        ));
+    }
+    let secret = new_secret();
+    let endpoint: Option<Endpoint> = sqlx::query_as(&format!(
+        "UPDATE alert_endpoints
+         SET previous_secret = secret, secret = $2,
+             previous_secret_expires_at = now() + make_interval(secs => $3)
+         WHERE endpoint_id = $1 AND deleted_at IS NULL
+         RETURNING {ENDPOINT_COLUMNS}"
+    ))
+    .bind(endpoint_id)
+    .bind(&secret)
+    .bind(overlap.as_secs_f64())
+    .fetch_optional(pool)
+    .await?;
+    let endpoint = endpoint.ok_or(AlertError::NoSuchEndpoint(endpoint_id))?;
     Ok((endpoint, secret))
 }
 
@@ -217,16 +321,17 @@ fn truncate(text: &str) -> String {
 
 /// The endpoints in use (secrets are never shown again).
 pub async fn list_endpoints(pool: &PgPool) -> Result<Vec<Endpoint>, AlertError> {
-    let endpoints: Vec<Endpoint> = sqlx::query_as(
-        "SELECT endpoint_id, url, description, created_by, created_at FROM alert_endpoints
-         WHERE deleted_at IS NULL ORDER BY endpoint_id",
-    )
+    let endpoints: Vec<Endpoint> = sqlx::query_as(&format!(
+        "SELECT {ENDPOINT_COLUMNS} FROM alert_endpoints
+         WHERE deleted_at IS NULL ORDER BY endpoint_id"
+    ))
     .fetch_all(pool)
     .await?;
     Ok(endpoints)
 }
 
-/// Stops delivering to an endpoint: its pending deliveries are given up.
+/// Stops delivering to an endpoint: its pending deliveries are given up (one in flight is
+/// not put back: `deliver.rs` records outcomes only of pending deliveries).
 pub async fn delete_endpoint(pool: &PgPool, endpoint_id: i64) -> Result<(), AlertError> {
     let mut tx = pool.begin().await?;
     let deleted = sqlx::query(

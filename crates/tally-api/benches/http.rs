@@ -35,6 +35,7 @@ fn main() {
         unlimited_customers(&db.pool, CUSTOMERS).await;
         let state = Arc::new(ApiState {
             fallback_plan: None,
+            alert_destinations: Default::default(),
             quota: Quota::new(
                 db.pool.clone(),
                 Duration::from_millis(env("TALLY_BENCH_REFRESH_MS", 250)),

@@ -67,6 +67,8 @@ pub struct ApiState {
     pub stripe_webhook: Option<StripeWebhook>,
     /// `[subscriptions] fallback_plan`: where a subscription canceled now leaves its customer.
     pub fallback_plan: Option<String>,
+    /// `[alerts]`: where alert endpoints may point (https and public addresses by default).
+    pub alert_destinations: tally_alerts::Destinations,
 }
 
 /// How Stripe's webhook deliveries are checked.
@@ -232,6 +234,14 @@ pub fn router(state: Arc<ApiState>, config: &ServeConfig) -> Router {
             "/v1/alerts/endpoints/{endpoint_id}",
             gated(
                 delete(admin::alerts::delete_endpoint),
+                Some(scopes::ADMIN),
+                small,
+            ),
+        )
+        .route(
+            "/v1/alerts/endpoints/{endpoint_id}/rotate-secret",
+            gated(
+                post(admin::alerts::rotate_secret),
                 Some(scopes::ADMIN),
                 small,
             ),

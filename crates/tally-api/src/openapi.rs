@@ -4,7 +4,7 @@
 use serde_json::{json, Value};
 
 /// The paths this document describes; the router serves exactly these (tested).
-pub const PATHS: [&str; 31] = [
+pub const PATHS: [&str; 32] = [
     "/v1/quota/check",
     "/v1/plans",
     "/v1/plans/{name}",
@@ -31,6 +31,7 @@ pub const PATHS: [&str; 31] = [
     "/v1/customers/{id}/alerts/{rule_id}",
     "/v1/alerts/endpoints",
     "/v1/alerts/endpoints/{endpoint_id}",
+    "/v1/alerts/endpoints/{endpoint_id}/rotate-secret",
     "/v1/alerts/deliveries",
     "/healthz",
     "/readyz",
@@ -106,7 +107,7 @@ fn with_errors(mut responses: Value, errors: &[(&str, &str)]) -> Value {
 }
 
 /// Every error `code` the API answers with.
-pub const ERROR_CODES: [&str; 53] = [
+pub const ERROR_CODES: [&str; 54] = [
     "UNAUTHORIZED",
     "FORBIDDEN",
     "RATE_LIMITED",
@@ -160,6 +161,7 @@ pub const ERROR_CODES: [&str; 53] = [
     "INVALID_ALERT",
     "NO_SUCH_ALERT_RULE",
     "NO_SUCH_ENDPOINT",
+    "TOO_MANY_ENDPOINTS",
 ];
 
 pub fn document() -> Value {
@@ -594,7 +596,7 @@ fn credit_paths() -> Value {
 }
 
 /// How a delivery to an alert endpoint is signed and identified (also in `webhooks.alert`).
-const ALERT_DELIVERY: &str = "Each alert is POSTed to every endpoint as JSON (an `AlertEvent`: `{id, type, created, customer, data}`, `type` `usage.threshold_crossed` or `credits.balance_below`) with two headers. `Tally-Event-Id`: the event's `id`, stable across retries and restarts (the same rule, customer and period give the same id): dedupe on it. `Tally-Signature: t=<unix seconds>,v1=<hex HMAC-SHA256(secret, \"<t>.<raw body>\")>`, signed the way Stripe signs: compute the HMAC over the timestamp, a dot and the body exactly as received (before parsing it), compare it in constant time with each `v1`, and refuse a `t` more than a few minutes from now (a replay). Any 2xx answer is delivered; anything else (or no answer in time) is retried with backoff for `alerts.retry_for` (a day by default), then the delivery is `failed` (see GET /v1/alerts/deliveries)";
+const ALERT_DELIVERY: &str = "Each alert is POSTed to every endpoint it concerns (all, or the `customers` and `event_types` the endpoint was limited to) as JSON (an `AlertEvent`: `{id, type, created, customer, data}`, `type` `usage.threshold_crossed` or `credits.balance_below`) with two headers. `Tally-Event-Id`: the event's `id`, stable across retries and restarts (the same rule, customer and period give the same id): dedupe on it. `Tally-Signature: t=<unix seconds>,v1=<hex HMAC-SHA256(secret, \"<t>.<raw body>\")>`, signed the way Stripe signs: compute the HMAC over the timestamp, a dot and the body exactly as received (before parsing it), compare it in constant time with each `v1` (during a secret's rotation there are two: one per secret), and refuse a `t` more than a few minutes from now (a replay). Any 2xx answer is delivered (only the first 2 KiB of an answer is read); anything else (or no answer in time) is retried with jittered backoff for `alerts.retry_for` (a day by default), then the delivery is `failed` (see GET /v1/alerts/deliveries). After 5 failures in a row the endpoint rests (30 s, doubling up to an hour) and is then tried one delivery at a time";
 
 /// Usage alerts' schemas: rules, firings, the event endpoints receive, endpoints, deliveries.
 fn alert_schemas() -> Value {
@@ -615,9 +617,14 @@ fn alert_schemas() -> Value {
     let endpoint = json!({
         "endpoint_id": { "type": "integer" }, "url": { "type": "string" },
         "description": { "type": ["string", "null"] },
+        "customers": { "type": ["array", "null"], "items": { "type": "string" }, "description": "Only these customers' alerts; null: every customer's" },
+        "event_types": { "type": ["array", "null"], "items": { "enum": ["usage.threshold_crossed", "credits.balance_below"] }, "description": "Only these event types; null: both" },
+        "previous_secret_expires_at": { "type": ["string", "null"], "format": "date-time", "description": "After a rotation: until when the replaced secret signs every delivery too" },
+        "consecutive_failures": { "type": "integer", "description": "Deliveries that failed in a row (5 or more: the circuit breaker is open or half-open)" },
+        "open_until": { "type": ["string", "null"], "format": "date-time", "description": "While the circuit breaker is open: when the endpoint is tried again" },
         "created_by": { "type": "string", "description": "`token:<name>`" }, "created_at": time });
     let mut created_endpoint = endpoint.clone();
-    created_endpoint["secret"] = json!({ "type": "string", "description": "`whsec_…`: the key of every delivery's Tally-Signature. Shown in this answer only: store it now; it cannot be read again (delete the endpoint and create another to change it)" });
+    created_endpoint["secret"] = json!({ "type": "string", "description": "`whsec_…`: the key of every delivery's Tally-Signature. Shown in this answer only: store it now; it cannot be read again (POST …/rotate-secret gives a new one)" });
     json!({
         "CustomerAlertRule": { "type": "object", "required": ["rule_id", "customer", "created_by", "created_at"],
             "description": "A customer's own rule: `meter` + `percent`, or `credit_balance_below`", "properties": customer_rule },
@@ -656,8 +663,8 @@ fn alert_schemas() -> Value {
             "rules": { "type": "array", "items": { "$ref": "#/components/schemas/CustomerAlertRule" } },
             "plan_rules": { "type": "array", "items": { "$ref": "#/components/schemas/PlanAlertRule" } },
             "firings": { "type": "array", "description": "The latest 50, newest first", "items": { "$ref": "#/components/schemas/AlertFiring" } } } },
-        "AlertEndpoint": { "type": "object", "required": ["endpoint_id", "url", "created_by", "created_at"], "properties": endpoint },
-        "AlertEndpointCreated": { "type": "object", "required": ["endpoint_id", "url", "created_by", "created_at", "secret"], "properties": created_endpoint },
+        "AlertEndpoint": { "type": "object", "required": ["endpoint_id", "url", "consecutive_failures", "created_by", "created_at"], "properties": endpoint },
+        "AlertEndpointCreated": { "type": "object", "required": ["endpoint_id", "url", "consecutive_failures", "created_by", "created_at", "secret"], "properties": created_endpoint },
         "AlertDeliveries": { "type": "object", "required": ["deliveries"], "properties": {
             "deliveries": { "type": "array", "items": { "type": "object", "required": ["delivery_id", "event_id", "event_type", "customer", "endpoint_id", "status", "attempts", "created_at"], "properties": {
                 "delivery_id": { "type": "integer" }, "event_id": { "type": "string" },
@@ -710,15 +717,18 @@ fn alert_paths() -> Value {
                 "503": error_response("STORE_UNAVAILABLE or OVERLOADED") })) } },
         "/v1/alerts/endpoints": {
             "post": {
-                "summary": "Register a URL every alert is delivered to, signed with the secret in this answer: the only time the secret is shown. Admin token",
+                "summary": "Register a URL alerts are delivered to (every alert, or those of some customers and event types), signed with the secret in this answer: the only time the secret is shown. At most 50 endpoints. Admin token",
                 "description": ALERT_DELIVERY,
                 "requestBody": { "required": true, "content": { "application/json": { "schema": {
                     "type": "object", "required": ["url"], "properties": {
-                        "url": { "type": "string", "description": "http:// or https:// with a host, at most 2000 characters" },
-                        "description": { "type": "string", "description": "At most 1000 printable characters" } } } } } },
+                        "url": { "type": "string", "description": "https:// with a public host, at most 2000 characters, no user name or password. Refused: http:// (unless alerts.allow_http), and hosts that are not public (loopback, private ranges, link-local such as 169.254.169.254, carrier-grade NAT, unique local, internal names such as localhost or *.internal, numbers resolvers read as addresses) unless alerts.allow_private_networks. The address a name resolves to is checked again at every delivery" },
+                        "description": { "type": "string", "description": "At most 1000 printable characters" },
+                        "customers": { "type": "array", "items": { "type": "string" }, "minItems": 1, "maxItems": 1000, "description": "Only these customers' alerts (default: every customer's)" },
+                        "event_types": { "type": "array", "items": { "enum": ["usage.threshold_crossed", "credits.balance_below"] }, "minItems": 1, "description": "Only these event types (default: both)" } } } } } },
                 "responses": with_gate(json!({
                     "201": json_response("The endpoint and its signing secret (shown this once)", "AlertEndpointCreated"),
-                    "400": error_response("INVALID_REQUEST (not JSON, an unknown field, no url) or INVALID_ALERT (the url's scheme or host, the description)"),
+                    "400": error_response("INVALID_REQUEST (not JSON, an unknown field, no url) or INVALID_ALERT (the url's scheme or host, an address or name that is not public, the description, customers, event_types)"),
+                    "409": error_response("TOO_MANY_ENDPOINTS: 50 endpoints exist already"),
                     "503": error_response("STORE_UNAVAILABLE or OVERLOADED") })) },
             "get": {
                 "summary": "The endpoints alerts are delivered to (never their secrets). Admin token",
@@ -726,6 +736,17 @@ fn alert_paths() -> Value {
                     "200": { "description": "Every endpoint in use", "content": { "application/json": { "schema": { "type": "object", "required": ["endpoints"], "properties": {
                         "endpoints": { "type": "array", "items": { "$ref": "#/components/schemas/AlertEndpoint" } } } } } } },
                     "503": error_response("STORE_UNAVAILABLE or OVERLOADED") })) } },
+        "/v1/alerts/endpoints/{endpoint_id}/rotate-secret": { "post": {
+            "summary": "Give an endpoint a new signing secret (in this answer, the only time it is shown). The replaced secret signs every delivery too (a second `v1`) until `previous_secret_expires_at`, so receivers switch without missing a delivery. Admin token",
+            "parameters": [endpoint_parameter.clone()],
+            "requestBody": { "required": false, "content": { "application/json": { "schema": {
+                "type": "object", "properties": {
+                    "previous_secret_valid_seconds": { "type": "integer", "minimum": 0, "maximum": 604800, "description": "How long the replaced secret keeps signing (default 86400: a day)" } } } } } },
+            "responses": with_gate(json!({
+                "200": json_response("The endpoint and its new signing secret (shown this once)", "AlertEndpointCreated"),
+                "400": error_response("INVALID_REQUEST (the endpoint id, the body) or INVALID_ALERT (more than 7 days)"),
+                "404": error_response("NO_SUCH_ENDPOINT: no such endpoint, or deleted"),
+                "503": error_response("STORE_UNAVAILABLE or OVERLOADED") })) } },
         "/v1/alerts/endpoints/{endpoint_id}": { "delete": {
             "summary": "Stop delivering to an endpoint: its pending deliveries become `failed`. Admin token",
             "parameters": [endpoint_parameter],
@@ -756,7 +777,7 @@ fn alert_webhooks() -> Value {
             "security": [],
             "parameters": [
                 { "name": "Tally-Signature", "in": "header", "required": true, "schema": { "type": "string" },
-                  "description": "`t=<unix seconds>,v1=<hex HMAC-SHA256(secret, \"<t>.<raw body>\")>`" },
+                  "description": "`t=<unix seconds>,v1=<hex HMAC-SHA256(secret, \"<t>.<raw body>\")>`, with a second `v1` (by the replaced secret) for a while after a rotation" },
                 { "name": "Tally-Event-Id", "in": "header", "required": true, "schema": { "type": "string" },
                   "description": "The event's `id`: the same on every retry; dedupe on it" }],
             "requestBody": { "required": true, "content": { "application/json": { "schema": { "$ref": "#/components/schemas/AlertEvent" } } } },

@@ -25,6 +25,20 @@ const ENDPOINTS: &str = "/v1/alerts/endpoints";
 const ENDPOINT: &str = "/v1/alerts/endpoints/{endpoint_id}";
 const DELIVERIES: &str = "/v1/alerts/deliveries";
 
+const ON_PREMISES: tally_alerts::Destinations = tally_alerts::Destinations {
+    allow_http: true,
+    allow_private_networks: true,
+};
+
+/// The sender as `tally aggregate` runs it with `ON_PREMISES`.
+fn on_premises_sender() -> Sender {
+    Sender::new(&AlertsConfig {
+        allow_http: true,
+        allow_private_networks: true,
+        ..AlertsConfig::default()
+    })
+}
+
 struct Api {
     _db: tally_db::testing::TestDatabase,
     pool: sqlx::PgPool,
@@ -33,8 +47,19 @@ struct Api {
 
 impl Api {
     /// Meters `api_calls` and `tokens`; plan PRO limits `api_calls` to 100 a day and alerts at
-    /// 80 % of it and below 10 credits; acme is on PRO, beta has no subscription.
+    /// 80 % of it and below 10 credits; acme is on PRO, beta has no subscription. Endpoints
+    /// must be https and public (the defaults).
     async fn start() -> Api {
+        Api::with_destinations(tally_alerts::Destinations::default()).await
+    }
+
+    /// [`Api::start`] for receivers on this machine (loopback, plain HTTP), as an operator
+    /// allows with `alerts.allow_http` and `alerts.allow_private_networks`.
+    async fn on_premises() -> Api {
+        Api::with_destinations(ON_PREMISES).await
+    }
+
+    async fn with_destinations(destinations: tally_alerts::Destinations) -> Api {
         let db = tally_db::testing::fresh_database().await;
         sqlx::query(
             "INSERT INTO meters (name, aggregation, stripe_event_name) VALUES
@@ -56,7 +81,7 @@ impl Api {
             Utc::now() - chrono::TimeDelta::days(1),
         )
         .await;
-        let api = common::AdminApi::new(&db.pool, None).await;
+        let api = common::AdminApi::with_destinations(&db.pool, None, destinations).await;
         let pool = db.pool.clone();
         Api { _db: db, pool, api }
     }
@@ -353,7 +378,7 @@ async fn invalid_rules_and_endpoints_are_refused_with_stable_codes() {
         .add_endpoint(json!({ "url": "ftp://example.com/hook" }))
         .await;
     assert!(
-        message(&ftp).contains("must be an http:// or https:// URL with a host"),
+        message(&ftp).contains("must be an https:// URL with a host"),
         "{}",
         ftp.1
     );
@@ -404,7 +429,7 @@ async fn an_endpoints_secret_is_shown_once() {
             .unwrap();
     assert_eq!(stored, secret);
     let (_, second) = api
-        .add_endpoint(json!({ "url": "http://127.0.0.1:9/hook" }))
+        .add_endpoint(json!({ "url": "https://second.example.com/hook" }))
         .await;
     assert_ne!(second["secret"], created["secret"]);
     assert_eq!(second["description"], Value::Null);
@@ -495,7 +520,7 @@ async fn receiver() -> (String, Arc<Mutex<Vec<Taken>>>) {
 
 #[tokio::test]
 async fn deliveries_of_real_firings_are_listed_by_status_in_pages() {
-    let api = Api::start().await;
+    let api = Api::on_premises().await;
     let (base, taken) = receiver().await;
     let (status, ok) = api
         .add_endpoint(json!({ "url": format!("{base}/ok") }))
@@ -530,7 +555,7 @@ async fn deliveries_of_real_firings_are_listed_by_status_in_pages() {
         .await
         .unwrap();
     assert_eq!(evaluation.fired.len(), 3, "{evaluation:?}");
-    let round = tally_alerts::deliver_due(&api.pool, &Sender::new(&AlertsConfig::default()))
+    let round = tally_alerts::deliver_due(&api.pool, &on_premises_sender())
         .await
         .unwrap();
     assert_eq!((round.delivered, round.retrying), (3, 3), "{round:?}");
@@ -777,4 +802,142 @@ async fn customers_read_their_own_alerts_and_only_admins_change_or_see_delivery(
         .call("DELETE", ENDPOINT, &endpoint_path, ADMIN, None)
         .await;
     assert_eq!(status, StatusCode::NO_CONTENT);
+}
+
+#[tokio::test]
+async fn endpoints_get_only_their_customers_and_types_and_a_rotated_secret_signs_beside_the_old() {
+    let api = Api::on_premises().await;
+    let (base, taken) = receiver().await;
+    let (status, everything) = api
+        .add_endpoint(json!({ "url": format!("{base}/ok?to=everything") }))
+        .await;
+    assert_eq!(status, StatusCode::CREATED, "{everything}");
+    let (status, beta_only) = api
+        .add_endpoint(json!({ "url": format!("{base}/ok?to=beta"), "customers": ["beta"] }))
+        .await;
+    assert_eq!(status, StatusCode::CREATED, "{beta_only}");
+    assert_eq!(beta_only["customers"], json!(["beta"]));
+    let (status, balances) = api
+        .add_endpoint(json!({ "url": format!("{base}/ok?to=balances"), "event_types": ["credits.balance_below"] }))
+        .await;
+    assert_eq!(status, StatusCode::CREATED, "{balances}");
+    for (body, expected) in [
+        (
+            json!({ "url": format!("{base}/ok"), "customers": [] }),
+            "customers",
+        ),
+        (
+            json!({ "url": format!("{base}/ok"), "customers": ["a\u{1}b"] }),
+            "customers",
+        ),
+        (
+            json!({ "url": format!("{base}/ok"), "event_types": ["usage.everything"] }),
+            "event_types",
+        ),
+    ] {
+        let answer = api.add_endpoint(body.clone()).await;
+        assert_eq!(
+            code(&answer),
+            (StatusCode::BAD_REQUEST, Some("INVALID_ALERT")),
+            "{body}"
+        );
+        assert!(message(&answer).contains(expected), "{}", answer.1);
+    }
+
+    // A rotation: the new secret is shown once; the old one keeps signing for a while.
+    let old_secret = everything["secret"].as_str().unwrap().to_owned();
+    let path = format!(
+        "/v1/alerts/endpoints/{}/rotate-secret",
+        everything["endpoint_id"]
+    );
+    let (status, rotated) = api
+        .call(
+            "POST",
+            "/v1/alerts/endpoints/{endpoint_id}/rotate-secret",
+            &path,
+            ADMIN,
+            None,
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{rotated}");
+    let new_secret = rotated["secret"].as_str().unwrap().to_owned();
+    assert_ne!(new_secret, old_secret);
+    assert!(
+        rotated["previous_secret_expires_at"].is_string(),
+        "{rotated}"
+    );
+    let unknown = api
+        .call(
+            "POST",
+            "/v1/alerts/endpoints/{endpoint_id}/rotate-secret",
+            "/v1/alerts/endpoints/999/rotate-secret",
+            ADMIN,
+            None,
+        )
+        .await;
+    assert_eq!(
+        code(&unknown),
+        (StatusCode::NOT_FOUND, Some("NO_SUCH_ENDPOINT"))
+    );
+
+    // acme crosses two usage rules and one balance rule.
+    api.add_rule("acme", json!({ "meter": "api_calls", "percent": 50 }))
+        .await;
+    let mut tx = api.pool.begin().await.unwrap();
+    sqlx::query(
+        "INSERT INTO usage_daily (customer_id, meter, day, group_key, value, event_count, first_updated, last_updated)
+         VALUES ('acme', 'api_calls', (now() AT TIME ZONE 'UTC')::date, '', 85, 85, now(), now())",
+    )
+    .execute(&mut *tx)
+    .await
+    .unwrap();
+    tally_db::changes::record(&mut tx, &[("acme", "api_calls")])
+        .await
+        .unwrap();
+    tx.commit().await.unwrap();
+    let rates = RateCard::load(&api.pool).await.unwrap();
+    let evaluation = tally_alerts::evaluate_once(&api.pool, &rates, Utc::now())
+        .await
+        .unwrap();
+    assert_eq!(evaluation.fired.len(), 3, "{evaluation:?}");
+    let round = tally_alerts::deliver_due(&api.pool, &on_premises_sender())
+        .await
+        .unwrap();
+    assert_eq!(round.delivered, 4, "{round:?}");
+    let requests = taken.lock().unwrap().clone();
+    assert_eq!(requests.len(), 4);
+    let (_, listed) = api.deliveries("").await;
+    let mut per_endpoint: Vec<i64> = listed["deliveries"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| d["endpoint_id"].as_i64().unwrap())
+        .collect();
+    per_endpoint.sort_unstable();
+    let id = |e: &Value| e["endpoint_id"].as_i64().unwrap();
+    let mut expected = vec![
+        id(&everything),
+        id(&everything),
+        id(&everything),
+        id(&balances),
+    ];
+    expected.sort_unstable();
+    assert_eq!(
+        per_endpoint, expected,
+        "beta's endpoint gets none of acme's"
+    );
+    // Each delivery to the rotated endpoint verifies with the new secret and with the old.
+    let now = Utc::now().timestamp();
+    let mut rotated_deliveries = 0;
+    for (_, signature, _, body) in &requests {
+        if signature.matches("v1=").count() == 2 {
+            rotated_deliveries += 1;
+            tally_alerts::signature::verify(signature, &new_secret, body, now, 300).unwrap();
+            tally_alerts::signature::verify(signature, &old_secret, body, now, 300).unwrap();
+        } else {
+            let secret = balances["secret"].as_str().unwrap();
+            tally_alerts::signature::verify(signature, secret, body, now, 300).unwrap();
+        }
+    }
+    assert_eq!(rotated_deliveries, 3);
 }

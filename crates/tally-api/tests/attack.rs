@@ -70,6 +70,7 @@ async fn database() -> tally_db::testing::TestDatabase {
 async fn state(db: &tally_db::testing::TestDatabase, rates: &RateLimits) -> Arc<ApiState> {
     Arc::new(ApiState {
         fallback_plan: None,
+        alert_destinations: Default::default(),
         quota: Quota::new(db.pool.clone(), Duration::from_secs(60))
             .await
             .unwrap(),
@@ -139,6 +140,7 @@ fn allowed(method: &str, template: &str) -> &'static [&'static str] {
         // Endpoints and deliveries span every customer.
         | "/v1/alerts/endpoints"
         | "/v1/alerts/endpoints/{endpoint_id}"
+        | "/v1/alerts/endpoints/{endpoint_id}/rotate-secret"
         | "/v1/alerts/deliveries" => &[ADMIN],
         other => panic!("no access rule for {other}: add one to this test"),
     }
@@ -235,6 +237,111 @@ async fn every_route_refuses_no_token_a_bad_token_the_wrong_scope_and_another_cu
         checked >= 35,
         "only {checked} route × token pairs were tried"
     );
+}
+
+/// An alert endpoint is a URL tally posts to from inside its network: an admin token (or one
+/// that leaked) must not make it a way to reach loopback, private ranges, the cloud's
+/// metadata service or internal names, nor a port scanner through the delivery statuses. Each
+/// address class is registered and refused, and nothing is stored. (No request is sent: the
+/// refusal is at registration; `tally-alerts`' tests check the connect-time refusal.)
+#[tokio::test]
+async fn alert_endpoints_cannot_point_inside_the_network() {
+    let db = database().await;
+    let app = router(
+        state(&db, &RateLimits::default()).await,
+        &ServeConfig::default(),
+    );
+    let document = tally_api::openapi::document();
+    let refused = [
+        "https://127.0.0.1/hook",
+        "https://127.0.0.1:5432/",
+        "https://localhost:8080/admin",
+        "https://10.0.0.5/hook",
+        "https://172.20.1.1/hook",
+        "https://192.168.0.10/hook",
+        "https://169.254.169.254/latest/meta-data/iam/security-credentials/",
+        "https://100.100.100.200/latest/meta-data/",
+        "https://[::1]:9187/metrics",
+        "https://[fd12:3456::1]/hook",
+        "https://[fe80::1]/hook",
+        "https://[::ffff:169.254.169.254]/hook",
+        "https://[::ffff:7f00:1]/hook",
+        "https://0.0.0.0/hook",
+        "https://2130706433/hook",
+        "https://0x7f.0.0.1/hook",
+        "https://017700000001/hook",
+        "https://127.1/hook",
+        "https://metadata.google.internal/computeMetadata/v1/",
+        "https://kubernetes.default.svc.cluster.local/api",
+        "https://postgres/",
+        "https://db.localhost/",
+        // Plain http carries the signed payload in clear.
+        "http://hooks.example.com/tally",
+        // Credentials in the URL end up in logs.
+        "https://user:secret@hooks.example.com/tally",
+    ];
+    for url in refused {
+        let body = json!({ "url": url }).to_string();
+        let answer = call(
+            &app,
+            "POST",
+            "/v1/alerts/endpoints",
+            Some(ADMIN),
+            Some(body),
+        )
+        .await;
+        assert_described(&document, "/v1/alerts/endpoints", "POST", &answer);
+        assert_eq!(
+            answer.status,
+            StatusCode::BAD_REQUEST,
+            "{url}: {}",
+            answer.body
+        );
+        assert_eq!(answer.body["code"], "INVALID_ALERT", "{url}");
+    }
+    let stored: i64 = sqlx::query_scalar("SELECT count(*) FROM alert_endpoints")
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+    assert_eq!(stored, 0);
+    // A public https receiver is taken; a customer token may not register one at all.
+    let body = json!({ "url": "https://hooks.example.com/tally" }).to_string();
+    let answer = call(
+        &app,
+        "POST",
+        "/v1/alerts/endpoints",
+        Some(ADMIN),
+        Some(body.clone()),
+    )
+    .await;
+    assert_eq!(answer.status, StatusCode::CREATED, "{}", answer.body);
+    let answer = call(&app, "POST", "/v1/alerts/endpoints", Some(ACME), Some(body)).await;
+    assert_eq!(answer.status, StatusCode::FORBIDDEN);
+    // Endpoints are bounded: every firing is queued for each.
+    for i in 1..tally_alerts::store::MAX_ENDPOINTS {
+        let body = json!({ "url": format!("https://hooks.example.com/{i}") }).to_string();
+        let answer = call(
+            &app,
+            "POST",
+            "/v1/alerts/endpoints",
+            Some(ADMIN),
+            Some(body),
+        )
+        .await;
+        assert_eq!(answer.status, StatusCode::CREATED, "{}", answer.body);
+    }
+    let body = json!({ "url": "https://hooks.example.com/one-too-many" }).to_string();
+    let answer = call(
+        &app,
+        "POST",
+        "/v1/alerts/endpoints",
+        Some(ADMIN),
+        Some(body),
+    )
+    .await;
+    assert_described(&document, "/v1/alerts/endpoints", "POST", &answer);
+    assert_eq!(answer.status, StatusCode::CONFLICT);
+    assert_eq!(answer.body["code"], "TOO_MANY_ENDPOINTS");
 }
 
 #[tokio::test]

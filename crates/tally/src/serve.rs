@@ -69,6 +69,7 @@ pub(crate) fn run(config: &TallyConfig) -> anyhow::Result<()> {
         let key = config.stripe.secret_key.expose();
         let state = Arc::new(ApiState {
             fallback_plan: config.subscriptions.fallback_plan.clone(),
+            alert_destinations: config.alerts.destinations(),
             quota,
             pool,
             reader_pool,

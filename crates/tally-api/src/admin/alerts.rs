@@ -147,6 +147,12 @@ pub(crate) struct EndpointRequest {
     url: String,
     #[serde(default)]
     description: Option<String>,
+    /// Only these customers' alerts; all when left out.
+    #[serde(default)]
+    customers: Option<Vec<String>>,
+    /// Only these event types; all when left out.
+    #[serde(default)]
+    event_types: Option<Vec<String>>,
 }
 
 /// An endpoint as created: the only answer that holds its secret.
@@ -164,15 +170,61 @@ pub(crate) async fn create_endpoint(
     body: Result<Json<EndpointRequest>, JsonRejection>,
 ) -> Result<Response, ApiError> {
     let Json(request) = json_body(body)?;
+    let new = store::NewEndpoint {
+        url: &request.url,
+        description: request.description.as_deref(),
+        customers: request.customers,
+        event_types: request.event_types,
+    };
     let (endpoint, secret) = store::create_endpoint(
         &state.pool,
-        &request.url,
-        request.description.as_deref(),
+        &state.alert_destinations,
+        &new,
         &actor(&caller),
     )
     .await?;
     let created = CreatedEndpoint { endpoint, secret };
     Ok((StatusCode::CREATED, Json(created)).into_response())
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RotateRequest {
+    /// How long the replaced secret keeps signing too, in seconds (default a day).
+    #[serde(default)]
+    previous_secret_valid_seconds: Option<u64>,
+}
+
+/// `POST /v1/alerts/endpoints/{endpoint_id}/rotate-secret`: 200 with the endpoint and its new
+/// secret, shown this once; the replaced secret signs every delivery too until
+/// `previous_secret_expires_at` (a day by default), so receivers switch without a gap.
+pub(crate) async fn rotate_secret(
+    State(state): State<Arc<ApiState>>,
+    path: Result<Path<String>, PathRejection>,
+    body: axum::body::Bytes,
+) -> Result<Response, ApiError> {
+    let endpoint_id = endpoint_id(path)?;
+    // The body is optional: empty means the defaults.
+    let request: RotateRequest = if body.iter().all(u8::is_ascii_whitespace) {
+        RotateRequest::default()
+    } else {
+        serde_json::from_slice(&body)
+            .map_err(|e| ApiError::invalid(format!("the request body: {e}")))?
+    };
+    let overlap = request
+        .previous_secret_valid_seconds
+        .map_or(store::ROTATION_OVERLAP, std::time::Duration::from_secs);
+    let (endpoint, secret) = store::rotate_secret(&state.pool, endpoint_id, overlap).await?;
+    Ok(Json(CreatedEndpoint { endpoint, secret }).into_response())
+}
+
+fn endpoint_id(path: Result<Path<String>, PathRejection>) -> Result<i64, ApiError> {
+    let Path(endpoint_id) = path.map_err(|e| ApiError::invalid(e.body_text()))?;
+    endpoint_id.parse().map_err(|_| {
+        ApiError::invalid(
+            "an endpoint id is a whole number; list the endpoints with GET /v1/alerts/endpoints",
+        )
+    })
 }
 
 /// `GET /v1/alerts/endpoints`: the endpoints alerts are delivered to, without their secrets.
@@ -188,12 +240,7 @@ pub(crate) async fn delete_endpoint(
     State(state): State<Arc<ApiState>>,
     path: Result<Path<String>, PathRejection>,
 ) -> Result<Response, ApiError> {
-    let Path(endpoint_id) = path.map_err(|e| ApiError::invalid(e.body_text()))?;
-    let endpoint_id: i64 = endpoint_id.parse().map_err(|_| {
-        ApiError::invalid(
-            "an endpoint id is a whole number; list the endpoints with GET /v1/alerts/endpoints",
-        )
-    })?;
+    let endpoint_id = endpoint_id(path)?;
     store::delete_endpoint(&state.pool, endpoint_id).await?;
     Ok(StatusCode::NO_CONTENT.into_response())
 }

@@ -94,6 +94,15 @@ impl AdminApi {
     /// The quota cache refreshes once an hour, so what a check sees right after a change comes
     /// from the API's invalidation.
     pub(crate) async fn new(pool: &sqlx::PgPool, fallback_plan: Option<&str>) -> AdminApi {
+        AdminApi::with_destinations(pool, fallback_plan, Default::default()).await
+    }
+
+    /// [`AdminApi::new`] with alert endpoints allowed where `destinations` says.
+    pub(crate) async fn with_destinations(
+        pool: &sqlx::PgPool,
+        fallback_plan: Option<&str>,
+        destinations: tally_alerts::Destinations,
+    ) -> AdminApi {
         use tally_api::{ApiToken, Scope};
         let tokens = [
             ApiToken::new("ops", Scope::Admin, None, ADMIN),
@@ -112,6 +121,7 @@ impl AdminApi {
             emitter: None,
             stripe_webhook: None,
             fallback_plan: fallback_plan.map(str::to_owned),
+            alert_destinations: destinations,
         };
         AdminApi {
             app: tally_api::router(
