@@ -31,3 +31,28 @@ ALTER TABLE alert_endpoints
 
 -- Reads of one customer's firings, newest first (GET /v1/customers/{id}/alerts).
 CREATE INDEX alert_firings_customer ON alert_firings (customer_id, firing_id DESC);
+
+-- A customer one of the background loops could not process (the alert evaluator, the credit
+-- burner, the subscription scheduler): one row per loop and customer, with the error, while the
+-- loop goes on with everyone else. The loop tries the customer again at `retry_at` (backing off
+-- to an hour) and deletes the row once it succeeds. `tally status` lists them.
+CREATE TABLE customer_errors (
+    stage        text NOT NULL,
+    customer_id  text COLLATE "C" NOT NULL,
+    error        text NOT NULL,
+    attempts     integer NOT NULL DEFAULT 1,
+    first_at     timestamptz NOT NULL DEFAULT now(),
+    last_at      timestamptz NOT NULL DEFAULT now(),
+    retry_at     timestamptz NOT NULL,
+    PRIMARY KEY (stage, customer_id)
+);
+CREATE INDEX customer_errors_due ON customer_errors (stage, retry_at);
+
+-- The idempotency key of a plan's period credits, defined once, here: the burner finds the
+-- subscriptions due their grant with it and makes the grant under the key it returns. (It was
+-- built twice: rounding seconds in SQL, truncating them in Rust; a period starting at .5 s or
+-- later never matched its own grant and stayed due for ever.) Truncated, as the keys granted
+-- so far were.
+CREATE FUNCTION plan_grant_key(subscription_id bigint, period_start timestamptz) RETURNS text
+    LANGUAGE sql IMMUTABLE STRICT PARALLEL SAFE
+    AS $$ SELECT 'plan:' || subscription_id || ':' || floor(extract(epoch FROM period_start))::bigint $$;

@@ -36,6 +36,9 @@ pub struct Evaluation {
     pub rearmed: usize,
     /// Whether changes were left for another evaluation.
     pub more: bool,
+    /// Customers that could not be evaluated: set aside in `customer_errors`, tried again
+    /// later.
+    pub set_aside: Vec<String>,
 }
 
 /// One rule as it applies to one customer.
@@ -45,29 +48,49 @@ struct Applied<'a> {
     rule: &'a AlertRule,
 }
 
-/// Takes up to a batch of changes and evaluates the customers they name.
+/// The loop's name in `customer_errors`.
+pub const STAGE: &str = "alerts";
+
+/// Customers set aside earlier that one evaluation tries again at most.
+const RETRIES: i64 = 100;
+
+/// Takes up to a batch of changes and evaluates the customers they name (and those set aside
+/// earlier whose retry is due). A customer that cannot be evaluated (an override that no
+/// longer fits its plan, usage or a balance beyond a decimal, a write Postgres refuses) is set
+/// aside in `customer_errors` and tried again later; everyone else is evaluated and the
+/// changes are taken. Only Postgres being away fails the whole evaluation.
 pub async fn evaluate_once(
     pool: &PgPool,
     rates: &RateCard,
     now: DateTime<Utc>,
 ) -> Result<Evaluation, AlertError> {
     let mut tx = pool.begin().await?;
-    let customers = tally_db::changes::take(&mut tx, BATCH).await?;
+    let mut customers = tally_db::changes::take(&mut tx, BATCH).await?;
+    let more = customers.len() as i64 >= BATCH;
+    customers.extend(tally_db::customer_errors::due(&mut tx, STAGE, RETRIES).await?);
+    customers.sort_unstable();
+    customers.dedup();
     let mut report = Evaluation {
         customers: customers.len(),
+        more,
         ..Evaluation::default()
     };
     if customers.is_empty() {
         return Ok(report);
     }
-    report.more = customers.len() as i64 >= BATCH;
-    let usage: HashMap<String, CustomerUsage> =
-        tally_quota::usage_against_limits(pool, &customers, now)
-            .await
-            .map_err(|e| AlertError::Read(format!("reading usage: {e}")))?
-            .into_iter()
-            .map(|u| (u.customer.clone(), u))
-            .collect();
+    let read = tally_quota::usage_against_limits(pool, &customers, now)
+        .await
+        .map_err(|e| AlertError::Read(format!("reading usage: {e}")))?;
+    let mut failed: BTreeMap<String, String> = read
+        .failed
+        .into_iter()
+        .map(|(customer, error)| (customer, format!("reading usage: {error}")))
+        .collect();
+    let usage: HashMap<String, CustomerUsage> = read
+        .customers
+        .into_iter()
+        .map(|u| (u.customer.clone(), u))
+        .collect();
     let plan_rules = plan_rules(pool).await?;
     let own_rules = rules_of(pool, &customers).await?;
     let mut rules: BTreeMap<&str, Vec<Applied<'_>>> = BTreeMap::new();
@@ -97,68 +120,142 @@ pub async fn evaluate_once(
     let balances = if with_balance_rules.is_empty() {
         HashMap::new()
     } else {
-        tally_credits::projected_balances(pool, &with_balance_rules, rates, now).await?
+        let (balances, unreadable) =
+            tally_credits::projected_balances_isolating(pool, &with_balance_rules, rates, now)
+                .await?;
+        for (customer, error) in unreadable {
+            failed.insert(customer, format!("reading the credit balance: {error}"));
+        }
+        balances
     };
+    let mut evaluated = Vec::new();
     for (customer, applied) in &rules {
-        for rule in applied {
-            match (
-                &rule.rule.meter,
-                rule.rule.percent,
-                rule.rule.credit_balance_below,
-            ) {
-                (Some(meter), Some(percent), _) => {
-                    let Some(live) = usage.get(*customer) else {
-                        continue;
-                    };
-                    let Some(used) = live.meters.iter().find(|m| &m.meter == meter) else {
-                        continue;
-                    };
-                    if used.limit.is_unlimited() {
-                        continue;
-                    }
-                    let Some(at) = threshold(used.limit.limit, percent) else {
-                        continue;
-                    };
-                    if used.used < at {
-                        continue;
-                    }
-                    let data = json!({
-                        "rule": rule.key, "meter": meter, "percent": percent,
-                        "limit": used.limit.limit, "threshold": at, "usage": used.used,
-                        "period": used.limit.period, "period_start": used.period_start,
-                        "period_end": used.resets_at, "plan": live.entitlements.plan,
-                    });
-                    let fired = fire(
-                        &mut tx,
-                        &rule.key,
-                        customer,
-                        used.period_start,
-                        USAGE_CROSSED,
-                        data,
-                        now,
-                    )
+        if failed.contains_key(*customer) {
+            continue;
+        }
+        // Each customer in a savepoint: a write Postgres refuses for one customer is undone
+        // for that customer alone.
+        sqlx::query("SAVEPOINT customer").execute(&mut *tx).await?;
+        let context = Context {
+            usage: usage.get(*customer),
+            balance: balances.get(*customer).copied().unwrap_or_default(),
+            now,
+        };
+        match evaluate_customer(&mut tx, customer, applied, &context).await {
+            Ok((fired, rearmed)) => {
+                sqlx::query("RELEASE SAVEPOINT customer")
+                    .execute(&mut *tx)
                     .await?;
-                    report.fired.extend(fired);
-                }
-                (_, _, Some(below)) => {
-                    let balance = balances.get(*customer).copied().unwrap_or_default();
-                    if balance < below {
-                        let data = json!({ "rule": rule.key, "below": below, "balance": balance });
-                        let fired =
-                            fire(&mut tx, &rule.key, customer, now, BALANCE_BELOW, data, now)
-                                .await?;
-                        report.fired.extend(fired);
-                    } else if rearm(&mut tx, &rule.key, customer).await? {
-                        report.rearmed += 1;
-                    }
-                }
-                _ => {}
+                report.fired.extend(fired);
+                report.rearmed += rearmed;
+                evaluated.push((*customer).to_owned());
             }
+            Err(AlertError::Store(error)) if !tally_db::is_retryable(&error) => {
+                sqlx::query("ROLLBACK TO SAVEPOINT customer")
+                    .execute(&mut *tx)
+                    .await?;
+                failed.insert((*customer).to_owned(), error.to_string());
+            }
+            Err(other) => return Err(other),
         }
     }
+    // Customers without rules were evaluated too (nothing to do).
+    evaluated.extend(
+        customers
+            .iter()
+            .filter(|c| !rules.contains_key(c.as_str()) && !failed.contains_key(*c))
+            .cloned(),
+    );
+    tally_db::customer_errors::clear(&mut tx, STAGE, &evaluated).await?;
+    for (customer, error) in &failed {
+        tracing::warn!(%customer, %error, "a customer's alert rules cannot be evaluated; set aside (tally status lists it), the others go on");
+        tally_db::customer_errors::record(&mut tx, STAGE, customer, error).await?;
+    }
     tx.commit().await?;
+    report.set_aside = failed.into_keys().collect();
     telemetry::fired(report.fired.len());
     Ok(report)
+}
+
+/// What a customer's rules are evaluated against.
+struct Context<'a> {
+    usage: Option<&'a CustomerUsage>,
+    balance: rust_decimal::Decimal,
+    now: DateTime<Utc>,
+}
+
+/// Evaluates one customer's rules; returns the event ids fired and the rules re-armed.
+async fn evaluate_customer(
+    tx: &mut PgConnection,
+    customer: &str,
+    applied: &[Applied<'_>],
+    context: &Context<'_>,
+) -> Result<(Vec<String>, usize), AlertError> {
+    let mut fired_ids = Vec::new();
+    let mut rearmed = 0;
+    for rule in applied {
+        match (
+            &rule.rule.meter,
+            rule.rule.percent,
+            rule.rule.credit_balance_below,
+        ) {
+            (Some(meter), Some(percent), _) => {
+                let Some(live) = context.usage else {
+                    continue;
+                };
+                let Some(used) = live.meters.iter().find(|m| &m.meter == meter) else {
+                    continue;
+                };
+                if used.limit.is_unlimited() {
+                    continue;
+                }
+                let Some(at) = threshold(used.limit.limit, percent) else {
+                    continue;
+                };
+                if used.used < at {
+                    continue;
+                }
+                let data = json!({
+                    "rule": rule.key, "meter": meter, "percent": percent,
+                    "limit": used.limit.limit, "threshold": at, "usage": used.used,
+                    "period": used.limit.period, "period_start": used.period_start,
+                    "period_end": used.resets_at, "plan": live.entitlements.plan,
+                });
+                let fired = fire(
+                    tx,
+                    &rule.key,
+                    customer,
+                    used.period_start,
+                    USAGE_CROSSED,
+                    data,
+                    context.now,
+                )
+                .await?;
+                fired_ids.extend(fired);
+            }
+            (_, _, Some(below)) => {
+                let balance = context.balance;
+                if balance < below {
+                    let data = json!({ "rule": rule.key, "below": below, "balance": balance });
+                    let fired = fire(
+                        tx,
+                        &rule.key,
+                        customer,
+                        context.now,
+                        BALANCE_BELOW,
+                        data,
+                        context.now,
+                    )
+                    .await?;
+                    fired_ids.extend(fired);
+                } else if rearm(tx, &rule.key, customer).await? {
+                    rearmed += 1;
+                }
+            }
+            _ => {}
+        }
+    }
+    Ok((fired_ids, rearmed))
 }
 
 /// Each plan's rules, from the definitions `tally plans apply` stored.

@@ -65,7 +65,8 @@ impl From<SubscriptionError> for ApiError {
             SubscriptionError::StripeManaged(_)
             | SubscriptionError::Ended { .. }
             | SubscriptionError::NothingToReactivate(_)
-            | SubscriptionError::NoNextPeriod(_) => StatusCode::CONFLICT,
+            | SubscriptionError::NoNextPeriod(_)
+            | SubscriptionError::OverrideConflict { .. } => StatusCode::CONFLICT,
             SubscriptionError::Invalid(_) | SubscriptionError::ReasonRequired => {
                 StatusCode::BAD_REQUEST
             }
@@ -112,6 +113,8 @@ impl From<QuotaStoreError> for ApiError {
         let code = match &error {
             QuotaStoreError::UnknownPlan(_) => "UNKNOWN_PLAN",
             QuotaStoreError::SecondLiveSubscription { .. } => "SECOND_LIVE_SUBSCRIPTION",
+            QuotaStoreError::OverrideDoesNotFit { .. }
+            | QuotaStoreError::OverridesDoNotFit { .. } => "OVERRIDE_CONFLICT",
             _ => "STORE_UNAVAILABLE",
         };
         store_error(&error, code)
@@ -123,7 +126,9 @@ fn store_error(error: &QuotaStoreError, code: &'static str) -> ApiError {
         QuotaStoreError::UnknownPlan(_) => {
             ApiError::new(StatusCode::NOT_FOUND, code, error.to_string())
         }
-        QuotaStoreError::SecondLiveSubscription { .. } => {
+        QuotaStoreError::SecondLiveSubscription { .. }
+        | QuotaStoreError::OverrideDoesNotFit { .. }
+        | QuotaStoreError::OverridesDoNotFit { .. } => {
             ApiError::new(StatusCode::CONFLICT, code, error.to_string())
         }
         QuotaStoreError::Corrupt(_) => ApiError::internal("stored subscription data", error),

@@ -109,6 +109,25 @@ pub async fn projected_balances(
     Ok(balances)
 }
 
+/// [`projected_balances`] for a batch in which one customer's data may be beyond what Postgres
+/// can sum (a grant's remaining beyond a 28-digit decimal): those customers are returned
+/// apart, with the error, and everyone else gets their balance.
+pub async fn projected_balances_isolating(
+    pool: &PgPool,
+    customers: &[&str],
+    rates: &RateCard,
+    now: DateTime<Utc>,
+) -> Result<(HashMap<String, Decimal>, Vec<(String, sqlx::Error)>), sqlx::Error> {
+    let owned: Vec<String> = customers.iter().map(|c| c.to_string()).collect();
+    let (balances, failed) = tally_db::isolate(&owned, |part| async move {
+        let part: Vec<&str> = part.iter().map(String::as_str).collect();
+        let balances = projected_balances(pool, &part, rates, now).await?;
+        Ok(balances.into_iter().collect::<Vec<_>>())
+    })
+    .await?;
+    Ok((balances.into_iter().collect(), failed))
+}
+
 /// Committed usage still in the queue, priced, per customer.
 async fn pending_costs(
     pool: &PgPool,

@@ -24,11 +24,12 @@ use std::time::{Duration, Instant};
 use chrono::{DateTime, Utc};
 use rust_decimal::Decimal;
 use sqlx::{PgConnection, PgPool};
-use tally_db::ExactDecimal;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-use crate::grants::{grant_in, lock_customers, Actor, GrantKind, NewGrant, DRAW_ORDER};
+use crate::grants::{
+    grant_in, lock_customers, Actor, CreditError, GrantKind, Issuer, NewGrant, DRAW_ORDER,
+};
 use crate::rates::{FreshRates, RateCard};
 use crate::telemetry;
 use draw::{draw, OpenGrant, PricedUsage};
@@ -81,15 +82,16 @@ pub async fn settle(pool: &PgPool, now: DateTime<Utc>) -> Result<Settled, sqlx::
 type WindowKey = (DateTime<Utc>, String, String);
 
 /// A subscription due its period's plan credits: id, customer, plan, period start and end,
-/// amount, priority.
+/// amount and priority (as the plan's definition has them), and the grant's idempotency key.
 type DuePlanGrant = (
     i64,
     String,
     String,
     DateTime<Utc>,
     DateTime<Utc>,
-    ExactDecimal,
-    Option<i32>,
+    Option<String>,
+    Option<String>,
+    String,
 );
 
 /// A queue row, as taken.
@@ -100,23 +102,47 @@ struct Queued {
     meter: String,
     group_key: String,
     window_start: DateTime<Utc>,
-    quantity: ExactDecimal,
+    /// As text: a value beyond a decimal is this row's problem, not the whole pass's.
+    quantity: String,
     queued_at: DateTime<Utc>,
 }
+
+/// The loop's name in `customer_errors`.
+pub const STAGE: &str = "credits";
+
+/// Why a row was set aside, by cause.
+const COST_TOO_LARGE: &str = "its credit cost is beyond a 28-digit decimal";
+const QUANTITY_TOO_LARGE: &str = "its quantity is beyond a 28-digit decimal";
+const GRANT_TOO_LARGE: &str = "a grant's remaining credits are beyond a 28-digit decimal";
 
 async fn burn_queued(pool: &PgPool, rates: &RateCard) -> Result<BurnReport, sqlx::Error> {
     let mut report = BurnReport::default();
     let mut tx = pool.begin().await?;
+    // Customers set aside earlier whose retry is due: their rows are burned again (and set
+    // aside again if the cause is still there).
+    let retry = tally_db::customer_errors::due(&mut tx, STAGE, 100).await?;
+    if !retry.is_empty() {
+        sqlx::query(
+            "UPDATE credit_usage_queue SET stuck = NULL
+             WHERE customer_id = ANY($1) AND stuck IS NOT NULL",
+        )
+        .bind(&retry)
+        .execute(&mut *tx)
+        .await?;
+    }
     let rows: Vec<Queued> = sqlx::query_as(
         "DELETE FROM credit_usage_queue WHERE queue_id IN (
              SELECT queue_id FROM credit_usage_queue WHERE stuck IS NULL
              ORDER BY queue_id LIMIT $1 FOR UPDATE SKIP LOCKED)
-         RETURNING queue_id, customer_id, meter, group_key, window_start, quantity, queued_at",
+         RETURNING queue_id, customer_id, meter, group_key, window_start, quantity::text,
+                   queued_at",
     )
     .bind(BATCH)
     .fetch_all(&mut *tx)
     .await?;
     if rows.is_empty() {
+        tally_db::customer_errors::clear(&mut tx, STAGE, &retry).await?;
+        tx.commit().await?;
         return Ok(report);
     }
     report.queued = rows.len();
@@ -124,18 +150,29 @@ async fn burn_queued(pool: &PgPool, rates: &RateCard) -> Result<BurnReport, sqlx
     // Per customer (in order: locks are always taken in the same order), one usage per window.
     let mut by_customer: BTreeMap<String, BTreeMap<WindowKey, (Decimal, Vec<i64>)>> =
         BTreeMap::new();
-    let mut stuck = Vec::new();
+    // Rows set aside, with why; a customer any of whose rows is set aside is set aside whole
+    // (its usage is burned in order, or not at all).
+    let mut stuck: HashMap<i64, &'static str> = HashMap::new();
+    let mut set_aside_customers: BTreeMap<String, &'static str> = BTreeMap::new();
     for row in &rows {
         let window = by_customer
             .entry(row.customer_id.clone())
             .or_default()
             .entry((row.window_start, row.meter.clone(), row.group_key.clone()))
             .or_insert((Decimal::ZERO, Vec::new()));
-        match window.0.checked_add(row.quantity.0) {
-            Some(sum) => window.0 = sum,
-            None => stuck.push(row.queue_id),
-        }
         window.1.push(row.queue_id);
+        let sum = row
+            .quantity
+            .parse::<Decimal>()
+            .ok()
+            .and_then(|quantity| window.0.checked_add(quantity));
+        match sum {
+            Some(sum) => window.0 = sum,
+            None => {
+                stuck.insert(row.queue_id, QUANTITY_TOO_LARGE);
+                set_aside_customers.insert(row.customer_id.clone(), QUANTITY_TOO_LARGE);
+            }
+        }
     }
     // Priced usage per customer; then the customers' locks, open grants and whether they
     // ever had one, in three queries for the whole pass (not three per customer).
@@ -160,20 +197,22 @@ async fn burn_queued(pool: &PgPool, rates: &RateCard) -> Result<BurnReport, sqlx
         .collect();
     let customers: Vec<&str> = priced.iter().map(|(c, _)| c.as_str()).collect();
     lock_customers(&mut tx, &customers).await?;
-    let mut open = open_grants(&mut tx, &customers).await?;
+    let (mut open, unreadable) = open_grants(&mut tx, &customers).await?;
+    for customer in unreadable {
+        set_aside_customers.insert(customer, GRANT_TOO_LARGE);
+    }
     let with_grants = customers_with_grants(&mut tx, &customers).await?;
     let mut entries = Entries::default();
     for (customer, usage) in priced {
-        if !with_grants.contains(customer) {
-            // Not a credit customer: nothing to draw from, nothing to account for.
+        if set_aside_customers.contains_key(customer) || !with_grants.contains(customer) {
+            // Set aside below; or not a credit customer: nothing to draw from or account for.
             continue;
         }
         let mut grants = open.remove(customer).unwrap_or_default();
         let before: Vec<Decimal> = grants.iter().map(|g| g.remaining).collect();
         let Some(draws) = draw(&mut grants, &usage) else {
             // A cost beyond a decimal: this customer's rows are set aside, the rest go on.
-            let windows = &by_customer[customer];
-            stuck.extend(windows.values().flat_map(|(_, ids)| ids.iter().copied()));
+            set_aside_customers.insert(customer.clone(), COST_TOO_LARGE);
             continue;
         };
         for draw in &draws {
@@ -192,33 +231,43 @@ async fn burn_queued(pool: &PgPool, rates: &RateCard) -> Result<BurnReport, sqlx
     entries.write(&mut tx).await?;
     let moved: Vec<(&str, &str)> = report.customers.iter().map(|c| (c.as_str(), "")).collect();
     tally_db::changes::record(&mut tx, &moved).await?;
+    for (customer, why) in &set_aside_customers {
+        for (_, ids) in by_customer[customer].values() {
+            for id in ids {
+                stuck.entry(*id).or_insert(why);
+            }
+        }
+        tracing::error!(%customer, reason = why, "a customer's committed usage cannot be burned; its queue rows are set aside (tried again later; tally status lists it), the others' are burned");
+        tally_db::customer_errors::record(&mut tx, STAGE, customer, why).await?;
+    }
     if !stuck.is_empty() {
-        let stuck: HashSet<i64> = stuck.into_iter().collect();
-        let stuck: Vec<&Queued> = rows
+        let stuck: Vec<(&Queued, &str)> = rows
             .iter()
-            .filter(|r| stuck.contains(&r.queue_id))
+            .filter_map(|r| stuck.get(&r.queue_id).map(|why| (r, *why)))
             .collect();
         set_aside(&mut tx, &stuck).await?;
     }
+    let burned: Vec<String> = retry
+        .into_iter()
+        .filter(|c| !set_aside_customers.contains_key(c))
+        .collect();
+    tally_db::customer_errors::clear(&mut tx, STAGE, &burned).await?;
     tx.commit().await?;
     report.oldest_wait = oldest.and_then(|at| (Utc::now() - at).to_std().ok());
     Ok(report)
 }
 
-/// The customers' open grants with credits left, locked, each customer's in draw order.
+/// The customers' open grants with credits left, locked, each customer's in draw order; and
+/// the customers one of whose grants holds more than a decimal can (read as text, so that one
+/// such grant is its customer's problem, not every customer's).
 async fn open_grants(
     tx: &mut PgConnection,
     customers: &[&str],
-) -> Result<HashMap<String, Vec<OpenGrant>>, sqlx::Error> {
-    type Row = (
-        String,
-        i64,
-        ExactDecimal,
-        DateTime<Utc>,
-        Option<DateTime<Utc>>,
-    );
+) -> Result<(HashMap<String, Vec<OpenGrant>>, Vec<String>), sqlx::Error> {
+    type Row = (String, i64, String, DateTime<Utc>, Option<DateTime<Utc>>);
     let rows: Vec<Row> = sqlx::query_as(&format!(
-        "SELECT customer_id, grant_id, remaining, effective_at, expires_at FROM credit_grants
+        "SELECT customer_id, grant_id, remaining::text, effective_at, expires_at
+         FROM credit_grants
          WHERE customer_id = ANY($1) AND closed_at IS NULL AND remaining > 0
          ORDER BY customer_id, {DRAW_ORDER} FOR UPDATE"
     ))
@@ -226,15 +275,21 @@ async fn open_grants(
     .fetch_all(&mut *tx)
     .await?;
     let mut open: HashMap<String, Vec<OpenGrant>> = HashMap::new();
+    let mut unreadable = Vec::new();
     for (customer, grant_id, remaining, effective_at, expires_at) in rows {
+        let Ok(remaining) = remaining.parse::<Decimal>() else {
+            unreadable.push(customer);
+            continue;
+        };
         open.entry(customer).or_default().push(OpenGrant {
             grant_id,
-            remaining: remaining.0,
+            remaining,
             effective_at,
             expires_at,
         });
     }
-    Ok(open)
+    unreadable.dedup();
+    Ok((open, unreadable))
 }
 
 /// Those of the customers who ever had a grant: usage of a customer who never had credits is
@@ -323,32 +378,41 @@ impl Entries {
     }
 }
 
-/// Puts rows that cannot be priced back, marked, where no burn takes them again (an operator
-/// looks at `credit_usage_queue WHERE stuck IS NOT NULL`).
-async fn set_aside(tx: &mut PgConnection, rows: &[&Queued]) -> Result<(), sqlx::Error> {
-    tracing::error!(rows = rows.len(), "committed usage whose credit cost is beyond a 28-digit decimal was set aside in credit_usage_queue (stuck); it is not burned");
+/// Puts rows that cannot be burned back, marked with why, where no burn takes them until
+/// their customer's retry is due (`customer_errors`; an operator looks at
+/// `credit_usage_queue WHERE stuck IS NOT NULL`).
+async fn set_aside(tx: &mut PgConnection, rows: &[(&Queued, &str)]) -> Result<(), sqlx::Error> {
     telemetry::stuck(rows.len());
     sqlx::query(
         "INSERT INTO credit_usage_queue (customer_id, meter, group_key, window_start, quantity,
                 queued_at, stuck)
-         SELECT c, m, k, w, q, t, 'its credit cost is beyond a 28-digit decimal'
-         FROM unnest($1::text[], $2::text[], $3::text[], $4::timestamptz[], $5::numeric[],
-                     $6::timestamptz[]) AS u(c, m, k, w, q, t)",
+         SELECT c, m, k, w, q::numeric, t, s
+         FROM unnest($1::text[], $2::text[], $3::text[], $4::timestamptz[], $5::text[],
+                     $6::timestamptz[], $7::text[]) AS u(c, m, k, w, q, t, s)",
     )
     .bind(
         rows.iter()
-            .map(|r| r.customer_id.as_str())
+            .map(|(r, _)| r.customer_id.as_str())
             .collect::<Vec<_>>(),
     )
-    .bind(rows.iter().map(|r| r.meter.as_str()).collect::<Vec<_>>())
     .bind(
         rows.iter()
-            .map(|r| r.group_key.as_str())
+            .map(|(r, _)| r.meter.as_str())
             .collect::<Vec<_>>(),
     )
-    .bind(rows.iter().map(|r| r.window_start).collect::<Vec<_>>())
-    .bind(rows.iter().map(|r| r.quantity.0).collect::<Vec<_>>())
-    .bind(rows.iter().map(|r| r.queued_at).collect::<Vec<_>>())
+    .bind(
+        rows.iter()
+            .map(|(r, _)| r.group_key.as_str())
+            .collect::<Vec<_>>(),
+    )
+    .bind(rows.iter().map(|(r, _)| r.window_start).collect::<Vec<_>>())
+    .bind(
+        rows.iter()
+            .map(|(r, _)| r.quantity.as_str())
+            .collect::<Vec<_>>(),
+    )
+    .bind(rows.iter().map(|(r, _)| r.queued_at).collect::<Vec<_>>())
+    .bind(rows.iter().map(|(_, why)| *why).collect::<Vec<_>>())
     .execute(&mut *tx)
     .await?;
     Ok(())
@@ -386,59 +450,137 @@ async fn expire(pool: &PgPool, now: DateTime<Utc>) -> Result<usize, sqlx::Error>
     Ok(closed.len())
 }
 
+/// The loop's name in `customer_errors` for plan grants that cannot be made.
+pub const PLAN_GRANTS: &str = "plan_credits";
+
+/// Subscriptions read per page when looking for due plan grants.
+const PLAN_GRANTS_PAGE: i64 = 1000;
+
 /// Grants each live subscription on a plan with `[plans.credits]` its current period's credits,
-/// once (the idempotency key names the subscription and the period). Returns the customers.
+/// once (the idempotency key, `plan_grant_key` in SQL, names the subscription and the period).
+/// Every due subscription is visited, oldest period first, a page at a time; one whose grant
+/// cannot be made is set aside in `customer_errors` (and tried again later), never in the way
+/// of the others. Returns the customers granted.
 async fn grant_plan_credits(pool: &PgPool, now: DateTime<Utc>) -> Result<Vec<String>, sqlx::Error> {
-    let due: Vec<DuePlanGrant> = sqlx::query_as(
-        "SELECT s.subscription_id, s.customer_id, s.plan, s.current_period_start,
-                    s.current_period_end, (p.definition->'credits'->>'amount')::numeric,
-                    (p.definition->'credits'->>'priority')::integer
+    let mut customers = Vec::new();
+    // The last subscription of the previous page (none before the first).
+    let mut after: (Option<DateTime<Utc>>, i64) = (None, 0);
+    loop {
+        let due: Vec<DuePlanGrant> = sqlx::query_as(
+            "SELECT s.subscription_id, s.customer_id, s.plan, s.current_period_start,
+                    s.current_period_end, (p.definition->'credits'->>'amount'),
+                    (p.definition->'credits'->>'priority'),
+                    plan_grant_key(s.subscription_id, s.current_period_start)
              FROM subscriptions s JOIN plans p ON p.name = s.plan
              WHERE s.status IN ('active', 'trialing') AND p.definition ? 'credits'
                AND s.current_period_start <= $1 AND s.current_period_end > $1
+               AND ($2::timestamptz IS NULL OR (s.current_period_start, s.subscription_id) > ($2, $3))
                AND NOT EXISTS (
                    SELECT 1 FROM credit_grants g
                    WHERE g.customer_id = s.customer_id
-                     AND g.idempotency_key = 'plan:' || s.subscription_id || ':'
-                         || extract(epoch FROM s.current_period_start)::bigint)
-             LIMIT 1000",
-    )
-    .bind(now)
-    .fetch_all(pool)
-    .await?;
-    let mut customers = Vec::new();
-    for (subscription_id, customer, plan, start, end, amount, priority) in due {
-        let new = NewGrant {
-            customer: customer.clone(),
-            kind: GrantKind::Subscription,
-            amount: amount.0,
-            priority,
-            effective_at: Some(start),
-            expires_at: Some(end),
-            idempotency_key: format!("plan:{subscription_id}:{}", start.timestamp()),
-            description: Some(format!("{plan} credits for the period from {start}")),
-        };
-        let actor = Actor {
-            name: ACTOR.into(),
-            reason: format!("plan {plan} grants {} credits each period", amount.0),
-        };
-        let mut tx = pool.begin().await?;
-        match grant_in(&mut tx, &new, Some(subscription_id), &actor, now).await {
-            Ok(granted) => {
-                tx.commit().await?;
-                if granted.created {
-                    customers.push(customer);
+                     AND g.idempotency_key = plan_grant_key(s.subscription_id, s.current_period_start))
+               AND NOT EXISTS (
+                   SELECT 1 FROM customer_errors e
+                   WHERE e.stage = $5 AND e.customer_id = s.customer_id AND e.retry_at > $1)
+             ORDER BY s.current_period_start, s.subscription_id
+             LIMIT $4",
+        )
+        .bind(now)
+        .bind(after.0)
+        .bind(after.1)
+        .bind(PLAN_GRANTS_PAGE)
+        .bind(PLAN_GRANTS)
+        .fetch_all(pool)
+        .await?;
+        let last_page = (due.len() as i64) < PLAN_GRANTS_PAGE;
+        if let Some(last) = due.last() {
+            after = (Some(last.3), last.0);
+        }
+        for plan_grant in due {
+            let customer = plan_grant.1.clone();
+            match grant_for_period(pool, plan_grant, now).await {
+                Ok(created) => {
+                    if created {
+                        customers.push(customer.clone());
+                    }
+                    let mut conn = pool.acquire().await?;
+                    tally_db::customer_errors::clear(&mut conn, PLAN_GRANTS, &[customer]).await?;
+                }
+                // Postgres away: the whole settle waits (the burner retries it).
+                Err(CreditError::Store(error)) if tally_db::is_retryable(&error) => {
+                    return Err(error)
+                }
+                // One subscription's grant failing (a plan amount out of range, a key an admin
+                // took) must not hold up the others.
+                Err(error) => {
+                    tracing::error!(%customer, %error, "the plan's period credits could not be granted; set aside (tally status lists it), the others go on");
+                    telemetry::burn_error();
+                    let mut conn = pool.acquire().await?;
+                    tally_db::customer_errors::record(
+                        &mut conn,
+                        PLAN_GRANTS,
+                        &customer,
+                        &error.to_string(),
+                    )
+                    .await?;
                 }
             }
-            Err(error) => {
-                // One subscription's grant failing (say a plan amount out of range) must not
-                // hold up the others.
-                tracing::error!(%customer, subscription_id, %error, "the plan's period credits could not be granted");
-                telemetry::burn_error();
-            }
+        }
+        if last_page {
+            return Ok(customers);
         }
     }
-    Ok(customers)
+}
+
+/// One due subscription's grant for its current period; whether it was new.
+async fn grant_for_period(
+    pool: &PgPool,
+    due: DuePlanGrant,
+    now: DateTime<Utc>,
+) -> Result<bool, CreditError> {
+    let (subscription_id, customer, plan, start, end, amount, priority, key) = due;
+    let amount: Decimal = amount
+        .as_deref()
+        .and_then(|a| a.parse().ok())
+        .ok_or_else(|| {
+            CreditError::Invalid(format!(
+                "plan {plan}'s credits amount {amount:?} is not a decimal"
+            ))
+        })?;
+    let priority: Option<i32> = match priority.as_deref() {
+        None => None,
+        Some(p) => Some(p.parse().map_err(|_| {
+            CreditError::Invalid(format!(
+                "plan {plan}'s credits priority {p:?} is not a whole number"
+            ))
+        })?),
+    };
+    let new = NewGrant {
+        customer: customer.clone(),
+        kind: GrantKind::Subscription,
+        amount,
+        priority,
+        effective_at: Some(start),
+        expires_at: Some(end),
+        idempotency_key: key,
+        description: Some(format!("{plan} credits for the period from {start}")),
+    };
+    let actor = Actor {
+        name: ACTOR.into(),
+        reason: format!("plan {plan} grants {amount} credits each period"),
+    };
+    let mut tx = pool.begin().await?;
+    let granted = grant_in(
+        &mut tx,
+        &new,
+        Some(subscription_id),
+        &actor,
+        now,
+        Issuer::System,
+    )
+    .await?;
+    tx.commit().await?;
+    Ok(granted.created)
 }
 
 /// How often the burner closes expired grants and makes plan grants.

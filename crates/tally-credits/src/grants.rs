@@ -299,11 +299,23 @@ pub struct Granted {
     pub created: bool,
 }
 
+/// Idempotency keys starting with this are the plan grants' (`plan_grant_key` in SQL): an
+/// admin grant under one would block or pre-empt a plan's period credits.
+pub const PLAN_KEY_PREFIX: &str = "plan:";
+
+/// Who makes a grant: an operator (API, CLI), or tally itself (a plan's period credits).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Issuer {
+    Operator,
+    System,
+}
+
 /// Grants credits, once per idempotency key: a repeat with the same key and the same grant
-/// answers the first grant; the same key with a different grant is refused.
+/// answers the first grant; the same key with a different grant is refused. Keys starting
+/// with `plan:` are refused: they are the plan grants'.
 pub async fn grant(pool: &PgPool, new: &NewGrant, actor: &Actor) -> Result<Granted, CreditError> {
     let mut tx = pool.begin().await?;
-    let granted = grant_in(&mut tx, new, None, actor, Utc::now()).await?;
+    let granted = grant_in(&mut tx, new, None, actor, Utc::now(), Issuer::Operator).await?;
     tx.commit().await?;
     Ok(granted)
 }
@@ -315,8 +327,14 @@ pub(crate) async fn grant_in(
     subscription_id: Option<i64>,
     actor: &Actor,
     now: DateTime<Utc>,
+    issuer: Issuer,
 ) -> Result<Granted, CreditError> {
     new.validate(now)?;
+    if issuer == Issuer::Operator && new.idempotency_key.starts_with(PLAN_KEY_PREFIX) {
+        return Err(CreditError::Invalid(format!(
+            "idempotency keys starting with {PLAN_KEY_PREFIX:?} are reserved for plan grants; choose another key"
+        )));
+    }
     lock_customer(tx, &new.customer).await?;
     if let Some(existing) = find_by_key(tx, &new.customer, &new.idempotency_key).await? {
         if !new.same_as(&existing) {

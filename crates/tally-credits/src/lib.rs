@@ -23,7 +23,7 @@ pub mod queue;
 pub mod rates;
 pub mod telemetry;
 
-pub use balance::{balance, projected_balances, Balance};
+pub use balance::{balance, projected_balances, projected_balances_isolating, Balance};
 pub use burn::{burn_once, settle, start_burner, BurnReport, Settled};
 pub use config::{CreditsConfig, RateDefinition};
 pub use grants::{get_grant, grant, void, Actor, CreditError, Grant, GrantKind, Granted, NewGrant};

@@ -8,6 +8,8 @@ use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::PgPool;
 
 pub mod changes;
+pub mod customer_errors;
+mod isolate;
 pub mod meters;
 mod numeric;
 pub mod rejects;
@@ -15,6 +17,7 @@ pub mod rejects;
 pub mod testing;
 pub mod throwaway;
 
+pub use isolate::isolate;
 pub use numeric::ExactDecimal;
 
 /// The schema, from `migrations/`. Applied by `tally migrate` (and by stages when asked).

@@ -69,7 +69,7 @@ use crate::telemetry::Lookups;
 use cache::{CacheState, Cached, CustomerState};
 pub use decision::{decide, Decision};
 pub use error::QuotaError;
-pub use usage::{usage_against_limits, CustomerUsage, MeterPeriodUsage};
+pub use usage::{usage_against_limits, CustomerUsage, MeterPeriodUsage, UsageAgainstLimits};
 
 /// How the quota cache behaves. [`QuotaOptions::new`] gives the defaults for everything but
 /// the refresh interval.

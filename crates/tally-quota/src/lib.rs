@@ -49,7 +49,7 @@ pub mod testing;
 
 pub use check::{
     decide, usage_against_limits, CustomerUsage, Decision, MeterPeriodUsage, Quota, QuotaError,
-    QuotaOptions,
+    QuotaOptions, UsageAgainstLimits,
 };
 pub use plan::{
     AlertRule, Enforcement, Entitlements, LimitDefinition, Override, Period, PlanCredits,

@@ -21,6 +21,16 @@ pub enum QuotaStoreError {
     UnknownPlan(String),
     #[error("stored data does not decode: {0}")]
     Corrupt(String),
+    #[error("the plans as written do not fit the overrides of {count} customer(s) on them ({examples}); change those overrides first (PUT /v1/customers/{{id}}/overrides) or keep what they need in the plan")]
+    OverridesDoNotFit { count: usize, examples: String },
+    /// The customer's override no longer fits its plan (the plan changed under it, in Stripe
+    /// or by the fallback plan): its entitlements cannot be known until one of them changes.
+    #[error("the override of customer {customer:?} does not fit its plan {plan:?}: {why}; change the override (PUT /v1/customers/{{id}}/overrides) to fit the plan")]
+    OverrideDoesNotFit {
+        customer: String,
+        plan: String,
+        why: String,
+    },
     /// The quota cache's last load of this customer failed moments ago with this Postgres
     /// error; it asks Postgres again once `failed_load_ttl` has passed.
     #[error("Postgres failed moments ago ({0}); the quota check asks it again once failed_load_ttl has passed (1 s by default)")]
@@ -124,6 +134,17 @@ pub async fn apply_plans(
             None => PlanChange::Created(plan.name.clone()),
         });
     }
+    // An override must fit its customer's plan: a plan changed under one would leave that
+    // customer without entitlements (their checks and alerts would fail). Refused whole.
+    let changed: Vec<&PlanDefinition> = plans
+        .iter()
+        .filter(|plan| {
+            changes.iter().any(|c| {
+                matches!(c, PlanChange::Updated(name) | PlanChange::Created(name) if name == &plan.name)
+            })
+        })
+        .collect();
+    check_overrides_fit(&mut tx, &changed).await?;
     for (name, before) in stored {
         let subscriptions: i64 = sqlx::query_scalar(
             "SELECT count(*) FROM subscriptions WHERE plan = $1 OR pending_plan = $1",
@@ -156,6 +177,73 @@ pub async fn apply_plans(
     }
     tx.commit().await?;
     Ok(changes)
+}
+
+/// Refuses plans that do not fit the override of a customer who is (or will be, at its
+/// period's end) on one of them.
+async fn check_overrides_fit(
+    tx: &mut PgConnection,
+    plans: &[&PlanDefinition],
+) -> Result<(), QuotaStoreError> {
+    if plans.is_empty() {
+        return Ok(());
+    }
+    let names: Vec<&str> = plans.iter().map(|p| p.name.as_str()).collect();
+    let rows: Vec<(String, String, Value)> = sqlx::query_as(
+        "SELECT DISTINCT s.customer_id, p.plan, o.overrides
+         FROM subscriptions s
+         CROSS JOIN LATERAL (VALUES (s.plan), (s.pending_plan)) AS p(plan)
+         JOIN customer_overrides o ON o.customer_id = s.customer_id
+         WHERE p.plan = ANY($1) AND s.status IN ('active', 'trialing')
+         ORDER BY 1, 2",
+    )
+    .bind(&names)
+    .fetch_all(&mut *tx)
+    .await?;
+    let mut misfits = Vec::new();
+    for (customer, plan, overrides) in rows {
+        let Some(definition) = plans.iter().find(|p| p.name == plan) else {
+            continue;
+        };
+        let why = match serde_json::from_value::<Override>(overrides) {
+            Ok(overrides) => Entitlements::resolve(definition, Some(&overrides)).err(),
+            Err(e) => Some(format!("the stored override does not decode: {e}")),
+        };
+        if let Some(why) = why {
+            misfits.push(format!("{customer} on {plan}: {why}"));
+        }
+    }
+    if misfits.is_empty() {
+        return Ok(());
+    }
+    Err(QuotaStoreError::OverridesDoNotFit {
+        count: misfits.len(),
+        examples: misfits.into_iter().take(5).collect::<Vec<_>>().join("; "),
+    })
+}
+
+/// Whether `customer`'s override (if any) fits `plan`; the reason when it does not.
+pub async fn override_fits(
+    conn: &mut PgConnection,
+    customer: &str,
+    plan: &str,
+) -> Result<Result<(), String>, QuotaStoreError> {
+    let stored: Option<Value> =
+        sqlx::query_scalar("SELECT overrides FROM customer_overrides WHERE customer_id = $1")
+            .bind(customer)
+            .fetch_optional(&mut *conn)
+            .await?;
+    let Some(overrides) = decode::<Override>(stored)? else {
+        return Ok(Ok(()));
+    };
+    let definition: Option<Value> =
+        sqlx::query_scalar("SELECT definition FROM plans WHERE name = $1")
+            .bind(plan)
+            .fetch_optional(&mut *conn)
+            .await?;
+    let definition: PlanDefinition =
+        decode(definition)?.ok_or_else(|| QuotaStoreError::UnknownPlan(plan.to_owned()))?;
+    Ok(Entitlements::resolve(&definition, Some(&overrides)).map(|_| ()))
 }
 
 /// A subscription as tally holds it.
@@ -366,21 +454,11 @@ pub async fn entitlements(
     pool: &PgPool,
     customer: &str,
 ) -> Result<Option<(Subscription, Entitlements)>, QuotaStoreError> {
-    let mut found = live_entitlements(pool, &[customer.to_owned()]).await?;
-    Ok(found.remove(customer))
-}
-
-/// [`entitlements`] for many customers in one query; customers without a live subscription
-/// are absent from the map.
-pub async fn live_entitlements(
-    pool: &PgPool,
-    customers: &[String],
-) -> Result<HashMap<String, (Subscription, Entitlements)>, QuotaStoreError> {
-    Ok(live_customers(pool, customers)
-        .await?
-        .into_iter()
-        .map(|(customer, live)| (customer, (live.subscription, live.entitlements)))
-        .collect())
+    let mut found = live_customers(pool, &[customer.to_owned()]).await?;
+    found
+        .remove(customer)
+        .map(|live| live.map(|live| (live.subscription, live.entitlements)))
+        .transpose()
 }
 
 /// A customer's live subscription and resolved entitlements, and whether an override changed
@@ -391,11 +469,14 @@ pub(crate) struct LiveCustomer {
     pub(crate) overridden: bool,
 }
 
-/// [`live_entitlements`], saying which customers have an override.
+/// The live subscriptions of many customers, in one query, with their entitlements resolved;
+/// customers without one are absent. A customer whose stored plan or override does not decode,
+/// or whose override does not fit its plan, gets its own error: one such customer never fails
+/// the others (they are loaded in batches by the quota cache and the alert evaluator).
 pub(crate) async fn live_customers(
     pool: &PgPool,
     customers: &[String],
-) -> Result<HashMap<String, LiveCustomer>, QuotaStoreError> {
+) -> Result<HashMap<String, Result<LiveCustomer, QuotaStoreError>>, QuotaStoreError> {
     let rows: Vec<LiveSubscriptionRow> = sqlx::query_as(
         "SELECT s.customer_id, s.plan, s.status, s.current_period_start, s.current_period_end,
                 s.cancel_at_period_end, p.definition, o.overrides
@@ -407,34 +488,42 @@ pub(crate) async fn live_customers(
     .bind(customers)
     .fetch_all(pool)
     .await?;
-    let corrupt = |e: serde_json::Error| QuotaStoreError::Corrupt(e.to_string());
-    let mut found = HashMap::with_capacity(rows.len());
-    for row in rows {
-        let definition: PlanDefinition = serde_json::from_value(row.definition).map_err(corrupt)?;
-        let overridden = row.overrides.is_some();
-        let overrides: Option<Override> = row
-            .overrides
-            .map(serde_json::from_value)
-            .transpose()
-            .map_err(corrupt)?;
-        let entitlements = Entitlements::resolve(&definition, overrides.as_ref())
-            .map_err(QuotaStoreError::Corrupt)?;
-        let subscription = Subscription {
+    Ok(rows
+        .into_iter()
+        .map(|row| (row.customer_id.clone(), resolve_row(row)))
+        .collect())
+}
+
+fn resolve_row(row: LiveSubscriptionRow) -> Result<LiveCustomer, QuotaStoreError> {
+    let corrupt = |what: &str, e: serde_json::Error| {
+        QuotaStoreError::Corrupt(format!("{what} of customer {}: {e}", row.customer_id))
+    };
+    let definition: PlanDefinition =
+        serde_json::from_value(row.definition.clone()).map_err(|e| corrupt("the plan", e))?;
+    let overridden = row.overrides.is_some();
+    let overrides: Option<Override> = row
+        .overrides
+        .clone()
+        .map(serde_json::from_value)
+        .transpose()
+        .map_err(|e| corrupt("the override", e))?;
+    let entitlements = Entitlements::resolve(&definition, overrides.as_ref()).map_err(|why| {
+        QuotaStoreError::OverrideDoesNotFit {
+            customer: row.customer_id.clone(),
+            plan: row.plan.clone(),
+            why,
+        }
+    })?;
+    Ok(LiveCustomer {
+        subscription: Subscription {
             customer_id: row.customer_id,
             plan: row.plan,
             status: row.status,
             current_period_start: row.current_period_start,
             current_period_end: row.current_period_end,
             cancel_at_period_end: row.cancel_at_period_end,
-        };
-        found.insert(
-            subscription.customer_id.clone(),
-            LiveCustomer {
-                subscription,
-                entitlements,
-                overridden,
-            },
-        );
-    }
-    Ok(found)
+        },
+        entitlements,
+        overridden,
+    })
 }

@@ -327,6 +327,21 @@ async fn apply_subscription(
     event: &StripeEvent,
     subscription: &StripeSubscription,
 ) -> Result<WebhookOutcome, WebhookError> {
+    // Locks in one order everywhere: the customer's lock first, then its subscriptions' rows
+    // (creating and canceling by the API do the same; the other order deadlocks).
+    let known: Option<String> = sqlx::query_scalar(
+        "SELECT customer_id FROM subscriptions WHERE stripe_subscription_id = $1",
+    )
+    .bind(&subscription.id)
+    .fetch_optional(&mut *tx)
+    .await?;
+    let known = match known {
+        Some(customer) => Some(customer),
+        None => tally_customer(tx, &subscription.stripe_customer).await?,
+    };
+    if let Some(customer) = &known {
+        crate::subscriptions::lock_customer(tx, customer).await?;
+    }
     let stored: Option<StoredSubscription> = sqlx::query_as(
         "SELECT subscription_id, customer_id, plan, status, stripe_status, current_period_start,
                 current_period_end, cancel_at_period_end, stripe_event_created

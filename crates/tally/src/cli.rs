@@ -16,14 +16,34 @@ pub(crate) struct AuditArgs {
 }
 
 impl AuditArgs {
-    /// `--actor`, which must name someone.
+    /// `--actor`, which must name someone, and not tally itself.
     pub(crate) fn actor_name(&self) -> anyhow::Result<&str> {
-        let name = self.actor.trim();
-        if name.is_empty() {
-            bail!("--actor must name who makes the change (it is written to the audit trail)");
-        }
-        Ok(name)
+        operator_name(&self.actor)
     }
+}
+
+/// The names tally's own changes are recorded under (the scheduler, the burner, a Stripe
+/// webhook, an API token): an operator may not pose as one of them in the audit trail.
+const RESERVED_ACTORS: [&str; 4] = ["scheduler", "burner", "system", "tally"];
+const RESERVED_PREFIXES: [&str; 3] = ["stripe:", "token:", "tally:"];
+
+/// An operator's name for the audit trail (`--actor`): someone, printable, at most 200
+/// characters, and not one of the names tally's own changes carry.
+pub(crate) fn operator_name(actor: &str) -> anyhow::Result<&str> {
+    let name = actor.trim();
+    if name.is_empty() {
+        bail!("--actor must name who makes the change (it is written to the audit trail)");
+    }
+    if name.chars().count() > 200 || name.chars().any(char::is_control) {
+        bail!("--actor must be at most 200 printable characters");
+    }
+    let lower = name.to_ascii_lowercase();
+    if RESERVED_ACTORS.contains(&lower.as_str())
+        || RESERVED_PREFIXES.iter().any(|p| lower.starts_with(p))
+    {
+        bail!("--actor {name:?} is a name tally records its own changes under (the scheduler, the burner, Stripe's webhooks, API tokens); give your own name");
+    }
+    Ok(name)
 }
 
 /// A time flag: RFC 3339.

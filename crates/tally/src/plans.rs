@@ -36,6 +36,7 @@ pub(crate) fn run(config: &TallyConfig, args: &PlansArgs) -> anyhow::Result<()> 
                 if config.plans.is_empty() {
                     bail!("no [[plans]] in the configuration; define them in tally.toml (see tally.example.toml) before applying, or every plan in Postgres would be deleted");
                 }
+                let actor = crate::cli::operator_name(actor)?;
                 for change in tally_quota::apply_plans(&pool, &config.plans, actor).await? {
                     match change {
                         PlanChange::Created(name) => println!("created   {name}"),

@@ -166,6 +166,28 @@ pub(crate) fn run(config: &TallyConfig, args: &StatusArgs) -> anyhow::Result<()>
             ));
         }
 
+        // Customers a background loop set aside (each with its error), while the others go on.
+        let mut conn = pool.acquire().await?;
+        let (set_aside, total) = tally_db::customer_errors::list(&mut conn, 10).await?;
+        drop(conn);
+        if total > 0 {
+            println!("\ncustomers set aside: {total}");
+            for error in &set_aside {
+                println!(
+                    "  {:<14} {}: {} ({} tries since {}; next try {})",
+                    error.stage,
+                    error.customer_id,
+                    error.error,
+                    error.attempts,
+                    ago(now, error.first_at),
+                    if error.retry_at <= now { "now".to_owned() } else { format!("in {}", seconds((error.retry_at - now).num_seconds() as f64)) }
+                );
+            }
+            attention.push(format!(
+                "{total} customer(s) set aside by the alert evaluator, the credit burner or the subscription scheduler (listed above): fix the cause each names (an override that no longer fits its plan: PUT /v1/customers/{{id}}/overrides); they are tried again by themselves"
+            ));
+        }
+
         match tally_sink::store::last_reconcile_run(&pool).await? {
             None => {
                 println!("\nlast reconcile: never");

@@ -171,11 +171,15 @@ pub(crate) async fn put_override(
             )));
         }
     }
+    // It must fit the plan the customer is on, and the one it moves to at the period's end.
     if let Some(live) = subscriptions::live_subscription(&state.pool, &customer).await? {
-        let plan = tally_quota::store::get_plan(&state.pool, &live.plan)
-            .await?
-            .ok_or_else(|| ApiError::internal("override", "the live plan is missing"))?;
-        Entitlements::resolve(&plan, Some(&request.overrides)).map_err(invalid_override)?;
+        for name in std::iter::once(&live.plan).chain(live.pending_plan.as_ref()) {
+            let plan = tally_quota::store::get_plan(&state.pool, name)
+                .await?
+                .ok_or_else(|| ApiError::internal("override", "the live plan is missing"))?;
+            Entitlements::resolve(&plan, Some(&request.overrides))
+                .map_err(|why| invalid_override(format!("it does not fit plan {name:?}: {why}")))?;
+        }
     }
     tally_quota::store::set_override(
         &state.pool,

@@ -426,6 +426,14 @@ impl CacheState {
         });
     }
 
+    /// Caches a load that failed for this customer's own reasons (answered until
+    /// `failed_load_ttl` has passed, then loaded again).
+    pub(super) fn insert_failure(&self, customer: &str, error: QuotaError) {
+        let failed = Instant::now();
+        let cached = Cached::new(CustomerState::LoadFailed(error), failed, self.tick(failed));
+        self.insert(customer, Arc::new(cached));
+    }
+
     /// A failed reload: the next stale check queues the customer again.
     pub(super) fn reload_failed(&self, customer: &str) {
         if let Some(cached) = self.get(customer) {

@@ -78,6 +78,21 @@ impl QuotaError {
                 }
                 QuotaStoreError::UnknownPlan(plan) => QuotaStoreError::UnknownPlan(plan.clone()),
                 QuotaStoreError::Corrupt(what) => QuotaStoreError::Corrupt(what.clone()),
+                QuotaStoreError::OverrideDoesNotFit {
+                    customer,
+                    plan,
+                    why,
+                } => QuotaStoreError::OverrideDoesNotFit {
+                    customer: customer.clone(),
+                    plan: plan.clone(),
+                    why: why.clone(),
+                },
+                QuotaStoreError::OverridesDoNotFit { count, examples } => {
+                    QuotaStoreError::OverridesDoNotFit {
+                        count: *count,
+                        examples: examples.clone(),
+                    }
+                }
                 QuotaStoreError::RecentlyFailed(what) => {
                     QuotaStoreError::RecentlyFailed(what.clone())
                 }
@@ -94,6 +109,7 @@ impl QuotaError {
             QuotaError::Unsupported(_) => "UNSUPPORTED",
             QuotaError::OutOfRange { .. } => "INVALID_QUANTITY",
             QuotaError::InsufficientCredits { .. } => "INSUFFICIENT_CREDITS",
+            QuotaError::Store(QuotaStoreError::OverrideDoesNotFit { .. }) => "OVERRIDE_CONFLICT",
             QuotaError::Store(_) => "INTERNAL",
         }
     }
@@ -110,6 +126,8 @@ impl QuotaError {
             // 402, not 429: retrying does not help until credits are added (a 429 invites
             // clients to back off and retry).
             QuotaError::InsufficientCredits { .. } => 402,
+            // Not the store's fault, and not the caller's: an operator must fix the override.
+            QuotaError::Store(QuotaStoreError::OverrideDoesNotFit { .. }) => 409,
             QuotaError::Store(_) => 503,
         }
     }

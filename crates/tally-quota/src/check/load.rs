@@ -45,7 +45,8 @@ struct WantedUsage {
 
 impl CacheState {
     /// Loads customers' subscriptions, entitlements and period usage, in two queries whatever
-    /// their number. A customer whose plan cannot be checked gets its own error.
+    /// their number. A customer whose plan cannot be checked, whose override does not fit its
+    /// plan or whose usage cannot be read gets its own error; the others load.
     pub(super) async fn load(
         &self,
         customers: Vec<String>,
@@ -58,18 +59,29 @@ impl CacheState {
         let mut requests = UsageRequests::default();
         let mut results = Vec::with_capacity(customers.len());
         for customer in customers {
-            let Some(store::LiveCustomer {
-                subscription,
-                entitlements,
-                overridden,
-            }) = live.remove(&customer)
-            else {
-                results.push(AwaitingUsage {
-                    customer,
-                    found: Ok(Found::NoSubscription),
-                    wanted: Vec::new(),
-                });
-                continue;
+            let (subscription, entitlements, overridden) = match live.remove(&customer) {
+                Some(Ok(store::LiveCustomer {
+                    subscription,
+                    entitlements,
+                    overridden,
+                })) => (subscription, entitlements, overridden),
+                // This customer alone: the others of the batch load as usual.
+                Some(Err(error)) => {
+                    results.push(AwaitingUsage {
+                        customer,
+                        found: Err(error.into()),
+                        wanted: Vec::new(),
+                    });
+                    continue;
+                }
+                None => {
+                    results.push(AwaitingUsage {
+                        customer,
+                        found: Ok(Found::NoSubscription),
+                        wanted: Vec::new(),
+                    });
+                    continue;
+                }
             };
             let mut wanted = Vec::new();
             let mut unsupported = None;
@@ -109,21 +121,35 @@ impl CacheState {
                 wanted,
             });
         }
-        let usage = requests.fetch(&self.pool).await?;
+        // A customer whose usage Postgres cannot give (a sum beyond a decimal) gets its own
+        // error; the others load as usual.
+        let (usage, unreadable) = requests.fetch_isolating(&self.pool).await?;
+        let mut unreadable: std::collections::HashMap<String, QuotaError> =
+            unreadable.into_iter().collect();
+        for awaiting in &mut results {
+            if let Some(error) = unreadable.remove(&awaiting.customer) {
+                awaiting.found = Err(error);
+            }
+        }
         // Credit balances, in one more query pair, for the customers with a `credits` meter.
         let credit_customers: Vec<&str> = results
             .iter()
             .filter(|r| matches!(&r.found, Ok(Found::Live(_, e)) if Live::uses_credits(e)))
             .map(|r| r.customer.as_str())
             .collect();
-        let mut balances = if credit_customers.is_empty() {
+        let (mut balances, unreadable) = if credit_customers.is_empty() {
             Default::default()
         } else {
             let rates = self.rate_card().await?;
-            tally_credits::projected_balances(&self.pool, &credit_customers, &rates, now)
+            tally_credits::projected_balances_isolating(&self.pool, &credit_customers, &rates, now)
                 .await
                 .map_err(QuotaStoreError::from)?
         };
+        for (customer, error) in unreadable {
+            if let Some(awaiting) = results.iter_mut().find(|r| r.customer == customer) {
+                awaiting.found = Err(QuotaStoreError::from(error).into());
+            }
+        }
         Ok(results
             .into_iter()
             .map(|awaiting| {

@@ -9,8 +9,6 @@ use tokio_util::sync::CancellationToken;
 
 use super::cache::CacheState;
 use super::load::LoadedCustomer;
-use super::QuotaError;
-use crate::store::QuotaStoreError;
 
 /// Starts the refresher under `tally_runtime::supervise` (restarted if it dies, ended by
 /// `stop`). It holds the cache only weakly, so it ends once the `Quota` is dropped.
@@ -54,34 +52,19 @@ async fn run(cache: Weak<CacheState>, wake: Arc<Notify>) {
             .counters
             .background_loads
             .fetch_add(1, Ordering::Relaxed);
-        let loaded = match cache.load(due.clone()).await {
-            // One customer's data failed the batch (a usage sum beyond a decimal): load each
-            // on its own, so the others stay fresh.
-            Err(QuotaError::Store(QuotaStoreError::Postgres(error)))
-                if due.len() > 1 && tally_db::is_data_error(&error) =>
-            {
-                let mut one_by_one = Vec::with_capacity(due.len());
-                for customer in &due {
-                    match cache.load(vec![customer.clone()]).await {
-                        Ok(mut loaded) => one_by_one.append(&mut loaded),
-                        Err(error) => one_by_one.push(LoadedCustomer {
-                            customer: customer.clone(),
-                            cached: Err(error),
-                        }),
-                    }
-                }
-                Ok(one_by_one)
-            }
-            other => other,
-        };
-        match loaded {
+        // One customer's bad data (an override that no longer fits, a usage sum beyond a
+        // decimal) is that customer's error alone: `load` isolates it.
+        match cache.load(due.clone()).await {
             Ok(loaded) => {
                 for LoadedCustomer { customer, cached } in loaded {
                     match cached {
                         Ok(fresh) => cache.insert(&customer, Arc::new(fresh)),
+                        // This customer's own data (its override no longer fits its plan, its
+                        // usage is beyond a decimal): what was cached is no longer true, and
+                        // its checks get the error until the data is fixed.
                         Err(error) => {
-                            tracing::warn!(customer, %error, "quota cache reload failed; answering from the cached state");
-                            cache.reload_failed(&customer);
+                            tracing::warn!(customer, %error, "a customer's quota state cannot be loaded; its checks answer with the error");
+                            cache.insert_failure(&customer, error);
                         }
                     }
                 }

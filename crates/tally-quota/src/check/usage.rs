@@ -79,13 +79,48 @@ impl UsageRequests {
         (self.customers.len() - 1) as i32
     }
 
-    /// Usage by request index, in one query (`usage_daily`, never minute windows).
-    pub(super) async fn fetch(&self, pool: &PgPool) -> Result<HashMap<i32, Decimal>, QuotaError> {
-        if self.customers.is_empty() {
-            return Ok(HashMap::new());
+    /// Usage by request index, in one query (`usage_daily`, never minute windows), isolating
+    /// requests whose usage Postgres cannot give (a sum beyond a 28-digit decimal): their
+    /// customers are returned apart (`tally_db::isolate`). One customer's data never fails the
+    /// others'.
+    pub(super) async fn fetch_isolating(
+        &self,
+        pool: &PgPool,
+    ) -> Result<(HashMap<i32, Decimal>, Vec<(String, QuotaError)>), QuotaError> {
+        let all: Vec<usize> = (0..self.customers.len()).collect();
+        let (found, failed) =
+            tally_db::isolate(
+                &all,
+                |part| async move { self.fetch_some(pool, &part).await },
+            )
+            .await
+            .map_err(QuotaStoreError::from)?;
+        let failed = failed
+            .into_iter()
+            .map(|(index, error)| {
+                let error = QuotaError::Store(QuotaStoreError::Postgres(error));
+                (self.customers[index].clone(), error)
+            })
+            .collect();
+        Ok((found.into_iter().collect(), failed))
+    }
+
+    /// The usage of the requests at `indexes`, by request index, in one query.
+    async fn fetch_some(
+        &self,
+        pool: &PgPool,
+        indexes: &[usize],
+    ) -> Result<Vec<(i32, Decimal)>, sqlx::Error> {
+        if indexes.is_empty() {
+            return Ok(Vec::new());
         }
+        let pick = |column: &[String]| -> Vec<String> {
+            indexes.iter().map(|&i| column[i].clone()).collect()
+        };
+        let starts: Vec<NaiveDate> = indexes.iter().map(|&i| self.starts[i]).collect();
+        let ids: Vec<i32> = indexes.iter().map(|&i| i as i32).collect();
         let rows: Vec<(i32, Option<ExactDecimal>)> = sqlx::query_as(
-            "SELECT (u.i - 1)::int4, CASE u.a
+            "SELECT u.i, CASE u.a
                 WHEN 'max' THEN (SELECT max(d.value) FROM usage_daily d
                     WHERE d.customer_id = u.c AND d.meter = u.m AND d.day >= u.s)
                 WHEN 'latest' THEN (SELECT d.value FROM usage_daily d
@@ -94,16 +129,16 @@ impl UsageRequests {
                 ELSE (SELECT sum(d.value) FROM usage_daily d
                     WHERE d.customer_id = u.c AND d.meter = u.m AND d.day >= u.s)
                 END
-             FROM unnest($1::text[], $2::text[], $3::date[], $4::text[])
-                  WITH ORDINALITY AS u(c, m, s, a, i)",
+             FROM unnest($1::text[], $2::text[], $3::date[], $4::text[], $5::int4[])
+                  AS u(c, m, s, a, i)",
         )
-        .bind(&self.customers)
-        .bind(&self.meters)
-        .bind(&self.starts)
-        .bind(&self.aggregations)
+        .bind(pick(&self.customers))
+        .bind(pick(&self.meters))
+        .bind(&starts)
+        .bind(pick(&self.aggregations))
+        .bind(&ids)
         .fetch_all(pool)
-        .await
-        .map_err(QuotaStoreError::from)?;
+        .await?;
         Ok(rows
             .into_iter()
             .map(|(index, value)| (index, value.unwrap_or_default().0))
@@ -132,14 +167,25 @@ pub struct CustomerUsage {
     pub meters: Vec<MeterPeriodUsage>,
 }
 
+/// What [`usage_against_limits`] found for a batch of customers.
+#[derive(Debug, Default)]
+pub struct UsageAgainstLimits {
+    /// Those with a live subscription, their entitlements and usage.
+    pub customers: Vec<CustomerUsage>,
+    /// Those whose entitlements or usage cannot be known (an override that does not fit the
+    /// plan, a usage sum beyond a decimal), each with why: the others are unaffected.
+    pub failed: Vec<(String, QuotaError)>,
+}
+
 /// For a batch of customers (in three queries whatever their number): those with a live
 /// subscription, their entitlements and the current-period usage of every limited meter that
-/// adds up, is a maximum or a latest value (`unique_count` limits are not supported).
+/// adds up, is a maximum or a latest value (`unique_count` limits are not supported). A
+/// customer whose entitlements or usage cannot be read is returned apart, with why.
 pub async fn usage_against_limits(
     pool: &PgPool,
     customers: &[String],
     now: DateTime<Utc>,
-) -> Result<Vec<CustomerUsage>, QuotaError> {
+) -> Result<UsageAgainstLimits, QuotaError> {
     let aggregations: HashMap<String, Aggregation> = tally_db::meters::all(pool)
         .await
         .map_err(QuotaStoreError::from)?
@@ -149,9 +195,15 @@ pub async fn usage_against_limits(
     let mut live = crate::store::live_customers(pool, customers).await?;
     let mut requests = UsageRequests::default();
     let mut found = Vec::new();
+    let mut failed = Vec::new();
     for customer in customers {
-        let Some(customer_live) = live.remove(customer) else {
-            continue;
+        let customer_live = match live.remove(customer) {
+            Some(Ok(live)) => live,
+            Some(Err(error)) => {
+                failed.push((customer.clone(), error.into()));
+                continue;
+            }
+            None => continue,
         };
         let mut wanted = Vec::new();
         for (meter, limit) in &customer_live.entitlements.limits {
@@ -179,9 +231,13 @@ pub async fn usage_against_limits(
         }
         found.push((customer.clone(), customer_live, wanted));
     }
-    let usage = requests.fetch(pool).await?;
-    Ok(found
+    let (usage, unreadable) = requests.fetch_isolating(pool).await?;
+    let unreadable_customers: std::collections::HashSet<String> =
+        unreadable.iter().map(|(c, _)| c.clone()).collect();
+    failed.extend(unreadable);
+    let customers = found
         .into_iter()
+        .filter(|(customer, _, _)| !unreadable_customers.contains(customer))
         .map(|(customer, live, wanted)| CustomerUsage {
             customer,
             meters: wanted
@@ -199,5 +255,6 @@ pub async fn usage_against_limits(
             subscription: live.subscription,
             entitlements: live.entitlements,
         })
-        .collect())
+        .collect();
+    Ok(UsageAgainstLimits { customers, failed })
 }

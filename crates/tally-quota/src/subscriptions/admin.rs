@@ -29,6 +29,12 @@ pub enum SubscriptionError {
     Invalid(String),
     #[error("a reason is required for every change; it is written to the audit trail")]
     ReasonRequired,
+    #[error("the override of customer {customer:?} does not fit plan {plan:?}: {why}; change the override first (PUT /v1/customers/{{id}}/overrides) or pick another plan")]
+    OverrideConflict {
+        customer: String,
+        plan: String,
+        why: String,
+    },
     #[error(transparent)]
     Store(#[from] QuotaStoreError),
 }
@@ -44,6 +50,7 @@ impl SubscriptionError {
             SubscriptionError::NoNextPeriod(_) => "NO_NEXT_PERIOD",
             SubscriptionError::Invalid(_) => "INVALID_SUBSCRIPTION",
             SubscriptionError::ReasonRequired => "REASON_REQUIRED",
+            SubscriptionError::OverrideConflict { .. } => "OVERRIDE_CONFLICT",
             SubscriptionError::Store(QuotaStoreError::UnknownPlan(_)) => "UNKNOWN_PLAN",
             SubscriptionError::Store(QuotaStoreError::SecondLiveSubscription { .. }) => {
                 "SECOND_LIVE_SUBSCRIPTION"
@@ -174,6 +181,7 @@ pub async fn create(
     };
     let mut tx = pool.begin().await?;
     lock_customer(&mut tx, &new.customer).await?;
+    fits(&mut tx, &new.customer, &new.plan).await?;
     if let Some(live) = live_for_update(&mut tx, &new.customer).await? {
         if live.source != Source::Fallback {
             return Err(QuotaStoreError::SecondLiveSubscription {
@@ -322,6 +330,7 @@ pub async fn change_plan(
     if known.is_none() {
         return Err(QuotaStoreError::UnknownPlan(plan.to_owned()).into());
     }
+    fits(&mut tx, &before.customer, plan).await?;
     let mut after = before.clone();
     let action = match when {
         When::Now => {
@@ -547,7 +556,8 @@ async fn mark_fallback_checked(tx: &mut PgConnection, id: i64) -> Result<(), sql
 }
 
 /// Serializes everything that may give a customer a live subscription (create, the fallback,
-/// a Stripe webhook), so that "has none, so add one" cannot race.
+/// a Stripe webhook), so that "has none, so add one" cannot race. Taken before any of the
+/// customer's subscription rows is locked (held already, it is taken again at once).
 pub(crate) async fn lock_customer(
     tx: &mut PgConnection,
     customer: &str,
@@ -557,6 +567,20 @@ pub(crate) async fn lock_customer(
         .execute(&mut *tx)
         .await?;
     Ok(())
+}
+
+/// [`lock_customer`] if it is free now: `false` when another transaction holds it (the
+/// scheduler, which holds subscription rows already, must not wait for it).
+pub(crate) async fn try_lock_customer(
+    tx: &mut PgConnection,
+    customer: &str,
+) -> Result<bool, sqlx::Error> {
+    sqlx::query_scalar(
+        "SELECT pg_try_advisory_xact_lock(hashtextextended('tally.subscriptions:' || $1, 0))",
+    )
+    .bind(customer)
+    .fetch_one(&mut *tx)
+    .await
 }
 
 pub(crate) async fn live_for_update(
@@ -572,8 +596,29 @@ pub(crate) async fn live_for_update(
     .await
 }
 
-/// The subscription, locked, if the API may change it: tally-managed and live.
+/// Refuses a plan the customer's override does not fit (the customer would have no
+/// entitlements: every check and alert of theirs would fail).
+async fn fits(tx: &mut PgConnection, customer: &str, plan: &str) -> Result<(), SubscriptionError> {
+    crate::store::override_fits(tx, customer, plan)
+        .await?
+        .map_err(|why| SubscriptionError::OverrideConflict {
+            customer: customer.to_owned(),
+            plan: plan.to_owned(),
+            why,
+        })
+}
+
+/// The subscription, locked, if the API may change it: tally-managed and live. Locks in one
+/// order everywhere: the customer's lock first (create, the fallback and Stripe's webhook take
+/// it too), then the row; the other order deadlocks with a create.
 async fn editable(tx: &mut PgConnection, id: i64) -> Result<SubscriptionRecord, SubscriptionError> {
+    let customer: String =
+        sqlx::query_scalar("SELECT customer_id FROM subscriptions WHERE subscription_id = $1")
+            .bind(id)
+            .fetch_optional(&mut *tx)
+            .await?
+            .ok_or(SubscriptionError::NotFound(id))?;
+    lock_customer(tx, &customer).await?;
     let subscription: SubscriptionRecord = sqlx::query_as(&format!(
         "SELECT {COLUMNS} FROM subscriptions WHERE subscription_id = $1 FOR UPDATE"
     ))

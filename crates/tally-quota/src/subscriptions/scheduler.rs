@@ -17,7 +17,7 @@ use sqlx::{PgConnection, PgPool};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-use super::admin::{audit, ensure_fallback, write, SubscriptionError};
+use super::admin::{audit, ensure_fallback, try_lock_customer, write, SubscriptionError};
 use super::{step, SubscriptionRecord, COLUMNS};
 use crate::plan::PlanDefinition;
 use crate::store::QuotaStoreError;
@@ -79,6 +79,9 @@ pub struct SchedulerRun {
 /// The actor the scheduler's audit rows name.
 const ACTOR: &str = "scheduler";
 
+/// The loop's name in `customer_errors`.
+pub(crate) const STAGE: &str = "subscriptions";
+
 /// Applies everything due by `now`, then the fallback. An error here is Postgres away (the
 /// caller tries again next run); a subscription's own failure is counted in the result.
 pub async fn run_due(
@@ -94,23 +97,35 @@ pub async fn run_due(
         // every monthly subscription anchored on the 1st is due at once), each subscription in
         // a savepoint, so one that fails is rolled back alone and the batch goes on.
         let mut tx = pool.begin().await?;
+        // A customer set aside earlier waits for its retry (`customer_errors`).
         let due: Vec<SubscriptionRecord> = sqlx::query_as(&format!(
-            "SELECT {COLUMNS} FROM subscriptions
+            "SELECT {COLUMNS} FROM subscriptions s
              WHERE status IN ('active', 'trialing') AND source <> 'stripe'
                AND current_period_end <= $1 AND subscription_id <> ALL($2)
+               AND NOT EXISTS (SELECT 1 FROM customer_errors e WHERE e.stage = $4
+                               AND e.customer_id = s.customer_id AND e.retry_at > $1)
              ORDER BY current_period_end LIMIT $3 FOR UPDATE SKIP LOCKED"
         ))
         .bind(now)
         .bind(&failed)
         .bind(BATCH)
+        .bind(STAGE)
         .fetch_all(&mut *tx)
         .await?;
         if due.is_empty() {
             break;
         }
         let mut done = Vec::with_capacity(due.len());
+        let mut set_aside = Vec::new();
         for subscription in due {
             let (id, customer) = (subscription.id, subscription.customer.clone());
+            // The rows are locked already: the customer's lock is taken only if free (a create
+            // or a cancel holding it waits for this row; waiting here would deadlock). Busy:
+            // left for the next run.
+            if !try_lock_customer(&mut tx, &customer).await? {
+                failed.push(id);
+                continue;
+            }
             let mut savepoint = sqlx::Connection::begin(&mut *tx).await?;
             match advance(
                 &mut savepoint,
@@ -130,9 +145,15 @@ pub async fn run_due(
                     failed.push(id);
                     run.failed += 1;
                     telemetry::subscription_scheduler_error();
-                    tracing::error!(subscription = id, %customer, %error, "could not advance the subscription at its period end; retried next run");
+                    tracing::error!(subscription = id, %customer, %error, "could not advance the subscription at its period end; set aside (tally status lists it) and tried again later, the others go on");
+                    set_aside.push((customer, error.to_string()));
                 }
             }
+        }
+        let advanced: Vec<String> = done.iter().map(|(c, _)| c.clone()).collect();
+        tally_db::customer_errors::clear(&mut tx, STAGE, &advanced).await?;
+        for (customer, error) in &set_aside {
+            tally_db::customer_errors::record(&mut tx, STAGE, customer, error).await?;
         }
         tx.commit().await?;
         for (customer, applied) in done {
@@ -252,16 +273,30 @@ async fn advance(
     Ok(applied)
 }
 
-/// Which plans' trials need a payment method to convert.
+/// Which plans' trials need a payment method to convert. Read as text and parsed here: a
+/// stored value that is not a boolean is that plan's problem (logged; it counts as `true`, the
+/// safe side), never every renewal's.
 async fn plans_requiring_payment_method(
     pool: &PgPool,
 ) -> Result<HashMap<String, bool>, QuotaStoreError> {
-    let rows: Vec<(String, bool)> = sqlx::query_as(
-        "SELECT name, coalesce((definition ->> 'requires_payment_method')::boolean, false) FROM plans",
-    )
-    .fetch_all(pool)
-    .await?;
-    Ok(rows.into_iter().collect())
+    let rows: Vec<(String, Option<String>)> =
+        sqlx::query_as("SELECT name, definition ->> 'requires_payment_method' FROM plans")
+            .fetch_all(pool)
+            .await?;
+    Ok(rows
+        .into_iter()
+        .map(|(plan, requires)| {
+            let requires = match requires.as_deref() {
+                None | Some("false") => false,
+                Some("true") => true,
+                Some(other) => {
+                    tracing::warn!(%plan, value = other, "the plan's stored requires_payment_method is not a boolean; taken as true");
+                    true
+                }
+            };
+            (plan, requires)
+        })
+        .collect())
 }
 
 /// Runs [`run_due`] every `schedule_every` until `stop`, supervised. `changed` is told each
