@@ -15,9 +15,15 @@ pub struct ServeConfig {
     /// without a token. Keep it off the internet (e.g. 127.0.0.1:9188 or a private network).
     /// Empty: no admin listener, and the public `/metrics` and `/readyz` need an admin token.
     pub admin_listen: String,
-    /// How long the quota check keeps a customer's entitlements and usage before reloading.
+    /// How often the quota check reloads a customer's entitlements, usage and credits in the
+    /// background while it is being checked.
     #[serde(with = "humantime_serde")]
     pub refresh: Duration,
+    /// The oldest state a check may decide on: a customer whose cached state is older (after
+    /// a quiet spell, or with the reloads behind) is loaded again before the answer, one load
+    /// for every check waiting. At least `refresh`.
+    #[serde(with = "humantime_serde")]
+    pub max_staleness: Duration,
     /// Most customers the quota cache holds; beyond, the least recently checked are evicted.
     pub max_cached_customers: usize,
     /// API tokens (`[[serve.tokens]]`), stored as SHA-256 hashes: `tally tokens create`.
@@ -37,6 +43,7 @@ impl Default for ServeConfig {
             listen: "127.0.0.1:8080".into(),
             admin_listen: String::new(),
             refresh: Duration::from_millis(250),
+            max_staleness: Duration::from_secs(1),
             max_cached_customers: 1_000_000,
             tokens: Vec::new(),
             stripe_webhook_secret: Secret::default(),
@@ -197,6 +204,13 @@ impl ApiToken {
 
 impl ServeConfig {
     pub fn validate(&self) -> Result<(), String> {
+        if self.max_staleness < self.refresh {
+            return Err(format!(
+                "serve.max_staleness ({}) is shorter than serve.refresh ({}): checks would wait for a load every time; make it at least refresh (e.g. 4 × refresh)",
+                humantime::format_duration(self.max_staleness),
+                humantime::format_duration(self.refresh)
+            ));
+        }
         for token in &self.tokens {
             let name = &token.name;
             if token.token.is_some() {

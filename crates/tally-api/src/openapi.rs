@@ -70,7 +70,7 @@ fn subscription_change_responses() -> Value {
         "200": json_response("The subscription after the change (unchanged when there was nothing to change)", "Subscription"),
         "400": error_response("INVALID_REQUEST (the id, `at`) or REASON_REQUIRED"),
         "404": error_response("NO_SUCH_SUBSCRIPTION, or UNKNOWN_PLAN"),
-        "409": error_response("STRIPE_MANAGED (change it in Stripe), SUBSCRIPTION_ENDED, NOTHING_TO_REACTIVATE, or NO_NEXT_PERIOD (a fixed term)"),
+        "409": error_response("STRIPE_MANAGED (change it in Stripe), SUBSCRIPTION_ENDED, NOTHING_TO_REACTIVATE, NO_NEXT_PERIOD (a fixed term), or OVERRIDE_CONFLICT (the customer's override does not fit the new plan)"),
         "503": error_response("STORE_UNAVAILABLE or OVERLOADED") }))
 }
 
@@ -250,6 +250,7 @@ pub fn document() -> Value {
                              "content": { "application/json": { "schema": { "oneOf": [{ "$ref": "#/components/schemas/InsufficientCredits" }, { "$ref": "#/components/schemas/Error" }] } } } },
                     "403": error_response("FEATURE_DISABLED, or FORBIDDEN (scope, or another customer's token)"),
                     "404": error_response("NO_ACTIVE_SUBSCRIPTION"),
+                    "409": error_response("OVERRIDE_CONFLICT: the customer's override does not fit its plan (the plan changed under it); an operator changes the override"),
                     "503": error_response("STORE_UNAVAILABLE (Postgres unavailable; retry) or OVERLOADED") })) } },
             "/v1/events": { "post": {
                 "summary": "Report usage: up to 1,000 events (native or CloudEvents 1.0), each answered on its own. Tokens: admin, ingest",
@@ -278,7 +279,7 @@ pub fn document() -> Value {
                     "200": { "description": "Entitlements, or with `preview`, what the customer would get on that plan",
                              "content": { "application/json": { "schema": { "oneOf": [{ "$ref": "#/components/schemas/Entitlements" }, { "$ref": "#/components/schemas/EntitlementsPreview" }] } } } },
                     "404": error_response("NO_ACTIVE_SUBSCRIPTION, or UNKNOWN_PLAN (preview)"),
-                    "409": error_response("OVERRIDE_CONFLICT: the customer's override does not fit the previewed plan"),
+                    "409": error_response("OVERRIDE_CONFLICT: the customer's override does not fit its plan, or the previewed plan"),
                     "503": error_response("STORE_UNAVAILABLE (Postgres unavailable) or OVERLOADED") })) } },
             "/v1/customers/{id}/usage": { "get": {
                 "summary": "Usage of one meter in minute, hour or day buckets (at most 10,000 buckets × group keys). Tokens: admin, customer (own)",
@@ -299,6 +300,7 @@ pub fn document() -> Value {
                 "responses": with_gate(json!({
                     "200": json_response("Lines and total", "InvoicePreview"),
                     "404": error_response("NO_ACTIVE_SUBSCRIPTION"),
+                    "409": error_response("OVERRIDE_CONFLICT: the customer's override does not fit its plan"),
                     "422": error_response("USAGE_OUT_OF_RANGE (usage × price beyond a 28-digit decimal) or CREDITS_OUT_OF_RANGE (credits beyond one)"),
                     "503": error_response("STORE_UNAVAILABLE or OVERLOADED") })) } },
             "/healthz": { "get": { "summary": "The process is up", "security": [],
@@ -416,7 +418,7 @@ fn admin_paths() -> Value {
                     "201": json_response("Created", "Subscription"),
                     "400": error_response("INVALID_REQUEST, INVALID_SUBSCRIPTION (dates, customer id) or REASON_REQUIRED"),
                     "404": error_response("UNKNOWN_PLAN"),
-                    "409": error_response("SECOND_LIVE_SUBSCRIPTION: cancel the customer's live subscription first"),
+                    "409": error_response("SECOND_LIVE_SUBSCRIPTION (cancel the customer's live subscription first) or OVERRIDE_CONFLICT (the customer's override does not fit the plan: change the override first)"),
                     "503": error_response("STORE_UNAVAILABLE or OVERLOADED") })) } },
             "/v1/subscriptions/{id}": { "get": {
                 "summary": "One subscription (tally- or Stripe-managed). Admin token",
@@ -693,6 +695,7 @@ fn alert_paths() -> Value {
                 "responses": with_gate(json!({
                     "200": json_response("Rules and firings", "CustomerAlerts"),
                     "400": error_response("INVALID_REQUEST: a customer id events could not carry"),
+                    "409": error_response("OVERRIDE_CONFLICT: the customer's override does not fit its plan"),
                     "503": error_response("STORE_UNAVAILABLE or OVERLOADED") })) },
             "post": {
                 "summary": "Add an alert rule for the customer: usage of `meter` reaching `percent` of its limit (once per limit period), or the projected credit balance falling below `credit_balance_below` (again only after it was back at or above it). Evaluated at once. Alerts go to every endpoint (POST /v1/alerts/endpoints). Admin token",

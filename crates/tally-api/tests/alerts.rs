@@ -941,3 +941,115 @@ async fn endpoints_get_only_their_customers_and_types_and_a_rotated_secret_signs
     }
     assert_eq!(rotated_deliveries, 3);
 }
+
+/// A customer whose override no longer fits its plan (its plan changed under it: in Stripe,
+/// or to the fallback plan) cannot be evaluated: it is set aside in `customer_errors` and
+/// tried again later, while every other customer's alerts fire and the changes are taken
+/// (they used to fail the whole batch, for ever, while `customer_changes` grew). Its quota
+/// checks answer 409 OVERRIDE_CONFLICT; the others' are unaffected.
+#[tokio::test]
+async fn a_customer_whose_override_no_longer_fits_is_set_aside_and_the_others_go_on() {
+    let api = Api::start().await;
+    subscribe(
+        &api.pool,
+        "beta",
+        "PRO",
+        Utc::now() - chrono::TimeDelta::days(1),
+    )
+    .await;
+    // beta's override limits a meter PRO does not limit, without a period: it does not fit.
+    sqlx::query(
+        "INSERT INTO customer_overrides (customer_id, overrides, reason, set_by)
+         VALUES ('beta', '{\"limits\":{\"tokens\":{\"limit\":\"5\"}}}', 'test', 'test')",
+    )
+    .execute(&api.pool)
+    .await
+    .unwrap();
+    let mut tx = api.pool.begin().await.unwrap();
+    for customer in ["acme", "beta"] {
+        sqlx::query(
+            "INSERT INTO usage_daily (customer_id, meter, day, group_key, value, event_count, first_updated, last_updated)
+             VALUES ($1, 'api_calls', (now() AT TIME ZONE 'UTC')::date, '', 85, 85, now(), now())",
+        )
+        .bind(customer)
+        .execute(&mut *tx)
+        .await
+        .unwrap();
+        tally_db::changes::record(&mut tx, &[(customer, "api_calls")])
+            .await
+            .unwrap();
+    }
+    tx.commit().await.unwrap();
+    let rates = RateCard::load(&api.pool).await.unwrap();
+    let evaluation = tally_alerts::evaluate_once(&api.pool, &rates, Utc::now())
+        .await
+        .unwrap();
+    assert_eq!(evaluation.set_aside, ["beta"], "{evaluation:?}");
+    assert_eq!(
+        evaluation.fired.len(),
+        2,
+        "acme's usage and balance rules: {evaluation:?}"
+    );
+    let (changes, errors): (i64, Vec<(String, String, String)>) = (
+        sqlx::query_scalar("SELECT count(*) FROM customer_changes")
+            .fetch_one(&api.pool)
+            .await
+            .unwrap(),
+        sqlx::query_as("SELECT stage, customer_id, error FROM customer_errors")
+            .fetch_all(&api.pool)
+            .await
+            .unwrap(),
+    );
+    assert_eq!(changes, 0, "the changes were taken");
+    assert_eq!(errors.len(), 1);
+    assert_eq!(
+        (errors[0].0.as_str(), errors[0].1.as_str()),
+        ("alerts", "beta")
+    );
+    assert!(
+        errors[0].2.contains("does not fit its plan \"PRO\""),
+        "{errors:?}"
+    );
+    // Its checks say why; acme's are unaffected.
+    let check = |customer: &'static str| {
+        let body = json!({ "customer": customer, "meter": "api_calls" });
+        api.call(
+            "POST",
+            "/v1/quota/check",
+            "/v1/quota/check",
+            ADMIN,
+            Some(body),
+        )
+    };
+    let (status, answer) = check("beta").await;
+    assert_eq!(
+        (status, answer["code"].as_str()),
+        (StatusCode::CONFLICT, Some("OVERRIDE_CONFLICT")),
+        "{answer}"
+    );
+    let (status, answer) = check("acme").await;
+    assert_eq!(status, StatusCode::OK, "{answer}");
+    // Not tried again before its retry; fixed, it is evaluated and forgotten.
+    let again = tally_alerts::evaluate_once(&api.pool, &rates, Utc::now())
+        .await
+        .unwrap();
+    assert_eq!(again.customers, 0);
+    sqlx::query("DELETE FROM customer_overrides WHERE customer_id = 'beta'")
+        .execute(&api.pool)
+        .await
+        .unwrap();
+    sqlx::query("UPDATE customer_errors SET retry_at = now() - interval '1 second'")
+        .execute(&api.pool)
+        .await
+        .unwrap();
+    let retried = tally_alerts::evaluate_once(&api.pool, &rates, Utc::now())
+        .await
+        .unwrap();
+    assert_eq!(retried.fired.len(), 2, "{retried:?}");
+    assert!(retried.set_aside.is_empty());
+    let left: i64 = sqlx::query_scalar("SELECT count(*) FROM customer_errors")
+        .fetch_one(&api.pool)
+        .await
+        .unwrap();
+    assert_eq!(left, 0);
+}

@@ -2,7 +2,13 @@
 //!
 //! A customer's subscription, entitlements and current-period usage are loaded once and kept
 //! in a local cache, reloaded in the background every `refresh` (`serve.refresh`, 250 ms by
-//! default) while checks go on answering from the cached state. One refresher task reloads
+//! default) while checks go on answering from the cached state. **No check decides on state
+//! older than `max_staleness`** (`serve.max_staleness`, 1 s by default): a customer whose state
+//! is older (the first check after a quiet spell, or reloads that fell behind) is loaded again
+//! before the answer, one load for every check waiting, and a load that fails is answered as
+//! an error (503), never from the old state. So a balance burned or a limit reached elsewhere
+//! (another `tally serve` behind the same load balancer, the credit burner) is seen within
+//! `max_staleness` plus the aggregator's lag, on every replica. One refresher task reloads
 //! every customer that became stale in a batch of two queries, so a thousand active customers
 //! cost a few queries per refresh, not a thousand. A check on a cached customer is a read lock
 //! on one shard of the map, a lookup and a few decimal operations (about 400-500 ns). Usage
@@ -88,6 +94,9 @@ pub struct QuotaOptions {
     pub max_concurrent_loads: usize,
     /// How long a failed load is answered with its error before Postgres is asked again.
     pub failed_load_ttl: Duration,
+    /// The oldest cached state a check may decide on (`serve.max_staleness`); older state is
+    /// loaded again before the answer. At least `refresh`.
+    pub max_staleness: Duration,
 }
 
 impl QuotaOptions {
@@ -95,13 +104,15 @@ impl QuotaOptions {
     pub const DEFAULT_MAX_CONCURRENT_LOADS: usize = 4;
     pub const DEFAULT_FAILED_LOAD_TTL: Duration = Duration::from_secs(1);
 
-    /// The defaults, with this refresh interval.
+    /// The defaults, with this refresh interval (and `max_staleness` four times it, at least
+    /// a second).
     pub fn new(refresh: Duration) -> QuotaOptions {
         QuotaOptions {
             refresh,
             max_customers: QuotaOptions::DEFAULT_MAX_CUSTOMERS,
             max_concurrent_loads: QuotaOptions::DEFAULT_MAX_CONCURRENT_LOADS,
             failed_load_ttl: QuotaOptions::DEFAULT_FAILED_LOAD_TTL,
+            max_staleness: (refresh * 4).max(Duration::from_secs(1)),
         }
     }
 }
@@ -311,16 +322,18 @@ impl Quota {
         Ok((live.subscription.clone(), (*live.entitlements).clone()))
     }
 
-    /// Drops a customer's cached state (after a subscription or override change).
+    /// Drops a customer's cached state (after a subscription or override change): its next
+    /// check loads it again, and a load that started before this never lands in its place.
     pub fn invalidate(&self, customer: &str) {
-        self.cache.remove(customer);
+        self.cache.invalidate(customer);
     }
 
-    /// The customer's cached state. A stale entry is still answered from while one background
-    /// task reloads it, so a check waits for Postgres only on a customer's first use (or after
-    /// eviction), once a failed load's `failed_load_ttl` has passed, or when a billing period
-    /// has ended; and then it shares one load with every other check of the customer
-    /// (`single_flight.rs`).
+    /// The customer's cached state. An entry younger than `max_staleness` is answered from
+    /// while one background task reloads it (once it is older than `refresh`), so a check
+    /// waits for Postgres only on a customer's first use (or after eviction or invalidation),
+    /// when its state is older than `max_staleness`, once a failed load's `failed_load_ttl`
+    /// has passed, or when a billing period has ended; and then it shares one load with every
+    /// other check of the customer (`single_flight.rs`).
     async fn cached(&self, customer: &str) -> Arc<Cached> {
         let now = Instant::now();
         let Some(cached) = self.cache.get(customer) else {
@@ -331,9 +344,12 @@ impl Quota {
         let age = now.saturating_duration_since(cached.loaded);
         let options = &self.cache.options;
         let must_load = match &cached.state {
-            CustomerState::Live(live) => live.reload_at.is_some_and(|at| Utc::now() >= at),
-            CustomerState::NoSubscription => false,
+            CustomerState::Live(live) => {
+                age >= options.max_staleness || live.reload_at.is_some_and(|at| Utc::now() >= at)
+            }
+            CustomerState::NoSubscription => age >= options.max_staleness,
             CustomerState::LoadFailed(_) => age >= options.failed_load_ttl,
+            CustomerState::Invalidated => true,
         };
         if must_load {
             self.lookups.miss.increment(1);

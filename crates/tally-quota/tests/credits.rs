@@ -177,3 +177,124 @@ async fn credits_cover_usage_until_zero_then_checks_are_refused() {
     let capped = quota.check("acme", "api_calls", d("1")).await.unwrap();
     assert!(matches!(capped, Decision::Deny { .. }), "{capped:?}");
 }
+
+/// The review's case: a gateway checks, usage is then burned elsewhere, and after a quiet spell
+/// the next check must decide on the balance Postgres holds now, not the one cached before
+/// (it used to be allowed with `credits_remaining` 24.00 and refused a second later). With two
+/// replicas, the one that did not see the usage decides on fresh state too.
+#[tokio::test]
+async fn after_a_quiet_spell_a_check_decides_on_state_no_older_than_max_staleness() {
+    let db = fresh_database().await;
+    sqlx::query("INSERT INTO meters (name, aggregation, group_by, stripe_event_name) VALUES ('tokens', 'sum', '{}', 't')")
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    tally_credits::rates::record(
+        &db.pool,
+        &[RateDefinition {
+            meter: "tokens".into(),
+            credits_per_unit: d("0.25"),
+            dimensions: BTreeMap::new(),
+        }],
+    )
+    .await
+    .unwrap();
+    let plans: Vec<PlanDefinition> = serde_json::from_value(serde_json::json!([
+        { "name": "PREPAID", "limits": { "tokens": { "enforcement": "credits" } } }
+    ]))
+    .unwrap();
+    apply_plans(&db.pool, &plans, "test").await.unwrap();
+    subscribe(&db.pool, "acme", "PREPAID", Utc::now() - TimeDelta::days(2)).await;
+    top_up(&db.pool, "acme", "100", "first").await;
+    // Two replicas behind one load balancer, as `tally serve` runs them (refresh 250 ms).
+    let one = Quota::new(db.pool.clone(), Duration::from_millis(250))
+        .await
+        .unwrap();
+    let two = Quota::new(db.pool.clone(), Duration::from_millis(250))
+        .await
+        .unwrap();
+    for quota in [&one, &two] {
+        let first = quota.check("acme", "tokens", d("4")).await.unwrap();
+        assert_eq!(credits_left(&first), Some(d("99")));
+    }
+    // 105.25 tokens are used and burned: 26.3125 credits; 73.6875 left.
+    let mut tx = db.pool.begin().await.unwrap();
+    enqueue(
+        &mut tx,
+        &[CountedUsage {
+            customer: "acme",
+            meter: "tokens",
+            group_key: "",
+            window_start: Utc::now() - TimeDelta::minutes(1),
+            quantity: d("105.25"),
+        }],
+    )
+    .await
+    .unwrap();
+    tx.commit().await.unwrap();
+    let rates = tally_credits::RateCard::load(&db.pool).await.unwrap();
+    while tally_credits::burn_once(&db.pool, &rates).await.unwrap().1 {}
+    // A quiet spell longer than max_staleness (1 s at this refresh).
+    tokio::time::sleep(Duration::from_millis(1_300)).await;
+    for quota in [&one, &two] {
+        // 300 tokens cost 75 credits: more than the 73.6875 left.
+        match quota.check("acme", "tokens", d("300")).await {
+            Err(QuotaError::InsufficientCredits {
+                balance, required, ..
+            }) => {
+                assert_eq!((balance, required), (d("73.6875"), d("75")));
+            }
+            other => panic!("decided on stale state: {other:?}"),
+        }
+        let fits = quota.check("acme", "tokens", d("4")).await.unwrap();
+        assert_eq!(credits_left(&fits), Some(d("72.6875")));
+    }
+}
+
+/// An invalidation (a webhook changed the customer) that races a load started before it is
+/// not overwritten by that load's older result.
+#[tokio::test]
+async fn an_invalidation_is_never_overwritten_by_a_load_that_started_before_it() {
+    let db = fresh_database().await;
+    sqlx::query("INSERT INTO meters (name, aggregation, group_by, stripe_event_name) VALUES ('api_calls', 'sum', '{}', 'a')")
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    let plans: Vec<PlanDefinition> = serde_json::from_value(serde_json::json!([
+        { "name": "SMALL", "limits": { "api_calls": { "limit": "1", "period": "day" } } },
+        { "name": "LARGE", "limits": { "api_calls": { "limit": "1000", "period": "day" } } }
+    ]))
+    .unwrap();
+    apply_plans(&db.pool, &plans, "test").await.unwrap();
+    subscribe(&db.pool, "acme", "SMALL", Utc::now() - TimeDelta::days(2)).await;
+    let quota = std::sync::Arc::new(
+        Quota::new(db.pool.clone(), Duration::from_secs(3600))
+            .await
+            .unwrap(),
+    );
+    // A load that has read the old plan and waits for its usage query (a lock on usage_daily
+    // holds it there), while the plan changes and the cache is told.
+    let mut blocker = db.pool.begin().await.unwrap();
+    sqlx::query("LOCK TABLE usage_daily IN ACCESS EXCLUSIVE MODE")
+        .execute(&mut *blocker)
+        .await
+        .unwrap();
+    let loading = {
+        let quota = quota.clone();
+        tokio::spawn(async move { quota.check("acme", "api_calls", d("5")).await })
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    sqlx::query("UPDATE subscriptions SET plan = 'LARGE' WHERE customer_id = 'acme'")
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    quota.invalidate("acme");
+    blocker.rollback().await.unwrap();
+    // The load that started first answers its own check from the old plan (it began before
+    // the change) ...
+    let old = loading.await.unwrap().unwrap();
+    assert!(matches!(old, Decision::Deny { .. }), "{old:?}");
+    // ... but is not cached in place of the invalidation: the next check loads the new plan.
+    let new = quota.check("acme", "api_calls", d("5")).await.unwrap();
+    assert!(matches!(new, Decision::Allow { .. }), "{new:?}");
+}

@@ -51,6 +51,7 @@ pub(crate) fn run(config: &TallyConfig) -> anyhow::Result<()> {
             pool.clone(),
             QuotaOptions {
                 max_customers: serve.max_cached_customers,
+                max_staleness: serve.max_staleness,
                 ..QuotaOptions::new(serve.refresh)
             },
         )

@@ -43,6 +43,9 @@ pub(super) enum CustomerState {
     /// The load failed. Checks get this error again, without asking Postgres, until
     /// `failed_load_ttl` has passed; evicted first when the cache is full.
     LoadFailed(QuotaError),
+    /// Invalidated (its subscription or override changed) at `loaded`: the next check loads
+    /// it, and no load that started before replaces this mark.
+    Invalidated,
 }
 
 impl Cached {
@@ -63,6 +66,11 @@ impl Cached {
                 Err(QuotaError::NoActiveSubscription(customer.to_owned()))
             }
             CustomerState::LoadFailed(error) => Err(error.again()),
+            // `Quota::cached` loads an invalidated customer before answering; a check that
+            // gets here raced another invalidation: it answers as Postgres would be away.
+            CustomerState::Invalidated => Err(QuotaError::Store(QuotaStoreError::RecentlyFailed(
+                "the customer's state changed while it was loaded; check again".into(),
+            ))),
         }
     }
 
@@ -414,9 +422,15 @@ impl CacheState {
         }
     }
 
-    /// Drops a customer's cached state.
-    pub(super) fn remove(&self, customer: &str) {
-        self.customers.remove(customer);
+    /// Marks a customer's cached state out of date (see [`CustomerState::Invalidated`]), and
+    /// forgets a load under way, so that the next check starts a new one.
+    pub(super) fn invalidate(&self, customer: &str) {
+        let now = Instant::now();
+        self.customers.insert(
+            customer,
+            Arc::new(Cached::new(CustomerState::Invalidated, now, self.tick(now))),
+        );
+        self.single_flight.forget(customer);
     }
 
     /// Clears every "reload under way" mark, so stale customers are queued again.

@@ -56,20 +56,23 @@ impl Customers {
         read(self.shard(customer)).get(customer).cloned()
     }
 
-    /// Inserts or replaces the customer's entry. A customer new to a full shard first evicts
-    /// a batch of others; returns how many.
+    /// Inserts or replaces the customer's entry, unless the entry there is newer (a load that
+    /// started before an invalidation, or before a later load landed, never replaces it). A
+    /// customer new to a full shard first evicts a batch of others; returns how many.
     pub(super) fn insert(&self, customer: &str, cached: Arc<Cached>) -> usize {
         let mut shard = write(self.shard(customer));
+        if shard
+            .get(customer)
+            .is_some_and(|current| current.loaded > cached.loaded)
+        {
+            return 0;
+        }
         let mut evicted = 0;
         if shard.len() >= self.per_shard && !shard.contains_key(customer) {
             evicted = evict(&mut shard, (self.per_shard / EVICT_DIVISOR).max(1));
         }
         shard.insert(customer.to_owned(), cached);
         evicted
-    }
-
-    pub(super) fn remove(&self, customer: &str) {
-        write(self.shard(customer)).remove(customer);
     }
 
     /// How many customers are cached.

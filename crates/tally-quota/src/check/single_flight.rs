@@ -38,6 +38,12 @@ impl SingleFlight {
     fn flights(&self) -> MutexGuard<'_, HashMap<String, Flight>> {
         self.flights.lock().unwrap_or_else(PoisonError::into_inner)
     }
+
+    /// Forgets the customer's load under way (it was invalidated): checks from now on start a
+    /// new one instead of joining one that may read the state from before.
+    pub(super) fn forget(&self, customer: &str) {
+        self.flights().remove(customer);
+    }
 }
 
 impl CacheState {
