@@ -2,9 +2,10 @@
 //! ingest path: a fresh database, Kafka (mock cluster), an aggregator on its own thread. It
 //! lets requests through within the limit with `RateLimit-*` headers, denies at the limit with
 //! tally-api's body and headers, refuses a disabled feature and a request without a customer,
-//! and emits usage once per request id: a retry is counted once, a quantity the handler
-//! reports is what is counted, a 5xx emits nothing, and an emit failure does not fail the
-//! response.
+//! and emits usage once per request: a retry under a trusted gateway's id is counted once, a
+//! quantity the handler reports is what is counted, a 5xx emits nothing, and an emit failure
+//! does not fail the response. And as an attacker would: a client cannot choose whom to bill,
+//! nor make its requests count once by repeating an id, nor pre-empt another customer's ids.
 
 use std::collections::BTreeSet;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -12,6 +13,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use axum::body::Body;
+use axum::http::HeaderName;
 use axum::http::{HeaderMap, Request, StatusCode};
 use axum::routing::{get, post};
 use axum::{Extension, Json, Router};
@@ -20,35 +22,72 @@ use http_body_util::BodyExt;
 use rust_decimal::Decimal;
 use serde_json::{json, Value};
 use tally_emitter::Emitter;
-use tally_quota::layer::{QuotaLayer, UsageQuantity};
+use tally_quota::layer::{
+    event_id, AuthenticatedCustomer, MeteredRequestId, QuotaLayer, UsageQuantity,
+};
 use tally_quota::testing::subscribe;
 use tally_quota::{apply_plans, PlanDefinition, Quota};
 use tally_tests::IngestPipeline;
 use tower::ServiceExt;
 
+/// The gateway's request id header the service trusts (the gateway keeps it on its retries).
+const GATEWAY_ID: &str = "x-gateway-request-id";
+
+/// The service's own authentication: `Authorization: Bearer key-<customer>` is that customer.
+async fn authenticate(
+    mut request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    let customer = request
+        .headers()
+        .get("authorization")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer key-"))
+        .map(str::to_owned);
+    if let Some(customer) = customer {
+        request
+            .extensions_mut()
+            .insert(AuthenticatedCustomer(customer));
+    }
+    next.run(request).await
+}
+
 /// The service under test: `/search` (one `api_calls`, feature `api`), `/sso` (feature `sso`,
 /// off on the plan), `/complete` (the `tokens` its handler reports in `x-tokens`, 100
-/// estimated), `/broken` (7 `tokens`, answers 500). Handlers count their calls and echo the
-/// request id they saw.
-fn service(quota: &Arc<Quota>, emitter: &Arc<Emitter>, handled: &Arc<AtomicUsize>) -> Router {
-    let layer = |meter: &str| QuotaLayer::new(quota.clone(), emitter.clone(), meter);
+/// estimated), `/broken` (7 `tokens`, answers 500). Customers come from its authentication;
+/// request ids from its gateway's header when `trusted_ids`, else from the layer. Handlers
+/// count their calls and echo the request id they were metered under.
+fn service(
+    quota: &Arc<Quota>,
+    emitter: &Arc<Emitter>,
+    handled: &Arc<AtomicUsize>,
+    trusted_ids: bool,
+) -> Router {
+    let layer = |meter: &str| {
+        let layer = QuotaLayer::new(quota.clone(), emitter.clone(), meter);
+        if trusted_ids {
+            layer.request_id_from_trusted_header(HeaderName::from_static(GATEWAY_ID))
+        } else {
+            layer
+        }
+    };
     let counted = |handled: &Arc<AtomicUsize>| {
         let handled = handled.clone();
-        move |headers: HeaderMap| {
+        move |id: Extension<MeteredRequestId>| {
             handled.fetch_add(1, Ordering::SeqCst);
-            async move { Json(json!({ "request_id": request_id(&headers) })) }
+            async move { Json(json!({ "request_id": id.0 .0 })) }
         }
     };
     let complete = {
         let handled = handled.clone();
-        move |headers: HeaderMap| {
+        move |headers: HeaderMap, id: Extension<MeteredRequestId>| {
             handled.fetch_add(1, Ordering::SeqCst);
             // Read as text, never through f64.
             let tokens: Decimal = headers["x-tokens"].to_str().unwrap().parse().unwrap();
             async move {
                 (
                     Extension(UsageQuantity(tokens)),
-                    Json(json!({ "request_id": request_id(&headers) })),
+                    Json(json!({ "request_id": id.0 .0 })),
                 )
             }
         }
@@ -75,12 +114,7 @@ fn service(quota: &Arc<Quota>, emitter: &Arc<Emitter>, handled: &Arc<AtomicUsize
             get(|| async { (StatusCode::INTERNAL_SERVER_ERROR, "boom") })
                 .layer(layer("tokens").quantity(Decimal::from(7))),
         )
-}
-
-fn request_id(headers: &HeaderMap) -> Option<String> {
-    headers
-        .get("x-request-id")
-        .map(|v| v.to_str().unwrap().to_owned())
+        .layer(axum::middleware::from_fn(authenticate))
 }
 
 struct Answer {
@@ -121,11 +155,11 @@ async fn send(app: &Router, method: &str, path: &str, headers: &[(&str, &str)]) 
     }
 }
 
-/// `acme` with request id `id` (none when empty).
+/// `acme`, authenticated, with the gateway's request id `id` (none when empty).
 fn acme(id: &str) -> Vec<(&str, &str)> {
-    let mut headers = vec![("x-customer-id", "acme")];
+    let mut headers = vec![("authorization", "Bearer key-acme")];
     if !id.is_empty() {
-        headers.push(("x-request-id", id));
+        headers.push((GATEWAY_ID, id));
     }
     headers
 }
@@ -182,15 +216,22 @@ async fn checks_before_the_handler_and_emits_once_per_request_id_after_it() {
     );
     let emitter = pipeline.emitter.emitter.clone();
     let handled = Arc::new(AtomicUsize::new(0));
-    let app = service(&quota, &emitter, &handled);
+    let app = service(&quota, &emitter, &handled, true);
     let midnight = (Utc::now().date_naive() + TimeDelta::days(1))
         .and_hms_opt(0, 0, 0)
         .unwrap()
         .and_utc();
     let until_midnight = u64::try_from((midnight - Utc::now()).num_seconds()).unwrap() + 1;
 
-    // Refused before the handler: no customer, a feature off.
-    let answer = send(&app, "GET", "/search", &[("x-request-id", "n1")]).await;
+    // Refused before the handler: no customer (a header naming one is not authentication),
+    // a feature off.
+    let answer = send(
+        &app,
+        "GET",
+        "/search",
+        &[("x-customer-id", "acme"), (GATEWAY_ID, "n1")],
+    )
+    .await;
     assert_eq!(answer.status, StatusCode::UNAUTHORIZED);
     assert_eq!(answer.body["code"], "UNAUTHORIZED");
     let answer = send(&app, "GET", "/sso", &acme("s1")).await;
@@ -244,20 +285,20 @@ async fn checks_before_the_handler_and_emits_once_per_request_id_after_it() {
         "POST",
         "/complete",
         &[
-            ("x-customer-id", "acme"),
-            ("x-request-id", "c1"),
+            ("authorization", "Bearer key-acme"),
+            (GATEWAY_ID, "c1"),
             ("x-tokens", "1234.5"),
         ],
     )
     .await;
     assert_eq!(answer.status, StatusCode::OK);
     assert_eq!(answer.header("ratelimit-remaining"), Some("9893"));
-    // Without a request id one is made, and the handler sees it.
+    // Without the gateway's id one is made, and the handler sees it.
     let answer = send(
         &app,
         "POST",
         "/complete",
-        &[("x-customer-id", "acme"), ("x-tokens", "0.25")],
+        &[("authorization", "Bearer key-acme"), ("x-tokens", "0.25")],
     )
     .await;
     assert_eq!(answer.status, StatusCode::OK);
@@ -274,8 +315,8 @@ async fn checks_before_the_handler_and_emits_once_per_request_id_after_it() {
         "POST",
         "/complete",
         &[
-            ("x-customer-id", "acme"),
-            ("x-request-id", "c-bad"),
+            ("authorization", "Bearer key-acme"),
+            (GATEWAY_ID, "c-bad"),
             ("x-tokens", "-5"),
         ],
     )
@@ -300,10 +341,10 @@ async fn checks_before_the_handler_and_emits_once_per_request_id_after_it() {
         .into_iter()
         .collect();
     let expected: BTreeSet<String> = [
-        "r1:api_calls".to_owned(),
-        "r2:api_calls".to_owned(),
-        "c1:tokens".to_owned(),
-        format!("{generated}:tokens"),
+        event_id("acme", b"r1", "api_calls"),
+        event_id("acme", b"r2", "api_calls"),
+        event_id("acme", b"c1", "tokens"),
+        event_id("acme", generated.as_bytes(), "tokens"),
     ]
     .into();
     assert_eq!(
@@ -321,7 +362,7 @@ async fn checks_before_the_handler_and_emits_once_per_request_id_after_it() {
         rejected
             .iter()
             .all(|(reason, id)| reason == "conflicting_duplicate"
-                && id.as_deref() == Some("r1:api_calls")),
+                && id.as_deref() == Some(event_id("acme", b"r1", "api_calls").as_str())),
         "{rejected:?}"
     );
 
@@ -333,4 +374,101 @@ async fn checks_before_the_handler_and_emits_once_per_request_id_after_it() {
     let answer = send(&app, "GET", "/search", &acme("r4")).await;
     assert_eq!(answer.status, StatusCode::TOO_MANY_REQUESTS);
     wait_for_usage(&pool, &[("api_calls", Decimal::from(3))]).await;
+}
+
+/// As an attacker would: with the layer's defaults a client cannot bill another customer (a
+/// customer header is not authentication), cannot make its requests count once by sending
+/// the same request id every time, and cannot pre-empt another customer's request ids; a
+/// trusted gateway's ids are scoped to the customer too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_chooses_neither_whom_to_bill_nor_which_requests_are_the_same() {
+    let pipeline = IngestPipeline::start(Duration::from_millis(50)).await;
+    let pool = pipeline.db.pool.clone();
+    let plan: PlanDefinition = serde_json::from_value(json!({
+        "name": "FREE", "features": { "api": true, "sso": true },
+        "limits": {
+            "api_calls": { "limit": "1000", "period": "day", "enforcement": "hard" },
+            "tokens": { "limit": "10000", "period": "day", "enforcement": "hard" },
+        }
+    }))
+    .unwrap();
+    apply_plans(&pool, &[plan], "test").await.unwrap();
+    for customer in ["acme", "globex"] {
+        subscribe(&pool, customer, "FREE", Utc::now() - TimeDelta::days(1)).await;
+    }
+    let quota = Arc::new(
+        Quota::new(pool.clone(), Duration::from_secs(3600))
+            .await
+            .unwrap(),
+    );
+    let emitter = pipeline.emitter.emitter.clone();
+    let handled = Arc::new(AtomicUsize::new(0));
+    let defaults = service(&quota, &emitter, &handled, false);
+    let gateway = service(&quota, &emitter, &handled, true);
+
+    // Authenticated as acme, naming globex in every header a client could try: acme is billed.
+    for _ in 0..5 {
+        let answer = send(
+            &defaults,
+            "GET",
+            "/search",
+            &[
+                ("authorization", "Bearer key-acme"),
+                ("x-customer-id", "globex"),
+                ("x-request-id", "same-every-time"),
+                (GATEWAY_ID, "same-every-time"),
+            ],
+        )
+        .await;
+        assert_eq!(answer.status, StatusCode::OK);
+        assert_ne!(answer.body["request_id"], "same-every-time");
+    }
+    // Unauthenticated, a customer header is not enough.
+    let answer = send(&defaults, "GET", "/search", &[("x-customer-id", "acme")]).await;
+    assert_eq!(answer.status, StatusCode::UNAUTHORIZED);
+    // Behind the trusted gateway, both customers use request id "g1": each is counted; the
+    // gateway's retry of acme's is counted once.
+    for customer in ["key-acme", "key-globex", "key-acme"] {
+        let bearer = format!("Bearer {customer}");
+        let answer = send(
+            &gateway,
+            "GET",
+            "/search",
+            &[("authorization", bearer.as_str()), (GATEWAY_ID, "g1")],
+        )
+        .await;
+        assert_eq!(answer.status, StatusCode::OK);
+    }
+    let counted = |customer: &'static str| {
+        let pool = pool.clone();
+        async move {
+            sqlx::query_scalar::<_, Decimal>(
+                "SELECT COALESCE(sum(value), 0) FROM usage_minute WHERE customer_id = $1 AND meter = 'api_calls'",
+            )
+            .bind(customer)
+            .fetch_one(&pool)
+            .await
+            .unwrap()
+        }
+    };
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while (counted("acme").await, counted("globex").await) != (Decimal::from(6), Decimal::ONE) {
+        assert!(
+            Instant::now() < deadline,
+            "acme {} (expected 6: five requests and g1 once), globex {} (expected 1)",
+            counted("acme").await,
+            counted("globex").await
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let conflicts: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM rejected_events WHERE reason = 'conflicting_duplicate'",
+    )
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    assert!(
+        conflicts <= 1,
+        "only acme's own retry of g1 may be a duplicate: {conflicts}"
+    );
 }

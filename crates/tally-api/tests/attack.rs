@@ -1,7 +1,11 @@
 //! The API tried as an attacker would: every route of `/openapi.json` with no token, a bad
-//! one, the wrong scope and another customer's; trickling and idle connections; bodies too
-//! large to read; fuzzed JSON; floods past the rate and in-flight limits. Every answer is
-//! checked against the response the OpenAPI document describes for it.
+//! one, the wrong scope and another customer's; alert endpoints pointed inside the network;
+//! trickling and idle connections; bodies too large to read; fuzzed JSON; floods past the rate
+//! and in-flight limits. Every answer is checked against the response the OpenAPI document
+//! describes for it. (The sender's side of alerts, an answer that never ends or a name that
+//! resolves to loopback, is in `tally-alerts/tests/delivery.rs`; the quota middleware tried as
+//! an attacker would, choosing whom to bill and which requests are the same, is in the
+//! top-level `tests/middleware.rs`.)
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};

@@ -33,7 +33,7 @@ use hdrhistogram::Histogram;
 use rdkafka::mocking::MockCluster;
 use tally_core::config::KafkaConfig;
 use tally_emitter::{Emitter, EmitterConfig};
-use tally_quota::layer::QuotaLayer;
+use tally_quota::layer::{AuthenticatedCustomer, QuotaLayer};
 use tally_quota::testing::subscribe;
 use tally_quota::{apply_plans, PlanDefinition, Quota};
 use tower::ServiceExt;
@@ -93,14 +93,17 @@ async fn handler() -> &'static str {
     "ok"
 }
 
-/// One request as a gateway would pass it on: the customer and a request id of its own.
-fn request(variant: Variant, n: usize) -> Request<Body> {
-    Request::builder()
+/// One request as the service's authentication passes it on: the customer it established
+/// (the layer makes the request id).
+fn request(variant: Variant, _n: usize) -> Request<Body> {
+    let mut request = Request::builder()
         .uri(variant.path())
-        .header("x-customer-id", variant.customer())
-        .header("x-request-id", format!("{}-{n}", variant.name()))
         .body(Body::empty())
-        .expect("a valid request")
+        .expect("a valid request");
+    request
+        .extensions_mut()
+        .insert(AuthenticatedCustomer(variant.customer().to_owned()));
+    request
 }
 
 async fn send(app: &Router, request: Request<Body>) -> Response<Body> {

@@ -16,12 +16,14 @@
 //!
 //! It puts customer `acme` on plan `FREE` when acme has no subscription (in production
 //! subscriptions come from Stripe webhooks), then listens on `QUOTA_SERVICE_ADDR`
-//! (127.0.0.1:3000 by default):
+//! (127.0.0.1:3000 by default). Its authentication is a toy (the API key `key-acme` is
+//! customer acme; yours checks real keys or sessions): what matters is that the customer the
+//! middleware bills is the one the authentication established, never a header the client sets.
 //!
 //! ```text
-//! curl -i localhost:3000/search -H 'x-customer-id: acme' -H 'x-request-id: req-1'
-//! curl -i localhost:3000/search -H 'x-customer-id: acme' -H 'x-request-id: req-1'  # a retry: counted once
-//! curl -i localhost:3000/complete -H 'x-customer-id: acme' -d 'four words of prompt'
+//! curl -i localhost:3000/search -H 'authorization: Bearer key-acme'
+//! curl -i localhost:3000/complete -H 'authorization: Bearer key-acme' -d 'four words of prompt'
+//! curl -i localhost:3000/search -H 'x-customer-id: acme'   # 401: a header is not authentication
 //! ```
 //!
 //! Answers carry `RateLimit-Limit`, `RateLimit-Remaining` and `RateLimit-Reset`; past FREE's 100
@@ -40,7 +42,7 @@ use rust_decimal::Decimal;
 use serde_json::{json, Value};
 use tally_core::config::KafkaConfig;
 use tally_emitter::{Emitter, EmitterConfig};
-use tally_quota::layer::{QuotaLayer, UsageQuantity};
+use tally_quota::layer::{AuthenticatedCustomer, QuotaLayer, UsageQuantity};
 use tally_quota::subscriptions::{self, Actor, NewSubscription, SubscriptionError, Term};
 use tally_quota::{Quota, QuotaStoreError};
 
@@ -91,7 +93,9 @@ async fn main() -> anyhow::Result<()> {
                     .quantity_from_response()
                     .require_feature("api"),
             ),
-        );
+        )
+        // In front of the metered routes: who the caller is.
+        .layer(axum::middleware::from_fn(authenticate));
     let listener = tokio::net::TcpListener::bind(&address)
         .await
         .with_context(|| format!("listening on {address}"))?;
@@ -104,6 +108,27 @@ async fn main() -> anyhow::Result<()> {
     // Whatever Kafka has not acknowledged yet goes to the spool, replayed by the next start.
     emitter.shutdown(Duration::from_secs(5));
     Ok(())
+}
+
+/// The service's own authentication (a toy: API key `key-<customer>`), which tells the quota
+/// middleware whom to bill. A request it cannot place has no customer: the middleware
+/// answers 401.
+async fn authenticate(
+    mut request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    let customer = request
+        .headers()
+        .get("authorization")
+        .and_then(|value| value.to_str().ok())
+        .and_then(|value| value.strip_prefix("Bearer key-"))
+        .map(str::to_owned);
+    if let Some(customer) = customer {
+        request
+            .extensions_mut()
+            .insert(AuthenticatedCustomer(customer));
+    }
+    next.run(request).await
 }
 
 /// One `api_calls` per request (the route's default quantity).

@@ -3,8 +3,11 @@
 //!
 //! For each request, before the handler:
 //!
-//! 1. The customer: by default the `x-customer-id` header ([`QuotaLayer::customer`] to read it
-//!    from elsewhere). None: 401 `UNAUTHORIZED`.
+//! 1. The customer, as the service's own authentication established it: by default the
+//!    [`AuthenticatedCustomer`] an authentication layer in front put in the request's
+//!    extensions ([`QuotaLayer::customer`] to find it elsewhere). Never a header a client can
+//!    set, unless the service says a gateway sets it ([`QuotaLayer::customer_from_trusted_header`]).
+//!    None: 401 `UNAUTHORIZED`.
 //! 2. The feature, when the route requires one ([`QuotaLayer::require_feature`]): off is 403
 //!    `FEATURE_DISABLED`.
 //! 3. [`Quota::check`] of the route's meter and quantity: a deny is 429 `LIMIT_EXCEEDED` with
@@ -22,45 +25,53 @@
 //! # use std::sync::Arc;
 //! # use axum::{routing::post, Router, Extension, Json};
 //! # use rust_decimal::Decimal;
-//! # use tally_quota::layer::{QuotaLayer, UsageQuantity};
+//! # use tally_quota::layer::{AuthenticatedCustomer, QuotaLayer, UsageQuantity};
 //! # fn build(quota: Arc<tally_quota::Quota>, emitter: Arc<tally_emitter::Emitter>) -> Router {
 //! async fn complete() -> (Extension<UsageQuantity>, Json<serde_json::Value>) {
 //!     let tokens = Decimal::from(1234); // what the model used
 //!     (Extension(UsageQuantity(tokens)), Json(serde_json::json!({ "text": "..." })))
 //! }
-//! Router::new().route(
-//!     "/v1/complete",
-//!     post(complete).layer(
-//!         QuotaLayer::new(quota, emitter, "tokens")
-//!             .quantity(Decimal::from(500)) // the estimate the check counts
-//!             .quantity_from_response()
-//!             .require_feature("api"),
-//!     ),
-//! )
+//! // Your authentication, in front: it knows who the caller is.
+//! async fn authenticate(
+//!     mut request: axum::extract::Request,
+//!     next: axum::middleware::Next,
+//! ) -> axum::response::Response {
+//!     let customer = "acme".to_owned(); // from the verified API key or session
+//!     request.extensions_mut().insert(AuthenticatedCustomer(customer));
+//!     next.run(request).await
+//! }
+//! Router::new()
+//!     .route(
+//!         "/v1/complete",
+//!         post(complete).layer(
+//!             QuotaLayer::new(quota, emitter, "tokens")
+//!                 .quantity(Decimal::from(500)) // the estimate the check counts
+//!                 .quantity_from_response()
+//!                 .require_feature("api"),
+//!         ),
+//!     )
+//!     .layer(axum::middleware::from_fn(authenticate))
 //! # }
 //! ```
 //!
-//! # A retried request counts once
+//! # Whom to bill, and which requests are the same
 //!
-//! The event id is derived from the request id (the `x-request-id` header by default,
-//! [`QuotaLayer::request_id_header`]): `{request_id}:{meter}` (hashed when that would not be a
-//! valid event id), so a retry with the same request id is counted once by the aggregator, and
-//! two layers metering one request emit one event each. Without the header the middleware
-//! makes one (a UUIDv7) and sets it on the request, so the handler and inner layers see it;
-//! a retry of such a request is a new request and **counts again**. The quota check itself is
-//! made again for a retry: what it allows counts against the customer in this process until
-//! the next refresh, when the committed usage (with the retry counted once) replaces it.
+//! Both decide money, so neither is taken from the client:
 //!
-//! # Trust
+//! - **The customer** comes from the service's authentication ([`AuthenticatedCustomer`] in
+//!   the request's extensions, or [`QuotaLayer::customer`]). A header such as `x-customer-id`
+//!   is read only when the service says a gateway sets it after authenticating the caller (and
+//!   drops any the client sent): [`QuotaLayer::customer_from_trusted_header`].
+//! - **The event id** is made by the server for every request (a UUIDv7, handed to the handler
+//!   as [`MeteredRequestId`]), so each request is counted. A gateway or mesh that keeps one id
+//!   across its own retries can be trusted for it ([`QuotaLayer::request_id_from_trusted_header`]):
+//!   a retry under that id is then counted once. Either way the event id is scoped to the
+//!   customer (`usage.rs`): one customer can never make another's request count once, nor
+//!   pre-empt its ids; and two layers metering one request emit one event each.
 //!
-//! The customer and the request id say whom to bill and which requests are the same. Take
-//! both from something the client cannot forge: the default `x-customer-id` header only behind
-//! a gateway that sets it after authentication (or read your authentication's result with
-//! [`QuotaLayer::customer`]); the request id from your gateway or mesh (which keeps it on its
-//! own retries). A client that may choose its request id may send one id with every request
-//! and be counted once. Request ids must also be unique across customers (UUIDs are): the
-//! aggregator deduplicates event ids whoever sent them, so a second customer's request under
-//! an id already used is not counted (it is refused as a `conflicting_duplicate`).
+//! The quota check itself is made again for a retry: what it allows counts against the
+//! customer in this process until the next refresh, when the committed usage (with the retry
+//! counted once) replaces it.
 //!
 //! The event is dated at the start of the current minute (`usage.rs` says why: a retry within
 //! the minute is then an exact copy, dropped silently; a later one a `conflicting_duplicate`
@@ -84,7 +95,7 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use chrono::Utc;
-use http::header::{HeaderName, HeaderValue};
+use http::header::HeaderName;
 use http::request::Parts;
 use http::{Request, Response};
 use rust_decimal::Decimal;
@@ -95,11 +106,18 @@ use crate::{Decision, Quota};
 use response::{limit_exceeded, no_customer, quota_error, RateLimit};
 pub use response::{RATELIMIT_LIMIT, RATELIMIT_REMAINING, RATELIMIT_RESET};
 use telemetry::Counters;
+pub use usage::event_id;
 
-/// The header the customer is read from by default.
-pub const CUSTOMER_HEADER: HeaderName = HeaderName::from_static("x-customer-id");
-/// The header the request id is read from by default.
-pub const REQUEST_ID_HEADER: HeaderName = HeaderName::from_static("x-request-id");
+/// The customer a request is for, as the service's authentication established it: an
+/// authentication layer in front of [`QuotaLayer`] puts it in the request's extensions. The
+/// layer's customer by default.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AuthenticatedCustomer(pub String);
+
+/// The id the layer metered a request under (made by the server, or taken from a trusted
+/// gateway's header), in the request's extensions for the handler and inner layers.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MeteredRequestId(pub String);
 
 /// The quantity a handler used, for a [`QuotaLayer::quantity_from_response`] route: put it in
 /// the response's extensions (axum: return `Extension(UsageQuantity(q))` as a response part).
@@ -125,13 +143,14 @@ struct Config {
     from_response: bool,
     feature: Option<String>,
     customer: CustomerOf,
-    request_id_header: HeaderName,
+    /// A gateway's header the request id is taken from; `None`: made by the server.
+    trusted_request_id: Option<HeaderName>,
     counters: Counters,
 }
 
 impl QuotaLayer {
-    /// Meters `meter` with a quantity of 1 per request, for the customer in the
-    /// `x-customer-id` header.
+    /// Meters `meter` with a quantity of 1 per request, for the [`AuthenticatedCustomer`] the
+    /// service's authentication put in the request's extensions.
     ///
     /// # Panics
     ///
@@ -151,14 +170,15 @@ impl QuotaLayer {
                 quantity: Decimal::ONE,
                 from_response: false,
                 feature: None,
-                customer: Arc::new(customer_header),
-                request_id_header: REQUEST_ID_HEADER,
+                customer: Arc::new(authenticated_customer),
+                trusted_request_id: None,
             }),
         }
     }
 
-    /// How to find the customer of a request: from its headers, or from what an
-    /// authentication layer put in its extensions. `None` answers 401 `UNAUTHORIZED`.
+    /// How to find the customer of a request, from what the service's authentication
+    /// established (its extensions). `None` answers 401 `UNAUTHORIZED`. Never from something
+    /// the client sends as it likes.
     pub fn customer(
         mut self,
         customer: impl Fn(&Parts) -> Option<String> + Send + Sync + 'static,
@@ -196,22 +216,37 @@ impl QuotaLayer {
         self
     }
 
-    /// The header the request id is read from (`x-request-id` by default), e.g. the one your
-    /// gateway sets.
-    pub fn request_id_header(mut self, header: HeaderName) -> QuotaLayer {
-        Arc::make_mut(&mut self.config).request_id_header = header;
+    /// Reads the customer from `header`, which **a gateway in front sets after it
+    /// authenticated the caller, and removes when a client sends it**. Without such a
+    /// gateway any client could bill any customer: use [`AuthenticatedCustomer`] instead.
+    pub fn customer_from_trusted_header(self, header: HeaderName) -> QuotaLayer {
+        self.customer(move |parts: &Parts| {
+            parts
+                .headers
+                .get(&header)
+                .and_then(|value| value.to_str().ok())
+                .filter(|customer| !customer.is_empty())
+                .map(str::to_owned)
+        })
+    }
+
+    /// Takes the request id from `header`, which **a gateway or mesh in front sets (keeping it
+    /// on its own retries) and removes when a client sends it**: a retry under the same id is
+    /// counted once. Without it (the default) every request gets an id of the server's, and a
+    /// client cannot make its requests count once by repeating an id.
+    pub fn request_id_from_trusted_header(mut self, header: HeaderName) -> QuotaLayer {
+        Arc::make_mut(&mut self.config).trusted_request_id = Some(header);
         self
     }
 }
 
-/// The default customer: the `x-customer-id` header, when it is set and not empty.
-fn customer_header(parts: &Parts) -> Option<String> {
+/// The default customer: the [`AuthenticatedCustomer`] in the request's extensions.
+fn authenticated_customer(parts: &Parts) -> Option<String> {
     parts
-        .headers
-        .get(&CUSTOMER_HEADER)
-        .and_then(|value| value.to_str().ok())
+        .extensions
+        .get::<AuthenticatedCustomer>()
+        .map(|customer| customer.0.clone())
         .filter(|customer| !customer.is_empty())
-        .map(str::to_owned)
 }
 
 impl<S> Layer<S> for QuotaLayer {
@@ -270,7 +305,7 @@ where
         config.counters.refused.increment(1);
         return Ok(no_customer());
     };
-    let request_id = request_id(&mut parts, &config.request_id_header);
+    let request_id = request_id(&mut parts, config.trusted_request_id.as_ref());
     if let Some(feature) = &config.feature {
         if let Err(error) = config.quota.require_feature(&customer, feature).await {
             config.counters.refused.increment(1);
@@ -307,27 +342,26 @@ where
     Ok(response)
 }
 
-/// The request's id: the configured header when it is set and not empty; otherwise a new
-/// UUIDv7, also set on the request for the handler and inner layers to see.
-fn request_id(parts: &mut Parts, header: &HeaderName) -> HeaderValue {
-    match parts.headers.get(header) {
-        Some(value) if !value.is_empty() => value.clone(),
-        _ => {
-            let generated = HeaderValue::try_from(uuid::Uuid::now_v7().to_string())
-                .expect("a UUID is a valid header value");
-            parts.headers.insert(header.clone(), generated.clone());
-            generated
-        }
+/// The request's id: the trusted gateway's header when the layer has one and it is set;
+/// otherwise (and by default) a new UUIDv7. An inner layer metering the same request uses the
+/// id the outer one put in the extensions; the handler sees it there too.
+fn request_id(parts: &mut Parts, trusted: Option<&HeaderName>) -> Vec<u8> {
+    if let Some(MeteredRequestId(id)) = parts.extensions.get::<MeteredRequestId>() {
+        return id.as_bytes().to_vec();
     }
+    let from_gateway = trusted
+        .and_then(|header| parts.headers.get(header))
+        .filter(|value| !value.is_empty())
+        .map(|value| value.as_bytes().to_vec());
+    let id = from_gateway.unwrap_or_else(|| uuid::Uuid::now_v7().to_string().into_bytes());
+    parts
+        .extensions
+        .insert(MeteredRequestId(String::from_utf8_lossy(&id).into_owned()));
+    id
 }
 
 /// Emits the usage of a successful response; a failure is logged and counted, never answered.
-fn emit<ResBody>(
-    config: &Config,
-    customer: &str,
-    request_id: &HeaderValue,
-    response: &Response<ResBody>,
-) {
+fn emit<ResBody>(config: &Config, customer: &str, request_id: &[u8], response: &Response<ResBody>) {
     let quantity = if config.from_response {
         match response.extensions().get::<UsageQuantity>() {
             Some(UsageQuantity(quantity)) => *quantity,
@@ -344,13 +378,7 @@ fn emit<ResBody>(
     } else {
         config.quantity
     };
-    let event = usage::usage_event(
-        customer,
-        &config.meter,
-        quantity,
-        request_id.as_bytes(),
-        Utc::now(),
-    );
+    let event = usage::usage_event(customer, &config.meter, quantity, request_id, Utc::now());
     let id = event.id.clone();
     if let Err(error) = config.emitter.emit(event) {
         config.counters.emit_failed(&error);

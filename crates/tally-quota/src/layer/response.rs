@@ -142,7 +142,7 @@ pub(super) fn no_customer<B: From<String>>() -> Response<B> {
     error_response(
         StatusCode::UNAUTHORIZED,
         "UNAUTHORIZED",
-        "this route is metered and the request names no customer (by default the x-customer-id header)",
+        "this route is metered and the service's authentication named no customer for this request",
     )
 }
 

@@ -4,30 +4,28 @@
 use chrono::{DateTime, Utc};
 use rust_decimal::Decimal;
 use sha2::{Digest, Sha256};
-use tally_core::event::MAX_ID_CHARS;
 use tally_core::UsageEvent;
 
-/// The event id for `meter`'s usage of the request with this id: `{request_id}:{meter}`.
+/// The event id for `meter`'s usage of `customer`'s request with this id:
+/// `req_{32 hex digits}:{meter}`, the digits the first 128 bits of SHA-256 over the customer
+/// (length first) and the request id.
 ///
-/// - Stable: a retry with the same request id gets the same event id, which the aggregator
-///   counts once.
+/// - Scoped to the customer: the same request id under another customer is another event, so
+///   no customer can pre-empt (or be pre-empted on) another's ids, whatever ids they send.
+/// - Stable: a retry under the same (trusted) request id gets the same event id, which the
+///   aggregator counts once.
 /// - Distinct per meter: two layers metering one request (calls and tokens) emit two events.
-///   Meter names cannot hold `:`, so the meter is what follows the last `:` and no two
-///   (request id, meter) pairs share an id.
-/// - Always a valid event id (1 to 128 characters, no control characters): a request id that
-///   would break that (too long, a tab, bytes that are not UTF-8) is hashed instead,
-///   `sha256:{32 hex digits}:{meter}`, still stable, so its usage is neither refused nor lost.
-pub(super) fn event_id(request_id: &[u8], meter: &str) -> String {
-    let plain = std::str::from_utf8(request_id)
-        .ok()
-        .map(|request_id| format!("{request_id}:{meter}"))
-        .filter(|id| id.chars().count() <= MAX_ID_CHARS && !id.chars().any(char::is_control));
-    plain.unwrap_or_else(|| {
-        let digest = Sha256::digest(request_id);
-        // 128 bits: ids from different requests do not meet by chance.
-        let hex: String = digest[..16].iter().map(|b| format!("{b:02x}")).collect();
-        format!("sha256:{hex}:{meter}")
-    })
+///   Meter names cannot hold `:`, so the meter is what follows the last `:`.
+/// - Always a valid event id (at most 101 characters, printable), whatever bytes the request
+///   id holds.
+pub fn event_id(customer: &str, request_id: &[u8], meter: &str) -> String {
+    let mut hash = Sha256::new();
+    hash.update((customer.len() as u64).to_be_bytes());
+    hash.update(customer.as_bytes());
+    hash.update(request_id);
+    let digest = hash.finalize();
+    let hex: String = digest[..16].iter().map(|b| format!("{b:02x}")).collect();
+    format!("req_{hex}:{meter}")
 }
 
 /// The event for a request's usage, dated at the start of the current minute.
@@ -46,7 +44,7 @@ pub(super) fn usage_event(
     now: DateTime<Utc>,
 ) -> UsageEvent {
     UsageEvent::new(customer, meter, quantity)
-        .with_id(event_id(request_id, meter))
+        .with_id(event_id(customer, request_id, meter))
         .at(minute_of(now))
 }
 
@@ -67,44 +65,39 @@ mod tests {
     }
 
     #[test]
-    fn a_plain_request_id_gives_a_readable_id_per_meter() {
-        let request_id = b"0190a5f2-7c1e-7d4b-9a51-3f1f7b2d6c10";
-        let calls = event_id(request_id, "api_calls");
-        assert_eq!(calls, "0190a5f2-7c1e-7d4b-9a51-3f1f7b2d6c10:api_calls");
-        assert_eq!(event_id(request_id, "api_calls"), calls, "stable");
-        assert_ne!(event_id(request_id, "tokens"), calls);
+    fn an_id_is_stable_per_customer_request_and_meter_and_scoped_to_the_customer() {
+        let calls = event_id("acme", b"r1", "api_calls");
+        assert!(
+            calls.starts_with("req_") && calls.ends_with(":api_calls"),
+            "{calls}"
+        );
+        assert_eq!(calls.len(), "req_".len() + 32 + ":api_calls".len());
+        assert_eq!(event_id("acme", b"r1", "api_calls"), calls, "stable");
+        assert_ne!(event_id("acme", b"r1", "tokens"), calls, "per meter");
         assert_ne!(
-            event_id(b"a:api_calls", "tokens"),
-            event_id(b"a", "api_calls")
+            event_id("globex", b"r1", "api_calls"),
+            calls,
+            "per customer"
+        );
+        // The customer's length is hashed first: no (customer, request id) pair can be made
+        // to collide with another by moving bytes between them.
+        assert_ne!(
+            event_id("ac", b"mer1", "api_calls"),
+            event_id("acme", b"r1", "api_calls")
         );
         assert!(valid(&calls));
     }
 
     #[test]
-    fn a_request_id_that_makes_no_valid_event_id_is_hashed_stably() {
-        let long = "r".repeat(200);
-        let bad: [&[u8]; 4] = [long.as_bytes(), b"req\tone", b"caf\xe9", &[0xff; 8]];
-        for request_id in bad {
-            let id = event_id(request_id, "api_calls");
-            assert!(
-                id.starts_with("sha256:") && id.ends_with(":api_calls"),
-                "{id}"
-            );
-            assert!(valid(&id), "{id}");
-            assert_eq!(event_id(request_id, "api_calls"), id);
-            assert_ne!(event_id(request_id, "tokens"), id);
-        }
-        assert_ne!(
-            event_id(long.as_bytes(), "api_calls"),
-            event_id(&long.as_bytes()[1..], "api_calls")
-        );
-        // The longest meter still fits.
+    fn any_request_id_makes_a_valid_event_id() {
+        let long = "r".repeat(10_000);
+        let odd: [&[u8]; 5] = [long.as_bytes(), b"req\tone", b"caf\xe9", &[0xff; 8], b""];
         let meter = "m".repeat(64);
-        assert!(valid(&event_id(long.as_bytes(), &meter)));
-        // Exactly 128 characters is kept as it is.
-        let fits = "x".repeat(MAX_ID_CHARS - ":api_calls".len());
-        assert_eq!(event_id(fits.as_bytes(), "api_calls").len(), MAX_ID_CHARS);
-        assert!(event_id(format!("{fits}x").as_bytes(), "api_calls").starts_with("sha256:"));
+        for request_id in odd {
+            let id = event_id("acme", request_id, &meter);
+            assert!(valid(&id), "{id}");
+            assert!(id.chars().count() <= tally_core::event::MAX_ID_CHARS);
+        }
     }
 
     #[test]
@@ -126,7 +119,7 @@ mod tests {
         );
         assert_eq!(first, retry);
         assert_eq!(first.timestamp, at("2026-03-01T10:15:00Z"));
-        assert_eq!(first.id, "r1:api_calls");
+        assert_eq!(first.id, event_id("acme", b"r1", "api_calls"));
         let later = usage_event(
             "acme",
             "api_calls",
