@@ -481,7 +481,7 @@ async fn grant_plan_credits(pool: &PgPool, now: DateTime<Utc>) -> Result<Vec<Str
                      AND g.idempotency_key = plan_grant_key(s.subscription_id, s.current_period_start))
                AND NOT EXISTS (
                    SELECT 1 FROM customer_errors e
-                   WHERE e.stage = $5 AND e.customer_id = s.customer_id AND e.retry_at > $1)
+                   WHERE e.stage = $5 AND e.customer_id = s.customer_id AND e.retry_at > now())
              ORDER BY s.current_period_start, s.subscription_id
              LIMIT $4",
         )

@@ -654,3 +654,197 @@ async fn subscribing_in_stripe_replaces_the_fallback_and_a_stripe_deletion_leads
         (Source::Fallback, "FREE")
     );
 }
+
+/// One customer whose renewal Postgres refuses (planted with a trigger, as data no one
+/// foresaw would be) is set aside in `customer_errors` and tried again later; every other
+/// subscription renews. Fixed, it renews at its next try.
+#[tokio::test]
+async fn a_subscription_that_cannot_renew_is_set_aside_and_the_others_renew() {
+    let db = fresh_database().await;
+    let pool = &db.pool;
+    seed(pool).await;
+    let reason = ops("test");
+    let mut ids = Vec::new();
+    for customer in ["a-bad", "b-good", "c-good"] {
+        let created = subscriptions::create(pool, &monthly(customer, "FREE"), &reason)
+            .await
+            .unwrap();
+        anchor_at(pool, created.id, at(2026, 1, 1), at(2026, 2, 1)).await;
+        ids.push(created.id);
+    }
+    sqlx::query(
+        "CREATE FUNCTION refuse_bad() RETURNS trigger LANGUAGE plpgsql AS $$
+         BEGIN
+             IF NEW.customer_id = 'a-bad' THEN
+                 RAISE EXCEPTION 'planted' USING ERRCODE = '22023';
+             END IF;
+             RETURN NEW;
+         END $$",
+    )
+    .execute(pool)
+    .await
+    .unwrap();
+    sqlx::query("CREATE TRIGGER refuse_bad BEFORE UPDATE ON subscriptions FOR EACH ROW EXECUTE FUNCTION refuse_bad()")
+        .execute(pool)
+        .await
+        .unwrap();
+    let now = at(2026, 3, 15);
+    let run = run_due(pool, &fallback(None), now).await.unwrap();
+    assert_eq!((run.transitions, run.failed), (4, 1), "{run:?}");
+    for id in &ids[1..] {
+        let renewed = subscriptions::get(pool, *id).await.unwrap();
+        assert_eq!(renewed.current_period_end, at(2026, 4, 1));
+    }
+    let set_aside: Vec<(String, String, String)> =
+        sqlx::query_as("SELECT stage, customer_id, error FROM customer_errors")
+            .fetch_all(pool)
+            .await
+            .unwrap();
+    assert_eq!(set_aside.len(), 1, "{set_aside:?}");
+    assert_eq!(
+        (set_aside[0].0.as_str(), set_aside[0].1.as_str()),
+        ("subscriptions", "a-bad")
+    );
+    assert!(set_aside[0].2.contains("planted"), "{set_aside:?}");
+    // Not tried again before its retry is due.
+    let again = run_due(pool, &fallback(None), now).await.unwrap();
+    assert_eq!((again.transitions, again.failed), (0, 0), "{again:?}");
+    // Fixed and due: renewed, and forgotten.
+    sqlx::query("DROP TRIGGER refuse_bad ON subscriptions")
+        .execute(pool)
+        .await
+        .unwrap();
+    sqlx::query("UPDATE customer_errors SET retry_at = now() - interval '1 second'")
+        .execute(pool)
+        .await
+        .unwrap();
+    let retried = run_due(pool, &fallback(None), now).await.unwrap();
+    assert_eq!((retried.transitions, retried.failed), (2, 0), "{retried:?}");
+    let left: i64 = sqlx::query_scalar("SELECT count(*) FROM customer_errors")
+        .fetch_one(pool)
+        .await
+        .unwrap();
+    assert_eq!(left, 0);
+}
+
+/// A plan change that would leave a customer's override without a meaning is refused where it
+/// is made: `plans apply`, creating a subscription, changing its plan (now or at the period's
+/// end). Once the override is changed, the same change goes through.
+#[tokio::test]
+async fn plan_changes_that_an_override_does_not_fit_are_refused() {
+    let db = fresh_database().await;
+    let pool = &db.pool;
+    seed(pool).await;
+    sqlx::query("INSERT INTO meters (name, aggregation, stripe_event_name) VALUES ('tokens', 'sum', 'tokens')")
+        .execute(pool)
+        .await
+        .unwrap();
+    let reason = ops("test");
+    let acme = subscriptions::create(pool, &monthly("acme", "FREE"), &reason)
+        .await
+        .unwrap();
+    // An override that raises FREE's api_calls limit: it needs a plan that limits api_calls.
+    let overrides: tally_quota::Override = serde_json::from_value(serde_json::json!({
+        "limits": { "api_calls": { "limit": "500" } }
+    }))
+    .unwrap();
+    tally_quota::store::set_override(pool, "acme", &overrides, "a bigger allowance", "ops")
+        .await
+        .unwrap();
+    // ENTERPRISE does not limit api_calls: moving acme there, now or later, is refused.
+    for when in [When::Now, When::PeriodEnd] {
+        let refused = subscriptions::change_plan(pool, acme.id, "ENTERPRISE", when, &reason)
+            .await
+            .unwrap_err();
+        assert_eq!(refused.code(), "OVERRIDE_CONFLICT", "{refused}");
+        assert!(
+            refused
+                .to_string()
+                .contains("does not fit plan \"ENTERPRISE\""),
+            "{refused}"
+        );
+    }
+    // A plan rewritten under the override: the whole apply is refused, nothing changes.
+    #[derive(serde::Deserialize)]
+    struct File {
+        plans: Vec<PlanDefinition>,
+    }
+    let mut plans = toml::from_str::<File>(PLANS).unwrap().plans;
+    plans[0].limits.clear(); // FREE without its api_calls limit
+    let refused = apply_plans(pool, &plans, "ops").await.unwrap_err();
+    assert!(
+        matches!(refused, QuotaStoreError::OverridesDoNotFit { count: 1, .. }),
+        "{refused}"
+    );
+    assert!(refused.to_string().contains("acme on FREE"), "{refused}");
+    let stored: serde_json::Value =
+        sqlx::query_scalar("SELECT definition FROM plans WHERE name = 'FREE'")
+            .fetch_one(pool)
+            .await
+            .unwrap();
+    assert!(
+        stored["limits"]["api_calls"].is_object(),
+        "unchanged: {stored}"
+    );
+    // A customer with such an override cannot be subscribed to a plan it does not fit.
+    tally_quota::store::set_override(pool, "beta", &overrides, "a bigger allowance", "ops")
+        .await
+        .unwrap();
+    let refused = subscriptions::create(pool, &monthly("beta", "ENTERPRISE"), &reason)
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), "OVERRIDE_CONFLICT", "{refused}");
+    // The override changed first, the change goes through.
+    tally_quota::store::delete_override(pool, "acme", "fits now", "ops")
+        .await
+        .unwrap();
+    subscriptions::change_plan(pool, acme.id, "ENTERPRISE", When::Now, &reason)
+        .await
+        .unwrap();
+}
+
+/// Creating a subscription and cancelling one (now) for the same customer take their locks in
+/// the same order: the customer's lock, then the rows. In the other order (row, then lock) a
+/// create holding the customer's lock and waiting for the live row deadlocked with a cancel
+/// holding the row and waiting for the lock; Postgres killed one (an API 503).
+#[tokio::test]
+async fn create_and_cancel_now_for_one_customer_never_deadlock() {
+    let db = fresh_database().await;
+    let pool = &db.pool;
+    seed(pool).await;
+    let reason = ops("test");
+    let live = subscriptions::create(pool, &monthly("acme", "FREE"), &reason)
+        .await
+        .unwrap();
+    // A create in flight: it holds acme's lock and is about to read acme's live row.
+    let mut create = pool.begin().await.unwrap();
+    sqlx::query(
+        "SELECT pg_advisory_xact_lock(hashtextextended('tally.subscriptions:' || 'acme', 0))",
+    )
+    .execute(&mut *create)
+    .await
+    .unwrap();
+    let cancel = {
+        let pool = pool.clone();
+        let reason = reason.clone();
+        tokio::spawn(async move {
+            subscriptions::cancel(&pool, live.id, When::Now, Some("FREE"), &reason).await
+        })
+    };
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    // The create reads the live row for update, as `create` does next.
+    let row: Option<(i64,)> = sqlx::query_as(
+        "SELECT subscription_id FROM subscriptions
+         WHERE customer_id = 'acme' AND status IN ('active', 'trialing') FOR UPDATE",
+    )
+    .fetch_optional(&mut *create)
+    .await
+    .expect("no deadlock: the cancel waits for the customer's lock before locking the row");
+    assert_eq!(row, Some((live.id,)));
+    create.commit().await.unwrap();
+    let canceled = cancel
+        .await
+        .unwrap()
+        .expect("the cancel goes through after the create");
+    assert_eq!(canceled.status, Status::Canceled);
+}

@@ -103,7 +103,7 @@ pub async fn run_due(
              WHERE status IN ('active', 'trialing') AND source <> 'stripe'
                AND current_period_end <= $1 AND subscription_id <> ALL($2)
                AND NOT EXISTS (SELECT 1 FROM customer_errors e WHERE e.stage = $4
-                               AND e.customer_id = s.customer_id AND e.retry_at > $1)
+                               AND e.customer_id = s.customer_id AND e.retry_at > now())
              ORDER BY current_period_end LIMIT $3 FOR UPDATE SKIP LOCKED"
         ))
         .bind(now)
