@@ -56,3 +56,34 @@ CREATE INDEX customer_errors_due ON customer_errors (stage, retry_at);
 CREATE FUNCTION plan_grant_key(subscription_id bigint, period_start timestamptz) RETURNS text
     LANGUAGE sql IMMUTABLE STRICT PARALLEL SAFE
     AS $$ SELECT 'plan:' || subscription_id || ':' || floor(extract(epoch FROM period_start))::bigint $$;
+
+-- A grant's `remaining` is its ledger's sum, by construction: every entry written to
+-- credit_transactions moves its grant's remaining by its amount (one statement-level trigger,
+-- so a burn of thousands of entries is one update per grant), and nothing else may change it.
+-- A grant starts at 0; its `grant` entry brings it to its amount.
+CREATE FUNCTION credit_transactions_apply() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    UPDATE credit_grants g SET remaining = g.remaining + moved.amount
+    FROM (SELECT grant_id, sum(amount) AS amount FROM entered
+          WHERE grant_id IS NOT NULL GROUP BY grant_id) AS moved
+    WHERE g.grant_id = moved.grant_id;
+    RETURN NULL;
+END $$;
+CREATE TRIGGER credit_transactions_apply AFTER INSERT ON credit_transactions
+    REFERENCING NEW TABLE AS entered FOR EACH STATEMENT EXECUTE FUNCTION credit_transactions_apply();
+
+CREATE FUNCTION credit_grants_remaining_follows_the_ledger() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    IF TG_OP = 'INSERT' AND NEW.remaining <> 0 THEN
+        RAISE EXCEPTION 'a new grant starts at remaining = 0: its grant entry in credit_transactions brings it to its amount'
+            USING ERRCODE = 'restrict_violation';
+    END IF;
+    -- Depth 2: the update made by credit_transactions_apply, and only that.
+    IF TG_OP = 'UPDATE' AND NEW.remaining IS DISTINCT FROM OLD.remaining AND pg_trigger_depth() < 2 THEN
+        RAISE EXCEPTION 'credit_grants.remaining follows the ledger: record a credit_transactions entry instead'
+            USING ERRCODE = 'restrict_violation';
+    END IF;
+    RETURN NEW;
+END $$;
+CREATE TRIGGER credit_grants_remaining_follows_the_ledger BEFORE INSERT OR UPDATE ON credit_grants
+    FOR EACH ROW EXECUTE FUNCTION credit_grants_remaining_follows_the_ledger();

@@ -67,6 +67,24 @@ ensure_postgres() {
   echo "postgres: started a throwaway cluster on 127.0.0.1:$port ($PG_TMP)"
 }
 
+# Drops the tally_test_* databases made since unix time $1 (their names start with it). Keeps
+# the throwaway cluster's trap: a throwaway cluster goes whole.
+drop_test_databases() {
+  local since=$1 name made dropped=0
+  if [ -n "${PG_TMP:-}" ]; then stop_throwaway_postgres; return 0; fi
+  if ! command -v psql >/dev/null 2>&1; then
+    echo "note: the tests' databases (tally_test_*) stay on $DATABASE_URL (no psql to drop them); tally drops those older than two hours at the next run" >&2
+    return 0
+  fi
+  for name in $(psql "$DATABASE_URL" -Atc "SELECT datname FROM pg_database WHERE datname LIKE 'tally\_test\_%'" 2>/dev/null); do
+    made=${name#tally_test_}; made=${made%%_*}
+    if [ "$made" -ge "$since" ] 2>/dev/null; then
+      psql "$DATABASE_URL" -qc "DROP DATABASE IF EXISTS $name WITH (FORCE)" >/dev/null 2>&1 && dropped=$((dropped + 1))
+    fi
+  done
+  echo "postgres: dropped the $dropped test database(s) this run made"
+}
+
 stop_throwaway_postgres() {
   if [ -n "${PG_TMP:-}" ]; then
     "${PG_STOP[@]}" >/dev/null 2>&1 || true

@@ -394,3 +394,33 @@ async fn a_delivery_in_flight_when_its_endpoint_is_deleted_stays_failed() {
         .unwrap();
     assert!(claim(&db.pool, &sender, 10).await.unwrap().is_empty());
 }
+
+/// One delivery that cannot even be sent (its endpoint's URL, written before today's checks,
+/// no longer parses) fails on its own; every other delivery of the round is delivered.
+#[tokio::test]
+async fn a_delivery_that_cannot_be_sent_fails_alone_and_the_round_goes_on() {
+    let db = tally_db::testing::fresh_database().await;
+    let ok = Receiver::start(Answer::Ok).await;
+    let good = endpoint(&db.pool, &ON_PREMISES, &ok.url("127.0.0.1")).await;
+    let bad = endpoint(&db.pool, &ON_PREMISES, &ok.url("127.0.0.1")).await;
+    sqlx::query(
+        "UPDATE alert_endpoints SET url = 'http://exa mple.com/ hook' WHERE endpoint_id = $1",
+    )
+    .bind(bad)
+    .execute(&db.pool)
+    .await
+    .unwrap();
+    firings(&db.pool, good, 5).await;
+    firings(&db.pool, bad, 5).await;
+    let round = deliver_due(
+        &db.pool,
+        &Sender::new(&config(true, Duration::from_secs(5))),
+    )
+    .await
+    .unwrap();
+    assert_eq!((round.delivered, round.retrying), (5, 5), "{round:?}");
+    for (status, error) in outcomes(&db.pool, bad).await {
+        assert_eq!(status, "pending");
+        assert!(error.unwrap().starts_with("not sent: url"));
+    }
+}

@@ -408,7 +408,7 @@ fn admin_paths() -> Value {
                 "summary": "Start a subscription tally manages (no payment provider). Replaces a fallback subscription; refuses a second live one. Audited with the token's name and `reason`. Admin token",
                 "requestBody": { "required": true, "content": { "application/json": { "schema": { "type": "object", "required": ["customer", "plan", "reason"], "properties": {
                     "customer": { "type": "string" }, "plan": { "type": "string" },
-                    "start": { "type": "string", "format": "date-time", "description": "Default now; may be in the past, not the future" },
+                    "start": { "type": "string", "format": "date-time", "description": "Default now; may be up to 366 days in the past (finance's figures for those days then count it, restating their MRR), not in the future" },
                     "trial_end": { "type": "string", "format": "date-time", "description": "Trialing until then; paid periods start at the trial's end" },
                     "billing_period": { "description": "\"month\" (default), \"year\", or {\"end\": time}: one fixed term that ends the subscription",
                         "oneOf": [{ "enum": ["month", "year"] }, { "type": "object", "required": ["end"], "properties": { "end": time } }] },
@@ -507,7 +507,8 @@ fn credit_schemas() -> Value {
             "code": { "const": "INSUFFICIENT_CREDITS" }, "message": { "type": "string" }, "metric": { "type": "string" },
             "balance": { "type": "string", "description": "An exact decimal: the projected credit balance left" },
             "required": { "type": "string", "description": "An exact decimal: the credits the quantity costs at the meter's rate" } } },
-        "CreditGrant": { "type": "object", "required": ["grant_id", "customer", "kind", "amount", "remaining", "priority", "effective_at", "idempotency_key", "granted_by", "reason", "created_at"], "properties": {
+        "CreditGrant": { "type": "object", "required": ["grant_id", "customer", "kind", "amount", "remaining", "priority", "effective_at", "created_at"],
+            "description": "`idempotency_key`, `granted_by` and `reason` are the operators': answered to admin tokens only (a customer's or a gateway's token does not see them)", "properties": {
             "grant_id": { "type": "integer" }, "customer": { "type": "string" },
             "kind": { "enum": ["purchased", "subscription", "promotional"] },
             "amount": decimal, "remaining": decimal,
@@ -527,7 +528,8 @@ fn credit_schemas() -> Value {
             "grants": { "type": "array", "description": "Open grants, in the order they are drawn", "items": { "$ref": "#/components/schemas/CreditGrant" } } } },
         "CreditLedger": { "type": "object", "required": ["customer", "entries"], "properties": {
             "customer": { "type": "string" },
-            "entries": { "type": "array", "items": { "type": "object", "required": ["transaction_id", "kind", "amount", "actor", "at"], "properties": {
+            "entries": { "type": "array", "items": { "type": "object", "required": ["transaction_id", "kind", "amount", "at"],
+                "description": "`actor` and `reason` are the operators': answered to admin tokens only", "properties": {
                 "transaction_id": { "type": "integer" }, "grant_id": { "type": ["integer", "null"], "description": "null for a consume no grant covered" },
                 "kind": { "enum": ["grant", "consume", "expire", "void"] },
                 "amount": { "type": "string", "description": "An exact decimal, signed: positive for a grant, negative for the rest" },
@@ -612,7 +614,8 @@ fn alert_schemas() -> Value {
     let mut customer_rule = rule_properties.clone();
     customer_rule["rule_id"] = json!({ "type": "integer" });
     customer_rule["customer"] = json!({ "type": "string" });
-    customer_rule["created_by"] = json!({ "type": "string", "description": "`token:<name>`" });
+    customer_rule["created_by"] =
+        json!({ "type": "string", "description": "`token:<name>`; answered to admin tokens only" });
     customer_rule["created_at"] = time.clone();
     let mut plan_rule = rule_properties;
     plan_rule["key"] = json!({ "type": "string", "description": "`plan:<plan>:<rule>`, what this rule's firings name as `rule`" });
@@ -628,7 +631,7 @@ fn alert_schemas() -> Value {
     let mut created_endpoint = endpoint.clone();
     created_endpoint["secret"] = json!({ "type": "string", "description": "`whsec_…`: the key of every delivery's Tally-Signature. Shown in this answer only: store it now; it cannot be read again (POST …/rotate-secret gives a new one)" });
     json!({
-        "CustomerAlertRule": { "type": "object", "required": ["rule_id", "customer", "created_by", "created_at"],
+        "CustomerAlertRule": { "type": "object", "required": ["rule_id", "customer", "created_at"],
             "description": "A customer's own rule: `meter` + `percent`, or `credit_balance_below`", "properties": customer_rule },
         "PlanAlertRule": { "type": "object", "required": ["key"],
             "description": "A `[[plans.alerts]]` rule of the customer's plan (tally.toml): `meter` + `percent`, or `credit_balance_below`", "properties": plan_rule },

@@ -517,13 +517,27 @@ async fn admins_grant_and_void_customers_read_their_own_credits() {
     let (status, _) = api.grant("acme", body).await;
     assert_eq!(status, StatusCode::CREATED);
 
-    // acme's own token reads acme's balance and ledger, and not beta's.
+    // acme's own token reads acme's balance and ledger, and not beta's; not the operators'
+    // side of them (who granted, why, under which idempotency key), which the admin reads.
     let (status, own) = api.balance("acme", ACME).await;
     assert_eq!(status, StatusCode::OK, "{own}");
     assert_eq!(decimal(&own["available"]), Decimal::from(10));
+    for field in ["idempotency_key", "granted_by", "reason"] {
+        assert!(own["grants"][0].get(field).is_none(), "{field}: {own}");
+    }
+    let (_, by_admin) = api.balance("acme", ADMIN).await;
+    assert!(
+        by_admin["grants"][0]["granted_by"].is_string(),
+        "{by_admin}"
+    );
     let (status, own) = api.ledger("acme", "", ACME).await;
     assert_eq!(status, StatusCode::OK, "{own}");
     assert_eq!(own["entries"].as_array().unwrap().len(), 1);
+    for field in ["actor", "reason"] {
+        assert!(own["entries"][0].get(field).is_none(), "{field}: {own}");
+    }
+    let (_, by_admin) = api.ledger("acme", "", ADMIN).await;
+    assert!(by_admin["entries"][0]["actor"].is_string(), "{by_admin}");
     for answer in [
         api.balance("acme", BETA).await,
         api.ledger("acme", "", BETA).await,
@@ -532,8 +546,12 @@ async fn admins_grant_and_void_customers_read_their_own_credits() {
         assert_eq!(code(&answer), (StatusCode::FORBIDDEN, Some("FORBIDDEN")));
     }
     // A gateway shows balances where it checks; the ledger is the customer's and the admin's.
-    let (status, _) = api.balance("acme", GATEWAY).await;
+    let (status, by_gateway) = api.balance("acme", GATEWAY).await;
     assert_eq!(status, StatusCode::OK);
+    assert!(
+        by_gateway["grants"][0].get("reason").is_none(),
+        "{by_gateway}"
+    );
     let answer = api.ledger("acme", "", GATEWAY).await;
     assert_eq!(code(&answer), (StatusCode::FORBIDDEN, Some("FORBIDDEN")));
 }

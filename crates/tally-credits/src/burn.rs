@@ -209,21 +209,15 @@ async fn burn_queued(pool: &PgPool, rates: &RateCard) -> Result<BurnReport, sqlx
             continue;
         }
         let mut grants = open.remove(customer).unwrap_or_default();
-        let before: Vec<Decimal> = grants.iter().map(|g| g.remaining).collect();
         let Some(draws) = draw(&mut grants, &usage) else {
             // A cost beyond a decimal: this customer's rows are set aside, the rest go on.
             set_aside_customers.insert(customer.clone(), COST_TOO_LARGE);
             continue;
         };
+        // The entries move the grants' remaining (credit_transactions_apply, in SQL).
         for draw in &draws {
             let item = &usage[draw.usage];
             entries.push(customer, draw.grant_id, -draw.credits, item, draw.quantity);
-        }
-        for (grant, before) in grants.iter().zip(before) {
-            if grant.remaining != before {
-                entries.grant_ids.push(grant.grant_id);
-                entries.remaining.push(grant.remaining);
-            }
         }
         report.customers.push(customer.clone());
     }
@@ -307,7 +301,8 @@ async fn customers_with_grants(
     Ok(rows.into_iter().collect())
 }
 
-/// The `consume` entries and grant balances of one burn, written in two statements.
+/// The `consume` entries of one burn, written in one statement (which moves the grants'
+/// remaining: `credit_transactions_apply`).
 #[derive(Default)]
 struct Entries {
     customers: Vec<String>,
@@ -318,8 +313,6 @@ struct Entries {
     windows: Vec<DateTime<Utc>>,
     quantities: Vec<Decimal>,
     rates: Vec<Decimal>,
-    grant_ids: Vec<i64>,
-    remaining: Vec<Decimal>,
 }
 
 impl Entries {
@@ -360,17 +353,6 @@ impl Entries {
             .bind(&self.quantities)
             .bind(&self.rates)
             .bind(ACTOR)
-            .execute(&mut *tx)
-            .await?;
-        }
-        if !self.grant_ids.is_empty() {
-            sqlx::query(
-                "UPDATE credit_grants g SET remaining = u.remaining
-                 FROM unnest($1::bigint[], $2::numeric[]) AS u(grant_id, remaining)
-                 WHERE g.grant_id = u.grant_id",
-            )
-            .bind(&self.grant_ids)
-            .bind(&self.remaining)
             .execute(&mut *tx)
             .await?;
         }
@@ -430,7 +412,7 @@ async fn expire(pool: &PgPool, now: DateTime<Utc>) -> Result<usize, sqlx::Error>
                                  AND q.stuck IS NULL)
              ORDER BY grant_id LIMIT 1000 FOR UPDATE SKIP LOCKED
          ), closed AS (
-             UPDATE credit_grants g SET remaining = 0, closed_at = $1, closed_as = 'expired'
+             UPDATE credit_grants g SET closed_at = $1, closed_as = 'expired'
              FROM due WHERE g.grant_id = due.grant_id
              RETURNING g.grant_id, g.customer_id
          ), changes AS (

@@ -352,7 +352,7 @@ pub(crate) async fn grant_in(
     let row: GrantRow = sqlx::query_as(&format!(
         "INSERT INTO credit_grants (customer_id, kind, amount, remaining, priority, effective_at,
                 expires_at, idempotency_key, subscription_id, description, granted_by, reason)
-         VALUES ($1, $2, $3, $3, $4, $5, $6, $7, $8, $9, $10, $11)
+         VALUES ($1, $2, $3, 0, $4, $5, $6, $7, $8, $9, $10, $11)
          RETURNING {GRANT_COLUMNS}"
     ))
     .bind(&new.customer)
@@ -368,8 +368,9 @@ pub(crate) async fn grant_in(
     .bind(&actor.reason)
     .fetch_one(&mut *tx)
     .await?;
-    let grant = Grant::from(row);
+    let mut grant = Grant::from(row);
     tally_db::changes::record(tx, &[(grant.customer.as_str(), "")]).await?;
+    // The grant entry brings remaining from 0 to the amount (the ledger moves it).
     record(
         tx,
         &grant.customer,
@@ -379,6 +380,7 @@ pub(crate) async fn grant_in(
         actor,
     )
     .await?;
+    grant.remaining = grant.amount;
     Ok(Granted {
         grant,
         created: true,
@@ -414,15 +416,16 @@ pub async fn void(
             closed_as,
         });
     }
+    // The void entry brings remaining to 0 (the ledger moves it).
+    tally_db::changes::record(&mut tx, &[(customer, "")]).await?;
+    record(&mut tx, customer, grant_id, "void", -grant.remaining, actor).await?;
     let voided: GrantRow = sqlx::query_as(&format!(
-        "UPDATE credit_grants SET remaining = 0, closed_at = now(), closed_as = 'voided'
+        "UPDATE credit_grants SET closed_at = now(), closed_as = 'voided'
          WHERE grant_id = $1 RETURNING {GRANT_COLUMNS}"
     ))
     .bind(grant_id)
     .fetch_one(&mut *tx)
     .await?;
-    tally_db::changes::record(&mut tx, &[(customer, "")]).await?;
-    record(&mut tx, customer, grant_id, "void", -grant.remaining, actor).await?;
     tx.commit().await?;
     Ok(voided.into())
 }

@@ -703,8 +703,14 @@ async fn a_customer_whose_grant_cannot_be_read_is_set_aside_and_the_others_burn(
     let at = minute(Utc::now()) - TimeDelta::minutes(5);
     queue(&db.pool, "a-bad", "", at, "1000").await;
     queue(&db.pool, "b-good", "", at, "1000").await;
+    // Planted through the ledger (remaining follows it): a grant entry beyond a decimal.
+    sqlx::query("UPDATE credit_grants SET amount = 1e41 WHERE customer_id = 'a-bad'")
+        .execute(&db.pool)
+        .await
+        .unwrap();
     sqlx::query(
-        "UPDATE credit_grants SET amount = 1e40, remaining = 1e40 WHERE customer_id = 'a-bad'",
+        "INSERT INTO credit_transactions (customer_id, grant_id, kind, amount, actor)
+         SELECT customer_id, grant_id, 'grant', 1e40, 'test' FROM credit_grants WHERE customer_id = 'a-bad'",
     )
     .execute(&db.pool)
     .await
@@ -734,11 +740,16 @@ async fn a_customer_whose_grant_cannot_be_read_is_set_aside_and_the_others_burn(
     assert_eq!(set_aside, [("credits".to_owned(), "a-bad".to_owned())]);
     // Fixed and due again: burned, and forgotten.
     sqlx::query(
-        "UPDATE credit_grants SET remaining = 100, amount = 100 WHERE customer_id = 'a-bad'",
+        "INSERT INTO credit_transactions (customer_id, grant_id, kind, amount, actor)
+         SELECT customer_id, grant_id, 'void', -1e40, 'test' FROM credit_grants WHERE customer_id = 'a-bad'",
     )
     .execute(&db.pool)
     .await
     .unwrap();
+    sqlx::query("UPDATE credit_grants SET amount = 100 WHERE customer_id = 'a-bad'")
+        .execute(&db.pool)
+        .await
+        .unwrap();
     sqlx::query("UPDATE customer_errors SET retry_at = now() - interval '1 second'")
         .execute(&db.pool)
         .await
@@ -756,4 +767,56 @@ async fn a_customer_whose_grant_cannot_be_read_is_set_aside_and_the_others_burn(
     .await
     .unwrap();
     assert_eq!(left, (0, 0));
+}
+
+/// A grant's remaining is its ledger's sum by construction: it moves with each entry written,
+/// and cannot be changed otherwise.
+#[tokio::test]
+async fn remaining_follows_the_ledger_and_nothing_else() {
+    let db = fresh_database().await;
+    let granted = grant(
+        &db.pool,
+        &new_grant("acme", GrantKind::Purchased, "100", "first"),
+        &actor(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(granted.grant.remaining, d("100"));
+    let refused = sqlx::query("UPDATE credit_grants SET remaining = 5")
+        .execute(&db.pool)
+        .await
+        .unwrap_err();
+    assert!(
+        refused.to_string().contains("follows the ledger"),
+        "{refused}"
+    );
+    let refused = sqlx::query(
+        "INSERT INTO credit_grants (customer_id, kind, amount, remaining, effective_at, idempotency_key, granted_by, reason)
+         VALUES ('acme', 'purchased', 10, 10, now(), 'sneaky', 'x', 'y')",
+    )
+    .execute(&db.pool)
+    .await
+    .unwrap_err();
+    assert!(
+        refused.to_string().contains("starts at remaining = 0"),
+        "{refused}"
+    );
+    // An entry moves it (here a correction an operator would record).
+    sqlx::query(
+        "INSERT INTO credit_transactions (customer_id, grant_id, kind, amount, actor, reason)
+         VALUES ('acme', $1, 'void', -30, 'ops', 'a correction')",
+    )
+    .bind(granted.grant.grant_id)
+    .execute(&db.pool)
+    .await
+    .unwrap();
+    let left = balance(&db.pool, "acme", &RateCard::default(), Utc::now())
+        .await
+        .unwrap();
+    assert_eq!(left.available, d("70"));
+    let voided = void(&db.pool, "acme", granted.grant.grant_id, &actor())
+        .await
+        .unwrap();
+    assert_eq!(voided.remaining, Decimal::ZERO);
+    assert_ledger_matches_grants(&db.pool).await;
 }

@@ -219,9 +219,29 @@ async fn what_is_refused_says_why_with_a_stable_code() {
     assert_eq!(unknown.code(), "UNKNOWN_PLAN");
 
     let now = Utc::now();
+    // Backdated to year 1 (or any time more than a year back): refused, saying why.
+    let ancient = subscriptions::create(
+        pool,
+        &NewSubscription {
+            start: Some(at(1, 1, 1)),
+            ..monthly("beta", "PRO")
+        },
+        &reason,
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(ancient.code(), "INVALID_SUBSCRIPTION");
+    assert!(
+        ancient.to_string().contains("restates finance"),
+        "{ancient}"
+    );
     let cases = [
         NewSubscription {
             start: Some(now + TimeDelta::days(2)),
+            ..monthly("beta", "PRO")
+        },
+        NewSubscription {
+            start: Some(now - TimeDelta::days(367)),
             ..monthly("beta", "PRO")
         },
         NewSubscription {

@@ -52,6 +52,7 @@ struct PlanRule {
 /// without a live subscription) and its latest firings.
 pub(crate) async fn list(
     State(state): State<Arc<ApiState>>,
+    caller: Caller,
     ReadableCustomer(customer): ReadableCustomer,
 ) -> Result<Response, ApiError> {
     valid_customer(&customer)?;
@@ -71,7 +72,15 @@ pub(crate) async fn list(
             plan_rules.push(PlanRule { key, rule });
         }
     }
-    let rules = store::list_rules(&state.reader_pool, &customer).await?;
+    let mut rules = json!(store::list_rules(&state.reader_pool, &customer).await?);
+    if caller.scope() != crate::config::Scope::Admin {
+        // Which operator made a rule is the operators' to know.
+        for rule in rules.as_array_mut().into_iter().flatten() {
+            if let Some(fields) = rule.as_object_mut() {
+                fields.remove("created_by");
+            }
+        }
+    }
     let firings = store::firings(&state.reader_pool, &customer, FIRINGS_SHOWN).await?;
     Ok(Json(json!({
         "customer": customer, "plan": plan, "rules": rules, "plan_rules": plan_rules,

@@ -22,6 +22,7 @@ use tally_credits::{Actor, CreditError, GrantKind, NewGrant, RateCard};
 
 use super::{exact_decimal, valid_customer};
 use crate::auth::{Caller, ReadableCustomer};
+use crate::config::Scope;
 use crate::error::{json_body, ApiError};
 use crate::ApiState;
 
@@ -152,6 +153,7 @@ pub(crate) async fn void(
 /// and the open grants in the order they are drawn.
 pub(crate) async fn balance(
     State(state): State<Arc<ApiState>>,
+    caller: Caller,
     ReadableCustomer(customer): ReadableCustomer,
 ) -> Result<Response, ApiError> {
     valid_customer(&customer)?;
@@ -159,7 +161,26 @@ pub(crate) async fn balance(
         .await
         .map_err(CreditError::Store)?;
     let balance = tally_credits::balance(&state.reader_pool, &customer, &rates, Utc::now()).await?;
-    Ok(Json(balance).into_response())
+    let mut answer = json!(balance);
+    if let Some(grants) = answer["grants"].as_array_mut() {
+        for grant in grants {
+            for_reader(&caller, grant, &["idempotency_key", "granted_by", "reason"]);
+        }
+    }
+    Ok(Json(answer).into_response())
+}
+
+/// What a token that is not an admin's (a customer's own, a gateway's) may not read of the
+/// operators' side: who granted or voided, why, and the idempotency keys they used.
+fn for_reader(caller: &Caller, item: &mut serde_json::Value, operators_only: &[&str]) {
+    if caller.scope() == Scope::Admin {
+        return;
+    }
+    if let Some(fields) = item.as_object_mut() {
+        for field in operators_only {
+            fields.remove(*field);
+        }
+    }
 }
 
 #[derive(Debug, Deserialize)]
@@ -176,6 +197,7 @@ pub(crate) struct LedgerQuery {
 /// the last entry's id (the ledger only grows: a client polls with it), null on an empty page.
 pub(crate) async fn ledger(
     State(state): State<Arc<ApiState>>,
+    caller: Caller,
     ReadableCustomer(customer): ReadableCustomer,
     query: Result<Query<LedgerQuery>, QueryRejection>,
 ) -> Result<Response, ApiError> {
@@ -194,6 +216,10 @@ pub(crate) async fn ledger(
     }
     let entries = tally_credits::ledger(&state.reader_pool, &customer, query.after, limit).await?;
     let next_after = entries.last().map(|entry| entry.transaction_id);
+    let mut entries = json!(entries);
+    for entry in entries.as_array_mut().into_iter().flatten() {
+        for_reader(&caller, entry, &["actor", "reason"]);
+    }
     Ok(
         Json(json!({ "customer": customer, "entries": entries, "next_after": next_after }))
             .into_response(),

@@ -129,6 +129,11 @@ pub enum When {
 /// How far ahead of this server's clock a start may be (the caller's clock may run ahead).
 const START_TOLERANCE: TimeDelta = TimeDelta::minutes(5);
 
+/// How far back a start may be. A backdated subscription restates the past: the finance views
+/// count its plan (and MRR) from its start, so reports already taken for those days change;
+/// a year covers moving customers from another billing system at their anniversary.
+pub const MAX_BACKDATE: TimeDelta = TimeDelta::days(366);
+
 /// Starts a tally-managed subscription. A live fallback subscription is replaced; any other
 /// live subscription is refused (one per customer).
 pub async fn create(
@@ -143,6 +148,12 @@ pub async fn create(
     if start > now + START_TOLERANCE {
         return Err(SubscriptionError::Invalid(format!(
             "start {start} is in the future; create the subscription when it starts"
+        )));
+    }
+    if start < now - MAX_BACKDATE {
+        return Err(SubscriptionError::Invalid(format!(
+            "start {start} is more than {} days ago: a backdated subscription restates finance's past days (its MRR counts from its start); start it at most a year back, e.g. at its last anniversary",
+            MAX_BACKDATE.num_days()
         )));
     }
     let (interval, status, period) = match (new.term, new.trial_end) {
