@@ -410,3 +410,39 @@ fn no_output_of_any_command_holds_a_secret() {
 
     seen.assert_clean();
 }
+
+/// A secret typed into a setting that is not one (a Stripe key pasted into `stripe.api_base`,
+/// a password in `kafka.brokers`) is hidden by `tally config` all the same, and named on stderr.
+#[test]
+fn a_secret_in_the_wrong_setting_is_hidden_too() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("tally.toml");
+    std::fs::write(
+        &config,
+        "[stripe]\napi_base = \"sk_live_51Hmisplaced\"\n\n[kafka]\nbrokers = \"ops:hunter2@kafka:9092\"\n",
+    )
+    .unwrap();
+    let output = tally_command()
+        .arg("--config")
+        .arg(&config)
+        .arg("config")
+        .output()
+        .unwrap();
+    assert!(output.status.success(), "{output:?}");
+    let shown = String::from_utf8_lossy(&output.stdout);
+    let said = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        !shown.contains("sk_live_51Hmisplaced") && !shown.contains("hunter2"),
+        "{shown}"
+    );
+    assert!(shown.contains("api_base = \"<redacted>\""), "{shown}");
+    assert!(
+        said.contains("setting stripe.api_base holds what looks like a secret"),
+        "{said}"
+    );
+    assert!(
+        said.contains("setting kafka.brokers holds what looks like a secret"),
+        "{said}"
+    );
+    assert!(!said.contains("hunter2"), "{said}");
+}

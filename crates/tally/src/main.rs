@@ -207,7 +207,61 @@ fn main() -> ExitCode {
 /// every secret setting (`database.url`, `stripe.secret_key`, `serve.stripe_webhook_secret`,
 /// API tokens) is a `Secret`, which serializes as `<redacted>`; `kafka.options` hides the value
 /// of every option whose name names a secret; and `database.url` shows its password as `****`.
+/// A secret typed into a setting that is not one (a Stripe key in `stripe.api_base`, a tally
+/// token in a description) is hidden too, by its look, and named on stderr.
 fn print_config(config: &config::TallyConfig) -> anyhow::Result<()> {
-    print!("{}", toml::to_string(config)?);
+    let mut settings = toml::Value::try_from(config)?;
+    let mut misplaced = Vec::new();
+    hide_secret_looking(&mut settings, "", &mut misplaced);
+    print!("{}", toml::to_string(&settings)?);
+    for setting in misplaced {
+        eprintln!("warning: setting {setting} holds what looks like a secret (hidden above); secrets belong in their own settings or the environment (STRIPE_SECRET_KEY, …), where they are never shown");
+    }
     Ok(())
+}
+
+/// Replaces every string value that looks like a secret (a Stripe key, a webhook signing
+/// secret, a tally API token, a password in a URL) with `<redacted>`, collecting where.
+fn hide_secret_looking(value: &mut toml::Value, path: &str, found: &mut Vec<String>) {
+    const PREFIXES: [&str; 6] = [
+        "sk_live_", "sk_test_", "rk_live_", "rk_test_", "whsec_", "tly_",
+    ];
+    match value {
+        toml::Value::String(text) if text != "<redacted>" => {
+            // `user:password@host`, with or without a scheme, in any item of a list.
+            let password_in = |item: &str| {
+                let item = item.split_once("://").map_or(item, |(_, rest)| rest);
+                item.split('/')
+                    .next()
+                    .and_then(|authority| authority.rsplit_once('@'))
+                    .is_some_and(|(userinfo, _)| {
+                        userinfo
+                            .split_once(':')
+                            .is_some_and(|(_, pw)| !pw.is_empty() && pw != "****")
+                    })
+            };
+            let looks_secret = PREFIXES.iter().any(|p| text.contains(p))
+                || text.split([',', ' ']).any(password_in);
+            if looks_secret {
+                *text = "<redacted>".into();
+                found.push(path.to_owned());
+            }
+        }
+        toml::Value::Table(table) => {
+            for (key, inner) in table.iter_mut() {
+                let inner_path = if path.is_empty() {
+                    key.clone()
+                } else {
+                    format!("{path}.{key}")
+                };
+                hide_secret_looking(inner, &inner_path, found);
+            }
+        }
+        toml::Value::Array(items) => {
+            for (i, inner) in items.iter_mut().enumerate() {
+                hide_secret_looking(inner, &format!("{path}[{i}]"), found);
+            }
+        }
+        _ => {}
+    }
 }

@@ -221,7 +221,8 @@ pub(super) struct Aggregations {
     loaded: Option<Instant>,
 }
 
-/// What the cache did, for tests (the `testing` feature reads them) and, later, metrics.
+/// What the cache did, for tests (the `testing` feature reads them); `telemetry.rs` exports
+/// the same as metrics.
 #[derive(Default)]
 pub(super) struct Counters {
     /// Loads a check waited for (one per customer load, however many checks shared it).
@@ -416,6 +417,7 @@ impl CacheState {
     pub(super) fn insert(&self, customer: &str, cached: Arc<Cached>) {
         let evicted = self.customers.insert(customer, cached);
         if evicted > 0 {
+            crate::telemetry::evicted(evicted);
             self.counters
                 .evicted
                 .fetch_add(evicted as u64, Ordering::Relaxed);

@@ -52,6 +52,7 @@ async fn run(cache: Weak<CacheState>, wake: Arc<Notify>) {
             .counters
             .background_loads
             .fetch_add(1, Ordering::Relaxed);
+        crate::telemetry::load("background");
         // One customer's bad data (an override that no longer fits, a usage sum beyond a
         // decimal) is that customer's error alone: `load` isolates it.
         match cache.load(due.clone()).await {
@@ -64,6 +65,7 @@ async fn run(cache: Weak<CacheState>, wake: Arc<Notify>) {
                         // its checks get the error until the data is fixed.
                         Err(error) => {
                             tracing::warn!(customer, %error, "a customer's quota state cannot be loaded; its checks answer with the error");
+                            crate::telemetry::customer_failure();
                             cache.insert_failure(&customer, error);
                         }
                     }

@@ -90,6 +90,7 @@ impl CacheState {
             - self.single_flight.permits.available_permits();
         let counters = &self.counters;
         counters.waited_loads.fetch_add(1, Ordering::Relaxed);
+        crate::telemetry::load("waited");
         counters
             .peak_running_loads
             .fetch_max(running as u64, Ordering::Relaxed);

@@ -132,7 +132,7 @@ const START_TOLERANCE: TimeDelta = TimeDelta::minutes(5);
 /// How far back a start may be. A backdated subscription restates the past: the finance views
 /// count its plan (and MRR) from its start, so reports already taken for those days change;
 /// a year covers moving customers from another billing system at their anniversary.
-pub const MAX_BACKDATE: TimeDelta = TimeDelta::days(366);
+pub(crate) const MAX_BACKDATE: TimeDelta = TimeDelta::days(366);
 
 /// Starts a tally-managed subscription. A live fallback subscription is replaced; any other
 /// live subscription is refused (one per customer).
