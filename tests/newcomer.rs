@@ -131,3 +131,60 @@ period = "day"
     );
     assert!(alive(&mut serve.0), "{}", harness.work.log("serve"));
 }
+
+/// `tally serve` and `tally emit` from one directory with the default settings each have a
+/// spool of their own; a `tally serve` that cannot listen stops before it makes one.
+#[test]
+fn serve_and_emit_run_side_by_side_and_a_server_that_cannot_listen_leaves_no_spool() {
+    let broker = Broker::start();
+    let runtime = runtime();
+    let db = runtime.block_on(tally_db::testing::fresh_database());
+    let serve_config = |address: &str| {
+        format!(
+            "[serve]\nlisten = \"{address}\"\n\n[[serve.tokens]]\nname = \"ingest\"\nscope = \"ingest\"\nsha256 = \"{}\"\n",
+            tally_api::token_hash("tally_newcomer_token")
+        )
+    };
+
+    // Its address taken: a clear error, and no spool directory left behind.
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let taken_address = taken.local_addr().unwrap().to_string();
+    let refused = Workdir::new(
+        &broker.kafka,
+        "http://127.0.0.1:9/",
+        &serve_config(&taken_address),
+    );
+    let (ok, output) = refused.run(&db.url, &["serve"]);
+    assert!(!ok && output.contains("cannot listen on"), "{output}");
+    assert!(
+        !refused.dir.path().join("tally-spool").exists(),
+        "a server that never listened left a spool: {output}"
+    );
+
+    let address = format!("127.0.0.1:{}", free_port());
+    let work = Workdir::new(
+        &broker.kafka,
+        "http://127.0.0.1:9/",
+        &serve_config(&address),
+    );
+    let (ok, output) = work.run(&db.url, &["migrate"]);
+    assert!(ok, "{output}");
+    let _serve = work.spawn("serve", &db.url, &["serve"]);
+    wait_until("tally serve answers", Duration::from_secs(30), || {
+        http(&address, "GET", "/healthz", &[], "").is_ok_and(|(status, _)| status == 200)
+    });
+    let (ok, output) = work.run(
+        &db.url,
+        &[
+            "emit",
+            "--customer",
+            "acme",
+            "--meter",
+            "api_calls",
+            "--quantity",
+            "3",
+        ],
+    );
+    assert!(ok && output.contains("published"), "{output}");
+    assert!(work.dir.path().join("tally-emit-spool").is_dir());
+}

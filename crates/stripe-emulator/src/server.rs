@@ -34,10 +34,11 @@ const MAX_BODY_BYTES: usize = 1 << 20;
 
 #[derive(Debug, thiserror::Error)]
 pub enum EmulatorError {
-    #[error("cannot listen on {addr}: {source}; pick a free port (or 0 for any)")]
+    /// (`cause`, not `source`: the message says it once, and a chain would repeat it.)
+    #[error("cannot listen on {addr}: {cause}; pick a free port (or 0 for any)")]
     Bind {
         addr: SocketAddr,
-        source: std::io::Error,
+        cause: std::io::Error,
     },
     #[error("invalid faults: {0}")]
     Faults(String),
@@ -76,10 +77,10 @@ impl Emulator {
         config.faults.validate().map_err(EmulatorError::Faults)?;
         let listener = TcpListener::bind(addr)
             .await
-            .map_err(|source| EmulatorError::Bind { addr, source })?;
+            .map_err(|cause| EmulatorError::Bind { addr, cause })?;
         let addr = listener
             .local_addr()
-            .map_err(|source| EmulatorError::Bind { addr, source })?;
+            .map_err(|cause| EmulatorError::Bind { addr, cause })?;
         let shared = Arc::new(EmulatorState {
             test_rate: config.test_rate_per_second,
             live_rate: config.live_rate_per_second,

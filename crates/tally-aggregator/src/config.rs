@@ -24,29 +24,29 @@ pub struct AggregatorConfig {
     pub instance_id: Option<String>,
     /// How long the group waits for a silent member before giving its partitions to others
     /// (`session.timeout.ms`; brokers allow 6s to 30m by default).
-    #[serde(with = "humantime_serde")]
+    #[serde(with = "tally_core::duration")]
     pub session_timeout: Duration,
     /// A member whose partitions have lag and make no progress for this long (or that holds no
     /// partition this long while a partition nobody consumes has lag) is stalled: `/readyz`
     /// says so, and it leaves the group and joins again with a fresh consumer. `--once` gives
     /// up (exit 1) after consuming nothing for this long while it has not drained.
-    #[serde(with = "humantime_serde")]
+    #[serde(with = "tally_core::duration")]
     pub stall_timeout: Duration,
     /// A batch closes at this many events...
     pub batch_max_events: usize,
     /// ...or at this many bytes of raw events (bounds memory: events are up to 64 KiB)...
     pub batch_max_bytes: usize,
     /// ...or when its first event has waited this long (bounds freshness).
-    #[serde(with = "humantime_serde")]
+    #[serde(with = "tally_core::duration")]
     pub batch_max_wait: Duration,
     /// Batches committed at once, each over its own share of the partitions (its lane), on
     /// its own Postgres connection.
     pub parallel_commits: usize,
     /// Events whose timestamp is older than this are refused as `too_late`.
-    #[serde(with = "humantime_serde")]
+    #[serde(with = "tally_core::duration")]
     pub lateness_horizon: Duration,
     /// How long an event id is remembered for dedup; at least `lateness_horizon`.
-    #[serde(with = "humantime_serde")]
+    #[serde(with = "tally_core::duration")]
     pub dedup_retention: Duration,
 }
 
@@ -122,8 +122,8 @@ impl AggregatorConfig {
         if self.dedup_retention < self.lateness_horizon {
             return Err(format!(
                 "aggregator.dedup_retention ({}) is shorter than aggregator.lateness_horizon ({}): a late re-send could be counted twice; make dedup_retention at least the horizon",
-                humantime::format_duration(self.dedup_retention),
-                humantime::format_duration(self.lateness_horizon)
+                tally_core::duration::format(self.dedup_retention),
+                tally_core::duration::format(self.lateness_horizon)
             ));
         }
         Ok(())

@@ -10,14 +10,14 @@ use serde::{Deserialize, Serialize};
 pub struct AlertsConfig {
     /// How often `tally aggregate` evaluates the rules of customers whose usage or credits
     /// changed, and sends the deliveries that are due.
-    #[serde(with = "humantime_serde")]
+    #[serde(with = "tally_core::duration")]
     pub evaluate_every: Duration,
     /// Time limit of one delivery (connect, send, answer).
-    #[serde(with = "humantime_serde")]
+    #[serde(with = "tally_core::duration")]
     pub delivery_timeout: Duration,
     /// A delivery not accepted (2xx) within this long of its first attempt is given up
     /// (`failed`).
-    #[serde(with = "humantime_serde")]
+    #[serde(with = "tally_core::duration")]
     pub retry_for: Duration,
     /// Allow `http://` endpoints (off: deliveries and their signatures would travel in clear).
     pub allow_http: bool,

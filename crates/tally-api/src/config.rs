@@ -17,12 +17,12 @@ pub struct ServeConfig {
     pub admin_listen: String,
     /// How often the quota check reloads a customer's entitlements, usage and credits in the
     /// background while it is being checked.
-    #[serde(with = "humantime_serde")]
+    #[serde(with = "tally_core::duration")]
     pub refresh: Duration,
     /// The oldest state a check may decide on: a customer whose cached state is older (after
     /// a quiet spell, or with the reloads behind) is loaded again before the answer, one load
     /// for every check waiting. At least `refresh`.
-    #[serde(with = "humantime_serde")]
+    #[serde(with = "tally_core::duration")]
     pub max_staleness: Duration,
     /// Most customers the quota cache holds; beyond, the least recently checked are evicted.
     pub max_cached_customers: usize,
@@ -31,6 +31,11 @@ pub struct ServeConfig {
     /// Signing secret (`whsec_…`) of the Stripe webhook endpoint `/v1/webhooks/stripe`. Also
     /// read from `STRIPE_WEBHOOK_SECRET`. Empty: the endpoint answers 503.
     pub stripe_webhook_secret: Secret,
+    /// How long Stripe webhook events (and meter error reports) are kept; older ones are
+    /// deleted hourly. At least 31 days: Stripe redelivers and resends events for 30 days,
+    /// and a kept id is what recognises a redelivery.
+    #[serde(with = "tally_core::duration")]
+    pub webhook_retention: Duration,
     /// Connection and request limits.
     pub limits: EdgeLimits,
     /// Requests per second per token, by scope.
@@ -47,6 +52,7 @@ impl Default for ServeConfig {
             max_cached_customers: 1_000_000,
             tokens: Vec::new(),
             stripe_webhook_secret: Secret::default(),
+            webhook_retention: Duration::from_secs(90 * 86_400),
             limits: EdgeLimits::default(),
             rate_limits: RateLimits::default(),
         }
@@ -60,17 +66,17 @@ pub struct EdgeLimits {
     /// A request's head (request line and headers) must arrive within this. The same clock
     /// starts when a keep-alive connection falls idle, so it is also the idle timeout: a
     /// connection that sends nothing for this long is closed.
-    #[serde(with = "humantime_serde")]
+    #[serde(with = "tally_core::duration")]
     pub header_read_timeout: Duration,
     /// A request (its body read and its answer) must be done within this; else 408.
-    #[serde(with = "humantime_serde")]
+    #[serde(with = "tally_core::duration")]
     pub request_timeout: Duration,
     /// Open connections; one more is answered 503 and closed.
     pub max_connections: usize,
     /// Requests being handled at once; one more is answered 503 with `Retry-After`.
     pub max_in_flight: usize,
     /// On SIGTERM, requests in flight get this long to finish; then connections are cut.
-    #[serde(with = "humantime_serde")]
+    #[serde(with = "tally_core::duration")]
     pub shutdown_timeout: Duration,
     /// Largest body of `POST /v1/events`.
     pub max_ingest_body_bytes: usize,
@@ -204,11 +210,17 @@ impl ApiToken {
 
 impl ServeConfig {
     pub fn validate(&self) -> Result<(), String> {
+        if self.webhook_retention < Duration::from_secs(31 * 86_400) {
+            return Err(format!(
+                "serve.webhook_retention ({}) is shorter than 31 days: Stripe redelivers events for 30 days, and a redelivered event whose id was deleted would be applied again; use at least \"31days\"",
+                tally_core::duration::format(self.webhook_retention)
+            ));
+        }
         if self.max_staleness < self.refresh {
             return Err(format!(
                 "serve.max_staleness ({}) is shorter than serve.refresh ({}): checks would wait for a load every time; make it at least refresh (e.g. 4 × refresh)",
-                humantime::format_duration(self.max_staleness),
-                humantime::format_duration(self.refresh)
+                tally_core::duration::format(self.max_staleness),
+                tally_core::duration::format(self.refresh)
             ));
         }
         for token in &self.tokens {

@@ -67,11 +67,11 @@ pub(crate) async fn request_id(mut request: Request, next: Next) -> Response {
             let detail = report.detail.as_deref().unwrap_or("");
             let path: String = uri.path().chars().take(200).collect();
             if status.is_server_error() {
-                tracing::error!(request_id = %id, %method, ?path, %status, code = report.code, detail, "request failed");
+                tracing::error!(request_id = %id, %method, path = %path.escape_debug(), %status, code = report.code, detail, "request failed");
             } else if report.detail.is_some() {
-                tracing::warn!(request_id = %id, %method, ?path, %status, code = report.code, detail, "request refused");
+                tracing::warn!(request_id = %id, %method, path = %path.escape_debug(), %status, code = report.code, detail, "request refused");
             } else {
-                tracing::debug!(request_id = %id, %method, ?path, %status, code = report.code, "request refused");
+                tracing::debug!(request_id = %id, %method, path = %path.escape_debug(), %status, code = report.code, "request refused");
             }
             let body = serde_json::json!({
                 "code": report.code, "message": report.message, "request_id": id,

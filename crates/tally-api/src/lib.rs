@@ -78,6 +78,10 @@ pub struct StripeWebhook {
     /// The mode of the Stripe key this deployment bills with: an event of the other mode is
     /// refused (a test-mode event must not change a live customer's plan).
     pub livemode: bool,
+    /// Stripe's API, to fetch a subscription as it is now when two of its events have the same
+    /// second and the later delivered would move it backwards; `None` (no secret key) decides
+    /// such a tie by status.
+    pub stripe: Option<tally_sink::StripeHttp>,
 }
 
 /// Who may call which route.

@@ -7,7 +7,8 @@
 //! Answers: 200 when the event is handled (applied, stale, ignored or a replay); 400 for a
 //! forged, stale or unparseable event (Stripe shows it as failing); 422 when tally cannot apply
 //! it yet (an unmapped customer or price): nothing is stored, so Stripe's retries apply it once
-//! the mapping is fixed; 503 when no secret is configured or Postgres is down.
+//! the mapping is fixed; 503 when no secret is configured, Postgres is down, or a same-second
+//! tie needs Stripe asked and Stripe does not answer (nothing is stored; Stripe redelivers).
 
 use std::sync::Arc;
 
@@ -19,13 +20,13 @@ use chrono::{DateTime, Utc};
 use serde_json::{json, Value};
 use stripe_webhook::{EventObject, Webhook, WebhookError as SignatureError};
 use tally_quota::stripe::{
-    apply_webhook, StripeEvent, StripeInvoice, StripePrice, StripeSubscription, WebhookEffect,
-    WebhookError,
+    apply_webhook, SameSecond, StripeEvent, StripeInvoice, StripePrice, StripeSubscription,
+    WebhookEffect, WebhookError, WebhookOutcome,
 };
 
 use crate::error::ApiError;
 use crate::telemetry;
-use crate::ApiState;
+use crate::{ApiState, StripeWebhook};
 
 pub(crate) async fn stripe_webhook(
     State(state): State<Arc<ApiState>>,
@@ -60,9 +61,9 @@ pub(crate) async fn stripe_webhook(
         tracing::warn!(code = error.code, message = %error.message, "Stripe webhook refused");
     })?;
     telemetry::webhook_delay(event.created);
-    match apply_webhook(&state.pool, &event, &effect).await {
+    match apply(&state.pool, endpoint, &event, &effect).await? {
         Ok(outcome) => {
-            if let tally_quota::stripe::WebhookOutcome::Applied {
+            if let WebhookOutcome::Applied {
                 customer: Some(customer),
             } = &outcome
             {
@@ -94,6 +95,72 @@ pub(crate) async fn stripe_webhook(
                 )
                 .with_detail(detail),
             })
+        }
+    }
+}
+
+/// Applies the event; a same-second tie that would move a subscription backwards is decided
+/// by the subscription as Stripe has it now. `Err` when Stripe cannot be asked just now
+/// (Stripe redelivers the event later).
+async fn apply(
+    pool: &sqlx::PgPool,
+    endpoint: &StripeWebhook,
+    event: &StripeEvent,
+    effect: &WebhookEffect,
+) -> Result<Result<WebhookOutcome, WebhookError>, ApiError> {
+    let Some(stripe) = &endpoint.stripe else {
+        return Ok(apply_webhook(pool, event, effect, SameSecond::ByStatus).await);
+    };
+    let outcome = apply_webhook(pool, event, effect, SameSecond::AskStripe).await;
+    let Ok(WebhookOutcome::AskStripe { subscription }) = outcome else {
+        return Ok(outcome);
+    };
+    match current_subscription(stripe, &subscription).await {
+        Ok(Some(current)) => {
+            tracing::info!(event = %event.id, %subscription, status = %current.status, "a same-second event would move the subscription back: applied Stripe's current subscription");
+            let current = WebhookEffect::Subscription(current);
+            Ok(apply_webhook(pool, event, &current, SameSecond::Current).await)
+        }
+        Ok(None) => Ok(apply_webhook(pool, event, effect, SameSecond::ByStatus).await),
+        Err(error) => {
+            telemetry::webhook(&event.event_type, "failed");
+            Err(ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "STRIPE_UNAVAILABLE",
+                format!(
+                    "Stripe webhook {} ties with an earlier event of the same second and Stripe could not be asked for subscription {subscription} ({error}); Stripe will retry it",
+                    event.id
+                ),
+            ))
+        }
+    }
+}
+
+/// `GET /v1/subscriptions/{id}`: the subscription now; `None` when Stripe will not give it
+/// (the tie is then decided by status), `Err` when asking again later may work.
+async fn current_subscription(
+    stripe: &tally_sink::StripeHttp,
+    id: &str,
+) -> Result<Option<StripeSubscription>, tally_sink::StripeCallError> {
+    // The id comes from a signed event; still, only an id's characters go into a path.
+    if id.is_empty() || !id.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
+        return Ok(None);
+    }
+    let json = match stripe.get_json(&format!("v1/subscriptions/{id}")).await {
+        Ok(json) => json,
+        Err(error) if error.is_retryable() => return Err(error),
+        // Unknown to Stripe, or a key that may not read it: decided by status, and said.
+        Err(error) => {
+            tracing::warn!(%id, %error, "Stripe did not give the subscription; the tie is decided by status");
+            return Ok(None);
+        }
+    };
+    let text = json.to_string();
+    match miniserde::json::from_str::<stripe_shared::Subscription>(&text) {
+        Ok(current) => Ok(Some(subscription(&current, false))),
+        Err(_) => {
+            tracing::warn!(%id, "Stripe's subscription does not parse; the tie is decided by status");
+            Ok(None)
         }
     }
 }

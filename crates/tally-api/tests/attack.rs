@@ -86,6 +86,7 @@ async fn state(db: &tally_db::testing::TestDatabase, rates: &RateLimits) -> Arc<
         stripe_webhook: Some(StripeWebhook {
             secret: Secret::new(WEBHOOK_SECRET),
             livemode: false,
+            stripe: None,
         }),
     })
 }

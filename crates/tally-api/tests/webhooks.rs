@@ -17,6 +17,16 @@ use tower::ServiceExt;
 
 const KEY: &str = "sk_test_tally";
 
+/// Where tally asks Stripe for a subscription whose events tie.
+#[derive(Clone, Copy)]
+enum AskStripe {
+    Emulator,
+    /// A Stripe that does not answer (connection refused).
+    Unreachable,
+    /// No secret key: ties are decided by status.
+    NoKey,
+}
+
 struct Harness {
     db: tally_db::testing::TestDatabase,
     emulator: Emulator,
@@ -31,6 +41,11 @@ impl Harness {
     /// selected by a price's `metadata.tally_plan` and PRO by the plan's `stripe_prices`, and
     /// tally customer `acme` mapped to a Stripe customer.
     async fn start() -> Harness {
+        Harness::asking(AskStripe::Emulator).await
+    }
+
+    /// `ask`: the Stripe tally asks about same-second ties.
+    async fn asking(ask: AskStripe) -> Harness {
         let db = tally_db::testing::fresh_database().await;
         sqlx::query("INSERT INTO meters (name, aggregation, stripe_event_name) VALUES ('api_calls', 'sum', 'api_calls')")
             .execute(&db.pool)
@@ -89,6 +104,21 @@ impl Harness {
             stripe_webhook: Some(StripeWebhook {
                 secret: Secret::new(secret),
                 livemode: false,
+                stripe: {
+                    let api_base = match ask {
+                        AskStripe::Emulator => Some(emulator.url()),
+                        AskStripe::Unreachable => Some("http://127.0.0.1:1/".to_owned()),
+                        AskStripe::NoKey => None,
+                    };
+                    api_base.map(|api_base| {
+                        tally_sink::StripeHttp::new(&tally_sink::StripeConfig {
+                            api_base,
+                            secret_key: Secret::new(KEY),
+                            ..Default::default()
+                        })
+                        .unwrap()
+                    })
+                },
             }),
         });
         let app = router(state.clone(), &ServeConfig::default());
@@ -493,11 +523,11 @@ async fn variant(h: &Harness, event: &Value, id: &str, changes: &[(&str, &str)])
 /// Before: of two events created in the same second, the one delivered last won, so an
 /// `invoice.finalized` arriving after `invoice.paid` set a paid invoice back to open, and a
 /// `subscription.created` (incomplete) after `.updated` (active) took a paying customer's
-/// entitlements away. Now a same-second event never moves the status backwards, in either
-/// delivery order.
+/// entitlements away. Now, without a Stripe key to ask with, a same-second event never moves
+/// the status backwards, in either delivery order.
 #[tokio::test]
 async fn same_second_events_never_move_state_backwards() {
-    let h = Harness::start().await;
+    let h = Harness::asking(AskStripe::NoKey).await;
     h.map_customer().await;
     h.subscribe(&h.free_price).await;
     h.delivered().await;
@@ -618,4 +648,106 @@ async fn same_second_events_never_move_state_backwards() {
     .await;
     assert_eq!(invoice_status().await, "paid");
     h.emulator.shutdown().await;
+}
+
+/// Before: a payment that failed and then succeeded within one second (`past_due`, then
+/// `active`) left the customer past_due for good whenever `active` was delivered second,
+/// because a same-second event that moves the status "back" was stale. Now Stripe is asked for
+/// the subscription as it is, and that decides; a Stripe that does not answer gets the event
+/// 503 (nothing stored, Stripe redelivers it).
+#[tokio::test]
+async fn a_same_second_recovery_is_decided_by_asking_stripe() {
+    let h = Harness::start().await;
+    h.map_customer().await;
+    h.subscribe(&h.pro_price).await;
+    h.delivered().await;
+    let created: Value = {
+        let events = h.emulator.events();
+        let event = events
+            .iter()
+            .find(|e| e.event_type == "customer.subscription.created")
+            .unwrap();
+        serde_json::from_str(&event.body).unwrap()
+    };
+    assert_eq!(created["data"]["object"]["status"], "active", "{created}");
+    let mut tie = created.clone();
+    tie["created"] = json!(created["created"].as_i64().unwrap() + 100);
+    tie["type"] = json!("customer.subscription.updated");
+    variant(
+        &h,
+        &tie,
+        "evt_past_due",
+        &[("/data/object/status", "past_due")],
+    )
+    .await;
+    let status: String = sqlx::query_scalar(
+        "SELECT status FROM subscriptions WHERE customer_id = 'acme' AND stripe_subscription_id IS NOT NULL",
+    )
+    .fetch_one(&h.db.pool)
+    .await
+    .unwrap();
+    assert_eq!(status, "past_due");
+    h.state.quota.invalidate("acme");
+    assert!(h.plan().await.is_err(), "past_due entitles to nothing");
+
+    // The recovery, same second, delivered second: Stripe says active.
+    let answer = variant(
+        &h,
+        &tie,
+        "evt_recovered",
+        &[("/data/object/status", "active")],
+    )
+    .await;
+    assert_eq!(answer["outcome"], "applied", "{answer}");
+    h.state.quota.invalidate("acme");
+    assert_eq!(h.plan().await.unwrap(), ("PRO".into(), "active".into()));
+
+    // A same-second event saying otherwise than Stripe does not win either: Stripe decides.
+    let answer = variant(
+        &h,
+        &tie,
+        "evt_incomplete",
+        &[("/data/object/status", "incomplete")],
+    )
+    .await;
+    assert_eq!(answer["outcome"], "applied", "{answer}");
+    h.state.quota.invalidate("acme");
+    assert_eq!(h.plan().await.unwrap(), ("PRO".into(), "active".into()));
+
+    // Stripe away: 503, and the event is not recorded, so Stripe's redelivery applies it.
+    let away = Harness::asking(AskStripe::Unreachable).await;
+    away.map_customer().await;
+    away.subscribe(&away.pro_price).await;
+    away.delivered().await;
+    let mut tie = {
+        let events = away.emulator.events();
+        let event = events
+            .iter()
+            .find(|e| e.event_type == "customer.subscription.created")
+            .unwrap();
+        serde_json::from_str::<Value>(&event.body).unwrap()
+    };
+    tie["created"] = json!(tie["created"].as_i64().unwrap() + 100);
+    tie["type"] = json!("customer.subscription.updated");
+    variant(
+        &away,
+        &tie,
+        "evt_away_past_due",
+        &[("/data/object/status", "past_due")],
+    )
+    .await;
+    let mut recovered = tie.clone();
+    recovered["id"] = json!("evt_away_active");
+    let (status, answer) = webhook(&away, &recovered.to_string(), None).await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{answer}");
+    assert_eq!(answer["code"], "STRIPE_UNAVAILABLE", "{answer}");
+    let recorded: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM stripe_webhook_events WHERE event_id = 'evt_away_active'",
+    )
+    .fetch_one(&away.db.pool)
+    .await
+    .unwrap();
+    assert_eq!(recorded, 0, "an event not applied is not recorded");
+    h.emulator.shutdown().await;
+    away.emulator.shutdown().await;
 }

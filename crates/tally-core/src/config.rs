@@ -248,14 +248,58 @@ impl Default for KafkaConfig {
 pub enum ConfigError {
     #[error("{origin} is not valid TOML: {message}")]
     Syntax { origin: String, message: String },
-    #[error("environment variable {var} is not a tally setting; remove it or use one of: {known}")]
-    UnknownEnv { var: String, known: String },
+    #[error("environment variable {var} is not a tally setting; {hint}")]
+    UnknownEnv { var: String, hint: String },
     #[error("setting `{key}` (from {origin}) is invalid: {message}")]
     Invalid {
         key: String,
         origin: String,
         message: String,
     },
+}
+
+/// What to say of a `TALLY_*` variable that names no setting: the nearest one (a typo), else
+/// the settings of its section, else where they are listed.
+fn unknown_env_hint<'a>(var: &str, known: impl Iterator<Item = &'a String>) -> String {
+    let known: Vec<&String> = known.collect();
+    let nearest = known
+        .iter()
+        .map(|k| (edit_distance(var, k), *k))
+        .min_by_key(|(distance, _)| *distance);
+    if let Some((distance, name)) = nearest {
+        if distance <= 3 {
+            return format!("did you mean {name}? (or remove it)");
+        }
+    }
+    // TALLY_<SECTION>_…: the section's settings.
+    let section = var.splitn(3, '_').take(2).collect::<Vec<_>>().join("_") + "_";
+    let same_section: Vec<&str> = known
+        .iter()
+        .filter(|k| k.starts_with(&section))
+        .map(|k| k.as_str())
+        .collect();
+    if !same_section.is_empty() && same_section.len() <= 20 {
+        return format!("remove it, or use one of {}", same_section.join(", "));
+    }
+    "remove it; `tally config` shows every setting, and tally.example.toml says what each does (each is TALLY_ and its path in capitals, e.g. TALLY_AGGREGATOR_BATCH_MAX_WAIT)".into()
+}
+
+/// Levenshtein distance, for suggesting the setting a typo meant.
+fn edit_distance(a: &str, b: &str) -> usize {
+    let b: Vec<char> = b.chars().collect();
+    let mut row: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.chars().enumerate() {
+        let mut previous = row[0];
+        row[0] = i + 1;
+        for (j, cb) in b.iter().enumerate() {
+            let current = row[j + 1];
+            row[j + 1] = (previous + usize::from(ca != *cb))
+                .min(row[j] + 1)
+                .min(current + 1);
+            previous = current;
+        }
+    }
+    row[b.len()]
 }
 
 /// Reads `T` from defaults, the file text (if any) and the environment.
@@ -302,7 +346,7 @@ where
         let Some(key) = by_var.get(var) else {
             return Err(ConfigError::UnknownEnv {
                 var: var.clone(),
-                known: by_var.keys().cloned().collect::<Vec<_>>().join(", "),
+                hint: unknown_env_hint(var, by_var.keys()),
             });
         };
         set_path(&mut table, key, to_toml(value, known[*key]));
@@ -320,11 +364,14 @@ where
             });
         // toml repeats the key path on a line of its own ("in `a.b`"); we already name it.
         let message = e.into_inner().to_string();
-        let message = message
+        let mut message = message
             .lines()
             .filter(|line| !line.starts_with("in `") && !line.trim().is_empty())
             .collect::<Vec<_>>()
             .join(" ");
+        if message.contains("expected a duration") || message.contains("unknown time unit") || message.contains("time unit needed") {
+            message.push_str("; write a number with its unit, e.g. \"250ms\", \"5s\", \"10m\", \"1h\" or \"35days\"");
+        }
         ConfigError::Invalid {
             key,
             origin,
@@ -446,7 +493,7 @@ mod tests {
     #[serde(deny_unknown_fields, default)]
     struct Queue {
         capacity: u64,
-        #[serde(with = "humantime_serde")]
+        #[serde(with = "crate::duration")]
         linger: Duration,
         enabled: bool,
     }
@@ -537,7 +584,15 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("TALLY_QUEUE_CAPACTY"), "{err}");
-        assert!(err.contains("TALLY_QUEUE_CAPACITY"), "{err}");
+        assert!(err.contains("did you mean TALLY_QUEUE_CAPACITY?"), "{err}");
+        // Far from any: the way to find them, not a list of every one.
+        let err = load::<Sample>(None, env(&[("TALLY_SOMETHING_ELSE_ENTIRELY", "3")]), &[])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("tally config"), "{err}");
+        assert!(err.len() < 400, "{err}");
+        assert_eq!(edit_distance("kitten", "sitting"), 3);
+        assert_eq!(edit_distance("", "abc"), 3);
     }
 
     #[test]

@@ -3,6 +3,7 @@
 //! rule can be tested in isolation and shared by the emitter, the aggregator and the HTTP API.
 
 pub mod config;
+pub mod duration;
 pub mod event;
 pub mod meter;
 pub mod reject;

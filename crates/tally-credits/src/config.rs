@@ -15,7 +15,7 @@ pub struct CreditsConfig {
     pub rates: Vec<RateDefinition>,
     /// How often the burner (in `tally aggregate`) looks for committed usage to burn, expired
     /// grants and plan grants due. Usage is burned within about this long of its commit.
-    #[serde(with = "humantime_serde")]
+    #[serde(with = "tally_core::duration")]
     pub burn_every: Duration,
 }
 

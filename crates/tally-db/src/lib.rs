@@ -32,10 +32,70 @@ pub enum DbError {
     BadUrl(sqlx::Error),
     #[error("cannot reach Postgres at {target} ({reason}); check that the server is running and that database.url is right")]
     Unreachable { target: String, reason: sqlx::Error },
-    #[error("applying migrations failed: {0}")]
+    #[error("applying migrations failed: {}", migration_cause(.0))]
     Migration(#[from] sqlx::migrate::MigrateError),
-    #[error("the database schema is behind this tally (migrations {0:?} not applied); run `tally migrate`, or pass --migrate")]
+    #[error("the database schema is behind this tally (migrations {} not applied); run `tally migrate`, or pass --migrate", versions(.0))]
     SchemaBehind(Vec<i64>),
+    #[error("database {database:?} does not exist on {server}; create it (`createdb {database}`, or CREATE DATABASE {database}) or point database.url at one that does, then run `tally migrate`")]
+    NoSuchDatabase { database: String, server: String },
+    #[error("Postgres at {target} refused user {user:?} ({reason}); grant it access to the database (or its tables: `tally migrate` needs to create them), or use another user in database.url")]
+    NoPermission {
+        target: String,
+        user: String,
+        reason: String,
+    },
+}
+
+/// The migration error's cause, said once (sqlx's own message repeats its sources).
+fn migration_cause(error: &sqlx::migrate::MigrateError) -> String {
+    match error {
+        sqlx::migrate::MigrateError::Execute(e)
+        | sqlx::migrate::MigrateError::ExecuteMigration(e, _) => match e {
+            sqlx::Error::Database(db) => db.message().to_owned(),
+            other => other.to_string(),
+        },
+        other => other.to_string(),
+    }
+}
+
+/// Versions as `1, 2, 3` (or `1 to 15` when they follow each other).
+fn versions(versions: &[i64]) -> String {
+    match (versions.first(), versions.last()) {
+        (Some(first), Some(last))
+            if versions.len() > 2 && versions.windows(2).all(|w| w[1] == w[0] + 1) =>
+        {
+            format!("{first} to {last}")
+        }
+        _ => versions
+            .iter()
+            .map(i64::to_string)
+            .collect::<Vec<_>>()
+            .join(", "),
+    }
+}
+
+impl DbError {
+    /// What a Postgres error says about the database itself (it does not exist, the user may
+    /// not use it), as an error that says how to fix it; `None` for anything else.
+    fn about_the_database(error: &sqlx::Error, options: &PgConnectOptions) -> Option<DbError> {
+        let sqlx::Error::Database(db) = error else {
+            return None;
+        };
+        match db.code().as_deref() {
+            // invalid_catalog_name
+            Some("3D000") => Some(DbError::NoSuchDatabase {
+                database: options.get_database().unwrap_or("postgres").to_owned(),
+                server: format!("{}:{}", options.get_host(), options.get_port()),
+            }),
+            // insufficient_privilege, invalid_authorization_specification, invalid_password
+            Some("42501" | "28000" | "28P01") => Some(DbError::NoPermission {
+                target: describe(options),
+                user: options.get_username().to_owned(),
+                reason: db.message().to_owned(),
+            }),
+            _ => None,
+        }
+    }
 }
 
 /// Connects a pool of up to `max_connections`, failing within `timeout` with a clear error.
@@ -52,9 +112,12 @@ pub async fn connect(
     PgPoolOptions::new()
         .max_connections(max_connections)
         .acquire_timeout(timeout)
-        .connect_with(options)
+        .connect_with(options.clone())
         .await
-        .map_err(|reason| DbError::Unreachable { target, reason })
+        .map_err(|reason| {
+            DbError::about_the_database(&reason, &options)
+                .unwrap_or(DbError::Unreachable { target, reason })
+        })
 }
 
 /// A pool of up to `max_connections` that connects on first use, for daemons: one started
@@ -238,10 +301,52 @@ fn describe(options: &PgConnectOptions) -> String {
     )
 }
 
-/// Applies every pending migration.
-pub async fn migrate(pool: &PgPool) -> Result<(), DbError> {
-    MIGRATOR.run(pool).await?;
-    Ok(())
+/// Applies every pending migration; returns how many it applied.
+pub async fn migrate(pool: &PgPool) -> Result<usize, DbError> {
+    let before = applied_versions(pool).await?.len();
+    // sqlx creates its table with IF NOT EXISTS: Postgres's notice that it exists is noise.
+    if let Err(error) = MIGRATOR.run(pool).await {
+        if let sqlx::migrate::MigrateError::Execute(e) = &error {
+            if let Some(clear) = DbError::about_the_database(e, &pool.connect_options()) {
+                return Err(clear);
+            }
+        }
+        return Err(error.into());
+    }
+    let after = applied_versions(pool).await?.len();
+    Ok(after.saturating_sub(before))
+}
+
+/// The versions applied, empty when the migrations table does not exist yet.
+async fn applied_versions(pool: &PgPool) -> Result<Vec<i64>, DbError> {
+    match sqlx::query_scalar("SELECT version FROM _sqlx_migrations WHERE success ORDER BY version")
+        .fetch_all(pool)
+        .await
+    {
+        Ok(applied) => Ok(applied),
+        Err(reason) => {
+            let options = pool.connect_options();
+            if let Some(clear) = DbError::about_the_database(&reason, &options) {
+                return Err(clear);
+            }
+            if is_retryable(&reason) {
+                return Err(DbError::Unreachable {
+                    target: describe(&options),
+                    reason,
+                });
+            }
+            // No migrations table (undefined_table): nothing is applied.
+            match &reason {
+                sqlx::Error::Database(db) if db.code().as_deref() == Some("42P01") => {
+                    Ok(Vec::new())
+                }
+                _ => Err(DbError::Unreachable {
+                    target: describe(&options),
+                    reason,
+                }),
+            }
+        }
+    }
 }
 
 /// True when the error means "try again": the server is away or busy (connection lost or
@@ -305,24 +410,10 @@ impl DbError {
     }
 }
 
-/// Fails with "run `tally migrate`" unless every embedded migration has been applied.
+/// Fails with "run `tally migrate`" unless every embedded migration has been applied (or with
+/// what is wrong with the database itself: it does not exist, the user may not use it).
 pub async fn check_schema(pool: &PgPool) -> Result<(), DbError> {
-    let applied: Vec<i64> = match sqlx::query_scalar(
-        "SELECT version FROM _sqlx_migrations WHERE success ORDER BY version",
-    )
-    .fetch_all(pool)
-    .await
-    {
-        Ok(applied) => applied,
-        Err(reason) if is_retryable(&reason) => {
-            return Err(DbError::Unreachable {
-                target: describe(&pool.connect_options()),
-                reason,
-            })
-        }
-        // No migrations table: nothing is applied.
-        Err(_) => Vec::new(),
-    };
+    let applied = applied_versions(pool).await?;
     let missing: Vec<i64> = MIGRATOR
         .iter()
         .map(|m| m.version)

@@ -23,10 +23,10 @@ pub struct EmitterConfig {
     /// What `emit` does when the queue and the spool are both full: "error" or "drop_newest".
     pub overflow: OverflowPolicy,
     /// How long the producer keeps trying to deliver a message before it is spooled instead.
-    #[serde(with = "humantime_serde")]
+    #[serde(with = "tally_core::duration")]
     pub delivery_timeout: Duration,
     /// How long the producer waits to fill a batch (librdkafka `linger.ms`).
-    #[serde(with = "humantime_serde")]
+    #[serde(with = "tally_core::duration")]
     pub linger: Duration,
     /// Compression codec: none, gzip, snappy or lz4.
     pub compression: String,
@@ -47,7 +47,7 @@ pub struct SpoolConfig {
     /// Size at which a segment file is sealed and a new one started.
     pub segment_bytes: u64,
     /// How often buffered spool writes are fsynced (the crash-safety horizon).
-    #[serde(with = "humantime_serde")]
+    #[serde(with = "tally_core::duration")]
     pub fsync_interval: Duration,
 }
 

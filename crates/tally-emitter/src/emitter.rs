@@ -43,9 +43,9 @@ impl Emitter {
             config.spool.max_bytes,
             config.spool.segment_bytes,
         )
-        .map_err(|source| StartError::Spool {
+        .map_err(|cause| StartError::Spool {
             dir: config.spool.dir.display().to_string(),
-            source,
+            cause,
         })?;
         let shared = Arc::new(EmitterState {
             stats: Stats::default(),
@@ -58,9 +58,9 @@ impl Emitter {
         let handle = std::thread::Builder::new()
             .name("tally-emitter".into())
             .spawn(move || publisher.run())
-            .map_err(|source| StartError::Spool {
+            .map_err(|cause| StartError::Spool {
                 dir: config.spool.dir.display().to_string(),
-                source,
+                cause,
             })?;
         Ok(Emitter {
             shared,

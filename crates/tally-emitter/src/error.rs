@@ -47,8 +47,9 @@ pub enum StartError {
     Config(String),
     #[error("cannot create the Kafka producer: {0}; check kafka.brokers and kafka.options")]
     Kafka(#[from] KafkaError),
-    #[error("cannot open the spool directory {dir}: {source}; check emitter.spool.dir")]
-    Spool { dir: String, source: std::io::Error },
+    /// (`cause`, not `source`: the message says it once, and a chain would repeat it.)
+    #[error("cannot use the spool directory {dir}: {cause}; give each emitting process its own emitter.spool.dir (TALLY_EMITTER_SPOOL_DIR)")]
+    Spool { dir: String, cause: std::io::Error },
 }
 
 /// `flush` ran out of time.

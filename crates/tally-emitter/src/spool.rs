@@ -106,10 +106,7 @@ impl Spool {
         lock.try_lock().map_err(|_| {
             io::Error::new(
                 io::ErrorKind::WouldBlock,
-                format!(
-                    "spool directory {} is in use by another emitter; give each process its own emitter.spool.dir",
-                    dir.display()
-                ),
+                "another emitter (a `tally emit`, `tally serve` or service) is using it",
             )
         })?;
         let mut existing = Vec::new();
@@ -592,7 +589,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let _first = Spool::open(dir.path(), 1 << 20, 1 << 20).unwrap();
         let err = Spool::open(dir.path(), 1 << 20, 1 << 20).err().unwrap();
-        assert!(err.to_string().contains("in use by another emitter"));
+        assert!(err.to_string().contains("another emitter"));
     }
 
     #[test]

@@ -87,6 +87,28 @@ pub enum WebhookOutcome {
     Ignored,
     /// The event id was handled before: nothing changed.
     Replay,
+    /// Of the same second as the event that last changed the subscription, and it would move
+    /// the status backwards: nothing is stored. Ask Stripe for the subscription as it is now
+    /// and apply that with [`SameSecond::Current`].
+    AskStripe {
+        subscription: String,
+    },
+}
+
+/// How an event of the same second as the one that last changed a subscription is decided.
+/// Stripe's clock has whole seconds and Stripe does not deliver in order, so two events of one
+/// second (`past_due`, then `active` once a retried payment succeeds) may arrive either way.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SameSecond {
+    /// An event that would move the status backwards is not decided here: the outcome is
+    /// [`WebhookOutcome::AskStripe`].
+    AskStripe,
+    /// The subscription given is Stripe's current object, fetched after the event: it wins a
+    /// tie (only a strictly newer event stands against it).
+    Current,
+    /// No way to ask Stripe (no secret key): an event that would move the status backwards
+    /// loses the tie.
+    ByStatus,
 }
 
 impl WebhookOutcome {
@@ -96,6 +118,7 @@ impl WebhookOutcome {
             WebhookOutcome::Stale => "stale",
             WebhookOutcome::Ignored => "ignored",
             WebhookOutcome::Replay => "replay",
+            WebhookOutcome::AskStripe { .. } => "ask_stripe",
         }
     }
 }
@@ -144,11 +167,13 @@ impl From<sqlx::Error> for WebhookError {
     }
 }
 
-/// Applies one verified event in one transaction, with its `stripe_webhook_events` row.
+/// Applies one verified event in one transaction, with its `stripe_webhook_events` row
+/// (except for [`WebhookOutcome::AskStripe`], which stores nothing).
 pub async fn apply_webhook(
     pool: &PgPool,
     event: &StripeEvent,
     effect: &WebhookEffect,
+    same_second: SameSecond,
 ) -> Result<WebhookOutcome, WebhookError> {
     let mut tx = pool.begin().await?;
     // Claim the id first: a concurrent delivery of the same event waits here, then finds it.
@@ -170,7 +195,12 @@ pub async fn apply_webhook(
     let (object_id, outcome) = match effect {
         WebhookEffect::Subscription(subscription) => (
             Some(subscription.id.as_str()),
-            apply_subscription(&mut tx, event, subscription).await?,
+            match apply_subscription(&mut tx, event, subscription, same_second).await? {
+                // Rolled back with the transaction: the claim too, so the event applies
+                // once Stripe has been asked.
+                ask @ WebhookOutcome::AskStripe { .. } => return Ok(ask),
+                outcome => outcome,
+            },
         ),
         WebhookEffect::Invoice(invoice) => (
             Some(invoice.id.as_str()),
@@ -326,6 +356,7 @@ async fn apply_subscription(
     tx: &mut PgConnection,
     event: &StripeEvent,
     subscription: &StripeSubscription,
+    same_second: SameSecond,
 ) -> Result<WebhookOutcome, WebhookError> {
     // Locks in one order everywhere: the customer's lock first, then its subscriptions' rows
     // (creating and canceling by the API do the same; the other order deadlocks).
@@ -351,8 +382,9 @@ async fn apply_subscription(
     .fetch_optional(&mut *tx)
     .await?;
     // Stripe does not deliver in order. An older event never wins; an event of the same
-    // second (Stripe's clock has whole seconds) wins only if it does not move the status
-    // backwards (`incomplete` after `active`, say).
+    // second (Stripe's clock has whole seconds) that would move the status backwards
+    // (`incomplete` after `active`, or `active` after `past_due` when a retried payment
+    // succeeded) is decided by Stripe's current object, or by status without one.
     if let Some(stored) = &stored {
         let new_status = if subscription.deleted {
             "canceled"
@@ -366,7 +398,15 @@ async fn apply_subscription(
                 if last == event.created
                     && subscription_rank(new_status) < subscription_rank(stored_status) =>
             {
-                return Ok(WebhookOutcome::Stale)
+                match same_second {
+                    SameSecond::Current => {}
+                    SameSecond::AskStripe => {
+                        return Ok(WebhookOutcome::AskStripe {
+                            subscription: subscription.id.clone(),
+                        })
+                    }
+                    SameSecond::ByStatus => return Ok(WebhookOutcome::Stale),
+                }
             }
             _ => {}
         }
@@ -538,6 +578,71 @@ async fn record_invoice(
         WebhookOutcome::Stale
     } else {
         WebhookOutcome::Applied { customer }
+    })
+}
+
+/// Rows deleted per statement, so retention never holds a long lock or a long transaction.
+const RETENTION_CHUNK: i64 = 10_000;
+
+/// Deletes webhook events received before `cutoff` and meter error reports created before it;
+/// returns how many rows went.
+pub async fn delete_expired_webhook_events(
+    pool: &PgPool,
+    cutoff: DateTime<Utc>,
+) -> Result<u64, sqlx::Error> {
+    let mut deleted = 0;
+    for statement in [
+        "DELETE FROM stripe_webhook_events WHERE event_id IN (
+             SELECT event_id FROM stripe_webhook_events WHERE received_at < $1 LIMIT $2)",
+        "DELETE FROM stripe_meter_error_reports WHERE event_id IN (
+             SELECT event_id FROM stripe_meter_error_reports WHERE created < $1 LIMIT $2)",
+    ] {
+        loop {
+            let rows = sqlx::query(statement)
+                .bind(cutoff)
+                .bind(RETENTION_CHUNK)
+                .execute(pool)
+                .await?
+                .rows_affected();
+            deleted += rows;
+            if rows < RETENTION_CHUNK as u64 {
+                break;
+            }
+        }
+    }
+    Ok(deleted)
+}
+
+/// Deletes what is older than `retention` now and then every hour until `stop`, supervised
+/// (`serve.webhook_retention`). Several `tally serve` replicas may each do it: a row goes once.
+pub fn start_webhook_retention(
+    pool: PgPool,
+    retention: std::time::Duration,
+    stop: tokio_util::sync::CancellationToken,
+) -> tokio::task::JoinHandle<()> {
+    const EVERY: std::time::Duration = std::time::Duration::from_secs(3600);
+    tally_runtime::supervise("webhook_retention", stop.clone(), move || {
+        let (pool, stop) = (pool.clone(), stop.clone());
+        async move {
+            loop {
+                let cutoff = chrono::TimeDelta::from_std(retention)
+                    .ok()
+                    .and_then(|retention| Utc::now().checked_sub_signed(retention))
+                    .unwrap_or(DateTime::<Utc>::MIN_UTC);
+                match delete_expired_webhook_events(&pool, cutoff).await {
+                    Ok(0) => {}
+                    Ok(deleted) => {
+                        tracing::info!(deleted, %cutoff, "Stripe webhook events past serve.webhook_retention deleted")
+                    }
+                    Err(error) => {
+                        tracing::warn!(%error, "webhook retention could not reach Postgres; trying again in an hour")
+                    }
+                }
+                if tally_runtime::sleep_unless_stopped(EVERY, &stop).await {
+                    return Ok(());
+                }
+            }
+        }
     })
 }
 

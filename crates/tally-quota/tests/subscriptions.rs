@@ -593,7 +593,7 @@ async fn finance_reads_subscriptions_by_plan_trials_cancellations_and_recurring_
 #[tokio::test]
 async fn subscribing_in_stripe_replaces_the_fallback_and_a_stripe_deletion_leads_to_it() {
     use tally_quota::stripe::{
-        apply_webhook, StripeEvent, StripePrice, StripeSubscription, WebhookEffect,
+        apply_webhook, SameSecond, StripeEvent, StripePrice, StripeSubscription, WebhookEffect,
     };
     let db = fresh_database().await;
     let pool = &db.pool;
@@ -645,7 +645,9 @@ async fn subscribing_in_stripe_replaces_the_fallback_and_a_stripe_deletion_leads
         )
     };
     let (created, effect) = event("evt_1", "active", false, 0);
-    apply_webhook(pool, &created, &effect).await.unwrap();
+    apply_webhook(pool, &created, &effect, SameSecond::ByStatus)
+        .await
+        .unwrap();
     let live = subscriptions::live_subscription(pool, "acme")
         .await
         .unwrap()
@@ -655,7 +657,9 @@ async fn subscribing_in_stripe_replaces_the_fallback_and_a_stripe_deletion_leads
     assert_eq!(replaced.status, Status::Canceled);
 
     let (deleted, effect) = event("evt_2", "canceled", true, 10);
-    apply_webhook(pool, &deleted, &effect).await.unwrap();
+    apply_webhook(pool, &deleted, &effect, SameSecond::ByStatus)
+        .await
+        .unwrap();
     let ended = subscriptions::get(pool, live.id).await.unwrap();
     assert_eq!(
         (ended.status, ended.ended_at),
@@ -867,4 +871,42 @@ async fn create_and_cancel_now_for_one_customer_never_deadlock() {
         .unwrap()
         .expect("the cancel goes through after the create");
     assert_eq!(canceled.status, Status::Canceled);
+}
+
+/// Before: `stripe_webhook_events` and `stripe_meter_error_reports` grew for ever. Rows older
+/// than the retention go, in chunks; newer ones stay.
+#[tokio::test]
+async fn webhook_events_and_meter_error_reports_are_kept_for_the_retention_only() {
+    let db = fresh_database().await;
+    let pool = &db.pool;
+    sqlx::query(
+        "INSERT INTO stripe_webhook_events (event_id, type, created, livemode, outcome, payload, received_at)
+         SELECT 'evt_' || i, 'invoice.paid', now() - make_interval(days => d), false, 'applied', '{}'::jsonb,
+                now() - make_interval(days => d)
+         FROM generate_series(1, 25000) i, LATERAL (SELECT CASE WHEN i <= 24990 THEN 100 ELSE 1 END AS d) age",
+    )
+    .execute(pool)
+    .await
+    .unwrap();
+    sqlx::query(
+        "INSERT INTO stripe_meter_error_reports (event_id, type, created, livemode)
+         VALUES ('evtmr_old', 'v1.billing.meter.no_meter_found', now() - interval '100 days', false),
+                ('evtmr_new', 'v1.billing.meter.no_meter_found', now() - interval '1 day', false)",
+    )
+    .execute(pool)
+    .await
+    .unwrap();
+    let cutoff = Utc::now() - TimeDelta::days(90);
+    let deleted = tally_quota::stripe::delete_expired_webhook_events(pool, cutoff)
+        .await
+        .unwrap();
+    assert_eq!(deleted, 24_990 + 1);
+    let kept: Vec<String> = sqlx::query_scalar(
+        "SELECT event_id FROM stripe_webhook_events UNION ALL SELECT event_id FROM stripe_meter_error_reports ORDER BY 1",
+    )
+    .fetch_all(pool)
+    .await
+    .unwrap();
+    assert_eq!(kept.len(), 11, "{kept:?}");
+    assert!(kept.contains(&"evtmr_new".to_owned()));
 }

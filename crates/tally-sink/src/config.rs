@@ -10,11 +10,11 @@ use tally_core::config::Secret;
 #[serde(deny_unknown_fields, default)]
 pub struct SinkConfig {
     /// Time between billing passes when running as a daemon.
-    #[serde(with = "humantime_serde")]
+    #[serde(with = "tally_core::duration")]
     pub interval: Duration,
     /// A 5-minute slot is billed once it ended this long ago, so the aggregator has committed
     /// the events that arrive on time. Later events are billed as a new revision of the slot.
-    #[serde(with = "humantime_serde")]
+    #[serde(with = "tally_core::duration")]
     pub settle_delay: Duration,
     /// Slots accounted for in one Postgres transaction.
     pub slots_per_transaction: usize,
@@ -22,14 +22,14 @@ pub struct SinkConfig {
     pub concurrency: usize,
     /// How long a sink process holds an outbox row it is sending. If it dies, another
     /// process (or the next run) sends the row after this, with the same identifier.
-    #[serde(with = "humantime_serde")]
+    #[serde(with = "tally_core::duration")]
     pub lease: Duration,
     /// Attempts at one submission within a pass before it waits for a later pass.
     pub attempts_per_pass: u32,
     /// First retry delay; doubled per attempt, with jitter, up to `backoff_max`.
-    #[serde(with = "humantime_serde")]
+    #[serde(with = "tally_core::duration")]
     pub backoff_initial: Duration,
-    #[serde(with = "humantime_serde")]
+    #[serde(with = "tally_core::duration")]
     pub backoff_max: Duration,
 }
 
@@ -84,7 +84,7 @@ pub struct StripeConfig {
     /// Several sink processes share the account's limit: divide it between them.
     pub max_requests_per_second: u32,
     /// Time limit of one call.
-    #[serde(with = "humantime_serde")]
+    #[serde(with = "tally_core::duration")]
     pub request_timeout: Duration,
 }
 

@@ -42,7 +42,7 @@ pub use repair::{apply_repair, plan_repairs, Applied, RepairAction, RepairPlan, 
 pub use sink::{Sink, SinkError, SinkSummary};
 pub use stripe::{
     customer_idempotency_key, StripeCallError, StripeCustomer, StripeCustomers, StripeHttp,
-    DEFAULT_CUSTOMER_METADATA_KEY,
+    DEFAULT_CUSTOMER_METADATA_KEY, MAX_RESPONSE_BYTES,
 };
 pub use stripe_meters::{create_stripe_meters, missing_stripe_meters};
 pub use tally_runtime::RunMode;

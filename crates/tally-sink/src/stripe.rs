@@ -9,7 +9,7 @@
 use std::time::Duration;
 
 use bytes::Bytes;
-use http_body_util::{BodyExt, Full};
+use http_body_util::{BodyExt, Full, Limited};
 use hyper::header::{HeaderValue, AUTHORIZATION, CONTENT_TYPE, USER_AGENT};
 use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::connect::HttpConnector;
@@ -119,6 +119,10 @@ impl StripeClientErr for StripeCallError {
     }
 }
 
+/// The most of a response read. Stripe's largest answers (a page of 100 objects) are well
+/// under 1 MiB; a misbehaving server or proxy streaming without end stops here.
+pub const MAX_RESPONSE_BYTES: usize = 8 << 20;
+
 /// A Stripe API client over a pooled HTTP/1.1 connection (https, or http for the emulator).
 #[derive(Clone)]
 pub struct StripeHttp {
@@ -206,11 +210,18 @@ impl StripeHttp {
             .get("stripe-should-retry")
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.parse().ok());
-        let body = response
-            .into_body()
+        let body = Limited::new(response.into_body(), MAX_RESPONSE_BYTES)
             .collect()
             .await
-            .map_err(|e| StripeCallError::transport(format!("response cut off: {e}")))?
+            .map_err(|e| {
+                if e.is::<http_body_util::LengthLimitError>() {
+                    StripeCallError::transport(format!(
+                        "the response is longer than {MAX_RESPONSE_BYTES} bytes; no Stripe answer is; check stripe.api_base"
+                    ))
+                } else {
+                    StripeCallError::transport(format!("response cut off: {e}"))
+                }
+            })?
             .to_bytes();
         if (200..300).contains(&status) {
             return Ok(body);

@@ -28,12 +28,18 @@ pub(crate) struct AggregateArgs {
 pub(crate) fn migrate(config: &TallyConfig) -> anyhow::Result<()> {
     runtime()?.block_on(async {
         let pool = connect(config, 2).await?;
-        prepare_database(&pool, config, true, Patience::Attempts(3)).await?;
+        let applied = tally_db::migrate(&pool).await?;
+        prepare_database(&pool, config, false, Patience::Attempts(3)).await?;
         let count = tally_db::MIGRATOR.iter().count();
-        println!(
-            "database schema is up to date ({count} migrations); {} meter(s) recorded",
-            config.meters.len()
-        );
+        let schema = match applied {
+            0 => {
+                format!("the database schema was up to date ({count} migrations): nothing to apply")
+            }
+            n => format!(
+                "applied {n} migration(s); the database schema is up to date ({count} migrations)"
+            ),
+        };
+        println!("{schema}; {} meter(s) recorded", config.meters.len());
         Ok(())
     })
 }

@@ -7,7 +7,7 @@ use chrono::{DateTime, Utc};
 use tally_core::config::KafkaConfig;
 use tally_core::wire::parse_quantity;
 use tally_core::{Meters, UsageEvent};
-use tally_emitter::{Durability, Emitter};
+use tally_emitter::{Durability, Emitter, EmitterConfig, SpoolConfig};
 
 use crate::config::TallyConfig;
 
@@ -36,9 +36,11 @@ pub(crate) struct EmitArgs {
 pub(crate) fn run(config: &TallyConfig, args: &EmitArgs) -> anyhow::Result<()> {
     let meters = Meters::new(&config.meters).map_err(anyhow::Error::msg)?;
     if !meters.is_empty() && meters.get(&args.meter).is_none() {
+        let defined: Vec<&str> = config.meters.iter().map(|m| m.name.as_str()).collect();
         bail!(
-            "meter {:?} is not defined in [[meters]]; the aggregator would reject it as unknown_meter. Add it to tally.toml or use a defined meter",
-            args.meter
+            "meter {:?} is not defined in [[meters]] (defined: {}); the aggregator would reject it as unknown_meter. Use a defined meter, or add it to tally.toml",
+            args.meter,
+            defined.join(", ")
         );
     }
     let quantity = parse_quantity(&args.quantity).context("--quantity")?;
@@ -65,7 +67,8 @@ pub(crate) fn run(config: &TallyConfig, args: &EmitArgs) -> anyhow::Result<()> {
         brokers: config.require_brokers()?.to_owned(),
         ..config.kafka.clone()
     };
-    let emitter = Emitter::start(&kafka, &config.emitter)?;
+    let emitter_config = emitter_config(config);
+    let emitter = Emitter::start(&kafka, &emitter_config)?;
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_time()
         .build()?;
@@ -77,8 +80,21 @@ pub(crate) fn run(config: &TallyConfig, args: &EmitArgs) -> anyhow::Result<()> {
         Durability::Published => println!("published to {}", kafka.topic),
         Durability::Spooled => println!(
             "spooled to {}: Kafka did not acknowledge in time; the next emitter using that directory sends it",
-            config.emitter.spool.dir.display()
+            emitter_config.spool.dir.display()
         ),
     }
     Ok(())
+}
+
+/// `tally emit`'s spool directory when `emitter.spool.dir` is left at its default: the default
+/// is `tally serve`'s, and a directory serves one emitter at a time.
+const EMIT_SPOOL_DIR: &str = "tally-emit-spool";
+
+/// The emitter settings, with `tally emit`'s own spool directory unless one is set.
+fn emitter_config(config: &TallyConfig) -> EmitterConfig {
+    let mut emitter = config.emitter.clone();
+    if emitter.spool.dir == SpoolConfig::default().dir {
+        emitter.spool.dir = EMIT_SPOOL_DIR.into();
+    }
+    emitter
 }

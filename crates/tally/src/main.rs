@@ -40,14 +40,55 @@ struct Cli {
     /// Configuration file [default: ./tally.toml when present]
     #[arg(long, global = true, env = "TALLY_CONFIG", value_name = "FILE")]
     config: Option<PathBuf>,
-    /// Kafka bootstrap servers, e.g. localhost:9092 (overrides kafka.brokers)
-    #[arg(long, global = true, value_name = "HOST:PORT,...")]
-    kafka_brokers: Option<String>,
-    /// Postgres URL (overrides database.url, TALLY_DATABASE_URL and DATABASE_URL)
-    #[arg(long, global = true, value_name = "URL")]
-    database_url: Option<String>,
+    // --kafka-brokers and --database-url: added by `command_line` to the commands that use
+    // Kafka or Postgres (before or after the command's name), and only to them.
     #[command(subcommand)]
     command: Command,
+}
+
+/// Commands that use neither Kafka nor Postgres: the connection flags are not theirs.
+const WITHOUT_CONNECTIONS: [&str; 2] = ["tokens", "stripe-emulator"];
+
+/// `--kafka-brokers` and `--database-url`.
+fn connection_args() -> [clap::Arg; 2] {
+    [
+        clap::Arg::new("kafka_brokers")
+            .long("kafka-brokers")
+            .value_name("HOST:PORT,...")
+            .help("Kafka bootstrap servers, e.g. localhost:9092 (overrides kafka.brokers)"),
+        clap::Arg::new("database_url")
+            .long("database-url")
+            .value_name("URL")
+            .help("Postgres URL (overrides database.url, TALLY_DATABASE_URL and DATABASE_URL)"),
+    ]
+}
+
+/// The command line: `Cli`, with the connection flags on the top level and on every command
+/// that uses Kafka or Postgres, at every level.
+fn command_line() -> clap::Command {
+    use clap::CommandFactory;
+    fn with_connections(command: clap::Command) -> clap::Command {
+        let names: Vec<String> = command
+            .get_subcommands()
+            .map(|c| c.get_name().to_owned())
+            .filter(|name| !WITHOUT_CONNECTIONS.contains(&name.as_str()))
+            .collect();
+        names
+            .iter()
+            .fold(command.args(connection_args()), |command, name| {
+                command.mut_subcommand(name, with_connections)
+            })
+    }
+    with_connections(Cli::command())
+}
+
+/// A connection flag's value: the one given last, at the deepest command level.
+fn connection_flag(matches: &clap::ArgMatches, id: &str) -> Option<String> {
+    let here = matches.try_get_one::<String>(id).ok().flatten().cloned();
+    let deeper = matches
+        .subcommand()
+        .and_then(|(_, sub)| connection_flag(sub, id));
+    deeper.or(here)
 }
 
 #[derive(Debug, Subcommand)]
@@ -158,12 +199,17 @@ enum Command {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    use clap::FromArgMatches;
+    let arguments = command_line().get_matches();
+    let cli = match Cli::from_arg_matches(&arguments) {
+        Ok(cli) => cli,
+        Err(error) => error.exit(),
+    };
     let quiet = matches!(cli.command, Command::Demo(_));
     telemetry::init_logging(if quiet { "warn" } else { "info" });
     let overrides = config::Overrides {
-        kafka_brokers: cli.kafka_brokers,
-        database_url: cli.database_url,
+        kafka_brokers: connection_flag(&arguments, "kafka_brokers"),
+        database_url: connection_flag(&arguments, "database_url"),
     };
     let config = match config::load(cli.config.as_deref(), overrides) {
         Ok(config) => config,

@@ -74,7 +74,11 @@ pub(crate) async fn prepare_database(
     loop {
         attempts += 1;
         let schema = if migrate {
-            tally_db::migrate(pool).await
+            tally_db::migrate(pool).await.map(|applied| {
+                if applied > 0 {
+                    tracing::info!(applied, "migrations applied");
+                }
+            })
         } else {
             tally_db::check_schema(pool).await
         };

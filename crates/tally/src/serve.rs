@@ -11,6 +11,17 @@ use tokio_util::sync::CancellationToken;
 use crate::config::TallyConfig;
 use crate::process::{cancel_on_signal, lazy_pool, prepare_database, runtime, Patience};
 
+/// Stripe's API for the webhook endpoint's same-second ties, when there is a secret key.
+fn stripe_api(config: &TallyConfig) -> Option<tally_sink::StripeHttp> {
+    if config.stripe.secret_key.expose().is_empty() {
+        tracing::warn!("STRIPE_SECRET_KEY is not set: two webhook events of one second are ordered by status, not by asking Stripe");
+        return None;
+    }
+    tally_sink::StripeHttp::new(&config.stripe)
+        .inspect_err(|error| tracing::warn!(%error, "Stripe's API cannot be used: two webhook events of one second are ordered by status"))
+        .ok()
+}
+
 pub(crate) fn run(config: &TallyConfig) -> anyhow::Result<()> {
     let serve = &config.serve;
     if serve.tokens.is_empty() {
@@ -18,6 +29,24 @@ pub(crate) fn run(config: &TallyConfig) -> anyhow::Result<()> {
     }
     let runtime = runtime()?;
     runtime.block_on(async {
+        // The addresses first: a server that cannot listen stops before it opens a spool or
+        // starts a scheduler.
+        let listener = tokio::net::TcpListener::bind(&serve.listen)
+            .await
+            .with_context(|| {
+                format!(
+                    "cannot listen on {}; pick a free serve.listen address",
+                    serve.listen
+                )
+            })?;
+        let admin_listen = &serve.admin_listen;
+        let admin_listener = if admin_listen.is_empty() {
+            None
+        } else {
+            Some(tokio::net::TcpListener::bind(admin_listen).await.with_context(|| {
+                format!("cannot listen on {admin_listen}; pick a free serve.admin_listen address")
+            })?)
+        };
         // The server starts while Postgres is away: requests that need it answer 503, /readyz
         // says what is missing, and the schema check and meter recording wait in the
         // background.
@@ -80,6 +109,7 @@ pub(crate) fn run(config: &TallyConfig) -> anyhow::Result<()> {
             stripe_webhook: (!webhook_secret.is_empty()).then(|| StripeWebhook {
                 secret: webhook_secret.clone(),
                 livemode: key.starts_with("sk_live_") || key.starts_with("rk_live_"),
+                stripe: stripe_api(config),
             }),
         });
         // Period ends, trials and the fallback plan of the subscriptions tally manages; with
@@ -91,29 +121,20 @@ pub(crate) fn run(config: &TallyConfig) -> anyhow::Result<()> {
             stop.clone(),
             Arc::new(move |customer: &str| scheduler_state.quota.invalidate(customer)),
         );
-        let admin_listen = &serve.admin_listen;
-        if !admin_listen.is_empty() {
-            let listener = tokio::net::TcpListener::bind(admin_listen)
-                .await
-                .with_context(|| {
-                    format!("cannot listen on {admin_listen}; pick a free serve.admin_listen address")
-                })?;
+        tally_quota::stripe::start_webhook_retention(
+            state.pool.clone(),
+            serve.webhook_retention,
+            stop.clone(),
+        );
+        if let Some(listener) = admin_listener {
             let admin = tally_api::admin_router(state.clone());
             tokio::spawn(async move {
                 if let Err(error) = axum::serve(listener, admin).await {
                     tracing::error!(%error, "the admin listener stopped");
                 }
             });
-            tracing::info!(listen = %admin_listen, "serving /metrics, /readyz and /healthz");
+            tracing::info!(listen = %serve.admin_listen, "serving /metrics, /readyz and /healthz");
         }
-        let listener = tokio::net::TcpListener::bind(&serve.listen)
-            .await
-            .with_context(|| {
-                format!(
-                    "cannot listen on {}; pick a free serve.listen address",
-                    serve.listen
-                )
-            })?;
         tracing::info!(listen = %serve.listen, tokens = serve.tokens.len(), "serving the HTTP API");
         tally_api::serve(
             listener,

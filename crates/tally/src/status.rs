@@ -232,5 +232,5 @@ fn ago(now: DateTime<Utc>, at: DateTime<Utc>) -> String {
 
 fn seconds(seconds: f64) -> String {
     let whole = seconds.round() as u64;
-    humantime::format_duration(Duration::from_secs(whole)).to_string()
+    tally_core::duration::format(Duration::from_secs(whole))
 }

@@ -33,7 +33,7 @@ pub struct SubscriptionsConfig {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub fallback_plan: Option<String>,
     /// How often `tally serve` applies period ends and the fallback.
-    #[serde(with = "humantime_serde")]
+    #[serde(with = "tally_core::duration")]
     pub schedule_every: Duration,
 }
 
