@@ -308,13 +308,14 @@ fn credits(
     });
     runtime.block_on(async {
         tally_credits::rates::record(pool, &rates).await.unwrap();
-        // One purchased grant per customer, written in bulk (the API grants one at a time).
+        // One purchased grant per customer, written in bulk (the API grants one at a time);
+        // each starts at 0 and its `grant` entry brings it to its amount, as in the API.
         sqlx::raw_sql(&format!(
             "WITH g AS (
                  INSERT INTO credit_grants (customer_id, kind, amount, remaining, effective_at,
                         idempotency_key, granted_by, reason)
                  SELECT format('customer-%s', lpad(n::text, 5, '0')), 'purchased', 1000000000,
-                        1000000000, now() - interval '1 day', 'bench', 'bench', 'bench'
+                        0, now() - interval '1 day', 'bench', 'bench', 'bench'
                  FROM generate_series(0, {}) AS n
                  RETURNING grant_id, customer_id, amount)
              INSERT INTO credit_transactions (customer_id, grant_id, kind, amount, actor)

@@ -103,6 +103,8 @@ pub enum AggregatorError {
     TopicMissing { topic: String, brokers: String },
     #[error("consumed nothing for {} s while partitions still have events to read ({behind}); check that the brokers serve fetches for them (aggregator.stall_timeout bounds this wait)", waited.as_secs())]
     Stalled { waited: Duration, behind: String },
+    #[error("another aggregator took partition {partition} while this --once run was draining it; that one goes on from what this run committed (nothing is lost), but this run did not drain the topic. Run --once only where no aggregator daemon consumes the topic, and never two at once (`flock` them under cron)")]
+    TakenOver { partition: i32 },
     #[error("{0}")]
     Config(String),
     #[error("Postgres unreachable: {0}; `--once` gave up after {ONCE_ATTEMPTS} attempts (the daemon would wait)")]
@@ -359,6 +361,12 @@ impl Aggregator {
             }
             for lane in 0..lanes {
                 self.advance(lane, false, session, run)?;
+            }
+            let committing = run.lanes.iter().filter(|l| l.in_flight.is_some()).count();
+            session.membership.report(committing, &run.positions);
+            if committing > 0 {
+                // Waiting for Postgres to commit is not consuming nothing (`--once`'s bound).
+                run.last_progress = Instant::now();
             }
             if session.membership.take_rejoin() {
                 return Ok(Consumed::Rejoin);
@@ -757,13 +765,13 @@ impl Aggregator {
                     tracing::warn!(%topic, partition, "batch fenced: another aggregator took the partition; rolled back");
                     telemetry::record_fenced();
                     run.summary.fenced += 1;
-                    self.restart_assignment(session, run, Instant::now() + RETAKE_DELAY);
                     if session.mode == RunMode::Once {
-                        // The partitions belong to another aggregator now: this run leaves
-                        // them to it and ends with what it committed (the next run goes on).
-                        run.pending.clear();
-                        run.targets.clear();
+                        // The partitions belong to another aggregator now: this run ends with
+                        // what it committed and says so (taking them back would fence that
+                        // one in turn, for ever), rather than report them drained.
+                        return Err(AggregatorError::TakenOver { partition });
                     }
+                    self.restart_assignment(session, run, Instant::now() + RETAKE_DELAY);
                     return Ok(());
                 }
                 Err(

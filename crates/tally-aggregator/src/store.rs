@@ -22,7 +22,7 @@ mod unprocessable;
 mod windows;
 
 pub(crate) use commit::commit_batch;
-pub(crate) use members::{forget_member, record_member, MemberRecord};
+pub(crate) use members::{covered_by_others, forget_member, record_member, MemberRecord};
 pub use members::{members, AggregatorMember};
 pub use ownership::{committed_offsets, CommittedOffset};
 pub(crate) use ownership::{take_partitions, Epochs, Ownership, TakenPartition};

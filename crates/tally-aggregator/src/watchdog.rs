@@ -5,12 +5,16 @@
 //! from, or be left with none while partitions nobody reads pile up, without any error.
 //! Every few seconds ([`look_every`]) the watchdog reads where each partition ends (Kafka) and where the
 //! group stands on it (Postgres's `kafka_offsets`), and keeps, per partition, since when it
-//! has lag without its stored offset moving. Then:
+//! has lag without moving: neither its stored offset nor the position this member polled it
+//! to. A member with a batch being committed is making progress however long Postgres takes
+//! (a slow commit is Postgres's to report, and a rejoin would only throw the commit away).
+//! Then:
 //!
 //! - a partition this member was assigned that has been stuck for `stall_timeout` (counted
 //!   from the assignment at the earliest): "assigned but not consuming";
-//! - no assignment for `stall_timeout` while a partition has been stuck that long: "assigned
-//!   nothing while partitions nobody consumes have lag".
+//! - no assignment for `stall_timeout` while a partition has been stuck that long and no other
+//!   live member that is making progress holds it: "assigned nothing while partitions nobody
+//!   consumes have lag".
 //!
 //! Either way `/readyz` says so (check `consumption`), `tally_aggregator_stalled_seconds`
 //! grows, the member's row in `aggregator_members` (what `tally status` shows) carries it,
@@ -22,7 +26,7 @@
 //! broker, and the loop must keep polling.
 
 use std::collections::{BTreeMap, HashMap};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
@@ -48,6 +52,12 @@ const KAFKA_TIMEOUT: Duration = Duration::from_secs(5);
 pub(crate) struct Membership {
     assignment: Mutex<Assignment>,
     rejoin: AtomicBool,
+    /// Batches being committed now.
+    committing: AtomicUsize,
+    /// The positions the loop polled each partition to, published when the watchdog asks
+    /// (once a look, so the loop does not take a lock per message).
+    polled: Mutex<HashMap<i32, i64>>,
+    wants_polled: AtomicBool,
 }
 
 #[derive(Debug, Clone)]
@@ -65,6 +75,9 @@ impl Default for Membership {
                 since: Instant::now(),
             }),
             rejoin: AtomicBool::new(false),
+            committing: AtomicUsize::new(0),
+            polled: Mutex::new(HashMap::new()),
+            wants_polled: AtomicBool::new(false),
         }
     }
 }
@@ -89,6 +102,26 @@ impl Membership {
 
     fn snapshot(&self) -> Assignment {
         self.lock().clone()
+    }
+
+    /// The loop, each turn: how many batches it is committing, and its polled positions if
+    /// the watchdog asked for them.
+    pub(crate) fn report(&self, committing: usize, polled: &HashMap<i32, i64>) {
+        self.committing.store(committing, Ordering::Relaxed);
+        if self.wants_polled.swap(false, Ordering::AcqRel) {
+            *self.polled.lock().unwrap_or_else(PoisonError::into_inner) = polled.clone();
+        }
+    }
+
+    /// What the loop last published, and a request for the next.
+    fn progress(&self) -> (HashMap<i32, i64>, bool) {
+        let polled = self
+            .polled
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone();
+        self.wants_polled.store(true, Ordering::Release);
+        (polled, self.committing.load(Ordering::Relaxed) > 0)
     }
 
     /// True once after the watchdog asked the member to join again.
@@ -126,10 +159,23 @@ pub(crate) enum Verdict {
     },
 }
 
-/// Since when each partition has had lag at the same stored offset.
+/// What this member does besides what Postgres shows: the positions it polled its
+/// partitions to, whether it is committing a batch, and which partitions other members that
+/// make progress hold.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct Activity {
+    pub(crate) polled: HashMap<i32, i64>,
+    pub(crate) committing: bool,
+    pub(crate) covered_by_others: Vec<i32>,
+}
+
+/// Where a partition stands: the offset stored in Postgres and the position polled to.
+type Position = (Option<i64>, Option<i64>);
+
+/// Since when each partition has had lag at the same stored offset and polled position.
 #[derive(Debug, Default)]
 pub(crate) struct Watch {
-    lagging: HashMap<i32, (Option<i64>, Instant)>,
+    lagging: HashMap<i32, (Position, Instant)>,
 }
 
 impl Watch {
@@ -141,6 +187,7 @@ impl Watch {
         assigned: &[i32],
         assigned_since: Instant,
         stall_timeout: Duration,
+        activity: &Activity,
     ) -> Verdict {
         let mut stuck: BTreeMap<i32, (Instant, i64)> = BTreeMap::new();
         for view in partitions {
@@ -148,12 +195,14 @@ impl Watch {
                 self.lagging.remove(&view.partition);
                 continue;
             }
+            let position = (view.next, activity.polled.get(&view.partition).copied());
             let entry = self
                 .lagging
                 .entry(view.partition)
-                .or_insert((view.next, now));
-            if entry.0 != view.next {
-                *entry = (view.next, now); // it moved: progress
+                .or_insert((position, now));
+            let committing = activity.committing && assigned.contains(&view.partition);
+            if entry.0 != position || committing {
+                *entry = (position, now); // it moved, or is being committed: progress
             }
             stuck.insert(view.partition, (entry.1, view.lag()));
         }
@@ -185,6 +234,7 @@ impl Watch {
         if assigned.is_empty() && unassigned_for >= stall_timeout {
             let orphaned: Vec<(i32, Duration, i64)> = stuck
                 .iter()
+                .filter(|(p, _)| !activity.covered_by_others.contains(p))
                 .map(|(&p, &(since, lag))| (p, now.duration_since(since), lag))
                 .filter(|(_, stalled, _)| *stalled >= stall_timeout)
                 .collect();
@@ -285,6 +335,22 @@ pub(crate) async fn run(
             })
             .collect();
         let assignment = membership.snapshot();
+        let (polled, committing) = membership.progress();
+        // Members not seen for three looks have stopped, or stalled without saying so.
+        let covered_by_others = store::covered_by_others(
+            &pool,
+            &member.owner,
+            &member.group,
+            &kafka.topic,
+            interval * 3,
+        )
+        .await
+        .unwrap_or_default();
+        let activity = Activity {
+            polled,
+            committing,
+            covered_by_others,
+        };
         let now = Instant::now();
         let verdict = watch.observe(
             now,
@@ -292,6 +358,7 @@ pub(crate) async fn run(
             &assignment.partitions,
             assignment.since,
             stall_timeout,
+            &activity,
         );
         match verdict {
             Verdict::Stalled {
@@ -361,6 +428,11 @@ mod tests {
 
     const TIMEOUT: Duration = Duration::from_secs(60);
 
+    /// Nothing polled, nothing committing, nothing held by others.
+    fn idle() -> Activity {
+        Activity::default()
+    }
+
     #[test]
     fn an_assigned_partition_with_lag_that_never_moves_is_a_stall() {
         let start = Instant::now();
@@ -368,14 +440,14 @@ mod tests {
         let views = [view(0, 100, Some(10)), view(1, 50, Some(50))];
         let at = |s: u64| start + Duration::from_secs(s);
         assert_eq!(
-            watch.observe(at(0), &views, &[0, 1], start, TIMEOUT),
+            watch.observe(at(0), &views, &[0, 1], start, TIMEOUT, &idle()),
             Verdict::Consuming
         );
         assert_eq!(
-            watch.observe(at(59), &views, &[0, 1], start, TIMEOUT),
+            watch.observe(at(59), &views, &[0, 1], start, TIMEOUT, &idle()),
             Verdict::Consuming
         );
-        match watch.observe(at(61), &views, &[0, 1], start, TIMEOUT) {
+        match watch.observe(at(61), &views, &[0, 1], start, TIMEOUT, &idle()) {
             Verdict::Stalled {
                 stalled_for,
                 detail,
@@ -388,16 +460,16 @@ mod tests {
         // Progress clears it.
         let moved = [view(0, 100, Some(20)), view(1, 50, Some(50))];
         assert_eq!(
-            watch.observe(at(62), &moved, &[0, 1], start, TIMEOUT),
+            watch.observe(at(62), &moved, &[0, 1], start, TIMEOUT, &idle()),
             Verdict::Consuming
         );
         // A fresh assignment gets its own stall_timeout, however long the lag has stood.
         assert_eq!(
-            watch.observe(at(150), &moved, &[0, 1], at(100), TIMEOUT),
+            watch.observe(at(150), &moved, &[0, 1], at(100), TIMEOUT, &idle()),
             Verdict::Consuming
         );
         assert!(matches!(
-            watch.observe(at(161), &moved, &[0, 1], at(100), TIMEOUT),
+            watch.observe(at(161), &moved, &[0, 1], at(100), TIMEOUT, &idle()),
             Verdict::Stalled { .. }
         ));
     }
@@ -410,7 +482,7 @@ mod tests {
             let views = [view(0, 1000 + s * 100, Some(s * 10)), view(1, 5, Some(5))];
             let at = start + Duration::from_secs(s as u64 * 30);
             assert_eq!(
-                watch.observe(at, &views, &[0, 1], start, TIMEOUT),
+                watch.observe(at, &views, &[0, 1], start, TIMEOUT, &idle()),
                 Verdict::Consuming
             );
         }
@@ -430,10 +502,10 @@ mod tests {
         }];
         assert_eq!(views[0].lag(), 60);
         assert_eq!(
-            watch.observe(at(0), &views, &[], start, TIMEOUT),
+            watch.observe(at(0), &views, &[], start, TIMEOUT, &idle()),
             Verdict::Consuming
         );
-        match watch.observe(at(70), &views, &[], start, TIMEOUT) {
+        match watch.observe(at(70), &views, &[], start, TIMEOUT, &idle()) {
             Verdict::Stalled { detail, .. } => assert_eq!(
                 detail,
                 "assigned no partition for 70 s while partitions 3 have 60 messages of lag that no aggregator consumes"
@@ -448,13 +520,66 @@ mod tests {
             next: Some(50),
         }];
         assert_eq!(
-            watch.observe(at(71), &consumed, &[], start, TIMEOUT),
+            watch.observe(at(71), &consumed, &[], start, TIMEOUT, &idle()),
             Verdict::Consuming
         );
         // A member with partitions of its own is not judged on the others'.
         assert_eq!(
-            watch.observe(at(200), &consumed, &[1], start, TIMEOUT),
+            watch.observe(at(200), &consumed, &[1], start, TIMEOUT, &idle()),
             Verdict::Consuming
         );
+    }
+
+    /// A commit Postgres takes its time over, or polling that moves while nothing commits, is
+    /// progress; a partition another member holds while making progress is not orphaned.
+    #[test]
+    fn committing_polling_or_held_by_a_live_member_is_no_stall() {
+        let start = Instant::now();
+        let at = |s: u64| start + Duration::from_secs(s);
+        let views = [view(0, 100, Some(10))];
+        let committing = Activity {
+            committing: true,
+            ..idle()
+        };
+        let mut watch = Watch::default();
+        for s in [0, 30, 61, 90, 200] {
+            assert_eq!(
+                watch.observe(at(s), &views, &[0], start, TIMEOUT, &committing),
+                Verdict::Consuming
+            );
+        }
+        // The commit ends and nothing moves after it: a stall, counted from then.
+        assert_eq!(
+            watch.observe(at(250), &views, &[0], start, TIMEOUT, &idle()),
+            Verdict::Consuming
+        );
+        assert!(matches!(
+            watch.observe(at(261), &views, &[0], start, TIMEOUT, &idle()),
+            Verdict::Stalled { .. }
+        ));
+
+        let mut watch = Watch::default();
+        for s in 0..10u64 {
+            let polling = Activity {
+                polled: [(0, 10 + s as i64)].into(),
+                ..idle()
+            };
+            assert_eq!(
+                watch.observe(at(s * 30), &views, &[0], start, TIMEOUT, &polling),
+                Verdict::Consuming
+            );
+        }
+
+        let mut watch = Watch::default();
+        let held = Activity {
+            covered_by_others: vec![0],
+            ..idle()
+        };
+        for s in [0, 70, 200] {
+            assert_eq!(
+                watch.observe(at(s), &views, &[], start, TIMEOUT, &held),
+                Verdict::Consuming
+            );
+        }
     }
 }

@@ -16,7 +16,9 @@ use rdkafka::mocking::MockCluster;
 use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedProducer};
 use rust_decimal::Decimal;
 use sqlx::PgPool;
-use tally_aggregator::{Aggregator, AggregatorConfig, Hooks, RunMode, RunSummary, Step};
+use tally_aggregator::{
+    Aggregator, AggregatorConfig, AggregatorError, Hooks, RunMode, RunSummary, Step,
+};
 use tally_core::config::KafkaConfig;
 use tally_core::window::minute_start;
 use tally_core::{wire, MeterDefinition, UsageEvent};
@@ -663,10 +665,12 @@ fn a_batch_from_a_fenced_aggregator_is_rolled_back() {
         on_step: Some(Arc::new(steal)),
         on_commit: None,
     });
-    let summary = aggregator
-        .run(RunMode::Once, &CancellationToken::new())
-        .unwrap();
-    assert!(summary.fenced >= 1, "{summary:?}");
+    // `--once` says the partitions were taken from it (it used to end Ok, as if drained).
+    let taken = aggregator.run(RunMode::Once, &CancellationToken::new());
+    assert!(
+        matches!(taken, Err(AggregatorError::TakenOver { .. })),
+        "{taken:?}"
+    );
     let ids: Vec<(i64,)> = h.query("SELECT count(*) FROM event_ids");
     assert_eq!(ids[0].0, 0, "nothing from the fenced batch may remain");
     // The rightful owner (a fresh run) counts everything once.
@@ -864,4 +868,44 @@ fn a_member_that_consumes_nothing_is_reported_and_joins_again() {
     assert_eq!(windows(&h, "'tokens'"), normalized(&expected));
     let members: Vec<(i64,)> = h.query("SELECT count(*) FROM aggregator_members");
     assert_eq!(members[0].0, 0, "a stopped aggregator forgets its row");
+}
+
+/// Before: a commit that Postgres held up for longer than `stall_timeout` (a lock, a slow
+/// disk) looked to the watchdog like a member consuming nothing; it rejoined, which threw the
+/// commit away, and could do so again on every try. A member with a commit under way is making
+/// progress: it waits for Postgres, and counts every event once after.
+#[test]
+fn a_commit_postgres_holds_up_is_progress_not_a_stall() {
+    let h = Harness::new();
+    let mut expected = Expected::default();
+    let mut locker = h.runtime.block_on(h.pool().begin()).unwrap();
+    h.runtime
+        .block_on(
+            sqlx::query("LOCK TABLE usage_minute IN ACCESS EXCLUSIVE MODE").execute(&mut *locker),
+        )
+        .unwrap();
+    produce_stream(&h, 0..1_000, &mut expected);
+    h.flush();
+    let config = AggregatorConfig {
+        stall_timeout: Duration::from_secs(5),
+        ..fast()
+    };
+    let stop = CancellationToken::new();
+    let aggregator = h.aggregator(config);
+    let token = stop.clone();
+    let daemon = std::thread::spawn(move || aggregator.run(RunMode::Daemon, &token).unwrap());
+    // Three stall timeouts with the commit waiting for the lock.
+    std::thread::sleep(Duration::from_secs(15));
+    let stalled: Vec<(i64,)> =
+        h.query("SELECT count(*) FROM aggregator_members WHERE stall IS NOT NULL");
+    h.runtime.block_on(locker.commit()).unwrap();
+    wait_for_events(&h, 1_000, Duration::from_secs(60));
+    stop.cancel();
+    let summary = daemon.join().unwrap();
+    assert_eq!(
+        stalled[0].0, 0,
+        "a member waiting for its commit is not stalled"
+    );
+    assert_eq!(summary.rejoins, 0, "{summary:?}");
+    assert_eq!(windows(&h, "'tokens'"), normalized(&expected));
 }

@@ -179,7 +179,10 @@ pub async fn claim(
              ORDER BY next_attempt_at LIMIT $1
          ), locked AS (
              SELECT delivery_id FROM alert_deliveries
+             -- Checked again on the row as locked (another sender may have claimed it since
+             -- the candidates were read: its claim moved next_attempt_at ahead).
              WHERE delivery_id IN (SELECT delivery_id FROM candidates) AND status = 'pending'
+               AND next_attempt_at <= now()
              FOR UPDATE SKIP LOCKED
          )
          UPDATE alert_deliveries d

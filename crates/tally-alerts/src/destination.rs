@@ -210,11 +210,15 @@ fn is_public_v6(v6: Ipv6Addr) -> bool {
             (u32::from(segments[6]) << 16) | u32::from(segments[7]),
         ));
     }
-    if segments[..6] == [0x64, 0xff9b, 0, 0, 0, 0] {
-        // NAT64
+    if segments[..6] == [0x64, 0xff9b, 0, 0, 0, 0] || segments[..6] == [0, 0, 0, 0, 0xffff, 0] {
+        // NAT64 (64:ff9b::a.b.c.d) and IPv4-translated (::ffff:0:a.b.c.d)
         return is_public_v4(Ipv4Addr::from(
             (u32::from(segments[6]) << 16) | u32::from(segments[7]),
         ));
+    }
+    if segments[..3] == [0x64, 0xff9b, 1] {
+        // Local-use NAT64 (64:ff9b:1::/48): a network's own translator, private by definition
+        return false;
     }
     if segments[0] == 0x2002 {
         // 6to4: 2002:a.b.c.d::/48
@@ -271,13 +275,16 @@ impl tower::Service<Name> for GuardedResolver {
                 .map(|a| SocketAddr::new(*a, 0))
                 .collect();
             if allowed.is_empty() {
-                let found: Vec<String> = addresses.iter().map(IpAddr::to_string).collect();
+                // Which private address is not said: the error is the delivery's, readable
+                // through the API, and would map the internal network's names.
+                let what = if addresses.is_empty() {
+                    "resolves to nothing"
+                } else {
+                    "resolves only to addresses that are not public"
+                };
                 return Err(std::io::Error::new(
                     std::io::ErrorKind::PermissionDenied,
-                    format!(
-                        "{host} resolves to {}, not a public address (alerts.allow_private_networks is off)",
-                        if found.is_empty() { "nothing".to_owned() } else { found.join(", ") }
-                    ),
+                    format!("{host} {what} (alerts.allow_private_networks is off)"),
                 ));
             }
             Ok(allowed.into_iter())
@@ -316,6 +323,8 @@ mod tests {
             "https://[::ffff:127.0.0.1]/hook",
             "https://[::ffff:a9fe:a9fe]/hook",
             "https://[64:ff9b::a9fe:a9fe]/hook",
+            "https://[64:ff9b:1::a9fe:a9fe]/hook",
+            "https://[::ffff:0:a9fe:a9fe]/hook",
             "https://[2002:7f00:1::]/hook",
             "https://[::127.0.0.1]/hook",
             "https://[ff02::1]/hook",

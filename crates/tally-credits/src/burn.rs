@@ -113,7 +113,9 @@ pub const STAGE: &str = "credits";
 /// Why a row was set aside, by cause.
 const COST_TOO_LARGE: &str = "its credit cost is beyond a 28-digit decimal";
 const QUANTITY_TOO_LARGE: &str = "its quantity is beyond a 28-digit decimal";
-const GRANT_TOO_LARGE: &str = "a grant's remaining credits are beyond a 28-digit decimal";
+const GRANT_TOO_LARGE: &str =
+    "a grant's remaining credits are beyond a 28-digit decimal (or more digits than it keeps)";
+const ENTRIES_REFUSED: &str = "Postgres refused its ledger entries";
 
 async fn burn_queued(pool: &PgPool, rates: &RateCard) -> Result<BurnReport, sqlx::Error> {
     let mut report = BurnReport::default();
@@ -161,9 +163,9 @@ async fn burn_queued(pool: &PgPool, rates: &RateCard) -> Result<BurnReport, sqlx
             .entry((row.window_start, row.meter.clone(), row.group_key.clone()))
             .or_insert((Decimal::ZERO, Vec::new()));
         window.1.push(row.queue_id);
-        let sum = row
-            .quantity
-            .parse::<Decimal>()
+        // Exact or not at all: `parse` would round a value with more digits than a decimal
+        // keeps, and the ledger (in SQL, exact) would then disagree with what was drawn.
+        let sum = Decimal::from_str_exact(&row.quantity)
             .ok()
             .and_then(|quantity| window.0.checked_add(quantity));
         match sum {
@@ -221,8 +223,12 @@ async fn burn_queued(pool: &PgPool, rates: &RateCard) -> Result<BurnReport, sqlx
         }
         report.customers.push(customer.clone());
     }
+    for (customer, error) in entries.write_isolating(&mut tx).await? {
+        tracing::error!(%customer, %error, "Postgres refused a customer's ledger entries");
+        report.customers.retain(|c| c != &customer);
+        set_aside_customers.insert(customer, ENTRIES_REFUSED);
+    }
     report.entries = entries.customers.len();
-    entries.write(&mut tx).await?;
     let moved: Vec<(&str, &str)> = report.customers.iter().map(|c| (c.as_str(), "")).collect();
     tally_db::changes::record(&mut tx, &moved).await?;
     for (customer, why) in &set_aside_customers {
@@ -271,7 +277,9 @@ async fn open_grants(
     let mut open: HashMap<String, Vec<OpenGrant>> = HashMap::new();
     let mut unreadable = Vec::new();
     for (customer, grant_id, remaining, effective_at, expires_at) in rows {
-        let Ok(remaining) = remaining.parse::<Decimal>() else {
+        // Exact or not at all: a remaining rounded here (`parse` rounds past 28 digits) would
+        // draw more than the ledger holds, and the grant's check would refuse the whole write.
+        let Ok(remaining) = Decimal::from_str_exact(&remaining) else {
             unreadable.push(customer);
             continue;
         };
@@ -332,6 +340,90 @@ impl Entries {
         self.windows.push(usage.window_start);
         self.quantities.push(quantity);
         self.rates.push(usage.credits_per_unit);
+    }
+
+    /// The entries of one customer.
+    fn of(&self, customer: &str) -> Entries {
+        let mut only = Entries::default();
+        for i in (0..self.customers.len()).filter(|&i| self.customers[i] == customer) {
+            only.customers.push(self.customers[i].clone());
+            only.grants.push(self.grants[i]);
+            only.amounts.push(self.amounts[i]);
+            only.meters.push(self.meters[i].clone());
+            only.group_keys.push(self.group_keys[i].clone());
+            only.windows.push(self.windows[i]);
+            only.quantities.push(self.quantities[i]);
+            only.rates.push(self.rates[i]);
+        }
+        only
+    }
+
+    /// Writes every entry in one statement; if Postgres refuses it for a customer's data (a
+    /// grant's check, a value that does not fit), customer by customer instead, each under a
+    /// savepoint. Keeps only what was written; returns the customers refused, with why.
+    async fn write_isolating(
+        &mut self,
+        tx: &mut PgConnection,
+    ) -> Result<Vec<(String, sqlx::Error)>, sqlx::Error> {
+        let refused_for_data = |error: &sqlx::Error| {
+            tally_db::is_data_error(error)
+                || matches!(error, sqlx::Error::Database(db)
+                    if db.code().is_some_and(|code| code.starts_with("P0")))
+        };
+        if self.customers.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut refused = Vec::new();
+        if let Err(error) = self.write_under_savepoint(tx).await? {
+            if !refused_for_data(&error) {
+                return Err(error);
+            }
+            let mut customers = self.customers.clone();
+            customers.dedup();
+            let mut written = Entries::default();
+            for customer in customers {
+                let part = self.of(&customer);
+                match part.write_under_savepoint(tx).await? {
+                    Ok(()) => written.extend(part),
+                    Err(error) if refused_for_data(&error) => refused.push((customer, error)),
+                    Err(error) => return Err(error),
+                }
+            }
+            *self = written;
+        }
+        Ok(refused)
+    }
+
+    /// `write` under a savepoint: refused, the transaction is as before it and goes on. The
+    /// outer `Err` is the savepoint's own failure (Postgres away).
+    async fn write_under_savepoint(
+        &self,
+        tx: &mut PgConnection,
+    ) -> Result<Result<(), sqlx::Error>, sqlx::Error> {
+        sqlx::query("SAVEPOINT burn_entries")
+            .execute(&mut *tx)
+            .await?;
+        let written = self.write(tx).await;
+        if written.is_err() {
+            sqlx::query("ROLLBACK TO SAVEPOINT burn_entries")
+                .execute(&mut *tx)
+                .await?;
+        }
+        sqlx::query("RELEASE SAVEPOINT burn_entries")
+            .execute(&mut *tx)
+            .await?;
+        Ok(written)
+    }
+
+    fn extend(&mut self, other: Entries) {
+        self.customers.extend(other.customers);
+        self.grants.extend(other.grants);
+        self.amounts.extend(other.amounts);
+        self.meters.extend(other.meters);
+        self.group_keys.extend(other.group_keys);
+        self.windows.extend(other.windows);
+        self.quantities.extend(other.quantities);
+        self.rates.extend(other.rates);
     }
 
     async fn write(&self, tx: &mut PgConnection) -> Result<(), sqlx::Error> {
@@ -445,6 +537,23 @@ const PLAN_GRANTS_PAGE: i64 = 1000;
 /// of the others. Returns the customers granted.
 async fn grant_plan_credits(pool: &PgPool, now: DateTime<Utc>) -> Result<Vec<String>, sqlx::Error> {
     let mut customers = Vec::new();
+    // Customers set aside that no longer have a grant due (canceled, moved to a plan without
+    // credits, granted by hand): nothing is left to retry.
+    sqlx::query(
+        "DELETE FROM customer_errors e WHERE e.stage = $2 AND NOT EXISTS (
+             SELECT 1 FROM subscriptions s JOIN plans p ON p.name = s.plan
+             WHERE s.customer_id = e.customer_id AND s.status IN ('active', 'trialing')
+               AND p.definition ? 'credits'
+               AND s.current_period_start <= $1 AND s.current_period_end > $1
+               AND NOT EXISTS (
+                   SELECT 1 FROM credit_grants g
+                   WHERE g.customer_id = s.customer_id
+                     AND g.idempotency_key = plan_grant_key(s.subscription_id, s.current_period_start)))",
+    )
+    .bind(now)
+    .bind(PLAN_GRANTS)
+    .execute(pool)
+    .await?;
     // The last subscription of the previous page (none before the first).
     let mut after: (Option<DateTime<Utc>>, i64) = (None, 0);
     loop {

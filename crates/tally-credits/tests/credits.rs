@@ -684,6 +684,83 @@ async fn a_plan_grant_that_cannot_be_made_is_set_aside_and_the_others_are_grante
     assert_eq!(left, 0);
 }
 
+/// Before: a grant's remaining with more digits than a decimal keeps (a rate of 1e-9 on a
+/// quantity of 1e-9 leaves 18 fraction digits on 11 integer ones) was read rounded, the burner
+/// drew the rounded amount, the grant's check refused the one statement holding every
+/// customer's entries, and burning stopped for everyone on every pass. Now it is read exactly
+/// or set aside; and entries Postgres refuses for any reason set aside their customer alone.
+#[tokio::test]
+async fn a_grant_rounded_in_rust_or_entries_postgres_refuses_stop_no_one_else() {
+    let db = fresh_database().await;
+    let rates = rates(&db.pool).await;
+    for (customer, amount) in [
+        ("a-rounded", "99999999999"),
+        ("b-refused", "100"),
+        ("c-good", "100"),
+    ] {
+        grant(
+            &db.pool,
+            &new_grant(customer, GrantKind::Purchased, amount, "top-up"),
+            &actor(),
+        )
+        .await
+        .unwrap();
+    }
+    // What a 1e-9 rate on a 1e-9 quantity leaves: 18 fraction digits.
+    sqlx::query(
+        "INSERT INTO credit_transactions (customer_id, grant_id, kind, amount, actor)
+         SELECT customer_id, grant_id, 'void', -0.000000000000000001, 'test'
+         FROM credit_grants WHERE customer_id = 'a-rounded'",
+    )
+    .execute(&db.pool)
+    .await
+    .unwrap();
+    // Postgres refuses b-refused's entries (any cause: here a planted constraint).
+    sqlx::query(
+        "ALTER TABLE credit_transactions ADD CONSTRAINT test_refuses_b
+         CHECK (customer_id <> 'b-refused' OR kind <> 'consume') NOT VALID",
+    )
+    .execute(&db.pool)
+    .await
+    .unwrap();
+    let at = minute(Utc::now()) - TimeDelta::minutes(5);
+    queue(&db.pool, "a-rounded", "", at, "100000000000000").await; // costs more than it holds
+    queue(&db.pool, "b-refused", "", at, "1000").await;
+    queue(&db.pool, "c-good", "", at, "1000").await;
+    burn_all(&db.pool, &rates).await;
+
+    let good = balance(&db.pool, "c-good", &rates, Utc::now())
+        .await
+        .unwrap();
+    assert_eq!(good.available, d("99"));
+    let set_aside: Vec<(String, String)> = sqlx::query_as(
+        "SELECT customer_id, stuck FROM credit_usage_queue WHERE stuck IS NOT NULL ORDER BY 1",
+    )
+    .fetch_all(&db.pool)
+    .await
+    .unwrap();
+    assert_eq!(
+        set_aside,
+        [
+            (
+                "a-rounded".to_owned(),
+                "a grant's remaining credits are beyond a 28-digit decimal (or more digits than it keeps)".to_owned()
+            ),
+            (
+                "b-refused".to_owned(),
+                "Postgres refused its ledger entries".to_owned()
+            ),
+        ]
+    );
+    let errors: Vec<String> =
+        sqlx::query_scalar("SELECT customer_id FROM customer_errors ORDER BY 1")
+            .fetch_all(&db.pool)
+            .await
+            .unwrap();
+    assert_eq!(errors, ["a-rounded", "b-refused"]);
+    assert_ledger_matches_grants(&db.pool).await;
+}
+
 /// One customer whose grant holds more than a decimal can is set aside (its queued usage
 /// kept, marked, and a `customer_errors` row); every other customer's usage is burned. Once
 /// fixed, it is burned at its next try.
@@ -729,7 +806,7 @@ async fn a_customer_whose_grant_cannot_be_read_is_set_aside_and_the_others_burn(
         stuck,
         [(
             "a-bad".to_owned(),
-            "a grant's remaining credits are beyond a 28-digit decimal".to_owned()
+            "a grant's remaining credits are beyond a 28-digit decimal (or more digits than it keeps)".to_owned()
         )]
     );
     let set_aside: Vec<(String, String)> =
@@ -819,4 +896,23 @@ async fn remaining_follows_the_ledger_and_nothing_else() {
         .unwrap();
     assert_eq!(voided.remaining, Decimal::ZERO);
     assert_ledger_matches_grants(&db.pool).await;
+}
+
+/// Before: a customer whose plan grant was set aside kept its `customer_errors` row for ever
+/// once nothing was due any more (its subscription canceled, its plan without credits): only
+/// a successful grant cleared it. Now a set-aside customer with no grant due is forgotten.
+#[tokio::test]
+async fn a_set_aside_plan_grant_with_nothing_left_to_grant_is_forgotten() {
+    let db = fresh_database().await;
+    let mut conn = db.pool.acquire().await.unwrap();
+    tally_db::customer_errors::record(&mut conn, "plan_credits", "gone", "planted")
+        .await
+        .unwrap();
+    drop(conn);
+    settle(&db.pool, Utc::now()).await.unwrap();
+    let left: i64 = sqlx::query_scalar("SELECT count(*) FROM customer_errors")
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+    assert_eq!(left, 0);
 }

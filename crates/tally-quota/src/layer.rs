@@ -349,15 +349,16 @@ fn request_id(parts: &mut Parts, trusted: Option<&HeaderName>) -> Vec<u8> {
     if let Some(MeteredRequestId(id)) = parts.extensions.get::<MeteredRequestId>() {
         return id.as_bytes().to_vec();
     }
+    // Visible ASCII only: the id every layer hashes is then the very one in the extensions
+    // (a lossy conversion would make distinct ids one).
     let from_gateway = trusted
         .and_then(|header| parts.headers.get(header))
+        .and_then(|value| value.to_str().ok())
         .filter(|value| !value.is_empty())
-        .map(|value| value.as_bytes().to_vec());
-    let id = from_gateway.unwrap_or_else(|| uuid::Uuid::now_v7().to_string().into_bytes());
-    parts
-        .extensions
-        .insert(MeteredRequestId(String::from_utf8_lossy(&id).into_owned()));
-    id
+        .map(str::to_owned);
+    let id = from_gateway.unwrap_or_else(|| uuid::Uuid::now_v7().to_string());
+    parts.extensions.insert(MeteredRequestId(id.clone()));
+    id.into_bytes()
 }
 
 /// Emits the usage of a successful response; a failure is logged and counted, never answered.
@@ -391,5 +392,48 @@ fn emit<ResBody>(config: &Config, customer: &str, request_id: &[u8], response: &
             %error,
             "usage of a served request could not be emitted and is not counted"
         );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parts(header: &[u8]) -> Parts {
+        let mut request = Request::new(());
+        request.headers_mut().insert(
+            "x-gateway-id",
+            http::HeaderValue::from_bytes(header).unwrap(),
+        );
+        request.into_parts().0
+    }
+
+    /// Every layer metering a request hashes the id the first one put in the extensions,
+    /// byte for byte; an id that is not visible ASCII is not taken from the gateway (it used
+    /// to be hashed raw by the outer layer and lossily by the inner ones, so two such ids were
+    /// one for the inner layers).
+    #[test]
+    fn the_id_hashed_is_the_id_every_layer_sees() {
+        let trusted = HeaderName::from_static("x-gateway-id");
+        let mut gateway = parts(b"gw-1234");
+        let outer = request_id(&mut gateway, Some(&trusted));
+        let inner = request_id(&mut gateway, Some(&trusted));
+        assert_eq!(
+            (outer.as_slice(), inner.as_slice()),
+            (&b"gw-1234"[..], &b"gw-1234"[..])
+        );
+
+        let (mut a, mut b) = (parts(b"id-\xff"), parts(b"id-\xfe"));
+        let (outer_a, outer_b) = (
+            request_id(&mut a, Some(&trusted)),
+            request_id(&mut b, Some(&trusted)),
+        );
+        let (inner_a, inner_b) = (
+            request_id(&mut a, Some(&trusted)),
+            request_id(&mut b, Some(&trusted)),
+        );
+        assert_eq!((&outer_a, &outer_b), (&inner_a, &inner_b));
+        assert_ne!(inner_a, inner_b);
+        assert!(!outer_a.starts_with(b"id-"), "not taken from the gateway");
     }
 }

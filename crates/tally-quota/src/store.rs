@@ -309,7 +309,10 @@ pub async fn create_subscription(
     Ok(id)
 }
 
-/// Sets (replaces) a customer's override, with the reason and who set it.
+/// Sets (replaces) a customer's override, with the reason and who set it. Refused
+/// (`OverrideDoesNotFit`) unless it fits the customer's live plan and the plan it moves to at
+/// the period's end, checked under the customer's lock, which plan changes take too (checked
+/// apart, an override and a plan change at once could each fit the old other).
 pub async fn set_override(
     pool: &PgPool,
     customer: &str,
@@ -318,6 +321,35 @@ pub async fn set_override(
     set_by: &str,
 ) -> Result<(), QuotaStoreError> {
     let mut tx = pool.begin().await?;
+    crate::subscriptions::lock_customer(&mut tx, customer).await?;
+    let plans: Vec<(String, Option<String>)> = sqlx::query_as(
+        "SELECT plan, pending_plan FROM subscriptions
+         WHERE customer_id = $1 AND status IN ('active', 'trialing')",
+    )
+    .bind(customer)
+    .fetch_all(&mut *tx)
+    .await?;
+    let mut names: Vec<String> = Vec::new();
+    for (plan, pending) in plans {
+        names.push(plan);
+        names.extend(pending);
+    }
+    for plan in &names {
+        let definition: Option<Value> =
+            sqlx::query_scalar("SELECT definition FROM plans WHERE name = $1")
+                .bind(plan)
+                .fetch_optional(&mut *tx)
+                .await?;
+        let definition: PlanDefinition =
+            decode(definition)?.ok_or_else(|| QuotaStoreError::UnknownPlan(plan.clone()))?;
+        if let Err(why) = Entitlements::resolve(&definition, Some(overrides)) {
+            return Err(QuotaStoreError::OverrideDoesNotFit {
+                customer: customer.to_owned(),
+                plan: plan.clone(),
+                why,
+            });
+        }
+    }
     let before: Option<Value> = sqlx::query_scalar(
         "SELECT overrides FROM customer_overrides WHERE customer_id = $1 FOR UPDATE",
     )

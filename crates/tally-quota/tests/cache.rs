@@ -330,3 +330,31 @@ async fn a_billing_period_end_reloads_once_for_all_the_checks_waiting() {
     }
     assert_eq!(quota.cache_counts().waited_loads, 2);
 }
+
+/// Before: invalidating a customer the cache did not hold still put a mark in it, and the
+/// scheduler invalidates every customer it advances (thousands at a month's start): the marks
+/// evicted the customers being checked, who then waited for a load each. Now only a customer
+/// cached or being loaded is marked.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn invalidating_customers_the_cache_does_not_hold_evicts_no_one() {
+    let db = database().await;
+    let quota = quota(&db, |options| options.max_customers = 20).await;
+    let hot = customers_on_daily(&db, "hot", 20).await;
+    for customer in &hot {
+        quota.check(customer, "api_calls", n(1)).await.unwrap();
+    }
+    let before = quota.cache_counts();
+    for i in 0..1_000 {
+        quota.invalidate(&format!("elsewhere-{i}"));
+    }
+    let after = quota.cache_counts();
+    assert_eq!(after.evicted, before.evicted, "{after:?}");
+    for customer in &hot {
+        quota.check(customer, "api_calls", n(1)).await.unwrap();
+    }
+    assert_eq!(
+        quota.cache_counts().waited_loads,
+        before.waited_loads,
+        "the checked customers stayed cached"
+    );
+}

@@ -910,3 +910,156 @@ async fn webhook_events_and_meter_error_reports_are_kept_for_the_retention_only(
     assert_eq!(kept.len(), 11, "{kept:?}");
     assert!(kept.contains(&"evtmr_new".to_owned()));
 }
+
+/// Before: the fallback sweep locked a canceled subscription's row, then waited for its
+/// customer's lock, while a Stripe webhook for that subscription held the customer's lock and
+/// waited for the row: a deadlock, one side aborted. Now the sweep takes the customer's lock
+/// first (only if free) and leaves a busy customer to its next run.
+#[tokio::test]
+async fn the_fallback_sweep_and_a_webhook_never_deadlock() {
+    let db = fresh_database().await;
+    let pool = &db.pool;
+    seed(pool).await;
+    let reason = ops("test");
+    let live = subscriptions::create(pool, &monthly("acme", "PRO"), &reason)
+        .await
+        .unwrap();
+    subscriptions::cancel(pool, live.id, When::Now, None, &reason)
+        .await
+        .unwrap();
+    sqlx::query("UPDATE subscriptions SET fallback_checked_at = NULL WHERE subscription_id = $1")
+        .bind(live.id)
+        .execute(pool)
+        .await
+        .unwrap();
+    // A webhook in flight: it holds acme's lock and is about to lock the subscription's row.
+    let mut webhook = pool.begin().await.unwrap();
+    sqlx::query(
+        "SELECT pg_advisory_xact_lock(hashtextextended('tally.subscriptions:' || 'acme', 0))",
+    )
+    .execute(&mut *webhook)
+    .await
+    .unwrap();
+    let sweep = {
+        let pool = pool.clone();
+        tokio::spawn(async move { run_due(&pool, &fallback(Some("FREE")), Utc::now()).await })
+    };
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    sqlx::query("SET LOCAL lock_timeout = '2s'")
+        .execute(&mut *webhook)
+        .await
+        .unwrap();
+    sqlx::query("SELECT 1 FROM subscriptions WHERE subscription_id = $1 FOR UPDATE")
+        .bind(live.id)
+        .execute(&mut *webhook)
+        .await
+        .expect("the sweep holds no row it waits on the customer for");
+    webhook.commit().await.unwrap();
+    let run = sweep.await.unwrap().unwrap();
+    assert_eq!(
+        (run.fallbacks, run.failed),
+        (0, 0),
+        "acme was busy: left to the next run"
+    );
+    let run = run_due(pool, &fallback(Some("FREE")), Utc::now())
+        .await
+        .unwrap();
+    assert_eq!(run.fallbacks, 1, "the next run puts acme on the fallback");
+}
+
+/// Before: an override was checked against the customer's plan outside any lock, so an
+/// override and a plan change made at once could each fit the other's old state and leave
+/// the customer with an override its plan cannot take (every check then 409). Now the
+/// override is checked under the customer's lock, which plan changes hold while they check.
+#[tokio::test]
+async fn an_override_and_a_plan_change_at_once_cannot_both_win() {
+    let db = fresh_database().await;
+    let pool = &db.pool;
+    seed(pool).await;
+    let reason = ops("test");
+    let acme = subscriptions::create(pool, &monthly("acme", "FREE"), &reason)
+        .await
+        .unwrap();
+    let overrides: tally_quota::Override = serde_json::from_value(serde_json::json!({
+        "limits": { "api_calls": { "limit": "500" } }
+    }))
+    .unwrap();
+    // A plan change in flight: it holds acme's lock, found no override, and moves acme to
+    // ENTERPRISE (which does not limit api_calls).
+    let mut change = pool.begin().await.unwrap();
+    sqlx::query(
+        "SELECT pg_advisory_xact_lock(hashtextextended('tally.subscriptions:' || 'acme', 0))",
+    )
+    .execute(&mut *change)
+    .await
+    .unwrap();
+    let set = {
+        let (pool, overrides) = (pool.clone(), overrides.clone());
+        tokio::spawn(async move {
+            tally_quota::store::set_override(&pool, "acme", &overrides, "bigger", "ops").await
+        })
+    };
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    sqlx::query("UPDATE subscriptions SET plan = 'ENTERPRISE' WHERE subscription_id = $1")
+        .bind(acme.id)
+        .execute(&mut *change)
+        .await
+        .unwrap();
+    change.commit().await.unwrap();
+    let refused = set.await.unwrap().unwrap_err();
+    assert!(
+        matches!(refused, QuotaStoreError::OverrideDoesNotFit { ref plan, .. } if plan == "ENTERPRISE"),
+        "{refused}"
+    );
+    let stored: i64 = sqlx::query_scalar("SELECT count(*) FROM customer_overrides")
+        .fetch_one(pool)
+        .await
+        .unwrap();
+    assert_eq!(stored, 0);
+}
+
+/// Before: a customer set aside by the scheduler whose subscription then ended (canceled by
+/// hand) was never due again, so its `customer_errors` row stayed, and `tally status` flagged
+/// it for ever. Now a set-aside customer with nothing left to advance is forgotten.
+#[tokio::test]
+async fn a_set_aside_customer_with_nothing_left_to_advance_is_forgotten() {
+    let db = fresh_database().await;
+    let pool = &db.pool;
+    seed(pool).await;
+    let reason = ops("test");
+    let acme = subscriptions::create(pool, &monthly("acme", "FREE"), &reason)
+        .await
+        .unwrap();
+    // Due, and set aside (its retry a minute away); and a customer with no subscription.
+    sqlx::query("UPDATE subscriptions SET current_period_end = now() - interval '1 day', current_period_start = now() - interval '31 days' WHERE subscription_id = $1")
+        .bind(acme.id)
+        .execute(pool)
+        .await
+        .unwrap();
+    let mut conn = pool.acquire().await.unwrap();
+    for customer in ["acme", "gone"] {
+        tally_db::customer_errors::record(&mut conn, "subscriptions", customer, "planted")
+            .await
+            .unwrap();
+    }
+    drop(conn);
+    let left = || async {
+        sqlx::query_scalar::<_, String>("SELECT customer_id FROM customer_errors ORDER BY 1")
+            .fetch_all(pool)
+            .await
+            .unwrap()
+    };
+    let run = run_due(pool, &fallback(None), Utc::now()).await.unwrap();
+    assert_eq!(run.transitions, 0, "not retried before its time");
+    assert_eq!(
+        left().await,
+        ["acme"],
+        "kept while due; a customer with nothing due is forgotten"
+    );
+    // Canceled meanwhile: it would never be due again, so it is forgotten.
+    subscriptions::cancel(pool, acme.id, When::Now, None, &reason)
+        .await
+        .unwrap();
+    run_due(pool, &fallback(None), Utc::now()).await.unwrap();
+    assert!(left().await.is_empty());
+}

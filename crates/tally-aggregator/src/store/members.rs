@@ -92,3 +92,25 @@ pub async fn members(
     .fetch_all(pool)
     .await?)
 }
+
+/// The partitions other members of `group` on `topic` seen within `within` hold while making
+/// progress (no stall recorded): a member with none of its own does not call those orphaned.
+pub(crate) async fn covered_by_others(
+    pool: &PgPool,
+    owner: &str,
+    group: &str,
+    topic: &str,
+    within: std::time::Duration,
+) -> Result<Vec<i32>, AggregatorStoreError> {
+    Ok(sqlx::query_scalar(
+        "SELECT DISTINCT unnest(assigned) FROM aggregator_members
+         WHERE consumer_group = $1 AND topic = $2 AND owner <> $3 AND stall IS NULL
+           AND seen_at >= now() - make_interval(secs => $4)",
+    )
+    .bind(group)
+    .bind(topic)
+    .bind(owner)
+    .bind(within.as_secs_f64())
+    .fetch_all(pool)
+    .await?)
+}

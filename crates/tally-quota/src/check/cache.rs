@@ -426,13 +426,20 @@ impl CacheState {
 
     /// Marks a customer's cached state out of date (see [`CustomerState::Invalidated`]), and
     /// forgets a load under way, so that the next check starts a new one.
+    ///
+    /// A customer neither cached nor being loaded gets no mark: its next load reads the state
+    /// after the change anyway, and a mark would take a place in the cache (the scheduler
+    /// invalidates thousands of customers at a month's start; their marks would evict the
+    /// customers being checked).
     pub(super) fn invalidate(&self, customer: &str) {
         let now = Instant::now();
-        self.customers.insert(
-            customer,
-            Arc::new(Cached::new(CustomerState::Invalidated, now, self.tick(now))),
-        );
-        self.single_flight.forget(customer);
+        let loading = self.single_flight.forget(customer);
+        if loading || self.get(customer).is_some() {
+            self.customers.insert(
+                customer,
+                Arc::new(Cached::new(CustomerState::Invalidated, now, self.tick(now))),
+            );
+        }
     }
 
     /// Clears every "reload under way" mark, so stale customers are queued again.

@@ -41,8 +41,9 @@ impl SingleFlight {
 
     /// Forgets the customer's load under way (it was invalidated): checks from now on start a
     /// new one instead of joining one that may read the state from before.
-    pub(super) fn forget(&self, customer: &str) {
-        self.flights().remove(customer);
+    /// Whether there was one.
+    pub(super) fn forget(&self, customer: &str) -> bool {
+        self.flights().remove(customer).is_some()
     }
 }
 

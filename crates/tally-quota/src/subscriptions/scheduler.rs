@@ -165,6 +165,18 @@ pub async fn run_due(
             run.customers.push(customer);
         }
     }
+    // Customers set aside whose subscriptions are no longer due at all (canceled, renewed by
+    // hand, moved to Stripe): nothing is left to retry.
+    sqlx::query(
+        "DELETE FROM customer_errors e WHERE e.stage = $1 AND NOT EXISTS (
+             SELECT 1 FROM subscriptions s
+             WHERE s.customer_id = e.customer_id AND s.status IN ('active', 'trialing')
+               AND s.source <> 'stripe' AND s.current_period_end <= $2)",
+    )
+    .bind(STAGE)
+    .bind(now)
+    .execute(pool)
+    .await?;
     if let Some(plan) = &config.fallback_plan {
         fallback_sweep(pool, plan, &mut run).await?;
     }
@@ -178,19 +190,40 @@ async fn fallback_sweep(
     plan: &str,
     run: &mut SchedulerRun,
 ) -> Result<(), QuotaStoreError> {
-    let mut failed: Vec<i64> = Vec::new();
+    // Subscriptions this run leaves alone: failed, or their customer busy (next run).
+    let mut passed_over: Vec<i64> = Vec::new();
     loop {
         let mut tx = pool.begin().await?;
-        let ended: Option<SubscriptionRecord> = sqlx::query_as(&format!(
-            "SELECT {COLUMNS} FROM subscriptions s
+        // Locks in the one order: the customer's first (tried, never waited for: the webhook
+        // or API call holding it will be done by the next run), then the row.
+        let candidate: Option<(i64, String)> = sqlx::query_as(
+            "SELECT subscription_id, customer_id FROM subscriptions
              WHERE status = 'canceled' AND fallback_checked_at IS NULL AND source <> 'fallback'
                AND subscription_id <> ALL($1)
-             ORDER BY subscription_id LIMIT 1 FOR UPDATE SKIP LOCKED"
-        ))
-        .bind(&failed)
+             ORDER BY subscription_id LIMIT 1",
+        )
+        .bind(&passed_over)
         .fetch_optional(&mut *tx)
         .await?;
-        let Some(ended) = ended else { return Ok(()) };
+        let Some((candidate, candidate_customer)) = candidate else {
+            return Ok(());
+        };
+        if !try_lock_customer(&mut tx, &candidate_customer).await? {
+            passed_over.push(candidate);
+            continue;
+        }
+        let ended: Option<SubscriptionRecord> = sqlx::query_as(&format!(
+            "SELECT {COLUMNS} FROM subscriptions s
+             WHERE subscription_id = $1 AND status = 'canceled' AND fallback_checked_at IS NULL
+             FOR UPDATE"
+        ))
+        .bind(candidate)
+        .fetch_optional(&mut *tx)
+        .await?;
+        let Some(ended) = ended else {
+            passed_over.push(candidate); // changed since it was read
+            continue;
+        };
         let (id, customer) = (ended.id, ended.customer.clone());
         let outcome: Result<bool, SubscriptionError> = async {
             // Only the customer's latest subscription decides: an old one ended long ago says
@@ -222,7 +255,7 @@ async fn fallback_sweep(
                 }
             }
             Err(error) => {
-                failed.push(id);
+                passed_over.push(id);
                 run.failed += 1;
                 telemetry::subscription_scheduler_error();
                 tracing::error!(subscription = id, %customer, %error, "could not put the customer on the fallback plan; retried next run");
