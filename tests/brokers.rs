@@ -225,11 +225,23 @@ fn once_after_a_static_member_stopped_drains_at_once() {
     let _ = daemon.wait();
     emit(&emitter, 1_000, 1_000, &mut expected);
     emitter.flush(Duration::from_secs(30)).unwrap();
+    let ends_before = tally_aggregator::end_offsets(&tansu.kafka, Duration::from_secs(10));
     let started = Instant::now();
     let (ok, output) = work.run(&db.url, &["aggregate", "--once"]);
     assert!(ok, "tally aggregate --once: {output}");
     let took = started.elapsed();
-    assert_eq!(counted(&runtime, &db.pool), expected);
+    let stored: Vec<(i32, Option<i64>)> = runtime
+        .block_on(
+            sqlx::query_as("SELECT partition, next_offset FROM kafka_offsets ORDER BY 1")
+                .fetch_all(&db.pool),
+        )
+        .unwrap();
+    let ends_after = tally_aggregator::end_offsets(&tansu.kafka, Duration::from_secs(10));
+    assert_eq!(
+        counted(&runtime, &db.pool),
+        expected,
+        "{output}\nends before {ends_before:?}\nstored {stored:?}\nends after {ends_after:?}"
+    );
     println!(
         "--once after a stopped static member: {:.1} s",
         took.as_secs_f64()

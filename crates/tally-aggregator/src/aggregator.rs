@@ -36,9 +36,10 @@ use tokio_util::sync::CancellationToken;
 use crate::batch::{Batch, Message, Rules};
 use crate::config::{hostname, AggregatorConfig};
 use crate::kafka::{self, AggregatorContext, Group};
+use crate::membership::{lane_of, Membership, Progress};
 use crate::store::{self, AggregatorStoreError, Epochs, Ownership, TakenPartition};
 use crate::telemetry::{self, BatchReport};
-use crate::watchdog::{self, Member, Membership};
+use crate::watchdog::{self, Member};
 
 /// How long Kafka may take to answer a metadata or watermark request.
 const KAFKA_TIMEOUT: Duration = Duration::from_secs(10);
@@ -53,6 +54,14 @@ const MAINTENANCE_INTERVAL: Duration = Duration::from_secs(3600);
 const DLQ_INTERVAL: Duration = Duration::from_secs(10);
 /// `--once` gives up on Postgres (or Kafka) after this many failed attempts at one step.
 const ONCE_ATTEMPTS: u32 = 5;
+/// `--once`: once every partition is at the end offset read when it was taken, how long no
+/// new message may arrive before the run counts as drained. (Brokers do not all report end
+/// offsets right: tansu 0.6 reports fewer than it serves. Messages keep coming while there
+/// are more, whatever the broker said the end was.)
+const ONCE_QUIET: Duration = Duration::from_millis(300);
+/// `--once`: the longest it goes on past those end offsets (a steady stream never goes
+/// quiet; what arrives later is the next run's).
+const ONCE_TAIL: Duration = Duration::from_secs(2);
 
 /// Named points of a batch's life, for tests that crash the process there.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -105,6 +114,8 @@ pub enum AggregatorError {
     Stalled { waited: Duration, behind: String },
     #[error("another aggregator took partition {partition} while this --once run was draining it; that one goes on from what this run committed (nothing is lost), but this run did not drain the topic. Run --once only where no aggregator daemon consumes the topic, and never two at once (`flock` them under cron)")]
     TakenOver { partition: i32 },
+    #[error("a batch has been committing for {} s (Postgres holds it up: a lock, a full disk, a lost connection); nothing of it is stored, the next run reads it again. Check Postgres (pg_stat_activity, pg_locks)", waited.as_secs())]
+    CommitStuck { waited: Duration },
     #[error("{0}")]
     Config(String),
     #[error("Postgres unreachable: {0}; `--once` gave up after {ONCE_ATTEMPTS} attempts (the daemon would wait)")]
@@ -209,6 +220,9 @@ impl Aggregator {
             lanes: (0..lanes).map(|_| Lane::default()).collect(),
             epochs: Epochs::new(),
             positions: HashMap::new(),
+            fetched: HashMap::new(),
+            last_message: Instant::now(),
+            ends_reached: None,
             targets: HashMap::new(),
             pending: Vec::new(),
             next_take: Instant::now(),
@@ -260,7 +274,12 @@ impl Aggregator {
                 stop,
                 membership: &membership,
             };
-            if self.consume(&session, &mut run, &group)? == Consumed::Rejoin {
+            let consumed = self.consume(&session, &mut run, &group);
+            if let Err(AggregatorError::TakenOver { .. }) = &consumed {
+                // What this run committed is final: its rejects go to the DLQ topic now.
+                self.publish_dlq_now(&dlq);
+            }
+            if consumed? == Consumed::Rejoin {
                 // Nothing is lost: what was not committed is read again from the offsets
                 // Postgres holds, by whoever takes the partitions next.
                 self.restart_assignment(&session, &mut run, Instant::now());
@@ -273,11 +292,7 @@ impl Aggregator {
                 self.leave(&session);
                 continue;
             }
-            // Finish: commit what is being built, and wait for every commit.
-            for lane in 0..lanes {
-                self.advance(lane, true, &session, &mut run)?;
-            }
-            self.settle(&session, &mut run)?;
+            self.finish(&session, &mut run)?;
             if mode == RunMode::Once {
                 // The background publisher stops with the run: copy this run's rejects now.
                 self.publish_dlq_now(&dlq);
@@ -331,7 +346,9 @@ impl Aggregator {
                             .is_some_and(|&next| m.offset() >= next);
                         if fresh {
                             run.positions.insert(partition, m.offset() + 1);
-                            run.last_progress = Instant::now();
+                            *run.fetched.entry(partition).or_default() += 1;
+                            run.last_message = Instant::now();
+                            run.last_progress = run.last_message;
                             let message = Message {
                                 partition,
                                 offset: m.offset(),
@@ -362,16 +379,28 @@ impl Aggregator {
             for lane in 0..lanes {
                 self.advance(lane, false, session, run)?;
             }
-            let committing = run.lanes.iter().filter(|l| l.in_flight.is_some()).count();
-            session.membership.report(committing, &run.positions);
-            if committing > 0 {
-                // Waiting for Postgres to commit is not consuming nothing (`--once`'s bound).
-                run.last_progress = Instant::now();
-            }
+            session.membership.report(|| Progress {
+                consumed: run.fetched.clone(),
+                committing_since: run
+                    .lanes
+                    .iter()
+                    .map(|lane| lane.in_flight.as_ref().map(|f| f.started))
+                    .collect(),
+            });
             if session.membership.take_rejoin() {
                 return Ok(Consumed::Rejoin);
             }
             if session.mode == RunMode::Once {
+                // Waiting for Postgres to commit is not consuming nothing, for as long as a
+                // commit may take: one stuck beyond `stall_timeout` is.
+                let committing = run.lanes.iter().any(|lane| {
+                    lane.in_flight
+                        .as_ref()
+                        .is_some_and(|f| f.started.elapsed() < self.config.stall_timeout)
+                });
+                if committing {
+                    run.last_progress = Instant::now();
+                }
                 let behind: Vec<(i32, i64, i64)> = run
                     .positions
                     .iter()
@@ -381,7 +410,10 @@ impl Aggregator {
                     })
                     .collect();
                 if run.taken_once && run.pending.is_empty() && behind.is_empty() {
-                    break;
+                    let reached = *run.ends_reached.get_or_insert_with(Instant::now);
+                    if run.last_message.elapsed() >= ONCE_QUIET || reached.elapsed() >= ONCE_TAIL {
+                        break;
+                    }
                 }
                 let waited = run.last_progress.elapsed();
                 if waited >= self.config.stall_timeout {
@@ -722,15 +754,34 @@ impl Aggregator {
             task,
             epochs,
             attempt,
+            started: Instant::now(),
         }
     }
 
-    /// Waits for every lane's commit.
-    fn settle(&self, session: &Session<'_>, run: &mut RunState) -> Result<(), AggregatorError> {
-        for lane in 0..run.lanes.len() {
-            self.reap(lane, true, session, run)?;
+    /// Commits what is being built and waits for every commit. `--once` gives up on a commit
+    /// still under way after `stall_timeout` (the daemon, stopping, waits: its service
+    /// manager's stop timeout bounds that, and nothing uncommitted is lost).
+    fn finish(&self, session: &Session<'_>, run: &mut RunState) -> Result<(), AggregatorError> {
+        loop {
+            let mut committing = false;
+            for lane in 0..run.lanes.len() {
+                self.reap(lane, false, session, run)?;
+                if run.lanes[lane].in_flight.is_none() {
+                    self.advance(lane, true, session, run)?;
+                }
+                if let Some(in_flight) = &run.lanes[lane].in_flight {
+                    committing = true;
+                    let waited = in_flight.started.elapsed();
+                    if session.mode == RunMode::Once && waited >= self.config.stall_timeout {
+                        return Err(AggregatorError::CommitStuck { waited });
+                    }
+                }
+            }
+            if !committing {
+                return Ok(());
+            }
+            std::thread::sleep(Duration::from_millis(5));
         }
-        Ok(())
     }
 
     /// Takes in a lane's commit if it finished (or, with `block`, once it finishes): notifies
@@ -795,7 +846,11 @@ impl Aggregator {
                         return Err(AggregatorError::PostgresUnreachable(error));
                     }
                     telemetry::record_retry();
-                    run.lanes[lane].in_flight = Some(self.launch(batch, in_flight.epochs, attempt));
+                    let retry = self.launch(batch, in_flight.epochs, attempt);
+                    run.lanes[lane].in_flight = Some(InFlight {
+                        started: in_flight.started,
+                        ..retry
+                    });
                     if !block {
                         return Ok(());
                     }
@@ -1055,6 +1110,13 @@ struct RunState {
     epochs: Epochs,
     /// Per taken partition: the next offset to accept (older messages are stale).
     positions: HashMap<i32, i64>,
+    /// Per partition: messages consumed since the run started (never reset, unlike
+    /// `positions`: what the watchdog takes as this member's own progress).
+    fetched: HashMap<i32, u64>,
+    /// When a message was last consumed.
+    last_message: Instant,
+    /// `--once`: when every partition first reached its end offset.
+    ends_reached: Option<Instant>,
     /// `--once`: per partition, the end offset seen when it was taken.
     targets: HashMap<i32, i64>,
     /// Partitions Kafka assigned that are not taken in Postgres yet (paused until they are).
@@ -1087,8 +1149,6 @@ struct InFlight {
     task: tokio::task::JoinHandle<(Batch, Result<BatchReport, AggregatorStoreError>)>,
     epochs: Epochs,
     attempt: u32,
-}
-
-fn lane_of(partition: i32, lanes: usize) -> usize {
-    partition.unsigned_abs() as usize % lanes
+    /// When the batch's first try was launched.
+    started: Instant,
 }

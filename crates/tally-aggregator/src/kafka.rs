@@ -15,8 +15,8 @@ use rdkafka::{ClientContext, Offset, TopicPartitionList};
 use sqlx::PgPool;
 use tally_core::config::KafkaConfig;
 
+use crate::membership::Membership;
 use crate::telemetry;
-use crate::watchdog::Membership;
 
 /// Who this consumer is in its group.
 #[derive(Debug, Clone)]

@@ -13,6 +13,8 @@
 //! - `config.rs`: the `[aggregator]` settings, [`AggregatorConfig`], with defaults and checks.
 //! - `kafka.rs`: the group consumer and its rebalance handling, the watermarks client, the DLQ
 //!   producer and publisher.
+//! - `membership.rs`: what the loop and the watchdog share about the member (its assignment,
+//!   its progress, the watchdog's request to join again).
 //! - `watchdog.rs`: notices a member that holds partitions without consuming them (or none
 //!   while partitions nobody consumes lag), says so in `/readyz`, metrics and
 //!   `aggregator_members`, and has the loop join the group again with a fresh consumer.
@@ -34,6 +36,7 @@ mod aggregator;
 mod batch;
 mod config;
 mod kafka;
+mod membership;
 mod store;
 mod telemetry;
 mod watchdog;

@@ -5,8 +5,8 @@
 //! from, or be left with none while partitions nobody reads pile up, without any error.
 //! Every few seconds ([`look_every`]) the watchdog reads where each partition ends (Kafka) and where the
 //! group stands on it (Postgres's `kafka_offsets`), and keeps, per partition, since when it
-//! has lag without moving: neither its stored offset nor the position this member polled it
-//! to. A member with a batch being committed is making progress however long Postgres takes
+//! has lag without moving: neither its stored offset nor the count of messages this member
+//! consumed from it. A member with a batch being committed is making progress however long Postgres takes
 //! (a slow commit is Postgres's to report, and a rejoin would only throw the commit away).
 //! Then:
 //!
@@ -26,8 +26,7 @@
 //! broker, and the loop must keep polling.
 
 use std::collections::{BTreeMap, HashMap};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use sqlx::PgPool;
@@ -35,6 +34,7 @@ use tally_core::config::KafkaConfig;
 use tokio_util::sync::CancellationToken;
 
 use crate::kafka::{list, Watermarks};
+use crate::membership::{lane_of, Membership, Progress};
 use crate::store;
 use crate::telemetry;
 
@@ -45,90 +45,6 @@ pub(crate) fn look_every(stall_timeout: Duration) -> Duration {
 }
 /// How long one look at Kafka's offsets may take.
 const KAFKA_TIMEOUT: Duration = Duration::from_secs(5);
-
-/// What the consumer and the watchdog share: the member's assignment, and the watchdog's
-/// request that it join again.
-#[derive(Debug)]
-pub(crate) struct Membership {
-    assignment: Mutex<Assignment>,
-    rejoin: AtomicBool,
-    /// Batches being committed now.
-    committing: AtomicUsize,
-    /// The positions the loop polled each partition to, published when the watchdog asks
-    /// (once a look, so the loop does not take a lock per message).
-    polled: Mutex<HashMap<i32, i64>>,
-    wants_polled: AtomicBool,
-}
-
-#[derive(Debug, Clone)]
-struct Assignment {
-    partitions: Vec<i32>,
-    /// When the partitions last changed (to none, too).
-    since: Instant,
-}
-
-impl Default for Membership {
-    fn default() -> Self {
-        Membership {
-            assignment: Mutex::new(Assignment {
-                partitions: Vec::new(),
-                since: Instant::now(),
-            }),
-            rejoin: AtomicBool::new(false),
-            committing: AtomicUsize::new(0),
-            polled: Mutex::new(HashMap::new()),
-            wants_polled: AtomicBool::new(false),
-        }
-    }
-}
-
-impl Membership {
-    fn lock(&self) -> MutexGuard<'_, Assignment> {
-        self.assignment
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-    }
-
-    pub(crate) fn set_assigned(&self, partitions: Vec<i32>) {
-        let mut assignment = self.lock();
-        assignment.partitions = partitions;
-        assignment.since = Instant::now();
-        telemetry::record_assigned(assignment.partitions.len());
-    }
-
-    pub(crate) fn assigned(&self) -> Vec<i32> {
-        self.lock().partitions.clone()
-    }
-
-    fn snapshot(&self) -> Assignment {
-        self.lock().clone()
-    }
-
-    /// The loop, each turn: how many batches it is committing, and its polled positions if
-    /// the watchdog asked for them.
-    pub(crate) fn report(&self, committing: usize, polled: &HashMap<i32, i64>) {
-        self.committing.store(committing, Ordering::Relaxed);
-        if self.wants_polled.swap(false, Ordering::AcqRel) {
-            *self.polled.lock().unwrap_or_else(PoisonError::into_inner) = polled.clone();
-        }
-    }
-
-    /// What the loop last published, and a request for the next.
-    fn progress(&self) -> (HashMap<i32, i64>, bool) {
-        let polled = self
-            .polled
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .clone();
-        self.wants_polled.store(true, Ordering::Release);
-        (polled, self.committing.load(Ordering::Relaxed) > 0)
-    }
-
-    /// True once after the watchdog asked the member to join again.
-    pub(crate) fn take_rejoin(&self) -> bool {
-        self.rejoin.swap(false, Ordering::AcqRel)
-    }
-}
 
 /// One partition as a look found it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -156,21 +72,22 @@ pub(crate) enum Verdict {
         stalled_for: Duration,
         /// What an operator reads in `/readyz` and `tally status`.
         detail: String,
+        /// Whether joining again may help: not when the member waits for Postgres to finish
+        /// a commit (a rejoin would only throw the commit away).
+        rejoin: bool,
     },
 }
 
-/// What this member does besides what Postgres shows: the positions it polled its
-/// partitions to, whether it is committing a batch, and which partitions other members that
-/// make progress hold.
+/// What this member does besides what Postgres shows (what its loop published), and which
+/// partitions other members that make progress hold.
 #[derive(Debug, Clone, Default)]
 pub(crate) struct Activity {
-    pub(crate) polled: HashMap<i32, i64>,
-    pub(crate) committing: bool,
+    pub(crate) progress: Progress,
     pub(crate) covered_by_others: Vec<i32>,
 }
 
-/// Where a partition stands: the offset stored in Postgres and the position polled to.
-type Position = (Option<i64>, Option<i64>);
+/// Where a partition stands: the offset stored in Postgres and the messages consumed from it.
+type Position = (Option<i64>, Option<u64>);
 
 /// Since when each partition has had lag at the same stored offset and polled position.
 #[derive(Debug, Default)]
@@ -195,12 +112,20 @@ impl Watch {
                 self.lagging.remove(&view.partition);
                 continue;
             }
-            let position = (view.next, activity.polled.get(&view.partition).copied());
+            let position = (
+                view.next,
+                activity.progress.consumed.get(&view.partition).copied(),
+            );
             let entry = self
                 .lagging
                 .entry(view.partition)
                 .or_insert((position, now));
-            let committing = activity.committing && assigned.contains(&view.partition);
+            // Its lane's commit under way, for as long as a commit may take.
+            let lanes = activity.progress.committing_since.len();
+            let committing = assigned.contains(&view.partition)
+                && lanes > 0
+                && activity.progress.committing_since[lane_of(view.partition, lanes)]
+                    .is_some_and(|since| now.saturating_duration_since(since) < stall_timeout);
             if entry.0 != position || committing {
                 *entry = (position, now); // it moved, or is being committed: progress
             }
@@ -220,6 +145,30 @@ impl Watch {
             let stalled_for = mine.iter().map(|m| m.1).max().unwrap_or_default();
             let lag: i64 = mine.iter().map(|m| m.2).sum();
             let names: Vec<i32> = mine.iter().map(|m| m.0).collect();
+            // Stuck behind a commit Postgres holds up, every one of them: say so, and stay.
+            let commit_for = |p: i32| {
+                let lanes = activity.progress.committing_since.len();
+                (lanes > 0)
+                    .then(|| activity.progress.committing_since[lane_of(p, lanes)])
+                    .flatten()
+                    .map(|since| now.saturating_duration_since(since))
+            };
+            if let Some(committing) = names
+                .iter()
+                .map(|&p| commit_for(p))
+                .collect::<Option<Vec<_>>>()
+            {
+                let longest = committing.into_iter().max().unwrap_or_default();
+                return Verdict::Stalled {
+                    stalled_for,
+                    detail: format!(
+                        "assigned partitions {} with {lag} messages of lag, but a batch of theirs has been committing for {}: Postgres holds it up (a lock, a full disk, a lost connection)",
+                        list(&names),
+                        seconds(longest)
+                    ),
+                    rejoin: false,
+                };
+            }
             return Verdict::Stalled {
                 stalled_for,
                 detail: format!(
@@ -227,6 +176,7 @@ impl Watch {
                     list(&names),
                     seconds(stalled_for)
                 ),
+                rejoin: true,
             };
         }
         // Assigned nothing while partitions nobody consumes have lag.
@@ -250,6 +200,7 @@ impl Watch {
                         seconds(unassigned_for),
                         list(&names)
                     ),
+                    rejoin: true,
                 };
             }
         }
@@ -335,7 +286,7 @@ pub(crate) async fn run(
             })
             .collect();
         let assignment = membership.snapshot();
-        let (polled, committing) = membership.progress();
+        let progress = membership.progress();
         // Members not seen for three looks have stopped, or stalled without saying so.
         let covered_by_others = store::covered_by_others(
             &pool,
@@ -347,8 +298,7 @@ pub(crate) async fn run(
         .await
         .unwrap_or_default();
         let activity = Activity {
-            polled,
-            committing,
+            progress,
             covered_by_others,
         };
         let now = Instant::now();
@@ -364,17 +314,22 @@ pub(crate) async fn run(
             Verdict::Stalled {
                 detail,
                 stalled_for,
+                rejoin,
             } => {
                 if episode.is_none() {
-                    tracing::error!(%detail, "the aggregator is stalled; leaving the group and joining again with a fresh consumer");
+                    if rejoin {
+                        tracing::error!(%detail, "the aggregator is stalled; leaving the group and joining again with a fresh consumer");
+                    } else {
+                        tracing::error!(%detail, "the aggregator is stalled, waiting for Postgres");
+                    }
                 }
                 let since = episode
                     .as_ref()
                     .map_or_else(|| now.checked_sub(stalled_for).unwrap_or(now), |e| e.0);
                 episode = Some((since, detail));
-                if asked_for != Some(assignment.since) {
+                if rejoin && asked_for != Some(assignment.since) {
                     asked_for = Some(assignment.since);
-                    membership.rejoin.store(true, Ordering::Release);
+                    membership.ask_rejoin();
                 }
             }
             // Within a fresh assignment's grace: the stall lasts until something moves.
@@ -451,7 +406,9 @@ mod tests {
             Verdict::Stalled {
                 stalled_for,
                 detail,
+                rejoin,
             } => {
+                assert!(rejoin);
                 assert_eq!(stalled_for, Duration::from_secs(61));
                 assert_eq!(detail, "assigned partitions 0 but consumed nothing from them for 61 s while they have 90 messages of lag");
             }
@@ -530,42 +487,59 @@ mod tests {
         );
     }
 
-    /// A commit Postgres takes its time over, or polling that moves while nothing commits, is
-    /// progress; a partition another member holds while making progress is not orphaned.
+    /// A commit Postgres takes its time over (for up to `stall_timeout`), or consuming while
+    /// nothing commits, is progress, partition by partition; a partition another member holds
+    /// while making progress is not orphaned.
     #[test]
-    fn committing_polling_or_held_by_a_live_member_is_no_stall() {
+    fn committing_consuming_or_held_by_a_live_member_is_no_stall() {
         let start = Instant::now();
         let at = |s: u64| start + Duration::from_secs(s);
-        let views = [view(0, 100, Some(10))];
-        let committing = Activity {
-            committing: true,
+        let views = [view(0, 100, Some(10)), view(1, 100, Some(10))];
+        // Two lanes: partition 0 in lane 0, partition 1 in lane 1.
+        let committing = |since: u64| Activity {
+            progress: Progress {
+                committing_since: vec![Some(at(since)), None],
+                ..Progress::default()
+            },
             ..idle()
         };
         let mut watch = Watch::default();
-        for s in [0, 30, 61, 90, 200] {
+        for s in [0, 30, 50] {
             assert_eq!(
-                watch.observe(at(s), &views, &[0], start, TIMEOUT, &committing),
+                watch.observe(at(s), &views[..1], &[0], start, TIMEOUT, &committing(0)),
                 Verdict::Consuming
             );
         }
-        // The commit ends and nothing moves after it: a stall, counted from then.
-        assert_eq!(
-            watch.observe(at(250), &views, &[0], start, TIMEOUT, &idle()),
-            Verdict::Consuming
-        );
-        assert!(matches!(
-            watch.observe(at(261), &views, &[0], start, TIMEOUT, &idle()),
-            Verdict::Stalled { .. }
-        ));
+        // The commit has been under way for longer than a commit may take: a stall, said to
+        // be Postgres's, with no rejoin (it would only throw the commit away).
+        match watch.observe(at(111), &views[..1], &[0], start, TIMEOUT, &committing(0)) {
+            Verdict::Stalled { detail, rejoin, .. } => {
+                assert!(!rejoin);
+                assert!(detail.contains("has been committing for 111 s"), "{detail}");
+            }
+            other => panic!("{other:?}"),
+        }
+        // Lane 0 committing says nothing of partition 1, which nothing moves.
+        let mut watch = Watch::default();
+        watch.observe(at(0), &views, &[0, 1], start, TIMEOUT, &committing(0));
+        match watch.observe(at(61), &views, &[0, 1], start, TIMEOUT, &committing(59)) {
+            Verdict::Stalled { detail, .. } => {
+                assert!(detail.starts_with("assigned partitions 1 but"), "{detail}")
+            }
+            other => panic!("{other:?}"),
+        }
 
         let mut watch = Watch::default();
         for s in 0..10u64 {
-            let polling = Activity {
-                polled: [(0, 10 + s as i64)].into(),
+            let consuming = Activity {
+                progress: Progress {
+                    consumed: [(0, s)].into(),
+                    ..Progress::default()
+                },
                 ..idle()
             };
             assert_eq!(
-                watch.observe(at(s * 30), &views, &[0], start, TIMEOUT, &polling),
+                watch.observe(at(s * 30), &views[..1], &[0], start, TIMEOUT, &consuming),
                 Verdict::Consuming
             );
         }
@@ -577,7 +551,7 @@ mod tests {
         };
         for s in [0, 70, 200] {
             assert_eq!(
-                watch.observe(at(s), &views, &[], start, TIMEOUT, &held),
+                watch.observe(at(s), &views[..1], &[], start, TIMEOUT, &held),
                 Verdict::Consuming
             );
         }

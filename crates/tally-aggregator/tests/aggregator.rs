@@ -143,6 +143,18 @@ impl Harness {
         &self.db.pool
     }
 
+    /// A transaction holding `usage_minute` locked: every commit waits for it.
+    fn lock_windows(&self) -> sqlx::Transaction<'static, sqlx::Postgres> {
+        let mut locker = self.runtime.block_on(self.pool().begin()).unwrap();
+        self.runtime
+            .block_on(
+                sqlx::query("LOCK TABLE usage_minute IN ACCESS EXCLUSIVE MODE")
+                    .execute(&mut *locker),
+            )
+            .unwrap();
+        locker
+    }
+
     fn query<T>(&self, sql: &str) -> Vec<T>
     where
         T: for<'r> sqlx::FromRow<'r, sqlx::postgres::PgRow> + Send + Unpin,
@@ -564,6 +576,14 @@ fn produce_stream(h: &Harness, range: std::ops::Range<usize>, expected: &mut Exp
 }
 
 /// Polls `sql` (one boolean) until it is true, for up to 60 s.
+/// `fast()` with the shortest `stall_timeout` allowed.
+fn stall_in_five_seconds() -> AggregatorConfig {
+    AggregatorConfig {
+        stall_timeout: Duration::from_secs(5),
+        ..fast()
+    }
+}
+
 fn wait_for(h: &Harness, sql: &str) {
     let started = Instant::now();
     while !h.query::<(bool,)>(sql)[0].0 {
@@ -841,10 +861,7 @@ fn a_member_that_consumes_nothing_is_reported_and_joins_again() {
         rdkafka::types::RDKafkaApiKey::Fetch,
         &[rdkafka::types::RDKafkaRespErr::RD_KAFKA_RESP_ERR_UNKNOWN; 2_000],
     );
-    let config = AggregatorConfig {
-        stall_timeout: Duration::from_secs(5),
-        ..fast()
-    };
+    let config = stall_in_five_seconds();
     let stop = CancellationToken::new();
     let aggregator = h.aggregator(config);
     let token = stop.clone();
@@ -872,40 +889,95 @@ fn a_member_that_consumes_nothing_is_reported_and_joins_again() {
 
 /// Before: a commit that Postgres held up for longer than `stall_timeout` (a lock, a slow
 /// disk) looked to the watchdog like a member consuming nothing; it rejoined, which threw the
-/// commit away, and could do so again on every try. A member with a commit under way is making
-/// progress: it waits for Postgres, and counts every event once after.
+/// commit away, and could do so again on every try. Now a commit under way is progress for up
+/// to `stall_timeout`; held up longer, the member is reported stalled, waiting for Postgres,
+/// and stays: the commit lands when Postgres lets it, every event counted once.
 #[test]
-fn a_commit_postgres_holds_up_is_progress_not_a_stall() {
+fn a_commit_postgres_holds_up_is_reported_and_never_thrown_away() {
     let h = Harness::new();
     let mut expected = Expected::default();
-    let mut locker = h.runtime.block_on(h.pool().begin()).unwrap();
-    h.runtime
-        .block_on(
-            sqlx::query("LOCK TABLE usage_minute IN ACCESS EXCLUSIVE MODE").execute(&mut *locker),
-        )
-        .unwrap();
+    let locker = h.lock_windows();
     produce_stream(&h, 0..1_000, &mut expected);
     h.flush();
-    let config = AggregatorConfig {
-        stall_timeout: Duration::from_secs(5),
-        ..fast()
-    };
+    let config = stall_in_five_seconds();
     let stop = CancellationToken::new();
     let aggregator = h.aggregator(config);
     let token = stop.clone();
     let daemon = std::thread::spawn(move || aggregator.run(RunMode::Daemon, &token).unwrap());
-    // Three stall timeouts with the commit waiting for the lock.
-    std::thread::sleep(Duration::from_secs(15));
-    let stalled: Vec<(i64,)> =
-        h.query("SELECT count(*) FROM aggregator_members WHERE stall IS NOT NULL");
+    wait_for(
+        &h,
+        "SELECT count(*) = 1 FROM aggregator_members
+         WHERE stall LIKE 'assigned partitions % with % messages of lag, but a batch of theirs has been committing for % s: Postgres holds it up%'",
+    );
     h.runtime.block_on(locker.commit()).unwrap();
     wait_for_events(&h, 1_000, Duration::from_secs(60));
+    wait_for(
+        &h,
+        "SELECT count(*) = 1 FROM aggregator_members WHERE stall IS NULL",
+    );
     stop.cancel();
     let summary = daemon.join().unwrap();
-    assert_eq!(
-        stalled[0].0, 0,
-        "a member waiting for its commit is not stalled"
-    );
     assert_eq!(summary.rejoins, 0, "{summary:?}");
     assert_eq!(windows(&h, "'tokens'"), normalized(&expected));
+}
+
+/// `--once` ends while producers keep writing: at most a little past the end offsets it read
+/// (it used to wait for 300 ms without a message, which a steady stream never gives).
+#[test]
+fn once_ends_while_producers_keep_writing() {
+    let h = Harness::new();
+    let mut expected = Expected::default();
+    produce_stream(&h, 0..1_000, &mut expected);
+    h.flush();
+    let writing = std::sync::atomic::AtomicBool::new(true);
+    let (brokers, topic) = (h.kafka.brokers.clone(), h.kafka.topic.clone());
+    std::thread::scope(|scope| {
+        scope.spawn(|| {
+            let producer: ThreadedProducer<DefaultProducerContext> = ClientConfig::new()
+                .set("bootstrap.servers", &brokers)
+                .create()
+                .unwrap();
+            let mut i = 0;
+            while writing.load(Ordering::Relaxed) {
+                let e = event(&format!("steady-{i}"), "steady", "tokens", "1", Utc::now());
+                let payload = wire::encode(&e);
+                let _ = producer.send(BaseRecord::to(&topic).key("steady").payload(&payload));
+                i += 1;
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            let _ = producer.flush(Duration::from_secs(5));
+        });
+        let started = Instant::now();
+        let summary = h.run_once();
+        let took = started.elapsed();
+        writing.store(false, Ordering::Relaxed);
+        assert!(summary.counted >= 1_000, "{summary:?}");
+        assert!(took < Duration::from_secs(20), "--once took {took:?}");
+    });
+}
+
+/// A commit that never ends (a lock held for ever) ends `--once` with an error after
+/// `stall_timeout`, rather than holding cron's lock for ever.
+#[test]
+fn once_gives_up_on_a_commit_that_never_ends() {
+    let h = Harness::new();
+    let mut expected = Expected::default();
+    let locker = h.lock_windows();
+    produce_stream(&h, 0..100, &mut expected);
+    h.flush();
+    let config = stall_in_five_seconds();
+    let started = Instant::now();
+    let ended = h
+        .aggregator(config)
+        .run(RunMode::Once, &CancellationToken::new());
+    assert!(
+        matches!(ended, Err(AggregatorError::CommitStuck { .. })),
+        "{ended:?}"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(30),
+        "{:?}",
+        started.elapsed()
+    );
+    h.runtime.block_on(locker.rollback()).unwrap();
 }

@@ -14,16 +14,11 @@ use sqlx::{PgConnection, PgPool};
 use tally_credits::RateCard;
 use tally_quota::{AlertRule, CustomerUsage};
 
-use crate::store::{rules_of, threshold, AlertError};
+use crate::store::{rules_of, threshold, AlertError, BALANCE_BELOW, USAGE_CROSSED};
 use crate::telemetry;
 
 /// Changes one evaluation takes at most.
 const BATCH: i64 = 5_000;
-
-/// Event type of a usage rule's crossing.
-pub const USAGE_CROSSED: &str = "usage.threshold_crossed";
-/// Event type of a balance rule's crossing.
-pub const BALANCE_BELOW: &str = "credits.balance_below";
 
 /// What one evaluation did.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]

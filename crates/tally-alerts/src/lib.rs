@@ -27,6 +27,8 @@ pub mod telemetry;
 pub use config::AlertsConfig;
 pub use deliver::{deliver_due, Sender};
 pub use destination::Destinations;
-pub use evaluate::{evaluate_once, Evaluation, BALANCE_BELOW, USAGE_CROSSED};
+pub use evaluate::{evaluate_once, Evaluation};
 pub use run::start_alerts;
-pub use store::{AlertError, CustomerRule, Delivery, Endpoint, Firing};
+pub use store::{
+    AlertError, CustomerRule, Delivery, Endpoint, Firing, BALANCE_BELOW, USAGE_CROSSED,
+};

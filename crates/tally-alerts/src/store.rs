@@ -10,7 +10,11 @@ use tally_db::ExactDecimal;
 use tally_quota::AlertRule;
 
 use crate::destination::Destinations;
-use crate::evaluate::{BALANCE_BELOW, USAGE_CROSSED};
+
+/// Event type of a usage rule's crossing (in firings, deliveries and endpoint filters).
+pub const USAGE_CROSSED: &str = "usage.threshold_crossed";
+/// Event type of a balance rule's crossing.
+pub const BALANCE_BELOW: &str = "credits.balance_below";
 
 /// Why an alert operation was refused; [`AlertError::code`] is its stable API code.
 #[derive(Debug, thiserror::Error)]

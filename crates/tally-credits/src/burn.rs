@@ -136,7 +136,8 @@ async fn burn_queued(pool: &PgPool, rates: &RateCard) -> Result<BurnReport, sqlx
         "DELETE FROM credit_usage_queue WHERE queue_id IN (
              SELECT queue_id FROM credit_usage_queue WHERE stuck IS NULL
              ORDER BY queue_id LIMIT $1 FOR UPDATE SKIP LOCKED)
-         RETURNING queue_id, customer_id, meter, group_key, window_start, quantity::text,
+         RETURNING queue_id, customer_id, meter, group_key, window_start,
+                   trim_scale(quantity)::text AS quantity,
                    queued_at",
     )
     .bind(BATCH)
@@ -266,7 +267,7 @@ async fn open_grants(
 ) -> Result<(HashMap<String, Vec<OpenGrant>>, Vec<String>), sqlx::Error> {
     type Row = (String, i64, String, DateTime<Utc>, Option<DateTime<Utc>>);
     let rows: Vec<Row> = sqlx::query_as(&format!(
-        "SELECT customer_id, grant_id, remaining::text, effective_at, expires_at
+        "SELECT customer_id, grant_id, trim_scale(remaining)::text, effective_at, expires_at
          FROM credit_grants
          WHERE customer_id = ANY($1) AND closed_at IS NULL AND remaining > 0
          ORDER BY customer_id, {DRAW_ORDER} FOR UPDATE"
@@ -277,9 +278,7 @@ async fn open_grants(
     let mut open: HashMap<String, Vec<OpenGrant>> = HashMap::new();
     let mut unreadable = Vec::new();
     for (customer, grant_id, remaining, effective_at, expires_at) in rows {
-        // Exact or not at all: a remaining rounded here (`parse` rounds past 28 digits) would
-        // draw more than the ledger holds, and the grant's check would refuse the whole write.
-        let Ok(remaining) = Decimal::from_str_exact(&remaining) else {
+        let Some(remaining) = remaining_toward_zero(&remaining) else {
             unreadable.push(customer);
             continue;
         };
@@ -292,6 +291,26 @@ async fn open_grants(
     }
     unreadable.dedup();
     Ok((open, unreadable))
+}
+
+/// A grant's remaining as a decimal, rounded toward zero when it has more digits than a decimal
+/// keeps (a 1e-9 rate on a 1e-9 quantity leaves 18 fraction digits): drawing at most that
+/// never takes more than the ledger holds (`parse` rounds half up, and the grant's check then
+/// refused the write). What is left below the last digit stays on the grant. `None`: the
+/// integer part alone does not fit.
+fn remaining_toward_zero(text: &str) -> Option<Decimal> {
+    let mut text = text.trim();
+    loop {
+        if let Ok(exact) = Decimal::from_str_exact(text) {
+            return Some(exact);
+        }
+        let (_, fraction) = text.split_once('.')?;
+        text = if fraction.len() > 1 {
+            &text[..text.len() - 1]
+        } else {
+            text.split_once('.')?.0
+        };
+    }
 }
 
 /// Those of the customers who ever had a grant: usage of a customer who never had credits is
@@ -716,4 +735,29 @@ pub fn start_burner(pool: PgPool, every: Duration, stop: CancellationToken) -> J
             }
         }
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::remaining_toward_zero;
+    use rust_decimal::Decimal;
+
+    #[test]
+    fn a_remaining_with_more_digits_than_a_decimal_keeps_is_rounded_toward_zero() {
+        let d = |s: &str| s.parse::<Decimal>().unwrap();
+        assert_eq!(remaining_toward_zero("99.9"), Some(d("99.9")));
+        // 29 digits: `parse` would round up to 99999999999 and draw more than is left.
+        assert_eq!(
+            remaining_toward_zero("99999999998.999999999999999999"),
+            Some(d("99999999998.99999999999999999"))
+        );
+        assert_eq!(
+            remaining_toward_zero("0.0000000000000000000000000000001"),
+            Some(Decimal::ZERO)
+        );
+        assert_eq!(
+            remaining_toward_zero("100000000000000000000000000000000"),
+            None
+        );
+    }
 }

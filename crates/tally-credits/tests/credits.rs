@@ -685,10 +685,11 @@ async fn a_plan_grant_that_cannot_be_made_is_set_aside_and_the_others_are_grante
 }
 
 /// Before: a grant's remaining with more digits than a decimal keeps (a rate of 1e-9 on a
-/// quantity of 1e-9 leaves 18 fraction digits on 11 integer ones) was read rounded, the burner
-/// drew the rounded amount, the grant's check refused the one statement holding every
-/// customer's entries, and burning stopped for everyone on every pass. Now it is read exactly
-/// or set aside; and entries Postgres refuses for any reason set aside their customer alone.
+/// quantity of 1e-9 leaves 18 fraction digits on 11 integer ones) was read rounded up, the
+/// burner drew the rounded amount, the grant's check refused the one statement holding every
+/// customer's entries, and burning stopped for everyone on every pass. Now it is read rounded
+/// toward zero (the dust below stays on the grant), and entries Postgres refuses for any
+/// reason set aside their customer alone.
 #[tokio::test]
 async fn a_grant_rounded_in_rust_or_entries_postgres_refuses_stop_no_one_else() {
     let db = fresh_database().await;
@@ -733,6 +734,17 @@ async fn a_grant_rounded_in_rust_or_entries_postgres_refuses_stop_no_one_else() 
         .await
         .unwrap();
     assert_eq!(good.available, d("99"));
+    // a-rounded drew all but the dust below a decimal's last digit; the rest is uncovered.
+    let (left, uncovered): (Decimal, Decimal) = sqlx::query_as(
+        "SELECT (SELECT remaining FROM credit_grants WHERE customer_id = 'a-rounded'),
+                (SELECT -sum(amount) FROM credit_transactions
+                 WHERE customer_id = 'a-rounded' AND kind = 'consume' AND grant_id IS NULL)",
+    )
+    .fetch_one(&db.pool)
+    .await
+    .unwrap();
+    assert_eq!(left, d("0.000000000000000009"));
+    assert_eq!(uncovered, d("1.00000000000000001"));
     let set_aside: Vec<(String, String)> = sqlx::query_as(
         "SELECT customer_id, stuck FROM credit_usage_queue WHERE stuck IS NOT NULL ORDER BY 1",
     )
@@ -741,23 +753,17 @@ async fn a_grant_rounded_in_rust_or_entries_postgres_refuses_stop_no_one_else() 
     .unwrap();
     assert_eq!(
         set_aside,
-        [
-            (
-                "a-rounded".to_owned(),
-                "a grant's remaining credits are beyond a 28-digit decimal (or more digits than it keeps)".to_owned()
-            ),
-            (
-                "b-refused".to_owned(),
-                "Postgres refused its ledger entries".to_owned()
-            ),
-        ]
+        [(
+            "b-refused".to_owned(),
+            "Postgres refused its ledger entries".to_owned()
+        )]
     );
     let errors: Vec<String> =
         sqlx::query_scalar("SELECT customer_id FROM customer_errors ORDER BY 1")
             .fetch_all(&db.pool)
             .await
             .unwrap();
-    assert_eq!(errors, ["a-rounded", "b-refused"]);
+    assert_eq!(errors, ["b-refused"]);
     assert_ledger_matches_grants(&db.pool).await;
 }
 

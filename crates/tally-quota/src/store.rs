@@ -335,8 +335,10 @@ pub async fn set_override(
         names.extend(pending);
     }
     for plan in &names {
+        // FOR SHARE: a `plans apply` changing the plan waits for this override, or this waits
+        // for the apply and checks the plan as it wrote it (which checks overrides it sees).
         let definition: Option<Value> =
-            sqlx::query_scalar("SELECT definition FROM plans WHERE name = $1")
+            sqlx::query_scalar("SELECT definition FROM plans WHERE name = $1 FOR SHARE")
                 .bind(plan)
                 .fetch_optional(&mut *tx)
                 .await?;

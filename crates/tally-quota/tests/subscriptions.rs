@@ -71,6 +71,37 @@ fn at(y: i32, m: u32, d: u32) -> DateTime<Utc> {
     Utc.with_ymd_and_hms(y, m, d, 0, 0, 0).unwrap()
 }
 
+/// A transaction holding the customer's subscription lock, as a create, a cancel, a plan
+/// change or a Stripe webhook holds it while it works.
+async fn hold_customer_lock(
+    pool: &PgPool,
+    customer: &str,
+) -> sqlx::Transaction<'static, sqlx::Postgres> {
+    let mut tx = pool.begin().await.unwrap();
+    sqlx::query("SELECT pg_advisory_xact_lock(hashtextextended('tally.subscriptions:' || $1, 0))")
+        .bind(customer)
+        .execute(&mut *tx)
+        .await
+        .unwrap();
+    tx
+}
+
+/// An override raising acme's api_calls limit: it needs a plan that limits api_calls.
+fn bigger_api_calls() -> tally_quota::Override {
+    serde_json::from_value(serde_json::json!({
+        "limits": { "api_calls": { "limit": "500" } }
+    }))
+    .unwrap()
+}
+
+/// `set_override` of acme, started now and left running.
+fn set_override_meanwhile(pool: &PgPool) -> tokio::task::JoinHandle<Result<(), QuotaStoreError>> {
+    let pool = pool.clone();
+    tokio::spawn(async move {
+        tally_quota::store::set_override(&pool, "acme", &bigger_api_calls(), "bigger", "ops").await
+    })
+}
+
 async fn audit(pool: &PgPool, customer: &str) -> Vec<(String, String, Option<String>)> {
     sqlx::query_as(
         "SELECT action, actor, reason FROM entitlement_audit
@@ -768,10 +799,7 @@ async fn plan_changes_that_an_override_does_not_fit_are_refused() {
         .await
         .unwrap();
     // An override that raises FREE's api_calls limit: it needs a plan that limits api_calls.
-    let overrides: tally_quota::Override = serde_json::from_value(serde_json::json!({
-        "limits": { "api_calls": { "limit": "500" } }
-    }))
-    .unwrap();
+    let overrides = bigger_api_calls();
     tally_quota::store::set_override(pool, "acme", &overrides, "a bigger allowance", "ops")
         .await
         .unwrap();
@@ -841,13 +869,7 @@ async fn create_and_cancel_now_for_one_customer_never_deadlock() {
         .await
         .unwrap();
     // A create in flight: it holds acme's lock and is about to read acme's live row.
-    let mut create = pool.begin().await.unwrap();
-    sqlx::query(
-        "SELECT pg_advisory_xact_lock(hashtextextended('tally.subscriptions:' || 'acme', 0))",
-    )
-    .execute(&mut *create)
-    .await
-    .unwrap();
+    let mut create = hold_customer_lock(pool, "acme").await;
     let cancel = {
         let pool = pool.clone();
         let reason = reason.clone();
@@ -933,13 +955,7 @@ async fn the_fallback_sweep_and_a_webhook_never_deadlock() {
         .await
         .unwrap();
     // A webhook in flight: it holds acme's lock and is about to lock the subscription's row.
-    let mut webhook = pool.begin().await.unwrap();
-    sqlx::query(
-        "SELECT pg_advisory_xact_lock(hashtextextended('tally.subscriptions:' || 'acme', 0))",
-    )
-    .execute(&mut *webhook)
-    .await
-    .unwrap();
+    let mut webhook = hold_customer_lock(pool, "acme").await;
     let sweep = {
         let pool = pool.clone();
         tokio::spawn(async move { run_due(&pool, &fallback(Some("FREE")), Utc::now()).await })
@@ -980,25 +996,10 @@ async fn an_override_and_a_plan_change_at_once_cannot_both_win() {
     let acme = subscriptions::create(pool, &monthly("acme", "FREE"), &reason)
         .await
         .unwrap();
-    let overrides: tally_quota::Override = serde_json::from_value(serde_json::json!({
-        "limits": { "api_calls": { "limit": "500" } }
-    }))
-    .unwrap();
     // A plan change in flight: it holds acme's lock, found no override, and moves acme to
     // ENTERPRISE (which does not limit api_calls).
-    let mut change = pool.begin().await.unwrap();
-    sqlx::query(
-        "SELECT pg_advisory_xact_lock(hashtextextended('tally.subscriptions:' || 'acme', 0))",
-    )
-    .execute(&mut *change)
-    .await
-    .unwrap();
-    let set = {
-        let (pool, overrides) = (pool.clone(), overrides.clone());
-        tokio::spawn(async move {
-            tally_quota::store::set_override(&pool, "acme", &overrides, "bigger", "ops").await
-        })
-    };
+    let mut change = hold_customer_lock(pool, "acme").await;
+    let set = set_override_meanwhile(pool);
     tokio::time::sleep(std::time::Duration::from_millis(300)).await;
     sqlx::query("UPDATE subscriptions SET plan = 'ENTERPRISE' WHERE subscription_id = $1")
         .bind(acme.id)
@@ -1062,4 +1063,33 @@ async fn a_set_aside_customer_with_nothing_left_to_advance_is_forgotten() {
         .unwrap();
     run_due(pool, &fallback(None), Utc::now()).await.unwrap();
     assert!(left().await.is_empty());
+}
+
+/// Before: an override read its plan's definition without a lock, so a `plans apply` changing
+/// the plan at the same moment (and finding no override to check) and the override (checked
+/// against the plan as it was) both went through. Now the override reads the plan FOR SHARE:
+/// it waits for the apply and checks the plan as written.
+#[tokio::test]
+async fn an_override_and_a_plans_apply_at_once_cannot_both_win() {
+    let db = fresh_database().await;
+    let pool = &db.pool;
+    seed(pool).await;
+    let reason = ops("test");
+    subscriptions::create(pool, &monthly("acme", "FREE"), &reason)
+        .await
+        .unwrap();
+    // A plans apply in flight: FREE loses its api_calls limit; it found no override.
+    let mut apply = pool.begin().await.unwrap();
+    sqlx::query("UPDATE plans SET definition = definition - 'limits' WHERE name = 'FREE'")
+        .execute(&mut *apply)
+        .await
+        .unwrap();
+    let set = set_override_meanwhile(pool);
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    apply.commit().await.unwrap();
+    let refused = set.await.unwrap().unwrap_err();
+    assert!(
+        matches!(refused, QuotaStoreError::OverrideDoesNotFit { ref plan, .. } if plan == "FREE"),
+        "{refused}"
+    );
 }
