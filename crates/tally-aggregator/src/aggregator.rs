@@ -347,8 +347,9 @@ impl Aggregator {
                         if fresh {
                             run.positions.insert(partition, m.offset() + 1);
                             *run.fetched.entry(partition).or_default() += 1;
-                            run.last_message = Instant::now();
-                            run.last_progress = run.last_message;
+                            if session.mode == RunMode::Once {
+                                run.last_message = Instant::now();
+                            }
                             let message = Message {
                                 partition,
                                 offset: m.offset(),
@@ -390,45 +391,53 @@ impl Aggregator {
             if session.membership.take_rejoin() {
                 return Ok(Consumed::Rejoin);
             }
-            if session.mode == RunMode::Once {
-                // Waiting for Postgres to commit is not consuming nothing, for as long as a
-                // commit may take: one stuck beyond `stall_timeout` is.
-                let committing = run.lanes.iter().any(|lane| {
-                    lane.in_flight
-                        .as_ref()
-                        .is_some_and(|f| f.started.elapsed() < self.config.stall_timeout)
-                });
-                if committing {
-                    run.last_progress = Instant::now();
-                }
-                let behind: Vec<(i32, i64, i64)> = run
-                    .positions
-                    .iter()
-                    .filter_map(|(&p, &next)| {
-                        let end = *run.targets.get(&p)?;
-                        (next < end).then_some((p, next, end))
-                    })
-                    .collect();
-                if run.taken_once && run.pending.is_empty() && behind.is_empty() {
-                    let reached = *run.ends_reached.get_or_insert_with(Instant::now);
-                    if run.last_message.elapsed() >= ONCE_QUIET || reached.elapsed() >= ONCE_TAIL {
-                        break;
-                    }
-                }
-                let waited = run.last_progress.elapsed();
-                if waited >= self.config.stall_timeout {
-                    return Err(AggregatorError::Stalled {
-                        waited,
-                        behind: behind
-                            .iter()
-                            .map(|(p, next, end)| format!("{p} at {next} of {end}"))
-                            .collect::<Vec<_>>()
-                            .join(", "),
-                    });
-                }
+            if session.mode == RunMode::Once && self.once_done(run)? {
+                break;
             }
         }
         Ok(Consumed::Stopped)
+    }
+
+    /// `--once`, each turn: whether the run has drained; `Stalled` when it has consumed and
+    /// committed nothing for `stall_timeout` without draining.
+    fn once_done(&self, run: &mut RunState) -> Result<bool, AggregatorError> {
+        let at_ends = |run: &RunState| {
+            run.positions
+                .iter()
+                .all(|(p, next)| run.targets.get(p).is_none_or(|end| next >= end))
+        };
+        if run.taken_once && run.pending.is_empty() && at_ends(run) {
+            let reached = *run.ends_reached.get_or_insert_with(Instant::now);
+            return Ok(run.last_message.elapsed() >= ONCE_QUIET || reached.elapsed() >= ONCE_TAIL);
+        }
+        let waited = run.last_progress.max(run.last_message).elapsed();
+        if waited < self.config.stall_timeout {
+            return Ok(false);
+        }
+        // Waiting for Postgres to commit is not consuming nothing, for as long as a commit
+        // may take (`finish` gives up on one stuck longer).
+        let stall_timeout = self.config.stall_timeout;
+        let committing = run.lanes.iter().any(|lane| {
+            lane.in_flight
+                .as_ref()
+                .is_some_and(|f| f.started.elapsed() < stall_timeout)
+        });
+        if committing {
+            return Ok(false);
+        }
+        let mut behind: Vec<String> = run
+            .positions
+            .iter()
+            .filter_map(|(&p, &next)| {
+                let end = *run.targets.get(&p)?;
+                (next < end).then(|| format!("{p} at {next} of {end}"))
+            })
+            .collect();
+        behind.sort();
+        Err(AggregatorError::Stalled {
+            waited,
+            behind: behind.join(", "),
+        })
     }
 
     /// Leaves the group now (serving the revoke), so the others take over at once rather
@@ -637,7 +646,7 @@ impl Aggregator {
     }
 
     /// Moves one lane along: takes in a finished commit, and launches the batch being built
-    /// once it is full or due (`finish`: now, waiting for the lane's previous commit first).
+    /// once it is full or due (`finish`: now, if the lane's previous commit is in).
     /// A full batch whose lane is still committing pauses the lane's partitions instead of
     /// blocking the loop, which goes on polling (and so stays in its group).
     fn advance(
@@ -647,7 +656,7 @@ impl Aggregator {
         session: &Session<'_>,
         run: &mut RunState,
     ) -> Result<(), AggregatorError> {
-        self.reap(lane, false, session, run)?;
+        self.reap(lane, session, run)?;
         if run.lanes[lane].abandoned {
             run.lanes[lane].building = Batch::default();
             return Ok(());
@@ -665,20 +674,13 @@ impl Aggregator {
             return Ok(());
         }
         if run.lanes[lane].in_flight.is_some() {
-            if finish {
-                self.reap(lane, true, session, run)?;
-                if run.lanes[lane].in_flight.is_some() {
-                    return Ok(()); // stopping with a commit that could not be made
-                }
-            } else {
-                if full && !run.lanes[lane].paused {
-                    // Backpressure: the lane waits for its commit, without blocking the loop.
-                    self.pause_lane(session, run, lane, true);
-                }
-                // Otherwise keep filling while the previous batch commits: bigger batches
-                // catch up.
-                return Ok(());
+            if full && !run.lanes[lane].paused {
+                // Backpressure: the lane waits for its commit, without blocking the loop.
+                self.pause_lane(session, run, lane, true);
             }
+            // Otherwise keep filling while the previous batch commits: bigger batches catch
+            // up. (`finish` launches it once the lane's commit is in.)
+            return Ok(());
         }
         if run.lanes[lane].building.is_empty() {
             return Ok(()); // dropped by a fenced commit
@@ -765,7 +767,7 @@ impl Aggregator {
         loop {
             let mut committing = false;
             for lane in 0..run.lanes.len() {
-                self.reap(lane, false, session, run)?;
+                self.reap(lane, session, run)?;
                 if run.lanes[lane].in_flight.is_none() {
                     self.advance(lane, true, session, run)?;
                 }
@@ -784,79 +786,73 @@ impl Aggregator {
         }
     }
 
-    /// Takes in a lane's commit if it finished (or, with `block`, once it finishes): notifies
-    /// on success, retries what can be retried, and on fencing drops the work in progress and
-    /// takes the partitions again after a delay.
+    /// Takes in a lane's commit if it finished: notifies on success, retries what can be
+    /// retried, and on fencing drops the work in progress and takes the partitions again after
+    /// a delay (`--once`: ends, `TakenOver`).
     fn reap(
         &self,
         lane: usize,
-        block: bool,
         session: &Session<'_>,
         run: &mut RunState,
     ) -> Result<(), AggregatorError> {
-        loop {
-            let Some(in_flight) = run.lanes[lane].in_flight.take() else {
-                return Ok(());
-            };
-            if !block && !in_flight.task.is_finished() {
-                run.lanes[lane].in_flight = Some(in_flight);
-                return Ok(());
+        let Some(in_flight) = run.lanes[lane].in_flight.take() else {
+            return Ok(());
+        };
+        if !in_flight.task.is_finished() {
+            run.lanes[lane].in_flight = Some(in_flight);
+            return Ok(());
+        }
+        let (batch, result) = self
+            .runtime
+            .block_on(in_flight.task)
+            .map_err(|e| AggregatorError::CommitTask(e.to_string()))?;
+        match result {
+            Ok(report) => {
+                self.postgres.up();
+                run.last_progress = Instant::now();
+                self.notify(session, &batch, &report, &mut run.summary);
+                Ok(())
             }
-            let (batch, result) = self
-                .runtime
-                .block_on(in_flight.task)
-                .map_err(|e| AggregatorError::CommitTask(e.to_string()))?;
-            match result {
-                Ok(report) => {
-                    self.postgres.up();
-                    self.notify(session, &batch, &report, &mut run.summary);
+            Err(AggregatorStoreError::Fenced { topic, partition }) => {
+                tracing::warn!(%topic, partition, "batch fenced: another aggregator took the partition; rolled back");
+                telemetry::record_fenced();
+                run.summary.fenced += 1;
+                if session.mode == RunMode::Once {
+                    // The partitions belong to another aggregator now: this run ends with
+                    // what it committed and says so (taking them back would fence that
+                    // one in turn, for ever), rather than report them drained.
+                    return Err(AggregatorError::TakenOver { partition });
+                }
+                self.restart_assignment(session, run, Instant::now() + RETAKE_DELAY);
+                Ok(())
+            }
+            Err(error @ (AggregatorStoreError::Retryable(_) | AggregatorStoreError::Data(_))) => {
+                let attempt = in_flight.attempt + 1;
+                if let AggregatorStoreError::Retryable(e) = &error {
+                    self.postgres.down(e);
+                } else {
+                    tracing::error!(%error, attempt, "batch refused by Postgres and no single event is to blame; retrying");
+                }
+                if session.stop.is_cancelled() {
+                    // Not lost: nothing was stored, and Kafka still has the events. No later
+                    // batch of this lane may commit now: its offsets would pass this one's.
+                    tracing::warn!(%error, "stopping with an uncommitted batch; it will be consumed again");
+                    run.lanes[lane].abandoned = true;
+                    run.lanes[lane].building = Batch::default();
                     return Ok(());
                 }
-                Err(AggregatorStoreError::Fenced { topic, partition }) => {
-                    tracing::warn!(%topic, partition, "batch fenced: another aggregator took the partition; rolled back");
-                    telemetry::record_fenced();
-                    run.summary.fenced += 1;
-                    if session.mode == RunMode::Once {
-                        // The partitions belong to another aggregator now: this run ends with
-                        // what it committed and says so (taking them back would fence that
-                        // one in turn, for ever), rather than report them drained.
-                        return Err(AggregatorError::TakenOver { partition });
-                    }
-                    self.restart_assignment(session, run, Instant::now() + RETAKE_DELAY);
-                    return Ok(());
+                if session.mode == RunMode::Once && attempt >= ONCE_ATTEMPTS {
+                    return Err(AggregatorError::PostgresUnreachable(error));
                 }
-                Err(
-                    error @ (AggregatorStoreError::Retryable(_) | AggregatorStoreError::Data(_)),
-                ) => {
-                    let attempt = in_flight.attempt + 1;
-                    if let AggregatorStoreError::Retryable(e) = &error {
-                        self.postgres.down(e);
-                    } else {
-                        tracing::error!(%error, attempt, "batch refused by Postgres and no single event is to blame; retrying");
-                    }
-                    if session.stop.is_cancelled() {
-                        // Not lost: nothing was stored, and Kafka still has the events. No later
-                        // batch of this lane may commit now: its offsets would pass this one's.
-                        tracing::warn!(%error, "stopping with an uncommitted batch; it will be consumed again");
-                        run.lanes[lane].abandoned = true;
-                        run.lanes[lane].building = Batch::default();
-                        return Ok(());
-                    }
-                    if session.mode == RunMode::Once && attempt >= ONCE_ATTEMPTS {
-                        return Err(AggregatorError::PostgresUnreachable(error));
-                    }
-                    telemetry::record_retry();
-                    let retry = self.launch(batch, in_flight.epochs, attempt);
-                    run.lanes[lane].in_flight = Some(InFlight {
-                        started: in_flight.started,
-                        ..retry
-                    });
-                    if !block {
-                        return Ok(());
-                    }
-                }
-                Err(e) => return Err(e.into()),
+                telemetry::record_retry();
+                let retry = self.launch(batch, in_flight.epochs, attempt);
+                run.lanes[lane].in_flight = Some(InFlight {
+                    started: in_flight.started,
+                    ..retry
+                });
+                Ok(())
             }
+            Err(e) => Err(e.into()),
         }
     }
 

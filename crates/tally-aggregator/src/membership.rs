@@ -44,6 +44,17 @@ pub(crate) struct Progress {
     pub(crate) committing_since: Vec<Option<Instant>>,
 }
 
+impl Progress {
+    /// Since when the batch under way in the partition's lane has been committing.
+    pub(crate) fn committing_since(&self, partition: i32) -> Option<Instant> {
+        let lanes = self.committing_since.len();
+        if lanes == 0 {
+            return None;
+        }
+        self.committing_since[lane_of(partition, lanes)]
+    }
+}
+
 impl Default for Membership {
     fn default() -> Self {
         Membership {

@@ -34,7 +34,7 @@ use tally_core::config::KafkaConfig;
 use tokio_util::sync::CancellationToken;
 
 use crate::kafka::{list, Watermarks};
-use crate::membership::{lane_of, Membership, Progress};
+use crate::membership::{Membership, Progress};
 use crate::store;
 use crate::telemetry;
 
@@ -121,10 +121,10 @@ impl Watch {
                 .entry(view.partition)
                 .or_insert((position, now));
             // Its lane's commit under way, for as long as a commit may take.
-            let lanes = activity.progress.committing_since.len();
             let committing = assigned.contains(&view.partition)
-                && lanes > 0
-                && activity.progress.committing_since[lane_of(view.partition, lanes)]
+                && activity
+                    .progress
+                    .committing_since(view.partition)
                     .is_some_and(|since| now.saturating_duration_since(since) < stall_timeout);
             if entry.0 != position || committing {
                 *entry = (position, now); // it moved, or is being committed: progress
@@ -146,19 +146,16 @@ impl Watch {
             let lag: i64 = mine.iter().map(|m| m.2).sum();
             let names: Vec<i32> = mine.iter().map(|m| m.0).collect();
             // Stuck behind a commit Postgres holds up, every one of them: say so, and stay.
-            let commit_for = |p: i32| {
-                let lanes = activity.progress.committing_since.len();
-                (lanes > 0)
-                    .then(|| activity.progress.committing_since[lane_of(p, lanes)])
-                    .flatten()
-                    .map(|since| now.saturating_duration_since(since))
-            };
-            if let Some(committing) = names
+            let committing: Option<Vec<Instant>> = names
                 .iter()
-                .map(|&p| commit_for(p))
-                .collect::<Option<Vec<_>>>()
-            {
-                let longest = committing.into_iter().max().unwrap_or_default();
+                .map(|&p| activity.progress.committing_since(p))
+                .collect();
+            if let Some(since) = committing {
+                let longest = since
+                    .into_iter()
+                    .map(|since| now.saturating_duration_since(since))
+                    .max()
+                    .unwrap_or_default();
                 return Verdict::Stalled {
                     stalled_for,
                     detail: format!(
@@ -206,9 +203,7 @@ impl Watch {
         }
         Verdict::Consuming
     }
-}
 
-impl Watch {
     /// Whether a partition that concerns this member (its own; any, when it has none) had lag
     /// and did not move for `interval` (since the look before last).
     pub(crate) fn stuck(&self, assigned: &[i32], interval: Duration) -> bool {

@@ -130,25 +130,21 @@ pub async fn evaluate_once(
         }
         // Each customer in a savepoint: a write Postgres refuses for one customer is undone
         // for that customer alone.
-        sqlx::query("SAVEPOINT customer").execute(&mut *tx).await?;
+        let mut savepoint = sqlx::Connection::begin(&mut *tx).await?;
         let context = Context {
             usage: usage.get(*customer),
             balance: balances.get(*customer).copied().unwrap_or_default(),
             now,
         };
-        match evaluate_customer(&mut tx, customer, applied, &context).await {
+        match evaluate_customer(&mut savepoint, customer, applied, &context).await {
             Ok((fired, rearmed)) => {
-                sqlx::query("RELEASE SAVEPOINT customer")
-                    .execute(&mut *tx)
-                    .await?;
+                savepoint.commit().await?;
                 report.fired.extend(fired);
                 report.rearmed += rearmed;
                 evaluated.push((*customer).to_owned());
             }
             Err(AlertError::Store(error)) if !tally_db::is_retryable(&error) => {
-                sqlx::query("ROLLBACK TO SAVEPOINT customer")
-                    .execute(&mut *tx)
-                    .await?;
+                savepoint.rollback().await?;
                 failed.insert((*customer).to_owned(), error.to_string());
             }
             Err(other) => return Err(other),

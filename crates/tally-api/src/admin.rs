@@ -135,3 +135,16 @@ fn store_error(error: &QuotaStoreError, code: &'static str) -> ApiError {
         _ => ApiError::unavailable("STORE_UNAVAILABLE", error),
     }
 }
+
+/// What a token that is not an admin's (a customer's own, a gateway's) may not read of the
+/// operators' side: who granted, voided or made a rule, why, and the idempotency keys used.
+pub(super) fn for_reader(caller: &Caller, item: &mut serde_json::Value, operators_only: &[&str]) {
+    if caller.scope() == crate::config::Scope::Admin {
+        return;
+    }
+    if let Some(fields) = item.as_object_mut() {
+        for field in operators_only {
+            fields.remove(*field);
+        }
+    }
+}

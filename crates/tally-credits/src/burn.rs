@@ -419,18 +419,12 @@ impl Entries {
         &self,
         tx: &mut PgConnection,
     ) -> Result<Result<(), sqlx::Error>, sqlx::Error> {
-        sqlx::query("SAVEPOINT burn_entries")
-            .execute(&mut *tx)
-            .await?;
-        let written = self.write(tx).await;
-        if written.is_err() {
-            sqlx::query("ROLLBACK TO SAVEPOINT burn_entries")
-                .execute(&mut *tx)
-                .await?;
+        let mut savepoint = sqlx::Connection::begin(&mut *tx).await?;
+        let written = self.write(&mut savepoint).await;
+        match written {
+            Ok(()) => savepoint.commit().await?,
+            Err(_) => savepoint.rollback().await?,
         }
-        sqlx::query("RELEASE SAVEPOINT burn_entries")
-            .execute(&mut *tx)
-            .await?;
         Ok(written)
     }
 

@@ -236,14 +236,23 @@ pub async fn override_fits(
     let Some(overrides) = decode::<Override>(stored)? else {
         return Ok(Ok(()));
     };
+    let definition = plan_definition(conn, plan).await?;
+    Ok(Entitlements::resolve(&definition, Some(&overrides)).map(|_| ()))
+}
+
+/// A plan's definition, read FOR SHARE: a `plans apply` changing it meanwhile is waited for,
+/// so an override is checked against the plan as it is written (and the apply, which checks
+/// the overrides it sees, sees this one's change).
+async fn plan_definition(
+    conn: &mut PgConnection,
+    plan: &str,
+) -> Result<PlanDefinition, QuotaStoreError> {
     let definition: Option<Value> =
-        sqlx::query_scalar("SELECT definition FROM plans WHERE name = $1")
+        sqlx::query_scalar("SELECT definition FROM plans WHERE name = $1 FOR SHARE")
             .bind(plan)
             .fetch_optional(&mut *conn)
             .await?;
-    let definition: PlanDefinition =
-        decode(definition)?.ok_or_else(|| QuotaStoreError::UnknownPlan(plan.to_owned()))?;
-    Ok(Entitlements::resolve(&definition, Some(&overrides)).map(|_| ()))
+    decode(definition)?.ok_or_else(|| QuotaStoreError::UnknownPlan(plan.to_owned()))
 }
 
 /// A subscription as tally holds it.
@@ -335,15 +344,7 @@ pub async fn set_override(
         names.extend(pending);
     }
     for plan in &names {
-        // FOR SHARE: a `plans apply` changing the plan waits for this override, or this waits
-        // for the apply and checks the plan as it wrote it (which checks overrides it sees).
-        let definition: Option<Value> =
-            sqlx::query_scalar("SELECT definition FROM plans WHERE name = $1 FOR SHARE")
-                .bind(plan)
-                .fetch_optional(&mut *tx)
-                .await?;
-        let definition: PlanDefinition =
-            decode(definition)?.ok_or_else(|| QuotaStoreError::UnknownPlan(plan.clone()))?;
+        let definition = plan_definition(&mut tx, plan).await?;
         if let Err(why) = Entitlements::resolve(&definition, Some(overrides)) {
             return Err(QuotaStoreError::OverrideDoesNotFit {
                 customer: customer.to_owned(),

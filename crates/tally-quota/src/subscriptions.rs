@@ -29,7 +29,9 @@ pub use admin::{
 pub(crate) use admin::{end_fallback, live_for_update, lock_customer};
 pub use advance::{step, Transition};
 pub use period::Interval;
-pub use scheduler::{run_due, start_scheduler, SchedulerRun, SubscriptionsConfig};
+pub use scheduler::{
+    run_due, start_scheduler, SchedulerRun, SubscriptionsConfig, ACTOR as SCHEDULER_ACTOR,
+};
 
 /// tally's four statuses; only `active` and `trialing` grant entitlements.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, sqlx::Type)]

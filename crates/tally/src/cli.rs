@@ -24,7 +24,12 @@ impl AuditArgs {
 
 /// The names tally's own changes are recorded under (the scheduler, the burner, a Stripe
 /// webhook, an API token): an operator may not pose as one of them in the audit trail.
-const RESERVED_ACTORS: [&str; 4] = ["scheduler", "burner", "system", "tally"];
+const RESERVED_ACTORS: [&str; 4] = [
+    tally_quota::subscriptions::SCHEDULER_ACTOR,
+    tally_credits::burn::ACTOR,
+    "system",
+    "tally",
+];
 const RESERVED_PREFIXES: [&str; 3] = ["stripe:", "token:", "tally:"];
 
 /// An operator's name for the audit trail (`--actor`): someone, printable, at most 200

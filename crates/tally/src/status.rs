@@ -84,7 +84,7 @@ pub(crate) fn run(config: &TallyConfig, args: &StatusArgs) -> anyhow::Result<()>
                     let stalled = since.map_or(String::new(), |at| format!(" (stalled {})", ago(now, at)));
                     println!("  member {}: {assigned}: STALLED{stalled}: {stall}", member.owner);
                     attention.push(format!(
-                        "aggregator {} is stalled: {stall}; it joins the group again by itself after aggregator.stall_timeout; if that does not help, check the brokers' group coordinator (aggregator.static_membership off?) and restart it",
+                        "aggregator {} is stalled: {stall}; held up by Postgres, check what blocks it (pg_stat_activity, pg_locks); not served by the broker, it joins the group again by itself after aggregator.stall_timeout, and if that does not help, check the brokers' group coordinator (aggregator.static_membership off?) and restart it",
                         member.owner
                     ));
                 }

@@ -17,7 +17,7 @@ use serde_json::value::RawValue;
 use tally_alerts::{store, AlertError, Endpoint};
 use tally_quota::{AlertRule, QuotaError};
 
-use super::{exact_decimal, valid_customer};
+use super::{exact_decimal, for_reader, valid_customer};
 use crate::auth::{Caller, ReadableCustomer};
 use crate::error::{json_body, ApiError};
 use crate::ApiState;
@@ -73,13 +73,8 @@ pub(crate) async fn list(
         }
     }
     let mut rules = json!(store::list_rules(&state.reader_pool, &customer).await?);
-    if caller.scope() != crate::config::Scope::Admin {
-        // Which operator made a rule is the operators' to know.
-        for rule in rules.as_array_mut().into_iter().flatten() {
-            if let Some(fields) = rule.as_object_mut() {
-                fields.remove("created_by");
-            }
-        }
+    for rule in rules.as_array_mut().into_iter().flatten() {
+        for_reader(&caller, rule, &["created_by"]);
     }
     let firings = store::firings(&state.reader_pool, &customer, FIRINGS_SHOWN).await?;
     Ok(Json(json!({

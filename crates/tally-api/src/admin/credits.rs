@@ -20,9 +20,8 @@ use serde_json::value::RawValue;
 use tally_credits::ledger::MAX_LEDGER_PAGE;
 use tally_credits::{Actor, CreditError, GrantKind, NewGrant, RateCard};
 
-use super::{exact_decimal, valid_customer};
+use super::{exact_decimal, for_reader, valid_customer};
 use crate::auth::{Caller, ReadableCustomer};
-use crate::config::Scope;
 use crate::error::{json_body, ApiError};
 use crate::ApiState;
 
@@ -168,19 +167,6 @@ pub(crate) async fn balance(
         }
     }
     Ok(Json(answer).into_response())
-}
-
-/// What a token that is not an admin's (a customer's own, a gateway's) may not read of the
-/// operators' side: who granted or voided, why, and the idempotency keys they used.
-fn for_reader(caller: &Caller, item: &mut serde_json::Value, operators_only: &[&str]) {
-    if caller.scope() == Scope::Admin {
-        return;
-    }
-    if let Some(fields) = item.as_object_mut() {
-        for field in operators_only {
-            fields.remove(*field);
-        }
-    }
 }
 
 #[derive(Debug, Deserialize)]

@@ -171,16 +171,8 @@ pub(crate) async fn put_override(
             )));
         }
     }
-    // It must fit the plan the customer is on, and the one it moves to at the period's end.
-    if let Some(live) = subscriptions::live_subscription(&state.pool, &customer).await? {
-        for name in std::iter::once(&live.plan).chain(live.pending_plan.as_ref()) {
-            let plan = tally_quota::store::get_plan(&state.pool, name)
-                .await?
-                .ok_or_else(|| ApiError::internal("override", "the live plan is missing"))?;
-            Entitlements::resolve(&plan, Some(&request.overrides))
-                .map_err(|why| invalid_override(format!("it does not fit plan {name:?}: {why}")))?;
-        }
-    }
+    // It must fit the plan the customer is on, and the one it moves to at the period's end
+    // (checked by `set_override`, under the customer's lock).
     tally_quota::store::set_override(
         &state.pool,
         &customer,
@@ -188,7 +180,13 @@ pub(crate) async fn put_override(
         &actor.reason,
         &actor.name,
     )
-    .await?;
+    .await
+    .map_err(|error| match error {
+        tally_quota::QuotaStoreError::OverrideDoesNotFit { plan, why, .. } => {
+            invalid_override(format!("it does not fit plan {plan:?}: {why}"))
+        }
+        other => other.into(),
+    })?;
     state.quota.invalidate(&customer);
     Ok(Json(json!({
         "customer": customer, "overrides": request.overrides,

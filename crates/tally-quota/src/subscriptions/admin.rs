@@ -566,6 +566,9 @@ async fn mark_fallback_checked(tx: &mut PgConnection, id: i64) -> Result<(), sql
     Ok(())
 }
 
+/// The advisory lock key of a customer's subscriptions (`$1` the customer).
+const CUSTOMER_LOCK: &str = "hashtextextended('tally.subscriptions:' || $1, 0)";
+
 /// Serializes everything that may give a customer a live subscription (create, the fallback,
 /// a Stripe webhook), so that "has none, so add one" cannot race. Taken before any of the
 /// customer's subscription rows is locked (held already, it is taken again at once).
@@ -573,7 +576,7 @@ pub(crate) async fn lock_customer(
     tx: &mut PgConnection,
     customer: &str,
 ) -> Result<(), sqlx::Error> {
-    sqlx::query("SELECT pg_advisory_xact_lock(hashtextextended('tally.subscriptions:' || $1, 0))")
+    sqlx::query(&format!("SELECT pg_advisory_xact_lock({CUSTOMER_LOCK})"))
         .bind(customer)
         .execute(&mut *tx)
         .await?;
@@ -586,9 +589,9 @@ pub(crate) async fn try_lock_customer(
     tx: &mut PgConnection,
     customer: &str,
 ) -> Result<bool, sqlx::Error> {
-    sqlx::query_scalar(
-        "SELECT pg_try_advisory_xact_lock(hashtextextended('tally.subscriptions:' || $1, 0))",
-    )
+    sqlx::query_scalar(&format!(
+        "SELECT pg_try_advisory_xact_lock({CUSTOMER_LOCK})"
+    ))
     .bind(customer)
     .fetch_one(&mut *tx)
     .await

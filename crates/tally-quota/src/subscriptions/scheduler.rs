@@ -77,7 +77,7 @@ pub struct SchedulerRun {
 }
 
 /// The actor the scheduler's audit rows name.
-const ACTOR: &str = "scheduler";
+pub const ACTOR: &str = "scheduler";
 
 /// The loop's name in `customer_errors`.
 pub(crate) const STAGE: &str = "subscriptions";
