@@ -27,7 +27,7 @@ case "$name" in
   sink)      target=(-p tally-sink --bench sink) ;;
   quota)     target=(-p tally-quota --bench check) ;;
   layer)     target=(-p tally-quota --features layer --bench layer) ;;
-  scheduler) target=(-p tally-quota --bench scheduler) ;;
+  scheduler) target=(-p tally-billing --bench scheduler) ;;
   http)      target=(-p tally-api --bench http) ;;
   freshness) target=(-p tally-tests --bench freshness) ;;
   alerts)    target=(-p tally-tests --bench alert_latency) ;;

@@ -30,19 +30,19 @@ fn main() {
     runtime.block_on(async {
         let pipeline = IngestPipeline::start(Duration::from_millis(200)).await;
         let pool = pipeline.db.pool.clone();
-        let plans: Vec<tally_quota::PlanDefinition> = serde_json::from_value(serde_json::json!([
+        let plans: Vec<tally_billing::PlanDefinition> = serde_json::from_value(serde_json::json!([
             { "name": "ALERTED", "limits": { "api_calls": { "limit": "1", "period": "month" } },
               "alerts": [ { "meter": "api_calls", "percent": "100" } ] },
             { "name": "QUIET", "limits": { "api_calls": { "limit": "1000000000", "period": "day" } } }
         ]))
         .unwrap();
-        tally_quota::apply_plans(&pool, &plans, "bench").await.unwrap();
+        tally_billing::apply_plans(&pool, &plans, "bench").await.unwrap();
         let start = chrono::Utc::now() - chrono::TimeDelta::days(1);
         for i in 0..SAMPLES {
-            tally_quota::testing::subscribe(&pool, &format!("probe-{i}"), "ALERTED", start).await;
+            tally_billing::testing::subscribe(&pool, &format!("probe-{i}"), "ALERTED", start).await;
         }
         for i in 0..100 {
-            tally_quota::testing::subscribe(&pool, &format!("other-{i}"), "QUIET", start).await;
+            tally_billing::testing::subscribe(&pool, &format!("other-{i}"), "QUIET", start).await;
         }
         let receiver = AlertReceiver::start(0).await;
         let secret = receiver.register(&pool).await;

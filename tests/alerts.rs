@@ -11,9 +11,9 @@ use std::time::{Duration, Instant};
 use chrono::{TimeDelta, Utc};
 use rust_decimal::Decimal;
 use serde_json::Value;
+use tally_billing::AlertRule;
 use tally_core::UsageEvent;
 use tally_credits::{grant, Actor, GrantKind, NewGrant};
-use tally_quota::AlertRule;
 use tally_tests::*;
 
 const PLANS: &str = r#"
@@ -80,9 +80,9 @@ fn alerts_fire_once_per_crossing_signed_and_retried() {
     let started = Utc::now() - TimeDelta::days(2);
     runtime.block_on(async {
         for customer in ["acme", "globex"] {
-            tally_quota::testing::subscribe(&db.pool, customer, "PRO", started).await;
+            tally_billing::testing::subscribe(&db.pool, customer, "PRO", started).await;
         }
-        tally_quota::testing::subscribe(
+        tally_billing::testing::subscribe(
             &db.pool,
             "initech",
             "BILLED",

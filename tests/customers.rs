@@ -104,7 +104,7 @@ impl Harness {
             .execute(&self.db.pool)
             .await
             .unwrap();
-            tally_quota::testing::subscribe(&self.db.pool, customer, "PRO", Utc::now()).await;
+            tally_billing::testing::subscribe(&self.db.pool, customer, "PRO", Utc::now()).await;
         });
     }
 

@@ -536,13 +536,13 @@ fn export_writes_the_month_exactly() {
 /// Plans as `tally plans apply` writes them: PRO monthly, ENT yearly (a price that does not
 /// divide by 12), FREE without a price.
 async fn priced_plans(pool: &sqlx::PgPool) {
-    let plans: Vec<tally_quota::PlanDefinition> = serde_json::from_value(serde_json::json!([
+    let plans: Vec<tally_billing::PlanDefinition> = serde_json::from_value(serde_json::json!([
         { "name": "FREE" },
         { "name": "PRO", "price": { "amount": "49.00", "currency": "usd", "interval": "month" } },
         { "name": "ENT", "price": { "amount": "1000.00", "currency": "usd", "interval": "year" } },
     ]))
     .unwrap();
-    tally_quota::apply_plans(pool, &plans, "test")
+    tally_billing::apply_plans(pool, &plans, "test")
         .await
         .unwrap();
 }
@@ -732,13 +732,13 @@ fn subscription_views_count_the_end_of_each_utc_day_and_price_mrr() {
 
     // Prices are the plans' as last applied: a new price restates every past day.
     runtime.block_on(async {
-        let plans: Vec<tally_quota::PlanDefinition> = serde_json::from_value(serde_json::json!([
+        let plans: Vec<tally_billing::PlanDefinition> = serde_json::from_value(serde_json::json!([
             { "name": "FREE" },
             { "name": "PRO", "price": { "amount": "59.00", "currency": "usd", "interval": "month" } },
             { "name": "ENT", "price": { "amount": "1000.00", "currency": "usd", "interval": "year" } },
         ]))
         .unwrap();
-        tally_quota::apply_plans(&db.pool, &plans, "test").await.unwrap();
+        tally_billing::apply_plans(&db.pool, &plans, "test").await.unwrap();
     });
     let repriced = runtime.block_on(early_november(&db.pool, "finance_mrr_daily", columns));
     assert!(

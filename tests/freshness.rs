@@ -9,8 +9,8 @@ use std::time::{Duration, Instant};
 
 use hdrhistogram::Histogram;
 use rust_decimal::Decimal;
+use tally_billing::testing::unlimited_customers;
 use tally_core::UsageEvent;
-use tally_quota::testing::unlimited_customers;
 use tally_quota::{Decision, Quota};
 use tally_tests::IngestPipeline;
 

@@ -12,8 +12,9 @@ use http_body_util::BodyExt;
 use rust_decimal::Decimal;
 use serde_json::{json, Value};
 use tally_api::{router, Access, ApiState, ApiToken, RateLimits, Scope, ServeConfig};
-use tally_quota::testing::subscribe;
-use tally_quota::{apply_plans, Decision, PlanDefinition, Quota};
+use tally_billing::testing::subscribe;
+use tally_billing::{apply_plans, PlanDefinition};
+use tally_quota::{Decision, Quota};
 use tally_tests::IngestPipeline;
 use tower::ServiceExt;
 

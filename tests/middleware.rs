@@ -21,12 +21,13 @@ use chrono::{DateTime, TimeDelta, Utc};
 use http_body_util::BodyExt;
 use rust_decimal::Decimal;
 use serde_json::{json, Value};
+use tally_billing::testing::subscribe;
+use tally_billing::{apply_plans, PlanDefinition};
 use tally_emitter::Emitter;
 use tally_quota::layer::{
     event_id, AuthenticatedCustomer, MeteredRequestId, QuotaLayer, UsageQuantity,
 };
-use tally_quota::testing::subscribe;
-use tally_quota::{apply_plans, PlanDefinition, Quota};
+use tally_quota::Quota;
 use tally_tests::IngestPipeline;
 use tower::ServiceExt;
 

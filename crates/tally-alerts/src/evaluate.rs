@@ -11,8 +11,9 @@ use chrono::{DateTime, Utc};
 use serde_json::json;
 use sha2::{Digest, Sha256};
 use sqlx::{PgConnection, PgPool};
+use tally_billing::AlertRule;
 use tally_credits::RateCard;
-use tally_quota::{AlertRule, CustomerUsage};
+use tally_quota::CustomerUsage;
 
 use crate::store::{rules_of, threshold, AlertError, BALANCE_BELOW, USAGE_CROSSED};
 use crate::telemetry;
@@ -251,7 +252,7 @@ async fn evaluate_customer(
 
 /// Each plan's rules, from the definitions `tally plans apply` stored.
 async fn plan_rules(pool: &PgPool) -> Result<HashMap<String, Vec<AlertRule>>, AlertError> {
-    let plans = tally_quota::list_plans(pool)
+    let plans = tally_billing::list_plans(pool)
         .await
         .map_err(|e| AlertError::Read(format!("reading plans: {e}")))?;
     Ok(plans

@@ -6,8 +6,8 @@ use chrono::{DateTime, Utc};
 use rust_decimal::Decimal;
 use serde::Serialize;
 use sqlx::PgPool;
+use tally_billing::AlertRule;
 use tally_db::ExactDecimal;
-use tally_quota::AlertRule;
 
 use crate::destination::Destinations;
 

@@ -12,7 +12,7 @@ use hdrhistogram::Histogram;
 use http_body_util::{BodyExt, Full};
 use rust_decimal::Decimal;
 use tally_api::{router, Access, ApiState, ApiToken, RateLimits, Scope, ServeConfig};
-use tally_quota::testing::unlimited_customers;
+use tally_billing::testing::unlimited_customers;
 use tally_quota::Quota;
 use tokio_util::sync::CancellationToken;
 

@@ -21,9 +21,9 @@ use axum::http::StatusCode;
 use rust_decimal::Decimal;
 use serde_json::value::RawValue;
 use tally_alerts::AlertError;
+use tally_billing::subscriptions::{Actor, SubscriptionError};
+use tally_billing::BillingStoreError;
 use tally_credits::CreditError;
-use tally_quota::subscriptions::{Actor, SubscriptionError};
-use tally_quota::QuotaStoreError;
 
 use crate::auth::Caller;
 use crate::error::ApiError;
@@ -108,30 +108,30 @@ impl From<AlertError> for ApiError {
     }
 }
 
-impl From<QuotaStoreError> for ApiError {
-    fn from(error: QuotaStoreError) -> ApiError {
+impl From<BillingStoreError> for ApiError {
+    fn from(error: BillingStoreError) -> ApiError {
         let code = match &error {
-            QuotaStoreError::UnknownPlan(_) => "UNKNOWN_PLAN",
-            QuotaStoreError::SecondLiveSubscription { .. } => "SECOND_LIVE_SUBSCRIPTION",
-            QuotaStoreError::OverrideDoesNotFit { .. }
-            | QuotaStoreError::OverridesDoNotFit { .. } => "OVERRIDE_CONFLICT",
+            BillingStoreError::UnknownPlan(_) => "UNKNOWN_PLAN",
+            BillingStoreError::SecondLiveSubscription { .. } => "SECOND_LIVE_SUBSCRIPTION",
+            BillingStoreError::OverrideDoesNotFit { .. }
+            | BillingStoreError::OverridesDoNotFit { .. } => "OVERRIDE_CONFLICT",
             _ => "STORE_UNAVAILABLE",
         };
         store_error(&error, code)
     }
 }
 
-fn store_error(error: &QuotaStoreError, code: &'static str) -> ApiError {
+fn store_error(error: &BillingStoreError, code: &'static str) -> ApiError {
     match error {
-        QuotaStoreError::UnknownPlan(_) => {
+        BillingStoreError::UnknownPlan(_) => {
             ApiError::new(StatusCode::NOT_FOUND, code, error.to_string())
         }
-        QuotaStoreError::SecondLiveSubscription { .. }
-        | QuotaStoreError::OverrideDoesNotFit { .. }
-        | QuotaStoreError::OverridesDoNotFit { .. } => {
+        BillingStoreError::SecondLiveSubscription { .. }
+        | BillingStoreError::OverrideDoesNotFit { .. }
+        | BillingStoreError::OverridesDoNotFit { .. } => {
             ApiError::new(StatusCode::CONFLICT, code, error.to_string())
         }
-        QuotaStoreError::Corrupt(_) => ApiError::internal("stored subscription data", error),
+        BillingStoreError::Corrupt(_) => ApiError::internal("stored subscription data", error),
         _ => ApiError::unavailable("STORE_UNAVAILABLE", error),
     }
 }

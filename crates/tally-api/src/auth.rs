@@ -23,11 +23,6 @@ use crate::config::{ApiToken, Rate, RateLimits, Scope};
 use crate::error::ApiError;
 use crate::{telemetry, ApiState};
 
-/// Hex SHA-256 of a token, as `[[serve.tokens]] sha256` holds it.
-pub fn token_hash(plain: &str) -> String {
-    hex::encode(Sha256::digest(plain.as_bytes()))
-}
-
 /// The configured tokens, by hash, and their rate buckets.
 pub struct Access {
     by_hash: HashMap<[u8; 32], Caller>,
@@ -305,7 +300,7 @@ mod tests {
         );
         assert!(access.authenticate(&headers("tly_secon")).is_err());
         assert!(access
-            .authenticate(&headers(&token_hash("tly_first")))
+            .authenticate(&headers(&crate::config::token_hash("tly_first")))
             .is_err());
         assert!(access.authenticate(&HeaderMap::new()).is_err());
     }

@@ -4,7 +4,13 @@
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
 use tally_core::config::Secret;
+
+/// Hex SHA-256 of a token, as `[[serve.tokens]] sha256` holds it.
+pub fn token_hash(plain: &str) -> String {
+    hex::encode(Sha256::digest(plain.as_bytes()))
+}
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -202,7 +208,7 @@ impl ApiToken {
             name: name.to_owned(),
             scope,
             customer: customer.map(str::to_owned),
-            sha256: Secret::new(crate::auth::token_hash(plain)),
+            sha256: Secret::new(token_hash(plain)),
             token: None,
         }
     }

@@ -43,7 +43,8 @@ use tally_emitter::Emitter;
 use tally_quota::Quota;
 
 use auth::Policy;
-pub use auth::{token_hash, Access, Caller};
+pub use auth::{Access, Caller};
+pub use config::token_hash;
 pub use config::{ApiToken, EdgeLimits, Rate, RateLimits, Scope, ServeConfig};
 pub use error::ApiError;
 pub use ingest::MAX_BATCH;

@@ -203,7 +203,7 @@ pub(crate) async fn entitlements(
 ) -> Result<Response, ApiError> {
     let Query(query) = query.map_err(|e| ApiError::invalid(e.body_text()))?;
     if let Some(plan) = query.preview {
-        let preview = tally_quota::store::preview_entitlements(&state.pool, &customer, &plan)
+        let preview = tally_billing::store::preview_entitlements(&state.pool, &customer, &plan)
             .await?
             .map_err(|why| {
                 ApiError::new(

@@ -2,7 +2,7 @@
 //!
 //! The signature (`Stripe-Signature: t=…,v1=…`, HMAC-SHA256 over `"{t}.{raw body}"`, 300 s
 //! tolerance, constant-time comparison) and Stripe's object shapes are checked by
-//! async-stripe-webhook; `tally_quota::stripe` stores each event id once and applies it.
+//! async-stripe-webhook; `tally_billing::stripe` stores each event id once and applies it.
 //!
 //! Answers: 200 when the event is handled (applied, stale, ignored or a replay); 400 for a
 //! forged, stale or unparseable event (Stripe shows it as failing); 422 when tally cannot apply
@@ -19,7 +19,7 @@ use axum::Json;
 use chrono::{DateTime, Utc};
 use serde_json::{json, Value};
 use stripe_webhook::{EventObject, Webhook, WebhookError as SignatureError};
-use tally_quota::stripe::{
+use tally_billing::stripe::{
     apply_webhook, SameSecond, StripeEvent, StripeInvoice, StripePrice, StripeSubscription,
     WebhookEffect, WebhookError, WebhookOutcome,
 };
@@ -82,7 +82,7 @@ pub(crate) async fn stripe_webhook(
                 event.id, event.event_type
             );
             Err(match &error {
-                WebhookError::Store(tally_quota::QuotaStoreError::Postgres(_)) => {
+                WebhookError::Store(tally_billing::BillingStoreError::Postgres(_)) => {
                     ApiError::unavailable(error.code(), detail)
                 }
                 _ if error.code() == "INTERNAL" => {

@@ -4,7 +4,7 @@
 
 use axum::http::StatusCode;
 use serde_json::{json, Value};
-use tally_quota::{apply_plans, PlanDefinition};
+use tally_billing::{apply_plans, PlanDefinition};
 mod common;
 use common::{ACME, ADMIN, GATEWAY};
 

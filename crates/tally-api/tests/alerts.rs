@@ -13,9 +13,9 @@ use chrono::Utc;
 use rust_decimal::Decimal;
 use serde_json::{json, Value};
 use tally_alerts::{AlertsConfig, Sender};
+use tally_billing::testing::subscribe;
+use tally_billing::{apply_plans, PlanDefinition};
 use tally_credits::RateCard;
-use tally_quota::testing::subscribe;
-use tally_quota::{apply_plans, PlanDefinition};
 mod common;
 use common::{ACME, ADMIN, BETA, GATEWAY};
 

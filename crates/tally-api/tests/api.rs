@@ -7,8 +7,9 @@ use axum::http::StatusCode;
 use chrono::{TimeDelta, Utc};
 use serde_json::{json, Value};
 use tally_api::{router, Access, ApiState, ApiToken, RateLimits, Scope, ServeConfig};
-use tally_quota::testing::subscribe;
-use tally_quota::{apply_plans, PlanDefinition, Quota};
+use tally_billing::testing::subscribe;
+use tally_billing::{apply_plans, PlanDefinition};
+use tally_quota::Quota;
 mod common;
 
 const ADMIN: &str = "admin-token-0123456789abcdef";

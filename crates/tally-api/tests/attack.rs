@@ -18,9 +18,10 @@ use tally_api::{
     router, Access, ApiState, ApiToken, EdgeLimits, Rate, RateLimits, Scope, ServeConfig,
     StripeWebhook,
 };
+use tally_billing::testing::subscribe;
+use tally_billing::{apply_plans, PlanDefinition};
 use tally_core::config::Secret;
-use tally_quota::testing::subscribe;
-use tally_quota::{apply_plans, PlanDefinition, Quota};
+use tally_quota::Quota;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;

@@ -7,10 +7,10 @@ use axum::http::StatusCode;
 use chrono::{DurationRound, TimeDelta, Utc};
 use rust_decimal::Decimal;
 use serde_json::{json, Value};
+use tally_billing::testing::subscribe;
+use tally_billing::{apply_plans, PlanDefinition};
 use tally_credits::queue::CountedUsage;
 use tally_credits::{RateCard, RateDefinition};
-use tally_quota::testing::subscribe;
-use tally_quota::{apply_plans, PlanDefinition};
 mod common;
 use common::{ACME, ADMIN, BETA, GATEWAY};
 

@@ -11,8 +11,9 @@ use serde_json::{json, Value};
 use stripe_emulator::testing::call;
 use stripe_emulator::{signature_header, Emulator, EmulatorConfig};
 use tally_api::{router, Access, ApiState, RateLimits, ServeConfig, StripeWebhook};
+use tally_billing::{apply_plans, PlanDefinition};
 use tally_core::config::Secret;
-use tally_quota::{apply_plans, PlanDefinition, Quota, QuotaError};
+use tally_quota::{Quota, QuotaError};
 use tower::ServiceExt;
 
 const KEY: &str = "sk_test_tally";

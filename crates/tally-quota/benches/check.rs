@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use hdrhistogram::Histogram;
 use rust_decimal::Decimal;
-use tally_quota::testing::unlimited_customers;
+use tally_billing::testing::unlimited_customers;
 use tally_quota::Quota;
 
 const CUSTOMERS: usize = 1000;

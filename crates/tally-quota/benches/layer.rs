@@ -31,11 +31,12 @@ use axum::Router;
 use chrono::{TimeDelta, Utc};
 use hdrhistogram::Histogram;
 use rdkafka::mocking::MockCluster;
+use tally_billing::testing::subscribe;
+use tally_billing::{apply_plans, PlanDefinition};
 use tally_core::config::KafkaConfig;
 use tally_emitter::{Emitter, EmitterConfig};
 use tally_quota::layer::{AuthenticatedCustomer, QuotaLayer};
-use tally_quota::testing::subscribe;
-use tally_quota::{apply_plans, PlanDefinition, Quota};
+use tally_quota::Quota;
 use tower::ServiceExt;
 
 /// Requests per variant unless `TALLY_BENCH_REQUESTS` says otherwise.

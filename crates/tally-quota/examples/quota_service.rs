@@ -40,11 +40,12 @@ use axum::routing::{get, post};
 use axum::{Extension, Json, Router};
 use rust_decimal::Decimal;
 use serde_json::{json, Value};
+use tally_billing::subscriptions::{self, Actor, NewSubscription, SubscriptionError, Term};
+use tally_billing::BillingStoreError;
 use tally_core::config::KafkaConfig;
 use tally_emitter::{Emitter, EmitterConfig};
 use tally_quota::layer::{AuthenticatedCustomer, QuotaLayer, UsageQuantity};
-use tally_quota::subscriptions::{self, Actor, NewSubscription, SubscriptionError, Term};
-use tally_quota::{Quota, QuotaStoreError};
+use tally_quota::Quota;
 
 /// The customer the example subscribes, and its plan (from tally.example.toml).
 const CUSTOMER: &str = "acme";
@@ -159,7 +160,7 @@ async fn subscribe_once(pool: &sqlx::PgPool) -> anyhow::Result<()> {
     let actor = Actor::new("quota_service example", "the example's customer")?;
     match subscriptions::create(pool, &new, &actor).await {
         Ok(_) => tracing::info!(customer = CUSTOMER, plan = PLAN, "subscribed"),
-        Err(SubscriptionError::Store(QuotaStoreError::SecondLiveSubscription { .. })) => {}
+        Err(SubscriptionError::Store(BillingStoreError::SecondLiveSubscription { .. })) => {}
         Err(error) => {
             return Err(error)
                 .context("subscribing acme to FREE (did you run `tally plans apply`?)")

@@ -52,6 +52,7 @@
 mod cache;
 mod customers;
 mod decision;
+mod entry;
 mod error;
 #[cfg(any(test, feature = "testing"))]
 mod hooks;
@@ -69,12 +70,13 @@ use rust_decimal::Decimal;
 use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
 
-use crate::plan::{Enforcement, Entitlements};
-use crate::store::Subscription;
 use crate::telemetry::Lookups;
-use cache::{CacheState, Cached, CustomerState};
+use cache::CacheState;
 pub use decision::{decide, Decision};
+use entry::{Cached, CustomerState};
 pub use error::QuotaError;
+use tally_billing::plan::{Enforcement, Entitlements};
+use tally_billing::store::Subscription;
 pub use usage::{usage_against_limits, CustomerUsage, MeterPeriodUsage, UsageAgainstLimits};
 
 /// How the quota cache behaves. [`QuotaOptions::new`] gives the defaults for everything but
@@ -260,7 +262,7 @@ impl Quota {
         meter: &str,
         quantity: Decimal,
         dimensions: Option<&BTreeMap<String, String>>,
-        live: &cache::Live,
+        live: &entry::Live,
         counting: Counting,
     ) -> Result<Decimal, QuotaError> {
         let out_of_range = || QuotaError::OutOfRange { quantity };

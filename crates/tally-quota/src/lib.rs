@@ -1,13 +1,6 @@
-//! Plans, subscriptions and entitlements, and the quota check.
+//! The quota check services call in their request path: its cache and its middleware. Plans,
+//! subscriptions and entitlements are `tally-billing`'s.
 //!
-//! - `plan.rs`: plan definitions from `tally.toml`, per-customer overrides, and resolving the
-//!   two into a customer's entitlements (pure).
-//! - `store.rs`: plans, subscriptions and overrides in Postgres, every change audited; the
-//!   batched read of live subscriptions with their resolved entitlements.
-//! - `stripe.rs`: Stripe webhook events applied to subscriptions and recorded invoices.
-//! - `subscriptions.rs`: subscriptions tally manages without a payment provider (create,
-//!   change, cancel, reactivate; audited), their periods, and the scheduler that renews them,
-//!   ends trials and terms, and applies the fallback plan. Its parts are in `subscriptions/`.
 //! - `check.rs`: the `Quota` handle: `check`, `peek`, `require_feature`, `entitlements`,
 //!   `invalidate`; how the cache and its refresh behave (`serve.refresh`) and what bounds it
 //!   (`QuotaOptions`: at most `max_customers` cached, about 760 bytes each with a three-limit
@@ -34,15 +27,12 @@
 //!   `response.rs` (the answers it writes: errors, the deny body, the headers), `usage.rs` (the
 //!   usage event and its id from the request id), `telemetry.rs` (its metrics).
 //! - `telemetry.rs`: the cache's hit and miss counter.
-//! - `testing.rs`: subscriptions and plans without the ceremony, for tests and benchmarks.
+//! - `testing.rs`: the cache's counts and usage without the aggregator, for tests and
+//!   benchmarks.
 
 mod check;
 #[cfg(feature = "layer")]
 pub mod layer;
-pub mod plan;
-pub mod store;
-pub mod stripe;
-pub mod subscriptions;
 pub mod telemetry;
 #[cfg(any(test, feature = "testing"))]
 pub mod testing;
@@ -51,8 +41,3 @@ pub use check::{
     decide, usage_against_limits, CustomerUsage, Decision, MeterPeriodUsage, Quota, QuotaError,
     QuotaOptions, UsageAgainstLimits,
 };
-pub use plan::{
-    AlertRule, Enforcement, Entitlements, LimitDefinition, Override, Period, PlanCredits,
-    PlanDefinition, PlanPrice, PriceInterval,
-};
-pub use store::{apply_plans, list_plans, PlanChange, QuotaStoreError, Subscription};

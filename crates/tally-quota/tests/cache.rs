@@ -8,10 +8,12 @@ use std::time::{Duration, Instant};
 
 use chrono::{TimeDelta, Utc};
 use rust_decimal::Decimal;
+use tally_billing::store::{create_subscription, Subscription};
+use tally_billing::testing::subscribe;
+use tally_billing::{apply_plans, PlanDefinition};
 use tally_db::testing::{fresh_database, TestDatabase};
-use tally_quota::store::{create_subscription, Subscription};
-use tally_quota::testing::{daily_usage, subscribe};
-use tally_quota::{apply_plans, Decision, PlanDefinition, Quota, QuotaError, QuotaOptions};
+use tally_quota::testing::daily_usage;
+use tally_quota::{Decision, Quota, QuotaError, QuotaOptions};
 use tokio::task::JoinSet;
 
 /// Meter `api_calls`; plan `DAILY` allows 100 a UTC day, plan `BILLED` 100 a billing period,

@@ -5,10 +5,12 @@ use std::time::Duration;
 
 use chrono::{TimeDelta, Utc};
 use rust_decimal::Decimal;
+use tally_billing::store::set_override;
+use tally_billing::testing::subscribe;
+use tally_billing::{apply_plans, Override, PlanDefinition};
 use tally_db::testing::fresh_database;
-use tally_quota::store::set_override;
-use tally_quota::testing::{daily_usage as daily, subscribe};
-use tally_quota::{apply_plans, Decision, Override, PlanDefinition, Quota, QuotaError};
+use tally_quota::testing::daily_usage as daily;
+use tally_quota::{Decision, Quota, QuotaError};
 
 const PLANS: &str = r#"
     [[plans]]

@@ -7,11 +7,12 @@ use std::time::Duration;
 
 use chrono::{TimeDelta, Utc};
 use rust_decimal::Decimal;
+use tally_billing::testing::subscribe;
+use tally_billing::{apply_plans, PlanDefinition};
 use tally_credits::queue::{enqueue, CountedUsage};
 use tally_credits::{grant, Actor, GrantKind, NewGrant, RateDefinition};
 use tally_db::testing::fresh_database;
-use tally_quota::testing::subscribe;
-use tally_quota::{apply_plans, Decision, PlanDefinition, Quota, QuotaError};
+use tally_quota::{Decision, Quota, QuotaError};
 
 const PLANS: &str = r#"
     [[plans]]

@@ -7,8 +7,9 @@
 use std::time::Duration;
 
 use chrono::{TimeDelta, Utc};
-use tally_quota::store::Subscription;
-use tally_quota::{Entitlements, PlanDefinition, Quota, QuotaOptions};
+use tally_billing::store::Subscription;
+use tally_billing::{Entitlements, PlanDefinition};
+use tally_quota::{Quota, QuotaOptions};
 
 const CUSTOMERS: usize = 1_000_000;
 

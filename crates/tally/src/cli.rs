@@ -25,7 +25,7 @@ impl AuditArgs {
 /// The names tally's own changes are recorded under (the scheduler, the burner, a Stripe
 /// webhook, an API token): an operator may not pose as one of them in the audit trail.
 const RESERVED_ACTORS: [&str; 4] = [
-    tally_quota::subscriptions::SCHEDULER_ACTOR,
+    tally_billing::subscriptions::SCHEDULER_ACTOR,
     tally_credits::burn::ACTOR,
     "system",
     "tally",

@@ -8,12 +8,12 @@ use serde::{Deserialize, Serialize};
 use tally_aggregator::AggregatorConfig;
 use tally_alerts::AlertsConfig;
 use tally_api::ServeConfig;
+use tally_billing::subscriptions::SubscriptionsConfig;
+use tally_billing::PlanDefinition;
 use tally_core::config::{KafkaConfig, Secret};
 use tally_core::{MeterDefinition, Meters};
 use tally_credits::CreditsConfig;
 use tally_emitter::EmitterConfig;
-use tally_quota::subscriptions::SubscriptionsConfig;
-use tally_quota::PlanDefinition;
 use tally_sink::{SinkConfig, StripeConfig};
 
 /// The whole configuration. Unknown keys are errors.
@@ -100,7 +100,7 @@ impl TallyConfig {
     fn validate(&self) -> anyhow::Result<()> {
         Meters::new(&self.meters).map_err(|problem| anyhow::anyhow!("[[meters]]: {problem}"))?;
         let meter_names: Vec<String> = self.meters.iter().map(|m| m.name.clone()).collect();
-        tally_quota::plan::validate_plans(&self.plans, &meter_names)
+        tally_billing::plan::validate_plans(&self.plans, &meter_names)
             .map_err(|problem| anyhow::anyhow!("[[plans]]: {problem}"))?;
         self.subscriptions
             .validate(&self.plans)
@@ -111,7 +111,7 @@ impl TallyConfig {
         for plan in &self.plans {
             for (meter, limit) in &plan.limits {
                 let priced = self.credits.rates.iter().any(|rate| &rate.meter == meter);
-                if limit.enforcement == tally_quota::Enforcement::Credits && !priced {
+                if limit.enforcement == tally_billing::Enforcement::Credits && !priced {
                     bail!("plan {:?} enforces credits on meter {meter:?}, which has no rate; add a [[credits.rates]] entry for it", plan.name);
                 }
             }

@@ -1,7 +1,7 @@
 //! `tally plans`: apply `[[plans]]` from tally.toml to Postgres, list what is there.
 
 use anyhow::bail;
-use tally_quota::PlanChange;
+use tally_billing::PlanChange;
 
 use crate::config::TallyConfig;
 use crate::process::{connect, runtime};
@@ -37,7 +37,7 @@ pub(crate) fn run(config: &TallyConfig, args: &PlansArgs) -> anyhow::Result<()> 
                     bail!("no [[plans]] in the configuration; define them in tally.toml (see tally.example.toml) before applying, or every plan in Postgres would be deleted");
                 }
                 let actor = crate::cli::operator_name(actor)?;
-                for change in tally_quota::apply_plans(&pool, &config.plans, actor).await? {
+                for change in tally_billing::apply_plans(&pool, &config.plans, actor).await? {
                     match change {
                         PlanChange::Created(name) => println!("created   {name}"),
                         PlanChange::Updated(name) => println!("updated   {name}"),
@@ -47,7 +47,7 @@ pub(crate) fn run(config: &TallyConfig, args: &PlansArgs) -> anyhow::Result<()> 
                 }
             }
             PlansCommand::List => {
-                for (name, definition) in tally_quota::list_plans(&pool).await? {
+                for (name, definition) in tally_billing::list_plans(&pool).await? {
                     println!("{name}: {definition}");
                 }
             }

@@ -115,13 +115,13 @@ pub(crate) fn run(config: &TallyConfig) -> anyhow::Result<()> {
         // Period ends, trials and the fallback plan of the subscriptions tally manages; with
         // several replicas, each subscription is advanced by one of them.
         let scheduler_state = state.clone();
-        tally_quota::subscriptions::start_scheduler(
+        tally_billing::subscriptions::start_scheduler(
             state.pool.clone(),
             config.subscriptions.clone(),
             stop.clone(),
             Arc::new(move |customer: &str| scheduler_state.quota.invalidate(customer)),
         );
-        tally_quota::stripe::start_webhook_retention(
+        tally_billing::stripe::start_webhook_retention(
             state.pool.clone(),
             serve.webhook_retention,
             stop.clone(),

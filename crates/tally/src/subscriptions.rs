@@ -5,7 +5,7 @@
 //! (the objects the admin API answers with).
 
 use chrono::{DateTime, TimeDelta, Utc};
-use tally_quota::subscriptions::{
+use tally_billing::subscriptions::{
     self as lifecycle, Actor, CustomerPage, CustomerRow, Interval, NewSubscription, Source, Status,
     SubscriptionError, SubscriptionHistory, SubscriptionRecord, Term, When, MAX_PAGE,
 };

@@ -15,7 +15,8 @@ use serde::{Deserialize, Serialize};
 use serde_json::json;
 use serde_json::value::RawValue;
 use tally_alerts::{store, AlertError, Endpoint};
-use tally_quota::{AlertRule, QuotaError};
+use tally_billing::AlertRule;
+use tally_quota::QuotaError;
 
 use super::{exact_decimal, for_reader, valid_customer};
 use crate::auth::{Caller, ReadableCustomer};
@@ -63,7 +64,7 @@ pub(crate) async fn list(
     };
     let mut plan_rules = Vec::new();
     if let Some(plan) = &plan {
-        let definition = tally_quota::store::get_plan(&state.reader_pool, plan).await?;
+        let definition = tally_billing::store::get_plan(&state.reader_pool, plan).await?;
         for rule in definition
             .into_iter()
             .flat_map(|definition| definition.alerts)

@@ -11,8 +11,9 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde::Deserialize;
 use serde_json::json;
-use tally_quota::subscriptions::{self, Status, MAX_PAGE};
-use tally_quota::{Decision, Entitlements, Override, QuotaError};
+use tally_billing::subscriptions::{self, Status, MAX_PAGE};
+use tally_billing::{Entitlements, Override};
+use tally_quota::{Decision, QuotaError};
 
 use super::actor;
 use crate::auth::{Caller, ReadableCustomer};
@@ -82,7 +83,7 @@ pub(crate) async fn get(
             format!("no subscription was ever recorded for customer {customer:?}; create one with POST /v1/subscriptions"),
         ));
     };
-    let overrides = tally_quota::store::get_override(&state.pool, &customer).await?;
+    let overrides = tally_billing::store::get_override(&state.pool, &customer).await?;
     let (entitlements, usage, preview) = if latest.subscription.status.is_live() {
         let (_, entitlements) = state.quota.entitlements(&customer).await?;
         let usage = usage_against_limits(&state, &customer, &entitlements).await?;
@@ -173,7 +174,7 @@ pub(crate) async fn put_override(
     }
     // It must fit the plan the customer is on, and the one it moves to at the period's end
     // (checked by `set_override`, under the customer's lock).
-    tally_quota::store::set_override(
+    tally_billing::store::set_override(
         &state.pool,
         &customer,
         &request.overrides,
@@ -182,7 +183,7 @@ pub(crate) async fn put_override(
     )
     .await
     .map_err(|error| match error {
-        tally_quota::QuotaStoreError::OverrideDoesNotFit { plan, why, .. } => {
+        tally_billing::BillingStoreError::OverrideDoesNotFit { plan, why, .. } => {
             invalid_override(format!("it does not fit plan {plan:?}: {why}"))
         }
         other => other.into(),
@@ -212,7 +213,7 @@ pub(crate) async fn delete_override(
     let Query(query) = query.map_err(|e| ApiError::invalid(e.body_text()))?;
     let actor = actor(&caller, &query.reason)?;
     let deleted =
-        tally_quota::store::delete_override(&state.pool, &customer, &actor.reason, &actor.name)
+        tally_billing::store::delete_override(&state.pool, &customer, &actor.reason, &actor.name)
             .await?;
     if !deleted {
         return Err(ApiError::new(

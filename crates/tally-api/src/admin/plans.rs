@@ -13,7 +13,7 @@ use crate::error::ApiError;
 use crate::ApiState;
 
 pub(crate) async fn list(State(state): State<Arc<ApiState>>) -> Result<Response, ApiError> {
-    let plans: Vec<serde_json::Value> = tally_quota::list_plans(&state.pool)
+    let plans: Vec<serde_json::Value> = tally_billing::list_plans(&state.pool)
         .await?
         .into_iter()
         .map(|(_, definition)| definition)
@@ -25,7 +25,7 @@ pub(crate) async fn get(
     State(state): State<Arc<ApiState>>,
     Path(name): Path<String>,
 ) -> Result<Response, ApiError> {
-    match tally_quota::store::get_plan(&state.pool, &name).await? {
+    match tally_billing::store::get_plan(&state.pool, &name).await? {
         Some(plan) => Ok(Json(plan).into_response()),
         None => Err(ApiError::new(
             StatusCode::NOT_FOUND,

@@ -14,7 +14,7 @@ use axum::Json;
 use chrono::{DateTime, Utc};
 use serde::Deserialize;
 use serde_json::json;
-use tally_quota::subscriptions::{self, NewSubscription, SubscriptionRecord, Term, When};
+use tally_billing::subscriptions::{self, NewSubscription, SubscriptionRecord, Term, When};
 
 use super::actor;
 use crate::auth::{Caller, ReadableCustomer};

@@ -12,7 +12,7 @@ use std::collections::HashMap;
 use std::hash::{BuildHasher, RandomState};
 use std::sync::{Arc, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
-use super::cache::Cached;
+use super::entry::Cached;
 
 /// Shards hold at least this many customers each (a small cache is one shard, so that its
 /// eviction order is the same for every customer).
@@ -127,9 +127,9 @@ mod tests {
     use std::time::Instant;
 
     use super::*;
-    use crate::check::cache::{CustomerState, Live};
-    use crate::plan::Entitlements;
-    use crate::store::Subscription;
+    use crate::check::entry::{CustomerState, Live};
+    use tally_billing::plan::Entitlements;
+    use tally_billing::store::Subscription;
 
     fn live() -> CustomerState {
         let subscription = Subscription {

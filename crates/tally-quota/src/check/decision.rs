@@ -4,7 +4,7 @@
 use chrono::{DateTime, Utc};
 use rust_decimal::Decimal;
 
-use crate::plan::{Enforcement, LimitDefinition};
+use tally_billing::plan::{Enforcement, LimitDefinition};
 
 /// The answer to "may this customer use `quantity` more of `meter`?".
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -95,7 +95,7 @@ pub fn decide(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::plan::Period;
+    use tally_billing::plan::Period;
 
     fn limit(value: i64, enforcement: Enforcement, grace: i64) -> LimitDefinition {
         LimitDefinition {

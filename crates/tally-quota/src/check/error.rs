@@ -2,7 +2,7 @@
 
 use rust_decimal::Decimal;
 
-use crate::store::QuotaStoreError;
+use tally_billing::store::BillingStoreError;
 
 /// Why a check has no decision. Each has a stable code for APIs.
 #[derive(Debug, thiserror::Error)]
@@ -28,12 +28,12 @@ pub enum QuotaError {
         required: Decimal,
     },
     #[error(transparent)]
-    Store(#[from] QuotaStoreError),
+    Store(#[from] BillingStoreError),
 }
 
 impl QuotaError {
     /// The same error again, for checks answered from a failed load the cache holds. A
-    /// Postgres error cannot be cloned: it comes back as [`QuotaStoreError::RecentlyFailed`]
+    /// Postgres error cannot be cloned: it comes back as [`BillingStoreError::RecentlyFailed`]
     /// with its message, still a `Store` error (the API answers 503, retry later).
     pub(super) fn again(&self) -> QuotaError {
         match self {
@@ -61,40 +61,42 @@ impl QuotaError {
                 required: *required,
             },
             QuotaError::Store(error) => QuotaError::Store(match error {
-                QuotaStoreError::Postgres(error) => {
-                    QuotaStoreError::RecentlyFailed(error.to_string())
+                BillingStoreError::Postgres(error) => {
+                    BillingStoreError::RecentlyFailed(error.to_string())
                 }
-                QuotaStoreError::PlanInUse {
+                BillingStoreError::PlanInUse {
                     plan,
                     subscriptions,
-                } => QuotaStoreError::PlanInUse {
+                } => BillingStoreError::PlanInUse {
                     plan: plan.clone(),
                     subscriptions: *subscriptions,
                 },
-                QuotaStoreError::SecondLiveSubscription { customer } => {
-                    QuotaStoreError::SecondLiveSubscription {
+                BillingStoreError::SecondLiveSubscription { customer } => {
+                    BillingStoreError::SecondLiveSubscription {
                         customer: customer.clone(),
                     }
                 }
-                QuotaStoreError::UnknownPlan(plan) => QuotaStoreError::UnknownPlan(plan.clone()),
-                QuotaStoreError::Corrupt(what) => QuotaStoreError::Corrupt(what.clone()),
-                QuotaStoreError::OverrideDoesNotFit {
+                BillingStoreError::UnknownPlan(plan) => {
+                    BillingStoreError::UnknownPlan(plan.clone())
+                }
+                BillingStoreError::Corrupt(what) => BillingStoreError::Corrupt(what.clone()),
+                BillingStoreError::OverrideDoesNotFit {
                     customer,
                     plan,
                     why,
-                } => QuotaStoreError::OverrideDoesNotFit {
+                } => BillingStoreError::OverrideDoesNotFit {
                     customer: customer.clone(),
                     plan: plan.clone(),
                     why: why.clone(),
                 },
-                QuotaStoreError::OverridesDoNotFit { count, examples } => {
-                    QuotaStoreError::OverridesDoNotFit {
+                BillingStoreError::OverridesDoNotFit { count, examples } => {
+                    BillingStoreError::OverridesDoNotFit {
                         count: *count,
                         examples: examples.clone(),
                     }
                 }
-                QuotaStoreError::RecentlyFailed(what) => {
-                    QuotaStoreError::RecentlyFailed(what.clone())
+                BillingStoreError::RecentlyFailed(what) => {
+                    BillingStoreError::RecentlyFailed(what.clone())
                 }
             }),
         }
@@ -109,7 +111,7 @@ impl QuotaError {
             QuotaError::Unsupported(_) => "UNSUPPORTED",
             QuotaError::OutOfRange { .. } => "INVALID_QUANTITY",
             QuotaError::InsufficientCredits { .. } => "INSUFFICIENT_CREDITS",
-            QuotaError::Store(QuotaStoreError::OverrideDoesNotFit { .. }) => "OVERRIDE_CONFLICT",
+            QuotaError::Store(BillingStoreError::OverrideDoesNotFit { .. }) => "OVERRIDE_CONFLICT",
             QuotaError::Store(_) => "INTERNAL",
         }
     }
@@ -127,7 +129,7 @@ impl QuotaError {
             // clients to back off and retry).
             QuotaError::InsufficientCredits { .. } => 402,
             // Not the store's fault, and not the caller's: an operator must fix the override.
-            QuotaError::Store(QuotaStoreError::OverrideDoesNotFit { .. }) => 409,
+            QuotaError::Store(BillingStoreError::OverrideDoesNotFit { .. }) => 409,
             QuotaError::Store(_) => 503,
         }
     }

@@ -8,12 +8,12 @@ use std::time::Instant;
 use chrono::Utc;
 use rust_decimal::Decimal;
 
-use super::cache::{Cached, CustomerState, Live, MeterUsage};
+use super::entry::{Cached, CustomerState, Live, MeterUsage};
 use super::usage::period_bounds;
 use super::Quota;
-use crate::plan::Entitlements;
-use crate::store::Subscription;
 use crate::testing::CacheCounts;
+use tally_billing::plan::Entitlements;
+use tally_billing::store::Subscription;
 
 impl Quota {
     /// What the cache holds and did so far.

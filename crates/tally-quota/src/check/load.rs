@@ -1,20 +1,23 @@
 //! Loading customers' cached state from Postgres for a batch of customers, in two queries
 //! whatever their number: live subscriptions with entitlements (`store.rs`), then the period
 //! usage of every limited meter (`usage.rs`). Used by the loads a check waits for
-//! (`single_flight.rs`, one customer) and by the refresher (a batch).
+//! (one customer, shared by every check waiting for it, see `single_flight.rs`) and by the refresher (a batch).
 
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use chrono::{DateTime, Utc};
 use tally_core::Aggregation;
 
-use super::cache::{CacheState, Cached, CreditCounts, CustomerState, Live, MeterUsage};
+use super::cache::CacheState;
+use super::entry::{Cached, CreditCounts, CustomerState, Live, MeterUsage};
+use super::single_flight::Flight;
 use super::usage::{period_bounds, UsageRequests};
 use super::QuotaError;
-use crate::plan::Entitlements;
-use crate::store::{self, QuotaStoreError, Subscription};
 use rust_decimal::Decimal;
+use tally_billing::plan::Entitlements;
+use tally_billing::store::{self, BillingStoreError, Subscription};
 
 /// One customer of a batch: its freshly loaded state, or why it could not be loaded.
 pub(super) struct LoadedCustomer {
@@ -143,11 +146,11 @@ impl CacheState {
             let rates = self.rate_card().await?;
             tally_credits::projected_balances_isolating(&self.pool, &credit_customers, &rates, now)
                 .await
-                .map_err(QuotaStoreError::from)?
+                .map_err(BillingStoreError::from)?
         };
         for (customer, error) in unreadable {
             if let Some(awaiting) = results.iter_mut().find(|r| r.customer == customer) {
-                awaiting.found = Err(QuotaStoreError::from(error).into());
+                awaiting.found = Err(BillingStoreError::from(error).into());
             }
         }
         Ok(results
@@ -183,5 +186,91 @@ impl CacheState {
                 }
             })
             .collect())
+    }
+}
+
+impl CacheState {
+    /// Loads the customer (or joins the load under way), caches the outcome, failed or not,
+    /// and returns it. `seen` is the entry the check found unusable (`None`: none): an entry
+    /// cached since then is answered from without loading again.
+    pub(super) async fn load_for_check(
+        &self,
+        customer: &str,
+        seen: Option<&Arc<Cached>>,
+    ) -> Arc<Cached> {
+        let flight = {
+            let mut flights = self.single_flight.flights();
+            // A load that landed between the check's look-up and here: use it. (A load
+            // caches its outcome before it leaves `flights`, so one of the two is found.)
+            if let Some(current) = self.get(customer) {
+                if !seen.is_some_and(|seen| Arc::ptr_eq(seen, &current)) {
+                    return current;
+                }
+            }
+            flights.entry(customer.to_owned()).or_default().clone()
+        };
+        flight
+            .get_or_init(|| self.load_one(customer, &flight))
+            .await
+            .clone()
+    }
+
+    /// The load itself, run by one of the checks waiting. Should that check go away (its
+    /// request cancelled), another waiting check runs it again.
+    async fn load_one(&self, customer: &str, flight: &Flight) -> Arc<Cached> {
+        let _leave = Leave {
+            cache: self,
+            customer,
+            flight,
+        };
+        let _permit = self
+            .single_flight
+            .permits
+            .acquire()
+            .await
+            .expect("the load semaphore is never closed");
+        let running = self.options.max_concurrent_loads.max(1)
+            - self.single_flight.permits.available_permits();
+        let counters = &self.counters;
+        counters.waited_loads.fetch_add(1, Ordering::Relaxed);
+        crate::telemetry::load("waited");
+        counters
+            .peak_running_loads
+            .fetch_max(running as u64, Ordering::Relaxed);
+        let loaded = match self.load(vec![customer.to_owned()]).await {
+            Ok(mut batch) => batch.pop().expect("one result per customer").cached,
+            Err(error) => Err(error),
+        };
+        let cached = Arc::new(loaded.unwrap_or_else(|error| {
+            // Debug only: during an outage this is one line per customer per TTL, and the
+            // API logs every answer's error under its request id already.
+            tracing::debug!(customer, %error, "quota load failed; cached for failed_load_ttl");
+            // The TTL runs from the failure, not from the start of a load that may have
+            // waited long for a connection.
+            let failed = Instant::now();
+            Cached::new(CustomerState::LoadFailed(error), failed, self.tick(failed))
+        }));
+        self.insert(customer, cached.clone());
+        cached
+    }
+}
+
+/// Takes the load out of `flights` when it ends, landed or cancelled: after a landed load
+/// has been cached, so a check finds one or the other.
+struct Leave<'a> {
+    cache: &'a CacheState,
+    customer: &'a str,
+    flight: &'a Flight,
+}
+
+impl Drop for Leave<'_> {
+    fn drop(&mut self) {
+        let mut flights = self.cache.single_flight.flights();
+        if flights
+            .get(self.customer)
+            .is_some_and(|flight| Arc::ptr_eq(flight, self.flight))
+        {
+            flights.remove(self.customer);
+        }
     }
 }

@@ -11,8 +11,8 @@ use tally_core::Aggregation;
 use tally_db::ExactDecimal;
 
 use super::QuotaError;
-use crate::plan::Period;
-use crate::store::{QuotaStoreError, Subscription};
+use tally_billing::plan::Period;
+use tally_billing::store::{BillingStoreError, Subscription};
 
 /// Where a limit's current period starts and when it resets.
 pub(super) struct PeriodBounds {
@@ -94,11 +94,11 @@ impl UsageRequests {
                 |part| async move { self.fetch_some(pool, &part).await },
             )
             .await
-            .map_err(QuotaStoreError::from)?;
+            .map_err(BillingStoreError::from)?;
         let failed = failed
             .into_iter()
             .map(|(index, error)| {
-                let error = QuotaError::Store(QuotaStoreError::Postgres(error));
+                let error = QuotaError::Store(BillingStoreError::Postgres(error));
                 (self.customers[index].clone(), error)
             })
             .collect();
@@ -151,7 +151,7 @@ impl UsageRequests {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct MeterPeriodUsage {
     pub meter: String,
-    pub limit: crate::plan::LimitDefinition,
+    pub limit: tally_billing::plan::LimitDefinition,
     pub used: Decimal,
     /// The period's start: a UTC midnight, or the billing period's start.
     pub period_start: DateTime<Utc>,
@@ -163,7 +163,7 @@ pub struct MeterPeriodUsage {
 pub struct CustomerUsage {
     pub customer: String,
     pub subscription: Subscription,
-    pub entitlements: crate::plan::Entitlements,
+    pub entitlements: tally_billing::plan::Entitlements,
     pub meters: Vec<MeterPeriodUsage>,
 }
 
@@ -188,11 +188,11 @@ pub async fn usage_against_limits(
 ) -> Result<UsageAgainstLimits, QuotaError> {
     let aggregations: HashMap<String, Aggregation> = tally_db::meters::all(pool)
         .await
-        .map_err(QuotaStoreError::from)?
+        .map_err(BillingStoreError::from)?
         .into_iter()
         .map(|m| (m.name, m.aggregation))
         .collect();
-    let mut live = crate::store::live_customers(pool, customers).await?;
+    let mut live = tally_billing::store::live_customers(pool, customers).await?;
     let mut requests = UsageRequests::default();
     let mut found = Vec::new();
     let mut failed = Vec::new();

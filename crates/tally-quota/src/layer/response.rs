@@ -169,7 +169,7 @@ mod tests {
     use chrono::TimeDelta;
 
     use super::*;
-    use crate::store::QuotaStoreError;
+    use tally_billing::store::BillingStoreError;
 
     fn n(value: i64) -> Decimal {
         Decimal::from(value)
@@ -211,7 +211,7 @@ mod tests {
             used: n(120),
             limit: n(100),
             resets_at,
-            enforcement: crate::Enforcement::Soft,
+            enforcement: tally_billing::Enforcement::Soft,
             credits: None,
         };
         assert_eq!(RateLimit::of(&warn, now).unwrap().remaining, n(0));
@@ -311,7 +311,7 @@ mod tests {
                 "INVALID_QUANTITY",
             ),
             (
-                QuotaError::Store(QuotaStoreError::RecentlyFailed(
+                QuotaError::Store(BillingStoreError::RecentlyFailed(
                     "connection refused to 10.0.0.7".into(),
                 )),
                 503,

@@ -1,4 +1,4 @@
-//! What one run of the subscription scheduler (`tally_quota::subscriptions::run_due`) costs:
+//! What one run of the subscription scheduler (`tally_billing::subscriptions::run_due`) costs:
 //! `TALLY_BENCH_SUBSCRIPTIONS` (default 10,000) tally-managed monthly subscriptions, all with
 //! the same period end (everyone signed up at the same moment: the worst case of a renewal
 //! day), renewed by a run one month and a day after they started. Then the same with two
@@ -9,17 +9,17 @@
 //!
 //! Each measurement gets its own fresh database, seeded by a bulk INSERT (the columns
 //! `subscriptions::create` writes) and analyzed. Run: `scripts/bench.sh scheduler` (or
-//! `cargo bench -p tally-quota --bench scheduler`); needs DATABASE_URL. Prints one figure a
+//! `cargo bench -p tally-billing --bench scheduler`); needs DATABASE_URL. Prints one figure a
 //! line.
 
 use std::time::{Duration, Instant};
 
 use chrono::{DateTime, SubsecRound, TimeDelta, Utc};
 use sqlx::PgPool;
+use tally_billing::subscriptions::period::period_containing;
+use tally_billing::subscriptions::{run_due, Interval, SchedulerRun, SubscriptionsConfig};
+use tally_billing::{apply_plans, PlanDefinition};
 use tally_db::testing::{fresh_database, TestDatabase};
-use tally_quota::subscriptions::period::period_containing;
-use tally_quota::subscriptions::{run_due, Interval, SchedulerRun, SubscriptionsConfig};
-use tally_quota::{apply_plans, PlanDefinition};
 
 const DEFAULT_SUBSCRIPTIONS: usize = 10_000;
 

@@ -2,11 +2,11 @@
 
 use chrono::{TimeDelta, Utc};
 use rust_decimal::Decimal;
-use tally_db::testing::fresh_database;
-use tally_quota::store::{create_subscription, entitlements, set_override};
-use tally_quota::{
-    apply_plans, Override, PlanChange, PlanDefinition, QuotaStoreError, Subscription,
+use tally_billing::store::{create_subscription, entitlements, set_override};
+use tally_billing::{
+    apply_plans, BillingStoreError, Override, PlanChange, PlanDefinition, Subscription,
 };
+use tally_db::testing::fresh_database;
 
 fn plans(text: &str) -> Vec<PlanDefinition> {
     #[derive(serde::Deserialize)]
@@ -77,7 +77,7 @@ async fn apply_creates_updates_deletes_and_audits() {
         .await
         .unwrap_err();
     assert!(
-        matches!(refused, QuotaStoreError::PlanInUse { ref plan, subscriptions: 1 } if plan == "PRO"),
+        matches!(refused, BillingStoreError::PlanInUse { ref plan, subscriptions: 1 } if plan == "PRO"),
         "{refused}"
     );
     let updated = apply_plans(pool, &plans(&changed), "ops@example.com")
@@ -133,14 +133,14 @@ async fn one_live_subscription_per_customer_and_no_implicit_plan() {
         .await
         .unwrap_err();
     assert!(
-        matches!(second, QuotaStoreError::SecondLiveSubscription { .. }),
+        matches!(second, BillingStoreError::SecondLiveSubscription { .. }),
         "{second}"
     );
     let unknown = create_subscription(pool, &subscription("zeta", "GOLD", "active"), "test")
         .await
         .unwrap_err();
     assert!(
-        matches!(unknown, QuotaStoreError::UnknownPlan(_)),
+        matches!(unknown, BillingStoreError::UnknownPlan(_)),
         "{unknown}"
     );
 

@@ -20,7 +20,7 @@ use tokio_util::sync::CancellationToken;
 use super::admin::{audit, ensure_fallback, try_lock_customer, write, SubscriptionError};
 use super::{step, SubscriptionRecord, COLUMNS};
 use crate::plan::PlanDefinition;
-use crate::store::QuotaStoreError;
+use crate::store::BillingStoreError;
 use crate::telemetry;
 
 /// `[subscriptions]` in tally.toml.
@@ -88,7 +88,7 @@ pub async fn run_due(
     pool: &PgPool,
     config: &SubscriptionsConfig,
     now: DateTime<Utc>,
-) -> Result<SchedulerRun, QuotaStoreError> {
+) -> Result<SchedulerRun, BillingStoreError> {
     let requires_payment_method = plans_requiring_payment_method(pool).await?;
     let mut run = SchedulerRun::default();
     let mut failed: Vec<i64> = Vec::new();
@@ -189,7 +189,7 @@ async fn fallback_sweep(
     pool: &PgPool,
     plan: &str,
     run: &mut SchedulerRun,
-) -> Result<(), QuotaStoreError> {
+) -> Result<(), BillingStoreError> {
     // Subscriptions this run leaves alone: failed, or their customer busy (next run).
     let mut passed_over: Vec<i64> = Vec::new();
     loop {
@@ -311,7 +311,7 @@ async fn advance(
 /// safe side), never every renewal's.
 async fn plans_requiring_payment_method(
     pool: &PgPool,
-) -> Result<HashMap<String, bool>, QuotaStoreError> {
+) -> Result<HashMap<String, bool>, BillingStoreError> {
     let rows: Vec<(String, Option<String>)> =
         sqlx::query_as("SELECT name, definition ->> 'requires_payment_method' FROM plans")
             .fetch_all(pool)

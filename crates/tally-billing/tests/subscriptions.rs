@@ -5,12 +5,12 @@
 use chrono::{DateTime, TimeDelta, TimeZone, Utc};
 use rust_decimal::Decimal;
 use sqlx::PgPool;
-use tally_db::testing::fresh_database;
-use tally_quota::subscriptions::{
+use tally_billing::subscriptions::{
     self, run_due, Actor, NewSubscription, Source, Status, SubscriptionError, SubscriptionsConfig,
     Term, When,
 };
-use tally_quota::{apply_plans, PlanDefinition, QuotaStoreError};
+use tally_billing::{apply_plans, BillingStoreError, PlanDefinition};
+use tally_db::testing::fresh_database;
 
 const PLANS: &str = r#"
     [[plans]]
@@ -87,7 +87,7 @@ async fn hold_customer_lock(
 }
 
 /// An override raising acme's api_calls limit: it needs a plan that limits api_calls.
-fn bigger_api_calls() -> tally_quota::Override {
+fn bigger_api_calls() -> tally_billing::Override {
     serde_json::from_value(serde_json::json!({
         "limits": { "api_calls": { "limit": "500" } }
     }))
@@ -95,10 +95,11 @@ fn bigger_api_calls() -> tally_quota::Override {
 }
 
 /// `set_override` of acme, started now and left running.
-fn set_override_meanwhile(pool: &PgPool) -> tokio::task::JoinHandle<Result<(), QuotaStoreError>> {
+fn set_override_meanwhile(pool: &PgPool) -> tokio::task::JoinHandle<Result<(), BillingStoreError>> {
     let pool = pool.clone();
     tokio::spawn(async move {
-        tally_quota::store::set_override(&pool, "acme", &bigger_api_calls(), "bigger", "ops").await
+        tally_billing::store::set_override(&pool, "acme", &bigger_api_calls(), "bigger", "ops")
+            .await
     })
 }
 
@@ -245,7 +246,7 @@ async fn what_is_refused_says_why_with_a_stable_code() {
         .unwrap_err();
     assert!(matches!(
         unknown,
-        SubscriptionError::Store(QuotaStoreError::UnknownPlan(_))
+        SubscriptionError::Store(BillingStoreError::UnknownPlan(_))
     ));
     assert_eq!(unknown.code(), "UNKNOWN_PLAN");
 
@@ -623,7 +624,7 @@ async fn finance_reads_subscriptions_by_plan_trials_cancellations_and_recurring_
 
 #[tokio::test]
 async fn subscribing_in_stripe_replaces_the_fallback_and_a_stripe_deletion_leads_to_it() {
-    use tally_quota::stripe::{
+    use tally_billing::stripe::{
         apply_webhook, SameSecond, StripeEvent, StripePrice, StripeSubscription, WebhookEffect,
     };
     let db = fresh_database().await;
@@ -800,7 +801,7 @@ async fn plan_changes_that_an_override_does_not_fit_are_refused() {
         .unwrap();
     // An override that raises FREE's api_calls limit: it needs a plan that limits api_calls.
     let overrides = bigger_api_calls();
-    tally_quota::store::set_override(pool, "acme", &overrides, "a bigger allowance", "ops")
+    tally_billing::store::set_override(pool, "acme", &overrides, "a bigger allowance", "ops")
         .await
         .unwrap();
     // ENTERPRISE does not limit api_calls: moving acme there, now or later, is refused.
@@ -825,7 +826,10 @@ async fn plan_changes_that_an_override_does_not_fit_are_refused() {
     plans[0].limits.clear(); // FREE without its api_calls limit
     let refused = apply_plans(pool, &plans, "ops").await.unwrap_err();
     assert!(
-        matches!(refused, QuotaStoreError::OverridesDoNotFit { count: 1, .. }),
+        matches!(
+            refused,
+            BillingStoreError::OverridesDoNotFit { count: 1, .. }
+        ),
         "{refused}"
     );
     assert!(refused.to_string().contains("acme on FREE"), "{refused}");
@@ -839,7 +843,7 @@ async fn plan_changes_that_an_override_does_not_fit_are_refused() {
         "unchanged: {stored}"
     );
     // A customer with such an override cannot be subscribed to a plan it does not fit.
-    tally_quota::store::set_override(pool, "beta", &overrides, "a bigger allowance", "ops")
+    tally_billing::store::set_override(pool, "beta", &overrides, "a bigger allowance", "ops")
         .await
         .unwrap();
     let refused = subscriptions::create(pool, &monthly("beta", "ENTERPRISE"), &reason)
@@ -847,7 +851,7 @@ async fn plan_changes_that_an_override_does_not_fit_are_refused() {
         .unwrap_err();
     assert_eq!(refused.code(), "OVERRIDE_CONFLICT", "{refused}");
     // The override changed first, the change goes through.
-    tally_quota::store::delete_override(pool, "acme", "fits now", "ops")
+    tally_billing::store::delete_override(pool, "acme", "fits now", "ops")
         .await
         .unwrap();
     subscriptions::change_plan(pool, acme.id, "ENTERPRISE", When::Now, &reason)
@@ -919,7 +923,7 @@ async fn webhook_events_and_meter_error_reports_are_kept_for_the_retention_only(
     .await
     .unwrap();
     let cutoff = Utc::now() - TimeDelta::days(90);
-    let deleted = tally_quota::stripe::delete_expired_webhook_events(pool, cutoff)
+    let deleted = tally_billing::stripe::delete_expired_webhook_events(pool, cutoff)
         .await
         .unwrap();
     assert_eq!(deleted, 24_990 + 1);
@@ -1009,7 +1013,7 @@ async fn an_override_and_a_plan_change_at_once_cannot_both_win() {
     change.commit().await.unwrap();
     let refused = set.await.unwrap().unwrap_err();
     assert!(
-        matches!(refused, QuotaStoreError::OverrideDoesNotFit { ref plan, .. } if plan == "ENTERPRISE"),
+        matches!(refused, BillingStoreError::OverrideDoesNotFit { ref plan, .. } if plan == "ENTERPRISE"),
         "{refused}"
     );
     let stored: i64 = sqlx::query_scalar("SELECT count(*) FROM customer_overrides")
@@ -1089,7 +1093,7 @@ async fn an_override_and_a_plans_apply_at_once_cannot_both_win() {
     apply.commit().await.unwrap();
     let refused = set.await.unwrap().unwrap_err();
     assert!(
-        matches!(refused, QuotaStoreError::OverrideDoesNotFit { ref plan, .. } if plan == "FREE"),
+        matches!(refused, BillingStoreError::OverrideDoesNotFit { ref plan, .. } if plan == "FREE"),
         "{refused}"
     );
 }

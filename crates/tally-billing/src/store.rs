@@ -10,7 +10,7 @@ use sqlx::{PgConnection, PgPool};
 use crate::plan::{Entitlements, Override, PlanDefinition};
 
 #[derive(Debug, thiserror::Error)]
-pub enum QuotaStoreError {
+pub enum BillingStoreError {
     #[error("Postgres: {0}")]
     Postgres(#[from] sqlx::Error),
     #[error("plan {plan:?} is no longer in tally.toml but {subscriptions} subscription(s) are on it; move them to another plan first, or keep the plan in [[plans]]")]
@@ -58,7 +58,7 @@ pub(crate) struct Audit<'a> {
 }
 
 impl Audit<'_> {
-    pub(crate) async fn write(self, tx: &mut PgConnection) -> Result<(), QuotaStoreError> {
+    pub(crate) async fn write(self, tx: &mut PgConnection) -> Result<(), BillingStoreError> {
         sqlx::query(
             "INSERT INTO entitlement_audit (entity, entity_key, action, before, after, actor, reason)
              VALUES ($1, $2, $3, $4, $5, $6, $7)",
@@ -77,7 +77,7 @@ impl Audit<'_> {
 }
 
 /// The plans in Postgres, by name, each with its definition as stored.
-pub async fn list_plans(pool: &PgPool) -> Result<Vec<(String, Value)>, QuotaStoreError> {
+pub async fn list_plans(pool: &PgPool) -> Result<Vec<(String, Value)>, BillingStoreError> {
     Ok(
         sqlx::query_as("SELECT name, definition FROM plans ORDER BY name")
             .fetch_all(pool)
@@ -91,7 +91,7 @@ pub async fn apply_plans(
     pool: &PgPool,
     plans: &[PlanDefinition],
     actor: &str,
-) -> Result<Vec<PlanChange>, QuotaStoreError> {
+) -> Result<Vec<PlanChange>, BillingStoreError> {
     let mut tx = pool.begin().await?;
     // One apply at a time: two concurrent applies would each audit the other's changes wrongly.
     sqlx::query("LOCK TABLE plans IN SHARE ROW EXCLUSIVE MODE")
@@ -104,7 +104,7 @@ pub async fn apply_plans(
     let mut changes = Vec::new();
     for plan in plans {
         let definition =
-            serde_json::to_value(plan).map_err(|e| QuotaStoreError::Corrupt(e.to_string()))?;
+            serde_json::to_value(plan).map_err(|e| BillingStoreError::Corrupt(e.to_string()))?;
         let before = stored.remove(&plan.name);
         if before.as_ref() == Some(&definition) {
             changes.push(PlanChange::Unchanged(plan.name.clone()));
@@ -153,7 +153,7 @@ pub async fn apply_plans(
         .fetch_one(&mut *tx)
         .await?;
         if subscriptions > 0 {
-            return Err(QuotaStoreError::PlanInUse {
+            return Err(BillingStoreError::PlanInUse {
                 plan: name,
                 subscriptions,
             });
@@ -184,7 +184,7 @@ pub async fn apply_plans(
 async fn check_overrides_fit(
     tx: &mut PgConnection,
     plans: &[&PlanDefinition],
-) -> Result<(), QuotaStoreError> {
+) -> Result<(), BillingStoreError> {
     if plans.is_empty() {
         return Ok(());
     }
@@ -216,7 +216,7 @@ async fn check_overrides_fit(
     if misfits.is_empty() {
         return Ok(());
     }
-    Err(QuotaStoreError::OverridesDoNotFit {
+    Err(BillingStoreError::OverridesDoNotFit {
         count: misfits.len(),
         examples: misfits.into_iter().take(5).collect::<Vec<_>>().join("; "),
     })
@@ -227,7 +227,7 @@ pub async fn override_fits(
     conn: &mut PgConnection,
     customer: &str,
     plan: &str,
-) -> Result<Result<(), String>, QuotaStoreError> {
+) -> Result<Result<(), String>, BillingStoreError> {
     let stored: Option<Value> =
         sqlx::query_scalar("SELECT overrides FROM customer_overrides WHERE customer_id = $1")
             .bind(customer)
@@ -246,13 +246,13 @@ pub async fn override_fits(
 async fn plan_definition(
     conn: &mut PgConnection,
     plan: &str,
-) -> Result<PlanDefinition, QuotaStoreError> {
+) -> Result<PlanDefinition, BillingStoreError> {
     let definition: Option<Value> =
         sqlx::query_scalar("SELECT definition FROM plans WHERE name = $1 FOR SHARE")
             .bind(plan)
             .fetch_optional(&mut *conn)
             .await?;
-    decode(definition)?.ok_or_else(|| QuotaStoreError::UnknownPlan(plan.to_owned()))
+    decode(definition)?.ok_or_else(|| BillingStoreError::UnknownPlan(plan.to_owned()))
 }
 
 /// A subscription as tally holds it.
@@ -272,7 +272,7 @@ pub async fn create_subscription(
     pool: &PgPool,
     subscription: &Subscription,
     actor: &str,
-) -> Result<i64, QuotaStoreError> {
+) -> Result<i64, BillingStoreError> {
     let mut tx = pool.begin().await?;
     let inserted = sqlx::query_scalar::<_, i64>(
         "INSERT INTO subscriptions (customer_id, plan, status, current_period_start, current_period_end,
@@ -292,17 +292,17 @@ pub async fn create_subscription(
         Err(sqlx::Error::Database(e))
             if e.constraint() == Some("subscriptions_one_live_per_customer") =>
         {
-            return Err(QuotaStoreError::SecondLiveSubscription {
+            return Err(BillingStoreError::SecondLiveSubscription {
                 customer: subscription.customer_id.clone(),
             })
         }
         Err(sqlx::Error::Database(e)) if e.constraint() == Some("subscriptions_plan_fkey") => {
-            return Err(QuotaStoreError::UnknownPlan(subscription.plan.clone()))
+            return Err(BillingStoreError::UnknownPlan(subscription.plan.clone()))
         }
         Err(e) => return Err(e.into()),
     };
-    let after =
-        serde_json::to_value(subscription).map_err(|e| QuotaStoreError::Corrupt(e.to_string()))?;
+    let after = serde_json::to_value(subscription)
+        .map_err(|e| BillingStoreError::Corrupt(e.to_string()))?;
     Audit {
         entity: "subscription",
         key: &subscription.customer_id,
@@ -328,7 +328,7 @@ pub async fn set_override(
     overrides: &Override,
     reason: &str,
     set_by: &str,
-) -> Result<(), QuotaStoreError> {
+) -> Result<(), BillingStoreError> {
     let mut tx = pool.begin().await?;
     crate::subscriptions::lock_customer(&mut tx, customer).await?;
     let plans: Vec<(String, Option<String>)> = sqlx::query_as(
@@ -346,7 +346,7 @@ pub async fn set_override(
     for plan in &names {
         let definition = plan_definition(&mut tx, plan).await?;
         if let Err(why) = Entitlements::resolve(&definition, Some(overrides)) {
-            return Err(QuotaStoreError::OverrideDoesNotFit {
+            return Err(BillingStoreError::OverrideDoesNotFit {
                 customer: customer.to_owned(),
                 plan: plan.clone(),
                 why,
@@ -360,7 +360,7 @@ pub async fn set_override(
     .fetch_optional(&mut *tx)
     .await?;
     let after =
-        serde_json::to_value(overrides).map_err(|e| QuotaStoreError::Corrupt(e.to_string()))?;
+        serde_json::to_value(overrides).map_err(|e| BillingStoreError::Corrupt(e.to_string()))?;
     sqlx::query(
         "INSERT INTO customer_overrides (customer_id, overrides, reason, set_by) VALUES ($1, $2, $3, $4)
          ON CONFLICT (customer_id) DO UPDATE
@@ -395,7 +395,7 @@ pub async fn delete_override(
     customer: &str,
     reason: &str,
     actor: &str,
-) -> Result<bool, QuotaStoreError> {
+) -> Result<bool, BillingStoreError> {
     let mut tx = pool.begin().await?;
     let before: Option<Value> = sqlx::query_scalar(
         "DELETE FROM customer_overrides WHERE customer_id = $1 RETURNING overrides",
@@ -425,7 +425,7 @@ pub async fn delete_override(
 pub async fn get_override(
     pool: &PgPool,
     customer: &str,
-) -> Result<Option<Override>, QuotaStoreError> {
+) -> Result<Option<Override>, BillingStoreError> {
     let stored: Option<Value> =
         sqlx::query_scalar("SELECT overrides FROM customer_overrides WHERE customer_id = $1")
             .bind(customer)
@@ -437,18 +437,18 @@ pub async fn get_override(
 /// A stored JSON document as `T`; one that does not decode is reported, never a panic.
 fn decode<T: serde::de::DeserializeOwned>(
     stored: Option<Value>,
-) -> Result<Option<T>, QuotaStoreError> {
+) -> Result<Option<T>, BillingStoreError> {
     stored
         .map(serde_json::from_value)
         .transpose()
-        .map_err(|e| QuotaStoreError::Corrupt(e.to_string()))
+        .map_err(|e| BillingStoreError::Corrupt(e.to_string()))
 }
 
 /// A plan as `tally plans apply` stored it.
 pub async fn get_plan(
     pool: &PgPool,
     plan: &str,
-) -> Result<Option<PlanDefinition>, QuotaStoreError> {
+) -> Result<Option<PlanDefinition>, BillingStoreError> {
     let stored: Option<Value> = sqlx::query_scalar("SELECT definition FROM plans WHERE name = $1")
         .bind(plan)
         .fetch_optional(pool)
@@ -463,10 +463,10 @@ pub async fn preview_entitlements(
     pool: &PgPool,
     customer: &str,
     plan: &str,
-) -> Result<Result<Entitlements, String>, QuotaStoreError> {
+) -> Result<Result<Entitlements, String>, BillingStoreError> {
     let definition = get_plan(pool, plan)
         .await?
-        .ok_or_else(|| QuotaStoreError::UnknownPlan(plan.to_owned()))?;
+        .ok_or_else(|| BillingStoreError::UnknownPlan(plan.to_owned()))?;
     let overrides = get_override(pool, customer).await?;
     Ok(Entitlements::resolve(&definition, overrides.as_ref()))
 }
@@ -488,7 +488,7 @@ struct LiveSubscriptionRow {
 pub async fn entitlements(
     pool: &PgPool,
     customer: &str,
-) -> Result<Option<(Subscription, Entitlements)>, QuotaStoreError> {
+) -> Result<Option<(Subscription, Entitlements)>, BillingStoreError> {
     let mut found = live_customers(pool, &[customer.to_owned()]).await?;
     found
         .remove(customer)
@@ -498,20 +498,20 @@ pub async fn entitlements(
 
 /// A customer's live subscription and resolved entitlements, and whether an override changed
 /// them (the quota cache shares one copy of a plan's entitlements among the customers without).
-pub(crate) struct LiveCustomer {
-    pub(crate) subscription: Subscription,
-    pub(crate) entitlements: Entitlements,
-    pub(crate) overridden: bool,
+pub struct LiveCustomer {
+    pub subscription: Subscription,
+    pub entitlements: Entitlements,
+    pub overridden: bool,
 }
 
 /// The live subscriptions of many customers, in one query, with their entitlements resolved;
 /// customers without one are absent. A customer whose stored plan or override does not decode,
 /// or whose override does not fit its plan, gets its own error: one such customer never fails
 /// the others (they are loaded in batches by the quota cache and the alert evaluator).
-pub(crate) async fn live_customers(
+pub async fn live_customers(
     pool: &PgPool,
     customers: &[String],
-) -> Result<HashMap<String, Result<LiveCustomer, QuotaStoreError>>, QuotaStoreError> {
+) -> Result<HashMap<String, Result<LiveCustomer, BillingStoreError>>, BillingStoreError> {
     let rows: Vec<LiveSubscriptionRow> = sqlx::query_as(
         "SELECT s.customer_id, s.plan, s.status, s.current_period_start, s.current_period_end,
                 s.cancel_at_period_end, p.definition, o.overrides
@@ -529,9 +529,9 @@ pub(crate) async fn live_customers(
         .collect())
 }
 
-fn resolve_row(row: LiveSubscriptionRow) -> Result<LiveCustomer, QuotaStoreError> {
+fn resolve_row(row: LiveSubscriptionRow) -> Result<LiveCustomer, BillingStoreError> {
     let corrupt = |what: &str, e: serde_json::Error| {
-        QuotaStoreError::Corrupt(format!("{what} of customer {}: {e}", row.customer_id))
+        BillingStoreError::Corrupt(format!("{what} of customer {}: {e}", row.customer_id))
     };
     let definition: PlanDefinition =
         serde_json::from_value(row.definition.clone()).map_err(|e| corrupt("the plan", e))?;
@@ -543,7 +543,7 @@ fn resolve_row(row: LiveSubscriptionRow) -> Result<LiveCustomer, QuotaStoreError
         .transpose()
         .map_err(|e| corrupt("the override", e))?;
     let entitlements = Entitlements::resolve(&definition, overrides.as_ref()).map_err(|why| {
-        QuotaStoreError::OverrideDoesNotFit {
+        BillingStoreError::OverrideDoesNotFit {
             customer: row.customer_id.clone(),
             plan: row.plan.clone(),
             why,

@@ -10,7 +10,7 @@ use sqlx::{PgConnection, PgPool};
 
 use super::period::{period_containing, Interval};
 use super::{Source, Status, SubscriptionRecord, COLUMNS};
-use crate::store::{Audit, QuotaStoreError};
+use crate::store::{Audit, BillingStoreError};
 
 /// Why a subscription operation was refused.
 #[derive(Debug, thiserror::Error)]
@@ -36,7 +36,7 @@ pub enum SubscriptionError {
         why: String,
     },
     #[error(transparent)]
-    Store(#[from] QuotaStoreError),
+    Store(#[from] BillingStoreError),
 }
 
 impl SubscriptionError {
@@ -51,8 +51,8 @@ impl SubscriptionError {
             SubscriptionError::Invalid(_) => "INVALID_SUBSCRIPTION",
             SubscriptionError::ReasonRequired => "REASON_REQUIRED",
             SubscriptionError::OverrideConflict { .. } => "OVERRIDE_CONFLICT",
-            SubscriptionError::Store(QuotaStoreError::UnknownPlan(_)) => "UNKNOWN_PLAN",
-            SubscriptionError::Store(QuotaStoreError::SecondLiveSubscription { .. }) => {
+            SubscriptionError::Store(BillingStoreError::UnknownPlan(_)) => "UNKNOWN_PLAN",
+            SubscriptionError::Store(BillingStoreError::SecondLiveSubscription { .. }) => {
                 "SECOND_LIVE_SUBSCRIPTION"
             }
             SubscriptionError::Store(_) => "STORE_UNAVAILABLE",
@@ -195,7 +195,7 @@ pub async fn create(
     fits(&mut tx, &new.customer, &new.plan).await?;
     if let Some(live) = live_for_update(&mut tx, &new.customer).await? {
         if live.source != Source::Fallback {
-            return Err(QuotaStoreError::SecondLiveSubscription {
+            return Err(BillingStoreError::SecondLiveSubscription {
                 customer: new.customer.clone(),
             }
             .into());
@@ -229,7 +229,7 @@ pub async fn create(
     let created = match inserted {
         Ok(created) => created,
         Err(sqlx::Error::Database(e)) if e.constraint() == Some("subscriptions_plan_fkey") => {
-            return Err(QuotaStoreError::UnknownPlan(new.plan.clone()).into())
+            return Err(BillingStoreError::UnknownPlan(new.plan.clone()).into())
         }
         Err(e) => return Err(e.into()),
     };
@@ -339,7 +339,7 @@ pub async fn change_plan(
         .fetch_optional(&mut *tx)
         .await?;
     if known.is_none() {
-        return Err(QuotaStoreError::UnknownPlan(plan.to_owned()).into());
+        return Err(BillingStoreError::UnknownPlan(plan.to_owned()).into());
     }
     fits(&mut tx, &before.customer, plan).await?;
     let mut after = before.clone();
@@ -531,7 +531,7 @@ pub(crate) async fn ensure_fallback(
     let created = match created {
         Ok(created) => created,
         Err(sqlx::Error::Database(e)) if e.constraint() == Some("subscriptions_plan_fkey") => {
-            return Err(QuotaStoreError::UnknownPlan(plan.to_owned()).into())
+            return Err(BillingStoreError::UnknownPlan(plan.to_owned()).into())
         }
         Err(e) => return Err(e.into()),
     };
@@ -547,7 +547,7 @@ pub(crate) async fn end_fallback(
     end: DateTime<Utc>,
     actor: &str,
     reason: &str,
-) -> Result<(), QuotaStoreError> {
+) -> Result<(), BillingStoreError> {
     let end = end.max(live.status_since);
     let mut replaced = live.clone();
     replaced.status = Status::Canceled;
@@ -715,12 +715,12 @@ pub(crate) async fn audit(
     after: Option<&SubscriptionRecord>,
     actor: &str,
     reason: &str,
-) -> Result<(), QuotaStoreError> {
-    let json = |record: Option<&SubscriptionRecord>| -> Result<Option<Value>, QuotaStoreError> {
+) -> Result<(), BillingStoreError> {
+    let json = |record: Option<&SubscriptionRecord>| -> Result<Option<Value>, BillingStoreError> {
         record
             .map(serde_json::to_value)
             .transpose()
-            .map_err(|e| QuotaStoreError::Corrupt(e.to_string()))
+            .map_err(|e| BillingStoreError::Corrupt(e.to_string()))
     };
     let (before_json, after_json) = (json(before)?, json(after)?);
     let customer = after.or(before).map_or("", |s| s.customer.as_str());

@@ -9,7 +9,7 @@ use chrono::{DateTime, Utc};
 use serde_json::{json, Value};
 use sqlx::{PgConnection, PgPool};
 
-use crate::store::{Audit, QuotaStoreError};
+use crate::store::{Audit, BillingStoreError};
 
 /// A verified webhook event, as stored in `stripe_webhook_events`.
 #[derive(Debug, Clone)]
@@ -141,7 +141,7 @@ pub enum WebhookError {
     )]
     AmbiguousPlan(String),
     #[error(transparent)]
-    Store(#[from] QuotaStoreError),
+    Store(#[from] BillingStoreError),
 }
 
 impl WebhookError {
@@ -152,10 +152,10 @@ impl WebhookError {
             WebhookError::AmbiguousCustomer { .. } => "AMBIGUOUS_STRIPE_CUSTOMER",
             WebhookError::UnknownPrice(_) => "UNKNOWN_STRIPE_PRICE",
             WebhookError::AmbiguousPlan(_) => "AMBIGUOUS_PLAN",
-            WebhookError::Store(QuotaStoreError::SecondLiveSubscription { .. }) => {
+            WebhookError::Store(BillingStoreError::SecondLiveSubscription { .. }) => {
                 "SECOND_LIVE_SUBSCRIPTION"
             }
-            WebhookError::Store(QuotaStoreError::UnknownPlan(_)) => "UNKNOWN_PLAN",
+            WebhookError::Store(BillingStoreError::UnknownPlan(_)) => "UNKNOWN_PLAN",
             WebhookError::Store(_) => "INTERNAL",
         }
     }
@@ -473,10 +473,10 @@ async fn apply_subscription(
         Err(sqlx::Error::Database(e))
             if e.constraint() == Some("subscriptions_one_live_per_customer") =>
         {
-            return Err(QuotaStoreError::SecondLiveSubscription { customer }.into())
+            return Err(BillingStoreError::SecondLiveSubscription { customer }.into())
         }
         Err(sqlx::Error::Database(e)) if e.constraint() == Some("subscriptions_plan_fkey") => {
-            return Err(QuotaStoreError::UnknownPlan(after.plan).into())
+            return Err(BillingStoreError::UnknownPlan(after.plan).into())
         }
         Err(e) => return Err(e.into()),
     }
