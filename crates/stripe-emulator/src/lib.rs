@@ -7,10 +7,13 @@
 //! be told to fail: 500s, 503s, delays, and the ambiguous failure where the event is committed
 //! and the connection is dropped before the response.
 //!
-//! It also holds prices and subscriptions (`POST /v1/prices`, `/v1/subscriptions`), invoices
-//! their periods, and sends the signed `customer.subscription.*` and `invoice.*` events to the
-//! URLs registered with `POST /v1/webhook_endpoints`, so tally's webhook endpoint is tested end
-//! to end.
+//! It also holds products, prices and subscriptions (`POST /v1/prices`, `/v1/subscriptions`),
+//! invoices their periods (licensed fees ahead, metered usage in arrears), sells through
+//! Checkout Sessions (`/v1/checkout/sessions`, completed by `/_emulator/checkout/{id}/complete`
+//! as a paying customer would), refunds, opens billing portal sessions, and sends the signed
+//! events all of these produce (`customer.subscription.*`, `invoice.*`, `checkout.session.*`,
+//! `charge.*`) to the URLs registered with `POST /v1/webhook_endpoints`, so tally's webhook
+//! endpoint is tested end to end.
 //!
 //! - `config.rs`: rates and fault probabilities.
 //! - `server.rs`: the listener, the request pipeline (auth, limits, idempotency, faults), routes.
@@ -18,11 +21,15 @@
 //! - `limits.rs`: the per-account rate window and the per-customer-and-meter lock.
 //! - `idempotency.rs`: `Idempotency-Key` replay, mismatch and in-flight rules.
 //! - `reply.rs`: responses and Stripe's error JSON.
-//! - `billing.rs`: prices, subscriptions, invoices, and the events their changes produce.
+//! - `billing.rs`: products, prices, subscriptions, invoices, and the events their changes
+//!   produce.
+//! - `checkout.rs`: Checkout Sessions, payments and refunds, billing portal sessions, and the
+//!   hosted pages (Checkout, invoices and their PDFs, the portal).
 //! - `webhooks.rs`: webhook endpoints, Stripe's signature, delivery with retries.
 //! - `testing.rs`: plain HTTP calls for tests.
 
 mod billing;
+mod checkout;
 mod config;
 mod idempotency;
 mod limits;

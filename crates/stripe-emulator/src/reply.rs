@@ -12,6 +12,7 @@ pub(crate) struct Reply {
     /// `Stripe-Should-Retry`, when Stripe would send it.
     pub(crate) should_retry: Option<bool>,
     pub(crate) replayed: bool,
+    pub(crate) content_type: &'static str,
 }
 
 impl Reply {
@@ -21,6 +22,18 @@ impl Reply {
             body: Bytes::from(value.to_string()),
             should_retry: None,
             replayed: false,
+            content_type: "application/json",
+        }
+    }
+
+    /// A page or a file: the hosted pages (Checkout, the invoice, the portal) and PDFs.
+    pub(crate) fn document(content_type: &'static str, body: impl Into<Bytes>) -> Reply {
+        Reply {
+            status: 200,
+            body: body.into(),
+            should_retry: None,
+            replayed: false,
+            content_type,
         }
     }
 
@@ -87,7 +100,7 @@ impl Reply {
     pub(crate) fn into_response(self) -> Response<Full<Bytes>> {
         let mut builder = Response::builder()
             .status(self.status)
-            .header("content-type", "application/json")
+            .header("content-type", self.content_type)
             .header(
                 "request-id",
                 format!("req_emu{:016x}", rand::random::<u64>()),

@@ -23,6 +23,7 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use crate::billing::{Billing, Change};
+use crate::checkout::Payer;
 use crate::config::{EmulatorConfig, Faults};
 use crate::idempotency::{Begin, IdempotencyKeys};
 use crate::limits::{PairLocks, RateWindow};
@@ -87,7 +88,7 @@ impl Emulator {
             faults: Mutex::new(config.faults),
             rng: Mutex::new(StdRng::seed_from_u64(config.seed)),
             store: Mutex::new(Store::default()),
-            billing: Mutex::new(Billing::default()),
+            billing: Mutex::new(Billing::new(format!("http://{addr}"))),
             webhooks: Webhooks::start(),
             stats: Mutex::new(Stats::default()),
             rate_window: Mutex::new(RateWindow::default()),
@@ -402,10 +403,50 @@ async fn route(
         (&Method::POST, ["v1", "billing", "meters"]) => {
             write(shared, |store, now| store.create_meter(form, livemode, now)).await
         }
+        (&Method::POST, ["v1", "products"]) => billing(shared, |billing, _, now| {
+            Ok((billing.create_product(form, livemode, now), Vec::new()))
+        }),
+        (&Method::GET, ["v1", "products", id]) => {
+            billing(shared, |billing, _, _| Ok((billing.get_product(id), Vec::new())))
+        }
         (&Method::POST, ["v1", "prices"]) => {
             billing(shared, |billing, _, now| {
                 Ok((billing.create_price(form, livemode, now), Vec::new()))
             })
+        }
+        (&Method::GET, ["v1", "prices"]) => {
+            billing(shared, |billing, _, _| Ok((billing.list_prices(query), Vec::new())))
+        }
+        (&Method::GET, ["v1", "prices", id]) => {
+            billing(shared, |billing, _, _| Ok((billing.get_price(id), Vec::new())))
+        }
+        (&Method::POST, ["v1", "checkout", "sessions"]) => billing(shared, |billing, store, now| {
+            let customer = form.get("customer").unwrap_or_default();
+            let reply = billing.create_session(form, store.has_customer(customer), livemode, now);
+            Ok((reply, Vec::new()))
+        }),
+        (&Method::GET, ["v1", "checkout", "sessions", id]) => {
+            billing(shared, |billing, _, _| Ok((billing.get_session(id), Vec::new())))
+        }
+        (&Method::POST, ["v1", "checkout", "sessions", id, "expire"]) => {
+            billing(shared, |billing, _, _| billing.expire_session(id))
+        }
+        (&Method::POST, ["v1", "refunds"]) => {
+            billing(shared, |billing, _, now| billing.create_refund(form, now))
+        }
+        (&Method::POST, ["v1", "billing_portal", "sessions"]) => {
+            billing(shared, |billing, store, now| {
+                let customer = form.get("customer").unwrap_or_default();
+                let reply =
+                    billing.create_portal_session(form, store.has_customer(customer), livemode, now);
+                Ok((reply, Vec::new()))
+            })
+        }
+        (&Method::GET, ["v1", "invoices"]) => {
+            billing(shared, |billing, _, _| Ok((billing.list_invoices(query), Vec::new())))
+        }
+        (&Method::GET, ["v1", "invoices", id]) => {
+            billing(shared, |billing, _, _| Ok((billing.get_invoice(id), Vec::new())))
         }
         (&Method::POST, ["v1", "subscriptions"]) => billing(shared, |billing, store, now| {
             let customer = form.get("customer").unwrap_or_default();
@@ -594,7 +635,92 @@ fn control_api(shared: &EmulatorState, method: &Method, path: &str, body: &[u8])
         }
         (&Method::POST, ["events", id, "resend"]) => shared.webhooks.resend(id),
         (&Method::POST, ["subscriptions", id, "advance_period"]) => {
-            billing(shared, |billing, _, _| billing.advance_period(id)).reply
+            billing(shared, |billing, store, _| {
+                let usage = |meter: &str, customer: &str, start: i64, end: i64| {
+                    store.metered_usage(meter, customer, start, end)
+                };
+                billing.advance_period(id, &usage)
+            })
+            .reply
+        }
+        (&Method::GET, [kind @ ("checkout" | "invoices" | "portal"), id]) => {
+            let billing = shared.billing.lock().expect("billing lock poisoned");
+            billing.page(kind, id)
+        }
+        (&Method::GET, ["invoices", id, "pdf"]) => shared
+            .billing
+            .lock()
+            .expect("billing lock poisoned")
+            .invoice_pdf(id),
+        (&Method::POST, ["checkout", id, "complete"]) => {
+            #[derive(serde::Deserialize)]
+            struct Complete {
+                #[serde(default = "card")]
+                payment: Payer,
+            }
+            fn card() -> Payer {
+                Payer::Card
+            }
+            let complete: Complete = if body.is_empty() {
+                Complete {
+                    payment: Payer::Card,
+                }
+            } else {
+                match serde_json::from_slice(body) {
+                    Ok(complete) => complete,
+                    Err(error) => {
+                        return Reply::invalid(
+                            format!("complete: {error}; send {{\"payment\": \"card\"|\"async\"}}"),
+                            None,
+                        )
+                    }
+                }
+            };
+            billing(shared, |billing, _, now| {
+                billing.complete_session(id, complete.payment, now)
+            })
+            .reply
+        }
+        (&Method::POST, ["checkout", id, "async_payment"]) => {
+            #[derive(serde::Deserialize)]
+            struct Settle {
+                succeeded: bool,
+            }
+            match serde_json::from_slice::<Settle>(body) {
+                Ok(settle) => {
+                    billing(shared, |billing, _, _| {
+                        billing.settle_async_payment(id, settle.succeeded)
+                    })
+                    .reply
+                }
+                Err(error) => Reply::invalid(
+                    format!("async_payment: {error}; send {{\"succeeded\": true|false}}"),
+                    None,
+                ),
+            }
+        }
+        (&Method::POST, ["portal", id, "cancel"]) => {
+            #[derive(serde::Deserialize)]
+            struct Cancel {
+                #[serde(default = "yes")]
+                at_period_end: bool,
+            }
+            fn yes() -> bool {
+                true
+            }
+            let cancel = serde_json::from_slice::<Cancel>(body).unwrap_or(Cancel {
+                at_period_end: true,
+            });
+            billing(shared, |billing, _, now| {
+                billing.portal_cancel(id, cancel.at_period_end, now)
+            })
+            .reply
+        }
+        (&Method::POST, ["invoices", id, to]) => {
+            billing(shared, |billing, _, now| {
+                billing.change_invoice(id, to, now)
+            })
+            .reply
         }
         _ => control_settings(shared, method, path, body),
     }

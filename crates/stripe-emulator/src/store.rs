@@ -538,6 +538,21 @@ impl Store {
         )
     }
 
+    /// The usage a metered price bills: its meter's aggregate for `customer` over
+    /// `[start, end)` (0 for a meter the emulator does not know).
+    pub(crate) fn metered_usage(
+        &self,
+        meter_id: &str,
+        customer: &str,
+        start: i64,
+        end: i64,
+    ) -> f64 {
+        self.meters
+            .iter()
+            .find(|m| m.id == meter_id)
+            .map_or(0.0, |meter| self.aggregate(meter, customer, start, end))
+    }
+
     fn aggregate(&self, meter: &Meter, customer: &str, start: i64, end: i64) -> f64 {
         let events = self.events.iter().filter(|e| {
             !e.canceled

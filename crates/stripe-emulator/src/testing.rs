@@ -60,3 +60,31 @@ pub async fn call(
         body: serde_json::from_slice(&bytes).unwrap_or(Value::Null),
     })
 }
+
+/// `POST /_emulator/{path}` with a JSON body: what a paying customer does on Stripe's hosted
+/// pages (`checkout/{id}/complete`, `checkout/{id}/async_payment`, `portal/{id}/cancel`), the
+/// clock, invoices' later changes.
+pub async fn control(addr: SocketAddr, path: &str, body: &Value) -> Result<Answer, String> {
+    let client: Client<_, Full<Bytes>> = Client::builder(TokioExecutor::new()).build_http();
+    let request = hyper::Request::post(format!("http://{addr}/_emulator/{path}"))
+        .header("content-type", "application/json")
+        .body(Full::new(Bytes::from(body.to_string())))
+        .map_err(|e| e.to_string())?;
+    let response = client
+        .request(request)
+        .await
+        .map_err(|e| format!("{e:?}"))?;
+    let status = response.status().as_u16();
+    let headers = response.headers().clone();
+    let bytes = response
+        .into_body()
+        .collect()
+        .await
+        .map_err(|e| format!("{e:?}"))?
+        .to_bytes();
+    Ok(Answer {
+        status,
+        headers,
+        body: serde_json::from_slice(&bytes).unwrap_or(Value::Null),
+    })
+}

@@ -186,7 +186,15 @@ async fn failed_deliveries_are_retried_and_events_can_be_resent() {
     let (failing, failures) = receiver(500).await;
     post(&emulator, "/v1/webhook_endpoints", &[("url", failing)]).await;
     let customer = post(&emulator, "/v1/customers", &[]).await;
-    let price = post(&emulator, "/v1/prices", &[("currency", "usd".into())]).await;
+    let price = post(
+        &emulator,
+        "/v1/prices",
+        &[
+            ("currency", "usd".into()),
+            ("recurring[interval]", "month".into()),
+        ],
+    )
+    .await;
     post(
         &emulator,
         "/v1/subscriptions",

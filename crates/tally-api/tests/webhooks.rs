@@ -67,6 +67,7 @@ impl Harness {
             let mut form = vec![
                 ("currency", "usd".to_owned()),
                 ("unit_amount", amount.to_owned()),
+                ("recurring[interval]", "month".to_owned()),
             ];
             form.extend(plan.map(|plan| ("metadata[tally_plan]", plan.to_owned())));
             form
