@@ -49,6 +49,7 @@ fn api_state(pipeline: &IngestPipeline, quota: Quota) -> Arc<ApiState> {
     Arc::new(ApiState {
         fallback_plan: None,
         alert_destinations: Default::default(),
+        billing: Default::default(),
         quota,
         pool: pool.clone(),
         reader_pool: pool,

@@ -36,6 +36,7 @@ fn main() {
         let state = Arc::new(ApiState {
             fallback_plan: None,
             alert_destinations: Default::default(),
+            billing: Default::default(),
             quota: Quota::new(
                 db.pool.clone(),
                 Duration::from_millis(env("TALLY_BENCH_REFRESH_MS", 250)),

@@ -8,10 +8,13 @@
 //! - `customers.rs`: `GET /v1/customers`, `GET /v1/customers/{id}`, overrides.
 //! - `credits.rs`: `/v1/customers/{id}/credits…`: grants, voids, the balance and the ledger
 //!   (written to the credit ledger, `tally_credits`' own audit trail, not `entitlement_audit`).
+//! - `billing.rs`: self-serve billing through Stripe: Checkout for plans and credit packs, the
+//!   billing portal, invoices (`tally_billing::checkout` and `::invoices`).
 //! - `alerts.rs`: `/v1/customers/{id}/alerts…` (a customer's own and its plan's alert rules,
 //!   what fired) and `/v1/alerts/…` (webhook endpoints, deliveries); `tally_alerts`' tables.
 
 pub(crate) mod alerts;
+pub(crate) mod billing;
 pub(crate) mod credits;
 pub(crate) mod customers;
 pub(crate) mod plans;

@@ -42,6 +42,10 @@ pub struct ServeConfig {
     /// and a kept id is what recognises a redelivery.
     #[serde(with = "tally_core::duration")]
     pub webhook_retention: Duration,
+    /// Origins (`https://app.example.com`) Checkout's `success_url` and `cancel_url` and the
+    /// billing portal's `return_url` may point at. Empty: any https origin (http only to
+    /// localhost).
+    pub checkout_return_origins: Vec<String>,
     /// Connection and request limits.
     pub limits: EdgeLimits,
     /// Requests per second per token, by scope.
@@ -59,6 +63,7 @@ impl Default for ServeConfig {
             tokens: Vec::new(),
             stripe_webhook_secret: Secret::default(),
             webhook_retention: Duration::from_secs(90 * 86_400),
+            checkout_return_origins: Vec::new(),
             limits: EdgeLimits::default(),
             rate_limits: RateLimits::default(),
         }
@@ -216,6 +221,21 @@ impl ApiToken {
 
 impl ServeConfig {
     pub fn validate(&self) -> Result<(), String> {
+        for origin in &self.checkout_return_origins {
+            let uri: Option<axum::http::Uri> = origin.parse().ok();
+            let plain = uri.as_ref().is_some_and(|u| {
+                matches!(u.scheme_str(), Some("https" | "http"))
+                    && u.authority().is_some()
+                    && u.path_and_query()
+                        .is_none_or(|p| p.as_str() == "/" || p.as_str().is_empty())
+                    && !origin.ends_with('/')
+            });
+            if !plain || origin.to_ascii_lowercase() != *origin {
+                return Err(format!(
+                    "serve.checkout_return_origins: {origin:?} is not an origin; write scheme and host (and port) in lowercase, no path, e.g. \"https://app.example.com\""
+                ));
+            }
+        }
         if self.webhook_retention < Duration::from_secs(31 * 86_400) {
             return Err(format!(
                 "serve.webhook_retention ({}) is shorter than 31 days: Stripe redelivers events for 30 days, and a redelivered event whose id was deleted would be applied again; use at least \"31days\"",

@@ -70,6 +70,21 @@ pub struct ApiState {
     pub fallback_plan: Option<String>,
     /// `[alerts]`: where alert endpoints may point (https and public addresses by default).
     pub alert_destinations: tally_alerts::Destinations,
+    /// Self-serve billing: Checkout, the billing portal, credit packs.
+    pub billing: SelfServe,
+}
+
+/// What self-serve billing needs: Stripe, the credit packs on sale, where customers may be sent
+/// back to.
+#[derive(Default)]
+pub struct SelfServe {
+    /// Stripe's API (`STRIPE_SECRET_KEY`); `None` answers 503 STRIPE_NOT_CONFIGURED.
+    pub stripe: Option<tally_sink::StripeHttp>,
+    /// `[[credits.packs]]`.
+    pub packs: Vec<tally_credits::CreditPack>,
+    /// `serve.checkout_return_origins`: the origins `success_url`, `cancel_url` and
+    /// `return_url` may point at; empty: any https origin (or http on localhost).
+    pub return_origins: Vec<String>,
 }
 
 /// How Stripe's webhook deliveries are checked.
@@ -213,6 +228,38 @@ pub fn router(state: Arc<ApiState>, config: &ServeConfig) -> Router {
         .route(
             "/v1/customers/{id}/credits/grants/{grant_id}/void",
             gated(post(admin::credits::void), Some(scopes::ADMIN), small),
+        )
+        .route(
+            "/v1/customers/{id}/checkout",
+            gated(post(admin::billing::plan), Some(scopes::READ_USAGE), small),
+        )
+        .route(
+            "/v1/customers/{id}/credits/checkout",
+            gated(post(admin::billing::pack), Some(scopes::READ_USAGE), small),
+        )
+        .route(
+            "/v1/customers/{id}/billing-portal",
+            gated(
+                post(admin::billing::portal),
+                Some(scopes::READ_USAGE),
+                small,
+            ),
+        )
+        .route(
+            "/v1/customers/{id}/invoices",
+            gated(
+                get(admin::billing::list_invoices),
+                Some(scopes::READ_USAGE),
+                small,
+            ),
+        )
+        .route(
+            "/v1/invoices/{id}",
+            gated(
+                get(admin::billing::get_invoice),
+                Some(scopes::READ_USAGE),
+                small,
+            ),
         )
         .route(
             "/v1/customers/{id}/alerts",

@@ -4,7 +4,7 @@
 use serde_json::{json, Value};
 
 /// The paths this document describes; the router serves exactly these (tested).
-pub const PATHS: [&str; 32] = [
+pub const PATHS: [&str; 37] = [
     "/v1/quota/check",
     "/v1/plans",
     "/v1/plans/{name}",
@@ -27,6 +27,11 @@ pub const PATHS: [&str; 32] = [
     "/v1/customers/{id}/credits/ledger",
     "/v1/customers/{id}/credits/grants",
     "/v1/customers/{id}/credits/grants/{grant_id}/void",
+    "/v1/customers/{id}/checkout",
+    "/v1/customers/{id}/credits/checkout",
+    "/v1/customers/{id}/billing-portal",
+    "/v1/customers/{id}/invoices",
+    "/v1/invoices/{id}",
     "/v1/customers/{id}/alerts",
     "/v1/customers/{id}/alerts/{rule_id}",
     "/v1/alerts/endpoints",
@@ -107,7 +112,7 @@ fn with_errors(mut responses: Value, errors: &[(&str, &str)]) -> Value {
 }
 
 /// Every error `code` the API answers with.
-pub const ERROR_CODES: [&str; 54] = [
+pub const ERROR_CODES: [&str; 65] = [
     "UNAUTHORIZED",
     "FORBIDDEN",
     "RATE_LIMITED",
@@ -162,6 +167,17 @@ pub const ERROR_CODES: [&str; 54] = [
     "NO_SUCH_ALERT_RULE",
     "NO_SUCH_ENDPOINT",
     "TOO_MANY_ENDPOINTS",
+    "PLAN_NOT_FOR_SALE",
+    "UNKNOWN_PACK",
+    "PACK_NOT_FOR_SALE",
+    "NO_STRIPE_CUSTOMER",
+    "INVALID_RETURN_URL",
+    "STRIPE_REFUSED",
+    "STRIPE_UNAVAILABLE",
+    "STRIPE_NOT_CONFIGURED",
+    "NOT_SELF_SERVE",
+    "NO_SUCH_INVOICE",
+    "CREDITS_NOT_APPLIED",
 ];
 
 pub fn document() -> Value {
@@ -204,7 +220,7 @@ pub fn document() -> Value {
                         "code": { "type": "string" }, "message": { "type": "string" } } } } } },
                 "WebhookAnswer": { "type": "object", "required": ["received", "event", "outcome"], "properties": {
                     "received": { "const": true }, "event": { "type": "string" },
-                    "outcome": { "enum": ["applied", "stale", "ignored", "replay", "recorded"] } } },
+                    "outcome": { "enum": ["applied", "stale", "ignored", "replay", "recorded", "not_tallys", "refused"] } } },
                 "Entitlements": { "type": "object", "required": ["customer", "plan", "status", "features", "limits"], "properties": {
                     "customer": { "type": "string" }, "plan": { "type": "string" }, "status": { "type": "string" },
                     "current_period_start": time, "current_period_end": time,
@@ -324,6 +340,8 @@ pub fn document() -> Value {
         ("/paths", credit_paths()),
         ("/components/schemas", alert_schemas()),
         ("/paths", alert_paths()),
+        ("/components/schemas", billing_schemas()),
+        ("/paths", billing_paths()),
     ] {
         if let (Some(section), Value::Object(entries)) = (document.pointer_mut(section), entries) {
             if let Some(section) = section.as_object_mut() {
@@ -595,6 +613,98 @@ fn credit_paths() -> Value {
                 "200": json_response("A page of the ledger", "CreditLedger"),
                 "400": error_response("INVALID_REQUEST (after, limit, the customer id)"),
                 "422": error_response("CREDITS_OUT_OF_RANGE: a stored amount beyond a 28-digit decimal"),
+                "503": error_response("STORE_UNAVAILABLE or OVERLOADED") })) } }
+    })
+}
+
+/// Self-serve billing's schemas: sessions, the portal, invoices.
+fn billing_schemas() -> Value {
+    let time = json!({ "type": "string", "format": "date-time" });
+    let nullable_time = json!({ "type": ["string", "null"], "format": "date-time" });
+    let line = json!({ "type": "object", "properties": {
+        "id": { "type": "string" }, "price": { "type": ["string", "null"] },
+        "meter": { "type": ["string", "null"], "description": "The tally meter a plan's metered price bills" },
+        "description": { "type": ["string", "null"] }, "quantity": { "type": ["string", "null"] },
+        "amount": { "type": "integer" }, "period_start": { "type": "integer" }, "period_end": { "type": "integer" } } });
+    let invoice = json!({ "type": "object", "required": ["id", "currency", "amount_due", "amount_paid", "amount_remaining", "total", "period_start", "period_end", "lines"], "properties": {
+        "id": { "type": "string" }, "customer": { "type": ["string", "null"] },
+        "stripe_customer": { "type": ["string", "null"] }, "stripe_subscription": { "type": ["string", "null"] },
+        "number": { "type": ["string", "null"] },
+        "status": { "type": ["string", "null"], "description": "draft, open, paid, uncollectible or void" },
+        "currency": { "type": "string" },
+        "amount_due": { "type": "integer", "description": "In the currency's smallest unit" },
+        "amount_paid": { "type": "integer" }, "amount_remaining": { "type": "integer" }, "total": { "type": "integer" },
+        "period_start": time, "period_end": time, "created": nullable_time, "updated_at": time,
+        "hosted_invoice_url": { "type": ["string", "null"] }, "invoice_pdf": { "type": ["string", "null"] },
+        "lines": { "type": "array", "items": line } } });
+    let url = json!({ "type": "string", "format": "uri", "description": "https (http only to localhost); on one of serve.checkout_return_origins when set" });
+    json!({
+        "PlanCheckout": { "type": "object", "required": ["plan", "success_url", "cancel_url"], "properties": {
+            "plan": { "type": "string" }, "success_url": url, "cancel_url": url } },
+        "PackCheckout": { "type": "object", "required": ["pack", "success_url", "cancel_url"], "properties": {
+            "pack": { "type": "string", "description": "A [[credits.packs]] name" }, "success_url": url, "cancel_url": url } },
+        "CheckoutSession": { "type": "object", "required": ["id", "url"], "properties": {
+            "id": { "type": "string", "description": "The Stripe Checkout Session (cs_…)" },
+            "url": { "type": "string", "description": "Send the customer here to pay" } } },
+        "PortalRequest": { "type": "object", "required": ["return_url"], "properties": { "return_url": url } },
+        "PortalSession": { "type": "object", "required": ["url"], "properties": {
+            "url": { "type": "string", "description": "Stripe's billing portal for the customer" } } },
+        "Invoice": invoice,
+        "InvoicePage": { "type": "object", "required": ["data", "has_more"], "properties": {
+            "data": { "type": "array", "items": { "$ref": "#/components/schemas/Invoice" } },
+            "has_more": { "type": "boolean" } } }
+    })
+}
+
+fn billing_paths() -> Value {
+    let checkout_errors = |extra: Value| {
+        let mut responses = json!({
+            "200": json_response("The session: send the customer to its url", "CheckoutSession"),
+            "400": error_response("INVALID_REQUEST or INVALID_RETURN_URL"),
+            "409": error_response("PLAN_NOT_FOR_SALE / PACK_NOT_FOR_SALE (no checked Stripe price: `tally plans sync --create`, `tally plans apply`) or NO_STRIPE_CUSTOMER (`tally customers sync --create`)"),
+            "502": error_response("STRIPE_REFUSED: Stripe refused the session (its answer is in the log under the request id)"),
+            "503": error_response("STRIPE_UNAVAILABLE, STRIPE_NOT_CONFIGURED, STORE_UNAVAILABLE or OVERLOADED") });
+        if let (Some(responses), Value::Object(extra)) = (responses.as_object_mut(), extra) {
+            responses.extend(extra);
+        }
+        with_gate(responses)
+    };
+    let body = |schema: &str| json!({ "required": true, "content": { "application/json": { "schema": { "$ref": format!("#/components/schemas/{schema}") } } } });
+    json!({
+        "/v1/customers/{id}/checkout": { "post": {
+            "summary": "Open a Stripe Checkout Session (mode subscription) for a plan: its fee and its metered prices. Once paid, Stripe's webhooks make the subscription live (replacing a tally-managed one at that moment). Tokens: admin, customer (own, for a plan with self_serve = true)",
+            "parameters": [customer_parameter()], "requestBody": body("PlanCheckout"),
+            "responses": checkout_errors(json!({
+                "403": error_response("FORBIDDEN (another customer) or NOT_SELF_SERVE (a customer token, a plan without self_serve)"),
+                "404": error_response("UNKNOWN_PLAN") })) } },
+        "/v1/customers/{id}/credits/checkout": { "post": {
+            "summary": "Open a Stripe Checkout Session (mode payment) for a credit pack; once paid, the pack is granted once as purchased credits (idempotency key checkout:<session id>), and a refund voids what is left of it. Tokens: admin, customer (own)",
+            "parameters": [customer_parameter()], "requestBody": body("PackCheckout"),
+            "responses": checkout_errors(json!({ "404": error_response("UNKNOWN_PACK") })) } },
+        "/v1/customers/{id}/billing-portal": { "post": {
+            "summary": "Open Stripe's billing portal for the customer (cards, cancellation, invoices); its changes come back through the webhooks. Tokens: admin, customer (own)",
+            "parameters": [customer_parameter()], "requestBody": body("PortalRequest"),
+            "responses": with_gate(json!({
+                "200": json_response("The portal session", "PortalSession"),
+                "400": error_response("INVALID_REQUEST or INVALID_RETURN_URL"),
+                "409": error_response("NO_STRIPE_CUSTOMER"),
+                "502": error_response("STRIPE_REFUSED"),
+                "503": error_response("STRIPE_UNAVAILABLE, STRIPE_NOT_CONFIGURED, STORE_UNAVAILABLE or OVERLOADED") })) } },
+        "/v1/customers/{id}/invoices": { "get": {
+            "summary": "The customer's Stripe invoices as the webhooks described them, newest first, paged. Tokens: admin, customer (own)",
+            "parameters": [customer_parameter(),
+                { "name": "limit", "in": "query", "schema": { "type": "integer", "minimum": 1, "maximum": 100, "default": 20 } },
+                { "name": "starting_after", "in": "query", "schema": { "type": "string" }, "description": "The last invoice id of the previous page" }],
+            "responses": with_gate(json!({
+                "200": json_response("A page of invoices", "InvoicePage"),
+                "400": error_response("INVALID_REQUEST (limit, the customer id)"),
+                "503": error_response("STORE_UNAVAILABLE or OVERLOADED") })) } },
+        "/v1/invoices/{id}": { "get": {
+            "summary": "One invoice. Tokens: admin, customer (its own invoices; another's is not found)",
+            "parameters": [{ "name": "id", "in": "path", "required": true, "schema": { "type": "string" }, "description": "The Stripe invoice id (in_…)" }],
+            "responses": with_gate(json!({
+                "200": json_response("The invoice", "Invoice"),
+                "404": error_response("NO_SUCH_INVOICE"),
                 "503": error_response("STORE_UNAVAILABLE or OVERLOADED") })) } }
     })
 }

@@ -19,9 +19,12 @@ use axum::Json;
 use chrono::{DateTime, Utc};
 use serde_json::{json, Value};
 use stripe_webhook::{EventObject, Webhook, WebhookError as SignatureError};
+use tally_billing::checkout::{
+    CheckoutEvent, StripeCheckoutSession, StripeRefund, CHECKOUT_ID_KEY,
+};
 use tally_billing::stripe::{
-    apply_webhook, SameSecond, StripeEvent, StripeInvoice, StripePrice, StripeSubscription,
-    WebhookEffect, WebhookError, WebhookOutcome,
+    apply_webhook, SameSecond, StripeEvent, StripeInvoice, StripeInvoiceLine, StripePrice,
+    StripeSubscription, WebhookEffect, WebhookError, WebhookOutcome,
 };
 
 use crate::error::ApiError;
@@ -230,10 +233,33 @@ fn verify(
         EventObject::InvoiceCreated(i)
         | EventObject::InvoiceFinalized(i)
         | EventObject::InvoicePaid(i)
-        | EventObject::InvoicePaymentFailed(i) => match invoice(&i) {
+        | EventObject::InvoicePaymentFailed(i)
+        | EventObject::InvoiceVoided(i)
+        | EventObject::InvoiceMarkedUncollectible(i) => match invoice(&i) {
             Some(invoice) => WebhookEffect::Invoice(invoice),
             None => WebhookEffect::Ignored,
         },
+        EventObject::CheckoutSessionCompleted(c) => {
+            WebhookEffect::Checkout(CheckoutEvent::Completed, checkout_session(&c))
+        }
+        EventObject::CheckoutSessionAsyncPaymentSucceeded(c) => {
+            WebhookEffect::Checkout(CheckoutEvent::AsyncPaymentSucceeded, checkout_session(&c))
+        }
+        EventObject::CheckoutSessionAsyncPaymentFailed(c) => {
+            WebhookEffect::Checkout(CheckoutEvent::AsyncPaymentFailed, checkout_session(&c))
+        }
+        EventObject::CheckoutSessionExpired(c) => {
+            WebhookEffect::Checkout(CheckoutEvent::Expired, checkout_session(&c))
+        }
+        EventObject::ChargeRefunded(charge) => WebhookEffect::Refund(StripeRefund {
+            charge: charge.id.as_str().to_owned(),
+            payment_intent: charge
+                .payment_intent
+                .as_ref()
+                .map(|p| p.id().as_str().to_owned()),
+            amount: charge.amount,
+            amount_refunded: charge.amount_refunded,
+        }),
         _ => WebhookEffect::Ignored,
     };
     Ok((stored, effect))
@@ -295,6 +321,27 @@ fn subscription(s: &stripe_shared::Subscription, deleted: bool) -> StripeSubscri
             })
             .collect(),
         deleted,
+        checkout_id: s.metadata.get(CHECKOUT_ID_KEY).cloned(),
+    }
+}
+
+fn checkout_session(c: &stripe_shared::CheckoutSession) -> StripeCheckoutSession {
+    StripeCheckoutSession {
+        id: c.id.as_str().to_owned(),
+        mode: c.mode.as_str().to_owned(),
+        payment_status: c.payment_status.as_str().to_owned(),
+        stripe_customer: c.customer.as_ref().map(|c| c.id().as_str().to_owned()),
+        payment_intent: c
+            .payment_intent
+            .as_ref()
+            .map(|p| p.id().as_str().to_owned()),
+        subscription: c.subscription.as_ref().map(|s| s.id().as_str().to_owned()),
+        amount_total: c.amount_total,
+        currency: c.currency.as_ref().map(|c| c.to_string()),
+        checkout_id: c
+            .metadata
+            .as_ref()
+            .and_then(|m| m.get(CHECKOUT_ID_KEY).cloned()),
     }
 }
 
@@ -319,5 +366,29 @@ fn invoice(i: &stripe_shared::Invoice) -> Option<StripeInvoice> {
         period_start: timestamp(i.period_start),
         period_end: timestamp(i.period_end),
         attempt_count: i64::try_from(i.attempt_count).unwrap_or(i64::MAX),
+        created: timestamp(i.created),
+        hosted_invoice_url: i.hosted_invoice_url.clone(),
+        invoice_pdf: i.invoice_pdf.clone(),
+        lines: i
+            .lines
+            .data
+            .iter()
+            .map(|line| StripeInvoiceLine {
+                id: line.id.as_str().to_owned(),
+                price: line
+                    .pricing
+                    .as_ref()
+                    .and_then(|p| p.price_details.as_ref())
+                    .map(|d| d.price.id().as_str().to_owned()),
+                description: line.description.clone(),
+                quantity: line
+                    .quantity_decimal
+                    .clone()
+                    .or(line.quantity.map(|q| q.to_string())),
+                amount: line.amount,
+                period_start: line.period.start,
+                period_end: line.period.end,
+            })
+            .collect(),
     })
 }

@@ -41,6 +41,7 @@ async fn app() -> (tally_db::testing::TestDatabase, axum::Router) {
     let state = ApiState {
         fallback_plan: None,
         alert_destinations: Default::default(),
+        billing: Default::default(),
         quota: Quota::new(db.pool.clone(), Duration::from_secs(60))
             .await
             .unwrap(),

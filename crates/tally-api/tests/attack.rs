@@ -76,6 +76,7 @@ async fn state(db: &tally_db::testing::TestDatabase, rates: &RateLimits) -> Arc<
     Arc::new(ApiState {
         fallback_plan: None,
         alert_destinations: Default::default(),
+        billing: Default::default(),
         quota: Quota::new(db.pool.clone(), Duration::from_secs(60))
             .await
             .unwrap(),

@@ -95,6 +95,7 @@ impl Harness {
         let state = Arc::new(ApiState {
             fallback_plan: None,
             alert_destinations: Default::default(),
+            billing: Default::default(),
             quota: Quota::new(db.pool.clone(), Duration::from_secs(60))
                 .await
                 .unwrap(),
@@ -438,6 +439,7 @@ async fn forged_stale_unsigned_and_wrong_mode_events_are_refused_and_not_stored(
     let unconfigured = Arc::new(ApiState {
         fallback_plan: None,
         alert_destinations: Default::default(),
+        billing: Default::default(),
         quota: Quota::new(h.db.pool.clone(), Duration::from_secs(1))
             .await
             .unwrap(),

@@ -1,5 +1,10 @@
 //! The billing side: plans, subscriptions, and what Stripe tells tally about its customers.
 //!
+//! - `catalog.rs`: the Stripe prices plans and credit packs sell, checked against tally.toml
+//!   and recorded (`tally plans apply`), and created when missing (`tally plans sync --create`).
+//! - `checkout.rs`: Checkout Sessions for plans and credit packs, the billing portal, and what
+//!   their webhook events do (a paid pack granted once, a refund voiding it).
+//! - `invoices.rs`: the invoices Stripe's webhooks described, for the API and the CLI.
 //! - `plan.rs`: plan definitions from `tally.toml`, per-customer overrides, and resolving the
 //!   two into a customer's entitlements (pure).
 //! - `store.rs`: plans, subscriptions and overrides in Postgres, every change audited; the
@@ -11,6 +16,9 @@
 //! - `telemetry.rs`: the scheduler's metrics.
 //! - `testing.rs`: subscriptions and plans without the ceremony, for tests and benchmarks.
 
+pub mod catalog;
+pub mod checkout;
+pub mod invoices;
 pub mod plan;
 pub mod store;
 pub mod stripe;

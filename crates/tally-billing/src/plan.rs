@@ -173,6 +173,10 @@ pub struct PlanDefinition {
     /// payment method is on record for the subscription.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub requires_payment_method: bool,
+    /// A customer's own token may open a Checkout Session for this plan
+    /// (`POST /v1/customers/{id}/checkout`); otherwise only an admin token may.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub self_serve: bool,
 }
 
 /// `[plans.price]`: what a subscription to the plan costs each month or year.

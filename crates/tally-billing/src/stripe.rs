@@ -9,6 +9,7 @@ use chrono::{DateTime, Utc};
 use serde_json::{json, Value};
 use sqlx::{PgConnection, PgPool};
 
+use crate::checkout::{CheckoutEvent, StripeCheckoutSession, StripeRefund};
 use crate::store::{Audit, BillingStoreError};
 
 /// A verified webhook event, as stored in `stripe_webhook_events`.
@@ -36,6 +37,8 @@ pub struct StripeSubscription {
     pub prices: Vec<StripePrice>,
     /// `customer.subscription.deleted`: the subscription has ended.
     pub deleted: bool,
+    /// `metadata.tally_checkout_id`: the tally Checkout Session that created it.
+    pub checkout_id: Option<String>,
 }
 
 /// A price on a subscription item; `metadata.tally_plan` names the plan directly.
@@ -61,6 +64,22 @@ pub struct StripeInvoice {
     pub period_start: DateTime<Utc>,
     pub period_end: DateTime<Utc>,
     pub attempt_count: i64,
+    pub created: DateTime<Utc>,
+    pub hosted_invoice_url: Option<String>,
+    pub invoice_pdf: Option<String>,
+    pub lines: Vec<StripeInvoiceLine>,
+}
+
+/// One line of an invoice: a plan's fee, a meter's usage, or anything else billed.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct StripeInvoiceLine {
+    pub id: String,
+    pub price: Option<String>,
+    pub description: Option<String>,
+    pub quantity: Option<String>,
+    pub amount: i64,
+    pub period_start: i64,
+    pub period_end: i64,
 }
 
 /// The part of an event tally acts on.
@@ -68,6 +87,11 @@ pub struct StripeInvoice {
 pub enum WebhookEffect {
     Subscription(StripeSubscription),
     Invoice(StripeInvoice),
+    /// `checkout.session.completed`, `.async_payment_succeeded`, `.async_payment_failed`,
+    /// `.expired`.
+    Checkout(CheckoutEvent, StripeCheckoutSession),
+    /// `charge.refunded`.
+    Refund(StripeRefund),
     /// A thin event `v1.billing.meter.*`: Stripe accepted meter events it will not bill.
     /// Recorded; `tally reconcile` fetches and shows the details.
     MeterErrorReport,
@@ -84,6 +108,11 @@ pub enum WebhookOutcome {
     },
     /// Older than the event that last changed the object: stored, not applied.
     Stale,
+    /// About a Checkout Session or a payment tally did not open: stored, nothing done.
+    NotTallys,
+    /// About a session of tally's that does not match its record (another customer, another
+    /// amount): stored, nothing granted.
+    Refused,
     Ignored,
     /// The event id was handled before: nothing changed.
     Replay,
@@ -116,6 +145,8 @@ impl WebhookOutcome {
         match self {
             WebhookOutcome::Applied { .. } => "applied",
             WebhookOutcome::Stale => "stale",
+            WebhookOutcome::NotTallys => "not_tallys",
+            WebhookOutcome::Refused => "refused",
             WebhookOutcome::Ignored => "ignored",
             WebhookOutcome::Replay => "replay",
             WebhookOutcome::AskStripe { .. } => "ask_stripe",
@@ -140,6 +171,8 @@ pub enum WebhookError {
         "the subscription's prices select several plans ({0}); a subscription must select one"
     )]
     AmbiguousPlan(String),
+    #[error("the credits could not be granted or voided: {0}")]
+    Credits(String),
     #[error(transparent)]
     Store(#[from] BillingStoreError),
 }
@@ -152,6 +185,7 @@ impl WebhookError {
             WebhookError::AmbiguousCustomer { .. } => "AMBIGUOUS_STRIPE_CUSTOMER",
             WebhookError::UnknownPrice(_) => "UNKNOWN_STRIPE_PRICE",
             WebhookError::AmbiguousPlan(_) => "AMBIGUOUS_PLAN",
+            WebhookError::Credits(_) => "CREDITS_NOT_APPLIED",
             WebhookError::Store(BillingStoreError::SecondLiveSubscription { .. }) => {
                 "SECOND_LIVE_SUBSCRIPTION"
             }
@@ -205,6 +239,14 @@ pub async fn apply_webhook(
         WebhookEffect::Invoice(invoice) => (
             Some(invoice.id.as_str()),
             record_invoice(&mut tx, event, invoice).await?,
+        ),
+        WebhookEffect::Checkout(kind, session) => (
+            Some(session.id.as_str()),
+            crate::checkout::apply_session(&mut tx, event, *kind, session).await?,
+        ),
+        WebhookEffect::Refund(refund) => (
+            Some(refund.charge.as_str()),
+            crate::checkout::apply_refund(&mut tx, event, refund).await?,
         ),
         WebhookEffect::MeterErrorReport => {
             sqlx::query(
@@ -425,7 +467,7 @@ async fn apply_subscription(
     };
     let status = tally_status(&subscription.status, subscription.deleted);
     if matches!(status, "active" | "trialing") {
-        replace_fallback(tx, &customer, event).await?;
+        replace_fallback(tx, &customer, event, subscription.checkout_id.as_deref()).await?;
     }
     let after = StoredSubscription {
         subscription_id: stored.as_ref().map_or(0, |s| s.subscription_id),
@@ -498,18 +540,30 @@ async fn apply_subscription(
     })
 }
 
-/// A customer who subscribes in Stripe leaves the fallback plan tally put them on.
+/// A customer who subscribes in Stripe leaves the fallback plan tally put them on; one who
+/// subscribed through tally's Checkout leaves the tally-managed plan too, at the moment the
+/// Stripe subscription starts (no gap, no overlap of limits).
 async fn replace_fallback(
     tx: &mut PgConnection,
     customer: &str,
     event: &StripeEvent,
+    checkout_id: Option<&str>,
 ) -> Result<(), WebhookError> {
     use crate::subscriptions::{end_fallback, live_for_update, lock_customer, Source};
     lock_customer(tx, customer).await?;
     if let Some(live) = live_for_update(tx, customer).await? {
-        if live.source == Source::Fallback {
+        let replaced = match live.source {
+            Source::Fallback => true,
+            Source::Tally => crate::checkout::from_checkout(tx, customer, checkout_id).await?,
+            Source::Stripe => false,
+        };
+        if replaced {
             let reason = format!(
-                "the customer subscribed in Stripe; the fallback subscription to {} ends",
+                "the customer subscribed in Stripe; the {} subscription to {} ends",
+                match live.source {
+                    Source::Fallback => "fallback",
+                    _ => "tally-managed",
+                },
                 live.plan
             );
             let actor = format!("stripe:{}", event.id);
@@ -531,13 +585,20 @@ async fn record_invoice(
     // The WHERE keeps a newer description: an older event updates nothing, and one of the
     // same second only when its status does not go back.
     let rank = |column: &str| INVOICE_RANK.replace("{}", column);
+    let lines = invoice_lines(tx, &invoice.lines).await?;
     let sql = format!(
         "INSERT INTO stripe_invoices (invoice_id, stripe_customer_id, customer_id,
                 stripe_subscription_id, number, status, currency, amount_due, amount_paid,
                 amount_remaining, total, period_start, period_end, attempt_count,
-                last_event_type, last_event_created)
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16)
+                last_event_type, last_event_created, created, hosted_invoice_url, invoice_pdf,
+                lines)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17,
+                 $18, $19, $20)
          ON CONFLICT (invoice_id) DO UPDATE SET
+                created = EXCLUDED.created,
+                hosted_invoice_url = coalesce(EXCLUDED.hosted_invoice_url, stripe_invoices.hosted_invoice_url),
+                invoice_pdf = coalesce(EXCLUDED.invoice_pdf, stripe_invoices.invoice_pdf),
+                lines = EXCLUDED.lines,
                 stripe_customer_id = EXCLUDED.stripe_customer_id,
                 customer_id = EXCLUDED.customer_id,
                 stripe_subscription_id = EXCLUDED.stripe_subscription_id,
@@ -571,6 +632,10 @@ async fn record_invoice(
         .bind(invoice.attempt_count)
         .bind(&event.event_type)
         .bind(event.created)
+        .bind(invoice.created)
+        .bind(&invoice.hosted_invoice_url)
+        .bind(&invoice.invoice_pdf)
+        .bind(lines)
         .execute(&mut *tx)
         .await?
         .rows_affected();
@@ -579,6 +644,37 @@ async fn record_invoice(
     } else {
         WebhookOutcome::Applied { customer }
     })
+}
+
+/// The lines as stored: each with the tally meter its price bills, when it is a plan's metered
+/// price (`stripe_prices`).
+async fn invoice_lines(
+    tx: &mut PgConnection,
+    lines: &[StripeInvoiceLine],
+) -> Result<Value, WebhookError> {
+    let prices: Vec<String> = lines.iter().filter_map(|l| l.price.clone()).collect();
+    let meters: std::collections::HashMap<String, String> = sqlx::query_as(
+        "SELECT price_id, meter FROM stripe_prices WHERE price_id = ANY($1) AND meter IS NOT NULL",
+    )
+    .bind(&prices)
+    .fetch_all(&mut *tx)
+    .await?
+    .into_iter()
+    .collect();
+    Ok(Value::Array(
+        lines
+            .iter()
+            .map(|line| {
+                let meter = line.price.as_ref().and_then(|p| meters.get(p));
+                json!({
+                    "id": line.id, "price": line.price, "meter": meter,
+                    "description": line.description, "quantity": line.quantity,
+                    "amount": line.amount, "period_start": line.period_start,
+                    "period_end": line.period_end,
+                })
+            })
+            .collect(),
+    ))
 }
 
 /// Rows deleted per statement, so retention never holds a long lock or a long transaction.

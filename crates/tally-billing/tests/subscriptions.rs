@@ -673,6 +673,7 @@ async fn subscribing_in_stripe_replaces_the_fallback_and_a_stripe_deletion_leads
                     tally_plan: Some("PRO".into()),
                 }],
                 deleted,
+                checkout_id: None,
             }),
         )
     };

@@ -17,6 +17,8 @@ pub struct CreditsConfig {
     /// grants and plan grants due. Usage is burned within about this long of its commit.
     #[serde(with = "tally_core::duration")]
     pub burn_every: Duration,
+    /// `[[credits.packs]]`: packs of credits customers buy through Stripe Checkout.
+    pub packs: Vec<CreditPack>,
 }
 
 impl Default for CreditsConfig {
@@ -24,7 +26,103 @@ impl Default for CreditsConfig {
         CreditsConfig {
             rates: Vec::new(),
             burn_every: Duration::from_millis(250),
+            packs: Vec::new(),
         }
+    }
+}
+
+/// One `[[credits.packs]]` entry: `credits` sold for `price` through Stripe Checkout
+/// (`POST /v1/customers/{id}/credits/checkout`), granted as purchased credits once paid.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CreditPack {
+    /// 1 to 64 of `a-z`, `0-9`, `_` and `-`: it names the pack in the API and in Stripe
+    /// (`tally plans sync --create` gives its price the lookup key `tally_pack_<name>`).
+    pub name: String,
+    /// More than 0, at most 9 decimal places.
+    pub credits: Decimal,
+    pub price: PackPrice,
+    /// The Stripe price (`price_…`, one-time, of `price`) Checkout sells; without one, the
+    /// price whose lookup key is `tally_pack_<name>`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stripe_price: Option<String>,
+    /// The credits expire this long after they are granted; without, they never expire.
+    #[serde(
+        default,
+        with = "tally_core::duration::option",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub expires_after: Option<Duration>,
+}
+
+/// `[credits.packs.price]`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PackPrice {
+    /// In the currency's main unit, e.g. "10.00".
+    pub amount: Decimal,
+    /// ISO 4217, lowercase as Stripe writes it, e.g. "usd".
+    pub currency: String,
+}
+
+impl CreditPack {
+    /// The lookup key of the pack's Stripe price when `stripe_price` is not given.
+    pub fn lookup_key(&self) -> String {
+        format!("tally_pack_{}", self.name)
+    }
+
+    fn validate(&self) -> Result<(), String> {
+        let name_ok = !self.name.is_empty()
+            && self.name.len() <= 64
+            && self
+                .name
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_' || b == b'-');
+        if !name_ok {
+            return Err(format!(
+                "[[credits.packs]] name {:?} must be 1 to 64 of a-z, 0-9, _ and -",
+                self.name
+            ));
+        }
+        if self.credits <= Decimal::ZERO
+            || self.credits > crate::grants::MAX_GRANT
+            || self.credits.normalize().scale() > 9
+        {
+            return Err(format!(
+                "[[credits.packs]] {:?}: credits {} must be more than 0, at most 10^18, with at most 9 decimal places",
+                self.name, self.credits
+            ));
+        }
+        let currency = &self.price.currency;
+        if currency.len() != 3 || !currency.bytes().all(|b| b.is_ascii_lowercase()) {
+            return Err(format!(
+                "[[credits.packs]] {:?}: price.currency {currency:?} must be a lowercase ISO 4217 code, e.g. \"usd\"",
+                self.name
+            ));
+        }
+        if self.price.amount.is_sign_negative() || self.price.amount.normalize().scale() > 2 {
+            return Err(format!(
+                "[[credits.packs]] {:?}: price.amount {} must be 0 or more with at most 2 decimal places (the currency's main unit)",
+                self.name, self.price.amount
+            ));
+        }
+        if let Some(price) = &self.stripe_price {
+            if !price.starts_with("price_") || price.len() > 255 {
+                return Err(format!(
+                    "[[credits.packs]] {:?}: stripe_price {price:?} is not a Stripe price id (price_…)",
+                    self.name
+                ));
+            }
+        }
+        if self.expires_after.is_some_and(|d| {
+            d < Duration::from_secs(3600) || d > Duration::from_secs(100 * 365 * 86_400)
+        }) {
+            return Err(format!(
+                "[[credits.packs]] {:?}: expires_after must be between 1h and 100 years",
+                self.name
+            ));
+        }
+        Ok(())
     }
 }
 
@@ -87,6 +185,16 @@ impl CreditsConfig {
                 return Err(format!(
                     "[[credits.rates]] meter {:?} has two rates for dimensions {:?}; keep one",
                     rate.meter, rate.dimensions
+                ));
+            }
+        }
+        let mut names = BTreeSet::new();
+        for pack in &self.packs {
+            pack.validate()?;
+            if !names.insert(&pack.name) {
+                return Err(format!(
+                    "[[credits.packs]] {:?} is defined twice; keep one",
+                    pack.name
                 ));
             }
         }
@@ -176,5 +284,57 @@ mod tests {
             let error = config(text).validate(&meters()).unwrap_err();
             assert!(error.contains(says), "{error}");
         }
+    }
+
+    #[test]
+    fn credit_packs_are_checked() {
+        let ok = config(
+            r#"
+            [[packs]]
+            name = "small"
+            credits = "1000"
+            price = { amount = "10.00", currency = "usd" }
+            expires_after = "365d"
+            "#,
+        );
+        ok.validate(&meters()).unwrap();
+        assert_eq!(ok.packs[0].lookup_key(), "tally_pack_small");
+        for (pack, says) in [
+            (
+                r#"name = "Small Pack", credits = "1", price = { amount = "1", currency = "usd" }"#,
+                "a-z",
+            ),
+            (
+                r#"name = "s", credits = "0", price = { amount = "1", currency = "usd" }"#,
+                "more than 0",
+            ),
+            (
+                r#"name = "s", credits = "1", price = { amount = "1.001", currency = "usd" }"#,
+                "2 decimal places",
+            ),
+            (
+                r#"name = "s", credits = "1", price = { amount = "1", currency = "USD" }"#,
+                "lowercase",
+            ),
+            (
+                r#"name = "s", credits = "1", price = { amount = "1", currency = "usd" }, stripe_price = "prod_1""#,
+                "price_",
+            ),
+            (
+                r#"name = "s", credits = "1", price = { amount = "1", currency = "usd" }, expires_after = "1m""#,
+                "between 1h",
+            ),
+        ] {
+            let error = config(&format!("packs = [{{ {pack} }}]"))
+                .validate(&meters())
+                .unwrap_err();
+            assert!(error.contains(says), "{error}");
+        }
+        let twice = r#"packs = [{ name = "s", credits = "1", price = { amount = "1", currency = "usd" } },
+                               { name = "s", credits = "2", price = { amount = "2", currency = "usd" } }]"#;
+        assert!(config(twice)
+            .validate(&meters())
+            .unwrap_err()
+            .contains("twice"));
     }
 }

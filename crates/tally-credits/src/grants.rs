@@ -303,7 +303,12 @@ pub struct Granted {
 /// admin grant under one would block or pre-empt a plan's period credits.
 pub const PLAN_KEY_PREFIX: &str = "plan:";
 
-/// Who makes a grant: an operator (API, CLI), or tally itself (a plan's period credits).
+/// Idempotency keys of the credit packs bought through Stripe Checkout, `checkout:<session
+/// id>`: reserved like the plan grants', so no operator grant can pre-empt a paid pack.
+pub const CHECKOUT_KEY_PREFIX: &str = "checkout:";
+
+/// Who makes a grant: an operator (API, CLI), or tally itself (a plan's period credits, a
+/// paid credit pack).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Issuer {
     Operator,
@@ -330,10 +335,15 @@ pub(crate) async fn grant_in(
     issuer: Issuer,
 ) -> Result<Granted, CreditError> {
     new.validate(now)?;
-    if issuer == Issuer::Operator && new.idempotency_key.starts_with(PLAN_KEY_PREFIX) {
-        return Err(CreditError::Invalid(format!(
-            "idempotency keys starting with {PLAN_KEY_PREFIX:?} are reserved for plan grants; choose another key"
-        )));
+    for (prefix, owner) in [
+        (PLAN_KEY_PREFIX, "plan grants"),
+        (CHECKOUT_KEY_PREFIX, "credit packs bought through Checkout"),
+    ] {
+        if issuer == Issuer::Operator && new.idempotency_key.starts_with(prefix) {
+            return Err(CreditError::Invalid(format!(
+                "idempotency keys starting with {prefix:?} are reserved for {owner}; choose another key"
+            )));
+        }
     }
     lock_customer(tx, &new.customer).await?;
     if let Some(existing) = find_by_key(tx, &new.customer, &new.idempotency_key).await? {
@@ -387,6 +397,30 @@ pub(crate) async fn grant_in(
     })
 }
 
+/// A credit pack paid through Stripe Checkout: granted once per session (key
+/// `checkout:<session id>`), inside the transaction that records the webhook event.
+pub async fn grant_purchase(
+    tx: &mut PgConnection,
+    customer: &str,
+    session_id: &str,
+    credits: Decimal,
+    expires_at: Option<DateTime<Utc>>,
+    description: &str,
+    actor: &Actor,
+) -> Result<Granted, CreditError> {
+    let new = NewGrant {
+        customer: customer.to_owned(),
+        kind: GrantKind::Purchased,
+        amount: credits,
+        priority: None,
+        effective_at: None,
+        expires_at,
+        idempotency_key: format!("{CHECKOUT_KEY_PREFIX}{session_id}"),
+        description: Some(description.to_owned()),
+    };
+    grant_in(tx, &new, None, actor, Utc::now(), Issuer::System).await
+}
+
 /// Voids what is left of a grant (a refund, a mistake): a `void` entry of the rest; what was
 /// already consumed stays consumed.
 pub async fn void(
@@ -396,7 +430,19 @@ pub async fn void(
     actor: &Actor,
 ) -> Result<Grant, CreditError> {
     let mut tx = pool.begin().await?;
-    lock_customer(&mut tx, customer).await?;
+    let voided = void_in(&mut tx, customer, grant_id, actor).await?;
+    tx.commit().await?;
+    Ok(voided)
+}
+
+/// [`void`] inside a transaction (a refund voids a pack in the webhook's transaction).
+pub async fn void_in(
+    tx: &mut PgConnection,
+    customer: &str,
+    grant_id: i64,
+    actor: &Actor,
+) -> Result<Grant, CreditError> {
+    lock_customer(tx, customer).await?;
     let row: Option<GrantRow> = sqlx::query_as(&format!(
         "SELECT {GRANT_COLUMNS} FROM credit_grants WHERE grant_id = $1 AND customer_id = $2 FOR UPDATE"
     ))
@@ -417,8 +463,8 @@ pub async fn void(
         });
     }
     // The void entry brings remaining to 0 (the ledger moves it).
-    tally_db::changes::record(&mut tx, &[(customer, "")]).await?;
-    record(&mut tx, customer, grant_id, "void", -grant.remaining, actor).await?;
+    tally_db::changes::record(tx, &[(customer, "")]).await?;
+    record(tx, customer, grant_id, "void", -grant.remaining, actor).await?;
     let voided: GrantRow = sqlx::query_as(&format!(
         "UPDATE credit_grants SET closed_at = now(), closed_as = 'voided'
          WHERE grant_id = $1 RETURNING {GRANT_COLUMNS}"
@@ -426,7 +472,6 @@ pub async fn void(
     .bind(grant_id)
     .fetch_one(&mut *tx)
     .await?;
-    tx.commit().await?;
     Ok(voided.into())
 }
 

@@ -25,7 +25,10 @@ pub mod telemetry;
 
 pub use balance::{balance, projected_balances, projected_balances_isolating, Balance};
 pub use burn::{burn_once, settle, start_burner, BurnReport, Settled};
-pub use config::{CreditsConfig, RateDefinition};
-pub use grants::{get_grant, grant, void, Actor, CreditError, Grant, GrantKind, Granted, NewGrant};
+pub use config::{CreditPack, CreditsConfig, PackPrice, RateDefinition};
+pub use grants::{
+    get_grant, grant, grant_purchase, void, void_in, Actor, CreditError, Grant, GrantKind, Granted,
+    NewGrant,
+};
 pub use ledger::{applied_in_period, ledger, LedgerEntry, MeterCredits, PeriodCredits};
 pub use rates::RateCard;

@@ -44,5 +44,5 @@ pub use stripe::{
     customer_idempotency_key, StripeCallError, StripeCustomer, StripeCustomers, StripeHttp,
     DEFAULT_CUSTOMER_METADATA_KEY, MAX_RESPONSE_BYTES,
 };
-pub use stripe_meters::{create_stripe_meters, missing_stripe_meters};
+pub use stripe_meters::{create_stripe_meters, missing_stripe_meters, stripe_meters_by_id};
 pub use tally_runtime::RunMode;

@@ -38,7 +38,8 @@ pub struct StripeCallError {
 }
 
 impl StripeCallError {
-    fn transport(message: impl Into<String>) -> StripeCallError {
+    /// A call that got no answer from Stripe, or none that could be read.
+    pub fn transport(message: impl Into<String>) -> StripeCallError {
         StripeCallError {
             status: None,
             should_retry: None,
@@ -80,6 +81,11 @@ impl StripeCallError {
     /// timeout, a dropped connection), or it answered with a server error.
     pub fn may_have_reached_stripe(&self) -> bool {
         self.status.is_none_or(|status| status >= 500)
+    }
+
+    /// Stripe has no such object (`resource_missing`).
+    pub fn is_not_found(&self) -> bool {
+        self.status == Some(404)
     }
 
     pub fn is_rate_limit(&self) -> bool {

@@ -38,6 +38,29 @@ pub(crate) async fn stripe_meter_ids(
     }
 }
 
+/// Every Stripe meter's event name, by meter id (`mtr_…`): which tally meter a metered price
+/// bills (`tally plans apply`). One attempt a page.
+pub async fn stripe_meters_by_id(
+    stripe: &StripeHttp,
+) -> Result<HashMap<String, String>, crate::StripeCallError> {
+    let mut by_id = HashMap::new();
+    let mut after: Option<String> = None;
+    loop {
+        let mut request = ListBillingMeter::new().limit(100);
+        if let Some(after) = &after {
+            request = request.starting_after(after.as_str());
+        }
+        let page = request.send(stripe).await?;
+        for meter in &page.data {
+            by_id.insert(meter.id.to_string(), meter.event_name.clone());
+        }
+        match (page.has_more, page.data.last()) {
+            (true, Some(last)) => after = Some(last.id.to_string()),
+            _ => return Ok(by_id),
+        }
+    }
+}
+
 /// The billed tally meters (by name, in name order) whose event name Stripe has no meter for.
 async fn meters_missing_at_stripe(
     pool: &sqlx::PgPool,

@@ -14,6 +14,7 @@ mod customers;
 mod demo;
 mod emit;
 mod finance;
+mod invoices;
 mod kafka;
 mod plans;
 mod process;
@@ -157,6 +158,9 @@ enum Command {
     /// least serve.refresh after the last load); a grant through the admin API is seen at once
     /// by the `tally serve` that took it.
     Credits(credits::CreditsArgs),
+    /// The Stripe invoices tally keeps: a customer's, newest first, or one with its lines and
+    /// links (amounts in the currency's smallest unit)
+    Invoices(invoices::InvoicesArgs),
     /// Serve the HTTP API: quota checks, entitlements, usage, invoice preview, event ingest,
     /// Stripe webhooks, /healthz, /readyz, /metrics
     ///
@@ -232,6 +236,7 @@ fn main() -> ExitCode {
         Command::Plans(args) => plans::run(&config, &args),
         Command::Subscriptions(args) => subscriptions::run(&config, &args),
         Command::Credits(args) => credits::run(&config, &args),
+        Command::Invoices(args) => invoices::run(&config, &args),
         Command::Serve => serve::run(&config),
         Command::Tokens(args) => tokens::run(&args),
         Command::Finance(args) => finance::run(&config, &args),

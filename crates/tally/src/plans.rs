@@ -1,6 +1,8 @@
-//! `tally plans`: apply `[[plans]]` from tally.toml to Postgres, list what is there.
+//! `tally plans`: apply `[[plans]]` from tally.toml to Postgres, list what is there, and keep
+//! what plans and credit packs sell in Stripe in step with tally.toml (`sync`).
 
-use anyhow::bail;
+use anyhow::{bail, Context};
+use tally_billing::catalog;
 use tally_billing::PlanChange;
 
 use crate::config::TallyConfig;
@@ -25,6 +27,22 @@ enum PlansCommand {
     },
     /// List the plans in Postgres
     List,
+    /// Check the Stripe prices of plans and credit packs against tally.toml and record them
+    /// for Checkout (what `apply` does after the plans)
+    ///
+    /// A plan's prices are its `stripe_prices`, or the prices with lookup keys
+    /// `tally_plan_<plan>` (its fee) and `tally_plan_<plan>_<meter>` (a limited meter's usage);
+    /// a pack's is its `stripe_price`, or the price with lookup key `tally_pack_<pack>`. Each
+    /// fee must agree with `[plans.price]` (amount, currency, interval), each metered price
+    /// must bill the Stripe meter of a tally meter, each pack's price must be one-time and
+    /// agree with the pack's. Exits 1 naming each disagreement; nothing is recorded then.
+    Sync {
+        /// First create the prices Stripe lacks, under those lookup keys: each plan's fee
+        /// (from [plans.price]), each limited meter's usage (from its unit_price; the Stripe
+        /// meter must exist: `tally sink --create-meters`), each pack's price. Idempotent.
+        #[arg(long)]
+        create: bool,
+    },
 }
 
 pub(crate) fn run(config: &TallyConfig, args: &PlansArgs) -> anyhow::Result<()> {
@@ -37,6 +55,8 @@ pub(crate) fn run(config: &TallyConfig, args: &PlansArgs) -> anyhow::Result<()> 
                     bail!("no [[plans]] in the configuration; define them in tally.toml (see tally.example.toml) before applying, or every plan in Postgres would be deleted");
                 }
                 let actor = crate::cli::operator_name(actor)?;
+                // Stripe first: a plan whose price disagrees with Stripe changes nothing.
+                let checked = check_stripe(config).await?;
                 for change in tally_billing::apply_plans(&pool, &config.plans, actor).await? {
                     match change {
                         PlanChange::Created(name) => println!("created   {name}"),
@@ -45,6 +65,30 @@ pub(crate) fn run(config: &TallyConfig, args: &PlansArgs) -> anyhow::Result<()> 
                         PlanChange::Deleted(name) => println!("deleted   {name}"),
                     }
                 }
+                if let Some(checked) = checked {
+                    record(&pool, &checked).await?;
+                }
+            }
+            PlansCommand::Sync { create } => {
+                let stripe = stripe_client(config)?;
+                if *create {
+                    let created = catalog::create_missing(
+                        &stripe,
+                        &config.plans,
+                        &config.credits.packs,
+                        &config.meters,
+                    )
+                    .await
+                    .context("cannot create the prices in Stripe; check stripe.api_base and the secret key, then run the sync again (it creates only what is missing)")?;
+                    for key in &created.prices {
+                        println!("created price {key}");
+                    }
+                    for skipped in &created.skipped {
+                        println!("not created: {skipped}");
+                    }
+                }
+                let checked = check_with(config, &stripe).await?;
+                record(&pool, &checked).await?;
             }
             PlansCommand::List => {
                 for (name, definition) in tally_billing::list_plans(&pool).await? {
@@ -54,4 +98,67 @@ pub(crate) fn run(config: &TallyConfig, args: &PlansArgs) -> anyhow::Result<()> 
         }
         Ok(())
     })
+}
+
+fn stripe_client(config: &TallyConfig) -> anyhow::Result<tally_sink::StripeHttp> {
+    tally_sink::StripeHttp::new(&config.stripe).map_err(anyhow::Error::msg)
+}
+
+/// The Stripe prices of the plans and packs, checked; `None` when no Stripe key is set (the
+/// plans apply, and nothing is for sale through Checkout).
+async fn check_stripe(config: &TallyConfig) -> anyhow::Result<Option<catalog::CatalogCheck>> {
+    if config.stripe.secret_key.expose().is_empty() {
+        println!(
+            "Stripe prices not checked: no STRIPE_SECRET_KEY (Checkout sells only checked prices)"
+        );
+        return Ok(None);
+    }
+    let stripe = stripe_client(config)?;
+    Ok(Some(check_with(config, &stripe).await?))
+}
+
+async fn check_with(
+    config: &TallyConfig,
+    stripe: &tally_sink::StripeHttp,
+) -> anyhow::Result<catalog::CatalogCheck> {
+    let checked = catalog::check(stripe, &config.plans, &config.credits.packs, &config.meters)
+        .await
+        .context("cannot read the prices from Stripe; check stripe.api_base and the secret key")?;
+    if !checked.problems.is_empty() {
+        for problem in &checked.problems {
+            eprintln!("error: {problem}");
+        }
+        bail!(
+            "{} Stripe price(s) disagree with tally.toml; nothing was changed",
+            checked.problems.len()
+        );
+    }
+    Ok(checked)
+}
+
+async fn record(pool: &sqlx::PgPool, checked: &catalog::CatalogCheck) -> anyhow::Result<()> {
+    catalog::record(pool, &checked.prices).await?;
+    for price in &checked.prices {
+        let sells = match (&price.plan, &price.pack, &price.meter) {
+            (Some(plan), _, Some(meter)) => format!("plan {plan}: usage of {meter}"),
+            (Some(plan), _, None) => format!("plan {plan}: fee"),
+            (_, Some(pack), _) => format!("pack {pack}"),
+            _ => continue,
+        };
+        println!(
+            "for sale  {sells}: {} ({} {} smallest unit{})",
+            price.price_id,
+            price.unit_amount_decimal,
+            price.currency,
+            price
+                .recurring_interval
+                .as_deref()
+                .map(|i| format!(" a {i}"))
+                .unwrap_or_default()
+        );
+    }
+    for name in &checked.not_for_sale {
+        println!("not for sale  {name}: no Stripe price (run `tally plans sync --create`)");
+    }
+    Ok(())
 }

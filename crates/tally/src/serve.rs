@@ -3,7 +3,7 @@
 use std::sync::Arc;
 
 use anyhow::{bail, Context};
-use tally_api::{Access, ApiState, StripeWebhook};
+use tally_api::{Access, ApiState, SelfServe, StripeWebhook};
 use tally_emitter::Emitter;
 use tally_quota::{Quota, QuotaOptions};
 use tokio_util::sync::CancellationToken;
@@ -14,11 +14,11 @@ use crate::process::{cancel_on_signal, lazy_pool, prepare_database, runtime, Pat
 /// Stripe's API for the webhook endpoint's same-second ties, when there is a secret key.
 fn stripe_api(config: &TallyConfig) -> Option<tally_sink::StripeHttp> {
     if config.stripe.secret_key.expose().is_empty() {
-        tracing::warn!("STRIPE_SECRET_KEY is not set: two webhook events of one second are ordered by status, not by asking Stripe");
+        tracing::warn!("STRIPE_SECRET_KEY is not set: Checkout and the billing portal answer 503, and two webhook events of one second are ordered by status, not by asking Stripe");
         return None;
     }
     tally_sink::StripeHttp::new(&config.stripe)
-        .inspect_err(|error| tracing::warn!(%error, "Stripe's API cannot be used: two webhook events of one second are ordered by status"))
+        .inspect_err(|error| tracing::warn!(%error, "Stripe's API cannot be used: Checkout and the billing portal answer 503, and two webhook events of one second are ordered by status"))
         .ok()
 }
 
@@ -97,6 +97,7 @@ pub(crate) fn run(config: &TallyConfig) -> anyhow::Result<()> {
             tracing::warn!("STRIPE_WEBHOOK_SECRET is not set: POST /v1/webhooks/stripe answers 503 WEBHOOKS_DISABLED");
         }
         let key = config.stripe.secret_key.expose();
+        let stripe = stripe_api(config);
         let state = Arc::new(ApiState {
             fallback_plan: config.subscriptions.fallback_plan.clone(),
             alert_destinations: config.alerts.destinations(),
@@ -109,8 +110,13 @@ pub(crate) fn run(config: &TallyConfig) -> anyhow::Result<()> {
             stripe_webhook: (!webhook_secret.is_empty()).then(|| StripeWebhook {
                 secret: webhook_secret.clone(),
                 livemode: key.starts_with("sk_live_") || key.starts_with("rk_live_"),
-                stripe: stripe_api(config),
+                stripe: stripe.clone(),
             }),
+            billing: SelfServe {
+                stripe,
+                packs: config.credits.packs.clone(),
+                return_origins: serve.checkout_return_origins.clone(),
+            },
         });
         // Period ends, trials and the fallback plan of the subscriptions tally manages; with
         // several replicas, each subscription is advanced by one of them.

@@ -122,6 +122,7 @@ impl AdminApi {
             stripe_webhook: None,
             fallback_plan: fallback_plan.map(str::to_owned),
             alert_destinations: destinations,
+            billing: Default::default(),
         };
         AdminApi {
             app: tally_api::router(

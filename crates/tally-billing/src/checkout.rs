@@ -1,0 +1,741 @@
+//! Self-serve billing through Stripe: Checkout Sessions for a plan (mode `subscription`) or a
+//! credit pack (mode `payment`), the billing portal, and what their webhook events do.
+//!
+//! A session is recorded in `checkout_sessions` before Stripe is asked, and its `checkout_id`
+//! travels in the session's metadata, so every session Stripe holds for tally is found again,
+//! even one whose answer never arrived. Webhook events act only on recorded sessions, and only
+//! with what the record says (customer, pack, credits, amount): a session tally did not open,
+//! or one whose customer or amount differ from the record, grants nothing.
+//!
+//! - A paid pack (`checkout.session.completed` with `payment_status = paid`, or
+//!   `checkout.session.async_payment_succeeded`) is granted once, as a `purchased` grant under
+//!   the key `checkout:<session id>`, in the event's transaction.
+//! - A refund (`charge.refunded`) voids what is left of the pack's grant; one that comes before
+//!   the payment's completion is kept (`stripe_refunds`), and the completion grants nothing.
+//! - A plan's session records the subscription it created; `customer.subscription.*` events
+//!   make it live (`stripe.rs`), ending a tally-managed subscription the customer had.
+
+use std::collections::HashMap;
+
+use chrono::{DateTime, Utc};
+use rust_decimal::Decimal;
+use sqlx::{PgConnection, PgPool};
+use stripe_billing::billing_portal_session::CreateBillingPortalSession;
+use stripe_checkout::checkout_session::{
+    CreateCheckoutSession, CreateCheckoutSessionLineItems, CreateCheckoutSessionSubscriptionData,
+};
+use stripe_client_core::{RequestStrategy, StripeRequest};
+use stripe_shared::CheckoutSessionMode;
+use tally_credits::{Actor, CreditError, CreditPack};
+use tally_sink::{StripeCallError, StripeHttp};
+use uuid::Uuid;
+
+use crate::catalog::{self, PriceKind};
+use crate::stripe::{StripeEvent, WebhookError, WebhookOutcome};
+
+/// The metadata key that carries a session's `checkout_id` (on the session and on the
+/// subscription it creates).
+pub const CHECKOUT_ID_KEY: &str = "tally_checkout_id";
+
+/// Why a session or a portal could not be opened; [`CheckoutError::code`] is its stable code.
+#[derive(Debug, thiserror::Error)]
+pub enum CheckoutError {
+    #[error("no plan {0:?}; add it to [[plans]] in tally.toml and run `tally plans apply`")]
+    UnknownPlan(String),
+    #[error("plan {0:?} has no Stripe price tally has checked; give it stripe_prices (or run `tally plans sync --create`), then `tally plans apply`")]
+    PlanNotForSale(String),
+    #[error("no credit pack {0:?}; add it to [[credits.packs]] in tally.toml")]
+    UnknownPack(String),
+    #[error("credit pack {0:?} has no Stripe price tally has checked; give it stripe_price (or run `tally plans sync --create`), then `tally plans apply`")]
+    PackNotForSale(String),
+    #[error("customer {0:?} has no Stripe customer; run `tally customers sync --create` or `tally customers map {0} cus_…`")]
+    NoStripeCustomer(String),
+    #[error("{field} {url:?} is refused: {why}")]
+    BadReturnUrl {
+        field: &'static str,
+        url: String,
+        why: String,
+    },
+    #[error("Stripe refused the session: {0}")]
+    StripeRefused(StripeCallError),
+    #[error("Stripe could not be reached ({0}); try again")]
+    StripeUnavailable(StripeCallError),
+    #[error(
+        "no Stripe secret key: set STRIPE_SECRET_KEY for `tally serve` to sell through Checkout"
+    )]
+    StripeNotConfigured,
+    #[error("Postgres: {0}")]
+    Store(#[from] sqlx::Error),
+}
+
+impl CheckoutError {
+    pub fn code(&self) -> &'static str {
+        match self {
+            CheckoutError::UnknownPlan(_) => "UNKNOWN_PLAN",
+            CheckoutError::PlanNotForSale(_) => "PLAN_NOT_FOR_SALE",
+            CheckoutError::UnknownPack(_) => "UNKNOWN_PACK",
+            CheckoutError::PackNotForSale(_) => "PACK_NOT_FOR_SALE",
+            CheckoutError::NoStripeCustomer(_) => "NO_STRIPE_CUSTOMER",
+            CheckoutError::BadReturnUrl { .. } => "INVALID_RETURN_URL",
+            CheckoutError::StripeRefused(_) => "STRIPE_REFUSED",
+            CheckoutError::StripeUnavailable(_) => "STRIPE_UNAVAILABLE",
+            CheckoutError::StripeNotConfigured => "STRIPE_NOT_CONFIGURED",
+            CheckoutError::Store(_) => "STORE_UNAVAILABLE",
+        }
+    }
+
+    pub fn http_status(&self) -> u16 {
+        match self {
+            CheckoutError::UnknownPlan(_) | CheckoutError::UnknownPack(_) => 404,
+            CheckoutError::PlanNotForSale(_)
+            | CheckoutError::PackNotForSale(_)
+            | CheckoutError::NoStripeCustomer(_) => 409,
+            CheckoutError::BadReturnUrl { .. } => 400,
+            CheckoutError::StripeRefused(_) => 502,
+            CheckoutError::StripeUnavailable(_)
+            | CheckoutError::StripeNotConfigured
+            | CheckoutError::Store(_) => 503,
+        }
+    }
+}
+
+/// Where Stripe sends the customer back: https (http only to a loopback host, for local
+/// development), no user name or password, at most 2,048 characters, and, when `allowed` is
+/// not empty, on one of its origins (`https://app.example.com`).
+pub fn check_return_url(
+    field: &'static str,
+    url: &str,
+    allowed: &[String],
+) -> Result<(), CheckoutError> {
+    let refuse = |why: &str| CheckoutError::BadReturnUrl {
+        field,
+        url: url.chars().take(200).collect(),
+        why: why.to_owned(),
+    };
+    if url.len() > 2048 {
+        return Err(refuse("longer than 2048 characters"));
+    }
+    let uri: http::Uri = url.parse().map_err(|_| refuse("not a URL"))?;
+    let (Some(scheme), Some(authority)) = (uri.scheme_str(), uri.authority()) else {
+        return Err(refuse("not an absolute URL"));
+    };
+    if authority.as_str().contains('@') {
+        return Err(refuse("a URL with a user name or password"));
+    }
+    let host = authority
+        .host()
+        .trim_start_matches('[')
+        .trim_end_matches(']');
+    let loopback = host == "localhost"
+        || host
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback());
+    match scheme {
+        "https" => {}
+        "http" if loopback => {}
+        _ => return Err(refuse("must be https (http only to localhost)")),
+    }
+    let origin = format!("{scheme}://{}", authority.as_str()).to_ascii_lowercase();
+    if !allowed.is_empty() && !allowed.iter().any(|a| a.trim_end_matches('/') == origin) {
+        return Err(refuse(&format!(
+            "{origin} is not one of serve.checkout_return_origins"
+        )));
+    }
+    Ok(())
+}
+
+/// Who opens a session, and where the customer goes after.
+#[derive(Debug, Clone)]
+pub struct CheckoutRequest<'a> {
+    pub customer: &'a str,
+    pub success_url: &'a str,
+    pub cancel_url: &'a str,
+    /// For the record: the token's name.
+    pub requested_by: &'a str,
+}
+
+/// A Checkout Session opened: send the customer to `url`.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct OpenedSession {
+    pub id: String,
+    pub url: String,
+}
+
+/// Opens a Checkout Session (mode `subscription`) for `plan`: its fee and its metered prices,
+/// so usage bills on the same subscription.
+pub async fn checkout_plan(
+    pool: &PgPool,
+    stripe: &StripeHttp,
+    plan: &str,
+    request: &CheckoutRequest<'_>,
+) -> Result<OpenedSession, CheckoutError> {
+    let known: Option<String> = sqlx::query_scalar("SELECT name FROM plans WHERE name = $1")
+        .bind(plan)
+        .fetch_optional(pool)
+        .await?;
+    if known.is_none() {
+        return Err(CheckoutError::UnknownPlan(plan.to_owned()));
+    }
+    let prices = catalog::prices_of(pool, Some(plan), None).await?;
+    if prices.is_empty() {
+        return Err(CheckoutError::PlanNotForSale(plan.to_owned()));
+    }
+    let stripe_customer = stripe_customer(pool, request.customer).await?;
+    let fee: Decimal = prices
+        .iter()
+        .filter(|p| p.kind == PriceKind::Licensed)
+        .map(|p| p.unit_amount_decimal)
+        .sum();
+    let record = Record {
+        mode: "subscription",
+        plan: Some(plan),
+        pack: None,
+        amount: fee.round().try_into().unwrap_or(i64::MAX),
+        currency: &prices[0].currency,
+    };
+    let checkout_id = record.insert(pool, request, &stripe_customer).await?;
+    let metadata = HashMap::from([
+        (CHECKOUT_ID_KEY.to_owned(), checkout_id.clone()),
+        ("tally_customer".to_owned(), request.customer.to_owned()),
+    ]);
+    let mut subscription_data = CreateCheckoutSessionSubscriptionData::new();
+    let mut subscription_metadata = metadata.clone();
+    subscription_metadata.insert("tally_plan".to_owned(), plan.to_owned());
+    subscription_data.metadata = Some(subscription_metadata);
+    let line_items = prices
+        .iter()
+        .map(|price| {
+            let mut item = CreateCheckoutSessionLineItems::new();
+            item.price = Some(price.price_id.clone());
+            // A metered price takes no quantity (Stripe refuses one).
+            item.quantity = (price.kind == PriceKind::Licensed).then_some(1);
+            item
+        })
+        .collect::<Vec<_>>();
+    let session = CreateCheckoutSession::new()
+        .mode(CheckoutSessionMode::Subscription)
+        .customer(stripe_customer.as_str())
+        .line_items(line_items)
+        .success_url(request.success_url)
+        .cancel_url(request.cancel_url)
+        .client_reference_id(checkout_id.as_str())
+        .metadata(metadata)
+        .subscription_data(subscription_data);
+    open(pool, stripe, checkout_id, session).await
+}
+
+/// Opens a Checkout Session (mode `payment`) for a credit pack.
+pub async fn checkout_pack(
+    pool: &PgPool,
+    stripe: &StripeHttp,
+    pack: &CreditPack,
+    request: &CheckoutRequest<'_>,
+) -> Result<OpenedSession, CheckoutError> {
+    let price = catalog::prices_of(pool, None, Some(&pack.name))
+        .await?
+        .into_iter()
+        .find(|p| p.kind == PriceKind::OneTime)
+        .ok_or_else(|| CheckoutError::PackNotForSale(pack.name.clone()))?;
+    let stripe_customer = stripe_customer(pool, request.customer).await?;
+    let record = Record {
+        mode: "payment",
+        plan: None,
+        pack: Some(pack),
+        amount: price
+            .unit_amount_decimal
+            .round()
+            .try_into()
+            .unwrap_or(i64::MAX),
+        currency: &price.currency,
+    };
+    let checkout_id = record.insert(pool, request, &stripe_customer).await?;
+    let metadata = HashMap::from([
+        (CHECKOUT_ID_KEY.to_owned(), checkout_id.clone()),
+        ("tally_customer".to_owned(), request.customer.to_owned()),
+        ("tally_pack".to_owned(), pack.name.clone()),
+    ]);
+    let mut item = CreateCheckoutSessionLineItems::new();
+    item.price = Some(price.price_id.clone());
+    item.quantity = Some(1);
+    let session = CreateCheckoutSession::new()
+        .mode(CheckoutSessionMode::Payment)
+        .customer(stripe_customer.as_str())
+        .line_items(vec![item])
+        .success_url(request.success_url)
+        .cancel_url(request.cancel_url)
+        .client_reference_id(checkout_id.as_str())
+        .metadata(metadata);
+    open(pool, stripe, checkout_id, session).await
+}
+
+/// Opens a Stripe billing portal session for the customer (cards, cancellation, invoices on
+/// Stripe's side); its changes come back through the webhooks.
+pub async fn billing_portal(
+    pool: &PgPool,
+    stripe: &StripeHttp,
+    customer: &str,
+    return_url: &str,
+) -> Result<String, CheckoutError> {
+    let stripe_customer = stripe_customer(pool, customer).await?;
+    let session = CreateBillingPortalSession::new()
+        .customer(stripe_customer.as_str())
+        .return_url(return_url)
+        .send(stripe)
+        .await
+        .map_err(stripe_error)?;
+    Ok(session.url)
+}
+
+fn stripe_error(error: StripeCallError) -> CheckoutError {
+    if error.may_have_reached_stripe() || error.is_rate_limit() {
+        CheckoutError::StripeUnavailable(error)
+    } else {
+        CheckoutError::StripeRefused(error)
+    }
+}
+
+async fn stripe_customer(pool: &PgPool, customer: &str) -> Result<String, CheckoutError> {
+    sqlx::query_scalar("SELECT stripe_customer_id FROM stripe_customers WHERE customer_id = $1")
+        .bind(customer)
+        .fetch_optional(pool)
+        .await?
+        .ok_or_else(|| CheckoutError::NoStripeCustomer(customer.to_owned()))
+}
+
+/// A session about to be opened, as `checkout_sessions` records it.
+struct Record<'a> {
+    mode: &'static str,
+    plan: Option<&'a str>,
+    pack: Option<&'a CreditPack>,
+    amount: i64,
+    currency: &'a str,
+}
+
+impl Record<'_> {
+    async fn insert(
+        &self,
+        pool: &PgPool,
+        request: &CheckoutRequest<'_>,
+        stripe_customer: &str,
+    ) -> Result<String, sqlx::Error> {
+        let checkout_id = Uuid::now_v7().to_string();
+        sqlx::query(
+            "INSERT INTO checkout_sessions (checkout_id, customer_id, stripe_customer_id, mode,
+                    plan, pack, credits, credits_expire_after, amount, currency, requested_by)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, make_interval(secs => $8), $9, $10, $11)",
+        )
+        .bind(&checkout_id)
+        .bind(request.customer)
+        .bind(stripe_customer)
+        .bind(self.mode)
+        .bind(self.plan)
+        .bind(self.pack.map(|p| p.name.as_str()))
+        .bind(self.pack.map(|p| p.credits))
+        .bind(
+            self.pack
+                .and_then(|p| p.expires_after)
+                .map(|d| d.as_secs() as f64),
+        )
+        .bind(self.amount)
+        .bind(self.currency)
+        .bind(request.requested_by)
+        .execute(pool)
+        .await?;
+        Ok(checkout_id)
+    }
+}
+
+/// Asks Stripe for the session (idempotently, under the checkout id) and records its id.
+async fn open(
+    pool: &PgPool,
+    stripe: &StripeHttp,
+    checkout_id: String,
+    session: CreateCheckoutSession,
+) -> Result<OpenedSession, CheckoutError> {
+    let key = stripe_client_core::IdempotencyKey::new(format!("tally-checkout:{checkout_id}"))
+        .expect("a uuid fits an idempotency key");
+    let created = session
+        .customize()
+        .request_strategy(RequestStrategy::Idempotent(key))
+        .send(stripe)
+        .await;
+    let created = match created {
+        Ok(created) => created,
+        Err(error) => {
+            if !error.may_have_reached_stripe() {
+                // Stripe holds no session: the record has nothing to wait for.
+                sqlx::query("DELETE FROM checkout_sessions WHERE checkout_id = $1")
+                    .bind(&checkout_id)
+                    .execute(pool)
+                    .await?;
+            }
+            return Err(stripe_error(error));
+        }
+    };
+    let id = created.id.as_str().to_owned();
+    sqlx::query(
+        "UPDATE checkout_sessions SET session_id = $2, updated_at = now() WHERE checkout_id = $1",
+    )
+    .bind(&checkout_id)
+    .bind(&id)
+    .execute(pool)
+    .await?;
+    let url = created.url.ok_or_else(|| {
+        CheckoutError::StripeRefused(StripeCallError::transport(
+            "Stripe answered a session without a url",
+        ))
+    })?;
+    Ok(OpenedSession { id, url })
+}
+
+/// What a `checkout.session.*` event says about the session.
+#[derive(Debug, Clone)]
+pub struct StripeCheckoutSession {
+    pub id: String,
+    /// `payment` or `subscription`.
+    pub mode: String,
+    /// `paid`, `unpaid` or `no_payment_required`.
+    pub payment_status: String,
+    pub stripe_customer: Option<String>,
+    pub payment_intent: Option<String>,
+    pub subscription: Option<String>,
+    pub amount_total: Option<i64>,
+    pub currency: Option<String>,
+    /// `metadata.tally_checkout_id`.
+    pub checkout_id: Option<String>,
+}
+
+/// Which `checkout.session.*` event.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CheckoutEvent {
+    Completed,
+    AsyncPaymentSucceeded,
+    AsyncPaymentFailed,
+    Expired,
+}
+
+/// What a `charge.refunded` event says.
+#[derive(Debug, Clone)]
+pub struct StripeRefund {
+    pub charge: String,
+    pub payment_intent: Option<String>,
+    pub amount: i64,
+    pub amount_refunded: i64,
+}
+
+#[derive(sqlx::FromRow)]
+struct SessionRow {
+    checkout_id: String,
+    session_id: Option<String>,
+    customer_id: String,
+    stripe_customer_id: String,
+    mode: String,
+    pack: Option<String>,
+    credits: Option<Decimal>,
+    credits_expire_seconds: Option<i64>,
+    amount: i64,
+    currency: String,
+    status: String,
+    grant_id: Option<i64>,
+}
+
+const SESSION_COLUMNS: &str = "checkout_id, session_id, customer_id, stripe_customer_id, mode,
+    pack, credits, extract(epoch FROM credits_expire_after)::bigint AS credits_expire_seconds,
+    amount, currency, status, grant_id";
+
+/// Applies a `checkout.session.*` event inside the webhook's transaction.
+pub(crate) async fn apply_session(
+    tx: &mut PgConnection,
+    event: &StripeEvent,
+    kind: CheckoutEvent,
+    session: &StripeCheckoutSession,
+) -> Result<WebhookOutcome, WebhookError> {
+    // Only a well-formed id is looked up (the metadata is Stripe's copy of what tally wrote).
+    let checkout_id = session
+        .checkout_id
+        .as_deref()
+        .filter(|id| Uuid::parse_str(id).is_ok());
+    let row: Option<SessionRow> = sqlx::query_as(&format!(
+        "SELECT {SESSION_COLUMNS} FROM checkout_sessions
+         WHERE session_id = $1 OR checkout_id = $2 ORDER BY session_id = $1 DESC LIMIT 1 FOR UPDATE"
+    ))
+    .bind(&session.id)
+    .bind(checkout_id)
+    .fetch_optional(&mut *tx)
+    .await?;
+    let Some(row) = row else {
+        tracing::warn!(event = %event.id, session = %session.id, "a Checkout Session tally did not open: recorded, nothing done");
+        return Ok(WebhookOutcome::NotTallys);
+    };
+    let mismatch = |what: String| {
+        tracing::warn!(event = %event.id, session = %session.id, checkout = %row.checkout_id, "{what}: recorded, nothing granted");
+        Ok(WebhookOutcome::Refused)
+    };
+    if row.session_id.as_deref().is_some_and(|id| id != session.id) {
+        return mismatch(format!(
+            "the session is not the one recorded ({:?})",
+            row.session_id
+        ));
+    }
+    if session.stripe_customer.as_deref() != Some(row.stripe_customer_id.as_str()) {
+        return mismatch(format!(
+            "the session's Stripe customer {:?} is not the recorded {}",
+            session.stripe_customer, row.stripe_customer_id
+        ));
+    }
+    if session.mode != row.mode {
+        return mismatch(format!(
+            "the session's mode {} is not the recorded {}",
+            session.mode, row.mode
+        ));
+    }
+    let customer = row.customer_id.clone();
+    let next_status = match (row.mode.as_str(), kind) {
+        (_, CheckoutEvent::Expired) if row.status == "open" => "expired",
+        (_, CheckoutEvent::Expired) => row.status.as_str(),
+        ("subscription", CheckoutEvent::Completed) if row.status == "open" => "complete",
+        ("subscription", _) => row.status.as_str(),
+        ("payment", CheckoutEvent::AsyncPaymentFailed)
+            if row.status == "complete" || row.status == "open" =>
+        {
+            "payment_failed"
+        }
+        ("payment", CheckoutEvent::Completed | CheckoutEvent::AsyncPaymentSucceeded)
+            if session.payment_status == "paid" =>
+        {
+            return grant_pack(tx, event, &row, session).await;
+        }
+        ("payment", CheckoutEvent::Completed) if row.status == "open" => "complete",
+        _ => row.status.as_str(),
+    };
+    sqlx::query(
+        "UPDATE checkout_sessions SET status = $2, session_id = $3,
+                payment_intent = coalesce(payment_intent, $4),
+                stripe_subscription_id = coalesce(stripe_subscription_id, $5), updated_at = now()
+         WHERE checkout_id = $1",
+    )
+    .bind(&row.checkout_id)
+    .bind(next_status)
+    .bind(&session.id)
+    .bind(&session.payment_intent)
+    .bind(&session.subscription)
+    .execute(&mut *tx)
+    .await?;
+    Ok(WebhookOutcome::Applied {
+        customer: Some(customer),
+    })
+}
+
+/// A paid pack: granted once, unless it was refunded first or the amount is not the one sold.
+async fn grant_pack(
+    tx: &mut PgConnection,
+    event: &StripeEvent,
+    row: &SessionRow,
+    session: &StripeCheckoutSession,
+) -> Result<WebhookOutcome, WebhookError> {
+    let customer = Some(row.customer_id.clone());
+    if matches!(row.status.as_str(), "granted" | "refunded") {
+        // Granted by the other of the two events that say "paid", or refunded before.
+        return Ok(WebhookOutcome::Applied { customer });
+    }
+    if session.amount_total != Some(row.amount)
+        || session.currency.as_deref() != Some(row.currency.as_str())
+    {
+        tracing::warn!(event = %event.id, session = %session.id, paid = ?session.amount_total, currency = ?session.currency, sold = row.amount, "a pack paid at another amount than it was sold for: nothing granted");
+        return Ok(WebhookOutcome::Refused);
+    }
+    let refunded_before: Option<String> = match &session.payment_intent {
+        Some(intent) => {
+            sqlx::query_scalar("SELECT event_id FROM stripe_refunds WHERE payment_intent = $1")
+                .bind(intent)
+                .fetch_optional(&mut *tx)
+                .await?
+        }
+        None => None,
+    };
+    let (status, grant_id) = if refunded_before.is_some() {
+        ("refunded", None)
+    } else {
+        let (Some(pack), Some(credits)) = (&row.pack, row.credits) else {
+            return Ok(WebhookOutcome::Refused);
+        };
+        let expires_at = row
+            .credits_expire_seconds
+            .and_then(chrono::TimeDelta::try_seconds)
+            .and_then(|d| Utc::now().checked_add_signed(d));
+        let payment = session.payment_intent.as_deref().unwrap_or("none");
+        let actor = Actor::new(
+            &format!("stripe:{}", event.id),
+            &format!(
+                "credit pack {pack} bought through Checkout session {} (payment {payment})",
+                session.id
+            ),
+        )
+        .map_err(credit_error)?;
+        let description = format!("Credit pack {pack}");
+        let granted = tally_credits::grant_purchase(
+            tx,
+            &row.customer_id,
+            &session.id,
+            credits,
+            expires_at,
+            &description,
+            &actor,
+        )
+        .await
+        .map_err(credit_error)?;
+        ("granted", Some(granted.grant.grant_id))
+    };
+    sqlx::query(
+        "UPDATE checkout_sessions SET status = $2, grant_id = $3, session_id = $4,
+                payment_intent = coalesce(payment_intent, $5), updated_at = now()
+         WHERE checkout_id = $1",
+    )
+    .bind(&row.checkout_id)
+    .bind(status)
+    .bind(grant_id)
+    .bind(&session.id)
+    .bind(&session.payment_intent)
+    .execute(&mut *tx)
+    .await?;
+    Ok(WebhookOutcome::Applied { customer })
+}
+
+/// A refund voids what is left of the pack its payment bought; one of a payment tally has not
+/// seen completed yet is kept, so the completion grants nothing.
+pub(crate) async fn apply_refund(
+    tx: &mut PgConnection,
+    event: &StripeEvent,
+    refund: &StripeRefund,
+) -> Result<WebhookOutcome, WebhookError> {
+    let Some(intent) = &refund.payment_intent else {
+        return Ok(WebhookOutcome::Ignored);
+    };
+    let row: Option<SessionRow> = sqlx::query_as(&format!(
+        "SELECT {SESSION_COLUMNS} FROM checkout_sessions WHERE payment_intent = $1 FOR UPDATE"
+    ))
+    .bind(intent)
+    .fetch_optional(&mut *tx)
+    .await?;
+    let Some(row) = row else {
+        sqlx::query(
+            "INSERT INTO stripe_refunds (payment_intent, charge_id, amount_refunded, event_id)
+             VALUES ($1, $2, $3, $4)
+             ON CONFLICT (payment_intent) DO UPDATE SET amount_refunded =
+                 greatest(stripe_refunds.amount_refunded, EXCLUDED.amount_refunded)",
+        )
+        .bind(intent)
+        .bind(&refund.charge)
+        .bind(refund.amount_refunded)
+        .bind(&event.id)
+        .execute(&mut *tx)
+        .await?;
+        return Ok(WebhookOutcome::NotTallys);
+    };
+    if let Some(grant_id) = row.grant_id.filter(|_| row.status == "granted") {
+        let actor = Actor::new(
+            &format!("stripe:{}", event.id),
+            &format!(
+                "refunded in Stripe: charge {} ({} of {} refunded), Checkout session {}",
+                refund.charge,
+                refund.amount_refunded,
+                refund.amount,
+                row.session_id.as_deref().unwrap_or("unknown")
+            ),
+        )
+        .map_err(credit_error)?;
+        match tally_credits::void_in(tx, &row.customer_id, grant_id, &actor).await {
+            // Expired or voided already: nothing is left to take back.
+            Ok(_) | Err(CreditError::Closed { .. }) => {}
+            Err(error) => return Err(credit_error(error)),
+        }
+    }
+    sqlx::query("UPDATE checkout_sessions SET status = 'refunded', updated_at = now() WHERE checkout_id = $1")
+        .bind(&row.checkout_id)
+        .execute(&mut *tx)
+        .await?;
+    Ok(WebhookOutcome::Applied {
+        customer: Some(row.customer_id),
+    })
+}
+
+fn credit_error(error: CreditError) -> WebhookError {
+    match error {
+        CreditError::Store(e) => WebhookError::Store(e.into()),
+        other => WebhookError::Credits(other.to_string()),
+    }
+}
+
+/// A session as the API lists it.
+#[derive(Debug, Clone, serde::Serialize, sqlx::FromRow)]
+pub struct CheckoutRecord {
+    pub session_id: Option<String>,
+    pub customer_id: String,
+    pub mode: String,
+    pub plan: Option<String>,
+    pub pack: Option<String>,
+    pub status: String,
+    pub amount: i64,
+    pub currency: String,
+    pub grant_id: Option<i64>,
+    pub created_at: DateTime<Utc>,
+}
+
+/// Whether the Stripe subscription came from a tally Checkout Session of this customer's for
+/// a plan (its metadata names the session's checkout id): it then replaces a tally-managed
+/// subscription the customer has.
+pub(crate) async fn from_checkout(
+    tx: &mut PgConnection,
+    customer: &str,
+    checkout_id: Option<&str>,
+) -> Result<bool, sqlx::Error> {
+    let Some(id) = checkout_id.filter(|id| Uuid::parse_str(id).is_ok()) else {
+        return Ok(false);
+    };
+    let found: Option<i32> = sqlx::query_scalar(
+        "SELECT 1 FROM checkout_sessions
+         WHERE checkout_id = $1 AND customer_id = $2 AND mode = 'subscription'",
+    )
+    .bind(id)
+    .bind(customer)
+    .fetch_optional(&mut *tx)
+    .await?;
+    Ok(found.is_some())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn return_urls_are_https_or_loopback_and_on_allowed_origins() {
+        for ok in [
+            "https://app.example.com/billing?done=1",
+            "http://localhost:3000/ok",
+            "http://127.0.0.1/ok",
+            "http://[::1]:8080/ok",
+        ] {
+            check_return_url("success_url", ok, &[]).unwrap();
+        }
+        for bad in [
+            "http://app.example.com/ok",
+            "javascript:alert(1)",
+            "https://user:pw@app.example.com/",
+            "/relative",
+            "ftp://example.com/",
+        ] {
+            let error = check_return_url("success_url", bad, &[]).unwrap_err();
+            assert_eq!(error.code(), "INVALID_RETURN_URL", "{bad}");
+        }
+        let allowed = vec!["https://app.example.com".to_owned()];
+        check_return_url("cancel_url", "https://app.example.com/x", &allowed).unwrap();
+        check_return_url("cancel_url", "https://APP.example.com/x", &allowed).unwrap();
+        assert!(check_return_url("cancel_url", "https://evil.example.net/x", &allowed).is_err());
+        assert!(check_return_url(
+            "cancel_url",
+            &format!("https://a.com/{}", "x".repeat(3000)),
+            &[]
+        )
+        .is_err());
+    }
+}
