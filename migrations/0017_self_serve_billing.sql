@@ -65,6 +65,12 @@ CREATE TABLE stripe_refunds (
     received_at     timestamptz NOT NULL DEFAULT now()
 );
 
+-- Webhook outcomes of self-serve billing: an event about a session or payment tally did not
+-- open (not_tallys), and one about tally's session that does not match its record (refused).
+ALTER TABLE stripe_webhook_events DROP CONSTRAINT stripe_webhook_events_outcome_check;
+ALTER TABLE stripe_webhook_events ADD CONSTRAINT stripe_webhook_events_outcome_check
+    CHECK (outcome IN ('applied', 'stale', 'ignored', 'not_tallys', 'refused'));
+
 -- Invoices keep their links and lines. lines: [{id, price, meter, description, quantity,
 -- amount, period_start, period_end}], meter named when the price is a plan's metered price.
 ALTER TABLE stripe_invoices

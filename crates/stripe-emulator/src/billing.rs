@@ -274,7 +274,7 @@ impl Billing {
 
     /// `GET /v1/prices`: `lookup_keys[]`, `product`.
     pub(crate) fn list_prices(&self, query: &Form) -> Reply {
-        let keys: Vec<String> = query.all("lookup_keys[]").collect();
+        let keys = query.array("lookup_keys");
         let product = query.get("product");
         let data: Vec<Value> = self
             .prices

@@ -31,12 +31,21 @@ impl Form {
             .map(|(_, v)| v.as_str())
     }
 
-    /// Every value of a repeated key (`enabled_events[]=a&enabled_events[]=b`).
-    pub(crate) fn all<'a>(&'a self, key: &'a str) -> impl Iterator<Item = String> + 'a {
+    /// Every value of an array parameter, written `key[]=a&key[]=b` or `key[0]=a&key[1]=b`
+    /// (Stripe's libraries write the second).
+    pub(crate) fn array(&self, key: &str) -> Vec<String> {
         self.0
             .iter()
-            .filter(move |(k, _)| k == key)
+            .filter(|(k, _)| {
+                k.strip_prefix(key)
+                    .and_then(|rest| rest.strip_prefix('['))
+                    .and_then(|rest| rest.strip_suffix(']'))
+                    .is_some_and(|index| {
+                        index.is_empty() || index.bytes().all(|b| b.is_ascii_digit())
+                    })
+            })
             .map(|(_, v)| v.clone())
+            .collect()
     }
 
     /// The entries `prefix[key]=value`, as `key → value`.

@@ -97,10 +97,7 @@ impl Webhooks {
         if !(url.starts_with("http://") || url.starts_with("https://")) {
             return Reply::invalid(format!("Invalid URL: {url}"), Some("url"));
         }
-        let mut enabled_events: Vec<String> = form
-            .all("enabled_events[]")
-            .chain(form.nested("enabled_events").into_values())
-            .collect();
+        let mut enabled_events = form.array("enabled_events");
         if enabled_events.is_empty() {
             enabled_events.push("*".into());
         }
