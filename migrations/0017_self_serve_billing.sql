@@ -122,3 +122,35 @@ SELECT i.invoice_id,
 FROM stripe_invoices i
 CROSS JOIN LATERAL jsonb_array_elements(i.lines) AS l(line);
 
+
+-- Usage that prepaid credits pay for is not billed to Stripe. What of a customer's meter in
+-- [from_ts, to_ts) Stripe must not bill: usage credits covered (consume entries drawn from a
+-- grant) and usage still queued for the burner (not yet known to be covered or not; the burner
+-- marks its slots changed when it has burned it, so the sink bills what stayed uncovered then).
+-- Defined once, here: the sink bills `usage - usage_paid_by_credits`, and reconcile compares
+-- Stripe with the same. STABLE: inside one statement it reads that statement's snapshot, so
+-- usage, queue and ledger are seen at one moment.
+CREATE FUNCTION usage_paid_by_credits(customer text, meter text, from_ts timestamptz, to_ts timestamptz)
+RETURNS numeric LANGUAGE sql STABLE AS $$
+    SELECT coalesce((SELECT sum(t.quantity) FROM credit_transactions t
+                     WHERE t.customer_id = $1 AND t.meter = $2 AND t.kind = 'consume'
+                       AND t.grant_id IS NOT NULL
+                       AND t.window_start >= $3 AND t.window_start < $4), 0)
+         + coalesce((SELECT sum(q.quantity) FROM credit_usage_queue q
+                     WHERE q.customer_id = $1 AND q.meter = $2
+                       AND q.window_start >= $3 AND q.window_start < $4), 0)
+$$;
+CREATE INDEX credit_usage_queue_window ON credit_usage_queue (customer_id, meter, window_start);
+
+-- Per customer, meter and UTC day: usage prepaid credits covered (not billed to Stripe) and
+-- usage the burner found no credits for (billed).
+CREATE VIEW finance_credit_usage_daily AS
+SELECT customer_id,
+       meter,
+       (window_start AT TIME ZONE 'UTC')::date AS day,
+       coalesce(sum(quantity) FILTER (WHERE grant_id IS NOT NULL), 0) AS covered,
+       coalesce(sum(quantity) FILTER (WHERE grant_id IS NULL), 0) AS uncovered,
+       coalesce(-sum(amount), 0) AS credits
+FROM credit_transactions
+WHERE kind = 'consume'
+GROUP BY 1, 2, 3;

@@ -17,7 +17,7 @@
 
 mod draw;
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -248,6 +248,7 @@ async fn burn_queued(pool: &PgPool, rates: &RateCard) -> Result<BurnReport, sqlx
             .collect();
         set_aside(&mut tx, &stuck).await?;
     }
+    mark_slots_changed(&mut tx, &rows, &stuck).await?;
     let burned: Vec<String> = retry
         .into_iter()
         .filter(|c| !set_aside_customers.contains_key(c))
@@ -261,6 +262,43 @@ async fn burn_queued(pool: &PgPool, rates: &RateCard) -> Result<BurnReport, sqlx
 /// The customers' open grants with credits left, locked, each customer's in draw order; and
 /// the customers one of whose grants holds more than a decimal can (read as text, so that one
 /// such grant is its customer's problem, not every customer's).
+/// Tells the sink which billing slots hold usage burned now: what credits did not cover is
+/// Stripe's to bill once burned (the sink leaves queued usage out, `usage_paid_by_credits`), so
+/// each slot is accounted again. Rows set aside stay queued and change nothing yet.
+async fn mark_slots_changed(
+    tx: &mut PgConnection,
+    rows: &[Queued],
+    stuck: &HashMap<i64, &str>,
+) -> Result<(), sqlx::Error> {
+    let slots: BTreeSet<(&str, &str, DateTime<Utc>)> = rows
+        .iter()
+        .filter(|r| !stuck.contains_key(&r.queue_id))
+        .map(|r| {
+            (
+                r.customer_id.as_str(),
+                r.meter.as_str(),
+                tally_core::window::slot_start(r.window_start),
+            )
+        })
+        .collect();
+    if slots.is_empty() {
+        return Ok(());
+    }
+    let customers: Vec<&str> = slots.iter().map(|s| s.0).collect();
+    let meters: Vec<&str> = slots.iter().map(|s| s.1).collect();
+    let starts: Vec<DateTime<Utc>> = slots.iter().map(|s| s.2).collect();
+    sqlx::query(
+        "INSERT INTO usage_slot_changes (customer_id, meter, slot_start)
+         SELECT * FROM UNNEST($1::text[], $2::text[], $3::timestamptz[])",
+    )
+    .bind(&customers)
+    .bind(&meters)
+    .bind(&starts)
+    .execute(&mut *tx)
+    .await?;
+    Ok(())
+}
+
 async fn open_grants(
     tx: &mut PgConnection,
     customers: &[&str],

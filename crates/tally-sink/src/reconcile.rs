@@ -62,8 +62,12 @@ pub struct ReconcileRow {
     pub customer: String,
     pub meter: String,
     pub kind: BillingKind,
-    /// Sum of the windows (delta meters), or the value of the last slot (last meters).
+    /// Sum of the windows that is Stripe's to bill (delta meters: the usage prepaid credits
+    /// did not pay for), or the value of the last slot (last meters).
     pub windows: Decimal,
+    /// Usage of the windows prepaid credits paid for (or the burner has yet to burn): not
+    /// billed to Stripe (`usage_paid_by_credits`). Delta meters only.
+    pub credited: Decimal,
     /// Units Stripe accepted per the outbox, less the units of canceled events (delta), or the
     /// last value sent (last).
     pub sent: Decimal,
@@ -99,13 +103,18 @@ pub async fn reconcile(
     let meters = store::billed_meters(pool).await?;
     let mut rows: BTreeMap<(String, String), ReconcileRow> = BTreeMap::new();
     // As text, so that one customer's sum beyond a decimal spoils only its own row.
-    let windows: Vec<(String, String, String, String)> = sqlx::query_as(
+    let windows: Vec<(String, String, String, String, String)> = sqlx::query_as(
         "WITH billed AS (SELECT name, aggregation FROM meters WHERE aggregation <> 'unique_count'),
-              sums AS (
-                SELECT u.customer_id, u.meter, 'delta' AS kind, sum(u.value) AS value
+              usage AS (
+                SELECT u.customer_id, u.meter, sum(u.value) AS value,
+                       usage_paid_by_credits(u.customer_id, u.meter, $1, $2) AS credited
                 FROM usage_minute u JOIN billed b ON b.name = u.meter AND b.aggregation IN ('sum', 'count')
                 WHERE u.window_start >= $1 AND u.window_start < $2
                 GROUP BY u.customer_id, u.meter),
+              sums AS (
+                SELECT customer_id, meter, 'delta' AS kind,
+                       greatest(value - credited, 0) AS value, credited
+                FROM usage),
               last_slot AS (
                 SELECT u.customer_id, u.meter, b.aggregation,
                        date_bin('5 minutes', max(u.window_start), timestamptz 'epoch') AS slot
@@ -120,21 +129,27 @@ pub async fn reconcile(
                 JOIN last_slot l ON l.customer_id = u.customer_id AND l.meter = u.meter
                  AND u.window_start >= l.slot AND u.window_start < l.slot + interval '5 minutes'
                 GROUP BY u.customer_id, u.meter)
-         SELECT customer_id, meter, kind, value::text FROM sums
-         UNION ALL SELECT customer_id, meter, kind, value::text FROM lasts",
+         SELECT customer_id, meter, kind, value::text, credited::text FROM sums
+         UNION ALL SELECT customer_id, meter, kind, value::text, '0' FROM lasts",
     )
     .bind(from)
     .bind(to)
     .fetch_all(pool)
     .await
     .map_err(SinkStoreError::from)?;
-    for (customer, meter, kind, value) in windows {
+    for (customer, meter, kind, value, credited) in windows {
         let entry = row(&mut rows, customer, meter, kind_of(&kind));
-        match Decimal::from_str_exact(&value) {
-            Ok(value) => entry.windows = value,
-            Err(_) => {
+        match (
+            Decimal::from_str_exact(&value),
+            Decimal::from_str_exact(&credited),
+        ) {
+            (Ok(value), Ok(credited)) => {
+                entry.windows = value;
+                entry.credited = credited;
+            }
+            _ => {
                 entry.quarantined = Some(format!(
-                    "the windows sum to {value}, beyond what a 28-digit decimal holds"
+                    "the windows sum to {value} ({credited} paid by credits), beyond what a 28-digit decimal holds"
                 ))
             }
         }
@@ -273,6 +288,7 @@ fn row(
             meter,
             kind,
             windows: Decimal::ZERO,
+            credited: Decimal::ZERO,
             sent: Decimal::ZERO,
             pending: Decimal::ZERO,
             failed: Decimal::ZERO,
@@ -327,6 +343,12 @@ pub fn render_table(rows: &[ReconcileRow]) -> String {
         ));
         if let Some(why) = &row.quarantined {
             out.push_str(&format!("    quarantined: {why}\n"));
+        }
+        if !row.credited.is_zero() {
+            out.push_str(&format!(
+                "    paid by credits: {} units (not billed to Stripe; windows shows the rest)\n",
+                row.credited.normalize()
+            ));
         }
         if !row.repairing.is_zero() {
             out.push_str(&format!(

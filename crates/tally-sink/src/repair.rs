@@ -363,6 +363,7 @@ mod tests {
             meter: "api_calls".into(),
             kind,
             windows: Decimal::from(sent),
+            credited: Decimal::ZERO,
             sent: Decimal::from(sent),
             pending: Decimal::ZERO,
             failed: Decimal::ZERO,

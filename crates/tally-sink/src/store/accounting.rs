@@ -341,8 +341,11 @@ async fn slot_totals(
     let meters: Vec<&str> = slots.iter().map(|s| s.meter.as_str()).collect();
     let starts: Vec<DateTime<Utc>> = slots.iter().map(|s| s.slot_start).collect();
     let rows: Vec<SlotTotalsRow> = sqlx::query_as(
+        // A sum meter bills the usage prepaid credits did not pay for (usage_paid_by_credits,
+        // in SQL, read in this statement's snapshot with the windows).
         "SELECT s.c AS customer_id, s.m AS meter, s.s AS slot_start,
-                coalesce(sum(u.value), 0) AS sum,
+                greatest(coalesce(sum(u.value), 0)
+                         - usage_paid_by_credits(s.c, s.m, s.s, s.s + $4::interval), 0) AS sum,
                 max(u.value) AS max,
                 (array_agg(u.value ORDER BY u.latest_at DESC NULLS LAST, u.latest_id DESC))[1] AS latest
          FROM unnest($1::text[], $2::text[], $3::timestamptz[]) AS s(c, m, s)
