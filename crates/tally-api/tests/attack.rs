@@ -119,6 +119,9 @@ fn allowed(method: &str, template: &str) -> &'static [&'static str] {
         // A customer reads its own alerts; only admins add rules.
         ("GET", "/v1/customers/{id}/alerts") => return &[ADMIN, ACME],
         ("POST", "/v1/customers/{id}/alerts") => return &[ADMIN],
+        // Any customer token passes the gate; another customer's invoice is answered as not
+        // found (404), the same as no invoice, so ids are not confirmed.
+        ("GET", "/v1/invoices/{id}") => return &[ADMIN, ACME, GLOBEX],
         _ => {}
     }
     match template {
@@ -129,6 +132,11 @@ fn allowed(method: &str, template: &str) -> &'static [&'static str] {
         // Plans are the product's price list: any token may read them.
         "/v1/plans" | "/v1/plans/{name}" => &[ADMIN, CHECK, ACME, GLOBEX],
         "/v1/customers/{id}" | "/v1/customers/{id}/subscriptions" => &[ADMIN, ACME],
+        // Self-serve billing: the customer's own, and the admin's.
+        "/v1/customers/{id}/checkout"
+        | "/v1/customers/{id}/credits/checkout"
+        | "/v1/customers/{id}/billing-portal"
+        | "/v1/customers/{id}/invoices" => &[ADMIN, ACME],
         // A gateway may show a customer's balance where it checks them; the ledger is the
         // customer's own and the admin's.
         "/v1/customers/{id}/credits" => &[ADMIN, CHECK, ACME],
@@ -186,6 +194,17 @@ fn example(template: &str) -> (String, Option<String>) {
         }
         "/v1/alerts/endpoints" => {
             Some(json!({ "url": "https://example.com/attack" }).to_string())
+        }
+        "/v1/customers/{id}/checkout" => Some(
+            json!({ "plan": "PRO", "success_url": "https://example.com/ok", "cancel_url": "https://example.com/back" })
+                .to_string(),
+        ),
+        "/v1/customers/{id}/credits/checkout" => Some(
+            json!({ "pack": "small", "success_url": "https://example.com/ok", "cancel_url": "https://example.com/back" })
+                .to_string(),
+        ),
+        "/v1/customers/{id}/billing-portal" => {
+            Some(json!({ "return_url": "https://example.com/account" }).to_string())
         }
         _ => None,
     };
