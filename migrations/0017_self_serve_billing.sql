@@ -77,6 +77,8 @@ ALTER TABLE stripe_invoices
     ADD COLUMN hosted_invoice_url text,
     ADD COLUMN invoice_pdf        text,
     ADD COLUMN lines              jsonb NOT NULL DEFAULT '[]',
+    -- false when Stripe's event carried only the first of the invoice's lines (has_more).
+    ADD COLUMN lines_complete     boolean NOT NULL DEFAULT true,
     ADD COLUMN created            timestamptz;
 CREATE INDEX stripe_invoices_customer_created ON stripe_invoices (customer_id, created DESC, invoice_id);
 
@@ -102,7 +104,8 @@ SELECT invoice_id,
        hosted_invoice_url,
        invoice_pdf,
        lines,
-       created
+       created,
+       lines_complete
 FROM stripe_invoices;
 
 -- One row per invoice line, for finance: metered lines name their meter.

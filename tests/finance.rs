@@ -10,12 +10,14 @@ use tally_db::testing::{fresh_database, TestDatabase};
 use tally_tests::{runtime, tally_command};
 
 /// Every finance view (docs/finance.md); the catalog must hold exactly these.
-const FINANCE_VIEWS: [&str; 15] = [
+const FINANCE_VIEWS: [&str; 17] = [
     "finance_billed_daily",
     "finance_billed_monthly",
     "finance_corrections",
     "finance_credit_balances",
+    "finance_credit_usage_daily",
     "finance_customers",
+    "finance_invoice_lines",
     "finance_invoices",
     "finance_meters",
     "finance_mrr_daily",

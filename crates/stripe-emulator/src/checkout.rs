@@ -406,6 +406,42 @@ impl Billing {
         ))
     }
 
+    /// The cardholder disputes the payment (emulator control, as their bank would):
+    /// `charge.dispute.created`. Stripe takes the money back when the dispute opens.
+    pub(crate) fn dispute(
+        &mut self,
+        intent: &str,
+        now: i64,
+    ) -> Result<(Reply, Vec<Change>), Reply> {
+        let Some(payment) = self.checkout.payments.get(intent) else {
+            return Err(Reply::not_found(
+                format!("No such payment_intent: '{intent}'"),
+                None,
+            ));
+        };
+        if payment.status != "succeeded" {
+            return Err(Reply::invalid(
+                "Only a successful payment can be disputed.",
+                None,
+            ));
+        }
+        let dispute = json!({
+            "id": format!("dp_{}", &payment.charge[3..]), "object": "dispute",
+            "amount": payment.amount - payment.amount_refunded, "balance_transactions": [],
+            "charge": payment.charge, "payment_intent": payment.intent, "created": now,
+            "currency": payment.currency, "enhanced_eligibility_types": [],
+            "evidence": { "enhanced_evidence": {} },
+            "evidence_details": { "enhanced_eligibility": {}, "has_evidence": false,
+                                  "past_due": false, "submission_count": 0 },
+            "is_charge_refundable": false, "livemode": payment.livemode, "metadata": {},
+            "reason": "fraudulent", "status": "needs_response",
+        });
+        Ok((
+            Reply::json(200, &dispute),
+            vec![change("charge.dispute.created", dispute)],
+        ))
+    }
+
     /// `POST /v1/billing_portal/sessions`: `customer`, `return_url`.
     pub(crate) fn create_portal_session(
         &mut self,

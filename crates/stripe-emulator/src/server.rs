@@ -699,6 +699,9 @@ fn control_api(shared: &EmulatorState, method: &Method, path: &str, body: &[u8])
                 ),
             }
         }
+        (&Method::POST, ["payments", intent, "dispute"]) => {
+            billing(shared, |billing, _, now| billing.dispute(intent, now)).reply
+        }
         (&Method::POST, ["portal", id, "cancel"]) => {
             #[derive(serde::Deserialize)]
             struct Cancel {

@@ -85,6 +85,8 @@ pub struct SelfServe {
     /// `serve.checkout_return_origins`: the origins `success_url`, `cancel_url` and
     /// `return_url` may point at; empty: any https origin (or http on localhost).
     pub return_origins: Vec<String>,
+    /// A live Stripe key: return URLs may not point at loopback addresses.
+    pub livemode: bool,
 }
 
 /// How Stripe's webhook deliveries are checked.

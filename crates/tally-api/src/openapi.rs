@@ -636,7 +636,8 @@ fn billing_schemas() -> Value {
         "amount_paid": { "type": "integer" }, "amount_remaining": { "type": "integer" }, "total": { "type": "integer" },
         "period_start": time, "period_end": time, "created": nullable_time, "updated_at": time,
         "hosted_invoice_url": { "type": ["string", "null"] }, "invoice_pdf": { "type": ["string", "null"] },
-        "lines": { "type": "array", "items": line } } });
+        "lines": { "type": "array", "items": line },
+        "lines_complete": { "type": "boolean", "description": "false when Stripe's event carried only the first lines (the hosted invoice has them all)" } } });
     let url = json!({ "type": "string", "format": "uri", "description": "https (http only to localhost); on one of serve.checkout_return_origins when set" });
     json!({
         "PlanCheckout": { "type": "object", "required": ["plan", "success_url", "cancel_url"], "properties": {

@@ -259,6 +259,17 @@ fn verify(
                 .map(|p| p.id().as_str().to_owned()),
             amount: charge.amount,
             amount_refunded: charge.amount_refunded,
+            disputed: false,
+        }),
+        EventObject::ChargeDisputeCreated(dispute) => WebhookEffect::Refund(StripeRefund {
+            charge: dispute.charge.id().as_str().to_owned(),
+            payment_intent: dispute
+                .payment_intent
+                .as_ref()
+                .map(|p| p.id().as_str().to_owned()),
+            amount: dispute.amount,
+            amount_refunded: dispute.amount,
+            disputed: true,
         }),
         _ => WebhookEffect::Ignored,
     };
@@ -369,6 +380,7 @@ fn invoice(i: &stripe_shared::Invoice) -> Option<StripeInvoice> {
         created: timestamp(i.created),
         hosted_invoice_url: i.hosted_invoice_url.clone(),
         invoice_pdf: i.invoice_pdf.clone(),
+        lines_complete: !i.lines.has_more,
         lines: i
             .lines
             .data

@@ -78,7 +78,12 @@ impl Harness {
     async fn start(deliver: bool) -> Harness {
         let db = tally_db::testing::fresh_database().await;
         tally_db::meters::record(&db.pool, &meters()).await.unwrap();
-        let emulator = Emulator::start("127.0.0.1:0".parse().unwrap(), EmulatorConfig::default())
+        // Stripe's test mode takes 25 calls a second; these tests make more.
+        let config = EmulatorConfig {
+            test_rate_per_second: 1000,
+            ..EmulatorConfig::default()
+        };
+        let emulator = Emulator::start("127.0.0.1:0".parse().unwrap(), config)
             .await
             .unwrap();
         let stripe = tally_sink::StripeHttp::new(&tally_sink::StripeConfig {
@@ -160,6 +165,7 @@ impl Harness {
                 stripe: Some(stripe.clone()),
                 packs: packs(),
                 return_origins: Vec::new(),
+                livemode: false,
             },
             quota: Quota::new(db.pool.clone(), Duration::from_secs(3600))
                 .await
@@ -743,4 +749,155 @@ async fn a_customer_moves_from_a_tally_plan_through_checkout_and_leaves_through_
         .api("GET", "/v1/customers/acme/invoices", BETA, None)
         .await;
     assert_eq!(status, StatusCode::FORBIDDEN);
+}
+
+/// Review findings, each a test that failed on the first cut.
+#[tokio::test]
+async fn a_second_plan_checkout_is_refused_while_one_is_open_or_a_stripe_subscription_is_live() {
+    let h = Harness::start(true).await;
+    let body = Some(
+        json!({ "plan": "PRO", "success_url": "https://app.example.com/ok", "cancel_url": "https://app.example.com/back" }),
+    );
+    let (status, first) = h
+        .api("POST", "/v1/customers/acme/checkout", ACME, body.clone())
+        .await;
+    assert_eq!(status, StatusCode::OK, "{first}");
+    // Two open at once would make two subscriptions billing the same usage twice.
+    let (status, answer) = h
+        .api("POST", "/v1/customers/acme/checkout", ACME, body.clone())
+        .await;
+    assert_eq!(
+        (status.as_u16(), answer["code"].as_str()),
+        (409, Some("CHECKOUT_IN_PROGRESS")),
+        "{answer}"
+    );
+    pay(&h.emulator, first["id"].as_str().unwrap(), "card").await;
+    h.delivered().await;
+    // Subscribed: a plan change goes through the portal, not a second subscription.
+    let (status, answer) = h
+        .api("POST", "/v1/customers/acme/checkout", ADMIN, body)
+        .await;
+    assert_eq!(
+        (status.as_u16(), answer["code"].as_str()),
+        (409, Some("ALREADY_SUBSCRIBED")),
+        "{answer}"
+    );
+}
+
+#[tokio::test]
+async fn a_customer_token_cannot_replace_an_operator_assigned_plan_nor_open_sessions_without_end() {
+    let h = Harness::start(false).await;
+    tally_billing::testing::subscribe(&h.db.pool, "acme", "ENTERPRISE", chrono::Utc::now()).await;
+    let body = Some(
+        json!({ "plan": "PRO", "success_url": "https://app.example.com/ok", "cancel_url": "https://app.example.com/back" }),
+    );
+    let (status, answer) = h
+        .api("POST", "/v1/customers/acme/checkout", ACME, body.clone())
+        .await;
+    assert_eq!(
+        (status.as_u16(), answer["code"].as_str()),
+        (403, Some("NOT_SELF_SERVE")),
+        "{answer}"
+    );
+    let (status, answer) = h
+        .api("POST", "/v1/customers/acme/checkout", ADMIN, body)
+        .await;
+    assert_eq!(status, StatusCode::OK, "an operator may: {answer}");
+    // At most MAX_OPEN_SESSIONS a day per customer (the plan session counts).
+    for _ in 1..tally_billing::checkout::MAX_OPEN_SESSIONS {
+        h.pack_checkout().await;
+    }
+    let (status, answer) = h
+        .api(
+            "POST",
+            "/v1/customers/acme/credits/checkout",
+            ACME,
+            Some(json!({ "pack": "small", "success_url": "https://app.example.com/ok", "cancel_url": "https://app.example.com/back" })),
+        )
+        .await;
+    assert_eq!(
+        (status.as_u16(), answer["code"].as_str()),
+        (429, Some("TOO_MANY_OPEN_SESSIONS")),
+        "{answer}"
+    );
+}
+
+#[tokio::test]
+async fn a_disputed_pack_is_voided_and_a_pack_changed_since_sync_is_not_sold() {
+    let h = Harness::start(true).await;
+    let session = h.pack_checkout().await;
+    let paid = pay(&h.emulator, &session, "card").await;
+    h.delivered().await;
+    assert_eq!(h.balance().await, Decimal::from(1000));
+    let intent = paid["payment_intent"].as_str().unwrap();
+    let disputed = control(
+        h.emulator.addr(),
+        &format!("payments/{intent}/dispute"),
+        &json!({}),
+    )
+    .await
+    .unwrap();
+    assert_eq!(disputed.status, 200, "{}", disputed.body);
+    h.delivered().await;
+    assert_eq!(
+        h.balance().await,
+        Decimal::ZERO,
+        "a chargeback takes the credits back"
+    );
+    let reason: String = sqlx::query_scalar(
+        "SELECT reason FROM credit_transactions WHERE customer_id = 'acme' AND kind = 'void'",
+    )
+    .fetch_one(&h.db.pool)
+    .await
+    .unwrap();
+    assert!(reason.starts_with("disputed in Stripe"), "{reason}");
+
+    // tally.toml now sells the pack dearer, but Stripe was checked at the old price.
+    let mut changed = packs()[0].clone();
+    changed.credits = Decimal::from(5000);
+    changed.price.amount = Decimal::from(40);
+    let request = tally_billing::checkout::CheckoutRequest {
+        customer: "acme",
+        success_url: "https://app.example.com/ok",
+        cancel_url: "https://app.example.com/back",
+        requested_by: "test",
+        operator: true,
+    };
+    let error = tally_billing::checkout::checkout_pack(&h.db.pool, &h.stripe, &changed, &request)
+        .await
+        .unwrap_err();
+    assert_eq!(error.code(), "PACK_NOT_FOR_SALE", "{error}");
+}
+
+#[tokio::test]
+async fn a_refund_and_the_payments_completion_at_once_never_leave_the_pack_granted() {
+    // No endpoint: the test delivers each pair at the same moment, many times over.
+    let h = Harness::start(false).await;
+    for _ in 0..8 {
+        let session = h.pack_checkout().await;
+        let paid = pay(&h.emulator, &session, "card").await;
+        let intent = paid["payment_intent"].as_str().unwrap().to_owned();
+        post(&h.emulator, "/v1/refunds", &[("payment_intent", intent)]).await;
+    }
+    let events = h.emulator.events();
+    let completed: Vec<_> = events
+        .iter()
+        .filter(|e| e.event_type == "checkout.session.completed")
+        .collect();
+    let refunded: Vec<_> = events
+        .iter()
+        .filter(|e| e.event_type == "charge.refunded")
+        .collect();
+    assert_eq!(completed.len(), 8);
+    for (completion, refund) in completed.iter().zip(&refunded) {
+        let (a, b) = tokio::join!(h.deliver(&completion.body), h.deliver(&refund.body));
+        assert_eq!(
+            (a.0, b.0),
+            (StatusCode::OK, StatusCode::OK),
+            "{} {}",
+            a.1,
+            b.1
+        );
+    }
+    assert_eq!(h.balance().await, Decimal::ZERO, "{:?}", h.grants().await);
 }

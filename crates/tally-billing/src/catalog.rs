@@ -376,6 +376,11 @@ fn plan_price(
 ) -> Result<CatalogPrice, String> {
     let id = price.id.as_str();
     let name = &plan.name;
+    if let Some(named) = price.metadata.get("tally_plan").filter(|p| *p != name) {
+        return Err(format!(
+            "plan {name:?}: price {id} has metadata.tally_plan = {named:?}, so its subscriptions would go to that plan; fix the metadata or sell the price from plan {named:?}"
+        ));
+    }
     let Some(recurring) = &price.recurring else {
         return Err(format!(
             "plan {name:?}: price {id} is one-time; a plan's prices recur (a one-time price sells a credit pack: [[credits.packs]])"
@@ -421,6 +426,12 @@ fn plan_price(
         ));
     };
     let want = minor_units(written.amount, &written.currency);
+    if want.is_some_and(|w| !w.fract().is_zero()) {
+        return Err(format!(
+            "plan {name:?}: [plans.price] amount {} has more decimals than {} has; Stripe charges whole {} smallest units",
+            written.amount, written.currency, written.currency
+        ));
+    }
     let interval = match written.interval {
         PriceInterval::Month => "month",
         PriceInterval::Year => "year",
@@ -445,6 +456,12 @@ fn plan_price(
 fn pack_price(pack: &CreditPack, price: &Price) -> Result<CatalogPrice, String> {
     let id = price.id.as_str();
     let amount = unit_amount(price);
+    if minor_units(pack.price.amount, &pack.price.currency).is_some_and(|w| !w.fract().is_zero()) {
+        return Err(format!(
+            "pack {:?}: price amount {} has more decimals than {} has",
+            pack.name, pack.price.amount, pack.price.currency
+        ));
+    }
     if price.type_ != PriceType::OneTime {
         return Err(format!(
             "pack {:?}: price {id} recurs; a credit pack sells a one-time price",

@@ -19,6 +19,7 @@ use std::collections::HashMap;
 
 use chrono::{DateTime, Utc};
 use rust_decimal::Decimal;
+use serde_json::Value;
 use sqlx::{PgConnection, PgPool};
 use stripe_billing::billing_portal_session::CreateBillingPortalSession;
 use stripe_checkout::checkout_session::{
@@ -64,6 +65,16 @@ pub enum CheckoutError {
         "no Stripe secret key: set STRIPE_SECRET_KEY for `tally serve` to sell through Checkout"
     )]
     StripeNotConfigured,
+    #[error("customer {0:?} already has a Stripe subscription; change its plan in Stripe's billing portal (POST /v1/customers/{{id}}/billing-portal), not with a second Checkout")]
+    AlreadySubscribed(String),
+    #[error("customer {0:?} has a plan Checkout open (opened in the last 24 hours); let it complete or expire before opening another")]
+    CheckoutInProgress(String),
+    #[error("customer {0:?} has {MAX_OPEN_SESSIONS} Checkout Sessions opened in the last 24 hours; let them complete or expire")]
+    TooManyOpenSessions(String),
+    #[error("customer {customer:?} is on plan {plan:?}, assigned by an operator: only an admin token may replace it through Checkout")]
+    AssignedPlan { customer: String, plan: String },
+    #[error("credit pack {0:?} costs {1} in tally.toml but its checked Stripe price is {2}; run `tally plans sync` (or `tally plans apply`) so they agree")]
+    PackPriceChanged(String, String, String),
     #[error("Postgres: {0}")]
     Store(#[from] sqlx::Error),
 }
@@ -80,6 +91,11 @@ impl CheckoutError {
             CheckoutError::StripeRefused(_) => "STRIPE_REFUSED",
             CheckoutError::StripeUnavailable(_) => "STRIPE_UNAVAILABLE",
             CheckoutError::StripeNotConfigured => "STRIPE_NOT_CONFIGURED",
+            CheckoutError::AlreadySubscribed(_) => "ALREADY_SUBSCRIBED",
+            CheckoutError::CheckoutInProgress(_) => "CHECKOUT_IN_PROGRESS",
+            CheckoutError::TooManyOpenSessions(_) => "TOO_MANY_OPEN_SESSIONS",
+            CheckoutError::AssignedPlan { .. } => "NOT_SELF_SERVE",
+            CheckoutError::PackPriceChanged(..) => "PACK_NOT_FOR_SALE",
             CheckoutError::Store(_) => "STORE_UNAVAILABLE",
         }
     }
@@ -89,7 +105,12 @@ impl CheckoutError {
             CheckoutError::UnknownPlan(_) | CheckoutError::UnknownPack(_) => 404,
             CheckoutError::PlanNotForSale(_)
             | CheckoutError::PackNotForSale(_)
-            | CheckoutError::NoStripeCustomer(_) => 409,
+            | CheckoutError::PackPriceChanged(..)
+            | CheckoutError::NoStripeCustomer(_)
+            | CheckoutError::AlreadySubscribed(_)
+            | CheckoutError::CheckoutInProgress(_) => 409,
+            CheckoutError::AssignedPlan { .. } => 403,
+            CheckoutError::TooManyOpenSessions(_) => 429,
             CheckoutError::BadReturnUrl { .. } => 400,
             CheckoutError::StripeRefused(_) => 502,
             CheckoutError::StripeUnavailable(_)
@@ -100,12 +121,14 @@ impl CheckoutError {
 }
 
 /// Where Stripe sends the customer back: https (http only to a loopback host, for local
-/// development), no user name or password, at most 2,048 characters, and, when `allowed` is
+/// development, and never with a live key: a live customer's browser must not be sent to its
+/// own machine), no user name or password, at most 2,048 characters, and, when `allowed` is
 /// not empty, on one of its origins (`https://app.example.com`).
 pub fn check_return_url(
     field: &'static str,
     url: &str,
     allowed: &[String],
+    livemode: bool,
 ) -> Result<(), CheckoutError> {
     let refuse = |why: &str| CheckoutError::BadReturnUrl {
         field,
@@ -130,6 +153,9 @@ pub fn check_return_url(
         || host
             .parse::<std::net::IpAddr>()
             .is_ok_and(|ip| ip.is_loopback());
+    if loopback && livemode {
+        return Err(refuse("a loopback address with a live Stripe key"));
+    }
     match scheme {
         "https" => {}
         "http" if loopback => {}
@@ -152,7 +178,13 @@ pub struct CheckoutRequest<'a> {
     pub cancel_url: &'a str,
     /// For the record: the token's name.
     pub requested_by: &'a str,
+    /// An operator (admin token): may replace a plan an operator assigned.
+    pub operator: bool,
 }
+
+/// Sessions a customer may have opened in the last 24 hours (Stripe keeps a session open that
+/// long): a customer token cannot fill `checkout_sessions` or spend the account's Stripe rate.
+pub const MAX_OPEN_SESSIONS: i64 = 10;
 
 /// A Checkout Session opened: send the customer to `url`.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
@@ -236,6 +268,19 @@ pub async fn checkout_pack(
         .into_iter()
         .find(|p| p.kind == PriceKind::OneTime)
         .ok_or_else(|| CheckoutError::PackNotForSale(pack.name.clone()))?;
+    // What tally.toml sells now, at the price Stripe was checked to charge: a pack changed
+    // since `tally plans sync` is not sold at its old price.
+    let written = catalog::minor_units(pack.price.amount, &pack.price.currency);
+    if written != Some(price.unit_amount_decimal) || pack.price.currency != price.currency {
+        return Err(CheckoutError::PackPriceChanged(
+            pack.name.clone(),
+            format!("{} {}", pack.price.amount, pack.price.currency),
+            format!(
+                "{} {} (smallest unit)",
+                price.unit_amount_decimal, price.currency
+            ),
+        ));
+    }
     let stripe_customer = stripe_customer(pool, request.customer).await?;
     let record = Record {
         mode: "payment",
@@ -312,12 +357,67 @@ struct Record<'a> {
 }
 
 impl Record<'_> {
+    /// Records the session, once the customer may open it: at most [`MAX_OPEN_SESSIONS`] a
+    /// day, and for a plan, no Stripe subscription already (a second would bill the same usage
+    /// twice), no plan session still open, and no operator-assigned plan unless an operator
+    /// asks. Checked and written under the customer's checkout lock, so two requests at once
+    /// cannot both pass.
     async fn insert(
         &self,
         pool: &PgPool,
         request: &CheckoutRequest<'_>,
         stripe_customer: &str,
-    ) -> Result<String, sqlx::Error> {
+    ) -> Result<String, CheckoutError> {
+        let customer = request.customer;
+        let mut tx = pool.begin().await?;
+        sqlx::query("SELECT pg_advisory_xact_lock(hashtextextended('tally.checkout:' || $1, 0))")
+            .bind(customer)
+            .execute(&mut *tx)
+            .await?;
+        let (opened, plan_open): (i64, bool) = sqlx::query_as(
+            "SELECT count(*), coalesce(bool_or(mode = 'subscription' AND status = 'open'), false)
+             FROM checkout_sessions
+             WHERE customer_id = $1 AND created_at > now() - interval '24 hours'",
+        )
+        .bind(customer)
+        .fetch_one(&mut *tx)
+        .await?;
+        if opened >= MAX_OPEN_SESSIONS {
+            return Err(CheckoutError::TooManyOpenSessions(customer.to_owned()));
+        }
+        if self.mode == "subscription" {
+            if plan_open {
+                return Err(CheckoutError::CheckoutInProgress(customer.to_owned()));
+            }
+            let live: Option<(String, String, Value)> = sqlx::query_as(
+                "SELECT s.source, s.plan, p.definition FROM subscriptions s
+                 JOIN plans p ON p.name = s.plan
+                 WHERE s.customer_id = $1 AND s.status IN ('active', 'trialing', 'past_due')
+                 ORDER BY s.source = 'stripe' DESC LIMIT 1",
+            )
+            .bind(customer)
+            .fetch_optional(&mut *tx)
+            .await?;
+            match live {
+                Some((source, _, _)) if source == "stripe" => {
+                    return Err(CheckoutError::AlreadySubscribed(customer.to_owned()))
+                }
+                // A customer may leave a free plan or a self-serve one for what it buys; a
+                // priced plan an operator assigned (negotiated terms) only an operator replaces.
+                Some((source, plan, definition))
+                    if source == "tally"
+                        && !request.operator
+                        && !definition["self_serve"].as_bool().unwrap_or(false)
+                        && !definition["price"].is_null() =>
+                {
+                    return Err(CheckoutError::AssignedPlan {
+                        customer: customer.to_owned(),
+                        plan,
+                    })
+                }
+                _ => {}
+            }
+        }
         let checkout_id = Uuid::now_v7().to_string();
         sqlx::query(
             "INSERT INTO checkout_sessions (checkout_id, customer_id, stripe_customer_id, mode,
@@ -339,8 +439,9 @@ impl Record<'_> {
         .bind(self.amount)
         .bind(self.currency)
         .bind(request.requested_by)
-        .execute(pool)
+        .execute(&mut *tx)
         .await?;
+        tx.commit().await?;
         Ok(checkout_id)
     }
 }
@@ -414,13 +515,18 @@ pub enum CheckoutEvent {
     Expired,
 }
 
-/// What a `charge.refunded` event says.
+/// What a `charge.refunded` or `charge.dispute.created` event says: money of a payment went
+/// back to the customer (a refund, or the cardholder's bank in a dispute).
 #[derive(Debug, Clone)]
 pub struct StripeRefund {
     pub charge: String,
     pub payment_intent: Option<String>,
+    /// The payment's amount.
     pub amount: i64,
+    /// What went back so far (a dispute: its amount).
     pub amount_refunded: i64,
+    /// A dispute (chargeback), not a refund.
+    pub disputed: bool,
 }
 
 #[derive(sqlx::FromRow)]
@@ -450,14 +556,22 @@ pub(crate) async fn apply_session(
     kind: CheckoutEvent,
     session: &StripeCheckoutSession,
 ) -> Result<WebhookOutcome, WebhookError> {
-    // Only a well-formed id is looked up (the metadata is Stripe's copy of what tally wrote).
+    // A payment's completion and its refund serialize on the payment (they may be delivered
+    // at once, and neither finds the other's row before it commits); taken first, before any
+    // row, in both.
+    if let Some(intent) = &session.payment_intent {
+        lock_payment(tx, intent).await?;
+    }
+    // Only a well-formed id is looked up (the metadata is Stripe's copy of what tally wrote);
+    // the row with this session id wins over one found by checkout id alone.
     let checkout_id = session
         .checkout_id
         .as_deref()
         .filter(|id| Uuid::parse_str(id).is_ok());
     let row: Option<SessionRow> = sqlx::query_as(&format!(
         "SELECT {SESSION_COLUMNS} FROM checkout_sessions
-         WHERE session_id = $1 OR checkout_id = $2 ORDER BY session_id = $1 DESC LIMIT 1 FOR UPDATE"
+         WHERE session_id = $1 OR checkout_id = $2
+         ORDER BY (session_id = $1) IS TRUE DESC LIMIT 1 FOR UPDATE"
     ))
     .bind(&session.id)
     .bind(checkout_id)
@@ -611,6 +725,7 @@ pub(crate) async fn apply_refund(
     let Some(intent) = &refund.payment_intent else {
         return Ok(WebhookOutcome::Ignored);
     };
+    lock_payment(tx, intent).await?;
     let row: Option<SessionRow> = sqlx::query_as(&format!(
         "SELECT {SESSION_COLUMNS} FROM checkout_sessions WHERE payment_intent = $1 FOR UPDATE"
     ))
@@ -636,7 +751,12 @@ pub(crate) async fn apply_refund(
         let actor = Actor::new(
             &format!("stripe:{}", event.id),
             &format!(
-                "refunded in Stripe: charge {} ({} of {} refunded), Checkout session {}",
+                "{} in Stripe: charge {} ({} of {}), Checkout session {}",
+                if refund.disputed {
+                    "disputed"
+                } else {
+                    "refunded"
+                },
                 refund.charge,
                 refund.amount_refunded,
                 refund.amount,
@@ -657,6 +777,15 @@ pub(crate) async fn apply_refund(
     Ok(WebhookOutcome::Applied {
         customer: Some(row.customer_id),
     })
+}
+
+/// Serializes what one payment's events do (its completion, its refunds and disputes).
+async fn lock_payment(tx: &mut PgConnection, payment_intent: &str) -> Result<(), sqlx::Error> {
+    sqlx::query("SELECT pg_advisory_xact_lock(hashtextextended('tally.payment:' || $1, 0))")
+        .bind(payment_intent)
+        .execute(&mut *tx)
+        .await?;
+    Ok(())
 }
 
 fn credit_error(error: CreditError) -> WebhookError {
@@ -715,7 +844,7 @@ mod tests {
             "http://127.0.0.1/ok",
             "http://[::1]:8080/ok",
         ] {
-            check_return_url("success_url", ok, &[]).unwrap();
+            check_return_url("success_url", ok, &[], false).unwrap();
         }
         for bad in [
             "http://app.example.com/ok",
@@ -724,18 +853,19 @@ mod tests {
             "/relative",
             "ftp://example.com/",
         ] {
-            let error = check_return_url("success_url", bad, &[]).unwrap_err();
+            let error = check_return_url("success_url", bad, &[], false).unwrap_err();
             assert_eq!(error.code(), "INVALID_RETURN_URL", "{bad}");
         }
         let allowed = vec!["https://app.example.com".to_owned()];
-        check_return_url("cancel_url", "https://app.example.com/x", &allowed).unwrap();
-        check_return_url("cancel_url", "https://APP.example.com/x", &allowed).unwrap();
-        assert!(check_return_url("cancel_url", "https://evil.example.net/x", &allowed).is_err());
-        assert!(check_return_url(
-            "cancel_url",
-            &format!("https://a.com/{}", "x".repeat(3000)),
-            &[]
-        )
-        .is_err());
+        check_return_url("cancel_url", "https://app.example.com/x", &allowed, true).unwrap();
+        check_return_url("cancel_url", "https://APP.example.com/x", &allowed, true).unwrap();
+        assert!(
+            check_return_url("cancel_url", "https://evil.example.net/x", &allowed, true).is_err()
+        );
+        let long = format!("https://a.com/{}", "x".repeat(3000));
+        assert!(check_return_url("cancel_url", &long, &[], false).is_err());
+        // Never the customer's own machine with a live key.
+        assert!(check_return_url("success_url", "http://localhost:3000/ok", &[], true).is_err());
+        assert!(check_return_url("success_url", "https://127.0.0.1/ok", &[], true).is_err());
     }
 }

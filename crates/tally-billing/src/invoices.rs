@@ -28,13 +28,16 @@ pub struct Invoice {
     /// `[{id, price, meter, description, quantity, amount, period_start, period_end}]`;
     /// `meter` names the tally meter of a plan's metered price.
     pub lines: Value,
+    /// `false`: Stripe's event carried only the first lines; the invoice has more (see
+    /// `hosted_invoice_url`).
+    pub lines_complete: bool,
     pub updated_at: DateTime<Utc>,
 }
 
 const COLUMNS: &str = "invoice_id AS id, customer_id AS customer,
     stripe_customer_id AS stripe_customer, stripe_subscription_id AS stripe_subscription,
     number, status, currency, amount_due, amount_paid, amount_remaining, total, period_start,
-    period_end, created, hosted_invoice_url, invoice_pdf, lines, updated_at";
+    period_end, created, hosted_invoice_url, invoice_pdf, lines, lines_complete, updated_at";
 
 /// Most invoices a page holds.
 pub const MAX_PAGE: i64 = 100;

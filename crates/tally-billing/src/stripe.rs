@@ -68,6 +68,8 @@ pub struct StripeInvoice {
     pub hosted_invoice_url: Option<String>,
     pub invoice_pdf: Option<String>,
     pub lines: Vec<StripeInvoiceLine>,
+    /// Stripe's event carries the first lines only; `false` when it said more follow.
+    pub lines_complete: bool,
 }
 
 /// One line of an invoice: a plan's fee, a meter's usage, or anything else billed.
@@ -336,18 +338,22 @@ async fn resolve_plan(
 ) -> Result<String, WebhookError> {
     let mut plans = std::collections::BTreeSet::new();
     for price in prices {
-        let plan = match &price.tally_plan {
-            Some(plan) => Some(plan.clone()),
-            None => {
+        match &price.tally_plan {
+            Some(plan) => {
+                plans.insert(plan.clone());
+            }
+            // The plan listing it, or the plan Checkout sold it for (`stripe_prices`, found by
+            // lookup key): the same prices Checkout sells select the plan.
+            None => plans.extend(
                 sqlx::query_scalar::<_, String>(
-                    "SELECT name FROM plans WHERE definition -> 'stripe_prices' ? $1",
+                    "SELECT name FROM plans WHERE definition -> 'stripe_prices' ? $1
+                     UNION SELECT plan FROM stripe_prices WHERE price_id = $1 AND plan IS NOT NULL",
                 )
                 .bind(&price.id)
-                .fetch_optional(&mut *tx)
-                .await?
-            }
-        };
-        plans.extend(plan);
+                .fetch_all(&mut *tx)
+                .await?,
+            ),
+        }
     }
     let mut plans = plans.into_iter();
     match (plans.next(), plans.next()) {
@@ -591,11 +597,12 @@ async fn record_invoice(
                 stripe_subscription_id, number, status, currency, amount_due, amount_paid,
                 amount_remaining, total, period_start, period_end, attempt_count,
                 last_event_type, last_event_created, created, hosted_invoice_url, invoice_pdf,
-                lines)
+                lines, lines_complete)
          VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17,
-                 $18, $19, $20)
+                 $18, $19, $20, $21)
          ON CONFLICT (invoice_id) DO UPDATE SET
                 created = EXCLUDED.created,
+                lines_complete = EXCLUDED.lines_complete,
                 hosted_invoice_url = coalesce(EXCLUDED.hosted_invoice_url, stripe_invoices.hosted_invoice_url),
                 invoice_pdf = coalesce(EXCLUDED.invoice_pdf, stripe_invoices.invoice_pdf),
                 lines = EXCLUDED.lines,
@@ -636,6 +643,7 @@ async fn record_invoice(
         .bind(&invoice.hosted_invoice_url)
         .bind(&invoice.invoice_pdf)
         .bind(lines)
+        .bind(invoice.lines_complete)
         .execute(&mut *tx)
         .await?
         .rows_affected();
@@ -680,8 +688,8 @@ async fn invoice_lines(
 /// Rows deleted per statement, so retention never holds a long lock or a long transaction.
 const RETENTION_CHUNK: i64 = 10_000;
 
-/// Deletes webhook events received before `cutoff` and meter error reports created before it;
-/// returns how many rows went.
+/// Deletes webhook events received before `cutoff`, meter error reports created before it, and
+/// refunds kept since before it; returns how many rows went.
 pub async fn delete_expired_webhook_events(
     pool: &PgPool,
     cutoff: DateTime<Utc>,
@@ -692,6 +700,9 @@ pub async fn delete_expired_webhook_events(
              SELECT event_id FROM stripe_webhook_events WHERE received_at < $1 LIMIT $2)",
         "DELETE FROM stripe_meter_error_reports WHERE event_id IN (
              SELECT event_id FROM stripe_meter_error_reports WHERE created < $1 LIMIT $2)",
+        // Refunds of payments tally never saw completed (most are not tally's at all).
+        "DELETE FROM stripe_refunds WHERE payment_intent IN (
+             SELECT payment_intent FROM stripe_refunds WHERE received_at < $1 LIMIT $2)",
     ] {
         loop {
             let rows = sqlx::query(statement)

@@ -65,8 +65,14 @@ pub(crate) fn run(config: &TallyConfig, args: &PlansArgs) -> anyhow::Result<()> 
                         PlanChange::Deleted(name) => println!("deleted   {name}"),
                     }
                 }
-                if let Some(checked) = checked {
-                    record(&pool, &checked).await?;
+                match checked {
+                    StripeCatalog::Checked(checked) => record(&pool, &checked).await?,
+                    StripeCatalog::NoKey => {}
+                    StripeCatalog::Unreachable(error) => {
+                        // The plans may have changed: what was checked before no longer holds.
+                        catalog::record(&pool, &[]).await?;
+                        println!("Stripe prices not checked ({error:#}): nothing is for sale through Checkout until `tally plans sync` reaches Stripe");
+                    }
                 }
             }
             PlansCommand::Sync { create } => {
@@ -104,26 +110,49 @@ fn stripe_client(config: &TallyConfig) -> anyhow::Result<tally_sink::StripeHttp>
     tally_sink::StripeHttp::new(&config.stripe).map_err(anyhow::Error::msg)
 }
 
-/// The Stripe prices of the plans and packs, checked; `None` when no Stripe key is set (the
-/// plans apply, and nothing is for sale through Checkout).
-async fn check_stripe(config: &TallyConfig) -> anyhow::Result<Option<catalog::CatalogCheck>> {
+/// What `plans apply` learned of the Stripe prices.
+enum StripeCatalog {
+    Checked(catalog::CatalogCheck),
+    /// No Stripe key: nothing to check (and nothing for sale).
+    NoKey,
+    /// Stripe did not answer: the plans apply (an outage does not stop plan changes), and
+    /// nothing is for sale until a `tally plans sync` reaches Stripe.
+    Unreachable(anyhow::Error),
+}
+
+/// The Stripe prices of the plans and packs, checked. Prices that disagree with tally.toml are
+/// an error: nothing is applied.
+async fn check_stripe(config: &TallyConfig) -> anyhow::Result<StripeCatalog> {
     if config.stripe.secret_key.expose().is_empty() {
         println!(
             "Stripe prices not checked: no STRIPE_SECRET_KEY (Checkout sells only checked prices)"
         );
-        return Ok(None);
+        return Ok(StripeCatalog::NoKey);
     }
     let stripe = stripe_client(config)?;
-    Ok(Some(check_with(config, &stripe).await?))
+    match read_catalog(config, &stripe).await {
+        Ok(checked) => Ok(StripeCatalog::Checked(refuse_problems(checked)?)),
+        Err(error) => Ok(StripeCatalog::Unreachable(error)),
+    }
+}
+
+async fn read_catalog(
+    config: &TallyConfig,
+    stripe: &tally_sink::StripeHttp,
+) -> anyhow::Result<catalog::CatalogCheck> {
+    catalog::check(stripe, &config.plans, &config.credits.packs, &config.meters)
+        .await
+        .context("cannot read the prices from Stripe; check stripe.api_base and the secret key")
 }
 
 async fn check_with(
     config: &TallyConfig,
     stripe: &tally_sink::StripeHttp,
 ) -> anyhow::Result<catalog::CatalogCheck> {
-    let checked = catalog::check(stripe, &config.plans, &config.credits.packs, &config.meters)
-        .await
-        .context("cannot read the prices from Stripe; check stripe.api_base and the secret key")?;
+    refuse_problems(read_catalog(config, stripe).await?)
+}
+
+fn refuse_problems(checked: catalog::CatalogCheck) -> anyhow::Result<catalog::CatalogCheck> {
     if !checked.problems.is_empty() {
         for problem in &checked.problems {
             eprintln!("error: {problem}");

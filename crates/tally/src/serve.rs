@@ -27,6 +27,15 @@ pub(crate) fn run(config: &TallyConfig) -> anyhow::Result<()> {
     if serve.tokens.is_empty() {
         bail!("no API tokens: every request would be refused; make one with `tally tokens create --scope admin` and add the [[serve.tokens]] it prints to tally.toml");
     }
+    let live = config.stripe.secret_key.expose().starts_with("sk_live_")
+        || config.stripe.secret_key.expose().starts_with("rk_live_");
+    let customer_tokens = serve
+        .tokens
+        .iter()
+        .any(|t| t.scope == tally_api::Scope::Customer);
+    if live && customer_tokens && serve.checkout_return_origins.is_empty() {
+        bail!("serve.checkout_return_origins is empty with a live Stripe key and customer tokens: a customer token could send customers from Stripe's Checkout and billing portal to any site; set it to your app's origins, e.g. checkout_return_origins = [\"https://app.example.com\"]");
+    }
     let runtime = runtime()?;
     runtime.block_on(async {
         // The addresses first: a server that cannot listen stops before it opens a spool or
@@ -113,6 +122,7 @@ pub(crate) fn run(config: &TallyConfig) -> anyhow::Result<()> {
                 stripe: stripe.clone(),
             }),
             billing: SelfServe {
+                livemode: key.starts_with("sk_live_") || key.starts_with("rk_live_"),
                 stripe,
                 packs: config.credits.packs.clone(),
                 return_origins: serve.checkout_return_origins.clone(),

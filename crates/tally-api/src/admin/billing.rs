@@ -77,7 +77,12 @@ fn stripe(state: &ApiState) -> Result<&tally_sink::StripeHttp, ApiError> {
 
 fn return_urls(state: &ApiState, urls: &[(&'static str, &str)]) -> Result<(), ApiError> {
     for (field, url) in urls {
-        checkout::check_return_url(field, url, &state.billing.return_origins)?;
+        checkout::check_return_url(
+            field,
+            url,
+            &state.billing.return_origins,
+            state.billing.livemode,
+        )?;
     }
     Ok(())
 }
@@ -126,6 +131,7 @@ pub(crate) async fn plan(
             success_url: &request.success_url,
             cancel_url: &request.cancel_url,
             requested_by: &format!("token:{}", caller.name()),
+            operator: caller.scope() == Scope::Admin,
         },
     )
     .await?;
@@ -163,6 +169,7 @@ pub(crate) async fn pack(
             success_url: &request.success_url,
             cancel_url: &request.cancel_url,
             requested_by: &format!("token:{}", caller.name()),
+            operator: caller.scope() == Scope::Admin,
         },
     )
     .await?;
