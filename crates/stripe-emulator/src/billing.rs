@@ -97,7 +97,7 @@ pub(crate) struct Billing {
     products: BTreeMap<String, Product>,
     subscriptions: BTreeMap<String, Subscription>,
     pub(crate) invoices: BTreeMap<String, Value>,
-    pub(crate) checkout: crate::checkout::Checkout,
+    pub(crate) checkout: crate::sessions::Checkout,
     next_id: u64,
 }
 

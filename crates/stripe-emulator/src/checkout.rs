@@ -9,64 +9,11 @@ use serde_json::{json, Value};
 
 use crate::billing::{indexed_items, Billing, Change};
 use crate::reply::Reply;
+use crate::sessions::{Payment, PortalSession, Session};
 use crate::store::Form;
 
 /// A session is open this long unless `expires_at` says otherwise (Stripe: 24 hours).
 const SESSION_LIFETIME: i64 = 24 * 3600;
-
-#[derive(Default)]
-pub(crate) struct Checkout {
-    sessions: BTreeMap<String, Session>,
-    /// Payments by payment intent id.
-    payments: BTreeMap<String, Payment>,
-    portal_sessions: BTreeMap<String, PortalSession>,
-}
-
-struct Session {
-    id: String,
-    /// `payment` or `subscription`.
-    mode: String,
-    customer: String,
-    line_items: Vec<(String, Option<u64>)>,
-    success_url: Option<String>,
-    cancel_url: Option<String>,
-    client_reference_id: Option<String>,
-    metadata: BTreeMap<String, String>,
-    subscription_metadata: BTreeMap<String, String>,
-    /// `open`, `complete` or `expired`.
-    status: String,
-    /// `unpaid`, `paid` or `no_payment_required`.
-    payment_status: String,
-    amount_total: i64,
-    currency: String,
-    payment_intent: Option<String>,
-    subscription: Option<String>,
-    invoice: Option<String>,
-    livemode: bool,
-    created: i64,
-    expires_at: i64,
-}
-
-struct Payment {
-    intent: String,
-    charge: String,
-    customer: String,
-    amount: i64,
-    amount_refunded: i64,
-    currency: String,
-    /// `processing` until an asynchronous payment settles, then `succeeded` or `failed`.
-    status: String,
-    livemode: bool,
-    created: i64,
-}
-
-struct PortalSession {
-    id: String,
-    customer: String,
-    return_url: Option<String>,
-    livemode: bool,
-    created: i64,
-}
 
 /// How the customer paid on the Checkout page (`/_emulator/checkout/{id}/complete`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize)]

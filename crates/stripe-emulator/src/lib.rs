@@ -25,6 +25,7 @@
 //!   produce.
 //! - `checkout.rs`: Checkout Sessions, payments and refunds, billing portal sessions, and the
 //!   hosted pages (Checkout, invoices and their PDFs, the portal).
+//! - `sessions.rs`: what it holds of Checkout Sessions, payments and portal sessions.
 //! - `webhooks.rs`: webhook endpoints, Stripe's signature, delivery with retries.
 //! - `testing.rs`: plain HTTP calls for tests.
 
@@ -35,6 +36,7 @@ mod idempotency;
 mod limits;
 mod reply;
 mod server;
+mod sessions;
 mod store;
 #[cfg(any(test, feature = "testing"))]
 pub mod testing;

@@ -19,13 +19,13 @@ use axum::Json;
 use chrono::{DateTime, Utc};
 use serde_json::{json, Value};
 use stripe_webhook::{EventObject, Webhook, WebhookError as SignatureError};
-use tally_billing::checkout::{
-    CheckoutEvent, StripeCheckoutSession, StripeRefund, CHECKOUT_ID_KEY,
+use tally_billing::checkout::CHECKOUT_ID_KEY;
+use tally_billing::events::{
+    CheckoutEvent, SameSecond, StripeCheckoutSession, StripeEvent, StripeInvoice,
+    StripeInvoiceLine, StripePrice, StripeRefund, StripeSubscription, WebhookEffect, WebhookError,
+    WebhookOutcome,
 };
-use tally_billing::stripe::{
-    apply_webhook, SameSecond, StripeEvent, StripeInvoice, StripeInvoiceLine, StripePrice,
-    StripeSubscription, WebhookEffect, WebhookError, WebhookOutcome,
-};
+use tally_billing::stripe::apply_webhook;
 
 use crate::error::ApiError;
 use crate::telemetry;

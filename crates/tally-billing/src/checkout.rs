@@ -32,7 +32,9 @@ use tally_sink::{StripeCallError, StripeHttp};
 use uuid::Uuid;
 
 use crate::catalog::{self, PriceKind};
-use crate::stripe::{StripeEvent, WebhookError, WebhookOutcome};
+use crate::events::{
+    CheckoutEvent, StripeCheckoutSession, StripeEvent, StripeRefund, WebhookError, WebhookOutcome,
+};
 
 /// The metadata key that carries a session's `checkout_id` (on the session and on the
 /// subscription it creates).
@@ -487,46 +489,6 @@ async fn open(
         ))
     })?;
     Ok(OpenedSession { id, url })
-}
-
-/// What a `checkout.session.*` event says about the session.
-#[derive(Debug, Clone)]
-pub struct StripeCheckoutSession {
-    pub id: String,
-    /// `payment` or `subscription`.
-    pub mode: String,
-    /// `paid`, `unpaid` or `no_payment_required`.
-    pub payment_status: String,
-    pub stripe_customer: Option<String>,
-    pub payment_intent: Option<String>,
-    pub subscription: Option<String>,
-    pub amount_total: Option<i64>,
-    pub currency: Option<String>,
-    /// `metadata.tally_checkout_id`.
-    pub checkout_id: Option<String>,
-}
-
-/// Which `checkout.session.*` event.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum CheckoutEvent {
-    Completed,
-    AsyncPaymentSucceeded,
-    AsyncPaymentFailed,
-    Expired,
-}
-
-/// What a `charge.refunded` or `charge.dispute.created` event says: money of a payment went
-/// back to the customer (a refund, or the cardholder's bank in a dispute).
-#[derive(Debug, Clone)]
-pub struct StripeRefund {
-    pub charge: String,
-    pub payment_intent: Option<String>,
-    /// The payment's amount.
-    pub amount: i64,
-    /// What went back so far (a dispute: its amount).
-    pub amount_refunded: i64,
-    /// A dispute (chargeback), not a refund.
-    pub disputed: bool,
 }
 
 #[derive(sqlx::FromRow)]

@@ -4,6 +4,7 @@
 //!   and recorded (`tally plans apply`), and created when missing (`tally plans sync --create`).
 //! - `checkout.rs`: Checkout Sessions for plans and credit packs, the billing portal, and what
 //!   their webhook events do (a paid pack granted once, a refund voiding it).
+//! - `events.rs`: what tally reads from a verified Stripe webhook event, and the outcomes.
 //! - `invoices.rs`: the invoices Stripe's webhooks described, for the API and the CLI.
 //! - `plan.rs`: plan definitions from `tally.toml`, per-customer overrides, and resolving the
 //!   two into a customer's entitlements (pure).
@@ -18,6 +19,7 @@
 
 pub mod catalog;
 pub mod checkout;
+pub mod events;
 pub mod invoices;
 pub mod plan;
 pub mod store;

@@ -624,9 +624,10 @@ async fn finance_reads_subscriptions_by_plan_trials_cancellations_and_recurring_
 
 #[tokio::test]
 async fn subscribing_in_stripe_replaces_the_fallback_and_a_stripe_deletion_leads_to_it() {
-    use tally_billing::stripe::{
-        apply_webhook, SameSecond, StripeEvent, StripePrice, StripeSubscription, WebhookEffect,
+    use tally_billing::events::{
+        SameSecond, StripeEvent, StripePrice, StripeSubscription, WebhookEffect,
     };
+    use tally_billing::stripe::apply_webhook;
     let db = fresh_database().await;
     let pool = &db.pool;
     seed(pool).await;
