@@ -354,7 +354,8 @@ impl Billing {
     }
 
     /// The cardholder disputes the payment (emulator control, as their bank would):
-    /// `charge.dispute.created`. Stripe takes the money back when the dispute opens.
+    /// `charge.dispute.created`, then `charge.dispute.funds_withdrawn` as Stripe takes the
+    /// money back.
     pub(crate) fn dispute(
         &mut self,
         intent: &str,
@@ -385,7 +386,10 @@ impl Billing {
         });
         Ok((
             Reply::json(200, &dispute),
-            vec![change("charge.dispute.created", dispute)],
+            vec![
+                change("charge.dispute.created", dispute.clone()),
+                change("charge.dispute.funds_withdrawn", dispute),
+            ],
         ))
     }
 

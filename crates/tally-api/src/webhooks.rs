@@ -261,7 +261,8 @@ fn verify(
             amount_refunded: charge.amount_refunded,
             disputed: false,
         }),
-        EventObject::ChargeDisputeCreated(dispute) => WebhookEffect::Refund(StripeRefund {
+        // The money is gone when Stripe withdraws it (an inquiry or a warning takes nothing).
+        EventObject::ChargeDisputeFundsWithdrawn(dispute) => WebhookEffect::Refund(StripeRefund {
             charge: dispute.charge.id().as_str().to_owned(),
             payment_intent: dispute
                 .payment_intent

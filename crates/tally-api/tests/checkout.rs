@@ -839,10 +839,16 @@ async fn a_disputed_pack_is_voided_and_a_pack_changed_since_sync_is_not_sold() {
     .unwrap();
     assert_eq!(disputed.status, 200, "{}", disputed.body);
     h.delivered().await;
+    let outcomes: Vec<(String, String)> =
+        sqlx::query_as("SELECT type, outcome FROM stripe_webhook_events ORDER BY received_at")
+            .fetch_all(&h.db.pool)
+            .await
+            .unwrap();
     assert_eq!(
         h.balance().await,
         Decimal::ZERO,
-        "a chargeback takes the credits back"
+        "a chargeback takes the credits back: {outcomes:?} {:?}",
+        h.emulator.events()
     );
     let reason: String = sqlx::query_scalar(
         "SELECT reason FROM credit_transactions WHERE customer_id = 'acme' AND kind = 'void'",
@@ -900,4 +906,34 @@ async fn a_refund_and_the_payments_completion_at_once_never_leave_the_pack_grant
         );
     }
     assert_eq!(h.balance().await, Decimal::ZERO, "{:?}", h.grants().await);
+}
+
+#[tokio::test]
+async fn a_plan_paid_whose_subscription_tally_has_not_seen_yet_blocks_a_second_checkout() {
+    // Stripe does not deliver in order: the session's completion first, the subscription later.
+    let h = Harness::start(false).await;
+    let body = Some(
+        json!({ "plan": "PRO", "success_url": "https://app.example.com/ok", "cancel_url": "https://app.example.com/back" }),
+    );
+    let (status, first) = h
+        .api("POST", "/v1/customers/acme/checkout", ACME, body.clone())
+        .await;
+    assert_eq!(status, StatusCode::OK, "{first}");
+    pay(&h.emulator, first["id"].as_str().unwrap(), "card").await;
+    let completed = h
+        .emulator
+        .events()
+        .into_iter()
+        .find(|e| e.event_type == "checkout.session.completed")
+        .unwrap();
+    let (status, answer) = h.deliver(&completed.body).await;
+    assert_eq!(status, StatusCode::OK, "{answer}");
+    let (status, answer) = h
+        .api("POST", "/v1/customers/acme/checkout", ADMIN, body)
+        .await;
+    assert_eq!(
+        (status.as_u16(), answer["code"].as_str()),
+        (409, Some("ALREADY_SUBSCRIBED")),
+        "{answer}"
+    );
 }

@@ -69,9 +69,9 @@ pub enum CheckoutError {
     StripeNotConfigured,
     #[error("customer {0:?} already has a Stripe subscription; change its plan in Stripe's billing portal (POST /v1/customers/{{id}}/billing-portal), not with a second Checkout")]
     AlreadySubscribed(String),
-    #[error("customer {0:?} has a plan Checkout open (opened in the last 24 hours); let it complete or expire before opening another")]
+    #[error("customer {0:?} has a plan Checkout open; complete it, or open another once it expires ({PLAN_SESSION_MINUTES} minutes after it was opened)")]
     CheckoutInProgress(String),
-    #[error("customer {0:?} has {MAX_OPEN_SESSIONS} Checkout Sessions opened in the last 24 hours; let them complete or expire")]
+    #[error("customer {0:?} has {MAX_OPEN_SESSIONS} Checkout Sessions open; complete them, or wait until they expire")]
     TooManyOpenSessions(String),
     #[error("customer {customer:?} is on plan {plan:?}, assigned by an operator: only an admin token may replace it through Checkout")]
     AssignedPlan { customer: String, plan: String },
@@ -151,10 +151,15 @@ pub fn check_return_url(
         .host()
         .trim_start_matches('[')
         .trim_end_matches(']');
+    let host = host.trim_end_matches('.');
     let loopback = host == "localhost"
-        || host
-            .parse::<std::net::IpAddr>()
-            .is_ok_and(|ip| ip.is_loopback());
+        || host.ends_with(".localhost")
+        || host.parse::<std::net::IpAddr>().is_ok_and(|ip| match ip {
+            std::net::IpAddr::V4(v4) => v4.is_loopback(),
+            std::net::IpAddr::V6(v6) => {
+                v6.is_loopback() || v6.to_ipv4_mapped().is_some_and(|v4| v4.is_loopback())
+            }
+        });
     if loopback && livemode {
         return Err(refuse("a loopback address with a live Stripe key"));
     }
@@ -184,9 +189,13 @@ pub struct CheckoutRequest<'a> {
     pub operator: bool,
 }
 
-/// Sessions a customer may have opened in the last 24 hours (Stripe keeps a session open that
-/// long): a customer token cannot fill `checkout_sessions` or spend the account's Stripe rate.
+/// Sessions a customer may have open at once (Stripe keeps one open up to 24 hours): a
+/// customer token cannot fill `checkout_sessions` or spend the account's Stripe rate.
 pub const MAX_OPEN_SESSIONS: i64 = 10;
+
+/// How long a plan's Checkout Session stays open (Stripe's shortest): a customer who leaves
+/// Stripe's page may start again this soon, and no two plan sessions are open at once.
+pub const PLAN_SESSION_MINUTES: i64 = 30;
 
 /// A Checkout Session opened: send the customer to `url`.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
@@ -203,15 +212,30 @@ pub async fn checkout_plan(
     plan: &str,
     request: &CheckoutRequest<'_>,
 ) -> Result<OpenedSession, CheckoutError> {
-    let known: Option<String> = sqlx::query_scalar("SELECT name FROM plans WHERE name = $1")
-        .bind(plan)
-        .fetch_optional(pool)
-        .await?;
-    if known.is_none() {
+    let Some(definition) = crate::store::get_plan(pool, plan)
+        .await
+        .map_err(|e| match e {
+            crate::store::BillingStoreError::Postgres(e) => CheckoutError::Store(e),
+            other => CheckoutError::Store(sqlx::Error::Protocol(other.to_string())),
+        })?
+    else {
         return Err(CheckoutError::UnknownPlan(plan.to_owned()));
-    }
+    };
     let prices = catalog::prices_of(pool, Some(plan), None).await?;
     if prices.is_empty() {
+        return Err(CheckoutError::PlanNotForSale(plan.to_owned()));
+    }
+    // The fee as the plan says it now, at the price Stripe was checked to charge: a plan whose
+    // price changed since `tally plans apply` checked Stripe is not sold at the old one.
+    let fee_now = definition
+        .price
+        .as_ref()
+        .and_then(|p| catalog::minor_units(p.amount, &p.currency));
+    let fee_checked = prices
+        .iter()
+        .find(|p| p.kind == PriceKind::Licensed)
+        .map(|p| p.unit_amount_decimal);
+    if fee_now != fee_checked {
         return Err(CheckoutError::PlanNotForSale(plan.to_owned()));
     }
     let stripe_customer = stripe_customer(pool, request.customer).await?;
@@ -246,8 +270,16 @@ pub async fn checkout_plan(
             item
         })
         .collect::<Vec<_>>();
+    // From the checkout id's own time (UUIDv7), so that asking again under the same id sends
+    // the same parameters (Stripe answers an idempotency key only for the same request).
+    let opened_at = Uuid::parse_str(&checkout_id)
+        .ok()
+        .and_then(|id| id.get_timestamp())
+        .map_or_else(|| Utc::now().timestamp(), |t| t.to_unix().0 as i64);
+    let expires_at = opened_at + PLAN_SESSION_MINUTES * 60 + 60;
     let session = CreateCheckoutSession::new()
         .mode(CheckoutSessionMode::Subscription)
+        .expires_at(expires_at)
         .customer(stripe_customer.as_str())
         .line_items(line_items)
         .success_url(request.success_url)
@@ -376,20 +408,50 @@ impl Record<'_> {
             .bind(customer)
             .execute(&mut *tx)
             .await?;
-        let (opened, plan_open): (i64, bool) = sqlx::query_as(
-            "SELECT count(*), coalesce(bool_or(mode = 'subscription' AND status = 'open'), false)
-             FROM checkout_sessions
-             WHERE customer_id = $1 AND created_at > now() - interval '24 hours'",
+        // Sessions still open (Stripe's own limit is 24 hours; plan sessions are opened for
+        // PLAN_SESSION_MINUTES); a paid one no longer counts.
+        let (open, plan_open, plan_lost): (i64, bool, Option<String>) = sqlx::query_as(
+            "SELECT count(*) FILTER (WHERE status = 'open' AND created_at > now() - interval '24 hours'),
+                    coalesce(bool_or(mode = 'subscription' AND status = 'open'
+                                     AND created_at > now() - make_interval(mins => $2)), false),
+                    min(checkout_id) FILTER (WHERE mode = 'subscription' AND status = 'open'
+                                             AND session_id IS NULL AND plan = $3
+                                             AND created_at > now() - make_interval(mins => $2))
+             FROM checkout_sessions WHERE customer_id = $1",
         )
         .bind(customer)
+        .bind(PLAN_SESSION_MINUTES as i32 + 1)
+        .bind(self.plan)
         .fetch_one(&mut *tx)
         .await?;
-        if opened >= MAX_OPEN_SESSIONS {
+        if open >= MAX_OPEN_SESSIONS {
             return Err(CheckoutError::TooManyOpenSessions(customer.to_owned()));
         }
         if self.mode == "subscription" {
+            // Stripe's answer to the last attempt was lost: ask again under the same checkout
+            // id, so Stripe answers the session it may already hold (the same idempotency key).
+            if let Some(checkout_id) = plan_lost {
+                tx.commit().await?;
+                return Ok(checkout_id);
+            }
             if plan_open {
                 return Err(CheckoutError::CheckoutInProgress(customer.to_owned()));
+            }
+            // A plan session paid whose subscription tally has not yet seen live or ended
+            // (Stripe does not deliver in order): a second would bill the same usage twice.
+            let paid_pending: bool = sqlx::query_scalar(
+                "SELECT EXISTS (
+                     SELECT 1 FROM checkout_sessions c
+                     WHERE c.customer_id = $1 AND c.mode = 'subscription' AND c.status = 'complete'
+                       AND NOT EXISTS (SELECT 1 FROM subscriptions s
+                                       WHERE s.stripe_subscription_id = c.stripe_subscription_id
+                                         AND s.status = 'canceled'))",
+            )
+            .bind(customer)
+            .fetch_one(&mut *tx)
+            .await?;
+            if paid_pending {
+                return Err(CheckoutError::AlreadySubscribed(customer.to_owned()));
             }
             let live: Option<(String, String, Value)> = sqlx::query_as(
                 "SELECT s.source, s.plan, p.definition FROM subscriptions s
@@ -829,5 +891,9 @@ mod tests {
         // Never the customer's own machine with a live key.
         assert!(check_return_url("success_url", "http://localhost:3000/ok", &[], true).is_err());
         assert!(check_return_url("success_url", "https://127.0.0.1/ok", &[], true).is_err());
+        assert!(
+            check_return_url("success_url", "https://[::ffff:127.0.0.1]/ok", &[], true).is_err()
+        );
+        assert!(check_return_url("success_url", "https://localhost./ok", &[], true).is_err());
     }
 }

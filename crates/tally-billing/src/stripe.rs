@@ -154,12 +154,15 @@ async fn resolve_plan(
             Some(plan) => {
                 plans.insert(plan.clone());
             }
-            // The plan listing it, or the plan Checkout sold it for (`stripe_prices`, found by
-            // lookup key): the same prices Checkout sells select the plan.
+            // The plan listing it in its `stripe_prices`; listed by none, the plan Checkout
+            // sold it for (table `stripe_prices`, found by lookup key).
             None => plans.extend(
                 sqlx::query_scalar::<_, String>(
                     "SELECT name FROM plans WHERE definition -> 'stripe_prices' ? $1
-                     UNION SELECT plan FROM stripe_prices WHERE price_id = $1 AND plan IS NOT NULL",
+                     UNION ALL
+                     SELECT plan FROM stripe_prices
+                     WHERE price_id = $1 AND plan IS NOT NULL
+                       AND NOT EXISTS (SELECT 1 FROM plans WHERE definition -> 'stripe_prices' ? $1)",
                 )
                 .bind(&price.id)
                 .fetch_all(&mut *tx)

@@ -67,11 +67,11 @@ pub(crate) fn run(config: &TallyConfig, args: &PlansArgs) -> anyhow::Result<()> 
                 }
                 match checked {
                     StripeCatalog::Checked(checked) => record(&pool, &checked).await?,
-                    StripeCatalog::NoKey => {}
+                    // The plans may have changed: what was checked before no longer holds.
+                    StripeCatalog::NoKey => catalog::record(&pool, &[]).await?,
                     StripeCatalog::Unreachable(error) => {
-                        // The plans may have changed: what was checked before no longer holds.
                         catalog::record(&pool, &[]).await?;
-                        println!("Stripe prices not checked ({error:#}): nothing is for sale through Checkout until `tally plans sync` reaches Stripe");
+                        eprintln!("warning: Stripe prices not checked ({error:#}): the plans are applied, and nothing is for sale through Checkout until `tally plans sync` reaches Stripe");
                     }
                 }
             }
@@ -124,15 +124,20 @@ enum StripeCatalog {
 /// an error: nothing is applied.
 async fn check_stripe(config: &TallyConfig) -> anyhow::Result<StripeCatalog> {
     if config.stripe.secret_key.expose().is_empty() {
-        println!(
-            "Stripe prices not checked: no STRIPE_SECRET_KEY (Checkout sells only checked prices)"
+        eprintln!(
+            "warning: Stripe prices not checked: no STRIPE_SECRET_KEY (nothing is for sale through Checkout)"
         );
         return Ok(StripeCatalog::NoKey);
     }
     let stripe = stripe_client(config)?;
-    match read_catalog(config, &stripe).await {
+    match catalog::check(&stripe, &config.plans, &config.credits.packs, &config.meters).await {
         Ok(checked) => Ok(StripeCatalog::Checked(refuse_problems(checked)?)),
-        Err(error) => Ok(StripeCatalog::Unreachable(error)),
+        // An outage is waited out elsewhere; here the plans still apply, and nothing sells.
+        Err(error) if error.is_retryable() => Ok(StripeCatalog::Unreachable(error.into())),
+        // A key Stripe refuses (401, 403) is the operator's to fix: nothing is applied.
+        Err(error) => Err(anyhow::Error::new(error).context(
+            "Stripe refused to show the prices; check the secret key (a restricted key needs read access to prices and billing meters)",
+        )),
     }
 }
 
