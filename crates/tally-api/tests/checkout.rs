@@ -349,7 +349,29 @@ async fn a_credit_pack_is_bought_granted_once_and_refunded() {
     assert_eq!(h.grants().await.len(), 1);
     assert_eq!(h.balance().await, Decimal::from(1000));
 
-    // A refund voids what is left, with the reason.
+    // 300 of the credits used (usage priced at a credit a call, burned as the burner does).
+    tally_credits::rates::record(
+        &h.db.pool,
+        &[tally_credits::RateDefinition {
+            meter: "api_calls".into(),
+            credits_per_unit: Decimal::ONE,
+            dimensions: Default::default(),
+        }],
+    )
+    .await
+    .unwrap();
+    sqlx::query(
+        "INSERT INTO credit_usage_queue (customer_id, meter, group_key, window_start, quantity)
+         VALUES ('acme', 'api_calls', '', date_trunc('minute', now()), 300)",
+    )
+    .execute(&h.db.pool)
+    .await
+    .unwrap();
+    let rates = tally_credits::RateCard::load(&h.db.pool).await.unwrap();
+    tally_credits::burn_once(&h.db.pool, &rates).await.unwrap();
+    assert_eq!(h.balance().await, Decimal::from(700));
+
+    // A refund voids what is left, with the reason; what was used stays used.
     post(
         &h.emulator,
         "/v1/refunds",
@@ -358,6 +380,14 @@ async fn a_credit_pack_is_bought_granted_once_and_refunded() {
     .await;
     h.delivered().await;
     assert_eq!(h.balance().await, Decimal::ZERO);
+    let (consumed, voided): (Decimal, Decimal) = sqlx::query_as(
+        "SELECT -sum(amount) FILTER (WHERE kind = 'consume'), -sum(amount) FILTER (WHERE kind = 'void')
+         FROM credit_transactions WHERE customer_id = 'acme'",
+    )
+    .fetch_one(&h.db.pool)
+    .await
+    .unwrap();
+    assert_eq!((consumed, voided), (Decimal::from(300), Decimal::from(700)));
     assert_eq!(h.grants().await[0].2.as_deref(), Some("voided"));
     let void_reason: String = sqlx::query_scalar(
         "SELECT reason FROM credit_transactions WHERE customer_id = 'acme' AND kind = 'void'",
