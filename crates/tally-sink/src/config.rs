@@ -80,7 +80,8 @@ pub struct StripeConfig {
     /// Secret key (`sk_live_…` or `sk_test_…`). Also read from `STRIPE_SECRET_KEY`.
     pub secret_key: Secret,
     /// Calls per second this sink process makes. 0 picks a rate under the account's limit:
-    /// 20/s for `sk_test_` keys (Stripe allows 25) and 950/s for `sk_live_` keys (1,000).
+    /// 20/s for test keys (Stripe allows 25) and 950/s for live keys, `sk_live_` or `rk_live_`
+    /// (1,000).
     /// Several sink processes share the account's limit: divide it between them.
     pub max_requests_per_second: u32,
     /// Time limit of one call.
@@ -100,10 +101,17 @@ impl Default for StripeConfig {
 }
 
 impl StripeConfig {
+    /// Whether the key is a live-mode key (`sk_live_`, or a restricted `rk_live_`): live rate
+    /// limits, live webhooks only, no loopback return URLs.
+    pub fn is_live(&self) -> bool {
+        let key = self.secret_key.expose();
+        key.starts_with("sk_live_") || key.starts_with("rk_live_")
+    }
+
     /// The rate to use: the configured one, else the default for the key's mode.
     pub fn requests_per_second(&self) -> u32 {
         match self.max_requests_per_second {
-            0 if self.secret_key.expose().starts_with("sk_live_") => 950,
+            0 if self.is_live() => 950,
             0 => 20,
             rate => rate,
         }
@@ -169,6 +177,26 @@ mod tests {
             api_base: api_base.into(),
             secret_key: Secret::new("sk_test_config"),
             ..StripeConfig::default()
+        }
+    }
+
+    #[test]
+    fn restricted_live_keys_are_live() {
+        for (key, live, rate) in [
+            ("sk_live_x", true, 950),
+            ("rk_live_x", true, 950),
+            ("sk_test_x", false, 20),
+            ("rk_test_x", false, 20),
+        ] {
+            let config = StripeConfig {
+                secret_key: Secret::new(key),
+                ..StripeConfig::default()
+            };
+            assert_eq!(
+                (config.is_live(), config.requests_per_second()),
+                (live, rate),
+                "{key}"
+            );
         }
     }
 

@@ -27,8 +27,7 @@ pub(crate) fn run(config: &TallyConfig) -> anyhow::Result<()> {
     if serve.tokens.is_empty() {
         bail!("no API tokens: every request would be refused; make one with `tally tokens create --scope admin` and add the [[serve.tokens]] it prints to tally.toml");
     }
-    let live = config.stripe.secret_key.expose().starts_with("sk_live_")
-        || config.stripe.secret_key.expose().starts_with("rk_live_");
+    let live = config.stripe.is_live();
     let customer_tokens = serve
         .tokens
         .iter()
@@ -105,7 +104,6 @@ pub(crate) fn run(config: &TallyConfig) -> anyhow::Result<()> {
         if webhook_secret.is_empty() {
             tracing::warn!("STRIPE_WEBHOOK_SECRET is not set: POST /v1/webhooks/stripe answers 503 WEBHOOKS_DISABLED");
         }
-        let key = config.stripe.secret_key.expose();
         let stripe = stripe_api(config);
         let state = Arc::new(ApiState {
             fallback_plan: config.subscriptions.fallback_plan.clone(),
@@ -118,11 +116,11 @@ pub(crate) fn run(config: &TallyConfig) -> anyhow::Result<()> {
             emitter: emitter.clone(),
             stripe_webhook: (!webhook_secret.is_empty()).then(|| StripeWebhook {
                 secret: webhook_secret.clone(),
-                livemode: key.starts_with("sk_live_") || key.starts_with("rk_live_"),
+                livemode: config.stripe.is_live(),
                 stripe: stripe.clone(),
             }),
             billing: SelfServe {
-                livemode: key.starts_with("sk_live_") || key.starts_with("rk_live_"),
+                livemode: config.stripe.is_live(),
                 stripe,
                 packs: config.credits.packs.clone(),
                 return_origins: serve.checkout_return_origins.clone(),
