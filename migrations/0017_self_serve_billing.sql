@@ -133,15 +133,20 @@ CROSS JOIN LATERAL jsonb_array_elements(i.lines) AS l(line);
 -- Defined once, here: the sink bills `usage - usage_paid_by_credits`, and reconcile compares
 -- Stripe with the same. STABLE: inside one statement it reads that statement's snapshot, so
 -- usage, queue and ledger are seen at one moment.
+CREATE FUNCTION usage_covered_by_credits(customer text, meter text, from_ts timestamptz, to_ts timestamptz)
+RETURNS numeric LANGUAGE sql STABLE AS $$
+    SELECT coalesce(sum(t.quantity), 0) FROM credit_transactions t
+    WHERE t.customer_id = $1 AND t.meter = $2 AND t.kind = 'consume' AND t.grant_id IS NOT NULL
+      AND t.window_start >= $3 AND t.window_start < $4
+$$;
+CREATE FUNCTION usage_waiting_for_burner(customer text, meter text, from_ts timestamptz, to_ts timestamptz)
+RETURNS numeric LANGUAGE sql STABLE AS $$
+    SELECT coalesce(sum(q.quantity), 0) FROM credit_usage_queue q
+    WHERE q.customer_id = $1 AND q.meter = $2 AND q.window_start >= $3 AND q.window_start < $4
+$$;
 CREATE FUNCTION usage_paid_by_credits(customer text, meter text, from_ts timestamptz, to_ts timestamptz)
 RETURNS numeric LANGUAGE sql STABLE AS $$
-    SELECT coalesce((SELECT sum(t.quantity) FROM credit_transactions t
-                     WHERE t.customer_id = $1 AND t.meter = $2 AND t.kind = 'consume'
-                       AND t.grant_id IS NOT NULL
-                       AND t.window_start >= $3 AND t.window_start < $4), 0)
-         + coalesce((SELECT sum(q.quantity) FROM credit_usage_queue q
-                     WHERE q.customer_id = $1 AND q.meter = $2
-                       AND q.window_start >= $3 AND q.window_start < $4), 0)
+    SELECT usage_covered_by_credits($1, $2, $3, $4) + usage_waiting_for_burner($1, $2, $3, $4)
 $$;
 CREATE INDEX credit_usage_queue_window ON credit_usage_queue (customer_id, meter, window_start);
 

@@ -108,10 +108,26 @@ fn credits_covered_usage_never_reaches_stripe_and_uncovered_usage_does_exactly()
         assert!(ok, "{out}");
     };
 
-    // Not burned yet: nothing is billed (credits may still pay for it).
+    // Not burned yet: nothing is billed (credits may still pay for it), and reconcile says
+    // the usage waits for the burner.
     bill();
     assert_eq!(h.emulator.sum("cus_acme", "api_calls"), 0);
     assert_eq!(h.emulator.sum("cus_beta", "api_calls"), 0);
+    let range = (
+        minute_ago(TimeDelta::hours(2))
+            .format("%Y-%m-%dT%H:%M:%SZ")
+            .to_string(),
+        minute_ago(TimeDelta::minutes(-2))
+            .format("%Y-%m-%dT%H:%M:%SZ")
+            .to_string(),
+    );
+    let (ok, out) = h.tally(&["reconcile", "--from", &range.0, "--to", &range.1]);
+    assert!(ok, "{out}");
+    assert!(
+        out.contains("waiting for the credit burner: 1000 units"),
+        "{out}"
+    );
+    assert!(out.contains("UNBILLED"), "{out}");
 
     // Burned: 600 of acme's 1,000 covered, 400 billed; beta has no credits: 500 billed.
     burn();

@@ -65,9 +65,12 @@ pub struct ReconcileRow {
     /// Sum of the windows that is Stripe's to bill (delta meters: the usage prepaid credits
     /// did not pay for), or the value of the last slot (last meters).
     pub windows: Decimal,
-    /// Usage of the windows prepaid credits paid for (or the burner has yet to burn): not
-    /// billed to Stripe (`usage_paid_by_credits`). Delta meters only.
+    /// Usage of the windows prepaid credits paid for: not billed to Stripe
+    /// (`usage_covered_by_credits`). Delta meters only.
     pub credited: Decimal,
+    /// Usage the credit burner has yet to burn: not billed yet, credits may still pay for it
+    /// (`usage_waiting_for_burner`). Delta meters only.
+    pub waiting: Decimal,
     /// Units Stripe accepted per the outbox, less the units of canceled events (delta), or the
     /// last value sent (last).
     pub sent: Decimal,
@@ -103,17 +106,18 @@ pub async fn reconcile(
     let meters = store::billed_meters(pool).await?;
     let mut rows: BTreeMap<(String, String), ReconcileRow> = BTreeMap::new();
     // As text, so that one customer's sum beyond a decimal spoils only its own row.
-    let windows: Vec<(String, String, String, String, String)> = sqlx::query_as(
+    let windows: Vec<(String, String, String, String, String, String)> = sqlx::query_as(
         "WITH billed AS (SELECT name, aggregation FROM meters WHERE aggregation <> 'unique_count'),
               usage AS (
                 SELECT u.customer_id, u.meter, sum(u.value) AS value,
-                       usage_paid_by_credits(u.customer_id, u.meter, $1, $2) AS credited
+                       usage_covered_by_credits(u.customer_id, u.meter, $1, $2) AS credited,
+                       usage_waiting_for_burner(u.customer_id, u.meter, $1, $2) AS waiting
                 FROM usage_minute u JOIN billed b ON b.name = u.meter AND b.aggregation IN ('sum', 'count')
                 WHERE u.window_start >= $1 AND u.window_start < $2
                 GROUP BY u.customer_id, u.meter),
               sums AS (
                 SELECT customer_id, meter, 'delta' AS kind,
-                       greatest(value - credited, 0) AS value, credited
+                       greatest(value - credited - waiting, 0) AS value, credited, waiting
                 FROM usage),
               last_slot AS (
                 SELECT u.customer_id, u.meter, b.aggregation,
@@ -129,23 +133,25 @@ pub async fn reconcile(
                 JOIN last_slot l ON l.customer_id = u.customer_id AND l.meter = u.meter
                  AND u.window_start >= l.slot AND u.window_start < l.slot + interval '5 minutes'
                 GROUP BY u.customer_id, u.meter)
-         SELECT customer_id, meter, kind, value::text, credited::text FROM sums
-         UNION ALL SELECT customer_id, meter, kind, value::text, '0' FROM lasts",
+         SELECT customer_id, meter, kind, value::text, credited::text, waiting::text FROM sums
+         UNION ALL SELECT customer_id, meter, kind, value::text, '0', '0' FROM lasts",
     )
     .bind(from)
     .bind(to)
     .fetch_all(pool)
     .await
     .map_err(SinkStoreError::from)?;
-    for (customer, meter, kind, value, credited) in windows {
+    for (customer, meter, kind, value, credited, waiting) in windows {
         let entry = row(&mut rows, customer, meter, kind_of(&kind));
         match (
             Decimal::from_str_exact(&value),
             Decimal::from_str_exact(&credited),
+            Decimal::from_str_exact(&waiting),
         ) {
-            (Ok(value), Ok(credited)) => {
+            (Ok(value), Ok(credited), Ok(waiting)) => {
                 entry.windows = value;
                 entry.credited = credited;
+                entry.waiting = waiting;
             }
             _ => {
                 entry.quarantined = Some(format!(
@@ -253,6 +259,8 @@ pub async fn reconcile(
         } else if (row.windows - row.sent).abs() >= Decimal::ONE
             || !row.pending.is_zero()
             || !row.failed.is_zero()
+            // Usage still waiting for the credit burner is not sent yet either.
+            || row.waiting >= Decimal::ONE
         {
             Verdict::Unbilled
         } else {
@@ -289,6 +297,7 @@ fn row(
             kind,
             windows: Decimal::ZERO,
             credited: Decimal::ZERO,
+            waiting: Decimal::ZERO,
             sent: Decimal::ZERO,
             pending: Decimal::ZERO,
             failed: Decimal::ZERO,
@@ -348,6 +357,12 @@ pub fn render_table(rows: &[ReconcileRow]) -> String {
             out.push_str(&format!(
                 "    paid by credits: {} units (not billed to Stripe; windows shows the rest)\n",
                 row.credited.normalize()
+            ));
+        }
+        if !row.waiting.is_zero() {
+            out.push_str(&format!(
+                "    waiting for the credit burner: {} units (billed once burned, less what credits pay)\n",
+                row.waiting.normalize()
             ));
         }
         if !row.repairing.is_zero() {

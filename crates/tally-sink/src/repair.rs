@@ -364,6 +364,7 @@ mod tests {
             kind,
             windows: Decimal::from(sent),
             credited: Decimal::ZERO,
+            waiting: Decimal::ZERO,
             sent: Decimal::from(sent),
             pending: Decimal::ZERO,
             failed: Decimal::ZERO,
