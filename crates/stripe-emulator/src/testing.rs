@@ -25,7 +25,6 @@ pub async fn call(
     form: &[(&str, String)],
     idempotency_key: Option<&str>,
 ) -> Result<Answer, String> {
-    let client: Client<_, Full<Bytes>> = Client::builder(TokioExecutor::new()).build_http();
     let body = form_urlencoded::Serializer::new(String::new())
         .extend_pairs(form.iter().map(|(k, v)| (*k, v.as_str())))
         .finish();
@@ -42,34 +41,23 @@ pub async fn call(
     let request = request
         .body(Full::new(Bytes::from(body)))
         .map_err(|e| e.to_string())?;
-    let response = client
-        .request(request)
-        .await
-        .map_err(|e| format!("{e:?}"))?;
-    let status = response.status().as_u16();
-    let headers = response.headers().clone();
-    let bytes = response
-        .into_body()
-        .collect()
-        .await
-        .map_err(|e| format!("{e:?}"))?
-        .to_bytes();
-    Ok(Answer {
-        status,
-        headers,
-        body: serde_json::from_slice(&bytes).unwrap_or(Value::Null),
-    })
+    send(request).await
 }
 
 /// `POST /_emulator/{path}` with a JSON body: what a paying customer does on Stripe's hosted
 /// pages (`checkout/{id}/complete`, `checkout/{id}/async_payment`, `portal/{id}/cancel`), the
 /// clock, invoices' later changes.
 pub async fn control(addr: SocketAddr, path: &str, body: &Value) -> Result<Answer, String> {
-    let client: Client<_, Full<Bytes>> = Client::builder(TokioExecutor::new()).build_http();
     let request = hyper::Request::post(format!("http://{addr}/_emulator/{path}"))
         .header("content-type", "application/json")
         .body(Full::new(Bytes::from(body.to_string())))
         .map_err(|e| e.to_string())?;
+    send(request).await
+}
+
+/// Sends the request and reads the whole answer.
+async fn send(request: hyper::Request<Full<Bytes>>) -> Result<Answer, String> {
+    let client: Client<_, Full<Bytes>> = Client::builder(TokioExecutor::new()).build_http();
     let response = client
         .request(request)
         .await

@@ -896,7 +896,7 @@ async fn a_disputed_pack_is_voided_and_a_pack_changed_since_sync_is_not_sold() {
         customer: "acme",
         success_url: "https://app.example.com/ok",
         cancel_url: "https://app.example.com/back",
-        requested_by: "test",
+        requested_by: "test".into(),
         operator: true,
     };
     let error = tally_billing::checkout::checkout_pack(&h.db.pool, &h.stripe, &changed, &request)

@@ -77,8 +77,12 @@ pub enum CheckoutError {
     AssignedPlan { customer: String, plan: String },
     #[error("credit pack {0:?} costs {1} in tally.toml but its checked Stripe price is {2}; run `tally plans sync` (or `tally plans apply`) so they agree")]
     PackPriceChanged(String, String, String),
+    #[error("plan {0:?} is not self-serve: only an admin token may open its checkout (or set self_serve = true on the plan)")]
+    NotSelfServe(String),
     #[error("Postgres: {0}")]
     Store(#[from] sqlx::Error),
+    #[error(transparent)]
+    Plans(#[from] crate::store::BillingStoreError),
 }
 
 impl CheckoutError {
@@ -98,7 +102,8 @@ impl CheckoutError {
             CheckoutError::TooManyOpenSessions(_) => "TOO_MANY_OPEN_SESSIONS",
             CheckoutError::AssignedPlan { .. } => "NOT_SELF_SERVE",
             CheckoutError::PackPriceChanged(..) => "PACK_NOT_FOR_SALE",
-            CheckoutError::Store(_) => "STORE_UNAVAILABLE",
+            CheckoutError::NotSelfServe(_) => "NOT_SELF_SERVE",
+            CheckoutError::Store(_) | CheckoutError::Plans(_) => "STORE_UNAVAILABLE",
         }
     }
 
@@ -111,13 +116,14 @@ impl CheckoutError {
             | CheckoutError::NoStripeCustomer(_)
             | CheckoutError::AlreadySubscribed(_)
             | CheckoutError::CheckoutInProgress(_) => 409,
-            CheckoutError::AssignedPlan { .. } => 403,
+            CheckoutError::AssignedPlan { .. } | CheckoutError::NotSelfServe(_) => 403,
             CheckoutError::TooManyOpenSessions(_) => 429,
             CheckoutError::BadReturnUrl { .. } => 400,
             CheckoutError::StripeRefused(_) => 502,
             CheckoutError::StripeUnavailable(_)
             | CheckoutError::StripeNotConfigured
-            | CheckoutError::Store(_) => 503,
+            | CheckoutError::Store(_)
+            | CheckoutError::Plans(_) => 503,
         }
     }
 }
@@ -183,8 +189,8 @@ pub struct CheckoutRequest<'a> {
     pub customer: &'a str,
     pub success_url: &'a str,
     pub cancel_url: &'a str,
-    /// For the record: the token's name.
-    pub requested_by: &'a str,
+    /// For the record: `token:<name>`.
+    pub requested_by: String,
     /// An operator (admin token): may replace a plan an operator assigned.
     pub operator: bool,
 }
@@ -205,22 +211,20 @@ pub struct OpenedSession {
 }
 
 /// Opens a Checkout Session (mode `subscription`) for `plan`: its fee and its metered prices,
-/// so usage bills on the same subscription.
+/// so usage bills on the same subscription. A customer (not an operator) may buy only a plan
+/// with `self_serve = true`.
 pub async fn checkout_plan(
     pool: &PgPool,
     stripe: &StripeHttp,
     plan: &str,
     request: &CheckoutRequest<'_>,
 ) -> Result<OpenedSession, CheckoutError> {
-    let Some(definition) = crate::store::get_plan(pool, plan)
-        .await
-        .map_err(|e| match e {
-            crate::store::BillingStoreError::Postgres(e) => CheckoutError::Store(e),
-            other => CheckoutError::Store(sqlx::Error::Protocol(other.to_string())),
-        })?
-    else {
+    let Some(definition) = crate::store::get_plan(pool, plan).await? else {
         return Err(CheckoutError::UnknownPlan(plan.to_owned()));
     };
+    if !request.operator && !definition.self_serve {
+        return Err(CheckoutError::NotSelfServe(plan.to_owned()));
+    }
     let prices = catalog::prices_of(pool, Some(plan), None).await?;
     if prices.is_empty() {
         return Err(CheckoutError::PlanNotForSale(plan.to_owned()));
@@ -502,7 +506,7 @@ impl Record<'_> {
         )
         .bind(self.amount)
         .bind(self.currency)
-        .bind(request.requested_by)
+        .bind(&request.requested_by)
         .execute(&mut *tx)
         .await?;
         tx.commit().await?;

@@ -281,22 +281,7 @@ async fn mark_slots_changed(
             )
         })
         .collect();
-    if slots.is_empty() {
-        return Ok(());
-    }
-    let customers: Vec<&str> = slots.iter().map(|s| s.0).collect();
-    let meters: Vec<&str> = slots.iter().map(|s| s.1).collect();
-    let starts: Vec<DateTime<Utc>> = slots.iter().map(|s| s.2).collect();
-    sqlx::query(
-        "INSERT INTO usage_slot_changes (customer_id, meter, slot_start)
-         SELECT * FROM UNNEST($1::text[], $2::text[], $3::timestamptz[])",
-    )
-    .bind(&customers)
-    .bind(&meters)
-    .bind(&starts)
-    .execute(&mut *tx)
-    .await?;
-    Ok(())
+    tally_db::slot_changes::record(tx, &slots).await
 }
 
 async fn open_grants(

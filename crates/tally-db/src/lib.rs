@@ -13,6 +13,7 @@ mod isolate;
 pub mod meters;
 mod numeric;
 pub mod rejects;
+pub mod slot_changes;
 #[cfg(any(test, feature = "testing"))]
 pub mod testing;
 pub mod throwaway;

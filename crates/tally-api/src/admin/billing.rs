@@ -31,7 +31,9 @@ impl From<CheckoutError> for ApiError {
         let status =
             StatusCode::from_u16(error.http_status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
         match &error {
-            CheckoutError::Store(_) => ApiError::unavailable("STORE_UNAVAILABLE", &error),
+            CheckoutError::Store(_) | CheckoutError::Plans(_) => {
+                ApiError::unavailable("STORE_UNAVAILABLE", &error)
+            }
             // What Stripe said goes to the log; the client learns it was Stripe.
             CheckoutError::StripeRefused(_) | CheckoutError::StripeUnavailable(_) => {
                 ApiError::new(status, error.code(), match error {
@@ -87,6 +89,22 @@ fn return_urls(state: &ApiState, urls: &[(&'static str, &str)]) -> Result<(), Ap
     Ok(())
 }
 
+/// Who asks and where the customer goes after; the return URLs are checked first.
+fn checkout_request<'a>(
+    caller: &'a Caller,
+    customer: &'a str,
+    success_url: &'a str,
+    cancel_url: &'a str,
+) -> CheckoutRequest<'a> {
+    CheckoutRequest {
+        customer,
+        success_url,
+        cancel_url,
+        requested_by: format!("token:{}", caller.name()),
+        operator: caller.scope() == Scope::Admin,
+    }
+}
+
 /// `POST /v1/customers/{id}/checkout`: `{plan, success_url, cancel_url}` → `{id, url}`.
 pub(crate) async fn plan(
     State(state): State<Arc<ApiState>>,
@@ -103,36 +121,16 @@ pub(crate) async fn plan(
             ("cancel_url", &request.cancel_url),
         ],
     )?;
-    if caller.scope() != Scope::Admin {
-        let plan = tally_billing::store::get_plan(&state.pool, &request.plan)
-            .await
-            .map_err(|e| ApiError::unavailable("STORE_UNAVAILABLE", e))?;
-        match plan {
-            Some(plan) if plan.self_serve => {}
-            Some(_) => {
-                return Err(ApiError::new(
-                    StatusCode::FORBIDDEN,
-                    "NOT_SELF_SERVE",
-                    format!(
-                        "plan {:?} is not self-serve: only an admin token may open its checkout (or set self_serve = true on the plan)",
-                        request.plan
-                    ),
-                ))
-            }
-            None => return Err(CheckoutError::UnknownPlan(request.plan).into()),
-        }
-    }
     let opened = checkout::checkout_plan(
         &state.pool,
         stripe(&state)?,
         &request.plan,
-        &CheckoutRequest {
-            customer: &customer,
-            success_url: &request.success_url,
-            cancel_url: &request.cancel_url,
-            requested_by: &format!("token:{}", caller.name()),
-            operator: caller.scope() == Scope::Admin,
-        },
+        &checkout_request(
+            &caller,
+            &customer,
+            &request.success_url,
+            &request.cancel_url,
+        ),
     )
     .await?;
     Ok(Json(json!(opened)))
@@ -164,13 +162,12 @@ pub(crate) async fn pack(
         &state.pool,
         stripe(&state)?,
         pack,
-        &CheckoutRequest {
-            customer: &customer,
-            success_url: &request.success_url,
-            cancel_url: &request.cancel_url,
-            requested_by: &format!("token:{}", caller.name()),
-            operator: caller.scope() == Scope::Admin,
-        },
+        &checkout_request(
+            &caller,
+            &customer,
+            &request.success_url,
+            &request.cancel_url,
+        ),
     )
     .await?;
     Ok(Json(json!(opened)))
