@@ -50,6 +50,7 @@ fn api_state(pipeline: &IngestPipeline, quota: Quota) -> Arc<ApiState> {
         fallback_plan: None,
         alert_destinations: Default::default(),
         billing: Default::default(),
+        pipeline: Default::default(),
         quota,
         pool: pool.clone(),
         reader_pool: pool,

@@ -37,6 +37,7 @@ fn main() {
             fallback_plan: None,
             alert_destinations: Default::default(),
             billing: Default::default(),
+            pipeline: Default::default(),
             quota: Quota::new(
                 db.pool.clone(),
                 Duration::from_millis(env("TALLY_BENCH_REFRESH_MS", 250)),

@@ -44,7 +44,7 @@ impl Access {
                 name: token.name.clone(),
                 scope: token.scope,
                 customer: token.customer.clone(),
-                bucket: buckets.len(),
+                bucket: Some(buckets.len()),
             }));
             buckets.push(Mutex::new(Bucket::new(rates.of(token.scope))));
             by_hash.insert(hash, caller);
@@ -75,9 +75,21 @@ impl Access {
         })
     }
 
+    /// The admin token named `name`, for a console session that token opened: a token removed
+    /// from the configuration ends its sessions.
+    pub(crate) fn admin_named(&self, name: &str) -> Option<Caller> {
+        self.by_hash
+            .values()
+            .find(|caller| caller.scope() == Scope::Admin && caller.name() == name)
+            .cloned()
+    }
+
     /// Takes one request from the caller's bucket, or says how many seconds until one is there.
     fn take(&self, caller: &Caller) -> Result<(), u64> {
-        self.buckets[caller.0.bucket]
+        let Some(bucket) = caller.0.bucket else {
+            return Ok(());
+        };
+        self.buckets[bucket]
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .take(Instant::now())
@@ -123,11 +135,22 @@ struct CallerToken {
     name: String,
     scope: Scope,
     customer: Option<String>,
-    /// Its rate bucket in `Access::buckets`.
-    bucket: usize,
+    /// Its rate bucket in `Access::buckets`; `None` for a portal session's caller (the portal's
+    /// pages are rate-limited per session by `web`).
+    bucket: Option<usize>,
 }
 
 impl Caller {
+    /// A portal session's caller: customer scope, for its one customer.
+    pub(crate) fn portal(customer: &str) -> Caller {
+        Caller(Arc::new(CallerToken {
+            name: "portal".into(),
+            scope: Scope::Customer,
+            customer: Some(customer.to_owned()),
+            bucket: None,
+        }))
+    }
+
     pub fn scope(&self) -> Scope {
         self.0.scope
     }
@@ -167,6 +190,12 @@ pub(crate) struct Policy {
     pub(crate) max_body_bytes: usize,
 }
 
+/// A request tally's own pages make of the API in-process, on behalf of the session's caller
+/// (`web`): the page's session was checked already. Only code in this process can attach it;
+/// nothing a client sends becomes a request extension.
+#[derive(Clone)]
+pub(crate) struct OnBehalf(pub(crate) Caller);
+
 /// The gate: token, scope and rate limit are checked, and a declared body that is too large is
 /// refused, before the body is read; the caller is then handed to the handler.
 pub(crate) async fn gate(
@@ -175,7 +204,12 @@ pub(crate) async fn gate(
     next: Next,
 ) -> Response {
     if let Some(scopes) = policy.scopes {
-        let caller = match state.access.authenticate(request.headers()) {
+        let on_behalf = request.extensions().get::<OnBehalf>().cloned();
+        let authenticated = match on_behalf {
+            Some(OnBehalf(caller)) => Ok(caller),
+            None => state.access.authenticate(request.headers()),
+        };
+        let caller = match authenticated {
             Ok(caller) => caller,
             Err(error) => {
                 let mut response = error.into_response();

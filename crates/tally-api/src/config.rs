@@ -50,6 +50,8 @@ pub struct ServeConfig {
     pub limits: EdgeLimits,
     /// Requests per second per token, by scope.
     pub rate_limits: RateLimits,
+    /// The customer portal, the pricing page and the operator console.
+    pub web: WebConfig,
 }
 
 impl Default for ServeConfig {
@@ -66,8 +68,91 @@ impl Default for ServeConfig {
             checkout_return_origins: Vec::new(),
             limits: EdgeLimits::default(),
             rate_limits: RateLimits::default(),
+            web: WebConfig::default(),
         }
     }
+}
+
+/// `[serve.web]`: tally's pages (`/portal`, `/pricing`, `/console`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct WebConfig {
+    /// The address people reach `tally serve` at (`https://billing.example.com`), for the
+    /// portal links `POST /v1/customers/{id}/portal-sessions` answers. Empty: `http://` and
+    /// `serve.listen`. With https, the session cookies are `Secure`.
+    pub public_url: String,
+    /// Origins that may show the portal and the pricing page in an iframe
+    /// (`frame-ancestors`). Empty: no page of tally's may be framed.
+    pub frame_origins: Vec<String>,
+    /// A portal session's life when the request does not say.
+    #[serde(with = "tally_core::duration")]
+    pub portal_session_ttl: Duration,
+    /// The longest portal session a request may ask for.
+    #[serde(with = "tally_core::duration")]
+    pub portal_session_max_ttl: Duration,
+    /// A console session's life from its login.
+    #[serde(with = "tally_core::duration")]
+    pub console_session_ttl: Duration,
+    /// Whether `/console` is served. An admin token is still needed to log in.
+    pub console: bool,
+    /// The plans `/pricing` and the portal's plans page list, in this order. Empty: every plan.
+    pub pricing_plans: Vec<String>,
+    /// The pages' colours and font, as CSS values (`"#4f46e5"`, `"system-ui"`).
+    pub theme: Theme,
+}
+
+impl Default for WebConfig {
+    fn default() -> Self {
+        WebConfig {
+            public_url: String::new(),
+            frame_origins: Vec::new(),
+            portal_session_ttl: Duration::from_secs(3600),
+            portal_session_max_ttl: Duration::from_secs(4 * 3600),
+            console_session_ttl: Duration::from_secs(8 * 3600),
+            console: true,
+            pricing_plans: Vec::new(),
+            theme: Theme::default(),
+        }
+    }
+}
+
+/// `[serve.web.theme]`: CSS custom properties of every page (`--tally-accent`, …). Empty keeps
+/// tally's own.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Theme {
+    pub accent: String,
+    pub background: String,
+    pub text: String,
+    pub font: String,
+}
+
+impl Theme {
+    /// The set properties, by their CSS names.
+    pub fn properties(&self) -> Vec<(&'static str, &str)> {
+        [
+            ("--tally-accent", self.accent.as_str()),
+            ("--tally-background", self.background.as_str()),
+            ("--tally-text", self.text.as_str()),
+            ("--tally-font", self.font.as_str()),
+        ]
+        .into_iter()
+        .filter(|(_, value)| !value.is_empty())
+        .collect()
+    }
+}
+
+/// Whether `origin` is a bare origin: scheme, host and port in lowercase, nothing else.
+fn is_origin(origin: &str) -> bool {
+    let uri: Option<axum::http::Uri> = origin.parse().ok();
+    let plain = uri.as_ref().is_some_and(|u| {
+        matches!(u.scheme_str(), Some("https" | "http"))
+            && u.authority().is_some()
+            && u.path_and_query()
+                .is_none_or(|p| p.as_str() == "/" || p.as_str().is_empty())
+            && !origin.ends_with('/')
+    });
+    plain && origin.to_ascii_lowercase() == *origin
 }
 
 /// `[serve.limits]`: what one client, or all of them together, may hold of the server.
@@ -219,23 +304,63 @@ impl ApiToken {
     }
 }
 
+impl WebConfig {
+    fn validate(&self) -> Result<(), String> {
+        if !self.public_url.is_empty() && !is_origin(self.public_url.trim_end_matches('/')) {
+            return Err(format!(
+                "serve.web.public_url {:?}: write the origin people reach tally at, e.g. \"https://billing.example.com\" (no path)",
+                self.public_url
+            ));
+        }
+        for origin in &self.frame_origins {
+            if !is_origin(origin) {
+                return Err(format!(
+                    "serve.web.frame_origins: {origin:?} is not an origin; write scheme and host (and port) in lowercase, no path, e.g. \"https://app.example.com\""
+                ));
+            }
+        }
+        if self.portal_session_ttl.is_zero()
+            || self.portal_session_ttl > self.portal_session_max_ttl
+        {
+            return Err("serve.web.portal_session_ttl must be more than 0 and at most portal_session_max_ttl".into());
+        }
+        if self.portal_session_max_ttl > Duration::from_secs(24 * 3600) {
+            return Err("serve.web.portal_session_max_ttl is more than a day: a portal link is a bearer secret; keep sessions short (the default is 4h)".into());
+        }
+        if self.console_session_ttl.is_zero()
+            || self.console_session_ttl > Duration::from_secs(24 * 3600)
+        {
+            return Err(
+                "serve.web.console_session_ttl must be more than 0 and at most a day".into(),
+            );
+        }
+        for (name, value) in self.theme.properties() {
+            // A value goes into a stylesheet: letters, digits, spaces and `#(),.%-` only, so
+            // it can close no rule and load nothing.
+            let plain = value.len() <= 100
+                && value
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || " #(),.%-".contains(c));
+            if !plain {
+                return Err(format!(
+                    "serve.web.theme: {name} {value:?} is not a plain CSS value; use a colour (\"#4f46e5\", \"rgb(79, 70, 229)\") or font names (\"system-ui, sans-serif\")"
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
 impl ServeConfig {
     pub fn validate(&self) -> Result<(), String> {
         for origin in &self.checkout_return_origins {
-            let uri: Option<axum::http::Uri> = origin.parse().ok();
-            let plain = uri.as_ref().is_some_and(|u| {
-                matches!(u.scheme_str(), Some("https" | "http"))
-                    && u.authority().is_some()
-                    && u.path_and_query()
-                        .is_none_or(|p| p.as_str() == "/" || p.as_str().is_empty())
-                    && !origin.ends_with('/')
-            });
-            if !plain || origin.to_ascii_lowercase() != *origin {
+            if !is_origin(origin) {
                 return Err(format!(
                     "serve.checkout_return_origins: {origin:?} is not an origin; write scheme and host (and port) in lowercase, no path, e.g. \"https://app.example.com\""
                 ));
             }
         }
+        self.web.validate()?;
         if self.webhook_retention < Duration::from_secs(31 * 86_400) {
             return Err(format!(
                 "serve.webhook_retention ({}) is shorter than 31 days: Stripe redelivers events for 30 days, and a redelivered event whose id was deleted would be applied again; use at least \"31days\"",

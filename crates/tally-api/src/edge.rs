@@ -73,12 +73,16 @@ pub(crate) async fn request_id(mut request: Request, next: Next) -> Response {
             } else {
                 tracing::debug!(request_id = %id, %method, path = %path.escape_debug(), %status, code = report.code, "request refused");
             }
-            let body = serde_json::json!({
-                "code": report.code, "message": report.message, "request_id": id,
-            });
-            let (mut parts, _) = response.into_parts();
-            parts.headers.remove(header::CONTENT_LENGTH);
-            Response::from_parts(parts, Body::from(body.to_string()))
+            if report.keep_body {
+                response
+            } else {
+                let body = serde_json::json!({
+                    "code": report.code, "message": report.message, "request_id": id,
+                });
+                let (mut parts, _) = response.into_parts();
+                parts.headers.remove(header::CONTENT_LENGTH);
+                Response::from_parts(parts, Body::from(body.to_string()))
+            }
         }
     };
     if let Ok(value) = HeaderValue::from_str(&id) {

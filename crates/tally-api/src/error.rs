@@ -26,6 +26,8 @@ pub(crate) struct ErrorReport {
     pub(crate) code: &'static str,
     pub(crate) message: String,
     pub(crate) detail: Option<String>,
+    /// A page's own body (HTML) stays: the error is only logged, not written as JSON.
+    pub(crate) keep_body: bool,
 }
 
 impl ApiError {
@@ -110,6 +112,7 @@ impl IntoResponse for ApiError {
             code: self.code,
             message: self.message,
             detail: self.detail,
+            keep_body: false,
         };
         let body = json!({ "code": report.code, "message": report.message });
         let mut response = (self.status, Json(body)).into_response();

@@ -15,6 +15,8 @@
 //! - `telemetry.rs`: metric names and the request-counting layer.
 //! - `error.rs`: JSON errors with a stable `code` and the request id; details only in the log.
 //! - `openapi.rs`: the OpenAPI document served at `/openapi.json`.
+//! - `web.rs`: tally's pages (the customer portal, `/pricing`, the paywall script, the
+//!   operator console), server-rendered from the API's own answers; its parts are in `web/`.
 
 mod admin;
 mod auth;
@@ -27,6 +29,7 @@ mod routes;
 mod server;
 pub mod telemetry;
 mod usage;
+mod web;
 mod webhooks;
 
 use std::sync::Arc;
@@ -45,7 +48,7 @@ use tally_quota::Quota;
 use auth::Policy;
 pub use auth::{Access, Caller};
 pub use config::token_hash;
-pub use config::{ApiToken, EdgeLimits, Rate, RateLimits, Scope, ServeConfig};
+pub use config::{ApiToken, EdgeLimits, Rate, RateLimits, Scope, ServeConfig, Theme, WebConfig};
 pub use error::ApiError;
 pub use ingest::MAX_BATCH;
 pub use routes::readiness;
@@ -72,6 +75,32 @@ pub struct ApiState {
     pub alert_destinations: tally_alerts::Destinations,
     /// Self-serve billing: Checkout, the billing portal, credit packs.
     pub billing: SelfServe,
+    /// Where the console's pipeline page reads Kafka's end offsets (lag).
+    pub pipeline: PipelineSource,
+}
+
+/// The topic and consumer group the console shows, and the brokers to ask for end offsets.
+#[derive(Default)]
+pub struct PipelineSource {
+    /// `None`: lag is shown as unknown.
+    pub kafka: Option<tally_core::config::KafkaConfig>,
+    pub group_id: String,
+    pub topic: String,
+}
+
+impl PipelineSource {
+    /// Each partition's end offset, asked of the brokers now (at most 2 s; librdkafka's call
+    /// blocks, so it runs on a blocking thread).
+    pub(crate) async fn end_offsets(&self) -> Result<std::collections::BTreeMap<i32, i64>, String> {
+        let Some(kafka) = self.kafka.clone() else {
+            return Err("kafka.brokers is not set".into());
+        };
+        tokio::task::spawn_blocking(move || {
+            tally_aggregator::end_offsets(&kafka, std::time::Duration::from_secs(2))
+        })
+        .await
+        .map_err(|e| e.to_string())?
+    }
 }
 
 /// What self-serve billing needs: Stripe, the credit packs on sale, where customers may be sent
@@ -87,6 +116,9 @@ pub struct SelfServe {
     pub return_origins: Vec<String>,
     /// A live Stripe key: return URLs may not point at loopback addresses.
     pub livemode: bool,
+    /// Origins of Stripe's hosted pages (Checkout, the billing portal) the portal's forms may
+    /// send a browser to (`form-action`).
+    pub page_origins: Vec<String>,
 }
 
 /// How Stripe's webhook deliveries are checked.
@@ -119,14 +151,81 @@ mod scopes {
 /// before its handler reads a byte of the body.
 pub fn router(state: Arc<ApiState>, config: &ServeConfig) -> Router {
     let limits = &config.limits;
+    let api = api_routes(&state, config);
+    let web = Arc::new(web::Web::new(
+        state.clone(),
+        api.clone().with_state(state.clone()),
+        config,
+    ));
+    let small = limits.max_body_bytes;
+    let portal_sessions = Router::new()
+        .route(
+            "/v1/customers/{id}/portal-sessions",
+            gated(
+                &state,
+                post(web::portal_sessions::create),
+                Some(scopes::ADMIN),
+                small,
+            ),
+        )
+        .route(
+            "/v1/portal-sessions/{id}",
+            gated(
+                &state,
+                delete(web::portal_sessions::revoke),
+                Some(scopes::ADMIN),
+                small,
+            ),
+        )
+        .route_layer(from_fn(telemetry::track))
+        .with_state(web.clone());
+    api.with_state(state)
+        .merge(portal_sessions)
+        .merge(web::router(web))
+        .fallback(|| async {
+            ApiError::new(
+                StatusCode::NOT_FOUND,
+                "NOT_FOUND",
+                "no such route; see /openapi.json",
+            )
+        })
+        .method_not_allowed_fallback(|| async {
+            ApiError::new(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "METHOD_NOT_ALLOWED",
+                "this route does not take that method; see /openapi.json",
+            )
+        })
+        .layer(from_fn_with_state(
+            edge::InFlight::new(limits.max_in_flight, limits.request_timeout),
+            edge::shed_and_deadline,
+        ))
+        .layer(DefaultBodyLimit::max(small))
+        .layer(from_fn(edge::request_id))
+}
+
+/// A route behind the gate (`auth::gate`): token, scope, rate limit, declared body size.
+fn gated<S: Clone + Send + Sync + 'static>(
+    state: &Arc<ApiState>,
+    route: MethodRouter<S>,
+    scopes: Option<&'static [Scope]>,
+    max_body_bytes: usize,
+) -> MethodRouter<S> {
+    let policy = Policy {
+        scopes,
+        max_body_bytes,
+    };
+    route
+        .route_layer(from_fn_with_state((state.clone(), policy), auth::gate))
+        .layer(DefaultBodyLimit::max(max_body_bytes))
+}
+
+/// The API's routes, each behind its gate, counted by `telemetry::track`. The pages ask these
+/// in-process (`web::Web::call`).
+fn api_routes(state: &Arc<ApiState>, config: &ServeConfig) -> Router<Arc<ApiState>> {
+    let limits = &config.limits;
     let gated = |route: MethodRouter<Arc<ApiState>>, scopes, max_body_bytes| {
-        let policy = Policy {
-            scopes,
-            max_body_bytes,
-        };
-        route
-            .route_layer(from_fn_with_state((state.clone(), policy), auth::gate))
-            .layer(DefaultBodyLimit::max(max_body_bytes))
+        gated(state, route, scopes, max_body_bytes)
     };
     let small = limits.max_body_bytes;
     Router::new()
@@ -341,28 +440,7 @@ pub fn router(state: Arc<ApiState>, config: &ServeConfig) -> Router {
             "/openapi.json",
             get(|| async { axum::Json(openapi::document()) }),
         )
-        .fallback(|| async {
-            ApiError::new(
-                StatusCode::NOT_FOUND,
-                "NOT_FOUND",
-                "no such route; see /openapi.json",
-            )
-        })
-        .method_not_allowed_fallback(|| async {
-            ApiError::new(
-                StatusCode::METHOD_NOT_ALLOWED,
-                "METHOD_NOT_ALLOWED",
-                "this route does not take that method; see /openapi.json",
-            )
-        })
         .route_layer(from_fn(telemetry::track))
-        .layer(from_fn_with_state(
-            edge::InFlight::new(limits.max_in_flight, limits.request_timeout),
-            edge::shed_and_deadline,
-        ))
-        .layer(DefaultBodyLimit::max(small))
-        .layer(from_fn(edge::request_id))
-        .with_state(state)
 }
 
 /// The admin listener (`serve.admin_listen`): `/metrics`, the detailed `/readyz` and

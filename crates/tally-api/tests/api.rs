@@ -42,6 +42,7 @@ async fn app() -> (tally_db::testing::TestDatabase, axum::Router) {
         fallback_plan: None,
         alert_destinations: Default::default(),
         billing: Default::default(),
+        pipeline: Default::default(),
         quota: Quota::new(db.pool.clone(), Duration::from_secs(60))
             .await
             .unwrap(),

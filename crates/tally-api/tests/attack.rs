@@ -77,6 +77,7 @@ async fn state(db: &tally_db::testing::TestDatabase, rates: &RateLimits) -> Arc<
         fallback_plan: None,
         alert_destinations: Default::default(),
         billing: Default::default(),
+        pipeline: Default::default(),
         quota: Quota::new(db.pool.clone(), Duration::from_secs(60))
             .await
             .unwrap(),

@@ -166,7 +166,9 @@ impl Harness {
                 packs: packs(),
                 return_origins: Vec::new(),
                 livemode: false,
+                page_origins: Vec::new(),
             },
+            pipeline: Default::default(),
             quota: Quota::new(db.pool.clone(), Duration::from_secs(3600))
                 .await
                 .unwrap(),

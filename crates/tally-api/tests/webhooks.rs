@@ -96,6 +96,7 @@ impl Harness {
             fallback_plan: None,
             alert_destinations: Default::default(),
             billing: Default::default(),
+            pipeline: Default::default(),
             quota: Quota::new(db.pool.clone(), Duration::from_secs(60))
                 .await
                 .unwrap(),
@@ -440,6 +441,7 @@ async fn forged_stale_unsigned_and_wrong_mode_events_are_refused_and_not_stored(
         fallback_plan: None,
         alert_destinations: Default::default(),
         billing: Default::default(),
+        pipeline: Default::default(),
         quota: Quota::new(h.db.pool.clone(), Duration::from_secs(1))
             .await
             .unwrap(),

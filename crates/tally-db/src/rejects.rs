@@ -149,6 +149,38 @@ pub async fn lock_pending_dlq(
     .await
 }
 
+/// The latest refused event of each reason since `since`: what the console shows as a sample.
+#[derive(Debug, Clone)]
+pub struct RejectSample {
+    pub reason: String,
+    pub detail: String,
+    /// The first 300 bytes as received, lossily decoded, control characters escaped.
+    pub raw: String,
+}
+
+/// The latest refused event of each reason since `since` (for the console).
+pub async fn latest_samples(
+    pool: &PgPool,
+    since: chrono::DateTime<chrono::Utc>,
+) -> Result<Vec<RejectSample>, sqlx::Error> {
+    let rows: Vec<(String, String, Vec<u8>)> = sqlx::query_as(
+        "SELECT DISTINCT ON (reason) reason, left(detail, 500), substring(raw FROM 1 FOR 300)
+         FROM rejected_events WHERE rejected_at >= $1
+         ORDER BY reason, rejected_at DESC",
+    )
+    .bind(since)
+    .fetch_all(pool)
+    .await?;
+    Ok(rows
+        .into_iter()
+        .map(|(reason, detail, raw)| RejectSample {
+            reason,
+            detail,
+            raw: tally_core::reject::printable(String::from_utf8_lossy(&raw).into_owned()),
+        })
+        .collect())
+}
+
 /// Refused events per reason since `since`, most first (for `tally status`).
 pub async fn counts_since(
     pool: &PgPool,

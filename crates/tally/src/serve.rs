@@ -3,7 +3,7 @@
 use std::sync::Arc;
 
 use anyhow::{bail, Context};
-use tally_api::{Access, ApiState, SelfServe, StripeWebhook};
+use tally_api::{Access, ApiState, PipelineSource, SelfServe, StripeWebhook};
 use tally_emitter::Emitter;
 use tally_quota::{Quota, QuotaOptions};
 use tokio_util::sync::CancellationToken;
@@ -20,6 +20,37 @@ fn stripe_api(config: &TallyConfig) -> Option<tally_sink::StripeHttp> {
     tally_sink::StripeHttp::new(&config.stripe)
         .inspect_err(|error| tracing::warn!(%error, "Stripe's API cannot be used: Checkout and the billing portal answer 503, and two webhook events of one second are ordered by status"))
         .ok()
+}
+
+/// Where Checkout and the billing portal may send customers back: the configured origins, and
+/// the portal's own (`serve.web.public_url`) when origins are configured, so the portal's
+/// buttons come back to it.
+pub(crate) fn return_origins(config: &TallyConfig) -> Vec<String> {
+    let mut origins = config.serve.checkout_return_origins.clone();
+    let public = config.serve.web.public_url.trim_end_matches('/');
+    if !origins.is_empty() && !public.is_empty() && !origins.iter().any(|o| o == public) {
+        origins.push(public.to_owned());
+    }
+    origins
+}
+
+/// Origins of Stripe's hosted pages (Checkout, the billing portal), and the emulator's when
+/// `stripe.api_base` points at one: the portal's forms send browsers there.
+pub(crate) fn stripe_page_origins(config: &TallyConfig) -> Vec<String> {
+    let mut origins = vec![
+        "https://checkout.stripe.com".to_owned(),
+        "https://billing.stripe.com".to_owned(),
+    ];
+    let base: Option<axum::http::Uri> = config.stripe.api_base.parse().ok();
+    if let Some((scheme, authority)) = base
+        .as_ref()
+        .and_then(|u| Some((u.scheme_str()?, u.authority()?)))
+    {
+        if authority.host() != "api.stripe.com" {
+            origins.push(format!("{scheme}://{authority}"));
+        }
+    }
+    origins
 }
 
 pub(crate) fn run(config: &TallyConfig) -> anyhow::Result<()> {
@@ -123,7 +154,13 @@ pub(crate) fn run(config: &TallyConfig) -> anyhow::Result<()> {
                 livemode: config.stripe.is_live(),
                 stripe,
                 packs: config.credits.packs.clone(),
-                return_origins: serve.checkout_return_origins.clone(),
+                return_origins: return_origins(config),
+                page_origins: stripe_page_origins(config),
+            },
+            pipeline: PipelineSource {
+                kafka: (!config.kafka.brokers.trim().is_empty()).then(|| config.kafka.clone()),
+                group_id: config.aggregator.group_id.clone(),
+                topic: config.kafka.topic.clone(),
             },
         });
         // Period ends, trials and the fallback plan of the subscriptions tally manages; with

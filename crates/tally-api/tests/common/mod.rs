@@ -123,6 +123,7 @@ impl AdminApi {
             fallback_plan: fallback_plan.map(str::to_owned),
             alert_destinations: destinations,
             billing: Default::default(),
+            pipeline: Default::default(),
         };
         AdminApi {
             app: tally_api::router(

@@ -64,6 +64,7 @@ pub(super) fn serve_until_stopped(
             fallback_plan: None,
             alert_destinations: Default::default(),
             billing: Default::default(),
+            pipeline: Default::default(),
             quota: Quota::new(stack.pool.clone(), stack.config.serve.refresh).await?,
             pool: stack.pool.clone(),
             reader_pool: stack.pool.clone(),

@@ -1,0 +1,457 @@
+//! tally's pages, served by `tally serve` beside the API: the customer portal (`/portal`), the
+//! pricing page (`/pricing`), the paywall script (`/assets/paywall.js`) and the operator
+//! console (`/console`).
+//!
+//! Server-rendered HTML with a little dependency-free JavaScript, all compiled into the binary:
+//! no build step, no second server, and a page is one round trip. A page's numbers are the
+//! API's: each page asks the API in-process (`Web::call`, as the session's caller: a
+//! customer-scope caller for the portal, the logged-in admin token for the console), so a page
+//! can show nothing the same caller could not read, and nothing computed differently.
+//!
+//! - `html.rs`: escaping and the page frame. `chart.rs`: usage charts as SVG.
+//! - `sessions.rs`: portal and console sessions, cookies, CSRF tokens.
+//! - `portal.rs`, `pricing.rs`, `console.rs`: the pages and their forms.
+//! - `assets.rs`: the stylesheet and scripts (`assets/`).
+//! - `portal_sessions.rs`: `POST /v1/customers/{id}/portal-sessions` and its revocation (API).
+//!
+//! Every answer carries a strict Content-Security-Policy (scripts and styles from tally only,
+//! no inline script or style), `nosniff`, `no-referrer` and `frame-ancestors`: none for the
+//! console, `serve.web.frame_origins` for the portal and the pricing page.
+
+mod assets;
+mod chart;
+mod console;
+pub(crate) mod html;
+mod portal;
+pub(crate) mod portal_sessions;
+mod pricing;
+pub(crate) mod sessions;
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use axum::body::Body;
+use axum::extract::{FromRequestParts, Request, State};
+use axum::http::request::Parts;
+use axum::http::{header, HeaderValue, Method, StatusCode};
+use axum::middleware::{from_fn, from_fn_with_state, Next};
+use axum::response::{Html, IntoResponse, Redirect, Response};
+use axum::routing::{get, post};
+use axum::Router;
+use serde_json::Value;
+use tower::ServiceExt;
+
+use crate::auth::{Caller, OnBehalf};
+use crate::config::{Rate, ServeConfig, WebConfig};
+use crate::error::ErrorReport;
+use crate::{telemetry, ApiState};
+use html::{Area, Esc, Frame};
+use sessions::Session;
+
+/// Largest API answer a page reads (the usage API's answers are bounded well below).
+const MAX_API_ANSWER: usize = 8 << 20;
+
+/// What the pages share.
+pub(crate) struct Web {
+    pub(crate) state: Arc<ApiState>,
+    /// The API's routes, with their state: what `call` asks.
+    api: Router,
+    pub(crate) config: WebConfig,
+    /// Where links to tally point: `serve.web.public_url`, else `http://` + `serve.listen`.
+    pub(crate) public_url: String,
+    /// `Content-Security-Policy` of the portal and the pricing page, and of the console.
+    portal_policy: HeaderValue,
+    console_policy: HeaderValue,
+    /// Requests per second of one portal session (`serve.rate_limits.customer`).
+    portal_rate: Rate,
+    portal_buckets: Mutex<HashMap<String, (f64, Instant)>>,
+    /// The last (committed offsets, when) the pipeline page saw: its events per second.
+    last_committed: Mutex<Option<(i64, Instant)>>,
+}
+
+/// Most portal sessions whose rate is remembered; beyond, the memory starts again.
+const MAX_RATE_BUCKETS: usize = 100_000;
+
+impl Web {
+    pub(crate) fn new(state: Arc<ApiState>, api: Router, config: &ServeConfig) -> Web {
+        let web = &config.web;
+        let public_url = if web.public_url.is_empty() {
+            format!("http://{}", config.listen)
+        } else {
+            web.public_url.trim_end_matches('/').to_owned()
+        };
+        let frames = if web.frame_origins.is_empty() {
+            "'none'".to_owned()
+        } else {
+            web.frame_origins.join(" ")
+        };
+        // Forms post to tally, which may send the browser on to Stripe's hosted pages
+        // (Checkout, the billing portal): a form's redirects are held to `form-action` too.
+        let mut form_action = vec!["'self'".to_owned()];
+        form_action.extend(state.billing.page_origins.iter().cloned());
+        let policy = |frame_ancestors: &str| {
+            let text = format!(
+                "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; \
+                 connect-src 'self'; form-action {}; base-uri 'none'; frame-ancestors {frame_ancestors}",
+                form_action.join(" ")
+            );
+            HeaderValue::from_str(&text).unwrap_or_else(|_| {
+                HeaderValue::from_static("default-src 'none'; frame-ancestors 'none'")
+            })
+        };
+        Web {
+            portal_policy: policy(&frames),
+            console_policy: policy("'none'"),
+            portal_rate: config.rate_limits.customer,
+            portal_buckets: Mutex::new(HashMap::new()),
+            last_committed: Mutex::new(None),
+            state,
+            api,
+            config: web.clone(),
+            public_url,
+        }
+    }
+
+    /// Asks the API, in-process, as `caller`: the answer's JSON, or what refused it.
+    pub(crate) async fn call(
+        &self,
+        caller: &Caller,
+        method: Method,
+        uri: &str,
+        body: Option<&Value>,
+    ) -> Result<Value, Refusal> {
+        let mut request = Request::builder()
+            .method(method)
+            .uri(uri)
+            .header(header::CONTENT_TYPE, "application/json")
+            .body(Body::from(body.map(Value::to_string).unwrap_or_default()))
+            .map_err(|e| Refusal::internal(format!("building {uri}: {e}")))?;
+        request.extensions_mut().insert(OnBehalf(caller.clone()));
+        let response = match self.api.clone().oneshot(request).await {
+            Ok(response) => response,
+            Err(never) => match never {},
+        };
+        let status = response.status();
+        let report = response.extensions().get::<ErrorReport>().cloned();
+        let bytes = axum::body::to_bytes(response.into_body(), MAX_API_ANSWER)
+            .await
+            .map_err(|e| Refusal::internal(format!("reading {uri}: {e}")))?;
+        let value: Value = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
+        if status.is_success() {
+            return Ok(value);
+        }
+        Err(Refusal {
+            status,
+            code: value["code"].as_str().unwrap_or("INTERNAL").to_owned(),
+            message: value["message"]
+                .as_str()
+                .unwrap_or("the request failed")
+                .to_owned(),
+            report,
+        })
+    }
+
+    /// Events per second committed since the pipeline page last looked (`None` the first
+    /// time, or when the last look is over a minute old).
+    pub(crate) fn events_per_second(&self, committed: i64) -> Option<f64> {
+        let now = Instant::now();
+        let mut last = self
+            .last_committed
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        let elapsed = last.map(|(_, at)| now.duration_since(at).as_secs_f64());
+        // Two looks within half a second: keep the older one, so the rate spans a while.
+        if elapsed.is_some_and(|seconds| seconds <= 0.5) {
+            return None;
+        }
+        let rate = match (*last, elapsed) {
+            (Some((before, _)), Some(seconds)) if seconds < 60.0 => {
+                Some((committed - before).max(0) as f64 / seconds)
+            }
+            _ => None,
+        };
+        *last = Some((committed, now));
+        rate
+    }
+
+    /// Takes one request from a portal session's bucket.
+    fn take(&self, session: &str) -> bool {
+        let now = Instant::now();
+        let mut buckets = self
+            .portal_buckets
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        if buckets.len() >= MAX_RATE_BUCKETS && !buckets.contains_key(session) {
+            buckets.clear();
+        }
+        let (burst, per_second) = (
+            f64::from(self.portal_rate.burst),
+            f64::from(self.portal_rate.per_second),
+        );
+        let (available, at) = buckets.entry(session.to_owned()).or_insert((burst, now));
+        *available = (*available + now.duration_since(*at).as_secs_f64() * per_second).min(burst);
+        *at = now;
+        if *available >= 1.0 {
+            *available -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
+}
+
+/// What an in-process API call answered instead of 2xx.
+#[derive(Debug)]
+pub(crate) struct Refusal {
+    pub(crate) status: StatusCode,
+    pub(crate) code: String,
+    pub(crate) message: String,
+    report: Option<ErrorReport>,
+}
+
+impl Refusal {
+    fn internal(detail: String) -> Refusal {
+        Refusal {
+            status: StatusCode::INTERNAL_SERVER_ERROR,
+            code: "INTERNAL".into(),
+            message: "internal error; report the request id".into(),
+            report: Some(ErrorReport {
+                code: "INTERNAL",
+                message: "internal error".into(),
+                detail: Some(detail),
+                keep_body: true,
+            }),
+        }
+    }
+
+    /// An error page in `area`, with the API's status and message (what went wrong inside is
+    /// logged under the request id, as for the API).
+    pub(crate) fn page(self, area: Area) -> Response {
+        let body = format!(
+            "{}<p>Code <code>{}</code>.</p>",
+            html::message("error", &self.message),
+            Esc(&self.code)
+        );
+        let frame = Frame {
+            area,
+            title: "Something went wrong",
+            current: "",
+            who: None,
+            csrf: None,
+            refresh: None,
+        };
+        let mut response = (self.status, Html(html::page(&frame, &body))).into_response();
+        if let Some(mut report) = self.report {
+            report.keep_body = true;
+            response.extensions_mut().insert(report);
+        }
+        response
+    }
+}
+
+/// A page's own refusal (no session, a bad form): status, code and message.
+pub(crate) fn refuse(area: Area, status: StatusCode, code: &str, message: &str) -> Response {
+    Refusal {
+        status,
+        code: code.into(),
+        message: message.into(),
+        report: None,
+    }
+    .page(area)
+}
+
+/// The portal session a request's cookie opens; without one, 401 and a page saying how to get
+/// a new one.
+pub(crate) struct PortalSession {
+    pub(crate) session: Session,
+    pub(crate) customer: String,
+    pub(crate) caller: Caller,
+}
+
+impl FromRequestParts<Arc<Web>> for PortalSession {
+    type Rejection = Response;
+
+    async fn from_request_parts(parts: &mut Parts, web: &Arc<Web>) -> Result<Self, Response> {
+        let ended = || {
+            refuse(
+                Area::Public,
+                StatusCode::UNAUTHORIZED,
+                "PORTAL_SESSION_ENDED",
+                "This portal session has ended or was never opened here. Open the billing page again from the app you came from.",
+            )
+        };
+        let Some(cookie) = sessions::cookie(&parts.headers, sessions::PORTAL_COOKIE) else {
+            return Err(ended());
+        };
+        let session = sessions::find(&web.state.pool, "portal", cookie)
+            .await
+            .map_err(|e| store_unavailable(Area::Public, e))?
+            .ok_or_else(ended)?;
+        if !web.take(&session.id) {
+            let mut response = refuse(
+                Area::Portal,
+                StatusCode::TOO_MANY_REQUESTS,
+                "RATE_LIMITED",
+                "Too many requests from this page; wait a moment and reload.",
+            );
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+            return Err(response);
+        }
+        let customer = session.customer.clone().ok_or_else(ended)?;
+        Ok(PortalSession {
+            caller: Caller::portal(&customer),
+            customer,
+            session,
+        })
+    }
+}
+
+/// The console session a request's cookie opens, and the admin token it stands for; without
+/// one, to the login page.
+pub(crate) struct ConsoleSession {
+    pub(crate) session: Session,
+    pub(crate) caller: Caller,
+}
+
+impl FromRequestParts<Arc<Web>> for ConsoleSession {
+    type Rejection = Response;
+
+    async fn from_request_parts(parts: &mut Parts, web: &Arc<Web>) -> Result<Self, Response> {
+        let login = || Redirect::to("/console/login").into_response();
+        let Some(cookie) = sessions::cookie(&parts.headers, sessions::CONSOLE_COOKIE) else {
+            return Err(login());
+        };
+        let session = sessions::find(&web.state.pool, "console", cookie)
+            .await
+            .map_err(|e| store_unavailable(Area::Console, e))?
+            .ok_or_else(login)?;
+        let caller = session
+            .token_name
+            .as_deref()
+            .and_then(|name| web.state.access.admin_named(name))
+            .ok_or_else(login)?;
+        Ok(ConsoleSession { session, caller })
+    }
+}
+
+pub(crate) fn store_unavailable(area: Area, error: sqlx::Error) -> Response {
+    let mut response = refuse(
+        area,
+        StatusCode::SERVICE_UNAVAILABLE,
+        "STORE_UNAVAILABLE",
+        "A store this page needs is unavailable; try again in a moment.",
+    );
+    response.extensions_mut().insert(ErrorReport {
+        code: "STORE_UNAVAILABLE",
+        message: "store unavailable".into(),
+        detail: Some(format!("web session: {error}")),
+        keep_body: true,
+    });
+    response
+}
+
+/// A `Set-Cookie` value: HttpOnly, on `path`, `Secure` when people reach tally over https.
+pub(crate) fn set_cookie(
+    web: &Web,
+    name: &str,
+    value: &str,
+    path: &str,
+    same_site: &str,
+    max_age: i64,
+) -> HeaderValue {
+    let secure = if web.public_url.starts_with("https://") {
+        "; Secure"
+    } else {
+        ""
+    };
+    HeaderValue::from_str(&format!(
+        "{name}={value}; Path={path}; HttpOnly; SameSite={same_site}; Max-Age={max_age}{secure}"
+    ))
+    .unwrap_or_else(|_| HeaderValue::from_static("tally_invalid=; Max-Age=0"))
+}
+
+/// The portal cookie's SameSite: `None` (with `Secure` and `Partitioned`) when the portal may be
+/// framed by another site over https, else `Lax`.
+pub(crate) fn portal_same_site(web: &Web) -> &'static str {
+    if !web.config.frame_origins.is_empty() && web.public_url.starts_with("https://") {
+        "None; Partitioned"
+    } else {
+        "Lax"
+    }
+}
+
+/// The security headers of every page and asset.
+async fn secure(State(web): State<Arc<Web>>, request: Request, next: Next) -> Response {
+    let console = request.uri().path().starts_with("/console");
+    let mut response = next.run(request).await;
+    let headers = response.headers_mut();
+    let policy = if console {
+        web.console_policy.clone()
+    } else {
+        web.portal_policy.clone()
+    };
+    headers.insert(header::CONTENT_SECURITY_POLICY, policy);
+    headers.insert(
+        header::X_CONTENT_TYPE_OPTIONS,
+        HeaderValue::from_static("nosniff"),
+    );
+    headers.insert(
+        header::REFERRER_POLICY,
+        HeaderValue::from_static("no-referrer"),
+    );
+    if console || web.config.frame_origins.is_empty() {
+        headers.insert(header::X_FRAME_OPTIONS, HeaderValue::from_static("DENY"));
+    }
+    headers
+        .entry(header::CACHE_CONTROL)
+        .or_insert(HeaderValue::from_static("no-store"));
+    response
+}
+
+/// The pages' routes, with their headers.
+pub(crate) fn router(web: Arc<Web>) -> Router {
+    let mut router = Router::new()
+        .route("/assets/{file}", get(assets::asset))
+        .route("/pricing", get(pricing::page))
+        .route("/portal/session/{secret}", get(portal::open))
+        .route("/portal", get(portal::overview))
+        .route("/portal/usage", get(portal::usage))
+        .route("/portal/usage.csv", get(portal::usage_csv))
+        .route("/portal/credits", get(portal::credits))
+        .route("/portal/credits/checkout", post(portal::buy_pack))
+        .route("/portal/invoices", get(portal::invoices))
+        .route("/portal/plans", get(portal::plans))
+        .route("/portal/plans/checkout", post(portal::change_plan))
+        .route("/portal/alerts", get(portal::alerts))
+        .route("/portal/logout", post(portal::logout));
+    if web.config.console {
+        router = router
+            .route(
+                "/console/login",
+                get(console::login_page).post(console::login),
+            )
+            .route("/console/logout", post(console::logout))
+            .route("/console", get(console::pipeline))
+            .route("/console/customers", get(console::customers))
+            .route("/console/customers/{id}", get(console::customer))
+            .route("/console/customers/{id}/plan", post(console::change_plan))
+            .route("/console/customers/{id}/grants", post(console::grant))
+            .route(
+                "/console/customers/{id}/grants/{grant_id}/void",
+                post(console::void),
+            )
+            .route(
+                "/console/customers/{id}/override",
+                post(console::set_override),
+            )
+            .route("/console/alerts", get(console::alerts))
+            .route("/console/stripe", get(console::stripe));
+    }
+    router
+        .route_layer(from_fn(telemetry::track))
+        .layer(from_fn_with_state(web.clone(), secure))
+        .with_state(web)
+}

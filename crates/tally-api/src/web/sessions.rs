@@ -1,0 +1,243 @@
+//! Sessions of the portal and the console, in `web_sessions` (migration 0018).
+//!
+//! - A **portal session** is made by an admin (`POST /v1/customers/{id}/portal-sessions`) for
+//!   one customer. Its link carries a secret that opens it once: the first visit trades it
+//!   for a cookie with a secret of its own, so the link in a browser's history or a log opens
+//!   nothing afterwards. The session reads its customer only (a customer-scope caller).
+//! - A **console session** is an admin token exchanged at `/console/login` for a cookie
+//!   (HttpOnly, SameSite=Strict); the token is not kept, only its name, and a session ends
+//!   when it expires, at logout, or when that token leaves the configuration.
+//!
+//! Secrets are 256 random bits, stored as SHA-256 digests. Every change a page makes carries
+//! the session's CSRF token.
+
+use chrono::{DateTime, Utc};
+use sha2::{Digest, Sha256};
+use sqlx::PgPool;
+use uuid::Uuid;
+
+/// The cookie of a portal session (path `/portal`).
+pub(crate) const PORTAL_COOKIE: &str = "tally_portal";
+/// The cookie of a console session (path `/console`).
+pub(crate) const CONSOLE_COOKIE: &str = "tally_console";
+
+/// A live session, as a page needs it.
+#[derive(Debug, Clone)]
+pub(crate) struct Session {
+    /// A UUID, as text.
+    pub(crate) id: String,
+    /// Portal: its customer.
+    pub(crate) customer: Option<String>,
+    /// Console: the admin token that logged in.
+    pub(crate) token_name: Option<String>,
+    pub(crate) csrf: String,
+    pub(crate) return_url: Option<String>,
+    pub(crate) expires_at: DateTime<Utc>,
+}
+
+/// A new secret: 256 random bits as 64 hex digits.
+pub(crate) fn new_secret() -> String {
+    hex::encode(rand::random::<[u8; 32]>())
+}
+
+fn digest(secret: &str) -> Vec<u8> {
+    Sha256::digest(secret.as_bytes()).to_vec()
+}
+
+/// A new portal session for `customer`: its id, the link's secret and when it ends.
+pub(crate) async fn create_portal(
+    pool: &PgPool,
+    customer: &str,
+    expires_at: DateTime<Utc>,
+    return_url: Option<&str>,
+    created_by: &str,
+) -> Result<(String, String), sqlx::Error> {
+    let id = Uuid::now_v7().to_string();
+    let link = new_secret();
+    sqlx::query(
+        "INSERT INTO web_sessions (id, kind, customer_id, link_sha256, csrf_token, return_url, created_by, expires_at)
+         VALUES ($1::uuid, 'portal', $2, $3, $4, $5, $6, $7)",
+    )
+    .bind(&id)
+    .bind(customer)
+    .bind(digest(&link))
+    .bind(new_secret())
+    .bind(return_url)
+    .bind(created_by)
+    .bind(expires_at)
+    .execute(pool)
+    .await?;
+    Ok((id, link))
+}
+
+/// Trades a portal link's secret for the session and its cookie's secret, once: a link already
+/// used, expired or revoked opens nothing.
+pub(crate) async fn exchange_link(
+    pool: &PgPool,
+    link: &str,
+) -> Result<Option<(Session, String)>, sqlx::Error> {
+    let cookie = new_secret();
+    let row: Option<SessionRow> = sqlx::query_as(
+        "UPDATE web_sessions SET exchanged_at = now(), cookie_sha256 = $2
+         WHERE link_sha256 = $1 AND kind = 'portal' AND exchanged_at IS NULL
+           AND revoked_at IS NULL AND expires_at > now()
+         RETURNING id::text AS id, customer_id, token_name, csrf_token, return_url, expires_at",
+    )
+    .bind(digest(link))
+    .bind(digest(&cookie))
+    .fetch_optional(pool)
+    .await?;
+    Ok(row.map(|row| (row.into(), cookie)))
+}
+
+/// A console session for the admin token `token_name`, and its cookie's secret.
+pub(crate) async fn open_console(
+    pool: &PgPool,
+    token_name: &str,
+    expires_at: DateTime<Utc>,
+) -> Result<(Session, String), sqlx::Error> {
+    let cookie = new_secret();
+    let row: SessionRow = sqlx::query_as(
+        "INSERT INTO web_sessions (id, kind, token_name, cookie_sha256, csrf_token, created_by, expires_at, exchanged_at)
+         VALUES ($1::uuid, 'console', $2, $3, $4, $5, $6, now())
+         RETURNING id::text AS id, customer_id, token_name, csrf_token, return_url, expires_at",
+    )
+    .bind(Uuid::now_v7().to_string())
+    .bind(token_name)
+    .bind(digest(&cookie))
+    .bind(new_secret())
+    .bind(format!("token:{token_name}"))
+    .bind(expires_at)
+    .fetch_one(pool)
+    .await?;
+    Ok((row.into(), cookie))
+}
+
+/// The live session of `kind` a cookie's secret opens.
+pub(crate) async fn find(
+    pool: &PgPool,
+    kind: &str,
+    cookie: &str,
+) -> Result<Option<Session>, sqlx::Error> {
+    let row: Option<SessionRow> = sqlx::query_as(
+        "SELECT id::text AS id, customer_id, token_name, csrf_token, return_url, expires_at
+         FROM web_sessions
+         WHERE cookie_sha256 = $1 AND kind = $2 AND revoked_at IS NULL AND expires_at > now()",
+    )
+    .bind(digest(cookie))
+    .bind(kind)
+    .fetch_optional(pool)
+    .await?;
+    Ok(row.map(Session::from))
+}
+
+/// Ends a session (logout, or an admin's revocation). Whether there was a live one.
+pub(crate) async fn revoke(
+    pool: &PgPool,
+    id: &str,
+    customer: Option<&str>,
+) -> Result<bool, sqlx::Error> {
+    let done = sqlx::query(
+        "UPDATE web_sessions SET revoked_at = now()
+         WHERE id = $1::uuid AND revoked_at IS NULL AND ($2::text IS NULL OR customer_id = $2)",
+    )
+    .bind(id)
+    .bind(customer)
+    .execute(pool)
+    .await?;
+    Ok(done.rows_affected() == 1)
+}
+
+/// Deletes sessions that ended more than a day ago (called now and then by new sessions).
+pub(crate) async fn forget_ended(pool: &PgPool) -> Result<u64, sqlx::Error> {
+    let done = sqlx::query(
+        "DELETE FROM web_sessions WHERE expires_at < now() - interval '1 day'
+            OR revoked_at < now() - interval '1 day'",
+    )
+    .execute(pool)
+    .await?;
+    Ok(done.rows_affected())
+}
+
+#[derive(sqlx::FromRow)]
+struct SessionRow {
+    id: String,
+    customer_id: Option<String>,
+    token_name: Option<String>,
+    csrf_token: String,
+    return_url: Option<String>,
+    expires_at: DateTime<Utc>,
+}
+
+impl From<SessionRow> for Session {
+    fn from(row: SessionRow) -> Session {
+        Session {
+            id: row.id,
+            customer: row.customer_id,
+            token_name: row.token_name,
+            csrf: row.csrf_token,
+            return_url: row.return_url,
+            expires_at: row.expires_at,
+        }
+    }
+}
+
+/// The value of cookie `name` in a `Cookie` header.
+pub(crate) fn cookie<'a>(headers: &'a axum::http::HeaderMap, name: &str) -> Option<&'a str> {
+    headers
+        .get_all(axum::http::header::COOKIE)
+        .iter()
+        .filter_map(|value| value.to_str().ok())
+        .flat_map(|value| value.split(';'))
+        .filter_map(|pair| pair.trim().split_once('='))
+        .find(|(key, _)| *key == name)
+        .map(|(_, value)| value)
+}
+
+/// Whether a form's CSRF token is the session's: compared in constant time.
+pub(crate) fn csrf_matches(session: &Session, presented: Option<&str>) -> bool {
+    let Some(presented) = presented else {
+        return false;
+    };
+    let (a, b) = (
+        Sha256::digest(presented.as_bytes()),
+        Sha256::digest(session.csrf.as_bytes()),
+    );
+    a.iter()
+        .zip(b.iter())
+        .fold(0u8, |acc, (x, y)| acc | (x ^ y))
+        == 0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use axum::http::{header, HeaderMap, HeaderValue};
+
+    #[test]
+    fn a_cookie_is_found_by_its_exact_name() {
+        let mut headers = HeaderMap::new();
+        headers.insert(
+            header::COOKIE,
+            HeaderValue::from_static("x_tally_portal=no; tally_portal=yes; other=1"),
+        );
+        assert_eq!(cookie(&headers, PORTAL_COOKIE), Some("yes"));
+        assert_eq!(cookie(&headers, CONSOLE_COOKIE), None);
+    }
+
+    #[test]
+    fn csrf_tokens_must_match_exactly() {
+        let session = Session {
+            id: String::new(),
+            customer: None,
+            token_name: None,
+            csrf: "abc".into(),
+            return_url: None,
+            expires_at: Utc::now(),
+        };
+        assert!(csrf_matches(&session, Some("abc")));
+        assert!(!csrf_matches(&session, Some("abd")));
+        assert!(!csrf_matches(&session, Some("")));
+        assert!(!csrf_matches(&session, None));
+    }
+}

@@ -1,0 +1,31 @@
+-- Sessions of tally's web pages: the customer portal (one customer each, opened through a
+-- single-use link an admin asked for) and the operator console (an admin token exchanged at
+-- the login page). Secrets are kept as SHA-256 digests only: a row read from a backup opens
+-- nothing.
+CREATE TABLE web_sessions (
+    id uuid PRIMARY KEY,
+    kind text NOT NULL CHECK (kind IN ('portal', 'console')),
+    -- portal: the one customer the session reads.
+    customer_id text,
+    -- console: the admin token that logged in; the session ends when the token is removed.
+    token_name text,
+    -- portal: the link's secret, usable once (then NULL in effect: exchanged_at is set).
+    link_sha256 bytea UNIQUE,
+    -- The cookie's secret, set when the link is exchanged (portal) or at login (console).
+    cookie_sha256 bytea UNIQUE,
+    -- Sent with every form; a change without it is refused.
+    csrf_token text NOT NULL,
+    -- portal: where its "back" link leads (checked against serve.checkout_return_origins).
+    return_url text,
+    created_by text NOT NULL,
+    created_at timestamptz NOT NULL DEFAULT now(),
+    expires_at timestamptz NOT NULL,
+    exchanged_at timestamptz,
+    revoked_at timestamptz,
+    CHECK ((kind = 'portal') = (customer_id IS NOT NULL)),
+    CHECK ((kind = 'console') = (token_name IS NOT NULL)),
+    CHECK (expires_at > created_at)
+);
+
+CREATE INDEX web_sessions_customer ON web_sessions (customer_id) WHERE customer_id IS NOT NULL;
+CREATE INDEX web_sessions_expires ON web_sessions (expires_at);
