@@ -1,19 +1,40 @@
-# Sourced by scripts: installs the tools the deploy tests (tests/deploy.rs) run, when they are
-# missing: promtool (Debian package prometheus) and systemd-analyze (package systemd). Installing
-# needs root (CI is root); otherwise the message says what to install.
+# Sourced by scripts: installs the tools tests run, when they are missing: promtool (Debian
+# package prometheus) and systemd-analyze (package systemd) for tests/deploy.rs; chromium and
+# chromium-driver, and axe-core from npm, for tests/browser.rs. Installing needs root (CI is
+# root); otherwise the message says what to install.
 
 ensure_tools() {
   local missing=()
   command -v promtool >/dev/null 2>&1 || missing+=(prometheus)
   command -v systemd-analyze >/dev/null 2>&1 || missing+=(systemd)
+  # tests/browser.rs: Debian's Chromium and its WebDriver.
+  command -v chromium >/dev/null 2>&1 || missing+=(chromium)
+  command -v chromedriver >/dev/null 2>&1 || missing+=(chromium-driver)
+  ensure_axe || return 1
   [ ${#missing[@]} -eq 0 ] && return 0
   if [ "$(id -u)" -eq 0 ] && command -v apt-get >/dev/null 2>&1; then
-    echo "installing ${missing[*]} (for promtool / systemd-analyze in tests/deploy.rs)" >&2
+    echo "installing ${missing[*]} (promtool and systemd-analyze for tests/deploy.rs, chromium for tests/browser.rs)" >&2
     apt-get update -qq >&2
     # The packages' services are not started here (no systemd running); only the tools are used.
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >&2
   else
-    echo "tests/deploy.rs needs: ${missing[*]} (Debian packages); install them, e.g. sudo apt-get install ${missing[*]}" >&2
+    echo "tests/deploy.rs and tests/browser.rs need: ${missing[*]} (Debian packages); install them, e.g. sudo apt-get install ${missing[*]}" >&2
     return 1
   fi
+}
+
+# axe-core, the accessibility checker tests/browser.rs injects into each page: fetched from npm
+# once, pinned, into target/tools (not shipped: users never need it).
+AXE_CORE_VERSION=4.10.2
+ensure_axe() {
+  local dir=target/tools/axe-core-$AXE_CORE_VERSION
+  [ -f "$dir/node_modules/axe-core/axe.min.js" ] && { export TALLY_AXE_JS="$PWD/$dir/node_modules/axe-core/axe.min.js"; return 0; }
+  if ! command -v npm >/dev/null 2>&1; then
+    echo "tests/browser.rs needs npm to fetch axe-core $AXE_CORE_VERSION (Debian: apt-get install npm)" >&2
+    return 1
+  fi
+  mkdir -p "$dir"
+  npm install --silent --no-audit --no-fund --prefix "$dir" "axe-core@$AXE_CORE_VERSION" >&2 \
+    || { echo "npm could not fetch axe-core@$AXE_CORE_VERSION" >&2; return 1; }
+  export TALLY_AXE_JS="$PWD/$dir/node_modules/axe-core/axe.min.js"
 }

@@ -4,7 +4,7 @@
 use serde_json::{json, Value};
 
 /// The paths this document describes; the router serves exactly these (tested).
-pub const PATHS: [&str; 37] = [
+pub const PATHS: [&str; 39] = [
     "/v1/quota/check",
     "/v1/plans",
     "/v1/plans/{name}",
@@ -38,6 +38,8 @@ pub const PATHS: [&str; 37] = [
     "/v1/alerts/endpoints/{endpoint_id}",
     "/v1/alerts/endpoints/{endpoint_id}/rotate-secret",
     "/v1/alerts/deliveries",
+    "/v1/customers/{id}/portal-sessions",
+    "/v1/portal-sessions/{id}",
     "/healthz",
     "/readyz",
     "/metrics",
@@ -112,7 +114,9 @@ fn with_errors(mut responses: Value, errors: &[(&str, &str)]) -> Value {
 }
 
 /// Every error `code` the API answers with.
-pub const ERROR_CODES: [&str; 65] = [
+pub const ERROR_CODES: [&str; 67] = [
+    "INVALID_EXPIRY",
+    "NO_SUCH_SESSION",
     "UNAUTHORIZED",
     "FORBIDDEN",
     "RATE_LIMITED",
@@ -648,6 +652,14 @@ fn billing_schemas() -> Value {
             "id": { "type": "string", "description": "The Stripe Checkout Session (cs_…)" },
             "url": { "type": "string", "description": "Send the customer here to pay" } } },
         "PortalRequest": { "type": "object", "required": ["return_url"], "properties": { "return_url": url } },
+        "PortalSessionRequest": { "type": "object", "properties": {
+            "expires_in": { "type": "integer", "minimum": 60, "description": "Seconds; default serve.web.portal_session_ttl (1 h), at most serve.web.portal_session_max_ttl (4 h)" },
+            "return_url": url } },
+        "TallyPortalSession": { "type": "object", "required": ["id", "customer", "url", "expires_at"], "properties": {
+            "id": { "type": "string", "format": "uuid", "description": "For DELETE /v1/portal-sessions/{id}" },
+            "customer": { "type": "string" },
+            "url": { "type": "string", "description": "Opens tally's portal for the customer once (the first visit trades it for a cookie); show it in an iframe or send the customer to it" },
+            "expires_at": { "type": "string", "format": "date-time" } } },
         "PortalSession": { "type": "object", "required": ["url"], "properties": {
             "url": { "type": "string", "description": "Stripe's billing portal for the customer" } } },
         "Invoice": invoice,
@@ -699,6 +711,20 @@ fn billing_paths() -> Value {
             "responses": with_gate(json!({
                 "200": json_response("A page of invoices", "InvoicePage"),
                 "400": error_response("INVALID_REQUEST (limit, the customer id)"),
+                "503": error_response("STORE_UNAVAILABLE or OVERLOADED") })) } },
+        "/v1/customers/{id}/portal-sessions": { "post": {
+            "summary": "A session of tally's customer portal for one customer: a link that opens it once. Older sessions stay open. Tokens: admin",
+            "parameters": [customer_parameter()], "requestBody": body("PortalSessionRequest"),
+            "responses": with_gate(json!({
+                "200": json_response("The session's link", "TallyPortalSession"),
+                "400": error_response("INVALID_REQUEST, INVALID_EXPIRY or INVALID_RETURN_URL"),
+                "503": error_response("STORE_UNAVAILABLE or OVERLOADED") })) } },
+        "/v1/portal-sessions/{id}": { "delete": {
+            "summary": "Ends a portal session now. Tokens: admin",
+            "parameters": [{ "name": "id", "in": "path", "required": true, "schema": { "type": "string", "format": "uuid" } }],
+            "responses": with_gate(json!({
+                "204": { "description": "Ended" },
+                "404": error_response("NO_SUCH_SESSION (unknown, or ended already)"),
                 "503": error_response("STORE_UNAVAILABLE or OVERLOADED") })) } },
         "/v1/invoices/{id}": { "get": {
             "summary": "One invoice. Tokens: admin, customer (its own invoices; another's is not found)",

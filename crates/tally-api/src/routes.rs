@@ -82,13 +82,11 @@ pub(crate) async fn quota_check(
             required,
         }) => {
             telemetry::quota_decision("deny");
-            let message = format!("customer {customer:?} has {balance} credits left; {required} are needed for this {meter} usage; grant or buy more credits");
             return Ok((
                 StatusCode::PAYMENT_REQUIRED,
-                Json(json!({
-                    "code": "INSUFFICIENT_CREDITS", "message": message, "metric": meter,
-                    "balance": balance, "required": required,
-                })),
+                Json(tally_quota::deny::insufficient_credits_body(
+                    &customer, &meter, balance, required,
+                )),
             )
                 .into_response());
         }
@@ -128,10 +126,12 @@ pub(crate) async fn quota_check(
             resets_at,
         } => (
             StatusCode::TOO_MANY_REQUESTS,
-            Json(json!({
-                "code": "LIMIT_EXCEEDED", "metric": request.meter, "limit": limit,
-                "current": used, "resets_at": resets_at, "upgrade_hint": true,
-            })),
+            Json(tally_quota::deny::limit_exceeded_body(
+                &request.meter,
+                used,
+                limit,
+                resets_at,
+            )),
         )
             .into_response(),
     })

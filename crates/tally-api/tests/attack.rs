@@ -157,7 +157,10 @@ fn allowed(method: &str, template: &str) -> &'static [&'static str] {
         | "/v1/alerts/endpoints"
         | "/v1/alerts/endpoints/{endpoint_id}"
         | "/v1/alerts/endpoints/{endpoint_id}/rotate-secret"
-        | "/v1/alerts/deliveries" => &[ADMIN],
+        | "/v1/alerts/deliveries"
+        // A portal session is an admin's to give.
+        | "/v1/customers/{id}/portal-sessions"
+        | "/v1/portal-sessions/{id}" => &[ADMIN],
         other => panic!("no access rule for {other}: add one to this test"),
     }
 }

@@ -26,11 +26,14 @@
 //!   headers on deny), emits the usage once per request id after a 2xx. Its parts, in `layer/`:
 //!   `response.rs` (the answers it writes: errors, the deny body, the headers), `usage.rs` (the
 //!   usage event and its id from the request id), `telemetry.rs` (its metrics).
+//! - `deny.rs`: the bodies of a refused check (429 `LIMIT_EXCEEDED`, 402
+//!   `INSUFFICIENT_CREDITS`), the API's and the middleware's.
 //! - `telemetry.rs`: the cache's hit and miss counter.
 //! - `testing.rs`: the cache's counts and usage without the aggregator, for tests and
 //!   benchmarks.
 
 mod check;
+pub mod deny;
 #[cfg(feature = "layer")]
 pub mod layer;
 pub mod telemetry;

@@ -48,10 +48,25 @@ pub(crate) fn usage_chart(
     let top = if max > 0.0 { max } else { 1.0 };
     let plot_w = WIDTH - LEFT - RIGHT;
     let plot_h = HEIGHT - TOP - BOTTOM;
+    // Points stand at their time within the range asked for, so a quiet stretch looks quiet.
+    let time = |field: &Value| {
+        field
+            .as_str()
+            .and_then(|s| s.parse::<chrono::DateTime<chrono::Utc>>().ok())
+    };
+    let from = time(&answer["from"]).or_else(|| starts.first().and_then(|s| s.parse().ok()));
+    let to = time(&answer["to"]).or_else(|| starts.last().and_then(|s| s.parse().ok()));
     let x_of = |start: &str| -> f64 {
-        let index = starts.iter().position(|s| s == start).unwrap_or(0) as f64;
-        let span = (starts.len().max(2) - 1) as f64;
-        LEFT + plot_w * index / span
+        let (Some(from), Some(to), Ok(at)) =
+            (from, to, start.parse::<chrono::DateTime<chrono::Utc>>())
+        else {
+            return LEFT;
+        };
+        let span = (to - from).num_seconds().max(1) as f64;
+        let offset = (at - from)
+            .num_seconds()
+            .clamp(0, (to - from).num_seconds().max(0)) as f64;
+        LEFT + plot_w * offset / span
     };
     let y_of = |value: f64| -> f64 { TOP + plot_h - plot_h * (value / top) };
 
@@ -73,12 +88,15 @@ pub(crate) fn usage_chart(
         tx = LEFT - 6.0,
         ty = TOP + 10.0,
     );
-    if let (Some(first), Some(last)) = (starts.first(), starts.last()) {
+    let edge = |at: Option<chrono::DateTime<chrono::Utc>>| {
+        at.map(|a| a.to_rfc3339_opts(chrono::SecondsFormat::Secs, true))
+    };
+    if let (Some(first), Some(last)) = (edge(from), edge(to)) {
         let _ = write!(
             svg,
             "<text x=\"{LEFT}\" y=\"{y}\">{}</text><text x=\"{x}\" y=\"{y}\" text-anchor=\"end\">{}</text>",
-            Esc(&label_of(first)),
-            Esc(&label_of(last)),
+            Esc(&label_of(&first)),
+            Esc(&label_of(&last)),
             y = HEIGHT - 8.0,
             x = WIDTH - RIGHT,
         );

@@ -105,10 +105,7 @@ pub(super) fn limit_exceeded<B: From<String>>(
         // as a deny at the limit rather than a panic.
         Decision::Allow { used, .. } | Decision::Warn { used, .. } => (*used, *used, None),
     };
-    let body = json!({
-        "code": "LIMIT_EXCEEDED", "metric": meter, "limit": limit,
-        "current": used, "resets_at": resets_at, "upgrade_hint": true,
-    });
+    let body = crate::deny::limit_exceeded_body(meter, used, limit, resets_at);
     let mut response = json_response(StatusCode::TOO_MANY_REQUESTS, &body);
     if let Some(rate_limit) = RateLimit::of(decision, now) {
         rate_limit.add_to(response.headers_mut());
@@ -133,6 +130,16 @@ pub(super) fn quota_error<B: From<String>>(error: &QuotaError) -> Response<B> {
             "STORE_UNAVAILABLE",
             "a store this request needs is unavailable; retry later",
         );
+    }
+    if let QuotaError::InsufficientCredits {
+        customer,
+        meter,
+        balance,
+        required,
+    } = error
+    {
+        let body = crate::deny::insufficient_credits_body(customer, meter, *balance, *required);
+        return json_response(status, &body);
     }
     error_response(status, error.code(), &error.to_string())
 }

@@ -1,0 +1,547 @@
+//! tally's pages over HTTP (the browser tests are in the top-level `tests/browser.rs`): portal
+//! sessions (single-use links, expiry bounds, revocation, logout), what a portal session can
+//! reach, the console's login and CSRF, hostile ids on pages, and the security headers.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::body::Body;
+use axum::http::{header, Request, StatusCode};
+use chrono::Utc;
+use serde_json::json;
+use tally_billing::testing::subscribe;
+use tally_billing::{apply_plans, PlanDefinition};
+use tally_quota::Quota;
+use tower::ServiceExt;
+
+mod common;
+use common::{AdminApi, ACME, ADMIN};
+
+/// A page's answer: status, headers (lowercase names, `name: value` lines) and body.
+struct Page {
+    status: StatusCode,
+    headers: String,
+    body: String,
+}
+
+impl Page {
+    fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .lines()
+            .find_map(|line| line.strip_prefix(&format!("{name}: ")))
+    }
+
+    /// The `name=value` of the `Set-Cookie` header.
+    fn cookie(&self) -> String {
+        self.header("set-cookie")
+            .and_then(|c| c.split(';').next())
+            .unwrap_or_default()
+            .to_owned()
+    }
+
+    fn csrf(&self) -> String {
+        let at = self.body.find("name=\"csrf\" value=\"").expect("a form") + 19;
+        self.body[at..at + 64].to_owned()
+    }
+}
+
+async fn page(
+    app: &axum::Router,
+    method: &str,
+    path: &str,
+    cookie: Option<&str>,
+    form: Option<&str>,
+) -> Page {
+    let mut request = Request::builder().method(method).uri(path);
+    if let Some(cookie) = cookie {
+        request = request.header(header::COOKIE, cookie);
+    }
+    if form.is_some() {
+        request = request.header(header::CONTENT_TYPE, "application/x-www-form-urlencoded");
+    }
+    let request = request
+        .body(Body::from(form.unwrap_or_default().to_owned()))
+        .unwrap();
+    let response = app.clone().oneshot(request).await.unwrap();
+    let status = response.status();
+    let headers = response
+        .headers()
+        .iter()
+        .map(|(k, v)| format!("{k}: {}", v.to_str().unwrap_or_default()))
+        .collect::<Vec<_>>()
+        .join("\n");
+    let bytes = axum::body::to_bytes(response.into_body(), 1 << 24)
+        .await
+        .unwrap();
+    Page {
+        status,
+        headers,
+        body: String::from_utf8_lossy(&bytes).into_owned(),
+    }
+}
+
+const HOSTILE: &str = "x\"><img src=x onerror=alert(1)><script>alert(2)</script>";
+
+fn encode(part: &str) -> String {
+    part.bytes()
+        .map(|b| {
+            if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {
+                (b as char).to_string()
+            } else {
+                format!("%{b:02X}")
+            }
+        })
+        .collect()
+}
+
+async fn harness() -> (tally_db::testing::TestDatabase, AdminApi) {
+    let db = tally_db::testing::fresh_database().await;
+    sqlx::query("INSERT INTO meters (name, aggregation, stripe_event_name) VALUES ('api_calls', 'sum', 'api_calls')")
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    let plan: PlanDefinition = serde_json::from_value(json!({
+        "name": "FREE", "features": { "api": true },
+        "limits": { "api_calls": { "limit": "100", "period": "day" } }
+    }))
+    .unwrap();
+    apply_plans(&db.pool, &[plan], "test").await.unwrap();
+    for customer in ["acme", "beta", HOSTILE] {
+        subscribe(
+            &db.pool,
+            customer,
+            "FREE",
+            Utc::now() - chrono::TimeDelta::days(1),
+        )
+        .await;
+    }
+    sqlx::query(
+        "INSERT INTO usage_daily (customer_id, meter, day, group_key, value, event_count, first_updated, last_updated)
+         VALUES ('acme', 'api_calls', (now() AT TIME ZONE 'UTC')::date, '', 95, 95, now(), now()),
+                ('beta', 'api_calls', (now() AT TIME ZONE 'UTC')::date, '', 7, 7, now(), now())",
+    )
+    .execute(&db.pool)
+    .await
+    .unwrap();
+    let api = AdminApi::new(&db.pool, None).await;
+    (db, api)
+}
+
+/// A portal session for `customer`, opened: its cookie.
+async fn open_portal(api: &AdminApi, customer: &str) -> (String, String) {
+    let (status, session) = api
+        .call(
+            "POST",
+            "/v1/customers/{id}/portal-sessions",
+            &format!("/v1/customers/{}/portal-sessions", encode(customer)),
+            ADMIN,
+            Some(json!({})),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{session}");
+    let url = session["url"].as_str().unwrap();
+    let path = &url[url.find("/portal/").unwrap()..];
+    let opened = page(&api.app, "GET", path, None, None).await;
+    assert_eq!(opened.status, StatusCode::SEE_OTHER);
+    assert_eq!(opened.header("location"), Some("/portal"));
+    (opened.cookie(), path.to_owned())
+}
+
+#[tokio::test]
+async fn a_portal_link_opens_once_for_one_customer_and_ends_when_asked() {
+    let (db, api) = harness().await;
+    let (cookie, link) = open_portal(&api, "acme").await;
+    let cookie_header = cookie.clone();
+    assert!(cookie.starts_with("tally_portal="), "{cookie}");
+    let set = page(&api.app, "GET", &link, None, None).await;
+    assert_eq!(set.status, StatusCode::UNAUTHORIZED, "a link opens once");
+    assert!(set.body.contains("PORTAL_LINK_USED"));
+
+    let overview = page(&api.app, "GET", "/portal", Some(&cookie_header), None).await;
+    assert_eq!(overview.status, StatusCode::OK, "{}", overview.body);
+    assert!(overview.body.contains("data-level=\"red\"") && overview.body.contains("95 of 100"));
+    // The session reads its customer only: nothing on a page names another, and the cookie is
+    // no API token.
+    assert!(!overview.body.contains("beta"));
+    let csv = page(
+        &api.app,
+        "GET",
+        "/portal/usage.csv?range=today",
+        Some(&cookie_header),
+        None,
+    )
+    .await;
+    assert!(!csv.body.contains("\"7\""), "{}", csv.body);
+    let api_call = page(
+        &api.app,
+        "GET",
+        "/v1/customers/beta",
+        Some(&cookie_header),
+        None,
+    )
+    .await;
+    assert_eq!(api_call.status, StatusCode::UNAUTHORIZED);
+
+    // Headers: no framing (no frame origins configured), nosniff, no referrer, no caching.
+    let csp = overview.header("content-security-policy").unwrap();
+    assert!(
+        csp.contains("frame-ancestors 'none'") && csp.contains("script-src 'self'"),
+        "{csp}"
+    );
+    assert!(!csp.contains("unsafe-inline"), "{csp}");
+    assert_eq!(overview.header("x-frame-options"), Some("DENY"));
+    assert_eq!(overview.header("x-content-type-options"), Some("nosniff"));
+    assert_eq!(overview.header("referrer-policy"), Some("no-referrer"));
+    assert_eq!(overview.header("cache-control"), Some("no-store"));
+
+    // Logout needs the CSRF token; then the cookie opens nothing.
+    let refused = page(
+        &api.app,
+        "POST",
+        "/portal/logout",
+        Some(&cookie_header),
+        Some("csrf=nope"),
+    )
+    .await;
+    assert_eq!(refused.status, StatusCode::FORBIDDEN);
+    let form = format!("csrf={}", overview.csrf());
+    let out = page(
+        &api.app,
+        "POST",
+        "/portal/logout",
+        Some(&cookie_header),
+        Some(&form),
+    )
+    .await;
+    assert_eq!(out.status, StatusCode::OK);
+    let after = page(&api.app, "GET", "/portal", Some(&cookie_header), None).await;
+    assert_eq!(after.status, StatusCode::UNAUTHORIZED);
+
+    // An admin revokes a session by id; an expired session opens nothing.
+    let (cookie, _) = open_portal(&api, "acme").await;
+    let id: String = sqlx::query_scalar(
+        "SELECT id::text FROM web_sessions WHERE revoked_at IS NULL AND kind = 'portal' ORDER BY created_at DESC LIMIT 1",
+    )
+    .fetch_one(&db.pool)
+    .await
+    .unwrap();
+    let (status, _) = api
+        .call(
+            "DELETE",
+            "/v1/portal-sessions/{id}",
+            &format!("/v1/portal-sessions/{id}"),
+            ADMIN,
+            None,
+        )
+        .await;
+    assert_eq!(status, StatusCode::NO_CONTENT);
+    let (status, body) = api
+        .call(
+            "DELETE",
+            "/v1/portal-sessions/{id}",
+            &format!("/v1/portal-sessions/{id}"),
+            ADMIN,
+            None,
+        )
+        .await;
+    assert_eq!(
+        (status, body["code"].as_str()),
+        (StatusCode::NOT_FOUND, Some("NO_SUCH_SESSION"))
+    );
+    assert_eq!(
+        page(&api.app, "GET", "/portal", Some(&cookie), None)
+            .await
+            .status,
+        StatusCode::UNAUTHORIZED
+    );
+    let (cookie, _) = open_portal(&api, "acme").await;
+    sqlx::query("UPDATE web_sessions SET created_at = now() - interval '2 hours', expires_at = now() - interval '1 second' WHERE revoked_at IS NULL")
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    assert_eq!(
+        page(&api.app, "GET", "/portal", Some(&cookie), None)
+            .await
+            .status,
+        StatusCode::UNAUTHORIZED
+    );
+}
+
+#[tokio::test]
+async fn portal_sessions_are_short_admin_only_and_their_secrets_are_not_kept() {
+    let (db, api) = harness().await;
+    let path = "/v1/customers/acme/portal-sessions";
+    let template = "/v1/customers/{id}/portal-sessions";
+    for (expires_in, ok) in [
+        (59, false),
+        (60, true),
+        (4 * 3600, true),
+        (4 * 3600 + 1, false),
+    ] {
+        let (status, body) = api
+            .call(
+                "POST",
+                template,
+                path,
+                ADMIN,
+                Some(json!({ "expires_in": expires_in })),
+            )
+            .await;
+        assert_eq!(status == StatusCode::OK, ok, "{expires_in}: {body}");
+        if !ok {
+            assert_eq!(body["code"], "INVALID_EXPIRY");
+        }
+    }
+    let (status, body) = api
+        .call(
+            "POST",
+            template,
+            path,
+            ADMIN,
+            Some(json!({ "return_url": "javascript:alert(1)" })),
+        )
+        .await;
+    assert_eq!(
+        (status, body["code"].as_str()),
+        (StatusCode::BAD_REQUEST, Some("INVALID_RETURN_URL"))
+    );
+    // A customer's own token may not make sessions (a session outlives a token check).
+    let (status, _) = api
+        .call("POST", template, path, ACME, Some(json!({})))
+        .await;
+    assert_eq!(status, StatusCode::FORBIDDEN);
+    // Only digests are stored.
+    let (_, session) = api
+        .call("POST", template, path, ADMIN, Some(json!({})))
+        .await;
+    let url = session["url"].as_str().unwrap();
+    let secret = url.rsplit('/').next().unwrap();
+    let stored: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM web_sessions WHERE encode(link_sha256, 'hex') = $1 OR csrf_token = $1",
+    )
+    .bind(secret)
+    .fetch_one(&db.pool)
+    .await
+    .unwrap();
+    assert_eq!(stored, 0, "the link's secret is not in the database");
+}
+
+#[tokio::test]
+async fn hostile_ids_render_as_text_on_every_portal_and_console_page() {
+    let (_db, api) = harness().await;
+    let (cookie, _) = open_portal(&api, HOSTILE).await;
+    for path in [
+        "/portal",
+        "/portal/usage",
+        "/portal/credits",
+        "/portal/invoices",
+        "/portal/plans",
+        "/portal/alerts",
+    ] {
+        let shown = page(&api.app, "GET", path, Some(&cookie), None).await;
+        assert_eq!(shown.status, StatusCode::OK, "{path}: {}", shown.body);
+        assert!(
+            !shown.body.contains("<script>alert") && !shown.body.contains("<img src=x"),
+            "{path}"
+        );
+        assert!(
+            shown
+                .body
+                .contains("x&quot;&gt;&lt;img src=x onerror=alert(1)&gt;"),
+            "{path}"
+        );
+    }
+    let login = page(
+        &api.app,
+        "POST",
+        "/console/login",
+        None,
+        Some(&format!("token={ADMIN}")),
+    )
+    .await;
+    assert_eq!(login.status, StatusCode::SEE_OTHER);
+    let console = login.cookie();
+    let customer = page(
+        &api.app,
+        "GET",
+        &format!("/console/customers/{}", encode(HOSTILE)),
+        Some(&console),
+        None,
+    )
+    .await;
+    assert_eq!(customer.status, StatusCode::OK, "{}", customer.body);
+    assert!(!customer.body.contains("<script>alert") && !customer.body.contains("<img src=x"));
+    let list = page(
+        &api.app,
+        "GET",
+        "/console/customers?q=x%22",
+        Some(&console),
+        None,
+    )
+    .await;
+    assert!(list.body.contains("x&quot;&gt;&lt;img") && !list.body.contains("<img src=x"));
+    // Search takes the text literally: `%` and `_` are not wildcards.
+    let none = page(
+        &api.app,
+        "GET",
+        "/console/customers?q=%25",
+        Some(&console),
+        None,
+    )
+    .await;
+    assert!(none.body.contains("No customer found."), "{}", none.body);
+}
+
+#[tokio::test]
+async fn the_console_takes_admin_tokens_only_refuses_forged_changes_and_cannot_be_framed() {
+    let (db, api) = harness().await;
+    let refused = page(
+        &api.app,
+        "POST",
+        "/console/login",
+        None,
+        Some(&format!("token={ACME}")),
+    )
+    .await;
+    assert_eq!(
+        refused.status,
+        StatusCode::UNAUTHORIZED,
+        "a customer token is not an admin's"
+    );
+    assert!(refused.header("set-cookie").is_none());
+    let login = page(
+        &api.app,
+        "POST",
+        "/console/login",
+        None,
+        Some(&format!("token={ADMIN}")),
+    )
+    .await;
+    let set_cookie = login.header("set-cookie").unwrap().to_owned();
+    for attribute in ["HttpOnly", "SameSite=Strict", "Path=/console"] {
+        assert!(set_cookie.contains(attribute), "{set_cookie}");
+    }
+    let cookie = login.cookie();
+    let customer = page(
+        &api.app,
+        "GET",
+        "/console/customers/acme",
+        Some(&cookie),
+        None,
+    )
+    .await;
+    assert_eq!(customer.status, StatusCode::OK);
+    assert_eq!(customer.header("x-frame-options"), Some("DENY"));
+    assert!(customer
+        .header("content-security-policy")
+        .unwrap()
+        .contains("frame-ancestors 'none'"));
+    assert!(
+        !customer.body.contains(ADMIN),
+        "the token is not on the page"
+    );
+
+    // A grant without the CSRF token changes nothing; with it, it is audited under the token.
+    let forged = "kind=purchased&amount=1000&idempotency_key=k1&reason=forged";
+    let answer = page(
+        &api.app,
+        "POST",
+        "/console/customers/acme/grants",
+        Some(&cookie),
+        Some(forged),
+    )
+    .await;
+    assert_eq!(answer.status, StatusCode::FORBIDDEN);
+    let form = format!(
+        "csrf={}&kind=purchased&amount=25&idempotency_key=console%3Ak2&reason=goodwill",
+        customer.csrf()
+    );
+    let answer = page(
+        &api.app,
+        "POST",
+        "/console/customers/acme/grants",
+        Some(&cookie),
+        Some(&form),
+    )
+    .await;
+    assert_eq!(answer.status, StatusCode::SEE_OTHER, "{}", answer.body);
+    let (granted_by, amount): (String, String) = sqlx::query_as(
+        "SELECT granted_by, amount::text FROM credit_grants WHERE customer_id = 'acme'",
+    )
+    .fetch_one(&db.pool)
+    .await
+    .unwrap();
+    assert_eq!((granted_by.as_str(), amount.as_str()), ("token:ops", "25"));
+    // The same form twice (a double click) grants once.
+    let again = page(
+        &api.app,
+        "POST",
+        "/console/customers/acme/grants",
+        Some(&cookie),
+        Some(&form),
+    )
+    .await;
+    assert_eq!(again.status, StatusCode::SEE_OTHER);
+    let grants: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM credit_grants WHERE customer_id = 'acme'")
+            .fetch_one(&db.pool)
+            .await
+            .unwrap();
+    assert_eq!(grants, 1);
+
+    // A token removed from the configuration ends its console sessions.
+    let without_ops = {
+        use tally_api::{Access, ApiState, ApiToken, RateLimits, Scope};
+        let state = ApiState {
+            quota: Quota::new(db.pool.clone(), Duration::from_secs(3600))
+                .await
+                .unwrap(),
+            pool: db.pool.clone(),
+            reader_pool: db.pool.clone(),
+            access: Access::new(
+                &[ApiToken::new(
+                    "other",
+                    Scope::Admin,
+                    None,
+                    "another-admin-token-0123456789",
+                )],
+                &RateLimits::default(),
+            ),
+            metrics: None,
+            emitter: None,
+            stripe_webhook: None,
+            fallback_plan: None,
+            alert_destinations: Default::default(),
+            billing: Default::default(),
+            pipeline: Default::default(),
+        };
+        tally_api::router(Arc::new(state), &tally_api::ServeConfig::default())
+    };
+    let gone = page(&without_ops, "GET", "/console", Some(&cookie), None).await;
+    assert_eq!(gone.status, StatusCode::SEE_OTHER);
+    assert_eq!(gone.header("location"), Some("/console/login"));
+}
+
+#[tokio::test]
+async fn pricing_is_public_and_cacheable_and_assets_are_served() {
+    let (_db, api) = harness().await;
+    let pricing = page(&api.app, "GET", "/pricing", None, None).await;
+    assert_eq!(pricing.status, StatusCode::OK);
+    assert_eq!(pricing.header("cache-control"), Some("public, max-age=300"));
+    assert!(pricing.body.contains("data-plan=\"FREE\"") && pricing.body.contains("100 per day"));
+    for (asset, kind) in [
+        ("tally.css", "text/css"),
+        ("pages.js", "text/javascript"),
+        ("paywall.js", "text/javascript"),
+        ("theme.css", "text/css"),
+    ] {
+        let served = page(&api.app, "GET", &format!("/assets/{asset}"), None, None).await;
+        assert_eq!(served.status, StatusCode::OK, "{asset}");
+        assert!(
+            served.header("content-type").unwrap().starts_with(kind),
+            "{asset}"
+        );
+    }
+    let missing = page(&api.app, "GET", "/assets/..%2Fsecrets", None, None).await;
+    assert_eq!(missing.status, StatusCode::NOT_FOUND);
+}
