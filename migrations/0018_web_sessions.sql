@@ -7,8 +7,11 @@ CREATE TABLE web_sessions (
     kind text NOT NULL CHECK (kind IN ('portal', 'console')),
     -- portal: the one customer the session reads.
     customer_id text,
-    -- console: the admin token that logged in; the session ends when the token is removed.
+    -- console: the admin token that logged in (its name, for people, and the SHA-256 of the
+    -- token, which is what the session stands for: a token removed or replaced, even under
+    -- the same name, ends its sessions).
     token_name text,
+    token_sha256 bytea,
     -- portal: the link's secret, usable once (then NULL in effect: exchanged_at is set).
     link_sha256 bytea UNIQUE,
     -- The cookie's secret, set when the link is exchanged (portal) or at login (console).
@@ -23,7 +26,7 @@ CREATE TABLE web_sessions (
     exchanged_at timestamptz,
     revoked_at timestamptz,
     CHECK ((kind = 'portal') = (customer_id IS NOT NULL)),
-    CHECK ((kind = 'console') = (token_name IS NOT NULL)),
+    CHECK ((kind = 'console') = (token_name IS NOT NULL AND token_sha256 IS NOT NULL)),
     CHECK (expires_at > created_at)
 );
 

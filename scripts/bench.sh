@@ -13,6 +13,8 @@
 #   scripts/bench.sh scheduler   one run_due renewing TALLY_BENCH_SUBSCRIPTIONS subscriptions, 1 and
 #                                2 replicas, against a set-based baseline
 #   scripts/bench.sh http        POST /v1/quota/check latency at TALLY_BENCH_RATE checks/s offered
+#   scripts/bench.sh portal      the customer portal's pages: time to first byte, 10,000 customers,
+#                                30 days of minute windows for the customer shown
 #   scripts/bench.sh freshness   emit → aggregator commit → quota check sees it, p50/p99
 #   scripts/bench.sh alerts      aggregator commit → alert delivered to a receiver, p50/p99
 #                                (TALLY_BENCH_EVALUATE_MS, TALLY_BENCH_RATE)
@@ -29,10 +31,11 @@ case "$name" in
   layer)     target=(-p tally-quota --features layer --bench layer) ;;
   scheduler) target=(-p tally-billing --bench scheduler) ;;
   http)      target=(-p tally-api --bench http) ;;
+  portal)    target=(-p tally-api --bench portal) ;;
   freshness) target=(-p tally-tests --bench freshness) ;;
   alerts)    target=(-p tally-tests --bench alert_latency) ;;
   *)
-    echo "usage: scripts/bench.sh emitter|aggregate|sink|quota|layer|scheduler|http|freshness|alerts [ARGS...]" >&2
+    echo "usage: scripts/bench.sh emitter|aggregate|sink|quota|layer|scheduler|http|portal|freshness|alerts [ARGS...]" >&2
     exit 2
     ;;
 esac

@@ -142,6 +142,34 @@ impl Browser {
         }
     }
 
+    /// A single-use link (portal or console): its page, then its button, as a person does.
+    async fn open_link(&self, url: &str) {
+        self.goto(url).await;
+        self.client
+            .find(Locator::Id("open"))
+            .await
+            .unwrap_or_else(|e| panic!("{url}: the link's button: {e}"))
+            .click()
+            .await
+            .unwrap();
+        let start = std::time::Instant::now();
+        while self
+            .client
+            .current_url()
+            .await
+            .unwrap()
+            .path()
+            .contains("/session/")
+        {
+            if start.elapsed() > Duration::from_secs(10) {
+                let page = self.client.source().await.unwrap_or_default();
+                let errors = self.console_errors().await;
+                panic!("{url} opened nothing: {page}\n{errors:#?}");
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
     async fn goto(&self, url: &str) {
         self.client
             .goto(url)
@@ -385,7 +413,7 @@ fn tallys_pages_in_a_real_browser() {
         &broker.kafka,
         "http://127.0.0.1:9/",
         &format!(
-            "[serve]\nlisten = \"{address}\"\n\n[[serve.tokens]]\nname = \"ops\"\nscope = \"admin\"\nsha256 = \"{}\"\n\n\
+            "[serve]\nlisten = \"{address}\"\n\n[serve.web]\nconsole = true\n\n[[serve.tokens]]\nname = \"ops\"\nscope = \"admin\"\nsha256 = \"{}\"\n\n\
              [aggregator]\nbatch_max_wait = \"100ms\"\n{PLANS}",
             tally_api::token_hash(ADMIN),
         ),
@@ -464,7 +492,7 @@ fn tallys_pages_in_a_real_browser() {
             ("c89", "amber", "rgb(191, 135, 0)"),
             ("c90", "red", "rgb(207, 34, 46)"),
         ] {
-            browser.goto(&api.portal(customer)).await;
+            browser.open_link(&api.portal(customer)).await;
             let row = "[data-meter=\"api_calls\"]";
             assert_eq!(browser.attr(row, "data-level").await.as_deref(), Some(level), "{customer}");
             let fill = browser
@@ -479,7 +507,7 @@ fn tallys_pages_in_a_real_browser() {
         }
 
         // The hostile customer's portal: every page, its numbers against the API's.
-        browser.goto(&api.portal(HOSTILE)).await;
+        browser.open_link(&api.portal(HOSTILE)).await;
         assert_eq!(browser.client.current_url().await.unwrap().path(), "/portal", "the link's secret leaves the address bar");
         let picture = api.get(&format!("/v1/customers/{}", encode(HOSTILE)));
         assert_eq!(browser.text("[data-field=plan]").await, picture["subscription"]["plan"].as_str().unwrap());
@@ -540,9 +568,13 @@ fn tallys_pages_in_a_real_browser() {
         assert_eq!(status, json!(401));
         // A used link opens nothing; logging out ends the session.
         let link = api.portal("c70");
+        browser.open_link(&link).await;
         browser.goto(&link).await;
-        browser.goto(&link).await;
-        assert!(browser.client.source().await.unwrap().contains("PORTAL_LINK_USED"));
+        browser.client.find(Locator::Id("open")).await.unwrap().click().await.unwrap();
+        wait_until_async(&browser, "a used link is refused", || async {
+            browser.client.source().await.unwrap().contains("PORTAL_LINK_USED")
+        })
+        .await;
         browser.goto(&format!("{base}/portal")).await;
         browser.client.find(Locator::Css("form.logout button")).await.unwrap().click().await.unwrap();
         browser.goto(&format!("{base}/portal")).await;
@@ -660,7 +692,7 @@ fn tallys_pages_in_a_real_browser() {
     });
 
     // Framing: the console never, the portal and the pricing page only for configured origins
-    // (none here); every page with nosniff and no referrer.
+    // (none here); every page with nosniff and no referrer to other sites.
     for path in ["/console/login", "/pricing", "/portal"] {
         let (_, head) = http_head(&address, path);
         assert!(head.contains("frame-ancestors 'none'"), "{path}: {head}");
@@ -670,7 +702,7 @@ fn tallys_pages_in_a_real_browser() {
             "{path}: {head}"
         );
         assert!(
-            head.contains("referrer-policy: no-referrer"),
+            head.contains("referrer-policy: same-origin"),
             "{path}: {head}"
         );
         assert!(

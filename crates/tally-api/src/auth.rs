@@ -75,12 +75,14 @@ impl Access {
         })
     }
 
-    /// The admin token named `name`, for a console session that token opened: a token removed
-    /// from the configuration ends its sessions.
-    pub(crate) fn admin_named(&self, name: &str) -> Option<Caller> {
+    /// The admin token whose SHA-256 is `digest`, for a console session that token opened: a
+    /// token removed from the configuration, or replaced under the same name, ends its
+    /// sessions.
+    pub(crate) fn admin_by_digest(&self, digest: &[u8]) -> Option<Caller> {
+        let digest: [u8; 32] = digest.try_into().ok()?;
         self.by_hash
-            .values()
-            .find(|caller| caller.scope() == Scope::Admin && caller.name() == name)
+            .get(&digest)
+            .filter(|caller| caller.scope() == Scope::Admin)
             .cloned()
     }
 
@@ -141,10 +143,12 @@ struct CallerToken {
 }
 
 impl Caller {
-    /// A portal session's caller: customer scope, for its one customer.
-    pub(crate) fn portal(customer: &str) -> Caller {
+    /// A portal session's caller: customer scope, for its one customer; named after the
+    /// session, so what it does (a Checkout, an alert rule) is traced to the admin call that
+    /// opened the session.
+    pub(crate) fn portal(customer: &str, session: &str) -> Caller {
         Caller(Arc::new(CallerToken {
-            name: "portal".into(),
+            name: format!("portal:{session}"),
             scope: Scope::Customer,
             customer: Some(customer.to_owned()),
             bucket: None,

@@ -93,9 +93,11 @@ pub struct WebConfig {
     /// A console session's life from its login.
     #[serde(with = "tally_core::duration")]
     pub console_session_ttl: Duration,
-    /// Whether `/console` is served. An admin token is still needed to log in.
+    /// Whether `/console` is served (off by default: turn it on where operators reach it). An
+    /// admin token is needed to log in.
     pub console: bool,
-    /// The plans `/pricing` and the portal's plans page list, in this order. Empty: every plan.
+    /// The plans `/pricing` and the portal's plans page list, in this order. Empty: the
+    /// self-serve plans and `[subscriptions] fallback_plan`, by name.
     pub pricing_plans: Vec<String>,
     /// The pages' colours and font, as CSS values (`"#4f46e5"`, `"system-ui"`).
     pub theme: Theme,
@@ -109,7 +111,7 @@ impl Default for WebConfig {
             portal_session_ttl: Duration::from_secs(3600),
             portal_session_max_ttl: Duration::from_secs(4 * 3600),
             console_session_ttl: Duration::from_secs(8 * 3600),
-            console: true,
+            console: false,
             pricing_plans: Vec::new(),
             theme: Theme::default(),
         }

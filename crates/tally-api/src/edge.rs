@@ -65,7 +65,7 @@ pub(crate) async fn request_id(mut request: Request, next: Next) -> Response {
         Some(report) => {
             let status = response.status();
             let detail = report.detail.as_deref().unwrap_or("");
-            let path: String = uri.path().chars().take(200).collect();
+            let path: String = redacted(uri.path()).chars().take(200).collect();
             if status.is_server_error() {
                 tracing::error!(request_id = %id, %method, path = %path.escape_debug(), %status, code = report.code, detail, "request failed");
             } else if report.detail.is_some() {
@@ -89,6 +89,17 @@ pub(crate) async fn request_id(mut request: Request, next: Next) -> Response {
         response.headers_mut().insert(REQUEST_ID, value);
     }
     response
+}
+
+/// A path as logged: a session link's secret (`/portal/session/…`, `/console/session/…`) is
+/// left out, in case the link is still good.
+fn redacted(path: &str) -> String {
+    for prefix in ["/portal/session/", "/console/session/"] {
+        if path.starts_with(prefix) {
+            return format!("{prefix}…");
+        }
+    }
+    path.to_owned()
 }
 
 /// Requests being handled, and the limits on them.

@@ -53,6 +53,7 @@ pub use error::ApiError;
 pub use ingest::MAX_BATCH;
 pub use routes::readiness;
 pub use server::serve;
+pub use web::{console_link, portal_link};
 
 /// What the handlers share.
 pub struct ApiState {
@@ -86,21 +87,6 @@ pub struct PipelineSource {
     pub kafka: Option<tally_core::config::KafkaConfig>,
     pub group_id: String,
     pub topic: String,
-}
-
-impl PipelineSource {
-    /// Each partition's end offset, asked of the brokers now (at most 2 s; librdkafka's call
-    /// blocks, so it runs on a blocking thread).
-    pub(crate) async fn end_offsets(&self) -> Result<std::collections::BTreeMap<i32, i64>, String> {
-        let Some(kafka) = self.kafka.clone() else {
-            return Err("kafka.brokers is not set".into());
-        };
-        tokio::task::spawn_blocking(move || {
-            tally_aggregator::end_offsets(&kafka, std::time::Duration::from_secs(2))
-        })
-        .await
-        .map_err(|e| e.to_string())?
-    }
 }
 
 /// What self-serve billing needs: Stripe, the credit packs on sale, where customers may be sent
@@ -364,16 +350,21 @@ fn api_routes(state: &Arc<ApiState>, config: &ServeConfig) -> Router<Arc<ApiStat
         )
         .route(
             "/v1/customers/{id}/alerts",
-            // The customer reads its own alerts; only admins add rules.
-            gated(get(admin::alerts::list), Some(scopes::READ_USAGE), small).merge(gated(
-                post(admin::alerts::create),
-                Some(scopes::ADMIN),
+            // The customer reads its own alerts; it adds and removes rules only on a
+            // self-serve plan (checked by the handler).
+            gated(
+                get(admin::alerts::list).post(admin::alerts::create),
+                Some(scopes::READ_USAGE),
                 small,
-            )),
+            ),
         )
         .route(
             "/v1/customers/{id}/alerts/{rule_id}",
-            gated(delete(admin::alerts::delete), Some(scopes::ADMIN), small),
+            gated(
+                delete(admin::alerts::delete),
+                Some(scopes::READ_USAGE),
+                small,
+            ),
         )
         .route(
             "/v1/alerts/endpoints",

@@ -114,7 +114,8 @@ fn with_errors(mut responses: Value, errors: &[(&str, &str)]) -> Value {
 }
 
 /// Every error `code` the API answers with.
-pub const ERROR_CODES: [&str; 67] = [
+pub const ERROR_CODES: [&str; 68] = [
+    "TOO_MANY_ALERT_RULES",
     "INVALID_EXPIRY",
     "NO_SUCH_SESSION",
     "UNAUTHORIZED",
@@ -560,7 +561,8 @@ fn credit_schemas() -> Value {
                 "quantity": { "type": ["string", "null"], "description": "For a consume: the usage of the window this entry paid for" },
                 "credits_per_unit": { "type": ["string", "null"] },
                 "actor": { "type": "string" }, "reason": { "type": ["string", "null"] }, "at": time } } },
-            "next_after": { "type": ["integer", "null"], "description": "The last entry's id: pass as `after` for the next page (the ledger only grows, so poll with it); null when this page is empty" } } }
+            "next_after": { "type": ["integer", "null"], "description": "Oldest first (the default): the last entry's id: pass as `after` for the next page (the ledger only grows, so poll with it); null when this page is empty" },
+            "next_before": { "type": ["integer", "null"], "description": "With order=newest: the last (oldest) entry's id: pass as `before` for the next page; null when this page is empty" } } }
     })
 }
 
@@ -609,9 +611,11 @@ fn credit_paths() -> Value {
                 "422": error_response("CREDITS_OUT_OF_RANGE: the balance is beyond a 28-digit decimal"),
                 "503": error_response("STORE_UNAVAILABLE or OVERLOADED") })) } },
         "/v1/customers/{id}/credits/ledger": { "get": {
-            "summary": "Every movement of the customer's credits (grant, consume, expire, void), oldest first, paged. Tokens: admin, customer (own)",
+            "summary": "Every movement of the customer's credits (grant, consume, expire, void), oldest first (or newest first with order=newest), paged. Tokens: admin, customer (own)",
             "parameters": [customer_parameter(),
-                { "name": "after", "in": "query", "schema": { "type": "integer", "minimum": 0 }, "description": "The previous page's `next_after`" },
+                { "name": "order", "in": "query", "schema": { "enum": ["oldest", "newest"], "default": "oldest" } },
+                { "name": "after", "in": "query", "schema": { "type": "integer", "minimum": 0 }, "description": "Oldest first: the previous page's `next_after`" },
+                { "name": "before", "in": "query", "schema": { "type": "integer" }, "description": "Newest first: the previous page's `next_before`" },
                 { "name": "limit", "in": "query", "schema": { "type": "integer", "minimum": 1, "maximum": 1000, "default": 100 } }],
             "responses": with_gate(json!({
                 "200": json_response("A page of the ledger", "CreditLedger"),
@@ -838,7 +842,7 @@ fn alert_paths() -> Value {
                     "409": error_response("OVERRIDE_CONFLICT: the customer's override does not fit its plan"),
                     "503": error_response("STORE_UNAVAILABLE or OVERLOADED") })) },
             "post": {
-                "summary": "Add an alert rule for the customer: usage of `meter` reaching `percent` of its limit (once per limit period), or the projected credit balance falling below `credit_balance_below` (again only after it was back at or above it). Evaluated at once. Alerts go to every endpoint (POST /v1/alerts/endpoints). Admin token",
+                "summary": "Add an alert rule for the customer: usage of `meter` reaching `percent` of its limit (once per limit period), or the projected credit balance falling below `credit_balance_below` (again only after it was back at or above it). Evaluated at once. Alerts go to every endpoint (POST /v1/alerts/endpoints). Tokens: admin, customer (own, on a plan with self_serve, at most 20 rules)",
                 "parameters": [customer_parameter()],
                 "requestBody": { "required": true, "content": { "application/json": { "schema": {
                     "type": "object", "description": "Either `meter` + `percent` or `credit_balance_below`",
@@ -849,9 +853,10 @@ fn alert_paths() -> Value {
                 "responses": with_gate(json!({
                     "201": json_response("The rule", "CustomerAlertRule"),
                     "400": error_response("INVALID_REQUEST (not JSON, an unknown field, or a customer id events could not carry) or INVALID_ALERT (neither or both kinds, an unknown meter, percent out of range, a decimal not written plainly)"),
+                    "409": error_response("TOO_MANY_ALERT_RULES: a customer token, and the customer holds 20 rules"),
                     "503": error_response("STORE_UNAVAILABLE or OVERLOADED") })) } },
         "/v1/customers/{id}/alerts/{rule_id}": { "delete": {
-            "summary": "Remove one of the customer's own rules (a plan's rules change in tally.toml); what it fired stays listed. Admin token",
+            "summary": "Remove one of the customer's own rules (a plan's rules change in tally.toml); what it fired stays listed. Tokens: admin, customer (own, on a plan with self_serve)",
             "parameters": [customer_parameter(), rule_parameter],
             "responses": with_gate(json!({
                 "204": { "description": "Removed" },

@@ -15,7 +15,7 @@
 //! - `portal_sessions.rs`: `POST /v1/customers/{id}/portal-sessions` and its revocation (API).
 //!
 //! Every answer carries a strict Content-Security-Policy (scripts and styles from tally only,
-//! no inline script or style), `nosniff`, `no-referrer` and `frame-ancestors`: none for the
+//! no inline script or style), `nosniff`, a same-origin referrer policy and `frame-ancestors`: none for the
 //! console, `serve.web.frame_origins` for the portal and the pricing page.
 
 mod assets;
@@ -52,6 +52,44 @@ use sessions::Session;
 /// Largest API answer a page reads (the usage API's answers are bounded well below).
 const MAX_API_ANSWER: usize = 8 << 20;
 
+/// A single-use link to the console for the admin token `token` named `token_name` (`tally
+/// demo` prints one), valid for `ttl`, at most a day.
+pub async fn console_link(
+    pool: &sqlx::PgPool,
+    public_url: &str,
+    token_name: &str,
+    token: &str,
+    ttl: std::time::Duration,
+) -> Result<String, sqlx::Error> {
+    let ttl = chrono::TimeDelta::from_std(ttl)
+        .unwrap_or(chrono::TimeDelta::hours(1))
+        .min(chrono::TimeDelta::days(1));
+    let expires_at = chrono::Utc::now() + ttl;
+    let link =
+        sessions::create_console_link(pool, token_name, token, expires_at, "tally demo").await?;
+    Ok(format!(
+        "{}/console/session/{link}",
+        public_url.trim_end_matches('/')
+    ))
+}
+
+/// A portal link for `customer`, valid for `ttl` (`tally demo` prints one; the API's
+/// `POST /v1/customers/{id}/portal-sessions` is the way for an app).
+pub async fn portal_link(
+    pool: &sqlx::PgPool,
+    public_url: &str,
+    customer: &str,
+    ttl: std::time::Duration,
+) -> Result<String, sqlx::Error> {
+    let expires_at = chrono::Utc::now()
+        + chrono::TimeDelta::from_std(ttl).unwrap_or(chrono::TimeDelta::hours(1));
+    let (_, link) = sessions::create_portal(pool, customer, expires_at, None, "tally demo").await?;
+    Ok(format!(
+        "{}/portal/session/{link}",
+        public_url.trim_end_matches('/')
+    ))
+}
+
 /// What the pages share.
 pub(crate) struct Web {
     pub(crate) state: Arc<ApiState>,
@@ -63,21 +101,39 @@ pub(crate) struct Web {
     /// `Content-Security-Policy` of the portal and the pricing page, and of the console.
     portal_policy: HeaderValue,
     console_policy: HeaderValue,
-    /// Requests per second of one portal session (`serve.rate_limits.customer`).
+    /// Requests per second of one customer's portal sessions together
+    /// (`serve.rate_limits.customer`).
     portal_rate: Rate,
     portal_buckets: Mutex<HashMap<String, (f64, Instant)>>,
     /// The last (committed offsets, when) the pipeline page saw: its events per second.
     last_committed: Mutex<Option<(i64, Instant)>>,
+    /// Kafka's end offsets as last asked, kept a few seconds: one question at a time, however
+    /// many console tabs refresh.
+    end_offsets: tokio::sync::Mutex<Option<(Instant, EndOffsets)>>,
+    /// A question to Kafka still running (librdkafka's call cannot be cancelled).
+    asking_kafka: Arc<std::sync::atomic::AtomicBool>,
 }
 
-/// Most portal sessions whose rate is remembered; beyond, the memory starts again.
+/// Kafka's end offsets by partition, or why they are unknown.
+pub(crate) type EndOffsets = Result<std::collections::BTreeMap<i32, i64>, String>;
+
+/// How long the console trusts the end offsets it asked for.
+const END_OFFSETS_FRESH: std::time::Duration = std::time::Duration::from_secs(4);
+
+/// Most customers whose portal rate is remembered; beyond, the memory starts again.
 const MAX_RATE_BUCKETS: usize = 100_000;
 
 impl Web {
     pub(crate) fn new(state: Arc<ApiState>, api: Router, config: &ServeConfig) -> Web {
         let web = &config.web;
         let public_url = if web.public_url.is_empty() {
-            format!("http://{}", config.listen)
+            // A listener on every address is reached locally at loopback; anything else needs
+            // serve.web.public_url (`tally serve` warns).
+            let listen = config
+                .listen
+                .replacen("0.0.0.0:", "127.0.0.1:", 1)
+                .replacen("[::]:", "[::1]:", 1);
+            format!("http://{listen}")
         } else {
             web.public_url.trim_end_matches('/').to_owned()
         };
@@ -106,6 +162,8 @@ impl Web {
             portal_rate: config.rate_limits.customer,
             portal_buckets: Mutex::new(HashMap::new()),
             last_committed: Mutex::new(None),
+            end_offsets: tokio::sync::Mutex::new(None),
+            asking_kafka: Arc::new(std::sync::atomic::AtomicBool::new(false)),
             state,
             api,
             config: web.clone(),
@@ -152,6 +210,38 @@ impl Web {
         })
     }
 
+    /// Each partition's end offset, asked of Kafka at most every few seconds and waited for at
+    /// most 3 s; a question still running is not asked again.
+    pub(crate) async fn end_offsets(&self) -> EndOffsets {
+        use std::sync::atomic::Ordering;
+        let mut cached = self.end_offsets.lock().await;
+        if let Some((at, offsets)) = cached.as_ref() {
+            if at.elapsed() < END_OFFSETS_FRESH {
+                return offsets.clone();
+            }
+        }
+        let Some(kafka) = self.state.pipeline.kafka.clone() else {
+            return Err("kafka.brokers is not set".into());
+        };
+        if self.asking_kafka.swap(true, Ordering::AcqRel) {
+            return Err("still waiting for Kafka's answer to the last question".into());
+        }
+        let asking = self.asking_kafka.clone();
+        // librdkafka's call blocks: a thread of its own, which clears the flag when done.
+        let question = tokio::task::spawn_blocking(move || {
+            let answer = tally_aggregator::end_offsets(&kafka, std::time::Duration::from_secs(2));
+            asking.store(false, Ordering::Release);
+            answer
+        });
+        let answer = match tokio::time::timeout(std::time::Duration::from_secs(3), question).await {
+            Ok(Ok(answer)) => answer,
+            Ok(Err(failed)) => Err(failed.to_string()),
+            Err(_) => Err("Kafka did not answer within 3 s".into()),
+        };
+        *cached = Some((Instant::now(), answer.clone()));
+        answer
+    }
+
     /// Events per second committed since the pipeline page last looked (`None` the first
     /// time, or when the last look is over a minute old).
     pub(crate) fn events_per_second(&self, committed: i64) -> Option<f64> {
@@ -175,21 +265,21 @@ impl Web {
         rate
     }
 
-    /// Takes one request from a portal session's bucket.
-    fn take(&self, session: &str) -> bool {
+    /// Takes one request from a customer's portal bucket.
+    fn take(&self, customer: &str) -> bool {
         let now = Instant::now();
         let mut buckets = self
             .portal_buckets
             .lock()
             .unwrap_or_else(|e| e.into_inner());
-        if buckets.len() >= MAX_RATE_BUCKETS && !buckets.contains_key(session) {
+        if buckets.len() >= MAX_RATE_BUCKETS && !buckets.contains_key(customer) {
             buckets.clear();
         }
         let (burst, per_second) = (
             f64::from(self.portal_rate.burst),
             f64::from(self.portal_rate.per_second),
         );
-        let (available, at) = buckets.entry(session.to_owned()).or_insert((burst, now));
+        let (available, at) = buckets.entry(customer.to_owned()).or_insert((burst, now));
         *available = (*available + now.duration_since(*at).as_secs_f64() * per_second).min(burst);
         *at = now;
         if *available >= 1.0 {
@@ -250,6 +340,47 @@ impl Refusal {
     }
 }
 
+/// `GET …/session/{secret}`: a page with one button that opens the session by POST. A link
+/// preview or a browser's prefetch (both GET) does not use the link up, and another site
+/// cannot open a session of its choosing in a visitor's browser (the POST must come from this
+/// page: [`same_origin`]).
+pub(crate) fn link_page(title: &str, explanation: &str, button: &str) -> Response {
+    let frame = Frame {
+        area: Area::Public,
+        title,
+        current: "",
+        who: None,
+        csrf: None,
+        refresh: None,
+    };
+    // An empty action posts to this same address, secret and all.
+    let body = format!(
+        "<p>{}</p><form method=\"post\"><button type=\"submit\" id=\"open\" autofocus>{}</button></form>",
+        Esc(explanation),
+        Esc(button)
+    );
+    Html(html::page(&frame, &body)).into_response()
+}
+
+/// Whether a POST comes from a page of this server: the browser's `Sec-Fetch-Site` says
+/// `same-origin`, or (a browser without it) its `Origin` names the host the request was sent
+/// to. Neither header: not a browser's form from another site.
+pub(crate) fn same_origin(headers: &axum::http::HeaderMap) -> bool {
+    if let Some(site) = headers.get("sec-fetch-site") {
+        return site.as_bytes() == b"same-origin";
+    }
+    let Some(origin) = headers.get(header::ORIGIN) else {
+        return true;
+    };
+    let host = headers.get(header::HOST).and_then(|h| h.to_str().ok());
+    let origin_host = origin
+        .to_str()
+        .ok()
+        .and_then(|o| o.parse::<axum::http::Uri>().ok())
+        .and_then(|u| u.authority().map(|a| a.as_str().to_ascii_lowercase()));
+    matches!((origin_host, host), (Some(o), Some(h)) if o == h.to_ascii_lowercase())
+}
+
 /// A page's own refusal (no session, a bad form): status, code and message.
 pub(crate) fn refuse(area: Area, status: StatusCode, code: &str, message: &str) -> Response {
     Refusal {
@@ -288,7 +419,10 @@ impl FromRequestParts<Arc<Web>> for PortalSession {
             .await
             .map_err(|e| store_unavailable(Area::Public, e))?
             .ok_or_else(ended)?;
-        if !web.take(&session.id) {
+        let customer = session.customer.clone().ok_or_else(ended)?;
+        // One bucket per customer: more sessions (one per page view, as apps make them) do
+        // not buy more requests.
+        if !web.take(&customer) {
             let mut response = refuse(
                 Area::Portal,
                 StatusCode::TOO_MANY_REQUESTS,
@@ -300,9 +434,8 @@ impl FromRequestParts<Arc<Web>> for PortalSession {
                 .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
             return Err(response);
         }
-        let customer = session.customer.clone().ok_or_else(ended)?;
         Ok(PortalSession {
-            caller: Caller::portal(&customer),
+            caller: Caller::portal(&customer, &session.id),
             customer,
             session,
         })
@@ -329,9 +462,9 @@ impl FromRequestParts<Arc<Web>> for ConsoleSession {
             .map_err(|e| store_unavailable(Area::Console, e))?
             .ok_or_else(login)?;
         let caller = session
-            .token_name
+            .token_sha256
             .as_deref()
-            .and_then(|name| web.state.access.admin_named(name))
+            .and_then(|digest| web.state.access.admin_by_digest(digest))
             .ok_or_else(login)?;
         Ok(ConsoleSession { session, caller })
     }
@@ -398,9 +531,11 @@ async fn secure(State(web): State<Arc<Web>>, request: Request, next: Next) -> Re
         header::X_CONTENT_TYPE_OPTIONS,
         HeaderValue::from_static("nosniff"),
     );
+    // No referrer leaves for another site (a portal link's secret is in its page's address);
+    // same-origin requests keep theirs, so browsers send a true `Origin` with our own forms.
     headers.insert(
         header::REFERRER_POLICY,
-        HeaderValue::from_static("no-referrer"),
+        HeaderValue::from_static("same-origin"),
     );
     if console || web.config.frame_origins.is_empty() {
         headers.insert(header::X_FRAME_OPTIONS, HeaderValue::from_static("DENY"));
@@ -416,7 +551,10 @@ pub(crate) fn router(web: Arc<Web>) -> Router {
     let mut router = Router::new()
         .route("/assets/{file}", get(assets::asset))
         .route("/pricing", get(pricing::page))
-        .route("/portal/session/{secret}", get(portal::open))
+        .route(
+            "/portal/session/{secret}",
+            get(portal::open_page).post(portal::open),
+        )
         .route("/portal", get(portal::overview))
         .route("/portal/usage", get(portal::usage))
         .route("/portal/usage.csv", get(portal::usage_csv))
@@ -425,7 +563,14 @@ pub(crate) fn router(web: Arc<Web>) -> Router {
         .route("/portal/invoices", get(portal::invoices))
         .route("/portal/plans", get(portal::plans))
         .route("/portal/plans/checkout", post(portal::change_plan))
-        .route("/portal/alerts", get(portal::alerts))
+        .route(
+            "/portal/alerts",
+            get(portal::alerts).post(portal::add_alert),
+        )
+        .route(
+            "/portal/alerts/{rule_id}/delete",
+            post(portal::remove_alert),
+        )
         .route("/portal/logout", post(portal::logout));
     if web.config.console {
         router = router
@@ -434,6 +579,10 @@ pub(crate) fn router(web: Arc<Web>) -> Router {
                 get(console::login_page).post(console::login),
             )
             .route("/console/logout", post(console::logout))
+            .route(
+                "/console/session/{secret}",
+                get(console::open_page).post(console::open),
+            )
             .route("/console", get(console::pipeline))
             .route("/console/customers", get(console::customers))
             .route("/console/customers/{id}", get(console::customer))

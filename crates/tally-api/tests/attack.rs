@@ -117,9 +117,10 @@ fn assert_described(document: &Value, template: &str, method: &str, answer: &Ans
 /// Who may call what: the contract, written down apart from the code that enforces it.
 fn allowed(method: &str, template: &str) -> &'static [&'static str] {
     match (method, template) {
-        // A customer reads its own alerts; only admins add rules.
-        ("GET", "/v1/customers/{id}/alerts") => return &[ADMIN, ACME],
-        ("POST", "/v1/customers/{id}/alerts") => return &[ADMIN],
+        // A customer reads its own alerts, and edits them on a self-serve plan (refused
+        // NOT_SELF_SERVE otherwise).
+        ("GET" | "POST", "/v1/customers/{id}/alerts") => return &[ADMIN, ACME],
+        ("DELETE", "/v1/customers/{id}/alerts/{rule_id}") => return &[ADMIN, ACME],
         // Any customer token passes the gate; another customer's invoice is answered as not
         // found (404), the same as no invoice, so ids are not confirmed.
         ("GET", "/v1/invoices/{id}") => return &[ADMIN, ACME, GLOBEX],
@@ -248,7 +249,8 @@ async fn every_route_refuses_no_token_a_bad_token_the_wrong_scope_and_another_cu
                 if may {
                     assert!(
                         ![StatusCode::UNAUTHORIZED, StatusCode::FORBIDDEN].contains(&answer.status)
-                            || answer.body["code"] == "FEATURE_DISABLED",
+                            || answer.body["code"] == "FEATURE_DISABLED"
+                            || answer.body["code"] == "NOT_SELF_SERVE",
                         "{method} {path} refused a token that may call it: {}",
                         answer.body
                     );

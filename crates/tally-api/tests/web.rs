@@ -52,7 +52,21 @@ async fn page(
     cookie: Option<&str>,
     form: Option<&str>,
 ) -> Page {
+    page_with(app, method, path, cookie, form, &[]).await
+}
+
+async fn page_with(
+    app: &axum::Router,
+    method: &str,
+    path: &str,
+    cookie: Option<&str>,
+    form: Option<&str>,
+    headers: &[(&str, &str)],
+) -> Page {
     let mut request = Request::builder().method(method).uri(path);
+    for (name, value) in headers {
+        request = request.header(*name, *value);
+    }
     if let Some(cookie) = cookie {
         request = request.header(header::COOKIE, cookie);
     }
@@ -105,16 +119,24 @@ async fn harness() -> (tally_db::testing::TestDatabase, AdminApi) {
         "limits": { "api_calls": { "limit": "100", "period": "day" } }
     }))
     .unwrap();
-    apply_plans(&db.pool, &[plan], "test").await.unwrap();
+    let pro: PlanDefinition = serde_json::from_value(json!({
+        "name": "PRO", "self_serve": true, "features": { "api": true },
+        "limits": { "api_calls": { "limit": "1000", "period": "day" } }
+    }))
+    .unwrap();
+    let custom: PlanDefinition = serde_json::from_value(json!({
+        "name": "acme-custom", "features": { "api": true },
+        "limits": { "api_calls": { "limit": "123456", "period": "day" } }
+    }))
+    .unwrap();
+    apply_plans(&db.pool, &[plan, pro, custom], "test")
+        .await
+        .unwrap();
+    let yesterday = Utc::now() - chrono::TimeDelta::days(1);
     for customer in ["acme", "beta", HOSTILE] {
-        subscribe(
-            &db.pool,
-            customer,
-            "FREE",
-            Utc::now() - chrono::TimeDelta::days(1),
-        )
-        .await;
+        subscribe(&db.pool, customer, "FREE", yesterday).await;
     }
+    subscribe(&db.pool, "gamma", "PRO", yesterday).await;
     sqlx::query(
         "INSERT INTO usage_daily (customer_id, meter, day, group_key, value, event_count, first_updated, last_updated)
          VALUES ('acme', 'api_calls', (now() AT TIME ZONE 'UTC')::date, '', 95, 95, now(), now()),
@@ -123,7 +145,7 @@ async fn harness() -> (tally_db::testing::TestDatabase, AdminApi) {
     .execute(&db.pool)
     .await
     .unwrap();
-    let api = AdminApi::new(&db.pool, None).await;
+    let api = AdminApi::new(&db.pool, Some("FREE")).await;
     (db, api)
 }
 
@@ -141,7 +163,19 @@ async fn open_portal(api: &AdminApi, customer: &str) -> (String, String) {
     assert_eq!(status, StatusCode::OK, "{session}");
     let url = session["url"].as_str().unwrap();
     let path = &url[url.find("/portal/").unwrap()..];
-    let opened = page(&api.app, "GET", path, None, None).await;
+    // The link's page only shows a button: a GET (a link preview) uses nothing up.
+    let shown = page(&api.app, "GET", path, None, None).await;
+    assert_eq!(shown.status, StatusCode::OK);
+    assert!(shown.header("set-cookie").is_none() && shown.body.contains("id=\"open\""));
+    let opened = page_with(
+        &api.app,
+        "POST",
+        path,
+        None,
+        Some(""),
+        &[("origin", "http://tally.test"), ("host", "tally.test")],
+    )
+    .await;
     assert_eq!(opened.status, StatusCode::SEE_OTHER);
     assert_eq!(opened.header("location"), Some("/portal"));
     (opened.cookie(), path.to_owned())
@@ -153,9 +187,52 @@ async fn a_portal_link_opens_once_for_one_customer_and_ends_when_asked() {
     let (cookie, link) = open_portal(&api, "acme").await;
     let cookie_header = cookie.clone();
     assert!(cookie.starts_with("tally_portal="), "{cookie}");
-    let set = page(&api.app, "GET", &link, None, None).await;
+    let set = page(&api.app, "POST", &link, None, Some("")).await;
     assert_eq!(set.status, StatusCode::UNAUTHORIZED, "a link opens once");
     assert!(set.body.contains("PORTAL_LINK_USED"));
+    // Another site cannot open a session in a visitor's browser (session fixation): its POST
+    // carries its own Origin.
+    let (status, session) = api
+        .call(
+            "POST",
+            "/v1/customers/{id}/portal-sessions",
+            "/v1/customers/acme/portal-sessions",
+            ADMIN,
+            Some(json!({})),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    let url = session["url"].as_str().unwrap();
+    let fresh = &url[url.find("/portal/").unwrap()..];
+    let planted = page_with(
+        &api.app,
+        "POST",
+        fresh,
+        None,
+        Some(""),
+        &[("origin", "https://evil.example"), ("host", "tally.test")],
+    )
+    .await;
+    assert_eq!(planted.status, StatusCode::FORBIDDEN);
+    assert!(planted.header("set-cookie").is_none());
+    let planted = page_with(
+        &api.app,
+        "POST",
+        fresh,
+        None,
+        Some(""),
+        &[("sec-fetch-site", "cross-site")],
+    )
+    .await;
+    assert_eq!(
+        planted.status,
+        StatusCode::FORBIDDEN,
+        "fetch metadata says so too"
+    );
+    // A second cookie of the same name (set by a sibling subdomain) is trusted with nothing.
+    let tossed = format!("{cookie_header}; tally_portal=0000");
+    let two = page(&api.app, "GET", "/portal", Some(&tossed), None).await;
+    assert_eq!(two.status, StatusCode::UNAUTHORIZED);
 
     let overview = page(&api.app, "GET", "/portal", Some(&cookie_header), None).await;
     assert_eq!(overview.status, StatusCode::OK, "{}", overview.body);
@@ -191,7 +268,7 @@ async fn a_portal_link_opens_once_for_one_customer_and_ends_when_asked() {
     assert!(!csp.contains("unsafe-inline"), "{csp}");
     assert_eq!(overview.header("x-frame-options"), Some("DENY"));
     assert_eq!(overview.header("x-content-type-options"), Some("nosniff"));
-    assert_eq!(overview.header("referrer-policy"), Some("no-referrer"));
+    assert_eq!(overview.header("referrer-policy"), Some("same-origin"));
     assert_eq!(overview.header("cache-control"), Some("no-store"));
 
     // Logout needs the CSRF token; then the cookie opens nothing.
@@ -489,7 +566,7 @@ async fn the_console_takes_admin_tokens_only_refuses_forged_changes_and_cannot_b
             .unwrap();
     assert_eq!(grants, 1);
 
-    // A token removed from the configuration ends its console sessions.
+    // A token replaced in the configuration (or removed) ends its console sessions.
     let without_ops = {
         use tally_api::{Access, ApiState, ApiToken, RateLimits, Scope};
         let state = ApiState {
@@ -499,11 +576,12 @@ async fn the_console_takes_admin_tokens_only_refuses_forged_changes_and_cannot_b
             pool: db.pool.clone(),
             reader_pool: db.pool.clone(),
             access: Access::new(
+                // `ops` replaced by a new token under the same name (a rotation after a leak).
                 &[ApiToken::new(
-                    "other",
+                    "ops",
                     Scope::Admin,
                     None,
-                    "another-admin-token-0123456789",
+                    "a-new-ops-token-0123456789abcdef",
                 )],
                 &RateLimits::default(),
             ),
@@ -515,7 +593,9 @@ async fn the_console_takes_admin_tokens_only_refuses_forged_changes_and_cannot_b
             billing: Default::default(),
             pipeline: Default::default(),
         };
-        tally_api::router(Arc::new(state), &tally_api::ServeConfig::default())
+        let mut config = tally_api::ServeConfig::default();
+        config.web.console = true;
+        tally_api::router(Arc::new(state), &config)
     };
     let gone = page(&without_ops, "GET", "/console", Some(&cookie), None).await;
     assert_eq!(gone.status, StatusCode::SEE_OTHER);
@@ -529,6 +609,11 @@ async fn pricing_is_public_and_cacheable_and_assets_are_served() {
     assert_eq!(pricing.status, StatusCode::OK);
     assert_eq!(pricing.header("cache-control"), Some("public, max-age=300"));
     assert!(pricing.body.contains("data-plan=\"FREE\"") && pricing.body.contains("100 per day"));
+    assert!(pricing.body.contains("data-plan=\"PRO\""));
+    assert!(
+        !pricing.body.contains("acme-custom"),
+        "a plan that is neither self-serve nor the fallback is not published"
+    );
     for (asset, kind) in [
         ("tally.css", "text/css"),
         ("pages.js", "text/javascript"),
@@ -544,4 +629,96 @@ async fn pricing_is_public_and_cacheable_and_assets_are_served() {
     }
     let missing = page(&api.app, "GET", "/assets/..%2Fsecrets", None, None).await;
     assert_eq!(missing.status, StatusCode::NOT_FOUND);
+}
+
+#[tokio::test]
+async fn a_customer_edits_its_alerts_on_a_self_serve_plan_only() {
+    let (db, api) = harness().await;
+    // FREE is not self-serve: no form, and a forged one is refused by the API's rule.
+    let (cookie, _) = open_portal(&api, "acme").await;
+    let shown = page(&api.app, "GET", "/portal/alerts", Some(&cookie), None).await;
+    assert!(!shown.body.contains("Add the alert") && shown.body.contains("contact us"));
+    let form = format!("csrf={}&meter=api_calls&percent=80", shown.csrf());
+    let refused = page(
+        &api.app,
+        "POST",
+        "/portal/alerts",
+        Some(&cookie),
+        Some(&form),
+    )
+    .await;
+    assert_eq!(refused.status, StatusCode::FORBIDDEN);
+    assert!(refused.body.contains("NOT_SELF_SERVE"), "{}", refused.body);
+
+    // PRO is: add a rule and remove it, each with the CSRF token.
+    let (cookie, _) = open_portal(&api, "gamma").await;
+    let shown = page(&api.app, "GET", "/portal/alerts", Some(&cookie), None).await;
+    assert!(shown.body.contains("Add the alert"));
+    let forged = page(
+        &api.app,
+        "POST",
+        "/portal/alerts",
+        Some(&cookie),
+        Some("meter=api_calls&percent=80"),
+    )
+    .await;
+    assert_eq!(forged.status, StatusCode::FORBIDDEN);
+    let form = format!("csrf={}&meter=api_calls&percent=80", shown.csrf());
+    let added = page(
+        &api.app,
+        "POST",
+        "/portal/alerts",
+        Some(&cookie),
+        Some(&form),
+    )
+    .await;
+    assert_eq!(added.status, StatusCode::SEE_OTHER, "{}", added.body);
+    let (rule_id, created_by): (i64, String) =
+        sqlx::query_as("SELECT rule_id, created_by FROM alert_rules WHERE customer_id = 'gamma'")
+            .fetch_one(&db.pool)
+            .await
+            .unwrap();
+    assert!(created_by.starts_with("token:portal:"), "{created_by}");
+    let listed = page(&api.app, "GET", "/portal/alerts", Some(&cookie), None).await;
+    assert!(listed.body.contains("api_calls reaches 80 % of its limit"));
+    let form = format!("csrf={}", listed.csrf());
+    let removed = page(
+        &api.app,
+        "POST",
+        &format!("/portal/alerts/{rule_id}/delete"),
+        Some(&cookie),
+        Some(&form),
+    )
+    .await;
+    assert_eq!(removed.status, StatusCode::SEE_OTHER, "{}", removed.body);
+    let left: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM alert_rules WHERE customer_id = 'gamma'")
+            .fetch_one(&db.pool)
+            .await
+            .unwrap();
+    assert_eq!(left, 0);
+    // At most 20 of a customer's own making.
+    for n in 0..20 {
+        let form = format!("csrf={}&credit_balance_below={n}", listed.csrf());
+        let added = page(
+            &api.app,
+            "POST",
+            "/portal/alerts",
+            Some(&cookie),
+            Some(&form),
+        )
+        .await;
+        assert_eq!(added.status, StatusCode::SEE_OTHER, "{n}: {}", added.body);
+    }
+    let form = format!("csrf={}&credit_balance_below=99", listed.csrf());
+    let refused = page(
+        &api.app,
+        "POST",
+        "/portal/alerts",
+        Some(&cookie),
+        Some(&form),
+    )
+    .await;
+    assert_eq!(refused.status, StatusCode::CONFLICT);
+    assert!(refused.body.contains("TOO_MANY_ALERT_RULES"));
 }

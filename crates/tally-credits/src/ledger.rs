@@ -50,25 +50,51 @@ struct LedgerRow {
 /// Most entries one page of the ledger holds.
 pub const MAX_LEDGER_PAGE: i64 = 1000;
 
-/// A customer's ledger, oldest first, after entry `after` (a page: at most `limit`, capped at
-/// [`MAX_LEDGER_PAGE`]).
+/// Which way a page of the ledger runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LedgerPage {
+    /// Oldest first, after this entry (0: from the start); a client polls with the last id.
+    After(i64),
+    /// Newest first, before this entry (`None`: from the newest): what a person reads.
+    Before(Option<i64>),
+}
+
+/// A page of a customer's ledger (at most `limit`, capped at [`MAX_LEDGER_PAGE`]).
 pub async fn ledger(
     pool: &PgPool,
     customer: &str,
-    after: Option<i64>,
+    page: LedgerPage,
     limit: i64,
 ) -> Result<Vec<LedgerEntry>, CreditError> {
-    let rows: Vec<LedgerRow> = sqlx::query_as(
-        "SELECT transaction_id, grant_id, kind, amount, meter, group_key, window_start, quantity,
-                credits_per_unit, actor, reason, at
-         FROM credit_transactions WHERE customer_id = $1 AND transaction_id > $2
-         ORDER BY transaction_id LIMIT $3",
-    )
-    .bind(customer)
-    .bind(after.unwrap_or(0))
-    .bind(limit.clamp(1, MAX_LEDGER_PAGE))
-    .fetch_all(pool)
-    .await?;
+    let columns =
+        "transaction_id, grant_id, kind, amount, meter, group_key, window_start, quantity,
+                   credits_per_unit, actor, reason, at";
+    let limit = limit.clamp(1, MAX_LEDGER_PAGE);
+    let rows: Vec<LedgerRow> = match page {
+        LedgerPage::After(after) => {
+            sqlx::query_as(&format!(
+                "SELECT {columns} FROM credit_transactions
+                 WHERE customer_id = $1 AND transaction_id > $2 ORDER BY transaction_id LIMIT $3"
+            ))
+            .bind(customer)
+            .bind(after)
+            .bind(limit)
+            .fetch_all(pool)
+            .await?
+        }
+        LedgerPage::Before(before) => {
+            sqlx::query_as(&format!(
+                "SELECT {columns} FROM credit_transactions
+                 WHERE customer_id = $1 AND transaction_id < $2
+                 ORDER BY transaction_id DESC LIMIT $3"
+            ))
+            .bind(customer)
+            .bind(before.unwrap_or(i64::MAX))
+            .bind(limit)
+            .fetch_all(pool)
+            .await?
+        }
+    };
     Ok(rows
         .into_iter()
         .map(|r| LedgerEntry {

@@ -30,5 +30,5 @@ pub use grants::{
     get_grant, grant, grant_purchase, void, void_in, Actor, CreditError, Grant, GrantKind, Granted,
     NewGrant,
 };
-pub use ledger::{applied_in_period, ledger, LedgerEntry, MeterCredits, PeriodCredits};
+pub use ledger::{applied_in_period, ledger, LedgerEntry, LedgerPage, MeterCredits, PeriodCredits};
 pub use rates::RateCard;

@@ -6,8 +6,8 @@ use rust_decimal::Decimal;
 use sqlx::PgPool;
 use tally_credits::queue::{enqueue, CountedUsage};
 use tally_credits::{
-    balance, burn_once, grant, ledger, settle, void, Actor, CreditError, GrantKind, NewGrant,
-    RateCard, RateDefinition,
+    balance, burn_once, grant, ledger, settle, void, Actor, CreditError, GrantKind, LedgerPage,
+    NewGrant, RateCard, RateDefinition,
 };
 use tally_db::testing::fresh_database;
 
@@ -131,7 +131,9 @@ async fn the_same_top_up_sent_twice_is_one_grant() {
         .unwrap()
         .created
     );
-    let entries = ledger(&db.pool, "acme", None, 100).await.unwrap();
+    let entries = ledger(&db.pool, "acme", LedgerPage::After(0), 100)
+        .await
+        .unwrap();
     assert_eq!(entries.iter().filter(|e| e.kind == "grant").count(), 2);
     let card = RateCard::default();
     assert_eq!(
@@ -252,7 +254,9 @@ async fn grants_are_drawn_by_kind_then_priority_and_usage_beyond_them_is_uncover
     let after = balance(&db.pool, "acme", &card, Utc::now()).await.unwrap();
     assert_eq!(after.available, d("0"));
     assert_eq!(after.uncovered, d("92"));
-    let consumed = ledger(&db.pool, "acme", None, 100).await.unwrap();
+    let consumed = ledger(&db.pool, "acme", LedgerPage::After(0), 100)
+        .await
+        .unwrap();
     let large: Vec<_> = consumed
         .iter()
         .filter(|e| e.group_key.as_deref() == Some(r#"{"model":"large"}"#))
@@ -268,7 +272,7 @@ async fn grants_are_drawn_by_kind_then_priority_and_usage_beyond_them_is_uncover
     // A customer who never had credits leaves no entries.
     queue(&db.pool, "nobody", "", now, "1000").await;
     burn_all(&db.pool, &card).await;
-    assert!(ledger(&db.pool, "nobody", None, 10)
+    assert!(ledger(&db.pool, "nobody", LedgerPage::After(0), 10)
         .await
         .unwrap()
         .is_empty());
@@ -390,7 +394,9 @@ async fn expiry_waits_for_earlier_usage_then_expires_the_rest_and_voids_are_fina
     burn_all(&db.pool, &card).await;
     let settled = settle(&db.pool, Utc::now()).await.unwrap();
     assert_eq!(settled.expired, 1);
-    let entries = ledger(&db.pool, "acme", None, 100).await.unwrap();
+    let entries = ledger(&db.pool, "acme", LedgerPage::After(0), 100)
+        .await
+        .unwrap();
     let expire: Vec<_> = entries.iter().filter(|e| e.kind == "expire").collect();
     assert_eq!((expire.len(), expire[0].amount), (1, d("-10")));
     assert_eq!(
@@ -434,16 +440,25 @@ async fn expiry_waits_for_earlier_usage_then_expires_the_rest_and_voids_are_fina
         .await
         .unwrap_err();
     assert_eq!(missing.code(), "NO_SUCH_GRANT");
-    let entries = ledger(&db.pool, "acme", None, 100).await.unwrap();
+    let entries = ledger(&db.pool, "acme", LedgerPage::After(0), 100)
+        .await
+        .unwrap();
     assert_eq!(entries.last().unwrap().amount, d("-4"));
     assert_eq!(entries.last().unwrap().kind, "void");
     assert_ledger_matches_grants(&db.pool).await;
 
     // Paging.
-    let first_two = ledger(&db.pool, "acme", None, 2).await.unwrap();
-    let rest = ledger(&db.pool, "acme", Some(first_two[1].transaction_id), 100)
+    let first_two = ledger(&db.pool, "acme", LedgerPage::After(0), 2)
         .await
         .unwrap();
+    let rest = ledger(
+        &db.pool,
+        "acme",
+        LedgerPage::After(first_two[1].transaction_id),
+        100,
+    )
+    .await
+    .unwrap();
     assert_eq!(first_two.len() + rest.len(), entries.len());
 
     // Append-only.

@@ -163,12 +163,23 @@ pub async fn latest_samples(
     pool: &PgPool,
     since: chrono::DateTime<chrono::Utc>,
 ) -> Result<Vec<RejectSample>, sqlx::Error> {
+    let reasons: Vec<String> = tally_core::reject::RejectReason::ALL
+        .iter()
+        .map(|reason| reason.code().to_owned())
+        .collect();
+    // One index probe per reason, newest first ((reason, rejected_at) index): a flood of
+    // rejects costs no more than a few.
     let rows: Vec<(String, String, Vec<u8>)> = sqlx::query_as(
-        "SELECT DISTINCT ON (reason) reason, left(detail, 500), substring(raw FROM 1 FOR 300)
-         FROM rejected_events WHERE rejected_at >= $1
-         ORDER BY reason, rejected_at DESC",
+        "SELECT r.reason, left(latest.detail, 500), substring(latest.raw FROM 1 FOR 300)
+         FROM unnest($2::text[]) AS r(reason)
+         CROSS JOIN LATERAL (
+             SELECT detail, raw FROM rejected_events e
+             WHERE e.reason = r.reason AND e.rejected_at >= $1
+             ORDER BY e.rejected_at DESC LIMIT 1
+         ) AS latest",
     )
     .bind(since)
+    .bind(&reasons)
     .fetch_all(pool)
     .await?;
     Ok(rows

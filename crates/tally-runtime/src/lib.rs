@@ -4,12 +4,14 @@
 //! - `health.rs`: each dependency (Postgres, Kafka, Stripe) as this process sees it: one log
 //!   line when it goes away and one when it is back, `tally_dependency_up`, and the readiness
 //!   that `/readyz` reports.
+//! - `attention.rs`: when a figure needs a person (`tally status`, the console).
 //! - `backoff.rs`: capped exponential backoff with jitter, for waiting one out.
 //! - `supervise.rs`: background tasks that are restarted (and counted) when they fail, never
 //!   silently gone.
 //! - `mode.rs`: `RunMode`, daemon or once, for the aggregator and the sink.
 //! - `telemetry.rs`: metric names.
 
+pub mod attention;
 mod backoff;
 pub mod health;
 mod mode;

@@ -223,9 +223,14 @@ pub(crate) fn run(config: &TallyConfig, args: &CreditsArgs) -> anyhow::Result<()
                 after,
                 limit,
             } => {
-                let entries = tally_credits::ledger(&pool, customer, *after, *limit)
-                    .await
-                    .map_err(refused)?;
+                let entries = tally_credits::ledger(
+                    &pool,
+                    customer,
+                    tally_credits::LedgerPage::After(after.unwrap_or(0)),
+                    *limit,
+                )
+                .await
+                .map_err(refused)?;
                 out.ledger(customer, &entries, *after, *limit)
             }
         }

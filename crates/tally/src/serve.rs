@@ -36,12 +36,12 @@ pub(crate) fn return_origins(config: &TallyConfig) -> Vec<String> {
 
 /// Origins of Stripe's hosted pages (Checkout, the billing portal), and the emulator's when
 /// `stripe.api_base` points at one: the portal's forms send browsers there.
-pub(crate) fn stripe_page_origins(config: &TallyConfig) -> Vec<String> {
+pub(crate) fn stripe_page_origins(stripe: &tally_sink::StripeConfig) -> Vec<String> {
     let mut origins = vec![
         "https://checkout.stripe.com".to_owned(),
         "https://billing.stripe.com".to_owned(),
     ];
-    let base: Option<axum::http::Uri> = config.stripe.api_base.parse().ok();
+    let base: Option<axum::http::Uri> = stripe.api_base.parse().ok();
     if let Some((scheme, authority)) = base
         .as_ref()
         .and_then(|u| Some((u.scheme_str()?, u.authority()?)))
@@ -65,6 +65,12 @@ pub(crate) fn run(config: &TallyConfig) -> anyhow::Result<()> {
         .any(|t| t.scope == tally_api::Scope::Customer);
     if live && customer_tokens && serve.checkout_return_origins.is_empty() {
         bail!("serve.checkout_return_origins is empty with a live Stripe key and customer tokens: a customer token could send customers from Stripe's Checkout and billing portal to any site; set it to your app's origins, e.g. checkout_return_origins = [\"https://app.example.com\"]");
+    }
+    let local = serve.listen.starts_with("127.")
+        || serve.listen.starts_with("[::1]")
+        || serve.listen.starts_with("localhost:");
+    if serve.web.public_url.is_empty() && !local {
+        tracing::warn!(listen = %serve.listen, "serve.web.public_url is not set: portal links point at http:// and serve.listen, and session cookies are not Secure; set it to the address people reach tally at, e.g. public_url = \"https://billing.example.com\"");
     }
     let runtime = runtime()?;
     runtime.block_on(async {
@@ -155,7 +161,7 @@ pub(crate) fn run(config: &TallyConfig) -> anyhow::Result<()> {
                 stripe,
                 packs: config.credits.packs.clone(),
                 return_origins: return_origins(config),
-                page_origins: stripe_page_origins(config),
+                page_origins: stripe_page_origins(&config.stripe),
             },
             pipeline: PipelineSource {
                 kafka: (!config.kafka.brokers.trim().is_empty()).then(|| config.kafka.clone()),

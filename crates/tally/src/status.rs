@@ -10,14 +10,13 @@ use chrono::{DateTime, TimeDelta, Utc};
 use crate::config::TallyConfig;
 use crate::process::{connect, runtime};
 
-/// A submission waiting longer than this is a problem (the `TallyOutboxStale` alert's bound).
-const OUTBOX_STALE_SECONDS: f64 = 900.0;
-/// Rejected events waiting longer than this for the DLQ topic (the `TallyDlqStuck` alert's).
-const DLQ_STUCK_SECONDS: f64 = 900.0;
-/// An aggregator's watchdog writes its row every few seconds: one silent this long stopped.
-const MEMBER_SILENT: TimeDelta = TimeDelta::seconds(30);
-/// A reconcile older than this is stale (the `TallyReconcileNotRunning` alert's).
-const RECONCILE_STALE: TimeDelta = TimeDelta::hours(3);
+use tally_runtime::attention;
+
+/// The bounds, as this module compares them.
+const OUTBOX_STALE_SECONDS: f64 = attention::OUTBOX_STALE.as_secs_f64();
+const DLQ_STUCK_SECONDS: f64 = attention::DLQ_STUCK.as_secs_f64();
+const MEMBER_SILENT: TimeDelta = TimeDelta::seconds(attention::MEMBER_SILENT.as_secs() as i64);
+const RECONCILE_STALE: TimeDelta = TimeDelta::seconds(attention::RECONCILE_STALE.as_secs() as i64);
 
 #[derive(Debug, clap::Args)]
 pub(crate) struct StatusArgs {

@@ -37,6 +37,48 @@ fn actor(caller: &Caller) -> String {
     format!("token:{}", caller.name())
 }
 
+/// Rules a customer may hold of its own making (an admin may add more).
+const MAX_CUSTOMER_MADE_RULES: usize = 20;
+
+/// A customer's own token (or its portal) may add and remove its alert rules only on a live
+/// plan with `self_serve = true`, and hold at most [`MAX_CUSTOMER_MADE_RULES`] rules.
+async fn customer_may_edit(
+    state: &ApiState,
+    caller: &Caller,
+    customer: &str,
+    adding: bool,
+) -> Result<(), ApiError> {
+    if caller.scope() != crate::config::Scope::Customer {
+        return Ok(());
+    }
+    let not_self_serve = || {
+        ApiError::new(
+            StatusCode::FORBIDDEN,
+            "NOT_SELF_SERVE",
+            "this customer's plan does not let customers change their alerts; ask the team (an admin token may)",
+        )
+    };
+    let plan = match state.quota.entitlements(customer).await {
+        Ok((_, entitlements)) => entitlements.plan,
+        Err(QuotaError::NoActiveSubscription(_)) => return Err(not_self_serve()),
+        Err(error) => return Err(error.into()),
+    };
+    let self_serve = tally_billing::store::get_plan(&state.pool, &plan)
+        .await?
+        .is_some_and(|definition| definition.self_serve);
+    if !self_serve {
+        return Err(not_self_serve());
+    }
+    if adding && store::list_rules(&state.pool, customer).await?.len() >= MAX_CUSTOMER_MADE_RULES {
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "TOO_MANY_ALERT_RULES",
+            format!("a customer may hold at most {MAX_CUSTOMER_MADE_RULES} alert rules; delete one first"),
+        ));
+    }
+    Ok(())
+}
+
 fn invalid_alert(message: impl Into<String>) -> ApiError {
     ApiError::from(AlertError::Invalid(message.into()))
 }
@@ -108,6 +150,7 @@ pub(crate) async fn create(
 ) -> Result<Response, ApiError> {
     valid_customer(&customer)?;
     let Json(request) = json_body(body)?;
+    customer_may_edit(&state, &caller, &customer, true).await?;
     let decimal = |field: &str, raw: Option<Box<RawValue>>| {
         raw.map(|raw| exact_decimal(field, &raw).map_err(invalid_alert))
             .transpose()
@@ -142,6 +185,7 @@ pub(crate) async fn delete(
             "an alert rule id is a whole number; list the customer's rules with GET /v1/customers/{id}/alerts",
         )
     })?;
+    customer_may_edit(&state, &caller, &customer, false).await?;
     store::delete_rule(&state.pool, &customer, rule_id).await?;
     Ok(StatusCode::NO_CONTENT.into_response())
 }

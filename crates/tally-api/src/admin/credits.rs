@@ -18,6 +18,7 @@ use serde::Deserialize;
 use serde_json::json;
 use serde_json::value::RawValue;
 use tally_credits::ledger::MAX_LEDGER_PAGE;
+use tally_credits::LedgerPage;
 use tally_credits::{Actor, CreditError, GrantKind, NewGrant, RateCard};
 
 use super::{exact_decimal, for_reader, valid_customer};
@@ -172,9 +173,16 @@ pub(crate) async fn balance(
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct LedgerQuery {
-    /// The `next_after` of the previous page.
+    /// The `next_after` of the previous page (oldest first).
     #[serde(default)]
     after: Option<i64>,
+    /// `oldest` (default: oldest first, paged with `after`) or `newest` (newest first, paged
+    /// with `before`).
+    #[serde(default)]
+    order: Option<String>,
+    /// The `next_before` of the previous page (newest first).
+    #[serde(default)]
+    before: Option<i64>,
     #[serde(default)]
     limit: Option<i64>,
 }
@@ -200,14 +208,30 @@ pub(crate) async fn ledger(
             "after is the next_after of the previous page: 0 or more",
         ));
     }
-    let entries = tally_credits::ledger(&state.reader_pool, &customer, query.after, limit).await?;
-    let next_after = entries.last().map(|entry| entry.transaction_id);
+    let newest = match query.order.as_deref() {
+        None | Some("oldest") => false,
+        Some("newest") => true,
+        Some(other) => {
+            return Err(ApiError::invalid(format!(
+            "order {other:?}: oldest (the default, paged with after) or newest (paged with before)"
+        )))
+        }
+    };
+    let page = match (newest, query.after, query.before) {
+        (false, after, None) => LedgerPage::After(after.unwrap_or(0)),
+        (true, None, before) => LedgerPage::Before(before),
+        _ => {
+            return Err(ApiError::invalid(
+                "after pages the oldest-first ledger, before the newest-first one (order=newest); not both",
+            ))
+        }
+    };
+    let entries = tally_credits::ledger(&state.reader_pool, &customer, page, limit).await?;
+    let last = entries.last().map(|entry| entry.transaction_id);
     let mut entries = json!(entries);
     for entry in entries.as_array_mut().into_iter().flatten() {
         for_reader(&caller, entry, &["actor", "reason"]);
     }
-    Ok(
-        Json(json!({ "customer": customer, "entries": entries, "next_after": next_after }))
-            .into_response(),
-    )
+    let cursor = if newest { "next_before" } else { "next_after" };
+    Ok(Json(json!({ "customer": customer, "entries": entries, cursor: last })).into_response())
 }

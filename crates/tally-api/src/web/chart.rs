@@ -17,6 +17,9 @@ const TOP: f64 = 12.0;
 const BOTTOM: f64 = 28.0;
 /// Series drawn in their own colour; more share the last ones' classes.
 const COLOURS: usize = 8;
+/// Series drawn at most (the busiest first); the rest are in the table and the CSV, so a meter
+/// grouped by a key of many values cannot make a page of megabytes.
+const DRAWN: usize = 12;
 
 /// The chart of one meter's usage answer (`GET /v1/customers/{id}/usage`): `series` of
 /// `{group_key, points: [{start, value}]}`.
@@ -25,7 +28,25 @@ pub(crate) fn usage_chart(
     answer: &Value,
     label_of: impl Fn(&str) -> String,
 ) -> String {
-    let series = answer["series"].as_array().cloned().unwrap_or_default();
+    let all_series = answer["series"].as_array().cloned().unwrap_or_default();
+    let total = |one: &Value| -> f64 {
+        one["points"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|p| {
+                p["value"]
+                    .as_str()
+                    .and_then(|v| v.parse::<f64>().ok())
+                    .unwrap_or(0.0)
+            })
+            .sum()
+    };
+    let mut series = all_series.clone();
+    if series.len() > DRAWN {
+        series.sort_by(|a, b| total(b).total_cmp(&total(a)));
+        series.truncate(DRAWN);
+    }
     let mut starts: Vec<String> = series
         .iter()
         .flat_map(|s| s["points"].as_array().cloned().unwrap_or_default())
@@ -156,11 +177,18 @@ pub(crate) fn usage_chart(
         }
         html.push_str("</ul>");
     }
+    if all_series.len() > series.len() {
+        let _ = write!(
+            html,
+            "<p class=\"muted\">The {DRAWN} busiest of {} series are drawn; all are in the table and the CSV.</p>",
+            all_series.len()
+        );
+    }
     let _ = write!(
         html,
         "<figcaption><details class=\"data\"><summary>{name} as a table</summary><div class=\"table-wrap\"><table><thead><tr><th scope=\"col\">Period</th><th scope=\"col\">Series</th><th scope=\"col\" class=\"num\">Usage</th></tr></thead><tbody>"
     );
-    for one in &series {
+    for one in &all_series {
         let group = series_label(one["group_key"].as_str().unwrap_or_default());
         for point in one["points"].as_array().cloned().unwrap_or_default() {
             let start = point["start"].as_str().unwrap_or_default();
@@ -172,7 +200,7 @@ pub(crate) fn usage_chart(
             );
         }
     }
-    if series.is_empty() {
+    if all_series.is_empty() {
         html.push_str("<tr><td colspan=\"3\">No usage in this range.</td></tr>");
     }
     html.push_str("</tbody></table></div></details></figcaption></figure>");
@@ -180,7 +208,7 @@ pub(crate) fn usage_chart(
 }
 
 /// A group key as people read it: `{"model":"gpt"}` → `model=gpt`; the empty key → "all".
-pub(crate) fn series_label(group_key: &str) -> String {
+fn series_label(group_key: &str) -> String {
     if group_key.is_empty() {
         return "all".into();
     }

@@ -17,7 +17,9 @@ use serde_json::{json, Value};
 
 use super::html::{self, csrf_field, show, url_part, when, Area, Esc, Frame};
 use super::portal::{csrf_refused, money, safe_link, usage_row};
-use super::{refuse, sessions, set_cookie, store_unavailable, ConsoleSession, Web};
+use super::{
+    link_page, refuse, same_origin, sessions, set_cookie, store_unavailable, ConsoleSession, Web,
+};
 use crate::config::Scope;
 
 /// Seconds between refreshes of the pipeline page.
@@ -68,8 +70,14 @@ fn login_form(status: StatusCode, error: Option<&str>) -> Response {
 /// `POST /console/login`: an admin token for a session cookie.
 pub(crate) async fn login(
     State(web): State<Arc<Web>>,
+    headers: HeaderMap,
     Form(form): Form<HashMap<String, String>>,
 ) -> Response {
+    // From this server's own login page: another site cannot log a visitor in to a session
+    // of its choosing.
+    if !same_origin(&headers) {
+        return login_form(StatusCode::FORBIDDEN, Some("Log in from this page."));
+    }
     let token = form.get("token").map(|t| t.trim()).unwrap_or_default();
     let mut headers = HeaderMap::new();
     let Ok(value) = HeaderValue::from_str(&format!("Bearer {token}")) else {
@@ -91,10 +99,58 @@ pub(crate) async fn login(
     let expires_at = Utc::now()
         + TimeDelta::from_std(web.config.console_session_ttl).unwrap_or(TimeDelta::hours(8));
     let (session, cookie) =
-        match sessions::open_console(&web.state.pool, caller.name(), expires_at).await {
+        match sessions::open_console(&web.state.pool, caller.name(), token, expires_at).await {
             Ok(opened) => opened,
             Err(error) => return store_unavailable(Area::Public, error),
         };
+    let max_age = (session.expires_at - Utc::now()).num_seconds().max(0);
+    let mut response = Redirect::to("/console").into_response();
+    response.headers_mut().insert(
+        header::SET_COOKIE,
+        set_cookie(
+            &web,
+            sessions::CONSOLE_COOKIE,
+            &cookie,
+            "/console",
+            "Strict",
+            max_age,
+        ),
+    );
+    response
+}
+
+/// `GET /console/session/{secret}`: the button that opens it (`link_page`).
+pub(crate) async fn open_page() -> Response {
+    link_page(
+        "Console login",
+        "A single-use login link for tally's console.",
+        "Log in to the console",
+    )
+}
+
+/// `POST /console/session/{secret}`: a single-use login link (`tally demo` prints one) for a
+/// session cookie.
+pub(crate) async fn open(
+    State(web): State<Arc<Web>>,
+    Path(secret): Path<String>,
+    headers: HeaderMap,
+) -> Response {
+    if !same_origin(&headers) {
+        return login_form(
+            StatusCode::FORBIDDEN,
+            Some("A login link must be opened from its own page."),
+        );
+    }
+    let opened = match sessions::exchange_link(&web.state.pool, "console", &secret).await {
+        Ok(opened) => opened,
+        Err(error) => return store_unavailable(Area::Public, error),
+    };
+    let Some((session, cookie)) = opened else {
+        return login_form(
+            StatusCode::UNAUTHORIZED,
+            Some("This login link has been used or has expired; log in with an admin token."),
+        );
+    };
     let max_age = (session.expires_at - Utc::now()).num_seconds().max(0);
     let mut response = Redirect::to("/console").into_response();
     response.headers_mut().insert(
@@ -120,7 +176,7 @@ pub(crate) async fn logout(
     if !sessions::csrf_matches(&console.session, form.get("csrf").map(String::as_str)) {
         return csrf_refused(Area::Console);
     }
-    if let Err(error) = sessions::revoke(&web.state.pool, &console.session.id, None).await {
+    if let Err(error) = sessions::revoke(&web.state.pool, "console", &console.session.id).await {
         return store_unavailable(Area::Console, error);
     }
     let mut response = Redirect::to("/console/login").into_response();
@@ -157,7 +213,7 @@ async fn pipeline_body(web: &Web) -> Result<String, sqlx::Error> {
     let committed = tally_aggregator::committed_offsets(pool, &source.group_id, &source.topic)
         .await
         .map_err(|e| sqlx::Error::Protocol(e.to_string()))?;
-    let ends = source.end_offsets().await;
+    let ends = web.end_offsets().await;
     let total: i64 = committed.iter().filter_map(|c| c.next_offset).sum();
     let rate = web.events_per_second(total);
     let freshest = committed.iter().map(|c| c.updated_at).max();
@@ -188,8 +244,13 @@ async fn pipeline_body(web: &Web) -> Result<String, sqlx::Error> {
         .map_err(|e| sqlx::Error::Protocol(e.to_string()))?;
     let _ = write!(
         body,
-        "<section class=\"card\"><h2>Stripe outbox</h2><p><span data-field=\"outbox-pending\">{}</span> pending (oldest {} s), <span data-field=\"outbox-failed\" class=\"{}\">{}</span> failed, {} waiting for review, {} pair(s) quarantined</p><p>{} customer(s) unmapped ({} slots)</p></section></div>",
+        "<section class=\"card\"><h2>Stripe outbox</h2><p><span data-field=\"outbox-pending\">{}</span> pending (<span class=\"{}\">oldest {} s</span>), <span data-field=\"outbox-failed\" class=\"{}\">{}</span> failed, {} waiting for review, {} pair(s) quarantined</p><p>{} customer(s) unmapped ({} slots)</p></section></div>",
         outbox.pending,
+        if outbox.oldest_pending_seconds > tally_runtime::attention::OUTBOX_STALE.as_secs_f64() {
+            "status-bad"
+        } else {
+            ""
+        },
         outbox.oldest_pending_seconds.round(),
         if outbox.failed > 0 { "status-bad" } else { "" },
         outbox.failed,
@@ -221,6 +282,56 @@ async fn pipeline_body(web: &Web) -> Result<String, sqlx::Error> {
         body.push_str("<tr><td colspan=\"6\">No partition taken yet: is <code>tally aggregate</code> running?</td></tr>");
     }
     body.push_str("</tbody></table></div>");
+    if let Ok(ends) = &ends {
+        let untaken: Vec<String> = ends
+            .keys()
+            .filter(|p| !committed.iter().any(|c| c.partition == **p))
+            .map(i32::to_string)
+            .collect();
+        if !untaken.is_empty() {
+            let _ = write!(
+                body,
+                "{}",
+                html::message(
+                    "error",
+                    &format!(
+                        "Partition(s) {} of the topic were never taken by an aggregator (their backlog is not in the lag above): start tally aggregate.",
+                        untaken.join(", ")
+                    )
+                )
+            );
+        }
+    }
+    // Each running aggregator as its watchdog last wrote it (as `tally status` lists them).
+    let members = tally_aggregator::members(pool, &source.group_id, &source.topic)
+        .await
+        .map_err(|e| sqlx::Error::Protocol(e.to_string()))?;
+    let silent = TimeDelta::seconds(tally_runtime::attention::MEMBER_SILENT.as_secs() as i64);
+    body.push_str("<h2>Aggregators</h2><ul>");
+    let mut live = 0;
+    for member in members.iter().filter(|m| now - m.seen_at < silent) {
+        live += 1;
+        let partitions: Vec<String> = member.assigned.iter().map(i32::to_string).collect();
+        let state = match &member.stall {
+            Some(stall) => format!("<span class=\"status-bad\">stalled: {}</span>", Esc(stall)),
+            None => "<span class=\"status-ok\">consuming</span>".to_owned(),
+        };
+        let _ = write!(
+            body,
+            "<li>{}: partitions {} · {state} · seen {}</li>",
+            Esc(&member.owner),
+            if partitions.is_empty() {
+                "none".to_owned()
+            } else {
+                partitions.join(", ")
+            },
+            ago(now, member.seen_at)
+        );
+    }
+    if live == 0 {
+        body.push_str("<li>None running.</li>");
+    }
+    body.push_str("</ul>");
 
     let rejects = tally_db::rejects::counts_since(pool, now - TimeDelta::hours(1)).await?;
     let (dlq_pending, dlq_oldest) = tally_db::rejects::dlq_backlog(pool).await?;
@@ -273,12 +384,20 @@ async fn pipeline_body(web: &Web) -> Result<String, sqlx::Error> {
             "<p data-field=\"reconcile\">Never: run <code>tally reconcile --last 48h</code>.</p>",
         ),
         Some(run) => {
+            let stale = now - run.ran_at
+                > TimeDelta::seconds(tally_runtime::attention::RECONCILE_STALE.as_secs() as i64);
+            if stale {
+                body.push_str(&html::message(
+                    "error",
+                    "The last reconcile is older than 3 hours: is its timer running?",
+                ));
+            }
             let _ = write!(
                 body,
                 "<p data-field=\"reconcile\">{}: {} ok, {} not yet billed, {} unmapped, <span class=\"{}\">{} drift</span>, {} quarantined, {} waiting for review, {} Stripe error report(s).</p>",
                 ago(now, run.ran_at),
                 run.ok, run.unbilled, run.unmapped,
-                if run.drift > 0 { "status-bad" } else { "" },
+                if run.drift + run.meter_error_reports > 0 { "status-bad" } else { "" },
                 run.drift, run.quarantined, run.review, run.meter_error_reports
             );
         }
@@ -384,13 +503,15 @@ pub(crate) async fn customer(
         Ok(value) => value,
         Err(refusal) => return refusal.page(Area::Console),
     };
-    let history = call("/subscriptions").await.unwrap_or(Value::Null);
-    let credits = call("/credits").await.unwrap_or(Value::Null);
-    let ledger = call("/credits/ledger?limit=1000")
-        .await
-        .unwrap_or(Value::Null);
-    let invoices = call("/invoices?limit=20").await.unwrap_or(Value::Null);
-    let alerts = call("/alerts").await.unwrap_or(Value::Null);
+    let (history, credits, ledger, invoices, alerts) = tokio::join!(
+        call("/subscriptions"),
+        call("/credits"),
+        call("/credits/ledger?order=newest&limit=200"),
+        call("/invoices?limit=20"),
+        call("/alerts"),
+    );
+    let [history, credits, ledger, invoices, alerts] =
+        [history, credits, ledger, invoices, alerts].map(|answer| answer.unwrap_or(Value::Null));
     let plans = web
         .call(caller, Method::GET, "/v1/plans", None)
         .await
@@ -499,9 +620,9 @@ pub(crate) async fn customer(
         sessions::new_secret(),
     );
     body.push_str("<details><summary>Ledger</summary><div class=\"table-wrap\"><table><thead><tr><th scope=\"col\">When</th><th scope=\"col\">Kind</th><th scope=\"col\">Grant</th><th scope=\"col\" class=\"num\">Amount</th><th scope=\"col\">Actor</th><th scope=\"col\">Reason</th></tr></thead><tbody>");
-    let mut entries = ledger["entries"].as_array().cloned().unwrap_or_default();
-    entries.reverse();
-    for entry in entries.iter().take(200) {
+    // Newest first (the API's order=newest): the latest 200.
+    let entries = ledger["entries"].as_array().cloned().unwrap_or_default();
+    for entry in &entries {
         let _ = write!(
             body,
             "<tr><td>{}</td><td>{}</td><td>{}</td><td class=\"num\">{}</td><td>{}</td><td>{}</td></tr>",
@@ -544,20 +665,31 @@ pub(crate) async fn customer(
     .into_response()
 }
 
-/// Checks the CSRF token and the reason, asks the API, and goes back to the customer's page.
+/// An admin action: the API request a console form stands for, and what to say when done.
+struct Action<'a> {
+    method: Method,
+    uri: &'a str,
+    body: Value,
+    done: &'a str,
+}
+
+/// Checks the CSRF token, asks the API, and goes back to the customer's page.
 async fn act(
     web: &Web,
     console: &ConsoleSession,
     customer: &str,
     form: &HashMap<String, String>,
-    method: Method,
-    uri: &str,
-    body: Value,
-    done: &str,
+    action: Action<'_>,
 ) -> Response {
     if !sessions::csrf_matches(&console.session, form.get("csrf").map(String::as_str)) {
         return csrf_refused(Area::Console);
     }
+    let Action {
+        method,
+        uri,
+        body,
+        done,
+    } = action;
     match web.call(&console.caller, method, uri, Some(&body)).await {
         Ok(_) => Redirect::to(&format!(
             "/console/customers/{}?done={}",
@@ -605,17 +737,13 @@ pub(crate) async fn change_plan(
             json!({ "customer": customer, "plan": plan, "reason": reason }),
         ),
     };
-    act(
-        &web,
-        &console,
-        &customer,
-        &form,
-        Method::POST,
-        &uri,
+    let action = Action {
+        method: Method::POST,
+        uri: &uri,
         body,
-        "plan changed",
-    )
-    .await
+        done: "plan changed",
+    };
+    act(&web, &console, &customer, &form, action).await
 }
 
 /// `POST /console/customers/{id}/grants`.
@@ -634,17 +762,13 @@ pub(crate) async fn grant(
         body["expires_at"] = json!(expires);
     }
     let uri = path(&customer, "/credits/grants");
-    act(
-        &web,
-        &console,
-        &customer,
-        &form,
-        Method::POST,
-        &uri,
+    let action = Action {
+        method: Method::POST,
+        uri: &uri,
         body,
-        "credits granted",
-    )
-    .await
+        done: "credits granted",
+    };
+    act(&web, &console, &customer, &form, action).await
 }
 
 /// `POST /console/customers/{id}/grants/{grant_id}/void`.
@@ -659,17 +783,13 @@ pub(crate) async fn void(
         &format!("/credits/grants/{}/void", url_part(&grant_id)),
     );
     let body = json!({ "reason": field(&form, "reason") });
-    act(
-        &web,
-        &console,
-        &customer,
-        &form,
-        Method::POST,
-        &uri,
+    let action = Action {
+        method: Method::POST,
+        uri: &uri,
         body,
-        "grant voided",
-    )
-    .await
+        done: "grant voided",
+    };
+    act(&web, &console, &customer, &form, action).await
 }
 
 /// `POST /console/customers/{id}/override`: the override as JSON, replaced whole.
@@ -692,17 +812,13 @@ pub(crate) async fn set_override(
     };
     let body = json!({ "overrides": overrides, "reason": field(&form, "reason") });
     let uri = path(&customer, "/overrides");
-    act(
-        &web,
-        &console,
-        &customer,
-        &form,
-        Method::PUT,
-        &uri,
+    let action = Action {
+        method: Method::PUT,
+        uri: &uri,
         body,
-        "override set",
-    )
-    .await
+        done: "override set",
+    };
+    act(&web, &console, &customer, &form, action).await
 }
 
 /// `GET /console/alerts`: alert deliveries, newest first (failed ones with their error).

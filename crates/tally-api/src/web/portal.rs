@@ -14,20 +14,37 @@ use chrono::{DateTime, Datelike, NaiveTime, TimeDelta, Utc};
 use rust_decimal::Decimal;
 use serde_json::{json, Value};
 
-use super::chart::{series_label, usage_chart};
+use super::chart::usage_chart;
 use super::html::{self, csrf_field, show, url_part, when, Area, Esc, Frame};
-use super::pricing::{limit_text, listed_plans, plan_cards};
+use super::pricing::{listed_plans, plan_cards};
+use tally_billing::subscriptions::period::period_containing;
+use tally_billing::subscriptions::Interval;
+
 use super::{
-    portal_same_site, refuse, sessions, set_cookie, store_unavailable, PortalSession, Refusal, Web,
+    link_page, portal_same_site, refuse, same_origin, sessions, set_cookie, store_unavailable,
+    PortalSession, Refusal, Web,
 };
 
 /// Seconds between refreshes of the pages with live numbers.
 const REFRESH_SECONDS: u32 = 5;
 
-/// `GET /portal/session/{secret}`: opens a portal session once, sets its cookie and goes to
-/// the overview, so the secret is not in the address bar, the history or a referrer after.
-pub(crate) async fn open(State(web): State<Arc<Web>>, Path(secret): Path<String>) -> Response {
-    let opened = match sessions::exchange_link(&web.state.pool, &secret).await {
+/// `POST /portal/session/{secret}` (from `open_page`): opens a portal session once, sets its
+/// cookie and goes to the overview, so the secret is not in the address bar, the history or a
+/// referrer after.
+pub(crate) async fn open(
+    State(web): State<Arc<Web>>,
+    Path(secret): Path<String>,
+    headers: axum::http::HeaderMap,
+) -> Response {
+    if !same_origin(&headers) {
+        return refuse(
+            Area::Public,
+            StatusCode::FORBIDDEN,
+            "CROSS_SITE_REFUSED",
+            "This billing link must be opened from its own page.",
+        );
+    }
+    let opened = match sessions::exchange_link(&web.state.pool, "portal", &secret).await {
         Ok(opened) => opened,
         Err(error) => return store_unavailable(Area::Public, error),
     };
@@ -55,6 +72,15 @@ pub(crate) async fn open(State(web): State<Arc<Web>>, Path(secret): Path<String>
     response
 }
 
+/// `GET /portal/session/{secret}`: the button that opens it (`link_page`).
+pub(crate) async fn open_page() -> Response {
+    link_page(
+        "Your billing page",
+        "Your usage, credits, invoices and plan, as of now.",
+        "Open the billing page",
+    )
+}
+
 /// `POST /portal/logout`.
 pub(crate) async fn logout(
     State(web): State<Arc<Web>>,
@@ -64,17 +90,28 @@ pub(crate) async fn logout(
     if !sessions::csrf_matches(&portal.session, form.get("csrf").map(String::as_str)) {
         return csrf_refused(Area::Portal);
     }
-    if let Err(error) =
-        sessions::revoke(&web.state.pool, &portal.session.id, Some(&portal.customer)).await
-    {
+    if let Err(error) = sessions::revoke(&web.state.pool, "portal", &portal.session.id).await {
         return store_unavailable(Area::Portal, error);
     }
-    let mut response = refuse(
-        Area::Public,
-        StatusCode::OK,
-        "LOGGED_OUT",
-        "You have left the billing portal.",
+    let frame = Frame {
+        area: Area::Public,
+        title: "Signed out",
+        current: "",
+        who: None,
+        csrf: None,
+        refresh: None,
+    };
+    let back = portal
+        .session
+        .return_url
+        .as_deref()
+        .map(|url| format!("<p><a href=\"{}\">Back to the app</a></p>", Esc(url)))
+        .unwrap_or_default();
+    let body = format!(
+        "{}{back}",
+        html::message("ok", "You have left the billing portal.")
     );
+    let mut response = Html(html::page(&frame, &body)).into_response();
     response.headers_mut().insert(
         header::SET_COOKIE,
         set_cookie(
@@ -129,6 +166,28 @@ async fn get(web: &Web, portal: &PortalSession, rest: &str) -> Result<Value, Res
     .map_err(|refusal| refusal.page(Area::Portal))
 }
 
+/// The customer's whole picture (`GET /v1/customers/{id}`); a customer without any
+/// subscription yet (credits only, or new) is a picture without a plan, not an error: it may
+/// still buy credits or a first self-serve plan.
+async fn picture(web: &Web, portal: &PortalSession) -> Result<Value, Response> {
+    match web
+        .call(
+            &portal.caller,
+            Method::GET,
+            &customer_path(portal, ""),
+            None,
+        )
+        .await
+    {
+        Ok(value) => Ok(value),
+        Err(refusal) if refusal.code == "NO_SUCH_CUSTOMER" => Ok(json!({
+            "customer": portal.customer, "subscription": null, "override": null,
+            "entitlements": null, "usage": [], "invoice_preview": null,
+        })),
+        Err(refusal) => Err(refusal.page(Area::Portal)),
+    }
+}
+
 /// Green under 70 %, amber under 90 %, red from 90 %, decided exactly (decimals, not floats).
 pub(crate) fn level(used: &Value, limit: &Value) -> Option<(&'static str, Decimal)> {
     let used: Decimal = html::text(used).parse().ok()?;
@@ -180,11 +239,12 @@ pub(crate) fn usage_row(item: &Value) -> String {
 /// `GET /portal`: plan and status, period and days left, usage against each limit, the
 /// projected invoice and the credit balance.
 pub(crate) async fn overview(State(web): State<Arc<Web>>, portal: PortalSession) -> Response {
-    let customer = match get(&web, &portal, "").await {
+    let (customer, credits) = tokio::join!(picture(&web, &portal), get(&web, &portal, "/credits"));
+    let customer = match customer {
         Ok(value) => value,
         Err(page) => return page,
     };
-    let credits = get(&web, &portal, "/credits").await.ok();
+    let credits = credits.ok();
     let subscription = &customer["subscription"];
     let mut body = String::new();
     let period_end = subscription["current_period_end"]
@@ -269,72 +329,66 @@ fn range_of(
             now.min(period("current_period_end")?),
             "day",
         ),
+        // The period before the current one, as billing computes it (anchored months or
+        // years); none before the first period, nor for a fixed term.
         "last_period" => {
-            let start = period("current_period_start")?;
-            let end = period("current_period_end")?;
-            let previous = if (end - start) >= TimeDelta::days(28) {
-                let months = if (end - start) >= TimeDelta::days(360) {
-                    12
-                } else {
-                    1
-                };
-                start.checked_sub_months(chrono::Months::new(months))?
-            } else {
-                start - (end - start)
-            };
-            (previous, start, "day")
+            let current = period("current_period_start")?;
+            let anchor = period("billing_anchor")?;
+            let interval: Interval =
+                serde_json::from_value(subscription["billing_interval"].clone()).ok()?;
+            let before = current - TimeDelta::seconds(1);
+            if before < anchor {
+                return None;
+            }
+            let (start, end) = period_containing(anchor, interval, before)?;
+            (start, end, "day")
         }
         _ => return None,
     })
 }
 
-/// The meters charted: the customer's limited meters first, then every other meter.
-async fn meters_of(web: &Web, customer: &Value) -> Result<Vec<String>, Response> {
-    let mut meters: Vec<String> = customer["usage"]
+/// The meters charted: the ones the customer's plan lists (its entitlements, as the API
+/// answers them), so a customer sees no meter name that is not its own business.
+fn meters_of(customer: &Value) -> Vec<String> {
+    customer["usage"]
         .as_array()
         .into_iter()
         .flatten()
         .filter_map(|u| u["meter"].as_str().map(str::to_owned))
-        .collect();
-    let all = tally_db::meters::all(&web.state.reader_pool)
-        .await
-        .map_err(|e| store_unavailable(Area::Portal, e))?;
-    for meter in all {
-        if !meters.contains(&meter.name) {
-            meters.push(meter.name);
-        }
-    }
-    Ok(meters)
+        .collect()
 }
 
-/// Each meter's usage answer for a range (the usage API's, grouped by the meter's keys).
+/// Each meter's usage answer for a range (the usage API's, grouped by the meter's keys), or
+/// what the API refused for that meter (too many points, say): one meter never takes the
+/// others down.
 async fn usage_answers(
     web: &Web,
     portal: &PortalSession,
     range: &str,
-) -> Result<Vec<(String, Value)>, Response> {
-    let customer = get(web, portal, "").await?;
+) -> Result<Vec<(String, Result<Value, Refusal>)>, Response> {
+    let customer = picture(web, portal).await?;
     let Some((from, to, granularity)) = range_of(range, &customer["subscription"], Utc::now())
     else {
         return Err(refuse(
             Area::Portal,
             StatusCode::BAD_REQUEST,
             "INVALID_RANGE",
-            "Choose one of the ranges listed.",
+            "There is no such range for your plan (a first period has no last one); choose one of the ranges listed.",
         ));
     };
-    let mut answers = Vec::new();
-    for meter in meters_of(web, &customer).await? {
+    // The meters' reads at once (the reader pool bounds how many run together).
+    let reads = meters_of(&customer).into_iter().map(|meter| async move {
         let query = format!(
             "/usage?meter={}&from={}&to={}&granularity={granularity}&group_by=true",
             url_part(&meter),
             url_part(&from.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)),
             url_part(&to.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)),
         );
-        let answer = get(web, portal, &query).await?;
-        answers.push((meter, answer));
-    }
-    Ok(answers)
+        let uri = customer_path(portal, &query);
+        let answer = web.call(&portal.caller, Method::GET, &uri, None).await;
+        (meter, answer)
+    });
+    Ok(futures_util::future::join_all(reads).await)
 }
 
 fn range_param(query: &HashMap<String, String>) -> String {
@@ -373,6 +427,20 @@ pub(crate) async fn usage(
         url_part(&range)
     );
     for (meter, answer) in &answers {
+        let _ = write!(
+            body,
+            "<section aria-labelledby=\"m-{id}\"><h2 id=\"m-{id}\">{}</h2>",
+            Esc(meter),
+            id = url_part(meter)
+        );
+        let answer = match answer {
+            Ok(answer) => answer,
+            Err(refusal) => {
+                body.push_str(&html::message("error", &refusal.message));
+                body.push_str("</section>");
+                continue;
+            }
+        };
         let granularity = answer["granularity"].as_str().unwrap_or("hour").to_owned();
         let label = move |start: &str| {
             let Ok(at) = start.parse::<DateTime<Utc>>() else {
@@ -384,17 +452,11 @@ pub(crate) async fn usage(
                 at.format("%b %-d %H:%M").to_string()
             }
         };
-        let _ = write!(
-            body,
-            "<section aria-labelledby=\"m-{id}\"><h2 id=\"m-{id}\">{}</h2>",
-            Esc(meter),
-            id = url_part(meter)
-        );
         body.push_str(&usage_chart(meter, answer, label));
         body.push_str("</section>");
     }
     if answers.is_empty() {
-        body.push_str("<p>No meters are defined yet.</p>");
+        body.push_str("<p>Your plan meters nothing yet.</p>");
     }
     Html(html::page(
         &frame(&portal, "Usage", "/portal/usage", true),
@@ -428,6 +490,14 @@ pub(crate) async fn usage_csv(
     };
     let mut csv = String::from("meter,series,start,value\n");
     for (meter, answer) in &answers {
+        // A file with a meter left out would pass for the whole: all or nothing.
+        let answer = match answer {
+            Ok(answer) => answer,
+            Err(refusal) => {
+                let message = format!("{meter}: {}", refusal.message);
+                return refuse(Area::Portal, refusal.status, &refusal.code, &message);
+            }
+        };
         for series in answer["series"].as_array().into_iter().flatten() {
             let group = series["group_key"].as_str().unwrap_or_default();
             for point in series["points"].as_array().into_iter().flatten() {
@@ -466,7 +536,7 @@ pub(crate) async fn credits(
         Ok(value) => value,
         Err(page) => return page,
     };
-    let ledger = match get(&web, &portal, "/credits/ledger?limit=1000").await {
+    let ledger = match get(&web, &portal, "/credits/ledger?order=newest&limit=200").await {
         Ok(value) => value,
         Err(page) => return page,
     };
@@ -490,7 +560,7 @@ pub(crate) async fn credits(
         for pack in &billing.packs {
             let _ = write!(
                 body,
-                "<form class=\"card\" method=\"post\" action=\"/portal/credits/checkout\">{}<input type=\"hidden\" name=\"pack\" value=\"{}\"><h3>{}</h3><p class=\"figure\">{} credits</p><p>{} {}</p><button type=\"submit\">Buy {} credits</button></form>",
+                "<form class=\"card\" method=\"post\" action=\"/portal/credits/checkout\" target=\"_top\">{}<input type=\"hidden\" name=\"pack\" value=\"{}\"><h3>{}</h3><p class=\"figure\">{} credits</p><p>{} {}</p><button type=\"submit\">Buy {} credits</button></form>",
                 csrf_field(&portal.session.csrf),
                 Esc(&pack.name),
                 Esc(&pack.name),
@@ -521,9 +591,9 @@ pub(crate) async fn credits(
         body.push_str("<tr><td colspan=\"6\">No open grants.</td></tr>");
     }
     body.push_str("</tbody></table></div><h2>History</h2><div class=\"table-wrap\"><table><thead><tr><th scope=\"col\">When</th><th scope=\"col\">What</th><th scope=\"col\">Meter</th><th scope=\"col\" class=\"num\">Credits</th></tr></thead><tbody>");
-    let mut entries = ledger["entries"].as_array().cloned().unwrap_or_default();
-    entries.reverse();
-    for entry in entries.iter().take(200) {
+    // Newest first (the API's order=newest): the latest 200.
+    let entries = ledger["entries"].as_array().cloned().unwrap_or_default();
+    for entry in &entries {
         let _ = write!(
             body,
             "<tr><td>{}</td><td>{}</td><td>{}</td><td class=\"num\">{}</td></tr>",
@@ -619,7 +689,7 @@ pub(crate) async fn plans(
     portal: PortalSession,
     Query(query): Query<HashMap<String, String>>,
 ) -> Response {
-    let customer = match get(&web, &portal, "").await {
+    let customer = match picture(&web, &portal).await {
         Ok(value) => value,
         Err(page) => return page,
     };
@@ -659,7 +729,7 @@ pub(crate) async fn plans(
     if stripe_managed && can_buy {
         let _ = write!(
             body,
-            "<form method=\"post\" action=\"/portal/plans/checkout\">{}<input type=\"hidden\" name=\"manage\" value=\"1\"><p>Your plan is billed by Stripe. <button type=\"submit\" class=\"secondary\">Manage payment and plan at Stripe</button></p></form>",
+            "<form method=\"post\" action=\"/portal/plans/checkout\" target=\"_top\">{}<input type=\"hidden\" name=\"manage\" value=\"1\"><p>Your plan is billed by Stripe. <button type=\"submit\" class=\"secondary\">Manage payment and plan at Stripe</button></p></form>",
             csrf_field(&csrf)
         );
     }
@@ -670,7 +740,7 @@ pub(crate) async fn plans(
         }
         if plan["self_serve"] == json!(true) && can_buy && !stripe_managed {
             format!(
-                "<form method=\"post\" action=\"/portal/plans/checkout\">{}<input type=\"hidden\" name=\"plan\" value=\"{}\"><button type=\"submit\">Switch to {}</button></form>",
+                "<form method=\"post\" action=\"/portal/plans/checkout\" target=\"_top\">{}<input type=\"hidden\" name=\"plan\" value=\"{}\"><button type=\"submit\">Switch to {}</button></form>",
                 csrf_field(&csrf),
                 Esc(name),
                 Esc(name)
@@ -732,7 +802,7 @@ pub(crate) async fn change_plan(
         )
         .await
     };
-    to_stripe(answer)
+    to_stripe(&web, answer)
 }
 
 /// `POST /portal/credits/checkout`: opens Checkout for a credit pack.
@@ -764,16 +834,18 @@ pub(crate) async fn buy_pack(
             })),
         )
         .await;
-    to_stripe(answer)
+    to_stripe(&web, answer)
 }
 
 /// Sends the browser to the Stripe page an API answer names (`url`), or shows why not.
-fn to_stripe(answer: Result<Value, Refusal>) -> Response {
+fn to_stripe(web: &Web, answer: Result<Value, Refusal>) -> Response {
+    // http only from a test key (the emulator); a live key's pages are https.
+    let allowed = |url: &str| {
+        url.starts_with("https://") || (!web.state.billing.livemode && url.starts_with("http://"))
+    };
     match answer {
         Ok(opened) => match opened["url"].as_str() {
-            Some(url) if url.starts_with("https://") || url.starts_with("http://") => {
-                Redirect::to(url).into_response()
-            }
+            Some(url) if allowed(url) => Redirect::to(url).into_response(),
             _ => refuse(
                 Area::Portal,
                 StatusCode::BAD_GATEWAY,
@@ -785,8 +857,71 @@ fn to_stripe(answer: Result<Value, Refusal>) -> Response {
     }
 }
 
-/// `GET /portal/alerts`: the customer's usage alert rules, the plan's, and what fired.
-pub(crate) async fn alerts(State(web): State<Arc<Web>>, portal: PortalSession) -> Response {
+/// `POST /portal/alerts`: a usage rule (`meter`, `percent`) or a balance rule
+/// (`credit_balance_below`), through the API as the customer (self-serve plans only).
+pub(crate) async fn add_alert(
+    State(web): State<Arc<Web>>,
+    portal: PortalSession,
+    Form(form): Form<HashMap<String, String>>,
+) -> Response {
+    if !sessions::csrf_matches(&portal.session, form.get("csrf").map(String::as_str)) {
+        return csrf_refused(Area::Portal);
+    }
+    let field = |name: &str| {
+        form.get(name)
+            .map(|v| v.trim().to_owned())
+            .filter(|v| !v.is_empty())
+    };
+    let rule = match (
+        field("meter"),
+        field("percent"),
+        field("credit_balance_below"),
+    ) {
+        (Some(meter), Some(percent), None) => json!({ "meter": meter, "percent": percent }),
+        (None, None, Some(below)) => json!({ "credit_balance_below": below }),
+        _ => {
+            return refuse(
+                Area::Portal,
+                StatusCode::BAD_REQUEST,
+                "INVALID_ALERT",
+                "Give a meter and a percent, or a credit balance.",
+            )
+        }
+    };
+    let uri = customer_path(&portal, "/alerts");
+    match web
+        .call(&portal.caller, Method::POST, &uri, Some(&rule))
+        .await
+    {
+        Ok(_) => Redirect::to("/portal/alerts?done=alert%20added").into_response(),
+        Err(refusal) => refusal.page(Area::Portal),
+    }
+}
+
+/// `POST /portal/alerts/{rule_id}/delete`.
+pub(crate) async fn remove_alert(
+    State(web): State<Arc<Web>>,
+    portal: PortalSession,
+    Path(rule_id): Path<String>,
+    Form(form): Form<HashMap<String, String>>,
+) -> Response {
+    if !sessions::csrf_matches(&portal.session, form.get("csrf").map(String::as_str)) {
+        return csrf_refused(Area::Portal);
+    }
+    let uri = customer_path(&portal, &format!("/alerts/{}", url_part(&rule_id)));
+    match web.call(&portal.caller, Method::DELETE, &uri, None).await {
+        Ok(_) => Redirect::to("/portal/alerts?done=alert%20removed").into_response(),
+        Err(refusal) => refusal.page(Area::Portal),
+    }
+}
+
+/// `GET /portal/alerts`: the customer's usage alert rules (editable on a self-serve plan), the
+/// plan's, and what fired.
+pub(crate) async fn alerts(
+    State(web): State<Arc<Web>>,
+    portal: PortalSession,
+    Query(query): Query<HashMap<String, String>>,
+) -> Response {
     let answer = match get(&web, &portal, "/alerts").await {
         Ok(value) => value,
         Err(page) => return page,
@@ -805,20 +940,77 @@ pub(crate) async fn alerts(State(web): State<Arc<Web>>, portal: PortalSession) -
             )
         }
     };
-    let mut body = String::from("<p class=\"muted\">You are told when these happen. To change them, contact us.</p><h2>Your alerts</h2><ul>");
+    // Editable on a self-serve plan (the API decides again when a change is sent).
+    let editable = match answer["plan"].as_str() {
+        Some(plan) => web
+            .call(
+                &portal.caller,
+                Method::GET,
+                &format!("/v1/plans/{}", url_part(plan)),
+                None,
+            )
+            .await
+            .is_ok_and(|definition| definition["self_serve"] == json!(true)),
+        None => false,
+    };
+    let csrf = csrf_field(&portal.session.csrf);
+    let mut body = String::new();
+    if let Some(done) = query.get("done") {
+        body.push_str(&html::message("ok", &format!("Done: {done}.")));
+    }
+    body.push_str(if editable {
+        "<p class=\"muted\">You are told when these happen.</p>"
+    } else {
+        "<p class=\"muted\">You are told when these happen. To change them, contact us.</p>"
+    });
+    body.push_str("<h2>Your alerts</h2><ul>");
     let rules = answer["rules"].as_array().cloned().unwrap_or_default();
     for rule in &rules {
+        let id = html::text(&rule["rule_id"]);
+        let remove = if editable {
+            format!(
+                " <form class=\"inline\" method=\"post\" action=\"/portal/alerts/{}/delete\">{csrf}<button type=\"submit\" class=\"secondary\">Remove<span class=\"skip-text\"> this alert</span></button></form>",
+                url_part(&id)
+            )
+        } else {
+            String::new()
+        };
         let _ = write!(
             body,
-            "<li data-rule=\"{}\">When {}</li>",
-            show(&rule["rule_id"]),
+            "<li data-rule=\"{}\">When {}{remove}</li>",
+            Esc(&id),
             rule_text(rule)
         );
     }
     if rules.is_empty() {
         body.push_str("<li>None of your own.</li>");
     }
-    body.push_str("</ul><h2>Your plan's alerts</h2><ul>");
+    body.push_str("</ul>");
+    if editable {
+        let mut meters = String::new();
+        for meter in tally_db::meters::all(&web.state.reader_pool)
+            .await
+            .unwrap_or_default()
+        {
+            let _ = write!(
+                meters,
+                "<option value=\"{}\">{}</option>",
+                Esc(&meter.name),
+                Esc(&meter.name)
+            );
+        }
+        let _ = write!(
+            body,
+            "<form method=\"post\" action=\"/portal/alerts\"><fieldset><legend>Tell me when usage reaches</legend>{csrf}\
+             <label for=\"alert-percent\">Percent of the limit</label><input id=\"alert-percent\" name=\"percent\" inputmode=\"decimal\" required size=\"6\">\
+             <label for=\"alert-meter\">of the meter</label><select id=\"alert-meter\" name=\"meter\">{meters}</select>\
+             <p><button type=\"submit\">Add the alert</button></p></fieldset></form>\
+             <form method=\"post\" action=\"/portal/alerts\"><fieldset><legend>Tell me when my credit balance falls below</legend>{csrf}\
+             <label for=\"alert-balance\">Credits</label><input id=\"alert-balance\" name=\"credit_balance_below\" inputmode=\"decimal\" required size=\"10\">\
+             <p><button type=\"submit\">Add the alert</button></p></fieldset></form>"
+        );
+    }
+    body.push_str("<h2>Your plan's alerts</h2><ul>");
     let plan_rules = answer["plan_rules"].as_array().cloned().unwrap_or_default();
     for rule in &plan_rules {
         let _ = write!(body, "<li>When {}</li>", rule_text(rule));
@@ -856,8 +1048,6 @@ pub(crate) async fn alerts(State(web): State<Arc<Web>>, portal: PortalSession) -
         body.push_str("<tr><td colspan=\"3\">Nothing has fired.</td></tr>");
     }
     body.push_str("</tbody></table></div>");
-    let _ = limit_text;
-    let _ = series_label;
     Html(html::page(
         &frame(&portal, "Alerts", "/portal/alerts", false),
         &body,

@@ -1,4 +1,5 @@
-//! `/pricing`: the plans from tally.toml (`serve.web.pricing_plans`, else every plan) with
+//! `/pricing`: the plans from tally.toml (`serve.web.pricing_plans`, else the self-serve plans
+//! and the fallback plan) with
 //! their price, features and limits (∞ for unlimited). Public and cacheable; themed by the
 //! CSS custom properties of `[serve.web.theme]`. The portal's plans page draws the same cards.
 
@@ -43,7 +44,14 @@ pub(crate) async fn listed_plans(web: &Web) -> Result<Vec<Value>, Response> {
         .map_err(|e| store_unavailable(Area::Public, sqlx::Error::Protocol(e.to_string())))?;
     let chosen = &web.config.pricing_plans;
     if chosen.is_empty() {
-        return Ok(stored.into_iter().map(|(_, plan)| plan).collect());
+        // Only what a customer could be on by itself: self-serve plans and the fallback plan.
+        // A plan made for one customer is not published unless listed.
+        let fallback = web.state.fallback_plan.as_deref();
+        return Ok(stored
+            .into_iter()
+            .filter(|(name, plan)| plan["self_serve"] == true || Some(name.as_str()) == fallback)
+            .map(|(_, plan)| plan)
+            .collect());
     }
     Ok(chosen
         .iter()

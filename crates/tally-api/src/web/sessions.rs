@@ -28,8 +28,8 @@ pub(crate) struct Session {
     pub(crate) id: String,
     /// Portal: its customer.
     pub(crate) customer: Option<String>,
-    /// Console: the admin token that logged in.
-    pub(crate) token_name: Option<String>,
+    /// Console: the SHA-256 of the admin token that logged in.
+    pub(crate) token_sha256: Option<Vec<u8>>,
     pub(crate) csrf: String,
     pub(crate) return_url: Option<String>,
     pub(crate) expires_at: DateTime<Utc>,
@@ -70,40 +70,71 @@ pub(crate) async fn create_portal(
     Ok((id, link))
 }
 
-/// Trades a portal link's secret for the session and its cookie's secret, once: a link already
-/// used, expired or revoked opens nothing.
+/// A console session for the admin token `token_name`, opened by a single-use link (`tally
+/// demo` prints one): the link's secret.
+pub(crate) async fn create_console_link(
+    pool: &PgPool,
+    token_name: &str,
+    token: &str,
+    expires_at: DateTime<Utc>,
+    created_by: &str,
+) -> Result<String, sqlx::Error> {
+    let link = new_secret();
+    sqlx::query(
+        "INSERT INTO web_sessions (id, kind, token_name, token_sha256, link_sha256, csrf_token, created_by, expires_at)
+         VALUES ($1::uuid, 'console', $2, $3, $4, $5, $6, $7)",
+    )
+    .bind(Uuid::now_v7().to_string())
+    .bind(token_name)
+    .bind(digest(token))
+    .bind(digest(&link))
+    .bind(new_secret())
+    .bind(created_by)
+    .bind(expires_at)
+    .execute(pool)
+    .await?;
+    Ok(link)
+}
+
+/// Trades a link's secret for the session of `kind` and its cookie's secret, once: a link
+/// already used, expired or revoked opens nothing.
 pub(crate) async fn exchange_link(
     pool: &PgPool,
+    kind: &str,
     link: &str,
 ) -> Result<Option<(Session, String)>, sqlx::Error> {
     let cookie = new_secret();
     let row: Option<SessionRow> = sqlx::query_as(
         "UPDATE web_sessions SET exchanged_at = now(), cookie_sha256 = $2
-         WHERE link_sha256 = $1 AND kind = 'portal' AND exchanged_at IS NULL
+         WHERE link_sha256 = $1 AND kind = $3 AND exchanged_at IS NULL
            AND revoked_at IS NULL AND expires_at > now()
-         RETURNING id::text AS id, customer_id, token_name, csrf_token, return_url, expires_at",
+         RETURNING id::text AS id, customer_id, token_sha256, csrf_token, return_url, expires_at",
     )
     .bind(digest(link))
     .bind(digest(&cookie))
+    .bind(kind)
     .fetch_optional(pool)
     .await?;
     Ok(row.map(|row| (row.into(), cookie)))
 }
 
-/// A console session for the admin token `token_name`, and its cookie's secret.
+/// A console session for the admin token `token` (named `token_name`), and its cookie's
+/// secret. The token itself is not kept: its SHA-256 is.
 pub(crate) async fn open_console(
     pool: &PgPool,
     token_name: &str,
+    token: &str,
     expires_at: DateTime<Utc>,
 ) -> Result<(Session, String), sqlx::Error> {
     let cookie = new_secret();
     let row: SessionRow = sqlx::query_as(
-        "INSERT INTO web_sessions (id, kind, token_name, cookie_sha256, csrf_token, created_by, expires_at, exchanged_at)
-         VALUES ($1::uuid, 'console', $2, $3, $4, $5, $6, now())
-         RETURNING id::text AS id, customer_id, token_name, csrf_token, return_url, expires_at",
+        "INSERT INTO web_sessions (id, kind, token_name, token_sha256, cookie_sha256, csrf_token, created_by, expires_at, exchanged_at)
+         VALUES ($1::uuid, 'console', $2, $3, $4, $5, $6, $7, now())
+         RETURNING id::text AS id, customer_id, token_sha256, csrf_token, return_url, expires_at",
     )
     .bind(Uuid::now_v7().to_string())
     .bind(token_name)
+    .bind(digest(token))
     .bind(digest(&cookie))
     .bind(new_secret())
     .bind(format!("token:{token_name}"))
@@ -120,7 +151,7 @@ pub(crate) async fn find(
     cookie: &str,
 ) -> Result<Option<Session>, sqlx::Error> {
     let row: Option<SessionRow> = sqlx::query_as(
-        "SELECT id::text AS id, customer_id, token_name, csrf_token, return_url, expires_at
+        "SELECT id::text AS id, customer_id, token_sha256, csrf_token, return_url, expires_at
          FROM web_sessions
          WHERE cookie_sha256 = $1 AND kind = $2 AND revoked_at IS NULL AND expires_at > now()",
     )
@@ -132,17 +163,13 @@ pub(crate) async fn find(
 }
 
 /// Ends a session (logout, or an admin's revocation). Whether there was a live one.
-pub(crate) async fn revoke(
-    pool: &PgPool,
-    id: &str,
-    customer: Option<&str>,
-) -> Result<bool, sqlx::Error> {
+pub(crate) async fn revoke(pool: &PgPool, kind: &str, id: &str) -> Result<bool, sqlx::Error> {
     let done = sqlx::query(
         "UPDATE web_sessions SET revoked_at = now()
-         WHERE id = $1::uuid AND revoked_at IS NULL AND ($2::text IS NULL OR customer_id = $2)",
+         WHERE id = $1::uuid AND kind = $2 AND revoked_at IS NULL AND expires_at > now()",
     )
     .bind(id)
-    .bind(customer)
+    .bind(kind)
     .execute(pool)
     .await?;
     Ok(done.rows_affected() == 1)
@@ -163,7 +190,7 @@ pub(crate) async fn forget_ended(pool: &PgPool) -> Result<u64, sqlx::Error> {
 struct SessionRow {
     id: String,
     customer_id: Option<String>,
-    token_name: Option<String>,
+    token_sha256: Option<Vec<u8>>,
     csrf_token: String,
     return_url: Option<String>,
     expires_at: DateTime<Utc>,
@@ -174,7 +201,7 @@ impl From<SessionRow> for Session {
         Session {
             id: row.id,
             customer: row.customer_id,
-            token_name: row.token_name,
+            token_sha256: row.token_sha256,
             csrf: row.csrf_token,
             return_url: row.return_url,
             expires_at: row.expires_at,
@@ -182,16 +209,19 @@ impl From<SessionRow> for Session {
     }
 }
 
-/// The value of cookie `name` in a `Cookie` header.
+/// The value of cookie `name` in a `Cookie` header; none when it is there twice (a sibling
+/// subdomain can set a cookie of the same name for this host: which one is ours is unknown).
 pub(crate) fn cookie<'a>(headers: &'a axum::http::HeaderMap, name: &str) -> Option<&'a str> {
-    headers
+    let mut found = headers
         .get_all(axum::http::header::COOKIE)
         .iter()
         .filter_map(|value| value.to_str().ok())
         .flat_map(|value| value.split(';'))
         .filter_map(|pair| pair.trim().split_once('='))
-        .find(|(key, _)| *key == name)
-        .map(|(_, value)| value)
+        .filter(|(key, _)| *key == name)
+        .map(|(_, value)| value);
+    let first = found.next()?;
+    found.next().is_none().then_some(first)
 }
 
 /// Whether a form's CSRF token is the session's: compared in constant time.
@@ -223,6 +253,15 @@ mod tests {
         );
         assert_eq!(cookie(&headers, PORTAL_COOKIE), Some("yes"));
         assert_eq!(cookie(&headers, CONSOLE_COOKIE), None);
+        headers.insert(
+            header::COOKIE,
+            HeaderValue::from_static("tally_portal=mine; tally_portal=tossed"),
+        );
+        assert_eq!(
+            cookie(&headers, PORTAL_COOKIE),
+            None,
+            "two: neither is trusted"
+        );
     }
 
     #[test]
@@ -230,7 +269,7 @@ mod tests {
         let session = Session {
             id: String::new(),
             customer: None,
-            token_name: None,
+            token_sha256: None,
             csrf: "abc".into(),
             return_url: None,
             expires_at: Utc::now(),

@@ -126,10 +126,11 @@ impl AdminApi {
             pipeline: Default::default(),
         };
         AdminApi {
-            app: tally_api::router(
-                std::sync::Arc::new(state),
-                &tally_api::ServeConfig::default(),
-            ),
+            app: tally_api::router(std::sync::Arc::new(state), &{
+                let mut config = tally_api::ServeConfig::default();
+                config.web.console = true;
+                config
+            }),
             document: tally_api::openapi::document(),
         }
     }

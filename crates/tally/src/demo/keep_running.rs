@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use chrono::{DateTime, Utc};
-use tally_api::{Access, ApiState, ApiToken, Scope};
+use tally_api::{Access, ApiState, ApiToken, PipelineSource, Scope, SelfServe};
 use tally_core::config::KafkaConfig;
 use tally_core::MeterDefinition;
 use tally_emitter::Emitter;
@@ -60,11 +60,30 @@ pub(super) fn serve_until_stopped(
         let mut emitter_config = stack.config.emitter.clone();
         emitter_config.spool.dir = spool.path().to_owned();
         let emitter = Arc::new(Emitter::start(stack.kafka, &emitter_config)?);
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .context("listening for the demo's API")?;
+        let api = format!("http://{}", listener.local_addr()?);
+        // The pages' links point where the demo listens.
+        let mut serve = stack.config.serve.clone();
+        serve.listen = listener.local_addr()?.to_string();
+        serve.web.console = true;
         let state = Arc::new(ApiState {
             fallback_plan: None,
             alert_destinations: Default::default(),
-            billing: Default::default(),
-            pipeline: Default::default(),
+            // Checkout and the billing portal against the emulator.
+            billing: SelfServe {
+                stripe: tally_sink::StripeHttp::new(stack.stripe).ok(),
+                packs: stack.config.credits.packs.clone(),
+                return_origins: Vec::new(),
+                livemode: false,
+                page_origins: crate::serve::stripe_page_origins(stack.stripe),
+            },
+            pipeline: PipelineSource {
+                kafka: Some(stack.kafka.clone()),
+                group_id: stack.config.aggregator.group_id.clone(),
+                topic: stack.kafka.topic.clone(),
+            },
             quota: Quota::new(stack.pool.clone(), stack.config.serve.refresh).await?,
             pool: stack.pool.clone(),
             reader_pool: stack.pool.clone(),
@@ -76,17 +95,18 @@ pub(super) fn serve_until_stopped(
             emitter: Some(emitter.clone()),
             stripe_webhook: None,
         });
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .context("listening for the demo's API")?;
-        let api = format!("http://{}", listener.local_addr()?);
         let server = tokio::spawn(tally_api::serve(
             listener,
-            tally_api::router(state, &stack.config.serve),
-            stack.config.serve.limits.clone(),
+            tally_api::router(state, &serve),
+            serve.limits.clone(),
             stop.clone(),
         ));
-        print_access(stack, &api, &token);
+        // Links that open the console (as the demo's admin token) and one customer's portal,
+        // each once, for the next hour.
+        let hour = Duration::from_secs(3600);
+        let console = tally_api::console_link(stack.pool, &api, "demo", &token, hour).await?;
+        let portal = tally_api::portal_link(stack.pool, &api, stack.customer, hour).await?;
+        print_access(stack, &api, &token, &console, &portal);
 
         stop.cancelled().await;
         println!("stopping the demo");
@@ -97,7 +117,7 @@ pub(super) fn serve_until_stopped(
     })
 }
 
-fn print_access(stack: &Stack<'_>, api: &str, token: &str) {
+fn print_access(stack: &Stack<'_>, api: &str, token: &str, console: &str, portal: &str) {
     let stripe_key = stack.stripe.secret_key.expose();
     let database = tally_db::redact_url(stack.database_url);
     let (from, to) = (
@@ -110,6 +130,11 @@ the demo keeps running: the aggregator and the sink work on, and the HTTP API se
   kafka      {brokers}  topic {topic}  (librdkafka's mock cluster: in memory, gone with the demo)
   postgres   {database}
   api        {api}  admin token {token}
+  console    {console}
+             (opens once; then log in at {api}/console/login with the admin token)
+  portal     {portal}
+             (customer {customer}'s billing page; opens once, for an hour)
+  pricing    {api}/pricing
   stripe     {stripe}  (the emulator; key {stripe_key})
 
 In another terminal:

@@ -9,11 +9,25 @@
     var active = document.activeElement;
     return active && main.contains(active) && /^(INPUT|SELECT|TEXTAREA|BUTTON)$/.test(active.tagName);
   }
+  var inFlight = false;
+  var ended = false;
+  function sessionEnded(main) {
+    ended = true;
+    var note = document.createElement("p");
+    note.className = "message error";
+    note.setAttribute("role", "alert");
+    note.textContent = "This session has ended: the figures below stopped updating. Open the page again to see them fresh.";
+    main.insertBefore(note, main.firstChild);
+  }
   function refresh() {
     var main = document.getElementById("main");
-    if (document.visibilityState !== "visible" || !main || busy(main)) { return; }
-    fetch(window.location.href, { credentials: "same-origin", headers: { "X-Tally-Refresh": "1" } })
-      .then(function (response) { return response.ok ? response.text() : null; })
+    if (inFlight || ended || document.visibilityState !== "visible" || !main || busy(main)) { return; }
+    inFlight = true;
+    fetch(window.location.href, { credentials: "same-origin", redirect: "manual", headers: { "X-Tally-Refresh": "1" } })
+      .then(function (response) {
+        if (response.status === 401 || response.type === "opaqueredirect") { sessionEnded(main); return null; }
+        return response.ok ? response.text() : null;
+      })
       .then(function (text) {
         if (!text) { return; }
         var fresh = new DOMParser().parseFromString(text, "text/html").getElementById("main");
@@ -22,7 +36,8 @@
           main.setAttribute("data-refreshed-at", new Date().toISOString());
         }
       })
-      .catch(function () { /* the next tick tries again */ });
+      .catch(function () { /* the next tick tries again */ })
+      .then(function () { inFlight = false; });
   }
   window.setInterval(refresh, seconds * 1000);
 })();

@@ -4,15 +4,28 @@
 // When a fetch() to your API answers tally's 429 LIMIT_EXCEEDED or 402 INSUFFICIENT_CREDITS
 // body (the quota middleware and tally's API send the same one), a dialog names the meter, the
 // use and the limit (or the balance and what is needed), with the upgrade or buy-credits link.
-// Other code can open it too: window.tallyPaywall.show(body). Keyboard and screen-reader
+// Only answers from the page's own origin count, and those of data-api-origins="https://api.
+// example.com …". Other code can open it too: window.tallyPaywall.show(body). Keyboard and screen-reader
 // usable: a modal <dialog> with a title and description, focus on the action, Escape closes,
 // focus returns where it was. Text only through textContent: nothing from a response is HTML.
 (function () {
   "use strict";
   var script = document.currentScript;
   var origin = script ? new URL(script.src, window.location.href).origin : "";
-  var upgradeUrl = (script && script.getAttribute("data-upgrade-url")) || "";
-  var creditsUrl = (script && script.getAttribute("data-credits-url")) || upgradeUrl;
+  // Only http(s) links (relative ones resolve to the page's own): never javascript: or data:.
+  function link(value) {
+    if (!value) { return ""; }
+    try {
+      var url = new URL(value, window.location.href);
+      return url.protocol === "https:" || url.protocol === "http:" ? url.href : "";
+    } catch (e) { return ""; }
+  }
+  var upgradeUrl = link(script && script.getAttribute("data-upgrade-url"));
+  var creditsUrl = link(script && script.getAttribute("data-credits-url")) || upgradeUrl;
+  // Answers from these origins open the dialog (the page's own, and data-api-origins, space
+  // separated): a third party's 429 is not the team's paywall.
+  var apiOrigins = [window.location.origin].concat(
+    ((script && script.getAttribute("data-api-origins")) || "").split(/\s+/).filter(Boolean));
   var styled = false;
   var open = null;
 
@@ -81,7 +94,11 @@
   if (original) {
     window.fetch = function () {
       return original.apply(this, arguments).then(function (response) {
-        if (response.status === 429 || response.status === 402) {
+        var length = Number(response.headers.get("content-length") || 0);
+        var origin = "";
+        try { origin = new URL(response.url).origin; } catch (e) { origin = ""; }
+        if ((response.status === 429 || response.status === 402) && length <= 16384
+            && apiOrigins.indexOf(origin) !== -1) {
           response.clone().json().then(show, function () { /* not tally's body */ });
         }
         return response;
