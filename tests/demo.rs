@@ -69,6 +69,7 @@ fn the_demo_keeps_running_and_prints_how_to_reach_each_part() {
     let (mut brokers, mut topic, mut database, mut api, mut token, mut stripe) =
         (None, None, None, None, None, None);
     let mut usage_url: Option<String> = None;
+    let (mut console, mut portal) = (None, None);
     for line in lines.by_ref() {
         let line = line.unwrap();
         printed.push_str(&line);
@@ -79,6 +80,8 @@ fn the_demo_keeps_running_and_prints_how_to_reach_each_part() {
         api = api.or_else(|| field(&line, "api ", 0));
         token = token.or_else(|| field(&line, "api ", 3));
         stripe = stripe.or_else(|| field(&line, "stripe ", 0));
+        console = console.or_else(|| field(&line, "console ", 0));
+        portal = portal.or_else(|| field(&line, "portal ", 0));
         if line.trim_start().starts_with("curl -s -H") {
             usage_url = line.rsplit('\'').nth(1).map(str::to_owned);
         }
@@ -165,6 +168,21 @@ fn the_demo_keeps_running_and_prints_how_to_reach_each_part() {
     assert_eq!(status, 200, "{body}");
     let (status, _) = http(address, "GET", path, &[], "").unwrap();
     assert_eq!(status, 401);
+
+    // The printed console and portal links open once each (a POST from their page).
+    for link in [console, portal] {
+        let link = link.unwrap_or_else(|| panic!("{}", missing()));
+        let path = link.trim_start_matches(&api);
+        let (status, page) = http(address, "GET", path, &[], "").unwrap();
+        assert_eq!(status, 200, "{link}: {page}");
+        assert!(page.contains("id=\"open\""), "{page}");
+        let (status, _) = http(address, "POST", path, &[], "").unwrap();
+        assert_eq!(status, 303, "{link} opens");
+        let (status, _) = http(address, "POST", path, &[], "").unwrap();
+        assert_eq!(status, 401, "{link} opens once");
+    }
+    let (status, pricing) = http(address, "GET", "/pricing", &[], "").unwrap();
+    assert_eq!(status, 200, "{pricing}");
 
     // `tally reconcile` over the demo's data agrees.
     let (from, to) = reconcile_range();

@@ -170,3 +170,15 @@ pub(crate) async fn shed_and_deadline(
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::redacted;
+
+    #[test]
+    fn a_session_links_secret_is_never_logged() {
+        assert_eq!(redacted("/portal/session/0123abcd"), "/portal/session/…");
+        assert_eq!(redacted("/console/session/0123abcd"), "/console/session/…");
+        assert_eq!(redacted("/v1/customers/acme"), "/v1/customers/acme");
+    }
+}

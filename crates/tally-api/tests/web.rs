@@ -110,7 +110,7 @@ fn encode(part: &str) -> String {
 
 async fn harness() -> (tally_db::testing::TestDatabase, AdminApi) {
     let db = tally_db::testing::fresh_database().await;
-    sqlx::query("INSERT INTO meters (name, aggregation, stripe_event_name) VALUES ('api_calls', 'sum', 'api_calls')")
+    sqlx::query("INSERT INTO meters (name, aggregation, stripe_event_name, group_by) VALUES ('api_calls', 'sum', 'api_calls', '{}'), ('tokens', 'sum', 'tokens', '{model}')")
         .execute(&db.pool)
         .await
         .unwrap();
@@ -121,7 +121,8 @@ async fn harness() -> (tally_db::testing::TestDatabase, AdminApi) {
     .unwrap();
     let pro: PlanDefinition = serde_json::from_value(json!({
         "name": "PRO", "self_serve": true, "features": { "api": true },
-        "limits": { "api_calls": { "limit": "1000", "period": "day" } }
+        "limits": { "api_calls": { "limit": "1000", "period": "day" },
+                    "tokens": { "limit": "-1", "period": "billing_period" } }
     }))
     .unwrap();
     let custom: PlanDefinition = serde_json::from_value(json!({
@@ -147,6 +148,30 @@ async fn harness() -> (tally_db::testing::TestDatabase, AdminApi) {
     .unwrap();
     let api = AdminApi::new(&db.pool, Some("FREE")).await;
     (db, api)
+}
+
+/// `DELETE /v1/portal-sessions/{id}` as the admin.
+async fn revoke(api: &AdminApi, id: &str) -> (StatusCode, serde_json::Value) {
+    api.call(
+        "DELETE",
+        "/v1/portal-sessions/{id}",
+        &format!("/v1/portal-sessions/{id}"),
+        ADMIN,
+        None,
+    )
+    .await
+}
+
+/// The console's login with the admin token.
+async fn console_login(api: &AdminApi) -> Page {
+    page(
+        &api.app,
+        "POST",
+        "/console/login",
+        None,
+        Some(&format!("token={ADMIN}")),
+    )
+    .await
 }
 
 /// A portal session for `customer`, opened: its cookie.
@@ -302,25 +327,9 @@ async fn a_portal_link_opens_once_for_one_customer_and_ends_when_asked() {
     .fetch_one(&db.pool)
     .await
     .unwrap();
-    let (status, _) = api
-        .call(
-            "DELETE",
-            "/v1/portal-sessions/{id}",
-            &format!("/v1/portal-sessions/{id}"),
-            ADMIN,
-            None,
-        )
-        .await;
+    let (status, _) = revoke(&api, &id).await;
     assert_eq!(status, StatusCode::NO_CONTENT);
-    let (status, body) = api
-        .call(
-            "DELETE",
-            "/v1/portal-sessions/{id}",
-            &format!("/v1/portal-sessions/{id}"),
-            ADMIN,
-            None,
-        )
-        .await;
+    let (status, body) = revoke(&api, &id).await;
     assert_eq!(
         (status, body["code"].as_str()),
         (StatusCode::NOT_FOUND, Some("NO_SUCH_SESSION"))
@@ -428,14 +437,7 @@ async fn hostile_ids_render_as_text_on_every_portal_and_console_page() {
             "{path}"
         );
     }
-    let login = page(
-        &api.app,
-        "POST",
-        "/console/login",
-        None,
-        Some(&format!("token={ADMIN}")),
-    )
-    .await;
+    let login = console_login(&api).await;
     assert_eq!(login.status, StatusCode::SEE_OTHER);
     let console = login.cookie();
     let customer = page(
@@ -486,14 +488,7 @@ async fn the_console_takes_admin_tokens_only_refuses_forged_changes_and_cannot_b
         "a customer token is not an admin's"
     );
     assert!(refused.header("set-cookie").is_none());
-    let login = page(
-        &api.app,
-        "POST",
-        "/console/login",
-        None,
-        Some(&format!("token={ADMIN}")),
-    )
-    .await;
+    let login = console_login(&api).await;
     let set_cookie = login.header("set-cookie").unwrap().to_owned();
     for attribute in ["HttpOnly", "SameSite=Strict", "Path=/console"] {
         assert!(set_cookie.contains(attribute), "{set_cookie}");
@@ -721,4 +716,143 @@ async fn a_customer_edits_its_alerts_on_a_self_serve_plan_only() {
     .await;
     assert_eq!(refused.status, StatusCode::CONFLICT);
     assert!(refused.body.contains("TOO_MANY_ALERT_RULES"));
+}
+
+#[tokio::test]
+async fn one_meter_too_large_to_chart_leaves_the_others_and_the_csv_says_which() {
+    let (db, api) = harness().await;
+    // 10,001 models this hour: more points than the usage API answers.
+    sqlx::query(
+        "INSERT INTO usage_minute (customer_id, meter, window_start, group_key, value, event_count, first_updated, last_updated)
+         SELECT 'gamma', 'tokens', date_trunc('minute', now()), '{\"model\":\"m' || i || '\"}', 1, 1, now(), now()
+         FROM generate_series(0, 10000) AS i",
+    )
+    .execute(&db.pool)
+    .await
+    .unwrap();
+    let (cookie, _) = open_portal(&api, "gamma").await;
+    let usage = page(
+        &api.app,
+        "GET",
+        "/portal/usage?range=today",
+        Some(&cookie),
+        None,
+    )
+    .await;
+    assert_eq!(usage.status, StatusCode::OK, "{}", usage.body);
+    assert!(
+        usage.body.contains("data-meter=\"api_calls\""),
+        "the other meter is charted"
+    );
+    assert!(
+        usage.body.contains("more than 10000 points"),
+        "{}",
+        usage.body
+    );
+    let csv = page(
+        &api.app,
+        "GET",
+        "/portal/usage.csv?range=today",
+        Some(&cookie),
+        None,
+    )
+    .await;
+    assert_eq!(csv.status, StatusCode::BAD_REQUEST);
+    assert!(
+        csv.body.contains("tokens: more than 10000 points"),
+        "{}",
+        csv.body
+    );
+}
+
+#[tokio::test]
+async fn a_customers_portal_sessions_share_one_rate_and_the_ledger_reads_newest_first() {
+    let (db, api) = harness().await;
+    let (first, _) = open_portal(&api, "acme").await;
+    let (second, _) = open_portal(&api, "acme").await;
+    // serve.rate_limits.customer: a burst of 60, for the customer, however many sessions.
+    let mut refused = 0;
+    // 100 requests, 50 a session: within a session's burst, beyond the customer's (unless the
+    // loop took over 2 s, refilled at 20 a second).
+    for n in 0..100 {
+        let cookie = if n % 2 == 0 { &first } else { &second };
+        let shown = page(&api.app, "GET", "/portal/invoices", Some(cookie), None).await;
+        if shown.status == StatusCode::TOO_MANY_REQUESTS {
+            refused += 1;
+        }
+    }
+    assert!(refused > 0, "{refused} of 100 refused");
+    // Another customer has its own.
+    let (other, _) = open_portal(&api, "beta").await;
+    let shown = page(&api.app, "GET", "/portal/invoices", Some(&other), None).await;
+    assert_eq!(shown.status, StatusCode::OK);
+
+    // The ledger newest first, paged with next_before.
+    for n in 1..=3 {
+        let (status, body) = api
+            .call(
+                "POST",
+                "/v1/customers/{id}/credits/grants",
+                "/v1/customers/beta/credits/grants",
+                ADMIN,
+                Some(json!({ "kind": "purchased", "amount": n, "idempotency_key": format!("g{n}"), "reason": "test" })),
+            )
+            .await;
+        assert_eq!(status, StatusCode::CREATED, "{body}");
+    }
+    let template = "/v1/customers/{id}/credits/ledger";
+    let (_, newest) = api
+        .call(
+            "GET",
+            template,
+            "/v1/customers/beta/credits/ledger?order=newest&limit=2",
+            ADMIN,
+            None,
+        )
+        .await;
+    let amounts: Vec<&str> = newest["entries"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["amount"].as_str().unwrap())
+        .collect();
+    assert_eq!(amounts, ["3", "2"]);
+    let before = newest["next_before"].as_i64().unwrap();
+    let (_, rest) = api
+        .call(
+            "GET",
+            template,
+            &format!("/v1/customers/beta/credits/ledger?order=newest&before={before}"),
+            ADMIN,
+            None,
+        )
+        .await;
+    assert_eq!(rest["entries"][0]["amount"], "1");
+    let (status, _) = api
+        .call(
+            "GET",
+            template,
+            "/v1/customers/beta/credits/ledger?order=newest&after=1",
+            ADMIN,
+            None,
+        )
+        .await;
+    assert_eq!(
+        status,
+        StatusCode::BAD_REQUEST,
+        "after pages the other order"
+    );
+
+    // A console session is not a portal session: DELETE /v1/portal-sessions/{id} ends none.
+    let login = console_login(&api).await;
+    assert_eq!(login.status, StatusCode::SEE_OTHER);
+    let console_id: String =
+        sqlx::query_scalar("SELECT id::text FROM web_sessions WHERE kind = 'console'")
+            .fetch_one(&db.pool)
+            .await
+            .unwrap();
+    let (status, _) = revoke(&api, &console_id).await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    let still = page(&api.app, "GET", "/console", Some(&login.cookie()), None).await;
+    assert_eq!(still.status, StatusCode::OK);
 }
