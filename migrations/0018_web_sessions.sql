@@ -32,3 +32,13 @@ CREATE TABLE web_sessions (
 
 CREATE INDEX web_sessions_customer ON web_sessions (customer_id) WHERE customer_id IS NOT NULL;
 CREATE INDEX web_sessions_expires ON web_sessions (expires_at);
+
+-- Alert rules a customer made itself (portal, or its own token, on a self-serve plan), for the
+-- bound of 20 a day: a rule may fire at once, to every endpoint, and making and deleting rules
+-- in a loop must not become a flood. Rows older than a day are deleted as new ones come.
+CREATE TABLE customer_alert_rule_creations (
+    customer_id text NOT NULL,
+    created_at timestamptz NOT NULL DEFAULT now()
+);
+
+CREATE INDEX customer_alert_rule_creations_customer ON customer_alert_rule_creations (customer_id, created_at);

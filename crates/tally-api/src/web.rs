@@ -81,8 +81,10 @@ pub async fn portal_link(
     customer: &str,
     ttl: std::time::Duration,
 ) -> Result<String, sqlx::Error> {
-    let expires_at = chrono::Utc::now()
-        + chrono::TimeDelta::from_std(ttl).unwrap_or(chrono::TimeDelta::hours(1));
+    let ttl = chrono::TimeDelta::from_std(ttl)
+        .unwrap_or(chrono::TimeDelta::hours(1))
+        .min(chrono::TimeDelta::days(1));
+    let expires_at = chrono::Utc::now() + ttl;
     let (_, link) = sessions::create_portal(pool, customer, expires_at, None, "tally demo").await?;
     Ok(format!(
         "{}/portal/session/{link}",
@@ -229,9 +231,15 @@ impl Web {
         let asking = self.asking_kafka.clone();
         // librdkafka's call blocks: a thread of its own, which clears the flag when done.
         let question = tokio::task::spawn_blocking(move || {
-            let answer = tally_aggregator::end_offsets(&kafka, std::time::Duration::from_secs(2));
-            asking.store(false, Ordering::Release);
-            answer
+            // Cleared however the call ends, a panic included.
+            struct Asked(Arc<std::sync::atomic::AtomicBool>);
+            impl Drop for Asked {
+                fn drop(&mut self) {
+                    self.0.store(false, Ordering::Release);
+                }
+            }
+            let _asked = Asked(asking);
+            tally_aggregator::end_offsets(&kafka, std::time::Duration::from_secs(2))
         });
         let answer = match tokio::time::timeout(std::time::Duration::from_secs(3), question).await {
             Ok(Ok(answer)) => answer,
@@ -315,6 +323,24 @@ impl Refusal {
         }
     }
 
+    /// Logs what went wrong inside, for a refusal a page shows in part (one meter's chart)
+    /// rather than as its answer.
+    pub(crate) fn log(&self, what: &str) {
+        if let Some(report) = &self.report {
+            let detail = report.detail.as_deref().unwrap_or("");
+            if self.status.is_server_error() {
+                tracing::error!(code = report.code, detail, what, "a page's read failed");
+            } else {
+                tracing::warn!(
+                    code = report.code,
+                    detail,
+                    what,
+                    "a page's read was refused"
+                );
+            }
+        }
+    }
+
     /// An error page in `area`, with the API's status and message (what went wrong inside is
     /// logged under the request id, as for the API).
     pub(crate) fn page(self, area: Area) -> Response {
@@ -345,6 +371,7 @@ impl Refusal {
 /// cannot open a session of its choosing in a visitor's browser (the POST must come from this
 /// page: [`same_origin`]).
 pub(crate) fn link_page(title: &str, explanation: &str, button: &str) -> Response {
+    // No autofocus: one held key must not open a link another person sent.
     let frame = Frame {
         area: Area::Public,
         title,
@@ -355,7 +382,7 @@ pub(crate) fn link_page(title: &str, explanation: &str, button: &str) -> Respons
     };
     // An empty action posts to this same address, secret and all.
     let body = format!(
-        "<p>{}</p><form method=\"post\"><button type=\"submit\" id=\"open\" autofocus>{}</button></form>",
+        "<p>{}</p><form method=\"post\"><button type=\"submit\" id=\"open\">{}</button></form>",
         Esc(explanation),
         Esc(button)
     );
@@ -363,21 +390,25 @@ pub(crate) fn link_page(title: &str, explanation: &str, button: &str) -> Respons
 }
 
 /// Whether a POST comes from a page of this server: the browser's `Sec-Fetch-Site` says
-/// `same-origin`, or (a browser without it) its `Origin` names the host the request was sent
-/// to. Neither header: not a browser's form from another site.
-pub(crate) fn same_origin(headers: &axum::http::HeaderMap) -> bool {
+/// `same-origin`, or (browsers send it over https and to localhost only) its `Origin` is
+/// `serve.web.public_url`'s, or names the host the request was sent to (a proxy may rewrite
+/// `Host`: set `public_url`). Neither header: not a browser's form from another site.
+pub(crate) fn same_origin(public_url: &str, headers: &axum::http::HeaderMap) -> bool {
     if let Some(site) = headers.get("sec-fetch-site") {
         return site.as_bytes() == b"same-origin";
     }
-    let Some(origin) = headers.get(header::ORIGIN) else {
+    let Some(origin) = headers.get(header::ORIGIN).and_then(|o| o.to_str().ok()) else {
         return true;
     };
+    let origin = origin.to_ascii_lowercase();
+    if origin == public_url.to_ascii_lowercase() {
+        return true;
+    }
     let host = headers.get(header::HOST).and_then(|h| h.to_str().ok());
     let origin_host = origin
-        .to_str()
+        .parse::<axum::http::Uri>()
         .ok()
-        .and_then(|o| o.parse::<axum::http::Uri>().ok())
-        .and_then(|u| u.authority().map(|a| a.as_str().to_ascii_lowercase()));
+        .and_then(|u| u.authority().map(|a| a.as_str().to_owned()));
     matches!((origin_host, host), (Some(o), Some(h)) if o == h.to_ascii_lowercase())
 }
 
@@ -603,4 +634,58 @@ pub(crate) fn router(web: Arc<Web>) -> Router {
         .route_layer(from_fn(telemetry::track))
         .layer(from_fn_with_state(web.clone(), secure))
         .with_state(web)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::same_origin;
+    use axum::http::{HeaderMap, HeaderValue};
+
+    fn headers(pairs: &[(&'static str, &'static str)]) -> HeaderMap {
+        let mut map = HeaderMap::new();
+        for (name, value) in pairs {
+            map.insert(*name, HeaderValue::from_static(value));
+        }
+        map
+    }
+
+    #[test]
+    fn a_post_from_another_site_is_told_apart() {
+        let public = "https://billing.example.com";
+        // Fetch metadata decides when the browser sends it.
+        assert!(same_origin(
+            public,
+            &headers(&[("sec-fetch-site", "same-origin")])
+        ));
+        for site in ["same-site", "cross-site", "none"] {
+            let sent = headers(&[
+                ("sec-fetch-site", site),
+                ("origin", "https://billing.example.com"),
+            ]);
+            assert!(!same_origin(public, &sent), "{site}");
+        }
+        // Else the Origin: public_url's (behind a proxy that rewrites Host), or the Host's.
+        let proxied = headers(&[
+            ("origin", "https://billing.example.com"),
+            ("host", "10.0.0.7:8080"),
+        ]);
+        assert!(same_origin(public, &proxied));
+        let direct = headers(&[
+            ("origin", "http://127.0.0.1:8080"),
+            ("host", "127.0.0.1:8080"),
+        ]);
+        assert!(same_origin(public, &direct));
+        let evil = headers(&[
+            ("origin", "https://evil.example"),
+            ("host", "billing.example.com"),
+        ]);
+        assert!(!same_origin(public, &evil));
+        let sandboxed = headers(&[("origin", "null"), ("host", "billing.example.com")]);
+        assert!(!same_origin(public, &sandboxed));
+        // No Origin at all: no browser's cross-site form.
+        assert!(same_origin(
+            public,
+            &headers(&[("host", "billing.example.com")])
+        ));
+    }
 }

@@ -692,8 +692,9 @@ async fn a_customer_edits_its_alerts_on_a_self_serve_plan_only() {
             .await
             .unwrap();
     assert_eq!(left, 0);
-    // At most 20 of a customer's own making.
-    for n in 0..20 {
+    // At most 20 made a day (the one above counts), and the team's rules are not the
+    // customer's to delete.
+    for n in 0..19 {
         let form = format!("csrf={}&credit_balance_below={n}", listed.csrf());
         let added = page(
             &api.app,
@@ -716,6 +717,20 @@ async fn a_customer_edits_its_alerts_on_a_self_serve_plan_only() {
     .await;
     assert_eq!(refused.status, StatusCode::CONFLICT);
     assert!(refused.body.contains("TOO_MANY_ALERT_RULES"));
+    let (status, team) = api
+        .call(
+            "POST",
+            "/v1/customers/{id}/alerts",
+            "/v1/customers/gamma/alerts",
+            ADMIN,
+            Some(json!({ "meter": "api_calls", "percent": 50 })),
+        )
+        .await;
+    assert_eq!(status, StatusCode::CREATED, "{team}");
+    let form = format!("csrf={}", listed.csrf());
+    let path = format!("/portal/alerts/{}/delete", team["rule_id"]);
+    let refused = page(&api.app, "POST", &path, Some(&cookie), Some(&form)).await;
+    assert_eq!(refused.status, StatusCode::FORBIDDEN, "{}", refused.body);
 }
 
 #[tokio::test]

@@ -37,16 +37,31 @@ fn actor(caller: &Caller) -> String {
     format!("token:{}", caller.name())
 }
 
-/// Rules a customer may hold of its own making (an admin may add more).
+/// Rules a customer may hold of its own making (an admin may add more), and make in a day:
+/// each new rule may fire at once, to every endpoint, so making and deleting rules in a loop
+/// must not become a flood.
 const MAX_CUSTOMER_MADE_RULES: usize = 20;
 
-/// A customer's own token (or its portal) may add and remove its alert rules only on a live
-/// plan with `self_serve = true`, and hold at most [`MAX_CUSTOMER_MADE_RULES`] rules.
+/// What a customer's own token (or its portal) asks to change.
+enum Edit {
+    Add,
+    Delete(i64),
+}
+
+/// Whether a rule was made by the customer's side (its token, or a portal session of it),
+/// not by the team.
+fn customer_made(created_by: &str, caller: &Caller) -> bool {
+    created_by.starts_with("token:portal:") || created_by == actor(caller)
+}
+
+/// A customer's own token (or its portal) may add and remove its own alert rules only on a
+/// live plan with `self_serve = true`: at most [`MAX_CUSTOMER_MADE_RULES`] held and made a
+/// day, and never a rule the team made.
 async fn customer_may_edit(
     state: &ApiState,
     caller: &Caller,
     customer: &str,
-    adding: bool,
+    edit: Edit,
 ) -> Result<(), ApiError> {
     if caller.scope() != crate::config::Scope::Customer {
         return Ok(());
@@ -69,13 +84,57 @@ async fn customer_may_edit(
     if !self_serve {
         return Err(not_self_serve());
     }
-    if adding && store::list_rules(&state.pool, customer).await?.len() >= MAX_CUSTOMER_MADE_RULES {
-        return Err(ApiError::new(
-            StatusCode::CONFLICT,
-            "TOO_MANY_ALERT_RULES",
-            format!("a customer may hold at most {MAX_CUSTOMER_MADE_RULES} alert rules; delete one first"),
-        ));
+    let rules = store::list_rules(&state.pool, customer).await?;
+    match edit {
+        Edit::Delete(rule_id) => {
+            let theirs = rules
+                .iter()
+                .find(|rule| rule.rule_id == rule_id)
+                .is_none_or(|rule| customer_made(&rule.created_by, caller));
+            if !theirs {
+                return Err(ApiError::new(
+                    StatusCode::FORBIDDEN,
+                    "NOT_SELF_SERVE",
+                    "this alert rule was set by the team; ask them to remove it",
+                ));
+            }
+        }
+        Edit::Add => {
+            let held = rules
+                .iter()
+                .filter(|rule| customer_made(&rule.created_by, caller))
+                .count();
+            let made_today: i64 = sqlx::query_scalar(
+                "SELECT count(*) FROM customer_alert_rule_creations
+                 WHERE customer_id = $1 AND created_at > now() - interval '1 day'",
+            )
+            .bind(customer)
+            .fetch_one(&state.pool)
+            .await
+            .map_err(|e| ApiError::unavailable("STORE_UNAVAILABLE", e))?;
+            if held >= MAX_CUSTOMER_MADE_RULES || made_today >= MAX_CUSTOMER_MADE_RULES as i64 {
+                return Err(ApiError::new(
+                    StatusCode::CONFLICT,
+                    "TOO_MANY_ALERT_RULES",
+                    format!("a customer may hold at most {MAX_CUSTOMER_MADE_RULES} alert rules of its own and make {MAX_CUSTOMER_MADE_RULES} a day; delete one, or try again tomorrow"),
+                ));
+            }
+        }
     }
+    Ok(())
+}
+
+/// Counts a rule a customer made, for the daily bound (and forgets those older than a day).
+async fn record_customer_made(state: &ApiState, customer: &str) -> Result<(), ApiError> {
+    sqlx::query(
+        "WITH forgotten AS (DELETE FROM customer_alert_rule_creations
+                            WHERE customer_id = $1 AND created_at <= now() - interval '1 day')
+         INSERT INTO customer_alert_rule_creations (customer_id) VALUES ($1)",
+    )
+    .bind(customer)
+    .execute(&state.pool)
+    .await
+    .map_err(|e| ApiError::unavailable("STORE_UNAVAILABLE", e))?;
     Ok(())
 }
 
@@ -150,7 +209,7 @@ pub(crate) async fn create(
 ) -> Result<Response, ApiError> {
     valid_customer(&customer)?;
     let Json(request) = json_body(body)?;
-    customer_may_edit(&state, &caller, &customer, true).await?;
+    customer_may_edit(&state, &caller, &customer, Edit::Add).await?;
     let decimal = |field: &str, raw: Option<Box<RawValue>>| {
         raw.map(|raw| exact_decimal(field, &raw).map_err(invalid_alert))
             .transpose()
@@ -168,6 +227,9 @@ pub(crate) async fn create(
         .collect();
     let created =
         store::create_rule(&state.pool, &customer, &rule, &meters, &actor(&caller)).await?;
+    if caller.scope() == crate::config::Scope::Customer {
+        record_customer_made(&state, &customer).await?;
+    }
     Ok((StatusCode::CREATED, Json(created)).into_response())
 }
 
@@ -185,7 +247,7 @@ pub(crate) async fn delete(
             "an alert rule id is a whole number; list the customer's rules with GET /v1/customers/{id}/alerts",
         )
     })?;
-    customer_may_edit(&state, &caller, &customer, false).await?;
+    customer_may_edit(&state, &caller, &customer, Edit::Delete(rule_id)).await?;
     store::delete_rule(&state.pool, &customer, rule_id).await?;
     Ok(StatusCode::NO_CONTENT.into_response())
 }

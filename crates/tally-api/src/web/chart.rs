@@ -19,7 +19,7 @@ const BOTTOM: f64 = 28.0;
 const COLOURS: usize = 8;
 /// Series drawn at most (the busiest first); the rest are in the table and the CSV, so a meter
 /// grouped by a key of many values cannot make a page of megabytes.
-const DRAWN: usize = 12;
+const DRAWN: usize = COLOURS;
 
 /// The chart of one meter's usage answer (`GET /v1/customers/{id}/usage`): `series` of
 /// `{group_key, points: [{start, value}]}`.

@@ -75,7 +75,7 @@ pub(crate) async fn login(
 ) -> Response {
     // From this server's own login page: another site cannot log a visitor in to a session
     // of its choosing.
-    if !same_origin(&headers) {
+    if !same_origin(&web.public_url, &headers) {
         return login_form(StatusCode::FORBIDDEN, Some("Log in from this page."));
     }
     let token = form.get("token").map(|t| t.trim()).unwrap_or_default();
@@ -135,7 +135,7 @@ pub(crate) async fn open(
     Path(secret): Path<String>,
     headers: HeaderMap,
 ) -> Response {
-    if !same_origin(&headers) {
+    if !same_origin(&web.public_url, &headers) {
         return login_form(
             StatusCode::FORBIDDEN,
             Some("A login link must be opened from its own page."),
@@ -519,9 +519,7 @@ pub(crate) async fn customer(
     let csrf = csrf_field(&console.session.csrf);
     let action = |rest: &str| format!("/console/customers/{}{rest}", url_part(&customer));
     let mut body = String::new();
-    if let Some(done) = query.get("done") {
-        body.push_str(&html::message("ok", &format!("Done: {done}.")));
-    }
+    body.push_str(&html::done(query.get("done")));
     let subscription = &picture["subscription"];
     let _ = write!(
         body,

@@ -172,6 +172,25 @@ pub(crate) fn csrf_field(csrf: &str) -> String {
     )
 }
 
+/// What a page says after a change went through (`?done=`): only these words, so a link
+/// cannot make a page say something of its own choosing.
+const DONE: [&str; 6] = [
+    "alert added",
+    "alert removed",
+    "plan changed",
+    "credits granted",
+    "grant voided",
+    "override set",
+];
+
+/// The "Done" message for `?done=`, when it is one of ours.
+pub(crate) fn done(said: Option<&String>) -> String {
+    match said.and_then(|said| DONE.iter().find(|known| **known == said.as_str())) {
+        Some(known) => message("ok", &format!("Done: {known}.")),
+        None => String::new(),
+    }
+}
+
 /// A message box: `kind` is `error`, `notice` or `ok`.
 pub(crate) fn message(kind: &str, text: &str) -> String {
     let role = if kind == "error" { "alert" } else { "status" };
@@ -195,6 +214,13 @@ mod tests {
             escaped,
             "&quot;&gt;&lt;img src=x onerror=alert(1)&gt;&lt;script&gt;alert(&#39;x&#39;)&lt;/script&gt;&amp;"
         );
+    }
+
+    #[test]
+    fn done_says_only_our_words() {
+        assert!(done(Some(&"alert added".to_owned())).contains("Done: alert added."));
+        assert_eq!(done(Some(&"your account is closed".to_owned())), "");
+        assert_eq!(done(None), "");
     }
 
     #[test]

@@ -36,7 +36,7 @@ pub(crate) async fn open(
     Path(secret): Path<String>,
     headers: axum::http::HeaderMap,
 ) -> Response {
-    if !same_origin(&headers) {
+    if !same_origin(&web.public_url, &headers) {
         return refuse(
             Area::Public,
             StatusCode::FORBIDDEN,
@@ -49,12 +49,7 @@ pub(crate) async fn open(
         Err(error) => return store_unavailable(Area::Public, error),
     };
     let Some((session, cookie)) = opened else {
-        return refuse(
-            Area::Public,
-            StatusCode::UNAUTHORIZED,
-            "PORTAL_LINK_USED",
-            "This billing link has been used, has expired or was revoked. Open the billing page again from the app you came from.",
-        );
+        return link_used();
     };
     let max_age = (session.expires_at - Utc::now()).num_seconds().max(0);
     let mut response = Redirect::to("/portal").into_response();
@@ -73,11 +68,24 @@ pub(crate) async fn open(
 }
 
 /// `GET /portal/session/{secret}`: the button that opens it (`link_page`).
-pub(crate) async fn open_page() -> Response {
-    link_page(
-        "Your billing page",
-        "Your usage, credits, invoices and plan, as of now.",
-        "Open the billing page",
+pub(crate) async fn open_page(State(web): State<Arc<Web>>, Path(secret): Path<String>) -> Response {
+    match sessions::peek_portal_link(&web.state.pool, &secret).await {
+        Ok(Some(customer)) => link_page(
+            "Your billing page",
+            &format!("The usage, credits, invoices and plan of {customer}, as of now."),
+            &format!("Open the billing page of {customer}"),
+        ),
+        Ok(None) => link_used(),
+        Err(error) => store_unavailable(Area::Public, error),
+    }
+}
+
+fn link_used() -> Response {
+    refuse(
+        Area::Public,
+        StatusCode::UNAUTHORIZED,
+        "PORTAL_LINK_USED",
+        "This billing link has been used, has expired or was revoked. Open the billing page again from the app you came from.",
     )
 }
 
@@ -429,7 +437,7 @@ pub(crate) async fn usage(
     }
     let _ = write!(
         body,
-        "</ul></nav><p><a href=\"/portal/usage.csv?range={}\" download>Download these numbers (CSV)</a></p>",
+        "</ul></nav><p class=\"muted\">Days are UTC days: a period that starts or ends within a day counts that whole day, as the invoice preview does.</p><p><a href=\"/portal/usage.csv?range={}\" download>Download these numbers (CSV)</a></p>",
         url_part(&range)
     );
     for (meter, answer) in &answers {
@@ -442,6 +450,7 @@ pub(crate) async fn usage(
         let answer = match answer {
             Ok(answer) => answer,
             Err(refusal) => {
+                refusal.log(meter);
                 body.push_str(&html::message("error", &refusal.message));
                 body.push_str("</section>");
                 continue;
@@ -500,6 +509,7 @@ pub(crate) async fn usage_csv(
         let answer = match answer {
             Ok(answer) => answer,
             Err(refusal) => {
+                refusal.log(meter);
                 let message = format!("{meter}: {}", refusal.message);
                 return refuse(Area::Portal, refusal.status, &refusal.code, &message);
             }
@@ -566,7 +576,7 @@ pub(crate) async fn credits(
         for pack in &billing.packs {
             let _ = write!(
                 body,
-                "<form class=\"card\" method=\"post\" action=\"/portal/credits/checkout\" target=\"_top\">{}<input type=\"hidden\" name=\"pack\" value=\"{}\"><h3>{}</h3><p class=\"figure\">{} credits</p><p>{} {}</p><button type=\"submit\">Buy {} credits</button></form>",
+                "<form class=\"card\" method=\"post\" action=\"/portal/credits/checkout\">{}<input type=\"hidden\" name=\"pack\" value=\"{}\"><h3>{}</h3><p class=\"figure\">{} credits</p><p>{} {}</p><button type=\"submit\">Buy {} credits</button></form>",
                 csrf_field(&portal.session.csrf),
                 Esc(&pack.name),
                 Esc(&pack.name),
@@ -735,7 +745,7 @@ pub(crate) async fn plans(
     if stripe_managed && can_buy {
         let _ = write!(
             body,
-            "<form method=\"post\" action=\"/portal/plans/checkout\" target=\"_top\">{}<input type=\"hidden\" name=\"manage\" value=\"1\"><p>Your plan is billed by Stripe. <button type=\"submit\" class=\"secondary\">Manage payment and plan at Stripe</button></p></form>",
+            "<form method=\"post\" action=\"/portal/plans/checkout\">{}<input type=\"hidden\" name=\"manage\" value=\"1\"><p>Your plan is billed by Stripe. <button type=\"submit\" class=\"secondary\">Manage payment and plan at Stripe</button></p></form>",
             csrf_field(&csrf)
         );
     }
@@ -746,7 +756,7 @@ pub(crate) async fn plans(
         }
         if plan["self_serve"] == json!(true) && can_buy && !stripe_managed {
             format!(
-                "<form method=\"post\" action=\"/portal/plans/checkout\" target=\"_top\">{}<input type=\"hidden\" name=\"plan\" value=\"{}\"><button type=\"submit\">Switch to {}</button></form>",
+                "<form method=\"post\" action=\"/portal/plans/checkout\">{}<input type=\"hidden\" name=\"plan\" value=\"{}\"><button type=\"submit\">Switch to {}</button></form>",
                 csrf_field(&csrf),
                 Esc(name),
                 Esc(name)
@@ -776,6 +786,7 @@ fn back_to(web: &Web, portal: &PortalSession, page: &str) -> String {
 pub(crate) async fn change_plan(
     State(web): State<Arc<Web>>,
     portal: PortalSession,
+    headers: axum::http::HeaderMap,
     Form(form): Form<HashMap<String, String>>,
 ) -> Response {
     if !sessions::csrf_matches(&portal.session, form.get("csrf").map(String::as_str)) {
@@ -808,13 +819,14 @@ pub(crate) async fn change_plan(
         )
         .await
     };
-    to_stripe(&web, answer)
+    to_stripe(&web, &headers, answer)
 }
 
 /// `POST /portal/credits/checkout`: opens Checkout for a credit pack.
 pub(crate) async fn buy_pack(
     State(web): State<Arc<Web>>,
     portal: PortalSession,
+    headers: axum::http::HeaderMap,
     Form(form): Form<HashMap<String, String>>,
 ) -> Response {
     if !sessions::csrf_matches(&portal.session, form.get("csrf").map(String::as_str)) {
@@ -840,17 +852,42 @@ pub(crate) async fn buy_pack(
             })),
         )
         .await;
-    to_stripe(&web, answer)
+    to_stripe(&web, &headers, answer)
 }
 
 /// Sends the browser to the Stripe page an API answer names (`url`), or shows why not.
-fn to_stripe(web: &Web, answer: Result<Value, Refusal>) -> Response {
+/// In a frame (the portal inside the team's app), Stripe's pages, which refuse frames, open in
+/// the whole window by a link: the frame's own session cookie may be partitioned away from the
+/// top window, so the form itself stays in the frame.
+fn to_stripe(
+    web: &Web,
+    headers: &axum::http::HeaderMap,
+    answer: Result<Value, Refusal>,
+) -> Response {
     // http only from a test key (the emulator); a live key's pages are https.
     let allowed = |url: &str| {
         url.starts_with("https://") || (!web.state.billing.livemode && url.starts_with("http://"))
     };
+    let framed = headers
+        .get("sec-fetch-dest")
+        .is_some_and(|dest| dest.as_bytes() == b"iframe");
     match answer {
         Ok(opened) => match opened["url"].as_str() {
+            Some(url) if allowed(url) && framed => {
+                let frame = Frame {
+                    area: Area::Public,
+                    title: "Continue at Stripe",
+                    current: "",
+                    who: None,
+                    csrf: None,
+                    refresh: None,
+                };
+                let body = format!(
+                    "<p>Stripe's secure page opens in the whole window.</p><p><a class=\"button\" href=\"{}\" target=\"_top\" rel=\"noopener\">Continue to Stripe</a></p>",
+                    Esc(url)
+                );
+                Html(html::page(&frame, &body)).into_response()
+            }
             Some(url) if allowed(url) => Redirect::to(url).into_response(),
             _ => refuse(
                 Area::Portal,
@@ -961,9 +998,7 @@ pub(crate) async fn alerts(
     };
     let csrf = csrf_field(&portal.session.csrf);
     let mut body = String::new();
-    if let Some(done) = query.get("done") {
-        body.push_str(&html::message("ok", &format!("Done: {done}.")));
-    }
+    body.push_str(&html::done(query.get("done")));
     body.push_str(if editable {
         "<p class=\"muted\">You are told when these happen.</p>"
     } else {
@@ -993,16 +1028,18 @@ pub(crate) async fn alerts(
     }
     body.push_str("</ul>");
     if editable {
+        // The plan's meters, as the API names them to this customer.
+        let plan_meters = match picture(&web, &portal).await {
+            Ok(customer) => meters_of(&customer),
+            Err(page) => return page,
+        };
         let mut meters = String::new();
-        for meter in tally_db::meters::all(&web.state.reader_pool)
-            .await
-            .unwrap_or_default()
-        {
+        for meter in &plan_meters {
             let _ = write!(
                 meters,
                 "<option value=\"{}\">{}</option>",
-                Esc(&meter.name),
-                Esc(&meter.name)
+                Esc(meter),
+                Esc(meter)
             );
         }
         let _ = write!(

@@ -96,6 +96,21 @@ pub(crate) async fn create_console_link(
     Ok(link)
 }
 
+/// The customer a portal link (still unused and live) opens, without using it up.
+pub(crate) async fn peek_portal_link(
+    pool: &PgPool,
+    link: &str,
+) -> Result<Option<String>, sqlx::Error> {
+    sqlx::query_scalar(
+        "SELECT customer_id FROM web_sessions
+         WHERE link_sha256 = $1 AND kind = 'portal' AND exchanged_at IS NULL
+           AND revoked_at IS NULL AND expires_at > now()",
+    )
+    .bind(digest(link))
+    .fetch_optional(pool)
+    .await
+}
+
 /// Trades a link's secret for the session of `kind` and its cookie's secret, once: a link
 /// already used, expired or revoked opens nothing.
 pub(crate) async fn exchange_link(

@@ -1,8 +1,12 @@
 // tally's pages: keeps live numbers fresh. A page whose <body> has data-refresh="N" reloads
-// its <main> every N seconds while it is visible and nobody is typing in it. No framework, no
-// third-party code.
+// its <main> every N seconds while it is visible and nobody is typing in it. A form's button
+// is disabled once pressed (a double click sends one form). No framework, no third-party code.
 (function () {
   "use strict";
+  document.addEventListener("submit", function (event) {
+    var button = event.submitter;
+    if (button) { window.setTimeout(function () { button.disabled = true; }, 0); }
+  });
   var seconds = Number(document.body.getAttribute("data-refresh"));
   if (!seconds || seconds < 1) { return; }
   function busy(main) {
@@ -23,7 +27,10 @@
     var main = document.getElementById("main");
     if (inFlight || ended || document.visibilityState !== "visible" || !main || busy(main)) { return; }
     inFlight = true;
-    fetch(window.location.href, { credentials: "same-origin", redirect: "manual", headers: { "X-Tally-Refresh": "1" } })
+    // A refresh that hangs is given up after 10 s, so the next one can start.
+    var abort = new AbortController();
+    var timer = window.setTimeout(function () { abort.abort(); }, 10000);
+    fetch(window.location.href, { credentials: "same-origin", redirect: "manual", signal: abort.signal, headers: { "X-Tally-Refresh": "1" } })
       .then(function (response) {
         if (response.status === 401 || response.type === "opaqueredirect") { sessionEnded(main); return null; }
         return response.ok ? response.text() : null;
@@ -37,7 +44,7 @@
         }
       })
       .catch(function () { /* the next tick tries again */ })
-      .then(function () { inFlight = false; });
+      .then(function () { inFlight = false; window.clearTimeout(timer); });
   }
   window.setInterval(refresh, seconds * 1000);
 })();

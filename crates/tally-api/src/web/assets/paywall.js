@@ -25,7 +25,8 @@
   // Answers from these origins open the dialog (the page's own, and data-api-origins, space
   // separated): a third party's 429 is not the team's paywall.
   var apiOrigins = [window.location.origin].concat(
-    ((script && script.getAttribute("data-api-origins")) || "").split(/\s+/).filter(Boolean));
+    ((script && script.getAttribute("data-api-origins")) || "").split(/\s+/).filter(Boolean)
+      .map(function (o) { try { return new URL(o).origin; } catch (e) { return ""; } }));
   var styled = false;
   var open = null;
 
@@ -99,7 +100,11 @@
         try { origin = new URL(response.url).origin; } catch (e) { origin = ""; }
         if ((response.status === 429 || response.status === 402) && length <= 16384
             && apiOrigins.indexOf(origin) !== -1) {
-          response.clone().json().then(show, function () { /* not tally's body */ });
+          // Only small bodies are parsed (tally's are): a declared length above 16 KiB is not
+          // even read.
+          response.clone().text().then(function (text) {
+            if (text.length <= 16384) { show(JSON.parse(text)); }
+          }).catch(function () { /* not tally's body */ });
         }
         return response;
       });
