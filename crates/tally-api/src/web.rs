@@ -501,7 +501,7 @@ impl FromRequestParts<Arc<Web>> for ConsoleSession {
     }
 }
 
-pub(crate) fn store_unavailable(area: Area, error: sqlx::Error) -> Response {
+pub(crate) fn store_unavailable(area: Area, error: impl std::fmt::Display) -> Response {
     let mut response = refuse(
         area,
         StatusCode::SERVICE_UNAVAILABLE,

@@ -205,14 +205,13 @@ pub(crate) async fn pipeline(State(web): State<Arc<Web>>, console: ConsoleSessio
     }
 }
 
-async fn pipeline_body(web: &Web) -> Result<String, sqlx::Error> {
+async fn pipeline_body(web: &Web) -> Result<String, Box<dyn std::error::Error + Send + Sync>> {
     let pool = &web.state.reader_pool;
     let now = Utc::now();
     let source = &web.state.pipeline;
     let mut body = String::new();
-    let committed = tally_aggregator::committed_offsets(pool, &source.group_id, &source.topic)
-        .await
-        .map_err(|e| sqlx::Error::Protocol(e.to_string()))?;
+    let committed =
+        tally_aggregator::committed_offsets(pool, &source.group_id, &source.topic).await?;
     let ends = web.end_offsets().await;
     let total: i64 = committed.iter().filter_map(|c| c.next_offset).sum();
     let rate = web.events_per_second(total);
@@ -239,9 +238,7 @@ async fn pipeline_body(web: &Web) -> Result<String, sqlx::Error> {
         },
         freshest.map_or("never".into(), |at| ago(now, at)),
     );
-    let outbox = tally_sink::store::outbox_status(pool)
-        .await
-        .map_err(|e| sqlx::Error::Protocol(e.to_string()))?;
+    let outbox = tally_sink::store::outbox_status(pool).await?;
     let _ = write!(
         body,
         "<section class=\"card\"><h2>Stripe outbox</h2><p><span data-field=\"outbox-pending\">{}</span> pending (<span class=\"{}\">oldest {} s</span>), <span data-field=\"outbox-failed\" class=\"{}\">{}</span> failed, {} waiting for review, {} pair(s) quarantined</p><p>{} customer(s) unmapped ({} slots)</p></section></div>",
@@ -303,9 +300,7 @@ async fn pipeline_body(web: &Web) -> Result<String, sqlx::Error> {
         }
     }
     // Each running aggregator as its watchdog last wrote it (as `tally status` lists them).
-    let members = tally_aggregator::members(pool, &source.group_id, &source.topic)
-        .await
-        .map_err(|e| sqlx::Error::Protocol(e.to_string()))?;
+    let members = tally_aggregator::members(pool, &source.group_id, &source.topic).await?;
     let silent = TimeDelta::seconds(tally_runtime::attention::MEMBER_SILENT.as_secs() as i64);
     body.push_str("<h2>Aggregators</h2><ul>");
     let mut live = 0;
@@ -376,10 +371,7 @@ async fn pipeline_body(web: &Web) -> Result<String, sqlx::Error> {
         body.push_str("</tbody></table></div>");
     }
     body.push_str("<h2>Last reconcile</h2>");
-    match tally_sink::store::last_reconcile_run(pool)
-        .await
-        .map_err(|e| sqlx::Error::Protocol(e.to_string()))?
-    {
+    match tally_sink::store::last_reconcile_run(pool).await? {
         None => body.push_str(
             "<p data-field=\"reconcile\">Never: run <code>tally reconcile --last 48h</code>.</p>",
         ),
@@ -881,9 +873,7 @@ pub(crate) async fn stripe(
     };
     let rows = match tally_sink::store::list_submissions(&web.state.reader_pool, &filter).await {
         Ok(rows) => rows,
-        Err(error) => {
-            return store_unavailable(Area::Console, sqlx::Error::Protocol(error.to_string()))
-        }
+        Err(error) => return store_unavailable(Area::Console, error),
     };
     let mut body = String::from("<ul class=\"ranges\"><li><a href=\"/console/stripe\">All</a></li><li><a href=\"/console/stripe?status=failed\">Failed</a></li><li><a href=\"/console/stripe?status=pending\">Pending</a></li><li><a href=\"/console/stripe?status=needs_review\">Needs review</a></li></ul><p class=\"muted\">Retry failed submissions with <code>tally submissions retry --all-failed</code> once their cause is fixed.</p><div class=\"table-wrap\"><table><thead><tr><th scope=\"col\">Created</th><th scope=\"col\">Customer</th><th scope=\"col\">Meter</th><th scope=\"col\">Slot</th><th scope=\"col\">Kind</th><th scope=\"col\" class=\"num\">Value</th><th scope=\"col\">Status</th><th scope=\"col\" class=\"num\">Attempts</th><th scope=\"col\">Last error</th></tr></thead><tbody>");
     for row in &rows {

@@ -41,7 +41,7 @@ pub(crate) async fn page(State(web): State<Arc<Web>>) -> Response {
 pub(crate) async fn listed_plans(web: &Web) -> Result<Vec<Value>, Response> {
     let stored = tally_billing::list_plans(&web.state.pool)
         .await
-        .map_err(|e| store_unavailable(Area::Public, sqlx::Error::Protocol(e.to_string())))?;
+        .map_err(|e| store_unavailable(Area::Public, e))?;
     let chosen = &web.config.pricing_plans;
     if chosen.is_empty() {
         // Only what a customer could be on by itself: self-serve plans and the fallback plan.
