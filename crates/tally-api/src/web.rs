@@ -15,8 +15,8 @@
 //! - `portal_sessions.rs`: `POST /v1/customers/{id}/portal-sessions` and its revocation (API).
 //!
 //! Every answer carries a strict Content-Security-Policy (scripts and styles from tally only,
-//! no inline script or style), `nosniff`, a same-origin referrer policy and `frame-ancestors`: none for the
-//! console, `serve.web.frame_origins` for the portal and the pricing page.
+//! no inline script or style), `nosniff`, a same-origin referrer policy and `frame-ancestors`:
+//! none for the console, `serve.web.frame_origins` for the portal and the pricing page.
 
 mod assets;
 mod chart;
