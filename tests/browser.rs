@@ -294,23 +294,11 @@ fn axe_path() -> PathBuf {
 }
 
 /// The API as the admin token.
-struct Api {
-    address: String,
-}
+struct Api(JsonApi);
 
 impl Api {
     fn call(&self, method: &str, path: &str, body: Option<Value>) -> (u16, Value) {
-        let auth = format!("Bearer {ADMIN}");
-        let mut headers = vec![("Authorization", auth.as_str())];
-        if body.is_some() {
-            headers.push(("Content-Type", "application/json"));
-        }
-        let body = body.map(|b| b.to_string()).unwrap_or_default();
-        let (status, text) = http(&self.address, method, path, &headers, &body).unwrap();
-        (
-            status,
-            serde_json::from_str(&text).unwrap_or(Value::String(text)),
-        )
+        self.0.call(method, path, ADMIN, body)
     }
 
     fn get(&self, path: &str) -> Value {
@@ -323,24 +311,15 @@ impl Api {
     fn portal(&self, customer: &str) -> String {
         let (status, session) = self.call(
             "POST",
-            &format!("/v1/customers/{}/portal-sessions", encode(customer)),
+            &format!(
+                "/v1/customers/{}/portal-sessions",
+                tally_api::url_part(customer)
+            ),
             Some(json!({})),
         );
         assert_eq!(status, 200, "{session}");
         session["url"].as_str().unwrap().to_owned()
     }
-}
-
-fn encode(part: &str) -> String {
-    part.bytes()
-        .map(|b| {
-            if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {
-                (b as char).to_string()
-            } else {
-                format!("%{b:02X}")
-            }
-        })
-        .collect()
 }
 
 /// A team's app on an origin of its own, behind tally-quota's middleware, with the paywall
@@ -477,9 +456,9 @@ fn tallys_pages_in_a_real_browser() {
     wait_until("tally serve listens", Duration::from_secs(30), || {
         std::net::TcpStream::connect(&address).is_ok()
     });
-    let api = Api {
+    let api = Api(JsonApi {
         address: address.clone(),
-    };
+    });
 
     runtime.block_on(async {
         let browser = Browser::start().await;
@@ -509,10 +488,10 @@ fn tallys_pages_in_a_real_browser() {
         // The hostile customer's portal: every page, its numbers against the API's.
         browser.open_link(&api.portal(HOSTILE)).await;
         assert_eq!(browser.client.current_url().await.unwrap().path(), "/portal", "the link's secret leaves the address bar");
-        let picture = api.get(&format!("/v1/customers/{}", encode(HOSTILE)));
+        let picture = api.get(&format!("/v1/customers/{}", tally_api::url_part(HOSTILE)));
         assert_eq!(browser.text("[data-field=plan]").await, picture["subscription"]["plan"].as_str().unwrap());
         assert_eq!(browser.text("[data-field=projected]").await, picture["invoice_preview"]["total"].as_str().unwrap());
-        let credits = api.get(&format!("/v1/customers/{}/credits", encode(HOSTILE)));
+        let credits = api.get(&format!("/v1/customers/{}/credits", tally_api::url_part(HOSTILE)));
         assert_eq!(browser.text("[data-field=credits]").await, credits["available"].as_str().unwrap());
         assert!(browser.text(".who").await.contains(HOSTILE), "the id is shown as text");
         browser.check("portal-overview-hostile").await;
@@ -524,9 +503,9 @@ fn tallys_pages_in_a_real_browser() {
         let midnight = chrono::Utc::now().date_naive().and_time(chrono::NaiveTime::MIN).and_utc();
         let usage = api.get(&format!(
             "/v1/customers/{}/usage?meter=tokens&from={}&to={}&granularity=hour&group_by=true",
-            encode(HOSTILE),
-            encode(&midnight.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)),
-            encode(&(chrono::Utc::now() + chrono::TimeDelta::minutes(1)).to_rfc3339_opts(chrono::SecondsFormat::Secs, true)),
+            tally_api::url_part(HOSTILE),
+            tally_api::url_part(&midnight.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)),
+            tally_api::url_part(&(chrono::Utc::now() + chrono::TimeDelta::minutes(1)).to_rfc3339_opts(chrono::SecondsFormat::Secs, true)),
         ));
         let expected: Vec<Value> = usage["series"]
             .as_array()
@@ -601,7 +580,7 @@ fn tallys_pages_in_a_real_browser() {
         browser.check("console-pipeline").await;
         browser.goto(&format!("{base}/console/customers?q=c")).await;
         browser.check("console-customers").await;
-        browser.goto(&format!("{base}/console/customers/{}", encode(HOSTILE))).await;
+        browser.goto(&format!("{base}/console/customers/{}", tally_api::url_part(HOSTILE))).await;
         assert_eq!(browser.text("[data-field=customer]").await, HOSTILE);
         browser.check("console-customer").await;
         // Grant credits from the form, by keyboard, with the reason the audit keeps.
@@ -614,7 +593,7 @@ fn tallys_pages_in_a_real_browser() {
             browser.client.source().await.unwrap().contains("Done: credits granted")
         })
         .await;
-        let credits = api.get(&format!("/v1/customers/{}/credits", encode(HOSTILE)));
+        let credits = api.get(&format!("/v1/customers/{}/credits", tally_api::url_part(HOSTILE)));
         assert_eq!(credits["available"], json!("25"), "{credits}");
         assert_eq!(browser.text("[data-field=available]").await, "25");
         // A change without the CSRF token is refused, and nothing changes.
@@ -625,14 +604,14 @@ fn tallys_pages_in_a_real_browser() {
                     "const done = arguments[arguments.length - 1];
                      fetch('/console/customers/{}/grants', {{ method: 'POST', headers: {{ 'content-type': 'application/x-www-form-urlencoded' }},
                        body: 'kind=purchased&amount=1000&idempotency_key=forged&reason=forged' }}).then(r => done(r.status));",
-                    encode(HOSTILE)
+                    tally_api::url_part(HOSTILE)
                 ),
                 vec![],
             )
             .await
             .unwrap();
         assert_eq!(status, json!(403));
-        let credits = api.get(&format!("/v1/customers/{}/credits", encode(HOSTILE)));
+        let credits = api.get(&format!("/v1/customers/{}/credits", tally_api::url_part(HOSTILE)));
         assert_eq!(credits["available"], json!("25"));
         let _ = browser.console_errors().await; // the 403 just seen is expected
         for page in ["alerts", "stripe"] {

@@ -7,32 +7,12 @@
 
 use std::time::Duration;
 
-use serde_json::{json, Value};
+use serde_json::json;
 use stripe_emulator::testing::{call, control};
 use tally_tests::*;
 
 const ADMIN: &str = "self-serve-admin-token-0123456789";
 const ACME: &str = "self-serve-acme-token-01234567890";
-
-struct Api {
-    address: String,
-}
-
-impl Api {
-    fn call(&self, method: &str, path: &str, token: &str, body: Option<Value>) -> (u16, Value) {
-        let auth = format!("Bearer {token}");
-        let mut headers = vec![("Authorization", auth.as_str())];
-        if body.is_some() {
-            headers.push(("Content-Type", "application/json"));
-        }
-        let body = body.map(|b| b.to_string()).unwrap_or_default();
-        let (status, text) = http(&self.address, method, path, &headers, &body).unwrap();
-        (
-            status,
-            serde_json::from_str(&text).unwrap_or(Value::String(text)),
-        )
-    }
-}
 
 #[test]
 fn a_customer_buys_credits_and_a_plan_through_checkout_and_leaves_through_the_portal() {
@@ -124,7 +104,7 @@ fn a_customer_buys_credits_and_a_plan_through_checkout_and_leaves_through_the_po
     wait_until("tally serve listens", Duration::from_secs(30), || {
         std::net::TcpStream::connect(&address).is_ok()
     });
-    let api = Api { address };
+    let api = JsonApi { address };
     let urls = json!({ "success_url": "https://app.example.com/ok", "cancel_url": "https://app.example.com/back" });
     let with = |key: &str, value: &str| {
         let mut body = urls.clone();

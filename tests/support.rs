@@ -459,6 +459,34 @@ pub fn wait_until(what: &str, timeout: Duration, mut condition: impl FnMut() -> 
 
 /// A plain HTTP/1.1 request (no client library between the test and the wire): returns the
 /// status and the body.
+/// tally's HTTP API on `address`: JSON in and out, with a bearer token.
+pub struct JsonApi {
+    pub address: String,
+}
+
+impl JsonApi {
+    /// (status, the answer as JSON, or as a JSON string when it is not JSON).
+    pub fn call(
+        &self,
+        method: &str,
+        path: &str,
+        token: &str,
+        body: Option<serde_json::Value>,
+    ) -> (u16, serde_json::Value) {
+        let auth = format!("Bearer {token}");
+        let mut headers = vec![("Authorization", auth.as_str())];
+        if body.is_some() {
+            headers.push(("Content-Type", "application/json"));
+        }
+        let body = body.map(|b| b.to_string()).unwrap_or_default();
+        let (status, text) = http(&self.address, method, path, &headers, &body).unwrap();
+        (
+            status,
+            serde_json::from_str(&text).unwrap_or(serde_json::Value::String(text)),
+        )
+    }
+}
+
 pub fn http(
     address: &str,
     method: &str,

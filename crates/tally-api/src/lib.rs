@@ -53,6 +53,7 @@ pub use error::ApiError;
 pub use ingest::MAX_BATCH;
 pub use routes::readiness;
 pub use server::serve;
+pub use web::html::url_part;
 pub use web::{console_link, portal_link};
 
 /// What the handlers share.

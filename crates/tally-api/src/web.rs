@@ -47,7 +47,7 @@ use crate::config::{Rate, ServeConfig, WebConfig};
 use crate::error::ErrorReport;
 use crate::{telemetry, ApiState};
 use html::{Area, Esc, Frame};
-use sessions::Session;
+use sessions::{Kind, Session};
 
 /// Largest API answer a page reads (the usage API's answers are bounded well below).
 const MAX_API_ANSWER: usize = 8 << 20;
@@ -443,10 +443,10 @@ impl FromRequestParts<Arc<Web>> for PortalSession {
                 "This portal session has ended or was never opened here. Open the billing page again from the app you came from.",
             )
         };
-        let Some(cookie) = sessions::cookie(&parts.headers, sessions::PORTAL_COOKIE) else {
+        let Some(cookie) = sessions::cookie(&parts.headers, Kind::Portal.cookie()) else {
             return Err(ended());
         };
-        let session = sessions::find(&web.state.pool, "portal", cookie)
+        let session = sessions::find(&web.state.pool, Kind::Portal, cookie)
             .await
             .map_err(|e| store_unavailable(Area::Public, e))?
             .ok_or_else(ended)?;
@@ -485,10 +485,10 @@ impl FromRequestParts<Arc<Web>> for ConsoleSession {
 
     async fn from_request_parts(parts: &mut Parts, web: &Arc<Web>) -> Result<Self, Response> {
         let login = || Redirect::to("/console/login").into_response();
-        let Some(cookie) = sessions::cookie(&parts.headers, sessions::CONSOLE_COOKIE) else {
+        let Some(cookie) = sessions::cookie(&parts.headers, Kind::Console.cookie()) else {
             return Err(login());
         };
-        let session = sessions::find(&web.state.pool, "console", cookie)
+        let session = sessions::find(&web.state.pool, Kind::Console, cookie)
             .await
             .map_err(|e| store_unavailable(Area::Console, e))?
             .ok_or_else(login)?;
@@ -517,33 +517,62 @@ pub(crate) fn store_unavailable(area: Area, error: impl std::fmt::Display) -> Re
     response
 }
 
-/// A `Set-Cookie` value: HttpOnly, on `path`, `Secure` when people reach tally over https.
-pub(crate) fn set_cookie(
-    web: &Web,
-    name: &str,
-    value: &str,
-    path: &str,
-    same_site: &str,
-    max_age: i64,
-) -> HeaderValue {
-    let secure = if web.public_url.starts_with("https://") {
-        "; Secure"
-    } else {
-        ""
+/// A session's `Set-Cookie`: its kind's name and path, HttpOnly, `Secure` when people reach
+/// tally over https; `SameSite=Strict` for the console, for the portal `None` (with
+/// `Partitioned`) when another site may frame it over https, else `Lax`. `max_age` 0 clears it.
+pub(crate) fn session_cookie(web: &Web, kind: Kind, value: &str, max_age: i64) -> HeaderValue {
+    let https = web.public_url.starts_with("https://");
+    let same_site = match kind {
+        Kind::Console => "Strict",
+        Kind::Portal if https && !web.config.frame_origins.is_empty() => "None; Partitioned",
+        Kind::Portal => "Lax",
     };
+    let secure = if https { "; Secure" } else { "" };
     HeaderValue::from_str(&format!(
-        "{name}={value}; Path={path}; HttpOnly; SameSite={same_site}; Max-Age={max_age}{secure}"
+        "{}={value}; Path={}; HttpOnly; SameSite={same_site}; Max-Age={max_age}{secure}",
+        kind.cookie(),
+        kind.home()
     ))
     .unwrap_or_else(|_| HeaderValue::from_static("tally_invalid=; Max-Age=0"))
 }
 
-/// The portal cookie's SameSite: `None` (with `Secure` and `Partitioned`) when the portal may be
-/// framed by another site over https, else `Lax`.
-pub(crate) fn portal_same_site(web: &Web) -> &'static str {
-    if !web.config.frame_origins.is_empty() && web.public_url.starts_with("https://") {
-        "None; Partitioned"
-    } else {
-        "Lax"
+/// Into a session just opened: its first page, with its cookie.
+pub(crate) fn enter(web: &Web, kind: Kind, session: &Session, cookie: &str) -> Response {
+    let max_age = (session.expires_at - chrono::Utc::now())
+        .num_seconds()
+        .max(0);
+    let mut response = Redirect::to(kind.home()).into_response();
+    response.headers_mut().insert(
+        header::SET_COOKIE,
+        session_cookie(web, kind, cookie, max_age),
+    );
+    response
+}
+
+/// Why a session link opened nothing.
+pub(crate) enum LinkRefused {
+    /// The POST came from another site's page.
+    CrossSite,
+    /// Used, expired or revoked.
+    Used,
+    /// Postgres is away (the page to answer).
+    Store(Response),
+}
+
+/// `POST …/session/{secret}` (from [`link_page`]): opens the session the link stands for, once.
+pub(crate) async fn open_link(
+    web: &Web,
+    kind: Kind,
+    secret: &str,
+    headers: &axum::http::HeaderMap,
+) -> Result<Response, LinkRefused> {
+    if !same_origin(&web.public_url, headers) {
+        return Err(LinkRefused::CrossSite);
+    }
+    match sessions::exchange_link(&web.state.pool, kind, secret).await {
+        Ok(Some((session, cookie))) => Ok(enter(web, kind, &session, &cookie)),
+        Ok(None) => Err(LinkRefused::Used),
+        Err(error) => Err(LinkRefused::Store(store_unavailable(Area::Public, error))),
     }
 }
 

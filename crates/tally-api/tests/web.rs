@@ -96,18 +96,6 @@ async fn page_with(
 
 const HOSTILE: &str = "x\"><img src=x onerror=alert(1)><script>alert(2)</script>";
 
-fn encode(part: &str) -> String {
-    part.bytes()
-        .map(|b| {
-            if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {
-                (b as char).to_string()
-            } else {
-                format!("%{b:02X}")
-            }
-        })
-        .collect()
-}
-
 async fn harness() -> (tally_db::testing::TestDatabase, AdminApi) {
     let db = tally_db::testing::fresh_database().await;
     sqlx::query("INSERT INTO meters (name, aggregation, stripe_event_name, group_by) VALUES ('api_calls', 'sum', 'api_calls', '{}'), ('tokens', 'sum', 'tokens', '{model}')")
@@ -180,7 +168,10 @@ async fn open_portal(api: &AdminApi, customer: &str) -> (String, String) {
         .call(
             "POST",
             "/v1/customers/{id}/portal-sessions",
-            &format!("/v1/customers/{}/portal-sessions", encode(customer)),
+            &format!(
+                "/v1/customers/{}/portal-sessions",
+                tally_api::url_part(customer)
+            ),
             ADMIN,
             Some(json!({})),
         )
@@ -443,7 +434,7 @@ async fn hostile_ids_render_as_text_on_every_portal_and_console_page() {
     let customer = page(
         &api.app,
         "GET",
-        &format!("/console/customers/{}", encode(HOSTILE)),
+        &format!("/console/customers/{}", tally_api::url_part(HOSTILE)),
         Some(&console),
         None,
     )

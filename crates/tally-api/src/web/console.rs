@@ -18,7 +18,8 @@ use serde_json::{json, Value};
 use super::html::{self, csrf_field, show, url_part, when, Area, Esc, Frame};
 use super::portal::{csrf_refused, money, safe_link, usage_row};
 use super::{
-    link_page, refuse, same_origin, sessions, set_cookie, store_unavailable, ConsoleSession, Web,
+    enter, link_page, open_link, refuse, same_origin, session_cookie, sessions, store_unavailable,
+    ConsoleSession, Kind, LinkRefused, Web,
 };
 use crate::config::Scope;
 
@@ -103,20 +104,7 @@ pub(crate) async fn login(
             Ok(opened) => opened,
             Err(error) => return store_unavailable(Area::Public, error),
         };
-    let max_age = (session.expires_at - Utc::now()).num_seconds().max(0);
-    let mut response = Redirect::to("/console").into_response();
-    response.headers_mut().insert(
-        header::SET_COOKIE,
-        set_cookie(
-            &web,
-            sessions::CONSOLE_COOKIE,
-            &cookie,
-            "/console",
-            "Strict",
-            max_age,
-        ),
-    );
-    response
+    enter(&web, Kind::Console, &session, &cookie)
 }
 
 /// `GET /console/session/{secret}`: the button that opens it (`link_page`).
@@ -135,36 +123,18 @@ pub(crate) async fn open(
     Path(secret): Path<String>,
     headers: HeaderMap,
 ) -> Response {
-    if !same_origin(&web.public_url, &headers) {
-        return login_form(
+    match open_link(&web, Kind::Console, &secret, &headers).await {
+        Ok(entered) => entered,
+        Err(LinkRefused::CrossSite) => login_form(
             StatusCode::FORBIDDEN,
             Some("A login link must be opened from its own page."),
-        );
-    }
-    let opened = match sessions::exchange_link(&web.state.pool, "console", &secret).await {
-        Ok(opened) => opened,
-        Err(error) => return store_unavailable(Area::Public, error),
-    };
-    let Some((session, cookie)) = opened else {
-        return login_form(
+        ),
+        Err(LinkRefused::Used) => login_form(
             StatusCode::UNAUTHORIZED,
             Some("This login link has been used or has expired; log in with an admin token."),
-        );
-    };
-    let max_age = (session.expires_at - Utc::now()).num_seconds().max(0);
-    let mut response = Redirect::to("/console").into_response();
-    response.headers_mut().insert(
-        header::SET_COOKIE,
-        set_cookie(
-            &web,
-            sessions::CONSOLE_COOKIE,
-            &cookie,
-            "/console",
-            "Strict",
-            max_age,
         ),
-    );
-    response
+        Err(LinkRefused::Store(page)) => page,
+    }
 }
 
 /// `POST /console/logout`.
@@ -176,13 +146,14 @@ pub(crate) async fn logout(
     if !sessions::csrf_matches(&console.session, form.get("csrf").map(String::as_str)) {
         return csrf_refused(Area::Console);
     }
-    if let Err(error) = sessions::revoke(&web.state.pool, "console", &console.session.id).await {
+    if let Err(error) = sessions::revoke(&web.state.pool, Kind::Console, &console.session.id).await
+    {
         return store_unavailable(Area::Console, error);
     }
     let mut response = Redirect::to("/console/login").into_response();
     response.headers_mut().insert(
         header::SET_COOKIE,
-        set_cookie(&web, sessions::CONSOLE_COOKIE, "", "/console", "Strict", 0),
+        session_cookie(&web, Kind::Console, "", 0),
     );
     response
 }

@@ -50,7 +50,7 @@ pub(crate) fn when(value: &serde_json::Value) -> String {
 }
 
 /// Percent-encodes a path segment or query value: only unreserved characters stay.
-pub(crate) fn url_part(value: &str) -> String {
+pub fn url_part(value: &str) -> String {
     let mut out = String::with_capacity(value.len());
     for byte in value.bytes() {
         if byte.is_ascii_alphanumeric() || b"-._~".contains(&byte) {

@@ -21,7 +21,7 @@ use tally_billing::subscriptions::period::period_containing;
 use tally_billing::subscriptions::Interval;
 
 use super::{
-    link_page, portal_same_site, refuse, same_origin, sessions, set_cookie, store_unavailable,
+    link_page, open_link, refuse, session_cookie, sessions, store_unavailable, Kind, LinkRefused,
     PortalSession, Refusal, Web,
 };
 
@@ -36,35 +36,17 @@ pub(crate) async fn open(
     Path(secret): Path<String>,
     headers: axum::http::HeaderMap,
 ) -> Response {
-    if !same_origin(&web.public_url, &headers) {
-        return refuse(
+    match open_link(&web, Kind::Portal, &secret, &headers).await {
+        Ok(entered) => entered,
+        Err(LinkRefused::CrossSite) => refuse(
             Area::Public,
             StatusCode::FORBIDDEN,
             "CROSS_SITE_REFUSED",
             "This billing link must be opened from its own page.",
-        );
-    }
-    let opened = match sessions::exchange_link(&web.state.pool, "portal", &secret).await {
-        Ok(opened) => opened,
-        Err(error) => return store_unavailable(Area::Public, error),
-    };
-    let Some((session, cookie)) = opened else {
-        return link_used();
-    };
-    let max_age = (session.expires_at - Utc::now()).num_seconds().max(0);
-    let mut response = Redirect::to("/portal").into_response();
-    response.headers_mut().insert(
-        header::SET_COOKIE,
-        set_cookie(
-            &web,
-            sessions::PORTAL_COOKIE,
-            &cookie,
-            "/portal",
-            portal_same_site(&web),
-            max_age,
         ),
-    );
-    response
+        Err(LinkRefused::Used) => link_used(),
+        Err(LinkRefused::Store(page)) => page,
+    }
 }
 
 /// `GET /portal/session/{secret}`: the button that opens it (`link_page`).
@@ -98,7 +80,7 @@ pub(crate) async fn logout(
     if !sessions::csrf_matches(&portal.session, form.get("csrf").map(String::as_str)) {
         return csrf_refused(Area::Portal);
     }
-    if let Err(error) = sessions::revoke(&web.state.pool, "portal", &portal.session.id).await {
+    if let Err(error) = sessions::revoke(&web.state.pool, Kind::Portal, &portal.session.id).await {
         return store_unavailable(Area::Portal, error);
     }
     let frame = Frame {
@@ -122,14 +104,7 @@ pub(crate) async fn logout(
     let mut response = Html(html::page(&frame, &body)).into_response();
     response.headers_mut().insert(
         header::SET_COOKIE,
-        set_cookie(
-            &web,
-            sessions::PORTAL_COOKIE,
-            "",
-            "/portal",
-            portal_same_site(&web),
-            0,
-        ),
+        session_cookie(&web, Kind::Portal, "", 0),
     );
     response
 }

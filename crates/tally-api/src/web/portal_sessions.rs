@@ -112,7 +112,7 @@ pub(crate) async fn revoke(
         )
     };
     let id: uuid::Uuid = id.parse().map_err(|_| not_found())?;
-    let revoked = sessions::revoke(&web.state.pool, "portal", &id.to_string())
+    let revoked = sessions::revoke(&web.state.pool, sessions::Kind::Portal, &id.to_string())
         .await
         .map_err(|e| ApiError::unavailable("STORE_UNAVAILABLE", e))?;
     if !revoked {

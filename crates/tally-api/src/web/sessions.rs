@@ -16,10 +16,37 @@ use sha2::{Digest, Sha256};
 use sqlx::PgPool;
 use uuid::Uuid;
 
-/// The cookie of a portal session (path `/portal`).
-pub(crate) const PORTAL_COOKIE: &str = "tally_portal";
-/// The cookie of a console session (path `/console`).
-pub(crate) const CONSOLE_COOKIE: &str = "tally_console";
+/// Which pages a session opens: its row's `kind`, its cookie, and where it lives.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Kind {
+    Portal,
+    Console,
+}
+
+impl Kind {
+    pub(crate) fn as_str(self) -> &'static str {
+        match self {
+            Kind::Portal => "portal",
+            Kind::Console => "console",
+        }
+    }
+
+    /// Its cookie's name.
+    pub(crate) fn cookie(self) -> &'static str {
+        match self {
+            Kind::Portal => "tally_portal",
+            Kind::Console => "tally_console",
+        }
+    }
+
+    /// Its pages' path: the cookie's `Path`, and the first page a session opens on.
+    pub(crate) fn home(self) -> &'static str {
+        match self {
+            Kind::Portal => "/portal",
+            Kind::Console => "/console",
+        }
+    }
+}
 
 /// A live session, as a page needs it.
 #[derive(Debug, Clone)]
@@ -115,7 +142,7 @@ pub(crate) async fn peek_portal_link(
 /// already used, expired or revoked opens nothing.
 pub(crate) async fn exchange_link(
     pool: &PgPool,
-    kind: &str,
+    kind: Kind,
     link: &str,
 ) -> Result<Option<(Session, String)>, sqlx::Error> {
     let cookie = new_secret();
@@ -127,7 +154,7 @@ pub(crate) async fn exchange_link(
     )
     .bind(digest(link))
     .bind(digest(&cookie))
-    .bind(kind)
+    .bind(kind.as_str())
     .fetch_optional(pool)
     .await?;
     Ok(row.map(|row| (row.into(), cookie)))
@@ -162,7 +189,7 @@ pub(crate) async fn open_console(
 /// The live session of `kind` a cookie's secret opens.
 pub(crate) async fn find(
     pool: &PgPool,
-    kind: &str,
+    kind: Kind,
     cookie: &str,
 ) -> Result<Option<Session>, sqlx::Error> {
     let row: Option<SessionRow> = sqlx::query_as(
@@ -171,20 +198,20 @@ pub(crate) async fn find(
          WHERE cookie_sha256 = $1 AND kind = $2 AND revoked_at IS NULL AND expires_at > now()",
     )
     .bind(digest(cookie))
-    .bind(kind)
+    .bind(kind.as_str())
     .fetch_optional(pool)
     .await?;
     Ok(row.map(Session::from))
 }
 
 /// Ends a session (logout, or an admin's revocation). Whether there was a live one.
-pub(crate) async fn revoke(pool: &PgPool, kind: &str, id: &str) -> Result<bool, sqlx::Error> {
+pub(crate) async fn revoke(pool: &PgPool, kind: Kind, id: &str) -> Result<bool, sqlx::Error> {
     let done = sqlx::query(
         "UPDATE web_sessions SET revoked_at = now()
          WHERE id = $1::uuid AND kind = $2 AND revoked_at IS NULL AND expires_at > now()",
     )
     .bind(id)
-    .bind(kind)
+    .bind(kind.as_str())
     .execute(pool)
     .await?;
     Ok(done.rows_affected() == 1)
@@ -266,14 +293,14 @@ mod tests {
             header::COOKIE,
             HeaderValue::from_static("x_tally_portal=no; tally_portal=yes; other=1"),
         );
-        assert_eq!(cookie(&headers, PORTAL_COOKIE), Some("yes"));
-        assert_eq!(cookie(&headers, CONSOLE_COOKIE), None);
+        assert_eq!(cookie(&headers, Kind::Portal.cookie()), Some("yes"));
+        assert_eq!(cookie(&headers, Kind::Console.cookie()), None);
         headers.insert(
             header::COOKIE,
             HeaderValue::from_static("tally_portal=mine; tally_portal=tossed"),
         );
         assert_eq!(
-            cookie(&headers, PORTAL_COOKIE),
+            cookie(&headers, Kind::Portal.cookie()),
             None,
             "two: neither is trusted"
         );
