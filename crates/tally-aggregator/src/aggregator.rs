@@ -45,6 +45,8 @@ use crate::watchdog::{self, Member};
 const KAFKA_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long one attempt to take assigned partitions in Postgres may take.
 const TAKE_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a poll waits while a lane's commit is in flight: how soon its landing is noticed.
+const COMMIT_POLL: Duration = Duration::from_millis(1);
 /// After a fenced batch, how long before the partitions are taken again (a rebalance that
 /// moved them elsewhere arrives in the meantime).
 const RETAKE_DELAY: Duration = Duration::from_secs(5);
@@ -524,11 +526,19 @@ impl Aggregator {
 
     /// How long `poll` may wait: until the oldest batch being built is due, at most 100 ms.
     fn poll_wait(&self, run: &RunState) -> Duration {
-        let oldest = run.lanes.iter().filter_map(|l| l.building.opened).min();
-        let wait = oldest.map_or(self.config.batch_max_wait, |opened| {
-            self.config.batch_max_wait.saturating_sub(opened.elapsed())
-        });
-        wait.min(Duration::from_millis(100))
+        let mut wait = Duration::from_millis(100);
+        for lane in &run.lanes {
+            if lane.in_flight.is_some() {
+                // Nothing launches on this lane before its commit lands, and only a poll
+                // notices that: poll again soon, but never with no wait at all, or a loop
+                // whose lanes are all paused for their commits spins and takes the core
+                // Postgres needs to finish them (36% of the aggregator's time at 50k events/s).
+                wait = wait.min(COMMIT_POLL);
+            } else if let Some(opened) = lane.building.opened {
+                wait = wait.min(self.config.batch_max_wait.saturating_sub(opened.elapsed()));
+            }
+        }
+        wait
     }
 
     /// After a rebalance (or a fenced batch): settles the commits in flight, drops what was

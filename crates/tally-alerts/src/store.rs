@@ -123,7 +123,7 @@ pub async fn create_rule(
     .fetch_one(&mut *tx)
     .await?;
     // Evaluated at once, not at the customer's next usage.
-    tally_db::changes::record(&mut tx, &[(customer, "")]).await?;
+    tally_db::changes::record(&mut tx, &[customer]).await?;
     tx.commit().await?;
     Ok(rule_of(row))
 }

@@ -30,6 +30,16 @@ pub struct ServeConfig {
     /// for every check waiting. At least `refresh`.
     #[serde(with = "tally_core::duration")]
     pub max_staleness: Duration,
+    /// Follow Postgres's change feed (LISTEN `tally_changes`, migration 0019): a customer is
+    /// reloaded when its usage, credits, subscription or override changed, within milliseconds
+    /// of the commit, and not on a timer. Needs a connection that can LISTEN (not a pooler in
+    /// transaction mode); while the feed is silent for 3 s the cache falls back to `refresh`
+    /// and `max_staleness`.
+    pub change_feed: bool,
+    /// While the change feed is trusted, the oldest state a check decides on: the bound
+    /// should a writer ever change a customer without notifying.
+    #[serde(with = "tally_core::duration")]
+    pub feed_max_age: Duration,
     /// Most customers the quota cache holds; beyond, the least recently checked are evicted.
     pub max_cached_customers: usize,
     /// API tokens (`[[serve.tokens]]`), stored as SHA-256 hashes: `tally tokens create`.
@@ -61,6 +71,8 @@ impl Default for ServeConfig {
             admin_listen: String::new(),
             refresh: Duration::from_millis(250),
             max_staleness: Duration::from_secs(1),
+            change_feed: true,
+            feed_max_age: tally_quota::QuotaOptions::DEFAULT_FEED_MAX_AGE,
             max_cached_customers: 1_000_000,
             tokens: Vec::new(),
             stripe_webhook_secret: Secret::default(),
@@ -374,6 +386,13 @@ impl ServeConfig {
                 "serve.max_staleness ({}) is shorter than serve.refresh ({}): checks would wait for a load every time; make it at least refresh (e.g. 4 × refresh)",
                 tally_core::duration::format(self.max_staleness),
                 tally_core::duration::format(self.refresh)
+            ));
+        }
+        if self.feed_max_age < self.max_staleness || self.feed_max_age > Duration::from_secs(3600) {
+            return Err(format!(
+                "serve.feed_max_age ({}) must be between serve.max_staleness ({}) and 1 hour: it bounds how old the state a check decides on may be while the change feed is trusted (default \"2min\")",
+                tally_core::duration::format(self.feed_max_age),
+                tally_core::duration::format(self.max_staleness)
             ));
         }
         for token in &self.tokens {

@@ -546,9 +546,7 @@ async fn deliveries_of_real_firings_are_listed_by_status_in_pages() {
     .execute(&mut *tx)
     .await
     .unwrap();
-    tally_db::changes::record(&mut tx, &[("acme", "api_calls")])
-        .await
-        .unwrap();
+    tally_db::changes::record(&mut tx, &["acme"]).await.unwrap();
     tx.commit().await.unwrap();
     let rates = RateCard::load(&api.pool).await.unwrap();
     let evaluation = tally_alerts::evaluate_once(&api.pool, &rates, Utc::now())
@@ -898,9 +896,7 @@ async fn endpoints_get_only_their_customers_and_types_and_a_rotated_secret_signs
     .execute(&mut *tx)
     .await
     .unwrap();
-    tally_db::changes::record(&mut tx, &[("acme", "api_calls")])
-        .await
-        .unwrap();
+    tally_db::changes::record(&mut tx, &["acme"]).await.unwrap();
     tx.commit().await.unwrap();
     let rates = RateCard::load(&api.pool).await.unwrap();
     let evaluation = tally_alerts::evaluate_once(&api.pool, &rates, Utc::now())
@@ -982,7 +978,7 @@ async fn a_customer_whose_override_no_longer_fits_is_set_aside_and_the_others_go
         .execute(&mut *tx)
         .await
         .unwrap();
-        tally_db::changes::record(&mut tx, &[(customer, "api_calls")])
+        tally_db::changes::record(&mut tx, &[customer])
             .await
             .unwrap();
     }

@@ -230,7 +230,7 @@ async fn burn_queued(pool: &PgPool, rates: &RateCard) -> Result<BurnReport, sqlx
         set_aside_customers.insert(customer, ENTRIES_REFUSED);
     }
     report.entries = entries.customers.len();
-    let moved: Vec<(&str, &str)> = report.customers.iter().map(|c| (c.as_str(), "")).collect();
+    let moved: Vec<&str> = report.customers.iter().map(String::as_str).collect();
     tally_db::changes::record(&mut tx, &moved).await?;
     for (customer, why) in &set_aside_customers {
         for (_, ids) in by_customer[customer].values() {

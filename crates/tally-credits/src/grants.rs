@@ -379,7 +379,7 @@ pub(crate) async fn grant_in(
     .fetch_one(&mut *tx)
     .await?;
     let mut grant = Grant::from(row);
-    tally_db::changes::record(tx, &[(grant.customer.as_str(), "")]).await?;
+    tally_db::changes::record(tx, &[grant.customer.as_str()]).await?;
     // The grant entry brings remaining from 0 to the amount (the ledger moves it).
     record(
         tx,
@@ -463,7 +463,7 @@ pub async fn void_in(
         });
     }
     // The void entry brings remaining to 0 (the ledger moves it).
-    tally_db::changes::record(tx, &[(customer, "")]).await?;
+    tally_db::changes::record(tx, &[customer]).await?;
     record(tx, customer, grant_id, "void", -grant.remaining, actor).await?;
     let voided: GrantRow = sqlx::query_as(&format!(
         "UPDATE credit_grants SET closed_at = now(), closed_as = 'voided'

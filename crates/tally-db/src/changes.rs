@@ -1,20 +1,23 @@
 //! `customer_changes`, the one owner: customers whose usage or credits just changed, written
 //! in the transaction that changed them (the aggregator's batch, a burn, a grant) and taken by
-//! the alert evaluator, which re-evaluates those customers' rules.
+//! the alert evaluator, which re-evaluates those customers' rules. Inserting rows here also
+//! notifies the quota caches (migration 0019's trigger), so this is how a writer says "these
+//! customers' quota state changed".
 
 use sqlx::PgConnection;
 
-/// Records that these (customer, meter) pairs changed; `meter` is `''` for credits.
-pub async fn record(tx: &mut PgConnection, changes: &[(&str, &str)]) -> Result<(), sqlx::Error> {
-    if changes.is_empty() {
+/// Records that these customers' usage or credits changed: one row each (`meter` is left
+/// `''`: the evaluator re-evaluates a customer's every rule, so naming the meters only tripled
+/// the rows a batch writes).
+pub async fn record(tx: &mut PgConnection, customers: &[&str]) -> Result<(), sqlx::Error> {
+    if customers.is_empty() {
         return Ok(());
     }
     sqlx::query(
         "INSERT INTO customer_changes (customer_id, meter)
-         SELECT * FROM unnest($1::text[], $2::text[])",
+         SELECT c, '' FROM unnest($1::text[]) AS c",
     )
-    .bind(changes.iter().map(|c| c.0).collect::<Vec<_>>())
-    .bind(changes.iter().map(|c| c.1).collect::<Vec<_>>())
+    .bind(customers)
     .execute(&mut *tx)
     .await?;
     Ok(())

@@ -54,6 +54,7 @@ mod customers;
 mod decision;
 mod entry;
 mod error;
+mod feed;
 #[cfg(any(test, feature = "testing"))]
 mod hooks;
 mod load;
@@ -97,14 +98,24 @@ pub struct QuotaOptions {
     /// How long a failed load is answered with its error before Postgres is asked again.
     pub failed_load_ttl: Duration,
     /// The oldest cached state a check may decide on (`serve.max_staleness`); older state is
-    /// loaded again before the answer. At least `refresh`.
+    /// loaded again before the answer. At least `refresh`. While the change feed is trusted,
+    /// `feed_max_age` bounds it instead.
     pub max_staleness: Duration,
+    /// Follow the change feed (`serve.change_feed`, on by default; see `check/feed.rs`):
+    /// reload a customer when Postgres says it changed, instead of every `refresh`.
+    pub change_feed: bool,
+    /// The oldest state a check decides on while the change feed is trusted
+    /// (`serve.feed_max_age`, 2 minutes): a bound should a writer change a customer without
+    /// notifying (a hand-written SQL update of usage); customers checked are reloaded in the
+    /// background once their state is half this old.
+    pub feed_max_age: Duration,
 }
 
 impl QuotaOptions {
     pub const DEFAULT_MAX_CUSTOMERS: usize = 1_000_000;
     pub const DEFAULT_MAX_CONCURRENT_LOADS: usize = 4;
     pub const DEFAULT_FAILED_LOAD_TTL: Duration = Duration::from_secs(1);
+    pub const DEFAULT_FEED_MAX_AGE: Duration = Duration::from_secs(120);
 
     /// The defaults, with this refresh interval (and `max_staleness` four times it, at least
     /// a second).
@@ -115,6 +126,8 @@ impl QuotaOptions {
             max_concurrent_loads: QuotaOptions::DEFAULT_MAX_CONCURRENT_LOADS,
             failed_load_ttl: QuotaOptions::DEFAULT_FAILED_LOAD_TTL,
             max_staleness: (refresh * 4).max(Duration::from_secs(1)),
+            change_feed: true,
+            feed_max_age: QuotaOptions::DEFAULT_FEED_MAX_AGE,
         }
     }
 }
@@ -146,6 +159,9 @@ impl Quota {
         let cache = Arc::new(CacheState::new(pool, options));
         let stop = CancellationToken::new();
         refresher::start(&cache, stop.clone());
+        if cache.options.change_feed {
+            feed::start(&cache, stop.clone());
+        }
         Ok(Quota {
             cache,
             lookups: Lookups::register(),
@@ -345,11 +361,19 @@ impl Quota {
         self.cache.touch(&cached, now);
         let age = now.saturating_duration_since(cached.loaded);
         let options = &self.cache.options;
+        // While the change feed keeps this entry current, it is reloaded when it changes, and
+        // the timer is only a bound; otherwise the timer is all there is.
+        let (max_age, refresh) =
+            if options.change_feed && self.cache.feed.keeps_current(cached.loaded, now) {
+                (options.feed_max_age, options.feed_max_age / 2)
+            } else {
+                (options.max_staleness, options.refresh)
+            };
         let must_load = match &cached.state {
             CustomerState::Live(live) => {
-                age >= options.max_staleness || live.reload_at.is_some_and(|at| Utc::now() >= at)
+                age >= max_age || live.reload_at.is_some_and(|at| Utc::now() >= at)
             }
-            CustomerState::NoSubscription => age >= options.max_staleness,
+            CustomerState::NoSubscription => age >= max_age,
             CustomerState::LoadFailed(_) => age >= options.failed_load_ttl,
             CustomerState::Invalidated => true,
         };
@@ -359,7 +383,7 @@ impl Quota {
         }
         self.lookups.hit.increment(1);
         let failed = matches!(cached.state, CustomerState::LoadFailed(_));
-        if age >= options.refresh && !failed {
+        if age >= refresh && !failed {
             self.cache.queue_reload(customer, &cached);
         }
         cached

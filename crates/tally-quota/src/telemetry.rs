@@ -21,6 +21,14 @@ pub const CACHE_EVICTIONS: &str = "tally_quota_cache_evictions_total";
 /// longer fits the plan, usage beyond a decimal): their checks answer the error.
 pub const CACHE_CUSTOMER_FAILURES: &str = "tally_quota_cache_customer_failures_total";
 
+/// Notifications the change feed delivered (migration 0019): each names customers whose
+/// usage, credits, subscription or override changed, or says a plan changed.
+pub const CHANGE_NOTIFICATIONS: &str = "tally_quota_change_notifications_total";
+
+pub(crate) fn change_notification() {
+    metrics::counter!(CHANGE_NOTIFICATIONS).increment(1);
+}
+
 pub(crate) fn cached_customers(count: usize) {
     metrics::gauge!(CACHED_CUSTOMERS).set(count as f64);
 }
@@ -51,6 +59,7 @@ impl Lookups {
             metrics::counter!(CACHE_LOADS, "kind" => kind).increment(0);
         }
         metrics::counter!(CACHE_EVICTIONS).increment(0);
+        metrics::counter!(CHANGE_NOTIFICATIONS).increment(0);
         metrics::counter!(CACHE_CUSTOMER_FAILURES).increment(0);
         metrics::describe_counter!(
             CACHE_LOOKUPS,

@@ -126,6 +126,8 @@ pub(crate) fn run(config: &TallyConfig) -> anyhow::Result<()> {
             QuotaOptions {
                 max_customers: serve.max_cached_customers,
                 max_staleness: serve.max_staleness,
+                change_feed: serve.change_feed,
+                feed_max_age: serve.feed_max_age,
                 ..QuotaOptions::new(serve.refresh)
             },
         )

@@ -80,13 +80,10 @@ pub(super) async fn apply(
     let days = fold(counted.iter().copied(), Granularity::Day);
     let windows = minutes.len() as u64;
     record_slot_changes(tx, &minutes).await?;
-    // The customers whose usage changed, for the alert evaluator: one row per customer and
-    // meter, from the folded windows (not from every event).
-    let changed: BTreeSet<(&str, &str)> = minutes
-        .iter()
-        .map(|d| (d.key.customer.as_str(), d.key.meter.as_str()))
-        .collect();
-    let changed: Vec<(&str, &str)> = changed.into_iter().collect();
+    // The customers whose usage changed, for the alert evaluator and the quota caches: one
+    // row per customer, from the folded windows (not from every event).
+    let changed: BTreeSet<&str> = minutes.iter().map(|d| d.key.customer.as_str()).collect();
+    let changed: Vec<&str> = changed.into_iter().collect();
     tally_db::changes::record(tx, &changed).await?;
     let priced_usage = priced_usage(&minutes, priced_meters);
     upsert_windows(tx, Granularity::Minute, minutes).await?;

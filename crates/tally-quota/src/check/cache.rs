@@ -16,6 +16,7 @@ use tokio::sync::Notify;
 
 use super::customers::Customers;
 use super::entry::{Cached, CustomerState};
+use super::feed::Feed;
 use super::single_flight::SingleFlight;
 use super::{QuotaError, QuotaOptions};
 use tally_billing::plan::Entitlements;
@@ -70,6 +71,8 @@ pub(super) struct CacheState {
     pub(super) due: Mutex<Vec<String>>,
     /// Wakes the refresher (also on drop, to let it end).
     pub(super) wake: Arc<Notify>,
+    /// The change feed: which customers changed, and whether it can be trusted (`feed.rs`).
+    pub(super) feed: Feed,
     /// The start of the cache's clock ([`CacheState::tick`]).
     epoch: Instant,
     pub(super) counters: Counters,
@@ -88,6 +91,7 @@ impl CacheState {
             single_flight: SingleFlight::new(options.max_concurrent_loads),
             due: Mutex::new(Vec::new()),
             wake: Arc::new(Notify::new()),
+            feed: Feed::new(),
             epoch: Instant::now(),
             counters: Counters::default(),
             options,
@@ -209,20 +213,34 @@ impl CacheState {
         self.wake.notify_one();
     }
 
-    /// Takes up to `most` of the customers queued since the last batch, oldest first.
+    /// Takes up to `most` of the customers due: those the change feed named first, then
+    /// those queued because their state grew old, oldest first. Each once.
     pub(super) fn take_due(&self, most: usize) -> Vec<String> {
+        let mut taken = self.feed.take_changed(most);
         let mut due = self.due.lock().unwrap_or_else(PoisonError::into_inner);
-        let taken = due.len().min(most);
-        due.drain(..taken).collect()
+        let more = due.len().min(most - taken.len());
+        taken.extend(due.drain(..more));
+        drop(due);
+        taken.sort_unstable();
+        taken.dedup();
+        taken
     }
 
     /// Whether customers are still queued after a batch.
     pub(super) fn more_due(&self) -> bool {
-        !self
-            .due
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .is_empty()
+        self.feed.any_changed()
+            || !self
+                .due
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .is_empty()
+    }
+
+    /// Queues every cached customer for a reload (the change feed began listening again, or
+    /// a plan changed).
+    pub(super) fn mark_all_changed(&self) {
+        self.customers
+            .for_each(|customer, _| self.feed.mark_changed(customer));
     }
 
     /// Caches a customer's state, evicting others if the cache is full.

@@ -28,6 +28,13 @@ impl Quota {
         }
     }
 
+    /// Whether the change feed listens and was heard from lately: a customer loaded now would
+    /// be kept current by it.
+    pub fn change_feed_listening(&self) -> bool {
+        let now = Instant::now();
+        self.cache.feed.keeps_current(now, now)
+    }
+
     /// Makes every cached limit's period end now, as at midnight: the next check of each
     /// customer finds its period over.
     pub fn end_periods_now(&self) {

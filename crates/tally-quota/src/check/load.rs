@@ -237,6 +237,9 @@ impl CacheState {
         counters
             .peak_running_loads
             .fetch_max(running as u64, Ordering::Relaxed);
+        // A change notified while this load runs names a customer not cached yet, so the feed
+        // passes it by: had any arrived, the customer is reloaded once more right after.
+        let notifications = self.feed.notifications();
         let loaded = match self.load(vec![customer.to_owned()]).await {
             Ok(mut batch) => batch.pop().expect("one result per customer").cached,
             Err(error) => Err(error),
@@ -251,6 +254,10 @@ impl CacheState {
             Cached::new(CustomerState::LoadFailed(error), failed, self.tick(failed))
         }));
         self.insert(customer, cached.clone());
+        if self.feed.notifications() != notifications {
+            self.feed.mark_changed(customer);
+            self.wake.notify_one();
+        }
         cached
     }
 }

@@ -1,0 +1,271 @@
+//! The change feed: Postgres tells the cache which customers changed, so a check sees a
+//! committed batch within milliseconds and a customer nobody changes costs no reload.
+//!
+//! Every write that changes what a check answers notifies the channel `tally_changes` in its
+//! own transaction (migration 0019: triggers on `customer_changes`, which the aggregator's
+//! batches, burns, grants and voids write; on `subscriptions`, `customer_overrides` and
+//! `plans`). Postgres delivers a notification only after its transaction committed, so a reload
+//! that starts after the notification arrived reads the change.
+//!
+//! One supervised task listens. It also sends itself a heartbeat every second: the feed is
+//! *trusted* only while something (a change or a heartbeat) arrived within [`SILENCE`], and only
+//! for entries loaded since the current connection began listening (notifications sent while
+//! no connection listened are lost; on every new connection all cached customers are reloaded).
+//! While the feed is trusted a cached entry is reloaded when a notification names it, and at
+//! the latest after `feed_max_age` (a bound, should a writer ever change a customer without
+//! notifying); while it is not, the cache falls back to reloading on a timer (`refresh`) and
+//! never deciding on state older than `max_staleness`, as without a feed.
+
+use std::collections::HashSet;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Mutex, PoisonError, Weak};
+use std::time::{Duration, Instant};
+
+use sqlx::postgres::PgListener;
+use sqlx::PgPool;
+use tokio_util::sync::CancellationToken;
+
+use super::cache::CacheState;
+
+/// The channel the writers notify (migration 0019).
+const CHANNEL: &str = "tally_changes";
+/// How often the listener sends itself a heartbeat through the pool.
+const HEARTBEAT: Duration = Duration::from_secs(1);
+/// The feed is trusted while something arrived this recently: three heartbeats.
+pub(super) const SILENCE: Duration = Duration::from_secs(3);
+/// A value of `listening_since` that means "no connection is listening".
+const NOT_LISTENING: u64 = u64::MAX;
+
+/// What the listener knows, shared with the checks and the refresher.
+pub(super) struct Feed {
+    epoch: Instant,
+    /// When something last arrived, in microseconds since `epoch` (0: never).
+    heard: AtomicU64,
+    /// When the current connection began listening, in microseconds since `epoch`.
+    listening_since: AtomicU64,
+    /// Counts the change notifications: a load that saw it move while it ran may have read a
+    /// customer's state from before a change it was not yet cached to be told of.
+    notifications: AtomicU64,
+    /// Customers a notification named, for the refresher's next batch. A set: a customer named
+    /// by many batches while a reload runs is reloaded once more, not once per batch.
+    changed: Mutex<HashSet<String>>,
+}
+
+impl Feed {
+    pub(super) fn new() -> Feed {
+        Feed {
+            epoch: Instant::now(),
+            heard: AtomicU64::new(0),
+            listening_since: AtomicU64::new(NOT_LISTENING),
+            notifications: AtomicU64::new(0),
+            changed: Mutex::default(),
+        }
+    }
+
+    fn micros(&self, at: Instant) -> u64 {
+        u64::try_from(at.saturating_duration_since(self.epoch).as_micros()).unwrap_or(u64::MAX)
+    }
+
+    /// Whether an entry loaded at `loaded` is kept current by the feed at `now`: something
+    /// arrived within [`SILENCE`], and the entry was loaded while the current connection
+    /// listened.
+    pub(super) fn keeps_current(&self, loaded: Instant, now: Instant) -> bool {
+        let heard = self.heard.load(Ordering::Acquire);
+        let since = self.listening_since.load(Ordering::Acquire);
+        since != NOT_LISTENING
+            && heard != 0
+            && self.micros(now).saturating_sub(heard) <= SILENCE.as_micros() as u64
+            && self.micros(loaded) >= since
+    }
+
+    /// The count of change notifications so far (see [`Feed::notifications`]).
+    pub(super) fn notifications(&self) -> u64 {
+        self.notifications.load(Ordering::Acquire)
+    }
+
+    /// Queues a customer for the refresher's next batch, whatever its entry says.
+    pub(super) fn mark_changed(&self, customer: &str) {
+        self.changed_set().insert(customer.to_owned());
+    }
+
+    /// Takes up to `most` of the customers notifications named.
+    pub(super) fn take_changed(&self, most: usize) -> Vec<String> {
+        let mut changed = self.changed_set();
+        let taken: Vec<String> = changed.iter().take(most).cloned().collect();
+        for customer in &taken {
+            changed.remove(customer);
+        }
+        taken
+    }
+
+    pub(super) fn any_changed(&self) -> bool {
+        !self.changed_set().is_empty()
+    }
+
+    fn changed_set(&self) -> std::sync::MutexGuard<'_, HashSet<String>> {
+        self.changed.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn heard_now(&self) {
+        self.heard
+            .store(self.micros(Instant::now()).max(1), Ordering::Release);
+    }
+
+    fn listening(&self, since: Option<Instant>) {
+        let since = since.map_or(NOT_LISTENING, |at| self.micros(at));
+        self.listening_since.store(since, Ordering::Release);
+    }
+}
+
+/// What one notification says.
+#[derive(Debug, PartialEq, Eq)]
+pub(super) enum Notice<'a> {
+    Customers(Vec<&'a str>),
+    Everyone,
+    Heartbeat,
+    /// A payload this version does not know (a newer writer): treated as "everyone", the
+    /// safe reading.
+    Unknown,
+}
+
+pub(super) fn parse(payload: &str) -> Notice<'_> {
+    let mut lines = payload.split('\n');
+    match lines.next() {
+        Some("") if payload.is_empty() => Notice::Heartbeat,
+        Some("customers") => Notice::Customers(lines.filter(|c| !c.is_empty()).collect()),
+        Some("everyone") => Notice::Everyone,
+        _ => Notice::Unknown,
+    }
+}
+
+/// Starts the listener under `tally_runtime::supervise` (restarted with backoff if its
+/// connection cannot be had). It holds the cache weakly and ends once the `Quota` is dropped.
+pub(super) fn start(cache: &std::sync::Arc<CacheState>, stop: CancellationToken) {
+    let weak = std::sync::Arc::downgrade(cache);
+    let pool = cache.pool.clone();
+    tally_runtime::supervise("quota_change_feed", stop.clone(), move || {
+        let (weak, pool, stop) = (weak.clone(), pool.clone(), stop.clone());
+        async move {
+            let result = tokio::select! {
+                result = listen(&weak, &pool) => result,
+                () = heartbeat(&pool) => Ok(()),
+                () = stop.cancelled() => Ok(()),
+            };
+            if let Some(cache) = weak.upgrade() {
+                cache.feed.listening(None);
+            }
+            result.map_err(|error| format!("the quota cache's change feed: {error}"))
+        }
+    });
+}
+
+async fn listen(cache: &Weak<CacheState>, pool: &PgPool) -> Result<(), sqlx::Error> {
+    let mut listener = PgListener::connect_with(pool).await?;
+    listener.listen(CHANNEL).await?;
+    let Some(state) = cache.upgrade() else {
+        return Ok(());
+    };
+    began_listening(&state);
+    drop(state);
+    loop {
+        let notification = listener.try_recv().await?;
+        let Some(cache) = cache.upgrade() else {
+            return Ok(());
+        };
+        let Some(notification) = notification else {
+            // The connection was lost and a new one listens: what was sent in between is lost.
+            tracing::info!(
+                "the quota cache's change feed reconnected; reloading every cached customer"
+            );
+            began_listening(&cache);
+            continue;
+        };
+        cache.feed.heard_now();
+        match parse(notification.payload()) {
+            Notice::Heartbeat => continue,
+            Notice::Customers(customers) => {
+                cache.feed.notifications.fetch_add(1, Ordering::AcqRel);
+                for customer in customers {
+                    if cache.get(customer).is_some() {
+                        cache.feed.mark_changed(customer);
+                    }
+                }
+            }
+            Notice::Everyone | Notice::Unknown => {
+                cache.feed.notifications.fetch_add(1, Ordering::AcqRel);
+                cache.mark_all_changed();
+            }
+        }
+        crate::telemetry::change_notification();
+        cache.wake.notify_one();
+    }
+}
+
+/// A new connection listens: entries loaded before it may have missed changes, so every cached
+/// customer is reloaded, and entries are trusted only once loaded from now on.
+fn began_listening(cache: &CacheState) {
+    let now = Instant::now();
+    cache.feed.listening(Some(now));
+    cache.feed.heard_now();
+    cache.mark_all_changed();
+    cache.wake.notify_one();
+}
+
+/// Sends an empty notification every [`HEARTBEAT`], so a listener that hears nothing knows its
+/// connection no longer delivers (within [`SILENCE`]) even when nothing changes.
+async fn heartbeat(pool: &PgPool) {
+    let mut every = tokio::time::interval(HEARTBEAT);
+    every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        every.tick().await;
+        let sent = tokio::time::timeout(
+            HEARTBEAT,
+            sqlx::query("SELECT pg_notify($1, '')")
+                .bind(CHANNEL)
+                .execute(pool),
+        )
+        .await;
+        if let Ok(Err(error)) = sent {
+            tracing::debug!(%error, "the quota cache's change feed heartbeat failed");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn payloads_are_read_as_written_by_migration_0019() {
+        assert_eq!(parse(""), Notice::Heartbeat);
+        assert_eq!(parse("everyone"), Notice::Everyone);
+        assert_eq!(
+            parse("customers\nacme\neveryone\n*"),
+            Notice::Customers(vec!["acme", "everyone", "*"])
+        );
+        assert_eq!(parse("customers"), Notice::Customers(vec![]));
+        assert_eq!(parse("something new"), Notice::Unknown);
+    }
+
+    #[test]
+    fn the_feed_keeps_current_only_what_was_loaded_while_it_listens_and_speaks() {
+        let feed = Feed::new();
+        let before = Instant::now();
+        assert!(!feed.keeps_current(before, before), "never listened");
+        std::thread::sleep(Duration::from_millis(2));
+        feed.listening(Some(Instant::now()));
+        feed.heard_now();
+        let now = Instant::now();
+        assert!(feed.keeps_current(now, now));
+        assert!(
+            !feed.keeps_current(before, now),
+            "loaded before it listened"
+        );
+        assert!(
+            !feed.keeps_current(now, now + SILENCE + Duration::from_millis(10)),
+            "silent too long"
+        );
+        feed.listening(None);
+        assert!(!feed.keeps_current(now, now));
+    }
+}
