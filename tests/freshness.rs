@@ -197,15 +197,14 @@ fn main() {
         );
 
         if let Ok(path) = std::env::var("TALLY_BENCH_TRACE") {
-            let mut lines: Vec<String> = trace
-                .lock()
-                .unwrap()
+            let mut trace = trace.lock().unwrap().clone();
+            trace.sort();
+            let lines: Vec<String> = trace
                 .iter()
                 .map(|(at, micros)| {
                     format!("{:.3} {:.1}", at.as_secs_f64(), *micros as f64 / 1000.0)
                 })
                 .collect();
-            lines.sort_by(|a, b| a.partial_cmp(b).unwrap());
             std::fs::write(&path, lines.join("\n")).unwrap();
             std::fs::write(format!("{path}.aggregate.log"), work.log("aggregate")).unwrap();
         }

@@ -1,9 +1,13 @@
 //! The quota check services call in their request path: the [`Quota`] handle.
 //!
 //! A customer's subscription, entitlements and current-period usage are loaded once and kept
-//! in a local cache, reloaded in the background every `refresh` (`serve.refresh`, 250 ms by
-//! default) while checks go on answering from the cached state. **No check decides on state
-//! older than `max_staleness`** (`serve.max_staleness`, 1 s by default): a customer whose state
+//! in a local cache. Postgres says which customers changed (the change feed, `check/feed.rs`):
+//! while the feed is heard, a customer is reloaded in the background when a write that changes
+//! it commits, and otherwise not before `feed_max_age` (2 min). Without the feed (silent for 3 s,
+//! or `change_feed` off) the cache works on a timer: a customer being checked is reloaded in the
+//! background every `refresh` (`serve.refresh`, 250 ms by default) while checks go on answering
+//! from the cached state, and **no check decides on state older than `max_staleness`**
+//! (`serve.max_staleness`, 1 s by default): a customer whose state
 //! is older (the first check after a quiet spell, or reloads that fell behind) is loaded again
 //! before the answer, one load for every check waiting, and a load that fails is answered as
 //! an error (503), never from the old state. So a balance burned or a limit reached elsewhere
@@ -92,8 +96,9 @@ pub struct QuotaOptions {
     /// which fill unevenly: eviction starts a little before the total is reached (about 98%).
     pub max_customers: usize,
     /// Most loads checks wait for running at once (first checks, mostly), each on a Postgres
-    /// connection: keep it below the pool's size, so that a flood of checks for unknown
-    /// customers leaves connections to the refresher, webhooks and ingestion.
+    /// connection: keep it below the pool's size less one (the change feed's listener holds
+    /// one), so that a flood of checks for unknown customers leaves connections to the
+    /// refresher, webhooks and ingestion.
     pub max_concurrent_loads: usize,
     /// How long a failed load is answered with its error before Postgres is asked again.
     pub failed_load_ttl: Duration,
@@ -101,8 +106,10 @@ pub struct QuotaOptions {
     /// loaded again before the answer. At least `refresh`. While the change feed is trusted,
     /// `feed_max_age` bounds it instead.
     pub max_staleness: Duration,
-    /// Follow the change feed (`serve.change_feed`, on by default; see `check/feed.rs`):
-    /// reload a customer when Postgres says it changed, instead of every `refresh`.
+    /// Follow the change feed (`serve.change_feed`, on by default there; off in
+    /// [`QuotaOptions::new`], since the listener holds one of the pool's connections for
+    /// good; see `check/feed.rs`): reload a customer when Postgres says it changed, instead of
+    /// every `refresh`.
     pub change_feed: bool,
     /// The oldest state a check decides on while the change feed is trusted
     /// (`serve.feed_max_age`, 2 minutes): a bound should a writer change a customer without
@@ -126,7 +133,7 @@ impl QuotaOptions {
             max_concurrent_loads: QuotaOptions::DEFAULT_MAX_CONCURRENT_LOADS,
             failed_load_ttl: QuotaOptions::DEFAULT_FAILED_LOAD_TTL,
             max_staleness: (refresh * 4).max(Duration::from_secs(1)),
-            change_feed: true,
+            change_feed: false,
             feed_max_age: QuotaOptions::DEFAULT_FEED_MAX_AGE,
         }
     }
@@ -363,11 +370,28 @@ impl Quota {
         let options = &self.cache.options;
         // While the change feed keeps this entry current, it is reloaded when it changes, and
         // the timer is only a bound; otherwise the timer is all there is.
-        let (max_age, refresh) =
-            if options.change_feed && self.cache.feed.keeps_current(cached.loaded, now) {
-                (options.feed_max_age, options.feed_max_age / 2)
+        let feed = &self.cache.feed;
+        let (max_age, refresh, age) =
+            if options.change_feed && feed.keeps_current(cached.loaded, now) {
+                (options.feed_max_age, options.feed_max_age / 2, age)
             } else {
-                (options.max_staleness, options.refresh)
+                // The timer's rules, with the age counted from when the feed last vouched for the
+                // entry, and 3 s more allowed before a check must wait for a load: a feed that
+                // falls silent then does not make every entry too old at once (a stampede of
+                // loads on the pool the feed's heartbeat needs), while the refresher reloads the
+                // customers being checked in the background.
+                let vouched = options
+                    .change_feed
+                    .then(|| feed.current_as_of(cached.loaded))
+                    .flatten();
+                match vouched {
+                    Some(as_of) => (
+                        options.max_staleness + feed::SILENCE,
+                        options.refresh,
+                        now.saturating_duration_since(as_of),
+                    ),
+                    None => (options.max_staleness, options.refresh, age),
+                }
             };
         let must_load = match &cached.state {
             CustomerState::Live(live) => {

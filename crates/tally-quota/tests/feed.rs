@@ -54,6 +54,15 @@ async fn wait_for(quota: &Quota, customer: &str, want: i64, within: Duration) ->
     None
 }
 
+/// A cache following the feed, with the timer's defaults (250 ms refresh, 1 s staleness).
+async fn with_feed(pool: &sqlx::PgPool) -> Quota {
+    let options = QuotaOptions {
+        change_feed: true,
+        ..QuotaOptions::new(Duration::from_millis(250))
+    };
+    Quota::with_options(pool.clone(), options).await.unwrap()
+}
+
 async fn listening(quota: &Quota) {
     let started = Instant::now();
     while !quota.change_feed_listening() {
@@ -72,9 +81,7 @@ async fn listening(quota: &Quota) {
 async fn a_committed_change_is_seen_at_once_and_an_unchanged_customer_is_not_reloaded() {
     let db = fresh_database().await;
     let customers = unlimited_customers(&db.pool, 2).await;
-    let quota = Quota::new(db.pool.clone(), Duration::from_millis(250))
-        .await
-        .unwrap();
+    let quota = with_feed(&db.pool).await;
     listening(&quota).await;
     assert_eq!(used(&quota, &customers[0]).await, Decimal::ZERO);
     assert_eq!(used(&quota, &customers[1]).await, Decimal::ZERO);
@@ -119,6 +126,7 @@ async fn a_change_made_while_the_listener_was_cut_off_is_seen_after_it_reconnect
         db.pool.clone(),
         QuotaOptions {
             max_staleness: Duration::from_secs(60),
+            change_feed: true,
             ..QuotaOptions::new(Duration::from_secs(60))
         },
     )
@@ -154,9 +162,7 @@ async fn a_change_made_while_the_listener_was_cut_off_is_seen_after_it_reconnect
 async fn notifications_for_customers_not_cached_load_nothing() {
     let db = fresh_database().await;
     let customers = unlimited_customers(&db.pool, 1).await;
-    let quota = Quota::new(db.pool.clone(), Duration::from_millis(250))
-        .await
-        .unwrap();
+    let quota = with_feed(&db.pool).await;
     listening(&quota).await;
     let mut tx = db.pool.begin().await.unwrap();
     let strangers: Vec<String> = (0..5000).map(|i| format!("stranger-{i}")).collect();
@@ -172,4 +178,127 @@ async fn notifications_for_customers_not_cached_load_nothing() {
         (0, 0, 0)
     );
     assert_eq!(used(&quota, &customers[0]).await, Decimal::ZERO);
+}
+
+/// A reload that fails (Postgres refuses the batch) takes the customer's change mark with it:
+/// it is put back and tried again, so the change is seen without another notification.
+#[tokio::test]
+async fn a_change_whose_reload_failed_is_reloaded_again_without_another_notification() {
+    let db = fresh_database().await;
+    let customers = unlimited_customers(&db.pool, 1).await;
+    let quota = with_feed(&db.pool).await;
+    listening(&quota).await;
+    assert_eq!(used(&quota, &customers[0]).await, Decimal::ZERO);
+
+    sqlx::query("ALTER TABLE usage_daily RENAME TO usage_daily_away")
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    let mut tx = db.pool.begin().await.unwrap();
+    tally_db::changes::record(&mut tx, &[customers[0].as_str()])
+        .await
+        .unwrap();
+    tx.commit().await.unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await; // its reload fails meanwhile
+    sqlx::query("ALTER TABLE usage_daily_away RENAME TO usage_daily")
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    commit_usage(&db.pool, &customers[0], 4, false).await;
+    let started = Instant::now();
+    loop {
+        let seen = quota.peek(&customers[0], "api_calls", Decimal::ZERO).await;
+        if let Ok(Decision::Allow { used, .. }) = seen {
+            if used == Decimal::from(4) {
+                break;
+            }
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "the failed reload was never retried"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// What the triggers send, whatever the writer: ids of the longest valid kind come in payloads
+/// Postgres accepts, every id once; an id no valid customer has (written by hand in SQL) says
+/// "everyone" instead of failing the writer; a session with another search_path still writes.
+#[tokio::test]
+async fn the_triggers_notify_every_customer_in_payloads_postgres_accepts() {
+    let db = fresh_database().await;
+    let mut listener = sqlx::postgres::PgListener::connect_with(&db.pool)
+        .await
+        .unwrap();
+    listener.listen("tally_changes").await.unwrap();
+    // 256 characters of 4 bytes each: 1 KiB, the longest valid id.
+    let long: Vec<String> = (0..40)
+        .map(|i| format!("{i:03}{}", "𝔘".repeat(253)))
+        .collect();
+    let mut tx = db.pool.begin().await.unwrap();
+    sqlx::query("SET LOCAL search_path TO pg_catalog")
+        .execute(&mut *tx)
+        .await
+        .unwrap();
+    sqlx::query("INSERT INTO public.customer_changes (customer_id, meter) SELECT c, '' FROM unnest($1::text[]) c")
+        .bind(&long)
+        .execute(&mut *tx)
+        .await
+        .unwrap();
+    tx.commit().await.unwrap();
+    let mut named = std::collections::BTreeSet::new();
+    while named.len() < long.len() {
+        let notification = tokio::time::timeout(Duration::from_secs(5), listener.recv())
+            .await
+            .expect("every customer is notified")
+            .unwrap();
+        let payload = notification.payload();
+        assert!(payload.len() < 8000, "{} bytes", payload.len());
+        let mut lines = payload.split('\n');
+        assert_eq!(lines.next(), Some("customers"));
+        named.extend(lines.map(str::to_owned));
+    }
+    assert_eq!(named, long.iter().cloned().collect());
+
+    let too_long = "x".repeat(5000);
+    sqlx::query("INSERT INTO customer_changes (customer_id, meter) VALUES ($1, ''), ('acme', '')")
+        .bind(&too_long)
+        .execute(&db.pool)
+        .await
+        .expect("the writer's statement still succeeds");
+    let notification = tokio::time::timeout(Duration::from_secs(5), listener.recv())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(notification.payload(), "everyone");
+}
+
+/// Entries kept current by the feed are older than `max_staleness` (1 s) as a rule. When the
+/// feed's connection is cut they are judged from when the feed last vouched for them, so the
+/// checks after it do not all wait for loads at once (a stampede on the pool the feed needs to
+/// come back); the customers are reloaded in the background instead.
+#[tokio::test]
+async fn a_cut_feed_does_not_make_every_check_wait_for_a_load() {
+    let db = fresh_database().await;
+    let customers = unlimited_customers(&db.pool, 200).await;
+    let quota = with_feed(&db.pool).await;
+    listening(&quota).await;
+    for customer in &customers {
+        used(&quota, customer).await;
+    }
+    tokio::time::sleep(Duration::from_millis(2500)).await; // older than max_staleness
+    let waited = quota.cache_counts().waited_loads;
+    let _: Vec<bool> = sqlx::query_scalar(
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity
+         WHERE datname = current_database() AND query ILIKE 'LISTEN%'",
+    )
+    .fetch_all(&db.pool)
+    .await
+    .unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    for customer in &customers {
+        used(&quota, customer).await;
+    }
+    let waited = quota.cache_counts().waited_loads - waited;
+    assert!(waited < 10, "{waited} of 200 checks waited for a load");
 }

@@ -75,6 +75,20 @@ impl Customers {
         evicted
     }
 
+    /// Replaces the customer's entry if it is still cached (and not newer): the refresher's
+    /// insert. A customer evicted while its reload ran stays out, since a change notified
+    /// meanwhile was passed by (the feed ignores customers not cached). Whether it replaced.
+    pub(super) fn replace(&self, customer: &str, cached: Arc<Cached>) -> bool {
+        let mut shard = write(self.shard(customer));
+        match shard.get_mut(customer) {
+            Some(current) if current.loaded <= cached.loaded => {
+                *current = cached;
+                true
+            }
+            _ => false,
+        }
+    }
+
     /// How many customers are cached.
     pub(super) fn len(&self) -> usize {
         self.shards.iter().map(|shard| read(shard).len()).sum()

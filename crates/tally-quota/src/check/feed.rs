@@ -43,6 +43,10 @@ pub(super) struct Feed {
     heard: AtomicU64,
     /// When the current connection began listening, in microseconds since `epoch`.
     listening_since: AtomicU64,
+    /// The connection before: when it began listening and when it was last heard. Entries
+    /// it kept current were current as of then.
+    previous_since: AtomicU64,
+    previous_heard: AtomicU64,
     /// Counts the change notifications: a load that saw it move while it ran may have read a
     /// customer's state from before a change it was not yet cached to be told of.
     notifications: AtomicU64,
@@ -57,6 +61,8 @@ impl Feed {
             epoch: Instant::now(),
             heard: AtomicU64::new(0),
             listening_since: AtomicU64::new(NOT_LISTENING),
+            previous_since: AtomicU64::new(NOT_LISTENING),
+            previous_heard: AtomicU64::new(0),
             notifications: AtomicU64::new(0),
             changed: Mutex::default(),
         }
@@ -78,6 +84,24 @@ impl Feed {
             && self.micros(loaded) >= since
     }
 
+    /// Until when an entry loaded at `loaded` was kept current by the feed: the last time a
+    /// connection that listened since before the load was heard from. `None` if no such
+    /// connection. Without it the timer rules would count an entry's age from its load, and a
+    /// feed falling silent would make every entry too old to decide on at once.
+    pub(super) fn current_as_of(&self, loaded: Instant) -> Option<Instant> {
+        let loaded_at = self.micros(loaded);
+        let windows = [
+            (&self.listening_since, &self.heard),
+            (&self.previous_since, &self.previous_heard),
+        ];
+        windows.into_iter().find_map(|(since, heard)| {
+            let since = since.load(Ordering::Acquire);
+            let heard = heard.load(Ordering::Acquire);
+            (since != NOT_LISTENING && loaded_at >= since && heard > loaded_at)
+                .then(|| self.epoch + Duration::from_micros(heard))
+        })
+    }
+
     /// The count of change notifications so far (see [`Feed::notifications`]).
     pub(super) fn notifications(&self) -> u64 {
         self.notifications.load(Ordering::Acquire)
@@ -86,6 +110,12 @@ impl Feed {
     /// Queues a customer for the refresher's next batch, whatever its entry says.
     pub(super) fn mark_changed(&self, customer: &str) {
         self.changed_set().insert(customer.to_owned());
+    }
+
+    /// Puts back customers whose reload failed, so the refresher tries them again and checks
+    /// do not trust their entries meanwhile.
+    pub(super) fn changed_again(&self, customers: &[String]) {
+        self.changed_set().extend(customers.iter().cloned());
     }
 
     /// Takes up to `most` of the customers notifications named.
@@ -112,6 +142,12 @@ impl Feed {
     }
 
     fn listening(&self, since: Option<Instant>) {
+        let before = self.listening_since.load(Ordering::Acquire);
+        if before != NOT_LISTENING {
+            self.previous_heard
+                .store(self.heard.load(Ordering::Acquire), Ordering::Release);
+            self.previous_since.store(before, Ordering::Release);
+        }
         let since = since.map_or(NOT_LISTENING, |at| self.micros(at));
         self.listening_since.store(since, Ordering::Release);
     }
@@ -154,6 +190,9 @@ pub(super) fn start(cache: &std::sync::Arc<CacheState>, stop: CancellationToken)
             if let Some(cache) = weak.upgrade() {
                 cache.feed.listening(None);
             }
+            if let Err(error) = &result {
+                tracing::warn!(%error, "the quota cache's change feed stopped; until it listens again, checks reload customers on the refresh timer");
+            }
             result.map_err(|error| format!("the quota cache's change feed: {error}"))
         }
     });
@@ -168,7 +207,14 @@ async fn listen(cache: &Weak<CacheState>, pool: &PgPool) -> Result<(), sqlx::Err
     began_listening(&state);
     drop(state);
     loop {
-        let notification = listener.try_recv().await?;
+        // The heartbeat arrives every second: a connection silent for this long is dead or
+        // half-open (a failover, a dropped NAT entry) and would never say so.
+        let Ok(notification) = tokio::time::timeout(SILENCE * 3, listener.try_recv()).await else {
+            return Err(sqlx::Error::Protocol(
+                "nothing, not even the heartbeat, arrived for 9 s".into(),
+            ));
+        };
+        let notification = notification?;
         let Some(cache) = cache.upgrade() else {
             return Ok(());
         };

@@ -32,6 +32,9 @@ pub(super) fn start(cache: &Arc<CacheState>, stop: CancellationToken) {
 /// customers are due at once (after a period ended, every customer active then is).
 const MAX_BATCH: usize = 5000;
 
+/// How long the refresher waits after a batch failed (Postgres away) before the next.
+const RETRY_AFTER_FAILURE: std::time::Duration = std::time::Duration::from_millis(500);
+
 /// Reloads stale customers in batches: whatever became due while the last batch loaded is
 /// loaded together, in two queries, so the cost of keeping N active customers fresh grows with
 /// the batches per second, not with N.
@@ -55,11 +58,13 @@ async fn run(cache: Weak<CacheState>, wake: Arc<Notify>) {
         crate::telemetry::load("background");
         // One customer's bad data (an override that no longer fits, a usage sum beyond a
         // decimal) is that customer's error alone: `load` isolates it.
+        let mut failed = false;
         match cache.load(due.clone()).await {
             Ok(loaded) => {
                 for LoadedCustomer { customer, cached } in loaded {
                     match cached {
-                        Ok(fresh) => cache.insert(&customer, Arc::new(fresh)),
+                        // Only if still cached: one evicted meanwhile may have missed a change.
+                        Ok(fresh) => cache.replace(&customer, Arc::new(fresh)),
                         // This customer's own data (its override no longer fits its plan, its
                         // usage is beyond a decimal): what was cached is no longer true, and
                         // its checks get the error until the data is fixed.
@@ -76,8 +81,17 @@ async fn run(cache: Weak<CacheState>, wake: Arc<Notify>) {
                 for customer in &due {
                     cache.reload_failed(customer);
                 }
+                // Their change marks were taken with the batch: without them the feed would
+                // go on trusting what was cached before the change.
+                cache.feed.changed_again(&due);
+                cache.wake.notify_one();
+                failed = true;
             }
         }
         crate::telemetry::cached_customers(cache.customers.len());
+        drop(cache);
+        if failed {
+            tokio::time::sleep(RETRY_AFTER_FAILURE).await;
+        }
     }
 }
