@@ -209,8 +209,8 @@ fn main() {
             std::fs::write(format!("{path}.aggregate.log"), work.log("aggregate")).unwrap();
         }
         let ms = |h: &Histogram<u64>, q: f64| h.value_at_quantile(q) as f64 / 1000.0;
-        let appended = appended.lock().unwrap();
-        let sent = sent.lock().unwrap();
+        let appended = appended.lock().unwrap().clone();
+        let sent = sent.lock().unwrap().clone();
         let feed = if feed {
             "change feed"
         } else {
@@ -220,11 +220,11 @@ fn main() {
         println!("freshness seconds {seconds}");
         println!("freshness quota_cache {feed}");
         println!("freshness probes {}", appended.len());
-        let committed = committed.lock().unwrap();
+        let committed = committed.lock().unwrap().clone();
         for (name, h) in [
-            ("appended_to_committed", &*committed),
-            ("appended_to_visible", &*appended),
-            ("sent_to_visible", &*sent),
+            ("appended_to_committed", &committed),
+            ("appended_to_visible", &appended),
+            ("sent_to_visible", &sent),
         ] {
             println!(
                 "freshness {name}_ms p50 {:.0} p99 {:.0} p99.9 {:.0} max {:.0}",

@@ -109,6 +109,30 @@ pub async fn projected_balances(
     Ok(balances)
 }
 
+/// When each customer's available credits next change by the clock alone: the next start
+/// (`effective_at`) or expiry (`expires_at`) of one of its open grants after `now`. No write
+/// happens then, so nothing notifies: a cache that holds a balance reloads it at that moment.
+/// Customers with no such moment are absent.
+pub async fn next_balance_changes(
+    pool: &PgPool,
+    customers: &[&str],
+    now: DateTime<Utc>,
+) -> Result<HashMap<String, DateTime<Utc>>, sqlx::Error> {
+    let rows: Vec<(String, DateTime<Utc>)> = sqlx::query_as(
+        "SELECT customer_id, min(least(CASE WHEN effective_at > $2 THEN effective_at END,
+                                      CASE WHEN expires_at > $2 THEN expires_at END))
+         FROM credit_grants
+         WHERE customer_id = ANY($1) AND closed_at IS NULL
+           AND (effective_at > $2 OR expires_at > $2)
+         GROUP BY customer_id",
+    )
+    .bind(customers)
+    .bind(now)
+    .fetch_all(pool)
+    .await?;
+    Ok(rows.into_iter().collect())
+}
+
 /// [`projected_balances`] for a batch in which one customer's data may be beyond what Postgres
 /// can sum (a grant's remaining beyond a 28-digit decimal): those customers are returned
 /// apart, with the error, and everyone else gets their balance.

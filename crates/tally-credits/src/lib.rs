@@ -23,7 +23,9 @@ pub mod queue;
 pub mod rates;
 pub mod telemetry;
 
-pub use balance::{balance, projected_balances, projected_balances_isolating, Balance};
+pub use balance::{
+    balance, next_balance_changes, projected_balances, projected_balances_isolating, Balance,
+};
 pub use burn::{burn_once, settle, start_burner, BurnReport, Settled};
 pub use config::{CreditPack, CreditsConfig, PackPrice, RateDefinition};
 pub use grants::{

@@ -299,3 +299,63 @@ async fn an_invalidation_is_never_overwritten_by_a_load_that_started_before_it()
     let new = quota.check("acme", "api_calls", d("5")).await.unwrap();
     assert!(matches!(new, Decision::Allow { .. }), "{new:?}");
 }
+
+/// A grant that starts later changes the balance when it starts, with no write then to notify
+/// the cache: the load that cached the balance knew when, and a check at that moment reloads,
+/// however long the cache would otherwise trust its state.
+#[tokio::test]
+async fn a_grant_that_starts_later_is_seen_when_it_starts() {
+    let db = fresh_database().await;
+    sqlx::query("INSERT INTO meters (name, aggregation, stripe_event_name) VALUES ('tokens', 'sum', 't'), ('api_calls', 'sum', 'a')")
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    let rate = |meter: &str| RateDefinition {
+        meter: meter.into(),
+        credits_per_unit: d("1"),
+        dimensions: BTreeMap::new(),
+    };
+    tally_credits::rates::record(&db.pool, &[rate("tokens"), rate("api_calls")])
+        .await
+        .unwrap();
+    #[derive(serde::Deserialize)]
+    struct File {
+        plans: Vec<PlanDefinition>,
+    }
+    let plans = toml::from_str::<File>(PLANS).unwrap().plans;
+    apply_plans(&db.pool, &plans, "test").await.unwrap();
+    subscribe(&db.pool, "acme", "PREPAID", Utc::now() - TimeDelta::days(2)).await;
+    let later = NewGrant {
+        customer: "acme".into(),
+        kind: GrantKind::Purchased,
+        amount: d("10"),
+        priority: None,
+        effective_at: Some(Utc::now() + TimeDelta::milliseconds(1500)),
+        expires_at: None,
+        idempotency_key: "later".into(),
+        description: None,
+    };
+    grant(
+        &db.pool,
+        &later,
+        &Actor::new("ops", "starts later").unwrap(),
+    )
+    .await
+    .unwrap();
+    let quota = Quota::with_options(
+        db.pool.clone(),
+        tally_quota::QuotaOptions {
+            max_staleness: Duration::from_secs(60),
+            ..tally_quota::QuotaOptions::new(Duration::from_secs(60))
+        },
+    )
+    .await
+    .unwrap();
+    assert!(matches!(
+        quota.check("acme", "tokens", d("1")).await,
+        Err(QuotaError::InsufficientCredits { .. })
+    ));
+    tokio::time::sleep(Duration::from_millis(1600)).await;
+    let after = quota.check("acme", "tokens", d("1")).await.unwrap();
+    assert_eq!(credits_left(&after), Some(d("9")));
+}

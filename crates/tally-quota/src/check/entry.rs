@@ -87,8 +87,10 @@ pub(super) struct Live {
     /// when loaded, and what this process's checks allowed since.
     pub(super) credits: Option<Mutex<CreditCounts>>,
     /// When the billing period ends, if a limit counts usage by it and it had not ended when
-    /// loaded. From then on a check reloads the customer before answering: whether the
-    /// subscription renewed, and until when, is only known to Postgres (Stripe's webhook).
+    /// loaded, or when a credit grant of the customer's next starts or expires, whichever is
+    /// first. From then on a check reloads the customer before answering: whether the
+    /// subscription renewed, and until when, is only known to Postgres (Stripe's webhook), and
+    /// a balance that changes by the clock has no write that notifies.
     pub(super) reload_at: Option<DateTime<Utc>>,
 }
 

@@ -148,6 +148,14 @@ impl CacheState {
                 .await
                 .map_err(BillingStoreError::from)?
         };
+        // A grant that starts or expires changes a balance with no write to notify of it.
+        let balance_changes = if credit_customers.is_empty() {
+            Default::default()
+        } else {
+            tally_credits::next_balance_changes(&self.pool, &credit_customers, now)
+                .await
+                .map_err(BillingStoreError::from)?
+        };
         for (customer, error) in unreadable {
             if let Some(awaiting) = results.iter_mut().find(|r| r.customer == customer) {
                 awaiting.found = Err(BillingStoreError::from(error).into());
@@ -176,6 +184,9 @@ impl CacheState {
                                 projected,
                                 spent_locally: Decimal::ZERO,
                             }));
+                            if let Some(&at) = balance_changes.get(&awaiting.customer) {
+                                live.reload_at = Some(live.reload_at.map_or(at, |r| r.min(at)));
+                            }
                         }
                         CustomerState::Live(live)
                     }
