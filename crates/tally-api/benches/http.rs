@@ -3,6 +3,11 @@
 //! over keep-alive connections, and measures each request's latency from the moment it was
 //! scheduled (so a stalled server cannot hide queueing). Server and load generator share the
 //! machine's 2 cores. Baseline in the same run: the same check in process, without HTTP.
+//!
+//! `TALLY_BENCH_CUSTOMERS` (default 1,000) customers are checked in turn, each once before the
+//! measured run; `TALLY_BENCH_CHANGES` of them a second (default 0) get usage committed the
+//! way the aggregator commits it (a transaction every 100 ms naming them in
+//! `customer_changes`); the cache follows the change feed unless `TALLY_BENCH_FEED=0`.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -17,7 +22,6 @@ use tally_quota::Quota;
 use tokio_util::sync::CancellationToken;
 
 const TOKEN: &str = "bench-token-0123456789abcdef";
-const CUSTOMERS: usize = 1000;
 
 fn env(name: &str, default: u64) -> u64 {
     std::env::var(name)
@@ -29,18 +33,27 @@ fn env(name: &str, default: u64) -> u64 {
 fn main() {
     let rate = env("TALLY_BENCH_RATE", 10_000);
     let seconds = env("TALLY_BENCH_SECONDS", 5);
+    let customers = env("TALLY_BENCH_CUSTOMERS", 1000) as usize;
+    let changes = env("TALLY_BENCH_CHANGES", 0);
+    let feed = env("TALLY_BENCH_FEED", 1) == 1;
     let server_runtime = tally_db::testing::runtime();
     let db = server_runtime.block_on(tally_db::testing::fresh_database());
     let (addr, stop, quota_baseline) = server_runtime.block_on(async {
-        unlimited_customers(&db.pool, CUSTOMERS).await;
+        unlimited_customers(&db.pool, customers).await;
         let state = Arc::new(ApiState {
             fallback_plan: None,
             alert_destinations: Default::default(),
             billing: Default::default(),
             pipeline: Default::default(),
-            quota: Quota::new(
+            quota: Quota::with_options(
                 db.pool.clone(),
-                Duration::from_millis(env("TALLY_BENCH_REFRESH_MS", 250)),
+                tally_quota::QuotaOptions {
+                    change_feed: feed,
+                    ..tally_quota::QuotaOptions::new(Duration::from_millis(env(
+                        "TALLY_BENCH_REFRESH_MS",
+                        250,
+                    )))
+                },
             )
             .await
             .unwrap(),
@@ -74,9 +87,18 @@ fn main() {
         .enable_all()
         .build()
         .unwrap();
-    // Warm-up (connections open, caches filled), then the measured run.
-    client_runtime.block_on(load(addr, rate, 1));
-    let (latency, service, errors, elapsed) = client_runtime.block_on(load(addr, rate, seconds));
+    // Warm-up (connections open, every customer cached once), then the measured run, while
+    // the changes are committed.
+    let warm_up = (customers as u64).div_ceil(rate).max(1);
+    client_runtime.block_on(load(addr, rate, warm_up, customers));
+    let changing = server_runtime.spawn(commit_changes(db.pool.clone(), customers, changes));
+    let (latency, service, errors, elapsed) =
+        client_runtime.block_on(load(addr, rate, seconds, customers));
+    changing.abort();
+    let feed = if feed { "the change feed" } else { "the timer" };
+    println!(
+        "{customers} customers, {changes} of them changed a second, the cache following {feed}"
+    );
     println!(
         "HTTP quota checks offered at {rate}/s for {seconds}s: {} answered in {:.2}s ({:.0}/s), {errors} errors",
         latency.len(),
@@ -121,10 +143,44 @@ fn main() {
 /// answered (as wrk2 does). Latency counts from the schedule, so queueing is not hidden.
 const CONNECTIONS: u64 = 64;
 
+/// Usage for `per_second` customers a second, committed as the aggregator commits it: every
+/// 100 ms one transaction adds to their daily rollup and names them in `customer_changes`.
+async fn commit_changes(pool: sqlx::PgPool, customers: usize, per_second: u64) {
+    let per_tick = (per_second / 10) as usize;
+    if per_tick == 0 {
+        return;
+    }
+    let mut tick = tokio::time::interval(Duration::from_millis(100));
+    let mut next = 0usize;
+    loop {
+        tick.tick().await;
+        let changed: Vec<String> = (0..per_tick)
+            .map(|i| format!("c{}", (next + i * 7919) % customers))
+            .collect();
+        next += 1;
+        let names: Vec<&str> = changed.iter().map(String::as_str).collect();
+        let mut tx = pool.begin().await.unwrap();
+        sqlx::query(
+            "INSERT INTO usage_daily (customer_id, meter, day, group_key, value, event_count, first_updated, last_updated)
+             SELECT c, 'api_calls', (now() AT TIME ZONE 'UTC')::date, '', 1, 1, now(), now()
+             FROM unnest($1::text[]) AS c
+             ON CONFLICT (customer_id, meter, day, group_key)
+             DO UPDATE SET value = usage_daily.value + 1, event_count = usage_daily.event_count + 1",
+        )
+        .bind(&names)
+        .execute(&mut *tx)
+        .await
+        .unwrap();
+        tally_db::changes::record(&mut tx, &names).await.unwrap();
+        tx.commit().await.unwrap();
+    }
+}
+
 async fn load(
     addr: std::net::SocketAddr,
     rate: u64,
     seconds: u64,
+    customers: usize,
 ) -> (Histogram<u64>, Histogram<u64>, u64, Duration) {
     let total = rate * seconds;
     let interval = Duration::from_secs_f64(1.0 / rate as f64);
@@ -153,7 +209,7 @@ async fn load(
                 tokio::time::sleep_until(scheduled.into()).await;
                 let body = format!(
                     r#"{{"customer":"c{}","meter":"api_calls","quantity":1}}"#,
-                    i as usize % CUSTOMERS
+                    i as usize % customers
                 );
                 let request = hyper::Request::post("/v1/quota/check")
                     .header("host", "bench")
