@@ -61,6 +61,7 @@ mod error;
 mod feed;
 #[cfg(any(test, feature = "testing"))]
 mod hooks;
+mod listener;
 mod load;
 mod refresher;
 mod single_flight;
@@ -167,7 +168,7 @@ impl Quota {
         let stop = CancellationToken::new();
         refresher::start(&cache, stop.clone());
         if cache.options.change_feed {
-            feed::start(&cache, stop.clone());
+            listener::start(&cache, stop.clone());
         }
         Ok(Quota {
             cache,

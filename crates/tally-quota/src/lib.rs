@@ -19,8 +19,9 @@
 //!   - `load.rs`: loading a batch of customers from Postgres into cached state, in two queries.
 //!   - `usage.rs`: a limit's period bounds (whole UTC days) and the batched `usage_daily` query.
 //!   - `refresher.rs`: the supervised background task that reloads stale customers in batches.
-//!   - `feed.rs`: the change feed: the supervised listener on Postgres's `tally_changes`
-//!     channel that tells the refresher which customers changed, and when it can be trusted.
+//!   - `feed.rs`: the change feed: which customers Postgres said changed, and when what it
+//!     says can be trusted; `listener.rs`: the supervised task that listens on Postgres's
+//!     `tally_changes` channel for it, with its heartbeat.
 //!   - `hooks.rs`: for tests (the `testing` feature): the cache's counts, a period's end, and
 //!     customers cached without Postgres.
 //! - `layer.rs` (the `layer` feature): `QuotaLayer`, the tower middleware (works with axum):

@@ -7,7 +7,7 @@
 //! `plans`). Postgres delivers a notification only after its transaction committed, so a reload
 //! that starts after the notification arrived reads the change.
 //!
-//! One supervised task listens. It also sends itself a heartbeat every second: the feed is
+//! One supervised task listens (`listener.rs`). It also sends itself a heartbeat every second: the feed is
 //! *trusted* only while something (a change or a heartbeat) arrived within [`SILENCE`], and only
 //! for entries loaded since the current connection began listening (notifications sent while
 //! no connection listened are lost; on every new connection all cached customers are reloaded).
@@ -18,19 +18,13 @@
 
 use std::collections::HashSet;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Mutex, PoisonError, Weak};
+use std::sync::{Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
-use sqlx::postgres::PgListener;
-use sqlx::PgPool;
-use tokio_util::sync::CancellationToken;
-
-use super::cache::CacheState;
-
 /// The channel the writers notify (migration 0019).
-const CHANNEL: &str = "tally_changes";
+pub(super) const CHANNEL: &str = "tally_changes";
 /// How often the listener sends itself a heartbeat through the pool.
-const HEARTBEAT: Duration = Duration::from_secs(1);
+pub(super) const HEARTBEAT: Duration = Duration::from_secs(1);
 /// The feed is trusted while something arrived this recently: three heartbeats.
 pub(super) const SILENCE: Duration = Duration::from_secs(3);
 /// A value of `listening_since` that means "no connection is listening".
@@ -49,7 +43,7 @@ pub(super) struct Feed {
     previous_heard: AtomicU64,
     /// Counts the change notifications: a load that saw it move while it ran may have read a
     /// customer's state from before a change it was not yet cached to be told of.
-    notifications: AtomicU64,
+    pub(super) notifications: AtomicU64,
     /// Customers a notification named, for the refresher's next batch. A set: a customer named
     /// by many batches while a reload runs is reloaded once more, not once per batch.
     changed: Mutex<HashSet<String>>,
@@ -136,12 +130,12 @@ impl Feed {
         self.changed.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    fn heard_now(&self) {
+    pub(super) fn heard_now(&self) {
         self.heard
             .store(self.micros(Instant::now()).max(1), Ordering::Release);
     }
 
-    fn listening(&self, since: Option<Instant>) {
+    pub(super) fn listening(&self, since: Option<Instant>) {
         let before = self.listening_since.load(Ordering::Acquire);
         if before != NOT_LISTENING {
             self.previous_heard
@@ -171,109 +165,6 @@ pub(super) fn parse(payload: &str) -> Notice<'_> {
         Some("customers") => Notice::Customers(lines.filter(|c| !c.is_empty()).collect()),
         Some("everyone") => Notice::Everyone,
         _ => Notice::Unknown,
-    }
-}
-
-/// Starts the listener under `tally_runtime::supervise` (restarted with backoff if its
-/// connection cannot be had). It holds the cache weakly and ends once the `Quota` is dropped.
-pub(super) fn start(cache: &std::sync::Arc<CacheState>, stop: CancellationToken) {
-    let weak = std::sync::Arc::downgrade(cache);
-    let pool = cache.pool.clone();
-    tally_runtime::supervise("quota_change_feed", stop.clone(), move || {
-        let (weak, pool, stop) = (weak.clone(), pool.clone(), stop.clone());
-        async move {
-            let result = tokio::select! {
-                result = listen(&weak, &pool) => result,
-                () = heartbeat(&pool) => Ok(()),
-                () = stop.cancelled() => Ok(()),
-            };
-            if let Some(cache) = weak.upgrade() {
-                cache.feed.listening(None);
-            }
-            if let Err(error) = &result {
-                tracing::warn!(%error, "the quota cache's change feed stopped; until it listens again, checks reload customers on the refresh timer");
-            }
-            result.map_err(|error| format!("the quota cache's change feed: {error}"))
-        }
-    });
-}
-
-async fn listen(cache: &Weak<CacheState>, pool: &PgPool) -> Result<(), sqlx::Error> {
-    let mut listener = PgListener::connect_with(pool).await?;
-    listener.listen(CHANNEL).await?;
-    let Some(state) = cache.upgrade() else {
-        return Ok(());
-    };
-    began_listening(&state);
-    drop(state);
-    loop {
-        // The heartbeat arrives every second: a connection silent for this long is dead or
-        // half-open (a failover, a dropped NAT entry) and would never say so.
-        let Ok(notification) = tokio::time::timeout(SILENCE * 3, listener.try_recv()).await else {
-            return Err(sqlx::Error::Protocol(
-                "nothing, not even the heartbeat, arrived for 9 s".into(),
-            ));
-        };
-        let notification = notification?;
-        let Some(cache) = cache.upgrade() else {
-            return Ok(());
-        };
-        let Some(notification) = notification else {
-            // The connection was lost and a new one listens: what was sent in between is lost.
-            tracing::info!(
-                "the quota cache's change feed reconnected; reloading every cached customer"
-            );
-            began_listening(&cache);
-            continue;
-        };
-        cache.feed.heard_now();
-        match parse(notification.payload()) {
-            Notice::Heartbeat => continue,
-            Notice::Customers(customers) => {
-                cache.feed.notifications.fetch_add(1, Ordering::AcqRel);
-                for customer in customers {
-                    if cache.get(customer).is_some() {
-                        cache.feed.mark_changed(customer);
-                    }
-                }
-            }
-            Notice::Everyone | Notice::Unknown => {
-                cache.feed.notifications.fetch_add(1, Ordering::AcqRel);
-                cache.mark_all_changed();
-            }
-        }
-        crate::telemetry::change_notification();
-        cache.wake.notify_one();
-    }
-}
-
-/// A new connection listens: entries loaded before it may have missed changes, so every cached
-/// customer is reloaded, and entries are trusted only once loaded from now on.
-fn began_listening(cache: &CacheState) {
-    let now = Instant::now();
-    cache.feed.listening(Some(now));
-    cache.feed.heard_now();
-    cache.mark_all_changed();
-    cache.wake.notify_one();
-}
-
-/// Sends an empty notification every [`HEARTBEAT`], so a listener that hears nothing knows its
-/// connection no longer delivers (within [`SILENCE`]) even when nothing changes.
-async fn heartbeat(pool: &PgPool) {
-    let mut every = tokio::time::interval(HEARTBEAT);
-    every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        every.tick().await;
-        let sent = tokio::time::timeout(
-            HEARTBEAT,
-            sqlx::query("SELECT pg_notify($1, '')")
-                .bind(CHANNEL)
-                .execute(pool),
-        )
-        .await;
-        if let Ok(Err(error)) = sent {
-            tracing::debug!(%error, "the quota cache's change feed heartbeat failed");
-        }
     }
 }
 
