@@ -20,7 +20,7 @@ use rdkafka::config::ClientConfig;
 use rdkafka::producer::{BaseRecord, FutureProducer, FutureRecord, Producer, ThreadedProducer};
 use rust_decimal::Decimal;
 use tally_core::{wire, UsageEvent};
-use tally_quota::{Decision, Quota, QuotaOptions};
+use tally_quota::{Quota, QuotaOptions};
 use tally_tests::broker_process;
 
 const LOAD_CUSTOMERS: usize = 10_000;
@@ -245,15 +245,11 @@ fn main() {
 
 /// A probe customer's usage of `api_calls` in its period, as a check would see it.
 async fn used(quota: &Quota, customer: &str) -> Decimal {
-    match quota
+    quota
         .peek(customer, "api_calls", Decimal::ZERO)
         .await
         .unwrap()
-    {
-        Decision::Allow { used, .. }
-        | Decision::Warn { used, .. }
-        | Decision::Deny { used, .. } => used,
-    }
+        .used()
 }
 
 /// The load generator's process: `TALLY_BENCH_RATE` events/s for `TALLY_BENCH_SECONDS`, in

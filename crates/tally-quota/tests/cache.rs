@@ -54,11 +54,7 @@ fn n(value: i64) -> Decimal {
 }
 
 fn used(decision: &Decision) -> Decimal {
-    match decision {
-        Decision::Allow { used, .. }
-        | Decision::Warn { used, .. }
-        | Decision::Deny { used, .. } => *used,
-    }
+    decision.used()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

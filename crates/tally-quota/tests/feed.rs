@@ -10,15 +10,11 @@ use tally_db::testing::fresh_database;
 use tally_quota::{Decision, Quota, QuotaOptions};
 
 async fn used(quota: &Quota, customer: &str) -> Decimal {
-    match quota
+    quota
         .peek(customer, "api_calls", Decimal::ZERO)
         .await
         .unwrap()
-    {
-        Decision::Allow { used, .. }
-        | Decision::Warn { used, .. }
-        | Decision::Deny { used, .. } => used,
-    }
+        .used()
 }
 
 /// Usage committed as the aggregator commits it: the daily rollup and, in the same

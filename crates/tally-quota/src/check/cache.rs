@@ -254,11 +254,6 @@ impl CacheState {
         }
     }
 
-    /// The refresher's insert: replaces the entry only if the customer is still cached.
-    pub(super) fn replace(&self, customer: &str, cached: Arc<Cached>) {
-        self.customers.replace(customer, cached);
-    }
-
     /// Marks a customer's cached state out of date (see [`CustomerState::Invalidated`]), and
     /// forgets a load under way, so that the next check starts a new one.
     ///

@@ -37,6 +37,15 @@ pub enum Decision {
 }
 
 impl Decision {
+    /// The usage the decision was made on, whatever it decided.
+    pub fn used(&self) -> Decimal {
+        match self {
+            Decision::Allow { used, .. }
+            | Decision::Warn { used, .. }
+            | Decision::Deny { used, .. } => *used,
+        }
+    }
+
     /// The same decision, saying what credit balance is left.
     pub(crate) fn with_credits(mut self, left: Decimal) -> Decision {
         match &mut self {

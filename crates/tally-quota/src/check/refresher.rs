@@ -64,7 +64,9 @@ async fn run(cache: Weak<CacheState>, wake: Arc<Notify>) {
                 for LoadedCustomer { customer, cached } in loaded {
                     match cached {
                         // Only if still cached: one evicted meanwhile may have missed a change.
-                        Ok(fresh) => cache.replace(&customer, Arc::new(fresh)),
+                        Ok(fresh) => {
+                            cache.customers.replace(&customer, Arc::new(fresh));
+                        }
                         // This customer's own data (its override no longer fits its plan, its
                         // usage is beyond a decimal): what was cached is no longer true, and
                         // its checks get the error until the data is fixed.
