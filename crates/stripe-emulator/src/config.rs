@@ -44,6 +44,8 @@ pub struct EmulatorConfig {
     pub test_rate_per_second: u32,
     /// Calls per second allowed for an `sk_live_` key (Stripe: 1,000).
     pub live_rate_per_second: u32,
+    /// Meter events per second the v2 stream takes per account (Stripe: 10,000).
+    pub stream_events_per_second: u32,
     pub faults: Faults,
     /// Seed for fault decisions, so a failing test can be replayed.
     pub seed: u64,
@@ -54,6 +56,7 @@ impl Default for EmulatorConfig {
         EmulatorConfig {
             test_rate_per_second: 25,
             live_rate_per_second: 1000,
+            stream_events_per_second: 10_000,
             faults: Faults::default(),
             seed: 0x5742_1be0,
         }

@@ -18,6 +18,8 @@
 //! - `config.rs`: rates and fault probabilities.
 //! - `server.rs`: the listener, the request pipeline (auth, limits, idempotency, faults), routes.
 //! - `store.rs`: customers, meters, meter events and their summaries.
+//! - `stream.rs`: v2 meter events: sessions, the stream (validated afterwards, errors reported
+//!   as thin events), v2 adjustments.
 //! - `limits.rs`: the per-account rate window and the per-customer-and-meter lock.
 //! - `idempotency.rs`: `Idempotency-Key` replay, mismatch and in-flight rules.
 //! - `reply.rs`: responses and Stripe's error JSON.
@@ -38,6 +40,7 @@ mod reply;
 mod server;
 mod sessions;
 mod store;
+mod stream;
 #[cfg(any(test, feature = "testing"))]
 pub mod testing;
 mod webhooks;

@@ -14,6 +14,11 @@ pub(crate) struct RateWindow {
 
 impl RateWindow {
     pub(crate) fn admit(&mut self, key: &str, rate: u32, now: Instant) -> bool {
+        self.admit_many(key, 1, rate, now)
+    }
+
+    /// Admits `count` units at once (a stream request's events), or none of them.
+    pub(crate) fn admit_many(&mut self, key: &str, count: usize, rate: u32, now: Instant) -> bool {
         let log = self.per_key.entry(key.to_owned()).or_default();
         while log
             .front()
@@ -21,10 +26,10 @@ impl RateWindow {
         {
             log.pop_front();
         }
-        if log.len() >= rate as usize {
+        if log.len() + count > rate as usize {
             return false;
         }
-        log.push_back(now);
+        log.extend(std::iter::repeat_n(now, count));
         true
     }
 }

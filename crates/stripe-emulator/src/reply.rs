@@ -92,6 +92,12 @@ impl Reply {
         )
     }
 
+    /// A field of an error reply's `error` object (`message`, `param`, `code`).
+    pub(crate) fn error_field(&self, name: &str) -> Option<String> {
+        let body: Value = serde_json::from_slice(&self.body).ok()?;
+        body["error"][name].as_str().map(str::to_owned)
+    }
+
     pub(crate) fn should_retry(mut self, retry: bool) -> Reply {
         self.should_retry = Some(retry);
         self

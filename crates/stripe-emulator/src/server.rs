@@ -29,6 +29,7 @@ use crate::idempotency::{Begin, IdempotencyKeys};
 use crate::limits::{PairLocks, RateWindow};
 use crate::reply::Reply;
 use crate::store::{Form, MeterTotal, Stats, Store};
+use crate::stream::{self, Sessions};
 use crate::webhooks::{EventRecord, Webhooks};
 
 const MAX_BODY_BYTES: usize = 1 << 20;
@@ -55,6 +56,10 @@ struct EmulatorState {
     webhooks: Arc<Webhooks>,
     stats: Mutex<Stats>,
     rate_window: Mutex<RateWindow>,
+    /// Meter events per second the v2 stream takes per account.
+    stream_rate: u32,
+    stream_window: Mutex<RateWindow>,
+    stream_sessions: Mutex<Sessions>,
     pair_locks: PairLocks,
     idempotency: IdempotencyKeys,
     /// Seconds added to the wall clock, so tests can step past the 24 h and 35 day rules.
@@ -92,6 +97,9 @@ impl Emulator {
             webhooks: Webhooks::start(),
             stats: Mutex::new(Stats::default()),
             rate_window: Mutex::new(RateWindow::default()),
+            stream_rate: config.stream_events_per_second,
+            stream_window: Mutex::new(RateWindow::default()),
+            stream_sessions: Mutex::new(Sessions::default()),
             pair_locks: PairLocks::default(),
             idempotency: IdempotencyKeys::default(),
             clock_offset: Mutex::new(0),
@@ -278,6 +286,16 @@ async fn handle(
         return control_api(shared, &parts.method, control, &body).into_response();
     }
     shared.count(|s| s.requests += 1);
+    if parts.method == Method::POST && path == "/v2/billing/meter_event_stream" {
+        // Authenticated by a meter event session's token, not the secret key.
+        let token = parts
+            .headers
+            .get("authorization")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "));
+        let outcome = meter_event_stream(shared, token, &body).await;
+        return answer(shared, drop_connection, outcome).await;
+    }
 
     let api_key = match parts
         .headers
@@ -336,10 +354,28 @@ async fn handle(
     };
 
     let form = Form::parse(&body);
-    let outcome = route(shared, &parts.method, &path, &query, &form, livemode).await;
+    let request = Routed {
+        method: &parts.method,
+        path: &path,
+        query: &query,
+        form: &form,
+        body: &body,
+        api_key: &api_key,
+        livemode,
+    };
+    let outcome = route(shared, &request).await;
     if let Some(guard) = key_guard {
         guard.finish(&outcome.reply, shared.now());
     }
+    answer(shared, drop_connection, outcome).await
+}
+
+/// Sends a route's reply, or closes the connection without one when it asked to.
+async fn answer(
+    shared: &EmulatorState,
+    drop_connection: &Notify,
+    outcome: Outcome,
+) -> Response<Full<Bytes>> {
     if outcome.drop_connection {
         shared.count(|s| s.dropped_after_commit += 1);
         drop_connection.notify_one();
@@ -373,18 +409,61 @@ fn request_fingerprint(path: &str, body: &[u8]) -> u64 {
     hasher.finish()
 }
 
-async fn route(
-    shared: &EmulatorState,
-    method: &Method,
-    path: &str,
-    query: &Form,
-    form: &Form,
+/// One authenticated API call, as the routes see it.
+struct Routed<'a> {
+    method: &'a Method,
+    path: &'a str,
+    query: &'a Form,
+    form: &'a Form,
+    body: &'a [u8],
+    api_key: &'a str,
     livemode: bool,
-) -> Outcome {
+}
+
+async fn route(shared: &EmulatorState, request: &Routed<'_>) -> Outcome {
+    let Routed {
+        method,
+        path,
+        query,
+        form,
+        body,
+        api_key,
+        livemode,
+    } = *request;
     let segments: Vec<&str> = path.trim_matches('/').split('/').collect();
     match (method, segments.as_slice()) {
         (&Method::POST, ["v1", "billing", "meter_events"]) => {
             meter_event(shared, form, livemode).await
+        }
+        (&Method::POST, ["v2", "billing", "meter_event_session"]) => {
+            if let Some(failure) = injected_failure(shared).await {
+                return failure.into();
+            }
+            let now = shared.now();
+            shared.count(|s| s.meter_event_sessions += 1);
+            lock(&shared.stream_sessions).create(api_key, livemode, now).into()
+        }
+        (&Method::POST, ["v2", "billing", "meter_event_adjustments"]) => {
+            let (event_name, identifier) = match stream::parse_adjustment(body) {
+                Ok(parts) => parts,
+                Err(reply) => return reply.into(),
+            };
+            let outcome = write(shared, |store, now| {
+                match store.cancel(&event_name, &identifier, now) {
+                    Ok(()) => {
+                        let id = format!("mea_emu{:016x}", rand::random::<u64>());
+                        let adjustment =
+                            stream::adjustment_json(&id, &event_name, &identifier, livemode, now);
+                        Reply::json(200, &adjustment)
+                    }
+                    Err(reply) => reply,
+                }
+            })
+            .await;
+            if outcome.reply.status == 200 {
+                shared.count(|s| s.adjustments += 1);
+            }
+            outcome
         }
         (&Method::POST, ["v1", "billing", "meter_event_adjustments"]) => {
             let outcome = write(shared, |store, now| store.adjust(form, livemode, now)).await;
@@ -624,6 +703,107 @@ async fn meter_event(shared: &EmulatorState, form: &Form, livemode: bool) -> Out
         reply,
         drop_connection,
     }
+}
+
+/// `POST /v2/billing/meter_event_stream`: a session's token, the account's events per second,
+/// the request's shape; then each event is validated and committed or reported (`stream.rs`).
+async fn meter_event_stream(shared: &EmulatorState, token: Option<&str>, body: &[u8]) -> Outcome {
+    let now = shared.now();
+    let session = match lock(&shared.stream_sessions).authenticate(token, now) {
+        Ok(session) => session,
+        Err(reply) => return reply.into(),
+    };
+    let events = match stream::parse_stream(body) {
+        Ok(events) => events,
+        Err(reply) => return reply.into(),
+    };
+    let admitted = lock(&shared.stream_window).admit_many(
+        &session.api_key,
+        events.len(),
+        shared.stream_rate,
+        Instant::now(),
+    );
+    if !admitted {
+        shared.count(|s| s.rate_limited += 1);
+        return Reply::rate_limited(&format!(
+            "Meter event stream rate limit exceeded: this account may send {} events per second.",
+            shared.stream_rate
+        ))
+        .into();
+    }
+    if let Some(failure) = injected_failure(shared).await {
+        return failure.into();
+    }
+    let (mut created, mut duplicates) = (0u64, 0u64);
+    let mut refused = Vec::new();
+    let mut no_meter = Vec::new();
+    {
+        let mut store = lock(&shared.store);
+        for event in events {
+            let timestamp = match event.timestamp {
+                Some(Err(message)) => {
+                    refused.push(("timestamp_invalid", message, event.identifier));
+                    continue;
+                }
+                Some(Ok(timestamp)) => Some(timestamp),
+                None => None,
+            };
+            let checked = store.check_meter_event(
+                Some(&event.event_name),
+                event.payload,
+                event.identifier.clone(),
+                timestamp,
+                now,
+            );
+            match checked {
+                Err(reply) => {
+                    let message = reply.error_field("message").unwrap_or_default();
+                    let code = stream::error_code(reply.error_field("param").as_deref(), &message);
+                    refused.push((code, message, event.identifier));
+                }
+                Ok(new) => {
+                    let has_meter = store.has_meter(&event.event_name);
+                    if store.commit_meter_event(new, session.livemode, now).1 {
+                        created += 1;
+                        if !has_meter {
+                            no_meter.push((event.event_name, event.identifier));
+                        }
+                    } else {
+                        duplicates += 1;
+                    }
+                }
+            }
+        }
+    }
+    for (code, message, identifier) in &refused {
+        shared.webhooks.report_invalid_event(
+            code,
+            message,
+            identifier.as_deref(),
+            session.livemode,
+            now,
+        );
+    }
+    for (event_name, identifier) in &no_meter {
+        shared
+            .webhooks
+            .report_no_meter(event_name, identifier.as_deref(), session.livemode, now);
+    }
+    shared.count(|s| {
+        s.stream_requests += 1;
+        s.meter_events_created += created;
+        s.duplicate_identifiers += duplicates;
+        s.stream_events_refused += refused.len() as u64;
+    });
+    let drop_connection = created > 0 && dropped_after_commit(shared);
+    Outcome {
+        reply: Reply::json(200, &json!({})),
+        drop_connection,
+    }
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 /// `/_emulator/…`: state for tests and operators, fault switches, the clock.

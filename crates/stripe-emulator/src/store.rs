@@ -123,6 +123,13 @@ pub struct Stats {
     pub idempotent_replays: u64,
     /// `POST /v1/customers` calls that created a customer (replays not counted).
     pub customers_created: u64,
+    /// `POST /v2/billing/meter_event_stream` requests taken (their events count in
+    /// `meter_events_created` and `duplicate_identifiers`).
+    pub stream_requests: u64,
+    /// Stream events dropped by the validation that follows acceptance (each reported).
+    pub stream_events_refused: u64,
+    /// Meter event sessions created (`POST /v2/billing/meter_event_session`).
+    pub meter_event_sessions: u64,
 }
 
 #[derive(Default)]
@@ -307,7 +314,38 @@ impl Store {
 
     /// Checks a meter event's parameters, as Stripe does before it accepts one.
     pub(crate) fn validate_meter_event(&self, form: &Form, now: i64) -> Result<NewEvent, Reply> {
-        let Some(event_name) = form.get("event_name") else {
+        let timestamp = match form.get("timestamp") {
+            None => None,
+            Some(text) => match text.parse::<i64>() {
+                Ok(ts) => Some(ts),
+                Err(_) => {
+                    return Err(Reply::invalid(
+                        format!("Invalid timestamp: {text:?} is not an integer."),
+                        Some("timestamp"),
+                    ))
+                }
+            },
+        };
+        self.check_meter_event(
+            form.get("event_name"),
+            form.nested("payload"),
+            form.get("identifier").map(str::to_owned),
+            timestamp,
+            now,
+        )
+    }
+
+    /// A meter event's values checked against its meter (payload keys, a whole number) and
+    /// the timestamp window: at once for v1, afterwards for the v2 stream.
+    pub(crate) fn check_meter_event(
+        &self,
+        event_name: Option<&str>,
+        payload: BTreeMap<String, String>,
+        identifier: Option<String>,
+        timestamp: Option<i64>,
+        now: i64,
+    ) -> Result<NewEvent, Reply> {
+        let Some(event_name) = event_name else {
             return Err(Reply::missing("event_name"));
         };
         if event_name.is_empty() || event_name.len() > 100 {
@@ -319,7 +357,6 @@ impl Store {
         let meter = self.meters.iter().find(|m| m.event_name == event_name);
         let customer_key = meter.map_or("stripe_customer_id", |m| &m.customer_key);
         let value_key = meter.map_or("value", |m| &m.value_key);
-        let payload = form.nested("payload");
         let Some(customer) = payload.get(customer_key) else {
             return Err(Reply::missing(&format!("payload[{customer_key}]")));
         };
@@ -335,7 +372,6 @@ impl Store {
                 ))
             }
         };
-        let identifier = form.get("identifier").map(str::to_owned);
         if identifier
             .as_ref()
             .is_some_and(|id| id.is_empty() || id.len() > MAX_IDENTIFIER_LEN)
@@ -345,18 +381,7 @@ impl Store {
                 Some("identifier"),
             ));
         }
-        let timestamp = match form.get("timestamp") {
-            None => now,
-            Some(text) => match text.parse::<i64>() {
-                Ok(ts) => ts,
-                Err(_) => {
-                    return Err(Reply::invalid(
-                        format!("Invalid timestamp: {text:?} is not an integer."),
-                        Some("timestamp"),
-                    ))
-                }
-            },
-        };
+        let timestamp = timestamp.unwrap_or(now);
         if timestamp < now - MAX_PAST_SECONDS || timestamp > now + MAX_FUTURE_SECONDS {
             return Err(Reply::invalid(
                 "Timestamp must be within the past 35 days and not more than 5 minutes in the future.",
@@ -441,32 +466,9 @@ impl Store {
         let Some(identifier) = form.get("cancel[identifier]") else {
             return Reply::missing("cancel[identifier]");
         };
-        let Some(&index) = self.by_identifier.get(identifier) else {
-            return Reply::invalid(
-                format!("No meter event with identifier {identifier} was found."),
-                Some("cancel[identifier]"),
-            );
-        };
-        let event = &mut self.events[index];
-        if event.event_name != event_name {
-            return Reply::invalid(
-                format!("The meter event with identifier {identifier} belongs to event_name {}, not {event_name}.", event.event_name),
-                Some("event_name"),
-            );
+        if let Err(reply) = self.cancel(event_name, identifier, now) {
+            return reply;
         }
-        if now - event.received > CANCEL_WINDOW_SECONDS {
-            return Reply::invalid(
-                format!("The meter event with identifier {identifier} can no longer be canceled: events can only be canceled within 24 hours of being received."),
-                Some("cancel[identifier]"),
-            );
-        }
-        if event.canceled {
-            return Reply::invalid(
-                format!("The meter event with identifier {identifier} has already been canceled."),
-                Some("cancel[identifier]"),
-            );
-        }
-        event.canceled = true;
         Reply::json(
             200,
             &json!({
@@ -478,6 +480,43 @@ impl Store {
                 "type": "cancel",
             }),
         )
+    }
+
+    /// Cancels the event `identifier` of `event_name`, if it was received less than 24 h ago
+    /// and is not canceled yet.
+    pub(crate) fn cancel(
+        &mut self,
+        event_name: &str,
+        identifier: &str,
+        now: i64,
+    ) -> Result<(), Reply> {
+        let Some(&index) = self.by_identifier.get(identifier) else {
+            return Err(Reply::invalid(
+                format!("No meter event with identifier {identifier} was found."),
+                Some("cancel[identifier]"),
+            ));
+        };
+        let event = &mut self.events[index];
+        if event.event_name != event_name {
+            return Err(Reply::invalid(
+                format!("The meter event with identifier {identifier} belongs to event_name {}, not {event_name}.", event.event_name),
+                Some("event_name"),
+            ));
+        }
+        if now - event.received > CANCEL_WINDOW_SECONDS {
+            return Err(Reply::invalid(
+                format!("The meter event with identifier {identifier} can no longer be canceled: events can only be canceled within 24 hours of being received."),
+                Some("cancel[identifier]"),
+            ));
+        }
+        if event.canceled {
+            return Err(Reply::invalid(
+                format!("The meter event with identifier {identifier} has already been canceled."),
+                Some("cancel[identifier]"),
+            ));
+        }
+        event.canceled = true;
+        Ok(())
     }
 
     /// `GET /v1/billing/meters/{id}/event_summaries`.

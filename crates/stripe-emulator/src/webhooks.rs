@@ -163,15 +163,50 @@ impl Webhooks {
         livemode: bool,
         now: i64,
     ) {
+        let message = format!("No active meter was found for event_name `{event_name}`.");
+        let report = MeterErrorReport {
+            event_type: "v1.billing.meter.no_meter_found",
+            code: "no_meter",
+            message: &message,
+            identifier,
+        };
+        self.report_meter_error(&report, livemode, now);
+    }
+
+    /// Reports an accepted meter event that Stripe then refused (the v2 stream's validation):
+    /// the thin event `v1.billing.meter.error_report_triggered`.
+    pub(crate) fn report_invalid_event(
+        &self,
+        code: &str,
+        message: &str,
+        identifier: Option<&str>,
+        livemode: bool,
+        now: i64,
+    ) {
+        let report = MeterErrorReport {
+            event_type: "v1.billing.meter.error_report_triggered",
+            code,
+            message,
+            identifier,
+        };
+        self.report_meter_error(&report, livemode, now);
+    }
+
+    fn report_meter_error(&self, report: &MeterErrorReport<'_>, livemode: bool, now: i64) {
+        let MeterErrorReport {
+            event_type,
+            code,
+            message,
+            identifier,
+        } = *report;
         let created = chrono::DateTime::from_timestamp(now, 0)
             .unwrap_or_default()
             .to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
-        let message = format!("No active meter was found for event_name `{event_name}`.");
         let mut state = self.state();
         state.next_id += 1;
         let id = format!("evt_emt{:010}", state.next_id);
         let thin = json!({
-            "id": id, "object": "v2.core.event", "type": "v1.billing.meter.no_meter_found",
+            "id": id, "object": "v2.core.event", "type": event_type,
             "created": created, "livemode": livemode, "context": null, "reason": null,
             "related_object": null,
         });
@@ -181,7 +216,7 @@ impl Webhooks {
             "reason": {
                 "error_count": 1,
                 "error_types": [{
-                    "code": "no_meter",
+                    "code": code,
                     "error_count": 1,
                     "sample_errors": [{
                         "error_message": message,
@@ -195,7 +230,7 @@ impl Webhooks {
         state.thin.insert(id.clone(), full);
         state.events.push(EventRecord {
             id,
-            event_type: "v1.billing.meter.no_meter_found".into(),
+            event_type: event_type.into(),
             created: now,
             body: thin.to_string(),
             attempts: 0,
@@ -308,4 +343,13 @@ async fn deliver(
             }
         }
     }
+}
+
+/// One meter error report: its thin event's type, Stripe's error code, and the event it names.
+#[derive(Clone, Copy)]
+struct MeterErrorReport<'a> {
+    event_type: &'a str,
+    code: &'a str,
+    message: &'a str,
+    identifier: Option<&'a str>,
 }

@@ -87,15 +87,41 @@ pub struct StripeConfig {
     /// Time limit of one call.
     #[serde(with = "tally_core::duration")]
     pub request_timeout: Duration,
+    /// How the sink sends meter events: `"v2"`, Stripe's meter event stream (100 events a
+    /// request, up to 10,000 events/s), or `"v1"`, one event a call under
+    /// `max_requests_per_second`. Unset: v2 where the account has it (a meter event session can
+    /// be created), else v1.
+    pub meter_events: Option<MeterEventsApi>,
+    /// Where the v2 stream is served. Empty: `https://meter-events.stripe.com/` when `api_base`
+    /// is Stripe's, else `api_base` (the emulator serves both).
+    pub meter_events_base: String,
+    /// Meter events per second this sink process sends through the v2 stream. 0 picks 9,500,
+    /// under Stripe's 10,000. Several sink processes share the account's limit.
+    pub max_meter_events_per_second: u32,
 }
+
+/// The meter event API the sink bills through (`stripe.meter_events`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum MeterEventsApi {
+    V1,
+    V2,
+}
+
+/// Stripe's API, where the default stream base applies.
+const STRIPE_API_BASE: &str = "https://api.stripe.com/";
+const STRIPE_METER_EVENTS_BASE: &str = "https://meter-events.stripe.com/";
 
 impl Default for StripeConfig {
     fn default() -> Self {
         StripeConfig {
-            api_base: "https://api.stripe.com/".into(),
+            api_base: STRIPE_API_BASE.into(),
             secret_key: Secret::default(),
             max_requests_per_second: 0,
             request_timeout: Duration::from_secs(30),
+            meter_events: None,
+            meter_events_base: String::new(),
+            max_meter_events_per_second: 0,
         }
     }
 }
@@ -117,6 +143,25 @@ impl StripeConfig {
         }
     }
 
+    /// The v2 stream's events per second: the configured rate, else 9,500.
+    pub fn meter_events_per_second(&self) -> u32 {
+        match self.max_meter_events_per_second {
+            0 => 9_500,
+            rate => rate,
+        }
+    }
+
+    /// Where the v2 stream is (see `meter_events_base`).
+    pub fn meter_events_base(&self) -> &str {
+        if !self.meter_events_base.is_empty() {
+            &self.meter_events_base
+        } else if self.api_base == STRIPE_API_BASE {
+            STRIPE_METER_EVENTS_BASE
+        } else {
+            &self.api_base
+        }
+    }
+
     pub fn validate(&self) -> Result<(), String> {
         let key = self.secret_key.expose();
         if key.is_empty() {
@@ -128,24 +173,34 @@ impl StripeConfig {
         if !(key.starts_with("sk_live_") || key.starts_with("sk_test_") || key.starts_with("rk_")) {
             return Err("the Stripe secret key must start with sk_live_, sk_test_ or rk_; copy it from the Stripe dashboard's API keys page".into());
         }
-        if !(self.api_base.starts_with("https://") || self.api_base.starts_with("http://"))
-            || !self.api_base.ends_with('/')
-        {
-            return Err(format!(
-                "stripe.api_base {:?} must be an http(s) URL ending in '/', e.g. https://api.stripe.com/",
-                self.api_base
-            ));
-        }
-        if let Some(rest) = self.api_base.strip_prefix("http://") {
-            if !is_loopback_host(rest) {
-                return Err(format!(
-                    "stripe.api_base {:?} is plain http to a host other than this machine: the secret key and billing data would cross the network unencrypted; use https:// (Stripe is https://api.stripe.com/), or keep http for a local emulator on 127.0.0.1, [::1] or localhost",
-                    self.api_base
-                ));
-            }
+        check_base("stripe.api_base", &self.api_base, STRIPE_API_BASE)?;
+        if !self.meter_events_base.is_empty() {
+            check_base(
+                "stripe.meter_events_base",
+                &self.meter_events_base,
+                STRIPE_METER_EVENTS_BASE,
+            )?;
         }
         Ok(())
     }
+}
+
+/// A base URL the secret key (or a session token) is sent to: http(s), ending in '/', and
+/// plain http only to this machine.
+fn check_base(setting: &str, base: &str, stripes: &str) -> Result<(), String> {
+    if !(base.starts_with("https://") || base.starts_with("http://")) || !base.ends_with('/') {
+        return Err(format!(
+            "{setting} {base:?} must be an http(s) URL ending in '/', e.g. {stripes}"
+        ));
+    }
+    if let Some(rest) = base.strip_prefix("http://") {
+        if !is_loopback_host(rest) {
+            return Err(format!(
+                "{setting} {base:?} is plain http to a host other than this machine: the secret key and billing data would cross the network unencrypted; use https:// (Stripe is {stripes}), or keep http for a local emulator on 127.0.0.1, [::1] or localhost"
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// True when the authority at the start of `rest` (what follows `scheme://`) names this
@@ -198,6 +253,27 @@ mod tests {
                 "{key}"
             );
         }
+    }
+
+    #[test]
+    fn the_stream_is_at_stripes_meter_events_host_or_beside_the_emulator() {
+        let stripe = StripeConfig::default();
+        assert_eq!(
+            stripe.meter_events_base(),
+            "https://meter-events.stripe.com/"
+        );
+        assert_eq!(
+            with_base("http://127.0.0.1:12111/").meter_events_base(),
+            "http://127.0.0.1:12111/"
+        );
+        let mut config = with_base("https://api.stripe.com/");
+        config.meter_events_base = "http://10.0.0.5/".into();
+        let error = config.validate().unwrap_err();
+        assert!(error.contains("stripe.meter_events_base"), "{error}");
+        config.meter_events_base = "https://meter-events.example/".into();
+        assert_eq!(config.validate(), Ok(()));
+        assert_eq!(config.meter_events_base(), "https://meter-events.example/");
+        assert_eq!(StripeConfig::default().meter_events_per_second(), 9_500);
     }
 
     #[test]

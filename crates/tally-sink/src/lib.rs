@@ -11,9 +11,11 @@
 //!   - `quarantine.rs`: customer+meter pairs set aside (`billing_quarantine`);
 //!   - `backlog.rs`: backlog figures for the metrics;
 //!   - `customers.rs`: customer mapping (`stripe_customers`) and usage waiting for one.
-//! - `sink.rs`: the pass loop (`Sink::run`): account, then lease the outbox, hand each
-//!   customer+meter pair to a send task, record the outcomes.
-//! - `send.rs`: sending one pair's rows to Stripe: retries, backoff, what an answer means.
+//! - `sink.rs`: the pass loop (`Sink::run`): account, then lease the outbox, hand the
+//!   customer+meter pairs to the dispatcher, record the outcomes.
+//! - `send.rs`: rows into requests (100 pairs' rows on the v2 stream, one on v1, a pair's rows
+//!   in order), and each request's retries, backoff, and what its answer means.
+//! - `stream.rs`: Stripe's v2 meter events: the session's token, the stream, cancels.
 //! - `stripe.rs`: the Stripe client and its error classification; Stripe customers listed and
 //!   created for `tally customers sync`.
 //! - `limiter.rs`: the token bucket under the account's rate.
@@ -30,11 +32,12 @@ mod repair;
 mod send;
 mod sink;
 pub mod store;
+mod stream;
 mod stripe;
 mod stripe_meters;
 pub mod telemetry;
 
-pub use config::{SinkConfig, StripeConfig};
+pub use config::{MeterEventsApi, SinkConfig, StripeConfig};
 pub use reconcile::{
     meter_error_reports, reconcile, render_table, MeterErrorReport, ReconcileRow, Verdict,
 };

@@ -1,8 +1,9 @@
 //! The billing loop (`Sink::run`) and its pass. A pass has two halves:
 //! 1. account: each changed slot that has settled becomes, in one Postgres transaction with
 //!    its bookkeeping, an outbox row with a deterministic identifier;
-//! 2. send: pending outbox rows are leased, sent to Stripe (one call at a time per customer and
-//!    meter, under the account's rate), and marked sent, retried later, or failed.
+//! 2. send: pending outbox rows are leased, sent to Stripe (through the v2 meter event stream,
+//!    100 rows of different pairs a request, or one v1 call a row; a pair's rows one request at
+//!    a time, in order; under the account's rate), and marked sent, retried later, or failed.
 //!
 //! A crash anywhere leaves either no outbox row (the slot is accounted again) or an outbox row
 //! that is sent again with the same identifier; Stripe answers "already exists" for one it
@@ -16,9 +17,9 @@
 //! a send task that panics quarantines its pair too. Postgres or Stripe away: the daemon waits,
 //! retrying with capped backoff, and says so once (`tally_dependency_up`).
 //!
-//! This file runs the pass: it accounts, then leases the outbox, hands each customer+meter
-//! pair to a send task and records the outcomes. Sending one pair's rows to Stripe (retries,
-//! backoff, what an answer means) is `send.rs`.
+//! This file runs the pass: it accounts, then leases the outbox, hands the customer+meter pairs
+//! to the dispatcher and records the outcomes. Putting rows into requests and sending them
+//! (retries, backoff, what an answer means) is `send.rs`; the v2 API is `stream.rs`.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -31,12 +32,13 @@ use tally_runtime::{Backoff, Dependency, RunMode};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
-use crate::config::{SinkConfig, StripeConfig};
+use crate::config::{MeterEventsApi, SinkConfig, StripeConfig};
 use crate::limiter::RateLimiter;
-use crate::send::{send_group, GroupResult, SendContext};
+use crate::send::{dispatch, GroupResult, SendContext};
 use crate::store::{
     self, Accounting, AccountingReport, Leased, Outcome, RowOutcome, SinkStoreError,
 };
+use crate::stream::{MeterEventStream, MAX_EVENTS_PER_REQUEST};
 use crate::stripe::{StripeCallError, StripeHttp};
 use crate::telemetry as t;
 
@@ -89,6 +91,13 @@ pub struct Sink {
     pool: PgPool,
     stripe: StripeHttp,
     limiter: Arc<RateLimiter>,
+    event_limiter: Arc<RateLimiter>,
+    /// `stripe.meter_events` as set (`None`: v2 where the account has it).
+    meter_events: Option<MeterEventsApi>,
+    /// The v2 stream, where the account has it and v1 is not asked for: decided by the first
+    /// pass that reaches Stripe, once per process.
+    stream: tokio::sync::OnceCell<Option<Arc<MeterEventStream>>>,
+    meter_events_base: String,
     postgres: &'static Dependency,
 }
 
@@ -99,11 +108,56 @@ impl Sink {
         t::describe();
         Ok(Sink {
             limiter: Arc::new(RateLimiter::new(stripe.requests_per_second())),
+            event_limiter: Arc::new(RateLimiter::with_burst(
+                stripe.meter_events_per_second(),
+                MAX_EVENTS_PER_REQUEST as u32,
+            )),
+            meter_events: stripe.meter_events,
+            stream: tokio::sync::OnceCell::new(),
+            meter_events_base: stripe.meter_events_base().to_owned(),
             config,
             pool,
             stripe: client,
             postgres: tally_runtime::dependency("postgres"),
         })
+    }
+
+    /// The v2 stream to bill through, or `None` for v1. Unset, v2 is used where a meter event
+    /// session can be created; an account without it (Stripe answers 4xx) bills through v1. A
+    /// Stripe that cannot be reached fails the pass, which is tried again.
+    async fn stream(&self) -> Result<Option<Arc<MeterEventStream>>, SinkError> {
+        let decided = self
+            .stream
+            .get_or_try_init(|| async {
+                if self.meter_events == Some(MeterEventsApi::V1) {
+                    tracing::info!("billing through Stripe's v1 meter events (stripe.meter_events = \"v1\")");
+                    return Ok(None);
+                }
+                let stream = MeterEventStream::new(
+                    self.stripe.clone(),
+                    &self.meter_events_base,
+                    self.limiter.clone(),
+                );
+                match stream.open().await {
+                    Ok(()) => {
+                        tracing::info!(base = self.meter_events_base, "billing through Stripe's v2 meter event stream");
+                        Ok(Some(Arc::new(stream)))
+                    }
+                    Err(error)
+                        if self.meter_events.is_none()
+                            && error.status.is_some_and(|s| (400..500).contains(&s) && s != 429 && s != 409) =>
+                    {
+                        tracing::warn!(%error, "the Stripe account has no v2 meter event stream; billing through v1 meter events (set stripe.meter_events = \"v1\" to skip this check)");
+                        Ok(None)
+                    }
+                    Err(error) if error.status.is_some_and(|s| s == 401 || s == 403 || s == 404) => {
+                        Err(SinkError::Config(format!("stripe.meter_events = \"v2\", but Stripe refuses a meter event session: {error}; set stripe.meter_events = \"v1\", or use a key whose account has the v2 meter event stream")))
+                    }
+                    Err(error) => Err(SinkError::Stripe(error)),
+                }
+            })
+            .await?;
+        Ok(decided.clone())
     }
 
     /// Runs passes until `stop` (daemon) or once. A pass interrupted by `stop` records what it
@@ -131,6 +185,9 @@ impl Sink {
                     total.failed_passes += 1;
                     match &error {
                         SinkError::Store(e) if e.is_retryable() => self.postgres.down(e),
+                        SinkError::Stripe(e) if e.is_retryable() => {
+                            tally_runtime::dependency("stripe").down(e)
+                        }
                         _ => tracing::error!(%error, "billing pass failed; trying again"),
                     }
                     if tally_runtime::sleep_unless_stopped(backoff.next_wait(), stop).await {
@@ -271,8 +328,8 @@ impl Sink {
 
     /// Sends due outbox rows until none are left. Three stages run at once, so that neither
     /// Postgres round trip stalls the calls to Stripe: a leaser (whole customer+meter pairs,
-    /// into a bounded channel), senders (`concurrency` pairs at a time), and a recorder that
-    /// writes outcomes in batches. A fourth renews the leases of every row leased and not yet
+    /// into a bounded channel), the dispatcher (`concurrency` requests at a time, `send.rs`),
+    /// and a recorder that writes outcomes in batches. A fourth renews the leases of every row leased and not yet
     /// recorded, from the moment it is leased: a row waiting its turn, or a slow pair, is
     /// never leased by another sink meanwhile.
     async fn send_outbox(
@@ -280,8 +337,15 @@ impl Sink {
         stop: &CancellationToken,
         summary: &mut SinkSummary,
     ) -> Result<(), SinkError> {
+        let stream = self.stream().await?;
         let concurrency = self.config.concurrency;
-        let (groups_tx, mut groups_rx) = tokio::sync::mpsc::channel::<Vec<Leased>>(concurrency * 8);
+        // Pairs leased at a time: enough for every request in flight, twice over.
+        let lease_batch = match stream {
+            Some(_) => concurrency * MAX_EVENTS_PER_REQUEST * 2,
+            None => concurrency * 32,
+        }
+        .max(512);
+        let (groups_tx, groups_rx) = tokio::sync::mpsc::channel::<Vec<Leased>>(concurrency * 8);
         let (results_tx, results_rx) = tokio::sync::mpsc::channel::<GroupResult>(concurrency * 2);
         let held: Held = Arc::default();
         // In a JoinSet, so that it ends with this pass however the pass ends (a sink killed
@@ -307,7 +371,7 @@ impl Sink {
             let pool = self.pool.clone();
             let lease = self.config.lease;
             let stop = stop.clone();
-            let batch = (concurrency * 32).max(512);
+            let batch = lease_batch;
             let held = held.clone();
             tokio::spawn(async move {
                 while !stop.is_cancelled() {
@@ -332,37 +396,23 @@ impl Sink {
 
         let context = Arc::new(SendContext {
             stripe: self.stripe.clone(),
+            stream,
             limiter: self.limiter.clone(),
+            event_limiter: self.event_limiter.clone(),
             config: self.config.clone(),
             stop: stop.clone(),
             dependency: tally_runtime::dependency("stripe"),
         });
-        let slots = Arc::new(tokio::sync::Semaphore::new(concurrency));
-        let mut senders = JoinSet::new();
-        // Which pair each send task holds, to set it aside if the task panics.
-        let mut pairs: HashMap<tokio::task::Id, Vec<Leased>> = HashMap::new();
-        while let Some(group) = groups_rx.recv().await {
-            let permit = slots
-                .clone()
-                .acquire_owned()
-                .await
-                .map_err(|e| SinkError::Task(e.to_string()))?;
-            let context = context.clone();
-            let results = results_tx.clone();
-            let rows = group.clone();
-            let task = senders.spawn(async move {
-                let result = send_group(group, context).await;
-                let _ = results.send(result).await;
-                drop(permit);
-            });
-            pairs.insert(task.id(), rows);
-            // Reap finished senders so the set stays small.
-            while let Some(joined) = senders.try_join_next_with_id() {
-                self.reaped(joined, &mut pairs, &results_tx).await?;
-            }
-        }
-        while let Some(joined) = senders.join_next_with_id().await {
-            self.reaped(joined, &mut pairs, &results_tx).await?;
+        let panicked = dispatch(groups_rx, results_tx.clone(), context).await;
+        for pair in &panicked {
+            quarantine(
+                &self.pool,
+                &pair.customer_id,
+                &pair.meter,
+                "send_failed",
+                &pair.detail,
+            )
+            .await?;
         }
         drop(results_tx);
         let leased = leaser.await.map_err(|e| SinkError::Task(e.to_string()));
@@ -374,56 +424,6 @@ impl Sink {
         summary.failed += recorded.failed;
         summary.retried += recorded.retried;
         summary.rate_limited += recorded.rate_limited;
-        Ok(())
-    }
-
-    /// A finished send task: a panic quarantines its pair and releases its rows (the panic is
-    /// not Stripe's answer, so nothing is marked sent or failed).
-    async fn reaped(
-        &self,
-        joined: Result<(tokio::task::Id, ()), tokio::task::JoinError>,
-        pairs: &mut HashMap<tokio::task::Id, Vec<Leased>>,
-        results: &tokio::sync::mpsc::Sender<GroupResult>,
-    ) -> Result<(), SinkError> {
-        let (id, error) = match joined {
-            Ok((id, ())) => (id, None),
-            Err(error) => (error.id(), Some(error)),
-        };
-        let rows = pairs.remove(&id).unwrap_or_default();
-        let (Some(error), Some(first)) = (error, rows.first()) else {
-            return Ok(());
-        };
-        let detail = format!("sending its submissions failed: {error}");
-        quarantine(
-            &self.pool,
-            &first.customer_id,
-            &first.meter,
-            "send_failed",
-            &detail,
-        )
-        .await?;
-        // Some rows may have reached Stripe before the panic: from now on they count as
-        // attempted with an unknown outcome (see `send::IDENTIFIER_MEMORY`).
-        let now = Utc::now();
-        let released = GroupResult {
-            outcomes: rows
-                .iter()
-                .map(|row| {
-                    let outcome = Outcome::Retry {
-                        error: detail.clone(),
-                        retry_at: now,
-                        uncertain_at: Some(now),
-                    };
-                    RowOutcome {
-                        submission_id: row.submission_id,
-                        attempts: 0,
-                        outcome,
-                    }
-                })
-                .collect(),
-            ..GroupResult::default()
-        };
-        let _ = results.send(released).await;
         Ok(())
     }
 }

@@ -83,6 +83,13 @@ impl StripeCallError {
         self.status.is_none_or(|status| status >= 500)
     }
 
+    /// A v2 meter event session's token has expired: create a new session and send again.
+    pub fn is_session_expired(&self) -> bool {
+        self.status == Some(401)
+            && (self.kind.as_deref() == Some("temporary_session_expired")
+                || self.code.as_deref() == Some("billing_meter_event_session_expired"))
+    }
+
     /// Stripe has no such object (`resource_missing`).
     pub fn is_not_found(&self) -> bool {
         self.status == Some(404)
@@ -182,11 +189,54 @@ impl StripeHttp {
     /// `GET {api_base}{path}` as JSON, for the endpoints async-stripe has no request type for
     /// (the v2 events that carry meter event error reports).
     pub async fn get_json(&self, path: &str) -> Result<serde_json::Value, StripeCallError> {
-        let request = hyper::Request::get(format!("{}{path}", self.api_base))
-            .header(AUTHORIZATION, self.authorization.clone())
+        let url = format!("{}{path}", self.api_base);
+        self.json_call(hyper::Method::GET, &url, &self.authorization, None)
+            .await
+    }
+
+    /// `POST {api_base}{path}` with a JSON body, for Stripe's v2 endpoints (async-stripe has no
+    /// v2): meter event sessions and adjustments.
+    pub async fn post_json(
+        &self,
+        path: &str,
+        body: &serde_json::Value,
+    ) -> Result<serde_json::Value, StripeCallError> {
+        let url = format!("{}{path}", self.api_base);
+        self.json_call(hyper::Method::POST, &url, &self.authorization, Some(body))
+            .await
+    }
+
+    /// `POST {url}` with a JSON body and `authorization` instead of the secret key: the v2
+    /// meter event stream, with a session's token.
+    pub async fn post_json_as(
+        &self,
+        url: &str,
+        authorization: &HeaderValue,
+        body: &serde_json::Value,
+    ) -> Result<serde_json::Value, StripeCallError> {
+        self.json_call(hyper::Method::POST, url, authorization, Some(body))
+            .await
+    }
+
+    async fn json_call(
+        &self,
+        method: hyper::Method,
+        url: &str,
+        authorization: &HeaderValue,
+        body: Option<&serde_json::Value>,
+    ) -> Result<serde_json::Value, StripeCallError> {
+        let mut builder = hyper::Request::builder()
+            .method(method)
+            .uri(url)
+            .header(AUTHORIZATION, authorization.clone())
             .header(USER_AGENT, concat!("tally/", env!("CARGO_PKG_VERSION")))
-            .header("stripe-version", stripe_shared::version::VERSION.as_str())
-            .body(Full::new(Bytes::new()))
+            .header("stripe-version", stripe_shared::version::VERSION.as_str());
+        if body.is_some() {
+            builder = builder.header(CONTENT_TYPE, "application/json");
+        }
+        let bytes = body.map(|b| Bytes::from(b.to_string())).unwrap_or_default();
+        let request = builder
+            .body(Full::new(bytes))
             .map_err(|e| StripeCallError::transport(format!("bad request: {e}")))?;
         let body = match tokio::time::timeout(self.timeout, self.attempt(request)).await {
             Ok(result) => result?,

@@ -318,6 +318,7 @@ async fn a_stripe_outage_is_waited_out() {
     }
     stop.cancel();
     let summary = daemon.await.unwrap().unwrap();
-    assert!(summary.retried > 0);
+    // Retried calls, or (the first pass opening the v2 stream's session) retried passes.
+    assert!(summary.retried + summary.failed_passes > 0, "{summary:?}");
     assert!(tally_runtime::dependency("stripe").is_up());
 }

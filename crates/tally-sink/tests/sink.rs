@@ -10,7 +10,7 @@ use rand::{Rng, SeedableRng};
 use rust_decimal::Decimal;
 use stripe_emulator::{EmulatorConfig, Faults};
 use tally_core::window::slot_start;
-use tally_sink::{RunMode, Verdict};
+use tally_sink::{MeterEventsApi, RunMode, Verdict};
 use tokio_util::sync::CancellationToken;
 
 fn d(text: &str) -> Decimal {
@@ -18,8 +18,17 @@ fn d(text: &str) -> Decimal {
 }
 
 #[tokio::test]
-async fn bills_each_slot_once_carrying_fractions_and_revising_late_slots() {
-    let setup = setup(EmulatorConfig::default()).await;
+async fn bills_each_slot_once_carrying_fractions_and_revising_late_slots_v2() {
+    bills_each_slot_once(MeterEventsApi::V2).await;
+}
+
+#[tokio::test]
+async fn bills_each_slot_once_carrying_fractions_and_revising_late_slots_v1() {
+    bills_each_slot_once(MeterEventsApi::V1).await;
+}
+
+async fn bills_each_slot_once(api: MeterEventsApi) {
+    let setup = setup_api(EmulatorConfig::default(), Some(api)).await;
     let pool = &setup.db.pool;
     let base = slot_start(Utc::now() - TimeDelta::hours(3));
     let minute = |slot: i64, m: i64| base + TimeDelta::minutes(5 * slot + m);
@@ -171,7 +180,8 @@ async fn unmapped_customers_wait_and_are_billed_once_mapped() {
 
 #[tokio::test]
 async fn refused_submissions_are_marked_failed_with_stripes_error() {
-    let setup = setup(EmulatorConfig::default()).await;
+    // v1 validates at once; the v2 stream validates later (the test after this one).
+    let setup = setup_api(EmulatorConfig::default(), Some(MeterEventsApi::V1)).await;
     let pool = &setup.db.pool;
     let base = slot_start(Utc::now() - TimeDelta::hours(1));
     add_usage(pool, "c1", "api_calls", base, d("5"), base).await;
@@ -197,9 +207,88 @@ async fn refused_submissions_are_marked_failed_with_stripes_error() {
     );
 }
 
+/// The v2 stream answers before it validates: an event Stripe then refuses is not billed, and
+/// arrives later as a `v1.billing.meter.error_report_triggered` thin event naming its
+/// identifier, which `tally reconcile` lists.
 #[tokio::test]
-async fn usage_that_goes_down_is_canceled_and_resent_within_a_day_else_recorded() {
-    let setup = setup(EmulatorConfig::default()).await;
+async fn the_streams_refusals_arrive_later_as_error_reports() {
+    let setup = setup_api(EmulatorConfig::default(), Some(MeterEventsApi::V2)).await;
+    let pool = &setup.db.pool;
+    let base = slot_start(Utc::now() - TimeDelta::hours(1));
+    add_usage(pool, "c1", "api_calls", base, d("5"), base).await;
+    map_all(pool, &["c1".to_owned()]).await;
+    setup
+        .emulator
+        .advance_clock(Duration::from_secs(40 * 24 * 3600));
+    let summary = sink(&setup, sink_config())
+        .run(RunMode::Once, &CancellationToken::new())
+        .await
+        .unwrap();
+    assert_eq!(
+        (summary.sent, summary.failed),
+        (1, 0),
+        "Stripe took the request"
+    );
+    assert_eq!(
+        setup.emulator.sum("cus_c1", "api_calls"),
+        0,
+        "and billed nothing"
+    );
+    let stats = setup.emulator.stats();
+    assert_eq!((stats.stream_requests, stats.stream_events_refused), (1, 1));
+    let report = setup
+        .emulator
+        .events()
+        .into_iter()
+        .find(|e| e.event_type == "v1.billing.meter.error_report_triggered")
+        .expect("an error report");
+    let full = tally_sink::StripeHttp::new(&setup.stripe)
+        .unwrap()
+        .get_json(&format!("v2/core/events/{}", report.id))
+        .await
+        .unwrap();
+    let sample = &full["data"]["reason"]["error_types"][0];
+    assert_eq!(sample["code"], "timestamp_too_far_in_past");
+    assert_eq!(
+        sample["sample_errors"][0]["request"]["identifier"],
+        format!("tally:api_calls:c1:{}:1", base.timestamp())
+    );
+}
+
+/// A session's token lasts 15 minutes: one that expires between passes (or mid-pass) is
+/// renewed, and the request sent again with the same identifiers.
+#[tokio::test]
+async fn an_expired_stream_session_is_renewed() {
+    let setup = setup_api(EmulatorConfig::default(), Some(MeterEventsApi::V2)).await;
+    let pool = &setup.db.pool;
+    let base = slot_start(Utc::now() - TimeDelta::hours(2));
+    map_all(pool, &["c1".to_owned()]).await;
+    add_usage(pool, "c1", "api_calls", base, d("5"), base).await;
+    let sink = sink(&setup, sink_config());
+    let stop = CancellationToken::new();
+    sink.run(RunMode::Once, &stop).await.unwrap();
+    // Stripe's clock moves past the token's 15 minutes; the sink's does not know.
+    setup.emulator.advance_clock(Duration::from_secs(16 * 60));
+    let later = base + TimeDelta::minutes(5);
+    add_usage(pool, "c1", "api_calls", later, d("7"), later).await;
+    let summary = sink.run(RunMode::Once, &stop).await.unwrap();
+    assert_eq!((summary.sent, summary.failed, summary.pending), (1, 0, 0));
+    assert_eq!(setup.emulator.sum("cus_c1", "api_calls"), 12);
+    assert_eq!(setup.emulator.stats().meter_event_sessions, 2);
+}
+
+#[tokio::test]
+async fn usage_that_goes_down_is_canceled_and_resent_within_a_day_else_recorded_v2() {
+    usage_that_goes_down(MeterEventsApi::V2).await;
+}
+
+#[tokio::test]
+async fn usage_that_goes_down_is_canceled_and_resent_within_a_day_else_recorded_v1() {
+    usage_that_goes_down(MeterEventsApi::V1).await;
+}
+
+async fn usage_that_goes_down(api: MeterEventsApi) {
+    let setup = setup_api(EmulatorConfig::default(), Some(api)).await;
     let pool = &setup.db.pool;
     let base = slot_start(Utc::now() - TimeDelta::hours(1));
     add_usage(pool, "c1", "api_calls", base, d("10"), base).await;
@@ -284,22 +373,42 @@ async fn usage_that_goes_down_is_canceled_and_resent_within_a_day_else_recorded(
 }
 
 /// Stripe failing in every way it can (5xx, committed-then-dropped, delays, 429s from an
-/// account limit of 300/s below the sink's 900/s) while the sink is killed at random moments: Stripe
+/// account limit of 150/s below the sink's 950/s) while the sink is killed at random moments: Stripe
 /// ends up holding exactly the windows.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn exactly_once_through_faults_and_kills() {
+async fn exactly_once_through_faults_and_kills_v2() {
+    exactly_once_through_faults_and_kills(MeterEventsApi::V2).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn exactly_once_through_faults_and_kills_v1() {
+    exactly_once_through_faults_and_kills(MeterEventsApi::V1).await;
+}
+
+async fn exactly_once_through_faults_and_kills(api: MeterEventsApi) {
+    // The stream carries up to 100 events a request, so it makes ~50 times fewer requests:
+    // each fails more often, for as many faults in all.
+    let scale = match api {
+        MeterEventsApi::V1 => 1.0,
+        MeterEventsApi::V2 => 6.0,
+    };
     let faults = Faults {
-        error_500: 0.05,
-        error_503: 0.02,
-        drop_after_commit: 0.02,
-        delay: 0.05,
+        error_500: 0.05 * scale,
+        error_503: 0.02 * scale,
+        drop_after_commit: 0.02 * scale,
+        delay: 0.05 * scale,
         delay_ms: 30,
     };
-    let setup = setup(EmulatorConfig {
-        live_rate_per_second: 300,
-        faults,
-        ..EmulatorConfig::default()
-    })
+    let setup = setup_api(
+        EmulatorConfig {
+            live_rate_per_second: 150,
+            // Below the sink's 9,500 events/s: the stream answers 429s too.
+            stream_events_per_second: 300,
+            faults,
+            ..EmulatorConfig::default()
+        },
+        Some(api),
+    )
     .await;
     let pool = &setup.db.pool;
     let base = slot_start(Utc::now() - TimeDelta::hours(2));
@@ -356,17 +465,73 @@ async fn exactly_once_through_faults_and_kills() {
         );
     }
     let stats = setup.emulator.stats();
-    assert!(
-        stats.injected_500 > 0 && stats.dropped_after_commit > 0,
-        "{stats:?}"
-    );
+    eprintln!("emulator: {stats:?}");
+    assert!(stats.injected_500 > 0, "{stats:?}");
     assert!(
         stats.rate_limited + stats.concurrency_limited > 0,
         "the sink met 429s: {stats:?}"
     );
-    eprintln!("emulator: {stats:?}");
+    // The stream's dozen requests may all escape the dropped answer: its own test is
+    // `a_stream_request_whose_answer_is_lost_is_sent_again_and_billed_once`.
+    if api == MeterEventsApi::V1 {
+        assert!(stats.dropped_after_commit > 0, "{stats:?}");
+        assert!(
+            stats.duplicate_identifiers > 0,
+            "a dropped response was retried and found: {stats:?}"
+        );
+    }
+}
+
+/// Stripe takes a stream request and the answer is lost: the sink sends the same events
+/// again, Stripe drops every one as a repeat of its identifier, and each is billed once.
+#[tokio::test]
+async fn a_stream_request_whose_answer_is_lost_is_sent_again_and_billed_once() {
+    let setup = setup_api(EmulatorConfig::default(), Some(MeterEventsApi::V2)).await;
+    setup
+        .emulator
+        .set_faults(Faults {
+            drop_after_commit: 1.0,
+            ..Faults::default()
+        })
+        .unwrap();
+    let pool = &setup.db.pool;
+    let base = slot_start(Utc::now() - TimeDelta::hours(1));
+    let customers: Vec<String> = (0..150).map(|i| format!("l{i:03}")).collect();
+    map_all(pool, &customers).await;
+    for (i, customer) in customers.iter().enumerate() {
+        add_usage(
+            pool,
+            customer,
+            "api_calls",
+            base,
+            Decimal::from(i + 1),
+            base,
+        )
+        .await;
+    }
+    let summary = sink(&setup, sink_config())
+        .run(RunMode::Once, &CancellationToken::new())
+        .await
+        .unwrap();
+    assert_eq!((summary.sent, summary.failed, summary.pending), (150, 0, 0));
+    for (i, customer) in customers.iter().enumerate() {
+        assert_eq!(
+            setup.emulator.sum(&format!("cus_{customer}"), "api_calls"),
+            i as i64 + 1
+        );
+    }
+    let stats = setup.emulator.stats();
     assert!(
-        stats.duplicate_identifiers > 0,
-        "a dropped response was retried and found: {stats:?}"
+        stats.dropped_after_commit >= 2,
+        "150 events take 2 requests or more: {stats:?}"
+    );
+    assert_eq!(
+        stats.stream_requests,
+        2 * stats.dropped_after_commit,
+        "each request sent twice: {stats:?}"
+    );
+    assert_eq!(
+        (stats.meter_events_created, stats.duplicate_identifiers),
+        (150, 150)
     );
 }

@@ -22,6 +22,9 @@ pub(crate) struct EmulatorArgs {
     /// Calls per second allowed for sk_live_ keys (Stripe: 1000)
     #[arg(long, default_value_t = 1000)]
     live_rate: u32,
+    /// Meter events per second the v2 meter event stream takes per account (Stripe: 10000)
+    #[arg(long, default_value_t = 10_000)]
+    stream_rate: u32,
     /// Probability of answering 500 without doing anything
     #[arg(long, default_value_t = 0.0)]
     error_500: f64,
@@ -42,6 +45,7 @@ pub(crate) fn run(args: &EmulatorArgs) -> anyhow::Result<()> {
     let config = EmulatorConfig {
         test_rate_per_second: args.test_rate,
         live_rate_per_second: args.live_rate,
+        stream_events_per_second: args.stream_rate,
         faults: Faults {
             error_500: args.error_500,
             error_503: args.error_503,

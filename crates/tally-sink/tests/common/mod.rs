@@ -11,7 +11,7 @@ use sqlx::PgPool;
 use stripe_emulator::{Emulator, EmulatorConfig};
 use tally_core::window::slot_start;
 use tally_db::testing::{fresh_database, TestDatabase};
-use tally_sink::{Sink, SinkConfig, StripeConfig};
+use tally_sink::{MeterEventsApi, Sink, SinkConfig, StripeConfig};
 
 pub(crate) const KEY: &str = "sk_live_tally_tests";
 
@@ -21,7 +21,14 @@ pub(crate) struct Setup {
     pub stripe: StripeConfig,
 }
 
+/// A database and an emulator; the sink bills through the v2 stream (the default where the
+/// account has it, as the emulator's does).
 pub(crate) async fn setup(emulator: EmulatorConfig) -> Setup {
+    setup_api(emulator, None).await
+}
+
+/// As [`setup`], with `stripe.meter_events` set.
+pub(crate) async fn setup_api(emulator: EmulatorConfig, api: Option<MeterEventsApi>) -> Setup {
     let db = fresh_database().await;
     sqlx::query(
         "INSERT INTO meters (name, aggregation, stripe_event_name) VALUES
@@ -40,6 +47,8 @@ pub(crate) async fn setup(emulator: EmulatorConfig) -> Setup {
         secret_key: tally_core::config::Secret::new(KEY),
         max_requests_per_second: 0,
         request_timeout: Duration::from_secs(5),
+        meter_events: api,
+        ..StripeConfig::default()
     };
     // The meters tally bills under, as an operator creates them in Stripe.
     let client = tally_sink::StripeHttp::new(&stripe).unwrap();
