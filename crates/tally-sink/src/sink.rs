@@ -98,6 +98,8 @@ pub struct Sink {
     /// pass that reaches Stripe, once per process.
     stream: tokio::sync::OnceCell<Option<Arc<MeterEventStream>>>,
     meter_events_base: String,
+    /// Attempts at opening the stream that failed retryably, for the pass's `retried`.
+    open_retries: std::sync::atomic::AtomicU64,
     postgres: &'static Dependency,
 }
 
@@ -115,6 +117,7 @@ impl Sink {
             meter_events: stripe.meter_events,
             stream: tokio::sync::OnceCell::new(),
             meter_events_base: stripe.meter_events_base().to_owned(),
+            open_retries: Default::default(),
             config,
             pool,
             stripe: client,
@@ -138,7 +141,7 @@ impl Sink {
                     &self.meter_events_base,
                     self.limiter.clone(),
                 );
-                match stream.open().await {
+                match self.open_stream(&stream).await {
                     Ok(()) => {
                         tracing::info!(base = self.meter_events_base, "billing through Stripe's v2 meter event stream");
                         Ok(Some(Arc::new(stream)))
@@ -219,8 +222,87 @@ impl Sink {
         }
     }
 
-    /// One pass: account for every settled change, then send the outbox.
+    /// One pass: account for every settled change and send the outbox, at once: rows are sent
+    /// as soon as their accounting transaction commits, so a large pass takes as long as the
+    /// slower half, not both.
     pub async fn pass(&self, stop: &CancellationToken) -> Result<SinkSummary, SinkError> {
+        let started = Instant::now();
+        let accounting_done = CancellationToken::new();
+        let account = async {
+            let accounted = self.account(stop).await;
+            accounting_done.cancel();
+            accounted
+        };
+        let send = async {
+            let mut sent = SinkSummary::default();
+            let sending = Instant::now();
+            let result = self.send_outbox(stop, &accounting_done, &mut sent).await;
+            sent.sending = sending.elapsed();
+            result.map(|()| sent)
+        };
+        let (accounted, sent) = tokio::join!(account, send);
+        let (mut summary, sent) = (accounted?, sent?);
+        summary.sent = sent.sent;
+        summary.failed = sent.failed;
+        summary.retried = sent.retried;
+        summary.rate_limited = sent.rate_limited;
+        summary.sending = sent.sending;
+        let backlog = retry_postgres(|| store::backlog(&self.pool)).await?;
+        metrics::gauge!(t::OUTBOX_PENDING).set(backlog.pending as f64);
+        metrics::gauge!(t::OUTBOX_OLDEST_SECONDS).set(backlog.oldest_pending_seconds);
+        metrics::gauge!(t::OUTBOX_NEEDS_REVIEW).set(backlog.needs_review as f64);
+        metrics::gauge!(t::UNMAPPED_SLOTS).set(backlog.unmapped_slots as f64);
+        metrics::gauge!(t::QUARANTINED_PAIRS).set(backlog.quarantined_pairs as f64);
+        metrics::histogram!(t::PASS_SECONDS).record(started.elapsed().as_secs_f64());
+        summary.pending = backlog.pending;
+        summary.needs_review = backlog.needs_review;
+        summary.unmapped_slots = backlog.unmapped_slots;
+        summary.quarantined_pairs = backlog.quarantined_pairs;
+        if backlog.unmapped_slots > 0 {
+            tracing::warn!(unmapped_slots = backlog.unmapped_slots, "usage of customers without a Stripe customer id is waiting; see the view stripe_unmapped_usage and map them with `tally customers map`");
+        }
+        if backlog.needs_review > 0 {
+            tracing::error!(submissions = backlog.needs_review, "submissions wait for an operator: an earlier attempt may have reached Stripe more than 23 hours ago; see `tally submissions review`");
+        }
+        tracing::info!(
+            slots = summary.accounted.slots,
+            planned = summary.accounted.submissions,
+            sent = summary.sent,
+            retried = summary.retried,
+            failed = summary.failed,
+            pending = backlog.pending,
+            quarantined_pairs = backlog.quarantined_pairs,
+            seconds = started.elapsed().as_secs_f64(),
+            "billing pass done"
+        );
+        Ok(summary)
+    }
+
+    /// Opens the stream's first session, retrying (with the `stripe` dependency marked down)
+    /// while Stripe answers that a retry may succeed.
+    async fn open_stream(&self, stream: &MeterEventStream) -> Result<(), StripeCallError> {
+        let stripe = tally_runtime::dependency("stripe");
+        let mut attempt = 0u32;
+        loop {
+            match stream.open().await {
+                Err(error) if error.is_retryable() && attempt < 8 => {
+                    attempt += 1;
+                    stripe.down(&error);
+                    self.open_retries
+                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    tokio::time::sleep(Duration::from_millis(50 << attempt.min(6))).await;
+                }
+                Err(error) => return Err(error),
+                Ok(()) => {
+                    stripe.up();
+                    return Ok(());
+                }
+            }
+        }
+    }
+
+    /// Accounts for every settled change, `slots_per_transaction` slots a transaction.
+    async fn account(&self, stop: &CancellationToken) -> Result<SinkSummary, SinkError> {
         let started = Instant::now();
         let mut summary = SinkSummary::default();
         let meters = retry_postgres(|| store::billed_meters(&self.pool)).await?;
@@ -250,37 +332,6 @@ impl Sink {
             }
         }
         summary.accounting = started.elapsed();
-        let sending = Instant::now();
-        self.send_outbox(stop, &mut summary).await?;
-        summary.sending = sending.elapsed();
-        let backlog = retry_postgres(|| store::backlog(&self.pool)).await?;
-        metrics::gauge!(t::OUTBOX_PENDING).set(backlog.pending as f64);
-        metrics::gauge!(t::OUTBOX_OLDEST_SECONDS).set(backlog.oldest_pending_seconds);
-        metrics::gauge!(t::OUTBOX_NEEDS_REVIEW).set(backlog.needs_review as f64);
-        metrics::gauge!(t::UNMAPPED_SLOTS).set(backlog.unmapped_slots as f64);
-        metrics::gauge!(t::QUARANTINED_PAIRS).set(backlog.quarantined_pairs as f64);
-        metrics::histogram!(t::PASS_SECONDS).record(started.elapsed().as_secs_f64());
-        summary.pending = backlog.pending;
-        summary.needs_review = backlog.needs_review;
-        summary.unmapped_slots = backlog.unmapped_slots;
-        summary.quarantined_pairs = backlog.quarantined_pairs;
-        if backlog.unmapped_slots > 0 {
-            tracing::warn!(unmapped_slots = backlog.unmapped_slots, "usage of customers without a Stripe customer id is waiting; see the view stripe_unmapped_usage and map them with `tally customers map`");
-        }
-        if backlog.needs_review > 0 {
-            tracing::error!(submissions = backlog.needs_review, "submissions wait for an operator: an earlier attempt may have reached Stripe more than 23 hours ago; see `tally submissions review`");
-        }
-        tracing::info!(
-            slots = summary.accounted.slots,
-            planned = summary.accounted.submissions,
-            sent = summary.sent,
-            retried = summary.retried,
-            failed = summary.failed,
-            pending = backlog.pending,
-            quarantined_pairs = backlog.quarantined_pairs,
-            seconds = started.elapsed().as_secs_f64(),
-            "billing pass done"
-        );
         Ok(summary)
     }
 
@@ -335,9 +386,14 @@ impl Sink {
     async fn send_outbox(
         &self,
         stop: &CancellationToken,
+        accounting_done: &CancellationToken,
         summary: &mut SinkSummary,
     ) -> Result<(), SinkError> {
-        let stream = self.stream().await?;
+        let stream = self.stream().await;
+        summary.retried += self
+            .open_retries
+            .swap(0, std::sync::atomic::Ordering::Relaxed);
+        let stream = stream?;
         let concurrency = self.config.concurrency;
         // Pairs leased at a time: enough for every request in flight, twice over.
         let lease_batch = match stream {
@@ -373,11 +429,22 @@ impl Sink {
             let stop = stop.clone();
             let batch = lease_batch;
             let held = held.clone();
+            let accounting_done = accounting_done.clone();
             tokio::spawn(async move {
                 while !stop.is_cancelled() {
+                    // Read before leasing: once accounting is done, an empty lease means
+                    // nothing is left.
+                    let last = accounting_done.is_cancelled();
                     let rows = store::lease_pending(&pool, batch, lease).await?;
                     if rows.is_empty() {
-                        break;
+                        if last {
+                            break;
+                        }
+                        tokio::select! {
+                            _ = accounting_done.cancelled() => {}
+                            _ = tokio::time::sleep(Duration::from_millis(100)) => {}
+                        }
+                        continue;
                     }
                     lock(&held).extend(rows.iter().map(|row| row.submission_id));
                     for group in group_by_pair(rows) {

@@ -16,7 +16,7 @@ use hyper::header::HeaderValue;
 use serde_json::{json, Value};
 
 use crate::limiter::RateLimiter;
-use crate::stripe::{with_retries, StripeCallError, StripeHttp};
+use crate::stripe::{StripeCallError, StripeHttp};
 
 /// The most events one stream request carries (Stripe's limit).
 pub(crate) const MAX_EVENTS_PER_REQUEST: usize = 100;
@@ -111,12 +111,11 @@ impl MeterEventStream {
                 return Ok(current.authorization.clone());
             }
         }
-        let empty = json!({});
-        let created = with_retries(&self.account_limiter, || {
-            self.stripe
-                .post_json("v2/billing/meter_event_session", &empty)
-        })
-        .await?;
+        self.account_limiter.acquire().await;
+        let created = self
+            .stripe
+            .post_json("v2/billing/meter_event_session", &json!({}))
+            .await?;
         let fresh = Session::from_answer(&created, Utc::now())?;
         let authorization = fresh.authorization.clone();
         *session = Some(fresh);

@@ -318,7 +318,6 @@ async fn a_stripe_outage_is_waited_out() {
     }
     stop.cancel();
     let summary = daemon.await.unwrap().unwrap();
-    // Retried calls, or (the first pass opening the v2 stream's session) retried passes.
-    assert!(summary.retried + summary.failed_passes > 0, "{summary:?}");
+    assert!(summary.retried > 0, "{summary:?}");
     assert!(tally_runtime::dependency("stripe").is_up());
 }
