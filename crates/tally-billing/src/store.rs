@@ -59,17 +59,28 @@ pub(crate) struct Audit<'a> {
 
 impl Audit<'_> {
     pub(crate) async fn write(self, tx: &mut PgConnection) -> Result<(), BillingStoreError> {
+        Audit::write_all(tx, &[self]).await
+    }
+
+    /// Writes the rows in one statement, in their order.
+    pub(crate) async fn write_all(
+        tx: &mut PgConnection,
+        rows: &[Audit<'_>],
+    ) -> Result<(), BillingStoreError> {
+        let text = |f: fn(&Audit<'_>) -> Option<String>| rows.iter().map(f).collect::<Vec<_>>();
+        let json = |f: fn(&Audit<'_>) -> Option<Value>| rows.iter().map(f).collect::<Vec<_>>();
         sqlx::query(
             "INSERT INTO entitlement_audit (entity, entity_key, action, before, after, actor, reason)
-             VALUES ($1, $2, $3, $4, $5, $6, $7)",
+             SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::jsonb[], $5::jsonb[],
+                                  $6::text[], $7::text[])",
         )
-        .bind(self.entity)
-        .bind(self.key)
-        .bind(self.action)
-        .bind(self.before)
-        .bind(self.after)
-        .bind(self.actor)
-        .bind(self.reason)
+        .bind(text(|a| Some(a.entity.to_owned())))
+        .bind(text(|a| Some(a.key.to_owned())))
+        .bind(text(|a| Some(a.action.to_owned())))
+        .bind(json(|a| a.before.cloned()))
+        .bind(json(|a| a.after.cloned()))
+        .bind(text(|a| Some(a.actor.to_owned())))
+        .bind(text(|a| a.reason.map(str::to_owned)))
         .execute(&mut *tx)
         .await?;
         Ok(())

@@ -566,8 +566,11 @@ async fn mark_fallback_checked(tx: &mut PgConnection, id: i64) -> Result<(), sql
     Ok(())
 }
 
-/// The advisory lock key of a customer's subscriptions (`$1` the customer).
-const CUSTOMER_LOCK: &str = "hashtextextended('tally.subscriptions:' || $1, 0)";
+/// The advisory lock key of a customer's subscriptions, `customer` the SQL expression naming
+/// the customer (`$1`, a column).
+fn customer_lock(customer: &str) -> String {
+    format!("hashtextextended('tally.subscriptions:' || {customer}, 0)")
+}
 
 /// Serializes everything that may give a customer a live subscription (create, the fallback,
 /// a Stripe webhook), so that "has none, so add one" cannot race. Taken before any of the
@@ -576,10 +579,13 @@ pub(crate) async fn lock_customer(
     tx: &mut PgConnection,
     customer: &str,
 ) -> Result<(), sqlx::Error> {
-    sqlx::query(&format!("SELECT pg_advisory_xact_lock({CUSTOMER_LOCK})"))
-        .bind(customer)
-        .execute(&mut *tx)
-        .await?;
+    sqlx::query(&format!(
+        "SELECT pg_advisory_xact_lock({})",
+        customer_lock("$1")
+    ))
+    .bind(customer)
+    .execute(&mut *tx)
+    .await?;
     Ok(())
 }
 
@@ -590,11 +596,28 @@ pub(crate) async fn try_lock_customer(
     customer: &str,
 ) -> Result<bool, sqlx::Error> {
     sqlx::query_scalar(&format!(
-        "SELECT pg_try_advisory_xact_lock({CUSTOMER_LOCK})"
+        "SELECT pg_try_advisory_xact_lock({})",
+        customer_lock("$1")
     ))
     .bind(customer)
     .fetch_one(&mut *tx)
     .await
+}
+
+/// [`try_lock_customer`] for many customers in one statement: the ones another transaction
+/// holds (the others are locked now).
+pub(crate) async fn try_lock_customers(
+    tx: &mut PgConnection,
+    customers: &[String],
+) -> Result<std::collections::HashSet<String>, sqlx::Error> {
+    let busy: Vec<String> = sqlx::query_scalar(&format!(
+        "SELECT c FROM unnest($1::text[]) AS c WHERE NOT pg_try_advisory_xact_lock({})",
+        customer_lock("c")
+    ))
+    .bind(customers)
+    .fetch_all(&mut *tx)
+    .await?;
+    Ok(busy.into_iter().collect())
 }
 
 pub(crate) async fn live_for_update(
@@ -682,27 +705,72 @@ pub(crate) async fn write(
     tx: &mut PgConnection,
     subscription: &SubscriptionRecord,
 ) -> Result<SubscriptionRecord, sqlx::Error> {
+    write_all(tx, std::slice::from_ref(subscription))
+        .await?
+        .pop()
+        .ok_or(sqlx::Error::RowNotFound)
+}
+
+/// Writes subscriptions as they are (their ids say which), in one statement; returns them as
+/// stored, in no particular order.
+pub(crate) async fn write_all(
+    tx: &mut PgConnection,
+    subscriptions: &[SubscriptionRecord],
+) -> Result<Vec<SubscriptionRecord>, sqlx::Error> {
+    let ids: Vec<i64> = subscriptions.iter().map(|s| s.id).collect();
+    let plans: Vec<String> = subscriptions.iter().map(|s| s.plan.clone()).collect();
+    let statuses: Vec<&str> = subscriptions.iter().map(|s| s.status.as_str()).collect();
+    let anchors: Vec<DateTime<Utc>> = subscriptions.iter().map(|s| s.billing_anchor).collect();
+    let starts: Vec<DateTime<Utc>> = subscriptions
+        .iter()
+        .map(|s| s.current_period_start)
+        .collect();
+    let ends: Vec<DateTime<Utc>> = subscriptions.iter().map(|s| s.current_period_end).collect();
+    let cancels: Vec<bool> = subscriptions
+        .iter()
+        .map(|s| s.cancel_at_period_end)
+        .collect();
+    let pending: Vec<Option<String>> = subscriptions
+        .iter()
+        .map(|s| s.pending_plan.clone())
+        .collect();
+    let methods: Vec<bool> = subscriptions.iter().map(|s| s.payment_method).collect();
+    let ended: Vec<Option<DateTime<Utc>>> = subscriptions.iter().map(|s| s.ended_at).collect();
+    let since: Vec<DateTime<Utc>> = subscriptions.iter().map(|s| s.status_since).collect();
+    let trials: Vec<Option<DateTime<Utc>>> = subscriptions.iter().map(|s| s.trial_end).collect();
     sqlx::query_as(&format!(
-        "UPDATE subscriptions SET plan = $2, status = $3, billing_anchor = $4,
-                current_period_start = $5, current_period_end = $6, cancel_at_period_end = $7,
-                pending_plan = $8, payment_method = $9, ended_at = $10, status_since = $11,
-                trial_end = $12, updated_at = now()
-         WHERE subscription_id = $1
-         RETURNING {COLUMNS}"
+        "UPDATE subscriptions s SET plan = u.plan, status = u.status,
+                billing_anchor = u.billing_anchor, current_period_start = u.period_start,
+                current_period_end = u.period_end, cancel_at_period_end = u.cancel,
+                pending_plan = u.pending_plan, payment_method = u.payment_method,
+                ended_at = u.ended_at, status_since = u.status_since, trial_end = u.trial_end,
+                updated_at = now()
+         FROM unnest($1::bigint[], $2::text[], $3::text[], $4::timestamptz[], $5::timestamptz[],
+                     $6::timestamptz[], $7::bool[], $8::text[], $9::bool[], $10::timestamptz[],
+                     $11::timestamptz[], $12::timestamptz[])
+              AS u(id, plan, status, billing_anchor, period_start, period_end, cancel,
+                   pending_plan, payment_method, ended_at, status_since, trial_end)
+         WHERE s.subscription_id = u.id
+         RETURNING {}",
+        COLUMNS
+            .split(", ")
+            .map(|c| format!("s.{}", c.trim()))
+            .collect::<Vec<_>>()
+            .join(", ")
     ))
-    .bind(subscription.id)
-    .bind(&subscription.plan)
-    .bind(subscription.status)
-    .bind(subscription.billing_anchor)
-    .bind(subscription.current_period_start)
-    .bind(subscription.current_period_end)
-    .bind(subscription.cancel_at_period_end)
-    .bind(&subscription.pending_plan)
-    .bind(subscription.payment_method)
-    .bind(subscription.ended_at)
-    .bind(subscription.status_since)
-    .bind(subscription.trial_end)
-    .fetch_one(&mut *tx)
+    .bind(&ids)
+    .bind(&plans)
+    .bind(&statuses)
+    .bind(&anchors)
+    .bind(&starts)
+    .bind(&ends)
+    .bind(&cancels)
+    .bind(&pending)
+    .bind(&methods)
+    .bind(&ended)
+    .bind(&since)
+    .bind(&trials)
+    .fetch_all(&mut *tx)
     .await
 }
 

@@ -2,10 +2,14 @@
 //! subscriptions ([`super::step`]), then puts customers whose subscription ended on the
 //! fallback plan, if one is configured.
 //!
-//! Safe with several replicas: each subscription is taken with `FOR UPDATE SKIP LOCKED` in a
-//! transaction of its own, and a replica that takes it after another committed finds it no
-//! longer due (Postgres re-checks the condition on the locked row). A subscription that fails
-//! (an error is logged and counted) is left for the next run; the others go on.
+//! Safe with several replicas: subscriptions are taken with `FOR UPDATE SKIP LOCKED`, a batch
+//! a transaction, and a replica that takes one after another committed finds it no longer due
+//! (Postgres re-checks the condition on the locked row). Plain period ends (an active monthly
+//! or yearly subscription with nothing scheduled) are renewed as a set: [`step`] computes each,
+//! one statement writes them and one audits them. The rest go one at a time, each in a
+//! savepoint. A subscription that fails (an error is logged and counted) is left for the next
+//! run; the others go on: a set that fails is rolled back and its subscriptions go one at a
+//! time, to find the one at fault.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -17,10 +21,15 @@ use sqlx::{PgConnection, PgPool};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-use super::admin::{audit, ensure_fallback, try_lock_customer, write, SubscriptionError};
-use super::{step, SubscriptionRecord, COLUMNS};
+use super::admin::{
+    audit, ensure_fallback, try_lock_customer, try_lock_customers, write, write_all,
+    SubscriptionError,
+};
+use super::advance::Transition;
+use super::period::Interval;
+use super::{step, Status, SubscriptionRecord, COLUMNS};
 use crate::plan::PlanDefinition;
-use crate::store::BillingStoreError;
+use crate::store::{Audit, BillingStoreError};
 use crate::telemetry;
 
 /// `[subscriptions]` in tally.toml.
@@ -117,15 +126,31 @@ pub async fn run_due(
         }
         let mut done = Vec::with_capacity(due.len());
         let mut set_aside = Vec::new();
-        for subscription in due {
-            let (id, customer) = (subscription.id, subscription.customer.clone());
-            // The rows are locked already: the customer's lock is taken only if free (a create
-            // or a cancel holding it waits for this row; waiting here would deadlock). Busy:
-            // left for the next run.
-            if !try_lock_customer(&mut tx, &customer).await? {
-                failed.push(id);
-                continue;
+        // The rows are locked already: a customer's lock is taken only if free (a create or a
+        // cancel holding it waits for this row; waiting here would deadlock). Busy: left for
+        // the next run.
+        let customers: Vec<String> = due.iter().map(|s| s.customer.clone()).collect();
+        let busy = try_lock_customers(&mut tx, &customers).await?;
+        let (due, waiting): (Vec<_>, Vec<_>) =
+            due.into_iter().partition(|s| !busy.contains(&s.customer));
+        failed.extend(waiting.iter().map(|s| s.id));
+        let (plain, mut one_by_one) = plain_renewals(due, &requires_payment_method, now);
+        if !plain.is_empty() {
+            let mut savepoint = sqlx::Connection::begin(&mut *tx).await?;
+            match renew_all(&mut savepoint, &plain).await {
+                Ok(renewed) => {
+                    savepoint.commit().await?;
+                    done.extend(renewed);
+                }
+                Err(error) => {
+                    savepoint.rollback().await?;
+                    tracing::warn!(subscriptions = plain.len(), %error, "renewing a set of subscriptions failed; renewing them one at a time to find the one at fault");
+                    one_by_one.extend(plain.into_iter().map(|renewal| renewal.before));
+                }
             }
+        }
+        for subscription in one_by_one {
+            let (id, customer) = (subscription.id, subscription.customer.clone());
             let mut savepoint = sqlx::Connection::begin(&mut *tx).await?;
             match advance(
                 &mut savepoint,
@@ -265,7 +290,123 @@ async fn fallback_sweep(
 }
 
 /// Most subscriptions advanced in one transaction.
-const BATCH: i64 = 200;
+const BATCH: i64 = 1000;
+
+/// A plain period end: the renewals [`step`] computes for it, each a new period and nothing
+/// else.
+struct PlainRenewal {
+    before: SubscriptionRecord,
+    /// The subscription after each missed period end, in order.
+    periods: Vec<SubscriptionRecord>,
+}
+
+/// Splits due subscriptions into plain renewals (active, monthly or yearly, no cancel or plan
+/// change scheduled, so every step due is a renewal) and the rest.
+fn plain_renewals(
+    due: Vec<SubscriptionRecord>,
+    requires_payment_method: &HashMap<String, bool>,
+    now: DateTime<Utc>,
+) -> (Vec<PlainRenewal>, Vec<SubscriptionRecord>) {
+    let requires = |plan: &str| requires_payment_method.get(plan).copied().unwrap_or(false);
+    let mut plain = Vec::new();
+    let mut rest = Vec::new();
+    for subscription in due {
+        let simple = subscription.status == Status::Active
+            && !subscription.cancel_at_period_end
+            && subscription.pending_plan.is_none()
+            && matches!(
+                subscription.billing_interval,
+                Interval::Month | Interval::Year
+            );
+        if !simple {
+            rest.push(subscription);
+            continue;
+        }
+        let mut periods: Vec<SubscriptionRecord> = Vec::new();
+        let mut renewals_only = true;
+        while let Some((transition, next)) =
+            step(periods.last().unwrap_or(&subscription), requires, now)
+        {
+            renewals_only &= transition
+                == Transition::Renewed {
+                    plan_changed_from: None,
+                };
+            periods.push(next);
+        }
+        if renewals_only && !periods.is_empty() {
+            plain.push(PlainRenewal {
+                before: subscription,
+                periods,
+            });
+        } else {
+            rest.push(subscription);
+        }
+    }
+    (plain, rest)
+}
+
+/// Writes plain renewals in one statement and their audit rows (one per period end, as
+/// [`advance`] writes them) in another; the customers and what was applied to each.
+async fn renew_all(
+    tx: &mut PgConnection,
+    renewals: &[PlainRenewal],
+) -> Result<Vec<(String, Vec<&'static str>)>, SubscriptionError> {
+    let last: Vec<SubscriptionRecord> = renewals
+        .iter()
+        .map(|r| r.periods.last().expect("a plain renewal renews").clone())
+        .collect();
+    let stored: HashMap<i64, SubscriptionRecord> = write_all(tx, &last)
+        .await?
+        .into_iter()
+        .map(|s| (s.id, s))
+        .collect();
+    let reason = Transition::Renewed {
+        plan_changed_from: None,
+    }
+    .reason();
+    let json = |record: &SubscriptionRecord| {
+        serde_json::to_value(record).map_err(|e| BillingStoreError::Corrupt(e.to_string()))
+    };
+    let mut rows: Vec<(String, serde_json::Value, serde_json::Value)> = Vec::new();
+    let mut applied = Vec::with_capacity(renewals.len());
+    for renewal in renewals {
+        let Some(written) = stored.get(&renewal.before.id) else {
+            return Err(BillingStoreError::Corrupt(format!(
+                "subscription {} was not written",
+                renewal.before.id
+            ))
+            .into());
+        };
+        let mut before = renewal.before.clone();
+        for period in &renewal.periods {
+            // Stored as one write: each step's record carries the write's `updated_at`.
+            let after = SubscriptionRecord {
+                updated_at: written.updated_at,
+                ..period.clone()
+            };
+            rows.push((written.customer.clone(), json(&before)?, json(&after)?));
+            before = after;
+        }
+        applied.push((
+            written.customer.clone(),
+            vec!["renew"; renewal.periods.len()],
+        ));
+    }
+    let audits: Vec<Audit<'_>> = rows
+        .iter()
+        .map(|(customer, before, after)| Audit {
+            entity: "subscription",
+            key: customer,
+            action: "renew",
+            before: Some(before),
+            after: Some(after),
+            actor: ACTOR,
+            reason: Some(&reason),
+        })
+        .collect();
+    Audit::write_all(tx, &audits).await?;
+    Ok(applied)
+}
 
 /// Every transition due by `now` for one subscription (locked by the caller), each written and
 /// audited, and the fallback after one that ends it; the actions applied.
