@@ -7,14 +7,11 @@
 //! Ignored in CI (building tansu takes about eight minutes): `scripts/brokers.sh` builds it
 //! and runs these with `TALLY_TEST_TANSU` set to its binary, printing one figure a line.
 
-use std::collections::BTreeMap;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
 use rand::{Rng, SeedableRng};
-use rust_decimal::Decimal;
 use tally_core::config::KafkaConfig;
-use tally_core::UsageEvent;
 use tally_tests::*;
 
 const PARTITIONS: u32 = 8;
@@ -83,65 +80,6 @@ impl Tansu {
     }
 }
 
-/// What the windows must hold, per customer and meter.
-type Sums = BTreeMap<(String, String), Decimal>;
-
-/// Emits `count` events (ids from `first`) over 40 customers, 5% of them sent twice.
-fn emit(emitter: &TestEmitter, first: usize, count: usize, expected: &mut Sums) {
-    let mut rng = rand::rngs::StdRng::seed_from_u64(first as u64);
-    for i in first..first + count {
-        let customer = format!("b{:02}", i % 40);
-        let quantity = Decimal::new(rng.random_range(1..1_000), 1);
-        let at = chrono::Utc::now() - chrono::TimeDelta::seconds(rng.random_range(0..600));
-        let event = UsageEvent::new(customer.clone(), "api_calls", quantity)
-            .with_id(format!("brokers-{i}"))
-            .at(at);
-        if rng.random_bool(0.05) {
-            emitter.emit(event.clone()).unwrap();
-        }
-        emitter.emit(event).unwrap();
-        *expected.entry((customer, "api_calls".into())).or_default() += quantity;
-    }
-}
-
-fn counted(runtime: &tokio::runtime::Runtime, pool: &sqlx::PgPool) -> Sums {
-    runtime
-        .block_on(
-            sqlx::query_as::<_, (String, String, Decimal)>(
-                "SELECT customer_id, meter, sum(value) FROM usage_minute GROUP BY 1, 2",
-            )
-            .fetch_all(pool),
-        )
-        .unwrap()
-        .into_iter()
-        .map(|(customer, meter, sum)| ((customer, meter), sum))
-        .collect()
-}
-
-/// Waits until the windows hold exactly `expected`; returns how long that took.
-fn drained(
-    runtime: &tokio::runtime::Runtime,
-    pool: &sqlx::PgPool,
-    expected: &Sums,
-    timeout: Duration,
-) -> Duration {
-    let started = Instant::now();
-    loop {
-        let now = counted(runtime, pool);
-        if &now == expected {
-            return started.elapsed();
-        }
-        let total = |s: &Sums| s.values().copied().sum::<Decimal>();
-        assert!(
-            started.elapsed() < timeout,
-            "not drained after {timeout:?}: {} of {} counted",
-            total(&now),
-            total(expected)
-        );
-        std::thread::sleep(Duration::from_millis(250));
-    }
-}
-
 fn workdir(tansu: &Tansu, aggregator: &str, options: &str) -> Workdir {
     Workdir::new(
         &tansu.kafka,
@@ -168,7 +106,7 @@ fn a_static_member_the_broker_keeps_dropping_heals_and_counts_exactly() {
     assert!(ok, "{output}");
     let emitter = TestEmitter::start(&tansu.kafka);
     let mut expected = Sums::new();
-    emit(&emitter, 0, 2_001, &mut expected);
+    emit_events(&emitter, "brokers", 0, 2_001, &mut expected);
     emitter.flush(Duration::from_secs(30)).unwrap();
     let metrics = free_port();
     let _aggregate = work.spawn(
@@ -216,14 +154,14 @@ fn once_after_a_static_member_stopped_drains_at_once() {
     assert!(ok, "{output}");
     let emitter = TestEmitter::start(&tansu.kafka);
     let mut expected = Sums::new();
-    emit(&emitter, 0, 1_000, &mut expected);
+    emit_events(&emitter, "brokers", 0, 1_000, &mut expected);
     emitter.flush(Duration::from_secs(30)).unwrap();
     let mut daemon = work.spawn("aggregate", &db.url, &["aggregate"]);
     drained(&runtime, &db.pool, &expected, Duration::from_secs(120));
     // SIGTERM: the static member stops without leaving the group.
     let _ = Command::new("kill").arg(daemon.id().to_string()).status();
     let _ = daemon.wait();
-    emit(&emitter, 1_000, 1_000, &mut expected);
+    emit_events(&emitter, "brokers", 1_000, 1_000, &mut expected);
     emitter.flush(Duration::from_secs(30)).unwrap();
     let ends_before = tally_aggregator::end_offsets(&tansu.kafka, Duration::from_secs(10));
     let started = Instant::now();
@@ -273,7 +211,7 @@ fn killed_through_rebalances(static_membership: bool) {
     let mut sent = 0;
     // 40,000 events over about a minute.
     while sent < 40_000 {
-        emit(&emitter, sent, 500, &mut expected);
+        emit_events(&emitter, "brokers", sent, 500, &mut expected);
         sent += 500;
         std::thread::sleep(Duration::from_millis(700));
         if Instant::now() >= next_kill {

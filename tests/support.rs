@@ -792,3 +792,71 @@ pub fn broker_process(
     });
     (work, kafka, broker)
 }
+
+/// What the windows must hold, per customer and meter.
+pub type Sums = std::collections::BTreeMap<(String, String), rust_decimal::Decimal>;
+
+/// Emits `count` events (ids `{prefix}-{i}` from `first`) over 40 customers, a timestamp in the
+/// last ten minutes each, 5% of them sent twice; adds what each counts to `expected`.
+pub fn emit_events(
+    emitter: &TestEmitter,
+    prefix: &str,
+    first: usize,
+    count: usize,
+    expected: &mut Sums,
+) {
+    use rand::{Rng, SeedableRng};
+    let mut rng = rand::rngs::StdRng::seed_from_u64(first as u64);
+    for i in first..first + count {
+        let customer = format!("b{:02}", i % 40);
+        let quantity = rust_decimal::Decimal::new(rng.random_range(1..1_000), 1);
+        let at = chrono::Utc::now() - chrono::TimeDelta::seconds(rng.random_range(0..600));
+        let event = tally_core::UsageEvent::new(customer.clone(), "api_calls", quantity)
+            .with_id(format!("{prefix}-{i}"))
+            .at(at);
+        if rng.random_bool(0.05) {
+            emitter.emit(event.clone()).unwrap();
+        }
+        emitter.emit(event).unwrap();
+        *expected.entry((customer, "api_calls".into())).or_default() += quantity;
+    }
+}
+
+/// What the minute windows hold, per customer and meter.
+pub fn counted(runtime: &tokio::runtime::Runtime, pool: &sqlx::PgPool) -> Sums {
+    runtime
+        .block_on(
+            sqlx::query_as::<_, (String, String, rust_decimal::Decimal)>(
+                "SELECT customer_id, meter, sum(value) FROM usage_minute GROUP BY 1, 2",
+            )
+            .fetch_all(pool),
+        )
+        .unwrap()
+        .into_iter()
+        .map(|(customer, meter, sum)| ((customer, meter), sum))
+        .collect()
+}
+
+/// Waits until the windows hold exactly `expected`; returns how long that took.
+pub fn drained(
+    runtime: &tokio::runtime::Runtime,
+    pool: &sqlx::PgPool,
+    expected: &Sums,
+    timeout: Duration,
+) -> Duration {
+    let started = Instant::now();
+    loop {
+        let now = counted(runtime, pool);
+        if &now == expected {
+            return started.elapsed();
+        }
+        let total = |s: &Sums| s.values().copied().sum::<rust_decimal::Decimal>();
+        assert!(
+            started.elapsed() < timeout,
+            "not drained after {timeout:?}: {} of {} counted",
+            total(&now),
+            total(expected)
+        );
+        std::thread::sleep(Duration::from_millis(250));
+    }
+}
