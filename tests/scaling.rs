@@ -68,11 +68,17 @@ fn four_aggregators_on_sixteen_partitions_through_rebalances_and_kills_count_exa
         .block_on(sqlx::query_scalar("SELECT count(*) FROM event_ids").fetch_one(&db.pool))
         .unwrap();
     assert_eq!(ids as usize, sent, "each event recorded once");
-    // Every member took part: each committed batches of its own.
+    // The members shared the partitions: every one that lived through a rebalance took some.
+    let mut took_partitions = 0;
     for n in 0..started {
         let log = work.log(&format!("aggregate-{n}"));
         assert!(!log.contains("panicked"), "aggregate-{n}: {log}");
+        took_partitions += usize::from(log.contains("partitions taken"));
     }
+    assert!(
+        took_partitions >= 5,
+        "{took_partitions} of {started} members took partitions"
+    );
     println!(
         "{sent} events through {started} aggregator starts on {PARTITIONS} partitions: drained {:.1} s after the last event",
         took.as_secs_f64()

@@ -178,6 +178,11 @@ impl Emulator {
     }
 
     /// Moves the emulator's clock forward (for the 24 h cancel and 35 day timestamp rules).
+    /// Forgets every meter event session: their tokens are refused from now on (401).
+    pub fn revoke_meter_event_sessions(&self) {
+        lock(&self.shared.stream_sessions).revoke_all();
+    }
+
     pub fn advance_clock(&self, by: Duration) {
         *self
             .shared

@@ -66,6 +66,11 @@ impl Sessions {
         reply
     }
 
+    /// Forgets every session, as a restarted server or revoked tokens would.
+    pub(crate) fn revoke_all(&mut self) {
+        self.by_token.clear();
+    }
+
     /// The session a stream request's token names, if it is still good.
     pub(crate) fn authenticate(&self, token: Option<&str>, now: i64) -> Result<Session, Reply> {
         let Some(session) = token.and_then(|t| self.by_token.get(t)) else {

@@ -6,7 +6,13 @@
 //! A pair's rows go one request at a time, in submission order: a later revision must not
 //! overtake an earlier one (a `last` meter's value is the one Stripe received last), so a
 //! pair's next row waits until the request carrying the one before is answered, and once a
-//! row is not sent the rest of its pair waits for a later pass. A cancel goes alone.
+//! row is not sent the rest of its pair waits for a later pass. A cancel goes alone, and on the
+//! v2 stream (which processes events after it answers) only once the event it cancels was sent
+//! a minute ago.
+//!
+//! What an answer is about decides whom it marks: a refusal of the caller (the key, the
+//! address, the session) marks no row and is retried later; a refusal of a request of many
+//! rows is not blamed on all of them: each is sent again alone, to find the one at fault.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
@@ -27,6 +33,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::SinkConfig;
 use crate::limiter::RateLimiter;
+use crate::owed::event_timestamp;
 use crate::store::{Leased, Outcome, RowOutcome};
 use crate::stream::{stream_event, MeterEventStream, MAX_EVENTS_PER_REQUEST};
 use crate::stripe::{StripeCallError, StripeHttp};
@@ -36,11 +43,23 @@ use crate::telemetry as t;
 /// Stripe recognises an identifier for about 24 hours, and this keeps an hour's margin.
 const IDENTIFIER_MEMORY: TimeDelta = TimeDelta::hours(23);
 
+/// On the v2 stream, a cancel waits this long after the event it withdraws was sent: Stripe
+/// answers a stream request before it processes the events, and a cancel that arrives first
+/// finds no event to cancel.
+const CANCEL_AFTER_STREAMED: TimeDelta = TimeDelta::minutes(1);
+
+/// A pair whose request panicked is not leased again for this long: the pass quarantines it
+/// when it ends.
+const AFTER_PANIC: TimeDelta = TimeDelta::minutes(5);
+
 /// What every request needs.
 pub(crate) struct SendContext {
     pub(crate) stripe: StripeHttp,
     /// The v2 stream, when the sink bills through it; `None`: v1, one event a call.
     pub(crate) stream: Option<Arc<MeterEventStream>>,
+    /// Rows one request carries: 1 on v1; on the v2 stream up to 100, fewer when the events'
+    /// rate is so low that a request of 100 would break it (a twentieth of a second's worth).
+    pub(crate) rows_per_request: usize,
     /// The account's calls per second (v1 events and cancels, v2 sessions and cancels).
     pub(crate) limiter: Arc<RateLimiter>,
     /// The v2 stream's events per second.
@@ -50,15 +69,9 @@ pub(crate) struct SendContext {
     pub(crate) dependency: &'static Dependency,
 }
 
-impl SendContext {
-    /// Rows one request carries: 100 on the v2 stream, 1 on v1.
-    pub(crate) fn rows_per_request(&self) -> usize {
-        if self.stream.is_some() {
-            MAX_EVENTS_PER_REQUEST
-        } else {
-            1
-        }
-    }
+/// Rows a v2 stream request carries at `events_per_second`.
+pub(crate) fn stream_rows_per_request(events_per_second: u32) -> usize {
+    (events_per_second as usize / 20).clamp(1, MAX_EVENTS_PER_REQUEST)
 }
 
 /// What some rows came to (a request's, or rows released without one).
@@ -92,7 +105,8 @@ pub(crate) async fn dispatch(
     results: mpsc::Sender<GroupResult>,
     context: Arc<SendContext>,
 ) -> Vec<Panicked> {
-    let per_request = context.rows_per_request();
+    let per_request = context.rows_per_request;
+    let v2 = context.stream.is_some();
     let waiting_room = per_request * context.config.concurrency * 2;
     let mut ready: VecDeque<Pair> = VecDeque::new();
     let mut requests: JoinSet<RequestDone> = JoinSet::new();
@@ -105,7 +119,7 @@ pub(crate) async fn dispatch(
             report(&results, released_outcomes(released), 0, 0).await;
         }
         while requests.len() < context.config.concurrency && !context.stop.is_cancelled() {
-            let (batch, reviews) = next_batch(&mut ready, per_request);
+            let (batch, reviews) = next_batch(&mut ready, per_request, v2, Utc::now());
             if !reviews.is_empty() {
                 report(&results, reviews, 0, 0).await;
             }
@@ -140,6 +154,10 @@ pub(crate) async fn dispatch(
                 };
                 let batch = in_flight.remove(&id).unwrap_or_default();
                 match done {
+                    Ok(done) if done.refused_together => {
+                        tracing::warn!(pairs = batch.len(), outcome = ?done.outcome, "Stripe refused a request of several rows; sending each alone to find the one at fault");
+                        ready.extend(batch.into_iter().map(|pair| Pair { alone: true, ..pair }));
+                    }
                     Ok(done) => answered(batch, done, &mut ready, &results).await,
                     Err(error) => {
                         after_panic(batch, &error.to_string(), &mut ready, &mut panicked, &results)
@@ -159,20 +177,39 @@ pub(crate) async fn dispatch(
 
 /// The next request's pairs, at most `per_request`, each pair's next row not yet answered for;
 /// a cancel, or a pair that must go alone, is a request of its own. Rows too old to resend are
-/// parked for review (with the rest of their pair released) instead.
-fn next_batch(ready: &mut VecDeque<Pair>, per_request: usize) -> (Vec<Pair>, Vec<RowOutcome>) {
+/// parked for review, and (v2) a cancel of an event streamed less than a minute ago waits; the
+/// rest of such a pair is released.
+fn next_batch(
+    ready: &mut VecDeque<Pair>,
+    per_request: usize,
+    v2: bool,
+    now: chrono::DateTime<Utc>,
+) -> (Vec<Pair>, Vec<RowOutcome>) {
     let mut batch: Vec<Pair> = Vec::new();
     let mut reviews = Vec::new();
     while batch.len() < per_request {
         let Some(pair) = ready.pop_front() else { break };
         let head = &pair.rows[0];
-        if let Some(error) = too_late_to_resend(head) {
+        let held = match too_late_to_resend(head) {
+            Some(error) => Some(Outcome::NeedsReview { error }),
+            None => match head.cancels_sent_at {
+                Some(sent) if v2 && head.cancels.is_some() && now < sent + CANCEL_AFTER_STREAMED => {
+                    Some(Outcome::Retry {
+                        error: "waits until Stripe has processed the event it cancels (a minute after it was streamed)".into(),
+                        retry_at: sent + CANCEL_AFTER_STREAMED,
+                        uncertain_at: None,
+                    })
+                }
+                _ => None,
+            },
+        };
+        if let Some(outcome) = held {
             let mut rows = pair.rows.into_iter();
             let head = rows.next().expect("a pair has rows");
             reviews.push(RowOutcome {
                 submission_id: head.submission_id,
                 attempts: 0,
-                outcome: Outcome::NeedsReview { error },
+                outcome,
             });
             reviews.extend(released_outcomes(rows));
             continue;
@@ -242,6 +279,7 @@ async fn after_panic(
     }
     let detail = format!("sending its submissions failed: {error}");
     let now = Utc::now();
+    let retry_at = now + AFTER_PANIC;
     let mut outcomes = Vec::new();
     for pair in batch {
         let head = &pair.rows[0];
@@ -257,7 +295,7 @@ async fn after_panic(
             attempts: 0,
             outcome: Outcome::Retry {
                 error: detail.clone(),
-                retry_at: now,
+                retry_at,
                 uncertain_at: Some(now),
             },
         }));
@@ -320,6 +358,9 @@ struct RequestDone {
     outcome: Outcome,
     retried: u64,
     rate_limited: u64,
+    /// Stripe refused the request as a whole, and it carried several rows: none is marked;
+    /// each is sent again alone.
+    refused_together: bool,
 }
 
 /// Sends one request (one v1 call, or up to 100 rows on the v2 stream), retrying within the
@@ -333,6 +374,7 @@ async fn send_request(rows: Vec<Leased>, context: Arc<SendContext>) -> RequestDo
         outcome: Outcome::Released,
         retried: 0,
         rate_limited: 0,
+        refused_together: false,
     };
     let mut uncertain_at = None;
     loop {
@@ -366,6 +408,28 @@ async fn send_request(rows: Vec<Leased>, context: Arc<SendContext>) -> RequestDo
             done.rate_limited += 1;
             metrics::counter!(t::STRIPE_RATE_LIMITED).increment(1);
         }
+        let earlier = rows.iter().map(|row| row.attempts).min().unwrap_or(0);
+        let total_attempts = earlier.max(0) as u32 + done.attempts;
+        if error.refuses_the_caller() {
+            // The key, the address or the session, not the rows: wait, say so, mark nothing.
+            context.dependency.down(&error);
+            done.retried += 1;
+            metrics::counter!(t::SUBMISSIONS_RETRIED, "reason" => error.reason()).increment(1);
+            let wait = backoff(config, total_attempts.max(config.attempts_per_pass));
+            done.outcome = Outcome::Retry {
+                error: error.to_string(),
+                retry_at: Utc::now() + TimeDelta::from_std(wait).unwrap_or(TimeDelta::MAX),
+                uncertain_at,
+            };
+            return done;
+        }
+        if !error.is_retryable() && rows.len() > 1 {
+            done.refused_together = true;
+            done.outcome = Outcome::Failed {
+                error: error.to_string(),
+            };
+            return done;
+        }
         if !error.is_retryable() {
             context.dependency.up();
             metrics::counter!(t::SUBMISSIONS_FAILED, "reason" => error.reason())
@@ -381,8 +445,6 @@ async fn send_request(rows: Vec<Leased>, context: Arc<SendContext>) -> RequestDo
         }
         done.retried += 1;
         metrics::counter!(t::SUBMISSIONS_RETRIED, "reason" => error.reason()).increment(1);
-        let earlier = rows.iter().map(|row| row.attempts).max().unwrap_or(0);
-        let total_attempts = earlier.max(0) as u32 + done.attempts;
         if done.attempts >= config.attempts_per_pass {
             let wait = backoff(config, total_attempts);
             tracing::debug!(identifier = first.identifier, %error, retry_in = ?wait, "Stripe call failed; will retry");
@@ -438,6 +500,10 @@ impl Call {
                 .cancel(cancel),
             );
         }
+        // Stripe takes timestamps 35 days back: a row that waited past that (an outage, a
+        // backlog) is sent at the oldest time Stripe takes, as accounting would have written it
+        // now, rather than refused (v1) or dropped after the answer (v2).
+        let now = Utc::now();
         if v2 {
             let events: Vec<Value> = rows
                 .iter()
@@ -447,7 +513,7 @@ impl Call {
                         &row.identifier,
                         &row.stripe_customer_id,
                         &payload_value(row),
-                        row.event_timestamp,
+                        event_timestamp(row.event_timestamp, now),
                     )
                 })
                 .collect();
@@ -463,7 +529,7 @@ impl Call {
         Call::Event(
             CreateBillingMeterEvent::new(row.event_name.as_str(), payload)
                 .identifier(row.identifier.as_str())
-                .timestamp(row.event_timestamp.timestamp()),
+                .timestamp(event_timestamp(row.event_timestamp, now).timestamp()),
         )
     }
 
@@ -547,6 +613,7 @@ mod tests {
             event_timestamp: Utc::now(),
             attempts: 0,
             cancels: cancels.map(str::to_owned),
+            cancels_sent_at: None,
             first_uncertain_at: None,
         }
     }
@@ -566,7 +633,8 @@ mod tests {
             pair(vec![row(4, "c", Some("x"))]),
             pair(vec![row(5, "d", None)]),
         ]);
-        let (batch, reviews) = next_batch(&mut ready, 100);
+        let now = Utc::now();
+        let (batch, reviews) = next_batch(&mut ready, 100, true, now);
         assert!(reviews.is_empty());
         let heads: Vec<i64> = batch.iter().map(|p| p.rows[0].submission_id).collect();
         assert_eq!(
@@ -574,10 +642,10 @@ mod tests {
             [1, 3],
             "one row of each pair; the cancel waits for a request of its own"
         );
-        let (batch, _) = next_batch(&mut ready, 100);
+        let (batch, _) = next_batch(&mut ready, 100, true, now);
         assert_eq!(batch.len(), 1);
         assert_eq!(batch[0].rows[0].cancels.as_deref(), Some("x"));
-        let (batch, _) = next_batch(&mut ready, 100);
+        let (batch, _) = next_batch(&mut ready, 100, true, now);
         assert_eq!(batch[0].rows[0].submission_id, 5);
     }
 
@@ -589,10 +657,44 @@ mod tests {
             pair(vec![old, row(2, "a", None)]),
             pair(vec![row(3, "b", None)]),
         ]);
-        let (batch, reviews) = next_batch(&mut ready, 100);
+        let (batch, reviews) = next_batch(&mut ready, 100, true, Utc::now());
         assert_eq!(batch.len(), 1);
         assert!(matches!(reviews[0].outcome, Outcome::NeedsReview { .. }));
         assert_eq!(reviews[1].outcome, Outcome::Released);
         assert_eq!(reviews[1].submission_id, 2);
+    }
+
+    #[test]
+    fn on_the_stream_a_cancel_waits_a_minute_after_its_event_was_sent() {
+        let now = Utc::now();
+        let mut cancel = row(1, "a", Some("tally:m:a:0:1"));
+        cancel.cancels_sent_at = Some(now - TimeDelta::seconds(10));
+        let mut ready = VecDeque::from([pair(vec![cancel.clone(), row(2, "a", None)])]);
+        let (batch, held) = next_batch(&mut ready, 100, true, now);
+        assert!(batch.is_empty());
+        match &held[0].outcome {
+            Outcome::Retry { retry_at, .. } => {
+                assert_eq!(
+                    *retry_at,
+                    now - TimeDelta::seconds(10) + CANCEL_AFTER_STREAMED
+                )
+            }
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(held[1].outcome, Outcome::Released);
+        // On v1 (answered once recorded), or a minute later, it goes.
+        let mut ready = VecDeque::from([pair(vec![cancel.clone()])]);
+        assert_eq!(next_batch(&mut ready, 1, false, now).0.len(), 1);
+        let mut ready = VecDeque::from([pair(vec![cancel])]);
+        let later = now + TimeDelta::seconds(51);
+        assert_eq!(next_batch(&mut ready, 100, true, later).0.len(), 1);
+    }
+
+    #[test]
+    fn a_slow_stream_sends_small_requests() {
+        assert_eq!(stream_rows_per_request(9_500), 100);
+        assert_eq!(stream_rows_per_request(1_000), 50);
+        assert_eq!(stream_rows_per_request(50), 2);
+        assert_eq!(stream_rows_per_request(1), 1);
     }
 }

@@ -34,11 +34,11 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::{MeterEventsApi, SinkConfig, StripeConfig};
 use crate::limiter::RateLimiter;
-use crate::send::{dispatch, GroupResult, SendContext};
+use crate::send::{dispatch, stream_rows_per_request, GroupResult, SendContext};
 use crate::store::{
     self, Accounting, AccountingReport, Leased, Outcome, RowOutcome, SinkStoreError,
 };
-use crate::stream::{MeterEventStream, MAX_EVENTS_PER_REQUEST};
+use crate::stream::MeterEventStream;
 use crate::stripe::{StripeCallError, StripeHttp};
 use crate::telemetry as t;
 
@@ -94,9 +94,11 @@ pub struct Sink {
     event_limiter: Arc<RateLimiter>,
     /// `stripe.meter_events` as set (`None`: v2 where the account has it).
     meter_events: Option<MeterEventsApi>,
-    /// The v2 stream, where the account has it and v1 is not asked for: decided by the first
-    /// pass that reaches Stripe, once per process.
-    stream: tokio::sync::OnceCell<Option<Arc<MeterEventStream>>>,
+    /// The v2 stream, where the account has it and v1 is not asked for, and when that was
+    /// decided (by the first pass that reached Stripe).
+    stream: tokio::sync::Mutex<Option<(Option<Arc<MeterEventStream>>, Instant)>>,
+    /// `stripe.max_meter_events_per_second`, or its default.
+    meter_events_per_second: u32,
     meter_events_base: String,
     /// Attempts at opening the stream that failed retryably, for the pass's `retried`.
     open_retries: std::sync::atomic::AtomicU64,
@@ -112,10 +114,11 @@ impl Sink {
             limiter: Arc::new(RateLimiter::new(stripe.requests_per_second())),
             event_limiter: Arc::new(RateLimiter::with_burst(
                 stripe.meter_events_per_second(),
-                MAX_EVENTS_PER_REQUEST as u32,
+                stream_rows_per_request(stripe.meter_events_per_second()) as u32,
             )),
+            meter_events_per_second: stripe.meter_events_per_second(),
             meter_events: stripe.meter_events,
-            stream: tokio::sync::OnceCell::new(),
+            stream: tokio::sync::Mutex::new(None),
             meter_events_base: stripe.meter_events_base().to_owned(),
             open_retries: Default::default(),
             config,
@@ -126,41 +129,53 @@ impl Sink {
     }
 
     /// The v2 stream to bill through, or `None` for v1. Unset, v2 is used where a meter event
-    /// session can be created; an account without it (Stripe answers 4xx) bills through v1. A
-    /// Stripe that cannot be reached fails the pass, which is tried again.
+    /// session can be created; an account without it (Stripe answers 4xx) bills through v1 and
+    /// is asked again every hour. A Stripe that cannot be reached fails the pass, which is
+    /// tried again.
     async fn stream(&self) -> Result<Option<Arc<MeterEventStream>>, SinkError> {
-        let decided = self
-            .stream
-            .get_or_try_init(|| async {
-                if self.meter_events == Some(MeterEventsApi::V1) {
-                    tracing::info!("billing through Stripe's v1 meter events (stripe.meter_events = \"v1\")");
-                    return Ok(None);
-                }
-                let stream = MeterEventStream::new(
-                    self.stripe.clone(),
-                    &self.meter_events_base,
-                    self.limiter.clone(),
-                );
-                match self.open_stream(&stream).await {
-                    Ok(()) => {
-                        tracing::info!(base = self.meter_events_base, "billing through Stripe's v2 meter event stream");
-                        Ok(Some(Arc::new(stream)))
-                    }
-                    Err(error)
-                        if self.meter_events.is_none()
-                            && error.status.is_some_and(|s| (400..500).contains(&s) && s != 429 && s != 409) =>
-                    {
-                        tracing::warn!(%error, "the Stripe account has no v2 meter event stream; billing through v1 meter events (set stripe.meter_events = \"v1\" to skip this check)");
-                        Ok(None)
-                    }
-                    Err(error) if error.status.is_some_and(|s| s == 401 || s == 403 || s == 404) => {
-                        Err(SinkError::Config(format!("stripe.meter_events = \"v2\", but Stripe refuses a meter event session: {error}; set stripe.meter_events = \"v1\", or use a key whose account has the v2 meter event stream")))
-                    }
-                    Err(error) => Err(SinkError::Stripe(error)),
-                }
-            })
-            .await?;
-        Ok(decided.clone())
+        let mut decided = self.stream.lock().await;
+        if let Some((stream, at)) = &*decided {
+            let ask_again =
+                self.meter_events.is_none() && stream.is_none() && at.elapsed() >= ASK_FOR_V2_EVERY;
+            if !ask_again {
+                return Ok(stream.clone());
+            }
+        }
+        let stream = self.decide_api().await?;
+        metrics::gauge!(t::METER_EVENTS_V2).set(if stream.is_some() { 1.0 } else { 0.0 });
+        *decided = Some((stream.clone(), Instant::now()));
+        Ok(stream)
+    }
+
+    async fn decide_api(&self) -> Result<Option<Arc<MeterEventStream>>, SinkError> {
+        if self.meter_events == Some(MeterEventsApi::V1) {
+            tracing::info!(
+                "billing through Stripe's v1 meter events (stripe.meter_events = \"v1\")"
+            );
+            return Ok(None);
+        }
+        let stream = MeterEventStream::new(
+            self.stripe.clone(),
+            &self.meter_events_base,
+            self.limiter.clone(),
+        );
+        match self.open_stream(&stream).await {
+            Ok(()) => {
+                tracing::info!(base = self.meter_events_base, "billing through Stripe's v2 meter event stream");
+                Ok(Some(Arc::new(stream)))
+            }
+            Err(error)
+                if self.meter_events.is_none()
+                    && error.status.is_some_and(|s| (400..500).contains(&s) && s != 429 && s != 409) =>
+            {
+                tracing::warn!(%error, "the Stripe account has no v2 meter event stream; billing through v1 meter events and asking again in an hour (set stripe.meter_events = \"v1\" to skip this check)");
+                Ok(None)
+            }
+            Err(error) if error.status.is_some_and(|s| s == 401 || s == 403 || s == 404) => {
+                Err(SinkError::Config(format!("stripe.meter_events = \"v2\", but Stripe refuses a meter event session: {error}; set stripe.meter_events = \"v1\", or use a key whose account has the v2 meter event stream")))
+            }
+            Err(error) => Err(SinkError::Stripe(error)),
+        }
     }
 
     /// Runs passes until `stop` (daemon) or once. A pass interrupted by `stop` records what it
@@ -395,12 +410,14 @@ impl Sink {
             .swap(0, std::sync::atomic::Ordering::Relaxed);
         let stream = stream?;
         let concurrency = self.config.concurrency;
+        let rows_per_request = match stream {
+            Some(_) => stream_rows_per_request(self.meter_events_per_second),
+            None => 1,
+        };
         // Pairs leased at a time: enough for every request in flight, twice over.
-        let lease_batch = match stream {
-            Some(_) => concurrency * MAX_EVENTS_PER_REQUEST * 2,
-            None => concurrency * 32,
-        }
-        .max(512);
+        let lease_batch = (concurrency * rows_per_request * 2)
+            .max(concurrency * 32)
+            .max(512);
         let (groups_tx, groups_rx) = tokio::sync::mpsc::channel::<Vec<Leased>>(concurrency * 8);
         let (results_tx, results_rx) = tokio::sync::mpsc::channel::<GroupResult>(concurrency * 2);
         let held: Held = Arc::default();
@@ -464,6 +481,7 @@ impl Sink {
         let context = Arc::new(SendContext {
             stripe: self.stripe.clone(),
             stream,
+            rows_per_request,
             limiter: self.limiter.clone(),
             event_limiter: self.event_limiter.clone(),
             config: self.config.clone(),
@@ -494,6 +512,9 @@ impl Sink {
         Ok(())
     }
 }
+
+/// How often an account found without the v2 stream is asked again.
+const ASK_FOR_V2_EVERY: Duration = Duration::from_secs(3600);
 
 /// How many pairs one split of a failed accounting transaction takes on.
 const PAIRS_PER_SPLIT: usize = 10_000;

@@ -63,8 +63,9 @@ impl MeterEventStream {
         self.authorization().await.map(drop)
     }
 
-    /// Sends up to 100 events (`{"events": [...]}`, see [`stream_event`]). A session Stripe
-    /// says has expired is renewed and the request sent again, once.
+    /// Sends up to 100 events (`{"events": [...]}`, see [`stream_event`]). A token Stripe
+    /// refuses (expired, or revoked) is dropped, a new session opened and the request sent
+    /// again, once.
     pub(crate) async fn send(&self, body: &Value) -> Result<(), StripeCallError> {
         let mut renewed = false;
         loop {
@@ -74,9 +75,14 @@ impl MeterEventStream {
                 .post_json_as(&self.stream_url, &authorization, body)
                 .await
             {
-                Err(error) if error.is_session_expired() && !renewed => {
-                    renewed = true;
+                // A token Stripe no longer takes, expired or not, is never sent again.
+                Err(error) if error.status == Some(401) => {
                     self.forget(&authorization).await;
+                    if !renewed {
+                        renewed = true;
+                        continue;
+                    }
+                    return Err(error);
                 }
                 answer => return answer.map(drop),
             }
@@ -112,11 +118,16 @@ impl MeterEventStream {
             }
         }
         self.account_limiter.acquire().await;
-        let created = self
+        let opened = self
             .stripe
             .post_json("v2/billing/meter_event_session", &json!({}))
-            .await?;
-        let fresh = Session::from_answer(&created, Utc::now())?;
+            .await
+            .and_then(|created| Session::from_answer(&created, Utc::now()));
+        let fresh = opened.map_err(|error| StripeCallError {
+            session: true,
+            message: format!("cannot open a meter event session: {}", error.message),
+            ..error
+        })?;
         let authorization = fresh.authorization.clone();
         *session = Some(fresh);
         Ok(authorization)

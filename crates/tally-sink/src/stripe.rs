@@ -35,6 +35,9 @@ pub struct StripeCallError {
     pub kind: Option<String>,
     pub code: Option<String>,
     pub message: String,
+    /// The call that failed opened a v2 meter event session: its refusal says nothing of the
+    /// events that were to follow.
+    pub session: bool,
 }
 
 impl StripeCallError {
@@ -46,6 +49,18 @@ impl StripeCallError {
             kind: None,
             code: None,
             message: message.into(),
+            session: false,
+        }
+    }
+
+    /// Stripe refuses whoever is calling, not what the call carries: the key (401, 403), the
+    /// address (404), or the meter event session. Retried later, never marked on the rows: a
+    /// revoked key or a wrong `stripe.api_base` must not fail a whole backlog.
+    pub fn refuses_the_caller(&self) -> bool {
+        match self.status {
+            Some(401 | 403 | 404) => true,
+            Some(status) => self.session && (400..500).contains(&status),
+            None => false,
         }
     }
 
@@ -130,6 +145,22 @@ impl StripeClientErr for StripeCallError {
     fn deserialize_err(message: impl std::fmt::Display) -> Self {
         StripeCallError::transport(format!("unreadable response: {message}"))
     }
+}
+
+/// The most of an error's message kept (it is logged and stored on every row of a request):
+/// Stripe's are a sentence; a server answering megabytes is cut here.
+pub(crate) const MAX_ERROR_MESSAGE: usize = 1000;
+
+/// `text` cut to at most `max` bytes, on a character boundary, marked when cut.
+fn bounded(text: &str, max: usize) -> String {
+    if text.len() <= max {
+        return text.to_owned();
+    }
+    let mut end = max;
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}… ({} bytes in all)", &text[..end], text.len())
 }
 
 /// The most of a response read. Stripe's largest answers (a page of 100 objects) are well
@@ -283,14 +314,17 @@ impl StripeHttp {
             return Ok(body);
         }
         let error: serde_json::Value = serde_json::from_slice(&body).unwrap_or_default();
-        let field = |name: &str| error["error"][name].as_str().map(str::to_owned);
+        let field = |name: &str| error["error"][name].as_str().map(|s| bounded(s, 200));
         Err(StripeCallError {
             status: Some(status),
             should_retry,
             kind: field("type"),
             code: field("code"),
-            message: field("message")
-                .unwrap_or_else(|| String::from_utf8_lossy(&body).into_owned()),
+            message: bounded(
+                &field("message").unwrap_or_else(|| String::from_utf8_lossy(&body).into_owned()),
+                MAX_ERROR_MESSAGE,
+            ),
+            session: false,
         })
     }
 }

@@ -33,13 +33,15 @@ pub const RECONCILE_METER_ERROR_REPORTS: &str = "tally_reconcile_meter_error_rep
 pub const RECONCILE_LAST_RUN: &str = "tally_reconcile_last_run_timestamp_seconds";
 /// Duration of one billing pass.
 pub const PASS_SECONDS: &str = "tally_sink_pass_seconds";
+/// 1 while the sink bills through Stripe's v2 meter event stream, 0 on v1.
+pub const METER_EVENTS_V2: &str = "tally_sink_meter_events_v2";
 
 pub fn describe() {
     use metrics::{describe_counter, describe_gauge, describe_histogram, Unit};
     describe_counter!(SUBMISSIONS_SENT, "Meter events Stripe accepted");
     describe_counter!(
         SUBMISSIONS_RETRIED,
-        "Stripe calls that failed and will be retried, by reason"
+        "Stripe requests (a call, or a stream request of up to 100 events) that failed and will be retried, by reason"
     );
     describe_counter!(
         SUBMISSIONS_FAILED,
@@ -80,5 +82,9 @@ pub fn describe() {
     describe_counter!(
         PAIRS_QUARANTINED,
         "Customer+meter pairs quarantined, by reason"
+    );
+    describe_gauge!(
+        METER_EVENTS_V2,
+        "1 while meter events go through Stripe's v2 stream, 0 through v1"
     );
 }

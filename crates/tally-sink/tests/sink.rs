@@ -5,6 +5,7 @@ mod common;
 use std::time::Duration;
 
 use chrono::{TimeDelta, Utc};
+use common::Setup;
 use common::*;
 use rand::{Rng, SeedableRng};
 use rust_decimal::Decimal;
@@ -307,6 +308,11 @@ async fn usage_that_goes_down(api: MeterEventsApi) {
     .await;
     sink.run(RunMode::Once, &stop).await.unwrap();
     assert_eq!(setup.emulator.sum("cus_c1", "api_calls"), 15);
+    // A while later (on the v2 stream a cancel waits a minute after its event was sent).
+    sqlx::query("UPDATE stripe_submissions SET sent_at = sent_at - interval '2 minutes'")
+        .execute(pool)
+        .await
+        .unwrap();
 
     // Someone corrects the windows by hand, within a day: both revisions are canceled at
     // Stripe and the slot's new total is sent as one new revision.
@@ -533,5 +539,149 @@ async fn a_stream_request_whose_answer_is_lost_is_sent_again_and_billed_once() {
     assert_eq!(
         (stats.meter_events_created, stats.duplicate_identifiers),
         (150, 150)
+    );
+}
+
+/// Usage for `n` mapped customers, one slot each, an hour ago.
+async fn usage_for(setup: &Setup, prefix: &str, n: usize) -> Vec<String> {
+    let pool = &setup.db.pool;
+    let base = slot_start(Utc::now() - TimeDelta::hours(1));
+    let customers: Vec<String> = (0..n).map(|i| format!("{prefix}{i:03}")).collect();
+    map_all(pool, &customers).await;
+    for (i, customer) in customers.iter().enumerate() {
+        add_usage(
+            pool,
+            customer,
+            "api_calls",
+            base,
+            Decimal::from(i + 1),
+            base,
+        )
+        .await;
+    }
+    customers
+}
+
+/// Stripe stops taking the session's token (revoked, or the server restarted): the sink opens
+/// a new session and sends the same events; no row is marked failed.
+#[tokio::test]
+async fn a_refused_stream_token_is_replaced_not_blamed_on_the_rows() {
+    let setup = setup_api(EmulatorConfig::default(), Some(MeterEventsApi::V2)).await;
+    let sink = sink(&setup, sink_config());
+    let stop = CancellationToken::new();
+    usage_for(&setup, "r", 1).await;
+    sink.run(RunMode::Once, &stop).await.unwrap();
+    setup.emulator.revoke_meter_event_sessions();
+    let later = slot_start(Utc::now() - TimeDelta::minutes(30));
+    let customers: Vec<String> = (0..150).map(|i| format!("t{i:03}")).collect();
+    map_all(&setup.db.pool, &customers).await;
+    for customer in &customers {
+        add_usage(&setup.db.pool, customer, "api_calls", later, d("3"), later).await;
+    }
+    let summary = sink.run(RunMode::Once, &stop).await.unwrap();
+    assert_eq!((summary.sent, summary.failed, summary.pending), (150, 0, 0));
+    assert_eq!(setup.emulator.stats().meter_event_sessions, 2);
+    for customer in &customers {
+        assert_eq!(
+            setup.emulator.sum(&format!("cus_{customer}"), "api_calls"),
+            3
+        );
+    }
+}
+
+/// The stream's address answers 404 (a wrong `stripe.meter_events_base`, a proxy): Stripe's
+/// "no such thing" is about the address, not the events, so no row is failed; they wait.
+#[tokio::test]
+async fn a_wrong_stream_address_fails_no_row() {
+    let mut setup = setup_api(EmulatorConfig::default(), Some(MeterEventsApi::V2)).await;
+    setup.stripe.meter_events_base = format!("{}nowhere/", setup.emulator.url());
+    usage_for(&setup, "w", 120).await;
+    let summary = sink(&setup, sink_config())
+        .run(RunMode::Once, &CancellationToken::new())
+        .await
+        .unwrap();
+    assert_eq!((summary.sent, summary.failed, summary.pending), (0, 0, 120));
+    let (pending, _, failed) = outbox_counts(&setup.db.pool).await;
+    assert_eq!((pending, failed), (120, 0));
+}
+
+/// A server that answers every request 400 with 8 MiB of control bytes: each row is refused
+/// alone (a refusal of a request of many rows is not blamed on all of them) and what is kept
+/// of the answer is bounded.
+#[tokio::test]
+async fn an_endless_refusal_is_cut_and_pinned_on_each_row_alone() {
+    let mut setup = setup_api(EmulatorConfig::default(), Some(MeterEventsApi::V2)).await;
+    let hostile = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let address = hostile.local_addr().unwrap();
+    tokio::spawn(async move {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        loop {
+            let Ok((mut socket, _)) = hostile.accept().await else {
+                return;
+            };
+            tokio::spawn(async move {
+                let mut request = vec![0u8; 1 << 16];
+                loop {
+                    let Ok(n) = socket.read(&mut request).await else {
+                        return;
+                    };
+                    if n == 0 {
+                        return;
+                    }
+                    let body = vec![1u8; 8 << 20];
+                    let head = format!(
+                        "HTTP/1.1 400 Bad Request\r\ncontent-type: text/plain\r\ncontent-length: {}\r\n\r\n",
+                        body.len()
+                    );
+                    if socket.write_all(head.as_bytes()).await.is_err()
+                        || socket.write_all(&body).await.is_err()
+                    {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    setup.stripe.meter_events_base = format!("http://{address}/");
+    usage_for(&setup, "e", 3).await;
+    let summary = sink(&setup, sink_config())
+        .run(RunMode::Once, &CancellationToken::new())
+        .await
+        .unwrap();
+    assert_eq!((summary.sent, summary.failed), (0, 3), "{summary:?}");
+    let longest: i32 = sqlx::query_scalar("SELECT max(length(last_error)) FROM stripe_submissions")
+        .fetch_one(&setup.db.pool)
+        .await
+        .unwrap();
+    assert!(
+        longest <= 8_000,
+        "{longest} characters kept of an 8 MiB answer"
+    );
+}
+
+/// A stream rate below a request of 100 events: requests shrink to a twentieth of a second's
+/// worth, so every event gets through and the account's limit is never broken.
+#[tokio::test]
+async fn a_low_stream_rate_sends_small_requests_and_gets_through() {
+    let mut setup = setup_api(
+        EmulatorConfig {
+            stream_events_per_second: 60,
+            ..EmulatorConfig::default()
+        },
+        Some(MeterEventsApi::V2),
+    )
+    .await;
+    setup.stripe.max_meter_events_per_second = 50;
+    usage_for(&setup, "s", 120).await;
+    let summary = sink(&setup, sink_config())
+        .run(RunMode::Once, &CancellationToken::new())
+        .await
+        .unwrap();
+    assert_eq!((summary.sent, summary.failed, summary.pending), (120, 0, 0));
+    let stats = setup.emulator.stats();
+    assert_eq!(stats.rate_limited, 0, "{stats:?}");
+    assert!(
+        stats.stream_requests >= 40,
+        "2 or 3 events a request: {stats:?}"
     );
 }

@@ -289,8 +289,10 @@ async fn fallback_sweep(
     }
 }
 
-/// Most subscriptions advanced in one transaction.
-const BATCH: i64 = 1000;
+/// Most subscriptions advanced in one transaction. Each holds its customer's advisory lock until
+/// the commit, and Postgres's lock table is shared (64 locks a connection by default): a batch
+/// stays well under it.
+const BATCH: i64 = 200;
 
 /// A plain period end: the renewals [`step`] computes for it, each a new period and nothing
 /// else.

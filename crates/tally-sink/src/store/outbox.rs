@@ -27,6 +27,8 @@ pub struct Leased {
     pub attempts: i32,
     /// For a `cancel` row: the identifier of the event to withdraw.
     pub cancels: Option<String>,
+    /// For a `cancel` row: when the event it withdraws was sent.
+    pub cancels_sent_at: Option<DateTime<Utc>>,
     /// When an attempt whose outcome is unknown (no answer, a 5xx) was first made: Stripe may
     /// hold the event, and remembers its identifier only for about 24 hours after that.
     pub first_uncertain_at: Option<DateTime<Utc>>,
@@ -69,6 +71,8 @@ pub(crate) async fn lease_pending(
              FOR UPDATE OF p SKIP LOCKED)
          RETURNING s.submission_id, s.identifier, s.customer_id, s.meter, s.stripe_customer_id,
                    s.event_name, s.kind, s.value, s.event_timestamp, s.attempts, s.cancels,
+                   (SELECT t.sent_at FROM stripe_submissions t WHERE t.identifier = s.cancels)
+                       AS cancels_sent_at,
                    s.first_uncertain_at",
     )
     .bind(limit as i64)
