@@ -33,14 +33,10 @@ fn sink_config() -> SinkConfig {
 #[test]
 fn stripe_holds_exactly_the_windows_through_faults_and_sink_kills() {
     let runtime = tally_db::testing::runtime();
-    let faults = Faults {
-        error_500: 0.05,
-        drop_after_commit: 0.02,
-        ..Faults::default()
-    };
     let emulator = runtime.block_on(emulator_with(StripeEmulatorConfig {
         live_rate_per_second: 400,
-        faults,
+        // Below the sink's 9,500 events/s: the v2 stream answers 429s.
+        stream_events_per_second: 300,
         ..StripeEmulatorConfig::default()
     }));
     let stripe = stripe_config(&emulator);
@@ -52,6 +48,15 @@ fn stripe_holds_exactly_the_windows_through_faults_and_sink_kills() {
         record_meters(&pool, &meters(), &stripe).await;
         map_customers(&pool, &customers).await
     });
+    // Stripe fails from now on. The sink bills through the v2 stream, a few dozen requests of
+    // up to 100 events: each fails often, for faults enough.
+    emulator
+        .set_faults(Faults {
+            error_500: 0.2,
+            drop_after_commit: 0.1,
+            ..Faults::default()
+        })
+        .unwrap();
 
     // The aggregator runs throughout, on a thread of its own.
     let aggregator = AggregatorThread::start(
@@ -183,7 +188,7 @@ fn stripe_holds_exactly_the_windows_through_faults_and_sink_kills() {
     let stats = emulator.stats();
     eprintln!("emulator: {stats:?}");
     assert!(
-        stats.injected_500 > 0 && stats.dropped_after_commit > 0 && stats.rate_limited > 0,
+        stats.injected_500 > 0 && stats.rate_limited > 0 && stats.stream_requests > 0,
         "{stats:?}"
     );
     emitter.shutdown(Duration::from_secs(5));

@@ -404,6 +404,21 @@ impl Sink {
         accounting_done: &CancellationToken,
         summary: &mut SinkSummary,
     ) -> Result<(), SinkError> {
+        // A pass with nothing to send asks Stripe nothing, not even for a session: `--once`
+        // with nothing to bill succeeds while Stripe is away.
+        loop {
+            let last = accounting_done.is_cancelled();
+            if retry_postgres(|| store::has_rows_due(&self.pool)).await? {
+                break;
+            }
+            if last || stop.is_cancelled() {
+                return Ok(());
+            }
+            tokio::select! {
+                _ = accounting_done.cancelled() => {}
+                _ = tokio::time::sleep(Duration::from_millis(100)) => {}
+            }
+        }
         let stream = self.stream().await;
         summary.retried += self
             .open_retries

@@ -32,7 +32,7 @@ pub use customers::{
     UnmappedUsage,
 };
 pub use meters::{billed_meters, BilledMeter};
-pub(crate) use outbox::{lease_pending, record_outcomes, renew_leases, RowOutcome};
+pub(crate) use outbox::{has_rows_due, lease_pending, record_outcomes, renew_leases, RowOutcome};
 pub use outbox::{Leased, Outcome};
 pub(crate) use quarantine::quarantine;
 pub use quarantine::{quarantined_pairs, release_quarantine, QuarantinedPair};

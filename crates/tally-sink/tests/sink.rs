@@ -685,3 +685,24 @@ async fn a_low_stream_rate_sends_small_requests_and_gets_through() {
         "2 or 3 events a request: {stats:?}"
     );
 }
+
+/// A pass with nothing to bill asks Stripe nothing (not even for a v2 session): `tally sink
+/// --once` on a timer succeeds while Stripe is away.
+#[tokio::test]
+async fn a_pass_with_nothing_to_send_asks_stripe_nothing() {
+    let setup = setup_api(EmulatorConfig::default(), None).await;
+    setup
+        .emulator
+        .set_faults(Faults {
+            error_503: 1.0,
+            ..Faults::default()
+        })
+        .unwrap();
+    let before = setup.emulator.stats().requests;
+    let summary = sink(&setup, sink_config())
+        .run(RunMode::Once, &CancellationToken::new())
+        .await
+        .unwrap();
+    assert_eq!((summary.sent, summary.failed_passes), (0, 0));
+    assert_eq!(setup.emulator.stats().requests, before);
+}

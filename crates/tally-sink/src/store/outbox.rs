@@ -84,6 +84,17 @@ pub(crate) async fn lease_pending(
     Ok(rows)
 }
 
+/// Whether any pending row is due and free: what a pass would send.
+pub(crate) async fn has_rows_due(pool: &PgPool) -> Result<bool, SinkStoreError> {
+    Ok(sqlx::query_scalar(
+        "SELECT EXISTS (SELECT 1 FROM stripe_submissions
+                        WHERE status = 'pending' AND next_attempt_at <= now()
+                          AND (leased_until IS NULL OR leased_until < now()))",
+    )
+    .fetch_one(pool)
+    .await?)
+}
+
 /// Extends the leases of rows this process is still sending, so that a slow pair (retries,
 /// timeouts) is not leased by another sink meanwhile. Rows already recorded are not touched.
 pub(crate) async fn renew_leases(
