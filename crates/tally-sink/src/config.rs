@@ -18,7 +18,8 @@ pub struct SinkConfig {
     pub settle_delay: Duration,
     /// Slots accounted for in one Postgres transaction.
     pub slots_per_transaction: usize,
-    /// Customer+meter pairs being sent to Stripe at once (each pair one call at a time).
+    /// Requests to Stripe in flight at once: v2 stream requests of up to 100 pairs' events, or
+    /// v1 calls of one event. A pair's rows go one request at a time, in order.
     pub concurrency: usize,
     /// How long a sink process holds an outbox row it is sending. If it dies, another
     /// process (or the next run) sends the row after this, with the same identifier.
