@@ -28,7 +28,7 @@ use crate::config::{EmulatorConfig, Faults};
 use crate::idempotency::{Begin, IdempotencyKeys};
 use crate::limits::{PairLocks, RateWindow};
 use crate::reply::Reply;
-use crate::store::{Form, MeterTotal, Stats, Store};
+use crate::store::{Form, MeterTotal, NewEvent, Stats, Store};
 use crate::stream::{self, Sessions};
 use crate::webhooks::{EventRecord, Webhooks};
 
@@ -241,6 +241,32 @@ impl EmulatorState {
             .expect("clock after 1970")
             .as_secs() as i64;
         wall + *self.clock_offset.lock().expect("clock lock poisoned")
+    }
+
+    /// Commits a validated meter event unless its identifier is taken (v1 and the stream
+    /// alike), reports it when no meter takes it (Stripe accepts such an event and says so
+    /// later), and counts it. Returns the reply and whether the event was new.
+    fn commit_event(&self, event: NewEvent, livemode: bool) -> (Reply, bool) {
+        let event_name = event.event_name.clone();
+        let identifier = event.identifier.clone();
+        let (reply, created, has_meter) = {
+            let mut store = lock(&self.store);
+            let has_meter = store.has_meter(&event_name);
+            let (reply, created) = store.commit_meter_event(event, livemode, self.now());
+            (reply, created, has_meter)
+        };
+        if created && !has_meter {
+            self.webhooks
+                .report_no_meter(&event_name, identifier.as_deref(), livemode, self.now());
+        }
+        self.count(|s| {
+            if created {
+                s.meter_events_created += 1;
+            } else {
+                s.duplicate_identifiers += 1;
+            }
+        });
+        (reply, created)
     }
 
     fn count(&self, bump: impl FnOnce(&mut Stats)) {
@@ -683,26 +709,7 @@ async fn meter_event(shared: &EmulatorState, form: &Form, livemode: bool) -> Out
     if let Some(failure) = injected_failure(shared).await {
         return failure.into();
     }
-    let identifier = event.identifier.clone();
-    let (reply, created, has_meter) = {
-        let mut store = shared.store.lock().expect("store lock poisoned");
-        let has_meter = store.has_meter(event_name);
-        let (reply, created) = store.commit_meter_event(event, livemode, shared.now());
-        (reply, created, has_meter)
-    };
-    if created && !has_meter {
-        // Stripe accepts the event and reports, asynchronously, that no meter takes it.
-        shared
-            .webhooks
-            .report_no_meter(event_name, identifier.as_deref(), livemode, shared.now());
-    }
-    shared.count(|s| {
-        if created {
-            s.meter_events_created += 1;
-        } else {
-            s.duplicate_identifiers += 1;
-        }
-    });
+    let (reply, created) = shared.commit_event(event, livemode);
     let drop_connection = created && dropped_after_commit(shared);
     Outcome {
         reply,
@@ -739,68 +746,44 @@ async fn meter_event_stream(shared: &EmulatorState, token: Option<&str>, body: &
     if let Some(failure) = injected_failure(shared).await {
         return failure.into();
     }
-    let (mut created, mut duplicates) = (0u64, 0u64);
-    let mut refused = Vec::new();
-    let mut no_meter = Vec::new();
-    {
-        let mut store = lock(&shared.store);
-        for event in events {
-            let timestamp = match event.timestamp {
-                Some(Err(message)) => {
-                    refused.push(("timestamp_invalid", message, event.identifier));
-                    continue;
-                }
-                Some(Ok(timestamp)) => Some(timestamp),
-                None => None,
-            };
-            let checked = store.check_meter_event(
-                Some(&event.event_name),
-                event.payload,
-                event.identifier.clone(),
-                timestamp,
-                now,
-            );
-            match checked {
-                Err(reply) => {
+    let mut created = false;
+    let mut refused = 0;
+    for event in events {
+        let checked = match event.timestamp {
+            Some(Err(message)) => Err(("timestamp_invalid", message)),
+            timestamp => lock(&shared.store)
+                .check_meter_event(
+                    Some(&event.event_name),
+                    event.payload,
+                    event.identifier.clone(),
+                    timestamp.and_then(Result::ok),
+                    now,
+                )
+                .map_err(|reply| {
                     let message = reply.error_field("message").unwrap_or_default();
                     let code = stream::error_code(reply.error_field("param").as_deref(), &message);
-                    refused.push((code, message, event.identifier));
-                }
-                Ok(new) => {
-                    let has_meter = store.has_meter(&event.event_name);
-                    if store.commit_meter_event(new, session.livemode, now).1 {
-                        created += 1;
-                        if !has_meter {
-                            no_meter.push((event.event_name, event.identifier));
-                        }
-                    } else {
-                        duplicates += 1;
-                    }
-                }
+                    (code, message)
+                }),
+        };
+        match checked {
+            Ok(new) => created |= shared.commit_event(new, session.livemode).1,
+            Err((code, message)) => {
+                refused += 1;
+                shared.webhooks.report_invalid_event(
+                    code,
+                    &message,
+                    event.identifier.as_deref(),
+                    session.livemode,
+                    now,
+                );
             }
         }
     }
-    for (code, message, identifier) in &refused {
-        shared.webhooks.report_invalid_event(
-            code,
-            message,
-            identifier.as_deref(),
-            session.livemode,
-            now,
-        );
-    }
-    for (event_name, identifier) in &no_meter {
-        shared
-            .webhooks
-            .report_no_meter(event_name, identifier.as_deref(), session.livemode, now);
-    }
     shared.count(|s| {
         s.stream_requests += 1;
-        s.meter_events_created += created;
-        s.duplicate_identifiers += duplicates;
-        s.stream_events_refused += refused.len() as u64;
+        s.stream_events_refused += refused;
     });
-    let drop_connection = created > 0 && dropped_after_commit(shared);
+    let drop_connection = created && dropped_after_commit(shared);
     Outcome {
         reply: Reply::json(200, &json!({})),
         drop_connection,

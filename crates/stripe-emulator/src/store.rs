@@ -88,7 +88,7 @@ struct MeterEvent {
 /// A meter event that passed validation and may be committed.
 pub(crate) struct NewEvent {
     pub(crate) identifier: Option<String>,
-    event_name: String,
+    pub(crate) event_name: String,
     pub(crate) customer: String,
     value: i64,
     timestamp: i64,

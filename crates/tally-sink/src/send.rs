@@ -384,22 +384,18 @@ async fn send_request(rows: Vec<Leased>, context: Arc<SendContext>) -> RequestDo
         let answer = call.send(&context).await;
         metrics::histogram!(t::STRIPE_REQUEST_SECONDS).record(started.elapsed().as_secs_f64());
         let error = match answer {
-            Ok(()) => {
-                context.dependency.up();
-                metrics::counter!(t::SUBMISSIONS_SENT).increment(rows.len() as u64);
-                done.outcome = Outcome::Sent;
-                return done;
-            }
             // Stripe holds an event with this identifier (or has canceled the event), and only
             // this row does that: an earlier attempt (whose answer was lost) or another sink
             // process sent it. (v1 only: the v2 stream drops a repeat and answers 200.)
-            Err(error) if error.is_duplicate_identifier() || error.is_already_canceled() => {
+            Err(error) if !(error.is_duplicate_identifier() || error.is_already_canceled()) => {
+                error
+            }
+            _ => {
                 context.dependency.up();
                 metrics::counter!(t::SUBMISSIONS_SENT).increment(rows.len() as u64);
                 done.outcome = Outcome::Sent;
                 return done;
             }
-            Err(error) => error,
         };
         if error.may_have_reached_stripe() {
             uncertain_at.get_or_insert(sent_at);

@@ -182,19 +182,8 @@ async fn unmapped_customers_wait_and_are_billed_once_mapped() {
 #[tokio::test]
 async fn refused_submissions_are_marked_failed_with_stripes_error() {
     // v1 validates at once; the v2 stream validates later (the test after this one).
-    let setup = setup_api(EmulatorConfig::default(), Some(MeterEventsApi::V1)).await;
+    let (setup, summary) = billed_40_days_late(MeterEventsApi::V1).await;
     let pool = &setup.db.pool;
-    let base = slot_start(Utc::now() - TimeDelta::hours(1));
-    add_usage(pool, "c1", "api_calls", base, d("5"), base).await;
-    map_all(pool, &["c1".to_owned()]).await;
-    // Stripe's clock is 40 days ahead: the event's timestamp is too old for it.
-    setup
-        .emulator
-        .advance_clock(Duration::from_secs(40 * 24 * 3600));
-    let summary = sink(&setup, sink_config())
-        .run(RunMode::Once, &CancellationToken::new())
-        .await
-        .unwrap();
     assert_eq!((summary.sent, summary.failed), (0, 1));
     let (status, error): (String, String) =
         sqlx::query_as("SELECT status, last_error FROM stripe_submissions")
@@ -208,16 +197,13 @@ async fn refused_submissions_are_marked_failed_with_stripes_error() {
     );
 }
 
-/// The v2 stream answers before it validates: an event Stripe then refuses is not billed, and
-/// arrives later as a `v1.billing.meter.error_report_triggered` thin event naming its
-/// identifier, which `tally reconcile` lists.
-#[tokio::test]
-async fn the_streams_refusals_arrive_later_as_error_reports() {
-    let setup = setup_api(EmulatorConfig::default(), Some(MeterEventsApi::V2)).await;
-    let pool = &setup.db.pool;
+/// One customer's 5 units billed by one pass while Stripe's clock is 40 days ahead: the
+/// event's timestamp is too old for Stripe.
+async fn billed_40_days_late(api: MeterEventsApi) -> (Setup, tally_sink::SinkSummary) {
+    let setup = setup_api(EmulatorConfig::default(), Some(api)).await;
     let base = slot_start(Utc::now() - TimeDelta::hours(1));
-    add_usage(pool, "c1", "api_calls", base, d("5"), base).await;
-    map_all(pool, &["c1".to_owned()]).await;
+    add_usage(&setup.db.pool, "c1", "api_calls", base, d("5"), base).await;
+    map_all(&setup.db.pool, &["c1".to_owned()]).await;
     setup
         .emulator
         .advance_clock(Duration::from_secs(40 * 24 * 3600));
@@ -225,6 +211,16 @@ async fn the_streams_refusals_arrive_later_as_error_reports() {
         .run(RunMode::Once, &CancellationToken::new())
         .await
         .unwrap();
+    (setup, summary)
+}
+
+/// The v2 stream answers before it validates: an event Stripe then refuses is not billed, and
+/// arrives later as a `v1.billing.meter.error_report_triggered` thin event naming its
+/// identifier, which `tally reconcile` lists.
+#[tokio::test]
+async fn the_streams_refusals_arrive_later_as_error_reports() {
+    let (setup, summary) = billed_40_days_late(MeterEventsApi::V2).await;
+    let base = slot_start(Utc::now() - TimeDelta::hours(1));
     assert_eq!(
         (summary.sent, summary.failed),
         (1, 0),
@@ -500,21 +496,7 @@ async fn a_stream_request_whose_answer_is_lost_is_sent_again_and_billed_once() {
             ..Faults::default()
         })
         .unwrap();
-    let pool = &setup.db.pool;
-    let base = slot_start(Utc::now() - TimeDelta::hours(1));
-    let customers: Vec<String> = (0..150).map(|i| format!("l{i:03}")).collect();
-    map_all(pool, &customers).await;
-    for (i, customer) in customers.iter().enumerate() {
-        add_usage(
-            pool,
-            customer,
-            "api_calls",
-            base,
-            Decimal::from(i + 1),
-            base,
-        )
-        .await;
-    }
+    let customers = usage_for(&setup, "l", 150).await;
     let summary = sink(&setup, sink_config())
         .run(RunMode::Once, &CancellationToken::new())
         .await
