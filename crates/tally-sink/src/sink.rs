@@ -39,7 +39,7 @@ use crate::store::{
     self, Accounting, AccountingReport, Leased, Outcome, RowOutcome, SinkStoreError,
 };
 use crate::stream::MeterEventStream;
-use crate::stripe::{StripeCallError, StripeHttp};
+use crate::stripe::{retrying, StripeCallError, StripeHttp};
 use crate::telemetry as t;
 
 #[derive(Debug, thiserror::Error)]
@@ -297,23 +297,19 @@ impl Sink {
     /// while Stripe answers that a retry may succeed.
     async fn open_stream(&self, stream: &MeterEventStream) -> Result<(), StripeCallError> {
         let stripe = tally_runtime::dependency("stripe");
-        let mut attempt = 0u32;
-        loop {
-            match stream.open().await {
-                Err(error) if error.is_retryable() && attempt < 8 => {
-                    attempt += 1;
-                    stripe.down(&error);
-                    self.open_retries
-                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                    tokio::time::sleep(Duration::from_millis(50 << attempt.min(6))).await;
-                }
-                Err(error) => return Err(error),
-                Ok(()) => {
-                    stripe.up();
-                    return Ok(());
-                }
-            }
-        }
+        // The session call waits for the account's rate itself.
+        retrying(
+            None,
+            || stream.open(),
+            |error| {
+                stripe.down(error);
+                self.open_retries
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            },
+        )
+        .await?;
+        stripe.up();
+        Ok(())
     }
 
     /// Accounts for every settled change, `slots_per_transaction` slots a transaction.

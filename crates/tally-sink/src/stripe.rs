@@ -494,7 +494,21 @@ pub fn customer_idempotency_key(customer: &str) -> String {
 /// under the rate and retried while Stripe says it may succeed.
 pub(crate) async fn with_retries<T, F, Fut>(
     limiter: &RateLimiter,
+    send: F,
+) -> Result<T, StripeCallError>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, StripeCallError>>,
+{
+    retrying(Some(limiter), send, |_| {}).await
+}
+
+/// [`with_retries`], told of each retryable failure (`on_retry`); `limiter` `None` for a call
+/// that waits for the rate itself.
+pub(crate) async fn retrying<T, F, Fut>(
+    limiter: Option<&RateLimiter>,
     mut send: F,
+    mut on_retry: impl FnMut(&StripeCallError),
 ) -> Result<T, StripeCallError>
 where
     F: FnMut() -> Fut,
@@ -502,10 +516,13 @@ where
 {
     let mut attempt = 0u32;
     loop {
-        limiter.acquire().await;
+        if let Some(limiter) = limiter {
+            limiter.acquire().await;
+        }
         match send().await {
             Err(error) if error.is_retryable() && attempt < 8 => {
                 attempt += 1;
+                on_retry(&error);
                 tokio::time::sleep(Duration::from_millis(50 << attempt.min(6))).await;
             }
             answer => return answer,
