@@ -774,6 +774,9 @@ pub(crate) async fn write_all(
     .await
 }
 
+/// What `entitlement_audit` calls a subscription (its rows are keyed by customer).
+pub(crate) const AUDIT_ENTITY: &str = "subscription";
+
 /// The `entitlement_audit` row of a subscription change (keyed by customer, as webhooks write
 /// theirs).
 pub(crate) async fn audit(
@@ -793,7 +796,7 @@ pub(crate) async fn audit(
     let (before_json, after_json) = (json(before)?, json(after)?);
     let customer = after.or(before).map_or("", |s| s.customer.as_str());
     Audit {
-        entity: "subscription",
+        entity: AUDIT_ENTITY,
         key: customer,
         action,
         before: before_json.as_ref(),

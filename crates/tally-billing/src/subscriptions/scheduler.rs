@@ -23,7 +23,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::admin::{
     audit, ensure_fallback, try_lock_customer, try_lock_customers, write, write_all,
-    SubscriptionError,
+    SubscriptionError, AUDIT_ENTITY,
 };
 use super::advance::Transition;
 use super::period::Interval;
@@ -397,7 +397,7 @@ async fn renew_all(
     let audits: Vec<Audit<'_>> = rows
         .iter()
         .map(|(customer, before, after)| Audit {
-            entity: "subscription",
+            entity: AUDIT_ENTITY,
             key: customer,
             action: "renew",
             before: Some(before),
