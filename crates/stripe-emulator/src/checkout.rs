@@ -341,7 +341,7 @@ impl Billing {
         }
         payment.amount_refunded += amount;
         let refund = json!({
-            "id": format!("re_{}", &payment.charge[3..]), "object": "refund", "amount": amount,
+            "id": format!("re_emu{:016x}", rand::random::<u64>()), "object": "refund", "amount": amount,
             "charge": payment.charge, "payment_intent": payment.intent, "created": now,
             "currency": payment.currency, "metadata": {}, "reason": form.get("reason"),
             "status": "succeeded",

@@ -2,8 +2,9 @@
 
 use serde::{Deserialize, Serialize};
 
-/// Faults injected into `/v1/` calls, each a probability between 0 and 1. Settable at start and
-/// at run time (`Emulator::set_faults`, `POST /_emulator/faults`).
+/// Faults injected into the calls that carry usage (meter events, adjustments, customers, the v2
+/// session) and into Checkout Session creation, each a probability between 0 and 1. Settable at
+/// start and at run time (`Emulator::set_faults`, `POST /_emulator/faults`).
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct Faults {

@@ -530,11 +530,19 @@ async fn route(shared: &EmulatorState, request: &Routed<'_>) -> Outcome {
         (&Method::GET, ["v1", "prices", id]) => {
             billing(shared, |billing, _, _| Ok((billing.get_price(id), Vec::new())))
         }
-        (&Method::POST, ["v1", "checkout", "sessions"]) => billing(shared, |billing, store, now| {
-            let customer = form.get("customer").unwrap_or_default();
-            let reply = billing.create_session(form, store.has_customer(customer), livemode, now);
-            Ok((reply, Vec::new()))
-        }),
+        (&Method::POST, ["v1", "checkout", "sessions"]) => {
+            // A session is opened while a customer waits: the faults of the sink's calls apply,
+            // so a slow or failing Stripe can be shown to a Checkout as well.
+            if let Some(failure) = injected_failure(shared).await {
+                return failure.into();
+            }
+            billing(shared, |billing, store, now| {
+                let customer = form.get("customer").unwrap_or_default();
+                let reply =
+                    billing.create_session(form, store.has_customer(customer), livemode, now);
+                Ok((reply, Vec::new()))
+            })
+        }
         (&Method::GET, ["v1", "checkout", "sessions", id]) => {
             billing(shared, |billing, _, _| Ok((billing.get_session(id), Vec::new())))
         }

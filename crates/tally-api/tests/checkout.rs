@@ -969,3 +969,189 @@ async fn a_plan_paid_whose_subscription_tally_has_not_seen_yet_blocks_a_second_c
         "{answer}"
     );
 }
+
+/// Third review: a double click while Stripe is slow. The second request asks under the first's
+/// idempotency key and Stripe answers 409; the record of the session the first opens must stay,
+/// or its payment is never recognised and the customer pays a plan tally never grants.
+#[tokio::test]
+async fn a_double_click_while_stripe_is_slow_keeps_the_session_the_customer_pays() {
+    let h = Harness::start(true).await;
+    tally_billing::testing::subscribe(
+        &h.db.pool,
+        "acme",
+        "FREE",
+        chrono::Utc::now() - chrono::TimeDelta::days(3),
+    )
+    .await;
+    h.emulator
+        .set_faults(stripe_emulator::Faults {
+            delay: 1.0,
+            delay_ms: 1500,
+            ..Default::default()
+        })
+        .unwrap();
+    let body = Some(
+        json!({ "plan": "PRO", "success_url": "https://app.example.com/ok", "cancel_url": "https://app.example.com/back" }),
+    );
+    let first = h.api("POST", "/v1/customers/acme/checkout", ACME, body.clone());
+    let second = async {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        h.api("POST", "/v1/customers/acme/checkout", ACME, body.clone())
+            .await
+    };
+    let ((status, opened), (second_status, second_answer)) = tokio::join!(first, second);
+    assert_eq!(status, StatusCode::OK, "{opened}");
+    assert_eq!(
+        (second_status.as_u16(), second_answer["code"].as_str()),
+        (409, Some("CHECKOUT_IN_PROGRESS")),
+        "{second_answer}"
+    );
+    h.emulator.set_faults(Default::default()).unwrap();
+    let session = opened["id"].as_str().unwrap();
+    let recorded: Option<String> =
+        sqlx::query_scalar("SELECT status FROM checkout_sessions WHERE session_id = $1")
+            .bind(session)
+            .fetch_optional(&h.db.pool)
+            .await
+            .unwrap();
+    assert_eq!(recorded.as_deref(), Some("open"));
+    let paid = pay(&h.emulator, session, "card").await;
+    h.delivered().await;
+    let outcome: String = sqlx::query_scalar(
+        "SELECT outcome FROM stripe_webhook_events WHERE type = 'checkout.session.completed'",
+    )
+    .fetch_one(&h.db.pool)
+    .await
+    .unwrap();
+    assert_eq!(outcome, "applied");
+    let live: Vec<(String, String, Option<String>)> = sqlx::query_as(
+        "SELECT plan, source, stripe_subscription_id FROM subscriptions
+         WHERE customer_id = 'acme' AND status IN ('active', 'trialing')",
+    )
+    .fetch_all(&h.db.pool)
+    .await
+    .unwrap();
+    assert_eq!(
+        live,
+        [(
+            "PRO".to_owned(),
+            "stripe".to_owned(),
+            paid["subscription"].as_str().map(str::to_owned)
+        )]
+    );
+    let (status, answer) = h
+        .api("POST", "/v1/customers/acme/checkout", ACME, body)
+        .await;
+    assert_eq!(
+        (status.as_u16(), answer["code"].as_str()),
+        (409, Some("ALREADY_SUBSCRIBED")),
+        "{answer}"
+    );
+}
+
+/// Third review: sessions Stripe never answered for (an outage) hold nobody's url; once the
+/// outage is over they do not keep the customer out of Checkout for a day.
+#[tokio::test]
+async fn sessions_lost_in_a_stripe_outage_do_not_lock_the_customer_out() {
+    let h = Harness::start(false).await;
+    h.emulator
+        .set_faults(stripe_emulator::Faults {
+            error_500: 1.0,
+            ..Default::default()
+        })
+        .unwrap();
+    for _ in 0..tally_billing::checkout::MAX_OPEN_SESSIONS {
+        let (status, answer) = h
+            .api(
+                "POST",
+                "/v1/customers/acme/credits/checkout",
+                ACME,
+                Some(json!({ "pack": "small", "success_url": "https://app.example.com/ok", "cancel_url": "https://app.example.com/back" })),
+            )
+            .await;
+        assert_eq!(
+            (status.as_u16(), answer["code"].as_str()),
+            (503, Some("STRIPE_UNAVAILABLE")),
+            "{answer}"
+        );
+    }
+    h.emulator.set_faults(Default::default()).unwrap();
+    // Minutes later: the lost ones no longer count.
+    sqlx::query(
+        "UPDATE checkout_sessions SET created_at = created_at - interval '6 minutes'
+         WHERE session_id IS NULL",
+    )
+    .execute(&h.db.pool)
+    .await
+    .unwrap();
+    h.pack_checkout().await;
+}
+
+/// Third review: a partial refund (a goodwill gesture) took back every credit left. It takes
+/// back the same share of the pack as of the money, once, whatever the order of the events.
+#[tokio::test]
+async fn a_partial_refund_takes_back_its_share_of_the_pack_once() {
+    let h = Harness::start(true).await;
+    let session = h.pack_checkout().await;
+    let paid = pay(&h.emulator, &session, "card").await;
+    let intent = paid["payment_intent"].as_str().unwrap().to_owned();
+    h.delivered().await;
+    assert_eq!(h.balance().await, Decimal::from(1000));
+    // $2.50 of $10.00 back: 250 of the 1,000 credits.
+    let refund = |amount: &'static str| {
+        let intent = intent.clone();
+        let h = &h;
+        async move {
+            post(
+                &h.emulator,
+                "/v1/refunds",
+                &[("payment_intent", intent), ("amount", amount.into())],
+            )
+            .await;
+            h.delivered().await;
+        }
+    };
+    refund("250").await;
+    assert_eq!(h.balance().await, Decimal::from(750));
+    assert_eq!(h.grants().await[0].2, None, "still open");
+    // Every event again: nothing taken twice.
+    for event in h.emulator.events() {
+        h.emulator_resend(&event.id).await;
+    }
+    h.delivered().await;
+    assert_eq!(h.balance().await, Decimal::from(750));
+    // The rest back: what is left goes.
+    refund("750").await;
+    assert_eq!(h.balance().await, Decimal::ZERO);
+    assert_eq!(h.grants().await[0].2.as_deref(), Some("voided"));
+    let reasons: Vec<String> = sqlx::query_scalar(
+        "SELECT reason FROM credit_transactions WHERE customer_id = 'acme' AND kind = 'void'
+         ORDER BY transaction_id",
+    )
+    .fetch_all(&h.db.pool)
+    .await
+    .unwrap();
+    assert_eq!(reasons.len(), 2, "{reasons:?}");
+    assert!(reasons[0].contains("250 refunded"), "{reasons:?}");
+
+    // A partial refund delivered before the payment's completion: the completion grants the
+    // pack less the refunded share.
+    let h = Harness::start(false).await;
+    let session = h.pack_checkout().await;
+    let paid = pay(&h.emulator, &session, "card").await;
+    let intent = paid["payment_intent"].as_str().unwrap().to_owned();
+    post(
+        &h.emulator,
+        "/v1/refunds",
+        &[("payment_intent", intent), ("amount", "100".into())],
+    )
+    .await;
+    for _ in 0..2 {
+        for event in h.emulator.events().iter().rev() {
+            let (status, answer) = h.deliver(&event.body).await;
+            assert_eq!(status, StatusCode::OK, "{}: {answer}", event.event_type);
+        }
+    }
+    assert_eq!(h.balance().await, Decimal::from(900));
+    assert_eq!(h.grants().await.len(), 1);
+}

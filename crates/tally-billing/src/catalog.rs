@@ -75,7 +75,7 @@ pub fn plan_usage_key(plan: &str, meter: &str) -> String {
 
 /// Digits after the point of a currency's smallest unit as Stripe counts it: none for the
 /// zero-decimal currencies, three for the three-decimal ones, two for the rest.
-fn minor_digits(currency: &str) -> u32 {
+pub fn minor_digits(currency: &str) -> u32 {
     const ZERO: [&str; 16] = [
         "bif", "clp", "djf", "gnf", "jpy", "kmf", "krw", "mga", "pyg", "rwf", "ugx", "vnd", "vuv",
         "xaf", "xof", "xpf",
@@ -196,6 +196,48 @@ pub async fn record(pool: &PgPool, prices: &[CatalogPrice]) -> Result<(), sqlx::
         .await?;
     }
     tx.commit().await
+}
+
+/// After plans were applied without asking Stripe (no key, or Stripe away): keeps the recorded
+/// prices of the plans that did not change and of the packs whose price is as recorded, so
+/// webhooks still recognise them and Checkout still sells them; forgets the rest until
+/// `tally plans sync` checks them again.
+pub async fn forget_changed(
+    pool: &PgPool,
+    unchanged_plans: &[String],
+    packs: &[CreditPack],
+) -> Result<(), sqlx::Error> {
+    let recorded: Vec<CatalogPrice> = sqlx::query_as(
+        "SELECT price_id, plan, pack, kind, currency, unit_amount_decimal, recurring_interval,
+                meter, livemode
+         FROM stripe_prices",
+    )
+    .fetch_all(pool)
+    .await?;
+    let still_holds = |price: &CatalogPrice| match (&price.plan, &price.pack) {
+        (Some(plan), _) => unchanged_plans.contains(plan),
+        (None, Some(name)) => packs.iter().any(|pack| {
+            &pack.name == name
+                && pack.price.currency == price.currency
+                && minor_units(pack.price.amount, &pack.price.currency)
+                    == Some(price.unit_amount_decimal)
+                && pack
+                    .stripe_price
+                    .as_ref()
+                    .is_none_or(|id| *id == price.price_id)
+        }),
+        (None, None) => false,
+    };
+    let stale: Vec<String> = recorded
+        .iter()
+        .filter(|price| !still_holds(price))
+        .map(|price| price.price_id.clone())
+        .collect();
+    sqlx::query("DELETE FROM stripe_prices WHERE price_id = ANY($1)")
+        .bind(&stale)
+        .execute(pool)
+        .await?;
+    Ok(())
 }
 
 /// The recorded prices of a plan, or of a pack.
@@ -417,6 +459,32 @@ fn plan_price(
         };
         checked.kind = PriceKind::Metered;
         checked.meter = Some(meter.name.clone());
+        // Billed on the plan's subscription: the fee's currency and interval, and the unit
+        // price the invoice preview shows.
+        if let Some(written) = &plan.price {
+            if written.currency != price.currency.to_string()
+                || interval_name(written.interval) != recurring.interval.as_str()
+                || recurring.interval_count != 1
+            {
+                return Err(format!(
+                    "plan {name:?}: metered price {id} is in {} every {} {}, but the plan's fee is in {} a {}; a subscription bills one currency and one interval: make them agree",
+                    price.currency,
+                    recurring.interval_count,
+                    recurring.interval.as_str(),
+                    written.currency,
+                    interval_name(written.interval)
+                ));
+            }
+        }
+        let unit_price = plan.limits.get(&meter.name).and_then(|l| l.unit_price);
+        if let Some(unit_price) = unit_price {
+            if minor_units(unit_price, &price.currency.to_string()) != Some(amount) {
+                return Err(format!(
+                    "plan {name:?}: metered price {id} charges {amount} (smallest unit) {} a unit of {}, but the plan's unit_price is {unit_price}; make them agree (a new Stripe price, or the plan's unit_price) so the invoice preview shows what Stripe bills",
+                    price.currency, meter.name
+                ));
+            }
+        }
         return Ok(checked);
     }
     let Some(written) = &plan.price else {
@@ -432,10 +500,7 @@ fn plan_price(
             written.amount, written.currency, written.currency
         ));
     }
-    let interval = match written.interval {
-        PriceInterval::Month => "month",
-        PriceInterval::Year => "year",
-    };
+    let interval = interval_name(written.interval);
     if want != Some(amount)
         || written.currency != price.currency.to_string()
         || interval != recurring.interval.as_str()
@@ -451,6 +516,14 @@ fn plan_price(
         ));
     }
     Ok(checked)
+}
+
+/// Stripe's name of a plan's billing interval.
+fn interval_name(interval: PriceInterval) -> &'static str {
+    match interval {
+        PriceInterval::Month => "month",
+        PriceInterval::Year => "year",
+    }
 }
 
 fn pack_price(pack: &CreditPack, price: &Price) -> Result<CatalogPrice, String> {

@@ -413,9 +413,12 @@ impl Record<'_> {
             .execute(&mut *tx)
             .await?;
         // Sessions still open (Stripe's own limit is 24 hours; plan sessions are opened for
-        // PLAN_SESSION_MINUTES); a paid one no longer counts.
+        // PLAN_SESSION_MINUTES); a paid one no longer counts, nor, after a few minutes, one
+        // whose answer never came (nobody holds its url, so nobody can pay it).
         let (open, plan_open, plan_lost): (i64, bool, Option<String>) = sqlx::query_as(
-            "SELECT count(*) FILTER (WHERE status = 'open' AND created_at > now() - interval '24 hours'),
+            "SELECT count(*) FILTER (WHERE status = 'open' AND created_at > now() - interval '24 hours'
+                                     AND (session_id IS NOT NULL
+                                          OR created_at > now() - interval '5 minutes')),
                     coalesce(bool_or(mode = 'subscription' AND status = 'open'
                                      AND created_at > now() - make_interval(mins => $2)), false),
                     min(checkout_id) FILTER (WHERE mode = 'subscription' AND status = 'open'
@@ -530,9 +533,20 @@ async fn open(
         .await;
     let created = match created {
         Ok(created) => created,
+        Err(error) if error.is_idempotency_conflict() => {
+            // Another request is opening this very session (a second click while Stripe's
+            // answer to the first is on its way): the record stays for the session it opens.
+            let customer: String = sqlx::query_scalar(
+                "SELECT customer_id FROM checkout_sessions WHERE checkout_id = $1",
+            )
+            .bind(&checkout_id)
+            .fetch_one(pool)
+            .await?;
+            return Err(CheckoutError::CheckoutInProgress(customer));
+        }
         Err(error) => {
             if !error.may_have_reached_stripe() {
-                // Stripe holds no session: the record has nothing to wait for.
+                // Stripe refused the session: it holds none, the record has nothing to wait for.
                 sqlx::query("DELETE FROM checkout_sessions WHERE checkout_id = $1")
                     .bind(&checkout_id)
                     .execute(pool)
@@ -571,11 +585,61 @@ struct SessionRow {
     currency: String,
     status: String,
     grant_id: Option<i64>,
+    refunded_amount: i64,
+    disputed_amount: i64,
 }
 
 const SESSION_COLUMNS: &str = "checkout_id, session_id, customer_id, stripe_customer_id, mode,
     pack, credits, extract(epoch FROM credits_expire_after)::bigint AS credits_expire_seconds,
-    amount, currency, status, grant_id";
+    amount, currency, status, grant_id, refunded_amount, disputed_amount";
+
+/// What of a pack's payment went back to the payer, in the currency's smallest unit: refunds
+/// (Stripe says a charge's total refunded so far) and disputes (their amount), each the
+/// largest Stripe has said, so a repeated or late event takes nothing back twice.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+struct TakenBack {
+    refunded: i64,
+    disputed: i64,
+}
+
+impl TakenBack {
+    fn of(refund: &StripeRefund) -> TakenBack {
+        if refund.disputed {
+            TakenBack {
+                refunded: 0,
+                disputed: refund.amount_refunded.max(0),
+            }
+        } else {
+            TakenBack {
+                refunded: refund.amount_refunded.max(0),
+                disputed: 0,
+            }
+        }
+    }
+
+    fn and(self, other: TakenBack) -> TakenBack {
+        TakenBack {
+            refunded: self.refunded.max(other.refunded),
+            disputed: self.disputed.max(other.disputed),
+        }
+    }
+
+    /// Whether all of `paid` went back.
+    fn all_of(self, paid: i64) -> bool {
+        self.refunded.saturating_add(self.disputed) >= paid
+    }
+
+    /// The credits of a pack of `credits` bought for `paid` that this takes back: the same
+    /// share as of the money, rounded down to a millionth (the payer keeps the dust).
+    fn credits(self, credits: Decimal, paid: i64) -> Decimal {
+        if self.all_of(paid) {
+            return credits;
+        }
+        let back = Decimal::from(self.refunded.saturating_add(self.disputed));
+        (credits * back / Decimal::from(paid))
+            .round_dp_with_strategy(6, rust_decimal::RoundingStrategy::ToZero)
+    }
+}
 
 /// Applies a `checkout.session.*` event inside the webhook's transaction.
 pub(crate) async fn apply_session(
@@ -686,16 +750,22 @@ async fn grant_pack(
         tracing::warn!(event = %event.id, session = %session.id, paid = ?session.amount_total, currency = ?session.currency, sold = row.amount, "a pack paid at another amount than it was sold for: nothing granted");
         return Ok(WebhookOutcome::Refused);
     }
-    let refunded_before: Option<String> = match &session.payment_intent {
-        Some(intent) => {
-            sqlx::query_scalar("SELECT event_id FROM stripe_refunds WHERE payment_intent = $1")
-                .bind(intent)
-                .fetch_optional(&mut *tx)
-                .await?
-        }
+    // Refunds and disputes seen before the payment's completion.
+    let before: Option<(i64, i64)> = match &session.payment_intent {
+        Some(intent) => sqlx::query_as(
+            "SELECT amount_refunded, disputed_amount FROM stripe_refunds WHERE payment_intent = $1",
+        )
+        .bind(intent)
+        .fetch_optional(&mut *tx)
+        .await?,
         None => None,
     };
-    let (status, grant_id) = if refunded_before.is_some() {
+    let taken = row.taken_back().and(
+        before
+            .map(|(refunded, disputed)| TakenBack { refunded, disputed })
+            .unwrap_or_default(),
+    );
+    let (status, grant_id) = if taken.all_of(row.amount) {
         ("refunded", None)
     } else {
         let (Some(pack), Some(credits)) = (&row.pack, row.credits) else {
@@ -726,11 +796,21 @@ async fn grant_pack(
         )
         .await
         .map_err(credit_error)?;
-        ("granted", Some(granted.grant.grant_id))
+        let grant_id = granted.grant.grant_id;
+        // Partly refunded before tally saw it paid: its share goes back at once.
+        let back = taken.credits(credits, row.amount);
+        if back > Decimal::ZERO {
+            let actor = take_back_actor(event, row, session.payment_intent.as_deref(), taken)?;
+            tally_credits::take_back_in(tx, &row.customer_id, grant_id, Some(back), &actor)
+                .await
+                .map_err(credit_error)?;
+        }
+        ("granted", Some(grant_id))
     };
     sqlx::query(
         "UPDATE checkout_sessions SET status = $2, grant_id = $3, session_id = $4,
-                payment_intent = coalesce(payment_intent, $5), updated_at = now()
+                payment_intent = coalesce(payment_intent, $5), refunded_amount = $6,
+                disputed_amount = $7, updated_at = now()
          WHERE checkout_id = $1",
     )
     .bind(&row.checkout_id)
@@ -738,13 +818,52 @@ async fn grant_pack(
     .bind(grant_id)
     .bind(&session.id)
     .bind(&session.payment_intent)
+    .bind(taken.refunded)
+    .bind(taken.disputed)
     .execute(&mut *tx)
     .await?;
     Ok(WebhookOutcome::Applied { customer })
 }
 
-/// A refund voids what is left of the pack its payment bought; one of a payment tally has not
-/// seen completed yet is kept, so the completion grants nothing.
+impl SessionRow {
+    fn taken_back(&self) -> TakenBack {
+        TakenBack {
+            refunded: self.refunded_amount,
+            disputed: self.disputed_amount,
+        }
+    }
+}
+
+/// Who takes a pack's credits back, and why: the event, the money that went back, the session.
+fn take_back_actor(
+    event: &StripeEvent,
+    row: &SessionRow,
+    payment: Option<&str>,
+    taken: TakenBack,
+) -> Result<Actor, WebhookError> {
+    Actor::new(
+        &format!("stripe:{}", event.id),
+        &format!(
+            "{} in Stripe: payment {} ({} refunded, {} disputed, of {} {}), Checkout session {}",
+            if taken.disputed > 0 {
+                "disputed"
+            } else {
+                "refunded"
+            },
+            payment.unwrap_or("unknown"),
+            taken.refunded,
+            taken.disputed,
+            row.amount,
+            row.currency,
+            row.session_id.as_deref().unwrap_or("unknown")
+        ),
+    )
+    .map_err(credit_error)
+}
+
+/// A refund or a dispute takes back the share of the pack its payment bought that went back
+/// (what is left of it at most; all that is left when all the money went back); one of a
+/// payment tally has not seen completed yet is kept for the completion to apply.
 pub(crate) async fn apply_refund(
     tx: &mut PgConnection,
     event: &StripeEvent,
@@ -761,47 +880,59 @@ pub(crate) async fn apply_refund(
     .fetch_optional(&mut *tx)
     .await?;
     let Some(row) = row else {
+        let taken = TakenBack::of(refund);
         sqlx::query(
-            "INSERT INTO stripe_refunds (payment_intent, charge_id, amount_refunded, event_id)
-             VALUES ($1, $2, $3, $4)
-             ON CONFLICT (payment_intent) DO UPDATE SET amount_refunded =
-                 greatest(stripe_refunds.amount_refunded, EXCLUDED.amount_refunded)",
+            "INSERT INTO stripe_refunds (payment_intent, charge_id, amount_refunded, disputed_amount,
+                    event_id)
+             VALUES ($1, $2, $3, $4, $5)
+             ON CONFLICT (payment_intent) DO UPDATE SET
+                 amount_refunded = greatest(stripe_refunds.amount_refunded, EXCLUDED.amount_refunded),
+                 disputed_amount = greatest(stripe_refunds.disputed_amount, EXCLUDED.disputed_amount)",
         )
         .bind(intent)
         .bind(&refund.charge)
-        .bind(refund.amount_refunded)
+        .bind(taken.refunded)
+        .bind(taken.disputed)
         .bind(&event.id)
         .execute(&mut *tx)
         .await?;
         return Ok(WebhookOutcome::NotTallys);
     };
-    if let Some(grant_id) = row.grant_id.filter(|_| row.status == "granted") {
-        let actor = Actor::new(
-            &format!("stripe:{}", event.id),
-            &format!(
-                "{} in Stripe: charge {} ({} of {}), Checkout session {}",
-                if refund.disputed {
-                    "disputed"
-                } else {
-                    "refunded"
-                },
-                refund.charge,
-                refund.amount_refunded,
-                refund.amount,
-                row.session_id.as_deref().unwrap_or("unknown")
-            ),
-        )
-        .map_err(credit_error)?;
-        match tally_credits::void_in(tx, &row.customer_id, grant_id, &actor).await {
-            // Expired or voided already: nothing is left to take back.
-            Ok(_) | Err(CreditError::Closed { .. }) => {}
-            Err(error) => return Err(credit_error(error)),
+    let before = row.taken_back();
+    let taken = before.and(TakenBack::of(refund));
+    if let (Some(grant_id), Some(credits)) = (
+        row.grant_id.filter(|_| row.status == "granted"),
+        row.credits,
+    ) {
+        let back = taken.credits(credits, row.amount) - before.credits(credits, row.amount);
+        if back > Decimal::ZERO || taken.all_of(row.amount) {
+            let actor = take_back_actor(event, &row, Some(intent), taken)?;
+            // All the money back: all that is left, dust included.
+            let part = (!taken.all_of(row.amount)).then_some(back);
+            match tally_credits::take_back_in(tx, &row.customer_id, grant_id, part, &actor).await {
+                // Expired or voided already: nothing is left to take back.
+                Ok(_) | Err(CreditError::Closed { .. }) => {}
+                Err(error) => return Err(credit_error(error)),
+            }
         }
     }
-    sqlx::query("UPDATE checkout_sessions SET status = 'refunded', updated_at = now() WHERE checkout_id = $1")
-        .bind(&row.checkout_id)
-        .execute(&mut *tx)
-        .await?;
+    // A session not yet granted (a delayed payment) keeps what went back for its completion.
+    let status = if taken.all_of(row.amount) {
+        "refunded"
+    } else {
+        row.status.as_str()
+    };
+    sqlx::query(
+        "UPDATE checkout_sessions SET status = $2, refunded_amount = $3, disputed_amount = $4,
+                updated_at = now()
+         WHERE checkout_id = $1",
+    )
+    .bind(&row.checkout_id)
+    .bind(status)
+    .bind(taken.refunded)
+    .bind(taken.disputed)
+    .execute(&mut *tx)
+    .await?;
     Ok(WebhookOutcome::Applied {
         customer: Some(row.customer_id),
     })

@@ -442,6 +442,19 @@ pub async fn void_in(
     grant_id: i64,
     actor: &Actor,
 ) -> Result<Grant, CreditError> {
+    take_back_in(tx, customer, grant_id, None, actor).await
+}
+
+/// Takes back `amount` of what is left of a grant (all of it when `None`, or when less is left),
+/// as one `void` entry; the grant closes as voided once nothing is left. A partial refund of a
+/// pack takes back its share this way.
+pub async fn take_back_in(
+    tx: &mut PgConnection,
+    customer: &str,
+    grant_id: i64,
+    amount: Option<Decimal>,
+    actor: &Actor,
+) -> Result<Grant, CreditError> {
     lock_customer(tx, customer).await?;
     let row: Option<GrantRow> = sqlx::query_as(&format!(
         "SELECT {GRANT_COLUMNS} FROM credit_grants WHERE grant_id = $1 AND customer_id = $2 FOR UPDATE"
@@ -462,8 +475,20 @@ pub async fn void_in(
             closed_as,
         });
     }
-    // The void entry brings remaining to 0 (the ledger moves it).
     tally_db::changes::record(tx, &[customer]).await?;
+    if let Some(part) = amount.filter(|part| *part < grant.remaining) {
+        if part > Decimal::ZERO {
+            record(tx, customer, grant_id, "void", -part, actor).await?;
+        }
+        let left: GrantRow = sqlx::query_as(&format!(
+            "SELECT {GRANT_COLUMNS} FROM credit_grants WHERE grant_id = $1"
+        ))
+        .bind(grant_id)
+        .fetch_one(&mut *tx)
+        .await?;
+        return Ok(left.into());
+    }
+    // The void entry brings remaining to 0 (the ledger moves it).
     record(tx, customer, grant_id, "void", -grant.remaining, actor).await?;
     let voided: GrantRow = sqlx::query_as(&format!(
         "UPDATE credit_grants SET closed_at = now(), closed_as = 'voided'

@@ -29,8 +29,8 @@ pub use balance::{
 pub use burn::{burn_once, settle, start_burner, BurnReport, Settled};
 pub use config::{CreditPack, CreditsConfig, PackPrice, RateDefinition};
 pub use grants::{
-    get_grant, grant, grant_purchase, void, void_in, Actor, CreditError, Grant, GrantKind, Granted,
-    NewGrant,
+    get_grant, grant, grant_purchase, take_back_in, void, void_in, Actor, CreditError, Grant,
+    GrantKind, Granted, NewGrant,
 };
 pub use ledger::{applied_in_period, ledger, LedgerEntry, LedgerPage, MeterCredits, PeriodCredits};
 pub use rates::RateCard;

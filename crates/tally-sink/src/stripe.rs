@@ -105,6 +105,13 @@ impl StripeCallError {
                 || self.code.as_deref() == Some("billing_meter_event_session_expired"))
     }
 
+    /// Stripe refused the idempotency key itself: a request under the same key is still in
+    /// flight (409), or an earlier one sent other parameters (400 `idempotency_error`). Either
+    /// way Stripe may hold what the key's first request created.
+    pub fn is_idempotency_conflict(&self) -> bool {
+        self.status == Some(409) || self.kind.as_deref() == Some("idempotency_error")
+    }
+
     /// Stripe has no such object (`resource_missing`).
     pub fn is_not_found(&self) -> bool {
         self.status == Some(404)

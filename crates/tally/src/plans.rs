@@ -57,21 +57,29 @@ pub(crate) fn run(config: &TallyConfig, args: &PlansArgs) -> anyhow::Result<()> 
                 let actor = crate::cli::operator_name(actor)?;
                 // Stripe first: a plan whose price disagrees with Stripe changes nothing.
                 let checked = check_stripe(config).await?;
+                let mut unchanged = Vec::new();
                 for change in tally_billing::apply_plans(&pool, &config.plans, actor).await? {
                     match change {
                         PlanChange::Created(name) => println!("created   {name}"),
                         PlanChange::Updated(name) => println!("updated   {name}"),
-                        PlanChange::Unchanged(name) => println!("unchanged {name}"),
+                        PlanChange::Unchanged(name) => {
+                            println!("unchanged {name}");
+                            unchanged.push(name);
+                        }
                         PlanChange::Deleted(name) => println!("deleted   {name}"),
                     }
                 }
+                // Unchecked, what changed no longer holds; what did not still does (webhooks
+                // name plans by these prices).
+                let forget_changed = || {
+                    catalog::forget_changed(&pool, &unchanged, &config.credits.packs)
+                };
                 match checked {
                     StripeCatalog::Checked(checked) => record(&pool, &checked).await?,
-                    // The plans may have changed: what was checked before no longer holds.
-                    StripeCatalog::NoKey => catalog::record(&pool, &[]).await?,
+                    StripeCatalog::NoKey => forget_changed().await?,
                     StripeCatalog::Unreachable(error) => {
-                        catalog::record(&pool, &[]).await?;
-                        eprintln!("warning: Stripe prices not checked ({error:#}): the plans are applied, and nothing is for sale through Checkout until `tally plans sync` reaches Stripe");
+                        forget_changed().await?;
+                        eprintln!("warning: Stripe prices not checked ({error:#}): the plans are applied; what changed is not for sale through Checkout until `tally plans sync` reaches Stripe");
                     }
                 }
             }

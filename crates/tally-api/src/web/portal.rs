@@ -622,21 +622,15 @@ pub(crate) fn safe_link(url: &Value, label: &str) -> String {
     }
 }
 
-/// Minor units (cents) as `49.00 USD`, for the currencies with two decimals; Stripe's
-/// zero-decimal currencies as they are.
+/// Minor units (cents) as `49.00 USD`, with as many decimals as Stripe counts for the currency
+/// (none for JPY, three for KWD).
 pub(crate) fn money(minor: &Value, currency: &Value) -> String {
-    let currency = html::text(currency).to_uppercase();
+    let code = html::text(currency).to_lowercase();
     let Some(minor) = minor.as_i64() else {
         return "–".into();
     };
-    let zero_decimal = [
-        "BIF", "CLP", "DJF", "GNF", "JPY", "KMF", "KRW", "MGA", "PYG", "RWF", "UGX", "VND", "VUV",
-        "XAF", "XOF", "XPF",
-    ];
-    if zero_decimal.contains(&currency.as_str()) {
-        return format!("{minor} {currency}");
-    }
-    format!("{} {currency}", Decimal::new(minor, 2))
+    let digits = tally_billing::catalog::minor_digits(&code);
+    format!("{} {}", Decimal::new(minor, digits), code.to_uppercase())
 }
 
 /// `GET /portal/invoices`: Stripe's invoices with status and links.
@@ -1079,6 +1073,14 @@ mod tests {
 
     fn at(text: &str) -> DateTime<Utc> {
         text.parse().unwrap()
+    }
+
+    #[test]
+    fn money_has_the_decimals_stripe_counts_for_the_currency() {
+        assert_eq!(money(&json!(4900), &json!("usd")), "49.00 USD");
+        assert_eq!(money(&json!(500), &json!("jpy")), "500 JPY");
+        assert_eq!(money(&json!(1500), &json!("kwd")), "1.500 KWD");
+        assert_eq!(money(&Value::Null, &json!("usd")), "–");
     }
 
     #[test]
