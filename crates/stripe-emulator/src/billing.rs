@@ -98,6 +98,8 @@ pub(crate) struct Billing {
     subscriptions: BTreeMap<String, Subscription>,
     pub(crate) invoices: BTreeMap<String, Value>,
     pub(crate) checkout: crate::sessions::Checkout,
+    /// Customers whose card declines (emulator control): their invoices' payments fail.
+    declining: std::collections::BTreeSet<String>,
     next_id: u64,
 }
 
@@ -110,6 +112,7 @@ impl Billing {
             subscriptions: BTreeMap::new(),
             invoices: BTreeMap::new(),
             checkout: Default::default(),
+            declining: Default::default(),
             next_id: 0,
         }
     }
@@ -699,13 +702,32 @@ impl Billing {
             Some(parent),
         );
         if let Some(subscription) = self.subscriptions.get_mut(subscription_id) {
+            // A renewal whose payment failed leaves the subscription past due (Stripe's
+            // default retry settings), until it is paid or canceled.
+            if changes
+                .iter()
+                .any(|c| c.event_type == "invoice.payment_failed")
+            {
+                subscription.status = "past_due".into();
+            }
             subscription.latest_invoice = Some(id);
         }
         changes
     }
 
+    /// A customer's card declines from now on, or pays again (emulator control).
+    pub(crate) fn set_card_declines(&mut self, customer: &str, declines: bool) {
+        if declines {
+            self.declining.insert(customer.to_owned());
+        } else {
+            self.declining.remove(customer);
+        }
+    }
+
     /// Records an invoice of `lines` and pays it: its `created`, `finalized` and `paid`
-    /// events (an invoice of nothing is paid as well, as Stripe does).
+    /// events (an invoice of nothing is paid as well, as Stripe does). When the customer's
+    /// card declines, the payment fails instead: `invoice.payment_failed`, the invoice left
+    /// open.
     #[allow(clippy::too_many_arguments)]
     pub(crate) fn issue_invoice(
         &mut self,
@@ -747,17 +769,22 @@ impl Billing {
         invoice["hosted_invoice_url"] = json!(format!("{}/_emulator/invoices/{id}", self.base_url));
         invoice["invoice_pdf"] = json!(format!("{}/_emulator/invoices/{id}/pdf", self.base_url));
         let finalized = invoice.clone();
-        invoice["status"] = json!("paid");
-        invoice["amount_paid"] = json!(total);
-        invoice["amount_remaining"] = json!(0);
         invoice["attempt_count"] = json!(1);
         invoice["attempted"] = json!(true);
-        invoice["status_transitions"] = json!({ "finalized_at": now, "paid_at": now });
+        let paid = if total > 0 && self.declining.contains(customer) {
+            "invoice.payment_failed"
+        } else {
+            invoice["status"] = json!("paid");
+            invoice["amount_paid"] = json!(total);
+            invoice["amount_remaining"] = json!(0);
+            invoice["status_transitions"] = json!({ "finalized_at": now, "paid_at": now });
+            "invoice.paid"
+        };
         self.invoices.insert(id.to_owned(), invoice.clone());
         [
             ("invoice.created", created),
             ("invoice.finalized", finalized),
-            ("invoice.paid", invoice),
+            (paid, invoice),
         ]
         .into_iter()
         .map(|(event_type, object)| Change {
@@ -778,10 +805,15 @@ impl Billing {
     /// `GET /v1/invoices`: `customer`, newest first.
     pub(crate) fn list_invoices(&self, query: &Form) -> Reply {
         let customer = query.get("customer");
+        let subscription = query.get("subscription");
         let mut data: Vec<Value> = self
             .invoices
             .values()
             .filter(|i| customer.is_none_or(|c| i["customer"] == c))
+            .filter(|i| {
+                subscription
+                    .is_none_or(|s| i["parent"]["subscription_details"]["subscription"] == s)
+            })
             .cloned()
             .collect();
         data.sort_by_key(|i| std::cmp::Reverse(i["created"].as_i64()));
@@ -806,6 +838,15 @@ impl Billing {
                 Some("invoice"),
             ));
         };
+        if invoice["status"] != "open" {
+            return Err(Reply::invalid(
+                format!(
+                    "You can only {to} an open invoice; invoice {id} is {}.",
+                    invoice["status"].as_str().unwrap_or("unknown")
+                ),
+                None,
+            ));
+        }
         let event_type = match to {
             "void" => {
                 invoice["status"] = json!("void");

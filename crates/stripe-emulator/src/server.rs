@@ -895,6 +895,23 @@ fn control_api(shared: &EmulatorState, method: &Method, path: &str, body: &[u8])
             })
             .reply
         }
+        (&Method::POST, ["customers", id, "card"]) => {
+            #[derive(serde::Deserialize)]
+            struct Card {
+                declines: bool,
+            }
+            match serde_json::from_slice::<Card>(body) {
+                Ok(card) => {
+                    let mut billing = shared.billing.lock().expect("billing lock poisoned");
+                    billing.set_card_declines(id, card.declines);
+                    Reply::json(200, &json!({ "customer": id, "declines": card.declines }))
+                }
+                Err(error) => Reply::invalid(
+                    format!("the body must be {{\"declines\": true|false}}: {error}"),
+                    None,
+                ),
+            }
+        }
         (&Method::POST, ["invoices", id, to]) => {
             billing(shared, |billing, _, now| {
                 billing.change_invoice(id, to, now)
