@@ -540,3 +540,89 @@ fn the_same_webhooks_twice_and_in_reverse_order_give_the_same_state() {
     }
     assert_eq!(tally.state(), final_state());
 }
+
+/// What Checkout sells agrees with tally.toml: `plans apply` refuses a plan whose fee or unit
+/// price Stripe's price does not match, changing nothing; without a Stripe key (a CI job, an
+/// outage) it keeps the prices of what did not change, so Stripe's webhooks still name the plan.
+#[test]
+fn plans_apply_refuses_prices_that_disagree_and_keeps_what_did_not_change() {
+    let tally = SelfServe::start(false);
+    let recorded = || -> Vec<(String, Option<String>, Option<String>)> {
+        tally
+            .runtime
+            .block_on(
+                sqlx::query_as("SELECT price_id, plan, pack FROM stripe_prices ORDER BY price_id")
+                    .fetch_all(&tally.db.pool),
+            )
+            .unwrap()
+    };
+    let plan_definition = || -> Value {
+        tally
+            .runtime
+            .block_on(
+                sqlx::query_scalar("SELECT definition FROM plans WHERE name = 'PRO'")
+                    .fetch_one(&tally.db.pool),
+            )
+            .unwrap()
+    };
+    let before = recorded();
+    assert_eq!(before.len(), 3, "{before:?}");
+    let written = std::fs::read_to_string(tally.work.config()).unwrap();
+    let rewrite = |from: &str, to: &str| {
+        assert!(written.contains(from), "{from}");
+        std::fs::write(tally.work.config(), written.replace(from, to)).unwrap();
+    };
+    let definition = plan_definition();
+    for (from, to, names) in [
+        ("amount = \"49.00\"", "amount = \"59.00\"", "[plans.price]"),
+        (
+            "currency = \"usd\", interval",
+            "currency = \"eur\", interval",
+            "[plans.price]",
+        ),
+        (
+            "interval = \"month\"",
+            "interval = \"year\"",
+            "[plans.price]",
+        ),
+        (
+            "unit_price = \"0.002\"",
+            "unit_price = \"0.003\"",
+            "unit_price",
+        ),
+    ] {
+        rewrite(from, to);
+        let (ok, out) = tally.work.run(&tally.db.url, &["plans", "apply"]);
+        assert!(!ok, "{to}: {out}");
+        assert!(
+            out.contains(names)
+                && out.contains("make them agree")
+                && out.contains("nothing was changed"),
+            "{to}: {out}"
+        );
+        assert_eq!(recorded(), before, "{to}");
+        assert_eq!(plan_definition(), definition, "{to}");
+    }
+
+    // No key: the unchanged plans and packs keep their prices.
+    std::fs::write(tally.work.config(), &written).unwrap();
+    let no_key = [("STRIPE_SECRET_KEY", "")];
+    let (ok, out) = tally
+        .work
+        .run_with(&tally.db.url, &["plans", "apply"], &no_key);
+    assert!(ok, "{out}");
+    assert!(out.contains("Stripe prices not checked"), "{out}");
+    assert_eq!(recorded(), before);
+    // A plan changed without a key: its prices are forgotten until a sync checks them; the
+    // pack's stay.
+    rewrite("limit = \"100000\"", "limit = \"200000\"");
+    let (ok, out) = tally
+        .work
+        .run_with(&tally.db.url, &["plans", "apply"], &no_key);
+    assert!(ok, "{out}");
+    let kept: Vec<Option<String>> = recorded().into_iter().map(|(_, _, pack)| pack).collect();
+    assert_eq!(kept, [Some("small".to_owned())]);
+    let synced = tally.tally(&["plans", "sync"]);
+    assert!(synced.contains("for sale  plan PRO: fee"), "{synced}");
+    assert_eq!(recorded().len(), 3);
+}

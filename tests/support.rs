@@ -264,8 +264,19 @@ impl Workdir {
 
     /// `tally <args>` to completion: (success, stdout + stderr).
     pub fn run(&self, database_url: &str, args: &[&str]) -> (bool, String) {
+        self.run_with(database_url, args, &[])
+    }
+
+    /// [`Workdir::run`] with environment variables set (or emptied) for this run.
+    pub fn run_with(
+        &self,
+        database_url: &str,
+        args: &[&str],
+        env: &[(&str, &str)],
+    ) -> (bool, String) {
         let output = self
             .command(database_url, args)
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .output()
             .expect("tally runs");
