@@ -1,10 +1,13 @@
 //! Webhook endpoints and event delivery, signed the way Stripe signs: header
 //! `Stripe-Signature: t=<unix>,v1=<hex HMAC-SHA256 of "<t>.<body>" with the endpoint secret>`.
 //!
-//! Events are delivered one at a time, in the order they happened, each retried with backoff
-//! until the endpoint answers 2xx or the attempts run out (Stripe keeps trying for three days;
-//! the emulator for `DELIVERY_ATTEMPTS`). `resend` delivers an event again, which is how tests
-//! produce replays and out-of-order deliveries.
+//! Each endpoint has its own delivery queue: an event's first attempt goes out in the order the
+//! events happened; one that fails (an answer other than 2xx, or none within
+//! `DELIVERY_TIMEOUT`) is retried with backoff on its own while later events go out, until the
+//! endpoint answers 2xx or the attempts run out (Stripe keeps trying for three days; the
+//! emulator for `DELIVERY_ATTEMPTS`). So, as from Stripe, an endpoint that refuses an event
+//! sees later ones first, and a slow endpoint holds back no other. `resend` delivers an event
+//! again, which is how tests produce replays.
 
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -24,13 +27,15 @@ use crate::store::Form;
 
 /// Delivery attempts per event before the emulator gives up on it.
 const DELIVERY_ATTEMPTS: u32 = 8;
+/// How long an endpoint has to answer one delivery before it counts as failed.
+const DELIVERY_TIMEOUT: Duration = Duration::from_secs(10);
 /// The API version the event objects are rendered in.
 const API_VERSION: &str = "2026-09-30.endive";
 
 struct Endpoint {
-    url: String,
-    secret: String,
     enabled_events: Vec<String>,
+    /// The endpoint's own delivery queue (indices into the events).
+    queue: mpsc::UnboundedSender<usize>,
 }
 
 impl Endpoint {
@@ -66,26 +71,31 @@ struct State {
     next_id: u64,
 }
 
-/// Endpoints, the event log, and the queue the delivery task reads.
+/// Endpoints (each with its delivery task) and the event log.
 pub(crate) struct Webhooks {
     state: Mutex<State>,
-    queue: mpsc::UnboundedSender<usize>,
+    /// Itself, for the delivery tasks of endpoints created later.
+    me: std::sync::Weak<Webhooks>,
 }
 
 impl Webhooks {
-    /// Starts the delivery task.
     pub(crate) fn start() -> Arc<Webhooks> {
-        let (queue, deliveries) = mpsc::unbounded_channel();
-        let webhooks = Arc::new(Webhooks {
+        Arc::new_cyclic(|me| Webhooks {
             state: Mutex::new(State::default()),
-            queue,
-        });
-        tokio::spawn(deliver(Arc::downgrade(&webhooks), deliveries));
-        webhooks
+            me: me.clone(),
+        })
     }
 
     fn state(&self) -> std::sync::MutexGuard<'_, State> {
         self.state.lock().expect("webhook lock poisoned")
+    }
+
+    /// Queues an event for every endpoint that wants it.
+    fn enqueue(state: &State, index: usize) {
+        let event_type = &state.events[index].event_type;
+        for endpoint in state.endpoints.iter().filter(|e| e.wants(event_type)) {
+            let _ = endpoint.queue.send(index);
+        }
     }
 
     /// `POST /v1/webhook_endpoints`: `url`, `enabled_events[]` (default every event). The
@@ -113,10 +123,15 @@ impl Webhooks {
                 "created": now, "api_version": API_VERSION, "metadata": {},
             }),
         );
-        state.endpoints.push(Endpoint {
+        let (queue, deliveries) = mpsc::unbounded_channel();
+        let target = Target {
             url: url.to_owned(),
             secret,
+        };
+        tokio::spawn(deliver(self.me.clone(), target, deliveries));
+        state.endpoints.push(Endpoint {
             enabled_events,
+            queue,
         });
         reply
     }
@@ -148,7 +163,7 @@ impl Webhooks {
                 last_status: 0,
                 delivered: false,
             });
-            let _ = self.queue.send(state.events.len() - 1);
+            Self::enqueue(&state, state.events.len() - 1);
         }
     }
 
@@ -237,7 +252,7 @@ impl Webhooks {
             last_status: 0,
             delivered: false,
         });
-        let _ = self.queue.send(state.events.len() - 1);
+        Self::enqueue(&state, state.events.len() - 1);
     }
 
     /// `GET /v2/core/events/{id}`: a thin event with its data.
@@ -253,7 +268,7 @@ impl Webhooks {
         let state = self.state();
         match state.events.iter().position(|e| e.id == event_id) {
             Some(index) => {
-                let _ = self.queue.send(index);
+                Self::enqueue(&state, index);
                 Reply::json(200, &json!({ "queued": event_id }))
             }
             None => Reply::not_found(format!("No such event: '{event_id}'"), Some("id")),
@@ -281,68 +296,89 @@ fn random_hex(bytes: usize) -> String {
     hex::encode(random)
 }
 
-/// The delivery task: one event at a time, to every endpoint that wants it.
+/// Where an endpoint's deliveries go, and the secret they are signed with.
+#[derive(Clone)]
+struct Target {
+    url: String,
+    secret: String,
+}
+
+type HttpClient = Client<hyper_util::client::legacy::connect::HttpConnector, Full<Bytes>>;
+
+/// An endpoint's delivery task: each event's first attempt in the order the events happened;
+/// an event that fails is retried on its own schedule while later events go out.
 async fn deliver(
     webhooks: std::sync::Weak<Webhooks>,
+    target: Target,
     mut deliveries: mpsc::UnboundedReceiver<usize>,
 ) {
-    let client: Client<_, Full<Bytes>> = Client::builder(TokioExecutor::new()).build_http();
+    let client: HttpClient = Client::builder(TokioExecutor::new()).build_http();
     while let Some(index) = deliveries.recv().await {
-        let Some(webhooks) = webhooks.upgrade() else {
-            return;
-        };
-        let (event, targets) = {
-            let state = webhooks.state();
-            let event = state.events[index].clone();
-            let targets: Vec<(String, String)> = state
-                .endpoints
-                .iter()
-                .filter(|e| e.wants(&event.event_type))
-                .map(|e| (e.url.clone(), e.secret.clone()))
-                .collect();
-            (event, targets)
-        };
-        for (url, secret) in targets {
+        if attempt(&webhooks, &client, &target, index).await {
+            continue;
+        }
+        let (webhooks, client, target) = (webhooks.clone(), client.clone(), target.clone());
+        tokio::spawn(async move {
             let mut backoff = Duration::from_millis(200);
-            for _ in 0..DELIVERY_ATTEMPTS {
-                // Signed with the real clock, as Stripe signs at sending time.
-                let now = SystemTime::now()
-                    .duration_since(UNIX_EPOCH)
-                    .map_or(0, |d| d.as_secs() as i64);
-                let request = hyper::Request::post(&url)
-                    .header("content-type", "application/json; charset=utf-8")
-                    .header(
-                        "user-agent",
-                        "Stripe/1.0 (+https://stripe.com/docs/webhooks)",
-                    )
-                    .header(
-                        "stripe-signature",
-                        signature_header(&secret, now, &event.body),
-                    )
-                    .body(Full::new(Bytes::from(event.body.clone())));
-                let status = match request {
-                    Ok(request) => match client.request(request).await {
-                        Ok(response) => response.status().as_u16(),
-                        Err(_) => 0,
-                    },
-                    Err(_) => 0,
-                };
-                let delivered = (200..300).contains(&status);
-                {
-                    let mut state = webhooks.state();
-                    let record = &mut state.events[index];
-                    record.attempts += 1;
-                    record.last_status = status;
-                    record.delivered |= delivered;
-                }
-                if delivered {
-                    break;
-                }
+            for _ in 1..DELIVERY_ATTEMPTS {
                 tokio::time::sleep(backoff).await;
+                if attempt(&webhooks, &client, &target, index).await {
+                    return;
+                }
                 backoff = (backoff * 2).min(Duration::from_secs(3));
             }
-        }
+        });
     }
+}
+
+/// Sends the event once and records the answer; whether the endpoint took it (2xx in time).
+/// `true` as well once the emulator is gone (nothing left to retry).
+async fn attempt(
+    webhooks: &std::sync::Weak<Webhooks>,
+    client: &HttpClient,
+    target: &Target,
+    index: usize,
+) -> bool {
+    let Some(body) = webhooks
+        .upgrade()
+        .map(|w| w.state().events[index].body.clone())
+    else {
+        return true;
+    };
+    // Signed with the real clock, as Stripe signs at sending time.
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64);
+    let request = hyper::Request::post(&target.url)
+        .header("content-type", "application/json; charset=utf-8")
+        .header(
+            "user-agent",
+            "Stripe/1.0 (+https://stripe.com/docs/webhooks)",
+        )
+        .header(
+            "stripe-signature",
+            signature_header(&target.secret, now, &body),
+        )
+        .body(Full::new(Bytes::from(body)));
+    let status = match request {
+        Ok(request) => {
+            match tokio::time::timeout(DELIVERY_TIMEOUT, client.request(request)).await {
+                Ok(Ok(response)) => response.status().as_u16(),
+                _ => 0,
+            }
+        }
+        Err(_) => 0,
+    };
+    let delivered = (200..300).contains(&status);
+    let Some(webhooks) = webhooks.upgrade() else {
+        return true;
+    };
+    let mut state = webhooks.state();
+    let record = &mut state.events[index];
+    record.attempts += 1;
+    record.last_status = status;
+    record.delivered |= delivered;
+    delivered
 }
 
 /// One meter error report: its thin event's type, Stripe's error code, and the event it names.

@@ -18,6 +18,15 @@ const KEY: &str = "sk_test_emulator";
 
 /// A webhook receiver that answers `status` and keeps every (signature, body) it got.
 async fn receiver(status: u16) -> (String, Arc<Mutex<Vec<(String, String)>>>) {
+    receiver_answering(move |_| status).await
+}
+
+/// A webhook receiver that answers its `n`th request (from 0) with `answer(n)` and keeps every
+/// (signature, body) it got, refused or not.
+async fn receiver_answering(
+    answer: impl Fn(usize) -> u16 + Send + Sync + 'static,
+) -> (String, Arc<Mutex<Vec<(String, String)>>>) {
+    let answer = Arc::new(answer);
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let url = format!("http://{}/hook", listener.local_addr().unwrap());
     let received = Arc::new(Mutex::new(Vec::new()));
@@ -28,9 +37,11 @@ async fn receiver(status: u16) -> (String, Arc<Mutex<Vec<(String, String)>>>) {
                 return;
             };
             let sink = sink.clone();
+            let answer = answer.clone();
             tokio::spawn(async move {
                 let service = service_fn(move |request: hyper::Request<hyper::body::Incoming>| {
                     let sink = sink.clone();
+                    let answer = answer.clone();
                     async move {
                         let signature = request.headers()["stripe-signature"]
                             .to_str()
@@ -38,7 +49,11 @@ async fn receiver(status: u16) -> (String, Arc<Mutex<Vec<(String, String)>>>) {
                             .to_owned();
                         let body = request.into_body().collect().await.unwrap().to_bytes();
                         let body = String::from_utf8(body.to_vec()).unwrap();
-                        sink.lock().unwrap().push((signature, body));
+                        let status = {
+                            let mut sink = sink.lock().unwrap();
+                            sink.push((signature, body));
+                            answer(sink.len() - 1)
+                        };
                         let mut response = hyper::Response::new(Full::new(Bytes::new()));
                         *response.status_mut() = hyper::StatusCode::from_u16(status).unwrap();
                         Ok::<_, std::convert::Infallible>(response)
@@ -223,5 +238,86 @@ async fn failed_deliveries_are_retried_and_events_can_be_resent() {
     .await
     .unwrap();
     assert_eq!(resent.status, 404);
+    emulator.shutdown().await;
+}
+
+/// As from Stripe, each event goes out on its own: an endpoint that never answers holds back no
+/// other endpoint, and an event an endpoint refuses is retried while later events reach it.
+#[tokio::test]
+async fn an_endpoint_that_hangs_or_refuses_holds_back_nothing() {
+    let emulator = Emulator::start("127.0.0.1:0".parse().unwrap(), EmulatorConfig::default())
+        .await
+        .unwrap();
+    // Takes connections and never answers.
+    let hole = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let hole_url = format!("http://{}/hook", hole.local_addr().unwrap());
+    tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((stream, _)) = hole.accept().await {
+            held.push(stream);
+        }
+    });
+    post(&emulator, "/v1/webhook_endpoints", &[("url", hole_url)]).await;
+    let (healthy_url, healthy) = receiver(200).await;
+    post(&emulator, "/v1/webhook_endpoints", &[("url", healthy_url)]).await;
+    // Refuses the first delivery it gets, takes every other.
+    let (picky_url, picky) = receiver_answering(|n| if n == 0 { 500 } else { 200 }).await;
+    post(&emulator, "/v1/webhook_endpoints", &[("url", picky_url)]).await;
+
+    let customer = post(&emulator, "/v1/customers", &[]).await;
+    let price = post(
+        &emulator,
+        "/v1/prices",
+        &[
+            ("currency", "usd".into()),
+            ("unit_amount", "4900".into()),
+            ("recurring[interval]", "month".into()),
+        ],
+    )
+    .await;
+    post(
+        &emulator,
+        "/v1/subscriptions",
+        &[
+            ("customer", customer["id"].as_str().unwrap().to_owned()),
+            ("items[0][price]", price["id"].as_str().unwrap().to_owned()),
+        ],
+    )
+    .await;
+    let events: Vec<String> = emulator.events().into_iter().map(|e| e.id).collect();
+    assert!(events.len() >= 3, "{events:?}");
+    let ids = |received: &Arc<Mutex<Vec<(String, String)>>>| -> Vec<String> {
+        received
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|(_, body)| {
+                serde_json::from_str::<serde_json::Value>(body).unwrap()["id"]
+                    .as_str()
+                    .unwrap()
+                    .to_owned()
+            })
+            .collect()
+    };
+    // Well within the hanging endpoint's 10 s: everything reached the others.
+    for _ in 0..120 {
+        let picky_ids = ids(&picky);
+        if ids(&healthy) == events && events.iter().all(|e| picky_ids[1..].contains(e)) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    assert_eq!(ids(&healthy), events, "in order to a healthy endpoint");
+    let picky_ids = ids(&picky);
+    assert_eq!(picky_ids[0], events[0], "refused first");
+    let taken = &picky_ids[1..];
+    assert!(
+        events.iter().all(|e| taken.contains(e)),
+        "{taken:?} {events:?}"
+    );
+    assert_ne!(
+        taken[0], events[0],
+        "a later event went out while the refused one waited for its retry: {taken:?}"
+    );
     emulator.shutdown().await;
 }

@@ -1155,3 +1155,75 @@ async fn a_partial_refund_takes_back_its_share_of_the_pack_once() {
     assert_eq!(h.balance().await, Decimal::from(900));
     assert_eq!(h.grants().await.len(), 1);
 }
+
+/// Sessions that end unpaid: one that expires, one whose delayed payment fails. Nothing is
+/// granted, however often the events come, and neither keeps the customer from buying again.
+#[tokio::test]
+async fn an_expired_session_and_a_failed_delayed_payment_grant_nothing() {
+    let h = Harness::start(true).await;
+    let status_of = |session: String| {
+        let pool = h.db.pool.clone();
+        async move {
+            sqlx::query_scalar::<_, String>(
+                "SELECT status FROM checkout_sessions WHERE session_id = $1",
+            )
+            .bind(session)
+            .fetch_one(&pool)
+            .await
+            .unwrap()
+        }
+    };
+    // A plan session left to expire (Stripe expires it, or the team does).
+    let plan = Some(
+        json!({ "plan": "PRO", "success_url": "https://app.example.com/ok", "cancel_url": "https://app.example.com/back" }),
+    );
+    let (status, opened) = h
+        .api("POST", "/v1/customers/acme/checkout", ACME, plan.clone())
+        .await;
+    assert_eq!(status, StatusCode::OK, "{opened}");
+    let plan_session = opened["id"].as_str().unwrap().to_owned();
+    post(
+        &h.emulator,
+        &format!("/v1/checkout/sessions/{plan_session}/expire"),
+        &[],
+    )
+    .await;
+    // A pack paid by bank debit whose payment then fails.
+    let pack_session = h.pack_checkout().await;
+    pay(&h.emulator, &pack_session, "async").await;
+    let failed = control(
+        h.emulator.addr(),
+        &format!("checkout/{pack_session}/async_payment"),
+        &json!({ "succeeded": false }),
+    )
+    .await
+    .unwrap();
+    assert_eq!(failed.status, 200, "{}", failed.body);
+    h.delivered().await;
+    for event in h.emulator.events() {
+        h.emulator_resend(&event.id).await;
+    }
+    h.delivered().await;
+    assert_eq!(status_of(plan_session).await, "expired");
+    assert_eq!(status_of(pack_session).await, "payment_failed");
+    assert!(h.grants().await.is_empty(), "{:?}", h.grants().await);
+    assert_eq!(h.balance().await, Decimal::ZERO);
+    let types: Vec<String> = h
+        .emulator
+        .events()
+        .into_iter()
+        .map(|e| e.event_type)
+        .collect();
+    for expected in [
+        "checkout.session.expired",
+        "checkout.session.completed",
+        "checkout.session.async_payment_failed",
+    ] {
+        assert!(types.iter().any(|t| t == expected), "{types:?}");
+    }
+    // The customer may try again: a new plan session opens.
+    let (status, again) = h
+        .api("POST", "/v1/customers/acme/checkout", ACME, plan)
+        .await;
+    assert_eq!(status, StatusCode::OK, "{again}");
+}
