@@ -27,6 +27,8 @@ pub(crate) struct Price {
     /// metered price of 0.2 cents a call.
     pub(crate) unit_amount_decimal: String,
     pub(crate) recurring: Option<Recurring>,
+    /// `transform_quantity[divide_by]`: sold in packages of this many units (rounded up).
+    pub(crate) divide_by: Option<i64>,
     pub(crate) product: String,
     pub(crate) lookup_key: Option<String>,
     pub(crate) metadata: BTreeMap<String, String>,
@@ -239,6 +241,17 @@ impl Billing {
             }
             (None, None) => self.new_id("prod"),
         };
+        let divide_by =
+            match form.get("transform_quantity[divide_by]") {
+                None => None,
+                Some(n) => match n.parse::<i64>() {
+                    Ok(n) if n > 0 => Some(n),
+                    _ => return Reply::invalid(
+                        "Invalid integer: transform_quantity[divide_by] must be a positive integer",
+                        Some("transform_quantity[divide_by]"),
+                    ),
+                },
+            };
         let lookup_key = form.get("lookup_key").map(str::to_owned);
         if let Some(key) = &lookup_key {
             if self
@@ -257,6 +270,7 @@ impl Billing {
             currency: currency.to_lowercase(),
             unit_amount_decimal: amount,
             recurring,
+            divide_by,
             product,
             lookup_key,
             metadata: form.nested("metadata"),
@@ -660,7 +674,12 @@ impl Billing {
                     (subscription.period_start, subscription.period_end),
                 ),
             };
-            let amount = (price.unit_amount() * quantity as f64).round() as i64;
+            // Packages are charged whole (Stripe's `round: up`).
+            let charged = match price.divide_by {
+                Some(size) => (quantity as i64 + size - 1) / size,
+                None => quantity as i64,
+            };
+            let amount = (price.unit_amount() * charged as f64).round() as i64;
             total += amount;
             lines.push(json!({
                 "id": format!("il_{}_{}", &id[3..], lines.len()), "object": "line_item",
@@ -700,13 +719,16 @@ impl Billing {
             lines,
             total,
             Some(parent),
+            // The first invoice is paid where the subscription is bought (Checkout's page).
+            ended.is_some(),
         );
         if let Some(subscription) = self.subscriptions.get_mut(subscription_id) {
             // A renewal whose payment failed leaves the subscription past due (Stripe's
-            // default retry settings), until it is paid or canceled.
-            if changes
-                .iter()
-                .any(|c| c.event_type == "invoice.payment_failed")
+            // default retry settings), until it is paid or canceled; a canceled one stays so.
+            if subscription.status != "canceled"
+                && changes
+                    .iter()
+                    .any(|c| c.event_type == "invoice.payment_failed")
             {
                 subscription.status = "past_due".into();
             }
@@ -726,8 +748,8 @@ impl Billing {
 
     /// Records an invoice of `lines` and pays it: its `created`, `finalized` and `paid`
     /// events (an invoice of nothing is paid as well, as Stripe does). When the customer's
-    /// card declines, the payment fails instead: `invoice.payment_failed`, the invoice left
-    /// open.
+    /// card declines, a renewal's payment fails instead: `invoice.payment_failed`, the invoice
+    /// left open.
     #[allow(clippy::too_many_arguments)]
     pub(crate) fn issue_invoice(
         &mut self,
@@ -740,6 +762,7 @@ impl Billing {
         lines: Vec<Value>,
         total: i64,
         parent: Option<Value>,
+        renewal: bool,
     ) -> Vec<Change> {
         let number = format!("EMU-{:06}", self.invoices.len() + 1);
         let line_count = lines.len();
@@ -771,7 +794,7 @@ impl Billing {
         let finalized = invoice.clone();
         invoice["attempt_count"] = json!(1);
         invoice["attempted"] = json!(true);
-        let paid = if total > 0 && self.declining.contains(customer) {
+        let paid = if renewal && total > 0 && self.declining.contains(customer) {
             "invoice.payment_failed"
         } else {
             invoice["status"] = json!("paid");
@@ -838,12 +861,13 @@ impl Billing {
                 Some("invoice"),
             ));
         };
-        if invoice["status"] != "open" {
+        // Stripe voids an open or uncollectible invoice; only an open one is marked
+        // uncollectible or attempted again.
+        let status = invoice["status"].as_str().unwrap_or("unknown").to_owned();
+        let allowed = status == "open" || (to == "void" && status == "uncollectible");
+        if !allowed {
             return Err(Reply::invalid(
-                format!(
-                    "You can only {to} an open invoice; invoice {id} is {}.",
-                    invoice["status"].as_str().unwrap_or("unknown")
-                ),
+                format!("You cannot {to} invoice {id}: it is {status}."),
                 None,
             ));
         }
@@ -948,6 +972,7 @@ pub(crate) fn price_json(price: &Price) -> Value {
         "type": if recurring.is_some() { "recurring" } else { "one_time" },
         "unit_amount": integral, "unit_amount_decimal": price.unit_amount_decimal,
         "recurring": recurring, "tax_behavior": "unspecified",
+        "transform_quantity": price.divide_by.map(|n| json!({ "divide_by": n, "round": "up" })),
     })
 }
 

@@ -127,6 +127,7 @@ impl Webhooks {
         let target = Target {
             url: url.to_owned(),
             secret,
+            took: Default::default(),
         };
         tokio::spawn(deliver(self.me.clone(), target, deliveries));
         state.endpoints.push(Endpoint {
@@ -296,11 +297,13 @@ fn random_hex(bytes: usize) -> String {
     hex::encode(random)
 }
 
-/// Where an endpoint's deliveries go, and the secret they are signed with.
+/// Where an endpoint's deliveries go, the secret they are signed with, and the events it took
+/// (so a retry stops once a resend got through).
 #[derive(Clone)]
 struct Target {
     url: String,
     secret: String,
+    took: Arc<Mutex<std::collections::HashSet<usize>>>,
 }
 
 type HttpClient = Client<hyper_util::client::legacy::connect::HttpConnector, Full<Bytes>>;
@@ -322,7 +325,12 @@ async fn deliver(
             let mut backoff = Duration::from_millis(200);
             for _ in 1..DELIVERY_ATTEMPTS {
                 tokio::time::sleep(backoff).await;
-                if attempt(&webhooks, &client, &target, index).await {
+                let took = target
+                    .took
+                    .lock()
+                    .expect("took lock poisoned")
+                    .contains(&index);
+                if took || attempt(&webhooks, &client, &target, index).await {
                     return;
                 }
                 backoff = (backoff * 2).min(Duration::from_secs(3));
@@ -370,6 +378,13 @@ async fn attempt(
         Err(_) => 0,
     };
     let delivered = (200..300).contains(&status);
+    if delivered {
+        target
+            .took
+            .lock()
+            .expect("took lock poisoned")
+            .insert(index);
+    }
     let Some(webhooks) = webhooks.upgrade() else {
         return true;
     };

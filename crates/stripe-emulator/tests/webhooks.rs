@@ -321,3 +321,103 @@ async fn an_endpoint_that_hangs_or_refuses_holds_back_nothing() {
     );
     emulator.shutdown().await;
 }
+
+/// A declining card fails a renewal (`invoice.payment_failed`, the subscription past due, the
+/// first invoice paid at purchase untouched); Stripe voids an open or uncollectible invoice and
+/// marks only an open one uncollectible.
+#[tokio::test]
+async fn a_declining_card_fails_renewals_and_only_open_invoices_change() {
+    use stripe_emulator::testing::control;
+    let emulator = Emulator::start("127.0.0.1:0".parse().unwrap(), EmulatorConfig::default())
+        .await
+        .unwrap();
+    let customer = post(&emulator, "/v1/customers", &[]).await["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let price = post(
+        &emulator,
+        "/v1/prices",
+        &[
+            ("currency", "usd".into()),
+            ("unit_amount", "4900".into()),
+            ("recurring[interval]", "month".into()),
+        ],
+    )
+    .await;
+    let subscription = post(
+        &emulator,
+        "/v1/subscriptions",
+        &[
+            ("customer", customer.clone()),
+            ("items[0][price]", price["id"].as_str().unwrap().to_owned()),
+        ],
+    )
+    .await["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let ctl = |path: String, body: serde_json::Value| {
+        let addr = emulator.addr();
+        async move { control(addr, &path, &body).await.unwrap() }
+    };
+    let declines = ctl(
+        format!("customers/{customer}/card"),
+        serde_json::json!({ "declines": true }),
+    )
+    .await;
+    assert_eq!(declines.status, 200, "{}", declines.body);
+    let advanced = ctl(
+        format!("subscriptions/{subscription}/advance_period"),
+        serde_json::json!({}),
+    )
+    .await;
+    assert_eq!(advanced.status, 200, "{}", advanced.body);
+    assert_eq!(advanced.body["status"], "past_due");
+    let types: Vec<String> = emulator
+        .events()
+        .into_iter()
+        .map(|e| e.event_type)
+        .collect();
+    assert!(
+        types.iter().any(|t| t == "invoice.payment_failed"),
+        "{types:?}"
+    );
+    let listed = call(
+        emulator.addr(),
+        "GET",
+        &format!("/v1/invoices?subscription={subscription}"),
+        Some(KEY),
+        &[],
+        None,
+    )
+    .await
+    .unwrap();
+    let invoices = listed.body["data"].as_array().unwrap().clone();
+    assert_eq!(invoices.len(), 2, "{}", listed.body);
+    let with = |status: &str| {
+        invoices
+            .iter()
+            .find(|i| i["status"] == status)
+            .unwrap_or_else(|| panic!("no {status} invoice: {invoices:?}"))["id"]
+            .as_str()
+            .unwrap()
+            .to_owned()
+    };
+    let (paid, open) = (with("paid"), with("open"));
+    let change = |id: &str, to: &str| ctl(format!("invoices/{id}/{to}"), serde_json::json!({}));
+    assert_eq!(
+        change(&paid, "void").await.status,
+        400,
+        "a paid invoice stays paid"
+    );
+    assert_eq!(change(&open, "uncollectible").await.status, 200);
+    assert_eq!(change(&open, "payment_failed").await.status, 400);
+    assert_eq!(
+        change(&open, "void").await.status,
+        200,
+        "uncollectible, then void"
+    );
+    assert_eq!(change(&open, "void").await.status, 400);
+    emulator.shutdown().await;
+}

@@ -344,10 +344,7 @@ async fn a_credit_pack_is_bought_granted_once_and_refunded() {
     );
 
     // Every event delivered again: nothing granted twice.
-    for event in h.emulator.events() {
-        h.emulator_resend(&event.id).await;
-    }
-    h.delivered().await;
+    h.redeliver_all().await;
     assert_eq!(h.grants().await.len(), 1);
     assert_eq!(h.balance().await, Decimal::from(1000));
 
@@ -401,6 +398,26 @@ async fn a_credit_pack_is_bought_granted_once_and_refunded() {
 }
 
 impl Harness {
+    /// Every event so far delivered once more, and answered, before this returns.
+    async fn redeliver_all(&self) {
+        let before = self.emulator.events();
+        for event in &before {
+            self.emulator_resend(&event.id).await;
+        }
+        for _ in 0..400 {
+            let now = self.emulator.events();
+            if before
+                .iter()
+                .zip(&now)
+                .all(|(b, n)| n.attempts > b.attempts && n.last_status == 200)
+            {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+        panic!("not delivered again: {:?}", self.emulator.events());
+    }
+
     async fn emulator_resend(&self, event: &str) {
         let answer = control(
             self.emulator.addr(),
@@ -1049,11 +1066,17 @@ async fn a_double_click_while_stripe_is_slow_keeps_the_session_the_customer_pays
     );
 }
 
-/// Third review: sessions Stripe never answered for (an outage) hold nobody's url; once the
-/// outage is over they do not keep the customer out of Checkout for a day.
+/// Third review: attempts Stripe answered with an error, or never answered (an outage), hold
+/// nobody's url; once the outage is over they do not keep the customer out of Checkout.
 #[tokio::test]
 async fn sessions_lost_in_a_stripe_outage_do_not_lock_the_customer_out() {
     let h = Harness::start(false).await;
+    let pack_body = || {
+        Some(
+            json!({ "pack": "small", "success_url": "https://app.example.com/ok", "cancel_url": "https://app.example.com/back" }),
+        )
+    };
+    // Answered 500: Stripe keeps that answer under the key, so the attempt is closed at once.
     h.emulator
         .set_faults(stripe_emulator::Faults {
             error_500: 1.0,
@@ -1066,7 +1089,7 @@ async fn sessions_lost_in_a_stripe_outage_do_not_lock_the_customer_out() {
                 "POST",
                 "/v1/customers/acme/credits/checkout",
                 ACME,
-                Some(json!({ "pack": "small", "success_url": "https://app.example.com/ok", "cancel_url": "https://app.example.com/back" })),
+                pack_body(),
             )
             .await;
         assert_eq!(
@@ -1076,7 +1099,43 @@ async fn sessions_lost_in_a_stripe_outage_do_not_lock_the_customer_out() {
         );
     }
     h.emulator.set_faults(Default::default()).unwrap();
-    // Minutes later: the lost ones no longer count.
+    h.pack_checkout().await;
+
+    // Never answered (a timeout): Stripe may hold the session, so the attempt stays open and
+    // counts, but only for a few minutes: nobody holds its url.
+    let impatient = tally_sink::StripeHttp::new(&tally_sink::StripeConfig {
+        api_base: h.emulator.url(),
+        secret_key: Secret::new(KEY),
+        request_timeout: Duration::from_millis(100),
+        ..Default::default()
+    })
+    .unwrap();
+    h.emulator
+        .set_faults(stripe_emulator::Faults {
+            delay: 1.0,
+            delay_ms: 400,
+            ..Default::default()
+        })
+        .unwrap();
+    let request = tally_billing::checkout::CheckoutRequest {
+        customer: "acme",
+        success_url: "https://app.example.com/ok",
+        cancel_url: "https://app.example.com/back",
+        requested_by: "token:acme".into(),
+        operator: false,
+    };
+    let pack = &packs()[0];
+    let mut timed_out = 0;
+    loop {
+        match tally_billing::checkout::checkout_pack(&h.db.pool, &impatient, pack, &request).await {
+            Err(tally_billing::checkout::CheckoutError::StripeUnavailable(_)) => timed_out += 1,
+            Err(tally_billing::checkout::CheckoutError::TooManyOpenSessions(_)) => break,
+            other => panic!("{other:?}"),
+        }
+        assert!(timed_out <= tally_billing::checkout::MAX_OPEN_SESSIONS);
+    }
+    assert_eq!(timed_out, tally_billing::checkout::MAX_OPEN_SESSIONS - 1);
+    h.emulator.set_faults(Default::default()).unwrap();
     sqlx::query(
         "UPDATE checkout_sessions SET created_at = created_at - interval '6 minutes'
          WHERE session_id IS NULL",
@@ -1085,6 +1144,85 @@ async fn sessions_lost_in_a_stripe_outage_do_not_lock_the_customer_out() {
     .await
     .unwrap();
     h.pack_checkout().await;
+}
+
+/// Third review: a plan Checkout asked again after an error, with other return URLs (a page
+/// that puts its state in them), was refused as "in progress" for half an hour.
+#[tokio::test]
+async fn a_plan_checkout_asked_again_after_an_error_opens() {
+    let h = Harness::start(false).await;
+    let body = |state: &str| {
+        Some(
+            json!({ "plan": "PRO", "success_url": format!("https://app.example.com/ok?state={state}"), "cancel_url": "https://app.example.com/back" }),
+        )
+    };
+    h.emulator
+        .set_faults(stripe_emulator::Faults {
+            error_500: 1.0,
+            ..Default::default()
+        })
+        .unwrap();
+    let (status, answer) = h
+        .api("POST", "/v1/customers/acme/checkout", ACME, body("a"))
+        .await;
+    assert_eq!(status.as_u16(), 503, "{answer}");
+    h.emulator.set_faults(Default::default()).unwrap();
+    let (status, answer) = h
+        .api("POST", "/v1/customers/acme/checkout", ACME, body("a"))
+        .await;
+    assert_eq!(status, StatusCode::OK, "the same again: {answer}");
+
+    // An attempt Stripe never answered, asked again with other URLs: Stripe will not answer
+    // that key for them; the attempt is closed and a new one opens.
+    let h = Harness::start(false).await;
+    let checkout_id = uuid::Uuid::now_v7().to_string();
+    sqlx::query(
+        "INSERT INTO checkout_sessions (checkout_id, customer_id, stripe_customer_id, mode, plan,
+                amount, currency, requested_by)
+         VALUES ($1, 'acme', $2, 'subscription', 'PRO', 4900, 'usd', 'token:acme')",
+    )
+    .bind(&checkout_id)
+    .bind(&h.stripe_customer)
+    .execute(&h.db.pool)
+    .await
+    .unwrap();
+    // Stripe got that attempt (other URLs) under its key.
+    let answer = call(
+        h.emulator.addr(),
+        "POST",
+        "/v1/checkout/sessions",
+        Some(KEY),
+        &[
+            ("mode", "payment".into()),
+            ("customer", h.stripe_customer.clone()),
+            (
+                "line_items[0][price]",
+                catalog::prices_of(&h.db.pool, None, Some("small"))
+                    .await
+                    .unwrap()[0]
+                    .price_id
+                    .clone(),
+            ),
+            ("line_items[0][quantity]", "1".into()),
+            ("success_url", "https://app.example.com/other".into()),
+        ],
+        Some(&format!("tally-checkout:{checkout_id}")),
+    )
+    .await
+    .unwrap();
+    assert_eq!(answer.status, 200, "{}", answer.body);
+    let (status, opened) = h
+        .api("POST", "/v1/customers/acme/checkout", ACME, body("b"))
+        .await;
+    assert_eq!(status, StatusCode::OK, "{opened}");
+    let statuses: Vec<(String, Option<String>)> =
+        sqlx::query_as("SELECT status, session_id FROM checkout_sessions ORDER BY created_at")
+            .fetch_all(&h.db.pool)
+            .await
+            .unwrap();
+    assert_eq!(statuses.len(), 2, "{statuses:?}");
+    assert_eq!(statuses[0], ("expired".to_owned(), None));
+    assert_eq!(statuses[1].1.as_deref(), opened["id"].as_str());
 }
 
 /// Third review: a partial refund (a goodwill gesture) took back every credit left. It takes
@@ -1115,10 +1253,7 @@ async fn a_partial_refund_takes_back_its_share_of_the_pack_once() {
     assert_eq!(h.balance().await, Decimal::from(750));
     assert_eq!(h.grants().await[0].2, None, "still open");
     // Every event again: nothing taken twice.
-    for event in h.emulator.events() {
-        h.emulator_resend(&event.id).await;
-    }
-    h.delivered().await;
+    h.redeliver_all().await;
     assert_eq!(h.balance().await, Decimal::from(750));
     // The rest back: what is left goes.
     refund("750").await;
@@ -1200,10 +1335,7 @@ async fn an_expired_session_and_a_failed_delayed_payment_grant_nothing() {
     .unwrap();
     assert_eq!(failed.status, 200, "{}", failed.body);
     h.delivered().await;
-    for event in h.emulator.events() {
-        h.emulator_resend(&event.id).await;
-    }
-    h.delivered().await;
+    h.redeliver_all().await;
     assert_eq!(status_of(plan_session).await, "expired");
     assert_eq!(status_of(pack_session).await, "payment_failed");
     assert!(h.grants().await.is_empty(), "{:?}", h.grants().await);
@@ -1226,4 +1358,74 @@ async fn an_expired_session_and_a_failed_delayed_payment_grant_nothing() {
         .api("POST", "/v1/customers/acme/checkout", ACME, plan)
         .await;
     assert_eq!(status, StatusCode::OK, "{again}");
+}
+
+/// Third review: a plan's usage sold in packages ("$2 per 1,000 calls") or in tiers is valid
+/// Stripe pricing; `plans apply` compares a package's price per unit with unit_price and leaves
+/// tiers alone, instead of refusing either.
+#[tokio::test]
+async fn a_metered_price_sold_in_packages_agrees_with_its_unit_price() {
+    let h = Harness::start(false).await;
+    let stripe_meters = call(
+        h.emulator.addr(),
+        "GET",
+        "/v1/billing/meters",
+        Some(KEY),
+        &[],
+        None,
+    )
+    .await
+    .unwrap();
+    let meter = stripe_meters.body["data"][0]["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let fee = post(
+        &h.emulator,
+        "/v1/prices",
+        &[
+            ("currency", "usd".into()),
+            ("unit_amount", "4900".into()),
+            ("recurring[interval]", "month".into()),
+            ("product_data[name]", "Team".into()),
+        ],
+    )
+    .await;
+    let package = post(
+        &h.emulator,
+        "/v1/prices",
+        &[
+            ("currency", "usd".into()),
+            ("unit_amount", "200".into()),
+            ("transform_quantity[divide_by]", "1000".into()),
+            ("recurring[interval]", "month".into()),
+            ("recurring[usage_type]", "metered".into()),
+            ("recurring[meter]", meter),
+            ("product_data[name]", "Team: API calls".into()),
+        ],
+    )
+    .await;
+    let team = |unit_price: &str| -> Vec<PlanDefinition> {
+        serde_json::from_value(json!([{
+            "name": "TEAM",
+            "price": { "amount": "49.00", "currency": "usd", "interval": "month" },
+            "stripe_prices": [fee["id"], package["id"]],
+            "limits": { "api_calls": { "limit": "1000000", "period": "billing_period", "unit_price": unit_price } },
+        }]))
+        .unwrap()
+    };
+    let checked = catalog::check(&h.stripe, &team("0.002"), &[], &meters())
+        .await
+        .unwrap();
+    assert!(checked.problems.is_empty(), "{:?}", checked.problems);
+    assert_eq!(checked.prices.len(), 2);
+    let checked = catalog::check(&h.stripe, &team("0.003"), &[], &meters())
+        .await
+        .unwrap();
+    assert_eq!(checked.problems.len(), 1, "{:?}", checked.problems);
+    assert!(
+        checked.problems[0].contains("unit_price is 0.003"),
+        "{:?}",
+        checked.problems
+    );
 }

@@ -17,7 +17,7 @@ use stripe_product::price::{
     CreatePrice, CreatePriceProductData, CreatePriceRecurring, CreatePriceRecurringInterval,
     CreatePriceRecurringUsageType, ListPrice, RetrievePrice,
 };
-use stripe_shared::{Price, PriceType, RecurringUsageType};
+use stripe_shared::{Price, PriceBillingScheme, PriceType, RecurringUsageType};
 use tally_core::MeterDefinition;
 use tally_credits::CreditPack;
 use tally_sink::{StripeCallError, StripeHttp};
@@ -476,11 +476,20 @@ fn plan_price(
                 ));
             }
         }
+        // A unit's price: the amount, or a package's amount over its size; tiers have none
+        // to compare (the preview's unit_price is then the team's own estimate).
+        let per_unit = match (&price.billing_scheme, &price.transform_quantity) {
+            (PriceBillingScheme::PerUnit, None) => Some(amount),
+            (PriceBillingScheme::PerUnit, Some(package)) if package.divide_by > 0 => {
+                Some((amount / Decimal::from(package.divide_by)).normalize())
+            }
+            _ => None,
+        };
         let unit_price = plan.limits.get(&meter.name).and_then(|l| l.unit_price);
-        if let Some(unit_price) = unit_price {
-            if minor_units(unit_price, &price.currency.to_string()) != Some(amount) {
+        if let (Some(unit_price), Some(per_unit)) = (unit_price, per_unit) {
+            if minor_units(unit_price, &price.currency.to_string()) != Some(per_unit) {
                 return Err(format!(
-                    "plan {name:?}: metered price {id} charges {amount} (smallest unit) {} a unit of {}, but the plan's unit_price is {unit_price}; make them agree (a new Stripe price, or the plan's unit_price) so the invoice preview shows what Stripe bills",
+                    "plan {name:?}: metered price {id} charges {per_unit} (smallest unit) {} a unit of {}, but the plan's unit_price is {unit_price}; make them agree (a new Stripe price, or the plan's unit_price) so the invoice preview shows what Stripe bills",
                     price.currency, meter.name
                 ));
             }

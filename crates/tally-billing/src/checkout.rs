@@ -63,6 +63,10 @@ pub enum CheckoutError {
     StripeRefused(StripeCallError),
     #[error("Stripe could not be reached ({0}); try again")]
     StripeUnavailable(StripeCallError),
+    /// An earlier attempt's idempotency key, which Stripe answers only for that attempt's
+    /// parameters; the attempt is closed, and a new one may be made at once.
+    #[error("Stripe keeps the answer to an earlier attempt ({0}); try again")]
+    AttemptClosed(StripeCallError),
     #[error(
         "no Stripe secret key: set STRIPE_SECRET_KEY for `tally serve` to sell through Checkout"
     )]
@@ -95,7 +99,9 @@ impl CheckoutError {
             CheckoutError::NoStripeCustomer(_) => "NO_STRIPE_CUSTOMER",
             CheckoutError::BadReturnUrl { .. } => "INVALID_RETURN_URL",
             CheckoutError::StripeRefused(_) => "STRIPE_REFUSED",
-            CheckoutError::StripeUnavailable(_) => "STRIPE_UNAVAILABLE",
+            CheckoutError::StripeUnavailable(_) | CheckoutError::AttemptClosed(_) => {
+                "STRIPE_UNAVAILABLE"
+            }
             CheckoutError::StripeNotConfigured => "STRIPE_NOT_CONFIGURED",
             CheckoutError::AlreadySubscribed(_) => "ALREADY_SUBSCRIBED",
             CheckoutError::CheckoutInProgress(_) => "CHECKOUT_IN_PROGRESS",
@@ -121,6 +127,7 @@ impl CheckoutError {
             CheckoutError::BadReturnUrl { .. } => 400,
             CheckoutError::StripeRefused(_) => 502,
             CheckoutError::StripeUnavailable(_)
+            | CheckoutError::AttemptClosed(_)
             | CheckoutError::StripeNotConfigured
             | CheckoutError::Store(_)
             | CheckoutError::Plans(_) => 503,
@@ -255,43 +262,53 @@ pub async fn checkout_plan(
         amount: fee.round().try_into().unwrap_or(i64::MAX),
         currency: &prices[0].currency,
     };
-    let checkout_id = record.insert(pool, request, &stripe_customer).await?;
-    let metadata = HashMap::from([
-        (CHECKOUT_ID_KEY.to_owned(), checkout_id.clone()),
-        ("tally_customer".to_owned(), request.customer.to_owned()),
-    ]);
-    let mut subscription_data = CreateCheckoutSessionSubscriptionData::new();
-    let mut subscription_metadata = metadata.clone();
-    subscription_metadata.insert("tally_plan".to_owned(), plan.to_owned());
-    subscription_data.metadata = Some(subscription_metadata);
-    let line_items = prices
-        .iter()
-        .map(|price| {
-            let mut item = CreateCheckoutSessionLineItems::new();
-            item.price = Some(price.price_id.clone());
-            // A metered price takes no quantity (Stripe refuses one).
-            item.quantity = (price.kind == PriceKind::Licensed).then_some(1);
-            item
-        })
-        .collect::<Vec<_>>();
-    // From the checkout id's own time (UUIDv7), so that asking again under the same id sends
-    // the same parameters (Stripe answers an idempotency key only for the same request).
-    let opened_at = Uuid::parse_str(&checkout_id)
-        .ok()
-        .and_then(|id| id.get_timestamp())
-        .map_or_else(|| Utc::now().timestamp(), |t| t.to_unix().0 as i64);
-    let expires_at = opened_at + PLAN_SESSION_MINUTES * 60 + 60;
-    let session = CreateCheckoutSession::new()
-        .mode(CheckoutSessionMode::Subscription)
-        .expires_at(expires_at)
-        .customer(stripe_customer.as_str())
-        .line_items(line_items)
-        .success_url(request.success_url)
-        .cancel_url(request.cancel_url)
-        .client_reference_id(checkout_id.as_str())
-        .metadata(metadata)
-        .subscription_data(subscription_data);
-    open(pool, stripe, checkout_id, session).await
+    // A second attempt when `open` closes the first: an earlier attempt's key that Stripe
+    // answers only for that attempt's parameters (other return URLs).
+    for _ in 0..2 {
+        let checkout_id = record.insert(pool, request, &stripe_customer).await?;
+        let metadata = HashMap::from([
+            (CHECKOUT_ID_KEY.to_owned(), checkout_id.clone()),
+            ("tally_customer".to_owned(), request.customer.to_owned()),
+        ]);
+        let mut subscription_data = CreateCheckoutSessionSubscriptionData::new();
+        let mut subscription_metadata = metadata.clone();
+        subscription_metadata.insert("tally_plan".to_owned(), plan.to_owned());
+        subscription_data.metadata = Some(subscription_metadata);
+        let line_items = prices
+            .iter()
+            .map(|price| {
+                let mut item = CreateCheckoutSessionLineItems::new();
+                item.price = Some(price.price_id.clone());
+                // A metered price takes no quantity (Stripe refuses one).
+                item.quantity = (price.kind == PriceKind::Licensed).then_some(1);
+                item
+            })
+            .collect::<Vec<_>>();
+        // From the checkout id's own time (UUIDv7), so that asking again under the same id sends
+        // the same parameters (Stripe answers an idempotency key only for the same request).
+        let opened_at = Uuid::parse_str(&checkout_id)
+            .ok()
+            .and_then(|id| id.get_timestamp())
+            .map_or_else(|| Utc::now().timestamp(), |t| t.to_unix().0 as i64);
+        let expires_at = opened_at + PLAN_SESSION_MINUTES * 60 + 60;
+        let session = CreateCheckoutSession::new()
+            .mode(CheckoutSessionMode::Subscription)
+            .expires_at(expires_at)
+            .customer(stripe_customer.as_str())
+            .line_items(line_items)
+            .success_url(request.success_url)
+            .cancel_url(request.cancel_url)
+            .client_reference_id(checkout_id.as_str())
+            .metadata(metadata)
+            .subscription_data(subscription_data);
+        match open(pool, stripe, request.customer, checkout_id, session).await {
+            Err(CheckoutError::AttemptClosed(_)) => continue,
+            opened => return opened,
+        }
+    }
+    Err(CheckoutError::CheckoutInProgress(
+        request.customer.to_owned(),
+    ))
 }
 
 /// Opens a Checkout Session (mode `payment`) for a credit pack.
@@ -348,7 +365,7 @@ pub async fn checkout_pack(
         .cancel_url(request.cancel_url)
         .client_reference_id(checkout_id.as_str())
         .metadata(metadata);
-    open(pool, stripe, checkout_id, session).await
+    open(pool, stripe, request.customer, checkout_id, session).await
 }
 
 /// Opens a Stripe billing portal session for the customer (cards, cancellation, invoices on
@@ -521,6 +538,7 @@ impl Record<'_> {
 async fn open(
     pool: &PgPool,
     stripe: &StripeHttp,
+    customer: &str,
     checkout_id: String,
     session: CreateCheckoutSession,
 ) -> Result<OpenedSession, CheckoutError> {
@@ -533,16 +551,27 @@ async fn open(
         .await;
     let created = match created {
         Ok(created) => created,
-        Err(error) if error.is_idempotency_conflict() => {
+        Err(error) if error.is_key_in_use() => {
             // Another request is opening this very session (a second click while Stripe's
             // answer to the first is on its way): the record stays for the session it opens.
-            let customer: String = sqlx::query_scalar(
-                "SELECT customer_id FROM checkout_sessions WHERE checkout_id = $1",
+            return Err(CheckoutError::CheckoutInProgress(customer.to_owned()));
+        }
+        Err(error) if error.is_key_used_otherwise() || error.status.is_some_and(|s| s >= 500) => {
+            // Stripe keeps this key's first answer (a server error, or a session for other
+            // parameters) and will not give this request a session under it: the attempt is
+            // closed, kept for any event that may still name it.
+            sqlx::query(
+                "UPDATE checkout_sessions SET status = 'expired', updated_at = now()
+                 WHERE checkout_id = $1 AND session_id IS NULL AND status = 'open'",
             )
             .bind(&checkout_id)
-            .fetch_one(pool)
+            .execute(pool)
             .await?;
-            return Err(CheckoutError::CheckoutInProgress(customer));
+            return Err(if error.is_key_used_otherwise() {
+                CheckoutError::AttemptClosed(error)
+            } else {
+                stripe_error(error)
+            });
         }
         Err(error) => {
             if !error.may_have_reached_stripe() {
@@ -625,19 +654,29 @@ impl TakenBack {
     }
 
     /// Whether all of `paid` went back.
+    /// (A pack given away for nothing has nothing to give back.)
     fn all_of(self, paid: i64) -> bool {
-        self.refunded.saturating_add(self.disputed) >= paid
+        paid > 0 && self.refunded.saturating_add(self.disputed) >= paid
     }
 
     /// The credits of a pack of `credits` bought for `paid` that this takes back: the same
     /// share as of the money, rounded down to a millionth (the payer keeps the dust).
     fn credits(self, credits: Decimal, paid: i64) -> Decimal {
+        if paid <= 0 {
+            return Decimal::ZERO;
+        }
         if self.all_of(paid) {
             return credits;
         }
         let back = Decimal::from(self.refunded.saturating_add(self.disputed));
-        (credits * back / Decimal::from(paid))
-            .round_dp_with_strategy(6, rust_decimal::RoundingStrategy::ToZero)
+        let paid = Decimal::from(paid);
+        // Exact when credits × back fits a decimal; else the share first (less than one, so
+        // the product cannot overflow), rounded the same way.
+        let share = match credits.checked_mul(back) {
+            Some(product) => product / paid,
+            None => credits * (back / paid),
+        };
+        share.round_dp_with_strategy(6, rust_decimal::RoundingStrategy::ToZero)
     }
 }
 
@@ -1030,5 +1069,39 @@ mod tests {
             check_return_url("success_url", "https://[::ffff:127.0.0.1]/ok", &[], true).is_err()
         );
         assert!(check_return_url("success_url", "https://localhost./ok", &[], true).is_err());
+    }
+
+    fn taken(refunded: i64, disputed: i64) -> TakenBack {
+        TakenBack { refunded, disputed }
+    }
+
+    #[test]
+    fn a_refund_takes_back_its_share_once_and_never_more() {
+        let credits = Decimal::from(1000);
+        // 250 of 1,000 cents: a quarter.
+        assert_eq!(taken(250, 0).credits(credits, 1000), Decimal::from(250));
+        // Three refunds of a third: each takes what its own share adds; together all of it
+        // only when all the money went back.
+        let thirds = [333, 666, 1000].map(|r| taken(r, 0).credits(credits, 1000));
+        assert_eq!(thirds, [Decimal::from(333), Decimal::from(666), credits]);
+        let one_third = taken(1, 0).credits(Decimal::from(1), 3);
+        assert_eq!(one_third, "0.333333".parse::<Decimal>().unwrap());
+        // A later event that says less (out of order) takes nothing back.
+        let before = taken(600, 0);
+        let after = before.and(taken(300, 0));
+        assert_eq!(after, before);
+        // A refund and a dispute add up, at most to the whole pack.
+        assert_eq!(taken(300, 200).credits(credits, 1000), Decimal::from(500));
+        assert_eq!(taken(700, 700).credits(credits, 1000), credits);
+        assert!(taken(700, 700).all_of(1000));
+    }
+
+    #[test]
+    fn a_free_pack_has_nothing_to_give_back_and_huge_values_do_not_overflow() {
+        assert!(!taken(0, 0).all_of(0));
+        assert_eq!(taken(5, 0).credits(Decimal::from(10), 0), Decimal::ZERO);
+        let huge = Decimal::from(10i64.pow(18));
+        let back = taken(i64::MAX / 2, 0).credits(huge, i64::MAX);
+        assert!(back > Decimal::ZERO && back < huge, "{back}");
     }
 }

@@ -105,11 +105,15 @@ impl StripeCallError {
                 || self.code.as_deref() == Some("billing_meter_event_session_expired"))
     }
 
-    /// Stripe refused the idempotency key itself: a request under the same key is still in
-    /// flight (409), or an earlier one sent other parameters (400 `idempotency_error`). Either
-    /// way Stripe may hold what the key's first request created.
-    pub fn is_idempotency_conflict(&self) -> bool {
-        self.status == Some(409) || self.kind.as_deref() == Some("idempotency_error")
+    /// Another request under the same idempotency key is still running (409).
+    pub fn is_key_in_use(&self) -> bool {
+        self.status == Some(409)
+    }
+
+    /// The idempotency key was first used with other parameters (400 `idempotency_error`):
+    /// Stripe keeps that first answer for 24 hours and will not give it to this request.
+    pub fn is_key_used_otherwise(&self) -> bool {
+        self.status == Some(400) && self.kind.as_deref() == Some("idempotency_error")
     }
 
     /// Stripe has no such object (`resource_missing`).
