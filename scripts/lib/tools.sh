@@ -1,6 +1,7 @@
 # Sourced by scripts: installs the tools tests run, when they are missing: promtool (Debian
 # package prometheus) and systemd-analyze (package systemd) for tests/deploy.rs; chromium and
-# chromium-driver, and axe-core from npm, for tests/browser.rs. Installing needs root (CI is
+# chromium-driver, and axe-core from npm, for tests/browser.rs; DuckDB from PyPI, for the
+# archive's tests (a data team's reader of its Parquet files). Installing needs root (CI is
 # root); otherwise the message says what to install.
 
 ensure_tools() {
@@ -11,6 +12,7 @@ ensure_tools() {
   command -v chromium >/dev/null 2>&1 || missing+=(chromium)
   command -v chromedriver >/dev/null 2>&1 || missing+=(chromium-driver)
   ensure_axe || return 1
+  ensure_duckdb || return 1
   [ ${#missing[@]} -eq 0 ] && return 0
   if [ "$(id -u)" -eq 0 ] && command -v apt-get >/dev/null 2>&1; then
     echo "installing ${missing[*]} (promtool and systemd-analyze for tests/deploy.rs, chromium for tests/browser.rs)" >&2
@@ -37,4 +39,21 @@ ensure_axe() {
   npm install --silent --no-audit --no-fund --prefix "$dir" "axe-core@$AXE_CORE_VERSION" >&2 \
     || { echo "npm could not fetch axe-core@$AXE_CORE_VERSION" >&2; return 1; }
   export TALLY_AXE_JS="$PWD/$dir/node_modules/axe-core/axe.min.js"
+}
+
+# DuckDB's Python package, which the archive's tests read its Parquet files with: fetched from
+# PyPI once, pinned, into target/tools (not shipped). Tests find it through TALLY_DUCKDB_PYTHONPATH.
+DUCKDB_VERSION=1.1.3
+ensure_duckdb() {
+  local dir=target/tools/duckdb-$DUCKDB_VERSION
+  if [ ! -d "$dir/duckdb" ]; then
+    if ! command -v python3 >/dev/null 2>&1; then
+      echo "the archive's tests need python3 (and pip) to fetch duckdb $DUCKDB_VERSION" >&2
+      return 1
+    fi
+    mkdir -p "$dir"
+    python3 -m pip install --quiet --disable-pip-version-check --target "$dir" "duckdb==$DUCKDB_VERSION" >&2 \
+      || { echo "pip could not fetch duckdb==$DUCKDB_VERSION" >&2; return 1; }
+  fi
+  export TALLY_DUCKDB_PYTHONPATH="$PWD/$dir"
 }

@@ -1,0 +1,337 @@
+//! One archive file: records as an Arrow batch, written as Parquet (schema version 1,
+//! docs/archive.md), and read back.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use arrow_array::builder::{
+    BinaryBuilder, Decimal128Builder, Int32Builder, Int64Builder, MapBuilder, StringBuilder,
+    TimestampMicrosecondBuilder,
+};
+use arrow_array::cast::AsArray;
+use arrow_array::types::{Decimal128Type, Int32Type, Int64Type, TimestampMicrosecondType};
+use arrow_array::{Array, ArrayRef, RecordBatch};
+use arrow_schema::{DataType, Field, Schema, SchemaRef, TimeUnit};
+use bytes::Bytes;
+use chrono::{DateTime, Utc};
+use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
+use parquet::arrow::ArrowWriter;
+use parquet::basic::Compression;
+use parquet::file::metadata::KeyValue;
+use parquet::file::properties::WriterProperties;
+use rust_decimal::Decimal;
+use tally_core::{RejectReason, UsageEvent};
+
+use crate::record::{ArchivedRecord, Verdict};
+use crate::ArchiveError;
+
+/// The schema version every file states in its key-value metadata under [`VERSION_KEY`].
+pub const SCHEMA_VERSION: &str = "1";
+pub const VERSION_KEY: &str = "tally.archive.schema_version";
+
+/// `quantity` is decimal(24, 9): tally's domain is at most 10^15 with at most 9 fraction
+/// digits (`tally_core::event::MAX_QUANTITY`, `MAX_QUANTITY_SCALE`), so every quantity is
+/// kept exactly.
+const QUANTITY_PRECISION: u8 = 24;
+const QUANTITY_SCALE: i8 = 9;
+
+/// The record's status column.
+const ACCEPTED: &str = "accepted";
+const REJECTED: &str = "rejected";
+
+fn timestamp_type() -> DataType {
+    DataType::Timestamp(TimeUnit::Microsecond, Some("UTC".into()))
+}
+
+/// `dimensions`: the map type Arrow's own map builder makes, so that batch and schema agree.
+fn dimensions_type() -> DataType {
+    MapBuilder::new(None, StringBuilder::new(), StringBuilder::new())
+        .finish()
+        .data_type()
+        .clone()
+}
+
+/// The archive's schema, version [`SCHEMA_VERSION`].
+pub fn schema() -> SchemaRef {
+    Arc::new(Schema::new(vec![
+        Field::new("id", DataType::Utf8, true),
+        Field::new("customer", DataType::Utf8, true),
+        Field::new("meter", DataType::Utf8, true),
+        Field::new(
+            "quantity",
+            DataType::Decimal128(QUANTITY_PRECISION, QUANTITY_SCALE),
+            true,
+        ),
+        Field::new("timestamp", timestamp_type(), true),
+        Field::new("dimensions", dimensions_type(), true),
+        Field::new("source", DataType::Utf8, true),
+        Field::new("received_at", timestamp_type(), false),
+        Field::new("partition", DataType::Int32, false),
+        Field::new("offset", DataType::Int64, false),
+        Field::new("status", DataType::Utf8, false),
+        Field::new("reason", DataType::Utf8, true),
+        Field::new("payload", DataType::Binary, true),
+    ]))
+}
+
+/// Writes `records` as one Parquet file (Snappy pages), in the order given.
+pub fn encode(records: &[ArchivedRecord]) -> Result<Vec<u8>, ArchiveError> {
+    let n = records.len();
+    let mut id = StringBuilder::new();
+    let mut customer = StringBuilder::new();
+    let mut meter = StringBuilder::new();
+    let mut quantity = Decimal128Builder::with_capacity(n)
+        .with_precision_and_scale(QUANTITY_PRECISION, QUANTITY_SCALE)?;
+    let mut timestamp = TimestampMicrosecondBuilder::with_capacity(n).with_timezone("UTC");
+    let mut dimensions = MapBuilder::new(None, StringBuilder::new(), StringBuilder::new());
+    let mut source = StringBuilder::new();
+    let mut received_at = TimestampMicrosecondBuilder::with_capacity(n).with_timezone("UTC");
+    let mut partition = Int32Builder::with_capacity(n);
+    let mut offset = Int64Builder::with_capacity(n);
+    let mut status = StringBuilder::new();
+    let mut reason = StringBuilder::new();
+    let mut payload = BinaryBuilder::new();
+    for record in records {
+        match &record.verdict {
+            Verdict::Accepted(event) => {
+                id.append_value(&event.id);
+                customer.append_value(&event.customer);
+                meter.append_value(&event.meter);
+                let units =
+                    quantity_units(event.quantity).map_err(|why| ArchiveError::Unencodable {
+                        partition: record.partition,
+                        offset: record.offset,
+                        why,
+                    })?;
+                quantity.append_value(units);
+                timestamp.append_value(event.timestamp.timestamp_micros());
+                for (key, value) in &event.dimensions {
+                    dimensions.keys().append_value(key);
+                    dimensions.values().append_value(value);
+                }
+                dimensions.append(true)?;
+                source.append_option(event.source.as_deref());
+                status.append_value(ACCEPTED);
+                reason.append_null();
+                payload.append_null();
+            }
+            Verdict::Rejected {
+                reason: why,
+                payload: bytes,
+            } => {
+                id.append_null();
+                customer.append_null();
+                meter.append_null();
+                quantity.append_null();
+                timestamp.append_null();
+                dimensions.append(false)?;
+                source.append_null();
+                status.append_value(REJECTED);
+                reason.append_value(why.code());
+                payload.append_value(bytes);
+            }
+        }
+        received_at.append_value(record.received_at.timestamp_micros());
+        partition.append_value(record.partition);
+        offset.append_value(record.offset);
+    }
+    let columns: Vec<ArrayRef> = vec![
+        Arc::new(id.finish()),
+        Arc::new(customer.finish()),
+        Arc::new(meter.finish()),
+        Arc::new(quantity.finish()),
+        Arc::new(timestamp.finish()),
+        Arc::new(dimensions.finish()),
+        Arc::new(source.finish()),
+        Arc::new(received_at.finish()),
+        Arc::new(partition.finish()),
+        Arc::new(offset.finish()),
+        Arc::new(status.finish()),
+        Arc::new(reason.finish()),
+        Arc::new(payload.finish()),
+    ];
+    let batch = RecordBatch::try_new(schema(), columns)?;
+    let properties = WriterProperties::builder()
+        .set_compression(Compression::SNAPPY)
+        .set_key_value_metadata(Some(vec![KeyValue::new(
+            VERSION_KEY.to_owned(),
+            SCHEMA_VERSION.to_owned(),
+        )]))
+        .build();
+    let mut out = Vec::new();
+    let mut writer = ArrowWriter::try_new(&mut out, schema(), Some(properties))?;
+    writer.write(&batch)?;
+    writer.close()?;
+    Ok(out)
+}
+
+/// A quantity in units of 10^-9, exactly (the contract bounds its scale to 9).
+fn quantity_units(quantity: Decimal) -> Result<i128, String> {
+    let mut scaled = quantity.normalize();
+    if scaled.scale() > QUANTITY_SCALE as u32 {
+        return Err(format!(
+            "quantity {quantity} has more than {QUANTITY_SCALE} fraction digits"
+        ));
+    }
+    scaled.rescale(QUANTITY_SCALE as u32);
+    Ok(scaled.mantissa())
+}
+
+/// Reads a file [`encode`] wrote (or any file of schema version 1) back into records.
+/// `path` names it in errors.
+pub fn decode(path: &str, bytes: Bytes) -> Result<Vec<ArchivedRecord>, ArchiveError> {
+    let bad = |why: String| ArchiveError::File {
+        path: path.to_owned(),
+        why,
+    };
+    let builder = ParquetRecordBatchReaderBuilder::try_new(bytes)?;
+    let version = builder
+        .metadata()
+        .file_metadata()
+        .key_value_metadata()
+        .and_then(|kv| kv.iter().find(|kv| kv.key == VERSION_KEY))
+        .and_then(|kv| kv.value.clone());
+    if version.as_deref() != Some(SCHEMA_VERSION) {
+        return Err(bad(format!(
+            "schema version {version:?}; this tally reads version {SCHEMA_VERSION}"
+        )));
+    }
+    let mut records = Vec::new();
+    for batch in builder.build()? {
+        let batch = batch?;
+        let column = |name: &str| {
+            batch
+                .column_by_name(name)
+                .cloned()
+                .ok_or_else(|| bad(format!("no column {name}")))
+        };
+        let id = column("id")?;
+        let id = id.as_string::<i32>();
+        let customer = column("customer")?;
+        let customer = customer.as_string::<i32>();
+        let meter = column("meter")?;
+        let meter = meter.as_string::<i32>();
+        let quantity = column("quantity")?;
+        let quantity = quantity.as_primitive::<Decimal128Type>();
+        let timestamp = column("timestamp")?;
+        let timestamp = timestamp.as_primitive::<TimestampMicrosecondType>();
+        let dimensions = column("dimensions")?;
+        let dimensions = dimensions.as_map();
+        let source = column("source")?;
+        let source = source.as_string::<i32>();
+        let received_at = column("received_at")?;
+        let received_at = received_at.as_primitive::<TimestampMicrosecondType>();
+        let partition = column("partition")?;
+        let partition = partition.as_primitive::<Int32Type>();
+        let offset = column("offset")?;
+        let offset = offset.as_primitive::<Int64Type>();
+        let status = column("status")?;
+        let status = status.as_string::<i32>();
+        let reason = column("reason")?;
+        let reason = reason.as_string::<i32>();
+        let payload = column("payload")?;
+        let payload = payload.as_binary::<i32>();
+        let time = |micros: i64| {
+            DateTime::<Utc>::from_timestamp_micros(micros)
+                .ok_or_else(|| bad(format!("timestamp {micros} µs is out of range")))
+        };
+        for row in 0..batch.num_rows() {
+            let verdict = match status.value(row) {
+                ACCEPTED => {
+                    let entries = dimensions.value(row);
+                    let keys = entries.column(0).as_string::<i32>();
+                    let values = entries.column(1).as_string::<i32>();
+                    let dimensions: BTreeMap<String, String> = (0..entries.len())
+                        .map(|i| (keys.value(i).to_owned(), values.value(i).to_owned()))
+                        .collect();
+                    Verdict::Accepted(UsageEvent {
+                        id: id.value(row).to_owned(),
+                        customer: customer.value(row).to_owned(),
+                        meter: meter.value(row).to_owned(),
+                        quantity: Decimal::from_i128_with_scale(
+                            quantity.value(row),
+                            QUANTITY_SCALE as u32,
+                        )
+                        .normalize(),
+                        timestamp: time(timestamp.value(row))?,
+                        source: (!source.is_null(row)).then(|| source.value(row).to_owned()),
+                        dimensions,
+                    })
+                }
+                REJECTED => {
+                    let code = reason.value(row);
+                    let reason = RejectReason::ALL
+                        .into_iter()
+                        .find(|r| r.code() == code)
+                        .ok_or_else(|| bad(format!("unknown reject reason {code:?}")))?;
+                    Verdict::Rejected {
+                        reason,
+                        payload: payload.value(row).to_vec(),
+                    }
+                }
+                other => return Err(bad(format!("unknown status {other:?}"))),
+            };
+            records.push(ArchivedRecord {
+                partition: partition.value(row),
+                offset: offset.value(row),
+                received_at: time(received_at.value(row))?,
+                verdict,
+            });
+        }
+    }
+    Ok(records)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn at(text: &str) -> DateTime<Utc> {
+        text.parse().unwrap()
+    }
+
+    #[test]
+    fn records_come_back_exactly_from_a_file() {
+        let received = at("2026-12-07T11:05:00.123456Z");
+        let records = vec![
+            ArchivedRecord::decode(
+                br#"{"id":"e1","customer":"acme","meter":"tokens","quantity":"999999999999999.999999999","timestamp":"2026-12-07T11:00:00.5Z","source":"svc","dimensions":{"model":"large","region":"eu"}}"#,
+                2,
+                40,
+                received,
+            ),
+            ArchivedRecord::decode(
+                br#"{"id":"e2","customer":"globex","meter":"api_calls","quantity":"0.000000001","timestamp":"2026-12-07T11:01:00Z"}"#,
+                2,
+                41,
+                received,
+            ),
+            ArchivedRecord::decode(b"{\"id\": 7", 0, 9, received),
+        ];
+        assert!(records[0].event().is_some() && records[1].event().is_some());
+        let bytes = encode(&records).unwrap();
+        let back = decode("test.parquet", Bytes::from(bytes)).unwrap();
+        assert_eq!(back, records);
+        let quantity = back[0].event().unwrap().quantity;
+        assert_eq!(quantity.to_string(), "999999999999999.999999999");
+    }
+
+    #[test]
+    fn a_file_of_another_schema_version_is_refused_by_name() {
+        let batch = RecordBatch::try_from_iter([(
+            "id",
+            Arc::new(arrow_array::StringArray::from(vec!["x"])) as ArrayRef,
+        )])
+        .unwrap();
+        let mut out = Vec::new();
+        let mut writer = ArrowWriter::try_new(&mut out, batch.schema(), None).unwrap();
+        writer.write(&batch).unwrap();
+        writer.close().unwrap();
+        let error = decode("events/x.parquet", Bytes::from(out)).unwrap_err();
+        assert!(
+            error.to_string().contains("events/x.parquet")
+                && error.to_string().contains("schema version"),
+            "{error}"
+        );
+    }
+}

@@ -1,0 +1,110 @@
+//! One Kafka record of the usage topic as the archive keeps it.
+
+use chrono::{DateTime, DurationRound, TimeDelta, Utc};
+use tally_core::{wire, RejectReason, UsageEvent, MAX_EVENT_BYTES};
+
+/// What the event contract made of a record.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Verdict {
+    Accepted(UsageEvent),
+    /// Refused by the contract: the reason, and the bytes as received (at most
+    /// [`MAX_EVENT_BYTES`]: a longer record is refused for its size and kept cut).
+    Rejected {
+        reason: RejectReason,
+        payload: Vec<u8>,
+    },
+}
+
+/// A record, where it was in Kafka, and when Kafka took it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ArchivedRecord {
+    pub partition: i32,
+    pub offset: i64,
+    /// The record's Kafka timestamp (when the producer or the broker stamped it).
+    pub received_at: DateTime<Utc>,
+    pub verdict: Verdict,
+}
+
+impl ArchivedRecord {
+    /// Decodes a record as the aggregator does, with the future-timestamp rule counted from
+    /// `received_at` rather than from the clock, so that reading the archive again years later
+    /// decides the same.
+    pub fn decode(
+        bytes: &[u8],
+        partition: i32,
+        offset: i64,
+        received_at: DateTime<Utc>,
+    ) -> ArchivedRecord {
+        let verdict = match wire::decode(bytes, received_at) {
+            Ok(event) => Verdict::Accepted(event),
+            Err(rejection) => Verdict::Rejected {
+                reason: rejection.reason,
+                payload: bytes[..bytes.len().min(MAX_EVENT_BYTES)].to_vec(),
+            },
+        };
+        ArchivedRecord {
+            partition,
+            offset,
+            received_at,
+            verdict,
+        }
+    }
+
+    /// The hour the record is filed under: its event's (UTC), so a late event lands where it
+    /// happened; a rejected record, whose time may be unreadable, under the hour it came.
+    pub fn hour(&self) -> DateTime<Utc> {
+        let at = match &self.verdict {
+            Verdict::Accepted(event) => event.timestamp,
+            Verdict::Rejected { .. } => self.received_at,
+        };
+        at.duration_trunc(TimeDelta::hours(1)).unwrap_or(at)
+    }
+
+    /// The accepted event, if the contract accepted it.
+    pub fn event(&self) -> Option<&UsageEvent> {
+        match &self.verdict {
+            Verdict::Accepted(event) => Some(event),
+            Verdict::Rejected { .. } => None,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn at(text: &str) -> DateTime<Utc> {
+        text.parse().unwrap()
+    }
+
+    #[test]
+    fn an_event_is_filed_under_its_own_hour_and_a_refused_record_under_its_arrival() {
+        let event = br#"{"id":"e1","customer":"acme","meter":"api_calls","quantity":"2.5","timestamp":"2026-12-06T23:59:30Z"}"#;
+        let late = ArchivedRecord::decode(event, 3, 42, at("2026-12-07T11:05:00Z"));
+        assert_eq!(late.hour(), at("2026-12-06T23:00:00Z"));
+        assert_eq!(late.event().map(|e| e.id.as_str()), Some("e1"));
+
+        let refused = ArchivedRecord::decode(b"not json", 0, 7, at("2026-12-07T11:05:00Z"));
+        assert_eq!(refused.hour(), at("2026-12-07T11:00:00Z"));
+        assert!(matches!(
+            refused.verdict,
+            Verdict::Rejected { reason: RejectReason::Malformed, ref payload } if payload == b"not json"
+        ));
+    }
+
+    #[test]
+    fn the_future_is_counted_from_when_kafka_took_the_record() {
+        let event = br#"{"id":"e1","customer":"acme","meter":"api_calls","quantity":"1","timestamp":"2026-12-07T12:00:00Z"}"#;
+        // An hour ahead of its arrival: refused, however much later the archive is read.
+        let early = ArchivedRecord::decode(event, 0, 0, at("2026-12-07T11:00:00Z"));
+        assert!(matches!(
+            early.verdict,
+            Verdict::Rejected {
+                reason: RejectReason::FutureTimestamp,
+                ..
+            }
+        ));
+        let on_time = ArchivedRecord::decode(event, 0, 0, at("2026-12-07T12:00:01Z"));
+        assert!(on_time.event().is_some());
+    }
+}

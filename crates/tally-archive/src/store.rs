@@ -1,0 +1,234 @@
+//! The object store the archive lives in, and the two steps that put a file there: staged
+//! (written where no reader looks) and published (moved to where readers look), so that a
+//! crash between them never shows readers a file Postgres has not recorded.
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use chrono::{DateTime, Utc};
+use futures_util::StreamExt;
+use object_store::local::LocalFileSystem;
+use object_store::memory::InMemory;
+use object_store::path::Path;
+use object_store::{ObjectMeta, ObjectStore, PutPayload};
+use sha2::{Digest, Sha256};
+
+use crate::layout::{PUBLISHED, STAGING};
+use crate::ArchiveError;
+
+/// A file written under `_staging/`, with what Postgres records of it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Staged {
+    pub staging: Path,
+    pub published: Path,
+    pub bytes: u64,
+    /// Hex SHA-256 of the file.
+    pub sha256: String,
+}
+
+/// The archive's object store.
+#[derive(Debug, Clone)]
+pub struct ArchiveStore {
+    store: Arc<dyn ObjectStore>,
+}
+
+impl ArchiveStore {
+    /// The store `[archive] url` names. This build reads `file:///absolute/directory` (created
+    /// if missing).
+    pub fn open(url: &str) -> Result<ArchiveStore, ArchiveError> {
+        let refuse = |why: &str| ArchiveError::Url {
+            url: url.to_owned(),
+            why: why.to_owned(),
+        };
+        let Some(directory) = url.strip_prefix("file://") else {
+            return Err(refuse(
+                "this build stores the archive in a local directory only: write file:///absolute/path (s3://, gs:// and az:// are not built in yet)",
+            ));
+        };
+        if !directory.starts_with('/') {
+            return Err(refuse(
+                "a file:// URL names an absolute directory: file:///var/lib/tally/archive",
+            ));
+        }
+        std::fs::create_dir_all(directory)
+            .map_err(|e| refuse(&format!("cannot create the directory: {e}")))?;
+        let store = LocalFileSystem::new_with_prefix(directory)?.with_automatic_cleanup(true);
+        Ok(ArchiveStore {
+            store: Arc::new(store),
+        })
+    }
+
+    /// A store in memory, for tests.
+    pub fn in_memory() -> ArchiveStore {
+        ArchiveStore {
+            store: Arc::new(InMemory::new()),
+        }
+    }
+
+    /// Writes a file under `staging`, to be published at `published` once recorded.
+    pub async fn stage(
+        &self,
+        staging: Path,
+        published: Path,
+        file: Vec<u8>,
+    ) -> Result<Staged, ArchiveError> {
+        let sha256 = hex::encode(Sha256::digest(&file));
+        let bytes = file.len() as u64;
+        self.store
+            .put(&staging, PutPayload::from(Bytes::from(file)))
+            .await?;
+        Ok(Staged {
+            staging,
+            published,
+            bytes,
+            sha256,
+        })
+    }
+
+    /// Moves a staged file to its published path. Idempotent: when the staged file is gone, or
+    /// the published path is taken, the published file must be the one recorded (its
+    /// checksum), and then it is published already.
+    pub async fn publish(&self, staged: &Staged) -> Result<(), ArchiveError> {
+        match self
+            .store
+            .rename_if_not_exists(&staged.staging, &staged.published)
+            .await
+        {
+            Ok(()) => Ok(()),
+            Err(
+                object_store::Error::AlreadyExists { .. } | object_store::Error::NotFound { .. },
+            ) => {
+                let published =
+                    self.read(&staged.published)
+                        .await
+                        .map_err(|e| ArchiveError::File {
+                            path: staged.published.to_string(),
+                            why: format!("neither staged nor published: {e}"),
+                        })?;
+                if hex::encode(Sha256::digest(&published)) != staged.sha256 {
+                    return Err(ArchiveError::File {
+                        path: staged.published.to_string(),
+                        why: "another file is published at this path (its checksum differs from the one recorded)".into(),
+                    });
+                }
+                match self.store.delete(&staged.staging).await {
+                    Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
+                    Err(e) => Err(e.into()),
+                }
+            }
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    pub async fn read(&self, path: &Path) -> Result<Bytes, ArchiveError> {
+        Ok(self.store.get(path).await?.bytes().await?)
+    }
+
+    /// Every published file (what readers read), in path order.
+    pub async fn published(&self) -> Result<Vec<ObjectMeta>, ArchiveError> {
+        self.list(PUBLISHED).await
+    }
+
+    /// Deletes staged files last changed before `before`: flushes that never committed (their
+    /// events were archived again by a later flush).
+    pub async fn remove_staging_before(
+        &self,
+        before: DateTime<Utc>,
+    ) -> Result<usize, ArchiveError> {
+        let mut removed = 0;
+        for file in self.list(STAGING).await? {
+            if file.last_modified < before {
+                match self.store.delete(&file.location).await {
+                    Ok(()) | Err(object_store::Error::NotFound { .. }) => removed += 1,
+                    Err(e) => return Err(e.into()),
+                }
+            }
+        }
+        Ok(removed)
+    }
+
+    async fn list(&self, prefix: &str) -> Result<Vec<ObjectMeta>, ArchiveError> {
+        let prefix = Path::from(prefix);
+        let mut files = Vec::new();
+        let mut listing = self.store.list(Some(&prefix));
+        while let Some(file) = listing.next().await {
+            files.push(file?);
+        }
+        files.sort_by(|a, b| a.location.cmp(&b.location));
+        Ok(files)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::layout::{published_path, staging_path};
+    use uuid::Uuid;
+
+    async fn stores() -> (tempfile::TempDir, Vec<ArchiveStore>) {
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("file://{}/archive", dir.path().display());
+        (
+            dir,
+            vec![ArchiveStore::open(&url).unwrap(), ArchiveStore::in_memory()],
+        )
+    }
+
+    #[tokio::test]
+    async fn a_staged_file_is_seen_by_readers_only_once_published_and_publishing_again_is_harmless()
+    {
+        let (_dir, stores) = stores().await;
+        for store in stores {
+            let flush = Uuid::now_v7();
+            let hour = "2026-12-07T11:00:00Z".parse().unwrap();
+            let staged = store
+                .stage(
+                    staging_path(flush, 0),
+                    published_path(hour, flush, 0),
+                    b"file".to_vec(),
+                )
+                .await
+                .unwrap();
+            assert!(store.published().await.unwrap().is_empty(), "{store:?}");
+            store.publish(&staged).await.unwrap();
+            // A crash after the move, before Postgres heard of it: published again.
+            store.publish(&staged).await.unwrap();
+            let published = store.published().await.unwrap();
+            assert_eq!(published.len(), 1);
+            assert_eq!(published[0].location, staged.published);
+            assert_eq!(store.read(&staged.published).await.unwrap(), &b"file"[..]);
+
+            // Another file where one is published: refused, not overwritten.
+            let other = store
+                .stage(
+                    staging_path(flush, 1),
+                    staged.published.clone(),
+                    b"other".to_vec(),
+                )
+                .await
+                .unwrap();
+            let error = store.publish(&other).await.unwrap_err();
+            assert!(error.to_string().contains("another file"), "{error}");
+            assert_eq!(store.read(&staged.published).await.unwrap(), &b"file"[..]);
+
+            // Staging left by flushes that never committed is cleaned up.
+            let removed = store
+                .remove_staging_before(Utc::now() + chrono::TimeDelta::minutes(1))
+                .await
+                .unwrap();
+            assert_eq!(removed, 1);
+            assert_eq!(store.published().await.unwrap().len(), 1);
+        }
+    }
+
+    #[test]
+    fn only_absolute_local_directories_are_opened() {
+        for (url, says) in [
+            ("s3://bucket/archive", "local directory only"),
+            ("file://relative/dir", "absolute directory"),
+        ] {
+            let error = ArchiveStore::open(url).unwrap_err();
+            assert!(error.to_string().contains(says), "{url}: {error}");
+        }
+    }
+}
