@@ -18,6 +18,8 @@
 #   scripts/bench.sh freshness   emit → aggregator commit → quota check sees it, p50/p99
 #   scripts/bench.sh alerts      aggregator commit → alert delivered to a receiver, p50/p99
 #                                (TALLY_BENCH_EVALUATE_MS, TALLY_BENCH_RATE)
+#   scripts/bench.sh archive     records decoded and written as Parquet, and read back, on one core
+#                                (TALLY_BENCH_EVENTS), against the contract's decode alone
 #
 # Postgres comes from DATABASE_URL, else 127.0.0.1:5432, else a throwaway local cluster.
 set -euo pipefail
@@ -34,8 +36,9 @@ case "$name" in
   portal)    target=(-p tally-api --bench portal) ;;
   freshness) target=(-p tally-tests --bench freshness) ;;
   alerts)    target=(-p tally-tests --bench alert_latency) ;;
+  archive)   target=(-p tally-archive --bench encode) ;;
   *)
-    echo "usage: scripts/bench.sh emitter|aggregate|sink|quota|layer|scheduler|http|portal|freshness|alerts [ARGS...]" >&2
+    echo "usage: scripts/bench.sh emitter|aggregate|sink|quota|layer|scheduler|http|portal|freshness|alerts|archive [ARGS...]" >&2
     exit 2
     ;;
 esac
