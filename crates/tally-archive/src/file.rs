@@ -74,8 +74,107 @@ pub fn schema() -> SchemaRef {
     ]))
 }
 
+/// Records arrive one at a time and go out as Arrow batches of this many rows, so a file
+/// being written holds its encoded pages and at most one batch of records, not every record.
+const BATCH_ROWS: usize = 8192;
+
+/// One file being written: records pushed, encoded a batch at a time; [`FileWriter::finish`]
+/// answers the file and what it holds.
+pub struct FileWriter {
+    writer: ArrowWriter<Vec<u8>>,
+    pending: Vec<ArchivedRecord>,
+    records: usize,
+    accepted: usize,
+    /// Per partition: the first and last offset, and how many records.
+    ranges: BTreeMap<i32, (i64, i64, i64)>,
+}
+
+/// A finished file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WrittenFile {
+    pub bytes: Vec<u8>,
+    pub records: usize,
+    pub accepted: usize,
+    /// Per partition: the first and last offset the file holds, and how many records.
+    pub ranges: BTreeMap<i32, (i64, i64, i64)>,
+}
+
+impl FileWriter {
+    pub fn new() -> Result<FileWriter, ArchiveError> {
+        let properties = WriterProperties::builder()
+            .set_compression(Compression::SNAPPY)
+            .set_key_value_metadata(Some(vec![KeyValue::new(
+                VERSION_KEY.to_owned(),
+                SCHEMA_VERSION.to_owned(),
+            )]))
+            .build();
+        Ok(FileWriter {
+            writer: ArrowWriter::try_new(Vec::new(), schema(), Some(properties))?,
+            pending: Vec::with_capacity(BATCH_ROWS),
+            records: 0,
+            accepted: 0,
+            ranges: BTreeMap::new(),
+        })
+    }
+
+    pub fn push(&mut self, record: ArchivedRecord) -> Result<(), ArchiveError> {
+        self.records += 1;
+        self.accepted += usize::from(record.event().is_some());
+        let range =
+            self.ranges
+                .entry(record.partition)
+                .or_insert((record.offset, record.offset, 0));
+        range.0 = range.0.min(record.offset);
+        range.1 = range.1.max(record.offset);
+        range.2 += 1;
+        self.pending.push(record);
+        if self.pending.len() >= BATCH_ROWS {
+            self.write_pending()?;
+        }
+        Ok(())
+    }
+
+    pub fn records(&self) -> usize {
+        self.records
+    }
+
+    /// About the bytes this file holds in memory (what a flush's size trigger counts).
+    pub fn memory_bytes(&self) -> usize {
+        self.writer.bytes_written() + self.writer.memory_size()
+    }
+
+    fn write_pending(&mut self) -> Result<(), ArchiveError> {
+        if !self.pending.is_empty() {
+            let batch = batch(&self.pending)?;
+            self.writer.write(&batch)?;
+            self.pending.clear();
+        }
+        Ok(())
+    }
+
+    pub fn finish(mut self) -> Result<WrittenFile, ArchiveError> {
+        self.write_pending()?;
+        self.writer.finish()?;
+        Ok(WrittenFile {
+            bytes: std::mem::take(self.writer.inner_mut()),
+            records: self.records,
+            accepted: self.accepted,
+            ranges: self.ranges,
+        })
+    }
+}
+
 /// Writes `records` as one Parquet file (Snappy pages), in the order given.
 pub fn encode(records: &[ArchivedRecord]) -> Result<Vec<u8>, ArchiveError> {
+    let mut writer = FileWriter::new()?;
+    for record in records {
+        writer.push(record.clone())?;
+    }
+    Ok(writer.finish()?.bytes)
+}
+
+/// `records` as one Arrow batch of the archive's schema.
+fn batch(records: &[ArchivedRecord]) -> Result<RecordBatch, ArchiveError> {
     let n = records.len();
     let mut id = StringBuilder::new();
     let mut customer = StringBuilder::new();
@@ -150,19 +249,7 @@ pub fn encode(records: &[ArchivedRecord]) -> Result<Vec<u8>, ArchiveError> {
         Arc::new(reason.finish()),
         Arc::new(payload.finish()),
     ];
-    let batch = RecordBatch::try_new(schema(), columns)?;
-    let properties = WriterProperties::builder()
-        .set_compression(Compression::SNAPPY)
-        .set_key_value_metadata(Some(vec![KeyValue::new(
-            VERSION_KEY.to_owned(),
-            SCHEMA_VERSION.to_owned(),
-        )]))
-        .build();
-    let mut out = Vec::new();
-    let mut writer = ArrowWriter::try_new(&mut out, schema(), Some(properties))?;
-    writer.write(&batch)?;
-    writer.close()?;
-    Ok(out)
+    Ok(RecordBatch::try_new(schema(), columns)?)
 }
 
 /// A quantity in units of 10^-9, exactly (the contract bounds its scale to 9).
@@ -314,6 +401,33 @@ mod tests {
         assert_eq!(back, records);
         let quantity = back[0].event().unwrap().quantity;
         assert_eq!(quantity.to_string(), "999999999999999.999999999");
+    }
+
+    #[test]
+    fn a_file_written_a_batch_at_a_time_holds_every_record_in_order() {
+        let received = at("2026-12-07T11:05:00Z");
+        let records: Vec<ArchivedRecord> = (0..(2 * BATCH_ROWS + 17) as i64)
+            .map(|offset| {
+                let event = format!(
+                    r#"{{"id":"e{offset}","customer":"c{}","meter":"api_calls","quantity":"{offset}.5","timestamp":"2026-12-07T11:00:00Z"}}"#,
+                    offset % 7
+                );
+                ArchivedRecord::decode(event.as_bytes(), (offset % 3) as i32, offset, received)
+            })
+            .collect();
+        let mut writer = FileWriter::new().unwrap();
+        for record in &records {
+            writer.push(record.clone()).unwrap();
+        }
+        assert!(writer.memory_bytes() > 0);
+        let written = writer.finish().unwrap();
+        assert_eq!(
+            (written.records, written.accepted),
+            (records.len(), records.len())
+        );
+        assert_eq!(written.ranges[&1], (1, records.len() as i64 - 2, 5467));
+        let back = decode("big.parquet", Bytes::from(written.bytes)).unwrap();
+        assert_eq!(back, records);
     }
 
     #[test]

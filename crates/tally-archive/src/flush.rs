@@ -11,39 +11,41 @@ use chrono::{DateTime, Utc};
 use sqlx::PgPool;
 use uuid::Uuid;
 
-use crate::file::{self, SCHEMA_VERSION};
+use crate::file::{FileWriter, SCHEMA_VERSION};
 use crate::layout::{published_path, staging_path};
 use crate::record::ArchivedRecord;
 use crate::store::{ArchiveStore, Staged};
 use crate::ArchiveError;
 
-/// Records read since the last flush, by the hour they are filed under, and where each
-/// partition resumes once they are archived.
-#[derive(Debug, Default)]
+/// Records read since the last flush, being written as one file per hour they are filed
+/// under, and where each partition resumes once they are archived.
+#[derive(Default)]
 pub struct Buffer {
-    by_hour: BTreeMap<DateTime<Utc>, Vec<ArchivedRecord>>,
+    by_hour: BTreeMap<DateTime<Utc>, FileWriter>,
     next_offsets: BTreeMap<i32, i64>,
     records: usize,
-    bytes: usize,
 }
 
 impl Buffer {
-    /// Adds a record read from Kafka; `size` is its payload's length (the flush trigger).
-    pub fn push(&mut self, record: ArchivedRecord, size: usize) {
+    /// Adds a record read from Kafka.
+    pub fn push(&mut self, record: ArchivedRecord) -> Result<(), ArchiveError> {
         let next = self.next_offsets.entry(record.partition).or_insert(0);
         *next = (*next).max(record.offset + 1);
         self.records += 1;
-        self.bytes += size;
-        self.by_hour.entry(record.hour()).or_default().push(record);
+        let writer = match self.by_hour.entry(record.hour()) {
+            std::collections::btree_map::Entry::Occupied(writer) => writer.into_mut(),
+            std::collections::btree_map::Entry::Vacant(slot) => slot.insert(FileWriter::new()?),
+        };
+        writer.push(record)
     }
 
     pub fn records(&self) -> usize {
         self.records
     }
 
-    /// The payload bytes buffered: about what the files will hold before compression.
-    pub fn bytes(&self) -> usize {
-        self.bytes
+    /// About the bytes the files being written hold in memory (the flush's size trigger).
+    pub fn memory_bytes(&self) -> usize {
+        self.by_hour.values().map(FileWriter::memory_bytes).sum()
     }
 
     pub fn is_empty(&self) -> bool {
@@ -84,17 +86,24 @@ pub async fn flush(
     buffer: Buffer,
 ) -> Result<Flushed, FlushError> {
     let flush_id = Uuid::now_v7();
+    let records = buffer.records;
     let mut files = Vec::new();
-    for (n, (hour, records)) in buffer.by_hour.iter().enumerate() {
-        let bytes = file::encode(records)?;
+    for (n, (hour, writer)) in buffer.by_hour.into_iter().enumerate() {
+        let written = writer.finish()?;
         let staged = store
             .stage(
                 staging_path(flush_id, n),
-                published_path(*hour, flush_id, n),
-                bytes,
+                published_path(hour, flush_id, n),
+                written.bytes,
             )
             .await?;
-        files.push((staged, *hour, records));
+        files.push((
+            staged,
+            hour,
+            written.records,
+            written.accepted,
+            written.ranges,
+        ));
     }
 
     let mut tx = pool.begin().await?;
@@ -125,8 +134,7 @@ pub async fn flush(
             });
         }
     }
-    for (staged, hour, records) in &files {
-        let accepted = records.iter().filter(|r| r.event().is_some()).count();
+    for (staged, hour, records, accepted, ranges) in &files {
         let file_id: i64 = sqlx::query_scalar(
             "INSERT INTO archive_files (path, staging_path, flush_id, hour, bytes, sha256, records,
                     accepted, schema_version)
@@ -139,20 +147,11 @@ pub async fn flush(
         .bind(hour)
         .bind(staged.bytes as i64)
         .bind(&staged.sha256)
-        .bind(records.len() as i64)
-        .bind(accepted as i64)
+        .bind(*records as i64)
+        .bind(*accepted as i64)
         .bind(SCHEMA_VERSION.parse::<i32>().unwrap_or(1))
         .fetch_one(&mut *tx)
         .await?;
-        let mut ranges: BTreeMap<i32, (i64, i64, i64)> = BTreeMap::new();
-        for record in records.iter() {
-            let range = ranges
-                .entry(record.partition)
-                .or_insert((record.offset, record.offset, 0));
-            range.0 = range.0.min(record.offset);
-            range.1 = range.1.max(record.offset);
-            range.2 += 1;
-        }
         for (partition, (first, last, count)) in ranges {
             sqlx::query(
                 "INSERT INTO archive_file_ranges (file_id, topic, partition, first_offset,
@@ -171,14 +170,14 @@ pub async fn flush(
     }
     tx.commit().await?;
 
-    let files: Vec<Staged> = files.into_iter().map(|(staged, _, _)| staged).collect();
+    let files: Vec<Staged> = files.into_iter().map(|(staged, ..)| staged).collect();
     for staged in &files {
         publish_one(pool, store, staged).await?;
     }
     Ok(Flushed {
         flush_id,
         files,
-        records: buffer.records,
+        records,
     })
 }
 

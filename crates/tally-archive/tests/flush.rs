@@ -50,7 +50,7 @@ async fn a_flush_publishes_one_file_an_hour_recorded_with_the_offsets_it_advance
         ArchivedRecord::decode(b"not json", 1, 1, at("2026-12-07T11:45:00Z")),
     ];
     for r in &records {
-        buffer.push(r.clone(), 100);
+        buffer.push(r.clone()).unwrap();
     }
     let flushed = flush::flush(&db.pool, &store, TOPIC, "archiver-a", buffer)
         .await
@@ -107,7 +107,7 @@ async fn an_archiver_whose_partition_was_taken_records_nothing_and_leaves_only_s
         .await
         .unwrap();
     let mut buffer = Buffer::default();
-    buffer.push(record(0, 0, "2026-12-07T11:00:05Z"), 100);
+    buffer.push(record(0, 0, "2026-12-07T11:00:05Z")).unwrap();
     let error = flush::flush(&db.pool, &store, TOPIC, "archiver-a", buffer)
         .await
         .unwrap_err();
