@@ -46,14 +46,17 @@ ensure_axe() {
 DUCKDB_VERSION=1.1.3
 ensure_duckdb() {
   local dir=target/tools/duckdb-$DUCKDB_VERSION
-  if [ ! -d "$dir/duckdb" ]; then
-    if ! command -v python3 >/dev/null 2>&1; then
-      echo "the archive's tests need python3 (and pip) to fetch duckdb $DUCKDB_VERSION" >&2
+  # The marker is written last: a half-finished install is installed again.
+  if [ ! -f "$dir/.installed" ]; then
+    if ! python3 -m pip --version >/dev/null 2>&1; then
+      echo "the archive's tests need python3 with pip to fetch duckdb $DUCKDB_VERSION (Debian: apt-get install python3-pip)" >&2
       return 1
     fi
-    mkdir -p "$dir"
-    python3 -m pip install --quiet --disable-pip-version-check --target "$dir" "duckdb==$DUCKDB_VERSION" >&2 \
-      || { echo "pip could not fetch duckdb==$DUCKDB_VERSION" >&2; return 1; }
+    rm -rf "$dir" && mkdir -p "$dir"
+    # A wheel only: never a build of DuckDB from source.
+    python3 -m pip install --quiet --disable-pip-version-check --only-binary=:all: --target "$dir" "duckdb==$DUCKDB_VERSION" >&2 \
+      || { echo "pip could not fetch duckdb==$DUCKDB_VERSION from PyPI (the archive's tests read Parquet with it); check the network, or install it and set TALLY_DUCKDB_PYTHONPATH" >&2; return 1; }
+    touch "$dir/.installed"
   fi
   export TALLY_DUCKDB_PYTHONPATH="$PWD/$dir"
 }

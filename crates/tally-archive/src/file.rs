@@ -5,11 +5,13 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use arrow_array::builder::{
-    BinaryBuilder, Decimal128Builder, Int32Builder, Int64Builder, MapBuilder, StringBuilder,
-    TimestampMicrosecondBuilder,
+    BinaryBuilder, Decimal128Builder, Int16Builder, Int32Builder, Int64Builder, MapBuilder,
+    StringBuilder, TimestampMicrosecondBuilder,
 };
 use arrow_array::cast::AsArray;
-use arrow_array::types::{Decimal128Type, Int32Type, Int64Type, TimestampMicrosecondType};
+use arrow_array::types::{
+    Decimal128Type, Int16Type, Int32Type, Int64Type, TimestampMicrosecondType,
+};
 use arrow_array::{Array, ArrayRef, RecordBatch};
 use arrow_schema::{DataType, Field, Schema, SchemaRef, TimeUnit};
 use bytes::Bytes;
@@ -29,10 +31,10 @@ use crate::ArchiveError;
 pub const SCHEMA_VERSION: &str = "1";
 pub const VERSION_KEY: &str = "tally.archive.schema_version";
 
-/// `quantity` is decimal(24, 9): tally's domain is at most 10^15 with at most 9 fraction
-/// digits (`tally_core::event::MAX_QUANTITY`, `MAX_QUANTITY_SCALE`), so every quantity is
-/// kept exactly.
-const QUANTITY_PRECISION: u8 = 24;
+/// `quantity` is decimal(25, 9): tally's domain is up to 10^15 inclusive with at most 9
+/// fraction digits (`tally_core::event::MAX_QUANTITY`, `MAX_QUANTITY_SCALE`): 10^15 at scale 9
+/// takes 25 digits. Every quantity is kept exactly.
+const QUANTITY_PRECISION: u8 = 25;
 const QUANTITY_SCALE: i8 = 9;
 
 /// The record's status column.
@@ -63,6 +65,9 @@ pub fn schema() -> SchemaRef {
             true,
         ),
         Field::new("timestamp", timestamp_type(), true),
+        // Nanoseconds past the microsecond `timestamp` holds (0-999): the event's time to the
+        // nanosecond, as the aggregator saw it (its duplicate check hashes nanoseconds).
+        Field::new("timestamp_ns", DataType::Int16, true),
         Field::new("dimensions", dimensions_type(), true),
         Field::new("source", DataType::Utf8, true),
         Field::new("received_at", timestamp_type(), false),
@@ -83,6 +88,8 @@ const BATCH_ROWS: usize = 8192;
 pub struct FileWriter {
     writer: ArrowWriter<Vec<u8>>,
     pending: Vec<ArchivedRecord>,
+    /// About the bytes of `pending` (a rejected record's payload may be 64 KiB).
+    pending_bytes: usize,
     records: usize,
     accepted: usize,
     /// Per partition: the first and last offset, and how many records.
@@ -111,6 +118,7 @@ impl FileWriter {
         Ok(FileWriter {
             writer: ArrowWriter::try_new(Vec::new(), schema(), Some(properties))?,
             pending: Vec::with_capacity(BATCH_ROWS),
+            pending_bytes: 0,
             records: 0,
             accepted: 0,
             ranges: BTreeMap::new(),
@@ -127,6 +135,7 @@ impl FileWriter {
         range.0 = range.0.min(record.offset);
         range.1 = range.1.max(record.offset);
         range.2 += 1;
+        self.pending_bytes += record_bytes(&record);
         self.pending.push(record);
         if self.pending.len() >= BATCH_ROWS {
             self.write_pending()?;
@@ -138,9 +147,10 @@ impl FileWriter {
         self.records
     }
 
-    /// About the bytes this file holds in memory (what a flush's size trigger counts).
+    /// About the bytes this file holds in memory (what a flush's size trigger counts): its
+    /// encoded pages and the records not yet encoded.
     pub fn memory_bytes(&self) -> usize {
-        self.writer.bytes_written() + self.writer.memory_size()
+        self.writer.bytes_written() + self.writer.memory_size() + self.pending_bytes
     }
 
     fn write_pending(&mut self) -> Result<(), ArchiveError> {
@@ -148,6 +158,7 @@ impl FileWriter {
             let batch = batch(&self.pending)?;
             self.writer.write(&batch)?;
             self.pending.clear();
+            self.pending_bytes = 0;
         }
         Ok(())
     }
@@ -162,6 +173,26 @@ impl FileWriter {
             ranges: self.ranges,
         })
     }
+}
+
+/// About the memory a record takes before it is encoded.
+fn record_bytes(record: &ArchivedRecord) -> usize {
+    const FIXED: usize = 96;
+    FIXED
+        + match &record.verdict {
+            Verdict::Accepted(event) => {
+                event.id.len()
+                    + event.customer.len()
+                    + event.meter.len()
+                    + event.source.as_ref().map_or(0, String::len)
+                    + event
+                        .dimensions
+                        .iter()
+                        .map(|(k, v)| k.len() + v.len() + 48)
+                        .sum::<usize>()
+            }
+            Verdict::Rejected { payload, .. } => payload.len(),
+        }
 }
 
 /// Writes `records` as one Parquet file (Snappy pages), in the order given.
@@ -182,6 +213,7 @@ fn batch(records: &[ArchivedRecord]) -> Result<RecordBatch, ArchiveError> {
     let mut quantity = Decimal128Builder::with_capacity(n)
         .with_precision_and_scale(QUANTITY_PRECISION, QUANTITY_SCALE)?;
     let mut timestamp = TimestampMicrosecondBuilder::with_capacity(n).with_timezone("UTC");
+    let mut timestamp_ns = Int16Builder::with_capacity(n);
     let mut dimensions = MapBuilder::new(None, StringBuilder::new(), StringBuilder::new());
     let mut source = StringBuilder::new();
     let mut received_at = TimestampMicrosecondBuilder::with_capacity(n).with_timezone("UTC");
@@ -203,7 +235,9 @@ fn batch(records: &[ArchivedRecord]) -> Result<RecordBatch, ArchiveError> {
                         why,
                     })?;
                 quantity.append_value(units);
-                timestamp.append_value(event.timestamp.timestamp_micros());
+                let (micros, nanos) = micros_and_nanos(event.timestamp);
+                timestamp.append_value(micros);
+                timestamp_ns.append_value(nanos);
                 for (key, value) in &event.dimensions {
                     dimensions.keys().append_value(key);
                     dimensions.values().append_value(value);
@@ -223,6 +257,7 @@ fn batch(records: &[ArchivedRecord]) -> Result<RecordBatch, ArchiveError> {
                 meter.append_null();
                 quantity.append_null();
                 timestamp.append_null();
+                timestamp_ns.append_null();
                 dimensions.append(false)?;
                 source.append_null();
                 status.append_value(REJECTED);
@@ -230,7 +265,7 @@ fn batch(records: &[ArchivedRecord]) -> Result<RecordBatch, ArchiveError> {
                 payload.append_value(bytes);
             }
         }
-        received_at.append_value(record.received_at.timestamp_micros());
+        received_at.append_value(micros_and_nanos(record.received_at).0);
         partition.append_value(record.partition);
         offset.append_value(record.offset);
     }
@@ -240,6 +275,7 @@ fn batch(records: &[ArchivedRecord]) -> Result<RecordBatch, ArchiveError> {
         Arc::new(meter.finish()),
         Arc::new(quantity.finish()),
         Arc::new(timestamp.finish()),
+        Arc::new(timestamp_ns.finish()),
         Arc::new(dimensions.finish()),
         Arc::new(source.finish()),
         Arc::new(received_at.finish()),
@@ -250,6 +286,17 @@ fn batch(records: &[ArchivedRecord]) -> Result<RecordBatch, ArchiveError> {
         Arc::new(payload.finish()),
     ];
     Ok(RecordBatch::try_new(schema(), columns)?)
+}
+
+/// Microseconds since the epoch and the nanoseconds past them. A leap second (chrono counts it
+/// as a second 59 longer than a second) stays in its second 59, as the aggregator's windows,
+/// which floor whole seconds, keep it: the last microsecond of that second.
+fn micros_and_nanos(t: DateTime<Utc>) -> (i64, i16) {
+    let nanos = t.timestamp_subsec_nanos().min(999_999_999);
+    (
+        t.timestamp() * 1_000_000 + i64::from(nanos / 1000),
+        (nanos % 1000) as i16,
+    )
 }
 
 /// A quantity in units of 10^-9, exactly (the contract bounds its scale to 9).
@@ -283,6 +330,22 @@ pub fn decode(path: &str, bytes: Bytes) -> Result<Vec<ArchivedRecord>, ArchiveEr
             "schema version {version:?}; this tally reads version {SCHEMA_VERSION}"
         )));
     }
+    // Every column of version 1, of its type, so that reading a value cannot fail.
+    let actual = builder.schema().clone();
+    for field in schema().fields() {
+        match actual.field_with_name(field.name()) {
+            Ok(found) if found.data_type() == field.data_type() => {}
+            Ok(found) => {
+                return Err(bad(format!(
+                    "column {} is {}, not {}",
+                    field.name(),
+                    found.data_type(),
+                    field.data_type()
+                )))
+            }
+            Err(_) => return Err(bad(format!("no column {}", field.name()))),
+        }
+    }
     let mut records = Vec::new();
     for batch in builder.build()? {
         let batch = batch?;
@@ -302,6 +365,8 @@ pub fn decode(path: &str, bytes: Bytes) -> Result<Vec<ArchivedRecord>, ArchiveEr
         let quantity = quantity.as_primitive::<Decimal128Type>();
         let timestamp = column("timestamp")?;
         let timestamp = timestamp.as_primitive::<TimestampMicrosecondType>();
+        let timestamp_ns = column("timestamp_ns")?;
+        let timestamp_ns = timestamp_ns.as_primitive::<Int16Type>();
         let dimensions = column("dimensions")?;
         let dimensions = dimensions.as_map();
         let source = column("source")?;
@@ -340,7 +405,8 @@ pub fn decode(path: &str, bytes: Bytes) -> Result<Vec<ArchivedRecord>, ArchiveEr
                             QUANTITY_SCALE as u32,
                         )
                         .normalize(),
-                        timestamp: time(timestamp.value(row))?,
+                        timestamp: time(timestamp.value(row))?
+                            + chrono::TimeDelta::nanoseconds(i64::from(timestamp_ns.value(row))),
                         source: (!source.is_null(row)).then(|| source.value(row).to_owned()),
                         dimensions,
                     })
@@ -404,6 +470,57 @@ mod tests {
     }
 
     #[test]
+    fn the_largest_quantity_and_a_nanosecond_come_back_and_a_leap_second_keeps_its_minute() {
+        let received = at("2026-12-07T11:05:00Z");
+        let decode_one = |quantity: &str, timestamp: &str| {
+            let event = format!(
+                r#"{{"id":"e","customer":"acme","meter":"api_calls","quantity":"{quantity}","timestamp":"{timestamp}"}}"#
+            );
+            let record = ArchivedRecord::decode(event.as_bytes(), 0, 0, received);
+            assert!(record.event().is_some(), "{event}");
+            let bytes = encode(std::slice::from_ref(&record)).unwrap();
+            (
+                record,
+                decode("x.parquet", Bytes::from(bytes)).unwrap().remove(0),
+            )
+        };
+        let (sent, back) = decode_one("1000000000000000", "2026-12-07T11:00:00.123456789Z");
+        assert_eq!(
+            back, sent,
+            "the domain's largest quantity, to the nanosecond"
+        );
+        let (sent, back) = decode_one("1", "2016-12-31T23:59:60.5Z");
+        let minute =
+            |r: &ArchivedRecord| tally_core::window::minute_start(r.event().unwrap().timestamp);
+        assert_eq!(minute(&back), minute(&sent));
+        assert_eq!(
+            back.event().unwrap().timestamp,
+            at("2016-12-31T23:59:59.999999999Z")
+        );
+    }
+
+    #[test]
+    fn rejected_payloads_count_toward_the_memory_a_file_holds() {
+        let mut writer = FileWriter::new().unwrap();
+        let payload = vec![b'x'; 64 * 1024];
+        for offset in 0..100 {
+            writer
+                .push(ArchivedRecord::decode(
+                    &payload,
+                    0,
+                    offset,
+                    at("2026-12-07T11:05:00Z"),
+                ))
+                .unwrap();
+        }
+        assert!(
+            writer.memory_bytes() >= 100 * 64 * 1024,
+            "{}",
+            writer.memory_bytes()
+        );
+    }
+
+    #[test]
     fn a_file_written_a_batch_at_a_time_holds_every_record_in_order() {
         let received = at("2026-12-07T11:05:00Z");
         let records: Vec<ArchivedRecord> = (0..(2 * BATCH_ROWS + 17) as i64)
@@ -428,6 +545,27 @@ mod tests {
         assert_eq!(written.ranges[&1], (1, records.len() as i64 - 2, 5467));
         let back = decode("big.parquet", Bytes::from(written.bytes)).unwrap();
         assert_eq!(back, records);
+    }
+
+    #[test]
+    fn a_file_claiming_version_1_with_a_column_of_another_type_is_refused_not_a_panic() {
+        let batch = RecordBatch::try_from_iter([(
+            "id",
+            Arc::new(arrow_array::Int64Array::from(vec![1])) as ArrayRef,
+        )])
+        .unwrap();
+        let properties = WriterProperties::builder()
+            .set_key_value_metadata(Some(vec![KeyValue::new(
+                VERSION_KEY.to_owned(),
+                SCHEMA_VERSION.to_owned(),
+            )]))
+            .build();
+        let mut out = Vec::new();
+        let mut writer = ArrowWriter::try_new(&mut out, batch.schema(), Some(properties)).unwrap();
+        writer.write(&batch).unwrap();
+        writer.close().unwrap();
+        let error = decode("events/y.parquet", Bytes::from(out)).unwrap_err();
+        assert!(error.to_string().contains("column id is Int64"), "{error}");
     }
 
     #[test]

@@ -5,9 +5,11 @@
 //! their records are read again from Kafka). A crash after it leaves rows in state `staged`:
 //! [`publish_staged`] finishes them before the archiver reads anything.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
+use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
+use object_store::path::Path;
 use sqlx::PgPool;
 use uuid::Uuid;
 
@@ -22,15 +24,20 @@ use crate::ArchiveError;
 #[derive(Default)]
 pub struct Buffer {
     by_hour: BTreeMap<DateTime<Utc>, FileWriter>,
-    next_offsets: BTreeMap<i32, i64>,
+    /// Per partition: the first offset buffered, and the one after the last.
+    offsets: BTreeMap<i32, (i64, i64)>,
     records: usize,
 }
 
 impl Buffer {
     /// Adds a record read from Kafka.
     pub fn push(&mut self, record: ArchivedRecord) -> Result<(), ArchiveError> {
-        let next = self.next_offsets.entry(record.partition).or_insert(0);
-        *next = (*next).max(record.offset + 1);
+        let range = self
+            .offsets
+            .entry(record.partition)
+            .or_insert((record.offset, record.offset + 1));
+        range.0 = range.0.min(record.offset);
+        range.1 = range.1.max(record.offset + 1);
         self.records += 1;
         let writer = match self.by_hour.entry(record.hour()) {
             std::collections::btree_map::Entry::Occupied(writer) => writer.into_mut(),
@@ -48,10 +55,23 @@ impl Buffer {
         self.by_hour.values().map(FileWriter::memory_bytes).sum()
     }
 
+    /// Files being written (one an hour of events buffered): late events spread over many
+    /// hours make many small files, which the daemon bounds by flushing.
+    pub fn open_files(&self) -> usize {
+        self.by_hour.len()
+    }
+
     pub fn is_empty(&self) -> bool {
         self.records == 0
     }
 }
+
+/// How long a flush may take from staging its files to committing: well within
+/// [`STAGING_KEPT`], so a staged file is never taken for an orphan while its flush may still
+/// commit.
+const FLUSH_AT_MOST: Duration = Duration::from_secs(3600);
+/// How old a staged file no row names must be before [`remove_orphans`] deletes it.
+pub const STAGING_KEPT: chrono::TimeDelta = chrono::TimeDelta::days(1);
 
 /// Why a flush did not happen; the buffer's records are read again from Kafka.
 #[derive(Debug, thiserror::Error)]
@@ -66,6 +86,21 @@ pub enum FlushError {
         partition: i32,
         owner: Option<String>,
     },
+    /// The buffer starts before where the partition's archive ends: its first records are
+    /// archived already (a position read before a rebalance moved it). Nothing is recorded.
+    #[error("partition {partition} of {topic} is archived up to offset {archived}, but the flush starts at {first}: nothing recorded, to archive nothing twice")]
+    Overlap {
+        topic: String,
+        partition: i32,
+        archived: i64,
+        first: i64,
+    },
+    #[error("the flush took {0:?} from staging to commit; its files are left for cleanup and its records read again")]
+    TooSlow(Duration),
+    /// Recorded (the offsets advanced), not yet published: [`publish_staged`] finishes it.
+    /// The records must not be read again.
+    #[error("recorded but not yet published ({0}); it is published on the next start")]
+    Unpublished(ArchiveError),
 }
 
 /// What a flush archived.
@@ -87,6 +122,7 @@ pub async fn flush(
 ) -> Result<Flushed, FlushError> {
     let flush_id = Uuid::now_v7();
     let records = buffer.records;
+    let staged_at = Instant::now();
     let mut files = Vec::new();
     for (n, (hour, writer)) in buffer.by_hour.into_iter().enumerate() {
         let written = writer.finish()?;
@@ -107,19 +143,27 @@ pub async fn flush(
     }
 
     let mut tx = pool.begin().await?;
-    for (&partition, &next) in &buffer.next_offsets {
-        let held: Option<Option<String>> = sqlx::query_scalar(
-            "UPDATE archive_offsets SET next_offset = greatest(next_offset, $4), updated_at = now()
+    // Bounded, so that a flush waiting on a lock cannot outlive its staged files.
+    sqlx::query("SET LOCAL lock_timeout = '30s'")
+        .execute(&mut *tx)
+        .await?;
+    sqlx::query("SET LOCAL statement_timeout = '120s'")
+        .execute(&mut *tx)
+        .await?;
+    for (&partition, &(first, next)) in &buffer.offsets {
+        // Where this owner's archive of the partition ends; the flush must start there or
+        // after it (a gap is records Kafka no longer has, or never had: control records).
+        let held: Option<i64> = sqlx::query_scalar(
+            "SELECT next_offset FROM archive_offsets
              WHERE topic = $1 AND partition = $2 AND owner = $3
-             RETURNING owner",
+             FOR UPDATE",
         )
         .bind(topic)
         .bind(partition)
         .bind(owner)
-        .bind(next)
         .fetch_optional(&mut *tx)
         .await?;
-        if held.is_none() {
+        let Some(archived) = held else {
             let owner: Option<Option<String>> = sqlx::query_scalar(
                 "SELECT owner FROM archive_offsets WHERE topic = $1 AND partition = $2",
             )
@@ -132,7 +176,24 @@ pub async fn flush(
                 partition,
                 owner: owner.flatten(),
             });
+        };
+        if first < archived {
+            return Err(FlushError::Overlap {
+                topic: topic.to_owned(),
+                partition,
+                archived,
+                first,
+            });
         }
+        sqlx::query(
+            "UPDATE archive_offsets SET next_offset = $3, updated_at = now()
+             WHERE topic = $1 AND partition = $2",
+        )
+        .bind(topic)
+        .bind(partition)
+        .bind(next)
+        .execute(&mut *tx)
+        .await?;
     }
     for (staged, hour, records, accepted, ranges) in &files {
         let file_id: i64 = sqlx::query_scalar(
@@ -168,11 +229,16 @@ pub async fn flush(
             .await?;
         }
     }
+    if staged_at.elapsed() > FLUSH_AT_MOST {
+        return Err(FlushError::TooSlow(staged_at.elapsed()));
+    }
     tx.commit().await?;
 
     let files: Vec<Staged> = files.into_iter().map(|(staged, ..)| staged).collect();
     for staged in &files {
-        publish_one(pool, store, staged).await?;
+        publish_one(pool, store, staged)
+            .await
+            .map_err(FlushError::Unpublished)?;
     }
     Ok(Flushed {
         flush_id,
@@ -185,7 +251,7 @@ async fn publish_one(
     pool: &PgPool,
     store: &ArchiveStore,
     staged: &Staged,
-) -> Result<(), FlushError> {
+) -> Result<(), ArchiveError> {
     store.publish(staged).await?;
     sqlx::query(
         "UPDATE archive_files SET state = 'published', published_at = now()
@@ -193,12 +259,17 @@ async fn publish_one(
     )
     .bind(staged.published.as_ref())
     .execute(pool)
-    .await?;
+    .await
+    .map_err(|e| ArchiveError::File {
+        path: staged.published.to_string(),
+        why: format!("published, but Postgres did not record it: {e}"),
+    })?;
     Ok(())
 }
 
 /// Publishes every file recorded but not yet moved (a flush that crashed after its commit).
-/// The archiver's first step, before it reads anything.
+/// The archiver's first step, before it reads anything. One file that cannot be published
+/// does not hold back the others; the first such error is answered after trying them all.
 pub async fn publish_staged(pool: &PgPool, store: &ArchiveStore) -> Result<usize, FlushError> {
     let rows: Vec<(String, String, i64, String)> = sqlx::query_as(
         "SELECT staging_path, path, bytes, sha256 FROM archive_files
@@ -206,6 +277,8 @@ pub async fn publish_staged(pool: &PgPool, store: &ArchiveStore) -> Result<usize
     )
     .fetch_all(pool)
     .await?;
+    let mut published_now = 0;
+    let mut first_error = None;
     for (staging, published, bytes, sha256) in &rows {
         let staged = Staged {
             staging: staging.as_str().into(),
@@ -213,9 +286,30 @@ pub async fn publish_staged(pool: &PgPool, store: &ArchiveStore) -> Result<usize
             bytes: *bytes as u64,
             sha256: sha256.clone(),
         };
-        publish_one(pool, store, &staged).await?;
+        match publish_one(pool, store, &staged).await {
+            Ok(()) => published_now += 1,
+            Err(e) => {
+                first_error.get_or_insert(e);
+            }
+        }
     }
-    Ok(rows.len())
+    match first_error {
+        None => Ok(published_now),
+        Some(e) => Err(FlushError::Unpublished(e)),
+    }
+}
+
+/// Deletes staged files older than [`STAGING_KEPT`] that no `archive_files` row names: flushes
+/// that never committed. A recorded file is kept until it is published.
+pub async fn remove_orphans(pool: &PgPool, store: &ArchiveStore) -> Result<usize, FlushError> {
+    let recorded: Vec<String> =
+        sqlx::query_scalar("SELECT staging_path FROM archive_files WHERE state = 'staged'")
+            .fetch_all(pool)
+            .await?;
+    let recorded: HashSet<Path> = recorded.iter().map(|p| Path::from(p.as_str())).collect();
+    Ok(store
+        .remove_staging_before(Utc::now() - STAGING_KEPT, &recorded)
+        .await?)
 }
 
 /// Takes `partitions` of `topic` for `owner` (fencing any archiver that held them) and
@@ -229,7 +323,11 @@ pub async fn take_partitions(
 ) -> Result<BTreeMap<i32, i64>, sqlx::Error> {
     let mut tx = pool.begin().await?;
     let mut resume = BTreeMap::new();
-    for &partition in partitions {
+    // In partition order, as flushes lock them, so that two archivers cannot deadlock.
+    let mut partitions = partitions.to_vec();
+    partitions.sort_unstable();
+    partitions.dedup();
+    for partition in partitions {
         let next: i64 = sqlx::query_scalar(
             "INSERT INTO archive_offsets (topic, partition, next_offset, owner)
              VALUES ($1, $2, 0, $3)

@@ -1,6 +1,7 @@
 //! One Kafka record of the usage topic as the archive keeps it.
 
-use chrono::{DateTime, DurationRound, TimeDelta, Utc};
+use chrono::{DateTime, TimeDelta, Utc};
+use tally_core::window::hour_start;
 use tally_core::{wire, RejectReason, UsageEvent, MAX_EVENT_BYTES};
 
 /// What the event contract made of a record.
@@ -26,16 +27,19 @@ pub struct ArchivedRecord {
 }
 
 impl ArchivedRecord {
-    /// Decodes a record as the aggregator does, with the future-timestamp rule counted from
-    /// `received_at` rather than from the clock, so that reading the archive again years later
-    /// decides the same.
+    /// Decodes a record by the event contract's rules that do not depend on a clock. The
+    /// future-timestamp rule counts from the receiver's clock, which only the aggregator has:
+    /// like an unknown meter or a late event, it is left to the aggregator (and to a rebuild),
+    /// so the archive and the windows never disagree about it.
     pub fn decode(
         bytes: &[u8],
         partition: i32,
         offset: i64,
         received_at: DateTime<Utc>,
     ) -> ArchivedRecord {
-        let verdict = match wire::decode(bytes, received_at) {
+        // A receiver's clock so far ahead that no timestamp is in its future.
+        let no_future = DateTime::<Utc>::MAX_UTC - TimeDelta::days(1);
+        let verdict = match wire::decode(bytes, no_future) {
             Ok(event) => Verdict::Accepted(event),
             Err(rejection) => Verdict::Rejected {
                 reason: rejection.reason,
@@ -57,7 +61,7 @@ impl ArchivedRecord {
             Verdict::Accepted(event) => event.timestamp,
             Verdict::Rejected { .. } => self.received_at,
         };
-        at.duration_trunc(TimeDelta::hours(1)).unwrap_or(at)
+        hour_start(at)
     }
 
     /// The accepted event, if the contract accepted it.
@@ -93,18 +97,21 @@ mod tests {
     }
 
     #[test]
-    fn the_future_is_counted_from_when_kafka_took_the_record() {
+    fn the_future_is_the_aggregators_to_decide_and_any_year_has_an_hour() {
+        // An hour ahead of its arrival: the aggregator's clock decides; the archive keeps it.
         let event = br#"{"id":"e1","customer":"acme","meter":"api_calls","quantity":"1","timestamp":"2026-12-07T12:00:00Z"}"#;
-        // An hour ahead of its arrival: refused, however much later the archive is read.
         let early = ArchivedRecord::decode(event, 0, 0, at("2026-12-07T11:00:00Z"));
-        assert!(matches!(
-            early.verdict,
-            Verdict::Rejected {
-                reason: RejectReason::FutureTimestamp,
-                ..
-            }
-        ));
-        let on_time = ArchivedRecord::decode(event, 0, 0, at("2026-12-07T12:00:01Z"));
-        assert!(on_time.event().is_some());
+        assert!(early.event().is_some());
+        // Outside the range of nanosecond timestamps, where chrono's rounding gives up.
+        for (timestamp, hour) in [
+            ("1500-01-01T00:30:00Z", "1500-01-01T00:00:00Z"),
+            ("9999-12-31T23:59:59Z", "9999-12-31T23:00:00Z"),
+        ] {
+            let event = format!(
+                r#"{{"id":"e1","customer":"acme","meter":"api_calls","quantity":"1","timestamp":"{timestamp}"}}"#
+            );
+            let record = ArchivedRecord::decode(event.as_bytes(), 0, 0, at("2026-12-07T11:00:00Z"));
+            assert_eq!(record.hour(), at(hour), "{timestamp}");
+        }
     }
 }

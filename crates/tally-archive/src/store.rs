@@ -129,15 +129,17 @@ impl ArchiveStore {
         self.list(PUBLISHED).await
     }
 
-    /// Deletes staged files last changed before `before`: flushes that never committed (their
-    /// events were archived again by a later flush).
+    /// Deletes staged files last changed before `before` that are not in `recorded` (the
+    /// staging paths Postgres names): flushes that never committed, whose events a later flush
+    /// archived again. A recorded file is never deleted, however old: it waits to be published.
     pub async fn remove_staging_before(
         &self,
         before: DateTime<Utc>,
+        recorded: &std::collections::HashSet<Path>,
     ) -> Result<usize, ArchiveError> {
         let mut removed = 0;
         for file in self.list(STAGING).await? {
-            if file.last_modified < before {
+            if file.last_modified < before && !recorded.contains(&file.location) {
                 match self.store.delete(&file.location).await {
                     Ok(()) | Err(object_store::Error::NotFound { .. }) => removed += 1,
                     Err(e) => return Err(e.into()),
@@ -213,7 +215,10 @@ mod tests {
 
             // Staging left by flushes that never committed is cleaned up.
             let removed = store
-                .remove_staging_before(Utc::now() + chrono::TimeDelta::minutes(1))
+                .remove_staging_before(
+                    Utc::now() + chrono::TimeDelta::minutes(1),
+                    &Default::default(),
+                )
                 .await
                 .unwrap();
             assert_eq!(removed, 1);

@@ -123,7 +123,10 @@ async fn an_archiver_whose_partition_was_taken_records_nothing_and_leaves_only_s
         .unwrap();
     assert_eq!(next, 0, "archiver-b resumes at the first record");
     let removed = store
-        .remove_staging_before(Utc::now() + chrono::TimeDelta::minutes(1))
+        .remove_staging_before(
+            Utc::now() + chrono::TimeDelta::minutes(1),
+            &Default::default(),
+        )
         .await
         .unwrap();
     assert_eq!(removed, 1, "the orphan is cleaned up");
@@ -161,9 +164,74 @@ async fn a_flush_that_crashed_after_its_commit_is_published_on_the_next_start() 
     .await
     .unwrap();
     assert!(store.published().await.unwrap().is_empty());
+    // Cleanup, however late, never deletes a file Postgres names: it waits to be published.
+    let recorded: std::collections::HashSet<object_store::path::Path> =
+        [staged.staging.clone()].into();
+    let removed = store
+        .remove_staging_before(Utc::now() + chrono::TimeDelta::days(30), &recorded)
+        .await
+        .unwrap();
+    assert_eq!(removed, 0);
+    assert_eq!(flush::remove_orphans(&db.pool, &store).await.unwrap(), 0);
     assert_eq!(flush::publish_staged(&db.pool, &store).await.unwrap(), 1);
     assert_eq!(store.published().await.unwrap().len(), 1);
     assert_eq!(published_files(&db.pool).await[0].1, "published");
     // Twice is harmless.
     assert_eq!(flush::publish_staged(&db.pool, &store).await.unwrap(), 0);
+}
+
+#[tokio::test]
+async fn a_flush_that_starts_before_where_the_archive_ends_records_nothing() {
+    let db = tally_db::testing::fresh_database().await;
+    let store = ArchiveStore::in_memory();
+    flush::take_partitions(&db.pool, TOPIC, &[0], "archiver-a")
+        .await
+        .unwrap();
+    let mut buffer = Buffer::default();
+    for offset in 0..10 {
+        buffer
+            .push(record(0, offset, "2026-12-07T11:00:05Z"))
+            .unwrap();
+    }
+    flush::flush(&db.pool, &store, TOPIC, "archiver-a", buffer)
+        .await
+        .unwrap();
+    // Offsets 5-12 again (a position from before a rebalance moved it): 5-9 are archived.
+    let mut again = Buffer::default();
+    for offset in 5..13 {
+        again
+            .push(record(0, offset, "2026-12-07T11:00:05Z"))
+            .unwrap();
+    }
+    let error = flush::flush(&db.pool, &store, TOPIC, "archiver-a", again)
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(
+            error,
+            FlushError::Overlap {
+                partition: 0,
+                archived: 10,
+                first: 5,
+                ..
+            }
+        ),
+        "{error}"
+    );
+    assert_eq!(published_files(&db.pool).await.len(), 1);
+    assert_eq!(store.published().await.unwrap().len(), 1);
+    // From where it ends, and past a gap (records Kafka no longer has): recorded.
+    let mut next = Buffer::default();
+    for offset in [10, 11, 15] {
+        next.push(record(0, offset, "2026-12-07T11:00:05Z"))
+            .unwrap();
+    }
+    flush::flush(&db.pool, &store, TOPIC, "archiver-a", next)
+        .await
+        .unwrap();
+    let next_offset: i64 = sqlx::query_scalar("SELECT next_offset FROM archive_offsets")
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+    assert_eq!(next_offset, 16);
 }

@@ -13,6 +13,11 @@ pub fn minute_start(t: DateTime<Utc>) -> DateTime<Utc> {
     floor(t, 60)
 }
 
+/// Start of the hour holding `t` (UTC), for any representable time.
+pub fn hour_start(t: DateTime<Utc>) -> DateTime<Utc> {
+    floor(t, 3600)
+}
+
 /// Start of the five-minute billing slot holding `t`.
 pub fn slot_start(t: DateTime<Utc>) -> DateTime<Utc> {
     floor(t, 300)
