@@ -76,6 +76,34 @@ async fn post(emulator: &Emulator, path: &str, form: &[(&str, String)]) -> serde
     answer.body
 }
 
+/// A new customer on a monthly price of `unit_amount` cents: (customer id, subscription id).
+async fn monthly_subscription(emulator: &Emulator, unit_amount: &str) -> (String, String) {
+    let customer = post(emulator, "/v1/customers", &[]).await["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let price = post(
+        emulator,
+        "/v1/prices",
+        &[
+            ("currency", "usd".into()),
+            ("unit_amount", unit_amount.into()),
+            ("recurring[interval]", "month".into()),
+        ],
+    )
+    .await;
+    let subscription = post(
+        emulator,
+        "/v1/subscriptions",
+        &[
+            ("customer", customer.clone()),
+            ("items[0][price]", price["id"].as_str().unwrap().to_owned()),
+        ],
+    )
+    .await;
+    (customer, subscription["id"].as_str().unwrap().to_owned())
+}
+
 async fn delivered(emulator: &Emulator, count: usize) {
     for _ in 0..200 {
         let events = emulator.events();
@@ -200,25 +228,7 @@ async fn failed_deliveries_are_retried_and_events_can_be_resent() {
         .unwrap();
     let (failing, failures) = receiver(500).await;
     post(&emulator, "/v1/webhook_endpoints", &[("url", failing)]).await;
-    let customer = post(&emulator, "/v1/customers", &[]).await;
-    let price = post(
-        &emulator,
-        "/v1/prices",
-        &[
-            ("currency", "usd".into()),
-            ("recurring[interval]", "month".into()),
-        ],
-    )
-    .await;
-    post(
-        &emulator,
-        "/v1/subscriptions",
-        &[
-            ("customer", customer["id"].as_str().unwrap().to_owned()),
-            ("items[0][price]", price["id"].as_str().unwrap().to_owned()),
-        ],
-    )
-    .await;
+    monthly_subscription(&emulator, "0").await;
     // The first event is retried with backoff while the endpoint keeps failing.
     tokio::time::sleep(Duration::from_millis(700)).await;
     let first = &emulator.events()[0];
@@ -264,26 +274,7 @@ async fn an_endpoint_that_hangs_or_refuses_holds_back_nothing() {
     let (picky_url, picky) = receiver_answering(|n| if n == 0 { 500 } else { 200 }).await;
     post(&emulator, "/v1/webhook_endpoints", &[("url", picky_url)]).await;
 
-    let customer = post(&emulator, "/v1/customers", &[]).await;
-    let price = post(
-        &emulator,
-        "/v1/prices",
-        &[
-            ("currency", "usd".into()),
-            ("unit_amount", "4900".into()),
-            ("recurring[interval]", "month".into()),
-        ],
-    )
-    .await;
-    post(
-        &emulator,
-        "/v1/subscriptions",
-        &[
-            ("customer", customer["id"].as_str().unwrap().to_owned()),
-            ("items[0][price]", price["id"].as_str().unwrap().to_owned()),
-        ],
-    )
-    .await;
+    monthly_subscription(&emulator, "4900").await;
     let events: Vec<String> = emulator.events().into_iter().map(|e| e.id).collect();
     assert!(events.len() >= 3, "{events:?}");
     let ids = |received: &Arc<Mutex<Vec<(String, String)>>>| -> Vec<String> {
@@ -331,32 +322,7 @@ async fn a_declining_card_fails_renewals_and_only_open_invoices_change() {
     let emulator = Emulator::start("127.0.0.1:0".parse().unwrap(), EmulatorConfig::default())
         .await
         .unwrap();
-    let customer = post(&emulator, "/v1/customers", &[]).await["id"]
-        .as_str()
-        .unwrap()
-        .to_owned();
-    let price = post(
-        &emulator,
-        "/v1/prices",
-        &[
-            ("currency", "usd".into()),
-            ("unit_amount", "4900".into()),
-            ("recurring[interval]", "month".into()),
-        ],
-    )
-    .await;
-    let subscription = post(
-        &emulator,
-        "/v1/subscriptions",
-        &[
-            ("customer", customer.clone()),
-            ("items[0][price]", price["id"].as_str().unwrap().to_owned()),
-        ],
-    )
-    .await["id"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let (customer, subscription) = monthly_subscription(&emulator, "4900").await;
     let ctl = |path: String, body: serde_json::Value| {
         let addr = emulator.addr();
         async move { control(addr, &path, &body).await.unwrap() }

@@ -28,7 +28,7 @@ use crate::record::{ArchivedRecord, Verdict};
 use crate::ArchiveError;
 
 /// The schema version every file states in its key-value metadata under [`VERSION_KEY`].
-pub const SCHEMA_VERSION: &str = "1";
+pub const SCHEMA_VERSION: i32 = 1;
 pub const VERSION_KEY: &str = "tally.archive.schema_version";
 
 /// `quantity` is decimal(25, 9): tally's domain is up to 10^15 inclusive with at most 9
@@ -112,7 +112,7 @@ impl FileWriter {
             .set_compression(Compression::SNAPPY)
             .set_key_value_metadata(Some(vec![KeyValue::new(
                 VERSION_KEY.to_owned(),
-                SCHEMA_VERSION.to_owned(),
+                SCHEMA_VERSION.to_string(),
             )]))
             .build();
         Ok(FileWriter {
@@ -325,7 +325,7 @@ pub fn decode(path: &str, bytes: Bytes) -> Result<Vec<ArchivedRecord>, ArchiveEr
         .key_value_metadata()
         .and_then(|kv| kv.iter().find(|kv| kv.key == VERSION_KEY))
         .and_then(|kv| kv.value.clone());
-    if version.as_deref() != Some(SCHEMA_VERSION) {
+    if version.as_deref() != Some(SCHEMA_VERSION.to_string().as_str()) {
         return Err(bad(format!(
             "schema version {version:?}; this tally reads version {SCHEMA_VERSION}"
         )));
@@ -557,7 +557,7 @@ mod tests {
         let properties = WriterProperties::builder()
             .set_key_value_metadata(Some(vec![KeyValue::new(
                 VERSION_KEY.to_owned(),
-                SCHEMA_VERSION.to_owned(),
+                SCHEMA_VERSION.to_string(),
             )]))
             .build();
         let mut out = Vec::new();

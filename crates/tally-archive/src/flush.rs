@@ -210,7 +210,7 @@ pub async fn flush(
         .bind(&staged.sha256)
         .bind(*records as i64)
         .bind(*accepted as i64)
-        .bind(SCHEMA_VERSION.parse::<i32>().unwrap_or(1))
+        .bind(SCHEMA_VERSION)
         .fetch_one(&mut *tx)
         .await?;
         for (partition, (first, last, count)) in ranges {

@@ -52,6 +52,10 @@ pub struct CatalogPrice {
     pub livemode: bool,
 }
 
+/// The columns of `stripe_prices` a [`CatalogPrice`] is read from.
+const PRICE_COLUMNS: &str = "price_id, plan, pack, kind, currency, unit_amount_decimal,
+    recurring_interval, meter, livemode";
+
 /// The prices found for the plans and packs, what does not agree with tally.toml, and what is
 /// not for sale yet.
 #[derive(Debug, Default)]
@@ -207,13 +211,10 @@ pub async fn forget_changed(
     unchanged_plans: &[String],
     packs: &[CreditPack],
 ) -> Result<(), sqlx::Error> {
-    let recorded: Vec<CatalogPrice> = sqlx::query_as(
-        "SELECT price_id, plan, pack, kind, currency, unit_amount_decimal, recurring_interval,
-                meter, livemode
-         FROM stripe_prices",
-    )
-    .fetch_all(pool)
-    .await?;
+    let recorded: Vec<CatalogPrice> =
+        sqlx::query_as(&format!("SELECT {PRICE_COLUMNS} FROM stripe_prices"))
+            .fetch_all(pool)
+            .await?;
     let still_holds = |price: &CatalogPrice| match (&price.plan, &price.pack) {
         (Some(plan), _) => unchanged_plans.contains(plan),
         (None, Some(name)) => packs.iter().any(|pack| {
@@ -246,13 +247,11 @@ pub async fn prices_of(
     plan: Option<&str>,
     pack: Option<&str>,
 ) -> Result<Vec<CatalogPrice>, sqlx::Error> {
-    sqlx::query_as(
-        "SELECT price_id, plan, pack, kind, currency, unit_amount_decimal, recurring_interval,
-                meter, livemode
-         FROM stripe_prices
+    sqlx::query_as(&format!(
+        "SELECT {PRICE_COLUMNS} FROM stripe_prices
          WHERE plan IS NOT DISTINCT FROM $1 AND pack IS NOT DISTINCT FROM $2
-         ORDER BY kind, price_id",
-    )
+         ORDER BY kind, price_id"
+    ))
     .bind(plan)
     .bind(pack)
     .fetch_all(pool)
