@@ -14,6 +14,8 @@ RUN apt-get update \
 COPY --from=build /src/target/release/tally /usr/local/bin/tally
 USER tally
 WORKDIR /var/lib/tally
+# Owned by tally in the image, so the named volumes mounted on them start owned by tally too.
+RUN mkdir -p /var/lib/tally/spool /var/lib/tally/archive
 # POST /v1/events and `tally emit` spool here when Kafka is away: mount a volume on it.
 ENV TALLY_EMITTER_SPOOL_DIR=/var/lib/tally/spool
 ENTRYPOINT ["tally"]

@@ -288,6 +288,7 @@ fn the_systemd_units_verify_and_the_crontab_runs_real_commands_under_flock() {
     units.sort();
     for expected in [
         "tally-aggregate.service",
+        "tally-archive.service",
         "tally-sink.service",
         "tally-serve.service",
         "tally-sink-once.service",

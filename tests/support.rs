@@ -871,3 +871,25 @@ pub fn drained(
         std::thread::sleep(Duration::from_millis(250));
     }
 }
+
+/// Runs `query` in DuckDB (PyPI `duckdb`, fetched by scripts/test.sh into
+/// `TALLY_DUCKDB_PYTHONPATH`) and returns its rows, `|`-separated, one a line.
+pub fn duckdb(query: &str) -> String {
+    let path = std::env::var("TALLY_DUCKDB_PYTHONPATH").expect(
+        "TALLY_DUCKDB_PYTHONPATH is not set: run the tests with scripts/test.sh, which fetches duckdb from PyPI",
+    );
+    let script = format!(
+        "import duckdb\nfor row in duckdb.sql({query:?}).fetchall():\n    print('|'.join(str(v) for v in row))\n"
+    );
+    let output = Command::new("python3")
+        .env("PYTHONPATH", path)
+        .args(["-c", &script])
+        .output()
+        .expect("python3 runs");
+    assert!(
+        output.status.success(),
+        "{query}: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8(output.stdout).unwrap()
+}

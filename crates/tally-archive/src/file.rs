@@ -314,6 +314,18 @@ fn quantity_units(quantity: Decimal) -> Result<i128, String> {
 /// Reads a file [`encode`] wrote (or any file of schema version 1) back into records.
 /// `path` names it in errors.
 pub fn decode(path: &str, bytes: Bytes) -> Result<Vec<ArchivedRecord>, ArchiveError> {
+    let mut records = Vec::new();
+    read_each(path, bytes, |record| records.push(record))?;
+    Ok(records)
+}
+
+/// Reads a file record by record, a batch of rows decoded at a time, so memory holds one
+/// batch rather than the whole file (a 128 MiB file holds millions of records).
+pub fn read_each(
+    path: &str,
+    bytes: Bytes,
+    mut each: impl FnMut(ArchivedRecord),
+) -> Result<(), ArchiveError> {
     let bad = |why: String| ArchiveError::File {
         path: path.to_owned(),
         why,
@@ -346,7 +358,6 @@ pub fn decode(path: &str, bytes: Bytes) -> Result<Vec<ArchivedRecord>, ArchiveEr
             Err(_) => return Err(bad(format!("no column {}", field.name()))),
         }
     }
-    let mut records = Vec::new();
     for batch in builder.build()? {
         let batch = batch?;
         let column = |name: &str| {
@@ -424,7 +435,7 @@ pub fn decode(path: &str, bytes: Bytes) -> Result<Vec<ArchivedRecord>, ArchiveEr
                 }
                 other => return Err(bad(format!("unknown status {other:?}"))),
             };
-            records.push(ArchivedRecord {
+            each(ArchivedRecord {
                 partition: partition.value(row),
                 offset: offset.value(row),
                 received_at: time(received_at.value(row))?,
@@ -432,7 +443,7 @@ pub fn decode(path: &str, bytes: Bytes) -> Result<Vec<ArchivedRecord>, ArchiveEr
             });
         }
     }
-    Ok(records)
+    Ok(())
 }
 
 #[cfg(test)]

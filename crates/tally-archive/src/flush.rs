@@ -27,6 +27,7 @@ pub struct Buffer {
     /// Per partition: the first offset buffered, and the one after the last.
     offsets: BTreeMap<i32, (i64, i64)>,
     records: usize,
+    accepted: usize,
 }
 
 impl Buffer {
@@ -39,6 +40,7 @@ impl Buffer {
         range.0 = range.0.min(record.offset);
         range.1 = range.1.max(record.offset + 1);
         self.records += 1;
+        self.accepted += usize::from(record.event().is_some());
         let writer = match self.by_hour.entry(record.hour()) {
             std::collections::btree_map::Entry::Occupied(writer) => writer.into_mut(),
             std::collections::btree_map::Entry::Vacant(slot) => slot.insert(FileWriter::new()?),
@@ -48,6 +50,11 @@ impl Buffer {
 
     pub fn records(&self) -> usize {
         self.records
+    }
+
+    /// Records the contract accepted (the rest are kept as rejected, with their reason).
+    pub fn accepted(&self) -> usize {
+        self.accepted
     }
 
     /// About the bytes the files being written hold in memory (the flush's size trigger).

@@ -6,13 +6,29 @@
 //! one Parquet file; [`ArchiveStore::stage`] puts it under `_staging/`, and once Postgres has
 //! recorded it (with the offsets it advances, in one transaction: [`flush::flush`]),
 //! [`ArchiveStore::publish`] moves it to `events/`, where readers find it.
+//!
+//! Layout:
+//! - `archiver.rs`: the `tally archive` loop (read, buffer, flush; rebalances and failures
+//!   read again from where Postgres says the archive ends); `kafka.rs`: its consumer;
+//!   `config.rs`: `[archive]`; `telemetry.rs`: its metrics.
+//! - `record.rs`, `file.rs`, `layout.rs`, `store.rs`, `flush.rs`: a record, a file, where it
+//!   goes, the object store, and the exactly-once flush.
+//! - `retention.rs`: `archive.retention`; `verify.rs`: `tally archive verify`.
 
+mod archiver;
+mod config;
 pub mod file;
 pub mod flush;
+mod kafka;
 pub mod layout;
 mod record;
+pub mod retention;
 mod store;
+mod telemetry;
+pub mod verify;
 
+pub use archiver::{Archiver, ArchiverError, RunSummary};
+pub use config::ArchiveConfig;
 pub use record::{ArchivedRecord, Verdict};
 pub use store::{ArchiveStore, Staged};
 

@@ -120,6 +120,14 @@ impl ArchiveStore {
         }
     }
 
+    /// Deletes a published file (retention). Deleting one already gone is not an error.
+    pub async fn delete(&self, path: &Path) -> Result<(), ArchiveError> {
+        match self.store.delete(path).await {
+            Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
+            Err(e) => Err(e.into()),
+        }
+    }
+
     pub async fn read(&self, path: &Path) -> Result<Bytes, ArchiveError> {
         Ok(self.store.get(path).await?.bytes().await?)
     }

@@ -8,6 +8,7 @@ use serde::{Deserialize, Serialize};
 use tally_aggregator::AggregatorConfig;
 use tally_alerts::AlertsConfig;
 use tally_api::ServeConfig;
+use tally_archive::ArchiveConfig;
 use tally_billing::subscriptions::SubscriptionsConfig;
 use tally_billing::PlanDefinition;
 use tally_core::config::{KafkaConfig, Secret};
@@ -37,6 +38,8 @@ pub(crate) struct TallyConfig {
     pub(crate) credits: CreditsConfig,
     /// `[alerts]`: how alert rules are evaluated and deliveries tried.
     pub(crate) alerts: AlertsConfig,
+    /// `[archive]`: where `tally archive` keeps every event, and how it writes them.
+    pub(crate) archive: ArchiveConfig,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -126,6 +129,9 @@ impl TallyConfig {
             .validate()
             .map_err(|problem| anyhow::anyhow!("{problem}"))?;
         self.sink
+            .validate()
+            .map_err(|problem| anyhow::anyhow!("{problem}"))?;
+        self.archive
             .validate()
             .map_err(|problem| anyhow::anyhow!("{problem}"))?;
         self.serve

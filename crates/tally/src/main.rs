@@ -7,6 +7,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 mod aggregate;
+mod archive;
 mod cli;
 mod config;
 mod credits;
@@ -115,6 +116,15 @@ enum Command {
     /// offsets together. Runs until SIGTERM/SIGINT (finishing the current batch), or with
     /// --once drains what is there and exits. Needs kafka.brokers, database.url and `[[meters]]`.
     Aggregate(aggregate::AggregateArgs),
+    /// Keep every event of the topic as Parquet files in archive.url, exactly once; or verify
+    /// the archive against the windows
+    ///
+    /// Reads kafka.topic in its own consumer group (archive.group_id), accepted and rejected
+    /// records alike, and writes them under events/date=…/hour=… by their event's hour. Each
+    /// file and the offsets it covers are recorded in Postgres in one transaction, so a crash
+    /// never loses or repeats one. Runs until SIGTERM/SIGINT (flushing what it read), or with
+    /// --once archives what is there and exits. See docs/archive.md.
+    Archive(archive::ArchiveArgs),
     /// Bill closed five-minute slots to Stripe meter events, exactly once
     ///
     /// Every sink.interval (or once, with --once): accounts for each slot that changed and has
@@ -226,6 +236,7 @@ fn main() -> ExitCode {
         Command::Demo(args) => demo::run(&config, &args),
         Command::Emit(args) => emit::run(&config, &args),
         Command::Aggregate(args) => aggregate::run(&config, &args),
+        Command::Archive(args) => archive::run(&config, &args),
         Command::Sink(args) => sink::run(&config, &args),
         Command::Customers(args) => customers::run(&config, &args),
         Command::Reconcile(args) => sink::reconcile(&config, &args),
