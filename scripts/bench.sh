@@ -20,6 +20,9 @@
 #                                (TALLY_BENCH_EVALUATE_MS, TALLY_BENCH_RATE)
 #   scripts/bench.sh archive     records decoded and written as Parquet, and read back, on one core
 #                                (TALLY_BENCH_EVENTS), against the contract's decode alone
+#   scripts/bench.sh archive-drain  `tally archive --once` over a backlog in the mock cluster:
+#                                records/s (wall and the archiver's CPU), file sizes, against
+#                                Kafka alone (TALLY_BENCH_EVENTS)
 #
 # Postgres comes from DATABASE_URL, else 127.0.0.1:5432, else a throwaway local cluster.
 set -euo pipefail
@@ -37,8 +40,9 @@ case "$name" in
   freshness) target=(-p tally-tests --bench freshness) ;;
   alerts)    target=(-p tally-tests --bench alert_latency) ;;
   archive)   target=(-p tally-archive --bench encode) ;;
+  archive-drain) target=(-p tally-archive --bench drain) ;;
   *)
-    echo "usage: scripts/bench.sh emitter|aggregate|sink|quota|layer|scheduler|http|portal|freshness|alerts|archive [ARGS...]" >&2
+    echo "usage: scripts/bench.sh emitter|aggregate|sink|quota|layer|scheduler|http|portal|freshness|alerts|archive|archive-drain [ARGS...]" >&2
     exit 2
     ;;
 esac

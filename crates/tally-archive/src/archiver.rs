@@ -25,7 +25,7 @@ use tokio::runtime::Handle;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::ArchiveConfig;
-use crate::flush::{self, Buffer, FlushError};
+use crate::flush::{self, Buffer, FlushError, ONCE_OWNER};
 use crate::kafka::{self, ArchiverContext};
 use crate::{retention, telemetry, ArchiveError, ArchiveStore, ArchivedRecord};
 
@@ -39,6 +39,13 @@ const FENCED_WAIT: Duration = Duration::from_secs(30);
 const ONCE_ATTEMPTS: u32 = 5;
 /// `--once`: consuming nothing for this long without reaching the end offsets is a stall.
 const ONCE_STALL: Duration = Duration::from_secs(60);
+/// How often a daemon marks the partitions it holds as held (`archive_offsets.updated_at`), and
+/// how recent a mark must be for `--once` to leave the partition to it.
+const HEARTBEAT_EVERY: Duration = Duration::from_secs(5);
+const LIVE_WITHIN: Duration = Duration::from_secs(20);
+/// Records read between looks at the flush triggers and, in `--once`, the end offsets (both
+/// cost more than a record): a file overshoots `archive.file_bytes` by at most this many.
+const CHECK_EVERY: u64 = 1024;
 /// How often the daemon publishes what a crash left staged, removes orphans and applies
 /// `archive.retention`.
 const MAINTENANCE_EVERY: Duration = Duration::from_secs(600);
@@ -54,6 +61,8 @@ pub enum ArchiverError {
     Postgres(String),
     #[error("flush: {0}")]
     Flush(FlushError),
+    #[error("a running `tally archive` daemon holds {partitions} partition(s) ({example}), marked within the last 20 s: --once is for hosts without the daemon; stop the daemon first, or let it archive")]
+    Busy { partitions: usize, example: String },
     #[error("consumed nothing for {waited:?} before reaching the end offsets seen at start ({behind}); is the broker serving the topic?")]
     Stalled { waited: Duration, behind: String },
 }
@@ -70,15 +79,20 @@ pub struct RunSummary {
 pub struct Archiver {
     config: ArchiveConfig,
     kafka: KafkaConfig,
+    /// The aggregator's: an event older than this on arrival is filed under the hour it came.
+    lateness_horizon: chrono::TimeDelta,
     pool: PgPool,
     store: ArchiveStore,
     runtime: Handle,
-    /// Unique per process and run: the owner `archive_offsets` records.
+    /// Unique per process: the owner `archive_offsets` records (a `--once` run's starts with
+    /// [`flush::ONCE_OWNER`]).
     owner: String,
 }
 
 /// The loop's state between polls.
 struct RunState {
+    /// Who this run is in `archive_offsets`.
+    owner: String,
     buffer: Buffer,
     /// When the buffer's first record arrived.
     opened: Option<Instant>,
@@ -93,6 +107,8 @@ struct RunState {
     /// `--once`: each partition's end offset when it was taken.
     targets: HashMap<i32, i64>,
     last_message: Instant,
+    /// When this daemon last said in Postgres that it holds its partitions.
+    heartbeat: Instant,
     summary: RunSummary,
 }
 
@@ -101,6 +117,7 @@ impl Archiver {
     pub fn new(
         config: ArchiveConfig,
         kafka: KafkaConfig,
+        lateness_horizon: Duration,
         pool: PgPool,
         runtime: Handle,
     ) -> Result<Archiver, ArchiverError> {
@@ -108,6 +125,8 @@ impl Archiver {
         Ok(Archiver {
             config,
             kafka,
+            lateness_horizon: chrono::TimeDelta::from_std(lateness_horizon)
+                .unwrap_or(chrono::TimeDelta::MAX),
             pool,
             store,
             runtime,
@@ -122,7 +141,7 @@ impl Archiver {
         stop: &CancellationToken,
     ) -> Result<RunSummary, ArchiverError> {
         telemetry::describe();
-        self.maintain(mode)?;
+        self.maintain();
         let background = stop.child_token();
         let _stop_background = background.clone().drop_guard();
         if mode == RunMode::Daemon {
@@ -134,7 +153,11 @@ impl Archiver {
             return Ok(RunSummary::default());
         };
         let mut run = RunState {
-            buffer: Buffer::default(),
+            owner: match mode {
+                RunMode::Daemon => self.owner.clone(),
+                RunMode::Once => format!("{ONCE_OWNER}{}", self.owner),
+            },
+            buffer: Buffer::new(self.lateness_horizon),
             opened: None,
             positions: HashMap::new(),
             pending: Vec::new(),
@@ -143,6 +166,7 @@ impl Archiver {
             failures: 0,
             targets: HashMap::new(),
             last_message: Instant::now(),
+            heartbeat: Instant::now(),
             summary: RunSummary::default(),
         };
         match mode {
@@ -151,10 +175,28 @@ impl Archiver {
                 .subscribe(&[&self.kafka.topic])
                 .map_err(|e| ArchiverError::Kafka(e.to_string()))?,
             // `--once` takes every partition in Postgres and reads them itself, without
-            // joining the group (a daemon that held them is fenced and reads them again).
-            RunMode::Once => run.pending = partitions,
+            // joining the group; not while a daemon archives them (two archivers would fence
+            // each other in turn), but from one that stopped or hangs.
+            RunMode::Once => {
+                let held = self
+                    .runtime
+                    .block_on(flush::held_by_others(
+                        &self.pool,
+                        &self.kafka.topic,
+                        &run.owner,
+                        LIVE_WITHIN,
+                    ))
+                    .map_err(|e| ArchiverError::Postgres(e.to_string()))?;
+                if let Some((partition, owner)) = held.first() {
+                    return Err(ArchiverError::Busy {
+                        partitions: held.len(),
+                        example: format!("partition {partition} by {owner}"),
+                    });
+                }
+                run.pending = partitions;
+            }
         }
-        tracing::info!(group = %self.config.group_id, topic = %self.kafka.topic, owner = %self.owner, url = %self.config.url, mode = mode.as_str(), "archiver started");
+        tracing::info!(group = %self.config.group_id, topic = %self.kafka.topic, owner = %run.owner, url = %self.config.url, mode = mode.as_str(), "archiver started");
         let result = self.consume(&consumer, mode, stop, &mut run);
         if mode == RunMode::Daemon {
             consumer.unsubscribe();
@@ -163,6 +205,15 @@ impl Archiver {
                 && !consumer.context().take_rebalanced()
             {
                 let _ = consumer.poll(Duration::from_millis(50));
+            }
+        }
+        {
+            // Leaves the partitions to whoever comes next, daemon or cron.
+            let released =
+                self.runtime
+                    .block_on(flush::release(&self.pool, &self.kafka.topic, &run.owner));
+            if let Err(error) = released {
+                tracing::warn!(%error, "could not release the partitions in Postgres");
             }
         }
         result?;
@@ -187,13 +238,24 @@ impl Archiver {
         let topic = self.kafka.topic.as_str();
         while !stop.is_cancelled() {
             let polled = consumer.poll(Duration::from_millis(100));
+            let quiet = !matches!(polled, Some(Ok(_)));
             if consumer.context().take_rebalanced() {
+                // What was read is archived before the partitions move on, so that frequent
+                // rebalances cannot keep the archive from advancing. The flush records only
+                // partitions this archiver still holds in Postgres: one a member took already
+                // fences it, and its records are read again by that member.
+                if !run.buffer.is_empty() {
+                    self.flush(consumer, mode, run)?;
+                }
                 let assigned = assigned(consumer, topic);
                 tracing::info!(partitions = ?assigned, "partitions assigned; taking them in Postgres before reading");
                 self.rewind(run, assigned, Instant::now());
             }
             if !run.pending.is_empty() && Instant::now() >= run.next_take {
                 self.take(consumer, mode, run)?;
+            }
+            if mode == RunMode::Daemon && run.heartbeat.elapsed() >= HEARTBEAT_EVERY {
+                self.heartbeat(run);
             }
             if let Some(Ok(message)) = polled {
                 let partition = message.partition();
@@ -224,6 +286,14 @@ impl Archiver {
                 }
             } else if let Some(Err(e)) = polled {
                 tracing::debug!(error = %e, "Kafka consumer error");
+            }
+            // What costs more than a record's own work (the files' sizes, the end offsets)
+            // is looked at when the topic is quiet, or every CHECK_EVERY records.
+            let look = quiet
+                || run.summary.consumed % CHECK_EVERY == 0
+                || run.buffer.open_files() > self.config.max_open_files;
+            if !look {
+                continue;
             }
             let drained = mode == RunMode::Once && self.drained(consumer, run)?;
             if !run.buffer.is_empty() && (drained || self.flush_due(run)) {
@@ -257,7 +327,7 @@ impl Archiver {
         mode: RunMode,
         run: &mut RunState,
     ) -> Result<(), ArchiverError> {
-        let buffer = std::mem::take(&mut run.buffer);
+        let buffer = std::mem::replace(&mut run.buffer, Buffer::new(self.lateness_horizon));
         run.opened = None;
         telemetry::record_buffered(0);
         let (records, accepted) = (buffer.records(), buffer.accepted());
@@ -266,7 +336,7 @@ impl Archiver {
             &self.pool,
             &self.store,
             &self.kafka.topic,
-            &self.owner,
+            &run.owner,
             buffer,
         ));
         let error = match flushed {
@@ -334,9 +404,24 @@ impl Archiver {
         Ok(())
     }
 
+    /// Marks the partitions this daemon holds as held, so that `--once` leaves them alone.
+    fn heartbeat(&self, run: &mut RunState) {
+        run.heartbeat = Instant::now();
+        let marked = self.runtime.block_on(async {
+            tokio::time::timeout(
+                Duration::from_secs(5),
+                flush::mark_held(&self.pool, &self.kafka.topic, &run.owner),
+            )
+            .await
+        });
+        if !matches!(marked, Ok(Ok(_))) {
+            tracing::debug!("could not mark the held partitions in Postgres; trying again later");
+        }
+    }
+
     /// Drops what was read, and queues `partitions` to be taken in Postgres at `take_at`.
     fn rewind(&self, run: &mut RunState, partitions: Vec<i32>, take_at: Instant) {
-        run.buffer = Buffer::default();
+        run.buffer = Buffer::new(self.lateness_horizon);
         run.opened = None;
         run.positions.clear();
         run.pending = partitions;
@@ -356,7 +441,7 @@ impl Archiver {
         let taken = self.runtime.block_on(async {
             tokio::time::timeout(
                 TAKE_TIMEOUT,
-                flush::take_partitions(&self.pool, topic, &run.pending, &self.owner),
+                flush::take_partitions(&self.pool, topic, &run.pending, &run.owner),
             )
             .await
         });
@@ -503,20 +588,11 @@ impl Archiver {
     }
 
     /// Publishes what a crash left staged, removes orphans older than a day, and deletes
-    /// files past `archive.retention`. `--once` fails on a Postgres error; the daemon logs it
-    /// and goes on (the next pass tries again).
-    fn maintain(&self, mode: RunMode) -> Result<(), ArchiverError> {
-        let done =
-            self.runtime
-                .block_on(maintenance(&self.pool, &self.store, self.config.retention));
-        match done {
-            Err(error) if mode == RunMode::Once => Err(ArchiverError::Flush(error)),
-            Err(error) => {
-                tracing::warn!(%error, "archive maintenance failed; trying again later");
-                Ok(())
-            }
-            Ok(()) => Ok(()),
-        }
+    /// files past `archive.retention`: each step on its own, and none fatal (a file that cannot
+    /// be published or deleted now is tried again by the next pass, and archiving goes on).
+    fn maintain(&self) {
+        self.runtime
+            .block_on(maintenance(&self.pool, &self.store, self.config.retention));
     }
 
     fn spawn_maintenance(&self, stop: CancellationToken) {
@@ -524,40 +600,44 @@ impl Archiver {
             (self.pool.clone(), self.store.clone(), self.config.retention);
         self.runtime.spawn(async move {
             while !sleep_unless_stopped(MAINTENANCE_EVERY, &stop).await {
-                if let Err(error) = maintenance(&pool, &store, retention).await {
-                    tracing::warn!(%error, "archive maintenance failed; trying again later");
-                }
+                maintenance(&pool, &store, retention).await;
             }
         });
     }
 }
 
-async fn maintenance(
-    pool: &PgPool,
-    store: &ArchiveStore,
-    retention: Option<Duration>,
-) -> Result<(), FlushError> {
-    let published = flush::publish_staged(pool, store).await?;
-    if published > 0 {
-        tracing::info!(files = published, "published files a crash left staged");
+async fn maintenance(pool: &PgPool, store: &ArchiveStore, retention: Option<Duration>) {
+    match flush::publish_staged(pool, store).await {
+        Ok(0) => {}
+        Ok(files) => tracing::info!(files, "published files a crash left staged"),
+        Err(error) => tracing::warn!(%error, "publishing staged files failed; trying again later"),
     }
-    let orphans = flush::remove_orphans(pool, store).await?;
-    if orphans > 0 {
-        tracing::info!(
-            files = orphans,
+    match flush::remove_orphans(pool, store).await {
+        Ok(0) => {}
+        Ok(files) => tracing::info!(
+            files,
             "removed staged files of flushes that never committed"
-        );
-    }
-    if let Some(keep) = retention {
-        let before =
-            Utc::now() - chrono::TimeDelta::from_std(keep).unwrap_or(chrono::TimeDelta::MAX);
-        let expired = retention::expire(pool, store, before).await?;
-        if expired > 0 {
-            telemetry::record_expired(expired);
-            tracing::info!(files = expired, %before, "deleted files past archive.retention");
+        ),
+        Err(error) => {
+            tracing::warn!(%error, "removing orphaned staged files failed; trying again later")
         }
     }
-    Ok(())
+    if let Some(keep) = retention {
+        let keep = chrono::TimeDelta::from_std(keep).unwrap_or(chrono::TimeDelta::MAX);
+        let Some(before) = Utc::now().checked_sub_signed(keep) else {
+            return;
+        };
+        match retention::expire(pool, store, before).await {
+            Ok(0) => {}
+            Ok(files) => {
+                telemetry::record_expired(files);
+                tracing::info!(files, %before, "deleted files past archive.retention");
+            }
+            Err(error) => {
+                tracing::warn!(%error, "deleting expired files failed; trying again later")
+            }
+        }
+    }
 }
 
 /// The partitions of `topic` the consumer is assigned now.

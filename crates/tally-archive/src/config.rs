@@ -64,14 +64,10 @@ impl ArchiveConfig {
         if !(1..=1000).contains(&self.max_open_files) {
             return Err("archive.max_open_files must be 1 to 1000".into());
         }
-        if self
-            .retention
-            .is_some_and(|keep| keep < Duration::from_secs(86_400))
-        {
-            return Err(
-                "archive.retention must be at least 1 day (\"1d\"), or unset to keep every file"
-                    .into(),
-            );
+        if self.retention.is_some_and(|keep| {
+            keep < Duration::from_secs(86_400) || keep > Duration::from_secs(100 * 366 * 86_400)
+        }) {
+            return Err("archive.retention must be between 1 day (\"1d\") and 100 years, or unset to keep every file".into());
         }
         Ok(())
     }
@@ -90,6 +86,6 @@ mod tests {
             retention: Some(Duration::from_secs(60)),
             ..ArchiveConfig::default()
         };
-        assert!(short.validate().unwrap_err().contains("at least 1 day"));
+        assert!(short.validate().unwrap_err().contains("between 1 day"));
     }
 }

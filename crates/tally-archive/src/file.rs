@@ -82,6 +82,9 @@ pub fn schema() -> SchemaRef {
 /// Records arrive one at a time and go out as Arrow batches of this many rows, so a file
 /// being written holds its encoded pages and at most one batch of records, not every record.
 const BATCH_ROWS: usize = 8192;
+/// About what an open file costs before its first record (its column writers and buffers),
+/// so that many files of a few records each count toward the flush's size trigger.
+const WRITER_BYTES: usize = 64 * 1024;
 
 /// One file being written: records pushed, encoded a batch at a time; [`FileWriter::finish`]
 /// answers the file and what it holds.
@@ -117,7 +120,8 @@ impl FileWriter {
             .build();
         Ok(FileWriter {
             writer: ArrowWriter::try_new(Vec::new(), schema(), Some(properties))?,
-            pending: Vec::with_capacity(BATCH_ROWS),
+            // Grown as records come: a file of a late hour may hold a handful.
+            pending: Vec::new(),
             pending_bytes: 0,
             records: 0,
             accepted: 0,
@@ -150,7 +154,11 @@ impl FileWriter {
     /// About the bytes this file holds in memory (what a flush's size trigger counts): its
     /// encoded pages and the records not yet encoded.
     pub fn memory_bytes(&self) -> usize {
-        self.writer.bytes_written() + self.writer.memory_size() + self.pending_bytes
+        WRITER_BYTES
+            + self.writer.bytes_written()
+            + self.writer.memory_size()
+            + self.pending_bytes
+            + self.pending.capacity() * size_of::<ArchivedRecord>()
     }
 
     fn write_pending(&mut self) -> Result<(), ArchiveError> {

@@ -21,8 +21,10 @@ use crate::ArchiveError;
 
 /// Records read since the last flush, being written as one file per hour they are filed
 /// under, and where each partition resumes once they are archived.
-#[derive(Default)]
 pub struct Buffer {
+    /// The aggregator's `lateness_horizon`: an event older than it on arrival is filed under
+    /// the hour it came ([`ArchivedRecord::hour`]).
+    lateness_horizon: chrono::TimeDelta,
     by_hour: BTreeMap<DateTime<Utc>, FileWriter>,
     /// Per partition: the first offset buffered, and the one after the last.
     offsets: BTreeMap<i32, (i64, i64)>,
@@ -31,6 +33,16 @@ pub struct Buffer {
 }
 
 impl Buffer {
+    pub fn new(lateness_horizon: chrono::TimeDelta) -> Buffer {
+        Buffer {
+            lateness_horizon,
+            by_hour: BTreeMap::new(),
+            offsets: BTreeMap::new(),
+            records: 0,
+            accepted: 0,
+        }
+    }
+
     /// Adds a record read from Kafka.
     pub fn push(&mut self, record: ArchivedRecord) -> Result<(), ArchiveError> {
         let range = self
@@ -41,7 +53,7 @@ impl Buffer {
         range.1 = range.1.max(record.offset + 1);
         self.records += 1;
         self.accepted += usize::from(record.event().is_some());
-        let writer = match self.by_hour.entry(record.hour()) {
+        let writer = match self.by_hour.entry(record.hour(self.lateness_horizon)) {
             std::collections::btree_map::Entry::Occupied(writer) => writer.into_mut(),
             std::collections::btree_map::Entry::Vacant(slot) => slot.insert(FileWriter::new()?),
         };
@@ -275,8 +287,10 @@ async fn publish_one(
 }
 
 /// Publishes every file recorded but not yet moved (a flush that crashed after its commit).
-/// The archiver's first step, before it reads anything. One file that cannot be published
-/// does not hold back the others; the first such error is answered after trying them all.
+/// One file that cannot be published does not hold back the others; the first such error is
+/// answered after trying them all. A file the store lost (neither staged nor published, or cut
+/// short) is marked `lost`, said loudly, and not tried again: its records are not archived,
+/// and `tally archive verify` shows its hour differing.
 pub async fn publish_staged(pool: &PgPool, store: &ArchiveStore) -> Result<usize, FlushError> {
     let rows: Vec<(String, String, i64, String)> = sqlx::query_as(
         "SELECT staging_path, path, bytes, sha256 FROM archive_files
@@ -295,6 +309,16 @@ pub async fn publish_staged(pool: &PgPool, store: &ArchiveStore) -> Result<usize
         };
         match publish_one(pool, store, &staged).await {
             Ok(()) => published_now += 1,
+            Err(ArchiveError::Lost { path, why }) => {
+                tracing::error!(%path, %why, "an archive file Postgres recorded is lost: its records are not in the archive (tally archive verify shows the hour)");
+                crate::telemetry::record_lost();
+                sqlx::query(
+                    "UPDATE archive_files SET state = 'lost' WHERE path = $1 AND state = 'staged'",
+                )
+                .bind(published)
+                .execute(pool)
+                .await?;
+            }
             Err(e) => {
                 first_error.get_or_insert(e);
             }
@@ -350,4 +374,56 @@ pub async fn take_partitions(
     }
     tx.commit().await?;
     Ok(resume)
+}
+
+/// The owner name of a `--once` run starts with this: another `--once` run may take its
+/// partitions at once (cron's `flock` keeps two from overlapping; one killed left its marks).
+pub const ONCE_OWNER: &str = "once:";
+
+/// Partitions of `topic` a daemon (not a `--once` run) other than `owner` marked as held
+/// within `within`: a daemon at work.
+pub async fn held_by_others(
+    pool: &PgPool,
+    topic: &str,
+    owner: &str,
+    within: Duration,
+) -> Result<Vec<(i32, String)>, sqlx::Error> {
+    sqlx::query_as(
+        "SELECT partition, owner FROM archive_offsets
+         WHERE topic = $1 AND owner IS NOT NULL AND owner <> $2 AND NOT starts_with(owner, $4)
+           AND updated_at > now() - make_interval(secs => $3)
+         ORDER BY partition",
+    )
+    .bind(topic)
+    .bind(owner)
+    .bind(within.as_secs_f64())
+    .bind(ONCE_OWNER)
+    .fetch_all(pool)
+    .await
+}
+
+/// Marks the partitions `owner` holds as held now (a daemon's heartbeat).
+pub async fn mark_held(pool: &PgPool, topic: &str, owner: &str) -> Result<u64, sqlx::Error> {
+    Ok(
+        sqlx::query(
+            "UPDATE archive_offsets SET updated_at = now() WHERE topic = $1 AND owner = $2",
+        )
+        .bind(topic)
+        .bind(owner)
+        .execute(pool)
+        .await?
+        .rows_affected(),
+    )
+}
+
+/// Gives up the partitions `owner` holds (a `--once` run that ends).
+pub async fn release(pool: &PgPool, topic: &str, owner: &str) -> Result<u64, sqlx::Error> {
+    Ok(sqlx::query(
+        "UPDATE archive_offsets SET owner = NULL, updated_at = now() WHERE topic = $1 AND owner = $2",
+    )
+    .bind(topic)
+    .bind(owner)
+    .execute(pool)
+    .await?
+    .rows_affected())
 }

@@ -29,7 +29,7 @@ pub mod verify;
 
 pub use archiver::{Archiver, ArchiverError, RunSummary};
 pub use config::ArchiveConfig;
-pub use record::{ArchivedRecord, Verdict};
+pub use record::{ArchivedRecord, Verdict, FILED_AHEAD};
 pub use store::{ArchiveStore, Staged};
 
 /// Why the archive could not do something.
@@ -45,6 +45,9 @@ pub enum ArchiveError {
     Url { url: String, why: String },
     #[error("archive file {path}: {why}")]
     File { path: String, why: String },
+    /// A recorded file the store no longer has whole: its records are not in the archive.
+    #[error("archive file {path} is lost: {why}")]
+    Lost { path: String, why: String },
     /// A record the schema cannot hold (never expected: the contract bounds every field).
     #[error("record at partition {partition} offset {offset}: {why}")]
     Unencodable {

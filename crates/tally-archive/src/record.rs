@@ -16,6 +16,11 @@ pub enum Verdict {
     },
 }
 
+/// How far ahead of its arrival an event is still filed under its own hour. The aggregator
+/// counts an event up to [`tally_core::FUTURE_TOLERANCE`] ahead of its own clock; one further
+/// ahead it counts only once that time has come, which a backlog of a day makes possible.
+pub const FILED_AHEAD: TimeDelta = TimeDelta::days(1);
+
 /// A record, where it was in Kafka, and when Kafka took it.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ArchivedRecord {
@@ -55,10 +60,25 @@ impl ArchivedRecord {
     }
 
     /// The hour the record is filed under: its event's (UTC), so a late event lands where it
-    /// happened; a rejected record, whose time may be unreadable, under the hour it came.
-    pub fn hour(&self) -> DateTime<Utc> {
+    /// happened; a refused record, whose time may be unreadable, under the hour it came.
+    ///
+    /// An event the aggregator can never count is filed under the hour it came too (its own
+    /// time stays in its `timestamp` column): one older than `lateness_horizon` when it came,
+    /// or more than [`FILED_AHEAD`] ahead of it. A client picks its events' times, and could
+    /// otherwise open a file for every hour of history, each flush writing one per event.
+    pub fn hour(&self, lateness_horizon: TimeDelta) -> DateTime<Utc> {
         let at = match &self.verdict {
-            Verdict::Accepted(event) => event.timestamp,
+            Verdict::Accepted(event) => {
+                let oldest = self.received_at.checked_sub_signed(lateness_horizon);
+                let newest = self.received_at.checked_add_signed(FILED_AHEAD);
+                let countable = oldest.is_none_or(|oldest| event.timestamp >= oldest)
+                    && newest.is_none_or(|newest| event.timestamp <= newest);
+                if countable {
+                    event.timestamp
+                } else {
+                    self.received_at
+                }
+            }
             Verdict::Rejected { .. } => self.received_at,
         };
         hour_start(at)
@@ -77,6 +97,8 @@ impl ArchivedRecord {
 mod tests {
     use super::*;
 
+    const HORIZON: TimeDelta = TimeDelta::days(35);
+
     fn at(text: &str) -> DateTime<Utc> {
         text.parse().unwrap()
     }
@@ -85,11 +107,11 @@ mod tests {
     fn an_event_is_filed_under_its_own_hour_and_a_refused_record_under_its_arrival() {
         let event = br#"{"id":"e1","customer":"acme","meter":"api_calls","quantity":"2.5","timestamp":"2026-12-06T23:59:30Z"}"#;
         let late = ArchivedRecord::decode(event, 3, 42, at("2026-12-07T11:05:00Z"));
-        assert_eq!(late.hour(), at("2026-12-06T23:00:00Z"));
+        assert_eq!(late.hour(HORIZON), at("2026-12-06T23:00:00Z"));
         assert_eq!(late.event().map(|e| e.id.as_str()), Some("e1"));
 
         let refused = ArchivedRecord::decode(b"not json", 0, 7, at("2026-12-07T11:05:00Z"));
-        assert_eq!(refused.hour(), at("2026-12-07T11:00:00Z"));
+        assert_eq!(refused.hour(HORIZON), at("2026-12-07T11:00:00Z"));
         assert!(matches!(
             refused.verdict,
             Verdict::Rejected { reason: RejectReason::Malformed, ref payload } if payload == b"not json"
@@ -102,16 +124,25 @@ mod tests {
         let event = br#"{"id":"e1","customer":"acme","meter":"api_calls","quantity":"1","timestamp":"2026-12-07T12:00:00Z"}"#;
         let early = ArchivedRecord::decode(event, 0, 0, at("2026-12-07T11:00:00Z"));
         assert!(early.event().is_some());
-        // Outside the range of nanosecond timestamps, where chrono's rounding gives up.
-        for (timestamp, hour) in [
-            ("1500-01-01T00:30:00Z", "1500-01-01T00:00:00Z"),
-            ("9999-12-31T23:59:59Z", "9999-12-31T23:00:00Z"),
+        assert_eq!(early.hour(HORIZON), at("2026-12-07T12:00:00Z"));
+        // Outside the range of nanosecond timestamps, where chrono's rounding gives up (with
+        // a horizon that reaches that far back); and times the aggregator can never count,
+        // filed under the hour they came.
+        let forever = TimeDelta::days(365 * 1000);
+        for (timestamp, horizon, hour) in [
+            ("1500-01-01T00:30:00Z", forever, "1500-01-01T00:00:00Z"),
+            ("1500-01-01T00:30:00Z", HORIZON, "2026-12-07T11:00:00Z"),
+            ("2026-11-01T10:00:00Z", HORIZON, "2026-12-07T11:00:00Z"),
+            ("2026-11-03T10:00:00Z", HORIZON, "2026-11-03T10:00:00Z"),
+            ("2026-12-08T11:30:00Z", HORIZON, "2026-12-08T11:00:00Z"),
+            ("2026-12-08T11:30:01Z", HORIZON, "2026-12-07T11:00:00Z"),
+            ("9999-12-31T23:59:59Z", forever, "2026-12-07T11:00:00Z"),
         ] {
             let event = format!(
                 r#"{{"id":"e1","customer":"acme","meter":"api_calls","quantity":"1","timestamp":"{timestamp}"}}"#
             );
-            let record = ArchivedRecord::decode(event.as_bytes(), 0, 0, at("2026-12-07T11:00:00Z"));
-            assert_eq!(record.hour(), at(hour), "{timestamp}");
+            let record = ArchivedRecord::decode(event.as_bytes(), 0, 0, at("2026-12-07T11:30:00Z"));
+            assert_eq!(record.hour(horizon), at(hour), "{timestamp}");
         }
     }
 }

@@ -30,6 +30,9 @@ pub struct Staged {
 #[derive(Debug, Clone)]
 pub struct ArchiveStore {
     store: Arc<dyn ObjectStore>,
+    /// For a local directory: its path, to make each write durable (fsync) before Postgres
+    /// records it. (An object store's put is durable once it answers.)
+    local_root: Option<std::path::PathBuf>,
 }
 
 impl ArchiveStore {
@@ -55,6 +58,7 @@ impl ArchiveStore {
         let store = LocalFileSystem::new_with_prefix(directory)?.with_automatic_cleanup(true);
         Ok(ArchiveStore {
             store: Arc::new(store),
+            local_root: Some(directory.into()),
         })
     }
 
@@ -62,6 +66,7 @@ impl ArchiveStore {
     pub fn in_memory() -> ArchiveStore {
         ArchiveStore {
             store: Arc::new(InMemory::new()),
+            local_root: None,
         }
     }
 
@@ -77,6 +82,7 @@ impl ArchiveStore {
         self.store
             .put(&staging, PutPayload::from(Bytes::from(file)))
             .await?;
+        self.sync(&staging, true).await?;
         Ok(Staged {
             staging,
             published,
@@ -88,23 +94,43 @@ impl ArchiveStore {
     /// Moves a staged file to its published path. Idempotent: when the staged file is gone, or
     /// the published path is taken, the published file must be the one recorded (its
     /// checksum), and then it is published already.
+    ///
+    /// A staged file whose size is not the one recorded (cut short by a crash of the disk
+    /// under it), or that is neither staged nor published, is [`ArchiveError::Lost`].
     pub async fn publish(&self, staged: &Staged) -> Result<(), ArchiveError> {
+        let lost = |why: String| ArchiveError::Lost {
+            path: staged.published.to_string(),
+            why,
+        };
+        match self.store.head(&staged.staging).await {
+            Ok(meta) if meta.size != staged.bytes => {
+                return Err(lost(format!(
+                    "the staged file {} is {} bytes, {} were recorded",
+                    staged.staging, meta.size, staged.bytes
+                )))
+            }
+            Ok(_) | Err(object_store::Error::NotFound { .. }) => {}
+            Err(e) => return Err(e.into()),
+        }
         match self
             .store
             .rename_if_not_exists(&staged.staging, &staged.published)
             .await
         {
-            Ok(()) => Ok(()),
+            Ok(()) => {
+                self.sync(&staged.published, false).await?;
+                self.sync(&staged.staging, false).await
+            }
             Err(
                 object_store::Error::AlreadyExists { .. } | object_store::Error::NotFound { .. },
             ) => {
-                let published =
-                    self.read(&staged.published)
-                        .await
-                        .map_err(|e| ArchiveError::File {
-                            path: staged.published.to_string(),
-                            why: format!("neither staged nor published: {e}"),
-                        })?;
+                let published = match self.store.get(&staged.published).await {
+                    Ok(found) => found.bytes().await?,
+                    Err(object_store::Error::NotFound { .. }) => {
+                        return Err(lost("neither staged nor published".into()))
+                    }
+                    Err(e) => return Err(e.into()),
+                };
                 if hex::encode(Sha256::digest(&published)) != staged.sha256 {
                     return Err(ArchiveError::File {
                         path: staged.published.to_string(),
@@ -128,6 +154,42 @@ impl ArchiveStore {
         }
     }
 
+    /// Local directories only: flushes `path` (with `file_too`) and the directories above it
+    /// (some were just made) to disk, so that what Postgres records next survives a power loss.
+    async fn sync(&self, path: &Path, file_too: bool) -> Result<(), ArchiveError> {
+        let Some(root) = self.local_root.clone() else {
+            return Ok(());
+        };
+        let file = root.join(path.as_ref());
+        let sync = move || -> std::io::Result<()> {
+            if file_too {
+                std::fs::File::open(&file)?.sync_all()?;
+            }
+            for directory in file.ancestors().skip(1) {
+                match std::fs::File::open(directory) {
+                    Ok(opened) => opened.sync_all()?,
+                    // The staging directory of a published flush may be gone already.
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                    Err(e) => return Err(e),
+                }
+                if directory == root {
+                    break;
+                }
+            }
+            Ok(())
+        };
+        tokio::task::spawn_blocking(sync)
+            .await
+            .map_err(|e| ArchiveError::File {
+                path: path.to_string(),
+                why: format!("fsync did not finish: {e}"),
+            })?
+            .map_err(|e| ArchiveError::File {
+                path: path.to_string(),
+                why: format!("fsync: {e}"),
+            })
+    }
+
     pub async fn read(&self, path: &Path) -> Result<Bytes, ArchiveError> {
         Ok(self.store.get(path).await?.bytes().await?)
     }
@@ -146,15 +208,63 @@ impl ArchiveStore {
         recorded: &std::collections::HashSet<Path>,
     ) -> Result<usize, ArchiveError> {
         let mut removed = 0;
+        let mut first_error = None;
         for file in self.list(STAGING).await? {
             if file.last_modified < before && !recorded.contains(&file.location) {
                 match self.store.delete(&file.location).await {
                     Ok(()) | Err(object_store::Error::NotFound { .. }) => removed += 1,
-                    Err(e) => return Err(e.into()),
+                    // One file that will not go does not keep the others.
+                    Err(e) => {
+                        first_error.get_or_insert(e);
+                    }
                 }
             }
         }
-        Ok(removed)
+        removed += self.remove_partial_writes(before).await?;
+        match first_error {
+            Some(e) if removed == 0 => Err(e.into()),
+            _ => Ok(removed),
+        }
+    }
+
+    /// A local directory's writes killed midway (`<name>#<n>`, which listings do not show),
+    /// last changed before `before`.
+    async fn remove_partial_writes(&self, before: DateTime<Utc>) -> Result<usize, ArchiveError> {
+        let Some(root) = self.local_root.clone() else {
+            return Ok(0);
+        };
+        let sweep = move || {
+            let mut removed = 0;
+            let mut directories = vec![root.join(STAGING)];
+            while let Some(directory) = directories.pop() {
+                let Ok(entries) = std::fs::read_dir(&directory) else {
+                    continue;
+                };
+                for entry in entries.flatten() {
+                    let path = entry.path();
+                    let Ok(meta) = entry.metadata() else { continue };
+                    if meta.is_dir() {
+                        directories.push(path);
+                        continue;
+                    }
+                    let old = meta
+                        .modified()
+                        .map(|at| DateTime::<Utc>::from(at) < before)
+                        .unwrap_or(false);
+                    let partial = entry.file_name().to_string_lossy().contains('#');
+                    if old && partial && std::fs::remove_file(&path).is_ok() {
+                        removed += 1;
+                    }
+                }
+            }
+            removed
+        };
+        tokio::task::spawn_blocking(sweep)
+            .await
+            .map_err(|e| ArchiveError::File {
+                path: STAGING.into(),
+                why: format!("sweeping partial writes did not finish: {e}"),
+            })
     }
 
     async fn list(&self, prefix: &str) -> Result<Vec<ObjectMeta>, ArchiveError> {

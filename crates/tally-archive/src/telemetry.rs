@@ -20,6 +20,8 @@ pub(crate) const CONSUMER_LAG: &str = "tally_archive_consumer_lag_messages";
 /// records Kafka deleted before they were archived (or a compacted or transactional topic's
 /// gaps). Nonzero after an outage longer than the topic's retention.
 pub(crate) const OFFSETS_SKIPPED: &str = "tally_archive_offsets_skipped_total";
+/// Files Postgres recorded that the store lost (a disk failure, or removed by hand).
+pub(crate) const FILES_LOST: &str = "tally_archive_files_lost_total";
 /// Files deleted for `archive.retention`.
 pub(crate) const FILES_EXPIRED: &str = "tally_archive_files_expired_total";
 
@@ -56,6 +58,10 @@ pub(crate) fn record_skipped(offsets: i64) {
     counter!(OFFSETS_SKIPPED).increment(offsets.max(0) as u64);
 }
 
+pub(crate) fn record_lost() {
+    counter!(FILES_LOST).increment(1);
+}
+
 pub(crate) fn record_expired(files: usize) {
     counter!(FILES_EXPIRED).increment(files as u64);
 }
@@ -72,5 +78,6 @@ pub(crate) fn describe() {
     counter!(BYTES).increment(0);
     counter!(OFFSETS_SKIPPED).increment(0);
     counter!(FILES_EXPIRED).increment(0);
+    counter!(FILES_LOST).increment(0);
     gauge!(BUFFERED).set(0.0);
 }

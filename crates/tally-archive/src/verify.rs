@@ -7,12 +7,13 @@
 //! late, in the future, a conflicting re-send), each event id once. No rule is decided twice.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
+use std::hash::BuildHasher;
 
 use chrono::{DateTime, TimeDelta, Utc};
 use object_store::path::Path;
+use sha2::{Digest, Sha256};
 use sqlx::PgPool;
 use tally_core::window::hour_start;
-use xxhash_rust::xxh3::xxh3_64;
 
 use crate::file::read_each;
 use crate::{ArchiveError, ArchiveStore};
@@ -52,7 +53,19 @@ pub struct Verification {
     pub differences: Vec<Difference>,
     /// Hours whose files `archive.retention` deleted: not compared.
     pub expired_hours: Vec<DateTime<Utc>>,
+    /// Files that could not be read whole (missing, cut short, altered, not Parquet): their
+    /// hours are not compared, and verify fails.
+    pub unreadable: Vec<Unreadable>,
+    /// Files Postgres recorded that the store lost: their hours differ, and this says why.
+    pub lost: Vec<String>,
     pub positions: Vec<Position>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct Unreadable {
+    pub path: String,
+    pub hour: DateTime<Utc>,
+    pub why: String,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -81,19 +94,27 @@ pub async fn verify(
         to: Some(end),
         ..Verification::default()
     };
-    let files: Vec<(String, String, String, DateTime<Utc>)> = sqlx::query_as(
-        "SELECT path, staging_path, state, hour FROM archive_files
+    let files: Vec<(String, String, String, DateTime<Utc>, i64, String)> = sqlx::query_as(
+        "SELECT path, staging_path, state, hour, bytes, sha256 FROM archive_files
          WHERE hour >= $1 AND hour < $2 ORDER BY hour, file_id",
     )
     .bind(first_hour)
     .bind(end)
     .fetch_all(pool)
     .await?;
+    // The aggregator's refusals among the offsets these files hold (and only those: a flood
+    // of refused records elsewhere costs nothing here).
     let refused: HashSet<(i32, i64)> = sqlx::query_as::<_, (i32, i64)>(
-        "SELECT partition, \"offset\" FROM rejected_events
-         WHERE received_via = 'kafka' AND topic = $1",
+        "SELECT r.partition, r.\"offset\" FROM rejected_events r
+         WHERE r.received_via = 'kafka' AND r.topic = $1
+           AND EXISTS (SELECT 1 FROM archive_files f JOIN archive_file_ranges fr USING (file_id)
+                       WHERE f.hour >= $2 AND f.hour < $3 AND fr.topic = r.topic
+                         AND fr.partition = r.partition
+                         AND r.\"offset\" BETWEEN fr.first_offset AND fr.last_offset)",
     )
     .bind(topic)
+    .bind(first_hour)
+    .bind(end)
     .fetch_all(pool)
     .await?
     .into_iter()
@@ -101,42 +122,71 @@ pub async fn verify(
 
     // (hour, customer, meter) → [archived, windows]
     let mut counts: BTreeMap<(DateTime<Utc>, String, String), [i64; 2]> = BTreeMap::new();
+    let mut skipped: HashSet<DateTime<Utc>> = HashSet::new();
     let mut expired: HashSet<DateTime<Utc>> = HashSet::new();
-    // Event ids seen in the hour being read (a re-sent event has the same timestamp, so
-    // the same hour; files come in hour order).
+    // Event ids seen in the hour being read (a re-sent event has the same timestamp, so the
+    // same hour; files come in hour order), hashed with a key of this run's own, so that ids
+    // chosen to collide cannot hide an event.
+    let keyed = std::collections::hash_map::RandomState::new();
     let mut seen: (Option<DateTime<Utc>>, HashSet<u64>) = (None, HashSet::new());
-    for (path, staging_path, state, hour) in files {
-        if state == "deleted" {
-            expired.insert(hour);
-            continue;
+    for (path, staging_path, state, hour, bytes, sha256) in files {
+        match state.as_str() {
+            "deleted" => {
+                expired.insert(hour);
+                continue;
+            }
+            "lost" => {
+                verification.lost.push(path);
+                continue;
+            }
+            _ => {}
         }
         if seen.0 != Some(hour) {
             seen = (Some(hour), HashSet::new());
         }
-        // A recorded file not yet published is still where it was staged.
-        let location = if state == "staged" {
-            staging_path
-        } else {
-            path
+        let read = read_whole(store, &path, &staging_path, &state, bytes, &sha256).await;
+        let (location, contents) = match read {
+            Ok(found) => found,
+            Err(why) => {
+                verification.unreadable.push(Unreadable { path, hour, why });
+                skipped.insert(hour);
+                continue;
+            }
         };
-        let bytes = store.read(&Path::from(location.as_str())).await?;
-        verification.files += 1;
         let mut records = 0;
-        read_each(&location, bytes, |record| {
+        // Counted under the event's own hour, as the windows are (an event the aggregator
+        // could not count may be filed under the hour it came).
+        let mut counted: Vec<(DateTime<Utc>, String, String)> = Vec::new();
+        let decoded = read_each(&location, contents, |record| {
             records += 1;
             let Some(event) = record.event() else {
                 return;
             };
             if refused.contains(&(record.partition, record.offset))
-                || !seen.1.insert(xxh3_64(event.id.as_bytes()))
+                || !seen.1.insert(keyed.hash_one(&event.id))
             {
                 return;
             }
-            counts
-                .entry((hour, event.customer.clone(), event.meter.clone()))
-                .or_default()[0] += 1;
-        })?;
+            counted.push((
+                hour_start(event.timestamp),
+                event.customer.clone(),
+                event.meter.clone(),
+            ));
+        });
+        if let Err(error) = decoded {
+            verification.unreadable.push(Unreadable {
+                path,
+                hour,
+                why: error.to_string(),
+            });
+            skipped.insert(hour);
+            continue;
+        }
+        verification.files += 1;
         verification.records += records;
+        for key in counted {
+            counts.entry(key).or_default()[0] += 1;
+        }
     }
 
     let windows: Vec<(DateTime<Utc>, String, String, i64)> = sqlx::query_as(
@@ -154,7 +204,7 @@ pub async fn verify(
 
     let mut hours = HashSet::new();
     for ((hour, customer, meter), [archived, windows]) in counts {
-        if expired.contains(&hour) {
+        if expired.contains(&hour) || skipped.contains(&hour) {
             continue;
         }
         hours.insert(hour);
@@ -175,6 +225,38 @@ pub async fn verify(
     verification.expired_hours.sort();
     verification.positions = positions(pool, topic, aggregator_group).await?;
     Ok(verification)
+}
+
+/// A recorded file's bytes, checked against its recorded size and SHA-256: where it is
+/// published, or (still `staged`) where it was staged, or published meanwhile.
+async fn read_whole(
+    store: &ArchiveStore,
+    path: &str,
+    staging_path: &str,
+    state: &str,
+    bytes: i64,
+    sha256: &str,
+) -> Result<(String, bytes::Bytes), String> {
+    let mut places = vec![path];
+    if state == "staged" {
+        places.insert(0, staging_path);
+    }
+    let mut last_error = String::new();
+    for place in places {
+        match store.read(&Path::from(place)).await {
+            Ok(contents) => {
+                if contents.len() as i64 != bytes {
+                    return Err(format!("{} bytes, {bytes} recorded", contents.len()));
+                }
+                if hex::encode(Sha256::digest(&contents)) != sha256 {
+                    return Err("its SHA-256 is not the one recorded".into());
+                }
+                return Ok((place.to_owned(), contents));
+            }
+            Err(error) => last_error = error.to_string(),
+        }
+    }
+    Err(last_error)
 }
 
 /// The partitions where the archive's next offset and the aggregator's differ.

@@ -59,7 +59,10 @@ async fn duckdb_reads_the_published_files_and_sums_every_quantity_exactly() {
         *expected
             .entry((customer.to_owned(), meter.to_owned()))
             .or_default() += quantity;
-        by_hour.entry(record.hour()).or_default().push(record);
+        by_hour
+            .entry(record.hour(TimeDelta::days(35)))
+            .or_default()
+            .push(record);
     }
     let flush = uuid::Uuid::now_v7();
     for (n, (hour, records)) in by_hour.iter().enumerate() {

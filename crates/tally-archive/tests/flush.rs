@@ -41,7 +41,7 @@ async fn a_flush_publishes_one_file_an_hour_recorded_with_the_offsets_it_advance
         .unwrap();
     assert_eq!(resume.into_iter().collect::<Vec<_>>(), [(0, 0), (1, 0)]);
 
-    let mut buffer = Buffer::default();
+    let mut buffer = Buffer::new(chrono::TimeDelta::days(35));
     // A late event of 10:59 among 11:00's, and a record the contract refuses.
     let records = vec![
         record(0, 0, "2026-12-07T11:00:05Z"),
@@ -106,7 +106,7 @@ async fn an_archiver_whose_partition_was_taken_records_nothing_and_leaves_only_s
     flush::take_partitions(&db.pool, TOPIC, &[0], "archiver-b")
         .await
         .unwrap();
-    let mut buffer = Buffer::default();
+    let mut buffer = Buffer::new(chrono::TimeDelta::days(35));
     buffer.push(record(0, 0, "2026-12-07T11:00:05Z")).unwrap();
     let error = flush::flush(&db.pool, &store, TOPIC, "archiver-a", buffer)
         .await
@@ -187,7 +187,7 @@ async fn a_flush_that_starts_before_where_the_archive_ends_records_nothing() {
     flush::take_partitions(&db.pool, TOPIC, &[0], "archiver-a")
         .await
         .unwrap();
-    let mut buffer = Buffer::default();
+    let mut buffer = Buffer::new(chrono::TimeDelta::days(35));
     for offset in 0..10 {
         buffer
             .push(record(0, offset, "2026-12-07T11:00:05Z"))
@@ -197,7 +197,7 @@ async fn a_flush_that_starts_before_where_the_archive_ends_records_nothing() {
         .await
         .unwrap();
     // Offsets 5-12 again (a position from before a rebalance moved it): 5-9 are archived.
-    let mut again = Buffer::default();
+    let mut again = Buffer::new(chrono::TimeDelta::days(35));
     for offset in 5..13 {
         again
             .push(record(0, offset, "2026-12-07T11:00:05Z"))
@@ -221,7 +221,7 @@ async fn a_flush_that_starts_before_where_the_archive_ends_records_nothing() {
     assert_eq!(published_files(&db.pool).await.len(), 1);
     assert_eq!(store.published().await.unwrap().len(), 1);
     // From where it ends, and past a gap (records Kafka no longer has): recorded.
-    let mut next = Buffer::default();
+    let mut next = Buffer::new(chrono::TimeDelta::days(35));
     for offset in [10, 11, 15] {
         next.push(record(0, offset, "2026-12-07T11:00:05Z"))
             .unwrap();
@@ -234,4 +234,326 @@ async fn a_flush_that_starts_before_where_the_archive_ends_records_nothing() {
         .await
         .unwrap();
     assert_eq!(next_offset, 16);
+}
+
+#[tokio::test]
+async fn retention_deletes_old_hours_whole_and_verify_says_they_are_no_longer_compared() {
+    let db = tally_db::testing::fresh_database().await;
+    let store = ArchiveStore::in_memory();
+    flush::take_partitions(&db.pool, TOPIC, &[0], "archiver-a")
+        .await
+        .unwrap();
+    // A horizon of ten years: the 2025 event is filed under its own hour.
+    let mut buffer = Buffer::new(chrono::TimeDelta::days(3650));
+    let old = "2025-01-10T08:15:00Z";
+    let recent = "2026-12-07T11:05:00Z";
+    for (offset, timestamp) in [(0, old), (1, old), (2, recent)] {
+        buffer.push(record(0, offset, timestamp)).unwrap();
+    }
+    flush::flush(&db.pool, &store, TOPIC, "archiver-a", buffer)
+        .await
+        .unwrap();
+    assert_eq!(store.published().await.unwrap().len(), 2);
+
+    // Keep what ended after 2026-01-01: the 2025 hour goes, its row stays as `deleted`.
+    let expired = tally_archive::retention::expire(&db.pool, &store, at("2026-01-01T00:00:00Z"))
+        .await
+        .unwrap();
+    assert_eq!(expired, 1);
+    let published = store.published().await.unwrap();
+    assert_eq!(published.len(), 1);
+    assert!(published[0].location.as_ref().contains("date=2026-12-07"));
+    let states: Vec<(String, String)> = published_files(&db.pool)
+        .await
+        .into_iter()
+        .map(|(path, state, ..)| (path[..25].to_owned(), state))
+        .collect();
+    assert_eq!(
+        states,
+        [
+            ("events/date=2025-01-10/ho".to_owned(), "deleted".to_owned()),
+            (
+                "events/date=2026-12-07/ho".to_owned(),
+                "published".to_owned()
+            )
+        ]
+    );
+    // A second pass finds nothing more; an hour that ends exactly at the cutoff is kept.
+    let expired = tally_archive::retention::expire(&db.pool, &store, at("2026-12-07T12:00:00Z"))
+        .await
+        .unwrap();
+    assert_eq!(expired, 1, "11:00-12:00 ended at the cutoff");
+
+    // Verify compares no deleted hour: the windows' count for it is not a difference.
+    sqlx::query(
+        "INSERT INTO usage_minute (customer_id, meter, window_start, group_key, value, event_count,
+                first_updated, last_updated)
+         VALUES ('acme', 'api_calls', '2025-01-10T08:15:00Z', '', 3, 2, now(), now())",
+    )
+    .execute(&db.pool)
+    .await
+    .unwrap();
+    let verification = tally_archive::verify::verify(
+        &db.pool,
+        &store,
+        TOPIC,
+        "tally-aggregator",
+        at("2025-01-10T00:00:00Z"),
+        at("2025-01-11T00:00:00Z"),
+    )
+    .await
+    .unwrap();
+    assert!(verification.differences.is_empty(), "{verification:?}");
+    assert_eq!(verification.expired_hours, [at("2025-01-10T08:00:00Z")]);
+}
+
+#[tokio::test]
+async fn verify_counts_each_event_once_and_not_what_the_aggregator_refused() {
+    let db = tally_db::testing::fresh_database().await;
+    let store = ArchiveStore::in_memory();
+    flush::take_partitions(&db.pool, TOPIC, &[0, 1], "archiver-a")
+        .await
+        .unwrap();
+    let hour = "2026-12-07T11:05:00Z";
+    let mut buffer = Buffer::new(chrono::TimeDelta::days(35));
+    // e-0-0 twice (a producer's retry lands on another partition's offset: same id), an
+    // event the aggregator refused (by its Kafka position), and a record that is no event.
+    buffer.push(record(0, 0, hour)).unwrap();
+    let retry = format!(
+        r#"{{"id":"e-0-0","customer":"acme","meter":"api_calls","quantity":"1.5","timestamp":"{hour}"}}"#
+    );
+    buffer
+        .push(ArchivedRecord::decode(retry.as_bytes(), 1, 0, at(hour)))
+        .unwrap();
+    buffer.push(record(0, 1, hour)).unwrap();
+    buffer.push(record(1, 1, hour)).unwrap();
+    buffer
+        .push(ArchivedRecord::decode(b"{", 1, 2, at(hour)))
+        .unwrap();
+    flush::flush(&db.pool, &store, TOPIC, "archiver-a", buffer)
+        .await
+        .unwrap();
+    sqlx::query(
+        "INSERT INTO rejected_events (reason, detail, topic, partition, \"offset\", raw)
+         VALUES ('unknown_meter', '', $1, 0, 1, '\\x00')",
+    )
+    .bind(TOPIC)
+    .execute(&db.pool)
+    .await
+    .unwrap();
+    let window = |count: i64| {
+        sqlx::query(
+            "INSERT INTO usage_minute (customer_id, meter, window_start, group_key, value,
+                    event_count, first_updated, last_updated)
+             VALUES ('acme', 'api_calls', '2026-12-07T11:05:00Z', '', 3, $1, now(), now())
+             ON CONFLICT (customer_id, meter, window_start, group_key)
+             DO UPDATE SET event_count = EXCLUDED.event_count",
+        )
+        .bind(count)
+    };
+    window(2).execute(&db.pool).await.unwrap();
+    let check = || {
+        tally_archive::verify::verify(
+            &db.pool,
+            &store,
+            TOPIC,
+            "tally-aggregator",
+            at("2026-12-07T11:30:00Z"),
+            at("2026-12-07T11:30:01Z"),
+        )
+    };
+    let verification = check().await.unwrap();
+    assert_eq!(verification.files, 1);
+    assert_eq!(verification.records, 5);
+    assert_eq!((verification.archived, verification.windows), (2, 2));
+    assert!(verification.differences.is_empty(), "{verification:?}");
+
+    window(3).execute(&db.pool).await.unwrap();
+    let verification = check().await.unwrap();
+    assert_eq!(verification.differences.len(), 1);
+    assert_eq!(
+        (
+            verification.differences[0].archived,
+            verification.differences[0].windows
+        ),
+        (2, 3)
+    );
+}
+
+#[tokio::test]
+async fn a_recorded_file_the_store_lost_is_marked_lost_and_holds_back_nothing() {
+    let db = tally_db::testing::fresh_database().await;
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("archive");
+    let store = ArchiveStore::open(&format!("file://{}", root.display())).unwrap();
+    flush::take_partitions(&db.pool, TOPIC, &[0], "archiver-a")
+        .await
+        .unwrap();
+    // Three files recorded but not published (the archiver died after its commit); then the
+    // disk loses one and cuts another short.
+    for (n, hour) in ["09", "10", "11"].into_iter().enumerate() {
+        let file =
+            file::encode(&[record(0, n as i64, &format!("2026-12-07T{hour}:05:00Z"))]).unwrap();
+        let flush_id = uuid::Uuid::now_v7();
+        let staged = store
+            .stage(
+                staging_path(flush_id, 0),
+                published_path(at(&format!("2026-12-07T{hour}:00:00Z")), flush_id, 0),
+                file,
+            )
+            .await
+            .unwrap();
+        sqlx::query(
+            "INSERT INTO archive_files (path, staging_path, flush_id, hour, bytes, sha256, records,
+                    accepted, schema_version)
+             VALUES ($1, $2, $3::uuid, $4, $5, $6, 1, 1, 1)",
+        )
+        .bind(staged.published.as_ref())
+        .bind(staged.staging.as_ref())
+        .bind(flush_id.to_string())
+        .bind(at(&format!("2026-12-07T{hour}:00:00Z")))
+        .bind(staged.bytes as i64)
+        .bind(&staged.sha256)
+        .execute(&db.pool)
+        .await
+        .unwrap();
+        let on_disk = root.join(staged.staging.as_ref());
+        match hour {
+            "09" => std::fs::remove_file(&on_disk).unwrap(),
+            "10" => {
+                let bytes = std::fs::read(&on_disk).unwrap();
+                std::fs::write(&on_disk, &bytes[..bytes.len() / 2]).unwrap();
+            }
+            _ => {}
+        }
+    }
+    let published = flush::publish_staged(&db.pool, &store).await.unwrap();
+    assert_eq!(published, 1, "the whole file is published");
+    let states: Vec<String> = published_files(&db.pool)
+        .await
+        .into_iter()
+        .map(|(_, state, ..)| state)
+        .collect();
+    assert_eq!(states, ["lost", "lost", "published"]);
+    // Nothing is left to hold back the next pass.
+    assert_eq!(flush::publish_staged(&db.pool, &store).await.unwrap(), 0);
+    assert_eq!(store.published().await.unwrap().len(), 1);
+
+    // Verify names the lost files; their hour's event is missing from the archive.
+    let verification = tally_archive::verify::verify(
+        &db.pool,
+        &store,
+        TOPIC,
+        "tally-aggregator",
+        at("2026-12-07T09:00:00Z"),
+        at("2026-12-07T12:00:00Z"),
+    )
+    .await
+    .unwrap();
+    assert_eq!(verification.lost.len(), 2, "{verification:?}");
+    assert_eq!(verification.archived, 1);
+}
+
+#[tokio::test]
+async fn verify_reads_a_file_published_meanwhile_and_reports_an_altered_one_without_stopping() {
+    let db = tally_db::testing::fresh_database().await;
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("archive");
+    let store = ArchiveStore::open(&format!("file://{}", root.display())).unwrap();
+    flush::take_partitions(&db.pool, TOPIC, &[0], "archiver-a")
+        .await
+        .unwrap();
+    let mut buffer = Buffer::new(chrono::TimeDelta::days(35));
+    buffer.push(record(0, 0, "2026-12-07T10:05:00Z")).unwrap();
+    buffer.push(record(0, 1, "2026-12-07T11:05:00Z")).unwrap();
+    flush::flush(&db.pool, &store, TOPIC, "archiver-a", buffer)
+        .await
+        .unwrap();
+    // The 10:00 file: published, but Postgres still says staged (the archiver stopped
+    // between the two). The 11:00 file: altered on disk.
+    sqlx::query("UPDATE archive_files SET state = 'staged' WHERE hour = '2026-12-07T10:00:00Z'")
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    let eleven: String =
+        sqlx::query_scalar("SELECT path FROM archive_files WHERE hour = '2026-12-07T11:00:00Z'")
+            .fetch_one(&db.pool)
+            .await
+            .unwrap();
+    let mut bytes = std::fs::read(root.join(&eleven)).unwrap();
+    let middle = bytes.len() / 2;
+    bytes[middle] ^= 0xff;
+    std::fs::write(root.join(&eleven), bytes).unwrap();
+
+    let verification = tally_archive::verify::verify(
+        &db.pool,
+        &store,
+        TOPIC,
+        "tally-aggregator",
+        at("2026-12-07T10:00:00Z"),
+        at("2026-12-07T12:00:00Z"),
+    )
+    .await
+    .unwrap();
+    assert_eq!(verification.files, 1);
+    assert_eq!(
+        verification.archived, 1,
+        "10:00's event, read where it was published"
+    );
+    assert_eq!(verification.unreadable.len(), 1, "{verification:?}");
+    assert_eq!(verification.unreadable[0].path, eleven);
+    assert!(verification.unreadable[0].why.contains("SHA-256"));
+    // 10:00 has no window: a difference; 11:00 is not compared.
+    assert_eq!(verification.differences.len(), 1);
+    assert_eq!(verification.differences[0].hour, at("2026-12-07T10:00:00Z"));
+}
+
+#[test]
+fn events_timed_across_all_of_history_open_one_file_not_one_an_hour() {
+    // A client picks its events' times: ten thousand events, each in an hour of its own,
+    // decades before they came. The aggregator counts none of them (too late), and the
+    // archive files them all under the hour they came.
+    let mut buffer = Buffer::new(chrono::TimeDelta::days(35));
+    let came = at("2026-12-07T11:30:00Z");
+    for n in 0..10_000i64 {
+        let timestamp =
+            (came - chrono::TimeDelta::days(36) - chrono::TimeDelta::hours(n)).to_rfc3339();
+        let event = format!(
+            r#"{{"id":"h{n}","customer":"acme","meter":"api_calls","quantity":"1","timestamp":"{timestamp}"}}"#
+        );
+        buffer
+            .push(ArchivedRecord::decode(event.as_bytes(), 0, n, came))
+            .unwrap();
+    }
+    assert_eq!(buffer.open_files(), 1);
+    assert!(
+        buffer.memory_bytes() < 16 * 1024 * 1024,
+        "{}",
+        buffer.memory_bytes()
+    );
+}
+
+#[tokio::test]
+async fn writes_killed_midway_are_swept_from_staging_once_a_day_old() {
+    let db = tally_db::testing::fresh_database().await;
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("archive");
+    let store = ArchiveStore::open(&format!("file://{}", root.display())).unwrap();
+    let flush_dir = root.join("_staging").join(uuid::Uuid::now_v7().to_string());
+    std::fs::create_dir_all(&flush_dir).unwrap();
+    let (old, new) = (flush_dir.join("0.parquet#1"), flush_dir.join("1.parquet#2"));
+    std::fs::write(&old, b"half").unwrap();
+    std::fs::write(&new, b"half").unwrap();
+    let touched = std::process::Command::new("touch")
+        .args(["-d", "3 days ago"])
+        .arg(&old)
+        .status()
+        .unwrap();
+    assert!(touched.success());
+    assert_eq!(flush::remove_orphans(&db.pool, &store).await.unwrap(), 1);
+    assert!(!old.exists());
+    assert!(
+        new.exists(),
+        "a write that may still be going on is left alone"
+    );
 }

@@ -46,7 +46,9 @@ struct VerifyArgs {
     /// From this time (RFC 3339; the hour holding it) [default: 24 hours before --to]
     #[arg(long, value_parser = parse_time)]
     from: Option<DateTime<Utc>>,
-    /// Up to this time (RFC 3339; exclusive, rounded up to the hour) [default: now]
+    /// Up to this time (RFC 3339; exclusive, rounded up to the hour) [default: the start of
+    /// the last hour the archive has whole: now, less archive.flush_every and a minute,
+    /// rounded down]
     #[arg(long, value_parser = parse_time)]
     to: Option<DateTime<Utc>>,
     /// Print the result as JSON
@@ -85,6 +87,7 @@ fn archive(config: &TallyConfig, args: &ArchiveArgs) -> anyhow::Result<()> {
     let archiver = Archiver::new(
         config.archive.clone(),
         config.kafka.clone(),
+        config.aggregator.lateness_horizon,
         pool,
         runtime.handle().clone(),
     )?;
@@ -105,7 +108,10 @@ fn archive(config: &TallyConfig, args: &ArchiveArgs) -> anyhow::Result<()> {
 }
 
 fn verify(config: &TallyConfig, args: &VerifyArgs) -> anyhow::Result<()> {
-    let to = args.to.unwrap_or_else(Utc::now);
+    let to = args.to.unwrap_or_else(|| {
+        let flushed = TimeDelta::from_std(config.archive.flush_every).unwrap_or_default();
+        tally_core::window::hour_start(Utc::now() - flushed - TimeDelta::minutes(1))
+    });
     let from = args.from.unwrap_or(to - TimeDelta::hours(24));
     if from >= to {
         bail!("--from ({}) must be before --to ({})", time(from), time(to));
@@ -150,6 +156,17 @@ fn verify(config: &TallyConfig, args: &VerifyArgs) -> anyhow::Result<()> {
                 d.windows
             );
         }
+        for file in &verification.unreadable {
+            println!(
+                "unread   {}  {}: {} (the hour is not compared)",
+                time(file.hour),
+                file.path,
+                file.why
+            );
+        }
+        for path in &verification.lost {
+            println!("lost     {path}: recorded, but the store lost it (its hour differs)");
+        }
         for hour in &verification.expired_hours {
             println!(
                 "expired  {}  (archive.retention deleted its files; not compared)",
@@ -162,6 +179,12 @@ fn verify(config: &TallyConfig, args: &VerifyArgs) -> anyhow::Result<()> {
                 p.partition, p.archived_to, p.aggregated_to
             );
         }
+    }
+    if !verification.unreadable.is_empty() {
+        bail!(
+            "{} archive file(s) could not be read whole (listed above); restore them from a backup, or find what changed them",
+            verification.unreadable.len()
+        );
     }
     if !verification.differences.is_empty() {
         bail!(
