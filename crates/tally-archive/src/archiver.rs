@@ -290,7 +290,7 @@ impl Archiver {
             // What costs more than a record's own work (the files' sizes, the end offsets)
             // is looked at when the topic is quiet, or every CHECK_EVERY records.
             let look = quiet
-                || run.summary.consumed % CHECK_EVERY == 0
+                || run.summary.consumed.is_multiple_of(CHECK_EVERY)
                 || run.buffer.open_files() > self.config.max_open_files;
             if !look {
                 continue;
