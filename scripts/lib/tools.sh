@@ -1,7 +1,8 @@
 # Sourced by scripts: installs the tools tests run, when they are missing: promtool (Debian
 # package prometheus) and systemd-analyze (package systemd) for tests/deploy.rs; chromium and
 # chromium-driver, and axe-core from npm, for tests/browser.rs; DuckDB from PyPI, for the
-# archive's tests (a data team's reader of its Parquet files). Installing needs root (CI is
+# archive's tests (a data team's reader of its Parquet files); moto from PyPI, an S3 server for
+# the archive's S3 test. Installing needs root (CI is
 # root); otherwise the message says what to install.
 
 ensure_tools() {
@@ -13,6 +14,7 @@ ensure_tools() {
   command -v chromedriver >/dev/null 2>&1 || missing+=(chromium-driver)
   ensure_axe || return 1
   ensure_duckdb || return 1
+  ensure_moto || return 1
   [ ${#missing[@]} -eq 0 ] && return 0
   if [ "$(id -u)" -eq 0 ] && command -v apt-get >/dev/null 2>&1; then
     echo "installing ${missing[*]} (promtool and systemd-analyze for tests/deploy.rs, chromium for tests/browser.rs)" >&2
@@ -59,4 +61,25 @@ ensure_duckdb() {
     touch "$dir/.installed"
   fi
   export TALLY_DUCKDB_PYTHONPATH="$PWD/$dir"
+}
+
+# moto, an S3-compatible server (Python), which the archive's S3 test writes to on loopback:
+# fetched from PyPI once, pinned, into target/tools (not shipped). Tests find it through
+# TALLY_MOTO_PYTHONPATH.
+MOTO_VERSION=5.2.6
+ensure_moto() {
+  local dir=target/tools/moto-$MOTO_VERSION
+  if [ ! -f "$dir/.installed" ]; then
+    if ! python3 -m pip --version >/dev/null 2>&1; then
+      echo "the archive's S3 test needs python3 with pip to fetch moto $MOTO_VERSION (Debian: apt-get install python3-pip)" >&2
+      return 1
+    fi
+    rm -rf "$dir" && mkdir -p "$dir"
+    # Wheels only; the S3 backend and the server (flask), not every AWS service moto has.
+    python3 -m pip install --quiet --disable-pip-version-check --only-binary=:all: --target "$dir" \
+        "moto[s3]==$MOTO_VERSION" "flask<4" "flask-cors<7" >&2 2>/dev/null \
+      || { echo "pip could not fetch moto==$MOTO_VERSION from PyPI (the archive's S3 test serves S3 with it); check the network, or install it and set TALLY_MOTO_PYTHONPATH" >&2; return 1; }
+    touch "$dir/.installed"
+  fi
+  export TALLY_MOTO_PYTHONPATH="$PWD/$dir"
 }

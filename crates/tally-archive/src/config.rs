@@ -8,8 +8,8 @@ use serde::{Deserialize, Serialize};
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ArchiveConfig {
-    /// The object store the files go to: `file:///absolute/dir` (this build reads and writes
-    /// local directories, including mounted network file systems).
+    /// The store the files go to: `file:///absolute/dir`, `s3://bucket/prefix`,
+    /// `gs://bucket/prefix` or `az://container/prefix` ([`crate::ArchiveStore::open`]).
     pub url: String,
     /// The archiver's own Kafka consumer group: it reads the topic beside the aggregators,
     /// never taking their partitions.

@@ -7,9 +7,13 @@ use std::sync::Arc;
 use bytes::Bytes;
 use chrono::{DateTime, Utc};
 use futures_util::StreamExt;
+use object_store::aws::{AmazonS3Builder, S3CopyIfNotExists};
+use object_store::azure::MicrosoftAzureBuilder;
+use object_store::gcp::GoogleCloudStorageBuilder;
 use object_store::local::LocalFileSystem;
 use object_store::memory::InMemory;
 use object_store::path::Path;
+use object_store::prefix::PrefixStore;
 use object_store::{ObjectMeta, ObjectStore, PutPayload};
 use sha2::{Digest, Sha256};
 
@@ -36,18 +40,85 @@ pub struct ArchiveStore {
 }
 
 impl ArchiveStore {
-    /// The store `[archive] url` names. This build reads `file:///absolute/directory` (created
-    /// if missing).
+    /// The store `[archive] url` names:
+    /// - `file:///absolute/directory` (created if missing), each write fsynced;
+    /// - `s3://bucket/prefix`, with the AWS SDK's environment (`AWS_ACCESS_KEY_ID`,
+    ///   `AWS_SECRET_ACCESS_KEY`, `AWS_REGION`, `AWS_ENDPOINT` for an S3-compatible store, ...).
+    ///   Publishing copies a file only where none is (a multipart copy completed with
+    ///   `If-None-Match: *`, which S3 has done since 2024; `AWS_COPY_IF_NOT_EXISTS` chooses
+    ///   another way for stores that lack it);
+    /// - `gs://bucket/prefix` (`GOOGLE_SERVICE_ACCOUNT`, ...) and `az://container/prefix`
+    ///   (`AZURE_STORAGE_ACCOUNT_NAME`, `AZURE_STORAGE_ACCOUNT_KEY`, ...), which copy only where
+    ///   none is by themselves.
     pub fn open(url: &str) -> Result<ArchiveStore, ArchiveError> {
+        Self::open_with(url, &[])
+    }
+
+    /// [`ArchiveStore::open`] with settings of an object store's own given here rather than
+    /// in the environment (`("aws_endpoint", "http://127.0.0.1:9000")`, ...; they win).
+    pub fn open_with(url: &str, options: &[(&str, &str)]) -> Result<ArchiveStore, ArchiveError> {
         let refuse = |why: &str| ArchiveError::Url {
             url: url.to_owned(),
             why: why.to_owned(),
         };
-        let Some(directory) = url.strip_prefix("file://") else {
-            return Err(refuse(
-                "this build stores the archive in a local directory only: write file:///absolute/path (s3://, gs:// and az:// are not built in yet)",
-            ));
+        let (scheme, _) = url
+            .split_once("://")
+            .ok_or_else(|| refuse("not a URL: write file:///absolute/path, s3://bucket/prefix, gs://bucket/prefix or az://container/prefix"))?;
+        let unusable = |e: object_store::Error| {
+            refuse(&format!(
+                "{e}; an object store's settings and credentials come from the environment (AWS_*, GOOGLE_*, AZURE_* variables)"
+            ))
         };
+        let cloud = |store: Arc<dyn ObjectStore>| -> Result<ArchiveStore, ArchiveError> {
+            // Everything goes under the URL's path (the bucket's prefix).
+            let prefix = url::Url::parse(url)
+                .map_err(|e| refuse(&e.to_string()))?
+                .path()
+                .trim_matches('/')
+                .to_owned();
+            let store: Arc<dyn ObjectStore> = if prefix.is_empty() {
+                store
+            } else {
+                Arc::new(PrefixStore::new(store, prefix))
+            };
+            Ok(ArchiveStore {
+                store,
+                local_root: None,
+            })
+        };
+        match scheme {
+            "file" => {}
+            "s3" | "s3a" => {
+                let mut builder = AmazonS3Builder::from_env().with_url(url);
+                if std::env::var_os("AWS_COPY_IF_NOT_EXISTS").is_none() {
+                    builder = builder.with_copy_if_not_exists(S3CopyIfNotExists::Multipart);
+                }
+                for (key, value) in options {
+                    builder = builder.with_config(key.parse().map_err(unusable)?, *value);
+                }
+                return cloud(Arc::new(builder.build().map_err(unusable)?));
+            }
+            "gs" => {
+                let mut builder = GoogleCloudStorageBuilder::from_env().with_url(url);
+                for (key, value) in options {
+                    builder = builder.with_config(key.parse().map_err(unusable)?, *value);
+                }
+                return cloud(Arc::new(builder.build().map_err(unusable)?));
+            }
+            "az" | "abfs" | "abfss" => {
+                let mut builder = MicrosoftAzureBuilder::from_env().with_url(url);
+                for (key, value) in options {
+                    builder = builder.with_config(key.parse().map_err(unusable)?, *value);
+                }
+                return cloud(Arc::new(builder.build().map_err(unusable)?));
+            }
+            _ => {
+                return Err(refuse(
+                    "unknown scheme: write file:///absolute/path, s3://bucket/prefix, gs://bucket/prefix or az://container/prefix",
+                ))
+            }
+        }
+        let directory = &url["file://".len()..];
         if !directory.starts_with('/') {
             return Err(refuse(
                 "a file:// URL names an absolute directory: file:///var/lib/tally/archive",
@@ -345,13 +416,18 @@ mod tests {
     }
 
     #[test]
-    fn only_absolute_local_directories_are_opened() {
+    fn urls_name_a_local_directory_or_an_object_store() {
         for (url, says) in [
-            ("s3://bucket/archive", "local directory only"),
             ("file://relative/dir", "absolute directory"),
+            ("ftp://host/archive", "unknown scheme"),
+            ("/var/lib/tally/archive", "not a URL"),
         ] {
             let error = ArchiveStore::open(url).unwrap_err();
             assert!(error.to_string().contains(says), "{url}: {error}");
         }
+        // Object stores open without a request; what they lack is named.
+        ArchiveStore::open("s3://bucket/archive").unwrap();
+        let error = ArchiveStore::open_with("az://container/archive", &[]).unwrap_err();
+        assert!(error.to_string().contains("AZURE_"), "{error}");
     }
 }
