@@ -298,3 +298,50 @@ fn list_files(dir: &Path, root: &Path, found: &mut Vec<String>) {
         }
     }
 }
+
+#[test]
+fn a_partition_archived_past_the_end_of_kafkas_log_is_left_unread_and_the_others_archived() {
+    let runtime = runtime();
+    let db = runtime.block_on(tally_db::testing::fresh_database());
+    let store = tempfile::tempdir().unwrap();
+    let root = store.path().join("archive");
+    let (work, kafka, _broker) = broker_process(
+        &db.url,
+        PARTITIONS,
+        &format!("[archive]\nurl = \"file://{}\"\n", root.display()),
+    );
+    let (ok, output) = work.run(&db.url, &["migrate"]);
+    assert!(ok, "{output}");
+    let emitter = TestEmitter::start(&kafka);
+    let mut expected = Sums::new();
+    emit_events(&emitter, "ahead", 0, 400, &mut expected);
+    emitter.flush(Duration::from_secs(30)).unwrap();
+    // The topic was recreated under the archive: partition 0 was archived to offset 1,000,000.
+    runtime
+        .block_on(
+            sqlx::query(
+                "INSERT INTO archive_offsets (topic, partition, next_offset) VALUES ($1, 0, 1000000)",
+            )
+            .bind(&kafka.topic)
+            .execute(&db.pool),
+        )
+        .unwrap();
+    let (ok, output) = work.run(&db.url, &["archive", "--once"]);
+    assert!(ok, "{output}");
+    assert!(output.contains("ends past Kafka's log"), "{output}");
+    let ends = end_offsets(&kafka);
+    let archived: Vec<(i32, i64)> = runtime
+        .block_on(
+            sqlx::query_as(
+                "SELECT partition, next_offset FROM archive_offsets WHERE topic = $1 ORDER BY 1",
+            )
+            .bind(&kafka.topic)
+            .fetch_all(&db.pool),
+        )
+        .unwrap();
+    let expected_positions: Vec<(i32, i64)> = (0..PARTITIONS as i32)
+        .map(|p| (p, if p == 0 { 1_000_000 } else { ends[&p] }))
+        .collect();
+    assert_eq!(archived, expected_positions);
+    emitter.shutdown(Duration::from_secs(5));
+}

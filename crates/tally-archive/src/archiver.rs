@@ -462,32 +462,45 @@ impl Archiver {
             }
         };
         let mut assignment = TopicPartitionList::new();
+        let mut ahead = Vec::new();
         for (&partition, &next) in &resume {
+            let end = match consumer.fetch_watermarks(topic, partition, KAFKA_TIMEOUT) {
+                Ok((_, high)) => Some(high),
+                Err(e) if mode == RunMode::Once => {
+                    run.positions.clear();
+                    run.next_take = Instant::now() + run.backoff.next_wait();
+                    run.failures += 1;
+                    if run.failures >= ONCE_ATTEMPTS {
+                        return Err(ArchiverError::Kafka(format!(
+                            "cannot read the end offset of partition {partition}: {e}"
+                        )));
+                    }
+                    return Ok(());
+                }
+                Err(e) => {
+                    tracing::warn!(partition, error = %e, "cannot read the end offset; reading on");
+                    None
+                }
+            };
+            if let Some(end) = end.filter(|&end| next > end) {
+                // The topic was recreated or its log cut short under the archive: every record
+                // below `next` would be taken for one archived already. Left paused, for a
+                // person; the other partitions go on.
+                tracing::error!(partition, archived_to = next, kafka_ends_at = end, "the archive of this partition ends past Kafka's log (the topic was recreated, or its log cut short): not reading it; see docs/operations.md#tallyarchivepartitionahead");
+                ahead.push(partition);
+                continue;
+            }
             if let Err(e) = assignment.add_partition_offset(topic, partition, Offset::Offset(next))
             {
                 tracing::error!(partition, error = %e, "cannot set a start offset");
                 continue;
             }
             run.positions.insert(partition, next);
-            if mode == RunMode::Once {
-                match consumer.fetch_watermarks(topic, partition, KAFKA_TIMEOUT) {
-                    Ok((_, high)) => {
-                        run.targets.entry(partition).or_insert(high);
-                    }
-                    Err(e) => {
-                        run.positions.clear();
-                        run.next_take = Instant::now() + run.backoff.next_wait();
-                        run.failures += 1;
-                        if run.failures >= ONCE_ATTEMPTS {
-                            return Err(ArchiverError::Kafka(format!(
-                                "cannot read the end offset of partition {partition}: {e}"
-                            )));
-                        }
-                        return Ok(());
-                    }
-                }
+            if let (RunMode::Once, Some(end)) = (mode, end) {
+                run.targets.entry(partition).or_insert(end);
             }
         }
+        telemetry::record_ahead(ahead.len());
         // Replaces the paused assignment with one that starts where the archive ends.
         if let Err(e) = consumer.assign(&assignment) {
             tracing::warn!(error = %e, "assigning the taken partitions failed; retrying");

@@ -22,6 +22,9 @@ pub(crate) const CONSUMER_LAG: &str = "tally_archive_consumer_lag_messages";
 pub(crate) const OFFSETS_SKIPPED: &str = "tally_archive_offsets_skipped_total";
 /// Files Postgres recorded that the store lost (a disk failure, or removed by hand).
 pub(crate) const FILES_LOST: &str = "tally_archive_files_lost_total";
+/// Partitions whose archive ends past Kafka's log end (the topic recreated or cut short),
+/// left unread for a person.
+pub(crate) const PARTITIONS_AHEAD: &str = "tally_archive_partitions_ahead_of_kafka";
 /// Files deleted for `archive.retention`.
 pub(crate) const FILES_EXPIRED: &str = "tally_archive_files_expired_total";
 
@@ -58,6 +61,10 @@ pub(crate) fn record_skipped(offsets: i64) {
     counter!(OFFSETS_SKIPPED).increment(offsets.max(0) as u64);
 }
 
+pub(crate) fn record_ahead(partitions: usize) {
+    gauge!(PARTITIONS_AHEAD).set(partitions as f64);
+}
+
 pub(crate) fn record_lost() {
     counter!(FILES_LOST).increment(1);
 }
@@ -80,4 +87,5 @@ pub(crate) fn describe() {
     counter!(FILES_EXPIRED).increment(0);
     counter!(FILES_LOST).increment(0);
     gauge!(BUFFERED).set(0.0);
+    gauge!(PARTITIONS_AHEAD).set(0.0);
 }
