@@ -43,8 +43,9 @@ const ONCE_STALL: Duration = Duration::from_secs(60);
 /// how recent a mark must be for `--once` to leave the partition to it.
 const HEARTBEAT_EVERY: Duration = Duration::from_secs(5);
 const LIVE_WITHIN: Duration = Duration::from_secs(20);
-/// Records read between looks at the flush triggers and, in `--once`, the end offsets (both
+/// Records read between looks at the size trigger and, in `--once`, the end offsets (both
 /// cost more than a record): a file overshoots `archive.file_bytes` by at most this many.
+/// (The age and open-files triggers are looked at after every record.)
 const CHECK_EVERY: u64 = 1024;
 /// How often the daemon publishes what a crash left staged, removes orphans and applies
 /// `archive.retention`.
@@ -61,6 +62,8 @@ pub enum ArchiverError {
     Postgres(String),
     #[error("flush: {0}")]
     Flush(FlushError),
+    #[error("{0}")]
+    Identity(String),
     #[error("a running `tally archive` daemon holds {partitions} partition(s) ({example}), marked within the last 20 s: --once is for hosts without the daemon; stop the daemon first, or let it archive")]
     Busy { partitions: usize, example: String },
     #[error("consumed nothing for {waited:?} before reaching the end offsets seen at start ({behind}); is the broker serving the topic?")]
@@ -107,8 +110,6 @@ struct RunState {
     /// `--once`: each partition's end offset when it was taken.
     targets: HashMap<i32, i64>,
     last_message: Instant,
-    /// When this daemon last said in Postgres that it holds its partitions.
-    heartbeat: Instant,
     summary: RunSummary,
 }
 
@@ -141,11 +142,15 @@ impl Archiver {
         stop: &CancellationToken,
     ) -> Result<RunSummary, ArchiverError> {
         telemetry::describe();
+        self.runtime
+            .block_on(flush::same_store(&self.pool, &self.store, &self.config.url))
+            .map_err(|e| ArchiverError::Identity(e.to_string()))?;
         self.maintain();
         let background = stop.child_token();
         let _stop_background = background.clone().drop_guard();
         if mode == RunMode::Daemon {
-            self.spawn_maintenance(background);
+            self.spawn_maintenance(background.clone());
+            self.spawn_heartbeat(self.owner.clone(), background);
         }
         let consumer = kafka::consumer(&self.kafka, &self.config.group_id, &self.owner)
             .map_err(|e| ArchiverError::Kafka(self.kafka.options.redact(&e.to_string())))?;
@@ -166,7 +171,6 @@ impl Archiver {
             failures: 0,
             targets: HashMap::new(),
             last_message: Instant::now(),
-            heartbeat: Instant::now(),
             summary: RunSummary::default(),
         };
         match mode {
@@ -254,9 +258,6 @@ impl Archiver {
             if !run.pending.is_empty() && Instant::now() >= run.next_take {
                 self.take(consumer, mode, run)?;
             }
-            if mode == RunMode::Daemon && run.heartbeat.elapsed() >= HEARTBEAT_EVERY {
-                self.heartbeat(run);
-            }
             if let Some(Ok(message)) = polled {
                 let partition = message.partition();
                 let offset = message.offset();
@@ -291,7 +292,10 @@ impl Archiver {
             // is looked at when the topic is quiet, or every CHECK_EVERY records.
             let look = quiet
                 || run.summary.consumed.is_multiple_of(CHECK_EVERY)
-                || run.buffer.open_files() > self.config.max_open_files;
+                || run.buffer.open_files() > self.config.max_open_files
+                || run
+                    .opened
+                    .is_some_and(|at| at.elapsed() >= self.config.flush_every);
             if !look {
                 continue;
             }
@@ -404,19 +408,22 @@ impl Archiver {
         Ok(())
     }
 
-    /// Marks the partitions this daemon holds as held, so that `--once` leaves them alone.
-    fn heartbeat(&self, run: &mut RunState) {
-        run.heartbeat = Instant::now();
-        let marked = self.runtime.block_on(async {
-            tokio::time::timeout(
-                Duration::from_secs(5),
-                flush::mark_held(&self.pool, &self.kafka.topic, &run.owner),
-            )
-            .await
+    /// Marks the partitions this daemon holds as held every [`HEARTBEAT_EVERY`], so that
+    /// `--once` leaves them alone: from a task of its own, so a long flush does not stop it.
+    fn spawn_heartbeat(&self, owner: String, stop: CancellationToken) {
+        let (pool, topic) = (self.pool.clone(), self.kafka.topic.clone());
+        self.runtime.spawn(async move {
+            while !sleep_unless_stopped(HEARTBEAT_EVERY, &stop).await {
+                let marked = tokio::time::timeout(
+                    Duration::from_secs(5),
+                    flush::mark_held(&pool, &topic, &owner),
+                )
+                .await;
+                if !matches!(marked, Ok(Ok(_))) {
+                    tracing::debug!("could not mark the held partitions in Postgres; trying again");
+                }
+            }
         });
-        if !matches!(marked, Ok(Ok(_))) {
-            tracing::debug!("could not mark the held partitions in Postgres; trying again later");
-        }
     }
 
     /// Drops what was read, and queues `partitions` to be taken in Postgres at `take_at`.

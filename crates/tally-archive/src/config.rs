@@ -21,7 +21,8 @@ pub struct ArchiveConfig {
     #[serde(with = "tally_core::duration")]
     pub flush_every: Duration,
     /// ...or once this many hours are being written at once (late events from many hours
-    /// each open a file; this bounds memory and the number of small files).
+    /// each open a file; this bounds memory and the number of small files). Events the
+    /// aggregator can count span at most the lateness horizon: 864 hours by default.
     pub max_open_files: usize,
     /// Files whose events are older than this are deleted (by `tally archive` as it runs).
     /// Unset: every file is kept.
@@ -39,7 +40,7 @@ impl Default for ArchiveConfig {
             group_id: "tally-archiver".into(),
             file_bytes: 128 * 1024 * 1024,
             flush_every: Duration::from_secs(120),
-            max_open_files: 48,
+            max_open_files: 256,
             retention: None,
         }
     }

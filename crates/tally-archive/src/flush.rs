@@ -274,7 +274,7 @@ async fn publish_one(
     store.publish(staged).await?;
     sqlx::query(
         "UPDATE archive_files SET state = 'published', published_at = now()
-         WHERE path = $1 AND state = 'staged'",
+         WHERE path = $1 AND state IN ('staged', 'lost')",
     )
     .bind(staged.published.as_ref())
     .execute(pool)
@@ -289,12 +289,14 @@ async fn publish_one(
 /// Publishes every file recorded but not yet moved (a flush that crashed after its commit).
 /// One file that cannot be published does not hold back the others; the first such error is
 /// answered after trying them all. A file the store lost (neither staged nor published, or cut
-/// short) is marked `lost`, said loudly, and not tried again: its records are not archived,
-/// and `tally archive verify` shows its hour differing.
+/// short) is marked `lost` and said loudly: its records are not in the archive, and `tally
+/// archive verify` names it. A lost file is looked at again by every pass, and published once
+/// it is whole again (restored from a backup).
 pub async fn publish_staged(pool: &PgPool, store: &ArchiveStore) -> Result<usize, FlushError> {
+    // `lost` rows are looked at again: a file restored from a backup is published.
     let rows: Vec<(String, String, i64, String)> = sqlx::query_as(
         "SELECT staging_path, path, bytes, sha256 FROM archive_files
-         WHERE state = 'staged' ORDER BY file_id",
+         WHERE state IN ('staged', 'lost') ORDER BY file_id",
     )
     .fetch_all(pool)
     .await?;
@@ -310,14 +312,17 @@ pub async fn publish_staged(pool: &PgPool, store: &ArchiveStore) -> Result<usize
         match publish_one(pool, store, &staged).await {
             Ok(()) => published_now += 1,
             Err(ArchiveError::Lost { path, why }) => {
-                tracing::error!(%path, %why, "an archive file Postgres recorded is lost: its records are not in the archive (tally archive verify shows the hour)");
-                crate::telemetry::record_lost();
-                sqlx::query(
+                let marked = sqlx::query(
                     "UPDATE archive_files SET state = 'lost' WHERE path = $1 AND state = 'staged'",
                 )
                 .bind(published)
                 .execute(pool)
-                .await?;
+                .await?
+                .rows_affected();
+                if marked == 1 {
+                    tracing::error!(%path, %why, "an archive file Postgres recorded is lost: its records are not in the archive (tally archive verify shows the hour)");
+                    crate::telemetry::record_lost();
+                }
             }
             Err(e) => {
                 first_error.get_or_insert(e);
@@ -333,10 +338,13 @@ pub async fn publish_staged(pool: &PgPool, store: &ArchiveStore) -> Result<usize
 /// Deletes staged files older than [`STAGING_KEPT`] that no `archive_files` row names: flushes
 /// that never committed. A recorded file is kept until it is published.
 pub async fn remove_orphans(pool: &PgPool, store: &ArchiveStore) -> Result<usize, FlushError> {
-    let recorded: Vec<String> =
-        sqlx::query_scalar("SELECT staging_path FROM archive_files WHERE state = 'staged'")
-            .fetch_all(pool)
-            .await?;
+    // A lost file's staging path is kept too: whatever is left of it is evidence, and a
+    // restored file is published from there.
+    let recorded: Vec<String> = sqlx::query_scalar(
+        "SELECT staging_path FROM archive_files WHERE state IN ('staged', 'lost')",
+    )
+    .fetch_all(pool)
+    .await?;
     let recorded: HashSet<Path> = recorded.iter().map(|p| Path::from(p.as_str())).collect();
     Ok(store
         .remove_staging_before(Utc::now() - STAGING_KEPT, &recorded)
@@ -426,4 +434,86 @@ pub async fn release(pool: &PgPool, topic: &str, owner: &str) -> Result<u64, sql
     .execute(pool)
     .await?
     .rows_affected())
+}
+
+/// Why an archiver may not use the store it was given.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreIdentityError {
+    #[error("archive.url {url} is not the store Postgres records the archive in ({recorded}, first at {first_url}): {why}. Every archiver must write the same store (one bucket, or one shared directory); fix archive.url")]
+    Other {
+        url: String,
+        recorded: String,
+        first_url: String,
+        why: String,
+    },
+    #[error(transparent)]
+    Archive(#[from] ArchiveError),
+    #[error("Postgres: {0}")]
+    Postgres(#[from] sqlx::Error),
+}
+
+/// Checks that `store` is the store Postgres records the archive in (by the id of the marker
+/// at its root), marking a new store on first use.
+pub async fn same_store(
+    pool: &PgPool,
+    store: &ArchiveStore,
+    url: &str,
+) -> Result<(), StoreIdentityError> {
+    let found = store.identity().await?;
+    let recorded: Option<(String, String)> =
+        sqlx::query_as("SELECT store_id::text, url FROM archive_store")
+            .fetch_optional(pool)
+            .await?;
+    let (recorded, first_url) = match recorded {
+        Some(row) => row,
+        None => {
+            // The first archiver: the store's marker (a store moved here keeps its own), else a new one.
+            let id = match &found {
+                Some(id) => id.clone(),
+                None => {
+                    let id = Uuid::now_v7().to_string();
+                    store.mark_identity(&id).await?;
+                    store.identity().await?.unwrap_or(id)
+                }
+            };
+            sqlx::query(
+                "INSERT INTO archive_store (store_id, url) VALUES ($1::uuid, $2)
+                 ON CONFLICT (singleton) DO NOTHING",
+            )
+            .bind(&id)
+            .bind(url)
+            .execute(pool)
+            .await
+            .map_err(StoreIdentityError::Postgres)?;
+            sqlx::query_as("SELECT store_id::text, url FROM archive_store")
+                .fetch_one(pool)
+                .await?
+        }
+    };
+    let other = |why: &str| StoreIdentityError::Other {
+        url: url.to_owned(),
+        recorded: recorded.clone(),
+        first_url: first_url.clone(),
+        why: why.to_owned(),
+    };
+    match found {
+        Some(id) if id == recorded => Ok(()),
+        Some(id) => Err(other(&format!("its marker says {id}"))),
+        None => {
+            let files: i64 = sqlx::query_scalar("SELECT count(*) FROM archive_files")
+                .fetch_one(pool)
+                .await?;
+            if files > 0 {
+                return Err(other(
+                    "it has no marker, and Postgres records files in the archive",
+                ));
+            }
+            // Nothing archived yet: this store becomes the archive.
+            store.mark_identity(&recorded).await?;
+            match store.identity().await? {
+                Some(id) if id == recorded => Ok(()),
+                _ => Err(other("another marker appeared")),
+            }
+        }
+    }
 }

@@ -14,11 +14,15 @@
 //! - `record.rs`, `file.rs`, `layout.rs`, `store.rs`, `flush.rs`: a record, a file, where it
 //!   goes, the object store, and the exactly-once flush.
 //! - `retention.rs`: `archive.retention`; `verify.rs`: `tally archive verify`.
+//! - `backfill.rs`: `tally backfill` (files of events sent through Kafka, resumable);
+//!   `input.rs`: the files it reads (JSON lines, CSV, Parquet).
 
 mod archiver;
+pub mod backfill;
 mod config;
 pub mod file;
 pub mod flush;
+pub mod input;
 mod kafka;
 pub mod layout;
 mod record;

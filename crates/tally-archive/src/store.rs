@@ -14,11 +14,14 @@ use object_store::local::LocalFileSystem;
 use object_store::memory::InMemory;
 use object_store::path::Path;
 use object_store::prefix::PrefixStore;
-use object_store::{ObjectMeta, ObjectStore, PutPayload};
+use object_store::{ObjectMeta, ObjectStore, PutMode, PutPayload};
 use sha2::{Digest, Sha256};
 
 use crate::layout::{PUBLISHED, STAGING};
 use crate::ArchiveError;
+
+/// The marker object at the store's root: the store's id, as `archive_store` records it.
+const IDENTITY: &str = "_tally_archive_id";
 
 /// A file written under `_staging/`, with what Postgres records of it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -195,10 +198,30 @@ impl ArchiveStore {
             Err(
                 object_store::Error::AlreadyExists { .. } | object_store::Error::NotFound { .. },
             ) => {
-                let published = match self.store.get(&staged.published).await {
-                    Ok(found) => found.bytes().await?,
+                let published = match self.store.head(&staged.published).await {
+                    // Only a file of the recorded size is read (and hashed) whole.
+                    Ok(meta) if meta.size == staged.bytes => {
+                        self.store.get(&staged.published).await?.bytes().await?
+                    }
+                    Ok(_) => {
+                        return Err(ArchiveError::File {
+                            path: staged.published.to_string(),
+                            why: "another file is published at this path (its size differs from the one recorded)".into(),
+                        })
+                    }
                     Err(object_store::Error::NotFound { .. }) => {
-                        return Err(lost("neither staged nor published".into()))
+                        // Two publishers at once (S3 may answer both with a conflict), or a
+                        // store that briefly did not see it: lost only if it is not staged
+                        // either, looked at again now.
+                        return match self.store.head(&staged.staging).await {
+                            Err(object_store::Error::NotFound { .. }) => {
+                                Err(lost("neither staged nor published".into()))
+                            }
+                            _ => Err(ArchiveError::File {
+                                path: staged.published.to_string(),
+                                why: "not published yet (another publisher at work?); tried again later".into(),
+                            }),
+                        };
                     }
                     Err(e) => return Err(e.into()),
                 };
@@ -215,6 +238,39 @@ impl ArchiveStore {
             }
             Err(e) => Err(e.into()),
         }
+    }
+
+    /// The id the marker at the store's root carries, if there is one.
+    pub async fn identity(&self) -> Result<Option<String>, ArchiveError> {
+        match self.store.get(&Path::from(IDENTITY)).await {
+            Ok(found) => {
+                let bytes = found.bytes().await?;
+                Ok(Some(
+                    String::from_utf8_lossy(&bytes[..bytes.len().min(64)])
+                        .trim()
+                        .to_owned(),
+                ))
+            }
+            Err(object_store::Error::NotFound { .. }) => Ok(None),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Writes the marker, unless one is there already (then that one stays).
+    pub async fn mark_identity(&self, id: &str) -> Result<(), ArchiveError> {
+        let put = self
+            .store
+            .put_opts(
+                &Path::from(IDENTITY),
+                PutPayload::from(id.to_owned()),
+                PutMode::Create.into(),
+            )
+            .await;
+        match put {
+            Ok(_) | Err(object_store::Error::AlreadyExists { .. }) => {}
+            Err(e) => return Err(e.into()),
+        }
+        self.sync(&Path::from(IDENTITY), true).await
     }
 
     /// Deletes a published file (retention). Deleting one already gone is not an error.
@@ -259,6 +315,11 @@ impl ArchiveStore {
                 path: path.to_string(),
                 why: format!("fsync: {e}"),
             })
+    }
+
+    /// A file's size, without reading it.
+    pub async fn size(&self, path: &Path) -> Result<u64, ArchiveError> {
+        Ok(self.store.head(path).await?.size)
     }
 
     pub async fn read(&self, path: &Path) -> Result<Bytes, ArchiveError> {

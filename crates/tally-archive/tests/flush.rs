@@ -438,6 +438,21 @@ async fn a_recorded_file_the_store_lost_is_marked_lost_and_holds_back_nothing() 
     // Nothing is left to hold back the next pass.
     assert_eq!(flush::publish_staged(&db.pool, &store).await.unwrap(), 0);
     assert_eq!(store.published().await.unwrap().len(), 1);
+    // Cleanup keeps what is left of a lost file, however old.
+    let cut_short: String = sqlx::query_scalar(
+        "SELECT staging_path FROM archive_files WHERE hour = '2026-12-07T10:00:00Z'",
+    )
+    .fetch_one(&db.pool)
+    .await
+    .unwrap();
+    let touched = std::process::Command::new("touch")
+        .args(["-d", "3 days ago"])
+        .arg(root.join(&cut_short))
+        .status()
+        .unwrap();
+    assert!(touched.success());
+    assert_eq!(flush::remove_orphans(&db.pool, &store).await.unwrap(), 0);
+    assert!(root.join(&cut_short).exists());
 
     // Verify names the lost files; their hour's event is missing from the archive.
     let verification = tally_archive::verify::verify(
@@ -452,6 +467,70 @@ async fn a_recorded_file_the_store_lost_is_marked_lost_and_holds_back_nothing() 
     .unwrap();
     assert_eq!(verification.lost.len(), 2, "{verification:?}");
     assert_eq!(verification.archived, 1);
+
+    // The 10:00 file restored from a backup, whole: the next pass publishes it.
+    let ten: (String, String) = sqlx::query_as(
+        "SELECT staging_path, path FROM archive_files WHERE hour = '2026-12-07T10:00:00Z'",
+    )
+    .fetch_one(&db.pool)
+    .await
+    .unwrap();
+    let whole = file::encode(&[record(0, 1, "2026-12-07T10:05:00Z")]).unwrap();
+    std::fs::write(root.join(&ten.0), whole).unwrap();
+    assert_eq!(flush::publish_staged(&db.pool, &store).await.unwrap(), 1);
+    let states: Vec<String> = published_files(&db.pool)
+        .await
+        .into_iter()
+        .map(|(_, state, ..)| state)
+        .collect();
+    assert_eq!(states, ["lost", "published", "published"]);
+}
+
+#[tokio::test]
+async fn an_archiver_given_another_store_than_the_archive_refuses_it() {
+    let db = tally_db::testing::fresh_database().await;
+    let dir = tempfile::tempdir().unwrap();
+    let url = |name: &str| format!("file://{}/{name}", dir.path().display());
+    let first = ArchiveStore::open(&url("shared")).unwrap();
+    // The first store to be used becomes the archive (its marker and Postgres agree).
+    flush::same_store(&db.pool, &first, &url("shared"))
+        .await
+        .unwrap();
+    flush::same_store(&db.pool, &first, &url("shared"))
+        .await
+        .unwrap();
+    // Another, empty, store is still taken while nothing is archived...
+    let empty = ArchiveStore::open(&url("host-b")).unwrap();
+    flush::same_store(&db.pool, &empty, &url("host-b"))
+        .await
+        .unwrap();
+    // ...but once files are recorded, one without the marker is refused, as is one whose
+    // marker names another archive.
+    flush::take_partitions(&db.pool, TOPIC, &[0], "archiver-a")
+        .await
+        .unwrap();
+    let mut buffer = Buffer::new(chrono::TimeDelta::days(35));
+    buffer.push(record(0, 0, "2026-12-07T11:05:00Z")).unwrap();
+    flush::flush(&db.pool, &first, TOPIC, "archiver-a", buffer)
+        .await
+        .unwrap();
+    let third = ArchiveStore::open(&url("host-c")).unwrap();
+    let error = flush::same_store(&db.pool, &third, &url("host-c"))
+        .await
+        .unwrap_err();
+    assert!(error.to_string().contains("has no marker"), "{error}");
+    let foreign = ArchiveStore::open(&url("foreign")).unwrap();
+    foreign
+        .mark_identity("0193a0a0-0000-7000-8000-000000000000")
+        .await
+        .unwrap();
+    let error = flush::same_store(&db.pool, &foreign, &url("foreign"))
+        .await
+        .unwrap_err();
+    assert!(error.to_string().contains("its marker says"), "{error}");
+    flush::same_store(&db.pool, &first, &url("shared"))
+        .await
+        .unwrap();
 }
 
 #[tokio::test]

@@ -134,6 +134,18 @@ impl TallyConfig {
         self.archive
             .validate()
             .map_err(|problem| anyhow::anyhow!("{problem}"))?;
+        if let Some(keep) = self.archive.retention {
+            // A late event is archived in its own hour: retention shorter than the horizon
+            // would delete it at the next pass.
+            let least = self.aggregator.lateness_horizon + std::time::Duration::from_secs(86_400);
+            if keep < least {
+                bail!(
+                    "archive.retention ({}) is shorter than aggregator.lateness_horizon and a day ({}): late events would be deleted as soon as they are archived; keep them longer",
+                    tally_core::duration::format(keep),
+                    tally_core::duration::format(least)
+                );
+            }
+        }
         self.serve
             .validate()
             .map_err(|problem| anyhow::anyhow!("{problem}"))?;
@@ -163,6 +175,19 @@ impl TallyConfig {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn archive_retention_shorter_than_the_lateness_horizon_is_refused() {
+        let text = "[archive]\nretention = \"30days\"\n";
+        let config: TallyConfig =
+            tally_core::config::load(Some(("tally.toml", text)), Vec::new(), &[]).unwrap();
+        let error = config.validate().unwrap_err().to_string();
+        assert!(error.contains("late events would be deleted"), "{error}");
+        let text = "[archive]\nretention = \"400days\"\n";
+        let config: TallyConfig =
+            tally_core::config::load(Some(("tally.toml", text)), Vec::new(), &[]).unwrap();
+        config.validate().unwrap();
+    }
 
     #[test]
     fn the_example_file_is_valid_and_complete() {
