@@ -873,13 +873,14 @@ pub fn drained(
 }
 
 /// Runs `query` in DuckDB (PyPI `duckdb`, fetched by scripts/test.sh into
-/// `TALLY_DUCKDB_PYTHONPATH`) and returns its rows, `|`-separated, one a line.
+/// `TALLY_DUCKDB_PYTHONPATH`) and returns its rows, `|`-separated, one a line (none for a
+/// statement such as COPY).
 pub fn duckdb(query: &str) -> String {
     let path = std::env::var("TALLY_DUCKDB_PYTHONPATH").expect(
         "TALLY_DUCKDB_PYTHONPATH is not set: run the tests with scripts/test.sh, which fetches duckdb from PyPI",
     );
     let script = format!(
-        "import duckdb\nfor row in duckdb.sql({query:?}).fetchall():\n    print('|'.join(str(v) for v in row))\n"
+        "import duckdb\nresult = duckdb.sql({query:?})\nfor row in (result.fetchall() if result is not None else []):\n    print('|'.join(str(v) for v in row))\n"
     );
     let output = Command::new("python3")
         .env("PYTHONPATH", path)

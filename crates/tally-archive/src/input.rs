@@ -99,11 +99,7 @@ pub fn files(path: &Path) -> Result<Vec<PathBuf>, InputError> {
 
 /// Calls `each(number, json)` for every record of `path` from record `skip` on, in order.
 /// `each` may stop the reading with an error of its own.
-pub fn read(
-    path: &Path,
-    skip: u64,
-    each: &mut EachRecord<'_>,
-) -> Result<(), InputError> {
+pub fn read(path: &Path, skip: u64, each: &mut EachRecord<'_>) -> Result<(), InputError> {
     let error = |why: String| InputError {
         path: path.display().to_string(),
         why,
@@ -118,11 +114,7 @@ pub fn read(
 
 /// A line longer than the contract's bound is passed on cut just past it (the contract refuses
 /// it as oversize); the rest of it is read past, never held.
-fn json_lines(
-    path: &Path,
-    skip: u64,
-    each: &mut EachRecord<'_>,
-) -> Result<(), String> {
+fn json_lines(path: &Path, skip: u64, each: &mut EachRecord<'_>) -> Result<(), String> {
     let mut reader =
         BufReader::with_capacity(1 << 20, File::open(path).map_err(|e| e.to_string())?);
     let mut line = Vec::with_capacity(1024);
@@ -164,11 +156,7 @@ fn json_lines(
 /// CSV with a header naming the contract's fields (`id`, `customer`, `meter`, `quantity`,
 /// `timestamp`, `source`) and dimensions, either as one `dimensions` column holding a JSON
 /// object or as `dimensions.NAME` columns. An empty cell is a field left out.
-fn csv_rows(
-    path: &Path,
-    skip: u64,
-    each: &mut EachRecord<'_>,
-) -> Result<(), String> {
+fn csv_rows(path: &Path, skip: u64, each: &mut EachRecord<'_>) -> Result<(), String> {
     let mut reader = csv::ReaderBuilder::new()
         .flexible(false)
         .from_path(path)
@@ -234,11 +222,7 @@ fn csv_rows(
 /// it, a refused record's bytes as received); any other file by the contract's columns
 /// (strings, or numbers and decimals for `quantity`, timestamps for `timestamp`, a
 /// map<string, string> for `dimensions`).
-fn parquet_rows(
-    path: &Path,
-    skip: u64,
-    each: &mut EachRecord<'_>,
-) -> Result<(), String> {
+fn parquet_rows(path: &Path, skip: u64, each: &mut EachRecord<'_>) -> Result<(), String> {
     let file = File::open(path).map_err(|e| e.to_string())?;
     let builder = ParquetRecordBatchReaderBuilder::try_new(file).map_err(|e| e.to_string())?;
     let archived = builder

@@ -8,6 +8,7 @@ use clap::{Parser, Subcommand};
 
 mod aggregate;
 mod archive;
+mod backfill;
 mod cli;
 mod config;
 mod credits;
@@ -125,6 +126,17 @@ enum Command {
     /// never loses or repeats one. Runs until SIGTERM/SIGINT (flushing what it read), or with
     /// --once archives what is there and exits. See docs/archive.md.
     Archive(archive::ArchiveArgs),
+    /// Send historical events from files through Kafka, under the live contract, dedup and
+    /// late-event rules
+    ///
+    /// Reads .jsonl (one event a line, as on the topic), .csv (a header naming the event's
+    /// fields) or .parquet files, or a directory of them. Each file is sent at most --rate
+    /// events a second, with progress on stderr; a run killed midway goes on where it stopped
+    /// when started again (`backfill_progress`), and a file sent whole is not sent again.
+    /// --dry-run decides every record and counts them by reason without sending anything.
+    /// Events older than aggregator.lateness_horizon are archived, not counted. See
+    /// docs/archive.md.
+    Backfill(backfill::BackfillArgs),
     /// Bill closed five-minute slots to Stripe meter events, exactly once
     ///
     /// Every sink.interval (or once, with --once): accounts for each slot that changed and has
@@ -237,6 +249,7 @@ fn main() -> ExitCode {
         Command::Emit(args) => emit::run(&config, &args),
         Command::Aggregate(args) => aggregate::run(&config, &args),
         Command::Archive(args) => archive::run(&config, &args),
+        Command::Backfill(args) => backfill::run(&config, &args),
         Command::Sink(args) => sink::run(&config, &args),
         Command::Customers(args) => customers::run(&config, &args),
         Command::Reconcile(args) => sink::reconcile(&config, &args),
