@@ -23,6 +23,8 @@
 #   scripts/bench.sh archive-drain  `tally archive --once` over a backlog in the mock cluster:
 #                                records/s (wall and the archiver's CPU), file sizes, against
 #                                Kafka alone (TALLY_BENCH_EVENTS)
+#   scripts/bench.sh backfill    `tally backfill` of a JSON-lines and a CSV file into the mock
+#                                cluster, acknowledged and checkpointed (TALLY_BENCH_EVENTS)
 #
 # Postgres comes from DATABASE_URL, else 127.0.0.1:5432, else a throwaway local cluster.
 set -euo pipefail
@@ -41,8 +43,9 @@ case "$name" in
   alerts)    target=(-p tally-tests --bench alert_latency) ;;
   archive)   target=(-p tally-archive --bench encode) ;;
   archive-drain) target=(-p tally-archive --bench drain) ;;
+  backfill)  target=(-p tally-archive --bench backfill) ;;
   *)
-    echo "usage: scripts/bench.sh emitter|aggregate|sink|quota|layer|scheduler|http|portal|freshness|alerts|archive|archive-drain [ARGS...]" >&2
+    echo "usage: scripts/bench.sh emitter|aggregate|sink|quota|layer|scheduler|http|portal|freshness|alerts|archive|archive-drain|backfill [ARGS...]" >&2
     exit 2
     ;;
 esac
