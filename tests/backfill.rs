@@ -102,13 +102,26 @@ fn history_from_files_is_counted_once_through_a_kill_and_what_is_too_old_is_arch
             .or_default() += quantity;
     }
     writeln!(csv, "csv-bad,c01,api_calls,,{},m1", at(1)).unwrap();
+    // A ragged row and a cell past the contract's bound: each one bad record, not a bad file.
+    writeln!(csv, "csv-ragged,c01,api_calls").unwrap();
+    writeln!(
+        csv,
+        "csv-big,c01,api_calls,1,{},{}",
+        at(1),
+        "x".repeat(70_000)
+    )
+    .unwrap();
+    writeln!(csv, "csv-after,c01,api_calls,1,{},m1", at(1)).unwrap();
+    *expected
+        .entry(("c01".into(), "api_calls".into()))
+        .or_default() += Decimal::ONE;
     std::fs::write(input.join("b.csv"), csv).unwrap();
 
     // c.parquet, written by DuckDB: a decimal quantity, a timestamp with time zone.
     let parquet = input.join("c.parquet");
     duckdb(&format!(
         "COPY (SELECT 'pq-' || i AS id, 'c0' || (i % 5) AS customer, 'api_calls' AS meter,
-                      CAST(i AS DECIMAL(18, 3)) / 8 AS quantity,
+                      CAST(CAST(i AS DECIMAL(18, 3)) / 8 AS DECIMAL(18, 3)) AS quantity,
                       TIMESTAMPTZ '{}' - INTERVAL (i) MINUTE AS timestamp
                FROM range(1, 801) t(i)) TO '{}' (FORMAT PARQUET)",
         now.format("%Y-%m-%d %H:%M:%S%.6f+00"),
@@ -131,8 +144,10 @@ fn history_from_files_is_counted_once_through_a_kill_and_what_is_too_old_is_arch
     );
     assert!(output.contains("refused malformed: 1"), "{output}");
     assert!(output.contains("refused unknown_meter: 1"), "{output}");
-    assert!(output.contains("b.csv: 501 records checked"), "{output}");
+    assert!(output.contains("3000 events repeat an id"), "{output}");
+    assert!(output.contains("b.csv: 504 records checked"), "{output}");
     assert!(output.contains("refused missing_field: 1"), "{output}");
+    assert!(output.contains("refused oversize: 1"), "{output}");
     assert!(
         output.contains("1 older than the lateness horizon"),
         "{output}"
@@ -145,9 +160,18 @@ fn history_from_files_is_counted_once_through_a_kill_and_what_is_too_old_is_arch
 
     let _aggregator = work.spawn("aggregate", &db.url, &["aggregate"]);
     let _archiver = work.spawn("archive", &db.url, &["archive"]);
-    // Killed midway through the first file (after its first checkpoint), then run again.
+    // Killed midway through the first file (once its first checkpoint is recorded), then run
+    // again.
     let mut first = work.spawn("backfill-1", &db.url, &["backfill", "--rate", "8000", path]);
-    std::thread::sleep(Duration::from_millis(3500));
+    wait_until("the first checkpoint", Duration::from_secs(60), || {
+        let next: Option<i64> = runtime
+            .block_on(
+                sqlx::query_scalar("SELECT max(next_record) FROM backfill_progress")
+                    .fetch_one(&db.pool),
+            )
+            .unwrap();
+        next.unwrap_or(0) > 0
+    });
     kill(&mut first.0);
     let (ok, output) = work.run(&db.url, &["backfill", path]);
     assert!(ok, "{output}");
@@ -178,13 +202,50 @@ fn history_from_files_is_counted_once_through_a_kill_and_what_is_too_old_is_arch
         .collect();
     assert_eq!(refused.get("too_late"), Some(&1), "{refused:?}");
     assert_eq!(refused.get("unknown_meter"), Some(&1), "{refused:?}");
-    assert_eq!(refused.get("malformed"), Some(&1), "{refused:?}");
+    // "not json", and the ragged CSV row; the cell past the bound; the empty quantity.
+    assert_eq!(refused.get("malformed"), Some(&2), "{refused:?}");
+    assert_eq!(refused.get("oversize"), Some(&1), "{refused:?}");
+    assert_eq!(refused.get("missing_field"), Some(&1), "{refused:?}");
 
-    // The event 90 days old is archived under its own date, not the day it came.
-    let old_day = (now - TimeDelta::days(90)).format("%Y-%m-%d").to_string();
+    // The event 90 days old is archived (under the hour it came, with its own time), once
+    // or more: what the killed run sent again is archived again, as Kafka holds it.
+    let files = format!("{}/events/*/*/*.parquet", root.display());
     wait_until(
         "the archive holds the old event",
         Duration::from_secs(60),
-        || root.join("events").join(format!("date={old_day}")).exists(),
+        || {
+            root.join("events").exists()
+            && duckdb(&format!(
+                "SELECT count(*) > 0 FROM read_parquet('{files}') WHERE id = 'old-1' AND status = 'accepted'"
+            ))
+            .trim()
+                == "True"
+        },
     );
+
+    // Two backfills of one file at once: the second one refuses.
+    let mut lock = runtime.block_on(db.pool.acquire()).unwrap();
+    let sha = std::process::Command::new("sha256sum")
+        .arg(input.join("b.csv"))
+        .output()
+        .unwrap();
+    let sha = String::from_utf8(sha.stdout).unwrap()[..64].to_owned();
+    let locked: bool = runtime
+        .block_on(
+            sqlx::query_scalar("SELECT pg_try_advisory_lock(hashtextextended($1, 27))")
+                .bind(format!("backfill:{}:{sha}", kafka.topic))
+                .fetch_one(&mut *lock),
+        )
+        .unwrap();
+    assert!(locked);
+    let (ok, output) = work.run(
+        &db.url,
+        &["backfill", input.join("b.csv").to_str().unwrap()],
+    );
+    assert!(!ok, "{output}");
+    assert!(
+        output.contains("another `tally backfill` of this file"),
+        "{output}"
+    );
+    runtime.block_on(async move { drop(lock) });
 }

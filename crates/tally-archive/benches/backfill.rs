@@ -63,9 +63,13 @@ fn main() {
             lateness_horizon: Duration::from_secs(35 * 86_400),
             meters: meters.iter().map(|m| m.to_string()).collect(),
         };
-        let backfill =
-            Backfill::new(kafka, Some(db.pool.clone()), runtime.handle().clone(), options)
-                .unwrap();
+        let backfill = Backfill::new(
+            kafka,
+            Some(db.pool.clone()),
+            runtime.handle().clone(),
+            options,
+        )
+        .unwrap();
         let began = Instant::now();
         let report = backfill.file(path, &mut |_| {}).unwrap();
         let took = began.elapsed();

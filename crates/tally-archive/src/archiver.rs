@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
 use rdkafka::consumer::{BaseConsumer, Consumer};
-use rdkafka::message::{Headers, Message};
+use rdkafka::message::Message;
 use rdkafka::{Offset, TopicPartitionList};
 use sqlx::PgPool;
 use tally_core::config::KafkaConfig;
@@ -279,17 +279,7 @@ impl Archiver {
                             offset,
                             received_at,
                         );
-                        let backfilled = message.headers().is_some_and(|headers| {
-                            headers
-                                .iter()
-                                .any(|header| header.key == crate::backfill::BACKFILL_HEADER)
-                        });
-                        let pushed = if backfilled {
-                            run.buffer.push_backfilled(record)
-                        } else {
-                            run.buffer.push(record)
-                        };
-                        pushed.map_err(ArchiverError::Store)?;
+                        run.buffer.push(record).map_err(ArchiverError::Store)?;
                         run.opened.get_or_insert_with(Instant::now);
                         run.summary.consumed += 1;
                         run.last_message = Instant::now();

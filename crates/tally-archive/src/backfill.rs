@@ -10,6 +10,7 @@
 //! event id counts once.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::hash::BuildHasher;
 use std::io::Read;
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -29,9 +30,9 @@ use tokio::runtime::Handle;
 
 use crate::input::{self, InputError};
 
-/// The Kafka header a backfilled record carries (its value: the file's SHA-256). The archiver
-/// files such a record under its event's own hour however old it is: history is what a
-/// backfill is for.
+/// The Kafka header a backfilled record carries (its value: the file's SHA-256), for whoever
+/// reads the topic to tell history from live usage. The archiver files a backfilled record as
+/// it files a live one.
 pub const BACKFILL_HEADER: &str = "tally-backfill";
 /// Records sent between two checkpoints (a flush of the producer and a row update).
 pub const CHECKPOINT_RECORDS: u64 = 20_000;
@@ -59,6 +60,9 @@ pub struct Counts {
     pub countable: u64,
     /// Events older than the lateness horizon: archived, not counted (`too_late`).
     pub too_old: u64,
+    /// Events whose id came before in this file (the aggregator counts one of them; ids are
+    /// looked at for the first [`IDS_CHECKED`] records of a file).
+    pub repeated_ids: u64,
     /// Records the contract or the aggregator refuses, by reason: each ends up in
     /// `rejected_events` (and the archive) with it.
     pub refused: BTreeMap<String, u64>,
@@ -75,8 +79,46 @@ pub struct FileReport {
     pub counts: Counts,
 }
 
+/// How many ids of a file are remembered to count repeats (about 16 bytes each).
+pub const IDS_CHECKED: usize = 5_000_000;
+
+/// A file's size and modification time, to notice it changing while it is sent (its SHA-256
+/// names what was read; a file replaced midway would resume another file's records).
+struct Snapshot {
+    len: u64,
+    modified: Option<std::time::SystemTime>,
+}
+
+impl Snapshot {
+    fn of(path: &Path) -> Result<Snapshot, InputError> {
+        let meta = std::fs::metadata(path).map_err(|e| InputError {
+            path: path.display().to_string(),
+            why: e.to_string(),
+        })?;
+        Ok(Snapshot {
+            len: meta.len(),
+            modified: meta.modified().ok(),
+        })
+    }
+
+    fn check(&self, path: &Path) -> Result<(), BackfillError> {
+        let now = Snapshot::of(path)?;
+        if now.len != self.len || now.modified != self.modified {
+            return Err(BackfillError::Input(InputError {
+                path: path.display().to_string(),
+                why: "the file changed while it was sent; what was sent is recorded up to the last checkpoint: run again once the file is complete".into(),
+            }));
+        }
+        Ok(())
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum BackfillError {
+    #[error(
+        "{0}: another `tally backfill` of this file (by its SHA-256) is running; let it finish"
+    )]
+    Busy(String),
     #[error(transparent)]
     Input(#[from] InputError),
     #[error("Postgres: {0}")]
@@ -132,6 +174,9 @@ impl Backfill {
             let producer = config
                 .set("bootstrap.servers", &kafka.brokers)
                 .set("enable.idempotence", "true")
+                // As the emitter partitions: a customer's backfilled events go where its live
+                // ones go.
+                .set("partitioner", "murmur2_random")
                 .set("acks", "all")
                 .set("linger.ms", "20")
                 .set("compression.type", "lz4")
@@ -150,14 +195,32 @@ impl Backfill {
         })
     }
 
-    /// Backfills one file; `progress` hears how far it got, every few thousand records.
+    /// Backfills one file; `progress` hears how far it got, every thousand records.
     pub fn file(
         &self,
         path: &Path,
         progress: &mut dyn FnMut(&Counts),
     ) -> Result<FileReport, BackfillError> {
+        let unchanged = Snapshot::of(path)?;
         let sha256 = sha256_of(path)?;
         let topic = self.kafka.topic.as_str();
+        // One backfill of a file at a time: a session lock, held by a connection of its own
+        // that closes (and lets go) when this returns, however it returns.
+        let _lock = match &self.pool {
+            Some(pool) => Some(self.runtime.block_on(async {
+                let mut connection = pool.acquire().await?.detach();
+                let locked: bool =
+                    sqlx::query_scalar("SELECT pg_try_advisory_lock(hashtextextended($1, 27))")
+                        .bind(format!("backfill:{topic}:{sha256}"))
+                        .fetch_one(&mut connection)
+                        .await?;
+                Ok::<_, sqlx::Error>((connection, locked))
+            })?),
+            None => None,
+        };
+        if let Some((_, false)) = &_lock {
+            return Err(BackfillError::Busy(path.display().to_string()));
+        }
         let (started_at, done) = match &self.pool {
             Some(pool) => self.runtime.block_on(async {
                 sqlx::query(
@@ -193,23 +256,26 @@ impl Backfill {
         let now = Utc::now();
         let oldest =
             now - TimeDelta::from_std(self.options.lateness_horizon).unwrap_or(TimeDelta::MAX / 2);
-        let began = Instant::now();
+        let mut pace = Pace::new(self.options.rate);
+        let ids_key = std::collections::hash_map::RandomState::new();
+        let mut ids = std::collections::HashSet::new();
         let mut checkpoint_error = None;
         let counts = &mut report.counts;
         let mut each = |number: u64, json: &[u8]| -> Result<(), String> {
             counts.records += 1;
             let mut key = None;
             match wire::decode(json, now) {
-                Ok(event) if !self.options.meters.contains(&event.meter) => {
-                    *counts.refused.entry("unknown_meter".into()).or_default() += 1;
-                    key = Some(event.customer);
-                }
-                Ok(event) if event.timestamp < oldest => {
-                    counts.too_old += 1;
-                    key = Some(event.customer);
-                }
                 Ok(event) => {
-                    counts.countable += 1;
+                    if ids.len() < IDS_CHECKED && !ids.insert(ids_key.hash_one(&event.id)) {
+                        counts.repeated_ids += 1;
+                    }
+                    if !self.options.meters.contains(&event.meter) {
+                        *counts.refused.entry("unknown_meter".into()).or_default() += 1;
+                    } else if event.timestamp < oldest {
+                        counts.too_old += 1;
+                    } else {
+                        counts.countable += 1;
+                    }
                     key = Some(event.customer);
                 }
                 Err(rejection) => {
@@ -219,21 +285,23 @@ impl Backfill {
                         .or_default() += 1;
                 }
             }
+            if counts.records.is_multiple_of(1_000) {
+                progress(counts);
+            }
             let Some(producer) = &self.producer else {
-                if counts.records.is_multiple_of(10_000) {
-                    progress(counts);
-                }
                 return Ok(());
             };
-            self.pace(counts.sent, began);
+            pace.take();
             send(producer, topic, key.as_deref(), json, &sha256)?;
             counts.sent += 1;
             if (number + 1).is_multiple_of(CHECKPOINT_RECORDS) {
-                if let Err(e) = self.checkpoint(producer, &sha256, number + 1, false) {
+                let checked = unchanged
+                    .check(path)
+                    .and_then(|()| self.checkpoint(producer, &sha256, number + 1, false));
+                if let Err(e) = checked {
                     checkpoint_error = Some(e);
                     return Err("stopped".into());
                 }
-                progress(counts);
             }
             Ok(())
         };
@@ -243,6 +311,7 @@ impl Backfill {
         }
         read?;
         if let Some(producer) = &self.producer {
+            unchanged.check(path)?;
             let end = started_at as u64 + report.counts.records;
             self.checkpoint(producer, &sha256, end, true)?;
         }
@@ -293,17 +362,46 @@ impl Backfill {
         )?;
         Ok(())
     }
+}
 
-    /// Sleeps as long as sending is ahead of `options.rate`.
-    fn pace(&self, sent: u64, began: Instant) {
-        if self.options.rate == 0 {
+/// `--rate` as a bucket of at most a second's worth of records: a pause (a slow checkpoint)
+/// is not made up for by a burst afterwards.
+struct Pace {
+    rate: f64,
+    tokens: f64,
+    last: Instant,
+}
+
+impl Pace {
+    fn new(rate: u64) -> Pace {
+        Pace {
+            rate: rate as f64,
+            tokens: 0.0,
+            last: Instant::now(),
+        }
+    }
+
+    /// Waits until one more record may go.
+    fn take(&mut self) {
+        if self.rate <= 0.0 {
             return;
         }
-        let due = Duration::from_secs_f64(sent as f64 / self.options.rate as f64);
-        let elapsed = began.elapsed();
-        if due > elapsed + Duration::from_millis(2) {
-            std::thread::sleep(due - elapsed);
+        let now = Instant::now();
+        self.tokens =
+            (self.tokens + now.duration_since(self.last).as_secs_f64() * self.rate).min(self.rate);
+        self.last = now;
+        if self.tokens < 1.0 {
+            let wait = (1.0 - self.tokens) / self.rate;
+            // Sleeping below a millisecond costs more than it paces.
+            if wait >= 0.001 {
+                std::thread::sleep(Duration::from_secs_f64(wait));
+                self.tokens += wait * self.rate;
+                self.last = Instant::now();
+            } else {
+                self.tokens = 1.0;
+            }
         }
+        self.tokens -= 1.0;
     }
 }
 

@@ -45,20 +45,6 @@ impl Buffer {
 
     /// Adds a record read from Kafka.
     pub fn push(&mut self, record: ArchivedRecord) -> Result<(), ArchiveError> {
-        self.push_under(record, self.lateness_horizon)
-    }
-
-    /// Adds a record `tally backfill` sent: history is what a backfill is for, so it is filed
-    /// under its event's own hour however old (the aggregator still refuses it as too late).
-    pub fn push_backfilled(&mut self, record: ArchivedRecord) -> Result<(), ArchiveError> {
-        self.push_under(record, chrono::TimeDelta::MAX)
-    }
-
-    fn push_under(
-        &mut self,
-        record: ArchivedRecord,
-        lateness_horizon: chrono::TimeDelta,
-    ) -> Result<(), ArchiveError> {
         let range = self
             .offsets
             .entry(record.partition)
@@ -67,7 +53,7 @@ impl Buffer {
         range.1 = range.1.max(record.offset + 1);
         self.records += 1;
         self.accepted += usize::from(record.event().is_some());
-        let writer = match self.by_hour.entry(record.hour(lateness_horizon)) {
+        let writer = match self.by_hour.entry(record.hour(self.lateness_horizon)) {
             std::collections::btree_map::Entry::Occupied(writer) => writer.into_mut(),
             std::collections::btree_map::Entry::Vacant(slot) => slot.insert(FileWriter::new()?),
         };

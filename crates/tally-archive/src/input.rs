@@ -72,15 +72,23 @@ pub fn files(path: &Path) -> Result<Vec<PathBuf>, InputError> {
         let mut found = Vec::new();
         for entry in std::fs::read_dir(path).map_err(|e| error(e.to_string()))? {
             let entry = entry.map_err(|e| error(e.to_string()))?;
-            if entry
+            if !entry
                 .file_type()
                 .map_err(|e| error(e.to_string()))?
                 .is_file()
             {
-                found.push(entry.path());
+                // A partitioned export (date=…/part.parquet) or a link is not skipped quietly.
+                return Err(InputError {
+                    path: entry.path().display().to_string(),
+                    why: "not a plain file: backfill reads the files of one directory, not its subdirectories or links; name each directory, or the files".into(),
+                });
             }
+            found.push(entry.path());
         }
         found.sort();
+        if found.is_empty() {
+            return Err(error("the directory holds no file".into()));
+        }
         found
     } else {
         vec![path.to_owned()]
@@ -104,10 +112,14 @@ pub fn read(path: &Path, skip: u64, each: &mut EachRecord<'_>) -> Result<(), Inp
         path: path.display().to_string(),
         why,
     };
+    // A record longer than the contract's bound goes on cut just past it: the contract refuses
+    // it as oversize (and Kafka is never asked to carry more than that).
+    let mut bounded =
+        |number: u64, json: &[u8]| each(number, &json[..json.len().min(MAX_EVENT_BYTES + 1)]);
     match Format::of(path) {
-        Some(Format::JsonLines) => json_lines(path, skip, each).map_err(error),
-        Some(Format::Csv) => csv_rows(path, skip, each).map_err(error),
-        Some(Format::Parquet) => parquet_rows(path, skip, each).map_err(error),
+        Some(Format::JsonLines) => json_lines(path, skip, &mut bounded).map_err(error),
+        Some(Format::Csv) => csv_rows(path, skip, &mut bounded).map_err(error),
+        Some(Format::Parquet) => parquet_rows(path, skip, &mut bounded).map_err(error),
         None => Err(error("not .jsonl, .ndjson, .csv or .parquet".into())),
     }
 }
@@ -146,6 +158,9 @@ fn json_lines(path: &Path, skip: u64, each: &mut EachRecord<'_>) -> Result<(), S
         if line.last() == Some(&b'\r') {
             line.pop();
         }
+        if number == 0 && line.starts_with(b"\xEF\xBB\xBF") {
+            line.drain(..3); // a byte-order mark
+        }
         if number >= skip && !line.iter().all(u8::is_ascii_whitespace) {
             each(number, &line)?;
         }
@@ -157,8 +172,9 @@ fn json_lines(path: &Path, skip: u64, each: &mut EachRecord<'_>) -> Result<(), S
 /// `timestamp`, `source`) and dimensions, either as one `dimensions` column holding a JSON
 /// object or as `dimensions.NAME` columns. An empty cell is a field left out.
 fn csv_rows(path: &Path, skip: u64, each: &mut EachRecord<'_>) -> Result<(), String> {
+    // Flexible: a row with too few or too many cells is one bad record, not a bad file.
     let mut reader = csv::ReaderBuilder::new()
-        .flexible(false)
+        .flexible(true)
         .from_path(path)
         .map_err(|e| e.to_string())?;
     let headers: Vec<String> = reader
@@ -179,6 +195,11 @@ fn csv_rows(path: &Path, skip: u64, each: &mut EachRecord<'_>) -> Result<(), Str
             ));
         }
     }
+    if headers.iter().any(|h| h == "dimensions")
+        && headers.iter().any(|h| h.starts_with("dimensions."))
+    {
+        return Err("the header has both a dimensions column and dimensions.NAME columns: use one or the other".into());
+    }
     let mut record = csv::ByteRecord::new();
     let mut json = Vec::with_capacity(256);
     for number in 0u64.. {
@@ -191,13 +212,24 @@ fn csv_rows(path: &Path, skip: u64, each: &mut EachRecord<'_>) -> Result<(), Str
         if number < skip {
             continue;
         }
+        // A ragged row, or one that is not UTF-8, goes on as its own bytes: the contract
+        // refuses it as malformed, and `rejected_events` keeps it as it was.
+        let text_cells: Option<Vec<&str>> = record
+            .iter()
+            .map(|cell| std::str::from_utf8(cell).ok())
+            .collect();
+        let (Some(cells), true) = (text_cells, record.len() == headers.len()) else {
+            let raw: Vec<&[u8]> = record.iter().collect();
+            each(number, &raw.join(&b","[..]))?;
+            continue;
+        };
         let mut object = Map::new();
         let mut dimensions = Map::new();
-        for (header, cell) in headers.iter().zip(record.iter()) {
+        for (header, cell) in headers.iter().zip(cells) {
             if cell.is_empty() {
                 continue;
             }
-            let text = String::from_utf8_lossy(cell).into_owned();
+            let text = cell.to_owned();
             if header == "dimensions" {
                 // Passed as written: the contract says what is wrong with it.
                 let value = serde_json::from_str(&text).unwrap_or(Value::String(text));
@@ -251,6 +283,19 @@ fn parquet_rows(path: &Path, skip: u64, each: &mut EachRecord<'_>) -> Result<(),
     let schema = builder.schema().clone();
     for field in schema.fields() {
         let name = field.name().as_str();
+        match field.data_type() {
+            DataType::Timestamp(_, None) => {
+                return Err(format!(
+                    "column {name:?} is a timestamp without a time zone: tally cannot tell which instant it means; write it as a timestamp with a time zone (UTC), or as RFC 3339 text"
+                ))
+            }
+            DataType::Float16 | DataType::Float32 | DataType::Float64 => {
+                return Err(format!(
+                    "column {name:?} holds binary floating-point numbers, which are not exact: write quantities as decimals, integers or text"
+                ))
+            }
+            _ => {}
+        }
         if !FIELDS.contains(&name) && name != "dimensions" {
             return Err(format!(
                 "column {name:?} is not an event field: a Parquet file to backfill has the columns id, customer, meter, quantity, timestamp, and optionally source and dimensions"
@@ -347,15 +392,21 @@ impl Column {
                     return None;
                 }
                 let entries = array.as_map().value(row);
-                let keys = arrow_cast::cast(entries.column(0), &DataType::Utf8).ok()?;
-                let values = arrow_cast::cast(entries.column(1), &DataType::Utf8).ok()?;
+                let cast = |column: &ArrayRef| arrow_cast::cast(column, &DataType::Utf8).ok();
+                let (Some(keys), Some(values)) = (cast(entries.column(0)), cast(entries.column(1)))
+                else {
+                    // Passed on so that the contract refuses the record (invalid_dimensions).
+                    return Some(Value::String("unreadable map".into()));
+                };
                 let (keys, values) = (keys.as_string::<i32>(), values.as_string::<i32>());
                 let map: BTreeMap<String, Value> = (0..entries.len())
                     .map(|i| {
-                        (
-                            keys.value(i).to_owned(),
-                            Value::String(values.value(i).to_owned()),
-                        )
+                        let value = if values.is_null(i) {
+                            Value::Null
+                        } else {
+                            Value::String(values.value(i).to_owned())
+                        };
+                        (keys.value(i).to_owned(), value)
                     })
                     .collect();
                 Some(Value::Object(map.into_iter().collect()))

@@ -20,7 +20,7 @@ pub(crate) struct BackfillArgs {
     #[arg(long)]
     dry_run: bool,
     /// At most this many events a second, so the live pipeline keeps up (0: as fast as Kafka takes them)
-    #[arg(long, default_value_t = 50_000, value_name = "EVENTS_PER_S")]
+    #[arg(long, default_value_t = 10_000, value_name = "EVENTS_PER_S")]
     rate: u64,
     /// Print the report as JSON
     #[arg(long)]
@@ -116,7 +116,7 @@ fn print_report(report: &FileReport, took: Duration, dry_run: bool) {
         String::new()
     };
     println!(
-        "{}: {} records {verb} in {:.1} s{resumed}: {} within the rules (each id counted once), {} older than the lateness horizon (archived, not counted), {} refused",
+        "{}: {} records {verb} in {:.1} s{resumed}: {} within the rules, {} older than the lateness horizon (archived, not counted), {} refused",
         report.path,
         counts.records,
         took.as_secs_f64(),
@@ -124,6 +124,12 @@ fn print_report(report: &FileReport, took: Duration, dry_run: bool) {
         counts.too_old,
         counts.refused.values().sum::<u64>()
     );
+    if counts.repeated_ids > 0 {
+        println!(
+            "  {} events repeat an id that came before in the file: the aggregator counts each id once",
+            counts.repeated_ids
+        );
+    }
     for (reason, n) in &counts.refused {
         println!("  refused {reason}: {n}");
     }
