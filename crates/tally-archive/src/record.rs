@@ -17,7 +17,7 @@ pub enum Verdict {
 }
 
 /// How far ahead of its arrival an event is still filed under its own hour. The aggregator
-/// counts an event up to [`tally_core::FUTURE_TOLERANCE`] ahead of its own clock; one further
+/// counts an event up to [`tally_core::event::FUTURE_TOLERANCE`] ahead of its own clock; one further
 /// ahead it counts only once that time has come, which a backlog of a day makes possible.
 pub const FILED_AHEAD: TimeDelta = TimeDelta::days(1);
 
