@@ -43,43 +43,38 @@ ensure_axe() {
   export TALLY_AXE_JS="$PWD/$dir/node_modules/axe-core/axe.min.js"
 }
 
-# DuckDB's Python package, which the archive's tests read its Parquet files with: fetched from
-# PyPI once, pinned, into target/tools (not shipped). Tests find it through TALLY_DUCKDB_PYTHONPATH.
-DUCKDB_VERSION=1.1.3
-ensure_duckdb() {
-  local dir=target/tools/duckdb-$DUCKDB_VERSION
+# Python packages the archive's tests run, fetched from PyPI once, pinned, as wheels only (never
+# a build from source), into target/tools (not shipped): tests find each through an environment
+# variable. pip_tool DIR VARIABLE WHAT -- REQUIREMENT...
+pip_tool() {
+  local dir=$1 variable=$2 what=$3
+  shift 4
   # The marker is written last: a half-finished install is installed again.
   if [ ! -f "$dir/.installed" ]; then
     if ! python3 -m pip --version >/dev/null 2>&1; then
-      echo "the archive's tests need python3 with pip to fetch duckdb $DUCKDB_VERSION (Debian: apt-get install python3-pip)" >&2
+      echo "$what needs python3 with pip to fetch $* (Debian: apt-get install python3-pip)" >&2
       return 1
     fi
     rm -rf "$dir" && mkdir -p "$dir"
-    # A wheel only: never a build of DuckDB from source.
-    python3 -m pip install --quiet --disable-pip-version-check --only-binary=:all: --target "$dir" "duckdb==$DUCKDB_VERSION" >&2 \
-      || { echo "pip could not fetch duckdb==$DUCKDB_VERSION from PyPI (the archive's tests read Parquet with it); check the network, or install it and set TALLY_DUCKDB_PYTHONPATH" >&2; return 1; }
+    # pip's complaints about packages installed elsewhere on the machine are not ours.
+    python3 -m pip install --quiet --disable-pip-version-check --only-binary=:all: --target "$dir" "$@" >&2 2>/dev/null \
+      || { echo "pip could not fetch $* from PyPI ($what); check the network, or install it and set $variable" >&2; return 1; }
     touch "$dir/.installed"
   fi
-  export TALLY_DUCKDB_PYTHONPATH="$PWD/$dir"
+  export "$variable=$PWD/$dir"
 }
 
-# moto, an S3-compatible server (Python), which the archive's S3 test writes to on loopback:
-# fetched from PyPI once, pinned, into target/tools (not shipped). Tests find it through
-# TALLY_MOTO_PYTHONPATH.
+# DuckDB, which the archive's tests read its Parquet files with (a data team's reader).
+DUCKDB_VERSION=1.1.3
+ensure_duckdb() {
+  pip_tool "target/tools/duckdb-$DUCKDB_VERSION" TALLY_DUCKDB_PYTHONPATH \
+    "the archive's tests (they read Parquet with DuckDB)" -- "duckdb==$DUCKDB_VERSION"
+}
+
+# moto, an S3-compatible server, which the archive's S3 test writes to on loopback: the S3
+# backend and the server (flask), not every AWS service moto has.
 MOTO_VERSION=5.2.6
 ensure_moto() {
-  local dir=target/tools/moto-$MOTO_VERSION
-  if [ ! -f "$dir/.installed" ]; then
-    if ! python3 -m pip --version >/dev/null 2>&1; then
-      echo "the archive's S3 test needs python3 with pip to fetch moto $MOTO_VERSION (Debian: apt-get install python3-pip)" >&2
-      return 1
-    fi
-    rm -rf "$dir" && mkdir -p "$dir"
-    # Wheels only; the S3 backend and the server (flask), not every AWS service moto has.
-    python3 -m pip install --quiet --disable-pip-version-check --only-binary=:all: --target "$dir" \
-        "moto[s3]==$MOTO_VERSION" "flask<4" "flask-cors<7" >&2 2>/dev/null \
-      || { echo "pip could not fetch moto==$MOTO_VERSION from PyPI (the archive's S3 test serves S3 with it); check the network, or install it and set TALLY_MOTO_PYTHONPATH" >&2; return 1; }
-    touch "$dir/.installed"
-  fi
-  export TALLY_MOTO_PYTHONPATH="$PWD/$dir"
+  pip_tool "target/tools/moto-$MOTO_VERSION" TALLY_MOTO_PYTHONPATH \
+    "the archive's S3 test (moto serves S3)" -- "moto[s3]==$MOTO_VERSION" "flask<4" "flask-cors<7"
 }
