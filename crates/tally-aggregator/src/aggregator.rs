@@ -19,7 +19,7 @@
 //!   neither can hold up (or stop) the batches.
 
 use std::collections::{BTreeSet, HashMap};
-use std::sync::Arc;
+use std::sync::{Arc, PoisonError, RwLock};
 use std::time::{Duration, Instant};
 
 use chrono::{TimeDelta, Utc};
@@ -133,7 +133,9 @@ pub struct Aggregator {
     config: AggregatorConfig,
     kafka: KafkaConfig,
     meters: Vec<MeterDefinition>,
-    rules: Rules,
+    /// The rules batches are checked under: replaced when `tally rebuild` redefines a meter
+    /// (see [`Aggregator::redefined`]).
+    rules: RwLock<Arc<Rules>>,
     pool: PgPool,
     runtime: tokio::runtime::Handle,
     group: Group,
@@ -160,6 +162,7 @@ impl Aggregator {
             meters: Meters::new(&meters).map_err(AggregatorError::Config)?,
             lateness_horizon: TimeDelta::from_std(config.lateness_horizon)
                 .map_err(|e| AggregatorError::Config(e.to_string()))?,
+            versions: Arc::default(),
         };
         let group = Group {
             id: config.group_id.clone(),
@@ -171,7 +174,7 @@ impl Aggregator {
             config,
             kafka,
             meters,
-            rules,
+            rules: RwLock::new(Arc::new(rules)),
             pool,
             runtime,
             group,
@@ -207,9 +210,10 @@ impl Aggregator {
         let recorded = self.wait_for_postgres(mode, stop, || async {
             Ok(tally_db::meters::record(&self.pool, &self.meters).await?)
         })?;
-        if recorded.is_none() {
+        let Some(versions) = recorded else {
             return Ok(RunSummary::default());
-        }
+        };
+        self.replace_rules(|rules| rules.versions = Arc::new(versions));
         let background = stop.child_token();
         let _stop_background = background.clone().drop_guard();
         self.spawn_maintenance(background.clone());
@@ -361,7 +365,7 @@ impl Aggregator {
                             };
                             run.lanes[lane_of(partition, lanes)].building.push(
                                 message,
-                                &self.rules,
+                                &self.rules(),
                                 Utc::now(),
                             );
                         }
@@ -836,6 +840,16 @@ impl Aggregator {
                 self.restart_assignment(session, run, Instant::now() + RETAKE_DELAY);
                 Ok(())
             }
+            Err(AggregatorStoreError::Redefined { meter }) => {
+                let mut batch = batch;
+                self.redefined(&meter, &mut batch)?;
+                let retry = self.launch(batch, in_flight.epochs, 0);
+                run.lanes[lane].in_flight = Some(InFlight {
+                    started: in_flight.started,
+                    ..retry
+                });
+                Ok(())
+            }
             Err(error @ (AggregatorStoreError::Retryable(_) | AggregatorStoreError::Data(_))) => {
                 let attempt = in_flight.attempt + 1;
                 if let AggregatorStoreError::Retryable(e) = &error {
@@ -864,6 +878,69 @@ impl Aggregator {
             }
             Err(e) => Err(e.into()),
         }
+    }
+
+    /// The rules batches are checked under now.
+    fn rules(&self) -> Arc<Rules> {
+        self.rules
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    fn replace_rules(&self, change: impl FnOnce(&mut Rules)) {
+        let mut rules = self.rules.write().unwrap_or_else(PoisonError::into_inner);
+        let mut next = Rules::clone(&rules);
+        change(&mut next);
+        *rules = Arc::new(next);
+    }
+
+    /// `tally rebuild` swapped in windows recomputed under a new definition of `meter` (a batch
+    /// found its version bumped): takes every configured meter's definition from the catalog
+    /// (the rebuild recorded the new one there), and checks `batch` again under them. Batches
+    /// other lanes are building fail the same check when they commit, and are checked again
+    /// then.
+    fn redefined(&self, meter: &str, batch: &mut Batch) -> Result<(), AggregatorError> {
+        tracing::warn!(
+            meter,
+            "meter redefined by tally rebuild; counting under its new definition from now on"
+        );
+        let names: Vec<String> = self.meters.iter().map(|m| m.name.clone()).collect();
+        let catalog = self.runtime.block_on(async {
+            let mut conn = self.pool.acquire().await?;
+            let mut found = Vec::new();
+            for name in &names {
+                if let Some(recorded) = tally_db::meters::definition(&mut conn, name).await? {
+                    found.push(recorded);
+                }
+            }
+            Ok::<_, sqlx::Error>(found)
+        });
+        let catalog = match catalog {
+            Ok(catalog) => catalog,
+            Err(error) => {
+                // Retried as any batch whose commit failed: it fails the check again.
+                self.postgres.down(&error);
+                return Ok(());
+            }
+        };
+        let mut definitions = self.meters.clone();
+        let mut versions = HashMap::new();
+        for (recorded, version) in catalog {
+            versions.insert(recorded.name.clone(), version);
+            if let Some(configured) = definitions.iter_mut().find(|m| m.name == recorded.name) {
+                configured.aggregation = recorded.aggregation;
+                configured.group_by = recorded.group_by;
+                configured.unique_dimension = recorded.unique_dimension;
+            }
+        }
+        let meters = Meters::new(&definitions).map_err(AggregatorError::Config)?;
+        self.replace_rules(|rules| {
+            rules.meters = meters;
+            rules.versions = Arc::new(versions);
+        });
+        batch.recheck(&self.rules(), Utc::now());
+        Ok(())
     }
 
     /// After a commit: tell Kafka (for lag tools), wake the DLQ publisher, record metrics.

@@ -24,6 +24,9 @@
 //!     rejects with their reasons;
 //!   - `batch/fold.rs`: fold accepted events into one delta per window and aggregation;
 //!   - `batch/fixtures.rs`: fixtures shared by the batch unit tests.
+//! - `rebuild.rs`: `tally rebuild`, windows recomputed from the event archive under a meter's
+//!   current definition (`rebuild/source.rs`: the counted events, from the archive and Kafka;
+//!   `rebuild/shadow.rs`: the shadow tables, compared and swapped in).
 //! - `store.rs`: the Postgres side and [`AggregatorStoreError`]:
 //!   - `store/commit.rs`: the one transaction per batch, and its report;
 //!   - `store/claims.rs`: claiming event ids (dedup across batches);
@@ -37,6 +40,7 @@ mod batch;
 mod config;
 mod kafka;
 mod membership;
+pub mod rebuild;
 mod store;
 mod telemetry;
 mod watchdog;

@@ -21,6 +21,8 @@ mod retention;
 mod unprocessable;
 mod windows;
 
+pub(crate) use windows::{upsert_windows, WindowTables};
+
 pub(crate) use commit::commit_batch;
 pub(crate) use members::{covered_by_others, forget_member, record_member, MemberRecord};
 pub use members::{members, AggregatorMember};
@@ -46,6 +48,10 @@ pub enum AggregatorStoreError {
     Permanent(sqlx::Error),
     #[error("{0}")]
     MeterChanged(String),
+    /// `tally rebuild` redefined a meter after the batch was checked: nothing was written; the
+    /// batch is checked again under the new definition.
+    #[error("meter {meter:?} was redefined by a rebuild; the batch is checked again under its new definition")]
+    Redefined { meter: String },
 }
 
 impl From<sqlx::Error> for AggregatorStoreError {

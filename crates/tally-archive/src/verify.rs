@@ -102,23 +102,7 @@ pub async fn verify(
     .bind(end)
     .fetch_all(pool)
     .await?;
-    // The aggregator's refusals among the offsets these files hold (and only those: a flood
-    // of refused records elsewhere costs nothing here).
-    let refused: HashSet<(i32, i64)> = sqlx::query_as::<_, (i32, i64)>(
-        "SELECT r.partition, r.\"offset\" FROM rejected_events r
-         WHERE r.received_via = 'kafka' AND r.topic = $1
-           AND EXISTS (SELECT 1 FROM archive_files f JOIN archive_file_ranges fr USING (file_id)
-                       WHERE f.hour >= $2 AND f.hour < $3 AND fr.topic = r.topic
-                         AND fr.partition = r.partition
-                         AND r.\"offset\" BETWEEN fr.first_offset AND fr.last_offset)",
-    )
-    .bind(topic)
-    .bind(first_hour)
-    .bind(end)
-    .fetch_all(pool)
-    .await?
-    .into_iter()
-    .collect();
+    let refused = refused_positions(pool, topic, first_hour, end).await?;
 
     // (hour, customer, meter) → [archived, windows]
     let mut counts: BTreeMap<(DateTime<Utc>, String, String), [i64; 2]> = BTreeMap::new();
@@ -237,9 +221,36 @@ pub async fn verify(
     Ok(verification)
 }
 
+/// The aggregator's refusals (`rejected_events`, by Kafka position) among the offsets the
+/// files of the hours from `first_hour` to `end` hold, and only those: a flood of refused
+/// records elsewhere costs nothing here.
+pub async fn refused_positions<'c>(
+    db: impl sqlx::PgExecutor<'c>,
+    topic: &str,
+    first_hour: DateTime<Utc>,
+    end: DateTime<Utc>,
+) -> Result<HashSet<(i32, i64)>, sqlx::Error> {
+    Ok(sqlx::query_as::<_, (i32, i64)>(
+        "SELECT r.partition, r.\"offset\" FROM rejected_events r
+         WHERE r.received_via = 'kafka' AND r.topic = $1
+           AND EXISTS (SELECT 1 FROM archive_files f JOIN archive_file_ranges fr USING (file_id)
+                       WHERE f.hour >= $2 AND f.hour < $3 AND fr.topic = r.topic
+                         AND fr.partition = r.partition
+                         AND r.\"offset\" BETWEEN fr.first_offset AND fr.last_offset)",
+    )
+    .bind(topic)
+    .bind(first_hour)
+    .bind(end)
+    .fetch_all(db)
+    .await?
+    .into_iter()
+    .collect())
+}
+
 /// A recorded file's bytes, checked against its recorded size and SHA-256: where it is
-/// published, or (still `staged`) where it was staged, or published meanwhile.
-async fn read_whole(
+/// published, or (still `staged`) where it was staged, or published meanwhile. The error says
+/// why it cannot be read whole.
+pub async fn read_whole(
     store: &ArchiveStore,
     path: &str,
     staging_path: &str,

@@ -11,5 +11,5 @@ pub mod window;
 pub mod wire;
 
 pub use event::{UsageEvent, MAX_EVENT_BYTES};
-pub use meter::{Aggregation, MeterDefinition, Meters};
+pub use meter::{Aggregation, BillingKind, MeterDefinition, Meters};
 pub use reject::{RejectReason, Rejection};

@@ -56,6 +56,33 @@ impl std::str::FromStr for Aggregation {
     }
 }
 
+/// How a meter is billed in Stripe.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BillingKind {
+    /// Whole units to add (Stripe `sum`).
+    Delta,
+    /// The slot's value (Stripe `last`).
+    Last,
+}
+
+impl BillingKind {
+    /// `None` for `unique_count`: Stripe meters cannot count distinct values.
+    pub fn of(aggregation: Aggregation) -> Option<BillingKind> {
+        match aggregation {
+            Aggregation::Sum | Aggregation::Count => Some(BillingKind::Delta),
+            Aggregation::Max | Aggregation::Latest => Some(BillingKind::Last),
+            Aggregation::UniqueCount => None,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            BillingKind::Delta => "delta",
+            BillingKind::Last => "last",
+        }
+    }
+}
+
 /// One `[[meters]]` entry of `tally.toml`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]

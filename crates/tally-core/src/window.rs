@@ -28,6 +28,13 @@ pub fn slot_end(t: DateTime<Utc>) -> DateTime<Utc> {
     slot_start(t) + SLOT
 }
 
+/// The oldest meter event timestamp Stripe takes when sent at `now`: 35 days back, with an
+/// hour's margin (a submission may wait in the outbox a while). A slot older than this is
+/// billed with this timestamp by the sink's live path, and not re-billed by `tally rebuild`.
+pub fn oldest_stripe_timestamp(now: DateTime<Utc>) -> DateTime<Utc> {
+    now - TimeDelta::days(35) + TimeDelta::hours(1)
+}
+
 fn floor(t: DateTime<Utc>, seconds: i64) -> DateTime<Utc> {
     let start = t.timestamp().div_euclid(seconds) * seconds;
     // `start` lies between t - seconds and t, which chrono can always represent for any

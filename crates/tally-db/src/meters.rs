@@ -1,7 +1,9 @@
 //! The meter catalog, `meters`: the one owner of that table. Every command records the meters
 //! of tally.toml as it starts ([`record`]); every stage reads them from here, typed.
 
-use sqlx::PgPool;
+use std::collections::HashMap;
+
+use sqlx::{PgConnection, PgPool};
 use tally_core::{Aggregation, MeterDefinition};
 
 /// A meter as recorded in the catalog.
@@ -19,7 +21,7 @@ pub enum CatalogError {
     #[error("{0}")]
     Postgres(#[from] sqlx::Error),
     /// A meter's rules changed under windows built with the old ones.
-    #[error("meter {name:?} was recorded with {recorded}, but tally.toml now says {configured}; its existing windows were built with the old rules, so define a new meter name instead of changing this one")]
+    #[error("meter {name:?} was recorded with {recorded}, but tally.toml now says {configured}; its existing windows were built with the old rules: recompute them under the new ones with `tally rebuild --meter {name} --from DAY --to DAY` (docs/rebuild.md), or define a new meter name instead")]
     MeterChanged {
         name: String,
         recorded: String,
@@ -29,9 +31,16 @@ pub enum CatalogError {
 
 /// Records the configured meters. A meter whose aggregation, group_by or unique dimension
 /// differs from what its windows were built with is refused: mixing rules would corrupt them.
-pub async fn record(pool: &PgPool, meters: &[MeterDefinition]) -> Result<(), CatalogError> {
+/// Rows are locked in name order, the order every other holder of them (an aggregator batch,
+/// a rebuild) takes them in. Returns the version of each meter (see [`versions`]).
+pub async fn record(
+    pool: &PgPool,
+    meters: &[MeterDefinition],
+) -> Result<HashMap<String, i64>, CatalogError> {
+    let mut sorted: Vec<&MeterDefinition> = meters.iter().collect();
+    sorted.sort_by(|a, b| a.name.cmp(&b.name));
     let mut tx = pool.begin().await?;
-    for meter in meters {
+    for meter in sorted {
         let aggregation = meter.aggregation.as_str();
         let stored: Option<(String, Vec<String>, Option<String>)> = sqlx::query_as(
             "SELECT aggregation, group_by, unique_dimension FROM meters WHERE name = $1 FOR UPDATE",
@@ -68,8 +77,87 @@ pub async fn record(pool: &PgPool, meters: &[MeterDefinition]) -> Result<(), Cat
         .execute(&mut *tx)
         .await?;
     }
+    let names: Vec<&str> = meters.iter().map(|m| m.name.as_str()).collect();
+    let versions = versions_in(&mut tx, &names).await?;
     tx.commit().await?;
-    Ok(())
+    Ok(versions)
+}
+
+/// The definition version of each named meter that is recorded: `tally rebuild` bumps it when
+/// it swaps in windows recomputed under a new definition.
+async fn versions_in(
+    tx: &mut PgConnection,
+    names: &[&str],
+) -> Result<HashMap<String, i64>, sqlx::Error> {
+    let rows: Vec<(String, i64)> =
+        sqlx::query_as("SELECT name, version FROM meters WHERE name = ANY($1)")
+            .bind(names)
+            .fetch_all(&mut *tx)
+            .await?;
+    Ok(rows.into_iter().collect())
+}
+
+/// A recorded meter's whole definition and version, or `None` when no readable meter has that
+/// name.
+pub async fn definition(
+    conn: &mut PgConnection,
+    name: &str,
+) -> Result<Option<(MeterDefinition, i64)>, sqlx::Error> {
+    let row: Option<(String, Vec<String>, Option<String>, String, i64)> = sqlx::query_as(
+        "SELECT aggregation, group_by, unique_dimension, stripe_event_name, version
+         FROM meters WHERE name = $1",
+    )
+    .bind(name)
+    .fetch_optional(&mut *conn)
+    .await?;
+    Ok(row.and_then(
+        |(aggregation, group_by, unique_dimension, stripe_event_name, version)| {
+            let aggregation = readable(name, &aggregation)?;
+            let definition = MeterDefinition {
+                name: name.to_owned(),
+                aggregation,
+                group_by,
+                unique_dimension,
+                stripe_event_name: (stripe_event_name != name).then_some(stripe_event_name),
+            };
+            Some((definition, version))
+        },
+    ))
+}
+
+/// Records a new definition of a meter and bumps its version, in the caller's transaction
+/// (`tally rebuild`'s swap, which has the row locked).
+pub async fn redefine(
+    tx: &mut PgConnection,
+    meter: &MeterDefinition,
+) -> Result<i64, sqlx::Error> {
+    sqlx::query_scalar(
+        "UPDATE meters SET aggregation = $2, group_by = $3, unique_dimension = $4,
+                           version = version + 1, updated_at = now()
+         WHERE name = $1 RETURNING version",
+    )
+    .bind(&meter.name)
+    .bind(meter.aggregation.as_str())
+    .bind(&meter.group_by)
+    .bind(&meter.unique_dimension)
+    .fetch_one(&mut *tx)
+    .await
+}
+
+/// Locks the rows of the named meters FOR SHARE, in name order, and returns their versions:
+/// the first thing an aggregator batch does, so that a rebuild's swap (which locks its meter
+/// FOR UPDATE) and the batches counting that meter take turns.
+pub async fn share_versions(
+    tx: &mut PgConnection,
+    names: &[&str],
+) -> Result<HashMap<String, i64>, sqlx::Error> {
+    let rows: Vec<(String, i64)> = sqlx::query_as(
+        "SELECT name, version FROM meters WHERE name = ANY($1) ORDER BY name FOR SHARE",
+    )
+    .bind(names)
+    .fetch_all(&mut *tx)
+    .await?;
+    Ok(rows.into_iter().collect())
 }
 
 /// Every recorded meter: those of tally.toml and earlier ones whose usage may still be billed.

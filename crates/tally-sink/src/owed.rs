@@ -10,36 +10,9 @@
 //! value is sent as a new revision. A fractional value is rounded up: a started unit of
 //! storage or a seat counts.
 
-use chrono::{DateTime, TimeDelta, Utc};
+use chrono::{DateTime, Utc};
 use rust_decimal::Decimal;
-use tally_core::Aggregation;
-
-/// How a meter is billed in Stripe.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum BillingKind {
-    /// Whole units to add (Stripe `sum`).
-    Delta,
-    /// The slot's value (Stripe `last`).
-    Last,
-}
-
-impl BillingKind {
-    /// `None` for `unique_count`: Stripe meters cannot count distinct values.
-    pub fn of(aggregation: Aggregation) -> Option<BillingKind> {
-        match aggregation {
-            Aggregation::Sum | Aggregation::Count => Some(BillingKind::Delta),
-            Aggregation::Max | Aggregation::Latest => Some(BillingKind::Last),
-            Aggregation::UniqueCount => None,
-        }
-    }
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            BillingKind::Delta => "delta",
-            BillingKind::Last => "last",
-        }
-    }
-}
+pub use tally_core::BillingKind;
 
 /// What the sink accounted for a slot so far (`billing_slots`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -184,8 +157,7 @@ pub fn identifier(customer: &str, meter: &str, slot_start: DateTime<Utc>, revisi
 /// The meter event timestamp of a slot: its start, unless that is older than Stripe accepts
 /// (35 days); then the oldest time Stripe accepts, with an hour's margin.
 pub fn event_timestamp(slot_start: DateTime<Utc>, now: DateTime<Utc>) -> DateTime<Utc> {
-    let oldest = now - TimeDelta::days(35) + TimeDelta::hours(1);
-    slot_start.max(oldest)
+    slot_start.max(tally_core::window::oldest_stripe_timestamp(now))
 }
 
 #[cfg(test)]

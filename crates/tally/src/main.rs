@@ -20,6 +20,7 @@ mod invoices;
 mod kafka;
 mod plans;
 mod process;
+mod rebuild;
 mod serve;
 mod sink;
 mod status;
@@ -137,6 +138,17 @@ enum Command {
     /// Events older than aggregator.lateness_horizon are archived, not counted. See
     /// docs/archive.md.
     Backfill(backfill::BackfillArgs),
+    /// Recompute a meter's windows from the event archive under its definition in tally.toml
+    ///
+    /// Reads the events the aggregator counted in [--from, --to) from the archive (and from
+    /// Kafka what the archive does not have yet), folds them into shadow tables under the
+    /// meter's current aggregation, group_by and unique dimension, and swaps them in, in one
+    /// transaction, beside the running aggregator. The sink bills what changed as new
+    /// revisions where Stripe still takes them (35 days); older changes are listed.
+    /// --dry-run prints the differences per customer and day and changes nothing. A new
+    /// definition must cover every customer from the lateness horizon through today. See
+    /// docs/rebuild.md.
+    Rebuild(rebuild::RebuildArgs),
     /// Bill closed five-minute slots to Stripe meter events, exactly once
     ///
     /// Every sink.interval (or once, with --once): accounts for each slot that changed and has
@@ -250,6 +262,7 @@ fn main() -> ExitCode {
         Command::Aggregate(args) => aggregate::run(&config, &args),
         Command::Archive(args) => archive::run(&config, &args),
         Command::Backfill(args) => backfill::run(&config, &args),
+        Command::Rebuild(args) => rebuild::run(&config, &args),
         Command::Sink(args) => sink::run(&config, &args),
         Command::Customers(args) => customers::run(&config, &args),
         Command::Reconcile(args) => sink::reconcile(&config, &args),

@@ -4,6 +4,7 @@
 //! an id already in the batch are dropped here; a copy with another payload is a conflict.
 
 use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
 use std::time::Instant;
 
 use chrono::{DateTime, TimeDelta, Utc};
@@ -72,6 +73,9 @@ pub(crate) struct Rules {
     pub(crate) meters: Meters,
     /// Events older than `now - lateness_horizon` are `too_late`.
     pub(crate) lateness_horizon: TimeDelta,
+    /// The catalog's version of each meter's definition these rules hold (`meters.version`):
+    /// a batch commits only while they are still current (`tally rebuild` may redefine one).
+    pub(crate) versions: Arc<HashMap<String, i64>>,
 }
 
 /// Messages consumed since the last commit, checked and deduplicated within the batch.
@@ -88,6 +92,10 @@ pub(crate) struct Batch {
     pub(crate) consumed: u64,
     pub(crate) bytes: usize,
     pub(crate) opened: Option<Instant>,
+    /// The meter versions of the rules the batch was checked under (those of its first
+    /// message; a batch that saw newer rules midway fails the version check and is checked
+    /// again whole, see [`Batch::recheck`]).
+    pub(crate) versions: Arc<HashMap<String, i64>>,
     first_by_id: HashMap<String, usize>,
 }
 
@@ -98,6 +106,9 @@ impl Batch {
 
     /// Adds one message: a candidate, a duplicate within the batch, or a reject.
     pub(crate) fn push(&mut self, message: Message<'_>, rules: &Rules, now: DateTime<Utc>) {
+        if self.consumed == 0 {
+            self.versions = rules.versions.clone();
+        }
         self.opened.get_or_insert_with(Instant::now);
         self.consumed += 1;
         self.next_offsets
@@ -157,6 +168,28 @@ impl Batch {
     }
 }
 
+impl Batch {
+    /// Checks the batch's candidates again under new rules (a meter was redefined by
+    /// `tally rebuild` after they were checked): group keys, unique values and aggregations
+    /// are the new definition's, and an event the new definition refuses becomes a reject.
+    /// What was refused stays refused; the offsets to store are unchanged.
+    pub(crate) fn recheck(&mut self, rules: &Rules, now: DateTime<Utc>) {
+        let candidates = std::mem::take(&mut self.candidates);
+        self.first_by_id.clear();
+        for candidate in candidates {
+            match check(candidate.event, rules, now, candidate.message) {
+                Ok(candidate) => {
+                    self.first_by_id
+                        .insert(candidate.event.id.clone(), self.candidates.len());
+                    self.candidates.push(candidate);
+                }
+                Err(reject) => self.rejects.push(*reject),
+            }
+        }
+        self.versions = rules.versions.clone();
+    }
+}
+
 /// The rejection for a re-sent id whose payload differs from the counted one.
 pub(crate) fn conflict(id: &str) -> Rejection {
     Rejection::new(
@@ -196,6 +229,25 @@ fn check(
         );
         return Err(refuse(&event, RejectReason::TooLate, detail));
     }
+    counted_as(meter, event, message).map_err(|(event, message, detail)| {
+        Box::new(Reject {
+            rejection: Rejection::new(RejectReason::InvalidDimensions, detail),
+            event_id: Some(event.id),
+            customer: Some(event.customer),
+            meter: Some(event.meter),
+            message,
+        })
+    })
+}
+
+/// What a meter's definition makes of an event it counts: its group key, and for
+/// `unique_count` the value counted (an event without that dimension is refused: the detail
+/// says why). The part of the checks a rebuild applies again under a new definition.
+pub(crate) fn counted_as(
+    meter: &MeterDefinition,
+    event: UsageEvent,
+    message: ConsumedMessage,
+) -> Result<Candidate, (UsageEvent, ConsumedMessage, String)> {
     let unique_value = match &meter.unique_dimension {
         None => None,
         Some(dimension) => match event.dimensions.get(dimension) {
@@ -205,7 +257,7 @@ fn check(
                     "meter {:?} counts distinct values of dimension {dimension:?}, which this event lacks",
                     meter.name
                 );
-                return Err(refuse(&event, RejectReason::InvalidDimensions, detail));
+                return Err((event, message, detail));
             }
         },
     };

@@ -36,6 +36,7 @@ pub(super) fn rules() -> Rules {
     Rules {
         meters: meters(),
         lateness_horizon: TimeDelta::days(35),
+        versions: Default::default(),
     }
 }
 

@@ -1,7 +1,7 @@
 //! The batch transaction: claims the ids, adds the newly claimed events to the windows, records
 //! the rejects and advances the offsets, all or nothing, and reports what it did.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashMap};
 use std::time::Instant;
 
 use sqlx::{PgConnection, PgPool};
@@ -10,7 +10,7 @@ use tally_db::rejects::{Received, Rejected};
 
 use super::claims::{claim_ids, Claims};
 use super::ownership::{advance_offsets, Ownership};
-use super::windows::{record_slot_changes, upsert_windows};
+use super::windows::{record_slot_changes, upsert_windows, WindowTables};
 use super::AggregatorStoreError;
 use crate::batch::{fold, Batch, Candidate, Granularity, Reject, WindowDelta};
 use crate::telemetry::BatchReport;
@@ -34,6 +34,7 @@ pub(crate) async fn commit_batch(
         &candidates,
         &rejects,
         priced_meters,
+        &batch.versions,
     )
     .await?;
     advance_offsets(&mut tx, batch, ownership).await?;
@@ -69,7 +70,9 @@ pub(super) async fn apply(
     candidates: &[&Candidate],
     rejects: &[&Reject],
     priced_meters: &BTreeSet<String>,
+    versions: &HashMap<String, i64>,
 ) -> Result<Applied, AggregatorStoreError> {
+    check_versions(tx, candidates, versions).await?;
     let Claims { claimed, conflicts } = claim_ids(tx, candidates).await?;
     let counted: Vec<&Candidate> = candidates
         .iter()
@@ -86,8 +89,9 @@ pub(super) async fn apply(
     let changed: Vec<&str> = changed.into_iter().collect();
     tally_db::changes::record(tx, &changed).await?;
     let priced_usage = priced_usage(&minutes, priced_meters);
-    upsert_windows(tx, Granularity::Minute, minutes).await?;
-    upsert_windows(tx, Granularity::Day, days).await?;
+    let live = WindowTables::live();
+    upsert_windows(tx, &live, Granularity::Minute, minutes).await?;
+    upsert_windows(tx, &live, Granularity::Day, days).await?;
     let all_rejects: Vec<&Reject> = rejects.iter().copied().chain(&conflicts).collect();
     insert_rejects(tx, topic, &all_rejects).await?;
     // Last, so that `queued_at` is close to the commit (the burn's lag is measured from it).
@@ -98,6 +102,31 @@ pub(super) async fn apply(
         conflicts,
         windows,
     })
+}
+
+/// Locks the rows of the candidates' meters in `meters` (FOR SHARE, first, in name order) and
+/// checks that the batch was checked under their current definitions. `tally rebuild` locks its
+/// meter FOR UPDATE to swap in recomputed windows (and maybe a new definition), so a batch and
+/// a swap take turns, and a batch checked under a replaced definition never commits.
+async fn check_versions(
+    tx: &mut PgConnection,
+    candidates: &[&Candidate],
+    versions: &HashMap<String, i64>,
+) -> Result<(), AggregatorStoreError> {
+    let meters: BTreeSet<&str> = candidates.iter().map(|c| c.event.meter.as_str()).collect();
+    let meters: Vec<&str> = meters.into_iter().collect();
+    if meters.is_empty() {
+        return Ok(());
+    }
+    let current = tally_db::meters::share_versions(tx, &meters).await?;
+    for meter in meters {
+        if current.get(meter) != versions.get(meter) {
+            return Err(AggregatorStoreError::Redefined {
+                meter: meter.to_owned(),
+            });
+        }
+    }
+    Ok(())
 }
 
 /// A window's newly counted usage of a meter with a credit rate, for the burner.

@@ -2,7 +2,7 @@
 //! transactions that are rolled back until each event Postgres refuses on its own is found;
 //! those become `unprocessable` rejects, so the rest of the batch can be committed.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashMap};
 
 use sqlx::PgPool;
 use tally_core::{RejectReason, Rejection};
@@ -26,9 +26,10 @@ async fn probe(
     candidates: &[&Candidate],
     rejects: &[&Reject],
     priced_meters: &BTreeSet<String>,
+    versions: &HashMap<String, i64>,
 ) -> Result<(), AggregatorStoreError> {
     let mut tx = pool.begin().await?;
-    let result = apply(&mut tx, topic, candidates, rejects, priced_meters)
+    let result = apply(&mut tx, topic, candidates, rejects, priced_meters, versions)
         .await
         .map(drop);
     tx.rollback().await?;
@@ -47,14 +48,15 @@ pub(crate) async fn isolate_unprocessable(
     batch: &mut Batch,
     priced_meters: &BTreeSet<String>,
 ) -> Result<usize, AggregatorStoreError> {
+    let versions = batch.versions.clone();
     let candidates: Vec<&Candidate> = batch.candidates.iter().collect();
     let bad_candidates = bisect(candidates.len(), |range| {
-        probe(pool, topic, &candidates[range], &[], priced_meters)
+        probe(pool, topic, &candidates[range], &[], priced_meters, &versions)
     })
     .await?;
     let rejects: Vec<&Reject> = batch.rejects.iter().collect();
     let bad_rejects = bisect(rejects.len(), |range| {
-        probe(pool, topic, &[], &rejects[range], priced_meters)
+        probe(pool, topic, &[], &rejects[range], priced_meters, &versions)
     })
     .await?;
     let found = bad_candidates.len() + bad_rejects.len();

@@ -13,11 +13,52 @@ use tally_core::Aggregation;
 use super::AggregatorStoreError;
 use crate::batch::{Granularity, WindowDelta};
 
+/// The tables windows are written to: the live ones, or the shadow copies a rebuild fills
+/// before it swaps them in. Both are written by the same code, under the same merge rules.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct WindowTables {
+    pub(crate) minute: String,
+    pub(crate) daily: String,
+    pub(crate) minute_values: String,
+    pub(crate) daily_values: String,
+}
+
+impl WindowTables {
+    pub(crate) fn live() -> WindowTables {
+        WindowTables {
+            minute: "usage_minute".into(),
+            daily: "usage_daily".into(),
+            minute_values: "usage_minute_values".into(),
+            daily_values: "usage_daily_values".into(),
+        }
+    }
+
+    /// Rebuild `id`'s shadow tables (names made of a number only, never of input).
+    pub(crate) fn shadow(id: i64) -> WindowTables {
+        WindowTables {
+            minute: format!("rebuild_{id}_minute"),
+            daily: format!("rebuild_{id}_daily"),
+            minute_values: format!("rebuild_{id}_minute_values"),
+            daily_values: format!("rebuild_{id}_daily_values"),
+        }
+    }
+
+    /// Each shadow table with the live table it stands in for.
+    pub(crate) fn pairs<'a>(&'a self, live: &'a WindowTables) -> [(&'a str, &'a str); 4] {
+        [
+            (&self.minute, &live.minute),
+            (&self.daily, &live.daily),
+            (&self.minute_values, &live.minute_values),
+            (&self.daily_values, &live.daily_values),
+        ]
+    }
+}
+
 /// The tables and the value merge rule for one granularity and aggregation.
-fn upsert_sql(granularity: Granularity, aggregation: Aggregation) -> String {
+fn upsert_sql(tables: &WindowTables, granularity: Granularity, aggregation: Aggregation) -> String {
     let (table, time_column, time_type) = match granularity {
-        Granularity::Minute => ("usage_minute", "window_start", "timestamptz"),
-        Granularity::Day => ("usage_daily", "day", "date"),
+        Granularity::Minute => (tables.minute.as_str(), "window_start", "timestamptz"),
+        Granularity::Day => (tables.daily.as_str(), "day", "date"),
     };
     let (value, latest) = match aggregation {
         Aggregation::Sum | Aggregation::Count | Aggregation::UniqueCount => {
@@ -67,12 +108,13 @@ pub(super) async fn record_slot_changes(
 
 /// Upserts the deltas of one granularity: one statement per aggregation present (and, in the
 /// rare case a sum needed several partials, one more per extra partial).
-pub(super) async fn upsert_windows(
+pub(crate) async fn upsert_windows(
     tx: &mut PgConnection,
+    tables: &WindowTables,
     granularity: Granularity,
     mut deltas: Vec<WindowDelta>,
 ) -> Result<(), AggregatorStoreError> {
-    add_new_unique_values(tx, granularity, &mut deltas).await?;
+    add_new_unique_values(tx, tables, granularity, &mut deltas).await?;
     for aggregation in [
         Aggregation::Sum,
         Aggregation::Count,
@@ -86,7 +128,7 @@ pub(super) async fn upsert_windows(
             .collect();
         let mut layer = 0;
         while !rows.is_empty() {
-            upsert_rows(tx, granularity, aggregation, &rows, layer).await?;
+            upsert_rows(tx, tables, granularity, aggregation, &rows, layer).await?;
             layer += 1;
             rows.retain(|d| d.partials.len() > layer);
         }
@@ -96,6 +138,7 @@ pub(super) async fn upsert_windows(
 
 async fn upsert_rows(
     tx: &mut PgConnection,
+    tables: &WindowTables,
     granularity: Granularity,
     aggregation: Aggregation,
     rows: &[&WindowDelta],
@@ -121,7 +164,7 @@ async fn upsert_rows(
         .iter()
         .map(|d| d.latest.as_ref().map(|l| l.id.as_str()))
         .collect();
-    let sql = upsert_sql(granularity, aggregation);
+    let sql = upsert_sql(tables, granularity, aggregation);
     let query = sqlx::query(&sql).bind(&customers).bind(&meters);
     let query = match granularity {
         Granularity::Minute => query.bind(rows.iter().map(|d| d.key.start).collect::<Vec<_>>()),
@@ -146,6 +189,7 @@ async fn upsert_rows(
 /// number that were new to its window, so counts stay exact across batches.
 async fn add_new_unique_values(
     tx: &mut PgConnection,
+    tables: &WindowTables,
     granularity: Granularity,
     deltas: &mut [WindowDelta],
 ) -> Result<(), AggregatorStoreError> {
@@ -170,22 +214,24 @@ async fn add_new_unique_values(
         return Ok(());
     }
     let sql = match granularity {
-        Granularity::Minute => {
-            "INSERT INTO usage_minute_values (customer_id, meter, window_start, group_key, value)
+        Granularity::Minute => format!(
+            "INSERT INTO {} (customer_id, meter, window_start, group_key, value)
              SELECT * FROM unnest($1::text[], $2::text[], $3::timestamptz[], $4::text[], $5::text[])
              ON CONFLICT DO NOTHING
-             RETURNING customer_id, meter, window_start, group_key"
-        }
-        Granularity::Day => {
-            "INSERT INTO usage_daily_values (customer_id, meter, day, group_key, value)
+             RETURNING customer_id, meter, window_start, group_key",
+            tables.minute_values
+        ),
+        Granularity::Day => format!(
+            "INSERT INTO {} (customer_id, meter, day, group_key, value)
              SELECT c, m, (t AT TIME ZONE 'UTC')::date, g, v
              FROM unnest($1::text[], $2::text[], $3::timestamptz[], $4::text[], $5::text[])
                   AS u(c, m, t, g, v)
              ON CONFLICT DO NOTHING
-             RETURNING customer_id, meter, day::timestamp AT TIME ZONE 'UTC', group_key"
-        }
+             RETURNING customer_id, meter, day::timestamp AT TIME ZONE 'UTC', group_key",
+            tables.daily_values
+        ),
     };
-    let new: Vec<(String, String, DateTime<Utc>, String)> = sqlx::query_as(sql)
+    let new: Vec<(String, String, DateTime<Utc>, String)> = sqlx::query_as(&sql)
         .bind(&customers)
         .bind(&meters)
         .bind(&starts)

@@ -54,8 +54,8 @@ pub(super) struct CacheState {
     pub(super) pool: PgPool,
     pub(super) options: QuotaOptions,
     /// Meter → aggregation, from the `meters` table (every command records tally.toml's
-    /// meters there as it starts). Loaded on first use and again when a check names a meter
-    /// it does not hold, at most every [`METERS_RELOAD`].
+    /// meters there as it starts; `tally rebuild` may redefine one). Loaded on first use and
+    /// again by the first check after it is [`METERS_RELOAD`] old.
     pub(super) aggregations: RwLock<Aggregations>,
     meters_reload: tokio::sync::Mutex<()>,
     /// The credit rate card (`credit_rates`), reloaded with the customers it prices at most
@@ -155,17 +155,22 @@ impl CacheState {
             .ok_or_else(|| QuotaError::UnknownMeter(meter.to_owned()))
     }
 
-    /// The answer for `meter` without reloading: its aggregation, or "unknown" when the list
-    /// was reloaded less than [`METERS_RELOAD`] ago; `None` when it should be reloaded.
+    /// The answer for `meter` without reloading, when the list was reloaded less than
+    /// [`METERS_RELOAD`] ago: its aggregation, or "unknown"; `None` when it should be reloaded.
     fn known_aggregation(&self, meter: &str) -> Option<Result<Aggregation, QuotaError>> {
         let aggregations = self.aggregations.read().unwrap_or_else(|e| e.into_inner());
-        if let Some(aggregation) = aggregations.by_meter.get(meter) {
-            return Some(Ok(*aggregation));
-        }
-        aggregations
+        // A known meter's aggregation is trusted no longer than an unknown one's absence:
+        // `tally rebuild` may redefine it.
+        if !aggregations
             .loaded
             .is_some_and(|at| at.elapsed() < METERS_RELOAD)
-            .then(|| Err(QuotaError::UnknownMeter(meter.to_owned())))
+        {
+            return None;
+        }
+        Some(match aggregations.by_meter.get(meter) {
+            Some(aggregation) => Ok(*aggregation),
+            None => Err(QuotaError::UnknownMeter(meter.to_owned())),
+        })
     }
 
     /// The rate card, reloaded first when it is older than [`RATES_RELOAD`].

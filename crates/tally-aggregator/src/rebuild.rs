@@ -1,0 +1,704 @@
+//! `tally rebuild`: one meter's windows recomputed from the event archive under its current
+//! definition, into shadow tables, then swapped in, in one transaction, beside the live
+//! aggregator (docs/rebuild.md).
+//!
+//! A rebuild's life:
+//! 1. One rebuild at a time (an advisory lock); the shadow tables of one that died are dropped.
+//! 2. The request is checked against the catalog (`meters`): a new definition must cover every
+//!    window the aggregator may still write (every customer, from the lateness horizon's day
+//!    through today), and must bill the way the meter's Stripe meter aggregates.
+//! 3. `source`: the events the aggregator counted up to where it stands (`kafka_offsets`): the
+//!    archive's files, and from Kafka what the archive does not have yet; the aggregator's
+//!    refusals left out, each id once.
+//! 4. `shadow`: those events folded and upserted into shadow tables by the aggregator's own
+//!    code, under the new definition; caught up with Kafka until little is left.
+//! 5. The swap, one transaction: lock the meter's catalog row (aggregator batches counting the
+//!    meter wait; they lock it FOR SHARE first), catch up with what the aggregator counted
+//!    meanwhile, check that the shadow counts exactly the events the windows count, record the
+//!    changed billing slots for the sink (those Stripe still takes) and the customers for the
+//!    quota caches, replace the windows, record the new definition. A dry run does all of it
+//!    and rolls back.
+
+mod shadow;
+mod source;
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use chrono::{DateTime, NaiveDate, TimeDelta, Utc};
+use rust_decimal::Decimal;
+use sqlx::{Connection, PgConnection, PgPool};
+use tally_archive::{ArchiveStore, ArchivedRecord};
+use tally_core::config::KafkaConfig;
+use tally_core::window::hour_start;
+use tally_core::{BillingKind, MeterDefinition};
+
+use crate::batch::{counted_as, Candidate, ConsumedMessage};
+use crate::store::AggregatorStoreError;
+use shadow::Range;
+use source::{Filter, Positions, Seen};
+
+/// What to rebuild.
+#[derive(Debug, Clone)]
+pub struct RebuildRequest {
+    /// The meter's definition now (tally.toml's).
+    pub meter: MeterDefinition,
+    /// Only this customer's windows (not with a new definition).
+    pub customer: Option<String>,
+    /// The first UTC day rebuilt.
+    pub from: NaiveDate,
+    /// The UTC day after the last one rebuilt.
+    pub to: NaiveDate,
+    /// Compute and compare, change nothing.
+    pub dry_run: bool,
+}
+
+/// Where the rebuild reads and what it must agree with.
+#[derive(Debug, Clone)]
+pub struct RebuildSettings {
+    pub kafka: KafkaConfig,
+    /// The aggregator's consumer group (`kafka_offsets` says where it stands).
+    pub aggregator_group: String,
+    pub lateness_horizon: TimeDelta,
+}
+
+/// One customer's day whose usage the rebuild changes.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct DayDifference {
+    pub customer: String,
+    pub day: NaiveDate,
+    pub events_before: i64,
+    pub events_after: i64,
+    /// The day's usage over its groups: added up for sum, count and unique_count; the largest
+    /// group's for max and latest.
+    pub usage_before: Decimal,
+    pub usage_after: Decimal,
+}
+
+/// A billing slot whose usage changed but is older than Stripe takes meter events for.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct UnbilledSlot {
+    pub customer: String,
+    pub slot_start: DateTime<Utc>,
+    pub usage_before: Decimal,
+    pub usage_after: Decimal,
+}
+
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct RebuildReport {
+    pub rebuild_id: i64,
+    pub meter: String,
+    pub customer: Option<String>,
+    pub from: NaiveDate,
+    pub to: NaiveDate,
+    pub dry_run: bool,
+    /// The definition the windows were built with, when the rebuild changes it.
+    pub redefined_from: Option<String>,
+    pub definition: String,
+    pub files: usize,
+    /// Events counted into the rebuilt windows, and how many of them came from Kafka (the
+    /// archive did not have them yet).
+    pub events: u64,
+    pub from_kafka: u64,
+    pub windows_before: i64,
+    pub windows_after: i64,
+    pub days: Vec<DayDifference>,
+    /// Billing slots handed to the sink, which bills what changed as new revisions.
+    pub slots_to_bill: usize,
+    pub unbilled: Vec<UnbilledSlot>,
+    /// Whether the windows were replaced (false for a dry run).
+    pub swapped: bool,
+}
+
+/// Why a rebuild did not happen. Each says what to do.
+#[derive(Debug, thiserror::Error)]
+pub enum RebuildError {
+    #[error("Postgres: {0}")]
+    Postgres(#[from] sqlx::Error),
+    #[error("{0}")]
+    Store(String),
+    #[error("another tally rebuild is running; wait for it to finish")]
+    Busy,
+    #[error("{0}")]
+    Refused(String),
+    #[error("the archive: {0}")]
+    Archive(String),
+    #[error("Kafka: {0}")]
+    Kafka(String),
+    #[error("the rebuilt windows would not count the events the live windows count; nothing was changed:\n{0}")]
+    Incomplete(String),
+}
+
+impl From<AggregatorStoreError> for RebuildError {
+    fn from(error: AggregatorStoreError) -> Self {
+        match error {
+            AggregatorStoreError::Retryable(e)
+            | AggregatorStoreError::Data(e)
+            | AggregatorStoreError::Permanent(e) => RebuildError::Postgres(e),
+            other => RebuildError::Store(other.to_string()),
+        }
+    }
+}
+
+/// The key of the advisory lock one rebuild at a time holds.
+const LOCK_KEY: &str = "tally rebuild";
+/// Candidates folded and upserted into the shadow at a time.
+const CHUNK: usize = 200_000;
+/// The swap reads at most about this many records from Kafka while it holds the meter's row
+/// (aggregator batches counting the meter wait for it): the catch-up before it goes on until
+/// the aggregator is at most this far ahead.
+const SWAP_CATCH_UP: i64 = 20_000;
+/// The most records read from Kafka before the swap (what the archive lacks): further behind,
+/// the archive should catch up first.
+const MOST_FROM_KAFKA: i64 = 5_000_000;
+
+/// Rebuilds the windows `request` names. `progress` hears what it is doing.
+pub async fn rebuild(
+    pool: &PgPool,
+    store: &ArchiveStore,
+    settings: &RebuildSettings,
+    request: &RebuildRequest,
+    progress: &(dyn Fn(&str) + Sync),
+) -> Result<RebuildReport, RebuildError> {
+    // The lock lives on a connection of its own, closed (and so released) at the end.
+    let mut lock = pool.acquire().await?.detach();
+    let locked: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock(hashtext($1))")
+        .bind(LOCK_KEY)
+        .fetch_one(&mut lock)
+        .await?;
+    if !locked {
+        return Err(RebuildError::Busy);
+    }
+    let mut conn = pool.acquire().await?;
+    abandon_dead(&mut conn).await?;
+    let (recorded, version) = tally_db::meters::definition(&mut *conn, &request.meter.name)
+        .await?
+        .ok_or_else(|| {
+            RebuildError::Refused(format!(
+                "meter {:?} has never counted anything (it is not in the meters table): there is nothing to rebuild",
+                request.meter.name
+            ))
+        })?;
+    let now = Utc::now();
+    let redefined = check_request(request, &recorded, settings.lateness_horizon, now)?;
+    let definition = describe(&request.meter);
+    let id: i64 = sqlx::query_scalar(
+        "INSERT INTO rebuilds (meter, customer_id, from_day, to_day, dry_run, definition)
+         VALUES ($1, $2, $3, $4, $5, $6) RETURNING rebuild_id",
+    )
+    .bind(&request.meter.name)
+    .bind(&request.customer)
+    .bind(request.from)
+    .bind(request.to)
+    .bind(request.dry_run)
+    .bind(serde_json::to_value(&request.meter).unwrap_or_default())
+    .fetch_one(&mut *conn)
+    .await?;
+    shadow::create(&mut conn, id).await?;
+    let mut report = RebuildReport {
+        rebuild_id: id,
+        meter: request.meter.name.clone(),
+        customer: request.customer.clone(),
+        from: request.from,
+        to: request.to,
+        dry_run: request.dry_run,
+        redefined_from: redefined.then(|| describe(&recorded)),
+        definition,
+        files: 0,
+        events: 0,
+        from_kafka: 0,
+        windows_before: 0,
+        windows_after: 0,
+        days: Vec::new(),
+        slots_to_bill: 0,
+        unbilled: Vec::new(),
+        swapped: false,
+    };
+    let result = Rebuild {
+        store,
+        settings,
+        request,
+        id,
+        version,
+        recorded_aggregation: recorded.aggregation,
+        filter: Filter {
+            meter: request.meter.name.clone(),
+            customer: request.customer.clone(),
+            from: day_start(request.from),
+            to: day_start(request.to),
+        },
+        seen: Seen::default(),
+        progress,
+    }
+    .run(&mut conn, redefined, &mut report)
+    .await;
+    let (state, detail) = match &result {
+        Ok(()) if report.swapped => ("swapped", None),
+        Ok(()) => ("dry_run", None),
+        Err(error) => ("failed", Some(error.to_string())),
+    };
+    // Best effort: the windows are what they are either way.
+    let _ = shadow::drop_tables(&mut conn, id).await;
+    let _ = sqlx::query(
+        "UPDATE rebuilds SET state = $2, detail = $3, events = $4, windows_before = $5,
+                             windows_after = $6, finished_at = now()
+         WHERE rebuild_id = $1",
+    )
+    .bind(id)
+    .bind(state)
+    .bind(detail)
+    .bind(report.events as i64)
+    .bind(report.windows_before)
+    .bind(report.windows_after)
+    .execute(&mut *conn)
+    .await;
+    let _ = lock.close().await;
+    result.map(|()| report)
+}
+
+/// Rebuilds left `running` while this one holds the lock died: their shadow tables go.
+async fn abandon_dead(conn: &mut PgConnection) -> Result<(), sqlx::Error> {
+    let dead: Vec<i64> =
+        sqlx::query_scalar("SELECT rebuild_id FROM rebuilds WHERE state = 'running'")
+            .fetch_all(&mut *conn)
+            .await?;
+    for id in dead {
+        shadow::drop_tables(conn, id).await?;
+        sqlx::query(
+            "UPDATE rebuilds SET state = 'abandoned', finished_at = now(),
+                                 detail = 'the process stopped before it finished; nothing was changed'
+             WHERE rebuild_id = $1",
+        )
+        .bind(id)
+        .execute(&mut *conn)
+        .await?;
+    }
+    Ok(())
+}
+
+/// Whether the request changes the meter's definition; refused when it cannot be done
+/// exactly.
+fn check_request(
+    request: &RebuildRequest,
+    recorded: &MeterDefinition,
+    lateness_horizon: TimeDelta,
+    now: DateTime<Utc>,
+) -> Result<bool, RebuildError> {
+    let meter = &request.meter;
+    if request.to <= request.from {
+        return Err(RebuildError::Refused(format!(
+            "--to ({}) must be after --from ({}): the range is the days from --from up to --to, not including it",
+            request.to, request.from
+        )));
+    }
+    let redefined = meter.aggregation != recorded.aggregation
+        || meter.group_by != recorded.group_by
+        || meter.unique_dimension != recorded.unique_dimension;
+    if !redefined {
+        return Ok(false);
+    }
+    if BillingKind::of(meter.aggregation) != BillingKind::of(recorded.aggregation) {
+        return Err(RebuildError::Refused(format!(
+            "meter {:?} aggregates {} and tally.toml now says {}: its Stripe meter adds up ({}) or keeps the last value ({}), and cannot change that; define a new meter name for the new aggregation",
+            meter.name,
+            recorded.aggregation.as_str(),
+            meter.aggregation.as_str(),
+            "sum and count",
+            "max and latest"
+        )));
+    }
+    // The aggregator writes windows back to the lateness horizon; every one it may write must
+    // be under one definition.
+    let horizon_day = (now - lateness_horizon).date_naive();
+    let today = now.date_naive();
+    if request.customer.is_some() || request.from > horizon_day || request.to <= today {
+        return Err(RebuildError::Refused(format!(
+            "tally.toml changes meter {:?} ({} → {}): a new definition must rebuild every window the aggregator may still add to, so rebuild every customer (no --customer) with --from {horizon_day} or earlier and --to {} or later",
+            meter.name,
+            describe(recorded),
+            describe(meter),
+            today.succ_opt().unwrap_or(today)
+        )));
+    }
+    Ok(true)
+}
+
+fn describe(meter: &MeterDefinition) -> String {
+    let mut text = format!("aggregation={}", meter.aggregation.as_str());
+    if !meter.group_by.is_empty() {
+        text.push_str(&format!(", group_by={:?}", meter.group_by));
+    }
+    if let Some(dimension) = &meter.unique_dimension {
+        text.push_str(&format!(", unique_dimension={dimension:?}"));
+    }
+    text
+}
+
+fn day_start(day: NaiveDate) -> DateTime<Utc> {
+    day.and_hms_opt(0, 0, 0)
+        .map_or(DateTime::<Utc>::MIN_UTC, |t| t.and_utc())
+}
+
+/// One rebuild under way.
+struct Rebuild<'a> {
+    store: &'a ArchiveStore,
+    settings: &'a RebuildSettings,
+    request: &'a RebuildRequest,
+    id: i64,
+    /// The catalog version of the meter when the rebuild began.
+    version: i64,
+    recorded_aggregation: tally_core::Aggregation,
+    filter: Filter,
+    seen: Seen,
+    progress: &'a (dyn Fn(&str) + Sync),
+}
+
+impl Rebuild<'_> {
+    async fn run(
+        mut self,
+        conn: &mut PgConnection,
+        redefined: bool,
+        report: &mut RebuildReport,
+    ) -> Result<(), RebuildError> {
+        let topic = self.settings.kafka.topic.clone();
+        let aggregated =
+            source::aggregated(conn, &self.settings.aggregator_group, &topic).await?;
+        let archived = source::archived(conn, &topic).await?;
+        // What the aggregator counted that the archive does not have yet, from Kafka.
+        let behind = source::between(&archived, &aggregated);
+        let lacking: i64 = behind.values().map(|(start, end)| end - start).sum();
+        if lacking > MOST_FROM_KAFKA {
+            return Err(RebuildError::Archive(format!(
+                "the archive is {lacking} records behind the aggregator; run `tally archive --once` (or let the daemon catch up) before rebuilding"
+            )));
+        }
+        (self.progress)(&format!(
+            "reading the archive from {} to {} (and {lacking} records from Kafka)",
+            self.request.from, self.request.to
+        ));
+        let from_kafka = self.read_kafka(conn, &behind).await?;
+        (report.files, report.events, report.from_kafka) = self
+            .read_archive(conn, &aggregated, from_kafka)
+            .await?;
+        // Catch up with the aggregator until it is close; the rest is read under the lock.
+        let mut reached = aggregated;
+        loop {
+            let now = source::aggregated(conn, &self.settings.aggregator_group, &topic).await?;
+            let gap = source::between(&reached, &now);
+            if gap.values().map(|(start, end)| end - start).sum::<i64>() <= SWAP_CATCH_UP {
+                break;
+            }
+            let added = self.catch_up(conn, &gap).await?;
+            report.events += added;
+            report.from_kafka += added;
+            reached = now;
+        }
+        self.swap(conn, redefined, reached, report).await
+    }
+
+    /// Reads `ranges` from Kafka and keeps the events of the filter the aggregator counted,
+    /// by hour.
+    async fn read_kafka(
+        &mut self,
+        conn: &mut PgConnection,
+        ranges: &BTreeMap<i32, (i64, i64)>,
+    ) -> Result<BTreeMap<DateTime<Utc>, Vec<ArchivedRecord>>, RebuildError> {
+        let refused = source::refused_in(conn, &self.settings.kafka.topic, ranges).await?;
+        let kafka = self.settings.kafka.clone();
+        let filter = self.filter.clone();
+        let ranges = ranges.clone();
+        let records = tokio::task::spawn_blocking(move || {
+            let mut kept: Vec<ArchivedRecord> = Vec::new();
+            source::read_kafka(&kafka, &ranges, |record| {
+                let wanted = record.event().is_some_and(|e| filter.wants(e))
+                    && !refused.contains(&(record.partition, record.offset));
+                if wanted {
+                    kept.push(record);
+                }
+            })
+            .map(|_| kept)
+        })
+        .await
+        .map_err(|e| RebuildError::Kafka(e.to_string()))?
+        .map_err(RebuildError::Kafka)?;
+        let mut by_hour: BTreeMap<DateTime<Utc>, Vec<ArchivedRecord>> = BTreeMap::new();
+        for record in records {
+            if let Some(event) = record.event() {
+                by_hour
+                    .entry(hour_start(event.timestamp))
+                    .or_default()
+                    .push(record);
+            }
+        }
+        Ok(by_hour)
+    }
+
+    /// Reads the files of the range's hours (and, hour by hour, the records Kafka gave) into
+    /// the shadow. Returns the files read, the events counted, and how many of them came
+    /// from Kafka.
+    async fn read_archive(
+        &mut self,
+        conn: &mut PgConnection,
+        aggregated: &Positions,
+        mut from_kafka: BTreeMap<DateTime<Utc>, Vec<ArchivedRecord>>,
+    ) -> Result<(usize, u64, u64), RebuildError> {
+        let topic = &self.settings.kafka.topic;
+        let (first_hour, end) = (self.filter.from, self.filter.to);
+        let files: Vec<(String, String, String, DateTime<Utc>, i64, String)> = sqlx::query_as(
+            "SELECT path, staging_path, state, hour, bytes, sha256 FROM archive_files
+             WHERE hour >= $1 AND hour < $2 ORDER BY hour, file_id",
+        )
+        .bind(first_hour)
+        .bind(end)
+        .fetch_all(&mut *conn)
+        .await?;
+        if let Some((path, _, state, hour, ..)) =
+            files.iter().find(|f| f.2 == "deleted" || f.2 == "lost")
+        {
+            let why = match state.as_str() {
+                "deleted" => "was deleted by archive.retention".to_owned(),
+                _ => format!("is lost ({path}): the store no longer has it"),
+            };
+            return Err(RebuildError::Archive(format!(
+                "the archive's file for hour {hour} {why}, so the events of that hour cannot be recounted; rebuild a range after it"
+            )));
+        }
+        let refused =
+            tally_archive::verify::refused_positions(&mut *conn, topic, first_hour, end).await?;
+        let mut candidates: Vec<Candidate> = Vec::new();
+        let mut events = 0u64;
+        let mut lacking = 0u64;
+        let mut read = 0usize;
+        // The order does not matter: a re-sent id's copies are the same event.
+        for (_, records) in std::mem::take(&mut from_kafka) {
+            for record in records {
+                lacking += self.keep(record, &mut candidates);
+            }
+        }
+        let kafka_events = candidates.len() as u64;
+        for (path, staging_path, state, _, bytes, sha256) in &files {
+            let (location, contents) = tally_archive::verify::read_whole(
+                self.store, path, staging_path, state, *bytes, sha256,
+            )
+            .await
+            .map_err(|why| RebuildError::Archive(format!("file {path} cannot be read: {why}")))?;
+            let mut kept = Vec::new();
+            tally_archive::file::read_each(&location, contents, |record| {
+                let wanted = record.event().is_some_and(|e| self.filter.wants(e))
+                    && aggregated
+                        .get(&record.partition)
+                        .is_some_and(|&next| record.offset < next)
+                    && !refused.contains(&(record.partition, record.offset));
+                if wanted {
+                    kept.push(record);
+                }
+            })
+            .map_err(|e| RebuildError::Archive(e.to_string()))?;
+            for record in kept {
+                lacking += self.keep(record, &mut candidates);
+            }
+            read += 1;
+            if candidates.len() >= CHUNK {
+                events += candidates.len() as u64;
+                shadow::add(conn, self.id, &candidates).await?;
+                candidates.clear();
+                (self.progress)(&format!("{read}/{} files, {events} events", files.len()));
+            }
+        }
+        events += candidates.len() as u64;
+        shadow::add(conn, self.id, &candidates).await?;
+        self.refuse_lacking(lacking)?;
+        Ok((read, events, kafka_events))
+    }
+
+    /// Adds a counted record's event to `candidates` under the new definition, once. Returns
+    /// 1 when the new definition cannot count it (it lacks the unique dimension).
+    fn keep(&mut self, record: ArchivedRecord, candidates: &mut Vec<Candidate>) -> u64 {
+        let (partition, offset) = (record.partition, record.offset);
+        let tally_archive::Verdict::Accepted(event) = record.verdict else {
+            return 0;
+        };
+        if !self.seen.first(&event) {
+            return 0;
+        }
+        let message = ConsumedMessage {
+            partition,
+            offset,
+            key: None,
+            raw: Vec::new(),
+        };
+        match counted_as(&self.request.meter, event, message) {
+            Ok(candidate) => {
+                candidates.push(candidate);
+                0
+            }
+            Err(_) => 1,
+        }
+    }
+
+    fn refuse_lacking(&self, lacking: u64) -> Result<(), RebuildError> {
+        if lacking == 0 {
+            return Ok(());
+        }
+        Err(RebuildError::Refused(format!(
+            "{lacking} events the windows count lack dimension {:?}, whose distinct values meter {:?} would now count: they could not be counted under the new definition; define a new meter instead",
+            self.request.meter.unique_dimension.as_deref().unwrap_or_default(),
+            self.request.meter.name
+        )))
+    }
+
+    /// Reads what the aggregator counted in `gap` from Kafka into the shadow. Returns the
+    /// events added.
+    async fn catch_up(
+        &mut self,
+        conn: &mut PgConnection,
+        gap: &BTreeMap<i32, (i64, i64)>,
+    ) -> Result<u64, RebuildError> {
+        let records = self.read_kafka(conn, gap).await?;
+        let mut candidates = Vec::new();
+        let mut lacking = 0;
+        for (_, records) in records {
+            for record in records {
+                lacking += self.keep(record, &mut candidates);
+            }
+        }
+        self.refuse_lacking(lacking)?;
+        shadow::add(conn, self.id, &candidates).await?;
+        Ok(candidates.len() as u64)
+    }
+
+    /// The swap transaction (a dry run rolls it back).
+    async fn swap(
+        &mut self,
+        conn: &mut PgConnection,
+        redefined: bool,
+        reached: Positions,
+        report: &mut RebuildReport,
+    ) -> Result<(), RebuildError> {
+        let request = self.request;
+        let range = Range {
+            meter: &request.meter.name,
+            customer: request.customer.as_deref(),
+            from: self.filter.from,
+            to: self.filter.to,
+            from_day: request.from,
+            to_day: request.to,
+        };
+        let mut tx = conn.begin().await?;
+        // Aggregator batches counting this meter lock its row FOR SHARE first: from here on
+        // none commits, and each that was under way has committed.
+        let version: Option<i64> =
+            sqlx::query_scalar("SELECT version FROM meters WHERE name = $1 FOR UPDATE")
+                .bind(&request.meter.name)
+                .fetch_optional(&mut *tx)
+                .await?;
+        if version != Some(self.version) {
+            return Err(RebuildError::Refused(format!(
+                "meter {:?} was redefined while this rebuild ran; run it again",
+                request.meter.name
+            )));
+        }
+        let now = source::aggregated(
+            &mut tx,
+            &self.settings.aggregator_group,
+            &self.settings.kafka.topic,
+        )
+        .await?;
+        let gap = source::between(&reached, &now);
+        let added = self.catch_up(&mut tx, &gap).await?;
+        report.events += added;
+        report.from_kafka += added;
+        let differences = shadow::count_differences(&mut tx, self.id, &range, 20).await?;
+        if !differences.is_empty() {
+            let lines: Vec<String> = differences
+                .iter()
+                .map(|(customer, hour, live, rebuilt)| {
+                    format!("  {hour} {customer}: the windows count {live} events, the archive and Kafka {rebuilt}")
+                })
+                .collect();
+            return Err(RebuildError::Incomplete(format!(
+                "{}\n(run `tally archive verify --from {} --to {}` to see what the archive lacks)",
+                lines.join("\n"),
+                request.from,
+                request.to
+            )));
+        }
+        (report.windows_before, report.windows_after) =
+            shadow::window_counts(&mut tx, self.id, &range).await?;
+        report.days = shadow::day_differences(
+            &mut tx,
+            self.id,
+            &range,
+            self.recorded_aggregation,
+            request.meter.aggregation,
+        )
+        .await?;
+        let changed = shadow::changed_slots(&mut tx, self.id, &range).await?;
+        let now = Utc::now();
+        report.unbilled = shadow::unbillable(
+            &mut tx,
+            self.id,
+            &range,
+            &changed,
+            (self.recorded_aggregation, request.meter.aggregation),
+            now,
+        )
+        .await?;
+        let oldest = tally_core::window::oldest_stripe_timestamp(now);
+        let billed = BillingKind::of(request.meter.aggregation).is_some();
+        let to_bill: BTreeSet<(&str, &str, DateTime<Utc>)> = changed
+            .iter()
+            .filter(|(_, slot)| billed && *slot >= oldest)
+            .map(|(customer, slot)| (customer.as_str(), range.meter, *slot))
+            .collect();
+        report.slots_to_bill = to_bill.len();
+        if !billed {
+            report.unbilled.clear();
+        }
+        if request.dry_run {
+            tx.rollback().await?;
+            return Ok(());
+        }
+        let customers = shadow::customers(&mut tx, self.id, &range).await?;
+        shadow::swap(&mut tx, self.id, &range).await?;
+        tally_db::slot_changes::record(&mut tx, &to_bill).await?;
+        let customers: Vec<&str> = customers.iter().map(String::as_str).collect();
+        tally_db::changes::record(&mut tx, &customers).await?;
+        record_unbilled(&mut tx, self.id, range.meter, &report.unbilled).await?;
+        if redefined {
+            tally_db::meters::redefine(&mut tx, &request.meter).await?;
+        }
+        tx.commit().await?;
+        report.swapped = true;
+        Ok(())
+    }
+}
+
+async fn record_unbilled(
+    tx: &mut PgConnection,
+    id: i64,
+    meter: &str,
+    slots: &[UnbilledSlot],
+) -> Result<(), sqlx::Error> {
+    if slots.is_empty() {
+        return Ok(());
+    }
+    let customers: Vec<&str> = slots.iter().map(|s| s.customer.as_str()).collect();
+    let starts: Vec<DateTime<Utc>> = slots.iter().map(|s| s.slot_start).collect();
+    let before: Vec<Decimal> = slots.iter().map(|s| s.usage_before).collect();
+    let after: Vec<Decimal> = slots.iter().map(|s| s.usage_after).collect();
+    sqlx::query(
+        "INSERT INTO rebuild_unbilled_slots (rebuild_id, customer_id, meter, slot_start,
+                                             usage_before, usage_after)
+         SELECT $1, c, $2, s, b, a
+         FROM unnest($3::text[], $4::timestamptz[], $5::numeric[], $6::numeric[]) AS u(c, s, b, a)",
+    )
+    .bind(id)
+    .bind(meter)
+    .bind(&customers)
+    .bind(&starts)
+    .bind(&before)
+    .bind(&after)
+    .execute(&mut *tx)
+    .await?;
+    Ok(())
+}
