@@ -25,6 +25,8 @@
 #                                Kafka alone (TALLY_BENCH_EVENTS)
 #   scripts/bench.sh backfill    `tally backfill` of a JSON-lines and a CSV file into the mock
 #                                cluster, acknowledged and checkpointed (TALLY_BENCH_EVENTS)
+#   scripts/bench.sh rebuild     `tally rebuild` of 10M archived events (dry run, then swapped
+#                                in): seconds and events/s (TALLY_BENCH_EVENTS)
 #
 # Postgres comes from DATABASE_URL, else 127.0.0.1:5432, else a throwaway local cluster.
 set -euo pipefail
@@ -44,8 +46,9 @@ case "$name" in
   archive)   target=(-p tally-archive --bench encode) ;;
   archive-drain) target=(-p tally-archive --bench drain) ;;
   backfill)  target=(-p tally-archive --bench backfill) ;;
+  rebuild)   target=(-p tally-aggregator --bench rebuild) ;;
   *)
-    echo "usage: scripts/bench.sh emitter|aggregate|sink|quota|layer|scheduler|http|portal|freshness|alerts|archive|archive-drain|backfill [ARGS...]" >&2
+    echo "usage: scripts/bench.sh emitter|aggregate|sink|quota|layer|scheduler|http|portal|freshness|alerts|archive|archive-drain|backfill|rebuild [ARGS...]" >&2
     exit 2
     ;;
 esac

@@ -172,6 +172,7 @@ fn a_rebuild_under_a_new_definition_recounts_every_event_once_beside_the_live_pi
     let (ok, output) = work.run(&db.url, &[&rebuild[..], &["--dry-run"]].concat());
     assert!(ok, "{output}");
     assert!(output.contains("dry run: nothing was changed"), "{output}");
+    eprintln!("the dry run:\n{output}");
     assert!(
         output.contains("definition: aggregation=sum, group_by=[\"model\"] → aggregation=count, group_by=[\"model\", \"region\"]"),
         "{output}"
@@ -202,9 +203,17 @@ fn a_rebuild_under_a_new_definition_recounts_every_event_once_beside_the_live_pi
             }
         })
     };
+    // The first is killed as it starts reading, the others wherever they are.
     for round in 0..3 {
-        let mut killed = work.spawn(&format!("rebuild-{round}"), &db.url, &rebuild);
-        std::thread::sleep(Duration::from_millis(rng.random_range(200..1_500)));
+        let name = format!("rebuild-{round}");
+        let mut killed = work.spawn(&name, &db.url, &rebuild);
+        if round == 0 {
+            wait_until("the rebuild reads", Duration::from_secs(30), || {
+                work.log(&name).contains("reading the archive")
+            });
+        } else {
+            std::thread::sleep(Duration::from_millis(rng.random_range(100..1_500)));
+        }
         kill(&mut killed.0);
     }
     let started = Instant::now();
@@ -269,6 +278,15 @@ fn a_rebuild_under_a_new_definition_recounts_every_event_once_beside_the_live_pi
     assert_eq!(states.first().map(String::as_str), Some("dry_run"), "{states:?}");
     assert_eq!(states.last().map(String::as_str), Some("swapped"), "{states:?}");
     assert!(!states.iter().any(|s| s == "running"), "{states:?}");
+    // The one killed as it read left its shadow tables, dropped by the next rebuild.
+    assert_eq!(states.get(1).map(String::as_str), Some("abandoned"), "{states:?}");
+    let shadows: i64 = runtime
+        .block_on(
+            sqlx::query_scalar("SELECT count(*) FROM pg_tables WHERE tablename ~ '^rebuild_[0-9]+_'")
+                .fetch_one(&db.pool),
+        )
+        .unwrap();
+    assert_eq!(shadows, 0);
 
     // Stripe is corrected to the counts: what was billed as sums is withdrawn and the counts
     // sent, as new revisions.

@@ -23,6 +23,7 @@ mod shadow;
 mod source;
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
 
 use chrono::{DateTime, NaiveDate, TimeDelta, Utc};
 use rust_decimal::Decimal;
@@ -143,6 +144,8 @@ impl From<AggregatorStoreError> for RebuildError {
 const LOCK_KEY: &str = "tally rebuild";
 /// Candidates folded and upserted into the shadow at a time.
 const CHUNK: usize = 200_000;
+/// Records handed from the thread decoding a file at a time.
+const READ_BATCH: usize = 8_192;
 /// The swap reads at most about this many records from Kafka while it holds the meter's row
 /// (aggregator batches counting the meter wait for it): the catch-up before it goes on until
 /// the aggregator is at most this far ahead.
@@ -178,6 +181,19 @@ pub async fn rebuild(
                 request.meter.name
             ))
         })?;
+    let priced: bool =
+        sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM credit_rates WHERE meter = $1)")
+            .bind(&request.meter.name)
+            .fetch_one(&mut *conn)
+            .await?;
+    if priced {
+        // The burner drew credits down for the usage as it was counted; a rebuild would change
+        // the usage under those burns, and what the sink bills is the usage credits did not pay.
+        return Err(RebuildError::Refused(format!(
+            "meter {:?} has a credit rate ([[credits.rates]]): rebuilding its windows would leave the credits already burned for the old usage as they are; not supported yet",
+            request.meter.name
+        )));
+    }
     let now = Utc::now();
     let redefined = check_request(request, &recorded, settings.lateness_horizon, now)?;
     let definition = describe(&request.meter);
@@ -462,8 +478,9 @@ impl Rebuild<'_> {
                 "the archive's file for hour {hour} {why}, so the events of that hour cannot be recounted; rebuild a range after it"
             )));
         }
-        let refused =
-            tally_archive::verify::refused_positions(&mut *conn, topic, first_hour, end).await?;
+        let refused = Arc::new(
+            tally_archive::verify::refused_positions(&mut *conn, topic, first_hour, end).await?,
+        );
         let mut candidates: Vec<Candidate> = Vec::new();
         let mut events = 0u64;
         let mut lacking = 0u64;
@@ -481,28 +498,51 @@ impl Rebuild<'_> {
             )
             .await
             .map_err(|why| RebuildError::Archive(format!("file {path} cannot be read: {why}")))?;
-            let mut kept = Vec::new();
-            tally_archive::file::read_each(&location, contents, |record| {
-                let wanted = record.event().is_some_and(|e| self.filter.wants(e))
-                    && aggregated
-                        .get(&record.partition)
-                        .is_some_and(|&next| record.offset < next)
-                    && !refused.contains(&(record.partition, record.offset));
-                if wanted {
-                    kept.push(record);
+            // Decoded on a blocking thread, a batch at a time through a channel of two: memory
+            // holds a few batches and one chunk of candidates, whatever the file's size, and
+            // the decoding overlaps the upserts.
+            let (batches, mut received) = tokio::sync::mpsc::channel::<Vec<ArchivedRecord>>(2);
+            let (filter, aggregated, refused) =
+                (self.filter.clone(), aggregated.clone(), refused.clone());
+            let reader = tokio::task::spawn_blocking(move || {
+                let mut batch = Vec::with_capacity(READ_BATCH);
+                let read = tally_archive::file::read_each(&location, contents, |record| {
+                    let wanted = record.event().is_some_and(|e| filter.wants(e))
+                        && aggregated
+                            .get(&record.partition)
+                            .is_some_and(|&next| record.offset < next)
+                        && !refused.contains(&(record.partition, record.offset));
+                    if wanted {
+                        batch.push(record);
+                        if batch.len() >= READ_BATCH {
+                            // The receiver is gone only when the rebuild failed.
+                            let _ = batches.blocking_send(std::mem::take(&mut batch));
+                        }
+                    }
+                });
+                let _ = batches.blocking_send(batch);
+                read
+            });
+            while let Some(records) = received.recv().await {
+                for record in records {
+                    lacking += self.keep(record, &mut candidates);
                 }
-            })
-            .map_err(|e| RebuildError::Archive(e.to_string()))?;
-            for record in kept {
-                lacking += self.keep(record, &mut candidates);
+                if candidates.len() >= CHUNK {
+                    events += candidates.len() as u64;
+                    shadow::add(conn, self.id, &candidates).await?;
+                    candidates.clear();
+                }
             }
+            reader
+                .await
+                .map_err(|e| RebuildError::Archive(e.to_string()))?
+                .map_err(|e| RebuildError::Archive(e.to_string()))?;
             read += 1;
-            if candidates.len() >= CHUNK {
-                events += candidates.len() as u64;
-                shadow::add(conn, self.id, &candidates).await?;
-                candidates.clear();
-                (self.progress)(&format!("{read}/{} files, {events} events", files.len()));
-            }
+            (self.progress)(&format!(
+                "{read}/{} files, {} events",
+                files.len(),
+                events + candidates.len() as u64
+            ));
         }
         events += candidates.len() as u64;
         shadow::add(conn, self.id, &candidates).await?;
