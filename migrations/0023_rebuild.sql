@@ -1,10 +1,11 @@
 -- `tally rebuild`: windows recomputed from the event archive (docs/rebuild.md).
 --
 -- A meter's definition version. `tally rebuild` bumps it when it swaps in windows recomputed
--- under a new definition, in the same transaction. Every aggregator batch locks the rows of the
--- meters it counts (FOR SHARE) and checks their versions first: a batch checked under the old
--- definition rolls back, is checked again under the new one, and commits on top of the rebuilt
--- windows. So no window is ever updated under two definitions.
+-- under a new definition, in the same transaction. Every aggregator batch takes a shared
+-- advisory lock per meter it counts and checks their versions first (the swap takes the
+-- meter's lock exclusively): a batch checked under the old definition rolls back, is checked
+-- again under the new one, and commits on top of the rebuilt windows. So no window is ever
+-- updated under two definitions.
 ALTER TABLE meters ADD COLUMN version bigint NOT NULL DEFAULT 1;
 
 -- One row per rebuild (dry runs included): what it covered and what it found.
@@ -29,11 +30,14 @@ CREATE TABLE rebuilds (
     finished_at  timestamptz
 );
 
--- Billing slots whose usage a rebuild changed but Stripe no longer accepts a meter event for
--- (its timestamp would be more than 35 days back): not billed, listed here for finance.
---   usage_before, usage_after: the slot's usage before and after (the sum of its windows' values
---   for sum and count meters, the largest for max, the latest window's for latest)
-CREATE TABLE rebuild_unbilled_slots (
+-- Billing slots whose usage a rebuild changed but whose start is more than 35 days back (less
+-- an hour), older than Stripe takes a meter event's timestamp: the sink bills the difference as
+-- it bills any late change to such a slot, with the oldest timestamp Stripe takes rather than in
+-- the slot's own period (or, for a decrease too old to cancel, in billing_corrections). Listed
+-- here for finance.
+--   usage_before, usage_after: the slot's usage as the sink bills it (the sum of its windows'
+--   values for sum and count meters, the largest for max, the latest window's for latest)
+CREATE TABLE rebuild_backdated_slots (
     rebuild_id   bigint NOT NULL REFERENCES rebuilds,
     customer_id  text COLLATE "C" NOT NULL,
     meter        text COLLATE "C" NOT NULL,

@@ -72,21 +72,35 @@ fn a_rebuild_under_a_new_definition_recounts_every_event_once_beside_the_live_pi
          [archive]\nurl = \"file://{}\"\nflush_every = \"1s\"\n",
         store.path().join("archive").display()
     );
-    let work = Workdir::new(&kafka, &format!("http://127.0.0.1:{stripe_port}/"), &settings);
+    let work = Workdir::new(
+        &kafka,
+        &format!("http://127.0.0.1:{stripe_port}/"),
+        &settings,
+    );
     let _broker = work.spawn(
         "kafka",
         &db.url,
-        &["kafka", "--port", &kafka_port.to_string(), "--partitions", "4"],
+        &[
+            "kafka",
+            "--port",
+            &kafka_port.to_string(),
+            "--partitions",
+            "4",
+        ],
     );
     let _stripe = work.spawn(
         "stripe",
         &db.url,
         &["stripe-emulator", "--port", &stripe_port.to_string()],
     );
-    wait_until("the broker and the emulator listen", Duration::from_secs(30), || {
-        std::net::TcpStream::connect(("127.0.0.1", kafka_port)).is_ok()
-            && std::net::TcpStream::connect(("127.0.0.1", stripe_port)).is_ok()
-    });
+    wait_until(
+        "the broker and the emulator listen",
+        Duration::from_secs(30),
+        || {
+            std::net::TcpStream::connect(("127.0.0.1", kafka_port)).is_ok()
+                && std::net::TcpStream::connect(("127.0.0.1", stripe_port)).is_ok()
+        },
+    );
     let (ok, output) = work.run(&db.url, &["migrate"]);
     assert!(ok, "{output}");
     let customers: Vec<String> = (0..12).map(|i| format!("r{i:02}")).collect();
@@ -139,12 +153,34 @@ fn a_rebuild_under_a_new_definition_recounts_every_event_once_beside_the_live_pi
             .collect::<BTreeMap<String, i64>>()
     };
     let before = summed(&sent.lock().unwrap());
-    wait_until("Stripe holds the sums", Duration::from_secs(120), || billed() == before);
+    wait_until("Stripe holds the sums", Duration::from_secs(120), || {
+        billed() == before
+    });
 
-    // tokens now counts events, per model and region.
     let config = std::fs::read_to_string(work.config()).unwrap();
     let old = "name = \"tokens\"\naggregation = \"sum\"\ngroup_by = [\"model\"]";
     assert!(config.contains(old), "{config}");
+    let today = chrono::Utc::now().date_naive();
+    let (from, to) = (
+        (today - chrono::TimeDelta::days(35)).to_string(),
+        (today + chrono::TimeDelta::days(1)).to_string(),
+    );
+    let rebuild = ["rebuild", "--meter", "tokens", "--from", &from, "--to", &to];
+
+    // A sum cannot become a max: the slots billed as sums would be billed by another rule.
+    std::fs::write(
+        work.config(),
+        config.replace(
+            old,
+            "name = \"tokens\"\naggregation = \"max\"\ngroup_by = [\"model\"]",
+        ),
+    )
+    .unwrap();
+    let (ok, output) = work.run(&db.url, &rebuild);
+    assert!(!ok, "{output}");
+    assert!(output.contains("only sum and count"), "{output}");
+
+    // tokens now counts events, per model and region.
     std::fs::write(
         work.config(),
         config.replace(
@@ -153,17 +189,18 @@ fn a_rebuild_under_a_new_definition_recounts_every_event_once_beside_the_live_pi
         ),
     )
     .unwrap();
-    let today = chrono::Utc::now().date_naive();
-    let (from, to) = (
-        (today - chrono::TimeDelta::days(35)).to_string(),
-        (today + chrono::TimeDelta::days(1)).to_string(),
-    );
-    let rebuild = ["rebuild", "--meter", "tokens", "--from", &from, "--to", &to];
-
     // A rebuild of part of the range cannot change the definition.
     let (ok, output) = work.run(
         &db.url,
-        &["rebuild", "--meter", "tokens", "--from", &today.to_string(), "--to", &to],
+        &[
+            "rebuild",
+            "--meter",
+            "tokens",
+            "--from",
+            &today.to_string(),
+            "--to",
+            &to,
+        ],
     );
     assert!(!ok, "{output}");
     assert!(output.contains("must rebuild every window"), "{output}");
@@ -255,9 +292,11 @@ fn a_rebuild_under_a_new_definition_recounts_every_event_once_beside_the_live_pi
             .map(|(c, g, v)| ((c, g), v))
             .collect()
     };
-    wait_until("every event counted once, per model and region", Duration::from_secs(120), || {
-        windows() == expected
-    });
+    wait_until(
+        "every event counted once, per model and region",
+        Duration::from_secs(120),
+        || windows() == expected,
+    );
     let daily: Decimal = runtime
         .block_on(
             sqlx::query_scalar("SELECT sum(value) FROM usage_daily WHERE meter = 'tokens'")
@@ -275,15 +314,29 @@ fn a_rebuild_under_a_new_definition_recounts_every_event_once_beside_the_live_pi
                 .fetch_all(&db.pool),
         )
         .unwrap();
-    assert_eq!(states.first().map(String::as_str), Some("dry_run"), "{states:?}");
-    assert_eq!(states.last().map(String::as_str), Some("swapped"), "{states:?}");
+    assert_eq!(
+        states.first().map(String::as_str),
+        Some("dry_run"),
+        "{states:?}"
+    );
+    assert_eq!(
+        states.last().map(String::as_str),
+        Some("swapped"),
+        "{states:?}"
+    );
     assert!(!states.iter().any(|s| s == "running"), "{states:?}");
     // The one killed as it read left its shadow tables, dropped by the next rebuild.
-    assert_eq!(states.get(1).map(String::as_str), Some("abandoned"), "{states:?}");
+    assert_eq!(
+        states.get(1).map(String::as_str),
+        Some("abandoned"),
+        "{states:?}"
+    );
     let shadows: i64 = runtime
         .block_on(
-            sqlx::query_scalar("SELECT count(*) FROM pg_tables WHERE tablename ~ '^rebuild_[0-9]+_'")
-                .fetch_one(&db.pool),
+            sqlx::query_scalar(
+                "SELECT count(*) FROM pg_tables WHERE tablename ~ '^rebuild_[0-9]+_'",
+            )
+            .fetch_one(&db.pool),
         )
         .unwrap();
     assert_eq!(shadows, 0);
@@ -291,13 +344,25 @@ fn a_rebuild_under_a_new_definition_recounts_every_event_once_beside_the_live_pi
     // Stripe is corrected to the counts: what was billed as sums is withdrawn and the counts
     // sent, as new revisions.
     let after = per_customer(&sent, |(events, _)| Decimal::from(*events));
-    wait_until("Stripe holds the counts", Duration::from_secs(120), || billed() == after);
+    wait_until("Stripe holds the counts", Duration::from_secs(120), || {
+        billed() == after
+    });
 
     // The archive still agrees with the windows (the same events, counted once).
     let verify_from = (chrono::Utc::now() - chrono::TimeDelta::hours(2)).to_rfc3339();
     let verify_to = (chrono::Utc::now() + chrono::TimeDelta::hours(1)).to_rfc3339();
     wait_until("the archive catches up", Duration::from_secs(60), || {
-        work.run(&db.url, &["archive", "verify", "--from", &verify_from, "--to", &verify_to])
-            .0
+        work.run(
+            &db.url,
+            &[
+                "archive",
+                "verify",
+                "--from",
+                &verify_from,
+                "--to",
+                &verify_to,
+            ],
+        )
+        .0
     });
 }

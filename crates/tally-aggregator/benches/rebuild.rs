@@ -49,7 +49,9 @@ async fn run(events: usize) {
     let store = ArchiveStore::open(&format!("file://{}", dir.path().display())).unwrap();
     let topic = "usage-events";
     let partitions: Vec<i32> = (0..PARTITIONS).collect();
-    take_partitions(&db.pool, topic, &partitions, "bench").await.unwrap();
+    take_partitions(&db.pool, topic, &partitions, "bench")
+        .await
+        .unwrap();
 
     // Yesterday's 24 hours.
     let start = (Utc::now() - TimeDelta::days(1))
@@ -96,7 +98,9 @@ async fn run(events: usize) {
         }
     }
     if !buffer.is_empty() {
-        flush(&db.pool, &store, topic, "bench", buffer).await.unwrap();
+        flush(&db.pool, &store, topic, "bench", buffer)
+            .await
+            .unwrap();
     }
     for (partition, next) in offsets.iter().enumerate() {
         sqlx::query(

@@ -843,7 +843,9 @@ impl Aggregator {
             Err(AggregatorStoreError::Redefined { meter }) => {
                 let mut batch = batch;
                 self.redefined(&meter, &mut batch)?;
-                let retry = self.launch(batch, in_flight.epochs, 0);
+                // With the retries' backoff: a catalog that keeps failing the check (or cannot
+                // be read) is not asked in a tight loop.
+                let retry = self.launch(batch, in_flight.epochs, in_flight.attempt + 1);
                 run.lanes[lane].in_flight = Some(InFlight {
                     started: in_flight.started,
                     ..retry

@@ -12,5 +12,7 @@ mod check;
 mod fixtures;
 mod fold;
 
-pub(crate) use check::{conflict, counted_as, Batch, Candidate, ConsumedMessage, Message, Reject, Rules};
+pub(crate) use check::{
+    conflict, counted_as, Batch, Candidate, ConsumedMessage, Message, Reject, Rules,
+};
 pub(crate) use fold::{fold, Granularity, WindowDelta};

@@ -22,16 +22,15 @@
 mod shadow;
 mod source;
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use chrono::{DateTime, NaiveDate, TimeDelta, Utc};
-use rust_decimal::Decimal;
 use sqlx::{Connection, PgConnection, PgPool};
 use tally_archive::{ArchiveStore, ArchivedRecord};
 use tally_core::config::KafkaConfig;
-use tally_core::window::hour_start;
-use tally_core::{BillingKind, MeterDefinition};
+use tally_core::event::FUTURE_TOLERANCE;
+use tally_core::{Aggregation, BillingKind, MeterDefinition};
 
 use crate::batch::{counted_as, Candidate, ConsumedMessage};
 use crate::store::AggregatorStoreError;
@@ -69,19 +68,23 @@ pub struct DayDifference {
     pub day: NaiveDate,
     pub events_before: i64,
     pub events_after: i64,
-    /// The day's usage over its groups: added up for sum, count and unique_count; the largest
-    /// group's for max and latest.
-    pub usage_before: Decimal,
-    pub usage_after: Decimal,
+    /// The day's usage over its groups (exact, as Postgres adds it): added up for sum, count
+    /// and unique_count; the largest group's for max and latest.
+    pub usage_before: String,
+    pub usage_after: String,
 }
 
-/// A billing slot whose usage changed but is older than Stripe takes meter events for.
+/// A changed billing slot older than Stripe takes meter events for (35 days): the sink bills
+/// its difference as it bills any late change to such a slot, with the oldest timestamp Stripe
+/// takes rather than in the slot's own period (or, for a decrease too old to cancel, in
+/// `billing_corrections`). Listed for finance, and in `rebuild_backdated_slots`.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
-pub struct UnbilledSlot {
+pub struct BackdatedSlot {
     pub customer: String,
     pub slot_start: DateTime<Utc>,
-    pub usage_before: Decimal,
-    pub usage_after: Decimal,
+    /// The slot's usage as the sink bills it (exact).
+    pub usage_before: String,
+    pub usage_after: String,
 }
 
 #[derive(Debug, Clone, serde::Serialize)]
@@ -104,8 +107,10 @@ pub struct RebuildReport {
     pub windows_after: i64,
     pub days: Vec<DayDifference>,
     /// Billing slots handed to the sink, which bills what changed as new revisions.
-    pub slots_to_bill: usize,
-    pub unbilled: Vec<UnbilledSlot>,
+    pub slots_to_bill: u64,
+    /// Of those, the ones older than Stripe takes: how many, and the first thousand.
+    pub backdated_total: u64,
+    pub backdated: Vec<BackdatedSlot>,
     /// Whether the windows were replaced (false for a dry run).
     pub swapped: bool,
 }
@@ -152,7 +157,9 @@ const READ_BATCH: usize = 8_192;
 const SWAP_CATCH_UP: i64 = 20_000;
 /// The most records read from Kafka before the swap (what the archive lacks): further behind,
 /// the archive should catch up first.
-const MOST_FROM_KAFKA: i64 = 5_000_000;
+const MOST_FROM_KAFKA: i64 = 20_000_000;
+/// Rounds of catching up with the aggregator before the swap, at most.
+const CATCH_UP_ROUNDS: usize = 10;
 
 /// Rebuilds the windows `request` names. `progress` hears what it is doing.
 pub async fn rebuild(
@@ -226,7 +233,8 @@ pub async fn rebuild(
         windows_after: 0,
         days: Vec::new(),
         slots_to_bill: 0,
-        unbilled: Vec::new(),
+        backdated_total: 0,
+        backdated: Vec::new(),
         swapped: false,
     };
     let result = Rebuild {
@@ -312,30 +320,46 @@ fn check_request(
     if !redefined {
         return Ok(false);
     }
-    if BillingKind::of(meter.aggregation) != BillingKind::of(recorded.aggregation) {
+    // The sink bills a slot by one rule per aggregation (the sum of its windows for sum and
+    // count, the largest for max, the latest for latest) and Stripe's meter adds up or keeps
+    // the last value: a change of either would leave billed slots under the other rule.
+    let adds_up = |a: Aggregation| matches!(a, Aggregation::Sum | Aggregation::Count);
+    if meter.aggregation != recorded.aggregation
+        && !(adds_up(meter.aggregation) && adds_up(recorded.aggregation))
+    {
         return Err(RebuildError::Refused(format!(
-            "meter {:?} aggregates {} and tally.toml now says {}: its Stripe meter adds up ({}) or keeps the last value ({}), and cannot change that; define a new meter name for the new aggregation",
+            "meter {:?} aggregates {} and tally.toml now says {}: only sum and count can take each other's place (both bill the sum of their windows to a Stripe meter that adds up); define a new meter name for the new aggregation",
             meter.name,
             recorded.aggregation.as_str(),
             meter.aggregation.as_str(),
-            "sum and count",
-            "max and latest"
         )));
     }
-    // The aggregator writes windows back to the lateness horizon; every one it may write must
-    // be under one definition.
-    let horizon_day = (now - lateness_horizon).date_naive();
-    let today = now.date_naive();
-    if request.customer.is_some() || request.from > horizon_day || request.to <= today {
-        return Err(RebuildError::Refused(format!(
-            "tally.toml changes meter {:?} ({} → {}): a new definition must rebuild every window the aggregator may still add to, so rebuild every customer (no --customer) with --from {horizon_day} or earlier and --to {} or later",
-            meter.name,
-            describe(recorded),
-            describe(meter),
-            today.succ_opt().unwrap_or(today)
-        )));
-    }
+    check_covers_live(request, lateness_horizon, now)?;
     Ok(true)
+}
+
+/// A new definition must rebuild every window the aggregator may still add to: every
+/// customer, from the day the lateness horizon reaches back to, to a day after any event the
+/// aggregator takes now (its clock plus the future tolerance, and a minute's margin).
+fn check_covers_live(
+    request: &RebuildRequest,
+    lateness_horizon: TimeDelta,
+    now: DateTime<Utc>,
+) -> Result<(), RebuildError> {
+    let horizon_day = (now - lateness_horizon).date_naive();
+    let newest = now + FUTURE_TOLERANCE + TimeDelta::minutes(1);
+    if request.customer.is_some() || request.from > horizon_day || day_start(request.to) <= newest {
+        let to = newest
+            .date_naive()
+            .succ_opt()
+            .unwrap_or(newest.date_naive());
+        return Err(RebuildError::Refused(format!(
+            "tally.toml changes meter {:?} (now {}): a new definition must rebuild every window the aggregator may still add to, so rebuild every customer (no --customer) with --from {horizon_day} or earlier and --to {to} or later",
+            request.meter.name,
+            describe(&request.meter),
+        )));
+    }
+    Ok(())
 }
 
 fn describe(meter: &MeterDefinition) -> String {
@@ -362,7 +386,7 @@ struct Rebuild<'a> {
     id: i64,
     /// The catalog version of the meter when the rebuild began.
     version: i64,
-    recorded_aggregation: tally_core::Aggregation,
+    recorded_aggregation: Aggregation,
     filter: Filter,
     seen: Seen,
     progress: &'a (dyn Fn(&str) + Sync),
@@ -376,12 +400,11 @@ impl Rebuild<'_> {
         report: &mut RebuildReport,
     ) -> Result<(), RebuildError> {
         let topic = self.settings.kafka.topic.clone();
-        let aggregated =
-            source::aggregated(conn, &self.settings.aggregator_group, &topic).await?;
+        let aggregated = source::aggregated(conn, &self.settings.aggregator_group, &topic).await?;
         let archived = source::archived(conn, &topic).await?;
         // What the aggregator counted that the archive does not have yet, from Kafka.
         let behind = source::between(&archived, &aggregated);
-        let lacking: i64 = behind.values().map(|(start, end)| end - start).sum();
+        let lacking = records_in(&behind);
         if lacking > MOST_FROM_KAFKA {
             return Err(RebuildError::Archive(format!(
                 "the archive is {lacking} records behind the aggregator; run `tally archive --once` (or let the daemon catch up) before rebuilding"
@@ -391,72 +414,78 @@ impl Rebuild<'_> {
             "reading the archive from {} to {} (and {lacking} records from Kafka)",
             self.request.from, self.request.to
         ));
-        let from_kafka = self.read_kafka(conn, &behind).await?;
-        (report.files, report.events, report.from_kafka) = self
-            .read_archive(conn, &aggregated, from_kafka)
-            .await?;
-        // Catch up with the aggregator until it is close; the rest is read under the lock.
+        let mut chunk = Chunk::default();
+        self.from_kafka(conn, &behind, &mut chunk).await?;
+        report.from_kafka = chunk.events();
+        report.files = self.read_archive(conn, &aggregated, &mut chunk).await?;
+        // Catch up with the aggregator until it is close; the rest is read in the swap.
         let mut reached = aggregated;
-        loop {
+        for round in 0.. {
             let now = source::aggregated(conn, &self.settings.aggregator_group, &topic).await?;
             let gap = source::between(&reached, &now);
-            if gap.values().map(|(start, end)| end - start).sum::<i64>() <= SWAP_CATCH_UP {
+            if records_in(&gap) <= SWAP_CATCH_UP {
                 break;
             }
-            let added = self.catch_up(conn, &gap).await?;
-            report.events += added;
-            report.from_kafka += added;
+            if round == CATCH_UP_ROUNDS {
+                return Err(RebuildError::Kafka(format!(
+                    "the aggregator stayed {} records ahead after {CATCH_UP_ROUNDS} rounds of catching up; rebuild when the topic is quieter",
+                    records_in(&gap)
+                )));
+            }
+            let before = chunk.events();
+            self.from_kafka(conn, &gap, &mut chunk).await?;
+            report.from_kafka += chunk.events() - before;
             reached = now;
         }
-        self.swap(conn, redefined, reached, report).await
+        self.finish(conn, &mut chunk).await?;
+        report.events = chunk.events();
+        self.swap(conn, redefined, reached, chunk, report).await
     }
 
-    /// Reads `ranges` from Kafka and keeps the events of the filter the aggregator counted,
-    /// by hour.
-    async fn read_kafka(
+    /// Reads the records of `ranges` from Kafka (on a blocking thread, batches through a
+    /// channel) and adds the events of the filter the aggregator counted to `chunk`.
+    async fn from_kafka(
         &mut self,
         conn: &mut PgConnection,
         ranges: &BTreeMap<i32, (i64, i64)>,
-    ) -> Result<BTreeMap<DateTime<Utc>, Vec<ArchivedRecord>>, RebuildError> {
+        chunk: &mut Chunk,
+    ) -> Result<(), RebuildError> {
+        if ranges.is_empty() {
+            return Ok(());
+        }
         let refused = source::refused_in(conn, &self.settings.kafka.topic, ranges).await?;
-        let kafka = self.settings.kafka.clone();
-        let filter = self.filter.clone();
-        let ranges = ranges.clone();
-        let records = tokio::task::spawn_blocking(move || {
-            let mut kept: Vec<ArchivedRecord> = Vec::new();
-            source::read_kafka(&kafka, &ranges, |record| {
+        let (kafka, filter, ranges) = (
+            self.settings.kafka.clone(),
+            self.filter.clone(),
+            ranges.clone(),
+        );
+        let (batches, received) = tokio::sync::mpsc::channel(2);
+        let reader = tokio::task::spawn_blocking(move || {
+            let mut batch = Batcher::new(batches);
+            let read = source::read_kafka(&kafka, &ranges, |record| {
                 let wanted = record.event().is_some_and(|e| filter.wants(e))
                     && !refused.contains(&(record.partition, record.offset));
                 if wanted {
-                    kept.push(record);
+                    batch.push(record);
                 }
-            })
-            .map(|_| kept)
-        })
-        .await
-        .map_err(|e| RebuildError::Kafka(e.to_string()))?
-        .map_err(RebuildError::Kafka)?;
-        let mut by_hour: BTreeMap<DateTime<Utc>, Vec<ArchivedRecord>> = BTreeMap::new();
-        for record in records {
-            if let Some(event) = record.event() {
-                by_hour
-                    .entry(hour_start(event.timestamp))
-                    .or_default()
-                    .push(record);
-            }
-        }
-        Ok(by_hour)
+            });
+            batch.finish();
+            read.map(drop)
+        });
+        self.take(conn, received, chunk).await?;
+        reader
+            .await
+            .map_err(|e| RebuildError::Kafka(e.to_string()))?
+            .map_err(RebuildError::Kafka)
     }
 
-    /// Reads the files of the range's hours (and, hour by hour, the records Kafka gave) into
-    /// the shadow. Returns the files read, the events counted, and how many of them came
-    /// from Kafka.
+    /// Reads the files of the range's hours into `chunk`. Returns the files read.
     async fn read_archive(
         &mut self,
         conn: &mut PgConnection,
         aggregated: &Positions,
-        mut from_kafka: BTreeMap<DateTime<Utc>, Vec<ArchivedRecord>>,
-    ) -> Result<(usize, u64, u64), RebuildError> {
+        chunk: &mut Chunk,
+    ) -> Result<usize, RebuildError> {
         let topic = &self.settings.kafka.topic;
         let (first_hour, end) = (self.filter.from, self.filter.to);
         let files: Vec<(String, String, String, DateTime<Utc>, i64, String)> = sqlx::query_as(
@@ -481,31 +510,25 @@ impl Rebuild<'_> {
         let refused = Arc::new(
             tally_archive::verify::refused_positions(&mut *conn, topic, first_hour, end).await?,
         );
-        let mut candidates: Vec<Candidate> = Vec::new();
-        let mut events = 0u64;
-        let mut lacking = 0u64;
-        let mut read = 0usize;
-        // The order does not matter: a re-sent id's copies are the same event.
-        for (_, records) in std::mem::take(&mut from_kafka) {
-            for record in records {
-                lacking += self.keep(record, &mut candidates);
-            }
-        }
-        let kafka_events = candidates.len() as u64;
-        for (path, staging_path, state, _, bytes, sha256) in &files {
+        for (read, (path, staging_path, state, _, bytes, sha256)) in files.iter().enumerate() {
             let (location, contents) = tally_archive::verify::read_whole(
-                self.store, path, staging_path, state, *bytes, sha256,
+                self.store,
+                path,
+                staging_path,
+                state,
+                *bytes,
+                sha256,
             )
             .await
             .map_err(|why| RebuildError::Archive(format!("file {path} cannot be read: {why}")))?;
             // Decoded on a blocking thread, a batch at a time through a channel of two: memory
-            // holds a few batches and one chunk of candidates, whatever the file's size, and
-            // the decoding overlaps the upserts.
-            let (batches, mut received) = tokio::sync::mpsc::channel::<Vec<ArchivedRecord>>(2);
+            // holds a few batches and one chunk, whatever the file's size, and the decoding
+            // overlaps the upserts.
+            let (batches, received) = tokio::sync::mpsc::channel(2);
             let (filter, aggregated, refused) =
                 (self.filter.clone(), aggregated.clone(), refused.clone());
             let reader = tokio::task::spawn_blocking(move || {
-                let mut batch = Vec::with_capacity(READ_BATCH);
+                let mut batch = Batcher::new(batches);
                 let read = tally_archive::file::read_each(&location, contents, |record| {
                     let wanted = record.event().is_some_and(|e| filter.wants(e))
                         && aggregated
@@ -514,51 +537,63 @@ impl Rebuild<'_> {
                         && !refused.contains(&(record.partition, record.offset));
                     if wanted {
                         batch.push(record);
-                        if batch.len() >= READ_BATCH {
-                            // The receiver is gone only when the rebuild failed.
-                            let _ = batches.blocking_send(std::mem::take(&mut batch));
-                        }
                     }
                 });
-                let _ = batches.blocking_send(batch);
+                batch.finish();
                 read
             });
-            while let Some(records) = received.recv().await {
-                for record in records {
-                    lacking += self.keep(record, &mut candidates);
-                }
-                if candidates.len() >= CHUNK {
-                    events += candidates.len() as u64;
-                    shadow::add(conn, self.id, &candidates).await?;
-                    candidates.clear();
-                }
-            }
+            self.take(conn, received, chunk).await?;
             reader
                 .await
                 .map_err(|e| RebuildError::Archive(e.to_string()))?
                 .map_err(|e| RebuildError::Archive(e.to_string()))?;
-            read += 1;
             (self.progress)(&format!(
-                "{read}/{} files, {} events",
+                "{}/{} files, {} events",
+                read + 1,
                 files.len(),
-                events + candidates.len() as u64
+                chunk.events()
             ));
         }
-        events += candidates.len() as u64;
-        shadow::add(conn, self.id, &candidates).await?;
-        self.refuse_lacking(lacking)?;
-        Ok((read, events, kafka_events))
+        Ok(files.len())
     }
 
-    /// Adds a counted record's event to `candidates` under the new definition, once. Returns
-    /// 1 when the new definition cannot count it (it lacks the unique dimension).
-    fn keep(&mut self, record: ArchivedRecord, candidates: &mut Vec<Candidate>) -> u64 {
+    /// Takes the batches a reader sends into `chunk`, each event once, under the new
+    /// definition; upserts the chunk into the shadow whenever it is full.
+    async fn take(
+        &mut self,
+        conn: &mut PgConnection,
+        mut received: tokio::sync::mpsc::Receiver<Vec<ArchivedRecord>>,
+        chunk: &mut Chunk,
+    ) -> Result<(), RebuildError> {
+        while let Some(records) = received.recv().await {
+            for record in records {
+                self.keep(record, chunk);
+            }
+            if chunk.candidates.len() >= CHUNK {
+                self.finish(conn, chunk).await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Upserts what `chunk` holds into the shadow.
+    async fn finish(&self, conn: &mut PgConnection, chunk: &mut Chunk) -> Result<(), RebuildError> {
+        self.refuse_lacking(chunk.lacking)?;
+        shadow::add(conn, self.id, &chunk.candidates).await?;
+        chunk.upserted += chunk.candidates.len() as u64;
+        chunk.candidates.clear();
+        Ok(())
+    }
+
+    /// Adds a counted record's event to the chunk under the new definition, once; counts it
+    /// as lacking when the new definition cannot count it (it lacks the unique dimension).
+    fn keep(&mut self, record: ArchivedRecord, chunk: &mut Chunk) {
         let (partition, offset) = (record.partition, record.offset);
         let tally_archive::Verdict::Accepted(event) = record.verdict else {
-            return 0;
+            return;
         };
         if !self.seen.first(&event) {
-            return 0;
+            return;
         }
         let message = ConsumedMessage {
             partition,
@@ -567,11 +602,8 @@ impl Rebuild<'_> {
             raw: Vec::new(),
         };
         match counted_as(&self.request.meter, event, message) {
-            Ok(candidate) => {
-                candidates.push(candidate);
-                0
-            }
-            Err(_) => 1,
+            Ok(candidate) => chunk.candidates.push(candidate),
+            Err(_) => chunk.lacking += 1,
         }
     }
 
@@ -586,32 +618,17 @@ impl Rebuild<'_> {
         )))
     }
 
-    /// Reads what the aggregator counted in `gap` from Kafka into the shadow. Returns the
-    /// events added.
-    async fn catch_up(
-        &mut self,
-        conn: &mut PgConnection,
-        gap: &BTreeMap<i32, (i64, i64)>,
-    ) -> Result<u64, RebuildError> {
-        let records = self.read_kafka(conn, gap).await?;
-        let mut candidates = Vec::new();
-        let mut lacking = 0;
-        for (_, records) in records {
-            for record in records {
-                lacking += self.keep(record, &mut candidates);
-            }
-        }
-        self.refuse_lacking(lacking)?;
-        shadow::add(conn, self.id, &candidates).await?;
-        Ok(candidates.len() as u64)
-    }
-
-    /// The swap transaction (a dry run rolls it back).
+    /// The last transaction. A rebuild takes the meter's lock exclusively: batches counting
+    /// the meter hold it shared (`tally_db::meters::share_versions`), so from here on none
+    /// commits and each under way has committed; it reads the last stretch from Kafka,
+    /// compares, and swaps. A dry run takes no lock: it compares in one snapshot (repeatable
+    /// read) of the windows and of the offsets they are at, and rolls back.
     async fn swap(
         &mut self,
         conn: &mut PgConnection,
         redefined: bool,
         reached: Positions,
+        mut chunk: Chunk,
         report: &mut RebuildReport,
     ) -> Result<(), RebuildError> {
         let request = self.request;
@@ -624,18 +641,31 @@ impl Rebuild<'_> {
             to_day: request.to,
         };
         let mut tx = conn.begin().await?;
-        // Aggregator batches counting this meter lock its row FOR SHARE first: from here on
-        // none commits, and each that was under way has committed.
-        let version: Option<i64> =
-            sqlx::query_scalar("SELECT version FROM meters WHERE name = $1 FOR UPDATE")
-                .bind(&request.meter.name)
-                .fetch_optional(&mut *tx)
+        if request.dry_run {
+            sqlx::query("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
+                .execute(&mut *tx)
                 .await?;
+        } else {
+            // Bounded: a swap that cannot have the meter within this fails, and is run again.
+            sqlx::query("SET LOCAL lock_timeout = '60s'")
+                .execute(&mut *tx)
+                .await?;
+            tally_db::meters::lock_exclusive(&mut tx, &request.meter.name).await?;
+        }
+        let version: Option<i64> = sqlx::query_scalar("SELECT version FROM meters WHERE name = $1")
+            .bind(&request.meter.name)
+            .fetch_optional(&mut *tx)
+            .await?;
         if version != Some(self.version) {
             return Err(RebuildError::Refused(format!(
                 "meter {:?} was redefined while this rebuild ran; run it again",
                 request.meter.name
             )));
+        }
+        if redefined {
+            // Checked again now: the range must still cover every window the aggregator may
+            // add to from here on.
+            check_covers_live(request, self.settings.lateness_horizon, Utc::now())?;
         }
         let now = source::aggregated(
             &mut tx,
@@ -644,9 +674,11 @@ impl Rebuild<'_> {
         )
         .await?;
         let gap = source::between(&reached, &now);
-        let added = self.catch_up(&mut tx, &gap).await?;
-        report.events += added;
-        report.from_kafka += added;
+        let before = chunk.events();
+        self.from_kafka(&mut tx, &gap, &mut chunk).await?;
+        self.finish(&mut tx, &mut chunk).await?;
+        report.from_kafka += chunk.events() - before;
+        report.events = chunk.events();
         let differences = shadow::count_differences(&mut tx, self.id, &range, 20).await?;
         if !differences.is_empty() {
             let lines: Vec<String> = differences
@@ -672,73 +704,93 @@ impl Rebuild<'_> {
             request.meter.aggregation,
         )
         .await?;
-        let changed = shadow::changed_slots(&mut tx, self.id, &range).await?;
-        let now = Utc::now();
-        report.unbilled = shadow::unbillable(
-            &mut tx,
-            self.id,
-            &range,
-            &changed,
-            (self.recorded_aggregation, request.meter.aggregation),
-            now,
-        )
-        .await?;
-        let oldest = tally_core::window::oldest_stripe_timestamp(now);
         let billed = BillingKind::of(request.meter.aggregation).is_some();
-        let to_bill: BTreeSet<(&str, &str, DateTime<Utc>)> = changed
-            .iter()
-            .filter(|(_, slot)| billed && *slot >= oldest)
-            .map(|(customer, slot)| (customer.as_str(), range.meter, *slot))
-            .collect();
-        report.slots_to_bill = to_bill.len();
-        if !billed {
-            report.unbilled.clear();
+        let oldest = tally_core::window::oldest_stripe_timestamp(Utc::now());
+        if billed {
+            let backdated =
+                shadow::Backdated::of(&mut tx, self.id, &range, request.meter.aggregation, oldest)
+                    .await?;
+            report.backdated_total = backdated.total;
+            report.backdated = backdated.listed;
         }
         if request.dry_run {
+            if billed {
+                report.slots_to_bill =
+                    shadow::changed_slots(&mut tx, self.id, &range, false).await?;
+            }
             tx.rollback().await?;
             return Ok(());
         }
         let customers = shadow::customers(&mut tx, self.id, &range).await?;
+        if billed {
+            report.slots_to_bill = shadow::changed_slots(&mut tx, self.id, &range, true).await?;
+            shadow::Backdated::record(&mut tx, self.id, &range, request.meter.aggregation, oldest)
+                .await?;
+        }
         shadow::swap(&mut tx, self.id, &range).await?;
-        tally_db::slot_changes::record(&mut tx, &to_bill).await?;
         let customers: Vec<&str> = customers.iter().map(String::as_str).collect();
         tally_db::changes::record(&mut tx, &customers).await?;
-        record_unbilled(&mut tx, self.id, range.meter, &report.unbilled).await?;
         if redefined {
             tally_db::meters::redefine(&mut tx, &request.meter).await?;
         }
+        // In the transaction: a rebuild killed right after it is not taken for one that
+        // changed nothing.
+        sqlx::query("UPDATE rebuilds SET state = 'swapped' WHERE rebuild_id = $1")
+            .bind(self.id)
+            .execute(&mut *tx)
+            .await?;
         tx.commit().await?;
         report.swapped = true;
         Ok(())
     }
 }
 
-async fn record_unbilled(
-    tx: &mut PgConnection,
-    id: i64,
-    meter: &str,
-    slots: &[UnbilledSlot],
-) -> Result<(), sqlx::Error> {
-    if slots.is_empty() {
-        return Ok(());
+/// Events read into the shadow, a chunk at a time.
+#[derive(Default)]
+struct Chunk {
+    candidates: Vec<Candidate>,
+    /// Upserted into the shadow so far.
+    upserted: u64,
+    /// Counted events the new definition cannot count.
+    lacking: u64,
+}
+
+impl Chunk {
+    fn events(&self) -> u64 {
+        self.upserted + self.candidates.len() as u64
     }
-    let customers: Vec<&str> = slots.iter().map(|s| s.customer.as_str()).collect();
-    let starts: Vec<DateTime<Utc>> = slots.iter().map(|s| s.slot_start).collect();
-    let before: Vec<Decimal> = slots.iter().map(|s| s.usage_before).collect();
-    let after: Vec<Decimal> = slots.iter().map(|s| s.usage_after).collect();
-    sqlx::query(
-        "INSERT INTO rebuild_unbilled_slots (rebuild_id, customer_id, meter, slot_start,
-                                             usage_before, usage_after)
-         SELECT $1, c, $2, s, b, a
-         FROM unnest($3::text[], $4::timestamptz[], $5::numeric[], $6::numeric[]) AS u(c, s, b, a)",
-    )
-    .bind(id)
-    .bind(meter)
-    .bind(&customers)
-    .bind(&starts)
-    .bind(&before)
-    .bind(&after)
-    .execute(&mut *tx)
-    .await?;
-    Ok(())
+}
+
+/// A reader's side of the channel: records handed over [`READ_BATCH`] at a time (blocking
+/// while two batches wait: the rebuild's memory stays bounded whatever the source's size).
+struct Batcher {
+    sender: tokio::sync::mpsc::Sender<Vec<ArchivedRecord>>,
+    batch: Vec<ArchivedRecord>,
+}
+
+impl Batcher {
+    fn new(sender: tokio::sync::mpsc::Sender<Vec<ArchivedRecord>>) -> Batcher {
+        Batcher {
+            sender,
+            batch: Vec::with_capacity(READ_BATCH),
+        }
+    }
+
+    fn push(&mut self, record: ArchivedRecord) {
+        self.batch.push(record);
+        if self.batch.len() >= READ_BATCH {
+            // The receiver is gone only when the rebuild failed.
+            let _ = self.sender.blocking_send(std::mem::take(&mut self.batch));
+        }
+    }
+
+    fn finish(self) {
+        if !self.batch.is_empty() {
+            let _ = self.sender.blocking_send(self.batch);
+        }
+    }
+}
+
+fn records_in(ranges: &BTreeMap<i32, (i64, i64)>) -> i64 {
+    ranges.values().map(|(start, end)| end - start).sum()
 }

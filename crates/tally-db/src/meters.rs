@@ -127,10 +127,7 @@ pub async fn definition(
 
 /// Records a new definition of a meter and bumps its version, in the caller's transaction
 /// (`tally rebuild`'s swap, which has the row locked).
-pub async fn redefine(
-    tx: &mut PgConnection,
-    meter: &MeterDefinition,
-) -> Result<i64, sqlx::Error> {
+pub async fn redefine(tx: &mut PgConnection, meter: &MeterDefinition) -> Result<i64, sqlx::Error> {
     sqlx::query_scalar(
         "UPDATE meters SET aggregation = $2, group_by = $3, unique_dimension = $4,
                            version = version + 1, updated_at = now()
@@ -144,20 +141,47 @@ pub async fn redefine(
     .await
 }
 
-/// Locks the rows of the named meters FOR SHARE, in name order, and returns their versions:
-/// the first thing an aggregator batch does, so that a rebuild's swap (which locks its meter
-/// FOR UPDATE) and the batches counting that meter take turns.
+/// The namespace of the per-meter advisory locks (the first key of the two-key form; the
+/// second is the meter name's `hashtext`). Two names with the same hash only share a lock.
+const METER_LOCKS: i32 = 0x7461_6c79; // "taly"
+
+/// Takes the shared lock of each named meter for the transaction, in name order, and returns
+/// their versions: the first thing an aggregator batch does. `tally rebuild` takes a meter's
+/// lock exclusively ([`lock_exclusive`]) to swap in recomputed windows, so batches counting
+/// that meter and the swap take turns. An advisory lock (not a row lock) because its queue is
+/// fair: a batch arriving while a swap waits queues behind it, so batches that overlap cannot
+/// starve the swap.
 pub async fn share_versions(
     tx: &mut PgConnection,
     names: &[&str],
 ) -> Result<HashMap<String, i64>, sqlx::Error> {
-    let rows: Vec<(String, i64)> = sqlx::query_as(
-        "SELECT name, version FROM meters WHERE name = ANY($1) ORDER BY name FOR SHARE",
-    )
-    .bind(names)
-    .fetch_all(&mut *tx)
-    .await?;
+    let mut sorted: Vec<&str> = names.to_vec();
+    sorted.sort_unstable();
+    sorted.dedup();
+    for name in &sorted {
+        sqlx::query("SELECT pg_advisory_xact_lock_shared($1, hashtext($2))")
+            .bind(METER_LOCKS)
+            .bind(name)
+            .execute(&mut *tx)
+            .await?;
+    }
+    let rows: Vec<(String, i64)> =
+        sqlx::query_as("SELECT name, version FROM meters WHERE name = ANY($1)")
+            .bind(&sorted)
+            .fetch_all(&mut *tx)
+            .await?;
     Ok(rows.into_iter().collect())
+}
+
+/// Takes a meter's lock exclusively for the transaction (`tally rebuild`'s swap): waits for
+/// the batches counting it that hold it shared, and holds back the next ones.
+pub async fn lock_exclusive(tx: &mut PgConnection, name: &str) -> Result<(), sqlx::Error> {
+    sqlx::query("SELECT pg_advisory_xact_lock($1, hashtext($2))")
+        .bind(METER_LOCKS)
+        .bind(name)
+        .execute(&mut *tx)
+        .await?;
+    Ok(())
 }
 
 /// Every recorded meter: those of tally.toml and earlier ones whose usage may still be billed.
@@ -199,5 +223,58 @@ fn readable(meter: &str, stored: &str) -> Option<Aggregation> {
             tracing::error!(meter, %error, "the meters table holds a meter this tally cannot read");
             None
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::{Arc, Mutex};
+    use std::time::Duration;
+
+    use super::*;
+
+    /// A rebuild's swap waiting for a meter is not starved by batches that keep arriving: a
+    /// batch asking for the meter after the swap queues behind it.
+    #[test]
+    fn a_waiting_swap_goes_before_batches_that_arrive_after_it() {
+        let runtime = crate::testing::runtime();
+        runtime.block_on(async {
+            let db = crate::testing::fresh_database().await;
+            let order = Arc::new(Mutex::new(Vec::new()));
+            let mut first = db.pool.begin().await.unwrap();
+            share_versions(&mut first, &["tokens"]).await.unwrap();
+            let swap = {
+                let (pool, order) = (db.pool.clone(), order.clone());
+                tokio::spawn(async move {
+                    let mut tx = pool.begin().await.unwrap();
+                    lock_exclusive(&mut tx, "tokens").await.unwrap();
+                    order.lock().unwrap().push("swap");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    tx.commit().await.unwrap();
+                })
+            };
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            let later = {
+                let (pool, order) = (db.pool.clone(), order.clone());
+                tokio::spawn(async move {
+                    let mut tx = pool.begin().await.unwrap();
+                    share_versions(&mut tx, &["tokens", "api_calls"])
+                        .await
+                        .unwrap();
+                    order.lock().unwrap().push("later batch");
+                    tx.commit().await.unwrap();
+                })
+            };
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            assert!(
+                order.lock().unwrap().is_empty(),
+                "{:?}",
+                order.lock().unwrap()
+            );
+            first.commit().await.unwrap();
+            swap.await.unwrap();
+            later.await.unwrap();
+            assert_eq!(*order.lock().unwrap(), ["swap", "later batch"]);
+        });
     }
 }

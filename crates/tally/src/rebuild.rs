@@ -143,39 +143,46 @@ fn print_text(report: &RebuildReport) {
             d.customer,
             d.events_before,
             d.events_after,
-            d.usage_before.normalize().to_string(),
-            d.usage_after.normalize().to_string()
+            d.usage_before,
+            d.usage_after
         );
     }
     if report.days.len() > SHOWN {
-        println!("… and {} more (--json lists them all)", report.days.len() - SHOWN);
+        println!(
+            "… and {} more (--json lists them all)",
+            report.days.len() - SHOWN
+        );
     }
-    let verb = if report.dry_run { "would hand" } else { "handed" };
+    let verb = if report.dry_run {
+        "would hand"
+    } else {
+        "handed"
+    };
     println!(
         "{verb} {} changed billing slots to the sink, which bills the differences as new revisions",
         report.slots_to_bill
     );
-    if !report.unbilled.is_empty() {
+    if report.backdated_total > 0 {
         println!(
-            "{} changed slots are older than Stripe takes meter events for (35 days) and are not billed{}:",
-            report.unbilled.len(),
+            "{} of them start more than 35 days back, older than Stripe takes: the sink bills them with the oldest timestamp Stripe takes, not in their own period{}:",
+            report.backdated_total,
             if report.dry_run {
                 ""
             } else {
-                " (listed in rebuild_unbilled_slots)"
+                " (all listed in rebuild_backdated_slots)"
             }
         );
-        for slot in report.unbilled.iter().take(SHOWN) {
+        for slot in report.backdated.iter().take(SHOWN) {
             println!(
                 "  {}  {:<24} usage {} → {}",
                 time(slot.slot_start),
                 slot.customer,
-                slot.usage_before.normalize(),
-                slot.usage_after.normalize()
+                slot.usage_before,
+                slot.usage_after
             );
         }
-        if report.unbilled.len() > SHOWN {
-            println!("  … and {} more", report.unbilled.len() - SHOWN);
+        if report.backdated_total > SHOWN as u64 {
+            println!("  … and {} more", report.backdated_total - SHOWN as u64);
         }
     }
     if report.dry_run {

@@ -151,6 +151,12 @@ impl Batch {
                 return;
             }
         };
+        self.admit(candidate);
+    }
+
+    /// A checked event: a candidate, a same-payload copy of one in the batch (a duplicate), or
+    /// a conflicting copy (a reject).
+    fn admit(&mut self, candidate: Candidate) {
         match self.first_by_id.get(&candidate.event.id) {
             None => {
                 self.first_by_id
@@ -178,12 +184,24 @@ impl Batch {
         self.first_by_id.clear();
         for candidate in candidates {
             match check(candidate.event, rules, now, candidate.message) {
-                Ok(candidate) => {
-                    self.first_by_id
-                        .insert(candidate.event.id.clone(), self.candidates.len());
-                    self.candidates.push(candidate);
-                }
+                Ok(candidate) => self.admit(candidate),
                 Err(reject) => self.rejects.push(*reject),
+            }
+        }
+        // What the definition refused (no unique dimension) is decided again: the new one may
+        // count it. Its bytes are decoded as they were.
+        let (again, kept): (Vec<Reject>, Vec<Reject>) = std::mem::take(&mut self.rejects)
+            .into_iter()
+            .partition(|r| r.rejection.reason == RejectReason::InvalidDimensions);
+        self.rejects = kept;
+        for reject in again {
+            let checked = wire::decode(&reject.message.raw, now)
+                .ok()
+                .map(|event| check(event, rules, now, reject.message.clone()));
+            match checked {
+                Some(Ok(candidate)) => self.admit(candidate),
+                Some(Err(refused)) => self.rejects.push(*refused),
+                None => self.rejects.push(reject),
             }
         }
         self.versions = rules.versions.clone();
@@ -398,6 +416,59 @@ mod tests {
         assert_eq!(batch.duplicates, 1);
         assert_eq!(reasons(&batch), [RejectReason::ConflictingDuplicate]);
         assert_eq!(batch.rejects[0].message.offset, 2);
+    }
+
+    #[test]
+    fn a_batch_checked_again_takes_the_new_definition_and_keeps_its_refusals() {
+        let mut batch = Batch::default();
+        push(
+            &mut batch,
+            0,
+            &event("a", "tokens", "1", "2026-11-22T12:00:00Z")
+                .with_dimension("model", "large")
+                .with_dimension("region", "eu"),
+        );
+        push(
+            &mut batch,
+            1,
+            &event("b", "nope", "1", "2026-11-22T12:00:00Z"),
+        );
+        push(
+            &mut batch,
+            2,
+            &event("c", "users", "1", "2026-11-22T12:00:00Z").with_dimension("user", "x"),
+        );
+        // Refused under the old definition (no "user"), counted under the new one.
+        push(
+            &mut batch,
+            3,
+            &event("d", "users", "1", "2026-11-22T12:00:00Z").with_dimension("session", "s"),
+        );
+        assert_eq!(batch.candidates[0].group_key, r#"{"model":"large"}"#);
+        let mut rules = rules();
+        let mut definitions: Vec<MeterDefinition> =
+            ["tokens", "users", "api_calls", "seats", "peak"]
+                .iter()
+                .map(|name| rules.meters.get(name).unwrap().clone())
+                .collect();
+        definitions[0].group_by.push("region".into());
+        definitions[1].unique_dimension = Some("session".into());
+        rules.meters = Meters::new(&definitions).unwrap();
+        rules.versions = Arc::new(HashMap::from([("tokens".to_owned(), 2)]));
+        batch.recheck(&rules, now());
+        assert_eq!(batch.candidates.len(), 2);
+        assert_eq!(
+            batch.candidates[0].group_key,
+            r#"{"model":"large","region":"eu"}"#
+        );
+        assert_eq!(batch.candidates[1].event.id, "d");
+        // The unknown meter stays refused; the event without the new unique dimension joins it.
+        assert_eq!(
+            reasons(&batch),
+            [RejectReason::UnknownMeter, RejectReason::InvalidDimensions]
+        );
+        assert_eq!(batch.next_offsets[&0], 4);
+        assert_eq!(batch.versions.get("tokens"), Some(&2));
     }
 
     #[test]

@@ -2,16 +2,11 @@
 //! fold and upsert (so the merge rules are the live ones), compared with the live windows,
 //! and swapped in.
 
-use std::collections::{BTreeMap, BTreeSet};
-
 use chrono::{DateTime, NaiveDate, Utc};
-use rust_decimal::Decimal;
 use sqlx::PgConnection;
-use tally_core::window::oldest_stripe_timestamp;
-use tally_core::{Aggregation, BillingKind};
-use tally_db::ExactDecimal;
+use tally_core::Aggregation;
 
-use super::{DayDifference, RebuildError, UnbilledSlot};
+use super::{BackdatedSlot, DayDifference, RebuildError};
 use crate::batch::{fold, Candidate, Granularity};
 use crate::store::{upsert_windows, WindowTables};
 
@@ -152,13 +147,14 @@ type DayRow = (
     NaiveDate,
     i64,
     i64,
-    Option<ExactDecimal>,
-    Option<ExactDecimal>,
-    Option<ExactDecimal>,
-    Option<ExactDecimal>,
+    Option<String>,
+    Option<String>,
+    Option<String>,
+    Option<String>,
 );
 
-/// Per customer and day, the usage before and after, where anything differs.
+/// Per customer and day, the usage before and after, where anything differs. Usage is read as
+/// text: exact, whatever its size (no customer's enormous sum can fail the rebuild).
 pub(super) async fn day_differences(
     conn: &mut PgConnection,
     id: i64,
@@ -175,7 +171,7 @@ pub(super) async fn day_differences(
                                 max(value) AS m
                          FROM {} WHERE {IN_DAYS} GROUP BY 1, 2)
          SELECT customer_id, day, coalesce(l.n, 0)::bigint, coalesce(s.n, 0)::bigint,
-                l.s, l.m, s.s, s.m
+                l.s::text, l.m::text, s.s::text, s.m::text
          FROM live l FULL JOIN shadow s USING (customer_id, day)
          WHERE l.n IS DISTINCT FROM s.n OR l.s IS DISTINCT FROM s.s OR l.m IS DISTINCT FROM s.m
          ORDER BY day, customer_id",
@@ -194,102 +190,160 @@ pub(super) async fn day_differences(
                 usage_after: day_usage(after, sa, ma),
             },
         )
-        .filter(|d| {
-            d.events_before != d.events_after || d.usage_before != d.usage_after
-        })
+        .filter(|d| d.events_before != d.events_after || d.usage_before != d.usage_after)
         .collect())
 }
 
 /// A day's usage over its groups, as the report shows it: added up for `sum`, `count` and
 /// `unique_count`, the largest group's for `max` and `latest`.
-fn day_usage(
-    aggregation: Aggregation,
-    sum: Option<ExactDecimal>,
-    max: Option<ExactDecimal>,
-) -> Decimal {
+fn day_usage(aggregation: Aggregation, sum: Option<String>, max: Option<String>) -> String {
     let value = match aggregation {
         Aggregation::Max | Aggregation::Latest => max,
         _ => sum,
     };
-    value.map(|v| v.0).unwrap_or_default()
+    value.unwrap_or_else(|| "0".into())
 }
 
-/// The billing slots holding a window that differs between the live windows and the shadow.
-pub(super) async fn changed_slots(
-    conn: &mut PgConnection,
-    id: i64,
-    range: &Range<'_>,
-) -> Result<BTreeSet<(String, DateTime<Utc>)>, sqlx::Error> {
-    let shadow = WindowTables::shadow(id);
-    let sql = format!(
-        "SELECT DISTINCT customer_id,
-                date_bin('5 minutes', window_start, timestamptz '1970-01-01 00:00:00+00')
+/// The windows that differ between the live tables and the shadow, with their billing slot.
+fn changed_windows(shadow: &WindowTables) -> String {
+    format!(
+        "SELECT customer_id, date_bin('5 minutes', window_start, timestamptz '1970-01-01 00:00:00+00') AS slot
          FROM (SELECT * FROM usage_minute WHERE {IN_MINUTES}) l
          FULL JOIN (SELECT * FROM {} WHERE {IN_MINUTES}) s
            USING (customer_id, meter, window_start, group_key)
          WHERE (l.value, l.event_count, l.latest_at, l.latest_id)
                IS DISTINCT FROM (s.value, s.event_count, s.latest_at, s.latest_id)",
         shadow.minute
-    );
-    let rows: Vec<(String, DateTime<Utc>)> = query_as(&sql, range).fetch_all(&mut *conn).await?;
-    Ok(rows.into_iter().collect())
+    )
 }
 
-/// Of the changed slots, those Stripe no longer takes a meter event for, with their usage
-/// before and after (by the billing rule of the meter's definition on each side).
-pub(super) async fn unbillable(
+/// The billing slots holding a window that differs: recorded for the sink (in SQL, however
+/// many), or only counted (a dry run). Returns how many.
+pub(super) async fn changed_slots(
     conn: &mut PgConnection,
     id: i64,
     range: &Range<'_>,
-    changed: &BTreeSet<(String, DateTime<Utc>)>,
-    (before, after): (Aggregation, Aggregation),
-    now: DateTime<Utc>,
-) -> Result<Vec<UnbilledSlot>, sqlx::Error> {
-    let oldest = oldest_stripe_timestamp(now);
-    if !changed.iter().any(|(_, slot)| *slot < oldest) {
-        return Ok(Vec::new());
+    record: bool,
+) -> Result<u64, sqlx::Error> {
+    let changed = changed_windows(&WindowTables::shadow(id));
+    let distinct = format!("SELECT DISTINCT customer_id, $1::text, slot FROM ({changed}) c");
+    if record {
+        let sql =
+            format!("INSERT INTO usage_slot_changes (customer_id, meter, slot_start) {distinct}");
+        Ok(query(&sql, range)
+            .execute(&mut *conn)
+            .await?
+            .rows_affected())
+    } else {
+        let sql = format!("SELECT count(*) FROM ({distinct}) d");
+        let (count,): (i64,) = query_as(&sql, range).fetch_one(&mut *conn).await?;
+        Ok(count as u64)
     }
-    let shadow = WindowTables::shadow(id);
-    let per_slot = |table: &str, filter: &str| {
-        format!(
-            "SELECT customer_id,
-                    date_bin('5 minutes', window_start, timestamptz '1970-01-01 00:00:00+00'),
-                    sum(value), max(value),
-                    (array_agg(value ORDER BY latest_at DESC NULLS LAST, latest_id DESC))[1]
-             FROM {table} WHERE {filter} GROUP BY 1, 2"
-        )
-    };
-    type SlotRow = (String, DateTime<Utc>, ExactDecimal, ExactDecimal, Option<ExactDecimal>);
-    let mut usage: BTreeMap<(String, DateTime<Utc>), [Decimal; 2]> = BTreeMap::new();
-    let live_sql = per_slot("usage_minute", &format!("{IN_MINUTES} AND window_start < $7"));
-    let shadow_sql = per_slot(&shadow.minute, &format!("{IN_MINUTES} AND window_start < $7"));
-    for (side, sql, aggregation) in [(0, live_sql, before), (1, shadow_sql, after)] {
-        let rows: Vec<SlotRow> = query_as(&sql, range)
-            .bind(oldest)
-            .fetch_all(&mut *conn)
-            .await?;
-        for (customer, slot, sum, max, latest) in rows {
-            let value = match BillingKind::of(aggregation) {
-                Some(BillingKind::Delta) | None => sum.0,
-                Some(BillingKind::Last) if aggregation == Aggregation::Max => max.0,
-                Some(BillingKind::Last) => latest.unwrap_or_default().0,
-            };
-            usage.entry((customer, slot)).or_default()[side] = value;
-        }
-    }
-    Ok(changed
-        .iter()
-        .filter(|(_, slot)| *slot < oldest)
-        .map(|key| {
-            let [usage_before, usage_after] = usage.get(key).copied().unwrap_or_default();
-            UnbilledSlot {
-                customer: key.0.clone(),
-                slot_start: key.1,
-                usage_before,
-                usage_after,
+}
+
+/// At most this many backdated slots are listed in a report (all are recorded).
+pub(super) const LISTED: i64 = 1_000;
+
+/// The changed slots older than Stripe takes meter events for.
+pub(super) struct Backdated {
+    pub(super) total: u64,
+    pub(super) listed: Vec<BackdatedSlot>,
+}
+
+impl Backdated {
+    /// The slots, with their usage before and after as the sink bills a slot of the meter's
+    /// aggregation (the rule of `tally_sink`'s accounting: the sum of its windows, the
+    /// largest, or the latest window's), by slot: a slot is backdated when its start is.
+    fn sql(shadow: &WindowTables, aggregation: Aggregation) -> String {
+        let usage = match aggregation {
+            Aggregation::Max => "max(value)",
+            Aggregation::Latest => {
+                "(array_agg(value ORDER BY latest_at DESC NULLS LAST, latest_id DESC))[1]"
             }
+            _ => "sum(value)",
+        };
+        let per_slot = |table: &str| {
+            format!(
+                "SELECT customer_id,
+                        date_bin('5 minutes', window_start, timestamptz '1970-01-01 00:00:00+00') AS slot,
+                        {usage} AS usage
+                 FROM {table} WHERE {IN_MINUTES} GROUP BY 1, 2"
+            )
+        };
+        format!(
+            "WITH changed AS (SELECT DISTINCT customer_id, slot FROM ({}) c WHERE slot < $7),
+                  live AS ({}), shadow AS ({})
+             SELECT c.customer_id, c.slot, coalesce(l.usage, 0) AS before,
+                    coalesce(s.usage, 0) AS after
+             FROM changed c
+             LEFT JOIN live l ON l.customer_id = c.customer_id AND l.slot = c.slot
+             LEFT JOIN shadow s ON s.customer_id = c.customer_id AND s.slot = c.slot",
+            changed_windows(shadow),
+            per_slot("usage_minute"),
+            per_slot(&shadow.minute)
+        )
+    }
+
+    pub(super) async fn of(
+        conn: &mut PgConnection,
+        id: i64,
+        range: &Range<'_>,
+        aggregation: Aggregation,
+        oldest: DateTime<Utc>,
+    ) -> Result<Backdated, sqlx::Error> {
+        let slots = Backdated::sql(&WindowTables::shadow(id), aggregation);
+        let (total,): (i64,) = query_as(&format!("SELECT count(*) FROM ({slots}) b"), range)
+            .bind(oldest)
+            .fetch_one(&mut *conn)
+            .await?;
+        let rows: Vec<(String, DateTime<Utc>, String, String)> = query_as(
+            &format!(
+                "SELECT customer_id, slot, before::text, after::text FROM ({slots}) b
+                 ORDER BY slot, customer_id LIMIT {LISTED}"
+            ),
+            range,
+        )
+        .bind(oldest)
+        .fetch_all(&mut *conn)
+        .await?;
+        Ok(Backdated {
+            total: total as u64,
+            listed: rows
+                .into_iter()
+                .map(
+                    |(customer, slot_start, usage_before, usage_after)| BackdatedSlot {
+                        customer,
+                        slot_start,
+                        usage_before,
+                        usage_after,
+                    },
+                )
+                .collect(),
         })
-        .collect())
+    }
+
+    /// Records them all in `rebuild_backdated_slots`, in the swap's transaction.
+    pub(super) async fn record(
+        conn: &mut PgConnection,
+        id: i64,
+        range: &Range<'_>,
+        aggregation: Aggregation,
+        oldest: DateTime<Utc>,
+    ) -> Result<(), sqlx::Error> {
+        let slots = Backdated::sql(&WindowTables::shadow(id), aggregation);
+        query(
+            &format!(
+                "INSERT INTO rebuild_backdated_slots (rebuild_id, customer_id, meter, slot_start,
+                                                      usage_before, usage_after)
+                 SELECT {id}, customer_id, $1, slot, before, after FROM ({slots}) b"
+            ),
+            range,
+        )
+        .bind(oldest)
+        .execute(&mut *conn)
+        .await?;
+        Ok(())
+    }
 }
 
 /// The customers with windows in the range, before or after.
@@ -324,12 +378,9 @@ pub(super) async fn swap(
         (&shadow.minute_values, &live.minute_values, IN_MINUTES),
         (&shadow.daily_values, &live.daily_values, IN_DAYS),
     ] {
-        query(
-            &format!("DELETE FROM {live} WHERE {filter}"),
-            range,
-        )
-        .execute(&mut *conn)
-        .await?;
+        query(&format!("DELETE FROM {live} WHERE {filter}"), range)
+            .execute(&mut *conn)
+            .await?;
         sqlx::query(&format!("INSERT INTO {live} SELECT * FROM {table}"))
             .execute(&mut *conn)
             .await?;

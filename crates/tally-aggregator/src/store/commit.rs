@@ -72,7 +72,7 @@ pub(super) async fn apply(
     priced_meters: &BTreeSet<String>,
     versions: &HashMap<String, i64>,
 ) -> Result<Applied, AggregatorStoreError> {
-    check_versions(tx, candidates, versions).await?;
+    check_versions(tx, candidates, rejects, versions).await?;
     let Claims { claimed, conflicts } = claim_ids(tx, candidates).await?;
     let counted: Vec<&Candidate> = candidates
         .iter()
@@ -104,16 +104,27 @@ pub(super) async fn apply(
     })
 }
 
-/// Locks the rows of the candidates' meters in `meters` (FOR SHARE, first, in name order) and
-/// checks that the batch was checked under their current definitions. `tally rebuild` locks its
-/// meter FOR UPDATE to swap in recomputed windows (and maybe a new definition), so a batch and
-/// a swap take turns, and a batch checked under a replaced definition never commits.
+/// Takes the shared lock of the candidates' meters (first, in name order) and checks that the
+/// batch was checked under their current definitions. `tally rebuild` takes its meter's lock
+/// exclusively to swap in recomputed windows (and maybe a new definition), so a batch and a
+/// swap take turns, and a batch checked under a replaced definition never commits.
 async fn check_versions(
     tx: &mut PgConnection,
     candidates: &[&Candidate],
+    rejects: &[&Reject],
     versions: &HashMap<String, i64>,
 ) -> Result<(), AggregatorStoreError> {
-    let meters: BTreeSet<&str> = candidates.iter().map(|c| c.event.meter.as_str()).collect();
+    // A refusal the meter's definition decided (no unique dimension) is checked too: under a
+    // new definition the event may count.
+    let refused_by_definition = rejects
+        .iter()
+        .filter(|r| r.rejection.reason == RejectReason::InvalidDimensions)
+        .filter_map(|r| r.meter.as_deref());
+    let meters: BTreeSet<&str> = candidates
+        .iter()
+        .map(|c| c.event.meter.as_str())
+        .chain(refused_by_definition)
+        .collect();
     let meters: Vec<&str> = meters.into_iter().collect();
     if meters.is_empty() {
         return Ok(());

@@ -51,7 +51,14 @@ pub(crate) async fn isolate_unprocessable(
     let versions = batch.versions.clone();
     let candidates: Vec<&Candidate> = batch.candidates.iter().collect();
     let bad_candidates = bisect(candidates.len(), |range| {
-        probe(pool, topic, &candidates[range], &[], priced_meters, &versions)
+        probe(
+            pool,
+            topic,
+            &candidates[range],
+            &[],
+            priced_meters,
+            &versions,
+        )
     })
     .await?;
     let rejects: Vec<&Reject> = batch.rejects.iter().collect();
