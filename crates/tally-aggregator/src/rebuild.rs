@@ -180,7 +180,7 @@ pub async fn rebuild(
     }
     let mut conn = pool.acquire().await?;
     abandon_dead(&mut conn).await?;
-    let (recorded, version) = tally_db::meters::definition(&mut *conn, &request.meter.name)
+    let (recorded, version) = tally_db::meters::definition(&mut conn, &request.meter.name)
         .await?
         .ok_or_else(|| {
             RebuildError::Refused(format!(
@@ -415,7 +415,7 @@ impl Rebuild<'_> {
             self.request.from, self.request.to
         ));
         let mut chunk = Chunk::default();
-        self.from_kafka(conn, &behind, &mut chunk).await?;
+        self.read_from_kafka(conn, &behind, &mut chunk).await?;
         report.from_kafka = chunk.events();
         report.files = self.read_archive(conn, &aggregated, &mut chunk).await?;
         // Catch up with the aggregator until it is close; the rest is read in the swap.
@@ -433,7 +433,7 @@ impl Rebuild<'_> {
                 )));
             }
             let before = chunk.events();
-            self.from_kafka(conn, &gap, &mut chunk).await?;
+            self.read_from_kafka(conn, &gap, &mut chunk).await?;
             report.from_kafka += chunk.events() - before;
             reached = now;
         }
@@ -444,7 +444,7 @@ impl Rebuild<'_> {
 
     /// Reads the records of `ranges` from Kafka (on a blocking thread, batches through a
     /// channel) and adds the events of the filter the aggregator counted to `chunk`.
-    async fn from_kafka(
+    async fn read_from_kafka(
         &mut self,
         conn: &mut PgConnection,
         ranges: &BTreeMap<i32, (i64, i64)>,
@@ -675,7 +675,7 @@ impl Rebuild<'_> {
         .await?;
         let gap = source::between(&reached, &now);
         let before = chunk.events();
-        self.from_kafka(&mut tx, &gap, &mut chunk).await?;
+        self.read_from_kafka(&mut tx, &gap, &mut chunk).await?;
         self.finish(&mut tx, &mut chunk).await?;
         report.from_kafka += chunk.events() - before;
         report.events = chunk.events();

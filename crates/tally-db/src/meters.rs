@@ -103,7 +103,9 @@ pub async fn definition(
     conn: &mut PgConnection,
     name: &str,
 ) -> Result<Option<(MeterDefinition, i64)>, sqlx::Error> {
-    let row: Option<(String, Vec<String>, Option<String>, String, i64)> = sqlx::query_as(
+    // aggregation, group_by, unique_dimension, stripe_event_name, version
+    type Row = (String, Vec<String>, Option<String>, String, i64);
+    let row: Option<Row> = sqlx::query_as(
         "SELECT aggregation, group_by, unique_dimension, stripe_event_name, version
          FROM meters WHERE name = $1",
     )

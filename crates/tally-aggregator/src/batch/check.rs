@@ -247,7 +247,8 @@ fn check(
         );
         return Err(refuse(&event, RejectReason::TooLate, detail));
     }
-    counted_as(meter, event, message).map_err(|(event, message, detail)| {
+    counted_as(meter, event, message).map_err(|refused| {
+        let (event, message, detail) = *refused;
         Box::new(Reject {
             rejection: Rejection::new(RejectReason::InvalidDimensions, detail),
             event_id: Some(event.id),
@@ -265,7 +266,7 @@ pub(crate) fn counted_as(
     meter: &MeterDefinition,
     event: UsageEvent,
     message: ConsumedMessage,
-) -> Result<Candidate, (UsageEvent, ConsumedMessage, String)> {
+) -> Result<Candidate, Box<(UsageEvent, ConsumedMessage, String)>> {
     let unique_value = match &meter.unique_dimension {
         None => None,
         Some(dimension) => match event.dimensions.get(dimension) {
@@ -275,7 +276,7 @@ pub(crate) fn counted_as(
                     "meter {:?} counts distinct values of dimension {dimension:?}, which this event lacks",
                     meter.name
                 );
-                return Err((event, message, detail));
+                return Err(Box::new((event, message, detail)));
             }
         },
     };

@@ -161,9 +161,9 @@ impl CacheState {
         let aggregations = self.aggregations.read().unwrap_or_else(|e| e.into_inner());
         // A known meter's aggregation is trusted no longer than an unknown one's absence:
         // `tally rebuild` may redefine it.
-        if !aggregations
+        if aggregations
             .loaded
-            .is_some_and(|at| at.elapsed() < METERS_RELOAD)
+            .is_none_or(|at| at.elapsed() >= METERS_RELOAD)
         {
             return None;
         }
