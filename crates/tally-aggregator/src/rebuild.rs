@@ -169,16 +169,18 @@ pub async fn rebuild(
     request: &RebuildRequest,
     progress: &(dyn Fn(&str) + Sync),
 ) -> Result<RebuildReport, RebuildError> {
-    // The lock lives on a connection of its own, closed (and so released) at the end.
-    let mut lock = pool.acquire().await?.detach();
+    // The whole rebuild runs on one connection of its own, which holds the lock: it is closed
+    // (and the lock so released) at the end, or when the process dies. Not an idle connection
+    // beside a working one, which a server's idle timeout could close midway and let a second
+    // rebuild take this one's shadow tables for abandoned.
+    let mut conn = pool.acquire().await?.detach();
     let locked: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock(hashtext($1))")
         .bind(LOCK_KEY)
-        .fetch_one(&mut lock)
+        .fetch_one(&mut conn)
         .await?;
     if !locked {
         return Err(RebuildError::Busy);
     }
-    let mut conn = pool.acquire().await?;
     abandon_dead(&mut conn).await?;
     let (recorded, version) = tally_db::meters::definition(&mut conn, &request.meter.name)
         .await?
@@ -191,7 +193,7 @@ pub async fn rebuild(
     let priced: bool =
         sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM credit_rates WHERE meter = $1)")
             .bind(&request.meter.name)
-            .fetch_one(&mut *conn)
+            .fetch_one(&mut conn)
             .await?;
     if priced {
         // The burner drew credits down for the usage as it was counted; a rebuild would change
@@ -214,7 +216,7 @@ pub async fn rebuild(
     .bind(request.to)
     .bind(request.dry_run)
     .bind(serde_json::to_value(&request.meter).unwrap_or_default())
-    .fetch_one(&mut *conn)
+    .fetch_one(&mut conn)
     .await?;
     shadow::create(&mut conn, id).await?;
     let mut report = RebuildReport {
@@ -273,9 +275,9 @@ pub async fn rebuild(
     .bind(report.events as i64)
     .bind(report.windows_before)
     .bind(report.windows_after)
-    .execute(&mut *conn)
+    .execute(&mut conn)
     .await;
-    let _ = lock.close().await;
+    let _ = conn.close().await;
     result.map(|()| report)
 }
 
