@@ -12,10 +12,10 @@
 //!    refusals left out, each id once.
 //! 4. `shadow`: those events folded and upserted into shadow tables by the aggregator's own
 //!    code, under the new definition; caught up with Kafka until little is left.
-//! 5. The swap, one transaction: lock the meter's catalog row (aggregator batches counting the
-//!    meter wait; they lock it FOR SHARE first), catch up with what the aggregator counted
+//! 5. The swap, one transaction: take the meter's lock exclusively (aggregator batches counting
+//!    the meter hold it shared, and wait), catch up with what the aggregator counted
 //!    meanwhile, check that the shadow counts exactly the events the windows count, record the
-//!    changed billing slots for the sink (those Stripe still takes) and the customers for the
+//!    changed billing slots for the sink (listing those older than Stripe takes) and the customers for the
 //!    quota caches, replace the windows, record the new definition. A dry run does all of it
 //!    and rolls back.
 
@@ -190,19 +190,7 @@ pub async fn rebuild(
                 request.meter.name
             ))
         })?;
-    let priced: bool =
-        sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM credit_rates WHERE meter = $1)")
-            .bind(&request.meter.name)
-            .fetch_one(&mut conn)
-            .await?;
-    if priced {
-        // The burner drew credits down for the usage as it was counted; a rebuild would change
-        // the usage under those burns, and what the sink bills is the usage credits did not pay.
-        return Err(RebuildError::Refused(format!(
-            "meter {:?} has a credit rate ([[credits.rates]]): rebuilding its windows would leave the credits already burned for the old usage as they are; not supported yet",
-            request.meter.name
-        )));
-    }
+    refuse_priced(&mut conn, &request.meter.name).await?;
     let now = Utc::now();
     let redefined = check_request(request, &recorded, settings.lateness_horizon, now)?;
     let definition = describe(&request.meter);
@@ -279,6 +267,23 @@ pub async fn rebuild(
     .await;
     let _ = conn.close().await;
     result.map(|()| report)
+}
+
+/// A meter with a credit rate is refused (at the start and again in the swap): the burner drew
+/// credits down for its usage as it was counted, and the sink bills the usage credits did not
+/// pay; recounting it would leave those burns standing against usage that changed.
+async fn refuse_priced(conn: &mut PgConnection, meter: &str) -> Result<(), RebuildError> {
+    let priced: bool =
+        sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM credit_rates WHERE meter = $1)")
+            .bind(meter)
+            .fetch_one(&mut *conn)
+            .await?;
+    if priced {
+        return Err(RebuildError::Refused(format!(
+            "meter {meter:?} has a credit rate ([[credits.rates]]): rebuilding its windows would leave the credits already burned for the old usage as they are; not supported yet"
+        )));
+    }
+    Ok(())
 }
 
 /// Rebuilds left `running` while this one holds the lock died: their shadow tables go.
@@ -441,7 +446,29 @@ impl Rebuild<'_> {
         }
         self.finish(conn, &mut chunk).await?;
         report.events = chunk.events();
-        self.swap(conn, redefined, reached, chunk, report).await
+        for _ in 0..CATCH_UP_ROUNDS {
+            match self
+                .swap(conn, redefined, &reached, &mut chunk, report)
+                .await?
+            {
+                Swap::Done => return Ok(()),
+                // Batches of other meters moved the aggregator on while the swap waited for
+                // the lock: read that outside the lock, then try again.
+                Swap::Behind(now) => {
+                    let gap = source::between(&reached, &now);
+                    let before = chunk.events();
+                    self.read_from_kafka(conn, &gap, &mut chunk).await?;
+                    self.finish(conn, &mut chunk).await?;
+                    report.from_kafka += chunk.events() - before;
+                    report.events = chunk.events();
+                    reached = now;
+                }
+            }
+        }
+        Err(RebuildError::Kafka(format!(
+            "the aggregator kept running ahead while the swap waited for meter {:?}; rebuild when the topic is quieter",
+            self.request.meter.name
+        )))
     }
 
     /// Reads the records of `ranges` from Kafka (on a blocking thread, batches through a
@@ -470,14 +497,17 @@ impl Rebuild<'_> {
                 if wanted {
                     batch.push(record);
                 }
+                batch.open()
             });
             batch.finish();
             read.map(drop)
         });
-        self.take(conn, received, chunk).await?;
-        reader
-            .await
-            .map_err(|e| RebuildError::Kafka(e.to_string()))?
+        // The reader is awaited whatever happened here: it stops at its next record once the
+        // receiver is gone.
+        let taken = self.take(conn, received, chunk).await;
+        let read = reader.await;
+        taken?;
+        read.map_err(|e| RebuildError::Kafka(e.to_string()))?
             .map_err(RebuildError::Kafka)
     }
 
@@ -510,7 +540,14 @@ impl Rebuild<'_> {
             )));
         }
         let refused = Arc::new(
-            tally_archive::verify::refused_positions(&mut *conn, topic, first_hour, end).await?,
+            tally_archive::verify::refused_positions(
+                &mut *conn,
+                topic,
+                first_hour,
+                end,
+                Some(&self.filter.meter),
+            )
+            .await?,
         );
         for (read, (path, staging_path, state, _, bytes, sha256)) in files.iter().enumerate() {
             let (location, contents) = tally_archive::verify::read_whole(
@@ -532,7 +569,9 @@ impl Rebuild<'_> {
             let reader = tokio::task::spawn_blocking(move || {
                 let mut batch = Batcher::new(batches);
                 let read = tally_archive::file::read_each(&location, contents, |record| {
-                    let wanted = record.event().is_some_and(|e| filter.wants(e))
+                    // Once the receiver is gone, the rest of the file is only decoded.
+                    let wanted = batch.open()
+                        && record.event().is_some_and(|e| filter.wants(e))
                         && aggregated
                             .get(&record.partition)
                             .is_some_and(|&next| record.offset < next)
@@ -544,9 +583,10 @@ impl Rebuild<'_> {
                 batch.finish();
                 read
             });
-            self.take(conn, received, chunk).await?;
-            reader
-                .await
+            let taken = self.take(conn, received, chunk).await;
+            let decoded = reader.await;
+            taken?;
+            decoded
                 .map_err(|e| RebuildError::Archive(e.to_string()))?
                 .map_err(|e| RebuildError::Archive(e.to_string()))?;
             (self.progress)(&format!(
@@ -629,10 +669,10 @@ impl Rebuild<'_> {
         &mut self,
         conn: &mut PgConnection,
         redefined: bool,
-        reached: Positions,
-        mut chunk: Chunk,
+        reached: &Positions,
+        chunk: &mut Chunk,
         report: &mut RebuildReport,
-    ) -> Result<(), RebuildError> {
+    ) -> Result<Swap, RebuildError> {
         let request = self.request;
         let range = Range {
             meter: &request.meter.name,
@@ -669,16 +709,21 @@ impl Rebuild<'_> {
             // add to from here on.
             check_covers_live(request, self.settings.lateness_horizon, Utc::now())?;
         }
+        refuse_priced(&mut tx, &request.meter.name).await?;
         let now = source::aggregated(
             &mut tx,
             &self.settings.aggregator_group,
             &self.settings.kafka.topic,
         )
         .await?;
-        let gap = source::between(&reached, &now);
+        let gap = source::between(reached, &now);
+        if records_in(&gap) > 2 * SWAP_CATCH_UP {
+            tx.rollback().await?;
+            return Ok(Swap::Behind(now));
+        }
         let before = chunk.events();
-        self.read_from_kafka(&mut tx, &gap, &mut chunk).await?;
-        self.finish(&mut tx, &mut chunk).await?;
+        self.read_from_kafka(&mut tx, &gap, chunk).await?;
+        self.finish(&mut tx, chunk).await?;
         report.from_kafka += chunk.events() - before;
         report.events = chunk.events();
         let differences = shadow::count_differences(&mut tx, self.id, &range, 20).await?;
@@ -721,7 +766,7 @@ impl Rebuild<'_> {
                     shadow::changed_slots(&mut tx, self.id, &range, false).await?;
             }
             tx.rollback().await?;
-            return Ok(());
+            return Ok(Swap::Done);
         }
         let customers = shadow::customers(&mut tx, self.id, &range).await?;
         if billed {
@@ -729,7 +774,10 @@ impl Rebuild<'_> {
             shadow::Backdated::record(&mut tx, self.id, &range, request.meter.aggregation, oldest)
                 .await?;
         }
-        shadow::swap(&mut tx, self.id, &range).await?;
+        // Unique values older than the lateness horizon are never read again (retention deletes
+        // them): left alone, so the swap and retention never touch the same rows.
+        let values_from = Utc::now() - self.settings.lateness_horizon;
+        shadow::swap(&mut tx, self.id, &range, values_from).await?;
         let customers: Vec<&str> = customers.iter().map(String::as_str).collect();
         tally_db::changes::record(&mut tx, &customers).await?;
         if redefined {
@@ -743,8 +791,15 @@ impl Rebuild<'_> {
             .await?;
         tx.commit().await?;
         report.swapped = true;
-        Ok(())
+        Ok(Swap::Done)
     }
+}
+
+/// How the last transaction went.
+enum Swap {
+    Done,
+    /// The aggregator stood too far ahead once the lock was had: not read under it.
+    Behind(Positions),
 }
 
 /// Events read into the shadow, a chunk at a time.
@@ -781,9 +836,14 @@ impl Batcher {
     fn push(&mut self, record: ArchivedRecord) {
         self.batch.push(record);
         if self.batch.len() >= READ_BATCH {
-            // The receiver is gone only when the rebuild failed.
+            // Refused only when the receiver is gone: the rebuild failed.
             let _ = self.sender.blocking_send(std::mem::take(&mut self.batch));
         }
+    }
+
+    /// Whether the receiver still takes batches (else the reader may stop).
+    fn open(&self) -> bool {
+        !self.sender.is_closed()
     }
 
     fn finish(self) {

@@ -102,7 +102,7 @@ pub async fn verify(
     .bind(end)
     .fetch_all(pool)
     .await?;
-    let refused = refused_positions(pool, topic, first_hour, end).await?;
+    let refused = refused_positions(pool, topic, first_hour, end, None).await?;
 
     // (hour, customer, meter) → [archived, windows]
     let mut counts: BTreeMap<(DateTime<Utc>, String, String), [i64; 2]> = BTreeMap::new();
@@ -223,16 +223,19 @@ pub async fn verify(
 
 /// The aggregator's refusals (`rejected_events`, by Kafka position) among the offsets the
 /// files of the hours from `first_hour` to `end` hold, and only those: a flood of refused
-/// records elsewhere costs nothing here.
+/// records elsewhere costs nothing here. With `meter`, only the refusals of that meter's
+/// events and of records that named none.
 pub async fn refused_positions<'c>(
     db: impl sqlx::PgExecutor<'c>,
     topic: &str,
     first_hour: DateTime<Utc>,
     end: DateTime<Utc>,
+    meter: Option<&str>,
 ) -> Result<HashSet<(i32, i64)>, sqlx::Error> {
     Ok(sqlx::query_as::<_, (i32, i64)>(
         "SELECT r.partition, r.\"offset\" FROM rejected_events r
          WHERE r.received_via = 'kafka' AND r.topic = $1
+           AND ($4::text IS NULL OR r.meter = $4 OR r.meter IS NULL)
            AND EXISTS (SELECT 1 FROM archive_files f JOIN archive_file_ranges fr USING (file_id)
                        WHERE f.hour >= $2 AND f.hour < $3 AND fr.topic = r.topic
                          AND fr.partition = r.partition
@@ -241,6 +244,7 @@ pub async fn refused_positions<'c>(
     .bind(topic)
     .bind(first_hour)
     .bind(end)
+    .bind(meter)
     .fetch_all(db)
     .await?
     .into_iter()

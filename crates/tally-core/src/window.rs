@@ -30,7 +30,8 @@ pub fn slot_end(t: DateTime<Utc>) -> DateTime<Utc> {
 
 /// The oldest meter event timestamp Stripe takes when sent at `now`: 35 days back, with an
 /// hour's margin (a submission may wait in the outbox a while). A slot older than this is
-/// billed with this timestamp by the sink's live path, and not re-billed by `tally rebuild`.
+/// billed with this timestamp by the sink (after a late event or a rebuild alike), and listed
+/// by `tally rebuild`.
 pub fn oldest_stripe_timestamp(now: DateTime<Utc>) -> DateTime<Utc> {
     now - TimeDelta::days(35) + TimeDelta::hours(1)
 }

@@ -31,8 +31,8 @@ pub enum CatalogError {
 
 /// Records the configured meters. A meter whose aggregation, group_by or unique dimension
 /// differs from what its windows were built with is refused: mixing rules would corrupt them.
-/// Rows are locked in name order, the order every other holder of them (an aggregator batch,
-/// a rebuild) takes them in. Returns the definition version of each meter (`meters.version`).
+/// Rows are locked in name order (two commands starting at once cannot deadlock). Returns the
+/// definition version of each meter (`meters.version`).
 pub async fn record(
     pool: &PgPool,
     meters: &[MeterDefinition],

@@ -96,6 +96,8 @@ pub(crate) struct Batch {
     /// message; a batch that saw newer rules midway fails the version check and is checked
     /// again whole, see [`Batch::recheck`]).
     pub(crate) versions: Arc<HashMap<String, i64>>,
+    /// The messages of those duplicates (a batch checked again decides them again).
+    duplicate_messages: Vec<ConsumedMessage>,
     first_by_id: HashMap<String, usize>,
 }
 
@@ -165,6 +167,7 @@ impl Batch {
             }
             Some(&first) if self.candidates[first].payload_hash == candidate.payload_hash => {
                 self.duplicates += 1;
+                self.duplicate_messages.push(candidate.message);
             }
             Some(_) => {
                 let rejection = conflict(&candidate.event.id);
@@ -175,35 +178,40 @@ impl Batch {
 }
 
 impl Batch {
-    /// Checks the batch's candidates again under new rules (a meter was redefined by
-    /// `tally rebuild` after they were checked): group keys, unique values and aggregations
-    /// are the new definition's, and an event the new definition refuses becomes a reject.
-    /// What was refused stays refused; the offsets to store are unchanged.
+    /// Checks the batch again under new rules (a meter was redefined by `tally rebuild` after
+    /// it was checked): every message it consumed is pushed again, in offset order, into a
+    /// fresh batch, so group keys, unique values, refusals, in-batch duplicates and conflicts
+    /// are all decided as if the new rules had been there from the start. What is stored with
+    /// the batch (offsets, timestamps, sizes) is unchanged.
     pub(crate) fn recheck(&mut self, rules: &Rules, now: DateTime<Utc>) {
-        let candidates = std::mem::take(&mut self.candidates);
-        self.first_by_id.clear();
-        for candidate in candidates {
-            match check(candidate.event, rules, now, candidate.message) {
-                Ok(candidate) => self.admit(candidate),
-                Err(reject) => self.rejects.push(*reject),
-            }
-        }
-        // What the definition refused (no unique dimension) is decided again: the new one may
-        // count it. Its bytes are decoded as they were.
-        let (again, kept): (Vec<Reject>, Vec<Reject>) = std::mem::take(&mut self.rejects)
+        let old = std::mem::take(self);
+        let mut messages: Vec<ConsumedMessage> = old
+            .candidates
             .into_iter()
-            .partition(|r| r.rejection.reason == RejectReason::InvalidDimensions);
-        self.rejects = kept;
-        for reject in again {
-            let checked = wire::decode(&reject.message.raw, now)
-                .ok()
-                .map(|event| check(event, rules, now, reject.message.clone()));
-            match checked {
-                Some(Ok(candidate)) => self.admit(candidate),
-                Some(Err(refused)) => self.rejects.push(*refused),
-                None => self.rejects.push(reject),
-            }
+            .map(|c| c.message)
+            .chain(old.rejects.into_iter().map(|r| r.message))
+            .chain(old.duplicate_messages)
+            .collect();
+        messages.sort_by_key(|m| (m.partition, m.offset));
+        for message in &messages {
+            self.push(
+                Message {
+                    partition: message.partition,
+                    offset: message.offset,
+                    key: message.key.as_deref(),
+                    // Kept as consumed: an empty payload stands for none.
+                    payload: (!message.raw.is_empty()).then_some(message.raw.as_slice()),
+                    timestamp_ms: None,
+                },
+                rules,
+                now,
+            );
         }
+        self.next_offsets = old.next_offsets;
+        self.timestamps_ms = old.timestamps_ms;
+        self.consumed = old.consumed;
+        self.bytes = old.bytes;
+        self.opened = old.opened;
         self.versions = rules.versions.clone();
     }
 }
@@ -445,6 +453,13 @@ mod tests {
             3,
             &event("d", "users", "1", "2026-11-22T12:00:00Z").with_dimension("session", "s"),
         );
+        // A copy of c: a duplicate now, refused with it under the new definition.
+        push(
+            &mut batch,
+            4,
+            &event("c", "users", "1", "2026-11-22T12:00:00Z").with_dimension("user", "x"),
+        );
+        assert_eq!(batch.duplicates, 1);
         assert_eq!(batch.candidates[0].group_key, r#"{"model":"large"}"#);
         let mut rules = rules();
         let mut definitions: Vec<MeterDefinition> =
@@ -466,9 +481,15 @@ mod tests {
         // The unknown meter stays refused; the event without the new unique dimension joins it.
         assert_eq!(
             reasons(&batch),
-            [RejectReason::UnknownMeter, RejectReason::InvalidDimensions]
+            [
+                RejectReason::UnknownMeter,
+                RejectReason::InvalidDimensions,
+                RejectReason::InvalidDimensions
+            ]
         );
-        assert_eq!(batch.next_offsets[&0], 4);
+        assert_eq!(batch.duplicates, 0);
+        assert_eq!(batch.consumed, 5);
+        assert_eq!(batch.next_offsets[&0], 5);
         assert_eq!(batch.versions.get("tokens"), Some(&2));
     }
 

@@ -365,25 +365,44 @@ pub(super) async fn customers(
 }
 
 /// Replaces the live windows of the range with the shadow's, in the caller's transaction.
+/// Minute unique values only from `values_from` on (older ones are never read again, and
+/// retention deletes them: the two never touch the same rows).
 pub(super) async fn swap(
     conn: &mut PgConnection,
     id: i64,
     range: &Range<'_>,
+    values_from: DateTime<Utc>,
 ) -> Result<(), sqlx::Error> {
     let shadow = WindowTables::shadow(id);
     let live = WindowTables::live();
+    let recent_values = format!("{IN_MINUTES} AND window_start >= $7");
     for (table, live, filter) in [
         (&shadow.minute, &live.minute, IN_MINUTES),
         (&shadow.daily, &live.daily, IN_DAYS),
-        (&shadow.minute_values, &live.minute_values, IN_MINUTES),
+        (
+            &shadow.minute_values,
+            &live.minute_values,
+            recent_values.as_str(),
+        ),
         (&shadow.daily_values, &live.daily_values, IN_DAYS),
     ] {
-        query(&format!("DELETE FROM {live} WHERE {filter}"), range)
+        // $7 is bound for every statement; the one filter that does not name it names it here.
+        let unused = if filter.contains("$7") {
+            ""
+        } else {
+            " AND $7::timestamptz IS NOT NULL"
+        };
+        query(&format!("DELETE FROM {live} WHERE {filter}{unused}"), range)
+            .bind(values_from)
             .execute(&mut *conn)
             .await?;
-        sqlx::query(&format!("INSERT INTO {live} SELECT * FROM {table}"))
-            .execute(&mut *conn)
-            .await?;
+        query(
+            &format!("INSERT INTO {live} SELECT * FROM {table} WHERE {filter}{unused}"),
+            range,
+        )
+        .bind(values_from)
+        .execute(&mut *conn)
+        .await?;
     }
     Ok(())
 }

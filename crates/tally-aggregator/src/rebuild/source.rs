@@ -121,14 +121,14 @@ pub(crate) async fn refused_in(
 const KAFKA_SILENCE: Duration = Duration::from_secs(60);
 
 /// Reads the records of `ranges` from Kafka, outside any consumer group, and hands each to
-/// `each`. Blocking: run it off the runtime's workers. Fails when Kafka no longer holds the
+/// `each` (which answers whether to go on). Blocking: run it off the runtime's workers. Fails when Kafka no longer holds the
 /// start of a range (its retention passed: those records are in neither the archive nor
 /// Kafka) or delivers nothing for a minute. Errors are redacted (librdkafka may quote an
 /// option's value).
 pub(crate) fn read_kafka(
     kafka: &KafkaConfig,
     ranges: &BTreeMap<i32, (i64, i64)>,
-    mut each: impl FnMut(ArchivedRecord),
+    mut each: impl FnMut(ArchivedRecord) -> bool,
 ) -> Result<u64, String> {
     if ranges.is_empty() {
         return Ok(0);
@@ -199,12 +199,17 @@ pub(crate) fn read_kafka(
             .and_then(DateTime::from_timestamp_millis)
             .unwrap_or_else(Utc::now);
         read += 1;
-        each(ArchivedRecord::decode(
+        let go_on = each(ArchivedRecord::decode(
             payload,
             partition,
             message.offset(),
             received_at,
         ));
+        if !go_on {
+            return Err("stopped: the rebuild no longer reads".into());
+        }
+        // Silence is Kafka's: the time `each` took (the rebuild upserting a chunk) is not.
+        last = Instant::now();
     }
     Ok(read)
 }
